@@ -1,0 +1,1 @@
+"""IMAP4rev1 server over the shared store."""

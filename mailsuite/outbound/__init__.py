@@ -1,0 +1,1 @@
+"""Outbound relay: MX resolution and SMTP delivery to remote hosts."""

@@ -1,0 +1,1 @@
+"""Durable outbound queue: spool entries, schedule, bounces."""

@@ -1,0 +1,1 @@
+"""Our own ESMTP server and SMTP client (twisted.mail.smtp is unsafe: see README)."""
