@@ -1,0 +1,1 @@
+"""Test support: a loopback DNS server (``dns``) and a scriptable recording SMTP server (``mx``)."""

@@ -1,0 +1,168 @@
+"""A loopback DNS server for tests: twisted.names' server over records held in memory.
+
+Zone description (a dict, or the same as JSON for the subprocess entry point)::
+
+    {
+      "origin": "test",                       # optional; names outside it are refused
+      "names": {
+        "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
+        "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+        "nullmx.test": {"MX": [[0, "."]]},
+        "broken.test": "servfail",            # every query for this name answers SERVFAIL
+        "slow.test": "timeout"                # ... or is never answered
+      }
+    }
+
+Names under the origin that are not listed answer NXDOMAIN; listed names without the asked type
+answer NOERROR with no records (NODATA).
+
+In a test reactor: ``server = LoopbackDNS(zone); port = server.start(reactor)`` then
+``server.stop()``. As a subprocess: ``python -m mailsuite.testing.dns --port 0 --zone FILE``
+prints ``ready PORT`` once listening on 127.0.0.1 (UDP and TCP on the same port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.names import authority, common, dns, error, server
+from twisted.python import failure
+
+__all__ = ["LoopbackDNS", "MemoryAuthority", "spawn_dns_server"]
+
+_SOA = dns.Record_SOA(mname=b"ns.invalid", rname=b"root.invalid", serial=1,
+                      refresh=1, retry=1, expire=1, minimum=1, ttl=1)
+
+
+def _records(spec: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for rtype, values in spec.items():
+        for value in values:
+            if rtype == "MX":
+                pref, exchange = value
+                exchange = "" if exchange in (".", "") else exchange
+                out.append(dns.Record_MX(int(pref), exchange.encode("ascii"), ttl=1))
+            elif rtype == "A":
+                out.append(dns.Record_A(value, ttl=1))
+            elif rtype == "AAAA":
+                out.append(dns.Record_AAAA(value, ttl=1))
+            elif rtype == "CNAME":
+                out.append(dns.Record_CNAME(value.encode("ascii"), ttl=1))
+            elif rtype == "TXT":
+                out.append(dns.Record_TXT(*(v.encode() for v in value), ttl=1))
+            else:
+                raise ValueError(f"unsupported record type {rtype!r}")
+    return out
+
+
+class MemoryAuthority(authority.FileAuthority):
+    """A FileAuthority whose records come from a dict, with per-name failure modes.
+
+    It is an IResolver itself, so unit tests may hand it straight to the code under test.
+    """
+
+    def __init__(self, zone: dict[str, Any]) -> None:
+        common.ResolverBase.__init__(self)
+        origin = zone.get("origin", "test").encode("ascii")
+        self.soa = (origin, _SOA)
+        self.records: dict[bytes, list[Any]] = {}
+        self.modes: dict[bytes, str] = {}
+        self.pending: list[defer.Deferred[Any]] = []
+        for name, spec in zone.get("names", {}).items():
+            key = name.rstrip(".").lower().encode("ascii")
+            if isinstance(spec, str):
+                if spec not in ("servfail", "timeout"):
+                    raise ValueError(f"unknown mode {spec!r} for {name}")
+                self.modes[key] = spec
+            else:
+                self.records[key] = _records(spec)
+        # FileAuthority only answers NODATA for a name with some record; give the apex its SOA.
+        self.records.setdefault(origin.lower(), []).append(_SOA)
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
+        mode = self.modes.get(name.lower())
+        if mode == "servfail":
+            return defer.fail(failure.Failure(RuntimeError("scripted SERVFAIL")))
+        if mode == "timeout":
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append(d)  # never fired: the query goes unanswered
+            return d
+        if name.lower() not in self.records and not dns._isSubdomainOf(name, self.soa[0]):
+            return defer.fail(failure.Failure(error.DomainError(name)))
+        return super()._lookup(name, cls, type, timeout)
+
+
+class LoopbackDNS:
+    """The authority served over UDP and TCP on 127.0.0.1 (port 0 = any free port)."""
+
+    def __init__(self, zone: dict[str, Any]) -> None:
+        self.authority = MemoryAuthority(zone)
+        self.factory = server.DNSServerFactory(authorities=[self.authority])
+        self.port = 0
+        self._listeners: list[Any] = []
+
+    def start(self, reactor: Any, port: int = 0, interface: str = "127.0.0.1") -> int:
+        """Listen and return the port (UDP and TCP share it)."""
+        for _attempt in range(20):
+            tcp = reactor.listenTCP(port, self.factory, interface=interface)
+            bound = tcp.getHost().port
+            try:
+                udp = reactor.listenUDP(bound, dns.DNSDatagramProtocol(self.factory),
+                                        interface=interface)
+            except Exception:
+                tcp.stopListening()
+                if port:
+                    raise
+                continue
+            self._listeners = [tcp, udp]
+            self.port = bound
+            return bound
+        raise RuntimeError("no free port for UDP and TCP")
+
+    def stop(self) -> defer.Deferred[Any]:
+        listeners, self._listeners = self._listeners, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in listeners])
+
+    @property
+    def nameserver(self) -> str:
+        """``"127.0.0.1:PORT"``, the string form ``make_resolver`` takes."""
+        return f"127.0.0.1:{self.port}"
+
+
+def spawn_dns_server(zone_file: str, port: int = 0) -> tuple[subprocess.Popen[str], int]:
+    """Run ``python -m mailsuite.testing.dns`` and wait for it; returns (process, port)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailsuite.testing.dns", "--port", str(port), "--zone", zone_file],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("ready "):
+        proc.kill()
+        raise RuntimeError(f"DNS server did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="loopback DNS server for tests")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--zone", required=True, help="JSON file (see module docstring)")
+    parser.add_argument("--interface", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    with open(args.zone, encoding="utf-8") as f:
+        zone = json.load(f)
+    from twisted.internet import reactor
+
+    dns_server = LoopbackDNS(zone)
+    port = dns_server.start(reactor, args.port, args.interface)
+    print(f"ready {port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()
