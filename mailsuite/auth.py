@@ -1,0 +1,195 @@
+"""Passwords and logins shared by SMTP AUTH, IMAP and POP3.
+
+Passwords are stored only as argon2id hashes (argon2-cffi).  Checking one costs tens of
+milliseconds of CPU, so it runs in Twisted's thread pool, never in the reactor.
+
+Failed logins are throttled two ways (DESIGN.md, brief: "without blocking the legitimate user
+elsewhere"):
+
+* per client IP: every failure adds a growing delay before the "wrong password" answer, and
+  past ``max_failures_per_ip`` in ``window`` seconds the IP is refused outright until the
+  window passes (a temporary failure, logged with the IP);
+* per account: past ``max_failures_per_user`` the account is refused only to IPs that have
+  themselves failed recently, so a guesser spread over many IPs is slowed down while the
+  owner, logging in from an address with no failures, still gets in.
+
+The protocols use the :class:`Authenticator` through a ``twisted.cred`` portal so that
+checker and realm stay the standard Twisted shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, interfaces, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsuite.config import AuthConfig
+from mailsuite.directory import Directory, normalize
+
+log = Logger(namespace="mailsuite.auth")
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+
+#: A hash that is checked when the user does not exist, so timing does not reveal accounts.
+_DUMMY_HASH = _hasher.hash("not a real password")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(stored_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+class Outcome(Enum):
+    OK = "ok"
+    BAD_CREDENTIALS = "bad"  # answer e.g. 535 5.7.8 / NO [AUTHENTICATIONFAILED] / -ERR [AUTH]
+    THROTTLED = "throttled"  # answer a temporary failure: 454 4.7.0 / NO [UNAVAILABLE] / [SYS/TEMP]
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    outcome: Outcome
+    user: str | None = None  # canonical address on success
+
+
+class FailureLog:
+    """Sliding-window failure counts per IP and per account, with no I/O (pure, testable)."""
+
+    def __init__(self, cfg: AuthConfig, now: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.now = now
+        self.by_ip: dict[str, deque[float]] = {}
+        self.by_user: dict[str, deque[float]] = {}
+
+    def _count(self, table: dict[str, deque[float]], key: str) -> int:
+        q = table.get(key)
+        if not q:
+            return 0
+        horizon = self.now() - self.cfg.window
+        while q and q[0] < horizon:
+            q.popleft()
+        if not q:
+            del table[key]
+            return 0
+        return len(q)
+
+    def record(self, ip: str, user: str) -> None:
+        t = self.now()
+        self.by_ip.setdefault(ip, deque()).append(t)
+        self.by_user.setdefault(user, deque()).append(t)
+        if len(self.by_ip) > 100_000:  # bound memory under a wide spray
+            self.by_ip.pop(next(iter(self.by_ip)))
+
+    def blocked(self, ip: str, user: str) -> bool:
+        ip_fails = self._count(self.by_ip, ip)
+        if ip_fails >= self.cfg.max_failures_per_ip:
+            return True
+        return ip_fails > 0 and self._count(self.by_user, user) >= self.cfg.max_failures_per_user
+
+    def delay(self, ip: str) -> float:
+        """Seconds to wait before answering a failure: 0.5, 1, 2, 4 ... capped at 8."""
+        n = self._count(self.by_ip, ip)
+        return min(0.5 * 2 ** max(n - 1, 0), 8.0) if n else 0.0
+
+    def clear(self, ip: str) -> None:
+        self.by_ip.pop(ip, None)
+
+
+@implementer(ICredentialsChecker)
+class Argon2Checker:
+    """twisted.cred checker over the directory's argon2id hashes (verification in a thread)."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, directory: Directory, reactor: interfaces.IReactorThreads) -> None:
+        self.directory = directory
+        self.reactor = reactor
+
+    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[str]:
+        try:
+            user = normalize(creds.username.decode("utf-8") if isinstance(creds.username, bytes) else creds.username)
+        except (ValueError, UnicodeDecodeError):
+            user = ""
+        stored = self.directory.password_hash(user) if user else None
+        password = creds.password
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), verify_password, stored or _DUMMY_HASH, password
+        )
+
+        def checked(ok: bool) -> str:
+            if ok and stored is not None:
+                return user
+            raise error.UnauthorizedLogin()
+
+        return d.addCallback(checked)
+
+
+class _Realm:
+    """The avatar is simply the canonical account address; protocols open the store by it."""
+
+    def requestAvatar(self, avatarId: str, mind: object, *interfaces_: object) -> tuple:
+        return (interfaces_[0], avatarId, lambda: None)
+
+
+portal.IRealm.implementedBy(_Realm)  # documentation only; Portal does not check this
+
+
+class Authenticator:
+    """One login attempt, throttled, for any protocol: ``login(user, password, ip)``."""
+
+    def __init__(
+        self, directory: Directory, cfg: AuthConfig, reactor: object, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.reactor = reactor
+        self.failures = FailureLog(cfg, now)
+        self.portal = portal.Portal(_Realm(), [Argon2Checker(directory, reactor)])  # type: ignore[arg-type]
+
+    def login(self, username: str, password: str, ip: str, protocol: str) -> defer.Deferred[LoginResult]:
+        try:
+            user = normalize(username)
+        except ValueError:
+            user = username.lower()
+        if self.failures.blocked(ip, user):
+            log.warn(
+                "{protocol}: login for {user!r} from {ip} refused: too many failures",
+                protocol=protocol, user=user, ip=ip,
+            )
+            return defer.succeed(LoginResult(Outcome.THROTTLED))
+        creds = credentials.UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        d = self.portal.login(creds, None, object)
+
+        def ok(result: tuple) -> LoginResult:
+            log.info("{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip)
+            return LoginResult(Outcome.OK, result[1])
+
+        def failed(f: object) -> defer.Deferred[LoginResult]:
+            self.failures.record(ip, user)
+            log.warn(
+                "{protocol}: failed login for {user!r} from {ip}", protocol=protocol, user=user, ip=ip
+            )
+            wait = self.failures.delay(ip)
+            return defer.Deferred.fromCoroutine(self._after(wait))
+
+        return d.addCallbacks(ok, failed)
+
+    async def _after(self, wait: float) -> LoginResult:
+        from twisted.internet.task import deferLater
+
+        await deferLater(self.reactor, wait, lambda: None)  # type: ignore[arg-type]
+        return LoginResult(Outcome.BAD_CREDENTIALS)

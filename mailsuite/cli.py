@@ -1,0 +1,186 @@
+"""The ``mailsuite`` admin command: users, domains, aliases, queue, config check.
+
+It edits ``<data_dir>/directory.json`` under a lock; the running server re-reads it on the next
+lookup, so no restart is needed.  Passwords are read without echo (or from stdin with
+``--password-stdin``) and stored only as argon2id hashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Callable, Sequence
+
+from mailsuite.config import SERVICES, Config, ConfigError, load_config
+from mailsuite.directory import Directory, DirectoryError
+
+#: Other modules add subcommands here (name -> (help, add_arguments, run)).
+EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Config, argparse.Namespace], int]]] = {}
+
+
+def _directory(cfg: Config) -> Directory:
+    return Directory(cfg.directory_file, cfg.mail_dir, cfg.local_domains)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise DirectoryError("the two passwords differ; nothing was changed")
+    if len(password) < 8:
+        raise DirectoryError("the password must have at least 8 characters; nothing was changed")
+    return password
+
+
+def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
+    from mailsuite.auth import hash_password
+
+    d = _directory(cfg)
+    if args.action == "add":
+        root = d.add_user(args.address, hash_password(_read_password(args)))
+        print(f"added {args.address.lower()} (mail in {root})")
+    elif args.action == "passwd":
+        d.set_password(args.address, hash_password(_read_password(args)))
+        print(f"password of {args.address.lower()} changed")
+    elif args.action == "del":
+        root = d.mailbox_root(args.address)
+        d.del_user(args.address)
+        print(f"removed {args.address.lower()}; its mail is kept in {root} (delete it by hand)")
+    elif args.action == "list":
+        for user in d.users():
+            print(user)
+    elif args.action == "send-as":
+        d.set_send_as(args.address, args.addresses)
+        print(f"{args.address.lower()} may send as: " + ", ".join(sorted(d.send_as(args.address))))
+    return 0
+
+
+def cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    if args.action == "add":
+        d.add_alias(args.alias, args.targets)
+        print(f"{args.alias.lower()} -> " + ", ".join(d.aliases()[args.alias.lower()]))
+    elif args.action == "del":
+        d.del_alias(args.alias, args.targets)
+        print(f"removed {args.alias.lower()}" + (" " + ", ".join(args.targets) if args.targets else ""))
+    elif args.action == "list":
+        for alias, targets in d.aliases().items():
+            print(f"{alias} -> {', '.join(targets)}")
+    return 0
+
+
+def cmd_domain(cfg: Config, args: argparse.Namespace) -> int:
+    d = _directory(cfg)
+    if args.action == "add":
+        d.add_domain(args.domain)
+        print(f"added domain {args.domain.lower()}")
+    elif args.action == "del":
+        d.del_domain(args.domain)
+        print(f"removed domain {args.domain.lower()}")
+    elif args.action == "list":
+        for name in d.domains():
+            origin = "config" if name in cfg.local_domains else "directory"
+            print(f"{name}\t({origin})")
+    return 0
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    print(f"config: {cfg.where}")
+    print(f"hostname: {cfg.hostname}")
+    print(f"data: {cfg.data_dir}")
+    d = _directory(cfg)
+    print(f"domains: {', '.join(d.domains()) or '(none)'}")
+    print(f"users: {len(d.users())}")
+    for service in SERVICES:
+        for desc in cfg.listen.get(service, ()):
+            print(f"listen {service:12} {desc}")
+    if cfg.tls:
+        for pair in cfg.tls:
+            print(f"tls: {pair.cert} {pair.key}")
+    else:
+        print(f"tls: none configured (a self-signed certificate is made in {cfg.data_dir}/tls)")
+    if cfg.relay.trusted_networks:
+        print("relay for: " + ", ".join(str(n) for n in cfg.relay.trusted_networks))
+    if cfg.relay.smarthost:
+        print(f"smarthost: {cfg.relay.smarthost}")
+    print("ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailsuite", description="Manage a mailsuite server.")
+    p.add_argument("--config", "-c", help="TOML config file (default: the embedded default)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    u = sub.add_parser("user", help="add, change, remove and list users")
+    us = u.add_subparsers(dest="action", required=True)
+    for action, helptext in (("add", "add a user"), ("passwd", "change a password")):
+        a = us.add_parser(action, help=helptext)
+        a.add_argument("address")
+        a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    us.add_parser("del", help="remove a user (keeps the mail)").add_argument("address")
+    us.add_parser("list", help="list users")
+    sa = us.add_parser("send-as", help="set the extra addresses a user may send as")
+    sa.add_argument("address")
+    sa.add_argument("addresses", nargs="*")
+    u.set_defaults(run=cmd_user)
+
+    a = sub.add_parser("alias", help="add, remove and list aliases (@domain = catch-all)")
+    as_ = a.add_subparsers(dest="action", required=True)
+    aa = as_.add_parser("add", help="alias ADDRESS to one or more TARGETS")
+    aa.add_argument("alias")
+    aa.add_argument("targets", nargs="+")
+    ad = as_.add_parser("del", help="remove an alias, or some of its targets")
+    ad.add_argument("alias")
+    ad.add_argument("targets", nargs="*")
+    as_.add_parser("list", help="list aliases")
+    a.set_defaults(run=cmd_alias)
+
+    d = sub.add_parser("domain", help="add, remove and list local domains")
+    ds = d.add_subparsers(dest="action", required=True)
+    ds.add_parser("add").add_argument("domain")
+    ds.add_parser("del").add_argument("domain")
+    ds.add_parser("list")
+    d.set_defaults(run=cmd_domain)
+
+    c = sub.add_parser("check", help="validate the config and show what will listen where")
+    c.set_defaults(run=cmd_check)
+
+    for name, (helptext, add_args, run) in EXTRA_COMMANDS.items():
+        e = sub.add_parser(name, help=helptext)
+        add_args(e)
+        e.set_defaults(run=run)
+    return p
+
+
+def _load_extra_commands() -> None:
+    """Import modules that register subcommands (kept optional so a broken queue module
+    cannot stop a person from managing users)."""
+    import importlib
+
+    for module in ("mailsuite.queue.cli",):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        return int(args.run(cfg, args))
+    except (ConfigError, DirectoryError) as e:
+        print(f"mailsuite: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""TOML configuration -> frozen, validated objects.
+
+Every error names the file, the key and what is wrong, because the person reading it is
+usually starting the server by hand and needs to know what to fix, not where Python failed.
+``load_config(None)`` gives the embedded default: a working local server on unprivileged
+127.0.0.1 ports with its data under ``./mailsuite-data``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+
+#: The embedded default, the same values as the commented ``etc/mailsuite.toml``
+#: (a unit test keeps the two in step).
+DEFAULT_TOML = """
+[server]
+hostname = "localhost"
+data_dir = "mailsuite-data"
+
+[listen]
+smtp = ["tcp:2525:interface=127.0.0.1"]
+submission = ["tcp:2587:interface=127.0.0.1"]
+submissions = ["tcp:2465:interface=127.0.0.1"]
+imap = ["tcp:2143:interface=127.0.0.1"]
+imaps = ["tcp:2993:interface=127.0.0.1"]
+pop3 = ["tcp:2110:interface=127.0.0.1"]
+pop3s = ["tcp:2995:interface=127.0.0.1"]
+
+[domains]
+local = ["example.test"]
+"""
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as ``FILE: [section] key: what is wrong``."""
+
+
+@dataclass(frozen=True)
+class TLSPair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class SMTPLimits:
+    """Limits of the SMTP server; the defaults follow RFC 5321 section 4.5.3."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_line_length: int = 1000  # RFC 5321 4.5.3.1.6 text line incl. CRLF (we allow 1000+)
+    timeout: int = 300  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    max_hops: int = 50  # Received headers before a loop is declared (RFC 5321 6.3)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    port: int = 25
+    smarthost: str | None = None
+    smarthost_user: str | None = None
+    smarthost_password: str | None = None
+    smarthost_tls: str = "required"  # "required" | "implicit"
+    tls_verify: bool = False
+    retry_initial: int = 300
+    retry_max: int = 4 * 3600
+    lifetime: int = 5 * 86400
+    delay_warning: int = 4 * 3600  # 0 disables the "delayed" DSN
+
+    def is_trusted(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_networks)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Failed-login throttling shared by SMTP AUTH, IMAP and POP3."""
+
+    max_failures_per_ip: int = 10
+    max_failures_per_user: int = 20
+    window: int = 900
+    allow_plaintext: bool = False  # allow LOGIN/USER/AUTH before TLS (not recommended)
+
+
+@dataclass(frozen=True)
+class IMAPConfig:
+    max_literal: int = 64 * 1024 * 1024
+    idle_timeout: int = 1800  # RFC 3501 5.4: at least 30 minutes
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    leave_on_server_mark_seen: bool = True
+    expire: str | None = None
+    login_delay: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    hostname: str
+    data_dir: Path
+    listen: dict[str, tuple[str, ...]]
+    tls: tuple[TLSPair, ...]
+    local_domains: tuple[str, ...]
+    smtp: SMTPLimits = field(default_factory=SMTPLimits)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
+    nameservers: tuple[str, ...] | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "<embedded default>"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def directory_file(self) -> Path:
+        return self.data_dir / "directory.json"
+
+
+class _Reader:
+    """Typed access to one TOML table with errors that name file and key."""
+
+    def __init__(self, where: str, section: str, table: Any) -> None:
+        self.where = where
+        self.section = section
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}: [{self.section}] {key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if kind is int and isinstance(value, bool):
+            raise self.fail(key, f"expected an integer, got {value!r}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.fail(key, f"expected {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def positive(self, key: str, default: int, minimum: int = 1) -> int:
+        value = self.get(key, int, default)
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        return int(value)
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        for item in value:
+            if not isinstance(item, str):
+                raise self.fail(key, f"expected a list of strings, found {item!r}")
+        return tuple(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key (check the spelling against etc/mailsuite.toml)")
+
+
+def _check_endpoint(reader: _Reader, key: str, desc: str) -> None:
+    """Validate an endpoint description's syntax without binding anything."""
+    kind = desc.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
+        raise reader.fail(key, f"{desc!r} is not a server endpoint description (e.g. 'tcp:25')")
+    if kind in ("tcp", "tcp6", "ssl"):
+        parts = desc.split(":")
+        port = parts[1] if len(parts) > 1 else ""
+        if "=" in port:
+            port = port.split("=", 1)[1] if port.startswith("port=") else ""
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise reader.fail(key, f"{desc!r} has no valid port number")
+
+
+def _domain(reader: _Reader, key: str, name: str) -> str:
+    name = name.strip().lower().rstrip(".")
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise reader.fail(key, f"{name!r} is not a valid domain name") from None
+    if not ascii_name or any(not label for label in ascii_name.split(".")):
+        raise reader.fail(key, f"{name!r} is not a valid domain name")
+    return name
+
+
+def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
+    where = str(path) if path else "<embedded default>"
+    known = {"server", "listen", "tls", "domains", "relay", "smtp", "auth", "imap", "pop3", "dns"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(f"{where}: [{section}]: unknown section")
+
+    server = _Reader(where, "server", data.get("server", {}))
+    hostname = server.get("hostname", str, None) or socket.getfqdn() or "localhost"
+    hostname = _domain(server, "hostname", hostname)
+    data_dir = Path(server.get("data_dir", str, "mailsuite-data")).expanduser()
+    if not data_dir.is_absolute():
+        data_dir = base / data_dir
+    server.finish()
+
+    listen_r = _Reader(where, "listen", data.get("listen", {}))
+    listen: dict[str, tuple[str, ...]] = {}
+    for service in SERVICES:
+        descs = listen_r.strings(service)
+        for desc in descs:
+            _check_endpoint(listen_r, service, desc)
+        listen[service] = descs
+    listen_r.finish()
+
+    tls_r = _Reader(where, "tls", data.get("tls", {}))
+    pairs: list[TLSPair] = []
+    cert = tls_r.get("cert", str, "")
+    key = tls_r.get("key", str, "")
+    if bool(cert) != bool(key):
+        raise tls_r.fail("key" if cert else "cert", "cert and key must be given together")
+    if cert:
+        pairs.append(TLSPair(_path(base, cert), _path(base, key)))
+    extra = tls_r.get("extra", list, [])
+    for i, item in enumerate(extra):
+        if not isinstance(item, dict) or set(item) != {"cert", "key"}:
+            raise tls_r.fail(f"extra[{i}]", "expected a table with exactly cert and key")
+        pairs.append(TLSPair(_path(base, item["cert"]), _path(base, item["key"])))
+    tls_r.finish()
+    for pair in pairs:
+        for what, p in (("cert", pair.cert), ("key", pair.key)):
+            if not p.is_file():
+                raise tls_r.fail(what, f"{p} does not exist or is not a file")
+
+    domains_r = _Reader(where, "domains", data.get("domains", {}))
+    local = tuple(_domain(domains_r, "local", d) for d in domains_r.strings("local"))
+    domains_r.finish()
+
+    smtp_r = _Reader(where, "smtp", data.get("smtp", {}))
+    smtp = SMTPLimits(
+        max_message_size=smtp_r.positive("max_message_size", SMTPLimits.max_message_size, 1024),
+        max_recipients=smtp_r.positive("max_recipients", SMTPLimits.max_recipients, 100),
+        max_errors=smtp_r.positive("max_errors", SMTPLimits.max_errors),
+        timeout=smtp_r.positive("timeout", SMTPLimits.timeout),
+        max_hops=smtp_r.positive("max_hops", SMTPLimits.max_hops, 10),
+    )
+    smtp_r.finish()
+
+    relay_r = _Reader(where, "relay", data.get("relay", {}))
+    nets = []
+    for cidr in relay_r.strings("trusted_networks"):
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise relay_r.fail("trusted_networks", f"{cidr!r} is not a CIDR network") from None
+    smarthost = relay_r.get("smarthost", str, "") or None
+    if smarthost is not None:
+        host, _, port = smarthost.rpartition(":")
+        if not host or not port.isdigit():
+            raise relay_r.fail("smarthost", f"{smarthost!r}: expected host:port")
+    smarthost_tls = relay_r.get("smarthost_tls", str, "required")
+    if smarthost_tls not in ("required", "implicit"):
+        raise relay_r.fail("smarthost_tls", "expected 'required' (STARTTLS) or 'implicit'")
+    relay = RelayConfig(
+        trusted_networks=tuple(nets),
+        port=relay_r.positive("port", 25),
+        smarthost=smarthost,
+        smarthost_user=relay_r.get("smarthost_user", str, "") or None,
+        smarthost_password=relay_r.get("smarthost_password", str, "") or None,
+        smarthost_tls=smarthost_tls,
+        tls_verify=relay_r.get("tls_verify", bool, False),
+        retry_initial=relay_r.positive("retry_initial", RelayConfig.retry_initial),
+        retry_max=relay_r.positive("retry_max", RelayConfig.retry_max),
+        lifetime=relay_r.positive("lifetime", RelayConfig.lifetime),
+        delay_warning=relay_r.positive("delay_warning", RelayConfig.delay_warning, 0),
+    )
+    relay_r.finish()
+
+    auth_r = _Reader(where, "auth", data.get("auth", {}))
+    auth = AuthConfig(
+        max_failures_per_ip=auth_r.positive("max_failures_per_ip", 10),
+        max_failures_per_user=auth_r.positive("max_failures_per_user", 20),
+        window=auth_r.positive("window", 900),
+        allow_plaintext=auth_r.get("allow_plaintext", bool, False),
+    )
+    auth_r.finish()
+
+    imap_r = _Reader(where, "imap", data.get("imap", {}))
+    imap = IMAPConfig(
+        max_literal=imap_r.positive("max_literal", IMAPConfig.max_literal, 1024),
+        idle_timeout=imap_r.positive("idle_timeout", IMAPConfig.idle_timeout, 60),
+    )
+    imap_r.finish()
+
+    pop3_r = _Reader(where, "pop3", data.get("pop3", {}))
+    pop3 = POP3Config(
+        leave_on_server_mark_seen=pop3_r.get("mark_seen_on_retr", bool, True),
+        expire=pop3_r.get("expire", str, "") or None,
+        login_delay=pop3_r.get("login_delay", int, 0) or None,
+    )
+    pop3_r.finish()
+
+    dns_r = _Reader(where, "dns", data.get("dns", {}))
+    nameservers = dns_r.strings("nameservers") or None
+    for ns in nameservers or ():
+        host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
+        try:
+            ipaddress.ip_address(host or ns)
+        except ValueError:
+            raise dns_r.fail("nameservers", f"{ns!r}: expected an IP address[:port]") from None
+        if port and not port.isdigit():
+            raise dns_r.fail("nameservers", f"{ns!r}: bad port")
+    dns_r.finish()
+
+    return Config(
+        path=path,
+        hostname=hostname,
+        data_dir=data_dir,
+        listen=listen,
+        tls=tuple(pairs),
+        local_domains=local,
+        smtp=smtp,
+        relay=relay,
+        auth=auth,
+        imap=imap,
+        pop3=pop3,
+        nameservers=nameservers,
+    )
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read ``path`` (or the embedded default when None) into a validated :class:`Config`."""
+    if path is None:
+        return parse_config(tomllib.loads(DEFAULT_TOML), None, Path.cwd())
+    p = Path(path).expanduser().absolute()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: the config file is not UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, p, p.parent)

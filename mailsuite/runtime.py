@@ -1,0 +1,27 @@
+"""The shared state every protocol service is given: config, directory, logins, TLS, store
+events and the outbound queue.  One object, built once by :mod:`mailsuite.service`, passed
+to each protocol factory so nothing reaches for globals (and tests can build their own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mailsuite.auth import Authenticator
+from mailsuite.config import Config
+from mailsuite.directory import Directory
+from mailsuite.store.events import ChangeHub
+
+
+@dataclass
+class Runtime:
+    config: Config
+    reactor: Any
+    directory: Directory
+    auth: Authenticator
+    changes: ChangeHub
+    #: :class:`mailsuite.tls.ServerTLS` when a certificate is configured or generated.
+    tls: Any | None = None
+    #: The outbound queue (see mailsuite.queue); None means remote delivery is unavailable
+    #: and remote recipients are answered 451 4.4.0.
+    queue: Any | None = None

@@ -1,0 +1,122 @@
+"""Build the whole server, a ``MultiService``, from a :class:`~mailsuite.config.Config`.
+
+Each ``[listen]`` service name maps to a protocol factory builder, imported only when that
+service is configured (so a partial config does not import, say, IMAP).  Implicit-TLS
+services (``submissions``, ``imaps``, ``pop3s``) get their factory wrapped in TLS here, so
+listeners take plain ``tcp:`` endpoint descriptions and share one reloadable certificate set.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+
+from mailsuite.auth import Authenticator
+from mailsuite.config import Config
+from mailsuite.directory import Directory
+from mailsuite.runtime import Runtime
+from mailsuite.store.events import ChangeHub
+
+log = Logger(namespace="mailsuite.service")
+
+#: service name -> ("module:function", implicit TLS).  The function takes
+#: ``(runtime, implicit_tls)`` and returns the protocol factory.
+FACTORIES: dict[str, tuple[str, bool]] = {
+    "smtp": ("mailsuite.smtp.server:mx_factory", False),
+    "submission": ("mailsuite.smtp.server:submission_factory", False),
+    "submissions": ("mailsuite.smtp.server:submission_factory", True),
+    "imap": ("mailsuite.imap.server:imap_factory", False),
+    "imaps": ("mailsuite.imap.server:imap_factory", True),
+    "pop3": ("mailsuite.pop3.server:pop3_factory", False),
+    "pop3s": ("mailsuite.pop3.server:pop3_factory", True),
+}
+
+
+def _builder(spec: str) -> Callable[[Runtime, bool], IProtocolFactory]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+def build_runtime(config: Config, reactor: Any) -> Runtime:
+    """Create the data folder and the shared objects the services use."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.mail_dir.mkdir(exist_ok=True, mode=0o700)
+    directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
+    auth = Authenticator(directory, config.auth, reactor)
+    runtime = Runtime(config, reactor, directory, auth, ChangeHub())
+    runtime.tls = _server_tls(config, runtime)
+    return runtime
+
+
+def _server_tls(config: Config, runtime: Runtime) -> Any | None:
+    """The configured certificates, or a self-signed one made for the embedded default."""
+    try:
+        from mailsuite import tls
+    except ImportError:  # the TLS module is not present in this build
+        return None
+    pairs = [(p.cert, p.key) for p in config.tls]
+    if not pairs:
+        needs_tls = any(config.listen.get(s) for s in ("submission", "submissions", "imaps", "pop3s"))
+        if not needs_tls and not any(config.listen.get(s) for s in ("imap", "pop3")):
+            return None
+        cert, key = tls.ensure_self_signed(config.data_dir, config.hostname)
+        log.warn(
+            "No [tls] certificate configured: using the self-signed {cert} (clients will warn; "
+            "set [tls] cert and key for real use)",
+            cert=str(cert),
+        )
+        pairs = [(cert, key)]
+    return tls.ServerTLS(pairs)
+
+
+def makeService(config: Config, reactor: Any = None) -> service.MultiService:
+    """The server as a ``MultiService``: one child per listening endpoint plus helpers."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    runtime = build_runtime(config, reactor)
+    top = service.MultiService()
+    top.runtime = runtime  # type: ignore[attr-defined]
+    for extra in _extra_services(runtime):
+        extra.setServiceParent(top)
+    for name, (spec, implicit_tls) in FACTORIES.items():
+        descs = config.listen.get(name, ())
+        if not descs:
+            continue
+        factory = _builder(spec)(runtime, implicit_tls)
+        if implicit_tls:
+            if runtime.tls is None:
+                raise RuntimeError(f"[listen] {name} needs TLS but no certificate is available")
+            factory = runtime.tls.wrap_factory(factory)
+        for desc in descs:
+            endpoint = endpoints.serverFromString(reactor, desc)
+            svc = StreamServerEndpointService(endpoint, factory)
+            svc._raiseSynchronously = True  # a port in use must stop the start, loudly
+            svc.setName(f"{name} {desc}")
+            svc.setServiceParent(top)
+    return top
+
+
+def _extra_services(runtime: Runtime) -> list[service.Service]:
+    """Non-listening services: certificate reload, the outbound queue runner."""
+    out: list[service.Service] = []
+    if runtime.tls is not None:
+        from mailsuite import tls
+
+        reload_service = getattr(tls, "TLSReloadService", None)
+        if reload_service is not None:
+            out.append(reload_service(runtime.tls, 60))
+    try:
+        from mailsuite.queue import runner
+    except ImportError:
+        return out
+    out.append(runner.queue_service(runtime))
+    return out

@@ -1,0 +1,49 @@
+"""In-process change notifications for mailbox folders.
+
+Delivery, IMAP and POP3 sessions in this process tell each other "folder X changed" through
+one :class:`ChangeHub`, so an IDLE client hears about new mail at once.  Changes made by
+other processes are not seen here; sessions that need them (IDLE) also poll the folder's
+directory mtimes, which :meth:`mailsuite.store.index.FolderIndex.sync` makes cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.logger import Logger
+
+log = Logger(namespace="mailsuite.store")
+
+Listener = Callable[[Path], None]
+
+
+class ChangeHub:
+    """Publish/subscribe keyed by the folder's resolved path.  Call from the reactor thread."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[Path, set[Listener]] = {}
+
+    def subscribe(self, folder: Path, listener: Listener) -> Callable[[], None]:
+        """Register ``listener``; returns a function that unregisters it."""
+        key = folder.resolve()
+        self._listeners.setdefault(key, set()).add(listener)
+
+        def unsubscribe() -> None:
+            group = self._listeners.get(key)
+            if group is not None:
+                group.discard(listener)
+                if not group:
+                    del self._listeners[key]
+
+        return unsubscribe
+
+    def notify(self, folder: Path, source: object = None) -> None:
+        """Tell every listener of ``folder`` (except ``source``) that it changed."""
+        for listener in list(self._listeners.get(folder.resolve(), ())):
+            if listener is source:
+                continue
+            try:
+                listener(folder)
+            except Exception:
+                log.failure("change listener for {folder} failed", folder=folder)

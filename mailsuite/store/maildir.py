@@ -1,0 +1,148 @@
+"""Maildir++ on disk: folder paths, unique names, flags in names, durable delivery.
+
+Replaces twisted.mail.maildir, which fails on Python 3 and never fsyncs (see README).
+Layout follows Maildir++ so mutt, Dovecot or getmail can read the same tree: INBOX is the
+user's root folder, other folders are ``.Name`` (hierarchy separator ``.`` on disk, names in
+modified UTF-7), flags in the ``:2,`` suffix, files stored with LF line ends.
+
+Durability rule (DESIGN.md): write in ``tmp/``, fsync the file, rename into ``new/``, fsync
+``new/``; only then may a protocol answer 250 / OK.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+SUBDIRS = ("cur", "new", "tmp")
+
+#: IMAP system flag <-> Maildir info letter (the letters must stay sorted in names).
+FLAG_LETTERS = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+
+_counter = itertools.count()
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+class FolderNameError(ValueError):
+    """A mailbox name that would leave the user's directory or is not representable."""
+
+
+def unique_name() -> str:
+    """A Maildir unique name: ``time.M<usec>P<pid>Q<n>.host`` (pid taken at call time)."""
+    now = time.time()
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+
+
+def base_of(filename: str) -> str:
+    """The unique part of a Maildir file name (what stays when flags change)."""
+    return filename.split(":", 1)[0]
+
+
+def flags_of(filename: str) -> set[str]:
+    """System flags and keyword letters from the ``:2,`` info of a name."""
+    _, sep, info = filename.partition(":2,")
+    if not sep:
+        return set()
+    return {LETTER_FLAGS.get(ch, ch) for ch in info if ch in LETTER_FLAGS}
+
+
+def info_for(flags: set[str] | frozenset[str]) -> str:
+    """The ``:2,`` suffix for a set of system flags (letters in ASCII order)."""
+    letters = sorted(FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS)
+    return ":2," + "".join(letters)
+
+
+def ensure_folder(path: Path) -> Path:
+    """Create ``cur/new/tmp`` under ``path`` if missing (mode 0700) and return ``path``."""
+    for sub in SUBDIRS:
+        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def folder_path(user_root: Path, name: str) -> Path:
+    """Map an IMAP mailbox name (already decoded, hierarchy ``/`` or ``.``) to its directory.
+
+    INBOX (any case) is the root.  Other names become one ``.A.B`` directory directly under
+    the root.  Anything that could escape the root or collide with Maildir internals is
+    refused: empty levels, ``.``/``..`` levels, ``/`` inside a level, ``~``, NUL, control
+    characters.
+    """
+    if name.upper() == "INBOX":
+        return user_root
+    if not name or len(name) > 512:
+        raise FolderNameError("mailbox name is empty or too long")
+    levels = name.split("/") if "/" in name else name.split(".")
+    for level in levels:
+        if level in ("", ".", ".."):
+            raise FolderNameError("mailbox name has an empty or relative level")
+        if level.startswith("~") or any(ord(c) < 0x20 or c == "\x7f" for c in level):
+            raise FolderNameError("mailbox name has a forbidden character")
+        if "\\" in level:
+            raise FolderNameError("mailbox name has a forbidden character")
+    if levels[0].upper() == "INBOX" and len(levels) > 1:
+        levels[0] = "INBOX"
+    path = user_root / ("." + ".".join(levels))
+    if path.parent != user_root:
+        raise FolderNameError("mailbox name escapes the mailbox root")
+    return path
+
+
+def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
+    """Durably write one message (LF line ends) into ``folder/new`` and return its file name.
+
+    Blocking (fsyncs): call it from a thread, never from the reactor.
+    """
+    name = unique_name()
+    tmp = folder / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        size = 0
+        crlf = 0  # extra bytes once LF becomes CRLF, recorded as ,W= like Dovecot does
+        for chunk in chunks:
+            crlf += chunk.count(b"\n") - chunk.count(b"\r\n")
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    final = f"{name},S={size},W={size + crlf}"
+    try:
+        os.rename(tmp, folder / "new" / final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(folder / "new")
+    return final
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,31 @@
+"""``twistd mailsuite`` options and service maker (the plugin in twisted/plugins points here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from mailsuite.config import Config, ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mailsuite mail server.  Without --config it runs the embedded default: "
+        "127.0.0.1 on unprivileged ports, data under ./mailsuite-data, domain example.test."
+    )
+    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.config: Config = load_config(self["config"])
+        except ConfigError as e:
+            # twistd prints UsageError as one line and exits non-zero.
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Any:
+    from mailsuite.service import makeService as build
+
+    return build(options.config)
