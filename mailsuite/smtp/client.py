@@ -1,0 +1,904 @@
+"""Our SMTP client (one transaction per session), on ``basic.LineReceiver``.
+
+Not twisted.mail.smtp.ESMTPClient: it dot-stuffs per 16 KiB chunk (a '.' line at a chunk boundary
+smuggles commands to the next server), has no timeouts, and sends no SIZE/BODY/SMTPUTF8.
+
+The queue calls :func:`deliver` once per MX host; the result says, per recipient, what the server
+replied, and for the whole session how it ended, so the caller can retry, bounce or move on to the
+next MX (:attr:`TransactionResult.try_next_mx`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import ipaddress
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols import basic
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "CHUNK_SIZE",
+    "MessageInfo",
+    "Outcome",
+    "Reply",
+    "SMTPClientSession",
+    "SessionParameters",
+    "Timeouts",
+    "TransactionResult",
+    "WireEncoder",
+    "deliver",
+    "scan_message",
+]
+
+log = Logger()
+
+CHUNK_SIZE = 64 * 1024
+
+
+# --------------------------------------------------------------------------- replies and results
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply. ``remote`` False means we made it up locally (no server said it).
+
+    ``enhanced`` is the RFC 3463 code taken from the reply text ("5.1.1") or None; ``text`` is the
+    rest of the reply, lines joined with "\\n".
+    """
+
+    code: int
+    enhanced: str | None
+    text: str
+    remote: bool = True
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code, or the one implied by the basic code (RFC 3463)."""
+        if self.enhanced:
+            return self.enhanced
+        return f"{self.code // 100}.0.0"
+
+    def diagnostic(self) -> str:
+        """For a DSN's Diagnostic-Code field: ``smtp; 550 5.1.1 text`` (text on one line)."""
+        flat = " ".join(self.text.split("\n"))
+        enhanced = f" {self.enhanced}" if self.enhanced else ""
+        return f"smtp; {self.code}{enhanced} {flat}".rstrip()
+
+    def __str__(self) -> str:
+        enhanced = f" {self.enhanced}" if self.enhanced else ""
+        return f"{self.code}{enhanced} {self.text}".rstrip()
+
+
+def _local(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text, remote=False)
+
+
+class Outcome(enum.Enum):
+    """How a session ended."""
+
+    DELIVERED = "delivered"  # DATA accepted; recipients refused at RCPT keep their replies
+    ALL_RECIPIENTS_REFUSED = "all-recipients-refused"
+    CONNECT_FAILED = "connect-failed"  # no address accepted a TCP connection
+    TLS_FAILED = "tls-failed"  # handshake/verification failed, or TLS required and not offered
+    GREETING_REFUSED = "greeting-refused"  # non-220 greeting
+    HELO_REFUSED = "helo-refused"  # EHLO and HELO both refused
+    AUTH_FAILED = "auth-failed"  # AUTH refused, not offered, or not possible without TLS
+    MAIL_REFUSED = "mail-refused"
+    DATA_REFUSED = "data-refused"  # at DATA or after the final dot
+    MESSAGE_UNSENDABLE = "message-unsendable"  # too big for SIZE, 8-bit/UTF-8 not supported
+    TIMEOUT = "timeout"
+    CONNECTION_LOST = "connection-lost"
+    PROTOCOL_ERROR = "protocol-error"  # unparseable reply
+
+
+@dataclass
+class TransactionResult:
+    """What happened in one session with one host.
+
+    ``reply`` is the reply that decided ``outcome`` (local when no server said it); ``stage`` is
+    where: connect, greeting, ehlo, starttls, tls, auth, mail, rcpt, data, data-end or done.
+    ``recipients`` maps every recipient to its final reply: positive = delivered, transient =
+    retry later, permanent = bounce.
+    """
+
+    outcome: Outcome
+    reply: Reply
+    stage: str
+    recipients: dict[str, Reply]
+    host: str
+    address: str | None = None
+    port: int = 25
+    tls: bool = False
+    tls_fallback: bool = False  # TLS handshake failed; this result is from a plaintext retry
+    extensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> list[str]:
+        return [r for r, reply in self.recipients.items() if reply.positive]
+
+    @property
+    def transient_failures(self) -> list[str]:
+        return [r for r, reply in self.recipients.items() if reply.transient]
+
+    @property
+    def permanent_failures(self) -> list[str]:
+        return [r for r, reply in self.recipients.items() if reply.permanent]
+
+    @property
+    def try_next_mx(self) -> bool:
+        """True when the failure is about this host rather than the message or recipients.
+
+        RFC 5321 5.1: try the next MX when this one could not be reached or did not take the
+        transaction; not once any recipient got a definite answer or DATA was started.
+        """
+        if self.outcome in (Outcome.CONNECT_FAILED, Outcome.TLS_FAILED, Outcome.GREETING_REFUSED,
+                            Outcome.HELO_REFUSED):
+            return True
+        if self.outcome in (Outcome.TIMEOUT, Outcome.CONNECTION_LOST, Outcome.PROTOCOL_ERROR):
+            return self.stage in ("connect", "greeting", "ehlo", "starttls", "tls", "auth",
+                                  "mail", "rcpt")
+        if self.outcome is Outcome.MAIL_REFUSED:
+            return self.reply.transient
+        return False
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Defaults are RFC 5321 4.5.3.2 where it gives one."""
+
+    connect: float = 60.0
+    greeting: float = 300.0  # 4.5.3.2.1
+    command: float = 300.0  # EHLO, HELO, STARTTLS, AUTH (not in the RFC; same as MAIL)
+    mail: float = 300.0  # 4.5.3.2.2
+    rcpt: float = 300.0  # 4.5.3.2.3
+    data_init: float = 120.0  # 4.5.3.2.4
+    data_block: float = 180.0  # 4.5.3.2.5: no progress writing the body for this long
+    data_term: float = 600.0  # 4.5.3.2.6
+    quit: float = 30.0
+
+
+# --------------------------------------------------------------------------- message encoding
+
+
+_NEWLINES = re.compile(rb"\r\n|\r|\n")
+
+
+class WireEncoder:
+    """Stored message bytes -> DATA wire bytes, chunk by chunk.
+
+    Every line end (LF, CRLF, or a bare CR) becomes CRLF, every line starting with '.' gets one
+    more (RFC 5321 4.5.2), including the first line and lines split across chunks. ``finish()``
+    ends the last line if needed and adds the terminating ``.\\r\\n``.
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._pending_cr = False
+        self._empty = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            # Might be the first half of CRLF split across chunks: decide with the next chunk.
+            chunk = chunk[:-1]
+            self._pending_cr = True
+            if not chunk:
+                return b""
+        out = _NEWLINES.sub(b"\r\n", chunk)
+        out = out.replace(b"\n.", b"\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        self._empty = False
+        return out
+
+    def finish(self) -> bytes:
+        out = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            out = b"\r\n"
+            self._at_line_start = True
+            self._empty = False
+        if not self._empty and not self._at_line_start:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """``wire_size``: octets with CRLF line ends, before dot-stuffing (RFC 1870's SIZE value).
+    ``eight_bit``: any octet > 127. ``longest_line``: octets without the line end."""
+
+    wire_size: int
+    eight_bit: bool
+    longest_line: int
+
+
+def scan_message(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> MessageInfo:
+    """Read a stored message once (blocking, chunked) to learn what MAIL FROM must declare."""
+    size = 0
+    eight_bit = False
+    longest = 0
+    current = 0
+    pending_cr = False
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            if pending_cr:
+                chunk = b"\r" + chunk
+                pending_cr = False
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                pending_cr = True
+            if not eight_bit and not chunk.isascii():
+                eight_bit = True
+            lines = _NEWLINES.split(chunk)
+            for line in lines[:-1]:
+                current += len(line)
+                longest = max(longest, current)
+                size += current + 2
+                current = 0
+            current += len(lines[-1])
+    if pending_cr:
+        longest = max(longest, current)
+        size += current + 2
+        current = 0
+    if current:
+        longest = max(longest, current)
+        size += current + 2
+    return MessageInfo(size, eight_bit, longest)
+
+
+@implementer(IPullProducer)
+class _BodyProducer:
+    """Streams the message file into the transport as the transport asks for more."""
+
+    def __init__(self, session: SMTPClientSession, f: BinaryIO, chunk_size: int) -> None:
+        self._session = session
+        self._file: BinaryIO | None = f
+        self._encoder = WireEncoder()
+        self._chunk_size = chunk_size
+
+    def resumeProducing(self) -> None:
+        if self._file is None:
+            return
+        self._session._progress()
+        chunk = self._file.read(self._chunk_size)
+        if chunk:
+            data = self._encoder.encode(chunk)
+            if data:
+                self._session.transport.write(data)
+            return
+        self._close()
+        self._session.transport.write(self._encoder.finish())
+        self._session._body_sent()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# --------------------------------------------------------------------------- the session
+
+
+@dataclass(frozen=True)
+class SessionParameters:
+    """Everything one session needs to know (see :func:`deliver` for the meanings)."""
+
+    host: str
+    helo_name: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    message_path: str
+    size: int
+    body_8bit: bool = False
+    smtputf8: bool = False
+    tls: str = "opportunistic"
+    tls_verify: bool = False
+    tls_client_context: Any = None
+    auth: tuple[str, str] | None = None
+    timeouts: Timeouts = Timeouts()
+    chunk_size: int = CHUNK_SIZE
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+class SMTPClientSession(basic.LineReceiver):
+    """One SMTP session: greeting, EHLO/HELO, STARTTLS, AUTH, one transaction, QUIT.
+
+    ``done`` fires with a :class:`TransactionResult` once the connection has closed.
+    """
+
+    delimiter = b"\n"  # tolerate servers that end lines with a bare LF; CR is stripped
+    MAX_LENGTH = 65536
+
+    def __init__(self, params: SessionParameters, clock: Any) -> None:
+        self.params = params
+        self.clock = clock
+        self.done: Deferred[TransactionResult] = Deferred()
+        self.extensions: dict[str, str] = {}
+        self.tls_active = False
+        self.address: str | None = None
+        self.port = 25
+        self._stage = "greeting"
+        self._lines: list[str] = []
+        self._expect: deque[Callable[[Reply], None]] = deque()
+        self._timer: Any = None
+        self._result: TransactionResult | None = None
+        self._rcpt_replies: dict[str, Reply] = {}
+        self._mail_reply: Reply | None = None
+        self._pipelined = False
+        self._producer: _BodyProducer | None = None
+        self._closing = False
+        self._handshake_error = False
+        self._lines_of_last_reply: list[str] = []
+        self._plain_token = ""
+
+    # -- plumbing
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.address = getattr(peer, "host", None)
+        self.port = getattr(peer, "port", 25)
+        self._expect.append(self._on_greeting)
+        self._arm(self.params.timeouts.greeting)
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.clock.callLater(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _progress(self) -> None:
+        """The transport wants more body: restart the data block timer."""
+        self._arm(self.params.timeouts.data_block)
+
+    def _send(self, line: str, *, secret: bool = False, shown: str | None = None) -> None:
+        if secret:
+            log.debug("SMTP C: {line}", line=shown or "(credentials)")
+        else:
+            log.debug("SMTP C: {line}", line=line)
+        self.transport.write(self._encode(line) + b"\r\n")
+
+    def _encode(self, line: str) -> bytes:
+        return line.encode("utf-8")
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if self._closing and not self._expect:
+            return
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+            self._fail(Outcome.PROTOCOL_ERROR,
+                       _local(451, "4.5.0", f"unparseable reply: {line[:80]!r}"), abort=True)
+            return
+        text = line[4:].decode("utf-8", "replace")
+        self._lines.append(text)
+        if line[3:4] == b"-":
+            if len(self._lines) > 1000:
+                self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply too long"),
+                           abort=True)
+            return
+        code = int(line[:3])
+        lines, self._lines = self._lines, []
+        reply = self._make_reply(code, lines)
+        log.debug("SMTP S: {reply}", reply=reply)
+        if not self._expect:
+            if code == 421:
+                self._fail(Outcome.CONNECTION_LOST, reply, abort=False, quit=False)
+            else:
+                self._fail(Outcome.PROTOCOL_ERROR,
+                           _local(451, "4.5.0", f"unexpected reply: {reply}"), abort=True)
+            return
+        handler = self._expect.popleft()
+        self._lines_of_last_reply = lines
+        if code == 421 and handler != self._on_quit:
+            # RFC 5321 3.8: the server is closing the session.
+            outcome = {"greeting": Outcome.GREETING_REFUSED, "ehlo": Outcome.HELO_REFUSED,
+                       "mail": Outcome.MAIL_REFUSED, "rcpt": Outcome.MAIL_REFUSED,
+                       "data": Outcome.DATA_REFUSED, "data-end": Outcome.DATA_REFUSED,
+                       "auth": Outcome.AUTH_FAILED, "starttls": Outcome.TLS_FAILED,
+                       "tls": Outcome.HELO_REFUSED}.get(self._stage, Outcome.CONNECTION_LOST)
+            self._fail(outcome, reply, abort=False, quit=False)
+            return
+        handler(reply)
+
+    @staticmethod
+    def _make_reply(code: int, lines: list[str]) -> Reply:
+        first = lines[0] if lines else ""
+        enhanced = None
+        m = _ENHANCED.match(first)
+        if m and m.group(1) == str(code)[0]:
+            enhanced = f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
+            first = first[m.end():]
+            rest = []
+            for extra in lines[1:]:
+                m2 = _ENHANCED.match(extra)
+                rest.append(extra[m2.end():] if m2 else extra)
+            lines = [first, *rest]
+        return Reply(code, enhanced, "\n".join(lines).strip())
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply line too long"),
+                   abort=True)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._result is not None:  # QUIT unanswered: just go
+            self.transport.abortConnection()
+            return
+        # After the final dot the message may or may not have been delivered (RFC 5321 6.1
+        # accepts the duplicate risk): report temporary failure.
+        self._fail(Outcome.TIMEOUT,
+                   _local(451, "4.4.2", f"timeout waiting for the server ({self._stage})"),
+                   abort=True)
+
+    def _fail(self, outcome: Outcome, reply: Reply, *, abort: bool = False,
+              quit: bool = True) -> None:
+        if self._result is not None:
+            return
+        recipients = {}
+        for rcpt in self.params.rcpts:
+            existing = self._rcpt_replies.get(rcpt)
+            if existing is not None and not existing.positive:
+                recipients[rcpt] = existing
+            else:
+                recipients[rcpt] = reply if not reply.positive else _local(
+                    451, "4.4.2", "transaction not completed")
+        self._finish(outcome, reply, recipients, abort=abort, quit=quit)
+
+    def _finish(self, outcome: Outcome, reply: Reply, recipients: dict[str, Reply], *,
+                abort: bool = False, quit: bool = True) -> None:
+        self._result = TransactionResult(
+            outcome=outcome, reply=reply, stage=self._stage, recipients=recipients,
+            host=self.params.host, address=self.address, port=self.port, tls=self.tls_active,
+            extensions=dict(self.extensions),
+        )
+        self._expect.clear()
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        self._closing = True
+        if abort:
+            self._disarm()
+            self.transport.abortConnection()
+        elif quit:
+            self._expect.append(self._on_quit)
+            self._arm(self.params.timeouts.quit)
+            self._send("QUIT")
+        else:
+            self._disarm()
+            self.transport.loseConnection()
+
+    def _on_quit(self, reply: Reply) -> None:
+        self._disarm()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        if self._producer is not None:
+            self._producer.stopProducing()
+            self._producer = None
+        if self._result is None:
+            if self._stage == "tls":
+                self._handshake_error = True
+                outcome = Outcome.TLS_FAILED
+                reply = _local(451, "4.7.5", f"TLS negotiation failed: {reason.value}")
+            else:
+                outcome = Outcome.CONNECTION_LOST
+                reply = _local(451, "4.4.2", f"connection lost ({self._stage}): {reason.value}")
+            self._closing = True
+            self._fail(outcome, reply, abort=False, quit=False)
+        result = self._result
+        assert result is not None
+        if not self.done.called:
+            self.done.callback(result)
+
+    # -- the dialogue
+
+    def _on_greeting(self, reply: Reply) -> None:
+        if reply.code != 220:
+            self._fail(Outcome.GREETING_REFUSED, reply)
+            return
+        self._ehlo()
+
+    def _ehlo(self) -> None:
+        self._stage = "ehlo" if not self.tls_active else "tls"
+        self._expect.append(self._on_ehlo)
+        self._arm(self.params.timeouts.command)
+        self._send(f"EHLO {self.params.helo_name}")
+
+    def _on_ehlo(self, reply: Reply) -> None:
+        if reply.positive:
+            self._stage = "ehlo"
+            self.extensions = {}
+            for line in self._lines_of_last_reply[1:]:
+                keyword, _, value = line.strip().partition(" ")
+                if keyword:
+                    self.extensions[keyword.upper()] = value.strip()
+            self._after_hello()
+        elif reply.permanent and not self.tls_active:
+            # RFC 5321 3.2: fall back to HELO when EHLO is not recognized.
+            self._expect.append(self._on_helo)
+            self._arm(self.params.timeouts.command)
+            self._send(f"HELO {self.params.helo_name}")
+        else:
+            self._fail(Outcome.HELO_REFUSED, reply)
+
+    def _on_helo(self, reply: Reply) -> None:
+        if not reply.positive:
+            self._fail(Outcome.HELO_REFUSED, reply)
+            return
+        self.extensions = {}
+        self._after_hello()
+
+    def _after_hello(self) -> None:
+        p = self.params
+        if not self.tls_active and p.tls in ("opportunistic", "required"):
+            if "STARTTLS" in self.extensions:
+                self._stage = "starttls"
+                self._expect.append(self._on_starttls)
+                self._arm(p.timeouts.command)
+                self._send("STARTTLS")
+                return
+            if p.tls == "required":
+                self._fail(Outcome.TLS_FAILED,
+                           _local(451, "4.7.4", "TLS required but STARTTLS not offered"))
+                return
+        if p.auth is not None:
+            self._start_auth()
+            return
+        self._start_mail()
+
+    def _on_starttls(self, reply: Reply) -> None:
+        if reply.code != 220:
+            if self.params.tls == "required":
+                self._fail(Outcome.TLS_FAILED, reply)
+                return
+            # RFC 3207 4.1: the client may go on without TLS when the server refuses it.
+            self.extensions.pop("STARTTLS", None)
+            self._stage = "ehlo"
+            self._after_hello_without_tls()
+            return
+        self._stage = "tls"
+        self.clearLineBuffer()  # RFC 3207 4.2: nothing the server said before counts
+        self.transport.startTLS(self._tls_context())
+        self.tls_active = True
+        self.extensions = {}
+        self._ehlo()  # RFC 3207 4.2: forget everything, EHLO again
+
+    def _after_hello_without_tls(self) -> None:
+        if self.params.auth is not None:
+            self._start_auth()
+        else:
+            self._start_mail()
+
+    def _tls_context(self) -> Any:
+        p = self.params
+        if p.tls_client_context is not None:
+            return p.tls_client_context
+        if p.tls_verify:
+            return ssl.optionsForClientTLS(p.host)
+        return ssl.CertificateOptions(verify=False)
+
+    # -- AUTH (RFC 4954), only over TLS
+
+    def _start_auth(self) -> None:
+        assert self.params.auth is not None
+        self._stage = "auth"
+        if not self.tls_active:
+            self._fail(Outcome.AUTH_FAILED,
+                       _local(451, "4.7.0", "will not send credentials without TLS"))
+            return
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        user, password = self.params.auth
+        self._arm(self.params.timeouts.command)
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            self._plain_token = token
+            self._expect.append(self._on_auth_plain)
+            self._send(f"AUTH PLAIN {token}", secret=True, shown="AUTH PLAIN ****")
+        elif "LOGIN" in mechanisms:
+            self._expect.append(self._on_auth_login_user)
+            self._send("AUTH LOGIN")
+        else:
+            self._fail(Outcome.AUTH_FAILED, _local(
+                451, "4.7.4", "server offers no AUTH mechanism we use (PLAIN, LOGIN)"))
+
+    def _on_auth_plain(self, reply: Reply) -> None:
+        if reply.code == 334:  # a server that wants the response after an empty challenge
+            self._expect.append(self._on_auth_done)
+            self._arm(self.params.timeouts.command)
+            self._send(self._plain_token, secret=True)
+            return
+        self._on_auth_done(reply)
+
+    def _on_auth_login_user(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self._on_auth_done(reply)
+            return
+        assert self.params.auth is not None
+        self._expect.append(self._on_auth_login_password)
+        self._arm(self.params.timeouts.command)
+        self._send(base64.b64encode(self.params.auth[0].encode()).decode("ascii"), secret=True)
+
+    def _on_auth_login_password(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self._on_auth_done(reply)
+            return
+        assert self.params.auth is not None
+        self._expect.append(self._on_auth_done)
+        self._arm(self.params.timeouts.command)
+        self._send(base64.b64encode(self.params.auth[1].encode()).decode("ascii"), secret=True)
+
+    def _on_auth_done(self, reply: Reply) -> None:
+        if reply.code != 235:
+            if reply.code == 334:  # more challenges than we know how to answer: cancel
+                self._expect.append(self._on_auth_done)
+                self._send("*")
+                return
+            self._fail(Outcome.AUTH_FAILED, reply)
+            return
+        self._start_mail()
+
+    # -- the transaction
+
+    def _start_mail(self) -> None:
+        p = self.params
+        self._stage = "mail"
+        ext = self.extensions
+        needs_utf8 = p.smtputf8 or not all(a.isascii() for a in (p.mail_from, *p.rcpts))
+        size_limit = ext.get("SIZE", "")
+        if size_limit.isdigit() and int(size_limit) > 0 and p.size > int(size_limit):
+            # RFC 1870 6: do not send what the server has said it will not take.
+            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
+                552, "5.3.4", f"message size {p.size} exceeds the server's limit {size_limit}"))
+            return
+        if needs_utf8 and "SMTPUTF8" not in ext:
+            # RFC 6531 3.2: no downgrade of internationalized addresses/headers.
+            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
+                553, "5.6.7", "message needs SMTPUTF8 and the server does not offer it"))
+            return
+        if p.body_8bit and "8BITMIME" not in ext:
+            # RFC 6152 3: an 8-bit body may only go to a server that offers 8BITMIME.
+            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
+                554, "5.6.3", "8-bit message and the server does not offer 8BITMIME"))
+            return
+        params = []
+        if "SIZE" in ext:
+            params.append(f"SIZE={p.size}")
+        if p.body_8bit:
+            params.append("BODY=8BITMIME")
+        if needs_utf8:
+            params.append("SMTPUTF8")
+        mail = f"MAIL FROM:<{p.mail_from}>" + "".join(" " + x for x in params)
+        self._pipelined = "PIPELINING" in ext
+        if self._pipelined:
+            # RFC 2920 3.1: MAIL and the RCPTs as one group; replies come back in order.
+            self._expect.append(self._on_mail)
+            for i in range(len(p.rcpts)):
+                self._expect.append(self._rcpt_handler(i))
+            self._arm(p.timeouts.mail + p.timeouts.rcpt)
+            lines = [mail] + [f"RCPT TO:<{r}>" for r in p.rcpts]
+            for line in lines:
+                log.debug("SMTP C: {line}", line=line)
+            self.transport.write(b"".join(self._encode(x) + b"\r\n" for x in lines))
+        else:
+            self._expect.append(self._on_mail)
+            self._arm(p.timeouts.mail)
+            self._send(mail)
+
+    def _rcpt_handler(self, i: int) -> Callable[[Reply], None]:
+        def handler(reply: Reply) -> None:
+            self._on_rcpt(i, reply)
+
+        return handler
+
+    def _on_mail(self, reply: Reply) -> None:
+        self._mail_reply = reply
+        if self._pipelined:
+            self._stage = "rcpt"
+            self._arm(self.params.timeouts.rcpt)
+            return
+        if not reply.positive:
+            self._fail(Outcome.MAIL_REFUSED, reply)
+            return
+        self._send_rcpt(0)
+
+    def _send_rcpt(self, i: int) -> None:
+        self._stage = "rcpt"
+        self._expect.append(self._rcpt_handler(i))
+        self._arm(self.params.timeouts.rcpt)
+        self._send(f"RCPT TO:<{self.params.rcpts[i]}>")
+
+    def _on_rcpt(self, i: int, reply: Reply) -> None:
+        rcpts = self.params.rcpts
+        assert self._mail_reply is not None
+        if self._mail_reply.positive:
+            self._rcpt_replies[rcpts[i]] = reply
+        if i + 1 < len(rcpts):
+            if self._pipelined:
+                self._arm(self.params.timeouts.rcpt)
+            else:
+                self._send_rcpt(i + 1)
+            return
+        if not self._mail_reply.positive:
+            self._stage = "mail"
+            self._fail(Outcome.MAIL_REFUSED, self._mail_reply)
+            return
+        if not any(r.positive for r in self._rcpt_replies.values()):
+            refused = self._rcpt_replies[rcpts[-1]]
+            self._finish(Outcome.ALL_RECIPIENTS_REFUSED, refused, dict(self._rcpt_replies))
+            return
+        self._stage = "data"
+        self._expect.append(self._on_data)
+        self._arm(self.params.timeouts.data_init)
+        self._send("DATA")
+
+    def _on_data(self, reply: Reply) -> None:
+        if reply.code != 354:
+            self._fail(Outcome.DATA_REFUSED, reply if not reply.positive else _local(
+                451, "4.5.0", f"unexpected reply to DATA: {reply}"))
+            return
+        try:
+            f = open(self.params.message_path, "rb")  # noqa: SIM115 - closed by the producer
+        except OSError as e:
+            # Cannot abandon DATA politely once 354 came; close without the final dot.
+            self._fail(Outcome.MESSAGE_UNSENDABLE,
+                       _local(451, "4.3.0", f"cannot read message: {e}"), abort=True)
+            return
+        self._stage = "data"
+        self._producer = _BodyProducer(self, f, self.params.chunk_size)
+        self._arm(self.params.timeouts.data_block)
+        self.transport.registerProducer(self._producer, False)
+
+    def _body_sent(self) -> None:
+        self._producer = None
+        self.transport.unregisterProducer()
+        self._stage = "data-end"
+        self._expect.append(self._on_data_end)
+        self._arm(self.params.timeouts.data_term)
+
+    def _on_data_end(self, reply: Reply) -> None:
+        recipients = {}
+        for rcpt in self.params.rcpts:
+            rcpt_reply = self._rcpt_replies[rcpt]
+            recipients[rcpt] = reply if rcpt_reply.positive else rcpt_reply
+        outcome = Outcome.DELIVERED if reply.positive else Outcome.DATA_REFUSED
+        self._stage = "done" if reply.positive else "data-end"
+        self._finish(outcome, reply, recipients)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _endpoint(reactor: Any, address: str, port: int, timeout: float,
+              source_address: str | None) -> Any:
+    bind = (source_address, 0) if source_address else None
+    if ipaddress.ip_address(address).version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout,
+                                            bindAddress=bind)
+    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout,
+                                        bindAddress=bind)
+
+
+def deliver(
+    reactor: Any,
+    host: str,
+    port: int,
+    addresses: Sequence[str],
+    helo_name: str,
+    mail_from: str,
+    rcpts: Sequence[str],
+    message_path: str | os.PathLike[str],
+    *,
+    size: int | None = None,
+    body_8bit: bool = False,
+    smtputf8: bool = False,
+    tls: str = "opportunistic",
+    tls_verify: bool = False,
+    tls_client_context: Any = None,
+    auth: tuple[str, str] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    source_address: str | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Deferred[TransactionResult]:
+    """Deliver one stored message to one host; never fails, always fires a TransactionResult.
+
+    ``host`` is the MX name (TLS server name); ``addresses`` its IPs, tried in order until one
+    accepts the TCP connection. ``mail_from`` "" is the null sender. ``size`` is the SIZE= value
+    (RFC 1870; :func:`scan_message` computes it, default: the file's size). ``body_8bit`` sends
+    BODY=8BITMIME (refused with 5.6.3 if not offered); ``smtputf8`` (or a non-ASCII address)
+    sends SMTPUTF8. ``tls``: "opportunistic" (STARTTLS when offered; if the handshake fails,
+    one plaintext retry unless ``tls_verify``), "required" (temporary failure without TLS) or
+    "none". ``tls_verify`` uses ``optionsForClientTLS(host)``; ``tls_client_context`` overrides
+    both contexts. ``auth`` (user, password) is only ever sent over TLS.
+    """
+    if tls not in ("opportunistic", "required", "none"):
+        raise ValueError(f"tls must be opportunistic, required or none, not {tls!r}")
+    if size is None:
+        size = os.path.getsize(message_path)
+    params = SessionParameters(
+        host=host, helo_name=helo_name, mail_from=mail_from, rcpts=tuple(rcpts),
+        message_path=os.fspath(message_path), size=size, body_8bit=body_8bit,
+        smtputf8=smtputf8, tls=tls, tls_verify=tls_verify,
+        tls_client_context=tls_client_context, auth=auth, timeouts=timeouts,
+        chunk_size=chunk_size,
+    )
+    return defer.ensureDeferred(_deliver(reactor, port, list(addresses), params, source_address))
+
+
+async def _session(reactor: Any, address: str, port: int, params: SessionParameters,
+                   source_address: str | None) -> TransactionResult | str:
+    """A TransactionResult, or the reason the connection could not be made."""
+    session = SMTPClientSession(params, reactor)
+    try:
+        endpoint = _endpoint(reactor, address, port, params.timeouts.connect, source_address)
+        await endpoints.connectProtocol(endpoint, session)
+    except Exception as e:  # noqa: BLE001 - any connect failure means: next address
+        return f"{address}:{port}: {e}"
+    return await session.done
+
+
+async def _deliver(reactor: Any, port: int, addresses: list[str], params: SessionParameters,
+                   source_address: str | None) -> TransactionResult:
+    errors = []
+    for address in addresses:
+        result = await _session(reactor, address, port, params, source_address)
+        if isinstance(result, str):
+            errors.append(result)
+            continue
+        if (result.outcome is Outcome.TLS_FAILED and result.stage == "tls"
+                and params.tls == "opportunistic" and not params.tls_verify):
+            # Opportunistic TLS: a broken handshake is no reason not to deliver in plaintext.
+            log.info("TLS with {host} [{address}] failed ({reason}); retrying without TLS",
+                     host=params.host, address=address, reason=result.reply.text)
+            plain = dataclasses.replace(params, tls="none")
+            retry = await _session(reactor, address, port, plain, source_address)
+            if isinstance(retry, str):
+                return result
+            retry.tls_fallback = True
+            return retry
+        return result
+    reply = _local(451, "4.4.1", "no connection: " + ("; ".join(errors) or "no addresses"))
+    return TransactionResult(
+        outcome=Outcome.CONNECT_FAILED, reply=reply, stage="connect",
+        recipients={r: reply for r in params.rcpts}, host=params.host, address=None, port=port,
+    )
