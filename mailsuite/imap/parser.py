@@ -23,7 +23,7 @@ them itself without this reader.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 from mailsuite.imap.message import Section
@@ -144,7 +144,7 @@ _STOP = frozenset(b' ()"')
 
 
 class _State:
-    __slots__ = ("stack", "tag", "command", "uid", "size", "pending_sync", "expect_literal")
+    __slots__ = ("stack", "tag", "command", "uid", "size", "expect_literal", "after_literal")
 
     def __init__(self) -> None:
         self.stack: list[list] = [[]]
@@ -152,7 +152,8 @@ class _State:
         self.command: str | None = None
         self.uid = False
         self.size = 0
-        self.expect_literal = 0
+        self.expect_literal: int | None = None
+        self.after_literal = False
 
 
 class CommandReader:
@@ -188,7 +189,7 @@ class CommandReader:
 
     def feed_line(self, line: bytes) -> Result:
         st = self._st
-        if st.expect_literal:
+        if st.expect_literal is not None:
             raise RuntimeError("feed_literal expected")
         m = _LITERAL_AT_END.search(line) if line.endswith(b"}") else None
         if self._discarding:
@@ -238,23 +239,22 @@ class CommandReader:
         return NeedLiteral(size, sync)
 
     def feed_literal(self, data: bytes) -> Result:
+        """Give the literal octets announced by ``NeedLiteral`` (or ``BadCommand.discard``)."""
         st = self._st
-        if not st.expect_literal and not (self._discarding and len(data) == 0):
-            if len(data) != st.expect_literal:
-                raise RuntimeError("unexpected literal")
+        if st.expect_literal is None:
+            raise RuntimeError("no literal expected")
         if len(data) != st.expect_literal:
             raise RuntimeError(f"literal of {st.expect_literal} octets expected, got {len(data)}")
-        st.expect_literal = 0
+        st.expect_literal = None
         if self._discarding:
             return None
         st.stack[-1].append(Literal(data))
+        st.after_literal = True
         return None
 
     # -- internals -------------------------------------------------------------------------
 
-    def _fail(
-        self, reason: str, m: re.Match[bytes] | None, code: str | None = None
-    ) -> BadCommand:
+    def _fail(self, reason: str, m: re.Match[bytes] | None, code: str | None = None) -> BadCommand:
         st = self._st
         tag, command = st.tag, st.command
         self._st = _State()
@@ -310,13 +310,18 @@ class CommandReader:
     def _word(line: bytes, pos: int) -> tuple[str, int]:
         end = pos
         n = len(line)
-        while end < n and (0x41 <= line[end] <= 0x5A or 0x61 <= line[end] <= 0x7A):
+        while end < n and (
+            0x41 <= line[end] <= 0x5A
+            or 0x61 <= line[end] <= 0x7A
+            or (end > pos and (0x30 <= line[end] <= 0x39 or line[end] == 0x2D))
+        ):
             end += 1
         return line[pos:end].decode("ascii").upper(), end
 
     def _tokens(self, line: bytes, pos: int, end: int) -> None:
         stack = self._st.stack
-        need_sep = False
+        need_sep = self._st.after_literal
+        self._st.after_literal = False
         while pos < end:
             c = line[pos]
             if c == 0x20:
@@ -402,10 +407,6 @@ def _bracket(line: bytes, pos: int, end: int) -> int:
 
 
 # -- argument helpers ------------------------------------------------------------------------
-
-
-def _is_string(tok: object) -> bool:
-    return isinstance(tok, bytes)
 
 
 def astring(tok: object) -> bytes:
@@ -607,7 +608,7 @@ class FetchItem:
 
     name: str
     section: Section | None = None
-    partial: tuple[int, int | None] | None = None  # (origin, length); length None = to the end
+    partial: tuple[int, int] | None = None  # <origin.length>
     peek: bool = False
 
     @property
@@ -698,12 +699,9 @@ def _fetch_item(tok: object) -> FetchItem:
         raise ParseError("MIME needs a part number")
     partial = None
     if m.group("start") is not None:
-        length = int(m.group("len")) if m.group("len") is not None else None
-        if length == 0 and m.group("len") is not None and False:
-            pass
-        if m.group("len") is None:
-            raise ParseError("Partial needs <origin.length>")
-        partial = (int(m.group("start")), length)
+        if m.group("len") is None or int(m.group("len")) == 0:
+            raise ParseError("Partial needs <origin.length> with a non-zero length")
+        partial = (int(m.group("start")), int(m.group("len")))
     peek = m.group("name").upper() == "BODY.PEEK"
     return FetchItem("BODY", Section(part, kind, fields), partial, peek)
 
@@ -743,8 +741,3 @@ def parse_fetch(args: list) -> FetchRequest:
         if vanished and changedsince is None:
             raise ParseError("VANISHED requires CHANGEDSINCE")
     return FetchRequest(tuple(items), changedsince, vanished)
-
-
-@dataclass(slots=True)
-class _Unused:  # keeps dataclasses' field import used for future extension
-    x: list = field(default_factory=list)

@@ -1,0 +1,860 @@
+"""Message structure for IMAP FETCH: ENVELOPE, BODYSTRUCTURE, BODY[section] (RFC 3501 7.4.2).
+
+Our own light MIME splitter (no Twisted, no ``email`` tree): it records byte offsets into the
+stored message, so sections are slices and nothing is re-serialised. Messages are stored with LF
+line endings; every function that returns wire bytes converts to CRLF (``to_crlf``), and every
+size is the size of that CRLF form. Nothing here raises on malformed mail: garbage in gives a
+best-effort structure. ``envelope`` reads only the header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import quopri
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "Section",
+    "ParsedMessage",
+    "to_crlf",
+    "crlf_size",
+    "partial",
+    "envelope",
+    "bodystructure",
+    "section",
+    "split_header",
+    "header_fields",
+    "decode_header_value",
+    "body_text",
+]
+
+_MAX_DEPTH = 40
+_MAX_PARTS = 5000
+_IDENTITY_CTE = frozenset({"", "7bit", "8bit", "binary"})
+_CR_RUN = re.compile(rb"\r\n|\r|\n")
+
+
+# -- line endings and slicing -----------------------------------------------------------------
+
+
+def to_crlf(data: bytes) -> bytes:
+    """LF (or stray CR, or CRLF) line ends -> CRLF, without doubling existing CRs."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _CR_RUN.sub(b"\r\n", data)
+
+
+def _crlf_len(raw: bytes, start: int, end: int) -> int:
+    if end <= start:
+        return 0
+    if raw.find(b"\r", start, end) < 0:
+        return end - start + raw.count(b"\n", start, end)
+    return len(to_crlf(raw[start:end]))
+
+
+def crlf_size(raw: bytes) -> int:
+    """RFC822.SIZE: the size of the message in its CRLF form."""
+    return _crlf_len(raw, 0, len(raw))
+
+
+def _lines(raw: bytes, start: int, end: int) -> int:
+    if end <= start:
+        return 0
+    if raw.find(b"\r", start, end) < 0:
+        n = raw.count(b"\n", start, end)
+        return n if raw[end - 1] == 0x0A else n + 1
+    data = to_crlf(raw[start:end])
+    n = data.count(b"\n")
+    return n if data.endswith(b"\n") else n + 1
+
+
+def partial(data: bytes, origin: int, length: int | None) -> bytes:
+    """``<origin.length>`` slice (RFC 3501 6.4.5): empty if the origin is past the end."""
+    if origin >= len(data):
+        return b""
+    return data[origin:] if length is None else data[origin : origin + length]
+
+
+# -- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A BODY[...] section: part numbers, then HEADER / HEADER.FIELDS[.NOT] / TEXT / MIME / None."""
+
+    part: tuple[int, ...] = ()
+    kind: str | None = None
+    fields: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        """The section text for the response label, e.g. ``1.2.HEADER.FIELDS (FROM TO)``."""
+        text = ".".join(str(p) for p in self.part)
+        if self.kind:
+            text = f"{text}.{self.kind}" if text else self.kind
+        if self.fields:
+            names = " ".join(_astring_text(f) for f in self.fields)
+            text += f" ({names})"
+        return text
+
+
+def _astring_text(name: str) -> str:
+    if name and all(c.isascii() and c.isprintable() and c not in ' (){%*"\\]' for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- header parsing -------------------------------------------------------------------------
+
+
+def split_header(raw: bytes, start: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Return ``(fields_end, body_start)``: the header fields are ``raw[start:fields_end]``, the
+    header including its blank line is ``raw[start:body_start]``. Without a blank line both are
+    ``end``."""
+    if end is None:
+        end = len(raw)
+    if start >= end:
+        return end, end
+    if raw[start] == 0x0A:
+        return start, start + 1
+    if raw.startswith(b"\r\n", start):
+        return start, start + 2
+    i = raw.find(b"\n\n", start, end)
+    j = raw.find(b"\n\r\n", start, end)
+    if i < 0 and j < 0:
+        return end, end
+    if j >= 0 and (i < 0 or j < i):
+        return j + 1, j + 3
+    return i + 1, i + 2
+
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+class _Field:
+    __slots__ = ("lname", "start", "end", "value")
+
+    def __init__(self, lname: str, start: int, end: int, value: bytes) -> None:
+        self.lname = lname  # lower-cased field name
+        self.start = start  # raw offsets of the whole field, folding and final LF included
+        self.end = end
+        self.value = value  # unfolded value (CR/LF removed), leading whitespace kept
+
+
+def _parse_fields(raw: bytes, start: int, end: int) -> list[_Field]:
+    fields: list[_Field] = []
+    pos = start
+    cur: _Field | None = None
+    parts: list[bytes] = []
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl + 1
+        line = raw[pos : nl if nl >= 0 else end]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if line[:1] in (b" ", b"\t"):
+            if cur is not None:
+                parts.append(line)
+                cur.end = line_end
+        else:
+            if cur is not None:
+                cur.value = b"".join(parts)
+            cur = None
+            colon = line.find(b":")
+            if colon > 0:
+                name = line[:colon].rstrip(b" \t")
+                if _FIELD_NAME.fullmatch(name):
+                    cur = _Field(name.decode("ascii").lower(), pos, line_end, b"")
+                    parts = [line[colon + 1 :]]
+                    fields.append(cur)
+        pos = line_end
+    if cur is not None:
+        cur.value = b"".join(parts)
+    return fields
+
+
+def header_fields(header: bytes) -> list[tuple[str, bytes]]:
+    """``[(lower-cased name, unfolded value)]`` for a header block (for SEARCH)."""
+    fields_end, _ = split_header(header)
+    return [(f.lname, f.value) for f in _parse_fields(header, 0, fields_end)]
+
+
+def _first(fields: list[_Field], lname: str) -> bytes | None:
+    for f in fields:
+        if f.lname == lname:
+            return f.value
+    return None
+
+
+# -- strings on the wire --------------------------------------------------------------------
+
+
+def _nstring(value: bytes | None) -> bytes:
+    """NIL, a quoted string, or a literal when CR/LF/NUL/8-bit make quoting impossible."""
+    if value is None:
+        return b"NIL"
+    if all(0 < b < 0x80 and b not in (0x0A, 0x0D) for b in value):
+        return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    value = value.replace(b"\x00", b"")
+    return b"{%d}\r\n" % len(value) + value
+
+
+def _trim(value: bytes | None) -> bytes | None:
+    return None if value is None else value.strip(b" \t")
+
+
+# -- RFC 5322 addresses for ENVELOPE ----------------------------------------------------------
+
+_ADDR_TOKEN = re.compile(
+    r'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|\[[^\]]*\]?|[<>,:;@.]|[^\s<>,:;@."(\[]+', re.S
+)
+
+
+def _addr_tokens(text: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    depth = 0
+    for m in _ADDR_TOKEN.finditer(text):
+        t = m.group()
+        if depth:
+            depth += t.count("(") - t.count(")")
+            continue
+        c = t[0]
+        if c == '"':
+            body = t[1:-1] if len(t) > 1 and t.endswith('"') else t[1:]
+            out.append(("q", re.sub(r"\\(.)", r"\1", body, flags=re.S)))
+        elif c == "(":
+            if not t.endswith(")"):  # nested comment: skip until balanced
+                depth = t.count("(") - t.count(")")
+            continue
+        elif c in "<>,:;@.":
+            out.append((c, c))
+        else:
+            out.append(("a", t))
+    return out
+
+
+def _word_text(toks: list[tuple[str, str]]) -> str:
+    return " ".join(v for k, v in toks if k in ("a", "q"))
+
+
+def _local_text(toks: list[tuple[str, str]]) -> str:
+    out = []
+    for k, v in toks:
+        if k == "q":
+            needs = not v or any(c in ' ()<>,;:@."[]\\' for c in v)
+            out.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if needs else v)
+        elif k in ("a", "."):
+            out.append(v)
+    return "".join(out)
+
+
+def _domain_text(toks: list[tuple[str, str]]) -> str:
+    return "".join(v for k, v in toks if k in ("a", "."))
+
+
+def _enc(text: str | None) -> bytes | None:
+    return None if text is None else text.encode("latin-1", "replace")
+
+
+def _addr(name: str | None, route: str | None, mailbox: str, host: str) -> bytes:
+    return b"(%s %s %s %s)" % (
+        _nstring(_enc(name) if name else None),
+        _nstring(_enc(route) if route else None),
+        _nstring(_enc(mailbox if mailbox else "MISSING_MAILBOX")),
+        _nstring(_enc(host if host else "MISSING_DOMAIN")),
+    )
+
+
+def _mailbox_from(phrase: list[tuple[str, str]], angle: list[tuple[str, str]] | None) -> bytes:
+    if angle is None:
+        spec = phrase
+        name = None
+    else:
+        spec = angle
+        name = _word_text(phrase) or None
+    route = None
+    if spec and spec[0][0] == "@":
+        colon = next((i for i, t in enumerate(spec) if t[0] == ":"), -1)
+        if colon >= 0:
+            route = "".join(v for _, v in spec[:colon])
+            spec = spec[colon + 1 :]
+    at = max((i for i, t in enumerate(spec) if t[0] == "@"), default=-1)
+    if at >= 0:
+        local, domain = _local_text(spec[:at]), _domain_text(spec[at + 1 :])
+    else:
+        local, domain = _local_text(spec), ""
+    if angle is not None and not angle:  # <> (null path)
+        return _addr(name, None, "", "") if name else b'(NIL NIL "" "")'
+    return _addr(name, route, local, domain)
+
+
+def _address_list(value: bytes | None) -> bytes:
+    if value is None:
+        return b"NIL"
+    toks = _addr_tokens(value.decode("latin-1"))
+    out: list[bytes] = []
+    i, n = 0, len(toks)
+    in_group = False
+    while i < n:
+        kind = toks[i][0]
+        if kind == ",":
+            i += 1
+            continue
+        if kind == ";":
+            if in_group:
+                out.append(b"(NIL NIL NIL NIL)")
+                in_group = False
+            i += 1
+            continue
+        phrase: list[tuple[str, str]] = []
+        angle: list[tuple[str, str]] | None = None
+        while i < n and toks[i][0] not in (",", ";", "<", ":"):
+            phrase.append(toks[i])
+            i += 1
+        if i < n and toks[i][0] == ":" and not in_group and not any(k == "@" for k, _ in phrase):
+            name = _word_text(phrase)
+            out.append(b"(NIL NIL %s NIL)" % _nstring(_enc(name)))
+            in_group = True
+            i += 1
+            continue
+        if i < n and toks[i][0] == "<":
+            i += 1
+            angle = []
+            while i < n and toks[i][0] != ">":
+                angle.append(toks[i])
+                i += 1
+            i += 1  # skip '>'
+            while i < n and toks[i][0] not in (",", ";"):  # junk after '>'
+                i += 1
+        elif i < n and toks[i][0] == ":":  # stray colon inside an address
+            phrase.append(("a", ":"))
+            i += 1
+            while i < n and toks[i][0] not in (",", ";", "<"):
+                phrase.append(toks[i])
+                i += 1
+        if not phrase and angle is None:
+            continue
+        if angle is None and not any(k in ("a", "q") for k, _ in phrase):
+            continue
+        out.append(_mailbox_from(phrase, angle))
+    if in_group:
+        out.append(b"(NIL NIL NIL NIL)")
+    if not out:
+        return b"NIL"
+    return b"(" + b"".join(out) + b")"
+
+
+def _envelope_from_fields(fields: list[_Field]) -> bytes:
+    def get(name: str) -> bytes | None:
+        return _first(fields, name)
+
+    from_ = get("from")
+    sender = get("sender")
+    reply_to = get("reply-to")
+    from_list = _address_list(from_)
+    # RFC 3501 7.4.2: absent or empty Sender/Reply-To take the From value.
+    sender_list = _address_list(sender) if sender and sender.strip() else b"NIL"
+    reply_list = _address_list(reply_to) if reply_to and reply_to.strip() else b"NIL"
+    if sender_list == b"NIL":
+        sender_list = from_list
+    if reply_list == b"NIL":
+        reply_list = from_list
+    return b"(%s %s %s %s %s %s %s %s %s %s)" % (
+        _nstring(_trim(get("date"))),
+        _nstring(_trim(get("subject"))),
+        from_list,
+        sender_list,
+        reply_list,
+        _address_list(get("to")),
+        _address_list(get("cc")),
+        _address_list(get("bcc")),
+        _nstring(_trim(get("in-reply-to"))),
+        _nstring(_trim(get("message-id"))),
+    )
+
+
+# -- MIME structure -------------------------------------------------------------------------
+
+
+def _params(text: str) -> list[tuple[str, str]]:
+    """``; a=b; c="d e"`` -> ``[("a", "b"), ("c", "d e")]`` (lenient, RFC 2045 5.1)."""
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t;":
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and text[j] not in "=;":
+            j += 1
+        name = text[i:j].strip()
+        if j >= n or text[j] == ";":
+            i = j  # attribute without a value: ignored
+            continue
+        j += 1
+        while j < n and text[j] in " \t":
+            j += 1
+        if j < n and text[j] == '"':
+            k = j + 1
+            buf = []
+            while k < n and text[k] != '"':
+                if text[k] == "\\" and k + 1 < n:
+                    k += 1
+                buf.append(text[k])
+                k += 1
+            value = "".join(buf)
+            i = k + 1
+            while i < n and text[i] != ";":
+                i += 1
+        else:
+            k = j
+            while k < n and text[k] != ";":
+                k += 1
+            value = re.sub(r"\([^()]*\)", "", text[j:k]).strip()
+            i = k
+        if name and not any(c in name for c in ' \t"()'):
+            out.append((name, value))
+    return out
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"\([^()]*\)", "", text).strip()
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def _content_type(value: bytes | None, default: tuple[str, str]) -> tuple[str, str, list]:
+    if value is None:
+        if default == ("text", "plain"):
+            return "text", "plain", [("charset", "us-ascii")]
+        return default[0], default[1], []
+    text = value.decode("latin-1")
+    head, _, rest = text.partition(";")
+    mtype, slash, sub = _strip_comments(head).partition("/")
+    mtype, sub = mtype.strip(), sub.strip()
+    if not slash or not _TOKEN.match(mtype) or not _TOKEN.match(sub):
+        # RFC 2045 5.2: an invalid Content-Type means the default.
+        return "text", "plain", [("charset", "us-ascii")]
+    params = _params(rest)
+    if mtype.lower() == "text" and _param(params, "charset") is None:
+        params.insert(0, ("charset", "us-ascii"))  # RFC 2045 5.2 default, as Dovecot reports
+    return mtype, sub, params
+
+
+def _param(params: list[tuple[str, str]], name: str) -> str | None:
+    for k, v in params:
+        if k.lower() == name:
+            return v
+    return None
+
+
+class _Part:
+    __slots__ = (
+        "hstart",
+        "fields_end",
+        "bstart",
+        "end",
+        "fields",
+        "mtype",
+        "subtype",
+        "params",
+        "children",
+        "message",
+    )
+
+    def __init__(self, raw: bytes, start: int, end: int, default: tuple[str, str]) -> None:
+        self.hstart = start
+        self.end = end
+        self.fields_end, self.bstart = split_header(raw, start, end)
+        self.fields = _parse_fields(raw, start, self.fields_end)
+        self.mtype, self.subtype, self.params = _content_type(
+            _first(self.fields, "content-type"), default
+        )
+        self.children: list[_Part] | None = None
+        self.message: _Part | None = None
+
+    @property
+    def ltype(self) -> tuple[str, str]:
+        return self.mtype.lower(), self.subtype.lower()
+
+    def cte(self) -> str:
+        value = _first(self.fields, "content-transfer-encoding")
+        return "" if value is None else value.decode("latin-1").strip().lower()
+
+
+class _Budget:
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts = 0
+
+
+def _build(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, b: _Budget):
+    part = _Part(raw, start, end, default)
+    b.parts += 1
+    mtype, sub = part.ltype
+    if depth >= _MAX_DEPTH or b.parts > _MAX_PARTS:
+        return part
+    if mtype == "multipart":
+        boundary = _param(part.params, "boundary")
+        if not boundary:
+            part.mtype, part.subtype, part.params = "text", "plain", [("charset", "us-ascii")]
+            return part
+        child_default = ("message", "rfc822") if sub == "digest" else ("text", "plain")
+        part.children = [
+            _build(raw, s, e, child_default, depth + 1, b)
+            for s, e in _split_multipart(raw, part.bstart, end, boundary.encode("latin-1"))
+        ]
+        if not part.children:  # a multipart must have a part: an empty one
+            part.children = [_Part(raw, end, end, ("text", "plain"))]
+    elif mtype == "message" and sub in ("rfc822", "global") and part.cte() in _IDENTITY_CTE:
+        part.message = _build(raw, part.bstart, end, ("text", "plain"), depth + 1, b)
+    return part
+
+
+def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    delim = b"--" + boundary
+    spans: list[tuple[int, int]] = []
+    part_start = -1
+    pos = start
+    while True:
+        i = raw.find(delim, pos, end)
+        if i < 0:
+            break
+        pos = i + len(delim)
+        if i != start and raw[i - 1] != 0x0A:
+            continue
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl + 1
+        rest = raw[pos : nl if nl >= 0 else end]
+        closing = rest.startswith(b"--")
+        if not closing and rest.strip(b" \t\r"):
+            continue  # a longer boundary that merely starts with ours
+        if part_start >= 0:
+            stop = i
+            if stop > part_start and raw[stop - 1] == 0x0A:
+                stop -= 1
+                if stop > part_start and raw[stop - 1] == 0x0D:
+                    stop -= 1
+            spans.append((part_start, max(stop, part_start)))
+            if len(spans) >= _MAX_PARTS:
+                return spans
+        if closing:
+            return spans
+        part_start = line_end
+        pos = line_end
+    if part_start >= 0:  # no closing delimiter: the last part runs to the end
+        spans.append((part_start, end))
+    return spans
+
+
+# -- BODYSTRUCTURE --------------------------------------------------------------------------
+
+
+def _pstr(text: str | None) -> bytes:
+    return _nstring(_enc(text))
+
+
+def _param_list(params: list[tuple[str, str]]) -> bytes:
+    if not params:
+        return b"NIL"
+    return b"(" + b" ".join(_pstr(k) + b" " + _pstr(v) for k, v in params) + b")"
+
+
+def _field_str(part: _Part, name: str) -> bytes:
+    return _nstring(_trim(_first(part.fields, name)))
+
+
+def _disposition(part: _Part) -> bytes:
+    value = _first(part.fields, "content-disposition")
+    if value is None:
+        return b"NIL"
+    text = value.decode("latin-1")
+    head, _, rest = text.partition(";")
+    head = _strip_comments(head)
+    if not head:
+        return b"NIL"
+    return b"(%s %s)" % (_pstr(head), _param_list(_params(rest)))
+
+
+def _language(part: _Part) -> bytes:
+    value = _first(part.fields, "content-language")
+    if value is None:
+        return b"NIL"
+    langs = [x.strip() for x in _strip_comments(value.decode("latin-1")).split(",") if x.strip()]
+    if not langs:
+        return b"NIL"
+    if len(langs) == 1:
+        return _pstr(langs[0])
+    return b"(" + b" ".join(_pstr(x) for x in langs) + b")"
+
+
+def _bodystructure(raw: bytes, part: _Part, ext: bool) -> bytes:
+    if part.children is not None:
+        out = b"".join(_bodystructure(raw, c, ext) for c in part.children)
+        out += b" " + _pstr(part.subtype)
+        if ext:
+            out += b" %s %s %s %s" % (
+                _param_list(part.params),
+                _disposition(part),
+                _language(part),
+                _field_str(part, "content-location"),
+            )
+        return b"(" + out + b")"
+    cte = _first(part.fields, "content-transfer-encoding")
+    enc = _trim(cte) or b"7BIT"
+    fields = [
+        _pstr(part.mtype),
+        _pstr(part.subtype),
+        _param_list(part.params),
+        _field_str(part, "content-id"),
+        _field_str(part, "content-description"),
+        _nstring(enc),
+        b"%d" % _crlf_len(raw, part.bstart, part.end),
+    ]
+    mtype = part.mtype.lower()
+    if part.message is not None:
+        m = part.message
+        fields.append(_envelope_from_fields(m.fields))
+        fields.append(_bodystructure(raw, m, ext))
+        fields.append(b"%d" % _lines(raw, part.bstart, part.end))
+    elif mtype == "text":
+        fields.append(b"%d" % _lines(raw, part.bstart, part.end))
+    if ext:
+        fields.extend(
+            [
+                _field_str(part, "content-md5"),
+                _disposition(part),
+                _language(part),
+                _field_str(part, "content-location"),
+            ]
+        )
+    return b"(" + b" ".join(fields) + b")"
+
+
+# -- the parsed message ---------------------------------------------------------------------
+
+
+class ParsedMessage:
+    """One stored message, parsed lazily. Reuse one instance for all items of one FETCH."""
+
+    __slots__ = ("raw", "_root", "_fields", "_split")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._root: _Part | None = None
+        self._fields: list[_Field] | None = None
+        self._split: tuple[int, int] | None = None
+
+    def _header_split(self) -> tuple[int, int]:
+        if self._split is None:
+            self._split = split_header(self.raw)
+        return self._split
+
+    @property
+    def root(self) -> _Part:
+        if self._root is None:
+            self._root = _build(self.raw, 0, len(self.raw), ("text", "plain"), 0, _Budget())
+        return self._root
+
+    def fields(self) -> list[_Field]:
+        if self._fields is None:
+            self._fields = (
+                self._root.fields
+                if self._root is not None
+                else _parse_fields(self.raw, 0, self._header_split()[0])
+            )
+        return self._fields
+
+    @property
+    def size(self) -> int:
+        """RFC822.SIZE."""
+        return crlf_size(self.raw)
+
+    def envelope(self) -> bytes:
+        return _envelope_from_fields(self.fields())
+
+    def bodystructure(self, extensible: bool = True) -> bytes:
+        return _bodystructure(self.raw, self.root, extensible)
+
+    def header(self) -> bytes:
+        """RFC822.HEADER / BODY[HEADER] (CRLF, blank line included)."""
+        return to_crlf(self.raw[: self._header_split()[1]])
+
+    def text(self) -> bytes:
+        """RFC822.TEXT / BODY[TEXT]."""
+        return to_crlf(self.raw[self._header_split()[1] :])
+
+    def whole(self) -> bytes:
+        """RFC822 / BODY[]."""
+        return to_crlf(self.raw)
+
+    def section(self, spec: Section) -> bytes:
+        """BODY[spec] content in CRLF form (empty if the part does not exist)."""
+        raw = self.raw
+        if not spec.part:
+            if spec.kind is None:
+                return self.whole()
+            if spec.kind == "TEXT":
+                return self.text()
+            if spec.kind == "HEADER":
+                return self.header()
+            if spec.kind == "MIME":
+                return b""
+            return self._filtered(self.fields(), self._header_split()[1], spec)
+        node = self._resolve(spec.part)
+        if node is None:
+            return b""
+        if spec.kind is None:
+            return to_crlf(raw[node.bstart : node.end])
+        if spec.kind == "MIME":
+            return to_crlf(raw[node.hstart : node.bstart])
+        msg = node.message
+        if msg is None:
+            return b""
+        if spec.kind == "TEXT":
+            return to_crlf(raw[msg.bstart : msg.end])
+        if spec.kind == "HEADER":
+            return to_crlf(raw[msg.hstart : msg.bstart])
+        return self._filtered(msg.fields, msg.bstart, spec, msg.fields_end)
+
+    def _filtered(
+        self, fields: list[_Field], bstart: int, spec: Section, fields_end: int | None = None
+    ) -> bytes:
+        if fields_end is None:
+            fields_end = self._header_split()[0]
+        wanted = {f.lower() for f in spec.fields}
+        keep = spec.kind == "HEADER.FIELDS"
+        out = [self.raw[f.start : f.end] for f in fields if (f.lname in wanted) == keep]
+        if out and not out[-1].endswith(b"\n"):
+            out.append(b"\n")
+        if bstart > fields_end:  # the original had a blank line
+            out.append(b"\n")
+        return to_crlf(b"".join(out))
+
+    def _resolve(self, path: tuple[int, ...]) -> _Part | None:
+        """Part numbering of RFC 3501 6.4.5."""
+        cur = self.root
+        as_message = True  # cur is a message (top level or encapsulated), not yet a part
+        for n in path:
+            if not as_message:
+                if cur.children is None and cur.message is not None:
+                    cur = cur.message
+                    as_message = True
+                elif cur.children is None:
+                    return None
+            if cur.children is not None:
+                if n > len(cur.children):
+                    return None
+                cur = cur.children[n - 1]
+            elif as_message and n == 1:
+                pass  # a non-multipart message's part 1 is its body
+            else:
+                return None
+            as_message = False
+        return cur
+
+
+# -- convenience functions (raw bytes -> wire bytes), for the index cache ---------------------
+
+
+def envelope(raw: bytes) -> bytes:
+    """ENVELOPE of a stored message; reads only the header."""
+    return ParsedMessage(raw).envelope()
+
+
+def bodystructure(raw: bytes, extensible: bool = True) -> bytes:
+    """BODYSTRUCTURE (``extensible=True``) or BODY (``False``) of a stored message."""
+    return ParsedMessage(raw).bodystructure(extensible)
+
+
+def section(raw: bytes, spec: Section, partial_range: tuple[int, int] | None = None) -> bytes:
+    """BODY[spec]<origin.length> content, CRLF."""
+    data = ParsedMessage(raw).section(spec)
+    if partial_range is not None:
+        data = partial(data, partial_range[0], partial_range[1])
+    return data
+
+
+# -- text for SEARCH ------------------------------------------------------------------------
+
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
+_BETWEEN_WORDS = re.compile(rb"(=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=)\s+(?==\?)")
+
+
+def _charset_decode(data: bytes, charset: str) -> str:
+    charset = charset.split("*", 1)[0].strip().lower() or "us-ascii"
+    try:
+        return data.decode(charset, "replace")
+    except LookupError:
+        return data.decode("utf-8", "replace")
+
+
+def decode_header_value(value: bytes) -> str:
+    """Unfolded header value with RFC 2047 encoded words decoded (lenient), as text."""
+    value = _BETWEEN_WORDS.sub(rb"\1", value)
+
+    def word(m: re.Match[bytes]) -> str:
+        charset = m.group(1).decode("ascii", "replace")
+        payload = m.group(3)
+        try:
+            if m.group(2) in b"Bb":
+                data = base64.b64decode(payload + b"=" * (-len(payload) % 4))
+            else:
+                data = quopri.decodestring(payload.replace(b"_", b" "), header=True)
+        except (binascii.Error, ValueError):
+            return m.group().decode("latin-1")
+        return _charset_decode(data, charset)
+
+    out: list[str] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(value):
+        out.append(_text(value[pos : m.start()]))
+        out.append(word(m))
+        pos = m.end()
+    out.append(_text(value[pos:]))
+    return "".join(out)
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _decode_body(raw: bytes, part: _Part) -> str:
+    data = raw[part.bstart : part.end]
+    cte = part.cte()
+    try:
+        if cte == "base64":
+            data = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/]", b"", data) + b"==", validate=False)
+        elif cte == "quoted-printable":
+            data = quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        pass
+    charset = _param(part.params, "charset")
+    if charset is None:
+        return _text(data)
+    return _charset_decode(data, charset)
+
+
+def _iter_text_parts(part: _Part) -> Iterable[_Part]:
+    if part.children is not None:
+        for c in part.children:
+            yield from _iter_text_parts(c)
+    elif part.message is not None:
+        yield from _iter_text_parts(part.message)
+    elif part.mtype.lower() == "text":
+        yield part
+
+
+def body_text(raw: bytes) -> str:
+    """Decoded text of all text/* parts (base64 / quoted-printable, charset), for SEARCH BODY.
+    Headers of encapsulated messages are not included; non-text parts are skipped."""
+    msg = ParsedMessage(raw)
+    return "\n".join(_decode_body(raw, p) for p in _iter_text_parts(msg.root))
