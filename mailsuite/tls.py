@@ -632,7 +632,7 @@ def _trust_root(trust_root: Any) -> Any:
 
 
 def _sni_bytes(hostname: str) -> bytes | None:
-    name = hostname.strip().rstrip(".")
+    name = hostname.strip().rstrip(".").lower()
     if not name or _is_ip(name):
         return None  # RFC 6066 s.3: no literal addresses in SNI
     try:
