@@ -1,0 +1,255 @@
+"""The POP3 maildrop: a locked snapshot of a user's INBOX in the shared store.
+
+Written for mailsuite, over :class:`mailsuite.store.index.FolderIndex` (the same index IMAP
+uses), not twisted.mail's ``IMailboxPOP3``.
+
+* **Lock** (RFC 1939 section 8, RFC 2449 [IN-USE]): an exclusive, non-blocking ``flock`` on
+  ``mailsuite-pop3.lock`` in the Maildir root, held for the session's life.  ``flock`` locks
+  belong to the open file, so a second session in the same process is refused just as one
+  in another process is.  The kernel drops it if the process dies.
+* **Snapshot**: the messages of INBOX at login, in UID order, numbered from 1.  Messages
+  delivered later are not seen until the next session (RFC 1939 section 5 keeps message
+  numbers fixed for a session).
+* **UIDL**: ``<UIDVALIDITY hex>.<UID hex>``: stable across sessions, restarts, flag changes
+  and file renames, never reused while the index lives; a rebuilt index gets a new
+  UIDVALIDITY, so clients then download again rather than miss mail.
+* **Deletion**: DELE only marks; :meth:`Maildrop.commit` (QUIT in the UPDATE state) expunges
+  through the index.  Nothing else removes mail, so a dropped connection deletes nothing.
+
+Blocking (SQLite, flock, directory scans): open it in a thread; the per-command methods are
+in-memory except ``read``/``open_file`` and ``mark_seen``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mailsuite.store.index import FolderIndex, Message
+from mailsuite.store.maildir import ensure_folder
+
+LOCK_NAME = "mailsuite-pop3.lock"
+LOGIN_STAMP_NAME = "mailsuite-pop3-login"
+RETRIEVED_NAME = "mailsuite-pop3-retrieved.json"
+SEEN = "\\Seen"
+
+
+class MaildropInUse(Exception):
+    """Another POP3 session holds this maildrop (answer ``-ERR [IN-USE]``)."""
+
+
+class LoginTooSoon(Exception):
+    """The last login was less than LOGIN-DELAY seconds ago (answer ``-ERR [LOGIN-DELAY]``)."""
+
+
+class MessageGone(Exception):
+    """The message was removed by another program (an IMAP expunge) during the session."""
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """The EXPIRE policy (RFC 2449 6.7): ``None`` days = NEVER, 0 = no mail left on the server
+    after a session that retrieved it, n = delete n days after the first retrieval."""
+
+    days: int | None
+
+    @classmethod
+    def parse(cls, value: str | None) -> Expiry | None:
+        """``None`` (not configured), ``"NEVER"`` or a number of days; ValueError otherwise."""
+        if value is None:
+            return None
+        text = value.strip().upper()
+        if text == "NEVER":
+            return cls(None)
+        if text.isdigit() and int(text) <= 100_000:
+            return cls(int(text))
+        raise ValueError(f"expected \"NEVER\" or a number of days, got {value!r}")
+
+    def capability(self) -> str:
+        return "EXPIRE NEVER" if self.days is None else f"EXPIRE {self.days}"
+
+
+class Maildrop:
+    """One session's locked view of INBOX.  Message numbers are 1-based."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        login_delay: int | None = None,
+        expiry: Expiry | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.now = now
+        self.expiry = expiry
+        ensure_folder(root)
+        self._lock_fd: int | None = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise MaildropInUse(str(root)) from None
+        try:
+            if login_delay:
+                self._check_login_delay(login_delay)
+            self.index = FolderIndex(root)
+            try:
+                self.index.sync()
+                self.messages: list[Message] = self.index.messages()
+                self.uidvalidity = self.index.uidvalidity
+            except BaseException:
+                self.index.close()
+                raise
+        except BaseException:
+            self._unlock()
+            raise
+        self.deleted: set[int] = set()  # message numbers marked by DELE
+        self.retrieved: set[int] = set()  # message numbers sent in full by RETR
+        self.total_size = sum(m.size for m in self.messages)
+
+    # -- login delay (RFC 2449 6.8) ---------------------------------------------------------
+
+    def _check_login_delay(self, delay: int) -> None:
+        stamp = self.root / LOGIN_STAMP_NAME
+        try:
+            last = os.stat(stamp).st_mtime
+        except FileNotFoundError:
+            last = None
+        now = self.now()
+        if last is not None and 0 <= now - last < delay:
+            raise LoginTooSoon(f"{delay - int(now - last)} s")
+        stamp.touch()
+        os.utime(stamp, (now, now))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def valid(self, number: int) -> bool:
+        """A message number that exists in the snapshot and is not marked deleted."""
+        return 1 <= number <= len(self.messages) and number not in self.deleted
+
+    def message(self, number: int) -> Message:
+        return self.messages[number - 1]
+
+    def stat(self) -> tuple[int, int]:
+        """(count, octets) of the messages not marked deleted (RFC 1939 STAT)."""
+        count = len(self.messages) - len(self.deleted)
+        octets = self.total_size - sum(self.messages[n - 1].size for n in self.deleted)
+        return count, octets
+
+    def uidl(self, number: int) -> str:
+        # RFC 1939 7: 1 to 70 characters in 0x21..0x7E, unique within the maildrop and
+        # persistent across sessions.
+        return f"{self.uidvalidity:x}.{self.message(number).uid:x}"
+
+    def live(self) -> list[int]:
+        return [n for n in range(1, len(self.messages) + 1) if n not in self.deleted]
+
+    def open_file(self, number: int) -> BinaryIO:
+        """Open a message's file, following a rename (flag change over IMAP, our own \\Seen)."""
+        msg = self.message(number)
+        try:
+            return open(self.index.path(msg), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            pass
+        self.index.sync(force=True)
+        fresh = self.index.get(msg.uid)
+        if fresh is None:
+            raise MessageGone(msg.uid)
+        self.messages[number - 1] = fresh
+        try:
+            return open(self.index.path(fresh), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            raise MessageGone(msg.uid) from None
+
+    def read(self, number: int) -> bytes:
+        with self.open_file(number) as f:
+            return f.read()
+
+    def read_top(self, number: int, body_lines: int) -> bytes:
+        """Headers, blank line and the first ``body_lines`` body lines (RFC 1939 TOP)."""
+        out: list[bytes] = []
+        with self.open_file(number) as f:
+            in_body = False
+            remaining = body_lines
+            for line in f:
+                if in_body:
+                    if remaining <= 0:
+                        break
+                    remaining -= 1
+                out.append(line)
+                if not in_body and line in (b"\n", b"\r\n"):
+                    in_body = True
+        return b"".join(out)
+
+    # -- changing --------------------------------------------------------------------------
+
+    def mark_seen(self, number: int) -> None:
+        """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option)."""
+        msg = self.message(number)
+        if SEEN in msg.flags:
+            return
+        updated = self.index.set_flags(msg.uid, msg.flags | {SEEN})
+        if updated is not None:
+            self.messages[number - 1] = updated
+
+    def note_retrieved(self, number: int) -> None:
+        self.retrieved.add(number)
+
+    def _expired_numbers(self) -> set[int]:
+        """Messages the EXPIRE policy removes at this UPDATE; records first retrievals."""
+        if self.expiry is None or self.expiry.days is None:
+            return set()
+        if self.expiry.days == 0:
+            return set(self.retrieved)
+        path = self.root / RETRIEVED_NAME
+        try:
+            state = json.loads(path.read_text())
+            if state.get("uidvalidity") != self.uidvalidity:
+                state = {}
+        except (OSError, ValueError):
+            state = {}
+        first: dict[str, float] = dict(state.get("first_retrieved", {}))
+        now = self.now()
+        for n in self.retrieved:
+            first.setdefault(str(self.message(n).uid), now)
+        horizon = now - self.expiry.days * 86400
+        expired = {
+            n
+            for n in range(1, len(self.messages) + 1)
+            if first.get(str(self.messages[n - 1].uid), now) <= horizon
+        }
+        live_uids = {str(m.uid) for m in self.messages}
+        first = {u: t for u, t in first.items() if u in live_uids}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"uidvalidity": self.uidvalidity, "first_retrieved": first}))
+        os.replace(tmp, path)
+        return expired
+
+    def commit(self) -> list[int]:
+        """The UPDATE state (RFC 1939 6): expunge the messages marked deleted (and expired
+        ones).  Returns the expunged UIDs; raises if the store fails (answer -ERR)."""
+        numbers = set(self.deleted) | self._expired_numbers()
+        uids = [self.messages[n - 1].uid for n in sorted(numbers)]
+        return self.index.expunge(uids) if uids else []
+
+    def close(self) -> None:
+        try:
+            self.index.close()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # closing the only descriptor releases the flock

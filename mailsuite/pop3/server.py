@@ -1,0 +1,289 @@
+"""POP3 service (RFC 1939, 2449, 2595, 3206, 5034): the Twisted side of :mod:`.session`.
+
+Written for mailsuite on ``basic.LineReceiver``; twisted.mail.pop3 is not used (no STLS,
+``DELE 0`` deletes the last message, RETR dot-stuffs per chunk so content can forge replies;
+research/twisted-mail.md 3.1).
+
+This module does only I/O: it feeds lines to the :class:`~.session.Session`, writes what it
+returns and performs its actions.  Ordering under pipelining (RFC 2449 6.6): while a
+password is checked, a large message is streamed or the UPDATE state runs, line processing
+is paused, so replies go out in command order.  STLS drops everything the client sent after
+the command (``clearLineBuffer``) before the handshake starts (RFC 2595 4, the STARTTLS
+injection class of bug).  TCP_NODELAY is set: POP3 is a request/response protocol and
+Nagle plus delayed ACKs cost ~40 ms per reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, interfaces, protocol, threads
+from twisted.logger import Logger
+from twisted.protocols import basic, policies
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsuite.auth import LoginResult, Outcome
+from mailsuite.config import ConfigError
+from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.pop3.session import (
+    ERR_TEMP,
+    Authenticate,
+    Close,
+    Options,
+    Session,
+    StartTLS,
+    State,
+    Stream,
+    Update,
+    err,
+)
+from mailsuite.runtime import Runtime
+
+log = Logger(namespace="mailsuite.pop3")
+
+IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes
+MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
+CHUNK = 64 * 1024
+
+
+@implementer(interfaces.IPullProducer)
+class _MessageSender:
+    """Streams one large message: reads a chunk, stuffs it, writes it, when the transport
+    asks for more (so memory stays flat and a slow reader slows only itself)."""
+
+    def __init__(self, proto: POP3Protocol, stream: Stream, done: defer.Deferred[None]) -> None:
+        self.proto = proto
+        self.stream = stream
+        self.done = done
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        transport = self.proto.transport
+        try:
+            data = self.stream.file.read(CHUNK)
+            if data:
+                transport.write(self.stream.stuffer.feed(data))
+                self.proto.resetTimeout()
+                return
+            transport.write(self.stream.stuffer.finish())
+        except Exception:
+            log.failure("POP3: reading a message for RETR failed")
+            # The response has started: the only safe end is to drop the connection.
+            self._finish()
+            transport.loseConnection()
+            return
+        self._finish()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done.called:
+            return
+        self.stream.file.close()
+        self.proto.transport.unregisterProducer()
+        self.done.callback(None)
+
+
+class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
+    delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.session = Session(options, tls=implicit_tls)
+        self.peer = "?"
+        self._sender: _MessageSender | None = None
+
+    # -- connection life --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", str(peer))
+        _no_delay(self.transport)
+        self.setTimeout(IDLE_TIMEOUT)
+        self.transport.write(self.session.greeting())
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.setTimeout(None)
+        md = self.session.maildrop
+        self.session.maildrop = None
+        if md is not None:
+            # A dropped connection never reaches UPDATE: nothing is deleted (RFC 1939 6).
+            try:
+                md.close()
+            except Exception:
+                log.failure("POP3: closing the maildrop of {user} failed", user=self.session.user)
+        self.session.state = State.CLOSED
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        log.info("POP3: idle timeout for {peer}", peer=self.peer)
+        self.transport.write(err("Idle timeout, closing connection"))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        self.transport.write(err("Line too long, closing connection"))
+        self.transport.loseConnection()
+
+    # -- input ------------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if self.session.state is State.CLOSED:
+            return
+        try:
+            step = self.session.line(line)
+        except Exception:
+            log.failure("POP3: command failed for {peer}", peer=self.peer)
+            self.transport.write(ERR_TEMP)
+            return
+        self._perform(step.out, step.action)
+
+    def _perform(self, out: bytes, action: Any) -> None:
+        if out:
+            self.transport.write(out)
+        if action is None:
+            return
+        if isinstance(action, Close):
+            self.transport.loseConnection()
+        elif isinstance(action, StartTLS):
+            self._start_tls()
+        elif isinstance(action, Authenticate):
+            self._wait(self._authenticate(action))
+        elif isinstance(action, Stream):
+            self._wait(self._stream(action))
+        elif isinstance(action, Update):
+            self._wait(self._update())
+
+    def _wait(self, d: defer.Deferred[None]) -> None:
+        """Hold further pipelined commands until ``d`` fires (replies stay in order)."""
+        self.pauseProducing()
+
+        def resume(_: object) -> None:
+            if self.session.state is not State.CLOSED and self.transport.connected:
+                self.resumeProducing()
+
+        d.addErrback(self._internal_error).addCallback(resume)
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("POP3: internal error for {peer}", failure, peer=self.peer)
+        if self.session.state is State.LOGIN:
+            self.session.state = State.AUTHORIZATION
+        elif self.session.state is State.UPDATE:
+            self.session.state = State.CLOSED
+        self.transport.write(ERR_TEMP)
+        if self.session.state is State.CLOSED:
+            self.transport.loseConnection()
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        dropped = self.clearLineBuffer()
+        if dropped:
+            log.warn("POP3: discarded {n} bytes pipelined after STLS from {peer}",
+                     n=len(dropped), peer=self.peer)
+        self.transport.startTLS(self.runtime.tls)
+        self.session.tls_started()
+
+    @defer.inlineCallbacks
+    def _authenticate(self, action: Authenticate) -> Any:
+        try:
+            result: LoginResult = yield self.runtime.auth.login(
+                action.username, action.password, self.peer, "pop3"
+            )
+        except Exception:
+            log.failure("POP3: login check failed")
+            result = None  # type: ignore[assignment]
+        maildrop = failure = None
+        if result is not None and result.outcome is Outcome.OK and self.transport.connected:
+            try:
+                maildrop = yield threads.deferToThreadPool(
+                    self.runtime.reactor, self.runtime.reactor.getThreadPool(),
+                    self._open_maildrop, result.user,
+                )
+            except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
+                failure = e
+                if not isinstance(e, (MaildropInUse, LoginTooSoon)):
+                    log.failure("POP3: opening the maildrop of {user} failed", user=result.user)
+        if not self.transport.connected:
+            if maildrop is not None:
+                maildrop.close()
+            return
+        step = self.session.login_finished(result, maildrop, failure)
+        if self.session.maildrop is not None:
+            log.info("POP3: {user} opened INBOX from {peer} ({n} messages)",
+                     user=self.session.user, peer=self.peer, n=len(self.session.maildrop))
+        self._perform(step.out, step.action)
+
+    def _open_maildrop(self, user: str) -> Maildrop:
+        cfg = self.session.options
+        root = self.runtime.directory.mailbox_root(user)
+        return Maildrop(root, login_delay=cfg.login_delay, expiry=cfg.expiry)
+
+    def _stream(self, stream: Stream) -> defer.Deferred[None]:
+        done: defer.Deferred[None] = defer.Deferred()
+        self._sender = _MessageSender(self, stream, done)
+        self.transport.registerProducer(self._sender, False)
+        return done
+
+    @defer.inlineCallbacks
+    def _update(self) -> Any:
+        md = self.session.maildrop
+        try:
+            expunged = yield threads.deferToThreadPool(
+                self.runtime.reactor, self.runtime.reactor.getThreadPool(), md.commit
+            )
+        except Exception as e:
+            log.failure("POP3: UPDATE for {user} failed", user=self.session.user)
+            step = self.session.update_finished(None, e)
+        else:
+            if expunged:
+                log.info("POP3: {user} deleted {n} messages", user=self.session.user,
+                         n=len(expunged))
+                self.runtime.changes.notify(md.root)
+            step = self.session.update_finished(expunged)
+        self.session.maildrop = None
+        md.close()
+        self._perform(step.out, step.action)
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY on the TCP transport (a TLS wrapper forwards the call to it)."""
+    try:
+        transport.setTcpNoDelay(True)
+    except Exception:
+        log.debug("POP3: could not set TCP_NODELAY on {t!r}", t=transport)
+
+
+class POP3Factory(protocol.ServerFactory):
+    noisy = False
+
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.options = options
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> POP3Protocol:  # noqa: N802
+        p = POP3Protocol(self.runtime, self.options, self.implicit_tls)
+        p.factory = self
+        return p
+
+
+def pop3_factory(runtime: Runtime, implicit_tls: bool) -> POP3Factory:
+    """``[listen] pop3`` (110, STLS) and ``pop3s`` (995, TLS wrapped by service.py)."""
+    cfg = runtime.config
+    try:
+        expiry = Expiry.parse(cfg.pop3.expire)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.where}: [pop3] expire: {e}") from None
+    options = Options(
+        hostname=cfg.hostname,
+        tls_available=runtime.tls is not None,
+        allow_plaintext=cfg.auth.allow_plaintext,
+        mark_seen=cfg.pop3.leave_on_server_mark_seen,
+        expiry=expiry,
+        login_delay=cfg.pop3.login_delay,
+    )
+    return POP3Factory(runtime, options, implicit_tls)
