@@ -121,7 +121,11 @@ class Argon2Checker:
 
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[str]:
         try:
-            user = normalize(creds.username.decode("utf-8") if isinstance(creds.username, bytes) else creds.username)
+            user = normalize(
+                creds.username.decode("utf-8")
+                if isinstance(creds.username, bytes)
+                else creds.username
+            )
         except (ValueError, UnicodeDecodeError):
             user = ""
         stored = self.directory.password_hash(user) if user else None
@@ -129,7 +133,11 @@ class Argon2Checker:
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
         d = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), verify_password, stored or _DUMMY_HASH, password
+            self.reactor,
+            self.reactor.getThreadPool(),
+            verify_password,
+            stored or _DUMMY_HASH,
+            password,
         )
 
         def checked(ok: bool) -> str:
@@ -140,6 +148,7 @@ class Argon2Checker:
         return d.addCallback(checked)
 
 
+@implementer(portal.IRealm)
 class _Realm:
     """The avatar is simply the canonical account address; protocols open the store by it."""
 
@@ -147,20 +156,24 @@ class _Realm:
         return (interfaces_[0], avatarId, lambda: None)
 
 
-portal.IRealm.implementedBy(_Realm)  # documentation only; Portal does not check this
-
 
 class Authenticator:
     """One login attempt, throttled, for any protocol: ``login(user, password, ip)``."""
 
     def __init__(
-        self, directory: Directory, cfg: AuthConfig, reactor: object, now: Callable[[], float] = time.monotonic
+        self,
+        directory: Directory,
+        cfg: AuthConfig,
+        reactor: object,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reactor = reactor
         self.failures = FailureLog(cfg, now)
         self.portal = portal.Portal(_Realm(), [Argon2Checker(directory, reactor)])  # type: ignore[arg-type]
 
-    def login(self, username: str, password: str, ip: str, protocol: str) -> defer.Deferred[LoginResult]:
+    def login(
+        self, username: str, password: str, ip: str, protocol: str
+    ) -> defer.Deferred[LoginResult]:
         try:
             user = normalize(username)
         except ValueError:
@@ -168,20 +181,27 @@ class Authenticator:
         if self.failures.blocked(ip, user):
             log.warn(
                 "{protocol}: login for {user!r} from {ip} refused: too many failures",
-                protocol=protocol, user=user, ip=ip,
+                protocol=protocol,
+                user=user,
+                ip=ip,
             )
             return defer.succeed(LoginResult(Outcome.THROTTLED))
         creds = credentials.UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
         d = self.portal.login(creds, None, object)
 
         def ok(result: tuple) -> LoginResult:
-            log.info("{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip)
+            log.info(
+                "{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip
+            )
             return LoginResult(Outcome.OK, result[1])
 
         def failed(f: object) -> defer.Deferred[LoginResult]:
             self.failures.record(ip, user)
             log.warn(
-                "{protocol}: failed login for {user!r} from {ip}", protocol=protocol, user=user, ip=ip
+                "{protocol}: failed login for {user!r} from {ip}",
+                protocol=protocol,
+                user=user,
+                ip=ip,
             )
             wait = self.failures.delay(ip)
             return defer.Deferred.fromCoroutine(self._after(wait))

@@ -16,7 +16,12 @@ from mailsuite.config import SERVICES, Config, ConfigError, load_config
 from mailsuite.directory import Directory, DirectoryError
 
 #: Other modules add subcommands here (name -> (help, add_arguments, run)).
-EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Config, argparse.Namespace], int]]] = {}
+EXTRA_COMMANDS: dict[
+    str,
+    tuple[
+        str, Callable[[argparse.ArgumentParser], None], Callable[[Config, argparse.Namespace], int]
+    ],
+] = {}
 
 
 def _directory(cfg: Config) -> Directory:
@@ -66,7 +71,10 @@ def cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{args.alias.lower()} -> " + ", ".join(d.aliases()[args.alias.lower()]))
     elif args.action == "del":
         d.del_alias(args.alias, args.targets)
-        print(f"removed {args.alias.lower()}" + (" " + ", ".join(args.targets) if args.targets else ""))
+        print(
+            f"removed {args.alias.lower()}"
+            + (" " + ", ".join(args.targets) if args.targets else "")
+        )
     elif args.action == "list":
         for alias, targets in d.aliases().items():
             print(f"{alias} -> {', '.join(targets)}")

@@ -55,7 +55,7 @@ class SMTPLimits:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 10
-    max_line_length: int = 1000  # RFC 5321 4.5.3.1.6 text line incl. CRLF (we allow 1000+)
+    max_line_length: int = 998  # RFC 5321 4.5.3.1.6: 1000 octets with CRLF
     timeout: int = 300  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     max_hops: int = 50  # Received headers before a loop is declared (RFC 5321 6.3)
 
@@ -175,7 +175,9 @@ class _Reader:
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
-            raise self.fail(unknown[0], "unknown key (check the spelling against etc/mailsuite.toml)")
+            raise self.fail(
+                unknown[0], "unknown key (check the spelling against etc/mailsuite.toml)"
+            )
 
 
 def _check_endpoint(reader: _Reader, key: str, desc: str) -> None:
@@ -256,6 +258,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_message_size=smtp_r.positive("max_message_size", SMTPLimits.max_message_size, 1024),
         max_recipients=smtp_r.positive("max_recipients", SMTPLimits.max_recipients, 100),
         max_errors=smtp_r.positive("max_errors", SMTPLimits.max_errors),
+        max_line_length=smtp_r.positive("max_line_length", SMTPLimits.max_line_length, 998),
         timeout=smtp_r.positive("timeout", SMTPLimits.timeout),
         max_hops=smtp_r.positive("max_hops", SMTPLimits.max_hops, 10),
     )

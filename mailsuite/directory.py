@@ -199,7 +199,9 @@ class Directory:
             result.unknown = True
         # remove duplicate targets while keeping order
         seen_users: set[str] = set()
-        result.local = [b for b in result.local if not (b.user in seen_users or seen_users.add(b.user))]
+        result.local = [
+            b for b in result.local if not (b.user in seen_users or seen_users.add(b.user))
+        ]
         result.remote = list(dict.fromkeys(result.remote))
         if not result.local and not result.remote:
             result.unknown = True

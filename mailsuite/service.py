@@ -63,7 +63,9 @@ def _server_tls(config: Config, runtime: Runtime) -> Any | None:
         return None
     pairs = [(p.cert, p.key) for p in config.tls]
     if not pairs:
-        needs_tls = any(config.listen.get(s) for s in ("submission", "submissions", "imaps", "pop3s"))
+        needs_tls = any(
+            config.listen.get(s) for s in ("submission", "submissions", "imaps", "pop3s")
+        )
         if not needs_tls and not any(config.listen.get(s) for s in ("imap", "pop3")):
             return None
         cert, key = tls.ensure_self_signed(config.data_dir, config.hostname)

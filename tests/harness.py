@@ -24,7 +24,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_port(
+    host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -53,9 +55,7 @@ class Server:
         self.data = root / "data"
         self.ports = {s: free_port() for s in services}
         self.config = root / "mailsuite.toml"
-        listen = "\n".join(
-            f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in self.ports.items()
-        )
+        listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in self.ports.items())
         tls_toml = f'[tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else ""
         self.config.write_text(
             f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n\n'
@@ -67,10 +67,15 @@ class Server:
 
     # -- admin -----------------------------------------------------------------------------
 
-    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "mailsuite.cli", "--config", str(self.config), *args],
-            input=stdin, capture_output=True, text=True, timeout=60,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"mailsuite {' '.join(args)} failed: {result.stderr}")
@@ -95,9 +100,23 @@ class Server:
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--logfile", str(self.log), "--pidfile", "",
-             "mailsuite", "--config", str(self.config)],
-            cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--logfile",
+                str(self.log),
+                "--pidfile",
+                "",
+                "mailsuite",
+                "--config",
+                str(self.config),
+            ],
+            cwd=self.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         if wait:
             for port in self.ports.values():
