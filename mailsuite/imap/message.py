@@ -803,7 +803,7 @@ def decode_header_value(value: bytes) -> str:
         payload = m.group(3)
         try:
             if m.group(2) in b"Bb":
-                data = base64.b64decode(payload + b"=" * (-len(payload) % 4))
+                data = base64.b64decode(payload + b"=" * (-len(payload) % 4), validate=True)
             else:
                 data = quopri.decodestring(payload.replace(b"_", b" "), header=True)
         except (binascii.Error, ValueError):

@@ -333,7 +333,7 @@ class CommandReader:
                     raise ParseError("Unexpected ')'")
                 stack.pop()
                 pos += 1
-                need_sep = True
+                need_sep = False  # ")(" occurs in response grammar (address lists, bodies)
                 continue
             if need_sep:
                 raise ParseError("Missing space between arguments")
