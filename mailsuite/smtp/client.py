@@ -85,8 +85,14 @@ class Reply:
         return f"{self.code // 100}.0.0"
 
     def diagnostic(self) -> str:
-        """For a DSN's Diagnostic-Code field: ``smtp; 550 5.1.1 text`` (text on one line)."""
+        """For a DSN's Diagnostic-Code field (RFC 3464 2.3.6), text on one line.
+
+        ``smtp; 550 5.1.1 text`` for a server's reply; ``x-mailsuite; text`` for a local one
+        (as Postfix writes ``X-Postfix;``), so no one mistakes it for a remote answer.
+        """
         flat = " ".join(self.text.split("\n"))
+        if not self.remote:
+            return f"x-mailsuite; {flat}"
         enhanced = f" {self.enhanced}" if self.enhanced else ""
         return f"smtp; {self.code}{enhanced} {flat}".rstrip()
 

@@ -403,3 +403,11 @@ def test_auth_never_in_cleartext(tmp_path):
     h.server("221 bye")
     r = h.close()
     assert r.outcome is Outcome.AUTH_FAILED and not r.reply.remote
+
+
+def test_reply_diagnostic_for_dsn():
+    assert Reply(550, "5.1.1", "no such\nuser").diagnostic() == "smtp; 550 5.1.1 no such user"
+    assert Reply(554, None, "no").diagnostic() == "smtp; 554 no"
+    assert Reply(554, None, "no").status == "5.0.0"
+    local = Reply(451, "4.4.1", "no connection", remote=False)
+    assert local.diagnostic() == "x-mailsuite; no connection"
