@@ -275,7 +275,7 @@ class MXResolver:
             return tuple(dict.fromkeys(addresses))
         if "transient" in outcomes:
             raise _Transient("address lookup failed")
-        if outcomes == ["noname", "noname"] or "noname" in outcomes:
+        if "noname" in outcomes:
             raise _NoName()
         return ()
 
