@@ -1,0 +1,215 @@
+"""Unit tests for SEARCH parsing and evaluation."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from mailsuite.imap.parser import BadCommand, Command, CommandReader, ParseError
+from mailsuite.imap.search import BadCharset, Needs, header_of, parse_search, search
+
+
+@dataclass
+class Msg:
+    seq: int
+    uid: int
+    raw_bytes: bytes = b"Subject: x\n\nbody\n"
+    flags: frozenset = frozenset()
+    internaldate: datetime = datetime(2024, 3, 10, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
+    size: int = 100
+    modseq: int = 1
+    recent: bool = False
+    reads: list = field(default_factory=list)
+
+    def header_bytes(self):
+        self.reads.append("header")
+        return header_of(self.raw_bytes)
+
+    def raw(self):
+        self.reads.append("raw")
+        return self.raw_bytes
+
+
+def prog(text: bytes):
+    c = CommandReader().feed_line(b"t SEARCH " + text)
+    assert isinstance(c, Command), c
+    return parse_search(c.args)
+
+
+def run(text, msgs, count=None, max_uid=None):
+    p = prog(text)
+    count = len(msgs) if count is None else count
+    max_uid = max((m.uid for m in msgs), default=0) if max_uid is None else max_uid
+    return [m.seq for m in search(p, msgs, count, max_uid)]
+
+
+MAIL1 = (
+    b"From: =?utf-8?q?Ren=C3=A9e?= <renee@example.org>\n"
+    b"To: Bob <bob@example.com>\n"
+    b"Cc: carol@example.net\n"
+    b"Subject: Quarterly =?iso-8859-1?q?r=E9sum=E9?=\n"
+    b"Date: Mon, 4 Mar 2024 09:00:00 +0100\n"
+    b"X-Spam: yes\n"
+    b"Content-Type: text/plain; charset=utf-8\n"
+    b"Content-Transfer-Encoding: quoted-printable\n"
+    b"\n"
+    b"Caf=C3=A9 meeting at n=\noon\n"
+)
+MAIL2 = (
+    b"From: bob@example.com\n"
+    b"Subject: lunch\n"
+    b"Date: garbage\n"
+    b"Content-Type: multipart/mixed; boundary=B\n"
+    b"\n"
+    b"--B\nContent-Type: text/plain\nContent-Transfer-Encoding: base64\n\n"
+    b"U2VjcmV0IFBsYW4=\n"
+    b"--B\nContent-Type: application/octet-stream\n\nHIDDEN binary\n--B--\n"
+)
+
+
+@pytest.fixture
+def box():
+    return [
+        Msg(1, 10, MAIL1, frozenset({"\\Seen", "\\Answered", "$Work"}), size=500, modseq=5),
+        Msg(2, 20, MAIL2, frozenset({"\\Flagged"}), size=50, modseq=9, recent=True),
+        Msg(3, 35, b"Subject: third\n\n", frozenset({"\\Seen", "\\Deleted"}), size=10),
+    ]
+
+
+def test_flag_keys(box):
+    assert run(b"ALL", box) == [1, 2, 3]
+    assert run(b"SEEN", box) == [1, 3]
+    assert run(b"UNSEEN", box) == [2]
+    assert run(b"ANSWERED", box) == [1]
+    assert run(b"UNANSWERED", box) == [2, 3]
+    assert run(b"DELETED", box) == [3]
+    assert run(b"UNDELETED", box) == [1, 2]
+    assert run(b"FLAGGED", box) == [2]
+    assert run(b"UNFLAGGED", box) == [1, 3]
+    assert run(b"DRAFT", box) == []
+    assert run(b"UNDRAFT", box) == [1, 2, 3]
+    assert run(b"KEYWORD $work", box) == [1]
+    assert run(b"UNKEYWORD $Work", box) == [2, 3]
+    assert run(b"RECENT", box) == [2]
+    assert run(b"NEW", box) == [2]
+    assert run(b"OLD", box) == [1, 3]
+
+
+def test_flag_only_search_never_opens_files(box):
+    p = prog(b"UNSEEN NOT DELETED OR FLAGGED LARGER 10 UID 1:* 1:* MODSEQ 3")
+    assert p.needs == Needs.NONE and p.uses_modseq
+    assert [m.seq for m in search(p, box, 3, 35)] == [2]
+    assert all(not m.reads for m in box)
+
+
+def test_cheap_keys_first(box):
+    # header read only for the unseen message
+    assert run(b"FROM bob UNSEEN", box) == [2]
+    assert box[0].reads == [] and box[2].reads == []
+
+
+def test_needs():
+    assert prog(b"SUBJECT x").needs == Needs.HEADER
+    assert prog(b"SENTSINCE 1-Jan-2020").needs == Needs.HEADER
+    assert prog(b"OR SEEN BODY x").needs == Needs.BODY
+    assert prog(b"NOT TEXT x").needs == Needs.BODY
+
+
+def test_sequence_and_uid_sets(box):
+    assert run(b"2:*", box) == [2, 3]
+    assert run(b"*", box) == [3]
+    assert run(b"UID 15:25", box) == [2]
+    assert run(b"UID *", box) == [3]
+    assert run(b"UID 100:*", box) == [3]  # RFC 3501 6.4.8
+    assert run(b"NOT 1,3", box) == [2]
+    assert run(b"(1 SEEN)", box) == [1]
+    assert run(b"OR 1 (2 FLAGGED)", box) == [1, 2]
+
+
+def test_sizes_and_modseq(box):
+    assert run(b"LARGER 50", box) == [1]
+    assert run(b"SMALLER 50", box) == [3]
+    assert run(b"MODSEQ 6", box) == [2]
+    assert run(b'MODSEQ "/flags/\\\\draft" all 6', box) == [2]
+
+
+def test_header_keys(box):
+    assert run(b"FROM renee", box) == [1]
+    assert isinstance(CommandReader().feed_line(b"t SEARCH FROM Ren\xc3\xa9e"), BadCommand)
+    assert run(b'CHARSET UTF-8 FROM "REN\xc3\x89E"', box) == [1]
+    assert run(b'SUBJECT "r\xc3\xa9sum\xc3\xa9"', box) == [1]  # RFC 2047 decoded
+    assert run(b"TO bob@example.com", box) == [1]
+    assert run(b"CC CAROL", box) == [1]
+    assert run(b"BCC x", box) == []
+    assert run(b"HEADER X-Spam yes", box) == [1]
+    assert run(b'HEADER x-spam ""', box) == [1]  # empty string: field present
+    assert run(b'HEADER Subject ""', box) == [1, 2, 3]
+
+
+def test_body_and_text(box):
+    assert run(b'BODY "caf\xc3\xa9 MEETING"', box) == [1]
+    assert run(b"BODY noon", box) == [1]  # soft line break decoded
+    assert run(b'BODY "secret plan"', box) == [2]  # base64 decoded
+    assert run(b"BODY hidden", box) == []  # non-text part skipped
+    assert run(b"TEXT lunch", box) == [2]  # header
+    assert run(b"TEXT secret", box) == [2]  # body
+    assert run(b"BODY lunch", box) == []
+
+
+def test_dates(box):
+    # internal date 2024-03-10 in its own zone
+    assert run(b"ON 10-Mar-2024", box) == [1, 2, 3]
+    assert run(b"BEFORE 10-Mar-2024", box) == []
+    assert run(b"BEFORE 11-Mar-2024", box) == [1, 2, 3]
+    assert run(b"SINCE 11-Mar-2024", box) == []
+    assert run(b"SENTON 4-Mar-2024", box) == [1]
+    assert run(b"SENTBEFORE 5-Mar-2024", box) == [1]
+    # bad/missing Date header falls back to the internal date
+    assert run(b"SENTSINCE 10-Mar-2024", box) == [2, 3]
+
+
+def test_charset():
+    assert prog(b"CHARSET utf-8 ALL").charset == "UTF-8"
+    assert prog(b"ALL").charset == "US-ASCII"
+    with pytest.raises(BadCharset):
+        prog(b"CHARSET KOI8-R FROM x")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"FOO",
+        b"FROM",
+        b"OR SEEN",
+        b"NOT",
+        b"BEFORE 2020-01-01",
+        b"LARGER x",
+        b"UID x",
+        b"()",
+        b"KEYWORD (a)",
+        b"0:3",
+        b"CHARSET UTF-8",
+        b"MODSEQ x",
+        b'BODY "\xff"',
+    ],
+)
+def test_errors(bad):
+    c = CommandReader().feed_line(b"t SEARCH " + bad)
+    if isinstance(c, Command):
+        with pytest.raises(ParseError):
+            parse_search(c.args)
+
+
+def test_unseen_over_100k_is_fast():
+    import time
+
+    msgs = [
+        Msg(i, i, flags=frozenset({"\\Seen"}) if i % 7 else frozenset()) for i in range(1, 100001)
+    ]
+    p = prog(b"UNSEEN")
+    t = time.perf_counter()
+    hits = search(p, msgs, 100000, 100000)
+    elapsed = time.perf_counter() - t
+    assert len(hits) == 100000 // 7
+    assert elapsed < 1.0
+    assert all(not m.reads for m in msgs)
