@@ -138,7 +138,7 @@ class BadCommand:
 Result = Command | NeedLiteral | BadCommand | None
 
 _LITERAL_AT_END = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}\Z")
-_TAG_RE = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c\x7e]+")  # no ( ) * + % " \ {
+_TAG_RE = re.compile(rb"[\x21\x23\x24\x26\x27\x2c-\x5b\x5d-\x7a\x7c\x7d\x7e]+")  # no ()*+%"\{
 _FETCH_BRACKET = frozenset({"BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK", "BINARY.SIZE"})
 _STOP = frozenset(b' ()"')
 
@@ -220,6 +220,8 @@ class CommandReader:
         except ParseError as exc:
             return self._fail(str(exc), m)
         if m is None:
+            if st.size > self.max_command:
+                return self._fail("Command too long", None, code="TOOBIG")
             return self._finish()
         if m.group(1):
             return self._fail("literal8 (BINARY) is not supported", m)
