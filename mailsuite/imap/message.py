@@ -41,7 +41,12 @@ _CR_RUN = re.compile(rb"\r\n|\r|\n")
 
 
 def to_crlf(data: bytes) -> bytes:
-    """LF (or stray CR, or CRLF) line ends -> CRLF, without doubling existing CRs."""
+    """LF (or stray CR, or CRLF) line ends -> CRLF, without doubling existing CRs.
+
+    NUL, which an IMAP4rev1 literal may not carry, becomes 0x80 (as Dovecot does); the length
+    is unchanged, so sizes stay exact."""
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"\x80")
     if b"\r" not in data:
         return data.replace(b"\n", b"\r\n")
     return _CR_RUN.sub(b"\r\n", data)

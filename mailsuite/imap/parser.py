@@ -646,6 +646,12 @@ class FetchRequest:
         """MODSEQ must be returned (asked for, or implied by CHANGEDSINCE)."""
         return self.changedsince is not None or any(i.name == "MODSEQ" for i in self.items)
 
+    def with_uid(self) -> FetchRequest:
+        """The request for UID FETCH: UID is always returned (RFC 3501 6.4.8)."""
+        if any(i.name == "UID" for i in self.items):
+            return self
+        return FetchRequest((FetchItem("UID"), *self.items), self.changedsince, self.vanished)
+
     @property
     def needs_raw(self) -> bool:
         """The message file must be read (not answerable from the index alone)."""

@@ -343,3 +343,9 @@ def test_bodystructure_speed_sanity():
         envelope(big)
     assert time.perf_counter() - t < 0.05  # header-only, independent of body size
     bodystructure(big)
+
+
+def test_nul_is_replaced_without_changing_sizes():
+    raw = b"Subject: a\n\nx\x00y\n"
+    assert section(raw, Section((), "TEXT")) == b"x\x80y\r\n"
+    assert crlf_size(raw) == len(to_crlf(raw))

@@ -312,3 +312,9 @@ def test_fetch_changedsince():
     req = fetch(b"(FLAGS) (CHANGEDSINCE 12345)")
     assert req.changedsince == 12345 and req.needs_modseq and not req.vanished
     assert fetch(b"(FLAGS) (CHANGEDSINCE 1 VANISHED)").vanished
+
+
+def test_fetch_with_uid():
+    req = fetch(b"(FLAGS)").with_uid()
+    assert [i.name for i in req.items] == ["UID", "FLAGS"]
+    assert req.with_uid() is req
