@@ -18,8 +18,6 @@ than a Python loop per line, which is what lets a 1 MiB message be accepted at d
 
 from __future__ import annotations
 
-import re
-
 MAX_HEADER_CAPTURE = 256 * 1024
 
 
@@ -28,7 +26,6 @@ class DataReader:
 
     def __init__(self, max_line: int = 998) -> None:
         self.max_line = max_line
-        self._long = re.compile(rb"[^\n]{%d}" % (max_line + 1))
         self._carry = b""  # an incomplete line (never contains LF)
         self._last_crlf = True  # did the last complete line end with CRLF? (start counts)
         self._mid_line = False  # is _carry the continuation of a flushed long line?
@@ -120,7 +117,11 @@ class DataReader:
                 text = head + sep + (b"\n" + tail).replace(b"\n..", b"\n.")[1:]
             else:
                 text = (b"\n" + text).replace(b"\n..", b"\n.")[1:]
-            if not self.line_too_long and len(text) > self.max_line and self._long.search(text):
+            if (
+                not self.line_too_long
+                and len(text) > self.max_line
+                and max(map(len, text.split(b"\n"))) > self.max_line
+            ):
                 self.line_too_long = True
             self._mid_line = False
             self._last_crlf = True
