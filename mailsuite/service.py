@@ -107,6 +107,46 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
     return top
 
 
+class ReloadOnHangup(service.Service):
+    """Re-read the TLS certificates on SIGHUP (``systemctl reload``, certbot deploy hooks).
+
+    The signal handler only schedules the reload with ``reactor.callFromThread`` (safe from a
+    signal handler); the previous handler is put back when the service stops.
+    """
+
+    def __init__(self, server_tls: Any, reactor: Any) -> None:
+        self.server_tls = server_tls
+        self.reactor = reactor
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:  # noqa: N802
+        import signal
+
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+            self._installed = True
+
+    def stopService(self) -> Any:  # noqa: N802
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+            self._installed = False
+        return super().stopService()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reload)
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: reloading TLS certificates")
+        try:
+            self.server_tls.reload()  # logs success, or failure while keeping the old ones
+        except Exception:
+            log.failure("SIGHUP: TLS reload failed")
+
+
 def _extra_services(runtime: Runtime) -> list[service.Service]:
     """Non-listening services: certificate reload, the outbound queue runner."""
     out: list[service.Service] = []
@@ -116,6 +156,7 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
         reload_service = getattr(tls, "TLSReloadService", None)
         if reload_service is not None:
             out.append(reload_service(runtime.tls, 60))
+        out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
     try:
         from mailsuite.queue import runner
     except ImportError:

@@ -1,0 +1,491 @@
+"""Submission (RFC 6409) on 587 with STARTTLS and 465 with implicit TLS, SMTP AUTH (RFC 4954),
+against the real ``twistd -n mailsuite`` on loopback, with real clients (smtplib, swaks)."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.harness import PASSWORD, Server
+from tests.tls_helpers import HOSTNAME, CertAuthority, b64, plain, smtp_ssl, smtp_starttls
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+SERVICES = ("smtp", "submission", "submissions")
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertAuthority:
+    return CertAuthority(tmp_path / "pki")
+
+
+def make_server(tmp_path: Path, ca: CertAuthority, extra_toml: str = "") -> Server:
+    srv = Server(tmp_path / "srv", services=SERVICES, tls=ca.issue(), extra_toml=extra_toml)
+    srv.start()
+    srv.add_user(ALICE)
+    srv.add_user(BOB)
+    return srv
+
+
+@pytest.fixture
+def srv(tmp_path: Path, ca: CertAuthority):
+    server = make_server(tmp_path, ca)
+    yield server
+    server.stop()
+
+
+def message(sender: str = ALICE, to: str = BOB, subject: str = "hello") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{time.time_ns()}@client.example>"
+    msg.set_content("Hi Bob,\n\nsubmitted.\n")
+    return bytes(msg)
+
+
+class Raw:
+    """A raw line client: send lines, read whole (multi-line) replies."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=30, source_address=(source, 0)
+        )
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def wrap(self, ca: CertAuthority) -> None:
+        self.sock = ca.client_context().wrap_socket(self.sock, server_hostname=HOSTNAME)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode() + b"\r\n")
+
+    def reply(self) -> list[str]:
+        lines = []
+        while True:
+            raw = self.file.readline()
+            if not raw:
+                raise ConnectionError(f"closed after {lines}")
+            line = raw.decode().rstrip("\r\n")
+            lines.append(line)
+            if line[3:4] != "-":
+                return lines
+
+    def cmd(self, line: str) -> list[str]:
+        self.send(line)
+        return self.reply()
+
+    def code(self, line: str) -> str:
+        """The first line of the reply to ``line``."""
+        return self.cmd(line)[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tls_session(port: int, ca: CertAuthority, source: str = "127.0.0.1") -> Raw:
+    raw = Raw(port, source)
+    raw.cmd("EHLO client.example")
+    assert raw.code("STARTTLS").startswith("220 ")
+    raw.wrap(ca)
+    raw.cmd("EHLO client.example")
+    return raw
+
+
+# --------------------------------------------------------------------------- 587
+
+
+def test_587_before_tls_offers_starttls_but_no_auth_and_refuses_auth_and_mail(srv, ca):
+    raw = Raw(srv.port("submission"))
+    ehlo = raw.cmd("EHLO client.example")
+    assert any("STARTTLS" in line for line in ehlo)
+    assert not any("AUTH" in line for line in ehlo)
+    assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("530 5.7.0")
+    assert raw.code("MAIL FROM:<alice@example.test>").startswith("530 5.7.0")
+    raw.close()
+    assert "logged in" not in srv.output()
+
+
+def test_587_starttls_login_plain_delivers_locally_with_esmtpsa(srv, ca):
+    client = smtp_starttls(srv.port("submission"), ca)
+    assert "auth" in client.esmtp_features
+    assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+    assert "starttls" not in client.esmtp_features
+    client.login(ALICE, PASSWORD)  # smtplib picks PLAIN with an initial response
+    refused = client.sendmail(ALICE, [BOB], message())
+    assert refused == {}
+    client.quit()
+    [stored] = srv.messages(BOB)
+    received = stored.split(b"\n\n")[0]
+    assert b"with ESMTPSA" in received
+    assert PASSWORD.encode() not in stored
+    assert plain(ALICE, PASSWORD).encode() not in stored
+    assert b64(PASSWORD).encode() not in stored
+    log = srv.output()
+    assert PASSWORD not in log and plain(ALICE, PASSWORD) not in log
+    assert "alice@example.test logged in from 127.0.0.1" in log
+
+
+def test_587_auth_login_mechanism(srv, ca):
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.user, client.password = ALICE, PASSWORD
+    code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+    assert code == 235
+    client.sendmail(ALICE, [BOB], message(subject="login"))
+    client.quit()
+    assert b"Subject: login" in srv.messages(BOB)[0]
+
+
+def test_587_mail_without_auth_after_tls_is_refused(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    assert raw.code("MAIL FROM:<alice@example.test>").startswith("530 5.7.0")
+    assert raw.code("RCPT TO:<bob@example.test>").startswith("503")
+    raw.close()
+    assert srv.messages(BOB) == []
+
+
+def test_587_auth_dialogue_details(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    # PLAIN without initial response: an empty 334 challenge, then the response line.
+    assert raw.cmd("AUTH PLAIN") == ["334 "]
+    assert raw.code("*").startswith("501 5.0.0")
+    # LOGIN prompts, then cancel at the password prompt.
+    assert raw.cmd("AUTH LOGIN") == ["334 VXNlcm5hbWU6"]
+    assert raw.cmd(b64(ALICE)) == ["334 UGFzc3dvcmQ6"]
+    assert raw.code("*").startswith("501 5.0.0")
+    # Garbage instead of base64 is a syntax error, not a command.
+    assert raw.cmd("AUTH PLAIN") == ["334 "]
+    assert raw.code("QUIT").startswith("501 5.5.2")
+    assert raw.code("AUTH CRAM-MD5").startswith("504 5.5.4")
+    # "=" is an empty initial response (RFC 4954 4): an empty PLAIN message is malformed.
+    assert raw.code("AUTH PLAIN =").startswith("501 5.5.2")
+    # LOGIN with the user name as initial response, as Outlook and Thunderbird send it.
+    assert raw.cmd("AUTH LOGIN " + b64(ALICE)) == ["334 UGFzc3dvcmQ6"]
+    assert raw.code(b64(PASSWORD)).startswith("235 2.7.0")
+    # Only once per session.
+    assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("503 5.5.1")
+    ehlo = raw.cmd("EHLO client.example")
+    assert not any("AUTH" in line for line in ehlo)
+    assert raw.code("MAIL FROM:<alice@example.test>").startswith("250")
+    assert raw.code("QUIT").startswith("221")
+    raw.close()
+
+
+def test_auth_not_allowed_inside_a_transaction(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("235")
+    raw.close()
+    # A fresh session: MAIL is refused without AUTH, so test 503 by AUTH after AUTH+MAIL in
+    # a session authorized with allow_plaintext is not needed; instead check AUTH during MAIL
+    # once authenticated is 503 (already authenticated) and that RSET does not reset AUTH.
+    raw = tls_session(srv.port("submission"), ca)
+    assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("235")
+    assert raw.code("MAIL FROM:<alice@example.test>").startswith("250")
+    assert raw.code("AUTH PLAIN " + plain(BOB, PASSWORD)).startswith("503")
+    assert raw.code("RSET").startswith("250")
+    assert raw.code("MAIL FROM:<alice@example.test>").startswith("250")
+    raw.close()
+
+
+def test_pipelined_auth_and_transaction_are_answered_in_order(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    body = "From: alice@example.test\r\nTo: bob@example.test\r\nSubject: pipe\r\n\r\nhi\r\n.\r\n"
+    raw.sock.sendall(
+        (
+            "AUTH PLAIN " + plain(ALICE, PASSWORD) + "\r\n"
+            "MAIL FROM:<alice@example.test>\r\n"
+            "RCPT TO:<bob@example.test>\r\n"
+            "DATA\r\n"
+        ).encode()
+    )
+    assert raw.reply()[0].startswith("235 2.7.0")
+    assert raw.reply()[0].startswith("250")
+    assert raw.reply()[0].startswith("250")
+    assert raw.reply()[0].startswith("354")
+    raw.sock.sendall(body.encode() + b"QUIT\r\n")
+    assert raw.reply()[0].startswith("250")
+    assert raw.reply()[0].startswith("221")
+    raw.close()
+    assert b"Subject: pipe" in srv.messages(BOB)[0]
+
+
+def test_authzid_other_than_the_user_is_refused(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    forged = base64.b64encode(f"{BOB}\0{ALICE}\0{PASSWORD}".encode()).decode()
+    assert raw.code("AUTH PLAIN " + forged).startswith("535 5.7.8")
+    raw.close()
+    raw = tls_session(srv.port("submission"), ca)
+    same = base64.b64encode(f"{ALICE}\0{ALICE}\0{PASSWORD}".encode()).decode()
+    assert raw.code("AUTH PLAIN " + same).startswith("235")
+    raw.close()
+
+
+def test_remote_recipient_gets_451_until_the_outbound_queue_exists(srv, ca):
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.login(ALICE, PASSWORD)
+    client.mail(ALICE)
+    code, text = client.rcpt("someone@elsewhere.example")
+    assert code == 451 and text.startswith(b"4.4.0")
+    client.quit()
+
+
+# --------------------------------------------------------------------------- 465
+
+
+def test_465_implicit_tls_login_and_send(srv, ca):
+    client = smtp_ssl(srv.port("submissions"), ca)
+    assert client.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+    assert "starttls" not in client.esmtp_features
+    client.login(ALICE, PASSWORD)
+    client.sendmail(ALICE, [BOB], message(subject="implicit"))
+    client.quit()
+    [stored] = srv.messages(BOB)
+    assert b"Subject: implicit" in stored and b"with ESMTPSA" in stored
+
+
+def test_465_speaks_tls_from_the_first_byte(srv, ca):
+    sock = socket.create_connection(("127.0.0.1", srv.port("submissions")), timeout=10)
+    sock.sendall(b"EHLO plain\r\n")
+    sock.settimeout(5)
+    try:
+        data = sock.recv(100)
+    except (TimeoutError, ConnectionResetError):
+        data = b""
+    sock.close()
+    assert not data.startswith(b"220") and not data.startswith(b"250")
+
+
+def test_465_mail_without_auth_is_refused(srv, ca):
+    client = smtp_ssl(srv.port("submissions"), ca)
+    code, text = client.mail(ALICE)
+    assert code == 530 and text.startswith(b"5.7.0")
+    client.close()
+
+
+# --------------------------------------------------------------------------- port 25
+
+
+def test_smtp_port_offers_starttls_and_never_auth(srv, ca):
+    raw = Raw(srv.port("smtp"))
+    ehlo = raw.cmd("EHLO client.example")
+    assert any("STARTTLS" in line for line in ehlo)
+    assert not any("AUTH" in line for line in ehlo)
+    assert raw.code("STARTTLS").startswith("220")
+    raw.wrap(ca)
+    ehlo = raw.cmd("EHLO client.example")
+    assert not any("AUTH" in line for line in ehlo)
+    assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD))[:3] in ("500", "502")
+    raw.close()
+
+
+# --------------------------------------------------------------------------- sender binding
+
+
+def test_sender_binding_mail_from(srv, ca):
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.login(ALICE, PASSWORD)
+    code, text = client.mail(BOB)
+    assert (code, text[:5]) == (553, b"5.7.1")
+    code, _ = client.mail("alice+lists@example.test")  # own subaddress
+    assert code == 250
+    client.rset()
+    code, _ = client.mail("")  # null sender (notifications)
+    assert code == 250
+    client.quit()
+
+
+def test_sender_binding_from_header(srv, ca):
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.login(ALICE, PASSWORD)
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        client.sendmail(ALICE, [BOB], message(sender=BOB))
+    assert e.value.smtp_code == 553 and e.value.smtp_error.startswith(b"5.7.1")
+    # Two addresses in From:, one not hers.
+    with pytest.raises(smtplib.SMTPDataError):
+        client.sendmail(ALICE, [BOB], message(sender=f"Alice <{ALICE}>, Bob <{BOB}>"))
+    # A second From: field (folded, lower case) hidden further down.
+    sneaky = (
+        b"From: alice@example.test\r\nTo: bob@example.test\r\nfrom :\r\n\tBob <bob@example.test>\r\n"
+        b"Subject: x\r\n\r\nbody\r\n"
+    )
+    with pytest.raises(smtplib.SMTPDataError):
+        client.sendmail(ALICE, [BOB], sneaky)
+    # Display names and encoded words are fine when the address is hers.
+    client.sendmail(ALICE, [BOB], message(sender="=?utf-8?q?Al=C3=AFce?= <ALICE@Example.Test>"))
+    # No From: at all is accepted (the envelope sender is bound; see submission.py).
+    client.sendmail(ALICE, [BOB], b"To: bob@example.test\r\nSubject: nofrom\r\n\r\nbody\r\n")
+    client.quit()
+    stored = srv.messages(BOB)
+    assert len(stored) == 2
+    assert not any(b"Bob <bob@example.test>" in m for m in stored)
+
+
+def test_send_as_configured_per_user(srv, ca):
+    shared = "team@example.test"
+    srv.cli("alias", "add", shared, BOB)
+    srv.cli("alias", "add", "info@example.test", ALICE)  # an alias of hers: allowed
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.login(ALICE, PASSWORD)
+    assert client.mail(shared)[0] == 553
+    client.rset()
+    assert client.mail("info@example.test")[0] == 250
+    client.rset()
+    out = srv.cli("user", "send-as", ALICE, shared)
+    assert shared in out.stdout
+    client.sendmail(shared, [BOB], message(sender=f"Team <{shared}>", subject="as team"))
+    client.quit()
+    assert any(b"Subject: as team" in m for m in srv.messages(BOB))
+
+
+# --------------------------------------------------------------------------- passwords
+
+
+def test_wrong_password_535_after_a_growing_delay(srv, ca):
+    raw = tls_session(srv.port("submission"), ca)
+    delays = []
+    for _ in range(3):
+        start = time.monotonic()
+        assert raw.code("AUTH PLAIN " + plain(ALICE, "wrong password")).startswith("535 5.7.8")
+        delays.append(time.monotonic() - start)
+    assert delays[0] >= 0.4
+    assert delays[2] > delays[0] + 0.5  # 0.5 s, 1 s, 2 s
+    # Unknown users fail the same way.
+    assert raw.code("AUTH PLAIN " + plain("nobody@example.test", "x" * 8)).startswith("535 5.7.8")
+    raw.close()
+    log = srv.output()
+    assert "failed login for 'alice@example.test' from 127.0.0.1" in log
+    assert "wrong password" not in log
+
+
+def test_throttling_per_ip_and_per_account_spares_the_legitimate_user(tmp_path, ca):
+    srv = make_server(tmp_path, ca, "[auth]\nmax_failures_per_ip = 3\nmax_failures_per_user = 4\n")
+    try:
+        port = srv.port("submission")
+        # One IP guessing: 535 three times, then refused outright (temporary), even with the
+        # right password, while the owner elsewhere still gets in.
+        raw = tls_session(port, ca, source="127.0.0.2")
+        for _ in range(3):
+            assert raw.code("AUTH PLAIN " + plain(ALICE, "guess1234")).startswith("535")
+        assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("454 4.7.0")
+        raw.close()
+        assert "login for 'alice@example.test' from 127.0.0.2 refused" in srv.output()
+        owner = tls_session(port, ca, source="127.0.0.1")
+        assert owner.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("235")
+        owner.close()
+        # A guesser spread over IPs: past 4 failures for the account, IPs that failed are
+        # refused, a clean IP (the owner at home) is not.
+        raw = tls_session(port, ca, source="127.0.0.3")
+        assert raw.code("AUTH PLAIN " + plain(ALICE, "guess5678")).startswith("535")
+        assert raw.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("454 4.7.0")
+        raw.close()
+        home = tls_session(port, ca, source="127.0.0.4")
+        assert home.code("AUTH PLAIN " + plain(ALICE, PASSWORD)).startswith("235")
+        home.close()
+        # Other accounts from a clean IP are unaffected.
+        bob = tls_session(port, ca, source="127.0.0.5")
+        assert bob.code("AUTH PLAIN " + plain(BOB, PASSWORD)).startswith("235")
+        bob.close()
+    finally:
+        srv.stop()
+
+
+def test_cli_never_echoes_and_stores_only_argon2id(srv):
+    out = srv.cli("user", "add", "carol@example.test", "--password-stdin", stdin="sekrit-pass\n")
+    assert "sekrit-pass" not in out.stdout + out.stderr
+    directory = (srv.data / "directory.json").read_text()
+    assert "sekrit-pass" not in directory
+    assert "$argon2id$" in directory
+
+
+# --------------------------------------------------------------------------- swaks
+
+
+def swaks(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--timeout", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (.ci/apt-*.txt)")
+@pytest.mark.parametrize("service", ["submission", "submissions"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks(srv, ca, service, mechanism):
+    tls = ["--tls"] if service == "submission" else ["--tls-on-connect"]
+    result = swaks(
+        "--port",
+        str(srv.port(service)),
+        *tls,
+        "--tls-verify",
+        "--tls-ca-path",
+        str(ca.ca_file),
+        "--tls-sni",
+        HOSTNAME,
+        "--ehlo",
+        "client.example",
+        "--auth",
+        mechanism,
+        "--auth-user",
+        ALICE,
+        "--auth-password",
+        PASSWORD,
+        "--from",
+        ALICE,
+        "--to",
+        BOB,
+        "--header",
+        f"Subject: swaks {service} {mechanism}",
+        "--header",
+        f"From: {ALICE}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "235 2.7.0" in result.stdout
+    [stored] = srv.messages(BOB)
+    assert f"Subject: swaks {service} {mechanism}".encode() in stored
+    assert b"with ESMTPSA" in stored
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (.ci/apt-*.txt)")
+def test_swaks_auth_without_tls_is_refused(srv, ca):
+    result = swaks(
+        "--port",
+        str(srv.port("submission")),
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        ALICE,
+        "--auth-password",
+        PASSWORD,
+        "--from",
+        ALICE,
+        "--to",
+        BOB,
+    )
+    assert result.returncode != 0
+    assert srv.messages(BOB) == []
+
+
+def test_tls_below_1_2_is_refused(srv, ca):
+    ctx = ca.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    try:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except ssl.SSLError:
+        pass
+    sock = socket.create_connection(("127.0.0.1", srv.port("submissions")), timeout=10)
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        ctx.wrap_socket(sock, server_hostname=HOSTNAME)
+    sock.close()

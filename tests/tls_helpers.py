@@ -1,0 +1,97 @@
+"""A test CA (trustme) and helpers for TLS clients in integration tests."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import socket
+import ssl
+from pathlib import Path
+
+import trustme
+
+HOSTNAME = "mx.example.test"
+
+
+class CertAuthority:
+    """A throw-away CA; issues server certificates written as PEM files under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_file = root / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def issue(
+        self, *names: str, stem: str = "server", not_after: object = None
+    ) -> tuple[Path, Path]:
+        """Write ``<stem>.pem`` (leaf + chain) and ``<stem>.key``; returns their paths."""
+        kwargs = {}
+        if not_after is not None:
+            kwargs["not_after"] = not_after
+        cert = self.ca.issue_cert(*(names or (HOSTNAME, "localhost", "127.0.0.1")), **kwargs)
+        cert_path = self.root / f"{stem}.pem"
+        key_path = self.root / f"{stem}.key"
+        cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key_path))
+        return cert_path, key_path
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        return ctx
+
+
+def smtp_starttls(port: int, ca: CertAuthority, server_hostname: str = HOSTNAME) -> smtplib.SMTP:
+    """smtplib on the submission port, after EHLO + STARTTLS (verifying against ``ca``)."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    client._host = server_hostname  # type: ignore[attr-defined]  # SNI / name check
+    client.ehlo("client.example")
+    client.starttls(context=ca.client_context())
+    client.ehlo("client.example")
+    return client
+
+
+def smtp_ssl(port: int, ca: CertAuthority, server_hostname: str = HOSTNAME) -> smtplib.SMTP_SSL:
+    """smtplib with implicit TLS (port 465 role)."""
+
+    class _SMTP_SSL(smtplib.SMTP_SSL):  # noqa: N801
+        def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+            sock = socket.create_connection(("127.0.0.1", port), timeout)
+            return self.context.wrap_socket(sock, server_hostname=server_hostname)
+
+    client = _SMTP_SSL("127.0.0.1", port, timeout=20, context=ca.client_context())
+    client.ehlo("client.example")
+    return client
+
+
+def peer_certificate(
+    host: str, port: int, ca: CertAuthority, server_name: str, starttls: bool
+) -> dict:
+    """The verified certificate a client sees for ``server_name`` (SNI), via STARTTLS or not."""
+    sock = socket.create_connection((host, port), timeout=10)
+    try:
+        if starttls:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"EHLO c\r\n")
+            while True:
+                line = f.readline()
+                if line[3:4] == b" ":
+                    break
+            sock.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220")
+        tls = ca.client_context().wrap_socket(sock, server_hostname=server_name)
+        cert = tls.getpeercert()
+        tls.close()
+        return cert
+    finally:
+        sock.close()
+
+
+def plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
