@@ -1,0 +1,103 @@
+"""Config loading: the embedded default, the example file, and errors that name file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mailsuite.config import DEFAULT_TOML, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_file_matches_embedded_default() -> None:
+    example = tomllib.loads((ROOT / "etc" / "mailsuite.toml").read_text())
+    assert example == tomllib.loads(DEFAULT_TOML)
+
+
+def test_embedded_default_is_a_working_local_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    assert cfg.data_dir == tmp_path / "mailsuite-data"
+    assert cfg.local_domains == ("example.test",)
+    assert cfg.listen["smtp"] == ("tcp:2525:interface=127.0.0.1",)
+    assert all("127.0.0.1" in d for descs in cfg.listen.values() for d in descs)
+    assert cfg.relay.trusted_networks == ()  # never an open relay, loopback included
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    f = tmp_path / "sub" / "m.toml"
+    f.parent.mkdir()
+    f.write_text('[server]\ndata_dir = "d"\nhostname = "mx.example.org"\n')
+    cfg = load_config(f)
+    assert cfg.data_dir == tmp_path / "sub" / "d"
+    assert cfg.hostname == "mx.example.org"
+    assert cfg.listen["imap"] == ()  # no key: does not listen
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[server\n", "not valid TOML"),
+        ("[nonsense]\n", "[nonsense]: unknown section"),
+        ('[server]\nhostnme = "x"\n', "[server] hostnme: unknown key"),
+        ("[server]\nhostname = 5\n", "[server] hostname: expected str"),
+        ('[listen]\nsmtp = "tcp:25"\n', "[listen] smtp: expected list"),
+        ('[listen]\nsmtp = ["bogus:25"]\n', "[listen] smtp: 'bogus:25' is not a server endpoint"),
+        ('[listen]\nsmtp = ["tcp:99999"]\n', "[listen] smtp: 'tcp:99999' has no valid port"),
+        ('[tls]\ncert = "c.pem"\n', "[tls] key: cert and key must be given together"),
+        ('[tls]\ncert = "c.pem"\nkey = "k.pem"\n', "[tls] cert:"),
+        (
+            '[relay]\ntrusted_networks = ["10.0.0.0/33"]\n',
+            "[relay] trusted_networks: '10.0.0.0/33'",
+        ),
+        ("[smtp]\nmax_recipients = 0\n", "[smtp] max_recipients: must be at least 100"),
+        ('[domains]\nlocal = ["bad..domain"]\n', "[domains] local: 'bad..domain' is not a valid"),
+        ('[dns]\nnameservers = ["not-an-ip"]\n', "[dns] nameservers:"),
+        ("[smtp]\ntimeout = true\n", "[smtp] timeout: expected an integer"),
+    ],
+)
+def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, needle: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(err.value).startswith(str(f))
+    assert needle in str(err.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text('[listen]\nsmtp = ["tcp:notaport"]\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile",
+            "",
+            "mailsuite",
+            "--config",
+            str(f),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert f"{f}: [listen] smtp: 'tcp:notaport' has no valid port" in out
+    assert "Traceback" not in out
