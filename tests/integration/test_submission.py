@@ -315,8 +315,8 @@ def test_sender_binding_from_header(srv, ca):
         client.sendmail(ALICE, [BOB], message(sender=f"Alice <{ALICE}>, Bob <{BOB}>"))
     # A second From: field (folded, lower case) hidden further down.
     sneaky = (
-        b"From: alice@example.test\r\nTo: bob@example.test\r\nfrom :\r\n\tBob <bob@example.test>\r\n"
-        b"Subject: x\r\n\r\nbody\r\n"
+        b"From: alice@example.test\r\nTo: bob@example.test\r\n"
+        b"from :\r\n\tBob <bob@example.test>\r\nSubject: x\r\n\r\nbody\r\n"
     )
     with pytest.raises(smtplib.SMTPDataError):
         client.sendmail(ALICE, [BOB], sneaky)
