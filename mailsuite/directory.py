@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailsuite.ownership import like_data_dir
 from mailsuite.store.maildir import ensure_folder, fsync_dir
 
 MAX_ALIAS_DEPTH = 10
@@ -262,6 +263,7 @@ class Directory:
             os.chmod(tmp, 0o600)
             os.replace(tmp, self.path)
             fsync_dir(self.path.parent)
+            like_data_dir(self.path.parent, [self.path, lock_path])
             self._stamp = None
 
     def add_domain(self, domain: str) -> None:
@@ -294,9 +296,15 @@ class Directory:
                 raise DirectoryError(f"{user} exists already (use 'user passwd' to change it)")
             data.users[user] = {"password": password_hash, "send_as": []}
         root = self.mailbox_root(user)
+        domain_dir_existed = root.parent.exists()
         ensure_folder(root)
         for name in SPECIAL_FOLDERS:
             ensure_folder(root / f".{name}")
+        data_dir = self.path.parent
+        like_data_dir(
+            data_dir, [self.mail_dir, root.parent] if not domain_dir_existed else [self.mail_dir]
+        )
+        like_data_dir(data_dir, [root], tree=True)
         if on_created:
             on_created(root)
         return root
