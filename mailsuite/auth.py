@@ -93,9 +93,21 @@ class FailureLog:
         self.by_user.setdefault(user, deque()).append(t)
         if len(self.by_ip) > 100_000:  # bound memory under a wide spray
             self.by_ip.pop(next(iter(self.by_ip)))
+        if len(self.by_user) > 100_000:  # many made-up user names
+            self.by_user.pop(next(iter(self.by_user)))
 
-    def blocked(self, ip: str, user: str) -> bool:
-        ip_fails = self._count(self.by_ip, ip)
+    def blocked(self, ip: str, user: str, in_flight: int = 0) -> bool:
+        """``in_flight``: attempts from ``ip`` whose password is still being checked.
+
+        Once an IP has failed, its in-flight attempts count as failures, so that many
+        parallel connections cannot all guess before the first failure is recorded.  An IP
+        with no failures may have up to twice ``max_failures_per_ip`` checks in flight (an
+        office behind NAT opening many IMAP connections at once) before it must wait.
+        """
+        recorded = self._count(self.by_ip, ip)
+        ip_fails = recorded + in_flight if recorded else 0
+        if in_flight >= 2 * self.cfg.max_failures_per_ip:
+            return True
         if ip_fails >= self.cfg.max_failures_per_ip:
             return True
         return ip_fails > 0 and self._count(self.by_user, user) >= self.cfg.max_failures_per_user
@@ -156,7 +168,6 @@ class _Realm:
         return (interfaces_[0], avatarId, lambda: None)
 
 
-
 class Authenticator:
     """One login attempt, throttled, for any protocol: ``login(user, password, ip)``."""
 
@@ -169,6 +180,7 @@ class Authenticator:
     ) -> None:
         self.reactor = reactor
         self.failures = FailureLog(cfg, now)
+        self.in_flight: dict[str, int] = {}  # per IP: password checks not answered yet
         self.portal = portal.Portal(_Realm(), [Argon2Checker(directory, reactor)])  # type: ignore[arg-type]
 
     def login(
@@ -178,7 +190,7 @@ class Authenticator:
             user = normalize(username)
         except ValueError:
             user = username.lower()
-        if self.failures.blocked(ip, user):
+        if self.failures.blocked(ip, user, self.in_flight.get(ip, 0)):
             log.warn(
                 "{protocol}: login for {user!r} from {ip} refused: too many failures",
                 protocol=protocol,
@@ -186,8 +198,21 @@ class Authenticator:
                 ip=ip,
             )
             return defer.succeed(LoginResult(Outcome.THROTTLED))
-        creds = credentials.UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        creds = credentials.UsernamePassword(
+            user.encode("utf-8"), password.encode("utf-8", "surrogatepass")
+        )
+        self.in_flight[ip] = self.in_flight.get(ip, 0) + 1
         d = self.portal.login(creds, None, object)
+
+        def checked(result: object) -> object:
+            n = self.in_flight.get(ip, 1) - 1
+            if n <= 0:
+                self.in_flight.pop(ip, None)
+            else:
+                self.in_flight[ip] = n
+            return result
+
+        d.addBoth(checked)
 
         def ok(result: tuple) -> LoginResult:
             log.info(

@@ -230,13 +230,21 @@ def test_authzid_other_than_the_user_is_refused(srv, ca):
     raw.close()
 
 
-def test_remote_recipient_gets_451_until_the_outbound_queue_exists(srv, ca):
+def test_remote_recipient_is_handed_to_the_queue_or_refused_451(srv, ca):
+    """Until the outbound queue exists remote recipients get 451 4.4.0 (never a pretend 250);
+    once it exists, authenticated mail to other domains is accepted into it."""
     client = smtp_starttls(srv.port("submission"), ca)
     client.login(ALICE, PASSWORD)
     client.mail(ALICE)
     code, text = client.rcpt("someone@elsewhere.example")
-    assert code == 451 and text.startswith(b"4.4.0")
+    if code == 451:
+        assert text.startswith(b"4.4.0")
+    else:
+        assert code == 250, (code, text)
+        code, text = client.data(message(to="someone@elsewhere.example"))
+        assert code == 250, (code, text)
     client.quit()
+    assert srv.messages(BOB) == []
 
 
 # --------------------------------------------------------------------------- 465
@@ -489,3 +497,20 @@ def test_tls_below_1_2_is_refused(srv, ca):
     with pytest.raises((ssl.SSLError, ConnectionResetError)):
         ctx.wrap_socket(sock, server_hostname=HOSTNAME)
     sock.close()
+
+
+def test_parallel_guesses_cannot_outrun_the_per_ip_limit(tmp_path, ca):
+    srv = make_server(tmp_path, ca, "[auth]\nmax_failures_per_ip = 3\n")
+    try:
+        port = srv.port("submission")
+        sessions = [tls_session(port, ca, source="127.0.0.6") for _ in range(10)]
+        assert sessions[0].code("AUTH PLAIN " + plain(ALICE, "guess0000")).startswith("535")
+        for i, raw in enumerate(sessions):  # all at once, before any answer
+            raw.send("AUTH PLAIN " + plain(ALICE, f"guess{i:04d}x"))
+        codes = [raw.reply()[0][:3] for raw in sessions]
+        for raw in sessions:
+            raw.close()
+        assert codes.count("535") + 1 <= 3, codes
+        assert set(codes) <= {"535", "454"}
+    finally:
+        srv.stop()
