@@ -32,7 +32,7 @@ BOB = "bob@example.test"
 def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     d = tmp_path_factory.mktemp("pop3-certs")
     ca = trustme.CA()
-    cert = ca.issue_cert("mx.example.test", "localhost", "127.0.0.1")
+    cert = ca.issue_cert("localhost", "mx.example.test", "127.0.0.1", common_name="localhost")
     cert.private_key_and_cert_chain_pem.write_to_path(str(d / "server.pem"))
     cert.private_key_pem.write_to_path(str(d / "server.key"))
     ca.cert_pem.write_to_path(str(d / "ca.pem"))

@@ -1,0 +1,114 @@
+"""Real POP3 clients against the real server: fetchmail (STLS on 110-style port and implicit
+TLS) and getmail6 (implicit TLS; getmail6 has no STLS support) each retrieve and delete all
+messages of a 500-message box.  Skipped only when the client binary is missing (CI installs
+them from .ci/apt-pop3.txt)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mailsuite.store.maildir import write_message
+from tests.harness import PASSWORD, Server
+from tests.integration.test_pop3 import ALICE, certs, start  # noqa: F401  (fixture)
+
+COUNT = 500
+
+
+def fill(server: Server) -> set[bytes]:
+    box = server.maildir(ALICE)
+    subjects = set()
+    for i in range(COUNT):
+        subject = b"Subject: message %d" % i
+        body = subject + b"\nFrom: x@example.org\n\nbody %d\n.\n..dots\n" % i
+        write_message(box, [body])
+        subjects.add(subject)
+    return subjects
+
+
+def received_subjects(out: Path) -> list[bytes]:
+    found = []
+    for f in out.rglob("*"):
+        if f.is_file():
+            for line in f.read_bytes().splitlines():
+                if line.startswith(b"Subject: message "):
+                    found.append(line.rstrip(b"\r"))
+    return found
+
+
+def check(server: Server, out: Path, subjects: set[bytes]) -> None:
+    got = received_subjects(out)
+    assert len(got) == COUNT and set(got) == subjects
+    sample = next(f for f in out.rglob("*") if f.is_file()).read_bytes().replace(b"\r\n", b"\n")
+    assert b"\n.\n..dots\n" in sample  # unstuffed correctly
+    assert server.messages(ALICE) == []  # all deleted at QUIT
+
+
+@pytest.mark.parametrize("mode", ["stls", "pop3s"])
+def test_fetchmail_retrieves_500(tmp_path: Path, certs: tuple, mode: str) -> None:  # noqa: F811
+    exe = shutil.which("fetchmail")
+    if exe is None:
+        pytest.skip("fetchmail is not installed (apt-get install fetchmail)")
+    server = start(tmp_path, certs)
+    try:
+        subjects = fill(server)
+        out = tmp_path / "out"
+        out.mkdir()
+        port = server.port("pop3" if mode == "stls" else "pop3s")
+        tls = "ssl" if mode == "pop3s" else "sslproto 'TLS1.2+'"
+        rc = tmp_path / "fetchmailrc"
+        rc.write_text(
+            f"set no bouncemail\n"
+            f"poll 127.0.0.1 with proto POP3 service {port} uidl\n"
+            f"  user '{ALICE}' there with password '{PASSWORD}' is root here\n"
+            f"  options {tls} sslcertck sslcertfile '{certs[2]}' sslcommonname localhost\n"
+            f"  fetchall nokeep\n"
+            f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+        )
+        os.chmod(rc, 0o600)
+        env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
+        result = subprocess.run(
+            [exe, "-f", str(rc), "-N", "-v", "--pidfile", str(tmp_path / "fm.pid")],
+            capture_output=True, text=True, timeout=240, env=env,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        if mode == "stls":
+            assert "STLS" in result.stdout + result.stderr
+        check(server, out, subjects)
+    finally:
+        server.stop()
+
+
+def test_getmail6_retrieves_500_over_pop3s(tmp_path: Path, certs: tuple) -> None:  # noqa: F811
+    exe = shutil.which("getmail")
+    if exe is None:
+        pytest.skip("getmail6 is not installed (apt-get install getmail6)")
+    server = start(tmp_path, certs)
+    try:
+        subjects = fill(server)
+        out = tmp_path / "out"
+        for sub in ("cur", "new", "tmp"):
+            (out / sub).mkdir(parents=True)
+        gdir = tmp_path / "getmail"
+        gdir.mkdir()
+        (gdir / "getmailrc").write_text(
+            "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = 127.0.0.1\n"
+            f"port = {server.port('pop3s')}\nusername = {ALICE}\npassword = {PASSWORD}\n"
+            f"ca_certs = {certs[2]}\nssl_cert_hostname = localhost\n\n"
+            # MDA_external: getmail's Maildir destination refuses to run as root (CI does)
+            "[destination]\ntype = MDA_external\npath = /bin/sh\n"
+            f"arguments = (\"-c\", \"cat > {out}/new/msg.$$\")\nallow_root_commands = true\n\n"
+            "[options]\ndelete = true\nread_all = true\nverbose = 1\n"
+        )
+        result = subprocess.run(
+            [exe, "--getmaildir", str(gdir), "--rcfile", "getmailrc"],
+            capture_output=True, text=True, timeout=240,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        check(server, out, subjects)
+    finally:
+        server.stop()
