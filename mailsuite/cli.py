@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate the config and show what will listen where")
     c.set_defaults(run=cmd_check)
 
+    from mailsuite.queue import cli as queue_cli
+
+    q = sub.add_parser("queue", help="list, show, flush, delete and bounce queued mail")
+    queue_cli.add_arguments(q)
+    q.set_defaults(run=queue_cli.run)
+
     for name, (helptext, add_args, run) in EXTRA_COMMANDS.items():
         e = sub.add_parser(name, help=helptext)
         add_args(e)
@@ -165,20 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_extra_commands() -> None:
-    """Import modules that register subcommands (kept optional so a broken queue module
-    cannot stop a person from managing users)."""
-    import importlib
-
-    for module in ("mailsuite.queue.cli",):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

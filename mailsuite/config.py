@@ -69,6 +69,9 @@ class RelayConfig:
     smarthost_password: str | None = None
     smarthost_tls: str = "required"  # "required" | "implicit"
     tls_verify: bool = False
+    smarthost_verify: bool = True  # check the smarthost's certificate (credentials go there)
+    tls_ca: Path | None = None  # PEM trust roots for verification; None = the system store
+    max_deliveries: int = 10  # destinations (domains) delivered to at the same time
     retry_initial: int = 300
     retry_max: int = 4 * 3600
     lifetime: int = 5 * 86400
@@ -279,6 +282,10 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     smarthost_tls = relay_r.get("smarthost_tls", str, "required")
     if smarthost_tls not in ("required", "implicit"):
         raise relay_r.fail("smarthost_tls", "expected 'required' (STARTTLS) or 'implicit'")
+    tls_ca_text = relay_r.get("tls_ca", str, "")
+    tls_ca = _path(base, tls_ca_text) if tls_ca_text else None
+    if tls_ca is not None and not tls_ca.is_file():
+        raise relay_r.fail("tls_ca", f"{tls_ca} does not exist or is not a file")
     relay = RelayConfig(
         trusted_networks=tuple(nets),
         port=relay_r.positive("port", 25),
@@ -287,6 +294,9 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         smarthost_password=relay_r.get("smarthost_password", str, "") or None,
         smarthost_tls=smarthost_tls,
         tls_verify=relay_r.get("tls_verify", bool, False),
+        smarthost_verify=relay_r.get("smarthost_verify", bool, True),
+        tls_ca=tls_ca,
+        max_deliveries=relay_r.positive("max_deliveries", RelayConfig.max_deliveries),
         retry_initial=relay_r.positive("retry_initial", RelayConfig.retry_initial),
         retry_max=relay_r.positive("retry_max", RelayConfig.retry_max),
         lifetime=relay_r.positive("lifetime", RelayConfig.lifetime),

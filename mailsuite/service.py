@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.directory import Directory
+from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
 from mailsuite.store.events import ChangeHub
 
@@ -52,6 +53,7 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     auth = Authenticator(directory, config.auth, reactor)
     runtime = Runtime(config, reactor, directory, auth, ChangeHub())
     runtime.tls = _server_tls(config, runtime)
+    runtime.queue = make_spool(config.data_dir, reactor)
     return runtime
 
 
@@ -157,9 +159,5 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
         if reload_service is not None:
             out.append(reload_service(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
-    try:
-        from mailsuite.queue import runner
-    except ImportError:
-        return out
-    out.append(runner.queue_service(runtime))
+    out.append(queue_service(runtime))
     return out

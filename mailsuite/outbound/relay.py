@@ -1,0 +1,236 @@
+"""The relay (MTA) role: take one message to the servers of one destination, per recipient.
+
+Written here rather than using twisted.mail.relaymanager: that bounces every 4xx at once, never
+falls back to the next MX and does not run on Python 3 (research/twisted-mail.md 4.1-4.3).
+
+:meth:`Relay.send` is given a message, a sender and the recipients of one route (one domain, or
+every recipient when a smarthost is configured) and fires with one :class:`RecipientResult` per
+recipient. It never fails: DNS trouble, refused connections and odd servers all end up as
+replies (made-up local ones say so with ``remote=False``) that the queue runner files as
+delivered (2xx), retry (4xx) or bounce (5xx).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from mailsuite.config import Config
+from mailsuite.outbound.mx import MXError, MXHost, MXResolver, make_resolver
+from mailsuite.smtp.client import (
+    MessageInfo,
+    Outcome,
+    Reply,
+    SessionParameters,
+    SMTPClientSession,
+    Timeouts,
+    TransactionResult,
+    deliver,
+)
+
+__all__ = ["MAX_RCPTS_PER_TRANSACTION", "Relay", "RecipientResult", "SMARTHOST_ROUTE"]
+
+log = Logger(namespace="mailsuite.relay")
+
+#: RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients per transaction.
+MAX_RCPTS_PER_TRANSACTION = 100
+#: The route key of every remote recipient when a smarthost is configured.
+SMARTHOST_ROUTE = "[smarthost]"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The final word on one recipient after an attempt: ``reply`` positive = delivered,
+    transient = try again later, permanent = bounce. ``host`` is the server that said it."""
+
+    address: str
+    reply: Reply
+    host: str | None = None
+
+
+def _local(code: int, status: str, text: str) -> Reply:
+    return Reply(code, status, text, remote=False)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Relay:
+    """Routes and delivers; one per server. ``deliver_fn`` and ``resolver`` are replaceable
+    for tests (``deliver_fn`` has :func:`mailsuite.smtp.client.deliver`'s signature)."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        resolver: Any = None,
+        deliver_fn: Callable[..., Deferred[TransactionResult]] = deliver,
+        rng: random.Random | None = None,
+        timeouts: Timeouts = Timeouts(),
+    ) -> None:
+        self.config = config
+        self.relay = config.relay
+        self.reactor = reactor
+        if resolver is None:
+            ns = list(config.nameservers) if config.nameservers else None
+            resolver = make_resolver(ns, reactor)
+        self.resolver = resolver
+        self.mx = MXResolver(resolver, rng=rng)
+        self.deliver_fn = deliver_fn
+        self.timeouts = timeouts
+        self.smarthost: tuple[str, int] | None = None
+        if self.relay.smarthost:
+            host, _, port = self.relay.smarthost.rpartition(":")
+            self.smarthost = (host.strip("[]"), int(port))
+
+    def route_key(self, address: str) -> str:
+        """Recipients with the same key go out together."""
+        return SMARTHOST_ROUTE if self.smarthost else domain_of(address)
+
+    def send(self, route: str, sender: str, rcpts: Sequence[str], message_path: Path,
+             info: MessageInfo, *, smtputf8: bool = False,
+             body_8bit: bool = False) -> Deferred[dict[str, RecipientResult]]:
+        return defer.ensureDeferred(self._send(route, sender, list(rcpts), message_path, info,
+                                               smtputf8, body_8bit))
+
+    async def _send(self, route: str, sender: str, rcpts: list[str], message_path: Path,
+                    info: MessageInfo, smtputf8: bool,
+                    body_8bit: bool) -> dict[str, RecipientResult]:
+        try:
+            if route == SMARTHOST_ROUTE:
+                hosts = [await self._smarthost_host()]
+                port = self.smarthost[1] if self.smarthost else 25
+            else:
+                hosts = list((await self.mx.resolve(route)).hosts)
+                port = self.relay.port
+        except MXError as e:
+            # RFC 7505 / NXDOMAIN: permanent; SERVFAIL / timeout: try again later.
+            reply = (_local(550, e.status, e.reason) if e.permanent
+                     else _local(451, e.status, e.reason))
+            log.info("relay: {route}: {reply}", route=route, reply=str(reply))
+            return {r: RecipientResult(r, reply) for r in rcpts}
+        out: dict[str, RecipientResult] = {}
+        for start in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION):
+            batch = rcpts[start:start + MAX_RCPTS_PER_TRANSACTION]
+            out.update(await self._transaction(route, hosts, port, sender, batch, message_path,
+                                               info, smtputf8, body_8bit))
+        return out
+
+    async def _smarthost_host(self) -> MXHost:
+        assert self.smarthost is not None
+        name = self.smarthost[0]
+        try:
+            ipaddress.ip_address(name)
+            return MXHost(name, 0, (name,))
+        except ValueError:
+            pass
+        try:
+            address = await self.resolver.getHostByName(name)
+        except Exception as e:  # noqa: BLE001 - any lookup failure is temporary here
+            raise MXError(name, False, "4.4.3", f"smarthost lookup failed: {e}") from None
+        return MXHost(name, 0, (str(address),))
+
+    async def _transaction(self, route: str, hosts: list[MXHost], port: int, sender: str,
+                           batch: list[str], message_path: Path, info: MessageInfo,
+                           smtputf8: bool, body_8bit: bool) -> dict[str, RecipientResult]:
+        """Try the hosts in order (RFC 5321 5.1) until every recipient has a definite answer,
+        or a host may have taken the message (then no further host is tried)."""
+        out: dict[str, RecipientResult] = {}
+        todo = list(batch)
+        for host in hosts:
+            result = await self._one_host(route, host, port, sender, todo, message_path, info,
+                                          smtputf8, body_8bit)
+            log.info("relay: {route} via {host} [{address}]: {outcome} {reply}", route=route,
+                     host=host.name, address=result.address or "-",
+                     outcome=result.outcome.value, reply=str(result.reply))
+            remote_host = host.name if result.address else None
+            retry_elsewhere = []
+            for rcpt in todo:
+                reply = result.recipients.get(rcpt, result.reply)
+                if result.outcome is Outcome.GREETING_REFUSED and reply.permanent:
+                    # A 5xx greeting says "no service here", not "no such recipient": skip
+                    # the host and, if it was the last, try later (as Postfix does).
+                    reply = _local(451, "4.4.0", f"{host.name} refused to talk to us: {reply}")
+                elif result.outcome in (Outcome.AUTH_FAILED, Outcome.TLS_FAILED) \
+                        and reply.permanent:
+                    # Our credentials or the smarthost's TLS are wrong: a configuration problem
+                    # for the postmaster to fix, not a reason to return the mail. Keep it.
+                    reply = _local(451, "4.7.0", f"{host.name}: {reply}")
+                out[rcpt] = RecipientResult(rcpt, reply, remote_host)
+                if result.try_next_mx or (reply.transient and reply.remote
+                                          and result.outcome is not Outcome.DELIVERED):
+                    # The host did not take it (unreachable, or said 4xx): next MX. Not after
+                    # a local timeout in DATA: the message may have arrived (RFC 5321 6.1).
+                    retry_elsewhere.append(rcpt)
+            todo = retry_elsewhere
+            if not todo:
+                break
+        return out
+
+    async def _one_host(self, route: str, host: MXHost, port: int, sender: str,
+                        rcpts: list[str], message_path: Path, info: MessageInfo,
+                        smtputf8: bool, body_8bit: bool) -> TransactionResult:
+        from mailsuite.tls import client_tls_options
+
+        helo = self.config.hostname
+        if route == SMARTHOST_ROUTE:
+            verify = self.relay.smarthost_verify
+            context = client_tls_options(host.name, verify, self.relay.tls_ca)
+            user, password = self.relay.smarthost_user, self.relay.smarthost_password
+            auth = (user, password or "") if user else None
+            if self.relay.smarthost_tls == "implicit":
+                return await self._implicit_tls(host, port, helo, sender, rcpts, message_path,
+                                                info, smtputf8, body_8bit, context, auth)
+            tls, tls_verify = "required", verify
+        else:
+            tls_verify = self.relay.tls_verify
+            context = client_tls_options(host.name, tls_verify, self.relay.tls_ca)
+            auth, tls = None, "opportunistic"
+        return await self.deliver_fn(
+            self.reactor, host.name, port, host.addresses, helo, sender, rcpts, message_path,
+            size=info.wire_size, body_8bit=body_8bit, smtputf8=smtputf8, tls=tls,
+            tls_verify=tls_verify, tls_client_context=context, auth=auth,
+            timeouts=self.timeouts,
+        )
+
+    async def _implicit_tls(self, host: MXHost, port: int, helo: str, sender: str,
+                            rcpts: list[str], message_path: Path, info: MessageInfo,
+                            smtputf8: bool, body_8bit: bool, context: Any,
+                            auth: tuple[str, str] | None) -> TransactionResult:
+        """RFC 8314 implicit TLS (port 465): TLS from the first byte, then the same session.
+
+        ``deliver`` only speaks STARTTLS, so the session runs here over a TLS endpoint, marked
+        as already secure (AUTH is then allowed, STARTTLS not attempted)."""
+        params = SessionParameters(
+            host=host.name, helo_name=helo, mail_from=sender, rcpts=tuple(rcpts),
+            message_path=str(message_path), size=info.wire_size, body_8bit=body_8bit,
+            smtputf8=smtputf8, tls="none", auth=auth, timeouts=self.timeouts,
+        )
+        errors = []
+        for address in host.addresses:
+            session = SMTPClientSession(params, self.reactor)
+            session.tls_active = True
+            cls = (endpoints.TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6
+                   else endpoints.TCP4ClientEndpoint)
+            endpoint = endpoints.wrapClientTLS(
+                context, cls(self.reactor, address, port, timeout=self.timeouts.connect))
+            try:
+                await endpoints.connectProtocol(endpoint, session)
+            except Exception as e:  # noqa: BLE001 - any connect failure means: next address
+                errors.append(f"{address}:{port}: {e}")
+                continue
+            return await session.done
+        reply = _local(451, "4.4.1", "no connection: " + ("; ".join(errors) or "no addresses"))
+        return TransactionResult(outcome=Outcome.CONNECT_FAILED, reply=reply, stage="connect",
+                                 recipients={r: reply for r in rcpts}, host=host.name,
+                                 port=port)

@@ -1,0 +1,486 @@
+"""Outbound relay end to end: the real server, a twisted.names DNS server on 127.0.0.1 and
+recording/failing SMTP servers on 127.0.0.x (all on one port, ``[relay] port``).
+
+What the remote servers saw is read from their record directories (``NNNN.json`` envelope,
+``NNNN.eml`` data), what came back to the sender from her Maildir.
+"""
+
+from __future__ import annotations
+
+import email
+import json
+import random
+import smtplib
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailsuite.testing.dns import spawn_dns_server
+from mailsuite.testing.mx import spawn_mx_server
+from tests.harness import Server
+
+SENDER = "alice@example.test"
+HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]
+
+
+def common_port() -> int:
+    """A port free on every 127.0.0.x we use (each test MX listens on it)."""
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        socks = []
+        try:
+            for host in HOSTS + ["127.0.0.1"]:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no common free port")
+
+
+class MX:
+    """One scripted SMTP server process on ADDRESS:PORT that records what it accepted."""
+
+    def __init__(self, root: Path, address: str, port: int, script: dict[str, Any] | None):
+        self.dir = root / f"mx-{address}-{time.monotonic_ns()}"
+        self.dir.mkdir()
+        self.proc, _ = spawn_mx_server(f"{address}:{port}", str(self.dir), script)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def transactions(self) -> list[dict[str, Any]]:
+        out = []
+        for eml in sorted(self.dir.glob("*.eml")):
+            env = json.loads(eml.with_suffix(".json").read_text())
+            env["data"] = eml.read_bytes()
+            out.append(env)
+        return out
+
+    def wait(self, n: int, timeout: float = 20) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.transactions()
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.1)
+
+
+class Net:
+    """The DNS server and the MX servers of one test module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = common_port()
+        self.mxs: list[MX] = []
+        self.dns_proc: subprocess.Popen[str] | None = None
+        self.dns_port = 0
+
+    def start_dns(self, names: dict[str, Any]) -> None:
+        zone = self.root / "zone.json"
+        zone.write_text(json.dumps({"origin": "test", "names": names}))
+        self.dns_proc, self.dns_port = spawn_dns_server(str(zone))
+
+    def mx(self, address: str, script: dict[str, Any] | None = None) -> MX:
+        server = MX(self.root, address, self.port, script)
+        self.mxs.append(server)
+        return server
+
+    def stop(self) -> None:
+        for m in self.mxs:
+            m.stop()
+        if self.dns_proc is not None:
+            self.dns_proc.kill()
+            self.dns_proc.wait(5)
+
+
+ZONE = {
+    "order.test": {"MX": [[20, "mx4.test"], [10, "mx2.test"]]},
+    "fallback.test": {"MX": [[10, "mx3.test"], [20, "mx2.test"]]},
+    "fallback4xx.test": {"MX": [[10, "mx5.test"], [20, "mx4.test"]]},
+    "amx.test": {"A": ["127.0.0.4"]},
+    "nullmx.test": {"MX": [[0, "."]]},
+    "mixed.test": {"MX": [[10, "mx2.test"]]},
+    "retry.test": {"MX": [[10, "mx6.test"]]},
+    "kill.test": {"MX": [[10, "mx8.test"]]},
+    "up.test": {"MX": [[10, "mx2.test"]]},
+    "smarthost.test": {"A": ["127.0.0.7"]},
+    "mx2.test": {"A": ["127.0.0.2"]},
+    "mx3.test": {"A": ["127.0.0.3"]},
+    "mx4.test": {"A": ["127.0.0.4"]},
+    "mx5.test": {"A": ["127.0.0.5"]},
+    "mx6.test": {"A": ["127.0.0.6"]},
+    "mx8.test": {"A": ["127.0.0.8"]},
+    "servfail.test": "servfail",
+}
+
+MIXED_SCRIPT = {"rcpt": {"bad@mixed.test": [550, "5.1.1 no such user here"],
+                         "later@mixed.test": [451, "4.2.1 mailbox busy, try later"]}}
+
+
+def relay_toml(net: Net, extra: str = "") -> str:
+    return (
+        "[relay]\n"
+        'trusted_networks = ["127.0.0.1/32"]\n'
+        f"port = {net.port}\n"
+        "retry_initial = 1\n"
+        "retry_max = 2\n"
+        f"{extra}\n"
+        "[dns]\n"
+        f'nameservers = ["127.0.0.1:{net.dns_port}"]\n'
+    )
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    n = Net(tmp_path_factory.mktemp("net"))
+    n.start_dns(ZONE)
+    n.rec2 = n.mx("127.0.0.2", MIXED_SCRIPT)  # type: ignore[attr-defined]
+    n.failing3 = n.mx("127.0.0.3", {"greeting": [554, "5.7.1 not today"]})  # type: ignore
+    n.rec4 = n.mx("127.0.0.4")  # type: ignore[attr-defined]
+    n.busy5 = n.mx("127.0.0.5", {"mail": [451, "4.3.2 busy, try another"]})  # type: ignore
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(net: Net, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tmp_path_factory.mktemp("relay"), services=("smtp",),
+                    extra_toml=relay_toml(net))
+    server.add_user(SENDER)
+    with server:
+        yield server
+
+
+def send(server: Server, rcpts: list[str], subject: str, sender: str = SENDER,
+         body: str = "hello\n") -> None:
+    msg = (f"From: <{sender or 'mailer-daemon@example.test'}>\r\nTo: {', '.join(rcpts)}\r\n"
+           f"Subject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\n{body}")
+    with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=15) as s:
+        refused = s.sendmail(sender, rcpts, msg.encode())
+    assert not refused
+
+
+def with_subject(transactions: list[dict[str, Any]], subject: str) -> list[dict[str, Any]]:
+    return [t for t in transactions if f"Subject: {subject}\r\n".encode() in t["data"]]
+
+
+def bounces(server: Server, recipient: str) -> list[email.message.Message]:
+    """The DSNs in the sender's INBOX that report on ``recipient``."""
+    out = []
+    marker = f"Final-Recipient: rfc822; {recipient}\n".encode()
+    for raw in server.messages(SENDER) if server.maildir(SENDER).exists() else []:
+        if marker in raw and b"multipart/report" in raw:
+            out.append(email.message_from_bytes(raw))
+    return out
+
+
+def dsn_fields(msg: email.message.Message) -> str:
+    for part in msg.walk():
+        if part.get_content_type() == "message/delivery-status":
+            return "\n".join(str(p) for p in part.get_payload())
+    raise AssertionError("no message/delivery-status part")
+
+
+def show(server: Server, queue_id: str) -> str:
+    """``queue show`` output, or "" once the entry has left the queue."""
+    return server.cli("queue", "show", queue_id, check=False).stdout
+
+
+def entries_for(server: Server, rcpt: str) -> list[str]:
+    return [q for q in queue_ids(server) if rcpt in show(server, q)]
+
+
+def queue_ids(server: Server) -> list[str]:
+    env = server.data / "queue" / "env"
+    return sorted(p.stem for p in env.glob("*.json")) if env.exists() else []
+
+
+# --------------------------------------------------------------------------------- routing
+
+
+def test_mx_preference_order(net: Net, srv: Server) -> None:
+    send(srv, ["bob@order.test"], "order")
+    got = wait_for(lambda: with_subject(net.rec2.transactions(), "order"), what="delivery")
+    assert got[0]["rcpts"] == ["bob@order.test"]
+    assert got[0]["mail_from"] == SENDER
+    assert got[0]["helo"] == "mx.example.test"
+    assert with_subject(net.rec4.transactions(), "order") == []
+    # our Received header travelled with the message
+    assert b"Received: from " in got[0]["data"]
+
+
+def test_fallback_to_next_mx_when_first_refuses_greeting(net: Net, srv: Server) -> None:
+    send(srv, ["carol@fallback.test"], "fallback")
+    got = wait_for(lambda: with_subject(net.rec2.transactions(), "fallback"), what="delivery")
+    assert got[0]["rcpts"] == ["carol@fallback.test"]
+
+
+def test_fallback_to_next_mx_on_4xx(net: Net, srv: Server) -> None:
+    send(srv, ["dave@fallback4xx.test"], "fallback4xx")
+    got = wait_for(lambda: with_subject(net.rec4.transactions(), "fallback4xx"),
+                   what="delivery")
+    assert got[0]["rcpts"] == ["dave@fallback4xx.test"]
+
+
+def test_no_mx_uses_the_domains_address(net: Net, srv: Server) -> None:
+    send(srv, ["erin@amx.test"], "amx")
+    got = wait_for(lambda: with_subject(net.rec4.transactions(), "amx"), what="delivery")
+    assert got[0]["rcpts"] == ["erin@amx.test"]
+
+
+def test_null_mx_bounces_at_once(srv: Server) -> None:
+    send(srv, ["frank@nullmx.test"], "nullmx")
+    dsn = wait_for(lambda: bounces(srv, "frank@nullmx.test"), what="the bounce")[0]
+    fields = dsn_fields(dsn)
+    assert "Action: failed" in fields and "Status: 5.1.10" in fields
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn["To"] == f"<{SENDER}>"
+    raw = dsn.as_bytes()
+    assert b"Subject: nullmx" in raw  # the original headers are returned
+    wait_for(lambda: not queue_ids(srv), what="the queue to empty")
+
+
+def test_nxdomain_bounces(srv: Server) -> None:
+    send(srv, ["gina@nowhere.test"], "nxdomain")
+    dsn = wait_for(lambda: bounces(srv, "gina@nowhere.test"), what="the bounce")[0]
+    assert "Status: 5.1.2" in dsn_fields(dsn)
+
+
+def test_servfail_is_retried_not_bounced(srv: Server) -> None:
+    send(srv, ["hal@servfail.test"], "servfail")
+
+    def attempted_twice() -> bool:
+        for qid in queue_ids(srv):
+            out = show(srv, qid)
+            if "hal@servfail.test" in out and "attempts:     2" in out:
+                return True
+        return False
+
+    wait_for(attempted_twice, what="two attempts")
+    assert bounces(srv, "hal@servfail.test") == []
+    listing = srv.cli("queue", "list").stdout
+    assert "hal@servfail.test" in listing and "pending" in listing
+    qid = next(q for q in queue_ids(srv) if "hal@" in show(srv, q))
+    assert "4.4.3" in show(srv, qid)
+    srv.cli("queue", "delete", qid)
+    assert qid not in queue_ids(srv)
+    assert bounces(srv, "hal@servfail.test") == []  # delete is silent
+
+
+# ----------------------------------------------------------------------------- per recipient
+
+
+def test_mixed_recipient_results(net: Net, srv: Server) -> None:
+    send(srv, ["good@mixed.test", "bad@mixed.test", "later@mixed.test"], "mixed")
+    got = wait_for(lambda: with_subject(net.rec2.transactions(), "mixed"), what="delivery")
+    assert got[0]["rcpts"] == ["good@mixed.test"]  # one transaction, one accepted recipient
+    dsn = wait_for(lambda: bounces(srv, "bad@mixed.test"), what="the bounce")[0]
+    fields = dsn_fields(dsn)
+    assert "bad@mixed.test" in fields and "Status: 5.1.1" in fields
+    assert "good@mixed.test" not in fields and "later@mixed.test" not in fields
+    assert "Remote-MTA: dns; mx2.test" in fields
+    assert "no such user here" in fields
+    # the 4xx recipient stays queued, alone
+    ids = wait_for(lambda: [q for q in queue_ids(srv)
+                            if "later@mixed.test" in show(srv, q)],
+                   what="the pending entry")
+    shown = show(srv, ids[0])
+    assert "4.2.1" in shown and "mailbox busy" in shown
+    assert "good@mixed.test" in shown and "delivered" in shown
+    srv.cli("queue", "bounce", ids[0])
+    dsn2 = wait_for(lambda: bounces(srv, "later@mixed.test"), what="the operator's bounce")[0]
+    assert "later@mixed.test" in dsn_fields(dsn2)
+    assert ids[0] not in queue_ids(srv)
+    # the delivered recipient was never sent again
+    assert len(with_subject(net.rec2.transactions(), "mixed")) == 1
+
+
+def test_no_bounce_for_null_sender(net: Net, srv: Server) -> None:
+    send(srv, ["ivan@nullmx.test"], "nullsender", sender="")
+    time.sleep(1.5)
+    wait_for(lambda: not [q for q in queue_ids(srv)
+                          if "ivan@" in show(srv, q)],
+             what="the entry to go")
+    assert bounces(srv, "ivan@nullmx.test") == []
+    log = srv.log.read_text(errors="replace")
+    assert "null sender: no bounce" in log
+
+
+def test_temporary_failure_then_success_on_retry(net: Net, srv: Server) -> None:
+    failing = net.mx("127.0.0.6", {"mail": [451, "4.3.0 greylisted"]})
+    send(srv, ["judy@retry.test"], "retry")
+
+    def attempted() -> bool:
+        for q in queue_ids(srv):
+            shown = show(srv, q)
+            if "judy@retry.test" in shown and "greylisted" in shown:
+                return True
+        return False
+
+    wait_for(attempted, what="the first attempt")
+    failing.stop()
+    recording = net.mx("127.0.0.6")
+    got = wait_for(lambda: with_subject(recording.transactions(), "retry"), timeout=30,
+                   what="the retry")
+    assert got[0]["rcpts"] == ["judy@retry.test"]
+    wait_for(lambda: not [q for q in queue_ids(srv)
+                          if "judy@" in show(srv, q)], what="cleanup")
+    assert bounces(srv, "judy@retry.test") == []
+    recording.stop()
+
+
+def test_flush_prints_progress(net: Net, srv: Server) -> None:
+    send(srv, ["kim@servfail.test"], "flushme")
+    qid = wait_for(lambda: [q for q in queue_ids(srv)
+                            if "kim@" in show(srv, q)], what="entry")[0]
+    out = srv.cli("queue", "flush", qid, "--timeout", "20").stdout
+    assert "flushing 1 entry" in out and f"{qid}: 1 pending" in out
+    srv.cli("queue", "delete", qid)
+
+
+def test_trusted_network_relays_and_untrusted_does_not(net: Net, srv: Server) -> None:
+    with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=10) as s:
+        s.ehlo("trusted")
+        s.mail(SENDER)
+        assert s.rcpt("x@up.test")[0] == 250
+    with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=10,
+                      source_address=("127.0.0.9", 0)) as s:
+        s.ehlo("untrusted")
+        s.mail("someone@elsewhere.test")
+        code, text = s.rcpt("x@up.test")
+        assert code == 554 and b"5.7.1" in text
+
+
+# ------------------------------------------------------------------------------- smarthost
+
+
+def test_smarthost_with_auth_over_tls(net: Net, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("smarthost.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    smarthost = net.mx("127.0.0.7", {
+        "starttls": {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")},
+        "auth": {"relayuser": "relay-secret"},
+    })
+    extra = (f'smarthost = "smarthost.test:{net.port}"\n'
+             'smarthost_user = "relayuser"\nsmarthost_password = "relay-secret"\n'
+             f'tls_ca = "{tmp_path / "ca.pem"}"\n')
+    server = Server(tmp_path / "srv", services=("smtp",), extra_toml=relay_toml(net, extra))
+    server.add_user(SENDER)
+    with server:
+        send(server, ["one@order.test", "two@nullmx.test"], "via-smarthost")
+        got = wait_for(lambda: with_subject(smarthost.transactions(), "via-smarthost"),
+                       what="delivery to the smarthost")
+    t = got[0]
+    # every remote recipient goes to the smarthost, even a null-MX domain (no MX lookup)
+    assert sorted(t["rcpts"]) == ["one@order.test", "two@nullmx.test"]
+    assert t["tls"] is True and t["auth_user"] == "relayuser"
+    assert with_subject(net.rec2.transactions(), "via-smarthost") == []
+    smarthost.stop()
+
+
+def test_smarthost_with_wrong_password_is_retried(net: Net, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("smarthost.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    smarthost = net.mx("127.0.0.7", {
+        "starttls": {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")},
+        "auth": {"relayuser": "relay-secret"},
+    })
+    extra = (f'smarthost = "smarthost.test:{net.port}"\n'
+             'smarthost_user = "relayuser"\nsmarthost_password = "wrong"\n'
+             f'tls_ca = "{tmp_path / "ca.pem"}"\n')
+    server = Server(tmp_path / "srv", services=("smtp",), extra_toml=relay_toml(net, extra))
+    server.add_user(SENDER)
+    with server:
+        send(server, ["one@order.test"], "bad-auth")
+        wait_for(lambda: any("5.7.8" in show(server, q)
+                             for q in queue_ids(server)), what="the refused attempt")
+        assert smarthost.transactions() == []
+        assert queue_ids(server)  # 535 from the smarthost is not the recipient's fault
+    smarthost.stop()
+
+
+# ----------------------------------------------------------------------------- durability
+
+
+def test_kill9_then_restart_delivers_everything_once(net: Net, tmp_path: Path) -> None:
+    server = Server(tmp_path / "srv", services=("smtp",), extra_toml=relay_toml(net))
+    server.add_user(SENDER)
+    server.start()
+    try:
+        for i in range(3):
+            send(server, [f"u{i}@up.test"], f"k-up-{i}")
+        for i in range(4):
+            send(server, [f"d{i}@kill.test"], f"k-down-{i}")
+        send(server, ["both@up.test", "both@kill.test"], "k-both")
+        wait_for(lambda: len([t for t in net.rec2.transactions()
+                              if b"Subject: k-" in t["data"]]) >= 4, what="the up deliveries")
+        # the down domain has been tried at least once for every entry
+        wait_for(lambda: len(queue_ids(server)) == 5 and all(
+            "attempts:     0" not in show(server, q)
+            for q in queue_ids(server)), what="first attempts")
+        server.kill9()
+        pending = queue_ids(server)
+        assert len(pending) == 5
+        kill_mx = net.mx("127.0.0.8")
+        server.start()
+        got = wait_for(lambda: len(kill_mx.wait(5, 0.1)) >= 5 and kill_mx.transactions(),
+                       timeout=30, what="deliveries after the restart")
+        wait_for(lambda: not queue_ids(server), what="the queue to empty")
+        # restart once more: nothing is sent again
+        server.stop()
+        server.start()
+        time.sleep(2)
+    finally:
+        server.stop()
+    subjects = [t["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for t in got]
+    assert sorted(subjects) == sorted([f"k-down-{i}".encode() for i in range(4)] + [b"k-both"])
+    assert len(kill_mx.transactions()) == 5
+    both = with_subject(kill_mx.transactions(), "k-both")
+    assert both[0]["rcpts"] == ["both@kill.test"]
+    up = [t for t in net.rec2.transactions() if b"Subject: k-" in t["data"]]
+    assert len(up) == 4  # 3 singles and the up half of k-both: none of them twice
+    kill_mx.stop()
+
+
+def test_queue_cli_list_and_show(net: Net, srv: Server) -> None:
+    send(srv, ["leo@servfail.test"], "listme")
+    qid = wait_for(lambda: [q for q in queue_ids(srv)
+                            if "leo@" in show(srv, q)], what="entry")[0]
+    listing = srv.cli("queue", "list").stdout
+    assert qid in listing and f"<{SENDER}>" in listing and "leo@servfail.test" in listing
+    shown = show(srv, qid)
+    assert "Subject: listme" in shown and "next attempt" in shown
+    assert srv.cli("queue", "show", "nonsense", check=False).returncode != 0
+    srv.cli("queue", "delete", qid)
+
+
