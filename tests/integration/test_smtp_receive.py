@@ -198,7 +198,7 @@ def test_unknown_user_and_relay_refused(mx: Server) -> None:
     assert code == 554 and "5.7.1" in text
     # an alias that points outside is relaying too: refused without a queue, never pretended
     code, text = raw.cmd("RCPT TO:<ext@example.test>")
-    assert code in (250, 451), text
+    assert code == 250, text
     raw.close()
 
 
