@@ -205,7 +205,10 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
                 )
             except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
                 failure = e
-                if not isinstance(e, (MaildropInUse, LoginTooSoon)):
+                if isinstance(e, MaildropInUse):
+                    log.info("POP3: {user} from {peer} refused: maildrop in use",
+                             user=result.user, peer=self.peer)
+                elif not isinstance(e, LoginTooSoon):
                     log.failure("POP3: opening the maildrop of {user} failed", user=result.user)
         if not self.transport.connected:
             if maildrop is not None:
@@ -231,9 +234,19 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
     @defer.inlineCallbacks
     def _update(self) -> Any:
         md = self.session.maildrop
+        self.session.maildrop = None  # closed below, in the thread
+
+        def commit_and_close() -> list[int]:
+            # The lock is released before the reply, so a client that reconnects at once
+            # is not refused with [IN-USE]; SQLite's checkpoint on close stays off the reactor.
+            try:
+                return md.commit()
+            finally:
+                md.close()
+
         try:
             expunged = yield threads.deferToThreadPool(
-                self.runtime.reactor, self.runtime.reactor.getThreadPool(), md.commit
+                self.runtime.reactor, self.runtime.reactor.getThreadPool(), commit_and_close
             )
         except Exception as e:
             log.failure("POP3: UPDATE for {user} failed", user=self.session.user)
@@ -244,8 +257,6 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
                          n=len(expunged))
                 self.runtime.changes.notify(md.root)
             step = self.session.update_finished(expunged)
-        self.session.maildrop = None
-        md.close()
         self._perform(step.out, step.action)
 
 
