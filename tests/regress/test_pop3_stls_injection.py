@@ -1,0 +1,38 @@
+"""Regression: commands pipelined after STLS are discarded, not run after the handshake
+(the STARTTLS command-injection class, CVE-2011-0411 and relatives; RFC 2595 4)."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mailsuite.pop3.server import POP3Protocol
+from mailsuite.pop3.session import Options
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    tls_started = False
+
+    def startTLS(self, contextFactory: object) -> None:  # noqa: N802
+        self.tls_started = True
+
+
+class FakeRuntime:
+    tls = object()
+
+
+def test_pipelined_user_after_stls_is_dropped() -> None:
+    proto = POP3Protocol(FakeRuntime(), Options(tls_available=True), implicit_tls=False)  # type: ignore[arg-type]
+    transport = TLSStringTransport()
+    proto.makeConnection(transport)
+    transport.clear()
+    proto.dataReceived(b"STLS\r\nUSER victim@example.test\r\nPASS x\r\n")
+    assert transport.value() == b"+OK Begin TLS negotiation\r\n"
+    assert transport.tls_started and proto.session.tls
+    assert proto.session.username is None
+    transport.clear()
+    proto.dataReceived(b"PASS x\r\n")  # after the handshake: the injected USER is gone
+    assert transport.value().startswith(b"-ERR")
+    proto.setTimeout(None)
