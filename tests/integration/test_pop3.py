@@ -9,6 +9,8 @@ dropped connections, UIDL stability, \\Seen on RETR, and deletion seen through t
 from __future__ import annotations
 
 import base64
+import imaplib
+import importlib.util
 import os
 import poplib
 import socket
@@ -389,3 +391,28 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ce
     assert b"\r\n".join(lines) + b"\r\n" == crlf(bytes(body))
     assert p.noop().startswith(b"+OK")
     p.quit()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mailsuite.imap.server") is None,
+                    reason="the IMAP server (mailsuite/imap/server.py) is not in this tree")
+def test_pop3_deletion_seen_by_open_imap_session(tmp_path: Path, certs: tuple) -> None:
+    s = Server(tmp_path / "srv", services=("imaps", "pop3s"), tls=(certs[0], certs[1]))
+    s.start()
+    try:
+        s.add_user(ALICE)
+        deliver(s, ALICE, MESSAGES)
+        im = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=context(certs[2]),
+                               timeout=10)
+        im.login(ALICE, PASSWORD)
+        assert im.select("INBOX") == ("OK", [b"3"])
+        p = ssl_login(s, certs[2])
+        p.dele(2)
+        assert p.uidl(1)  # IMAP keeps working while POP3 holds the maildrop
+        assert im.uid("SEARCH", "ALL")[1] == [b"1 2 3"]
+        p.quit()
+        im.noop()
+        assert im.untagged_responses.get("EXPUNGE") == [b"2"]
+        assert im.uid("SEARCH", "ALL")[1] == [b"1 3"]
+        im.logout()
+    finally:
+        s.stop()
