@@ -485,6 +485,7 @@ def test_swaks_auth_without_tls_is_refused(srv, ca):
     assert srv.messages(BOB) == []
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_tls_below_1_2_is_refused(srv, ca):
     ctx = ca.client_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1
