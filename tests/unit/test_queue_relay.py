@@ -1,0 +1,171 @@
+"""The relay's routing decisions with an in-memory DNS authority and a scripted deliver():
+MX order and fallback, batches of 100, DNS failures, smarthost routing."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from mailsuite.config import parse_config
+from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
+from mailsuite.smtp.client import MessageInfo, Outcome, Reply, TransactionResult
+from mailsuite.testing.dns import MemoryAuthority
+
+ZONE = {"origin": "test", "names": {
+    "two.test": {"MX": [[20, "b.two.test"], [10, "a.two.test"]]},
+    "a.two.test": {"A": ["192.0.2.1"]},
+    "b.two.test": {"A": ["192.0.2.2"]},
+    "nomx.test": {"A": ["192.0.2.3"]},
+    "null.test": {"MX": [[0, "."]]},
+    "broken.test": "servfail",
+    "relay.test": {"A": ["192.0.2.9"]},
+}}
+INFO = MessageInfo(100, False, 20)
+
+
+class ScriptedDeliver:
+    """deliver() stand-in: ``script[host]`` is an Outcome, a Reply for all, or a function."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.script: dict[str, Any] = {}
+
+    def __call__(self, reactor: Any, host: str, port: int, addresses: Any, helo: str,
+                 mail_from: str, rcpts: Any, path: Any, **kw: Any) -> Any:
+        self.calls.append({"host": host, "port": port, "addresses": list(addresses),
+                           "helo": helo, "rcpts": list(rcpts), **kw})
+        what = self.script.get(host, Reply(250, "2.0.0", "ok"))
+        if callable(what):
+            what = what(list(rcpts))
+        if isinstance(what, TransactionResult):
+            return defer.succeed(what)
+        if isinstance(what, Outcome):
+            reply = Reply(451, "4.4.1", "no connection", remote=False)
+            return defer.succeed(TransactionResult(what, reply, "connect",
+                                                   {r: reply for r in rcpts}, host))
+        if isinstance(what, dict):
+            return defer.succeed(TransactionResult(Outcome.DELIVERED, Reply(250, None, "ok"),
+                                                   "done", what, host, address="x"))
+        outcome = Outcome.DELIVERED if what.positive else Outcome.ALL_RECIPIENTS_REFUSED
+        return defer.succeed(TransactionResult(outcome, what, "done",
+                                               {r: what for r in rcpts}, host, address="x"))
+
+
+def make(tmp_path: Path, **relay: Any) -> tuple[Relay, ScriptedDeliver]:
+    data = {"server": {"hostname": "mx.example.test"}, "relay": {"port": 2525, **relay}}
+    cfg = parse_config(data, None, tmp_path)
+    fake = ScriptedDeliver()
+    r = Relay(cfg, None, resolver=MemoryAuthority(ZONE), deliver_fn=fake,
+              rng=random.Random(1))
+    return r, fake
+
+
+def run(relay: Relay, route: str, rcpts: list[str], sender: str = "a@x.test") -> Any:
+    d = relay.send(route, sender, rcpts, Path("/nonexistent"), INFO)
+    results = []
+    d.addBoth(results.append)
+    assert results, "the relay should finish synchronously with these fakes"
+    return results[0]
+
+
+def test_preference_order_and_port(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    out = run(relay, "two.test", ["u@two.test"])
+    assert [c["host"] for c in fake.calls] == ["a.two.test"]
+    assert fake.calls[0]["port"] == 2525 and fake.calls[0]["helo"] == "mx.example.test"
+    assert fake.calls[0]["tls"] == "opportunistic"
+    assert out["u@two.test"].reply.positive and out["u@two.test"].host == "a.two.test"
+
+
+def test_fallback_on_connection_failure_and_4xx(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = Outcome.CONNECT_FAILED
+    out = run(relay, "two.test", ["u@two.test"])
+    assert [c["host"] for c in fake.calls] == ["a.two.test", "b.two.test"]
+    assert out["u@two.test"].reply.positive and out["u@two.test"].host == "b.two.test"
+
+    fake.calls.clear()
+    fake.script["a.two.test"] = Reply(451, "4.3.0", "busy")
+    fake.script["b.two.test"] = Reply(452, "4.3.1", "full")
+    out = run(relay, "two.test", ["u@two.test"])
+    assert [c["host"] for c in fake.calls] == ["a.two.test", "b.two.test"]
+    assert out["u@two.test"].reply.code == 452  # the last host's word
+
+
+def test_no_fallback_after_a_definite_answer(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = lambda rcpts: {
+        "ok@two.test": Reply(250, "2.0.0", "ok"),
+        "no@two.test": Reply(550, "5.1.1", "unknown"),
+        "wait@two.test": Reply(451, "4.2.1", "later")}
+    out = run(relay, "two.test", ["ok@two.test", "no@two.test", "wait@two.test"])
+    assert [c["host"] for c in fake.calls] == ["a.two.test"]  # DATA went through: stop
+    assert [out[r].reply.code for r in ("ok@two.test", "no@two.test", "wait@two.test")] == [
+        250, 550, 451]
+
+
+def test_implicit_mx_null_mx_nxdomain_servfail(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    assert run(relay, "nomx.test", ["u@nomx.test"])["u@nomx.test"].reply.positive
+    assert fake.calls[0]["addresses"] == ["192.0.2.3"]
+    null = run(relay, "null.test", ["u@null.test"])["u@null.test"].reply
+    assert null.permanent and null.status == "5.1.10" and not null.remote
+    nx = run(relay, "missing.test", ["u@missing.test"])["u@missing.test"].reply
+    assert nx.permanent and nx.status == "5.1.2"
+    sf = run(relay, "broken.test", ["u@broken.test"])["u@broken.test"].reply
+    assert sf.transient and sf.status == "4.4.3"
+    assert len(fake.calls) == 1
+
+
+def test_at_most_100_recipients_per_transaction(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    rcpts = [f"u{i}@two.test" for i in range(250)]
+    out = run(relay, "two.test", rcpts)
+    assert [len(c["rcpts"]) for c in fake.calls] == [100, 100, 50]
+    assert len(out) == 250 and all(v.reply.positive for v in out.values())
+
+
+def test_greeting_5xx_and_auth_failure_are_not_bounces(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+
+    def refused(rcpts: list[str]) -> Any:
+        reply = Reply(554, "5.7.1", "go away")
+        return TransactionResult(Outcome.GREETING_REFUSED, reply, "greeting",
+                                 {r: reply for r in rcpts}, "x", address="x")
+
+    fake.script["a.two.test"] = refused
+    fake.script["b.two.test"] = refused
+    out = run(relay, "two.test", ["u@two.test"])
+    assert len(fake.calls) == 2 and out["u@two.test"].reply.transient
+
+    fake.calls.clear()
+    smart, fake2 = make(tmp_path, smarthost="relay.test:587", smarthost_user="me")
+    reply = Reply(535, "5.7.8", "bad credentials")
+    fake2.script["relay.test"] = TransactionResult(Outcome.AUTH_FAILED, reply, "auth",
+                                                   {"u@two.test": reply}, "relay.test")
+    out = run(smart, SMARTHOST_ROUTE, ["u@two.test"])
+    assert out["u@two.test"].reply.transient and "5.7.8" in out["u@two.test"].reply.text
+
+
+def test_smarthost_takes_every_domain(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path, smarthost="relay.test:587", smarthost_user="me",
+                       smarthost_password="pw")
+    assert relay.route_key("x@null.test") == relay.route_key("y@two.test") == SMARTHOST_ROUTE
+    out = run(relay, SMARTHOST_ROUTE, ["x@null.test", "y@two.test"])
+    (call,) = fake.calls
+    assert call["host"] == "relay.test" and call["port"] == 587
+    assert call["addresses"] == ["192.0.2.9"]
+    assert call["tls"] == "required" and call["auth"] == ("me", "pw") and call["tls_verify"]
+    assert all(v.reply.positive for v in out.values())
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_mx_tls_verification_follows_config(tmp_path: Path, verify: bool) -> None:
+    relay, fake = make(tmp_path, tls_verify=verify)
+    run(relay, "two.test", ["u@two.test"])
+    assert fake.calls[0]["tls_verify"] is verify
+    assert fake.calls[0]["tls_client_context"] is not None
