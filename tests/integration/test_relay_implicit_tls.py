@@ -1,0 +1,67 @@
+"""Smarthost over implicit TLS (RFC 8314, port 465 style) with AUTH, over real sockets: the
+Relay against the recording SMTP server listening behind TLS on 127.0.0.2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trustme
+from twisted.internet import ssl
+
+from mailsuite.config import parse_config
+from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
+from mailsuite.smtp.client import scan_message
+from mailsuite.testing.mx import RecordingSMTPServer, _Factory
+from tests.integration.test_smtp_client import in_reactor, running_reactor
+
+
+def _relay(tmp_path: Path, port: int, ca: Path, verify: bool = True) -> Relay:
+    data = {"server": {"hostname": "mx.example.test"},
+            "relay": {"smarthost": f"127.0.0.2:{port}", "smarthost_tls": "implicit",
+                      "smarthost_user": "relayuser", "smarthost_password": "relay-secret",
+                      "tls_ca": str(ca), "smarthost_verify": verify}}
+    return Relay(parse_config(data, None, tmp_path), running_reactor())
+
+
+def test_implicit_tls_smarthost_with_auth(tmp_path: Path) -> None:
+    reactor = running_reactor()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.2")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = RecordingSMTPServer({"auth": {"relayuser": "relay-secret"}})
+    pem = cert.private_key_and_cert_chain_pem.bytes()
+    context = ssl.PrivateCertificate.loadPEM(pem).options()
+    # The recorder offers AUTH only once it believes TLS is on: mark every session so.
+    factory = _Factory(server)
+    build = factory.buildProtocol
+
+    def build_tls(addr):  # type: ignore[no-untyped-def]
+        p = build(addr)
+        p.s.tls = True
+        return p
+
+    factory.buildProtocol = build_tls  # type: ignore[method-assign]
+    listener = in_reactor(reactor, reactor.listenSSL, 0, factory, context,
+                          interface="127.0.0.2")
+    try:
+        port = listener.getHost().port
+        msg = tmp_path / "msg"
+        msg.write_bytes(b"Subject: implicit\n\nhello\n")
+        relay = _relay(tmp_path, port, tmp_path / "ca.pem")
+        out = in_reactor(reactor, relay.send, SMARTHOST_ROUTE, "a@example.test",
+                         ["b@far.test"], msg, scan_message(msg))
+        assert out["b@far.test"].reply.positive, out
+        (t,) = server.transactions
+        assert t.auth_user == "relayuser" and t.rcpts == ["b@far.test"]
+        assert b"Subject: implicit" in t.data
+
+        # a certificate we cannot verify: no delivery, no credentials sent, try later
+        other = trustme.CA()
+        other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+        relay = _relay(tmp_path, port, tmp_path / "other.pem")
+        out = in_reactor(reactor, relay.send, SMARTHOST_ROUTE, "a@example.test",
+                         ["c@far.test"], msg, scan_message(msg))
+        assert out["c@far.test"].reply.transient, out
+        assert len(server.transactions) == 1
+    finally:
+        in_reactor(reactor, listener.stopListening)
