@@ -1,0 +1,98 @@
+"""Print the SMTP acceptance table of one bench/smtp.sh run: msgs/s (in the Maildir) of each
+target and mailsuite's ratios to Postfix and aiosmtpd, from the same run.
+
+    python bench/smtp_report.py --results DIR [--md OUT.md]
+
+Reads the ``smtp-small-NAME.json`` / ``smtp-large-NAME.json`` files that the shared
+harness's ``smtp_bench.py`` writes.  Figures are the median over trials (min-max beside it);
+a ratio is the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+TARGETS = ("postfix", "aiosmtpd", "mailsuite")
+
+
+def load(results: Path, kind: str) -> dict[str, dict]:
+    out = {}
+    for name in TARGETS:
+        path = results / f"smtp-{kind}-{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def cell(run: dict | None, key: str = "msgs_per_s") -> str:
+    if not run or not run.get(key) or run[key].get("median") is None:
+        return "-"
+    s = run[key]
+    if s["n"] == 1:
+        return f"{s['median']:.1f}"
+    return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def med(run: dict | None) -> float | None:
+    if not run:
+        return None
+    return run.get("msgs_per_s", {}).get("median")
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--md")
+    a = ap.parse_args()
+    results = Path(a.results)
+    env = {}
+    if (results / "env.json").exists():
+        env = json.loads((results / "env.json").read_text())
+    lines = []
+    if env:
+        lines.append(
+            f"Run {env.get('date')} on {env.get('cores')} cores ({env.get('cpu')}), "
+            f"{env.get('fs')}; Postfix {env.get('postfix')}, Python {env.get('python')}, "
+            f"mode {env.get('mode')}, trials {env.get('trials')}, "
+            f"{env.get('sessions')} sessions, new connection per message, "
+            f"counted until the files are in the Maildir."
+        )
+        lines.append("")
+    lines.append("| size | msgs | postfix msgs/s | aiosmtpd msgs/s | mailsuite msgs/s "
+                 "| mailsuite accepted msgs/s | mailsuite/postfix | mailsuite/aiosmtpd |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    failed = []
+    for kind, label in (("small", "4 KiB"), ("large", "1 MiB")):
+        runs = load(results, kind)
+        if not runs:
+            continue
+        any_run = next(iter(runs.values()))
+        for name, r in runs.items():
+            if r.get("failed_trials"):
+                failed.append(f"{name} {label}: {r['failed_trials']} failed trial(s)")
+        ms = runs.get("mailsuite")
+        lines.append(
+            f"| {label} | {any_run.get('msgs')} | {cell(runs.get('postfix'))} | "
+            f"{cell(runs.get('aiosmtpd'))} | {cell(ms)} | {cell(ms, 'accept_msgs_per_s')} | "
+            f"{ratio(med(ms), med(runs.get('postfix')))} | "
+            f"{ratio(med(ms), med(runs.get('aiosmtpd')))} |"
+        )
+    if failed:
+        lines.append("")
+        lines.append("FAILED: " + "; ".join(failed))
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if a.md:
+        os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
+        Path(a.md).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
