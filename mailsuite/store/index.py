@@ -2,18 +2,25 @@
 
 One SQLite database (WAL) beside each Maildir folder, ``mailsuite-index.sqlite`` (a name other
 Maildir tools ignore).  It is a cache of the directory except for what a directory cannot
-hold: UIDs, UIDVALIDITY/UIDNEXT and modseqs.  If it is lost it is rebuilt from the directory
-with a new UIDVALIDITY (RFC 3501 2.3.1.1), so clients resynchronise instead of trusting
-stale UIDs.
+hold: UIDs, UIDVALIDITY/UIDNEXT, modseqs and the \\Recent watermark.  If it is lost it is
+rebuilt from the directory with a new UIDVALIDITY (RFC 3501 2.3.1.1), so clients
+resynchronise instead of trusting stale UIDs.
 
 Concurrency: every change happens under an exclusive ``flock`` on ``mailsuite-index.lock`` so
 several processes (two servers, a CLI import, a delivery) can share a folder; UIDs are
-assigned only under that lock and only ever grow.
+assigned only under that lock and only ever grow.  Readers use SQLite's WAL snapshots.
 
 Syncing with the directory is cheap when nothing changed: the mtimes of ``new/`` and ``cur/``
 are kept, and a folder whose directories did not change since the last scan is not listed.
-An mtime less than two seconds old is never trusted (a change in the same clock tick could
-hide behind it), so that case rescans.
+An mtime less than a second old is never trusted (a change in the same clock tick could hide
+behind it), so that case rescans.  When only ``new/`` changed (a delivery) only ``new/`` is
+listed, so new mail in a 100,000-message folder costs a small directory read.
+
+First open of a big folder is cheap: sizes come from ``,W=`` in the name (or are computed on
+first use, stored as -1 until then), internal dates from the file's mtime on first use, and
+the rows go in with one ``executemany``.  Flag changes and expunges are recorded with a
+modseq (RFC 7162); expunged UIDs are kept with theirs so QRESYNC can report VANISHED and
+other sessions can catch up with one query.
 """
 
 from __future__ import annotations
@@ -22,16 +29,27 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsuite.store.maildir import FLAG_LETTERS, LETTER_FLAGS, base_of, fsync_dir, info_for
+from mailsuite.store.maildir import (
+    FLAG_LETTERS,
+    KEYWORD_LETTERS,
+    LETTER_FLAGS,
+    base_of,
+    fsync_dir,
+    info_for,
+    read_keywords,
+    write_keywords,
+)
 
 INDEX_NAME = "mailsuite-index.sqlite"
 LOCK_NAME = "mailsuite-index.lock"
 _SCHEMA_VERSION = 1
+#: A directory mtime younger than this is not trusted to cover every change (see module doc).
+_TRUST_AFTER_NS = 1_000_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -40,12 +58,14 @@ CREATE TABLE IF NOT EXISTS messages (
     base TEXT NOT NULL UNIQUE,
     name TEXT NOT NULL,          -- "new/<file>" or "cur/<file>"
     flags TEXT NOT NULL,         -- space-separated IMAP flags incl. keywords, sorted
-    size INTEGER NOT NULL,       -- RFC822.SIZE: size with CRLF line ends
-    internaldate REAL NOT NULL,  -- seconds since the epoch
+    size INTEGER NOT NULL,       -- RFC822.SIZE: size with CRLF line ends (-1: not yet known)
+    internaldate REAL NOT NULL,  -- seconds since the epoch (-1: not yet known, use mtime)
     modseq INTEGER NOT NULL,
     envelope BLOB,               -- cached IMAP ENVELOPE, filled on demand
     bodystructure BLOB           -- cached IMAP BODYSTRUCTURE, filled on demand
 );
+CREATE TABLE IF NOT EXISTS expunged (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
 """
 
 
@@ -87,7 +107,10 @@ def crlf_size(path: Path) -> int:
 def _name_size(filename: str) -> tuple[int | None, int | None]:
     """``,S=`` (file size) and ``,W=`` (CRLF size) from a Maildir name, where present."""
     s = w = None
-    for part in base_of(filename).split(",")[1:]:
+    base = base_of(filename)
+    if "," not in base:
+        return s, w
+    for part in base.split(",")[1:]:
         key, _, value = part.partition("=")
         if value.isdigit():
             if key == "S":
@@ -97,16 +120,38 @@ def _name_size(filename: str) -> tuple[int | None, int | None]:
     return s, w
 
 
+@dataclass(frozen=True)
+class NewFile:
+    """A message file to add to a folder (see :meth:`FolderIndex.add_files`)."""
+
+    source: Path  # in the folder's tmp/ (APPEND) or another folder (COPY)
+    unique: str  # the Maildir unique name to use
+    flags: frozenset[str]
+    size: int  # file size (,S=)
+    wsize: int  # CRLF size (,W=, RFC822.SIZE)
+    internaldate: float | None = None
+    envelope: bytes | None = None
+    bodystructure: bytes | None = None
+
+
+def _split_flags(flags: str) -> frozenset[str]:
+    return frozenset(flags.split()) if flags else frozenset()
+
+
 class FolderIndex:
     """The index of one Maildir folder.  Blocking (SQLite, directory scans): IMAP and POP3
-    call it from the reactor only for small operations; large scans should be run in a
-    thread by the caller."""
+    call it from the reactor for bounded operations; a thread may open its own instance."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.db = sqlite3.connect(folder / INDEX_NAME, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(
+            folder / INDEX_NAME, isolation_level=None, check_same_thread=False
+        )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
+        self._kw_stamp: int | None = None
+        self._kw_letters: dict[str, str] = {}  # letter -> keyword
         with self._locked():
             self.db.executescript(_SCHEMA)
             if self._meta("uidvalidity") is None:
@@ -120,6 +165,9 @@ class FolderIndex:
     def _meta(self, key: str) -> int | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]
+
+    def _metas(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
 
     def _set_meta(self, key: str, value: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
@@ -141,6 +189,7 @@ class FolderIndex:
         self._set_meta("uidvalidity", uidvalidity)
         self._set_meta("uidnext", 1)
         self._set_meta("highestmodseq", 1)
+        self._set_meta("recent", 1)
         self.db.execute("COMMIT")
 
     @property
@@ -155,35 +204,183 @@ class FolderIndex:
     def highestmodseq(self) -> int:
         return int(self._meta("highestmodseq") or 1)
 
+    def counters(self) -> tuple[int, int, int]:
+        """(uidvalidity, uidnext, highestmodseq) in one query."""
+        m = self._metas()
+        return (
+            int(m.get("uidvalidity") or 0),
+            int(m.get("uidnext") or 1),
+            int(m.get("highestmodseq") or 1),
+        )
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with open(self.folder / LOCK_NAME, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
+    # -- keywords (dovecot-keywords letters) ------------------------------------------------
+
+    def _keyword_letters(self) -> dict[str, str]:
+        """letter -> keyword, re-read when the file changes."""
+        try:
+            stamp = os.stat(self.folder / "dovecot-keywords").st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
+        if stamp != self._kw_stamp:
+            self._kw_letters = read_keywords(self.folder) if stamp else {}
+            self._kw_stamp = stamp
+        return self._kw_letters
+
+    def _letters_for(self, flags: Iterable[str]) -> dict[str, str]:
+        """keyword -> letter for the keywords among ``flags``, assigning free letters (lock
+        held).  Keywords beyond 26 stay in the index only."""
+        letters = self._keyword_letters()
+        by_name = {v: k for k, v in letters.items()}
+        wanted = [f for f in flags if not f.startswith("\\") and f not in by_name]
+        if wanted:
+            free = [c for c in KEYWORD_LETTERS if c not in letters]
+            changed = False
+            for kw in sorted(wanted):
+                if not free:
+                    break
+                ch = free.pop(0)
+                letters[ch] = kw
+                by_name[kw] = ch
+                changed = True
+            if changed:
+                write_keywords(self.folder, letters)
+                self._kw_stamp = None
+        return by_name
+
+    def _disk_flags(self, rel: str) -> set[str]:
+        _, sep, info = rel.partition(":2,")
+        if not sep:
+            return set()
+        out = {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS}
+        if any("a" <= c <= "z" for c in info):
+            letters = self._keyword_letters()
+            out.update(letters[c] for c in info if c in letters)
+        return out
+
     # -- reading ---------------------------------------------------------------------------
 
     def messages(self) -> list[Message]:
-        """All messages in UID order."""
+        """All messages in UID order (sizes and dates filled in where not yet known)."""
+        self._fill_unknown()
         rows = self.db.execute(
             "SELECT uid, name, flags, size, internaldate, modseq FROM messages ORDER BY uid"
         ).fetchall()
         return [
-            Message(uid, name, frozenset(flags.split()) if flags else frozenset(), size, idate, ms)
+            Message(uid, name, _split_flags(flags), size, idate, ms)
             for uid, name, flags, size, idate, ms in rows
         ]
 
     def get(self, uid: int) -> Message | None:
+        self._fill_unknown((uid,))
         row = self.db.execute(
             "SELECT uid, name, flags, size, internaldate, modseq FROM messages WHERE uid=?", (uid,)
         ).fetchone()
         if row is None:
             return None
         uid, name, flags, size, idate, ms = row
-        return Message(uid, name, frozenset(flags.split()) if flags else frozenset(), size, idate, ms)
+        return Message(uid, name, _split_flags(flags), size, idate, ms)
 
     def path(self, msg: Message) -> Path:
         return self.folder / msg.name
+
+    def state(self) -> tuple[list[int], list[str], list[int]]:
+        """UIDs, flag strings and modseqs of every message, in UID order (one query)."""
+        rows = self.db.execute("SELECT uid, flags, modseq FROM messages ORDER BY uid").fetchall()
+        if not rows:
+            return [], [], []
+        uids, flags, modseqs = zip(*rows)
+        return list(uids), list(flags), list(modseqs)
+
+    def changes_since(self, modseq: int) -> tuple[list[tuple[int, str, int]], list[int]]:
+        """Rows (uid, flags, modseq) changed or added after ``modseq``, and UIDs expunged
+        after it (RFC 7162 3.2.5 / QRESYNC VANISHED)."""
+        rows = self.db.execute(
+            "SELECT uid, flags, modseq FROM messages WHERE modseq > ? ORDER BY uid", (modseq,)
+        ).fetchall()
+        gone = [
+            u
+            for (u,) in self.db.execute(
+                "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (modseq,)
+            )
+        ]
+        return rows, gone
+
+    def expunged_since(self, modseq: int, uids: Sequence[int] | None = None) -> list[int]:
+        gone = [
+            u
+            for (u,) in self.db.execute(
+                "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (modseq,)
+            )
+        ]
+        if uids is not None:
+            keep = set(uids)
+            gone = [u for u in gone if u in keep]
+        return gone
+
+    def details(
+        self, uids: Sequence[int], need_size: bool = False, need_date: bool = False
+    ) -> dict[int, tuple]:
+        """uid -> (name, size, internaldate, envelope, bodystructure) for ``uids``."""
+        if need_size or need_date:
+            self._fill_unknown(uids)
+        out: dict[int, tuple] = {}
+        for i in range(0, len(uids), 900):
+            chunk = uids[i : i + 900]
+            if len(chunk) > 1 and chunk[-1] - chunk[0] + 1 == len(chunk):
+                q = self.db.execute(
+                    "SELECT uid, name, size, internaldate, envelope, bodystructure FROM messages"
+                    " WHERE uid BETWEEN ? AND ?",
+                    (chunk[0], chunk[-1]),
+                )
+            else:
+                q = self.db.execute(
+                    "SELECT uid, name, size, internaldate, envelope, bodystructure FROM messages"
+                    f" WHERE uid IN ({','.join('?' * len(chunk))})",
+                    list(chunk),
+                )
+            for row in q:
+                out[row[0]] = row[1:]
+        return out
+
+    def _fill_unknown(self, uids: Sequence[int] | None = None) -> None:
+        """Compute sizes (-1) and internal dates (-1) not known yet, for ``uids`` or all."""
+        if uids is None:
+            rows = self.db.execute(
+                "SELECT uid, name, size, internaldate FROM messages WHERE size < 0 OR internaldate < 0"
+            ).fetchall()
+        else:
+            rows = []
+            for i in range(0, len(uids), 900):
+                chunk = list(uids[i : i + 900])
+                rows.extend(
+                    self.db.execute(
+                        "SELECT uid, name, size, internaldate FROM messages"
+                        f" WHERE (size < 0 OR internaldate < 0) AND uid IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        if not rows:
+            return
+        updates = []
+        for uid, name, size, idate in rows:
+            path = self.folder / name
+            try:
+                if size < 0:
+                    size = crlf_size(path)
+                if idate < 0:
+                    idate = os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            updates.append((size, idate, uid))
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
+        self.db.execute("COMMIT")
 
     def cached(self, uid: int, column: str) -> bytes | None:
         if column not in ("envelope", "bodystructure"):
@@ -194,11 +391,30 @@ class FolderIndex:
     def store_cached(self, items: Iterable[tuple[int, str, bytes]]) -> None:
         """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value)."""
         self.db.execute("BEGIN")
-        for uid, column, value in items:
-            if column not in ("envelope", "bodystructure"):
-                raise ValueError(column)
-            self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
-        self.db.execute("COMMIT")
+        try:
+            for uid, column, value in items:
+                if column not in ("envelope", "bodystructure"):
+                    raise ValueError(column)
+                self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- \Recent ---------------------------------------------------------------------------
+
+    def claim_recent(self) -> tuple[int, int]:
+        """Claim every message not yet seen by any session as \\Recent for the caller;
+        returns the claimed UID range [first, end) (RFC 3501 2.3.2: one session gets each
+        message)."""
+        with self._locked():
+            first = int(self._meta("recent") or 1)
+            nxt = self.uidnext
+            if nxt > first:
+                self.db.execute("BEGIN IMMEDIATE")
+                self._set_meta("recent", nxt)
+                self.db.execute("COMMIT")
+            return first, max(first, nxt)
 
     # -- syncing with the directory -------------------------------------------------------
 
@@ -215,72 +431,96 @@ class FolderIndex:
         stamp = self._dir_stamp()
         if stamp is None:
             return SyncResult()
-        recent_enough = time.time_ns() - max(stamp) > 2_000_000_000
-        if (
-            not force
-            and recent_enough
-            and self._meta("stamp_new") == stamp[0]
-            and self._meta("stamp_cur") == stamp[1]
-        ):
-            return SyncResult()
+        now = time.time_ns()
+        if not force and now - max(stamp) > _TRUST_AFTER_NS:
+            m = self._metas()
+            if m.get("stamp_new") == stamp[0] and m.get("stamp_cur") == stamp[1]:
+                return SyncResult()
         with self._locked():
-            return self._scan(stamp if recent_enough else None)
+            stamp = self._dir_stamp()
+            if stamp is None:
+                return SyncResult()
+            trusted_new = now - stamp[0] > _TRUST_AFTER_NS
+            trusted_cur = now - stamp[1] > _TRUST_AFTER_NS
+            m = self._metas()
+            only_new = not force and trusted_cur and m.get("stamp_cur") == stamp[1]
+            return self._scan(stamp, trusted_new, trusted_cur, only_new)
 
-    def _scan(self, stamp: tuple[int, int] | None) -> SyncResult:
+    def _scan(
+        self, stamp: tuple[int, int], trusted_new: bool, trusted_cur: bool, only_new: bool
+    ) -> SyncResult:
         on_disk: dict[str, str] = {}  # base -> "sub/name"
-        for sub in ("new", "cur"):
+        for sub in ("new",) if only_new else ("new", "cur"):
             with os.scandir(self.folder / sub) as it:
                 for entry in it:
-                    if entry.name.startswith("."):
+                    name = entry.name
+                    if name[0] == ".":
                         continue
-                    on_disk[base_of(entry.name)] = f"{sub}/{entry.name}"
-        known = {
-            base: (uid, name, flags)
-            for uid, base, name, flags in self.db.execute("SELECT uid, base, name, flags FROM messages")
-        }
+                    on_disk[name.split(":", 1)[0]] = f"{sub}/{name}"
+        if only_new:
+            query = self.db.execute(
+                "SELECT uid, base, name, flags FROM messages WHERE name LIKE 'new/%'"
+            )
+        else:
+            query = self.db.execute("SELECT uid, base, name, flags FROM messages")
+        known = {base: (uid, name, flags) for uid, base, name, flags in query}
         added: list[int] = []
         expunged: list[int] = []
         changed: list[int] = []
+        fresh = [b for b in on_disk if b not in known]
+        if only_new and fresh:
+            # a file could be known under cur/ already (renamed back?): never index twice
+            for i in range(0, len(fresh), 900):
+                chunk = fresh[i : i + 900]
+                for (b,) in self.db.execute(
+                    f"SELECT base FROM messages WHERE base IN ({','.join('?' * len(chunk))})", chunk
+                ):
+                    on_disk.pop(b, None)
+            fresh = [b for b in fresh if b in on_disk]
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            modseq = self.highestmodseq
+            modseq = int(self._meta("highestmodseq") or 1)
+            updates = []
             for base, (uid, name, flags) in known.items():
                 disk = on_disk.get(base)
                 if disk is None:
                     expunged.append(uid)
                     continue
                 if disk != name:
-                    disk_flags = _letters_to_flags(disk)
+                    disk_flags = self._disk_flags(disk)
                     old = set(flags.split()) if flags else set()
-                    keywords = {f for f in old if not f.startswith("\\")}
-                    new_flags = disk_flags | keywords
+                    letters = self._keyword_letters()
+                    # keywords with no letter live only in the index; keep them
+                    kept = {f for f in old if not f.startswith("\\") and f not in letters.values()}
+                    new_flags = disk_flags | kept
                     if new_flags != old:
                         modseq += 1
                         changed.append(uid)
-                        self.db.execute(
-                            "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?",
-                            (disk, " ".join(sorted(new_flags)), modseq, uid),
-                        )
+                        updates.append((disk, " ".join(sorted(new_flags)), modseq, uid))
                     else:
                         self.db.execute("UPDATE messages SET name=? WHERE uid=?", (disk, uid))
+            if updates:
+                self.db.executemany(
+                    "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
+                )
             if expunged:
                 modseq += 1
                 self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in expunged])
-            fresh = sorted((b for b in on_disk if b not in known), key=_delivery_order)
-            uid = self.uidnext
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
+                    [(u, modseq) for u in expunged],
+                )
+            fresh.sort(key=_delivery_order)
+            uid = int(self._meta("uidnext") or 1)
             rows = []
+            if fresh:
+                modseq += 1
             for base in fresh:
                 rel = on_disk[base]
-                path = self.folder / rel
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue  # renamed or removed while we looked; the next scan sees it
-                _, w = _name_size(rel.split("/", 1)[1])
-                size = w if w is not None else crlf_size(path)
-                modseq += 1
+                s, w = _name_size(rel)
+                size = w if w is not None else -1
                 rows.append(
-                    (uid, base, rel, " ".join(sorted(_letters_to_flags(rel))), size, st.st_mtime, modseq)
+                    (uid, base, rel, " ".join(sorted(self._disk_flags(rel))), size, -1.0, modseq)
                 )
                 added.append(uid)
                 uid += 1
@@ -291,11 +531,17 @@ class FolderIndex:
             )
             self._set_meta("uidnext", uid)
             self._set_meta("highestmodseq", modseq)
-            if stamp is not None:
+            # Record a stamp only when it can be trusted (see the module docstring).
+            if trusted_new:
                 self._set_meta("stamp_new", stamp[0])
+            else:
+                self.db.execute("DELETE FROM meta WHERE key='stamp_new'")
+            if only_new:
+                pass  # the cur stamp stays as recorded
+            elif trusted_cur:
                 self._set_meta("stamp_cur", stamp[1])
             else:
-                self.db.execute("DELETE FROM meta WHERE key IN ('stamp_new', 'stamp_cur')")
+                self.db.execute("DELETE FROM meta WHERE key='stamp_cur'")
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -307,51 +553,199 @@ class FolderIndex:
     def set_flags(self, uid: int, flags: Iterable[str]) -> Message | None:
         """Replace a message's flags: rename its file into ``cur/`` with the new info letters
         and record a new modseq.  Returns the updated message, or None if it is gone."""
-        flags = frozenset(flags)
+        done = self.store_flags([(uid, frozenset(flags))])
+        if not done:
+            return None
+        return self.get(uid)
+
+    def store_flags(
+        self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
+    ) -> list[tuple[int, str, int]]:
+        """Set the flags of several messages in one locked transaction.
+
+        Returns (uid, flags, modseq) for every message that still exists and was not refused
+        by ``unchangedsince`` (RFC 7162 3.1.3); messages whose flags did not change keep
+        their modseq.  Files move into ``cur/`` with the new info letters.
+        """
+        out: list[tuple[int, str, int]] = []
+        if not changes:
+            return out
         with self._locked():
-            msg = self.get(uid)
-            if msg is None:
-                return None
-            if msg.flags == flags and msg.name.startswith("cur/"):
-                return msg
-            new_name = "cur/" + msg.base + info_for(set(flags))
-            if new_name != msg.name:
+            uids = [u for u, _ in changes]
+            current: dict[int, tuple[str, str, int]] = {}
+            for i in range(0, len(uids), 900):
+                chunk = uids[i : i + 900]
+                for uid, name, flags, ms in self.db.execute(
+                    f"SELECT uid, name, flags, modseq FROM messages WHERE uid IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    current[uid] = (name, flags, ms)
+            all_flags: set[str] = set()
+            for _, f in changes:
+                all_flags |= f
+            letters = self._letters_for(all_flags)
+            modseq = int(self._meta("highestmodseq") or 1)
+            first_modseq = modseq + 1
+            updates = []
+            renamed_cur = False
+            for uid, flags in changes:
+                row = current.get(uid)
+                if row is None:
+                    continue
+                name, old, ms = row
+                if unchangedsince is not None and ms > unchangedsince:
+                    continue
+                text = " ".join(sorted(flags))
+                info = info_for(flags, letters)
+                base = base_of(name.split("/", 1)[1])
+                new_name = "cur/" + base + info
+                if text == old and (
+                    name == new_name or not name.startswith("new/") and name.endswith(info)
+                ):
+                    out.append((uid, old, ms))
+                    continue
+                if new_name != name:
+                    try:
+                        os.rename(self.folder / name, self.folder / new_name)
+                    except FileNotFoundError:
+                        continue  # removed by another program; the next sync expunges it
+                    renamed_cur = True
+                if text != old:
+                    modseq += 1
+                    updates.append((new_name, text, modseq, uid))
+                    out.append((uid, text, modseq))
+                else:
+                    updates.append((new_name, text, ms, uid))
+                    out.append((uid, text, ms))
+            if updates:
+                self.db.execute("BEGIN IMMEDIATE")
                 try:
-                    os.rename(self.folder / msg.name, self.folder / new_name)
-                except FileNotFoundError:
-                    return None  # removed by another program; the next sync expunges it
-            modseq = self.highestmodseq + 1
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?",
-                (new_name, " ".join(sorted(flags)), modseq, uid),
-            )
-            self._set_meta("highestmodseq", modseq)
-            self._forget_stamp()
-            self.db.execute("COMMIT")
-            return self.get(uid)
+                    self.db.executemany(
+                        "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
+                    )
+                    self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
+                    if renamed_cur:
+                        self._forget_stamp()
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+        return out
 
     def expunge(self, uids: Iterable[int]) -> list[int]:
         """Delete the files and rows of ``uids``; returns those that were removed."""
         done: list[int] = []
+        wanted = list(uids)
         with self._locked():
-            for uid in uids:
-                msg = self.get(uid)
-                if msg is None:
+            names: dict[int, str] = {}
+            for i in range(0, len(wanted), 900):
+                chunk = wanted[i : i + 900]
+                for uid, name in self.db.execute(
+                    f"SELECT uid, name FROM messages WHERE uid IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ):
+                    names[uid] = name
+            for uid in wanted:
+                name = names.get(uid)
+                if name is None:
                     continue
                 try:
-                    os.unlink(self.folder / msg.name)
+                    os.unlink(self.folder / name)
                 except FileNotFoundError:
                     pass
                 done.append(uid)
             if done:
                 fsync_dir(self.folder / "cur")
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
-                self._set_meta("highestmodseq", self.highestmodseq + 1)
+                try:
+                    modseq = int(self._meta("highestmodseq") or 1) + 1
+                    self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
+                    self.db.executemany(
+                        "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
+                        [(u, modseq) for u in done],
+                    )
+                    self._set_meta("highestmodseq", modseq)
+                    self._forget_stamp()
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+        return done
+
+    def add_files(self, items: Sequence[NewFile]) -> list[int]:
+        """Put written (fsynced) files into this folder and index them; returns their new
+        UIDs in order.  A file already in this folder's ``tmp/`` is renamed; any other path
+        (a message of another folder, for COPY) is hard-linked, or copied across devices.
+        One lock, one transaction, one fsync per directory: the caller may answer OK."""
+        if not items:
+            return []
+        with self._locked():
+            all_flags: set[str] = set()
+            for it in items:
+                all_flags |= it.flags
+            letters = self._letters_for(all_flags)
+            placed: list[tuple[str, str, NewFile, float]] = []
+            subs: set[str] = set()
+            try:
+                for it in items:
+                    sub = "cur" if it.flags else "new"
+                    base = f"{it.unique},S={it.size},W={it.wsize}"
+                    final = base + (info_for(it.flags, letters) if it.flags else "")
+                    dest = self.folder / sub / final
+                    if it.source.parent == self.folder / "tmp":
+                        os.rename(it.source, dest)
+                    else:
+                        try:
+                            os.link(it.source, dest)
+                        except OSError:
+                            import shutil
+
+                            shutil.copyfile(it.source, dest)
+                    if it.internaldate is not None and it.source.parent == self.folder / "tmp":
+                        os.utime(dest, (it.internaldate, it.internaldate))
+                    idate = (
+                        it.internaldate if it.internaldate is not None else os.stat(dest).st_mtime
+                    )
+                    placed.append((base, f"{sub}/{final}", it, idate))
+                    subs.add(sub)
+            finally:
+                for sub in subs:
+                    fsync_dir(self.folder / sub)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                uid = int(self._meta("uidnext") or 1)
+                modseq = int(self._meta("highestmodseq") or 1) + 1
+                rows = []
+                out = []
+                for base, rel, it, idate in placed:
+                    rows.append(
+                        (
+                            uid,
+                            base,
+                            rel,
+                            " ".join(sorted(it.flags)),
+                            it.wsize,
+                            idate,
+                            modseq,
+                            it.envelope,
+                            it.bodystructure,
+                        )
+                    )
+                    out.append(uid)
+                    uid += 1
+                self.db.executemany(
+                    "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq, envelope,"
+                    " bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                self._set_meta("uidnext", uid)
+                self._set_meta("highestmodseq", modseq)
                 self._forget_stamp()
                 self.db.execute("COMMIT")
-        return done
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return out
 
     def _forget_stamp(self) -> None:
         # Our own rename changed the directory mtime: rescan next time rather than guess.
@@ -369,4 +763,4 @@ def _delivery_order(base: str) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 0, base)
 
 
-__all__ = ["FLAG_LETTERS", "FolderIndex", "Message", "SyncResult", "crlf_size"]
+__all__ = ["FLAG_LETTERS", "FolderIndex", "Message", "NewFile", "SyncResult", "crlf_size"]

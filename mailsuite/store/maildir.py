@@ -3,7 +3,10 @@
 Replaces twisted.mail.maildir, which fails on Python 3 and never fsyncs (see README).
 Layout follows Maildir++ so mutt, Dovecot or getmail can read the same tree: INBOX is the
 user's root folder, other folders are ``.Name`` (hierarchy separator ``.`` on disk, names in
-modified UTF-7), flags in the ``:2,`` suffix, files stored with LF line ends.
+modified UTF-7), flags in the ``:2,`` suffix, files stored with LF line ends.  Keywords are
+stored as the letters ``a``-``z`` in the info suffix, mapped to names by the folder's
+``dovecot-keywords`` file, exactly as Dovecot does, so keywords survive an index rebuild and
+Dovecot reads them.
 
 Durability rule (DESIGN.md): write in ``tmp/``, fsync the file, rename into ``new/``, fsync
 ``new/``; only then may a protocol answer 250 / OK.
@@ -15,6 +18,7 @@ import itertools
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 SUBDIRS = ("cur", "new", "tmp")
@@ -28,6 +32,8 @@ FLAG_LETTERS = {
     "\\Deleted": "T",
 }
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+KEYWORDS_FILE = "dovecot-keywords"
+KEYWORD_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
@@ -50,18 +56,48 @@ def base_of(filename: str) -> str:
     return filename.split(":", 1)[0]
 
 
-def flags_of(filename: str) -> set[str]:
-    """System flags and keyword letters from the ``:2,`` info of a name."""
+def flags_of(filename: str, keywords: Mapping[str, str] | None = None) -> set[str]:
+    """System flags (and, given the letter->keyword map, keywords) from a name's info."""
     _, sep, info = filename.partition(":2,")
     if not sep:
         return set()
-    return {LETTER_FLAGS.get(ch, ch) for ch in info if ch in LETTER_FLAGS}
+    out = {LETTER_FLAGS[ch] for ch in info if ch in LETTER_FLAGS}
+    if keywords:
+        out.update(keywords[ch] for ch in info if ch in keywords)
+    return out
 
 
-def info_for(flags: set[str] | frozenset[str]) -> str:
-    """The ``:2,`` suffix for a set of system flags (letters in ASCII order)."""
-    letters = sorted(FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS)
-    return ":2," + "".join(letters)
+def info_for(
+    flags: set[str] | frozenset[str], keyword_letters: Mapping[str, str] | None = None
+) -> str:
+    """The ``:2,`` suffix for a set of flags (letters in ASCII order); keywords are written
+    only when ``keyword_letters`` (keyword -> letter) gives them a letter."""
+    letters = [FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS]
+    if keyword_letters:
+        letters.extend(keyword_letters[f] for f in flags if f in keyword_letters)
+    return ":2," + "".join(sorted(letters))
+
+
+def read_keywords(folder: Path) -> dict[str, str]:
+    """``dovecot-keywords``: letter -> keyword name (``0 $Label1`` lines, 0 = ``a``)."""
+    out: dict[str, str] = {}
+    try:
+        text = (folder / KEYWORDS_FILE).read_text("utf-8", "replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        num, _, name = line.partition(" ")
+        if num.isdigit() and int(num) < len(KEYWORD_LETTERS) and name:
+            out[KEYWORD_LETTERS[int(num)]] = name
+    return out
+
+
+def write_keywords(folder: Path, letters: Mapping[str, str]) -> None:
+    """Replace ``dovecot-keywords`` atomically (caller holds the folder lock)."""
+    lines = [f"{KEYWORD_LETTERS.index(ch)} {name}\n" for ch, name in sorted(letters.items())]
+    tmp = folder / (KEYWORDS_FILE + ".tmp")
+    tmp.write_text("".join(lines), "utf-8")
+    os.replace(tmp, folder / KEYWORDS_FILE)
 
 
 def ensure_folder(path: Path) -> Path:
@@ -107,11 +143,9 @@ def folder_path(user_root: Path, name: str) -> Path:
     return path
 
 
-def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
-    """Durably write one message (LF line ends) into ``folder/new`` and return its file name.
-
-    Blocking (fsyncs): call it from a thread, never from the reactor.
-    """
+def write_tmp(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[Path, str, int, int]:
+    """Write and fsync a message into ``folder/tmp``; returns (tmp path, unique name, file
+    size, CRLF size).  Blocking: call it from a thread."""
     name = unique_name()
     tmp = folder / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -131,7 +165,16 @@ def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
         _unlink_quietly(tmp)
         raise
     os.close(fd)
-    final = f"{name},S={size},W={size + crlf}"
+    return tmp, name, size, size + crlf
+
+
+def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
+    """Durably write one message (LF line ends) into ``folder/new`` and return its file name.
+
+    Blocking (fsyncs): call it from a thread, never from the reactor.
+    """
+    tmp, name, size, wsize = write_tmp(folder, chunks)
+    final = f"{name},S={size},W={wsize}"
     try:
         os.rename(tmp, folder / "new" / final)
     except BaseException:

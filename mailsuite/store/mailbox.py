@@ -1,0 +1,584 @@
+"""The mailbox model IMAP uses (and POP3 may): a user's folders, and open folders shared by
+every session of this process.  Our own code.
+
+* :class:`Account` -- one user's Maildir++ tree: list, create, delete, rename, subscriptions
+  (the ``subscriptions`` file Courier and Dovecot use), folder names in modified UTF-7 with
+  hierarchy ``.``.
+* :class:`Folder` -- one open folder, shared by reference count among the sessions of this
+  process that selected it: one SQLite handle, one in-memory copy of UIDs, flags and modseqs,
+  kept in step with the index by :meth:`Folder.refresh` (cheap when nothing changed).  Changes
+  are pushed to every :class:`FolderView` (one per session), which queues them until its
+  session may announce them (RFC 3501 5.2, 7.4.1).
+* Changes from this process travel through the runtime's :class:`ChangeHub`; changes from other
+  processes are found by polling directory mtimes while a session is in IDLE.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.maildir import (
+    FolderNameError,
+    ensure_folder,
+    folder_path,
+    fsync_dir,
+    unique_name,
+)
+
+SUBSCRIPTIONS = "subscriptions"
+SEPARATOR = "."
+
+
+class MailboxError(Exception):
+    """A refused mailbox operation; ``code`` is an RFC 5530 response code (or None)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _check_name(name: str) -> None:
+    """Names are the wire form (modified UTF-7, hierarchy "."): refuse what could escape or
+    that is not canonical modified UTF-7."""
+    from mailsuite.imap import utf7
+
+    if "/" in name or "\\" in name or name.startswith("~") or "\x00" in name:
+        raise MailboxError("Invalid mailbox name", "CANNOT")
+    try:
+        utf7.decode(name)
+    except ValueError as exc:
+        raise MailboxError(f"Invalid mailbox name: {exc}", "CANNOT") from None
+    if name.startswith(SEPARATOR) or name.endswith(SEPARATOR) or ".." in name:
+        raise MailboxError("Invalid mailbox name: empty hierarchy level", "CANNOT")
+
+
+class Account:
+    """One user's folders (blocking file-system calls; all small)."""
+
+    def __init__(self, root: Path, special: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.special = special or {}
+
+    # -- names and paths -------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        if name.upper() == "INBOX":
+            return self.root
+        _check_name(name)
+        try:
+            path = folder_path(self.root, name)
+        except FolderNameError as exc:
+            raise MailboxError(str(exc), "CANNOT") from None
+        return path
+
+    def exists(self, name: str) -> bool:
+        try:
+            return (self.path(name) / "cur").is_dir()
+        except MailboxError:
+            return False
+
+    def names(self) -> list[str]:
+        """Every existing folder name (wire form), INBOX first."""
+        out = ["INBOX"]
+        try:
+            with os.scandir(self.root) as it:
+                for entry in it:
+                    n = entry.name
+                    if (
+                        len(n) > 1
+                        and n[0] == "."
+                        and n != ".."
+                        and entry.is_dir()
+                        and os.path.isdir(os.path.join(entry.path, "cur"))
+                    ):
+                        out.append(n[1:])
+        except FileNotFoundError:
+            pass
+        out[1:] = sorted(out[1:])
+        return out
+
+    def special_use(self, name: str) -> str | None:
+        return self.special.get(name)
+
+    # -- create / delete / rename ---------------------------------------------------------
+
+    def create(self, name: str) -> None:
+        if name.endswith(SEPARATOR):  # RFC 3501 6.3.3: a trailing separator is a hint only
+            name = name[:-1]
+        if name.upper() == "INBOX" or self.exists(name):
+            raise MailboxError("Mailbox exists already", "ALREADYEXISTS")
+        path = self.path(name)
+        tmp = self.root / f".tmp-create-{unique_name()}"
+        ensure_folder(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.exists(name):
+                raise MailboxError("Mailbox exists already", "ALREADYEXISTS") from None
+            raise
+        fsync_dir(self.root)
+
+    def has_children(self, name: str) -> bool:
+        prefix = (name + SEPARATOR).upper() if name.upper() == "INBOX" else name + SEPARATOR
+        return any(
+            (n.upper().startswith(prefix) if name.upper() == "INBOX" else n.startswith(prefix))
+            for n in self.names()[1:]
+        )
+
+    def delete(self, name: str) -> Path:
+        if name.upper() == "INBOX":
+            raise MailboxError("INBOX cannot be deleted", "CANNOT")
+        if not self.exists(name):
+            raise MailboxError("No such mailbox", "NONEXISTENT")
+        if self.has_children(name):
+            raise MailboxError("Mailbox has children; delete them first", "INUSE")
+        path = self.path(name)
+        trash = self.root / f".tmp-delete-{unique_name()}"
+        os.rename(path, trash)  # atomic for other readers
+        shutil.rmtree(trash, ignore_errors=True)
+        fsync_dir(self.root)
+        self.unsubscribe(name, missing_ok=True)
+        return path
+
+    def rename(self, old: str, new: str) -> list[tuple[Path, Path]]:
+        """Rename ``old`` and its children (RFC 3501 6.3.5); returns the moved (from, to)
+        directories.  Renaming INBOX moves its messages into a new folder and leaves INBOX
+        empty, as RFC 3501 requires."""
+        if not self.exists(old):
+            raise MailboxError("No such mailbox", "NONEXISTENT")
+        if new.upper() == "INBOX" or self.exists(new):
+            raise MailboxError("Target mailbox exists already", "ALREADYEXISTS")
+        dest = self.path(new)
+        if old.upper() == "INBOX":
+            return []  # done by the caller (message move), see Folder-level helper
+        if (new + SEPARATOR).startswith(old + SEPARATOR):
+            raise MailboxError("Cannot rename a mailbox into itself", "CANNOT")
+        moves: list[tuple[Path, Path]] = [(self.path(old), dest)]
+        for child in self.names()[1:]:
+            if child.startswith(old + SEPARATOR):
+                target = new + child[len(old) :]
+                if self.exists(target):
+                    raise MailboxError(f"Target mailbox {target} exists already", "ALREADYEXISTS")
+                moves.append((self.path(child), self.path(target)))
+        # create missing parents implicitly: Maildir++ needs none (flat directories)
+        for src, dst in moves:
+            os.rename(src, dst)
+        fsync_dir(self.root)
+        subs = self.subscriptions()
+        changed = False
+        for i, s in enumerate(subs):
+            if s == old or s.startswith(old + SEPARATOR):
+                subs[i] = new + s[len(old) :]
+                changed = True
+        if changed:
+            self._write_subscriptions(subs)
+        return moves
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscriptions(self) -> list[str]:
+        try:
+            text = (self.root / SUBSCRIPTIONS).read_text("utf-8", "replace")
+        except OSError:
+            return []
+        seen: list[str] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line and line not in seen:
+                seen.append(line)
+        return seen
+
+    def _write_subscriptions(self, names: Iterable[str]) -> None:
+        tmp = self.root / (SUBSCRIPTIONS + ".tmp")
+        tmp.write_text("".join(n + "\n" for n in names), "utf-8")
+        os.replace(tmp, self.root / SUBSCRIPTIONS)
+
+    def subscribe(self, name: str) -> None:
+        if name.upper() == "INBOX":
+            name = "INBOX"
+        else:
+            _check_name(name)
+        subs = self.subscriptions()
+        if name not in subs:
+            subs.append(name)
+            self._write_subscriptions(subs)
+
+    def unsubscribe(self, name: str, missing_ok: bool = False) -> None:
+        subs = self.subscriptions()
+        if name.upper() == "INBOX":
+            name = "INBOX"
+        if name not in subs:
+            if missing_ok:
+                return
+            raise MailboxError("Not subscribed", "NONEXISTENT")
+        self._write_subscriptions(s for s in subs if s != name)
+
+
+# -- open folders ---------------------------------------------------------------------------
+
+
+class FolderView:
+    """One session's view of an open folder: its own sequence numbers and the changes it has
+    not announced yet."""
+
+    __slots__ = (
+        "folder",
+        "uids",
+        "readonly",
+        "recent",
+        "pending_added",
+        "pending_expunged",
+        "pending_flags",
+        "on_change",
+        "invalid",
+    )
+
+    def __init__(self, folder: Folder, readonly: bool) -> None:
+        self.folder = folder
+        self.uids: list[int] = list(folder.uids)
+        self.readonly = readonly
+        self.recent: list[tuple[int, int]] = []  # [first, end) UID ranges that are \Recent here
+        self.pending_added = False
+        self.pending_expunged: set[int] = set()
+        self.pending_flags: set[int] = set()
+        self.on_change: Callable[[], None] | None = None
+        self.invalid: str | None = None  # reason when the folder was deleted or renamed
+
+    def is_recent(self, uid: int) -> bool:
+        for a, b in self.recent:
+            if a <= uid < b:
+                return True
+        return False
+
+    def recent_count(self) -> int:
+        n = 0
+        for a, b in self.recent:
+            n += bisect.bisect_left(self.uids, b) - bisect.bisect_left(self.uids, a)
+        return n
+
+    def seq_of(self, uid: int) -> int:
+        """1-based sequence number of ``uid`` in this view, 0 if absent."""
+        i = bisect.bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
+
+    def _changed(self, added: bool, expunged: Sequence[int], flags: Iterable[int]) -> None:
+        if added:
+            self.pending_added = True
+        if expunged:
+            self.pending_expunged.update(expunged)
+        self.pending_flags.update(flags)
+        if self.on_change is not None:
+            self.on_change()
+
+    def take_expunges(self) -> list[int]:
+        """Apply pending expunges to the sequence map; returns the sequence numbers to
+        announce, in the order ``* n EXPUNGE`` must be sent (each relative to the previous)."""
+        if not self.pending_expunged:
+            return []
+        gone = self.pending_expunged
+        self.pending_expunged = set()
+        seqs = []
+        keep = []
+        for i, u in enumerate(self.uids):
+            if u in gone:
+                seqs.append(i + 1)
+            else:
+                keep.append(u)
+        self.uids = keep
+        self.pending_flags -= gone
+        # announce from the highest down so each number is still valid when read
+        return sorted(seqs, reverse=True)
+
+    def take_added(self) -> int | None:
+        """Extend the sequence map with new messages; returns the new EXISTS count or None.
+        Messages that are both new and already expunged are skipped."""
+        if not self.pending_added:
+            return None
+        self.pending_added = False
+        last = self.uids[-1] if self.uids else 0
+        fuids = self.folder.uids
+        i = bisect.bisect_right(fuids, last)
+        new = fuids[i:]
+        if not new:
+            return None
+        self.uids.extend(new)
+        self.pending_flags.difference_update(new)
+        return len(self.uids)
+
+    def take_flags(self) -> list[int]:
+        if not self.pending_flags:
+            return []
+        uids = sorted(u for u in self.pending_flags if u in self.folder.flags)
+        self.pending_flags = set()
+        return uids
+
+    def close(self) -> None:
+        self.folder.release(self)
+
+
+class Folder:
+    """An open folder shared by this process's sessions (see the module docstring)."""
+
+    def __init__(self, registry: FolderRegistry, path: Path) -> None:
+        self.registry = registry
+        self.path = path
+        self.index = FolderIndex(path)
+        self.views: list[FolderView] = []
+        self.index.sync()
+        self.uidvalidity, self.uidnext, self.highestmodseq = self.index.counters()
+        uids, flags, modseqs = self.index.state()
+        canon: dict[str, str] = {}
+        self.uids: list[int] = uids
+        self.flags: dict[int, str] = {
+            u: canon.setdefault(f, f) for u, f in zip(uids, flags, strict=True)
+        }
+        self.modseqs: dict[int, int] = dict(zip(uids, modseqs, strict=True))
+        self._canon = canon
+        self._unsubscribe = (
+            registry.hub.subscribe(path, self._hub_changed) if registry.hub else None
+        )
+        self._refresh_pending = False
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def view(self, readonly: bool) -> FolderView:
+        v = FolderView(self, readonly)
+        self.views.append(v)
+        return v
+
+    def release(self, view: FolderView) -> None:
+        if view in self.views:
+            self.views.remove(view)
+        if not self.views:
+            self.registry._closed(self)
+
+    def _close(self) -> None:
+        if self._unsubscribe:
+            self._unsubscribe()
+        self.index.close()
+
+    def invalidate(self, reason: str) -> None:
+        for v in list(self.views):
+            v.invalid = reason
+            if v.on_change:
+                v.on_change()
+
+    # -- keeping in step -------------------------------------------------------------------
+
+    def _hub_changed(self, _folder: Path) -> None:
+        if self._refresh_pending:
+            return
+        self._refresh_pending = True
+        self.registry.call_soon(self._deferred_refresh)
+
+    def _deferred_refresh(self) -> None:
+        self._refresh_pending = False
+        try:
+            self.refresh()
+        except Exception:  # the folder may have gone away; sessions find out on next use
+            from twisted.logger import Logger
+
+            Logger(namespace="mailsuite.store").failure(
+                "refresh of {path} failed", path=str(self.path)
+            )
+
+    def refresh(self) -> bool:
+        """Bring the shared state in step with the index (and the index with the directory);
+        push what changed to every view.  Returns True if something changed."""
+        if not (self.path / "cur").is_dir():
+            self.invalidate("Mailbox was deleted or renamed")
+            return False
+        self.index.sync()
+        uv, nxt, hms = self.index.counters()
+        if uv != self.uidvalidity:
+            self.invalidate("Mailbox index was rebuilt (UIDVALIDITY changed)")
+            return False
+        if hms == self.highestmodseq and nxt == self.uidnext:
+            return False
+        rows, gone = self.index.changes_since(self.highestmodseq)
+        self._apply(rows, gone, None)
+        self.uidnext = max(self.uidnext, nxt)
+        self.highestmodseq = max(self.highestmodseq, hms)
+        return True
+
+    def _apply(
+        self, rows: Sequence[tuple[int, str, int]], gone: Sequence[int], origin: FolderView | None
+    ) -> None:
+        added: list[int] = []
+        changed: list[int] = []
+        flags = self.flags
+        for uid, f, ms in rows:
+            old = flags.get(uid)
+            if old is None:
+                if uid >= self.uidnext or not self.uids or uid > self.uids[-1]:
+                    added.append(uid)
+                else:  # not seen before and lower than known UIDs: ignore unless truly new
+                    added.append(uid)
+                flags[uid] = self._canon.setdefault(f, f)
+                self.modseqs[uid] = ms
+            else:
+                self.modseqs[uid] = ms
+                if old != f:
+                    flags[uid] = self._canon.setdefault(f, f)
+                    changed.append(uid)
+        if added:
+            added.sort()
+            if not self.uids or added[0] > self.uids[-1]:
+                self.uids.extend(added)
+            else:
+                self.uids = sorted(set(self.uids).union(added))
+            self.uidnext = max(self.uidnext, added[-1] + 1)
+        real_gone = [u for u in gone if u in flags]
+        if real_gone:
+            gs = set(real_gone)
+            self.uids = [u for u in self.uids if u not in gs]
+            for u in real_gone:
+                del flags[u]
+                self.modseqs.pop(u, None)
+        if added or real_gone or changed:
+            for v in list(self.views):
+                v._changed(bool(added), real_gone, [] if v is origin else changed)
+
+    # -- changes made here ------------------------------------------------------------------
+
+    def store(
+        self,
+        origin: FolderView | None,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None = None,
+    ) -> list[tuple[int, str, int]]:
+        """Set flags (see :meth:`FolderIndex.store_flags`); other views hear about it."""
+        done = self.index.store_flags(changes, unchangedsince)
+        self._apply(done, (), origin)
+        if done and self.registry.hub:
+            self.registry.hub.notify(self.path, self._hub_changed)
+        return done
+
+    def expunge(self, uids: Sequence[int]) -> list[int]:
+        done = self.index.expunge(uids)
+        self.refresh()
+        if done and self.registry.hub:
+            self.registry.hub.notify(self.path, self._hub_changed)
+        return done
+
+    def flag_set(self, uid: int) -> frozenset[str]:
+        f = self.flags.get(uid)
+        return frozenset(f.split()) if f else frozenset()
+
+
+class FolderRegistry:
+    """Open folders of this process, by path, with reference counting (one per process)."""
+
+    def __init__(
+        self,
+        hub: object | None = None,
+        call_soon: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.hub = hub  # mailsuite.store.events.ChangeHub
+        self.call_soon = call_soon or (lambda f: f())
+        self.open: dict[Path, Folder] = {}
+
+    def get(self, path: Path) -> Folder:
+        folder = self.open.get(path)
+        if folder is None:
+            folder = Folder(self, path)
+            self.open[path] = folder
+        else:
+            folder.refresh()
+        return folder
+
+    def peek(self, path: Path) -> Folder | None:
+        return self.open.get(path)
+
+    def _closed(self, folder: Folder) -> None:
+        if self.open.get(folder.path) is folder:
+            del self.open[folder.path]
+        folder._close()
+
+    def invalidate_under(self, paths: Iterable[Path], reason: str) -> None:
+        for p in paths:
+            f = self.open.pop(p, None)
+            if f is not None:
+                f.invalidate(reason)
+                f._close()
+
+
+# -- blocking helpers run in a thread ---------------------------------------------------------
+
+
+def append_blocking(
+    path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
+) -> tuple[int, int]:
+    """Durably add one message to the folder at ``path``; returns (uidvalidity, uid).
+    Opens its own index handle: call it from a thread."""
+    from mailsuite.store.maildir import write_tmp
+
+    tmp, unique, size, wsize = write_tmp(path, [data])
+    index = FolderIndex(path)
+    try:
+        try:
+            (uid,) = index.add_files([NewFile(tmp, unique, flags, size, wsize, internaldate)])
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return index.uidvalidity, uid
+    finally:
+        index.close()
+
+
+def copy_blocking(
+    src: Path,
+    dest: Path,
+    items: Sequence[tuple[str, frozenset[str], int, float, bytes | None, bytes | None]],
+) -> tuple[int, list[int]]:
+    """Hard-link messages (relative name, flags, crlf size, internal date, envelope,
+    bodystructure) of folder ``src`` into folder ``dest``; returns (dest uidvalidity, new UIDs).
+    Call it from a thread."""
+    index = FolderIndex(dest)
+    try:
+        files = []
+        for rel, flags, wsize, idate, env, bs in items:
+            source = src / rel
+            try:
+                size = os.stat(source).st_size
+            except FileNotFoundError:
+                raise MailboxError("A message was expunged meanwhile", "EXPUNGEISSUED") from None
+            if wsize < 0:
+                from mailsuite.store.index import crlf_size
+
+                wsize = crlf_size(source)
+            flags = frozenset(f for f in flags if f != "\\Recent")
+            files.append(NewFile(source, unique_name(), flags, size, wsize, idate, env, bs))
+        return index.uidvalidity, index.add_files(files)
+    finally:
+        index.close()
+
+
+def move_inbox_blocking(root: Path, dest: Path) -> None:
+    """RENAME INBOX: move every INBOX message into the (new) folder ``dest``."""
+    ensure_folder(dest)
+    src = FolderIndex(root)
+    try:
+        src.sync()
+        msgs = src.messages()
+        items = [(m.name, m.flags, m.size, m.internaldate, None, None) for m in msgs]
+    finally:
+        src.close()
+    copy_blocking(root, dest, items)
+    src = FolderIndex(root)
+    try:
+        src.expunge([m.uid for m in msgs])
+    finally:
+        src.close()
+
+
+
