@@ -42,7 +42,7 @@ class State(enum.Enum):
 
 
 def ok(text: str) -> bytes:
-    return b"+OK " + text.encode("utf-8") + b"\r\n"
+    return (b"+OK " + text.encode("utf-8") if text else b"+OK") + b"\r\n"
 
 
 def err(text: str) -> bytes:
