@@ -1,0 +1,64 @@
+"""The POP3 maildrop over a real Maildir in tmp_path: lock, snapshot, UIDL, EXPIRE n days."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.store.maildir import ensure_folder, write_message
+
+
+def box(tmp_path: Path, n: int) -> Path:
+    root = ensure_folder(tmp_path / "box")
+    for i in range(n):
+        write_message(root, [b"Subject: %d\n\nbody\n" % i])
+    return root
+
+
+def test_lock_snapshot_and_uidl(tmp_path: Path) -> None:
+    root = box(tmp_path, 2)
+    md = Maildrop(root)
+    with pytest.raises(MaildropInUse):
+        Maildrop(root)
+    write_message(root, [b"Subject: late\n\nx\n"])  # not in this session's snapshot
+    assert len(md) == 2 and md.stat() == (2, 2 * len(b"Subject: 0\r\n\r\nbody\r\n"))
+    uidls = [md.uidl(1), md.uidl(2)]
+    md.close()
+    md = Maildrop(root)
+    assert len(md) == 3 and [md.uidl(1), md.uidl(2)] == uidls
+    md.close()
+
+
+def test_expire_days_deletes_only_long_retrieved(tmp_path: Path) -> None:
+    root = box(tmp_path, 3)
+    clock = [1_000_000.0]
+    md = Maildrop(root, expiry=Expiry(2), now=lambda: clock[0])
+    md.note_retrieved(1)
+    assert md.commit() == []  # first retrieval recorded, nothing old enough yet
+    md.close()
+    clock[0] += 86400  # one day later message 2 is retrieved
+    md = Maildrop(root, expiry=Expiry(2), now=lambda: clock[0])
+    md.note_retrieved(2)
+    assert md.commit() == []
+    md.close()
+    clock[0] += 86400 + 1  # two days after message 1's first retrieval
+    md = Maildrop(root, expiry=Expiry(2), now=lambda: clock[0])
+    uid1 = md.message(1).uid
+    assert md.commit() == [uid1]
+    md.close()
+    md = Maildrop(root)
+    assert len(md) == 2
+    md.close()
+
+
+def test_login_delay(tmp_path: Path) -> None:
+    root = box(tmp_path, 0)
+    clock = [5_000.0]
+    Maildrop(root, login_delay=60, now=lambda: clock[0]).close()
+    clock[0] += 30
+    with pytest.raises(LoginTooSoon):
+        Maildrop(root, login_delay=60, now=lambda: clock[0])
+    clock[0] += 31
+    Maildrop(root, login_delay=60, now=lambda: clock[0]).close()
