@@ -35,6 +35,7 @@ from mailsuite.smtp.client import (
     TransactionResult,
     deliver,
 )
+from mailsuite.tls import client_tls_options
 
 __all__ = ["MAX_RCPTS_PER_TRANSACTION", "Relay", "RecipientResult", "SMARTHOST_ROUTE"]
 
@@ -180,8 +181,6 @@ class Relay:
     async def _one_host(self, route: str, host: MXHost, port: int, sender: str,
                         rcpts: list[str], message_path: Path, info: MessageInfo,
                         smtputf8: bool, body_8bit: bool) -> TransactionResult:
-        from mailsuite.tls import client_tls_options
-
         helo = self.config.hostname
         if route == SMARTHOST_ROUTE:
             verify = self.relay.smarthost_verify
