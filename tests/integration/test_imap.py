@@ -1,0 +1,475 @@
+"""IMAP server end to end: the real twistd on loopback, driven by imaplib and raw sockets."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mailsuite.store.maildir import write_message
+from tests.harness import PASSWORD, Server
+
+USER = "joe@example.test"
+MSG = b"From: Ann <ann@example.org>\r\nTo: joe@example.test\r\nSubject: hello\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\nbody text\r\n"
+MIME = (
+    b"From: a@example.org\r\nSubject: mime\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="XX"\r\n\r\n'
+    b"--XX\r\nContent-Type: text/plain\r\n\r\npart one\r\n"
+    b"--XX\r\nContent-Type: multipart/alternative; boundary=YY\r\n\r\n"
+    b"--YY\r\nContent-Type: text/plain\r\n\r\nalt plain\r\n--YY\r\nContent-Type: text/html\r\n\r\n<b>alt</b>\r\n--YY--\r\n"
+    b"--XX--\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, trustme.CA]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(d / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    return d / "cert.pem", d / "key.pem", ca
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tls_files):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("imap")
+    s = Server(root, services=("imap", "imaps", "smtp"), tls=tls_files[:2],
+               extra_toml="[auth]\nallow_plaintext = true\n[imap]\nmax_literal = 100000\n")
+    s.start()
+    s.add_user(USER)
+    s.add_user("sam@example.test")
+    yield s
+    s.stop()
+
+
+def login(server: Server, user: str = USER) -> imaplib.IMAP4:
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    m.login(user, PASSWORD)
+    return m
+
+
+def fresh_folder(m: imaplib.IMAP4, name: str) -> None:
+    m.create(name)
+
+
+def test_capabilities_and_login_plain(server: Server) -> None:
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    assert "STARTTLS" in m.capabilities and "AUTH=PLAIN" in m.capabilities
+    typ, _ = m.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())
+    assert typ == "OK"
+    typ, data = m.capability()
+    for cap in (b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"NAMESPACE", b"UNSELECT", b"ENABLE",
+                b"LITERAL+", b"ID", b"CHILDREN", b"CONDSTORE", b"QRESYNC"):
+        assert cap in data[0]
+    assert m.namespace()[1][0] == b'(("" ".")) NIL NIL'
+    m.logout()
+
+
+def test_bad_login(server: Server) -> None:
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.login(USER, "wrong")
+    m.logout()
+
+
+def test_logindisabled_without_tls(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
+    with Server(tmp_path, services=("imap", "imaps"), tls=tls_files[:2]) as s:
+        s.add_user(USER)
+        m = imaplib.IMAP4("127.0.0.1", s.port("imap"))
+        assert "LOGINDISABLED" in m.capabilities and "AUTH=PLAIN" not in m.capabilities
+        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+            m.login(USER, PASSWORD)
+        ctx = tls_files[2].client_context() if hasattr(tls_files[2], "client_context") else ssl.create_default_context()
+        tls_files[2].configure_trust(ctx)
+        m.starttls(ctx)
+        m.login(USER, PASSWORD)
+        m.logout()
+        m2 = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=ctx)
+        m2.login(USER, PASSWORD)
+        assert m2.select("INBOX")[0] == "OK"
+        m2.logout()
+
+
+def test_starttls_pipelined_commands_are_discarded(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
+    with Server(tmp_path, services=("imap",), tls=tls_files[:2]) as s:
+        s.add_user(USER)
+        sock = socket.create_connection(("127.0.0.1", s.port("imap")))
+        sock.recv(4096)
+        sock.sendall(f"a STARTTLS\r\nb LOGIN {USER} \"{PASSWORD}\"\r\n".encode())
+        time.sleep(0.3)
+        data = sock.recv(4096)
+        assert data.startswith(b"a OK")
+        assert b"b " not in data
+        ctx = ssl.create_default_context()
+        tls_files[2].configure_trust(ctx)
+        tls = ctx.wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"c CAPABILITY\r\n")
+        time.sleep(0.3)
+        reply = tls.recv(4096)
+        assert b"c OK" in reply and b"b OK" not in reply  # the injected LOGIN never ran
+        tls.close()
+
+
+def test_list_special_use_children_and_escape(server: Server) -> None:
+    m = login(server)
+    typ, data = m.list()
+    text = b"\n".join(data)
+    for name, attr in (("Sent", b"\\Sent"), ("Drafts", b"\\Drafts"), ("Trash", b"\\Trash"),
+                       ("Junk", b"\\Junk"), ("Archive", b"\\Archive")):
+        assert attr in text and name.encode() in text
+    assert m.create("Work.Projects")[0] == "OK"
+    typ, data = m.list("Work%")
+    assert any(b'"Work"' in d and b"\\HasChildren" in d for d in data)
+    typ, data = m.list("Work.*")
+    assert any(b'"Work.Projects"' in d for d in data)
+    for bad in ("../evil", "a/../../b", "~root", "/etc", "a..b"):
+        typ, data = m.create(f'"{bad}"')
+        assert typ == "NO", bad
+    assert not list(server.data.glob("mail/*/evil*"))
+    typ, data = m._simple_command("LIST", '(SPECIAL-USE)', '""', '"*"', "RETURN", "(STATUS (MESSAGES UNSEEN))")
+    assert typ == "OK"
+    assert any(b"MESSAGES" in r for r in m.untagged_responses.get("STATUS", []))
+    m.logout()
+
+
+def test_create_delete_rename_subscribe(server: Server) -> None:
+    m = login(server)
+    assert m.create("Tmp1")[0] == "OK"
+    assert m.create("Tmp1")[0] == "NO"
+    assert m.append("Tmp1", None, None, MSG)[0] == "OK"
+    assert m.create("Tmp1.Child")[0] == "OK"
+    assert m.subscribe("Tmp1")[0] == "OK"
+    assert m.rename("Tmp1", "Tmp2")[0] == "OK"
+    typ, data = m.list("Tmp*")
+    names = b" ".join(data)
+    assert b'"Tmp2"' in names and b'"Tmp2.Child"' in names and b'"Tmp1"' not in names
+    assert m.lsub("Tmp*")[1][0] and b"Tmp2" in m.lsub("Tmp*")[1][0]
+    assert m.status("Tmp2", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 1)")
+    assert m.delete("Tmp2")[0] == "NO"  # has children
+    assert m.delete("Tmp2.Child")[0] == "OK"
+    assert m.delete("Tmp2")[0] == "OK"
+    assert m.delete("INBOX")[0] == "NO"
+    m.logout()
+
+
+def test_rename_inbox_moves_messages(server: Server) -> None:
+    m = login(server, "sam@example.test")
+    m.append("INBOX", None, None, MSG)
+    m.append("INBOX", None, None, MSG)
+    assert m.rename("INBOX", "Old")[0] == "OK"
+    assert m.status("Old", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 2)")
+    assert m.status("INBOX", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 0)")
+    m.logout()
+
+
+def test_select_append_fetch_store_expunge(server: Server) -> None:
+    m = login(server)
+    m.create("T1")
+    typ, data = m.append("T1", "(\\Flagged $Important)", '"01-Feb-2020 21:52:25 -0800"', MSG)
+    assert typ == "OK" and b"APPENDUID" in data[0]
+    uidvalidity, uid = data[0].split(b"[APPENDUID ")[1].split(b"]")[0].split()
+    assert m.append("T1", None, None, MIME)[0] == "OK"  # no flags, no date
+    typ, data = m.select("T1")
+    assert data == [b"2"]
+    assert m.untagged_responses["UIDVALIDITY"] == [uidvalidity]
+    assert m.untagged_responses["UIDNEXT"] == [str(int(uid) + 2).encode()]
+    assert b"\\*" in m.untagged_responses["PERMANENTFLAGS"][0]
+    assert m.untagged_responses["UNSEEN"] == [b"1"]
+    typ, data = m.fetch("1", "(FLAGS INTERNALDATE RFC822.SIZE ENVELOPE)")
+    line = data[0]
+    assert b"\\Flagged" in line and b"$Important" in line
+    assert b'INTERNALDATE "02-Feb-2020 05:52:25 +0000"' in line
+    assert b"RFC822.SIZE %d" % len(MSG) in line
+    assert b'"hello"' in line and b'(("Ann" NIL "ann" "example.org"))' in line
+    typ, data = m.fetch("2", "(BODYSTRUCTURE BODY.PEEK[2.1] BODY.PEEK[1]<2.4> BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    flat = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data)
+    assert b'("text" "html"' in flat and b'"alternative"' in flat and b'"mixed"' in flat
+    assert b"alt plain" in flat
+    assert b"BODY[1]<2> {4}" in flat and b"rt o" in flat
+    assert b"Subject: mime" in flat
+    # BODY.PEEK kept it unseen; BODY[] sets \Seen and reports FLAGS
+    assert b"\\Seen" not in m.fetch("2", "(FLAGS)")[1][0]
+    typ, data = m.fetch("2", "(BODY[TEXT])")
+    assert b"\\Seen" in b"".join(x if isinstance(x, bytes) else x[0] for x in data)
+    assert b"\\Seen" in m.fetch("2", "(FLAGS)")[1][0]
+    assert m.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    assert b"\\Deleted" in m.fetch("1", "(FLAGS)")[1][0]
+    typ, data = m.expunge()
+    assert data == [b"1"]
+    assert m.select("T1")[1] == [b"1"]
+    assert m.store("1", "-FLAGS.SILENT", "(\\Seen)")[1] == [None]
+    m.logout()
+
+
+def test_fetch_items_and_errors_keep_session(server: Server) -> None:
+    m = login(server)
+    m.select("INBOX")
+    m.append("INBOX", None, None, MSG)
+    m.noop()
+    for item in ("ALL", "FAST", "FULL", "(RFC822.HEADER)", "(BODY)", "(RFC822.TEXT)", "(BODY.PEEK[1.MIME])"):
+        typ, _ = m.fetch("1", item)
+    for args in (("FETCH", "1", "(NOSUCH)"), ("FETCH", "999", "(FLAGS)"), ("STORE", "1", "+FLAGS", "(")):
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            m._simple_command(*args)
+    assert m.noop()[0] == "OK"  # the session goes on
+    m.logout()
+
+
+def test_search_keys(server: Server) -> None:
+    m = login(server)
+    m.create("S1")
+    m.append("S1", "(\\Seen)", None, MSG)
+    m.append("S1", None, None, MIME)
+    m.append("S1", "(\\Flagged)", None, b"From: zed@example.net\r\nSubject: caf\xc3\xa9\r\n\r\nbig " + b"x" * 2000 + b"\r\n")
+    m.select("S1")
+    assert m.search(None, "UNSEEN")[1] == [b"2 3"]
+    assert m.search(None, "SEEN")[1] == [b"1"]
+    assert m.search(None, "FROM", "zed")[1] == [b"3"]
+    assert m.search(None, "HEADER", "Subject", "mime")[1] == [b"2"]
+    assert m.search(None, "BODY", '"alt plain"')[1] == [b"2"]
+    assert m.search(None, "TEXT", "hello")[1] == [b"1"]
+    assert m.search(None, "LARGER", "1000")[1] == [b"3"]
+    assert m.search(None, "OR", "FLAGGED", "SEEN")[1] == [b"1 3"]
+    assert m.search(None, "NOT", "SEEN", "SINCE", "1-Jan-2000")[1] == [b"2 3"]
+    assert m.search(None, "2:*")[1] == [b"2 3"]
+    m.literal = "café".encode()
+    assert m.search("UTF-8", "SUBJECT")[1] == [b"3"]
+    typ, data = m.uid("SEARCH", "UNSEEN")
+    assert len(data[0].split()) == 2
+    typ, data = m._simple_command("SEARCH", "CHARSET", "KOI8-R", "ALL")
+    assert typ == "NO"
+    m.logout()
+
+
+def test_copy_move_uidplus(server: Server) -> None:
+    m = login(server)
+    m.create("C1")
+    m.create("C2")
+    for _ in range(3):
+        m.append("C1", "(\\Seen)", None, MSG)
+    m.select("C1")
+    typ, data = m.uid("COPY", "1:2", "C2")
+    assert typ == "OK" and m.untagged_responses.get("COPYUID")
+    m.untagged_responses.clear()
+    typ, data = m.copy("1", "NoSuchBox")
+    assert typ == "NO" and "TRYCREATE" in m.untagged_responses
+    typ, data = m._simple_command("MOVE", "3", "C2")
+    assert typ == "OK"
+    assert m.untagged_responses.get("COPYUID")
+    assert m.untagged_responses.get("EXPUNGE") == [b"3"]
+    assert m.status("C2", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 3)")
+    typ, _ = m.store("1:2", "+FLAGS", "(\\Deleted)")
+    m.untagged_responses.clear()
+    typ, data = m.uid("EXPUNGE", "1")
+    assert typ == "OK" and m.untagged_responses.get("EXPUNGE") == [b"1"]
+    assert m.search(None, "ALL")[1] == [b"1"]
+    m.logout()
+
+
+def test_condstore_qresync(server: Server) -> None:
+    m = login(server)
+    m.create("Q1")
+    for _ in range(3):
+        m.append("Q1", None, None, MSG)
+    m._simple_command("ENABLE", "QRESYNC")
+    m.select("Q1")
+    hms = int(m.untagged_responses["HIGHESTMODSEQ"][0])
+    uidv = int(m.untagged_responses["UIDVALIDITY"][0])
+    m.store("2", "+FLAGS", "(\\Flagged)")
+    typ, data = m.uid("FETCH", "1:*", "(FLAGS) (CHANGEDSINCE %d)" % hms)
+    assert len([d for d in data if d]) == 1 and b"MODSEQ" in data[0]
+    typ, data = m.store("1", "(UNCHANGEDSINCE 1) +FLAGS", "(\\Seen)")
+    assert typ == "OK" and m.untagged_responses.get("MODIFIED") == [b"1"]
+    m.store("3", "+FLAGS", "(\\Deleted)")
+    m.expunge()
+    m.close()
+    typ, data = m._simple_command("SELECT", "Q1", f"(QRESYNC ({uidv} {hms}))")
+    assert typ == "OK"
+    assert m.untagged_responses.get("VANISHED")[-1] == b"(EARLIER) 3"
+    m.logout()
+
+
+def test_two_sessions_and_idle(server: Server) -> None:
+    a = login(server)
+    b = login(server)
+    a.create("Shared")
+    a.select("Shared")
+    b.select("Shared")
+    b.append("Shared", None, None, MSG)
+    typ, data = a.noop()
+    assert a.untagged_responses.get("EXISTS")[-1] == b"1"
+    # IDLE sees a flag change, an expunge and a delivery from another process within a second
+    sock = socket.create_connection(("127.0.0.1", server.port("imap")))
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(f'a LOGIN {USER} "{PASSWORD}"\r\nb SELECT Shared\r\nc IDLE\r\n'.encode())
+    while not f.readline().startswith(b"+"):
+        pass
+    b.store("1", "+FLAGS", "(\\Flagged)")
+    sock.settimeout(2)
+    line = f.readline()
+    assert b"FETCH" in line and b"\\Flagged" in line
+    box = server.maildir(USER, "Shared")
+    write_message(box, [b"Subject: other process\n\nhi\n"])
+    t0 = time.monotonic()
+    lines = [f.readline(), f.readline()]
+    assert b"* 2 EXISTS" in lines[0] and time.monotonic() - t0 < 1.5
+    b.store("1", "+FLAGS", "(\\Deleted)")
+    b.expunge()
+    line = f.readline()
+    while b"FETCH" in line:
+        line = f.readline()
+    assert line.startswith(b"* 1 EXPUNGE")
+    sock.sendall(b"DONE\r\n")
+    assert f.readline().startswith(b"c OK")
+    sock.close()
+    a.logout()
+    b.logout()
+
+
+def test_idle_sees_smtp_delivery(server: Server) -> None:
+    import smtplib
+
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    m.login("sam@example.test", PASSWORD)
+    m.select("INBOX")
+    before = int(m.select("INBOX")[1][0])
+    tag = m._new_tag()
+    m.send(tag + b" IDLE\r\n")
+    assert m.readline().startswith(b"+")
+    try:
+        with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=10) as s:
+            s.sendmail("x@example.org", ["sam@example.test"], b"Subject: by smtp\r\n\r\nhi\r\n")
+    except (smtplib.SMTPException, OSError) as exc:
+        pytest.skip(f"SMTP delivery not available: {exc}")
+    m.sock.settimeout(1.5)
+    line = m.readline()
+    assert line.strip() == b"* %d EXISTS" % (before + 1)
+    m.send(b"DONE\r\n")
+    m.sock.settimeout(5)
+    while not m.readline().startswith(tag):
+        pass
+    m.logout()
+
+
+def test_literal_limits_and_literal_plus(server: Server) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port("imap")))
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(f'a LOGIN {{{len(USER)}+}}\r\n{USER} "{PASSWORD}"\r\n'.encode())
+    assert f.readline().startswith(b"a OK")
+    sock.sendall(b"b APPEND INBOX {999999999}\r\n")
+    line = f.readline()
+    assert line.startswith(b"b NO [TOOBIG]") or line.startswith(b"b BAD")
+    sock.sendall(b"c NOOP\r\n")
+    assert f.readline().startswith(b"c OK")
+    sock.close()
+
+
+def test_uid_persistence_across_restart(tmp_path: Path) -> None:
+    s = Server(tmp_path, services=("imap",), extra_toml="[auth]\nallow_plaintext = true\n")
+    s.start()
+    try:
+        s.add_user(USER)
+        m = login(s)
+        for _ in range(3):
+            m.append("INBOX", None, None, MSG)
+        m.select("INBOX")
+        m.store("2", "+FLAGS", "(\\Seen $Label1)")
+        before = m.fetch("1:*", "(UID FLAGS)")[1]
+        uidv = m.untagged_responses["UIDVALIDITY"]
+        m.logout()
+        s.kill9()
+        s.start()
+        m = login(s)
+        m.select("INBOX")
+        assert m.untagged_responses["UIDVALIDITY"] == uidv
+        strip = [x.replace(b" \\Recent", b"").replace(b"\\Recent", b"") for x in before]
+        assert m.fetch("1:*", "(UID FLAGS)")[1] == strip
+        m.logout()
+        # the index is lost: rebuilt with a new UIDVALIDITY, keywords kept from the file names
+        s.stop()
+        for p in s.maildir(USER).glob("mailsuite-index.sqlite*"):
+            p.unlink()
+        s.start()
+        m = login(s)
+        m.select("INBOX")
+        assert m.untagged_responses["UIDVALIDITY"] != uidv
+        assert b"$Label1" in m.fetch("2", "(FLAGS)")[1][0]
+        m.logout()
+    finally:
+        s.stop()
+
+
+def test_mbsync_two_way_sync(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("mbsync") is None:
+        pytest.skip("mbsync (Debian isync) is not installed")
+    s = Server(tmp_path / "srv", services=("imap",), extra_toml="[auth]\nallow_plaintext = true\n")
+    s.start()
+    try:
+        s.add_user(USER)
+        box = s.maildir(USER)
+        for i in range(200):
+            write_message(box, [b"From: x@example.org\nSubject: m%d\n\nbody %d\n" % (i, i)])
+        local = tmp_path / "local"
+        local.mkdir()
+        rc = tmp_path / "mbsyncrc"
+        rc.write_text(
+            f"IMAPAccount a\nHost 127.0.0.1\nPort {s.port('imap')}\nUser {USER}\nPass \"{PASSWORD}\"\n"
+            "SSLType None\nAuthMechs LOGIN\n\n"
+            "IMAPStore remote\nAccount a\n\n"
+            f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
+            "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
+        )
+        run = lambda: subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120)  # noqa: E731
+        r = run()
+        assert r.returncode == 0, r.stderr + r.stdout
+        got = list((local / "INBOX" / "cur").iterdir()) + list((local / "INBOX" / "new").iterdir())
+        assert len(got) == 200
+        # local change: mark one seen and add one; remote change: flag one
+        first = sorted((local / "INBOX" / "new").iterdir())[0] if list((local / "INBOX" / "new").iterdir()) else None
+        if first is not None:
+            os.rename(first, local / "INBOX" / "cur" / (first.name + ":2,S"))
+        write_message(local / "INBOX", [b"Subject: from local\n\nx\n"])
+        m = login(s)
+        m.select("INBOX")
+        m.store("5", "+FLAGS", "(\\Flagged)")
+        m.logout()
+        r = run()
+        assert r.returncode == 0, r.stderr + r.stdout
+        m = login(s)
+        m.select("INBOX")
+        assert m.search(None, "SUBJECT", '"from local"')[1][0] != b""
+        assert int(m.select("INBOX")[1][0]) == 201
+        if first is not None:
+            assert m.search(None, "SEEN")[1][0] != b""
+        m.logout()
+        flagged = [p for p in (local / "INBOX" / "cur").iterdir() if ":2," in p.name and "F" in p.name.split(":2,")[1]]
+        assert flagged
+    finally:
+        s.stop()
+
+
+def test_curl_reads_a_folder(server: Server) -> None:
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    m = login(server)
+    m.create("Curl")
+    m.append("Curl", None, None, MSG)
+    m.logout()
+    url = f"imap://127.0.0.1:{server.port('imap')}/Curl;UID=1"
+    r = subprocess.run(["curl", "-s", "--user", f"{USER}:{PASSWORD}", url], capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert b"Subject: hello" in r.stdout
