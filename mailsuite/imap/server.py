@@ -1225,7 +1225,10 @@ class Session:
             )
             src_uids.append(u)
         uidvalidity, new_uids = yield threads.deferToThread(copy_blocking, folder.path, dest, items)
-        copyuid = f"COPYUID {uidvalidity} {compress(src_uids) if _ascending(src_uids) else ','.join(map(str, src_uids))} {compress(new_uids) if _ascending(new_uids) else ','.join(map(str, new_uids))}"
+        # both lists ascend (targets are sorted, new UIDs are assigned in order), so the
+        # compressed sets still pair up one to one (RFC 4315 3)
+        assert _ascending(src_uids) and _ascending(new_uids)
+        copyuid = f"COPYUID {uidvalidity} {compress(src_uids)} {compress(new_uids)}"
         other = self.shared.registry.peek(dest)
         if other is not None and other is not folder:
             other.refresh()

@@ -294,7 +294,7 @@ class FolderIndex:
         rows = self.db.execute("SELECT uid, flags, modseq FROM messages ORDER BY uid").fetchall()
         if not rows:
             return [], [], []
-        uids, flags, modseqs = zip(*rows)
+        uids, flags, modseqs = zip(*rows, strict=True)
         return list(uids), list(flags), list(modseqs)
 
     def changes_since(self, modseq: int) -> tuple[list[tuple[int, str, int]], list[int]]:

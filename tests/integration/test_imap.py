@@ -41,8 +41,12 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, tru
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tls_files):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("imap")
-    s = Server(root, services=("imap", "imaps", "smtp"), tls=tls_files[:2],
-               extra_toml="[auth]\nallow_plaintext = true\n[imap]\nmax_literal = 100000\n")
+    s = Server(
+        root,
+        services=("imap", "imaps", "smtp"),
+        tls=tls_files[:2],
+        extra_toml="[auth]\nallow_plaintext = true\n[imap]\nmax_literal = 100000\n",
+    )
     s.start()
     s.add_user(USER)
     s.add_user("sam@example.test")
@@ -66,8 +70,20 @@ def test_capabilities_and_login_plain(server: Server) -> None:
     typ, _ = m.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())
     assert typ == "OK"
     typ, data = m.capability()
-    for cap in (b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"NAMESPACE", b"UNSELECT", b"ENABLE",
-                b"LITERAL+", b"ID", b"CHILDREN", b"CONDSTORE", b"QRESYNC"):
+    for cap in (
+        b"IDLE",
+        b"UIDPLUS",
+        b"MOVE",
+        b"SPECIAL-USE",
+        b"NAMESPACE",
+        b"UNSELECT",
+        b"ENABLE",
+        b"LITERAL+",
+        b"ID",
+        b"CHILDREN",
+        b"CONDSTORE",
+        b"QRESYNC",
+    ):
         assert cap in data[0]
     assert m.namespace()[1][0] == b'(("" ".")) NIL NIL'
     m.logout()
@@ -87,7 +103,11 @@ def test_logindisabled_without_tls(tmp_path: Path, tls_files) -> None:  # type: 
         assert "LOGINDISABLED" in m.capabilities and "AUTH=PLAIN" not in m.capabilities
         with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
             m.login(USER, PASSWORD)
-        ctx = tls_files[2].client_context() if hasattr(tls_files[2], "client_context") else ssl.create_default_context()
+        ctx = (
+            tls_files[2].client_context()
+            if hasattr(tls_files[2], "client_context")
+            else ssl.create_default_context()
+        )
         tls_files[2].configure_trust(ctx)
         m.starttls(ctx)
         m.login(USER, PASSWORD)
@@ -103,7 +123,7 @@ def test_starttls_pipelined_commands_are_discarded(tmp_path: Path, tls_files) ->
         s.add_user(USER)
         sock = socket.create_connection(("127.0.0.1", s.port("imap")))
         sock.recv(4096)
-        sock.sendall(f"a STARTTLS\r\nb LOGIN {USER} \"{PASSWORD}\"\r\n".encode())
+        sock.sendall(f'a STARTTLS\r\nb LOGIN {USER} "{PASSWORD}"\r\n'.encode())
         time.sleep(0.3)
         data = sock.recv(4096)
         assert data.startswith(b"a OK")
@@ -122,8 +142,13 @@ def test_list_special_use_children_and_escape(server: Server) -> None:
     m = login(server)
     typ, data = m.list()
     text = b"\n".join(data)
-    for name, attr in (("Sent", b"\\Sent"), ("Drafts", b"\\Drafts"), ("Trash", b"\\Trash"),
-                       ("Junk", b"\\Junk"), ("Archive", b"\\Archive")):
+    for name, attr in (
+        ("Sent", b"\\Sent"),
+        ("Drafts", b"\\Drafts"),
+        ("Trash", b"\\Trash"),
+        ("Junk", b"\\Junk"),
+        ("Archive", b"\\Archive"),
+    ):
         assert attr in text and name.encode() in text
     assert m.create("Work.Projects")[0] == "OK"
     typ, data = m.list("Work%")
@@ -134,7 +159,9 @@ def test_list_special_use_children_and_escape(server: Server) -> None:
         typ, data = m.create(f'"{bad}"')
         assert typ == "NO", bad
     assert not list(server.data.glob("mail/*/evil*"))
-    typ, data = m._simple_command("LIST", '(SPECIAL-USE)', '""', '"*"', "RETURN", "(STATUS (MESSAGES UNSEEN))")
+    typ, data = m._simple_command(
+        "LIST", "(SPECIAL-USE)", '""', '"*"', "RETURN", "(STATUS (MESSAGES UNSEEN))"
+    )
     assert typ == "OK"
     assert any(b"MESSAGES" in r for r in m.untagged_responses.get("STATUS", []))
     m.logout()
@@ -189,7 +216,9 @@ def test_select_append_fetch_store_expunge(server: Server) -> None:
     assert b'INTERNALDATE "02-Feb-2020 05:52:25 +0000"' in line
     assert b"RFC822.SIZE %d" % len(MSG) in line
     assert b'"hello"' in line and b'(("Ann" NIL "ann" "example.org"))' in line
-    typ, data = m.fetch("2", "(BODYSTRUCTURE BODY.PEEK[2.1] BODY.PEEK[1]<2.4> BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    typ, data = m.fetch(
+        "2", "(BODYSTRUCTURE BODY.PEEK[2.1] BODY.PEEK[1]<2.4> BODY.PEEK[HEADER.FIELDS (SUBJECT)])"
+    )
     flat = b"".join(x if isinstance(x, bytes) else b"".join(x) for x in data)
     assert b'("text" "html"' in flat and b'"alternative"' in flat and b'"mixed"' in flat
     assert b"alt plain" in flat
@@ -214,9 +243,21 @@ def test_fetch_items_and_errors_keep_session(server: Server) -> None:
     m.select("INBOX")
     m.append("INBOX", None, None, MSG)
     m.noop()
-    for item in ("ALL", "FAST", "FULL", "(RFC822.HEADER)", "(BODY)", "(RFC822.TEXT)", "(BODY.PEEK[1.MIME])"):
+    for item in (
+        "ALL",
+        "FAST",
+        "FULL",
+        "(RFC822.HEADER)",
+        "(BODY)",
+        "(RFC822.TEXT)",
+        "(BODY.PEEK[1.MIME])",
+    ):
         typ, _ = m.fetch("1", item)
-    for args in (("FETCH", "1", "(NOSUCH)"), ("FETCH", "999", "(FLAGS)"), ("STORE", "1", "+FLAGS", "(")):
+    for args in (
+        ("FETCH", "1", "(NOSUCH)"),
+        ("FETCH", "999", "(FLAGS)"),
+        ("STORE", "1", "+FLAGS", "("),
+    ):
         with pytest.raises(imaplib.IMAP4.error, match="BAD"):
             m._simple_command(*args)
     assert m.noop()[0] == "OK"  # the session goes on
@@ -228,7 +269,12 @@ def test_search_keys(server: Server) -> None:
     m.create("S1")
     m.append("S1", "(\\Seen)", None, MSG)
     m.append("S1", None, None, MIME)
-    m.append("S1", "(\\Flagged)", None, b"From: zed@example.net\r\nSubject: caf\xc3\xa9\r\n\r\nbig " + b"x" * 2000 + b"\r\n")
+    m.append(
+        "S1",
+        "(\\Flagged)",
+        None,
+        b"From: zed@example.net\r\nSubject: caf\xc3\xa9\r\n\r\nbig " + b"x" * 2000 + b"\r\n",
+    )
     m.select("S1")
     assert m.search(None, "UNSEEN")[1] == [b"2 3"]
     assert m.search(None, "SEEN")[1] == [b"1"]
@@ -425,19 +471,25 @@ def test_mbsync_two_way_sync(tmp_path: Path) -> None:
         local.mkdir()
         rc = tmp_path / "mbsyncrc"
         rc.write_text(
-            f"IMAPAccount a\nHost 127.0.0.1\nPort {s.port('imap')}\nUser {USER}\nPass \"{PASSWORD}\"\n"
+            f'IMAPAccount a\nHost 127.0.0.1\nPort {s.port("imap")}\nUser {USER}\nPass "{PASSWORD}"\n'
             "SSLType None\nAuthMechs LOGIN\n\n"
             "IMAPStore remote\nAccount a\n\n"
             f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
             "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
         )
-        run = lambda: subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120)  # noqa: E731
+        run = lambda: subprocess.run(
+            ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
+        )  # noqa: E731
         r = run()
         assert r.returncode == 0, r.stderr + r.stdout
         got = list((local / "INBOX" / "cur").iterdir()) + list((local / "INBOX" / "new").iterdir())
         assert len(got) == 200
         # local change: mark one seen and add one; remote change: flag one
-        first = sorted((local / "INBOX" / "new").iterdir())[0] if list((local / "INBOX" / "new").iterdir()) else None
+        first = (
+            sorted((local / "INBOX" / "new").iterdir())[0]
+            if list((local / "INBOX" / "new").iterdir())
+            else None
+        )
         if first is not None:
             os.rename(first, local / "INBOX" / "cur" / (first.name + ":2,S"))
         write_message(local / "INBOX", [b"Subject: from local\n\nx\n"])
@@ -454,7 +506,11 @@ def test_mbsync_two_way_sync(tmp_path: Path) -> None:
         if first is not None:
             assert m.search(None, "SEEN")[1][0] != b""
         m.logout()
-        flagged = [p for p in (local / "INBOX" / "cur").iterdir() if ":2," in p.name and "F" in p.name.split(":2,")[1]]
+        flagged = [
+            p
+            for p in (local / "INBOX" / "cur").iterdir()
+            if ":2," in p.name and "F" in p.name.split(":2,")[1]
+        ]
         assert flagged
     finally:
         s.stop()
@@ -470,6 +526,8 @@ def test_curl_reads_a_folder(server: Server) -> None:
     m.append("Curl", None, None, MSG)
     m.logout()
     url = f"imap://127.0.0.1:{server.port('imap')}/Curl;UID=1"
-    r = subprocess.run(["curl", "-s", "--user", f"{USER}:{PASSWORD}", url], capture_output=True, timeout=30)
+    r = subprocess.run(
+        ["curl", "-s", "--user", f"{USER}:{PASSWORD}", url], capture_output=True, timeout=30
+    )
     assert r.returncode == 0, r.stderr
     assert b"Subject: hello" in r.stdout
