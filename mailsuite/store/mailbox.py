@@ -16,9 +16,9 @@ every session of this process.  Our own code.
 from __future__ import annotations
 
 import bisect
-from collections import OrderedDict
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
