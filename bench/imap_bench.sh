@@ -9,7 +9,7 @@ set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
 OUT=${1:-$(mktemp -d /tmp/mailsuite-imap-bench.XXXXXX)}
-SIZES=${SIZES:-"10000 100000"}
+SIZES=${SIZES-"10000 100000"}
 TRIALS=${TRIALS:-3}
 IDLE_N=${IDLE_N:-1000}
 PY=${PYTHON:-python3}
