@@ -19,6 +19,8 @@ checker and realm stay the standard Twisted shapes.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -101,13 +103,12 @@ class FailureLog:
 
         Once an IP has failed, its in-flight attempts count as failures, so that many
         parallel connections cannot all guess before the first failure is recorded.  An IP
-        with no failures may have up to twice ``max_failures_per_ip`` checks in flight (an
-        office behind NAT opening many IMAP connections at once) before it must wait.
+        with no failures is never refused here (an office behind NAT opening many IMAP
+        connections at once); :class:`Authenticator` only bounds how many of its checks run
+        at the same time.
         """
         recorded = self._count(self.by_ip, ip)
         ip_fails = recorded + in_flight if recorded else 0
-        if in_flight >= 2 * self.cfg.max_failures_per_ip:
-            return True
         if ip_fails >= self.cfg.max_failures_per_ip:
             return True
         return ip_fails > 0 and self._count(self.by_user, user) >= self.cfg.max_failures_per_user
@@ -127,9 +128,43 @@ class Argon2Checker:
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
-    def __init__(self, directory: Directory, reactor: interfaces.IReactorThreads) -> None:
+    #: How long a verified password is remembered (mail clients log in again and again, and
+    #: one argon2id check costs tens of milliseconds of CPU), and for how many accounts.
+    CACHE_SECONDS = 600.0
+    CACHE_SIZE = 10_000
+
+    def __init__(
+        self,
+        directory: Directory,
+        reactor: interfaces.IReactorThreads,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.directory = directory
         self.reactor = reactor
+        self.now = now
+        # user -> (keyed digest of the password, stored hash it was checked against, expiry).
+        # The key lives only in this process, so the cache never holds a usable secret and a
+        # password change (a new stored hash) invalidates the entry at once.
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[str, tuple[bytes, str, float]] = {}
+
+    def _digest(self, password: str) -> bytes:
+        return hmac.new(self._key, password.encode("utf-8", "surrogatepass"), "sha256").digest()
+
+    def _cached(self, user: str, stored: str, password: str) -> bool:
+        entry = self._verified.get(user)
+        if entry is None:
+            return False
+        digest, stored_then, expiry = entry
+        if stored_then != stored or expiry < self.now():
+            del self._verified[user]
+            return False
+        return hmac.compare_digest(digest, self._digest(password))
+
+    def _remember(self, user: str, stored: str, password: str) -> None:
+        if len(self._verified) >= self.CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[user] = (self._digest(password), stored, self.now() + self.CACHE_SECONDS)
 
     def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[str]:
         try:
@@ -144,6 +179,8 @@ class Argon2Checker:
         password = creds.password
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
+        if stored is not None and self._cached(user, stored, password):
+            return defer.succeed(user)
         d = threads.deferToThreadPool(
             self.reactor,
             self.reactor.getThreadPool(),
@@ -154,6 +191,7 @@ class Argon2Checker:
 
         def checked(ok: bool) -> str:
             if ok and stored is not None:
+                self._remember(user, stored, password)
                 return user
             raise error.UnauthorizedLogin()
 
@@ -181,7 +219,12 @@ class Authenticator:
         self.reactor = reactor
         self.failures = FailureLog(cfg, now)
         self.in_flight: dict[str, int] = {}  # per IP: password checks not answered yet
-        self.portal = portal.Portal(_Realm(), [Argon2Checker(directory, reactor)])  # type: ignore[arg-type]
+        #: per IP: at most this many password checks run at once; more wait their turn, so a
+        #: burst from one address cannot take the whole CPU, yet nobody is refused for it.
+        self.max_parallel = 2 * cfg.max_failures_per_ip
+        self._slots: dict[str, defer.DeferredSemaphore] = {}
+        self.checker = Argon2Checker(directory, reactor, now)  # type: ignore[arg-type]
+        self.portal = portal.Portal(_Realm(), [self.checker])  # type: ignore[arg-type]
 
     def login(
         self, username: str, password: str, ip: str, protocol: str
@@ -202,12 +245,17 @@ class Authenticator:
             user.encode("utf-8"), password.encode("utf-8", "surrogatepass")
         )
         self.in_flight[ip] = self.in_flight.get(ip, 0) + 1
-        d = self.portal.login(creds, None, object)
+        slots = self._slots.get(ip)
+        if slots is None:
+            slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
+        d = slots.run(self.portal.login, creds, None, object)
 
         def checked(result: object) -> object:
             n = self.in_flight.get(ip, 1) - 1
             if n <= 0:
                 self.in_flight.pop(ip, None)
+                if not slots.waiting and slots.tokens == slots.limit:
+                    self._slots.pop(ip, None)
             else:
                 self.in_flight[ip] = n
             return result
