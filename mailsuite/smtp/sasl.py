@@ -52,9 +52,12 @@ def decode_response(text: str) -> bytes:
     if len(text) % 4 or not _BASE64.fullmatch(text):
         raise SASLError("Invalid base64 data")
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        data = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, ValueError):
         raise SASLError("Invalid base64 data") from None
+    if base64.b64encode(data).decode("ascii") != text:  # non-zero padding bits: not canonical
+        raise SASLError("Invalid base64 data")
+    return data
 
 
 def _utf8(data: bytes, what: str) -> str:
