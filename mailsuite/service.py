@@ -9,6 +9,7 @@ listeners take plain ``tcp:`` endpoint descriptions and share one reloadable cer
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,11 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
+from mailsuite import tls
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.directory import Directory
+from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
 from mailsuite.store.events import ChangeHub
@@ -59,10 +62,6 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
 
 def _server_tls(config: Config, runtime: Runtime) -> Any | None:
     """The configured certificates, or a self-signed one made for the embedded default."""
-    try:
-        from mailsuite import tls
-    except ImportError:  # the TLS module is not present in this build
-        return None
     pairs = [(p.cert, p.key) for p in config.tls]
     if not pairs:
         needs_tls = any(
@@ -80,13 +79,21 @@ def _server_tls(config: Config, runtime: Runtime) -> Any | None:
     return tls.ServerTLS(pairs)
 
 
-def makeService(config: Config, reactor: Any = None) -> service.MultiService:
-    """The server as a ``MultiService``: one child per listening endpoint plus helpers."""
+def makeService(
+    config: Config, reactor: Any = None, run_as: tuple[int, int] | None = None
+) -> service.MultiService:
+    """The server as a ``MultiService``: one child per listening endpoint plus helpers.
+
+    ``run_as`` is the (uid, gid) twistd will switch to after binding the ports (``--uid`` /
+    ``--gid``); what this start creates as root in the data folder is handed to it.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     runtime = build_runtime(config, reactor)
+    if run_as is not None:
+        hand_data_to(config, *run_as)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
     for extra in _extra_services(runtime):
@@ -107,6 +114,33 @@ def makeService(config: Config, reactor: Any = None) -> service.MultiService:
             svc.setName(f"{name} {desc}")
             svc.setServiceParent(top)
     return top
+
+
+def hand_data_to(config: Config, uid: int, gid: int) -> None:
+    """Give the data folder to the account the server will run as (when started as root).
+
+    Everything outside ``mail/`` is small (directory, certificates, queue) and always checked.
+    The mail tree is walked only when the data folder itself still belongs to someone else,
+    i.e. on the first start after setting up as root; afterwards the ``mailsuite`` command
+    keeps new files in step (see :mod:`mailsuite.ownership`).
+    """
+    if os.geteuid() != 0:
+        return
+    data = config.data_dir
+    first_time = data.stat().st_uid != uid
+    give_to([data], uid, gid)
+    for entry in data.iterdir():
+        if entry == config.mail_dir and not first_time:
+            give_to([entry], uid, gid)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if entry == config.mail_dir:
+                log.info(
+                    "Handing {path} to uid {uid} (first start as root)", path=str(entry), uid=uid
+                )
+            give_tree_to(entry, uid, gid)
+        else:
+            give_to([entry], uid, gid)
 
 
 class ReloadOnHangup(service.Service):
@@ -153,11 +187,7 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
     """Non-listening services: certificate reload, the outbound queue runner."""
     out: list[service.Service] = []
     if runtime.tls is not None:
-        from mailsuite import tls
-
-        reload_service = getattr(tls, "TLSReloadService", None)
-        if reload_service is not None:
-            out.append(reload_service(runtime.tls, 60))
+        out.append(tls.TLSReloadService(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
     out.append(queue_service(runtime))
     return out

@@ -28,4 +28,19 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from mailsuite.service import makeService as build
 
-    return build(options.config)
+    return build(options.config, run_as=_run_as(options))
+
+
+def _run_as(options: Options) -> tuple[int, int] | None:
+    """The ``--uid``/``--gid`` given to twistd itself (the parent of our options), if any."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None:
+        return None
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid  # what twistd itself will use
+    return int(uid), int(gid)
