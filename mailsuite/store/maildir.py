@@ -152,8 +152,14 @@ def write_tmp(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[Pa
     try:
         size = 0
         crlf = 0  # extra bytes once LF becomes CRLF, recorded as ,W= like Dovecot does
+        after_cr = False  # the previous chunk ended in CR: a leading LF ends a CRLF pair
         for chunk in chunks:
+            if not chunk:
+                continue
             crlf += chunk.count(b"\n") - chunk.count(b"\r\n")
+            if after_cr and chunk[:1] == b"\n":
+                crlf -= 1  # the CR/LF pair was split across two chunks
+            after_cr = chunk[-1:] == b"\r"
             view = memoryview(chunk)
             while view:
                 n = os.write(fd, view)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.index import FolderIndex, NewFile, crlf_size
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
 from mailsuite.store.maildir import ensure_folder, write_message, write_tmp
 
@@ -122,3 +122,23 @@ def test_account_names_refuse_escape(tmp_path: Path) -> None:
             acct.create(bad)
     acct.rename("Work.Sub", "Other")
     assert "Other" in acct.names() and "Work.Sub" not in acct.names()
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"Subject: a\r", b"\nbody\r\n"],  # CR/LF split across chunks
+        [b"a\r", b"\n", b"\r", b"\nb\n"],
+        [b"a\r", b"", b"\nb"],  # an empty chunk between the halves
+        [b"a\r", b"\r\n", b"\n"],  # bare CR, then CRLF, then bare LF
+        [b"x\n\r", b"\r\n"],
+    ],
+)
+def test_write_message_w_size_ignores_chunk_boundaries(tmp_path: Path, chunks: list[bytes]) -> None:
+    # ,W= is what POP3 LIST and IMAP RFC822.SIZE report; it must match the bytes RETR sends
+    ensure_folder(tmp_path)
+    name = write_message(tmp_path, chunks)
+    data = b"".join(chunks)
+    w = int(name.rsplit(",W=", 1)[1])
+    assert w == crlf_size(tmp_path / "new" / name)
+    assert w == len(data) + data.count(b"\n") - data.count(b"\r\n")
