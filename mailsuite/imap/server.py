@@ -218,6 +218,7 @@ class Session:
                 "QRESYNC",
                 "LIST-EXTENDED",
                 "LIST-STATUS",
+                "ESEARCH",
                 f"APPENDLIMIT={self.shared.max_literal}",
             ]
         return " ".join(caps)
@@ -1136,8 +1137,19 @@ class Session:
         v = self.view
         assert v is not None
         args = list(cmd.args)
+        returns: set[str] | None = None  # RFC 4731 result options; None: plain SEARCH
         if args and isinstance(args[0], Atom) and args[0].upper() == "RETURN":
-            raise _bad("ESEARCH is not supported")
+            if len(args) < 2 or not isinstance(args[1], list):
+                raise _bad("RETURN expects a list of result options")
+            returns = set()
+            for tok in args[1]:
+                opt = atom(tok).upper()
+                if opt not in _ESEARCH_OPTIONS:
+                    raise _bad(f"Unknown SEARCH result option {opt}")
+                returns.add(opt)
+            if not returns:  # RFC 4731 3.1: RETURN () means RETURN (ALL)
+                returns = {"ALL"}
+            args = args[2:]
         prog = parse_search(args)
         if prog.uses_modseq:
             self.condstore = True
@@ -1174,10 +1186,13 @@ class Session:
                 if start + step < len(uids):
                     yield None
         nums = [u if cmd.uid else s for s, u in result]
-        text = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
-        if prog.uses_modseq and result:
-            text += b" (MODSEQ %d)" % max(folder.modseqs.get(u, 1) for _, u in result)
-        self.send(text + b"\r\n")
+        if returns is not None:
+            self.send(_esearch(cmd, returns, nums, prog.uses_modseq, folder.modseqs, result))
+        else:
+            text = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
+            if prog.uses_modseq and result:
+                text += b" (MODSEQ %d)" % max(folder.modseqs.get(u, 1) for _, u in result)
+            self.send(text + b"\r\n")
         self.ok(cmd, "SEARCH completed" if not cmd.uid else "UID SEARCH completed")
 
     # -- COPY / MOVE ------------------------------------------------------------------------------
@@ -1287,6 +1302,38 @@ class Session:
                 p.stop()
             self.idling = None
         self._unselect()
+
+
+_ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
+
+
+def _esearch(
+    cmd: Command,
+    returns: set[str],
+    nums: Sequence[int],
+    uses_modseq: bool,
+    modseqs: dict[int, int],
+    result: Sequence[tuple[int, int]],
+) -> bytes:
+    """The ``* ESEARCH`` response of RFC 4731 3.1 (``nums`` ascend).  MIN, MAX and ALL are
+    left out when nothing matched; COUNT is always given.  With a MODSEQ search key the
+    highest mod-sequence of the matches follows (RFC 7162 3.1.5)."""
+    tag = cmd.tag.replace("\\", "\\\\").replace('"', '\\"')
+    out = [b'* ESEARCH (TAG "' + tag.encode() + b'")']
+    if cmd.uid:
+        out.append(b"UID")
+    if nums:
+        if "MIN" in returns:
+            out.append(b"MIN %d" % nums[0])
+        if "MAX" in returns:
+            out.append(b"MAX %d" % nums[-1])
+    if "COUNT" in returns:
+        out.append(b"COUNT %d" % len(nums))
+    if nums and "ALL" in returns:
+        out.append(b"ALL " + compress(nums).encode())
+    if uses_modseq and nums:
+        out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in result))
+    return b" ".join(out) + b"\r\n"
 
 
 def _ascending(values: Sequence[int]) -> bool:
@@ -1404,9 +1451,8 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         self._out = _Output()
         self.transport.registerProducer(self._out, True)
         self.setTimeout(min(PREAUTH_TIMEOUT, self.shared.idle_timeout))
-        self.write(
-            f"* OK [CAPABILITY {self.session.capabilities()}] mailsuite IMAP4rev1 ready\r\n".encode()
-        )
+        caps = self.session.capabilities()
+        self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self.setTimeout(None)

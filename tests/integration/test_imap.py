@@ -330,7 +330,7 @@ def test_condstore_qresync(server: Server) -> None:
     hms = int(m.untagged_responses["HIGHESTMODSEQ"][0])
     uidv = int(m.untagged_responses["UIDVALIDITY"][0])
     m.store("2", "+FLAGS", "(\\Flagged)")
-    typ, data = m.uid("FETCH", "1:*", "(FLAGS) (CHANGEDSINCE %d)" % hms)
+    typ, data = m.uid("FETCH", "1:*", f"(FLAGS) (CHANGEDSINCE {hms})")
     assert len([d for d in data if d]) == 1 and b"MODSEQ" in data[0]
     typ, data = m.store("1", "(UNCHANGEDSINCE 1) +FLAGS", "(\\Seen)")
     assert typ == "OK" and m.untagged_responses.get("MODIFIED") == [b"1"]
@@ -477,9 +477,11 @@ def test_mbsync_two_way_sync(tmp_path: Path) -> None:
             f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
             "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
         )
-        run = lambda: subprocess.run(
-            ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
-        )  # noqa: E731
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
+            )
+
         r = run()
         assert r.returncode == 0, r.stderr + r.stdout
         got = list((local / "INBOX" / "cur").iterdir()) + list((local / "INBOX" / "new").iterdir())
@@ -531,3 +533,69 @@ def test_curl_reads_a_folder(server: Server) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert b"Subject: hello" in r.stdout
+
+
+class Raw:
+    """A bare IMAP client on a socket: send one command, get every line up to its tagged
+    reply (exact bytes, for checking response syntax)."""
+
+    def __init__(self, server: Server, user: str = USER) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port("imap")), timeout=20)
+        self.file = self.sock.makefile("rb")
+        self.n = 0
+        assert self.file.readline().startswith(b"* OK")
+        assert self.cmd(f'LOGIN "{user}" "{PASSWORD}"')[-1].split()[1] == b"OK"
+
+    def cmd(self, line: str) -> list[bytes]:
+        self.n += 1
+        tag = b"r%d" % self.n
+        self.sock.sendall(tag + b" " + line.encode() + b"\r\n")
+        out = []
+        while True:
+            got = self.file.readline()
+            assert got, "connection closed"
+            out.append(got.rstrip(b"\r\n"))
+            if got.startswith(tag + b" "):
+                return out
+
+    def ok(self, line: str) -> list[bytes]:
+        out = self.cmd(line)
+        assert out[-1].split()[1] == b"OK", out
+        return out[:-1]
+
+    def close(self) -> None:
+        self.cmd("LOGOUT")
+        self.sock.close()
+
+
+def test_esearch_return_options(server: Server) -> None:
+    m = login(server)
+    m.create("ES")
+    for i in range(6):
+        m.append("ES", "(\\Seen)" if i in (0, 3) else None, None, MSG)
+    assert b"ESEARCH" in m.capability()[1][0]
+    m.logout()
+    r = Raw(server)
+    r.ok("SELECT ES")
+    got = r.ok("SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") MIN 2 MAX 6 COUNT 4 ALL 2:3,5:6'.encode()]
+    got = r.ok("UID SEARCH RETURN (COUNT) SEEN")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") UID COUNT 2'.encode()]
+    got = r.ok("UID SEARCH RETURN (MIN MAX) ALL")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") UID MIN 1 MAX 6'.encode()]
+    # RETURN () means ALL (RFC 4731 3.1)
+    got = r.ok("SEARCH RETURN () 4:*")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") ALL 4:6'.encode()]
+    # no match: MIN/MAX/ALL left out, COUNT 0 present
+    got = r.ok("SEARCH RETURN (MIN MAX ALL COUNT) FLAGGED")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") COUNT 0'.encode()]
+    got = r.ok("SEARCH RETURN (MIN) CHARSET UTF-8 SUBJECT hello")
+    assert got == [f'* ESEARCH (TAG "r{r.n}") MIN 1'.encode()]
+    # with CONDSTORE a MODSEQ search key adds the highest mod-sequence
+    got = r.ok("SEARCH RETURN (COUNT) MODSEQ 1")
+    assert got[0].startswith(f'* ESEARCH (TAG "r{r.n}") COUNT 6 MODSEQ '.encode())
+    assert r.cmd("SEARCH RETURN (BOGUS) ALL")[-1].split()[1] == b"BAD"
+    assert r.cmd("SEARCH RETURN ALL")[-1].split()[1] == b"BAD"
+    # plain SEARCH is unchanged
+    assert r.ok("SEARCH UNSEEN") == [b"* SEARCH 2 3 5 6"]
+    r.close()
