@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "MXHost",
     "MXResolver",
     "Route",
+    "apply_loop_rule",
     "make_resolver",
     "parse_nameserver",
 ]
@@ -297,6 +298,31 @@ class MXResolver:
         if not records:
             raise _NoData()
         return records
+
+
+def apply_loop_rule(route: Route, is_self: Callable[[MXHost], bool]) -> Route:
+    """RFC 5321 5.1: when we are one of the domain's MX hosts, keep only hosts with a strictly
+    lower preference value than our own (best) entry: the others would hand the mail back to us
+    or to a backup that hands it back. None left is a configuration error: MXError 5.4.6
+    ("mail loops back to myself"), permanent, so the sender hears of it rather than the mail
+    going round until it expires. A route that does not name us is returned unchanged.
+
+    ``is_self`` decides by host name or address (see mailsuite.outbound.relay.SelfCheck).
+    An implicit MX or an address literal pointing at us has nothing better: 5.4.6 too.
+    """
+    mine = [h.preference for h in route.hosts if is_self(h)]
+    if not mine:
+        return route
+    ours = min(mine)
+    better = tuple(h for h in route.hosts if h.preference < ours and not is_self(h))
+    if not better:
+        what = "the domain's address" if route.implicit or route.literal else "MX"
+        raise MXError(route.domain, True, "5.4.6",
+                      f"mail for {route.domain} loops back to myself ({what} "
+                      f"{', '.join(h.name for h in route.hosts if is_self(h))} is this server, "
+                      "and no MX host with a better preference exists)")
+    return Route(route.domain, better, implicit=route.implicit, literal=route.literal,
+                 unresolved=route.unresolved)
 
 
 def _v6(record: Any) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailsuite.config import Config
-from mailsuite.outbound.mx import MXError, MXHost, MXResolver, make_resolver
+from mailsuite.outbound.mx import MXError, MXHost, MXResolver, apply_loop_rule, make_resolver
 from mailsuite.smtp.client import (
     MessageInfo,
     Outcome,
@@ -37,7 +39,14 @@ from mailsuite.smtp.client import (
 )
 from mailsuite.tls import client_tls_options
 
-__all__ = ["MAX_RCPTS_PER_TRANSACTION", "Relay", "RecipientResult", "SMARTHOST_ROUTE"]
+__all__ = [
+    "MAX_RCPTS_PER_TRANSACTION",
+    "SMARTHOST_ROUTE",
+    "RecipientResult",
+    "Relay",
+    "SelfCheck",
+    "listening_addresses",
+]
 
 log = Logger(namespace="mailsuite.relay")
 
@@ -65,6 +74,84 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def _endpoint_interface(desc: str) -> str | None:
+    """The ``interface=`` of a tcp/tcp6/ssl server endpoint string ('' = every address);
+    None for endpoints that are not IP listeners (unix, systemd)."""
+    parts = re.split(r"(?<!\\):", desc)
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for part in parts[1:]:
+        key, _, value = part.partition("=")
+        if key == "interface":
+            return value.replace("\\:", ":")
+    return "::" if kind == "tcp6" else ""
+
+
+def listening_addresses(listen: dict[str, tuple[str, ...]]) -> tuple[set[str], bool]:
+    """The addresses the configured listeners bind, and whether one binds every address."""
+    out: set[str] = set()
+    wildcard = False
+    for descs in listen.values():
+        for desc in descs:
+            interface = _endpoint_interface(desc)
+            if interface is None:
+                continue
+            if interface in ("", "0.0.0.0", "::"):
+                wildcard = True
+                continue
+            try:
+                out.add(str(ipaddress.ip_address(interface)))
+            except ValueError:
+                continue
+    return out, wildcard
+
+
+def _assigned_here(address: str) -> bool:
+    """True when ``address`` belongs to this host: the kernel lets us bind it."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
+class SelfCheck:
+    """Recognises this server among a domain's MX hosts (RFC 5321 5.1, the loop rule): by name
+    (``[server] hostname``) or by address (an address one of our listeners binds; with a
+    wildcard listener, any address assigned to this host). Like Postfix's inet_interfaces,
+    the port is not compared: ``[relay] port`` is where others listen, not us."""
+
+    def __init__(self, hostname: str, listen: dict[str, tuple[str, ...]]) -> None:
+        self.hostname = hostname.rstrip(".").lower()
+        self.addresses, self.wildcard = listening_addresses(listen)
+        self._assigned: dict[str, bool] = {}
+
+    def __call__(self, host: MXHost) -> bool:
+        if host.name.rstrip(".").lower() == self.hostname:
+            return True
+        return any(self.is_own_address(a) for a in host.addresses)
+
+    def is_own_address(self, address: str) -> bool:
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            return False
+        if address in self.addresses:
+            return True
+        if not self.wildcard:
+            return False
+        if address not in self._assigned:
+            self._assigned[address] = _assigned_here(address)
+        return self._assigned[address]
+
+
 class Relay:
     """Routes and delivers; one per server. ``deliver_fn`` and ``resolver`` are replaceable
     for tests (``deliver_fn`` has :func:`mailsuite.smtp.client.deliver`'s signature)."""
@@ -87,6 +174,7 @@ class Relay:
             resolver = make_resolver(ns, reactor)
         self.resolver = resolver
         self.mx = MXResolver(resolver, rng=rng)
+        self.is_self = SelfCheck(config.hostname, config.listen)
         self.deliver_fn = deliver_fn
         self.timeouts = timeouts
         self.smarthost: tuple[str, int] | None = None
@@ -112,7 +200,7 @@ class Relay:
                 hosts = [await self._smarthost_host()]
                 port = self.smarthost[1] if self.smarthost else 25
             else:
-                hosts = list((await self.mx.resolve(route)).hosts)
+                hosts = list(apply_loop_rule(await self.mx.resolve(route), self.is_self).hosts)
                 port = self.relay.port
         except MXError as e:
             # RFC 7505 / NXDOMAIN: permanent; SERVFAIL / timeout: try again later.

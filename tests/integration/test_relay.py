@@ -135,6 +135,13 @@ ZONE = {
     "mx6.test": {"A": ["127.0.0.6"]},
     "mx8.test": {"A": ["127.0.0.8"]},
     "servfail.test": "servfail",
+    # the loop rule (RFC 5321 5.1): mx.example.test is the server's own [server] hostname and
+    # self.test resolves to the address it listens on
+    "mx.example.test": {"A": ["127.0.0.1"]},
+    "self.test": {"A": ["127.0.0.1"]},
+    "loopname.test": {"MX": [[10, "mx.example.test"], [20, "mx2.test"]]},
+    "loopaddr.test": {"MX": [[10, "self.test"]]},
+    "backupmx.test": {"MX": [[5, "mx4.test"], [10, "mx.example.test"], [20, "mx2.test"]]},
 }
 
 MIXED_SCRIPT = {"rcpt": {"bad@mixed.test": [550, "5.1.1 no such user here"],
@@ -289,6 +296,25 @@ def test_servfail_is_retried_not_bounced(srv: Server) -> None:
     srv.cli("queue", "delete", qid)
     assert qid not in queue_ids(srv)
     assert bounces(srv, "hal@servfail.test") == []  # delete is silent
+
+
+@pytest.mark.parametrize("domain", ["loopname.test", "loopaddr.test"])
+def test_mx_pointing_at_ourselves_bounces_5_4_6(net: Net, srv: Server, domain: str) -> None:
+    rcpt = f"mo@{domain}"
+    send(srv, [rcpt], f"loop-{domain}")
+    dsn = wait_for(lambda: bounces(srv, rcpt), what="the bounce")[0]
+    fields = dsn_fields(dsn)
+    assert "Status: 5.4.6" in fields and "loops back to myself" in fields
+    # never sent anywhere: not to ourselves, not to the worse MX
+    assert with_subject(net.rec2.transactions(), f"loop-{domain}") == []
+    wait_for(lambda: not entries_for(srv, rcpt), what="the entry to leave the queue")
+
+
+def test_as_backup_mx_only_better_hosts_are_used(net: Net, srv: Server) -> None:
+    send(srv, ["nell@backupmx.test"], "backupmx")
+    got = wait_for(lambda: with_subject(net.rec4.transactions(), "backupmx"), what="delivery")
+    assert got[0]["rcpts"] == ["nell@backupmx.test"]
+    assert with_subject(net.rec2.transactions(), "backupmx") == []
 
 
 # ----------------------------------------------------------------------------- per recipient

@@ -14,7 +14,15 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from mailsuite.outbound.mx import MXError, MXResolver, Route, make_resolver, parse_nameserver
+from mailsuite.outbound.mx import (
+    MXError,
+    MXHost,
+    MXResolver,
+    Route,
+    apply_loop_rule,
+    make_resolver,
+    parse_nameserver,
+)
 from mailsuite.testing.dns import LoopbackDNS, MemoryAuthority, spawn_dns_server
 
 ZONE = {
@@ -138,6 +146,38 @@ def test_parse_nameserver():
     assert parse_nameserver("127.0.0.1") == ("127.0.0.1", 53)
     assert parse_nameserver("[::1]:5353") == ("::1", 5353)
     assert parse_nameserver("::1") == ("::1", 53)
+
+
+# --------------------------------------------------------------- the loop rule (RFC 5321 5.1)
+
+
+def _route(*hosts: tuple[str, int], implicit: bool = False) -> Route:
+    return Route("d.test", tuple(MXHost(n, p, ("192.0.2.1",)) for n, p in hosts),
+                 implicit=implicit)
+
+
+def test_loop_rule_keeps_only_strictly_better_hosts():
+    route = _route(("a.test", 5), ("b.test", 10), ("me.test", 10), ("c.test", 20))
+    kept = apply_loop_rule(route, lambda h: h.name == "me.test")
+    assert [h.name for h in kept.hosts] == ["a.test"]  # equal preference (b) goes too
+
+
+def test_loop_rule_leaves_routes_without_us_alone():
+    route = _route(("a.test", 5), ("b.test", 10))
+    assert apply_loop_rule(route, lambda h: False) is route
+
+
+@pytest.mark.parametrize("hosts,implicit", [
+    ([("me.test", 10), ("b.test", 20)], False),  # we are the best MX: nothing better
+    ([("b.test", 10), ("me.test", 10)], False),  # a tie with us is not better
+    ([("d.test", 0)], True),  # the implicit MX is us
+])
+def test_loop_rule_without_a_better_host_is_5_4_6(hosts, implicit):
+    route = _route(*hosts, implicit=implicit)
+    with pytest.raises(MXError) as info:
+        apply_loop_rule(route, lambda h: h.name in ("me.test", "d.test"))
+    assert info.value.permanent and info.value.status == "5.4.6"
+    assert "loops back to myself" in info.value.reason
 
 
 # --------------------------------------------------------------- over real sockets

@@ -23,6 +23,14 @@ ZONE = {"origin": "test", "names": {
     "null.test": {"MX": [[0, "."]]},
     "broken.test": "servfail",
     "relay.test": {"A": ["192.0.2.9"]},
+    "mx.example.test": {"A": ["192.0.2.50"]},
+    "loop.test": {"MX": [[10, "mx.example.test"], [20, "b.two.test"]]},
+    "backup.test": {"MX": [[5, "a.two.test"], [10, "mx.example.test"], [20, "b.two.test"]]},
+    "addrloop.test": {"MX": [[10, "alias.test"], [20, "b.two.test"]]},
+    "alias.test": {"A": ["192.0.2.60"]},
+    "implicitloop.test": {"A": ["192.0.2.60"]},
+    "lo.test": {"MX": [[10, "lo-mx.test"]]},
+    "lo-mx.test": {"A": ["127.0.0.1"]},
 }}
 INFO = MessageInfo(100, False, 20)
 
@@ -55,8 +63,12 @@ class ScriptedDeliver:
                                                {r: what for r in rcpts}, host, address="x"))
 
 
-def make(tmp_path: Path, **relay: Any) -> tuple[Relay, ScriptedDeliver]:
-    data = {"server": {"hostname": "mx.example.test"}, "relay": {"port": 2525, **relay}}
+def make(tmp_path: Path, listen: dict[str, list[str]] | None = None,
+         **relay: Any) -> tuple[Relay, ScriptedDeliver]:
+    data: dict[str, Any] = {"server": {"hostname": "mx.example.test"},
+                            "relay": {"port": 2525, **relay}}
+    if listen is not None:
+        data["listen"] = listen
     cfg = parse_config(data, None, tmp_path)
     fake = ScriptedDeliver()
     r = Relay(cfg, None, resolver=MemoryAuthority(ZONE), deliver_fn=fake,
@@ -169,3 +181,46 @@ def test_mx_tls_verification_follows_config(tmp_path: Path, verify: bool) -> Non
     run(relay, "two.test", ["u@two.test"])
     assert fake.calls[0]["tls_verify"] is verify
     assert fake.calls[0]["tls_client_context"] is not None
+
+
+# ------------------------------------------------------------------ the loop rule (RFC 5321 5.1)
+
+
+def test_our_hostname_as_best_mx_bounces_5_4_6_without_connecting(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    out = run(relay, "loop.test", ["u@loop.test"])["u@loop.test"].reply
+    assert out.permanent and out.status == "5.4.6" and not out.remote
+    assert "loops back to myself" in out.text
+    assert fake.calls == []  # neither ourselves nor the worse backup b.two.test
+
+
+def test_we_are_a_backup_mx_only_better_hosts_are_tried(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = Outcome.CONNECT_FAILED
+    out = run(relay, "backup.test", ["u@backup.test"])["u@backup.test"].reply
+    assert [c["host"] for c in fake.calls] == ["a.two.test"]  # not us, not b.two.test (20)
+    assert out.transient  # the primary is down: keep it queued, as a backup MX does
+
+
+def test_an_mx_host_on_one_of_our_listening_addresses_is_us(tmp_path: Path) -> None:
+    listen = {"smtp": ["tcp:25:interface=192.0.2.60"],
+              "imap": ["tcp6:143:interface=\\:\\:1"]}
+    relay, fake = make(tmp_path, listen=listen)
+    for domain in ("addrloop.test", "implicitloop.test"):
+        reply = run(relay, domain, [f"u@{domain}"])[f"u@{domain}"].reply
+        assert reply.status == "5.4.6", domain
+    assert fake.calls == []
+    assert relay.is_self.addresses == {"192.0.2.60", "::1"}
+    # without that listener the same domain is someone else's
+    other, fake2 = make(tmp_path, listen={"smtp": ["tcp:25:interface=127.0.0.1"]})
+    assert run(other, "addrloop.test", ["u@addrloop.test"])["u@addrloop.test"].reply.positive
+    assert [c["host"] for c in fake2.calls] == ["alias.test"]
+
+
+def test_a_wildcard_listener_owns_every_local_address(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path, listen={"smtp": ["tcp:25"]})
+    assert relay.is_self.wildcard
+    assert relay.is_self.is_own_address("127.0.0.1")
+    assert not relay.is_self.is_own_address("192.0.2.77")  # TEST-NET: not on this host
+    reply = run(relay, "lo.test", ["u@lo.test"])["u@lo.test"].reply
+    assert reply.status == "5.4.6" and fake.calls == []
