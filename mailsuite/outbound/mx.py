@@ -18,6 +18,7 @@ from twisted.names import cache, client, dns, error, hosts, resolve
 from twisted.names.error import DNSQueryTimeoutError
 
 __all__ = [
+    "DNS_DEADLINE",
     "MXError",
     "MXHost",
     "MXResolver",
@@ -26,6 +27,9 @@ __all__ = [
     "make_resolver",
     "parse_nameserver",
 ]
+
+#: Seconds one DNS query may take in all (twisted.names' own retries give up after 60 s).
+DNS_DEADLINE = 30.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class MXResolver:
     ``resolver`` is any twisted.names IResolver. ``rng`` shuffles MX hosts of equal preference
     (inject a seeded ``random.Random`` in tests). ``timeout`` is passed to every lookup (the
     resolver's retry schedule in seconds). ``prefer_ipv6`` puts each host's AAAA addresses first.
+    With a ``clock`` (the reactor), no single lookup may take longer than ``deadline`` seconds:
+    a resolver that never answers becomes a temporary failure (4.4.3), not a stuck delivery.
     """
 
     def __init__(
@@ -155,8 +161,12 @@ class MXResolver:
         rng: random.Random | None = None,
         timeout: Sequence[int] | None = None,
         prefer_ipv6: bool = False,
+        clock: Any = None,
+        deadline: float = DNS_DEADLINE,
     ) -> None:
         self._resolver = resolver
+        self._clock = clock
+        self._deadline = deadline
         self._rng = rng if rng is not None else random.SystemRandom()
         self._timeout = tuple(timeout) if timeout is not None else None
         self._prefer_ipv6 = prefer_ipv6
@@ -289,9 +299,12 @@ class MXResolver:
         }[qtype]
         try:
             if self._timeout is not None:
-                answers, _auth, _add = await lookup(name, timeout=self._timeout)
+                d = lookup(name, timeout=self._timeout)
             else:
-                answers, _auth, _add = await lookup(name)
+                d = lookup(name)
+            if self._clock is not None:
+                d.addTimeout(self._deadline, self._clock)
+            answers, _auth, _add = await d
         except Exception as e:  # noqa: BLE001 - every resolver failure is classified
             raise _classify(e) from None
         records = [rr.payload for rr in answers if rr.type == qtype]

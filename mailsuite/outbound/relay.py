@@ -173,7 +173,7 @@ class Relay:
             ns = list(config.nameservers) if config.nameservers else None
             resolver = make_resolver(ns, reactor)
         self.resolver = resolver
-        self.mx = MXResolver(resolver, rng=rng)
+        self.mx = MXResolver(resolver, rng=rng, clock=reactor)
         self.is_self = SelfCheck(config.hostname, config.listen)
         self.deliver_fn = deliver_fn
         self.timeouts = timeouts

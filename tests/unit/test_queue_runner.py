@@ -12,11 +12,13 @@ from twisted.internet import defer, task
 
 from mailsuite.config import parse_config
 from mailsuite.directory import Directory
-from mailsuite.outbound.relay import RecipientResult, domain_of
+from mailsuite.outbound.mx import DNS_DEADLINE
+from mailsuite.outbound.relay import RecipientResult, Relay, domain_of
 from mailsuite.queue.runner import QueueRunner
 from mailsuite.queue.spool import DELIVERED, FAILED, PENDING, Spool
 from mailsuite.smtp.client import Reply
 from mailsuite.store.events import ChangeHub
+from mailsuite.testing.dns import MemoryAuthority
 
 SENDER = "alice@example.test"
 MESSAGE = b"Received: from a by b\nFrom: <alice@example.test>\nSubject: hi\n\nbody\n"
@@ -287,3 +289,31 @@ def test_states_on_disk_after_mixed_results(h: Harness) -> None:
     assert states == {"y@r.test": (DELIVERED, False, "mx.r.test"),
                       "n@r.test": (FAILED, True, "mx.r.test"),
                       "l@r.test": (PENDING, False, "mx.r.test")}
+
+
+def test_dns_timeout_keeps_the_entry_queued_with_4_4_3_and_retries(tmp_path: Path) -> None:
+    """A resolver that never answers (the loopback DNS's ``timeout`` mode) is a temporary
+    failure: the real Relay gives up on the lookup after its deadline, the entry stays with a
+    4.4.3 reason, is tried again on schedule, and nothing is bounced or sent."""
+    h = Harness(tmp_path)
+    authority = MemoryAuthority({"origin": "test", "names": {"slow.test": "timeout"}})
+    sent: list[Any] = []
+    relay = Relay(h.runtime.config, h.clock, resolver=authority,
+                  deliver_fn=lambda *a, **kw: sent.append(a))
+    runner = QueueRunner(h.runtime, h.spool, relay, clock=h.clock, blocking=sync)
+    runner.startService()
+    qid = h.spool.enqueue_bytes(MESSAGE, SENDER, ["bob@slow.test"])
+    h.advance(DNS_DEADLINE - 1)
+    r = h.spool.load(qid).recipients[0]
+    assert r.in_flight and r.attempts == 1  # still waiting for the DNS answer
+    h.advance(2)
+    r = h.spool.load(qid).recipients[0]
+    assert r.state == PENDING and not r.in_flight and r.attempts == 1
+    assert r.last_status == "4.4.3" and "timeout" in (r.last_reply or "")
+    assert r.next_attempt == pytest.approx(h.clock.seconds() + 60, abs=2)
+    h.advance(60 + DNS_DEADLINE + 2)
+    r = h.spool.load(qid).recipients[0]
+    assert r.attempts == 2 and r.state == PENDING and r.last_status == "4.4.3"
+    assert sent == [] and h.runtime.inbox() == []  # never connected, never bounced
+    assert len(authority.pending) >= 2  # the unanswered queries of both attempts
+    runner.stopService()
