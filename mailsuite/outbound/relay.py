@@ -46,6 +46,7 @@ __all__ = [
     "Relay",
     "SelfCheck",
     "listening_addresses",
+    "too_many_recipients",
 ]
 
 log = Logger(namespace="mailsuite.relay")
@@ -72,6 +73,17 @@ def _local(code: int, status: str, text: str) -> Reply:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
+
+
+def too_many_recipients(reply: Reply) -> bool:
+    """A RCPT refused because of the per-transaction limit (RFC 5321 4.5.3.1.10: 452, and the
+    older 552 that clients should treat alike), told apart from "mailbox full" (452 4.2.2) by
+    the enhanced code 4.5.3/5.5.3 or, without one, by the reply text."""
+    if reply.code not in (452, 552) or not reply.remote:
+        return False
+    if reply.enhanced is not None:
+        return reply.enhanced in ("4.5.3", "5.5.3")
+    return "too many recipients" in reply.text.lower()
 
 
 def _endpoint_interface(desc: str) -> str | None:
@@ -209,10 +221,28 @@ class Relay:
             log.info("relay: {route}: {reply}", route=route, reply=str(reply))
             return {r: RecipientResult(r, reply) for r in rcpts}
         out: dict[str, RecipientResult] = {}
-        for start in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION):
-            batch = rcpts[start:start + MAX_RCPTS_PER_TRANSACTION]
-            out.update(await self._transaction(route, hosts, port, sender, batch, message_path,
-                                               info, smtputf8, body_8bit))
+        batches = [rcpts[start:start + MAX_RCPTS_PER_TRANSACTION]
+                   for start in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION)]
+        while batches:
+            batch = batches.pop(0)
+            results = await self._transaction(route, hosts, port, sender, batch, message_path,
+                                              info, smtputf8, body_8bit)
+            out.update(results)
+            # RFC 5321 4.5.3.1.10: "452 too many recipients" means the server's limit per
+            # transaction was reached, not that these recipients have a problem: send them at
+            # once in a new transaction. Only after progress (someone was accepted), so a
+            # server that takes nobody falls back to the ordinary retry schedule.
+            over = [r for r in batch if too_many_recipients(results[r].reply)]
+            if over and len(over) < len(batch) and any(
+                    results[r].reply.positive for r in batch):
+                log.info("relay: {route}: server limit reached; {n} recipients in a new "
+                         "transaction", route=route, n=len(over))
+                batches.insert(0, over)
+        for rcpt, result in out.items():
+            if result.reply.permanent and too_many_recipients(result.reply):
+                # 4.5.3.1.10: a 552 for the recipient limit is temporary all the same.
+                out[rcpt] = RecipientResult(rcpt, _local(
+                    452, "4.5.3", f"{result.host or route}: {result.reply}"), result.host)
         return out
 
     async def _smarthost_host(self) -> MXHost:

@@ -13,6 +13,7 @@ Not a mail server: it records what clients send and answers what the script says
       "auth": {"user": "secret"},              # advertise AUTH PLAIN LOGIN (after TLS only)
       "mail": [451, "4.3.0 try later"],        # reply to every MAIL
       "rcpt": {"bad@example.test": [550, "5.1.1 no such user"]},
+      "max_rcpts": 2,                          # 452 4.5.3 for each RCPT after 2 accepted
       "data": [554, "5.7.1 no DATA for you"],  # reply to DATA instead of 354
       "data_end": [452, "4.3.1 full"],         # reply after the final dot instead of 250
       "silent": ["greeting"]                   # never answer at: greeting, ehlo, mail, rcpt,
@@ -232,6 +233,11 @@ class _MXProtocol(basic.LineReceiver):
             self.reply(503, "5.5.1 MAIL first", "rcpt")
             return
         addr = arg[4:].strip().lstrip("<").split(">")[0] if arg.upper().startswith("TO:") else ""
+        limit = self.script.get("max_rcpts")
+        if limit is not None and len(self.s.rcpts) >= int(limit):
+            self.s.refused.append(addr)
+            self.reply(452, "4.5.3 too many recipients", "rcpt")
+            return
         scripted = (self.script.get("rcpt") or {}).get(addr)
         if scripted:
             self.s.refused.append(addr)

@@ -26,7 +26,7 @@ from mailsuite.testing.mx import spawn_mx_server
 from tests.harness import Server
 
 SENDER = "alice@example.test"
-HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]
+HOSTS = [f"127.0.0.{i}" for i in range(2, 12)]
 
 
 def common_port() -> int:
@@ -141,6 +141,8 @@ ZONE = {
     "self.test": {"A": ["127.0.0.1"]},
     "loopname.test": {"MX": [[10, "mx.example.test"], [20, "mx2.test"]]},
     "loopaddr.test": {"MX": [[10, "self.test"]]},
+    "limited.test": {"MX": [[10, "mx10.test"]]},
+    "mx10.test": {"A": ["127.0.0.10"]},
     "backupmx.test": {"MX": [[5, "mx4.test"], [10, "mx.example.test"], [20, "mx2.test"]]},
 }
 
@@ -453,6 +455,27 @@ def test_smarthost_with_wrong_password_is_retried(net: Net, tmp_path: Path) -> N
         assert smarthost.transactions() == []
         assert queue_ids(server)  # 535 from the smarthost is not the recipient's fault
     smarthost.stop()
+
+
+def test_too_many_recipients_are_sent_at_once_in_new_transactions(
+        net: Net, tmp_path: Path) -> None:
+    """A server that takes 2 recipients per transaction (452 4.5.3 for the rest): the rest go
+    in new transactions right away, not after the retry delay (here 10 minutes)."""
+    limited = net.mx("127.0.0.10", {"max_rcpts": 2})
+    slow_retry = relay_toml(net).replace("retry_initial = 1\nretry_max = 2",
+                                         "retry_initial = 600\nretry_max = 600")
+    server = Server(tmp_path / "srv", services=("smtp",), extra_toml=slow_retry)
+    server.add_user(SENDER)
+    rcpts = [f"r{i}@limited.test" for i in range(5)]
+    with server:
+        send(server, rcpts, "limited")
+        got = wait_for(lambda: len(limited.wait(3, 0.1)) >= 3 and limited.transactions(),
+                       timeout=15, what="three transactions")
+        wait_for(lambda: not queue_ids(server), what="the queue to empty")
+    assert [t["rcpts"] for t in got] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert len(limited.transactions()) == 3
+    assert bounces(server, rcpts[4]) == []
+    limited.stop()
 
 
 # ----------------------------------------------------------------------------- durability

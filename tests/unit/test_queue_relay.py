@@ -224,3 +224,69 @@ def test_a_wildcard_listener_owns_every_local_address(tmp_path: Path) -> None:
     assert not relay.is_self.is_own_address("192.0.2.77")  # TEST-NET: not on this host
     reply = run(relay, "lo.test", ["u@lo.test"])["u@lo.test"].reply
     assert reply.status == "5.4.6" and fake.calls == []
+
+
+# ------------------------------------------------------------- "452 too many recipients"
+
+TOO_MANY = Reply(452, "4.5.3", "too many recipients")
+
+
+def limited(limit: int, reply: Reply = TOO_MANY) -> Any:
+    """A server that accepts ``limit`` recipients per transaction and refuses the rest."""
+
+    def answer(rcpts: list[str]) -> dict[str, Reply]:
+        return {r: Reply(250, "2.0.0", "ok") if i < limit else reply
+                for i, r in enumerate(rcpts)}
+
+    return answer
+
+
+def test_too_many_recipients_go_at_once_in_new_transactions(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = limited(2)
+    rcpts = [f"u{i}@two.test" for i in range(5)]
+    out = run(relay, "two.test", rcpts)
+    assert [c["rcpts"] for c in fake.calls] == [rcpts, rcpts[2:], rcpts[4:]]
+    assert {c["host"] for c in fake.calls} == {"a.two.test"}  # same host, not the backup
+    assert all(out[r].reply.positive for r in rcpts)
+
+
+def test_too_many_recipients_within_the_cap_of_100(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = limited(60)
+    rcpts = [f"u{i}@two.test" for i in range(150)]
+    out = run(relay, "two.test", rcpts)
+    assert [len(c["rcpts"]) for c in fake.calls] == [100, 40, 50]
+    assert max(len(c["rcpts"]) for c in fake.calls) <= 100
+    assert all(out[r].reply.positive for r in rcpts)
+
+
+def test_too_many_recipients_without_progress_is_an_ordinary_temporary_failure(
+        tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    fake.script["a.two.test"] = limited(0)
+    fake.script["b.two.test"] = limited(0)
+    out = run(relay, "two.test", ["u@two.test", "v@two.test"])
+    assert len(fake.calls) == 1  # no new transaction without progress
+    assert all(r.reply.transient for r in out.values())
+
+
+def test_552_for_the_recipient_limit_is_temporary(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    old_style = Reply(552, None, "Too many recipients")
+    calls = {"n": 0}
+
+    def once_limited(rcpts: list[str]) -> dict[str, Reply]:
+        calls["n"] += 1
+        return limited(1, old_style)(rcpts) if calls["n"] == 1 else {
+            r: Reply(421, "4.3.2", "shutting down") for r in rcpts}
+
+    fake.script["a.two.test"] = once_limited
+    out = run(relay, "two.test", ["u@two.test", "v@two.test"])
+    assert out["u@two.test"].reply.positive
+    assert out["v@two.test"].reply.transient  # not bounced
+
+    relay2, fake2 = make(tmp_path)
+    fake2.script["a.two.test"] = limited(1, Reply(452, "4.2.2", "mailbox full"))
+    out = run(relay2, "two.test", ["u@two.test", "v@two.test"])
+    assert len(fake2.calls) == 1  # a full mailbox is not the recipient limit
