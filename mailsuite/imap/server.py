@@ -19,6 +19,7 @@ import binascii
 import re
 import time
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -603,115 +604,110 @@ class Session:
         self.ok(cmd, "LSUB completed")
 
     def do_LIST(self, cmd: Command) -> None:
-        args = list(cmd.args)
-        select_opts: set[str] = set()
-        return_opts: set[str] = set()
-        status_items: list[str] = []
-        if args and isinstance(args[0], list):  # RFC 5258 selection options
-            select_opts = {atom(t).upper() for t in args.pop(0)}
-            unknown = select_opts - {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
-            if unknown:
-                raise _bad(f"Unknown LIST selection option {sorted(unknown)[0]}")
-            if select_opts == {"RECURSIVEMATCH"}:
-                raise _bad("RECURSIVEMATCH needs another selection option")
-        if len(args) < 2:
-            raise _bad("LIST expects a reference and a pattern")
-        ref = astring(args[0]).decode("utf-8", "replace")
-        pats_tok = args[1]
-        pats = (
-            [astring(t).decode("utf-8", "replace") for t in pats_tok]
-            if isinstance(pats_tok, list)
-            else [astring(pats_tok).decode("utf-8", "replace")]
-        )
-        rest = args[2:]
-        if rest:
-            if (
-                len(rest) != 2
-                or not isinstance(rest[0], Atom)
-                or rest[0].upper() != "RETURN"
-                or not isinstance(rest[1], list)
-            ):
-                raise _bad("Invalid LIST return options")
-            toks = rest[1]
-            i = 0
-            while i < len(toks):
-                opt = atom(toks[i]).upper()
-                if opt == "STATUS":
-                    if i + 1 >= len(toks) or not isinstance(toks[i + 1], list):
-                        raise _bad("STATUS return option needs a list")
-                    status_items = [atom(t).upper() for t in toks[i + 1]]
-                    i += 2
-                    continue
-                if opt not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE"):
-                    raise _bad(f"Unknown LIST return option {opt}")
-                return_opts.add(opt)
-                i += 1
+        """LIST with the extensions of RFC 5258 (selection and return options, several
+        patterns, \\NonExistent, \\Subscribed, CHILDINFO), RFC 5819 (RETURN (STATUS ...)) and
+        RFC 6154 (SPECIAL-USE)."""
+        req = _parse_list(list(cmd.args))
         acct = self._acct()
-        if len(pats) == 1 and pats[0] == "" and not select_opts:
+        if req.patterns == [""] and not req.select:
+            # RFC 3501 6.3.8: the hierarchy delimiter and root of the reference
             self.untagged(f'LIST (\\Noselect) "{SEPARATOR}" ""')
             self.ok(cmd, "LIST completed")
             return
         names = acct.names()
         existing = set(names)
-        subs = (
-            acct.subscriptions()
-            if ("SUBSCRIBED" in select_opts or "SUBSCRIBED" in return_opts)
-            else []
-        )
+        want_subs = "SUBSCRIBED" in req.select or "SUBSCRIBED" in req.returns
+        subs = acct.subscriptions() if want_subs else []
         subset = set(subs)
-        candidates: list[str] = list(names)
-        # implied parents (Maildir++ allows .a.b without .a)
-        for n in names:
-            parts = n.split(SEPARATOR)
-            for i in range(1, len(parts)):
-                p = SEPARATOR.join(parts[:i])
-                if p not in existing and p not in candidates:
-                    candidates.append(p)
-        if "SUBSCRIBED" in select_opts:
-            candidates = list(
-                dict.fromkeys([s for s in subs] + [c for c in candidates if c in subset])
-            )
-        rxs = [_pattern_regex(_inbox_norm(ref + p)) for p in pats]
-        out: list[bytes] = []
-        status_later: list[str] = []
-        for name in candidates:
+        rxs = [_pattern_regex(_inbox_norm(req.reference + p)) for p in req.patterns]
+
+        def matches(name: str) -> bool:
             norm = _inbox_norm(name)
-            if not any(rx.match(norm) for rx in rxs):
+            return any(rx.match(norm) for rx in rxs)
+
+        criteria = sorted(req.select & {"SUBSCRIBED", "SPECIAL-USE"})
+
+        def selected(name: str) -> bool:
+            """Does ``name`` meet the selection criteria (RFC 5258 3)?"""
+            if "SUBSCRIBED" in req.select and name not in subset:
+                return False
+            if "SPECIAL-USE" in req.select and not (name in existing and acct.special_use(name)):
+                return False
+            return True
+
+        # Every name that could be listed: mailboxes, the parents Maildir++ implies (.a.b
+        # without .a), subscriptions, and their parents (for CHILDINFO).
+        has_children: set[str] = set()  # names with an existing descendant
+        for n in names:
+            for parent in _ancestors(n):
+                has_children.add(parent)
+        universe: set[str] = set(existing) | has_children
+        if want_subs:
+            universe |= subset
+        # RFC 5258 3.5 / example 9: with RECURSIVEMATCH a name gets CHILDINFO when one of its
+        # descendants meets the selection criteria but does not match the pattern.
+        childinfo: set[str] = set()
+        if "RECURSIVEMATCH" in req.select:
+            pool = subset if "SUBSCRIBED" in req.select else existing
+            for n in pool:
+                if not selected(n) or matches(n):
+                    continue
+                for parent in _ancestors(n):
+                    childinfo.add(parent)
+            universe |= childinfo
+        ordered = sorted(universe - {"INBOX"})
+        if "INBOX" in universe:
+            ordered.insert(0, "INBOX")
+        out: list[bytes] = []
+        status_for: list[tuple[int, str]] = []  # (position in out, mailbox)
+        for name in ordered:
+            if not matches(name):
+                continue
+            if req.select:
+                if not selected(name) and name not in childinfo:
+                    continue
+            elif name not in existing and name not in has_children:
                 continue
             attrs: list[str] = []
             if name not in existing:
-                attrs.append("\\NonExistent" if "SUBSCRIBED" in select_opts else "\\Noselect")
-            has_children = (
-                any(n.startswith(name + SEPARATOR) for n in names)
-                if name != "INBOX"
-                else any(n.upper().startswith("INBOX" + SEPARATOR) for n in names)
-            )
-            if name in existing or has_children:
-                attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
-            use = acct.special_use(name)
-            if use and ("SPECIAL-USE" in return_opts or not return_opts or True):
+                # a parent that only its children imply cannot be selected; a name that
+                # names nothing at all is \NonExistent (RFC 5258 3, implies \Noselect)
+                attrs.append("\\Noselect" if name in has_children else "\\NonExistent")
+            if name in has_children:
+                attrs.append("\\HasChildren")
+            elif name in existing:
+                attrs.append("\\HasNoChildren")
+            use = acct.special_use(name) if name in existing else None
+            if use:
                 attrs.append(use)
-            if "SPECIAL-USE" in select_opts and not use:
-                continue
-            if name in subset and ("SUBSCRIBED" in select_opts or "SUBSCRIBED" in return_opts):
+            if want_subs and name in subset:
                 attrs.append("\\Subscribed")
-            out.append(
+            line = (
                 b"* LIST ("
                 + " ".join(attrs).encode()
                 + b') "'
                 + SEPARATOR.encode()
                 + b'" '
                 + quote(name)
-                + b"\r\n"
             )
-            if status_items and name in existing:
-                status_later.append(name)
-        self.send(b"".join(out))
-        for name in status_later:
-            try:
-                self._status(name, status_items)
-            except MailboxError:
-                pass
+            if name in childinfo:
+                line += b' ("CHILDINFO" (' + " ".join(f'"{c}"' for c in criteria).encode() + b"))"
+            out.append(line + b"\r\n")
+            if req.status and name in existing:
+                status_for.append((len(out), name))
+        if not req.status:
+            self.send(b"".join(out))
+        else:
+            # RFC 5819: each mailbox's STATUS right after its LIST response
+            start = 0
+            for pos, name in status_for:
+                self.send(b"".join(out[start:pos]))
+                start = pos
+                try:
+                    self._status(name, req.status)
+                except MailboxError:
+                    pass  # gone meanwhile: its LIST line stands alone
+            self.send(b"".join(out[start:]))
         self.ok(cmd, "LIST completed")
 
     def do_STATUS(self, cmd: Command) -> None:
@@ -725,9 +721,8 @@ class Session:
         self.ok(cmd, "STATUS completed")
 
     def _status(self, name: str, items: Sequence[str]) -> None:
-        known = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"}
         for it in items:
-            if it not in known:
+            if it not in _STATUS_ITEMS:
                 raise _bad(f"Unknown STATUS item {it}")
         path = self._acct().path(name)
         reg = self.shared.registry
@@ -1302,6 +1297,80 @@ class Session:
                 p.stop()
             self.idling = None
         self._unselect()
+
+
+_STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
+_LIST_SELECT = ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE")
+_LIST_RETURN = ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE")
+
+
+@dataclass
+class _ListRequest:
+    """A parsed LIST command (RFC 5258 2 / 6)."""
+
+    reference: str
+    patterns: list[str]
+    select: set[str] = field(default_factory=set)
+    returns: set[str] = field(default_factory=set)
+    status: list[str] = field(default_factory=list)
+
+
+def _parse_list(args: list) -> _ListRequest:
+    """``LIST [(selection options)] reference (pattern | (patterns)) [RETURN (options)]``."""
+    select: set[str] = set()
+    if args and isinstance(args[0], list):
+        select = {atom(t).upper() for t in args.pop(0)}
+        unknown = select - set(_LIST_SELECT)
+        if unknown:
+            raise _bad(f"Unknown LIST selection option {sorted(unknown)[0]}")
+        # RFC 5258 3: RECURSIVEMATCH alone (or with only REMOTE) is an error
+        if "RECURSIVEMATCH" in select and not select - {"RECURSIVEMATCH", "REMOTE"}:
+            raise _bad("RECURSIVEMATCH needs another selection option")
+        select.discard("REMOTE")  # no remote mailboxes here (RFC 2193): accepted, no effect
+    if len(args) < 2:
+        raise _bad("LIST expects a reference and a pattern")
+    reference = astring(args[0]).decode("utf-8", "replace")
+    pats_tok = args[1]
+    if isinstance(pats_tok, list):
+        if not pats_tok:
+            raise _bad("LIST expects at least one pattern")
+        patterns = [astring(t).decode("utf-8", "replace") for t in pats_tok]
+    else:
+        patterns = [astring(pats_tok).decode("utf-8", "replace")]
+    req = _ListRequest(reference, patterns, select)
+    rest = args[2:]
+    if rest:
+        if (
+            len(rest) != 2
+            or not isinstance(rest[0], Atom)
+            or rest[0].upper() != "RETURN"
+            or not isinstance(rest[1], list)
+        ):
+            raise _bad("Invalid LIST return options")
+        toks = rest[1]
+        i = 0
+        while i < len(toks):
+            opt = atom(toks[i]).upper()
+            if opt == "STATUS":  # RFC 5819
+                if i + 1 >= len(toks) or not isinstance(toks[i + 1], list) or not toks[i + 1]:
+                    raise _bad("STATUS return option needs a list of items")
+                req.status = [atom(t).upper() for t in toks[i + 1]]
+                bad = [it for it in req.status if it not in _STATUS_ITEMS]
+                if bad:
+                    raise _bad(f"Unknown STATUS item {bad[0]}")
+                i += 2
+                continue
+            if opt not in _LIST_RETURN:
+                raise _bad(f"Unknown LIST return option {opt}")
+            req.returns.add(opt)
+            i += 1
+    return req
+
+
+def _ancestors(name: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``."""
+    parts = name.split(SEPARATOR)
+    return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts))]
 
 
 _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")

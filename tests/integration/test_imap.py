@@ -477,6 +477,7 @@ def test_mbsync_two_way_sync(tmp_path: Path) -> None:
             f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
             "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
         )
+
         def run() -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
@@ -598,4 +599,113 @@ def test_esearch_return_options(server: Server) -> None:
     assert r.cmd("SEARCH RETURN ALL")[-1].split()[1] == b"BAD"
     # plain SEARCH is unchanged
     assert r.ok("SEARCH UNSEEN") == [b"* SEARCH 2 3 5 6"]
+    r.close()
+
+
+def _lists(lines: list[bytes]) -> list[bytes]:
+    return [ln for ln in lines if ln.startswith(b"* LIST ")]
+
+
+def test_list_extended_rfc5258_example9(server: Server) -> None:
+    # RFC 5258 section 5, example 9, with our separator "." and our \HasChildren attributes
+    user = "lx9@example.test"
+    server.add_user(user)
+    r = Raw(server, user)
+    for name in ("foo2", "foo2.bar1", "foo2.bar2", "baz2", "baz2.bar2", "baz2.bar22"):
+        r.ok(f"CREATE {name}")
+    for name in ("baz2.bar222", "eps2", "eps2.mamba", "qux2.bar2"):
+        r.ok(f"CREATE {name}")
+    for name in ("foo2.bar1", "foo2.bar2", "baz2.bar2", "baz2.bar22", "baz2.bar222"):
+        r.ok(f"SUBSCRIBE {name}")
+    for name in ("eps2", "eps2.mamba", "qux2.bar2"):
+        r.ok(f"SUBSCRIBE {name}")
+    got = _lists(r.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "*2"'))
+    assert got == [
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "baz2.bar2"',
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "baz2.bar22"',
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "baz2.bar222"',
+        b'* LIST (\\HasChildren \\Subscribed) "." "eps2" ("CHILDINFO" ("SUBSCRIBED"))',
+        b'* LIST (\\HasChildren) "." "foo2" ("CHILDINFO" ("SUBSCRIBED"))',
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "foo2.bar2"',
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "qux2.bar2"',
+    ]
+    # with "%" every parent's subscribed children are outside the pattern, so baz2 and the
+    # implied parent qux2 appear with CHILDINFO too
+    got = _lists(r.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"'))
+    assert got == [
+        b'* LIST (\\HasChildren) "." "baz2" ("CHILDINFO" ("SUBSCRIBED"))',
+        b'* LIST (\\HasChildren \\Subscribed) "." "eps2" ("CHILDINFO" ("SUBSCRIBED"))',
+        b'* LIST (\\HasChildren) "." "foo2" ("CHILDINFO" ("SUBSCRIBED"))',
+        b'* LIST (\\Noselect \\HasChildren) "." "qux2" ("CHILDINFO" ("SUBSCRIBED"))',
+    ]
+    # without RECURSIVEMATCH only subscribed names that match come back
+    got = _lists(r.ok('LIST (SUBSCRIBED) "" "%"'))
+    assert got == [b'* LIST (\\HasChildren \\Subscribed) "." "eps2"']
+    r.close()
+
+
+def test_list_extended_options(server: Server) -> None:
+    user = "lx@example.test"
+    server.add_user(user)
+    r = Raw(server, user)
+    assert b"LIST-EXTENDED" in r.ok("CAPABILITY")[0] and b"LIST-STATUS" in r.ok("CAPABILITY")[0]
+    r.ok("CREATE Work")
+    r.ok("CREATE Work.Plans")
+    r.ok("SUBSCRIBE Work")
+    r.ok("SUBSCRIBE Gone")  # subscribed but never created
+    r.ok("SUBSCRIBE Gone.Child")
+    r.ok("APPEND Work {4+}\r\nhi\r\n")
+    # \NonExistent for subscribed names that do not exist (RFC 5258 3)
+    got = _lists(r.ok('LIST (SUBSCRIBED) "" "*"'))
+    assert got == [
+        b'* LIST (\\NonExistent \\Subscribed) "." "Gone"',
+        b'* LIST (\\NonExistent \\Subscribed) "." "Gone.Child"',
+        b'* LIST (\\HasChildren \\Subscribed) "." "Work"',
+    ]
+    # REMOTE is accepted and changes nothing here (no remote mailboxes)
+    assert _lists(r.ok('LIST (SUBSCRIBED REMOTE) "" "*"')) == got
+    assert _lists(r.ok('LIST (REMOTE) "" "Work*"')) == _lists(r.ok('LIST "" "Work*"'))
+    # return options: SUBSCRIBED and CHILDREN on a plain listing; several patterns
+    got = _lists(r.ok('LIST "" ("Work" "INBOX" "Nope*") RETURN (SUBSCRIBED CHILDREN)'))
+    assert got == [
+        b'* LIST (\\HasNoChildren) "." "INBOX"',
+        b'* LIST (\\HasChildren \\Subscribed) "." "Work"',
+    ]
+    assert _lists(r.ok('LIST () "" "Work.%"')) == [b'* LIST (\\HasNoChildren) "." "Work.Plans"']
+    # RFC 5819: STATUS after each selectable mailbox's LIST line, none for \NonExistent
+    got = r.ok('LIST (SUBSCRIBED) "" ("Work" "Gone") RETURN (STATUS (MESSAGES UIDNEXT UNSEEN))')
+    assert got == [
+        b'* LIST (\\NonExistent \\Subscribed) "." "Gone"',
+        b'* LIST (\\HasChildren \\Subscribed) "." "Work"',
+        b'* STATUS "Work" (MESSAGES 1 UIDNEXT 2 UNSEEN 1)',
+    ]
+    got = r.ok('LIST "" "Work*" RETURN (CHILDREN STATUS (MESSAGES))')
+    assert got == [
+        b'* LIST (\\HasChildren) "." "Work"',
+        b'* STATUS "Work" (MESSAGES 1)',
+        b'* LIST (\\HasNoChildren) "." "Work.Plans"',
+        b'* STATUS "Work.Plans" (MESSAGES 0)',
+    ]
+    # SPECIAL-USE selection (RFC 6154)
+    got = _lists(r.ok('LIST (SPECIAL-USE) "" "*"'))
+    assert [g.rsplit(b" ", 1)[1] for g in got] == [
+        b'"Archive"',
+        b'"Drafts"',
+        b'"Junk"',
+        b'"Sent"',
+        b'"Trash"',
+    ]
+    # errors
+    for bad in (
+        'LIST (RECURSIVEMATCH) "" "*"',
+        'LIST (RECURSIVEMATCH REMOTE) "" "*"',
+        'LIST (BOGUS) "" "*"',
+        'LIST "" "*" RETURN (BOGUS)',
+        'LIST "" "*" RETURN (STATUS (BOGUS))',
+        'LIST "" "*" RETURN (STATUS)',
+        'LIST "" ()',
+    ):
+        assert r.cmd(bad)[-1].split()[1] == b"BAD", bad
+    # the delimiter query is unchanged
+    assert r.ok('LIST "" ""') == [b'* LIST (\\Noselect) "." ""']
     r.close()
