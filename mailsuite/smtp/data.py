@@ -31,6 +31,7 @@ class DataReader:
         self._mid_line = False  # is _carry the continuation of a flushed long line?
         self.done = False
         self.size = 0  # stored bytes so far
+        self.newlines = 0  # LF bytes in what was stored so far
         self.line_too_long = False
         self.bare_line_end = False  # a bare CR or LF was seen (and normalised)
         self.eight_bit = False
@@ -83,6 +84,7 @@ class DataReader:
         if b"\r" in chunk:
             self.bare_line_end = True
             chunk = chunk.replace(b"\r", b"\n")
+            self.newlines += chunk.count(b"\n")
         self._account(chunk)
         return chunk
 
@@ -90,44 +92,49 @@ class DataReader:
         """Decode complete lines (``region`` ends with LF)."""
         # Where could the terminator be?  Prefix the context so that a first line "." is a
         # terminator only when the previous line ended with a real CRLF.
-        if self._mid_line:
-            prefix = b""
-        elif self._last_crlf:
-            prefix = b"\r\n"
+        # Only a real CRLF before the "." line ends the data: at the start of the region that
+        # is the previous line's end (a flushed long line or a bare LF never counts).
+        if not self._mid_line and self._last_crlf and region.startswith(b".\r\n"):
+            end = -2
         else:
-            prefix = b"\n"
-        probe = prefix + region
-        end = probe.find(b"\r\n.\r\n")
+            end = region.find(b"\r\n.\r\n")
         rest: bytes | None = None
-        if end >= 0:
-            body_end = end + 2 - len(prefix)  # keep the CRLF that ends the last body line
-            rest = probe[end + 5 :]
-            region = region[: max(body_end, 0)]
+        if end != -1:
+            rest = region[end + 5 :]
+            region = region[: end + 2]  # keep the CRLF that ends the last body line
         out = self._decode_lines(region) if region else b""
         return out, rest
 
     def _decode_lines(self, region: bytes) -> bytes:
-        n_lf = region.count(b"\n")
-        n_crlf = region.count(b"\r\n")
-        if n_lf == n_crlf and region.count(b"\r") == n_crlf:
-            # Fast path: clean CRLF text.
-            text = region.replace(b"\r\n", b"\n")
-            if self._mid_line:
-                head, sep, tail = text.partition(b"\n")
-                text = head + sep + (b"\n" + tail).replace(b"\n..", b"\n.")[1:]
-            else:
-                text = (b"\n" + text).replace(b"\n..", b"\n.")[1:]
-            if (
-                not self.line_too_long
-                and len(text) > self.max_line
-                and max(map(len, text.split(b"\n"))) > self.max_line
-            ):
+        text = region.replace(b"\r\n", b"\n")
+        n_lf = text.count(b"\n")
+        if len(region) - len(text) == n_lf and b"\r" not in text:
+            # Fast path: clean CRLF text (every LF came with its CR, no other CR).
+            if not self._mid_line and text.startswith(b".."):
+                text = text[1:]
+            if b"\n.." in text:
+                text = text.replace(b"\n..", b"\n.")
+            if not self.line_too_long and len(text) > self.max_line and self._has_long_line(text):
                 self.line_too_long = True
             self._mid_line = False
             self._last_crlf = True
+            self.newlines += n_lf
             self._account(text)
             return text
         return self._slow(region)
+
+    def _has_long_line(self, text: bytes) -> bool:
+        """Is a line of ``text`` (which ends with LF) longer than ``max_line``?  Jumps from
+        the last LF of each window of ``max_line + 1`` bytes to the next: about one step per
+        ``max_line`` bytes instead of one object per line."""
+        limit = self.max_line + 1
+        pos, n = 0, len(text)
+        while n - pos > self.max_line:
+            nl = text.rfind(b"\n", pos, pos + limit)
+            if nl < 0:
+                return True
+            pos = nl + 1
+        return False
 
     def _slow(self, region: bytes) -> bytes:
         """Line by line, for input with bare CR or LF."""
@@ -152,6 +159,7 @@ class DataReader:
             self._last_crlf = crlf
         self._mid_line = False
         text = b"\n".join(out) + b"\n"
+        self.newlines += text.count(b"\n")
         self._account(text)
         return text
 
