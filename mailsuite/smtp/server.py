@@ -77,6 +77,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.errors = 0
         self.peer_ip = "unknown"
         self._write_failed = False
+        self._io_paused = False
         self._reset()
 
     # -- connection ------------------------------------------------------------------------
@@ -383,12 +384,14 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
             body_8bit=self.body_8bit_declared,
             delivered_to=dict(self.delivered_to),
         )
+        message = IncomingMessage(self.runtime, envelope, self._received_header())
         try:
-            self.message = IncomingMessage(self.runtime, envelope, self._received_header())
+            message.check()
         except OSError as e:
-            log.error("smtp: cannot create the message file: {e}", e=e)
+            log.error("smtp: cannot store the message: {e}", e=e)
             self.reply(R.TEMP_FAILURE)
             return
+        self.message = message
         self.reader = DataReader(max_line=self.config.smtp.max_line_length)
         self.reply(R.START_DATA)
         self.setRawMode()
@@ -396,23 +399,35 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
     def rawDataReceived(self, data: bytes) -> None:
         reader, message = self.reader, self.message
         assert reader is not None and message is not None
+        newlines = reader.newlines
         out, rest = reader.feed(data)
         if out and not self.too_big:
             if reader.size > self.config.smtp.max_message_size:
                 self.too_big = True  # keep reading to the end, store nothing more
             else:
                 try:
-                    message.write_body(out)
+                    message.write_body(out, reader.newlines - newlines)
                 except OSError as e:
                     log.error("smtp: writing the message failed: {e}", e=e)
                     self.too_big = True
                     self._write_failed = True
+                if message.backlog and not self._io_paused:
+                    drained = message.when_drained()
+                    if not drained.called:  # the disk is behind: stop reading until it catches up
+                        self._io_paused = True
+                        self.transport.pauseProducing()
+                        drained.addCallback(self._io_resume)
         if rest is None:
             return
         self.pauseProducing()  # later pipelined commands wait until this one is answered
         self.setLineMode(rest)
         d = self._end_of_data()
         d.addBoth(self._answer_and_resume)
+
+    def _io_resume(self, _: object) -> None:
+        self._io_paused = False
+        if self.transport is not None and not self.paused and not self.transport.disconnecting:
+            self.transport.resumeProducing()
 
     def _end_of_data(self) -> defer.Deferred[R.Reply]:
         reader, message = self.reader, self.message
