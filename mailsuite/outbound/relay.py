@@ -12,7 +12,9 @@ delivered (2xx), retry (4xx) or bounce (5xx).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import random
 import re
 import socket
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -36,7 +38,9 @@ from mailsuite.smtp.client import (
     Timeouts,
     TransactionResult,
     deliver,
+    scan_message,
 )
+from mailsuite.smtp.downgrade import downgrade_file
 from mailsuite.tls import client_tls_options
 
 __all__ = [
@@ -73,6 +77,21 @@ def _local(code: int, status: str, text: str) -> Reply:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
+
+
+def _downgrade(message_path: Path, scratch_dir: Path) -> tuple[str, int]:
+    """Blocking: a 7-bit copy of the message and its SIZE (RFC 1870) value."""
+    path = downgrade_file(message_path, scratch_dir)
+    try:
+        return str(path), scan_message(path).wire_size
+    except BaseException:
+        _unlink(path)
+        raise
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def too_many_recipients(reply: Reply) -> bool:
@@ -177,6 +196,7 @@ class Relay:
         deliver_fn: Callable[..., Deferred[TransactionResult]] = deliver,
         rng: random.Random | None = None,
         timeouts: Timeouts = Timeouts(),
+        blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self.config = config
         self.relay = config.relay
@@ -189,6 +209,15 @@ class Relay:
         self.is_self = SelfCheck(config.hostname, config.listen)
         self.deliver_fn = deliver_fn
         self.timeouts = timeouts
+        if blocking is None:
+            if reactor is not None and hasattr(reactor, "getThreadPool"):
+                def blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f,
+                                                     *args)
+            else:
+                def blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                    return defer.maybeDeferred(f, *args)
+        self._blocking = blocking
         self.smarthost: tuple[str, int] | None = None
         if self.relay.smarthost:
             host, _, port = self.relay.smarthost.rpartition(":")
@@ -199,14 +228,37 @@ class Relay:
         return SMARTHOST_ROUTE if self.smarthost else domain_of(address)
 
     def send(self, route: str, sender: str, rcpts: Sequence[str], message_path: Path,
-             info: MessageInfo, *, smtputf8: bool = False,
-             body_8bit: bool = False) -> Deferred[dict[str, RecipientResult]]:
-        return defer.ensureDeferred(self._send(route, sender, list(rcpts), message_path, info,
-                                               smtputf8, body_8bit))
+             info: MessageInfo, *, smtputf8: bool = False, body_8bit: bool = False,
+             scratch_dir: Path | None = None) -> Deferred[dict[str, RecipientResult]]:
+        """``scratch_dir`` is where a 7-bit copy of an 8-bit message is written if a server
+        lacks 8BITMIME (the spool's tmp/, cleared at start; default: beside the message)."""
+        return defer.ensureDeferred(self._send_and_clean(
+            route, sender, list(rcpts), message_path, info, smtputf8, body_8bit,
+            scratch_dir if scratch_dir is not None else message_path.parent))
+
+    async def _send_and_clean(self, route: str, sender: str, rcpts: list[str],
+                              message_path: Path, info: MessageInfo, smtputf8: bool,
+                              body_8bit: bool, scratch_dir: Path) -> dict[str, RecipientResult]:
+        # RFC 6152 3: one 7-bit copy per send, made the first time a server needs it,
+        # reused for every further host and transaction, removed at the end.
+        copies: list[tuple[str, int]] = []
+
+        async def convert() -> tuple[str, int]:
+            if not copies:
+                copies.append(await self._blocking(_downgrade, message_path, scratch_dir))
+            return copies[0]
+
+        downgrade = (lambda: defer.ensureDeferred(convert())) if body_8bit else None
+        try:
+            return await self._send(route, sender, rcpts, message_path, info, smtputf8,
+                                    body_8bit, downgrade)
+        finally:
+            for path, _size in copies:
+                await self._blocking(_unlink, path)
 
     async def _send(self, route: str, sender: str, rcpts: list[str], message_path: Path,
-                    info: MessageInfo, smtputf8: bool,
-                    body_8bit: bool) -> dict[str, RecipientResult]:
+                    info: MessageInfo, smtputf8: bool, body_8bit: bool,
+                    downgrade: Any = None) -> dict[str, RecipientResult]:
         try:
             if route == SMARTHOST_ROUTE:
                 hosts = [await self._smarthost_host()]
@@ -226,7 +278,7 @@ class Relay:
         while batches:
             batch = batches.pop(0)
             results = await self._transaction(route, hosts, port, sender, batch, message_path,
-                                              info, smtputf8, body_8bit)
+                                              info, smtputf8, body_8bit, downgrade)
             out.update(results)
             # RFC 5321 4.5.3.1.10: "452 too many recipients" means the server's limit per
             # transaction was reached, not that these recipients have a problem: send them at
@@ -261,14 +313,15 @@ class Relay:
 
     async def _transaction(self, route: str, hosts: list[MXHost], port: int, sender: str,
                            batch: list[str], message_path: Path, info: MessageInfo,
-                           smtputf8: bool, body_8bit: bool) -> dict[str, RecipientResult]:
+                           smtputf8: bool, body_8bit: bool,
+                           downgrade: Any = None) -> dict[str, RecipientResult]:
         """Try the hosts in order (RFC 5321 5.1) until every recipient has a definite answer,
         or a host may have taken the message (then no further host is tried)."""
         out: dict[str, RecipientResult] = {}
         todo = list(batch)
         for host in hosts:
             result = await self._one_host(route, host, port, sender, todo, message_path, info,
-                                          smtputf8, body_8bit)
+                                          smtputf8, body_8bit, downgrade)
             log.info("relay: {route} via {host} [{address}]: {outcome} {reply}", route=route,
                      host=host.name, address=result.address or "-",
                      outcome=result.outcome.value, reply=str(result.reply))
@@ -298,7 +351,8 @@ class Relay:
 
     async def _one_host(self, route: str, host: MXHost, port: int, sender: str,
                         rcpts: list[str], message_path: Path, info: MessageInfo,
-                        smtputf8: bool, body_8bit: bool) -> TransactionResult:
+                        smtputf8: bool, body_8bit: bool,
+                        downgrade: Any = None) -> TransactionResult:
         helo = self.config.hostname
         if route == SMARTHOST_ROUTE:
             verify = self.relay.smarthost_verify
@@ -307,7 +361,8 @@ class Relay:
             auth = (user, password or "") if user else None
             if self.relay.smarthost_tls == "implicit":
                 return await self._implicit_tls(host, port, helo, sender, rcpts, message_path,
-                                                info, smtputf8, body_8bit, context, auth)
+                                                info, smtputf8, body_8bit, context, auth,
+                                                downgrade)
             tls, tls_verify = "required", verify
         else:
             tls_verify = self.relay.tls_verify
@@ -317,13 +372,14 @@ class Relay:
             self.reactor, host.name, port, host.addresses, helo, sender, rcpts, message_path,
             size=info.wire_size, body_8bit=body_8bit, smtputf8=smtputf8, tls=tls,
             tls_verify=tls_verify, tls_client_context=context, auth=auth,
-            timeouts=self.timeouts,
+            timeouts=self.timeouts, downgrade=downgrade,
         )
 
     async def _implicit_tls(self, host: MXHost, port: int, helo: str, sender: str,
                             rcpts: list[str], message_path: Path, info: MessageInfo,
                             smtputf8: bool, body_8bit: bool, context: Any,
-                            auth: tuple[str, str] | None) -> TransactionResult:
+                            auth: tuple[str, str] | None,
+                            downgrade: Any = None) -> TransactionResult:
         """RFC 8314 implicit TLS (port 465): TLS from the first byte, then the same session.
 
         ``deliver`` only speaks STARTTLS, so the session runs here over a TLS endpoint, marked
@@ -332,6 +388,7 @@ class Relay:
             host=host.name, helo_name=helo, mail_from=sender, rcpts=tuple(rcpts),
             message_path=str(message_path), size=info.wire_size, body_8bit=body_8bit,
             smtputf8=smtputf8, tls="none", auth=auth, timeouts=self.timeouts,
+            downgrade=downgrade,
         )
         errors = []
         for address in host.addresses:

@@ -289,7 +289,8 @@ class QueueRunner(service.Service):
                 else:
                     results = await self.relay.send(
                         key, entry.sender, [r.address for r in rcpts], path, info,
-                        smtputf8=entry.smtputf8, body_8bit=entry.body_8bit)
+                        smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
+                        scratch_dir=self.spool.tmp_dir)
             except Exception as e:  # noqa: BLE001 - a bug must not lose the entry: retry
                 log.failure("queue: {id}: delivery to {key} failed", id=entry.id, key=key)
                 reply = Reply(451, "4.3.0", f"internal error: {e}", remote=False)

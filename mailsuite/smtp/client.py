@@ -30,6 +30,8 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsuite.smtp.downgrade import NotConvertible
+
 __all__ = [
     "CHUNK_SIZE",
     "MessageInfo",
@@ -142,6 +144,7 @@ class TransactionResult:
     port: int = 25
     tls: bool = False
     tls_fallback: bool = False  # TLS handshake failed; this result is from a plaintext retry
+    downgraded: bool = False  # the body went as a 7-bit conversion (no 8BITMIME, RFC 6152 3)
     extensions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -338,6 +341,9 @@ class SessionParameters:
     auth: tuple[str, str] | None = None
     timeouts: Timeouts = Timeouts()
     chunk_size: int = CHUNK_SIZE
+    #: Called when the body is 8-bit and the server lacks 8BITMIME: fires with (path, size)
+    #: of a 7-bit copy, or fails with downgrade.NotConvertible (then 5.6.3 as without it).
+    downgrade: Callable[[], Deferred[tuple[str, int]]] | None = None
 
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
@@ -373,6 +379,7 @@ class SMTPClientSession(basic.LineReceiver):
         self._handshake_error = False
         self._lines_of_last_reply: list[str] = []
         self._plain_token = ""
+        self._downgraded = False
 
     # -- plumbing
 
@@ -495,7 +502,7 @@ class SMTPClientSession(basic.LineReceiver):
         self._result = TransactionResult(
             outcome=outcome, reply=reply, stage=self._stage, recipients=recipients,
             host=self.params.host, address=self.address, port=self.port, tls=self.tls_active,
-            extensions=dict(self.extensions),
+            extensions=dict(self.extensions), downgraded=self._downgraded,
         )
         self._expect.clear()
         if self._producer is not None:
@@ -703,7 +710,11 @@ class SMTPClientSession(basic.LineReceiver):
                 553, "5.6.7", "message needs SMTPUTF8 and the server does not offer it"))
             return
         if p.body_8bit and "8BITMIME" not in ext:
-            # RFC 6152 3: an 8-bit body may only go to a server that offers 8BITMIME.
+            # RFC 6152 3: an 8-bit body may only go to a server that offers 8BITMIME; convert
+            # it to 7 bit when we can, else return it.
+            if p.downgrade is not None:
+                self._convert(p.downgrade)
+                return
             self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
                 554, "5.6.3", "8-bit message and the server does not offer 8BITMIME"))
             return
@@ -730,6 +741,33 @@ class SMTPClientSession(basic.LineReceiver):
             self._expect.append(self._on_mail)
             self._arm(p.timeouts.mail)
             self._send(mail)
+
+    def _convert(self, downgrade: Callable[[], Deferred[tuple[str, int]]]) -> None:
+        """Have a 7-bit copy made (in a thread, by the caller), then go on with MAIL."""
+        self._arm(self.params.timeouts.command)  # the server may not wait forever either
+
+        def converted(result: tuple[str, int]) -> None:
+            if self._result is not None:
+                return  # the session ended meanwhile
+            path, size = result
+            self._downgraded = True
+            self.params = dataclasses.replace(self.params, message_path=path, size=size,
+                                              body_8bit=False, downgrade=None)
+            self._start_mail()
+
+        def failed(f: Failure) -> None:
+            if self._result is not None:
+                return
+            if f.check(NotConvertible):
+                self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
+                    554, "5.6.3", "8-bit message, the server does not offer 8BITMIME, and it "
+                    f"cannot be converted to 7 bit: {f.value}"))
+            else:
+                log.failure("converting the message to 7 bit failed", f)
+                self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
+                    451, "4.3.0", f"converting the message to 7 bit failed: {f.value}"))
+
+        downgrade().addCallbacks(converted, failed)
 
     def _rcpt_handler(self, i: int) -> Callable[[Reply], None]:
         def handler(reply: Reply) -> None:
@@ -845,14 +883,16 @@ def deliver(
     timeouts: Timeouts = Timeouts(),
     source_address: str | None = None,
     chunk_size: int = CHUNK_SIZE,
+    downgrade: Callable[[], Deferred[tuple[str, int]]] | None = None,
 ) -> Deferred[TransactionResult]:
     """Deliver one stored message to one host; never fails, always fires a TransactionResult.
 
     ``host`` is the MX name (TLS server name); ``addresses`` its IPs, tried in order until one
     accepts the TCP connection. ``mail_from`` "" is the null sender. ``size`` is the SIZE= value
     (RFC 1870; :func:`scan_message` computes it, default: the file's size). ``body_8bit`` sends
-    BODY=8BITMIME (refused with 5.6.3 if not offered); ``smtputf8`` (or a non-ASCII address)
-    sends SMTPUTF8. ``tls``: "opportunistic" (STARTTLS when offered; if the handshake fails,
+    BODY=8BITMIME (if not offered: ``downgrade`` (see SessionParameters) is asked for a 7-bit
+    copy; without one, 5.6.3); ``smtputf8`` (or a non-ASCII address) sends SMTPUTF8.
+    ``tls``: "opportunistic" (STARTTLS when offered; if the handshake fails,
     one plaintext retry unless ``tls_verify``), "required" (temporary failure without TLS) or
     "none". ``tls_verify`` uses ``optionsForClientTLS(host)``; ``tls_client_context`` overrides
     both contexts. ``auth`` (user, password) is only ever sent over TLS.
@@ -866,7 +906,7 @@ def deliver(
         message_path=os.fspath(message_path), size=size, body_8bit=body_8bit,
         smtputf8=smtputf8, tls=tls, tls_verify=tls_verify,
         tls_client_context=tls_client_context, auth=auth, timeouts=timeouts,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, downgrade=downgrade,
     )
     return defer.ensureDeferred(_deliver(reactor, port, list(addresses), params, source_address))
 

@@ -8,6 +8,7 @@ What the remote servers saw is read from their record directories (``NNNN.json``
 from __future__ import annotations
 
 import email
+import email.policy
 import json
 import random
 import smtplib
@@ -141,6 +142,8 @@ ZONE = {
     "self.test": {"A": ["127.0.0.1"]},
     "loopname.test": {"MX": [[10, "mx.example.test"], [20, "mx2.test"]]},
     "loopaddr.test": {"MX": [[10, "self.test"]]},
+    "seven.test": {"MX": [[10, "mx11.test"]]},
+    "mx11.test": {"A": ["127.0.0.11"]},
     "limited.test": {"MX": [[10, "mx10.test"]]},
     "mx10.test": {"A": ["127.0.0.10"]},
     "backupmx.test": {"MX": [[5, "mx4.test"], [10, "mx.example.test"], [20, "mx2.test"]]},
@@ -476,6 +479,39 @@ def test_too_many_recipients_are_sent_at_once_in_new_transactions(
     assert len(limited.transactions()) == 3
     assert bounces(server, rcpts[4]) == []
     limited.stop()
+
+
+def test_8bit_message_to_a_server_without_8bitmime_is_converted(
+        net: Net, srv: Server) -> None:
+    """RFC 6152 3: the recording MX does not offer 8BITMIME; the text arrives as 7-bit
+    quoted-printable that decodes back to the original, and no converted copy is left."""
+    seven = net.mx("127.0.0.11", {"extensions": ["PIPELINING", "ENHANCEDSTATUSCODES"]})
+    text = "Grüße aus Köln — “quoted”, trailing blanks   \n.dot line\n" + "ä" * 200 + "\n"
+    msg = ("From: <alice@example.test>\r\nTo: <olga@seven.test>\r\nSubject: eightbit\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           "Content-Transfer-Encoding: 8bit\r\n\r\n" + text.replace("\n", "\r\n"))
+    with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=15) as s:
+        s.sendmail(SENDER, ["olga@seven.test"], msg.encode(), mail_options=["BODY=8BITMIME"])
+    got = wait_for(lambda: with_subject(seven.transactions(), "eightbit"), what="delivery")
+    t = got[0]
+    assert "BODY=8BITMIME" not in " ".join(t["mail_params"]).upper()
+    assert t["data"].isascii()
+    parsed = email.message_from_bytes(t["data"], policy=email.policy.default)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_content().replace("\r\n", "\n") == text
+    assert b"Received: from " in t["data"]  # our trace header is still there
+    wait_for(lambda: not entries_for(srv, "olga@seven.test"), what="the queue to empty")
+    assert list((srv.data / "queue" / "tmp").iterdir()) == []  # the 7-bit copy was removed
+
+    # raw 8-bit in a header cannot be converted: bounced with 5.6.3 as before
+    bad = ("From: <alice@example.test>\r\nSubject: Grüße\r\n\r\nä\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=15) as s:
+        s.sendmail(SENDER, ["pia@seven.test"], bad, mail_options=["BODY=8BITMIME"])
+    dsn = wait_for(lambda: bounces(srv, "pia@seven.test"), what="the bounce")[0]
+    fields = dsn_fields(dsn)
+    assert "Status: 5.6.3" in fields and "message header" in fields
+    assert len(seven.transactions()) == 1
+    seven.stop()
 
 
 # ----------------------------------------------------------------------------- durability

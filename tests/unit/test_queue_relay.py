@@ -290,3 +290,43 @@ def test_552_for_the_recipient_limit_is_temporary(tmp_path: Path) -> None:
     fake2.script["a.two.test"] = limited(1, Reply(452, "4.2.2", "mailbox full"))
     out = run(relay2, "two.test", ["u@two.test", "v@two.test"])
     assert len(fake2.calls) == 1  # a full mailbox is not the recipient limit
+
+
+# ------------------------------------------------------------- 8-bit downgrade (RFC 6152 3)
+
+
+def test_one_7bit_copy_per_send_shared_by_every_host_then_removed(tmp_path: Path) -> None:
+    relay, _ = make(tmp_path)
+    message = tmp_path / "msg"
+    message.write_bytes("Subject: x\n\nGrüße\n".encode())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    copies: list[tuple[str, int]] = []
+
+    async def deliver(reactor: Any, host: str, port: int, addresses: Any, helo: str,
+                      sender: str, rcpts: Any, path: Any, **kw: Any) -> TransactionResult:
+        path, size = await kw["downgrade"]()
+        copies.append((path, size))
+        assert Path(path).read_bytes().isascii() and Path(path).parent == scratch
+        if host == "a.two.test":
+            reply = Reply(451, "4.4.1", "no connection", remote=False)
+            return TransactionResult(Outcome.CONNECT_FAILED, reply, "connect",
+                                     {r: reply for r in rcpts}, host)
+        ok = Reply(250, "2.0.0", "ok")
+        return TransactionResult(Outcome.DELIVERED, ok, "done", {r: ok for r in rcpts}, host,
+                                 address="x", downgraded=True)
+
+    relay.deliver_fn = lambda *a, **kw: defer.ensureDeferred(deliver(*a, **kw))
+    d = relay.send("two.test", "a@x.test", ["u@two.test"], message, INFO, body_8bit=True,
+                   scratch_dir=scratch)
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out[0]["u@two.test"].reply.positive
+    assert len(copies) == 2 and copies[0] == copies[1]  # converted once, used twice
+    assert list(scratch.iterdir()) == []  # and removed at the end
+
+
+def test_no_downgrade_offered_for_a_7bit_message(tmp_path: Path) -> None:
+    relay, fake = make(tmp_path)
+    run(relay, "two.test", ["u@two.test"])
+    assert fake.calls[0]["downgrade"] is None
