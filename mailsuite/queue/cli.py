@@ -10,6 +10,7 @@ When no server runs (nobody holds ``queue/runner.lock``), ``delete`` acts direct
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -29,6 +30,12 @@ from mailsuite.queue.spool import (
 __all__ = ["add_arguments", "run"]
 
 PICKUP_WAIT = 10.0  # seconds to wait for a running server to take a request
+NOT_RUNNING = ("no running server holds this queue, so nothing is delivered; start it "
+               "(twistd -n mailsuite --config FILE) and it tries every entry")
+
+
+def _error(text: str) -> None:
+    print(f"mailsuite queue: {text}", file=sys.stderr)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,19 +70,29 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _rcpt_line(r: RecipientState, now: float) -> str:
+def _rcpt_state(r: RecipientState, now: float) -> str:
     if r.state == PENDING:
         if r.in_flight:
-            state = f"pending (attempt {r.attempts} in progress)"
-        elif r.next_attempt <= now:
-            state = f"pending (attempts {r.attempts}, due now)"
-        else:
-            state = f"pending (attempts {r.attempts}, next in {_age(r.next_attempt - now)})"
-    elif r.state == FAILED:
-        state = "failed" + ("" if r.reported else " (bounce not yet sent)")
-    else:
-        state = r.state
-    return f"    {state:42} {r.address}"
+            return f"sending (try {r.attempts})"
+        if r.next_attempt <= now:
+            return f"due now (tried {r.attempts})" if r.attempts else "due now"
+        return f"retry in {_age(r.next_attempt - now)} (tried {r.attempts})"
+    if r.state == FAILED:
+        return "failed" + ("" if r.reported else ", bounce pending")
+    return r.state
+
+
+def _short(text: str | None, width: int) -> str:
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
+
+
+def _rcpt_line(r: RecipientState, now: float) -> str:
+    reason = _short(r.last_reply, 60) if r.state != DELIVERED else ""
+    line = f"  {_rcpt_state(r, now):26} {r.address}"
+    return f"{line}\n  {'':26} last reply: {reason}" if reason else line
 
 
 def _size(spool: Spool, entry: QueueEntry) -> str:
@@ -89,27 +106,35 @@ def _size(spool: Spool, entry: QueueEntry) -> str:
 def cmd_list(spool: Spool) -> int:
     now = time.time()
     entries = list(spool.entries())
+    if entries:
+        print(f"{'ID':19}  {'AGE':>4}  {'SIZE':>9}  SENDER")
     for entry in entries:
-        sender = f"<{entry.sender}>"
-        print(f"{entry.id}  {_age(now - entry.created):>5}  {sender}  {_size(spool, entry)}")
+        sender = f"<{entry.sender}>" if entry.sender else "<> (a bounce)"
+        print(f"{entry.id:19}  {_age(now - entry.created):>4}  {_size(spool, entry):>9}  "
+              f"{sender}")
         for r in entry.recipients:
             print(_rcpt_line(r, now))
     if not entries:
         print("the queue is empty")
     else:
         rcpts = sum(len(e.pending) for e in entries)
-        print(f"{len(entries)} entries, {rcpts} recipients pending")
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+              f"{rcpts} recipient{'' if rcpts == 1 else 's'} pending "
+              "(details: mailsuite queue show ID)")
     if not spool.runner_active():
-        print("note: no running server holds this queue; nothing is being delivered")
+        print(f"note: {NOT_RUNNING}")
     return 0
 
 
-def cmd_show(spool: Spool, queue_id: str) -> int:
+def cmd_show(spool: Spool, queue_id: str, lifetime: float) -> int:
     entry = spool.load(queue_id)
     now = time.time()
     print(f"id:        {entry.id}")
     print(f"sender:    <{entry.sender}>")
     print(f"queued:    {_when(entry.created)} ({_age(now - entry.created)} ago)")
+    expires = entry.created + lifetime
+    if entry.pending:
+        print(f"gives up:  {_when(expires)} (in {_age(expires - now)})")
     print(f"size:      {_size(spool, entry)}")
     opts = [name for name, on in (("SMTPUTF8", entry.smtputf8), ("8BITMIME", entry.body_8bit))
             if on]
@@ -121,7 +146,8 @@ def cmd_show(spool: Spool, queue_id: str) -> int:
         print(f"    attempts:     {r.attempts}")
         print(f"    last attempt: {_when(r.last_attempt)}")
         if r.state == PENDING:
-            print(f"    next attempt: {_when(r.next_attempt)}")
+            when = "now" if r.next_attempt <= now else f"in {_age(r.next_attempt - now)}"
+            print(f"    next attempt: {_when(r.next_attempt)} ({when})")
         if r.last_reply:
             host = f" (from {r.last_host})" if r.last_host else ""
             print(f"    last reply:   {r.last_reply}{host}")
@@ -157,7 +183,7 @@ def _summary(entry: QueueEntry) -> str:
 
 def cmd_flush(spool: Spool, queue_id: str | None, wait: bool, timeout: float) -> int:
     if not spool.runner_active():
-        print("no running server holds this queue: start it and it will try every entry")
+        _error(NOT_RUNNING)
         return 1
     if queue_id is not None:
         spool.load(queue_id)  # exists?
@@ -165,8 +191,8 @@ def cmd_flush(spool: Spool, queue_id: str | None, wait: bool, timeout: float) ->
     asked = time.time()
     name = spool.request("flush", queue_id)
     if not _wait_pickup(spool, name):
-        print("the server did not take the request within "
-              f"{PICKUP_WAIT:.0f} s; it stays queued for it")
+        _error(f"the server did not take the request within {PICKUP_WAIT:.0f} s (is it "
+               "stuck? see its log); the request stays and is done when it gets to it")
         return 1
     print(f"flushing {len(targets)} entr{'y' if len(targets) == 1 else 'ies'}")
     if not wait or not targets:
@@ -210,12 +236,14 @@ def cmd_change(spool: Spool, op: str, queue_id: str) -> int:
             print(f"{queue_id}: deleted")
             return 0
         spool.request(op, queue_id)
-        print(f"{queue_id}: no server is running; it will {op} the entry when it starts")
+        done = "deleted" if op == "delete" else "bounced to the sender"
+        print(f"{queue_id}: no server is running; the entry will be {done} when it starts "
+              "(twistd -n mailsuite --config FILE)")
         return 0
     name = spool.request(op, queue_id)
     if not _wait_pickup(spool, name):
-        print(f"{queue_id}: the server did not take the request within {PICKUP_WAIT:.0f} s; "
-              "it stays queued for it")
+        _error(f"{queue_id}: the server did not take the request within {PICKUP_WAIT:.0f} s "
+               "(is it stuck? see its log); the request stays and is done when it gets to it")
         return 1
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -233,18 +261,20 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if queue_id is not None:
         queue_id = queue_id.upper()
         if not valid_id(queue_id):
-            print(f"mailsuite: {args.id!r} is not a queue id (see 'mailsuite queue list')")
+            _error(f"{args.id!r} is not a queue id: ids are hex, as 'mailsuite queue list' "
+                   "shows them")
             return 2
     try:
         if args.action == "list":
             return cmd_list(spool)
         if args.action == "show":
             assert queue_id is not None
-            return cmd_show(spool, queue_id)
+            return cmd_show(spool, queue_id, cfg.relay.lifetime)
         if args.action == "flush":
             return cmd_flush(spool, queue_id, not args.no_wait, args.timeout)
         assert queue_id is not None
         return cmd_change(spool, args.action, queue_id)
     except SpoolError as e:
-        print(f"mailsuite: {e}")
+        _error(f"{e}; it may have been delivered or removed meanwhile "
+               "(see 'mailsuite queue list')")
         return 1

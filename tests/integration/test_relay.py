@@ -569,3 +569,48 @@ def test_queue_cli_list_and_show(net: Net, srv: Server) -> None:
     srv.cli("queue", "delete", qid)
 
 
+
+
+# ------------------------------------------------------------------- the queue command
+
+
+def test_queue_cli_reads_well_for_a_person(net: Net, srv: Server, tmp_path: Path) -> None:
+    import re
+
+    from mailsuite.queue.cli import _age
+
+    assert [_age(s) for s in (5, 185, 7300, 200000)] == ["5s", "3m", "2h", "2d"]
+    send(srv, ["pat@servfail.test"], "readable")
+    qid = wait_for(lambda: [q for q in queue_ids(srv) if "pat@" in show(srv, q)
+                            and "4.4.3" in show(srv, q)], what="a failed attempt")[0]
+    listing = srv.cli("queue", "list").stdout
+    lines = listing.splitlines()
+    assert re.match(r"ID\s+AGE\s+SIZE\s+SENDER$", lines[0])
+    entry = next(ln for ln in lines if ln.startswith(qid))
+    assert re.match(rf"{qid}\s+\d+[smhd]\s+[\d.]+ (B|KiB)\s+<{SENDER}>$", entry), entry
+    i = lines.index(next(ln for ln in lines if "pat@servfail.test" in ln))
+    assert re.search(r"(retry in \d+[smhd]|due now|sending) .*pat@servfail.test", lines[i])
+    assert "last reply:" in lines[i + 1] and "4.4.3" in lines[i + 1]
+    assert "(details: mailsuite queue show ID)" in listing
+    assert "no running server" not in listing  # this one is running
+    shown = show(srv, qid)
+    assert re.search(r"queued: .* \(\d+[smhd] ago\)", shown)
+    assert re.search(r"gives up: .* \(in \d+[dh]\)", shown)
+    assert re.search(r"next attempt: .* \((now|in \d+[smhd])\)", shown)
+    srv.cli("queue", "delete", qid)
+
+    # errors say what is wrong and what to do, on stderr, with a non-zero status
+    gone = srv.cli("queue", "show", qid, check=False)
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert f"no queue entry {qid}" in gone.stderr and "mailsuite queue list" in gone.stderr
+    bad = srv.cli("queue", "delete", "not-an-id", check=False)
+    assert bad.returncode == 2 and "is not a queue id" in bad.stderr
+    assert "mailsuite queue list" in bad.stderr
+
+    # no server running
+    idle = Server(tmp_path / "idle", services=("smtp",), extra_toml=relay_toml(net))
+    flush = idle.cli("queue", "flush", check=False)
+    assert flush.returncode == 1 and "no running server" in flush.stderr
+    assert "twistd -n mailsuite" in flush.stderr
+    empty = idle.cli("queue", "list").stdout
+    assert "the queue is empty" in empty and "no running server" in empty
