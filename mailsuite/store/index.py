@@ -11,10 +11,15 @@ several processes (two servers, a CLI import, a delivery) can share a folder; UI
 assigned only under that lock and only ever grow.  Readers use SQLite's WAL snapshots.
 
 Syncing with the directory is cheap when nothing changed: the mtimes of ``new/`` and ``cur/``
-are kept, and a folder whose directories did not change since the last scan is not listed.
-An mtime less than a second old is never trusted (a change in the same clock tick could hide
-behind it), so that case rescans.  When only ``new/`` changed (a delivery) only ``new/`` is
-listed, so new mail in a 100,000-message folder costs a small directory read.
+are kept, and a directory whose mtime did not change since the last listing is not listed
+again.  An mtime is trusted only once it is older than the file system's timestamp
+granularity, measured from the start of the listing (a later change in the same tick could
+hide behind it): one second where mtimes are whole seconds, 30 ms where they are finer
+(Linux stamps from a clock at most one tick behind).  Only the directories whose mtime
+changed are listed: new mail in a 100,000-message folder costs a read of ``new/`` and of
+the few ``new/`` rows (a partial index), a flag change by another program one read of
+``cur/``.  Listings are compared with the indexed names as sets, and this process keeps
+those names in memory while no other process changed one (``names_gen`` in meta).
 
 First open of a big folder is cheap: sizes come from ``,W=`` in the name (or are computed on
 first use, stored as -1 until then), internal dates from the file's mtime on first use, and
@@ -48,8 +53,13 @@ from mailsuite.store.maildir import (
 INDEX_NAME = "mailsuite-index.sqlite"
 LOCK_NAME = "mailsuite-index.lock"
 _SCHEMA_VERSION = 1
-#: A directory mtime younger than this is not trusted to cover every change (see module doc).
+_SUBS = ("new", "cur")
+#: A directory mtime younger than this is not trusted to cover every change (see module doc):
+#: one second where the file system keeps whole seconds, a few clock ticks where it keeps
+#: finer times (Linux stamps files from a clock that is at most one tick behind).
 _TRUST_AFTER_NS = 1_000_000_000
+_TRUST_AFTER_FINE_NS = 30_000_000
+_IN_NEW = "SELECT name FROM messages WHERE name LIKE 'new/%'"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -66,7 +76,18 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS expunged (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
+-- the few messages still in new/: listing them must not read every row
+CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
 """
+
+
+def _trusted(stamp_ns: int, now_ns: int) -> bool:
+    """May a directory listing started at ``now_ns`` be trusted to cover every change that
+    left the directory with mtime ``stamp_ns``?  Not if a later change could get the same
+    mtime: within the file system's timestamp granularity (whole seconds on some file systems,
+    one kernel clock tick on Linux ext4/xfs/tmpfs)."""
+    coarse = stamp_ns % 1_000_000_000 == 0
+    return now_ns - stamp_ns > (_TRUST_AFTER_NS if coarse else _TRUST_AFTER_FINE_NS)
 
 
 @dataclass(frozen=True)
@@ -152,6 +173,9 @@ class FolderIndex:
         self.db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
         self._kw_stamp: int | None = None
         self._kw_letters: dict[str, str] = {}  # letter -> keyword
+        # every row's name, while meta names_gen still equals _names_gen (see _db_names)
+        self._names: set[str] | None = None
+        self._names_gen = -1
         with self._locked():
             self.db.executescript(_SCHEMA)
             if self._meta("uidvalidity") is None:
@@ -352,7 +376,8 @@ class FolderIndex:
         """Compute sizes (-1) and internal dates (-1) not known yet, for ``uids`` or all."""
         if uids is None:
             rows = self.db.execute(
-                "SELECT uid, name, size, internaldate FROM messages WHERE size < 0 OR internaldate < 0"
+                "SELECT uid, name, size, internaldate FROM messages"
+                " WHERE size < 0 OR internaldate < 0"
             ).fetchall()
         else:
             rows = []
@@ -361,7 +386,8 @@ class FolderIndex:
                 rows.extend(
                     self.db.execute(
                         "SELECT uid, name, size, internaldate FROM messages"
-                        f" WHERE (size < 0 OR internaldate < 0) AND uid IN ({','.join('?' * len(chunk))})",
+                        " WHERE (size < 0 OR internaldate < 0)"
+                        f" AND uid IN ({','.join('?' * len(chunk))})",
                         chunk,
                     )
                 )
@@ -427,83 +453,141 @@ class FolderIndex:
         return new, cur
 
     def sync(self, force: bool = False) -> SyncResult:
-        """Bring the index in step with the directory; cheap when nothing changed."""
+        """Bring the index in step with the directory; cheap when nothing changed.
+
+        Only the subdirectories whose mtime differs from the recorded (trusted) one are
+        listed: a delivery lists ``new/``, a flag change by another program lists ``cur/``.
+        """
         stamp = self._dir_stamp()
         if stamp is None:
             return SyncResult()
-        now = time.time_ns()
-        if not force and now - max(stamp) > _TRUST_AFTER_NS:
+        if not force:
             m = self._metas()
             if m.get("stamp_new") == stamp[0] and m.get("stamp_cur") == stamp[1]:
                 return SyncResult()
         with self._locked():
+            now = time.time_ns()  # before the listing: see _trusted()
             stamp = self._dir_stamp()
             if stamp is None:
                 return SyncResult()
-            trusted_new = now - stamp[0] > _TRUST_AFTER_NS
-            trusted_cur = now - stamp[1] > _TRUST_AFTER_NS
             m = self._metas()
-            only_new = not force and trusted_cur and m.get("stamp_cur") == stamp[1]
-            return self._scan(stamp, trusted_new, trusted_cur, only_new)
-
-    def _scan(
-        self, stamp: tuple[int, int], trusted_new: bool, trusted_cur: bool, only_new: bool
-    ) -> SyncResult:
-        on_disk: dict[str, str] = {}  # base -> "sub/name"
-        for sub in ("new",) if only_new else ("new", "cur"):
-            with os.scandir(self.folder / sub) as it:
-                for entry in it:
-                    name = entry.name
-                    if name[0] == ".":
-                        continue
-                    on_disk[name.split(":", 1)[0]] = f"{sub}/{name}"
-        if only_new:
-            query = self.db.execute(
-                "SELECT uid, base, name, flags FROM messages WHERE name LIKE 'new/%'"
+            subs = tuple(
+                sub
+                for sub, st in zip(_SUBS, stamp, strict=True)
+                if force or m.get("stamp_" + sub) != st
             )
+            if not subs:  # another process synced meanwhile
+                return SyncResult()
+            return self._scan(stamp, now, subs)
+
+    def _db_names(self, subs: Sequence[str]) -> set[str]:
+        """The ``name`` of every indexed message under ``subs`` (from memory when no
+        process changed a name since we last looked: see ``names_gen``)."""
+        gen = self._meta("names_gen") or 0
+        if self._names is None or self._names_gen != gen:
+            self._names = {n for (n,) in self.db.execute("SELECT name FROM messages")}
+            self._names_gen = gen
+        if subs == ("new",):
+            # the partial index messages_in_new makes this cheap however big cur/ is
+            return {n for (n,) in self.db.execute(_IN_NEW)}
+        return self._names  # read only; _scan drops names of directories it did not list
+
+    def _names_changed(self, removed: Iterable[str], added: Iterable[str], valid: bool) -> None:
+        """Record that names changed (lock held, inside the transaction): bump
+        ``names_gen`` so other processes reload, and keep our copy if it was current."""
+        gen = int(self._meta("names_gen") or 0)
+        self._set_meta("names_gen", gen + 1)
+        if valid and self._names is not None and self._names_gen == gen:
+            self._names.difference_update(removed)
+            self._names.update(added)
+            self._names_gen = gen + 1
         else:
-            query = self.db.execute("SELECT uid, base, name, flags FROM messages")
-        known = {base: (uid, name, flags) for uid, base, name, flags in query}
+            self._names = None
+
+    def _scan(self, stamp: tuple[int, int], now: int, subs: tuple[str, ...]) -> SyncResult:
+        on_disk: set[str] = set()  # "sub/name"
+        for sub in subs:
+            prefix = sub + "/"
+            with os.scandir(self.folder / sub) as it:
+                on_disk.update(prefix + e.name for e in it if e.name[0] != ".")
+        gen_before = int(self._meta("names_gen") or 0)
+        known = self._db_names(subs)
+        cache_valid = self._names is not None and self._names_gen == gen_before
+        appeared = on_disk - known
+        vanished = known - on_disk
+        if len(subs) == 1:
+            prefix = subs[0] + "/"
+            vanished = {n for n in vanished if n.startswith(prefix)}
         added: list[int] = []
         expunged: list[int] = []
         changed: list[int] = []
-        fresh = [b for b in on_disk if b not in known]
-        if only_new and fresh:
-            # a file could be known under cur/ already (renamed back?): never index twice
-            for i in range(0, len(fresh), 900):
-                chunk = fresh[i : i + 900]
-                for (b,) in self.db.execute(
-                    f"SELECT base FROM messages WHERE base IN ({','.join('?' * len(chunk))})", chunk
-                ):
-                    on_disk.pop(b, None)
-            fresh = [b for b in fresh if b in on_disk]
+        if not appeared and not vanished:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._record_stamps(stamp, now, subs)
+            self.db.execute("COMMIT")
+            return SyncResult()
+        # rows by base for every name that changed on either side
+        # (a base seen under both new/ and cur/ counts as its cur/ copy)
+        bases = {
+            base_of(n.split("/", 1)[1]): n
+            for n in sorted(appeared, key=lambda n: n.startswith("cur/"))
+        }
+        rows: dict[str, tuple[int, str, str]] = {}  # base -> (uid, name, flags)
+        wanted = list({base_of(n.split("/", 1)[1]) for n in vanished} | set(bases))
+        for i in range(0, len(wanted), 900):
+            chunk = wanted[i : i + 900]
+            for uid, base, name, flags in self.db.execute(
+                "SELECT uid, base, name, flags FROM messages"
+                f" WHERE base IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                rows[base] = (uid, name, flags)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             modseq = int(self._meta("highestmodseq") or 1)
             updates = []
-            for base, (uid, name, flags) in known.items():
-                disk = on_disk.get(base)
-                if disk is None:
-                    expunged.append(uid)
+            renames = []
+            fresh: list[str] = []
+            names_out: list[str] = []
+            names_in: list[str] = []
+            for base, disk in bases.items():
+                row = rows.get(base)
+                if row is None:
+                    fresh.append(base)
                     continue
-                if disk != name:
-                    disk_flags = self._disk_flags(disk)
-                    old = set(flags.split()) if flags else set()
-                    letters = self._keyword_letters()
-                    # keywords with no letter live only in the index; keep them
-                    kept = {f for f in old if not f.startswith("\\") and f not in letters.values()}
-                    new_flags = disk_flags | kept
-                    if new_flags != old:
-                        modseq += 1
-                        changed.append(uid)
-                        updates.append((disk, " ".join(sorted(new_flags)), modseq, uid))
-                    else:
-                        self.db.execute("UPDATE messages SET name=? WHERE uid=?", (disk, uid))
+                uid, name, flags = row
+                if name in on_disk:
+                    continue  # a second copy of a file we know (a tool mid-move): ignore
+                names_out.append(name)
+                names_in.append(disk)
+                disk_flags = self._disk_flags(disk)
+                old = set(flags.split()) if flags else set()
+                letters = self._keyword_letters()
+                # keywords with no letter live only in the index; keep them
+                kept = {f for f in old if not f.startswith("\\") and f not in letters.values()}
+                new_flags = disk_flags | kept
+                if new_flags != old:
+                    modseq += 1
+                    changed.append(uid)
+                    updates.append((disk, " ".join(sorted(new_flags)), modseq, uid))
+                else:
+                    renames.append((disk, uid))
+            moved = set(names_out)
+            for name in vanished:
+                if name in moved:
+                    continue
+                row = rows.get(base_of(name.split("/", 1)[1]))
+                if row is not None and row[1] == name:
+                    expunged.append(row[0])
+                    names_out.append(name)
             if updates:
                 self.db.executemany(
                     "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
                 )
+            if renames:
+                self.db.executemany("UPDATE messages SET name=? WHERE uid=?", renames)
             if expunged:
+                expunged.sort()
                 modseq += 1
                 self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in expunged])
                 self.db.executemany(
@@ -512,41 +596,45 @@ class FolderIndex:
                 )
             fresh.sort(key=_delivery_order)
             uid = int(self._meta("uidnext") or 1)
-            rows = []
+            new_rows = []
             if fresh:
                 modseq += 1
             for base in fresh:
-                rel = on_disk[base]
-                s, w = _name_size(rel)
+                rel = bases[base]
+                _, w = _name_size(rel)
                 size = w if w is not None else -1
-                rows.append(
+                new_rows.append(
                     (uid, base, rel, " ".join(sorted(self._disk_flags(rel))), size, -1.0, modseq)
                 )
+                names_in.append(rel)
                 added.append(uid)
                 uid += 1
             self.db.executemany(
                 "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                new_rows,
             )
             self._set_meta("uidnext", uid)
             self._set_meta("highestmodseq", modseq)
-            # Record a stamp only when it can be trusted (see the module docstring).
-            if trusted_new:
-                self._set_meta("stamp_new", stamp[0])
-            else:
-                self.db.execute("DELETE FROM meta WHERE key='stamp_new'")
-            if only_new:
-                pass  # the cur stamp stays as recorded
-            elif trusted_cur:
-                self._set_meta("stamp_cur", stamp[1])
-            else:
-                self.db.execute("DELETE FROM meta WHERE key='stamp_cur'")
+            if names_in or names_out:
+                self._names_changed(names_out, names_in, cache_valid)
+            self._record_stamps(stamp, now, subs)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._names = None
             raise
         return SyncResult(tuple(added), tuple(expunged), tuple(changed))
+
+    def _record_stamps(self, stamp: tuple[int, int], now: int, subs: Sequence[str]) -> None:
+        """Remember the mtimes of the directories just listed, when they can be trusted."""
+        for sub, st in zip(_SUBS, stamp, strict=True):
+            if sub not in subs:
+                continue  # not listed: its recorded stamp (if any) stays
+            if _trusted(st, now):
+                self._set_meta("stamp_" + sub, st)
+            else:
+                self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
 
     # -- changing --------------------------------------------------------------------------
 
@@ -576,7 +664,8 @@ class FolderIndex:
             for i in range(0, len(uids), 900):
                 chunk = uids[i : i + 900]
                 for uid, name, flags, ms in self.db.execute(
-                    f"SELECT uid, name, flags, modseq FROM messages WHERE uid IN ({','.join('?' * len(chunk))})",
+                    "SELECT uid, name, flags, modseq FROM messages"
+                    f" WHERE uid IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ):
                     current[uid] = (name, flags, ms)
@@ -587,7 +676,10 @@ class FolderIndex:
             modseq = int(self._meta("highestmodseq") or 1)
             first_modseq = modseq + 1
             updates = []
-            renamed_cur = False
+            touched: set[str] = set()  # subdirectories whose mtime our renames changed
+            gen = int(self._meta("names_gen") or 0)
+            names_out: list[str] = []
+            names_in: list[str] = []
             for uid, flags in changes:
                 row = current.get(uid)
                 if row is None:
@@ -609,7 +701,9 @@ class FolderIndex:
                         os.rename(self.folder / name, self.folder / new_name)
                     except FileNotFoundError:
                         continue  # removed by another program; the next sync expunges it
-                    renamed_cur = True
+                    touched.update((_sub_of(name), "cur"))
+                    names_out.append(name)
+                    names_in.append(new_name)
                 if text != old:
                     modseq += 1
                     updates.append((new_name, text, modseq, uid))
@@ -624,11 +718,13 @@ class FolderIndex:
                         "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
                     )
                     self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
-                    if renamed_cur:
-                        self._forget_stamp()
+                    if touched:
+                        self._forget_stamp(touched)
+                        self._names_changed(names_out, names_in, self._names_gen == gen)
                     self.db.execute("COMMIT")
                 except BaseException:
                     self.db.execute("ROLLBACK")
+                    self._names = None
                     raise
         return out
 
@@ -655,9 +751,12 @@ class FolderIndex:
                     pass
                 done.append(uid)
             if done:
-                fsync_dir(self.folder / "cur")
+                touched = {_sub_of(names[u]) for u in done}
+                for sub in sorted(touched):
+                    fsync_dir(self.folder / sub)
                 self.db.execute("BEGIN IMMEDIATE")
                 try:
+                    gen = int(self._meta("names_gen") or 0)
                     modseq = int(self._meta("highestmodseq") or 1) + 1
                     self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
                     self.db.executemany(
@@ -665,10 +764,12 @@ class FolderIndex:
                         [(u, modseq) for u in done],
                     )
                     self._set_meta("highestmodseq", modseq)
-                    self._forget_stamp()
+                    self._forget_stamp(touched)
+                    self._names_changed([names[u] for u in done], (), self._names_gen == gen)
                     self.db.execute("COMMIT")
                 except BaseException:
                     self.db.execute("ROLLBACK")
+                    self._names = None
                     raise
         return done
 
@@ -734,22 +835,32 @@ class FolderIndex:
                     out.append(uid)
                     uid += 1
                 self.db.executemany(
-                    "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq, envelope,"
-                    " bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq,"
+                    " envelope, bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 self._set_meta("uidnext", uid)
                 self._set_meta("highestmodseq", modseq)
-                self._forget_stamp()
+                self._forget_stamp(subs)
+                gen = int(self._meta("names_gen") or 0)
+                self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
+                self._names = None
                 raise
             return out
 
-    def _forget_stamp(self) -> None:
-        # Our own rename changed the directory mtime: rescan next time rather than guess.
-        self.db.execute("DELETE FROM meta WHERE key IN ('stamp_new', 'stamp_cur')")
+    def _forget_stamp(self, subs: Iterable[str]) -> None:
+        # Our own renames changed these directories' mtimes: list them again next time
+        # rather than guess what else changed meanwhile (programs that do not take our lock).
+        for sub in subs:
+            self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
+
+
+def _sub_of(name: str) -> str:
+    """``"cur/123.host:2,S"`` -> ``"cur"``."""
+    return name.split("/", 1)[0]
 
 
 def _letters_to_flags(rel: str) -> set[str]:

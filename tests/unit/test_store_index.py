@@ -142,3 +142,89 @@ def test_write_message_w_size_ignores_chunk_boundaries(tmp_path: Path, chunks: l
     w = int(name.rsplit(",W=", 1)[1])
     assert w == crlf_size(tmp_path / "new" / name)
     assert w == len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+def _listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record which subdirectories the index lists."""
+    import mailsuite.store.index as index_mod
+
+    seen: list[str] = []
+    real = os.scandir
+
+    def spy(path):  # type: ignore[no-untyped-def]
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(index_mod.os, "scandir", spy)
+    return seen
+
+
+def test_sync_lists_only_changed_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = folder(tmp_path)
+    for i in range(5):
+        (box / "cur" / f"{100 + i}.M{i}P1.host:2,").write_bytes(b"Subject: x\n\nb\n")
+    idx = FolderIndex(box)
+    assert len(idx.sync().added) == 5
+    time.sleep(0.05)  # past the trust window of a fine-grained file system
+    idx.sync()  # the first listing was too young to trust; this one records the stamps
+    seen = _listings(monkeypatch)
+    idx.sync()  # stamps recorded and trusted: nothing listed
+    assert seen == []
+    # a delivery by another program: only new/ is listed
+    write_message(box, [b"Subject: new\n\nx\n"])
+    time.sleep(0.05)
+    res = idx.sync()
+    assert res.added == (6,) and seen == ["new"]
+    seen.clear()
+    assert not idx.sync() and seen == []
+    # another program moves the new message to cur/ and flags another: both listed once,
+    # the move is a rename (same UID), not an expunge and a new message
+    (new_file,) = list((box / "new").iterdir())
+    os.rename(new_file, box / "cur" / (new_file.name + ":2,S"))
+    first = sorted((box / "cur").glob("100.*"))[0]
+    os.rename(first, str(first) + "F")
+    time.sleep(0.05)
+    seen.clear()
+    res = idx.sync()
+    assert res.added == () and res.expunged == ()
+    assert sorted(res.flag_changes) == [1, 6]
+    assert idx.get(6).flags == {"\\Seen"} and idx.get(1).flags == {"\\Flagged"}
+    assert sorted(seen) == ["cur", "new"]
+    seen.clear()
+    # our own STORE renames in cur/: only cur/ is listed again, and nothing is reported
+    idx.store_flags([(2, frozenset({"\\Answered"}))])
+    time.sleep(0.05)
+    assert not idx.sync() and seen == ["cur"]
+    seen.clear()
+    # another program deletes a file: expunged
+    os.unlink(next(p for p in (box / "cur").iterdir() if p.name.startswith("103.")))
+    time.sleep(0.05)
+    seen.clear()
+    assert idx.sync().expunged == (4,) and seen == ["cur"]
+    # a second process's index sees all of it (its name cache is reloaded: names_gen)
+    other = FolderIndex(box)
+    assert [m.uid for m in other.messages()] == [1, 2, 3, 5, 6]
+    idx.store_flags([(3, frozenset({"\\Seen"}))])
+    time.sleep(0.05)
+    assert other.sync().flag_changes == () and other.get(3).flags == {"\\Seen"}
+
+
+def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailsuite.store.index as index_mod
+
+    # whole-second mtimes (coarse file systems) wait a full second, finer ones 30 ms
+    assert not index_mod._trusted(5 * 10**9, 5 * 10**9 + 900_000_000)
+    assert index_mod._trusted(5 * 10**9 + 1, 5 * 10**9 + 40_000_000 + 1)
+    box = folder(tmp_path)
+    for sub in ("new", "cur"):
+        os.utime(box / sub, (time.time() - 10, time.time() - 10))
+    idx = FolderIndex(box)
+    idx.sync()
+    # a change that lands within the trust window is not trusted: the next sync lists again
+    monkeypatch.setattr(index_mod, "_TRUST_AFTER_FINE_NS", 10**12)
+    write_message(box, [b"Subject: a\n\nx\n"])
+    assert idx.sync().added == (1,)
+    seen = _listings(monkeypatch)
+    assert not idx.sync() and seen == ["new"]
