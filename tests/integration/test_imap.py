@@ -709,3 +709,80 @@ def test_list_extended_options(server: Server) -> None:
     # the delimiter query is unchanged
     assert r.ok('LIST "" ""') == [b'* LIST (\\Noselect) "." ""']
     r.close()
+
+
+def _tmux_screen(session: str, want: list[bytes], timeout: float = 30.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    screen = b""
+    while time.monotonic() < deadline:
+        screen = subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, timeout=10
+        ).stdout
+        if all(w in screen for w in want):
+            return screen
+        time.sleep(0.3)
+    return screen
+
+
+@pytest.mark.parametrize("mode", ["imaps", "starttls"])
+def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: str) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    if shutil.which("mutt") is None or shutil.which("tmux") is None:
+        pytest.skip("mutt or tmux is not installed (Debian packages mutt, tmux)")
+    m = login(server)
+    box = f"Mutt{mode}"
+    m.create(box)
+    subjects = [f"mutt check {mode} {i}" for i in range(3)]
+    for i, subject in enumerate(subjects):
+        msg = (
+            f"From: Ann <ann@example.org>\r\nTo: {USER}\r\nSubject: {subject}\r\n"
+            f"Date: Mon, 1 Jan 2024 10:0{i}:00 +0000\r\nMessage-ID: <m{i}.{mode}@example.org>\r\n"
+            f"\r\nbody {i}\r\n"
+        ).encode()
+        m.append(box, "(\\Seen)" if i == 0 else None, None, msg)
+    m.logout()
+    ca = tmp_path / "ca.pem"
+    tls_files[2].cert_pem.write_to_path(str(ca))
+    user = USER.replace("@", "%40")
+    if mode == "imaps":
+        root = f"imaps://{user}@localhost:{server.port('imaps')}/"
+        extra = ""
+    else:  # plain imap:// with STARTTLS required
+        root = f"imap://{user}@localhost:{server.port('imap')}/"
+        extra = "set ssl_starttls=yes\nset ssl_force_tls=yes\n"
+    url = root + box
+    rc = tmp_path / "muttrc"
+    rc.write_text(
+        f'set folder="{root}"\nset spoolfile="{url}"\nset imap_pass="{PASSWORD}"\n'
+        f"set ssl_ca_certificates_file={ca}\n"
+        f"set certificate_file={tmp_path / 'certs'}\n"
+        f"{extra}"
+        "set ssl_verify_host=yes\nset imap_passive=yes\nset mail_check=60\nset timeout=60\n"
+        'set header_cache=""\nset sort=date\nset index_format="%4C %Z %-20.20n %s"\n'
+        "set confirmappend=no\nset quit=yes\nset move=no\n"
+    )
+    session = f"mutt-{os.getpid()}-{mode}"
+    cmd = f"mutt -n -F {rc} -f '{url}'"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", cmd],
+        check=True,
+        env={**os.environ, "TERM": "xterm", "HOME": str(tmp_path)},
+        timeout=10,
+    )
+    try:
+        screen = _tmux_screen(session, [s.encode() for s in subjects] + [b"Msgs:3"])
+        text = screen.decode("utf-8", "replace")
+        for s in subjects:
+            assert s in text, text
+        assert "Msgs:3" in text, text  # mutt's status line: three messages in the folder
+        # the second and third are unread, the first \Seen (mutt's N flag)
+        lines = {s: ln for ln in text.splitlines() for s in subjects if s in ln}
+        assert " N " in lines[subjects[1]] and " N " not in lines[subjects[0]], text
+        # open the third message: mutt FETCHes the body
+        subprocess.run(["tmux", "send-keys", "-t", session, "3", "Enter", "Enter"], timeout=10)
+        screen = _tmux_screen(session, [b"body 2"])
+        assert b"body 2" in screen, screen.decode("utf-8", "replace")
+        subprocess.run(["tmux", "send-keys", "-t", session, "q", "q"], timeout=10)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
