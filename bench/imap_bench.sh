@@ -1,20 +1,32 @@
 #!/bin/sh
-# IMAP benchmarks for mailsuite with the shared harness (../shared/bench): a big INBOX of
-# 10,000 and 100,000 messages written straight into the Maildir (imap_bigbox.py: SELECT,
-# UID FETCH 1:* (FLAGS), FETCH 1:* (ENVELOPE), UID SEARCH UNSEEN; cold then warm trials) and the
-# memory of 1,000 idle IMAP connections (idle_conns.py: LOGIN + SELECT INBOX, then idle).
-# Dovecot is measured by ../shared/bench/run_peers.sh; compare in the same run.
-#   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000)
+# IMAP benchmark of mailsuite side by side with Dovecot, in one run on this machine, with the
+# shared harness (../shared/bench):
+#   - a big INBOX of 10,000 and 100,000 messages written straight into each server's Maildir
+#     (imap_bigbox.py: SELECT, UID FETCH 1:* (FLAGS), FETCH 1:* (ENVELOPE), UID SEARCH UNSEEN;
+#     a cold trial, then TRIALS warm ones; the two servers alternate per size);
+#   - the memory of IDLE_N idle IMAP connections (idle_conns.py: LOGIN + SELECT INBOX, then idle).
+# Prints warm medians and the ratio mailsuite / Dovecot (below 1: mailsuite is faster / smaller).
+# Loopback only; both servers get free ports and their own directories under OUTDIR; everything
+# started here is stopped on exit (by PID).  Dovecot comes from ../shared/bench/peers.sh (run
+# ../shared/bench/setup-peers.sh once per machine); PEER=none measures mailsuite alone.
+#   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot)
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
-OUT=${1:-$(mktemp -d /tmp/mailsuite-imap-bench.XXXXXX)}
+OUT=${1:-$(mktemp -d /var/tmp/mailsuite-imap-bench.XXXXXX)}
 SIZES=${SIZES-"10000 100000"}
 TRIALS=${TRIALS:-3}
 IDLE_N=${IDLE_N:-1000}
+PEER=${PEER:-dovecot}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+OUT=$(cd "$OUT" && pwd)
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do $PY -c "import socket; socket.create_connection(('127.0.0.1',$1))" 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
+PORT=$(free_port)
+ulimit -n 65536 2>/dev/null || true
+
+# -- mailsuite --------------------------------------------------------------------------------
 cat > "$OUT/mailsuite.toml" <<TOML
 [server]
 hostname = "bench.example.test"
@@ -28,18 +40,88 @@ allow_plaintext = true
 max_failures_per_ip = 1000  # idle_conns.py logs in 50 at a time from one IP
 TOML
 for u in idle $(for n in $SIZES; do echo big$n; done); do
-  echo benchpass | $PY -m mailsuite.cli --config "$OUT/mailsuite.toml" user add "$u@example.test" --password-stdin >/dev/null
+  echo benchpass | $PY -m mailsuite.cli --config "$OUT/mailsuite.toml" user add "$u@example.test" --password-stdin >/dev/null 2>&1 || true
 done
-(cd "$OUT" && $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
-   mailsuite --config mailsuite.toml & echo $! > "$OUT/pid")
-PID=$(cat "$OUT/pid")
-trap 'kill $PID 2>/dev/null || true' EXIT
-for i in $(seq 100); do $PY -c "import socket; socket.create_connection(('127.0.0.1',$PORT))" 2>/dev/null && break; sleep 0.1; done
+(cd "$OUT" && exec $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
+   mailsuite --config mailsuite.toml) &
+PID=$!
+DPID=""
+cleanup() {
+  kill "$PID" 2>/dev/null || true
+  if [ "$PEER" = dovecot ]; then
+    (cd "$SHARED" && RUN="$OUT/peers" PORT_DOVECOT_IMAP=$DPORT PORT_DOVECOT_POP3=$DPORT3 \
+       BIGBOX_SIZES="$SIZES" ./peers.sh stop dovecot >/dev/null 2>&1) || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+wait_port "$PORT"
+
+# -- Dovecot (its own instance: config, users and Maildirs under OUTDIR/peers) -------------------
+if [ "$PEER" = dovecot ]; then
+  DPORT=$(free_port); DPORT3=$(free_port)
+  (cd "$SHARED" && RUN="$OUT/peers" PORT_DOVECOT_IMAP=$DPORT PORT_DOVECOT_POP3=$DPORT3 \
+     BIGBOX_SIZES="$SIZES" ./peers.sh start dovecot)
+  for _ in $(seq 100); do  # the master writes its pid file a moment after it listens
+    DPID=$(cat "$OUT/peers/dovecot/run/master.pid" 2>/dev/null || true)
+    [ -n "$DPID" ] && break
+    sleep 0.1
+  done
+  [ -n "$DPID" ] || { echo "dovecot did not start (see $OUT/peers/dovecot)" >&2; exit 1; }
+  BENCH_UID=$(bash -c ". '$SHARED/env.sh' && echo \$BENCH_UID")  # owner of Dovecot's Maildirs
+fi
+
+bigbox() {  # NAME PORT USER MAILDIR N [extra args]
+  (cd "$SHARED" && $PY imap_bigbox.py --name "$1" --port "$2" --user "$3" --password benchpass \
+     --maildir "$4" --count "$5" --generate --trials "$TRIALS" --out "$OUT/imap-bigbox-$5-$1.json" \
+     ${6:-} >/dev/null)
+}
 for n in $SIZES; do
-  (cd "$SHARED" && $PY imap_bigbox.py --name mailsuite --port "$PORT" --user "big$n@example.test" \
-     --password benchpass --maildir "$OUT/data/mail/example.test/big$n" --count "$n" --generate \
-     --trials "$TRIALS" --out "$OUT/imap-bigbox-$n-mailsuite.json")
+  echo "bigbox $n: mailsuite" >&2
+  bigbox mailsuite "$PORT" "big$n@example.test" "$OUT/data/mail/example.test/big$n" "$n"
+  if [ "$PEER" = dovecot ]; then
+    echo "bigbox $n: dovecot" >&2
+    bigbox dovecot "$DPORT" "big$n" "$OUT/peers/dovecot/users/big$n/Maildir" "$n" "--uid $BENCH_UID"
+  fi
 done
-(cd "$SHARED" && $PY idle_conns.py --name mailsuite --proto imap --port "$PORT" --user idle@example.test \
-   --password benchpass --pid "$PID" --n "$IDLE_N" --out "$OUT/idle-imap-mailsuite.json")
+if [ "$IDLE_N" -gt 0 ]; then
+  echo "idle $IDLE_N: mailsuite" >&2
+  (cd "$SHARED" && $PY idle_conns.py --name mailsuite --proto imap --port "$PORT" --user idle@example.test \
+     --password benchpass --pid "$PID" --n "$IDLE_N" --out "$OUT/idle-imap-mailsuite.json" >/dev/null)
+  if [ "$PEER" = dovecot ]; then
+    echo "idle $IDLE_N: dovecot" >&2
+    (cd "$SHARED" && $PY idle_conns.py --name dovecot --proto imap --port "$DPORT" --user idle \
+       --password benchpass --pid "$DPID" --n "$IDLE_N" --out "$OUT/idle-imap-dovecot.json" >/dev/null)
+  fi
+fi
+
+# -- the table ------------------------------------------------------------------------------------
+$PY - "$OUT" "$SIZES" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out, sizes = Path(sys.argv[1]), sys.argv[2].split()
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+ops = ["select", "uid_fetch_flags", "fetch_envelope", "uid_search_unseen"]
+print(f"{'IMAP, warm median (s)':<34}{'mailsuite':>11}{'dovecot':>11}{'ratio':>8}   cold: mailsuite / dovecot")
+for n in sizes:
+    m, d = load(f"imap-bigbox-{n}-mailsuite.json"), load(f"imap-bigbox-{n}-dovecot.json")
+    for op in ops:
+        mv = m["warm_imaplib"][op]["median"]
+        dv = d["warm_imaplib"][op]["median"] if d else None
+        ratio = f"{mv / dv:8.2f}" if dv else "       -"
+        cold = f"{m['cold_imaplib'][op]:.3f} / " + (f"{d['cold_imaplib'][op]:.3f}" if d else "-")
+        print(f"{op + ' n=' + n:<34}{mv:>11.4f}{(dv if dv is not None else float('nan')):>11.4f}{ratio}   {cold}")
+    ok = m["checks_ok"] and (d is None or d["checks_ok"])
+    if not ok:
+        print(f"  n={n}: result checks FAILED (see the JSON files)")
+mi, di = load("idle-imap-mailsuite.json"), load("idle-imap-dovecot.json")
+if mi:
+    for k in ("rss", "pss"):
+        mv = mi["per_conn_kib"][k]
+        dv = di["per_conn_kib"][k] if di else None
+        ratio = f"{mv / dv:8.2f}" if dv else "       -"
+        print(f"{'idle conn KiB ' + k + ' n=' + str(mi['connected']):<34}{mv:>11.1f}{(dv if dv is not None else float('nan')):>11.1f}{ratio}")
+PYEOF
 echo "results in $OUT"
