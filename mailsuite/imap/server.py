@@ -1,5 +1,6 @@
 """IMAP4rev1 server (RFC 3501) with IDLE, UIDPLUS, MOVE, SPECIAL-USE, NAMESPACE, UNSELECT, ENABLE,
-LITERAL+, SASL-IR, ID, CHILDREN, CONDSTORE and QRESYNC, over the shared Maildir store.
+LITERAL+, SASL-IR, ID, CHILDREN, CONDSTORE, QRESYNC, LIST-EXTENDED (RFC 5258), LIST-STATUS
+(RFC 5819) and ESEARCH (RFC 4731), over the shared Maildir store.
 
 Our own protocol on ``basic.LineReceiver`` (twisted.mail.imap4.IMAP4Server has STARTTLS
 injection, ignores partial FETCH, never sets \\Seen, crashes on APPEND without flags and costs
