@@ -27,7 +27,7 @@ def config(tmp_path: Path) -> Path:
 def test_cli_refuses_ids_that_are_not_ids(config: Path, action: str, bad: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(config), "queue", action, bad]) == 2
-    assert "is not a queue id" in capsys.readouterr().out
+    assert "is not a queue id" in capsys.readouterr().err  # errors go to stderr
     assert (config.parent / "data" / "victim.json").exists()
 
 
