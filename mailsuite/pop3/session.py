@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from mailsuite.auth import LoginResult, Outcome
+from mailsuite.dotstuff import DotStuffer, stuff_all
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
-from mailsuite.pop3.stuffing import DotStuffer, stuff_all
 
 #: Messages up to this size are read and sent in one write; larger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024

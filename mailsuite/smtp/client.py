@@ -30,6 +30,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsuite.dotstuff import DotStuffer
 from mailsuite.smtp.downgrade import NotConvertible
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "SessionParameters",
     "Timeouts",
     "TransactionResult",
-    "WireEncoder",
     "deliver",
     "scan_message",
 ]
@@ -198,51 +198,6 @@ class Timeouts:
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
 
 
-class WireEncoder:
-    """Stored message bytes -> DATA wire bytes, chunk by chunk.
-
-    Every line end (LF, CRLF, or a bare CR) becomes CRLF, every line starting with '.' gets one
-    more (RFC 5321 4.5.2), including the first line and lines split across chunks. ``finish()``
-    ends the last line if needed and adds the terminating ``.\\r\\n``.
-    """
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-        self._pending_cr = False
-        self._empty = True
-
-    def encode(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return b""
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if chunk.endswith(b"\r"):
-            # Might be the first half of CRLF split across chunks: decide with the next chunk.
-            chunk = chunk[:-1]
-            self._pending_cr = True
-            if not chunk:
-                return b""
-        out = _NEWLINES.sub(b"\r\n", chunk)
-        out = out.replace(b"\n.", b"\n..")
-        if self._at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self._at_line_start = out.endswith(b"\n")
-        self._empty = False
-        return out
-
-    def finish(self) -> bytes:
-        out = b""
-        if self._pending_cr:
-            self._pending_cr = False
-            out = b"\r\n"
-            self._at_line_start = True
-            self._empty = False
-        if not self._empty and not self._at_line_start:
-            out += b"\r\n"
-        return out + b".\r\n"
-
-
 @dataclass(frozen=True)
 class MessageInfo:
     """``wire_size``: octets with CRLF line ends, before dot-stuffing (RFC 1870's SIZE value).
@@ -294,7 +249,7 @@ class _BodyProducer:
     def __init__(self, session: SMTPClientSession, f: BinaryIO, chunk_size: int) -> None:
         self._session = session
         self._file: BinaryIO | None = f
-        self._encoder = WireEncoder()
+        self._encoder = DotStuffer(bare_cr_ends_line=True)  # SMTP never sends a bare CR
         self._chunk_size = chunk_size
 
     def resumeProducing(self) -> None:
@@ -303,7 +258,7 @@ class _BodyProducer:
         self._session._progress()
         chunk = self._file.read(self._chunk_size)
         if chunk:
-            data = self._encoder.encode(chunk)
+            data = self._encoder.feed(chunk)
             if data:
                 self._session.transport.write(data)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 
-from mailsuite.pop3.stuffing import DotStuffer
+from mailsuite.dotstuff import DotStuffer
 
 
 def stream(data: bytes, chunk: int) -> bytes:

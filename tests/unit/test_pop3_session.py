@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailsuite.auth import LoginResult, Outcome
+from mailsuite.dotstuff import DotStuffer, stuff_all
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 from mailsuite.pop3.session import (
     Authenticate,
@@ -22,7 +23,6 @@ from mailsuite.pop3.session import (
     Stream,
     Update,
 )
-from mailsuite.pop3.stuffing import DotStuffer, stuff_all
 
 # -- stuffing -------------------------------------------------------------------------------
 

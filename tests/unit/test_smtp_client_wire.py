@@ -13,17 +13,17 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from mailsuite.dotstuff import DotStuffer
 from mailsuite.smtp.client import (
     SessionParameters,
     SMTPClientSession,
-    WireEncoder,
     scan_message,
 )
 
 
 def encode(data: bytes, chunk: int) -> bytes:
-    enc = WireEncoder()
-    out = b"".join(enc.encode(data[i:i + chunk]) for i in range(0, len(data), chunk))
+    enc = DotStuffer(bare_cr_ends_line=True)  # what the SMTP client uses
+    out = b"".join(enc.feed(data[i:i + chunk]) for i in range(0, len(data), chunk))
     return out + enc.finish()
 
 
