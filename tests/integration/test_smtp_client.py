@@ -4,38 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 import trustme
-from twisted.internet import defer, ssl
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet import ssl
 
 from mailsuite.smtp.client import Outcome, Timeouts, deliver, scan_message
 from mailsuite.testing.mx import RecordingSMTPServer, spawn_mx_server
+from tests.reactor_thread import in_reactor, running_reactor
 
 MX_ADDR = "127.0.0.2"
-_reactor_lock = threading.Lock()
-
-
-def running_reactor():
-    """The global reactor, running in a daemon thread (started once per process)."""
-    from twisted.internet import reactor
-
-    with _reactor_lock:
-        if not reactor.running:
-            threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
-                             daemon=True).start()
-            ready = threading.Event()
-            reactor.callFromThread(ready.set)
-            assert ready.wait(10)
-    return reactor
-
-
-def in_reactor(reactor, f, *args, **kwargs):
-    return blockingCallFromThread(reactor, lambda: defer.maybeDeferred(f, *args, **kwargs))
-
-
 @pytest.fixture(scope="module")
 def reactor():
     return running_reactor()

@@ -13,8 +13,6 @@ import os
 import socket
 import ssl
 import struct
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,11 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.tls import ServerTLS, client_tls_options, ensure_self_signed, peer_tls_info
+from tests.reactor_thread import in_reactor, running_reactor
 
 TIMEOUT = 10.0
 
@@ -39,29 +37,8 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture(scope="module")
-def reactor() -> Iterator[Any]:
-    """The global reactor, running in a daemon thread (started once per process, never stopped:
-    a Twisted reactor cannot be restarted, and other modules may share it)."""
-    from twisted.internet import reactor as global_reactor
-
-    if not global_reactor.running:
-        thread = threading.Thread(
-            target=global_reactor.run,
-            kwargs={"installSignalHandlers": False},
-            name="twisted-reactor",
-            daemon=True,
-        )
-        thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not global_reactor.running:
-            if time.monotonic() > deadline:
-                raise RuntimeError("reactor did not start")
-            time.sleep(0.01)
-    yield global_reactor
-
-
-def in_reactor(reactor: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    return blockingCallFromThread(reactor, fn, *args)
+def reactor() -> Any:
+    return running_reactor()
 
 
 # ----------------------------------------------------------------- the server side

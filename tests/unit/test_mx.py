@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 
 import pytest
-from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailsuite.outbound.mx import (
@@ -24,6 +22,7 @@ from mailsuite.outbound.mx import (
     parse_nameserver,
 )
 from mailsuite.testing.dns import LoopbackDNS, MemoryAuthority, spawn_dns_server
+from tests.reactor_thread import in_reactor, running_reactor
 
 ZONE = {
     "origin": "test",
@@ -182,36 +181,13 @@ def test_loop_rule_without_a_better_host_is_5_4_6(hosts, implicit):
 
 # --------------------------------------------------------------- over real sockets
 
-_reactor_lock = threading.Lock()
-
-
-def running_reactor():
-    """The global reactor, running in a daemon thread (started once per process)."""
-    from twisted.internet import reactor
-
-    with _reactor_lock:
-        if not reactor.running:
-            threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
-                             daemon=True).start()
-            ready = threading.Event()
-            reactor.callFromThread(ready.set)
-            assert ready.wait(10)
-    return reactor
-
-
-def blocking(reactor, f, *args, **kwargs):
-    from twisted.internet.threads import blockingCallFromThread
-
-    return blockingCallFromThread(reactor, lambda: defer.maybeDeferred(f, *args, **kwargs))
-
-
 @pytest.fixture(scope="module")
 def dns_server():
     reactor = running_reactor()
     server = LoopbackDNS(ZONE)
-    blocking(reactor, server.start, reactor)
+    in_reactor(reactor, server.start, reactor)
     yield reactor, server
-    blocking(reactor, server.stop)
+    in_reactor(reactor, server.stop)
 
 
 def resolve_over_network(reactor, nameserver: str, domain: str):
