@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mailsuite.store.maildir import (
     FLAG_LETTERS,
@@ -53,6 +54,8 @@ from mailsuite.store.maildir import (
 INDEX_NAME = "mailsuite-index.sqlite"
 LOCK_NAME = "mailsuite-index.lock"
 _SCHEMA_VERSION = 1
+#: bound parameters per query, below SQLite's default limit (999 in older builds)
+_MAX_PARAMS = 900
 _SUBS = ("new", "cur")
 #: A directory mtime younger than this is not trusted to cover every change (see module doc):
 #: one second where the file system keeps whole seconds, a few clock ticks where it keeps
@@ -347,6 +350,17 @@ class FolderIndex:
             gone = [u for u in gone if u in keep]
         return gone
 
+    def _where_in(self, select: str, column: str, values: Sequence[Any]) -> Iterator[tuple]:
+        """Rows of ``select`` + ``column IN (values)`` for any number of values, queried in
+        batches below SQLite's limit on bound parameters.  ``select`` ends with ``WHERE`` (or
+        with a condition and ``AND``)."""
+        values = list(values)
+        for i in range(0, len(values), _MAX_PARAMS):
+            chunk = values[i : i + _MAX_PARAMS]
+            yield from self.db.execute(
+                f"{select} {column} IN ({','.join('?' * len(chunk))})", chunk
+            )
+
     def details(
         self, uids: Sequence[int], need_size: bool = False, need_date: bool = False
     ) -> dict[int, tuple]:
@@ -354,8 +368,8 @@ class FolderIndex:
         if need_size or need_date:
             self._fill_unknown(uids)
         out: dict[int, tuple] = {}
-        for i in range(0, len(uids), 900):
-            chunk = uids[i : i + 900]
+        for i in range(0, len(uids), _MAX_PARAMS):
+            chunk = uids[i : i + _MAX_PARAMS]
             if len(chunk) > 1 and chunk[-1] - chunk[0] + 1 == len(chunk):
                 q = self.db.execute(
                     "SELECT uid, name, size, internaldate, envelope, bodystructure FROM messages"
@@ -380,17 +394,14 @@ class FolderIndex:
                 " WHERE size < 0 OR internaldate < 0"
             ).fetchall()
         else:
-            rows = []
-            for i in range(0, len(uids), 900):
-                chunk = list(uids[i : i + 900])
-                rows.extend(
-                    self.db.execute(
-                        "SELECT uid, name, size, internaldate FROM messages"
-                        " WHERE (size < 0 OR internaldate < 0)"
-                        f" AND uid IN ({','.join('?' * len(chunk))})",
-                        chunk,
-                    )
+            rows = list(
+                self._where_in(
+                    "SELECT uid, name, size, internaldate FROM messages"
+                    " WHERE (size < 0 OR internaldate < 0) AND",
+                    "uid",
+                    uids,
                 )
+            )
         if not rows:
             return
         updates = []
@@ -534,14 +545,10 @@ class FolderIndex:
         }
         rows: dict[str, tuple[int, str, str]] = {}  # base -> (uid, name, flags)
         wanted = list({base_of(n.split("/", 1)[1]) for n in vanished} | set(bases))
-        for i in range(0, len(wanted), 900):
-            chunk = wanted[i : i + 900]
-            for uid, base, name, flags in self.db.execute(
-                "SELECT uid, base, name, flags FROM messages"
-                f" WHERE base IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ):
-                rows[base] = (uid, name, flags)
+        for uid, base, name, flags in self._where_in(
+            "SELECT uid, base, name, flags FROM messages WHERE", "base", wanted
+        ):
+            rows[base] = (uid, name, flags)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             modseq = int(self._meta("highestmodseq") or 1)
@@ -661,14 +668,10 @@ class FolderIndex:
         with self._locked():
             uids = [u for u, _ in changes]
             current: dict[int, tuple[str, str, int]] = {}
-            for i in range(0, len(uids), 900):
-                chunk = uids[i : i + 900]
-                for uid, name, flags, ms in self.db.execute(
-                    "SELECT uid, name, flags, modseq FROM messages"
-                    f" WHERE uid IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ):
-                    current[uid] = (name, flags, ms)
+            for uid, name, flags, ms in self._where_in(
+                "SELECT uid, name, flags, modseq FROM messages WHERE", "uid", uids
+            ):
+                current[uid] = (name, flags, ms)
             all_flags: set[str] = set()
             for _, f in changes:
                 all_flags |= f
@@ -734,13 +737,8 @@ class FolderIndex:
         wanted = list(uids)
         with self._locked():
             names: dict[int, str] = {}
-            for i in range(0, len(wanted), 900):
-                chunk = wanted[i : i + 900]
-                for uid, name in self.db.execute(
-                    f"SELECT uid, name FROM messages WHERE uid IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ):
-                    names[uid] = name
+            for uid, name in self._where_in("SELECT uid, name FROM messages WHERE", "uid", wanted):
+                names[uid] = name
             for uid in wanted:
                 name = names.get(uid)
                 if name is None:
