@@ -20,7 +20,7 @@
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SHARED_BENCH=${SHARED_BENCH:-$(cd "$HERE/../../shared/bench" 2>/dev/null && pwd || echo /work/shared/bench)}
+SHARED_BENCH=${SHARED_BENCH:-$(cd "$HERE/../../shared/bench" 2>/dev/null && pwd)}
 # shellcheck source=/dev/null
 source "$SHARED_BENCH/env.sh"
 MAILSUITE_PYTHON=${MAILSUITE_PYTHON:-$(command -v python3)}
