@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import connectionDone
@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from mailsuite.dotstuff import DotStuffer
 from mailsuite.smtp.downgrade import NotConvertible
+from mailsuite.tls import client_tls_options
 
 __all__ = [
     "CHUNK_SIZE",
@@ -582,9 +583,8 @@ class SMTPClientSession(basic.LineReceiver):
         p = self.params
         if p.tls_client_context is not None:
             return p.tls_client_context
-        if p.tls_verify:
-            return ssl.optionsForClientTLS(p.host)
-        return ssl.CertificateOptions(verify=False)
+        # TLS >= 1.2 and SNI either way; verification against the system trust store or none
+        return client_tls_options(p.host, p.tls_verify)
 
     # -- AUTH (RFC 4954), only over TLS
 

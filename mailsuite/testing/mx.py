@@ -37,7 +37,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, protocol
 from twisted.protocols import basic
 
 __all__ = ["RecordingSMTPServer", "Transaction", "spawn_mx_server"]
@@ -297,11 +297,9 @@ class RecordingSMTPServer:
         self.tls_context: Any = None
         tls = self.script.get("starttls")
         if tls:
-            with open(tls["cert"], "rb") as f:
-                cert = f.read()
-            with open(tls["key"], "rb") as f:
-                key = f.read()
-            self.tls_context = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
+            from mailsuite.tls import ServerTLS
+
+            self.tls_context = ServerTLS([(tls["cert"], tls["key"])], check_interval=None)
 
     def start(self, reactor: Any, interface: str = "127.0.0.2", port: int = 0) -> int:
         self._listener = reactor.listenTCP(port, _Factory(self), interface=interface)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import trustme
-from twisted.internet import ssl
 
 from mailsuite.config import parse_config
 from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
 from mailsuite.smtp.client import scan_message
 from mailsuite.testing.mx import RecordingSMTPServer, _Factory
+from mailsuite.tls import ServerTLS
 from tests.integration.test_smtp_client import in_reactor, running_reactor
 
 
@@ -29,8 +29,8 @@ def test_implicit_tls_smarthost_with_auth(tmp_path: Path) -> None:
     cert = ca.issue_cert("127.0.0.2")
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     server = RecordingSMTPServer({"auth": {"relayuser": "relay-secret"}})
-    pem = cert.private_key_and_cert_chain_pem.bytes()
-    context = ssl.PrivateCertificate.loadPEM(pem).options()
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mx.pem"))
+    context = ServerTLS([(tmp_path / "mx.pem", tmp_path / "mx.pem")], check_interval=None)
     # The recorder offers AUTH only once it believes TLS is on: mark every session so.
     factory = _Factory(server)
     build = factory.buildProtocol
