@@ -16,12 +16,13 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from mailsuite import tls
 from mailsuite.auth import Authenticator
-from mailsuite.config import Config
+from mailsuite.config import Config, ConfigError
 from mailsuite.directory import Directory
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
@@ -76,7 +77,10 @@ def _server_tls(config: Config, runtime: Runtime) -> Any | None:
             cert=str(cert),
         )
         pairs = [(cert, key)]
-    return tls.ServerTLS(pairs)
+    try:
+        return tls.ServerTLS(pairs)
+    except tls.TLSConfigError as e:
+        raise ConfigError(f"{config.where}: [tls] {e.which}: {e}") from None
 
 
 def makeService(
@@ -109,11 +113,30 @@ def makeService(
             factory = runtime.tls.wrap_factory(factory)
         for desc in descs:
             endpoint = endpoints.serverFromString(reactor, desc)
-            svc = StreamServerEndpointService(endpoint, factory)
-            svc._raiseSynchronously = True  # a port in use must stop the start, loudly
+            svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
             svc.setName(f"{name} {desc}")
             svc.setServiceParent(top)
     return top
+
+
+class _Listener(StreamServerEndpointService):
+    """A listening endpoint whose failure to bind stops the start with one clear line."""
+
+    def __init__(self, endpoint: Any, factory: IProtocolFactory, what: str, where: str) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True  # a port in use must stop the start, loudly
+        self.what = what
+        self.where = where
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise SystemExit(
+                f"mailsuite: {self.where}: {self.what}: cannot listen: {reason}"
+                " (is another server using that port? ports below 1024 need root)"
+            ) from None
 
 
 def hand_data_to(config: Config, uid: int, gid: int) -> None:

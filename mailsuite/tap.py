@@ -28,7 +28,12 @@ class Options(usage.Options):
 def makeService(options: Options) -> Any:
     from mailsuite.service import makeService as build
 
-    return build(options.config, run_as=_run_as(options))
+    try:
+        return build(options.config, run_as=_run_as(options))
+    except ConfigError as e:
+        # Problems found while building (a certificate that does not load, a bad POP3
+        # EXPIRE value): one line naming file, key and problem, exit status 1, no traceback.
+        raise SystemExit(f"mailsuite: {e}") from None
 
 
 def _run_as(options: Options) -> tuple[int, int] | None:
