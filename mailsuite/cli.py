@@ -107,8 +107,13 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
         for desc in cfg.listen.get(service, ()):
             print(f"listen {service:12} {desc}")
     if cfg.tls:
-        for pair in cfg.tls:
-            print(f"tls: {pair.cert} {pair.key}")
+        from mailsuite.tls import ServerTLS, TLSConfigError
+
+        try:
+            served = ServerTLS([(p.cert, p.key) for p in cfg.tls], check_interval=None)
+        except TLSConfigError as e:
+            raise ConfigError(f"{cfg.where}: [tls] {e.which}: {e}") from None
+        print(f"tls: {served.describe()}")
     else:
         print(f"tls: none configured (a self-signed certificate is made in {cfg.data_dir}/tls)")
     if cfg.relay.trusted_networks:

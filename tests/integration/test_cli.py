@@ -154,3 +154,15 @@ def test_wheel_ships_plugin_without_shadowing_twisted(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "'mailsuite'" in r.stdout
+
+
+def test_check_loads_the_certificates(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("garbage\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[server]\ndata_dir = "d"\n[tls]\ncert = "bad.pem"\nkey = "bad.pem"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "mailsuite.cli", "--config", str(cfg), "check"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert f"{cfg}: [tls] cert: {tmp_path}/bad.pem: not PEM" in r.stderr
