@@ -56,14 +56,17 @@ def normalize(address: str) -> str:
 
 
 def valid_mailbox_address(address: str) -> bool:
+    """Whether ``address`` can name a mailbox: its local part becomes a directory name, so
+    no path characters, no controls or spaces, no leading/trailing/double dots."""
     try:
         local, domain = split_address(address)
     except ValueError:
         return False
-    bad = set('/\\\x00"<>()[],;: \t\r\n') | {"~"}
+    bad = set('/\\"<>()[],;:~')
+    for part in (local, domain):
+        if set(part) & bad or any(c.isspace() or ord(c) < 0x21 or ord(c) == 0x7F for c in part):
+            return False
     if local.startswith(".") or local.endswith(".") or ".." in local:
-        return False
-    if set(local) & bad or set(domain) & bad:
         return False
     return "." in domain or domain == "localhost"
 
