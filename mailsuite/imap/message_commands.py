@@ -1,0 +1,440 @@
+"""The IMAP commands that work on the messages of the selected mailbox: FETCH, STORE,
+SEARCH (with ESEARCH, RFC 4731), COPY, MOVE and EXPUNGE.
+
+They are a mixin of ``session.Session``, kept apart from the session's state machine because
+they share their own helpers (message-set resolution, the read-write check, the message view
+SEARCH predicates read) and nothing else uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from datetime import UTC
+from typing import Any
+
+from twisted.internet import threads
+
+from mailsuite.imap.fetch_response import FetchPlan, build_batch, flags_bytes
+from mailsuite.imap.parser import (
+    Atom,
+    Command,
+    atom,
+    flag_list,
+    number,
+    parse_fetch,
+    sequence_set,
+)
+from mailsuite.imap.search import Needs, parse_search
+from mailsuite.imap.sequence import compress
+from mailsuite.imap.session_base import SessionBase, _bad, _no, log
+from mailsuite.store.mailbox import FolderView, copy_blocking
+
+BATCH = 1000  # messages per output batch (one transport.write each)
+_ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
+
+
+class MessageCommands(SessionBase):
+    """FETCH, STORE, SEARCH, COPY, MOVE and EXPUNGE on the selected mailbox."""
+
+    def do_EXPUNGE(self, cmd: Command) -> None:
+        v = self._rw()
+        fl = v.folder.flags
+        if cmd.uid:
+            if len(cmd.args) != 1:
+                raise _bad("UID EXPUNGE expects a UID set")
+            wanted = set(sequence_set(cmd.args[0]).select_sorted(v.uids))
+        else:
+            if cmd.args:
+                raise _bad("EXPUNGE takes no arguments")
+            wanted = None
+        doomed = [
+            u for u in v.uids if "\\Deleted" in fl.get(u, "") and (wanted is None or u in wanted)
+        ]
+        if doomed:
+            v.folder.expunge(doomed)
+        self.ok(cmd, "EXPUNGE completed")
+
+    def _rw(self) -> FolderView:
+        v = self.view
+        assert v is not None
+        if v.readonly:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        return v
+
+    # -- message sets ---------------------------------------------------------------------------
+
+    def _targets(self, cmd: Command, tok: object) -> list[tuple[int, int]]:
+        """(seq, uid) pairs of a sequence set or UID set, in ascending order."""
+        v = self.view
+        assert v is not None
+        seqset = sequence_set(tok)
+        uids = v.uids
+        if cmd.uid:
+            idx = seqset.select_indices(uids)
+            return [(i + 1, uids[i]) for i in idx]
+        n = len(uids)
+        if seqset.exceeds(n):
+            raise _bad("Invalid message sequence number")
+        out = []
+        for a, b in seqset.resolve(n):
+            for s in range(a, b + 1):
+                out.append((s, uids[s - 1]))
+        return out
+
+    # -- FETCH ----------------------------------------------------------------------------------
+
+    def do_FETCH(self, cmd: Command) -> Generator[Any, Any, None]:
+        if len(cmd.args) < 2:
+            raise _bad("FETCH expects a message set and items")
+        v = self.view
+        assert v is not None
+        targets = self._targets(cmd, cmd.args[0])
+        req = parse_fetch(list(cmd.args[1:]))
+        if req.needs_modseq:
+            self.condstore = True
+        if req.vanished and (not cmd.uid or not self.qresync):
+            raise _bad("VANISHED needs UID FETCH with QRESYNC enabled")
+        plan = FetchPlan(req, cmd.uid, self.condstore)
+        folder = v.folder
+        if req.vanished and req.changedsince is not None:
+            gone = folder.index.expunged_since(req.changedsince)
+            seqset = sequence_set(cmd.args[0])
+            if gone:
+                from mailsuite.imap.sequence import ranges_contain
+
+                ranges = seqset.resolve(max(gone[-1], folder.uidnext))
+                gone = [u for u in gone if ranges_contain(ranges, u)]
+            if gone:
+                self.send(b"* VANISHED (EARLIER) " + compress(gone).encode() + b"\r\n")
+        if req.changedsince is not None:
+            cs = req.changedsince
+            ms = folder.modseqs
+            targets = [(s, u) for s, u in targets if ms.get(u, 0) > cs]
+        seen_now: set[int] = set()
+        for start in range(0, len(targets), BATCH):
+            batch = targets[start : start + BATCH]
+            if plan.sets_seen and not v.readonly:
+                fl = folder.flags
+                changes = [
+                    (u, frozenset(fl[u].split()) | {"\\Seen"})
+                    for _, u in batch
+                    if u in fl and "\\Seen" not in fl[u]
+                ]
+                if changes:
+                    folder.store(v, changes)
+                    seen_now.update(u for u, _ in changes)
+            details = None
+            if plan.need_details:
+                details = folder.index.details(
+                    [u for _, u in batch], plan.need_size, plan.need_date
+                )
+            cache: list[tuple[int, str, bytes]] = []
+            data = build_batch(
+                plan,
+                folder.path,
+                batch,
+                folder.flags,
+                folder.modseqs,
+                v.is_recent,
+                details,
+                cache,
+                seen_now,
+            )
+            if cache:
+                try:
+                    folder.index.store_cached(cache)
+                except Exception:  # noqa: BLE001 -- a busy database only costs a recompute
+                    log.failure("caching FETCH data failed")
+            self.send(data)
+            if start + BATCH < len(targets):
+                w = self.proto.wait_writable()
+                yield w  # None: let the reactor run between batches
+        # a \Seen we set is not news to this session
+        v.pending_flags -= seen_now
+        self.ok(cmd, "FETCH completed" if not cmd.uid else "UID FETCH completed")
+
+    # -- STORE ----------------------------------------------------------------------------------
+
+    def do_STORE(self, cmd: Command) -> None:
+        args = list(cmd.args)
+        if len(args) < 3:
+            raise _bad("STORE expects a message set, an action and flags")
+        v = self._rw()
+        targets = self._targets(cmd, args.pop(0))
+        unchangedsince: int | None = None
+        if isinstance(args[0], list):
+            mods = args.pop(0)
+            if len(mods) != 2 or atom(mods[0]).upper() != "UNCHANGEDSINCE":
+                raise _bad("Unknown STORE modifier")
+            unchangedsince = number(mods[1])
+            self.condstore = True
+        if len(args) < 2:
+            raise _bad("STORE expects an action and flags")
+        action = atom(args[0]).upper()
+        silent = action.endswith(".SILENT")
+        if silent:
+            action = action[: -len(".SILENT")]
+        if action not in ("FLAGS", "+FLAGS", "-FLAGS"):
+            raise _bad(f"Unknown STORE action {action}")
+        flags = set(flag_list(args[1] if len(args) == 2 else list(args[1:])))
+        folder = v.folder
+        fl = folder.flags
+        changes = []
+        for _, u in targets:
+            cur = fl.get(u)
+            if cur is None:
+                continue
+            old = frozenset(cur.split()) if cur else frozenset()
+            if action == "FLAGS":
+                new = frozenset(flags)
+            elif action == "+FLAGS":
+                new = old | flags
+            else:
+                new = old - flags
+            changes.append((u, new))
+        done = folder.store(v, changes, unchangedsince)
+        done_uids = {u for u, _, _ in done}
+        modified = (
+            [u for u, _ in changes if u not in done_uids] if unchangedsince is not None else []
+        )
+        out = []
+        if not silent or self.condstore:
+            for seq, u in targets:
+                if u not in done_uids or u not in fl:
+                    continue
+                items = [b"UID %d" % u] if cmd.uid else []
+                if not silent:
+                    items.append(flags_bytes(fl[u], v.is_recent(u)))
+                if self.condstore:
+                    items.append(b"MODSEQ (%d)" % folder.modseqs.get(u, 1))
+                if silent and not unchangedsince:
+                    continue
+                out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
+        self.send(b"".join(out))
+        if modified:
+            if cmd.uid:
+                mset = compress(modified)
+            else:
+                mset = compress(v.seq_of(u) for u in modified)
+            self.ok(cmd, "Conditional STORE failed for some messages", f"MODIFIED {mset}")
+        else:
+            self.ok(cmd, "STORE completed")
+
+    # -- SEARCH ---------------------------------------------------------------------------------
+
+    def do_SEARCH(self, cmd: Command) -> Generator[Any, Any, None]:
+        v = self.view
+        assert v is not None
+        args = list(cmd.args)
+        returns: set[str] | None = None  # RFC 4731 result options; None: plain SEARCH
+        if args and isinstance(args[0], Atom) and args[0].upper() == "RETURN":
+            if len(args) < 2 or not isinstance(args[1], list):
+                raise _bad("RETURN expects a list of result options")
+            returns = set()
+            for tok in args[1]:
+                opt = atom(tok).upper()
+                if opt not in _ESEARCH_OPTIONS:
+                    raise _bad(f"Unknown SEARCH result option {opt}")
+                returns.add(opt)
+            if not returns:  # RFC 4731 3.1: RETURN () means RETURN (ALL)
+                returns = {"ALL"}
+            args = args[2:]
+        prog = parse_search(args)
+        if prog.uses_modseq:
+            self.condstore = True
+        folder = v.folder
+        uids = v.uids
+        fl = folder.flags
+        key = prog.key
+        result: list[tuple[int, int]] = []
+        fast = None
+        if key.op == "ALL":
+            fast = lambda f: True  # noqa: E731
+        elif key.op == "FLAG" and key.args[0].startswith("\\"):
+            flag, present = key.args
+            fast = (lambda f: flag in f) if present else (lambda f: flag not in f)
+        if fast is not None:
+            for i, u in enumerate(uids):
+                f = fl.get(u)
+                if f is not None and fast(f):
+                    result.append((i + 1, u))
+        else:
+            pred = prog.bind(len(uids), uids[-1] if uids else 0)
+            needs = prog.needs
+            step = 500 if needs != Needs.NONE else 5000
+            need_details = needs != Needs.NONE or _uses_details(key)
+            for start in range(0, len(uids), step):
+                chunk = uids[start : start + step]
+                details = folder.index.details(chunk, True, True) if need_details else {}
+                for j, u in enumerate(chunk):
+                    if u not in fl:
+                        continue
+                    m = _SearchMsg(start + j + 1, u, folder, v, details.get(u))
+                    if pred(m):
+                        result.append((start + j + 1, u))
+                if start + step < len(uids):
+                    yield None
+        nums = [u if cmd.uid else s for s, u in result]
+        if returns is not None:
+            self.send(_esearch(cmd, returns, nums, prog.uses_modseq, folder.modseqs, result))
+        else:
+            text = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
+            if prog.uses_modseq and result:
+                text += b" (MODSEQ %d)" % max(folder.modseqs.get(u, 1) for _, u in result)
+            self.send(text + b"\r\n")
+        self.ok(cmd, "SEARCH completed" if not cmd.uid else "UID SEARCH completed")
+
+    # -- COPY / MOVE ------------------------------------------------------------------------------
+
+    def do_COPY(self, cmd: Command) -> Generator[Any, Any, None]:
+        return self._copy(cmd, move=False)
+
+    def do_MOVE(self, cmd: Command) -> Generator[Any, Any, None]:
+        return self._copy(cmd, move=True)
+
+    def _copy(self, cmd: Command, move: bool) -> Generator[Any, Any, None]:
+        if len(cmd.args) != 2:
+            raise _bad(f"{cmd.command} expects a message set and a mailbox")
+        v = self.view
+        assert v is not None
+        if move and v.readonly:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        targets = self._targets(cmd, cmd.args[0])
+        name = self._mailbox_arg(cmd.args[1])
+        acct = self._acct()
+        if not acct.exists(name):
+            raise _no("No such mailbox", "TRYCREATE")
+        dest = acct.path(name)
+        folder = v.folder
+        uids = [u for _, u in targets if u in folder.flags]
+        if not uids:
+            self.ok(cmd, f"{cmd.command} completed (nothing to do)")
+            return
+        details = folder.index.details(uids)
+        items = []
+        src_uids = []
+        for u in uids:
+            row = details.get(u)
+            if row is None:
+                continue
+            items.append(
+                (
+                    row[0],
+                    folder.flag_set(u),
+                    row[1],
+                    row[2] if row[2] >= 0 else None,
+                    row[3],
+                    row[4],
+                )
+            )
+            src_uids.append(u)
+        uidvalidity, new_uids = yield threads.deferToThread(copy_blocking, folder.path, dest, items)
+        # both lists ascend (targets are sorted, new UIDs are assigned in order), so the
+        # compressed sets still pair up one to one (RFC 4315 3)
+        assert _ascending(src_uids) and _ascending(new_uids)
+        copyuid = f"COPYUID {uidvalidity} {compress(src_uids)} {compress(new_uids)}"
+        other = self.shared.registry.peek(dest)
+        if other is not None and other is not folder:
+            other.refresh()
+        elif other is folder:
+            folder.refresh()
+        self.shared.runtime.changes.notify(dest, other._hub_changed if other else None)
+        if move:
+            self.untagged(f"OK [{copyuid}] Moved")
+            folder.expunge(src_uids)
+            self.ok(cmd, "MOVE completed")
+        else:
+            self.ok(cmd, "COPY completed", copyuid)
+
+
+def _esearch(
+    cmd: Command,
+    returns: set[str],
+    nums: Sequence[int],
+    uses_modseq: bool,
+    modseqs: dict[int, int],
+    result: Sequence[tuple[int, int]],
+) -> bytes:
+    """The ``* ESEARCH`` response of RFC 4731 3.1 (``nums`` ascend).  MIN, MAX and ALL are
+    left out when nothing matched; COUNT is always given.  With a MODSEQ search key the
+    highest mod-sequence of the matches follows (RFC 7162 3.1.5)."""
+    tag = cmd.tag.replace("\\", "\\\\").replace('"', '\\"')
+    out = [b'* ESEARCH (TAG "' + tag.encode() + b'")']
+    if cmd.uid:
+        out.append(b"UID")
+    if nums:
+        if "MIN" in returns:
+            out.append(b"MIN %d" % nums[0])
+        if "MAX" in returns:
+            out.append(b"MAX %d" % nums[-1])
+    if "COUNT" in returns:
+        out.append(b"COUNT %d" % len(nums))
+    if nums and "ALL" in returns:
+        out.append(b"ALL " + compress(nums).encode())
+    if uses_modseq and nums:
+        out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in result))
+    return b" ".join(out) + b"\r\n"
+
+
+def _ascending(values: Sequence[int]) -> bool:
+    return all(values[i] < values[i + 1] for i in range(len(values) - 1))
+
+
+def _uses_details(key: Any) -> bool:
+    if key.op in ("AND", "OR", "NOT"):
+        return any(_uses_details(k) for k in key.args)
+    return key.op in ("LARGER", "SMALLER", "BEFORE", "ON", "SINCE")
+
+
+class _SearchMsg:
+    """The view of one message that ``mailsuite.imap.search`` predicates read."""
+
+    __slots__ = ("seq", "uid", "_folder", "_view", "_row", "_raw")
+
+    def __init__(
+        self, seq: int, uid: int, folder: Any, view: FolderView, row: tuple | None
+    ) -> None:
+        self.seq = seq
+        self.uid = uid
+        self._folder = folder
+        self._view = view
+        self._row = row
+        self._raw: bytes | None = None
+
+    @property
+    def flags(self) -> frozenset[str]:
+        return self._folder.flag_set(self.uid)
+
+    @property
+    def recent(self) -> bool:
+        return self._view.is_recent(self.uid)
+
+    @property
+    def modseq(self) -> int:
+        return int(self._folder.modseqs.get(self.uid, 1))
+
+    @property
+    def size(self) -> int:
+        return int(self._row[1]) if self._row else 0
+
+    @property
+    def internaldate(self) -> Any:
+        from datetime import datetime
+
+        ts = self._row[2] if self._row else 0
+        return datetime.fromtimestamp(ts, UTC)
+
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = b""
+            if self._row:
+                try:
+                    self._raw = (self._folder.path / self._row[0]).read_bytes()
+                except FileNotFoundError:
+                    pass
+        return self._raw
+
+    def header_bytes(self) -> bytes:
+        from mailsuite.imap.search import header_of
+
+        return header_of(self.raw())

@@ -1,0 +1,200 @@
+"""What every IMAP command needs, whichever group it belongs to.
+
+``SessionBase`` holds one connection's state (login, selected folder, enabled extensions) and
+the ways a command answers: tagged and untagged lines, the unsolicited EXISTS / EXPUNGE /
+FETCH FLAGS updates ``flush`` sends where RFC 3501 7.4.1 / 5.2 allows, and ``_Reply`` (raised
+through ``_no`` / ``_bad``) to end a command early.  The command groups
+(``mailbox_commands``, ``message_commands``) and ``session.Session`` build on it, so each
+can be read on its own; ``_Shared`` is what all sessions of one listener share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailsuite.imap.fetch_response import flags_bytes
+from mailsuite.imap.parser import Command, mailbox
+from mailsuite.imap.sequence import compress
+from mailsuite.store.mailbox import SEPARATOR, Account, FolderRegistry, FolderView
+
+log = Logger(namespace="mailsuite.imap")
+
+_NOT_AUTH, _AUTH, _SELECTED, _LOGOUT = "not authenticated", "authenticated", "selected", "logout"
+
+
+class _Reply(Exception):
+    """Raised inside a command to end it with ``tag <status> [code] text``."""
+
+    def __init__(self, status: str, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.code = code
+
+
+def _no(text: str, code: str | None = None) -> _Reply:
+    return _Reply("NO", text, code)
+
+
+def _bad(text: str) -> _Reply:
+    return _Reply("BAD", text)
+
+
+def quote(text: str | bytes) -> bytes:
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    if b"\r" in data or b"\n" in data or len(data) > 1024:
+        return b"{%d}\r\n%s" % (len(data), data)
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _inbox_norm(name: str) -> str:
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if name.upper().startswith("INBOX" + SEPARATOR):
+        return "INBOX" + name[5:]
+    return name
+
+
+# -- shared per-process state -----------------------------------------------------------------
+
+
+class _Shared:
+    """What all sessions of one listener share: runtime and open folders."""
+
+    _registries: dict[int, FolderRegistry] = {}
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+        key = id(runtime)
+        reg = _Shared._registries.get(key)
+        if reg is None:
+            reactor = runtime.reactor
+            reg = FolderRegistry(runtime.changes, lambda f: reactor.callLater(0, f))
+            _Shared._registries[key] = reg
+        self.registry = reg
+        cfg = runtime.config
+        self.max_literal = cfg.imap.max_literal
+        self.idle_timeout = cfg.imap.idle_timeout
+        self.allow_plaintext = cfg.auth.allow_plaintext
+
+
+# -- the session's state and output -----------------------------------------------------------
+
+
+class SessionBase:
+    """One IMAP connection's state and response writing.  ``proto`` provides
+    ``write(bytes)``, ``tls``, ``start_tls()``, ``peer_ip``, ``wait_writable()``,
+    ``continuation(prompt)``, ``authenticated()`` and ``close()``."""
+
+    def __init__(self, shared: _Shared, proto: Any) -> None:
+        self.shared = shared
+        self.proto = proto
+        self.state = _NOT_AUTH
+        self.user: str | None = None
+        self.account: Account | None = None
+        self.view: FolderView | None = None
+        self.selected_name: str | None = None
+        self.condstore = False
+        self.qresync = False
+        self.idling: tuple[str, Any] | None = None  # (tag, poller)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.proto.write(data)
+
+    def untagged(self, text: str | bytes) -> None:
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        self.send(b"* " + text + b"\r\n")
+
+    def tagged(self, tag: str, status: str, text: str, code: str | None = None) -> None:
+        code_part = f"[{code}] " if code else ""
+        self.send(f"{tag} {status} {code_part}{text}\r\n".encode())
+
+    def finish(self, cmd: Command, status: str, text: str, code: str | None = None) -> None:
+        """Send pending unsolicited responses (where allowed), then the tagged reply."""
+        if self.view is not None and self.state == _SELECTED:
+            try:
+                self.flush(allow_expunge=cmd.uid or cmd.command not in ("FETCH", "STORE", "SEARCH"))
+            except Exception:  # noqa: BLE001
+                log.failure("flushing updates failed")
+        self.tagged(cmd.tag, status, text, code)
+
+    def ok(self, cmd: Command, text: str, code: str | None = None) -> None:
+        self.finish(cmd, "OK", text, code)
+
+    # -- unsolicited updates ------------------------------------------------------------------
+
+    def flush(self, allow_expunge: bool = True, refresh: bool = True) -> None:
+        v = self.view
+        if v is None:
+            return
+        if refresh and v.invalid is None:
+            try:
+                v.folder.refresh()
+            except Exception:  # noqa: BLE001
+                log.failure("refresh failed")
+        if v.invalid is not None:
+            reason = v.invalid
+            self.untagged("BYE " + reason)
+            self._unselect()
+            self.proto.close()
+            return
+        out: list[bytes] = []
+        if allow_expunge and v.pending_expunged:
+            if self.qresync:
+                gone = sorted(v.pending_expunged)
+                v.take_expunges()
+                out.append(b"* VANISHED " + compress(gone).encode() + b"\r\n")
+            else:
+                for seq in v.take_expunges():
+                    out.append(b"* %d EXPUNGE\r\n" % seq)
+        before_recent = v.recent_count()
+        exists = v.take_added() if (allow_expunge or not v.pending_expunged) else None
+        if exists is not None:
+            if not v.readonly:
+                first, end = v.folder.index.claim_recent()
+                if end > first:
+                    v.recent.append((first, end))
+            out.append(b"* %d EXISTS\r\n" % exists)
+            recent = v.recent_count()
+            if recent != before_recent or True:
+                out.append(b"* %d RECENT\r\n" % recent)
+        for uid in v.take_flags():
+            seq = v.seq_of(uid)
+            if not seq:
+                continue
+            f = v.folder.flags.get(uid)
+            if f is None:
+                continue
+            extra = b""
+            if self.condstore:
+                extra = b" MODSEQ (%d)" % v.folder.modseqs.get(uid, 1)
+            out.append(
+                b"* %d FETCH (UID %d %s%s)\r\n"
+                % (seq, uid, flags_bytes(f, v.is_recent(uid)), extra)
+            )
+        if out:
+            self.send(b"".join(out))
+
+    # -- helpers for commands -------------------------------------------------------------------
+
+    def _unselect(self) -> None:
+        if self.view is not None:
+            self.view.on_change = None
+            self.view.close()
+            self.view = None
+            self.selected_name = None
+        if self.state == _SELECTED:
+            self.state = _AUTH
+
+    def _acct(self) -> Account:
+        assert self.account is not None
+        return self.account
+
+    def _mailbox_arg(self, tok: object) -> str:
+        name = mailbox(tok)
+        return _inbox_norm(name)
