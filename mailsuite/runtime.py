@@ -25,3 +25,6 @@ class Runtime:
     #: The outbound queue (see mailsuite.queue); None means remote delivery is unavailable
     #: and remote recipients are answered 451 4.4.0.
     queue: Any | None = None
+    #: Folders open in IMAP sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
+    #: shared by the imap and imaps listeners; made by the first IMAP session.
+    imap_folders: Any | None = None

@@ -26,7 +26,7 @@ from mailsuite.imap.parser import (
 )
 from mailsuite.imap.search import Needs, parse_search
 from mailsuite.imap.sequence import compress
-from mailsuite.imap.session_base import SessionBase, _bad, _no, log
+from mailsuite.imap.session_base import SessionBase, _bad, _no, log, vanished_earlier
 from mailsuite.store.mailbox import FolderView, copy_blocking
 
 BATCH = 1000  # messages per output batch (one transport.write each)
@@ -97,15 +97,7 @@ class MessageCommands(SessionBase):
         plan = FetchPlan(req, cmd.uid, self.condstore)
         folder = v.folder
         if req.vanished and req.changedsince is not None:
-            gone = folder.index.expunged_since(req.changedsince)
-            seqset = sequence_set(cmd.args[0])
-            if gone:
-                from mailsuite.imap.sequence import ranges_contain
-
-                ranges = seqset.resolve(max(gone[-1], folder.uidnext))
-                gone = [u for u in gone if ranges_contain(ranges, u)]
-            if gone:
-                self.send(b"* VANISHED (EARLIER) " + compress(gone).encode() + b"\r\n")
+            self.send(vanished_earlier(folder, req.changedsince, sequence_set(cmd.args[0])))
         if req.changedsince is not None:
             cs = req.changedsince
             ms = folder.modseqs

@@ -34,7 +34,7 @@ from mailsuite.imap.parser import (
     sequence_set,
 )
 from mailsuite.imap.search import BadCharset
-from mailsuite.imap.sequence import SequenceSet, compress
+from mailsuite.imap.sequence import SequenceSet
 from mailsuite.imap.session_base import (
     _AUTH,
     _LOGOUT,
@@ -44,6 +44,7 @@ from mailsuite.imap.session_base import (
     _no,
     _Reply,
     log,
+    vanished_earlier,
 )
 from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
 from mailsuite.store.maildir import ensure_folder
@@ -414,17 +415,7 @@ class Session(MailboxCommands, MessageCommands):
         )
         if uidvalidity != v.folder.uidvalidity:
             return
-        idx = v.folder.index
-        gone = idx.expunged_since(modseq)
-        if known is not None:
-            top = max(gone[-1] if gone else 0, v.folder.uidnext)
-            ranges = known.resolve(top)
-            from mailsuite.imap.sequence import ranges_contain
-
-            gone = [u for u in gone if ranges_contain(ranges, u)]
-        out = []
-        if gone:
-            out.append(b"* VANISHED (EARLIER) " + compress(gone).encode() + b"\r\n")
+        out = [vanished_earlier(v.folder, modseq, known)]
         fl = v.folder.flags
         ms = v.folder.modseqs
         for i, u in enumerate(v.uids):

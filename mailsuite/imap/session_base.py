@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from mailsuite.imap.fetch_response import flags_bytes
 from mailsuite.imap.parser import Command, mailbox
-from mailsuite.imap.sequence import compress
+from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
 from mailsuite.store.mailbox import SEPARATOR, Account, FolderRegistry, FolderView
 
 log = Logger(namespace="mailsuite.imap")
@@ -49,6 +49,18 @@ def quote(text: str | bytes) -> bytes:
     return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def vanished_earlier(folder: Any, modseq: int, within: SequenceSet | None) -> bytes:
+    """RFC 7162 3.2.5.1 / 3.2.6: ``* VANISHED (EARLIER)`` for the UIDs expunged since
+    ``modseq`` (limited to the UID set ``within``), or nothing when there are none."""
+    gone = folder.index.expunged_since(modseq)
+    if gone and within is not None:
+        ranges = within.resolve(max(gone[-1], folder.uidnext))
+        gone = [u for u in gone if ranges_contain(ranges, u)]
+    if not gone:
+        return b""
+    return b"* VANISHED (EARLIER) " + compress(gone).encode() + b"\r\n"
+
+
 def _inbox_norm(name: str) -> str:
     if name.upper() == "INBOX":
         return "INBOX"
@@ -63,16 +75,14 @@ def _inbox_norm(name: str) -> str:
 class _Shared:
     """What all sessions of one listener share: runtime and open folders."""
 
-    _registries: dict[int, FolderRegistry] = {}
-
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
-        key = id(runtime)
-        reg = _Shared._registries.get(key)
+        # One registry of open folders per server (shared by the imap and imaps listeners).
+        reg = runtime.imap_folders
         if reg is None:
             reactor = runtime.reactor
             reg = FolderRegistry(runtime.changes, lambda f: reactor.callLater(0, f))
-            _Shared._registries[key] = reg
+            runtime.imap_folders = reg
         self.registry = reg
         cfg = runtime.config
         self.max_literal = cfg.imap.max_literal
@@ -152,7 +162,6 @@ class SessionBase:
             else:
                 for seq in v.take_expunges():
                     out.append(b"* %d EXPUNGE\r\n" % seq)
-        before_recent = v.recent_count()
         exists = v.take_added() if (allow_expunge or not v.pending_expunged) else None
         if exists is not None:
             if not v.readonly:
@@ -160,9 +169,9 @@ class SessionBase:
                 if end > first:
                     v.recent.append((first, end))
             out.append(b"* %d EXISTS\r\n" % exists)
-            recent = v.recent_count()
-            if recent != before_recent or True:
-                out.append(b"* %d RECENT\r\n" % recent)
+            # RFC 3501 7.3.2: RECENT must follow any change; sent with every EXISTS, as
+            # Dovecot does, so clients never hold a stale count.
+            out.append(b"* %d RECENT\r\n" % v.recent_count())
         for uid in v.take_flags():
             seq = v.seq_of(uid)
             if not seq:
