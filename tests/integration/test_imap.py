@@ -340,6 +340,14 @@ def test_condstore_qresync(server: Server) -> None:
     typ, data = m._simple_command("SELECT", "Q1", f"(QRESYNC ({uidv} {hms}))")
     assert typ == "OK"
     assert m.untagged_responses.get("VANISHED")[-1] == b"(EARLIER) 3"
+    # RFC 7162 3.2.6: UID FETCH ... (CHANGEDSINCE m VANISHED) reports it too, only within the set
+    m.state = "SELECTED"  # imaplib does not see a SELECT sent with _simple_command
+    m.untagged_responses.pop("VANISHED", None)
+    typ, data = m.uid("FETCH", "1:*", f"(FLAGS) (CHANGEDSINCE {hms} VANISHED)")
+    assert typ == "OK" and m.untagged_responses.get("VANISHED")[-1] == b"(EARLIER) 3"
+    m.untagged_responses.pop("VANISHED", None)
+    typ, data = m.uid("FETCH", "1:2", f"(FLAGS) (CHANGEDSINCE {hms} VANISHED)")
+    assert typ == "OK" and "VANISHED" not in m.untagged_responses
     m.logout()
 
 
