@@ -276,22 +276,14 @@ class MailboxCommands(SessionBase):
             if folder is None:
                 db.sync()
                 uv, nxt, hms = db.counters()
-                total, unseen = db.db.execute(
-                    "SELECT count(*), coalesce(sum(instr(flags, '\\Seen') = 0), 0) FROM messages"
-                ).fetchone()
+                total, unseen = db.status_counts()
                 values.update(
                     MESSAGES=total, UNSEEN=unseen, UIDNEXT=nxt, UIDVALIDITY=uv, HIGHESTMODSEQ=hms
                 )
             if "RECENT" in items:
-                first = int(db._meta("recent") or 1)
-                (values["RECENT"],) = db.db.execute(
-                    "SELECT count(*) FROM messages WHERE uid >= ?", (first,)
-                ).fetchone()
+                values["RECENT"] = db.recent_count()
             if "SIZE" in items:
-                db._fill_unknown()
-                (values["SIZE"],) = db.db.execute(
-                    "SELECT coalesce(sum(size), 0) FROM messages"
-                ).fetchone()
+                values["SIZE"] = db.total_size()
         finally:
             if folder is None:
                 db.close()

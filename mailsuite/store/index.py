@@ -240,6 +240,25 @@ class FolderIndex:
             int(m.get("highestmodseq") or 1),
         )
 
+    def status_counts(self) -> tuple[int, int]:
+        """(messages, unseen) for STATUS without loading the folder."""
+        total, unseen = self.db.execute(
+            "SELECT count(*), coalesce(sum(instr(flags, '\\Seen') = 0), 0) FROM messages"
+        ).fetchone()
+        return int(total), int(unseen)
+
+    def recent_count(self) -> int:
+        """Messages no session has claimed as \\Recent yet (RFC 3501 2.3.2)."""
+        first = int(self._meta("recent") or 1)
+        (n,) = self.db.execute("SELECT count(*) FROM messages WHERE uid >= ?", (first,)).fetchone()
+        return int(n)
+
+    def total_size(self) -> int:
+        """Sum of RFC822.SIZE over the folder (RFC 8438 STATUS SIZE)."""
+        self._fill_unknown()
+        (n,) = self.db.execute("SELECT coalesce(sum(size), 0) FROM messages").fetchone()
+        return int(n)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with open(self.folder / LOCK_NAME, "a") as lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import imaplib
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -794,3 +795,22 @@ def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: st
         subprocess.run(["tmux", "send-keys", "-t", session, "q", "q"], timeout=10)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
+
+
+def test_status_items_on_a_folder_nobody_has_open(server: Server) -> None:
+    m = login(server)
+    m.create("St")
+    m.append("St", "(\\Seen)", None, MSG)
+    m.append("St", None, None, MSG)
+    typ, data = m.status("St", "(MESSAGES RECENT UIDNEXT UNSEEN SIZE HIGHESTMODSEQ UIDVALIDITY)")
+    assert typ == "OK"
+    got = dict(re.findall(rb"([A-Z]+) (\d+)", data[0].split(b"(", 1)[1]))
+    size = len(MSG.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    assert got[b"MESSAGES"] == b"2" and got[b"RECENT"] == b"2" and got[b"UNSEEN"] == b"1"
+    assert got[b"UIDNEXT"] == b"3" and int(got[b"SIZE"]) == 2 * size
+    assert int(got[b"HIGHESTMODSEQ"]) > 0 and int(got[b"UIDVALIDITY"]) > 0
+    m.select("St")  # this session claims \Recent
+    m.close()
+    typ, data = m.status("St", "(RECENT)")
+    assert data[0].endswith(b"(RECENT 0)")
+    m.logout()
