@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from mailsuite.testing.process import mailsuite_argv
+
 USERS = ("bench", "big10000", "big100000", "pop1k", "idle")
 SERVICES = ("smtp", "imap", "pop3")
 
@@ -92,19 +94,7 @@ def start(a: argparse.Namespace) -> None:
     env.pop("PYTHONWARNINGS", None)
     with open(root / "twistd.out", "wb") as out:
         proc = subprocess.Popen(
-            [
-                a.python,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--logfile",
-                str(log),
-                "--pidfile",
-                "",
-                "mailsuite",
-                "--config",
-                str(config),
-            ],
+            mailsuite_argv(str(config), logfile=str(log), python=a.python),
             cwd=root,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailsuite.testing.process import mailsuite_argv
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BENCH_DIR", REPO.parent / "shared" / "bench"))
 PASSWORD = "benchpass"
@@ -51,11 +53,37 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise TimeoutError(f"port {port} did not open")
 
 
-def run_pop3_bench(name: str, port: int, user: str, maildir: Path, count: int, trials: int,
-                   out: Path, uid: int | None = None) -> dict:
-    cmd = [sys.executable, str(SHARED / "pop3_bench.py"), "--name", name, "--port", str(port),
-           "--user", user, "--password", PASSWORD, "--maildir", str(maildir), "--count",
-           str(count), "--generate", "--trials", str(trials), "--out", str(out)]
+def run_pop3_bench(
+    name: str,
+    port: int,
+    user: str,
+    maildir: Path,
+    count: int,
+    trials: int,
+    out: Path,
+    uid: int | None = None,
+) -> dict:
+    cmd = [
+        sys.executable,
+        str(SHARED / "pop3_bench.py"),
+        "--name",
+        name,
+        "--port",
+        str(port),
+        "--user",
+        user,
+        "--password",
+        PASSWORD,
+        "--maildir",
+        str(maildir),
+        "--count",
+        str(count),
+        "--generate",
+        "--trials",
+        str(trials),
+        "--out",
+        str(out),
+    ]
     if uid is not None:
         cmd += ["--uid", str(uid)]
     subprocess.run(cmd, cwd=SHARED, check=True, timeout=1800)
@@ -71,22 +99,41 @@ def bench_mailsuite(work: Path, count: int, trials: int) -> dict:
         '[domains]\nlocal = ["example.test"]\n\n'
         "[auth]\nallow_plaintext = true\n"  # pop3_bench.py logs in without TLS
     )
-    subprocess.run([sys.executable, "-m", "mailsuite.cli", "--config", str(config), "user", "add",
-                    "pop1k@example.test", "--password-stdin"], input=PASSWORD + "\n", text=True,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailsuite.cli",
+            "--config",
+            str(config),
+            "user",
+            "add",
+            "pop1k@example.test",
+            "--password-stdin",
+        ],
+        input=PASSWORD + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
-         "--logfile", str(work / "twistd.log"), "--pidfile", "", "mailsuite", "--config",
-         str(config)],
-        cwd=work, env=env,
+        mailsuite_argv(str(config), logfile=str(work / "twistd.log")),
+        cwd=work,
+        env=env,
     )
     try:
         wait_port(port, proc)
-        return run_pop3_bench("mailsuite", port, "pop1k@example.test",
-                              work / "data" / "mail" / "example.test" / "pop1k", count, trials,
-                              work / "pop3-mailsuite.json")
+        return run_pop3_bench(
+            "mailsuite",
+            port,
+            "pop1k@example.test",
+            work / "data" / "mail" / "example.test" / "pop1k",
+            count,
+            trials,
+            work / "pop3-mailsuite.json",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -103,15 +150,24 @@ def bench_dovecot(work: Path, count: int, trials: int) -> dict | None:
     subprocess.run(["bash", *peers, "start", "dovecot"], env=env, check=True, timeout=120)
     try:
         port = int(os.environ.get("PORT_DOVECOT_POP3", "10110"))
-        return run_pop3_bench("dovecot", port, "pop1k", run / "dovecot/users/pop1k/Maildir",
-                              count, trials, work / "pop3-dovecot.json", uid=5000)
+        return run_pop3_bench(
+            "dovecot",
+            port,
+            "pop1k",
+            run / "dovecot/users/pop1k/Maildir",
+            count,
+            trials,
+            work / "pop3-dovecot.json",
+            uid=5000,
+        )
     finally:
         subprocess.run(["bash", *peers, "stop", "dovecot"], env=env, timeout=60)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--no-dovecot", action="store_true")

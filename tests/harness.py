@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from mailsuite.testing.process import mailsuite_argv
+
 SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
 PASSWORD = "correct horse battery"
 
@@ -100,19 +102,7 @@ class Server:
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "-n",
-                "--logfile",
-                str(self.log),
-                "--pidfile",
-                "",
-                "mailsuite",
-                "--config",
-                str(self.config),
-            ],
+            mailsuite_argv(str(self.config), logfile=str(self.log)),
             cwd=self.root,
             env=env,
             stdout=subprocess.PIPE,

@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from mailsuite.testing.process import twistd_argv
 from tests.harness import PASSWORD, Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def test_bad_config_is_reported_not_traced(tmp_path: Path) -> None:
 
 def test_twistd_finds_the_plugin() -> None:
     r = subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+        twistd_argv("--help"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -162,7 +163,9 @@ def test_check_loads_the_certificates(tmp_path: Path) -> None:
     cfg.write_text('[server]\ndata_dir = "d"\n[tls]\ncert = "bad.pem"\nkey = "bad.pem"\n')
     r = subprocess.run(
         [sys.executable, "-m", "mailsuite.cli", "--config", str(cfg), "check"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2
     assert f"{cfg}: [tls] cert: {tmp_path}/bad.pem: not PEM" in r.stderr

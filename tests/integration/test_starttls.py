@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsuite.testing.process import mailsuite_argv
 from tests.harness import PASSWORD, Server, wait_port
 from tests.tls_helpers import CertAuthority, peer_certificate, plain, smtp_starttls
 
@@ -113,17 +114,7 @@ def test_embedded_default_bootstraps_a_self_signed_certificate(tmp_path: Path):
     env.pop("PYTHONWARNINGS", None)
     log = tmp_path / "twistd.log"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--logfile",
-            str(log),
-            "--pidfile",
-            "",
-            "mailsuite",
-        ],
+        mailsuite_argv(None, logfile=str(log)),  # no --config: the embedded default
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

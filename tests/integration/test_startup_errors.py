@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from mailsuite.testing.process import mailsuite_argv
 from tests.harness import free_port
 
 
 def twistd(config: Path) -> tuple[int, str]:
     r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile",
-            "",
-            "mailsuite",
-            "--config",
-            str(config),
-        ],
+        mailsuite_argv(str(config)),
         capture_output=True,
         text=True,
         timeout=60,

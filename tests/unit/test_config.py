@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from mailsuite.config import DEFAULT_TOML, ConfigError, load_config
+from mailsuite.testing.process import mailsuite_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,17 +81,7 @@ def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
     f = tmp_path / "bad.toml"
     f.write_text('[listen]\nsmtp = ["tcp:notaport"]\n')
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile",
-            "",
-            "mailsuite",
-            "--config",
-            str(f),
-        ],
+        mailsuite_argv(str(f)),
         capture_output=True,
         text=True,
         timeout=60,
