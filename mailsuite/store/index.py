@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -885,10 +886,26 @@ def _letters_to_flags(rel: str) -> set[str]:
     return {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS} if sep else set()
 
 
-def _delivery_order(base: str) -> tuple[int, str]:
-    """Order new files by the delivery time in their name, so UIDs follow arrival."""
-    head = base.split(".", 1)[0]
-    return (int(head) if head.isdigit() else 0, base)
+_USEC = re.compile(r"M(\d+)")
+_COUNTER = re.compile(r"Q(\d+)")
+
+
+def _delivery_order(base: str) -> tuple[int, int, int, str]:
+    """Order new files by the delivery time in their name, so UIDs follow arrival.
+
+    ``sec.M<usec>P<pid>Q<n>.host``: seconds, then microseconds and the per-process counter
+    compared as numbers (as text, "M99999" would sort after "M100234" and a rebuilt index
+    would number messages of the same second out of order)."""
+    head, _, rest = base.partition(".")
+    middle = rest.split(".", 1)[0]
+    usec = _USEC.search(middle)
+    counter = _COUNTER.search(middle)
+    return (
+        int(head) if head.isdigit() else 0,
+        int(usec.group(1)) if usec else 0,
+        int(counter.group(1)) if counter else 0,
+        base,
+    )
 
 
 __all__ = ["FLAG_LETTERS", "FolderIndex", "Message", "NewFile", "SyncResult", "crlf_size"]

@@ -228,3 +228,15 @@ def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert idx.sync().added == (1,)
     seen = _listings(monkeypatch)
     assert not idx.sync() and seen == ["new"]
+
+
+def test_uids_follow_delivery_order_when_microseconds_differ_in_length(tmp_path: Path) -> None:
+    """Regression: names were compared as text, so "M99999" sorted after "M100234" and a
+    rebuilt index numbered messages of the same second out of arrival order."""
+    folder = ensure_folder(tmp_path / "box")
+    arrival = ["1795933428.M99999P7Q1.h", "1795933428.M100234P7Q2.h", "1795933428.M100234P7Q10.h"]
+    for i, name in enumerate(reversed(arrival)):  # create them in the wrong order on purpose
+        (folder / "new" / name).write_bytes(b"Subject: %d\n\nx\n" % i)
+    idx = FolderIndex(folder)
+    idx.sync(force=True)
+    assert [m.name.split("/", 1)[1] for m in idx.messages()] == arrival
