@@ -212,13 +212,12 @@ class FolderIndex:
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(f"{uidvalidity}\n")
         os.replace(tmp, marker)
-        self.db.execute("BEGIN")
-        self._set_meta("version", _SCHEMA_VERSION)
-        self._set_meta("uidvalidity", uidvalidity)
-        self._set_meta("uidnext", 1)
-        self._set_meta("highestmodseq", 1)
-        self._set_meta("recent", 1)
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self._set_meta("version", _SCHEMA_VERSION)
+            self._set_meta("uidvalidity", uidvalidity)
+            self._set_meta("uidnext", 1)
+            self._set_meta("highestmodseq", 1)
+            self._set_meta("recent", 1)
 
     @property
     def uidvalidity(self) -> int:
@@ -259,6 +258,20 @@ class FolderIndex:
         self._fill_unknown()
         (n,) = self.db.execute("SELECT coalesce(sum(size), 0) FROM messages").fetchone()
         return int(n)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite write transaction (``BEGIN IMMEDIATE``: take the write lock at once,
+        so two processes never both read-then-write).  On any error it is rolled back and
+        the in-memory name cache, which may already hold the change, is dropped."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._names = None
+            raise
+        self.db.execute("COMMIT")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -435,9 +448,8 @@ class FolderIndex:
             except FileNotFoundError:
                 continue
             updates.append((size, idate, uid))
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
-        self.db.execute("COMMIT")
+        with self._transaction():
+            self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
 
     def cached(self, uid: int, column: str) -> bytes | None:
         if column not in ("envelope", "bodystructure"):
@@ -447,16 +459,11 @@ class FolderIndex:
 
     def store_cached(self, items: Iterable[tuple[int, str, bytes]]) -> None:
         """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value)."""
-        self.db.execute("BEGIN")
-        try:
+        with self._transaction():
             for uid, column, value in items:
                 if column not in ("envelope", "bodystructure"):
                     raise ValueError(column)
                 self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     # -- \Recent ---------------------------------------------------------------------------
 
@@ -468,9 +475,8 @@ class FolderIndex:
             first = int(self._meta("recent") or 1)
             nxt = self.uidnext
             if nxt > first:
-                self.db.execute("BEGIN IMMEDIATE")
-                self._set_meta("recent", nxt)
-                self.db.execute("COMMIT")
+                with self._transaction():
+                    self._set_meta("recent", nxt)
             return first, max(first, nxt)
 
     # -- syncing with the directory -------------------------------------------------------
@@ -553,9 +559,8 @@ class FolderIndex:
         expunged: list[int] = []
         changed: list[int] = []
         if not appeared and not vanished:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._record_stamps(stamp, now, subs)
-            self.db.execute("COMMIT")
+            with self._transaction():
+                self._record_stamps(stamp, now, subs)
             return SyncResult()
         # rows by base for every name that changed on either side
         # (a base seen under both new/ and cur/ counts as its cur/ copy)
@@ -569,8 +574,7 @@ class FolderIndex:
             "SELECT uid, base, name, flags FROM messages WHERE", "base", wanted
         ):
             rows[base] = (uid, name, flags)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             modseq = int(self._meta("highestmodseq") or 1)
             updates = []
             renames = []
@@ -646,11 +650,6 @@ class FolderIndex:
             if names_in or names_out:
                 self._names_changed(names_out, names_in, cache_valid)
             self._record_stamps(stamp, now, subs)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self._names = None
-            raise
         return SyncResult(tuple(added), tuple(expunged), tuple(changed))
 
     def _record_stamps(self, stamp: tuple[int, int], now: int, subs: Sequence[str]) -> None:
@@ -735,8 +734,7 @@ class FolderIndex:
                     updates.append((new_name, text, ms, uid))
                     out.append((uid, text, ms))
             if updates:
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     self.db.executemany(
                         "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
                     )
@@ -744,11 +742,6 @@ class FolderIndex:
                     if touched:
                         self._forget_stamp(touched)
                         self._names_changed(names_out, names_in, self._names_gen == gen)
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    self._names = None
-                    raise
         return out
 
     def expunge(self, uids: Iterable[int]) -> list[int]:
@@ -772,8 +765,7 @@ class FolderIndex:
                 touched = {_sub_of(names[u]) for u in done}
                 for sub in sorted(touched):
                     fsync_dir(self.folder / sub)
-                self.db.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     gen = int(self._meta("names_gen") or 0)
                     modseq = int(self._meta("highestmodseq") or 1) + 1
                     self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
@@ -784,11 +776,6 @@ class FolderIndex:
                     self._set_meta("highestmodseq", modseq)
                     self._forget_stamp(touched)
                     self._names_changed([names[u] for u in done], (), self._names_gen == gen)
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    self._names = None
-                    raise
         return done
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
@@ -830,8 +817,7 @@ class FolderIndex:
             finally:
                 for sub in subs:
                     fsync_dir(self.folder / sub)
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 uid = int(self._meta("uidnext") or 1)
                 modseq = int(self._meta("highestmodseq") or 1) + 1
                 rows = []
@@ -862,11 +848,6 @@ class FolderIndex:
                 self._forget_stamp(subs)
                 gen = int(self._meta("names_gen") or 0)
                 self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                self._names = None
-                raise
             return out
 
     def _forget_stamp(self, subs: Iterable[str]) -> None:
