@@ -10,18 +10,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from mailsuite.config import SERVICES, Config, ConfigError, load_config
 from mailsuite.directory import Directory, DirectoryError
-
-#: Other modules add subcommands here (name -> (help, add_arguments, run)).
-EXTRA_COMMANDS: dict[
-    str,
-    tuple[
-        str, Callable[[argparse.ArgumentParser], None], Callable[[Config, argparse.Namespace], int]
-    ],
-] = {}
 
 
 def _directory(cfg: Config) -> Directory:
@@ -169,10 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     queue_cli.add_arguments(q)
     q.set_defaults(run=queue_cli.run)
 
-    for name, (helptext, add_args, run) in EXTRA_COMMANDS.items():
-        e = sub.add_parser(name, help=helptext)
-        add_args(e)
-        e.set_defaults(run=run)
     return p
 
 
