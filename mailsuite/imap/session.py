@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from mailsuite.auth import Outcome
@@ -451,32 +452,28 @@ class Session(MailboxCommands, MessageCommands):
     def do_IDLE(self, cmd: Command) -> defer.Deferred[None]:
         if cmd.args:
             raise _bad("IDLE takes no arguments")
-        from twisted.internet.task import LoopingCall
-
-        poller = None
+        unwatch = None
         if self.view is not None:
             self.flush(allow_expunge=True)
-            folder = self.view.folder
+            reactor = self.shared.runtime.reactor
 
-            def poll() -> None:
-                try:
-                    folder.refresh()  # changes reach us through FolderView.on_change
-                    if self.view is not None and self.view.invalid is not None:
-                        self.flush()
-                except Exception:  # noqa: BLE001
-                    log.failure("IDLE poll failed")
+            def start_poll(tick: Callable[[], None]) -> Callable[[], None]:
+                poller = LoopingCall(tick)
+                poller.clock = reactor
+                poller.start(POLL_INTERVAL, now=False)
+                return poller.stop
 
-            poller = LoopingCall(poll)
-            poller.clock = self.shared.runtime.reactor
-            poller.start(POLL_INTERVAL, now=False)
-        self.idling = (cmd.tag, poller)
+            # changes made in this process arrive at once through the change hub; those of
+            # other programs (mutt, a second server) through one poller per folder
+            unwatch = self.shared.registry.watch(self.view.folder, start_poll)
+        self.idling = (cmd.tag, unwatch)
         d: defer.Deferred[bytes] = self.proto.continuation(b"+ idling\r\n")
 
         def ended(line: bytes) -> None:
-            tag, p = self.idling or (cmd.tag, None)
+            _, stop = self.idling or (cmd.tag, None)
             self.idling = None
-            if p is not None and p.running:
-                p.stop()
+            if stop is not None:
+                stop()
             if line.strip().upper() != b"DONE":
                 self.finish(cmd, "BAD", "Expected DONE")
             else:
@@ -486,8 +483,8 @@ class Session(MailboxCommands, MessageCommands):
 
     def connection_lost(self) -> None:
         if self.idling is not None:
-            _, p = self.idling
-            if p is not None and p.running:
-                p.stop()
+            _, stop = self.idling
+            if stop is not None:
+                stop()
             self.idling = None
         self._unselect()

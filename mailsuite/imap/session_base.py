@@ -108,7 +108,7 @@ class SessionBase:
         self.selected_name: str | None = None
         self.condstore = False
         self.qresync = False
-        self.idling: tuple[str, Any] | None = None  # (tag, poller)
+        self.idling: tuple[str, Any] | None = None  # (tag, function that stops watching)
 
     # -- output -----------------------------------------------------------------------------
 

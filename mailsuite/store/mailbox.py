@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -30,6 +32,8 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
+
+log = Logger(namespace="mailsuite.store")
 
 SUBSCRIPTIONS = "subscriptions"
 SEPARATOR = "."
@@ -486,6 +490,8 @@ class FolderRegistry:
         self.open: dict[Path, Folder] = {}
         self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
         self.keep_idle = 4
+        #: folders polled for other processes' changes: folder -> [stop, number of watchers]
+        self._watched: dict[Folder, list] = {}
 
     def get(self, path: Path) -> Folder:
         folder = self.open.get(path)
@@ -519,6 +525,41 @@ class FolderRegistry:
         while len(self.idle) > self.keep_idle:
             _, oldest = self.idle.popitem(last=False)
             oldest._close()
+
+    def watch(
+        self,
+        folder: Folder,
+        start_poll: Callable[[Callable[[], None]], Callable[[], None]],
+    ) -> Callable[[], None]:
+        """Keep ``folder`` polled while anyone watches it (IMAP IDLE): one poller per folder
+        however many sessions wait on it, so a thousand idle clients do not mean a thousand
+        directory checks per interval.  ``start_poll(tick)`` starts calling ``tick``
+        periodically and returns the function that stops it.  Returns the caller's (idempotent)
+        unwatch function."""
+        entry = self._watched.get(folder)
+        if entry is None:
+
+            def tick() -> None:
+                try:
+                    folder.refresh()  # views hear of changes through their on_change
+                except Exception:  # noqa: BLE001 - a bad poll must not stop the others
+                    log.failure("polling {path} failed", path=str(folder.path))
+
+            entry = self._watched[folder] = [start_poll(tick), 0]
+        entry[1] += 1
+        done = False
+
+        def unwatch() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            entry[1] -= 1
+            if entry[1] == 0 and self._watched.get(folder) is entry:
+                del self._watched[folder]
+                entry[0]()
+
+        return unwatch
 
     def invalidate_under(self, paths: Iterable[Path], reason: str) -> None:
         for p in paths:

@@ -240,3 +240,33 @@ def test_uids_follow_delivery_order_when_microseconds_differ_in_length(tmp_path:
     idx = FolderIndex(folder)
     idx.sync(force=True)
     assert [m.name.split("/", 1)[1] for m in idx.messages()] == arrival
+
+
+def test_one_poller_per_folder_however_many_sessions_idle(tmp_path: Path) -> None:
+    """Many IDLE sessions on one folder share one directory poller (idle stays cheap)."""
+    root = tmp_path / "box"
+    ensure_folder(root)
+    reg = FolderRegistry()
+    folder = reg.get(root)
+    started: list[object] = []
+    stopped: list[object] = []
+
+    def start_poll(tick):  # type: ignore[no-untyped-def]
+        started.append(tick)
+        return lambda: stopped.append(tick)
+
+    unwatch = [reg.watch(folder, start_poll) for _ in range(1000)]
+    assert len(started) == 1
+    # the poller finds a message another program delivered
+    write_message(root, [b"Subject: x\n\ny\n"])
+    started[0]()
+    assert len(folder.uids) == 1
+    for u in unwatch[:-1]:
+        u()
+        u()  # idempotent
+    assert stopped == []
+    unwatch[-1]()
+    assert stopped == started
+    assert len({id(x) for x in started}) == 1
+    reg.watch(folder, start_poll)()  # a new watcher starts a new poller
+    assert len(started) == 2
