@@ -48,8 +48,6 @@ class Envelope:
     remote: list[str] = field(default_factory=list)
     smtputf8: bool = False
     body_8bit: bool = False
-    #: the original RCPT address of each local box (for Delivered-To), keyed by box user
-    delivered_to: dict[str, str] = field(default_factory=dict)
 
 
 class DeliveryError(Exception):

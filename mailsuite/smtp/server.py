@@ -137,9 +137,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.body_8bit_declared = False
         self.local: list[LocalBox] = []
         self.remote: list[str] = []
-        self.rcpt_count = 0
         self.rcpt_addresses: list[str] = []
-        self.delivered_to: dict[str, str] = {}
         self.message: IncomingMessage | None = None
         self.reader: DataReader | None = None
         self.too_big = False
@@ -330,7 +328,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         if not path.address.isascii() and not self.smtputf8:
             self._error(R.UTF8_NEEDS_PARAM)
             return
-        if self.rcpt_count >= self.config.smtp.max_recipients:
+        if len(self.rcpt_addresses) >= self.config.smtp.max_recipients:
             self.reply(R.TOO_MANY_RCPTS)
             return
         _, domain = split_address(path.address)
@@ -355,14 +353,12 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.reply(R.RCPT_OK)
 
     def _add_recipient(self, address: str, resolution: Resolution) -> None:
-        self.rcpt_count += 1
         self.rcpt_addresses.append(address)
         known = {box.user for box in self.local}
         for box in resolution.local:
             if box.user not in known:
                 self.local.append(box)
                 known.add(box.user)
-                self.delivered_to[box.user] = address
         for remote in resolution.remote:
             if remote not in self.remote:
                 self.remote.append(remote)
@@ -372,9 +368,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
             self._error(R.NEED_MAIL)
             return
         if not self.local and not self.remote:
-            self._error(
-                R.NO_VALID_RCPTS if self.rcpt_count == 0 and self.rcpt_addresses else R.NEED_RCPT
-            )
+            self._error(R.NEED_RCPT)  # refused RCPTs are not recorded: none was accepted
             return
         envelope = Envelope(
             sender=self.sender.address,
@@ -382,7 +376,6 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
             remote=list(self.remote),
             smtputf8=self.smtputf8,
             body_8bit=self.body_8bit_declared,
-            delivered_to=dict(self.delivered_to),
         )
         message = IncomingMessage(self.runtime, envelope, self._received_header())
         try:
