@@ -409,7 +409,9 @@ def test_trusted_network_relays_and_untrusted_does_not(net: Net, srv: Server) ->
 # ------------------------------------------------------------------------------- smarthost
 
 
-def test_smarthost_with_auth_over_tls(net: Net, tmp_path: Path) -> None:
+def smarthost_and_server(net: Net, tmp_path: Path, password: str) -> tuple[Any, Server]:
+    """A recording smarthost on 127.0.0.7 with STARTTLS (test CA) and AUTH relayuser /
+    relay-secret, and a mailsuite server relaying everything to it with ``password``."""
     ca = trustme.CA()
     cert = ca.issue_cert("smarthost.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
@@ -420,9 +422,14 @@ def test_smarthost_with_auth_over_tls(net: Net, tmp_path: Path) -> None:
         "auth": {"relayuser": "relay-secret"},
     })
     extra = (f'smarthost = "smarthost.test:{net.port}"\n'
-             'smarthost_user = "relayuser"\nsmarthost_password = "relay-secret"\n'
+             f'smarthost_user = "relayuser"\nsmarthost_password = "{password}"\n'
              f'tls_ca = "{tmp_path / "ca.pem"}"\n')
     server = Server(tmp_path / "srv", services=("smtp",), extra_toml=relay_toml(net, extra))
+    return smarthost, server
+
+
+def test_smarthost_with_auth_over_tls(net: Net, tmp_path: Path) -> None:
+    smarthost, server = smarthost_and_server(net, tmp_path, password="relay-secret")
     server.add_user(SENDER)
     with server:
         send(server, ["one@order.test", "two@nullmx.test"], "via-smarthost")
@@ -437,19 +444,7 @@ def test_smarthost_with_auth_over_tls(net: Net, tmp_path: Path) -> None:
 
 
 def test_smarthost_with_wrong_password_is_retried(net: Net, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("smarthost.test")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    smarthost = net.mx("127.0.0.7", {
-        "starttls": {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")},
-        "auth": {"relayuser": "relay-secret"},
-    })
-    extra = (f'smarthost = "smarthost.test:{net.port}"\n'
-             'smarthost_user = "relayuser"\nsmarthost_password = "wrong"\n'
-             f'tls_ca = "{tmp_path / "ca.pem"}"\n')
-    server = Server(tmp_path / "srv", services=("smtp",), extra_toml=relay_toml(net, extra))
+    smarthost, server = smarthost_and_server(net, tmp_path, password="wrong")
     server.add_user(SENDER)
     with server:
         send(server, ["one@order.test"], "bad-auth")
