@@ -72,7 +72,6 @@ class IncomingMessage:
         self._pending_size = 0
         self._newlines = 0  # stored text is LF-only, so CRLF size = size + newlines
         return_path = f"Return-Path: <{envelope.sender}>\n".encode()
-        self._received = received
         if envelope.local:
             first = envelope.local[0]
             self._folder: Path | None = first.root

@@ -156,9 +156,6 @@ class Directory:
             return None
         return entry.get("password") if entry else None
 
-    def user_exists(self, user: str) -> bool:
-        return self.password_hash(user) is not None
-
     def mailbox_root(self, user: str) -> Path:
         """``<mail_dir>/<domain>/<localpart>``: validated so it cannot leave ``mail_dir``."""
         local, domain = split_address(normalize(user))

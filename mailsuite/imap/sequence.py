@@ -81,9 +81,6 @@ class SequenceSet:
                 merged.append((a, b))
         return merged
 
-    def has_star(self) -> bool:
-        return any(a == STAR or b == STAR for a, b in self.parts)
-
     def exceeds(self, largest: int) -> bool:
         """True if a number other than ``*`` is above ``largest``.
 

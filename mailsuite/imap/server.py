@@ -64,9 +64,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         self.reader: CommandReader | None = None
         self._literal: bytearray | None = None
         self._literal_size = 0
-        self._literal_discard = False
         self._cont: defer.Deferred[bytes] | None = None
-        self._busy = False
         self._out: _Output | None = None
         self.peer_ip = ""
 
@@ -168,7 +166,6 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
                 self.write(b"+ Ready for literal data\r\n")
             self._literal = bytearray()
             self._literal_size = result.size
-            self._literal_discard = False
             if result.size == 0:
                 self._literal_done()
             else:
@@ -186,7 +183,6 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             if result.discard:
                 self._literal = bytearray()
                 self._literal_size = result.discard
-                self._literal_discard = True
                 self.setRawMode()
             return
         if isinstance(result, Command):

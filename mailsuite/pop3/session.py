@@ -140,7 +140,6 @@ class Session:
         self.user: str | None = None  # canonical address once logged in
         self.maildrop: Any = None
         self.errors = 0
-        self._sasl_mechanism: str | None = None
 
     # -- greeting and helpers ---------------------------------------------------------------
 
@@ -276,12 +275,10 @@ class Session:
             # RFC 5034 4: "=" is an empty initial response
             return self._sasl_plain(parts[1] if parts[1] != "=" else "")
         self.state = State.SASL
-        self._sasl_mechanism = mechanism
         return Step(b"+ \r\n")  # RFC 5034 4: empty challenge
 
     def _sasl_response(self, raw: bytes) -> Step:
         self.state = State.AUTHORIZATION
-        self._sasl_mechanism = None
         text = raw.decode("ascii", "replace").strip()
         if text == "*":
             return self._error(ERR_CANCELLED)  # RFC 5034 4

@@ -32,10 +32,6 @@ class Path:
     address: str  # "" for the null reverse-path
     params: dict[str, str | None] = field(default_factory=dict)
 
-    @property
-    def is_null(self) -> bool:
-        return self.address == ""
-
 
 def _valid_domain(domain: str, utf8: bool) -> bool:
     if domain.startswith("[") and domain.endswith("]"):

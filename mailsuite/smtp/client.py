@@ -332,7 +332,6 @@ class SMTPClientSession(basic.LineReceiver):
         self._pipelined = False
         self._producer: _BodyProducer | None = None
         self._closing = False
-        self._handshake_error = False
         self._lines_of_last_reply: list[str] = []
         self._plain_token = ""
         self._downgraded = False
@@ -487,7 +486,6 @@ class SMTPClientSession(basic.LineReceiver):
             self._producer = None
         if self._result is None:
             if self._stage == "tls":
-                self._handshake_error = True
                 outcome = Outcome.TLS_FAILED
                 reply = _local(451, "4.7.5", f"TLS negotiation failed: {reason.value}")
             else:

@@ -90,7 +90,6 @@ class SubmissionServer(SMTPServer):
     def __init__(self, runtime, profile, implicit_tls):  # type: ignore[no-untyped-def]
         super().__init__(runtime, profile, implicit_tls)
         self._sasl: sasl.Exchange | None = None
-        self._auth_running = False
 
     # -- policy hooks ----------------------------------------------------------------------
 
@@ -219,7 +218,6 @@ class SubmissionServer(SMTPServer):
             if not same:
                 username = ""  # fails like a wrong password (and counts as one)
         self.pauseProducing()  # pipelined commands wait for this answer (ordered replies)
-        self._auth_running = True
         try:
             d = self.runtime.auth.login(username, creds.password, self.peer_ip, "smtp")
         except Exception:
@@ -227,7 +225,6 @@ class SubmissionServer(SMTPServer):
         d.addBoth(self._login_done)
 
     def _login_done(self, result: LoginResult | Failure) -> None:
-        self._auth_running = False
         if isinstance(result, Failure):
             log.failure("submission: login check failed for {ip}", result, ip=self.peer_ip)
             answer = AUTH_TEMP

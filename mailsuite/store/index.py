@@ -451,12 +451,6 @@ class FolderIndex:
         with self._transaction():
             self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
 
-    def cached(self, uid: int, column: str) -> bytes | None:
-        if column not in ("envelope", "bodystructure"):
-            raise ValueError(column)
-        row = self.db.execute(f"SELECT {column} FROM messages WHERE uid=?", (uid,)).fetchone()
-        return None if row is None else row[0]
-
     def store_cached(self, items: Iterable[tuple[int, str, bytes]]) -> None:
         """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value)."""
         with self._transaction():
@@ -860,11 +854,6 @@ class FolderIndex:
 def _sub_of(name: str) -> str:
     """``"cur/123.host:2,S"`` -> ``"cur"``."""
     return name.split("/", 1)[0]
-
-
-def _letters_to_flags(rel: str) -> set[str]:
-    _, sep, info = rel.partition(":2,")
-    return {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS} if sep else set()
 
 
 _USEC = re.compile(r"M(\d+)")

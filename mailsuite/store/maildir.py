@@ -56,17 +56,6 @@ def base_of(filename: str) -> str:
     return filename.split(":", 1)[0]
 
 
-def flags_of(filename: str, keywords: Mapping[str, str] | None = None) -> set[str]:
-    """System flags (and, given the letter->keyword map, keywords) from a name's info."""
-    _, sep, info = filename.partition(":2,")
-    if not sep:
-        return set()
-    out = {LETTER_FLAGS[ch] for ch in info if ch in LETTER_FLAGS}
-    if keywords:
-        out.update(keywords[ch] for ch in info if ch in keywords)
-    return out
-
-
 def info_for(
     flags: set[str] | frozenset[str], keyword_letters: Mapping[str, str] | None = None
 ) -> str:
