@@ -32,6 +32,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces, threads
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -282,7 +283,5 @@ class Authenticator:
         return d.addCallbacks(ok, failed)
 
     async def _after(self, wait: float) -> LoginResult:
-        from twisted.internet.task import deferLater
-
         await deferLater(self.reactor, wait, lambda: None)  # type: ignore[arg-type]
         return LoginResult(Outcome.BAD_CREDENTIALS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -180,16 +181,12 @@ class ReloadOnHangup(service.Service):
         self._installed = False
 
     def startService(self) -> None:  # noqa: N802
-        import signal
-
         super().startService()
         if hasattr(signal, "SIGHUP"):
             self._previous = signal.signal(signal.SIGHUP, self._on_signal)
             self._installed = True
 
     def stopService(self) -> Any:  # noqa: N802
-        import signal
-
         if self._installed:
             signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
             self._installed = False

@@ -25,6 +25,7 @@ from mailsuite.imap.session_base import (
     _no,
     quote,
 )
+from mailsuite.store.index import FolderIndex
 from mailsuite.store.mailbox import SEPARATOR, MailboxError, append_blocking, move_inbox_blocking
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
@@ -269,8 +270,6 @@ class MailboxCommands(SessionBase):
             values["HIGHESTMODSEQ"] = folder.highestmodseq
             db = folder.index
         else:
-            from mailsuite.store.index import FolderIndex
-
             db = FolderIndex(path)
         try:
             if folder is None:

@@ -9,7 +9,7 @@ SEARCH predicates read) and nothing else uses them.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import threads
@@ -24,7 +24,7 @@ from mailsuite.imap.parser import (
     parse_fetch,
     sequence_set,
 )
-from mailsuite.imap.search import Needs, parse_search
+from mailsuite.imap.search import Needs, header_of, parse_search
 from mailsuite.imap.sequence import compress
 from mailsuite.imap.session_base import SessionBase, _bad, _no, log, vanished_earlier
 from mailsuite.store.mailbox import FolderView, copy_blocking
@@ -411,8 +411,6 @@ class _SearchMsg:
 
     @property
     def internaldate(self) -> Any:
-        from datetime import datetime
-
         ts = self._row[2] if self._row else 0
         return datetime.fromtimestamp(ts, UTC)
 
@@ -427,6 +425,4 @@ class _SearchMsg:
         return self._raw
 
     def header_bytes(self) -> bytes:
-        from mailsuite.imap.search import header_of
-
         return header_of(self.raw())

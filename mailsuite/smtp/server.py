@@ -31,6 +31,7 @@ from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.address import AddressError, Path, parse_path
 from mailsuite.smtp.data import DataReader
+from mailsuite.tls import peer_tls_info
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -496,8 +497,6 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
 
     def _received_header(self) -> bytes:
         """RFC 5321 4.4 trace header; every part is validated or sanitised first."""
-        from mailsuite.tls import peer_tls_info
-
         self._txid = _new_id()
         tls = peer_tls_info(self.transport) if self.tls_active else None
         rcpt = f"\n\tfor <{self.rcpt_addresses[0]}>" if len(self.rcpt_addresses) == 1 else ""
