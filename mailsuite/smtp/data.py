@@ -73,6 +73,15 @@ class DataReader:
         return out, None
 
     @property
+    def wire_size(self) -> int:
+        """The message size as RFC 1870 section 4 defines it, the count ``SIZE`` limits: the
+        octets "including CR-LF pairs, but not the SMTP DATA command's terminating dot or
+        doubled quoting dots".  Every stored LF was a line end that travels as CRLF, so this
+        is the stored size plus one octet per line (bare CR/LF count as the CRLF they became,
+        the same count the SMTP client declares when the message is relayed on)."""
+        return self.size + self.newlines
+
+    @property
     def header_bytes(self) -> bytes:
         """The stored header section seen so far (bounded), without the blank line."""
         return bytes(self._headers)

@@ -396,8 +396,12 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         newlines = reader.newlines
         out, rest = reader.feed(data)
         if out and not self.too_big:
-            if reader.size > self.config.smtp.max_message_size:
-                self.too_big = True  # keep reading to the end, store nothing more
+            if reader.wire_size > self.config.smtp.max_message_size:
+                # RFC 1870 counts the message as sent (CRLF), not as stored (LF).  Drop what
+                # was written at once and read on to the end of the data, storing nothing,
+                # so the 552 comes where the client expects a reply (RFC 5321 4.1.1.4).
+                self.too_big = True
+                message.abort()
             else:
                 try:
                     message.write_body(out, reader.newlines - newlines)

@@ -39,6 +39,8 @@ def test_round_trip_any_chunking(lines: list[bytes], cuts: list[int]) -> None:
     assert out == b"".join(ln + b"\n" for ln in lines)
     assert rest == b"MAIL FROM:<x@y>\r\n"
     assert not reader.bare_line_end
+    # RFC 1870 4: the SIZE count is the CRLF message without stuffing dots or terminator
+    assert reader.wire_size == sum(len(ln) + 2 for ln in lines)
 
 
 @given(st.lists(st.integers(0, 60), max_size=6))
