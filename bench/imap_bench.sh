@@ -38,6 +38,10 @@ local = ["example.test"]
 [auth]
 allow_plaintext = true
 max_failures_per_ip = 1000  # idle_conns.py logs in 50 at a time from one IP
+[imap]
+max_connections = 0  # 1,000 idle sessions of one user from one address
+max_connections_per_ip = 0
+max_userip_connections = 0
 TOML
 for u in idle $(for n in $SIZES; do echo big$n; done); do
   echo benchpass | $PY -m mailsuite.cli --config "$OUT/mailsuite.toml" user add "$u@example.test" --password-stdin >/dev/null 2>&1 || true

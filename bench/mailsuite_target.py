@@ -73,6 +73,10 @@ def start(a: argparse.Namespace) -> None:
         # The benchmark clients log in without TLS, many times, from one address.
         "[auth]\nallow_plaintext = true\nmax_failures_per_ip = 100000\n"
         "max_failures_per_user = 100000\n"
+        # ... and open many sessions at once from it: no connection limits
+        "[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
+        "[imap]\nmax_connections = 0\nmax_connections_per_ip = 0\nmax_userip_connections = 0\n"
+        "[pop3]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
     )
     cli = [a.python, "-m", "mailsuite.cli", "--config", str(config)]
     for user in USERS:

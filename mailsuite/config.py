@@ -58,6 +58,11 @@ class SMTPLimits:
     max_line_length: int = 998  # RFC 5321 4.5.3.1.6: 1000 octets with CRLF
     timeout: int = 300  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     max_hops: int = 50  # Received headers before a loop is declared (RFC 5321 6.3)
+    # Connection limits (0 = none), see mailsuite.connection_limits.  The submission
+    # listeners (587 and 465 together) are counted apart from the MX listener with the same
+    # numbers, so a flood on port 25 cannot lock the users out of submission.
+    max_connections: int = 500
+    max_connections_per_ip: int = 50  # before AUTH; [relay] trusted_networks are exempt
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class AuthConfig:
 class IMAPConfig:
     max_literal: int = 64 * 1024 * 1024
     idle_timeout: int = 1800  # RFC 3501 5.4: at least 30 minutes
+    max_connections: int = 1000  # imap and imaps together (0 = no limit)
+    max_connections_per_ip: int = 50  # not logged in, per client address
+    max_userip_connections: int = 20  # logged in, per user and address (Dovecot's 10)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,9 @@ class POP3Config:
     leave_on_server_mark_seen: bool = True
     expire: str | None = None
     login_delay: int | None = None
+    max_connections: int = 500  # pop3 and pop3s together (0 = no limit)
+    max_connections_per_ip: int = 50  # not logged in, per client address
+    # No per-user limit: the maildrop lock already allows one session per user (RFC 1939 8).
 
 
 @dataclass(frozen=True)
@@ -264,6 +275,10 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_line_length=smtp_r.positive("max_line_length", SMTPLimits.max_line_length, 998),
         timeout=smtp_r.positive("timeout", SMTPLimits.timeout),
         max_hops=smtp_r.positive("max_hops", SMTPLimits.max_hops, 10),
+        max_connections=smtp_r.positive("max_connections", SMTPLimits.max_connections, 0),
+        max_connections_per_ip=smtp_r.positive(
+            "max_connections_per_ip", SMTPLimits.max_connections_per_ip, 0
+        ),
     )
     smtp_r.finish()
 
@@ -317,6 +332,13 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     imap = IMAPConfig(
         max_literal=imap_r.positive("max_literal", IMAPConfig.max_literal, 1024),
         idle_timeout=imap_r.positive("idle_timeout", IMAPConfig.idle_timeout, 60),
+        max_connections=imap_r.positive("max_connections", IMAPConfig.max_connections, 0),
+        max_connections_per_ip=imap_r.positive(
+            "max_connections_per_ip", IMAPConfig.max_connections_per_ip, 0
+        ),
+        max_userip_connections=imap_r.positive(
+            "max_userip_connections", IMAPConfig.max_userip_connections, 0
+        ),
     )
     imap_r.finish()
 
@@ -325,6 +347,10 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         leave_on_server_mark_seen=pop3_r.get("mark_seen_on_retr", bool, True),
         expire=pop3_r.get("expire", str, "") or None,
         login_delay=pop3_r.get("login_delay", int, 0) or None,
+        max_connections=pop3_r.positive("max_connections", POP3Config.max_connections, 0),
+        max_connections_per_ip=pop3_r.positive(
+            "max_connections_per_ip", POP3Config.max_connections_per_ip, 0
+        ),
     )
     pop3_r.finish()
 

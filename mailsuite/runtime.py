@@ -4,11 +4,12 @@ to each protocol factory so nothing reaches for globals (and tests can build the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
+from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
 from mailsuite.store.events import ChangeHub
 
@@ -28,3 +29,6 @@ class Runtime:
     #: Folders open in IMAP sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
     #: shared by the imap and imaps listeners; made by the first IMAP session.
     imap_folders: Any | None = None
+    #: Connection counters per service ("smtp", "submission", "imap", "pop3"), shared by the
+    #: listeners of each (see mailsuite.connection_limits.shared_limits).
+    connection_limits: dict[str, ConnectionLimits] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from twisted.protocols import basic
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.imap.session_base import _Shared, log
@@ -57,8 +58,12 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
     delimiter = b"\r\n"
     MAX_LENGTH = 64 * 1024
 
-    def __init__(self, shared: _Shared, implicit_tls: bool) -> None:
+    def __init__(
+        self, shared: _Shared, implicit_tls: bool, limits: ConnectionLimits | None = None
+    ) -> None:
         self.shared = shared
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.admission: Admission | None = None
         self.tls = implicit_tls
         self.session: Session | None = None
         self.reader: CommandReader | None = None
@@ -73,6 +78,19 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "")
+        self.admission = self.limits.admit(self.peer_ip)
+        if self.admission.refused is not None:
+            # RFC 3501 7.1.5: a BYE greeting refuses the connection.  UNAVAILABLE (RFC 5530)
+            # says "temporary": clients retry later instead of asking for a new password.
+            log.info("imap: {ip} refused: {limit} reached", ip=self.peer_ip,
+                     limit=self.admission.refused.value)
+            if self.admission.refused is Refusal.PER_IP:
+                self.write(b"* BYE [UNAVAILABLE] Too many connections from your address, "
+                           b"try later\r\n")
+            else:
+                self.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
+            self.transport.loseConnection()
+            return
         self.reader = CommandReader(max_append_literal=self.shared.max_literal)
         self.session = Session(self.shared, self)
         self._out = _Output()
@@ -83,6 +101,8 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self.setTimeout(None)
+        if self.admission is not None:
+            self.admission.release()
         if self.session is not None:
             try:
                 self.session.connection_lost()
@@ -98,6 +118,16 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
 
     def authenticated(self) -> None:
         self.setTimeout(self.shared.idle_timeout)
+
+    def admit_login(self, user: str) -> str | None:
+        """Count this connection as ``user``'s (per user and IP), or say why it may not log
+        in: Dovecot's mail_max_userip_connections and its wording."""
+        if self.admission is None or self.admission.login(user) is None:
+            return None
+        log.info("imap: {user} from {ip} refused: max_userip_connections reached",
+                 user=user, ip=self.peer_ip)
+        return ("Maximum number of connections from user+IP exceeded "
+                f"(max_userip_connections={self.limits.max_userip_connections})")
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -136,6 +166,11 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         return d
 
     # -- input -----------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.session is None:
+            return  # refused at connect: nothing the client sends is acted on
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         self.resetTimeout()
@@ -237,9 +272,15 @@ class IMAPFactory(protocol.Factory):
     def __init__(self, runtime: Any, implicit_tls: bool) -> None:
         self.shared = _Shared(runtime)
         self.implicit_tls = implicit_tls
+        cfg = runtime.config.imap
+        # imap and imaps count together ([imap] max_connections ...)
+        self.limits = shared_limits(
+            runtime.connection_limits, "imap", cfg.max_connections,
+            cfg.max_connections_per_ip, cfg.max_userip_connections,
+        )
 
     def buildProtocol(self, addr: Any) -> IMAPProtocol:  # noqa: N802
-        p = IMAPProtocol(self.shared, self.implicit_tls)
+        p = IMAPProtocol(self.shared, self.implicit_tls, self.limits)
         p.factory = self
         return p
 

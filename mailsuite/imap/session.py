@@ -288,6 +288,12 @@ class Session(MailboxCommands, MessageCommands):
 
         def done(result: Any) -> None:
             if result.outcome is Outcome.OK:
+                refusal = self.proto.admit_login(result.user)
+                if refusal is not None:
+                    # Dovecot's answer to mail_max_userip_connections: a temporary NO, the
+                    # session stays unauthenticated (RFC 5530 UNAVAILABLE).
+                    self.tagged(cmd.tag, "NO", refusal, "UNAVAILABLE")
+                    return
                 self.user = result.user
                 root = self.shared.runtime.directory.mailbox_root(result.user)
                 ensure_folder(root)

@@ -96,7 +96,8 @@ class _Shared:
 class SessionBase:
     """One IMAP connection's state and response writing.  ``proto`` provides
     ``write(bytes)``, ``tls``, ``start_tls()``, ``peer_ip``, ``wait_writable()``,
-    ``continuation(prompt)``, ``authenticated()`` and ``close()``."""
+    ``continuation(prompt)``, ``admit_login(user)`` (None, or why the user may not log in
+    on this connection), ``authenticated()`` and ``close()``."""
 
     def __init__(self, shared: _Shared, proto: Any) -> None:
         self.shared = shared

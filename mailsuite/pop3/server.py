@@ -25,8 +25,11 @@ from zope.interface import implementer
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
+from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
+    ERR_BUSY,
+    ERR_BUSY_IP,
     ERR_TEMP,
     Authenticate,
     Close,
@@ -89,8 +92,11 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool,
+                 limits: ConnectionLimits | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.admission: Admission | None = None
         self.session = Session(options, tls=implicit_tls)
         self.peer = "?"
         self._sender: _MessageSender | None = None
@@ -100,12 +106,23 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        self.admission = self.limits.admit(self.peer)
+        if self.admission.refused is not None:
+            log.info("POP3: {peer} refused: {limit} reached", peer=self.peer,
+                     limit=self.admission.refused.value)
+            self.session.state = State.CLOSED  # nothing the client sends is acted on
+            self.transport.write(
+                ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
+            self.transport.loseConnection()
+            return
         _no_delay(self.transport)
         self.setTimeout(IDLE_TIMEOUT)
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
+        if self.admission is not None:
+            self.admission.release()
         md = self.session.maildrop
         self.session.maildrop = None
         if md is not None:
@@ -216,6 +233,10 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
             return
         step = self.session.login_finished(result, maildrop, failure)
         if self.session.maildrop is not None:
+            if self.admission is not None:
+                # Leaves the pre-login per-IP count.  No per-user limit to check: the
+                # maildrop lock already holds a user to one session (RFC 1939 8).
+                self.admission.login(self.session.user or "")
             log.info("POP3: {user} opened INBOX from {peer} ({n} messages)",
                      user=self.session.user, peer=self.peer, n=len(self.session.maildrop))
         self._perform(step.out, step.action)
@@ -275,9 +296,14 @@ class POP3Factory(protocol.ServerFactory):
         self.runtime = runtime
         self.options = options
         self.implicit_tls = implicit_tls
+        cfg = runtime.config.pop3
+        # pop3 and pop3s count together ([pop3] max_connections ...)
+        self.limits = shared_limits(
+            runtime.connection_limits, "pop3", cfg.max_connections, cfg.max_connections_per_ip
+        )
 
     def buildProtocol(self, addr: Any) -> POP3Protocol:  # noqa: N802
-        p = POP3Protocol(self.runtime, self.options, self.implicit_tls)
+        p = POP3Protocol(self.runtime, self.options, self.implicit_tls, self.limits)
         p.factory = self
         return p
 

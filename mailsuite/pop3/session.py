@@ -60,6 +60,10 @@ ERR_THROTTLED = err("[SYS/TEMP] Too many failed logins; try again later")
 ERR_IN_USE = err("[IN-USE] Mailbox is locked by another POP3 session")
 ERR_LOGIN_DELAY = err("[LOGIN-DELAY] Logged in too recently; wait before logging in again")
 ERR_TEMP = err("[SYS/TEMP] Temporary server error, try again later")
+# Instead of the greeting when a connection limit is reached (RFC 3206 4: SYS/TEMP, a
+# temporary problem the user did not cause), then the connection is closed.
+ERR_BUSY_IP = err("[SYS/TEMP] Too many connections from your address, try again later")
+ERR_BUSY = err("[SYS/TEMP] Too many connections, try again later")
 ERR_GONE = err("[SYS/TEMP] Message was removed by another session")
 ERR_TOO_MANY = err("Too many errors, closing connection")
 ERR_NOT_IMPLEMENTED_APOP = err("APOP not supported; use USER/PASS or AUTH PLAIN")

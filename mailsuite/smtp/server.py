@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
+from mailsuite.connection_limits import Admission, Refusal, shared_limits
 from mailsuite.delivery import Envelope, IncomingMessage
 from mailsuite.directory import LocalBox, Resolution, split_address
 from mailsuite.runtime import Runtime
@@ -77,6 +78,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.authenticated_user: str | None = None
         self.errors = 0
         self.peer_ip = "unknown"
+        self.admission: Admission | None = None
         self._write_failed = False
         self._io_paused = False
         self._reset()
@@ -87,8 +89,13 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
         self.setTimeout(self.config.smtp.timeout)
-        if not self.factory.admit(self):
-            self.reply(R.TOO_MANY_CONNECTIONS)
+        self.admission = self.factory.limits.admit(self.peer_ip)
+        if self.admission.refused is not None:
+            # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
+            log.info("smtp: {ip} refused: {limit} reached", ip=self.peer_ip,
+                     limit=self.admission.refused.value)
+            self.reply(R.TOO_MANY_CONNECTIONS if self.admission.refused is Refusal.PER_IP
+                       else R.SERVER_BUSY)
             self.transport.loseConnection()
             return
         try:
@@ -99,7 +106,8 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
-        self.factory.release(self)
+        if self.admission is not None:
+            self.admission.release()
         if self.message is not None:
             self.message.abort()
             self.message = None
@@ -110,6 +118,8 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.admission is None or self.admission.refused is not None:
+            return  # refused at connect: nothing the client sends is acted on
         self.resetTimeout()
         super().dataReceived(data)
 
@@ -523,15 +533,23 @@ def _count_received(headers: bytes) -> int:
 
 
 class SMTPFactory(protocol.ServerFactory):
-    """Builds sessions of one profile and bounds concurrent sessions per client IP."""
-
-    max_per_ip = 50
+    """Builds sessions of one profile.  Connections are counted per profile ("smtp" for the
+    MX listeners, "submission" for 587 and 465 together) with the ``[smtp]`` limits, so a
+    flood on port 25 cannot lock the users out of submission; ``[relay] trusted_networks``
+    are exempt from the per-IP limit."""
 
     def __init__(self, runtime: Runtime, profile: str, implicit_tls: bool) -> None:
         self.runtime = runtime
         self.profile = profile
         self.implicit_tls = implicit_tls
-        self.per_ip: dict[str, int] = {}
+        cfg = runtime.config
+        self.limits = shared_limits(
+            runtime.connection_limits,
+            "smtp" if profile == "mx" else "submission",
+            cfg.smtp.max_connections,
+            cfg.smtp.max_connections_per_ip,
+            exempt=cfg.relay.is_trusted,
+        )
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         proto = self.protocol_class()(self.runtime, self.profile, self.implicit_tls)
@@ -540,24 +558,6 @@ class SMTPFactory(protocol.ServerFactory):
 
     def protocol_class(self) -> type[SMTPServer]:
         return SMTPServer
-
-    def admit(self, proto: SMTPServer) -> bool:
-        n = self.per_ip.get(proto.peer_ip, 0)
-        if n >= self.max_per_ip and not self.runtime.config.relay.is_trusted(proto.peer_ip):
-            proto._admitted = False
-            return False
-        self.per_ip[proto.peer_ip] = n + 1
-        proto._admitted = True
-        return True
-
-    def release(self, proto: SMTPServer) -> None:
-        if getattr(proto, "_admitted", False):
-            proto._admitted = False
-            n = self.per_ip.get(proto.peer_ip, 1) - 1
-            if n <= 0:
-                self.per_ip.pop(proto.peer_ip, None)
-            else:
-                self.per_ip[proto.peer_ip] = n
 
 
 def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:

@@ -230,6 +230,8 @@ class SubmissionServer(SMTPServer):
             answer = AUTH_TEMP
         elif result.outcome is Outcome.OK and result.user is not None:
             self.authenticated_user = result.user
+            if self.admission is not None:
+                self.admission.login(result.user)  # leaves the pre-login per-IP count
             answer = AUTH_OK
         elif result.outcome is Outcome.THROTTLED:
             answer = AUTH_THROTTLED
