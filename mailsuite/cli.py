@@ -110,8 +110,9 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
         print(f"tls: none configured (a self-signed certificate is made in {cfg.data_dir}/tls)")
     if cfg.relay.trusted_networks:
         print("relay for: " + ", ".join(str(n) for n in cfg.relay.trusted_networks))
-    if cfg.relay.smarthost:
-        print(f"smarthost: {cfg.relay.smarthost}")
+    for route in cfg.relay.routes:  # the smarthost is the "*" route
+        auth = f", AUTH as {route.user}" if route.user else ""
+        print(f"route {route.pattern:12} -> {route.next_hop} (TLS {route.tls}{auth})")
     print("ok")
     return 0
 

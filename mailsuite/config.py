@@ -65,6 +65,40 @@ class SMTPLimits:
     max_connections_per_ip: int = 50  # before AUTH; [relay] trusted_networks are exempt
 
 
+#: ``tls`` of a route: no TLS; STARTTLS when offered; STARTTLS or a temporary failure;
+#: TLS from the first byte (RFC 8314, port 465 style).
+ROUTE_TLS = ("none", "opportunistic", "required", "implicit")
+
+
+@dataclass(frozen=True)
+class RelayRoute:
+    """One next hop of ``[relay] routes`` (a smarthost is the ``"*"`` route).
+
+    ``pattern`` is the recipient domain it serves: ``example.org`` exactly, ``.example.org``
+    its subdomains, or ``*`` every domain without a route of its own.  ``mx`` True is the
+    ``host:port`` form (deliver to the MX hosts of ``host``), False the ``[host]:port`` form
+    (``host``'s own A/AAAA records, or an IP address), as in Postfix's transport maps."""
+
+    pattern: str
+    host: str  # a host name or an IP address, without brackets
+    port: int
+    mx: bool
+    tls: str = "opportunistic"  # one of ROUTE_TLS
+    tls_verify: bool = False
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        """The queue runner's group key: recipients of one route go out together."""
+        return f"[route {self.pattern}]"
+
+    @property
+    def next_hop(self) -> str:
+        host = self.host if ":" not in self.host else f"IPv6:{self.host}"
+        return f"{host}:{self.port}" if self.mx else f"[{host}]:{self.port}"
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -81,6 +115,8 @@ class RelayConfig:
     retry_max: int = 4 * 3600
     lifetime: int = 5 * 86400
     delay_warning: int = 4 * 3600  # 0 disables the "delayed" DSN
+    #: ``[relay] routes`` plus the smarthost as the ``"*"`` route (see RelayRoute)
+    routes: tuple[RelayRoute, ...] = ()
 
     def is_trusted(self, host: str) -> bool:
         try:
@@ -219,6 +255,111 @@ def _domain(reader: _Reader, key: str, name: str) -> str:
     return name
 
 
+def _next_hop(reader: _Reader, key: str, text: str, default_port: int) -> tuple[str, int, bool]:
+    """``host:port`` (MX lookup of host), ``[host]:port`` (no MX lookup), either without
+    ``:port`` (``default_port``); an IP address is never looked up.  Returns (host, port, mx)."""
+    how = "expected host:port (MX lookup of host) or [host]:port (no MX lookup)"
+    spec = text.strip()
+    if spec.startswith("["):
+        host, close, rest = spec[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise reader.fail(key, f"{text!r}: {how}")
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+        mx = False
+    else:
+        if spec.count(":") > 1:
+            raise reader.fail(key, f"{text!r}: write an IPv6 address in brackets, "
+                                   "e.g. [2001:db8::25]:25")
+        host, colon, port_text = spec.partition(":")
+        rest = colon + port_text
+        mx = True
+    port_text = rest[1:]
+    if rest and (not port_text.isdigit() or not 0 < int(port_text) <= 65535):
+        raise reader.fail(key, f"{text!r}: the port must be a number from 1 to 65535")
+    port = int(port_text) if rest else default_port
+    try:
+        host = str(ipaddress.ip_address(host))
+        mx = False  # an address has no MX records
+    except ValueError:
+        if not host:
+            raise reader.fail(key, f"{text!r}: {how}") from None
+        host = _domain(reader, key, host)
+    return host, port, mx
+
+
+def _password(reader: _Reader, base: Path, key: str, file_key: str) -> str | None:
+    """A password given inline (``key``) or read from a file (``file_key``; first line,
+    read at start while still root, so the file can be readable by root only)."""
+    inline = reader.get(key, str, "") or None
+    file_text = reader.get(file_key, str, "")
+    if not file_text:
+        return inline
+    if inline is not None:
+        raise reader.fail(file_key, f"give {key} or {file_key}, not both")
+    p = _path(base, file_text)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise reader.fail(file_key, f"cannot read {p}: {getattr(e, 'strerror', e)}") from None
+    if not lines or not lines[0]:
+        raise reader.fail(file_key, f"{p} is empty; put the password on its first line")
+    return lines[0]
+
+
+def _routes(
+    relay_r: _Reader, base: Path, mx_port: int, mx_verify: bool
+) -> tuple[RelayRoute, ...]:
+    """``[relay] routes``: recipient domain (``example.org``, ``.example.org`` for its
+    subdomains, ``*``) -> ``"host:port"`` or a table with ``host`` and the optional ``tls``,
+    ``tls_verify``, ``user``, ``password`` / ``password_file``."""
+    table = relay_r.get("routes", dict, {})
+    out: list[RelayRoute] = []
+    for pattern_text, value in table.items():
+        section = f"relay.routes.{_toml_key(pattern_text)}"
+        if isinstance(value, str):
+            value = {"host": value}
+        r = _Reader(relay_r.where, section, value)
+        if pattern_text == "*":
+            pattern = "*"
+        elif "*" in pattern_text:
+            raise relay_r.fail("routes", f"{pattern_text!r}: write .example.org for the "
+                                         'subdomains of example.org, or "*" for every domain')
+        else:
+            sub = pattern_text.startswith(".")
+            pattern = ("." if sub else "") + _domain(relay_r, "routes", pattern_text[sub:])
+        host_text = r.get("host", str, "")
+        tls = r.get("tls", str, "opportunistic")
+        # With TLS required, check the certificate by default (credentials may go there);
+        # opportunistic TLS follows [relay] tls_verify like delivery to MX hosts.
+        verify = r.get("tls_verify", bool, tls in ("required", "implicit") or mx_verify)
+        user = r.get("user", str, "") or None
+        password = _password(r, base, "password", "password_file")
+        r.finish()
+        if not host_text:
+            raise r.fail("host", 'missing: the next hop, "host:port" or "[host]:port"')
+        host, port, mx = _next_hop(r, "host", host_text, mx_port)
+        if tls not in ROUTE_TLS:
+            raise r.fail("tls", f"{tls!r}: expected one of {', '.join(ROUTE_TLS)}")
+        if password is not None and user is None:
+            raise r.fail("user", "missing: a password needs the user name to log in with")
+        if user is not None and tls not in ("required", "implicit"):
+            raise r.fail("tls", 'AUTH needs tls = "required" or "implicit" (a password '
+                                "is never sent in clear text)")
+        if any(o.pattern == pattern for o in out):
+            raise relay_r.fail("routes", f"{pattern_text!r} is given twice")
+        out.append(RelayRoute(pattern, host, port, mx, tls, verify, user,
+                              (password or "") if user else None))
+    return tuple(out)
+
+
+def _toml_key(key: str) -> str:
+    """A table key as it is written in TOML: bare when it can be, else quoted."""
+    if key and all(c.isalnum() or c in "-_" for c in key) and key.isascii():
+        return key
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
     where = str(path) if path else "<embedded default>"
@@ -289,11 +430,16 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
             nets.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
             raise relay_r.fail("trusted_networks", f"{cidr!r} is not a CIDR network") from None
+    mx_port = relay_r.positive("port", 25)
     smarthost = relay_r.get("smarthost", str, "") or None
+    smarthost_hop = None
     if smarthost is not None:
         host, _, port = smarthost.rpartition(":")
         if not host or not port.isdigit():
             raise relay_r.fail("smarthost", f"{smarthost!r}: expected host:port")
+        # The smarthost is never looked up by MX (its A/AAAA records are used), with or
+        # without brackets: that is what it has always meant here.
+        smarthost_hop = _next_hop(relay_r, "smarthost", smarthost, mx_port)
     smarthost_tls = relay_r.get("smarthost_tls", str, "required")
     if smarthost_tls not in ("required", "implicit"):
         raise relay_r.fail("smarthost_tls", "expected 'required' (STARTTLS) or 'implicit'")
@@ -301,23 +447,44 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     tls_ca = _path(base, tls_ca_text) if tls_ca_text else None
     if tls_ca is not None and not tls_ca.is_file():
         raise relay_r.fail("tls_ca", f"{tls_ca} does not exist or is not a file")
+    tls_verify = relay_r.get("tls_verify", bool, False)
+    smarthost_user = relay_r.get("smarthost_user", str, "") or None
+    smarthost_password = _password(relay_r, base, "smarthost_password",
+                                   "smarthost_password_file")
+    smarthost_verify = relay_r.get("smarthost_verify", bool, True)
+    routes = _routes(relay_r, base, mx_port, tls_verify)
+    if smarthost_hop is not None:
+        if any(r.pattern == "*" for r in routes):
+            raise relay_r.fail("smarthost", 'both smarthost and routes."*" are set; they are '
+                               'the same thing: keep one of them')
+        host, port, _mx = smarthost_hop
+        routes += (RelayRoute(
+            "*", host, port, mx=False, tls=smarthost_tls, tls_verify=smarthost_verify,
+            user=smarthost_user,
+            password=(smarthost_password or "") if smarthost_user else None,
+        ),)
     relay = RelayConfig(
         trusted_networks=tuple(nets),
-        port=relay_r.positive("port", 25),
+        port=mx_port,
         smarthost=smarthost,
-        smarthost_user=relay_r.get("smarthost_user", str, "") or None,
-        smarthost_password=relay_r.get("smarthost_password", str, "") or None,
+        smarthost_user=smarthost_user,
+        smarthost_password=smarthost_password,
         smarthost_tls=smarthost_tls,
-        tls_verify=relay_r.get("tls_verify", bool, False),
-        smarthost_verify=relay_r.get("smarthost_verify", bool, True),
+        tls_verify=tls_verify,
+        smarthost_verify=smarthost_verify,
         tls_ca=tls_ca,
         max_deliveries=relay_r.positive("max_deliveries", RelayConfig.max_deliveries),
         retry_initial=relay_r.positive("retry_initial", RelayConfig.retry_initial),
         retry_max=relay_r.positive("retry_max", RelayConfig.retry_max),
         lifetime=relay_r.positive("lifetime", RelayConfig.lifetime),
         delay_warning=relay_r.positive("delay_warning", RelayConfig.delay_warning, 0),
+        routes=routes,
     )
     relay_r.finish()
+    for route in routes:
+        if route.pattern in local:
+            raise relay_r.fail("routes", f"{route.pattern!r} is a local domain ([domains] "
+                                         "local): its mail is delivered here, never routed")
 
     auth_r = _Reader(where, "auth", data.get("auth", {}))
     auth = AuthConfig(

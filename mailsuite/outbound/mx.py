@@ -251,6 +251,27 @@ class MXResolver:
                           "MX hosts have no addresses: " + ", ".join(unresolved))
         return Route(domain, tuple(hosts_out), unresolved=tuple(unresolved))
 
+    async def host_route(self, name: str) -> Route:
+        """``name``'s own A/AAAA records as a one-host :class:`Route`, without any MX lookup:
+        the ``[host]:port`` next hop of a configured route (Postfix's brackets).  An IP address
+        is taken as it is.  Fails with :class:`MXError` (NXDOMAIN or no address: permanent,
+        SERVFAIL or timeout: temporary)."""
+        try:
+            address = str(ipaddress.ip_address(name))
+        except ValueError:
+            pass
+        else:
+            return Route(name, (MXHost(name, 0, (address,)),), literal=True)
+        try:
+            addresses = await self._addresses(name.rstrip(".").lower())
+        except _NoName:
+            raise MXError(name, True, "5.1.2", "host does not exist (NXDOMAIN)") from None
+        except _Transient as e:
+            raise MXError(name, False, "4.4.3", f"address lookup failed: {e}") from None
+        if not addresses:
+            raise MXError(name, True, "5.1.2", "host has no address records")
+        return Route(name, (MXHost(name, 0, addresses),), implicit=True)
+
     async def _host_addresses(self, host: str) -> tuple[str, ...] | None:
         """Addresses of an MX host; () when it has none; None when lookups failed transiently."""
         try:

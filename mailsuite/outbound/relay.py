@@ -3,9 +3,13 @@
 Written here rather than using twisted.mail.relaymanager: that bounces every 4xx at once, never
 falls back to the next MX and does not run on Python 3 (research/twisted-mail.md 4.1-4.3).
 
-:meth:`Relay.send` is given a message, a sender and the recipients of one route (one domain, or
-every recipient when a smarthost is configured) and fires with one :class:`RecipientResult` per
-recipient. It never fails: DNS trouble, refused connections and odd servers all end up as
+:meth:`Relay.send` is given a message, a sender and the recipients of one route (one domain
+delivered by MX, or the recipients one configured route serves: ``[relay] routes`` and the
+smarthost, its ``"*"`` route, see mailsuite.outbound.routes) and fires with one
+:class:`RecipientResult` per recipient.  MX delivery and configured routes share this one code
+path; they differ only in where the host list comes from and in the TLS/AUTH settings.
+
+It never fails: DNS trouble, refused connections and odd servers all end up as
 replies (made-up local ones say so with ``remote=False``) that the queue runner files as
 delivered (2xx), retry (4xx) or bounce (5xx).
 """
@@ -27,8 +31,9 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mailsuite.config import Config
+from mailsuite.config import Config, RelayRoute
 from mailsuite.outbound.mx import MXError, MXHost, MXResolver, apply_loop_rule, make_resolver
+from mailsuite.outbound.routes import RouteTable, next_hop_hosts
 from mailsuite.smtp.client import (
     MessageInfo,
     Outcome,
@@ -57,8 +62,9 @@ log = Logger(namespace="mailsuite.relay")
 
 #: RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients per transaction.
 MAX_RCPTS_PER_TRANSACTION = 100
-#: The route key of every remote recipient when a smarthost is configured.
-SMARTHOST_ROUTE = "[smarthost]"
+#: The route key of the ``"*"`` route, which is what a smarthost is: every remote recipient
+#: without a route of its own goes out under it.
+SMARTHOST_ROUTE = RelayRoute("*", "", 0, False).key
 
 
 @dataclass(frozen=True)
@@ -218,14 +224,14 @@ class Relay:
                 def blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
                     return defer.maybeDeferred(f, *args)
         self._blocking = blocking
-        self.smarthost: tuple[str, int] | None = None
-        if self.relay.smarthost:
-            host, _, port = self.relay.smarthost.rpartition(":")
-            self.smarthost = (host.strip("[]"), int(port))
+        self.routes = RouteTable(self.relay.routes)
 
     def route_key(self, address: str) -> str:
-        """Recipients with the same key go out together."""
-        return SMARTHOST_ROUTE if self.smarthost else domain_of(address)
+        """Recipients with the same key go out together: the key of the configured route
+        that serves the recipient's domain, or the domain itself (delivery by MX)."""
+        domain = domain_of(address)
+        route = self.routes.match(domain)
+        return route.key if route is not None else domain
 
     def send(self, route: str, sender: str, rcpts: Sequence[str], message_path: Path,
              info: MessageInfo, *, smtputf8: bool = False, body_8bit: bool = False,
@@ -259,10 +265,11 @@ class Relay:
     async def _send(self, route: str, sender: str, rcpts: list[str], message_path: Path,
                     info: MessageInfo, smtputf8: bool, body_8bit: bool,
                     downgrade: Any = None) -> dict[str, RecipientResult]:
+        hop = self.routes.get(route)
         try:
-            if route == SMARTHOST_ROUTE:
-                hosts = [await self._smarthost_host()]
-                port = self.smarthost[1] if self.smarthost else 25
+            if hop is not None:
+                hosts = list(await next_hop_hosts(hop, self.mx, self.is_self))
+                port = hop.port
             else:
                 hosts = list(apply_loop_rule(await self.mx.resolve(route), self.is_self).hosts)
                 port = self.relay.port
@@ -296,20 +303,6 @@ class Relay:
                 out[rcpt] = RecipientResult(rcpt, _local(
                     452, "4.5.3", f"{result.host or route}: {result.reply}"), result.host)
         return out
-
-    async def _smarthost_host(self) -> MXHost:
-        assert self.smarthost is not None
-        name = self.smarthost[0]
-        try:
-            ipaddress.ip_address(name)
-            return MXHost(name, 0, (name,))
-        except ValueError:
-            pass
-        try:
-            address = await self.resolver.getHostByName(name)
-        except Exception as e:  # noqa: BLE001 - any lookup failure is temporary here
-            raise MXError(name, False, "4.4.3", f"smarthost lookup failed: {e}") from None
-        return MXHost(name, 0, (str(address),))
 
     async def _transaction(self, route: str, hosts: list[MXHost], port: int, sender: str,
                            batch: list[str], message_path: Path, info: MessageInfo,
@@ -354,20 +347,17 @@ class Relay:
                         smtputf8: bool, body_8bit: bool,
                         downgrade: Any = None) -> TransactionResult:
         helo = self.config.hostname
-        if route == SMARTHOST_ROUTE:
-            verify = self.relay.smarthost_verify
-            context = client_tls_options(host.name, verify, self.relay.tls_ca)
-            user, password = self.relay.smarthost_user, self.relay.smarthost_password
-            auth = (user, password or "") if user else None
-            if self.relay.smarthost_tls == "implicit":
-                return await self._implicit_tls(host, port, helo, sender, rcpts, message_path,
-                                                info, smtputf8, body_8bit, context, auth,
-                                                downgrade)
-            tls, tls_verify = "required", verify
+        hop = self.routes.get(route)
+        if hop is None:  # a domain's MX host: opportunistic STARTTLS, no AUTH
+            tls, tls_verify, auth = "opportunistic", self.relay.tls_verify, None
         else:
-            tls_verify = self.relay.tls_verify
-            context = client_tls_options(host.name, tls_verify, self.relay.tls_ca)
-            auth, tls = None, "opportunistic"
+            tls, tls_verify = hop.tls, hop.tls_verify
+            auth = (hop.user, hop.password or "") if hop.user else None
+        context = client_tls_options(host.name, tls_verify, self.relay.tls_ca)
+        if tls == "implicit":
+            return await self._implicit_tls(host, port, helo, sender, rcpts, message_path,
+                                            info, smtputf8, body_8bit, context, auth,
+                                            downgrade)
         return await self.deliver_fn(
             self.reactor, host.name, port, host.addresses, helo, sender, rcpts, message_path,
             size=info.wire_size, body_8bit=body_8bit, smtputf8=smtputf8, tls=tls,

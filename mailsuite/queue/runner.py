@@ -8,8 +8,9 @@ of one entry:
 
 1. reads the envelope; recipients whose time has come (all pending ones on a flush) are *due*;
 2. a message with more Received headers than ``[smtp] max_hops`` is a loop: bounce (5.4.6);
-3. groups the due recipients by route (domain, or the smarthost; local domains apart, they are
-   never sent over the network) and, per group, under a limit of ``[relay] max_deliveries``
+3. groups the due recipients by route (domain, or a configured route such as the smarthost,
+   see mailsuite.outbound.routes; local domains apart, they are never sent over the
+   network) and, per group, under a limit of ``[relay] max_deliveries``
    groups at once: records the attempt (attempts + 1, ``in_flight``) durably, *then* delivers,
    then records the result. A kill between a remote 250 and that record is the only way a
    recipient gets the message twice (RFC 5321 6.1 accepts that window);
