@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trustme
 
 from mailsuite.config import parse_config
@@ -15,15 +16,20 @@ from mailsuite.tls import ServerTLS
 from tests.integration.test_smtp_client import in_reactor, running_reactor
 
 
-def _relay(tmp_path: Path, port: int, ca: Path, verify: bool = True) -> Relay:
-    data = {"server": {"hostname": "mx.example.test"},
-            "relay": {"smarthost": f"127.0.0.2:{port}", "smarthost_tls": "implicit",
-                      "smarthost_user": "relayuser", "smarthost_password": "relay-secret",
-                      "tls_ca": str(ca), "smarthost_verify": verify}}
+def _relay(tmp_path: Path, port: int, ca: Path, how: str = "smarthost") -> Relay:
+    """A smarthost, or the same next hop as a per-domain route (one code path)."""
+    if how == "smarthost":
+        relay = {"smarthost": f"127.0.0.2:{port}", "smarthost_tls": "implicit",
+                 "smarthost_user": "relayuser", "smarthost_password": "relay-secret"}
+    else:
+        relay = {"routes": {"far.test": {"host": f"[127.0.0.2]:{port}", "tls": "implicit",
+                                         "user": "relayuser", "password": "relay-secret"}}}
+    data = {"server": {"hostname": "mx.example.test"}, "relay": {**relay, "tls_ca": str(ca)}}
     return Relay(parse_config(data, None, tmp_path), running_reactor())
 
 
-def test_implicit_tls_smarthost_with_auth(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["smarthost", "route"])
+def test_implicit_tls_smarthost_with_auth(tmp_path: Path, how: str) -> None:
     reactor = running_reactor()
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.2")
@@ -47,8 +53,10 @@ def test_implicit_tls_smarthost_with_auth(tmp_path: Path) -> None:
         port = listener.getHost().port
         msg = tmp_path / "msg"
         msg.write_bytes(b"Subject: implicit\n\nhello\n")
-        relay = _relay(tmp_path, port, tmp_path / "ca.pem")
-        out = in_reactor(reactor, relay.send, SMARTHOST_ROUTE, "a@example.test",
+        relay = _relay(tmp_path, port, tmp_path / "ca.pem", how)
+        route = relay.route_key("b@far.test")
+        assert route == (SMARTHOST_ROUTE if how == "smarthost" else "[route far.test]")
+        out = in_reactor(reactor, relay.send, route, "a@example.test",
                          ["b@far.test"], msg, scan_message(msg))
         assert out["b@far.test"].reply.positive, out
         (t,) = server.transactions
@@ -58,8 +66,8 @@ def test_implicit_tls_smarthost_with_auth(tmp_path: Path) -> None:
         # a certificate we cannot verify: no delivery, no credentials sent, try later
         other = trustme.CA()
         other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
-        relay = _relay(tmp_path, port, tmp_path / "other.pem")
-        out = in_reactor(reactor, relay.send, SMARTHOST_ROUTE, "a@example.test",
+        relay = _relay(tmp_path, port, tmp_path / "other.pem", how)
+        out = in_reactor(reactor, relay.send, route, "a@example.test",
                          ["c@far.test"], msg, scan_message(msg))
         assert out["c@far.test"].reply.transient, out
         assert len(server.transactions) == 1

@@ -108,6 +108,14 @@ def test_tls_none_and_verify_defaults(tmp_path: Path) -> None:
                                                                ("opportunistic", True)]
 
 
+def test_smarthost_password_file(tmp_path: Path) -> None:
+    (tmp_path / "smarthost.secret").write_text("s3cret\n")
+    relay, fake = make(tmp_path, smarthost="relay.test:587", smarthost_user="me",
+                       smarthost_password_file="smarthost.secret")
+    run(relay, SMARTHOST_ROUTE, ["u@two.test"])
+    assert fake.calls[0]["auth"] == ("me", "s3cret")
+
+
 def test_smarthost_is_the_star_route_and_exact_routes_win(tmp_path: Path) -> None:
     relay, fake = make(tmp_path, smarthost="relay.test:587", smarthost_user="me",
                        smarthost_password="pw", routes={"two.test": "[192.0.2.70]:25"})
