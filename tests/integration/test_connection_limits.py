@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -38,7 +39,8 @@ allow_plaintext = true
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("limits"),
-                    services=("smtp", "submission", "imap", "pop3"), extra_toml=LIMITS)
+                    services=("smtp", "submission", "submissions", "imap", "imaps", "pop3",
+                              "pop3s"), extra_toml=LIMITS)
     server.add_user(ALICE)
     server.add_user(BOB)
     with server:
@@ -46,11 +48,17 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 class Conn:
-    """One raw client connection from ``source``; ``greeting`` is the server's first line."""
+    """One raw client connection from ``source``; ``greeting`` is the server's first line.
+    With ``tls`` the connection is implicit TLS (the server's self-signed certificate)."""
 
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10,
                                              source_address=(source, 0))
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self.sock = context.wrap_socket(self.sock)
         self.f = self.sock.makefile("rb")
         self.greeting = self.line()
 
@@ -232,4 +240,23 @@ def test_pop3_per_ip_and_total_limits(srv: Server) -> None:
     again = Conn(port, "127.0.0.3")
     assert again.greeting.startswith("+OK ")
     for c in [*held, refused, third, fourth, over, again]:
+        c.close()
+
+
+@pytest.mark.parametrize(("plain", "implicit", "refusal"), [
+    ("submission", "submissions", "421 4.7.0 Too many connections from your address"),
+    ("imap", "imaps", "* BYE [UNAVAILABLE] Too many connections from your address"),
+    ("pop3", "pop3s", "-ERR [SYS/TEMP] Too many connections from your address"),
+])
+def test_tls_listeners_share_the_count_and_refuse_over_tls(
+        srv: Server, plain: str, implicit: str, refusal: str) -> None:
+    """The plain and implicit-TLS listeners of a service count together; the refusal is
+    sent inside TLS, then the connection is closed."""
+    first = Conn(srv.port(plain), "127.0.0.20")
+    second = Conn(srv.port(implicit), "127.0.0.20", tls=True)
+    assert not second.greeting.startswith(("421", "* BYE", "-ERR"))
+    third = Conn(srv.port(implicit), "127.0.0.20", tls=True)
+    assert third.greeting.startswith(refusal)
+    assert third.closed_by_server()
+    for c in (first, second, third):
         c.close()
