@@ -156,6 +156,38 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class DNSConfig:
+    """How the server asks DNS: which servers (None: the system's resolv.conf) and how long one
+    query may take before it counts as a temporary error."""
+
+    nameservers: tuple[str, ...] | None = None
+    timeout: int = 10
+
+
+@dataclass(frozen=True)
+class MailAuthConfig:
+    """SPF/DKIM/DMARC/ARC checks on the MX listener and DKIM signing of outgoing mail.
+
+    Each check can be turned off; ``dmarc_reject`` = "quarantine" delivers mail that a DMARC
+    policy of p=reject would refuse to the Junk folder instead.  ``max_signatures`` bounds the
+    DKIM signatures verified per message (RFC 6376 6.1 lets a verifier limit them).
+    """
+
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    arc: bool = True
+    dmarc_reject: str = "reject"  # "reject" | "quarantine"
+    max_signatures: int = 5
+    sign: bool = True
+    threads: int = 8
+
+    @property
+    def verifies(self) -> bool:
+        return self.spf or self.dkim or self.dmarc or self.arc
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -168,7 +200,12 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
-    nameservers: tuple[str, ...] | None = None
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    mail_auth: MailAuthConfig = field(default_factory=MailAuthConfig)
+
+    @property
+    def nameservers(self) -> tuple[str, ...] | None:
+        return self.dns.nameservers
 
     @property
     def where(self) -> str:
@@ -363,7 +400,8 @@ def _toml_key(key: str) -> str:
 def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
     where = str(path) if path else "<embedded default>"
-    known = {"server", "listen", "tls", "domains", "relay", "smtp", "auth", "imap", "pop3", "dns"}
+    known = {"server", "listen", "tls", "domains", "relay", "smtp", "auth", "imap", "pop3", "dns",
+             "mail_auth"}
     for section in data:
         if section not in known:
             raise ConfigError(f"{where}: [{section}]: unknown section")
@@ -531,7 +569,29 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
             raise dns_r.fail("nameservers", f"{ns!r}: expected an IP address[:port]") from None
         if port and not port.isdigit():
             raise dns_r.fail("nameservers", f"{ns!r}: bad port")
+    dns_config = DNSConfig(
+        nameservers=nameservers,
+        timeout=dns_r.positive("timeout", DNSConfig.timeout),
+    )
     dns_r.finish()
+
+    auth_checks = _Reader(where, "mail_auth", data.get("mail_auth", {}))
+    dmarc_reject = auth_checks.get("dmarc_reject", str, MailAuthConfig.dmarc_reject)
+    if dmarc_reject not in ("reject", "quarantine"):
+        raise auth_checks.fail(
+            "dmarc_reject", f"{dmarc_reject!r}: expected 'reject' (550 5.7.26) or 'quarantine' "
+            "(deliver to Junk)")
+    mail_auth = MailAuthConfig(
+        spf=auth_checks.get("spf", bool, True),
+        dkim=auth_checks.get("dkim", bool, True),
+        dmarc=auth_checks.get("dmarc", bool, True),
+        arc=auth_checks.get("arc", bool, True),
+        dmarc_reject=dmarc_reject,
+        max_signatures=auth_checks.positive("max_signatures", MailAuthConfig.max_signatures),
+        sign=auth_checks.get("sign", bool, True),
+        threads=auth_checks.positive("threads", MailAuthConfig.threads),
+    )
+    auth_checks.finish()
 
     return Config(
         path=path,
@@ -545,7 +605,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         auth=auth,
         imap=imap,
         pop3=pop3,
-        nameservers=nameservers,
+        dns=dns_config,
+        mail_auth=mail_auth,
     )
 
 

@@ -26,6 +26,11 @@ class Runtime:
     #: The outbound queue (see mailsuite.queue); None means remote delivery is unavailable
     #: and remote recipients are answered 451 4.4.0.
     queue: Any | None = None
+    #: The server's one twisted.names resolver (``[dns] nameservers`` or the system's), shared
+    #: by outbound MX lookups and mail authentication.
+    resolver: Any | None = None
+    #: :class:`mailsuite.mailauth.service.MailAuth`: DKIM signing and SPF/DKIM/DMARC/ARC checks.
+    mail_auth: Any | None = None
     #: Folders open in IMAP sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
     #: shared by the imap and imaps listeners; made by the first IMAP session.
     imap_folders: Any | None = None

@@ -25,6 +25,8 @@ from mailsuite import tls
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config, ConfigError
 from mailsuite.directory import Directory
+from mailsuite.mailauth.dns import server_resolver
+from mailsuite.mailauth.service import MailAuth
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
@@ -59,6 +61,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime = Runtime(config, reactor, directory, auth, ChangeHub())
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)
+    runtime.resolver = server_resolver(config.nameservers, reactor)
+    runtime.mail_auth = MailAuth(config, reactor, runtime.resolver)
     return runtime
 
 
@@ -204,8 +208,11 @@ class ReloadOnHangup(service.Service):
 
 
 def _extra_services(runtime: Runtime) -> list[service.Service]:
-    """Non-listening services: certificate reload, the outbound queue runner."""
+    """Non-listening services: mail authentication's worker pool, certificate reload, the
+    outbound queue runner."""
     out: list[service.Service] = []
+    if runtime.mail_auth is not None:
+        out.append(runtime.mail_auth)
     if runtime.tls is not None:
         out.append(tls.TLSReloadService(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))

@@ -505,5 +505,6 @@ def queue_service(runtime: Any) -> QueueRunner:
     spool = runtime.queue
     if spool is None:
         spool = runtime.queue = make_spool(runtime.config.data_dir, runtime.reactor)
-    return QueueRunner(runtime, spool, Relay(runtime.config, runtime.reactor))
+    relay = Relay(runtime.config, runtime.reactor, resolver=getattr(runtime, "resolver", None))
+    return QueueRunner(runtime, spool, relay)
 

@@ -4,9 +4,13 @@ Zone description (a dict, or the same as JSON for the subprocess entry point)::
 
     {
       "origin": "test",                       # optional; names outside it are refused
+      "also": ["in-addr.arpa"],               # optional; more zones answered NXDOMAIN
       "names": {
         "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
         "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+        "spf.example.test": {"TXT": [["v=spf1 ", "mx -all"]]},   # one record, two strings
+        "_imaps._tcp.example.test": {"SRV": [[0, 1, 993, "mx1.example.test"]]},
+        "2.0.0.127.in-addr.arpa": {"PTR": ["mx1.example.test"]},
         "nullmx.test": {"MX": [[0, "."]]},
         "broken.test": "servfail",            # every query for this name answers SERVFAIL
         "slow.test": "timeout"                # ... or is never answered
@@ -55,6 +59,13 @@ def _records(spec: dict[str, Any]) -> list[Any]:
                 out.append(dns.Record_CNAME(value.encode("ascii"), ttl=1))
             elif rtype == "TXT":
                 out.append(dns.Record_TXT(*(v.encode() for v in value), ttl=1))
+            elif rtype == "PTR":
+                out.append(dns.Record_PTR(value.encode("ascii"), ttl=1))
+            elif rtype == "SRV":
+                priority, weight, port, target = value
+                target = "" if target in (".", "") else target
+                out.append(dns.Record_SRV(int(priority), int(weight), int(port),
+                                          target.encode("ascii"), ttl=1))
             else:
                 raise ValueError(f"unsupported record type {rtype!r}")
     return out
@@ -70,6 +81,7 @@ class MemoryAuthority(authority.FileAuthority):
         common.ResolverBase.__init__(self)
         origin = zone.get("origin", "test").encode("ascii")
         self.soa = (origin, _SOA)
+        self.also = [z.rstrip(".").lower().encode("ascii") for z in zone.get("also", [])]
         self.records: dict[bytes, list[Any]] = {}
         self.modes: dict[bytes, str] = {}
         self.pending: list[defer.Deferred[Any]] = []
@@ -92,8 +104,11 @@ class MemoryAuthority(authority.FileAuthority):
             d: defer.Deferred[Any] = defer.Deferred()
             self.pending.append(d)  # never fired: the query goes unanswered
             return d
-        if name.lower() not in self.records and not dns._isSubdomainOf(name, self.soa[0]):
-            return defer.fail(failure.Failure(error.DomainError(name)))
+        if name.lower() not in self.records:
+            if any(dns._isSubdomainOf(name, z) for z in self.also):
+                return defer.fail(failure.Failure(dns.AuthoritativeDomainError(name)))
+            if not dns._isSubdomainOf(name, self.soa[0]):
+                return defer.fail(failure.Failure(error.DomainError(name)))
         return super()._lookup(name, cls, type, timeout)
 
 

@@ -1,0 +1,247 @@
+"""DNS for mail authentication and the DNS doctor, over the server's one twisted.names resolver.
+
+Why a layer over the resolver: SPF, DKIM and DMARC need three things twisted.names does not give
+together.  A deadline per query (a name server that never answers must become a temperror
+within seconds, RFC 7208 4.6.4 / RFC 6376 6.1.2, not after twisted's minute of retries).  A
+small cache with the records' TTLs, bounded in size (the same SPF includes and DKIM keys are
+asked for again and again; twisted's own CacheResolver never forgets anything, and is not in
+the chain at all when ``[dns] nameservers`` is set).  And one clear split between *permanent*
+answers (NXDOMAIN, no records of the type: "none"/"permerror" for SPF and DKIM) and *temporary*
+failures (SERVFAIL, REFUSED, timeout: "temperror", which must never cause a reject).
+
+:class:`DNSClient` runs on the reactor.  :class:`BlockingDNS` is the same client for code in
+worker threads (dkimpy's ``dnsfunc``, pyspf's ``DNSLookup``): it hands the query to the reactor
+and waits for the answer, at most its deadline.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.names import dns, error
+from twisted.python import threadable
+from twisted.python.failure import Failure
+
+from mailsuite.outbound.mx import make_resolver
+
+__all__ = [
+    "Answer",
+    "BlockingDNS",
+    "DNSClient",
+    "DNSTempError",
+    "QTYPES",
+    "normalize_name",
+    "server_resolver",
+]
+
+#: Query types this layer asks for, by name.
+QTYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "PTR": dns.PTR,
+          "SRV": dns.SRV}
+
+CACHE_SIZE = 4096  # answers kept; the least recently used goes first
+MAX_TTL = 3600  # seconds an answer is kept at most, whatever its TTL says
+NEGATIVE_TTL = 60  # NXDOMAIN/NODATA without an SOA to say how long (RFC 2308 5)
+MAX_NEGATIVE_TTL = 300
+
+
+class DNSTempError(Exception):
+    """No usable answer now (SERVFAIL, REFUSED, timeout): a lookup that may succeed later."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Records of one type at one name, decoded; ``nxdomain`` when the name does not exist.
+
+    Record values: A/AAAA ``"192.0.2.1"``; MX ``(preference, "host")`` ("" for a null MX);
+    TXT a tuple of the record's strings (bytes; join them for SPF/DKIM/DMARC); PTR ``"host"``;
+    SRV ``(priority, weight, port, "target")``.  No records and not ``nxdomain`` is NODATA.
+    """
+
+    name: str
+    qtype: str
+    records: tuple[Any, ...] = ()
+    nxdomain: bool = False
+
+    def texts(self) -> list[bytes]:
+        """TXT records with their strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2)."""
+        return [b"".join(r) for r in self.records]
+
+
+def server_resolver(nameservers: tuple[str, ...] | None, reactor: Any) -> Any:
+    """The one twisted.names IResolver of the server: ``[dns] nameservers``, or the system's."""
+    return make_resolver(list(nameservers) if nameservers else None, reactor)
+
+
+def normalize_name(name: str) -> str | None:
+    """Lower-case A-label form without the final dot; None when it cannot be a DNS name
+    (empty label, label over 63 or name over 253 octets, RFC 1035 2.3.4)."""
+    name = name.strip().rstrip(".").lower()
+    if not name:
+        return None
+    try:
+        name.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if len(name) > 253 or any(not 0 < len(label) < 64 for label in name.split(".")):
+        return None
+    return name
+
+
+def _decode(qtype: int, record: Any) -> Any:
+    if qtype == dns.A:
+        return record.dottedQuad()
+    if qtype == dns.AAAA:
+        return str(ipaddress.IPv6Address(record.address))
+    if qtype == dns.MX:
+        return int(record.preference), _host(record.name)
+    if qtype == dns.TXT:
+        return tuple(record.data)
+    if qtype == dns.PTR:
+        return _host(record.name)
+    if qtype == dns.SRV:
+        return int(record.priority), int(record.weight), int(record.port), _host(record.target)
+    raise ValueError(f"unsupported type {qtype}")
+
+
+def _host(name: Any) -> str:
+    return bytes(name.name).decode("ascii", "replace").rstrip(".").lower()
+
+
+def _negative_ttl(authority: Any) -> int:
+    """RFC 2308 5: a negative answer may be kept for min(SOA TTL, SOA MINIMUM)."""
+    for rr in authority or ():
+        if rr.type == dns.SOA:
+            return max(0, min(int(rr.ttl), int(rr.payload.minimum), MAX_NEGATIVE_TTL))
+    return NEGATIVE_TTL
+
+
+class DNSClient:
+    """Lookups with a deadline and a bounded TTL cache, on the reactor thread.
+
+    ``resolver`` is any twisted.names IResolver (the server's, or a MemoryAuthority in tests),
+    ``clock`` the reactor (``task.Clock`` in tests).  Only used from the reactor thread.
+    """
+
+    def __init__(self, resolver: Any, clock: Any, timeout: float = 10.0,
+                 cache_size: int = CACHE_SIZE) -> None:
+        self.resolver = resolver
+        self.clock = clock
+        self.timeout = timeout
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Answer]] = OrderedDict()
+        self.queries = 0  # sent to the resolver (not answered from the cache); for tests
+
+    def lookup(self, name: str, qtype: str) -> Deferred[Answer]:
+        """Fire with an :class:`Answer`, or fail with :class:`DNSTempError`."""
+        return defer.ensureDeferred(self.lookup_async(name, qtype))
+
+    async def lookup_async(self, name: str, qtype: str) -> Answer:
+        code = QTYPES[qtype]
+        clean = normalize_name(name)
+        if clean is None:  # not a DNS name: nothing can exist there
+            return Answer(name, qtype, nxdomain=True)
+        key = (clean, qtype)
+        now = self.clock.seconds()
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[0] > now:
+                self._cache.move_to_end(key)
+                return hit[1]
+            del self._cache[key]
+        self.queries += 1
+        try:
+            d = self._method(code)(clean)
+            d.addTimeout(self.timeout, self.clock)
+            answers, authority, _additional = await d
+        except (error.DNSNameError, error.AuthoritativeDomainError) as e:
+            message = e.args[0] if e.args and isinstance(e.args[0], dns.Message) else None
+            result = Answer(clean, qtype, nxdomain=True)
+            self._store(key, result, _negative_ttl(message.authority if message else ()))
+            return result
+        except defer.TimeoutError:
+            raise DNSTempError(f"{qtype} {clean}: no answer within {self.timeout:g} s") from None
+        except error.DNSServerError:
+            raise DNSTempError(f"{qtype} {clean}: SERVFAIL") from None
+        except error.DNSQueryRefusedError:
+            raise DNSTempError(f"{qtype} {clean}: REFUSED") from None
+        except Exception as e:  # noqa: BLE001 - any other resolver failure is temporary
+            raise DNSTempError(f"{qtype} {clean}: {type(e).__name__} {e}".rstrip()) from None
+        matching = [rr for rr in answers if rr.type == code]
+        try:
+            records = tuple(_decode(code, rr.payload) for rr in matching)
+        except Exception as e:  # noqa: BLE001 - a record we cannot decode is a server fault
+            raise DNSTempError(f"{qtype} {clean}: undecodable record ({e})") from None
+        result = Answer(clean, qtype, records)
+        if matching:
+            ttl = min(int(rr.ttl) for rr in matching)
+        else:
+            ttl = _negative_ttl(authority)
+        self._store(key, result, ttl)
+        return result
+
+    def _method(self, code: int) -> Callable[..., Deferred[Any]]:
+        r = self.resolver
+        return {  # type: ignore[no-any-return]
+            dns.A: r.lookupAddress,
+            dns.AAAA: r.lookupIPV6Address,
+            dns.MX: r.lookupMailExchange,
+            dns.TXT: r.lookupText,
+            dns.PTR: r.lookupPointer,
+            dns.SRV: r.lookupService,
+        }[code]
+
+    def _store(self, key: tuple[str, str], answer: Answer, ttl: int) -> None:
+        ttl = min(ttl, MAX_TTL)
+        if ttl <= 0:
+            return
+        self._cache[key] = (self.clock.seconds() + ttl, answer)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+
+class BlockingDNS:
+    """:class:`DNSClient` for worker threads: each call waits for the reactor's answer.
+
+    Like ``blockingCallFromThread`` but with a deadline: if no answer comes within
+    ``deadline`` seconds (a wedged or stopping reactor) the call raises :class:`DNSTempError`
+    rather than holding the worker forever.  Never call it on the reactor thread.
+    """
+
+    def __init__(self, client: DNSClient, reactor: Any, deadline: float | None = None) -> None:
+        self.client = client
+        self.reactor = reactor
+        self.deadline = deadline if deadline is not None else client.timeout + 1.0
+
+    def lookup(self, name: str, qtype: str) -> Answer:
+        if threadable.isInIOThread():
+            raise RuntimeError("BlockingDNS.lookup called on the reactor thread")
+        box: queue.SimpleQueue[Answer | Failure] = queue.SimpleQueue()
+
+        def start() -> None:
+            defer.maybeDeferred(self.client.lookup, name, qtype).addBoth(box.put)
+
+        self.reactor.callFromThread(start)
+        try:
+            result = box.get(timeout=self.deadline)
+        except queue.Empty:
+            raise DNSTempError(f"{qtype} {name}: no answer within {self.deadline:g} s") from None
+        if isinstance(result, Failure):
+            if result.check(DNSTempError):
+                raise result.value
+            raise DNSTempError(f"{qtype} {name}: {result.getErrorMessage()}")
+        return result
+
+    def txt(self, name: str) -> list[bytes]:
+        """TXT records at ``name``, strings joined; [] for NXDOMAIN or none."""
+        return self.lookup(name, "TXT").texts()

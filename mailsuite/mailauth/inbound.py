@@ -1,0 +1,211 @@
+"""The verdict on one message received on the MX listener: SPF, DKIM, ARC and DMARC together.
+
+The SMTP policy calls :meth:`InboundChecker.check_message` at the end of DATA, before it
+answers.  The checks run in the mail-auth worker pool, in parallel with each other (SPF, DKIM,
+ARC and the DMARC policy lookup each wait on different DNS names); only the cheap combination
+runs on the reactor.  The :class:`Verdict` says what to do:
+
+- ``accept``: deliver, with the Authentication-Results header on top;
+- ``quarantine``: deliver to the recipients' Junk folder (DMARC p=quarantine, or p=reject with
+  ``[mail_auth] dmarc_reject = "quarantine"``);
+- ``reject``: answer ``550 5.7.26`` (RFC 7372 3.2) and keep no copy (DMARC p=reject).
+
+Temporary DNS failures never reject (RFC 7489 6.6.3: temperror, deliver).  Neither does a
+fault of our own: a check that raises is logged and reported as temperror.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.config import MailAuthConfig
+from mailsuite.mailauth import dmarc as dmarc_mod
+from mailsuite.mailauth.arc import ARCResult, verify_arc
+from mailsuite.mailauth.dkim_verify import DKIMResult, verify_dkim
+from mailsuite.mailauth.dmarc import Discovery, DMARCResult
+from mailsuite.mailauth.dns import BlockingDNS, DNSTempError
+from mailsuite.mailauth.headers import from_domains, header_section
+from mailsuite.mailauth.results import results_header, strip_forged_results
+from mailsuite.mailauth.spf import SPFResult, check_spf
+from mailsuite.mailauth.workers import WorkerPool
+from mailsuite.smtp.replies import Reply
+
+__all__ = ["ACCEPT", "QUARANTINE", "REJECT", "AuthResults", "InboundChecker", "Verdict",
+           "decide", "first_key_record"]
+
+log = Logger(namespace="mailsuite.mailauth.inbound")
+
+ACCEPT, QUARANTINE, REJECT = "accept", "quarantine", "reject"
+
+
+def dmarc_rejected(domain: str) -> Reply:
+    """RFC 7372 3.2 / RFC 7489 7.3: the reply for a DMARC p=reject failure."""
+    return Reply(550, "5.7.26", f"Unauthenticated mail from {domain} refused: it fails DMARC "
+                 "and the domain's policy is reject")
+
+
+@dataclass(frozen=True)
+class AuthResults:
+    """Each method's outcome; None when that check is turned off."""
+
+    spf: SPFResult | None = None
+    dkim: list[DKIMResult] | None = None
+    dkim_unchecked: int = 0
+    dmarc: DMARCResult | None = None
+    arc: ARCResult | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the SMTP layer does with the message (see the module docstring).
+
+    ``header`` is the Authentication-Results field (LF line ends, the stored form) to put at
+    the top; :meth:`rewrite_header_section` also drops the forged ones.
+    """
+
+    action: str
+    header: bytes
+    authserv_id: str
+    results: AuthResults = field(default_factory=AuthResults)
+    reply: Reply | None = None
+
+    def rewrite_header_section(self, section: bytes) -> bytes:
+        """``section`` (a header section, CRLF or LF) with every Authentication-Results of our
+        authserv-id removed and ours prepended, in the section's own line ends."""
+        stripped, _ = strip_forged_results(section, self.authserv_id)
+        header = self.header
+        if b"\r\n" in section[:2000]:
+            header = header.replace(b"\n", b"\r\n")
+        return header + stripped
+
+    def apply(self, message: bytes) -> bytes:
+        """The whole message rewritten (for callers that hold it in memory)."""
+        section = header_section(message)
+        return self.rewrite_header_section(section) + message[len(section):]
+
+
+def decide(results: AuthResults, config: MailAuthConfig) -> tuple[str, Reply | None]:
+    """The action for a message from its results (only DMARC acts; RFC 7489 6.7)."""
+    d = results.dmarc
+    if d is None or d.result != "fail":
+        return ACCEPT, None
+    if d.disposition == dmarc_mod.REJECT:
+        if config.dmarc_reject == "reject":
+            return REJECT, dmarc_rejected(d.author)
+        return QUARANTINE, None
+    if d.disposition == dmarc_mod.QUARANTINE:
+        return QUARANTINE, None
+    return ACCEPT, None
+
+
+def first_key_record(texts: list[bytes]) -> bytes | None:
+    """The DKIM key record among the TXT records at a selector name: the one starting with
+    v=DKIM1, else the first (RFC 6376 3.6.2.2 leaves several undefined)."""
+    for t in texts:
+        if t.lstrip().startswith(b"v=DKIM1"):
+            return t
+    return texts[0] if texts else None
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+class InboundChecker:
+    """Runs the checks of ``config`` (``[mail_auth]``) for the server named ``authserv_id``.
+
+    ``dns`` is the blocking facade the worker threads use; ``rng`` decides DMARC pct sampling
+    (a seeded ``random.Random`` in tests).
+    """
+
+    def __init__(self, config: MailAuthConfig, authserv_id: str, workers: WorkerPool,
+                 dns: BlockingDNS, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.authserv_id = authserv_id
+        self.workers = workers
+        self.dns = dns
+        self.rng = rng
+
+    # -- blocking helpers handed to dkimpy, pyspf and DMARC ------------------------------------
+
+    def _key_record(self, name: str) -> bytes | None:
+        return first_key_record(self.dns.txt(name))
+
+    def _texts(self, name: str) -> list[str]:
+        return [t.decode("utf-8", "replace") for t in self.dns.txt(name)]
+
+    def _exists(self, name: str) -> bool:
+        """RFC 9091 4: a name that answers NXDOMAIN does not exist (NODATA means it does)."""
+        try:
+            return not self.dns.lookup(name, "A").nxdomain
+        except DNSTempError:
+            return True
+
+    def _dkim_task(self, message: bytes) -> tuple[list[DKIMResult], int]:
+        authors = from_domains(header_section(message)) or []
+        orgs = {dmarc_mod.organizational_domain(a) for a in authors}
+        return verify_dkim(message, self._key_record, self.config.max_signatures,
+                           prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs)
+
+    def _dmarc_task(self, message: bytes) -> list[Discovery] | DMARCResult:
+        return dmarc_mod.discover_all(from_domains(header_section(message)), self._texts,
+                                      self._exists)
+
+    # -- the entry point -----------------------------------------------------------------------
+
+    def check_message(self, message: bytes | Path, mail_from: str, helo: str,
+                      client_ip: str) -> Deferred[Verdict]:
+        """Check one message (its bytes, or the file holding it) received from ``client_ip``
+        after ``HELO helo`` / ``MAIL FROM:<mail_from>`` ("" for the null sender)."""
+        return defer.ensureDeferred(self._check(message, mail_from, helo, client_ip))
+
+    async def _check(self, message: bytes | Path, mail_from: str, helo: str,
+                     client_ip: str) -> Verdict:
+        c = self.config
+        data = message if isinstance(message, bytes) else await self.workers.run(_read, message)
+        run = self.workers.run
+        spf_d = self._guard(run(check_spf, client_ip, mail_from, helo, self.dns), "SPF",
+                            lambda: SPFResult("temperror", None, "mailfrom" if mail_from else
+                                              "helo", mail_from, "internal error")) \
+            if c.spf else defer.succeed(None)
+        dkim_d = self._guard(run(self._dkim_task, data), "DKIM", lambda: (
+            [DKIMResult("temperror", "", "", "", "internal error")], 0)) \
+            if c.dkim else defer.succeed(None)
+        arc_d = self._guard(run(verify_arc, data, self._key_record), "ARC",
+                            lambda: ARCResult("temperror", reason="internal error")) \
+            if c.arc else defer.succeed(None)
+        dmarc_d = self._guard(run(self._dmarc_task, data), "DMARC",
+                              lambda: DMARCResult("temperror", reason="internal error")) \
+            if c.dmarc else defer.succeed(None)
+        spf = await spf_d
+        dkim_out = await dkim_d
+        arc = await arc_d
+        found = await dmarc_d
+        dkim_results, unchecked = dkim_out if dkim_out is not None else (None, 0)
+        dmarc = None
+        if found is not None:
+            passed = [r.domain for r in dkim_results or () if r.result == "pass"]
+            dmarc = dmarc_mod.evaluate_all(found, spf.result if spf else None,
+                                           spf.domain if spf else None, passed, self.rng)
+        results = AuthResults(spf, dkim_results, unchecked, dmarc, arc)
+        action, reply = decide(results, c)
+        header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
+        return Verdict(action, header, self.authserv_id, results, reply)
+
+    @staticmethod
+    def _guard(d: Deferred[Any], what: str, fallback: Callable[[], Any]) -> Deferred[Any]:
+        """A check that fails (a bug, a stopped pool) becomes its temperror, logged in one
+        line: the message is delivered, not lost or rejected."""
+        def failed(f: Failure) -> Any:
+            log.error("{what} check failed: {error}", what=what, error=f.getErrorMessage())
+            return fallback()
+        return d.addErrback(failed)

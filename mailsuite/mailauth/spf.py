@@ -1,0 +1,109 @@
+"""SPF (RFC 7208) with pyspf, asking DNS through the server's resolver.
+
+pyspf does its lookups through the module-level function ``spf.DNSLookup``; that function is
+replaced here, once, by one that sends each query to the :class:`BlockingDNS` bound to the
+calling worker thread.  A thread with nothing bound gets a temperror, so pyspf can never fall
+back to a resolver of its own.  pyspf counts the limits of RFC 7208 4.6.4 itself (10 lookups
+of include/a/mx/ptr/exists/redirect, 2 void lookups; both permerror), and the tests check it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import spf as pyspf
+from twisted.logger import Logger
+
+from mailsuite.mailauth.dns import BlockingDNS, DNSTempError, normalize_name
+
+__all__ = ["SPFResult", "check_spf"]
+
+log = Logger(namespace="mailsuite.mailauth.spf")
+
+#: RFC 7208 4.6.4: an SPF evaluation may be given up (temperror) after at least 20 seconds.
+OVERALL_TIMEOUT = 20
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+
+_bound = threading.local()
+
+
+def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
+    """pyspf's DNS hook: ``[((name, type), value), ...]``; [] for NXDOMAIN and NODATA (void)."""
+    dns: BlockingDNS | None = getattr(_bound, "dns", None)
+    if dns is None:
+        raise pyspf.TempError("DNS: no resolver bound to this thread")
+    if qtype not in ("A", "AAAA", "MX", "PTR", "TXT"):
+        return []  # type SPF (99) is obsolete (RFC 7208 3.1); nothing else is asked
+    try:
+        answer = dns.lookup(name, qtype)
+    except DNSTempError as e:
+        raise pyspf.TempError(f"DNS {e}") from None
+    if qtype == "TXT":
+        return [((name, qtype), list(strings)) for strings in answer.records]
+    return [((name, qtype), value) for value in answer.records]
+
+
+pyspf.DNSLookup = _lookup
+
+
+@dataclass(frozen=True)
+class SPFResult:
+    """``result`` is one of RESULTS; ``domain`` the domain checked; ``identity`` "mailfrom" or
+    "helo" (RFC 7208 2.3/2.4); ``address`` the MAIL FROM address (or postmaster@HELO)."""
+
+    result: str
+    domain: str | None
+    identity: str
+    address: str
+    reason: str = ""
+
+
+def _client_ip(ip: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def check_spf(client_ip: str, mail_from: str, helo: str, dns: BlockingDNS,
+              timeout: float = OVERALL_TIMEOUT) -> SPFResult:
+    """check_host() for MAIL FROM, or for the HELO name when the sender is null (RFC 7208
+    2.4).  Blocks on DNS: call it in a worker thread."""
+    if mail_from:
+        identity = "mailfrom"
+        local, _, domain = mail_from.rpartition("@")
+        address = mail_from
+    else:
+        identity = "helo"
+        local, domain = "postmaster", helo.strip()  # RFC 7208 2.3
+        address = f"postmaster@{domain}"
+    clean = normalize_name(domain)
+    ip = _client_ip(client_ip)
+    if clean is None or "." not in clean:
+        # RFC 7208 4.3: a malformed or single-label domain (or an address-literal HELO) -> none
+        return SPFResult("none", clean or domain or None, identity, address,
+                         "no checkable domain")
+    if ip is None:
+        return SPFResult("temperror", clean, identity, address, f"bad client address {client_ip!r}")
+    _bound.dns = dns
+    try:
+        query = pyspf.query(i=ip, s=f"{local or 'postmaster'}@{clean}", h=helo or clean,
+                            querytime=timeout)
+        result, _code, explanation = query.check()
+    except Exception as e:  # noqa: BLE001 - a library fault must not lose the message
+        log.error("SPF check of {domain} for {ip} failed inside pyspf: {error!r}",
+                  domain=clean, ip=ip, error=e)
+        return SPFResult("temperror", clean, identity, address, "internal error")
+    finally:
+        _bound.dns = None
+    result = str(result).lower()
+    if result not in RESULTS:
+        result = "temperror"
+    return SPFResult(result, clean, identity, address, str(explanation or ""))
