@@ -10,6 +10,7 @@ of include/a/mx/ptr/exists/redirect, 2 void lookups; both permerror), and the te
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ OVERALL_TIMEOUT = 20
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 _bound = threading.local()
+_HOSTNAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]*"
+                       r"[a-z0-9])?)*$")
 
 
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
@@ -86,8 +89,8 @@ def check_spf(client_ip: str, mail_from: str, helo: str, dns: BlockingDNS,
         address = f"postmaster@{domain}"
     clean = normalize_name(domain)
     ip = _client_ip(client_ip)
-    if clean is None or "." not in clean:
-        # RFC 7208 4.3: a malformed or single-label domain (or an address-literal HELO) -> none
+    if clean is None or "." not in clean or not _HOSTNAME.match(clean):
+        # RFC 7208 4.3: a malformed or single-label domain (or an address literal) -> none
         return SPFResult("none", clean or domain or None, identity, address,
                          "no checkable domain")
     if ip is None:

@@ -1,0 +1,242 @@
+"""DKIM: the key store, signing (rsa-sha256 + ed25519-sha256) and bounded verification.
+
+Keys are generated at test time (tests/mailauth_helpers.py); DNS is a dict here (the loopback
+DNS versions are in tests/integration/test_mailauth_inbound.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+
+import dkim
+import pytest
+
+from mailsuite.mailauth.dkim_keys import KeyStore, KeyStoreError, txt_strings, zone_txt
+from mailsuite.mailauth.dkim_sign import Signer
+from mailsuite.mailauth.dkim_verify import verify_dkim
+from mailsuite.mailauth.dns import DNSTempError
+from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
+
+
+class Keys:
+    """``txt(name)`` over published key records, counting lookups."""
+
+    def __init__(self, records: dict[str, str | None]) -> None:
+        self.records = records
+        self.asked: list[str] = []
+
+    def __call__(self, name: str) -> bytes | None:
+        name = name.rstrip(".").lower()
+        self.asked.append(name)
+        value = self.records.get(name)
+        if value == "servfail":
+            raise DNSTempError("SERVFAIL")
+        return value.encode() if value is not None else None
+
+
+def published(*pairs: tuple[str, object]) -> Keys:
+    return Keys({name: key.record for name, key in pairs})  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ key store
+
+def test_keygen_files_modes_and_first_key_signs(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    key, active = store.generate("Example.ORG", "s2026", "rsa")
+    assert active and key.domain == "example.org" and key.bits == 2048
+    folder = tmp_path / "dkim" / "example.org"
+    assert stat.S_IMODE(os.stat(folder / "s2026.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert (folder / "s2026.key").read_bytes().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert json.loads((folder / "_signing.json").read_text()) == {"rsa": "s2026"}
+    second, active2 = store.generate("example.org", "s2027", "rsa")
+    assert not active2  # a second key waits for 'dkim use' (publish first)
+    ed, active3 = store.generate("example.org", "e2026", "ed25519")
+    assert active3 and ed.bits == 256
+    assert store.signing("example.org") == {"rsa": "s2026", "ed25519": "e2026"}
+    assert [k.selector for k in store.keys("example.org")] == ["e2026", "s2026", "s2027"]
+    store.use("example.org", "s2027")
+    assert store.signing("example.org")["rsa"] == "s2027"
+
+
+@pytest.mark.parametrize("domain,selector,kind,needle", [
+    ("example.org", "../x", "rsa", "not a valid selector"),
+    ("example.org", "_signing", "rsa", "not a valid selector"),
+    ("example.org", "a b", "rsa", "not a valid selector"),
+    ("nodot", "s1", "rsa", "not a valid domain"),
+    ("example.org", "s1", "dsa", "unknown algorithm"),
+])
+def test_keygen_refuses_bad_names(tmp_path, domain, selector, kind, needle):
+    with pytest.raises(KeyStoreError, match=needle):
+        KeyStore(tmp_path / "dkim").generate(domain, selector, kind)
+
+
+def test_keygen_refuses_an_existing_selector_and_use_an_unknown_one(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    store.generate("example.org", "s1", "ed25519")
+    with pytest.raises(KeyStoreError, match="already has a selector"):
+        store.generate("example.org", "s1", "rsa")
+    with pytest.raises(KeyStoreError, match="no key with selector 'nope'.*s1"):
+        store.use("example.org", "nope")
+
+
+def test_signing_keys_follow_the_files_without_restart(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    assert store.signing_keys("example.org") == []
+    store.generate("example.org", "a1", "ed25519")
+    assert [k.selector for k in store.signing_keys("example.org")] == ["a1"]
+    other = KeyStore(tmp_path / "dkim")  # the CLI is another process with its own store
+    other.generate("example.org", "a2", "ed25519")
+    other.use("example.org", "a2")
+    assert [k.selector for k in store.signing_keys("example.org")] == ["a2"]
+    other.generate("example.org", "r1", "rsa")
+    assert sorted(k.kind for k in store.signing_keys("example.org")) == ["ed25519", "rsa"]
+
+
+def test_txt_strings_split_at_255():
+    text = "v=DKIM1; k=rsa; p=" + "A" * 600
+    parts = txt_strings(text)
+    assert [len(p) for p in parts] == [255, 255, len(text) - 510] and "".join(parts) == text
+    assert zone_txt("s._domainkey.a.example.", 'x"y') == 's._domainkey.a.example. IN TXT "x\\"y"'
+
+
+# ------------------------------------------------------------------ signing
+
+def test_signer_signs_with_both_algorithms_and_oversigns_from(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    rsa_k, _ = store.generate("example.org", "r1", "rsa")
+    ed_k, _ = store.generate("example.org", "e1", "ed25519")
+    msg = (b"From: Alice <alice@example.org>\nTo: bob@example.net\nCc: c@example.net\n"
+           b"Subject: hi\nList-Id: <l.example.org>\nReceived: from x\nX-Other: 1\n\nbody  \n")
+    headers = Signer(store).signature_headers(msg)
+    assert headers.count(b"DKIM-Signature:") == 2 and b"\r" not in headers
+    signed = headers + msg
+    d = dkim.DKIM(signed)
+    keys = Keys({rsa_k.owner.rstrip("."): rsa_k.record(), ed_k.owner.rstrip("."): ed_k.record()})
+    assert d.verify(0, dnsfunc=lambda n, timeout=5: keys(n.decode()))
+    assert d.verify(1, dnsfunc=lambda n, timeout=5: keys(n.decode()))
+    sigs = [dkim.util.parse_tag_value(v) for n, v in d.headers if n == b"DKIM-Signature"]
+    assert {s[b"a"] for s in sigs} == {b"rsa-sha256", b"ed25519-sha256"}
+    for s in sigs:
+        assert s[b"c"] == b"relaxed/relaxed"
+        h = [x.strip() for x in s[b"h"].split(b":")]
+        assert h == [b"from", b"to", b"cc", b"subject", b"list-id", b"from"]
+    # an added From breaks it (over-signing)
+    forged = headers + b"From: mallory@evil.example\n" + msg
+    assert not dkim.DKIM(forged).verify(0, dnsfunc=lambda n, timeout=5: keys(n.decode()))
+    # the wire form (CRLF) verifies the same
+    wire = signed.replace(b"\n", b"\r\n")
+    assert dkim.verify(wire, dnsfunc=lambda n, timeout=5: keys(n.decode()))
+
+
+def test_signer_uses_the_parent_domain_within_the_organization(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    store.generate("example.org", "e1", "ed25519")
+    signer = Signer(store)
+    assert b"d=example.org" in signer.signature_headers(b"From: a@mail.example.org\n\nx\n")
+    assert signer.signature_headers(b"From: a@example.net\n\nx\n") == b""
+    assert signer.signature_headers(b"To: a@example.org\n\nx\n") == b""  # no From
+    assert signer.signature_headers(b"From: a@example.org\nbad header line\n\nx\n") == b""
+
+
+def test_signer_is_thread_safe(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    store.generate("example.org", "e1", "ed25519")
+    signer = Signer(store)
+    out: list[bytes] = []
+    threads = [threading.Thread(target=lambda: out.append(signer.signature_headers(
+        message("a@example.org")))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 8 and all(b"s=e1" in h for h in out)
+
+
+# ------------------------------------------------------------------ verification
+
+def test_rsa_and_ed25519_pass():
+    msg = message("alice@example.org")
+    signed = dkim_sign(dkim_sign(msg, "example.org", "r", rsa_key()), "example.org", "e",
+                       ed25519_key())
+    keys = published(("r._domainkey.example.org", rsa_key()),
+                     ("e._domainkey.example.org", ed25519_key()))
+    results, skipped = verify_dkim(signed, keys)
+    assert [(r.result, r.selector, r.algorithm) for r in results] == [
+        ("pass", "e", "ed25519-sha256"), ("pass", "r", "rsa-sha256")]
+    assert skipped == 0
+
+
+def test_tampered_body_fails():
+    signed = dkim_sign(message("alice@example.org", body="Pay 10 EUR.\r\n"), "example.org", "r",
+                       rsa_key())
+    tampered = signed.replace(b"Pay 10 EUR.", b"Pay 99 EUR.")
+    keys = published(("r._domainkey.example.org", rsa_key()))
+    [r] = verify_dkim(tampered, keys)[0]
+    assert (r.result, r.reason) == ("fail", "body hash did not verify")
+    tampered_header = signed.replace(b"Subject: hello", b"Subject: urgent")
+    assert verify_dkim(tampered_header, keys)[0][0].result == "fail"
+
+
+def test_rsa_sha1_and_short_keys_fail():
+    keys = published(("r._domainkey.example.org", rsa_key()),
+                     ("w._domainkey.example.org", weak_rsa_key()))
+    sha1 = dkim_sign(message("alice@example.org"), "example.org", "r", rsa_key(), b"rsa-sha1")
+    [r] = verify_dkim(sha1, keys)[0]
+    assert r.result == "fail" and "rsa-sha1" in r.reason
+    assert keys.asked == []  # refused before any DNS
+    weak = dkim_sign(message("alice@example.org"), "example.org", "w", weak_rsa_key())
+    [r] = verify_dkim(weak, keys)[0]
+    assert r.result == "fail" and "1024" in r.reason
+
+
+def test_missing_revoked_or_garbage_keys_are_permerror_and_dns_trouble_temperror():
+    msg = message("alice@example.org")
+    cases = {
+        "missing": None,
+        "revoked": "v=DKIM1; k=rsa; p=",
+        "garbage": "v=DKIM1; k=rsa; p=!!!not base64!!!",
+        "wrongtype": "v=DKIM1; k=dsa; p=AAAA",
+        "junk": "\x00\xff\xfe nonsense ;;; ==",
+        "slow": "servfail",
+    }
+    keys = Keys({f"{s}._domainkey.example.org": v for s, v in cases.items()})
+    expected = {"missing": "permerror", "revoked": "permerror", "garbage": "permerror",
+                "wrongtype": "permerror", "junk": "permerror", "slow": "temperror"}
+    for selector, result in expected.items():
+        signed = dkim_sign(msg, "example.org", selector, rsa_key())
+        [r] = verify_dkim(signed, keys)[0]
+        assert r.result == result, (selector, r)
+
+
+def test_malformed_signatures_are_permerror_not_a_crash():
+    keys = published(("r._domainkey.example.org", rsa_key()))
+    for sig in (b"DKIM-Signature: garbage\r\n", b"DKIM-Signature: v=1; a=rsa-sha256\r\n",
+                b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=r; h=from; bh=@@; b=@@\r\n",
+                b"DKIM-Signature: \xff\xfe=\x00\r\n"):
+        results, _ = verify_dkim(sig + message("alice@example.org"), keys)
+        assert [r.result for r in results] == ["permerror"], sig
+
+
+def test_hundred_signatures_bounded_work_aligned_first():
+    msg = message("alice@example.org")
+    signed = dkim_sign(msg, "example.org", "r", rsa_key())  # the real one, lowest of all
+    for i in range(99):
+        signed = dkim_sign(signed, f"spam{i}.example", "x", ed25519_key("spam"))
+    keys = published(("r._domainkey.example.org", rsa_key()))
+    results, skipped = verify_dkim(signed, keys, max_signatures=5,
+                                   prefer=lambda d: d.endswith("example.org"))
+    assert len(results) == 5 and skipped == 95
+    assert len(keys.asked) == 5  # one key lookup per verified signature, no more
+    assert results[0].domain == "example.org" and results[0].result == "pass"
+    # without a preference the top five are taken
+    keys.asked.clear()
+    results, skipped = verify_dkim(signed, keys, max_signatures=5)
+    assert [r.domain for r in results] == [f"spam{i}.example" for i in range(98, 93, -1)]
+    assert len(keys.asked) == 5
+
+
+def test_no_signature_is_empty():
+    assert verify_dkim(message("alice@example.org"), Keys({})) == ([], 0)
