@@ -1,4 +1,5 @@
-"""The ``mailsuite`` admin command: users, domains, aliases, queue, config check.
+"""The ``mailsuite`` admin command: users, domains, aliases, queue, DKIM keys, DNS records,
+config check.
 
 It edits ``<data_dir>/directory.json`` under a lock; the running server re-reads it on the next
 lookup, so no restart is needed.  Passwords are read without echo (or from stdin with
@@ -155,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate the config and show what will listen where")
     c.set_defaults(run=cmd_check)
+
+    from mailsuite.mailauth import cli as mailauth_cli
+
+    k = sub.add_parser("dkim", help="DKIM keys: make, list, choose which one signs")
+    mailauth_cli.add_dkim_arguments(k)
+    k.set_defaults(run=mailauth_cli.run_dkim)
+
+    n = sub.add_parser("dns", help="the DNS records a domain needs, and a check of them")
+    mailauth_cli.add_dns_arguments(n)
+    n.set_defaults(run=mailauth_cli.run_dns)
 
     from mailsuite.queue import cli as queue_cli
 

@@ -216,6 +216,11 @@ class Config:
         return self.data_dir / "mail"
 
     @property
+    def dkim_dir(self) -> Path:
+        """DKIM keys: ``<domain>/<selector>.key`` (see mailsuite.mailauth.dkim_keys)."""
+        return self.data_dir / "dkim"
+
+    @property
     def directory_file(self) -> Path:
         return self.data_dir / "directory.json"
 

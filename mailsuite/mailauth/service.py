@@ -30,12 +30,7 @@ from mailsuite.mailauth.dns import BlockingDNS, DNSClient
 from mailsuite.mailauth.inbound import InboundChecker, Verdict
 from mailsuite.mailauth.workers import WorkerPool
 
-__all__ = ["MailAuth", "dkim_dir"]
-
-
-def dkim_dir(config: Config) -> Path:
-    return config.data_dir / "dkim"
-
+__all__ = ["MailAuth"]
 
 class MailAuth(service.Service):
     """See the module docstring.  ``resolver`` is the server's one twisted.names resolver."""
@@ -47,7 +42,7 @@ class MailAuth(service.Service):
         self.workers = WorkerPool(reactor, config.mail_auth.threads)
         self.dns = DNSClient(resolver, reactor, timeout=config.dns.timeout)
         self.blocking_dns = BlockingDNS(self.dns, reactor)
-        self.keys = KeyStore(dkim_dir(config))
+        self.keys = KeyStore(config.dkim_dir)
         self.signer = Signer(self.keys)
         self.inbound = InboundChecker(config.mail_auth, config.hostname, self.workers,
                                       self.blocking_dns, rng)
