@@ -61,6 +61,11 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ('[domains]\nlocal = ["bad..domain"]\n', "[domains] local: 'bad..domain' is not a valid"),
         ('[dns]\nnameservers = ["not-an-ip"]\n', "[dns] nameservers:"),
         ("[smtp]\ntimeout = true\n", "[smtp] timeout: expected an integer"),
+        ("[dns]\ntimeout = 0\n", "[dns] timeout: must be at least 1"),
+        ('[mail_auth]\ndmarc_reject = "drop"\n', "[mail_auth] dmarc_reject: 'drop'"),
+        ("[mail_auth]\nmax_signatures = 0\n", "[mail_auth] max_signatures: must be at least 1"),
+        ('[mail_auth]\nspf = "yes"\n', "[mail_auth] spf: expected bool"),
+        ("[mail_auth]\ndkmi = true\n", "[mail_auth] dkmi: unknown key"),
     ],
 )
 def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, needle: str) -> None:
@@ -91,3 +96,21 @@ def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
     out = result.stdout + result.stderr
     assert f"{f}: [listen] smtp: 'tcp:notaport' has no valid port" in out
     assert "Traceback" not in out
+
+
+def test_mail_auth_defaults_and_values(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    assert (cfg.mail_auth.spf, cfg.mail_auth.dkim, cfg.mail_auth.dmarc, cfg.mail_auth.arc,
+            cfg.mail_auth.sign) == (True, True, True, True, True)
+    assert cfg.mail_auth.dmarc_reject == "reject" and cfg.mail_auth.max_signatures == 5
+    assert cfg.dns.timeout == 10 and cfg.nameservers is None
+    f = tmp_path / "m.toml"
+    f.write_text('[dns]\nnameservers = ["127.0.0.1:5353"]\ntimeout = 3\n'
+                 '[mail_auth]\nspf = false\ndmarc_reject = "quarantine"\nmax_signatures = 2\n'
+                 "threads = 2\nsign = false\n")
+    cfg = load_config(f)
+    assert cfg.nameservers == ("127.0.0.1:5353",) and cfg.dns.timeout == 3
+    assert not cfg.mail_auth.spf and cfg.mail_auth.dmarc_reject == "quarantine"
+    assert (cfg.mail_auth.max_signatures, cfg.mail_auth.threads) == (2, 2)
+    assert not cfg.mail_auth.sign and cfg.mail_auth.verifies
+    assert cfg.dkim_dir == cfg.data_dir / "dkim"
