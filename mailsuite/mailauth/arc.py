@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import dkim
 
-from mailsuite.mailauth.dkim_verify import TxtRecord, quiet_logger
+from mailsuite.mailauth.dkim_verify import TxtRecord, verifier_for
 from mailsuite.mailauth.dns import DNSTempError
 from mailsuite.mailauth.headers import fields, header_section
 
@@ -58,8 +58,7 @@ def verify_arc(message: bytes, txt: TxtRecord, max_sets: int = MAX_SETS) -> ARCR
             raise dkim.DnsTimeoutError(str(e)) from None
 
     try:
-        cv, _results, reason = dkim.ARC(message, logger=quiet_logger(), minkey=1024).verify(
-            dnsfunc=dnsfunc)
+        cv, _results, reason = verifier_for(dkim.ARC, message).verify(dnsfunc=dnsfunc)
     except Exception as e:  # noqa: BLE001 - a malformed chain is a fail, never a lost message
         return ARCResult("fail", len(instances), f"unverifiable: {type(e).__name__} {e}")
     if cv == dkim.CV_Pass:

@@ -13,17 +13,22 @@ function given to it notes what happened and the result is classified from that:
 
 from __future__ import annotations
 
+import base64
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
+from dkim.crypto import HASH_ALGORITHMS
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from mailsuite.mailauth.canon import body_hash
 from mailsuite.mailauth.dns import DNSTempError
 from mailsuite.mailauth.headers import fields, header_section
 
-__all__ = ["DKIMResult", "TxtRecord", "quiet_logger", "verify_dkim"]
+__all__ = ["DKIMResult", "TxtRecord", "quiet_logger", "verifier_for", "verify_dkim"]
 
 MIN_RSA_BITS = 1024
 
@@ -71,6 +76,50 @@ class _KeyLookup:
         return self.record
 
 
+def verifier_for(cls: type[Any], message: bytes) -> Any:
+    """A dkimpy ``DKIM`` or ``ARC`` verifier that checks body hashes with
+    :mod:`~mailsuite.mailauth.canon` (in slices, see there) instead of its own whole-body
+    regular expressions.
+
+    dkimpy is given the header section only; its ``verify_sig`` is wrapped on this instance so
+    that a signature's ``bh=`` is compared with our hash of the real body first (a mismatch
+    raises dkimpy's own "body hash mismatch"), and dkimpy then checks the header hash and the
+    signature as usual.  Each (canonicalization, algorithm, l=) hash is computed once.
+    """
+    section = header_section(message)
+    body = message[len(section):]
+    verifier = cls(section, logger=_QUIET, minkey=MIN_RSA_BITS)
+    original = verifier.verify_sig
+    hashes: dict[tuple[bool, bytes, int | None], bytes] = {}
+
+    def verify_sig(sig: dict[bytes, bytes], include_headers: Any, sig_header: Any,
+                   dnsfunc: Any) -> Any:
+        if b"bh" in sig:
+            c = sig.get(b"c", b"simple/simple").split(b"/", 1)
+            relaxed = (c[1] if len(c) > 1 else b"simple").strip().lower() == b"relaxed"
+            algorithm = sig.get(b"a", b"")
+            if algorithm not in HASH_ALGORITHMS:
+                raise dkim.ValidationError(f"unknown signature algorithm: {algorithm!r}")
+            try:
+                limit = int(sig[b"l"]) if b"l" in sig else None
+            except ValueError:
+                raise dkim.ValidationError("l= is not a number") from None
+            key = (relaxed, algorithm, limit)
+            if key not in hashes:
+                hashes[key] = body_hash(body, relaxed, HASH_ALGORITHMS[algorithm], limit)
+            try:
+                expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+            except ValueError:
+                raise dkim.ValidationError("bh= is not base64") from None
+            if hashes[key] != expected:
+                raise dkim.ValidationError("body hash mismatch")
+            sig = {k: v for k, v in sig.items() if k != b"bh"}
+        return original(sig, include_headers, sig_header, dnsfunc)
+
+    verifier.verify_sig = verify_sig
+    return verifier
+
+
 def _tags(raw_value: bytes) -> dict[bytes, bytes] | None:
     try:
         return parse_tag_value(raw_value)
@@ -105,7 +154,7 @@ def verify_dkim(
             _text(parsed[i].get(b"d")).lower())))  # type: ignore[union-attr]
     chosen, skipped = order[:max_signatures], max(0, len(order) - max_signatures)
     try:
-        verifier = dkim.DKIM(message, logger=quiet_logger(), minkey=MIN_RSA_BITS)
+        verifier = verifier_for(dkim.DKIM, message)
     except dkim.DKIMException as e:
         return [_result("permerror", parsed[i], f"message not parseable: {e}") for i in chosen], \
             skipped

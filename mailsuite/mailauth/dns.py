@@ -20,6 +20,7 @@ import ipaddress
 import queue
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from twisted.names import dns, error
 from twisted.python import threadable
 from twisted.python.failure import Failure
 
+from mailsuite.mailauth.workers import Lane
 from mailsuite.outbound.mx import make_resolver
 
 __all__ = [
@@ -215,13 +217,16 @@ class BlockingDNS:
 
     Like ``blockingCallFromThread`` but with a deadline: if no answer comes within
     ``deadline`` seconds (a wedged or stopping reactor) the call raises :class:`DNSTempError`
-    rather than holding the worker forever.  Never call it on the reactor thread.
+    rather than holding the worker forever.  While it waits it gives up the worker pool's
+    ``lane`` (see :mod:`~mailsuite.mailauth.workers`).  Never call it on the reactor thread.
     """
 
-    def __init__(self, client: DNSClient, reactor: Any, deadline: float | None = None) -> None:
+    def __init__(self, client: DNSClient, reactor: Any, deadline: float | None = None,
+                 lane: Lane | None = None) -> None:
         self.client = client
         self.reactor = reactor
         self.deadline = deadline if deadline is not None else client.timeout + 1.0
+        self.lane = lane
 
     def lookup(self, name: str, qtype: str) -> Answer:
         if threadable.isInIOThread():
@@ -233,7 +238,8 @@ class BlockingDNS:
 
         self.reactor.callFromThread(start)
         try:
-            result = box.get(timeout=self.deadline)
+            with self.lane.released() if self.lane is not None else nullcontext():
+                result = box.get(timeout=self.deadline)
         except queue.Empty:
             raise DNSTempError(f"{qtype} {name}: no answer within {self.deadline:g} s") from None
         if isinstance(result, Failure):

@@ -310,7 +310,7 @@ async def run_checks(config: Config, domain: str, expected: list[Expected],
     workers = WorkerPool(reactor, 2, name="dns-check")
     workers.startService()
     try:
-        doctor = Doctor(config, client, workers, BlockingDNS(client, reactor))
+        doctor = Doctor(config, client, workers, BlockingDNS(client, reactor, lane=workers.lane))
         return await doctor.check(domain, expected, addresses)
     finally:
         await defer.maybeDeferred(workers.stopService)

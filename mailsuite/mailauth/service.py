@@ -41,7 +41,7 @@ class MailAuth(service.Service):
         self.reactor = reactor
         self.workers = WorkerPool(reactor, config.mail_auth.threads)
         self.dns = DNSClient(resolver, reactor, timeout=config.dns.timeout)
-        self.blocking_dns = BlockingDNS(self.dns, reactor)
+        self.blocking_dns = BlockingDNS(self.dns, reactor, lane=self.workers.lane)
         self.keys = KeyStore(config.dkim_dir)
         self.signer = Signer(self.keys)
         self.inbound = InboundChecker(config.mail_auth, config.hostname, self.workers,

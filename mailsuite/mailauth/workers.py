@@ -5,12 +5,20 @@ return an answer before they go on.  They run here, never on the reactor thread,
 reactor's default pool either: local delivery does its fsyncs there, and a burst of messages
 waiting on slow DNS must not hold up the disk writes of every other session.  The pool is a
 twisted Service, started and stopped with the server.
+
+Only one worker at a time runs Python code (the :class:`Lane`); the others wait for DNS (a
+worker gives the lane up while it waits, see ``BlockingDNS``) or for the lane.  CPython runs
+one thread's bytecode at a time anyway, so this costs no throughput; what it buys is the
+reactor's turn: a thread asking for the GIL competes with every thread that wants it, and with
+eight busy workers the reactor waited hundreds of milliseconds for its turn (measured with
+bench/mailauth_checks.py), where against one it waits one switch interval.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.application import service
@@ -18,7 +26,7 @@ from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["WorkerPool", "WorkersStopped"]
+__all__ = ["Lane", "WorkerPool", "WorkersStopped"]
 
 T = TypeVar("T")
 
@@ -27,12 +35,45 @@ class WorkersStopped(RuntimeError):
     """Work was handed to the pool while it is not running (before start, or after stop)."""
 
 
+class Lane:
+    """A lock held by the worker running Python code, given up while it waits (on DNS)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self._lock.acquire()
+        self._local.held = True
+        try:
+            yield
+        finally:
+            self._local.held = False
+            self._lock.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Give the lane up for the duration (a no-op in a thread that does not hold it)."""
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._local.held = True
+
+
 class WorkerPool(service.Service):
     """At most ``threads`` worker threads; ``run(f, ...)`` calls ``f`` in one of them."""
 
     def __init__(self, reactor: Any, threads: int, name: str = "mailauth") -> None:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
+        self.lane = Lane()
         self._accepting = False
 
     def startService(self) -> None:  # noqa: N802
@@ -59,7 +100,13 @@ class WorkerPool(service.Service):
         return done
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
-        """``f(*args, **kwargs)`` in a worker thread; the Deferred fires on the reactor."""
+        """``f(*args, **kwargs)`` in a worker thread, holding the lane; the Deferred fires on
+        the reactor."""
         if not self._accepting:
             return defer.fail(WorkersStopped("the mail-auth worker pool is not running"))
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
+
+        def in_lane() -> T:
+            with self.lane.held():
+                return f(*args, **kwargs)
+
+        return threads.deferToThreadPool(self.reactor, self.pool, in_lane)
