@@ -144,10 +144,10 @@ def run_dns(cfg: Config, args: argparse.Namespace) -> int:
     expected = expected_records(cfg, domain, store.keys(domain), store.signing(domain),
                                 addresses)
     if args.action == "records":
-        for e in expected:
-            print(e.zone_line())
-            if e.note:
-                print(f"; ^ {e.note}")
+        for record in expected:
+            print(record.zone_line())
+            if record.note:
+                print(f"; ^ {record.note}")
         if not addresses:
             print(f"; also: {cfg.hostname}. IN A/AAAA <the server's address>, and its PTR "
                   "(give --ip ADDRESS to print them)")
@@ -184,18 +184,21 @@ def _report(findings: list[Finding]) -> int:
 
 def _in_reactor(make: Any) -> Any:
     """Run ``make(reactor)`` (a coroutine) on the global reactor until it finishes."""
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
+    from twisted.internet import reactor as global_reactor
     from twisted.python.failure import Failure
+
+    reactor: Any = global_reactor
 
     result: list[Any] = []
 
     def start() -> None:
         d = defer.ensureDeferred(make(reactor))
         d.addBoth(result.append)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        d.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
     if isinstance(result[0], Failure):
         result[0].raiseException()
     return result[0]

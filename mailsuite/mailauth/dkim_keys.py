@@ -96,9 +96,9 @@ def _new_key(kind: str) -> tuple[bytes, str, int]:
         private = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.TraditionalOpenSSL,
                                     serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-        return private, base64.b64encode(public).decode("ascii"), RSA_BITS
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        return private, base64.b64encode(der).decode("ascii"), RSA_BITS
     if kind == "ed25519":
         signing = nacl.signing.SigningKey.generate()
         private = signing.encode(encoder=nacl.encoding.Base64Encoder) + b"\n"

@@ -122,7 +122,8 @@ def verifier_for(cls: type[Any], message: bytes) -> Any:
 
 def _tags(raw_value: bytes) -> dict[bytes, bytes] | None:
     try:
-        return parse_tag_value(raw_value)
+        tags: dict[bytes, bytes] = parse_tag_value(raw_value)
+        return tags
     except (InvalidTagValueList, ValueError, IndexError):
         return None
 

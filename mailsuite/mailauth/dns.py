@@ -229,7 +229,7 @@ class BlockingDNS:
         self.lane = lane
 
     def lookup(self, name: str, qtype: str) -> Answer:
-        if threadable.isInIOThread():
+        if threadable.isInIOThread():  # type: ignore[no-untyped-call]
             raise RuntimeError("BlockingDNS.lookup called on the reactor thread")
         box: queue.SimpleQueue[Answer | Failure] = queue.SimpleQueue()
 
@@ -243,7 +243,7 @@ class BlockingDNS:
         except queue.Empty:
             raise DNSTempError(f"{qtype} {name}: no answer within {self.deadline:g} s") from None
         if isinstance(result, Failure):
-            if result.check(DNSTempError):
+            if isinstance(result.value, DNSTempError):
                 raise result.value
             raise DNSTempError(f"{qtype} {name}: {result.getErrorMessage()}")
         return result

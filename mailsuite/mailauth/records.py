@@ -113,7 +113,8 @@ def expected_records(config: Config, domain: str, keys: Sequence[DKIMKey],
         ports = [listen_port(x) for x in descs]
         public = [p for p, loop in ports if p is not None and not loop]
         local = [p for p, loop in ports if p is not None and loop]
-        port = (public or local or [None])[0]
+        chosen = public or local
+        port = chosen[0] if chosen else None
         if port is None:
             note = "not offered (RFC 6186: target '.' says so)" if not descs else \
                 "listens on a socket whose port is not known here"
