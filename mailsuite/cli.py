@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     queue_cli.add_arguments(q)
     q.set_defaults(run=queue_cli.run)
 
+    from mailsuite.sieve import cli as sieve_cli
+
+    s = sub.add_parser("sieve", help="users' filter scripts: list, get, put, activate, log")
+    sieve_cli.add_arguments(s)
+    s.set_defaults(run=sieve_cli.run)
+
     return p
 
 

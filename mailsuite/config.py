@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+SERVICES = (
+    "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
+)
 
 #: The embedded default, the same values as the commented ``etc/mailsuite.toml``
 #: (a unit test keeps the two in step).
@@ -32,6 +34,7 @@ imap = ["tcp:2143:interface=127.0.0.1"]
 imaps = ["tcp:2993:interface=127.0.0.1"]
 pop3 = ["tcp:2110:interface=127.0.0.1"]
 pop3s = ["tcp:2995:interface=127.0.0.1"]
+managesieve = ["tcp:24190:interface=127.0.0.1"]
 
 [domains]
 local = ["example.test"]
@@ -188,6 +191,19 @@ class MailAuthConfig:
 
 
 @dataclass(frozen=True)
+class SieveConfig:
+    """Limits of Sieve filtering (RFC 5228 10) and of ManageSieve (RFC 5804)."""
+
+    max_script_size: int = 1024 * 1024  # bytes; also the largest ManageSieve literal
+    max_scripts: int = 100  # per user
+    max_actions: int = 32  # per message
+    max_redirects: int = 4  # per message
+    max_run_time: int = 5  # seconds one script may run for one message
+    vacation_min_period: int = 86400  # RFC 5230 4.1: one day unless the site allows less
+    vacation_max_period: int = 90 * 86400
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -202,6 +218,7 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     dns: DNSConfig = field(default_factory=DNSConfig)
     mail_auth: MailAuthConfig = field(default_factory=MailAuthConfig)
+    sieve: SieveConfig = field(default_factory=SieveConfig)
 
     @property
     def nameservers(self) -> tuple[str, ...] | None:
@@ -406,7 +423,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
     where = str(path) if path else "<embedded default>"
     known = {"server", "listen", "tls", "domains", "relay", "smtp", "auth", "imap", "pop3", "dns",
-             "mail_auth"}
+             "mail_auth", "sieve"}
     for section in data:
         if section not in known:
             raise ConfigError(f"{where}: [{section}]: unknown section")
@@ -564,6 +581,21 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     )
     pop3_r.finish()
 
+    sieve_r = _Reader(where, "sieve", data.get("sieve", {}))
+    d = SieveConfig
+    sieve = SieveConfig(
+        max_script_size=sieve_r.positive("max_script_size", d.max_script_size, 1024),
+        max_scripts=sieve_r.positive("max_scripts", d.max_scripts),
+        max_actions=sieve_r.positive("max_actions", d.max_actions),
+        max_redirects=sieve_r.positive("max_redirects", d.max_redirects, 0),
+        max_run_time=sieve_r.positive("max_run_time", d.max_run_time),
+        vacation_min_period=sieve_r.positive("vacation_min_period", d.vacation_min_period, 0),
+        vacation_max_period=sieve_r.positive("vacation_max_period", d.vacation_max_period),
+    )
+    if sieve.vacation_max_period < sieve.vacation_min_period:
+        raise sieve_r.fail("vacation_max_period", "must not be less than vacation_min_period")
+    sieve_r.finish()
+
     dns_r = _Reader(where, "dns", data.get("dns", {}))
     nameservers = dns_r.strings("nameservers") or None
     for ns in nameservers or ():
@@ -612,6 +644,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         pop3=pop3,
         dns=dns_config,
         mail_auth=mail_auth,
+        sieve=sieve,
     )
 
 

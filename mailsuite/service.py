@@ -44,6 +44,7 @@ FACTORIES: dict[str, tuple[str, bool]] = {
     "imaps": ("mailsuite.imap.server:imap_factory", True),
     "pop3": ("mailsuite.pop3.server:pop3_factory", False),
     "pop3s": ("mailsuite.pop3.server:pop3_factory", True),
+    "managesieve": ("mailsuite.managesieve.server:managesieve_factory", False),
 }
 
 
@@ -73,7 +74,8 @@ def _server_tls(config: Config, runtime: Runtime) -> Any | None:
         needs_tls = any(
             config.listen.get(s) for s in ("submission", "submissions", "imaps", "pop3s")
         )
-        if not needs_tls and not any(config.listen.get(s) for s in ("imap", "pop3")):
+        starttls = ("imap", "pop3", "managesieve")
+        if not needs_tls and not any(config.listen.get(s) for s in starttls):
             return None
         cert, key = tls.ensure_self_signed(config.data_dir, config.hostname)
         log.warn(

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mailsuite.testing.process import mailsuite_argv
 
-SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+SERVICES = (
+    "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
+)
 PASSWORD = "correct horse battery"
 
 

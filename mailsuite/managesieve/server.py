@@ -1,0 +1,223 @@
+"""ManageSieve service (RFC 5804) on ``[listen] managesieve``: the Twisted side of
+:mod:`.session`.  Our own code on ``basic.LineReceiver`` (Twisted has no ManageSieve).
+
+Only I/O here: lines go to the :class:`~.parser.CommandReader`; literals are read in raw mode
+(exactly N octets; an oversized one is skipped, never buffered); each complete command runs
+in the thread pool (script commands touch files) with input paused, so pipelined commands
+are answered in order.  STARTTLS drops everything the client sent after the command
+(``clearLineBuffer`` and a fresh reader) before the handshake -- the STARTTLS injection
+class of bug (RFC 5804 2.2).  Logins go through the shared :class:`~mailsuite.auth.
+Authenticator`: the same accounts and the same failure throttling as IMAP and POP3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, protocol, threads
+from twisted.logger import Logger
+from twisted.protocols import basic, policies
+from twisted.python.failure import Failure
+
+from mailsuite.auth import LoginResult
+from mailsuite.managesieve.parser import BadCommand, Command, CommandReader, NeedLiteral
+from mailsuite.managesieve.session import (
+    NO_TEMP,
+    Authenticate,
+    Close,
+    Options,
+    Session,
+    StartTLS,
+    State,
+    Step,
+    response,
+)
+from mailsuite.runtime import Runtime
+from mailsuite.sieve.storage import ScriptStore
+
+log = Logger(namespace="mailsuite.managesieve")
+
+PREAUTH_TIMEOUT = 120
+IDLE_TIMEOUT = 1800
+MAX_LINE = 8192
+
+
+class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
+    delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.session = Session(options, self._store_for, tls=implicit_tls)
+        self.reader = CommandReader(options.max_script_size)
+        self.peer = "?"
+        self._literal: bytearray | None = None
+        self._literal_left = 0
+        self._discarding = False
+
+    def _store_for(self, user: str) -> ScriptStore:
+        cfg = self.runtime.config.sieve
+        root = self.runtime.directory.mailbox_root(user)
+        return ScriptStore(root, cfg.max_scripts, cfg.max_script_size)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", str(peer))
+        self.setTimeout(PREAUTH_TIMEOUT)
+        self.transport.write(self.session.greeting())
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.setTimeout(None)
+        self.session.state = State.CLOSED
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        self.transport.write(response("BYE", "Idle timeout, closing connection"))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        self.transport.write(response("BYE", "Line too long, closing connection"))
+        self.transport.loseConnection()
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        if self.session.state is State.CLOSED:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._handle(self.reader.feed_line(line))
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        take = data[: self._literal_left]
+        rest = data[self._literal_left:]
+        self._literal_left -= len(take)
+        if self._literal is not None:
+            self._literal += take
+        if self._literal_left > 0:
+            return
+        literal, self._literal = self._literal, None
+        discarding, self._discarding = self._discarding, False
+        self.setLineMode()
+        if not discarding and literal is not None:
+            self._handle(self.reader.feed_literal(bytes(literal)))
+        if rest:
+            self.dataReceived(rest)
+
+    def _handle(self, result: Any) -> None:
+        if result is None:
+            return
+        if isinstance(result, NeedLiteral):
+            self._read_literal(result.size, keep=True)
+        elif isinstance(result, BadCommand):
+            self.reader.reset()
+            if result.close:
+                self.transport.write(response("BYE", result.reason))
+                self.transport.loseConnection()
+                return
+            step = self.session.bad(result.reason, result.code)
+            self._perform(step)
+            if result.discard and self.session.state is not State.CLOSED:
+                self._read_literal(result.discard, keep=False)
+        elif isinstance(result, Command):
+            self._run(result)
+
+    def _read_literal(self, size: int, keep: bool) -> None:
+        self._literal = bytearray() if keep else None
+        self._discarding = not keep
+        self._literal_left = size
+        if size == 0:
+            if keep:
+                self._literal = None
+                self._handle(self.reader.feed_literal(b""))
+            return
+        self.setRawMode()
+
+    def _run(self, cmd: Command) -> None:
+        self.pauseProducing()
+        reactor = self.runtime.reactor
+        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.session.command, cmd)
+
+        def failed(f: Failure) -> Step:
+            log.failure("ManageSieve: {cmd} failed for {peer}", f, cmd=cmd.name, peer=self.peer)
+            return Step(NO_TEMP)
+
+        d.addErrback(failed)
+        d.addCallback(self._perform)
+        d.addBoth(self._resume)
+
+    def _resume(self, _: object) -> None:
+        if self.session.state not in (State.CLOSED, State.LOGIN) and self.transport.connected:
+            self.resumeProducing()
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _perform(self, step: Step) -> None:
+        if not self.transport.connected:
+            return
+        if step.out:
+            self.transport.write(step.out)
+        action = step.action
+        if isinstance(action, Close):
+            self.transport.loseConnection()
+        elif isinstance(action, StartTLS):
+            self._start_tls()
+        elif isinstance(action, Authenticate):
+            self.pauseProducing()
+            self._authenticate(action).addBoth(self._resume)
+
+    def _start_tls(self) -> None:
+        dropped = self.clearLineBuffer()
+        if dropped:
+            log.warn("ManageSieve: discarded {n} bytes pipelined after STARTTLS from {peer}",
+                     n=len(dropped), peer=self.peer)
+        self.reader.reset()
+        self.transport.startTLS(self.runtime.tls)
+        self.transport.write(self.session.tls_started())
+
+    @defer.inlineCallbacks
+    def _authenticate(self, action: Authenticate) -> Any:
+        try:
+            result: LoginResult | None = yield self.runtime.auth.login(
+                action.username, action.password, self.peer, "managesieve"
+            )
+        except Exception:
+            log.failure("ManageSieve: login check failed")
+            result = None
+        if not self.transport.connected:
+            return
+        step = self.session.login_finished(result)
+        if self.session.state is State.AUTH:
+            self.setTimeout(IDLE_TIMEOUT)
+        self._perform(step)
+
+
+class ManageSieveFactory(protocol.ServerFactory):
+    noisy = False
+
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.options = options
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> ManageSieveProtocol:  # noqa: N802
+        p = ManageSieveProtocol(self.runtime, self.options, self.implicit_tls)
+        p.factory = self
+        return p
+
+
+def managesieve_factory(runtime: Runtime, implicit_tls: bool) -> ManageSieveFactory:
+    """``[listen] managesieve`` (4190, STARTTLS)."""
+    cfg = runtime.config
+    options = Options(
+        hostname=cfg.hostname,
+        tls_available=runtime.tls is not None,
+        allow_plaintext=cfg.auth.allow_plaintext,
+        max_script_size=cfg.sieve.max_script_size,
+        max_scripts=cfg.sieve.max_scripts,
+        max_redirects=cfg.sieve.max_redirects,
+    )
+    return ManageSieveFactory(runtime, options, implicit_tls)

@@ -1,0 +1,182 @@
+"""How local delivery applies a :class:`~.engine.SieveOutcome`, with the blocking helpers.
+
+For each local recipient, after the message file is durable and before it is renamed into
+place, delivery calls ``SieveFilter.evaluate(path, SieveEnvelope(sender, rcpt, user),
+offset=<after Return-Path>, size=<CRLF size>)`` in its thread and then, per action:
+
+``Keep(flags)``
+    store in INBOX (``root``); with flags, through :func:`store_message` (``cur/`` with the
+    ``:2,`` letters and ``dovecot-keywords`` via the index, RFC 5232), without, exactly as
+    today (``new/``).
+``FileInto(mailbox, flags, create)``
+    :func:`prepare_folder` gives the folder: created (and subscribed) with ``create``
+    (RFC 5490 3.2), else an existing one; a missing or invalid folder falls back to INBOX
+    with a line in the user's sieve log (never a lost message).  Then as Keep.
+``Redirect(address, copy)``
+    queue ``path[return_path_end:]`` -- with our ``Delivered-To`` line, which is how a
+    message that comes back is recognised (``evaluate`` drops redirects when it sees the
+    user's Delivered-To twice) -- for ``address`` with the *original* envelope sender
+    (RFC 5228 4.2), through the outbound queue (``runtime.queue.enqueue_file``).
+``Discard``
+    store nothing for this recipient (log it).
+``Reject(reason, extended)``
+    RFC 5429 2.1/2.2: when this recipient is the transaction's only one and the script ran
+    before the final reply, answer :func:`smtp_reply` (550 5.7.1 with the reason) instead
+    of 250; otherwise (several recipients, or after 250) queue :func:`rejection_message`
+    to the envelope sender with the null reverse-path -- unless the sender is null.
+``outcome.vacation``
+    ``queue.enqueue_bytes(reply.message, reply.sender, [reply.recipient])`` -- already
+    recorded in the user's vacation store, so queue it once.
+``outcome.error`` / ``outcome.notes``
+    log them (the user's sieve log already has the error).
+
+Every store for one recipient happens before the 250 (or before the queue entry is marked
+done), so a crash repeats the delivery rather than losing it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import quopri
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailsuite.imap import utf7
+from mailsuite.sieve.actions import Reject
+from mailsuite.sieve.interpreter import SieveEnvelope
+from mailsuite.smtp.replies import Reply
+from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.mailbox import Account, MailboxError
+from mailsuite.store.maildir import FolderNameError, fsync_dir, write_tmp
+
+
+def folder_for(root: Path, mailbox: str) -> Path:
+    """The directory of the folder a script names (UTF-8, hierarchy ``.`` or ``/``);
+    ValueError when the name is not usable."""
+    if mailbox.upper() == "INBOX":
+        return root
+    name = ".".join(part for part in mailbox.replace("/", ".").split("."))
+    try:
+        return Account(root).path(utf7.encode(name))
+    except (MailboxError, FolderNameError) as e:
+        raise ValueError(str(e)) from None
+
+
+def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | None]:
+    """(folder to store in, note for the log or None).  Falls back to INBOX, never fails."""
+    try:
+        path = folder_for(root, mailbox)
+    except ValueError as e:
+        return root, f"fileinto {mailbox!r}: {e}; delivered to INBOX"
+    if (path / "cur").is_dir():
+        return path, None
+    if not create:
+        return root, f"fileinto {mailbox!r}: no such folder; delivered to INBOX"
+    account = Account(root)
+    wire = utf7.encode(".".join(mailbox.replace("/", ".").split(".")))
+    try:
+        account.create(wire)
+    except MailboxError as e:
+        if not (path / "cur").is_dir():
+            return root, f"fileinto {mailbox!r}: cannot create it ({e}); delivered to INBOX"
+    try:
+        account.subscribe(wire)
+    except (MailboxError, OSError):
+        pass
+    return path, None
+
+
+def store_message(src: Path, offset: int, head: bytes, folder: Path,
+                  flags: frozenset[str]) -> None:
+    """Durably store ``head`` + ``src[offset:]`` in ``folder`` with ``flags`` (through the
+    folder index, which assigns keyword letters under its lock).  Blocking."""
+    tmp, unique, size, wsize = write_tmp(folder, _chunks(src, offset, head))  # type: ignore[arg-type]
+    if not flags:
+        final = folder / "new" / f"{unique},S={size},W={wsize}"
+        os.rename(tmp, final)
+        fsync_dir(folder / "new")
+        return
+    index = FolderIndex(folder)
+    try:
+        index.add_files([NewFile(tmp, unique, flags, size, wsize)])
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        index.close()
+
+
+def _chunks(src: Path, offset: int, head: bytes) -> Iterator[bytes]:
+    """``head`` then the file from ``offset`` in 1 MiB pieces (memory stays flat)."""
+    yield head
+    with open(src, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1024 * 1024):
+            yield chunk
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def smtp_reply(reject: Reject) -> Reply:
+    """RFC 5429 2.1: refuse in the SMTP dialogue (550 5.7.1, the script's reason)."""
+    reason = _one_line(reject.reason).encode("ascii", "replace").decode("ascii")
+    return Reply(550, "5.7.1", reason or "Message rejected by the recipient's filter")
+
+
+def rejection_message(reject: Reject, envelope: SieveEnvelope, original_head: bytes,
+                      hostname: str, now: datetime | None = None) -> bytes:
+    """RFC 5429 2.2: the rejection as an MDN (RFC 3798) with disposition "deleted", sent to
+    the envelope sender with the null reverse-path.  ``original_head`` is the original's
+    header section (LF line ends); LF-ended bytes ready for the queue."""
+    when = email.utils.format_datetime(now or datetime.now(UTC))
+    boundary = f"rejection-{uuid.uuid4().hex}"
+    reason = reject.reason.replace("\r\n", "\n")
+    if not reason.endswith("\n"):
+        reason += "\n"
+    human = quopri.encodestring(reason.encode("utf-8")).replace(b"\r\n", b"\n")
+    original_id = ""
+    for line in original_head.split(b"\n"):
+        if line[:11].lower() == b"message-id:":
+            original_id = _one_line(line[11:].decode("utf-8", "replace"))
+    head = [
+        f"Date: {when}",
+        f"From: Mail Delivery Subsystem <MAILER-DAEMON@{hostname}>",
+        f"To: <{envelope.sender}>",
+        f"Subject: Rejected: message to {envelope.recipient}",
+        f"Message-ID: <{uuid.uuid4().hex}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=disposition-notification;\n'
+        f' boundary="{boundary}"',
+    ]
+    if original_id:
+        head.append(f"In-Reply-To: {original_id}")
+    report = [
+        f"Reporting-UA: {hostname}; mailsuite",
+        f"Final-Recipient: rfc822; {envelope.user}",
+        f"Original-Recipient: rfc822; {envelope.recipient}",
+        "Disposition: automatic-action/MDN-sent-automatically; deleted",
+    ]
+    if original_id:
+        report.append(f"Original-Message-ID: {original_id}")
+    b = boundary.encode()
+    out = bytearray(("\n".join(head) + "\n\n").encode("utf-8"))
+    out += b"This is a MIME-encapsulated message.\n\n--" + b + b"\n"
+    out += (b"Content-Type: text/plain; charset=utf-8\n"
+            b"Content-Transfer-Encoding: quoted-printable\n\n")
+    out += human if human.endswith(b"\n") else human + b"\n"
+    out += b"\n--" + b + b"\nContent-Type: message/disposition-notification\n\n"
+    out += ("\n".join(report) + "\n").encode("utf-8")
+    out += b"\n--" + b + b"\nContent-Type: text/rfc822-headers\n\n"
+    out += original_head if original_head.endswith(b"\n") else original_head + b"\n"
+    out += b"\n--" + b + b"--\n"
+    return bytes(out)

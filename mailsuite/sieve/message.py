@@ -1,0 +1,190 @@
+"""The message as a Sieve script sees it: header fields, addresses, body parts, size.
+
+Headers are read once, up to the blank line, and kept as raw unfolded values; the decoded
+form (RFC 2047 encoded-words, RFC 5228 5.7: header comparisons are on decoded text) is made
+on demand.  The body is read only when a ``body`` test asks (RFC 5173), at most
+:data:`MAX_BODY` bytes of it, and parsed with the stdlib ``email`` package.  Blocking file
+I/O: it runs in the delivery's thread like the rest of the interpreter.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import Callable
+from email.header import decode_header, make_header
+from email.message import Message
+from email.utils import getaddresses
+from pathlib import Path
+
+#: Largest header section read (bigger ones are cut here; the message is still delivered).
+MAX_HEADER = 1024 * 1024
+#: Largest body the ``body`` test looks at.
+MAX_BODY = 10 * 1024 * 1024
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")  # RFC 6532 header fields are UTF-8
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def split_headers(head: bytes) -> list[tuple[str, str]]:
+    """Header section -> [(lower-case name, unfolded value)] in order (RFC 5322 2.2.3:
+    unfolding removes the line breaks, keeping the white space)."""
+    fields: list[tuple[str, str]] = []
+    for line in head.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + _text(line))
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            continue  # not a header field (a From_ line, garbage): skipped
+        fields.append((_text(name).lower(), _text(value).lstrip(" \t")))
+    return [(n, v.rstrip(" \t")) for n, v in fields]
+
+
+def decode_words(value: str) -> str:
+    """RFC 2047 encoded-words to text; a value that does not decode is used as it is."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except (ValueError, LookupError, UnicodeError, AssertionError):
+        return value
+
+
+class MessageView:
+    """Read-only access for tests; build it with :meth:`from_file` or :meth:`from_bytes`."""
+
+    def __init__(self, fields: list[tuple[str, str]], size: int,
+                 body_source: Callable[[], bytes]) -> None:
+        self.fields = fields
+        self.size = size
+        self._body_source = body_source
+        self._parsed: Message | None = None
+        self._raw_body: bytes | None = None
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MessageView:
+        head, body = _split(data)
+        size = len(data) + data.count(b"\n") - data.count(b"\r\n")
+        return cls(split_headers(head), size, lambda: body[:MAX_BODY])
+
+    @classmethod
+    def from_file(cls, path: Path, offset: int = 0, size: int | None = None) -> MessageView:
+        """``path[offset:]`` is the message; ``size`` its RFC 5322 (CRLF) size when the
+        caller knows it (delivery records it), else the file's size is used."""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            head = _read_head(f)
+            body_at = offset + len(head)
+        if size is None:
+            size = max(path.stat().st_size - offset, 0)
+        fields = split_headers(head)
+
+        def body() -> bytes:
+            with open(path, "rb") as f:
+                f.seek(body_at)
+                return f.read(MAX_BODY)
+
+        return cls(fields, size, body)
+
+    # -- headers -------------------------------------------------------------------------------
+
+    def raw(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for n, v in self.fields if n == name]
+
+    def header(self, name: str) -> list[str]:
+        return [decode_words(v) for v in self.raw(name)]
+
+    def exists(self, name: str) -> bool:
+        name = name.lower()
+        return any(n == name for n, _ in self.fields)
+
+    def addresses(self, values: list[str]) -> list[str]:
+        """The addr-specs in address header values (display names and groups dropped)."""
+        out = []
+        for _name, addr in getaddresses(values):
+            if addr:
+                out.append(addr)
+        return out
+
+    # -- body ----------------------------------------------------------------------------------
+
+    def raw_body(self) -> bytes:
+        if self._raw_body is None:
+            data = self._body_source()
+            self._raw_body = data[2:] if data.startswith(b"\r\n") else (
+                data[1:] if data.startswith(b"\n") else data)
+        return self._raw_body
+
+    def parsed(self) -> Message:
+        if self._parsed is None:
+            head = "".join(f"{n}: {v}\n" for n, v in self.fields
+                           if n in ("content-type", "content-transfer-encoding", "mime-version"))
+            self._parsed = email.message_from_bytes(
+                head.encode("utf-8", "replace") + b"\n" + self.raw_body(),
+                policy=email.policy.compat32,
+            )
+        return self._parsed
+
+    def body_texts(self, types: list[str] | None) -> list[str]:
+        """RFC 5173 5.2 ``:content``: the decoded text of the parts whose type matches one
+        of ``types`` (``"text"`` matches any text/ subtype, ``""`` every part); ``None``
+        means ``:raw``."""
+        if types is None:
+            return [_text(self.raw_body())]
+        wanted = [t.lower() for t in types]
+        out: list[str] = []
+        for part in self.parsed().walk():
+            ctype = part.get_content_type().lower()
+            main = ctype.split("/", 1)[0]
+            if not any(w == "" or w == ctype or ("/" not in w and w == main) for w in wanted):
+                continue
+            if part.is_multipart():
+                # a multipart's own text is its prologue and epilogue (RFC 5173 5.2)
+                extra = (part.preamble or "") + (part.epilogue or "")
+                if extra:
+                    out.append(extra)
+                continue
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):
+                continue
+            charset = part.get_content_charset() or "us-ascii"
+            try:
+                out.append(payload.decode(charset, "replace"))
+            except LookupError:
+                out.append(payload.decode("utf-8", "replace"))
+        return out
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = data.find(sep)
+        if at >= 0:
+            return data[:at + len(sep) // 2], data[at + len(sep) // 2:]
+    if data.startswith((b"\r\n", b"\n")):
+        return b"", data
+    return data, b""
+
+
+def _read_head(f: object) -> bytes:
+    """Lines up to and including the first empty one (or MAX_HEADER bytes)."""
+    lines: list[bytes] = []
+    total = 0
+    while total < MAX_HEADER:
+        line = f.readline(MAX_HEADER - total)  # type: ignore[attr-defined]
+        if not line:
+            break
+        if line in (b"\n", b"\r\n"):
+            break
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
