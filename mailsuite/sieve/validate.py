@@ -325,11 +325,11 @@ class _Checker:
             value: Any = None
             if ts.takes is not None:
                 if i >= len(args):
-                    raise SieveParseError(line, f":{arg.name} needs a {_kind(ts.takes)}")
+                    raise SieveParseError(line, f":{arg.name} needs {_kind(ts.takes)}")
                 value = args[i]
                 i += 1
                 if not _fits(value, ts.takes):
-                    raise SieveParseError(line, f":{arg.name} needs a {_kind(ts.takes)}")
+                    raise SieveParseError(line, f":{arg.name} needs {_kind(ts.takes)}")
                 value = self._decode(value)
                 if ts.takes == "strings" and isinstance(value, str):
                     value = [value]
@@ -470,4 +470,4 @@ def _fits(value: Any, kind: str) -> bool:
 
 
 def _kind(kind: str) -> str:
-    return {"number": "number", "string": "string", "strings": "string list"}[kind]
+    return {"number": "a number", "string": "a string", "strings": "a string list"}[kind]

@@ -1,0 +1,88 @@
+"""Property tests for the Sieve parser: no exception but SieveParseError on any input, and
+generated scripts survive serialize -> parse unchanged."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailsuite.managesieve.parser import CommandReader
+from mailsuite.sieve.grammar import (
+    Command,
+    SieveParseError,
+    Tag,
+    Test,
+    parse,
+    parse_bytes,
+    serialize,
+)
+from mailsuite.sieve.validate import compile_script
+
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda s: s != "text")
+STRING = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                 max_size=20)
+ARG = st.one_of(
+    IDENT.map(Tag),
+    st.integers(min_value=0, max_value=2**40),
+    STRING,
+    st.lists(STRING, min_size=1, max_size=3).map(tuple),
+)
+
+
+def sieve_tests(depth: int) -> st.SearchStrategy[Test]:
+    sub: st.SearchStrategy[Test | tuple[Test, ...] | None] = st.none()
+    if depth > 0:
+        inner = st.deferred(lambda: sieve_tests(depth - 1))
+        sub = st.one_of(st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple))
+    return st.builds(Test, IDENT, st.lists(ARG, max_size=4).map(tuple), sub)
+
+
+def sieve_commands(depth: int) -> st.SearchStrategy[tuple[Command, ...]]:
+    block: st.SearchStrategy[tuple[Command, ...] | None] = st.none()
+    if depth > 0:
+        block = st.one_of(st.none(), st.deferred(lambda: sieve_commands(depth - 1)))
+    test = st.one_of(st.none(), sieve_tests(2),
+                     st.lists(sieve_tests(1), min_size=1, max_size=3).map(tuple))
+    cmd = st.builds(Command, IDENT, st.lists(ARG, max_size=4).map(tuple), test, block)
+    return st.lists(cmd, max_size=4).map(tuple)
+
+
+@given(sieve_commands(3))
+@settings(max_examples=200, deadline=None)
+def test_round_trip(tree: tuple[Command, ...]) -> None:
+    text = serialize(tree)
+    assert parse(text) == tree
+    assert serialize(parse(text)) == text
+
+
+SIEVE_ALPHABET = st.sampled_from(list('ifelsheadrtxkp:;{}[](),"\\#/*\n\r .0123456789KMG')
+                                 + ["text:", "require", "\"fileinto\"", ":contains", "\x00"])
+
+
+@given(st.one_of(st.text(max_size=200), st.lists(SIEVE_ALPHABET, max_size=80).map("".join)))
+@settings(max_examples=500, deadline=None)
+def test_any_text_gives_a_tree_or_a_parse_error(text: str) -> None:
+    for f in (parse, compile_script):
+        try:
+            f(text)
+        except SieveParseError as e:
+            assert e.line >= 1 and e.reason
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_give_a_tree_or_a_parse_error(data: bytes) -> None:
+    try:
+        parse_bytes(data)
+    except SieveParseError:
+        pass
+
+
+@given(st.lists(st.binary(max_size=60), max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_managesieve_reader_never_raises(lines: list[bytes]) -> None:
+    reader = CommandReader(max_literal=100)
+    for line in lines:
+        result = reader.feed_line(line.replace(b"\n", b""))
+        if result is not None and type(result).__name__ == "NeedLiteral":
+            reader.feed_literal(b"x" * result.size)  # type: ignore[union-attr]
