@@ -138,8 +138,7 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
 
     def _run(self, cmd: Command) -> None:
         self.pauseProducing()
-        reactor = self.runtime.reactor
-        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self.session.command, cmd)
+        d = self._in_thread(self.session.command, cmd)
 
         def failed(f: Failure) -> Step:
             log.failure("ManageSieve: {cmd} failed for {peer}", f, cmd=cmd.name, peer=self.peer)
@@ -147,7 +146,13 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
 
         d.addErrback(failed)
         d.addCallback(self._perform)
+        d.addErrback(lambda f: log.failure("ManageSieve: sending the reply to {peer} failed", f,
+                                           peer=self.peer))
         d.addBoth(self._resume)
+
+    def _in_thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        reactor = self.runtime.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def _resume(self, _: object) -> None:
         if self.session.state not in (State.CLOSED, State.LOGIN) and self.transport.connected:
