@@ -77,9 +77,8 @@ class _Frame:
     requires: frozenset[str]
     scope: Scope
 
-    @property
-    def variables(self) -> bool:
-        return "variables" in self.requires
+    def __post_init__(self) -> None:
+        self.variables = "variables" in self.requires
 
 
 def _address_part(address: str, part: str) -> str | None:
@@ -171,7 +170,9 @@ class Interpreter:
         return expand(text, frame.scope, self.matches) if frame.variables else text
 
     def _xs(self, items: list[str], frame: _Frame) -> list[str]:
-        return [self._x(s, frame) for s in items] if frame.variables else items
+        if not frame.variables or not any("${" in s for s in items):
+            return items
+        return [expand(s, frame.scope, self.matches) for s in items]
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -69,6 +69,9 @@ class MessageView:
         self._body_source = body_source
         self._parsed: Message | None = None
         self._raw_body: bytes | None = None
+        self._by_name: dict[str, list[str]] | None = None
+        self._decoded: dict[str, list[str]] = {}
+        self._addresses: dict[tuple[str, ...], list[str]] = {}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MessageView:
@@ -98,23 +101,31 @@ class MessageView:
     # -- headers -------------------------------------------------------------------------------
 
     def raw(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for n, v in self.fields if n == name]
+        if self._by_name is None:
+            by_name: dict[str, list[str]] = {}
+            for n, v in self.fields:
+                by_name.setdefault(n, []).append(v)
+            self._by_name = by_name
+        return self._by_name.get(name.lower(), [])
 
     def header(self, name: str) -> list[str]:
-        return [decode_words(v) for v in self.raw(name)]
+        key = name.lower()
+        decoded = self._decoded.get(key)
+        if decoded is None:
+            decoded = self._decoded[key] = [decode_words(v) for v in self.raw(key)]
+        return decoded
 
     def exists(self, name: str) -> bool:
-        name = name.lower()
-        return any(n == name for n, _ in self.fields)
+        return bool(self.raw(name))
 
     def addresses(self, values: list[str]) -> list[str]:
-        """The addr-specs in address header values (display names and groups dropped)."""
-        out = []
-        for _name, addr in getaddresses(values):
-            if addr:
-                out.append(addr)
-        return out
+        """The addr-specs in address header values (display names and groups dropped);
+        remembered, since a script tests the same headers again and again."""
+        key = tuple(values)
+        found = self._addresses.get(key)
+        if found is None:
+            found = self._addresses[key] = [a for _, a in getaddresses(values) if a]
+        return found
 
     # -- body ----------------------------------------------------------------------------------
 
