@@ -26,7 +26,8 @@ RULES = ['require ["fileinto", "envelope", "subaddress", "imap4flags", "variable
 for i in range(50):
     kind = i % 5
     if kind == 0:
-        RULES.append(f'if header :contains "subject" "[list-{i}]" {{ fileinto "Lists.l{i}"; stop; }}')
+        RULES.append(f'if header :contains "subject" "[list-{i}]" '
+                     f'{{ fileinto "Lists.l{i}"; stop; }}')
     elif kind == 1:
         RULES.append(f'if address :domain :is "from" "sender{i}.example" {{ fileinto "F{i}"; }}')
     elif kind == 2:

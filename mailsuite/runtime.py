@@ -37,3 +37,6 @@ class Runtime:
     #: Connection counters per service ("smtp", "submission", "imap", "pop3"), shared by the
     #: listeners of each (see mailsuite.connection_limits.shared_limits).
     connection_limits: dict[str, ConnectionLimits] = field(default_factory=dict)
+    #: Sieve at local delivery (:class:`mailsuite.sieve.engine.SieveFilter`): delivery calls
+    #: ``runtime.sieve.evaluate(path, envelope)`` in its thread (see mailsuite.sieve.apply).
+    sieve: Any | None = None

@@ -30,6 +30,7 @@ from mailsuite.mailauth.service import MailAuth
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
+from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.store.events import ChangeHub
 
 log = Logger(namespace="mailsuite.service")
@@ -64,6 +65,7 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime.queue = make_spool(config.data_dir, reactor)
     runtime.resolver = server_resolver(config.nameservers, reactor)
     runtime.mail_auth = MailAuth(config, reactor, runtime.resolver)
+    runtime.sieve = SieveFilter(SieveSettings.from_config(config), directory)
     return runtime
 
 
