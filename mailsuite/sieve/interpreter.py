@@ -313,7 +313,8 @@ class Interpreter:
             return any(self._test(t, frame) for t in node.tests)
         if name == "size":
             which, limit = node.tags["size"]
-            return self.message.size > limit if which == "over" else self.message.size < limit
+            size = self.message.size
+            return bool(size > limit if which == "over" else size < limit)
         if name == "exists":
             return all(self.message.exists(h) for h in self._xs(node.args[0], frame))
         if name == "mailboxexists":

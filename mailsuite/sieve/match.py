@@ -145,15 +145,15 @@ def _general(toks_in: tuple[str, ...], text: str, fold: bool) -> list[str] | Non
     hay = casemap(text) if fold else text
     toks = [casemap(t) if fold and not t.startswith("\0") else t for t in toks_in]
     index: dict[int, int] = {}
-    for i, t in enumerate(toks):
-        if t in ("\0*", "\0?"):
+    for i, tok in enumerate(toks):
+        if tok in ("\0*", "\0?"):
             index[i] = len(index)
     spans: list[tuple[int, int]] = [(0, 0)] * len(index)
     ti = pi = 0
     star_pi, star_start, star_ti = -1, 0, 0
     n, m = len(hay), len(toks)
     while ti < n:
-        t = toks[pi] if pi < m else None
+        t: str | None = toks[pi] if pi < m else None
         if t == "\0?":
             spans[index[pi]] = (ti, ti + 1)
             ti += 1

@@ -39,8 +39,8 @@ def split_headers(head: bytes) -> list[tuple[str, str]]:
             continue
         if line[:1] in (b" ", b"\t"):
             if fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + _text(line))
+                last_name, last_value = fields[-1]
+                fields[-1] = (last_name, last_value + _text(line))
             continue
         name, colon, value = line.partition(b":")
         if not colon or not name or name != name.strip():

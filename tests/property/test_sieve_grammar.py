@@ -3,6 +3,8 @@ generated scripts survive serialize -> parse unchanged."""
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,11 +13,14 @@ from mailsuite.sieve.grammar import (
     Command,
     SieveParseError,
     Tag,
-    Test,
     parse,
     parse_bytes,
     serialize,
 )
+from mailsuite.sieve.grammar import (
+    Test as SieveTest,
+)
+from mailsuite.sieve.match import glob
 from mailsuite.sieve.validate import compile_script
 
 IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda s: s != "text")
@@ -29,12 +34,12 @@ ARG = st.one_of(
 )
 
 
-def sieve_tests(depth: int) -> st.SearchStrategy[Test]:
-    sub: st.SearchStrategy[Test | tuple[Test, ...] | None] = st.none()
+def sieve_tests(depth: int) -> st.SearchStrategy[SieveTest]:
+    sub: st.SearchStrategy[SieveTest | tuple[SieveTest, ...] | None] = st.none()
     if depth > 0:
         inner = st.deferred(lambda: sieve_tests(depth - 1))
         sub = st.one_of(st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple))
-    return st.builds(Test, IDENT, st.lists(ARG, max_size=4).map(tuple), sub)
+    return st.builds(SieveTest, IDENT, st.lists(ARG, max_size=4).map(tuple), sub)
 
 
 def sieve_commands(depth: int) -> st.SearchStrategy[tuple[Command, ...]]:
@@ -86,3 +91,30 @@ def test_managesieve_reader_never_raises(lines: list[bytes]) -> None:
         result = reader.feed_line(line.replace(b"\n", b""))
         if result is not None and type(result).__name__ == "NeedLiteral":
             reader.feed_literal(b"x" * result.size)  # type: ignore[union-attr]
+
+
+# -- :matches against a regular-expression model ------------------------------------------------
+
+
+def _model(pattern: str, text: str, fold: bool) -> list[str] | None:
+    """RFC 5229 3.2 as a regex: each wildcard as little as possible, leftmost first."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append("(.*?)" if c == "*" else "(.)" if c == "?" else re.escape(c))
+        i += 1
+    flags = re.DOTALL | (re.IGNORECASE | re.ASCII if fold else 0)
+    m = re.fullmatch("".join(out), text, flags)
+    return list(m.groups()) if m else None
+
+
+@given(st.text("ab*?\\", max_size=8), st.text("abAB*?", max_size=12), st.booleans())
+@settings(max_examples=1000, deadline=None)
+def test_glob_matches_the_regex_model(pattern: str, text: str, fold: bool) -> None:
+    comparator = "i;ascii-casemap" if fold else "i;octet"
+    assert glob(pattern, text, comparator) == _model(pattern, text, fold)

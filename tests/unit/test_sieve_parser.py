@@ -9,9 +9,11 @@ from mailsuite.sieve.grammar import (
     Command,
     SieveParseError,
     Tag,
-    Test,
     parse,
     parse_bytes,
+)
+from mailsuite.sieve.grammar import (
+    Test as SieveTest,
 )
 from mailsuite.sieve.validate import compile_script, decode_encoded, valid_script_name
 
@@ -19,7 +21,7 @@ from mailsuite.sieve.validate import compile_script, decode_encoded, valid_scrip
 def test_tree_shape() -> None:
     tree = parse('if header :contains ["Subject", "X"] "a" { keep; } stop;')
     assert tree == (
-        Command("if", tests=Test("header", (Tag("contains"), ("Subject", "X"), "a")),
+        Command("if", tests=SieveTest("header", (Tag("contains"), ("Subject", "X"), "a")),
                 block=(Command("keep"),)),
         Command("stop"),
     )
@@ -54,7 +56,7 @@ def test_multiline_text_with_dot_stuffing_and_crlf() -> None:
 
 def test_identifiers_and_tags_are_case_insensitive() -> None:
     (cmd,) = parse('IF Header :CONTAINS "a" "b" { KEEP; }')
-    assert cmd.name == "if" and cmd.tests == Test("header", (Tag("contains"), "a", "b"))
+    assert cmd.name == "if" and cmd.tests == SieveTest("header", (Tag("contains"), "a", "b"))
 
 
 @pytest.mark.parametrize("text, line, reason", [
