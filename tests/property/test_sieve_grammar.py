@@ -23,7 +23,11 @@ from mailsuite.sieve.grammar import (
 from mailsuite.sieve.match import glob
 from mailsuite.sieve.validate import compile_script
 
-IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(lambda s: s != "text")
+IDENT = st.builds(
+    lambda first, rest: first + rest,
+    st.sampled_from("abcdefghijklmnopqrstuvwxyz_"),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789_", max_size=8),
+).filter(lambda s: s != "text")
 STRING = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
                  max_size=20)
 ARG = st.one_of(
@@ -34,25 +38,23 @@ ARG = st.one_of(
 )
 
 
-def sieve_tests(depth: int) -> st.SearchStrategy[SieveTest]:
-    sub: st.SearchStrategy[SieveTest | tuple[SieveTest, ...] | None] = st.none()
-    if depth > 0:
-        inner = st.deferred(lambda: sieve_tests(depth - 1))
-        sub = st.one_of(st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple))
-    return st.builds(SieveTest, IDENT, st.lists(ARG, max_size=4).map(tuple), sub)
+ARGS = st.lists(ARG, max_size=4).map(tuple)
+TEST = st.recursive(
+    st.builds(SieveTest, IDENT, ARGS, st.none()),
+    lambda inner: st.builds(SieveTest, IDENT, ARGS, st.one_of(
+        st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple))),
+    max_leaves=6,
+)
+TESTS = st.one_of(st.none(), TEST, st.lists(TEST, min_size=1, max_size=2).map(tuple))
+COMMANDS = st.recursive(
+    st.lists(st.builds(Command, IDENT, ARGS, TESTS, st.none()), max_size=3).map(tuple),
+    lambda inner: st.lists(st.builds(Command, IDENT, ARGS, TESTS, st.one_of(st.none(), inner)),
+                           max_size=3).map(tuple),
+    max_leaves=10,
+)
 
 
-def sieve_commands(depth: int) -> st.SearchStrategy[tuple[Command, ...]]:
-    block: st.SearchStrategy[tuple[Command, ...] | None] = st.none()
-    if depth > 0:
-        block = st.one_of(st.none(), st.deferred(lambda: sieve_commands(depth - 1)))
-    test = st.one_of(st.none(), sieve_tests(2),
-                     st.lists(sieve_tests(1), min_size=1, max_size=3).map(tuple))
-    cmd = st.builds(Command, IDENT, st.lists(ARG, max_size=4).map(tuple), test, block)
-    return st.lists(cmd, max_size=4).map(tuple)
-
-
-@given(sieve_commands(3))
+@given(COMMANDS)
 @settings(max_examples=200, deadline=None)
 def test_round_trip(tree: tuple[Command, ...]) -> None:
     text = serialize(tree)
