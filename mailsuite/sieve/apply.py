@@ -45,8 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsuite.imap import utf7
-from mailsuite.sieve.actions import Reject
+from mailsuite.sieve.actions import Action, FileInto, Keep, Reject
 from mailsuite.sieve.interpreter import SieveEnvelope
+from mailsuite.sieve.storage import ScriptStore
 from mailsuite.smtp.replies import Reply
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.mailbox import Account, MailboxError
@@ -110,6 +111,35 @@ def store_message(src: Path, offset: int, head: bytes, folder: Path,
         raise
     finally:
         index.close()
+
+
+def store_all(actions: tuple[Action, ...] | list[Action], root: Path, src: Path, offset: int,
+              head: bytes) -> tuple[list[Path], list[str]]:
+    """Every Keep/FileInto of an outcome for one recipient, each a durable copy of ``head`` +
+    ``src[offset:]``; returns (folders written, notes -- also appended to the user's sieve
+    log, so a fall-back to INBOX is explained where the user looks).  Blocking.  The simple
+    correct way; delivery may instead rename its own temp file for the first store."""
+    folders: list[Path] = []
+    notes: list[str] = []
+    for action in actions:
+        if isinstance(action, Keep):
+            folder, flags = root, action.flags
+        elif isinstance(action, FileInto):
+            folder, note = prepare_folder(root, action.mailbox, action.create)
+            if note:
+                notes.append(note)
+                try:
+                    ScriptStore(root).append_log(note)
+                except OSError:
+                    pass
+            flags = action.flags
+        else:
+            continue
+        if folder in folders:
+            continue  # a fall-back to INBOX next to a keep: still one copy
+        store_message(src, offset, head, folder, flags)
+        folders.append(folder)
+    return folders, notes
 
 
 def _chunks(src: Path, offset: int, head: bytes) -> Iterator[bytes]:
