@@ -201,6 +201,8 @@ class SieveConfig:
     max_run_time: int = 5  # seconds one script may run for one message
     vacation_min_period: int = 86400  # RFC 5230 4.1: one day unless the site allows less
     vacation_max_period: int = 90 * 86400
+    max_connections: int = 100  # ManageSieve connections (0 = no limit)
+    max_connections_per_ip: int = 10  # not logged in, per client address
 
 
 @dataclass(frozen=True)
@@ -591,6 +593,9 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_run_time=sieve_r.positive("max_run_time", d.max_run_time),
         vacation_min_period=sieve_r.positive("vacation_min_period", d.vacation_min_period, 0),
         vacation_max_period=sieve_r.positive("vacation_max_period", d.vacation_max_period),
+        max_connections=sieve_r.positive("max_connections", d.max_connections, 0),
+        max_connections_per_ip=sieve_r.positive(
+            "max_connections_per_ip", d.max_connections_per_ip, 0),
     )
     if sieve.vacation_max_period < sieve.vacation_min_period:
         raise sieve_r.fail("vacation_max_period", "must not be less than vacation_min_period")

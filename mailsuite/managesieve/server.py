@@ -20,6 +20,7 @@ from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult
+from mailsuite.connection_limits import Admission, ConnectionLimits, shared_limits
 from mailsuite.managesieve.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.managesieve.session import (
     NO_TEMP,
@@ -46,8 +47,11 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool) -> None:
+    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool,
+                 limits: ConnectionLimits | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.admission: Admission | None = None
         self.session = Session(options, self._store_for, tls=implicit_tls)
         self.reader = CommandReader(options.max_script_size)
         self.peer = "?"
@@ -65,11 +69,22 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
     def connectionMade(self) -> None:  # noqa: N802
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        self.admission = self.limits.admit(self.peer)
+        if self.admission.refused is not None:
+            log.info("ManageSieve: {peer} refused: {limit} reached", peer=self.peer,
+                     limit=self.admission.refused.value)
+            self.session.state = State.CLOSED  # nothing the client sends is acted on
+            self.transport.write(response("BYE", "Too many connections, try again later",
+                                          "TRYLATER"))
+            self.transport.loseConnection()
+            return
         self.setTimeout(PREAUTH_TIMEOUT)
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
+        if self.admission is not None:
+            self.admission.release()
         self.session.state = State.CLOSED
 
     def timeoutConnection(self) -> None:  # noqa: N802
@@ -197,6 +212,8 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
         step = self.session.login_finished(result)
         if self.session.state is State.AUTH:
             self.setTimeout(IDLE_TIMEOUT)
+            if self.admission is not None:
+                self.admission.login(self.session.user or "")  # leaves the pre-login count
         self._perform(step)
 
 
@@ -207,9 +224,12 @@ class ManageSieveFactory(protocol.ServerFactory):
         self.runtime = runtime
         self.options = options
         self.implicit_tls = implicit_tls
+        cfg = runtime.config.sieve
+        self.limits = shared_limits(runtime.connection_limits, "managesieve",
+                                    cfg.max_connections, cfg.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> ManageSieveProtocol:  # noqa: N802
-        p = ManageSieveProtocol(self.runtime, self.options, self.implicit_tls)
+        p = ManageSieveProtocol(self.runtime, self.options, self.implicit_tls, self.limits)
         p.factory = self
         return p
 

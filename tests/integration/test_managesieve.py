@@ -251,3 +251,18 @@ def test_cli(server: Server, tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a user" in result.stderr
     result = server.cli("sieve", "get", user, "../../../etc/passwd", check=False)
     assert result.returncode == 1 and "not a valid script name" in result.stderr
+
+
+def test_connection_limit_per_ip(tmp_path: Path, certs: tuple[Path, Path]) -> None:
+    with Server(tmp_path / "srv", services=("managesieve",), tls=(certs[0], certs[0]),
+                extra_toml="[sieve]\nmax_connections_per_ip = 2\n") as s:
+        s.add_user(ALICE)
+        first, second = Client(s, certs[1]), Client(s, certs[1])
+        with socket.create_connection(("127.0.0.1", s.port("managesieve")), timeout=10) as third:
+            assert third.makefile("rb").readline() == (
+                b'BYE (TRYLATER) "Too many connections, try again later"\r\n')
+        first.login()  # a logged-in connection leaves the pre-login count
+        fourth = Client(s, certs[1])
+        assert fourth.cmd(b"NOOP") == b'OK "Done"\r\n'
+        for c in (first, second, fourth):
+            c.close()
