@@ -20,6 +20,7 @@ from email.utils import parseaddr
 
 from mailsuite.sieve.actions import Action, ActionList, VacationRequest
 from mailsuite.sieve.dates import date_part, header_datetime, parse_zone
+from mailsuite.sieve.fastpath import address_part, compile_test
 from mailsuite.sieve.match import Budget, SieveRuntimeError, match_any
 from mailsuite.sieve.message import MessageView
 from mailsuite.sieve.validate import Node, Script
@@ -33,6 +34,7 @@ from mailsuite.sieve.variables import (
 )
 
 DAY = 86400
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -81,22 +83,6 @@ class _Frame:
         self.variables = "variables" in self.requires
 
 
-def _address_part(address: str, part: str) -> str | None:
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
-    if part == "all":
-        return address
-    if part == "localpart":
-        return local
-    if part == "domain":
-        return domain
-    user, plus, detail = local.partition("+")  # RFC 5233 with "+" as separator
-    if part == "user":
-        return user
-    return detail if plus else None  # :detail does not match without a separator
-
-
 class Interpreter:
     def __init__(
         self,
@@ -109,6 +95,7 @@ class Interpreter:
         now: datetime | None = None,
         local_zone: timezone | None = None,
         clock: Callable[[], float] = time.monotonic,
+        fast: bool = True,
     ) -> None:
         self.message = message
         self.envelope = envelope
@@ -124,6 +111,7 @@ class Interpreter:
         self.included: set[tuple[str, str]] = set()
         self.include_count = 0
         self.stack: list[tuple[str, str]] = []
+        self.fast = fast
 
     # -- running -----------------------------------------------------------------------------
 
@@ -299,6 +287,12 @@ class Interpreter:
     # -- tests -------------------------------------------------------------------------------
 
     def _test(self, node: Node, frame: _Frame) -> bool:
+        if self.fast:
+            fn = node.fast.get(frame.variables, _UNSET)
+            if fn is _UNSET:
+                fn = node.fast[frame.variables] = compile_test(node, frame.variables)
+            if fn is not None:
+                return bool(fn(self))  # (it charges the budget itself)
         self.budget.charge()
         name = node.name
         if name == "true":
@@ -354,7 +348,7 @@ class Interpreter:
             values = []
             for h in self._xs(node.args[0], frame):
                 for addr in msg.addresses(self._indexed(node, msg.raw(h))):
-                    value = _address_part(addr, part)
+                    value = address_part(addr, part)
                     if value is not None:
                         values.append(value)
             return values, keys
@@ -372,7 +366,7 @@ class Interpreter:
                 if not addr:
                     values.append("")  # RFC 5228 5.4: the null reverse-path is ""
                     continue
-                value = _address_part(addr, part)
+                value = address_part(addr, part)
                 if value is not None:
                     values.append(value)
             return values, keys

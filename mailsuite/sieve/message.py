@@ -17,6 +17,8 @@ from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
 
+from mailsuite.sieve.match import casemap
+
 #: Largest header section read (bigger ones are cut here; the message is still delivered).
 MAX_HEADER = 1024 * 1024
 #: Largest body the ``body`` test looks at.
@@ -114,6 +116,30 @@ class MessageView:
         if decoded is None:
             decoded = self._decoded[key] = [decode_words(v) for v in self.raw(key)]
         return decoded
+
+    def folded(self, name: str) -> list[str]:
+        """:meth:`header` with i;ascii-casemap applied (remembered per message)."""
+        key = "\0" + name.lower()
+        found = self._decoded.get(key)
+        if found is None:
+            found = self._decoded[key] = [casemap(v) for v in self.header(name)]
+        return found
+
+    def address_parts(self, name: str, part: str, fold: bool) -> list[str]:
+        """One part (``all``, ``localpart``, ``domain``, ``user``, ``detail``) of every address
+        in the ``name`` fields, folded with i;ascii-casemap when ``fold`` (remembered)."""
+        key = f"\1{name.lower()}\0{part}\0{fold:d}"
+        found = self._decoded.get(key)
+        if found is None:
+            from mailsuite.sieve.fastpath import address_part
+
+            found = []
+            for addr in self.addresses(self.raw(name)):
+                value = address_part(addr, part)
+                if value is not None:
+                    found.append(casemap(value) if fold else value)
+            self._decoded[key] = found
+        return found
 
     def exists(self, name: str) -> bool:
         return bool(self.raw(name))

@@ -162,6 +162,8 @@ class Node:
     tests: list[Node]
     block: list[Node] | None
     line: int
+    #: precompiled forms (see :mod:`.fastpath`), by "script uses variables"; filled lazily
+    fast: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def tag(self, group: str, default: str | None = None) -> str | None:
         entry = self.tags.get(group)

@@ -1,0 +1,123 @@
+"""Precompiled forms of the tests most scripts are made of, for delivery's hot path.
+
+A filter script is mostly ``header``/``address``/``envelope``/``exists`` tests with ``:is``,
+``:contains`` or ``:matches`` on constant strings.  For such a test (no ``${`` in its strings,
+no ``:index``, no relational match, not ``i;ascii-numeric``) this builds, once per compiled
+script (the script cache keeps it), a closure with the header names lower-cased and the keys
+already folded, and the message side remembers folded values and address parts, so a run
+costs a few lookups instead of the general path's argument decoding.  Everything else goes
+the general way in :mod:`.interpreter`; both give the same answers (the interpreter tests run
+every script both ways).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mailsuite.sieve.match import casemap, glob
+from mailsuite.sieve.validate import Node
+
+#: interpreter -> result; the closure reads ``message``, ``envelope``, ``budget`` and, for
+#: ``:matches`` in a script with variables, sets ``matches`` (RFC 5229 3.2).
+FastTest = Callable[[Any], bool]
+
+
+def address_part(address: str, part: str) -> str | None:
+    """RFC 5228 2.7.4 / RFC 5233: one part of an address; None when ``:detail`` has no
+    separator (then it does not match, RFC 5233 4)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if part == "all":
+        return address
+    if part == "localpart":
+        return local
+    if part == "domain":
+        return domain
+    user, plus, detail = local.partition("+")
+    if part == "user":
+        return user
+    return detail if plus else None
+
+
+def compile_test(node: Node, variables: bool) -> FastTest | None:
+    """A closure for ``node``, or None when it must take the general path."""
+    if node.name == "exists":
+        if any("${" in n for n in node.args[0]):
+            return None
+        names = [n.lower() for n in node.args[0]]
+        def exists(it: Any) -> bool:
+            it.budget.charge(len(names))
+            return all(it.message.exists(n) for n in names)
+
+        return exists
+    if node.name not in ("header", "address", "envelope") or "index" in node.tags:
+        return None
+    match = node.tag("match", "is")
+    comparator = node.value("comparator", "i;ascii-casemap")
+    if match not in ("is", "contains", "matches") or comparator == "i;ascii-numeric":
+        return None
+    if any("${" in s for s in [*node.args[0], *node.args[1]]):
+        return None
+    part = node.tag("addrpart", "all") or "all"
+    fold = comparator == "i;ascii-casemap" and match != "matches"
+    keys = [casemap(k) for k in node.args[1]] if fold else list(node.args[1])
+    key_set = frozenset(keys)
+    names = [n.lower() for n in node.args[0]]
+    kind = node.name
+
+    def values(it: Any) -> list[str]:
+        msg = it.message
+        if kind == "header":
+            if len(names) == 1:
+                return msg.folded(names[0]) if fold else msg.header(names[0])
+            out: list[str] = []
+            for n in names:
+                out.extend(msg.folded(n) if fold else msg.header(n))
+            return out
+        if kind == "address":
+            if len(names) == 1:
+                return msg.address_parts(names[0], part, fold)
+            out = []
+            for n in names:
+                out.extend(msg.address_parts(n, part, fold))
+            return out
+        out = []
+        for n in names:
+            addr = it.envelope.sender if n == "from" else it.envelope.recipient
+            if not addr:
+                out.append("")  # RFC 5228 5.4: the null reverse-path
+                continue
+            value = address_part(addr, part)
+            if value is not None:
+                out.append(casemap(value) if fold else value)
+        return out
+
+    if match == "is":
+        def test(it: Any) -> bool:
+            vals = values(it)
+            it.budget.charge(1 + len(vals))
+            return not key_set.isdisjoint(vals)
+    elif match == "contains":
+        def test(it: Any) -> bool:
+            vals = values(it)
+            it.budget.charge(1 + len(vals) * len(keys))
+            for v in vals:
+                for k in keys:
+                    if k in v:
+                        return True
+            return False
+    else:
+        def test(it: Any) -> bool:
+            for v in values(it):
+                for k in keys:
+                    it.budget.charge(1 + (len(v) + len(k)) // 256)
+                    caps = glob(k, v, comparator)
+                    if caps is not None:
+                        if variables:
+                            it.matches = [v, *caps]
+                        return True
+            return False
+
+    return test
