@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailsuite.sieve.match import casemap, glob
+from mailsuite.sieve.message import MessageView
 from mailsuite.sieve.validate import Node
 
 #: interpreter -> result; the closure reads ``message``, ``envelope``, ``budget`` and, for
@@ -68,7 +69,7 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
     kind = node.name
 
     def values(it: Any) -> list[str]:
-        msg = it.message
+        msg: MessageView = it.message
         if kind == "header":
             if len(names) == 1:
                 return msg.folded(names[0]) if fold else msg.header(names[0])
