@@ -25,8 +25,11 @@ offset=<after Return-Path>, size=<CRLF size>)`` in its thread and then, per acti
     of 250; otherwise (several recipients, or after 250) queue :func:`rejection_message`
     to the envelope sender with the null reverse-path -- unless the sender is null.
 ``outcome.vacation``
-    ``queue.enqueue_bytes(reply.message, reply.sender, [reply.recipient])`` -- already
-    recorded in the user's vacation store, so queue it once.
+    signed like other outgoing mail, then queued: ``sig = await
+    runtime.mail_auth.sign(reply.message)`` (DKIM-Signature fields for the From domain, b""
+    without a key) and ``queue.enqueue_bytes(sig + reply.message, reply.sender,
+    [reply.recipient])`` -- already recorded in the user's vacation store, so queue it once.
+    The rejection MDN of ``Reject`` goes the same way.
 ``outcome.error`` / ``outcome.notes``
     log them (the user's sieve log already has the error).
 
