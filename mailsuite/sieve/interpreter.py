@@ -392,12 +392,12 @@ class Interpreter:
         if name == "date":
             header = self._x(node.args[0], frame)
             dts = [header_datetime(v) for v in self._indexed(node, msg.header(header))]
-            return [self._part(node, dt, frame, original=True) for dt in dts if dt], keys
+            return [self._part(node, dt, frame) for dt in dts if dt], keys
         if name == "currentdate":
-            return [self._part(node, self.now, frame, original=False)], keys
+            return [self._part(node, self.now, frame)], keys
         raise SieveRuntimeError(f"test {name!r} cannot run here")
 
-    def _part(self, node: Node, dt: datetime, frame: _Frame, original: bool) -> str:
+    def _part(self, node: Node, dt: datetime, frame: _Frame) -> str:
         zone = node.tags.get("zone")
         if zone is None:
             dt = dt.astimezone(self.local_zone) if self.local_zone else dt.astimezone()
