@@ -20,7 +20,9 @@ from mailsuite.sieve.grammar import (
 from mailsuite.sieve.grammar import (
     Test as SieveTest,
 )
-from mailsuite.sieve.match import glob
+from mailsuite.sieve.interpreter import Interpreter, SieveEnvelope
+from mailsuite.sieve.match import SieveRuntimeError, glob
+from mailsuite.sieve.message import MessageView
 from mailsuite.sieve.validate import compile_script
 
 IDENT = st.builds(
@@ -120,3 +122,46 @@ def _model(pattern: str, text: str, fold: bool) -> list[str] | None:
 def test_glob_matches_the_regex_model(pattern: str, text: str, fold: bool) -> None:
     comparator = "i;ascii-casemap" if fold else "i;octet"
     assert glob(pattern, text, comparator) == _model(pattern, text, fold)
+
+
+# -- the interpreter on any message -------------------------------------------------------------
+
+RULES = [
+    'if header :contains "subject" "x" { fileinto :create "A"; }',
+    'if address :domain :is ["from", "to"] "example.org" { addflag "\\\\Seen"; }',
+    'if envelope :detail "to" "tag" { redirect :copy "r@example.org"; }',
+    'if header :matches "subject" "*[*]*" { fileinto "L.${2}"; }',
+    'if body :text :contains "word" { discard; }',
+    'if body :raw :matches "*?*" { keep; }',
+    'if date :value "ge" :zone "+0100" "date" "date" "2000-01-01" { setflag "a b"; }',
+    'if currentdate :is "weekday" "0" { keep; }',
+    'if header :index 2 :last :is "received" "" { stop; }',
+    'if header :count "ge" :comparator "i;ascii-numeric" "received" "2" { keep; }',
+    'if exists ["x-a", "x-b"] { vacation :days 1 :subject "${1}" "away"; }',
+    'if size :over 10K { fileinto "Big"; }',
+    'set :upperfirst "v" "${0}"; if string :matches "${v}" "*" { keep; }',
+]
+HEADER = st.sampled_from([b"Subject", b"From", b"To", b"Date", b"Received", b"Content-Type",
+                          b"Content-Transfer-Encoding", b"MIME-Version", b"X-A", b"X-B"])
+MESSAGE = st.builds(
+    lambda fields, body: b"".join(n + b": " + v + b"\n" for n, v in fields) + b"\n" + body,
+    st.lists(st.tuples(HEADER, st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" "))),
+             max_size=8),
+    st.binary(max_size=300),
+)
+SCRIPT_HEAD = ('require ["fileinto", "envelope", "subaddress", "body", "variables", "imap4flags",'
+               ' "date", "index", "relational", "comparator-i;ascii-numeric", "copy", "mailbox",'
+               ' "vacation"];\n')
+
+
+@given(st.lists(st.sampled_from(RULES), min_size=1, max_size=6), MESSAGE)
+@settings(max_examples=300, deadline=None)
+def test_any_message_gives_actions_or_a_runtime_error(rules: list[str], data: bytes) -> None:
+    script = compile_script(SCRIPT_HEAD + "\n".join(rules))
+    env = SieveEnvelope("s@example.org", "alice+tag@example.test", "alice@example.test")
+    for fast in (False, True):
+        try:
+            actions = Interpreter(MessageView.from_bytes(data), env, fast=fast).run(script)
+        except SieveRuntimeError:
+            continue
+        assert actions
