@@ -51,7 +51,7 @@ from twisted.internet.ssl import (
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "TLSReloadService",
     "client_tls_options",
     "ensure_self_signed",
+    "lose_connection",
     "peer_tls_info",
 ]
 
@@ -699,3 +700,31 @@ def peer_tls_info(transport: object) -> str | None:
     if not cipher or not version or version == "Unknown":
         return None
     return f"version={version} cipher={cipher}"
+
+
+# --------------------------------------------------------------------------- closing
+
+
+def lose_connection(transport: Any) -> None:
+    """``transport.loseConnection()``, and over TLS close the TCP connection as soon as our
+    close_notify has gone out instead of waiting for the peer's.
+
+    Twisted's TLS layer, once it has sent close_notify, keeps the TCP connection open until the
+    peer answers with its own; many clients (Python's ssl, most IMAP and POP3 clients) read
+    our close_notify as the end of the stream and never answer, so the server would hold the
+    connection until the client closes it, however long that takes.  RFC 8446 6.1 lets the
+    side that closes not wait for the reply.  Works on implicit-TLS listeners (the transport
+    is the TLS protocol) and after STARTTLS (the TLS protocol is the transport's
+    ``protocol``); plain TCP is only ``loseConnection``.
+    """
+    transport.loseConnection()
+    tls = transport if isinstance(transport, TLSMemoryBIOProtocol) else None
+    if tls is None and getattr(transport, "TLS", False):
+        tls = getattr(transport, "protocol", None)
+    if not isinstance(tls, TLSMemoryBIOProtocol) or tls.transport is None:
+        return
+    # Only once close_notify is really out: not while application data waits for the
+    # handshake or a producer is still registered (then loseConnection sent nothing yet).
+    if getattr(tls, "_appSendBuffer", True) or getattr(tls, "_producer", True) is not None:
+        return
+    tls.transport.loseConnection()  # the byte transport: flushes close_notify, then FIN

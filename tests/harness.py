@@ -150,3 +150,38 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def server_connections(port: int) -> list[str]:
+    """TCP states of the server's side of connections on local ``port`` (Linux /proc),
+    leaving out the listener and connections already closed on our side (TIME_WAIT and
+    later): ``["ESTABLISHED"]`` while a client is connected, ``["CLOSE_WAIT"]`` when the
+    client hung up and the server has not closed its end yet."""
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            state = _TCP_STATES.get(fields[3], fields[3])
+            if local_port == port and state in ("ESTABLISHED", "CLOSE_WAIT", "SYN_RECV"):
+                states.append(state)
+    return sorted(states)

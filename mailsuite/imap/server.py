@@ -23,12 +23,14 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols import basic
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.imap.session_base import _Shared, log
+from mailsuite.tls import lose_connection
 
 PREAUTH_TIMEOUT = 120
 
@@ -114,7 +116,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:  # noqa: N802
         self.write(b"* BYE Autologout; idle for too long\r\n")
-        self.transport.loseConnection()
+        self.close()
 
     def authenticated(self) -> None:
         self.setTimeout(self.shared.idle_timeout)
@@ -143,7 +145,20 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         return None
 
     def close(self) -> None:
-        self.transport.loseConnection()
+        """End the connection once what was written has been sent.
+
+        The output producer goes first: over TLS, ``TLSMemoryBIOProtocol.loseConnection``
+        sends close_notify and closes only when no producer is registered, so with ours
+        still there LOGOUT on 993 or after STARTTLS left the socket open (issue 9; mbsync
+        hung waiting for the close that RFC 3501 6.1.3 promises after LOGOUT)."""
+        transport = self.transport
+        if transport is None or transport.disconnecting:
+            return
+        out, self._out = self._out, None
+        if out is not None:
+            transport.unregisterProducer()
+            out.resumeProducing()  # a FETCH waiting to write runs to its end (writes dropped)
+        lose_connection(transport)
 
     def start_tls(self) -> None:
         # Anything the client pipelined after STARTTLS is discarded (RFC 3501 6.2.1, the
@@ -191,7 +206,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self.write(b"* BAD [TOOBIG] Line too long\r\n")
-        self.transport.loseConnection()
+        self.close()
 
     def _handle(self, result: Any) -> None:
         if result is None:
@@ -213,7 +228,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             else:
                 self.write(f"{result.tag or '*'} BAD {code}{result.reason}\r\n".encode())
             if result.close:
-                self.transport.loseConnection()
+                self.close()
                 return
             if result.discard:
                 self._literal = bytearray()
@@ -251,21 +266,29 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             log.failure("IMAP command crashed")
             self.write(f"{cmd.tag} NO [SERVERBUG] Internal server error, logged\r\n".encode())
             return
-        if d is not None and not d.called:
-            if self._cont is None:
-                self.pauseProducing()
+        if d is None:
+            return
+        finished = False
 
-            def resume(_: object) -> None:
-                if (
-                    self.transport is not None
-                    and not self.transport.disconnecting
-                    and self._cont is None
-                ):
-                    self.resumeProducing()
+        def ended(result: object) -> None:
+            nonlocal finished
+            finished = True
+            if isinstance(result, Failure):
+                log.failure("IMAP command failed", failure=result)
+            if (
+                self.paused
+                and self.transport is not None
+                and not self.transport.disconnecting
+                and self._cont is None
+            ):
+                self.resumeProducing()
 
-            d.addBoth(lambda r: (resume(r), None)[1])
-        elif d is not None:
-            d.addErrback(lambda f: log.failure("IMAP command failed", failure=f))
+        d.addBoth(ended)
+        # ``d.called`` is not enough: a Deferred whose callback returned another Deferred
+        # (LOGIN: the semaphore's, then the password check's) is "called" but still waiting.
+        # Pipelined commands wait until this one has answered (RFC 3501 5.5).
+        if not finished and self._cont is None:
+            self.pauseProducing()
 
 
 class IMAPFactory(protocol.Factory):

@@ -8,6 +8,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -464,12 +465,51 @@ def test_uid_persistence_across_restart(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_mbsync_two_way_sync(tmp_path: Path) -> None:
+def _run_mbsync(rc: Path) -> tuple[int, str, float]:
+    """Run mbsync with its protocol trace; return (exit code, output, seconds from the moment
+    it sent its last LOGOUT to its exit).  RFC 3501 6.1.3: the server closes the connection
+    after answering LOGOUT, and mbsync waits for that close: a server that leaves it open
+    makes mbsync hang until its Timeout and exit 1 (issue 9)."""
+    proc = subprocess.Popen(
+        ["mbsync", "-Dn", "-c", str(rc), "-a"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    lines: list[tuple[float, bytes]] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic(), line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise
+    ended = time.monotonic()
+    reader.join(10)
+    out = b"".join(line for _, line in lines).decode("utf-8", "replace")
+    sent = [t for t, line in lines if re.match(rb">>> \d+ LOGOUT", line.lstrip(b"( 0123456789)"))]
+    assert sent, "mbsync's trace shows no LOGOUT:\n" + out[-3000:]
+    return code, out, ended - sent[-1]
+
+
+@pytest.mark.parametrize("mode", ["plain", "imaps", "starttls"])
+def test_mbsync_two_way_sync(tmp_path: Path, tls_files, mode: str) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
     if shutil.which("mbsync") is None:
         pytest.skip("mbsync (Debian isync) is not installed")
-    s = Server(tmp_path / "srv", services=("imap",), extra_toml="[auth]\nallow_plaintext = true\n")
+    s = Server(
+        tmp_path / "srv",
+        services=("imap", "imaps"),
+        tls=tls_files[:2],
+        extra_toml="[auth]\nallow_plaintext = true\n",
+    )
     s.start()
     try:
         s.add_user(USER)
@@ -478,19 +518,25 @@ def test_mbsync_two_way_sync(tmp_path: Path) -> None:
             write_message(box, [b"From: x@example.org\nSubject: m%d\n\nbody %d\n" % (i, i)])
         local = tmp_path / "local"
         local.mkdir()
+        ca = tmp_path / "ca.pem"
+        tls_files[2].cert_pem.write_to_path(str(ca))
+        port = s.port("imaps" if mode == "imaps" else "imap")
+        ssl_type = {"plain": "None", "imaps": "IMAPS", "starttls": "STARTTLS"}[mode]
         rc = tmp_path / "mbsyncrc"
         rc.write_text(
-            f'IMAPAccount a\nHost 127.0.0.1\nPort {s.port("imap")}\nUser {USER}\nPass "{PASSWORD}"\n'
-            "SSLType None\nAuthMechs LOGIN\n\n"
+            f'IMAPAccount a\nHost localhost\nPort {port}\nUser {USER}\nPass "{PASSWORD}"\n'
+            f"SSLType {ssl_type}\nCertificateFile {ca}\nAuthMechs LOGIN\nTimeout 20\n\n"
             "IMAPStore remote\nAccount a\n\n"
             f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
             "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
         )
 
         def run() -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
-            )
+            code, out, after_logout = _run_mbsync(rc)
+            assert code == 0, out[-3000:]
+            # it must not wait for a close that never comes (a few seconds is generous)
+            assert after_logout < 3.0, f"mbsync took {after_logout:.1f} s to exit after LOGOUT"
+            return subprocess.CompletedProcess([], code, out, "")
 
         r = run()
         assert r.returncode == 0, r.stderr + r.stdout
