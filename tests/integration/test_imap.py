@@ -16,7 +16,7 @@ import pytest
 import trustme
 
 from mailsuite.store.maildir import write_message
-from tests.harness import PASSWORD, Server
+from tests.harness import PASSWORD, Server, server_connections
 
 USER = "joe@example.test"
 MSG = b"From: Ann <ann@example.org>\r\nTo: joe@example.test\r\nSubject: hello\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\nbody text\r\n"
@@ -779,6 +779,14 @@ def _tmux_screen(session: str, want: list[bytes], timeout: float = 30.0) -> byte
     return screen
 
 
+def _tmux_alive(session: str) -> bool:
+    return (
+        subprocess.run(["tmux", "has-session", "-t", session], capture_output=True, timeout=10)
+        .returncode
+        == 0
+    )
+
+
 @pytest.mark.parametrize("mode", ["imaps", "starttls"])
 def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: str) -> None:  # type: ignore[no-untyped-def]
     import shutil
@@ -839,6 +847,16 @@ def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: st
         screen = _tmux_screen(session, [b"body 2"])
         assert b"body 2" in screen, screen.decode("utf-8", "replace")
         subprocess.run(["tmux", "send-keys", "-t", session, "q", "q"], timeout=10)
+        # quitting logs out: mutt exits (its tmux session ends with it) and the server has
+        # closed its end of the TLS connection (issue 9: LOGOUT over TLS left it open)
+        port = server.port("imaps" if mode == "imaps" else "imap")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            _tmux_alive(session) or server_connections(port)
+        ):
+            time.sleep(0.1)
+        assert not _tmux_alive(session), "mutt did not exit after q"
+        assert server_connections(port) == [], "the server kept mutt's connection open"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
 
