@@ -51,6 +51,7 @@ from mailsuite.store.maildir import (
     read_keywords,
     write_keywords,
 )
+from mailsuite.store.uidvalidity import next_uidvalidity
 
 INDEX_NAME = "mailsuite-index.sqlite"
 LOCK_NAME = "mailsuite-index.lock"
@@ -201,17 +202,9 @@ class FolderIndex:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def _init_meta(self) -> None:
-        # A new or rebuilt index gets a UIDVALIDITY that no earlier index of this folder had:
-        # the current time, pushed past any value recorded in the folder's marker file.
-        marker = self.folder / "mailsuite-uidvalidity"
-        try:
-            last = int(marker.read_text().strip() or 0)
-        except (OSError, ValueError):
-            last = 0
-        uidvalidity = max(int(time.time()), last + 1) & 0xFFFFFFFF
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(f"{uidvalidity}\n")
-        os.replace(tmp, marker)
+        # A new or rebuilt index gets a UIDVALIDITY that no earlier index of any folder of
+        # this user had (RFC 3501 2.3.1.1), from the user's counter.
+        uidvalidity = next_uidvalidity(self.folder)
         with self._transaction():
             self._set_meta("version", _SCHEMA_VERSION)
             self._set_meta("uidvalidity", uidvalidity)
