@@ -202,7 +202,9 @@ class MessageCommands(SessionBase):
                 if silent and not unchangedsince:
                     continue
                 out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
-        self.send(b"".join(out))
+        # a keyword new to the mailbox is announced before the FETCH that shows it
+        # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
+        self.send(self.keyword_news() + b"".join(out))
         if modified:
             if cmd.uid:
                 mset = compress(modified)

@@ -44,13 +44,13 @@ from mailsuite.imap.session_base import (
     _bad,
     _no,
     _Reply,
+    flags_announcement,
     log,
     vanished_earlier,
 )
 from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
 from mailsuite.store.maildir import ensure_folder
 
-SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 POLL_INTERVAL = 0.5  # seconds between directory checks while a session is in IDLE
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
@@ -377,15 +377,9 @@ class Session(MailboxCommands, MessageCommands):
         self.selected_name = name
         self.state = _SELECTED
         v.on_change = self._changed
-        keywords = sorted(
-            {f for s in set(folder.flags.values()) for f in s.split() if not f.startswith("\\")}
-        )
-        flags = " ".join(list(SYSTEM_FLAGS) + keywords)
+        v.keywords = frozenset(folder.keywords)
         out = [
-            f"* FLAGS ({flags})\r\n",
-            f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted\r\n"
-            if not readonly
-            else "* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n",
+            flags_announcement(v.keywords, readonly).decode(),
             f"* {len(v.uids)} EXISTS\r\n",
             f"* {v.recent_count()} RECENT\r\n",
         ]

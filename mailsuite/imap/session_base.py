@@ -22,6 +22,7 @@ from mailsuite.store.mailbox import SEPARATOR, Account, FolderRegistry, FolderVi
 log = Logger(namespace="mailsuite.imap")
 
 _NOT_AUTH, _AUTH, _SELECTED, _LOGOUT = "not authenticated", "authenticated", "selected", "logout"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
 
 class _Reply(Exception):
@@ -59,6 +60,18 @@ def vanished_earlier(folder: Any, modseq: int, within: SequenceSet | None) -> by
     if not gone:
         return b""
     return b"* VANISHED (EARLIER) " + compress(gone).encode() + b"\r\n"
+
+
+def flags_announcement(keywords: frozenset[str] | set[str], readonly: bool) -> bytes:
+    """``* FLAGS`` and ``* OK [PERMANENTFLAGS]`` for a mailbox whose keywords are ``keywords``
+    (RFC 3501 7.2.6, 7.1: sent at SELECT and again whenever a new keyword appears)."""
+    flags = " ".join(list(SYSTEM_FLAGS) + sorted(keywords))
+    permanent = (
+        f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted\r\n"
+        if not readonly
+        else "* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n"
+    )
+    return f"* FLAGS ({flags})\r\n{permanent}".encode()
 
 
 def _inbox_norm(name: str) -> str:
@@ -155,6 +168,9 @@ class SessionBase:
             self.proto.close()
             return
         out: list[bytes] = []
+        news = self.keyword_news()
+        if news:
+            out.append(news)
         if allow_expunge and v.pending_expunged:
             if self.qresync:
                 gone = sorted(v.pending_expunged)
@@ -189,6 +205,16 @@ class SessionBase:
             )
         if out:
             self.send(b"".join(out))
+
+    def keyword_news(self) -> bytes:
+        """FLAGS and PERMANENTFLAGS again if the selected mailbox has keywords this session
+        has not been told of (RFC 3501 7.2.6: a STORE of a new keyword, here or in another
+        session, changes the list of flags "applicable for this mailbox"); else b""."""
+        v = self.view
+        if v is None or v.folder.keywords <= v.keywords:
+            return b""
+        v.keywords = frozenset(v.folder.keywords)
+        return flags_announcement(v.keywords, v.readonly)
 
     # -- helpers for commands -------------------------------------------------------------------
 

@@ -242,10 +242,13 @@ class FolderView:
         "pending_flags",
         "on_change",
         "invalid",
+        "keywords",
     )
 
     def __init__(self, folder: Folder, readonly: bool) -> None:
         self.folder = folder
+        #: the keywords this session was told of in its last FLAGS response (RFC 3501 7.2.6)
+        self.keywords: frozenset[str] = frozenset(folder.keywords)
         self.uids: list[int] = list(folder.uids)
         self.readonly = readonly
         self.recent: list[tuple[int, int]] = []  # [first, end) UID ranges that are \Recent here
@@ -345,6 +348,10 @@ class Folder:
         }
         self.modseqs: dict[int, int] = dict(zip(uids, modseqs, strict=True))
         self._canon = canon
+        #: every keyword a message of the folder has had while it was open: what FLAGS lists
+        self.keywords: set[str] = set()
+        for f in canon:
+            self._note_keywords(f)
         self._unsubscribe = (
             registry.hub.subscribe(path, self._hub_changed) if registry.hub else None
         )
@@ -373,6 +380,9 @@ class Folder:
             v.invalid = reason
             if v.on_change:
                 v.on_change()
+
+    def _note_keywords(self, flags: str) -> None:
+        self.keywords.update(f for f in flags.split() if not f.startswith("\\"))
 
     # -- keeping in step -------------------------------------------------------------------
 
@@ -420,6 +430,8 @@ class Folder:
         flags = self.flags
         for uid, f, ms in rows:
             old = flags.get(uid)
+            if f not in self._canon:
+                self._note_keywords(f)
             if old is None:
                 if uid >= self.uidnext or not self.uids or uid > self.uids[-1]:
                     added.append(uid)

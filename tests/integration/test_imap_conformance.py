@@ -104,3 +104,51 @@ def test_uidvalidity_is_never_reused_for_a_name_created_again(server: Server, us
         assert m.delete("Again")[0] == "OK"
     assert seen == sorted(set(seen)), f"UIDVALIDITY must grow with every incarnation: {seen}"
     m.logout()
+
+
+# -- new keywords are announced (RFC 3501 7.2.6, 7.1) ------------------------------------------
+
+SYSTEM = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+
+
+def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it(
+    server: Server, user: str
+) -> None:
+    """Issue 9: STORE +FLAGS ($hello) answered with FETCH (FLAGS ($hello)) without first
+    sending FLAGS / PERMANENTFLAGS that list $hello; other sessions never learnt it."""
+    m = login(server, user)
+    m.create("Kw")
+    append(m, "Kw", MSG)
+    append(m, "Kw", MSG, "($old)")
+    m.logout()
+    a, b, c = Raw(server, user), Raw(server, user), Raw(server, user)
+    got = a.ok("SELECT Kw")
+    assert got[0] == b"* FLAGS (" + SYSTEM + b" $old)"
+    b.ok("SELECT Kw")
+    c.ok("EXAMINE Kw")
+    got = a.ok("STORE 1 +FLAGS ($hello)")
+    assert got == [
+        b"* FLAGS (" + SYSTEM + b" $hello $old)",
+        b"* OK [PERMANENTFLAGS (" + SYSTEM + b" $hello $old \\*)] Flags permitted",
+        b"* 1 FETCH (FLAGS ($hello \\Recent))",
+    ]
+    # a keyword the session knows already is not announced again
+    assert a.ok("STORE 2 +FLAGS ($hello)") == [b"* 2 FETCH (FLAGS ($hello $old \\Recent))"]
+    # the other sessions learn it with their next updates, before the FETCH
+    got = b.ok("NOOP")
+    assert got[:2] == [
+        b"* FLAGS (" + SYSTEM + b" $hello $old)",
+        b"* OK [PERMANENTFLAGS (" + SYSTEM + b" $hello $old \\*)] Flags permitted",
+    ]
+    assert got[2:] == [b"* 1 FETCH (UID 1 FLAGS ($hello))", b"* 2 FETCH (UID 2 FLAGS ($hello $old))"]
+    got = c.ok("NOOP")
+    assert got[:2] == [
+        b"* FLAGS (" + SYSTEM + b" $hello $old)",
+        b"* OK [PERMANENTFLAGS ()] Read-only mailbox",
+    ]
+    assert b.ok("NOOP") == []  # said once
+    # a keyword another session sets silently is announced too
+    a.ok("STORE 1 +FLAGS.SILENT ($third)")
+    assert b.ok("NOOP")[0] == b"* FLAGS (" + SYSTEM + b" $hello $old $third)"
+    for r in (a, b, c):
+        r.close()
