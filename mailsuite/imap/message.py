@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mailsuite.imap.address import parse_address_list
+
 __all__ = [
     "Section",
     "ParsedMessage",
@@ -212,52 +214,6 @@ def _trim(value: bytes | None) -> bytes | None:
 
 # -- RFC 5322 addresses for ENVELOPE ----------------------------------------------------------
 
-_ADDR_TOKEN = re.compile(
-    r'"(?:[^"\\]|\\.)*"?|\((?:[^()\\]|\\.)*\)?|\[[^\]]*\]?|[<>,:;@.]|[^\s<>,:;@."(\[]+', re.S
-)
-
-
-def _addr_tokens(text: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    depth = 0
-    for m in _ADDR_TOKEN.finditer(text):
-        t = m.group()
-        if depth:
-            depth += t.count("(") - t.count(")")
-            continue
-        c = t[0]
-        if c == '"':
-            body = t[1:-1] if len(t) > 1 and t.endswith('"') else t[1:]
-            out.append(("q", re.sub(r"\\(.)", r"\1", body, flags=re.S)))
-        elif c == "(":
-            if not t.endswith(")"):  # nested comment: skip until balanced
-                depth = t.count("(") - t.count(")")
-            continue
-        elif c in "<>,:;@.":
-            out.append((c, c))
-        else:
-            out.append(("a", t))
-    return out
-
-
-def _word_text(toks: list[tuple[str, str]]) -> str:
-    return " ".join(v for k, v in toks if k in ("a", "q"))
-
-
-def _local_text(toks: list[tuple[str, str]]) -> str:
-    out = []
-    for k, v in toks:
-        if k == "q":
-            needs = not v or any(c in ' ()<>,;:@."[]\\' for c in v)
-            out.append('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' if needs else v)
-        elif k in ("a", "."):
-            out.append(v)
-    return "".join(out)
-
-
-def _domain_text(toks: list[tuple[str, str]]) -> str:
-    return "".join(v for k, v in toks if k in ("a", "."))
-
 
 def _enc(text: str | None) -> bytes | None:
     return None if text is None else text.encode("latin-1", "replace")
@@ -272,80 +228,20 @@ def _addr(name: str | None, route: str | None, mailbox: str, host: str) -> bytes
     )
 
 
-def _mailbox_from(phrase: list[tuple[str, str]], angle: list[tuple[str, str]] | None) -> bytes:
-    if angle is None:
-        spec = phrase
-        name = None
-    else:
-        spec = angle
-        name = _word_text(phrase) or None
-    route = None
-    if spec and spec[0][0] == "@":
-        colon = next((i for i, t in enumerate(spec) if t[0] == ":"), -1)
-        if colon >= 0:
-            route = "".join(v for _, v in spec[:colon])
-            spec = spec[colon + 1 :]
-    at = max((i for i, t in enumerate(spec) if t[0] == "@"), default=-1)
-    if at >= 0:
-        local, domain = _local_text(spec[:at]), _domain_text(spec[at + 1 :])
-    else:
-        local, domain = _local_text(spec), ""
-    if angle is not None and not angle:  # <> (null path)
-        return _addr(name, None, "", "") if name else b'(NIL NIL "" "")'
-    return _addr(name, route, local, domain)
-
-
 def _address_list(value: bytes | None) -> bytes:
+    """ENVELOPE's list of address structures for a field (RFC 3501 7.4.2), or NIL."""
     if value is None:
         return b"NIL"
-    toks = _addr_tokens(value.decode("latin-1"))
     out: list[bytes] = []
-    i, n = 0, len(toks)
-    in_group = False
-    while i < n:
-        kind = toks[i][0]
-        if kind == ",":
-            i += 1
-            continue
-        if kind == ";":
-            if in_group:
-                out.append(b"(NIL NIL NIL NIL)")
-                in_group = False
-            i += 1
-            continue
-        phrase: list[tuple[str, str]] = []
-        angle: list[tuple[str, str]] | None = None
-        while i < n and toks[i][0] not in (",", ";", "<", ":"):
-            phrase.append(toks[i])
-            i += 1
-        if i < n and toks[i][0] == ":" and not in_group and not any(k == "@" for k, _ in phrase):
-            name = _word_text(phrase)
-            out.append(b"(NIL NIL %s NIL)" % _nstring(_enc(name)))
-            in_group = True
-            i += 1
-            continue
-        if i < n and toks[i][0] == "<":
-            i += 1
-            angle = []
-            while i < n and toks[i][0] != ">":
-                angle.append(toks[i])
-                i += 1
-            i += 1  # skip '>'
-            while i < n and toks[i][0] not in (",", ";"):  # junk after '>'
-                i += 1
-        elif i < n and toks[i][0] == ":":  # stray colon inside an address
-            phrase.append(("a", ":"))
-            i += 1
-            while i < n and toks[i][0] not in (",", ";", "<"):
-                phrase.append(toks[i])
-                i += 1
-        if not phrase and angle is None:
-            continue
-        if angle is None and not any(k in ("a", "q") for k, _ in phrase):
-            continue
-        out.append(_mailbox_from(phrase, angle))
-    if in_group:
-        out.append(b"(NIL NIL NIL NIL)")
+    for a in parse_address_list(value.decode("latin-1")):
+        if a.is_group_end:
+            out.append(b"(NIL NIL NIL NIL)")
+        elif a.is_group_start:
+            out.append(b"(NIL NIL %s NIL)" % _nstring(_enc(a.mailbox)))
+        elif a.null and not a.name:
+            out.append(b'(NIL NIL "" "")')
+        else:
+            out.append(_addr(a.name, a.route, a.mailbox or "", a.host or ""))
     if not out:
         return b"NIL"
     return b"(" + b"".join(out) + b")"

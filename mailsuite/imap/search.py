@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
 
+from mailsuite.imap.address import address_text
 from mailsuite.imap.message import body_text, decode_header_value, header_fields, split_header
 from mailsuite.imap.parser import (
     NIL,
@@ -74,21 +75,43 @@ Predicate = Callable[["_View"], bool]
 class _View:
     """Caches what the text keys read from one message during one evaluation."""
 
-    __slots__ = ("msg", "_fields", "_body", "_sent")
+    __slots__ = ("msg", "_raw", "_fields", "_addresses", "_body", "_sent")
 
     def __init__(self, msg: SearchableMessage) -> None:
         self.msg = msg
+        self._raw: dict[str, list[bytes]] | None = None
         self._fields: dict[str, list[str]] | None = None
+        self._addresses: dict[str, list[str]] = {}
         self._body: str | None = None
         self._sent: date | None = None
 
-    def fields(self) -> dict[str, list[str]]:
-        if self._fields is None:
-            out: dict[str, list[str]] = {}
+    def raw_fields(self) -> dict[str, list[bytes]]:
+        if self._raw is None:
+            out: dict[str, list[bytes]] = {}
             for name, value in header_fields(self.msg.header_bytes()):
-                out.setdefault(name, []).append(decode_header_value(value).casefold())
-            self._fields = out
+                out.setdefault(name, []).append(value)
+            self._raw = out
+        return self._raw
+
+    def fields(self) -> dict[str, list[str]]:
+        """Decoded, case-folded values of every field, by lower-cased name."""
+        if self._fields is None:
+            self._fields = {
+                name: [decode_header_value(v).casefold() for v in values]
+                for name, values in self.raw_fields().items()
+            }
         return self._fields
+
+    def addresses(self, name: str) -> list[str]:
+        """The addresses of each ``name`` field written out plainly (comments and folding
+        gone, encoded words decoded), case-folded: see ``address_text``."""
+        got = self._addresses.get(name)
+        if got is None:
+            got = self._addresses[name] = [
+                decode_header_value(address_text(v.decode("latin-1")).encode("latin-1")).casefold()
+                for v in self.raw_fields().get(name, ())
+            ]
+        return got
 
     def body(self) -> str:
         if self._body is None:
@@ -132,7 +155,7 @@ class Key:
             return max((k.needs for k in self.args), default=Needs.NONE)
         if self.op in ("BODY", "TEXT"):
             return Needs.BODY
-        if self.op in ("HEADER", "SENTBEFORE", "SENTON", "SENTSINCE"):
+        if self.op in ("HEADER", "ADDRESS", "SENTBEFORE", "SENTON", "SENTSINCE"):
             return Needs.HEADER
         return Needs.NONE
 
@@ -175,7 +198,7 @@ _FLAG_KEYS = {
     "UNFLAGGED": ("\\Flagged", False),
     "UNSEEN": ("\\Seen", False),
 }
-_ADDRESS_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "SUBJECT": "subject", "TO": "to"}
+_ADDRESS_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to"}
 _DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
 
 
@@ -248,7 +271,9 @@ def _parse_key(s: _Tokens) -> Key:
         kw = atom(s.next("keyword"))
         return Key("FLAG", (kw, name == "KEYWORD"))
     if name in _ADDRESS_KEYS:
-        return Key("HEADER", (_ADDRESS_KEYS[name], s.text().casefold()))
+        return Key("ADDRESS", (_ADDRESS_KEYS[name], s.text().casefold()))
+    if name == "SUBJECT":
+        return Key("HEADER", ("subject", s.text().casefold()))
     if name == "HEADER":
         field_name = astring(s.next("header field name")).decode("ascii", "replace").lower()
         return Key("HEADER", (field_name, s.text().casefold()))
@@ -358,6 +383,19 @@ def _compile(key: Key, count: int, max_uid: int) -> Predicate:
             return values is not None and any(needle in x for x in values)
 
         return header_match
+    if op == "ADDRESS":
+        name, needle = a
+
+        def address_match(v: _View) -> bool:
+            # RFC 3501 6.4.4: the string is "contained in the" field; besides the field as
+            # written, match its addresses as they read, so comments, folding and quoting
+            # inside an address do not hide it (issue 9; Dovecot matches the parsed form too)
+            values = v.fields().get(name)
+            if values is None:
+                return False
+            return any(needle in x for x in values) or any(needle in x for x in v.addresses(name))
+
+        return address_match
     if op == "BODY":
         needle = a[0]
         return lambda v: needle in v.body()

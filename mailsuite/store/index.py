@@ -56,6 +56,9 @@ from mailsuite.store.uidvalidity import next_uidvalidity
 INDEX_NAME = "mailsuite-index.sqlite"
 LOCK_NAME = "mailsuite-index.lock"
 _SCHEMA_VERSION = 1
+#: Bumped when the IMAP structures cached in the index would now be computed differently, so
+#: rows cached by older code are recomputed (2: ENVELOPE names in comment form, issue 9).
+_CACHE_VERSION = 2
 #: bound parameters per query, below SQLite's default limit (999 in older builds)
 _MAX_PARAMS = 900
 _SUBS = ("new", "cur")
@@ -185,6 +188,10 @@ class FolderIndex:
             self.db.executescript(_SCHEMA)
             if self._meta("uidvalidity") is None:
                 self._init_meta()
+            if self._meta("cache_version") != _CACHE_VERSION:
+                with self._transaction():
+                    self.db.execute("UPDATE messages SET envelope = NULL, bodystructure = NULL")
+                    self._set_meta("cache_version", _CACHE_VERSION)
 
     def close(self) -> None:
         self.db.close()

@@ -152,3 +152,31 @@ def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it(
     assert b.ok("NOOP")[0] == b"* FLAGS (" + SYSTEM + b" $hello $old $third)"
     for r in (a, b, c):
         r.close()
+
+
+# -- addresses: ENVELOPE names in comment form, SEARCH on parsed addresses --------------------
+
+
+def test_envelope_name_in_comment_form_and_search_through_comments(
+    server: Server, user: str
+) -> None:
+    """Issue 9: ``From: user@domain (Real Name)`` gave the name NIL in ENVELOPE, and SEARCH
+    FROM user-from@domain.org missed ``<user-from (comment)@ (comment) domain.org>``."""
+    m = login(server, user)
+    m.create("Addr")
+    append(m, "Addr", b"From: user@domain (Real Name)\r\nSubject: a\r\n\r\nx\r\n")
+    append(
+        m,
+        "Addr",
+        b"From: <user-from (comment)@ (comment) domain.org>\r\n"
+        b"To: Someone (Team\r\n Lead) <to@domain.org>\r\nSubject: b\r\n\r\nx\r\n",
+    )
+    m.select("Addr")
+    env = m.fetch("1", "(ENVELOPE)")[1][0]
+    assert b'(("Real Name" NIL "user" "domain"))' in env
+    assert m.search(None, "FROM", "user-from@domain.org")[1] == [b"2"]
+    assert m.uid("SEARCH", "FROM", "user-from@domain.org")[1] == [b"2"]
+    assert m.search(None, "FROM", '"Real Name <user@domain>"')[1] == [b"1"]
+    assert m.search(None, "TO", '"Someone <to@domain.org>"')[1] == [b"2"]
+    assert m.search(None, "OR", "FROM", "user@domain", "TO", "to@domain.org")[1] == [b"1 2"]
+    m.logout()

@@ -213,3 +213,30 @@ def test_unseen_over_100k_is_fast():
     assert len(hits) == 100000 // 7
     assert elapsed < 1.0
     assert all(not m.reads for m in msgs)
+
+
+ODD_FROM = (
+    b"From: <user-from (comment)@ (comment) domain.org>\n"
+    b"To: =?utf-8?q?Ren=C3=A9e?= (team\n lead) <renee@example.org>\n"
+    b"Cc: Old Style <old@host.test>, plain@host.test (Plain Person)\n"
+    b"Bcc: \"quoted\\\\local\"@x.test\n"
+    b"Subject: s\n\nb\n"
+)
+
+
+def test_address_keys_match_the_parsed_address_too():
+    """Issue 9: SEARCH FROM user-from@domain.org missed
+    ``From: <user-from (comment)@ (comment) domain.org>`` (Dovecot finds it)."""
+    msgs = [Msg(1, 1, ODD_FROM), Msg(2, 2, MAIL2)]
+    assert run(b"FROM user-from@domain.org", msgs) == [1]
+    assert run(b'FROM "(comment)"', msgs) == [1]  # the field as written still matches
+    assert run(b"FROM domain.org", msgs) == [1]
+    assert run(b'TO "e <renee@example.org>"', msgs) == [1]  # decoded name, comment gone
+    assert run(b'TO "team lead"', msgs) == [1]  # unfolded raw field
+    assert run(b'CC "Plain Person <plain@host.test>"', msgs) == [1]
+    assert run(b"CC old@host.test", msgs) == [1]
+    assert run(b"BCC x.test", msgs) == [1]
+    assert run(b"FROM bob@example.com", msgs) == [2]
+    assert run(b"TO bob", msgs) == []  # MAIL2 has no To
+    assert run(b"NOT FROM user-from@domain.org", msgs) == [2]
+    assert prog(b"FROM x").needs == Needs.HEADER
