@@ -369,10 +369,11 @@ class Session(MailboxCommands, MessageCommands):
             raise _no("No such mailbox", "NONEXISTENT")
         folder = self.shared.registry.get(acct.path(name))
         v = folder.view(readonly)
-        if not readonly:
-            first, end = folder.index.claim_recent()
-            if end > first:
-                v.recent.append((first, end))
+        # SELECT claims the messages no session has seen as \Recent; EXAMINE shows them as
+        # \Recent without claiming them (RFC 3501 2.3.2, 6.3.2)
+        first, end = folder.index.recent_range() if readonly else folder.index.claim_recent()
+        if end > first:
+            v.recent.append((first, end))
         self.view = v
         self.selected_name = name
         self.state = _SELECTED

@@ -185,6 +185,9 @@ class SessionBase:
                 first, end = v.folder.index.claim_recent()
                 if end > first:
                     v.recent.append((first, end))
+            else:  # read-only: what nobody has claimed yet, left unclaimed (RFC 3501 6.3.2)
+                first, end = v.folder.index.recent_range()
+                v.recent[:] = [(first, end)] if end > first else []
             out.append(b"* %d EXISTS\r\n" % exists)
             # RFC 3501 7.3.2: RECENT must follow any change; sent with every EXISTS, as
             # Dovecot does, so clients never hold a stale count.

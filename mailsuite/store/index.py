@@ -473,6 +473,14 @@ class FolderIndex:
                     self._set_meta("recent", nxt)
             return first, max(first, nxt)
 
+    def recent_range(self) -> tuple[int, int]:
+        """The UID range [first, end) no session has claimed as \\Recent yet, left unclaimed:
+        what a read-only session shows as \\Recent (RFC 3501 6.3.2, EXAMINE "MUST NOT cause
+        messages to lose the \\Recent flag"), and what STATUS (RECENT) counts."""
+        m = self._metas()
+        first = int(m.get("recent") or 1)
+        return first, max(first, int(m.get("uidnext") or 1))
+
     # -- syncing with the directory -------------------------------------------------------
 
     def _dir_stamp(self) -> tuple[int, int] | None:

@@ -180,3 +180,52 @@ def test_envelope_name_in_comment_form_and_search_through_comments(
     assert m.search(None, "TO", '"Someone <to@domain.org>"')[1] == [b"2"]
     assert m.search(None, "OR", "FROM", "user@domain", "TO", "to@domain.org")[1] == [b"1 2"]
     m.logout()
+
+
+# -- \Recent and EXAMINE (RFC 3501 2.3.2, 6.3.2) ----------------------------------------------
+
+
+def _count(lines: list[bytes], what: bytes) -> int:
+    (n,) = [int(ln.split()[1]) for ln in lines if ln.endswith(b" " + what)]
+    return n
+
+
+def _status_recent(r: Raw, box: str) -> int:
+    (line,) = r.ok(f"STATUS {box} (RECENT)")
+    return int(re.search(rb"RECENT (\d+)", line).group(1))  # type: ignore[union-attr]
+
+
+def test_examine_shows_recent_without_claiming_it(server: Server, user: str) -> None:
+    """Issue 9: EXAMINE reported RECENT 0 for two messages just appended (no session had
+    selected the mailbox since); STATUS said 2."""
+    r = Raw(server, user)
+    r.ok("CREATE Rec")
+    for _ in range(2):
+        r.ok(b"APPEND Rec {3+}\r\nx\r\n")
+    assert _status_recent(r, "Rec") == 2
+    for _ in range(2):  # EXAMINE twice: the first must not have cleared \Recent
+        got = r.ok("EXAMINE Rec")
+        assert _count(got, b"EXISTS") == 2 and _count(got, b"RECENT") == 2, got
+        assert r.ok("FETCH 1:* (FLAGS)") == [
+            b"* 1 FETCH (FLAGS (\\Recent))",
+            b"* 2 FETCH (FLAGS (\\Recent))",
+        ]
+        assert r.ok("SEARCH RECENT") == [b"* SEARCH 1 2"]
+        assert _status_recent(r, "Rec") == 2
+        r.ok("CLOSE")
+    # a delivery while the mailbox is examined is recent there too, and still unclaimed
+    other = Raw(server, user)
+    r.ok("EXAMINE Rec")
+    other.ok(b"APPEND Rec {3+}\r\ny\r\n")
+    got = r.ok("NOOP")
+    assert b"* 3 EXISTS" in got and b"* 3 RECENT" in got, got
+    assert _status_recent(other, "Rec") == 3
+    # SELECT claims them; after that nobody else sees them as recent
+    got = other.ok("SELECT Rec")
+    assert _count(got, b"RECENT") == 3
+    r.ok("CLOSE")
+    got = r.ok("EXAMINE Rec")
+    assert _count(got, b"RECENT") == 0
+    assert _status_recent(r, "Rec") == 0
+    r.close()
+    other.close()
