@@ -509,7 +509,14 @@ def _flag(tok: object, allow_recent: bool) -> str:
 
 
 def flag_list(tok: object, *, allow_recent: bool = False) -> list[str]:
-    """``(\\Seen $Label)`` (or a single bare flag, as STORE allows) -> canonical flag names."""
+    """``(\\Seen $Label)`` (or a single bare flag, as STORE allows) -> canonical flag names.
+
+    ``NIL`` is the empty list: ``STORE 1 +FLAGS NIL`` is what clients that write an empty
+    list as NIL send (issue 9).  The grammar would read it as the keyword "NIL"
+    (flag-keyword = atom, RFC 3501 9), but a keyword spelled NIL could not be told from nil
+    in FETCH and FLAGS responses by the many clients that parse NIL as nil there."""
+    if tok is NIL:
+        return []
     items = tok if isinstance(tok, list) else [tok]
     return [_flag(t, allow_recent) for t in items]
 

@@ -144,6 +144,12 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             return d
         return None
 
+    def _end(self, bye: bytes) -> None:
+        """End the session on the server's initiative: a BAD alone never ends it (the client
+        may go on), so the untagged BYE says the connection is closing (RFC 3501 7.1.5)."""
+        self.write(bye)
+        self.close()
+
     def close(self) -> None:
         """End the connection once what was written has been sent.
 
@@ -205,8 +211,10 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         self._handle(result)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        # What follows cannot be told apart from commands (the line may have announced a
+        # literal), so the connection ends; with a BYE, as every end the server chooses does.
         self.write(b"* BAD [TOOBIG] Line too long\r\n")
-        self.close()
+        self._end(b"* BYE [TOOBIG] Line too long, closing the connection\r\n")
 
     def _handle(self, result: Any) -> None:
         if result is None:
@@ -227,8 +235,8 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
                 self.write(f"{result.tag} NO {code}{result.reason}\r\n".encode())
             else:
                 self.write(f"{result.tag or '*'} BAD {code}{result.reason}\r\n".encode())
-            if result.close:
-                self.close()
+            if result.close:  # a non-synchronizing literal too big to read and throw away
+                self._end(b"* BYE [TOOBIG] Literal too big, closing the connection\r\n")
                 return
             if result.discard:
                 self._literal = bytearray()

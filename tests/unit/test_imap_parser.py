@@ -224,7 +224,8 @@ def test_flag_list():
     ]
     assert flag_list(Atom("\\Flagged")) == ["\\Flagged"]
     assert flag_list([]) == []
-    for bad in ([Atom("\\Recent")], [Quoted(b"x")], [Atom("a]b")], [Atom("\\")]):
+    assert flag_list(NIL) == []  # STORE 1 +FLAGS NIL (issue 9): the empty list
+    for bad in ([Atom("\\Recent")], [Quoted(b"x")], [Atom("a]b")], [Atom("\\")], [NIL]):
         with pytest.raises(ParseError):
             flag_list(bad)
     assert flag_list([Atom("\\Recent")], allow_recent=True) == ["\\Recent"]
