@@ -148,7 +148,9 @@ class Account:
         os.rename(path, trash)  # atomic for other readers
         shutil.rmtree(trash, ignore_errors=True)
         fsync_dir(self.root)
-        self.unsubscribe(name, missing_ok=True)
+        # The subscription stays: RFC 3501 6.3.6, the server "MUST NOT unilaterally remove
+        # an existing mailbox name from the subscription list even if a mailbox by that name
+        # no longer exists"; LIST (SUBSCRIBED) shows it \NonExistent (RFC 5258 3).
         return path
 
     def rename(self, old: str, new: str) -> list[tuple[Path, Path]]:

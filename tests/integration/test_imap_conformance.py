@@ -229,3 +229,41 @@ def test_examine_shows_recent_without_claiming_it(server: Server, user: str) -> 
     assert _status_recent(r, "Rec") == 0
     r.close()
     other.close()
+
+
+# -- subscriptions outlive their mailboxes (RFC 3501 6.3.6, 6.3.9; RFC 5258 3) ---------------
+
+
+def test_a_deleted_mailbox_stays_subscribed(server: Server, user: str) -> None:
+    """Issue 9: LIST (SUBSCRIBED) left out a subscribed mailbox that no longer exists: DELETE
+    removed the subscription, which the server must never do on its own."""
+    r = Raw(server, user)
+    for name in ("Gone", "Kept", "Kept.Sub"):
+        r.ok(f"CREATE {name}")
+        r.ok(f"SUBSCRIBE {name}")
+    r.ok("DELETE Gone")
+    r.ok("DELETE Kept.Sub")
+    got = [ln for ln in r.ok('LIST (SUBSCRIBED) "" "*"') if ln.startswith(b"* LIST")]
+    assert got == [
+        b'* LIST (\\NonExistent \\Subscribed) "." "Gone"',
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "Kept"',
+        b'* LIST (\\NonExistent \\Subscribed) "." "Kept.Sub"',
+    ]
+    # a plain LIST shows only what exists, and RETURN (SUBSCRIBED) marks it
+    assert r.ok('LIST "" "Kept*" RETURN (SUBSCRIBED)') == [
+        b'* LIST (\\HasNoChildren \\Subscribed) "." "Kept"'
+    ]
+    assert r.ok('LIST "" "Gone"') == []
+    # LSUB (RFC 3501 6.3.9) still lists it; it cannot be selected
+    assert r.ok('LSUB "" "*"') == [
+        b'* LSUB (\\Noselect) "." "Gone"',
+        b'* LSUB () "." "Kept"',
+        b'* LSUB (\\Noselect) "." "Kept.Sub"',
+    ]
+    assert r.cmd("SELECT Gone")[-1].split()[1:3] == [b"NO", b"[NONEXISTENT]"]
+    # created again, it is subscribed as before; UNSUBSCRIBE is what removes it
+    r.ok("CREATE Gone")
+    assert r.ok('LSUB "" "Gone"') == [b'* LSUB () "." "Gone"']
+    r.ok("UNSUBSCRIBE Gone")
+    assert r.ok('LSUB "" "Gone"') == []
+    r.close()
