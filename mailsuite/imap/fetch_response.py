@@ -47,7 +47,8 @@ class FetchPlan:
     def __init__(self, req: FetchRequest, uid_command: bool, condstore: bool) -> None:
         items = list(req.items)
         names = {i.name for i in items}
-        if uid_command and "UID" not in names:
+        # RFC 7162 3.1: with CONDSTORE on, a FETCH that sets \\Seen reports UID and MODSEQ
+        if (uid_command or (condstore and req.sets_seen)) and "UID" not in names:
             items.insert(0, FetchItem("UID"))
         if (condstore or req.changedsince is not None) and "MODSEQ" not in names:
             items.append(FetchItem("MODSEQ"))

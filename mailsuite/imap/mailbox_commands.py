@@ -249,6 +249,8 @@ class MailboxCommands(SessionBase):
         items = [atom(t).upper() for t in cmd.args[1]]
         if not self._acct().exists(name):
             raise _no("No such mailbox", "NONEXISTENT")
+        if "HIGHESTMODSEQ" in items:  # a CONDSTORE enabling command (RFC 7162 3.1)
+            self.enable_condstore()
         self._status(name, items)
         self.ok(cmd, "STATUS completed")
 

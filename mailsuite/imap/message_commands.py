@@ -91,7 +91,7 @@ class MessageCommands(SessionBase):
         targets = self._targets(cmd, cmd.args[0])
         req = parse_fetch(list(cmd.args[1:]))
         if req.needs_modseq:
-            self.condstore = True
+            self.enable_condstore()
         if req.vanished and (not cmd.uid or not self.qresync):
             raise _bad("VANISHED needs UID FETCH with QRESYNC enabled")
         plan = FetchPlan(req, cmd.uid, self.condstore)
@@ -159,7 +159,7 @@ class MessageCommands(SessionBase):
             if len(mods) != 2 or atom(mods[0]).upper() != "UNCHANGEDSINCE":
                 raise _bad("Unknown STORE modifier")
             unchangedsince = number(mods[1])
-            self.condstore = True
+            self.enable_condstore()
         if len(args) < 2:
             raise _bad("STORE expects an action and flags")
         action = atom(args[0]).upper()
@@ -194,7 +194,8 @@ class MessageCommands(SessionBase):
             for seq, u in targets:
                 if u not in done_uids or u not in fl:
                     continue
-                items = [b"UID %d" % u] if cmd.uid else []
+                # RFC 7162 3.1: once CONDSTORE is on, STORE's FETCH responses carry UID too
+                items = [b"UID %d" % u] if cmd.uid or self.condstore else []
                 if not silent:
                     items.append(flags_bytes(fl[u], v.is_recent(u)))
                 if self.condstore:
@@ -235,7 +236,7 @@ class MessageCommands(SessionBase):
             args = args[2:]
         prog = parse_search(args)
         if prog.uses_modseq:
-            self.condstore = True
+            self.enable_condstore()
         folder = v.folder
         uids = v.uids
         fl = folder.flags
@@ -349,9 +350,11 @@ def _esearch(
     modseqs: dict[int, int],
     result: Sequence[tuple[int, int]],
 ) -> bytes:
-    """The ``* ESEARCH`` response of RFC 4731 3.1 (``nums`` ascend).  MIN, MAX and ALL are
-    left out when nothing matched; COUNT is always given.  With a MODSEQ search key the
-    highest mod-sequence of the matches follows (RFC 7162 3.1.5)."""
+    """The ``* ESEARCH`` response of RFC 4731 3.1 (``nums`` ascend, ``result`` holds the
+    matching (seq, uid) pairs in the same order).  MIN, MAX and ALL are left out when nothing
+    matched; COUNT is always given.  With a MODSEQ search key the mod-sequence follows
+    (RFC 7162 3.1.5, RFC 4731 3.2): of the message MIN or MAX returns when they are all that
+    was asked for (the higher of the two for MIN MAX), else the highest of all matches."""
     tag = cmd.tag.replace("\\", "\\\\").replace('"', '\\"')
     out = [b'* ESEARCH (TAG "' + tag.encode() + b'")']
     if cmd.uid:
@@ -366,7 +369,12 @@ def _esearch(
     if nums and "ALL" in returns:
         out.append(b"ALL " + compress(nums).encode())
     if uses_modseq and nums:
-        out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in result))
+        reported = list(result)
+        if returns <= {"MIN", "MAX"}:
+            reported = ([result[0]] if "MIN" in returns else []) + (
+                [result[-1]] if "MAX" in returns else []
+            )
+        out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in reported))
     return b" ".join(out) + b"\r\n"
 
 

@@ -316,17 +316,19 @@ class Session(MailboxCommands, MessageCommands):
         if not cmd.args:
             raise _bad("ENABLE expects capability names")
         enabled = []
+        condstore = False
         for tok in cmd.args:
             name = atom(tok).upper()
             if name == "CONDSTORE" and not self.condstore:
-                self.condstore = True
+                condstore = True
                 enabled.append(name)
             elif name == "QRESYNC" and not self.qresync:
                 self.qresync = True
-                if not self.condstore:
-                    self.condstore = True
+                condstore = True
                 enabled.append(name)
         self.untagged("ENABLED" + "".join(" " + e for e in enabled))
+        if condstore:
+            self.enable_condstore()
         self.ok(cmd, "ENABLE completed")
 
     # -- SELECT / EXAMINE ---------------------------------------------------------------------

@@ -206,8 +206,27 @@ class SessionBase:
                 b"* %d FETCH (UID %d %s%s)\r\n"
                 % (seq, uid, flags_bytes(f, v.is_recent(uid)), extra)
             )
+        if not (v.pending_added or v.pending_expunged or v.pending_flags):
+            v.synced_modseq = v.folder.highestmodseq
         if out:
             self.send(b"".join(out))
+
+    def enable_condstore(self) -> None:
+        """A CONDSTORE enabling command ran (RFC 7162 3.1: FETCH or SEARCH with MODSEQ,
+        CHANGEDSINCE, UNCHANGEDSINCE, STATUS HIGHESTMODSEQ, ENABLE CONDSTORE).  The first one
+        with a mailbox selected tells its HIGHESTMODSEQ with an untagged OK, since the client
+        may not have cared for the one in the SELECT response."""
+        if self.condstore:
+            return
+        self.condstore = True
+        v = self.view
+        if v is None or self.state != _SELECTED:
+            return
+        pending = v.pending_added or v.pending_expunged or v.pending_flags
+        # never more than what this session has been told of: changes still waiting to be
+        # announced here must stay above the value a client may resynchronise from
+        modseq = v.synced_modseq if pending else v.folder.highestmodseq
+        self.untagged(f"OK [HIGHESTMODSEQ {modseq}] Highest")
 
     def keyword_news(self) -> bytes:
         """FLAGS and PERMANENTFLAGS again if the selected mailbox has keywords this session

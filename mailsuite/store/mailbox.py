@@ -245,12 +245,15 @@ class FolderView:
         "on_change",
         "invalid",
         "keywords",
+        "synced_modseq",
     )
 
     def __init__(self, folder: Folder, readonly: bool) -> None:
         self.folder = folder
         #: the keywords this session was told of in its last FLAGS response (RFC 3501 7.2.6)
         self.keywords: frozenset[str] = frozenset(folder.keywords)
+        #: the folder's HIGHESTMODSEQ when this view last had no change left to announce
+        self.synced_modseq = folder.highestmodseq
         self.uids: list[int] = list(folder.uids)
         self.readonly = readonly
         self.recent: list[tuple[int, int]] = []  # [first, end) UID ranges that are \Recent here

@@ -267,3 +267,112 @@ def test_a_deleted_mailbox_stays_subscribed(server: Server, user: str) -> None:
     r.ok("UNSUBSCRIBE Gone")
     assert r.ok('LSUB "" "Gone"') == []
     r.close()
+
+
+# -- CONDSTORE (RFC 7162 3.1, 3.1.5) ---------------------------------------------------------
+
+
+def _highestmodseq(lines: list[bytes]) -> list[int]:
+    return [int(m.group(1)) for ln in lines if (m := re.match(rb"\* OK \[HIGHESTMODSEQ (\d+)\]", ln))]
+
+
+def _modseqs(r: Raw) -> dict[int, int]:
+    got = r.ok("UID FETCH 1:* (MODSEQ)")
+    return {
+        int(m.group(1)): int(m.group(2))
+        for ln in got
+        if (m := re.search(rb"UID (\d+) MODSEQ \((\d+)\)", ln))
+    }
+
+
+@pytest.fixture(scope="module")
+def cs_user(server: Server) -> str:
+    name = f"u{next(_users)}@example.test"
+    server.add_user(name)
+    return name
+
+
+_boxes = itertools.count()
+
+
+@pytest.fixture
+def cs_box(server: Server, cs_user: str) -> tuple[str, str]:
+    """(user, mailbox): a new mailbox with three messages, the second with the highest
+    mod-sequence."""
+    box = f"Cs{next(_boxes)}"
+    m = login(server, cs_user)
+    m.create(box)
+    for _ in range(3):
+        append(m, box, MSG)
+    m.select(box)
+    m.store("2", "+FLAGS", "(\\Flagged)")
+    m.logout()
+    return cs_user, box
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "FETCH 1 (MODSEQ)",
+        "FETCH 1:* (FLAGS) (CHANGEDSINCE 1)",
+        "SEARCH MODSEQ 1",
+        "UID SEARCH RETURN (COUNT) MODSEQ 1",
+        "STORE 1 (UNCHANGEDSINCE 1000) +FLAGS (\\Seen)",
+        "STATUS INBOX (HIGHESTMODSEQ)",
+        "ENABLE CONDSTORE",
+    ],
+)
+def test_the_first_condstore_enabling_command_reports_highestmodseq(
+    server: Server, cs_box: tuple[str, str], command: str
+) -> None:
+    """Issue 9: after a plain SELECT, the first CONDSTORE enabling command must send
+    * OK [HIGHESTMODSEQ n] (RFC 7162 3.1); it sent nothing."""
+    r = Raw(server, cs_box[0])
+    (selected,) = _highestmodseq(r.ok(f"SELECT {cs_box[1]}"))
+    got = r.ok(command)
+    assert _highestmodseq(got) == [selected], got
+    assert _highestmodseq(r.ok("FETCH 1 (MODSEQ)")) == []  # once only
+    r.close()
+
+
+def test_highestmodseq_stays_below_changes_not_yet_announced(
+    server: Server, cs_box: tuple[str, str]
+) -> None:
+    user, box = cs_box
+    a, b = Raw(server, user), Raw(server, user)
+    (selected,) = _highestmodseq(a.ok(f"SELECT {box}"))
+    b.ok(f"SELECT {box}")
+    b.ok("STORE 3 +FLAGS (\\Answered)")  # news for a, not told yet
+    got = a.ok("FETCH 1 (MODSEQ)")
+    assert _highestmodseq(got) == [selected]
+    # the change then arrives with UID and MODSEQ (RFC 7162 3.1)
+    assert any(re.match(rb"\* 3 FETCH \(UID 3 FLAGS \(\\Answered\) MODSEQ \(\d+\)\)", ln) for ln in got), got
+    # and a STORE's own FETCH responses carry UID once CONDSTORE is on
+    assert re.match(rb"\* 1 FETCH \(UID 1 FLAGS \(\\Seen\) MODSEQ \(\d+\)\)", a.ok("STORE 1 +FLAGS (\\Seen)")[0])
+    a.close()
+    b.close()
+
+
+def test_esearch_modseq_is_that_of_the_message_returned(
+    server: Server, cs_box: tuple[str, str]
+) -> None:
+    """Issue 9: SEARCH RETURN (MIN) ... MODSEQ gave the highest mod-sequence of all matches,
+    not that of the message MIN returned (RFC 7162 3.1.5)."""
+    r = Raw(server, cs_box[0])
+    r.ok(f"SELECT {cs_box[1]}")
+    ms = _modseqs(r)
+    assert ms[2] > max(ms[1], ms[3])
+    assert r.ok("SEARCH RETURN (MIN) MODSEQ 1") == [
+        f'* ESEARCH (TAG "r{r.n}") MIN 1 MODSEQ {ms[1]}'.encode()
+    ]
+    assert r.ok("UID SEARCH RETURN (MAX) MODSEQ 1") == [
+        f'* ESEARCH (TAG "r{r.n}") UID MAX 3 MODSEQ {ms[3]}'.encode()
+    ]
+    assert r.ok("SEARCH RETURN (MIN MAX) MODSEQ 1") == [
+        f'* ESEARCH (TAG "r{r.n}") MIN 1 MAX 3 MODSEQ {max(ms[1], ms[3])}'.encode()
+    ]
+    assert r.ok("SEARCH RETURN (COUNT) MODSEQ 1") == [
+        f'* ESEARCH (TAG "r{r.n}") COUNT 3 MODSEQ {ms[2]}'.encode()
+    ]
+    assert r.ok("SEARCH MODSEQ 1") == [f"* SEARCH 1 2 3 (MODSEQ {ms[2]})".encode()]
+    r.close()
