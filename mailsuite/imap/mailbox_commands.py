@@ -74,7 +74,7 @@ class MailboxCommands(SessionBase):
         new = self._mailbox_arg(cmd.args[1])
         acct = self._acct()
         if old == "INBOX":
-            acct.rename(old, new)  # checks
+            acct.rename(old, new)  # checks, and makes the superior names new needs
             dest = acct.path(new)
             yield threads.deferToThread(move_inbox_blocking, acct.root, dest)
             self.shared.runtime.changes.notify(acct.root)

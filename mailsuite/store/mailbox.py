@@ -113,10 +113,28 @@ class Account:
     # -- create / delete / rename ---------------------------------------------------------
 
     def create(self, name: str) -> None:
+        """Create ``name`` and every superior name it needs (RFC 3501 6.3.3: CREATE a.b
+        "SHOULD create any superior hierarchical names"), so ``a`` is a real, selectable
+        mailbox and not only implied by its child."""
         if name.endswith(SEPARATOR):  # RFC 3501 6.3.3: a trailing separator is a hint only
             name = name[:-1]
         if name.upper() == "INBOX" or self.exists(name):
             raise MailboxError("Mailbox exists already", "ALREADYEXISTS")
+        self.path(name)  # refuse a bad name before making any of its superiors
+        self._create_superiors(name)
+        self._create_one(name)
+
+    def _create_superiors(self, name: str) -> None:
+        for parent in _superiors(name):
+            if parent.upper() == "INBOX" or self.exists(parent):
+                continue
+            try:
+                self._create_one(parent)
+            except MailboxError as exc:  # made meanwhile by another session: fine
+                if exc.code != "ALREADYEXISTS":
+                    raise
+
+    def _create_one(self, name: str) -> None:
         path = self.path(name)
         tmp = self.root / f".tmp-create-{unique_name()}"
         ensure_folder(tmp)
@@ -154,29 +172,35 @@ class Account:
         return path
 
     def rename(self, old: str, new: str) -> list[tuple[Path, Path]]:
-        """Rename ``old`` and its children (RFC 3501 6.3.5); returns the moved (from, to)
-        directories.  Renaming INBOX moves its messages into a new folder and leaves INBOX
-        empty, as RFC 3501 requires."""
-        if not self.exists(old):
+        """Rename ``old`` and all its inferior names (RFC 3501 6.3.5); returns the moved
+        (from, to) directories.  ``old`` may be a name only its children imply (Maildir++
+        ``.a.b`` without ``.a``, made by another tool): its children move all the same.
+        Superior names ``new`` needs are created (6.3.5 SHOULD).  Renaming INBOX only checks
+        and prepares here: the caller moves its messages into the new mailbox and leaves INBOX
+        empty, and INBOX's inferior names stay where they are, as RFC 3501 requires."""
+        is_inbox = old.upper() == "INBOX"
+        exists = self.exists(old)
+        if not exists and (is_inbox or not self.has_children(old)):
             raise MailboxError("No such mailbox", "NONEXISTENT")
         if new.upper() == "INBOX" or self.exists(new):
             raise MailboxError("Target mailbox exists already", "ALREADYEXISTS")
         dest = self.path(new)
-        if old.upper() == "INBOX":
-            return []  # done by the caller (message move), see Folder-level helper
+        if is_inbox:
+            self._create_superiors(new)
+            return []  # done by the caller (message move), see move_inbox_blocking
         if (new + SEPARATOR).startswith(old + SEPARATOR):
             raise MailboxError("Cannot rename a mailbox into itself", "CANNOT")
-        moves: list[tuple[Path, Path]] = [(self.path(old), dest)]
+        moves: list[tuple[Path, Path]] = [(self.path(old), dest)] if exists else []
         for child in self.names()[1:]:
             if child.startswith(old + SEPARATOR):
                 target = new + child[len(old) :]
                 if self.exists(target):
                     raise MailboxError(f"Target mailbox {target} exists already", "ALREADYEXISTS")
                 moves.append((self.path(child), self.path(target)))
-        # create missing parents implicitly: Maildir++ needs none (flat directories)
         for src, dst in moves:
             os.rename(src, dst)
         fsync_dir(self.root)
+        self._create_superiors(new)
         subs = self.subscriptions()
         changed = False
         for i, s in enumerate(subs):
@@ -225,6 +249,12 @@ class Account:
                 return
             raise MailboxError("Not subscribed", "NONEXISTENT")
         self._write_subscriptions(s for s in subs if s != name)
+
+
+def _superiors(name: str) -> list[str]:
+    """``a.b.c`` -> ``["a", "a.b"]``: the superior hierarchical names, outermost first."""
+    parts = name.split(SEPARATOR)
+    return [SEPARATOR.join(parts[:i]) for i in range(1, len(parts))]
 
 
 # -- open folders ---------------------------------------------------------------------------

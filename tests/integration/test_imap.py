@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailsuite.store.maildir import write_message
+from mailsuite.store.maildir import ensure_folder, write_message
 from tests.harness import PASSWORD, Server, server_connections
 
 USER = "joe@example.test"
@@ -670,8 +670,11 @@ def test_list_extended_rfc5258_example9(server: Server) -> None:
     r = Raw(server, user)
     for name in ("foo2", "foo2.bar1", "foo2.bar2", "baz2", "baz2.bar2", "baz2.bar22"):
         r.ok(f"CREATE {name}")
-    for name in ("baz2.bar222", "eps2", "eps2.mamba", "qux2.bar2"):
+    for name in ("baz2.bar222", "eps2", "eps2.mamba"):
         r.ok(f"CREATE {name}")
+    # qux2 exists only as the parent of qux2.bar2: CREATE qux2.bar2 would make qux2 too
+    # (RFC 3501 6.3.3), so the child is made on disk, as another Maildir++ tool would
+    ensure_folder(server.maildir(user, "qux2.bar2"))
     for name in ("foo2.bar1", "foo2.bar2", "baz2.bar2", "baz2.bar22", "baz2.bar222"):
         r.ok(f"SUBSCRIBE {name}")
     for name in ("eps2", "eps2.mamba", "qux2.bar2"):

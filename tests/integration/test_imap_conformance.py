@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mailsuite.store.maildir import ensure_folder, write_message
 from tests.harness import PASSWORD, Server
 
 _users = itertools.count()
@@ -376,3 +377,64 @@ def test_esearch_modseq_is_that_of_the_message_returned(
     ]
     assert r.ok("SEARCH MODSEQ 1") == [f"* SEARCH 1 2 3 (MODSEQ {ms[2]})".encode()]
     r.close()
+
+
+# -- CREATE and RENAME across the hierarchy (RFC 3501 6.3.3, 6.3.5) ---------------------------
+
+
+def _names(m: imaplib.IMAP4, pattern: str) -> dict[str, bytes]:
+    out = {}
+    for line in m.list('""', pattern)[1]:
+        if line is None:  # imaplib's way of saying nothing matched
+            continue
+        attrs, name = re.match(rb'\((.*?)\) "\." "?(.*?)"?$', line).groups()  # type: ignore[union-attr]
+        out[name.decode()] = attrs
+    return out
+
+
+def test_create_makes_superiors_and_rename_moves_inferiors(server: Server, user: str) -> None:
+    """Issue 9: CREATE a.b left no mailbox a (RFC 3501 6.3.3 SHOULD create it), and RENAME
+    of a parent that only its children implied answered NO [NONEXISTENT] (6.3.5)."""
+    m = login(server, user)
+    assert m.create("Proj.Sub")[0] == "OK"
+    assert _names(m, "Proj*") == {"Proj": b"\\HasChildren", "Proj.Sub": b"\\HasNoChildren"}
+    assert m.select("Proj")[0] == "OK"  # a real mailbox, not \Noselect
+    m.close()
+    append(m, "Proj.Sub", MSG)
+    assert m.rename("Proj", "Done.Proj")[0] == "OK"
+    assert _names(m, "Done*") == {
+        "Done": b"\\HasChildren",
+        "Done.Proj": b"\\HasChildren",
+        "Done.Proj.Sub": b"\\HasNoChildren",
+    }
+    assert _names(m, "Proj*") == {}
+    assert m.status("Done.Proj.Sub", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 1)")
+    # a tree another Maildir++ tool made: .Tree.Leaf without .Tree
+    write_message(ensure_folder(server.maildir(user, "Tree.Leaf")), [b"Subject: t\n\nx\n"])
+    assert _names(m, "Tree*") == {"Tree": b"\\Noselect \\HasChildren", "Tree.Leaf": b"\\HasNoChildren"}
+    assert m.rename("Tree", "Forest")[0] == "OK"
+    assert _names(m, "Forest*") == {
+        "Forest": b"\\Noselect \\HasChildren",
+        "Forest.Leaf": b"\\HasNoChildren",
+    }
+    assert m.status("Forest.Leaf", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 1)")
+    typ, data = m.rename("Nothing", "Else")
+    assert typ == "NO" and b"[NONEXISTENT]" in data[0]
+    m.logout()
+
+
+def test_rename_inbox_moves_its_messages_and_leaves_its_inferiors(server: Server, user: str) -> None:
+    m = login(server, user)
+    append(m, "INBOX", MSG)
+    append(m, "INBOX", MSG)
+    assert m.create("INBOX.Child")[0] == "OK"
+    append(m, "INBOX.Child", MSG)
+    assert m.rename("INBOX", "Old.Inbox")[0] == "OK"
+    assert m.status("Old.Inbox", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 2)")
+    assert m.status("INBOX", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 0)")
+    assert m.status("INBOX.Child", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 1)")
+    assert _names(m, "Old") == {"Old": b"\\HasChildren"}  # the superior name was made
+    assert _names(m, "Old.Inbox.*") == {}  # INBOX's inferiors did not move
+    typ, data = m.rename("Old.Inbox", "INBOX")
+    assert typ == "NO" and b"[ALREADYEXISTS]" in data[0]
+    m.logout()
