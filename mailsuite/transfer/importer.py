@@ -4,9 +4,10 @@ a user's folders, through the store's one write path (the one IMAP APPEND uses:
 <mailsuite.store.index.FolderIndex.add_files>`), with flags and internal dates kept and UIDs
 given in source order.
 
-Speed: each message is fsynced (as APPEND does), which costs a disk flush; several are written
-at once by a few threads so the file system can commit them together, then a batch is indexed
-in one transaction.  The messages of a batch are named before they are written, in order, so a
+Speed: each message is fsynced (as APPEND does), which costs a disk flush; the messages of a
+batch are written at once by a few threads so the file system can commit their flushes
+together, and while one batch is written the previous one is indexed (one transaction) and the
+next one read.  The messages of a batch are named before they are written, in order, so a
 rebuilt index numbers them in the same order.
 
 Resuming: each destination folder keeps ``mailsuite-imported``, one line per imported message:
@@ -158,6 +159,7 @@ class Importer:
                 result.created.append(name)
             result.folders.append(name)
         target: _Target | None = None
+        self._writing: _Writing | None = None
         with ThreadPoolExecutor(WRITERS, thread_name_prefix="import") as pool:
             try:
                 for msg in source.messages():
@@ -165,6 +167,7 @@ class Importer:
                     if target is None or target.name != name:
                         if target is not None:
                             self._flush(target, pool, result)
+                            self._finish(result)
                             target.close()
                             target = None
                         target = self._open(name)
@@ -179,7 +182,9 @@ class Importer:
                         self._flush(target, pool, result)
                 if target is not None:
                     self._flush(target, pool, result)
+                self._finish(result)
             finally:
+                self._abandon()
                 if target is not None:
                     target.close()
         return result
@@ -190,29 +195,31 @@ class Importer:
         return _Target(name, path, index, ImportJournal(path, index))
 
     def _flush(self, target: _Target, pool: ThreadPoolExecutor, result: ImportResult) -> None:
-        """Write the batch (in parallel), record it, index it (one transaction)."""
+        """Start writing the batch (in parallel threads), then finish the previous one while
+        these are written: reading, writing and indexing overlap."""
         batch = target.batch
         if not batch:
             return
         target.batch = []
         target.batch_bytes = 0
         names = [unique_name() for _ in batch]  # in source order: see the module docstring
-        futures: list[Future[tuple[Path, str, int, int]]] = [
+        futures = [
             pool.submit(write_tmp, target.path, [msg.data], unique)
             for (_, msg), unique in zip(batch, names, strict=True)
         ]
-        written: list[tuple[Path, str, int, int]] = []
-        error: BaseException | None = None
-        for future in futures:
-            try:
-                written.append(future.result())
-            except BaseException as e:  # noqa: BLE001 - collected, re-raised below
-                error = error or e
-        if error is not None:
-            for tmp, *_ in written:
-                _unlink(tmp)
-            raise error
-        target.journal.pending((key, unique) for (key, _), unique in zip(batch, names, strict=True))
+        self._finish(result)
+        self._writing = _Writing(target, batch, names, futures)
+
+    def _finish(self, result: ImportResult) -> None:
+        """Wait for the batch being written, record it, index it (one transaction)."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        target, batch = writing.target, writing.batch
+        written = writing.wait()
+        target.journal.pending(
+            (key, unique) for (key, _), unique in zip(batch, writing.names, strict=True)
+        )
         files = [
             NewFile(tmp, unique, msg.flags - {"\\Recent"}, size, wsize, msg.internaldate)
             for (tmp, unique, size, wsize), (_, msg) in zip(written, batch, strict=True)
@@ -226,6 +233,43 @@ class Importer:
         target.journal.committed(key for key, _ in batch)
         result.imported += len(batch)
         self.progress.advance(len(batch), sum(msg.source_size for _, msg in batch))
+
+    def _abandon(self) -> None:
+        """After a failure: remove what the batch in flight wrote (never indexed)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                writing.wait()
+            except BaseException:  # noqa: BLE001 - wait() removed the files it could
+                return
+            for tmp, *_ in writing.written:
+                _unlink(tmp)
+
+
+@dataclass
+class _Writing:
+    """A batch whose files are being written by the pool."""
+
+    target: _Target
+    batch: list[tuple[str, SourceMessage]]
+    names: list[str]
+    futures: list[Future[tuple[Path, str, int, int]]]
+    written: list[tuple[Path, str, int, int]] = field(default_factory=list)
+
+    def wait(self) -> list[tuple[Path, str, int, int]]:
+        """The written files in order; on any failure, the others are removed and it raises."""
+        error: BaseException | None = None
+        for future in self.futures:
+            try:
+                self.written.append(future.result())
+            except BaseException as e:  # noqa: BLE001 - collected, re-raised below
+                error = error or e
+        if error is not None:
+            for tmp, *_ in self.written:
+                _unlink(tmp)
+            self.written = []
+            raise error
+        return self.written
 
 
 def _unlink(path: Path) -> None:
