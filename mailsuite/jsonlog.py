@@ -83,7 +83,8 @@ def event_as_json(event: dict[str, Any]) -> str:
 
 def json_observer(out: IO[str]) -> ILogObserver:
     """An observer writing :func:`event_as_json` lines to ``out`` (flushed per event)."""
-    return FileLogObserver(out, event_as_json)
+    observer: ILogObserver = FileLogObserver(out, event_as_json)  # type: ignore[assignment]
+    return observer
 
 
 def twistd_observer(twistd_options: Any) -> ILogObserver | None:

@@ -119,11 +119,12 @@ def makeService(
     top.runtime = runtime  # type: ignore[attr-defined]
     for extra in _extra_services(runtime):
         extra.setServiceParent(top)
+    metrics: Metrics = runtime.metrics
     listeners: list[_Listener] = []
     if config.listen.get("web"):
         runtime.web = web_tree(runtime, lambda: [svc.problem() for svc in listeners])
         if runtime.tls is not None:
-            runtime.tls.observe_handshakes(runtime.metrics.tls_handshake)
+            runtime.tls.observe_handshakes(metrics.tls_handshake)
     for name, (spec, implicit_tls) in FACTORIES.items():
         descs = config.listen.get(name, ())
         if not descs:
@@ -133,7 +134,7 @@ def makeService(
             if runtime.tls is None:
                 raise RuntimeError(f"[listen] {name} needs TLS but no certificate is available")
             factory = runtime.tls.wrap_factory(factory)
-        factory = CountingFactory(factory, *runtime.metrics.listener(name))
+        factory = CountingFactory(factory, *metrics.listener(name))
         for desc in descs:
             endpoint = endpoints.serverFromString(reactor, desc)
             svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
@@ -152,10 +153,12 @@ def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]
     from mailsuite.web.site import WebRoot
 
     config = runtime.config
+    metrics: Metrics = runtime.metrics
     root = WebRoot()
-    folders = [config.data_dir, config.mail_dir, runtime.queue.root]
+    queue: Any = runtime.queue
+    folders = [config.data_dir, config.mail_dir, queue.root]
     root.mount("healthz", HealthResource(HealthCheck(listener_problems, folders, runtime.reactor)))
-    root.mount("metrics", MetricsResource(runtime.metrics.registry, runtime.reactor))
+    root.mount("metrics", MetricsResource(metrics.registry, runtime.reactor))
     thunderbird = ThunderbirdConfig(runtime)
     root.mount("mail/config-v1.1.xml", thunderbird)  # at autoconfig.<domain>
     root.mount(".well-known/autoconfig/mail/config-v1.1.xml", thunderbird)  # at <domain>
@@ -173,12 +176,12 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
     chained to count the close."""
 
     def __init__(self, wrapped: IProtocolFactory, accepted: Any, open_now: Any) -> None:
-        self.wrapped = wrapped
+        self.wrapped: Any = wrapped
         self.accepted = accepted
         self.open_now = open_now
 
     def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
-        protocol = self.wrapped.buildProtocol(addr)
+        protocol: Any = self.wrapped.buildProtocol(addr)
         if protocol is None:
             return None
         self.accepted.inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -96,9 +97,9 @@ class WebRoot(Resource):
 
     def __init__(self) -> None:
         super().__init__()
-        self._mounts: dict[tuple[bytes, ...], IResource] = {}
+        self._mounts: dict[tuple[bytes, ...], IResource | Resource] = {}
 
-    def mount(self, path: str, resource: IResource) -> None:
+    def mount(self, path: str, resource: IResource | Resource) -> None:
         stripped = path.strip("/")
         key = tuple(s.encode("utf-8") for s in stripped.split("/")) if stripped else ()
         if key in self._mounts:
@@ -108,7 +109,7 @@ class WebRoot(Resource):
     def mounted(self) -> list[str]:
         return sorted("/" + "/".join(s.decode() for s in key) for key in self._mounts)
 
-    def getChildWithDefault(self, name: bytes, request: Any) -> IResource:  # noqa: N802
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:  # noqa: N802
         path = [name, *request.postpath]
         for n in range(len(path), 0, -1):
             found = self._mounts.get(tuple(path[:n]))
@@ -156,13 +157,14 @@ class BoundedRequest(server.Request):
     def _refuse(self) -> None:
         """413, then close: reading on would only waste time (RFC 9110 15.5.14)."""
         self.refused = True
-        self.content = io.BytesIO()
+        self.content: Any = io.BytesIO()
         body = b"request body too large\n"
-        self.channel.transport.write(
+        transport: Any = self.channel.transport
+        transport.write(
             b"HTTP/1.1 413 Content Too Large\r\nContent-Type: " + TEXT + b"\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
         )
-        self.channel.transport.loseConnection()
+        transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self.gone = True
@@ -211,7 +213,8 @@ class BoundedChannel(http.HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        self.transport.abortConnection()
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def allContentReceived(self) -> None:  # noqa: N802
         self._disarm()  # the request is in: producing the answer may take its time
@@ -219,7 +222,8 @@ class BoundedChannel(http.HTTPChannel):
 
     def requestDone(self, request: Any) -> None:  # noqa: N802
         super().requestDone(request)
-        if self.persistent and self.transport is not None and not self.transport.disconnecting:
+        transport: Any = self.transport
+        if self.persistent and transport is not None and not transport.disconnecting:
             self._arm()
 
     def _send100Continue(self) -> None:  # noqa: N802
@@ -227,7 +231,7 @@ class BoundedChannel(http.HTTPChannel):
             return  # already answered 413
         super()._send100Continue()
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._disarm()
         super().connectionLost(reason)
 
