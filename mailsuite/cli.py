@@ -1,5 +1,5 @@
 """The ``mailsuite`` admin command: users, domains, aliases, queue, DKIM keys, DNS records,
-config check.
+import/export/reindex, config check.
 
 It edits ``<data_dir>/directory.json`` under a lock; the running server re-reads it on the next
 lookup, so no restart is needed.  Passwords are read without echo (or from stdin with
@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sieve", help="users' filter scripts: list, get, put, activate, log")
     sieve_cli.add_arguments(s)
     s.set_defaults(run=sieve_cli.run)
+
+    from mailsuite.transfer import cli as transfer_cli
+
+    transfer_cli.add_arguments(sub)
 
     return p
 

@@ -9,6 +9,7 @@ usually starting the server by hand and needs to know what to fix, not where Pyt
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +18,13 @@ from typing import Any
 
 SERVICES = (
     "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
+    "web",
 )
+
+#: Services a mail client is told about by autoconfiguration (``[web] public_ports`` keys).
+CLIENT_SERVICES = ("imaps", "imap", "pop3s", "pop3", "submissions", "submission")
+
+LOG_FORMATS = ("text", "json")
 
 #: The embedded default, the same values as the commented ``etc/mailsuite.toml``
 #: (a unit test keeps the two in step).
@@ -35,6 +42,7 @@ imaps = ["tcp:2993:interface=127.0.0.1"]
 pop3 = ["tcp:2110:interface=127.0.0.1"]
 pop3s = ["tcp:2995:interface=127.0.0.1"]
 managesieve = ["tcp:24190:interface=127.0.0.1"]
+web = ["tcp:2080:interface=127.0.0.1"]
 
 [domains]
 local = ["example.test"]
@@ -206,6 +214,15 @@ class SieveConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The HTTP listener's settings (health, metrics, client autoconfiguration)."""
+
+    #: service -> port to announce to mail clients instead of the listener's own port (for
+    #: listeners behind port forwarding, or endpoints without a port such as systemd:).
+    public_ports: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -221,6 +238,8 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     mail_auth: MailAuthConfig = field(default_factory=MailAuthConfig)
     sieve: SieveConfig = field(default_factory=SieveConfig)
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def nameservers(self) -> tuple[str, ...] | None:
@@ -291,18 +310,29 @@ class _Reader:
             )
 
 
+def endpoint_port(desc: str) -> int | None:
+    """The port number of a ``tcp:``/``tcp6:``/``ssl:`` endpoint description (the first
+    positional argument or ``port=``), None for other kinds or when there is none."""
+    kind, _, rest = desc.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    # arguments are separated by ":" not escaped with a backslash (twisted's syntax)
+    args = re.split(r"(?<!\\):", rest) if rest else []
+    positional = [a for a in args if "=" not in a]
+    keyword = [a.split("=", 1)[1] for a in args if a.startswith("port=")]
+    text = keyword[0] if keyword else positional[0] if positional else ""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        return None
+    return int(text)
+
+
 def _check_endpoint(reader: _Reader, key: str, desc: str) -> None:
     """Validate an endpoint description's syntax without binding anything."""
     kind = desc.split(":", 1)[0]
     if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
         raise reader.fail(key, f"{desc!r} is not a server endpoint description (e.g. 'tcp:25')")
-    if kind in ("tcp", "tcp6", "ssl"):
-        parts = desc.split(":")
-        port = parts[1] if len(parts) > 1 else ""
-        if "=" in port:
-            port = port.split("=", 1)[1] if port.startswith("port=") else ""
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise reader.fail(key, f"{desc!r} has no valid port number")
+    if kind in ("tcp", "tcp6", "ssl") and endpoint_port(desc) is None:
+        raise reader.fail(key, f"{desc!r} has no valid port number")
 
 
 def _domain(reader: _Reader, key: str, name: str) -> str:
@@ -424,8 +454,21 @@ def _toml_key(key: str) -> str:
 def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
     where = str(path) if path else "<embedded default>"
-    known = {"server", "listen", "tls", "domains", "relay", "smtp", "auth", "imap", "pop3", "dns",
-             "mail_auth", "sieve"}
+    known = {
+        "server",
+        "listen",
+        "tls",
+        "domains",
+        "relay",
+        "smtp",
+        "auth",
+        "imap",
+        "pop3",
+        "dns",
+        "mail_auth",
+        "sieve",
+        "web",
+    }
     for section in data:
         if section not in known:
             raise ConfigError(f"{where}: [{section}]: unknown section")
@@ -436,6 +479,11 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     data_dir = Path(server.get("data_dir", str, "mailsuite-data")).expanduser()
     if not data_dir.is_absolute():
         data_dir = base / data_dir
+    log_format = server.get("log_format", str, "text")
+    if log_format not in LOG_FORMATS:
+        raise server.fail(
+            "log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
+        )
     server.finish()
 
     listen_r = _Reader(where, "listen", data.get("listen", {}))
@@ -635,6 +683,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     )
     auth_checks.finish()
 
+    web = _web_config(_Reader(where, "web", data.get("web", {})))
+
     return Config(
         path=path,
         hostname=hostname,
@@ -650,7 +700,25 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         dns=dns_config,
         mail_auth=mail_auth,
         sieve=sieve,
+        log_format=log_format,
+        web=web,
     )
+
+
+def _web_config(reader: _Reader) -> WebConfig:
+    ports = reader.get("public_ports", dict, {})
+    public: dict[str, int] = {}
+    for service, port in ports.items():
+        if service not in CLIENT_SERVICES:
+            raise reader.fail(
+                f"public_ports.{service}",
+                f"not a mail client service (one of {', '.join(CLIENT_SERVICES)})",
+            )
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+            raise reader.fail(f"public_ports.{service}", f"expected a port number, got {port!r}")
+        public[service] = port
+    reader.finish()
+    return WebConfig(public_ports=public)
 
 
 def _path(base: Path, value: str) -> Path:

@@ -40,3 +40,8 @@ class Runtime:
     #: Sieve at local delivery (:class:`mailsuite.sieve.engine.SieveFilter`): delivery calls
     #: ``runtime.sieve.evaluate(path, envelope)`` in its thread (see mailsuite.sieve.apply).
     sieve: Any | None = None
+    #: :class:`mailsuite.metrics.Metrics`: what /metrics exports.
+    metrics: Any = None
+    #: :class:`mailsuite.web.site.WebRoot` of ``[listen] web`` (None when it is off): mount
+    #: resources with ``runtime.web.mount(path, resource)``.
+    web: Any | None = None

@@ -4,6 +4,9 @@ Each ``[listen]`` service name maps to a protocol factory builder, imported only
 service is configured (so a partial config does not import, say, IMAP).  Implicit-TLS
 services (``submissions``, ``imaps``, ``pop3s``) get their factory wrapped in TLS here, so
 listeners take plain ``tcp:`` endpoint descriptions and share one reloadable certificate set.
+Every listener's factory is wrapped once more to count its connections for ``/metrics``.
+The web listener serves the resource tree built here (:func:`web_tree`), which other parts
+of the server mount into.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
+from twisted.python.components import proxyForInterface
 
 from mailsuite import tls
 from mailsuite.auth import Authenticator
@@ -27,6 +31,7 @@ from mailsuite.config import Config, ConfigError
 from mailsuite.directory import Directory
 from mailsuite.mailauth.dns import server_resolver
 from mailsuite.mailauth.service import MailAuth
+from mailsuite.metrics import Metrics
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
@@ -46,6 +51,7 @@ FACTORIES: dict[str, tuple[str, bool]] = {
     "pop3": ("mailsuite.pop3.server:pop3_factory", False),
     "pop3s": ("mailsuite.pop3.server:pop3_factory", True),
     "managesieve": ("mailsuite.managesieve.server:managesieve_factory", False),
+    "web": ("mailsuite.web.site:web_factory", False),
 }
 
 
@@ -66,6 +72,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime.resolver = server_resolver(config.nameservers, reactor)
     runtime.mail_auth = MailAuth(config, reactor, runtime.resolver)
     runtime.sieve = SieveFilter(SieveSettings.from_config(config), directory)
+    runtime.metrics = Metrics()
+    runtime.metrics.watch_queue(runtime.queue.env_dir)
     return runtime
 
 
@@ -111,6 +119,12 @@ def makeService(
     top.runtime = runtime  # type: ignore[attr-defined]
     for extra in _extra_services(runtime):
         extra.setServiceParent(top)
+    metrics: Metrics = runtime.metrics
+    listeners: list[_Listener] = []
+    if config.listen.get("web"):
+        runtime.web = web_tree(runtime, lambda: [svc.problem() for svc in listeners])
+        if runtime.tls is not None:
+            runtime.tls.observe_handshakes(metrics.tls_handshake)
     for name, (spec, implicit_tls) in FACTORIES.items():
         descs = config.listen.get(name, ())
         if not descs:
@@ -120,22 +134,102 @@ def makeService(
             if runtime.tls is None:
                 raise RuntimeError(f"[listen] {name} needs TLS but no certificate is available")
             factory = runtime.tls.wrap_factory(factory)
+        factory = CountingFactory(factory, *metrics.listener(name))
         for desc in descs:
             endpoint = endpoints.serverFromString(reactor, desc)
             svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
             svc.setName(f"{name} {desc}")
             svc.setServiceParent(top)
+            listeners.append(svc)
     return top
+
+
+def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]) -> Any:
+    """The resource tree of ``[listen] web``: health, metrics, client autoconfiguration.
+    Other parts add theirs with ``runtime.web.mount(path, resource)``."""
+    from mailsuite.web.autoconfig import OutlookAutodiscover, ThunderbirdConfig
+    from mailsuite.web.health import HealthCheck, HealthResource
+    from mailsuite.web.prometheus import MetricsResource
+    from mailsuite.web.site import WebRoot
+
+    config = runtime.config
+    metrics: Metrics = runtime.metrics
+    root = WebRoot()
+    queue: Any = runtime.queue
+    folders = [config.data_dir, config.mail_dir, queue.root]
+    root.mount("healthz", HealthResource(HealthCheck(listener_problems, folders, runtime.reactor)))
+    root.mount("metrics", MetricsResource(metrics.registry, runtime.reactor))
+    thunderbird = ThunderbirdConfig(runtime)
+    root.mount("mail/config-v1.1.xml", thunderbird)  # at autoconfig.<domain>
+    root.mount(".well-known/autoconfig/mail/config-v1.1.xml", thunderbird)  # at <domain>
+    outlook = OutlookAutodiscover(runtime)
+    root.mount("autodiscover/autodiscover.xml", outlook)
+    root.mount("Autodiscover/Autodiscover.xml", outlook)  # the spelling Outlook uses
+    return root
+
+
+class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: ignore[misc]
+    """A listener's factory, counting the connections it accepts and those still open.
+
+    The protocol is the wrapped factory's own (no wrapper between it and its transport, so
+    STARTTLS and transport checks see what they always saw); only its ``connectionLost`` is
+    chained to count the close."""
+
+    def __init__(self, wrapped: IProtocolFactory, accepted: Any, open_now: Any) -> None:
+        self.wrapped: Any = wrapped
+        self.accepted = accepted
+        self.open_now = open_now
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        protocol: Any = self.wrapped.buildProtocol(addr)
+        if protocol is None:
+            return None
+        self.accepted.inc()
+        self.open_now.inc()
+        lost = protocol.connectionLost
+        open_now = self.open_now
+
+        def connection_lost(reason: Any) -> Any:
+            open_now.dec()
+            return lost(reason)
+
+        protocol.connectionLost = connection_lost
+        return protocol
+
+    def logPrefix(self) -> str:  # noqa: N802
+        """The wrapped factory's name in "... starting on PORT" log lines."""
+        prefix = getattr(self.wrapped, "logPrefix", None)
+        return str(prefix()) if prefix is not None else type(self.wrapped).__name__
 
 
 class _Listener(StreamServerEndpointService):
     """A listening endpoint whose failure to bind stops the start with one clear line."""
 
     def __init__(self, endpoint: Any, factory: IProtocolFactory, what: str, where: str) -> None:
-        super().__init__(endpoint, factory)
+        super().__init__(_ObservedEndpoint(endpoint, self), factory)
         self._raiseSynchronously = True  # a port in use must stop the start, loudly
         self.what = what
         self.where = where
+        self.port: Any = None  # the listening port, once bound
+        self.failure: str | None = None  # why binding failed
+
+    def problem(self) -> str | None:
+        """What is wrong with this listener (for /healthz), or None when it listens."""
+        if self.failure is not None:
+            return f"{self.what}: cannot listen: {self.failure}"
+        if self.port is None:
+            return f"{self.what}: not listening yet"
+        if not getattr(self.port, "connected", True):
+            return f"{self.what}: not listening"
+        return None
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def _failed(self, reason: Any) -> Any:
+        self.failure = reason.getErrorMessage()
+        return reason
 
     def privilegedStartService(self) -> None:  # noqa: N802
         try:
@@ -146,6 +240,20 @@ class _Listener(StreamServerEndpointService):
                 f"mailsuite: {self.where}: {self.what}: cannot listen: {reason}"
                 " (is another server using that port? ports below 1024 need root)"
             ) from None
+
+
+class _ObservedEndpoint:
+    """An endpoint that tells its :class:`_Listener` the port it bound or why it could not
+    (before StreamServerEndpointService's own handlers, which swallow the failure)."""
+
+    def __init__(self, endpoint: Any, listener: _Listener) -> None:
+        self.endpoint = endpoint
+        self.listener = listener
+
+    def listen(self, factory: IProtocolFactory) -> Any:
+        d = self.endpoint.listen(factory)
+        d.addCallbacks(self.listener._bound, self.listener._failed)
+        return d
 
 
 def hand_data_to(config: Config, uid: int, gid: int) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application import service
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from mailsuite.config import Config, ConfigError, load_config
 
@@ -29,11 +32,37 @@ def makeService(options: Options) -> Any:
     from mailsuite.service import makeService as build
 
     try:
-        return build(options.config, run_as=_run_as(options))
+        top = build(options.config, run_as=_run_as(options))
     except ConfigError as e:
         # Problems found while building (a certificate that does not load, a bad POP3
         # EXPIRE value): one line naming file, key and problem, exit status 1, no traceback.
         raise SystemExit(f"mailsuite: {e}") from None
+    if options.config.log_format == "json":
+        from mailsuite.jsonlog import twistd_observer
+
+        observer = twistd_observer(getattr(options, "parent", None))
+        if observer is not None:
+            return _WithLogObserver(top, observer)
+    return top
+
+
+class _WithLogObserver(service.MultiService):
+    """The server, plus a log observer for the twistd application it joins.
+
+    twistd makes the application after calling :func:`makeService`, then starts logging with
+    the application's ``ILogObserver`` component if it has one (``AppLogger.start``); joining
+    the application is the one moment this code holds it."""
+
+    def __init__(self, server: service.MultiService, observer: ILogObserver) -> None:
+        super().__init__()
+        server.setServiceParent(self)
+        self.runtime = getattr(server, "runtime", None)
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> Any:  # noqa: N802
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        return super().setServiceParent(parent)
 
 
 def _run_as(options: Options) -> tuple[int, int] | None:

@@ -308,6 +308,10 @@ def _load_identity(cert_path: Path, key_path: Path) -> _Identity:
 # --------------------------------------------------------------------------- server
 
 
+#: OpenSSL's state descriptions before a ClientHello has been read.
+_NO_HELLO_YET = (b"before SSL initialization", b"before/accept initialization", b"error")
+
+
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class ServerTLS:
     """Server TLS for all listeners: TLS >= 1.2, SNI over several certificates, live reload.
@@ -335,6 +339,7 @@ class ServerTLS:
         self._paths = tuple(p for pair in self._pairs for p in pair)
         self._check_interval = check_interval
         self._now: Callable[[], float] = clock.seconds if clock is not None else time.monotonic
+        self._handshake_observer: Callable[[bool], None] | None = None
         self._generation = self._load()
         self._last_check = self._now()
         self._failed_signature: tuple[Any, ...] | None = None
@@ -353,7 +358,50 @@ class ServerTLS:
         callback = self._servername_callback(generation)
         for ident in generation.identities:
             ident.context.set_tlsext_servername_callback(callback)
+        self._watch_handshakes(generation)
         return generation
+
+    # ---- handshake outcomes (for metrics)
+
+    def observe_handshakes(self, observer: Callable[[bool], None]) -> None:
+        """Call ``observer(True)`` when a server handshake completes and ``observer(False)``
+        when one that started (a ClientHello arrived) ends with a fatal alert, sent or
+        received.  Connections that never send a ClientHello (port probes, plaintext on a TLS
+        port) and clients that hang up mid-handshake without an alert are not counted as
+        failures.  Uses OpenSSL's info callback on every certificate's context (reloads keep
+        it); off unless asked for, as it costs a Python call per handshake state."""
+        self._handshake_observer = observer
+        self._watch_handshakes(self._generation)
+
+    def _watch_handshakes(self, generation: _Generation) -> None:
+        if self._handshake_observer is None:
+            return
+        for ident in generation.identities:
+            ident.context.set_info_callback(self._on_tls_info)
+
+    def _on_tls_info(self, conn: SSL.Connection, where: int, ret: int) -> None:
+        # Each connection is counted once: TLS 1.3 reports HANDSHAKE_DONE again for
+        # post-handshake messages (session tickets).
+        try:
+            state = getattr(conn, "_mailsuite_tls", None)
+            if state == "counted":
+                return
+            if where & SSL.SSL_CB_HANDSHAKE_DONE:
+                ok = True
+            elif where & SSL.SSL_CB_LOOP:
+                if state is None and conn.get_state_string() not in _NO_HELLO_YET:
+                    conn._mailsuite_tls = "hello"  # type: ignore[attr-defined]
+                return
+            elif where & SSL.SSL_CB_ALERT and ret >> 8 == 2 and state == "hello":
+                ok = False  # level 2: fatal (RFC 8446 6)
+            else:
+                return
+            conn._mailsuite_tls = "counted"  # type: ignore[attr-defined]
+            observer = self._handshake_observer
+            if observer is not None:
+                observer(ok)
+        except Exception:  # never let counting break a handshake
+            log.failure("TLS: counting a handshake failed")
 
     @staticmethod
     def _servername_callback(generation: _Generation) -> Callable[[SSL.Connection], None]:

@@ -627,7 +627,7 @@ class FolderIndex:
                     "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
                     [(u, modseq) for u in expunged],
                 )
-            fresh.sort(key=_delivery_order)
+            fresh.sort(key=delivery_order)
             uid = int(self._meta("uidnext") or 1)
             new_rows = []
             if fresh:
@@ -663,6 +663,28 @@ class FolderIndex:
                 self._set_meta("stamp_" + sub, st)
             else:
                 self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
+
+    # -- repair (mailsuite reindex) ---------------------------------------------------------
+
+    def rebuild(self) -> SyncResult:
+        """Index the folder's files again from nothing, under a new UIDVALIDITY (UIDs are
+        given anew, which RFC 3501 2.3.1.1 allows only with a new UIDVALIDITY).  Done in place
+        (not by deleting the file) so other processes with the index open see the new
+        UIDVALIDITY on their next sync and tell their clients to resynchronise."""
+        with self._locked():
+            gen = int(self._meta("names_gen") or 0)
+            with self._transaction():
+                self.db.execute("DELETE FROM messages")
+                self.db.execute("DELETE FROM expunged")
+                self.db.execute("DELETE FROM meta")
+                # other processes must not trust their cached name lists
+                self._set_meta("names_gen", gen + 1)
+            self._names = None
+            self._init_meta()
+            stamp = self._dir_stamp()
+            if stamp is None:
+                return SyncResult()
+            return self._scan(stamp, time.time_ns(), _SUBS)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -868,7 +890,7 @@ _USEC = re.compile(r"M(\d+)")
 _COUNTER = re.compile(r"Q(\d+)")
 
 
-def _delivery_order(base: str) -> tuple[int, int, int, str]:
+def delivery_order(base: str) -> tuple[int, int, int, str]:
     """Order new files by the delivery time in their name, so UIDs follow arrival.
 
     ``sec.M<usec>P<pid>Q<n>.host``: seconds, then microseconds and the per-process counter
@@ -886,4 +908,12 @@ def _delivery_order(base: str) -> tuple[int, int, int, str]:
     )
 
 
-__all__ = ["FLAG_LETTERS", "FolderIndex", "Message", "NewFile", "SyncResult", "crlf_size"]
+__all__ = [
+    "FLAG_LETTERS",
+    "FolderIndex",
+    "Message",
+    "NewFile",
+    "SyncResult",
+    "crlf_size",
+    "delivery_order",
+]

@@ -391,6 +391,9 @@ class Folder:
             registry.hub.subscribe(path, self._hub_changed) if registry.hub else None
         )
         self._refresh_pending = False
+        #: the index was rebuilt under this object (new UIDVALIDITY): its UIDs mean nothing
+        #: now, so the registry replaces it and closes it once its sessions have let go
+        self.stale = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -447,6 +450,7 @@ class Folder:
         self.index.sync()
         uv, nxt, hms = self.index.counters()
         if uv != self.uidvalidity:
+            self.stale = True
             self.invalidate("Mailbox index was rebuilt (UIDVALIDITY changed)")
             return False
         if hms == self.highestmodseq and nxt == self.uidnext:
@@ -541,28 +545,44 @@ class FolderRegistry:
         self._watched: dict[Folder, list] = {}
 
     def get(self, path: Path) -> Folder:
-        folder = self.open.get(path)
-        if folder is None:
-            folder = self.idle.pop(path, None)
-            if folder is not None:
-                self.open[path] = folder
-                folder.refresh()
-                if not (folder.path / "cur").is_dir() or any(v.invalid for v in folder.views):
-                    folder = None
-                    self.open.pop(path, None)
-        else:
-            folder.refresh()
+        folder = self.peek(path)
+        if folder is not None and self.open.get(path) is not folder:  # warm, from idle
+            del self.idle[path]
+            self.open[path] = folder
+            if not (folder.path / "cur").is_dir() or any(v.invalid for v in folder.views):
+                folder = None
+                self.open.pop(path, None)
         if folder is None:
             folder = Folder(self, path)
             self.open[path] = folder
         return folder
 
     def peek(self, path: Path) -> Folder | None:
-        return self.open.get(path) or self.idle.get(path)
+        """The open or warm folder at ``path``, brought up to date; None when there is none,
+        or when its index was rebuilt meanwhile (it is dropped: a new one must be made)."""
+        folder = self.open.get(path) or self.idle.get(path)
+        if folder is None:
+            return None
+        folder.refresh()
+        if folder.stale:
+            self._drop(folder)
+            return None
+        return folder
+
+    def _drop(self, folder: Folder) -> None:
+        if self.open.get(folder.path) is folder:
+            del self.open[folder.path]
+        if self.idle.get(folder.path) is folder:
+            del self.idle[folder.path]
+        if not folder.views:
+            folder._close()
 
     def _closed(self, folder: Folder) -> None:
         """The last view went away: keep the folder warm for a while (a client that logs in
         again, or a benchmark's next trial, then SELECTs without reloading the index)."""
+        if folder.stale:
+            self._drop(folder)
+            return
         if self.open.get(folder.path) is folder:
             del self.open[folder.path]
         old = self.idle.pop(folder.path, None)

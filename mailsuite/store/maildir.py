@@ -132,10 +132,14 @@ def folder_path(user_root: Path, name: str) -> Path:
     return path
 
 
-def write_tmp(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[Path, str, int, int]:
+def write_tmp(
+    folder: Path, chunks: list[bytes] | tuple[bytes, ...], name: str | None = None
+) -> tuple[Path, str, int, int]:
     """Write and fsync a message into ``folder/tmp``; returns (tmp path, unique name, file
-    size, CRLF size).  Blocking: call it from a thread."""
-    name = unique_name()
+    size, CRLF size).  ``name`` is a :func:`unique_name` made earlier (an import writes many
+    messages in parallel, naming them in order first so the names keep that order).
+    Blocking: call it from a thread."""
+    name = name or unique_name()
     tmp = folder / "tmp" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -94,7 +94,7 @@ def test_several_certificates_by_sni(tmp_path: Path):
         srv.stop()
 
 
-DEFAULT_PORTS = (2525, 2587, 2465, 2143, 2993, 2110, 2995)
+DEFAULT_PORTS = (2525, 2587, 2465, 2143, 2993, 2110, 2995, 24190, 2080)
 
 
 def _busy(port: int) -> bool:

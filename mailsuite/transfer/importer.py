@@ -1,0 +1,279 @@
+"""``mailsuite import``: put the messages of a :class:`~mailsuite.transfer.sources.Source` into
+a user's folders, through the store's one write path (the one IMAP APPEND uses:
+:func:`~mailsuite.store.maildir.write_tmp`, then :meth:`FolderIndex.add_files
+<mailsuite.store.index.FolderIndex.add_files>`), with flags and internal dates kept and UIDs
+given in source order.
+
+Speed: each message is fsynced (as APPEND does), which costs a disk flush; the messages of a
+batch are written at once by a few threads so the file system can commit their flushes
+together, and while one batch is written the previous one is indexed (one transaction) and the
+next one read.  The messages of a batch are named before they are written, in order, so a
+rebuilt index numbers them in the same order.
+
+Resuming: each destination folder keeps ``mailsuite-imported``, one line per imported message:
+a key (a hash of the message and how many identical ones came before it in this import) and its
+file's unique name.  The lines of a batch are written and fsynced before the batch is added,
+and a ``.`` line follows once it is in; after a crash between the two, the lines of the open
+batch count as imported exactly when their files are in the folder.  So running an import again
+adds only what is missing, without duplicates and without losing what the crash interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.mailbox import Account, MailboxError
+from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name, write_tmp
+from mailsuite.transfer.progress import Progress
+from mailsuite.transfer.sources import Source, SourceError, SourceMessage
+
+JOURNAL = "mailsuite-imported"
+BATCH_MESSAGES = 256
+BATCH_BYTES = 32 * 1024 * 1024
+WRITERS = 8  # threads writing (and fsyncing) messages at once
+
+
+class ImportJournal:
+    """The record of what one destination folder received from imports (module docstring)."""
+
+    def __init__(self, folder: Path, index: FolderIndex) -> None:
+        self.path = folder / JOURNAL
+        self.done: set[str] = set()
+        pending: dict[str, str] = {}
+        try:
+            with open(self.path, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    line = line.rstrip("\n")
+                    if line == ".":
+                        self.done.update(pending)
+                        pending = {}
+                    elif line:
+                        key, _, unique = line.partition(" ")
+                        pending[key] = unique
+        except FileNotFoundError:
+            pass
+        if pending:
+            self._recover(pending, index)
+        self._file = open(self.path, "a", encoding="ascii")
+
+    def _recover(self, pending: dict[str, str], index: FolderIndex) -> None:
+        """An import stopped between writing a batch's lines and its ``.``: the messages whose
+        files made it into the folder are imported; rewrite the record to say just that."""
+        index.sync(force=True)
+        present = {m.base.split(",", 1)[0] for m in index.messages()}
+        self.done.update(k for k, unique in pending.items() if unique in present)
+        tmp = self.path.with_name(JOURNAL + ".tmp")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.writelines(f"{key}\n" for key in sorted(self.done))
+            f.write(".\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def pending(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Record (key, unique name) of a batch about to be added; durable on return."""
+        self._file.writelines(f"{key} {unique}\n" for key, unique in entries)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def committed(self, keys: Iterable[str]) -> None:
+        self._file.write(".\n")
+        self._file.flush()
+        self.done.update(keys)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class _Target:
+    """A destination folder while messages go into it."""
+
+    name: str
+    path: Path
+    index: FolderIndex
+    journal: ImportJournal
+    occurrences: dict[str, int] = field(default_factory=dict)
+    batch: list[tuple[str, SourceMessage]] = field(default_factory=list)
+    batch_bytes: int = 0
+
+    def key(self, msg: SourceMessage) -> str:
+        digest = hashlib.sha256(msg.data).hexdigest()[:32]
+        n = self.occurrences.get(digest, 0)
+        self.occurrences[digest] = n + 1
+        return f"{digest}#{n}"
+
+    def close(self) -> None:
+        self.journal.close()
+        self.index.close()
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    skipped: int = 0  # imported by an earlier run
+    folders: list[str] = field(default_factory=list)  # destination folders, INBOX first
+    created: list[str] = field(default_factory=list)  # folders that had to be made
+
+
+class Importer:
+    """Imports into the mailbox rooted at ``root`` (a user's INBOX directory).
+
+    ``folder``: where the source's INBOX goes (default INBOX); its other folders go below it
+    (``F.Sent``) or, without ``folder``, keep their names."""
+
+    def __init__(self, root: Path, progress: Progress, folder: str | None = None) -> None:
+        self.account = Account(root)
+        self.progress = progress
+        self.prefix = folder.strip(".") if folder else None
+        if self.prefix is not None:
+            self._check(self.prefix)
+
+    def _check(self, name: str) -> None:
+        try:
+            self.account.path(name)
+        except MailboxError as e:
+            raise SourceError(f"cannot import into folder {name!r}: {e}") from None
+
+    def destination(self, source_folder: str) -> str:
+        if source_folder == "INBOX":
+            return self.prefix or "INBOX"
+        return f"{self.prefix}.{source_folder}" if self.prefix else source_folder
+
+    def run(self, source: Source) -> ImportResult:
+        result = ImportResult()
+        ensure_folder(self.account.root)
+        for folder in source.folders():  # all of them first: empty folders are kept too
+            name = self.destination(folder)
+            self._check(name)
+            if not self.account.exists(name):
+                self.account.create(name)
+                self.account.subscribe(name)
+                result.created.append(name)
+            result.folders.append(name)
+        target: _Target | None = None
+        self._writing: _Writing | None = None
+        with ThreadPoolExecutor(WRITERS, thread_name_prefix="import") as pool:
+            try:
+                for msg in source.messages():
+                    name = self.destination(msg.folder)
+                    if target is None or target.name != name:
+                        if target is not None:
+                            self._flush(target, pool, result)
+                            self._finish(result)
+                            target.close()
+                            target = None
+                        target = self._open(name)
+                    key = target.key(msg)
+                    if key in target.journal.done:
+                        result.skipped += 1
+                        self.progress.advance(1, msg.source_size, skipped=1)
+                        continue
+                    target.batch.append((key, msg))
+                    target.batch_bytes += len(msg.data)
+                    if len(target.batch) >= BATCH_MESSAGES or target.batch_bytes >= BATCH_BYTES:
+                        self._flush(target, pool, result)
+                if target is not None:
+                    self._flush(target, pool, result)
+                self._finish(result)
+            finally:
+                self._abandon()
+                if target is not None:
+                    target.close()
+        return result
+
+    def _open(self, name: str) -> _Target:
+        path = self.account.path(name)
+        index = FolderIndex(path)
+        return _Target(name, path, index, ImportJournal(path, index))
+
+    def _flush(self, target: _Target, pool: ThreadPoolExecutor, result: ImportResult) -> None:
+        """Start writing the batch (in parallel threads), then finish the previous one while
+        these are written: reading, writing and indexing overlap."""
+        batch = target.batch
+        if not batch:
+            return
+        target.batch = []
+        target.batch_bytes = 0
+        names = [unique_name() for _ in batch]  # in source order: see the module docstring
+        futures = [
+            pool.submit(write_tmp, target.path, [msg.data], unique)
+            for (_, msg), unique in zip(batch, names, strict=True)
+        ]
+        self._finish(result)
+        self._writing = _Writing(target, batch, names, futures)
+
+    def _finish(self, result: ImportResult) -> None:
+        """Wait for the batch being written, record it, index it (one transaction)."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        target, batch = writing.target, writing.batch
+        written = writing.wait()
+        target.journal.pending(
+            (key, unique) for (key, _), unique in zip(batch, writing.names, strict=True)
+        )
+        files = [
+            NewFile(tmp, unique, msg.flags - {"\\Recent"}, size, wsize, msg.internaldate)
+            for (tmp, unique, size, wsize), (_, msg) in zip(written, batch, strict=True)
+        ]
+        try:
+            target.index.add_files(files)
+        except BaseException:
+            for tmp, *_ in written:
+                _unlink(tmp)
+            raise
+        target.journal.committed(key for key, _ in batch)
+        result.imported += len(batch)
+        self.progress.advance(len(batch), sum(msg.source_size for _, msg in batch))
+
+    def _abandon(self) -> None:
+        """After a failure: remove what the batch in flight wrote (never indexed)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                writing.wait()
+            except BaseException:  # noqa: BLE001 - wait() removed the files it could
+                return
+            for tmp, *_ in writing.written:
+                _unlink(tmp)
+
+
+@dataclass
+class _Writing:
+    """A batch whose files are being written by the pool."""
+
+    target: _Target
+    batch: list[tuple[str, SourceMessage]]
+    names: list[str]
+    futures: list[Future[tuple[Path, str, int, int]]]
+    written: list[tuple[Path, str, int, int]] = field(default_factory=list)
+
+    def wait(self) -> list[tuple[Path, str, int, int]]:
+        """The written files in order; on any failure, the others are removed and it raises."""
+        error: BaseException | None = None
+        for future in self.futures:
+            try:
+                self.written.append(future.result())
+            except BaseException as e:  # noqa: BLE001 - collected, re-raised below
+                error = error or e
+        if error is not None:
+            for tmp, *_ in self.written:
+                _unlink(tmp)
+            self.written = []
+            raise error
+        return self.written
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
