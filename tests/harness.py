@@ -7,6 +7,7 @@ Every test gets its own data folder and free ports; the server is a child proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,36 @@ SERVICES = (
     "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
 )
 PASSWORD = "correct horse battery"
+
+#: What twisted.logger writes for an error nobody handled: a failure logged with its
+#: traceback (``log.failure``, "Traceback (most recent call last):" or "Traceback (failure
+#: with no frames)"), a legacy ``log.err`` ("Unhandled Error"), a Deferred garbage-collected
+#: with a failure ("Unhandled error in Deferred:"), any event at critical level (``[ns#critical]``
+#: when no legacy system is set) and Python's own "Exception ignored in" on stderr.
+_LOG_PROBLEM = re.compile(
+    r"Traceback \(|Unhandled [Ee]rror|#critical\]|Exception ignored in"
+)
+
+
+def log_problems(text: str) -> list[str]:
+    """The lines of a server log (or output) that show an unhandled error, each with a few
+    lines of context; empty when the log is clean."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if _LOG_PROBLEM.search(line):
+            out.append("\n".join(lines[max(0, i - 1) : i + 12]))
+    return out
+
+
+def assert_clean_log(text: str, what: str) -> None:
+    """Fail the test if ``text`` (a server log or its output) holds a traceback."""
+    problems = log_problems(text)
+    if problems:
+        raise AssertionError(
+            f"{what} has {len(problems)} traceback(s)/critical error(s); the first:\n"
+            + problems[0]
+        )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,8 +84,12 @@ class Server:
         extra_toml: str = "",
         domains: tuple[str, ...] = ("example.test",),
         tls: tuple[Path, Path] | None = None,
+        log_errors_expected: str | None = None,
     ) -> None:
+        """``log_errors_expected``: a reason why this test provokes an internal error on
+        purpose; without one, a traceback in the server log fails the test at stop."""
         self.root = root
+        self.log_errors_expected = log_errors_expected
         self.root.mkdir(parents=True, exist_ok=True)
         self.data = root / "data"
         self.ports = {s: free_port() for s in services}
@@ -68,6 +103,7 @@ class Server:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "twistd.log"
+        self._log_checked = 0  # offset in the log up to which it was found clean
 
     # -- admin -----------------------------------------------------------------------------
 
@@ -103,6 +139,7 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
+        self._log_checked = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             mailsuite_argv(str(self.config), logfile=str(self.log)),
             cwd=self.root,
@@ -127,6 +164,7 @@ class Server:
         return out
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM) and fail if its log shows a traceback."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -134,13 +172,39 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self.proc = None
+        self._finish()
 
     def kill9(self) -> None:
+        """Kill the server (SIGKILL) and fail if its log shows a traceback."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-        self.proc = None
+        self._finish()
+
+    def _finish(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        out = ""
+        if proc.stdout is not None:
+            out = proc.stdout.read().decode(errors="replace")
+            proc.stdout.close()
+        self.check_log(out)
+
+    def check_log(self, output: str = "") -> None:
+        """Fail if the log written since the last check (or ``output``, the server's
+        stdout/stderr) shows a traceback, unless this server expects one; called at every stop
+        (the traceback rule of DESIGN.md: none in the server log, ever)."""
+        text = ""
+        if self.log.exists():
+            with open(self.log, "rb") as f:
+                f.seek(self._log_checked)
+                data = f.read()
+            self._log_checked += len(data)
+            text = data.decode(errors="replace")
+        if self.log_errors_expected is None:
+            assert_clean_log(output, f"the output of the server in {self.root}")
+            assert_clean_log(text, f"{self.log}")
 
     def port(self, service: str) -> int:
         return self.ports[service]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailsuite.testing.process import mailsuite_argv
-from tests.harness import PASSWORD, Server, wait_port
+from tests.harness import PASSWORD, Server, assert_clean_log, wait_port
 from tests.tls_helpers import CertAuthority, peer_certificate, plain, smtp_starttls
 
 
@@ -186,6 +186,7 @@ def test_embedded_default_bootstraps_a_self_signed_certificate(tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+    assert_clean_log(_output(proc, log), f"the log of the embedded default server, {log}")
 
 
 def _der():  # type: ignore[no-untyped-def]
