@@ -26,7 +26,7 @@ from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
 from mailsuite.connection_limits import Admission, Refusal, shared_limits
-from mailsuite.delivery import Envelope, IncomingMessage
+from mailsuite.delivery import DeliveryError, Envelope, IncomingMessage
 from mailsuite.directory import LocalBox, Resolution, split_address
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
@@ -476,7 +476,12 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
             return R.OK.with_text(f"Message accepted for delivery as {txid}")
 
         def failed(f: Failure) -> R.Reply:
-            log.failure("smtp: delivery of {id} failed", f, id=txid)
+            if f.check(OSError, DeliveryError):
+                # The store or the queue cannot be written (full, read-only, broken
+                # folder): an operating condition, not a bug; the client retries on 451.
+                log.error("smtp: delivery of {id} failed: {error}", id=txid, error=f.value)
+            else:
+                log.failure("smtp: delivery of {id} failed", f, id=txid)
             return R.TEMP_FAILURE
 
         return d.addCallbacks(done, failed)
