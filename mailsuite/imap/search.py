@@ -198,6 +198,13 @@ _FLAG_KEYS = {
     "UNFLAGGED": ("\\Flagged", False),
     "UNSEEN": ("\\Seen", False),
 }
+#: How deeply NOT, OR and parenthesised lists may nest.  Parsing, compiling and evaluating
+#: the key tree recurse once per level, so an unbounded ``OR a OR b OR ...`` chain (each OR
+#: nests the next) hit Python's recursion limit at about 400 terms and ended in a logged
+#: RecursionError; a real client nests a handful of levels (the command reader already caps
+#: nested parentheses at 32 the same way).  Deeper programs are answered BAD.
+MAX_SEARCH_DEPTH = 100
+
 _ADDRESS_KEYS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to"}
 _DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
 
@@ -241,12 +248,15 @@ def parse_search(args: list) -> SearchProgram:
     stream = _Tokens(toks, charset)
     keys = []
     while stream.i < len(toks):
-        keys.append(_parse_key(stream))
+        keys.append(_parse_key(stream, 0))
     key = keys[0] if len(keys) == 1 else Key("AND", tuple(keys))
     return SearchProgram(key, charset, stream.uses_modseq)
 
 
-def _parse_key(s: _Tokens) -> Key:
+def _parse_key(s: _Tokens, depth: int) -> Key:
+    """One search key at nesting ``depth`` (NOT, OR and parentheses add a level)."""
+    if depth > MAX_SEARCH_DEPTH:
+        raise ParseError(f"Search keys nested too deeply (at most {MAX_SEARCH_DEPTH} levels)")
     tok = s.next("search key")
     if isinstance(tok, list):
         if not tok:
@@ -254,7 +264,7 @@ def _parse_key(s: _Tokens) -> Key:
         sub = _Tokens(tok, s.charset)
         keys = []
         while sub.i < len(tok):
-            keys.append(_parse_key(sub))
+            keys.append(_parse_key(sub, depth + 1))
         s.uses_modseq |= sub.uses_modseq
         return keys[0] if len(keys) == 1 else Key("AND", tuple(keys))
     if tok is NIL or not isinstance(tok, Atom):
@@ -286,10 +296,10 @@ def _parse_key(s: _Tokens) -> Key:
     if name == "UID":
         return Key("UID", (_seqset(s.next("UID set")),))
     if name == "NOT":
-        return Key("NOT", (_parse_key(s),))
+        return Key("NOT", (_parse_key(s, depth + 1),))
     if name == "OR":
-        a = _parse_key(s)
-        b = _parse_key(s)
+        a = _parse_key(s, depth + 1)
+        b = _parse_key(s, depth + 1)
         return Key("OR", (a, b))
     if name == "MODSEQ":
         # MODSEQ [<entry-name> <entry-type-req>] <mod-sequence-valzer> (RFC 7162 3.1.5)

@@ -83,3 +83,60 @@ def test_section_concatenation(part, _):
     body = m.section(Section((part,)))
     if mime:
         assert mime + body in whole
+
+
+def nested_message(depth: int, kind: str, same_boundary: bool) -> bytes:
+    """A message whose MIME tree is ``depth`` levels deep: multiparts inside multiparts,
+    message/rfc822 inside message/rfc822, or both alternating."""
+    head: list[bytes] = [b"From: a@example.org\nSubject: deep\nMIME-Version: 1.0\n"]
+    tail: list[bytes] = []
+    for level in range(depth):
+        rfc822 = kind == "rfc822" or (kind == "mixed" and level % 2)
+        if rfc822:
+            head.append(b"Content-Type: message/rfc822\n\nSubject: level %d\n" % level)
+        else:
+            b = b"b" if same_boundary else b"b%d" % level
+            head.append(b"Content-Type: multipart/mixed; boundary=%s\n\n--%s\n" % (b, b))
+            tail.append(b"\n--%s--\n" % b)
+    return b"".join(head) + b"Content-Type: text/plain\n\nleaf text\n" + b"".join(reversed(tail))
+
+
+def balanced(data: bytes) -> int:
+    """The deepest parenthesis nesting of a response value (quoted strings skipped); raises
+    AssertionError if the parentheses do not balance."""
+    depth = deepest = 0
+    i = 0
+    while i < len(data):
+        c = data[i]
+        if c == 0x22:  # skip a quoted string
+            i += 1
+            while data[i] != 0x22:
+                i += 2 if data[i] == 0x5C else 1
+        elif c == 0x28:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == 0x29:
+            depth -= 1
+            assert depth >= 0
+        i += 1
+    assert depth == 0
+    return deepest
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([0, 1, 39, 40, 41, 500, 10_000]) | st.integers(0, 10_000),
+    st.sampled_from(["multipart", "rfc822", "mixed"]),
+    st.booleans(),
+)
+def test_deeply_nested_mime_is_bounded(depth, kind, same_boundary):
+    """10,000 nested parts: BODYSTRUCTURE, BODY, sections and SEARCH text neither recurse
+    without bound nor fail; the structure is cut at a fixed depth and stays well formed."""
+    raw = nested_message(depth, kind, same_boundary)
+    for extensible in (True, False):
+        assert balanced(bodystructure(raw, extensible)) <= 200
+    assert balanced(envelope(raw)) <= 3
+    m = ParsedMessage(raw)
+    m.section(Section((1,) * 10_000))
+    m.section(Section((1,) * 50, "MIME"))
+    body_text(raw)

@@ -240,3 +240,35 @@ def test_address_keys_match_the_parsed_address_too():
     assert run(b"TO bob", msgs) == []  # MAIL2 has no To
     assert run(b"NOT FROM user-from@domain.org", msgs) == [2]
     assert prog(b"FROM x").needs == Needs.HEADER
+
+
+# -- nesting depth (issue 10: a 400-term OR chain ended in a logged RecursionError) ----------
+
+
+def test_deep_or_chain_is_a_parse_error_not_a_recursion_error():
+    chain = b"OR SEEN " * 1999 + b"ALL"  # 2,000 terms, each OR nesting the next
+    with pytest.raises(ParseError, match="nested too deeply"):
+        prog(chain)
+
+
+def test_deep_not_chain_is_a_parse_error():
+    with pytest.raises(ParseError, match="nested too deeply"):
+        prog(b"NOT " * 5000 + b"SEEN")
+
+
+def test_parentheses_count_towards_the_depth():
+    # 30 parentheses (the reader allows 32) around 80 NOTs: deeper than the cap together
+    with pytest.raises(ParseError, match="nested too deeply"):
+        prog(b"(" * 30 + b"NOT " * 80 + b"SEEN" + b")" * 30)
+
+
+def test_nesting_up_to_the_cap_parses_and_evaluates():
+    from mailsuite.imap.search import MAX_SEARCH_DEPTH
+
+    msgs = [Msg(1, 1, flags=frozenset({"\\Seen"})), Msg(2, 2)]
+    # NOT^MAX SEEN: the leaf sits exactly at the deepest allowed level
+    expected = [1] if MAX_SEARCH_DEPTH % 2 == 0 else [2]
+    assert run(b"NOT " * MAX_SEARCH_DEPTH + b"SEEN", msgs) == expected
+    assert run(b"OR UNSEEN " * MAX_SEARCH_DEPTH + b"SEEN", msgs) == [1, 2]
+    with pytest.raises(ParseError):
+        prog(b"NOT " * (MAX_SEARCH_DEPTH + 1) + b"SEEN")
