@@ -67,7 +67,14 @@ class SMTPLimits:
     max_recipients: int = 100
     max_errors: int = 10
     max_line_length: int = 998  # RFC 5321 4.5.3.1.6: 1000 octets with CRLF
-    timeout: int = 300  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    #: RFC 5321 4.5.3.2.7: 5 minutes for each command line from the moment the server waits
+    #: for it (bytes trickling in do not extend it), and for each 64 KiB of DATA (4.5.3.2.5)
+    timeout: int = 300
+    #: a whole session, connect to close: a slow client cannot hold a connection for ever
+    session_timeout: int = 3600
+    #: submission only: connect to successful AUTH (Dovecot drops unauthenticated clients
+    #: after 3 minutes)
+    login_timeout: int = 180
     max_hops: int = 50  # Received headers before a loop is declared (RFC 5321 6.3)
     # Connection limits (0 = none), see mailsuite.connection_limits.  The submission
     # listeners (587 and 465 together) are counted apart from the MX listener with the same
@@ -154,6 +161,7 @@ class IMAPConfig:
     max_connections: int = 1000  # imap and imaps together (0 = no limit)
     max_connections_per_ip: int = 50  # not logged in, per client address
     max_userip_connections: int = 20  # logged in, per user and address (Dovecot's 10)
+    login_timeout: int = 180  # connect to LOGIN/AUTHENTICATE (RFC 3501 5.4 lets it be short)
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ class POP3Config:
     max_connections: int = 500  # pop3 and pop3s together (0 = no limit)
     max_connections_per_ip: int = 50  # not logged in, per client address
     # No per-user limit: the maildrop lock already allows one session per user (RFC 1939 8).
+    #: connect to successful login (the 10 minutes of RFC 1939 3 apply after login)
+    login_timeout: int = 180
 
 
 @dataclass(frozen=True)
@@ -211,6 +221,7 @@ class SieveConfig:
     vacation_max_period: int = 90 * 86400
     max_connections: int = 100  # ManageSieve connections (0 = no limit)
     max_connections_per_ip: int = 10  # not logged in, per client address
+    login_timeout: int = 180  # ManageSieve: connect to a successful AUTHENTICATE
 
 
 @dataclass(frozen=True)
@@ -525,6 +536,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_errors=smtp_r.positive("max_errors", SMTPLimits.max_errors),
         max_line_length=smtp_r.positive("max_line_length", SMTPLimits.max_line_length, 998),
         timeout=smtp_r.positive("timeout", SMTPLimits.timeout),
+        session_timeout=smtp_r.positive("session_timeout", SMTPLimits.session_timeout),
+        login_timeout=smtp_r.positive("login_timeout", SMTPLimits.login_timeout),
         max_hops=smtp_r.positive("max_hops", SMTPLimits.max_hops, 10),
         max_connections=smtp_r.positive("max_connections", SMTPLimits.max_connections, 0),
         max_connections_per_ip=smtp_r.positive(
@@ -616,6 +629,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_userip_connections=imap_r.positive(
             "max_userip_connections", IMAPConfig.max_userip_connections, 0
         ),
+        login_timeout=imap_r.positive("login_timeout", IMAPConfig.login_timeout),
     )
     imap_r.finish()
 
@@ -628,6 +642,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_connections_per_ip=pop3_r.positive(
             "max_connections_per_ip", POP3Config.max_connections_per_ip, 0
         ),
+        login_timeout=pop3_r.positive("login_timeout", POP3Config.login_timeout),
     )
     pop3_r.finish()
 
@@ -644,6 +659,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_connections=sieve_r.positive("max_connections", d.max_connections, 0),
         max_connections_per_ip=sieve_r.positive(
             "max_connections_per_ip", d.max_connections_per_ip, 0),
+        login_timeout=sieve_r.positive("login_timeout", d.login_timeout),
     )
     if sieve.vacation_max_period < sieve.vacation_min_period:
         raise sieve_r.fail("vacation_max_period", "must not be less than vacation_min_period")

@@ -8,7 +8,11 @@ injection, ignores partial FETCH, never sets \\Seen, crashes on APPEND without f
 
 ``IMAPProtocol`` is the thin I/O adapter: lines, literals in raw mode, pausing input while a
 command runs (so pipelined commands are answered in order), STARTTLS, the IDLE continuation,
-timeouts and output flow control.  ``session.Session`` is the state machine: it takes parsed
+deadlines and output flow control.  Deadlines (:mod:`mailsuite.deadline`) move only with
+complete lines, 64 KiB of literal and the end of a command, never with single bytes: a client
+must log in within ``[imap] login_timeout`` of connecting (RFC 3501 5.4 allows a short
+timer before login; Dovecot uses 3 minutes) and, logged in, send each line within
+``idle_timeout``.  ``session.Session`` is the state machine: it takes parsed
 commands and writes responses through the adapter (``session_base`` has its state and output,
 ``mailbox_commands`` and ``message_commands`` the two groups of commands).  Untagged EXISTS /
 EXPUNGE / FETCH FLAGS from other sessions and processes are sent only where RFC 3501 7.4.1 /
@@ -22,17 +26,15 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.protocols import basic
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
+from mailsuite.deadline import LOGIN, ReadDeadline
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.imap.session_base import _Shared, log
 from mailsuite.tls import lose_connection
-
-PREAUTH_TIMEOUT = 120
 
 
 @implementer(IPushProducer)
@@ -56,7 +58,7 @@ class _Output:
         self.resumeProducing()
 
 
-class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
+class IMAPProtocol(basic.LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 64 * 1024
 
@@ -74,6 +76,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         self._cont: defer.Deferred[bytes] | None = None
         self._out: _Output | None = None
         self.peer_ip = ""
+        self.deadline: ReadDeadline | None = None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -97,12 +100,16 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         self.session = Session(self.shared, self)
         self._out = _Output()
         self.transport.registerProducer(self._out, True)
-        self.setTimeout(min(PREAUTH_TIMEOUT, self.shared.idle_timeout))
+        self.deadline = ReadDeadline(
+            self.shared.runtime.reactor, self.deadline_expired, login=self.shared.login_timeout
+        )
+        self.deadline.wait(self.shared.idle_timeout)
         caps = self.session.capabilities()
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
-        self.setTimeout(None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
         if self.session is not None:
@@ -114,12 +121,24 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             d, self._cont = self._cont, None
             d.cancel()
 
-    def timeoutConnection(self) -> None:  # noqa: N802
-        self.write(b"* BYE Autologout; idle for too long\r\n")
+    def deadline_expired(self, why: str) -> None:
+        """No login in time, or a line (or literal) too slow: RFC 3501 7.1.5 BYE, close."""
+        log.info("IMAP: {why} timeout for {ip}", why=why, ip=self.peer_ip)
+        if why == LOGIN:
+            self.write(b"* BYE Autologout; no login in time\r\n")
+        else:
+            self.write(b"* BYE Autologout; idle for too long\r\n")
         self.close()
 
+    def _wait_input(self) -> None:
+        """The next line has ``idle_timeout`` from now (logged in or not: before login the
+        login deadline comes first)."""
+        if self.deadline is not None:
+            self.deadline.wait(self.shared.idle_timeout)
+
     def authenticated(self) -> None:
-        self.setTimeout(self.shared.idle_timeout)
+        if self.deadline is not None:
+            self.deadline.logged_in()
 
     def admit_login(self, user: str) -> str | None:
         """Count this connection as ``user``'s (per user and IP), or say why it may not log
@@ -194,7 +213,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
+        self._wait_input()
         if self._cont is not None:
             d, self._cont = self._cont, None
             self.pauseProducing()
@@ -247,7 +266,8 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
             self._run(result)
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
+        if self.deadline is not None:
+            self.deadline.data(len(data))  # a literal moves the deadline per 64 KiB
         assert self._literal is not None
         need = self._literal_size - len(self._literal)
         self._literal += data[:need]
@@ -289,6 +309,7 @@ class IMAPProtocol(basic.LineReceiver, TimeoutMixin):
                 and not self.transport.disconnecting
                 and self._cont is None
             ):
+                self._wait_input()  # the command's own time is not the client's
                 self.resumeProducing()
 
         d.addBoth(ended)

@@ -100,6 +100,7 @@ class _Shared:
         cfg = runtime.config
         self.max_literal = cfg.imap.max_literal
         self.idle_timeout = cfg.imap.idle_timeout
+        self.login_timeout = cfg.imap.login_timeout
         self.allow_plaintext = cfg.auth.allow_plaintext
 
 

@@ -11,6 +11,11 @@ is paused, so replies go out in command order.  STLS drops everything the client
 the command (``clearLineBuffer``) before the handshake starts (RFC 2595 4, the STARTTLS
 injection class of bug).  TCP_NODELAY is set: POP3 is a request/response protocol and
 Nagle plus delayed ACKs cost ~40 ms per reply.
+
+Deadlines (:mod:`mailsuite.deadline`) move with complete lines and with a message being read
+by the client, never with single bytes: AUTHORIZATION ends ``[pop3] login_timeout`` after
+connecting (3 minutes like Dovecot), and in TRANSACTION each command has the 10 minutes of
+RFC 1939 3.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, threads
 from twisted.logger import Logger
-from twisted.protocols import basic, policies
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
+from mailsuite.deadline import LOGIN, ReadDeadline
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
     ERR_BUSY,
@@ -42,10 +48,11 @@ from mailsuite.pop3.session import (
     err,
 )
 from mailsuite.runtime import Runtime
+from mailsuite.tls import lose_connection
 
 log = Logger(namespace="mailsuite.pop3")
 
-IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes
+IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (per command)
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
 CHUNK = 64 * 1024
 
@@ -66,7 +73,7 @@ class _MessageSender:
             data = self.stream.file.read(CHUNK)
             if data:
                 transport.write(self.stream.stuffer.feed(data))
-                self.proto.resetTimeout()
+                self.proto.wait_input()  # the client is reading: that is progress
                 return
             transport.write(self.stream.stuffer.finish())
         except Exception:
@@ -88,18 +95,27 @@ class _MessageSender:
         self.done.callback(None)
 
 
-class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
+class POP3Protocol(basic.LineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool,
-                 limits: ConnectionLimits | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: Options,
+        implicit_tls: bool,
+        limits: ConnectionLimits | None = None,
+        *,
+        login_timeout: int,
+    ) -> None:
         self.runtime = runtime
         self.limits = limits if limits is not None else ConnectionLimits()
         self.admission: Admission | None = None
         self.session = Session(options, tls=implicit_tls)
         self.peer = "?"
         self._sender: _MessageSender | None = None
+        self.login_timeout = login_timeout
+        self.deadline: ReadDeadline | None = None
 
     # -- connection life --------------------------------------------------------------------
 
@@ -116,11 +132,15 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
             self.transport.loseConnection()
             return
         _no_delay(self.transport)
-        self.setTimeout(IDLE_TIMEOUT)
+        self.deadline = ReadDeadline(
+            self.runtime.reactor, self.deadline_expired, login=self.login_timeout
+        )
+        self.wait_input()
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
-        self.setTimeout(None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
         md = self.session.maildrop
@@ -133,10 +153,19 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
                 log.failure("POP3: closing the maildrop of {user} failed", user=self.session.user)
         self.session.state = State.CLOSED
 
-    def timeoutConnection(self) -> None:  # noqa: N802
-        log.info("POP3: idle timeout for {peer}", peer=self.peer)
-        self.transport.write(err("Idle timeout, closing connection"))
-        self.transport.loseConnection()
+    def wait_input(self) -> None:
+        """The next command has :data:`IDLE_TIMEOUT` from now (before login, the login
+        deadline comes first)."""
+        if self.deadline is not None:
+            self.deadline.wait(IDLE_TIMEOUT)
+
+    def deadline_expired(self, why: str) -> None:
+        """No login in time or no command in time: say so and close (no UPDATE state,
+        RFC 1939 6: nothing marked deleted is removed)."""
+        log.info("POP3: {why} timeout for {peer}", why=why, peer=self.peer)
+        text = "Login timeout" if why == LOGIN else "Idle timeout"
+        self.transport.write(err(f"{text}, closing connection"))
+        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self.transport.write(err("Line too long, closing connection"))
@@ -145,7 +174,7 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
     # -- input ------------------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
+        self.wait_input()
         if line.endswith(b"\r"):
             line = line[:-1]
         if self.session.state is State.CLOSED:
@@ -180,6 +209,7 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
 
         def resume(_: object) -> None:
             if self.session.state is not State.CLOSED and self.transport.connected:
+                self.wait_input()  # the time the command took is not the client's
                 self.resumeProducing()
 
         d.addErrback(self._internal_error).addCallback(resume)
@@ -232,6 +262,8 @@ class POP3Protocol(basic.LineReceiver, policies.TimeoutMixin):
                 maildrop.close()
             return
         step = self.session.login_finished(result, maildrop, failure)
+        if self.session.maildrop is not None and self.deadline is not None:
+            self.deadline.logged_in()
         if self.session.maildrop is not None:
             if self.admission is not None:
                 # Leaves the pre-login per-IP count.  No per-user limit to check: the
@@ -303,7 +335,13 @@ class POP3Factory(protocol.ServerFactory):
         )
 
     def buildProtocol(self, addr: Any) -> POP3Protocol:  # noqa: N802
-        p = POP3Protocol(self.runtime, self.options, self.implicit_tls, self.limits)
+        p = POP3Protocol(
+            self.runtime,
+            self.options,
+            self.implicit_tls,
+            self.limits,
+            login_timeout=self.runtime.config.pop3.login_timeout,
+        )
         p.factory = self
         return p
 

@@ -35,6 +35,7 @@ VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attemp
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT")
 READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
+#: sent as "<hostname> Error: timeout exceeded" (RFC 5321 3.8 / 4.2: 421 names the host)
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try later")

@@ -9,7 +9,10 @@ buffer and turns long DATA lines into commands (see README, "Why not twisted.mai
 * STARTTLS throws away anything the client sent after the command (CVE-2011-0411 class);
 * DATA is read in raw mode and decoded by :class:`mailsuite.smtp.data.DataReader` (only
   CRLF.CRLF ends a message) and streamed to disk, never held whole in memory;
-* every reply carries an enhanced status code (RFC 2034/3463).
+* every reply carries an enhanced status code (RFC 2034/3463);
+* every command line and every 64 KiB of DATA has a deadline fixed when the server starts
+  waiting for it, the whole session another (:mod:`mailsuite.deadline`): a client trickling
+  bytes is cut as soon as one that sends nothing (RFC 5321 4.5.3.2), with 421 4.4.2.
 """
 
 from __future__ import annotations
@@ -22,17 +25,18 @@ from typing import Any
 
 from twisted.internet import defer, error, interfaces, protocol
 from twisted.logger import Logger
-from twisted.protocols import basic, policies
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailsuite.connection_limits import Admission, Refusal, shared_limits
+from mailsuite.deadline import COMMAND, DATA, SESSION, ReadDeadline
 from mailsuite.delivery import DeliveryError, Envelope, IncomingMessage
 from mailsuite.directory import LocalBox, Resolution, split_address
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.address import AddressError, Path, parse_path
 from mailsuite.smtp.data import DataReader
-from mailsuite.tls import peer_tls_info
+from mailsuite.tls import lose_connection, peer_tls_info
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -61,7 +65,7 @@ def _clean_helo(name: str) -> str:
     return cleaned or "unknown"
 
 
-class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
+class SMTPServer(basic.LineReceiver):
     """One SMTP session.  ``profile`` is ``"mx"`` or ``"submission"``."""
 
     delimiter = b"\r\n"
@@ -81,6 +85,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.admission: Admission | None = None
         self._write_failed = False
         self._io_paused = False
+        self.deadline: ReadDeadline | None = None
         self._reset()
 
     # -- connection ------------------------------------------------------------------------
@@ -88,7 +93,6 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
-        self.setTimeout(self.config.smtp.timeout)
         self.admission = self.factory.limits.admit(self.peer_ip)
         if self.admission.refused is not None:
             # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
@@ -98,6 +102,13 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
                        else R.SERVER_BUSY)
             self.transport.loseConnection()
             return
+        self.deadline = ReadDeadline(
+            self.runtime.reactor,
+            self.deadline_expired,
+            login=self.login_timeout(),
+            session=self.config.smtp.session_timeout,
+        )
+        self.deadline.wait(self.config.smtp.timeout)
         try:
             self.transport.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
         except (AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError):
@@ -105,23 +116,43 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.reply(R.Reply(220, None, f"{self.config.hostname} ESMTP mailsuite ready"))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.setTimeout(None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
         if self.message is not None:
             self.message.abort()
             self.message = None
 
-    def timeoutConnection(self) -> None:
-        log.info("smtp: timeout from {ip}", ip=self.peer_ip)
-        self.reply(R.TIMEOUT)
-        self.transport.loseConnection()
-
     def dataReceived(self, data: bytes) -> None:
         if self.admission is None or self.admission.refused is not None:
             return  # refused at connect: nothing the client sends is acted on
-        self.resetTimeout()
         super().dataReceived(data)
+
+    # -- deadlines (RFC 5321 4.5.3.2) ---------------------------------------------------------
+
+    def login_timeout(self) -> int | None:
+        """Seconds from connect until the client must have logged in (None: no login)."""
+        return None
+
+    def deadline_expired(self, why: str) -> None:
+        """A command line, a data block, the login or the session took too long: 421."""
+        log.info("smtp: {why} timeout for {ip}", why=why, ip=self.peer_ip)
+        what = "connection time limit" if why == SESSION else "timeout"
+        self.reply(R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded"))
+        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """Input waits while a command is answered (pipelining order); the time that takes
+        is ours, not the client's: only the session and login caps run meanwhile."""
+        super().pauseProducing()
+        if self.deadline is not None:
+            self.deadline.hold()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self.deadline is not None:
+            self.deadline.wait(self.config.smtp.timeout)  # the next command's deadline
+        super().resumeProducing()
 
     def reply(self, reply: R.Reply, *more: str) -> None:
         self.transport.write(reply.lines(*more))
@@ -156,6 +187,12 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
     # -- commands --------------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
+        assert self.deadline is not None
+        self.deadline.wait(self.config.smtp.timeout, COMMAND)  # the next line's deadline
+        self.command_line(line)
+
+    def command_line(self, line: bytes) -> None:
+        """One complete command line (the submission profile also reads AUTH responses)."""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -399,10 +436,15 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
         self.reader = DataReader(max_line=self.config.smtp.max_line_length)
         self.reply(R.START_DATA)
         self.setRawMode()
+        assert self.deadline is not None
+        # RFC 5321 4.5.3.2.5: a deadline per data block, not per message: a big message
+        # that keeps arriving is fine, a trickle is not (see mailsuite.deadline.DATA_BLOCK).
+        self.deadline.wait(self.config.smtp.timeout, DATA)
 
     def rawDataReceived(self, data: bytes) -> None:
         reader, message = self.reader, self.message
-        assert reader is not None and message is not None
+        assert reader is not None and message is not None and self.deadline is not None
+        self.deadline.data(len(data))
         newlines = reader.newlines
         out, rest = reader.feed(data)
         if out and not self.too_big:
@@ -424,6 +466,7 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
                     if not drained.called:  # the disk is behind: stop reading until it catches up
                         self._io_paused = True
                         self.transport.pauseProducing()
+                        self.deadline.hold()  # waiting for our disk is not the client's time
                         drained.addCallback(self._io_resume)
         if rest is None:
             return
@@ -435,6 +478,8 @@ class SMTPServer(basic.LineReceiver, policies.TimeoutMixin):
     def _io_resume(self, _: object) -> None:
         self._io_paused = False
         if self.transport is not None and not self.paused and not self.transport.disconnecting:
+            if self.deadline is not None:
+                self.deadline.wait(self.config.smtp.timeout, DATA)
             self.transport.resumeProducing()
 
     def _end_of_data(self) -> defer.Deferred[R.Reply]:

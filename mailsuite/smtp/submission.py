@@ -146,11 +146,15 @@ class SubmissionServer(SMTPServer):
 
     # -- AUTH (RFC 4954) -------------------------------------------------------------------
 
-    def lineReceived(self, line: bytes) -> None:
+    def login_timeout(self) -> int | None:
+        # Like Dovecot's login processes: connect to AUTH within a few minutes, or go.
+        return self.config.smtp.login_timeout
+
+    def command_line(self, line: bytes) -> None:
         if self._sasl is not None:
             self._sasl_line(line)  # a base64 response, not a command: never parsed or logged
             return
-        super().lineReceived(line)
+        super().command_line(line)
 
     def smtp_STARTTLS(self, arg: str) -> None:
         was_tls = self.tls_active
@@ -232,6 +236,8 @@ class SubmissionServer(SMTPServer):
             self.authenticated_user = result.user
             if self.admission is not None:
                 self.admission.login(result.user)  # leaves the pre-login per-IP count
+            if self.deadline is not None:
+                self.deadline.logged_in()
             answer = AUTH_OK
         elif result.outcome is Outcome.THROTTLED:
             answer = AUTH_THROTTLED

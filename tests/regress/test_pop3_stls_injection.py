@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.pop3.server import POP3Protocol
@@ -21,10 +24,16 @@ class TLSStringTransport(StringTransport):
 
 class FakeRuntime:
     tls = object()
+    reactor = Clock()
 
 
 def test_pipelined_user_after_stls_is_dropped() -> None:
-    proto = POP3Protocol(FakeRuntime(), Options(tls_available=True), implicit_tls=False)  # type: ignore[arg-type]
+    proto = POP3Protocol(
+        FakeRuntime(),  # type: ignore[arg-type]
+        Options(tls_available=True),
+        implicit_tls=False,
+        login_timeout=180,
+    )
     transport = TLSStringTransport()
     proto.makeConnection(transport)
     transport.clear()
@@ -35,4 +44,4 @@ def test_pipelined_user_after_stls_is_dropped() -> None:
     transport.clear()
     proto.dataReceived(b"PASS x\r\n")  # after the handshake: the injected USER is gone
     assert transport.value().startswith(b"-ERR")
-    proto.setTimeout(None)
+    proto.connectionLost(Failure(ConnectionDone()))

@@ -1,0 +1,125 @@
+"""Read deadlines for the protocol servers: per command line, per data block, until login and
+for a whole session.  Our own code; it replaces ``policies.TimeoutMixin`` in the servers.
+
+``TimeoutMixin`` restarts its timer on every byte received, so a client that sends one byte
+every few seconds (slowloris) keeps a session open for ever.  Here a deadline is a point in
+time fixed when the wait starts, and only *progress* moves it:
+
+* a complete command line (the next line has ``timeout`` seconds from the moment the
+  previous one was read: RFC 5321 4.5.3.2.7 gives an SMTP server 5 minutes per command);
+* a block of :data:`DATA_BLOCK` octets of message data or literal (RFC 5321 4.5.3.2.5-6:
+  3 minutes per data block; a slow upload that keeps moving is fine, a trickle is not: the
+  rate it needs is ``DATA_BLOCK / timeout``, 218 bytes a second with the default 300 s);
+* the server resuming input after work of its own (its time is not charged to the client;
+  :meth:`ReadDeadline.hold` stops the clock meanwhile where the work is bounded, as the fsync
+  at the end of SMTP DATA is).
+
+Two caps do not move: the login deadline (a client that has not logged in within
+``login_timeout`` of connecting is dropped, as Dovecot does after 3 minutes) and the
+session deadline.  Whichever comes first ends the session through ``expired(reason)``.
+
+No reactor at import: the clock (``IReactorTime``, e.g. ``task.Clock`` in tests) is passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+#: Octets of message data (SMTP DATA) or literal (IMAP APPEND) that count as progress.
+DATA_BLOCK = 64 * 1024
+
+COMMAND = "command"
+DATA = "data"
+LOGIN = "login"
+SESSION = "session"
+
+
+class ReadDeadline:
+    """One connection's pending read deadline; see the module docstring.
+
+    ``expired(reason)`` is called once, with :data:`COMMAND`, :data:`DATA`, :data:`LOGIN`
+    or :data:`SESSION`; the caller answers (421, ``* BYE``, ``-ERR``) and closes.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        expired: Callable[[str], None],
+        *,
+        login: float | None = None,
+        session: float | None = None,
+    ) -> None:
+        self.clock = clock
+        self.expired = expired
+        now = clock.seconds()
+        self.login_end = None if login is None else now + login
+        self.session_end = None if session is None else now + session
+        self._timer: Any = None
+        self._due = math.inf
+        self._seconds = 0.0
+        self._what = COMMAND
+        self._block = 0  # data octets since the deadline last moved
+        self._done = False
+
+    def wait(self, seconds: float, what: str = COMMAND) -> None:
+        """Start waiting for input: ``seconds`` from now for the next line (or data block)."""
+        if self._done:
+            return
+        self._seconds = seconds
+        self._what = what
+        self._block = 0
+        self._arm()
+
+    def data(self, count: int) -> None:
+        """``count`` octets of data arrived: a full :data:`DATA_BLOCK` moves the deadline."""
+        self._block += count
+        if self._block >= DATA_BLOCK:
+            self.wait(self._seconds, self._what)
+
+    def hold(self) -> None:
+        """The server is working on a command: only the login and session caps run until
+        the next :meth:`wait`."""
+        if not self._done:
+            self._arm_at(math.inf)
+
+    def logged_in(self) -> None:
+        """The client logged in: the login cap no longer applies."""
+        self.login_end = None
+        if not self._done:
+            self._arm_at(self._due)
+
+    def cancel(self) -> None:
+        """Stop for good (the connection is closing or closed)."""
+        self._done = True
+        self._disarm()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self._arm_at(self.clock.seconds() + self._seconds)
+
+    def _arm_at(self, due: float) -> None:
+        self._due = due
+        when, why = due, self._what
+        for cap, reason in ((self.login_end, LOGIN), (self.session_end, SESSION)):
+            if cap is not None and cap < when:
+                when, why = cap, reason
+        self._disarm()
+        if when != math.inf:
+            delay = max(0.0, when - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._fire, why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _fire(self, why: str) -> None:
+        self._timer = None
+        if self._done:
+            return
+        self._done = True
+        self.expired(why)
