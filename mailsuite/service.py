@@ -29,6 +29,7 @@ from mailsuite import tls
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config, ConfigError
 from mailsuite.directory import Directory
+from mailsuite.leftovers import LeftoverSweeper
 from mailsuite.mailauth.dns import server_resolver
 from mailsuite.mailauth.service import MailAuth
 from mailsuite.metrics import Metrics
@@ -321,7 +322,7 @@ class ReloadOnHangup(service.Service):
 
 def _extra_services(runtime: Runtime) -> list[service.Service]:
     """Non-listening services: mail authentication's worker pool, certificate reload, the
-    outbound queue runner."""
+    outbound queue runner, the sweep of temporary files left by interrupted writes."""
     out: list[service.Service] = []
     if runtime.mail_auth is not None:
         out.append(runtime.mail_auth)
@@ -329,4 +330,5 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
         out.append(tls.TLSReloadService(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
     out.append(queue_service(runtime))
+    out.append(LeftoverSweeper(runtime))
     return out

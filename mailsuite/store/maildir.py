@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -181,6 +182,51 @@ def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
         raise
     fsync_dir(folder / "new")
     return final
+
+
+def maildir_folders(root: Path) -> list[Path]:
+    """Every folder of a Maildir++ tree that has a ``tmp/``: the root (INBOX) and each
+    ``.Name`` directory beside it.  A missing root has none.  Blocking."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    out = [root] if (root / "tmp").is_dir() else []
+    for entry in entries:
+        if (
+            entry.name.startswith(".")
+            and entry.name not in (".", "..")
+            and entry.is_dir(follow_symlinks=False)
+            and os.path.isdir(os.path.join(entry.path, "tmp"))
+        ):
+            out.append(Path(entry.path))
+    return out
+
+
+def remove_stale(directory: Path, cutoff: float) -> list[Path]:
+    """Remove the regular files in ``directory`` neither modified nor read since ``cutoff``
+    (a time stamp) and return them.  For ``tmp/`` folders, where an interrupted write leaves
+    its file (maildir(5): "delete any file in tmp that has not been accessed in 36 hours").
+    A missing directory has nothing to remove.  Blocking."""
+    removed: list[Path] = []
+    try:
+        it = os.scandir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    with it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed meanwhile (renamed into new/ by its writer)
+            if not stat.S_ISREG(st.st_mode) or max(st.st_mtime, st.st_atime) >= cutoff:
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _unlink_quietly(path: Path) -> None:
