@@ -8,6 +8,9 @@ are answered in order.  STARTTLS drops everything the client sent after the comm
 (``clearLineBuffer`` and a fresh reader) before the handshake -- the STARTTLS injection
 class of bug (RFC 5804 2.2).  Logins go through the shared :class:`~mailsuite.auth.
 Authenticator`: the same accounts and the same failure throttling as IMAP and POP3.
+Deadlines (:mod:`mailsuite.deadline`) move with complete lines and 64 KiB of literal, never
+with single bytes: a client must log in within ``[sieve] login_timeout`` of connecting, and
+then send each line within 30 minutes.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import Any
 
 from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
-from twisted.protocols import basic, policies
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult
 from mailsuite.connection_limits import Admission, ConnectionLimits, shared_limits
+from mailsuite.deadline import LOGIN, ReadDeadline
 from mailsuite.managesieve.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.managesieve.session import (
     NO_TEMP,
@@ -35,21 +39,23 @@ from mailsuite.managesieve.session import (
 )
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.storage import ScriptStore
+from mailsuite.tls import lose_connection
 
 log = Logger(namespace="mailsuite.managesieve")
 
-PREAUTH_TIMEOUT = 120
-IDLE_TIMEOUT = 1800
+IDLE_TIMEOUT = 1800  # seconds for each line once logged in (before: the login deadline)
 MAX_LINE = 8192
 
 
-class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
+class ManageSieveProtocol(basic.LineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None, *, login_timeout: int) -> None:
         self.runtime = runtime
+        self.login_timeout = login_timeout
+        self.deadline: ReadDeadline | None = None
         self.limits = limits if limits is not None else ConnectionLimits()
         self.admission: Admission | None = None
         self.session = Session(options, self._store_for, tls=implicit_tls)
@@ -78,18 +84,31 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
                                           "TRYLATER"))
             self.transport.loseConnection()
             return
-        self.setTimeout(PREAUTH_TIMEOUT)
+        self.deadline = ReadDeadline(
+            self.runtime.reactor, self.deadline_expired, login=self.login_timeout
+        )
+        self._wait_input()
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
-        self.setTimeout(None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
         self.session.state = State.CLOSED
 
-    def timeoutConnection(self) -> None:  # noqa: N802
-        self.transport.write(response("BYE", "Idle timeout, closing connection"))
-        self.transport.loseConnection()
+    def _wait_input(self) -> None:
+        """The next line has :data:`IDLE_TIMEOUT` from now (before login, the login deadline
+        comes first)."""
+        if self.deadline is not None:
+            self.deadline.wait(IDLE_TIMEOUT)
+
+    def deadline_expired(self, why: str) -> None:
+        """No login in time, or a line too slow: BYE (RFC 5804 1.3) and close."""
+        log.info("ManageSieve: {why} timeout for {peer}", why=why, peer=self.peer)
+        text = "Login timeout" if why == LOGIN else "Idle timeout"
+        self.transport.write(response("BYE", f"{text}, closing connection"))
+        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self.transport.write(response("BYE", "Line too long, closing connection"))
@@ -98,7 +117,7 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
     # -- input ----------------------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
+        self._wait_input()
         if self.session.state is State.CLOSED:
             return
         if line.endswith(b"\r"):
@@ -106,7 +125,8 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
         self._handle(self.reader.feed_line(line))
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
+        if self.deadline is not None:
+            self.deadline.data(len(data))  # a literal moves the deadline per 64 KiB
         take = data[: self._literal_left]
         rest = data[self._literal_left:]
         self._literal_left -= len(take)
@@ -171,6 +191,7 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
 
     def _resume(self, _: object) -> None:
         if self.session.state not in (State.CLOSED, State.LOGIN) and self.transport.connected:
+            self._wait_input()  # the time the command took is not the client's
             self.resumeProducing()
 
     # -- actions --------------------------------------------------------------------------------
@@ -211,7 +232,8 @@ class ManageSieveProtocol(basic.LineReceiver, policies.TimeoutMixin):
             return
         step = self.session.login_finished(result)
         if self.session.state is State.AUTH:
-            self.setTimeout(IDLE_TIMEOUT)
+            if self.deadline is not None:
+                self.deadline.logged_in()
             if self.admission is not None:
                 self.admission.login(self.session.user or "")  # leaves the pre-login count
         self._perform(step)
@@ -229,7 +251,13 @@ class ManageSieveFactory(protocol.ServerFactory):
                                     cfg.max_connections, cfg.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> ManageSieveProtocol:  # noqa: N802
-        p = ManageSieveProtocol(self.runtime, self.options, self.implicit_tls, self.limits)
+        p = ManageSieveProtocol(
+            self.runtime,
+            self.options,
+            self.implicit_tls,
+            self.limits,
+            login_timeout=self.runtime.config.sieve.login_timeout,
+        )
         p.factory = self
         return p
 

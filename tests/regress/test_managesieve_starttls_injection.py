@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.managesieve.server import ManageSieveProtocol
@@ -25,6 +28,7 @@ class TLSStringTransport(StringTransport):
 
 class FakeRuntime:
     tls = object()
+    reactor = Clock()
 
 
 class Inline(ManageSieveProtocol):
@@ -34,7 +38,9 @@ class Inline(ManageSieveProtocol):
 
 def connect() -> tuple[Inline, TLSStringTransport]:
     options = Options(tls_available=True, max_script_size=64)
-    proto = Inline(FakeRuntime(), options, implicit_tls=False)  # type: ignore[arg-type]
+    proto = Inline(
+        FakeRuntime(), options, implicit_tls=False, login_timeout=180  # type: ignore[arg-type]
+    )
     transport = TLSStringTransport()
     proto.makeConnection(transport)
     transport.clear()
@@ -49,7 +55,7 @@ def test_pipelined_command_after_starttls_is_dropped() -> None:
     assert transport.tls_started and proto.session.tls
     assert out.endswith(b'OK "TLS negotiation successful"\r\n')  # and no AUTHENTICATE answer
     assert out.count(b"\r\nOK") + out.startswith(b"OK") == 2 and b"NO" not in out
-    proto.setTimeout(None)
+    proto.connectionLost(Failure(ConnectionDone()))
 
 
 def test_oversized_literal_is_skipped_and_the_session_goes_on() -> None:
@@ -59,4 +65,4 @@ def test_oversized_literal_is_skipped_and_the_session_goes_on() -> None:
     assert out.startswith(b"NO (QUOTA/MAXSIZE)")
     assert out.endswith(b'OK (TAG "t") "Done"\r\n')
     assert len(proto._buffer) == 0
-    proto.setTimeout(None)
+    proto.connectionLost(Failure(ConnectionDone()))

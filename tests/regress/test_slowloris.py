@@ -1,6 +1,6 @@
 """Regression (issue 10): slowloris.  A client sending one byte at a time kept an SMTP session
-open for ever (the idle timer restarted on every byte), and POP3 and IMAP gave a client that
-never logged in 10 and 2 minutes per byte.  Now every command line, every block of DATA, the
+open for ever (the idle timer restarted on every byte), POP3 and IMAP gave a client that
+never logged in 10 and 2 minutes per byte, and ManageSieve 2 minutes per line.  Now every command line, every block of DATA, the
 time until login and the whole SMTP session have deadlines that bytes do not move.
 
 Each test trickles one byte every 0.5 s against a server configured with 2-second limits and
@@ -31,10 +31,11 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f"[smtp]\ntimeout = {int(LIMIT)}\nlogin_timeout = {int(LIMIT)}\nsession_timeout = 60\n"
         f"[imap]\nlogin_timeout = {int(LIMIT)}\n"
         f"[pop3]\nlogin_timeout = {int(LIMIT)}\n"
+        f"[sieve]\nlogin_timeout = {int(LIMIT)}\n"
     )
     s = Server(
         tmp_path_factory.mktemp("slowloris"),
-        services=("smtp", "submission", "imap", "pop3"),
+        services=("smtp", "submission", "imap", "pop3", "managesieve"),
         extra_toml=extra,
     )
     s.start()
@@ -260,3 +261,19 @@ def test_imap_logged_in_is_not_cut_by_the_login_timeout(srv: Server) -> None:
     c.send(b"c LOGOUT\r\n")
     c.read_until(b"c OK")
     c.close()
+
+
+def test_managesieve_lines_before_login_are_cut(srv: Server) -> None:
+    c = Conversation(srv.port("managesieve"))
+    c.read_until(b'OK "mx.example.test ManageSieve ready"\r\n')
+    elapsed = c.commands_until_closed(b"NOOP\r\n", every=0.5)  # answered, but never a login
+    assert elapsed <= LIMIT + SLACK, elapsed
+    assert c.received.endswith(b'BYE "Login timeout, closing connection"\r\n')
+
+
+def test_managesieve_trickle_before_login_is_cut(srv: Server) -> None:
+    c = Conversation(srv.port("managesieve"))
+    c.read_until(b"ManageSieve ready\"\r\n")
+    elapsed = c.trickle(b"CAPABILITY\r\n")
+    assert elapsed <= LIMIT + SLACK, elapsed
+    assert b'BYE "Login timeout' in c.received
