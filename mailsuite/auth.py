@@ -34,7 +34,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from mailsuite.config import AuthConfig
 from mailsuite.directory import Directory, normalize
@@ -167,7 +167,11 @@ class Argon2Checker:
             self._verified.pop(next(iter(self._verified)))
         self._verified[user] = (self._digest(password), stored, self.now() + self.CACHE_SECONDS)
 
-    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[str]:
+    # Twisted types avatar ids as bytes; ours are the canonical address as str (the portal
+    # hands them to _Realm untouched).
+    def requestAvatarId(  # type: ignore[override]  # noqa: N802
+        self, creds: credentials.IUsernamePassword
+    ) -> defer.Deferred[str]:
         try:
             user = normalize(
                 creds.username.decode("utf-8")
@@ -177,9 +181,8 @@ class Argon2Checker:
         except (ValueError, UnicodeDecodeError):
             user = ""
         stored = self.directory.password_hash(user) if user else None
-        password = creds.password
-        if isinstance(password, bytes):
-            password = password.decode("utf-8", "replace")
+        raw: bytes | str = creds.password
+        password = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         if stored is not None and self._cached(user, stored, password):
             return defer.succeed(user)
         d = threads.deferToThreadPool(
@@ -199,11 +202,17 @@ class Argon2Checker:
         return d.addCallback(checked)
 
 
+class IAccount(Interface):
+    """What a login asks the portal for: the account, named by its canonical address."""
+
+
 @implementer(portal.IRealm)
 class _Realm:
     """The avatar is simply the canonical account address; protocols open the store by it."""
 
-    def requestAvatar(self, avatarId: str, mind: object, *interfaces_: object) -> tuple:
+    def requestAvatar(  # type: ignore[override]  # avatar ids are str here (see above)  # noqa: N802
+        self, avatarId: str, mind: object, *interfaces_: object  # noqa: N803
+    ) -> tuple[object, str, Callable[[], None]]:
         return (interfaces_[0], avatarId, lambda: None)
 
 
@@ -225,7 +234,7 @@ class Authenticator:
         self.max_parallel = 2 * cfg.max_failures_per_ip
         self._slots: dict[str, defer.DeferredSemaphore] = {}
         self.checker = Argon2Checker(directory, reactor, now)  # type: ignore[arg-type]
-        self.portal = portal.Portal(_Realm(), [self.checker])  # type: ignore[arg-type]
+        self.portal = portal.Portal(_Realm(), [self.checker])
 
     def login(
         self, username: str, password: str, ip: str, protocol: str
@@ -249,7 +258,7 @@ class Authenticator:
         slots = self._slots.get(ip)
         if slots is None:
             slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
-        d = slots.run(self.portal.login, creds, None, object)
+        d = slots.run(self.portal.login, creds, None, IAccount)
 
         def checked(result: object) -> object:
             n = self.in_flight.get(ip, 1) - 1
@@ -263,7 +272,7 @@ class Authenticator:
 
         d.addBoth(checked)
 
-        def ok(result: tuple) -> LoginResult:
+        def ok(result: tuple[object, str, Callable[[], None]]) -> LoginResult:
             log.info(
                 "{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip
             )

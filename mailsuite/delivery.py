@@ -16,6 +16,7 @@ never lost).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -29,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsuite.directory import LocalBox
-from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name
+from mailsuite.store.maildir import ensure_folder, folder_path, fsync_dir, unique_name
 
 log = Logger(namespace="mailsuite.delivery")
 
@@ -68,6 +69,8 @@ class IncomingMessage:
     def __init__(self, runtime: Any, envelope: Envelope, received: bytes) -> None:
         self.runtime = runtime
         self.envelope = envelope
+        #: deliver the local copies into each recipient's Junk folder (a policy verdict)
+        self.junk = False
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._newlines = 0  # stored text is LF-only, so CRLF size = size + newlines
@@ -92,7 +95,9 @@ class IncomingMessage:
         head = return_path + self._delivered_first
         #: where the Received header starts: copies and the queue take the file from here
         self.received_offset = len(head)
-        self.write(head + received)
+        self._trace = head + received
+        self._head_edit: tuple[int, bytes] | None = None  # see replace_head
+        self.write(self._trace)
         self.size = 0  # body bytes only
 
     def _delivered_to(self, box: LocalBox) -> bytes:
@@ -111,6 +116,45 @@ class IncomingMessage:
     def write_body(self, data: bytes, newlines: int | None = None) -> None:
         self.size += len(data)
         self.write(data, newlines)
+
+    def replace_head(self, old_length: int, new: bytes) -> None:
+        """Replace the first ``old_length`` bytes of the message (after our trace fields,
+        i.e. the top of its header section) with ``new``: header fields the end-of-data
+        checks add (Authentication-Results) or take out.  Before :meth:`finish` only.
+        While nothing was written yet (a message under ``_FLUSH_AT``) this is done in
+        memory; otherwise the file is rewritten once at the end (in the thread)."""
+        if self._io is None:
+            start = len(self._trace)
+            data = b"".join(self._pending)
+            old = data[start : start + old_length]
+            self._pending = [self._trace, new, data[start + old_length :]]
+            self._pending_size += len(new) - len(old)
+            self._newlines += new.count(b"\n") - old.count(b"\n")
+        else:
+            self._head_edit = (old_length, new)
+
+    def contents(self) -> defer.Deferred[bytes]:
+        """The message as received (after our trace fields), once every write landed:
+        for checks at the end of the data (DKIM verification reads the whole message)."""
+        if self._io is None:
+            return defer.succeed(b"".join(self._pending)[len(self._trace) :])
+        self._flush()
+        result: defer.Deferred[bytes] = defer.Deferred()
+
+        def read(_: object) -> defer.Deferred[None]:
+            job = self._in_thread(self._read_blocking)
+            job.chainDeferred(result)
+            return job.addBoth(lambda _: None)  # the write chain goes on unchanged
+
+        self._io.addCallback(read)
+        return result
+
+    def _read_blocking(self) -> bytes:
+        if self._io_error is not None:
+            raise DeliveryError(f"writing the message failed: {self._io_error}")
+        with open(self.path, "rb") as f:
+            f.seek(len(self._trace))
+            return f.read()
 
     def _take_pending(self) -> list[bytes]:
         data = self._pending
@@ -228,57 +272,101 @@ class IncomingMessage:
 
     def _finish_blocking(self, tail: list[bytes]) -> list[Path]:
         created: list[Path] = []
-        fd = -1
         try:
-            fd = self._fd if self._fd is not None else self._open_blocking()
-            self._fd = None
-            if tail:
-                _write_all(fd, tail)
-            os.fsync(fd)
-            total = os.fstat(fd).st_size
-            os.close(fd)
-            fd = -1
-            env = self.envelope
-            renames: list[tuple[Path, Path]] = []
-            if env.local:
-                first = env.local[0]
-                renames.append((self.path, first.root / "new" / self._final_name(self.path, total)))
-                rest_offset = len(self._return_path) + len(self._delivered_first)
-                for box in env.local[1:]:
-                    tmp = box.root / "tmp" / unique_name()
-                    head = self._return_path + self._delivered_to(box)
-                    size = _copy_with_head(self.path, rest_offset, head, tmp, box.root)
-                    created.append(tmp)
-                    renames.append((tmp, box.root / "new" / self._final_name(tmp, size)))
-            if env.remote:
-                queue = self.runtime.queue
-                if queue is None:
-                    raise DeliveryError("remote delivery is not available")
-                queue.enqueue_file(
-                    self.path,
-                    self.received_offset,
-                    env.sender,
-                    env.remote,
-                    smtputf8=env.smtputf8,
-                    body_8bit=env.body_8bit,
-                )
+            total = self._complete_file(tail)
+            renames = self._local_copies(total, created)
+            self._enqueue_remote()
             for src, dst in renames:
                 os.rename(src, dst)
             folders = sorted({dst.parent.parent for _, dst in renames})
             for folder in folders:
                 fsync_dir(folder / "new")
-            if not env.local:
+            if not self.envelope.local:
                 os.unlink(self.path)  # the queue holds its own durable copy now
             return folders
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             for path in [self.path, *created]:
                 try:
                     os.unlink(path)
                 except OSError:
                     pass
             raise
+
+    def _complete_file(self, tail: list[bytes]) -> int:
+        """Write the rest, add late header fields, fsync; the file's size."""
+        fd = self._fd if self._fd is not None else self._open_blocking()
+        if tail:
+            _write_all(fd, tail)
+        if self._head_edit is not None:
+            # A new head for a message already (partly) on disk: one rewrite, next to it.
+            self._fd = None
+            os.close(fd)
+            old_length, head = self._head_edit
+            with open(self.path, "rb") as f:
+                f.seek(len(self._trace))
+                dropped = f.read(old_length)
+            new = self.path.with_name(unique_name())
+            try:
+                total = _copy_with_head(
+                    self.path, len(self._trace) + old_length, self._trace + head, new, None
+                )
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(new)
+                raise
+            self._newlines += head.count(b"\n") - dropped.count(b"\n")
+            os.unlink(self.path)
+            self.path = new
+            return total
+        os.fsync(fd)
+        total = os.fstat(fd).st_size
+        self._fd = None
+        os.close(fd)
+        return total
+
+    def _destination(self, box: LocalBox) -> Path:
+        """The folder a local copy goes to: the INBOX, or Junk when a check said so."""
+        if not self.junk:
+            return box.root
+        return ensure_folder(folder_path(box.root, "Junk"))
+
+    def _local_copies(self, total: int, created: list[Path]) -> list[tuple[Path, Path]]:
+        """The file for the first local recipient, copies for the others (in ``created``):
+        (temporary path, final path) pairs, not renamed yet."""
+        env = self.envelope
+        if not env.local:
+            return []
+        first = env.local[0]
+        renames = [
+            (self.path, self._destination(first) / "new" / self._final_name(self.path, total))
+        ]
+        rest_offset = len(self._return_path) + len(self._delivered_first)
+        for box in env.local[1:]:
+            tmp = box.root / "tmp" / unique_name()
+            head = self._return_path + self._delivered_to(box)
+            size = _copy_with_head(self.path, rest_offset, head, tmp, box.root)
+            created.append(tmp)
+            renames.append((tmp, self._destination(box) / "new" / self._final_name(tmp, size)))
+        return renames
+
+    def _enqueue_remote(self) -> None:
+        env = self.envelope
+        if not env.remote:
+            return
+        queue = self.runtime.queue
+        if queue is None:
+            raise DeliveryError("remote delivery is not available")
+        queue.enqueue_file(
+            self.path,
+            self.received_offset,
+            env.sender,
+            env.remote,
+            smtputf8=env.smtputf8,
+            body_8bit=env.body_8bit,
+        )
 
     def _final_name(self, tmp: Path, size: int) -> str:
         """``<unique>,S=<size>,W=<crlf size>``: sizes in the name spare IMAP/POP3 a read.
@@ -322,9 +410,14 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
                 n = 0
 
 
-def _copy_with_head(src: Path, offset: int, head: bytes, dst: Path, folder: Path) -> int:
-    """Write ``head`` + ``src[offset:]`` to ``dst`` durably; returns the size written."""
-    fd = _create_in(folder, dst)
+def _copy_with_head(src: Path, offset: int, head: bytes, dst: Path, folder: Path | None) -> int:
+    """Write ``head`` + ``src[offset:]`` to ``dst`` durably; returns the size written.
+    ``folder``: the Maildir folder ``dst`` is in (made if missing), None for a plain
+    directory that exists."""
+    if folder is not None:
+        fd = _create_in(folder, dst)
+    else:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, head)
         with open(src, "rb") as f:

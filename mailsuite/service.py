@@ -44,9 +44,9 @@ log = Logger(namespace="mailsuite.service")
 #: service name -> ("module:function", implicit TLS).  The function takes
 #: ``(runtime, implicit_tls)`` and returns the protocol factory.
 FACTORIES: dict[str, tuple[str, bool]] = {
-    "smtp": ("mailsuite.smtp.server:mx_factory", False),
-    "submission": ("mailsuite.smtp.server:submission_factory", False),
-    "submissions": ("mailsuite.smtp.server:submission_factory", True),
+    "smtp": ("mailsuite.smtp.protocol:mx_factory", False),
+    "submission": ("mailsuite.smtp.protocol:submission_factory", False),
+    "submissions": ("mailsuite.smtp.protocol:submission_factory", True),
     "imap": ("mailsuite.imap.server:imap_factory", False),
     "imaps": ("mailsuite.imap.server:imap_factory", True),
     "pop3": ("mailsuite.pop3.server:pop3_factory", False),

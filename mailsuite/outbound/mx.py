@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import cache, client, dns, error, hosts, resolve
 from twisted.names.error import DNSQueryTimeoutError
+from twisted.python.failure import Failure
 
 __all__ = [
     "DNS_DEADLINE",
@@ -294,9 +295,9 @@ class MXResolver:
             if ok:
                 found[qtype] = [r.dottedQuad() if qtype == dns.A else _v6(r) for r in value]
                 outcomes.append("ok")
-            elif value.check(_NoData):
+            elif isinstance(value, Failure) and value.check(_NoData):
                 outcomes.append("ok")
-            elif value.check(_NoName):
+            elif isinstance(value, Failure) and value.check(_NoName):
                 outcomes.append("noname")
             else:
                 outcomes.append("transient")

@@ -32,20 +32,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailsuite.config import Config, RelayRoute
+from mailsuite.outbound.client import SessionParameters, SMTPClientSession, deliver
+from mailsuite.outbound.downgrade import downgrade_file
 from mailsuite.outbound.mx import MXError, MXHost, MXResolver, apply_loop_rule, make_resolver
+from mailsuite.outbound.result import Outcome, Timeouts, TransactionResult
 from mailsuite.outbound.routes import RouteTable, next_hop_hosts
-from mailsuite.smtp.client import (
-    MessageInfo,
-    Outcome,
-    Reply,
-    SessionParameters,
-    SMTPClientSession,
-    Timeouts,
-    TransactionResult,
-    deliver,
-    scan_message,
-)
-from mailsuite.smtp.downgrade import downgrade_file
+from mailsuite.outbound.wire import MessageInfo, scan_message
+from mailsuite.smtp.replies import Reply
 from mailsuite.tls import client_tls_options
 
 __all__ = [
@@ -77,8 +70,7 @@ class RecipientResult:
     host: str | None = None
 
 
-def _local(code: int, status: str, text: str) -> Reply:
-    return Reply(code, status, text, remote=False)
+_local = Reply.local
 
 
 def domain_of(address: str) -> str:
@@ -95,7 +87,7 @@ def _downgrade(message_path: Path, scratch_dir: Path) -> tuple[str, int]:
         raise
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
@@ -191,7 +183,7 @@ class SelfCheck:
 
 class Relay:
     """Routes and delivers; one per server. ``deliver_fn`` and ``resolver`` are replaceable
-    for tests (``deliver_fn`` has :func:`mailsuite.smtp.client.deliver`'s signature)."""
+    for tests (``deliver_fn`` has :func:`mailsuite.outbound.client.deliver`'s signature)."""
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailsuite.outbound.relay import RecipientResult, Relay, domain_of
+from mailsuite.outbound.wire import scan_message
 from mailsuite.queue.bounce import RecipientStatus, build_dsn, read_header_block
 from mailsuite.queue.schedule import RetrySchedule
 from mailsuite.queue.spool import (
@@ -51,7 +52,7 @@ from mailsuite.queue.spool import (
     Spool,
     SpoolError,
 )
-from mailsuite.smtp.client import Reply, scan_message
+from mailsuite.smtp.replies import Reply
 from mailsuite.store.maildir import ensure_folder, write_message
 
 __all__ = ["QueueRunner", "make_spool", "queue_service"]

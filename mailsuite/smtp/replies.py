@@ -1,4 +1,10 @@
-"""SMTP replies as named constants with enhanced status codes (RFC 5321 4.2, RFC 3463)."""
+"""SMTP replies: the one :class:`Reply` type, for what our server says and what a remote server
+said to our client, and the server's replies as named constants (RFC 5321 4.2, RFC 3463).
+
+A multi-line reply is one ``Reply`` whose ``text`` holds the lines joined with ``"\\n"``; it is
+sent as ``250-first``, ``250-...``, ``250 last`` (RFC 5321 4.2.1), the enhanced status code
+repeated on every line (RFC 2034 section 3).  The client parses a reply into the same shape.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,71 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Reply:
+    """An SMTP reply.  ``enhanced`` is the RFC 3463 code (``"5.1.1"``) or None; ``text`` the
+    rest, lines joined with ``"\\n"``.  ``remote`` False marks a reply the client side made up
+    itself (no server said it: a connection failure, a timeout, a local decision)."""
+
     code: int
     enhanced: str | None
     text: str
+    remote: bool = True
 
-    def lines(self, *more: str) -> bytes:
-        """Encode as one or more reply lines (``code-`` continuation, RFC 5321 4.2.1)."""
-        texts = [self.text, *more]
-        out = []
-        for i, text in enumerate(texts):
-            sep = "-" if i < len(texts) - 1 else " "
-            body = f"{self.enhanced} {text}" if self.enhanced else text
-            out.append(f"{self.code}{sep}{body}\r\n")
-        return "".join(out).encode("utf-8")
+    @classmethod
+    def local(cls, code: int, enhanced: str, text: str) -> Reply:
+        """A reply made up on this side (``remote`` False)."""
+        return cls(code, enhanced, text, remote=False)
+
+    # -- what it means ------------------------------------------------------------------------
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code, or the one implied by the basic code (RFC 3463)."""
+        if self.enhanced:
+            return self.enhanced
+        return f"{self.code // 100}.0.0"
+
+    # -- encodings ----------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        """The reply on the wire: one line per text line, ``code-`` on all but the last."""
+        texts = self.text.split("\n")
+        last = len(texts) - 1
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        return "".join(
+            f"{self.code}{'-' if i < last else ' '}{prefix}{text}\r\n"
+            for i, text in enumerate(texts)
+        ).encode("utf-8")
 
     def with_text(self, text: str) -> Reply:
-        return Reply(self.code, self.enhanced, text)
+        return Reply(self.code, self.enhanced, text, self.remote)
+
+    def diagnostic(self) -> str:
+        """For a DSN's Diagnostic-Code field (RFC 3464 2.3.6), text on one line.
+
+        ``smtp; 550 5.1.1 text`` for a server's reply; ``x-mailsuite; text`` for a local one
+        (as Postfix writes ``X-Postfix;``), so no one mistakes it for a remote answer.
+        """
+        flat = " ".join(self.text.split("\n"))
+        if not self.remote:
+            return f"x-mailsuite; {flat}"
+        enhanced = f" {self.enhanced}" if self.enhanced else ""
+        return f"smtp; {self.code}{enhanced} {flat}".rstrip()
+
+    def __str__(self) -> str:
+        enhanced = f" {self.enhanced}" if self.enhanced else ""
+        return f"{self.code}{enhanced} {self.text}".rstrip()
 
 
 OK = Reply(250, "2.0.0", "OK")
@@ -40,6 +95,7 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try later")
 SERVER_BUSY = Reply(421, "4.7.0", "Too many connections, try later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure while storing the message, try later")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery is not available on this server, try later")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
@@ -65,3 +121,22 @@ LONG_LINE_DATA = Reply(
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: a mail loop?")
 UNKNOWN_PARAM = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
 UTF8_NEEDS_PARAM = Reply(553, "5.6.7", "UTF-8 address needs the SMTPUTF8 parameter")
+
+# AUTH (RFC 4954 section 6) and the submission profile's sender binding (RFC 6409 8.1).
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_BAD = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_THROTTLED = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_SYNTAX = Reply(501, "5.5.2", "Cannot decode the response")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_TWICE = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not allowed during a mail transaction")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(553, "5.7.1", "From: header address not owned by the authenticated user")
+FROM_UNUSABLE = Reply(553, "5.7.1", "From: header has no usable address")
+HEADERS_TOO_BIG = Reply(552, "5.3.4", "Header section too large")
+
+#: For the mail-authentication checks (issue 12): DMARC p=reject (RFC 7372 3.2).
+AUTH_POLICY_REJECT = Reply(550, "5.7.26", "Multiple authentication checks failed")

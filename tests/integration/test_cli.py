@@ -121,7 +121,7 @@ def test_wheel_ships_plugin_without_shadowing_twisted(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/mailsuite_plugin.py" in names
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
-    assert "mailsuite/smtp/server.py" in names
+    assert "mailsuite/smtp/protocol.py" in names
     # installed on its own into a fresh target, twistd from that path finds the plugin
     target = tmp_path / "site"
     r = subprocess.run(

@@ -10,7 +10,7 @@ import trustme
 
 from mailsuite.config import parse_config
 from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
-from mailsuite.smtp.client import scan_message
+from mailsuite.outbound.wire import scan_message
 from mailsuite.testing.mx import RecordingSMTPServer, _Factory
 from mailsuite.tls import ServerTLS
 from tests.integration.test_smtp_client import in_reactor, running_reactor

@@ -9,7 +9,9 @@ import pytest
 import trustme
 from twisted.internet import ssl
 
-from mailsuite.smtp.client import Outcome, Timeouts, deliver, scan_message
+from mailsuite.outbound.client import deliver
+from mailsuite.outbound.result import Outcome, Timeouts
+from mailsuite.outbound.wire import scan_message
 from mailsuite.testing.mx import RecordingSMTPServer, spawn_mx_server
 from tests.reactor_thread import in_reactor, running_reactor
 

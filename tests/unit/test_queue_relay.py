@@ -12,7 +12,9 @@ from twisted.internet import defer
 
 from mailsuite.config import parse_config
 from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
-from mailsuite.smtp.client import MessageInfo, Outcome, Reply, TransactionResult
+from mailsuite.outbound.result import Outcome, TransactionResult
+from mailsuite.outbound.wire import MessageInfo
+from mailsuite.smtp.replies import Reply
 from mailsuite.testing.dns import MemoryAuthority
 
 ZONE = {"origin": "test", "names": {

@@ -16,7 +16,7 @@ from mailsuite.outbound.mx import DNS_DEADLINE
 from mailsuite.outbound.relay import RecipientResult, Relay, domain_of
 from mailsuite.queue.runner import QueueRunner
 from mailsuite.queue.spool import DELIVERED, FAILED, PENDING, Spool
-from mailsuite.smtp.client import Reply
+from mailsuite.smtp.replies import Reply
 from mailsuite.store.events import ChangeHub
 from mailsuite.testing.dns import MemoryAuthority
 

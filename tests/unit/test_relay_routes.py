@@ -12,7 +12,7 @@ import pytest
 
 from mailsuite.config import ConfigError, load_config, parse_config
 from mailsuite.outbound.relay import SMARTHOST_ROUTE
-from mailsuite.smtp.client import Outcome
+from mailsuite.outbound.result import Outcome
 from tests.unit.test_queue_relay import make, run
 
 

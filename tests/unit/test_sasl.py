@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from mailsuite.smtp import sasl
-from mailsuite.smtp.submission import from_addresses
+from mailsuite.smtp.policy import from_addresses
 
 
 def b64(raw: bytes) -> str:

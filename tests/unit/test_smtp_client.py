@@ -11,14 +11,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailsuite.smtp.client import (
-    Outcome,
-    Reply,
-    SessionParameters,
-    SMTPClientSession,
-    Timeouts,
-    TransactionResult,
-)
+from mailsuite.outbound.client import SessionParameters, SMTPClientSession
+from mailsuite.outbound.result import Outcome, Timeouts, TransactionResult
+from mailsuite.smtp.replies import Reply
 
 BODY = b"Subject: test\n\nline one\n.leading dot\n"
 

@@ -1,5 +1,5 @@
 """8-bit to 7-bit conversion for servers without 8BITMIME (RFC 6152 3): the streaming
-converter (mailsuite.smtp.downgrade) and the client session asking for a converted copy."""
+converter (mailsuite.outbound.downgrade) and the client session asking for a converted copy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer
 
-from mailsuite.smtp import downgrade as dg
-from mailsuite.smtp.client import Outcome
-from mailsuite.smtp.downgrade import NotConvertible, downgrade_file
+from mailsuite.outbound import downgrade as dg
+from mailsuite.outbound.downgrade import NotConvertible, downgrade_file
+from mailsuite.outbound.result import Outcome
 from tests.unit.test_smtp_client import Harness
 
 TEXT = "Grüße aus Köln — “Anführungszeichen”, trailing blanks   \n.dot\n--not a boundary\n"

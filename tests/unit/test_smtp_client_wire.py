@@ -14,11 +14,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mailsuite.dotstuff import DotStuffer
-from mailsuite.smtp.client import (
-    SessionParameters,
-    SMTPClientSession,
-    scan_message,
-)
+from mailsuite.outbound.client import SessionParameters, SMTPClientSession
+from mailsuite.outbound.wire import scan_message
 
 
 def encode(data: bytes, chunk: int) -> bytes:

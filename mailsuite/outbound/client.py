@@ -1,4 +1,6 @@
-"""Our SMTP client (one transaction per session), on ``basic.LineReceiver``.
+"""Our SMTP client (one transaction per session), on ``basic.LineReceiver``: the transaction
+driver.  The wire format (reply parsing, SIZE scan, the dot-stuffed body) is
+:mod:`mailsuite.outbound.wire`, the results :mod:`mailsuite.outbound.result`.
 
 Not twisted.mail.smtp.ESMTPClient: it dot-stuffs per 16 KiB chunk (a '.' line at a chunk boundary
 smuggles commands to the next server), has no timeouts, and sends no SIZE/BODY/SMTPUTF8.
@@ -12,268 +14,37 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import enum
 import ipaddress
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from mailsuite.dotstuff import DotStuffer
-from mailsuite.smtp.downgrade import NotConvertible
+from mailsuite.outbound.downgrade import NotConvertible
+from mailsuite.outbound.result import Outcome, Timeouts, TransactionResult
+from mailsuite.outbound.wire import (
+    CHUNK_SIZE,
+    BodyProducer,
+    ReplyError,
+    ReplyReader,
+    parse_extensions,
+)
+from mailsuite.smtp.replies import Reply
 from mailsuite.tls import client_tls_options
+from mailsuite.transport import LineReceiver, Transport, transport_of
 
-__all__ = [
-    "CHUNK_SIZE",
-    "MessageInfo",
-    "Outcome",
-    "Reply",
-    "SMTPClientSession",
-    "SessionParameters",
-    "Timeouts",
-    "TransactionResult",
-    "deliver",
-    "scan_message",
-]
+__all__ = ["SMTPClientSession", "SessionParameters", "deliver"]
 
 log = Logger()
 
-CHUNK_SIZE = 64 * 1024
-
-
-# --------------------------------------------------------------------------- replies and results
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply. ``remote`` False means we made it up locally (no server said it).
-
-    ``enhanced`` is the RFC 3463 code taken from the reply text ("5.1.1") or None; ``text`` is the
-    rest of the reply, lines joined with "\\n".
-    """
-
-    code: int
-    enhanced: str | None
-    text: str
-    remote: bool = True
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    @property
-    def status(self) -> str:
-        """The enhanced status code, or the one implied by the basic code (RFC 3463)."""
-        if self.enhanced:
-            return self.enhanced
-        return f"{self.code // 100}.0.0"
-
-    def diagnostic(self) -> str:
-        """For a DSN's Diagnostic-Code field (RFC 3464 2.3.6), text on one line.
-
-        ``smtp; 550 5.1.1 text`` for a server's reply; ``x-mailsuite; text`` for a local one
-        (as Postfix writes ``X-Postfix;``), so no one mistakes it for a remote answer.
-        """
-        flat = " ".join(self.text.split("\n"))
-        if not self.remote:
-            return f"x-mailsuite; {flat}"
-        enhanced = f" {self.enhanced}" if self.enhanced else ""
-        return f"smtp; {self.code}{enhanced} {flat}".rstrip()
-
-    def __str__(self) -> str:
-        enhanced = f" {self.enhanced}" if self.enhanced else ""
-        return f"{self.code}{enhanced} {self.text}".rstrip()
-
-
-def _local(code: int, enhanced: str, text: str) -> Reply:
-    return Reply(code, enhanced, text, remote=False)
-
-
-class Outcome(enum.Enum):
-    """How a session ended."""
-
-    DELIVERED = "delivered"  # DATA accepted; recipients refused at RCPT keep their replies
-    ALL_RECIPIENTS_REFUSED = "all-recipients-refused"
-    CONNECT_FAILED = "connect-failed"  # no address accepted a TCP connection
-    TLS_FAILED = "tls-failed"  # handshake/verification failed, or TLS required and not offered
-    GREETING_REFUSED = "greeting-refused"  # non-220 greeting
-    HELO_REFUSED = "helo-refused"  # EHLO and HELO both refused
-    AUTH_FAILED = "auth-failed"  # AUTH refused, not offered, or not possible without TLS
-    MAIL_REFUSED = "mail-refused"
-    DATA_REFUSED = "data-refused"  # at DATA or after the final dot
-    MESSAGE_UNSENDABLE = "message-unsendable"  # too big for SIZE, 8-bit/UTF-8 not supported
-    TIMEOUT = "timeout"
-    CONNECTION_LOST = "connection-lost"
-    PROTOCOL_ERROR = "protocol-error"  # unparseable reply
-
-
-@dataclass
-class TransactionResult:
-    """What happened in one session with one host.
-
-    ``reply`` is the reply that decided ``outcome`` (local when no server said it); ``stage`` is
-    where: connect, greeting, ehlo, starttls, tls, auth, mail, rcpt, data, data-end or done.
-    ``recipients`` maps every recipient to its final reply: positive = delivered, transient =
-    retry later, permanent = bounce.
-    """
-
-    outcome: Outcome
-    reply: Reply
-    stage: str
-    recipients: dict[str, Reply]
-    host: str
-    address: str | None = None
-    port: int = 25
-    tls: bool = False
-    tls_fallback: bool = False  # TLS handshake failed; this result is from a plaintext retry
-    downgraded: bool = False  # the body went as a 7-bit conversion (no 8BITMIME, RFC 6152 3)
-    extensions: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def delivered(self) -> list[str]:
-        return [r for r, reply in self.recipients.items() if reply.positive]
-
-    @property
-    def transient_failures(self) -> list[str]:
-        return [r for r, reply in self.recipients.items() if reply.transient]
-
-    @property
-    def permanent_failures(self) -> list[str]:
-        return [r for r, reply in self.recipients.items() if reply.permanent]
-
-    @property
-    def try_next_mx(self) -> bool:
-        """True when the failure is about this host rather than the message or recipients.
-
-        RFC 5321 5.1: try the next MX when this one could not be reached or did not take the
-        transaction; not once any recipient got a definite answer or DATA was started.
-        """
-        if self.outcome in (Outcome.CONNECT_FAILED, Outcome.TLS_FAILED, Outcome.GREETING_REFUSED,
-                            Outcome.HELO_REFUSED):
-            return True
-        if self.outcome in (Outcome.TIMEOUT, Outcome.CONNECTION_LOST, Outcome.PROTOCOL_ERROR):
-            return self.stage in ("connect", "greeting", "ehlo", "starttls", "tls", "auth",
-                                  "mail", "rcpt")
-        if self.outcome is Outcome.MAIL_REFUSED:
-            return self.reply.transient
-        return False
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds. Defaults are RFC 5321 4.5.3.2 where it gives one."""
-
-    connect: float = 60.0
-    greeting: float = 300.0  # 4.5.3.2.1
-    command: float = 300.0  # EHLO, HELO, STARTTLS, AUTH (not in the RFC; same as MAIL)
-    mail: float = 300.0  # 4.5.3.2.2
-    rcpt: float = 300.0  # 4.5.3.2.3
-    data_init: float = 120.0  # 4.5.3.2.4
-    data_block: float = 180.0  # 4.5.3.2.5: no progress writing the body for this long
-    data_term: float = 600.0  # 4.5.3.2.6
-    quit: float = 30.0
-
-
-# --------------------------------------------------------------------------- message encoding
-
-
-_NEWLINES = re.compile(rb"\r\n|\r|\n")
-
-
-@dataclass(frozen=True)
-class MessageInfo:
-    """``wire_size``: octets with CRLF line ends, before dot-stuffing (RFC 1870's SIZE value).
-    ``eight_bit``: any octet > 127. ``longest_line``: octets without the line end."""
-
-    wire_size: int
-    eight_bit: bool
-    longest_line: int
-
-
-def scan_message(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> MessageInfo:
-    """Read a stored message once (blocking, chunked) to learn what MAIL FROM must declare."""
-    size = 0
-    eight_bit = False
-    longest = 0
-    current = 0
-    pending_cr = False
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            if pending_cr:
-                chunk = b"\r" + chunk
-                pending_cr = False
-            if chunk.endswith(b"\r"):
-                chunk = chunk[:-1]
-                pending_cr = True
-            if not eight_bit and not chunk.isascii():
-                eight_bit = True
-            lines = _NEWLINES.split(chunk)
-            for line in lines[:-1]:
-                current += len(line)
-                longest = max(longest, current)
-                size += current + 2
-                current = 0
-            current += len(lines[-1])
-    if pending_cr:
-        longest = max(longest, current)
-        size += current + 2
-        current = 0
-    if current:
-        longest = max(longest, current)
-        size += current + 2
-    return MessageInfo(size, eight_bit, longest)
-
-
-@implementer(IPullProducer)
-class _BodyProducer:
-    """Streams the message file into the transport as the transport asks for more."""
-
-    def __init__(self, session: SMTPClientSession, f: BinaryIO, chunk_size: int) -> None:
-        self._session = session
-        self._file: BinaryIO | None = f
-        self._encoder = DotStuffer(bare_cr_ends_line=True)  # SMTP never sends a bare CR
-        self._chunk_size = chunk_size
-
-    def resumeProducing(self) -> None:
-        if self._file is None:
-            return
-        self._session._progress()
-        chunk = self._file.read(self._chunk_size)
-        if chunk:
-            data = self._encoder.feed(chunk)
-            if data:
-                self._session.transport.write(data)
-            return
-        self._close()
-        self._session.transport.write(self._encoder.finish())
-        self._session._body_sent()
-
-    def stopProducing(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+_local = Reply.local
 
 
 # --------------------------------------------------------------------------- the session
@@ -302,10 +73,21 @@ class SessionParameters:
     downgrade: Callable[[], Deferred[tuple[str, int]]] | None = None
 
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+#: How a 421 (RFC 5321 3.8: the server is closing) ends the session, by stage.
+_CLOSED_AT = {
+    "greeting": Outcome.GREETING_REFUSED,
+    "ehlo": Outcome.HELO_REFUSED,
+    "mail": Outcome.MAIL_REFUSED,
+    "rcpt": Outcome.MAIL_REFUSED,
+    "data": Outcome.DATA_REFUSED,
+    "data-end": Outcome.DATA_REFUSED,
+    "auth": Outcome.AUTH_FAILED,
+    "starttls": Outcome.TLS_FAILED,
+    "tls": Outcome.HELO_REFUSED,
+}
 
 
-class SMTPClientSession(basic.LineReceiver):
+class SMTPClientSession(LineReceiver):
     """One SMTP session: greeting, EHLO/HELO, STARTTLS, AUTH, one transaction, QUIT.
 
     ``done`` fires with a :class:`TransactionResult` once the connection has closed.
@@ -323,14 +105,14 @@ class SMTPClientSession(basic.LineReceiver):
         self.address: str | None = None
         self.port = 25
         self._stage = "greeting"
-        self._lines: list[str] = []
+        self._replies = ReplyReader()
         self._expect: deque[Callable[[Reply], None]] = deque()
         self._timer: Any = None
         self._result: TransactionResult | None = None
         self._rcpt_replies: dict[str, Reply] = {}
         self._mail_reply: Reply | None = None
         self._pipelined = False
-        self._producer: _BodyProducer | None = None
+        self._producer: BodyProducer | None = None
         self._closing = False
         self._lines_of_last_reply: list[str] = []
         self._plain_token = ""
@@ -338,8 +120,13 @@ class SMTPClientSession(basic.LineReceiver):
 
     # -- plumbing
 
+    @property
+    def _tx(self) -> Transport:
+        return transport_of(self)
+
+
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._tx.getPeer()
         self.address = getattr(peer, "host", None)
         self.port = getattr(peer, "port", 25)
         self._expect.append(self._on_greeting)
@@ -363,33 +150,27 @@ class SMTPClientSession(basic.LineReceiver):
             log.debug("SMTP C: {line}", line=shown or "(credentials)")
         else:
             log.debug("SMTP C: {line}", line=line)
-        self.transport.write(self._encode(line) + b"\r\n")
+        self._tx.write(self._encode(line) + b"\r\n")
 
     def _encode(self, line: str) -> bytes:
         return line.encode("utf-8")
 
-    def lineReceived(self, line: bytes) -> None:
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._closing and not self._expect:
             return
-        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-            self._fail(Outcome.PROTOCOL_ERROR,
-                       _local(451, "4.5.0", f"unparseable reply: {line[:80]!r}"), abort=True)
+        try:
+            complete = self._replies.feed(line)
+        except ReplyError as e:
+            self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", str(e)), abort=True)
             return
-        text = line[4:].decode("utf-8", "replace")
-        self._lines.append(text)
-        if line[3:4] == b"-":
-            if len(self._lines) > 1000:
-                self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply too long"),
-                           abort=True)
+        if complete is None:
             return
-        code = int(line[:3])
-        lines, self._lines = self._lines, []
-        reply = self._make_reply(code, lines)
+        reply, lines = complete
         log.debug("SMTP S: {reply}", reply=reply)
         if not self._expect:
-            if code == 421:
+            if reply.code == 421:
                 self._fail(Outcome.CONNECTION_LOST, reply, abort=False, quit=False)
             else:
                 self._fail(Outcome.PROTOCOL_ERROR,
@@ -397,31 +178,12 @@ class SMTPClientSession(basic.LineReceiver):
             return
         handler = self._expect.popleft()
         self._lines_of_last_reply = lines
-        if code == 421 and handler != self._on_quit:
+        if reply.code == 421 and handler != self._on_quit:
             # RFC 5321 3.8: the server is closing the session.
-            outcome = {"greeting": Outcome.GREETING_REFUSED, "ehlo": Outcome.HELO_REFUSED,
-                       "mail": Outcome.MAIL_REFUSED, "rcpt": Outcome.MAIL_REFUSED,
-                       "data": Outcome.DATA_REFUSED, "data-end": Outcome.DATA_REFUSED,
-                       "auth": Outcome.AUTH_FAILED, "starttls": Outcome.TLS_FAILED,
-                       "tls": Outcome.HELO_REFUSED}.get(self._stage, Outcome.CONNECTION_LOST)
-            self._fail(outcome, reply, abort=False, quit=False)
+            self._fail(_CLOSED_AT.get(self._stage, Outcome.CONNECTION_LOST), reply, abort=False,
+                       quit=False)
             return
         handler(reply)
-
-    @staticmethod
-    def _make_reply(code: int, lines: list[str]) -> Reply:
-        first = lines[0] if lines else ""
-        enhanced = None
-        m = _ENHANCED.match(first)
-        if m and m.group(1) == str(code)[0]:
-            enhanced = f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
-            first = first[m.end():]
-            rest = []
-            for extra in lines[1:]:
-                m2 = _ENHANCED.match(extra)
-                rest.append(extra[m2.end():] if m2 else extra)
-            lines = [first, *rest]
-        return Reply(code, enhanced, "\n".join(lines).strip())
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply line too long"),
@@ -430,7 +192,7 @@ class SMTPClientSession(basic.LineReceiver):
     def _timed_out(self) -> None:
         self._timer = None
         if self._result is not None:  # QUIT unanswered: just go
-            self.transport.abortConnection()
+            self._tx.abortConnection()
             return
         # After the final dot the message may or may not have been delivered (RFC 5321 6.1
         # accepts the duplicate risk): report temporary failure.
@@ -466,18 +228,18 @@ class SMTPClientSession(basic.LineReceiver):
         self._closing = True
         if abort:
             self._disarm()
-            self.transport.abortConnection()
+            self._tx.abortConnection()
         elif quit:
             self._expect.append(self._on_quit)
             self._arm(self.params.timeouts.quit)
             self._send("QUIT")
         else:
             self._disarm()
-            self.transport.loseConnection()
+            self._tx.loseConnection()
 
     def _on_quit(self, reply: Reply) -> None:
         self._disarm()
-        self.transport.loseConnection()
+        self._tx.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
@@ -515,11 +277,7 @@ class SMTPClientSession(basic.LineReceiver):
     def _on_ehlo(self, reply: Reply) -> None:
         if reply.positive:
             self._stage = "ehlo"
-            self.extensions = {}
-            for line in self._lines_of_last_reply[1:]:
-                keyword, _, value = line.strip().partition(" ")
-                if keyword:
-                    self.extensions[keyword.upper()] = value.strip()
+            self.extensions = parse_extensions(self._lines_of_last_reply)
             self._after_hello()
         elif reply.permanent and not self.tls_active:
             # RFC 5321 3.2: fall back to HELO when EHLO is not recognized.
@@ -566,7 +324,7 @@ class SMTPClientSession(basic.LineReceiver):
             return
         self._stage = "tls"
         self.clearLineBuffer()  # RFC 3207 4.2: nothing the server said before counts
-        self.transport.startTLS(self._tls_context())
+        self._tx.startTLS(self._tls_context())
         self.tls_active = True
         self.extensions = {}
         self._ehlo()  # RFC 3207 4.2: forget everything, EHLO again
@@ -689,7 +447,7 @@ class SMTPClientSession(basic.LineReceiver):
             lines = [mail] + [f"RCPT TO:<{r}>" for r in p.rcpts]
             for line in lines:
                 log.debug("SMTP C: {line}", line=line)
-            self.transport.write(b"".join(self._encode(x) + b"\r\n" for x in lines))
+            self._tx.write(b"".join(self._encode(x) + b"\r\n" for x in lines))
         else:
             self._expect.append(self._on_mail)
             self._arm(p.timeouts.mail)
@@ -782,13 +540,14 @@ class SMTPClientSession(basic.LineReceiver):
                        _local(451, "4.3.0", f"cannot read message: {e}"), abort=True)
             return
         self._stage = "data"
-        self._producer = _BodyProducer(self, f, self.params.chunk_size)
+        self._producer = BodyProducer(self._tx, f, self.params.chunk_size, self._progress,
+                                      self._body_sent)
         self._arm(self.params.timeouts.data_block)
-        self.transport.registerProducer(self._producer, False)
+        self._tx.registerProducer(self._producer, False)
 
     def _body_sent(self) -> None:
         self._producer = None
-        self.transport.unregisterProducer()
+        self._tx.unregisterProducer()
         self._stage = "data-end"
         self._expect.append(self._on_data_end)
         self._arm(self.params.timeouts.data_term)

@@ -1,0 +1,384 @@
+"""The ESMTP server's Twisted side: the MX (port 25) and submission (587/465) listeners.
+
+Written on ``basic.LineReceiver`` instead of reusing ``twisted.mail.smtp.ESMTP`` (see
+:mod:`mailsuite.smtp.session` for why).  This module does only I/O: it feeds lines and data to
+the :class:`~mailsuite.smtp.session.Session`, writes the replies it returns and fulfils its
+actions (checking a password, storing the message, running the end-of-data checks) with the
+reactor and runtime it was given.  Here:
+
+* replies go out strictly in command order: while the session waits for an action's outcome
+  (a login check, the end-of-data checks, the fsync before 250), input is paused and later
+  pipelined commands wait in the buffer (RFC 2920);
+* STARTTLS throws away anything the client sent after the command (RFC 3207 4.2,
+  CVE-2011-0411 class);
+* DATA is read in raw mode, decoded by the session's :class:`~mailsuite.smtp.data.DataReader`
+  (only CRLF.CRLF ends a message) and streamed to disk, never held whole in memory; when the
+  disk falls behind, reading from the client stops until it catches up;
+* connections are counted per profile (``[smtp] max_connections`` and
+  ``max_connections_per_ip``), an idle client is cut after ``[smtp] timeout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+from twisted.internet import defer, error, interfaces, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.auth import LoginResult, Outcome
+from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
+from mailsuite.delivery import Envelope, IncomingMessage
+from mailsuite.runtime import Runtime
+from mailsuite.smtp import replies as R
+from mailsuite.smtp.policy import Lookup, Profile, Verdict, mx_profile, submission_profile
+from mailsuite.smtp.session import (
+    AbortMessage,
+    CheckMessage,
+    Close,
+    Deliver,
+    Login,
+    LoginAnswer,
+    OpenMessage,
+    Options,
+    ReceiveData,
+    Session,
+    StartTLS,
+    State,
+    Step,
+)
+from mailsuite.tls import peer_tls_info
+from mailsuite.transport import LineReceiver, TimeoutMixin, Transport, transport_of
+
+log = Logger(namespace="mailsuite.smtp")
+
+#: RFC 5321 4.5.3.1.4 allows 512 octets per command line; ESMTP parameters and SMTPUTF8
+#: addresses may need more (extensions may raise it).  Anything longer is answered 500 and
+#: the connection closed (it cannot be resynchronised safely).
+MAX_COMMAND_LINE = 2048
+
+#: Session states that wait for an action's outcome: no command is read meanwhile.
+_WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
+
+#: The connection-count group of each profile (``Runtime.connection_limits``).
+_COUNT_GROUP = {"mx": "smtp", "submission": "submission"}
+
+
+class SMTPProtocol(LineReceiver, TimeoutMixin):
+    """One SMTP connection."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = MAX_COMMAND_LINE
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        profile: Profile,
+        options: Options,
+        implicit_tls: bool,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.limits = limits if limits is not None else ConnectionLimits()
+        lookup: Lookup = runtime.directory
+        self.session = Session(options, profile, lookup, tls=implicit_tls)
+        self.admission: Admission | None = None
+        self.message: IncomingMessage | None = None
+        self.peer_ip = "unknown"
+        self._held = False  # input paused until a pending action's outcome
+        self._io_paused = False  # transport paused until the disk catches up
+
+    @property
+    def _tx(self) -> Transport:
+        return transport_of(self)
+
+    @property
+    def _name(self) -> str:
+        return self.session.profile.name
+
+    # -- connection life --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self._tx.getPeer()
+        self.peer_ip = getattr(peer, "host", "unknown")
+        self.session.client_ip = self.peer_ip
+        self.session.trusted = self.config.relay.is_trusted(self.peer_ip)
+        self.setTimeout(self.config.smtp.timeout)
+        self.admission = self.limits.admit(self.peer_ip)
+        if self.admission.refused is not None:
+            # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
+            log.info("smtp: {ip} refused: {limit} reached", ip=self.peer_ip,
+                     limit=self.admission.refused.value)
+            self.session.state = State.CLOSED  # nothing the client sends is acted on
+            per_ip = self.admission.refused is Refusal.PER_IP
+            self._tx.write((R.TOO_MANY_CONNECTIONS if per_ip else R.SERVER_BUSY).encode())
+            self._tx.loseConnection()
+            return
+        try:
+            self._tx.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
+        except (AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError):
+            pass
+        self._perform(self.session.greeting())
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.setTimeout(None)
+        self.session.connection_lost()
+        if self.admission is not None:
+            self.admission.release()
+        if self.message is not None:
+            self.message.abort()
+            self.message = None
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        log.info("smtp: timeout from {ip}", ip=self.peer_ip)
+        self._tx.write(R.TIMEOUT.encode())
+        self._tx.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+        self._tx.write(R.LINE_TOO_LONG.encode())
+        self._tx.loseConnection()
+
+    # -- input ------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.session.state is State.CLOSED:
+            return  # refused at connect, or closing: nothing the client sends is acted on
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        if self.session.state is State.CLOSED:
+            return
+        try:
+            step = self.session.line(line)
+        except Exception:
+            # Never the line in the log: in the SASL state it carries a password.
+            log.failure("smtp: internal error in state {state} from {ip}",
+                        state=self.session.state.value, ip=self.peer_ip)
+            self._tx.write(R.INTERNAL_ERROR.encode())
+            return
+        self._perform(step)
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        message = self.message
+        assert message is not None
+        chunk = self.session.data(data)
+        if chunk.drop:
+            message.abort()  # over the size limit: drop what was stored, read on
+        elif chunk.store:
+            try:
+                message.write_body(chunk.store, chunk.newlines)
+            except OSError as e:
+                log.error("smtp: writing the message failed: {e}", e=e)
+                self.session.write_failed()
+            if message.backlog and not self._io_paused:
+                drained = message.when_drained()
+                if not drained.called:  # the disk is behind: stop reading until it catches up
+                    self._io_paused = True
+                    self._tx.pauseProducing()
+                    drained.addCallback(self._io_resume)
+        if chunk.rest is None:
+            return
+        self._hold()  # later pipelined commands wait until this message is answered
+        self.setLineMode(chunk.rest)
+        self._perform(self.session.end_of_data(message.contents))
+
+    def _io_resume(self, _: object) -> None:
+        self._io_paused = False
+        if self.transport is not None and not self.paused and not self._tx.disconnecting:
+            self._tx.resumeProducing()
+
+    # -- output and actions -----------------------------------------------------------------
+
+    def _perform(self, step: Step) -> None:
+        """Log, send the replies, fulfil the action; hold input while the session waits."""
+        for line in step.log:
+            log.info("{profile}: {ip}: {line}", profile=self._name, ip=self.peer_ip, line=line)
+        if step.replies:
+            self._tx.write(step.out)
+        action = step.action
+        if isinstance(action, Close):
+            self._tx.loseConnection()
+        elif isinstance(action, StartTLS):
+            self._start_tls()
+        elif isinstance(action, Login):
+            self._login(action)
+        elif isinstance(action, OpenMessage):
+            self._open_message()
+        elif isinstance(action, ReceiveData):
+            self.setRawMode()
+        elif isinstance(action, CheckMessage):
+            self._check_message(action)
+        elif isinstance(action, Deliver):
+            self._deliver(action)
+        elif isinstance(action, AbortMessage):
+            self._abort_message()
+        if self.session.state in _WAITING:
+            self._hold()
+        else:
+            self._release()
+
+    def _hold(self) -> None:
+        if not self._held:
+            self._held = True
+            self.pauseProducing()
+
+    def _release(self) -> None:
+        if self._held and self.session.state is not State.CLOSED:
+            self._held = False
+            if self.transport is not None and not self._tx.disconnecting:
+                self.resumeProducing()
+
+    def _connected(self) -> bool:
+        return bool(self.transport) and not self._tx.disconnecting
+
+    def _start_tls(self) -> None:
+        dropped = self.clearLineBuffer()
+        if dropped:
+            log.warn("smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
+                     n=len(dropped), ip=self.peer_ip)
+        self._tx.startTLS(self.runtime.tls)
+        self.session.tls_started()
+
+    def _login(self, action: Login) -> None:
+        try:
+            d = self.runtime.auth.login(action.username, action.password, self.peer_ip, "smtp")
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._logged_in, self._login_failed)
+
+    def _logged_in(self, result: LoginResult) -> None:
+        user = result.user if result.outcome is Outcome.OK else None
+        if user is not None:
+            answer = LoginAnswer.OK
+            if self.admission is not None:
+                self.admission.login(user)  # leaves the pre-login per-IP count
+        elif result.outcome is Outcome.THROTTLED:
+            answer = LoginAnswer.THROTTLED
+        else:
+            answer = LoginAnswer.BAD_CREDENTIALS
+        if self._connected():
+            self._perform(self.session.login_finished(answer, user))
+
+    def _login_failed(self, failure: Failure) -> None:
+        log.failure("{profile}: login check failed for {ip}", failure, profile=self._name,
+                    ip=self.peer_ip)
+        if self._connected():
+            self._perform(self.session.login_finished(LoginAnswer.ERROR))
+
+    def _open_message(self) -> None:
+        session = self.session
+        txn = session.transaction
+        assert txn is not None
+        envelope = Envelope(
+            sender=txn.sender.address,
+            local=list(txn.local),
+            remote=list(txn.remote),
+            smtputf8=txn.smtputf8,
+            body_8bit=txn.body_8bit,
+        )
+        tls_info = peer_tls_info(self.transport) if session.tls else None
+        received = session.received_field(tls_info, formatdate(localtime=True))
+        message = IncomingMessage(self.runtime, envelope, received)
+        try:
+            message.check()
+        except OSError as e:
+            log.error("smtp: cannot store the message: {e}", e=e)
+            self._perform(session.message_opened(False))
+            return
+        self.message = message
+        self._perform(session.message_opened(True))
+
+    def _abort_message(self) -> None:
+        if self.message is not None:
+            self.message.abort()
+            self.message = None
+
+    def _check_message(self, action: CheckMessage) -> None:
+        """The end-of-data checks (mail authentication): a coroutine, run here."""
+        policy = self.session.profile.policy
+        d = defer.ensureDeferred(policy.end_of_data(self.session, action.message))
+
+        def failed(failure: Failure) -> Verdict:
+            log.failure("smtp: an end-of-data check failed for {ip}", failure, ip=self.peer_ip)
+            return Verdict(reply=R.INTERNAL_ERROR, reason="end-of-data check failed")
+
+        def decided(verdict: Verdict) -> None:
+            if not self._connected():
+                self._abort_message()  # no 250 can reach the client: it will send again
+                return
+            self._perform(self.session.checks_done(verdict))
+
+        d.addErrback(failed).addCallback(decided)
+
+    def _deliver(self, action: Deliver) -> None:
+        message = self.message
+        assert message is not None
+        self.message = None  # from here on the message is the delivery's, whatever happens
+        message.envelope.body_8bit = action.body_8bit
+        message.junk = action.junk
+        if action.header is not None:
+            message.replace_head(action.header.old_length, action.header.new)
+        txid = self.session.transaction.txid if self.session.transaction else "?"
+
+        def done(_: object) -> bool:
+            return True
+
+        def failed(f: Failure) -> bool:
+            log.failure("smtp: delivery of {id} failed", f, id=txid)
+            return False
+
+        def answer(ok: bool) -> None:
+            step = self.session.delivery_finished(ok)
+            if self._connected():
+                self._perform(step)
+
+        message.finish().addCallbacks(done, failed).addCallback(answer)
+
+
+class SMTPFactory(protocol.ServerFactory):
+    """Builds sessions of one profile.  Connections are counted per profile ("smtp" for the
+    MX listeners, "submission" for 587 and 465 together) with the ``[smtp]`` limits, so a
+    flood on port 25 cannot lock the users out of submission; ``[relay] trusted_networks``
+    are exempt from the per-IP limit."""
+
+    noisy = False
+
+    def __init__(self, runtime: Runtime, profile: Profile, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.profile = profile
+        self.implicit_tls = implicit_tls
+        cfg = runtime.config
+        self.options = Options.from_config(cfg, tls_available=runtime.tls is not None)
+        self.limits = shared_limits(
+            runtime.connection_limits,
+            _COUNT_GROUP[profile.name],
+            cfg.smtp.max_connections,
+            cfg.smtp.max_connections_per_ip,
+            exempt=cfg.relay.is_trusted,
+        )
+
+    def buildProtocol(self, addr: Any) -> SMTPProtocol:  # noqa: N802
+        proto = SMTPProtocol(self.runtime, self.profile, self.options, self.implicit_tls,
+                             self.limits)
+        proto.factory = self
+        return proto
+
+
+def _has_queue(runtime: Runtime) -> Callable[[], bool]:
+    return lambda: runtime.queue is not None
+
+
+def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
+    """``[listen] smtp``: the receiving MX service (port 25 role); never offers AUTH."""
+    profile = mx_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    return SMTPFactory(runtime, profile, implicit_tls)
+
+
+def submission_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
+    """``[listen] submission`` (587, STARTTLS) and ``submissions`` (465, implicit TLS)."""
+    profile = submission_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    return SMTPFactory(runtime, profile, implicit_tls)

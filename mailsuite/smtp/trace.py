@@ -1,0 +1,66 @@
+"""The trace information the SMTP server adds: the transaction id and the Received: field
+(RFC 5321 4.4), with every client-supplied part validated or neutralised first (no header
+injection through HELO).  Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+_ids = itertools.count(int(time.time() * 1000) % 1_000_000)
+_ID_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+_HELO_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
+
+
+def new_id() -> str:
+    """A short transaction id for logs and the Received field (time, counter, process)."""
+    n = (int(time.time()) << 20) | (next(_ids) & 0xFFFFF)
+    out = ""
+    while n:
+        n, r = divmod(n, len(_ID_DIGITS))
+        out = _ID_DIGITS[r] + out
+    return out + f"{os.getpid() % 1000:03d}"
+
+
+def clean_helo(name: str) -> str:
+    """A HELO argument made safe for a Received field (no spaces, controls or parens)."""
+    cleaned = "".join(c if c in _HELO_ALLOWED else "_" for c in name[:255])
+    return cleaned or "unknown"
+
+
+def protocol_name(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:
+    """The ``with`` keyword: RFC 3848 (ESMTPS, ESMTPA, ESMTPSA), RFC 6531 3.7.3 (UTF8SMTP)."""
+    if smtputf8:
+        name = "UTF8SMTP"
+    else:
+        name = "ESMTP" if esmtp else "SMTP"
+    if tls:
+        name += "S"
+    if authenticated:
+        name += "A"
+    return name
+
+
+def received_field(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    tls_info: str | None,
+    txid: str,
+    recipients: list[str],
+    date: str,
+) -> bytes:
+    """RFC 5321 4.4 Received field (LF line ends, as stored).  ``for`` names the recipient
+    only when there is exactly one (naming several would disclose the others)."""
+    rcpt = f"\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    tls_part = f" ({tls_info})" if tls_info else ""
+    header = (
+        f"Received: from {helo} ([{client_ip}])\n"
+        f"\tby {hostname} (mailsuite) with {protocol}{tls_part}\n"
+        f"\tid {txid}{rcpt};\n"
+        f"\t{date}\n"
+    )
+    return header.encode("utf-8")
