@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mailsuite.smtp import replies as R
+from mailsuite.smtp.headers import HeaderEdit, header_edit, split_fields
 from mailsuite.smtp.policy import ACCEPT, Check, Facts, ReceivedMessage, Verdict, refuse
 from mailsuite.smtp.sasl import encode_plain
 from mailsuite.smtp.session import (
@@ -16,14 +17,11 @@ from mailsuite.smtp.session import (
     CheckMessage,
     Close,
     Deliver,
-    HeaderEdit,
     Login,
     LoginAnswer,
     ReceiveData,
     StartTLS,
     State,
-    header_edit,
-    split_fields,
 )
 from tests.smtp_session_helpers import (
     HOST,
