@@ -193,10 +193,13 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
 
     # -- output and actions -----------------------------------------------------------------
 
-    def _perform(self, step: Step) -> None:
-        """Log, send the replies, fulfil the action; hold input while the session waits."""
+    def _log(self, step: Step) -> None:
         for line in step.log:
             log.info("{profile}: {ip}: {line}", profile=self._name, ip=self.peer_ip, line=line)
+
+    def _perform(self, step: Step) -> None:
+        """Log, send the replies, fulfil the action; hold input while the session waits."""
+        self._log(step)
         if step.replies:
             self._tx.write(step.out)
         action = step.action
@@ -233,7 +236,7 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
                 self.resumeProducing()
 
     def _connected(self) -> bool:
-        return bool(self.transport) and not self._tx.disconnecting
+        return bool(self.transport) and bool(self._tx.connected) and not self._tx.disconnecting
 
     def _start_tls(self) -> None:
         dropped = self.clearLineBuffer()
@@ -335,6 +338,8 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             step = self.session.delivery_finished(ok)
             if self._connected():
                 self._perform(step)
+            else:
+                self._log(step)  # delivered (or not) all the same: say so
 
         message.finish().addCallbacks(done, failed).addCallback(answer)
 

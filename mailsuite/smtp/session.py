@@ -668,8 +668,11 @@ class Session:
         return self._end_transaction(reply, None, (log,))
 
     def connection_lost(self) -> None:
-        self.state = State.CLOSED
+        """The client went away.  A message past its end of data is not the client's any
+        more: its checks and delivery finish (and are logged), only the reply is not sent."""
         self._sasl = None
+        if self.state not in (State.CHECKING, State.DELIVERING):
+            self.state = State.CLOSED
 
 
 def _why(verdict: Verdict) -> tuple[str, ...]:

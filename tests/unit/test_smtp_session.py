@@ -627,3 +627,19 @@ def test_session_and_policy_import_nothing_from_twisted() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code_], check=True, timeout=60)
+
+
+def test_a_message_past_its_end_is_delivered_and_logged_after_the_client_left() -> None:
+    s = session()
+    transaction(s, "alice@example.test")
+    cmd(s, "DATA")
+    s.message_opened(True)
+    s.data(BODY + b".\r\n")
+    assert isinstance(s.end_of_data(reader_of(b"")).action, Deliver)
+    s.connection_lost()
+    step = s.delivery_finished(True)
+    assert step.log and step.log[0].endswith("ip=192.0.2.7")
+    s = session()
+    transaction(s, "alice@example.test")
+    s.connection_lost()
+    assert s.state is State.CLOSED and cmd(s, "DATA").replies == ()
