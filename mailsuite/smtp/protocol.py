@@ -350,8 +350,6 @@ class SMTPFactory(protocol.ServerFactory):
     flood on port 25 cannot lock the users out of submission; ``[relay] trusted_networks``
     are exempt from the per-IP limit."""
 
-    noisy = False
-
     def __init__(self, runtime: Runtime, profile: Profile, implicit_tls: bool) -> None:
         self.runtime = runtime
         self.profile = profile
