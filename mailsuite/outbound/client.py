@@ -124,8 +124,7 @@ class SMTPClientSession(LineReceiver):
     def _tx(self) -> Transport:
         return transport_of(self)
 
-
-    def connectionMade(self) -> None:
+    def connectionMade(self) -> None:  # noqa: N802
         peer = self._tx.getPeer()
         self.address = getattr(peer, "host", None)
         self.port = getattr(peer, "port", 25)
