@@ -210,7 +210,7 @@ def test_store_message_with_and_without_flags(root: Path, message: Path) -> None
 
 def test_reject_replies() -> None:
     reply = smtp_reply(Reject("Go\r\naway\x00 please"))
-    assert reply.lines() == b"550 5.7.1 Go away please\r\n"
+    assert reply.encode() == b"550 5.7.1 Go away please\r\n"
     data = rejection_message(Reject("Not wanted."), ENV, MSG.split(b"\n\n")[0] + b"\n",
                              "mx.example.test")
     assert b"Disposition: automatic-action/MDN-sent-automatically; deleted" in data
