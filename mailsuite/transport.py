@@ -5,14 +5,14 @@ Twisted types ``Protocol.transport`` as ``ITransport | None``: it lacks what a T
 connection really offers and the protocols use (pausing, STARTTLS, TCP options, abort,
 ``disconnecting``).  :func:`transport_of` gives the connected transport typed as
 :class:`Transport`, so the rest of the protocol code is checked against what it calls.
-:class:`LineReceiver` and :class:`TimeoutMixin` are Twisted's, with typed signatures.
+:class:`LineReceiver` is Twisted's, with typed signatures.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, cast
 
-from twisted.protocols import basic, policies
+from twisted.protocols import basic
 
 
 class Transport(Protocol):
@@ -77,13 +77,3 @@ class LineReceiver(basic.LineReceiver):
 
     def resumeProducing(self) -> None:  # noqa: N802
         basic.LineReceiver.resumeProducing(self)
-
-
-class TimeoutMixin(policies.TimeoutMixin):
-    """``policies.TimeoutMixin`` with typed methods (see :class:`LineReceiver`)."""
-
-    def setTimeout(self, period: float | None) -> None:  # noqa: N802
-        policies.TimeoutMixin.setTimeout(self, period)
-
-    def resetTimeout(self) -> None:  # noqa: N802
-        policies.TimeoutMixin.resetTimeout(self)

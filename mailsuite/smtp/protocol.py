@@ -15,7 +15,11 @@ reactor and runtime it was given.  Here:
   (only CRLF.CRLF ends a message) and streamed to disk, never held whole in memory; when the
   disk falls behind, reading from the client stops until it catches up;
 * connections are counted per profile (``[smtp] max_connections`` and
-  ``max_connections_per_ip``), an idle client is cut after ``[smtp] timeout``.
+  ``max_connections_per_ip``);
+* every command line and every 64 KiB of DATA has a deadline fixed when the server starts
+  waiting for it, the whole session another, and submission the login
+  (:mod:`mailsuite.deadline`): a client trickling bytes is cut as soon as one that sends
+  nothing (RFC 5321 4.5.3.2), with 421 4.4.2.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
-from mailsuite.delivery import Envelope, IncomingMessage
+from mailsuite.deadline import COMMAND, DATA, SESSION, ReadDeadline
+from mailsuite.delivery import DeliveryError, Envelope, IncomingMessage
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.policy import Lookup, Profile, Verdict, mx_profile, submission_profile
@@ -50,7 +55,7 @@ from mailsuite.smtp.session import (
     Step,
 )
 from mailsuite.tls import peer_tls_info
-from mailsuite.transport import LineReceiver, TimeoutMixin, Transport, transport_of
+from mailsuite.transport import LineReceiver, Transport, transport_of
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -66,7 +71,7 @@ _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 _COUNT_GROUP = {"mx": "smtp", "submission": "submission"}
 
 
-class SMTPProtocol(LineReceiver, TimeoutMixin):
+class SMTPProtocol(LineReceiver):
     """One SMTP connection."""
 
     delimiter = b"\r\n"
@@ -88,6 +93,7 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
         self.admission: Admission | None = None
         self.message: IncomingMessage | None = None
         self.peer_ip = "unknown"
+        self.deadline: ReadDeadline | None = None
         self._held = False  # input paused until a pending action's outcome
         self._io_paused = False  # transport paused until the disk catches up
 
@@ -106,7 +112,6 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
         self.peer_ip = getattr(peer, "host", "unknown")
         self.session.client_ip = self.peer_ip
         self.session.trusted = self.config.relay.is_trusted(self.peer_ip)
-        self.setTimeout(self.config.smtp.timeout)
         self.admission = self.limits.admit(self.peer_ip)
         if self.admission.refused is not None:
             # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
@@ -117,6 +122,15 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             self._tx.write((R.TOO_MANY_CONNECTIONS if per_ip else R.SERVER_BUSY).encode())
             self._tx.loseConnection()
             return
+        smtp = self.config.smtp
+        self.deadline = ReadDeadline(
+            self.runtime.reactor,
+            self._deadline_expired,
+            # Like Dovecot's login processes: connect to AUTH within a few minutes, or go.
+            login=smtp.login_timeout if self.session.profile.requires_auth else None,
+            session=smtp.session_timeout,
+        )
+        self.deadline.wait(smtp.timeout)
         try:
             self._tx.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
         except (AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError):
@@ -124,7 +138,8 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
         self._perform(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
-        self.setTimeout(None)
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.session.connection_lost()
         if self.admission is not None:
             self.admission.release()
@@ -132,9 +147,12 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             self.message.abort()
             self.message = None
 
-    def timeoutConnection(self) -> None:  # noqa: N802
-        log.info("smtp: timeout from {ip}", ip=self.peer_ip)
-        self._tx.write(R.TIMEOUT.encode())
+    def _deadline_expired(self, why: str) -> None:
+        """A command line, a data block, the login or the session took too long: 421."""
+        log.info("smtp: {why} timeout for {ip}", why=why, ip=self.peer_ip)
+        what = "connection time limit" if why == SESSION else "timeout"
+        reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
+        self._tx.write(reply.encode())
         self._tx.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
@@ -146,12 +164,13 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        self.resetTimeout()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
             return
+        assert self.deadline is not None
+        self.deadline.wait(self.config.smtp.timeout, COMMAND)  # the next line's deadline
         try:
             step = self.session.line(line)
         except Exception:
@@ -163,8 +182,9 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
         self._perform(step)
 
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
-        message = self.message
-        assert message is not None
+        message, deadline = self.message, self.deadline
+        assert message is not None and deadline is not None
+        deadline.data(len(data))
         chunk = self.session.data(data)
         if chunk.drop:
             message.abort()  # over the size limit: drop what was stored, read on
@@ -179,6 +199,7 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
                 if not drained.called:  # the disk is behind: stop reading until it catches up
                     self._io_paused = True
                     self._tx.pauseProducing()
+                    deadline.hold()  # waiting for our disk is not the client's time
                     drained.addCallback(self._io_resume)
         if chunk.rest is None:
             return
@@ -189,6 +210,8 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
     def _io_resume(self, _: object) -> None:
         self._io_paused = False
         if self.transport is not None and not self.paused and not self._tx.disconnecting:
+            if self.deadline is not None:
+                self.deadline.wait(self.config.smtp.timeout, DATA)
             self._tx.resumeProducing()
 
     # -- output and actions -----------------------------------------------------------------
@@ -213,6 +236,10 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             self._open_message()
         elif isinstance(action, ReceiveData):
             self.setRawMode()
+            if self.deadline is not None:
+                # RFC 5321 4.5.3.2.5: a deadline per data block, not per message: a big
+                # message that keeps arriving is fine, a trickle is not (DATA_BLOCK).
+                self.deadline.wait(self.config.smtp.timeout, DATA)
         elif isinstance(action, CheckMessage):
             self._check_message(action)
         elif isinstance(action, Deliver):
@@ -225,14 +252,20 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             self._release()
 
     def _hold(self) -> None:
+        """Input waits while a command is answered (pipelining order); the time that takes
+        is ours, not the client's: only the session and login caps run meanwhile."""
         if not self._held:
             self._held = True
             self.pauseProducing()
+            if self.deadline is not None:
+                self.deadline.hold()
 
     def _release(self) -> None:
         if self._held and self.session.state is not State.CLOSED:
             self._held = False
             if self.transport is not None and not self._tx.disconnecting:
+                if self.deadline is not None:
+                    self.deadline.wait(self.config.smtp.timeout)  # the next command's
                 self.resumeProducing()
 
     def _connected(self) -> bool:
@@ -259,6 +292,8 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             answer = LoginAnswer.OK
             if self.admission is not None:
                 self.admission.login(user)  # leaves the pre-login per-IP count
+            if self.deadline is not None:
+                self.deadline.logged_in()
         elif result.outcome is Outcome.THROTTLED:
             answer = LoginAnswer.THROTTLED
         else:
@@ -331,7 +366,12 @@ class SMTPProtocol(LineReceiver, TimeoutMixin):
             return True
 
         def failed(f: Failure) -> bool:
-            log.failure("smtp: delivery of {id} failed", f, id=txid)
+            if f.check(OSError, DeliveryError):
+                # The store or the queue cannot be written (full, read-only, broken
+                # folder): an operating condition, not a bug; the client retries on 451.
+                log.error("smtp: delivery of {id} failed: {error}", id=txid, error=f.value)
+            else:
+                log.failure("smtp: delivery of {id} failed", f, id=txid)
             return False
 
         def answer(ok: bool) -> None:
