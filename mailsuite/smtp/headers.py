@@ -53,6 +53,8 @@ def header_edit(
     """The edit for an end-of-data verdict's ``prepend`` and ``remove`` (see
     :class:`mailsuite.smtp.policy.Verdict`) on the stored header section ``headers``
     (``complete``: its end, the blank line, was seen).  None when nothing changes."""
+    if not prepend and not remove:
+        return None
     added = b"".join(header_field(text) for text in prepend)
     unwanted = {f.rstrip(b"\n") for f in remove}
     fields = split_fields(headers) if unwanted else []

@@ -38,7 +38,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
-from functools import cached_property
 from typing import Protocol
 
 from mailsuite.config import Config
@@ -135,17 +134,24 @@ class Recipient:
         self.path = path
         self.address = path.address
         self._lookup = lookup
+        self._local_domain: bool | None = None
+        self._resolution: Resolution | None = None
 
-    @cached_property
+    @property
     def local_domain(self) -> bool:
-        return self._lookup.is_local_domain(split_address(self.address)[1])
+        if self._local_domain is None:
+            self._local_domain = self._lookup.is_local_domain(split_address(self.address)[1])
+        return self._local_domain
 
-    @cached_property
+    @property
     def resolution(self) -> Resolution:
         """Where the mail goes; every address outside our domains is simply remote."""
-        if self.local_domain:
-            return self._lookup.resolve(self.address)
-        return Resolution(remote=[self.address])
+        if self._resolution is None:
+            if self.local_domain:
+                self._resolution = self._lookup.resolve(self.address)
+            else:
+                self._resolution = Resolution(remote=[self.address])
+        return self._resolution
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from twisted.internet import defer, error, interfaces, protocol
 from twisted.logger import Logger
+from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult, Outcome
@@ -76,6 +77,7 @@ class SMTPProtocol(LineReceiver):
 
     delimiter = b"\r\n"
     MAX_LENGTH = MAX_COMMAND_LINE
+    _tx: Transport  # the connection's transport, from connectionMade on
 
     def __init__(
         self,
@@ -98,20 +100,16 @@ class SMTPProtocol(LineReceiver):
         self._io_paused = False  # transport paused until the disk catches up
 
     @property
-    def _tx(self) -> Transport:
-        return transport_of(self)
-
-    @property
     def _name(self) -> str:
         return self.session.profile.name
 
     # -- connection life --------------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
+        self._tx = transport_of(self)  # typed, and looked up once
         peer = self._tx.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
         self.session.client_ip = self.peer_ip
-        self.session.trusted = self.config.relay.is_trusted(self.peer_ip)
         self.admission = self.limits.admit(self.peer_ip)
         if self.admission.refused is not None:
             # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
@@ -164,7 +162,7 @@ class SMTPProtocol(LineReceiver):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        super().dataReceived(data)
+        basic.LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
@@ -222,34 +220,28 @@ class SMTPProtocol(LineReceiver):
 
     def _perform(self, step: Step) -> None:
         """Log, send the replies, fulfil the action; hold input while the session waits."""
-        self._log(step)
+        if step.log:
+            self._log(step)
         if step.replies:
             self._tx.write(step.out)
         action = step.action
-        if isinstance(action, Close):
-            self._tx.loseConnection()
-        elif isinstance(action, StartTLS):
-            self._start_tls()
-        elif isinstance(action, Login):
-            self._login(action)
-        elif isinstance(action, OpenMessage):
-            self._open_message()
-        elif isinstance(action, ReceiveData):
-            self.setRawMode()
-            if self.deadline is not None:
-                # RFC 5321 4.5.3.2.5: a deadline per data block, not per message: a big
-                # message that keeps arriving is fine, a trickle is not (DATA_BLOCK).
-                self.deadline.wait(self.config.smtp.timeout, DATA)
-        elif isinstance(action, CheckMessage):
-            self._check_message(action)
-        elif isinstance(action, Deliver):
-            self._deliver(action)
-        elif isinstance(action, AbortMessage):
-            self._abort_message()
-        if self.session.state in _WAITING:
-            self._hold()
-        else:
+        if action is not None:
+            _ACTIONS[type(action)](self, action)
+        state = self.session.state
+        if state is State.LOGIN or state is State.CHECKING or state is State.DELIVERING:
+            self._hold()  # (the _WAITING states, compared by identity: this runs per reply)
+        elif self._held:
             self._release()
+
+    def _close(self, action: Close) -> None:
+        self._tx.loseConnection()
+
+    def _receive_data(self, action: ReceiveData) -> None:
+        self.setRawMode()
+        if self.deadline is not None:
+            # RFC 5321 4.5.3.2.5: a deadline per data block, not per message: a big message
+            # that keeps arriving is fine, a trickle is not (mailsuite.deadline.DATA_BLOCK).
+            self.deadline.wait(self.config.smtp.timeout, DATA)
 
     def _hold(self) -> None:
         """Input waits while a command is answered (pipelining order); the time that takes
@@ -271,7 +263,7 @@ class SMTPProtocol(LineReceiver):
     def _connected(self) -> bool:
         return bool(self.transport) and bool(self._tx.connected) and not self._tx.disconnecting
 
-    def _start_tls(self) -> None:
+    def _start_tls(self, action: StartTLS) -> None:
         dropped = self.clearLineBuffer()
         if dropped:
             log.warn("smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
@@ -307,7 +299,7 @@ class SMTPProtocol(LineReceiver):
         if self._connected():
             self._perform(self.session.login_finished(LoginAnswer.ERROR))
 
-    def _open_message(self) -> None:
+    def _open_message(self, action: OpenMessage) -> None:
         session = self.session
         txn = session.transaction
         assert txn is not None
@@ -330,7 +322,7 @@ class SMTPProtocol(LineReceiver):
         self.message = message
         self._perform(session.message_opened(True))
 
-    def _abort_message(self) -> None:
+    def _abort_message(self, action: AbortMessage | None = None) -> None:
         if self.message is not None:
             self.message.abort()
             self.message = None
@@ -382,6 +374,19 @@ class SMTPProtocol(LineReceiver):
                 self._log(step)  # delivered (or not) all the same: say so
 
         message.finish().addCallbacks(done, failed).addCallback(answer)
+
+
+#: How the adapter fulfils each kind of action the session asks for.
+_ACTIONS: dict[type[Any], Callable[[SMTPProtocol, Any], None]] = {
+    Close: SMTPProtocol._close,
+    StartTLS: SMTPProtocol._start_tls,
+    Login: SMTPProtocol._login,
+    OpenMessage: SMTPProtocol._open_message,
+    ReceiveData: SMTPProtocol._receive_data,
+    CheckMessage: SMTPProtocol._check_message,
+    Deliver: SMTPProtocol._deliver,
+    AbortMessage: SMTPProtocol._abort_message,
+}
 
 
 class SMTPFactory(protocol.ServerFactory):

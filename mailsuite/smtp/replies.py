@@ -51,10 +51,20 @@ class Reply:
     # -- encodings ----------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        """The reply on the wire: one line per text line, ``code-`` on all but the last."""
+        """The reply on the wire: one line per text line, ``code-`` on all but the last.
+        Computed once per reply (the constants below are sent again and again)."""
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._encode()
+            object.__setattr__(self, "_wire", wire)  # a cache, not a field: eq is unchanged
+        return wire
+
+    def _encode(self) -> bytes:
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        if "\n" not in self.text:
+            return f"{self.code} {prefix}{self.text}\r\n".encode()
         texts = self.text.split("\n")
         last = len(texts) - 1
-        prefix = f"{self.enhanced} " if self.enhanced else ""
         return "".join(
             f"{self.code}{'-' if i < last else ' '}{prefix}{text}\r\n"
             for i, text in enumerate(texts)

@@ -67,6 +67,9 @@ class Options:
     max_errors: int = 10
     tls_available: bool = False  # a certificate is loaded: STARTTLS may be offered
     allow_plaintext: bool = False  # [auth] allow_plaintext: AUTH before TLS
+    #: is this client address in ``[relay] trusted_networks``? (asked only when a check
+    #: needs to know: parsing the address costs more than most sessions need)
+    trusted_network: Callable[[str], bool] | None = None
 
     @classmethod
     def from_config(cls, config: Config, tls_available: bool) -> Options:
@@ -77,6 +80,7 @@ class Options:
             max_errors=config.smtp.max_errors,
             tls_available=tls_available,
             allow_plaintext=config.auth.allow_plaintext,
+            trusted_network=config.relay.is_trusted,
         )
 
 
@@ -154,7 +158,10 @@ class Step:
 
     @property
     def out(self) -> bytes:
-        return b"".join(r.encode() for r in self.replies)
+        replies = self.replies
+        if len(replies) == 1:
+            return replies[0].encode()
+        return b"".join(r.encode() for r in replies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +218,8 @@ _GREETING = "{} ESMTP mailsuite ready"
 
 class Session:
     """One SMTP connection's state.  ``tls`` is True on implicit-TLS listeners (465);
-    ``trusted`` when the client is in ``[relay] trusted_networks``."""
+    ``trusted`` says whether the client is in ``[relay] trusted_networks`` (None: ask
+    :attr:`Options.trusted_network` when a check wants to know)."""
 
     def __init__(
         self,
@@ -221,14 +229,14 @@ class Session:
         *,
         client_ip: str = "unknown",
         tls: bool = False,
-        trusted: bool = False,
+        trusted: bool | None = None,
     ) -> None:
         self.options = options
         self.profile = profile
         self.lookup = lookup
         self.client_ip = client_ip
         self.tls = tls
-        self.trusted = trusted
+        self._trusted = trusted
         self.state = State.CONNECTED
         self.helo: str | None = None
         self.esmtp = False
@@ -238,6 +246,13 @@ class Session:
         self._sasl: sasl.Exchange | None = None
 
     # -- facts for the policy checks (mailsuite.smtp.policy.Facts) -------------------------
+
+    @property
+    def trusted(self) -> bool:
+        if self._trusted is None:
+            check = self.options.trusted_network
+            self._trusted = check(self.client_ip) if check is not None else False
+        return self._trusted
 
     @property
     def recipients(self) -> Sequence[str]:
@@ -307,7 +322,8 @@ class Session:
         state = self.state
         if state is State.SASL:
             return self._sasl_line(raw)
-        if state not in COMMAND_STATES:
+        if not (state is State.READY or state is State.MAIL or state is State.RCPT
+                or state is State.CONNECTED):  # COMMAND_STATES, by identity (hot path)
             if state is State.CLOSED:
                 return Step()
             # The I/O side reads no line while an action is pending: a bug, not the client's.
