@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import smtplib
 import socket
 import ssl
@@ -24,13 +25,13 @@ class CertAuthority:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
     def issue(
-        self, *names: str, stem: str = "server", not_after: object = None
+        self, *names: str, stem: str = "server", not_after: datetime.datetime | None = None
     ) -> tuple[Path, Path]:
-        """Write ``<stem>.pem`` (leaf + chain) and ``<stem>.key``; returns their paths."""
-        kwargs = {}
-        if not_after is not None:
-            kwargs["not_after"] = not_after
-        cert = self.ca.issue_cert(*(names or (HOSTNAME, "localhost", "127.0.0.1")), **kwargs)
+        """Write ``<stem>.pem`` (leaf + chain) and ``<stem>.key``; returns their paths.
+        The first name is the subject's common name too (clients such as fetchmail check
+        that, not the subjectAltName)."""
+        names = names or (HOSTNAME, "localhost", "127.0.0.1")
+        cert = self.ca.issue_cert(*names, common_name=names[0], not_after=not_after)
         cert_path = self.root / f"{stem}.pem"
         key_path = self.root / f"{stem}.key"
         cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
