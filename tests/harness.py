@@ -322,12 +322,9 @@ class ServerFactory:
         return server
 
     def close(self) -> None:
-        """Stop every server; then fail if one of them logged a traceback."""
+        """Stop every server (``Server.stop`` checks its log)."""
         for server in self.made:
             server.stop()
-        for server in self.made:
-            log = server.log.read_text(errors="replace") if server.log.exists() else ""
-            assert "Traceback" not in log, f"traceback in {server.log}:\n{log[-3000:]}"
 
 
 def server_factory(root: Path, cert: tuple[Path, Path]) -> Iterator[ServerFactory]:
