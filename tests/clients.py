@@ -9,6 +9,7 @@ replies), ``IMAPClient`` (tagged commands up to their tagged reply).
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 from typing import NamedTuple
@@ -190,3 +191,55 @@ class IMAPClient(LineClient):
     def close(self) -> None:
         self.cmd("LOGOUT")
         super().close()
+
+
+class ManageSieveClient(LineClient):
+    """A raw ManageSieve (RFC 5804) client; ``greeting`` is the capability response.
+
+    ``starttls_context``: the context STARTTLS uses, and ``login`` then starts TLS first;
+    without one ``login`` authenticates in clear text (servers with ``allow_plaintext``)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        starttls_context: ssl.SSLContext | None = None,
+        source: str = "127.0.0.1",
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(port, source=source, timeout=timeout)
+        self.starttls_context = starttls_context
+        self.greeting = self.response()
+
+    def response(self) -> bytes:
+        """Every line (and literal) up to and including the OK, NO or BYE that ends it."""
+        out = []
+        while True:
+            line = self.readline()
+            if not line:
+                raise ConnectionError("closed: " + repr(b"".join(out)))
+            out.append(line)
+            if line.startswith(b"{") and line.rstrip().endswith(b"}"):
+                out.append(self.file.read(int(line.strip()[1:-1].rstrip(b"+"))))
+                continue
+            if line.startswith((b"OK", b"NO", b"BYE")):
+                return b"".join(out)
+
+    def cmd(self, data: bytes) -> bytes:
+        self.send(data + b"\r\n")
+        return self.response()
+
+    def starttls(self) -> bytes:
+        """STARTTLS, the handshake, and the capabilities the server sends again after it."""
+        assert self.starttls_context is not None, "no context for STARTTLS"
+        assert self.cmd(b"STARTTLS").startswith(b"OK")
+        self.start_tls(self.starttls_context)
+        return self.response()
+
+    def login(self, user: str, password: str = PASSWORD) -> None:
+        """AUTHENTICATE PLAIN (after STARTTLS when there is a context for it)."""
+        if self.starttls_context is not None:
+            self.starttls()
+        cred = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        answer = self.cmd(f'AUTHENTICATE "PLAIN" "{cred}"'.encode())
+        assert answer == b'OK "Logged in"\r\n', answer
