@@ -138,10 +138,16 @@ class SMTPClient(LineClient):
         self.send_line(line)
         return self.reply()
 
-    def start_tls(self, context: ssl.SSLContext, server_hostname: str = HOSTNAME) -> None:
-        """STARTTLS (RFC 3207), then TLS; the caller sends EHLO again."""
-        reply = self.cmd("STARTTLS")
-        assert reply.code == 220, reply
+    def start_tls(
+        self, context: ssl.SSLContext, server_hostname: str = HOSTNAME, injected: bytes = b""
+    ) -> None:
+        """STARTTLS (RFC 3207), then TLS; the caller sends EHLO again.  ``injected`` goes in
+        the same write as STARTTLS (what an attacker in the middle would add).  The 220 is
+        read byte by byte, so anything the server wrongly sends in clear text after it is
+        left for the TLS handshake, which then fails."""
+        self.send(b"STARTTLS\r\n" + injected)
+        line = read_line(self.sock)
+        assert line.startswith(b"220 "), line
         super().start_tls(context, server_hostname)
 
 
