@@ -12,7 +12,7 @@ from mailsuite.imap.message import (
     envelope,
     to_crlf,
 )
-from tests.unit.test_imap_message import NESTED, wire
+from tests.imap_helpers import NESTED, wire
 
 fragments = st.sampled_from(
     [
