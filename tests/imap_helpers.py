@@ -3,15 +3,19 @@
 ``wire`` parses what the server would send (an ENVELOPE, a BODYSTRUCTURE, literals included)
 with the server's own command reader, so a test compares structures instead of byte strings.
 ``NESTED`` is a message with every MIME shape the FETCH code handles: nested multiparts, an
-attached message/rfc822, encoded words, quoted-printable and base64 parts.
+attached message/rfc822, encoded words, quoted-printable and base64 parts; ``nested_message``
+makes one as deep as asked.  ``Msg`` is a message as SEARCH sees it, counting what it read.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from mailsuite.imap.parser import Command, CommandReader, NeedLiteral
+from mailsuite.imap.search import header_of
 
 
 def wire(data: bytes) -> Any:
@@ -95,3 +99,40 @@ AAECAw==
 --outer--
 epilogue
 """
+
+
+def nested_message(depth: int, kind: str, same_boundary: bool) -> bytes:
+    """A message whose MIME tree is ``depth`` levels deep: multiparts inside multiparts,
+    message/rfc822 inside message/rfc822, or both alternating."""
+    head: list[bytes] = [b"From: a@example.org\nSubject: deep\nMIME-Version: 1.0\n"]
+    tail: list[bytes] = []
+    for level in range(depth):
+        rfc822 = kind == "rfc822" or (kind == "mixed" and level % 2)
+        if rfc822:
+            head.append(b"Content-Type: message/rfc822\n\nSubject: level %d\n" % level)
+        else:
+            b = b"b" if same_boundary else b"b%d" % level
+            head.append(b"Content-Type: multipart/mixed; boundary=%s\n\n--%s\n" % (b, b))
+            tail.append(b"\n--%s--\n" % b)
+    return b"".join(head) + b"Content-Type: text/plain\n\nleaf text\n" + b"".join(reversed(tail))
+
+
+@dataclass
+class Msg:
+    seq: int
+    uid: int
+    raw_bytes: bytes = b"Subject: x\n\nbody\n"
+    flags: frozenset = frozenset()
+    internaldate: datetime = datetime(2024, 3, 10, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
+    size: int = 100
+    modseq: int = 1
+    recent: bool = False
+    reads: list = field(default_factory=list)
+
+    def header_bytes(self):
+        self.reads.append("header")
+        return header_of(self.raw_bytes)
+
+    def raw(self):
+        self.reads.append("raw")
+        return self.raw_bytes

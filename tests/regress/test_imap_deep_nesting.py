@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import PASSWORD, Server
-from tests.property.test_imap_message import nested_message
+from tests.imap_helpers import nested_message
 
 USER = "deep@example.test"
 
