@@ -24,8 +24,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -38,6 +36,10 @@ from zope.interface import implementer
 
 from mailsuite.config import AuthConfig
 from mailsuite.directory import Directory, normalize
+
+# re-exported: the adapters name a login's result through this module too
+from mailsuite.login import LoginResult as LoginResult
+from mailsuite.login import Outcome as Outcome
 
 log = Logger(namespace="mailsuite.auth")
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -55,18 +57,6 @@ def verify_password(stored_hash: str, password: str) -> bool:
         return _hasher.verify(stored_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
-
-
-class Outcome(Enum):
-    OK = "ok"
-    BAD_CREDENTIALS = "bad"  # answer e.g. 535 5.7.8 / NO [AUTHENTICATIONFAILED] / -ERR [AUTH]
-    THROTTLED = "throttled"  # answer a temporary failure: 454 4.7.0 / NO [UNAVAILABLE] / [SYS/TEMP]
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    outcome: Outcome
-    user: str | None = None  # canonical address on success
 
 
 class FailureLog:

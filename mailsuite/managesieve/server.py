@@ -22,9 +22,9 @@ from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
 
-from mailsuite.auth import LoginResult
 from mailsuite.connection_limits import Admission, ConnectionLimits, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.login import LoginResult
 from mailsuite.managesieve.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.managesieve.session import (
     NO_TEMP,
