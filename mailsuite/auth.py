@@ -24,6 +24,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -32,7 +33,8 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from mailsuite.config import AuthConfig
 from mailsuite.directory import Directory, normalize
@@ -157,7 +159,11 @@ class Argon2Checker:
             self._verified.pop(next(iter(self._verified)))
         self._verified[user] = (self._digest(password), stored, self.now() + self.CACHE_SECONDS)
 
-    def requestAvatarId(self, creds: credentials.IUsernamePassword) -> defer.Deferred[str]:
+    def requestAvatarId(  # noqa: N802  (twisted.cred's name)
+        self, creds: credentials.IUsernamePassword
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        """The canonical address (UTF-8, the avatar ID twisted.cred passes to the realm) once
+        the password is right; fails with UnauthorizedLogin otherwise."""
         try:
             user = normalize(
                 creds.username.decode("utf-8")
@@ -167,11 +173,10 @@ class Argon2Checker:
         except (ValueError, UnicodeDecodeError):
             user = ""
         stored = self.directory.password_hash(user) if user else None
-        password = creds.password
-        if isinstance(password, bytes):
-            password = password.decode("utf-8", "replace")
+        given: bytes | str = creds.password
+        password = given.decode("utf-8", "replace") if isinstance(given, bytes) else given
         if stored is not None and self._cached(user, stored, password):
-            return defer.succeed(user)
+            return defer.succeed(user.encode("utf-8"))
         d = threads.deferToThreadPool(
             self.reactor,
             self.reactor.getThreadPool(),
@@ -180,21 +185,29 @@ class Argon2Checker:
             password,
         )
 
-        def checked(ok: bool) -> str:
+        def checked(ok: bool) -> bytes | tuple[()]:
             if ok and stored is not None:
                 self._remember(user, stored, password)
-                return user
+                return user.encode("utf-8")
             raise error.UnauthorizedLogin()
 
         return d.addCallback(checked)
 
 
+#: What a portal login gives: (interface, avatar, logout).
+Login = tuple[type[Interface], object, Callable[[], None]]
+
+
 @implementer(portal.IRealm)
 class _Realm:
-    """The avatar is simply the canonical account address; protocols open the store by it."""
+    """The avatar is simply the canonical account address (str); protocols open the store
+    by it."""
 
-    def requestAvatar(self, avatarId: str, mind: object, *interfaces_: object) -> tuple:
-        return (interfaces_[0], avatarId, lambda: None)
+    def requestAvatar(  # noqa: N802  (twisted.cred's name)
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces_: type[Interface]
+    ) -> Login:
+        assert isinstance(avatarId, bytes)  # Argon2Checker's IDs are never anonymous
+        return (interfaces_[0], avatarId.decode("utf-8"), lambda: None)
 
 
 class Authenticator:
@@ -204,7 +217,7 @@ class Authenticator:
         self,
         directory: Directory,
         cfg: AuthConfig,
-        reactor: object,
+        reactor: Any,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reactor = reactor
@@ -214,8 +227,8 @@ class Authenticator:
         #: burst from one address cannot take the whole CPU, yet nobody is refused for it.
         self.max_parallel = 2 * cfg.max_failures_per_ip
         self._slots: dict[str, defer.DeferredSemaphore] = {}
-        self.checker = Argon2Checker(directory, reactor, now)  # type: ignore[arg-type]
-        self.portal = portal.Portal(_Realm(), [self.checker])  # type: ignore[arg-type]
+        self.checker = Argon2Checker(directory, reactor, now)
+        self.portal = portal.Portal(_Realm(), [self.checker])
 
     def login(
         self, username: str, password: str, ip: str, protocol: str
@@ -239,9 +252,9 @@ class Authenticator:
         slots = self._slots.get(ip)
         if slots is None:
             slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
-        d = slots.run(self.portal.login, creds, None, object)
+        d: defer.Deferred[Login] = slots.run(self.portal.login, creds, None, Interface)
 
-        def checked(result: object) -> object:
+        def checked(result: Login | Failure) -> Login | Failure:
             n = self.in_flight.get(ip, 1) - 1
             if n <= 0:
                 self.in_flight.pop(ip, None)
@@ -253,13 +266,14 @@ class Authenticator:
 
         d.addBoth(checked)
 
-        def ok(result: tuple) -> LoginResult:
+        def ok(result: Login) -> LoginResult:
+            avatar = str(result[1])
             log.info(
-                "{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip
+                "{protocol}: {user} logged in from {ip}", protocol=protocol, user=avatar, ip=ip
             )
-            return LoginResult(Outcome.OK, result[1])
+            return LoginResult(Outcome.OK, avatar)
 
-        def failed(f: object) -> defer.Deferred[LoginResult]:
+        def failed(f: Failure) -> defer.Deferred[LoginResult]:
             self.failures.record(ip, user)
             log.warn(
                 "{protocol}: failed login for {user!r} from {ip}",
@@ -273,5 +287,5 @@ class Authenticator:
         return d.addCallbacks(ok, failed)
 
     async def _after(self, wait: float) -> LoginResult:
-        await deferLater(self.reactor, wait, lambda: None)  # type: ignore[arg-type]
+        await deferLater(self.reactor, wait, lambda: None)
         return LoginResult(Outcome.BAD_CREDENTIALS)

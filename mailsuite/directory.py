@@ -200,9 +200,12 @@ class Directory:
             result.unknown = True
         # remove duplicate targets while keeping order
         seen_users: set[str] = set()
-        result.local = [
-            b for b in result.local if not (b.user in seen_users or seen_users.add(b.user))
-        ]
+        unique = []
+        for box in result.local:
+            if box.user not in seen_users:
+                seen_users.add(box.user)
+                unique.append(box)
+        result.local = unique
         result.remote = list(dict.fromkeys(result.remote))
         if not result.local and not result.remote:
             result.unknown = True

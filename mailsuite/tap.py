@@ -54,7 +54,7 @@ class _WithLogObserver(service.MultiService):
     the application is the one moment this code holds it."""
 
     def __init__(self, server: service.MultiService, observer: ILogObserver) -> None:
-        super().__init__()
+        service.MultiService.__init__(self)  # by name: Twisted's is unannotated (setup.cfg)
         server.setServiceParent(self)
         self.runtime = getattr(server, "runtime", None)
         self.observer = observer
@@ -62,7 +62,7 @@ class _WithLogObserver(service.MultiService):
     def setServiceParent(self, parent: Any) -> Any:  # noqa: N802
         if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.observer)
-        return super().setServiceParent(parent)
+        return service.MultiService.setServiceParent(self, parent)
 
 
 def _run_as(options: Options) -> tuple[int, int] | None:

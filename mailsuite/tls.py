@@ -173,9 +173,11 @@ def _load_private_key(path: Path) -> Any:
 
 
 def _spki(public_key: Any) -> bytes:
-    return public_key.public_bytes(
+    """The DER SubjectPublicKeyInfo of a certificate's or a private key's public key."""
+    der: bytes = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return der
 
 
 def _cert_names(cert: x509.Certificate) -> tuple[str, ...]:
@@ -516,7 +518,7 @@ class TLSReloadService(Service):
             log.failure("TLS: periodic certificate check failed")
 
     def startService(self) -> None:  # noqa: N802
-        super().startService()
+        Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
         self._loop = LoopingCall(self._check)
         if self._clock is not None:
             self._loop.clock = self._clock
@@ -526,7 +528,7 @@ class TLSReloadService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        return super().stopService()
+        return Service.stopService(self)
 
 
 # --------------------------------------------------------------------------- self-signed
