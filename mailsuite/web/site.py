@@ -13,8 +13,10 @@ lines and 16 KiB (twisted's limit; 400 beyond), and every answer this module mak
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -210,7 +212,10 @@ class BoundedChannel(http.HTTPChannel):
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = http.HTTPChannel.callLater(self, RECEIVE_DEADLINE, self._too_slow)
+        # the site's reactor.callLater, set on each channel it builds (the class's own,
+        # unannotated, would use the global reactor)
+        call_later: Callable[..., IDelayedCall] = self.callLater
+        self._deadline = call_later(RECEIVE_DEADLINE, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
