@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.logger import ILogObserver
@@ -18,7 +18,9 @@ class Options(usage.Options):
         "Run the mailsuite mail server.  Without --config it runs the embedded default: "
         "127.0.0.1 on unprivileged ports, data under ./mailsuite-data, domain example.test."
     )
-    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, "Path to the TOML configuration file."]
+    ]
 
     def postOptions(self) -> None:
         try:

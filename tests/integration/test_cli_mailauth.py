@@ -252,7 +252,7 @@ def test_check_with_ip_tests_spf_against_that_address(tmp_path):
         config = setup(tmp_path, f'\n[dns]\nnameservers = ["127.0.0.1:{port}"]\n')
         out = cli(config, "dns", "check", "example.test", "--ip", "192.0.2.1", "--ip",
                   "198.51.100.7", check=False).stdout
-        spf = [line for line in out.splitlines() if line.split()[1:2] == ["SPF"]][0]
+        spf = next(line for line in out.splitlines() if line.split()[1:2] == ["SPF"])
         assert spf.startswith("different")
         assert "198.51.100.7 (fail)" in out and "192.0.2.1 (" not in out
         a_lines = [line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["A"]]

@@ -98,7 +98,7 @@ def test_every_script_command(client: Client, server: Server) -> None:
     assert client.cmd(b'PUTSCRIPT "other" ' + literal(b"keep;")).startswith(b"OK")
     assert client.cmd(b'RENAMESCRIPT "other" "renamed"').startswith(b"NO (ALREADYEXISTS)")
     root = server.maildir(ALICE)
-    assert os.readlink(root / ".dovecot.sieve") == "sieve/renamed.sieve"
+    assert (root / ".dovecot.sieve").readlink() == Path("sieve/renamed.sieve")
     assert (root / "sieve" / "renamed.sieve").read_bytes() == SCRIPT
     assert client.cmd(b'SETACTIVE ""') == b'OK "No script is active now"\r\n'
     assert client.cmd(b'DELETESCRIPT "renamed"') == b'OK "Deletescript completed"\r\n'

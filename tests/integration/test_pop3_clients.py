@@ -117,7 +117,7 @@ def test_fetchmail_retrieves_500(
         f"  fetchall nokeep\n"
         f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
     )
-    os.chmod(rc, 0o600)
+    rc.chmod(0o600)
     env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
     result = subprocess.run(
         [exe, "-f", str(rc), "-N", "-v", "--pidfile", str(tmp_path / "fm.pid")],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import smtplib
 import threading
@@ -123,4 +122,4 @@ def test_large_message_is_streamed_not_buffered(tmp_path: Path) -> None:
     sizes = [len(m) for m in srv.messages("big@example.test")]
     assert max(sizes) > 49_000_000
     assert grew < 20 * 1024, f"server grew by {grew} KiB for a 50 MB message"
-    assert os.path.exists(srv.maildir("big@example.test"))
+    assert srv.maildir("big@example.test").exists()

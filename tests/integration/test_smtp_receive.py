@@ -213,7 +213,7 @@ def test_smuggling_delivers_exactly_one_message(mx: Server, evil: bytes) -> None
     raw.close()
     after = wait_count(mx, "alice@example.test", len(before) + 1)
     assert len(after) == len(before) + 1
-    new = [m for m in after if m not in before][0]
+    new = next(m for m in after if m not in before)
     assert b"Subject: smuggled" in new  # the smuggled text stayed inside the one message
     assert not any(b"Subject: smuggled" in m for m in box(mx, "bob@example.test"))
 

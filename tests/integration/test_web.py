@@ -164,13 +164,17 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
             unverified = ssl.create_default_context()
             unverified.check_hostname = False
             unverified.verify_mode = ssl.CERT_NONE
-            with socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw:
-                with unverified.wrap_socket(raw) as tls:
-                    tls.recv(100)  # the greeting: the handshake is done on both sides
+            with (
+                socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw,
+                unverified.wrap_socket(raw) as tls,
+            ):
+                tls.recv(100)  # the greeting: the handshake is done on both sides
             strict = ssl.create_default_context()  # rejects the self-signed certificate
-            with pytest.raises(ssl.SSLCertVerificationError):
-                with socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw:
-                    strict.wrap_socket(raw, server_hostname="mx.example.test")
+            with (
+                pytest.raises(ssl.SSLCertVerificationError),
+                socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw,
+            ):
+                strict.wrap_socket(raw, server_hostname="mx.example.test")
             wait_until(
                 lambda: value(metrics(srv), "mailsuite_tls_handshakes_total", result="failed")
                 == 1,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,7 @@ def violations(graph: Graph) -> dict[str, str]:
     """Every broken rule: a stable key (what KNOWN_VIOLATIONS holds) -> the detail."""
     found: dict[str, str] = {}
     for path in cycles(graph):
-        steps = ", ".join(where(graph, a, b) for a, b in zip(path, path[1:], strict=False))
+        steps = ", ".join(where(graph, a, b) for a, b in pairwise(path))
         found["cycle: " + " -> ".join(path)] = f"imports at {steps}"
     for module, targets in graph.imports.items():
         area = module.split(".")[1] if "." in module else ""
