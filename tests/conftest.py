@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mailsuite.testing.dns import LoopbackDNS
 from mailsuite.testing.mx import RecordingSMTPServer
@@ -129,13 +129,17 @@ def mx_servers(reactor: Any) -> Iterator[Callable[..., RecordingSMTPServer]]:
 
 
 class LogCapture:
-    """The events twisted.logger emits while a test runs."""
+    """The events twisted.logger emits while a test runs, and the same as text lines."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.events.append(event)
+
+    @property
+    def text(self) -> list[str]:
+        return [formatEvent(e) or "" for e in self.events]
 
 
 @pytest.fixture

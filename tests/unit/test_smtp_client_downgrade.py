@@ -13,7 +13,7 @@ from twisted.internet import defer
 from mailsuite.smtp import downgrade as dg
 from mailsuite.smtp.client import Outcome
 from mailsuite.smtp.downgrade import NotConvertible, downgrade_file
-from tests.unit.test_smtp_client import Harness
+from tests.outbound_helpers import Harness
 
 TEXT = "Grüße aus Köln — “Anführungszeichen”, trailing blanks   \n.dot\n--not a boundary\n"
 
