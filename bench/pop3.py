@@ -144,7 +144,7 @@ def bench_dovecot(work: Path, count: int, trials: int) -> dict | None:
         print("[pop3] Dovecot is not installed (../shared/bench/setup-peers.sh): skipped")
         return None
     run = work / "peers"
-    os.chmod(work, 0o755)  # Dovecot's auth and mail processes (other uids) read below here
+    work.chmod(0o755)  # Dovecot's auth and mail processes (other uids) read below here
     env = dict(os.environ, RUN=str(run), BENCH_DIR=str(SHARED))
     peers = [str(SHARED / "peers.sh")]
     subprocess.run(["bash", *peers, "start", "dovecot"], env=env, check=True, timeout=120)

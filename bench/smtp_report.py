@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 TARGETS = ("postfix", "aiosmtpd", "mailsuite")
@@ -90,7 +89,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.md:
-        os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
+        Path(a.md).resolve().parent.mkdir(parents=True, exist_ok=True)
         Path(a.md).write_text(text)
 
 

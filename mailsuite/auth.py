@@ -24,8 +24,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -34,10 +33,15 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from mailsuite.config import AuthConfig
 from mailsuite.directory import Directory, normalize
+
+# re-exported: the adapters name a login's result through this module too
+from mailsuite.login import LoginResult as LoginResult
+from mailsuite.login import Outcome as Outcome
 
 log = Logger(namespace="mailsuite.auth")
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -55,18 +59,6 @@ def verify_password(stored_hash: str, password: str) -> bool:
         return _hasher.verify(stored_hash, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
-
-
-class Outcome(Enum):
-    OK = "ok"
-    BAD_CREDENTIALS = "bad"  # answer e.g. 535 5.7.8 / NO [AUTHENTICATIONFAILED] / -ERR [AUTH]
-    THROTTLED = "throttled"  # answer a temporary failure: 454 4.7.0 / NO [UNAVAILABLE] / [SYS/TEMP]
-
-
-@dataclass(frozen=True)
-class LoginResult:
-    outcome: Outcome
-    user: str | None = None  # canonical address on success
 
 
 class FailureLog:
@@ -167,11 +159,11 @@ class Argon2Checker:
             self._verified.pop(next(iter(self._verified)))
         self._verified[user] = (self._digest(password), stored, self.now() + self.CACHE_SECONDS)
 
-    # Twisted types avatar ids as bytes; ours are the canonical address as str (the portal
-    # hands them to _Realm untouched).
-    def requestAvatarId(  # type: ignore[override]  # noqa: N802
+    def requestAvatarId(  # noqa: N802  (twisted.cred's name)
         self, creds: credentials.IUsernamePassword
-    ) -> defer.Deferred[str]:
+    ) -> defer.Deferred[bytes | tuple[()]]:
+        """The canonical address (UTF-8, the avatar ID twisted.cred passes to the realm) once
+        the password is right; fails with UnauthorizedLogin otherwise."""
         try:
             user = normalize(
                 creds.username.decode("utf-8")
@@ -181,10 +173,10 @@ class Argon2Checker:
         except (ValueError, UnicodeDecodeError):
             user = ""
         stored = self.directory.password_hash(user) if user else None
-        raw: bytes | str = creds.password
-        password = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        given: bytes | str = creds.password
+        password = given.decode("utf-8", "replace") if isinstance(given, bytes) else given
         if stored is not None and self._cached(user, stored, password):
-            return defer.succeed(user)
+            return defer.succeed(user.encode("utf-8"))
         d = threads.deferToThreadPool(
             self.reactor,
             self.reactor.getThreadPool(),
@@ -193,27 +185,29 @@ class Argon2Checker:
             password,
         )
 
-        def checked(ok: bool) -> str:
+        def checked(ok: bool) -> bytes | tuple[()]:
             if ok and stored is not None:
                 self._remember(user, stored, password)
-                return user
+                return user.encode("utf-8")
             raise error.UnauthorizedLogin()
 
         return d.addCallback(checked)
 
 
-class IAccount(Interface):
-    """What a login asks the portal for: the account, named by its canonical address."""
+#: What a portal login gives: (interface, avatar, logout).
+Login = tuple[type[Interface], object, Callable[[], None]]
 
 
 @implementer(portal.IRealm)
 class _Realm:
-    """The avatar is simply the canonical account address; protocols open the store by it."""
+    """The avatar is simply the canonical account address (str); protocols open the store
+    by it."""
 
-    def requestAvatar(  # type: ignore[override]  # avatar ids are str here (see above)  # noqa: N802
-        self, avatarId: str, mind: object, *interfaces_: object  # noqa: N803
-    ) -> tuple[object, str, Callable[[], None]]:
-        return (interfaces_[0], avatarId, lambda: None)
+    def requestAvatar(  # noqa: N802  (twisted.cred's name)
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces_: type[Interface]
+    ) -> Login:
+        assert isinstance(avatarId, bytes)  # Argon2Checker's IDs are never anonymous
+        return (interfaces_[0], avatarId.decode("utf-8"), lambda: None)
 
 
 class Authenticator:
@@ -223,7 +217,7 @@ class Authenticator:
         self,
         directory: Directory,
         cfg: AuthConfig,
-        reactor: object,
+        reactor: Any,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reactor = reactor
@@ -233,7 +227,7 @@ class Authenticator:
         #: burst from one address cannot take the whole CPU, yet nobody is refused for it.
         self.max_parallel = 2 * cfg.max_failures_per_ip
         self._slots: dict[str, defer.DeferredSemaphore] = {}
-        self.checker = Argon2Checker(directory, reactor, now)  # type: ignore[arg-type]
+        self.checker = Argon2Checker(directory, reactor, now)
         self.portal = portal.Portal(_Realm(), [self.checker])
 
     def login(
@@ -258,9 +252,9 @@ class Authenticator:
         slots = self._slots.get(ip)
         if slots is None:
             slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
-        d = slots.run(self.portal.login, creds, None, IAccount)
+        d: defer.Deferred[Login] = slots.run(self.portal.login, creds, None, Interface)
 
-        def checked(result: object) -> object:
+        def checked(result: Login | Failure) -> Login | Failure:
             n = self.in_flight.get(ip, 1) - 1
             if n <= 0:
                 self.in_flight.pop(ip, None)
@@ -272,13 +266,14 @@ class Authenticator:
 
         d.addBoth(checked)
 
-        def ok(result: tuple[object, str, Callable[[], None]]) -> LoginResult:
+        def ok(result: Login) -> LoginResult:
+            avatar = str(result[1])
             log.info(
-                "{protocol}: {user} logged in from {ip}", protocol=protocol, user=result[1], ip=ip
+                "{protocol}: {user} logged in from {ip}", protocol=protocol, user=avatar, ip=ip
             )
-            return LoginResult(Outcome.OK, result[1])
+            return LoginResult(Outcome.OK, avatar)
 
-        def failed(f: object) -> defer.Deferred[LoginResult]:
+        def failed(f: Failure) -> defer.Deferred[LoginResult]:
             self.failures.record(ip, user)
             log.warn(
                 "{protocol}: failed login for {user!r} from {ip}",
@@ -292,5 +287,5 @@ class Authenticator:
         return d.addCallbacks(ok, failed)
 
     async def _after(self, wait: float) -> LoginResult:
-        await deferLater(self.reactor, wait, lambda: None)  # type: ignore[arg-type]
+        await deferLater(self.reactor, wait, lambda: None)
         return LoginResult(Outcome.BAD_CREDENTIALS)

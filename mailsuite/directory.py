@@ -263,7 +263,7 @@ class Directory:
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
+            Path(tmp).chmod(0o600)
             os.replace(tmp, self.path)
             fsync_dir(self.path.parent)
             like_data_dir(self.path.parent, [self.path, lock_path])

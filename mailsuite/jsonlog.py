@@ -83,7 +83,7 @@ def event_as_json(event: dict[str, Any]) -> str:
 
 def json_observer(out: IO[str]) -> ILogObserver:
     """An observer writing :func:`event_as_json` lines to ``out`` (flushed per event)."""
-    observer: ILogObserver = FileLogObserver(out, event_as_json)  # type: ignore[assignment]
+    observer: ILogObserver = FileLogObserver(out, event_as_json)
     return observer
 
 
@@ -107,4 +107,4 @@ def twistd_observer(twistd_options: Any) -> ILogObserver | None:
             reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
 
         signal.signal(signal.SIGUSR1, rotate)
-    return json_observer(log_file)  # type: ignore[arg-type]
+    return json_observer(log_file)

@@ -84,7 +84,7 @@ class LeftoverSweeper(service.Service):
         self._loop: task.LoopingCall | None = None
 
     def startService(self) -> None:  # noqa: N802
-        super().startService()
+        service.Service.startService(self)
         self._loop = task.LoopingCall(self.sweep_now)
         self._loop.clock = self.clock
         self._loop.start(SWEEP_EVERY, now=True)
@@ -93,7 +93,7 @@ class LeftoverSweeper(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        return super().stopService()
+        return service.Service.stopService(self)
 
     def sweep_now(self) -> defer.Deferred[None]:
         """One sweep; never fails (a problem is logged and the next sweep tries again)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.logger import ILogObserver
@@ -18,7 +18,9 @@ class Options(usage.Options):
         "Run the mailsuite mail server.  Without --config it runs the embedded default: "
         "127.0.0.1 on unprivileged ports, data under ./mailsuite-data, domain example.test."
     )
-    optParameters = [["config", "c", None, "Path to the TOML configuration file."]]
+    optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, "Path to the TOML configuration file."]
+    ]
 
     def postOptions(self) -> None:
         try:
@@ -54,7 +56,7 @@ class _WithLogObserver(service.MultiService):
     the application is the one moment this code holds it."""
 
     def __init__(self, server: service.MultiService, observer: ILogObserver) -> None:
-        super().__init__()
+        service.MultiService.__init__(self)  # by name: Twisted's is unannotated (setup.cfg)
         server.setServiceParent(self)
         self.runtime = getattr(server, "runtime", None)
         self.observer = observer
@@ -62,7 +64,7 @@ class _WithLogObserver(service.MultiService):
     def setServiceParent(self, parent: Any) -> Any:  # noqa: N802
         if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.observer)
-        return super().setServiceParent(parent)
+        return service.MultiService.setServiceParent(self, parent)
 
 
 def _run_as(options: Options) -> tuple[int, int] | None:

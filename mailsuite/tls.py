@@ -173,11 +173,11 @@ def _load_private_key(path: Path) -> Any:
 
 
 def _spki(public_key: Any) -> bytes:
-    return bytes(
-        public_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    """The DER SubjectPublicKeyInfo of a certificate's or a private key's public key."""
+    der: bytes = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return der
 
 
 def _cert_names(cert: x509.Certificate) -> tuple[str, ...]:
@@ -518,7 +518,7 @@ class TLSReloadService(Service):
             log.failure("TLS: periodic certificate check failed")
 
     def startService(self) -> None:  # noqa: N802
-        Service.startService(self)  # by name: a call into untyped twisted.application.service
+        Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
         self._loop = LoopingCall(self._check)
         if self._clock is not None:
             self._loop.clock = self._clock

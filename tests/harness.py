@@ -13,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 from mailsuite.testing.process import mailsuite_argv
 
@@ -62,16 +64,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 def wait_port(
     host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} did not open")
+            return False
+
+    try:
+        wait_until(listening, timeout, f"{host}:{port} to open")
+    except AssertionError:
+        raise TimeoutError(f"{host}:{port} did not open") from None
 
 
 class Server:
@@ -249,3 +254,83 @@ def server_connections(port: int) -> list[str]:
             if local_port == port and state in ("ESTABLISHED", "CLOSE_WAIT", "SYN_RECV"):
                 states.append(state)
     return sorted(states)
+
+
+# -- shared by the tests -------------------------------------------------------------------
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], timeout: float = 10.0, what: str = "", interval: float = 0.02
+) -> T:
+    """Poll ``condition`` until it returns something true and return that; fail the test
+    (AssertionError naming ``what``) when ``timeout`` seconds pass first.
+
+    The one way tests wait for something another process or thread does: a condition with a
+    deadline, never a fixed sleep followed by a look (too short on a loaded machine, and it
+    cannot tell "not yet" from "never")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class ServerFactory:
+    """Makes servers under ``root`` (one folder each), started and with their users, and
+    stops every one of them in ``close()`` (the fixtures ``servers`` and ``module_servers``
+    in conftest.py call it at teardown).  ``tls=True`` gives a server the test CA's
+    certificate for mx.example.test, localhost and 127.0.0.1."""
+
+    def __init__(self, root: Path, cert: tuple[Path, Path]) -> None:
+        self.root = root
+        self.cert = cert
+        self.made: list[Server] = []
+
+    def __call__(
+        self,
+        services: tuple[str, ...] = ("smtp",),
+        *,
+        extra_toml: str = "",
+        users: tuple[str, ...] = (),
+        domains: tuple[str, ...] = ("example.test",),
+        tls: bool | tuple[Path, Path] = False,
+        start: bool = True,
+        **options: Any,
+    ) -> Server:
+        pair = self.cert if tls is True else (tls or None)
+        server = Server(
+            self.root / f"server{len(self.made)}",
+            services=services,
+            extra_toml=extra_toml,
+            domains=domains,
+            tls=pair,
+            **options,
+        )
+        self.made.append(server)
+        for user in users:
+            server.add_user(user)
+        if start:
+            server.start()
+        return server
+
+    def close(self) -> None:
+        """Stop every server (``Server.stop`` checks its log)."""
+        for server in self.made:
+            server.stop()
+
+
+def server_factory(root: Path, cert: tuple[Path, Path]) -> Iterator[ServerFactory]:
+    """The generator behind the ``servers`` fixtures: a factory, closed at teardown."""
+    factory = ServerFactory(root, cert)
+    try:
+        yield factory
+    finally:
+        factory.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import os
 import smtplib
 import socket
 import ssl
@@ -24,17 +26,29 @@ class CertAuthority:
         self.ca.cert_pem.write_to_path(str(self.ca_file))
 
     def issue(
-        self, *names: str, stem: str = "server", not_after: object = None
+        self,
+        *names: str,
+        stem: str = "server",
+        not_after: datetime.datetime | None = None,
+        directory: Path | None = None,
     ) -> tuple[Path, Path]:
-        """Write ``<stem>.pem`` (leaf + chain) and ``<stem>.key``; returns their paths."""
-        kwargs = {}
-        if not_after is not None:
-            kwargs["not_after"] = not_after
-        cert = self.ca.issue_cert(*(names or (HOSTNAME, "localhost", "127.0.0.1")), **kwargs)
-        cert_path = self.root / f"{stem}.pem"
-        key_path = self.root / f"{stem}.key"
-        cert_path.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-        cert.private_key_pem.write_to_path(str(key_path))
+        """Write ``<stem>.pem`` (leaf + chain) and ``<stem>.key`` under ``directory`` (the CA's
+        folder by default); returns their paths.  Each file is replaced atomically, as certbot
+        does, so a server reloading it never reads half a file.  The first name is the
+        subject's common name too (clients such as fetchmail check that, not the
+        subjectAltName)."""
+        names = names or (HOSTNAME, "localhost", "127.0.0.1")
+        leaf = self.ca.issue_cert(*names, common_name=names[0], not_after=not_after)
+        folder = directory or self.root
+        cert_path = folder / f"{stem}.pem"
+        key_path = folder / f"{stem}.key"
+        for path, data in (
+            (key_path, leaf.private_key_pem.bytes()),
+            (cert_path, b"".join(blob.bytes() for blob in leaf.cert_chain_pems)),
+        ):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
         return cert_path, key_path
 
     def client_context(self) -> ssl.SSLContext:

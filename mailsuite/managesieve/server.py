@@ -19,12 +19,11 @@ from typing import Any
 
 from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 
-from mailsuite.auth import LoginResult
 from mailsuite.connection_limits import Admission, ConnectionLimits, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.login import LoginResult
 from mailsuite.managesieve.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.managesieve.session import (
     NO_TEMP,
@@ -40,6 +39,7 @@ from mailsuite.managesieve.session import (
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.storage import ScriptStore
 from mailsuite.tls import lose_connection
+from mailsuite.transport import LineReceiver, Transport, transport_of
 
 log = Logger(namespace="mailsuite.managesieve")
 
@@ -47,7 +47,7 @@ IDLE_TIMEOUT = 1800  # seconds for each line once logged in (before: the login d
 MAX_LINE = 8192
 
 
-class ManageSieveProtocol(basic.LineReceiver):
+class ManageSieveProtocol(LineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
@@ -65,6 +65,10 @@ class ManageSieveProtocol(basic.LineReceiver):
         self._literal_left = 0
         self._discarding = False
 
+    @property
+    def _tx(self) -> Transport:
+        return transport_of(self)
+
     def _store_for(self, user: str) -> ScriptStore:
         cfg = self.runtime.config.sieve
         root = self.runtime.directory.mailbox_root(user)
@@ -73,22 +77,22 @@ class ManageSieveProtocol(basic.LineReceiver):
     # -- connection -----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
-        peer = self.transport.getPeer()
+        peer = self._tx.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.admission = self.limits.admit(self.peer)
         if self.admission.refused is not None:
             log.info("ManageSieve: {peer} refused: {limit} reached", peer=self.peer,
                      limit=self.admission.refused.value)
             self.session.state = State.CLOSED  # nothing the client sends is acted on
-            self.transport.write(response("BYE", "Too many connections, try again later",
+            self._tx.write(response("BYE", "Too many connections, try again later",
                                           "TRYLATER"))
-            self.transport.loseConnection()
+            self._tx.loseConnection()
             return
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
         )
         self._wait_input()
-        self.transport.write(self.session.greeting())
+        self._tx.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         if self.deadline is not None:
@@ -107,12 +111,12 @@ class ManageSieveProtocol(basic.LineReceiver):
         """No login in time, or a line too slow: BYE (RFC 5804 1.3) and close."""
         log.info("ManageSieve: {why} timeout for {peer}", why=why, peer=self.peer)
         text = "Login timeout" if why == LOGIN else "Idle timeout"
-        self.transport.write(response("BYE", f"{text}, closing connection"))
-        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
+        self._tx.write(response("BYE", f"{text}, closing connection"))
+        lose_connection(self._tx)  # over TLS too: not waiting for a slow peer's close
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
-        self.transport.write(response("BYE", "Line too long, closing connection"))
-        self.transport.loseConnection()
+        self._tx.write(response("BYE", "Line too long, closing connection"))
+        self._tx.loseConnection()
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -150,8 +154,8 @@ class ManageSieveProtocol(basic.LineReceiver):
         elif isinstance(result, BadCommand):
             self.reader.reset()
             if result.close:
-                self.transport.write(response("BYE", result.reason))
-                self.transport.loseConnection()
+                self._tx.write(response("BYE", result.reason))
+                self._tx.loseConnection()
                 return
             step = self.session.bad(result.reason, result.code)
             self._perform(step)
@@ -190,20 +194,20 @@ class ManageSieveProtocol(basic.LineReceiver):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     def _resume(self, _: object) -> None:
-        if self.session.state not in (State.CLOSED, State.LOGIN) and self.transport.connected:
+        if self.session.state not in (State.CLOSED, State.LOGIN) and self._tx.connected:
             self._wait_input()  # the time the command took is not the client's
             self.resumeProducing()
 
     # -- actions --------------------------------------------------------------------------------
 
     def _perform(self, step: Step) -> None:
-        if not self.transport.connected:
+        if not self._tx.connected:
             return
         if step.out:
-            self.transport.write(step.out)
+            self._tx.write(step.out)
         action = step.action
         if isinstance(action, Close):
-            self.transport.loseConnection()
+            self._tx.loseConnection()
         elif isinstance(action, StartTLS):
             self._start_tls()
         elif isinstance(action, Authenticate):
@@ -216,8 +220,8 @@ class ManageSieveProtocol(basic.LineReceiver):
             log.warn("ManageSieve: discarded {n} bytes pipelined after STARTTLS from {peer}",
                      n=len(dropped), peer=self.peer)
         self.reader.reset()
-        self.transport.startTLS(self.runtime.tls)
-        self.transport.write(self.session.tls_started())
+        self._tx.startTLS(self.runtime.tls)
+        self._tx.write(self.session.tls_started())
 
     @defer.inlineCallbacks
     def _authenticate(self, action: Authenticate) -> Any:
@@ -228,7 +232,7 @@ class ManageSieveProtocol(basic.LineReceiver):
         except Exception:
             log.failure("ManageSieve: login check failed")
             result = None
-        if not self.transport.connected:
+        if not self._tx.connected:
             return
         step = self.session.login_finished(result)
         if self.session.state is State.AUTH:

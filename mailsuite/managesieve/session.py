@@ -19,7 +19,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailsuite.auth import LoginResult, Outcome
+from mailsuite.login import LoginResult, Outcome
 from mailsuite.managesieve.parser import Command
 from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.storage import ScriptError, ScriptStore

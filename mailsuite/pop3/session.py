@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from mailsuite.auth import LoginResult, Outcome
 from mailsuite.dotstuff import DotStuffer, stuff_all
+from mailsuite.login import LoginResult, Outcome
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 
 #: Messages up to this size are read and sent in one write; larger ones are streamed.

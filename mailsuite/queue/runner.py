@@ -122,7 +122,7 @@ class QueueRunner(service.Service):
         if not self.spool.acquire_runner_lock():
             raise RuntimeError(
                 f"{self.spool.root} is in use by another running mailsuite (runner.lock)")
-        super().startService()
+        service.Service.startService(self)
         self._stopping = False
         self.spool.now = self.clock.seconds
         removed = self.spool.cleanup()
@@ -151,7 +151,7 @@ class QueueRunner(service.Service):
             lambda f: log.failure("queue: control poll stopped", f))
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
-        super().stopService()
+        service.Service.stopService(self)
         self._stopping = True
         self.spool.on_enqueue = None
         if self._poll is not None and self._poll.running:

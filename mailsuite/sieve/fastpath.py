@@ -16,30 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from mailsuite.sieve.match import casemap, glob
-from mailsuite.sieve.message import MessageView
+from mailsuite.sieve.message import MessageView, address_part
 from mailsuite.sieve.validate import Node
 
 #: interpreter -> result; the closure reads ``message``, ``envelope``, ``budget`` and, for
 #: ``:matches`` in a script with variables, sets ``matches`` (RFC 5229 3.2).
 FastTest = Callable[[Any], bool]
-
-
-def address_part(address: str, part: str) -> str | None:
-    """RFC 5228 2.7.4 / RFC 5233: one part of an address; None when ``:detail`` has no
-    separator (then it does not match, RFC 5233 4)."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
-    if part == "all":
-        return address
-    if part == "localpart":
-        return local
-    if part == "domain":
-        return domain
-    user, plus, detail = local.partition("+")
-    if part == "user":
-        return user
-    return detail if plus else None
 
 
 def compile_test(node: Node, variables: bool) -> FastTest | None:

@@ -20,9 +20,9 @@ from email.utils import parseaddr
 
 from mailsuite.sieve.actions import Action, ActionList, VacationRequest
 from mailsuite.sieve.dates import date_part, header_datetime, parse_zone
-from mailsuite.sieve.fastpath import address_part, compile_test
+from mailsuite.sieve.fastpath import compile_test
 from mailsuite.sieve.match import Budget, SieveRuntimeError, match_any
-from mailsuite.sieve.message import MessageView
+from mailsuite.sieve.message import MessageView, address_part
 from mailsuite.sieve.validate import Node, Script
 from mailsuite.sieve.variables import (
     INTERNAL_FLAGS,

@@ -61,6 +61,24 @@ def decode_words(value: str) -> str:
         return value
 
 
+def address_part(address: str, part: str) -> str | None:
+    """RFC 5228 2.7.4 / RFC 5233: one part of an address; None when ``:detail`` has no
+    separator (then it does not match, RFC 5233 4)."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        local, domain = address, ""
+    if part == "all":
+        return address
+    if part == "localpart":
+        return local
+    if part == "domain":
+        return domain
+    user, plus, detail = local.partition("+")
+    if part == "user":
+        return user
+    return detail if plus else None
+
+
 class MessageView:
     """Read-only access for tests; build it with :meth:`from_file` or :meth:`from_bytes`."""
 
@@ -131,8 +149,6 @@ class MessageView:
         key = f"\1{name.lower()}\0{part}\0{fold:d}"
         found = self._decoded.get(key)
         if found is None:
-            from mailsuite.sieve.fastpath import address_part
-
             found = []
             for addr in self.addresses(self.raw(name)):
                 value = address_part(addr, part)

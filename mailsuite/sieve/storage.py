@@ -90,7 +90,8 @@ class ScriptStore:
     def active(self) -> str | None:
         """The active script's name, or None (no link, or a link that points elsewhere)."""
         try:
-            target = os.readlink(self.link)
+            # the link's text as written (Path.readlink would normalise it)
+            target = os.readlink(self.link)  # noqa: PTH115
         except OSError:
             return None
         head, _, tail = target.rpartition("/")
@@ -123,7 +124,7 @@ class ScriptStore:
         if not self.exists(name):
             raise ScriptError(f"there is no script named {name!r}", "NONEXISTENT")
         tmp = self.root / f"{ACTIVE_LINK}.{uuid.uuid4().hex}.tmp"
-        os.symlink(f"{SIEVE_DIR}/{name}{SUFFIX}", tmp)
+        tmp.symlink_to(f"{SIEVE_DIR}/{name}{SUFFIX}")
         try:
             os.replace(tmp, self.link)
         except BaseException:

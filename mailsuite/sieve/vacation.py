@@ -192,7 +192,7 @@ def build_reply(request: VacationRequest, message: MessageView, envelope: SieveE
     original_id = (message.raw("message-id") or [""])[0].strip()
     if original_id:
         out += _header("In-Reply-To", original_id)
-        refs = " ".join((message.raw("references") or [""])[0].split() + [original_id])
+        refs = " ".join([*(message.raw("references") or [""])[0].split(), original_id])
         out += _header("References", refs.strip())
     out += _header("Auto-Submitted", "auto-replied")  # RFC 5230 5.5, RFC 3834 5
     out += b"MIME-Version: 1.0\n"

@@ -79,10 +79,13 @@ class MemoryAuthority(authority.FileAuthority):
 
     def __init__(self, zone: dict[str, Any]) -> None:
         common.ResolverBase.__init__(self)
-        origin = zone.get("origin", "test").encode("ascii")
-        self.soa = (origin, _SOA)
+        origin: bytes = zone.get("origin", "test").encode("ascii")
+        self.origin = origin
+        # FileAuthority's _lookup reads these two; Twisted declares them None until a zone
+        # file is loaded, which is the one thing this authority never does
+        self.soa = (origin, _SOA)  # type: ignore[assignment]
         self.also = [z.rstrip(".").lower().encode("ascii") for z in zone.get("also", [])]
-        self.records: dict[bytes, list[Any]] = {}
+        self.records: dict[bytes, list[Any]] = {}  # type: ignore[assignment]
         self.modes: dict[bytes, str] = {}
         self.pending: list[defer.Deferred[Any]] = []
         for name, spec in zone.get("names", {}).items():
@@ -107,9 +110,9 @@ class MemoryAuthority(authority.FileAuthority):
         if name.lower() not in self.records:
             if any(dns._isSubdomainOf(name, z) for z in self.also):
                 return defer.fail(failure.Failure(dns.AuthoritativeDomainError(name)))
-            if not dns._isSubdomainOf(name, self.soa[0]):
+            if not dns._isSubdomainOf(name, self.origin):
                 return defer.fail(failure.Failure(error.DomainError(name)))
-        return super()._lookup(name, cls, type, timeout)
+        return authority.FileAuthority._lookup(self, name, cls, type, timeout)
 
 
 class LoopbackDNS:
@@ -125,7 +128,7 @@ class LoopbackDNS:
         """Listen and return the port (UDP and TCP share it)."""
         for _attempt in range(20):
             tcp = reactor.listenTCP(port, self.factory, interface=interface)
-            bound = tcp.getHost().port
+            bound: int = tcp.getHost().port
             try:
                 udp = reactor.listenUDP(bound, dns.DNSDatagramProtocol(self.factory),
                                         interface=interface)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     dns_server = LoopbackDNS(zone)
     port = dns_server.start(reactor, args.port, args.interface)
     print(f"ready {port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

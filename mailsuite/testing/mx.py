@@ -1,4 +1,4 @@
-"""A recording, scriptable SMTP server for tests (plays the remote MX), on ``basic.LineReceiver``.
+"""A recording, scriptable SMTP server for tests (plays the remote MX), on a line receiver.
 
 Not a mail server: it records what clients send and answers what the script says. Script keys
 (all optional; a dict, or JSON for the subprocess)::
@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.protocols import basic
+
+from mailsuite.transport import LineReceiver, Transport, transport_of
 
 __all__ = ["RecordingSMTPServer", "Transaction", "spawn_mx_server"]
 
@@ -71,7 +72,7 @@ class _Session:
     refused: list[str] = field(default_factory=list)
 
 
-class _MXProtocol(basic.LineReceiver):
+class _MXProtocol(LineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 1 << 20
 
@@ -83,13 +84,17 @@ class _MXProtocol(basic.LineReceiver):
         self.auth_state: str | None = None
         self.auth_login_user = ""
 
+    @property
+    def _tx(self) -> Transport:
+        return transport_of(self)
+
     def reply(self, code: int, text: str, stage: str | None = None) -> None:
         if stage is not None and stage in self.script.get("silent", []):
             return
         lines = text.split("\n")
         for line in lines[:-1]:
-            self.transport.write(f"{code}-{line}\r\n".encode())
-        self.transport.write(f"{code} {lines[-1]}\r\n".encode())
+            self._tx.write(f"{code}-{line}\r\n".encode())
+        self._tx.write(f"{code} {lines[-1]}\r\n".encode())
 
     def scripted(self, key: str, default: tuple[int, str], stage: str) -> int:
         code, text = self.script.get(key) or default
@@ -130,7 +135,7 @@ class _MXProtocol(basic.LineReceiver):
 
     def do_QUIT(self, arg: str) -> None:
         self.reply(221, "2.0.0 bye")
-        self.transport.loseConnection()
+        self._tx.loseConnection()
 
     def do_HELO(self, arg: str) -> None:
         self.s.helo = arg
@@ -158,7 +163,7 @@ class _MXProtocol(basic.LineReceiver):
             return
         self.reply(220, "2.0.0 go ahead")
         self.clearLineBuffer()  # RFC 3207 4.2: nothing pipelined before TLS is kept
-        self.transport.startTLS(self.server.tls_context)
+        self._tx.startTLS(self.server.tls_context)
         self.s = _Session(tls=True)
 
     def do_AUTH(self, arg: str) -> None:
@@ -260,7 +265,7 @@ class _MXProtocol(basic.LineReceiver):
         body = b"".join(x + b"\r\n" for x in lines)
         code = self.scripted("data_end", (250, "2.0.0 queued"), "data_end")
         if code < 400:
-            peer = self.transport.getPeer()
+            peer = self._tx.getPeer()
             self.server._record(Transaction(
                 helo=self.s.helo, mail_from=self.s.mail_from or "",
                 mail_params=self.s.mail_params, rcpts=self.s.rcpts,
@@ -303,14 +308,14 @@ class RecordingSMTPServer:
 
     def start(self, reactor: Any, interface: str = "127.0.0.2", port: int = 0) -> int:
         self._listener = reactor.listenTCP(port, _Factory(self), interface=interface)
-        self.port = self._listener.getHost().port
+        self.port = int(self._listener.getHost().port)
         return self.port
 
     def stop(self) -> defer.Deferred[Any]:
         listener, self._listener = self._listener, None
         for p in self.protocols:
             if p.transport is not None:
-                p.transport.abortConnection()
+                transport_of(p).abortConnection()
         return defer.maybeDeferred(listener.stopListening) if listener else defer.succeed(None)
 
     def _record(self, t: Transaction) -> None:
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     server = RecordingSMTPServer(script, args.record)
     bound = server.start(reactor, host.strip("[]"), int(port))
     print(f"ready {bound}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class ImportJournal:
             pass
         if pending:
             self._recover(pending, index)
-        self._file = open(self.path, "a", encoding="ascii")
+        # open for the import's whole life (a line per batch), closed by close()
+        self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115
 
     def _recover(self, pending: dict[str, str], index: FolderIndex) -> None:
         """An import stopped between writing a batch's lines and its ``.``: the messages whose

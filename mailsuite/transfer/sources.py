@@ -160,11 +160,11 @@ def _mbox_message(
     for line in lines:
         if line.endswith(b"\r\n"):
             line = line[:-2] + b"\n"
-        if line.startswith(b">"):
-            if variant == "mboxrd" and _RD_QUOTED.match(line):
-                line = line[1:]
-            elif variant == "mboxo" and line.startswith(b">From "):
-                line = line[1:]
+        if line.startswith(b">") and (
+            (variant == "mboxrd" and _RD_QUOTED.match(line))
+            or (variant == "mboxo" and line.startswith(b">From "))
+        ):
+            line = line[1:]
         out.append(line)
     data = b"".join(out)
     if not data.strip():

@@ -96,7 +96,8 @@ def thunderbird_xml(hostname: str, domains: list[str], servers: list[ClientServe
         ET.SubElement(server, "username").text = "%EMAILADDRESS%"
         # cleartext inside TLS: the listeners refuse passwords before TLS
         ET.SubElement(server, "authentication").text = "password-cleartext"
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)  # bytes for an encoding
+    return xml
 
 
 def outlook_xml(hostname: str, address: str, servers: list[ClientServer]) -> bytes:

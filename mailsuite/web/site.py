@@ -13,8 +13,10 @@ lines and 16 KiB (twisted's limit; 400 beyond), and every answer this module mak
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -69,6 +71,9 @@ class Endpoint(Resource):
     isLeaf = True
     methods: tuple[bytes, ...] = (b"GET", b"HEAD")
 
+    def __init__(self) -> None:
+        Resource.__init__(self)  # by name: Twisted's is unannotated (setup.cfg)
+
     def render(self, request: Any) -> bytes | int:
         if request.postpath not in ([], [b""]):
             return reply(request, http.NOT_FOUND, "not found\n")
@@ -85,6 +90,9 @@ class Endpoint(Resource):
 class _NotFound(Resource):
     isLeaf = True
 
+    def __init__(self) -> None:
+        Resource.__init__(self)
+
     def render(self, request: Any) -> bytes:
         return reply(request, http.NOT_FOUND, "not found\n")
 
@@ -96,7 +104,7 @@ class WebRoot(Resource):
     resource mounted at ``"/"`` gets every request nothing else matched."""
 
     def __init__(self) -> None:
-        super().__init__()
+        Resource.__init__(self)  # by name: Twisted's is unannotated (setup.cfg)
         self._mounts: dict[tuple[bytes, ...], IResource | Resource] = {}
 
     def mount(self, path: str, resource: IResource | Resource) -> None:
@@ -138,7 +146,7 @@ class BoundedRequest(server.Request):
         if length is not None and length > MAX_BODY:
             self._refuse()
             return
-        super().gotLength(length)
+        server.Request.gotLength(self, length)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         if self.refused:
@@ -147,12 +155,12 @@ class BoundedRequest(server.Request):
         if self._body_size > MAX_BODY:  # chunked bodies announce no length
             self._refuse()
             return
-        super().handleContentChunk(data)
+        server.Request.handleContentChunk(self, data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
         if self.refused:
             return
-        super().requestReceived(command, path, version)
+        server.Request.requestReceived(self, command, path, version)
 
     def _refuse(self) -> None:
         """413, then close: reading on would only waste time (RFC 9110 15.5.14)."""
@@ -168,7 +176,7 @@ class BoundedRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self.gone = True
-        super().connectionLost(reason)
+        server.Request.connectionLost(self, reason)
 
     def processingFailed(self, reason: Failure) -> None:  # noqa: N802
         """A resource raised: log one line naming the error and where, answer 500."""
@@ -178,7 +186,7 @@ class BoundedRequest(server.Request):
             "web: {method} {path} failed: {error} (at {where})",
             method=self.method.decode("latin-1"),
             path=self.path.decode("latin-1"),
-            error=f"{reason.type.__name__}: {reason.getErrorMessage()}",
+            error=f"{getattr(reason.type, '__name__', reason.type)}: {reason.getErrorMessage()}",
             where=where,
         )
         if self.gone or self.finished:
@@ -187,9 +195,9 @@ class BoundedRequest(server.Request):
             self.channel.loseConnection()
             return
         body = reply(self, http.INTERNAL_SERVER_ERROR, "internal error\n")
-        self.setHeader(b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+        server.Request.setHeader(self, b"Content-Length", b"%d" % len(body))
+        server.Request.write(self, body)
+        server.Request.finish(self)
 
 
 class BoundedChannel(http.HTTPChannel):
@@ -199,12 +207,15 @@ class BoundedChannel(http.HTTPChannel):
     _deadline: Any = None
 
     def connectionMade(self) -> None:  # noqa: N802
-        super().connectionMade()
+        http.HTTPChannel.connectionMade(self)
         self._arm()
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.callLater(RECEIVE_DEADLINE, self._too_slow)
+        # the site's reactor.callLater, set on each channel it builds (the class's own,
+        # unannotated, would use the global reactor)
+        call_later: Callable[..., IDelayedCall] = self.callLater
+        self._deadline = call_later(RECEIVE_DEADLINE, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -218,10 +229,10 @@ class BoundedChannel(http.HTTPChannel):
 
     def allContentReceived(self) -> None:  # noqa: N802
         self._disarm()  # the request is in: producing the answer may take its time
-        super().allContentReceived()
+        http.HTTPChannel.allContentReceived(self)
 
     def requestDone(self, request: Any) -> None:  # noqa: N802
-        super().requestDone(request)
+        http.HTTPChannel.requestDone(self, request)
         transport: Any = self.transport
         if self.persistent and transport is not None and not transport.disconnecting:
             self._arm()
@@ -229,11 +240,11 @@ class BoundedChannel(http.HTTPChannel):
     def _send100Continue(self) -> None:  # noqa: N802
         if self.requests and getattr(self.requests[-1], "refused", False):
             return  # already answered 413
-        super()._send100Continue()
+        http.HTTPChannel._send100Continue(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._disarm()
-        super().connectionLost(reason)
+        http.HTTPChannel.connectionLost(self, reason)
 
 
 class WebSite(server.Site):
@@ -245,7 +256,7 @@ class WebSite(server.Site):
     noisy = False
 
     def __init__(self, root: IResource, reactor: Any) -> None:
-        super().__init__(root, timeout=RECEIVE_DEADLINE, reactor=reactor)
+        server.Site.__init__(self, root, timeout=RECEIVE_DEADLINE, reactor=reactor)
 
     def log(self, request: Any) -> None:
         if request.code < 400 and request.path in QUIET_PATHS:

@@ -22,7 +22,7 @@ from mailsuite.mailauth.dkim_sign import Signer
 from mailsuite.mailauth.dns import server_resolver
 from mailsuite.mailauth.service import MailAuth
 from mailsuite.testing.dns import spawn_dns_server
-from tests.reactor_thread import in_reactor, running_reactor
+from tests.reactor_thread import in_reactor
 
 CONFIG = """\
 [server]
@@ -118,10 +118,9 @@ def test_list_use_and_refusals(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_running_server_signs_with_a_new_key_without_restart(tmp_path):
+def test_running_server_signs_with_a_new_key_without_restart(tmp_path, reactor):
     config_path = setup(tmp_path)
     config = parse_config(tomllib.loads(config_path.read_text()), None, tmp_path)
-    reactor = running_reactor()
     auth = MailAuth(config, reactor, server_resolver(("127.0.0.1:9",), reactor))
     auth.startService()
     try:
@@ -253,7 +252,7 @@ def test_check_with_ip_tests_spf_against_that_address(tmp_path):
         config = setup(tmp_path, f'\n[dns]\nnameservers = ["127.0.0.1:{port}"]\n')
         out = cli(config, "dns", "check", "example.test", "--ip", "192.0.2.1", "--ip",
                   "198.51.100.7", check=False).stdout
-        spf = [line for line in out.splitlines() if line.split()[1:2] == ["SPF"]][0]
+        spf = next(line for line in out.splitlines() if line.split()[1:2] == ["SPF"])
         assert spf.startswith("different")
         assert "198.51.100.7 (fail)" in out and "192.0.2.1 (" not in out
         a_lines = [line.split()[0] for line in out.splitlines() if line.split()[1:2] == ["A"]]

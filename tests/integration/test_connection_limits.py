@@ -5,15 +5,13 @@ a new one is let in.  Clients connect from several 127.0.0.x source addresses.""
 from __future__ import annotations
 
 import base64
-import socket
 import ssl
-from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import PASSWORD, Server
+from tests.clients import LineClient
+from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory
 
-ALICE, BOB = "alice@example.test", "bob@example.test"
 LIMITS = """
 [smtp]
 max_connections = 4
@@ -37,73 +35,43 @@ allow_plaintext = true
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("limits"),
-                    services=("smtp", "submission", "submissions", "imap", "imaps", "pop3",
-                              "pop3s"), extra_toml=LIMITS)
-    server.add_user(ALICE)
-    server.add_user(BOB)
-    with server:
-        yield server
+def srv(module_servers: ServerFactory) -> Server:
+    return module_servers(("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"),
+                          users=(ALICE, BOB), extra_toml=LIMITS)
 
 
-class Conn:
+class Conn(LineClient):
     """One raw client connection from ``source``; ``greeting`` is the server's first line.
     With ``tls`` the connection is implicit TLS (the server's self-signed certificate)."""
 
     def __init__(self, port: int, source: str = "127.0.0.1", tls: bool = False) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10,
-                                             source_address=(source, 0))
+        context = None
         if tls:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-            self.sock = context.wrap_socket(self.sock)
-        self.f = self.sock.makefile("rb")
+        super().__init__(port, source=source, tls=context, timeout=10)
         self.greeting = self.line()
 
-    def line(self) -> str:
-        return self.f.readline().decode().rstrip("\r\n")
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode() + b"\r\n")
-
     def smtp(self, text: str) -> str:
-        self.send(text)
+        """The last line of the reply to ``text``."""
+        self.send_line(text)
         while True:
             line = self.line()
             if line[3:4] != "-":
                 return line
 
     def imap(self, tag: str, text: str) -> str:
-        self.send(f"{tag} {text}")
+        """The tagged reply to ``tag text``."""
+        self.send_line(f"{tag} {text}")
         while True:
             line = self.line()
             if not line or line.startswith(tag + " "):
                 return line
 
     def pop3(self, text: str) -> str:
-        self.send(text)
+        self.send_line(text)
         return self.line()
-
-    def closed_by_server(self) -> bool:
-        """True when the server closes the connection (EOF) without sending more."""
-        try:
-            return self.f.readline() == b""
-        except (ConnectionResetError, TimeoutError):
-            return False
-
-    def close(self) -> None:
-        """Hang up and wait until the server has closed its end too, so the next test
-        starts with this connection no longer counted."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            while self.f.readline():
-                pass
-        except OSError:
-            pass
-        self.f.close()
-        self.sock.close()
 
 
 def test_smtp_per_ip_limit_refuses_with_421_and_frees_the_slot(srv: Server) -> None:

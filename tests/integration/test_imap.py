@@ -6,17 +6,17 @@ import imaplib
 import os
 import re
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import trustme
 
 from mailsuite.store.maildir import ensure_folder, write_message
-from tests.harness import PASSWORD, Server, server_connections
+from tests.clients import IMAPClient, read_line
+from tests.harness import PASSWORD, Server, ServerFactory, server_connections, wait_until
+from tests.tls_helpers import CertAuthority
 
 USER = "joe@example.test"
 MSG = b"From: Ann <ann@example.org>\r\nTo: joe@example.test\r\nSubject: hello\r\nDate: Mon, 1 Jan 2024 10:00:00 +0000\r\n\r\nbody text\r\n"
@@ -31,29 +31,13 @@ MIME = (
 
 
 @pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, trustme.CA]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert.private_key_and_cert_chain_pem.write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    return d / "cert.pem", d / "key.pem", ca
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tls_files):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("imap")
-    s = Server(
-        root,
-        services=("imap", "imaps", "smtp"),
-        tls=tls_files[:2],
+def server(module_servers: ServerFactory) -> Server:
+    return module_servers(
+        ("imap", "imaps", "smtp"),
+        tls=True,
+        users=(USER, "sam@example.test"),
         extra_toml="[auth]\nallow_plaintext = true\n[imap]\nmax_literal = 100000\n",
     )
-    s.start()
-    s.add_user(USER)
-    s.add_user("sam@example.test")
-    yield s
-    s.stop()
 
 
 def login(server: Server, user: str = USER) -> imaplib.IMAP4:
@@ -98,46 +82,45 @@ def test_bad_login(server: Server) -> None:
     m.logout()
 
 
-def test_logindisabled_without_tls(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
-    with Server(tmp_path, services=("imap", "imaps"), tls=tls_files[:2]) as s:
-        s.add_user(USER)
-        m = imaplib.IMAP4("127.0.0.1", s.port("imap"))
-        assert "LOGINDISABLED" in m.capabilities and "AUTH=PLAIN" not in m.capabilities
-        with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
-            m.login(USER, PASSWORD)
-        ctx = (
-            tls_files[2].client_context()
-            if hasattr(tls_files[2], "client_context")
-            else ssl.create_default_context()
-        )
-        tls_files[2].configure_trust(ctx)
-        m.starttls(ctx)
+def test_logindisabled_without_tls(servers: ServerFactory, ca: CertAuthority) -> None:
+    s = servers(("imap", "imaps"), tls=True, users=(USER,))
+    m = imaplib.IMAP4("127.0.0.1", s.port("imap"))
+    assert "LOGINDISABLED" in m.capabilities and "AUTH=PLAIN" not in m.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
         m.login(USER, PASSWORD)
-        m.logout()
-        m2 = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=ctx)
-        m2.login(USER, PASSWORD)
-        assert m2.select("INBOX")[0] == "OK"
-        m2.logout()
+    m.host = "localhost"  # the name starttls() checks the certificate against
+    m.starttls(ca.client_context())
+    m.login(USER, PASSWORD)
+    m.logout()
+    m2 = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=ca.client_context())
+    m2.login(USER, PASSWORD)
+    assert m2.select("INBOX")[0] == "OK"
+    m2.logout()
 
 
-def test_starttls_pipelined_commands_are_discarded(tmp_path: Path, tls_files) -> None:  # type: ignore[no-untyped-def]
-    with Server(tmp_path, services=("imap",), tls=tls_files[:2]) as s:
-        s.add_user(USER)
-        sock = socket.create_connection(("127.0.0.1", s.port("imap")))
-        sock.recv(4096)
-        sock.sendall(f'a STARTTLS\r\nb LOGIN {USER} "{PASSWORD}"\r\n'.encode())
-        time.sleep(0.3)
-        data = sock.recv(4096)
-        assert data.startswith(b"a OK")
-        assert b"b " not in data
-        ctx = ssl.create_default_context()
-        tls_files[2].configure_trust(ctx)
-        tls = ctx.wrap_socket(sock, server_hostname="localhost")
-        tls.sendall(b"c CAPABILITY\r\n")
-        time.sleep(0.3)
-        reply = tls.recv(4096)
-        assert b"c OK" in reply and b"b OK" not in reply  # the injected LOGIN never ran
-        tls.close()
+def test_starttls_pipelined_commands_are_discarded(
+    servers: ServerFactory, ca: CertAuthority
+) -> None:
+    s = servers(("imap",), tls=True, users=(USER,))
+    sock = socket.create_connection(("127.0.0.1", s.port("imap")), timeout=20)
+    assert read_line(sock).startswith(b"* OK")
+    sock.sendall(f'a STARTTLS\r\nb LOGIN {USER} "{PASSWORD}"\r\n'.encode())
+    # read exactly the STARTTLS reply: a reply to the injected LOGIN sent in clear text
+    # after it would be taken as the start of the TLS handshake, and the handshake fail
+    assert read_line(sock).startswith(b"a OK")
+    tls = ca.client_context().wrap_socket(sock, server_hostname="localhost")
+    f = tls.makefile("rb")
+    tls.sendall(b"c CAPABILITY\r\nd SELECT INBOX\r\n")
+    lines = []
+    while not (line := f.readline()).startswith(b"d "):
+        assert line, f"connection closed after {lines}"
+        lines.append(line)
+    # nothing answers the injected LOGIN inside TLS either, and it did not log in: the
+    # session is still in the not-authenticated state (RFC 3501 6.3.1 needs a login first)
+    assert not any(ln.startswith(b"b ") for ln in lines), lines
+    assert lines[-1].startswith(b"c OK"), lines
+    assert line.split()[1] in (b"BAD", b"NO"), line
+    tls.close()
 
 
 def test_list_special_use_children_and_escape(server: Server) -> None:
@@ -499,79 +482,71 @@ def _run_mbsync(rc: Path) -> tuple[int, str, float]:
 
 
 @pytest.mark.parametrize("mode", ["plain", "imaps", "starttls"])
-def test_mbsync_two_way_sync(tmp_path: Path, tls_files, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_mbsync_two_way_sync(
+    servers: ServerFactory, ca: CertAuthority, tmp_path: Path, mode: str
+) -> None:
     import shutil
 
     if shutil.which("mbsync") is None:
         pytest.skip("mbsync (Debian isync) is not installed")
-    s = Server(
-        tmp_path / "srv",
-        services=("imap", "imaps"),
-        tls=tls_files[:2],
-        extra_toml="[auth]\nallow_plaintext = true\n",
+    s = servers(
+        ("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n"
     )
-    s.start()
-    try:
-        s.add_user(USER)
-        box = s.maildir(USER)
-        for i in range(200):
-            write_message(box, [b"From: x@example.org\nSubject: m%d\n\nbody %d\n" % (i, i)])
-        local = tmp_path / "local"
-        local.mkdir()
-        ca = tmp_path / "ca.pem"
-        tls_files[2].cert_pem.write_to_path(str(ca))
-        port = s.port("imaps" if mode == "imaps" else "imap")
-        ssl_type = {"plain": "None", "imaps": "IMAPS", "starttls": "STARTTLS"}[mode]
-        rc = tmp_path / "mbsyncrc"
-        rc.write_text(
-            f'IMAPAccount a\nHost localhost\nPort {port}\nUser {USER}\nPass "{PASSWORD}"\n'
-            f"SSLType {ssl_type}\nCertificateFile {ca}\nAuthMechs LOGIN\nTimeout 20\n\n"
-            "IMAPStore remote\nAccount a\n\n"
-            f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
-            "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
-        )
+    box = s.maildir(USER)
+    for i in range(200):
+        write_message(box, [b"From: x@example.org\nSubject: m%d\n\nbody %d\n" % (i, i)])
+    local = tmp_path / "local"
+    local.mkdir()
+    port = s.port("imaps" if mode == "imaps" else "imap")
+    ssl_type = {"plain": "None", "imaps": "IMAPS", "starttls": "STARTTLS"}[mode]
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(
+        f'IMAPAccount a\nHost localhost\nPort {port}\nUser {USER}\nPass "{PASSWORD}"\n'
+        f"SSLType {ssl_type}\nCertificateFile {ca.ca_file}\nAuthMechs LOGIN\nTimeout 20\n\n"
+        "IMAPStore remote\nAccount a\n\n"
+        f"MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n"
+        "Channel c\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n"
+    )
 
-        def run() -> subprocess.CompletedProcess[str]:
-            code, out, after_logout = _run_mbsync(rc)
-            assert code == 0, out[-3000:]
-            # it must not wait for a close that never comes (a few seconds is generous)
-            assert after_logout < 3.0, f"mbsync took {after_logout:.1f} s to exit after LOGOUT"
-            return subprocess.CompletedProcess([], code, out, "")
+    def run() -> subprocess.CompletedProcess[str]:
+        code, out, after_logout = _run_mbsync(rc)
+        assert code == 0, out[-3000:]
+        # it must not wait for a close that never comes (a few seconds is generous)
+        assert after_logout < 3.0, f"mbsync took {after_logout:.1f} s to exit after LOGOUT"
+        return subprocess.CompletedProcess([], code, out, "")
 
-        r = run()
-        assert r.returncode == 0, r.stderr + r.stdout
-        got = list((local / "INBOX" / "cur").iterdir()) + list((local / "INBOX" / "new").iterdir())
-        assert len(got) == 200
-        # local change: mark one seen and add one; remote change: flag one
-        first = (
-            sorted((local / "INBOX" / "new").iterdir())[0]
-            if list((local / "INBOX" / "new").iterdir())
-            else None
-        )
-        if first is not None:
-            os.rename(first, local / "INBOX" / "cur" / (first.name + ":2,S"))
-        write_message(local / "INBOX", [b"Subject: from local\n\nx\n"])
-        m = login(s)
-        m.select("INBOX")
-        m.store("5", "+FLAGS", "(\\Flagged)")
-        m.logout()
-        r = run()
-        assert r.returncode == 0, r.stderr + r.stdout
-        m = login(s)
-        m.select("INBOX")
-        assert m.search(None, "SUBJECT", '"from local"')[1][0] != b""
-        assert int(m.select("INBOX")[1][0]) == 201
-        if first is not None:
-            assert m.search(None, "SEEN")[1][0] != b""
-        m.logout()
-        flagged = [
-            p
-            for p in (local / "INBOX" / "cur").iterdir()
-            if ":2," in p.name and "F" in p.name.split(":2,")[1]
-        ]
-        assert flagged
-    finally:
-        s.stop()
+    r = run()
+    assert r.returncode == 0, r.stderr + r.stdout
+    got = list((local / "INBOX" / "cur").iterdir()) + list((local / "INBOX" / "new").iterdir())
+    assert len(got) == 200
+    # local change: mark one seen and add one; remote change: flag one
+    first = (
+        sorted((local / "INBOX" / "new").iterdir())[0]
+        if list((local / "INBOX" / "new").iterdir())
+        else None
+    )
+    if first is not None:
+        os.rename(first, local / "INBOX" / "cur" / (first.name + ":2,S"))
+    write_message(local / "INBOX", [b"Subject: from local\n\nx\n"])
+    m = login(s)
+    m.select("INBOX")
+    m.store("5", "+FLAGS", "(\\Flagged)")
+    m.logout()
+    r = run()
+    assert r.returncode == 0, r.stderr + r.stdout
+    m = login(s)
+    m.select("INBOX")
+    assert m.search(None, "SUBJECT", '"from local"')[1][0] != b""
+    assert int(m.select("INBOX")[1][0]) == 201
+    if first is not None:
+        assert m.search(None, "SEEN")[1][0] != b""
+    m.logout()
+    flagged = [
+        p
+        for p in (local / "INBOX" / "cur").iterdir()
+        if ":2," in p.name and "F" in p.name.split(":2,")[1]
+    ]
+    assert flagged
 
 
 def test_curl_reads_a_folder(server: Server) -> None:
@@ -591,39 +566,6 @@ def test_curl_reads_a_folder(server: Server) -> None:
     assert b"Subject: hello" in r.stdout
 
 
-class Raw:
-    """A bare IMAP client on a socket: send one command, get every line up to its tagged
-    reply (exact bytes, for checking response syntax)."""
-
-    def __init__(self, server: Server, user: str = USER) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port("imap")), timeout=20)
-        self.file = self.sock.makefile("rb")
-        self.n = 0
-        assert self.file.readline().startswith(b"* OK")
-        assert self.cmd(f'LOGIN "{user}" "{PASSWORD}"')[-1].split()[1] == b"OK"
-
-    def cmd(self, line: str) -> list[bytes]:
-        self.n += 1
-        tag = b"r%d" % self.n
-        self.sock.sendall(tag + b" " + line.encode() + b"\r\n")
-        out = []
-        while True:
-            got = self.file.readline()
-            assert got, "connection closed"
-            out.append(got.rstrip(b"\r\n"))
-            if got.startswith(tag + b" "):
-                return out
-
-    def ok(self, line: str) -> list[bytes]:
-        out = self.cmd(line)
-        assert out[-1].split()[1] == b"OK", out
-        return out[:-1]
-
-    def close(self) -> None:
-        self.cmd("LOGOUT")
-        self.sock.close()
-
-
 def test_esearch_return_options(server: Server) -> None:
     m = login(server)
     m.create("ES")
@@ -631,7 +573,7 @@ def test_esearch_return_options(server: Server) -> None:
         m.append("ES", "(\\Seen)" if i in (0, 3) else None, None, MSG)
     assert b"ESEARCH" in m.capability()[1][0]
     m.logout()
-    r = Raw(server)
+    r = IMAPClient(server.port("imap"), USER)
     r.ok("SELECT ES")
     got = r.ok("SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN")
     assert got == [f'* ESEARCH (TAG "r{r.n}") MIN 2 MAX 6 COUNT 4 ALL 2:3,5:6'.encode()]
@@ -667,7 +609,7 @@ def test_list_extended_rfc5258_example9(server: Server) -> None:
     # RFC 5258 section 5, example 9, with our separator "." and our \HasChildren attributes
     user = "lx9@example.test"
     server.add_user(user)
-    r = Raw(server, user)
+    r = IMAPClient(server.port("imap"), user)
     for name in ("foo2", "foo2.bar1", "foo2.bar2", "baz2", "baz2.bar2", "baz2.bar22"):
         r.ok(f"CREATE {name}")
     for name in ("baz2.bar222", "eps2", "eps2.mamba"):
@@ -707,7 +649,7 @@ def test_list_extended_rfc5258_example9(server: Server) -> None:
 def test_list_extended_options(server: Server) -> None:
     user = "lx@example.test"
     server.add_user(user)
-    r = Raw(server, user)
+    r = IMAPClient(server.port("imap"), user)
     assert b"LIST-EXTENDED" in r.ok("CAPABILITY")[0] and b"LIST-STATUS" in r.ok("CAPABILITY")[0]
     r.ok("CREATE Work")
     r.ok("CREATE Work.Plans")
@@ -772,16 +714,20 @@ def test_list_extended_options(server: Server) -> None:
 
 
 def _tmux_screen(session: str, want: list[bytes], timeout: float = 30.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    screen = b""
-    while time.monotonic() < deadline:
-        screen = subprocess.run(
+    """mutt's screen once it shows every one of ``want``."""
+    screen = [b""]
+
+    def shows_all() -> bool:
+        screen[0] = subprocess.run(
             ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, timeout=10
         ).stdout
-        if all(w in screen for w in want):
-            return screen
-        time.sleep(0.3)
-    return screen
+        return all(w in screen[0] for w in want)
+
+    try:
+        wait_until(shows_all, timeout, f"{want!r} on mutt's screen", interval=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the screen:\n{screen[0].decode('utf-8', 'replace')}") from None
+    return screen[0]
 
 
 def _tmux_alive(session: str) -> bool:
@@ -793,7 +739,9 @@ def _tmux_alive(session: str) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["imaps", "starttls"])
-def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_mutt_reads_a_folder(
+    server: Server, ca: CertAuthority, tmp_path: Path, mode: str
+) -> None:
     import shutil
 
     if shutil.which("mutt") is None or shutil.which("tmux") is None:
@@ -810,8 +758,6 @@ def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: st
         ).encode()
         m.append(box, "(\\Seen)" if i == 0 else None, None, msg)
     m.logout()
-    ca = tmp_path / "ca.pem"
-    tls_files[2].cert_pem.write_to_path(str(ca))
     user = USER.replace("@", "%40")
     if mode == "imaps":
         root = f"imaps://{user}@localhost:{server.port('imaps')}/"
@@ -823,7 +769,7 @@ def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: st
     rc = tmp_path / "muttrc"
     rc.write_text(
         f'set folder="{root}"\nset spoolfile="{url}"\nset imap_pass="{PASSWORD}"\n'
-        f"set ssl_ca_certificates_file={ca}\n"
+        f"set ssl_ca_certificates_file={ca.ca_file}\n"
         f"set certificate_file={tmp_path / 'certs'}\n"
         f"{extra}"
         "set ssl_verify_host=yes\nset imap_passive=yes\nset mail_check=60\nset timeout=60\n"
@@ -856,13 +802,10 @@ def test_mutt_reads_a_folder(server: Server, tls_files, tmp_path: Path, mode: st
         subprocess.run(["tmux", "send-keys", "-t", session, "q", "q"], timeout=10)
         # quitting logs out: mutt exits (its tmux session ends with it) and the server has
         # closed its end of the TLS connection (issue 9: LOGOUT over TLS left it open)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-            _tmux_alive(session) or server_connections(port) != before
-        ):
-            time.sleep(0.1)
-        assert not _tmux_alive(session), "mutt did not exit after q"
-        assert server_connections(port) == before, "the server kept mutt's connection open"
+        wait_until(lambda: not _tmux_alive(session), 10, "mutt to exit after q")
+        wait_until(
+            lambda: server_connections(port) == before, 10, "the server to close mutt's connection"
+        )
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
 

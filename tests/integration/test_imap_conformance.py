@@ -7,27 +7,19 @@ from __future__ import annotations
 import imaplib
 import itertools
 import re
-import socket
-from collections.abc import Iterator
 
 import pytest
 
 from mailsuite.store.maildir import ensure_folder, write_message
-from tests.harness import PASSWORD, Server
+from tests.clients import IMAPClient
+from tests.harness import PASSWORD, Server, ServerFactory
 
 _users = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(
-        tmp_path_factory.mktemp("imap-conf"),
-        services=("imap",),
-        extra_toml="[auth]\nallow_plaintext = true\n",
-    )
-    s.start()
-    yield s
-    s.stop()
+def server(module_servers: ServerFactory) -> Server:
+    return module_servers(("imap",), extra_toml="[auth]\nallow_plaintext = true\n")
 
 
 @pytest.fixture
@@ -42,39 +34,6 @@ def login(server: Server, user: str) -> imaplib.IMAP4:
     m = imaplib.IMAP4("127.0.0.1", server.port("imap"), timeout=20)
     m.login(user, PASSWORD)
     return m
-
-
-class Raw:
-    """One command at a time on a bare socket; returns every line up to the tagged reply."""
-
-    def __init__(self, server: Server, user: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port("imap")), timeout=20)
-        self.file = self.sock.makefile("rb")
-        self.n = 0
-        assert self.file.readline().startswith(b"* OK")
-        self.ok(f'LOGIN "{user}" "{PASSWORD}"')
-
-    def cmd(self, line: str | bytes) -> list[bytes]:
-        self.n += 1
-        tag = b"r%d" % self.n
-        data = line.encode() if isinstance(line, str) else line
-        self.sock.sendall(tag + b" " + data + b"\r\n")
-        out = []
-        while True:
-            got = self.file.readline()
-            assert got, f"connection closed after {out}"
-            out.append(got.rstrip(b"\r\n"))
-            if got.startswith(tag + b" "):
-                return out
-
-    def ok(self, line: str | bytes) -> list[bytes]:
-        out = self.cmd(line)
-        assert out[-1].split()[1] == b"OK", out
-        return out[:-1]
-
-    def close(self) -> None:
-        self.cmd("LOGOUT")
-        self.sock.close()
 
 
 def append(m: imaplib.IMAP4, box: str, msg: bytes, flags: str | None = None) -> tuple[int, int]:
@@ -122,7 +81,7 @@ def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it(
     append(m, "Kw", MSG)
     append(m, "Kw", MSG, "($old)")
     m.logout()
-    a, b, c = Raw(server, user), Raw(server, user), Raw(server, user)
+    a, b, c = IMAPClient(server.port("imap"), user), IMAPClient(server.port("imap"), user), IMAPClient(server.port("imap"), user)
     got = a.ok("SELECT Kw")
     assert got[0] == b"* FLAGS (" + SYSTEM + b" $old)"
     b.ok("SELECT Kw")
@@ -191,7 +150,7 @@ def _count(lines: list[bytes], what: bytes) -> int:
     return n
 
 
-def _status_recent(r: Raw, box: str) -> int:
+def _status_recent(r: IMAPClient, box: str) -> int:
     (line,) = r.ok(f"STATUS {box} (RECENT)")
     return int(re.search(rb"RECENT (\d+)", line).group(1))  # type: ignore[union-attr]
 
@@ -199,7 +158,7 @@ def _status_recent(r: Raw, box: str) -> int:
 def test_examine_shows_recent_without_claiming_it(server: Server, user: str) -> None:
     """Issue 9: EXAMINE reported RECENT 0 for two messages just appended (no session had
     selected the mailbox since); STATUS said 2."""
-    r = Raw(server, user)
+    r = IMAPClient(server.port("imap"), user)
     r.ok("CREATE Rec")
     for _ in range(2):
         r.ok(b"APPEND Rec {3+}\r\nx\r\n")
@@ -215,7 +174,7 @@ def test_examine_shows_recent_without_claiming_it(server: Server, user: str) -> 
         assert _status_recent(r, "Rec") == 2
         r.ok("CLOSE")
     # a delivery while the mailbox is examined is recent there too, and still unclaimed
-    other = Raw(server, user)
+    other = IMAPClient(server.port("imap"), user)
     r.ok("EXAMINE Rec")
     other.ok(b"APPEND Rec {3+}\r\ny\r\n")
     got = r.ok("NOOP")
@@ -238,7 +197,7 @@ def test_examine_shows_recent_without_claiming_it(server: Server, user: str) -> 
 def test_a_deleted_mailbox_stays_subscribed(server: Server, user: str) -> None:
     """Issue 9: LIST (SUBSCRIBED) left out a subscribed mailbox that no longer exists: DELETE
     removed the subscription, which the server must never do on its own."""
-    r = Raw(server, user)
+    r = IMAPClient(server.port("imap"), user)
     for name in ("Gone", "Kept", "Kept.Sub"):
         r.ok(f"CREATE {name}")
         r.ok(f"SUBSCRIBE {name}")
@@ -277,7 +236,7 @@ def _highestmodseq(lines: list[bytes]) -> list[int]:
     return [int(m.group(1)) for ln in lines if (m := re.match(rb"\* OK \[HIGHESTMODSEQ (\d+)\]", ln))]
 
 
-def _modseqs(r: Raw) -> dict[int, int]:
+def _modseqs(r: IMAPClient) -> dict[int, int]:
     got = r.ok("UID FETCH 1:* (MODSEQ)")
     return {
         int(m.group(1)): int(m.group(2))
@@ -328,7 +287,7 @@ def test_the_first_condstore_enabling_command_reports_highestmodseq(
 ) -> None:
     """Issue 9: after a plain SELECT, the first CONDSTORE enabling command must send
     * OK [HIGHESTMODSEQ n] (RFC 7162 3.1); it sent nothing."""
-    r = Raw(server, cs_box[0])
+    r = IMAPClient(server.port("imap"), cs_box[0])
     (selected,) = _highestmodseq(r.ok(f"SELECT {cs_box[1]}"))
     got = r.ok(command)
     assert _highestmodseq(got) == [selected], got
@@ -340,7 +299,7 @@ def test_highestmodseq_stays_below_changes_not_yet_announced(
     server: Server, cs_box: tuple[str, str]
 ) -> None:
     user, box = cs_box
-    a, b = Raw(server, user), Raw(server, user)
+    a, b = IMAPClient(server.port("imap"), user), IMAPClient(server.port("imap"), user)
     (selected,) = _highestmodseq(a.ok(f"SELECT {box}"))
     b.ok(f"SELECT {box}")
     b.ok("STORE 3 +FLAGS (\\Answered)")  # news for a, not told yet
@@ -359,7 +318,7 @@ def test_esearch_modseq_is_that_of_the_message_returned(
 ) -> None:
     """Issue 9: SEARCH RETURN (MIN) ... MODSEQ gave the highest mod-sequence of all matches,
     not that of the message MIN returned (RFC 7162 3.1.5)."""
-    r = Raw(server, cs_box[0])
+    r = IMAPClient(server.port("imap"), cs_box[0])
     r.ok(f"SELECT {cs_box[1]}")
     ms = _modseqs(r)
     assert ms[2] > max(ms[1], ms[3])

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.harness import Server
+from tests.harness import Server, wait_until
 
 HOURS = 3600.0
 
@@ -36,10 +36,7 @@ def test_start_removes_stale_tmp_files_only(tmp_path: Path) -> None:
         aged(bob / "cur" / "5.M1P9Q1.old,S=27,W=29:2,S", 1000),
     ]
     with srv:
-        deadline = time.monotonic() + 20
-        while any(p.exists() for p in stale):
-            assert time.monotonic() < deadline, [p for p in stale if p.exists()]
-            time.sleep(0.05)
+        wait_until(lambda: not any(p.exists() for p in stale), 20, "the stale files to go")
         assert all(p.exists() for p in kept)
         log = srv.log.read_text(errors="replace")
         assert "Removed 3 leftover temporary files older than 36 hours" in log

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
@@ -22,7 +24,7 @@ from mailsuite.mailauth.results import parse_results
 from mailsuite.mailauth.service import MailAuth
 from mailsuite.testing.dns import LoopbackDNS
 from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
-from tests.reactor_thread import in_reactor, running_reactor
+from tests.reactor_thread import in_reactor
 
 GOOD_IP, OTHER_IP = "127.0.0.1", "127.0.0.9"
 HOST = "mx.example.test"
@@ -63,12 +65,10 @@ def zone() -> dict:
 
 
 @pytest.fixture(scope="module")
-def dns_server():
-    reactor = running_reactor()
-    server = LoopbackDNS(zone())
-    in_reactor(reactor, server.start, reactor)
-    yield reactor, server
-    in_reactor(reactor, server.stop)
+def dns_server(
+    reactor: Any, loopback_dns: Callable[[dict[str, Any]], LoopbackDNS]
+) -> tuple[Any, LoopbackDNS]:
+    return reactor, loopback_dns(zone())
 
 
 def make_auth(reactor, server, tmp_path: Path, extra: str = "") -> MailAuth:

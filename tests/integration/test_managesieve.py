@@ -8,93 +8,36 @@ import base64
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
-from tests.harness import PASSWORD, Server
+from tests.clients import ManageSieveClient as Client
+from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory
+from tests.tls_helpers import CertAuthority
 
-ALICE = "alice@example.test"
 SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "[list]" { fileinto "Lists"; }\r\n'
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("managesieve-certs")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert.private_key_and_cert_chain_pem.write_to_path(str(d / "server.pem"))
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    return d / "server.pem", d / "ca.pem"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, certs: tuple[Path, Path]) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("managesieve")
-    s = Server(root / "srv", services=("managesieve",), tls=(certs[0], certs[0]),
-               extra_toml="[sieve]\nmax_script_size = 2048\nmax_scripts = 5\n"
-                          "[auth]\nmax_failures_per_ip = 50\n")
-    s.start()
-    s.add_user(ALICE)
-    s.add_user("bob@example.test")
+def server(module_servers: ServerFactory) -> Iterator[Server]:
+    s = module_servers(("managesieve",), tls=True, users=(ALICE, BOB),
+                       extra_toml="[sieve]\nmax_script_size = 2048\nmax_scripts = 5\n"
+                                  "[auth]\nmax_failures_per_ip = 50\n")
     yield s
     s.stop()
     assert "Traceback" not in s.output()
 
 
-class Client:
-    """A raw ManageSieve client: send lines, read a response up to OK/NO/BYE."""
-
-    def __init__(self, server: Server, ca: Path) -> None:
-        self.ca = ca
-        self.sock: socket.socket = socket.create_connection(
-            ("127.0.0.1", server.port("managesieve")), timeout=10)
-        self.file = self.sock.makefile("rb")
-        self.greeting = self.response()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self) -> bytes:
-        out = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError("closed: " + repr(b"".join(out)))
-            out.append(line)
-            if line.startswith(b"{") and line.rstrip().endswith(b"}"):
-                out.append(self.file.read(int(line.strip()[1:-1])))
-                continue
-            if line.startswith((b"OK", b"NO", b"BYE")):
-                return b"".join(out)
-
-    def cmd(self, data: bytes) -> bytes:
-        self.send(data + b"\r\n")
-        return self.response()
-
-    def starttls(self) -> bytes:
-        assert self.cmd(b"STARTTLS").startswith(b"OK")
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
-        self.file = self.sock.makefile("rb")
-        return self.response()
-
-    def login(self, user: str = ALICE) -> None:
-        self.starttls()
-        cred = base64.b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
-        assert self.cmd(f'AUTHENTICATE "PLAIN" "{cred}"'.encode()) == b'OK "Logged in"\r\n'
-
-    def close(self) -> None:
-        self.sock.close()
+def connect(server: Server, ca: CertAuthority) -> Client:
+    return Client(server.port("managesieve"), starttls_context=ca.client_context())
 
 
 @pytest.fixture
-def client(server: Server, certs: tuple[Path, Path]) -> Iterator[Client]:
-    c = Client(server, certs[1])
+def client(server: Server, ca: CertAuthority) -> Iterator[Client]:
+    c = connect(server, ca)
     yield c
     c.close()
 
@@ -134,7 +77,7 @@ def test_authentication_rules(client: Client) -> None:
 
 
 def test_every_script_command(client: Client, server: Server) -> None:
-    client.login()
+    client.login(ALICE)
     assert client.cmd(b'HAVESPACE "main" 100') == b'OK "Putscript would succeed"\r\n'
     assert client.cmd(b'HAVESPACE "main" 999999').startswith(b"NO (QUOTA/MAXSIZE)")
     assert client.cmd(b'PUTSCRIPT "main" ' + literal(SCRIPT)) == b'OK "Putscript completed"\r\n'
@@ -155,7 +98,7 @@ def test_every_script_command(client: Client, server: Server) -> None:
     assert client.cmd(b'PUTSCRIPT "other" ' + literal(b"keep;")).startswith(b"OK")
     assert client.cmd(b'RENAMESCRIPT "other" "renamed"').startswith(b"NO (ALREADYEXISTS)")
     root = server.maildir(ALICE)
-    assert os.readlink(root / ".dovecot.sieve") == "sieve/renamed.sieve"
+    assert (root / ".dovecot.sieve").readlink() == Path("sieve/renamed.sieve")
     assert (root / "sieve" / "renamed.sieve").read_bytes() == SCRIPT
     assert client.cmd(b'SETACTIVE ""') == b'OK "No script is active now"\r\n'
     assert client.cmd(b'DELETESCRIPT "renamed"') == b'OK "Deletescript completed"\r\n'
@@ -168,7 +111,7 @@ def test_every_script_command(client: Client, server: Server) -> None:
 
 
 def test_literals_limits_and_errors(client: Client) -> None:
-    client.login()
+    client.login(ALICE)
     # {N} (synchronising form) is accepted like {N+}
     assert client.cmd(b'PUTSCRIPT "sync" {5}\r\nkeep;').startswith(b"OK")
     # a literal over the script size limit is refused and skipped; the session goes on
@@ -190,7 +133,7 @@ def test_literals_limits_and_errors(client: Client) -> None:
     assert b'BYE "Too many errors' in out
 
 
-def test_sieve_connect(server: Server, certs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sieve_connect(server: Server, ca: CertAuthority, tmp_path: Path) -> None:
     if shutil.which("sieve-connect") is None:
         pytest.fail("sieve-connect is not installed (apt-get install sieve-connect; "
                     ".ci/apt-sieve.txt lists it)")
@@ -205,7 +148,7 @@ def test_sieve_connect(server: Server, certs: tuple[Path, Path], tmp_path: Path)
             return subprocess.run(
                 ["sieve-connect", "-s", "localhost", "-p", str(server.port("managesieve")),
                  "-u", "bob@example.test", "--passwordfd", str(r),
-                 "--tlscafile", str(certs[1]), *args],
+                 "--tlscafile", str(ca.ca_file), *args],
                 capture_output=True, text=True, timeout=60, pass_fds=(r,), check=True)
         finally:
             os.close(r)
@@ -253,16 +196,15 @@ def test_cli(server: Server, tmp_path: Path) -> None:
     assert result.returncode == 1 and "not a valid script name" in result.stderr
 
 
-def test_connection_limit_per_ip(tmp_path: Path, certs: tuple[Path, Path]) -> None:
-    with Server(tmp_path / "srv", services=("managesieve",), tls=(certs[0], certs[0]),
-                extra_toml="[sieve]\nmax_connections_per_ip = 2\n") as s:
-        s.add_user(ALICE)
-        first, second = Client(s, certs[1]), Client(s, certs[1])
-        with socket.create_connection(("127.0.0.1", s.port("managesieve")), timeout=10) as third:
-            assert third.makefile("rb").readline() == (
-                b'BYE (TRYLATER) "Too many connections, try again later"\r\n')
-        first.login()  # a logged-in connection leaves the pre-login count
-        fourth = Client(s, certs[1])
-        assert fourth.cmd(b"NOOP") == b'OK "Done"\r\n'
-        for c in (first, second, fourth):
-            c.close()
+def test_connection_limit_per_ip(servers: ServerFactory, ca: CertAuthority) -> None:
+    s = servers(("managesieve",), tls=True, users=(ALICE,),
+                extra_toml="[sieve]\nmax_connections_per_ip = 2\n")
+    first, second = connect(s, ca), connect(s, ca)
+    with socket.create_connection(("127.0.0.1", s.port("managesieve")), timeout=10) as third:
+        assert third.makefile("rb").readline() == (
+            b'BYE (TRYLATER) "Too many connections, try again later"\r\n')
+    first.login(ALICE)  # a logged-in connection leaves the pre-login count
+    fourth = connect(s, ca)
+    assert fourth.cmd(b"NOOP") == b'OK "Done"\r\n'
+    for c in (first, second, fourth):
+        c.close()

@@ -14,71 +14,46 @@ import importlib.util
 import os
 import poplib
 import socket
-import ssl
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import trustme
 
+from mailsuite.pop3.maildrop import LOGIN_STAMP_NAME
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.maildir import write_message
-from tests.harness import PASSWORD, Server
-
-ALICE = "alice@example.test"
-BOB = "bob@example.test"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    d = tmp_path_factory.mktemp("pop3-certs")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "mx.example.test", "127.0.0.1", common_name="localhost")
-    cert.private_key_and_cert_chain_pem.write_to_path(str(d / "server.pem"))
-    cert.private_key_pem.write_to_path(str(d / "server.key"))
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    return d / "server.pem", d / "server.pem", d / "ca.pem"
-
-
-def context(ca: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(ca))
-
-
-def start(tmp_path: Path, certs: tuple[Path, Path, Path], extra: str = "",
-          users: tuple[str, ...] = (ALICE,)) -> Server:
-    server = Server(tmp_path / "srv", services=("pop3", "pop3s"), extra_toml=extra,
-                    tls=(certs[0], certs[1]))
-    server.start()
-    for u in users:
-        server.add_user(u)
-    return server
+from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory, wait_until
+from tests.tls_helpers import CertAuthority
 
 
 @pytest.fixture
-def server(tmp_path: Path, certs: tuple[Path, Path, Path]) -> Iterator[Server]:
-    s = start(tmp_path, certs, users=(ALICE, BOB))
-    yield s
-    s.stop()
+def server(servers: ServerFactory) -> Server:
+    return servers(("pop3", "pop3s"), tls=True, users=(ALICE, BOB))
 
 
 def deliver(server: Server, user: str, bodies: list[bytes]) -> None:
+    """Write ``bodies`` into ``user``'s INBOX in this order (the Maildir names written by one
+    process sort in the order they were made: time, then a per-process counter)."""
     box = server.maildir(user)
     for body in bodies:
         write_message(box, [body])
-        time.sleep(0.001)  # distinct delivery order
 
 
-def stls_login(server: Server, ca: Path, user: str = ALICE) -> poplib.POP3:
+def stls_login(server: Server, ca: CertAuthority, user: str = ALICE) -> poplib.POP3:
     p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=10)
-    p.stls(context(ca))
+    p.stls(ca.client_context())
     p.user(user)
     p.pass_(PASSWORD)
     return p
 
 
-def ssl_login(server: Server, ca: Path, user: str = ALICE) -> poplib.POP3_SSL:
-    p = poplib.POP3_SSL("127.0.0.1", server.port("pop3s"), context=context(ca), timeout=10)
+def pop3s(server: Server, ca: CertAuthority) -> poplib.POP3_SSL:
+    """A POP3 client over implicit TLS, not logged in."""
+    return poplib.POP3_SSL(
+        "127.0.0.1", server.port("pop3s"), context=ca.client_context(), timeout=10
+    )
+
+
+def ssl_login(server: Server, ca: CertAuthority, user: str = ALICE) -> poplib.POP3_SSL:
+    p = pop3s(server, ca)
     p.user(user)
     p.pass_(PASSWORD)
     return p
@@ -101,7 +76,7 @@ def crlf(b: bytes) -> bytes:
     return b.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def test_capa_and_plaintext_refused_before_stls(server: Server, certs: tuple) -> None:
+def test_capa_and_plaintext_refused_before_stls(server: Server, ca: CertAuthority) -> None:
     p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=10)
     assert p.getwelcome().startswith(b"+OK")
     capa = p.capa()
@@ -111,7 +86,7 @@ def test_capa_and_plaintext_refused_before_stls(server: Server, certs: tuple) ->
     assert err_of(p.user, ALICE).startswith(b"-ERR [AUTH]")
     assert err_of(p._shortcmd, "AUTH PLAIN " + base64.b64encode(
         f"\0{ALICE}\0{PASSWORD}".encode()).decode()).startswith(b"-ERR [AUTH]")
-    assert p.stls(context(certs[2])).startswith(b"+OK")
+    assert p.stls(ca.client_context()).startswith(b"+OK")
     capa = p.capa()
     assert "STLS" not in capa and "USER" in capa and capa["SASL"] == ["PLAIN"]
     assert err_of(p._shortcmd, "STLS").startswith(b"-ERR")
@@ -121,9 +96,9 @@ def test_capa_and_plaintext_refused_before_stls(server: Server, certs: tuple) ->
     p.quit()
 
 
-def test_every_transaction_command(server: Server, certs: tuple) -> None:
+def test_every_transaction_command(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES)
-    p = stls_login(server, certs[2])
+    p = stls_login(server, ca)
     sizes = [len(crlf(m)) for m in MESSAGES]
     assert p.stat() == (3, sum(sizes))
     resp, lines, _ = p.list()
@@ -158,10 +133,10 @@ def test_every_transaction_command(server: Server, certs: tuple) -> None:
     assert len(left) == 2 and all(b"Subject: two" not in m for m in left)
 
 
-def test_raw_wire_format_dot_stuffing(server: Server, certs: tuple) -> None:
+def test_raw_wire_format_dot_stuffing(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, [b"Subject: x\n\n.\n+OK forged\n"])
     with socket.create_connection(("127.0.0.1", server.port("pop3s")), timeout=10) as raw:
-        tls = context(certs[2]).wrap_socket(raw, server_hostname="localhost")
+        tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         f = tls.makefile("rb")
         f.readline()
         tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 1\r\nNOOP\r\n".encode())
@@ -170,10 +145,10 @@ def test_raw_wire_format_dot_stuffing(server: Server, certs: tuple) -> None:
     assert got[3:8] == [b"Subject: x\r\n", b"\r\n", b"..\r\n", b"+OK forged\r\n", b".\r\n"]
 
 
-def test_pipelined_commands_answered_in_order(server: Server, certs: tuple) -> None:
+def test_pipelined_commands_answered_in_order(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES)
     with socket.create_connection(("127.0.0.1", server.port("pop3s")), timeout=10) as raw:
-        tls = context(certs[2]).wrap_socket(raw, server_hostname="localhost")
+        tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         f = tls.makefile("rb")
         f.readline()
         tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nDELE 0\r\nLIST 1\r\n"
@@ -186,13 +161,13 @@ def test_pipelined_commands_answered_in_order(server: Server, certs: tuple) -> N
     assert lines[5].startswith(b"+OK") and lines[6] == b""
 
 
-def test_stls_discards_pipelined_commands(server: Server, certs: tuple) -> None:
+def test_stls_discards_pipelined_commands(server: Server, ca: CertAuthority) -> None:
     with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as raw:
         f = raw.makefile("rb")
         f.readline()
         raw.sendall(f"STLS\r\nUSER {ALICE}\r\n".encode())  # USER is injected before TLS
         assert f.readline() == b"+OK Begin TLS negotiation\r\n"
-        tls = context(certs[2]).wrap_socket(raw, server_hostname="localhost")
+        tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         tf = tls.makefile("rb")
         tls.sendall(f"PASS {PASSWORD}\r\n".encode())
         assert tf.readline().startswith(b"-ERR")  # the USER before TLS was dropped
@@ -201,8 +176,8 @@ def test_stls_discards_pipelined_commands(server: Server, certs: tuple) -> None:
         assert tf.readline().startswith(b"+OK Logged in")
 
 
-def test_auth_plain_and_auth_response_codes(server: Server, certs: tuple) -> None:
-    p = poplib.POP3_SSL("127.0.0.1", server.port("pop3s"), context=context(certs[2]), timeout=10)
+def test_auth_plain_and_auth_response_codes(server: Server, ca: CertAuthority) -> None:
+    p = pop3s(server, ca)
     assert "STLS" not in p.capa()
     bad = base64.b64encode(f"\0{ALICE}\0wrong".encode()).decode()
     assert err_of(p._shortcmd, f"AUTH PLAIN {bad}").startswith(b"-ERR [AUTH]")
@@ -213,7 +188,7 @@ def test_auth_plain_and_auth_response_codes(server: Server, certs: tuple) -> Non
     assert p._shortcmd(good).startswith(b"+OK")
     assert p.stat() == (0, 0)
     p.quit()
-    p = poplib.POP3_SSL("127.0.0.1", server.port("pop3s"), context=context(certs[2]), timeout=10)
+    p = pop3s(server, ca)
     p.user(ALICE)
     assert err_of(p.pass_, "wrong").startswith(b"-ERR [AUTH]")
     p.user("nobody@example.test")
@@ -221,54 +196,54 @@ def test_auth_plain_and_auth_response_codes(server: Server, certs: tuple) -> Non
     p.quit()
 
 
-def test_in_use_lock_and_dropped_connection_deletes_nothing(server: Server, certs: tuple) -> None:
+def test_in_use_lock_and_dropped_connection_deletes_nothing(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES)
-    first = stls_login(server, certs[2])
+    first = stls_login(server, ca)
     assert first.stat()[0] == 3
-    second = poplib.POP3_SSL("127.0.0.1", server.port("pop3s"), context=context(certs[2]),
-                             timeout=10)
+    second = pop3s(server, ca)
     second.user(ALICE)
     assert err_of(second.pass_, PASSWORD).startswith(b"-ERR [IN-USE]")
     # another user is not affected
-    other = ssl_login(server, certs[2], BOB)
+    other = ssl_login(server, ca, BOB)
     other.quit()
     for n in (1, 2, 3):
         first.dele(n)
     first.sock.shutdown(socket.SHUT_RDWR)  # dropped without QUIT
     first.sock.close()
     first.file.close()
-    deadline = time.monotonic() + 5
-    while True:  # the lock goes when the server sees the connection close
+
+    def logged_in() -> bool:  # the lock goes when the server sees the connection close
         second.user(ALICE)
         try:
             second.pass_(PASSWORD)
-            break
         except poplib.error_proto as e:
             assert e.args[0].startswith(b"-ERR [IN-USE]")
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(logged_in, 5, "the lock of the dropped session to go", interval=0.1)
     assert second.stat()[0] == 3
     second.quit()
     assert len(server.messages(ALICE)) == 3
 
 
-def test_lock_released_when_server_is_killed(server: Server, certs: tuple) -> None:
+def test_lock_released_when_server_is_killed(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES[:1])
-    p = stls_login(server, certs[2])
+    p = stls_login(server, ca)
     p.dele(1)
     server.kill9()
     server.start()
-    q = ssl_login(server, certs[2])
+    q = ssl_login(server, ca)
     assert q.stat()[0] == 1
     q.quit()
 
 
-def test_deletion_seen_by_a_separate_store_reader(server: Server, certs: tuple) -> None:
+def test_deletion_seen_by_a_separate_store_reader(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES)
     index = FolderIndex(server.maildir(ALICE))
     index.sync(force=True)
     uids = [m.uid for m in index.messages()]
-    p = ssl_login(server, certs[2])
+    p = ssl_login(server, ca)
     p.dele(2)
     p.quit()
     # An IMAP session keeps the UIDs it announced and compares them with the shared index
@@ -280,9 +255,9 @@ def test_deletion_seen_by_a_separate_store_reader(server: Server, certs: tuple) 
     index.close()
 
 
-def test_uidl_stable_and_unique(server: Server, certs: tuple) -> None:
+def test_uidl_stable_and_unique(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES)
-    p = ssl_login(server, certs[2])
+    p = ssl_login(server, ca)
     before = p.uidl()[1]
     p.quit()
     box = server.maildir(ALICE)
@@ -296,21 +271,21 @@ def test_uidl_stable_and_unique(server: Server, certs: tuple) -> None:
     os.rename(name, box / "cur" / (name.name + ":2,RS"))
     server.stop()
     server.start()
-    p = ssl_login(server, certs[2])
+    p = ssl_login(server, ca)
     assert p.uidl()[1] == before
     p.dele(3)
     p.quit()
     deliver(server, ALICE, [MESSAGES[2]])  # same content, new message: a new UIDL
-    p = ssl_login(server, certs[2])
+    p = ssl_login(server, ca)
     after = [line.split()[1] for line in p.uidl()[1]]
     p.quit()
     old = [line.split()[1] for line in before]
     assert after[:2] == old[:2] and after[2] not in old
 
 
-def test_retr_marks_seen_top_does_not(server: Server, certs: tuple) -> None:
+def test_retr_marks_seen_top_does_not(server: Server, ca: CertAuthority) -> None:
     deliver(server, ALICE, MESSAGES[:2])
-    p = ssl_login(server, certs[2])
+    p = ssl_login(server, ca)
     p.top(2, 1)
     p.retr(1)
     p.quit()
@@ -322,7 +297,7 @@ def test_retr_marks_seen_top_does_not(server: Server, certs: tuple) -> None:
     assert len(server.messages(ALICE)) == 2
 
 
-def test_errors_line_length_and_error_limit(server: Server, certs: tuple) -> None:
+def test_errors_line_length_and_error_limit(server: Server, ca: CertAuthority) -> None:
     with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as raw:
         f = raw.makefile("rb")
         f.readline()
@@ -337,47 +312,51 @@ def test_errors_line_length_and_error_limit(server: Server, certs: tuple) -> Non
         assert all(r.startswith(b"-ERR") for r in replies if r) and len(replies) >= 10
 
 
-def test_mark_seen_off_expire_zero_and_login_delay(tmp_path: Path, certs: tuple) -> None:
-    s = start(tmp_path, certs, extra='[pop3]\nmark_seen_on_retr = false\nexpire = "0"\n'
-              "login_delay = 3\n")
-    try:
-        deliver(s, ALICE, MESSAGES)
-        p = ssl_login(s, certs[2])
-        capa = p.capa()
-        assert capa["EXPIRE"] == ["0"] and capa["LOGIN-DELAY"] == ["3"]
-        p.retr(2)
-        box = s.maildir(ALICE)
-        assert not any(":2,S" in f.name for f in (box / "cur").iterdir())
-        p.quit()  # EXPIRE 0: what was retrieved is removed at QUIT
-        left = s.messages(ALICE)
-        assert len(left) == 2 and all(b"Subject: two" not in m for m in left)
-        q = poplib.POP3_SSL("127.0.0.1", s.port("pop3s"), context=context(certs[2]), timeout=10)
-        q.user(ALICE)
-        assert err_of(q.pass_, PASSWORD).startswith(b"-ERR [LOGIN-DELAY]")
-        time.sleep(3.2)
-        q.user(ALICE)
-        assert q.pass_(PASSWORD).startswith(b"+OK")
-        q.quit()
-    finally:
-        s.stop()
+def test_mark_seen_off_expire_zero_and_login_delay(
+    servers: ServerFactory, ca: CertAuthority
+) -> None:
+    s = servers(("pop3", "pop3s"), tls=True, users=(ALICE,),
+                extra_toml='[pop3]\nmark_seen_on_retr = false\nexpire = "0"\n'
+                "login_delay = 600\n")
+    deliver(s, ALICE, MESSAGES)
+    p = ssl_login(s, ca)
+    capa = p.capa()
+    assert capa["EXPIRE"] == ["0"] and capa["LOGIN-DELAY"] == ["600"]
+    p.retr(2)
+    box = s.maildir(ALICE)
+    assert not any(":2,S" in f.name for f in (box / "cur").iterdir())
+    p.quit()  # EXPIRE 0: what was retrieved is removed at QUIT
+    left = s.messages(ALICE)
+    assert len(left) == 2 and all(b"Subject: two" not in m for m in left)
+    q = pop3s(s, ca)
+    q.user(ALICE)
+    assert err_of(q.pass_, PASSWORD).startswith(b"-ERR [LOGIN-DELAY]")
+    # ten minutes pass for the server without the test waiting them: the last login's stamp
+    # (what the server compares its clock with) is moved back past the delay
+    stamp = box / LOGIN_STAMP_NAME
+    last = stamp.stat().st_mtime
+    os.utime(stamp, (last - 601, last - 601))
+    q.user(ALICE)
+    assert q.pass_(PASSWORD).startswith(b"+OK")
+    q.quit()
 
 
-def test_throttled_login_is_sys_temp_and_plaintext_option(tmp_path: Path, certs: tuple) -> None:
-    s = start(tmp_path, certs, extra="[auth]\nmax_failures_per_ip = 2\nallow_plaintext = true\n")
-    try:
-        p = poplib.POP3("127.0.0.1", s.port("pop3"), timeout=30)
-        assert "USER" in p.capa()
-        for _ in range(2):
-            p.user(ALICE)
-            assert err_of(p.pass_, "wrong").startswith(b"-ERR [AUTH]")
+def test_throttled_login_is_sys_temp_and_plaintext_option(
+    servers: ServerFactory, ca: CertAuthority
+) -> None:
+    s = servers(("pop3", "pop3s"), tls=True, users=(ALICE,),
+                extra_toml="[auth]\nmax_failures_per_ip = 2\nallow_plaintext = true\n")
+    p = poplib.POP3("127.0.0.1", s.port("pop3"), timeout=30)
+    assert "USER" in p.capa()
+    for _ in range(2):
         p.user(ALICE)
-        assert err_of(p.pass_, PASSWORD).startswith(b"-ERR [SYS/TEMP]")
-        p.quit()
-    finally:
-        s.stop()
+        assert err_of(p.pass_, "wrong").startswith(b"-ERR [AUTH]")
+    p.user(ALICE)
+    assert err_of(p.pass_, PASSWORD).startswith(b"-ERR [SYS/TEMP]")
+    p.quit()
 
 
-def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, certs: tuple) -> None:
+def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ca: CertAuthority) -> None:
     # > 256 KiB is streamed in 64 KiB chunks: put "." lines and CR/LF splits on the edges
     body = bytearray(b"Subject: big\n\n")
     for boundary in range(65536, 6 * 65536 + 1, 65536):
@@ -386,7 +365,7 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ce
         body += b".\n+OK forged\n"
     body += b"tail\n"
     deliver(s := server, ALICE, [bytes(body)])
-    p = ssl_login(s, certs[2])
+    p = ssl_login(s, ca)
     resp, lines, _ = p.retr(1)
     assert b"\r\n".join(lines) + b"\r\n" == crlf(bytes(body))
     assert p.noop().startswith(b"+OK")
@@ -395,24 +374,21 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ce
 
 @pytest.mark.skipif(importlib.util.find_spec("mailsuite.imap.server") is None,
                     reason="the IMAP server (mailsuite/imap/server.py) is not in this tree")
-def test_pop3_deletion_seen_by_open_imap_session(tmp_path: Path, certs: tuple) -> None:
-    s = Server(tmp_path / "srv", services=("imaps", "pop3s"), tls=(certs[0], certs[1]))
-    s.start()
-    try:
-        s.add_user(ALICE)
-        deliver(s, ALICE, MESSAGES)
-        im = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=context(certs[2]),
-                               timeout=10)
-        im.login(ALICE, PASSWORD)
-        assert im.select("INBOX") == ("OK", [b"3"])
-        p = ssl_login(s, certs[2])
-        p.dele(2)
-        assert p.uidl(1)  # IMAP keeps working while POP3 holds the maildrop
-        assert im.uid("SEARCH", "ALL")[1] == [b"1 2 3"]
-        p.quit()
-        im.noop()
-        assert im.untagged_responses.get("EXPUNGE") == [b"2"]
-        assert im.uid("SEARCH", "ALL")[1] == [b"1 3"]
-        im.logout()
-    finally:
-        s.stop()
+def test_pop3_deletion_seen_by_open_imap_session(
+    servers: ServerFactory, ca: CertAuthority
+) -> None:
+    s = servers(("imaps", "pop3s"), tls=True, users=(ALICE,))
+    deliver(s, ALICE, MESSAGES)
+    im = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=ca.client_context(),
+                           timeout=10)
+    im.login(ALICE, PASSWORD)
+    assert im.select("INBOX") == ("OK", [b"3"])
+    p = ssl_login(s, ca)
+    p.dele(2)
+    assert p.uidl(1)  # IMAP keeps working while POP3 holds the maildrop
+    assert im.uid("SEARCH", "ALL")[1] == [b"1 2 3"]
+    p.quit()
+    im.noop()
+    assert im.untagged_responses.get("EXPUNGE") == [b"2"]
+    assert im.uid("SEARCH", "ALL")[1] == [b"1 3"]
+    im.logout()

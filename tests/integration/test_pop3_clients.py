@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from mailsuite.store.maildir import write_message
-from tests.harness import PASSWORD, Server
-from tests.integration.test_pop3 import ALICE, certs, start  # noqa: F401  (fixture)
+from tests.harness import ALICE, PASSWORD, Server, ServerFactory
+from tests.tls_helpers import HOSTNAME, CertAuthority
 
 COUNT = 500
 
@@ -96,45 +96,46 @@ def check(server: Server, out: Path, subjects: set[bytes]) -> None:
 
 
 @pytest.mark.parametrize("mode", ["stls", "pop3s"])
-def test_fetchmail_retrieves_500(tmp_path: Path, certs: tuple, mode: str) -> None:  # noqa: F811
+def test_fetchmail_retrieves_500(
+    servers: ServerFactory, ca: CertAuthority, tmp_path: Path, mode: str
+) -> None:
     exe = shutil.which("fetchmail")
     if exe is None:
         pytest.skip("fetchmail is not installed (apt-get install fetchmail)")
-    server = start(tmp_path, certs)
-    try:
-        subjects = fill(server)
-        out = tmp_path / "out"
-        out.mkdir()
-        port = server.port("pop3" if mode == "stls" else "pop3s")
-        tls = "ssl" if mode == "pop3s" else "sslproto 'TLS1.2+'"
-        rc = tmp_path / "fetchmailrc"
-        rc.write_text(
-            f"set no bouncemail\n"
-            f"poll 127.0.0.1 with proto POP3 service {port} uidl\n"
-            f"  user '{ALICE}' there with password '{PASSWORD}' is root here\n"
-            f"  options {tls} sslcertck sslcertfile '{certs[2]}' sslcommonname localhost\n"
-            f"  fetchall nokeep\n"
-            f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
-        )
-        os.chmod(rc, 0o600)
-        env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
-        result = subprocess.run(
-            [exe, "-f", str(rc), "-N", "-v", "--pidfile", str(tmp_path / "fm.pid")],
-            capture_output=True, text=True, timeout=240, env=env,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        if mode == "stls":
-            assert "STLS" in result.stdout + result.stderr
-        check(server, out, subjects)
-    finally:
-        server.stop()
+    server = servers(("pop3", "pop3s"), tls=True, users=(ALICE,))
+    subjects = fill(server)
+    out = tmp_path / "out"
+    out.mkdir()
+    port = server.port("pop3" if mode == "stls" else "pop3s")
+    tls = "ssl" if mode == "pop3s" else "sslproto 'TLS1.2+'"
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        f"set no bouncemail\n"
+        f"poll 127.0.0.1 with proto POP3 service {port} uidl\n"
+        f"  user '{ALICE}' there with password '{PASSWORD}' is root here\n"
+        f"  options {tls} sslcertck sslcertfile '{ca.ca_file}' sslcommonname {HOSTNAME}\n"
+        f"  fetchall nokeep\n"
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+    )
+    rc.chmod(0o600)
+    env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
+    result = subprocess.run(
+        [exe, "-f", str(rc), "-N", "-v", "--pidfile", str(tmp_path / "fm.pid")],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if mode == "stls":
+        assert "STLS" in result.stdout + result.stderr
+    check(server, out, subjects)
 
 
-def test_getmail6_retrieves_500_over_pop3s(tmp_path: Path, certs: tuple) -> None:  # noqa: F811
+def test_getmail6_retrieves_500_over_pop3s(
+    servers: ServerFactory, ca: CertAuthority, tmp_path: Path
+) -> None:
     exe = shutil.which("getmail")
     if exe is None:
         pytest.skip("getmail6 is not installed (apt-get install getmail6)")
-    server = start(tmp_path, certs)
+    server = servers(("pop3", "pop3s"), tls=True, users=(ALICE,))
     out = tmp_path / "out"
     out.mkdir()
     sink = LMTPSink(out)
@@ -145,7 +146,7 @@ def test_getmail6_retrieves_500_over_pop3s(tmp_path: Path, certs: tuple) -> None
         (gdir / "getmailrc").write_text(
             "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = 127.0.0.1\n"
             f"port = {server.port('pop3s')}\nusername = {ALICE}\npassword = {PASSWORD}\n"
-            f"ca_certs = {certs[2]}\nssl_cert_hostname = localhost\n\n"
+            f"ca_certs = {ca.ca_file}\nssl_cert_hostname = localhost\n\n"
             # MDA_lmtp: getmail's forking destinations (Maildir, MDA_external) lose SIGCHLD
             # wake-ups now and then ("waiting child pid N timed out" after 60 s, a race in
             # getmail's _wait_for_child), which made this test fail for getmail's reasons
@@ -161,4 +162,3 @@ def test_getmail6_retrieves_500_over_pop3s(tmp_path: Path, certs: tuple) -> None
         check(server, out, subjects)
     finally:
         sink.close()
-        server.stop()

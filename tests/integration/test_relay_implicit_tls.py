@@ -4,6 +4,7 @@ Relay against the recording SMTP server listening behind TLS on 127.0.0.2."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -13,10 +14,11 @@ from mailsuite.outbound.relay import SMARTHOST_ROUTE, Relay
 from mailsuite.outbound.wire import scan_message
 from mailsuite.testing.mx import RecordingSMTPServer, _Factory
 from mailsuite.tls import ServerTLS
-from tests.integration.test_smtp_client import in_reactor, running_reactor
+from tests.reactor_thread import in_reactor
+from tests.tls_helpers import CertAuthority
 
 
-def _relay(tmp_path: Path, port: int, ca: Path, how: str = "smarthost") -> Relay:
+def _relay(reactor: Any, tmp_path: Path, port: int, ca: Path, how: str = "smarthost") -> Relay:
     """A smarthost, or the same next hop as a per-domain route (one code path)."""
     if how == "smarthost":
         relay = {"smarthost": f"127.0.0.2:{port}", "smarthost_tls": "implicit",
@@ -25,18 +27,15 @@ def _relay(tmp_path: Path, port: int, ca: Path, how: str = "smarthost") -> Relay
         relay = {"routes": {"far.test": {"host": f"[127.0.0.2]:{port}", "tls": "implicit",
                                          "user": "relayuser", "password": "relay-secret"}}}
     data = {"server": {"hostname": "mx.example.test"}, "relay": {**relay, "tls_ca": str(ca)}}
-    return Relay(parse_config(data, None, tmp_path), running_reactor())
+    return Relay(parse_config(data, None, tmp_path), reactor)
 
 
 @pytest.mark.parametrize("how", ["smarthost", "route"])
-def test_implicit_tls_smarthost_with_auth(tmp_path: Path, how: str) -> None:
-    reactor = running_reactor()
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.2")
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+def test_implicit_tls_smarthost_with_auth(
+    reactor: Any, ca: CertAuthority, tmp_path: Path, how: str
+) -> None:
     server = RecordingSMTPServer({"auth": {"relayuser": "relay-secret"}})
-    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "mx.pem"))
-    context = ServerTLS([(tmp_path / "mx.pem", tmp_path / "mx.pem")], check_interval=None)
+    context = ServerTLS([ca.issue("127.0.0.2", stem="smarthost-ip")], check_interval=None)
     # The recorder offers AUTH only once it believes TLS is on: mark every session so.
     factory = _Factory(server)
     build = factory.buildProtocol
@@ -53,7 +52,7 @@ def test_implicit_tls_smarthost_with_auth(tmp_path: Path, how: str) -> None:
         port = listener.getHost().port
         msg = tmp_path / "msg"
         msg.write_bytes(b"Subject: implicit\n\nhello\n")
-        relay = _relay(tmp_path, port, tmp_path / "ca.pem", how)
+        relay = _relay(reactor, tmp_path, port, ca.ca_file, how)
         route = relay.route_key("b@far.test")
         assert route == (SMARTHOST_ROUTE if how == "smarthost" else "[route far.test]")
         out = in_reactor(reactor, relay.send, route, "a@example.test",
@@ -66,7 +65,7 @@ def test_implicit_tls_smarthost_with_auth(tmp_path: Path, how: str) -> None:
         # a certificate we cannot verify: no delivery, no credentials sent, try later
         other = trustme.CA()
         other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
-        relay = _relay(tmp_path, port, tmp_path / "other.pem", how)
+        relay = _relay(reactor, tmp_path, port, tmp_path / "other.pem", how)
         out = in_reactor(reactor, relay.send, route, "a@example.test",
                          ["c@far.test"], msg, scan_message(msg))
         assert out["c@far.test"].reply.transient, out

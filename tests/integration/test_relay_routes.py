@@ -4,25 +4,15 @@ the route's port was used and not ``[relay] port``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import trustme
 
-from tests.harness import Server, free_port
-from tests.integration.test_relay import (
-    MX,
-    SENDER,
-    Net,
-    queue_ids,
-    relay_toml,
-    send,
-    show,
-    wait_for,
-    with_subject,
-)
+from tests.harness import ALICE as SENDER
+from tests.harness import Server, ServerFactory, free_port, wait_until
+from tests.loopback import MX, Net, queue_ids, send, show, with_subject
+from tests.tls_helpers import CertAuthority
 
 ZONE = {
     "internal.test": {"MX": [[10, "mx2.test"]]},  # a route sends it elsewhere
@@ -36,50 +26,42 @@ ZONE = {
 
 
 class Hop:
-    """A recording SMTP server on ADDRESS and a port of its own."""
+    """A recording SMTP server on ADDRESS and a port of its own, in ``net`` once started."""
 
-    def __init__(self, root: Path, address: str, script: dict[str, Any] | None = None,
-                 port: int = 0) -> None:
+    def __init__(self, net: Net, address: str, script: dict[str, Any] | None = None) -> None:
+        self.net = net
         self.address = address
-        self.port = port or free_port(address)
+        self.port = free_port(address)
         self.script = script
-        self.root = root
         self.mx: MX | None = None
 
     def start(self) -> MX:
-        self.mx = MX(self.root, self.address, self.port, self.script)
+        self.mx = self.net.mx(self.address, self.script, self.port)
         return self.mx
-
-    def stop(self) -> None:
-        if self.mx is not None:
-            self.mx.stop()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("routes")
-    net = Net(root)
-    net.start_dns(ZONE)
+def env(loopback_net: Callable[[dict[str, Any]], Net], module_servers: ServerFactory,
+        ca: CertAuthority) -> dict[str, Any]:
+    net = loopback_net(ZONE)
+    root = net.root
     by_mx = net.mx("127.0.0.2")
-    ca = trustme.CA()
-    cert = ca.issue_cert("secure-relay.test")
-    cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(root / "key.pem"))
-    ca.cert_pem.write_to_path(str(root / "ca.pem"))
-    (root / "relay.secret").write_text("relay-secret\n")
+    cert, key = ca.issue("secure-relay.test", stem="secure-relay")
+    # next to the server's folder: the route names it relative to the configuration file
+    (module_servers.root / "relay.secret").write_text("relay-secret\n")
     hops = {
-        "internal": Hop(root, "127.0.0.12"),
-        "hub": Hop(root, "127.0.0.13"),
-        "flaky": Hop(root, "127.0.0.15"),  # not started at first: connections are refused
-        "secure": Hop(root, "127.0.0.16", {
-            "starttls": {"cert": str(root / "cert.pem"), "key": str(root / "key.pem")},
+        "internal": Hop(net, "127.0.0.12"),
+        "hub": Hop(net, "127.0.0.13"),
+        "flaky": Hop(net, "127.0.0.15"),  # not started at first: connections are refused
+        "secure": Hop(net, "127.0.0.16", {
+            "starttls": {"cert": str(cert), "key": str(key)},
             "auth": {"relayuser": "relay-secret"}}),
-        "star": Hop(root, "127.0.0.14"),
+        "star": Hop(net, "127.0.0.14"),
     }
     for name in ("internal", "hub", "secure", "star"):
         hops[name].start()
     routes = (
-        f'tls_ca = "{root / "ca.pem"}"\n'
+        f'tls_ca = "{ca.ca_file}"\n'
         "[relay.routes]\n"
         f'"internal.test" = "[127.0.0.12]:{hops["internal"].port}"\n'
         f'"viamx.test" = "hub.test:{hops["hub"].port}"\n'
@@ -87,13 +69,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         f'"secure.test" = {{ host = "[secure-relay.test]:{hops["secure"].port}", '
         'tls = "required", user = "relayuser", password_file = "../relay.secret" }\n'
     )
-    server = Server(root / "srv", services=("smtp",), extra_toml=relay_toml(net, routes))
-    server.add_user(SENDER)
-    with server:
-        yield {"net": net, "by_mx": by_mx, "hops": hops, "srv": server, "root": root}
-    for hop in hops.values():
-        hop.stop()
-    net.stop()
+    server = module_servers(("smtp",), users=(SENDER,), extra_toml=net.relay_toml(routes))
+    return {"net": net, "by_mx": by_mx, "hops": hops, "srv": server, "root": root}
 
 
 def delivered(hop: Hop | MX, subject: str) -> list[dict[str, Any]]:
@@ -104,7 +81,7 @@ def delivered(hop: Hop | MX, subject: str) -> list[dict[str, Any]]:
 
 def test_bracketed_route_bypasses_the_mx(env: dict[str, Any]) -> None:
     send(env["srv"], ["ann@internal.test"], "route-literal")
-    got = wait_for(lambda: delivered(env["hops"]["internal"], "route-literal"), what="delivery")
+    got = wait_until(lambda: delivered(env["hops"]["internal"], "route-literal"), what="delivery")
     assert got[0]["rcpts"] == ["ann@internal.test"]
     assert delivered(env["by_mx"], "route-literal") == []  # internal.test's MX never saw it
     check = env["srv"].cli("check").stdout  # the admin command shows the routes
@@ -115,23 +92,23 @@ def test_bracketed_route_bypasses_the_mx(env: dict[str, Any]) -> None:
 
 def test_host_port_route_looks_up_the_mx_of_host(env: dict[str, Any]) -> None:
     send(env["srv"], ["ben@viamx.test"], "route-mx")
-    got = wait_for(lambda: delivered(env["hops"]["hub"], "route-mx"), what="delivery")
+    got = wait_until(lambda: delivered(env["hops"]["hub"], "route-mx"), what="delivery")
     assert got[0]["rcpts"] == ["ben@viamx.test"]
     assert delivered(env["by_mx"], "route-mx") == []
 
 
 def test_domains_without_a_route_still_go_by_mx(env: dict[str, Any]) -> None:
     send(env["srv"], ["cat@plain.test", "dan@internal.test"], "route-mixed")
-    got = wait_for(lambda: delivered(env["by_mx"], "route-mixed"), what="MX delivery")
+    got = wait_until(lambda: delivered(env["by_mx"], "route-mixed"), what="MX delivery")
     assert got[0]["rcpts"] == ["cat@plain.test"]
-    routed = wait_for(lambda: delivered(env["hops"]["internal"], "route-mixed"),
+    routed = wait_until(lambda: delivered(env["hops"]["internal"], "route-mixed"),
                       what="routed delivery")
     assert routed[0]["rcpts"] == ["dan@internal.test"]
 
 
 def test_route_with_auth_over_tls(env: dict[str, Any]) -> None:
     send(env["srv"], ["eve@secure.test"], "route-auth")
-    got = wait_for(lambda: delivered(env["hops"]["secure"], "route-auth"), what="delivery")
+    got = wait_until(lambda: delivered(env["hops"]["secure"], "route-auth"), what="delivery")
     assert got[0]["tls"] is True and got[0]["auth_user"] == "relayuser"
     assert got[0]["rcpts"] == ["eve@secure.test"]
 
@@ -144,29 +121,28 @@ def test_queue_retries_when_the_routes_host_fails(env: dict[str, Any]) -> None:
         return any("fay@flaky.test" in out and "4.4.1" in out
                    for out in (show(srv, q) for q in queue_ids(srv)))
 
-    wait_for(refused_attempt, what="a refused attempt")
+    wait_until(refused_attempt, what="a refused attempt")
     mx = env["hops"]["flaky"].start()
-    got = wait_for(lambda: with_subject(mx.transactions(), "route-retry"), timeout=30,
+    got = wait_until(lambda: with_subject(mx.transactions(), "route-retry"), timeout=30,
                    what="the retry")
     assert got[0]["rcpts"] == ["fay@flaky.test"]
-    wait_for(lambda: not [q for q in queue_ids(srv) if "fay@" in show(srv, q)],
+    wait_until(lambda: not [q for q in queue_ids(srv) if "fay@" in show(srv, q)],
              what="the entry to leave the queue")
     assert "Traceback" not in srv.log.read_text(errors="replace")
 
 
 def test_star_route_takes_every_domain_without_its_own_route(
-        env: dict[str, Any], tmp_path: Path) -> None:
+        env: dict[str, Any], servers: ServerFactory) -> None:
     hops = env["hops"]
     routes = ("[relay.routes]\n"
               f'"*" = "[127.0.0.14]:{hops["star"].port}"\n'
               f'"internal.test" = "[127.0.0.12]:{hops["internal"].port}"\n')
-    server = Server(tmp_path / "srv", services=("smtp",),
-                    extra_toml=relay_toml(env["net"], routes))
-    server.add_user(SENDER)
+    server = servers(("smtp",), users=(SENDER,), extra_toml=env["net"].relay_toml(routes),
+                     start=False)
     with server:
         send(server, ["gus@plain.test", "hal@nowhere.test", "ivy@internal.test"], "route-star")
-        got = wait_for(lambda: delivered(hops["star"], "route-star"), what="delivery")
-        exact = wait_for(lambda: delivered(hops["internal"], "route-star"), what="delivery")
+        got = wait_until(lambda: delivered(hops["star"], "route-star"), what="delivery")
+        exact = wait_until(lambda: delivered(hops["internal"], "route-star"), what="delivery")
     # one transaction for every domain the "*" route serves (even one that does not exist)
     assert sorted(got[0]["rcpts"]) == ["gus@plain.test", "hal@nowhere.test"]
     assert exact[0]["rcpts"] == ["ivy@internal.test"]  # the exact route wins over "*"

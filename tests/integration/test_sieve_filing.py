@@ -10,10 +10,8 @@ the fall-back to INBOX (with the user's log) when a folder is missing or the scr
 
 from __future__ import annotations
 
-import base64
 import imaplib
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +20,9 @@ import pytest
 from mailsuite.sieve.apply import store_all
 from mailsuite.sieve.engine import SieveSettings, evaluate
 from mailsuite.sieve.interpreter import Limits, SieveEnvelope
-from tests.harness import PASSWORD, Server
+from tests.clients import ManageSieveClient
+from tests.harness import ALICE, PASSWORD, Server, ServerFactory
 
-ALICE = "alice@example.test"
 SCRIPT = b"""require ["fileinto", "envelope", "subaddress", "body", "mailbox", "imap4flags",
                       "variables"];
 if header :contains "subject" "[acme]" { fileinto "Lists"; stop; }
@@ -36,11 +34,9 @@ if header :matches "subject" "Re: *" { fileinto "Missing"; stop; }
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("sieve-filing") / "srv",
-               services=("imap", "managesieve"), extra_toml="[auth]\nallow_plaintext = true\n")
-    s.start()
-    s.add_user(ALICE)
+def server(module_servers: ServerFactory) -> Iterator[Server]:
+    s = module_servers(("imap", "managesieve"), users=(ALICE,),
+                       extra_toml="[auth]\nallow_plaintext = true\n")
     upload(s, SCRIPT)
     yield s
     s.stop()
@@ -49,22 +45,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def upload(server: Server, script: bytes) -> None:
     """PUTSCRIPT + SETACTIVE over a raw ManageSieve connection."""
-    with socket.create_connection(("127.0.0.1", server.port("managesieve")), timeout=10) as s:
-        f = s.makefile("rb")
-
-        def answer() -> bytes:
-            while True:
-                line = f.readline()
-                if line.startswith((b"OK", b"NO", b"BYE")):
-                    return line
-
-        answer()
-        cred = base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode())
-        for cmd in (b'AUTHENTICATE "PLAIN" "' + cred + b'"',
-                    b'PUTSCRIPT "rules" {%d+}\r\n' % len(script) + script,
-                    b'SETACTIVE "rules"', b"LOGOUT"):
-            s.sendall(cmd + b"\r\n")
-            assert answer().startswith(b"OK"), cmd
+    client = ManageSieveClient(server.port("managesieve"))
+    client.login(ALICE)
+    for cmd in (b'PUTSCRIPT "rules" {%d+}\r\n' % len(script) + script,
+                b'SETACTIVE "rules"', b"LOGOUT"):
+        assert client.cmd(cmd).startswith(b"OK"), cmd
+    client.close()
 
 
 def deliver(server: Server, tmp: Path, rcpt: str, body: bytes,

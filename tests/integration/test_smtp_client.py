@@ -4,47 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
-import trustme
 from twisted.internet import ssl
 
 from mailsuite.outbound.client import deliver
 from mailsuite.outbound.result import Outcome, Timeouts
 from mailsuite.outbound.wire import scan_message
-from mailsuite.testing.mx import RecordingSMTPServer, spawn_mx_server
-from tests.reactor_thread import in_reactor, running_reactor
+from mailsuite.testing.mx import spawn_mx_server
+from tests.reactor_thread import in_reactor
+from tests.tls_helpers import CertAuthority
 
-MX_ADDR = "127.0.0.2"
-@pytest.fixture(scope="module")
-def reactor():
-    return running_reactor()
+MX_ADDR = "127.0.0.2"  # where the mx_serverss fixture listens
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.test")
-    d = tmp_path_factory.mktemp("pki")
-    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(d / "key.pem"))
-    trust = ssl.Certificate.loadPEM(ca.cert_pem.bytes())
-    return {"cert": str(d / "cert.pem"), "key": str(d / "key.pem"), "trust": trust}
-
-
-@pytest.fixture
-def mx_server(reactor):
-    servers = []
-
-    def start(script=None, record_dir=None):
-        server = RecordingSMTPServer(script, record_dir)
-        in_reactor(reactor, server.start, reactor, MX_ADDR, 0)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        in_reactor(reactor, server.stop)
+def pki(ca: CertAuthority) -> dict[str, Any]:
+    """The recording MX's certificate for mx.test, and the test CA as a trust root."""
+    cert, key = ca.issue("mx.test", stem="mx-test")
+    return {"cert": str(cert), "key": str(key),
+            "trust": ssl.Certificate.loadPEM(ca.ca_file.read_bytes())}
 
 
 @pytest.fixture
@@ -66,8 +46,8 @@ def send(reactor, port, path, rcpts=("bob@mx.test",), **kwargs):
                       "client.test", "alice@client.test", list(rcpts), path, **kwargs)
 
 
-def test_delivery_with_refused_recipient(reactor, mx_server, message):
-    server = mx_server({"rcpt": {"nobody@mx.test": [550, "5.1.1 no such user"]}})
+def test_delivery_with_refused_recipient(reactor, mx_servers, message):
+    server = mx_servers({"rcpt": {"nobody@mx.test": [550, "5.1.1 no such user"]}})
     path = message(b"Subject: hi\n\n.hidden\nbody\n")
     r = send(reactor, server.port, path, rcpts=("bob@mx.test", "nobody@mx.test"))
     assert r.outcome is Outcome.DELIVERED and r.address == MX_ADDR
@@ -78,22 +58,22 @@ def test_delivery_with_refused_recipient(reactor, mx_server, message):
     assert server.commands[-1] == "QUIT"
 
 
-def test_next_address_when_connection_refused(reactor, mx_server, message):
-    server = mx_server()
+def test_next_address_when_connection_refused(reactor, mx_servers, message):
+    server = mx_servers()
     r = send(reactor, server.port, message(b"x\n"), addresses=["127.0.0.5", MX_ADDR])
     assert r.outcome is Outcome.DELIVERED and r.address == MX_ADDR
 
 
-def test_connect_failed(reactor, mx_server, message):
-    server = mx_server()
+def test_connect_failed(reactor, mx_servers, message):
+    server = mx_servers()
     r = send(reactor, server.port, message(b"x\n"), addresses=["127.0.0.5"])
     assert r.outcome is Outcome.CONNECT_FAILED and r.try_next_mx
     assert r.transient_failures == ["bob@mx.test"]
 
 
-def test_smuggling_at_chunk_boundary_stays_one_message(reactor, mx_server, message):
+def test_smuggling_at_chunk_boundary_stays_one_message(reactor, mx_servers, message):
     """Regression (research 4.2): Twisted's client let this through as a second message."""
-    server = mx_server()
+    server = mx_servers()
     head = b"Subject: pad\n\n"
     padding = head + b"x" * (65536 - len(head) - 1) + b"\n"
     smuggle = (b".\nMAIL FROM:<smuggled@evil.test>\nRCPT TO:<victim@mx.test>\nDATA\n"
@@ -107,8 +87,8 @@ def test_smuggling_at_chunk_boundary_stays_one_message(reactor, mx_server, messa
     assert not any("smuggled" in c for c in server.commands)
 
 
-def test_large_message_over_starttls(reactor, mx_server, message, pki):
-    server = mx_server({"starttls": pki, "extensions": ["PIPELINING", "8BITMIME"]})
+def test_large_message_over_starttls(reactor, mx_servers, message, pki):
+    server = mx_servers({"starttls": pki, "extensions": ["PIPELINING", "8BITMIME"]})
     line = b"." + b"y" * 77 + b"\n"
     path = message(b"Subject: big\n\n" + line * 70000)  # ~5.5 MB
     ctx = ssl.optionsForClientTLS("mx.test", trustRoot=pki["trust"])
@@ -119,15 +99,15 @@ def test_large_message_over_starttls(reactor, mx_server, message, pki):
     assert len(t.data) == scan_message(path).wire_size
 
 
-def test_starttls_verification_failure_no_fallback(reactor, mx_server, message, pki):
-    server = mx_server({"starttls": pki})
+def test_starttls_verification_failure_no_fallback(reactor, mx_servers, message, pki):
+    server = mx_servers({"starttls": pki})
     r = send(reactor, server.port, message(b"x\n"), tls="opportunistic", tls_verify=True)
     assert r.outcome is Outcome.TLS_FAILED and r.try_next_mx
     assert server.transactions == []
 
 
-def test_opportunistic_tls_falls_back_to_plaintext(reactor, mx_server, message, pki):
-    server = mx_server({"starttls": pki})
+def test_opportunistic_tls_falls_back_to_plaintext(reactor, mx_servers, message, pki):
+    server = mx_servers({"starttls": pki})
     wrong_name = ssl.optionsForClientTLS("other.test", trustRoot=pki["trust"])
     r = send(reactor, server.port, message(b"x\n"), tls="opportunistic",
              tls_client_context=wrong_name)
@@ -135,8 +115,8 @@ def test_opportunistic_tls_falls_back_to_plaintext(reactor, mx_server, message, 
     assert server.connections == 2
 
 
-def test_auth_over_starttls(reactor, mx_server, message, pki):
-    server = mx_server({"starttls": pki, "auth": {"alice": "pw"}})
+def test_auth_over_starttls(reactor, mx_servers, message, pki):
+    server = mx_servers({"starttls": pki, "auth": {"alice": "pw"}})
     ctx = ssl.optionsForClientTLS("mx.test", trustRoot=pki["trust"])
     r = send(reactor, server.port, message(b"x\n"), tls="required", tls_client_context=ctx,
              auth=("alice", "pw"))
@@ -147,61 +127,61 @@ def test_auth_over_starttls(reactor, mx_server, message, pki):
     assert r.outcome is Outcome.AUTH_FAILED and r.reply.code == 535
 
 
-def test_size_refusal(reactor, mx_server, message):
-    server = mx_server({"size": 100})
+def test_size_refusal(reactor, mx_servers, message):
+    server = mx_servers({"size": 100})
     r = send(reactor, server.port, message(b"x" * 200 + b"\n"))
     assert r.outcome is Outcome.MESSAGE_UNSENDABLE and r.reply.status == "5.3.4"
     assert r.permanent_failures == ["bob@mx.test"]
     assert not any(c.startswith("MAIL") for c in server.commands)
 
 
-def test_size_declared(reactor, mx_server, message):
-    server = mx_server({"size": 1000})
+def test_size_declared(reactor, mx_servers, message):
+    server = mx_servers({"size": 1000})
     path = message(b"x" * 200 + b"\n")
     r = send(reactor, server.port, path, size=scan_message(path).wire_size)
     assert r.outcome is Outcome.DELIVERED
     assert server.transactions[0].mail_params == ["SIZE=202"]
 
 
-def test_8bit_handling(reactor, mx_server, message):
+def test_8bit_handling(reactor, mx_servers, message):
     path = message("Subject: grüße\n\nüber\n".encode())
     info = scan_message(path)
     assert info.eight_bit
-    with_8bit = mx_server()
+    with_8bit = mx_servers()
     r = send(reactor, with_8bit.port, path, body_8bit=info.eight_bit)
     assert r.outcome is Outcome.DELIVERED
     assert with_8bit.transactions[0].mail_params == ["BODY=8BITMIME"]
     assert with_8bit.transactions[0].data == "Subject: grüße\r\n\r\nüber\r\n".encode()
 
-    seven_bit_only = mx_server({"extensions": ["PIPELINING"]})
+    seven_bit_only = mx_servers({"extensions": ["PIPELINING"]})
     r = send(reactor, seven_bit_only.port, path, body_8bit=True)
     assert r.outcome is Outcome.MESSAGE_UNSENDABLE and r.reply.status == "5.6.3"
     assert seven_bit_only.transactions == []
 
 
-def test_smtputf8(reactor, mx_server, message):
-    server = mx_server({"smtputf8": True})
+def test_smtputf8(reactor, mx_servers, message):
+    server = mx_servers({"smtputf8": True})
     r = send(reactor, server.port, message(b"x\n"), rcpts=("jörg@mx.test",))
     assert r.outcome is Outcome.DELIVERED
     assert server.transactions[0].rcpts == ["jörg@mx.test"]
     assert "SMTPUTF8" in server.transactions[0].mail_params
 
 
-def test_helo_fallback(reactor, mx_server, message):
-    server = mx_server({"ehlo": False})
+def test_helo_fallback(reactor, mx_servers, message):
+    server = mx_servers({"ehlo": False})
     r = send(reactor, server.port, message(b"x\n"))
     assert r.outcome is Outcome.DELIVERED
     assert [c.split()[0] for c in server.commands[:2]] == ["EHLO", "HELO"]
 
 
-def test_greeting_refused(reactor, mx_server, message):
-    server = mx_server({"greeting": [554, "5.7.1 no service"]})
+def test_greeting_refused(reactor, mx_servers, message):
+    server = mx_servers({"greeting": [554, "5.7.1 no service"]})
     r = send(reactor, server.port, message(b"x\n"))
     assert r.outcome is Outcome.GREETING_REFUSED and r.reply.code == 554 and r.try_next_mx
 
 
-def test_data_end_timeout(reactor, mx_server, message):
-    server = mx_server({"silent": ["data_end"]})
+def test_data_end_timeout(reactor, mx_servers, message):
+    server = mx_servers({"silent": ["data_end"]})
     r = send(reactor, server.port, message(b"x\n"),
              timeouts=Timeouts(greeting=5, command=5, mail=5, rcpt=5, data_init=5,
                                data_block=5, data_term=0.5))
@@ -209,8 +189,8 @@ def test_data_end_timeout(reactor, mx_server, message):
     assert r.transient_failures == ["bob@mx.test"] and not r.try_next_mx
 
 
-def test_scripted_data_refusal(reactor, mx_server, message):
-    server = mx_server({"data_end": [452, "4.3.1 full"]})
+def test_scripted_data_refusal(reactor, mx_servers, message):
+    server = mx_servers({"data_end": [452, "4.3.1 full"]})
     r = send(reactor, server.port, message(b"x\n"))
     assert r.outcome is Outcome.DATA_REFUSED and r.transient_failures == ["bob@mx.test"]
 

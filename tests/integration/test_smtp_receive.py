@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.harness import Server
+from tests.clients import SMTPClient as Raw
+from tests.harness import ALICE, BOB, Server, ServerFactory, wait_until
 
 
 @pytest.fixture(scope="module")
-def mx(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("mx")
-    srv = Server(
-        root,
-        services=("smtp",),
+def mx(module_servers: ServerFactory) -> Server:
+    srv = module_servers(
+        ("smtp",),
+        users=(ALICE, BOB, "jörg@example.test"),
         extra_toml="[smtp]\nmax_message_size = 100000\nmax_recipients = 100\n",
+        start=False,
     )
-    srv.add_user("alice@example.test")
-    srv.add_user("bob@example.test")
-    srv.add_user("jörg@example.test")
-    srv.cli("alias", "add", "team@example.test", "alice@example.test", "bob@example.test")
+    srv.cli("alias", "add", "team@example.test", ALICE, BOB)
     srv.cli("alias", "add", "ext@example.test", "someone@remote.test")
-    with srv:
-        yield srv
+    return srv.start()
 
 
 def box(srv: Server, user: str) -> list[bytes]:
@@ -35,45 +29,9 @@ def box(srv: Server, user: str) -> list[bytes]:
 
 
 def wait_count(srv: Server, user: str, n: int, timeout: float = 5) -> list[bytes]:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = box(srv, user)
-        if len(got) >= n or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
-
-
-class Raw:
-    """A raw SMTP dialogue: send bytes, read replies."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-        self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> tuple[int, str]:
-        """One complete (possibly multi-line) reply."""
-        lines = []
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError(f"closed; got {lines!r} {self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            lines.append(line.decode())
-            if len(line) < 4 or line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    def cmd(self, line: str) -> tuple[int, str]:
-        self.send(line.encode() + b"\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
+    """``user``'s messages once there are at least ``n``."""
+    return wait_until(lambda: len(got := box(srv, user)) >= n and got, timeout,
+                      f"{n} messages for {user}")
 
 
 def test_delivery_lands_in_maildir_with_trace_headers(mx: Server) -> None:
@@ -255,7 +213,7 @@ def test_smuggling_delivers_exactly_one_message(mx: Server, evil: bytes) -> None
     raw.close()
     after = wait_count(mx, "alice@example.test", len(before) + 1)
     assert len(after) == len(before) + 1
-    new = [m for m in after if m not in before][0]
+    new = next(m for m in after if m not in before)
     assert b"Subject: smuggled" in new  # the smuggled text stayed inside the one message
     assert not any(b"Subject: smuggled" in m for m in box(mx, "bob@example.test"))
 
@@ -275,14 +233,12 @@ def test_long_lines(mx: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def strict(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(
-        tmp_path_factory.mktemp("strict"),
+def strict(module_servers: ServerFactory) -> Server:
+    return module_servers(
+        ("smtp",),
+        users=(ALICE,),
         extra_toml="[smtp]\nmax_recipients = 100\nmax_errors = 3\ntimeout = 2\n",
     )
-    srv.add_user("alice@example.test")
-    with srv:
-        yield srv
 
 
 def test_recipient_limit(strict: Server) -> None:
@@ -326,14 +282,14 @@ def test_helo_cannot_inject_headers(mx: Server) -> None:
 
 
 @pytest.mark.parametrize("broken", ["first", "second"])
-def test_delivery_failure_is_temporary_and_loses_nothing(tmp_path: Path, broken: str) -> None:
+def test_delivery_failure_is_temporary_and_loses_nothing(
+    servers: ServerFactory, broken: str
+) -> None:
     """A store that cannot be written answers 451 and leaves no half-delivered copy: with the
     first recipient broken the refusal comes at DATA, with the second after the data, and
     then the first recipient must not have received a copy either (the client retries)."""
-    srv = Server(tmp_path)
-    srv.add_user("alice@example.test")
-    srv.add_user("bob@example.test")
-    victim = "alice@example.test" if broken == "first" else "bob@example.test"
+    srv = servers(("smtp",), users=(ALICE, BOB), start=False)
+    victim = ALICE if broken == "first" else BOB
     with srv:
         sub = srv.maildir(victim) / "tmp"
         sub.rmdir()

@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from mailsuite.testing.process import mailsuite_argv
-from tests.harness import PASSWORD, Server, assert_clean_log, wait_port
+from tests.harness import ALICE, PASSWORD, ServerFactory, assert_clean_log, wait_port, wait_until
 from tests.tls_helpers import CertAuthority, peer_certificate, plain, smtp_starttls
 
 
@@ -26,49 +25,33 @@ def _san(cert: dict) -> set[str]:
     return {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def test_sighup_reloads_a_renewed_certificate(tmp_path: Path):
-    ca = CertAuthority(tmp_path / "pki")
+def test_sighup_reloads_a_renewed_certificate(servers: ServerFactory, ca: CertAuthority) -> None:
     cert, key = ca.issue("mx.example.test", stem="live")
-    srv = Server(tmp_path / "srv", services=("smtp", "submission", "submissions"), tls=(cert, key))
-    srv.start()
-    try:
-        srv.add_user("alice@example.test")
-        before = {
-            s: _serial(peer_certificate("127.0.0.1", srv.port(s), ca, "mx.example.test", st))
-            for s, st in (("submission", True), ("submissions", False), ("smtp", True))
-        }
-        assert len(set(before.values())) == 1
-        ca.issue("mx.example.test", "smtp.example.test", stem="live")  # renewed in place
-        assert srv.proc is not None
-        srv.proc.send_signal(signal.SIGHUP)
-        assert _wait_for(lambda: "TLS: reloaded" in srv.output()), srv.output()
-        assert srv.proc.poll() is None  # SIGHUP did not kill the server
-        for s, st in (("submission", True), ("submissions", False), ("smtp", True)):
-            cert_now = peer_certificate("127.0.0.1", srv.port(s), ca, "mx.example.test", st)
-            assert _serial(cert_now) != before[s]
-            assert "smtp.example.test" in _san(cert_now)
-        # A broken renewal keeps the previous certificate in service.
-        Path(cert).write_text("garbage")
-        srv.proc.send_signal(signal.SIGHUP)
-        assert _wait_for(lambda: "TLS reload failed" in srv.output()), srv.output()
-        client = smtp_starttls(srv.port("submission"), ca)
-        client.login("alice@example.test", PASSWORD)
-        client.quit()
-    finally:
-        srv.stop()
+    srv = servers(("smtp", "submission", "submissions"), tls=(cert, key), users=(ALICE,))
+    before = {
+        s: _serial(peer_certificate("127.0.0.1", srv.port(s), ca, "mx.example.test", st))
+        for s, st in (("submission", True), ("submissions", False), ("smtp", True))
+    }
+    assert len(set(before.values())) == 1
+    ca.issue("mx.example.test", "smtp.example.test", stem="live")  # renewed in place
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "TLS: reloaded" in srv.output(), what="the reload in the log")
+    assert srv.proc.poll() is None  # SIGHUP did not kill the server
+    for s, st in (("submission", True), ("submissions", False), ("smtp", True)):
+        cert_now = peer_certificate("127.0.0.1", srv.port(s), ca, "mx.example.test", st)
+        assert _serial(cert_now) != before[s]
+        assert "smtp.example.test" in _san(cert_now)
+    # A broken renewal keeps the previous certificate in service.
+    Path(cert).write_text("garbage")
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "TLS reload failed" in srv.output(), what="the failed reload")
+    client = smtp_starttls(srv.port("submission"), ca)
+    client.login(ALICE, PASSWORD)
+    client.quit()
 
 
-def test_several_certificates_by_sni(tmp_path: Path):
-    ca = CertAuthority(tmp_path / "pki")
+def test_several_certificates_by_sni(servers: ServerFactory, ca: CertAuthority) -> None:
     c1, k1 = ca.issue("mx.example.test", stem="one")
     c2, k2 = ca.issue("mail.other.test", stem="two")
     c3, k3 = ca.issue("*.wild.test", stem="three")
@@ -76,22 +59,18 @@ def test_several_certificates_by_sni(tmp_path: Path):
         f'[tls]\ncert = "{c1}"\nkey = "{k1}"\n'
         f'extra = [{{ cert = "{c2}", key = "{k2}" }}, {{ cert = "{c3}", key = "{k3}" }}]\n'
     )
-    srv = Server(tmp_path / "srv", services=("submission", "submissions"), extra_toml=toml)
-    srv.start()
-    try:
-        for service, starttls in (("submission", True), ("submissions", False)):
-            port = srv.port(service)
-            assert "mx.example.test" in _san(
-                peer_certificate("127.0.0.1", port, ca, "mx.example.test", starttls)
-            )
-            assert "mail.other.test" in _san(
-                peer_certificate("127.0.0.1", port, ca, "mail.other.test", starttls)
-            )
-            assert "*.wild.test" in _san(
-                peer_certificate("127.0.0.1", port, ca, "smtp.wild.test", starttls)
-            )
-    finally:
-        srv.stop()
+    srv = servers(("submission", "submissions"), extra_toml=toml)
+    for service, starttls in (("submission", True), ("submissions", False)):
+        port = srv.port(service)
+        assert "mx.example.test" in _san(
+            peer_certificate("127.0.0.1", port, ca, "mx.example.test", starttls)
+        )
+        assert "mail.other.test" in _san(
+            peer_certificate("127.0.0.1", port, ca, "mail.other.test", starttls)
+        )
+        assert "*.wild.test" in _san(
+            peer_certificate("127.0.0.1", port, ca, "smtp.wild.test", starttls)
+        )
 
 
 DEFAULT_PORTS = (2525, 2587, 2465, 2143, 2993, 2110, 2995, 24190, 2080)
@@ -123,10 +102,12 @@ def test_embedded_default_bootstraps_a_self_signed_certificate(tmp_path: Path):
     cert = tmp_path / "mailsuite-data" / "tls" / "selfsigned.pem"
     key = tmp_path / "mailsuite-data" / "tls" / "selfsigned.key"
     try:
-        assert _wait_for(lambda: cert.exists(), 20), _output(proc, log)
-        assert _wait_for(
-            lambda: log.exists() and "self-signed" in log.read_text(errors="replace"), 20
-        ), _output(proc, log)
+        try:
+            wait_until(lambda: cert.exists(), 20, "the self-signed certificate")
+            wait_until(lambda: log.exists() and "self-signed" in log.read_text(errors="replace"),
+                       20, "the self-signed certificate in the log")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_output(proc, log)}") from None
         text = log.read_text(errors="replace")
         assert str(cert) in text or "selfsigned.pem" in text
         assert oct(key.stat().st_mode & 0o777) == "0o600"

@@ -29,17 +29,11 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.tls import ServerTLS, client_tls_options, ensure_self_signed, peer_tls_info
-from tests.reactor_thread import in_reactor, running_reactor
+from tests.clients import read_line
+from tests.reactor_thread import in_reactor
+from tests.tls_helpers import CertAuthority
 
 TIMEOUT = 10.0
-
-# ----------------------------------------------------------------- reactor in a thread
-
-
-@pytest.fixture(scope="module")
-def reactor() -> Any:
-    return running_reactor()
-
 
 # ----------------------------------------------------------------- the server side
 
@@ -75,24 +69,6 @@ class LineFactory(protocol.Factory):
     def __init__(self, server_tls: ServerTLS, starttls: bool) -> None:
         self.server_tls = server_tls
         self.starttls = starttls
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def write_pair(ca: trustme.CA, directory: Path, stem: str, *names: str) -> tuple[Path, Path]:
-    leaf = ca.issue_cert(*names)
-    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
-    for path, data in (
-        (key, leaf.private_key_pem.bytes()),
-        (cert, b"".join(blob.bytes() for blob in leaf.cert_chain_pems)),
-    ):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic, like certbot
-    return cert, key
 
 
 def file_der(cert_path: Path) -> bytes:
@@ -131,34 +107,23 @@ def serve(reactor: Any) -> Iterator[Callable[[ServerTLS, bool], Listener]]:
 # ----------------------------------------------------------------- python ssl clients
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """Read one CRLF line byte by byte (so no TLS bytes are swallowed before the handshake)."""
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    return data[:-2]
-
-
 def plain_connect(listener: Listener) -> socket.socket:
     """TCP connect; for a STARTTLS listener, do the plaintext part up to the handshake."""
     sock = socket.create_connection(("127.0.0.1", listener.number), timeout=TIMEOUT)
     if not listener.implicit:
-        assert read_line(sock) == b"220 ready STARTTLS"
+        assert read_line(sock) == b"220 ready STARTTLS\r\n"
         sock.sendall(b"STARTTLS\r\n")
-        assert read_line(sock) == b"220 go ahead"
+        assert read_line(sock) == b"220 go ahead\r\n"
     return sock
 
 
 def client_context(
-    ca: trustme.CA,
+    ca: CertAuthority,
     minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
     maximum: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
 ) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
+    ctx.load_verify_locations(cafile=str(ca.ca_file))
     ctx.minimum_version = minimum
     ctx.maximum_version = maximum
     return ctx
@@ -168,11 +133,11 @@ class Session:
     def __init__(self, sock: ssl.SSLSocket, implicit: bool) -> None:
         self.sock = sock
         if implicit:
-            assert read_line(sock) == b"220 ready"
+            assert read_line(sock) == b"220 ready\r\n"
 
     def command(self, line: bytes) -> bytes:
         self.sock.sendall(line + b"\r\n")
-        return read_line(self.sock)
+        return read_line(self.sock).removesuffix(b"\r\n")
 
     @property
     def peer_der(self) -> bytes:
@@ -257,8 +222,8 @@ WEAK = [
 
 
 @pytest.fixture
-def single(ca: trustme.CA, tmp_path: Path) -> tuple[ServerTLS, tuple[Path, Path]]:
-    pair = write_pair(ca, tmp_path, "mail", "mail.example.test")
+def single(ca: CertAuthority, tmp_path: Path) -> tuple[ServerTLS, tuple[Path, Path]]:
+    pair = ca.issue("mail.example.test", stem="mail", directory=tmp_path)
     return ServerTLS([pair], check_interval=None), pair
 
 
@@ -274,7 +239,7 @@ MODES = pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "sta
     [(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (ssl.TLSVersion.TLSv1_3, "TLSv1.3")],
 )
 def test_tls12_and_tls13_accepted(
-    serve: Any, ca: trustme.CA, single: Any, implicit: bool, version: Any, name: str
+    serve: Any, ca: CertAuthority, single: Any, implicit: bool, version: Any, name: str
 ) -> None:
     server_tls, pair = single
     listener = serve(server_tls, implicit)
@@ -313,7 +278,7 @@ def test_weak_ciphers_refused(serve: Any, single: Any, implicit: bool) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1:DeprecationWarning")
-def test_tls11_python_client_fails(serve: Any, ca: trustme.CA, single: Any) -> None:
+def test_tls11_python_client_fails(serve: Any, ca: CertAuthority, single: Any) -> None:
     listener = serve(single[0], True)
     ctx = client_context(ca, ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1)
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the local client really offer TLS 1.1
@@ -332,10 +297,10 @@ def test_tls11_python_client_fails(serve: Any, ca: trustme.CA, single: Any) -> N
 
 @MODES
 def test_sni_picks_the_matching_certificate(
-    serve: Any, ca: trustme.CA, tmp_path: Path, implicit: bool
+    serve: Any, ca: CertAuthority, tmp_path: Path, implicit: bool
 ) -> None:
-    mail = write_pair(ca, tmp_path, "mail", "mail.example.test")
-    other = write_pair(ca, tmp_path, "other", "*.other.test", "other.test")
+    mail = ca.issue("mail.example.test", stem="mail", directory=tmp_path)
+    other = ca.issue("*.other.test", "other.test", stem="other", directory=tmp_path)
     listener = serve(ServerTLS([mail, other], check_interval=None), implicit)
     ctx = client_context(ca)
     for hostname, pair in [
@@ -364,7 +329,7 @@ def test_sni_picks_the_matching_certificate(
 
 @MODES
 def test_reload_serves_new_cert_while_old_connection_lives(
-    reactor: Any, serve: Any, ca: trustme.CA, single: Any, tmp_path: Path, implicit: bool
+    reactor: Any, serve: Any, ca: CertAuthority, single: Any, tmp_path: Path, implicit: bool
 ) -> None:
     server_tls, pair = single
     listener = serve(server_tls, implicit)
@@ -373,7 +338,7 @@ def test_reload_serves_new_cert_while_old_connection_lives(
     old = tls_connect(listener, ctx)
     try:
         assert old.peer_der == old_der
-        write_pair(ca, tmp_path, "mail", "mail.example.test")  # renewed in place
+        ca.issue("mail.example.test", stem="mail", directory=tmp_path)  # renewed in place
         new_der = file_der(pair[0])
         assert new_der != old_der
         assert in_reactor(reactor, server_tls.reload) is True
@@ -392,7 +357,7 @@ def test_reload_serves_new_cert_while_old_connection_lives(
 
 @MODES
 def test_failed_reload_keeps_old_cert(
-    reactor: Any, serve: Any, ca: trustme.CA, single: Any, tmp_path: Path, implicit: bool
+    reactor: Any, serve: Any, ca: CertAuthority, single: Any, tmp_path: Path, implicit: bool
 ) -> None:
     server_tls, pair = single
     listener = serve(server_tls, implicit)
@@ -409,7 +374,7 @@ def test_failed_reload_keeps_old_cert(
         session.close()
 
     # a renewed certificate whose key was not updated: mismatched, refused
-    renewed = ca.issue_cert("mail.example.test")
+    renewed = ca.ca.issue_cert("mail.example.test")
     pair[0].write_bytes(renewed.cert_chain_pems[0].bytes())
     assert in_reactor(reactor, server_tls.reload) is False
     assert "does not match" in (server_tls.last_error or "")
@@ -421,9 +386,9 @@ def test_failed_reload_keeps_old_cert(
 
 
 def test_changed_files_picked_up_on_new_connection(
-    serve: Any, ca: trustme.CA, tmp_path: Path
+    serve: Any, ca: CertAuthority, tmp_path: Path
 ) -> None:
-    pair = write_pair(ca, tmp_path, "mail", "mail.example.test")
+    pair = ca.issue("mail.example.test", stem="mail", directory=tmp_path)
     listener = serve(ServerTLS([pair], check_interval=0), True)  # stat() on every connection
     ctx = client_context(ca)
     first = tls_connect(listener, ctx)
@@ -431,7 +396,7 @@ def test_changed_files_picked_up_on_new_connection(
         assert first.peer_der == file_der(pair[0])
     finally:
         first.close()
-    write_pair(ca, tmp_path, "mail", "mail.example.test")  # no explicit reload()
+    ca.issue("mail.example.test", stem="mail", directory=tmp_path)  # no explicit reload()
     second = tls_connect(listener, ctx)
     try:
         assert second.peer_der == file_der(pair[0])
@@ -493,10 +458,9 @@ def run_client(reactor: Any, port: int, creator: Any) -> list[bytes]:
     return in_reactor(reactor, go)
 
 
-def test_client_verifying(reactor: Any, serve: Any, ca: trustme.CA, single: Any, tmp_path: Path):
+def test_client_verifying(reactor: Any, serve: Any, ca: CertAuthority, single: Any, tmp_path: Path):
     listener = serve(single[0], False)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file = ca.ca_file
     creator = client_tls_options("mail.example.test", verify=True, trust_root=ca_file)
     info, sni = run_client(reactor, listener.number, creator)
     assert info.startswith(b"version=TLSv1.3 cipher=")
@@ -504,11 +468,10 @@ def test_client_verifying(reactor: Any, serve: Any, ca: trustme.CA, single: Any,
 
 
 def test_client_verifying_rejects_wrong_name_and_unknown_ca(
-    reactor: Any, serve: Any, ca: trustme.CA, single: Any, tmp_path: Path
+    reactor: Any, serve: Any, ca: CertAuthority, single: Any, tmp_path: Path
 ) -> None:
     listener = serve(single[0], False)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file = ca.ca_file
     wrong_name = client_tls_options("other.example.test", verify=True, trust_root=ca_file)
     with pytest.raises(VerificationError):
         run_client(reactor, listener.number, wrong_name)

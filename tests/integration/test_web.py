@@ -10,10 +10,9 @@ import os
 import smtplib
 import socket
 import ssl
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,8 +20,8 @@ from twisted.internet import endpoints
 
 from mailsuite.service import _Listener
 from mailsuite.web.health import HealthCheck
-from tests.harness import PASSWORD, Server
-from tests.reactor_thread import in_reactor, running_reactor
+from tests.harness import PASSWORD, Server, ServerFactory, wait_until
+from tests.reactor_thread import in_reactor
 
 CLIENT_SERVICES = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "web")
 TB = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a}"
@@ -46,15 +45,6 @@ def request(
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def metrics(srv: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -105,8 +95,7 @@ def test_healthz_is_ok_and_names_a_data_folder_that_takes_no_writes(tmp_path: Pa
         no_traceback(srv)
 
 
-def test_health_names_a_listener_that_stopped_listening(tmp_path: Path) -> None:
-    reactor = running_reactor()
+def test_health_names_a_listener_that_stopped_listening(tmp_path: Path, reactor: Any) -> None:
     listener = _Listener(
         endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
         _NoProtocols(),
@@ -164,8 +153,9 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
             assert value(during, "mailsuite_connections_open", listener="smtp") == 1
             smtp.sendmail("a@example.test", ["someone@remote.example"], b"Subject: x\r\n\r\nhi\r\n")
             smtp.quit()
-            assert wait_for(
-                lambda: value(metrics(srv), "mailsuite_connections_open", listener="smtp") == 0
+            wait_until(
+                lambda: value(metrics(srv), "mailsuite_connections_open", listener="smtp") == 0,
+                what="no open SMTP connection in the metrics",
             )
             after = metrics(srv)
             assert value(after, "mailsuite_queue_messages") == 1
@@ -174,16 +164,21 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
             unverified = ssl.create_default_context()
             unverified.check_hostname = False
             unverified.verify_mode = ssl.CERT_NONE
-            with socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw:
-                with unverified.wrap_socket(raw) as tls:
-                    tls.recv(100)  # the greeting: the handshake is done on both sides
+            with (
+                socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw,
+                unverified.wrap_socket(raw) as tls,
+            ):
+                tls.recv(100)  # the greeting: the handshake is done on both sides
             strict = ssl.create_default_context()  # rejects the self-signed certificate
-            with pytest.raises(ssl.SSLCertVerificationError):
-                with socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw:
-                    strict.wrap_socket(raw, server_hostname="mx.example.test")
-            assert wait_for(
+            with (
+                pytest.raises(ssl.SSLCertVerificationError),
+                socket.create_connection(("127.0.0.1", srv.port("imaps"))) as raw,
+            ):
+                strict.wrap_socket(raw, server_hostname="mx.example.test")
+            wait_until(
                 lambda: value(metrics(srv), "mailsuite_tls_handshakes_total", result="failed")
-                == 1
+                == 1,
+                what="the failed handshake in the metrics",
             )
             final = metrics(srv)
             assert value(final, "mailsuite_tls_handshakes_total", result="ok") == 1
@@ -199,16 +194,12 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def every_service(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    srv = Server(
-        tmp_path_factory.mktemp("web"),
-        services=CLIENT_SERVICES,
+def every_service(module_servers: ServerFactory) -> Server:
+    return module_servers(
+        CLIENT_SERVICES,
         domains=("example.test", "example.org"),
         extra_toml="[web]\npublic_ports = { submission = 587 }\n",
     )
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def _servers(provider: ET.Element, tag: str) -> list[tuple[str, str, int, str, str, str]]:

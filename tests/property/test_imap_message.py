@@ -12,7 +12,7 @@ from mailsuite.imap.message import (
     envelope,
     to_crlf,
 )
-from tests.unit.test_imap_message import NESTED, wire
+from tests.imap_helpers import NESTED, nested_message, wire
 
 fragments = st.sampled_from(
     [
@@ -83,22 +83,6 @@ def test_section_concatenation(part, _):
     body = m.section(Section((part,)))
     if mime:
         assert mime + body in whole
-
-
-def nested_message(depth: int, kind: str, same_boundary: bool) -> bytes:
-    """A message whose MIME tree is ``depth`` levels deep: multiparts inside multiparts,
-    message/rfc822 inside message/rfc822, or both alternating."""
-    head: list[bytes] = [b"From: a@example.org\nSubject: deep\nMIME-Version: 1.0\n"]
-    tail: list[bytes] = []
-    for level in range(depth):
-        rfc822 = kind == "rfc822" or (kind == "mixed" and level % 2)
-        if rfc822:
-            head.append(b"Content-Type: message/rfc822\n\nSubject: level %d\n" % level)
-        else:
-            b = b"b" if same_boundary else b"b%d" % level
-            head.append(b"Content-Type: multipart/mixed; boundary=%s\n\n--%s\n" % (b, b))
-            tail.append(b"\n--%s--\n" % b)
-    return b"".join(head) + b"Content-Type: text/plain\n\nleaf text\n" + b"".join(reversed(tail))
 
 
 def balanced(data: bytes) -> int:

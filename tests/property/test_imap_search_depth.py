@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, ParseError
 from mailsuite.imap.search import MAX_SEARCH_DEPTH, parse_search, search
-from tests.unit.test_imap_search import Msg
+from tests.imap_helpers import Msg
 
 #: One level of a spine: the key below it is nested one level deeper.
 LEVELS = st.sampled_from(["NOT", "OR SEEN", "OR UNSEEN", "OR_RIGHT"])

@@ -64,8 +64,8 @@ def test_round_trip(tree: tuple[Command, ...]) -> None:
     assert serialize(parse(text)) == text
 
 
-SIEVE_ALPHABET = st.sampled_from(list('ifelsheadrtxkp:;{}[](),"\\#/*\n\r .0123456789KMG')
-                                 + ["text:", "require", "\"fileinto\"", ":contains", "\x00"])
+SIEVE_ALPHABET = st.sampled_from([*'ifelsheadrtxkp:;{}[](),"\\#/*\n\r .0123456789KMG',
+                                  "text:", "require", "\"fileinto\"", ":contains", "\x00"])
 
 
 @given(st.one_of(st.text(max_size=200), st.lists(SIEVE_ALPHABET, max_size=80).map("".join)))

@@ -20,7 +20,7 @@ def decode(data: bytes, cuts: list[int]) -> tuple[bytes, bytes | None, DataReade
     out = []
     rest = None
     pos = 0
-    for cut in sorted(set(cuts)) + [len(data)]:
+    for cut in [*sorted(set(cuts)), len(data)]:
         chunk = data[pos:cut]
         pos = max(pos, cut)
         got, rest = reader.feed(chunk)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import PASSWORD, Server
+from tests.harness import PASSWORD, Server, ServerFactory
 from tests.tls_helpers import HOSTNAME, CertAuthority
 
 USER = "bad@example.test"
@@ -45,23 +45,10 @@ BAD_COMMANDS = [
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return CertAuthority(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Iterator[Server]:
-    s = Server(
-        tmp_path_factory.mktemp("imap-bad"),
-        services=("imap", "imaps"),
-        tls=ca.issue(),
-        extra_toml="[auth]\nallow_plaintext = true\n",
-    )
-    s.start()
-    s.add_user(USER)
+def server(module_servers: ServerFactory) -> Iterator[Server]:
+    s = module_servers(("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n")
     yield s
     assert "Traceback" not in s.output()
-    s.stop()
 
 
 class Session:

@@ -13,33 +13,18 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import PASSWORD, Server
+from tests.harness import PASSWORD, Server, ServerFactory
 from tests.tls_helpers import HOSTNAME, CertAuthority
 
 USER = "pipe@example.test"
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return CertAuthority(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Iterator[Server]:
-    s = Server(
-        tmp_path_factory.mktemp("imap-pipe"),
-        services=("imap", "imaps"),
-        tls=ca.issue(),
-        extra_toml="[auth]\nallow_plaintext = true\n",
-    )
-    s.start()
-    s.add_user(USER)
-    yield s
-    s.stop()
+def server(module_servers: ServerFactory) -> Server:
+    return module_servers(("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n")
 
 
 def _connect(server: Server, ca: CertAuthority, tls: bool) -> socket.socket | ssl.SSLSocket:

@@ -15,12 +15,11 @@ import imaplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import PASSWORD, Server, server_connections
+from tests.harness import PASSWORD, Server, ServerFactory, server_connections, wait_until
 from tests.tls_helpers import HOSTNAME, CertAuthority
 
 USER = "tls@example.test"
@@ -28,18 +27,8 @@ CLOSE_WITHIN = 2.0  # seconds from the tagged OK to the end of the stream
 
 
 @pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> CertAuthority:
-    return CertAuthority(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, ca: CertAuthority) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("imap-tls")
-    s = Server(root, services=("imap", "imaps"), tls=ca.issue())
-    s.start()
-    s.add_user(USER)
-    yield s
-    s.stop()
+def server(module_servers: ServerFactory) -> Server:
+    return module_servers(("imap", "imaps"), tls=True, users=(USER,))
 
 
 def _read_until_tag(f: object, tag: bytes) -> list[bytes]:
@@ -84,10 +73,8 @@ def _logout_then_eof(tls: ssl.SSLSocket, port: int) -> float:
     except (ssl.SSLError, ConnectionResetError) as exc:
         pytest.fail(f"LOGOUT did not end TLS cleanly: {exc!r}")
     assert rest == b""
-    deadline = t0 + CLOSE_WITHIN + 3
-    while server_connections(port) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server_connections(port) == [], "the server did not close the TCP connection"
+    wait_until(lambda: server_connections(port) == [], t0 + CLOSE_WITHIN + 3 - time.monotonic(),
+               "the server to close the TCP connection")
     return time.monotonic() - t0
 
 
@@ -142,10 +129,8 @@ def test_imaplib_logout_over_tls_is_prompt_and_closes(
     assert time.monotonic() - t0 < CLOSE_WITHIN
     m.shutdown()
     # and the server holds nothing for it (no CLOSE_WAIT left behind)
-    deadline = time.monotonic() + CLOSE_WITHIN
-    while server_connections(port) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server_connections(port) == []
+    wait_until(lambda: server_connections(port) == [], CLOSE_WITHIN,
+               "the server to close the TCP connection")
 
 
 def test_plain_logout_still_closes(server: Server, tmp_path: Path) -> None:

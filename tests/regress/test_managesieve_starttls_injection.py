@@ -8,27 +8,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.managesieve.server import ManageSieveProtocol
 from mailsuite.managesieve.session import Options
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    tls_started = False
-
-    def startTLS(self, contextFactory: object) -> None:  # noqa: N802
-        self.tls_started = True
-
-
-class FakeRuntime:
-    tls = object()
-    reactor = Clock()
+from tests.fakes import FakeRuntime, TLSStringTransport
 
 
 class Inline(ManageSieveProtocol):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.pop3.session import Options, Session
-from tests.unit.test_pop3_session import FakeMaildrop
+from tests.pop3_helpers import FakeMaildrop
 
 
 def test_dele_zero_and_negative_are_errors() -> None:

@@ -4,27 +4,11 @@
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.pop3.server import POP3Protocol
 from mailsuite.pop3.session import Options
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    tls_started = False
-
-    def startTLS(self, contextFactory: object) -> None:  # noqa: N802
-        self.tls_started = True
-
-
-class FakeRuntime:
-    tls = object()
-    reactor = Clock()
+from tests.fakes import FakeRuntime, TLSStringTransport
 
 
 def test_pipelined_user_after_stls_is_dropped() -> None:

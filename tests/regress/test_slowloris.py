@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import PASSWORD, Server
+from tests.harness import PASSWORD, Server, ServerFactory
 
 USER = "joe@example.test"
 LIMIT = 2.0  # the configured timeouts, seconds
@@ -25,7 +24,7 @@ GIVE_UP = 12.0  # a server that has not hung up by then would let the trickle go
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def srv(module_servers: ServerFactory) -> Server:
     extra = (
         "[auth]\nallow_plaintext = true\n"
         f"[smtp]\ntimeout = {int(LIMIT)}\nlogin_timeout = {int(LIMIT)}\nsession_timeout = 60\n"
@@ -33,15 +32,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f"[pop3]\nlogin_timeout = {int(LIMIT)}\n"
         f"[sieve]\nlogin_timeout = {int(LIMIT)}\n"
     )
-    s = Server(
-        tmp_path_factory.mktemp("slowloris"),
-        services=("smtp", "submission", "imap", "pop3", "managesieve"),
-        extra_toml=extra,
-    )
-    s.start()
-    s.add_user(USER)
-    yield s
-    s.stop()
+    return module_servers(("smtp", "submission", "imap", "pop3", "managesieve"),
+                          users=(USER,), extra_toml=extra)
 
 
 class Conversation:

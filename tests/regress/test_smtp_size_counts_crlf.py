@@ -9,62 +9,36 @@ octet per 176 octets), over raw sockets.
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Iterator
-
 import pytest
 
-from tests.harness import Server
+from tests.clients import Reply, SMTPClient
+from tests.harness import ALICE, Server, ServerFactory, wait_until
 
 LIMIT = 100_000
-ALICE = "alice@example.test"
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp("size"), services=("smtp",),
-                    extra_toml=f"[smtp]\nmax_message_size = {LIMIT}\n")
-    server.add_user(ALICE)
-    with server:
-        yield server
+def srv(module_servers: ServerFactory) -> Server:
+    return module_servers(("smtp",), users=(ALICE,),
+                          extra_toml=f"[smtp]\nmax_message_size = {LIMIT}\n")
 
 
-class Raw:
-    """A raw SMTP dialogue."""
+class Raw(SMTPClient):
+    """A raw SMTP dialogue that sends whole messages."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.f = self.sock.makefile("rb")
-        assert self.reply()[0] == 220
+        super().__init__(port)
+        assert self.greeting.code == 220
 
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise ConnectionError(f"closed after {lines}")
-            lines.append(line.decode().rstrip("\r\n"))
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    def cmd(self, line: str) -> tuple[int, str]:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
-
-    def send_message(self, message: bytes) -> tuple[int, str]:
+    def send_message(self, message: bytes) -> Reply:
         """MAIL, RCPT, DATA (without SIZE=, so only the data count can refuse it)."""
         assert self.cmd("MAIL FROM:<sender@remote.test>")[0] == 250
         assert self.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
         assert self.cmd("DATA")[0] == 354
         stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln
                                for ln in message.split(b"\r\n"))
-        self.sock.sendall(stuffed + b".\r\n")
+        self.send(stuffed + b".\r\n")
         return self.reply()
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
 
 
 def message(tag: str, size: int, line: int = 174, dots: bool = False) -> bytes:
@@ -106,10 +80,7 @@ def test_crlf_overhead_pushes_the_message_over_the_limit(srv: Server) -> None:
     code, text = raw.send_message(message("crlf-small", 2000))
     assert code == 250, text
     raw.close()
-    deadline = time.monotonic() + 5
-    while not stored(srv, "crlf-small") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert stored(srv, "crlf-small")
+    wait_until(lambda: stored(srv, "crlf-small"), 5, "the small message in the mailbox")
     assert stored(srv, "crlf-over") == []
     assert list((srv.maildir(ALICE) / "tmp").iterdir()) == []  # nothing half-written is left
 

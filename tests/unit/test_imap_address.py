@@ -13,7 +13,7 @@ from mailsuite.imap.message import envelope
 from mailsuite.imap.parser import NIL
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import ensure_folder, write_tmp
-from tests.unit.test_imap_message import wire
+from tests.imap_helpers import wire
 
 
 def from_of(field: bytes) -> object:

@@ -1,7 +1,5 @@
 """Unit tests for ENVELOPE, BODYSTRUCTURE and BODY[section] from stored (LF) messages."""
 
-import re
-
 import pytest
 
 from mailsuite.imap.message import (
@@ -16,90 +14,8 @@ from mailsuite.imap.message import (
     section,
     to_crlf,
 )
-from mailsuite.imap.parser import NIL, Command, CommandReader, NeedLiteral
-
-
-def wire(data: bytes):
-    """Parse an IMAP response value with our own reader (literals included)."""
-    r = CommandReader(max_line=10**7, max_literal=10**7, max_command=10**8)
-    chunks = re.split(rb"(\{\d+\}\r\n)", data)
-    line = b"x X " + chunks[0]
-    i = 1
-    while i < len(chunks):
-        n = int(chunks[i][1:-3])
-        res = r.feed_line(line + b"{%d}" % n)
-        assert isinstance(res, NeedLiteral), res
-        rest = chunks[i + 1]
-        r.feed_literal(rest[:n])
-        line = rest[n:]
-        i += 2
-    res = r.feed_line(line)
-    assert isinstance(res, Command), (res, data)
-    assert len(res.args) == 1
-    return res.args[0]
-
-
-NESTED = b"""Return-Path: <bounce@example.org>
-From: "Joe Q. Public" <john.q.public@example.com>
-To: Mary Smith <mary@x.test>, jdoe@example.org
-Cc: undisclosed-recipients:;
-Subject: =?utf-8?q?R=C3=A9sum=C3=A9?= of the
- meeting
-Date: Tue, 1 Jul 2003 10:52:37 +0200
-Message-ID: <1234@local.machine.example>
-In-Reply-To: <0001@local.machine.example>
-MIME-Version: 1.0
-Content-Type: multipart/mixed; boundary="outer"
-
-This is a MIME preamble.
---outer
-Content-Type: multipart/alternative; boundary=inner
-
---inner
-Content-Type: text/plain; charset="utf-8"
-Content-Transfer-Encoding: quoted-printable
-
-Caf=C3=A9 au lait
-second line
---inner
-Content-Type: text/html; charset=utf-8
-Content-Transfer-Encoding: base64
-
-PHA+Q2Fmw6k8L3A+
---inner--
-
---outer
-Content-Type: message/rfc822
-Content-Disposition: attachment; filename="fwd.eml"
-Content-Description: forwarded
-
-From: Alice <alice@a.test>
-To: bob@b.test
-Subject: inner message
-Content-Type: multipart/mixed; boundary=b2
-
---b2
-Content-Type: text/plain
-
-inner body
---b2
-Content-Type: image/png; name=x.png
-Content-Transfer-Encoding: base64
-Content-Language: en, de
-Content-Location: http://x.test/x.png
-Content-ID: <img1@x>
-
-iVBORw0KGgo=
---b2--
---outer
-Content-Type: application/octet-stream
-Content-Transfer-Encoding: base64
-Content-Disposition: attachment; filename*=utf-8''%E2%82%AC.bin
-
-AAECAw==
---outer--
-epilogue
-"""
+from mailsuite.imap.parser import NIL
+from tests.imap_helpers import NESTED, wire
 
 
 def test_envelope_fields():

@@ -1,33 +1,11 @@
 """Unit tests for SEARCH parsing and evaluation."""
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, ParseError
-from mailsuite.imap.search import BadCharset, Needs, header_of, parse_search, search
-
-
-@dataclass
-class Msg:
-    seq: int
-    uid: int
-    raw_bytes: bytes = b"Subject: x\n\nbody\n"
-    flags: frozenset = frozenset()
-    internaldate: datetime = datetime(2024, 3, 10, 23, 30, tzinfo=timezone(timedelta(hours=-5)))
-    size: int = 100
-    modseq: int = 1
-    recent: bool = False
-    reads: list = field(default_factory=list)
-
-    def header_bytes(self):
-        self.reads.append("header")
-        return header_of(self.raw_bytes)
-
-    def raw(self):
-        self.reads.append("raw")
-        return self.raw_bytes
+from mailsuite.imap.search import BadCharset, Needs, parse_search, search
+from tests.imap_helpers import Msg
 
 
 def prog(text: bytes):

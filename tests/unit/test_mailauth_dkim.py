@@ -78,7 +78,7 @@ def test_keygen_refuses_an_existing_selector_and_use_an_unknown_one(tmp_path):
     store.generate("example.org", "s1", "ed25519")
     with pytest.raises(KeyStoreError, match="already has a selector"):
         store.generate("example.org", "s1", "rsa")
-    with pytest.raises(KeyStoreError, match="no key with selector 'nope'.*s1"):
+    with pytest.raises(KeyStoreError, match=r"no key with selector 'nope'.*s1"):
         store.use("example.org", "nope")
 
 

@@ -11,8 +11,8 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from mailsuite.mailauth.dns import Answer, BlockingDNS, DNSClient, DNSTempError, server_resolver
-from mailsuite.testing.dns import LoopbackDNS, MemoryAuthority
-from tests.reactor_thread import in_reactor, running_reactor
+from mailsuite.testing.dns import MemoryAuthority
+from tests.reactor_thread import in_reactor
 
 ZONE = {
     "origin": "test",
@@ -113,13 +113,10 @@ def test_cache_is_bounded():
 # ------------------------------------------------------------------ over a real socket
 
 @pytest.fixture(scope="module")
-def loopback():
-    reactor = running_reactor()
-    server = LoopbackDNS(ZONE)
-    in_reactor(reactor, server.start, reactor)
+def loopback(reactor, loopback_dns):
+    server = loopback_dns(ZONE)
     resolver = server_resolver((server.nameserver,), reactor)
-    yield reactor, DNSClient(resolver, reactor, timeout=2)
-    in_reactor(reactor, server.stop)
+    return reactor, DNSClient(resolver, reactor, timeout=2)
 
 
 def test_blocking_facade_from_worker_threads(loopback):

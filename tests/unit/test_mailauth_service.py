@@ -4,7 +4,6 @@ cycle, and who is checked at all."""
 from __future__ import annotations
 
 import threading
-import time
 import tomllib
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from mailsuite.config import parse_config
 from mailsuite.mailauth.service import MailAuth
 from mailsuite.mailauth.workers import WorkersStopped
 from mailsuite.service import makeService
-from tests.reactor_thread import in_reactor, running_reactor
+from tests.harness import wait_until
+from tests.reactor_thread import in_reactor
 
 TOML = """
 [server]
@@ -31,8 +31,8 @@ def config(tmp_path: Path, extra: str = ""):
     return parse_config(tomllib.loads(TOML + extra), None, tmp_path)
 
 
-def test_one_resolver_is_shared_by_relay_and_mail_auth(tmp_path):
-    top = makeService(config(tmp_path), reactor=running_reactor())
+def test_one_resolver_is_shared_by_relay_and_mail_auth(tmp_path, reactor):
+    top = makeService(config(tmp_path), reactor=reactor)
     runtime = top.runtime
     assert isinstance(runtime.mail_auth, MailAuth)
     assert runtime.mail_auth in list(top)  # started and stopped with the server
@@ -45,38 +45,34 @@ def _pool_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("PoolThread-mailauth")]
 
 
-def test_worker_pool_starts_and_stops_with_the_service(tmp_path):
-    reactor = running_reactor()
+def test_worker_pool_starts_and_stops_with_the_service(tmp_path, reactor):
     auth = MailAuth(config(tmp_path), reactor, resolver=None)
     auth.startService()
     assert in_reactor(reactor, auth.workers.run, lambda: threading.current_thread().name) \
         .startswith("PoolThread-mailauth")
     in_reactor(reactor, auth.stopService)
-    deadline = time.monotonic() + 10
-    while _pool_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _pool_threads() == []
+    wait_until(lambda: _pool_threads() == [], 10, "the worker threads to end")
     failure = []
     in_reactor(reactor, lambda: auth.workers.run(lambda: 1).addErrback(failure.append))
     assert failure and failure[0].check(WorkersStopped)
 
 
-def test_who_is_checked(tmp_path):
-    auth = MailAuth(config(tmp_path), running_reactor(), resolver=None)
+def test_who_is_checked(tmp_path, reactor):
+    auth = MailAuth(config(tmp_path), reactor, resolver=None)
     assert auth.applies_to("192.0.2.7", authenticated=False)
     assert not auth.applies_to("192.0.2.7", authenticated=True)   # submission
     assert not auth.applies_to("10.1.2.3", authenticated=False)   # trusted network
     off = MailAuth(config(tmp_path, "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\n"
-                          "arc = false\n"), running_reactor(), resolver=None)
+                          "arc = false\n"), reactor, resolver=None)
     assert not off.applies_to("192.0.2.7", authenticated=False)
 
 
-def test_signing_can_be_turned_off(tmp_path):
+def test_signing_can_be_turned_off(tmp_path, reactor):
     from mailsuite.mailauth.dkim_keys import KeyStore
 
     cfg = config(tmp_path, "[mail_auth]\nsign = false\n")
     KeyStore(cfg.dkim_dir).generate("example.test", "e1", "ed25519")
-    auth = MailAuth(cfg, running_reactor(), resolver=None)
+    auth = MailAuth(cfg, reactor, resolver=None)
     auth.startService()
     try:
         msg = b"From: a@example.test\n\nx\n"

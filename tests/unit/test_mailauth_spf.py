@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from mailsuite.mailauth.dns import Answer, BlockingDNS, DNSClient
 from mailsuite.mailauth.spf import RESULTS, check_spf
 from mailsuite.testing.dns import MemoryAuthority
-from tests.reactor_thread import running_reactor
 
 INCLUDES = {f"l{i}.test": {"TXT": [["v=spf1 -all"]]} for i in range(1, 12)}
 CHAIN = {f"c{i}.test": {"TXT": [[f"v=spf1 include:c{i + 1}.test -all"]]} for i in range(40)}
@@ -72,8 +71,7 @@ for n, text in enumerate(GARBAGE):
 
 
 @pytest.fixture(scope="module")
-def dns():
-    reactor = running_reactor()
+def dns(reactor):
     client = DNSClient(MemoryAuthority(ZONE), reactor, timeout=1)
     return BlockingDNS(client, reactor)
 

@@ -21,8 +21,7 @@ from mailsuite.outbound.mx import (
     make_resolver,
     parse_nameserver,
 )
-from mailsuite.testing.dns import LoopbackDNS, MemoryAuthority, spawn_dns_server
-from tests.reactor_thread import in_reactor, running_reactor
+from mailsuite.testing.dns import MemoryAuthority, spawn_dns_server
 
 ZONE = {
     "origin": "test",
@@ -182,12 +181,8 @@ def test_loop_rule_without_a_better_host_is_5_4_6(hosts, implicit):
 # --------------------------------------------------------------- over real sockets
 
 @pytest.fixture(scope="module")
-def dns_server():
-    reactor = running_reactor()
-    server = LoopbackDNS(ZONE)
-    in_reactor(reactor, server.start, reactor)
-    yield reactor, server
-    in_reactor(reactor, server.stop)
+def dns_server(reactor, loopback_dns):
+    return reactor, loopback_dns(ZONE)
 
 
 def resolve_over_network(reactor, nameserver: str, domain: str):
@@ -229,8 +224,7 @@ def test_network_failures(dns_server, domain, permanent, status):
     assert info.value.status == status
 
 
-def test_dns_subprocess(tmp_path):
-    reactor = running_reactor()
+def test_dns_subprocess(tmp_path, reactor):
     zone_file = tmp_path / "zone.json"
     zone_file.write_text(json.dumps(ZONE))
     proc, port = spawn_dns_server(str(zone_file))

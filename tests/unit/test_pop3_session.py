@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +10,7 @@ from hypothesis import strategies as st
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.dotstuff import DotStuffer, stuff_all
-from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
+from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse
 from mailsuite.pop3.session import (
     Authenticate,
     Close,
@@ -23,6 +21,7 @@ from mailsuite.pop3.session import (
     Stream,
     Update,
 )
+from tests.pop3_helpers import FakeMaildrop, crlf
 
 # -- stuffing -------------------------------------------------------------------------------
 
@@ -38,11 +37,6 @@ def unstuff(wire: bytes) -> bytes:
         assert not line.startswith(b".") or line.startswith(b"..")
         out.append(line[1:] if line.startswith(b".") else line)
     return b"".join(x + b"\r\n" for x in out)
-
-
-def crlf(data: bytes) -> bytes:
-    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
 
 
 def test_stuffing_basic() -> None:
@@ -89,62 +83,6 @@ def test_stuffing_property(pieces: list[bytes], cuts: list[int]) -> None:
 
 
 # -- session with a fake maildrop ------------------------------------------------------------
-
-
-@dataclass
-class Msg:
-    uid: int
-    size: int
-    flags: frozenset[str] = frozenset()
-
-
-@dataclass
-class FakeMaildrop:
-    bodies: list[bytes]
-    deleted: set[int] = field(default_factory=set)
-    retrieved: set[int] = field(default_factory=set)
-    seen: set[int] = field(default_factory=set)
-    gone: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.messages = [Msg(10 + i, len(crlf(b))) for i, b in enumerate(self.bodies)]
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    def valid(self, n: int) -> bool:
-        return 1 <= n <= len(self.messages) and n not in self.deleted
-
-    def message(self, n: int) -> Msg:
-        return self.messages[n - 1]
-
-    def stat(self) -> tuple[int, int]:
-        live = self.live()
-        return len(live), sum(self.messages[n - 1].size for n in live)
-
-    def live(self) -> list[int]:
-        return [n for n in range(1, len(self.messages) + 1) if n not in self.deleted]
-
-    def uidl(self, n: int) -> str:
-        return f"abc.{self.message(n).uid:x}"
-
-    def read(self, n: int) -> bytes:
-        if n in self.gone:
-            raise MessageGone(n)
-        return self.bodies[n - 1]
-
-    def open_file(self, n: int) -> io.BytesIO:
-        return io.BytesIO(self.read(n))
-
-    def read_top(self, n: int, lines: int) -> bytes:
-        head, _, body = self.read(n).partition(b"\n\n")
-        return head + b"\n\n" + b"".join(x + b"\n" for x in body.split(b"\n")[:lines] if x)
-
-    def mark_seen(self, n: int) -> None:
-        self.seen.add(n)
-
-    def note_retrieved(self, n: int) -> None:
-        self.retrieved.add(n)
 
 
 def logged_in(bodies: list[bytes] | None = None, **opts: object) -> tuple[Session, FakeMaildrop]:

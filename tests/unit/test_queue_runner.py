@@ -255,7 +255,7 @@ def test_second_runner_refuses_to_start(h: Harness) -> None:
     h.runner.startService()
     other = QueueRunner(h.runtime, Spool(h.spool.root), h.relay,  # type: ignore[arg-type]
                         clock=h.clock, blocking=sync)
-    with pytest.raises(RuntimeError, match="runner.lock"):
+    with pytest.raises(RuntimeError, match=r"runner\.lock"):
         other.startService()
 
 

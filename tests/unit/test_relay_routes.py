@@ -13,7 +13,7 @@ import pytest
 from mailsuite.config import ConfigError, load_config, parse_config
 from mailsuite.outbound.relay import SMARTHOST_ROUTE
 from mailsuite.outbound.result import Outcome
-from tests.unit.test_queue_relay import make, run
+from tests.outbound_helpers import make, run
 
 
 def routed(tmp_path: Path, routes: dict[str, Any], **relay: Any) -> Any:

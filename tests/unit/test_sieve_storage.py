@@ -46,7 +46,7 @@ def test_put_list_activate_in_dovecot_layout(root: Path) -> None:
     assert store.names() == ["a", "b"]
     assert store.active() is None and store.active_path() is None
     store.activate("a")
-    assert os.readlink(root / ".dovecot.sieve") == "sieve/a.sieve"
+    assert (root / ".dovecot.sieve").readlink() == Path("sieve/a.sieve")
     assert store.active() == "a" and store.active_path() == root / "sieve" / "a.sieve"
     assert (root / "sieve" / "b.sieve").read_text() == "keep;"
     assert Account(root).names() == ["INBOX"]  # the link is not taken for a folder

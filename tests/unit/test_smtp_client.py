@@ -6,77 +6,11 @@ import base64
 
 import pytest
 from twisted.internet import error as ierror
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mailsuite.outbound.client import SessionParameters, SMTPClientSession
-from mailsuite.outbound.result import Outcome, Timeouts, TransactionResult
+from mailsuite.outbound.result import Outcome, Timeouts
 from mailsuite.smtp.replies import Reply
-
-BODY = b"Subject: test\n\nline one\n.leading dot\n"
-
-
-class Transport(StringTransport):
-    """StringTransport that records writes separately and pretends to start TLS."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.tls_context = None
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-    def startTLS(self, context) -> None:
-        self.tls_context = context
-
-
-class Harness:
-    def __init__(self, tmp_path, body: bytes = BODY, **overrides) -> None:
-        path = tmp_path / "message"
-        path.write_bytes(body)
-        values = dict(host="mx.test", helo_name="client.test", mail_from="alice@client.test",
-                      rcpts=("bob@mx.test", "carol@mx.test"), message_path=str(path),
-                      size=len(body), tls="none")
-        values.update(overrides)
-        self.clock = Clock()
-        self.session = SMTPClientSession(SessionParameters(**values), self.clock)
-        self.t = Transport()
-        self.session.makeConnection(self.t)
-        self.results: list[TransactionResult] = []
-        self.session.done.addCallback(self.results.append)
-
-    def server(self, *lines: str) -> None:
-        self.session.dataReceived(b"".join(x.encode() + b"\r\n" for x in lines))
-
-    def sent(self) -> list[str]:
-        data = self.t.value()
-        self.t.clear()
-        self.t.writes.clear()
-        return [x.decode() for x in data.split(b"\r\n")[:-1]]
-
-    def pump_body(self) -> bytes:
-        self.t.clear()
-        while self.t.producer is not None:
-            self.t.producer.resumeProducing()
-        data = self.t.value()
-        self.t.clear()
-        return data
-
-    def close(self) -> TransactionResult:
-        assert self.t.disconnecting
-        self.session.connectionLost(Failure(ierror.ConnectionDone()))
-        assert self.results
-        return self.results[0]
-
-    def greet_ehlo(self, *extensions: str) -> None:
-        self.server("220 mx.test ESMTP")
-        assert self.sent() == ["EHLO client.test"]
-        lines = ["mx.test hi", *extensions]
-        self.server(*[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")
+from tests.outbound_helpers import BODY, Harness
 
 
 def test_pipelined_transaction_with_per_recipient_results(tmp_path):
@@ -332,22 +266,6 @@ def test_tls_handshake_failure(tmp_path):
     assert r.outcome is Outcome.TLS_FAILED and r.stage == "tls"
 
 
-class LogCapture:
-    def __init__(self) -> None:
-        self.text: list[str] = []
-
-    def __call__(self, event) -> None:
-        self.text.append(formatEvent(event) or "")
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    yield capture
-    globalLogPublisher.removeObserver(capture)
-
-
 def tls_up(h: Harness, auth_mechs: str) -> None:
     h.greet_ehlo("STARTTLS")
     h.sent()
@@ -356,18 +274,18 @@ def tls_up(h: Harness, auth_mechs: str) -> None:
     h.server("250-mx.test", f"250 AUTH {auth_mechs}")
 
 
-def test_auth_plain_over_tls(tmp_path, logs):
+def test_auth_plain_over_tls(tmp_path, twisted_logs):
     h = Harness(tmp_path, tls="opportunistic", auth=("alice", "s3cr3t-pw"))
     tls_up(h, "LOGIN PLAIN")
     token = base64.b64encode(b"\0alice\0s3cr3t-pw").decode()
     assert h.sent() == [f"AUTH PLAIN {token}"]
     h.server("235 2.7.0 ok")
     assert h.sent() == ["MAIL FROM:<alice@client.test>"]
-    joined = "\n".join(logs.text)
+    joined = "\n".join(twisted_logs.text)
     assert "s3cr3t-pw" not in joined and token not in joined
 
 
-def test_auth_login_over_tls(tmp_path, logs):
+def test_auth_login_over_tls(tmp_path, twisted_logs):
     h = Harness(tmp_path, tls="required", auth=("alice", "s3cr3t-pw"))
     tls_up(h, "LOGIN")
     assert h.sent() == ["AUTH LOGIN"]
@@ -377,7 +295,7 @@ def test_auth_login_over_tls(tmp_path, logs):
     assert h.sent() == [base64.b64encode(b"s3cr3t-pw").decode()]
     h.server("235 ok")
     assert h.sent() == ["MAIL FROM:<alice@client.test>"]
-    assert not any(base64.b64encode(b"s3cr3t-pw").decode() in x for x in logs.text)
+    assert not any(base64.b64encode(b"s3cr3t-pw").decode() in x for x in twisted_logs.text)
 
 
 def test_auth_refused(tmp_path):

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from mailsuite.outbound import downgrade as dg
 from mailsuite.outbound.downgrade import NotConvertible, downgrade_file
 from mailsuite.outbound.result import Outcome
-from tests.unit.test_smtp_client import Harness
+from tests.outbound_helpers import Harness
 
 TEXT = "Grüße aus Köln — “Anführungszeichen”, trailing blanks   \n.dot\n--not a boundary\n"
 

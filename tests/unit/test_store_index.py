@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.index import FolderIndex, NewFile, crlf_size
+from mailsuite.store.index import FolderIndex, NewFile, _trusted, crlf_size
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
 from mailsuite.store.maildir import ensure_folder, write_message, write_tmp
+from tests.harness import wait_until
 
 
 def folder(tmp_path: Path) -> Path:
@@ -36,7 +37,13 @@ def test_uids_persist_and_grow(tmp_path: Path) -> None:
     assert idx.expunged_since(1) == [1]
 
 
-def test_keywords_survive_rebuild_and_other_tools_flags(tmp_path: Path) -> None:
+def test_keywords_survive_rebuild_and_other_tools_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the clock stands still: the rebuilt index must get a new UIDVALIDITY within the same
+    # second (the per-user counter, RFC 3501 2.3.1.1), without the test waiting for a tick
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now)
     box = folder(tmp_path)
     write_message(box, [b"Subject: a\n\nx\n"])
     idx = FolderIndex(box)
@@ -49,7 +56,6 @@ def test_keywords_survive_rebuild_and_other_tools_flags(tmp_path: Path) -> None:
     idx.close()
     for p in box.glob("mailsuite-index.sqlite*"):
         p.unlink()
-    time.sleep(1.1)
     idx = FolderIndex(box)
     idx.sync()
     assert idx.uidvalidity != uv
@@ -167,14 +173,14 @@ def test_sync_lists_only_changed_directories(
         (box / "cur" / f"{100 + i}.M{i}P1.host:2,").write_bytes(b"Subject: x\n\nb\n")
     idx = FolderIndex(box)
     assert len(idx.sync().added) == 5
-    time.sleep(0.05)  # past the trust window of a fine-grained file system
+    _wait_trusted(box)  # past the trust window of a fine-grained file system
     idx.sync()  # the first listing was too young to trust; this one records the stamps
     seen = _listings(monkeypatch)
     idx.sync()  # stamps recorded and trusted: nothing listed
     assert seen == []
     # a delivery by another program: only new/ is listed
     write_message(box, [b"Subject: new\n\nx\n"])
-    time.sleep(0.05)
+    _wait_trusted(box)
     res = idx.sync()
     assert res.added == (6,) and seen == ["new"]
     seen.clear()
@@ -185,7 +191,7 @@ def test_sync_lists_only_changed_directories(
     os.rename(new_file, box / "cur" / (new_file.name + ":2,S"))
     first = sorted((box / "cur").glob("100.*"))[0]
     os.rename(first, str(first) + "F")
-    time.sleep(0.05)
+    _wait_trusted(box)
     seen.clear()
     res = idx.sync()
     assert res.added == () and res.expunged == ()
@@ -195,20 +201,33 @@ def test_sync_lists_only_changed_directories(
     seen.clear()
     # our own STORE renames in cur/: only cur/ is listed again, and nothing is reported
     idx.store_flags([(2, frozenset({"\\Answered"}))])
-    time.sleep(0.05)
+    _wait_trusted(box)
     assert not idx.sync() and seen == ["cur"]
     seen.clear()
     # another program deletes a file: expunged
     os.unlink(next(p for p in (box / "cur").iterdir() if p.name.startswith("103.")))
-    time.sleep(0.05)
+    _wait_trusted(box)
     seen.clear()
     assert idx.sync().expunged == (4,) and seen == ["cur"]
     # a second process's index sees all of it (its name cache is reloaded: names_gen)
     other = FolderIndex(box)
     assert [m.uid for m in other.messages()] == [1, 2, 3, 5, 6]
     idx.store_flags([(3, frozenset({"\\Seen"}))])
-    time.sleep(0.05)
+    _wait_trusted(box)
     assert other.sync().flag_changes == () and other.get(3).flags == {"\\Seen"}
+
+
+def _wait_trusted(box: Path) -> None:
+    """Wait until the mtimes of ``box``'s new/ and cur/ are older than the index's trust
+    window (a few clock ticks where the file system keeps fine times), so the next listing
+    records them as trusted."""
+
+    def trusted() -> bool:
+        now = time.time_ns()
+        return all(_trusted(os.stat(box / d).st_mtime_ns, now) for d in ("new", "cur"))
+
+    wait_until(trusted, 5, f"the mtimes of {box}/new and cur to leave the trust window",
+               interval=0.005)
 
 
 def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

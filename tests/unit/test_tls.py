@@ -6,7 +6,6 @@ No sockets here; the handshakes are in tests/integration/test_tls_loopback.py.
 from __future__ import annotations
 
 import datetime
-import os
 import stat
 from pathlib import Path
 
@@ -34,19 +33,7 @@ from mailsuite.tls import (
     ensure_self_signed,
     peer_tls_info,
 )
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def write_pair(ca: trustme.CA, directory: Path, stem: str, *names: str) -> tuple[Path, Path]:
-    leaf = ca.issue_cert(*names)
-    cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    key.write_bytes(leaf.private_key_pem.bytes())
-    return cert, key
+from tests.tls_helpers import CertAuthority
 
 
 def der(cert: x509.Certificate) -> bytes:
@@ -91,8 +78,8 @@ def test_missing_cert_file_names_file_and_problem(tmp_path: Path) -> None:
     assert str(err) == f"{tmp_path / 'nope.pem'}: file not found"
 
 
-def test_missing_key_file(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, _ = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_missing_key_file(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, _ = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     with pytest.raises(TLSConfigError) as info:
         ServerTLS([(cert, tmp_path / "missing.key")])
     assert info.value.which == "key"
@@ -116,8 +103,8 @@ def test_cert_is_a_directory(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_garbage_cert(ca: trustme.CA, tmp_path: Path, content: bytes, expected: str) -> None:
-    _, key = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_garbage_cert(ca: CertAuthority, tmp_path: Path, content: bytes, expected: str) -> None:
+    _, key = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     bad = tmp_path / "bad.pem"
     bad.write_bytes(content)
     with pytest.raises(TLSConfigError) as info:
@@ -127,8 +114,8 @@ def test_garbage_cert(ca: trustme.CA, tmp_path: Path, content: bytes, expected: 
     assert info.value.which == "cert"
 
 
-def test_garbage_key(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, _ = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_garbage_key(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, _ = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     bad = tmp_path / "bad.key"
     bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nZ2FyYmFnZQ==\n-----END PRIVATE KEY-----\n")
     with pytest.raises(TLSConfigError, match="private key is corrupt") as info:
@@ -136,16 +123,16 @@ def test_garbage_key(ca: trustme.CA, tmp_path: Path) -> None:
     assert info.value.path == bad and info.value.which == "key"
 
 
-def test_swapped_cert_and_key(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, key = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_swapped_cert_and_key(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, key = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     with pytest.raises(TLSConfigError, match="swapped") as info:
         ServerTLS([(key, cert)])
     assert info.value.path == key
 
 
-def test_mismatched_key(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, _ = write_pair(ca, tmp_path, "a", "mail.example.test")
-    _, other_key = write_pair(ca, tmp_path, "b", "mail.example.test")
+def test_mismatched_key(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, _ = ca.issue("mail.example.test", stem="a", directory=tmp_path)
+    _, other_key = ca.issue("mail.example.test", stem="b", directory=tmp_path)
     with pytest.raises(TLSConfigError) as info:
         ServerTLS([(cert, other_key)])
     err = info.value
@@ -172,8 +159,8 @@ def leaf_subject(pem: bytes) -> x509.Name:
     return x509.load_pem_x509_certificate(pem).subject
 
 
-def test_encrypted_key_is_refused(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, key_path = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_encrypted_key_is_refused(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, key_path = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     key_path.write_bytes(
         key.private_bytes(
@@ -186,8 +173,8 @@ def test_encrypted_key_is_refused(ca: trustme.CA, tmp_path: Path) -> None:
         ServerTLS([(cert, key_path)])
 
 
-def test_cert_and_key_in_one_file(ca: trustme.CA, tmp_path: Path) -> None:
-    cert, key = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_cert_and_key_in_one_file(ca: CertAuthority, tmp_path: Path) -> None:
+    cert, key = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     both = tmp_path / "both.pem"
     both.write_bytes(key.read_bytes() + cert.read_bytes())
     server = ServerTLS([(both, both)])
@@ -202,8 +189,8 @@ def test_no_pairs() -> None:
 # ----------------------------------------------------------------- context settings
 
 
-def test_interfaces_and_context_settings(ca: trustme.CA, tmp_path: Path) -> None:
-    server = ServerTLS([write_pair(ca, tmp_path, "a", "mail.example.test")])
+def test_interfaces_and_context_settings(ca: CertAuthority, tmp_path: Path) -> None:
+    server = ServerTLS([ca.issue("mail.example.test", stem="a", directory=tmp_path)])
     assert IOpenSSLServerConnectionCreator.providedBy(server)
     assert IOpenSSLContextFactory.providedBy(server)
     ctx = server.getContext()
@@ -222,10 +209,10 @@ def test_interfaces_and_context_settings(ca: trustme.CA, tmp_path: Path) -> None
 # ----------------------------------------------------------------- SNI selection
 
 
-def test_sni_selection(ca: trustme.CA, tmp_path: Path) -> None:
-    a = write_pair(ca, tmp_path, "a", "mail.example.test", "smtp.example.test")
-    b = write_pair(ca, tmp_path, "b", "*.other.test", "other.test")
-    c = write_pair(ca, tmp_path, "c", "exact.other.test")
+def test_sni_selection(ca: CertAuthority, tmp_path: Path) -> None:
+    a = ca.issue("mail.example.test", "smtp.example.test", stem="a", directory=tmp_path)
+    b = ca.issue("*.other.test", "other.test", stem="b", directory=tmp_path)
+    c = ca.issue("exact.other.test", stem="c", directory=tmp_path)
     server = ServerTLS([a, b, c])
     first, second, third = server.certificates
     assert server.certificate_for(None) is first
@@ -239,8 +226,8 @@ def test_sni_selection(ca: trustme.CA, tmp_path: Path) -> None:
     assert server.certificate_for("unknown.test") is first
 
 
-def test_sni_falls_back_to_cn(ca: trustme.CA, tmp_path: Path) -> None:
-    a = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_sni_falls_back_to_cn(ca: CertAuthority, tmp_path: Path) -> None:
+    a = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     server = ServerTLS([a, cn_only_pair(tmp_path, "Legacy.Example.Test")])
     assert server.certificate_for("legacy.example.test") is server.certificates[1]
 
@@ -248,22 +235,14 @@ def test_sni_falls_back_to_cn(ca: trustme.CA, tmp_path: Path) -> None:
 # ----------------------------------------------------------------- reload
 
 
-def reissue(ca: trustme.CA, pair: tuple[Path, Path], *names: str) -> bytes:
+def reissue(ca: CertAuthority, pair: tuple[Path, Path], *names: str) -> bytes:
     """Overwrite a pair atomically with a new cert; return its leaf DER."""
-    leaf = ca.issue_cert(*names)
-    cert, key = pair
-    for path, data in (
-        (key, leaf.private_key_pem.bytes()),
-        (cert, b"".join(blob.bytes() for blob in leaf.cert_chain_pems)),
-    ):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return der(x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()))
+    cert, _ = ca.issue(*names, stem=pair[0].stem, directory=pair[0].parent)
+    return der(x509.load_pem_x509_certificate(cert.read_bytes()))
 
 
-def test_reload_success_and_failure(ca: trustme.CA, tmp_path: Path) -> None:
-    pair = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_reload_success_and_failure(ca: CertAuthority, tmp_path: Path) -> None:
+    pair = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     server = ServerTLS([pair], check_interval=None)
     old = der(server.certificates[0])
 
@@ -278,15 +257,15 @@ def test_reload_success_and_failure(ca: trustme.CA, tmp_path: Path) -> None:
     assert server.last_error is not None and "not PEM" in server.last_error
 
     # a new cert with the old key: mismatched, still the previous cert
-    other = ca.issue_cert("mail.example.test")
+    other = ca.ca.issue_cert("mail.example.test")
     pair[0].write_bytes(other.cert_chain_pems[0].bytes())
     assert server.reload() is False
     assert "does not match" in (server.last_error or "")
     assert der(server.certificates[0]) == new
 
 
-def test_reload_if_changed(ca: trustme.CA, tmp_path: Path) -> None:
-    pair = write_pair(ca, tmp_path, "a", "mail.example.test")
+def test_reload_if_changed(ca: CertAuthority, tmp_path: Path) -> None:
+    pair = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     server = ServerTLS([pair], check_interval=None)
     assert server.reload_if_changed() is False  # nothing changed
     new = reissue(ca, pair, "mail.example.test")
@@ -307,10 +286,10 @@ def test_reload_if_changed(ca: trustme.CA, tmp_path: Path) -> None:
 
 
 def test_new_connection_triggers_check_at_most_every_interval(
-    ca: trustme.CA, tmp_path: Path
+    ca: CertAuthority, tmp_path: Path
 ) -> None:
     clock = Clock()
-    pair = write_pair(ca, tmp_path, "a", "mail.example.test")
+    pair = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     server = ServerTLS([pair], check_interval=30, clock=clock)
     old = der(server.certificates[0])
     new = reissue(ca, pair, "mail.example.test")
@@ -323,9 +302,9 @@ def test_new_connection_triggers_check_at_most_every_interval(
     assert der(server.certificates[0]) == new
 
 
-def test_reload_service(ca: trustme.CA, tmp_path: Path) -> None:
+def test_reload_service(ca: CertAuthority, tmp_path: Path) -> None:
     clock = Clock()
-    pair = write_pair(ca, tmp_path, "a", "mail.example.test")
+    pair = ca.issue("mail.example.test", stem="a", directory=tmp_path)
     server = ServerTLS([pair], check_interval=None)
     service = TLSReloadService(server, 60, clock=clock)
     service.startService()
@@ -415,13 +394,12 @@ def test_ensure_self_signed_ip_hostname(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- client and helpers
 
 
-def test_client_options(ca: trustme.CA, tmp_path: Path) -> None:
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
+def test_client_options(ca: CertAuthority, tmp_path: Path) -> None:
+    ca_file = ca.ca_file
     for creator in (
         client_tls_options("mx.example.test", verify=False),
         client_tls_options("mx.example.test", verify=True, trust_root=ca_file),
-        client_tls_options("mx.example.test", verify=True, trust_root=ca.cert_pem.bytes()),
+        client_tls_options("mx.example.test", verify=True, trust_root=ca.ca_file.read_bytes()),
         client_tls_options("mx.example.test", verify=True),
     ):
         assert IOpenSSLClientConnectionCreator.providedBy(creator)

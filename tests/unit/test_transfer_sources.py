@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import calendar
 import io
-import os
 import re
 from pathlib import Path
 
@@ -174,4 +173,4 @@ def test_resume_record_counts_an_interrupted_batch_by_what_reached_the_folder(
     assert again.done == {"old#0", "in#0"}
     again.close()
     index.close()
-    assert os.path.exists(folder / JOURNAL)
+    assert (folder / JOURNAL).exists()

@@ -8,7 +8,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
 
 from mailsuite.web.site import MAX_BODY, RECEIVE_DEADLINE, Endpoint, WebRoot, WebSite, reply
@@ -148,13 +147,11 @@ def test_a_request_that_does_not_arrive_in_time_is_dropped_and_so_is_an_idle_con
     assert transport.disconnected
 
 
-def test_a_failing_resource_answers_500_and_logs_one_line_without_traceback() -> None:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        status, _, body, _ = ask(tree(), get("/broken"))
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+def test_a_failing_resource_answers_500_and_logs_one_line_without_traceback(
+    twisted_logs: Any,
+) -> None:
+    status, _, body, _ = ask(tree(), get("/broken"))
+    events = twisted_logs.events
     assert (status, body) == (500, b"internal error\n")
     failures = [e for e in events if "log_failure" in e]
     assert failures == []
