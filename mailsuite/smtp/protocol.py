@@ -39,6 +39,7 @@ from mailsuite.deadline import COMMAND, DATA, SESSION, ReadDeadline
 from mailsuite.delivery import DeliveryError, Envelope, IncomingMessage
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
+from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
 from mailsuite.smtp.policy import Lookup, Profile, Verdict, mx_profile, submission_profile
 from mailsuite.smtp.session import (
     AbortMessage,
@@ -421,12 +422,23 @@ def _has_queue(runtime: Runtime) -> Callable[[], bool]:
 
 
 def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
-    """``[listen] smtp``: the receiving MX service (port 25 role); never offers AUTH."""
+    """``[listen] smtp``: the receiving MX service (port 25 role); never offers AUTH.  Mail
+    authentication checks inbound mail and signs what trusted networks relay."""
     profile = mx_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    if runtime.mail_auth is not None:
+        signing = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=True)
+        check = MailAuthCheck(runtime.mail_auth, signing)
+        p = profile
+        profile = Profile(p.name, p.auth, p.requires_auth, p.policy.with_checks(check))
     return SMTPFactory(runtime, profile, implicit_tls)
 
 
 def submission_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
-    """``[listen] submission`` (587, STARTTLS) and ``submissions`` (465, implicit TLS)."""
+    """``[listen] submission`` (587, STARTTLS) and ``submissions`` (465, implicit TLS); mail
+    from a local domain with a DKIM key is signed before it is made durable."""
     profile = submission_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    if runtime.mail_auth is not None:
+        check = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=False)
+        p = profile
+        profile = Profile(p.name, p.auth, p.requires_auth, p.policy.with_checks(check))
     return SMTPFactory(runtime, profile, implicit_tls)
