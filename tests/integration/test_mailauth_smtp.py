@@ -46,6 +46,7 @@ def zone() -> dict[str, Any]:
         "quar.test": txt("v=spf1 ip4:127.0.0.1 -all"),
         "_dmarc.quar.test": txt("v=DMARC1; p=quarantine"),
         "attacker.test": txt("v=spf1 ip4:127.0.0.9 -all"),
+        "_dmarc.temp.test": "servfail",
         "remote.test": {"MX": [[10, "mx.remote.test"]]},
         "mx.remote.test": {"A": ["127.0.0.2"]},
     }
@@ -178,6 +179,16 @@ def test_dmarc_quarantine_lands_in_junk(env: Setup) -> None:
     assert holding(env, BOB, marker) == []
     dmarc = [v for n, v in header_fields(junk) if n == "authentication-results"]
     assert len(dmarc) == 1 and "dmarc=fail" in dmarc[0]
+
+
+def test_dns_temporary_error_never_rejects(env: Setup) -> None:
+    marker = f"temp-{time.time_ns()}".encode()
+    code, _ = send_mx(env, SPOOF_IP, "bounce@attacker.test",
+                      message("x@temp.test", subject=marker.decode()))
+    assert code == 250
+    (stored,) = holding(env, BOB, marker)
+    (results,) = [v for n, v in header_fields(stored) if n == "authentication-results"]
+    assert "dmarc=temperror" in results
 
 
 def test_signed_mail_gets_one_results_header_and_forged_ones_go(env: Setup) -> None:
