@@ -7,11 +7,10 @@ carry the same signature, verified here by dkimpy against the record ``dkim keyg
 
 from __future__ import annotations
 
-import json
 import re
 import smtplib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,8 @@ import pytest
 
 from mailsuite.mailauth.dkim_keys import txt_strings
 from mailsuite.mailauth.results import parse_results
-from mailsuite.testing.dns import spawn_dns_server
-from mailsuite.testing.mx import spawn_mx_server
-from tests.harness import PASSWORD, Server
-from tests.integration.test_relay import common_port
+from tests.harness import PASSWORD, Server, wait_until
+from tests.loopback import Net
 from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key
 from tests.tls_helpers import CertAuthority, smtp_starttls
 
@@ -63,22 +60,18 @@ def published(output: str) -> tuple[str, str]:
 
 
 class Setup:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        zone_file = root / "zone.json"
-        zone_file.write_text(json.dumps({"origin": "test", "names": zone()}))
-        self.dns, dns_port = spawn_dns_server(str(zone_file))
-        self.mx_port = common_port()
-        self.mx_dir = root / "mx"
-        self.mx_dir.mkdir()
-        self.mx, _ = spawn_mx_server(f"127.0.0.2:{self.mx_port}", str(self.mx_dir))
-        self.ca = CertAuthority(root / "pki")
-        extra = (f'[relay]\ntrusted_networks = ["{TRUSTED_IP}/32"]\nport = {self.mx_port}\n'
-                 f'retry_initial = 1\n\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+    """The loopback DNS (``zone()``), a recording MX for remote.test on 127.0.0.2, and one
+    server with an rsa key for example.test and an ed25519 key for ed.test."""
+
+    def __init__(self, root: Path, net: Net, ca: CertAuthority,
+                 cert: tuple[Path, Path]) -> None:
+        self.ca = ca
+        self.mx = net.mx("127.0.0.2")
+        extra = (f'[relay]\ntrusted_networks = ["{TRUSTED_IP}/32"]\nport = {net.port}\n'
+                 f'retry_initial = 1\n\n[dns]\nnameservers = ["127.0.0.1:{net.dns_port}"]\n'
                  "timeout = 2\n")
         self.server = Server(root / "srv", services=("smtp", "submission"),
-                             domains=("example.test", "ed.test"), tls=self.ca.issue(),
-                             extra_toml=extra)
+                             domains=("example.test", "ed.test"), tls=cert, extra_toml=extra)
         self.records = {
             "rsa": published(self.server.cli("dkim", "keygen", "example.test", "--selector",
                                              "s1", "--algorithm", "rsa").stdout),
@@ -89,31 +82,23 @@ class Setup:
         for user in (BOB, "alice@example.test", "ed@ed.test"):
             self.server.add_user(user)
 
-    def stop(self) -> None:
-        try:
-            self.server.stop()
-        finally:
-            for proc in (self.mx, self.dns):
-                proc.kill()
-                proc.wait(5)
-
-    def relayed(self, marker: bytes, timeout: float = 20) -> bytes:
+    def relayed(self, marker: bytes) -> bytes:
         """The message holding ``marker`` that reached the recording MX."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for eml in sorted(self.mx_dir.glob("*.eml")):
-                data = eml.read_bytes()
-                if marker in data:
-                    return data
-            time.sleep(0.1)
-        raise AssertionError(f"{marker!r} was not relayed")
+        def found() -> bytes | None:
+            for t in self.mx.transactions():
+                if marker in t["data"]:
+                    return bytes(t["data"])
+            return None
+
+        return wait_until(found, timeout=20, what=f"{marker!r} relayed")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    s = Setup(tmp_path_factory.mktemp("mailauth-smtp"))
+def env(tmp_path_factory: pytest.TempPathFactory, loopback_net: Callable[..., Net],
+        ca: CertAuthority, server_cert: tuple[Path, Path]) -> Iterator[Setup]:
+    s = Setup(tmp_path_factory.mktemp("mailauth-smtp"), loopback_net(zone()), ca, server_cert)
     yield s
-    s.stop()
+    s.server.stop()
 
 
 def mx_client(env: Setup, source: str) -> smtplib.SMTP:
