@@ -1,0 +1,208 @@
+"""The sandbox's running part: the catalog's worker thread, events and waiters.
+
+Every catalog call runs in one worker thread of its own (so calls never overlap and the
+reactor never waits on SQLite or a disk), in the order they were made: a request made after a
+delivery was announced sees that delivery.  Deliveries are announced by the store's change hub
+(:class:`mailsuite.store.events.ChangeHub`): a change in an inbox folder queues one sync of
+that inbox (changes arriving while it waits join it).  What a sync or an API call changed is
+published here: to IMAP and POP3 sessions through the hub, to event-stream subscribers (the web
+page, tools) as ``new``, ``deleted`` and ``read`` events, and to waiters of ``/api/v1/wait``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailsuite.sandbox.catalog import Catalog, Changes
+from mailsuite.sandbox.inboxes import SandboxDirectory, name_of_folder
+
+log = Logger(namespace="mailsuite.sandbox")
+
+#: An event: (type, data, inbox); types are "new", "deleted" and "read".
+Event = tuple[str, dict[str, Any], str]
+
+
+@dataclass
+class Stats:
+    """Counters for ``/api/v1/info`` (Mailpit's ``RuntimeStats``)."""
+
+    started: float = field(default_factory=time.time)
+    accepted: int = 0  # messages captured over SMTP
+    accepted_size: int = 0
+    rejected: int = 0  # transactions refused by a fault recipient or the size limit
+    deleted: int = 0
+
+
+@dataclass
+class Waiter:
+    """One ``/api/v1/wait`` request: answered with the first matching summary."""
+
+    inbox: str | None
+    search: str | None
+    tz: str | None
+    answer: Callable[[dict[str, Any]], None]
+    done: bool = False
+
+
+class Sandbox(service.Service):
+    """The sandbox: catalog, worker thread, event subscribers, waiters and counters."""
+
+    def __init__(self, runtime: Any, directory: SandboxDirectory) -> None:
+        config = runtime.config
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.config = config
+        self.directory = directory
+        self.catalog = Catalog(config.data_dir, directory, config.sandbox.max_messages)
+        self.stats = Stats()
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="sandbox-catalog")
+        self.subscribers: set[Callable[[Event], None]] = set()
+        self.waiters: list[Waiter] = []
+        # inboxes with a sync waiting to start; the worker takes names out as a sync starts,
+        # under the lock, so a change announced after that start queues another sync
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+        self._listener = self._folder_changed  # one bound method: the hub compares by identity
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.pool.start()
+        self._unsubscribe = self.runtime.changes.subscribe_all(self._listener)
+        self.sync(None).addErrback(lambda f: log.failure("sandbox: first sync failed", f))
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        super().stopService()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        d = self.run(self.catalog.close)
+
+        def stop(_: object) -> None:
+            self.pool.stop()
+
+        return d.addBoth(stop)
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """Call ``f(*args)`` in the worker thread, after every call made before."""
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    # -- following deliveries --------------------------------------------------------------
+
+    def _folder_changed(self, folder: Path) -> None:
+        if folder.parent != self.config.mail_dir:
+            return  # another folder of an inbox (made over IMAP): not in the API
+        name = name_of_folder(folder.name)
+        with self._queued_lock:
+            if name in self._queued:
+                return  # the sync waiting to start will see this change too
+            self._queued.add(name)
+        self.sync([name]).addErrback(
+            lambda f: log.failure("sandbox: sync of inbox {inbox} failed", f, inbox=name)
+        )
+
+    def sync(self, inboxes: list[str] | None) -> defer.Deferred[Changes]:
+        def in_thread() -> Changes:
+            if inboxes is not None:
+                with self._queued_lock:
+                    self._queued.difference_update(inboxes)
+            return self.catalog.sync(inboxes)
+
+        return self.run(in_thread).addCallback(self.publish)
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(self, changes: Changes) -> Changes:
+        """Tell IMAP/POP3 sessions, event subscribers and waiters what ``changes`` holds."""
+        for folder in changes.folders:
+            self.runtime.changes.notify(folder, self._listener)
+        self.stats.deleted += len(changes.deleted)
+        events: list[Event] = [("new", s, s["Inbox"]) for s in changes.new]
+        events += [("deleted", {"ID": mid}, inbox) for mid, inbox in changes.deleted]
+        events += [("read", {"ID": mid, "Read": read}, inbox)
+                   for mid, inbox, read in changes.read]
+        for event in events:
+            for subscriber in list(self.subscribers):
+                try:
+                    subscriber(event)
+                except Exception:
+                    log.failure("sandbox: event subscriber failed")
+        if changes.new:
+            self._wake(changes.new)
+        return changes
+
+    def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
+        self.subscribers.add(subscriber)
+        return lambda: self.subscribers.discard(subscriber)
+
+    # -- waiters ---------------------------------------------------------------------------
+
+    def wait(self, waiter: Waiter) -> Callable[[], None]:
+        """Answer ``waiter`` with the newest message that matches now, or with the first that
+        arrives; returns the function that withdraws it (timeout, client gone)."""
+        self.waiters.append(waiter)
+
+        def withdraw() -> None:
+            waiter.done = True
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+        # Registered first, looked up second: a message that arrives in between is seen by
+        # one or the other (both run in the worker thread, in order).
+        d = self.run(self.catalog.listing, waiter.inbox, waiter.search, 0, 1, waiter.tz)
+
+        def found(listing: dict[str, Any]) -> None:
+            if listing["messages"]:
+                self._answer(waiter, listing["messages"][0])
+
+        d.addCallback(found).addErrback(lambda f: log.failure("sandbox: wait lookup failed", f))
+        return withdraw
+
+    def _answer(self, waiter: Waiter, summary: dict[str, Any]) -> None:
+        if waiter.done:
+            return
+        waiter.done = True
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        waiter.answer(summary)
+
+    def _wake(self, new: list[dict[str, Any]]) -> None:
+        ids = [s["ID"] for s in new]
+        for waiter in list(self.waiters):
+            if waiter.done:
+                continue
+            candidates = [s for s in new if waiter.inbox in (None, s["Inbox"])]
+            if not candidates:
+                continue
+            if not waiter.search:
+                self._answer(waiter, candidates[-1])
+                continue
+            d = self.run(self.catalog.matching, ids, waiter.inbox, waiter.search, waiter.tz)
+
+            def matched(summary: dict[str, Any] | None, waiter: Waiter = waiter) -> None:
+                if summary is not None:
+                    self._answer(waiter, summary)
+
+            d.addCallback(matched).addErrback(
+                lambda f: log.failure("sandbox: wait match failed", f))
+
+    # -- capture counters (the SMTP side) --------------------------------------------------
+
+    def captured(self, size: int) -> None:
+        self.stats.accepted += 1
+        self.stats.accepted_size += size
+
+    def refused(self) -> None:
+        self.stats.rejected += 1
