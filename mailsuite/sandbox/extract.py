@@ -5,10 +5,11 @@
 * :func:`links`: http(s) URLs in the order they appear: ``href`` of ``<a>`` and ``<area>``
   in the HTML part, then bare URLs in the text part; each once.  Images are left out (a
   tracking pixel is not a link a test wants).
-* :func:`codes`: one-time codes, 4 to 8 digits (also written ``123 456`` or ``123-456``),
-  within a short distance of a word such as code, PIN, OTP, verification, passcode or token,
-  in the text (or the HTML's text when there is no text part).  Dates, times, prices, phone
-  numbers and numbers inside URLs are not codes.
+* :func:`codes`: one-time codes, 4 to 8 digits (also written ``123 456`` or ``123-456``):
+  for each word such as code, PIN, OTP, verification, passcode, token or sign in, the nearest
+  such number after it within 60 characters (or just before it), in the text (or the HTML's
+  text when there is no text part).  Dates, times, prices, phone numbers, years and numbers
+  inside URLs are not codes.
 """
 
 from __future__ import annotations
@@ -118,36 +119,41 @@ def links(text: str, markup: str) -> list[str]:
 
 
 _KEYWORDS = re.compile(
-    r"\b(?:codes?|pin|otp|one[- ]time|passcode|pass code|password|verification|verify|"
-    r"verifizierung|token|2fa|mfa|authenticat\w*|confirm\w*|security|login|sign[- ]in|"
-    r"c[oó]digo|code de|bestätigungscode|sicherheitscode)\b",
+    r"\b(?:codes?|pin|otp|one[- ]time|passcode|pass code|verification|verify|token|2fa|mfa|"
+    r"security code|authentication|sign[- ]in|log[- ]?in|c[oó]digo|bestätigungscode|"
+    r"sicherheitscode)\b",
     re.IGNORECASE,
 )
 # 4-8 digits, or two or three groups of 3-4 digits joined by one space or hyphen, standing
-# alone: not part of a longer number, a decimal, a date, a time or an amount.
+# alone: not part of a longer number, a decimal, a date, a time, an amount or a phone number.
 _CODE = re.compile(
-    r"(?<![\w.,:/\-+$€£#])(\d{4,8}|\d{3,4}[ -]\d{3,4}(?:[ -]\d{3,4})?)(?![\w%]|[.,:/\-]\d)"
+    r"(?<![\w.,:/\-+$€£#])(?<!\d[ -])"
+    r"(\d{4,8}|\d{3,4}[ -]\d{3,4}(?:[ -]\d{3,4})?)(?![\w%]|[.,:/\-]\d)"
 )
-#: Characters between a keyword and a code (either side) for them to count as near.
+#: Characters between a code word and the code after it (half as many for one before it).
 NEAR = 60
 
 
 def codes(text: str, markup: str) -> list[str]:
-    """One-time codes near a code word; digits only (``123 456`` -> ``123456``), each once."""
+    """One-time codes: for each code word, the nearest candidate after it (or, if none, just
+    before it: "482913 is your code"); digits only (``123 456`` -> ``123456``), each once."""
     source = text if text.strip() else html_text(markup)
     source = _URL.sub(" ", source[:MAX_SCAN])
-    found: list[str] = []
+    candidates: list[tuple[int, int, str]] = []
     for m in _CODE.finditer(source):
         digits = re.sub(r"\D", "", m.group(1))
-        if not 4 <= len(digits) <= 8:
+        if 4 <= len(digits) <= 8:
+            candidates.append((m.start(), m.end(), digits))
+    found: dict[int, str] = {}
+    for k in _KEYWORDS.finditer(source):
+        after = [c for c in candidates if 0 <= c[0] - k.end() <= NEAR]
+        before = [c for c in candidates if 0 <= k.start() - c[1] <= NEAR // 2]
+        chosen = after[0] if after else (before[-1] if before else None)
+        if chosen is None:
             continue
-        before = source[max(0, m.start() - NEAR) : m.start()]
-        after = source[m.end() : m.end() + NEAR // 2]
-        if len(digits) == 4 and 1900 <= int(digits) <= 2099:
-            # a year (a footer's "(c) 2024 Example Security") unless a code word is right
-            # in front of it
-            if not _KEYWORDS.search(before[-20:]):
-                continue
-        if _KEYWORDS.search(before) or _KEYWORDS.search(after):
-            found.append(digits)
-    return list(dict.fromkeys(found))
+        start, _, digits = chosen
+        year = len(digits) == 4 and 1900 <= int(digits) <= 2099
+        if year and not (after and start - k.end() <= 20):
+            continue  # a year ("(c) 2024 ...") unless right after the code word
+        found[start] = digits
+    return list(dict.fromkeys(found[pos] for pos in sorted(found)))
