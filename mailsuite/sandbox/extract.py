@@ -127,9 +127,10 @@ _KEYWORDS = re.compile(
 # 4-8 digits, or two or three groups of 3-4 digits joined by one space or hyphen, standing
 # alone: not part of a longer number, a decimal, a date, a time, an amount or a phone number.
 _CODE = re.compile(
-    r"(?<![\w.,:/\-+$€£#])(?<!\d[ -])"
+    r"(?=\d)(?<![\w.,:/\-+$€£#])(?<!\d[ -])"
     r"(\d{4,8}|\d{3,4}[ -]\d{3,4}(?:[ -]\d{3,4})?)(?![\w%]|[.,:/\-]\d)"
 )
+_DIGITS = re.compile(r"\d\d\d")
 #: Characters between a code word and the code after it (half as many for one before it).
 NEAR = 60
 
@@ -138,6 +139,8 @@ def codes(text: str, markup: str) -> list[str]:
     """One-time codes: for each code word, the nearest candidate after it (or, if none, just
     before it: "482913 is your code"); digits only (``123 456`` -> ``123456``), each once."""
     source = text if text.strip() else html_text(markup)
+    if not _DIGITS.search(source, 0, MAX_SCAN):
+        return []  # most messages: no number that could be a code, no need to look further
     source = _URL.sub(" ", source[:MAX_SCAN])
     candidates: list[tuple[int, int, str]] = []
     for m in _CODE.finditer(source):

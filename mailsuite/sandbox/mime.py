@@ -6,7 +6,8 @@ server's own readers (:mod:`mailsuite.imap.message`) so both protocols see the s
 Parts are numbered as IMAP numbers them (RFC 3501 6.4.5: ``1``, ``2.1`` ...), which is also
 what Mailpit's ``PartID`` looks like.  Which part is the body, an attachment or an inline
 part follows Mailpit (enmime): text/plain and text/html without a file name or an
-``attachment`` disposition are the body; other parts with a Content-ID are inline, the rest
+``attachment`` disposition are the body; other parts with a Content-ID are inline (in a
+multipart/related also when they call themselves attachments: the HTML shows them), the rest
 attachments; parts with neither a file name nor a Content-ID are not listed.
 
 Nothing here raises on malformed mail: garbage in gives a best-effort result.
@@ -68,14 +69,15 @@ class ParsedMail:
     inline: list[Part] = field(default_factory=list)
     #: every leaf by part number (for /part/{PartID})
     parts: dict[str, Part] = field(default_factory=dict)
+    _first: dict[str, str] | None = field(default=None, repr=False)
 
     def header(self, name: str) -> str | None:
         """The first field called ``name`` (any case), unfolded, not decoded."""
-        lname = name.lower()
-        for n, v in self.fields:
-            if n.lower() == lname:
-                return v
-        return None
+        if self._first is None:
+            self._first = {}
+            for n, v in self.fields:
+                self._first.setdefault(n.lower(), v)
+        return self._first.get(name.lower())
 
     def decoded(self, name: str) -> str:
         """The first field called ``name`` with RFC 2047 words decoded ("" if absent)."""
@@ -84,8 +86,11 @@ class ParsedMail:
 
     def addresses(self, name: str) -> list[dict[str, str]]:
         """Mailpit's ``[{"Name": ..., "Address": ...}]`` for every field called ``name``."""
-        values = [v for n, v in self.fields if n.lower() == name.lower()]
+        lname = name.lower()
+        values = [v for n, v in self.fields if n.lower() == lname]
         out: list[dict[str, str]] = []
+        if not values:
+            return out
         for display, addr in email.utils.getaddresses(values):
             if not addr and not display:
                 continue
@@ -168,7 +173,7 @@ def parse(raw: bytes) -> ParsedMail:
             return
         if not leaf.filename and not leaf.content_id:
             return
-        if leaf.content_id and leaf.disposition != "attachment" or (
+        if leaf.content_id and (related or leaf.disposition != "attachment") or (
             related and leaf.disposition == "inline"
         ):
             out.inline.append(leaf)

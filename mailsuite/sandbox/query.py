@@ -40,7 +40,6 @@ ADDRESS_COLUMNS = {
 }
 
 _HAS_WORD = re.compile(r"[A-Za-z0-9]")
-_CLEAN = re.compile(r"(\r?\n|\t|>|<|\"|,|;|\(|\))")
 _SIZE = re.compile(r"^(\d+)(\.\d+)?\s?([a-z]{1,2})?$")
 
 
@@ -82,11 +81,13 @@ def split_args(query: str) -> list[str]:
     return out
 
 
+_TO_SPACE = str.maketrans({c: " " for c in "\ufeff\r\n\t<>\",;()"})
+
+
 def clean(text: str) -> str:
     """Mailpit's ``cleanString``: line ends, tabs, ``<>",;()`` to spaces; lower case; white
     space collapsed."""
-    text = text.replace("\ufeff", " ")
-    return " ".join(_CLEAN.sub(" ", text).split()).lower()
+    return " ".join(text.translate(_TO_SPACE).split()).lower()
 
 
 _PREFIXES = (

@@ -1,17 +1,22 @@
 """The sandbox's running part: the catalog's worker thread, events and waiters.
 
 Every catalog call runs in one worker thread of its own (so calls never overlap and the
-reactor never waits on SQLite or a disk), in the order they were made: a request made after a
-delivery was announced sees that delivery.  Deliveries are announced by the store's change hub
-(:class:`mailsuite.store.events.ChangeHub`): a change in an inbox folder queues one sync of
-that inbox (changes arriving while it waits join it).  What a sync or an API call changed is
-published here: to IMAP and POP3 sessions through the hub, to event-stream subscribers (the web
-page, tools) as ``new``, ``deleted`` and ``read`` events, and to waiters of ``/api/v1/wait``.
+reactor never waits on SQLite or a disk), in the order they were made; a request syncs the
+inboxes it reads first, so it sees every delivery that was answered before it.  Deliveries
+are announced by the store's change hub (:class:`mailsuite.store.events.ChangeHub`).  What a
+sync or an API call changed is published here: to IMAP and POP3 sessions through the hub, to
+event-stream subscribers (the web page, tools) as ``new``, ``deleted`` and ``read`` events,
+and to waiters of ``/api/v1/wait``.
+
+The catalog's work (parsing each message) runs beside the SMTP server in the same process, so
+it is done when needed: at once while someone watches (an event stream is open or a waiter
+waits), otherwise in one batch when a burst of deliveries pauses (at most 10 s late, which also
+bounds how long ``[sandbox] max_messages`` may be exceeded), or when an API request reads the
+inbox.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +32,12 @@ from mailsuite.sandbox.catalog import Catalog, Changes
 from mailsuite.sandbox.inboxes import SandboxDirectory, name_of_folder
 
 log = Logger(namespace="mailsuite.sandbox")
+
+#: While nobody watches, the catalog syncs an inbox once deliveries have paused this long
+#: (seconds), and at the latest MAX_LAG after the first unsynced one.  Listings, searches
+#: and waits sync what they read themselves, so they never see less.
+IDLE_SYNC = 0.5
+MAX_LAG = 10.0
 
 #: An event: (type, data, inbox); types are "new", "deleted" and "read".
 Event = tuple[str, dict[str, Any], str]
@@ -68,10 +79,10 @@ class Sandbox(service.Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="sandbox-catalog")
         self.subscribers: set[Callable[[Event], None]] = set()
         self.waiters: list[Waiter] = []
-        # inboxes with a sync waiting to start; the worker takes names out as a sync starts,
-        # under the lock, so a change announced after that start queues another sync
-        self._queued: set[str] = set()
-        self._queued_lock = threading.Lock()
+        self._dirty: set[str] = set()  # inboxes changed since their last sync was queued
+        self._flush_call: Any = None  # the pending call of _flush
+        self._dirty_since: float | None = None  # when the oldest unsynced change came
+        self._syncing = False  # a change-triggered sync is queued or running
         self._listener = self._folder_changed  # one bound method: the hub compares by identity
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -88,6 +99,8 @@ class Sandbox(service.Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
         d = self.run(self.catalog.close)
 
         def stop(_: object) -> None:
@@ -104,23 +117,50 @@ class Sandbox(service.Service):
     def _folder_changed(self, folder: Path) -> None:
         if folder.parent != self.config.mail_dir:
             return  # another folder of an inbox (made over IMAP): not in the API
-        name = name_of_folder(folder.name)
-        with self._queued_lock:
-            if name in self._queued:
-                return  # the sync waiting to start will see this change too
-            self._queued.add(name)
-        self.sync([name]).addErrback(
-            lambda f: log.failure("sandbox: sync of inbox {inbox} failed", f, inbox=name)
-        )
+        self._dirty.add(name_of_folder(folder.name))
+        self._flush_soon()
+
+    @property
+    def watched(self) -> bool:
+        """Someone waits for events: the page, a tool on the event stream, a waiter."""
+        return bool(self.subscribers or self.waiters)
+
+    def _flush_soon(self) -> None:
+        """Sync the changed inboxes: at once while someone is watching; otherwise once
+        deliveries have paused for :data:`IDLE_SYNC` seconds (at most :data:`MAX_LAG` after
+        the first change), so a burst is synced in one go after it and capturing does not
+        share the process with parsing.  One change-triggered sync at a time: changes made
+        while it runs are synced right after it."""
+        if self._syncing or not self._dirty:
+            return
+        now = self.reactor.seconds()
+        if self._dirty_since is None:
+            self._dirty_since = now
+        when = now if self.watched else min(now + IDLE_SYNC, self._dirty_since + MAX_LAG)
+        call = self._flush_call
+        if call is not None and call.active():
+            call.reset(max(0.0, when - now))
+            return
+        self._flush_call = self.reactor.callLater(max(0.0, when - now), self._flush)
+
+    def _flush(self) -> None:
+        names, self._dirty = sorted(self._dirty), set()
+        self._dirty_since = None
+        if not names:
+            return
+        self._syncing = True
+
+        def done(result: object) -> object:
+            self._syncing = False
+            self._flush_soon()
+            return result
+
+        self.sync(names).addBoth(done).addErrback(
+            lambda f: log.failure("sandbox: sync of {inboxes} failed", f, inboxes=names))
 
     def sync(self, inboxes: list[str] | None) -> defer.Deferred[Changes]:
-        def in_thread() -> Changes:
-            if inboxes is not None:
-                with self._queued_lock:
-                    self._queued.difference_update(inboxes)
-            return self.catalog.sync(inboxes)
-
-        return self.run(in_thread).addCallback(self.publish)
+        """Sync ``inboxes`` (None: all) in the worker thread, then publish what changed."""
+        return self.run(self.catalog.sync, inboxes).addCallback(self.publish)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -145,6 +185,7 @@ class Sandbox(service.Service):
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
         self.subscribers.add(subscriber)
+        self._flush_soon()  # someone watches now: what is pending goes out at once
         return lambda: self.subscribers.discard(subscriber)
 
     # -- waiters ---------------------------------------------------------------------------
@@ -153,6 +194,7 @@ class Sandbox(service.Service):
         """Answer ``waiter`` with the newest message that matches now, or with the first that
         arrives; returns the function that withdraws it (timeout, client gone)."""
         self.waiters.append(waiter)
+        self._flush_soon()
 
         def withdraw() -> None:
             waiter.done = True

@@ -20,6 +20,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
@@ -62,7 +63,10 @@ def browser() -> Iterator[Any]:
 
 
 def wait(driver: Any, condition: Any, timeout: float = 10) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    """Until ``condition`` holds; the live list is redrawn as events come in, so an element
+    read in between may be gone (stale): that is a "not yet", not a failure."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def listed(driver: Any) -> list[str]:

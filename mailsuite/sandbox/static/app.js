@@ -360,7 +360,15 @@ function wire() {
   });
   $("search").addEventListener("keydown", (e) => {
     if (e.key === "Enter") { e.preventDefault(); moveFocus(0); }
-    if (e.key === "Escape") { $("search").value = ""; $("search").dispatchEvent(new Event("input")); }
+    if (e.key === "Escape") {
+      // first clear the search; on an empty box, go back from the open message
+      if ($("search").value) {
+        $("search").value = "";
+        $("search").dispatchEvent(new Event("input"));
+      } else if (state.open) {
+        closeMessage();
+      }
+    }
   });
   $("back").addEventListener("click", closeMessage);
   $("delete").addEventListener("click", () => deleteOpen().catch((e) => say(e.message)));
