@@ -126,7 +126,7 @@ class ApiV1(Resource):
     isLeaf = True
 
     def __init__(self, sandbox: Sandbox) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.sandbox = sandbox
         self.events = EventStream(sandbox)
 
@@ -177,12 +177,13 @@ class ApiV1(Resource):
         if n == 2:
             return {"GET": self.get_message}, (path[1],)
         if n == 3:
-            found = {
+            by_name: dict[str, Handlers] = {
                 "raw": {"GET": self.raw},
                 "headers": {"GET": self.headers},
                 "release": {"POST": self.release},
-            }.get(path[2])
-            return (found, (path[1],)) if found is not None else None
+            }
+            handlers = by_name.get(path[2])
+            return (handlers, (path[1],)) if handlers is not None else None
         if n == 4 and path[2] == "part":
             return {"GET": self.get_part}, (path[1], path[3])
         return None
@@ -406,7 +407,7 @@ class ApiV1(Resource):
     def wait(self, request: Any) -> int:
         text = _arg(request, "timeout")
         try:
-            timeout = DEFAULT_WAIT if text in (None, "") else float(text)  # type: ignore[arg-type]
+            timeout = DEFAULT_WAIT if not text else float(text)
         except ValueError:
             raise ApiError(400, "timeout must be a number of seconds\n") from None
         if not 0 < timeout <= MAX_WAIT:

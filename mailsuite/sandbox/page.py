@@ -83,7 +83,7 @@ class MessageView(Resource):
     isLeaf = True
 
     def __init__(self, sandbox: Sandbox) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.sandbox = sandbox
 
     def render(self, request: Any) -> bytes | int:
