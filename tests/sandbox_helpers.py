@@ -77,13 +77,14 @@ def send(srv: Server, msg: EmailMessage, user: str | None = None, password: str 
         s.send_message(msg, from_addr=sender, to_addrs=rcpts)
 
 
-def call(srv: Server, method: str, path: str, body: object = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+def call(srv: Server, method: str, path: str, body: object = None, timeout: float = 30,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port("web"), timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data,
-                     headers={"Content-Type": "application/json"} if data else {})
+        sent = {"Content-Type": "application/json"} if data else {}
+        sent.update(headers or {})
+        conn.request(method, path, body=data, headers=sent)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:

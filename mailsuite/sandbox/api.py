@@ -22,7 +22,8 @@ endpoint and an event stream.
 
 ``?inbox=NAME`` narrows every listing, search, bulk change, ``latest``, wait, events and info
 to one inbox.  Errors are short ``text/plain`` answers, as Mailpit's: 400 for a bad request,
-404 for an unknown message, 403 for a release while ``[sandbox] release`` is off.
+404 for an unknown message, 403 for a release while ``[sandbox] release`` is off and for a
+change requested by another web site's page (see :func:`same_origin`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ log = Logger(namespace="mailsuite.sandbox")
 
 JSON = b"application/json"
 DEFAULT_LIMIT = 50
+#: Served with every message part: no script, no origin, nothing fetched.
+PART_POLICY = b"sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 #: HTTP method -> handler of one path
 Handlers = dict[str, Callable[..., Any]]
 DEFAULT_WAIT = 30.0
@@ -144,6 +147,8 @@ class ApiV1(Resource):
             return reply(request, http.NOT_FOUND, "not found\n")
         handlers, args = route
         handler = handlers.get(method)
+        if method not in ("GET", "HEAD") and not same_origin(request):
+            return reply(request, http.FORBIDDEN, "cross-origin request refused\n")
         if handler is None:
             allowed = sorted(set(handlers) | ({"HEAD"} if "GET" in handlers else set()))
             request.setHeader(b"Allow", ", ".join(allowed).encode())
@@ -306,6 +311,9 @@ class ApiV1(Resource):
             ctype = found.content_type
             if found.charset and ctype.startswith("text/"):
                 ctype += f"; charset={found.charset}"
+            # The part's type is the sender's word: an HTML or SVG "attachment" opened from
+            # the page must not run its scripts in our origin (where the API is).
+            request.setHeader(b"Content-Security-Policy", PART_POLICY)
             finish(request, http.OK, found.content, ctype.encode("latin-1", "replace"))
 
         d = self._located(request, mid, lambda loc: views.part(loc, part_id))
@@ -437,6 +445,19 @@ class ApiV1(Resource):
 
         request.notifyFinish().addErrback(gone)
         return server.NOT_DONE_YET
+
+
+def same_origin(request: Any) -> bool:
+    """Whether a changing request may come from where it comes from: a browser names the page
+    that sent it in ``Origin`` (RFC 6454 7), and only our own page may change anything, so a
+    web site the developer visits cannot delete or release captured mail behind their back.
+    Tools that send no ``Origin`` (curl, client libraries) are not browsers: allowed."""
+    origin = request.getHeader(b"Origin")
+    if origin is None:
+        return True
+    host = request.getHeader(b"Host") or b""
+    scheme, _, rest = origin.partition(b"://")
+    return scheme in (b"http", b"https") and rest.lower() == host.lower()
 
 
 def _version() -> str:

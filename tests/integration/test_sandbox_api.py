@@ -141,6 +141,8 @@ def test_message_text_html_attachments_and_read(srv: Server) -> None:
     status, headers, body = call(srv, "GET", f"/api/v1/message/{mid}/part/{att['PartID']}")
     assert (status, headers["content-type"], body) == (200, "application/pdf", b"%PDF-1.4 test")
     assert 'filename="invoice.pdf"' in headers["content-disposition"]
+    # whatever type the sender gave a part, it runs no script in our origin
+    assert headers["content-security-policy"].startswith("sandbox; default-src 'none'")
     status, headers, body = call(srv, "GET", f"/api/v1/message/{mid}/part/{inline['PartID']}")
     assert (status, headers["content-type"], body) == (200, "image/png", PNG)
     assert call(srv, "GET", f"/api/v1/message/{mid}/part/9.9")[0] == 404
@@ -222,6 +224,17 @@ def test_bad_requests_get_short_answers(srv: Server) -> None:
     assert call(srv, "GET", "/api/v1/messages?inbox=a%00b")[0] == 400
     assert call(srv, "GET", "/api/v1/messages?limit=ten")[0] == 400
     assert get_json(srv, "/api/v1/messages")["total"] == 1  # nothing deleted by mistake
+
+
+def test_other_web_sites_cannot_change_anything(srv: Server) -> None:
+    send(srv, message("precious"))
+    evil = {"Origin": "http://evil.example"}
+    assert call(srv, "DELETE", "/api/v1/messages", headers=evil)[0] == 403
+    assert call(srv, "PUT", "/api/v1/messages", {"Read": True}, headers=evil)[0] == 403
+    assert get_json(srv, "/api/v1/messages")["unread"] == 1
+    ours = {"Origin": f"http://127.0.0.1:{srv.port('web')}"}
+    assert call(srv, "PUT", "/api/v1/messages", {"Read": True}, headers=ours)[0] == 200
+    assert get_json(srv, "/api/v1/messages")["unread"] == 0
 
 
 def test_info_counts_and_runtime_stats(srv: Server) -> None:
