@@ -42,7 +42,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from mailsuite.sandbox import views
-from mailsuite.sandbox.catalog import Changes, Located
+from mailsuite.sandbox.catalog import Located
 from mailsuite.sandbox.events import EventStream
 from mailsuite.sandbox.inboxes import inbox_name
 from mailsuite.sandbox.service import Sandbox, Waiter
@@ -230,8 +230,7 @@ class ApiV1(Resource):
 
     # -- bulk changes ----------------------------------------------------------------------
 
-    def _changed(self, request: Any, d: defer.Deferred[Changes]) -> defer.Deferred[None]:
-        d.addCallback(self.sandbox.publish)
+    def _changed(self, request: Any, d: defer.Deferred[None]) -> defer.Deferred[None]:
         return d.addCallback(lambda _: finish(request, http.OK, "ok"))
 
     def set_read(self, request: Any) -> defer.Deferred[None]:
@@ -272,16 +271,12 @@ class ApiV1(Resource):
     def get_message(self, request: Any, mid: str) -> defer.Deferred[None]:
         catalog = self.sandbox.catalog
 
-        def build(located: Located) -> tuple[dict[str, Any], Changes]:
+        def build(located: Located) -> dict[str, Any]:
             message = views.message_json(located)
-            return message, catalog.set_read([located.summary["ID"]], None, True)
+            catalog.set_read([located.summary["ID"]], None, True)
+            return message
 
-        def answer(result: tuple[dict[str, Any], Changes]) -> None:
-            message, changes = result
-            self.sandbox.publish(changes)
-            _json(request, message)
-
-        return self._located(request, mid, build).addCallback(answer)
+        return self._located(request, mid, build).addCallback(lambda m: _json(request, m))
 
     def raw(self, request: Any, mid: str) -> defer.Deferred[None]:
         def answer(result: tuple[bytes, str]) -> None:

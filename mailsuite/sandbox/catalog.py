@@ -134,6 +134,9 @@ class Catalog:
         self.max_messages = max_messages
         self._db: sqlite3.Connection | None = None
         self._indexes: dict[str, FolderIndex] = {}
+        #: what every call found (a listing's sync too) or did, until :meth:`take_changes`:
+        #: the service publishes it after each call, so no change goes unannounced
+        self.changes = Changes()
 
     # -- connection and indexes ------------------------------------------------------------
 
@@ -173,10 +176,15 @@ class Catalog:
 
     # -- following the folders -------------------------------------------------------------
 
-    def sync(self, inboxes: Iterable[str] | None = None) -> Changes:
+    def take_changes(self) -> Changes:
+        """What the calls since the last take found or did (see :attr:`changes`)."""
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    def sync(self, inboxes: Iterable[str] | None = None) -> None:
         """Bring the catalog in step with ``inboxes`` (None: every inbox, and forget inboxes
         whose folder is gone); cheap when nothing changed."""
-        changes = Changes()
+        changes = self.changes
         if inboxes is None:
             names = set(self.directory.inboxes())
             known = {n for (n,) in self.db.execute("SELECT name FROM inboxes")}
@@ -185,7 +193,6 @@ class Catalog:
             inboxes = sorted(names)
         for name in inboxes:
             self._sync_inbox(name, changes)
-        return changes
 
     def _forget_inbox(self, inbox: str, changes: Changes) -> None:
         rows = self.db.execute("SELECT id FROM messages WHERE inbox=?", (inbox,)).fetchall()
@@ -445,18 +452,17 @@ class Catalog:
         return out
 
     def delete(self, ids: Sequence[str] | None, inbox: str | None,
-               search: str | None = None) -> Changes:
+               search: str | None = None) -> None:
         """Remove messages (from their Maildir folders too)."""
-        changes = Changes()
+        changes = self.changes
         for box, rows in self._selected(ids, inbox, search).items():
             index = self._index(box)
             if index is not None:
                 self._remove(box, index, [(mid, uid) for mid, uid, _ in rows], changes)
-        return changes
 
-    def set_read(self, ids: Sequence[str] | None, inbox: str | None, read: bool) -> Changes:
+    def set_read(self, ids: Sequence[str] | None, inbox: str | None, read: bool) -> None:
         """Set or clear ``\\Seen`` (in the Maildir, so IMAP and POP3 agree)."""
-        changes = Changes()
+        changes = self.changes
         for box, rows in self._selected(ids, inbox).items():
             index = self._index(box)
             todo = [(mid, uid) for mid, uid, was in rows if bool(was) != read]
@@ -475,7 +481,6 @@ class Catalog:
                         self.db.execute("UPDATE messages SET read=? WHERE id=?", (int(read), mid))
                         changes.read.append((mid, box, read))
             changes.folders.add(index.folder)
-        return changes
 
     def _transaction(self) -> Any:
         return _Transaction(self.db)

@@ -109,8 +109,25 @@ class Sandbox(service.Service):
         return d.addBoth(stop)
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        """Call ``f(*args)`` in the worker thread, after every call made before."""
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+        """Call ``f(*args)`` in the worker thread, after every call made before; what it
+        changed in the catalog (found by a sync or done) is published before its result is
+        given back."""
+        catalog = self.catalog
+
+        def in_thread() -> tuple[Any, Changes]:
+            try:
+                return f(*args), catalog.take_changes()
+            except BaseException:
+                self.reactor.callFromThread(self.publish, catalog.take_changes())
+                raise
+
+        def published(pair: tuple[Any, Changes]) -> Any:
+            result, changes = pair
+            self.publish(changes)
+            return result
+
+        d = threads.deferToThreadPool(self.reactor, self.pool, in_thread)
+        return d.addCallback(published)
 
     # -- following deliveries --------------------------------------------------------------
 
@@ -158,14 +175,16 @@ class Sandbox(service.Service):
         self.sync(names).addBoth(done).addErrback(
             lambda f: log.failure("sandbox: sync of {inboxes} failed", f, inboxes=names))
 
-    def sync(self, inboxes: list[str] | None) -> defer.Deferred[Changes]:
-        """Sync ``inboxes`` (None: all) in the worker thread, then publish what changed."""
-        return self.run(self.catalog.sync, inboxes).addCallback(self.publish)
+    def sync(self, inboxes: list[str] | None) -> defer.Deferred[None]:
+        """Sync ``inboxes`` (None: all) in the worker thread (what changed is published)."""
+        return self.run(self.catalog.sync, inboxes)
 
     # -- publishing ------------------------------------------------------------------------
 
-    def publish(self, changes: Changes) -> Changes:
+    def publish(self, changes: Changes) -> None:
         """Tell IMAP/POP3 sessions, event subscribers and waiters what ``changes`` holds."""
+        if not changes:
+            return
         for folder in changes.folders:
             self.runtime.changes.notify(folder, self._listener)
         self.stats.deleted += len(changes.deleted)
@@ -181,7 +200,6 @@ class Sandbox(service.Service):
                     log.failure("sandbox: event subscriber failed")
         if changes.new:
             self._wake(changes.new)
-        return changes
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
         self.subscribers.add(subscriber)
