@@ -69,6 +69,15 @@ def wait(driver: Any, condition: Any, timeout: float = 10) -> Any:
                          ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
+def click(driver: Any, selector: str) -> None:
+    """Click what ``selector`` finds, again if the live list was redrawn under the click."""
+    def clicked(d: Any) -> bool:
+        d.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait(driver, clicked)
+
+
 def listed(driver: Any) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#list .subject")]
 
@@ -88,7 +97,7 @@ def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any,
     wait(browser, lambda d: listed(d) == ["Welcome aboard", "Invoice 7731"])
     assert browser.execute_script("return performance.navigation.type") == 0  # no reload
     # opening it shows the HTML part in the sandboxed frame
-    browser.find_element(By.CSS_SELECTOR, "#list li:first-child button").click()
+    click(browser, "#list li:first-child button")
     wait(browser, lambda d: d.find_element(By.ID, "subject").text == "Welcome aboard")
     assert "904512" in browser.find_element(By.ID, "codes").text
     frame = browser.find_element(By.ID, "frame")
@@ -102,7 +111,7 @@ def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any,
     browser.switch_to.default_content()
     shot(browser, tmp_path / "sandbox-desktop.png")
     # the Source tab shows the raw message
-    browser.find_element(By.ID, "tab-source").click()
+    click(browser, "#tab-source")
     wait(browser, lambda d: "Subject: Welcome aboard" in d.find_element(By.ID, "panel-source").text)
     # search narrows the list
     search = browser.find_element(By.ID, "search")
@@ -132,11 +141,11 @@ def test_phone_width(srv: Server, browser: Any, tmp_path: Path) -> None:
     wait(browser, lambda d: listed(d) == ["Reset your password"])
     width = browser.execute_script("return document.documentElement.scrollWidth")
     assert width <= 390  # nothing sideways to scroll
-    browser.find_element(By.CSS_SELECTOR, "#list li button").click()
+    click(browser, "#list li button")
     wait(browser, lambda d: d.find_element(By.ID, "back").is_displayed())
     assert not browser.find_element(By.ID, "list-pane").is_displayed()
     assert "https://example.com/r?t=1" in browser.find_element(By.ID, "links").text
     shot(browser, tmp_path / "sandbox-phone.png")
-    browser.find_element(By.ID, "back").click()
+    click(browser, "#back")
     wait(browser, lambda d: d.find_element(By.ID, "list-pane").is_displayed())
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
