@@ -56,6 +56,13 @@ FACTORIES: dict[str, tuple[str, bool]] = {
 }
 
 
+#: In sandbox mode every SMTP listener captures (see mailsuite.sandbox.smtp).
+SANDBOX_FACTORIES = {
+    name: "mailsuite.sandbox.smtp:sandbox_factory"
+    for name in ("smtp", "submission", "submissions")
+}
+
+
 def _builder(spec: str) -> Callable[[Runtime, bool], IProtocolFactory]:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
@@ -150,6 +157,8 @@ def makeService(
         descs = config.listen.get(name, ())
         if not descs:
             continue
+        if config.mode == "sandbox":
+            spec = SANDBOX_FACTORIES.get(name, spec)
         factory = _builder(spec)(runtime, implicit_tls)
         if implicit_tls:
             if runtime.tls is None:
