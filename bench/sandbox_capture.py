@@ -105,7 +105,8 @@ async def load(port: int, messages: int, sessions: int, size: int) -> float:
 
 
 def count_files(folder: Path) -> int:
-    return sum(len(os.listdir(folder / sub)) for sub in ("new", "cur") if (folder / sub).is_dir())
+    return sum(sum(1 for _ in (folder / sub).iterdir()) for sub in ("new", "cur")
+               if (folder / sub).is_dir())
 
 
 def api_total(web_port: int) -> int:

@@ -33,6 +33,7 @@ import json
 import os
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -357,7 +358,7 @@ class ApiV1(Resource):
             catalog.sync([inbox] if inbox is not None else None)
             total, unread = catalog.counts(inbox)
             try:
-                size = os.stat(catalog.path).st_size
+                size = catalog.path.stat().st_size
             except OSError:
                 size = 0
             tag_counts: dict[str, int] = {}
@@ -465,7 +466,7 @@ def _version() -> str:
 def _memory() -> int:
     """Resident memory in bytes (Linux), 0 where it cannot be read."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        statm = Path("/proc/self/statm").read_text()
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

@@ -67,7 +67,7 @@ def _parse_html(markup: str) -> _TextAndLinks:
     try:
         parser.feed(markup[:MAX_SCAN])
         parser.close()
-    except Exception:  # noqa: BLE001 - html.parser is lenient, but never trust input
+    except Exception:
         pass
     return parser
 

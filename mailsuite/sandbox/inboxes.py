@@ -76,7 +76,7 @@ class SandboxDirectory(Directory):
         try:
             with os.scandir(self.mail_dir) as it:
                 for entry in it:
-                    if entry.is_dir() and os.path.isdir(os.path.join(entry.path, "cur")):
+                    if entry.is_dir() and (Path(entry.path) / "cur").is_dir():
                         names.append(name_of_folder(entry.name))
         except FileNotFoundError:
             pass

@@ -142,7 +142,7 @@ def parse(raw: bytes) -> ParsedMail:
     out = ParsedMail(fields=top_fields(raw))
     try:
         root = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw)
-    except Exception:  # noqa: BLE001 - the stdlib parser can fail on hostile input
+    except Exception:
         out.text = _text(raw[split_header(raw)[1] :])
         return out
     texts: list[str] = []
@@ -173,7 +173,7 @@ def parse(raw: bytes) -> ParsedMail:
             return
         if not leaf.filename and not leaf.content_id:
             return
-        if leaf.content_id and (related or leaf.disposition != "attachment") or (
+        if (leaf.content_id and (related or leaf.disposition != "attachment")) or (
             related and leaf.disposition == "inline"
         ):
             out.inline.append(leaf)
@@ -192,19 +192,19 @@ def _leaf(part: Message, number: str, ctype: str) -> Part:
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
             try:
                 content = inner[0].as_bytes()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 content = b""
         else:
             content = b""
     else:
         try:
             payload = part.get_payload(decode=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             payload = None
         content = payload if isinstance(payload, bytes) else b""
     try:
         filename = part.get_filename() or ""
-    except Exception:  # noqa: BLE001
+    except Exception:
         filename = ""
     if filename:
         filename = decode_header_value(filename.encode("utf-8", "surrogateescape")).strip()
@@ -215,7 +215,7 @@ def _leaf(part: Message, number: str, ctype: str) -> Part:
     disposition = (part.get_content_disposition() or "").lower()
     try:
         charset = part.get_content_charset()
-    except Exception:  # noqa: BLE001
+    except Exception:
         charset = None
     return Part(number, ctype, filename, cid, disposition, content, charset)
 

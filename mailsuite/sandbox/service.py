@@ -88,13 +88,13 @@ class Sandbox(service.Service):
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
         self._unsubscribe = self.runtime.changes.subscribe_all(self._listener)
         self.sync(None).addErrback(lambda f: log.failure("sandbox: first sync failed", f))
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         if self._unsubscribe is not None:
             self._unsubscribe()
