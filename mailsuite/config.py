@@ -26,6 +26,9 @@ CLIENT_SERVICES = ("imaps", "imap", "pop3s", "pop3", "submissions", "submission"
 
 LOG_FORMATS = ("text", "json")
 
+#: ``[server] mode``: a mail server, or a capture server for testing applications (sandbox).
+MODES = ("server", "sandbox")
+
 #: The embedded default, the same values as the commented ``etc/mailsuite.toml``
 #: (a unit test keeps the two in step).
 DEFAULT_TOML = """
@@ -234,6 +237,14 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SandboxConfig:
+    """``[sandbox]``: the capture mode's settings (see mailsuite.sandbox)."""
+
+    max_messages: int = 5000  # per inbox; the oldest go first
+    release: bool = False  # POST /api/v1/message/{ID}/release may send through the queue
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -251,6 +262,8 @@ class Config:
     sieve: SieveConfig = field(default_factory=SieveConfig)
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
     web: WebConfig = field(default_factory=WebConfig)
+    mode: str = "server"  # one of MODES
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     @property
     def nameservers(self) -> tuple[str, ...] | None:
@@ -479,6 +492,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         "mail_auth",
         "sieve",
         "web",
+        "sandbox",
     }
     for section in data:
         if section not in known:
@@ -495,6 +509,9 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         raise server.fail(
             "log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
         )
+    mode = server.get("mode", str, "server")
+    if mode not in MODES:
+        raise server.fail("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
     server.finish()
 
     listen_r = _Reader(where, "listen", data.get("listen", {}))
@@ -504,6 +521,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         for desc in descs:
             _check_endpoint(listen_r, service, desc)
         listen[service] = descs
+    if mode == "sandbox" and listen["managesieve"]:
+        raise listen_r.fail("managesieve", "not available in sandbox mode (no Sieve there)")
     listen_r.finish()
 
     tls_r = _Reader(where, "tls", data.get("tls", {}))
@@ -614,7 +633,9 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_failures_per_ip=auth_r.positive("max_failures_per_ip", 10),
         max_failures_per_user=auth_r.positive("max_failures_per_user", 20),
         window=auth_r.positive("window", 900),
-        allow_plaintext=auth_r.get("allow_plaintext", bool, False),
+        # Sandbox mode takes any password, so clear text risks nothing (and test clients
+        # often speak plain text): allowed unless the config says otherwise.
+        allow_plaintext=auth_r.get("allow_plaintext", bool, mode == "sandbox"),
     )
     auth_r.finish()
 
@@ -700,6 +721,12 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     auth_checks.finish()
 
     web = _web_config(_Reader(where, "web", data.get("web", {})))
+    sandbox_r = _Reader(where, "sandbox", data.get("sandbox", {}))
+    sandbox = SandboxConfig(
+        max_messages=sandbox_r.positive("max_messages", SandboxConfig.max_messages),
+        release=sandbox_r.get("release", bool, False),
+    )
+    sandbox_r.finish()
 
     return Config(
         path=path,
@@ -718,6 +745,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         sieve=sieve,
         log_format=log_format,
         web=web,
+        mode=mode,
+        sandbox=sandbox,
     )
 
 
@@ -742,10 +771,11 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read ``path`` (or the embedded default when None) into a validated :class:`Config`."""
+def load_config(path: str | Path | None, embedded: str = DEFAULT_TOML) -> Config:
+    """Read ``path`` (or the ``embedded`` default when None: :data:`DEFAULT_TOML`, or the
+    sandbox's, :data:`mailsuite.sandbox.defaults.SANDBOX_TOML`) into a :class:`Config`."""
     if path is None:
-        return parse_config(tomllib.loads(DEFAULT_TOML), None, Path.cwd())
+        return parse_config(tomllib.loads(embedded), None, Path.cwd())
     p = Path(path).expanduser().absolute()
     try:
         raw = p.read_bytes()

@@ -45,3 +45,6 @@ class Runtime:
     #: :class:`mailsuite.web.site.WebRoot` of ``[listen] web`` (None when it is off): mount
     #: resources with ``runtime.web.mount(path, resource)``.
     web: Any | None = None
+    #: :class:`mailsuite.sandbox.service.Sandbox` in sandbox mode (``[server] mode``), else
+    #: None: the capture catalog, its events and waiters.
+    sandbox: Any | None = None

@@ -56,6 +56,13 @@ FACTORIES: dict[str, tuple[str, bool]] = {
 }
 
 
+#: In sandbox mode every SMTP listener captures (see mailsuite.sandbox.smtp).
+SANDBOX_FACTORIES = {
+    name: "mailsuite.sandbox.smtp:sandbox_factory"
+    for name in ("smtp", "submission", "submissions")
+}
+
+
 def _builder(spec: str) -> Callable[[Runtime, bool], IProtocolFactory]:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
@@ -65,6 +72,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     """Create the data folder and the shared objects the services use."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.mail_dir.mkdir(exist_ok=True, mode=0o700)
+    if config.mode == "sandbox":
+        return _sandbox_runtime(config, reactor)
     directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
     auth = Authenticator(directory, config.auth, reactor)
     runtime = Runtime(config, reactor, directory, auth, ChangeHub())
@@ -78,11 +87,29 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     return runtime
 
 
+def _sandbox_runtime(config: Config, reactor: Any) -> Runtime:
+    """Sandbox mode: inboxes instead of users, any password, no mail authentication or
+    Sieve; the outbound queue is there for releases only."""
+    from mailsuite.sandbox.inboxes import AnyPassword, SandboxDirectory
+    from mailsuite.sandbox.service import Sandbox
+
+    directory = SandboxDirectory(config)
+    runtime = Runtime(config, reactor, directory, AnyPassword(directory, config, reactor),
+                      ChangeHub())
+    runtime.tls = _server_tls(config, runtime)
+    runtime.queue = make_spool(config.data_dir, reactor)
+    runtime.resolver = server_resolver(config.nameservers, reactor)
+    runtime.metrics = Metrics()
+    runtime.metrics.watch_queue(runtime.queue.env_dir)
+    runtime.sandbox = Sandbox(runtime, directory)
+    return runtime
+
+
 def _server_tls(config: Config, runtime: Runtime) -> Any | None:
     """The configured certificates, or a self-signed one made for the embedded default."""
     pairs = [(p.cert, p.key) for p in config.tls]
     if not pairs:
-        needs_tls = any(
+        needs_tls = config.mode == "sandbox" or any(
             config.listen.get(s) for s in ("submission", "submissions", "imaps", "pop3s")
         )
         starttls = ("imap", "pop3", "managesieve")
@@ -130,6 +157,8 @@ def makeService(
         descs = config.listen.get(name, ())
         if not descs:
             continue
+        if config.mode == "sandbox":
+            spec = SANDBOX_FACTORIES.get(name, spec)
         factory = _builder(spec)(runtime, implicit_tls)
         if implicit_tls:
             if runtime.tls is None:
@@ -165,6 +194,13 @@ def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]
     outlook = OutlookAutodiscover(runtime)
     root.mount("autodiscover/autodiscover.xml", outlook)
     root.mount("Autodiscover/Autodiscover.xml", outlook)  # the spelling Outlook uses
+    if runtime.sandbox is not None:
+        from mailsuite.sandbox.api import ApiV1
+        from mailsuite.sandbox.page import MessageView, Page
+
+        root.mount("api/v1", ApiV1(runtime.sandbox))
+        root.mount("view", MessageView(runtime.sandbox))
+        root.mount("/", Page())
     return root
 
 
@@ -339,4 +375,6 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
     out.append(queue_service(runtime))
     out.append(LeftoverSweeper(runtime))
+    if runtime.sandbox is not None:
+        out.append(runtime.sandbox)
     return out

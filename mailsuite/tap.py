@@ -13,18 +13,34 @@ from mailsuite.config import Config, ConfigError, load_config
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE]"
+    synopsis = "[--config FILE | --sandbox]"
     longdesc = (
         "Run the mailsuite mail server.  Without --config it runs the embedded default: "
-        "127.0.0.1 on unprivileged ports, data under ./mailsuite-data, domain example.test."
+        "127.0.0.1 on unprivileged ports, data under ./mailsuite-data, domain example.test.  "
+        "--sandbox runs the embedded sandbox instead: a capture server for testing the mail "
+        "applications send (SMTP 127.0.0.1:1025, web and API 8025, IMAP 1143, POP3 1110, "
+        "data under ./mailsuite-sandbox)."
     )
     optParameters: ClassVar[list[list[str | None]]] = [
         ["config", "c", None, "Path to the TOML configuration file."]
     ]
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["sandbox", None, "Run the embedded sandbox configuration (capture mode)."]
+    ]
 
     def postOptions(self) -> None:
+        if self["sandbox"] and self["config"]:
+            raise usage.UsageError(
+                '--sandbox runs the embedded sandbox configuration; for your own file set '
+                '[server] mode = "sandbox" in it and give only --config'
+            )
         try:
-            self.config: Config = load_config(self["config"])
+            if self["sandbox"]:
+                from mailsuite.sandbox.defaults import SANDBOX_TOML
+
+                self.config: Config = load_config(None, SANDBOX_TOML)
+            else:
+                self.config = load_config(self["config"])
         except ConfigError as e:
             # twistd prints UsageError as one line and exits non-zero.
             raise usage.UsageError(str(e)) from None

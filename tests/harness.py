@@ -90,6 +90,7 @@ class Server:
         domains: tuple[str, ...] = ("example.test",),
         tls: tuple[Path, Path] | None = None,
         log_errors_expected: str | None = None,
+        server_toml: str = "",
     ) -> None:
         """``log_errors_expected``: a reason why this test provokes an internal error on
         purpose; without one, a traceback in the server log fails the test at stop."""
@@ -102,7 +103,7 @@ class Server:
         listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in self.ports.items())
         tls_toml = f'[tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else ""
         self.config.write_text(
-            f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n\n'
+            f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n{server_toml}\n'
             f"[listen]\n{listen}\n\n{tls_toml}"
             f"[domains]\nlocal = {list(domains)!r}\n\n{extra_toml}\n".replace("'", '"')
         )

@@ -63,7 +63,11 @@ class Verdict:
       ``"\\n\\t"`` or ``"\\n "``, without a line end (e.g. Authentication-Results);
     * ``remove``: fields to take out of the header section, each exactly as it appears in
       :attr:`ReceivedMessage.headers` (folded lines included, no line end), e.g. forged
-      Authentication-Results that claim our authserv-id (RFC 8601 5).
+      Authentication-Results that claim our authserv-id (RFC 8601 5);
+    * ``disconnect``: drop the message and close the connection without any reply (the
+      sandbox's ``drop@`` fault: what a client sees when a server dies after the data).
+
+    A refusal with ``421`` closes the connection after the reply (RFC 5321 3.8).
     """
 
     reply: Reply | None = None
@@ -71,6 +75,7 @@ class Verdict:
     junk: bool = False
     prepend: tuple[str, ...] = ()
     remove: tuple[bytes, ...] = ()
+    disconnect: bool = False
 
     @property
     def refused(self) -> bool:
@@ -410,7 +415,7 @@ class Policy:
         remove: list[bytes] = []
         for check in self._by_hook["end_of_data"]:
             verdict = await check.end_of_data(facts, message)
-            if verdict.refused:
+            if verdict.refused or verdict.disconnect:
                 return verdict
             junk = junk or verdict.junk
             prepend.extend(verdict.prepend)
@@ -425,7 +430,8 @@ class Policy:
 class Profile:
     """What kind of listener a session serves.
 
-    ``name`` is ``"mx"`` or ``"submission"`` (log prefix, connection-count group).
+    ``name`` is ``"mx"``, ``"submission"`` or ``"sandbox"`` (log prefix, connection-count
+    group).
     ``auth``: AUTH is offered and accepted, once TLS is on (or with ``[auth]
     allow_plaintext``: RFC 4954 4, never credentials in clear text by default).
     ``requires_auth``: MAIL needs a successful AUTH first (RFC 6409 4.3; 530 5.7.0), checked
@@ -436,6 +442,12 @@ class Profile:
     auth: bool
     requires_auth: bool
     policy: Policy
+    #: Where an accepted recipient's mail goes (default: :attr:`Recipient.resolution`, the
+    #: directory's answer); the sandbox sends every recipient to the session's inbox.
+    route: Callable[[Facts, Recipient], Resolution] | None = None
+    #: ``[smtp] max_connections_per_ip`` applies (not in the sandbox: test suites open many
+    #: connections from one address).
+    limit_per_ip: bool = True
 
 
 def mx_profile(config: Config, lookup: Lookup, has_queue: Callable[[], bool]) -> Profile:

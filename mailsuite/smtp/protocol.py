@@ -70,7 +70,7 @@ MAX_COMMAND_LINE = 2048
 _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 
 #: The connection-count group of each profile (``Runtime.connection_limits``).
-_COUNT_GROUP = {"mx": "smtp", "submission": "submission"}
+_COUNT_GROUP = {"mx": "smtp", "submission": "submission", "sandbox": "smtp"}
 
 
 class SMTPProtocol(LineReceiver):
@@ -406,7 +406,7 @@ class SMTPFactory(protocol.ServerFactory):
             runtime.connection_limits,
             _COUNT_GROUP[profile.name],
             cfg.smtp.max_connections,
-            cfg.smtp.max_connections_per_ip,
+            cfg.smtp.max_connections_per_ip if profile.limit_per_ip else 0,
             exempt=cfg.relay.is_trusted,
         )
 

@@ -298,6 +298,9 @@ class Session:
     def _refused(self, verdict: Verdict) -> Step:
         """A check refused a command: a permanent refusal counts as a client error."""
         assert verdict.reply is not None
+        if verdict.reply.code == 421:  # RFC 5321 3.8: the server closes after a 421
+            self.transaction = None
+            return self._close(verdict.reply, _why(verdict))
         if verdict.reply.permanent:
             return self._error(verdict.reply, _why(verdict))
         return Step((verdict.reply,), log=_why(verdict))
@@ -540,7 +543,8 @@ class Session:
         verdict = self.profile.policy.rcpt(self, rcpt)
         if verdict.reply is not None:
             return self._refused(verdict)
-        txn.add(rcpt.address, rcpt.resolution)
+        route = self.profile.route
+        txn.add(rcpt.address, rcpt.resolution if route is None else route(self, rcpt))
         self.state = State.RCPT
         return Step((R.RCPT_OK,))
 
@@ -651,7 +655,16 @@ class Session:
         """The combined verdict of the end-of-data checks (:class:`CheckMessage`)."""
         if self.state is not State.CHECKING or self.transaction is None:
             return Step()
+        if verdict.disconnect:
+            # The message is dropped with the connection (the I/O side aborts it when the
+            # connection is lost); the client gets no reply at all.
+            self.transaction = None
+            self.state = State.CLOSED
+            return Step(action=Close(), log=_why(verdict))
         if verdict.reply is not None:
+            if verdict.reply.code == 421:
+                self.transaction = None
+                return self._close(verdict.reply, _why(verdict))
             return self._end_transaction(verdict.reply, AbortMessage(), _why(verdict))
         return self._deliver(verdict)
 

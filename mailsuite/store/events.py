@@ -23,6 +23,7 @@ class ChangeHub:
 
     def __init__(self) -> None:
         self._listeners: dict[Path, set[Listener]] = {}
+        self._everything: set[Listener] = set()
 
     def subscribe(self, folder: Path, listener: Listener) -> Callable[[], None]:
         """Register ``listener``; returns a function that unregisters it."""
@@ -38,9 +39,17 @@ class ChangeHub:
 
         return unsubscribe
 
+    def subscribe_all(self, listener: Listener) -> Callable[[], None]:
+        """Register ``listener`` for changes of every folder (the sandbox's catalog, which
+        follows inboxes that appear while it runs); returns the function that unregisters it."""
+        self._everything.add(listener)
+        return lambda: self._everything.discard(listener)
+
     def notify(self, folder: Path, source: object = None) -> None:
         """Tell every listener of ``folder`` (except ``source``) that it changed."""
-        for listener in list(self._listeners.get(folder.resolve(), ())):
+        listeners = list(self._listeners.get(folder.resolve(), ()))
+        listeners.extend(self._everything)
+        for listener in listeners:
             if listener is source:
                 continue
             try:
