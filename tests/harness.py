@@ -237,12 +237,16 @@ _TCP_STATES = {
 }
 
 
-def server_connections(port: int) -> list[str]:
-    """TCP states of the server's side of connections on local ``port`` (Linux /proc),
-    leaving out the listener and connections already closed on our side (TIME_WAIT and
-    later): ``["ESTABLISHED"]`` while a client is connected, ``["CLOSE_WAIT"]`` when the
-    client hung up and the server has not closed its end yet."""
-    states = []
+def server_connection_peers(port: int) -> dict[str, str]:
+    """The server's side of connections on local ``port`` (Linux /proc), as
+    ``{"remote-address:port": state}``, leaving out the listener and connections already closed
+    on our side (TIME_WAIT and later): ``ESTABLISHED`` while a client is connected,
+    ``CLOSE_WAIT`` when the client hung up and the server has not closed its end yet.
+
+    Keyed by the client's address so a test can tell its own client's connection from another
+    one on the same port that is still closing (the STARTTLS mutt test once compared counts and
+    mistook the setup session's close for mutt's connection staying open)."""
+    peers = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -253,8 +257,14 @@ def server_connections(port: int) -> list[str]:
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
             state = _TCP_STATES.get(fields[3], fields[3])
             if local_port == port and state in ("ESTABLISHED", "CLOSE_WAIT", "SYN_RECV"):
-                states.append(state)
-    return sorted(states)
+                peers[f"{table[-4:]}:{fields[2]}"] = state
+    return peers
+
+
+def server_connections(port: int) -> list[str]:
+    """The TCP states of `server_connection_peers`, sorted: ``["ESTABLISHED"]`` while one
+    client is connected, ``[]`` once the server has closed every connection."""
+    return sorted(server_connection_peers(port).values())
 
 
 # -- shared by the tests -------------------------------------------------------------------
