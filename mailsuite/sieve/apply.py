@@ -47,11 +47,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailsuite.imap import utf7
 from mailsuite.sieve.actions import Action, FileInto, Keep, Reject
 from mailsuite.sieve.interpreter import SieveEnvelope
 from mailsuite.sieve.storage import ScriptStore
 from mailsuite.smtp.replies import Reply
+from mailsuite.store import mailbox_names
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.mailbox import Account, MailboxError
 from mailsuite.store.maildir import FolderNameError, fsync_dir, write_tmp
@@ -64,7 +64,7 @@ def folder_for(root: Path, mailbox: str) -> Path:
         return root
     name = ".".join(part for part in mailbox.replace("/", ".").split("."))
     try:
-        return Account(root).path(utf7.encode(name))
+        return Account(root).path(mailbox_names.encode(name))
     except (MailboxError, FolderNameError) as e:
         raise ValueError(str(e)) from None
 
@@ -80,7 +80,7 @@ def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | 
     if not create:
         return root, f"fileinto {mailbox!r}: no such folder; delivered to INBOX"
     account = Account(root)
-    wire = utf7.encode(".".join(mailbox.replace("/", ".").split(".")))
+    wire = mailbox_names.encode(".".join(mailbox.replace("/", ".").split(".")))
     try:
         account.create(wire)
     except MailboxError as e:

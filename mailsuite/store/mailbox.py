@@ -24,6 +24,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from mailsuite.store import mailbox_names
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -50,12 +51,10 @@ class MailboxError(Exception):
 def _check_name(name: str) -> None:
     """Names are the wire form (modified UTF-7, hierarchy "."): refuse what could escape or
     that is not canonical modified UTF-7."""
-    from mailsuite.imap import utf7
-
     if "/" in name or "\\" in name or name.startswith("~") or "\x00" in name:
         raise MailboxError("Invalid mailbox name", "CANNOT")
     try:
-        utf7.decode(name)
+        mailbox_names.decode(name)
     except ValueError as exc:
         raise MailboxError(f"Invalid mailbox name: {exc}", "CANNOT") from None
     if name.startswith(SEPARATOR) or name.endswith(SEPARATOR) or ".." in name:
