@@ -231,7 +231,7 @@ def _wait_trusted(box: Path) -> None:
 
 
 def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mailsuite.store.index as index_mod
+    import mailsuite.store.index_scan as index_mod
 
     # whole-second mtimes (coarse file systems) wait a full second, finer ones 30 ms
     assert not index_mod._trusted(5 * 10**9, 5 * 10**9 + 900_000_000)
