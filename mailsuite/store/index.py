@@ -328,9 +328,10 @@ class FolderIndex(IndexScan):
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
         """Put written (fsynced) files into this folder and index them; returns their new
-        UIDs in order.  A file already in this folder's ``tmp/`` is renamed; any other path
-        (a message of another folder, for COPY) is hard-linked, or copied across devices.
-        One lock, one transaction, one fsync per directory: the caller may answer OK."""
+        UIDs in order.  A draft (a file in a ``tmp/``: this folder's, or another folder's of
+        the same user, see :mod:`mailsuite.store.write`) is renamed; any other path (a message
+        of another folder, for COPY) is hard-linked, or copied across devices.  One lock, one
+        transaction, one fsync per directory: the caller may answer OK."""
         if not items:
             return []
         with self._locked():
@@ -346,7 +347,8 @@ class FolderIndex(IndexScan):
                     base = f"{it.unique},S={it.size},W={it.wsize}"
                     final = base + (info_for(it.flags, letters) if it.flags else "")
                     dest = self.folder / sub / final
-                    if it.source.parent == self.folder / "tmp":
+                    moved = it.source.parent.name == "tmp"
+                    if moved:
                         os.rename(it.source, dest)
                     else:
                         try:
@@ -355,7 +357,7 @@ class FolderIndex(IndexScan):
                             import shutil
 
                             shutil.copyfile(it.source, dest)
-                    if it.internaldate is not None and it.source.parent == self.folder / "tmp":
+                    if it.internaldate is not None and moved:
                         os.utime(dest, (it.internaldate, it.internaldate))
                     idate = (
                         it.internaldate if it.internaldate is not None else os.stat(dest).st_mtime

@@ -103,7 +103,7 @@ def crlf_size(path: Path) -> int:
 class NewFile:
     """A message file to add to a folder (see :meth:`FolderIndex.add_files`)."""
 
-    source: Path  # in the folder's tmp/ (APPEND) or another folder (COPY)
+    source: Path  # a draft in a tmp/ (moved), or a message of another folder (COPY: linked)
     unique: str  # the Maildir unique name to use
     flags: frozenset[str]
     size: int  # file size (,S=)
@@ -121,7 +121,6 @@ class IndexDatabase:
     """One folder's index database: the connection, the meta counters, the lock, keyword
     letters and the cached names (see the module docstring).  Opening it creates or migrates
     the schema (under the lock)."""
-
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder

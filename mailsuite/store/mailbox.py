@@ -33,6 +33,7 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
+from mailsuite.store.write import Placement, place, write_tmp
 
 log = Logger(namespace="mailsuite.store")
 
@@ -641,21 +642,13 @@ class FolderRegistry:
 def append_blocking(
     path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
 ) -> tuple[int, int]:
-    """Durably add one message to the folder at ``path``; returns (uidvalidity, uid).
-    Opens its own index handle: call it from a thread."""
-    from mailsuite.store.maildir import write_tmp
-
-    tmp, unique, size, wsize = write_tmp(path, [data])
+    """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
+    one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
+    thread."""
+    draft = write_tmp(path, [data])
     index = FolderIndex(path)
     try:
-        try:
-            (uid,) = index.add_files([NewFile(tmp, unique, flags, size, wsize, internaldate)])
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        (uid,) = place(path, [Placement(draft, flags, internaldate)], index=index)
         return index.uidvalidity, uid
     finally:
         index.close()

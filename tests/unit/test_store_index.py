@@ -10,7 +10,8 @@ import pytest
 
 from mailsuite.store.index import FolderIndex, NewFile, _trusted, crlf_size
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
-from mailsuite.store.maildir import ensure_folder, write_message, write_tmp
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message, write_tmp
 from tests.harness import wait_until
 
 
