@@ -97,8 +97,8 @@ class StartTLS:
 
 @dataclass(frozen=True)
 class Authenticate:
-    """Check ``username``/``password``; on success open the maildrop (blocking: in a thread);
-    report with :meth:`Session.login_finished`."""
+    """Check ``username``/``password``; on success open the maildrop; report with
+    :meth:`Session.login_finished`."""
 
     username: str
     password: str
@@ -115,7 +115,7 @@ class Stream:
 
 @dataclass(frozen=True)
 class Update:
-    """Run the UPDATE state (``maildrop.commit()``, blocking: in a thread); report with
+    """Run the UPDATE state (``maildrop.commit()``); report with
     :meth:`Session.update_finished`."""
 
 
