@@ -116,10 +116,13 @@ class IncomingMessage:
 
     The API the SMTP server uses: :meth:`check` at DATA, :meth:`write` / :meth:`write_body`
     (and :attr:`backlog` / :meth:`when_drained`) while data arrives, :meth:`contents` for
-    checks that read the whole message, then :meth:`finish` or :meth:`abort`.
+    checks that read the whole message, then :meth:`finish` or :meth:`abort`.  ``blocking``
+    runs the file work (default: the reactor's thread pool; tests pass a synchronous one).
     """
 
-    def __init__(self, runtime: Any, envelope: Envelope, received: bytes) -> None:
+    def __init__(
+        self, runtime: Any, envelope: Envelope, received: bytes, *, blocking: Blocking | None = None
+    ) -> None:
         self.runtime = runtime
         self.envelope = envelope
         self._pending: list[bytes] = []
@@ -146,7 +149,7 @@ class IncomingMessage:
         self._trace = head + received  # our lines above the client's header section
         self.write(self._trace)
         self.size = 0  # body bytes only
-        self._blocking = _thread_pool(runtime)
+        self._blocking = blocking or _thread_pool(runtime)
 
     def write(self, data: bytes, newlines: int | None = None) -> None:
         """Buffer ``data``; ``newlines`` is its number of LF bytes when the caller knows it."""

@@ -21,10 +21,12 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
 from mailsuite.store import mailbox_names
+from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -533,16 +535,16 @@ class FolderRegistry:
 
     def __init__(
         self,
-        hub: object | None = None,
+        hub: ChangeHub | None = None,
         call_soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
-        self.hub = hub  # mailsuite.store.events.ChangeHub
+        self.hub = hub
         self.call_soon = call_soon or (lambda f: f())
         self.open: dict[Path, Folder] = {}
         self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
         self.keep_idle = 4
         #: folders polled for other processes' changes: folder -> [stop, number of watchers]
-        self._watched: dict[Folder, list] = {}
+        self._watched: dict[Folder, list[Any]] = {}
 
     def get(self, path: Path) -> Folder:
         folder = self.peek(path)
