@@ -221,3 +221,31 @@ def test_deliver_bytes_and_file_run_the_script(rt: Runtime, tmp_path: Path) -> N
                                   b"bob@example.test\n" + RECEIVED + HEAD + BODY)
     assert queued.exists()  # the queue's file is the queue's
     no_leftovers(rt, "alice@example.test", "bob@example.test")
+
+
+class Signer:
+    """Plays ``runtime.mail_auth``: DKIM-Signature fields for what it is asked to sign."""
+
+    def __init__(self) -> None:
+        self.signed: list[bytes] = []
+
+    def sign(self, message: bytes) -> defer.Deferred[bytes]:
+        self.signed.append(message)
+        return defer.succeed(b"DKIM-Signature: v=1; d=example.test; s=s1; b=x\n")
+
+
+def test_vacation_reply_is_signed_and_queued_once(rt: Runtime) -> None:
+    rt.mail_auth = Signer()  # type: ignore[assignment]
+    root = rt.directory.mailbox_root("alice@example.test")
+    ScriptStore(root).put("rules", 'require "vacation";\nvacation :days 1 "Away.";\n')
+    ScriptStore(root).activate("rules")
+    for _ in range(2):
+        finish(receive(rt, ["alice@example.test"]))
+    assert len(rt.files("alice@example.test")) == 2  # kept both times
+    (queued,) = rt.queue.ids()  # one reply per sender per period
+    entry = rt.queue.load(queued)
+    assert entry.sender == "" and [r.address for r in entry.recipients] == ["bob@remote.test"]
+    data = rt.queue.message_path(queued).read_bytes()
+    (signed,) = rt.mail_auth.signed  # type: ignore[attr-defined]
+    assert data == b"DKIM-Signature: v=1; d=example.test; s=s1; b=x\n" + signed
+    assert b"Auto-Submitted: auto-replied" in signed and b"Away." in signed
