@@ -17,7 +17,6 @@ from mailsuite.config import parse_config
 from mailsuite.delivery import (
     DeliveryResult,
     Envelope,
-    HeadEdit,
     IncomingMessage,
     deliver_bytes,
     deliver_file,
@@ -26,6 +25,7 @@ from mailsuite.directory import Directory, LocalBox
 from mailsuite.queue.spool import Spool
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.sieve.storage import ScriptStore
+from mailsuite.smtp.headers import HeaderEdit
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import crlf_size
 
@@ -123,7 +123,7 @@ def test_head_edit_rewrites_the_header_section_once(rt: Runtime, size: str) -> N
     msg = receive(rt, ["alice@example.test", "bob@example.test"], body,
                   remote=("carol@remote.test",))
     forged = len(b"From: <bob@remote.test>\n")  # replaces the first field (a forged A-R)
-    edit = HeadEdit(forged, b"Authentication-Results: mx.example.test; spf=pass\n"
+    edit = HeaderEdit(forged, b"Authentication-Results: mx.example.test; spf=pass\n"
                             b"From: <bob@remote.test>\n")
     finish(msg, head_edit=edit)
     for user in ("alice@example.test", "bob@example.test"):
@@ -141,7 +141,7 @@ def test_head_edit_rewrites_the_header_section_once(rt: Runtime, size: str) -> N
 def test_prepended_signature_goes_to_the_queue_entry_and_local_copies(rt: Runtime) -> None:
     msg = receive(rt, ["alice@example.test"], remote=("carol@remote.test",))
     sig = b"DKIM-Signature: v=1; a=ed25519-sha256; d=example.test; s=s1;\n\tb=abc\n"
-    finish(msg, head_edit=HeadEdit(0, sig))
+    finish(msg, head_edit=HeaderEdit(0, sig))
     (queued,) = rt.queue.ids()
     assert rt.queue.message_path(queued).read_bytes() == RECEIVED + sig + HEAD + BODY
     (stored,) = rt.files("alice@example.test")
