@@ -34,10 +34,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 from mailsuite.store.index import Message
 from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
@@ -45,43 +45,10 @@ from mailsuite.store.maildir import ensure_folder
 LOCK_NAME = "mailsuite-pop3.lock"
 LOGIN_STAMP_NAME = "mailsuite-pop3-login"
 RETRIEVED_NAME = "mailsuite-pop3-retrieved.json"
+__all__ = ["Expiry", "LoginTooSoon", "Maildrop", "MaildropInUse", "MessageGone"]
+
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
-
-
-class MaildropInUse(Exception):
-    """Another POP3 session holds this maildrop (answer ``-ERR [IN-USE]``)."""
-
-
-class LoginTooSoon(Exception):
-    """The last login was less than LOGIN-DELAY seconds ago (answer ``-ERR [LOGIN-DELAY]``)."""
-
-
-class MessageGone(Exception):
-    """The message was removed by another program (an IMAP expunge) during the session."""
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """The EXPIRE policy (RFC 2449 6.7): ``None`` days = NEVER, 0 = no mail left on the server
-    after a session that retrieved it, n = delete n days after the first retrieval."""
-
-    days: int | None
-
-    @classmethod
-    def parse(cls, value: str | None) -> Expiry | None:
-        """``None`` (not configured), ``"NEVER"`` or a number of days; ValueError otherwise."""
-        if value is None:
-            return None
-        text = value.strip().upper()
-        if text == "NEVER":
-            return cls(None)
-        if text.isdigit() and int(text) <= 100_000:
-            return cls(int(text))
-        raise ValueError(f"expected \"NEVER\" or a number of days, got {value!r}")
-
-    def capability(self) -> str:
-        return "EXPIRE NEVER" if self.days is None else f"EXPIRE {self.days}"
 
 
 class Maildrop:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from mailsuite.dotstuff import DotStuffer, stuff_all
 from mailsuite.login import LoginResult, Outcome
-from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
+from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 
 #: Messages up to this size are read and sent in one write; larger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024
