@@ -8,81 +8,53 @@ from __future__ import annotations
 
 import poplib
 import re
-import socket
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from mailsuite.store.write import write_message
-from tests.harness import PASSWORD, Server
+from tests.clients import IMAPClient
+from tests.harness import ALICE, PASSWORD, Server, ServerFactory
 
-ALICE = "alice@example.test"
 MESSAGES = [b"From: a@example.org\nSubject: m%d\n\nbody %d\n" % (i, i) for i in range(1, 5)]
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "srv", services=("imap", "pop3"),
-               extra_toml="[auth]\nallow_plaintext = true\n")
-    s.start()
-    s.add_user(ALICE)
+def server(servers: ServerFactory) -> Server:
+    s = servers(("imap", "pop3"), users=(ALICE,), extra_toml="[auth]\nallow_plaintext = true\n")
     box = s.maildir(ALICE)
     for body in MESSAGES:
-        write_message(box, [body])
-        time.sleep(0.002)  # distinct delivery order
-    yield s
-    s.stop()
-    assert "Traceback" not in s.output()
+        write_message(box, [body])  # names carry the time: delivery order is the list's
+    return s
 
 
-class Imap:
-    """A raw IMAP client (IDLE needs one: imaplib has none before Python 3.14)."""
+class Imap(IMAPClient):
+    """IMAP with IDLE (imaplib has none before Python 3.14)."""
 
     def __init__(self, server: Server) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", server.port("imap")), timeout=10)
-        self.file = self.sock.makefile("rb")
-        self.n = 0
-        self.file.readline()
-        self.command(f'LOGIN {ALICE} "{PASSWORD}"')
+        super().__init__(server.port("imap"), ALICE)
 
     def command(self, text: str) -> list[bytes]:
-        self.n += 1
-        tag = b"t%d" % self.n
-        self.sock.sendall(tag + b" " + text.encode() + b"\r\n")
-        lines = []
-        while True:
-            line = self.file.readline()
-            assert line, "connection closed"
-            if line.startswith(tag + b" "):
-                assert line.startswith(tag + b" OK"), line
-                return lines
-            lines.append(line)
+        """The untagged lines of a command that must succeed."""
+        return self.ok(text)
 
     def idle(self) -> None:
         self.n += 1
-        self.sock.sendall(b"t%d IDLE\r\n" % self.n)
-        assert self.file.readline().startswith(b"+")
+        self.send(b"r%d IDLE\r\n" % self.n)
+        assert self.readline().startswith(b"+")
 
     def wait_for(self, pattern: bytes, timeout: float = 10) -> bytes:
-        """The next untagged line matching ``pattern`` (within ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-            line = self.file.readline()
+        """The next untagged line matching ``pattern`` (each read waits at most ``timeout``:
+        a line that never comes fails the test with TimeoutError)."""
+        self.sock.settimeout(timeout)
+        while True:
+            line = self.readline().rstrip(b"\r\n")
+            assert line, "connection closed"
             if re.search(pattern, line):
                 return line
-        raise AssertionError(f"no {pattern!r} within {timeout} s")
 
     def done(self) -> None:
-        self.sock.settimeout(10)
-        self.sock.sendall(b"DONE\r\n")
-        while not self.file.readline().startswith(b"t%d OK" % self.n):
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
+        self.send(b"DONE\r\n")
+        self.until(b"r%d" % self.n)
 
 
 def pop3(server: Server) -> poplib.POP3:
@@ -94,7 +66,7 @@ def pop3(server: Server) -> poplib.POP3:
 
 def test_imap_idle_hears_pop3_seen_and_deletions(server: Server) -> None:
     im = Imap(server)
-    assert b"* 4 EXISTS\r\n" in im.command("SELECT INBOX")
+    assert b"* 4 EXISTS" in im.command("SELECT INBOX")
     im.idle()
     p = pop3(server)
     p.retr(2)  # marks it \Seen (leave_on_server_mark_seen)
@@ -102,10 +74,10 @@ def test_imap_idle_hears_pop3_seen_and_deletions(server: Server) -> None:
     p.dele(1)
     p.dele(3)
     p.quit()
-    assert im.wait_for(rb"^\* \d EXPUNGE") == b"* 3 EXPUNGE\r\n"
-    assert im.wait_for(rb"^\* \d EXPUNGE") == b"* 1 EXPUNGE\r\n"
+    assert im.wait_for(rb"^\* \d EXPUNGE") == b"* 3 EXPUNGE"
+    assert im.wait_for(rb"^\* \d EXPUNGE") == b"* 1 EXPUNGE"
     im.done()
-    assert im.command("UID SEARCH ALL") == [b"* SEARCH 2 4\r\n"]
+    assert im.command("UID SEARCH ALL") == [b"* SEARCH 2 4"]
     im.close()
 
 

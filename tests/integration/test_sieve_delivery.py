@@ -12,94 +12,54 @@ with a script active (nothing acknowledged is lost).
 from __future__ import annotations
 
 import email
-import json
 import smtplib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from mailsuite.testing.mx import spawn_mx_server
-from tests.harness import Server
+from tests.harness import Server, ServerFactory, wait_until
+from tests.loopback import MX, Net, queue_ids
 
 SINK_SCRIPT = {"rcpt": {"nobody@remote.test": [550, "5.1.1 no such user here"]}}
 
 
-class Sink:
-    """The loopback MX every remote recipient is routed to; records each transaction."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "sink"
-        self.dir.mkdir()
-        self.proc, self.port = spawn_mx_server("127.0.0.1:0", str(self.dir), SINK_SCRIPT)
-
-    def transactions(self) -> list[dict[str, Any]]:
-        out = []
-        for eml in sorted(self.dir.glob("*.eml")):
-            meta = eml.with_suffix(".json")
-            if not meta.exists():
-                continue  # being written
-            env = json.loads(meta.read_text())
-            env["data"] = eml.read_bytes()
-            out.append(env)
-        return out
-
-    def to(self, rcpt: str) -> list[dict[str, Any]]:
-        return [t for t in self.transactions() if rcpt in t["rcpts"]]
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
+def to(sink: MX, rcpt: str) -> list[dict[str, Any]]:
+    """What the sink accepted for ``rcpt``."""
+    return [t for t in sink.transactions() if rcpt in t["rcpts"]]
 
 
-def toml(sink: Sink) -> str:
+def toml(net: Net, sink: MX) -> str:
+    """Every remote recipient goes to ``sink`` (the "*" route, no MX lookup)."""
     return (
         "[auth]\nallow_plaintext = true\n\n"
-        '[relay]\ntrusted_networks = ["127.0.0.1/32"]\nretry_initial = 1\nretry_max = 2\n\n'
-        f'[relay.routes]\n"*" = "[127.0.0.1]:{sink.port}"\n\n'
+        + net.relay_toml()
+        + f'\n[relay.routes]\n"*" = "[{sink.address}]:{sink.port}"\n\n'
         "[sieve]\nvacation_min_period = 1\n"
     )
 
 
 @pytest.fixture(scope="module")
-def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sink]:
-    s = Sink(tmp_path_factory.mktemp("sieve-sink"))
-    yield s
-    s.stop()
+def net(loopback_net: Callable[[dict[str, Any]], Net]) -> Net:
+    return loopback_net({})
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, sink: Sink) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("sieve-delivery") / "srv", services=("smtp",),
-               extra_toml=toml(sink))
-    s.start()
-    yield s
-    s.stop()
+def sink(net: Net) -> MX:
+    return net.mx("127.0.0.2", SINK_SCRIPT)
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
-
-
-def queue_empty(server: Server) -> bool:
-    env = server.data / "queue" / "env"
-    return not env.exists() or not any(env.glob("*.json"))
+@pytest.fixture(scope="module")
+def server(module_servers: ServerFactory, net: Net, sink: MX) -> Server:
+    return module_servers(("smtp",), extra_toml=toml(net, sink))
 
 
 def settle(server: Server) -> None:
     """Wait until everything queued so far has left (delivered to the sink or bounced).
     A delivery queues its replies before its 250, so after this nothing more is coming."""
-    wait_for(lambda: queue_empty(server), what="an empty queue")
+    wait_until(lambda: not queue_ids(server), timeout=20, what="an empty queue")
 
 
 def user(server: Server, name: str, script: str | None) -> str:
@@ -132,11 +92,11 @@ def stored(server: Server, address: str, folder: str = "") -> list[bytes]:
     return server.messages(address, folder) if (box / "new").is_dir() else []
 
 
-def test_redirect_goes_out_with_the_original_sender(server: Server, sink: Sink) -> None:
+def test_redirect_goes_out_with_the_original_sender(server: Server, sink: MX) -> None:
     carol = user(server, "carol", 'redirect "fwd@remote.test";\n')
     code, _ = send(server, "bob@remote.test", [carol], message("forward me", carol))
     assert code == 250
-    (t,) = wait_for(lambda: sink.to("fwd@remote.test"), what="the redirect")
+    (t,) = wait_until(lambda: to(sink, "fwd@remote.test"), what="the redirect")
     assert t["mail_from"] == "bob@remote.test"  # RFC 5228 4.2: the original envelope sender
     head = t["data"].split(b"\r\n\r\n", 1)[0]
     assert b"Delivered-To: carol@example.test" in head  # how a loop is recognised
@@ -144,33 +104,33 @@ def test_redirect_goes_out_with_the_original_sender(server: Server, sink: Sink) 
     assert stored(server, carol) == []  # redirect cancels the implicit keep
 
 
-def test_redirect_copy_keeps_a_copy(server: Server, sink: Sink) -> None:
+def test_redirect_copy_keeps_a_copy(server: Server, sink: MX) -> None:
     cora = user(server, "cora", 'require "copy";\nredirect :copy "fwd2@remote.test";\n')
     assert send(server, "bob@remote.test", [cora], message("copy me", cora))[0] == 250
-    wait_for(lambda: sink.to("fwd2@remote.test"), what="the redirect")
+    wait_until(lambda: to(sink, "fwd2@remote.test"), what="the redirect")
     (kept,) = stored(server, cora)
     assert kept.startswith(b"Return-Path: <bob@remote.test>\nDelivered-To: cora@example.test\n")
 
 
-def test_reject_for_the_only_recipient_is_an_smtp_refusal(server: Server, sink: Sink) -> None:
+def test_reject_for_the_only_recipient_is_an_smtp_refusal(server: Server, sink: MX) -> None:
     rita = user(server, "rita", 'require "reject";\n'
                 'if header :contains "subject" "offer" { reject "No offers, thanks."; }\n')
     code, text = send(server, "bob@remote.test", [rita], message("great offer", rita))
     assert (code, text) == (550, b"5.7.1 No offers, thanks.")
     settle(server)
     assert stored(server, rita) == []
-    assert sink.to("bob@remote.test") == []  # refused in the dialogue: no notice as well
+    assert to(sink, "bob@remote.test") == []  # refused in the dialogue: no notice as well
     assert send(server, "bob@remote.test", [rita], message("lunch", rita))[0] == 250
     assert len(stored(server, rita)) == 1
 
 
-def test_reject_with_several_recipients_sends_a_notice(server: Server, sink: Sink) -> None:
+def test_reject_with_several_recipients_sends_a_notice(server: Server, sink: MX) -> None:
     rosa = user(server, "rosa", 'require "reject";\nreject "Not for me.";\n')
     tom = user(server, "tom", None)
     code, _ = send(server, "zed@remote.test", [rosa, tom], message("for two", f"{rosa}, {tom}"))
     assert code == 250  # tom takes it, so the transaction cannot be refused
     assert len(stored(server, tom)) == 1 and stored(server, rosa) == []
-    (notice,) = wait_for(lambda: sink.to("zed@remote.test"), what="the rejection notice")
+    (notice,) = wait_until(lambda: to(sink, "zed@remote.test"), what="the rejection notice")
     assert notice["mail_from"] == ""  # RFC 5429 2.2: null reverse-path
     msg = email.message_from_bytes(notice["data"])
     assert msg["Auto-Submitted"] == "auto-replied"
@@ -185,11 +145,11 @@ vacation :seconds 2 :subject "Away" "I am away until Monday.";
 """
 
 
-def test_vacation_replies_once_per_period(server: Server, sink: Sink) -> None:
+def test_vacation_replies_once_per_period(server: Server, sink: MX) -> None:
     val = user(server, "val", VACATION)
     first = time.monotonic()
     assert send(server, "ann@remote.test", [val], message("one", val))[0] == 250
-    (reply,) = wait_for(lambda: sink.to("ann@remote.test"), what="the vacation reply")
+    (reply,) = wait_until(lambda: to(sink, "ann@remote.test"), what="the vacation reply")
     assert reply["mail_from"] == ""  # RFC 3834 3.3
     msg = email.message_from_bytes(reply["data"])
     assert msg["Subject"] == "Away" and msg["Auto-Submitted"] == "auto-replied"
@@ -197,10 +157,10 @@ def test_vacation_replies_once_per_period(server: Server, sink: Sink) -> None:
     assert "I am away until Monday." in reply["data"].decode()
     assert send(server, "ann@remote.test", [val], message("two", val))[0] == 250
     settle(server)
-    assert len(sink.to("ann@remote.test")) == 1  # within the period: no second reply
-    wait_for(lambda: time.monotonic() - first > 2.5, what="the end of the period")
+    assert len(to(sink, "ann@remote.test")) == 1  # within the period: no second reply
+    wait_until(lambda: time.monotonic() - first > 2.5, what="the end of the period")
     assert send(server, "ann@remote.test", [val], message("three", val))[0] == 250
-    wait_for(lambda: len(sink.to("ann@remote.test")) == 2, what="the next period's reply")
+    wait_until(lambda: len(to(sink, "ann@remote.test")) == 2, what="the next period's reply")
     assert len(stored(server, val)) == 3  # vacation does not cancel the keep
 
 
@@ -211,13 +171,13 @@ def test_vacation_replies_once_per_period(server: Server, sink: Sink) -> None:
     ("", ""),
 ])
 def test_vacation_never_answers_lists_bulk_robots_or_the_null_sender(
-        server: Server, sink: Sink, sender: str, extra: str) -> None:
+        server: Server, sink: MX, sender: str, extra: str) -> None:
     name = "vic" + str(abs(hash(sender)) % 10_000)
     vic = user(server, name, VACATION)
     assert send(server, sender, [vic], message("news", vic, sender, extra))[0] == 250
     settle(server)
     who = sender or "mailer-daemon@remote.test"
-    assert sink.to(sender) == [] and sink.to(who) == []
+    assert to(sink, sender) == [] and to(sink, who) == []
     assert len(stored(server, vic)) == 1
 
 
@@ -230,13 +190,13 @@ def test_failing_script_keeps_the_message_and_tells_the_user(server: Server) -> 
     assert "failed, message kept in INBOX" in log
 
 
-def test_bounces_to_a_local_user_go_through_her_script(server: Server, sink: Sink) -> None:
+def test_bounces_to_a_local_user_go_through_her_script(server: Server, sink: MX) -> None:
     dora = user(server, "dora", 'require ["fileinto", "mailbox"];\n'
                 'if header :contains "content-type" "report" '
                 '{ fileinto :create "Bounces"; }\n')
     assert send(server, dora, ["nobody@remote.test"], message("lost", "nobody@remote.test",
                                                               dora))[0] == 250
-    dsn = wait_for(lambda: stored(server, dora, "Bounces"), what="the DSN in Bounces")
+    dsn = wait_until(lambda: stored(server, dora, "Bounces"), what="the DSN in Bounces")
     assert b"Final-Recipient: rfc822; nobody@remote.test" in dsn[0]
     assert dsn[0].startswith(b"Return-Path: <>\nDelivered-To: dora@example.test\n")
     assert stored(server, dora) == []
@@ -262,10 +222,10 @@ def test_aliases_and_several_recipients_each_run_their_own_script(server: Server
         assert m.count(b"\nReceived: ") == 1 and m.endswith(b"hello\n")
 
 
-def test_kill_9_during_delivery_with_a_script_loses_nothing(tmp_path: Path, sink: Sink) -> None:
-    srv = Server(tmp_path, extra_toml=toml(sink))
+def test_kill_9_during_delivery_with_a_script_loses_nothing(servers: ServerFactory, net: Net,
+                                                           sink: MX) -> None:
     crash = "crash@example.test"
-    srv.add_user(crash)
+    srv = servers(("smtp",), extra_toml=toml(net, sink), users=(crash,), start=False)
     srv.cli("sieve", "put", crash, "rules", "-", "--activate", stdin=(
         'require ["fileinto", "mailbox", "imap4flags"];\n'
         'if header :contains "subject" "odd" { fileinto :create "Odd"; }\n'
@@ -292,23 +252,20 @@ def test_kill_9_during_delivery_with_a_script_loses_nothing(tmp_path: Path, sink
     threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acked) >= 100, timeout=60, what="100 acknowledged messages")
+    wait_until(lambda: len(acked) >= 100, timeout=60, what="100 acknowledged messages")
     srv.kill9()  # in the middle of the load
     stop.set()
     for t in threads:
         t.join(30)
-    srv.start()  # the index and the folders come back
-    try:
-        found = set()
-        for folder in ("", "Odd"):
-            for raw in stored(srv, crash, folder):
-                subject = email.message_from_bytes(raw)["Subject"]
-                found.add(subject)
-                if not folder:
-                    assert "odd" not in subject
-        missing = [tag for tag in acked if tag not in found]
-        assert missing == [], f"{len(missing)} acknowledged messages lost: {missing[:5]}"
-        assert stored(srv, crash, "Odd")  # the script ran: filed, and flagged in cur/
-        assert any(p.name.endswith(":2,a") for p in (srv.maildir(crash) / "cur").iterdir())
-    finally:
-        srv.stop()
+    srv.start()  # the index and the folders come back (stopped by the fixture)
+    found = set()
+    for folder in ("", "Odd"):
+        for raw in stored(srv, crash, folder):
+            subject = email.message_from_bytes(raw)["Subject"]
+            found.add(subject)
+            if not folder:
+                assert "odd" not in subject
+    missing = [tag for tag in acked if tag not in found]
+    assert missing == [], f"{len(missing)} acknowledged messages lost: {missing[:5]}"
+    assert stored(srv, crash, "Odd")  # the script ran: filed, and flagged in cur/
+    assert any(p.name.endswith(":2,a") for p in (srv.maildir(crash) / "cur").iterdir())
