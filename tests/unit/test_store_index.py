@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.index import FolderIndex, NewFile, _trusted, crlf_size
+from mailsuite.store.index import FolderIndex, NewFile, crlf_size
+from mailsuite.store.index_scan import _trusted
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message, write_tmp
