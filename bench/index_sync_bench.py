@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 
 
 def build(root: Path, n: int) -> Path:

@@ -77,6 +77,7 @@ def start(a: argparse.Namespace) -> None:
         "[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
         "[imap]\nmax_connections = 0\nmax_connections_per_ip = 0\nmax_userip_connections = 0\n"
         "[pop3]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
+        f"{a.extra_toml}\n"
     )
     cli = [a.python, "-m", "mailsuite.cli", "--config", str(config)]
     for user in USERS:
@@ -166,6 +167,7 @@ def main() -> None:
     s.add_argument("--domain", default=os.environ.get("BENCH_DOMAIN", "example.test"))
     s.add_argument("--password", default=os.environ.get("BENCH_PASS", "benchpass"))
     s.add_argument("--python", default=os.environ.get("MAILSUITE_PYTHON", sys.executable))
+    s.add_argument("--extra-toml", default="", help="TOML appended to the config (new sections)")
     p = sub.add_parser("stop")
     p.add_argument("--dir", required=True)
     a = ap.parse_args()

@@ -1,27 +1,34 @@
-"""Local delivery (the MDA role) and hand-off of remote recipients to the outbound queue.
+"""Local delivery (the MDA role): the one way a message enters a user's mailbox.
 
-A message being received is written once, as it arrives, into one temporary file: in the
-first local recipient's ``tmp/`` (the common single-recipient case then needs no copy at
-all) or in ``<data_dir>/spool/incoming`` when every recipient is remote.  The file starts
-with the trace headers (Return-Path, Delivered-To, Received: the order Postfix writes) so
-that finishing is: fsync, extra copies for further local recipients, the queue entry for
-remote ones, rename into ``new/``, fsync the directories.  All file system work blocks, so
-it runs in the reactor's thread pool (never on the reactor thread); the SMTP server answers
-250 only when it has succeeded.
+Three callers, one path: the SMTP server (:class:`IncomingMessage`, the message streamed to
+disk as it arrives), the queue runner (:func:`deliver_file`: local retries, and a queued
+recipient whose domain became local) and DSNs to local senders (:func:`deliver_bytes`).  The
+store write itself is :mod:`mailsuite.store.write` (drafts in ``tmp/``, fsync, rename, fsync the
+directory); IMAP APPEND and ``mailsuite import`` use that directly, as they put a message in a
+folder rather than deliver it to a person.
 
-If anything fails the whole transaction gets a temporary failure and nothing half-done is
-left in ``new/``: temp files are removed and the client tries again later (at-least-once,
-never lost).
+A message is written once, into one file: in the first local recipient's ``tmp/`` (the common
+single-recipient case then needs no copy at all) or in ``<data_dir>/spool/incoming`` when every
+recipient is remote.  The file starts with the trace lines (:func:`trace_head`: Return-Path,
+Delivered-To, then Received, the order Postfix writes), so finishing is one job in a worker
+thread (:mod:`mailsuite.delivery_fanout`): fsync, the header edit the end-of-data checks asked
+for, each recipient's Sieve script, the copies, the queue entries, the renames into place and
+the directory fsyncs; then, in the reactor thread, the folders' sessions are told and the
+replies a script asked for (vacation, rejection notices) are signed and queued.  Only when all
+of that succeeded does the SMTP server answer 250.
+
+If anything fails the whole transaction gets a temporary failure and nothing half-done is left
+in a mailbox: drafts are removed and the client tries again later (at-least-once, never lost).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +36,24 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsuite.delivery_fanout import DeliveryError, Fanout, Outgoing, trace_head
 from mailsuite.directory import LocalBox
-from mailsuite.store.maildir import ensure_folder, folder_path, fsync_dir, unique_name
+from mailsuite.smtp.headers import HeaderEdit
+from mailsuite.smtp.replies import Reply
+from mailsuite.store.maildir import unique_name
+from mailsuite.store.write import Draft, copy_tmp, discard, open_tmp, write_all, write_tmp
+
+__all__ = [
+    "JUNK",
+    "DeliveryError",
+    "DeliveryResult",
+    "Envelope",
+    "HeaderEdit",
+    "IncomingMessage",
+    "deliver_bytes",
+    "deliver_file",
+    "trace_head",
+]
 
 log = Logger(namespace="mailsuite.delivery")
 
@@ -39,10 +62,19 @@ _FLUSH_AT = 256 * 1024
 #: bytes handed to write jobs and not yet written above which the server stops reading
 _MAX_BACKLOG = 1024 * 1024
 
+#: The folder a quarantine verdict delivers to (the \\Junk special-use folder every user has,
+#: :data:`mailsuite.directory.SPECIAL_FOLDERS`; made again if the user deleted it).
+JUNK = "Junk"
+
+#: ``blocking(f, *args)``: run blocking ``f`` off the reactor thread, fire with its result
+Blocking = Callable[..., defer.Deferred[Any]]
+
 
 @dataclass
 class Envelope:
-    """One SMTP transaction's envelope as accepted: sender, routed recipients, options."""
+    """One transaction's envelope as accepted: sender, routed recipients, options.  Each
+    :class:`LocalBox` carries the RCPT address that led to it (``rcpt``), which Sieve's
+    ``envelope "to"`` and subaddress tests see."""
 
     sender: str  # "" for the null sender
     local: list[LocalBox] = field(default_factory=list)
@@ -51,39 +83,60 @@ class Envelope:
     body_8bit: bool = False
 
 
-class DeliveryError(Exception):
-    """Delivery failed for a reason worth a temporary failure (logged with details)."""
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What a finished delivery tells its caller.
+
+    ``reply``: answer this instead of 250 -- a Sieve ``reject`` by the transaction's only
+    recipient, made at SMTP time (RFC 5429 2.1); nothing was stored or queued.  ``folders``:
+    the folders a copy went to."""
+
+    reply: Reply | None = None
+    folders: tuple[Path, ...] = ()
+
+
+def _thread_pool(runtime: Any) -> Blocking:
+    reactor = runtime.reactor
+
+    def blocking(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return blocking
 
 
 class IncomingMessage:
-    """The message of one transaction while its DATA arrives, then its delivery.
+    """The message of one SMTP transaction while its DATA arrives, then its delivery.
 
     The reactor thread only decodes and buffers: no file system call is made on it (a file
     create in ``tmp/`` can wait for a journal commit of the other sessions' fsyncs, which
     stalled every session).  A message that fits in ``_FLUSH_AT`` is created, written,
-    fsynced and renamed in one thread-pool job at the end; a bigger one has its file created
+    fsynced and delivered in one thread-pool job at the end; a bigger one has its file created
     and its chunks written by chained jobs (one at a time, in order) while it arrives, with
     :attr:`backlog` telling the server when to stop reading (bounded memory).
+
+    The API the SMTP server uses: :meth:`check` at DATA, :meth:`write` / :meth:`write_body`
+    (and :attr:`backlog` / :meth:`when_drained`) while data arrives, :meth:`contents` for
+    checks that read the whole message, then :meth:`finish` or :meth:`abort`.  ``blocking``
+    runs the file work (default: the reactor's thread pool; tests pass a synchronous one).
     """
 
-    def __init__(self, runtime: Any, envelope: Envelope, received: bytes) -> None:
+    def __init__(
+        self, runtime: Any, envelope: Envelope, received: bytes, *, blocking: Blocking | None = None
+    ) -> None:
         self.runtime = runtime
         self.envelope = envelope
-        #: deliver the local copies into each recipient's Junk folder (a policy verdict)
-        self.junk = False
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._newlines = 0  # stored text is LF-only, so CRLF size = size + newlines
-        return_path = f"Return-Path: <{envelope.sender}>\n".encode()
         if envelope.local:
             first = envelope.local[0]
             self._folder: Path | None = first.root
             directory = first.root / "tmp"
-            self._delivered_first = self._delivered_to(first)
+            head = trace_head(envelope.sender, first.user)
         else:
             self._folder = None
             directory = runtime.config.data_dir / "spool" / "incoming"
-            self._delivered_first = b""
+            head = trace_head(envelope.sender, None)
         self.path = directory / unique_name()
         self._fd: int | None = None  # opened by the first thread-pool job
         self._io: defer.Deferred[None] | None = None  # chain of write jobs, None: no file yet
@@ -91,17 +144,12 @@ class IncomingMessage:
         #: bytes handed to write jobs and not yet written
         self.backlog = 0
         self._drained: list[defer.Deferred[None]] = []
-        self._return_path = return_path
-        head = return_path + self._delivered_first
         #: where the Received header starts: copies and the queue take the file from here
         self.received_offset = len(head)
-        self._trace = head + received
-        self._head_edit: tuple[int, bytes] | None = None  # see replace_head
+        self._trace = head + received  # our lines above the client's header section
         self.write(self._trace)
         self.size = 0  # body bytes only
-
-    def _delivered_to(self, box: LocalBox) -> bytes:
-        return f"Delivered-To: {box.user}\n".encode()
+        self._blocking = blocking or _thread_pool(runtime)
 
     def write(self, data: bytes, newlines: int | None = None) -> None:
         """Buffer ``data``; ``newlines`` is its number of LF bytes when the caller knows it."""
@@ -116,45 +164,6 @@ class IncomingMessage:
     def write_body(self, data: bytes, newlines: int | None = None) -> None:
         self.size += len(data)
         self.write(data, newlines)
-
-    def replace_head(self, old_length: int, new: bytes) -> None:
-        """Replace the first ``old_length`` bytes of the message (after our trace fields,
-        i.e. the top of its header section) with ``new``: header fields the end-of-data
-        checks add (Authentication-Results) or take out.  Before :meth:`finish` only.
-        While nothing was written yet (a message under ``_FLUSH_AT``) this is done in
-        memory; otherwise the file is rewritten once at the end (in the thread)."""
-        if self._io is None:
-            start = len(self._trace)
-            data = b"".join(self._pending)
-            old = data[start : start + old_length]
-            self._pending = [self._trace, new, data[start + old_length :]]
-            self._pending_size += len(new) - len(old)
-            self._newlines += new.count(b"\n") - old.count(b"\n")
-        else:
-            self._head_edit = (old_length, new)
-
-    def contents(self) -> defer.Deferred[bytes]:
-        """The message as received (after our trace fields), once every write landed:
-        for checks at the end of the data (DKIM verification reads the whole message)."""
-        if self._io is None:
-            return defer.succeed(b"".join(self._pending)[len(self._trace) :])
-        self._flush()
-        result: defer.Deferred[bytes] = defer.Deferred()
-
-        def read(_: object) -> defer.Deferred[None]:
-            job = self._in_thread(self._read_blocking)
-            job.chainDeferred(result)
-            return job.addBoth(lambda _: None)  # the write chain goes on unchanged
-
-        self._io.addCallback(read)
-        return result
-
-    def _read_blocking(self) -> bytes:
-        if self._io_error is not None:
-            raise DeliveryError(f"writing the message failed: {self._io_error}")
-        with open(self.path, "rb") as f:
-            f.seek(len(self._trace))
-            return f.read()
 
     def _take_pending(self) -> list[bytes]:
         data = self._pending
@@ -172,7 +181,7 @@ class IncomingMessage:
         if self._io is None:
             self._io = defer.succeed(None)
         self._io.addCallback(
-            lambda _: None if self._io_error else self._in_thread(self._write_blocking, data)
+            lambda _: None if self._io_error else self._blocking(self._write_blocking, data)
         )
 
         def written(result: object) -> None:
@@ -208,13 +217,9 @@ class IncomingMessage:
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.path.parent))
 
-    def _in_thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        reactor = self.runtime.reactor
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
     def _open_blocking(self) -> int:
         if self._folder is not None:
-            fd = _create_in(self._folder, self.path)
+            fd, _ = open_tmp(self._folder, self.path.name, make=True)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -223,7 +228,32 @@ class IncomingMessage:
 
     def _write_blocking(self, data: list[bytes]) -> None:
         fd = self._fd if self._fd is not None else self._open_blocking()
-        _write_all(fd, data)
+        write_all(fd, data)
+
+    def contents(self) -> defer.Deferred[bytes]:
+        """The message as received (after our trace lines), once every write landed: for
+        checks at the end of the data (DKIM verification reads the whole message)."""
+        if self._io is None:
+            return defer.succeed(b"".join(self._pending)[len(self._trace) :])
+        self._flush()
+        result: defer.Deferred[bytes] = defer.Deferred()
+        io = self._io
+        assert io is not None
+
+        def read(_: object) -> defer.Deferred[None]:
+            job = self._blocking(self._read_blocking)
+            job.chainDeferred(result)
+            return job.addBoth(lambda _: None)  # the write chain goes on unchanged
+
+        io.addCallback(read)
+        return result
+
+    def _read_blocking(self) -> bytes:
+        if self._io_error is not None:
+            raise DeliveryError(f"writing the message failed: {self._io_error}")
+        with open(self.path, "rb") as f:
+            f.seek(len(self._trace))
+            return f.read()
 
     def abort(self) -> None:
         """Drop the message (client went away, or refused at the end)."""
@@ -231,206 +261,210 @@ class IncomingMessage:
         self._pending_size = 0
         if self._io is None:
             return  # no file was ever created
-        self._io.addCallback(lambda _: self._in_thread(self._abort_blocking))
+        self._io.addCallback(lambda _: self._blocking(self._abort_blocking))
         self._io.addErrback(lambda f: log.failure("removing {path} failed", f, path=self.path))
 
     def _abort_blocking(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        discard(self.path)
 
-    def finish(self) -> defer.Deferred[None]:
-        """Make the message durable for every recipient; fires when it is safe to say 250."""
+    def finish(
+        self, *, head_edit: HeaderEdit | None = None, folder: str | None = None
+    ) -> defer.Deferred[DeliveryResult]:
+        """Make the message durable for every recipient; fires when it is safe to answer
+        (250, or the :attr:`DeliveryResult.reply` given).
+
+        ``head_edit``: replace the top of the client's header section, just below our trace
+        lines (:func:`mailsuite.smtp.headers.header_edit`: Authentication-Results added,
+        forged ones removed; DKIM-Signature fields prepended with ``HeaderEdit(0, fields)``)
+        -- done in memory while nothing is on disk yet, else by one rewrite at the end; no
+        copy at all without one.  ``folder``: store every
+        local copy in this folder of each recipient (``"Junk"`` for a quarantine verdict),
+        made if missing, without running the recipients' scripts."""
         tail = self._take_pending()
+        if head_edit is not None and self._io is None:
+            tail = self._edit_in_memory(tail, head_edit)
+            head_edit = None
         if self._io is None:
-            d = self._in_thread(self._finish_blocking, tail)
+            d = self._blocking(self._finish_blocking, tail, head_edit, folder)
         else:
 
-            def after_writes(_: object) -> defer.Deferred[list[Path]]:
+            def after_writes(_: object) -> defer.Deferred[Outgoing]:
                 if self._io_error is not None:
-                    self._abort_blocking_later()
+                    self._blocking(self._abort_blocking).addErrback(
+                        lambda f: log.failure("removing {path} failed", f, path=self.path)
+                    )
                     raise DeliveryError(f"writing the message failed: {self._io_error}")
-                return self._in_thread(self._finish_blocking, tail)
+                return self._blocking(self._finish_blocking, tail, head_edit, folder)
 
             d = self._io.addCallback(after_writes)
             self._io = None
+        return d.addCallback(_after, self.runtime, self._blocking)
 
-        def delivered(folders: list[Path]) -> None:
-            for folder in folders:
-                self.runtime.changes.notify(folder)
+    def _edit_in_memory(self, pending: list[bytes], edit: HeaderEdit) -> list[bytes]:
+        start = len(self._trace)
+        data = b"".join(pending)
+        old = data[start : start + edit.old_length]
+        self._newlines += edit.new.count(b"\n") - old.count(b"\n")
+        return [self._trace, edit.new, data[start + edit.old_length :]]
 
-        return d.addCallback(delivered)
-
-    def _abort_blocking_later(self) -> None:
-        self._in_thread(self._abort_blocking).addErrback(
-            lambda f: log.failure("removing {path} failed", f, path=self.path)
-        )
-
-    def _finish_blocking(self, tail: list[bytes]) -> list[Path]:
-        created: list[Path] = []
+    def _finish_blocking(
+        self, tail: list[bytes], edit: HeaderEdit | None, folder: str | None
+    ) -> Outgoing:
         try:
-            total = self._complete_file(tail)
-            renames = self._local_copies(total, created)
-            self._enqueue_remote()
-            for src, dst in renames:
-                os.rename(src, dst)
-            folders = sorted({dst.parent.parent for _, dst in renames})
-            for folder in folders:
-                fsync_dir(folder / "new")
-            if not self.envelope.local:
-                os.unlink(self.path)  # the queue holds its own durable copy now
-            return folders
-        except BaseException:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            for path in [self.path, *created]:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            raise
-
-    def _complete_file(self, tail: list[bytes]) -> int:
-        """Write the rest, add late header fields, fsync; the file's size."""
-        fd = self._fd if self._fd is not None else self._open_blocking()
-        if tail:
-            _write_all(fd, tail)
-        if self._head_edit is not None:
-            # A new head for a message already (partly) on disk: one rewrite, next to it.
+            fd = self._fd if self._fd is not None else self._open_blocking()
             self._fd = None
-            os.close(fd)
-            old_length, head = self._head_edit
-            with open(self.path, "rb") as f:
-                f.seek(len(self._trace))
-                dropped = f.read(old_length)
-            new = self.path.with_name(unique_name())
             try:
-                total = _copy_with_head(
-                    self.path, len(self._trace) + old_length, self._trace + head, new, None
-                )
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(new)
-                raise
-            self._newlines += head.count(b"\n") - dropped.count(b"\n")
-            os.unlink(self.path)
-            self.path = new
-            return total
-        os.fsync(fd)
-        total = os.fstat(fd).st_size
-        self._fd = None
-        os.close(fd)
+                write_all(fd, tail)
+                os.fsync(fd)
+                total = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if edit is not None:
+                total = self._rewrite_head(edit)
+        except BaseException:
+            discard(self.path)
+            raise
+        fanout = Fanout(
+            self.runtime, self.envelope, self.path, total, self._newlines,
+            received_offset=self.received_offset, can_refuse=True, folder=folder,
+        )
+        return fanout.run()
+
+    def _rewrite_head(self, edit: HeaderEdit) -> int:
+        """A new header section for a message already on disk: one rewrite, beside it."""
+        start = len(self._trace)
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            dropped = f.read(edit.old_length)
+        new = self.path.with_name(unique_name())
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                write_all(fd, (self._trace, edit.new))
+                with open(self.path, "rb") as f:
+                    f.seek(start + edit.old_length)
+                    while chunk := f.read(1024 * 1024):
+                        write_all(fd, (chunk,))
+                os.fsync(fd)
+                total = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        except BaseException:
+            discard(new)
+            raise
+        discard(self.path)
+        self.path = new
+        self._newlines += edit.new.count(b"\n") - dropped.count(b"\n")
         return total
 
-    def _destination(self, box: LocalBox) -> Path:
-        """The folder a local copy goes to: the INBOX, or Junk when a check said so."""
-        if not self.junk:
-            return box.root
-        return ensure_folder(folder_path(box.root, "Junk"))
 
-    def _local_copies(self, total: int, created: list[Path]) -> list[tuple[Path, Path]]:
-        """The file for the first local recipient, copies for the others (in ``created``):
-        (temporary path, final path) pairs, not renamed yet."""
-        env = self.envelope
-        if not env.local:
-            return []
-        first = env.local[0]
-        renames = [
-            (self.path, self._destination(first) / "new" / self._final_name(self.path, total))
-        ]
-        rest_offset = len(self._return_path) + len(self._delivered_first)
-        for box in env.local[1:]:
-            tmp = box.root / "tmp" / unique_name()
-            head = self._return_path + self._delivered_to(box)
-            size = _copy_with_head(self.path, rest_offset, head, tmp, box.root)
-            created.append(tmp)
-            renames.append((tmp, self._destination(box) / "new" / self._final_name(tmp, size)))
-        return renames
+def _after(out: Outgoing, runtime: Any, blocking: Blocking) -> defer.Deferred[DeliveryResult]:
+    """The reactor-thread end of a delivery: tell the folders' sessions, log, then sign and
+    queue the replies the scripts asked for (already recorded, so sent once: a failure here
+    is logged, never a reason to deliver the message again)."""
+    for folder in out.folders:
+        runtime.changes.notify(folder)
+    for line in out.log:
+        log.info("delivery: {line}", line=line)
+    result = DeliveryResult(out.reply, out.folders)
+    if not out.replies:
+        return defer.succeed(result)
 
-    def _enqueue_remote(self) -> None:
-        env = self.envelope
-        if not env.remote:
-            return
-        queue = self.runtime.queue
-        if queue is None:
-            raise DeliveryError("remote delivery is not available")
-        queue.enqueue_file(
-            self.path,
-            self.received_offset,
-            env.sender,
-            env.remote,
-            smtputf8=env.smtputf8,
-            body_8bit=env.body_8bit,
-        )
+    async def send_all() -> DeliveryResult:
+        for reply in out.replies:
+            try:
+                await _send_reply(runtime, blocking, reply.sender, reply.recipient, reply.data)
+            except Exception:  # noqa: BLE001 - the message itself is delivered
+                log.failure("delivery: queueing a reply to {rcpt} failed", rcpt=reply.recipient)
+        return result
 
-    def _final_name(self, tmp: Path, size: int) -> str:
-        """``<unique>,S=<size>,W=<crlf size>``: sizes in the name spare IMAP/POP3 a read.
-
-        Every copy has the same number of lines (only the Delivered-To value differs)."""
-        return f"{tmp.name},S={size},W={size + self._newlines}"
+    return defer.ensureDeferred(send_all())
 
 
-#: Creates are serialised in this process: threads creating files in one ``tmp/`` contend
-#: for its directory lock, and the kernel spins for it (an inode allocation can take long
-#: after many deletions: ext4 skips recently deleted inodes), burning a CPU.  A waiter on
-#: this lock sleeps instead.
-_create_lock = threading.Lock()
-
-
-def _create_in(folder: Path, path: Path) -> int:
-    """Create ``path`` (in ``folder/tmp``) exclusively; the folder's ``cur/new/tmp`` are
-    made only when the create finds them missing (not one mkdir per message)."""
-    with _create_lock:
+async def _send_reply(
+    runtime: Any, blocking: Blocking, sender: str, recipient: str, data: bytes
+) -> None:
+    """Sign (like other outgoing mail: DKIM for the From domain when it has a key) and queue."""
+    queue = _queue_of(runtime)
+    signature = b""
+    mail_auth = getattr(runtime, "mail_auth", None)
+    if mail_auth is not None:
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileNotFoundError:
-            pass
-    ensure_folder(folder)
-    with _create_lock:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            signature = await mail_auth.sign(data)
+        except Exception:  # noqa: BLE001 - unsigned is better than not sent
+            log.failure("delivery: signing a reply to {rcpt} failed", rcpt=recipient)
+    await blocking(partial(queue.enqueue_bytes, signature + data, sender, [recipient],
+                           smtputf8=not recipient.isascii()))
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """Write every chunk, in order, with as few system calls as possible (no join copy)."""
-    chunks = [c for c in chunks if c]
-    while chunks:
-        n = os.writev(fd, chunks[:1024])  # IOV_MAX
-        while n:
-            first = len(chunks[0])
-            if n >= first:
-                n -= first
-                chunks.pop(0)
-            else:
-                chunks[0] = chunks[0][n:]
-                n = 0
+def deliver_file(
+    runtime: Any,
+    sender: str,
+    local: Sequence[LocalBox],
+    source: Path,
+    offset: int = 0,
+    *,
+    remote: Sequence[str] = (),
+    smtputf8: bool = False,
+    body_8bit: bool = False,
+    blocking: Blocking | None = None,
+) -> defer.Deferred[DeliveryResult]:
+    """Deliver ``source[offset:]`` (a queued message: it starts at its Received lines) from
+    ``sender`` to local mailboxes, and queue it for ``remote`` addresses (an alias that
+    points outside).  The recipients' scripts run; a ``reject`` becomes a rejection notice
+    (there is no SMTP dialogue to refuse in).  ``blocking``: where file work runs (default:
+    the reactor's thread pool)."""
+    run = blocking or _thread_pool(runtime)
+    env = Envelope(sender, list(local), list(remote), smtputf8, body_8bit)
+
+    def in_thread() -> Outgoing:
+        if not env.local:
+            _queue_of(runtime).enqueue_file(source, offset, sender, env.remote,
+                                            smtputf8=smtputf8, body_8bit=body_8bit)
+            return Outgoing()
+        head = trace_head(sender, env.local[0].user)
+        draft = copy_tmp(env.local[0].root, head, source, offset, make=True)
+        return _fan_out(runtime, env, draft, len(head))
+
+    return run(in_thread).addCallback(_after, runtime, run)
 
 
-def _copy_with_head(src: Path, offset: int, head: bytes, dst: Path, folder: Path | None) -> int:
-    """Write ``head`` + ``src[offset:]`` to ``dst`` durably; returns the size written.
-    ``folder``: the Maildir folder ``dst`` is in (made if missing), None for a plain
-    directory that exists."""
-    if folder is not None:
-        fd = _create_in(folder, dst)
-    else:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, head)
-        with open(src, "rb") as f:
-            f.seek(offset)
-            while True:
-                chunk = f.read(1024 * 1024)
-                if not chunk:
-                    break
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+def deliver_bytes(
+    runtime: Any,
+    sender: str,
+    local: Sequence[LocalBox],
+    data: bytes,
+    *,
+    remote: Sequence[str] = (),
+    smtputf8: bool = False,
+    blocking: Blocking | None = None,
+) -> defer.Deferred[DeliveryResult]:
+    """:func:`deliver_file` for a message held in memory (a DSN to a local sender)."""
+    run = blocking or _thread_pool(runtime)
+    env = Envelope(sender, list(local), list(remote), smtputf8)
+
+    def in_thread() -> Outgoing:
+        if not env.local:
+            _queue_of(runtime).enqueue_bytes(data, sender, env.remote, smtputf8=smtputf8)
+            return Outgoing()
+        head = trace_head(sender, env.local[0].user)
+        draft = write_tmp(env.local[0].root, (head, data), make=True)
+        return _fan_out(runtime, env, draft, len(head))
+
+    return run(in_thread).addCallback(_after, runtime, run)
+
+
+def _fan_out(runtime: Any, env: Envelope, draft: Draft, received_offset: int) -> Outgoing:
+    fanout = Fanout(runtime, env, draft.path, draft.size, draft.wsize - draft.size,
+                    received_offset=received_offset, can_refuse=False)
+    return fanout.run()
+
+
+def _queue_of(runtime: Any) -> Any:
+    queue = runtime.queue
+    if queue is None:
+        raise DeliveryError("remote delivery is not available")
+    return queue

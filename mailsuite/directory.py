@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,9 @@ class LocalBox:
 
     user: str  # canonical address of the mailbox owner
     root: Path  # Maildir root (INBOX)
+    #: the recipient address that led here, as the sender wrote it (``bob+news@...``, an
+    #: alias): what Sieve's ``envelope "to"`` sees.  Not part of the box's identity.
+    rcpt: str = field(default="", compare=False)
 
 
 @dataclass
@@ -204,7 +207,7 @@ class Directory:
         for box in result.local:
             if box.user not in seen_users:
                 seen_users.add(box.user)
-                unique.append(box)
+                unique.append(replace(box, rcpt=address))
         result.local = unique
         result.remote = list(dict.fromkeys(result.remote))
         if not result.local and not result.remote:

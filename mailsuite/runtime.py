@@ -12,6 +12,7 @@ from mailsuite.config import Config
 from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
 from mailsuite.store.events import ChangeHub
+from mailsuite.store.mailbox import FolderRegistry
 
 
 @dataclass
@@ -31,9 +32,9 @@ class Runtime:
     resolver: Any | None = None
     #: :class:`mailsuite.mailauth.service.MailAuth`: DKIM signing and SPF/DKIM/DMARC/ARC checks.
     mail_auth: Any | None = None
-    #: Folders open in IMAP sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
-    #: shared by the imap and imaps listeners; made by the first IMAP session.
-    imap_folders: Any | None = None
+    #: Folders open in IMAP and POP3 sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
+    #: shared by every listener of both; made on first use by :meth:`folder_registry`.
+    folders: FolderRegistry | None = None
     #: Connection counters per service ("smtp", "submission", "imap", "pop3"), shared by the
     #: listeners of each (see mailsuite.connection_limits.shared_limits).
     connection_limits: dict[str, ConnectionLimits] = field(default_factory=dict)
@@ -48,3 +49,11 @@ class Runtime:
     #: :class:`mailsuite.sandbox.service.Sandbox` in sandbox mode (``[server] mode``), else
     #: None: the capture catalog, its events and waiters.
     sandbox: Any | None = None
+
+    def folder_registry(self) -> FolderRegistry:
+        """The process's one registry of open folders (the folder model IMAP and POP3 share,
+        DESIGN.md): a change one session makes is announced to the others."""
+        if self.folders is None:
+            reactor = self.reactor
+            self.folders = FolderRegistry(self.changes, lambda f: reactor.callLater(0, f))
+        return self.folders

@@ -470,7 +470,8 @@ def sequence_set(tok: object) -> SequenceSet:
 
 def mailbox(tok: object) -> str:
     """A mailbox name as sent (modified UTF-7, or UTF-8 with UTF8=ACCEPT), ``INBOX``
-    normalised case-insensitively (RFC 3501 5.1). Decode with ``utf7.decode`` if needed."""
+    normalised case-insensitively (RFC 3501 5.1).  Decode with
+    :func:`mailsuite.store.mailbox_names.decode` if needed."""
     raw = astring(tok)
     try:
         name = raw.decode("utf-8")

@@ -90,13 +90,8 @@ class _Shared:
 
     def __init__(self, runtime: Any) -> None:
         self.runtime = runtime
-        # One registry of open folders per server (shared by the imap and imaps listeners).
-        reg = runtime.imap_folders
-        if reg is None:
-            reactor = runtime.reactor
-            reg = FolderRegistry(runtime.changes, lambda f: reactor.callLater(0, f))
-            runtime.imap_folders = reg
-        self.registry = reg
+        # One registry of open folders per server, shared with POP3 (the one folder model).
+        self.registry: FolderRegistry = runtime.folder_registry()
         cfg = runtime.config
         self.max_literal = cfg.imap.max_literal
         self.idle_timeout = cfg.imap.idle_timeout

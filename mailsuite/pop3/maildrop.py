@@ -1,23 +1,30 @@
-"""The POP3 maildrop: a locked snapshot of a user's INBOX in the shared store.
+"""The POP3 maildrop: a locked snapshot of a user's INBOX on the shared folder model.
 
-Written for mailsuite, over :class:`mailsuite.store.index.FolderIndex` (the same index IMAP
-uses), not twisted.mail's ``IMailboxPOP3``.
+Written for mailsuite, over :class:`mailsuite.store.mailbox.Folder` -- the open folder IMAP
+sessions use (one per process, through the runtime's registry), not twisted.mail's
+``IMailboxPOP3`` -- so both protocols see the same messages, UIDs, flags and deletions:
 
 * **Lock** (RFC 1939 section 8, RFC 2449 [IN-USE]): an exclusive, non-blocking ``flock`` on
   ``mailsuite-pop3.lock`` in the Maildir root, held for the session's life.  ``flock`` locks
   belong to the open file, so a second session in the same process is refused just as one
   in another process is.  The kernel drops it if the process dies.
-* **Snapshot**: the messages of INBOX at login, in UID order, numbered from 1.  Messages
-  delivered later are not seen until the next session (RFC 1939 section 5 keeps message
-  numbers fixed for a session).
+* **Snapshot**: the messages of INBOX at login, in UID order, numbered from 1, leaving out
+  those an IMAP client flagged ``\\Deleted`` (on their way out: a POP3 client must not
+  download them again).  Messages delivered later are not seen until the next session (RFC
+  1939 section 5 keeps message numbers fixed for a session); one an IMAP session expunges
+  meanwhile answers ``-ERR`` when retrieved.
 * **UIDL**: ``<UIDVALIDITY hex>.<UID hex>``: stable across sessions, restarts, flag changes
   and file renames, never reused while the index lives; a rebuilt index gets a new
   UIDVALIDITY, so clients then download again rather than miss mail.
 * **Deletion**: DELE only marks; :meth:`Maildrop.commit` (QUIT in the UPDATE state) expunges
-  through the index.  Nothing else removes mail, so a dropped connection deletes nothing.
+  through the shared folder, so IMAP sessions of this process hear ``* n EXPUNGE`` at once
+  (others find it through the directory).  Nothing else removes mail, so a dropped
+  connection deletes nothing.  ``\\Seen`` set on RETR reaches IMAP sessions as a flag
+  change the same way.
 
-Blocking (SQLite, flock, directory scans): open it in a thread; the per-command methods are
-in-memory except ``read``/``open_file`` and ``mark_seen``.
+Like IMAP's use of the folder model, it runs in the reactor thread (the registry is not
+thread-safe): opening syncs the folder's index (cheap when nothing changed), committing
+expunges a few files.
 """
 
 from __future__ import annotations
@@ -27,61 +34,33 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mailsuite.store.index import FolderIndex, Message
+from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
+from mailsuite.store.index import Message
+from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
 
 LOCK_NAME = "mailsuite-pop3.lock"
 LOGIN_STAMP_NAME = "mailsuite-pop3-login"
 RETRIEVED_NAME = "mailsuite-pop3-retrieved.json"
+__all__ = ["Expiry", "LoginTooSoon", "Maildrop", "MaildropInUse", "MessageGone"]
+
 SEEN = "\\Seen"
-
-
-class MaildropInUse(Exception):
-    """Another POP3 session holds this maildrop (answer ``-ERR [IN-USE]``)."""
-
-
-class LoginTooSoon(Exception):
-    """The last login was less than LOGIN-DELAY seconds ago (answer ``-ERR [LOGIN-DELAY]``)."""
-
-
-class MessageGone(Exception):
-    """The message was removed by another program (an IMAP expunge) during the session."""
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """The EXPIRE policy (RFC 2449 6.7): ``None`` days = NEVER, 0 = no mail left on the server
-    after a session that retrieved it, n = delete n days after the first retrieval."""
-
-    days: int | None
-
-    @classmethod
-    def parse(cls, value: str | None) -> Expiry | None:
-        """``None`` (not configured), ``"NEVER"`` or a number of days; ValueError otherwise."""
-        if value is None:
-            return None
-        text = value.strip().upper()
-        if text == "NEVER":
-            return cls(None)
-        if text.isdigit() and int(text) <= 100_000:
-            return cls(int(text))
-        raise ValueError(f"expected \"NEVER\" or a number of days, got {value!r}")
-
-    def capability(self) -> str:
-        return "EXPIRE NEVER" if self.days is None else f"EXPIRE {self.days}"
+DELETED = "\\Deleted"
 
 
 class Maildrop:
-    """One session's locked view of INBOX.  Message numbers are 1-based."""
+    """One session's locked view of INBOX.  Message numbers are 1-based.  ``folders``: the
+    process's open folders (the runtime's registry, shared with IMAP); a private one when
+    not given (tools and tests)."""
 
     def __init__(
         self,
         root: Path,
         *,
+        folders: FolderRegistry | None = None,
         login_delay: int | None = None,
         expiry: Expiry | None = None,
         now: Callable[[], float] = time.time,
@@ -100,20 +79,29 @@ class Maildrop:
         try:
             if login_delay:
                 self._check_login_delay(login_delay)
-            self.index = FolderIndex(root)
+            if folders is None:
+                folders = FolderRegistry()
+                folders.keep_idle = 0  # nobody else uses it: close the folder with the session
+            self.folder = folders.get(root)
+            self.view = self.folder.view(readonly=False)
             try:
-                self.index.sync()
-                self.messages: list[Message] = self.index.messages()
-                self.uidvalidity = self.index.uidvalidity
+                self.messages: list[Message] = self._snapshot()
             except BaseException:
-                self.index.close()
+                self.view.close()
                 raise
         except BaseException:
             self._unlock()
             raise
+        self.uidvalidity = self.folder.uidvalidity
         self.deleted: set[int] = set()  # message numbers marked by DELE
         self.retrieved: set[int] = set()  # message numbers sent in full by RETR
         self.total_size = sum(m.size for m in self.messages)
+
+    def _snapshot(self) -> list[Message]:
+        """The folder's messages as this session numbers them (see the module docstring)."""
+        flags = self.folder.flags
+        shown = {u for u in self.view.uids if DELETED not in flags.get(u, "").split()}
+        return [m for m in self.folder.index.messages() if m.uid in shown]
 
     # -- login delay (RFC 2449 6.8) ---------------------------------------------------------
 
@@ -158,17 +146,18 @@ class Maildrop:
     def open_file(self, number: int) -> BinaryIO:
         """Open a message's file, following a rename (flag change over IMAP, our own \\Seen)."""
         msg = self.message(number)
+        index = self.folder.index
         try:
-            return open(self.index.path(msg), "rb")  # noqa: SIM115
+            return open(index.path(msg), "rb")  # noqa: SIM115
         except FileNotFoundError:
             pass
-        self.index.sync(force=True)
-        fresh = self.index.get(msg.uid)
+        self.folder.refresh()  # renamed or expunged by another session or program
+        fresh = index.get(msg.uid)
         if fresh is None:
             raise MessageGone(msg.uid)
         self.messages[number - 1] = fresh
         try:
-            return open(self.index.path(fresh), "rb")  # noqa: SIM115
+            return open(index.path(fresh), "rb")  # noqa: SIM115
         except FileNotFoundError:
             raise MessageGone(msg.uid) from None
 
@@ -195,13 +184,15 @@ class Maildrop:
     # -- changing --------------------------------------------------------------------------
 
     def mark_seen(self, number: int) -> None:
-        """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option)."""
+        """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option); IMAP
+        sessions with the folder open see the flag change."""
         msg = self.message(number)
         if SEEN in msg.flags:
             return
-        updated = self.index.set_flags(msg.uid, msg.flags | {SEEN})
-        if updated is not None:
-            self.messages[number - 1] = updated
+        if self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})]):
+            updated = self.folder.index.get(msg.uid)
+            if updated is not None:
+                self.messages[number - 1] = updated
 
     def note_retrieved(self, number: int) -> None:
         self.retrieved.add(number)
@@ -238,14 +229,15 @@ class Maildrop:
 
     def commit(self) -> list[int]:
         """The UPDATE state (RFC 1939 6): expunge the messages marked deleted (and expired
-        ones).  Returns the expunged UIDs; raises if the store fails (answer -ERR)."""
+        ones) through the shared folder.  Returns the expunged UIDs; raises if the store
+        fails (answer -ERR)."""
         numbers = set(self.deleted) | self._expired_numbers()
         uids = [self.messages[n - 1].uid for n in sorted(numbers)]
-        return self.index.expunge(uids) if uids else []
+        return self.folder.expunge(uids) if uids else []
 
     def close(self) -> None:
         try:
-            self.index.close()
+            self.view.close()
         finally:
             self._unlock()
 

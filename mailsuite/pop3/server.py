@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, interfaces, protocol, threads
+from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -246,10 +246,7 @@ class POP3Protocol(basic.LineReceiver):
         maildrop = failure = None
         if result is not None and result.outcome is Outcome.OK and self.transport.connected:
             try:
-                maildrop = yield threads.deferToThreadPool(
-                    self.runtime.reactor, self.runtime.reactor.getThreadPool(),
-                    self._open_maildrop, result.user,
-                )
+                maildrop = self._open_maildrop(result.user)
             except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
                 failure = e
                 if isinstance(e, MaildropInUse):
@@ -274,9 +271,12 @@ class POP3Protocol(basic.LineReceiver):
         self._perform(step.out, step.action)
 
     def _open_maildrop(self, user: str) -> Maildrop:
+        """INBOX on the folder model IMAP uses (the runtime's one registry of open folders),
+        in the reactor thread like IMAP's SELECT (see mailsuite.pop3.maildrop)."""
         cfg = self.session.options
         root = self.runtime.directory.mailbox_root(user)
-        return Maildrop(root, login_delay=cfg.login_delay, expiry=cfg.expiry)
+        return Maildrop(root, folders=self.runtime.folder_registry(),
+                        login_delay=cfg.login_delay, expiry=cfg.expiry)
 
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
         done: defer.Deferred[None] = defer.Deferred()
@@ -284,23 +284,18 @@ class POP3Protocol(basic.LineReceiver):
         self.transport.registerProducer(self._sender, False)
         return done
 
-    @defer.inlineCallbacks
-    def _update(self) -> Any:
+    def _update(self) -> defer.Deferred[None]:
+        """The UPDATE state through the shared folder (in the reactor thread, like IMAP's
+        EXPUNGE): other sessions of this process are told by the folder itself.  The lock is
+        released before the reply, so a client that reconnects at once is not refused with
+        [IN-USE]."""
         md = self.session.maildrop
-        self.session.maildrop = None  # closed below, in the thread
-
-        def commit_and_close() -> list[int]:
-            # The lock is released before the reply, so a client that reconnects at once
-            # is not refused with [IN-USE]; SQLite's checkpoint on close stays off the reactor.
+        self.session.maildrop = None
+        try:
             try:
-                return md.commit()
+                expunged = md.commit()
             finally:
                 md.close()
-
-        try:
-            expunged = yield threads.deferToThreadPool(
-                self.runtime.reactor, self.runtime.reactor.getThreadPool(), commit_and_close
-            )
         except Exception as e:
             log.failure("POP3: UPDATE for {user} failed", user=self.session.user)
             step = self.session.update_finished(None, e)
@@ -308,9 +303,9 @@ class POP3Protocol(basic.LineReceiver):
             if expunged:
                 log.info("POP3: {user} deleted {n} messages", user=self.session.user,
                          n=len(expunged))
-                self.runtime.changes.notify(md.root)
             step = self.session.update_finished(expunged)
         self._perform(step.out, step.action)
+        return defer.succeed(None)
 
 
 def _no_delay(transport: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from mailsuite.dotstuff import DotStuffer, stuff_all
 from mailsuite.login import LoginResult, Outcome
-from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, MaildropInUse, MessageGone
+from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 
 #: Messages up to this size are read and sent in one write; larger ones are streamed.
 STREAM_THRESHOLD = 256 * 1024
@@ -97,8 +97,8 @@ class StartTLS:
 
 @dataclass(frozen=True)
 class Authenticate:
-    """Check ``username``/``password``; on success open the maildrop (blocking: in a thread);
-    report with :meth:`Session.login_finished`."""
+    """Check ``username``/``password``; on success open the maildrop; report with
+    :meth:`Session.login_finished`."""
 
     username: str
     password: str
@@ -115,7 +115,7 @@ class Stream:
 
 @dataclass(frozen=True)
 class Update:
-    """Run the UPDATE state (``maildrop.commit()``, blocking: in a thread); report with
+    """Run the UPDATE state (``maildrop.commit()``); report with
     :meth:`Session.update_finished`."""
 
 

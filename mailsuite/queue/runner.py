@@ -32,6 +32,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mailsuite.delivery import deliver_bytes, deliver_file
 from mailsuite.outbound.relay import RecipientResult, Relay, domain_of
 from mailsuite.outbound.wire import scan_message
 from mailsuite.queue.bounce import RecipientStatus, build_dsn, read_header_block
@@ -53,7 +55,6 @@ from mailsuite.queue.spool import (
     SpoolError,
 )
 from mailsuite.smtp.replies import Reply
-from mailsuite.store.maildir import ensure_folder, write_message
 
 __all__ = ["QueueRunner", "make_spool", "queue_service"]
 
@@ -287,7 +288,7 @@ class QueueRunner(service.Service):
             await self._save(entry)
             try:
                 if key is None:
-                    results = await self._blocking(self._deliver_locally, entry, rcpts, path)
+                    results = await self._deliver_locally(entry, rcpts, path)
                 else:
                     results = await self.relay.send(
                         key, entry.sender, [r.address for r in rcpts], path, info,
@@ -343,12 +344,12 @@ class QueueRunner(service.Service):
 
     # -- local recipients -----------------------------------------------------------------
 
-    def _deliver_locally(self, entry: QueueEntry, rcpts: list[RecipientState],
-                         path: Path) -> dict[str, RecipientResult]:
-        """Blocking. A queued recipient in a local domain (the domain became local after it
-        was queued, or an operator moved it): into the Maildir, never over the network."""
+    async def _deliver_locally(self, entry: QueueEntry, rcpts: list[RecipientState],
+                               path: Path) -> dict[str, RecipientResult]:
+        """A queued recipient in a local domain (the domain became local after it was queued,
+        or an operator moved it): into the Maildir through local delivery (its Sieve script
+        included), never over the network."""
         directory = self.runtime.directory
-        data = path.read_bytes()
         out: dict[str, RecipientResult] = {}
         for r in rcpts:
             resolution = directory.resolve(r.address)
@@ -356,14 +357,9 @@ class QueueRunner(service.Service):
                 out[r.address] = RecipientResult(r.address, Reply(
                     550, "5.1.1", "no such local user", remote=False))
                 continue
-            head = f"Return-Path: <{entry.sender}>\n".encode()
-            for box in resolution.local:
-                ensure_folder(box.root)
-                write_message(box.root, [head, f"Delivered-To: {box.user}\n".encode(), data])
-                self.runtime.reactor.callFromThread(self.runtime.changes.notify, box.root)
-            if resolution.remote:
-                self.spool.enqueue_file(path, 0, entry.sender, resolution.remote,
-                                        smtputf8=entry.smtputf8, body_8bit=entry.body_8bit)
+            await deliver_file(self.runtime, entry.sender, resolution.local, path,
+                               remote=resolution.remote, smtputf8=entry.smtputf8,
+                               body_8bit=entry.body_8bit, blocking=self._blocking)
             out[r.address] = RecipientResult(r.address, Reply(
                 250, "2.0.0", "delivered locally", remote=False), "local")
         return out
@@ -377,7 +373,7 @@ class QueueRunner(service.Service):
         if failed:
             if entry.sender:
                 statuses = [self._status(r, "failed") for r in failed]
-                await self._blocking(self._send_dsn, entry, statuses)
+                await self._send_dsn(entry, statuses)
                 log.info("queue: {id}: bounce sent to {sender} for {rcpts}", id=entry.id,
                          sender=entry.sender, rcpts=", ".join(r.address for r in failed))
             else:
@@ -391,7 +387,7 @@ class QueueRunner(service.Service):
                 and self.schedule.warning_due(now, entry.created)):
             until = datetime.fromtimestamp(self.schedule.expires(entry.created), UTC)
             statuses = [self._status(r, "delayed", until) for r in pending]
-            await self._blocking(self._send_dsn, entry, statuses)
+            await self._send_dsn(entry, statuses)
             entry.warned = True
             await self._save(entry)
             log.info("queue: {id}: delay warning sent to {sender}", id=entry.id,
@@ -412,33 +408,32 @@ class QueueRunner(service.Service):
             will_retry_until=until,
         )
 
-    def _send_dsn(self, entry: QueueEntry, statuses: list[RecipientStatus]) -> None:
-        """Blocking. Build the DSN and hand it to the sender: locally or through the queue."""
+    async def _send_dsn(self, entry: QueueEntry, statuses: list[RecipientStatus]) -> None:
+        """Build the DSN and hand it to the sender: through local delivery, or the queue
+        (with the null sender, RFC 3461 6.1)."""
         sender = entry.sender
-        data = build_dsn(
+        data = await self._blocking(partial(
+            build_dsn,
             reporting_mta=self.config.hostname,
             original_sender=sender,
             recipients=statuses,
             original_message_path=self.spool.message_path(entry.id),
             arrival_date=datetime.fromtimestamp(entry.created, UTC),
             now=datetime.fromtimestamp(self.clock.seconds(), UTC),
-        )
+        ))
         smtputf8 = not sender.isascii()
         directory = self.runtime.directory
         if not directory.is_local_domain(domain_of(sender)):
-            self.spool.enqueue_bytes(data, "", [sender], smtputf8=smtputf8)
+            await self._blocking(partial(self.spool.enqueue_bytes, data, "", [sender],
+                                         smtputf8=smtputf8))
             return
         resolution = directory.resolve(sender)
-        for box in resolution.local:
-            ensure_folder(box.root)
-            write_message(box.root, [b"Return-Path: <>\n",
-                                     f"Delivered-To: {box.user}\n".encode(), data])
-            self.runtime.reactor.callFromThread(self.runtime.changes.notify, box.root)
-        if resolution.remote:
-            self.spool.enqueue_bytes(data, "", resolution.remote, smtputf8=smtputf8)
         if resolution.unknown:
             log.warn("queue: {id}: bounce dropped: the local sender {sender} does not exist",
                      id=entry.id, sender=sender)
+            return
+        await deliver_bytes(self.runtime, "", resolution.local, data, remote=resolution.remote,
+                            smtputf8=smtputf8, blocking=self._blocking)
 
     # -- operator requests ----------------------------------------------------------------
 

@@ -211,12 +211,16 @@ class Spool:
         sender: str,
         recipients: Iterable[str],
         *,
+        head: bytes = b"",
         smtputf8: bool = False,
         body_8bit: bool = False,
     ) -> str:
-        """Queue ``path[offset:]`` for ``recipients``; durable when it returns. Returns the id."""
+        """Queue ``head`` + ``path[offset:]`` for ``recipients``; durable when it returns.
+        Returns the id."""
 
         def copy(fd: int) -> None:
+            if head:
+                _write_all(fd, head)
             with open(path, "rb") as f:
                 f.seek(offset)
                 while chunk := f.read(_COPY_CHUNK):

@@ -40,21 +40,20 @@ done), so a crash repeats the delivery rather than losing it.
 from __future__ import annotations
 
 import email.utils
-import os
 import quopri
 import uuid
-from collections.abc import Iterator
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailsuite.imap import utf7
 from mailsuite.sieve.actions import Action, FileInto, Keep, Reject
 from mailsuite.sieve.interpreter import SieveEnvelope
 from mailsuite.sieve.storage import ScriptStore
 from mailsuite.smtp.replies import Reply
-from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store import mailbox_names
 from mailsuite.store.mailbox import Account, MailboxError
-from mailsuite.store.maildir import FolderNameError, fsync_dir, write_tmp
+from mailsuite.store.maildir import FolderNameError
+from mailsuite.store.write import Placement, copy_tmp, place
 
 
 def folder_for(root: Path, mailbox: str) -> Path:
@@ -64,7 +63,7 @@ def folder_for(root: Path, mailbox: str) -> Path:
         return root
     name = ".".join(part for part in mailbox.replace("/", ".").split("."))
     try:
-        return Account(root).path(utf7.encode(name))
+        return Account(root).path(mailbox_names.encode(name))
     except (MailboxError, FolderNameError) as e:
         raise ValueError(str(e)) from None
 
@@ -80,7 +79,7 @@ def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | 
     if not create:
         return root, f"fileinto {mailbox!r}: no such folder; delivered to INBOX"
     account = Account(root)
-    wire = utf7.encode(".".join(mailbox.replace("/", ".").split(".")))
+    wire = mailbox_names.encode(".".join(mailbox.replace("/", ".").split(".")))
     try:
         account.create(wire)
     except MailboxError as e:
@@ -95,34 +94,21 @@ def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | 
 
 def store_message(src: Path, offset: int, head: bytes, folder: Path,
                   flags: frozenset[str]) -> None:
-    """Durably store ``head`` + ``src[offset:]`` in ``folder`` with ``flags`` (through the
-    folder index, which assigns keyword letters under its lock).  Blocking."""
-    tmp, unique, size, wsize = write_tmp(folder, _chunks(src, offset, head))  # type: ignore[arg-type]
-    if not flags:
-        final = folder / "new" / f"{unique},S={size},W={wsize}"
-        os.rename(tmp, final)
-        fsync_dir(folder / "new")
-        return
-    index = FolderIndex(folder)
-    try:
-        index.add_files([NewFile(tmp, unique, flags, size, wsize)])
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    finally:
-        index.close()
+    """Durably store ``head`` + ``src[offset:]`` in ``folder`` with ``flags`` through the
+    store's one write path (flags go through the folder index, which assigns keyword letters
+    under its lock, RFC 5232).  Blocking."""
+    draft = copy_tmp(folder, head, src, offset)
+    place(folder, [Placement(draft, flags)])
 
 
-def store_all(actions: tuple[Action, ...] | list[Action], root: Path, src: Path, offset: int,
-              head: bytes) -> tuple[list[Path], list[str]]:
-    """Every Keep/FileInto of an outcome for one recipient, each a durable copy of ``head`` +
-    ``src[offset:]``; returns (folders written, notes -- also appended to the user's sieve
-    log, so a fall-back to INBOX is explained where the user looks).  Blocking.  The simple
-    correct way; delivery may instead rename its own temp file for the first store."""
-    folders: list[Path] = []
+def destinations(actions: Sequence[Action], root: Path
+                 ) -> tuple[list[tuple[Path, frozenset[str]]], list[str]]:
+    """Where the Keep/FileInto actions of an outcome for one recipient store the message:
+    (folder, flags) pairs, one per folder (a fall-back to INBOX next to a keep is still one
+    copy), folders made by ``:create`` already made; and notes for the log -- also appended
+    to the user's sieve log, so a fall-back to INBOX is explained where the user looks.
+    Blocking (may create a folder)."""
+    out: list[tuple[Path, frozenset[str]]] = []
     notes: list[str] = []
     for action in actions:
         if isinstance(action, Keep):
@@ -138,20 +124,21 @@ def store_all(actions: tuple[Action, ...] | list[Action], root: Path, src: Path,
             flags = action.flags
         else:
             continue
-        if folder in folders:
-            continue  # a fall-back to INBOX next to a keep: still one copy
+        if all(folder != f for f, _ in out):
+            out.append((folder, flags))
+    return out, notes
+
+
+def store_all(actions: tuple[Action, ...] | list[Action], root: Path, src: Path, offset: int,
+              head: bytes) -> tuple[list[Path], list[str]]:
+    """Every Keep/FileInto of an outcome for one recipient, each a durable copy of ``head`` +
+    ``src[offset:]``; returns (folders written, notes: see :func:`destinations`).  Blocking.
+    Delivery (:mod:`mailsuite.delivery`) plans with :func:`destinations` itself, so that its
+    own file becomes the first copy instead of being copied."""
+    targets, notes = destinations(actions, root)
+    for folder, flags in targets:
         store_message(src, offset, head, folder, flags)
-        folders.append(folder)
-    return folders, notes
-
-
-def _chunks(src: Path, offset: int, head: bytes) -> Iterator[bytes]:
-    """``head`` then the file from ``offset`` in 1 MiB pieces (memory stays flat)."""
-    yield head
-    with open(src, "rb") as f:
-        f.seek(offset)
-        while chunk := f.read(1024 * 1024):
-            yield chunk
+    return [f for f, _ in targets], notes
 
 
 def _one_line(text: str, limit: int = 400) -> str:

@@ -36,11 +36,18 @@ from twisted.python.failure import Failure
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import COMMAND, DATA, SESSION, ReadDeadline
-from mailsuite.delivery import DeliveryError, Envelope, IncomingMessage
+from mailsuite.delivery import (
+    JUNK,
+    DeliveryError,
+    DeliveryResult,
+    Envelope,
+    IncomingMessage,
+)
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
 from mailsuite.smtp.policy import Lookup, Profile, Verdict, mx_profile, submission_profile
+from mailsuite.smtp.replies import Reply
 from mailsuite.smtp.session import (
     AbortMessage,
     CheckMessage,
@@ -350,31 +357,29 @@ class SMTPProtocol(LineReceiver):
         assert message is not None
         self.message = None  # from here on the message is the delivery's, whatever happens
         message.envelope.body_8bit = action.body_8bit
-        message.junk = action.junk
-        if action.header is not None:
-            message.replace_head(action.header.old_length, action.header.new)
         txid = self.session.transaction.txid if self.session.transaction else "?"
 
-        def done(_: object) -> bool:
-            return True
+        def done(result: DeliveryResult) -> tuple[bool, Reply | None]:
+            return True, result.reply  # a refusal: the only recipient's script rejected it
 
-        def failed(f: Failure) -> bool:
+        def failed(f: Failure) -> tuple[bool, Reply | None]:
             if f.check(OSError, DeliveryError):
                 # The store or the queue cannot be written (full, read-only, broken
                 # folder): an operating condition, not a bug; the client retries on 451.
                 log.error("smtp: delivery of {id} failed: {error}", id=txid, error=f.value)
             else:
                 log.failure("smtp: delivery of {id} failed", f, id=txid)
-            return False
+            return False, None
 
-        def answer(ok: bool) -> None:
-            step = self.session.delivery_finished(ok)
+        def answer(outcome: tuple[bool, Reply | None]) -> None:
+            step = self.session.delivery_finished(*outcome)
             if self._connected():
                 self._perform(step)
             else:
                 self._log(step)  # delivered (or not) all the same: say so
 
-        message.finish().addCallbacks(done, failed).addCallback(answer)
+        finished = message.finish(head_edit=action.header, folder=JUNK if action.junk else None)
+        finished.addCallbacks(done, failed).addCallback(answer)
 
 
 #: How the adapter fulfils each kind of action the session asks for.

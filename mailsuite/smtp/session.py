@@ -131,7 +131,8 @@ class CheckMessage:
 class Deliver:
     """Make the message durable for every recipient: ``body_8bit`` is the envelope's final
     8-bit flag, ``header`` an edit of the header section the end-of-data checks asked for,
-    ``junk`` local copies into the Junk folder.  Report with :meth:`Session.delivery_finished`."""
+    ``junk`` local copies into the Junk folder.  Report with :meth:`Session.delivery_finished`
+    (with the delivery's refusal, if it made one)."""
 
     body_8bit: bool
     junk: bool = False
@@ -682,8 +683,10 @@ class Session:
         self.state = State.DELIVERING
         return Step(action=Deliver(body_8bit=txn.body_8bit, junk=verdict.junk, header=edit))
 
-    def delivery_finished(self, ok: bool) -> Step:
-        """The outcome of :class:`Deliver`: 250 only once the message is durable."""
+    def delivery_finished(self, ok: bool, refusal: Reply | None = None) -> Step:
+        """The outcome of :class:`Deliver`: 250 only once the message is durable; ``refusal``
+        instead when the delivery refused the message -- the only recipient's Sieve script
+        rejected it (RFC 5429 2.1: ``550 5.7.1`` with the script's reason; nothing stored)."""
         txn = self.transaction
         if self.state is not State.DELIVERING or txn is None or txn.reader is None:
             return Step()
@@ -693,6 +696,9 @@ class Session:
             f"{txn.txid} from=<{txn.sender.address}> to={','.join(txn.recipients)} "
             f"size={txn.reader.size} ip={self.client_ip}"
         )
+        if refusal is not None:
+            why = f"{refusal.code} {refusal.enhanced or ''} {refusal.text}".replace("  ", " ")
+            return self._end_transaction(refusal, None, (f"{log} refused by delivery: {why}",))
         reply = R.OK.with_text(f"Message accepted for delivery as {txn.txid}")
         return self._end_transaction(reply, None, (log,))
 

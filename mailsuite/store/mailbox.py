@@ -21,9 +21,12 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
+from mailsuite.store import mailbox_names
+from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -32,6 +35,7 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
+from mailsuite.store.write import Placement, place, write_tmp
 
 log = Logger(namespace="mailsuite.store")
 
@@ -50,12 +54,10 @@ class MailboxError(Exception):
 def _check_name(name: str) -> None:
     """Names are the wire form (modified UTF-7, hierarchy "."): refuse what could escape or
     that is not canonical modified UTF-7."""
-    from mailsuite.imap import utf7
-
     if "/" in name or "\\" in name or name.startswith("~") or "\x00" in name:
         raise MailboxError("Invalid mailbox name", "CANNOT")
     try:
-        utf7.decode(name)
+        mailbox_names.decode(name)
     except ValueError as exc:
         raise MailboxError(f"Invalid mailbox name: {exc}", "CANNOT") from None
     if name.startswith(SEPARATOR) or name.endswith(SEPARATOR) or ".." in name:
@@ -533,16 +535,16 @@ class FolderRegistry:
 
     def __init__(
         self,
-        hub: object | None = None,
+        hub: ChangeHub | None = None,
         call_soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
-        self.hub = hub  # mailsuite.store.events.ChangeHub
+        self.hub = hub
         self.call_soon = call_soon or (lambda f: f())
         self.open: dict[Path, Folder] = {}
         self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
         self.keep_idle = 4
         #: folders polled for other processes' changes: folder -> [stop, number of watchers]
-        self._watched: dict[Folder, list] = {}
+        self._watched: dict[Folder, list[Any]] = {}
 
     def get(self, path: Path) -> Folder:
         folder = self.peek(path)
@@ -642,21 +644,13 @@ class FolderRegistry:
 def append_blocking(
     path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
 ) -> tuple[int, int]:
-    """Durably add one message to the folder at ``path``; returns (uidvalidity, uid).
-    Opens its own index handle: call it from a thread."""
-    from mailsuite.store.maildir import write_tmp
-
-    tmp, unique, size, wsize = write_tmp(path, [data])
+    """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
+    one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
+    thread."""
+    draft = write_tmp(path, [data])
     index = FolderIndex(path)
     try:
-        try:
-            (uid,) = index.add_files([NewFile(tmp, unique, flags, size, wsize, internaldate)])
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        (uid,) = place(path, [Placement(draft, flags, internaldate)], index=index)
         return index.uidvalidity, uid
     finally:
         index.close()

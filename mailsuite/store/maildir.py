@@ -1,4 +1,4 @@
-"""Maildir++ on disk: folder paths, unique names, flags in names, durable delivery.
+"""Maildir++ on disk: folder paths, unique names, flags in names.
 
 Replaces twisted.mail.maildir, which fails on Python 3 and never fsyncs (see README).
 Layout follows Maildir++ so mutt, Dovecot or getmail can read the same tree: INBOX is the
@@ -8,8 +8,8 @@ stored as the letters ``a``-``z`` in the info suffix, mapped to names by the fol
 ``dovecot-keywords`` file, exactly as Dovecot does, so keywords survive an index rebuild and
 Dovecot reads them.
 
-Durability rule (DESIGN.md): write in ``tmp/``, fsync the file, rename into ``new/``, fsync
-``new/``; only then may a protocol answer 250 / OK.
+Writing a message into a folder (``tmp/``, fsync, rename, fsync the directory) is
+:mod:`mailsuite.store.write`'s job.
 """
 
 from __future__ import annotations
@@ -133,57 +133,6 @@ def folder_path(user_root: Path, name: str) -> Path:
     return path
 
 
-def write_tmp(
-    folder: Path, chunks: list[bytes] | tuple[bytes, ...], name: str | None = None
-) -> tuple[Path, str, int, int]:
-    """Write and fsync a message into ``folder/tmp``; returns (tmp path, unique name, file
-    size, CRLF size).  ``name`` is a :func:`unique_name` made earlier (an import writes many
-    messages in parallel, naming them in order first so the names keep that order).
-    Blocking: call it from a thread."""
-    name = name or unique_name()
-    tmp = folder / "tmp" / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        size = 0
-        crlf = 0  # extra bytes once LF becomes CRLF, recorded as ,W= like Dovecot does
-        after_cr = False  # the previous chunk ended in CR: a leading LF ends a CRLF pair
-        for chunk in chunks:
-            if not chunk:
-                continue
-            crlf += chunk.count(b"\n") - chunk.count(b"\r\n")
-            if after_cr and chunk[:1] == b"\n":
-                crlf -= 1  # the CR/LF pair was split across two chunks
-            after_cr = chunk[-1:] == b"\r"
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                size += n
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    return tmp, name, size, size + crlf
-
-
-def write_message(folder: Path, chunks: list[bytes] | tuple[bytes, ...]) -> str:
-    """Durably write one message (LF line ends) into ``folder/new`` and return its file name.
-
-    Blocking (fsyncs): call it from a thread, never from the reactor.
-    """
-    tmp, name, size, wsize = write_tmp(folder, chunks)
-    final = f"{name},S={size},W={wsize}"
-    try:
-        os.rename(tmp, folder / "new" / final)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(folder / "new")
-    return final
-
-
 def maildir_folders(root: Path) -> list[Path]:
     """Every folder of a Maildir++ tree that has a ``tmp/``: the root (INBOX) and each
     ``.Name`` directory beside it.  A missing root has none.  Blocking."""
@@ -227,10 +176,3 @@ def remove_stale(directory: Path, cutoff: float) -> list[Path]:
                 continue
             removed.append(Path(entry.path))
     return removed
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

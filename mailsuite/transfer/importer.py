@@ -1,8 +1,8 @@
-"""``mailsuite import``: put the messages of a :class:`~mailsuite.transfer.sources.Source` into
-a user's folders, through the store's one write path (the one IMAP APPEND uses:
-:func:`~mailsuite.store.maildir.write_tmp`, then :meth:`FolderIndex.add_files
-<mailsuite.store.index.FolderIndex.add_files>`), with flags and internal dates kept and UIDs
-given in source order.
+r"""``mailsuite import``: put the messages of a :class:`~mailsuite.transfer.sources.Source` into
+a user's folders, through the store's one write path (:mod:`mailsuite.store.write`, as IMAP
+APPEND and delivery: drafts written with :func:`~mailsuite.store.write.write_tmp`, then
+:func:`~mailsuite.store.write.place`\ d through the folder's index), with flags and internal
+dates kept and UIDs given in source order.
 
 Speed: each message is fsynced (as APPEND does), which costs a disk flush; the messages of a
 batch are written at once by a few threads so the file system can commit their flushes
@@ -27,9 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.index import FolderIndex
 from mailsuite.store.mailbox import Account, MailboxError
-from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name, write_tmp
+from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name
+from mailsuite.store.write import Draft, Placement, discard, place, write_tmp
 from mailsuite.transfer.progress import Progress
 from mailsuite.transfer.sources import Source, SourceError, SourceMessage
 
@@ -221,16 +222,11 @@ class Importer:
         target.journal.pending(
             (key, unique) for (key, _), unique in zip(batch, writing.names, strict=True)
         )
-        files = [
-            NewFile(tmp, unique, msg.flags - {"\\Recent"}, size, wsize, msg.internaldate)
-            for (tmp, unique, size, wsize), (_, msg) in zip(written, batch, strict=True)
+        drafts = [
+            Placement(draft, msg.flags - {"\\Recent"}, msg.internaldate)
+            for draft, (_, msg) in zip(written, batch, strict=True)
         ]
-        try:
-            target.index.add_files(files)
-        except BaseException:
-            for tmp, *_ in written:
-                _unlink(tmp)
-            raise
+        place(target.path, drafts, index=target.index)  # removes the drafts if it fails
         target.journal.committed(key for key, _ in batch)
         result.imported += len(batch)
         self.progress.advance(len(batch), sum(msg.source_size for _, msg in batch))
@@ -243,8 +239,8 @@ class Importer:
                 writing.wait()
             except BaseException:  # noqa: BLE001 - wait() removed the files it could
                 return
-            for tmp, *_ in writing.written:
-                _unlink(tmp)
+            for draft in writing.written:
+                discard(draft.path)
 
 
 @dataclass
@@ -254,10 +250,10 @@ class _Writing:
     target: _Target
     batch: list[tuple[str, SourceMessage]]
     names: list[str]
-    futures: list[Future[tuple[Path, str, int, int]]]
-    written: list[tuple[Path, str, int, int]] = field(default_factory=list)
+    futures: list[Future[Draft]]
+    written: list[Draft] = field(default_factory=list)
 
-    def wait(self) -> list[tuple[Path, str, int, int]]:
+    def wait(self) -> list[Draft]:
         """The written files in order; on any failure, the others are removed and it raises."""
         error: BaseException | None = None
         for future in self.futures:
@@ -266,15 +262,9 @@ class _Writing:
             except BaseException as e:  # noqa: BLE001 - collected, re-raised below
                 error = error or e
         if error is not None:
-            for tmp, *_ in self.written:
-                _unlink(tmp)
+            for draft in self.written:
+                discard(draft.path)
             self.written = []
             raise error
         return self.written
 
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 from tests.clients import IMAPClient, read_line
 from tests.harness import (
     PASSWORD,

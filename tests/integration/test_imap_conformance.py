@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 from tests.clients import IMAPClient
 from tests.harness import PASSWORD, Server, ServerFactory
 

@@ -19,7 +19,7 @@ import pytest
 
 from mailsuite.pop3.maildrop import LOGIN_STAMP_NAME
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.maildir import write_message
+from mailsuite.store.write import write_message
 from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory, wait_until
 from tests.tls_helpers import CertAuthority
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.maildir import write_message
+from mailsuite.store.write import write_message
 from tests.harness import ALICE, PASSWORD, Server, ServerFactory
 from tests.tls_helpers import HOSTNAME, CertAuthority
 

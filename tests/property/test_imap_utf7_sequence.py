@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailsuite.imap import utf7
 from mailsuite.imap.sequence import SequenceSet, compress
+from mailsuite.store import mailbox_names as utf7
 
 names = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 

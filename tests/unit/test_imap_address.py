@@ -12,7 +12,8 @@ from mailsuite.imap.address import Address, address_text, parse_address_list
 from mailsuite.imap.message import envelope
 from mailsuite.imap.parser import NIL
 from mailsuite.store.index import FolderIndex, NewFile
-from mailsuite.store.maildir import ensure_folder, write_tmp
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_tmp
 from tests.imap_helpers import wire
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mailsuite.imap import utf7
 from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
+from mailsuite.store import mailbox_names as utf7
 
 
 @pytest.mark.parametrize(

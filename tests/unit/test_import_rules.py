@@ -39,10 +39,6 @@ CORES = tuple(f"mailsuite.{p}.session" for p in PROTOCOLS)
 NOT_FOR_THE_STORE = (*PROTOCOLS, "queue", "outbound", "delivery")
 
 KNOWN_VIOLATIONS = {
-    # w11deliv: mailbox-name encoding moves into the store
-    "store imports mailsuite.imap.utf7: mailsuite.store.mailbox",
-    # w11deliv: the index is split by job (schema, sync, queries)
-    "over 800 lines: mailsuite/store/index.py",
     # the IMAP session core of issue 11 (session that returns responses and requests work
     # through an interface; deferToThread leaves the command code): not assigned yet
     "Twisted in a protocol core: mailsuite.imap.session",

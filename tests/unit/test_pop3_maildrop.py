@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 
 
 def box(tmp_path: Path, n: int) -> Path:

@@ -302,6 +302,22 @@ def test_data_is_accepted_after_delivery_only() -> None:
     assert s.transaction is None and s.state is State.READY
 
 
+def test_a_refusal_by_delivery_is_the_final_reply() -> None:
+    """The only recipient's Sieve script rejected the message (RFC 5429 2.1): the delivery's
+    550 5.7.1 goes out instead of 250, the transaction ends, and the log says why."""
+    s = session()
+    transaction(s, "alice@example.test")
+    cmd(s, "DATA")
+    s.message_opened(True)
+    s.data(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert isinstance(s.end_of_data(reader_of(b"Subject: x\n\nbody\n")).action, Deliver)
+    refusal = R.Reply(550, "5.7.1", "No offers, thanks.")
+    step = s.delivery_finished(True, refusal)
+    assert step.replies == (refusal,) and step.out == b"550 5.7.1 No offers, thanks.\r\n"
+    assert "refused by delivery: 550 5.7.1 No offers, thanks." in step.log[0]
+    assert s.transaction is None and s.state is State.READY
+
+
 def test_delivery_failure_is_451_and_ends_the_transaction() -> None:
     s = session()
     transaction(s, "alice@example.test")

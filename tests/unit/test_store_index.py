@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store.index import FolderIndex, NewFile, _trusted, crlf_size
+from mailsuite.store.index import FolderIndex, NewFile, crlf_size
+from mailsuite.store.index_scan import _trusted
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
-from mailsuite.store.maildir import ensure_folder, write_message, write_tmp
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message, write_tmp
 from tests.harness import wait_until
 
 
@@ -231,7 +233,7 @@ def _wait_trusted(box: Path) -> None:
 
 
 def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mailsuite.store.index as index_mod
+    import mailsuite.store.index_scan as index_mod
 
     # whole-second mtimes (coarse file systems) wait a full second, finer ones 30 ms
     assert not index_mod._trusted(5 * 10**9, 5 * 10**9 + 900_000_000)

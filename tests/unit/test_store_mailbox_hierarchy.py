@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mailsuite.store.mailbox import Account, MailboxError
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 
 
 @pytest.fixture

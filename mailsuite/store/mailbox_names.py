@@ -1,4 +1,8 @@
-"""Modified UTF-7 for IMAP mailbox names (RFC 3501 section 5.1.3). Our own code, no Twisted.
+"""Mailbox names on the wire and on disk: modified UTF-7 (RFC 3501 section 5.1.3).
+
+The store owns this encoding: Maildir++ folder directories carry it (``.Entw&APw-rfe``), and
+IMAP, Sieve's ``fileinto`` and ``mailsuite import`` all name folders through it.  Our own code,
+no Twisted.
 
 ``encode`` turns a Unicode mailbox name into its wire/disk form; ``decode`` is strict and raises
 ``ValueError`` on anything an RFC 3501 encoder could not have produced, so every valid encoded

@@ -1,0 +1,164 @@
+"""SMTP acceptance with a 50-rule Sieve script active, as a ratio to no script, in one run.
+
+Issue 16's figure (aim >= 0.9x).  One mailsuite server (``bench/mailsuite_target.py``, this
+working tree) with two users: ``bench@example.test`` (no script) and ``sieve@example.test``
+(the 50-rule script of ``bench/sieve_bench.py``: header, address, envelope and exists tests,
+fileinto, flags -- none matching the load, so every rule is evaluated and the message kept,
+the worst case).  Each round sends N messages to each user in turn (the order alternates
+between rounds, so a drift in machine load hits both alike), with S concurrent sessions and
+a new connection per message as ``smtp-source`` does, and times until every message is in
+the user's Maildir.  Prints msgs/s per round, the medians and their ratio.
+
+    python bench/sieve_smtp.py [--rounds 5] [--msgs 1000] [--sessions 20] [--size 4096]
+
+Everything listens on 127.0.0.1; the server is stopped by its PID at the end, failure
+included; its directory is a temporary one (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from sieve_bench import SCRIPT  # noqa: E402  (the 50-rule script, one definition)
+
+DOMAIN = "example.test"
+
+
+def message(size: int, n: int) -> bytes:
+    head = (f"From: Load <load@example.org>\r\nTo: <someone@{DOMAIN}>\r\n"
+            f"Subject: quarterly numbers {n}\r\nMessage-ID: <{n}.{time.time_ns()}@example.org>\r\n"
+            "X-Mailer: bench\r\nDate: Tue, 1 Oct 2024 10:00:00 +0000\r\n\r\n").encode()
+    line = b"Body line of text for the benchmark, with nothing special in it.\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+async def one(port: int, rcpt: str, data: bytes) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def reply() -> bytes:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                return line
+
+    try:
+        for cmd, want in ((None, b"220"), (b"EHLO client.example.org", b"250"),
+                          (b"MAIL FROM:<load@example.org>", b"250"),
+                          (f"RCPT TO:<{rcpt}>".encode(), b"250"), (b"DATA", b"354")):
+            if cmd is not None:
+                writer.write(cmd + b"\r\n")
+            got = await reply()
+            if not got.startswith(want):
+                raise RuntimeError(f"{cmd!r}: {got!r}")
+        writer.write(data + b".\r\n")
+        got = await reply()
+        if not got.startswith(b"250"):
+            raise RuntimeError(f"end of data: {got!r}")
+        writer.write(b"QUIT\r\n")
+        await reply()
+    finally:
+        writer.close()
+
+
+async def load(port: int, rcpt: str, msgs: int, sessions: int, size: int) -> None:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(msgs):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await one(port, rcpt, message(size, queue.get_nowait()))
+
+    await asyncio.gather(*(worker() for _ in range(sessions)))
+
+
+def count(box: Path) -> int:
+    return sum(len(list((box / sub).iterdir())) for sub in ("new", "cur"))
+
+
+def clear(box: Path) -> None:
+    for sub in ("new", "cur"):
+        for f in (box / sub).iterdir():
+            f.unlink()
+
+
+def trial(port: int, box: Path, rcpt: str, a: argparse.Namespace) -> float:
+    clear(box)
+    t0 = time.perf_counter()
+    asyncio.run(load(port, rcpt, a.msgs, a.sessions, a.size))
+    deadline = time.monotonic() + 300
+    while count(box) < a.msgs:  # every 250 came after its fsync; this only confirms it
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {count(box)}/{a.msgs} messages in {box}")
+        time.sleep(0.01)
+    return a.msgs / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--msgs", type=int, default=1000)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--keep", action="store_true", help="keep the server's directory")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mailsuite-sieve-smtp."))
+    target = [sys.executable, str(HERE / "mailsuite_target.py")]
+    try:
+        # Mail authentication off: its own benchmark is bench/mailauth_checks.py, and its DNS
+        # waits (the load comes from 127.0.0.1, not a trusted network) would hide what Sieve
+        # costs.
+        off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
+        out = subprocess.run([*target, "start", "--dir", str(work), "--services", "smtp",
+                              "--extra-toml", off],
+                             check=True, capture_output=True, text=True).stdout
+        env = dict(line.split("=", 1) for line in out.split())
+        port = int(env["MS_SMTP_PORT"])
+        cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
+        sieve_user = f"sieve@{DOMAIN}"
+        subprocess.run([*cli, "user", "add", sieve_user, "--password-stdin"],
+                       input="benchpass\n", text=True, check=True, capture_output=True)
+        subprocess.run([*cli, "sieve", "put", sieve_user, "rules", "-", "--activate"],
+                       input=SCRIPT, text=True, check=True, capture_output=True)
+        mail = work / "data" / "mail" / DOMAIN
+        targets = {"no script": (f"bench@{DOMAIN}", mail / "bench"),
+                   "50 rules": (sieve_user, mail / "sieve")}
+        for _, box in targets.values():
+            for sub in ("new", "cur", "tmp"):
+                (box / sub).mkdir(parents=True, exist_ok=True)
+        trial(port, targets["no script"][1], targets["no script"][0], a)  # warm up
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        for r in range(a.rounds):
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
+            for name in order:
+                rcpt, box = targets[name]
+                rates[name].append(trial(port, box, rcpt, a))
+            print(f"round {r + 1}: " + "   ".join(
+                f"{name} {rates[name][-1]:7.1f} msgs/s" for name in targets), flush=True)
+        base = statistics.median(rates["no script"])
+        with_script = statistics.median(rates["50 rules"])
+        print(f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
+              f"(median msgs/s): no script {base:.1f}, 50 rules {with_script:.1f}, "
+              f"ratio {with_script / base:.2f}x")
+    finally:
+        subprocess.run([*target, "stop", "--dir", str(work)], check=False)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The index database of one folder: schema, migrations, counters, locking, keyword letters.
+
+``mailsuite-index.sqlite`` (WAL) beside each Maildir folder; :mod:`mailsuite.store.index` says
+what it holds and why.  This module is the layer every index operation stands on:
+
+* the schema, its migrations (``cache_version`` drops cached IMAP structures computed by older
+  code) and the shapes its rows take (:class:`Message`, :class:`NewFile`, :class:`SyncResult`);
+* the ``meta`` table: UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, the \\Recent watermark, directory
+  stamps and ``names_gen`` (bumped whenever a file name changes, so other processes drop their
+  cached name lists);
+* the exclusive ``flock`` every change is made under, and write transactions;
+* ``dovecot-keywords`` letters.
+
+:class:`IndexDatabase` is the base of :class:`~mailsuite.store.index_scan.IndexScan` (keeping the
+index in step with the directory), itself the base of :class:`~mailsuite.store.index.FolderIndex`
+(queries and changes), the one class callers use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mailsuite.store.maildir import (
+    KEYWORD_LETTERS,
+    LETTER_FLAGS,
+    base_of,
+    read_keywords,
+    write_keywords,
+)
+from mailsuite.store.uidvalidity import next_uidvalidity
+
+INDEX_NAME = "mailsuite-index.sqlite"
+LOCK_NAME = "mailsuite-index.lock"
+_SCHEMA_VERSION = 1
+#: Bumped when the IMAP structures cached in the index would now be computed differently, so
+#: rows cached by older code are recomputed (2: ENVELOPE names in comment form, issue 9).
+_CACHE_VERSION = 2
+#: bound parameters per query, below SQLite's default limit (999 in older builds)
+_MAX_PARAMS = 900
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    uid INTEGER PRIMARY KEY,
+    base TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,          -- "new/<file>" or "cur/<file>"
+    flags TEXT NOT NULL,         -- space-separated IMAP flags incl. keywords, sorted
+    size INTEGER NOT NULL,       -- RFC822.SIZE: size with CRLF line ends (-1: not yet known)
+    internaldate REAL NOT NULL,  -- seconds since the epoch (-1: not yet known, use mtime)
+    modseq INTEGER NOT NULL,
+    envelope BLOB,               -- cached IMAP ENVELOPE, filled on demand
+    bodystructure BLOB           -- cached IMAP BODYSTRUCTURE, filled on demand
+);
+CREATE TABLE IF NOT EXISTS expunged (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
+-- the few messages still in new/: listing them must not read every row
+CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
+"""
+
+@dataclass(frozen=True)
+class Message:
+    """One indexed message, as IMAP and POP3 see it."""
+
+    uid: int
+    name: str  # path relative to the folder: "new/..." or "cur/..."
+    flags: frozenset[str]
+    size: int
+    internaldate: float
+    modseq: int
+
+    @property
+    def base(self) -> str:
+        return base_of(self.name.split("/", 1)[1])
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What a sync found: UIDs that appeared, vanished, or whose flags changed."""
+
+    added: tuple[int, ...] = ()
+    expunged: tuple[int, ...] = ()
+    flag_changes: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.expunged or self.flag_changes)
+
+
+def crlf_size(path: Path) -> int:
+    """Size of a stored (LF) message once every line end is CRLF."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A message file to add to a folder (see :meth:`FolderIndex.add_files`)."""
+
+    source: Path  # a draft in a tmp/ (moved), or a message of another folder (COPY: linked)
+    unique: str  # the Maildir unique name to use
+    flags: frozenset[str]
+    size: int  # file size (,S=)
+    wsize: int  # CRLF size (,W=, RFC822.SIZE)
+    internaldate: float | None = None
+    envelope: bytes | None = None
+    bodystructure: bytes | None = None
+
+
+def _split_flags(flags: str) -> frozenset[str]:
+    return frozenset(flags.split()) if flags else frozenset()
+
+
+class IndexDatabase:
+    """One folder's index database: the connection, the meta counters, the lock, keyword
+    letters and the cached names (see the module docstring).  Opening it creates or migrates
+    the schema (under the lock)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.db = sqlite3.connect(
+            folder / INDEX_NAME, isolation_level=None, check_same_thread=False
+        )
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
+        self._kw_stamp: int | None = None
+        self._kw_letters: dict[str, str] = {}  # letter -> keyword
+        # every row's name, while meta names_gen still equals _names_gen (see _db_names)
+        self._names: set[str] | None = None
+        self._names_gen = -1
+        with self._locked():
+            self.db.executescript(_SCHEMA)
+            if self._meta("uidvalidity") is None:
+                self._init_meta()
+            if self._meta("cache_version") != _CACHE_VERSION:
+                with self._transaction():
+                    self.db.execute("UPDATE messages SET envelope = NULL, bodystructure = NULL")
+                    self._set_meta("cache_version", _CACHE_VERSION)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> int | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _metas(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def _init_meta(self) -> None:
+        # A new or rebuilt index gets a UIDVALIDITY that no earlier index of any folder of
+        # this user had (RFC 3501 2.3.1.1), from the user's counter.
+        uidvalidity = next_uidvalidity(self.folder)
+        with self._transaction():
+            self._set_meta("version", _SCHEMA_VERSION)
+            self._set_meta("uidvalidity", uidvalidity)
+            self._set_meta("uidnext", 1)
+            self._set_meta("highestmodseq", 1)
+            self._set_meta("recent", 1)
+
+    @property
+    def uidvalidity(self) -> int:
+        return int(self._meta("uidvalidity") or 0)
+
+    @property
+    def uidnext(self) -> int:
+        return int(self._meta("uidnext") or 1)
+
+    @property
+    def highestmodseq(self) -> int:
+        return int(self._meta("highestmodseq") or 1)
+
+    def counters(self) -> tuple[int, int, int]:
+        """(uidvalidity, uidnext, highestmodseq) in one query."""
+        m = self._metas()
+        return (
+            int(m.get("uidvalidity") or 0),
+            int(m.get("uidnext") or 1),
+            int(m.get("highestmodseq") or 1),
+        )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite write transaction (``BEGIN IMMEDIATE``: take the write lock at once,
+        so two processes never both read-then-write).  On any error it is rolled back and
+        the in-memory name cache, which may already hold the change, is dropped."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._names = None
+            raise
+        self.db.execute("COMMIT")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.folder / LOCK_NAME, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    # -- keywords (dovecot-keywords letters) ------------------------------------------------
+
+    def _keyword_letters(self) -> dict[str, str]:
+        """letter -> keyword, re-read when the file changes."""
+        try:
+            stamp = os.stat(self.folder / "dovecot-keywords").st_mtime_ns
+        except FileNotFoundError:
+            stamp = 0
+        if stamp != self._kw_stamp:
+            self._kw_letters = read_keywords(self.folder) if stamp else {}
+            self._kw_stamp = stamp
+        return self._kw_letters
+
+    def _letters_for(self, flags: Iterable[str]) -> dict[str, str]:
+        """keyword -> letter for the keywords among ``flags``, assigning free letters (lock
+        held).  Keywords beyond 26 stay in the index only."""
+        letters = self._keyword_letters()
+        by_name = {v: k for k, v in letters.items()}
+        wanted = [f for f in flags if not f.startswith("\\") and f not in by_name]
+        if wanted:
+            free = [c for c in KEYWORD_LETTERS if c not in letters]
+            changed = False
+            for kw in sorted(wanted):
+                if not free:
+                    break
+                ch = free.pop(0)
+                letters[ch] = kw
+                by_name[kw] = ch
+                changed = True
+            if changed:
+                write_keywords(self.folder, letters)
+                self._kw_stamp = None
+        return by_name
+
+    def _disk_flags(self, rel: str) -> set[str]:
+        _, sep, info = rel.partition(":2,")
+        if not sep:
+            return set()
+        out = {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS}
+        if any("a" <= c <= "z" for c in info):
+            letters = self._keyword_letters()
+            out.update(letters[c] for c in info if c in letters)
+        return out
+
+    # -- helpers for the layers above --------------------------------------------------------
+
+    def _where_in(
+        self, select: str, column: str, values: Sequence[Any]
+    ) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``select`` + ``column IN (values)`` for any number of values, queried in
+        batches below SQLite's limit on bound parameters.  ``select`` ends with ``WHERE`` (or
+        with a condition and ``AND``)."""
+        values = list(values)
+        for i in range(0, len(values), _MAX_PARAMS):
+            chunk = values[i : i + _MAX_PARAMS]
+            yield from self.db.execute(
+                f"{select} {column} IN ({','.join('?' * len(chunk))})", chunk
+            )
+
+    def _names_changed(self, removed: Iterable[str], added: Iterable[str], valid: bool) -> None:
+        """Record that names changed (lock held, inside the transaction): bump
+        ``names_gen`` so other processes reload, and keep our copy if it was current."""
+        gen = int(self._meta("names_gen") or 0)
+        self._set_meta("names_gen", gen + 1)
+        if valid and self._names is not None and self._names_gen == gen:
+            self._names.difference_update(removed)
+            self._names.update(added)
+            self._names_gen = gen + 1
+        else:
+            self._names = None
+
+    def _forget_stamp(self, subs: Iterable[str]) -> None:
+        # Our own renames changed these directories' mtimes: list them again next time
+        # rather than guess what else changed meanwhile (programs that do not take our lock).
+        for sub in subs:
+            self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
