@@ -35,7 +35,7 @@ from dkim.crypto import HASH_ALGORITHMS
 from twisted.logger import Logger
 
 from mailsuite.mailauth.canon import body_hash
-from mailsuite.mailauth.dkim_keys import DKIMKey, KeyStore
+from mailsuite.mailauth.dkim_keys import DKIMKey, KeyStore, KeyStoreError
 from mailsuite.mailauth.dkim_verify import quiet_logger
 from mailsuite.mailauth.dmarc import organizational_domain
 from mailsuite.mailauth.headers import fields, from_domains, header_section
@@ -148,6 +148,39 @@ class Signer:
                 log.error("DKIM signing for {domain} with selector {selector} failed: {error}",
                           domain=key.domain, selector=key.selector, error=e)
         return b"".join(out)
+
+    def ours(self, signature: str) -> bool:
+        """Whether a DKIM-Signature value was made with one of our keys (its d= and s= name
+        a selector we hold for that domain)."""
+        tags = {}
+        for part in signature.split(";"):
+            name, eq, value = part.partition("=")
+            if eq:
+                tags[name.strip().lower()] = "".join(value.split()).lower()
+        domain, selector = tags.get("d", ""), tags.get("s", "")
+        if not domain or not selector:
+            return False
+        try:
+            return any(k.selector == selector for k in self.keys.keys(domain))
+        except (KeyStoreError, OSError):
+            return False
+
+    def resign(self, message: bytes) -> bytes:
+        """``message`` with our own DKIM signatures made again, for a copy whose body was
+        changed after signing: the 7-bit conversion for a server without 8BITMIME
+        (RFC 6152 3) re-encodes 8-bit parts, so the body hash made at submission no longer
+        matches and receivers would see ``dkim=fail`` on mail we sent.  Signatures that are
+        not ours are left as they are (they break, as RFC 6376 6.1 expects of a changed
+        body); a message without any of ours comes back unchanged."""
+        section = header_section(message)
+        every = fields(section)
+        kept = [f for f in every if f.lname != "dkim-signature" or not self.ours(f.value())]
+        if len(kept) == len(every):
+            return message
+        end = section[sum(len(f.raw) for f in every):]  # the empty line, if any
+        stripped = b"".join(f.raw for f in kept) + end + message[len(section):]
+        linesep = b"\r\n" if section.endswith(b"\r\n") else b"\n"
+        return self.signature_headers(stripped, linesep=linesep) + stripped
 
     def _sign(self, section: bytes, body: bytes, key: DKIMKey, include: list[bytes],
               linesep: bytes) -> bytes:

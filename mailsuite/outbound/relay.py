@@ -77,10 +77,20 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _downgrade(message_path: Path, scratch_dir: Path) -> tuple[str, int]:
-    """Blocking: a 7-bit copy of the message and its SIZE (RFC 1870) value."""
+def _downgrade(message_path: Path, scratch_dir: Path,
+               resign: Callable[[bytes], bytes] | None = None) -> tuple[str, int]:
+    """Blocking: a 7-bit copy of the message and its SIZE (RFC 1870) value.
+
+    The conversion changes the body, so a DKIM signature we made at submission would fail
+    at the receiver: ``resign`` makes ours again over the copy (it is a scratch file,
+    remade on every attempt, so it is rewritten in place without fsync)."""
     path = downgrade_file(message_path, scratch_dir)
     try:
+        if resign is not None:
+            data = path.read_bytes()
+            signed = resign(data)
+            if signed is not data:
+                path.write_bytes(signed)
         return str(path), scan_message(path).wire_size
     except BaseException:
         _unlink(path)
@@ -183,7 +193,9 @@ class SelfCheck:
 
 class Relay:
     """Routes and delivers; one per server. ``deliver_fn`` and ``resolver`` are replaceable
-    for tests (``deliver_fn`` has :func:`mailsuite.outbound.client.deliver`'s signature)."""
+    for tests (``deliver_fn`` has :func:`mailsuite.outbound.client.deliver`'s signature).
+    ``resign`` (blocking: message bytes in, message bytes out) makes our DKIM signatures
+    again on the 7-bit copy made for a server without 8BITMIME (see `_downgrade`)."""
 
     def __init__(
         self,
@@ -195,8 +207,10 @@ class Relay:
         rng: random.Random | None = None,
         timeouts: Timeouts = Timeouts(),
         blocking: Callable[..., Deferred[Any]] | None = None,
+        resign: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.config = config
+        self.resign = resign
         self.relay = config.relay
         self.reactor = reactor
         if resolver is None:
@@ -243,7 +257,8 @@ class Relay:
 
         async def convert() -> tuple[str, int]:
             if not copies:
-                copies.append(await self._blocking(_downgrade, message_path, scratch_dir))
+                copies.append(await self._blocking(_downgrade, message_path, scratch_dir,
+                                                   self.resign))
             return copies[0]
 
         downgrade = (lambda: defer.ensureDeferred(convert())) if body_8bit else None

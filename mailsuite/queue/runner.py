@@ -501,6 +501,8 @@ def queue_service(runtime: Any) -> QueueRunner:
     spool = runtime.queue
     if spool is None:
         spool = runtime.queue = make_spool(runtime.config.data_dir, runtime.reactor)
-    relay = Relay(runtime.config, runtime.reactor, resolver=getattr(runtime, "resolver", None))
+    mail_auth = getattr(runtime, "mail_auth", None)
+    relay = Relay(runtime.config, runtime.reactor, resolver=getattr(runtime, "resolver", None),
+                  resign=mail_auth.signer.resign if mail_auth is not None else None)
     return QueueRunner(runtime, spool, relay)
 

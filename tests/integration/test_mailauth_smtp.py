@@ -46,6 +46,8 @@ def zone() -> dict[str, Any]:
         "_dmarc.temp.test": "servfail",
         "remote.test": {"MX": [[10, "mx.remote.test"]]},
         "mx.remote.test": {"A": ["127.0.0.2"]},
+        "seven.test": {"MX": [[10, "mx.seven.test"]]},
+        "mx.seven.test": {"A": ["127.0.0.3"]},
     }
 
 
@@ -67,6 +69,8 @@ class Setup:
                  cert: tuple[Path, Path]) -> None:
         self.ca = ca
         self.mx = net.mx("127.0.0.2")
+        # a server without 8BITMIME: 8-bit mail reaches it as a 7-bit copy (RFC 6152 3)
+        self.seven = net.mx("127.0.0.3", {"extensions": ["PIPELINING", "ENHANCEDSTATUSCODES"]})
         extra = (f'[relay]\ntrusted_networks = ["{TRUSTED_IP}/32"]\nport = {net.port}\n'
                  f'retry_initial = 1\n\n[dns]\nnameservers = ["127.0.0.1:{net.dns_port}"]\n'
                  "timeout = 2\n")
@@ -82,10 +86,10 @@ class Setup:
         for user in (BOB, "alice@example.test", "ed@ed.test"):
             self.server.add_user(user)
 
-    def relayed(self, marker: bytes) -> bytes:
-        """The message holding ``marker`` that reached the recording MX."""
+    def relayed(self, marker: bytes, mx: Any = None) -> bytes:
+        """The message holding ``marker`` that reached the recording MX (or ``mx``)."""
         def found() -> bytes | None:
-            for t in self.mx.transactions():
+            for t in (mx or self.mx).transactions():
                 if marker in t["data"]:
                     return bytes(t["data"])
             return None
@@ -252,6 +256,30 @@ def test_submitted_mail_is_signed_in_the_local_and_the_relayed_copy(env: Setup,
     assert verify(env, algorithm, local)
     assert verify(env, algorithm, relayed)
     assert not verify(env, algorithm, relayed.replace(b"Hello, signed.", b"Hello, forged."))
+
+
+def test_signature_holds_on_the_7bit_copy_for_a_server_without_8bitmime(env: Setup) -> None:
+    """The 7-bit conversion re-encodes the body after it was signed at submission: the
+    relayed copy carries our signature made again over what is sent (it failed to verify
+    before), and the local copy keeps the one made at submission."""
+    sender, domain = SIGNERS["rsa"]
+    marker = f"eightbit-{time.time_ns()}"
+    body = (f"From: {sender}\r\nTo: {BOB}, olga@seven.test\r\nSubject: {marker}\r\n"
+            f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{marker}@{domain}>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, signed.\r\n").encode()
+    client = smtp_starttls(env.server.port("submission"), env.ca)
+    try:
+        client.login(sender, PASSWORD)
+        client.sendmail(sender, [BOB, "olga@seven.test"], body, mail_options=["BODY=8BITMIME"])
+    finally:
+        client.quit()
+    (local,) = holding(env, BOB, marker.encode())
+    relayed = env.relayed(marker.encode(), env.seven)
+    assert relayed.isascii() and b"quoted-printable" in relayed  # the converted copy
+    assert verify(env, "rsa", local)
+    assert len(signatures(relayed)) == 1
+    assert verify(env, "rsa", relayed)
 
 
 def test_trusted_network_relay_is_signed_and_inbound_mail_is_not(env: Setup) -> None:

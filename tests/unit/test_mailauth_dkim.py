@@ -155,6 +155,28 @@ def test_signer_is_thread_safe(tmp_path):
     assert len(out) == 8 and all(b"s=e1" in h for h in out)
 
 
+def test_resign_replaces_only_our_signatures_over_the_changed_body(tmp_path):
+    store = KeyStore(tmp_path / "dkim")
+    ed_k, _ = store.generate("example.org", "e1", "ed25519")
+    signer = Signer(store)
+    keys = Keys({ed_k.owner.rstrip("."): ed_k.record()})
+    original = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: s\r\n\r\nbody\r\n"
+    foreign = b"DKIM-Signature: v=1; a=rsa-sha256; d=other.example; s=x;\r\n\tbh=AA; b=BB\r\n"
+    signed = foreign + signer.signature_headers(original, linesep=b"\r\n") + original
+    changed = signed.replace(b"body", b"b=6Fdy")  # as a re-encoding changes the body
+    assert not dkim.verify(changed, dnsfunc=lambda n, timeout=5: keys(n.decode()))
+    again = signer.resign(changed)
+    assert again.count(b"DKIM-Signature:") == 2 and foreign in again  # theirs kept, ours new
+    d = dkim.DKIM(again)
+    ours = [i for i, (n, v) in enumerate(
+        (n, v) for n, v in d.headers if n == b"DKIM-Signature") if b"d=example.org" in v]
+    assert ours and d.verify(ours[0], dnsfunc=lambda n, timeout=5: keys(n.decode()))
+    assert b"\r\n\r\nb=6Fdy" in again  # line ends kept as they were
+    # without a signature of ours, nothing changes (the very same object comes back)
+    plain = foreign + original
+    assert signer.resign(plain) is plain
+
+
 # ------------------------------------------------------------------ verification
 
 def test_rsa_and_ed25519_pass():
