@@ -9,8 +9,9 @@ one ``bytes`` for one ``transport.write``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mailsuite.imap.message import ParsedMessage, partial
 from mailsuite.imap.parser import FetchItem, FetchRequest
@@ -69,15 +70,14 @@ def build_batch(
     batch: Sequence[tuple[int, int]],  # (seq, uid)
     flags: dict[int, str],
     modseqs: dict[int, int],
-    is_recent: object,
-    details: dict[int, tuple] | None,
+    is_recent: Callable[[int], bool],
+    details: dict[int, tuple[Any, ...]] | None,
     cache_out: list[tuple[int, str, bytes]],
     add_flags: set[int],
 ) -> bytes:
     """The ``* n FETCH (...)`` lines for ``batch``.  Messages that vanished meanwhile are
     left out.  Computed ENVELOPE/BODYSTRUCTURE values are appended to ``cache_out``."""
     out: list[bytes] = []
-    recent_of = is_recent  # callable uid -> bool
     for seq, uid in batch:
         f = flags.get(uid)
         if f is None:
@@ -92,7 +92,7 @@ def build_batch(
             if name == "UID":
                 parts.append(b"UID %d" % uid)
             elif name == "FLAGS":
-                parts.append(flags_bytes(f, recent_of(uid)))  # type: ignore[operator]
+                parts.append(flags_bytes(f, is_recent(uid)))
             elif name == "MODSEQ":
                 parts.append(b"MODSEQ (%d)" % modseqs.get(uid, 1))
             elif name == "RFC822.SIZE":
@@ -141,12 +141,12 @@ def build_batch(
                     parts.append(label.encode("ascii") + b" " + literal(data))
         else:
             if uid in add_flags and not plan.has_flags:
-                parts.append(flags_bytes(f, recent_of(uid)))  # type: ignore[operator]
+                parts.append(flags_bytes(f, is_recent(uid)))
             out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
     return b"".join(out)
 
 
-def _parse(folder: Path, row: tuple | None) -> ParsedMessage | None:
+def _parse(folder: Path, row: tuple[Any, ...] | None) -> ParsedMessage | None:
     if row is None:
         return None
     try:

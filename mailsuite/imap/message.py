@@ -328,7 +328,9 @@ def _strip_comments(text: str) -> str:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 
-def _content_type(value: bytes | None, default: tuple[str, str]) -> tuple[str, str, list]:
+def _content_type(
+    value: bytes | None, default: tuple[str, str]
+) -> tuple[str, str, list[tuple[str, str]]]:
     if value is None:
         if default == ("text", "plain"):
             return "text", "plain", [("charset", "us-ascii")]
@@ -394,7 +396,9 @@ class _Budget:
         self.parts = 0
 
 
-def _build(raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, b: _Budget):
+def _build(
+    raw: bytes, start: int, end: int, default: tuple[str, str], depth: int, b: _Budget
+) -> _Part:
     part = _Part(raw, start, end, default)
     b.parts += 1
     mtype, sub = part.ltype

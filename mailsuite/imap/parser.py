@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from typing import TypeAlias
 
 from mailsuite.imap.message import Section
 from mailsuite.imap.sequence import SequenceSet
@@ -103,7 +104,8 @@ class _Nil:
 
 NIL = _Nil()
 
-Token = Atom | Quoted | Literal | _Nil | list  # list: list[Token]
+#: one argument of a command: a parenthesised list holds more of them
+Token: TypeAlias = "Atom | Quoted | Literal | _Nil | list[Token]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,7 @@ class Command:
     tag: str
     command: str  # upper-cased, e.g. "FETCH" (also for "UID FETCH")
     uid: bool  # True for "UID <command>"
-    args: list  # list[Token]
+    args: list[Token]
 
     @property
     def name(self) -> str:
@@ -147,7 +149,7 @@ class _State:
     __slots__ = ("stack", "tag", "command", "uid", "size", "expect_literal", "after_literal")
 
     def __init__(self) -> None:
-        self.stack: list[list] = [[]]
+        self.stack: list[list[Token]] = [[]]
         self.tag: str | None = None
         self.command: str | None = None
         self.uid = False
@@ -342,7 +344,7 @@ class CommandReader:
             if c == 0x28:  # '('
                 if len(stack) > 32:
                     raise ParseError("Lists nested too deeply")
-                new: list = []
+                new: list[Token] = []
                 stack[-1].append(new)
                 stack.append(new)
                 pos += 1
@@ -722,7 +724,7 @@ def _fetch_item(tok: object) -> FetchItem:
     return FetchItem("BODY", Section(part, kind, fields), partial, peek)
 
 
-def parse_fetch(args: list) -> FetchRequest:
+def parse_fetch(args: list[Token]) -> FetchRequest:
     """Parse the FETCH arguments after the sequence set: an item, a macro or a list, then an
     optional modifier list ``(CHANGEDSINCE n [VANISHED])``."""
     if not args:

@@ -17,7 +17,7 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from mailsuite.imap.address import address_text
 from mailsuite.imap.message import body_text, decode_header_value, header_fields, split_header
@@ -25,6 +25,7 @@ from mailsuite.imap.parser import (
     NIL,
     Atom,
     ParseError,
+    Token,
     astring,
     atom,
     number,
@@ -44,13 +45,28 @@ __all__ = [
 
 
 class SearchableMessage(Protocol):
-    seq: int
-    uid: int
-    flags: frozenset[str]
-    internaldate: datetime
-    size: int
-    modseq: int
-    recent: bool
+    """What the predicates read of one message (read-only: a search changes nothing)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def flags(self) -> frozenset[str]: ...
+
+    @property
+    def internaldate(self) -> datetime: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def modseq(self) -> int: ...
+
+    @property
+    def recent(self) -> bool: ...
 
     def header_bytes(self) -> bytes: ...
 
@@ -147,7 +163,7 @@ class Key:
     """A parsed search key: ``op`` with ``args``; AND/OR/NOT hold sub-keys."""
 
     op: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()  # sub-keys, strings, numbers, dates or a SequenceSet, by op
 
     @property
     def needs(self) -> Needs:
@@ -210,7 +226,7 @@ _DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSI
 
 
 class _Tokens:
-    def __init__(self, toks: list, charset: str) -> None:
+    def __init__(self, toks: list[Token], charset: str) -> None:
         self.toks = toks
         self.i = 0
         self.charset = charset
@@ -232,7 +248,7 @@ class _Tokens:
             raise ParseError(f"Search string is not valid {self.charset}") from None
 
 
-def parse_search(args: list) -> SearchProgram:
+def parse_search(args: list[Token]) -> SearchProgram:
     """Parse SEARCH arguments (``[CHARSET x] key...``). Raise ``BadCharset`` for charsets other
     than UTF-8/US-ASCII, ``ParseError`` for bad syntax."""
     charset = "US-ASCII"

@@ -24,7 +24,6 @@ from typing import Any
 
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -49,6 +48,7 @@ from mailsuite.pop3.session import (
 )
 from mailsuite.runtime import Runtime
 from mailsuite.tls import lose_connection
+from mailsuite.transport import LineReceiver, Transport, transport_of
 
 log = Logger(namespace="mailsuite.pop3")
 
@@ -68,7 +68,7 @@ class _MessageSender:
         self.done = done
 
     def resumeProducing(self) -> None:  # noqa: N802
-        transport = self.proto.transport
+        transport = self.proto.tx
         try:
             data = self.stream.file.read(CHUNK)
             if data:
@@ -91,13 +91,14 @@ class _MessageSender:
         if self.done.called:
             return
         self.stream.file.close()
-        self.proto.transport.unregisterProducer()
+        self.proto.tx.unregisterProducer()
         self.done.callback(None)
 
 
-class POP3Protocol(basic.LineReceiver):
+class POP3Protocol(LineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
+    tx: Transport  # the connection's transport, typed (from connectionMade on)
 
     def __init__(
         self,
@@ -120,23 +121,24 @@ class POP3Protocol(basic.LineReceiver):
     # -- connection life --------------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
-        peer = self.transport.getPeer()
+        self.tx = transport_of(self)
+        peer = self.tx.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.admission = self.limits.admit(self.peer)
         if self.admission.refused is not None:
             log.info("POP3: {peer} refused: {limit} reached", peer=self.peer,
                      limit=self.admission.refused.value)
             self.session.state = State.CLOSED  # nothing the client sends is acted on
-            self.transport.write(
+            self.tx.write(
                 ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
-            self.transport.loseConnection()
+            self.tx.loseConnection()
             return
-        _no_delay(self.transport)
+        _no_delay(self.tx)
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
         )
         self.wait_input()
-        self.transport.write(self.session.greeting())
+        self.tx.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         if self.deadline is not None:
@@ -164,12 +166,12 @@ class POP3Protocol(basic.LineReceiver):
         RFC 1939 6: nothing marked deleted is removed)."""
         log.info("POP3: {why} timeout for {peer}", why=why, peer=self.peer)
         text = "Login timeout" if why == LOGIN else "Idle timeout"
-        self.transport.write(err(f"{text}, closing connection"))
-        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
+        self.tx.write(err(f"{text}, closing connection"))
+        lose_connection(self.tx)  # over TLS too: not waiting for a slow peer's close
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
-        self.transport.write(err("Line too long, closing connection"))
-        self.transport.loseConnection()
+        self.tx.write(err("Line too long, closing connection"))
+        self.tx.loseConnection()
 
     # -- input ------------------------------------------------------------------------------
 
@@ -183,17 +185,17 @@ class POP3Protocol(basic.LineReceiver):
             step = self.session.line(line)
         except Exception:
             log.failure("POP3: command failed for {peer}", peer=self.peer)
-            self.transport.write(ERR_TEMP)
+            self.tx.write(ERR_TEMP)
             return
         self._perform(step.out, step.action)
 
     def _perform(self, out: bytes, action: Any) -> None:
         if out:
-            self.transport.write(out)
+            self.tx.write(out)
         if action is None:
             return
         if isinstance(action, Close):
-            self.transport.loseConnection()
+            self.tx.loseConnection()
         elif isinstance(action, StartTLS):
             self._start_tls()
         elif isinstance(action, Authenticate):
@@ -208,7 +210,7 @@ class POP3Protocol(basic.LineReceiver):
         self.pauseProducing()
 
         def resume(_: object) -> None:
-            if self.session.state is not State.CLOSED and self.transport.connected:
+            if self.session.state is not State.CLOSED and self.tx.connected:
                 self.wait_input()  # the time the command took is not the client's
                 self.resumeProducing()
 
@@ -220,9 +222,9 @@ class POP3Protocol(basic.LineReceiver):
             self.session.state = State.AUTHORIZATION
         elif self.session.state is State.UPDATE:
             self.session.state = State.CLOSED
-        self.transport.write(ERR_TEMP)
+        self.tx.write(ERR_TEMP)
         if self.session.state is State.CLOSED:
-            self.transport.loseConnection()
+            self.tx.loseConnection()
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -231,30 +233,33 @@ class POP3Protocol(basic.LineReceiver):
         if dropped:
             log.warn("POP3: discarded {n} bytes pipelined after STLS from {peer}",
                      n=len(dropped), peer=self.peer)
-        self.transport.startTLS(self.runtime.tls)
+        self.tx.startTLS(self.runtime.tls)
         self.session.tls_started()
 
     @defer.inlineCallbacks
     def _authenticate(self, action: Authenticate) -> Any:
+        result: LoginResult | None
         try:
-            result: LoginResult = yield self.runtime.auth.login(
+            result = yield self.runtime.auth.login(
                 action.username, action.password, self.peer, "pop3"
             )
         except Exception:
             log.failure("POP3: login check failed")
-            result = None  # type: ignore[assignment]
-        maildrop = failure = None
-        if result is not None and result.outcome is Outcome.OK and self.transport.connected:
+            result = None
+        maildrop: Maildrop | None = None
+        failure: Exception | None = None
+        user = result.user if result is not None and result.outcome is Outcome.OK else None
+        if user is not None and self.tx.connected:
             try:
-                maildrop = self._open_maildrop(result.user)
+                maildrop = self._open_maildrop(user)
             except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
                 failure = e
                 if isinstance(e, MaildropInUse):
                     log.info("POP3: {user} from {peer} refused: maildrop in use",
-                             user=result.user, peer=self.peer)
+                             user=user, peer=self.peer)
                 elif not isinstance(e, LoginTooSoon):
-                    log.failure("POP3: opening the maildrop of {user} failed", user=result.user)
-        if not self.transport.connected:
+                    log.failure("POP3: opening the maildrop of {user} failed", user=user)
+        if not self.tx.connected:
             if maildrop is not None:
                 maildrop.close()
             return
@@ -281,7 +286,7 @@ class POP3Protocol(basic.LineReceiver):
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
         done: defer.Deferred[None] = defer.Deferred()
         self._sender = _MessageSender(self, stream, done)
-        self.transport.registerProducer(self._sender, False)
+        self.tx.registerProducer(self._sender, False)
         return done
 
     def _update(self) -> defer.Deferred[None]:
