@@ -68,6 +68,12 @@ def _builder(spec: str) -> Callable[[Runtime, bool], IProtocolFactory]:
     return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
+def _change_hub() -> ChangeHub:
+    """The process's change hub, logging (as the folder registry does) to the server's log:
+    the store imports no Twisted and is given its logger (mailsuite.corelog)."""
+    return ChangeHub(Logger(namespace="mailsuite.store"))
+
+
 def build_runtime(config: Config, reactor: Any) -> Runtime:
     """Create the data folder and the shared objects the services use."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -76,7 +82,7 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
         return _sandbox_runtime(config, reactor)
     directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
     auth = Authenticator(directory, config.auth, reactor)
-    runtime = Runtime(config, reactor, directory, auth, ChangeHub())
+    runtime = Runtime(config, reactor, directory, auth, _change_hub())
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)
     runtime.resolver = server_resolver(config.nameservers, reactor)
@@ -95,7 +101,7 @@ def _sandbox_runtime(config: Config, reactor: Any) -> Runtime:
 
     directory = SandboxDirectory(config)
     runtime = Runtime(config, reactor, directory, AnyPassword(directory, config, reactor),
-                      ChangeHub())
+                      _change_hub())
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)
     runtime.resolver = server_resolver(config.nameservers, reactor)

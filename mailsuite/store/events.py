@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.logger import Logger
-
-log = Logger(namespace="mailsuite.store")
+from mailsuite.corelog import Log, StdLog
 
 Listener = Callable[[Path], None]
 
@@ -21,7 +19,10 @@ Listener = Callable[[Path], None]
 class ChangeHub:
     """Publish/subscribe keyed by the folder's resolved path.  Call from the reactor thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Log | None = None) -> None:
+        #: where a failing listener is logged (the runtime passes a Twisted logger; the store
+        #: imports no Twisted, see mailsuite.corelog)
+        self.log: Log = log if log is not None else StdLog("mailsuite.store")
         self._listeners: dict[Path, set[Listener]] = {}
         self._everything: set[Listener] = set()
 
@@ -55,4 +56,4 @@ class ChangeHub:
             try:
                 listener(folder)
             except Exception:
-                log.failure("change listener for {folder} failed", folder=folder)
+                self.log.failure("change listener for {folder} failed", folder=folder)

@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger
-
+from mailsuite.corelog import Log
 from mailsuite.store import mailbox_names
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import FolderIndex, NewFile
@@ -36,8 +35,6 @@ from mailsuite.store.maildir import (
     unique_name,
 )
 from mailsuite.store.write import Placement, place, write_tmp
-
-log = Logger(namespace="mailsuite.store")
 
 SUBSCRIPTIONS = "subscriptions"
 SEPARATOR = "."
@@ -437,11 +434,7 @@ class Folder:
         try:
             self.refresh()
         except Exception:  # the folder may have gone away; sessions find out on next use
-            from twisted.logger import Logger
-
-            Logger(namespace="mailsuite.store").failure(
-                "refresh of {path} failed", path=str(self.path)
-            )
+            self.registry.log.failure("refresh of {path} failed", path=str(self.path))
 
     def refresh(self) -> bool:
         """Bring the shared state in step with the index (and the index with the directory);
@@ -537,8 +530,12 @@ class FolderRegistry:
         self,
         hub: ChangeHub | None = None,
         call_soon: Callable[[Callable[[], None]], object] | None = None,
+        log: Log | None = None,
     ) -> None:
         self.hub = hub
+        #: where failed refreshes and polls are logged: the hub's log unless given (the
+        #: store imports no Twisted; the runtime's hub carries a Twisted logger)
+        self.log: Log = log if log is not None else (hub or ChangeHub()).log
         self.call_soon = call_soon or (lambda f: f())
         self.open: dict[Path, Folder] = {}
         self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
@@ -612,7 +609,7 @@ class FolderRegistry:
                 try:
                     folder.refresh()  # views hear of changes through their on_change
                 except Exception:  # noqa: BLE001 - a bad poll must not stop the others
-                    log.failure("polling {path} failed", path=str(folder.path))
+                    self.log.failure("polling {path} failed", path=str(folder.path))
 
             entry = self._watched[folder] = [start_poll(tick), 0]
         entry[1] += 1
@@ -656,10 +653,15 @@ def append_blocking(
         index.close()
 
 
+#: one message for :func:`copy_blocking`: relative name, flags, size with CRLF line ends (-1:
+#: unknown), internal date (None: the file's), cached envelope and body structure
+CopyItem = tuple[str, frozenset[str], int, float | None, bytes | None, bytes | None]
+
+
 def copy_blocking(
     src: Path,
     dest: Path,
-    items: Sequence[tuple[str, frozenset[str], int, float, bytes | None, bytes | None]],
+    items: Sequence[CopyItem],
 ) -> tuple[int, list[int]]:
     """Hard-link messages (relative name, flags, crlf size, internal date, envelope,
     bodystructure) of folder ``src`` into folder ``dest``; returns (dest uidvalidity, new UIDs).
