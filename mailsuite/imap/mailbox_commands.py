@@ -4,19 +4,17 @@ SUBSCRIBE, UNSUBSCRIBE, STATUS and APPEND.
 
 They are a mixin of ``session.Session``, kept apart from its state machine because they work
 on the account's folders by name and never on the selected mailbox's messages; LIST brings its
-own request parsing (``_parse_list``) and wildcard matching (``_pattern_regex``).
+own request parsing (``_parse_list``) and wildcard matching (``_pattern_regex``).  RENAME of
+INBOX and APPEND await their file work in a worker thread (``shared.run_blocking``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from twisted.internet import threads
-
-from mailsuite.imap.parser import Atom, Command, astring, atom, flag_list, parse_date_time
+from mailsuite.imap.parser import Atom, Command, Token, astring, atom, flag_list, parse_date_time
 from mailsuite.imap.session_base import (
     _AUTH,
     SessionBase,
@@ -67,7 +65,7 @@ class MailboxCommands(SessionBase):
         self.shared.registry.invalidate_under([path], "Mailbox was deleted")
         self.ok(cmd, "DELETE completed")
 
-    def do_RENAME(self, cmd: Command) -> Generator[Any, Any, None]:
+    async def do_RENAME(self, cmd: Command) -> None:
         if len(cmd.args) != 2:
             raise _bad("RENAME expects two mailbox names")
         old = self._mailbox_arg(cmd.args[0])
@@ -76,8 +74,8 @@ class MailboxCommands(SessionBase):
         if old == "INBOX":
             acct.rename(old, new)  # checks, and makes the superior names new needs
             dest = acct.path(new)
-            yield threads.deferToThread(move_inbox_blocking, acct.root, dest)
-            self.shared.runtime.changes.notify(acct.root)
+            await self.shared.run_blocking(move_inbox_blocking, acct.root, dest)
+            self.shared.changes.notify(acct.root)
         else:
             moves = acct.rename(old, new)
             self.shared.registry.invalidate_under([m[0] for m in moves], "Mailbox was renamed")
@@ -293,7 +291,7 @@ class MailboxCommands(SessionBase):
 
     # -- APPEND -----------------------------------------------------------------------------
 
-    def do_APPEND(self, cmd: Command) -> Generator[Any, Any, None]:
+    async def do_APPEND(self, cmd: Command) -> None:
         args = list(cmd.args)
         if len(args) < 2:
             raise _bad("APPEND expects a mailbox and a message")
@@ -316,11 +314,11 @@ class MailboxCommands(SessionBase):
         # Stored with LF line ends, like delivered mail (Maildir convention).
         stored = data.replace(b"\r\n", b"\n")
         fl = frozenset(f for f in flags if f != "\\Recent")
-        uidvalidity, uid = yield threads.deferToThread(append_blocking, path, stored, fl, idate)
+        uidvalidity, uid = await self.shared.run_blocking(append_blocking, path, stored, fl, idate)
         folder = self.shared.registry.peek(path)
         if folder is not None:
             folder.refresh()
-        self.shared.runtime.changes.notify(path, folder._hub_changed if folder else None)
+        self.shared.changes.notify(path, folder._hub_changed if folder else None)
         self.ok(cmd, "APPEND completed", f"APPENDUID {uidvalidity} {uid}")
 
 
@@ -335,11 +333,13 @@ class _ListRequest:
     status: list[str] = field(default_factory=list)
 
 
-def _parse_list(args: list) -> _ListRequest:
+def _parse_list(args: list[Token]) -> _ListRequest:
     """``LIST [(selection options)] reference (pattern | (patterns)) [RETURN (options)]``."""
     select: set[str] = set()
-    if args and isinstance(args[0], list):
-        select = {atom(t).upper() for t in args.pop(0)}
+    options = args[0] if args else None
+    if isinstance(options, list):
+        args.pop(0)
+        select = {atom(t).upper() for t in options}
         unknown = select - set(_LIST_SELECT)
         if unknown:
             raise _bad(f"Unknown LIST selection option {sorted(unknown)[0]}")
@@ -372,9 +372,10 @@ def _parse_list(args: list) -> _ListRequest:
         while i < len(toks):
             opt = atom(toks[i]).upper()
             if opt == "STATUS":  # RFC 5819
-                if i + 1 >= len(toks) or not isinstance(toks[i + 1], list) or not toks[i + 1]:
+                items = toks[i + 1] if i + 1 < len(toks) else None
+                if not isinstance(items, list) or not items:
                     raise _bad("STATUS return option needs a list of items")
-                req.status = [atom(t).upper() for t in toks[i + 1]]
+                req.status = [atom(t).upper() for t in items]
                 bad = [it for it in req.status if it not in _STATUS_ITEMS]
                 if bad:
                     raise _bad(f"Unknown STATUS item {bad[0]}")

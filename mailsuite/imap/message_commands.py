@@ -3,16 +3,16 @@ SEARCH (with ESEARCH, RFC 4731), COPY, MOVE and EXPUNGE.
 
 They are a mixin of ``session.Session``, kept apart from the session's state machine because
 they share their own helpers (message-set resolution, the read-write check, the message view
-SEARCH predicates read) and nothing else uses them.
+SEARCH predicates read) and nothing else uses them.  FETCH awaits room in the output buffer
+between batches, SEARCH a turn of the event loop between chunks, COPY and MOVE the copies
+made in a worker thread (``mailsuite.imap.interface``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-
-from twisted.internet import threads
 
 from mailsuite.imap.fetch_response import FetchPlan, build_batch, flags_bytes
 from mailsuite.imap.parser import (
@@ -26,8 +26,8 @@ from mailsuite.imap.parser import (
 )
 from mailsuite.imap.search import Needs, header_of, parse_search
 from mailsuite.imap.sequence import compress
-from mailsuite.imap.session_base import SessionBase, _bad, _no, log, vanished_earlier
-from mailsuite.store.mailbox import FolderView, copy_blocking
+from mailsuite.imap.session_base import SessionBase, _bad, _no, vanished_earlier
+from mailsuite.store.mailbox import CopyItem, Folder, FolderView, copy_blocking
 
 BATCH = 1000  # messages per output batch (one transport.write each)
 _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
@@ -83,7 +83,7 @@ class MessageCommands(SessionBase):
 
     # -- FETCH ----------------------------------------------------------------------------------
 
-    def do_FETCH(self, cmd: Command) -> Generator[Any, Any, None]:
+    async def do_FETCH(self, cmd: Command) -> None:
         if len(cmd.args) < 2:
             raise _bad("FETCH expects a message set and items")
         v = self.view
@@ -136,11 +136,10 @@ class MessageCommands(SessionBase):
                 try:
                     folder.index.store_cached(cache)
                 except Exception:  # noqa: BLE001 -- a busy database only costs a recompute
-                    log.failure("caching FETCH data failed")
+                    self.log.failure("caching FETCH data failed")
             self.send(data)
             if start + BATCH < len(targets):
-                w = self.proto.wait_writable()
-                yield w  # None: let the reactor run between batches
+                await self.proto.writable()  # the client reads, other connections run
         # a \Seen we set is not news to this session
         v.pending_flags -= seen_now
         self.ok(cmd, "FETCH completed" if not cmd.uid else "UID FETCH completed")
@@ -154,8 +153,9 @@ class MessageCommands(SessionBase):
         v = self._rw()
         targets = self._targets(cmd, args.pop(0))
         unchangedsince: int | None = None
-        if isinstance(args[0], list):
-            mods = args.pop(0)
+        mods = args[0]
+        if isinstance(mods, list):
+            args.pop(0)
             if len(mods) != 2 or atom(mods[0]).upper() != "UNCHANGEDSINCE":
                 raise _bad("Unknown STORE modifier")
             unchangedsince = number(mods[1])
@@ -217,7 +217,7 @@ class MessageCommands(SessionBase):
 
     # -- SEARCH ---------------------------------------------------------------------------------
 
-    def do_SEARCH(self, cmd: Command) -> Generator[Any, Any, None]:
+    async def do_SEARCH(self, cmd: Command) -> None:
         v = self.view
         assert v is not None
         args = list(cmd.args)
@@ -268,7 +268,7 @@ class MessageCommands(SessionBase):
                     if pred(m):
                         result.append((start + j + 1, u))
                 if start + step < len(uids):
-                    yield None
+                    await self.shared.next_turn()  # other connections run between chunks
         nums = [u if cmd.uid else s for s, u in result]
         if returns is not None:
             self.send(_esearch(cmd, returns, nums, prog.uses_modseq, folder.modseqs, result))
@@ -281,13 +281,13 @@ class MessageCommands(SessionBase):
 
     # -- COPY / MOVE ------------------------------------------------------------------------------
 
-    def do_COPY(self, cmd: Command) -> Generator[Any, Any, None]:
-        return self._copy(cmd, move=False)
+    async def do_COPY(self, cmd: Command) -> None:
+        await self._copy(cmd, move=False)
 
-    def do_MOVE(self, cmd: Command) -> Generator[Any, Any, None]:
-        return self._copy(cmd, move=True)
+    async def do_MOVE(self, cmd: Command) -> None:
+        await self._copy(cmd, move=True)
 
-    def _copy(self, cmd: Command, move: bool) -> Generator[Any, Any, None]:
+    async def _copy(self, cmd: Command, move: bool) -> None:
         if len(cmd.args) != 2:
             raise _bad(f"{cmd.command} expects a message set and a mailbox")
         v = self.view
@@ -306,7 +306,7 @@ class MessageCommands(SessionBase):
             self.ok(cmd, f"{cmd.command} completed (nothing to do)")
             return
         details = folder.index.details(uids)
-        items = []
+        items: list[CopyItem] = []
         src_uids = []
         for u in uids:
             row = details.get(u)
@@ -323,7 +323,9 @@ class MessageCommands(SessionBase):
                 )
             )
             src_uids.append(u)
-        uidvalidity, new_uids = yield threads.deferToThread(copy_blocking, folder.path, dest, items)
+        uidvalidity, new_uids = await self.shared.run_blocking(
+            copy_blocking, folder.path, dest, items
+        )
         # both lists ascend (targets are sorted, new UIDs are assigned in order), so the
         # compressed sets still pair up one to one (RFC 4315 3)
         assert _ascending(src_uids) and _ascending(new_uids)
@@ -333,7 +335,7 @@ class MessageCommands(SessionBase):
             other.refresh()
         elif other is folder:
             folder.refresh()
-        self.shared.runtime.changes.notify(dest, other._hub_changed if other else None)
+        self.shared.changes.notify(dest, other._hub_changed if other else None)
         if move:
             self.untagged(f"OK [{copyuid}] Moved")
             folder.expunge(src_uids)
@@ -394,7 +396,7 @@ class _SearchMsg:
     __slots__ = ("seq", "uid", "_folder", "_view", "_row", "_raw")
 
     def __init__(
-        self, seq: int, uid: int, folder: Any, view: FolderView, row: tuple | None
+        self, seq: int, uid: int, folder: Folder, view: FolderView, row: tuple[Any, ...] | None
     ) -> None:
         self.seq = seq
         self.uid = uid

@@ -12,29 +12,45 @@ deadlines and output flow control.  Deadlines (:mod:`mailsuite.deadline`) move o
 complete lines, 64 KiB of literal and the end of a command, never with single bytes: a client
 must log in within ``[imap] login_timeout`` of connecting (RFC 3501 5.4 allows a short
 timer before login; Dovecot uses 3 minutes) and, logged in, send each line within
-``idle_timeout``.  ``session.Session`` is the state machine: it takes parsed
-commands and writes responses through the adapter (``session_base`` has its state and output,
-``mailbox_commands`` and ``message_commands`` the two groups of commands).  Untagged EXISTS /
-EXPUNGE / FETCH FLAGS from other sessions and processes are sent only where RFC 3501 7.4.1 /
-5.2 allows, and at once in IDLE.
+``idle_timeout``.
+
+``session.Session`` is the state machine, with no Twisted in it (``session_base`` has its
+state and output, ``mailbox_commands`` and ``message_commands`` the two groups of commands):
+it takes parsed commands, writes responses through this adapter (the ``Connection`` of
+:mod:`mailsuite.imap.interface`) and returns a coroutine for a command that must wait.  This
+module gives it what it waits on -- Deferreds from the runtime's reactor: worker threads
+(``deferToThreadPool``), the password check, timers (``LoopingCall`` for IDLE polling), the
+client's next line and room in the output -- and drives the coroutine with
+``Deferred.fromCoroutine``, input paused until it ends.  Untagged EXISTS / EXPUNGE / FETCH
+FLAGS from other sessions and processes are sent only where RFC 3501 7.4.1 / 5.2 allows, and
+at once in IDLE.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.internet.interfaces import IPushProducer
-from twisted.protocols import basic
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.imap.interface import ConnectionGone, Limits, Services
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
-from mailsuite.imap.session_base import _Shared, log
+from mailsuite.runtime import Runtime
 from mailsuite.tls import lose_connection
+from mailsuite.transport import LineReceiver, Transport, transport_of
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = Logger(namespace="mailsuite.imap")
 
 
 @implementer(IPushProducer)
@@ -58,31 +74,48 @@ class _Output:
         self.resumeProducing()
 
 
-class IMAPProtocol(basic.LineReceiver):
+class IMAPProtocol(LineReceiver):
+    """One IMAP connection: the Twisted side of a :class:`Session` (provides its
+    :class:`mailsuite.imap.interface.Connection`)."""
+
     delimiter = b"\r\n"
     MAX_LENGTH = 64 * 1024
+    tx: Transport  # the connection's transport, typed (from connectionMade on)
 
     def __init__(
-        self, shared: _Shared, implicit_tls: bool, limits: ConnectionLimits | None = None
+        self, factory: IMAPFactory, implicit_tls: bool, limits: ConnectionLimits | None = None
     ) -> None:
-        self.shared = shared
+        self.factory = factory
+        self.services = factory.services
+        self.reactor = factory.reactor
+        self.idle_timeout = factory.idle_timeout
+        self.login_timeout = factory.login_timeout
         self.limits = limits if limits is not None else ConnectionLimits()
         self.admission: Admission | None = None
-        self.tls = implicit_tls
+        self._tls = implicit_tls
         self.session: Session | None = None
         self.reader: CommandReader | None = None
         self._literal: bytearray | None = None
         self._literal_size = 0
         self._cont: defer.Deferred[bytes] | None = None
         self._out: _Output | None = None
-        self.peer_ip = ""
+        self._peer_ip = ""
         self.deadline: ReadDeadline | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def peer_ip(self) -> str:
+        return self._peer_ip
 
     # -- connection ---------------------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
-        peer = self.transport.getPeer()
-        self.peer_ip = getattr(peer, "host", "")
+        self.tx = transport_of(self)
+        peer = self.tx.getPeer()
+        self._peer_ip = getattr(peer, "host", "")
         self.admission = self.limits.admit(self.peer_ip)
         if self.admission.refused is not None:
             # RFC 3501 7.1.5: a BYE greeting refuses the connection.  UNAVAILABLE (RFC 5530)
@@ -94,16 +127,14 @@ class IMAPProtocol(basic.LineReceiver):
                            b"try later\r\n")
             else:
                 self.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
-            self.transport.loseConnection()
+            self.tx.loseConnection()
             return
-        self.reader = CommandReader(max_append_literal=self.shared.max_literal)
-        self.session = Session(self.shared, self)
+        self.reader = self._reader()
+        self.session = Session(self.services, self)
         self._out = _Output()
-        self.transport.registerProducer(self._out, True)
-        self.deadline = ReadDeadline(
-            self.shared.runtime.reactor, self.deadline_expired, login=self.shared.login_timeout
-        )
-        self.deadline.wait(self.shared.idle_timeout)
+        self.tx.registerProducer(self._out, True)
+        self.deadline = ReadDeadline(self.reactor, self.deadline_expired, login=self.login_timeout)
+        self.deadline.wait(self.idle_timeout)
         caps = self.session.capabilities()
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
@@ -112,14 +143,17 @@ class IMAPProtocol(basic.LineReceiver):
             self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
+        if self._cont is not None:  # a command waiting on the client ends (and stops IDLE)
+            d, self._cont = self._cont, None
+            d.errback(ConnectionGone())
         if self.session is not None:
             try:
                 self.session.connection_lost()
             except Exception:  # noqa: BLE001
                 log.failure("cleanup failed")
-        if self._cont is not None:
-            d, self._cont = self._cont, None
-            d.cancel()
+
+    def _reader(self) -> CommandReader:
+        return CommandReader(max_append_literal=self.services.limits.max_literal)
 
     def deadline_expired(self, why: str) -> None:
         """No login in time, or a line (or literal) too slow: RFC 3501 7.1.5 BYE, close."""
@@ -134,7 +168,7 @@ class IMAPProtocol(basic.LineReceiver):
         """The next line has ``idle_timeout`` from now (logged in or not: before login the
         login deadline comes first)."""
         if self.deadline is not None:
-            self.deadline.wait(self.shared.idle_timeout)
+            self.deadline.wait(self.idle_timeout)
 
     def authenticated(self) -> None:
         if self.deadline is not None:
@@ -153,15 +187,16 @@ class IMAPProtocol(basic.LineReceiver):
     # -- output ----------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if data and self.transport is not None and not self.transport.disconnecting:
-            self.transport.write(data)
+        if data and self.transport is not None and not self.tx.disconnecting:
+            self.tx.write(data)
 
-    def wait_writable(self) -> defer.Deferred[None] | None:
+    def writable(self) -> defer.Deferred[None]:
+        """When the transport has room (at the next reactor turn if it has now)."""
         if self._out is not None and self._out.paused:
             d: defer.Deferred[None] = defer.Deferred()
             self._out.waiting.append(d)
             return d
-        return None
+        return deferLater(self.reactor, 0, lambda: None)
 
     def _end(self, bye: bytes) -> None:
         """End the session on the server's initiative: a BAD alone never ends it (the client
@@ -176,8 +211,10 @@ class IMAPProtocol(basic.LineReceiver):
         sends close_notify and closes only when no producer is registered, so with ours
         still there LOGOUT on 993 or after STARTTLS left the socket open (issue 9; mbsync
         hung waiting for the close that RFC 3501 6.1.3 promises after LOGOUT)."""
-        transport = self.transport
-        if transport is None or transport.disconnecting:
+        if self.transport is None:
+            return
+        transport = self.tx
+        if transport.disconnecting:
             return
         out, self._out = self._out, None
         if out is not None:
@@ -189,14 +226,14 @@ class IMAPProtocol(basic.LineReceiver):
         # Anything the client pipelined after STARTTLS is discarded (RFC 3501 6.2.1, the
         # Twisted STARTTLS injection of research section 2.5).
         self.clearLineBuffer()
-        self.transport.startTLS(self.shared.runtime.tls)
-        self.tls = True
+        self.tx.startTLS(self.factory.runtime.tls)
+        self._tls = True
         if self.reader is not None:
-            self.reader = CommandReader(max_append_literal=self.shared.max_literal)
+            self.reader = self._reader()
 
-    def continuation(self, prompt: bytes) -> defer.Deferred[bytes]:
+    def next_line(self, prompt: bytes) -> defer.Deferred[bytes]:
         """Send ``prompt`` and hand the next line to the returned Deferred (AUTHENTICATE,
-        IDLE)."""
+        IDLE); it fails with ConnectionGone if the connection ends first."""
         d: defer.Deferred[bytes] = defer.Deferred()
         self._cont = d
         self.write(prompt)
@@ -224,7 +261,7 @@ class IMAPProtocol(basic.LineReceiver):
             result = self.reader.feed_line(line)
         except Exception:  # noqa: BLE001
             log.failure("command reader failed")
-            self.reader = CommandReader(max_append_literal=self.shared.max_literal)
+            self.reader = self._reader()
             self.write(b"* BAD Internal error reading the command\r\n")
             return
         self._handle(result)
@@ -235,7 +272,7 @@ class IMAPProtocol(basic.LineReceiver):
         self.write(b"* BAD [TOOBIG] Line too long\r\n")
         self._end(b"* BYE [TOOBIG] Line too long, closing the connection\r\n")
 
-    def _handle(self, result: Any) -> None:
+    def _handle(self, result: Command | NeedLiteral | BadCommand | None) -> None:
         if result is None:
             return
         if isinstance(result, NeedLiteral):
@@ -289,13 +326,19 @@ class IMAPProtocol(basic.LineReceiver):
     def _run(self, cmd: Command) -> None:
         assert self.session is not None
         try:
-            d = self.session.run(cmd)
+            work = self.session.run(cmd)
         except Exception:  # noqa: BLE001
             log.failure("IMAP command crashed")
             self.write(f"{cmd.tag} NO [SERVERBUG] Internal server error, logged\r\n".encode())
             return
-        if d is None:
+        if work is None:
             return
+        self._drive(work)
+
+    def _drive(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a command's coroutine (the session answers its failures; one that escapes
+        is a bug, logged); input stays paused until it ends, so pipelined commands are
+        answered in order (RFC 3501 5.5)."""
         finished = False
 
         def ended(result: object) -> None:
@@ -306,12 +349,13 @@ class IMAPProtocol(basic.LineReceiver):
             if (
                 self.paused
                 and self.transport is not None
-                and not self.transport.disconnecting
+                and not self.tx.disconnecting
                 and self._cont is None
             ):
                 self._wait_input()  # the command's own time is not the client's
                 self.resumeProducing()
 
+        d = defer.Deferred.fromCoroutine(work)
         d.addBoth(ended)
         # ``d.called`` is not enough: a Deferred whose callback returned another Deferred
         # (LOGIN: the semaphore's, then the password check's) is "called" but still waiting.
@@ -321,10 +365,14 @@ class IMAPProtocol(basic.LineReceiver):
 
 
 class IMAPFactory(protocol.Factory):
-    def __init__(self, runtime: Any, implicit_tls: bool) -> None:
-        self.shared = _Shared(runtime)
+    def __init__(self, runtime: Runtime, implicit_tls: bool) -> None:
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.services = services(runtime)
         self.implicit_tls = implicit_tls
         cfg = runtime.config.imap
+        self.idle_timeout = cfg.idle_timeout
+        self.login_timeout = cfg.login_timeout
         # imap and imaps count together ([imap] max_connections ...)
         self.limits = shared_limits(
             runtime.connection_limits, "imap", cfg.max_connections,
@@ -332,11 +380,45 @@ class IMAPFactory(protocol.Factory):
         )
 
     def buildProtocol(self, addr: Any) -> IMAPProtocol:  # noqa: N802
-        p = IMAPProtocol(self.shared, self.implicit_tls, self.limits)
-        p.factory = self
-        return p
+        return IMAPProtocol(self, self.implicit_tls, self.limits)
 
 
-def imap_factory(runtime: Any, implicit_tls: bool) -> IMAPFactory:
+def services(runtime: Runtime) -> Services:
+    """What the sessions of a listener get from the runtime: its store, logins and
+    directory, and the reactor's threads, turns and timers, as Deferreds."""
+    reactor = runtime.reactor
+
+    def run_blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
+
+    def next_turn() -> defer.Deferred[None]:
+        return deferLater(reactor, 0, lambda: None)
+
+    def every(seconds: float, tick: Callable[[], None]) -> Callable[[], None]:
+        poller = LoopingCall(tick)
+        poller.clock = reactor
+        poller.start(seconds, now=False)
+        return poller.stop
+
+    cfg = runtime.config
+    return Services(
+        # one registry of open folders per server, shared with POP3 (the one folder model)
+        registry=runtime.folder_registry(),
+        changes=runtime.changes,
+        mailbox_root=runtime.directory.mailbox_root,
+        login=runtime.auth.login,
+        run_blocking=run_blocking,
+        next_turn=next_turn,
+        every=every,
+        log=log,
+        limits=Limits(
+            max_literal=cfg.imap.max_literal,
+            allow_plaintext=cfg.auth.allow_plaintext,
+            tls_available=runtime.tls is not None,
+        ),
+    )
+
+
+def imap_factory(runtime: Runtime, implicit_tls: bool) -> IMAPFactory:
     """The protocol factory for ``[listen] imap`` (143) and ``imaps`` (993, TLS by service.py)."""
     return IMAPFactory(runtime, implicit_tls)

@@ -1,27 +1,31 @@
 """The IMAP session: one connection's state machine (RFC 3501 3).
 
 ``Session`` takes parsed commands, checks that each is allowed in the current state and runs
-it; a command may finish at once, return a Deferred, or be a generator that yields Deferreds
-(or None, to let the reactor breathe between batches).  Here are the commands that change the
-session's state (LOGIN, AUTHENTICATE, STARTTLS, SELECT / EXAMINE, UNSELECT, CLOSE, LOGOUT,
-ENABLE), IDLE, and the few that only report (CAPABILITY, NOOP, CHECK, ID, NAMESPACE); the
-mailbox and message commands come from the ``MailboxCommands`` and ``MessageCommands`` mixins.
+it.  A command either finishes at once (``run`` returns None) or is a coroutine that awaits
+what only the adapter can do -- a worker thread, a password check, the client's next line,
+room in the output buffer -- through :mod:`mailsuite.imap.interface`; ``run`` returns that
+coroutine, wrapped so that a failure becomes the command's tagged answer, and the adapter
+drives it (``Deferred.fromCoroutine``) with input paused, so pipelined commands are answered
+in order (RFC 3501 5.5).  Nothing here imports Twisted: the session can be driven by a test
+with no reactor and no sockets.
+
+Here are the commands that change the session's state (LOGIN, AUTHENTICATE, STARTTLS,
+SELECT / EXAMINE, UNSELECT, CLOSE, LOGOUT, ENABLE), IDLE, and the few that only report
+(CAPABILITY, NOOP, CHECK, ID, NAMESPACE); the mailbox and message commands come from the
+``MailboxCommands`` and ``MessageCommands`` mixins.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Generator
+import inspect
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.task import LoopingCall
-from twisted.python.failure import Failure
-
-from mailsuite.auth import Outcome
 from mailsuite.directory import SPECIAL_FOLDERS
 from mailsuite.imap.fetch_response import flags_bytes
+from mailsuite.imap.interface import ConnectionGone
 from mailsuite.imap.mailbox_commands import MailboxCommands
 from mailsuite.imap.message_commands import MessageCommands
 from mailsuite.imap.parser import (
@@ -29,6 +33,7 @@ from mailsuite.imap.parser import (
     Atom,
     Command,
     ParseError,
+    Token,
     astring,
     atom,
     number,
@@ -45,9 +50,9 @@ from mailsuite.imap.session_base import (
     _no,
     _Reply,
     flags_announcement,
-    log,
     vanished_earlier,
 )
+from mailsuite.login import Outcome
 from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
 from mailsuite.store.maildir import ensure_folder
 
@@ -92,12 +97,12 @@ class Session(MailboxCommands, MessageCommands):
     # -- capabilities ----------------------------------------------------------------------
 
     def login_allowed(self) -> bool:
-        return self.proto.tls or self.shared.allow_plaintext
+        return self.proto.tls or self.shared.limits.allow_plaintext
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
         if self.state == _NOT_AUTH:
-            if not self.proto.tls and self.shared.runtime.tls is not None:
+            if not self.proto.tls and self.shared.limits.tls_available:
                 caps.append("STARTTLS")
             if self.login_allowed():
                 caps.append("AUTH=PLAIN")
@@ -116,14 +121,15 @@ class Session(MailboxCommands, MessageCommands):
                 "LIST-EXTENDED",
                 "LIST-STATUS",
                 "ESEARCH",
-                f"APPENDLIMIT={self.shared.max_literal}",
+                f"APPENDLIMIT={self.shared.limits.max_literal}",
             ]
         return " ".join(caps)
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    def run(self, cmd: Command) -> defer.Deferred[None] | None:
-        """Run a command; returns a Deferred if it finishes later (input stays paused)."""
+    def run(self, cmd: Command) -> Coroutine[Any, Any, None] | None:
+        """Run a command: None when it has been answered, else the coroutine that answers it
+        (for the adapter to drive, input paused until it ends; it raises nothing)."""
         name = cmd.command
         handler = getattr(self, "do_" + name.replace("-", "_"), None)
         allowed = (
@@ -143,14 +149,23 @@ class Session(MailboxCommands, MessageCommands):
         except Exception as exc:  # noqa: BLE001
             self._failed(cmd, exc)
             return None
-        if isinstance(result, Generator):
-            return self._drive(cmd, result)
-        if isinstance(result, defer.Deferred):
-            result.addErrback(lambda f: self._failed(cmd, f.value))
-            return result
+        if inspect.iscoroutine(result):
+            return self._complete(cmd, result)
         return None
 
+    async def _complete(self, cmd: Command, work: Coroutine[Any, Any, None]) -> None:
+        """Run a command's coroutine to its end: a failure is answered like one raised at
+        once; a connection lost while it waited for the client ends it quietly."""
+        try:
+            await work
+        except ConnectionGone:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            self._failed(cmd, exc)
+
     def _failed(self, cmd: Command, exc: BaseException) -> None:
+        """Answer a command that raised ``exc`` (called in the ``except`` block: an
+        unexpected exception is logged with its traceback)."""
         if isinstance(exc, _Reply):
             self.finish(cmd, exc.status, exc.text, exc.code)
         elif isinstance(exc, BadCharset):
@@ -160,43 +175,8 @@ class Session(MailboxCommands, MessageCommands):
         elif isinstance(exc, MailboxError):
             self.finish(cmd, "NO", str(exc), exc.code)
         else:
-            log.failure(
-                "IMAP {command} failed for {user}",
-                command=cmd.name,
-                user=self.user,
-                failure=Failure(exc),
-            )
+            self.log.failure("IMAP {command} failed for {user}", command=cmd.name, user=self.user)
             self.finish(cmd, "NO", "Internal server error, logged", "SERVERBUG")
-
-    def _drive(self, cmd: Command, gen: Generator[Any, Any, None]) -> defer.Deferred[None]:
-        """Run a generator command: it yields Deferreds to wait on (or None to let the reactor
-        breathe between batches)."""
-        done: defer.Deferred[None] = defer.Deferred()
-        reactor = self.shared.runtime.reactor
-
-        def step(value: Any = None, error: BaseException | None = None) -> None:
-            while True:
-                try:
-                    waited = gen.throw(error) if error is not None else gen.send(value)
-                except StopIteration:
-                    done.callback(None)
-                    return
-                except Exception as exc:  # noqa: BLE001
-                    self._failed(cmd, exc)
-                    done.callback(None)
-                    return
-                error = None
-                value = None
-                if waited is None:
-                    reactor.callLater(0, step)
-                    return
-                if isinstance(waited, defer.Deferred):
-                    waited.addCallbacks(step, lambda f: step(None, f.value))
-                    return
-                value = waited
-
-        step()
-        return done
 
     # -- any state --------------------------------------------------------------------------
 
@@ -224,7 +204,7 @@ class Session(MailboxCommands, MessageCommands):
         if len(cmd.args) != 1 or not (cmd.args[0] is NIL or isinstance(cmd.args[0], list)):
             raise _bad("ID expects a parameter list or NIL")
         if isinstance(cmd.args[0], list):
-            log.debug(
+            self.log.debug(
                 "client ID {items}",
                 items=[bytes(x) if isinstance(x, bytes) else x for x in cmd.args[0]],
             )
@@ -236,21 +216,21 @@ class Session(MailboxCommands, MessageCommands):
     def do_STARTTLS(self, cmd: Command) -> None:
         if self.proto.tls:
             raise _bad("TLS is already active")
-        if self.shared.runtime.tls is None:
+        if not self.shared.limits.tls_available:
             raise _no("TLS is not available")
         self.tagged(cmd.tag, "OK", "Begin TLS negotiation now")
         self.proto.start_tls()
 
-    def do_LOGIN(self, cmd: Command) -> defer.Deferred[None] | None:
+    async def do_LOGIN(self, cmd: Command) -> None:
         if len(cmd.args) != 2:
             raise _bad("LOGIN expects a user name and a password")
         if not self.login_allowed():
             raise _no("Use STARTTLS first", "PRIVACYREQUIRED")
         user = astring(cmd.args[0]).decode("utf-8", "replace")
         password = astring(cmd.args[1]).decode("utf-8", "replace")
-        return self._login(cmd, user, password)
+        await self._login(cmd, user, password)
 
-    def do_AUTHENTICATE(self, cmd: Command) -> defer.Deferred[None] | None:
+    async def do_AUTHENTICATE(self, cmd: Command) -> None:
         if not cmd.args:
             raise _bad("AUTHENTICATE expects a mechanism")
         mech = atom(cmd.args[0]).upper()
@@ -262,51 +242,46 @@ class Session(MailboxCommands, MessageCommands):
             raise _bad("Too many arguments")
         if len(cmd.args) == 2:  # SASL-IR (RFC 4959)
             initial = astring(cmd.args[1])
-            return self._plain(cmd, b"" if initial == b"=" else initial)
-        d: defer.Deferred[bytes] = self.proto.continuation(b"+ \r\n")
-        d.addCallback(lambda line: self._plain(cmd, line))
-        return d  # type: ignore[return-value]
+            await self._plain(cmd, b"" if initial == b"=" else initial)
+        else:
+            await self._plain(cmd, await self.proto.next_line(b"+ \r\n"))
 
-    def _plain(self, cmd: Command, b64: bytes) -> defer.Deferred[None] | None:
+    async def _plain(self, cmd: Command, b64: bytes) -> None:
         if b64.strip() == b"*":
             self.tagged(cmd.tag, "BAD", "Authentication cancelled")
-            return None
+            return
         try:
             raw = base64.b64decode(b64, validate=True)
             authz, authc, password = raw.split(b"\x00")
         except (binascii.Error, ValueError):
             self.tagged(cmd.tag, "BAD", "Invalid SASL PLAIN response")
-            return None
+            return
         user = authc.decode("utf-8", "replace")
         if authz and authz.decode("utf-8", "replace").lower() != user.lower():
             self.tagged(cmd.tag, "NO", "Authorization identity must match", "AUTHORIZATIONFAILED")
-            return None
-        return self._login(cmd, user, password.decode("utf-8", "replace"))
+            return
+        await self._login(cmd, user, password.decode("utf-8", "replace"))
 
-    def _login(self, cmd: Command, user: str, password: str) -> defer.Deferred[None]:
-        d = self.shared.runtime.auth.login(user, password, self.proto.peer_ip, "imap")
-
-        def done(result: Any) -> None:
-            if result.outcome is Outcome.OK:
-                refusal = self.proto.admit_login(result.user)
-                if refusal is not None:
-                    # Dovecot's answer to mail_max_userip_connections: a temporary NO, the
-                    # session stays unauthenticated (RFC 5530 UNAVAILABLE).
-                    self.tagged(cmd.tag, "NO", refusal, "UNAVAILABLE")
-                    return
-                self.user = result.user
-                root = self.shared.runtime.directory.mailbox_root(result.user)
-                ensure_folder(root)
-                self.account = Account(root, SPECIAL_FOLDERS)
-                self.state = _AUTH
-                self.proto.authenticated()
-                self.tagged(cmd.tag, "OK", "Logged in", f"CAPABILITY {self.capabilities()}")
-            elif result.outcome is Outcome.THROTTLED:
-                self.tagged(cmd.tag, "NO", "Too many failed logins, try later", "UNAVAILABLE")
-            else:
-                self.tagged(cmd.tag, "NO", "Invalid user name or password", "AUTHENTICATIONFAILED")
-
-        return d.addCallback(done)
+    async def _login(self, cmd: Command, user: str, password: str) -> None:
+        result = await self.shared.login(user, password, self.proto.peer_ip, "imap")
+        if result.outcome is Outcome.OK and result.user is not None:
+            refusal = self.proto.admit_login(result.user)
+            if refusal is not None:
+                # Dovecot's answer to mail_max_userip_connections: a temporary NO, the
+                # session stays unauthenticated (RFC 5530 UNAVAILABLE).
+                self.tagged(cmd.tag, "NO", refusal, "UNAVAILABLE")
+                return
+            self.user = result.user
+            root = self.shared.mailbox_root(result.user)
+            ensure_folder(root)
+            self.account = Account(root, SPECIAL_FOLDERS)
+            self.state = _AUTH
+            self.proto.authenticated()
+            self.tagged(cmd.tag, "OK", "Logged in", f"CAPABILITY {self.capabilities()}")
+        elif result.outcome is Outcome.THROTTLED:
+            self.tagged(cmd.tag, "NO", "Too many failed logins, try later", "UNAVAILABLE")
+        else:
+            self.tagged(cmd.tag, "NO", "Invalid user name or password", "AUTHENTICATIONFAILED")
 
     def do_NAMESPACE(self, cmd: Command) -> None:
         self.untagged(f'NAMESPACE (("" "{SEPARATOR}")) NIL NIL')
@@ -343,7 +318,7 @@ class Session(MailboxCommands, MessageCommands):
         if not cmd.args:
             raise _bad("Mailbox name expected")
         name = self._mailbox_arg(cmd.args[0])
-        qresync_arg: list | None = None
+        qresync_arg: list[Token] | None = None
         if len(cmd.args) > 1:
             if len(cmd.args) != 2 or not isinstance(cmd.args[1], list):
                 raise _bad("Invalid SELECT parameters")
@@ -357,9 +332,10 @@ class Session(MailboxCommands, MessageCommands):
                 elif p == "QRESYNC":
                     if not self.qresync:
                         raise _bad("QRESYNC must be enabled first")
-                    if i + 1 >= len(toks) or not isinstance(toks[i + 1], list):
+                    params = toks[i + 1] if i + 1 < len(toks) else None
+                    if not isinstance(params, list):
                         raise _bad("QRESYNC needs parameters")
-                    qresync_arg = toks[i + 1]
+                    qresync_arg = params
                     i += 2
                 else:
                     raise _bad(f"Unknown SELECT parameter {p}")
@@ -406,7 +382,7 @@ class Session(MailboxCommands, MessageCommands):
             "READ-ONLY" if readonly else "READ-WRITE",
         )
 
-    def _qresync(self, toks: list) -> None:
+    def _qresync(self, toks: list[Token]) -> None:
         """RFC 7162 3.2.5: VANISHED (EARLIER) and FETCH of what changed since modseq."""
         v = self.view
         assert v is not None
@@ -452,42 +428,38 @@ class Session(MailboxCommands, MessageCommands):
 
     # -- IDLE -------------------------------------------------------------------------------------
 
-    def do_IDLE(self, cmd: Command) -> defer.Deferred[None]:
+    async def do_IDLE(self, cmd: Command) -> None:
+        """RFC 2177: changes are pushed while the client waits (``_changed``), until DONE."""
         if cmd.args:
             raise _bad("IDLE takes no arguments")
         unwatch = None
         if self.view is not None:
             self.flush(allow_expunge=True)
-            reactor = self.shared.runtime.reactor
+            every = self.shared.every
 
             def start_poll(tick: Callable[[], None]) -> Callable[[], None]:
-                poller = LoopingCall(tick)
-                poller.clock = reactor
-                poller.start(POLL_INTERVAL, now=False)
-                return poller.stop
+                return every(POLL_INTERVAL, tick)
 
             # changes made in this process arrive at once through the change hub; those of
             # other programs (mutt, a second server) through one poller per folder
             unwatch = self.shared.registry.watch(self.view.folder, start_poll)
         self.idling = (cmd.tag, unwatch)
-        d: defer.Deferred[bytes] = self.proto.continuation(b"+ idling\r\n")
+        try:
+            line = await self.proto.next_line(b"+ idling\r\n")
+        finally:
+            self._stop_idling()
+        if line.strip().upper() != b"DONE":
+            self.finish(cmd, "BAD", "Expected DONE")
+        else:
+            self.ok(cmd, "IDLE terminated")
 
-        def ended(line: bytes) -> None:
-            _, stop = self.idling or (cmd.tag, None)
-            self.idling = None
-            if stop is not None:
-                stop()
-            if line.strip().upper() != b"DONE":
-                self.finish(cmd, "BAD", "Expected DONE")
-            else:
-                self.ok(cmd, "IDLE terminated")
-
-        return d.addCallback(ended)
-
-    def connection_lost(self) -> None:
+    def _stop_idling(self) -> None:
         if self.idling is not None:
             _, stop = self.idling
+            self.idling = None
             if stop is not None:
                 stop()
-            self.idling = None
+
+    def connection_lost(self) -> None:
+        self._stop_idling()
         self._unselect()

@@ -5,21 +5,20 @@ the ways a command answers: tagged and untagged lines, the unsolicited EXISTS / 
 FETCH FLAGS updates ``flush`` sends where RFC 3501 7.4.1 / 5.2 allows, and ``_Reply`` (raised
 through ``_no`` / ``_bad``) to end a command early.  The command groups
 (``mailbox_commands``, ``message_commands``) and ``session.Session`` build on it, so each
-can be read on its own; ``_Shared`` is what all sessions of one listener share.
+can be read on its own.  What the session needs from outside -- the connection, the store,
+logins, threads and timers -- comes through :mod:`mailsuite.imap.interface`; nothing here
+imports Twisted.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.logger import Logger
+from collections.abc import Callable
 
 from mailsuite.imap.fetch_response import flags_bytes
+from mailsuite.imap.interface import Connection, Services
 from mailsuite.imap.parser import Command, mailbox
 from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
-from mailsuite.store.mailbox import SEPARATOR, Account, FolderRegistry, FolderView
-
-log = Logger(namespace="mailsuite.imap")
+from mailsuite.store.mailbox import SEPARATOR, Account, Folder, FolderView
 
 _NOT_AUTH, _AUTH, _SELECTED, _LOGOUT = "not authenticated", "authenticated", "selected", "logout"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -50,7 +49,7 @@ def quote(text: str | bytes) -> bytes:
     return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def vanished_earlier(folder: Any, modseq: int, within: SequenceSet | None) -> bytes:
+def vanished_earlier(folder: Folder, modseq: int, within: SequenceSet | None) -> bytes:
     """RFC 7162 3.2.5.1 / 3.2.6: ``* VANISHED (EARLIER)`` for the UIDs expunged since
     ``modseq`` (limited to the UID set ``within``), or nothing when there are none."""
     gone = folder.index.expunged_since(modseq)
@@ -82,35 +81,18 @@ def _inbox_norm(name: str) -> str:
     return name
 
 
-# -- shared per-process state -----------------------------------------------------------------
-
-
-class _Shared:
-    """What all sessions of one listener share: runtime and open folders."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-        # One registry of open folders per server, shared with POP3 (the one folder model).
-        self.registry: FolderRegistry = runtime.folder_registry()
-        cfg = runtime.config
-        self.max_literal = cfg.imap.max_literal
-        self.idle_timeout = cfg.imap.idle_timeout
-        self.login_timeout = cfg.imap.login_timeout
-        self.allow_plaintext = cfg.auth.allow_plaintext
-
-
 # -- the session's state and output -----------------------------------------------------------
 
 
 class SessionBase:
-    """One IMAP connection's state and response writing.  ``proto`` provides
-    ``write(bytes)``, ``tls``, ``start_tls()``, ``peer_ip``, ``wait_writable()``,
-    ``continuation(prompt)``, ``admit_login(user)`` (None, or why the user may not log in
-    on this connection), ``authenticated()`` and ``close()``."""
+    """One IMAP connection's state and response writing: ``proto`` is the connection the
+    session writes to, ``shared`` what all sessions of the listener share (both
+    :mod:`mailsuite.imap.interface`)."""
 
-    def __init__(self, shared: _Shared, proto: Any) -> None:
+    def __init__(self, shared: Services, proto: Connection) -> None:
         self.shared = shared
         self.proto = proto
+        self.log = shared.log
         self.state = _NOT_AUTH
         self.user: str | None = None
         self.account: Account | None = None
@@ -118,7 +100,8 @@ class SessionBase:
         self.selected_name: str | None = None
         self.condstore = False
         self.qresync = False
-        self.idling: tuple[str, Any] | None = None  # (tag, function that stops watching)
+        #: in IDLE: (tag, the function that stops watching the folder, if one is selected)
+        self.idling: tuple[str, Callable[[], None] | None] | None = None
 
     # -- output -----------------------------------------------------------------------------
 
@@ -140,7 +123,7 @@ class SessionBase:
             try:
                 self.flush(allow_expunge=cmd.uid or cmd.command not in ("FETCH", "STORE", "SEARCH"))
             except Exception:  # noqa: BLE001
-                log.failure("flushing updates failed")
+                self.log.failure("flushing updates failed")
         self.tagged(cmd.tag, status, text, code)
 
     def ok(self, cmd: Command, text: str, code: str | None = None) -> None:
@@ -156,7 +139,7 @@ class SessionBase:
             try:
                 v.folder.refresh()
             except Exception:  # noqa: BLE001
-                log.failure("refresh failed")
+                self.log.failure("refresh failed")
         if v.invalid is not None:
             reason = v.invalid
             self.untagged("BYE " + reason)
