@@ -27,7 +27,7 @@ from mailsuite.mailauth.service import MailAuth
 from mailsuite.testing.dns import LoopbackDNS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key  # noqa: E402
+from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key
 
 
 async def run(reactor, n: int, concurrency: int) -> None:

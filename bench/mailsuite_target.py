@@ -20,6 +20,7 @@ KILL after 10 s).  Nothing else is touched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -149,10 +150,8 @@ def stop(a: argparse.Namespace) -> None:
             break
         time.sleep(0.1)
     else:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     pidfile.unlink(missing_ok=True)
 
 

@@ -159,7 +159,7 @@ class Argon2Checker:
             self._verified.pop(next(iter(self._verified)))
         self._verified[user] = (self._digest(password), stored, self.now() + self.CACHE_SECONDS)
 
-    def requestAvatarId(  # noqa: N802  (twisted.cred's name)
+    def requestAvatarId(  # twisted.cred's name
         self, creds: credentials.IUsernamePassword
     ) -> defer.Deferred[bytes | tuple[()]]:
         """The canonical address (UTF-8, the avatar ID twisted.cred passes to the realm) once
@@ -203,7 +203,7 @@ class _Realm:
     """The avatar is simply the canonical account address (str); protocols open the store
     by it."""
 
-    def requestAvatar(  # noqa: N802  (twisted.cred's name)
+    def requestAvatar(  # twisted.cred's name
         self, avatarId: bytes | tuple[()], mind: object, *interfaces_: type[Interface]
     ) -> Login:
         assert isinstance(avatarId, bytes)  # Argon2Checker's IDs are never anonymous

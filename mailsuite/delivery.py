@@ -377,7 +377,7 @@ def _after(out: Outgoing, runtime: Any, blocking: Blocking) -> defer.Deferred[De
         for reply in out.replies:
             try:
                 await _send_reply(runtime, blocking, reply.sender, reply.recipient, reply.data)
-            except Exception:  # noqa: BLE001 - the message itself is delivered
+            except Exception:  # the message itself is delivered
                 log.failure("delivery: queueing a reply to {rcpt} failed", rcpt=reply.recipient)
         return result
 
@@ -394,7 +394,7 @@ async def _send_reply(
     if mail_auth is not None:
         try:
             signature = await mail_auth.sign(data)
-        except Exception:  # noqa: BLE001 - unsigned is better than not sent
+        except Exception:  # unsigned is better than not sent
             log.failure("delivery: signing a reply to {rcpt} failed", rcpt=recipient)
     await blocking(partial(queue.enqueue_bytes, signature + data, sender, [recipient],
                            smtputf8=not recipient.isascii()))

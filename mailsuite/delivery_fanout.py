@@ -181,7 +181,7 @@ class Fanout:
             outcome: SieveOutcome = sieve.evaluate(
                 self.path, envelope, offset=offset, size=size, delivered_to_added=first
             )
-        except Exception as e:  # noqa: BLE001 - a fault of ours costs a keep, never the message
+        except Exception as e:  # a fault of ours costs a keep, never the message
             self._out.log.append(f"{box.user}: Sieve failed ({type(e).__name__}: {e}); kept")
             return None
         return outcome

@@ -278,7 +278,7 @@ class Directory:
             domain.encode("idna")
         except UnicodeError:
             raise DirectoryError(f"{domain!r} is not a valid domain name") from None
-        if not domain or "." not in domain and domain != "localhost" or "/" in domain:
+        if not domain or ("." not in domain and domain != "localhost") or "/" in domain:
             raise DirectoryError(f"{domain!r} is not a valid domain name")
         with self._editing() as data:
             if domain not in data.domains:

@@ -25,7 +25,7 @@ _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
 class DotStuffer:
     """Feed stored bytes in chunks of any size; get wire bytes back."""
 
-    __slots__ = ("_at_line_start", "_held_cr", "_bare_cr_ends_line")
+    __slots__ = ("_at_line_start", "_bare_cr_ends_line", "_held_cr")
 
     def __init__(self, bare_cr_ends_line: bool = False) -> None:
         self._bare_cr_ends_line = bare_cr_ends_line

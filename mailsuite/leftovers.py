@@ -83,13 +83,13 @@ class LeftoverSweeper(service.Service):
         self._now = now  # wall clock: file times are wall-clock times
         self._loop: task.LoopingCall | None = None
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)
         self._loop = task.LoopingCall(self.sweep_now)
         self._loop.clock = self.clock
         self._loop.start(SWEEP_EVERY, now=True)
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

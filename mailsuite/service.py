@@ -231,7 +231,7 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
         self.accepted = accepted
         self.open_now = open_now
 
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> Any:
         protocol: Any = self.wrapped.buildProtocol(addr)
         if protocol is None:
             return None
@@ -282,7 +282,7 @@ class _Listener(StreamServerEndpointService):
         self.failure = reason.getErrorMessage()
         return reason
 
-    def privilegedStartService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:
         try:
             StreamServerEndpointService.privilegedStartService(self)
         except CannotListenError as e:
@@ -347,13 +347,13 @@ class ReloadOnHangup(service.Service):
         self._previous: Any = None
         self._installed = False
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)
         if hasattr(signal, "SIGHUP"):
             self._previous = signal.signal(signal.SIGHUP, self._on_signal)
             self._installed = True
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         if self._installed:
             signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
             self._installed = False

@@ -517,14 +517,14 @@ class TLSReloadService(Service):
         except Exception:
             log.failure("TLS: periodic certificate check failed")
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
         self._loop = LoopingCall(self._check)
         if self._clock is not None:
             self._loop.clock = self._clock
         self._loop.start(self.interval, now=False)
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

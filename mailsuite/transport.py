@@ -32,11 +32,11 @@ class Transport(Protocol):
 
     def getHandle(self) -> Any: ...  # noqa: N802
 
-    def pauseProducing(self) -> None: ...  # noqa: N802
+    def pauseProducing(self) -> None: ...
 
-    def resumeProducing(self) -> None: ...  # noqa: N802
+    def resumeProducing(self) -> None: ...
 
-    def startTLS(self, contextFactory: Any) -> None: ...  # noqa: N802, N803
+    def startTLS(self, contextFactory: Any) -> None: ...
 
     def setTcpNoDelay(self, enabled: bool) -> None: ...  # noqa: N802
 
@@ -60,7 +60,7 @@ class LineReceiver(basic.LineReceiver):
     name: that is a call into twisted.protocols.basic, which setup.cfg's
     ``untyped_calls_exclude`` lists (this class derives from nothing else)."""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         basic.LineReceiver.dataReceived(self, data)
 
     def setLineMode(self, extra: bytes = b"") -> None:  # noqa: N802
@@ -72,8 +72,8 @@ class LineReceiver(basic.LineReceiver):
     def clearLineBuffer(self) -> bytes:  # noqa: N802
         return bytes(basic.LineReceiver.clearLineBuffer(self))
 
-    def pauseProducing(self) -> None:  # noqa: N802
+    def pauseProducing(self) -> None:
         basic.LineReceiver.pauseProducing(self)
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         basic.LineReceiver.resumeProducing(self)

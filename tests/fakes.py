@@ -15,7 +15,7 @@ class TLSStringTransport(StringTransport):
 
     tls_started = False
 
-    def startTLS(self, contextFactory: object) -> None:  # noqa: N802  (Twisted's name)
+    def startTLS(self, contextFactory: object) -> None:  # Twisted's name
         self.tls_started = True
 
 

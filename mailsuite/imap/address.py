@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Address", "parse_address_list", "address_text"]
+__all__ = ["Address", "address_text", "parse_address_list"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ INBOX and APPEND await their file work in a worker thread (``shared.run_blocking
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,9 +162,9 @@ class MailboxCommands(SessionBase):
             """Does ``name`` meet the selection criteria (RFC 5258 3)?"""
             if "SUBSCRIBED" in req.select and name not in subset:
                 return False
-            if "SPECIAL-USE" in req.select and not (name in existing and acct.special_use(name)):
-                return False
-            return True
+            return "SPECIAL-USE" not in req.select or (
+                name in existing and bool(acct.special_use(name))
+            )
 
         # Every name that could be listed: mailboxes, the parents Maildir++ implies (.a.b
         # without .a), subscriptions, and their parents (for CHILDINFO).
@@ -233,10 +234,8 @@ class MailboxCommands(SessionBase):
             for pos, name in status_for:
                 self.send(b"".join(out[start:pos]))
                 start = pos
-                try:
+                with contextlib.suppress(MailboxError):  # gone: its LIST line stands alone
                     self._status(name, req.status)
-                except MailboxError:
-                    pass  # gone meanwhile: its LIST line stands alone
             self.send(b"".join(out[start:]))
         self.ok(cmd, "LIST completed")
 

@@ -19,18 +19,18 @@ from dataclasses import dataclass
 from mailsuite.imap.address import parse_address_list
 
 __all__ = [
-    "Section",
     "ParsedMessage",
-    "to_crlf",
-    "crlf_size",
-    "partial",
-    "envelope",
+    "Section",
+    "body_text",
     "bodystructure",
+    "crlf_size",
+    "decode_header_value",
+    "envelope",
+    "header_fields",
+    "partial",
     "section",
     "split_header",
-    "header_fields",
-    "decode_header_value",
-    "body_text",
+    "to_crlf",
 ]
 
 _MAX_DEPTH = 40
@@ -141,7 +141,7 @@ _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
 
 class _Field:
-    __slots__ = ("lname", "start", "end", "value")
+    __slots__ = ("end", "lname", "start", "value")
 
     def __init__(self, lname: str, start: int, end: int, value: bytes) -> None:
         self.lname = lname  # lower-cased field name
@@ -357,16 +357,16 @@ def _param(params: list[tuple[str, str]], name: str) -> str | None:
 
 class _Part:
     __slots__ = (
-        "hstart",
-        "fields_end",
         "bstart",
+        "children",
         "end",
         "fields",
-        "mtype",
-        "subtype",
-        "params",
-        "children",
+        "fields_end",
+        "hstart",
         "message",
+        "mtype",
+        "params",
+        "subtype",
     )
 
     def __init__(self, raw: bytes, start: int, end: int, default: tuple[str, str]) -> None:
@@ -547,7 +547,7 @@ def _bodystructure(raw: bytes, part: _Part, ext: bool) -> bytes:
 class ParsedMessage:
     """One stored message, parsed lazily. Reuse one instance for all items of one FETCH."""
 
-    __slots__ = ("raw", "_root", "_fields", "_split")
+    __slots__ = ("_fields", "_root", "_split", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw

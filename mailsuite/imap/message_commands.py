@@ -10,6 +10,7 @@ made in a worker thread (``mailsuite.imap.interface``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -135,7 +136,7 @@ class MessageCommands(SessionBase):
             if cache:
                 try:
                     folder.index.store_cached(cache)
-                except Exception:  # noqa: BLE001 -- a busy database only costs a recompute
+                except Exception:  # a busy database only costs a recompute
                     self.log.failure("caching FETCH data failed")
             self.send(data)
             if start + BATCH < len(targets):
@@ -207,10 +208,7 @@ class MessageCommands(SessionBase):
         # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
         self.send(self.keyword_news() + b"".join(out))
         if modified:
-            if cmd.uid:
-                mset = compress(modified)
-            else:
-                mset = compress(v.seq_of(u) for u in modified)
+            mset = compress(modified) if cmd.uid else compress(v.seq_of(u) for u in modified)
             self.ok(cmd, "Conditional STORE failed for some messages", f"MODIFIED {mset}")
         else:
             self.ok(cmd, "STORE completed")
@@ -393,7 +391,7 @@ def _uses_details(key: Any) -> bool:
 class _SearchMsg:
     """The view of one message that ``mailsuite.imap.search`` predicates read."""
 
-    __slots__ = ("seq", "uid", "_folder", "_view", "_row", "_raw")
+    __slots__ = ("_folder", "_raw", "_row", "_view", "seq", "uid")
 
     def __init__(
         self, seq: int, uid: int, folder: Folder, view: FolderView, row: tuple[Any, ...] | None
@@ -430,10 +428,8 @@ class _SearchMsg:
         if self._raw is None:
             self._raw = b""
             if self._row:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self._raw = (self._folder.path / self._row[0]).read_bytes()
-                except FileNotFoundError:
-                    pass
         return self._raw
 
     def header_bytes(self) -> bytes:

@@ -31,31 +31,31 @@ from mailsuite.imap.message import Section
 from mailsuite.imap.sequence import SequenceSet
 
 __all__ = [
-    "Atom",
-    "Quoted",
-    "Literal",
     "NIL",
-    "Token",
-    "Command",
-    "NeedLiteral",
+    "SYSTEM_FLAGS",
+    "Atom",
     "BadCommand",
+    "Command",
     "CommandReader",
-    "ParseError",
-    "astring",
-    "string",
-    "nstring",
-    "atom",
-    "number",
-    "nz_number",
-    "sequence_set",
-    "mailbox",
-    "flag_list",
-    "parse_date",
-    "parse_date_time",
     "FetchItem",
     "FetchRequest",
+    "Literal",
+    "NeedLiteral",
+    "ParseError",
+    "Quoted",
+    "Token",
+    "astring",
+    "atom",
+    "flag_list",
+    "mailbox",
+    "nstring",
+    "number",
+    "nz_number",
+    "parse_date",
+    "parse_date_time",
     "parse_fetch",
-    "SYSTEM_FLAGS",
+    "sequence_set",
+    "string",
 ]
 
 
@@ -146,7 +146,7 @@ _STOP = frozenset(b' ()"')
 
 
 class _State:
-    __slots__ = ("stack", "tag", "command", "uid", "size", "expect_literal", "after_literal")
+    __slots__ = ("after_literal", "command", "expect_literal", "size", "stack", "tag", "uid")
 
     def __init__(self) -> None:
         self.stack: list[list[Token]] = [[]]
@@ -213,10 +213,7 @@ class CommandReader:
         st.size += len(line) + 2
         first = st.tag is None
         try:
-            if first:
-                pos = self._head(line)
-            else:
-                pos = 0
+            pos = self._head(line) if first else 0
             end = m.start() if m else len(line)
             self._tokens(line, pos, end)
         except ParseError as exc:
@@ -368,10 +365,9 @@ class CommandReader:
             text = line[start:pos].decode("ascii")
             stack[-1].append(NIL if text.upper() == "NIL" else Atom(text))
             need_sep = True
-        if end < len(line):
-            # a literal follows; it must be preceded by a separator or '(' / start of line
-            if need_sep:
-                raise ParseError("Missing space before literal")
+        # a literal follows; it must be preceded by a separator or '(' / start of line
+        if end < len(line) and need_sep:
+            raise ParseError("Missing space before literal")
 
 
 def _quoted(line: bytes, pos: int, end: int) -> tuple[bytes, int]:

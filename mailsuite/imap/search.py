@@ -34,13 +34,13 @@ from mailsuite.imap.parser import (
 from mailsuite.imap.sequence import SequenceSet, ranges_contain
 
 __all__ = [
-    "SearchableMessage",
-    "SearchProgram",
-    "Needs",
     "BadCharset",
+    "Needs",
+    "SearchProgram",
+    "SearchableMessage",
+    "header_of",
     "parse_search",
     "search",
-    "header_of",
 ]
 
 
@@ -91,7 +91,7 @@ Predicate = Callable[["_View"], bool]
 class _View:
     """Caches what the text keys read from one message during one evaluation."""
 
-    __slots__ = ("msg", "_raw", "_fields", "_addresses", "_body", "_sent")
+    __slots__ = ("_addresses", "_body", "_fields", "_raw", "_sent", "msg")
 
     def __init__(self, msg: SearchableMessage) -> None:
         self.msg = msg

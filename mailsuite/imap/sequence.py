@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SequenceSet", "STAR", "compress", "ranges_contain"]
+__all__ = ["STAR", "SequenceSet", "compress", "ranges_contain"]
 
 #: Symbolic ``*`` inside an unresolved range.
 STAR = 0

@@ -61,16 +61,16 @@ class _Output:
         self.paused = False
         self.waiting: list[defer.Deferred[None]] = []
 
-    def pauseProducing(self) -> None:  # noqa: N802
+    def pauseProducing(self) -> None:
         self.paused = True
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         self.paused = False
         waiting, self.waiting = self.waiting, []
         for d in waiting:
             d.callback(None)
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         self.resumeProducing()
 
 
@@ -112,7 +112,7 @@ class IMAPProtocol(LineReceiver):
 
     # -- connection ---------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.tx = transport_of(self)
         peer = self.tx.getPeer()
         self._peer_ip = getattr(peer, "host", "")
@@ -138,7 +138,7 @@ class IMAPProtocol(LineReceiver):
         caps = self.session.capabilities()
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -149,7 +149,7 @@ class IMAPProtocol(LineReceiver):
         if self.session is not None:
             try:
                 self.session.connection_lost()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.failure("cleanup failed")
 
     def _reader(self) -> CommandReader:
@@ -244,12 +244,12 @@ class IMAPProtocol(LineReceiver):
 
     # -- input -----------------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.session is None:
             return  # refused at connect: nothing the client sends is acted on
         super().dataReceived(data)
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self._wait_input()
         if self._cont is not None:
             d, self._cont = self._cont, None
@@ -259,14 +259,14 @@ class IMAPProtocol(LineReceiver):
         assert self.reader is not None
         try:
             result = self.reader.feed_line(line)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.failure("command reader failed")
             self.reader = self._reader()
             self.write(b"* BAD Internal error reading the command\r\n")
             return
         self._handle(result)
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+    def lineLengthExceeded(self, line: bytes) -> None:
         # What follows cannot be told apart from commands (the line may have announced a
         # literal), so the connection ends; with a BYE, as every end the server chooses does.
         self.write(b"* BAD [TOOBIG] Line too long\r\n")
@@ -302,7 +302,7 @@ class IMAPProtocol(LineReceiver):
         if isinstance(result, Command):
             self._run(result)
 
-    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+    def rawDataReceived(self, data: bytes) -> None:
         if self.deadline is not None:
             self.deadline.data(len(data))  # a literal moves the deadline per 64 KiB
         assert self._literal is not None
@@ -327,7 +327,7 @@ class IMAPProtocol(LineReceiver):
         assert self.session is not None
         try:
             work = self.session.run(cmd)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.failure("IMAP command crashed")
             self.write(f"{cmd.tag} NO [SERVERBUG] Internal server error, logged\r\n".encode())
             return
@@ -379,7 +379,7 @@ class IMAPFactory(protocol.Factory):
             cfg.max_connections_per_ip, cfg.max_userip_connections,
         )
 
-    def buildProtocol(self, addr: Any) -> IMAPProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> IMAPProtocol:
         return IMAPProtocol(self, self.implicit_tls, self.limits)
 
 

@@ -146,7 +146,7 @@ class Session(MailboxCommands, MessageCommands):
             return None
         try:
             result = handler(cmd)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._failed(cmd, exc)
             return None
         if inspect.iscoroutine(result):
@@ -160,7 +160,7 @@ class Session(MailboxCommands, MessageCommands):
             await work
         except ConnectionGone:
             pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._failed(cmd, exc)
 
     def _failed(self, cmd: Command, exc: BaseException) -> None:

@@ -122,7 +122,7 @@ class SessionBase:
         if self.view is not None and self.state == _SELECTED:
             try:
                 self.flush(allow_expunge=cmd.uid or cmd.command not in ("FETCH", "STORE", "SEARCH"))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self.log.failure("flushing updates failed")
         self.tagged(cmd.tag, status, text, code)
 
@@ -138,7 +138,7 @@ class SessionBase:
         if refresh and v.invalid is None:
             try:
                 v.folder.refresh()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self.log.failure("refresh failed")
         if v.invalid is not None:
             reason = v.invalid

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +117,8 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -129,7 +127,7 @@ def _json(data: object) -> bytes:
 
 
 class _Loaded:
-    __slots__ = ("stamp", "keys")
+    __slots__ = ("keys", "stamp")
 
     def __init__(self, stamp: tuple[object, ...] | None, keys: list[DKIMKey]) -> None:
         self.stamp = stamp

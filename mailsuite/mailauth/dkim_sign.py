@@ -144,7 +144,7 @@ class Signer:
         for key in keys:
             try:
                 out.append(self._sign(section, body, key, include, linesep))
-            except Exception as e:  # noqa: BLE001 - see the docstring
+            except Exception as e:  # see the docstring
                 log.error("DKIM signing for {domain} with selector {selector} failed: {error}",
                           domain=key.domain, selector=key.selector, error=e)
         return b"".join(out)

@@ -34,11 +34,11 @@ from mailsuite.mailauth.workers import Lane
 from mailsuite.outbound.mx import make_resolver
 
 __all__ = [
+    "QTYPES",
     "Answer",
     "BlockingDNS",
     "DNSClient",
     "DNSTempError",
-    "QTYPES",
     "normalize_name",
     "server_resolver",
 ]
@@ -176,18 +176,15 @@ class DNSClient:
             raise DNSTempError(f"{qtype} {clean}: SERVFAIL") from None
         except error.DNSQueryRefusedError:
             raise DNSTempError(f"{qtype} {clean}: REFUSED") from None
-        except Exception as e:  # noqa: BLE001 - any other resolver failure is temporary
+        except Exception as e:  # any other resolver failure is temporary
             raise DNSTempError(f"{qtype} {clean}: {type(e).__name__} {e}".rstrip()) from None
         matching = [rr for rr in answers if rr.type == code]
         try:
             records = tuple(_decode(code, rr.payload) for rr in matching)
-        except Exception as e:  # noqa: BLE001 - a record we cannot decode is a server fault
+        except Exception as e:  # a record we cannot decode is a server fault
             raise DNSTempError(f"{qtype} {clean}: undecodable record ({e})") from None
         result = Answer(clean, qtype, records)
-        if matching:
-            ttl = min(int(rr.ttl) for rr in matching)
-        else:
-            ttl = _negative_ttl(authority)
+        ttl = min(int(rr.ttl) for rr in matching) if matching else _negative_ttl(authority)
         self._store(key, result, ttl)
         return result
 

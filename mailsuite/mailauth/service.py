@@ -47,13 +47,13 @@ class MailAuth(service.Service):
         self.inbound = InboundChecker(config.mail_auth, config.hostname, self.workers,
                                       self.blocking_dns, rng)
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
         self.workers.startService()
         # Parse the Public Suffix List (~150 ms) now, in a worker, not on the first message.
         self.workers.run(organizational_domain, "example.com").addErrback(lambda _f: None)
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
+    def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)
         return self.workers.stopService()
 

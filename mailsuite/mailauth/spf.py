@@ -100,7 +100,7 @@ def check_spf(client_ip: str, mail_from: str, helo: str, dns: BlockingDNS,
         query = pyspf.query(i=ip, s=f"{local or 'postmaster'}@{clean}", h=helo or clean,
                             querytime=timeout)
         result, _code, explanation = query.check()
-    except Exception as e:  # noqa: BLE001 - a library fault must not lose the message
+    except Exception as e:  # a library fault must not lose the message
         log.error("SPF check of {domain} for {ip} failed inside pyspf: {error!r}",
                   domain=clean, ip=ip, error=e)
         return SPFResult("temperror", clean, identity, address, "internal error")

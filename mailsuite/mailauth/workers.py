@@ -76,12 +76,12 @@ class WorkerPool(service.Service):
         self.lane = Lane()
         self._accepting = False
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
         self._accepting = True
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
+    def stopService(self) -> Deferred[None]:
         """Stop taking work and join the threads.
 
         The join happens in a plain thread, not on the reactor: a worker may be waiting for a

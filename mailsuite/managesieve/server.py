@@ -76,7 +76,7 @@ class ManageSieveProtocol(LineReceiver):
 
     # -- connection -----------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         peer = self._tx.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.admission = self.limits.admit(self.peer)
@@ -94,7 +94,7 @@ class ManageSieveProtocol(LineReceiver):
         self._wait_input()
         self._tx.write(self.session.greeting())
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -114,13 +114,13 @@ class ManageSieveProtocol(LineReceiver):
         self._tx.write(response("BYE", f"{text}, closing connection"))
         lose_connection(self._tx)  # over TLS too: not waiting for a slow peer's close
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+    def lineLengthExceeded(self, line: bytes) -> None:
         self._tx.write(response("BYE", "Line too long, closing connection"))
         self._tx.loseConnection()
 
     # -- input ----------------------------------------------------------------------------------
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self._wait_input()
         if self.session.state is State.CLOSED:
             return
@@ -128,7 +128,7 @@ class ManageSieveProtocol(LineReceiver):
             line = line[:-1]
         self._handle(self.reader.feed_line(line))
 
-    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+    def rawDataReceived(self, data: bytes) -> None:
         if self.deadline is not None:
             self.deadline.data(len(data))  # a literal moves the deadline per 64 KiB
         take = data[: self._literal_left]
@@ -254,7 +254,7 @@ class ManageSieveFactory(protocol.ServerFactory):
         self.limits = shared_limits(runtime.connection_limits, "managesieve",
                                     cfg.max_connections, cfg.max_connections_per_ip)
 
-    def buildProtocol(self, addr: Any) -> ManageSieveProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> ManageSieveProtocol:
         p = ManageSieveProtocol(
             self.runtime,
             self.options,

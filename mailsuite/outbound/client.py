@@ -18,7 +18,7 @@ import ipaddress
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, endpoints
@@ -66,7 +66,7 @@ class SessionParameters:
     tls_verify: bool = False
     tls_client_context: Any = None
     auth: tuple[str, str] | None = None
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = field(default_factory=Timeouts)
     chunk_size: int = CHUNK_SIZE
     #: Called when the body is 8-bit and the server lacks 8BITMIME: fires with (path, size)
     #: of a 7-bit copy, or fails with downgrade.NotConvertible (then 5.6.3 as without it).
@@ -124,7 +124,7 @@ class SMTPClientSession(LineReceiver):
     def _tx(self) -> Transport:
         return transport_of(self)
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         peer = self._tx.getPeer()
         self.address = getattr(peer, "host", None)
         self.port = getattr(peer, "port", 25)
@@ -154,7 +154,7 @@ class SMTPClientSession(LineReceiver):
     def _encode(self, line: str) -> bytes:
         return line.encode("utf-8")
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if self._closing and not self._expect:
@@ -629,7 +629,7 @@ async def _session(reactor: Any, address: str, port: int, params: SessionParamet
     try:
         endpoint = _endpoint(reactor, address, port, params.timeouts.connect, source_address)
         await endpoints.connectProtocol(endpoint, session)
-    except Exception as e:  # noqa: BLE001 - any connect failure means: next address
+    except Exception as e:  # any connect failure means: next address
         return f"{address}:{port}: {e}"
     return await session.done
 

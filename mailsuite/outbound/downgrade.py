@@ -78,10 +78,7 @@ class _QuotedPrintable:
         self.space = b""  # white space not yet known to be trailing
 
     def _token(self, byte: int, out: bytearray) -> None:
-        if 33 <= byte <= 126 and byte != 61:
-            token = bytes((byte,))
-        else:
-            token = b"=%02X" % byte
+        token = bytes((byte,)) if 33 <= byte <= 126 and byte != 61 else b"=%02X" % byte
         if self.col + len(token) > _QP_LINE:
             out += b"=\n"
             self.col = 0
@@ -258,7 +255,7 @@ class _Walker:
         if self.encoder is None:
             self.write(piece)
             return
-        content, eol = _split_eol(piece) if complete else (piece, b"")
+        content, _eol = _split_eol(piece) if complete else (piece, b"")
         self.write(self.encoder.feed(content))
         if complete:
             self.write(self.encoder.end_line(hard_break=True))

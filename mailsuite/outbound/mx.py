@@ -320,14 +320,11 @@ class MXResolver:
             dns.AAAA: self._resolver.lookupIPV6Address,
         }[qtype]
         try:
-            if self._timeout is not None:
-                d = lookup(name, timeout=self._timeout)
-            else:
-                d = lookup(name)
+            d = lookup(name, timeout=self._timeout) if self._timeout is not None else lookup(name)
             if self._clock is not None:
                 d.addTimeout(self._deadline, self._clock)
             answers, _auth, _add = await d
-        except Exception as e:  # noqa: BLE001 - every resolver failure is classified
+        except Exception as e:  # every resolver failure is classified
             raise _classify(e) from None
         records = [rr.payload for rr in answers if rr.type == qtype]
         if not records:

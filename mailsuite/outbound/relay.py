@@ -397,7 +397,7 @@ class Relay:
                 context, cls(self.reactor, address, port, timeout=self.timeouts.connect))
             try:
                 await endpoints.connectProtocol(endpoint, session)
-            except Exception as e:  # noqa: BLE001 - any connect failure means: next address
+            except Exception as e:  # any connect failure means: next address
                 errors.append(f"{address}:{port}: {e}")
                 continue
             return await session.done

@@ -168,7 +168,7 @@ class BodyProducer:
         self._progress = progress
         self._sent = sent
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         if self._file is None:
             return
         self._progress()
@@ -182,7 +182,7 @@ class BodyProducer:
         self._transport.write(self._encoder.finish())
         self._sent()
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         self._close()
 
     def _close(self) -> None:

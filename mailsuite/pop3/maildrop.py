@@ -148,7 +148,7 @@ class Maildrop:
         msg = self.message(number)
         index = self.folder.index
         try:
-            return open(index.path(msg), "rb")  # noqa: SIM115
+            return open(index.path(msg), "rb")
         except FileNotFoundError:
             pass
         self.folder.refresh()  # renamed or expunged by another session or program
@@ -157,7 +157,7 @@ class Maildrop:
             raise MessageGone(msg.uid)
         self.messages[number - 1] = fresh
         try:
-            return open(index.path(fresh), "rb")  # noqa: SIM115
+            return open(index.path(fresh), "rb")
         except FileNotFoundError:
             raise MessageGone(msg.uid) from None
 

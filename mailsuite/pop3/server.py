@@ -67,7 +67,7 @@ class _MessageSender:
         self.stream = stream
         self.done = done
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         transport = self.proto.tx
         try:
             data = self.stream.file.read(CHUNK)
@@ -84,7 +84,7 @@ class _MessageSender:
             return
         self._finish()
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         self._finish()
 
     def _finish(self) -> None:
@@ -120,7 +120,7 @@ class POP3Protocol(LineReceiver):
 
     # -- connection life --------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.tx = transport_of(self)
         peer = self.tx.getPeer()
         self.peer = getattr(peer, "host", str(peer))
@@ -140,7 +140,7 @@ class POP3Protocol(LineReceiver):
         self.wait_input()
         self.tx.write(self.session.greeting())
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -169,13 +169,13 @@ class POP3Protocol(LineReceiver):
         self.tx.write(err(f"{text}, closing connection"))
         lose_connection(self.tx)  # over TLS too: not waiting for a slow peer's close
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+    def lineLengthExceeded(self, line: bytes) -> None:
         self.tx.write(err("Line too long, closing connection"))
         self.tx.loseConnection()
 
     # -- input ------------------------------------------------------------------------------
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self.wait_input()
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -334,7 +334,7 @@ class POP3Factory(protocol.ServerFactory):
             runtime.connection_limits, "pop3", cfg.max_connections, cfg.max_connections_per_ip
         )
 
-    def buildProtocol(self, addr: Any) -> POP3Protocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> POP3Protocol:
         p = POP3Protocol(
             self.runtime,
             self.options,

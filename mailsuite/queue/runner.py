@@ -119,7 +119,7 @@ class QueueRunner(service.Service):
 
     # -- service life ---------------------------------------------------------------------
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         if not self.spool.acquire_runner_lock():
             raise RuntimeError(
                 f"{self.spool.root} is in use by another running mailsuite (runner.lock)")
@@ -151,7 +151,7 @@ class QueueRunner(service.Service):
         self._poll.start(self.poll_interval, now=True).addErrback(
             lambda f: log.failure("queue: control poll stopped", f))
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
+    def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)
         self._stopping = True
         self.spool.on_enqueue = None
@@ -294,7 +294,7 @@ class QueueRunner(service.Service):
                         key, entry.sender, [r.address for r in rcpts], path, info,
                         smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
                         scratch_dir=self.spool.tmp_dir)
-            except Exception as e:  # noqa: BLE001 - a bug must not lose the entry: retry
+            except Exception as e:  # a bug must not lose the entry: retry
                 log.failure("queue: {id}: delivery to {key} failed", id=entry.id, key=key)
                 reply = Reply(451, "4.3.0", f"internal error: {e}", remote=False)
                 results = {r.address: RecipientResult(r.address, reply) for r in rcpts}

@@ -19,6 +19,7 @@ entry, never fsyncs and keeps retry state only in memory (research/twisted-mail.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -423,7 +424,5 @@ class Spool:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

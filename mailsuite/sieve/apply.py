@@ -39,6 +39,7 @@ done), so a crash repeats the delivery rather than losing it.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import quopri
 import uuid
@@ -85,10 +86,8 @@ def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | 
     except MailboxError as e:
         if not (path / "cur").is_dir():
             return root, f"fileinto {mailbox!r}: cannot create it ({e}); delivered to INBOX"
-    try:
+    with contextlib.suppress(MailboxError, OSError):
         account.subscribe(wire)
-    except (MailboxError, OSError):
-        pass
     return path, None
 
 
@@ -117,10 +116,8 @@ def destinations(actions: Sequence[Action], root: Path
             folder, note = prepare_folder(root, action.mailbox, action.create)
             if note:
                 notes.append(note)
-                try:
+                with contextlib.suppress(OSError):
                     ScriptStore(root).append_log(note)
-                except OSError:
-                    pass
             flags = action.flags
         else:
             continue

@@ -13,6 +13,7 @@ blocking helpers for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -188,7 +189,7 @@ def evaluate(
         actions = interpreter.run(script)
     except SieveRuntimeError as e:
         return _failed(store, name, str(e), when)
-    except Exception as e:  # noqa: BLE001 -- a bug must cost a keep, never the message
+    except Exception as e:  # a bug must cost a keep, never the message
         return _failed(store, name, f"internal error: {type(e).__name__}: {e}", when)
 
     notes: list[str] = []
@@ -199,14 +200,15 @@ def evaluate(
             request = action
         else:
             final.append(action)
-    if any(isinstance(a, Redirect) for a in final):
-        if _delivered_to_count(message, envelope.user) >= (2 if delivered_to_added else 1):
-            notes.append(f"redirect loop: {envelope.user} delivered this message before; "
-                         "redirects dropped")
-            final = [a for a in final if not isinstance(a, Redirect)]
-            if not final:
-                final = [Keep()]
-            store.append_log(f"script {name!r}: redirect loop detected, message kept", when)
+    if any(isinstance(a, Redirect) for a in final) and (
+        _delivered_to_count(message, envelope.user) >= (2 if delivered_to_added else 1)
+    ):
+        notes.append(f"redirect loop: {envelope.user} delivered this message before; "
+                     "redirects dropped")
+        final = [a for a in final if not isinstance(a, Redirect)]
+        if not final:
+            final = [Keep()]
+        store.append_log(f"script {name!r}: redirect loop detected, message kept", when)
     reply = None
     if request is not None:
         reply, why = _vacation(store, request, message, envelope, own_addresses,
@@ -238,10 +240,8 @@ def _vacation(store: ScriptStore, request: VacationRequest, message: MessageView
 
 def _failed(store: ScriptStore, name: str, error: str, when: datetime) -> SieveOutcome:
     """RFC 5228 2.10.6: a failed script means the implicit keep; the user is told."""
-    try:
+    with contextlib.suppress(OSError):  # the log is a courtesy; the message must not be lost
         store.append_log(f"script {name!r} failed, message kept in INBOX: {error}", when)
-    except OSError:
-        pass  # the log is a courtesy; the message is what must not be lost
     return SieveOutcome((Keep(),), name, None, error)
 
 

@@ -16,6 +16,7 @@ link; the folder is fsynced after each rename.  Names are checked (RFC 5804 1.6 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import uuid
@@ -231,7 +232,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

@@ -15,6 +15,7 @@ per-user memory of whom we answered, and the reply itself.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -128,10 +129,8 @@ class VacationStore:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise
         fsync_dir(self.path.parent)
 

@@ -441,10 +441,9 @@ class _Checker:
         elif name == "include":
             if not valid_script_name(node.args[0]):
                 raise SieveParseError(node.line, f"include {node.args[0]!r}: not a script name")
-        elif name == "vacation":
-            if "from" in node.tags and "${" not in node.value("from"):
-                if not _plausible_address(node.value("from")):
-                    raise SieveParseError(node.line, ":from is not an address")
+        elif (name == "vacation" and "from" in node.tags and "${" not in node.value("from")
+              and not _plausible_address(node.value("from"))):
+            raise SieveParseError(node.line, ":from is not an address")
 
     def _variables(self, node: Node, names: list[str]) -> None:
         for name in names:

@@ -24,6 +24,7 @@ reactor and runtime it was given.  Here:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
@@ -113,7 +114,7 @@ class SMTPProtocol(LineReceiver):
 
     # -- connection life --------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self._tx = transport_of(self)  # typed, and looked up once
         peer = self._tx.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
@@ -137,13 +138,13 @@ class SMTPProtocol(LineReceiver):
             session=smtp.session_timeout,
         )
         self.deadline.wait(smtp.timeout)
-        try:
+        with contextlib.suppress(
+            AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError
+        ):
             self._tx.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
-        except (AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError):
-            pass
         self._perform(self.session.greeting())
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         self.session.connection_lost()
@@ -161,18 +162,18 @@ class SMTPProtocol(LineReceiver):
         self._tx.write(reply.encode())
         self._tx.loseConnection()
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
+    def lineLengthExceeded(self, line: bytes) -> None:
         self._tx.write(R.LINE_TOO_LONG.encode())
         self._tx.loseConnection()
 
     # -- input ------------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
         basic.LineReceiver.dataReceived(self, data)
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         if self.session.state is State.CLOSED:
             return
         assert self.deadline is not None
@@ -187,7 +188,7 @@ class SMTPProtocol(LineReceiver):
             return
         self._perform(step)
 
-    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+    def rawDataReceived(self, data: bytes) -> None:
         message, deadline = self.message, self.deadline
         assert message is not None and deadline is not None
         deadline.data(len(data))
@@ -415,7 +416,7 @@ class SMTPFactory(protocol.ServerFactory):
             exempt=cfg.relay.is_trusted,
         )
 
-    def buildProtocol(self, addr: Any) -> SMTPProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> SMTPProtocol:
         proto = SMTPProtocol(self.runtime, self.profile, self.options, self.implicit_tls,
                              self.limits)
         proto.factory = self

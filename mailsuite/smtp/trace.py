@@ -31,10 +31,7 @@ def clean_helo(name: str) -> str:
 
 def protocol_name(*, esmtp: bool, smtputf8: bool, tls: bool, authenticated: bool) -> str:
     """The ``with`` keyword: RFC 3848 (ESMTPS, ESMTPA, ESMTPSA), RFC 6531 3.7.3 (UTF8SMTP)."""
-    if smtputf8:
-        name = "UTF8SMTP"
-    else:
-        name = "ESMTP" if esmtp else "SMTP"
+    name = "UTF8SMTP" if smtputf8 else "ESMTP" if esmtp else "SMTP"
     if tls:
         name += "S"
     if authenticated:

@@ -21,6 +21,7 @@ and change).  :class:`FolderIndex` is the one class callers use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -262,7 +263,7 @@ class FolderIndex(IndexScan):
                 base = base_of(name.split("/", 1)[1])
                 new_name = "cur/" + base + info
                 if text == old and (
-                    name == new_name or not name.startswith("new/") and name.endswith(info)
+                    name == new_name or (not name.startswith("new/") and name.endswith(info))
                 ):
                     out.append((uid, old, ms))
                     continue
@@ -304,10 +305,8 @@ class FolderIndex(IndexScan):
                 name = names.get(uid)
                 if name is None:
                     continue
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.folder / name)
-                except FileNotFoundError:
-                    pass
                 done.append(uid)
             if done:
                 touched = {_sub_of(names[u]) for u in done}

@@ -265,16 +265,16 @@ class FolderView:
 
     __slots__ = (
         "folder",
-        "uids",
-        "readonly",
-        "recent",
+        "invalid",
+        "keywords",
+        "on_change",
         "pending_added",
         "pending_expunged",
         "pending_flags",
-        "on_change",
-        "invalid",
-        "keywords",
+        "readonly",
+        "recent",
         "synced_modseq",
+        "uids",
     )
 
     def __init__(self, folder: Folder, readonly: bool) -> None:
@@ -293,10 +293,7 @@ class FolderView:
         self.invalid: str | None = None  # reason when the folder was deleted or renamed
 
     def is_recent(self, uid: int) -> bool:
-        for a, b in self.recent:
-            if a <= uid < b:
-                return True
-        return False
+        return any(a <= uid < b for a, b in self.recent)
 
     def recent_count(self) -> int:
         n = 0
@@ -608,7 +605,7 @@ class FolderRegistry:
             def tick() -> None:
                 try:
                     folder.refresh()  # views hear of changes through their on_change
-                except Exception:  # noqa: BLE001 - a bad poll must not stop the others
+                except Exception:  # a bad poll must not stop the others
                     self.log.failure("polling {path} failed", path=str(folder.path))
 
             entry = self._watched[folder] = [start_poll(tick), 0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import binascii
 
-__all__ = ["encode", "decode"]
+__all__ = ["decode", "encode"]
 
 _B64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
 

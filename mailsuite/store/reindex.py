@@ -17,6 +17,7 @@ Progress is reported through ``advance(messages, bytes)`` as sizes are read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -53,20 +54,16 @@ def _sound(path: Path) -> bool:
 
 def _replace(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path / (INDEX_NAME + suffix))
-        except FileNotFoundError:
-            pass
 
 
 def count_files(path: Path) -> int:
     """Messages in a folder's ``new/`` and ``cur/`` (for progress before indexing)."""
     n = 0
     for sub in ("new", "cur"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             n += sum(1 for name in os.listdir(path / sub) if not name.startswith("."))
-        except FileNotFoundError:
-            pass
     return n
 
 

@@ -32,6 +32,7 @@ thread, never from the reactor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -270,14 +271,10 @@ def write_message(folder: Path, chunks: Iterable[bytes]) -> str:
 
 def discard(path: Path) -> None:
     """Remove a draft (or any file) that is not wanted any more; a missing file is fine."""
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

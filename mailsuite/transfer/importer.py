@@ -237,7 +237,7 @@ class Importer:
         if writing is not None:
             try:
                 writing.wait()
-            except BaseException:  # noqa: BLE001 - wait() removed the files it could
+            except BaseException:  # wait() removed the files it could
                 return
             for draft in writing.written:
                 discard(draft.path)
@@ -259,7 +259,7 @@ class _Writing:
         for future in self.futures:
             try:
                 self.written.append(future.result())
-            except BaseException as e:  # noqa: BLE001 - collected, re-raised below
+            except BaseException as e:  # collected, re-raised below
                 error = error or e
         if error is not None:
             for draft in self.written:

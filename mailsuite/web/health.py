@@ -10,6 +10,7 @@ longer than :data:`PROBE_TIMEOUT` (a stalled disk) is reported as a problem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -38,10 +39,8 @@ def probe_folders(folders: Sequence[Path]) -> list[str]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(probe)
-                except FileNotFoundError:
-                    pass
         except OSError as e:
             problems.append(f"{folder} is not writable: {e.strerror or e}")
     return problems

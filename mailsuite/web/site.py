@@ -117,7 +117,7 @@ class WebRoot(Resource):
     def mounted(self) -> list[str]:
         return sorted("/" + "/".join(s.decode() for s in key) for key in self._mounts)
 
-    def getChildWithDefault(self, name: bytes, request: Any) -> Any:  # noqa: N802
+    def getChildWithDefault(self, name: bytes, request: Any) -> Any:
         path = [name, *request.postpath]
         for n in range(len(path), 0, -1):
             found = self._mounts.get(tuple(path[:n]))
@@ -174,7 +174,7 @@ class BoundedRequest(server.Request):
         )
         transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:
         self.gone = True
         server.Request.connectionLost(self, reason)
 
@@ -206,7 +206,7 @@ class BoundedChannel(http.HTTPChannel):
     maxHeaders = MAX_HEADERS
     _deadline: Any = None
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         http.HTTPChannel.connectionMade(self)
         self._arm()
 
@@ -242,7 +242,7 @@ class BoundedChannel(http.HTTPChannel):
             return  # already answered 413
         http.HTTPChannel._send100Continue(self)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         http.HTTPChannel.connectionLost(self, reason)
 

@@ -167,7 +167,7 @@ def test_create_delete_rename_subscribe(server: Server) -> None:
     assert m.create("Tmp1.Child")[0] == "OK"
     assert m.subscribe("Tmp1")[0] == "OK"
     assert m.rename("Tmp1", "Tmp2")[0] == "OK"
-    typ, data = m.list("Tmp*")
+    _typ, data = m.list("Tmp*")
     names = b" ".join(data)
     assert b'"Tmp2"' in names and b'"Tmp2.Child"' in names and b'"Tmp1"' not in names
     assert m.lsub("Tmp*")[1][0] and b"Tmp2" in m.lsub("Tmp*")[1][0]
@@ -244,7 +244,7 @@ def test_fetch_items_and_errors_keep_session(server: Server) -> None:
         "(RFC822.TEXT)",
         "(BODY.PEEK[1.MIME])",
     ):
-        typ, _ = m.fetch("1", item)
+        _typ, _ = m.fetch("1", item)
     for args in (
         ("FETCH", "1", "(NOSUCH)"),
         ("FETCH", "999", "(FLAGS)"),
@@ -294,19 +294,19 @@ def test_copy_move_uidplus(server: Server) -> None:
     for _ in range(3):
         m.append("C1", "(\\Seen)", None, MSG)
     m.select("C1")
-    typ, data = m.uid("COPY", "1:2", "C2")
+    typ, _data = m.uid("COPY", "1:2", "C2")
     assert typ == "OK" and m.untagged_responses.get("COPYUID")
     m.untagged_responses.clear()
-    typ, data = m.copy("1", "NoSuchBox")
+    typ, _data = m.copy("1", "NoSuchBox")
     assert typ == "NO" and "TRYCREATE" in m.untagged_responses
-    typ, data = m._simple_command("MOVE", "3", "C2")
+    typ, _data = m._simple_command("MOVE", "3", "C2")
     assert typ == "OK"
     assert m.untagged_responses.get("COPYUID")
     assert m.untagged_responses.get("EXPUNGE") == [b"3"]
     assert m.status("C2", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 3)")
     typ, _ = m.store("1:2", "+FLAGS", "(\\Deleted)")
     m.untagged_responses.clear()
-    typ, data = m.uid("EXPUNGE", "1")
+    typ, _data = m.uid("EXPUNGE", "1")
     assert typ == "OK" and m.untagged_responses.get("EXPUNGE") == [b"1"]
     assert m.search(None, "ALL")[1] == [b"1"]
     m.logout()
@@ -350,7 +350,7 @@ def test_two_sessions_and_idle(server: Server) -> None:
     a.select("Shared")
     b.select("Shared")
     b.append("Shared", None, None, MSG)
-    typ, data = a.noop()
+    _typ, _data = a.noop()
     assert a.untagged_responses.get("EXISTS")[-1] == b"1"
     # IDLE sees a flag change, an expunge and a delivery from another process within a second
     sock = socket.create_connection(("127.0.0.1", server.port("imap")))

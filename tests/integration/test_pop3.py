@@ -109,7 +109,7 @@ def test_every_transaction_command(server: Server, ca: CertAuthority) -> None:
     assert p.uidl(3).split()[2] == uidl[2]
     # RETR: exact content (poplib undoes the dot-stuffing) and the announced octet count
     for i, m in enumerate(MESSAGES, 1):
-        resp, lines, octets = p.retr(i)
+        resp, lines, _octets = p.retr(i)
         assert b"\r\n".join(lines) + b"\r\n" == crlf(m)
         assert resp.startswith(b"+OK %d" % sizes[i - 1])
     resp, lines, _ = p.top(3, 2)
@@ -366,7 +366,7 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ca
     body += b"tail\n"
     deliver(s := server, ALICE, [bytes(body)])
     p = ssl_login(s, ca)
-    resp, lines, _ = p.retr(1)
+    _resp, lines, _ = p.retr(1)
     assert b"\r\n".join(lines) + b"\r\n" == crlf(bytes(body))
     assert p.noop().startswith(b"+OK")
     p.quit()

@@ -90,14 +90,14 @@ def test_scripts_file_and_flag_what_imap_then_sees(server: Server) -> None:
     deliver(server, ALICE, message("news", body="click to unsubscribe"))
     deliver(server, ALICE, message("plain"))
     assert sieve_log(server) == ""  # nothing fell back
-    typ, listed = m.list()
+    _typ, listed = m.list()
     names = b" ".join(listed)
     assert b"Shopping" in names and b"Bulk.News" in names
     assert flags_in(m, "Lists") == [set()]
     assert flags_in(m, "Shopping") == [{"$Shopping"}]
     assert flags_in(m, "Bulk.News") == [{"\\Seen"}]
     assert sorted(map(sorted, flags_in(m, "INBOX"))) == [[], ["\\Flagged"]]
-    typ, subs = m.lsub()
+    _typ, subs = m.lsub()
     assert b"Shopping" in b" ".join(subs)  # :create subscribes, so clients show it
     m.logout()
 

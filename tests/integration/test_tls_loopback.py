@@ -44,11 +44,11 @@ class LineServer(LineReceiver):
     delimiter = b"\r\n"
     factory: LineFactory
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.tls_started = False
         self.sendLine(b"220 ready" + (b" STARTTLS" if self.factory.starttls else b""))
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         if line == b"STARTTLS" and self.factory.starttls and not self.tls_started:
             self.sendLine(b"220 go ahead")
             self.clearLineBuffer()  # RFC 3207 s.4.2 / 5: drop anything pipelined after STARTTLS
@@ -429,7 +429,7 @@ class StartTLSClient(LineReceiver):
         self.lines: list[bytes] = []
         self.done: defer.Deferred[list[bytes]] = defer.Deferred()
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         self.lines.append(line)
         if line.startswith(b"220 ready"):
             self.sendLine(b"STARTTLS")
@@ -441,7 +441,7 @@ class StartTLSClient(LineReceiver):
             self.transport.loseConnection()
             self.done.callback(self.lines[2:])
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.done.called:
             self.done.errback(reason)
 

@@ -71,7 +71,7 @@ def fetch_all(m: imaplib.IMAP4, folder: str) -> list[tuple[int, frozenset[str], 
 
 
 def uidvalidity(m: imaplib.IMAP4, folder: str) -> int:
-    typ, data = m.status(f'"{folder}"', "(UIDVALIDITY)")
+    _typ, data = m.status(f'"{folder}"', "(UIDVALIDITY)")
     return int(re.search(rb"UIDVALIDITY (\d+)", data[0]).group(1))  # type: ignore[union-attr]
 
 
@@ -107,7 +107,7 @@ def test_import_mbox_then_read_it_over_imap_and_import_again(server: Server, tmp
     assert len(fetch_all(m, "INBOX")) == 40
     into = server.cli("import", user, str(mbox), "--folder", "Archive.2020")
     assert f"into {user}: Archive.2020 (created: Archive.2020)" in into.stdout
-    typ, listing = m.list('""', "Archive*")
+    _typ, listing = m.list('""', "Archive*")
     assert any(b'"Archive.2020"' in line or b" Archive.2020" in line for line in listing)
     assert [body for *_, body in fetch_all(m, "Archive.2020")] == stored
     m.logout()
@@ -200,7 +200,7 @@ def test_import_maildir_tree_with_folders_flags_and_keywords(server: Server, tmp
         (frozenset({"\\Seen", "$Label1", "Important"}), BASE + 20),
         (frozenset({"$Forwarded", "Important"}), BASE + 21),
     ]
-    typ, subscribed = m.lsub('""', "*")
+    _typ, subscribed = m.lsub('""', "*")
     assert any(b"Work.Projects" in line for line in subscribed)
     m.logout()
 

@@ -117,7 +117,7 @@ class _NoProtocols:
     def doStop(self) -> None:  # noqa: N802
         pass
 
-    def buildProtocol(self, addr: object) -> None:  # noqa: N802
+    def buildProtocol(self, addr: object) -> None:
         return None
 
 

@@ -1,5 +1,6 @@
 """Property tests: the command reader never raises on arbitrary input and round-trips tokens."""
 
+import contextlib
 import re
 
 from hypothesis import given, settings
@@ -76,14 +77,10 @@ def check_args(results):
         assert res is None or isinstance(res, (Command, NeedLiteral, BadCommand))
         if isinstance(res, Command):
             for fn in (parse_fetch, parse_search):
-                try:
+                with contextlib.suppress(ParseError):
                     fn(res.args)
-                except ParseError:
-                    pass
-                try:
+                with contextlib.suppress(ParseError):
                     fn(res.args[1:])
-                except ParseError:
-                    pass
 
 
 @settings(max_examples=300)

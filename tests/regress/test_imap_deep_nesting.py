@@ -32,7 +32,7 @@ class Client(IMAPClient):
         return lines[:-1], lines[-1]
 
     def append(self, message: bytes) -> None:
-        untagged, ok = self.command(b"ap", b"APPEND INBOX {%d+}\r\n" % len(message) + message)
+        _untagged, ok = self.command(b"ap", b"APPEND INBOX {%d+}\r\n" % len(message) + message)
         assert ok.startswith(b"ap OK"), ok
 
 

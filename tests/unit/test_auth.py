@@ -18,7 +18,7 @@ class SyncPool:
     def callInThreadWithCallback(self, on_result: Any, f: Any, *a: Any, **kw: Any) -> None:  # noqa: N802
         try:
             on_result(True, f(*a, **kw))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             on_result(False, e)
 
 

@@ -74,7 +74,7 @@ def test_envelope_quoting_with_backslash_and_tab():
 
 def test_bodystructure_nested():
     bs = wire(bodystructure(NESTED))
-    alt, msg, app, subtype, params, disp, lang, loc = bs
+    alt, msg, app, subtype, params, _disp, _lang, _loc = bs
     assert subtype == b"mixed" and params == [b"boundary", b"outer"]
     plain, html, alt_sub = alt[:3]
     assert alt_sub == b"alternative"

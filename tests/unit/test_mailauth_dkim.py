@@ -51,7 +51,7 @@ def test_keygen_files_modes_and_first_key_signs(tmp_path):
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert (folder / "s2026.key").read_bytes().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     assert json.loads((folder / "_signing.json").read_text()) == {"rsa": "s2026"}
-    second, active2 = store.generate("example.org", "s2027", "rsa")
+    _second, active2 = store.generate("example.org", "s2027", "rsa")
     assert not active2  # a second key waits for 'dkim use' (publish first)
     ed, active3 = store.generate("example.org", "e2026", "ed25519")
     assert active3 and ed.bits == 256

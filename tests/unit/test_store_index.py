@@ -83,7 +83,7 @@ def test_sizes_are_lazy_and_crlf(tmp_path: Path) -> None:
 
 def test_append_and_recent_claimed_once(tmp_path: Path) -> None:
     box = folder(tmp_path)
-    uv, uid = append_blocking(box, b"Subject: x\n\ny\n", frozenset({"\\Draft"}), 1_000_000_000.0)
+    _uv, uid = append_blocking(box, b"Subject: x\n\ny\n", frozenset({"\\Draft"}), 1_000_000_000.0)
     assert uid == 1
     idx = FolderIndex(box)
     m = idx.get(1)

@@ -382,7 +382,7 @@ def test_ensure_self_signed_regenerates_for_new_hostname_or_corruption(tmp_path:
 
 
 def test_ensure_self_signed_ip_hostname(tmp_path: Path) -> None:
-    cert_path, key_path = ensure_self_signed(tmp_path, "192.0.2.7")
+    cert_path, _key_path = ensure_self_signed(tmp_path, "192.0.2.7")
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["192.0.2.7"]

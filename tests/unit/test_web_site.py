@@ -119,7 +119,7 @@ def test_bodies_up_to_the_limit_are_read_and_bigger_ones_get_413_and_a_close() -
     req = b"POST /post HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(fits) + fits
     assert ask(root, req)[2] == b"%d bytes" % MAX_BODY
     big = b"POST /post HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
-    status, headers, body, transport = ask(root, big + b"x" * 1000)
+    status, _headers, body, transport = ask(root, big + b"x" * 1000)
     assert (status, body) == (413, b"request body too large\n")
     assert transport.disconnecting
     chunk = b"%x\r\n" % (40 * 1024) + b"y" * 40 * 1024 + b"\r\n"
