@@ -24,7 +24,7 @@ PASSWORD = "benchpass"
 
 
 def make_mbox(path: Path, n: int) -> None:
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         for i in range(n):
             status = b"Status: RO\n" if i % 2 else b""
             f.write(

@@ -27,7 +27,7 @@ def build(root: Path, n: int) -> Path:
     t = int(time.time()) - 10_000
     for i in range(n):
         name = f"{t + i}.M{i}P1Q{i}.bench,S=40,W=42:2,{'S' if i % 2 else ''}"
-        with open(cur / name, "wb") as f:
+        with (cur / name).open("wb") as f:
             f.write(b"Subject: m\n\nbody of the message %08d\n" % i)
     past = time.time() - 5
     os.utime(cur, (past, past))
@@ -75,7 +75,7 @@ def main() -> None:
         time.sleep(1.1)
         # 3. another program's flag change in cur/
         victim = next(os.scandir(box / "cur")).path
-        os.rename(victim, victim + "F" if victim.endswith(",") else victim)
+        Path(victim).rename(victim + "F" if victim.endswith(",") else victim)
         os.utime(box / "cur")
         report("after another program's rename in cur/", window(idx))
         idx.close()

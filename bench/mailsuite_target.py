@@ -98,7 +98,7 @@ def start(a: argparse.Namespace) -> None:
     log = root / "twistd.log"
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
-    with open(root / "twistd.out", "wb") as out:
+    with (root / "twistd.out").open("wb") as out:
         proc = subprocess.Popen(
             mailsuite_argv(str(config), logfile=str(log), python=a.python),
             cwd=root,

@@ -211,7 +211,7 @@ class IncomingMessage:
         if self._folder is None:
             return
         try:
-            st = os.stat(self.path.parent)
+            st = self.path.parent.stat()
         except FileNotFoundError:
             return  # created with the file
         if not stat.S_ISDIR(st.st_mode):
@@ -251,7 +251,7 @@ class IncomingMessage:
     def _read_blocking(self) -> bytes:
         if self._io_error is not None:
             raise DeliveryError(f"writing the message failed: {self._io_error}")
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(len(self._trace))
             return f.read()
 
@@ -336,7 +336,7 @@ class IncomingMessage:
     def _rewrite_head(self, edit: HeaderEdit) -> int:
         """A new header section for a message already on disk: one rewrite, beside it."""
         start = len(self._trace)
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(start)
             dropped = f.read(edit.old_length)
         new = self.path.with_name(unique_name())
@@ -344,7 +344,7 @@ class IncomingMessage:
         try:
             try:
                 write_all(fd, (self._trace, edit.new))
-                with open(self.path, "rb") as f:
+                with self.path.open("rb") as f:
                     f.seek(start + edit.old_length)
                     while chunk := f.read(1024 * 1024):
                         write_all(fd, (chunk,))

@@ -235,7 +235,7 @@ class Fanout:
 
     def _original_head(self) -> bytes:
         """The header section as received (from our Received line down), bounded."""
-        with open(self.path, "rb") as f:
+        with self.path.open("rb") as f:
             f.seek(self.received_offset)
             data = f.read(_NOTICE_HEAD_MAX)
         end = data.find(b"\n\n")

@@ -128,13 +128,13 @@ class Directory:
     def _fresh(self) -> _Data:
         """Reload the file when it changed since the last look (cheap: one stat)."""
         try:
-            st = os.stat(self.path)
+            st = self.path.stat()
         except FileNotFoundError:
             self._stamp, self._data = None, _Data()
             return self._data
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
-            with open(self.path, encoding="utf-8") as f:
+            with self.path.open(encoding="utf-8") as f:
                 self._data = _Data.from_json(json.load(f))
             self._stamp = stamp
         return self._data
@@ -255,7 +255,7 @@ class Directory:
         """Lock, load, let the caller change, then write atomically and durably."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_suffix(".lock")
-        with open(lock_path, "a") as lock:
+        with lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._stamp = None
             data = self._fresh()
@@ -267,7 +267,7 @@ class Directory:
                 f.flush()
                 os.fsync(f.fileno())
             Path(tmp).chmod(0o600)
-            os.replace(tmp, self.path)
+            Path(tmp).replace(self.path)
             fsync_dir(self.path.parent)
             like_data_dir(self.path.parent, [self.path, lock_path])
             self._stamp = None

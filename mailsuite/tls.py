@@ -223,7 +223,7 @@ def _file_signature(paths: Sequence[Path]) -> tuple[Any, ...]:
     sig: list[Any] = []
     for p in paths:
         try:
-            st = os.stat(p)
+            st = p.stat()
         except OSError as e:
             sig.append((str(p), "error", e.errno))
         else:
@@ -572,10 +572,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    tmp.replace(path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -648,7 +648,7 @@ def ensure_self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     cert_path = tls_dir / "selfsigned.pem"
     key_path = tls_dir / "selfsigned.key"
-    with open(tls_dir / ".selfsigned.lock", "a") as lock:  # two processes starting at once
+    with (tls_dir / ".selfsigned.lock").open("a") as lock:  # two processes starting at once
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if _self_signed_usable(cert_path, key_path, hostname):
             return cert_path, key_path

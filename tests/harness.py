@@ -203,7 +203,7 @@ class Server:
         (the traceback rule of DESIGN.md: none in the server log, ever)."""
         text = ""
         if self.log.exists():
-            with open(self.log, "rb") as f:
+            with self.log.open("rb") as f:
                 f.seek(self._log_checked)
                 data = f.read()
             self._log_checked += len(data)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import os
 import smtplib
 import socket
 import ssl
@@ -48,7 +47,7 @@ class CertAuthority:
         ):
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(data)
-            os.replace(tmp, path)
+            tmp.replace(path)
         return cert_path, key_path
 
     def client_context(self) -> ssl.SSLContext:

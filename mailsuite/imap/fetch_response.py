@@ -150,7 +150,7 @@ def _parse(folder: Path, row: tuple[Any, ...] | None) -> ParsedMessage | None:
     if row is None:
         return None
     try:
-        with open(folder / row[0], "rb") as fh:
+        with (folder / row[0]).open("rb") as fh:
             return ParsedMessage(fh.read())
     except FileNotFoundError:
         # renamed by a flag change in another program since we read the index: find it

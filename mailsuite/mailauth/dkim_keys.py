@@ -115,10 +115,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
     except BaseException:
         with suppress(FileNotFoundError):
-            os.unlink(tmp)
+            Path(tmp).unlink()
         raise
 
 
@@ -208,11 +208,11 @@ class KeyStore:
     def _stamp(self, domain: str) -> tuple[object, ...] | None:
         folder = self._dir(domain)
         try:
-            st = os.stat(folder)
+            st = folder.stat()
         except FileNotFoundError:
             return None
         try:
-            sf = os.stat(folder / SIGNING_FILE)
+            sf = (folder / SIGNING_FILE).stat()
             signing: tuple[int, int, int] | None = (sf.st_ino, sf.st_mtime_ns, sf.st_size)
         except FileNotFoundError:
             signing = None
@@ -246,7 +246,7 @@ class KeyStore:
     def _editing(self, domain: str) -> Iterator[Path]:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_path = self.root / ".lock"
-        with open(lock_path, "a") as lock:
+        with lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             folder = self._dir(domain)
             folder.mkdir(mode=0o700, exist_ok=True)

@@ -19,6 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, endpoints
@@ -532,7 +533,7 @@ class SMTPClientSession(LineReceiver):
                 451, "4.5.0", f"unexpected reply to DATA: {reply}"))
             return
         try:
-            f = open(self.params.message_path, "rb")  # noqa: SIM115 - closed by the producer
+            f = Path(self.params.message_path).open("rb")  # noqa: SIM115 - closed by the producer
         except OSError as e:
             # Cannot abandon DATA politely once 354 came; close without the final dot.
             self._fail(Outcome.MESSAGE_UNSENDABLE,
@@ -611,7 +612,7 @@ def deliver(
     if tls not in ("opportunistic", "required", "none"):
         raise ValueError(f"tls must be opportunistic, required or none, not {tls!r}")
     if size is None:
-        size = os.path.getsize(message_path)
+        size = Path(message_path).stat().st_size
     params = SessionParameters(
         host=host, helo_name=helo_name, mail_from=mail_from, rcpts=tuple(rcpts),
         message_path=os.fspath(message_path), size=size, body_8bit=body_8bit,

@@ -376,12 +376,12 @@ def _fields_without(lines: list[bytes], name: str) -> list[bytes]:
 def downgrade_file(src: str | os.PathLike[str], scratch_dir: str | os.PathLike[str]) -> Path:
     """Blocking. Write a 7-bit copy of ``src`` into ``scratch_dir`` and return its path (the
     caller removes it). Raises :class:`NotConvertible`; nothing is left behind then."""
-    with open(src, "rb") as f:
+    with Path(src).open("rb") as f:
         scan = _Walker(None, None)
         scan.run(f)
     dst = Path(scratch_dir) / f"7bit-{secrets.token_hex(8)}.msg"
     try:
-        with open(src, "rb") as f, open(dst, "xb") as out:
+        with Path(src).open("rb") as f, Path(dst).open("xb") as out:
             _Walker(scan.leaves, out).run(f)
     except BaseException:
         dst.unlink(missing_ok=True)

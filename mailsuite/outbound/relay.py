@@ -99,7 +99,7 @@ def _downgrade(message_path: Path, scratch_dir: Path,
 
 def _unlink(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        Path(path).unlink()
 
 
 def too_many_recipients(reply: Reply) -> bool:

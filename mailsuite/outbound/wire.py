@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from twisted.internet.interfaces import IPullProducer
@@ -119,7 +120,7 @@ def scan_message(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> 
     longest = 0
     current = 0
     pending_cr = False
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         while chunk := f.read(chunk_size):
             if pending_cr:
                 chunk = b"\r" + chunk

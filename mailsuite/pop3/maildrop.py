@@ -108,7 +108,7 @@ class Maildrop:
     def _check_login_delay(self, delay: int) -> None:
         stamp = self.root / LOGIN_STAMP_NAME
         try:
-            last = os.stat(stamp).st_mtime
+            last = stamp.stat().st_mtime
         except FileNotFoundError:
             last = None
         now = self.now()
@@ -148,7 +148,7 @@ class Maildrop:
         msg = self.message(number)
         index = self.folder.index
         try:
-            return open(index.path(msg), "rb")
+            return index.path(msg).open("rb")
         except FileNotFoundError:
             pass
         self.folder.refresh()  # renamed or expunged by another session or program
@@ -157,7 +157,7 @@ class Maildrop:
             raise MessageGone(msg.uid)
         self.messages[number - 1] = fresh
         try:
-            return open(index.path(fresh), "rb")
+            return index.path(fresh).open("rb")
         except FileNotFoundError:
             raise MessageGone(msg.uid) from None
 
@@ -224,7 +224,7 @@ class Maildrop:
         first = {u: t for u, t in first.items() if u in live_uids}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"uidvalidity": self.uidvalidity, "first_retrieved": first}))
-        os.replace(tmp, path)
+        tmp.replace(path)
         return expired
 
     def commit(self) -> list[int]:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 __all__ = ["MAX_HEADER_BYTES", "RecipientStatus", "build_dsn", "read_header_block"]
 
@@ -58,7 +59,7 @@ def read_header_block(path: str | os.PathLike[str], limit: int = MAX_HEADER_BYTE
 
     Reads at most ``limit`` bytes, cut at a line end; the body is never read into memory.
     """
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         head = f.read(limit + 1)
     head = head.replace(b"\r\n", b"\n")
     end = head.find(b"\n\n")

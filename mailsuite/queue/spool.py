@@ -222,7 +222,7 @@ class Spool:
         def copy(fd: int) -> None:
             if head:
                 _write_all(fd, head)
-            with open(path, "rb") as f:
+            with Path(path).open("rb") as f:
                 f.seek(offset)
                 while chunk := f.read(_COPY_CHUNK):
                     _write_all(fd, chunk)
@@ -250,7 +250,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.msg_dir / queue_id)
+            tmp.rename(self.msg_dir / queue_id)
             fsync_dir(self.msg_dir)
         except BaseException:
             _unlink(tmp)
@@ -289,7 +289,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, self.envelope_path(entry.id))
+            tmp.rename(self.envelope_path(entry.id))
         except BaseException:
             _unlink(tmp)
             raise
@@ -314,7 +314,7 @@ class Spool:
     def ids(self) -> list[str]:
         """Every entry id, oldest first."""
         out = []
-        for name in os.listdir(self.env_dir):
+        for name in _names(self.env_dir):
             if name.endswith(".json") and valid_id(name[:-5]):
                 out.append(name[:-5])
         return sorted(out)
@@ -337,18 +337,18 @@ class Spool:
         """Remove what a crash left: temp files, messages without an envelope. Returns the
         names removed. Only the runner calls this, at start, holding the runner lock."""
         removed = []
-        for name in os.listdir(self.tmp_dir):
+        for name in _names(self.tmp_dir):
             _unlink(self.tmp_dir / name)
             removed.append(f"tmp/{name}")
         envelopes = set(self.ids())
-        for name in os.listdir(self.msg_dir):
+        for name in _names(self.msg_dir):
             if name not in envelopes:
                 _unlink(self.msg_dir / name)
                 removed.append(f"msg/{name}")
         for queue_id in envelopes:
             if not (self.msg_dir / queue_id).exists():
                 # Cannot happen by our write order; keep the evidence out of the live queue.
-                os.rename(self.envelope_path(queue_id), self.root / f"{queue_id}.orphan.json")
+                self.envelope_path(queue_id).rename(self.root / f"{queue_id}.orphan.json")
                 removed.append(f"env/{queue_id}.json")
         return removed
 
@@ -359,7 +359,7 @@ class Spool:
         with self._mutex:
             if self._lock_file is not None:
                 return True
-            f = open(self.root / "runner.lock", "a")  # noqa: SIM115 - kept open while held
+            f = (self.root / "runner.lock").open("a")  # kept open while held
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -377,7 +377,7 @@ class Spool:
     def runner_active(self) -> bool:
         """True when some process (the server) holds the runner lock."""
         try:
-            f = open(self.root / "runner.lock", "a")  # noqa: SIM115
+            f = (self.root / "runner.lock").open("a")
         except OSError:
             return False
         with f:
@@ -398,7 +398,7 @@ class Spool:
         data = json.dumps({"op": op, "id": queue_id}).encode()
         tmp = self.ctl_dir / ("." + name)  # dot files are not read: renamed when whole
         tmp.write_bytes(data)
-        os.rename(tmp, self.ctl_dir / name)
+        tmp.rename(self.ctl_dir / name)
         return name
 
     def pending_request(self, name: str) -> bool:
@@ -407,7 +407,7 @@ class Spool:
     def take_requests(self) -> list[ControlRequest]:
         """Read and remove the waiting requests, oldest first."""
         out = []
-        for name in sorted(os.listdir(self.ctl_dir)):
+        for name in sorted(_names(self.ctl_dir)):
             if name.startswith("."):
                 continue
             path = self.ctl_dir / name
@@ -425,4 +425,9 @@ class Spool:
 
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        path.unlink()
+
+
+def _names(folder: Path) -> list[str]:
+    """The names of the entries in ``folder``."""
+    return [entry.name for entry in folder.iterdir()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mailsuite.config import Config
 from mailsuite.directory import Directory, DirectoryError, normalize
@@ -56,7 +57,7 @@ def _store(cfg: Config, address: str) -> ScriptStore:
 
 
 def _read(path: str) -> str:
-    data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()  # noqa: SIM115
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -14,7 +14,6 @@ blocking helpers for it.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -109,7 +108,7 @@ class _ScriptCache:
         self.items: OrderedDict[Path, tuple[tuple[int, int, int], Script]] = OrderedDict()
 
     def get(self, path: Path, max_size: int) -> Script:
-        st = os.stat(path)
+        st = path.stat()
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self.lock:
             hit = self.items.get(path)

@@ -103,7 +103,7 @@ class MessageView:
     def from_file(cls, path: Path, offset: int = 0, size: int | None = None) -> MessageView:
         """``path[offset:]`` is the message; ``size`` its RFC 5322 (CRLF) size when the
         caller knows it (delivery records it), else the file's size is used."""
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             f.seek(offset)
             head = _read_head(f)
             body_at = offset + len(head)
@@ -112,7 +112,7 @@ class MessageView:
         fields = split_headers(head)
 
         def body() -> bytes:
-            with open(path, "rb") as f:
+            with path.open("rb") as f:
                 f.seek(body_at)
                 return f.read(MAX_BODY)
 

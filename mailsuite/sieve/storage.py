@@ -63,7 +63,7 @@ class ScriptStore:
 
     def names(self) -> list[str]:
         try:
-            entries = os.listdir(self.dir)
+            entries = [entry.name for entry in self.dir.iterdir()]
         except FileNotFoundError:
             return []
         out = []
@@ -117,7 +117,7 @@ class ScriptStore:
         """Make ``name`` the active script; None deactivates (RFC 5804 2.8: SETACTIVE "")."""
         if name is None:
             try:
-                os.unlink(self.link)
+                self.link.unlink()
             except FileNotFoundError:
                 return
             fsync_dir(self.root)
@@ -127,7 +127,7 @@ class ScriptStore:
         tmp = self.root / f"{ACTIVE_LINK}.{uuid.uuid4().hex}.tmp"
         tmp.symlink_to(f"{SIEVE_DIR}/{name}{SUFFIX}")
         try:
-            os.replace(tmp, self.link)
+            tmp.replace(self.link)
         except BaseException:
             _unlink(tmp)
             raise
@@ -159,7 +159,7 @@ class ScriptStore:
         if self.active() == name:
             raise ScriptError("the active script cannot be deleted", "ACTIVE")
         try:
-            os.unlink(path)
+            path.unlink()
         except FileNotFoundError:
             raise ScriptError(f"there is no script named {name!r}", "NONEXISTENT") from None
         fsync_dir(self.dir)
@@ -176,7 +176,7 @@ class ScriptStore:
         if was_active:
             fsync_dir(self.dir)
             self.activate(new)
-        os.unlink(src)
+        src.unlink()
         fsync_dir(self.dir)
 
     # -- the user's log ------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
     try:
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
         _unlink(tmp)
         raise
@@ -233,4 +233,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _unlink(path: Path) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        path.unlink()

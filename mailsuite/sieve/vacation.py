@@ -127,10 +127,10 @@ class VacationStore:
                 json.dump(entries, f, separators=(",", ":"))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            tmp.replace(self.path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                tmp.unlink()
             raise
         fsync_dir(self.path.parent)
 
@@ -144,7 +144,7 @@ class VacationStore:
         two costs a reply, never a duplicate."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(f".{self.path.name}.lock")
-        with open(lock_path, "a") as lock:
+        with lock_path.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = {k: v for k, v in self._load().items() if v > now}
             key = self._key(sender, handle)

@@ -174,7 +174,7 @@ class FolderIndex(IndexScan):
                 if size < 0:
                     size = crlf_size(path)
                 if idate < 0:
-                    idate = os.stat(path).st_mtime
+                    idate = path.stat().st_mtime
             except FileNotFoundError:
                 continue
             updates.append((size, idate, uid))
@@ -269,7 +269,7 @@ class FolderIndex(IndexScan):
                     continue
                 if new_name != name:
                     try:
-                        os.rename(self.folder / name, self.folder / new_name)
+                        (self.folder / name).rename(self.folder / new_name)
                     except FileNotFoundError:
                         continue  # removed by another program; the next sync expunges it
                     touched.update((_sub_of(name), "cur"))
@@ -306,7 +306,7 @@ class FolderIndex(IndexScan):
                 if name is None:
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.folder / name)
+                    (self.folder / name).unlink()
                 done.append(uid)
             if done:
                 touched = {_sub_of(names[u]) for u in done}
@@ -348,7 +348,7 @@ class FolderIndex(IndexScan):
                     dest = self.folder / sub / final
                     moved = it.source.parent.name == "tmp"
                     if moved:
-                        os.rename(it.source, dest)
+                        it.source.rename(dest)
                     else:
                         try:
                             os.link(it.source, dest)
@@ -359,7 +359,7 @@ class FolderIndex(IndexScan):
                     if it.internaldate is not None and moved:
                         os.utime(dest, (it.internaldate, it.internaldate))
                     idate = (
-                        it.internaldate if it.internaldate is not None else os.stat(dest).st_mtime
+                        it.internaldate if it.internaldate is not None else dest.stat().st_mtime
                     )
                     placed.append((base, f"{sub}/{final}", it, idate))
                     subs.add(sub)

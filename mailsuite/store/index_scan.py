@@ -86,8 +86,8 @@ class IndexScan(IndexDatabase):
 
     def _dir_stamp(self) -> tuple[int, int] | None:
         try:
-            new = os.stat(self.folder / "new").st_mtime_ns
-            cur = os.stat(self.folder / "cur").st_mtime_ns
+            new = (self.folder / "new").stat().st_mtime_ns
+            cur = (self.folder / "cur").stat().st_mtime_ns
         except FileNotFoundError:
             return None
         return new, cur

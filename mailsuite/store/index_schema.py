@@ -19,7 +19,6 @@ index in step with the directory), itself the base of :class:`~mailsuite.store.i
 from __future__ import annotations
 
 import fcntl
-import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -94,7 +93,7 @@ class SyncResult:
 
 def crlf_size(path: Path) -> int:
     """Size of a stored (LF) message once every line end is CRLF."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         data = f.read()
     return len(data) + data.count(b"\n") - data.count(b"\r\n")
 
@@ -207,7 +206,7 @@ class IndexDatabase:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.folder / LOCK_NAME, "a") as lock:
+        with (self.folder / LOCK_NAME).open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -216,7 +215,7 @@ class IndexDatabase:
     def _keyword_letters(self) -> dict[str, str]:
         """letter -> keyword, re-read when the file changes."""
         try:
-            stamp = os.stat(self.folder / "dovecot-keywords").st_mtime_ns
+            stamp = (self.folder / "dovecot-keywords").stat().st_mtime_ns
         except FileNotFoundError:
             stamp = 0
         if stamp != self._kw_stamp:

@@ -98,7 +98,7 @@ class Account:
                         and n[0] == "."
                         and n != ".."
                         and entry.is_dir()
-                        and os.path.isdir(os.path.join(entry.path, "cur"))
+                        and Path(entry.path, "cur").is_dir()
                     ):
                         out.append(n[1:])
         except FileNotFoundError:
@@ -138,7 +138,7 @@ class Account:
         tmp = self.root / f".tmp-create-{unique_name()}"
         ensure_folder(tmp)
         try:
-            os.rename(tmp, path)
+            tmp.rename(path)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             if self.exists(name):
@@ -162,7 +162,7 @@ class Account:
             raise MailboxError("Mailbox has children; delete them first", "INUSE")
         path = self.path(name)
         trash = self.root / f".tmp-delete-{unique_name()}"
-        os.rename(path, trash)  # atomic for other readers
+        path.rename(trash)  # atomic for other readers
         shutil.rmtree(trash, ignore_errors=True)
         fsync_dir(self.root)
         # The subscription stays: RFC 3501 6.3.6, the server "MUST NOT unilaterally remove
@@ -197,7 +197,7 @@ class Account:
                     raise MailboxError(f"Target mailbox {target} exists already", "ALREADYEXISTS")
                 moves.append((self.path(child), self.path(target)))
         for src, dst in moves:
-            os.rename(src, dst)
+            src.rename(dst)
         fsync_dir(self.root)
         self._create_superiors(new)
         subs = self.subscriptions()
@@ -227,7 +227,7 @@ class Account:
     def _write_subscriptions(self, names: Iterable[str]) -> None:
         tmp = self.root / (SUBSCRIPTIONS + ".tmp")
         tmp.write_text("".join(n + "\n" for n in names), "utf-8")
-        os.replace(tmp, self.root / SUBSCRIPTIONS)
+        tmp.replace(self.root / SUBSCRIPTIONS)
 
     def subscribe(self, name: str) -> None:
         if name.upper() == "INBOX":
@@ -669,7 +669,7 @@ def copy_blocking(
         for rel, flags, wsize, idate, env, bs in items:
             source = src / rel
             try:
-                size = os.stat(source).st_size
+                size = source.stat().st_size
             except FileNotFoundError:
                 raise MailboxError("A message was expunged meanwhile", "EXPUNGEISSUED") from None
             if wsize < 0:

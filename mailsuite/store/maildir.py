@@ -87,7 +87,7 @@ def write_keywords(folder: Path, letters: Mapping[str, str]) -> None:
     lines = [f"{KEYWORD_LETTERS.index(ch)} {name}\n" for ch, name in sorted(letters.items())]
     tmp = folder / (KEYWORDS_FILE + ".tmp")
     tmp.write_text("".join(lines), "utf-8")
-    os.replace(tmp, folder / KEYWORDS_FILE)
+    tmp.replace(folder / KEYWORDS_FILE)
 
 
 def ensure_folder(path: Path) -> Path:
@@ -146,7 +146,7 @@ def maildir_folders(root: Path) -> list[Path]:
             entry.name.startswith(".")
             and entry.name not in (".", "..")
             and entry.is_dir(follow_symlinks=False)
-            and os.path.isdir(os.path.join(entry.path, "tmp"))
+            and Path(entry.path, "tmp").is_dir()
         ):
             out.append(Path(entry.path))
     return out
@@ -171,7 +171,7 @@ def remove_stale(directory: Path, cutoff: float) -> list[Path]:
             if not stat.S_ISREG(st.st_mode) or max(st.st_mtime, st.st_atime) >= cutoff:
                 continue
             try:
-                os.unlink(entry.path)
+                Path(entry.path).unlink()
             except FileNotFoundError:
                 continue
             removed.append(Path(entry.path))

@@ -18,7 +18,6 @@ Progress is reported through ``advance(messages, bytes)`` as sizes are read.
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ def _sound(path: Path) -> bool:
 def _replace(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path / (INDEX_NAME + suffix))
+            (path / (INDEX_NAME + suffix)).unlink()
 
 
 def count_files(path: Path) -> int:
@@ -63,7 +62,7 @@ def count_files(path: Path) -> int:
     n = 0
     for sub in ("new", "cur"):
         with contextlib.suppress(FileNotFoundError):
-            n += sum(1 for name in os.listdir(path / sub) if not name.startswith("."))
+            n += sum(1 for entry in (path / sub).iterdir() if not entry.name.startswith("."))
     return n
 
 

@@ -52,7 +52,7 @@ def _write_durably(path: Path, value: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    tmp.replace(path)
     fsync_dir(path.parent)
 
 
@@ -61,7 +61,7 @@ def next_uidvalidity(folder: Path, clock: Callable[[], float] | None = None) -> 
     handed out before to any folder of the same user.  Blocking (flock, fsync).
     ``clock`` defaults to ``time.time``."""
     root = account_root(folder)
-    with open(root / LOCK_NAME, "a") as lock:
+    with (root / LOCK_NAME).open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         last = _read(root / COUNTER_NAME)
         if folder != root:

@@ -191,7 +191,7 @@ def copy_tmp(
         if head:
             count.feed(head)
             write_all(fd, (head,))
-        with open(src, "rb") as f:
+        with src.open("rb") as f:
             f.seek(offset)
             while chunk := f.read(_COPY_CHUNK):
                 if crlf_extra is None:
@@ -248,7 +248,7 @@ def place(
     try:
         for p in items:
             dest = new / p.draft.final_name
-            os.rename(p.draft.path, dest)
+            p.draft.path.rename(dest)
             if p.internaldate is not None:
                 os.utime(dest, (p.internaldate, p.internaldate))
             done += 1
@@ -272,7 +272,7 @@ def write_message(folder: Path, chunks: Iterable[bytes]) -> str:
 def discard(path: Path) -> None:
     """Remove a draft (or any file) that is not wanted any more; a missing file is fine."""
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        path.unlink()
 
 
 def _close_quietly(fd: int) -> None:

@@ -31,6 +31,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zone", required=True, help="JSON file (see module docstring)")
     parser.add_argument("--interface", default="127.0.0.1")
     args = parser.parse_args(argv)
-    with open(args.zone, encoding="utf-8") as f:
+    with Path(args.zone).open(encoding="utf-8") as f:
         zone = json.load(f)
     from twisted.internet import reactor
 

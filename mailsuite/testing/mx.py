@@ -31,10 +31,10 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -322,14 +322,15 @@ class RecordingSMTPServer:
         self.transactions.append(t)
         if self.record_dir:
             n = len(self.transactions)
-            path = os.path.join(self.record_dir, f"{n:04d}")
-            with open(path + ".eml.tmp", "wb") as f:
+            base = Path(self.record_dir, f"{n:04d}")
+            with base.with_suffix(".eml.tmp").open("wb") as f:
                 f.write(t.data)
             envelope = asdict(t)
             del envelope["data"]
-            with open(path + ".json", "w", encoding="utf-8") as f:
+            with base.with_suffix(".json").open("w", encoding="utf-8") as f:
                 json.dump(envelope, f)
-            os.rename(path + ".eml.tmp", path + ".eml")  # .eml appears last: the record is whole
+            # .eml appears last: the record is whole
+            base.with_suffix(".eml.tmp").rename(base.with_suffix(".eml"))
 
 
 def spawn_mx_server(listen: str, record_dir: str, script: dict[str, Any] | None = None
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.script.lstrip().startswith("{"):
             script = json.loads(args.script)
         else:
-            with open(args.script, encoding="utf-8") as f:
+            with Path(args.script).open(encoding="utf-8") as f:
                 script = json.load(f)
     host, _, port = args.listen.rpartition(":")
     from twisted.internet import reactor

@@ -48,7 +48,7 @@ class ImportJournal:
         self.done: set[str] = set()
         pending: dict[str, str] = {}
         try:
-            with open(self.path, encoding="ascii", errors="replace") as f:
+            with self.path.open(encoding="ascii", errors="replace") as f:
                 for line in f:
                     line = line.rstrip("\n")
                     if line == ".":
@@ -62,7 +62,7 @@ class ImportJournal:
         if pending:
             self._recover(pending, index)
         # open for the import's whole life (a line per batch), closed by close()
-        self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115
+        self._file = self.path.open("a", encoding="ascii")
 
     def _recover(self, pending: dict[str, str], index: FolderIndex) -> None:
         """An import stopped between writing a batch's lines and its ``.``: the messages whose
@@ -71,12 +71,12 @@ class ImportJournal:
         present = {m.base.split(",", 1)[0] for m in index.messages()}
         self.done.update(k for k, unique in pending.items() if unique in present)
         tmp = self.path.with_name(JOURNAL + ".tmp")
-        with open(tmp, "w", encoding="ascii") as f:
+        with tmp.open("w", encoding="ascii") as f:
             f.writelines(f"{key}\n" for key in sorted(self.done))
             f.write(".\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        tmp.replace(self.path)
         fsync_dir(self.path.parent)
 
     def pending(self, entries: Iterable[tuple[str, str]]) -> None:

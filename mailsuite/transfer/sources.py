@@ -80,7 +80,7 @@ def open_source(path: Path, mbox_variant: str = "mboxrd") -> Source:
     if mbox_variant not in MBOX_VARIANTS:
         raise SourceError(f"unknown mbox variant {mbox_variant!r} (use mboxrd or mboxo)")
     if path.is_file():
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             head = f.read(4096).lstrip(b"\r\n")
         if head and not head.startswith(b"From "):
             raise SourceError(f"{path} is not an mbox file (it does not start with a From line)")
@@ -181,7 +181,7 @@ def _mbox_message(
 def read_mbox(path: Path, variant: str = "mboxrd") -> Iterator[SourceMessage]:
     """The messages of an mbox file, streamed (see the module docstring)."""
     fallback = path.stat().st_mtime
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         lines: list[bytes] = []
         size = 0
         from_date: float | None = None
@@ -290,9 +290,9 @@ def read_maildir_folder(name: str, folder: Path) -> Iterator[SourceMessage]:
     entries.sort(key=order)
     for sub, entry in entries:
         try:
-            with open(entry.path, "rb") as f:
+            with Path(entry.path).open("rb") as f:
                 data = f.read()
-            mtime = os.stat(entry.path).st_mtime
+            mtime = Path(entry.path).stat().st_mtime
         except FileNotFoundError:
             continue  # removed meanwhile (a live source)
         yield SourceMessage(

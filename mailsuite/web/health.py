@@ -40,7 +40,7 @@ def probe_folders(folders: Sequence[Path]) -> list[str]:
             finally:
                 os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(probe)
+                    probe.unlink()
         except OSError as e:
             problems.append(f"{folder} is not writable: {e.strerror or e}")
     return problems

@@ -5,7 +5,6 @@ verified by dkimpy against nothing but the record text keygen printed."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
 import subprocess
@@ -76,7 +75,7 @@ def test_keygen_record_verifies_signatures_made_with_its_key(tmp_path, algorithm
     if algorithm == "rsa":
         assert out.splitlines()[0].count('" "') == 1  # 392 base64 characters: two strings
     key_file = tmp_path / "data" / "dkim" / "example.test" / "s1.key"
-    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
     msg = (b"From: Alice <alice@example.test>\nTo: bob@example.org\nSubject: report\n"
            b"Date: Mon, 01 Jun 2026 10:00:00 +0000\nMessage-ID: <1@example.test>\n\nHello.\n")

@@ -533,7 +533,7 @@ def test_mbsync_two_way_sync(
         else None
     )
     if first is not None:
-        os.rename(first, local / "INBOX" / "cur" / (first.name + ":2,S"))
+        first.rename(local / "INBOX" / "cur" / (first.name + ":2,S"))
     write_message(local / "INBOX", [b"Subject: from local\n\nx\n"])
     m = login(s)
     m.select("INBOX")

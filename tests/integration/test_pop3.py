@@ -268,7 +268,7 @@ def test_uidl_stable_and_unique(server: Server, ca: CertAuthority) -> None:
     index.set_flags(msgs[0].uid, {"\\Flagged"})
     index.close()
     name = next((box / "new").iterdir())
-    os.rename(name, box / "cur" / (name.name + ":2,RS"))
+    name.rename(box / "cur" / (name.name + ":2,RS"))
     server.stop()
     server.start()
     p = ssl_login(server, ca)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ def pki(ca: CertAuthority) -> dict[str, Any]:
 @pytest.fixture
 def message(tmp_path):
     def write(data: bytes) -> str:
-        path = tmp_path / f"msg{len(os.listdir(tmp_path))}"
+        path = tmp_path / f"msg{len(list(tmp_path.iterdir()))}"
         path.write_bytes(data)
         return str(path)
 

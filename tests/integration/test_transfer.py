@@ -33,7 +33,7 @@ def server(module_servers: ServerFactory) -> Server:
 def make_mbox(path: Path, count: int) -> list[bytes]:
     """An mboxrd file of ``count`` messages; returns the messages as they should be stored."""
     stored = []
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         for i in range(count):
             when = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(BASE + i * 60))
             status = b"Status: RO\n" if i % 2 == 0 else b""
@@ -131,7 +131,7 @@ def test_an_import_killed_midway_resumes_without_duplicates(server: Server, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     box = server.maildir(user)
-    partial = len(os.listdir(box / "cur")) + len(os.listdir(box / "new"))
+    partial = len(list((box / "cur").iterdir())) + len(list((box / "new").iterdir()))
     assert 0 < partial < 3000
     rest = server.cli("import", user, str(mbox))
     assert "were there already" in rest.stdout

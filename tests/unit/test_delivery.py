@@ -5,7 +5,6 @@ reply -- and that nothing is copied when nothing changes."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -107,7 +106,7 @@ def no_leftovers(rt: Runtime, *users: str) -> None:
 
 def test_plain_delivery_renames_the_received_file_without_a_copy(rt: Runtime) -> None:
     msg = receive(rt, ["alice@example.test"], BODY + b"y\n" * 200_000)  # > one flush: on disk
-    written = os.stat(msg.path).st_ino
+    written = msg.path.stat().st_ino
     result = finish(msg)
     assert result == DeliveryResult(None, (rt.directory.mailbox_root("alice@example.test"),))
     (stored,) = rt.files("alice@example.test")

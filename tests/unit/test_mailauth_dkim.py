@@ -6,7 +6,6 @@ DNS versions are in tests/integration/test_mailauth_inbound.py)."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import threading
 
@@ -47,8 +46,8 @@ def test_keygen_files_modes_and_first_key_signs(tmp_path):
     key, active = store.generate("Example.ORG", "s2026", "rsa")
     assert active and key.domain == "example.org" and key.bits == 2048
     folder = tmp_path / "dkim" / "example.org"
-    assert stat.S_IMODE(os.stat(folder / "s2026.key").st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE((folder / "s2026.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert (folder / "s2026.key").read_bytes().startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     assert json.loads((folder / "_signing.json").read_text()) == {"rsa": "s2026"}
     _second, active2 = store.generate("example.org", "s2027", "rsa")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -24,6 +23,10 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "queue").ensure()
 
 
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 def test_enqueue_file_copies_from_the_offset(spool: Spool, tmp_path: Path) -> None:
     src = tmp_path / "incoming"
     src.write_bytes(b"Return-Path: <a@x.test>\nReceived: by us\n\nbody\n")
@@ -36,7 +39,7 @@ def test_enqueue_file_copies_from_the_offset(spool: Spool, tmp_path: Path) -> No
     assert [r.address for r in entry.recipients] == ["b@y.test", "c@z.test"]  # no duplicates
     assert all(r.state == PENDING and r.attempts == 0 for r in entry.recipients)
     assert spool.ids() == [qid]
-    assert os.listdir(spool.tmp_dir) == []
+    assert names(spool.tmp_dir) == []
 
 
 def test_save_is_a_replacement_and_load_round_trips(spool: Spool) -> None:
@@ -47,7 +50,7 @@ def test_save_is_a_replacement_and_load_round_trips(spool: Spool) -> None:
     spool.save(entry)
     again = spool.load(qid)
     assert again == entry and again.done
-    assert os.listdir(spool.tmp_dir) == []
+    assert names(spool.tmp_dir) == []
     spool.remove(qid)
     assert spool.ids() == []
     with pytest.raises(SpoolError):
@@ -109,7 +112,7 @@ def test_cleanup_removes_crash_leftovers_only(spool: Spool) -> None:
 def test_enqueue_needs_a_recipient(spool: Spool) -> None:
     with pytest.raises(ValueError):
         spool.enqueue_bytes(b"x\n", "a@x.test", [])
-    assert os.listdir(spool.msg_dir) == [] and os.listdir(spool.tmp_dir) == []
+    assert names(spool.msg_dir) == [] and names(spool.tmp_dir) == []
 
 
 def test_requests_round_trip_and_half_written_ones_wait(spool: Spool) -> None:
@@ -119,7 +122,7 @@ def test_requests_round_trip_and_half_written_ones_wait(spool: Spool) -> None:
     (spool.ctl_dir / "junk.json").write_text("not json")
     reqs = spool.take_requests()
     assert [(r.op, r.id) for r in reqs] == [("flush", None), ("delete", "0123456789ABCDEF")]
-    assert os.listdir(spool.ctl_dir) == [".being-written.json"]
+    assert names(spool.ctl_dir) == [".being-written.json"]
     with pytest.raises(ValueError):
         spool.request("explode", None)
 

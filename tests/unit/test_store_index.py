@@ -64,7 +64,7 @@ def test_keywords_survive_rebuild_and_other_tools_flags(
     assert idx.get(1).flags == {"$Label1", "\\Flagged"}
     # another program (mutt) marks it seen by renaming
     old = box / idx.get(1).name
-    os.rename(old, str(old).replace(":2,Fa", ":2,FSa"))
+    old.rename(str(old).replace(":2,Fa", ":2,FSa"))
     res = idx.sync(force=True)
     assert res.flag_changes == (1,)
     assert "\\Seen" in idx.get(1).flags
@@ -190,9 +190,9 @@ def test_sync_lists_only_changed_directories(
     # another program moves the new message to cur/ and flags another: both listed once,
     # the move is a rename (same UID), not an expunge and a new message
     (new_file,) = list((box / "new").iterdir())
-    os.rename(new_file, box / "cur" / (new_file.name + ":2,S"))
+    new_file.rename(box / "cur" / (new_file.name + ":2,S"))
     first = sorted((box / "cur").glob("100.*"))[0]
-    os.rename(first, str(first) + "F")
+    first.rename(str(first) + "F")
     _wait_trusted(box)
     seen.clear()
     res = idx.sync()
@@ -207,7 +207,7 @@ def test_sync_lists_only_changed_directories(
     assert not idx.sync() and seen == ["cur"]
     seen.clear()
     # another program deletes a file: expunged
-    os.unlink(next(p for p in (box / "cur").iterdir() if p.name.startswith("103.")))
+    next(p for p in (box / "cur").iterdir() if p.name.startswith("103.")).unlink()
     _wait_trusted(box)
     seen.clear()
     assert idx.sync().expunged == (4,) and seen == ["cur"]
@@ -226,7 +226,7 @@ def _wait_trusted(box: Path) -> None:
 
     def trusted() -> bool:
         now = time.time_ns()
-        return all(_trusted(os.stat(box / d).st_mtime_ns, now) for d in ("new", "cur"))
+        return all(_trusted((box / d).stat().st_mtime_ns, now) for d in ("new", "cur"))
 
     wait_until(trusted, 5, f"the mtimes of {box}/new and cur to leave the trust window",
                interval=0.005)
