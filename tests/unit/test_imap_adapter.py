@@ -68,7 +68,7 @@ def connect(tmp_path: Path) -> tuple[IMAPProtocol, StringTransport, GatedAuth, C
     directory.add_user(ALICE, "unused")
     auth = GatedAuth()
     clock = Clock()
-    runtime = Runtime(config, clock, directory, auth, ChangeHub())  # type: ignore[arg-type]
+    runtime = Runtime(config, clock, directory, auth, ChangeHub())  # type: ignore[arg-type]  # a stand-in Authenticator
     proto = IMAPFactory(runtime, implicit_tls=True).buildProtocol(None)
     transport = StringTransport(peerAddress=None)
     proto.makeConnection(transport)
