@@ -95,7 +95,7 @@ class MailboxCommands(SessionBase):
         self._acct().unsubscribe(self._mailbox_arg(cmd.args[0]), missing_ok=True)
         self.ok(cmd, "UNSUBSCRIBE completed")
 
-    def do_LSUB(self, cmd: Command) -> None:
+    def do_LSUB(self, cmd: Command) -> Generator[Any, Any, None]:
         if len(cmd.args) != 2:
             raise _bad("LSUB expects a reference and a pattern")
         ref = astring(cmd.args[0]).decode("utf-8", "replace")
@@ -132,10 +132,10 @@ class MailboxCommands(SessionBase):
                             + quote(parent)
                             + b"\r\n"
                         )
-        self.send(b"".join(out))
+        yield from self.send_paced(out)
         self.ok(cmd, "LSUB completed")
 
-    def do_LIST(self, cmd: Command) -> None:
+    def do_LIST(self, cmd: Command) -> Generator[Any, Any, None]:
         """LIST with the extensions of RFC 5258 (selection and return options, several
         patterns, \\NonExistent, \\Subscribed, CHILDINFO), RFC 5819 (RETURN (STATUS ...)) and
         RFC 6154 (SPECIAL-USE)."""
@@ -228,18 +228,18 @@ class MailboxCommands(SessionBase):
             if req.status and name in existing:
                 status_for.append((len(out), name))
         if not req.status:
-            self.send(b"".join(out))
+            yield from self.send_paced(out)
         else:
             # RFC 5819: each mailbox's STATUS right after its LIST response
             start = 0
             for pos, name in status_for:
-                self.send(b"".join(out[start:pos]))
+                yield from self.send_paced(out[start:pos])
                 start = pos
                 try:
                     self._status(name, req.status)
                 except MailboxError:
                     pass  # gone meanwhile: its LIST line stands alone
-            self.send(b"".join(out[start:]))
+            yield from self.send_paced(out[start:])
         self.ok(cmd, "LIST completed")
 
     def do_STATUS(self, cmd: Command) -> None:

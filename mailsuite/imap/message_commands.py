@@ -8,13 +8,13 @@ SEARCH predicates read) and nothing else uses them.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import threads
 
-from mailsuite.imap.fetch_response import FetchPlan, build_batch, flags_bytes
+from mailsuite.imap.fetch_response import FetchPlan, fetch_pieces, flags_bytes
 from mailsuite.imap.parser import (
     Atom,
     Command,
@@ -29,7 +29,7 @@ from mailsuite.imap.sequence import compress
 from mailsuite.imap.session_base import SessionBase, _bad, _no, log, vanished_earlier
 from mailsuite.store.mailbox import FolderView, copy_blocking
 
-BATCH = 1000  # messages per output batch (one transport.write each)
+BATCH = 1000  # messages per index query (their answers go out as the client reads them)
 _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
 
 
@@ -121,7 +121,7 @@ class MessageCommands(SessionBase):
                     [u for _, u in batch], plan.need_size, plan.need_date
                 )
             cache: list[tuple[int, str, bytes]] = []
-            data = build_batch(
+            pieces = fetch_pieces(
                 plan,
                 folder.path,
                 batch,
@@ -132,12 +132,21 @@ class MessageCommands(SessionBase):
                 cache,
                 seen_now,
             )
+            try:
+                yield from self.send_paced(pieces)
+            except Exception:  # noqa: BLE001 -- a reply may be cut mid-literal: hang up
+                log.failure("FETCH failed while sending for {user}", user=self.user)
+                self.proto.close()
+                return
+            finally:
+                pieces.close()
             if cache:
                 try:
                     folder.index.store_cached(cache)
                 except Exception:  # noqa: BLE001 -- a busy database only costs a recompute
                     log.failure("caching FETCH data failed")
-            self.send(data)
+            if self.proto.gone():
+                return
             if start + BATCH < len(targets):
                 w = self.proto.wait_writable()
                 yield w  # None: let the reactor run between batches
@@ -273,10 +282,10 @@ class MessageCommands(SessionBase):
         if returns is not None:
             self.send(_esearch(cmd, returns, nums, prog.uses_modseq, folder.modseqs, result))
         else:
-            text = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
+            tail = b"\r\n"
             if prog.uses_modseq and result:
-                text += b" (MODSEQ %d)" % max(folder.modseqs.get(u, 1) for _, u in result)
-            self.send(text + b"\r\n")
+                tail = b" (MODSEQ %d)\r\n" % max(folder.modseqs.get(u, 1) for _, u in result)
+            yield from self.send_paced(_search_pieces(nums, tail))
         self.ok(cmd, "SEARCH completed" if not cmd.uid else "UID SEARCH completed")
 
     # -- COPY / MOVE ------------------------------------------------------------------------------
@@ -376,6 +385,14 @@ def _esearch(
             )
         out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in reported))
     return b" ".join(out) + b"\r\n"
+
+
+def _search_pieces(nums: Sequence[int], tail: bytes) -> Iterator[bytes]:
+    """``* SEARCH n n ...`` in pieces made as they are sent (a million matches are 7 MB)."""
+    yield b"* SEARCH"
+    for i in range(0, len(nums), 8192):
+        yield b"".join(b" %d" % n for n in nums[i : i + 8192])
+    yield tail
 
 
 def _ascending(values: Sequence[int]) -> bool:

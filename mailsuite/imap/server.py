@@ -24,41 +24,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.protocols import basic
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.imap.session_base import _Shared, log
-from mailsuite.tls import lose_connection
 
 
-@implementer(IPushProducer)
-class _Output:
-    """Tracks whether the transport wants us to stop writing (for big FETCH responses)."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.waiting: list[defer.Deferred[None]] = []
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        self.paused = True
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.paused = False
-        waiting, self.waiting = self.waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self) -> None:  # noqa: N802
-        self.resumeProducing()
-
-
-class IMAPProtocol(basic.LineReceiver):
+class IMAPProtocol(GatedLineReceiver):
     delimiter = b"\r\n"
     MAX_LENGTH = 64 * 1024
 
@@ -74,7 +50,7 @@ class IMAPProtocol(basic.LineReceiver):
         self._literal: bytearray | None = None
         self._literal_size = 0
         self._cont: defer.Deferred[bytes] | None = None
-        self._out: _Output | None = None
+        self.flow: OutputFlow | None = None
         self.peer_ip = ""
         self.deadline: ReadDeadline | None = None
 
@@ -98,8 +74,7 @@ class IMAPProtocol(basic.LineReceiver):
             return
         self.reader = CommandReader(max_append_literal=self.shared.max_literal)
         self.session = Session(self.shared, self)
-        self._out = _Output()
-        self.transport.registerProducer(self._out, True)
+        self.start_flow()
         self.deadline = ReadDeadline(
             self.shared.runtime.reactor, self.deadline_expired, login=self.shared.login_timeout
         )
@@ -108,6 +83,7 @@ class IMAPProtocol(basic.LineReceiver):
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.stop_flow()
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -128,7 +104,7 @@ class IMAPProtocol(basic.LineReceiver):
             self.write(b"* BYE Autologout; no login in time\r\n")
         else:
             self.write(b"* BYE Autologout; idle for too long\r\n")
-        self.close()
+        self.hang_up()  # at once if the client does not even read
 
     def _wait_input(self) -> None:
         """The next line has ``idle_timeout`` from now (logged in or not: before login the
@@ -157,11 +133,23 @@ class IMAPProtocol(basic.LineReceiver):
             self.transport.write(data)
 
     def wait_writable(self) -> defer.Deferred[None] | None:
-        if self._out is not None and self._out.paused:
-            d: defer.Deferred[None] = defer.Deferred()
-            self._out.waiting.append(d)
-            return d
-        return None
+        """None while the transport takes more output, else a Deferred that fires when it
+        does (see :mod:`mailsuite.flow`)."""
+        return self.flow.wait_writable() if self.flow is not None else None
+
+    def gone(self) -> bool:
+        """The connection is closed or closing: a running command should stop writing."""
+        return (
+            self.transport is None
+            or self.transport.disconnecting
+            or (self.flow is not None and self.flow.stopped)
+        )
+
+    def output_flowing(self) -> None:
+        """The client read what waited: that is progress, for a long FETCH too."""
+        if self.session is not None:
+            self._wait_input()
+        super().output_flowing()
 
     def _end(self, bye: bytes) -> None:
         """End the session on the server's initiative: a BAD alone never ends it (the client
@@ -179,17 +167,13 @@ class IMAPProtocol(basic.LineReceiver):
         transport = self.transport
         if transport is None or transport.disconnecting:
             return
-        out, self._out = self._out, None
-        if out is not None:
-            transport.unregisterProducer()
-            out.resumeProducing()  # a FETCH waiting to write runs to its end (writes dropped)
-        lose_connection(transport)
+        self.close_connection()  # a FETCH waiting to write ends when the connection does
 
     def start_tls(self) -> None:
         # Anything the client pipelined after STARTTLS is discarded (RFC 3501 6.2.1, the
         # Twisted STARTTLS injection of research section 2.5).
         self.clearLineBuffer()
-        self.transport.startTLS(self.shared.runtime.tls)
+        self.begin_tls(self.shared.runtime.tls)
         self.tls = True
         if self.reader is not None:
             self.reader = CommandReader(max_append_literal=self.shared.max_literal)
@@ -200,9 +184,7 @@ class IMAPProtocol(basic.LineReceiver):
         d: defer.Deferred[bytes] = defer.Deferred()
         self._cont = d
         self.write(prompt)
-        # input must flow while we wait for the line
-        if self.paused:
-            self.resumeProducing()
+        self.release_input("command")  # input must flow while we wait for the line
         return d
 
     # -- input -----------------------------------------------------------------------------------
@@ -304,13 +286,13 @@ class IMAPProtocol(basic.LineReceiver):
             if isinstance(result, Failure):
                 log.failure("IMAP command failed", failure=result)
             if (
-                self.paused
+                self.input_held("command")
                 and self.transport is not None
                 and not self.transport.disconnecting
                 and self._cont is None
             ):
                 self._wait_input()  # the command's own time is not the client's
-                self.resumeProducing()
+                self.release_input("command")
 
         d.addBoth(ended)
         # ``d.called`` is not enough: a Deferred whose callback returned another Deferred

@@ -10,10 +10,12 @@ can be read on its own; ``_Shared`` is what all sessions of one listener share.
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable
 from typing import Any
 
 from twisted.logger import Logger
 
+from mailsuite.flow import paced
 from mailsuite.imap.fetch_response import flags_bytes
 from mailsuite.imap.parser import Command, mailbox
 from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
@@ -104,7 +106,7 @@ class _Shared:
 
 class SessionBase:
     """One IMAP connection's state and response writing.  ``proto`` provides
-    ``write(bytes)``, ``tls``, ``start_tls()``, ``peer_ip``, ``wait_writable()``,
+    ``write(bytes)``, ``tls``, ``start_tls()``, ``peer_ip``, ``wait_writable()``, ``gone()``,
     ``continuation(prompt)``, ``admit_login(user)`` (None, or why the user may not log in
     on this connection), ``authenticated()`` and ``close()``."""
 
@@ -124,6 +126,12 @@ class SessionBase:
 
     def send(self, data: bytes) -> None:
         self.proto.write(data)
+
+    def send_paced(self, pieces: Iterable[bytes]) -> Generator[Any, Any, None]:
+        """Send ``pieces`` as the client reads them: a command that writes a lot yields from
+        this, so it waits whenever the transport is full (``mailsuite.flow``).  Returns early
+        when the connection is gone (check ``proto.gone()``)."""
+        yield from paced(self.proto.wait_writable, self.proto.gone, self.send, pieces)
 
     def untagged(self, text: str | bytes) -> None:
         if isinstance(text, str):

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.flow import PIECE, GatedLineReceiver, OutputFlow
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
     ERR_BUSY,
@@ -48,54 +47,14 @@ from mailsuite.pop3.session import (
     err,
 )
 from mailsuite.runtime import Runtime
-from mailsuite.tls import lose_connection
 
 log = Logger(namespace="mailsuite.pop3")
 
 IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (per command)
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
-CHUNK = 64 * 1024
 
 
-@implementer(interfaces.IPullProducer)
-class _MessageSender:
-    """Streams one large message: reads a chunk, stuffs it, writes it, when the transport
-    asks for more (so memory stays flat and a slow reader slows only itself)."""
-
-    def __init__(self, proto: POP3Protocol, stream: Stream, done: defer.Deferred[None]) -> None:
-        self.proto = proto
-        self.stream = stream
-        self.done = done
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        transport = self.proto.transport
-        try:
-            data = self.stream.file.read(CHUNK)
-            if data:
-                transport.write(self.stream.stuffer.feed(data))
-                self.proto.wait_input()  # the client is reading: that is progress
-                return
-            transport.write(self.stream.stuffer.finish())
-        except Exception:
-            log.failure("POP3: reading a message for RETR failed")
-            # The response has started: the only safe end is to drop the connection.
-            self._finish()
-            transport.loseConnection()
-            return
-        self._finish()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.done.called:
-            return
-        self.stream.file.close()
-        self.proto.transport.unregisterProducer()
-        self.done.callback(None)
-
-
-class POP3Protocol(basic.LineReceiver):
+class POP3Protocol(GatedLineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
@@ -113,7 +72,7 @@ class POP3Protocol(basic.LineReceiver):
         self.admission: Admission | None = None
         self.session = Session(options, tls=implicit_tls)
         self.peer = "?"
-        self._sender: _MessageSender | None = None
+        self.flow: OutputFlow | None = None
         self.login_timeout = login_timeout
         self.deadline: ReadDeadline | None = None
 
@@ -132,6 +91,7 @@ class POP3Protocol(basic.LineReceiver):
             self.transport.loseConnection()
             return
         _no_delay(self.transport)
+        self.start_flow()
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
         )
@@ -139,6 +99,7 @@ class POP3Protocol(basic.LineReceiver):
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.stop_flow()
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -165,11 +126,11 @@ class POP3Protocol(basic.LineReceiver):
         log.info("POP3: {why} timeout for {peer}", why=why, peer=self.peer)
         text = "Login timeout" if why == LOGIN else "Idle timeout"
         self.transport.write(err(f"{text}, closing connection"))
-        lose_connection(self.transport)  # over TLS too: not waiting for a slow peer's close
+        self.hang_up()  # over TLS too; at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self.transport.write(err("Line too long, closing connection"))
-        self.transport.loseConnection()
+        self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
 
@@ -193,7 +154,7 @@ class POP3Protocol(basic.LineReceiver):
         if action is None:
             return
         if isinstance(action, Close):
-            self.transport.loseConnection()
+            self.close_connection()
         elif isinstance(action, StartTLS):
             self._start_tls()
         elif isinstance(action, Authenticate):
@@ -222,7 +183,7 @@ class POP3Protocol(basic.LineReceiver):
             self.session.state = State.CLOSED
         self.transport.write(ERR_TEMP)
         if self.session.state is State.CLOSED:
-            self.transport.loseConnection()
+            self.close_connection()
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -231,7 +192,7 @@ class POP3Protocol(basic.LineReceiver):
         if dropped:
             log.warn("POP3: discarded {n} bytes pipelined after STLS from {peer}",
                      n=len(dropped), peer=self.peer)
-        self.transport.startTLS(self.runtime.tls)
+        self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
     @defer.inlineCallbacks
@@ -279,9 +240,34 @@ class POP3Protocol(basic.LineReceiver):
                         login_delay=cfg.login_delay, expiry=cfg.expiry)
 
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
+        """Send a big message (or TOP of one): read a piece, stuff it, write it, and wait
+        whenever the transport is full, so a client that does not read holds one piece here
+        (``mailsuite.flow``) and a slow reader slows only itself."""
         done: defer.Deferred[None] = defer.Deferred()
-        self._sender = _MessageSender(self, stream, done)
-        self.transport.registerProducer(self._sender, False)
+        flow = self.flow
+        assert flow is not None
+
+        def pump(_: object = None) -> None:
+            try:
+                while not flow.stopped:
+                    data = stream.file.read(PIECE)
+                    if not data:
+                        self.transport.write(stream.stuffer.finish())
+                        break
+                    self.transport.write(stream.stuffer.feed(data))
+                    self.wait_input()  # the client is reading: that is progress
+                    wait = flow.wait_writable()
+                    if wait is not None:
+                        wait.addCallback(pump)
+                        return
+            except Exception:
+                log.failure("POP3: reading a message for RETR failed")
+                # The response has started: the only safe end is to drop the connection.
+                self.close_connection()
+            stream.file.close()
+            done.callback(None)
+
+        pump()
         return done
 
     def _update(self) -> defer.Deferred[None]:

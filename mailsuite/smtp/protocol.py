@@ -30,7 +30,6 @@ from typing import Any
 
 from twisted.internet import defer, error, interfaces, protocol
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult, Outcome
@@ -43,6 +42,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
+from mailsuite.flow import GatedLineReceiver
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -64,7 +64,7 @@ from mailsuite.smtp.session import (
     Step,
 )
 from mailsuite.tls import peer_tls_info
-from mailsuite.transport import LineReceiver, Transport, transport_of
+from mailsuite.transport import Transport, transport_of
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -80,7 +80,7 @@ _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 _COUNT_GROUP = {"mx": "smtp", "submission": "submission", "sandbox": "smtp"}
 
 
-class SMTPProtocol(LineReceiver):
+class SMTPProtocol(GatedLineReceiver):
     """One SMTP connection."""
 
     delimiter = b"\r\n"
@@ -105,7 +105,6 @@ class SMTPProtocol(LineReceiver):
         self.peer_ip = "unknown"
         self.deadline: ReadDeadline | None = None
         self._held = False  # input paused until a pending action's outcome
-        self._io_paused = False  # transport paused until the disk catches up
 
     @property
     def _name(self) -> str:
@@ -128,6 +127,9 @@ class SMTPProtocol(LineReceiver):
             self._tx.write((R.TOO_MANY_CONNECTIONS if per_ip else R.SERVER_BUSY).encode())
             self._tx.loseConnection()
             return
+        # replies wait unread no more than the transport's buffer: no command is read while
+        # they do (mailsuite.flow), so a client pipelining EHLO without reading costs 64 KiB
+        self.start_flow()
         smtp = self.config.smtp
         self.deadline = ReadDeadline(
             self.runtime.reactor,
@@ -144,6 +146,7 @@ class SMTPProtocol(LineReceiver):
         self._perform(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.stop_flow()
         if self.deadline is not None:
             self.deadline.cancel()
         self.session.connection_lost()
@@ -159,18 +162,18 @@ class SMTPProtocol(LineReceiver):
         what = "connection time limit" if why == SESSION else "timeout"
         reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
         self._tx.write(reply.encode())
-        self._tx.loseConnection()
+        self.hang_up()  # at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802
         self._tx.write(R.LINE_TOO_LONG.encode())
-        self._tx.loseConnection()
+        self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        basic.LineReceiver.dataReceived(self, data)
+        GatedLineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         if self.session.state is State.CLOSED:
@@ -200,11 +203,10 @@ class SMTPProtocol(LineReceiver):
             except OSError as e:
                 log.error("smtp: writing the message failed: {e}", e=e)
                 self.session.write_failed()
-            if message.backlog and not self._io_paused:
+            if message.backlog and not self.input_held("disk"):
                 drained = message.when_drained()
                 if not drained.called:  # the disk is behind: stop reading until it catches up
-                    self._io_paused = True
-                    self._tx.pauseProducing()
+                    self.hold_input("disk")
                     deadline.hold()  # waiting for our disk is not the client's time
                     drained.addCallback(self._io_resume)
         if chunk.rest is None:
@@ -214,11 +216,9 @@ class SMTPProtocol(LineReceiver):
         self._perform(self.session.end_of_data(message.contents))
 
     def _io_resume(self, _: object) -> None:
-        self._io_paused = False
-        if self.transport is not None and not self.paused and not self._tx.disconnecting:
-            if self.deadline is not None:
-                self.deadline.wait(self.config.smtp.timeout, DATA)
-            self._tx.resumeProducing()
+        if self.deadline is not None and not self._held:
+            self.deadline.wait(self.config.smtp.timeout, DATA)
+        self.release_input("disk")
 
     # -- output and actions -----------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class SMTPProtocol(LineReceiver):
             self._release()
 
     def _close(self, action: Close) -> None:
-        self._tx.loseConnection()
+        self.close_connection()
 
     def _receive_data(self, action: ReceiveData) -> None:
         self.setRawMode()
@@ -276,7 +276,7 @@ class SMTPProtocol(LineReceiver):
         if dropped:
             log.warn("smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
                      n=len(dropped), ip=self.peer_ip)
-        self._tx.startTLS(self.runtime.tls)
+        self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
     def _login(self, action: Login) -> None:

@@ -1,0 +1,224 @@
+"""Output flow control for the line protocols (SMTP, IMAP, POP3).  Our own code, on Twisted's
+producer/consumer interfaces.
+
+A client that sends commands and never reads must not make the server keep their answers:
+before this, ``FETCH 1:* BODY[]`` by such a client kept the whole answer (100 MiB for 100
+messages of 1 MiB) in the transport, and pipelined commands (POP3 RETR, SMTP EHLO) filled it
+further while the server went on reading input.  Two rules bound it:
+
+* **produce only while the transport takes it**: ``OutputFlow`` is registered with the
+  transport as a streaming producer for the connection's whole life.  Twisted pauses it when
+  more than ``bufferSize`` (64 KiB) waits unsent and resumes it once everything went to the
+  kernel; a command that writes a lot (a FETCH of message bodies, a POP3 RETR, a long SEARCH
+  or LIST answer) writes one piece of at most ``PIECE`` bytes at a time and waits on
+  :meth:`OutputFlow.wait_writable` between pieces;
+* **read no command while the output is stalled**: while the flow is paused the protocol
+  hands no further line to ``lineReceived`` and stops reading the socket
+  (``GatedLineReceiver``), so a pipelining client gets no further answers queued, whatever
+  the command, and its input waits in the kernel, not here.
+
+So a stalled connection costs the transport's 64 KiB, one piece, and the session's objects;
+the kernel's socket buffers are not the server's memory.  This is what Dovecot (an output
+buffer limit, then the command waits) and Postfix (a blocking write with a deadline) do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from mailsuite.tls import lose_connection
+from mailsuite.transport import LineReceiver
+
+#: The most a command writes in one go before it checks whether the transport wants a pause.
+PIECE = 64 * 1024
+
+
+class GatedLineReceiver(LineReceiver):
+    """A ``LineReceiver`` whose input is held for named reasons ("command": an answer is
+    pending, "disk": the file writes are behind, "output": the client does not read) and
+    flows again only when no reason is left.  A hold stops both reading from the socket and
+    handing already-read lines to ``lineReceived``.
+
+    A stalled output (:meth:`output_stalled`) stops the lines at once but the socket only
+    when more input arrives: a TLS layer pauses its producer while its handshake is under
+    way, and stopping the socket then would stop the handshake for good."""
+
+    transport: Any  # a TCP or TLS transport (Twisted's ITransport lacks most of what we use)
+    _holds: frozenset[str] = frozenset()
+    _stalled = False  # the output waits unread: no line is handled
+    _socket_paused = False  # we asked the transport to stop reading
+    flow: OutputFlow | None = None
+    _registered = False
+
+    # -- the output flow -------------------------------------------------------------------
+
+    def start_flow(self) -> OutputFlow:
+        """Register the connection's :class:`OutputFlow` (call in ``connectionMade``)."""
+        self.flow = OutputFlow(self)
+        self.transport.registerProducer(self.flow, True)
+        self._registered = True
+        return self.flow
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+
+    def close_connection(self) -> None:
+        """Close once the buffered output is sent.  Always close this way, never with a bare
+        ``transport.loseConnection()``: Twisted closes a connection that has a registered
+        producer only once it is unregistered (over TLS never, over TCP not while paused)."""
+        self._unregister()
+        lose_connection(self.transport)  # over TLS: not waiting for the peer's close_notify
+
+    def hang_up(self) -> None:
+        """Close after a timeout: politely when the client reads, at once when it does not
+        (a polite close would wait for it forever), or when a polite one is already waiting."""
+        if (self.flow is not None and self.flow.paused) or self.transport.disconnecting:
+            self.transport.abortConnection()
+        else:
+            self.close_connection()
+
+    def begin_tls(self, context: Any) -> None:
+        """``transport.startTLS``, with the flow moved onto the TLS layer (which pauses it
+        while the handshake holds back what we write)."""
+        registered = self._registered
+        self._unregister()
+        self.transport.startTLS(context)
+        if registered and self.flow is not None:
+            self.transport.registerProducer(self.flow, True)
+            self._registered = True
+            if self.flow.paused:
+                self.flow.resumeProducing()  # the next write pauses it again if need be
+
+    def stop_flow(self) -> None:
+        """The connection is gone (call in ``connectionLost``): commands waiting to write
+        wake up and see :attr:`OutputFlow.stopped`."""
+        self._registered = False
+        if self.flow is not None:
+            self.flow.stopProducing()
+
+    # -- input -----------------------------------------------------------------------------
+
+    def hold_input(self, reason: str) -> None:
+        self._holds = self._holds | {reason}
+        self.paused = True
+        if not self._socket_paused:
+            self._socket_paused = True
+            self.transport.pauseProducing()
+
+    def release_input(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds = self._holds - {reason}
+            self._resume_if_free()
+
+    def input_held(self, reason: str) -> bool:
+        return reason in self._holds
+
+    def _resume_if_free(self) -> None:
+        """No hold left: hand on the lines read before, and read the socket again only when
+        they did not stall the output once more (else more input would pile up here)."""
+        if self._holds or self.transport is None or self.transport.disconnecting:
+            return
+        if not self._stalled:
+            self.paused = False
+            self.dataReceived(b"")  # the lines read before the hold
+        if not self._holds and not self._stalled and self._socket_paused:
+            self._socket_paused = False
+            self.transport.resumeProducing()
+
+    # LineReceiver's own pause/resume, as the protocols use them to keep pipelined replies in
+    # order, are the "command" hold: they must not undo the other holds.
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.hold_input("command")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.release_input("command")
+
+    def output_stalled(self) -> None:
+        self._stalled = True
+        self.paused = True
+
+    def output_flowing(self) -> None:
+        self._stalled = False
+        self._holds = self._holds - {"output"}
+        self._resume_if_free()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._stalled and data:
+            self.hold_input("output")  # keep this, read no more until the client reads
+        super().dataReceived(data)
+
+
+@implementer(IPushProducer)
+class OutputFlow:
+    """The connection's streaming producer: whether the transport wants a pause, and who waits
+    for it to end (made by :meth:`GatedLineReceiver.start_flow`)."""
+
+    def __init__(self, proto: GatedLineReceiver) -> None:
+        self.proto = proto
+        self.paused = False
+        #: the connection is gone: nothing more will be written, waiting commands stop
+        self.stopped = False
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def wait_writable(self) -> defer.Deferred[None] | None:
+        """None when the transport takes more now; else a Deferred that fires when it does
+        (or when the connection is gone: check :attr:`stopped`)."""
+        if not self.paused or self.stopped:
+            return None
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self.stopped:
+            return
+        self.paused = True
+        self.proto.output_stalled()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        if not self.stopped and not self.paused:
+            self.proto.output_flowing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """The transport is closing: wake the waiters so they see :attr:`stopped` and end."""
+        if not self.stopped:
+            self.stopped = True
+            self.resumeProducing()
+
+
+def paced(
+    wait_writable: Callable[[], defer.Deferred[None] | None],
+    gone: Callable[[], bool],
+    write: Callable[[bytes], None],
+    pieces: Iterable[bytes],
+) -> Generator[defer.Deferred[None], Any, None]:
+    """Write ``pieces`` (an iterable of bytes, produced lazily) in writes of about ``PIECE``
+    bytes, yielding the Deferred to wait on whenever the transport asks for a pause (for a
+    driver that resumes the generator when it fires, like the IMAP session's).  Returns
+    early once ``gone()``: the rest would be written to nobody."""
+    buf: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        buf.append(piece)
+        size += len(piece)
+        if size >= PIECE:
+            write(b"".join(buf))
+            buf, size = [], 0
+            wait = wait_writable()
+            if wait is not None:
+                yield wait
+            if gone():
+                return
+    if buf:
+        write(b"".join(buf))
