@@ -28,6 +28,7 @@ from mailsuite.imap.search import Needs, header_of, parse_search
 from mailsuite.imap.sequence import compress
 from mailsuite.imap.session_base import SessionBase, _bad, _no, log, vanished_earlier
 from mailsuite.store.mailbox import FolderView, copy_blocking
+from mailsuite.store.space import DiskFull
 
 BATCH = 1000  # messages per index query (their answers go out as the client reads them)
 _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
@@ -113,8 +114,11 @@ class MessageCommands(SessionBase):
                     if u in fl and "\\Seen" not in fl[u]
                 ]
                 if changes:
-                    folder.store(v, changes)
-                    seen_now.update(u for u, _ in changes)
+                    try:
+                        folder.store(v, changes)
+                        seen_now.update(u for u, _ in changes)
+                    except DiskFull:  # mail can be read on a full disk, just not marked
+                        log.warn("FETCH for {user}: \\Seen not set (disk full)", user=self.user)
             details = None
             if plan.need_details:
                 details = folder.index.details(

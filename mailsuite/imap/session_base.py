@@ -20,6 +20,7 @@ from mailsuite.imap.fetch_response import flags_bytes
 from mailsuite.imap.parser import Command, mailbox
 from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
 from mailsuite.store.mailbox import SEPARATOR, Account, FolderRegistry, FolderView
+from mailsuite.store.space import log_failure
 
 log = Logger(namespace="mailsuite.imap")
 
@@ -163,8 +164,8 @@ class SessionBase:
         if refresh and v.invalid is None:
             try:
                 v.folder.refresh()
-            except Exception:  # noqa: BLE001
-                log.failure("refresh failed")
+            except Exception as e:  # noqa: BLE001
+                log_failure(log, e, "refresh failed")
         if v.invalid is not None:
             reason = v.invalid
             self.untagged("BYE " + reason)

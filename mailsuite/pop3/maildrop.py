@@ -41,6 +41,7 @@ from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGo
 from mailsuite.store.index import Message
 from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.space import DiskFull
 
 LOCK_NAME = "mailsuite-pop3.lock"
 LOGIN_STAMP_NAME = "mailsuite-pop3-login"
@@ -182,7 +183,11 @@ class Maildrop:
         msg = self.message(number)
         if SEEN in msg.flags:
             return
-        if self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})]):
+        try:
+            stored = self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})])
+        except DiskFull:
+            return  # the message is sent all the same; it stays unseen (a full disk)
+        if stored:
             updated = self.folder.index.get(msg.uid)
             if updated is not None:
                 self.messages[number - 1] = updated

@@ -47,6 +47,7 @@ from mailsuite.pop3.session import (
     err,
 )
 from mailsuite.runtime import Runtime
+from mailsuite.store.space import log_failure
 
 log = Logger(namespace="mailsuite.pop3")
 
@@ -214,7 +215,8 @@ class POP3Protocol(GatedLineReceiver):
                     log.info("POP3: {user} from {peer} refused: maildrop in use",
                              user=result.user, peer=self.peer)
                 elif not isinstance(e, LoginTooSoon):
-                    log.failure("POP3: opening the maildrop of {user} failed", user=result.user)
+                    log_failure(log, e, "POP3: opening the maildrop of {user} failed",
+                                user=result.user)
         if not self.transport.connected:
             if maildrop is not None:
                 maildrop.close()
@@ -283,7 +285,7 @@ class POP3Protocol(GatedLineReceiver):
             finally:
                 md.close()
         except Exception as e:
-            log.failure("POP3: UPDATE for {user} failed", user=self.session.user)
+            log_failure(log, e, "POP3: UPDATE for {user} failed", user=self.session.user)
             step = self.session.update_finished(None, e)
         else:
             if expunged:

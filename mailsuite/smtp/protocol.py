@@ -63,6 +63,7 @@ from mailsuite.smtp.session import (
     State,
     Step,
 )
+from mailsuite.store.space import is_disk_full
 from mailsuite.tls import peer_tls_info
 from mailsuite.transport import Transport, transport_of
 
@@ -363,6 +364,10 @@ class SMTPProtocol(GatedLineReceiver):
             return True, result.reply  # a refusal: the only recipient's script rejected it
 
         def failed(f: Failure) -> tuple[bool, Reply | None]:
+            if is_disk_full(f.value):
+                # 452 4.3.1; nothing of the message stays on disk (IncomingMessage removed it)
+                log.warn("smtp: {id} not stored: the disk is full", id=txid)
+                return False, R.NO_STORAGE
             if f.check(OSError, DeliveryError):
                 # The store or the queue cannot be written (full, read-only, broken
                 # folder): an operating condition, not a bug; the client retries on 451.
@@ -426,10 +431,21 @@ def _has_queue(runtime: Runtime) -> Callable[[], bool]:
     return lambda: runtime.queue is not None
 
 
+def _space_low(runtime: Runtime) -> Callable[[int], bool] | None:
+    """The free-space rule of ``[smtp] min_free_space`` (``mailsuite.store.space``)."""
+    space = runtime.space
+    if space is None:
+        return None
+    too_low: Callable[[int], bool] = space.too_low
+    return too_low
+
+
 def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
     """``[listen] smtp``: the receiving MX service (port 25 role); never offers AUTH.  Mail
     authentication checks inbound mail and signs what trusted networks relay."""
-    profile = mx_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    profile = mx_profile(
+        runtime.config, runtime.directory, _has_queue(runtime), _space_low(runtime)
+    )
     if runtime.mail_auth is not None:
         signing = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=True)
         check = MailAuthCheck(runtime.mail_auth, signing)
@@ -441,7 +457,9 @@ def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFact
 def submission_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
     """``[listen] submission`` (587, STARTTLS) and ``submissions`` (465, implicit TLS); mail
     from a local domain with a DKIM key is signed before it is made durable."""
-    profile = submission_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    profile = submission_profile(
+        runtime.config, runtime.directory, _has_queue(runtime), _space_low(runtime)
+    )
     if runtime.mail_auth is not None:
         check = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=False)
         p = profile
