@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mailsuite.imap.fetch_source import PIECE as _PIECE
 from mailsuite.imap.fetch_source import MessageFile
@@ -68,7 +69,7 @@ class FetchPlan:
             i.name == "BODY" and i.section is not None for i in self.items
         )
 
-    def need_file(self, row: tuple | None) -> bool:
+    def need_file(self, row: tuple[Any, ...] | None) -> bool:
         """Does this message's response read its file (given its index row)?"""
         if self._content:
             return True
@@ -84,7 +85,7 @@ def fetch_pieces(
     flags: dict[int, str],
     modseqs: dict[int, int],
     is_recent: Callable[[int], bool],
-    details: dict[int, tuple] | None,
+    details: dict[int, tuple[Any, ...]] | None,
     cache_out: list[tuple[int, str, bytes]],
     add_flags: set[int],
 ) -> Iterator[bytes]:
@@ -180,7 +181,7 @@ def _resolve(
     f: str,
     is_recent: Callable[[int], bool],
     modseqs: dict[int, int],
-    row: tuple | None,
+    row: tuple[Any, ...] | None,
     source: MessageFile | None,
     cache_out: list[tuple[int, str, bytes]],
 ) -> list[_Part]:

@@ -82,14 +82,13 @@ def is_disk_full(exc: BaseException | None, path: Path | None = None) -> bool:
 
 
 def log_failure(log: Any, exc: BaseException, text: str, **fields: Any) -> None:
-    """``log.failure(text)`` with the traceback, unless ``exc`` is a full disk: that is no
-    bug, it gets one line (a full disk must not also fill the log)."""
+    """In an ``except`` block for ``exc``: ``log.failure(text)`` with the traceback (of the
+    exception being handled), unless ``exc`` is a full disk: that is no bug, it gets one line
+    (a full disk must not also fill the log)."""
     if is_disk_full(exc):
         log.warn(text + ": the disk is full", **fields)
     else:
-        from twisted.python.failure import Failure
-
-        log.failure(text, failure=Failure(exc), **fields)
+        log.failure(text, **fields)
 
 
 class FreeSpace:
