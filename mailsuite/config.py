@@ -84,9 +84,7 @@ class SMTPLimits:
     # numbers, so a flood on port 25 cannot lock the users out of submission.
     max_connections: int = 500
     max_connections_per_ip: int = 50  # before AUTH; [relay] trusted_networks are exempt
-    #: bytes that must stay free on the data folder's file system, or MAIL is answered 452
-    #: 4.3.1 (Postfix's queue_minfree); None: the larger of 2 x max_message_size and 1% of
-    #: the file system; 0: never refuse
+    #: free bytes under which MAIL gets 452 4.3.1 (None: mailsuite.store.space's default)
     min_free_space: int | None = None
 
 
