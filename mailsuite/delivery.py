@@ -250,7 +250,8 @@ class IncomingMessage:
 
     def _read_blocking(self) -> bytes:
         if self._io_error is not None:
-            raise DeliveryError(f"writing the message failed: {self._io_error}")
+            error = self._io_error
+            raise DeliveryError(f"writing the message failed: {error}") from error
         with open(self.path, "rb") as f:
             f.seek(len(self._trace))
             return f.read()

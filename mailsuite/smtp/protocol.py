@@ -342,6 +342,9 @@ class SMTPProtocol(GatedLineReceiver):
         d = defer.ensureDeferred(policy.end_of_data(self.session, action.message))
 
         def failed(failure: Failure) -> Verdict:
+            if is_disk_full(failure.value):  # the message could not be written whole
+                log.warn("smtp: message from {ip} not stored: the disk is full", ip=self.peer_ip)
+                return Verdict(reply=R.NO_STORAGE, reason="the disk is full")
             log.failure("smtp: an end-of-data check failed for {ip}", failure, ip=self.peer_ip)
             return Verdict(reply=R.INTERNAL_ERROR, reason="end-of-data check failed")
 

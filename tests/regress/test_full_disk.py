@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.harness import PASSWORD, Server
+from tests.harness import PASSWORD, Server, wait_until
 
 USER = "joe@example.test"
 RESERVE_NAME = "mailsuite-space-reserve"  # mailsuite.store.space.RESERVE_NAME
@@ -162,7 +162,8 @@ def test_full_disk(small_disk: Path, tmp_path: Path) -> None:
             code, text = c.data(message(100 + size, size))
             c.close()
             assert (code, text[:5]) == (452, b"4.3.1"), (code, text)
-            assert list((server.maildir(USER) / "tmp").iterdir()) == []
+            tmp = server.maildir(USER) / "tmp"
+            wait_until(lambda: not list(tmp.iterdir()), 10, "the partial file to go")  # noqa: B023
             assert stored(server) == []
             if filler is not None:
                 filler.unlink()
