@@ -276,3 +276,42 @@ def test_smtp_min_free_space_refuses_at_mail_from(small_disk: Path, tmp_path: Pa
             s.sendall(b"QUIT\r\n")
     finally:
         server.stop()
+
+
+def test_delete_at_zero_bytes_in_an_open_session(small_disk: Path, tmp_path: Path) -> None:
+    """The disk fills while a session has INBOX selected (the usual way it happens): at 0
+    bytes free STORE \\Deleted + EXPUNGE must really remove the mail and free the space, the
+    other messages keep their flags, and the index works afterwards (no [SERVERBUG], no
+    traceback).  No ``min_free_space`` here: only what IMAP does on a full disk."""
+    server = Server(tmp_path, services=("imap",), extra_toml="[auth]\nallow_plaintext = true\n")
+    server.start()
+    try:
+        server.add_user(USER)
+        m = login(server)
+        for n in range(4):
+            assert m.append("INBOX", None, None, message(n, 1024 * 1024))[0] == "OK"
+        typ, data = m.select("INBOX")
+        assert typ == "OK" and int(data[0]) == 4, data
+        assert m.store("4", "+FLAGS", "(\\Flagged)")[0] == "OK"
+        fill(small_disk)
+        assert free(small_disk) < 4096
+        before = len(stored(server))
+        typ, data = m.store("1:3", "+FLAGS", "(\\Deleted)")
+        assert typ == "OK", data
+        typ, data = m.expunge()
+        assert typ == "OK", data
+        assert sorted(data) == [b"1", b"2", b"3"], data  # three EXPUNGE responses
+        assert (before, len(stored(server))) == (4, 1)  # the OK is true: the files are gone
+        assert free(small_disk) > 2 * 1024 * 1024
+        typ, data = m.fetch("1", "(FLAGS)")
+        assert typ == "OK" and b"\\Flagged" in data[0], data
+        m.logout()
+        # a new session finds what the first one left
+        m = login(server)
+        typ, data = m.select("INBOX")
+        assert typ == "OK" and int(data[0]) == 1, data
+        typ, data = m.fetch("1", "(FLAGS)")
+        assert typ == "OK" and b"\\Flagged" in data[0], data
+        m.logout()
+    finally:
+        server.stop()  # fails the test on a traceback in the log

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from mailsuite.imap.message import to_crlf
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
 from tests.harness import PASSWORD, Server
 
 USER = "joe@example.test"

@@ -14,7 +14,7 @@ import pytest
 from mailsuite.store import space
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.mailbox import append_blocking
-from mailsuite.store.maildir import ensure_folder, write_message
+from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.space import (
     RESERVE_NAME,
     DiskFull,
@@ -24,6 +24,7 @@ from mailsuite.store.space import (
     release_reserve,
     retry_on_full,
 )
+from mailsuite.store.write import write_message
 
 FULL = sqlite3.OperationalError("database or disk is full")
 
@@ -184,3 +185,21 @@ def test_append_on_a_full_disk_leaves_nothing(
     with pytest.raises(OSError):
         append_blocking(folder, b"Subject: y\n\nbody\n", frozenset(), None)
     assert os.listdir(folder / "tmp") == []
+
+
+def test_append_whose_index_cannot_open_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The draft is written, then the index cannot be opened (a full disk with no reserve
+    left: SQLite cannot make its -wal/-shm files): the draft goes too."""
+    folder = ensure_folder(tmp_path / "box")
+
+    def full_open(self: FolderIndex) -> sqlite3.Connection:
+        raise FULL
+
+    monkeypatch.setattr(FolderIndex, "_open", full_open)
+    monkeypatch.setattr(space, "free_bytes", lambda path: 0)
+    with pytest.raises(DiskFull):
+        append_blocking(folder, b"Subject: z\n\nbody\n", frozenset({"\\Seen"}), None)
+    for sub in ("tmp", "new", "cur"):
+        assert os.listdir(folder / sub) == [], sub
