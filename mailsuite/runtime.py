@@ -13,6 +13,7 @@ from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.mailbox import FolderRegistry
+from mailsuite.store.space import FreeSpace
 
 
 @dataclass
@@ -35,9 +36,9 @@ class Runtime:
     #: Folders open in IMAP and POP3 sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
     #: shared by every listener of both; made on first use by :meth:`folder_registry`.
     folders: FolderRegistry | None = None
-    #: Free space on the data folder's file system (:class:`mailsuite.store.space.FreeSpace`):
-    #: SMTP refuses MAIL while it is too low.  None: never checked.
-    space: Any | None = None
+    #: Free space on the data folder's file system: SMTP refuses MAIL while it is too low
+    #: (``[smtp] min_free_space``).  None: never checked.
+    space: FreeSpace | None = None
     #: Connection counters per service ("smtp", "submission", "imap", "pop3"), shared by the
     #: listeners of each (see mailsuite.connection_limits.shared_limits).
     connection_limits: dict[str, ConnectionLimits] = field(default_factory=dict)

@@ -160,7 +160,7 @@ class MessageCommands(SessionBase):
 
     # -- STORE ----------------------------------------------------------------------------------
 
-    def do_STORE(self, cmd: Command) -> None:
+    def do_STORE(self, cmd: Command) -> Generator[Any, Any, None]:
         args = list(cmd.args)
         if len(args) < 3:
             raise _bad("STORE expects a message set, an action and flags")
@@ -202,8 +202,15 @@ class MessageCommands(SessionBase):
         modified = (
             [u for u, _ in changes if u not in done_uids] if unchangedsince is not None else []
         )
-        out = []
-        if not silent or self.condstore:
+
+        def fetch_lines() -> Iterator[bytes]:
+            """The untagged FETCH of each changed message, made as the client reads them
+            (STORE 1:* in a big mailbox answers a line per message)."""
+            # a keyword new to the mailbox is announced before the FETCH that shows it
+            # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
+            yield self.keyword_news()
+            if silent and not (self.condstore and unchangedsince):
+                return
             for seq, u in targets:
                 if u not in done_uids or u not in fl:
                     continue
@@ -213,12 +220,11 @@ class MessageCommands(SessionBase):
                     items.append(flags_bytes(fl[u], v.is_recent(u)))
                 if self.condstore:
                     items.append(b"MODSEQ (%d)" % folder.modseqs.get(u, 1))
-                if silent and not unchangedsince:
-                    continue
-                out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
-        # a keyword new to the mailbox is announced before the FETCH that shows it
-        # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
-        self.send(self.keyword_news() + b"".join(out))
+                yield b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items))
+
+        yield from self.send_paced(fetch_lines())
+        if self.proto.gone():
+            return
         if modified:
             if cmd.uid:
                 mset = compress(modified)

@@ -436,11 +436,7 @@ def _has_queue(runtime: Runtime) -> Callable[[], bool]:
 
 def _space_low(runtime: Runtime) -> Callable[[int], bool] | None:
     """The free-space rule of ``[smtp] min_free_space`` (``mailsuite.store.space``)."""
-    space = runtime.space
-    if space is None:
-        return None
-    too_low: Callable[[int], bool] = space.too_low
-    return too_low
+    return runtime.space.too_low if runtime.space is not None else None
 
 
 def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:

@@ -133,10 +133,10 @@ def frees_space(
     transaction leaves nothing done, and :meth:`FolderIndex.store_flags
     <mailsuite.store.index.FolderIndex.store_flags>` renames its files back."""
 
-    @functools.wraps(method)
-    def run(self: _DB, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return retry_on_full(self.folder, lambda: method(self, *args, **kwargs))
+    def run(db: _DB, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return retry_on_full(db.folder, lambda: method(db, *args, **kwargs))
 
+    functools.update_wrapper(run, method)
     return run
 
 
