@@ -20,10 +20,17 @@ further while the server went on reading input.  Two rules bound it:
 So a stalled connection costs the transport's 64 KiB, one piece, and the session's objects;
 the kernel's socket buffers are not the server's memory.  This is what Dovecot (an output
 buffer limit, then the command waits) and Postfix (a blocking write with a deadline) do.
+
+When stalled connections close, their buffers are freed but the C allocator keeps the pages
+(64 KiB pieces come from the heap, not from ``mmap``), so the process's RSS would stay at its
+peak; :class:`HeapTrim` hands them back to the system (glibc's ``malloc_trim``) shortly after
+(measured: 500 stalled FETCH readers, +87 MiB while they wait, all but 21 MiB of it returned).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
@@ -96,12 +103,16 @@ class GatedLineReceiver(LineReceiver):
             if self.flow.paused:
                 self.flow.resumeProducing()  # the next write pauses it again if need be
 
-    def stop_flow(self) -> None:
+    def stop_flow(self, trim: HeapTrim | None = None) -> None:
         """The connection is gone (call in ``connectionLost``): commands waiting to write
-        wake up and see :attr:`OutputFlow.stopped`."""
+        wake up and see :attr:`OutputFlow.stopped`.  ``trim``: the process's
+        :class:`HeapTrim`, told when this connection's output ever stalled (its buffers were
+        the memory a client that does not read costs)."""
         self._registered = False
         if self.flow is not None:
             self.flow.stopProducing()
+            if trim is not None and self.flow.stalled_once:
+                trim.soon()
 
     # -- input -----------------------------------------------------------------------------
 
@@ -163,6 +174,8 @@ class OutputFlow:
     def __init__(self, proto: GatedLineReceiver) -> None:
         self.proto = proto
         self.paused = False
+        #: the transport asked for a pause at least once (the client did not keep up)
+        self.stalled_once = False
         #: the connection is gone: nothing more will be written, waiting commands stop
         self.stopped = False
         self._waiting: list[defer.Deferred[None]] = []
@@ -180,6 +193,7 @@ class OutputFlow:
         if self.stopped:
             return
         self.paused = True
+        self.stalled_once = True
         self.proto.output_stalled()
 
     def resumeProducing(self) -> None:  # noqa: N802
@@ -222,3 +236,47 @@ def paced(
                 return
     if buf:
         write(b"".join(buf))
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` from the C library the process runs on; None elsewhere (musl,
+    macOS: nothing to do there)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+class HeapTrim:
+    """Give the memory stalled connections held back to the system once they closed (one per
+    process: :meth:`mailsuite.runtime.Runtime.heap_trim`): a full garbage collection (a
+    closed session's objects refer to each other, so only the cycle collector frees them),
+    then glibc's ``malloc_trim``.  A burst of closes makes one trim, ``delay`` seconds after
+    the last, and there is at most one per ``interval`` seconds: both are walks over every
+    object and every free chunk (milliseconds to a few tens of them, in the reactor thread),
+    paid only after clients that did not keep up went away."""
+
+    def __init__(self, reactor: Any, delay: float = 1.0, interval: float = 10.0) -> None:
+        self.reactor = reactor
+        self.delay = delay
+        self.interval = interval
+        self._call: Any = None
+        self._last = -interval
+        self._trim = _malloc_trim()
+
+    def soon(self) -> None:
+        if self._trim is None:
+            return
+        wait = max(self.delay, self._last + self.interval - self.reactor.seconds())
+        if self._call is not None and self._call.active():
+            self._call.reset(wait)
+            return
+        self._call = self.reactor.callLater(wait, self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        self._last = self.reactor.seconds()
+        if self._trim is not None:
+            gc.collect()
+            self._trim(0)

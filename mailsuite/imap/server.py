@@ -83,7 +83,7 @@ class IMAPProtocol(GatedLineReceiver):
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
-        self.stop_flow()
+        self.stop_flow(self.shared.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:

@@ -100,7 +100,7 @@ class POP3Protocol(GatedLineReceiver):
         self.transport.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
-        self.stop_flow()
+        self.stop_flow(self.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:

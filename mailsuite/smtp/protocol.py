@@ -147,7 +147,7 @@ class SMTPProtocol(GatedLineReceiver):
         self._perform(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
-        self.stop_flow()
+        self.stop_flow(self.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         self.session.connection_lost()

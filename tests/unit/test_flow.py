@@ -111,3 +111,38 @@ def test_paced_writes_pieces_and_waits_while_paused() -> None:
     flow.stopProducing()  # the connection went away: the rest is not produced
     assert list(gen) == []
     assert sum(map(len, written)) < 4 * PIECE
+
+
+def test_heap_trim_once_after_a_burst_of_stalled_closes() -> None:
+    """Connections whose output stalled hand their freed memory back with one trim, a
+    moment after the last of a burst closed; a connection that never stalled asks none."""
+    from twisted.internet import task
+
+    from mailsuite.flow import HeapTrim
+
+    clock = task.Clock()
+    trims: list[int] = []
+    heap = HeapTrim(clock, delay=1.0)
+    heap._trim = trims.append  # the real one is glibc's malloc_trim
+
+    proto, _ = connected()
+    proto.stop_flow(heap)  # never stalled
+    clock.advance(5)
+    assert trims == []
+    for _ in range(3):
+        proto, _ = connected()
+        assert proto.flow is not None
+        proto.flow.pauseProducing()
+        proto.stop_flow(heap)
+        clock.advance(0.5)
+    assert trims == []  # still closing: one trim at the end, not one each
+    clock.advance(1)
+    assert trims == [0]
+    proto, _ = connected()
+    assert proto.flow is not None
+    proto.flow.pauseProducing()
+    proto.stop_flow(heap)
+    clock.advance(5)
+    assert trims == [0]  # at most one per interval (10 s)
+    clock.advance(5)
+    assert trims == [0, 0]
