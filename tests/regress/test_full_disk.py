@@ -22,7 +22,7 @@ import smtplib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -315,3 +315,41 @@ def test_delete_at_zero_bytes_in_an_open_session(small_disk: Path, tmp_path: Pat
         m.logout()
     finally:
         server.stop()  # fails the test on a traceback in the log
+
+
+def test_pop3_deletes_at_zero_bytes(small_disk: Path, tmp_path: Path) -> None:
+    """POP3 on a full disk: the maildrop opens (its index needs room: the reserve), RETR
+    sends the message, DELE + QUIT removes it and frees the space."""
+    import poplib
+
+    from mailsuite.store.maildir import ensure_folder
+    from mailsuite.store.write import write_message
+
+    server = Server(tmp_path, services=("pop3",), extra_toml="[auth]\nallow_plaintext = true\n")
+    server.start()
+    try:
+        server.add_user(USER)
+        box = ensure_folder(server.maildir(USER))
+        bodies = [message(n, 1024 * 1024).replace(b"\r\n", b"\n") for n in range(3)]
+        for body in bodies:
+            write_message(box, [body])
+        wait_until(reserve_made(small_disk), 10, "the space reserve")
+        fill(small_disk)
+        assert free(small_disk) < 4096
+        pop = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        assert pop.stat()[0] == 3
+        _, lines, _ = pop.retr(1)
+        assert b"\n".join(lines) + b"\n" in bodies
+        for n in (1, 2):
+            assert pop.dele(n).startswith(b"+OK")
+        assert pop.quit().startswith(b"+OK")
+        assert len(stored(server)) == 1  # the +OK is true: the files are gone
+        assert free(small_disk) > 1024 * 1024
+    finally:
+        server.stop()  # fails the test on a traceback in the log
+
+
+def reserve_made(disk: Path) -> Callable[[], bool]:
+    return lambda: (disk / "mail" / RESERVE_NAME).exists()
