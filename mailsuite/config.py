@@ -84,6 +84,8 @@ class SMTPLimits:
     # numbers, so a flood on port 25 cannot lock the users out of submission.
     max_connections: int = 500
     max_connections_per_ip: int = 50  # before AUTH; [relay] trusted_networks are exempt
+    #: free bytes under which MAIL gets 452 4.3.1 (None: mailsuite.store.space's default)
+    min_free_space: int | None = None
 
 
 #: ``tls`` of a route: no TLS; STARTTLS when offered; STARTTLS or a temporary failure;
@@ -562,6 +564,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_connections_per_ip=smtp_r.positive(
             "max_connections_per_ip", SMTPLimits.max_connections_per_ip, 0
         ),
+        min_free_space=_min_free_space(smtp_r),
     )
     smtp_r.finish()
 
@@ -764,6 +767,13 @@ def _web_config(reader: _Reader) -> WebConfig:
         public[service] = port
     reader.finish()
     return WebConfig(public_ports=public)
+
+
+def _min_free_space(reader: _Reader) -> int | None:
+    value = reader.get("min_free_space", int, None)
+    if value is not None and value < 0:
+        raise reader.fail("min_free_space", f"must be 0 (never refuse) or more, got {value}")
+    return value  # type: ignore[no-any-return]
 
 
 def _path(base: Path, value: str) -> Path:

@@ -250,7 +250,8 @@ class IncomingMessage:
 
     def _read_blocking(self) -> bytes:
         if self._io_error is not None:
-            raise DeliveryError(f"writing the message failed: {self._io_error}")
+            error = self._io_error
+            raise DeliveryError(f"writing the message failed: {error}") from error
         with self.path.open("rb") as f:
             f.seek(len(self._trace))
             return f.read()
@@ -293,10 +294,17 @@ class IncomingMessage:
 
             def after_writes(_: object) -> defer.Deferred[Outgoing]:
                 if self._io_error is not None:
-                    self._blocking(self._abort_blocking).addErrback(
+                    error = self._io_error
+
+                    def failed(_: object) -> Outgoing:
+                        raise DeliveryError(f"writing the message failed: {error}") from error
+
+                    # the file is gone before the client hears 4xx (nothing half-written stays)
+                    removed = self._blocking(self._abort_blocking)
+                    removed.addErrback(
                         lambda f: log.failure("removing {path} failed", f, path=self.path)
                     )
-                    raise DeliveryError(f"writing the message failed: {self._io_error}")
+                    return removed.addCallback(failed)
                 return self._blocking(self._finish_blocking, tail, head_edit, folder)
 
             d = self._io.addCallback(after_writes)

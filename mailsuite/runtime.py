@@ -11,8 +11,10 @@ from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
+from mailsuite.flow import HeapTrim
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.mailbox import FolderRegistry
+from mailsuite.store.space import FreeSpace
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Runtime:
     #: Folders open in IMAP and POP3 sessions (:class:`mailsuite.store.mailbox.FolderRegistry`),
     #: shared by every listener of both; made on first use by :meth:`folder_registry`.
     folders: FolderRegistry | None = None
+    #: Free space on the data folder's file system: SMTP refuses MAIL while it is too low
+    #: (``[smtp] min_free_space``).  None: never checked.
+    space: FreeSpace | None = None
     #: Connection counters per service ("smtp", "submission", "imap", "pop3"), shared by the
     #: listeners of each (see mailsuite.connection_limits.shared_limits).
     connection_limits: dict[str, ConnectionLimits] = field(default_factory=dict)
@@ -49,6 +54,8 @@ class Runtime:
     #: :class:`mailsuite.sandbox.service.Sandbox` in sandbox mode (``[server] mode``), else
     #: None: the capture catalog, its events and waiters.
     sandbox: Any | None = None
+    #: Returns freed memory after stalled connections close (made by :meth:`heap_trim`).
+    heap: HeapTrim | None = None
 
     def folder_registry(self) -> FolderRegistry:
         """The process's one registry of open folders (the folder model IMAP and POP3 share,
@@ -57,3 +64,10 @@ class Runtime:
             reactor = self.reactor
             self.folders = FolderRegistry(self.changes, lambda f: reactor.callLater(0, f))
         return self.folders
+
+    def heap_trim(self) -> HeapTrim:
+        """The process's one :class:`~mailsuite.flow.HeapTrim`, told by each protocol
+        when a connection whose output stalled closes."""
+        if self.heap is None:
+            self.heap = HeapTrim(self.reactor)
+        return self.heap

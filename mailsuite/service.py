@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet import endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from mailsuite.queue.runner import make_spool, queue_service
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.store.events import ChangeHub
+from mailsuite.store.space import FreeSpace, ensure_reserve
 
 log = Logger(namespace="mailsuite.service")
 
@@ -83,6 +84,9 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
     auth = Authenticator(directory, config.auth, reactor)
     runtime = Runtime(config, reactor, directory, auth, _change_hub())
+    runtime.space = FreeSpace(
+        config.data_dir, config.smtp.min_free_space, config.smtp.max_message_size, reactor.seconds
+    )
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)
     runtime.resolver = server_resolver(config.nameservers, reactor)
@@ -383,4 +387,21 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
     out.append(LeftoverSweeper(runtime))
     if runtime.sandbox is not None:
         out.append(runtime.sandbox)
+    out.append(_reserve_service(runtime))
     return out
+
+
+def _reserve_service(runtime: Runtime) -> service.Service:
+    """Keep the space reserve in the mail folder (``mailsuite.store.space``): made at start,
+    and again every minute once a full disk used it up and there is room."""
+    mail_dir = runtime.config.mail_dir
+    reactor = runtime.reactor
+
+    def check() -> Any:
+        return threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), ensure_reserve, mail_dir
+        )
+
+    svc = TimerService(60, check)
+    svc.clock = reactor
+    return svc

@@ -8,6 +8,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from mailsuite.flow import HeapTrim
+
 
 @implementer(ITLSTransport)
 class TLSStringTransport(StringTransport):
@@ -21,9 +23,14 @@ class TLSStringTransport(StringTransport):
 
 class FakeRuntime:
     """The parts of ``mailsuite.runtime.Runtime`` an adapter reads before login: a TLS context
-    (any object: TLSStringTransport does not use it) and a clock for its timers."""
+    (any object: TLSStringTransport does not use it), a clock for its timers and the heap
+    trimmer a connection tells when it closes."""
 
     tls = object()
 
     def __init__(self) -> None:
         self.reactor = Clock()
+        self.heap = HeapTrim(self.reactor)
+
+    def heap_trim(self) -> HeapTrim:
+        return self.heap

@@ -77,6 +77,9 @@ def wait_port(
         wait_until(listening, timeout, f"{host}:{port} to open")
     except AssertionError:
         raise TimeoutError(f"{host}:{port} did not open") from None
+    # and until the server has seen the probe go: it counts towards the per-IP connection
+    # limit until then, and a test that opens max_connections_per_ip at once would race it
+    wait_until(lambda: not server_connections(port), timeout, f"{host}:{port} to drop the probe")
 
 
 class Server:

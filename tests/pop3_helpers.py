@@ -64,6 +64,9 @@ class FakeMaildrop:
         head, _, body = self.read(n).partition(b"\n\n")
         return head + b"\n\n" + b"".join(x + b"\n" for x in body.split(b"\n")[:lines] if x)
 
+    def open_top(self, n: int, lines: int) -> io.BytesIO:
+        return io.BytesIO(self.read_top(n, lines))
+
     def mark_seen(self, n: int) -> None:
         self.seen.add(n)
 

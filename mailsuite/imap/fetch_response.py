@@ -2,18 +2,20 @@
 
 The cheap items (UID, FLAGS, MODSEQ) come from the shared in-memory folder state; INTERNALDATE,
 RFC822.SIZE, ENVELOPE and BODYSTRUCTURE from the index (ENVELOPE/BODYSTRUCTURE are computed
-from the file once and cached); anything with body content reads the file.  Each batch becomes
-one ``bytes`` for one ``transport.write``.
+from the file once and cached); anything with body content reads the file
+(``fetch_source``: small messages whole, big ones in pieces).  The responses come out as
+pieces that the session writes as fast as the client reads (``mailsuite.pacing.paced``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailsuite.imap.message import ParsedMessage, partial
+from mailsuite.imap.fetch_source import PIECE as _PIECE
+from mailsuite.imap.fetch_source import MessageFile
 from mailsuite.imap.parser import FetchItem, FetchRequest
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -30,10 +32,6 @@ def imap_date(ts: float) -> bytes:
         t.tm_min,
         t.tm_sec,
     )
-
-
-def literal(data: bytes) -> bytes:
-    return b"{%d}\r\n%s" % (len(data), data)
 
 
 def flags_bytes(flags: str, recent: bool) -> bytes:
@@ -58,13 +56,29 @@ class FetchPlan:
         self.cheap = names <= {"UID", "FLAGS", "MODSEQ"}
         self.need_size = "RFC822.SIZE" in names
         self.need_date = "INTERNALDATE" in names
-        self.need_raw = req.needs_raw or "BODY" in names  # BODY (no section) is computed
         self.need_details = not self.cheap
         self.sets_seen = req.sets_seen
         self.has_flags = "FLAGS" in names
+        #: items that always read the file (body content, BODY structure)
+        self._content = bool(names - {"UID", "FLAGS", "MODSEQ", "RFC822.SIZE", "INTERNALDATE",
+                                      "ENVELOPE", "BODYSTRUCTURE"})
+        self._envelope = "ENVELOPE" in names
+        self._structure = "BODYSTRUCTURE" in names
+        #: some item is a literal (body content)
+        self.literals = bool(names & {"RFC822", "RFC822.HEADER", "RFC822.TEXT"}) or any(
+            i.name == "BODY" and i.section is not None for i in self.items
+        )
+
+    def need_file(self, row: tuple[Any, ...] | None) -> bool:
+        """Does this message's response read its file (given its index row)?"""
+        if self._content:
+            return True
+        if row is None:
+            return False
+        return (self._envelope and row[3] is None) or (self._structure and row[4] is None)
 
 
-def build_batch(
+def fetch_pieces(
     plan: FetchPlan,
     folder: Path,
     batch: Sequence[tuple[int, int]],  # (seq, uid)
@@ -74,93 +88,145 @@ def build_batch(
     details: dict[int, tuple[Any, ...]] | None,
     cache_out: list[tuple[int, str, bytes]],
     add_flags: set[int],
-) -> bytes:
-    """The ``* n FETCH (...)`` lines for ``batch``.  Messages that vanished meanwhile are
-    left out.  Computed ENVELOPE/BODYSTRUCTURE values are appended to ``cache_out``."""
-    out: list[bytes] = []
+) -> Generator[bytes, None, None]:
+    """The ``* n FETCH (...)`` responses for ``batch``, in pieces for
+    ``mailsuite.pacing.paced``: one per message without literals, a message's literals in pieces
+    of at most 64 KiB (streamed from the file for big messages, see ``fetch_source``).
+    Messages that vanished meanwhile are left out.  Computed ENVELOPE/BODYSTRUCTURE values
+    are appended to ``cache_out``."""
+    if plan.cheap:
+        yield _cheap(plan, batch, flags, modseqs, is_recent)
+        return
+    out: list[bytes] = []  # messages without literals go out together, ~64 KiB at a time
+    size = 0
     for seq, uid in batch:
         f = flags.get(uid)
         if f is None:
             continue
-        parts: list[bytes] = []
-        parsed: ParsedMessage | None = None
         row = details.get(uid) if details is not None else None
         if plan.need_details and row is None:
             continue
-        for item in plan.items:
-            name = item.name
+        source = None
+        if plan.need_file(row):
+            assert row is not None
+            source = MessageFile.open(folder, row[0])
+            if source is None:
+                continue  # expunged by another program since we read the index
+        try:
+            parts = _resolve(plan, uid, f, is_recent, modseqs, row, source, cache_out)
+            if uid in add_flags and not plan.has_flags:
+                parts.append(flags_bytes(f, is_recent(uid)))
+            if not plan.literals:
+                line = b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts))  # type: ignore[arg-type]
+                out.append(line)
+                size += len(line)
+                if size >= _PIECE:
+                    yield b"".join(out)
+                    out, size = [], 0
+                continue
+            out.append(b"* %d FETCH (" % seq)
+            for i, part in enumerate(parts):
+                if i:
+                    out.append(b" ")
+                if isinstance(part, bytes):
+                    out.append(part)
+                    continue
+                label, (length, content) = part
+                out.append(label + b" {%d}\r\n" % length)
+                yield b"".join(out)
+                out = []
+                yield from content
+            out.append(b")\r\n")
+            size = sum(map(len, out))
+        finally:
+            if source is not None:
+                source.close()
+    if out:
+        yield b"".join(out)
+
+
+def _cheap(
+    plan: FetchPlan,
+    batch: Sequence[tuple[int, int]],
+    flags: dict[int, str],
+    modseqs: dict[int, int],
+    is_recent: Callable[[int], bool],
+) -> bytes:
+    """UID, FLAGS and MODSEQ only (the FETCH clients repeat most): the batch's responses at
+    once, from memory (about 30 bytes a message)."""
+    names = [i.name for i in plan.items]
+    out = []
+    for seq, uid in batch:
+        f = flags.get(uid)
+        if f is None:
+            continue
+        parts = []
+        for name in names:
             if name == "UID":
                 parts.append(b"UID %d" % uid)
             elif name == "FLAGS":
                 parts.append(flags_bytes(f, is_recent(uid)))
-            elif name == "MODSEQ":
-                parts.append(b"MODSEQ (%d)" % modseqs.get(uid, 1))
-            elif name == "RFC822.SIZE":
-                parts.append(b"RFC822.SIZE %d" % row[1])  # type: ignore[index]
-            elif name == "INTERNALDATE":
-                parts.append(b"INTERNALDATE " + imap_date(row[2]))  # type: ignore[index]
-            elif name == "ENVELOPE":
-                env = row[3]  # type: ignore[index]
-                if env is None:
-                    parsed = parsed or _parse(folder, row)
-                    if parsed is None:
-                        break
-                    env = parsed.envelope()
-                    cache_out.append((uid, "envelope", env))
-                parts.append(b"ENVELOPE " + env)
-            elif name == "BODYSTRUCTURE":
-                bs = row[4]  # type: ignore[index]
-                if bs is None:
-                    parsed = parsed or _parse(folder, row)
-                    if parsed is None:
-                        break
-                    bs = parsed.bodystructure(True)
-                    cache_out.append((uid, "bodystructure", bs))
-                parts.append(b"BODYSTRUCTURE " + bs)
             else:
-                parsed = parsed or _parse(folder, row)
-                if parsed is None:
-                    break
-                if name == "BODY" and item.section is None:
-                    parts.append(b"BODY " + parsed.bodystructure(False))
-                elif name == "RFC822":
-                    parts.append(b"RFC822 " + literal(parsed.whole()))
-                elif name == "RFC822.HEADER":
-                    parts.append(b"RFC822.HEADER " + literal(parsed.header()))
-                elif name == "RFC822.TEXT":
-                    parts.append(b"RFC822.TEXT " + literal(parsed.text()))
-                else:  # BODY[section]<partial>
-                    assert item.section is not None
-                    data = parsed.section(item.section)
-                    if item.partial is not None:
-                        origin, length = item.partial
-                        data = partial(data, origin, length)
-                        label = item.label(origin)
-                    else:
-                        label = item.label()
-                    parts.append(label.encode("ascii") + b" " + literal(data))
-        else:
-            if uid in add_flags and not plan.has_flags:
-                parts.append(flags_bytes(f, is_recent(uid)))
-            out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
+                parts.append(b"MODSEQ (%d)" % modseqs.get(uid, 1))
+        out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(parts)))
     return b"".join(out)
 
 
-def _parse(folder: Path, row: tuple[Any, ...] | None) -> ParsedMessage | None:
-    if row is None:
-        return None
-    try:
-        with (folder / row[0]).open("rb") as fh:
-            return ParsedMessage(fh.read())
-    except FileNotFoundError:
-        # renamed by a flag change in another program since we read the index: find it
-        name = row[0]
-        base = name.split("/", 1)[1].split(":", 1)[0]
-        for sub in ("cur", "new"):
-            try:
-                for entry in (folder / sub).iterdir():
-                    if entry.name.split(":", 1)[0] == base:
-                        return ParsedMessage(entry.read_bytes())
-            except FileNotFoundError:
-                continue
-        return None
+_Part = bytes | tuple[bytes, tuple[int, Iterator[bytes]]]
+
+
+def _resolve(
+    plan: FetchPlan,
+    uid: int,
+    f: str,
+    is_recent: Callable[[int], bool],
+    modseqs: dict[int, int],
+    row: tuple[Any, ...] | None,
+    source: MessageFile | None,
+    cache_out: list[tuple[int, str, bytes]],
+) -> list[_Part]:
+    """Each item of one message's response: its bytes, or a literal's label, size and
+    content (an iterator over the file).  Whatever needs the whole of a big message parsed
+    is computed here, so the parse is let go before the first byte is sent."""
+    parts: list[_Part] = []
+    for item in plan.items:
+        name = item.name
+        if name == "UID":
+            parts.append(b"UID %d" % uid)
+        elif name == "FLAGS":
+            parts.append(flags_bytes(f, is_recent(uid)))
+        elif name == "MODSEQ":
+            parts.append(b"MODSEQ (%d)" % modseqs.get(uid, 1))
+        elif name == "RFC822.SIZE":
+            parts.append(b"RFC822.SIZE %d" % row[1])  # type: ignore[index]
+        elif name == "INTERNALDATE":
+            parts.append(b"INTERNALDATE " + imap_date(row[2]))  # type: ignore[index]
+        elif name == "ENVELOPE":
+            env = row[3]  # type: ignore[index]
+            if env is None:
+                assert source is not None
+                env = source.header_parsed().envelope()
+                cache_out.append((uid, "envelope", env))
+            parts.append(b"ENVELOPE " + env)
+        elif name == "BODYSTRUCTURE":
+            bs = row[4]  # type: ignore[index]
+            if bs is None:
+                assert source is not None
+                bs = source.parsed().bodystructure(True)
+                cache_out.append((uid, "bodystructure", bs))
+            parts.append(b"BODYSTRUCTURE " + bs)
+        elif name == "BODY" and item.section is None:
+            assert source is not None
+            parts.append(b"BODY " + source.parsed().bodystructure(False))
+        else:
+            assert source is not None
+            if name == "BODY":
+                assert item.section is not None
+                where = source.section(item.section)
+                label = item.label(item.partial[0] if item.partial else None)
+            else:  # RFC822, RFC822.HEADER, RFC822.TEXT
+                kind = {"RFC822": None, "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
+                where = source.section(None, kind)
+                label = name
+            parts.append((label.encode("ascii"), source.literal(where, item.partial)))
+    return parts

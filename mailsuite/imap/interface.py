@@ -5,10 +5,11 @@ The core's async shape: a command either finishes at once (a plain method) or is
 (``async def``) that ``await``s what it cannot do itself -- a blocking store call run in a
 worker thread (:attr:`Services.run_blocking`), a password check (:attr:`Services.login`),
 the client's next line (:meth:`Connection.next_line`: AUTHENTICATE, IDLE), room in the
-output buffer between FETCH batches (:meth:`Connection.writable`) or a turn of the event
-loop between SEARCH chunks (:attr:`Services.next_turn`).  ``Session.run`` returns the
-coroutine, and the adapter drives it: ``Deferred.fromCoroutine`` in the server, where every
-awaitable handed to the core is a Deferred; any other loop in a test (asyncio in
+output buffer between the pieces of a long answer (:meth:`Connection.writable`, through
+:func:`mailsuite.pacing.paced`: a client that does not read holds one piece of it) or a
+turn of the event loop between SEARCH chunks (:attr:`Services.next_turn`).  ``Session.run``
+returns the coroutine, and the adapter drives it: ``Deferred.fromCoroutine`` in the server,
+where every awaitable handed to the core is a Deferred; any other loop in a test (asyncio in
 ``tests/unit/test_imap_session.py``).  Coroutines read as straight-line code (the command's
 steps in order, ``try/finally`` for what must be undone), are typed end to end (``await
 run_blocking(f, x)`` has ``f``'s return type), and keep the core free of any event loop.
@@ -59,6 +60,11 @@ class Connection(Protocol):
         """Completes when the client has read enough that more output may be queued; when
         it may already, after one turn of the event loop (so other connections run between
         the batches of a long answer)."""
+        ...
+
+    def gone(self) -> bool:
+        """The connection is closed or closing: a command producing a long answer stops
+        (what it would still write goes nowhere)."""
         ...
 
     def next_line(self, prompt: bytes) -> Awaitable[bytes]:

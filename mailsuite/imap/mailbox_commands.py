@@ -5,7 +5,8 @@ SUBSCRIBE, UNSUBSCRIBE, STATUS and APPEND.
 They are a mixin of ``session.Session``, kept apart from its state machine because they work
 on the account's folders by name and never on the selected mailbox's messages; LIST brings its
 own request parsing (``_parse_list``) and wildcard matching (``_pattern_regex``).  RENAME of
-INBOX and APPEND await their file work in a worker thread (``shared.run_blocking``).
+INBOX and APPEND await their file work in a worker thread (``shared.run_blocking``); LIST and
+LSUB await room in the output between pieces of a long answer (``send_paced``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class MailboxCommands(SessionBase):
         self._acct().unsubscribe(self._mailbox_arg(cmd.args[0]), missing_ok=True)
         self.ok(cmd, "UNSUBSCRIBE completed")
 
-    def do_LSUB(self, cmd: Command) -> None:
+    async def do_LSUB(self, cmd: Command) -> None:
         if len(cmd.args) != 2:
             raise _bad("LSUB expects a reference and a pattern")
         ref = astring(cmd.args[0]).decode("utf-8", "replace")
@@ -131,10 +132,10 @@ class MailboxCommands(SessionBase):
                             + quote(parent)
                             + b"\r\n"
                         )
-        self.send(b"".join(out))
+        await self.send_paced(out)
         self.ok(cmd, "LSUB completed")
 
-    def do_LIST(self, cmd: Command) -> None:
+    async def do_LIST(self, cmd: Command) -> None:
         """LIST with the extensions of RFC 5258 (selection and return options, several
         patterns, \\NonExistent, \\Subscribed, CHILDINFO), RFC 5819 (RETURN (STATUS ...)) and
         RFC 6154 (SPECIAL-USE)."""
@@ -227,16 +228,16 @@ class MailboxCommands(SessionBase):
             if req.status and name in existing:
                 status_for.append((len(out), name))
         if not req.status:
-            self.send(b"".join(out))
+            await self.send_paced(out)
         else:
             # RFC 5819: each mailbox's STATUS right after its LIST response
             start = 0
             for pos, name in status_for:
-                self.send(b"".join(out[start:pos]))
+                await self.send_paced(out[start:pos])
                 start = pos
                 with contextlib.suppress(MailboxError):  # gone: its LIST line stands alone
                     self._status(name, req.status)
-            self.send(b"".join(out[start:]))
+            await self.send_paced(out[start:])
         self.ok(cmd, "LIST completed")
 
     def do_STATUS(self, cmd: Command) -> None:

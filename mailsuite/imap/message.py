@@ -600,32 +600,44 @@ class ParsedMessage:
 
     def section(self, spec: Section) -> bytes:
         """BODY[spec] content in CRLF form (empty if the part does not exist)."""
-        raw = self.raw
+        where = self.span(spec)
+        if where is not None:
+            return to_crlf(self.raw[where[0] : where[1]])
+        node = self._resolve(spec.part) if spec.part else None
+        if node is None:
+            return self._filtered(self.fields(), self._header_split()[1], spec)
+        msg = node.message
+        assert msg is not None  # span() is None only for header fields of a message
+        return self._filtered(msg.fields, msg.bstart, spec, msg.fields_end)
+
+    def span(self, spec: Section) -> tuple[int, int] | None:
+        """Where BODY[spec] lies in the stored bytes: its content is ``to_crlf`` of
+        ``raw[start:end]`` (``(0, 0)`` when it is empty or the part does not exist).  None for
+        HEADER.FIELDS[.NOT], which picks lines rather than a slice (see :meth:`section`).
+        Big messages are streamed from the file by these offsets."""
         if not spec.part:
             if spec.kind is None:
-                return self.whole()
+                return 0, len(self.raw)
             if spec.kind == "TEXT":
-                return self.text()
+                return self._header_split()[1], len(self.raw)
             if spec.kind == "HEADER":
-                return self.header()
-            if spec.kind == "MIME":
-                return b""
-            return self._filtered(self.fields(), self._header_split()[1], spec)
+                return 0, self._header_split()[1]
+            return (0, 0) if spec.kind == "MIME" else None
         node = self._resolve(spec.part)
         if node is None:
-            return b""
+            return 0, 0
         if spec.kind is None:
-            return to_crlf(raw[node.bstart : node.end])
+            return node.bstart, node.end
         if spec.kind == "MIME":
-            return to_crlf(raw[node.hstart : node.bstart])
+            return node.hstart, node.bstart
         msg = node.message
         if msg is None:
-            return b""
+            return 0, 0
         if spec.kind == "TEXT":
-            return to_crlf(raw[msg.bstart : msg.end])
+            return msg.bstart, msg.end
         if spec.kind == "HEADER":
-            return to_crlf(raw[msg.hstart : msg.bstart])
-        return self._filtered(msg.fields, msg.bstart, spec, msg.fields_end)
+            return msg.hstart, msg.bstart
+        return None
 
     def _filtered(
         self, fields: list[_Field], bstart: int, spec: Section, fields_end: int | None = None

@@ -11,11 +11,11 @@ made in a worker thread (``mailsuite.imap.interface``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from mailsuite.imap.fetch_response import FetchPlan, build_batch, flags_bytes
+from mailsuite.imap.fetch_response import FetchPlan, fetch_pieces, flags_bytes
 from mailsuite.imap.parser import (
     Atom,
     Command,
@@ -29,8 +29,9 @@ from mailsuite.imap.search import Needs, header_of, parse_search
 from mailsuite.imap.sequence import compress
 from mailsuite.imap.session_base import SessionBase, _bad, _no, vanished_earlier
 from mailsuite.store.mailbox import CopyItem, Folder, FolderView, copy_blocking
+from mailsuite.store.space import DiskFull
 
-BATCH = 1000  # messages per output batch (one transport.write each)
+BATCH = 1000  # messages per index query (their answers go out as the client reads them)
 _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
 
 
@@ -114,15 +115,20 @@ class MessageCommands(SessionBase):
                     if u in fl and "\\Seen" not in fl[u]
                 ]
                 if changes:
-                    folder.store(v, changes)
-                    seen_now.update(u for u, _ in changes)
+                    try:
+                        folder.store(v, changes)
+                        seen_now.update(u for u, _ in changes)
+                    except DiskFull:  # mail can be read on a full disk, just not marked
+                        self.log.warn(
+                            "FETCH for {user}: \\Seen not set (disk full)", user=self.user
+                        )
             details = None
             if plan.need_details:
                 details = folder.index.details(
                     [u for _, u in batch], plan.need_size, plan.need_date
                 )
             cache: list[tuple[int, str, bytes]] = []
-            data = build_batch(
+            pieces = fetch_pieces(
                 plan,
                 folder.path,
                 batch,
@@ -133,12 +139,21 @@ class MessageCommands(SessionBase):
                 cache,
                 seen_now,
             )
+            try:
+                await self.send_paced(pieces)
+            except Exception:  # a reply may be cut mid-literal: hang up
+                self.log.failure("FETCH failed while sending for {user}", user=self.user)
+                self.proto.close()
+                return
+            finally:
+                pieces.close()
             if cache:
                 try:
                     folder.index.store_cached(cache)
                 except Exception:  # a busy database only costs a recompute
                     self.log.failure("caching FETCH data failed")
-            self.send(data)
+            if self.proto.gone():
+                return
             if start + BATCH < len(targets):
                 await self.proto.writable()  # the client reads, other connections run
         # a \Seen we set is not news to this session
@@ -147,7 +162,7 @@ class MessageCommands(SessionBase):
 
     # -- STORE ----------------------------------------------------------------------------------
 
-    def do_STORE(self, cmd: Command) -> None:
+    async def do_STORE(self, cmd: Command) -> None:
         args = list(cmd.args)
         if len(args) < 3:
             raise _bad("STORE expects a message set, an action and flags")
@@ -190,8 +205,15 @@ class MessageCommands(SessionBase):
         modified = (
             [u for u, _ in changes if u not in done_uids] if unchangedsince is not None else []
         )
-        out = []
-        if not silent or self.condstore:
+
+        def fetch_lines() -> Iterator[bytes]:
+            """The untagged FETCH of each changed message, made as the client reads them
+            (STORE 1:* in a big mailbox answers a line per message)."""
+            # a keyword new to the mailbox is announced before the FETCH that shows it
+            # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
+            yield self.keyword_news()
+            if silent and not (self.condstore and unchangedsince):
+                return
             for seq, u in targets:
                 if u not in done_uids or u not in fl:
                     continue
@@ -201,12 +223,11 @@ class MessageCommands(SessionBase):
                     items.append(flags_bytes(fl[u], v.is_recent(u)))
                 if self.condstore:
                     items.append(b"MODSEQ (%d)" % folder.modseqs.get(u, 1))
-                if silent and not unchangedsince:
-                    continue
-                out.append(b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items)))
-        # a keyword new to the mailbox is announced before the FETCH that shows it
-        # (RFC 3501 7.2.6, 7.1 PERMANENTFLAGS)
-        self.send(self.keyword_news() + b"".join(out))
+                yield b"* %d FETCH (%s)\r\n" % (seq, b" ".join(items))
+
+        await self.send_paced(fetch_lines())
+        if self.proto.gone():
+            return
         if modified:
             mset = compress(modified) if cmd.uid else compress(v.seq_of(u) for u in modified)
             self.ok(cmd, "Conditional STORE failed for some messages", f"MODIFIED {mset}")
@@ -271,10 +292,10 @@ class MessageCommands(SessionBase):
         if returns is not None:
             self.send(_esearch(cmd, returns, nums, prog.uses_modseq, folder.modseqs, result))
         else:
-            text = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
+            tail = b"\r\n"
             if prog.uses_modseq and result:
-                text += b" (MODSEQ %d)" % max(folder.modseqs.get(u, 1) for _, u in result)
-            self.send(text + b"\r\n")
+                tail = b" (MODSEQ %d)\r\n" % max(folder.modseqs.get(u, 1) for _, u in result)
+            await self.send_paced(_search_pieces(nums, tail))
         self.ok(cmd, "SEARCH completed" if not cmd.uid else "UID SEARCH completed")
 
     # -- COPY / MOVE ------------------------------------------------------------------------------
@@ -376,6 +397,14 @@ def _esearch(
             )
         out.append(b"MODSEQ %d" % max(modseqs.get(u, 1) for _, u in reported))
     return b" ".join(out) + b"\r\n"
+
+
+def _search_pieces(nums: Sequence[int], tail: bytes) -> Iterator[bytes]:
+    """``* SEARCH n n ...`` in pieces made as they are sent (a million matches are 7 MB)."""
+    yield b"* SEARCH"
+    for i in range(0, len(nums), 8192):
+        yield b"".join(b" %d" % n for n in nums[i : i + 8192])
+    yield tail
 
 
 def _ascending(values: Sequence[int]) -> bool:

@@ -32,20 +32,18 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet import defer, protocol, threads
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.imap.interface import ConnectionGone, Limits, Services
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.runtime import Runtime
-from mailsuite.tls import lose_connection
-from mailsuite.transport import LineReceiver, Transport, transport_of
+from mailsuite.transport import Transport, transport_of
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -53,28 +51,7 @@ T = TypeVar("T")
 log = Logger(namespace="mailsuite.imap")
 
 
-@implementer(IPushProducer)
-class _Output:
-    """Tracks whether the transport wants us to stop writing (for big FETCH responses)."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.waiting: list[defer.Deferred[None]] = []
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self.waiting = self.waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-
-class IMAPProtocol(LineReceiver):
+class IMAPProtocol(GatedLineReceiver):
     """One IMAP connection: the Twisted side of a :class:`Session` (provides its
     :class:`mailsuite.imap.interface.Connection`)."""
 
@@ -98,7 +75,7 @@ class IMAPProtocol(LineReceiver):
         self._literal: bytearray | None = None
         self._literal_size = 0
         self._cont: defer.Deferred[bytes] | None = None
-        self._out: _Output | None = None
+        self.flow: OutputFlow | None = None
         self._peer_ip = ""
         self.deadline: ReadDeadline | None = None
 
@@ -131,14 +108,14 @@ class IMAPProtocol(LineReceiver):
             return
         self.reader = self._reader()
         self.session = Session(self.services, self)
-        self._out = _Output()
-        self.tx.registerProducer(self._out, True)
+        self.start_flow()
         self.deadline = ReadDeadline(self.reactor, self.deadline_expired, login=self.login_timeout)
         self.deadline.wait(self.idle_timeout)
         caps = self.session.capabilities()
         self.write(f"* OK [CAPABILITY {caps}] mailsuite IMAP4rev1 ready\r\n".encode())
 
     def connectionLost(self, reason: Any = None) -> None:
+        self.stop_flow(self.factory.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -162,7 +139,7 @@ class IMAPProtocol(LineReceiver):
             self.write(b"* BYE Autologout; no login in time\r\n")
         else:
             self.write(b"* BYE Autologout; idle for too long\r\n")
-        self.close()
+        self.hang_up()  # at once if the client does not even read
 
     def _wait_input(self) -> None:
         """The next line has ``idle_timeout`` from now (logged in or not: before login the
@@ -191,12 +168,24 @@ class IMAPProtocol(LineReceiver):
             self.tx.write(data)
 
     def writable(self) -> defer.Deferred[None]:
-        """When the transport has room (at the next reactor turn if it has now)."""
-        if self._out is not None and self._out.paused:
-            d: defer.Deferred[None] = defer.Deferred()
-            self._out.waiting.append(d)
-            return d
-        return deferLater(self.reactor, 0, lambda: None)
+        """When the transport has room again (see :mod:`mailsuite.flow`); at the next
+        reactor turn if it has now, so other connections run between pieces."""
+        wait = self.flow.wait_writable() if self.flow is not None else None
+        return wait if wait is not None else deferLater(self.reactor, 0, lambda: None)
+
+    def gone(self) -> bool:
+        """The connection is closed or closing: a running command should stop writing."""
+        return (
+            self.transport is None
+            or self.tx.disconnecting
+            or (self.flow is not None and self.flow.stopped)
+        )
+
+    def output_flowing(self) -> None:
+        """The client read what waited: that is progress, for a long FETCH too."""
+        if self.session is not None:
+            self._wait_input()
+        super().output_flowing()
 
     def _end(self, bye: bytes) -> None:
         """End the session on the server's initiative: a BAD alone never ends it (the client
@@ -207,26 +196,20 @@ class IMAPProtocol(LineReceiver):
     def close(self) -> None:
         """End the connection once what was written has been sent.
 
-        The output producer goes first: over TLS, ``TLSMemoryBIOProtocol.loseConnection``
-        sends close_notify and closes only when no producer is registered, so with ours
-        still there LOGOUT on 993 or after STARTTLS left the socket open (issue 9; mbsync
-        hung waiting for the close that RFC 3501 6.1.3 promises after LOGOUT)."""
-        if self.transport is None:
+        The output producer goes first (``close_connection``): over TLS,
+        ``TLSMemoryBIOProtocol.loseConnection`` sends close_notify and closes only when no
+        producer is registered, so with ours still there LOGOUT on 993 or after STARTTLS left
+        the socket open (issue 9; mbsync hung waiting for the close that RFC 3501 6.1.3
+        promises after LOGOUT)."""
+        if self.transport is None or self.tx.disconnecting:
             return
-        transport = self.tx
-        if transport.disconnecting:
-            return
-        out, self._out = self._out, None
-        if out is not None:
-            transport.unregisterProducer()
-            out.resumeProducing()  # a FETCH waiting to write runs to its end (writes dropped)
-        lose_connection(transport)
+        self.close_connection()  # a FETCH waiting to write ends when the connection does
 
     def start_tls(self) -> None:
         # Anything the client pipelined after STARTTLS is discarded (RFC 3501 6.2.1, the
         # Twisted STARTTLS injection of research section 2.5).
         self.clearLineBuffer()
-        self.tx.startTLS(self.factory.runtime.tls)
+        self.begin_tls(self.factory.runtime.tls)
         self._tls = True
         if self.reader is not None:
             self.reader = self._reader()
@@ -237,9 +220,7 @@ class IMAPProtocol(LineReceiver):
         d: defer.Deferred[bytes] = defer.Deferred()
         self._cont = d
         self.write(prompt)
-        # input must flow while we wait for the line
-        if self.paused:
-            self.resumeProducing()
+        self.release_input("command")  # input must flow while we wait for the line
         return d
 
     # -- input -----------------------------------------------------------------------------------
@@ -347,13 +328,13 @@ class IMAPProtocol(LineReceiver):
             if isinstance(result, Failure):
                 log.failure("IMAP command failed", failure=result)
             if (
-                self.paused
+                self.input_held("command")
                 and self.transport is not None
                 and not self.tx.disconnecting
                 and self._cont is None
             ):
                 self._wait_input()  # the command's own time is not the client's
-                self.resumeProducing()
+                self.release_input("command")
 
         d = defer.Deferred.fromCoroutine(work)
         d.addBoth(ended)

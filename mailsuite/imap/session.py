@@ -55,6 +55,7 @@ from mailsuite.imap.session_base import (
 from mailsuite.login import Outcome
 from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
 from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.space import is_disk_full
 
 POLL_INTERVAL = 0.5  # seconds between directory checks while a session is in IDLE
 
@@ -174,6 +175,12 @@ class Session(MailboxCommands, MessageCommands):
             self.finish(cmd, "BAD", str(exc))
         elif isinstance(exc, MailboxError):
             self.finish(cmd, "NO", str(exc), exc.code)
+        elif is_disk_full(exc):
+            # RFC 5530 OVERQUOTA, as Dovecot answers ENOSPC; nothing was left half-done
+            self.log.warn(
+                "IMAP {command} for {user}: the disk is full", command=cmd.name, user=self.user
+            )
+            self.finish(cmd, "NO", "Not enough disk space", "OVERQUOTA")
         else:
             self.log.failure("IMAP {command} failed for {user}", command=cmd.name, user=self.user)
             self.finish(cmd, "NO", "Internal server error, logged", "SERVERBUG")

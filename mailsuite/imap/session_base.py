@@ -12,13 +12,15 @@ imports Twisted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from mailsuite.imap.fetch_response import flags_bytes
 from mailsuite.imap.interface import Connection, Services
 from mailsuite.imap.parser import Command, mailbox
 from mailsuite.imap.sequence import SequenceSet, compress, ranges_contain
+from mailsuite.pacing import paced
 from mailsuite.store.mailbox import SEPARATOR, Account, Folder, FolderView
+from mailsuite.store.space import log_failure
 
 _NOT_AUTH, _AUTH, _SELECTED, _LOGOUT = "not authenticated", "authenticated", "selected", "logout"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -108,6 +110,12 @@ class SessionBase:
     def send(self, data: bytes) -> None:
         self.proto.write(data)
 
+    async def send_paced(self, pieces: Iterable[bytes]) -> None:
+        """Send ``pieces`` as the client reads them: a command that writes a lot awaits
+        this, so it waits whenever the output is full (:func:`mailsuite.pacing.paced`).
+        Returns early when the connection is gone (check ``proto.gone()``)."""
+        await paced(self.proto.writable, self.proto.gone, self.send, pieces)
+
     def untagged(self, text: str | bytes) -> None:
         if isinstance(text, str):
             text = text.encode("utf-8")
@@ -138,8 +146,8 @@ class SessionBase:
         if refresh and v.invalid is None:
             try:
                 v.folder.refresh()
-            except Exception:
-                self.log.failure("refresh failed")
+            except Exception as e:
+                log_failure(self.log, e, "refresh failed")
         if v.invalid is not None:
             reason = v.invalid
             self.untagged("BYE " + reason)

@@ -41,6 +41,7 @@ from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGo
 from mailsuite.store.index import Message
 from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.space import DiskFull
 
 LOCK_NAME = "mailsuite-pop3.lock"
 LOGIN_STAMP_NAME = "mailsuite-pop3-login"
@@ -167,19 +168,12 @@ class Maildrop:
 
     def read_top(self, number: int, body_lines: int) -> bytes:
         """Headers, blank line and the first ``body_lines`` body lines (RFC 1939 TOP)."""
-        out: list[bytes] = []
-        with self.open_file(number) as f:
-            in_body = False
-            remaining = body_lines
-            for line in f:
-                if in_body:
-                    if remaining <= 0:
-                        break
-                    remaining -= 1
-                out.append(line)
-                if not in_body and line in (b"\n", b"\r\n"):
-                    in_body = True
-        return b"".join(out)
+        with self.open_top(number, body_lines) as top:
+            return top.read()
+
+    def open_top(self, number: int, body_lines: int) -> TopReader:
+        """:meth:`read_top` as a file to stream (TOP of a big message)."""
+        return TopReader(self.open_file(number), body_lines)
 
     # -- changing --------------------------------------------------------------------------
 
@@ -189,7 +183,11 @@ class Maildrop:
         msg = self.message(number)
         if SEEN in msg.flags:
             return
-        if self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})]):
+        try:
+            stored = self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})])
+        except DiskFull:
+            return  # the message is sent all the same; it stays unseen (a full disk)
+        if stored:
             updated = self.folder.index.get(msg.uid)
             if updated is not None:
                 self.messages[number - 1] = updated
@@ -245,3 +243,46 @@ class Maildrop:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)  # closing the only descriptor releases the flock
+
+
+class TopReader:
+    """The header, the blank line and the first ``body_lines`` body lines of a message file
+    (RFC 1939 TOP), read in pieces of any size: TOP of a big message with a big line count
+    is streamed like RETR instead of read whole."""
+
+    def __init__(self, file: BinaryIO, body_lines: int) -> None:
+        self._file = file
+        self._remaining = body_lines
+        self._in_body = False
+        self._at_line_start = True
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        out: list[bytes] = []
+        n = 0
+        while not self._done and (size < 0 or n < size):
+            line = self._file.readline(-1 if size < 0 else size - n)
+            if not line:
+                self._done = True
+                break
+            if self._at_line_start and self._in_body:
+                if self._remaining <= 0:
+                    self._done = True
+                    break
+                self._remaining -= 1
+            out.append(line)
+            n += len(line)
+            whole = line.endswith(b"\n")
+            if self._at_line_start and whole and line in (b"\n", b"\r\n"):
+                self._in_body = True
+            self._at_line_start = whole
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TopReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

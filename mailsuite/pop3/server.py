@@ -22,15 +22,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
+from mailsuite.flow import GatedLineReceiver, OutputFlow
+from mailsuite.pacing import PIECE
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
     ERR_BUSY,
@@ -47,55 +48,16 @@ from mailsuite.pop3.session import (
     err,
 )
 from mailsuite.runtime import Runtime
-from mailsuite.tls import lose_connection
-from mailsuite.transport import LineReceiver, Transport, transport_of
+from mailsuite.store.space import log_failure
+from mailsuite.transport import Transport, transport_of
 
 log = Logger(namespace="mailsuite.pop3")
 
 IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (per command)
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
-CHUNK = 64 * 1024
 
 
-@implementer(interfaces.IPullProducer)
-class _MessageSender:
-    """Streams one large message: reads a chunk, stuffs it, writes it, when the transport
-    asks for more (so memory stays flat and a slow reader slows only itself)."""
-
-    def __init__(self, proto: POP3Protocol, stream: Stream, done: defer.Deferred[None]) -> None:
-        self.proto = proto
-        self.stream = stream
-        self.done = done
-
-    def resumeProducing(self) -> None:
-        transport = self.proto.tx
-        try:
-            data = self.stream.file.read(CHUNK)
-            if data:
-                transport.write(self.stream.stuffer.feed(data))
-                self.proto.wait_input()  # the client is reading: that is progress
-                return
-            transport.write(self.stream.stuffer.finish())
-        except Exception:
-            log.failure("POP3: reading a message for RETR failed")
-            # The response has started: the only safe end is to drop the connection.
-            self._finish()
-            transport.loseConnection()
-            return
-        self._finish()
-
-    def stopProducing(self) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.done.called:
-            return
-        self.stream.file.close()
-        self.proto.tx.unregisterProducer()
-        self.done.callback(None)
-
-
-class POP3Protocol(LineReceiver):
+class POP3Protocol(GatedLineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
     tx: Transport  # the connection's transport, typed (from connectionMade on)
@@ -114,7 +76,7 @@ class POP3Protocol(LineReceiver):
         self.admission: Admission | None = None
         self.session = Session(options, tls=implicit_tls)
         self.peer = "?"
-        self._sender: _MessageSender | None = None
+        self.flow: OutputFlow | None = None
         self.login_timeout = login_timeout
         self.deadline: ReadDeadline | None = None
 
@@ -134,6 +96,7 @@ class POP3Protocol(LineReceiver):
             self.tx.loseConnection()
             return
         _no_delay(self.tx)
+        self.start_flow()
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
         )
@@ -141,6 +104,7 @@ class POP3Protocol(LineReceiver):
         self.tx.write(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.stop_flow(self.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
@@ -167,11 +131,11 @@ class POP3Protocol(LineReceiver):
         log.info("POP3: {why} timeout for {peer}", why=why, peer=self.peer)
         text = "Login timeout" if why == LOGIN else "Idle timeout"
         self.tx.write(err(f"{text}, closing connection"))
-        lose_connection(self.tx)  # over TLS too: not waiting for a slow peer's close
+        self.hang_up()  # over TLS too; at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.tx.write(err("Line too long, closing connection"))
-        self.tx.loseConnection()
+        self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
 
@@ -195,7 +159,7 @@ class POP3Protocol(LineReceiver):
         if action is None:
             return
         if isinstance(action, Close):
-            self.tx.loseConnection()
+            self.close_connection()
         elif isinstance(action, StartTLS):
             self._start_tls()
         elif isinstance(action, Authenticate):
@@ -224,7 +188,7 @@ class POP3Protocol(LineReceiver):
             self.session.state = State.CLOSED
         self.tx.write(ERR_TEMP)
         if self.session.state is State.CLOSED:
-            self.tx.loseConnection()
+            self.close_connection()
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -233,7 +197,7 @@ class POP3Protocol(LineReceiver):
         if dropped:
             log.warn("POP3: discarded {n} bytes pipelined after STLS from {peer}",
                      n=len(dropped), peer=self.peer)
-        self.tx.startTLS(self.runtime.tls)
+        self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
     @defer.inlineCallbacks
@@ -258,7 +222,8 @@ class POP3Protocol(LineReceiver):
                     log.info("POP3: {user} from {peer} refused: maildrop in use",
                              user=user, peer=self.peer)
                 elif not isinstance(e, LoginTooSoon):
-                    log.failure("POP3: opening the maildrop of {user} failed", user=user)
+                    log_failure(log, e, "POP3: opening the maildrop of {user} failed",
+                                user=user)
         if not self.tx.connected:
             if maildrop is not None:
                 maildrop.close()
@@ -284,9 +249,34 @@ class POP3Protocol(LineReceiver):
                         login_delay=cfg.login_delay, expiry=cfg.expiry)
 
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
+        """Send a big message (or TOP of one): read a piece, stuff it, write it, and wait
+        whenever the transport is full, so a client that does not read holds one piece here
+        (``mailsuite.flow``) and a slow reader slows only itself."""
         done: defer.Deferred[None] = defer.Deferred()
-        self._sender = _MessageSender(self, stream, done)
-        self.tx.registerProducer(self._sender, False)
+        flow = self.flow
+        assert flow is not None
+
+        def pump(_: object = None) -> None:
+            try:
+                while not flow.stopped:
+                    data = stream.file.read(PIECE)
+                    if not data:
+                        self.tx.write(stream.stuffer.finish())
+                        break
+                    self.tx.write(stream.stuffer.feed(data))
+                    self.wait_input()  # the client is reading: that is progress
+                    wait = flow.wait_writable()
+                    if wait is not None:
+                        wait.addCallback(pump)
+                        return
+            except Exception:
+                log.failure("POP3: reading a message for RETR failed")
+                # The response has started: the only safe end is to drop the connection.
+                self.close_connection()
+            stream.file.close()
+            done.callback(None)
+
+        pump()
         return done
 
     def _update(self) -> defer.Deferred[None]:
@@ -302,7 +292,7 @@ class POP3Protocol(LineReceiver):
             finally:
                 md.close()
         except Exception as e:
-            log.failure("POP3: UPDATE for {user} failed", user=self.session.user)
+            log_failure(log, e, "POP3: UPDATE for {user} failed", user=self.session.user)
             step = self.session.update_finished(None, e)
         else:
             if expunged:

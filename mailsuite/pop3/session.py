@@ -27,7 +27,9 @@ from mailsuite.dotstuff import DotStuffer, stuff_all
 from mailsuite.login import LoginResult, Outcome
 from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
 
-#: Messages up to this size are read and sent in one write; larger ones are streamed.
+#: Messages up to this size are read and sent in one write; larger ones are streamed.  No
+#: further command is read while an answer waits unsent (mailsuite.flow), so this is also
+#: about the most a client that does not read makes the server hold.
 STREAM_THRESHOLD = 256 * 1024
 MAX_ARG = 255  # RFC 2449 4: a command line is at most 255 octets; we allow long passwords
 
@@ -107,9 +109,9 @@ class Authenticate:
 @dataclass
 class Stream:
     """Send the rest of a multi-line response: feed the file through the stuffer in chunks,
-    then ``stuffer.finish()``, then close the file."""
+    then ``stuffer.finish()``, then close the file (anything with ``read(n)``/``close()``)."""
 
-    file: BinaryIO
+    file: BinaryIO | Any
     stuffer: DotStuffer = field(default_factory=DotStuffer)
 
 
@@ -383,11 +385,13 @@ class Session:
         n = self._number(parts[0])
         if n is None:
             return self._error(ERR_NO_MESSAGE)
+        head = ok("Top of message follows")
         try:
-            data = self.maildrop.read_top(n, int(parts[1]))
+            if self.maildrop.message(n).size <= STREAM_THRESHOLD:
+                return Step(head + stuff_all(self.maildrop.read_top(n, int(parts[1]))))
+            return Step(head, Stream(self.maildrop.open_top(n, int(parts[1]))))
         except MessageGone:
             return Step(ERR_GONE)
-        return Step(ok("Top of message follows") + stuff_all(data))
 
     def _transaction_DELE(self, rest: str) -> Step:
         n = self._number(rest)

@@ -55,6 +55,7 @@ from mailsuite.queue.spool import (
     SpoolError,
 )
 from mailsuite.smtp.replies import Reply
+from mailsuite.store.space import is_disk_full, log_failure
 
 __all__ = ["QueueRunner", "make_spool", "queue_service"]
 
@@ -212,7 +213,10 @@ class QueueRunner(service.Service):
             return defer.ensureDeferred(make())
 
         def failed(f: Any) -> None:
-            log.failure("queue: {id}: step failed (will retry)", f, id=queue_id)
+            if is_disk_full(f.value):  # no bug: one line, not a traceback
+                log.warn("queue: {id}: step failed (will retry): the disk is full", id=queue_id)
+            else:
+                log.failure("queue: {id}: step failed (will retry)", f, id=queue_id)
             if not self._stopping and queue_id in self._tracked:
                 self._schedule(queue_id, self.clock.seconds() + self.schedule.initial)
 
@@ -295,8 +299,12 @@ class QueueRunner(service.Service):
                         smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
                         scratch_dir=self.spool.tmp_dir)
             except Exception as e:  # a bug must not lose the entry: retry
-                log.failure("queue: {id}: delivery to {key} failed", id=entry.id, key=key)
-                reply = Reply(451, "4.3.0", f"internal error: {e}", remote=False)
+                log_failure(log, e, "queue: {id}: delivery to {key} failed", id=entry.id, key=key)
+                reply = (
+                    Reply(452, "4.3.1", "the disk is full", remote=False)
+                    if is_disk_full(e)
+                    else Reply(451, "4.3.0", f"internal error: {e}", remote=False)
+                )
                 results = {r.address: RecipientResult(r.address, reply) for r in rcpts}
             end = self.clock.seconds()
             for r in rcpts:

@@ -199,6 +199,24 @@ class Check:
         return ACCEPT
 
 
+class DiskSpace(Check):
+    """Postfix's queue_minfree: while the data folder's file system has less than
+    ``[smtp] min_free_space`` free, or less than that plus the size the client declared
+    (RFC 1870 SIZE), MAIL gets 452 4.3.1 (RFC 5321 4.3.2 lists 452 for MAIL): a full disk costs
+    the client one reply and a later retry, not a whole message.  Temporary, so not a client
+    error.  ``too_low(declared_size)`` is :meth:`mailsuite.store.space.FreeSpace.too_low`."""
+
+    def __init__(self, too_low: Callable[[int], bool]) -> None:
+        self.too_low = too_low
+
+    def mail(self, facts: Facts, sender: Path) -> Verdict:
+        size = sender.params.get("SIZE")
+        declared = int(size) if size is not None and size.isdigit() else 0
+        if self.too_low(declared):
+            return refuse(R.NO_STORAGE, "MAIL refused: the disk is nearly full")
+        return ACCEPT
+
+
 class RecipientLimit(Check):
     """RFC 5321 4.5.3.1.8: at least 100 recipients must be taken; more get 452, which the
     client retries in a later transaction (not a client error)."""
@@ -450,11 +468,18 @@ class Profile:
     limit_per_ip: bool = True
 
 
-def mx_profile(config: Config, lookup: Lookup, has_queue: Callable[[], bool]) -> Profile:
+def mx_profile(
+    config: Config,
+    lookup: Lookup,
+    has_queue: Callable[[], bool],
+    space_low: Callable[[int], bool] | None = None,
+) -> Profile:
     """Port 25: mail for our domains from anyone; relay only for trusted networks (and
-    authenticated users, of whom there are none here: no AUTH is offered)."""
+    authenticated users, of whom there are none here: no AUTH is offered).  ``space_low``:
+    the free-space rule (:class:`DiskSpace`), when the server has a data folder to watch."""
     limits = config.smtp
     checks: list[Check] = [
+        *([DiskSpace(space_low)] if space_low is not None else []),
         RecipientLimit(limits.max_recipients),
         KnownRecipient(),
         RelayRule(trusted_networks_relay=True),
@@ -464,11 +489,17 @@ def mx_profile(config: Config, lookup: Lookup, has_queue: Callable[[], bool]) ->
     return Profile("mx", auth=False, requires_auth=False, policy=Policy(checks))
 
 
-def submission_profile(config: Config, lookup: Lookup, has_queue: Callable[[], bool]) -> Profile:
+def submission_profile(
+    config: Config,
+    lookup: Lookup,
+    has_queue: Callable[[], bool],
+    space_low: Callable[[int], bool] | None = None,
+) -> Profile:
     """Ports 587/465 (RFC 6409): AUTH required, the user bound to MAIL FROM and From:,
     relay to any domain for the authenticated user."""
     limits = config.smtp
     checks: list[Check] = [
+        *([DiskSpace(space_low)] if space_low is not None else []),
         SenderBinding(lookup),
         RecipientLimit(limits.max_recipients),
         KnownRecipient(),

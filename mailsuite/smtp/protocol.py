@@ -31,7 +31,6 @@ from typing import Any
 
 from twisted.internet import defer, error, interfaces, protocol
 from twisted.logger import Logger
-from twisted.protocols import basic
 from twisted.python.failure import Failure
 
 from mailsuite.auth import LoginResult, Outcome
@@ -44,6 +43,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
+from mailsuite.flow import GatedLineReceiver
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -64,8 +64,9 @@ from mailsuite.smtp.session import (
     State,
     Step,
 )
+from mailsuite.store.space import is_disk_full
 from mailsuite.tls import peer_tls_info
-from mailsuite.transport import LineReceiver, Transport, transport_of
+from mailsuite.transport import Transport, transport_of
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -81,7 +82,7 @@ _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 _COUNT_GROUP = {"mx": "smtp", "submission": "submission", "sandbox": "smtp"}
 
 
-class SMTPProtocol(LineReceiver):
+class SMTPProtocol(GatedLineReceiver):
     """One SMTP connection."""
 
     delimiter = b"\r\n"
@@ -106,7 +107,6 @@ class SMTPProtocol(LineReceiver):
         self.peer_ip = "unknown"
         self.deadline: ReadDeadline | None = None
         self._held = False  # input paused until a pending action's outcome
-        self._io_paused = False  # transport paused until the disk catches up
 
     @property
     def _name(self) -> str:
@@ -129,6 +129,9 @@ class SMTPProtocol(LineReceiver):
             self._tx.write((R.TOO_MANY_CONNECTIONS if per_ip else R.SERVER_BUSY).encode())
             self._tx.loseConnection()
             return
+        # replies wait unread no more than the transport's buffer: no command is read while
+        # they do (mailsuite.flow), so a client pipelining EHLO without reading costs 64 KiB
+        self.start_flow()
         smtp = self.config.smtp
         self.deadline = ReadDeadline(
             self.runtime.reactor,
@@ -145,6 +148,7 @@ class SMTPProtocol(LineReceiver):
         self._perform(self.session.greeting())
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.stop_flow(self.runtime.heap_trim())
         if self.deadline is not None:
             self.deadline.cancel()
         self.session.connection_lost()
@@ -160,18 +164,18 @@ class SMTPProtocol(LineReceiver):
         what = "connection time limit" if why == SESSION else "timeout"
         reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
         self._tx.write(reply.encode())
-        self._tx.loseConnection()
+        self.hang_up()  # at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._tx.write(R.LINE_TOO_LONG.encode())
-        self._tx.loseConnection()
+        self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        basic.LineReceiver.dataReceived(self, data)
+        GatedLineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         if self.session.state is State.CLOSED:
@@ -201,11 +205,10 @@ class SMTPProtocol(LineReceiver):
             except OSError as e:
                 log.error("smtp: writing the message failed: {e}", e=e)
                 self.session.write_failed()
-            if message.backlog and not self._io_paused:
+            if message.backlog and not self.input_held("disk"):
                 drained = message.when_drained()
                 if not drained.called:  # the disk is behind: stop reading until it catches up
-                    self._io_paused = True
-                    self._tx.pauseProducing()
+                    self.hold_input("disk")
                     deadline.hold()  # waiting for our disk is not the client's time
                     drained.addCallback(self._io_resume)
         if chunk.rest is None:
@@ -215,11 +218,9 @@ class SMTPProtocol(LineReceiver):
         self._perform(self.session.end_of_data(message.contents))
 
     def _io_resume(self, _: object) -> None:
-        self._io_paused = False
-        if self.transport is not None and not self.paused and not self._tx.disconnecting:
-            if self.deadline is not None:
-                self.deadline.wait(self.config.smtp.timeout, DATA)
-            self._tx.resumeProducing()
+        if self.deadline is not None and not self._held:
+            self.deadline.wait(self.config.smtp.timeout, DATA)
+        self.release_input("disk")
 
     # -- output and actions -----------------------------------------------------------------
 
@@ -243,7 +244,7 @@ class SMTPProtocol(LineReceiver):
             self._release()
 
     def _close(self, action: Close) -> None:
-        self._tx.loseConnection()
+        self.close_connection()
 
     def _receive_data(self, action: ReceiveData) -> None:
         self.setRawMode()
@@ -277,7 +278,7 @@ class SMTPProtocol(LineReceiver):
         if dropped:
             log.warn("smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
                      n=len(dropped), ip=self.peer_ip)
-        self._tx.startTLS(self.runtime.tls)
+        self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
     def _login(self, action: Login) -> None:
@@ -342,6 +343,9 @@ class SMTPProtocol(LineReceiver):
         d = defer.ensureDeferred(policy.end_of_data(self.session, action.message))
 
         def failed(failure: Failure) -> Verdict:
+            if is_disk_full(failure.value):  # the message could not be written whole
+                log.warn("smtp: message from {ip} not stored: the disk is full", ip=self.peer_ip)
+                return Verdict(reply=R.NO_STORAGE, reason="the disk is full")
             log.failure("smtp: an end-of-data check failed for {ip}", failure, ip=self.peer_ip)
             return Verdict(reply=R.INTERNAL_ERROR, reason="end-of-data check failed")
 
@@ -364,6 +368,10 @@ class SMTPProtocol(LineReceiver):
             return True, result.reply  # a refusal: the only recipient's script rejected it
 
         def failed(f: Failure) -> tuple[bool, Reply | None]:
+            if is_disk_full(f.value):
+                # 452 4.3.1; nothing of the message stays on disk (IncomingMessage removed it)
+                log.warn("smtp: {id} not stored: the disk is full", id=txid)
+                return False, R.NO_STORAGE
             if f.check(OSError, DeliveryError):
                 # The store or the queue cannot be written (full, read-only, broken
                 # folder): an operating condition, not a bug; the client retries on 451.
@@ -427,10 +435,17 @@ def _has_queue(runtime: Runtime) -> Callable[[], bool]:
     return lambda: runtime.queue is not None
 
 
+def _space_low(runtime: Runtime) -> Callable[[int], bool] | None:
+    """The free-space rule of ``[smtp] min_free_space`` (``mailsuite.store.space``)."""
+    return runtime.space.too_low if runtime.space is not None else None
+
+
 def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
     """``[listen] smtp``: the receiving MX service (port 25 role); never offers AUTH.  Mail
     authentication checks inbound mail and signs what trusted networks relay."""
-    profile = mx_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    profile = mx_profile(
+        runtime.config, runtime.directory, _has_queue(runtime), _space_low(runtime)
+    )
     if runtime.mail_auth is not None:
         signing = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=True)
         check = MailAuthCheck(runtime.mail_auth, signing)
@@ -442,7 +457,9 @@ def mx_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFact
 def submission_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
     """``[listen] submission`` (587, STARTTLS) and ``submissions`` (465, implicit TLS); mail
     from a local domain with a DKIM key is signed before it is made durable."""
-    profile = submission_profile(runtime.config, runtime.directory, _has_queue(runtime))
+    profile = submission_profile(
+        runtime.config, runtime.directory, _has_queue(runtime), _space_low(runtime)
+    )
     if runtime.mail_auth is not None:
         check = DKIMSigning(runtime.mail_auth, runtime.directory, trusted_only=False)
         p = profile

@@ -109,6 +109,7 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure while storing the message, try later")
 NO_REMOTE = Reply(451, "4.4.0", "Remote delivery is not available on this server, try later")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try later")  # RFC 3463 X.3.1
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")

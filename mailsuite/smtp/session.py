@@ -686,12 +686,13 @@ class Session:
     def delivery_finished(self, ok: bool, refusal: Reply | None = None) -> Step:
         """The outcome of :class:`Deliver`: 250 only once the message is durable; ``refusal``
         instead when the delivery refused the message -- the only recipient's Sieve script
-        rejected it (RFC 5429 2.1: ``550 5.7.1`` with the script's reason; nothing stored)."""
+        rejected it (RFC 5429 2.1: ``550 5.7.1`` with the script's reason; nothing stored), or
+        the disk was full (452 4.3.1); 451 4.3.0 for any other failure."""
         txn = self.transaction
         if self.state is not State.DELIVERING or txn is None or txn.reader is None:
             return Step()
         if not ok:
-            return self._end_transaction(R.TEMP_FAILURE)
+            return self._end_transaction(refusal or R.TEMP_FAILURE)
         log = (
             f"{txn.txid} from=<{txn.sender.address}> to={','.join(txn.recipients)} "
             f"size={txn.reader.size} ip={self.client_ip}"

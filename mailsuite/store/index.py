@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ from mailsuite.store.index_schema import (
     SyncResult,
     _split_flags,
     crlf_size,
+    frees_space,
 )
 from mailsuite.store.maildir import FLAG_LETTERS, base_of, fsync_dir, info_for
+from mailsuite.store.space import is_disk_full
 
 
 class FolderIndex(IndexScan):
@@ -149,6 +152,7 @@ class FolderIndex(IndexScan):
                 out[row[0]] = row[1:]
         return out
 
+    @frees_space
     def _fill_unknown(self, uids: Sequence[int] | None = None) -> None:
         """Compute sizes (-1) and internal dates (-1) not known yet, for ``uids`` or all."""
         if uids is None:
@@ -182,15 +186,21 @@ class FolderIndex(IndexScan):
             self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
 
     def store_cached(self, items: Iterable[tuple[int, str, bytes]]) -> None:
-        """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value)."""
-        with self._transaction():
-            for uid, column, value in items:
-                if column not in ("envelope", "bodystructure"):
-                    raise ValueError(column)
-                self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
+        """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value).  A cache:
+        on a full disk they are computed again next time."""
+        try:
+            with self._transaction():
+                for uid, column, value in items:
+                    if column not in ("envelope", "bodystructure"):
+                        raise ValueError(column)
+                    self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
+        except (OSError, sqlite3.Error) as e:
+            if not is_disk_full(e, self.folder):
+                raise
 
     # -- \Recent ---------------------------------------------------------------------------
 
+    @frees_space
     def claim_recent(self) -> tuple[int, int]:
         """Claim every message not yet seen by any session as \\Recent for the caller;
         returns the claimed UID range [first, end) (RFC 3501 2.3.2: one session gets each
@@ -221,6 +231,7 @@ class FolderIndex(IndexScan):
             return None
         return self.get(uid)
 
+    @frees_space
     def store_flags(
         self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
     ) -> list[tuple[int, str, int]]:
@@ -283,16 +294,25 @@ class FolderIndex(IndexScan):
                     updates.append((new_name, text, ms, uid))
                     out.append((uid, text, ms))
             if updates:
-                with self._transaction():
-                    self.db.executemany(
-                        "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
-                    )
-                    self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
-                    if touched:
-                        self._forget_stamp(touched)
-                        self._names_changed(names_out, names_in, self._names_gen == gen)
+                try:
+                    with self._transaction():
+                        self.db.executemany(
+                            "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
+                        )
+                        self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
+                        if touched:
+                            self._forget_stamp(touched)
+                            self._names_changed(names_out, names_in, self._names_gen == gen)
+                except BaseException:
+                    # not recorded (a full disk): put the names back, so the files say what
+                    # the index says and a failed STORE changed nothing
+                    for before, after in zip(reversed(names_out), reversed(names_in), strict=True):
+                        with contextlib.suppress(OSError):
+                            (self.folder / after).rename(self.folder / before)
+                    raise
         return out
 
+    @frees_space
     def expunge(self, uids: Iterable[int]) -> list[int]:
         """Delete the files and rows of ``uids``; returns those that were removed."""
         done: list[int] = []
@@ -341,64 +361,89 @@ class FolderIndex(IndexScan):
             placed: list[tuple[str, str, NewFile, float]] = []
             subs: set[str] = set()
             try:
-                for it in items:
-                    sub = "cur" if it.flags else "new"
-                    base = f"{it.unique},S={it.size},W={it.wsize}"
-                    final = base + (info_for(it.flags, letters) if it.flags else "")
-                    dest = self.folder / sub / final
-                    moved = it.source.parent.name == "tmp"
-                    if moved:
-                        it.source.rename(dest)
-                    else:
-                        try:
-                            os.link(it.source, dest)
-                        except OSError:
-                            import shutil
-
-                            shutil.copyfile(it.source, dest)
-                    if it.internaldate is not None and moved:
-                        os.utime(dest, (it.internaldate, it.internaldate))
-                    idate = (
-                        it.internaldate if it.internaldate is not None else dest.stat().st_mtime
-                    )
-                    placed.append((base, f"{sub}/{final}", it, idate))
-                    subs.add(sub)
-            finally:
+                self._place(items, letters, placed, subs)
+                return self._record_new(placed, subs)
+            except BaseException:
+                # nothing half-done (a full disk): files placed but not indexed would turn up
+                # as new messages at the next sync, after the client was told NO / 4xx
+                for _, rel, _, _ in placed:
+                    with contextlib.suppress(OSError):
+                        (self.folder / rel).unlink()
                 for sub in subs:
-                    fsync_dir(self.folder / sub)
-            with self._transaction():
-                uid = int(self._meta("uidnext") or 1)
-                modseq = int(self._meta("highestmodseq") or 1) + 1
-                rows = []
-                out = []
-                for base, rel, it, idate in placed:
-                    rows.append(
-                        (
-                            uid,
-                            base,
-                            rel,
-                            " ".join(sorted(it.flags)),
-                            it.wsize,
-                            idate,
-                            modseq,
-                            it.envelope,
-                            it.bodystructure,
-                        )
-                    )
-                    out.append(uid)
-                    uid += 1
-                self.db.executemany(
-                    "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq,"
-                    " envelope, bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                self._set_meta("uidnext", uid)
-                self._set_meta("highestmodseq", modseq)
-                self._forget_stamp(subs)
-                gen = int(self._meta("names_gen") or 0)
-                self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
-            return out
+                    with contextlib.suppress(OSError):
+                        fsync_dir(self.folder / sub)
+                raise
 
+    def _place(
+        self,
+        items: Sequence[NewFile],
+        letters: dict[str, str],
+        placed: list[tuple[str, str, NewFile, float]],
+        subs: set[str],
+    ) -> None:
+        """Rename (a draft) or link (another folder's message) each file into place,
+        recording each in ``placed`` as it lands, then fsync the directories."""
+        try:
+            for it in items:
+                sub = "cur" if it.flags else "new"
+                base = f"{it.unique},S={it.size},W={it.wsize}"
+                final = base + (info_for(it.flags, letters) if it.flags else "")
+                dest = self.folder / sub / final
+                moved = it.source.parent.name == "tmp"
+                if moved:
+                    it.source.rename(dest)
+                else:
+                    try:
+                        os.link(it.source, dest)
+                    except OSError:
+                        import shutil
+
+                        shutil.copyfile(it.source, dest)
+                subs.add(sub)
+                placed.append((base, f"{sub}/{final}", it, 0.0))
+                if it.internaldate is not None and moved:
+                    os.utime(dest, (it.internaldate, it.internaldate))
+                idate = it.internaldate if it.internaldate is not None else dest.stat().st_mtime
+                placed[-1] = (base, f"{sub}/{final}", it, idate)
+        finally:
+            for sub in subs:
+                fsync_dir(self.folder / sub)
+
+    def _record_new(
+        self, placed: list[tuple[str, str, NewFile, float]], subs: set[str]
+    ) -> list[int]:
+        """Index the placed files in one transaction; returns their UIDs."""
+        with self._transaction():
+            uid = int(self._meta("uidnext") or 1)
+            first = uid
+            modseq = int(self._meta("highestmodseq") or 1) + 1
+            rows = []
+            for base, rel, it, idate in placed:
+                rows.append(
+                    (
+                        uid,
+                        base,
+                        rel,
+                        " ".join(sorted(it.flags)),
+                        it.wsize,
+                        idate,
+                        modseq,
+                        it.envelope,
+                        it.bodystructure,
+                    )
+                )
+                uid += 1
+            self.db.executemany(
+                "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq,"
+                " envelope, bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._set_meta("uidnext", uid)
+            self._set_meta("highestmodseq", modseq)
+            self._forget_stamp(subs)
+            gen = int(self._meta("names_gen") or 0)
+            self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
+        return list(range(first, uid))
 
 def _sub_of(name: str) -> str:
     """``"cur/123.host:2,S"`` -> ``"cur"``."""

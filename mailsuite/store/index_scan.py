@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Sequence
 
-from mailsuite.store.index_schema import IndexDatabase, SyncResult
+from mailsuite.store.index_schema import IndexDatabase, SyncResult, frees_space
 from mailsuite.store.maildir import base_of
 
 _SUBS = ("new", "cur")
@@ -92,6 +92,7 @@ class IndexScan(IndexDatabase):
             return None
         return new, cur
 
+    @frees_space
     def sync(self, force: bool = False) -> SyncResult:
         """Bring the index in step with the directory; cheap when nothing changed.
 

@@ -19,12 +19,13 @@ index in step with the directory), itself the base of :class:`~mailsuite.store.i
 from __future__ import annotations
 
 import fcntl
+import functools
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from mailsuite.store.maildir import (
     KEYWORD_LETTERS,
@@ -33,6 +34,7 @@ from mailsuite.store.maildir import (
     read_keywords,
     write_keywords,
 )
+from mailsuite.store.space import retry_on_full
 from mailsuite.store.uidvalidity import next_uidvalidity
 
 INDEX_NAME = "mailsuite-index.sqlite"
@@ -116,6 +118,27 @@ def _split_flags(flags: str) -> frozenset[str]:
     return frozenset(flags.split()) if flags else frozenset()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_DB = TypeVar("_DB", bound="IndexDatabase")
+
+
+def frees_space(
+    method: Callable[Concatenate[_DB, _P], _R],
+) -> Callable[Concatenate[_DB, _P], _R]:
+    """For what a user needs to read and delete mail on a full disk (open, sync, claim
+    \\Recent, set flags, expunge): when the disk is full, release the space reserve and run
+    once more (:func:`mailsuite.store.space.retry_on_full`).  Each is safe to repeat: a failed
+    transaction leaves nothing done, and :meth:`FolderIndex.store_flags
+    <mailsuite.store.index.FolderIndex.store_flags>` renames its files back."""
+
+    def run(db: _DB, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return retry_on_full(db.folder, lambda: method(db, *args, **kwargs))
+
+    functools.update_wrapper(run, method)
+    return run
+
+
 class IndexDatabase:
     """One folder's index database: the connection, the meta counters, the lock, keyword
     letters and the cached names (see the module docstring).  Opening it creates or migrates
@@ -123,25 +146,38 @@ class IndexDatabase:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.db = sqlite3.connect(
-            folder / INDEX_NAME, isolation_level=None, check_same_thread=False
-        )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
         self._kw_stamp: int | None = None
         self._kw_letters: dict[str, str] = {}  # letter -> keyword
         # every row's name, while meta names_gen still equals _names_gen (see _db_names)
         self._names: set[str] | None = None
         self._names_gen = -1
-        with self._locked():
-            self.db.executescript(_SCHEMA)
-            if self._meta("uidvalidity") is None:
-                self._init_meta()
-            if self._meta("cache_version") != _CACHE_VERSION:
-                with self._transaction():
-                    self.db.execute("UPDATE messages SET envelope = NULL, bodystructure = NULL")
-                    self._set_meta("cache_version", _CACHE_VERSION)
+        # on a full disk the folder must still open, so mail can be read and deleted
+        # (mailsuite.store.space: the reserve is released and the open tried once more)
+        self.db: sqlite3.Connection = retry_on_full(folder, self._open)
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect and create or migrate the schema (WAL: SQLite creates its -wal and -shm
+        files, which needs some space)."""
+        db = sqlite3.connect(
+            self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
+            self.db = db
+            with self._locked():
+                db.executescript(_SCHEMA)
+                if self._meta("uidvalidity") is None:
+                    self._init_meta()
+                if self._meta("cache_version") != _CACHE_VERSION:
+                    with self._transaction():
+                        db.execute("UPDATE messages SET envelope = NULL, bodystructure = NULL")
+                        self._set_meta("cache_version", _CACHE_VERSION)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         self.db.close()
@@ -198,11 +234,15 @@ class IndexDatabase:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk): a second ROLLBACK would
+            # hide the error that matters
+            if self.db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             self._names = None
             raise
-        self.db.execute("COMMIT")
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -34,7 +34,8 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
-from mailsuite.store.write import Placement, place, write_tmp
+from mailsuite.store.space import log_failure
+from mailsuite.store.write import append_message
 
 SUBSCRIPTIONS = "subscriptions"
 SEPARATOR = "."
@@ -430,8 +431,8 @@ class Folder:
         self._refresh_pending = False
         try:
             self.refresh()
-        except Exception:  # the folder may have gone away; sessions find out on next use
-            self.registry.log.failure("refresh of {path} failed", path=str(self.path))
+        except Exception as e:  # the folder may have gone away; sessions find out on next use
+            log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
     def refresh(self) -> bool:
         """Bring the shared state in step with the index (and the index with the directory);
@@ -605,8 +606,8 @@ class FolderRegistry:
             def tick() -> None:
                 try:
                     folder.refresh()  # views hear of changes through their on_change
-                except Exception:  # a bad poll must not stop the others
-                    self.log.failure("polling {path} failed", path=str(folder.path))
+                except Exception as e:  # a bad poll must not stop the others
+                    log_failure(self.log, e, "polling {path} failed", path=str(folder.path))
 
             entry = self._watched[folder] = [start_poll(tick), 0]
         entry[1] += 1
@@ -641,13 +642,7 @@ def append_blocking(
     """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
     one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
     thread."""
-    draft = write_tmp(path, [data])
-    index = FolderIndex(path)
-    try:
-        (uid,) = place(path, [Placement(draft, flags, internaldate)], index=index)
-        return index.uidvalidity, uid
-    finally:
-        index.close()
+    return append_message(path, [data], flags, internaldate)
 
 
 #: one message for :func:`copy_blocking`: relative name, flags, size with CRLF line ends (-1:

@@ -46,6 +46,7 @@ from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name
 __all__ = [
     "Draft",
     "Placement",
+    "append_message",
     "copy_tmp",
     "discard",
     "open_tmp",
@@ -258,6 +259,26 @@ def place(
         if done:
             fsync_dir(new)
     return []
+
+
+def append_message(
+    folder: Path, chunks: Iterable[bytes], flags: frozenset[str], internaldate: float | None
+) -> tuple[int, int]:
+    """Write one message into ``folder`` through its index (IMAP APPEND); returns
+    (uidvalidity, uid).  On any failure -- a full disk while writing, opening the index or
+    recording the message -- nothing of it is left in ``tmp/``, ``new/`` or ``cur/`` (the
+    client is told NO and must not find it later)."""
+    draft = write_tmp(folder, chunks)
+    try:
+        index = FolderIndex(folder)
+    except BaseException:
+        discard(draft.path)
+        raise
+    try:
+        (uid,) = place(folder, [Placement(draft, flags, internaldate)], index=index)
+        return index.uidvalidity, uid
+    finally:
+        index.close()
 
 
 def write_message(folder: Path, chunks: Iterable[bytes]) -> str:

@@ -66,6 +66,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ("[mail_auth]\nmax_signatures = 0\n", "[mail_auth] max_signatures: must be at least 1"),
         ('[mail_auth]\nspf = "yes"\n', "[mail_auth] spf: expected bool"),
         ("[mail_auth]\ndkmi = true\n", "[mail_auth] dkmi: unknown key"),
+        ("[smtp]\nmin_free_space = -1\n", "[smtp] min_free_space: must be 0 (never refuse)"),
+        ('[smtp]\nmin_free_space = "1G"\n', "[smtp] min_free_space: expected int"),
     ],
 )
 def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, needle: str) -> None:
@@ -75,6 +77,14 @@ def test_errors_name_file_key_and_problem(tmp_path: Path, text: str, needle: str
         load_config(f)
     assert str(err.value).startswith(str(f))
     assert needle in str(err.value)
+
+
+def test_min_free_space_default_and_off(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text("[smtp]\nmax_message_size = 2048\n")
+    assert load_config(f).smtp.min_free_space is None  # the larger of 2 x 2048 and 1% of the fs
+    f.write_text("[smtp]\nmin_free_space = 0\n")
+    assert load_config(f).smtp.min_free_space == 0  # never refuse
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:

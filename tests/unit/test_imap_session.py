@@ -142,6 +142,9 @@ class Adapter:
         self.writable_waits += 1
         await asyncio.sleep(0)
 
+    def gone(self) -> bool:
+        return self.closed
+
     def next_line(self, prompt: bytes) -> Awaitable[bytes]:
         self.write(prompt)
         self._line = asyncio.get_running_loop().create_future()

@@ -44,8 +44,9 @@ CORE_MODULES = (
     *CORES,
     *(f"mailsuite.imap.{m}" for m in (
         "session_base", "mailbox_commands", "message_commands", "interface", "parser",
-        "search", "fetch_response", "message", "sequence", "address")),
+        "search", "fetch_response", "fetch_source", "message", "sequence", "address")),
     "mailsuite.pop3.policy",
+    "mailsuite.pacing",
 )
 NOT_FOR_THE_STORE = (*PROTOCOLS, "queue", "outbound", "delivery")
 

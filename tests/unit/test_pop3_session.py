@@ -213,6 +213,8 @@ def test_large_message_is_streamed_and_gone_message_reported() -> None:
     s, md = logged_in([big, b"a\n"])
     step = s.line(b"RETR 1")
     assert step.out.startswith(b"+OK") and isinstance(step.action, Stream)
+    step = s.line(b"TOP 1 99999")  # TOP of a big message is streamed too
+    assert step.out == b"+OK Top of message follows\r\n" and isinstance(step.action, Stream)
     md.gone.add(2)
     assert s.line(b"RETR 2").out.startswith(b"-ERR [SYS/TEMP]")
 

@@ -317,3 +317,35 @@ def test_dns_timeout_keeps_the_entry_queued_with_4_4_3_and_retries(tmp_path: Pat
     assert sent == [] and h.runtime.inbox() == []  # never connected, never bounced
     assert len(authority.pending) >= 2  # the unanswered queries of both attempts
     runner.stopService()
+
+
+def test_a_full_disk_at_local_delivery_is_retried_without_a_traceback(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued local recipient whose mailbox's disk is full: 452 4.3.1, kept and retried,
+    logged in one line (a full disk is no bug: no traceback, issue 10)."""
+    import errno
+
+    from twisted.logger import globalLogPublisher
+
+    from mailsuite.queue import runner as runner_module
+
+    h.runtime.directory.add_user("bob@example.test", "x")
+
+    async def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner_module, "deliver_file", no_space)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.runner.startService()
+        qid = h.enqueue(["bob@example.test"], sender="zed@far.test")
+        h.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    r = h.spool.load(qid).recipients[0]
+    assert r.state == PENDING and r.attempts == 1
+    assert (r.last_reply or "").startswith("452 4.3.1"), r.last_reply
+    assert [e for e in events if "log_failure" in e] == []
+    assert any("disk is full" in str(e.get("log_format", "")) for e in events)

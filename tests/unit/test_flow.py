@@ -1,0 +1,166 @@
+"""Output flow control (mailsuite.flow) on a fake transport: no line is handled while the
+output waits unread, the socket stops once more input arrives, everything resumes in order
+when the client reads, and closing unregisters the producer first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from mailsuite.flow import GatedLineReceiver
+from mailsuite.pacing import PIECE, paced
+
+
+class Lines(GatedLineReceiver):
+    delimiter = b"\r\n"
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.stall_on: bytes | None = None
+
+    def connectionMade(self) -> None:
+        self.start_flow()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+        if line == self.stall_on:
+            assert self.flow is not None
+            self.flow.pauseProducing()  # what the transport does when its buffer is full
+
+
+def connected() -> tuple[Lines, StringTransport]:
+    proto = Lines()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    assert transport.producer is proto.flow and transport.streaming
+    return proto, transport
+
+
+def test_no_line_is_handled_while_the_output_is_stalled() -> None:
+    proto, transport = connected()
+    proto.stall_on = b"big"
+    proto.dataReceived(b"big\r\nnext\r\n")
+    assert proto.lines == [b"big"]
+    # the socket is still read (a TLS handshake would need it) until more input comes
+    assert transport.producerState == "producing"
+    proto.dataReceived(b"more\r\n")
+    assert proto.lines == [b"big"] and transport.producerState == "paused"
+    assert proto.flow is not None
+    proto.flow.resumeProducing()  # the client read: everything goes on, in order
+    assert proto.lines == [b"big", b"next", b"more"]
+    assert transport.producerState == "producing"
+
+
+def test_the_socket_stays_paused_while_read_lines_stall_the_output_again() -> None:
+    proto, transport = connected()
+    proto.stall_on = b"big"
+    proto.dataReceived(b"big\r\nbig\r\nlast\r\n")
+    proto.dataReceived(b"x\r\n")
+    assert transport.producerState == "paused"
+    assert proto.flow is not None
+    proto.flow.resumeProducing()  # the second "big" stalls it again before "last"
+    assert proto.lines == [b"big", b"big"] and transport.producerState == "paused"
+    proto.flow.resumeProducing()
+    assert proto.lines == [b"big", b"big", b"last", b"x"]
+    assert transport.producerState == "producing"
+
+
+def test_a_pending_command_and_a_stalled_output_are_separate_holds() -> None:
+    proto, transport = connected()
+    proto.pauseProducing()  # a command's answer is pending (LineReceiver's own pause)
+    proto.dataReceived(b"a\r\n")
+    assert proto.lines == [] and transport.producerState == "paused"
+    assert proto.flow is not None
+    proto.flow.pauseProducing()
+    proto.resumeProducing()  # the answer went out, but the client does not read it
+    assert proto.lines == [] and transport.producerState == "paused"
+    proto.flow.resumeProducing()
+    assert proto.lines == [b"a"] and transport.producerState == "producing"
+
+
+def test_close_unregisters_the_producer_and_a_stalled_hang_up_aborts() -> None:
+    proto, transport = connected()
+    proto.close_connection()
+    assert transport.producer is None and transport.disconnecting
+    proto, transport = connected()
+    assert proto.flow is not None
+    proto.flow.pauseProducing()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    proto.hang_up()
+    assert aborted == [True]
+
+
+def test_paced_writes_pieces_and_waits_while_paused() -> None:
+    """The IMAP core's pacing (mailsuite.pacing, no Twisted) over this flow, as the IMAP
+    adapter drives it: pieces of about PIECE bytes, a wait whenever the transport is full,
+    and nothing more produced once the connection is gone."""
+    proto, _ = connected()
+    flow = proto.flow
+    assert flow is not None
+    written: list[bytes] = []
+    produced = 0
+
+    def write(data: bytes) -> None:
+        written.append(data)
+        if sum(map(len, written)) > PIECE:
+            flow.pauseProducing()
+
+    def writable() -> defer.Deferred[None]:
+        wait = flow.wait_writable()
+        return wait if wait is not None else defer.succeed(None)
+
+    def pieces() -> Iterator[bytes]:
+        nonlocal produced
+        for _ in range(200):
+            produced += 1
+            yield b"x" * 1000
+
+    done = defer.Deferred.fromCoroutine(
+        paced(writable, lambda: flow.stopped, write, pieces())
+    )
+    assert not done.called  # waiting for the client to read
+    assert sum(map(len, written)) < 2 * PIECE + 1000
+    flow.resumeProducing()
+    assert not done.called  # the next pieces filled the transport again
+    before = produced
+    flow.stopProducing()  # the connection went away: the rest is not produced
+    assert done.called and produced == before < 200
+    assert sum(map(len, written)) < 4 * PIECE
+
+
+def test_heap_trim_once_after_a_burst_of_stalled_closes() -> None:
+    """Connections whose output stalled hand their freed memory back with one trim, a
+    moment after the last of a burst closed; a connection that never stalled asks none."""
+    from twisted.internet import task
+
+    from mailsuite.flow import HeapTrim
+
+    clock = task.Clock()
+    trims: list[int] = []
+    heap = HeapTrim(clock, delay=1.0)
+    heap._trim = trims.append  # the real one is glibc's malloc_trim
+
+    proto, _ = connected()
+    proto.stop_flow(heap)  # never stalled
+    clock.advance(5)
+    assert trims == []
+    for _ in range(3):
+        proto, _ = connected()
+        assert proto.flow is not None
+        proto.flow.pauseProducing()
+        proto.stop_flow(heap)
+        clock.advance(0.5)
+    assert trims == []  # still closing: one trim at the end, not one each
+    clock.advance(1)
+    assert trims == [0]
+    proto, _ = connected()
+    assert proto.flow is not None
+    proto.flow.pauseProducing()
+    proto.stop_flow(heap)
+    clock.advance(5)
+    assert trims == [0]  # at most one per interval (10 s)
+    clock.advance(5)
+    assert trims == [0, 0]
