@@ -51,9 +51,47 @@ def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     elif args.action == "list":
         for user in d.users():
             print(user)
+    elif args.action == "quota":
+        return _user_quota(cfg, d, args)
     elif args.action == "send-as":
         d.set_send_as(args.address, args.addresses)
         print(f"{args.address.lower()} may send as: " + ", ".join(sorted(d.send_as(args.address))))
+    return 0
+
+
+def _apply_quota(cfg: Config, d: Directory, user: str) -> str:
+    """Make the user's quota file agree with the directory (recount once when a limit is
+    set: from then on usage is counted as mail comes and goes); a line for the person."""
+    from mailsuite.ownership import like_data_dir
+    from mailsuite.store import quota
+
+    limit = d.quota_limit(user)
+    root = d.mailbox_root(user)
+    usage = quota.ensure(root, limit) if root.is_dir() else None
+    like_data_dir(cfg.data_dir, [root / quota.FILE_NAME])
+    if usage is None:
+        return f"{user}: no limit"
+    return (f"{user}: {quota.format_size(usage.bytes)} of {quota.format_size(limit)} used"
+            f" ({usage.bytes * 100 // limit}%, {usage.messages} messages)")
+
+
+def _user_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
+    from mailsuite.store.quota import format_size, parse_size
+
+    user = args.address.lower()
+    if args.size is not None:
+        if args.size.lower() == "default":
+            d.set_user_quota(user, None)
+        else:
+            try:
+                d.set_user_quota(user, parse_size(args.size))
+            except ValueError as e:
+                raise DirectoryError(str(e)) from None
+    own = d.user_quota(user)
+    _, domain = user.rsplit("@", 1)
+    source = ("own setting" if own is not None
+              else f"default of {domain}: {format_size(d.domain_quota(domain))}")
+    print(f"{_apply_quota(cfg, d, user)} [{source}]")
     return 0
 
 
@@ -82,6 +120,21 @@ def cmd_domain(cfg: Config, args: argparse.Namespace) -> int:
     elif args.action == "del":
         d.del_domain(args.domain)
         print(f"removed domain {args.domain.lower()}")
+    elif args.action == "quota":
+        from mailsuite.store.quota import format_size, parse_size
+
+        domain = args.domain.lower()
+        if args.size is None:
+            print(f"{domain}: default limit {format_size(d.domain_quota(domain))}")
+            return 0
+        try:
+            limit = parse_size(args.size)
+        except ValueError as e:
+            raise DirectoryError(str(e)) from None
+        users = d.set_domain_quota(domain, limit)
+        print(f"{domain}: default limit {format_size(limit)}")
+        for user in sorted(users):
+            print(_apply_quota(cfg, d, user))
     elif args.action == "list":
         for name in d.domains():
             origin = "config" if name in cfg.local_domains else "directory"
@@ -131,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     us.add_parser("del", help="remove a user (keeps the mail)").add_argument("address")
     us.add_parser("list", help="list users")
+    uq = us.add_parser(
+        "quota", help="show or set a user's storage limit (20K, 500M, 1G; 0 = none; "
+        "default = the domain's)")
+    uq.add_argument("address")
+    uq.add_argument("size", nargs="?")
     sa = us.add_parser("send-as", help="set the extra addresses a user may send as")
     sa.add_argument("address")
     sa.add_argument("addresses", nargs="*")
@@ -152,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_parser("add").add_argument("domain")
     ds.add_parser("del").add_argument("domain")
     ds.add_parser("list")
+    dq = ds.add_parser("quota", help="show or set the default storage limit of the domain's users")
+    dq.add_argument("domain")
+    dq.add_argument("size", nargs="?")
     d.set_defaults(run=cmd_domain)
 
     c = sub.add_parser("check", help="validate the config and show what will listen where")

@@ -96,6 +96,8 @@ class _Data:
     domains: list[str] = field(default_factory=list)
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    #: domain -> default storage limit in bytes of its users (see Directory.quota_limit)
+    domain_quotas: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> _Data:
@@ -103,14 +105,18 @@ class _Data:
             domains=list(raw.get("domains", [])),
             users=dict(raw.get("users", {})),
             aliases={k: list(v) for k, v in raw.get("aliases", {}).items()},
+            domain_quotas={k: int(v) for k, v in raw.get("domain_quotas", {}).items()},
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "domains": sorted(self.domains),
             "users": {k: self.users[k] for k in sorted(self.users)},
             "aliases": {k: self.aliases[k] for k in sorted(self.aliases)},
         }
+        if self.domain_quotas:
+            out["domain_quotas"] = {k: self.domain_quotas[k] for k in sorted(self.domain_quotas)}
+        return out
 
 
 class Directory:
@@ -158,6 +164,30 @@ class Directory:
         except ValueError:
             return None
         return entry.get("password") if entry else None
+
+    def quota_limit(self, user: str) -> int:
+        """The user's storage limit in bytes, 0 for none (RFC 9208 STORAGE): the user's own
+        setting (``quota``, where 0 means "no limit" even under a domain default), else the
+        domain's default (``domain_quotas``), else none."""
+        try:
+            addr = normalize(user)
+        except ValueError:
+            return 0
+        data = self._fresh()
+        entry = data.users.get(addr)
+        if entry is not None and "quota" in entry:
+            return int(entry["quota"])
+        return data.domain_quotas.get(split_address(addr)[1], 0)
+
+    def user_quota(self, user: str) -> int | None:
+        """The user's own setting (None: the domain default applies)."""
+        entry = self._fresh().users.get(normalize(user))
+        if entry is None:
+            raise DirectoryError(f"{user} is not a user here")
+        return int(entry["quota"]) if "quota" in entry else None
+
+    def domain_quota(self, domain: str) -> int:
+        return self._fresh().domain_quotas.get(domain.lower().rstrip("."), 0)
 
     def mailbox_root(self, user: str) -> Path:
         """``<mail_dir>/<domain>/<localpart>``: validated so it cannot leave ``mail_dir``."""
@@ -328,6 +358,33 @@ class Directory:
             if user not in data.users:
                 raise DirectoryError(f"{user} is not a user here")
             data.users[user]["send_as"] = sorted({normalize(a) for a in addresses})
+
+    def set_user_quota(self, user: str, limit: int | None) -> None:
+        """Set the user's storage limit in bytes (0: none); None: follow the domain default."""
+        user = normalize(user)
+        with self._editing() as data:
+            if user not in data.users:
+                raise DirectoryError(f"{user} is not a user here")
+            if limit is None:
+                data.users[user].pop("quota", None)
+            else:
+                data.users[user]["quota"] = limit
+
+    def set_domain_quota(self, domain: str, limit: int) -> list[str]:
+        """Set the default storage limit (bytes, 0: none) of the domain's users; returns the
+        users it applies to (those without their own setting)."""
+        domain = domain.lower().rstrip(".")
+        if not self.is_local_domain(domain):
+            raise DirectoryError(f"{domain} is not a domain of this server")
+        with self._editing() as data:
+            if limit:
+                data.domain_quotas[domain] = limit
+            else:
+                data.domain_quotas.pop(domain, None)
+            return [
+                u for u, entry in data.users.items()
+                if split_address(u)[1] == domain and "quota" not in entry
+            ]
 
     def del_user(self, user: str) -> None:
         """Remove the account; its Maildir is kept (say so to the person)."""

@@ -288,6 +288,9 @@ class IMAPProtocol(basic.LineReceiver):
 
     def _run(self, cmd: Command) -> None:
         assert self.session is not None
+        metrics = self.shared.runtime.metrics
+        if metrics is not None:  # names outside the command table count as "other"
+            metrics.imap_command(cmd.command)
         try:
             d = self.session.run(cmd)
         except Exception:  # noqa: BLE001

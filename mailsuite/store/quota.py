@@ -1,0 +1,311 @@
+"""Storage quotas: a per-user usage counter kept beside the mail, in Maildir++'s own format.
+
+Each user with a limit has a ``maildirsize`` file at the root of the Maildir (the Maildir++
+quota file Courier and Dovecot's ``maildir`` quota backend use, so the tree stays readable by
+them).  Its first line is the limit (``<bytes>S``, RFC 9208's STORAGE resource); every line
+after it is a change, ``<bytes> <messages>``, appended by whoever adds or removes mail:
+
+* :func:`charge` is called by the store's one write path (:func:`mailsuite.store.write.place`
+  and :meth:`FolderIndex.add_files <mailsuite.store.index.FolderIndex.add_files>`) and by the
+  deleting ones (:meth:`FolderIndex.expunge <mailsuite.store.index.FolderIndex.expunge>`, a
+  deleted folder): one small ``O_APPEND`` write, no walk of the tree, no fsync (a change lost
+  in a crash is a drift that ``mailsuite reindex`` recounts away);
+* :func:`usage` sums the file (it stays small: past :data:`COMPACT_AT` bytes the lines are
+  folded into one, under an exclusive lock, atomically replaced);
+* :func:`recount` walks the tree once and writes a fresh file: when a limit is set
+  (``mailsuite user quota``), by ``mailsuite reindex``, and when the file is missing for a
+  user who has a limit.
+
+A user without a limit has no file, and nothing is counted for them: that is how "no quota"
+costs nothing but a failed ``open``.  Appenders take a shared ``flock`` and check that the file
+they hold is still the one at the path (a compaction may have replaced it), so no change is
+written into a replaced file.  Sizes are the files' sizes on disk (the ``,S=`` of their names),
+as Dovecot's Maildir quota counts them.  Everything here blocks: call it from a thread, except
+:class:`UsageCache`, which the SMTP server asks at RCPT (one ``stat`` when nothing changed).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailsuite.store.maildir import maildir_folders, unique_name
+
+__all__ = [
+    "FILE_NAME",
+    "QuotaExceeded",
+    "Usage",
+    "UsageCache",
+    "charge",
+    "ensure",
+    "folder_usage",
+    "format_size",
+    "parse_size",
+    "recount",
+    "remove_limit",
+    "root_of",
+    "usage",
+    "would_exceed",
+]
+
+FILE_NAME = "maildirsize"
+#: Past this size the change lines are folded into one (Maildir++ says recalculate at 5120).
+COMPACT_AT = 4096
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_S_RE = re.compile(r",S=(\d+)")
+
+
+class QuotaExceeded(Exception):
+    """Storing this would take the user over their limit (RFC 9208 OVERQUOTA, RFC 3463
+    X.2.2 "mailbox full")."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the quota file says: the limit (bytes; 0 = none) and what is stored."""
+
+    limit: int
+    bytes: int
+    messages: int
+
+    @property
+    def over(self) -> bool:
+        """At or past the limit: nothing more may be stored."""
+        return self.limit > 0 and self.bytes >= self.limit
+
+    def fits(self, adding: int) -> bool:
+        return self.limit <= 0 or self.bytes + adding <= self.limit
+
+
+def parse_size(text: str) -> int:
+    """``"20K"`` -> 20480, ``"1G"``, ``"512M"``, ``"0"`` (none); binary units, an optional
+    ``B``/``iB``.  ValueError with a message a person can act on."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (write e.g. 500M, 2G, 20K or 0 for none)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def format_size(n: int) -> str:
+    """The largest binary unit that divides ``n`` exactly (``1073741824`` -> ``"1G"``)."""
+    if n <= 0:
+        return "0"
+    for unit in ("T", "G", "M", "K"):
+        if n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+def root_of(folder: Path) -> Path:
+    """The user's Maildir root for one of its folders (INBOX is the root, ``.Name`` beside)."""
+    return folder.parent if folder.name.startswith(".") else folder
+
+
+def _parse(data: bytes) -> Usage:
+    lines = data.decode("ascii", "replace").split("\n")
+    limit = 0
+    for part in lines[0].split(","):
+        part = part.strip()
+        if part.endswith("S") and part[:-1].isdigit():
+            limit = int(part[:-1])
+    total = count = 0
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) != 2:
+            continue  # an interrupted append: Maildir++ readers skip it too
+        try:
+            total += int(fields[0])
+            count += int(fields[1])
+        except ValueError:
+            continue
+    return Usage(limit, max(total, 0), max(count, 0))
+
+
+def usage(root: Path) -> Usage | None:
+    """The user's limit and usage, None when the user has no quota file (no limit)."""
+    try:
+        with open(root / FILE_NAME, "rb") as f:
+            return _parse(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def would_exceed(root: Path, adding: int) -> bool:
+    """Whether storing ``adding`` more bytes takes the user at ``root`` over their limit."""
+    u = usage(root)
+    return u is not None and not u.fits(adding)
+
+
+def charge(folder: Path, size: int, messages: int) -> None:
+    """Record ``size`` bytes and ``messages`` messages added (negative: removed) in
+    ``folder``'s user; nothing when the user has no limit.  Never raises for a quota file
+    problem: the mail operation it follows has happened, and a recount repairs the count."""
+    if not size and not messages:
+        return
+    path = root_of(folder) / FILE_NAME
+    line = f"{size} {messages}\n".encode()
+    for _ in range(5):  # a replaced file (compaction) is reopened
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            return  # no file: no limit, nothing to count
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue
+            except FileNotFoundError:
+                return  # the limit was removed meanwhile
+            os.write(fd, line)
+            big = os.fstat(fd).st_size > COMPACT_AT
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if big:
+            _compact(path)
+        return
+
+
+def _compact(path: Path) -> None:
+    """Fold the change lines into one (the file is replaced, under an exclusive lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                return  # another process compacted it first
+        except FileNotFoundError:
+            return
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        u = _parse(data)
+        if os.fstat(fd).st_size <= COMPACT_AT:
+            return
+        _write(path, u)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, u: Usage) -> None:
+    """Replace the quota file atomically with one holding ``u``."""
+    tmp = path.with_name(f".{FILE_NAME}.{unique_name()}")
+    with open(tmp, "wb") as f:
+        f.write(f"{u.limit}S\n{u.bytes} {u.messages}\n".encode())
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(bytes, messages) of one folder's ``cur/`` and ``new/``, from the sizes in the names
+    (``,S=``), ``stat`` for a name without one."""
+    total = count = 0
+    for sub in ("cur", "new"):
+        try:
+            it = os.scandir(folder / sub)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                m = _S_RE.search(entry.name)
+                if m:
+                    size = int(m.group(1))
+                else:
+                    try:
+                        size = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue
+                total += size
+                count += 1
+    return total, count
+
+
+def recount(root: Path, limit: int) -> Usage:
+    """Walk the user's folders once and write a fresh quota file with ``limit`` (bytes, > 0).
+    Deliveries running meanwhile may be counted twice or not at all: Maildir++ accepts that
+    drift, and the next recount fixes it."""
+    total = count = 0
+    for folder in maildir_folders(root):
+        b, n = folder_usage(folder)
+        total += b
+        count += n
+    u = Usage(limit, total, count)
+    if root.is_dir():
+        _write(root / FILE_NAME, u)
+    return u
+
+
+def remove_limit(root: Path) -> None:
+    """The user has no limit any more: drop the file (nothing is counted from now on)."""
+    try:
+        os.unlink(root / FILE_NAME)
+    except FileNotFoundError:
+        pass
+
+
+def ensure(root: Path, limit: int) -> Usage | None:
+    """Make the quota file agree with ``limit`` (0: none): recount when the file is missing
+    or names another limit, remove it when there is no limit.  Returns the usage, None
+    without a limit."""
+    if limit <= 0:
+        remove_limit(root)
+        return None
+    u = usage(root)
+    if u is None or u.limit != limit:
+        return recount(root, limit)
+    return u
+
+
+class UsageCache:
+    """Whether a user is over their limit, for the reactor thread (SMTP RCPT): the quota file
+    is read again only when its (inode, size, mtime) changed -- one ``stat`` per question
+    otherwise, none of it for a user without a file beyond that ``stat``."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple[int, int, int], Usage]] = {}
+
+    def get(self, root: Path) -> Usage | None:
+        path = root / FILE_NAME
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._seen.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        try:
+            with open(path, "rb") as f:
+                u = _parse(f.read())
+        except OSError:
+            return None
+        if len(self._seen) >= self.MAX_ENTRIES:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[path] = (stamp, u)
+        return u
+
+    def over(self, roots: Iterable[Path]) -> bool:
+        """Every one of ``roots`` is at or past its limit (and there is at least one)."""
+        any_root = False
+        for root in roots:
+            any_root = True
+            u = self.get(root)
+            if u is None or not u.over:
+                return False
+        return any_root
