@@ -450,8 +450,17 @@ class QueueRunner(service.Service):
             log.warn("queue: {id}: bounce dropped: the local sender {sender} does not exist",
                      id=entry.id, sender=sender)
             return
-        await deliver_bytes(self.runtime, "", resolution.local, data, remote=resolution.remote,
-                            smtputf8=smtputf8, blocking=self._blocking)
+        try:
+            await deliver_bytes(self.runtime, "", resolution.local, data,
+                                remote=resolution.remote, smtputf8=smtputf8,
+                                blocking=self._blocking)
+        except QuotaExceeded:
+            # The sender's mailbox is full: the bounce waits in the queue like any local
+            # delivery over quota (deferred 4.2.2; null sender, so never bounced itself).
+            log.info("queue: {id}: the sender {sender} is over quota: bounce queued",
+                     id=entry.id, sender=sender)
+            await self._blocking(partial(self.spool.enqueue_bytes, data, "", [sender],
+                                         smtputf8=smtputf8))
 
     # -- operator requests ----------------------------------------------------------------
 

@@ -204,6 +204,12 @@ def _write(path: Path, u: Usage) -> None:
     with open(tmp, "wb") as f:
         f.write(f"{u.limit}S\n{u.bytes} {u.messages}\n".encode())
     tmp.chmod(0o600)
+    if os.geteuid() == 0:  # a root CLI (import, reindex) keeps the server's ownership
+        try:
+            st = os.stat(path)
+            os.chown(tmp, st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            pass
     os.replace(tmp, path)
 
 
