@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 FILE_NAME = "maildirsize"
-#: Past this size the change lines are folded into one (Maildir++ says recalculate at 5120).
-COMPACT_AT = 4096
+#: Past this size the change lines are folded into one (Maildir++ recalculates at 5120 bytes by
+#: walking the tree; folding is cheap, and a short file is read faster at every check).
+COMPACT_AT = 1024
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _S_RE = re.compile(r",S=(\d+)")
@@ -107,22 +108,30 @@ def root_of(folder: Path) -> Path:
 
 
 def _parse(data: bytes) -> Usage:
-    lines = data.decode("ascii", "replace").split("\n")
+    head, _, rest = data.partition(b"\n")
     limit = 0
-    for part in lines[0].split(","):
+    for part in head.decode("ascii", "replace").split(","):
         part = part.strip()
         if part.endswith("S") and part[:-1].isdigit():
             limit = int(part[:-1])
+    rest = rest[: rest.rfind(b"\n") + 1]  # an interrupted last append is skipped
+    fields = rest.split()
+    try:
+        if len(fields) == 2 * rest.count(b"\n"):  # the usual case: every line "bytes count"
+            total, count = sum(map(int, fields[0::2])), sum(map(int, fields[1::2]))
+            return Usage(limit, max(total, 0), max(count, 0))
+    except ValueError:
+        pass
     total = count = 0
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) != 2:
-            continue  # an interrupted append: Maildir++ readers skip it too
-        try:
-            total += int(fields[0])
-            count += int(fields[1])
-        except ValueError:
-            continue
+    for line in rest.split(b"\n"):  # a damaged line is skipped, as Maildir++ readers do
+        pair = line.split()
+        if len(pair) == 2:
+            try:
+                b, n = int(pair[0]), int(pair[1])
+            except ValueError:
+                continue
+            total += b
+            count += n
     return Usage(limit, max(total, 0), max(count, 0))
 
 

@@ -117,3 +117,10 @@ def test_the_cache_reads_again_only_when_the_file_changed(root: Path) -> None:
     other = ensure_folder(root.parent / "bob")
     assert not cache.over([root, other])  # bob has no limit: not every box is full
     assert not cache.over([])
+
+
+def test_a_damaged_line_is_skipped_and_the_rest_counted(root: Path) -> None:
+    (root / quota.FILE_NAME).write_text("5000S\n100 1\ngarbage\n-50 -1\n7 x\n20 1\n")
+    assert quota.usage(root) == quota.Usage(5000, 70, 1)
+    (root / quota.FILE_NAME).write_text("5000S,10C\n")
+    assert quota.usage(root) == quota.Usage(5000, 0, 0)
