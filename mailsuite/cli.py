@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mailsuite.config import SERVICES, Config, ConfigError, load_config
 from mailsuite.directory import Directory, DirectoryError
@@ -65,33 +65,71 @@ def _apply_quota(cfg: Config, d: Directory, user: str) -> str:
     from mailsuite.ownership import like_data_dir
     from mailsuite.store import quota
 
-    limit = d.quota_limit(user)
+    limit, messages = d.quota_limit(user), d.message_limit(user)
     root = d.mailbox_root(user)
-    usage = quota.ensure(root, limit) if root.is_dir() else None
+    usage = quota.ensure(root, limit, messages) if root.is_dir() else None
     like_data_dir(cfg.data_dir, [root / quota.FILE_NAME])
     if usage is None:
         return f"{user}: no limit"
-    return (f"{user}: {quota.format_size(usage.bytes)} of {quota.format_size(limit)} used"
-            f" ({usage.bytes * 100 // limit}%, {usage.messages} messages)")
+    size = quota.format_size
+    used = (f"{size(usage.bytes)} of {size(limit)} used ({usage.bytes * 100 // limit}%)"
+            if limit else f"{size(usage.bytes)} used (no size limit)")
+    count = f"{usage.messages} of {messages} messages" if messages else \
+        f"{usage.messages} messages"
+    return f"{user}: {used}, {count}"
+
+
+def _set_limits(args: argparse.Namespace,
+                setter: Callable[[int | None, bool], object], default_ok: bool) -> None:
+    """Apply ``SIZE`` and ``--messages N`` from the command line through ``setter(limit,
+    messages)``; ``default`` (users only) goes back to the domain's setting."""
+    from mailsuite.store.quota import parse_size
+
+    for text, messages in ((args.size, False), (args.messages, True)):
+        if text is None:
+            continue
+        if default_ok and text.lower() == "default":
+            setter(None, messages)
+        elif messages:
+            if not text.isdigit():
+                raise DirectoryError(f"--messages {text!r}: give a number (0 = none)")
+            setter(int(text), True)
+        else:
+            try:
+                setter(parse_size(text), False)
+            except ValueError as e:
+                raise DirectoryError(str(e)) from None
 
 
 def _user_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
-    from mailsuite.store.quota import format_size, parse_size
+    from mailsuite.store.quota import format_size
 
     user = args.address.lower()
-    if args.size is not None:
-        if args.size.lower() == "default":
-            d.set_user_quota(user, None)
-        else:
-            try:
-                d.set_user_quota(user, parse_size(args.size))
-            except ValueError as e:
-                raise DirectoryError(str(e)) from None
-    own = d.user_quota(user)
+    _set_limits(args, lambda n, m: d.set_user_quota(user, n, messages=m), default_ok=True)
     _, domain = user.rsplit("@", 1)
-    source = ("own setting" if own is not None
-              else f"default of {domain}: {format_size(d.domain_quota(domain))}")
-    print(f"{_apply_quota(cfg, d, user)} [{source}]")
+    own, own_messages = d.user_quota(user), d.user_quota(user, "quota_messages")
+    source = [("own size limit" if own is not None
+               else f"size: default of {domain} ({format_size(d.domain_quota(domain))})"),
+              ("own message limit" if own_messages is not None
+               else f"messages: default of {domain} ({d.domain_quota(domain, True)})")]
+    print(f"{_apply_quota(cfg, d, user)} [{'; '.join(source)}]")
+    return 0
+
+
+def _domain_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
+    from mailsuite.store.quota import format_size
+
+    domain = args.domain.lower()
+    users: list[str] = []
+
+    def setter(n: int | None, messages: bool) -> None:
+        users[:] = d.set_domain_quota(domain, n or 0, messages=messages)
+
+    _set_limits(args, setter, default_ok=False)
+    print(f"{domain}: default limits {format_size(d.domain_quota(domain))}, "
+          f"{d.domain_quota(domain, True)} messages (0 = none)")
+    for user in sorted(users):
+        print(_apply_quota(cfg, d, user))
     return 0
 
 
@@ -121,20 +159,7 @@ def cmd_domain(cfg: Config, args: argparse.Namespace) -> int:
         d.del_domain(args.domain)
         print(f"removed domain {args.domain.lower()}")
     elif args.action == "quota":
-        from mailsuite.store.quota import format_size, parse_size
-
-        domain = args.domain.lower()
-        if args.size is None:
-            print(f"{domain}: default limit {format_size(d.domain_quota(domain))}")
-            return 0
-        try:
-            limit = parse_size(args.size)
-        except ValueError as e:
-            raise DirectoryError(str(e)) from None
-        users = d.set_domain_quota(domain, limit)
-        print(f"{domain}: default limit {format_size(limit)}")
-        for user in sorted(users):
-            print(_apply_quota(cfg, d, user))
+        return _domain_quota(cfg, d, args)
     elif args.action == "list":
         for name in d.domains():
             origin = "config" if name in cfg.local_domains else "directory"
@@ -186,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_parser("list", help="list users")
     uq = us.add_parser(
         "quota", help="show or set a user's storage limit (20K, 500M, 1G; 0 = none; "
-        "default = the domain's)")
+        "default = the domain's) and message limit (--messages N)")
     uq.add_argument("address")
     uq.add_argument("size", nargs="?")
+    uq.add_argument("--messages", help="the most messages the user may keep (0 = none; "
+                    "default = the domain's)")
     sa = us.add_parser("send-as", help="set the extra addresses a user may send as")
     sa.add_argument("address")
     sa.add_argument("addresses", nargs="*")
@@ -210,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_parser("add").add_argument("domain")
     ds.add_parser("del").add_argument("domain")
     ds.add_parser("list")
-    dq = ds.add_parser("quota", help="show or set the default storage limit of the domain's users")
+    dq = ds.add_parser("quota", help="show or set the default limits of the domain's users")
     dq.add_argument("domain")
     dq.add_argument("size", nargs="?")
+    dq.add_argument("--messages", help="the most messages each user may keep (0 = none)")
     d.set_defaults(run=cmd_domain)
 
     c = sub.add_parser("check", help="validate the config and show what will listen where")

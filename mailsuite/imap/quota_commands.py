@@ -1,8 +1,9 @@
 """The IMAP QUOTA extension (RFC 9208): GETQUOTAROOT, GETQUOTA and SETQUOTA.
 
 Each user has one quota root, named ``""`` (the root RFC 2087's examples use), covering every
-folder; its one resource is STORAGE (RFC 9208 5.1: the size of the messages in units of 1024
-octets), set by the administrator with ``mailsuite user quota`` or a domain default.  SETQUOTA
+folder; its resources are STORAGE (RFC 9208 5.1: the size of the messages in units of 1024
+octets) and MESSAGE (5.2: their number), each reported when it is limited, set by the
+administrator with ``mailsuite user quota`` or a domain default.  SETQUOTA
 is refused: limits are the administrator's, not the user's (RFC 9208 4.1.3 lets a server
 refuse it).  A user without a limit has no quota root.
 
@@ -25,7 +26,7 @@ from mailsuite.imap.session_base import _bad, _no, quote
 from mailsuite.store import quota
 
 #: The capabilities this module adds once logged in (RFC 9208 3.1, 5.1).
-CAPABILITIES = ("QUOTA", "QUOTA=RES-STORAGE")
+CAPABILITIES = ("QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE")
 #: The name of every user's one quota root.
 ROOT = ""
 
@@ -45,16 +46,21 @@ class QuotaCommands:
     def _usage_now(self) -> Generator[Any, Any, quota.Usage | None]:
         assert self.user is not None
         directory = self.shared.runtime.directory
-        limit = directory.quota_limit(self.user)
-        if not limit:
+        limit, messages = directory.quota_limit(self.user), directory.message_limit(self.user)
+        if not limit and not messages:
             return None
         root = directory.mailbox_root(self.user)
-        usage: quota.Usage | None = yield threads.deferToThread(quota.ensure, root, limit)
+        usage: quota.Usage | None = yield threads.deferToThread(
+            quota.ensure, root, limit, messages)
         return usage
 
     def _quota_line(self, usage: quota.Usage) -> bytes:
-        body = f"STORAGE {_kib_used(usage.bytes)} {usage.limit // 1024}"
-        return b"* QUOTA " + quote(ROOT) + b" (" + body.encode() + b")\r\n"
+        items = []
+        if usage.limit:
+            items.append(f"STORAGE {_kib_used(usage.bytes)} {usage.limit // 1024}")
+        if usage.max_messages:
+            items.append(f"MESSAGE {usage.messages} {usage.max_messages}")
+        return b"* QUOTA " + quote(ROOT) + b" (" + " ".join(items).encode() + b")\r\n"
 
     def do_GETQUOTAROOT(self, cmd: Command) -> Generator[Any, Any, None]:  # noqa: N802
         if len(cmd.args) != 1:

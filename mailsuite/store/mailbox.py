@@ -690,7 +690,7 @@ def copy_blocking(
                 adding += os.stat(src / rel).st_size
             except FileNotFoundError:
                 pass
-        if would_exceed(root_of(dest), adding):
+        if would_exceed(root_of(dest), adding, len(items)):
             raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
     index = FolderIndex(dest)
     try:

@@ -2,8 +2,9 @@
 
 Each user with a limit has a ``maildirsize`` file at the root of the Maildir (the Maildir++
 quota file Courier and Dovecot's ``maildir`` quota backend use, so the tree stays readable by
-them).  Its first line is the limit (``<bytes>S``, RFC 9208's STORAGE resource); every line
-after it is a change, ``<bytes> <messages>``, appended by whoever adds or removes mail:
+them).  Its first line is the limits (``<bytes>S`` and ``<count>C``: RFC 9208's STORAGE and
+MESSAGE resources); every line after it is a change, ``<bytes> <messages>``, appended by
+whoever adds or removes mail:
 
 * :func:`charge` is called by the store's one write path (:func:`mailsuite.store.write.place`
   and :meth:`FolderIndex.add_files <mailsuite.store.index.FolderIndex.add_files>`) and by the
@@ -68,19 +69,23 @@ class QuotaExceeded(Exception):
 
 @dataclass(frozen=True)
 class Usage:
-    """What the quota file says: the limit (bytes; 0 = none) and what is stored."""
+    """What the quota file says: the limits (bytes, messages; 0 = none) and what is stored."""
 
     limit: int
     bytes: int
     messages: int
+    max_messages: int = 0
 
     @property
     def over(self) -> bool:
-        """At or past the limit: nothing more may be stored."""
-        return self.limit > 0 and self.bytes >= self.limit
+        """At or past a limit: nothing more may be stored."""
+        return (self.limit > 0 and self.bytes >= self.limit) or (
+            self.max_messages > 0 and self.messages >= self.max_messages)
 
-    def fits(self, adding: int) -> bool:
-        return self.limit <= 0 or self.bytes + adding <= self.limit
+    def fits(self, adding: int, count: int = 1) -> bool:
+        """Whether ``count`` more messages of ``adding`` bytes in all stay within the limits."""
+        return (self.limit <= 0 or self.bytes + adding <= self.limit) and (
+            self.max_messages <= 0 or self.messages + count <= self.max_messages)
 
 
 def parse_size(text: str) -> int:
@@ -109,17 +114,19 @@ def root_of(folder: Path) -> Path:
 
 def _parse(data: bytes) -> Usage:
     head, _, rest = data.partition(b"\n")
-    limit = 0
+    limit = max_messages = 0
     for part in head.decode("ascii", "replace").split(","):
         part = part.strip()
         if part.endswith("S") and part[:-1].isdigit():
             limit = int(part[:-1])
+        elif part.endswith("C") and part[:-1].isdigit():
+            max_messages = int(part[:-1])
     rest = rest[: rest.rfind(b"\n") + 1]  # an interrupted last append is skipped
     fields = rest.split()
     try:
         if len(fields) == 2 * rest.count(b"\n"):  # the usual case: every line "bytes count"
             total, count = sum(map(int, fields[0::2])), sum(map(int, fields[1::2]))
-            return Usage(limit, max(total, 0), max(count, 0))
+            return Usage(limit, max(total, 0), max(count, 0), max_messages)
     except ValueError:
         pass
     total = count = 0
@@ -132,7 +139,7 @@ def _parse(data: bytes) -> Usage:
                 continue
             total += b
             count += n
-    return Usage(limit, max(total, 0), max(count, 0))
+    return Usage(limit, max(total, 0), max(count, 0), max_messages)
 
 
 def usage(root: Path) -> Usage | None:
@@ -144,10 +151,11 @@ def usage(root: Path) -> Usage | None:
         return None
 
 
-def would_exceed(root: Path, adding: int) -> bool:
-    """Whether storing ``adding`` more bytes takes the user at ``root`` over their limit."""
+def would_exceed(root: Path, adding: int, count: int = 1) -> bool:
+    """Whether storing ``count`` more messages of ``adding`` bytes in all takes the user at
+    ``root`` over a limit."""
     u = usage(root)
-    return u is not None and not u.fits(adding)
+    return u is not None and not u.fits(adding, count)
 
 
 def charge(folder: Path, size: int, messages: int) -> None:
@@ -211,7 +219,8 @@ def _write(path: Path, u: Usage) -> None:
     """Replace the quota file atomically with one holding ``u``."""
     tmp = path.with_name(f".{FILE_NAME}.{unique_name()}")
     with open(tmp, "wb") as f:
-        f.write(f"{u.limit}S\n{u.bytes} {u.messages}\n".encode())
+        head = f"{u.limit}S" + (f",{u.max_messages}C" if u.max_messages else "")
+        f.write(f"{head}\n{u.bytes} {u.messages}\n".encode())
     tmp.chmod(0o600)
     if os.geteuid() == 0:  # a root CLI (import, reindex) keeps the server's ownership
         try:
@@ -248,8 +257,9 @@ def folder_usage(folder: Path) -> tuple[int, int]:
     return total, count
 
 
-def recount(root: Path, limit: int) -> Usage:
-    """Walk the user's folders once and write a fresh quota file with ``limit`` (bytes, > 0).
+def recount(root: Path, limit: int, max_messages: int = 0) -> Usage:
+    """Walk the user's folders once and write a fresh quota file with ``limit`` (bytes) and
+    ``max_messages`` (0: none).
     Deliveries running meanwhile may be counted twice or not at all: Maildir++ accepts that
     drift, and the next recount fixes it."""
     total = count = 0
@@ -257,7 +267,7 @@ def recount(root: Path, limit: int) -> Usage:
         b, n = folder_usage(folder)
         total += b
         count += n
-    u = Usage(limit, total, count)
+    u = Usage(limit, total, count, max_messages)
     if root.is_dir():
         _write(root / FILE_NAME, u)
     return u
@@ -271,16 +281,16 @@ def remove_limit(root: Path) -> None:
         pass
 
 
-def ensure(root: Path, limit: int) -> Usage | None:
-    """Make the quota file agree with ``limit`` (0: none): recount when the file is missing
-    or names another limit, remove it when there is no limit.  Returns the usage, None
-    without a limit."""
-    if limit <= 0:
+def ensure(root: Path, limit: int, max_messages: int = 0) -> Usage | None:
+    """Make the quota file agree with the limits (0: none): recount when the file is missing
+    or names other limits, remove it when there is none.  Returns the usage, None without a
+    limit."""
+    if limit <= 0 and max_messages <= 0:
         remove_limit(root)
         return None
     u = usage(root)
-    if u is None or u.limit != limit:
-        return recount(root, limit)
+    if u is None or u.limit != limit or u.max_messages != max_messages:
+        return recount(root, limit, max_messages)
     return u
 
 

@@ -94,9 +94,9 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         for user, root in roots:
             try:
                 reports = reindex_account(root, args.rebuild, progress.advance)
-                limit = directory.quota_limit(user)
-                if limit:  # the quota usage is recounted too (see mailsuite.store.quota)
-                    quota.recount(root, limit)
+                limit, messages = directory.quota_limit(user), directory.message_limit(user)
+                if limit or messages:  # the quota usage is recounted too (mailsuite.store.quota)
+                    quota.recount(root, limit, messages)
                 else:
                     quota.remove_limit(root)
             finally:

@@ -87,7 +87,7 @@ def set_quota(server: Server, user: str, size: str) -> str:
 def test_cli_sets_and_shows_a_limit_and_counts_what_is_there(server: Server) -> None:
     assert send(server, [CAROL], message(3000))[1] == 250
     out = set_quota(server, CAROL, "1M")
-    assert out.startswith(f"{CAROL}: ") and "of 1M used" in out and "own setting" in out
+    assert out.startswith(f"{CAROL}: ") and "of 1M used" in out and "own size limit" in out
     limit, used, messages = counted(server, CAROL)
     assert (limit, (used, messages)) == (1024 * KIB, on_disk(server, CAROL))
     assert messages == 1
@@ -98,10 +98,10 @@ def test_cli_sets_and_shows_a_limit_and_counts_what_is_there(server: Server) -> 
     # a domain default applies to users without their own setting; 0 = none, "default" =
     # back to the domain's
     out = server.cli("domain", "quota", "example.test", "2M").stdout
-    assert "default limit 2M" in out
+    assert "default limits 2M, 0 messages" in out
     assert "of 1M used" in server.cli("user", "quota", CAROL).stdout
     out = server.cli("user", "quota", CAROL, "default").stdout
-    assert "of 2M used" in out and "default of example.test: 2M" in out
+    assert "of 2M used" in out and "size: default of example.test (2M)" in out
     assert counted(server, CAROL)[0] == 2 * 1024 * KIB
     assert "no limit" in server.cli("user", "quota", CAROL, "0").stdout
     assert not usage_file(server, CAROL).exists()
@@ -213,6 +213,38 @@ def test_imap_quota_commands_and_refusals(server: Server) -> None:
     finally:
         c.close()
     set_quota(server, BOB, "0")
+
+
+def test_a_message_count_limit(server: Server) -> None:
+    out = server.cli("user", "quota", BOB, "--messages", "0").stdout  # none yet
+    set_quota(server, BOB, "0")
+    start = on_disk(server, BOB)[1]
+    out = server.cli("user", "quota", BOB, "--messages", str(start + 2)).stdout
+    assert f"{start} of {start + 2} messages" in out and "no size limit" in out
+    c = imap(server, BOB)
+    try:
+        caps = b" ".join(c.ok("CAPABILITY"))
+        assert b"QUOTA=RES-MESSAGE" in caps
+        assert append(c, "INBOX", 100)[-1].split()[1] == b"OK"
+        lines = c.ok("GETQUOTAROOT INBOX")
+        assert lines[1] == b'* QUOTA "" (MESSAGE %d %d)' % (start + 1, start + 2), lines
+        assert append(c, "INBOX", 100)[-1].split()[1] == b"OK"
+        refused = append(c, "INBOX", 100)[-1]
+        assert refused.split()[1:3] == [b"NO", b"[OVERQUOTA]"], refused
+    finally:
+        c.close()
+    codes, _ = send(server, [BOB], message(100))
+    assert codes == [552]  # at the count: refused at RCPT
+    server.cli("user", "quota", BOB, "1M", "--messages", str(start + 10))
+    c = imap(server, BOB)
+    try:
+        lines = c.ok('GETQUOTA ""')
+        assert re.fullmatch(rb'\* QUOTA "" \(STORAGE \d+ 1024 MESSAGE %d %d\)'
+                            % (start + 2, start + 10), lines[0]), lines
+    finally:
+        c.close()
+    server.cli("user", "quota", BOB, "0", "--messages", "0")
+    assert not usage_file(server, BOB).exists()
 
 
 def test_sieve_fileinto_is_held_to_the_limit(server: Server, tmp_path: Path) -> None:

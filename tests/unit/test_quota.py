@@ -123,4 +123,16 @@ def test_a_damaged_line_is_skipped_and_the_rest_counted(root: Path) -> None:
     (root / quota.FILE_NAME).write_text("5000S\n100 1\ngarbage\n-50 -1\n7 x\n20 1\n")
     assert quota.usage(root) == quota.Usage(5000, 70, 1)
     (root / quota.FILE_NAME).write_text("5000S,10C\n")
-    assert quota.usage(root) == quota.Usage(5000, 0, 0)
+    assert quota.usage(root) == quota.Usage(5000, 0, 0, 10)
+
+
+def test_a_message_count_limit(root: Path) -> None:
+    quota.recount(root, 0, 2)
+    assert (root / quota.FILE_NAME).read_text().splitlines()[0] == "0S,2C"
+    append_blocking(root, b"a", frozenset(), None)
+    append_blocking(root, b"b", frozenset(), None)
+    assert quota.usage(root) == quota.Usage(0, 2, 2, 2)
+    assert quota.usage(root).over  # type: ignore[union-attr]
+    with pytest.raises(MailboxError):
+        append_blocking(root, b"c", frozenset(), None)
+    assert quota.ensure(root, 0, 0) is None and not (root / quota.FILE_NAME).exists()
