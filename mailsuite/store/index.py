@@ -21,8 +21,8 @@ and change).  :class:`FolderIndex` is the one class callers use.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ from mailsuite.store.index_schema import (
     crlf_size,
 )
 from mailsuite.store.maildir import FLAG_LETTERS, base_of, fsync_dir, info_for
+from mailsuite.store.quota import charge
+
+_S_SIZE = re.compile(r",S=(\d+)")
 
 
 class FolderIndex(IndexScan):
@@ -297,6 +300,7 @@ class FolderIndex(IndexScan):
         """Delete the files and rows of ``uids``; returns those that were removed."""
         done: list[int] = []
         wanted = list(uids)
+        freed = removed = 0
         with self._locked():
             names: dict[int, str] = {}
             for uid, name in self._where_in("SELECT uid, name FROM messages WHERE", "uid", wanted):
@@ -305,8 +309,12 @@ class FolderIndex(IndexScan):
                 name = names.get(uid)
                 if name is None:
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
+                    freed += _size_of(self.folder / name)
                     (self.folder / name).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
                 done.append(uid)
             if done:
                 touched = {_sub_of(names[u]) for u in done}
@@ -323,6 +331,7 @@ class FolderIndex(IndexScan):
                     self._set_meta("highestmodseq", modseq)
                     self._forget_stamp(touched)
                     self._names_changed([names[u] for u in done], (), self._names_gen == gen)
+            charge(self.folder, -freed, -removed)
         return done
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
@@ -397,7 +406,14 @@ class FolderIndex(IndexScan):
                 self._forget_stamp(subs)
                 gen = int(self._meta("names_gen") or 0)
                 self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
+            charge(self.folder, sum(p[2].size for p in placed), len(placed))
             return out
+
+
+def _size_of(path: Path) -> int:
+    """A message file's size on disk: the ``,S=`` of its name, else a ``stat``."""
+    m = _S_SIZE.search(path.name)
+    return int(m.group(1)) if m else path.stat().st_size
 
 
 def _sub_of(name: str) -> str:
