@@ -24,6 +24,7 @@ class FakeRuntime:
     (any object: TLSStringTransport does not use it) and a clock for its timers."""
 
     tls = object()
+    metrics = None  # no /metrics registry: the adapters count nothing
 
     def __init__(self) -> None:
         self.reactor = Clock()
