@@ -114,6 +114,18 @@ class FailureLog:
     def clear(self, ip: str) -> None:
         self.by_ip.pop(ip, None)
 
+    def throttled_ips(self) -> int:
+        """How many client addresses are refused now (``max_failures_per_ip`` failures in
+        the window).  Only reads (copies taken under the GIL), so the metrics thread may call
+        it while the reactor thread records failures."""
+        horizon = self.now() - self.cfg.window
+        limit = self.cfg.max_failures_per_ip
+        count = 0
+        for q in list(self.by_ip.values()):
+            if sum(1 for t in tuple(q) if t >= horizon) >= limit:
+                count += 1
+        return count
+
 
 @implementer(ICredentialsChecker)
 class Argon2Checker:
@@ -229,6 +241,13 @@ class Authenticator:
         self._slots: dict[str, defer.DeferredSemaphore] = {}
         self.checker = Argon2Checker(directory, reactor, now)
         self.portal = portal.Portal(_Realm(), [self.checker])
+        #: called with (protocol, outcome value) for every answered attempt (the metrics)
+        self.observe: Callable[[str, str], None] | None = None
+
+    def _observed(self, protocol: str, result: LoginResult) -> LoginResult:
+        if self.observe is not None:
+            self.observe(protocol, result.outcome.value)
+        return result
 
     def login(
         self, username: str, password: str, ip: str, protocol: str
@@ -244,7 +263,7 @@ class Authenticator:
                 user=user,
                 ip=ip,
             )
-            return defer.succeed(LoginResult(Outcome.THROTTLED))
+            return defer.succeed(self._observed(protocol, LoginResult(Outcome.THROTTLED)))
         creds = credentials.UsernamePassword(
             user.encode("utf-8"), password.encode("utf-8", "surrogatepass")
         )
@@ -284,7 +303,7 @@ class Authenticator:
             wait = self.failures.delay(ip)
             return defer.Deferred.fromCoroutine(self._after(wait))
 
-        return d.addCallbacks(ok, failed)
+        return d.addCallbacks(ok, failed).addCallback(lambda r: self._observed(protocol, r))
 
     async def _after(self, wait: float) -> LoginResult:
         await deferLater(self.reactor, wait, lambda: None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mailsuite.config import SERVICES, Config, ConfigError, load_config
 from mailsuite.directory import Directory, DirectoryError
@@ -51,9 +51,85 @@ def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     elif args.action == "list":
         for user in d.users():
             print(user)
+    elif args.action == "quota":
+        return _user_quota(cfg, d, args)
     elif args.action == "send-as":
         d.set_send_as(args.address, args.addresses)
         print(f"{args.address.lower()} may send as: " + ", ".join(sorted(d.send_as(args.address))))
+    return 0
+
+
+def _apply_quota(cfg: Config, d: Directory, user: str) -> str:
+    """Make the user's quota file agree with the directory (recount once when a limit is
+    set: from then on usage is counted as mail comes and goes); a line for the person."""
+    from mailsuite.ownership import like_data_dir
+    from mailsuite.store import quota
+
+    limit, messages = d.quota_limit(user), d.message_limit(user)
+    root = d.mailbox_root(user)
+    usage = quota.ensure(root, limit, messages) if root.is_dir() else None
+    like_data_dir(cfg.data_dir, [root / quota.FILE_NAME])
+    if usage is None:
+        return f"{user}: no limit"
+    size = quota.format_size
+    used = (f"{size(usage.bytes)} of {size(limit)} used ({usage.bytes * 100 // limit}%)"
+            if limit else f"{size(usage.bytes)} used (no size limit)")
+    count = f"{usage.messages} of {messages} messages" if messages else \
+        f"{usage.messages} messages"
+    return f"{user}: {used}, {count}"
+
+
+def _set_limits(args: argparse.Namespace,
+                setter: Callable[[int | None, bool], object], default_ok: bool) -> None:
+    """Apply ``SIZE`` and ``--messages N`` from the command line through ``setter(limit,
+    messages)``; ``default`` (users only) goes back to the domain's setting."""
+    from mailsuite.store.quota import parse_size
+
+    for text, messages in ((args.size, False), (args.messages, True)):
+        if text is None:
+            continue
+        if default_ok and text.lower() == "default":
+            setter(None, messages)
+        elif messages:
+            if not text.isdigit():
+                raise DirectoryError(f"--messages {text!r}: give a number (0 = none)")
+            setter(int(text), True)
+        else:
+            try:
+                setter(parse_size(text), False)
+            except ValueError as e:
+                raise DirectoryError(str(e)) from None
+
+
+def _user_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
+    from mailsuite.store.quota import format_size
+
+    user = args.address.lower()
+    _set_limits(args, lambda n, m: d.set_user_quota(user, n, messages=m), default_ok=True)
+    _, domain = user.rsplit("@", 1)
+    own, own_messages = d.user_quota(user), d.user_quota(user, "quota_messages")
+    source = [("own size limit" if own is not None
+               else f"size: default of {domain} ({format_size(d.domain_quota(domain))})"),
+              ("own message limit" if own_messages is not None
+               else f"messages: default of {domain} ({d.domain_quota(domain, True)})")]
+    print(f"{_apply_quota(cfg, d, user)} [{'; '.join(source)}]")
+    return 0
+
+
+def _domain_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
+    from mailsuite.store.quota import format_size
+
+    domain = args.domain.lower()
+    users: list[str] = []
+
+    def setter(n: int | None, messages: bool) -> None:
+        users[:] = d.set_domain_quota(domain, n or 0, messages=messages)
+
+    _set_limits(args, setter, default_ok=False)
+    print(f"{domain}: default limits {format_size(d.domain_quota(domain))}, "
+          f"{d.domain_quota(domain, True)} messages (0 = none)")
+    for user in sorted(users):
+        print(_apply_quota(cfg, d, user))
     return 0
 
 
@@ -82,6 +158,8 @@ def cmd_domain(cfg: Config, args: argparse.Namespace) -> int:
     elif args.action == "del":
         d.del_domain(args.domain)
         print(f"removed domain {args.domain.lower()}")
+    elif args.action == "quota":
+        return _domain_quota(cfg, d, args)
     elif args.action == "list":
         for name in d.domains():
             origin = "config" if name in cfg.local_domains else "directory"
@@ -131,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     us.add_parser("del", help="remove a user (keeps the mail)").add_argument("address")
     us.add_parser("list", help="list users")
+    uq = us.add_parser(
+        "quota", help="show or set a user's storage limit (20K, 500M, 1G; 0 = none; "
+        "default = the domain's) and message limit (--messages N)")
+    uq.add_argument("address")
+    uq.add_argument("size", nargs="?")
+    uq.add_argument("--messages", help="the most messages the user may keep (0 = none; "
+                    "default = the domain's)")
     sa = us.add_parser("send-as", help="set the extra addresses a user may send as")
     sa.add_argument("address")
     sa.add_argument("addresses", nargs="*")
@@ -152,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_parser("add").add_argument("domain")
     ds.add_parser("del").add_argument("domain")
     ds.add_parser("list")
+    dq = ds.add_parser("quota", help="show or set the default limits of the domain's users")
+    dq.add_argument("domain")
+    dq.add_argument("size", nargs="?")
+    dq.add_argument("--messages", help="the most messages each user may keep (0 = none)")
     d.set_defaults(run=cmd_domain)
 
     c = sub.add_parser("check", help="validate the config and show what will listen where")

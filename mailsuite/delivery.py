@@ -375,6 +375,10 @@ def _after(out: Outgoing, runtime: Any, blocking: Blocking) -> defer.Deferred[De
     is logged, never a reason to deliver the message again)."""
     for folder in out.folders:
         runtime.changes.notify(folder)
+    metrics = getattr(runtime, "metrics", None)
+    if metrics is not None and out.delivered:
+        metrics.local_deliveries.inc(out.delivered)
+        metrics.stored_bytes.inc(out.stored_bytes)
     for line in out.log:
         log.info("delivery: {line}", line=line)
     result = DeliveryResult(out.reply, out.folders)

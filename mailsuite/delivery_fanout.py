@@ -4,6 +4,10 @@ The worker-thread half of :mod:`mailsuite.delivery`.  Given the message file -- 
 first local recipient's ``tmp/`` (or the incoming spool when every recipient is remote), starting
 with that recipient's trace lines (:func:`trace_head`) -- :meth:`Fanout.run`:
 
+0. checks each local recipient's storage quota (:mod:`mailsuite.store.quota`) before any
+   script runs, so a refused message never redirects or answers: when every recipient is
+   over, it refuses (``552 5.2.2`` in the SMTP dialogue, :class:`QuotaExceeded` otherwise:
+   the queue retries on 4.2.2); when some are, they get a queued local delivery instead;
 1. runs each local recipient's active Sieve script (``runtime.sieve``, RFC 5228; see
    :mod:`mailsuite.sieve.apply` for how each action is applied).  The first recipient's script
    reads the file itself; a further recipient's reads the shared part below the first one's
@@ -39,10 +43,12 @@ from mailsuite.sieve.actions import Discard, Redirect, Reject
 from mailsuite.sieve.apply import destinations, prepare_folder, rejection_message, smtp_reply
 from mailsuite.sieve.engine import SieveOutcome
 from mailsuite.sieve.interpreter import SieveEnvelope
+from mailsuite.smtp import replies as R
 from mailsuite.smtp.replies import Reply
+from mailsuite.store.quota import QuotaExceeded, would_exceed
 from mailsuite.store.write import Draft, Placement, copy_tmp, discard, place
 
-__all__ = ["DeliveryError", "Fanout", "Outgoing", "QueuedReply", "trace_head"]
+__all__ = ["DeliveryError", "Fanout", "Outgoing", "QueuedReply", "QuotaExceeded", "trace_head"]
 
 #: the most of the original header section a rejection notice quotes
 _NOTICE_HEAD_MAX = 64 * 1024
@@ -78,6 +84,9 @@ class Outgoing:
     folders: tuple[Path, ...] = ()
     replies: list[QueuedReply] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    #: local recipients that got the message, and the bytes of their copies (the metrics)
+    delivered: int = 0
+    stored_bytes: int = 0
 
 
 class Fanout:
@@ -107,6 +116,7 @@ class Fanout:
         self.folder = folder
         self._return_path = len(trace_head(envelope.sender, None))
         self._drafts: list[Path] = []
+        self._full: list[LocalBox] = []  # recipients over quota, queued (see _enqueue)
         self._out = Outgoing()
 
     def run(self) -> Outgoing:
@@ -123,9 +133,23 @@ class Fanout:
     def _run(self) -> Outgoing:
         env = self.env
         out = self._out
+        boxes = list(enumerate(env.local))
+        full = [box for box in env.local if would_exceed(box.root, self.size)]
+        if full:
+            users = ", ".join(box.user for box in full)
+            if len(full) == len(env.local) and not env.remote:
+                discard(self.path)
+                if not self.can_refuse:
+                    raise QuotaExceeded(f"{users}: over quota")
+                out.reply = R.MAILBOX_FULL
+                out.log.append(f"{users}: over quota, message refused")
+                return out
+            self._full = full
+            boxes = [(i, box) for i, box in boxes if box not in full]
+            out.log.append(f"{users}: over quota, queued to retry (4.2.2)")
         sieve = getattr(self.runtime, "sieve", None) if self.folder is None else None
-        outcomes = [self._evaluate(sieve, i, box) for i, box in enumerate(env.local)]
-        if self.can_refuse and len(env.local) == 1 and not env.remote:
+        outcomes = {i: self._evaluate(sieve, i, box) for i, box in boxes}
+        if self.can_refuse and len(env.local) == 1 and not env.remote and boxes:
             refusal = _reject_of(outcomes[0])
             if refusal is not None:
                 discard(self.path)
@@ -136,9 +160,11 @@ class Fanout:
         plan: list[tuple[Path, Placement]] = []
         redirects: list[tuple[int, LocalBox, list[str]]] = []
         first_used = False
-        for i, box in enumerate(env.local):
+        for i, box in boxes:
             outcome = outcomes[i]
             targets = self._targets(box, outcome)
+            if targets:
+                out.delivered += 1
             if outcome is not None:
                 addresses = [a.address for a in outcome.actions if isinstance(a, Redirect)]
                 if addresses:
@@ -245,11 +271,19 @@ class Fanout:
 
     def _enqueue(self, redirects: list[tuple[int, LocalBox, list[str]]]) -> None:
         env = self.env
-        if not env.remote and not redirects:
+        if not env.remote and not redirects and not self._full:
             return
         queue = getattr(self.runtime, "queue", None)
         if queue is None:
             raise DeliveryError("remote delivery is not available")
+        if self._full:
+            # Over quota among other recipients: RFC 5321 has one reply after the data, so
+            # the others get the message now and these a queued local delivery, retried
+            # while their mailbox is full (4.2.2) and bounced when the queue gives up --
+            # what Postfix does when Dovecot's LMTP answers 452 4.2.2 for one of several.
+            queue.enqueue_file(self.path, self.received_offset, env.sender,
+                               [box.user for box in self._full],
+                               smtputf8=env.smtputf8, body_8bit=env.body_8bit)
         if env.remote:
             queue.enqueue_file(self.path, self.received_offset, env.sender, env.remote,
                                smtputf8=env.smtputf8, body_8bit=env.body_8bit)
@@ -271,6 +305,7 @@ class Fanout:
             by_folder.setdefault(folder, []).append(placement)
         for folder, items in by_folder.items():
             place(folder, items)
+            self._out.stored_bytes += sum(p.draft.size for p in items)
         return list(by_folder)
 
 

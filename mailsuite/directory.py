@@ -96,6 +96,10 @@ class _Data:
     domains: list[str] = field(default_factory=list)
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    #: domain -> default storage limit in bytes of its users (see Directory.quota_limit)
+    domain_quotas: dict[str, int] = field(default_factory=dict)
+    #: domain -> default message-count limit of its users (see Directory.message_limit)
+    domain_message_quotas: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> _Data:
@@ -103,14 +107,23 @@ class _Data:
             domains=list(raw.get("domains", [])),
             users=dict(raw.get("users", {})),
             aliases={k: list(v) for k, v in raw.get("aliases", {}).items()},
+            domain_quotas={k: int(v) for k, v in raw.get("domain_quotas", {}).items()},
+            domain_message_quotas={
+                k: int(v) for k, v in raw.get("domain_message_quotas", {}).items()
+            },
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "domains": sorted(self.domains),
             "users": {k: self.users[k] for k in sorted(self.users)},
             "aliases": {k: self.aliases[k] for k in sorted(self.aliases)},
         }
+        for key in ("domain_quotas", "domain_message_quotas"):
+            table: dict[str, int] = getattr(self, key)
+            if table:
+                out[key] = {k: table[k] for k in sorted(table)}
+        return out
 
 
 class Directory:
@@ -158,6 +171,42 @@ class Directory:
         except ValueError:
             return None
         return entry.get("password") if entry else None
+
+    def quota_limit(self, user: str) -> int:
+        """The user's storage limit in bytes, 0 for none (RFC 9208 STORAGE): the user's own
+        setting (``quota``, where 0 means "no limit" even under a domain default), else the
+        domain's default (``domain_quotas``), else none."""
+        return self._limit(user, "quota", "domain_quotas")
+
+    def message_limit(self, user: str) -> int:
+        """The user's message-count limit, 0 for none (RFC 9208 MESSAGE): ``quota_messages``,
+        else the domain's ``domain_message_quotas``, as :meth:`quota_limit`."""
+        return self._limit(user, "quota_messages", "domain_message_quotas")
+
+    def _limit(self, user: str, key: str, domain_key: str) -> int:
+        try:
+            addr = normalize(user)
+        except ValueError:
+            return 0
+        data = self._fresh()
+        entry = data.users.get(addr)
+        if entry is not None and key in entry:
+            return int(entry[key])
+        table: dict[str, int] = getattr(data, domain_key)
+        return table.get(split_address(addr)[1], 0)
+
+    def user_quota(self, user: str, key: str = "quota") -> int | None:
+        """The user's own setting (``"quota"`` or ``"quota_messages"``; None: the domain
+        default applies)."""
+        entry = self._fresh().users.get(normalize(user))
+        if entry is None:
+            raise DirectoryError(f"{user} is not a user here")
+        return int(entry[key]) if key in entry else None
+
+    def domain_quota(self, domain: str, messages: bool = False) -> int:
+        data = self._fresh()
+        table = data.domain_message_quotas if messages else data.domain_quotas
+        return table.get(domain.lower().rstrip("."), 0)
 
     def mailbox_root(self, user: str) -> Path:
         """``<mail_dir>/<domain>/<localpart>``: validated so it cannot leave ``mail_dir``."""
@@ -328,6 +377,33 @@ class Directory:
             if user not in data.users:
                 raise DirectoryError(f"{user} is not a user here")
             data.users[user]["send_as"] = sorted({normalize(a) for a in addresses})
+
+    def set_user_quota(self, user: str, limit: int | None, *, messages: bool = False) -> None:
+        """Set the user's storage limit in bytes, or with ``messages`` their message-count
+        limit (0: none); None: follow the domain default."""
+        user = normalize(user)
+        key = "quota_messages" if messages else "quota"
+        with self._editing() as data:
+            if user not in data.users:
+                raise DirectoryError(f"{user} is not a user here")
+            if limit is None:
+                data.users[user].pop(key, None)
+            else:
+                data.users[user][key] = limit
+
+    def set_domain_quota(self, domain: str, limit: int, *, messages: bool = False) -> list[str]:
+        """Set the default storage limit (bytes), or with ``messages`` the message-count limit
+        (0: none), of the domain's users; returns the domain's users."""
+        domain = domain.lower().rstrip(".")
+        if not self.is_local_domain(domain):
+            raise DirectoryError(f"{domain} is not a domain of this server")
+        with self._editing() as data:
+            table = data.domain_message_quotas if messages else data.domain_quotas
+            if limit:
+                table[domain] = limit
+            else:
+                table.pop(domain, None)
+            return [u for u in data.users if split_address(u)[1] == domain]
 
     def del_user(self, user: str) -> None:
         """Remove the account; its Maildir is kept (say so to the person)."""

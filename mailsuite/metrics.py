@@ -69,8 +69,43 @@ class QueueCollector(Collector):
         yield oldest
 
 
+class GaugeFromCall(Collector):
+    """One gauge whose value a function gives when collected (in the collecting thread: the
+    function must only read state, never change it)."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.value = value
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.doc)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(self.name, self.doc)
+        g.add_metric([], self.value())
+        yield g
+
+
+#: IMAP commands counted by name (RFC 3501, 9051 and the extensions served); any other
+#: word is counted as "other", so a client cannot grow the label set.
+IMAP_COMMANDS = frozenset({
+    "CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "AUTHENTICATE", "LOGIN", "SELECT",
+    "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+    "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE", "CHECK", "CLOSE", "UNSELECT",
+    "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "GETQUOTA", "GETQUOTAROOT",
+    "SETQUOTA",
+})
+#: POP3 commands counted by name (RFC 1939, 2449, 2595, 5034); others are "other".
+POP3_COMMANDS = frozenset({
+    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR", "DELE",
+    "NOOP", "RSET", "TOP", "UIDL", "UTF8",
+})
+
+
 class Metrics:
-    """The server's metrics (see the module docstring for adding more)."""
+    """The server's metrics (see the module docstring for adding more).  Label values come
+    from fixed sets (listener names, reply classes, command tables), never from a client."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -89,6 +124,41 @@ class Metrics:
         )
         for result in ("ok", "failed"):
             self.tls_handshakes.labels(result)  # both series exist from the start, at 0
+        #: SMTP messages answered after their data (or refused at DATA), by listener
+        #: profile ("mx", "submission") and reply class ("2xx", "4xx", "5xx").
+        self.smtp_messages = Counter(
+            f"{PREFIX}_smtp_messages", "SMTP messages by listener and final reply class.",
+            ["listener", "class"], registry=r,
+        )
+        #: Local recipients a message was stored for (SMTP, queue retries, DSNs).
+        self.local_deliveries = Counter(
+            f"{PREFIX}_local_deliveries", "Messages stored for a local recipient.", registry=r
+        )
+        #: Bytes of message files local delivery stored (every copy counted).
+        self.stored_bytes = Counter(
+            f"{PREFIX}_stored_bytes", "Bytes of message files stored by local delivery.",
+            registry=r,
+        )
+        #: Attempts of the outbound queue to hand a recipient to a remote server, by result
+        #: ("delivered", "deferred", "failed").
+        self.outbound_attempts = Counter(
+            f"{PREFIX}_outbound_attempts", "Outbound delivery attempts per recipient by result.",
+            ["result"], registry=r,
+        )
+        #: Login attempts by protocol ("smtp", "imap", "pop3", "managesieve") and result
+        #: ("ok", "failed": wrong credentials, "throttled": refused for earlier failures).
+        self.logins = Counter(
+            f"{PREFIX}_logins", "Login attempts by protocol and result.",
+            ["protocol", "result"], registry=r,
+        )
+        self.imap_commands = Counter(
+            f"{PREFIX}_imap_commands", "IMAP commands received, by name.", ["command"],
+            registry=r,
+        )
+        self.pop3_commands = Counter(
+            f"{PREFIX}_pop3_commands", "POP3 commands received, by name.", ["command"],
+            registry=r,
+        )
         ProcessCollector(namespace=PREFIX, registry=r)
 
     def watch_queue(self, env_dir: Path) -> None:
@@ -102,3 +172,26 @@ class Metrics:
     def listener(self, name: str) -> tuple[Any, Any]:
         """The (accepted, open) series of one listener, for :class:`CountingFactory`."""
         return self.connections.labels(name), self.connections_open.labels(name)
+
+    def watch_throttling(self, throttled_ips: Callable[[], int]) -> None:
+        """Export ``mailsuite_auth_throttled_ips``: client addresses refused logins now."""
+        self.registry.register(GaugeFromCall(
+            f"{PREFIX}_auth_throttled_ips",
+            "Client addresses whose logins are refused now for too many failures.",
+            throttled_ips,
+        ))
+
+    def login(self, protocol: str, outcome: str) -> None:
+        """Observer for :attr:`mailsuite.auth.Authenticator.observe` (outcome: the
+        :class:`mailsuite.login.Outcome` value)."""
+        result = {"ok": "ok", "bad": "failed", "throttled": "throttled"}.get(outcome, "failed")
+        self.logins.labels(protocol, result).inc()
+
+    def smtp_message(self, listener: str, code: int) -> None:
+        self.smtp_messages.labels(listener, f"{code // 100}xx").inc()
+
+    def imap_command(self, name: str) -> None:
+        self.imap_commands.labels(name if name in IMAP_COMMANDS else "other").inc()
+
+    def pop3_command(self, name: str) -> None:
+        self.pop3_commands.labels(name if name in POP3_COMMANDS else "other").inc()

@@ -94,6 +94,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime.sieve = SieveFilter(SieveSettings.from_config(config), directory)
     runtime.metrics = Metrics()
     runtime.metrics.watch_queue(runtime.queue.env_dir)
+    auth.observe = runtime.metrics.login
+    runtime.metrics.watch_throttling(auth.failures.throttled_ips)
     return runtime
 
 

@@ -27,6 +27,7 @@ class FakeRuntime:
     trimmer a connection tells when it closes."""
 
     tls = object()
+    metrics = None  # no /metrics registry: the adapters count nothing
 
     def __init__(self) -> None:
         self.reactor = Clock()

@@ -130,3 +130,5 @@ class Services:
     every: Callable[[float, Callable[[], None]], Callable[[], None]]  # timer -> its stop
     log: Log
     limits: Limits
+    #: a user's quota limits (bytes, messages; 0 = none), from the directory (RFC 9208)
+    quota_limits: Callable[[str], tuple[int, int]] = lambda _user: (0, 0)

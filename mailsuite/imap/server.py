@@ -306,6 +306,9 @@ class IMAPProtocol(GatedLineReceiver):
 
     def _run(self, cmd: Command) -> None:
         assert self.session is not None
+        metrics = self.factory.runtime.metrics
+        if metrics is not None:  # names outside the command table count as "other"
+            metrics.imap_command(cmd.command)
         try:
             work = self.session.run(cmd)
         except Exception:
@@ -396,6 +399,10 @@ def services(runtime: Runtime) -> Services:
             max_literal=cfg.imap.max_literal,
             allow_plaintext=cfg.auth.allow_plaintext,
             tls_available=runtime.tls is not None,
+        ),
+        quota_limits=lambda user: (
+            runtime.directory.quota_limit(user),
+            runtime.directory.message_limit(user),
         ),
     )
 

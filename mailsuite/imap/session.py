@@ -39,6 +39,8 @@ from mailsuite.imap.parser import (
     number,
     sequence_set,
 )
+from mailsuite.imap.quota_commands import CAPABILITIES as QUOTA_CAPABILITIES
+from mailsuite.imap.quota_commands import QuotaCommands
 from mailsuite.imap.search import BadCharset
 from mailsuite.imap.sequence import SequenceSet
 from mailsuite.imap.session_base import (
@@ -76,6 +78,9 @@ _AUTH_CMDS = {
     "NAMESPACE",
     "ENABLE",
     "IDLE",
+    "GETQUOTAROOT",
+    "GETQUOTA",
+    "SETQUOTA",
 }
 _SELECTED_CMDS = {
     "CHECK",
@@ -90,7 +95,7 @@ _SELECTED_CMDS = {
 }
 
 
-class Session(MailboxCommands, MessageCommands):
+class Session(MailboxCommands, MessageCommands, QuotaCommands):
     """One IMAP connection's state machine: which command may run in which state, how it
     runs, and the commands that move between states (its state and output helpers are
     ``SessionBase``'s, as is the ``proto`` it writes to)."""
@@ -123,6 +128,7 @@ class Session(MailboxCommands, MessageCommands):
                 "LIST-STATUS",
                 "ESEARCH",
                 f"APPENDLIMIT={self.shared.limits.max_literal}",
+                *QUOTA_CAPABILITIES,
             ]
         return " ".join(caps)
 

@@ -145,6 +145,10 @@ class POP3Protocol(GatedLineReceiver):
             line = line[:-1]
         if self.session.state is State.CLOSED:
             return
+        metrics = self.runtime.metrics
+        if metrics is not None and self.session.state is not State.SASL:
+            # (a SASL response line is a credential, not a command: never looked at)
+            metrics.pop3_command(line.split(b" ", 1)[0].decode("ascii", "replace").upper())
         try:
             step = self.session.line(line)
         except Exception:

@@ -55,6 +55,7 @@ from mailsuite.queue.spool import (
     SpoolError,
 )
 from mailsuite.smtp.replies import Reply
+from mailsuite.store.quota import QuotaExceeded
 from mailsuite.store.space import is_disk_full, log_failure
 
 __all__ = ["QueueRunner", "make_spool", "queue_service"]
@@ -311,6 +312,8 @@ class QueueRunner(service.Service):
                 result = results.get(r.address) or RecipientResult(
                     r.address, Reply(451, "4.3.0", "no result", remote=False))
                 self._file(entry, r, result, end)
+                if key is not None:
+                    self._count_attempt(result.reply)
             await self._save(entry)
 
         def limited(key: str | None, rcpts: list[RecipientState]) -> Deferred[None]:
@@ -321,6 +324,14 @@ class QueueRunner(service.Service):
         for ok, value in outcomes:
             if not ok:
                 log.failure("queue: {id}: group failed", value, id=entry.id)
+
+    def _count_attempt(self, reply: Reply) -> None:
+        """One remote attempt for ``/metrics``: delivered, deferred or failed."""
+        metrics = getattr(self.runtime, "metrics", None)
+        if metrics is not None:
+            outcome = ("delivered" if reply.positive
+                       else "failed" if reply.permanent else "deferred")
+            metrics.outbound_attempts.labels(outcome).inc()
 
     def _file(self, entry: QueueEntry, r: RecipientState, result: RecipientResult,
               now: float) -> None:
@@ -365,9 +376,16 @@ class QueueRunner(service.Service):
                 out[r.address] = RecipientResult(r.address, Reply(
                     550, "5.1.1", "no such local user", remote=False))
                 continue
-            await deliver_file(self.runtime, entry.sender, resolution.local, path,
-                               remote=resolution.remote, smtputf8=entry.smtputf8,
-                               body_8bit=entry.body_8bit, blocking=self._blocking)
+            try:
+                await deliver_file(self.runtime, entry.sender, resolution.local, path,
+                                   remote=resolution.remote, smtputf8=entry.smtputf8,
+                                   body_8bit=entry.body_8bit, blocking=self._blocking)
+            except QuotaExceeded:
+                # Temporary (RFC 3463 4.2.2): retried as space frees, bounced when the
+                # queue lifetime ends -- as Postfix does on Dovecot LMTP's 452 4.2.2.
+                out[r.address] = RecipientResult(r.address, Reply(
+                    452, "4.2.2", "mailbox full: the recipient is over quota", remote=False))
+                continue
             out[r.address] = RecipientResult(r.address, Reply(
                 250, "2.0.0", "delivered locally", remote=False), "local")
         return out
@@ -440,8 +458,17 @@ class QueueRunner(service.Service):
             log.warn("queue: {id}: bounce dropped: the local sender {sender} does not exist",
                      id=entry.id, sender=sender)
             return
-        await deliver_bytes(self.runtime, "", resolution.local, data, remote=resolution.remote,
-                            smtputf8=smtputf8, blocking=self._blocking)
+        try:
+            await deliver_bytes(self.runtime, "", resolution.local, data,
+                                remote=resolution.remote, smtputf8=smtputf8,
+                                blocking=self._blocking)
+        except QuotaExceeded:
+            # The sender's mailbox is full: the bounce waits in the queue like any local
+            # delivery over quota (deferred 4.2.2; null sender, so never bounced itself).
+            log.info("queue: {id}: the sender {sender} is over quota: bounce queued",
+                     id=entry.id, sender=sender)
+            await self._blocking(partial(self.spool.enqueue_bytes, data, "", [sender],
+                                         smtputf8=smtputf8))
 
     # -- operator requests ----------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from mailsuite.smtp import replies as R
 from mailsuite.smtp.address import Path
 from mailsuite.smtp.data import MAX_HEADER_CAPTURE
 from mailsuite.smtp.replies import Reply
+from mailsuite.store.quota import UsageCache
 
 # --------------------------------------------------------------------------- verdicts
 
@@ -236,6 +237,26 @@ class KnownRecipient(Check):
     def rcpt(self, facts: Facts, rcpt: Recipient) -> Verdict:
         if rcpt.local_domain and rcpt.resolution.unknown:
             return refuse(R.UNKNOWN_USER)
+        return ACCEPT
+
+
+class QuotaCheck(Check):
+    """A recipient whose every mailbox is already at or past its storage limit: ``552 5.2.2``
+    at RCPT (RFC 3463 X.2.2; the reply Dovecot's quota-status policy service gives Postfix),
+    so the sender learns it before sending the data.  A message that would only take a user
+    over is decided at the end of the data, by the delivery (:mod:`mailsuite.delivery_fanout`),
+    which knows its size.  ``usage`` answers from the users' quota files (one ``stat`` each
+    when nothing changed; users without a limit have none)."""
+
+    def __init__(self, usage: UsageCache) -> None:
+        self.usage = usage
+
+    def rcpt(self, facts: Facts, rcpt: Recipient) -> Verdict:
+        if not rcpt.local_domain:
+            return ACCEPT
+        res = rcpt.resolution
+        if res.local and not res.remote and self.usage.over(box.root for box in res.local):
+            return refuse(R.MAILBOX_FULL, f"<{rcpt.address}> is over quota")
         return ACCEPT
 
 
@@ -482,6 +503,7 @@ def mx_profile(
         *([DiskSpace(space_low)] if space_low is not None else []),
         RecipientLimit(limits.max_recipients),
         KnownRecipient(),
+        QuotaCheck(UsageCache()),
         RelayRule(trusted_networks_relay=True),
         RemoteDelivery(has_queue),
         HopCount(limits.max_hops),
@@ -503,6 +525,7 @@ def submission_profile(
         SenderBinding(lookup),
         RecipientLimit(limits.max_recipients),
         KnownRecipient(),
+        QuotaCheck(UsageCache()),
         RelayRule(trusted_networks_relay=False),
         RemoteDelivery(has_queue),
         HopCount(limits.max_hops),

@@ -215,7 +215,7 @@ class SMTPProtocol(GatedLineReceiver):
             return
         self._hold()  # later pipelined commands wait until this message is answered
         self.setLineMode(chunk.rest)
-        self._perform(self.session.end_of_data(message.contents))
+        self._perform(self._counted(self.session.end_of_data(message.contents)))
 
     def _io_resume(self, _: object) -> None:
         if self.deadline is not None and not self._held:
@@ -242,6 +242,14 @@ class SMTPProtocol(GatedLineReceiver):
             self._hold()  # (the _WAITING states, compared by identity: this runs per reply)
         elif self._held:
             self._release()
+
+    def _counted(self, step: Step) -> Step:
+        """``step`` answers a message (its end of data, or DATA itself when the message
+        cannot be stored): count its reply class for ``/metrics``."""
+        metrics = self.runtime.metrics
+        if step.replies and metrics is not None:
+            metrics.smtp_message(self._name, step.replies[0].code)
+        return step
 
     def _close(self, action: Close) -> None:
         self.close_connection()
@@ -327,7 +335,7 @@ class SMTPProtocol(GatedLineReceiver):
             message.check()
         except OSError as e:
             log.error("smtp: cannot store the message: {e}", e=e)
-            self._perform(session.message_opened(False))
+            self._perform(self._counted(session.message_opened(False)))
             return
         self.message = message
         self._perform(session.message_opened(True))
@@ -353,7 +361,7 @@ class SMTPProtocol(GatedLineReceiver):
             if not self._connected():
                 self._abort_message()  # no 250 can reach the client: it will send again
                 return
-            self._perform(self.session.checks_done(verdict))
+            self._perform(self._counted(self.session.checks_done(verdict)))
 
         d.addErrback(failed).addCallback(decided)
 
@@ -381,7 +389,7 @@ class SMTPProtocol(GatedLineReceiver):
             return False, None
 
         def answer(outcome: tuple[bool, Reply | None]) -> None:
-            step = self.session.delivery_finished(*outcome)
+            step = self._counted(self.session.delivery_finished(*outcome))
             if self._connected():
                 self._perform(step)
             else:

@@ -130,6 +130,12 @@ LONG_LINE_DATA = Reply(
     550, "5.6.0", "Message refused: a line is longer than the limit (RFC 5321 4.5.3.1.6)"
 )
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: a mail loop?")
+#: RFC 3463 X.2.2 "mailbox full": the recipient is over their storage quota (the reply
+#: Dovecot's quota-status service gives Postfix by default); at RCPT when already over, at
+#: the end of the data when this message would take the only recipients over.
+MAILBOX_FULL = Reply(552, "5.2.2", "Mailbox full: the recipient is over their storage quota")
+#: The same as a temporary condition: a queued local delivery waits for space (4.2.2).
+MAILBOX_FULL_TEMP = Reply(452, "4.2.2", "Mailbox full: the recipient is over their storage quota")
 UNKNOWN_PARAM = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
 UTF8_NEEDS_PARAM = Reply(553, "5.6.7", "UTF-8 address needs the SMTPUTF8 parameter")
 

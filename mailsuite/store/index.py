@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,7 +42,10 @@ from mailsuite.store.index_schema import (
     frees_space,
 )
 from mailsuite.store.maildir import FLAG_LETTERS, base_of, fsync_dir, info_for
+from mailsuite.store.quota import charge
 from mailsuite.store.space import is_disk_full
+
+_S_SIZE = re.compile(r",S=(\d+)")
 
 
 class FolderIndex(IndexScan):
@@ -317,6 +321,7 @@ class FolderIndex(IndexScan):
         """Delete the files and rows of ``uids``; returns those that were removed."""
         done: list[int] = []
         wanted = list(uids)
+        freed = removed = 0
         with self._locked():
             names: dict[int, str] = {}
             for uid, name in self._where_in("SELECT uid, name FROM messages WHERE", "uid", wanted):
@@ -325,25 +330,40 @@ class FolderIndex(IndexScan):
                 name = names.get(uid)
                 if name is None:
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
+                    size = _size_of(self.folder / name)
                     (self.folder / name).unlink()
+                except FileNotFoundError:
+                    pass  # gone already (another program, or the first try of a retry)
+                else:
+                    freed += size
+                    removed += 1
                 done.append(uid)
-            if done:
-                touched = {_sub_of(names[u]) for u in done}
-                for sub in sorted(touched):
-                    fsync_dir(self.folder / sub)
-                with self._transaction():
-                    gen = int(self._meta("names_gen") or 0)
-                    modseq = int(self._meta("highestmodseq") or 1) + 1
-                    self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
-                    self.db.executemany(
-                        "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
-                        [(u, modseq) for u in done],
-                    )
-                    self._set_meta("highestmodseq", modseq)
-                    self._forget_stamp(touched)
-                    self._names_changed([names[u] for u in done], (), self._names_gen == gen)
+            # the files removed are gone whatever happens to the rows: counted even when the
+            # transaction fails on a full disk (the retry of frees_space finds them gone)
+            try:
+                if done:
+                    self._record_expunged(done, names)
+            finally:
+                charge(self.folder, -freed, -removed)
         return done
+
+    def _record_expunged(self, done: list[int], names: dict[int, str]) -> None:
+        """Fsync the directories the files left and drop their rows, in one transaction."""
+        touched = {_sub_of(names[u]) for u in done}
+        for sub in sorted(touched):
+            fsync_dir(self.folder / sub)
+        with self._transaction():
+            gen = int(self._meta("names_gen") or 0)
+            modseq = int(self._meta("highestmodseq") or 1) + 1
+            self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in done])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
+                [(u, modseq) for u in done],
+            )
+            self._set_meta("highestmodseq", modseq)
+            self._forget_stamp(touched)
+            self._names_changed([names[u] for u in done], (), self._names_gen == gen)
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
         """Put written (fsynced) files into this folder and index them; returns their new
@@ -362,7 +382,7 @@ class FolderIndex(IndexScan):
             subs: set[str] = set()
             try:
                 self._place(items, letters, placed, subs)
-                return self._record_new(placed, subs)
+                out = self._record_new(placed, subs)
             except BaseException:
                 # nothing half-done (a full disk): files placed but not indexed would turn up
                 # as new messages at the next sync, after the client was told NO / 4xx
@@ -373,6 +393,8 @@ class FolderIndex(IndexScan):
                     with contextlib.suppress(OSError):
                         fsync_dir(self.folder / sub)
                 raise
+            charge(self.folder, sum(p[2].size for p in placed), len(placed))
+            return out
 
     def _place(
         self,
@@ -444,6 +466,12 @@ class FolderIndex(IndexScan):
             gen = int(self._meta("names_gen") or 0)
             self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
         return list(range(first, uid))
+
+def _size_of(path: Path) -> int:
+    """A message file's size on disk: the ``,S=`` of its name, else a ``stat``."""
+    m = _S_SIZE.search(path.name)
+    return int(m.group(1)) if m else path.stat().st_size
+
 
 def _sub_of(name: str) -> str:
     """``"cur/123.host:2,S"`` -> ``"cur"``."""

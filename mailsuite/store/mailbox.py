@@ -16,6 +16,7 @@ every session of this process.  Our own code.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import shutil
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
+from mailsuite.store.quota import charge, folder_usage, root_of, would_exceed
 from mailsuite.store.space import log_failure
 from mailsuite.store.write import append_message
 
@@ -164,8 +166,10 @@ class Account:
         path = self.path(name)
         trash = self.root / f".tmp-delete-{unique_name()}"
         path.rename(trash)  # atomic for other readers
+        freed, messages = folder_usage(trash)  # one folder's listing, for the quota count
         shutil.rmtree(trash, ignore_errors=True)
         fsync_dir(self.root)
+        charge(path, -freed, -messages)
         # The subscription stays: RFC 3501 6.3.6, the server "MUST NOT unilaterally remove
         # an existing mailbox name from the subscription list even if a mailbox by that name
         # no longer exists"; LIST (SUBSCRIBED) shows it \NonExistent (RFC 5258 3).
@@ -635,13 +639,21 @@ class FolderRegistry:
 
 # -- blocking helpers run in a thread ---------------------------------------------------------
 
+#: RFC 9208 4.3's response code for a refusal over the quota.
+OVERQUOTA = "OVERQUOTA"
+#: The Trash folder's directory (a MOVE/COPY into it is never refused for the quota).
+_TRASH = ".Trash"
+
 
 def append_blocking(
     path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
 ) -> tuple[int, int]:
     """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
     one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
-    thread."""
+    thread.  Over the user's quota: MailboxError with OVERQUOTA (RFC 9208 4.3), nothing
+    written; on a full disk (:mod:`mailsuite.store.space`) nothing is left either."""
+    if would_exceed(root_of(path), len(data)):
+        raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
     return append_message(path, [data], flags, internaldate)
 
 
@@ -654,10 +666,25 @@ def copy_blocking(
     src: Path,
     dest: Path,
     items: Sequence[CopyItem],
+    *,
+    check_quota: bool = True,
 ) -> tuple[int, list[int]]:
     """Hard-link messages (relative name, flags, crlf size, internal date, envelope,
     bodystructure) of folder ``src`` into folder ``dest``; returns (dest uidvalidity, new UIDs).
-    Call it from a thread."""
+    Call it from a thread.
+
+    A copy counts towards the user's quota like a new message (as Dovecot counts it, hard
+    link or not): over it, MailboxError with OVERQUOTA (RFC 9208 4.3) and nothing copied --
+    except into Trash, so that a client that deletes by moving to Trash can always delete
+    (what Dovecot's ``quota_rule = Trash:ignore`` is for).  ``check_quota`` False: a move
+    the caller makes (RENAME INBOX), which leaves the usage as it was."""
+    if check_quota and dest.name != _TRASH:
+        adding = 0
+        for rel, *_ in items:
+            with contextlib.suppress(FileNotFoundError):
+                adding += (src / rel).stat().st_size
+        if would_exceed(root_of(dest), adding, len(items)):
+            raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
     index = FolderIndex(dest)
     try:
         files = []
@@ -688,7 +715,7 @@ def move_inbox_blocking(root: Path, dest: Path) -> None:
         items = [(m.name, m.flags, m.size, m.internaldate, None, None) for m in msgs]
     finally:
         src.close()
-    copy_blocking(root, dest, items)
+    copy_blocking(root, dest, items, check_quota=False)  # a move: the usage stays
     src = FolderIndex(root)
     try:
         src.expunge([m.uid for m in msgs])

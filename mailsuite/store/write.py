@@ -18,7 +18,8 @@ threads and places it in one index transaction:
    the file through ``new/``'s mtime, cheaply); with flags, or when the caller needs the UID
    (APPEND), it goes to ``cur/`` with its ``:2,`` letters through
    :meth:`FolderIndex.add_files <mailsuite.store.index.FolderIndex.add_files>`, which gives
-   keyword letters and UIDs under the folder's lock.
+   keyword letters and UIDs under the folder's lock.  Either way the user's quota usage is
+   counted (:func:`mailsuite.store.quota.charge`), never by walking the tree.
 
 A draft may be placed into another folder of the same user than the one whose ``tmp/`` holds
 it (one file system: the rename is atomic).  :func:`place` returns the folders it changed; the
@@ -42,6 +43,7 @@ from typing import NamedTuple
 
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name
+from mailsuite.store.quota import charge
 
 __all__ = [
     "Draft",
@@ -258,6 +260,7 @@ def place(
             discard(p.draft.path)
         if done:
             fsync_dir(new)
+            charge(folder, sum(p.draft.size for p in items[:done]), done)
     return []
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from mailsuite.config import Config
 from mailsuite.directory import Directory, DirectoryError, normalize
 from mailsuite.ownership import like_data_dir
+from mailsuite.store import quota
 from mailsuite.store.mailbox import Account, MailboxError
 from mailsuite.store.reindex import count_files, reindex_account
 from mailsuite.transfer.exporter import export_account
@@ -79,10 +80,10 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
+    directory = Directory(cfg.directory_file, cfg.mail_dir, cfg.local_domains)
     if args.address:
         roots = [_mailbox_root(cfg, args.address)]
     else:
-        directory = Directory(cfg.directory_file, cfg.mail_dir, cfg.local_domains)
         roots = [(user, directory.mailbox_root(user)) for user in directory.users()]
     roots = [(user, root) for user, root in roots if root.is_dir()]
     total = sum(
@@ -93,6 +94,11 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         for user, root in roots:
             try:
                 reports = reindex_account(root, args.rebuild, progress.advance)
+                limit, messages = directory.quota_limit(user), directory.message_limit(user)
+                if limit or messages:  # the quota usage is recounted too (mailsuite.store.quota)
+                    quota.recount(root, limit, messages)
+                else:
+                    quota.remove_limit(root)
             finally:
                 like_data_dir(cfg.data_dir, [root], tree=True)
             for r in reports:

@@ -349,3 +349,36 @@ def test_a_full_disk_at_local_delivery_is_retried_without_a_traceback(
     assert (r.last_reply or "").startswith("452 4.3.1"), r.last_reply
     assert [e for e in events if "log_failure" in e] == []
     assert any("disk is full" in str(e.get("log_format", "")) for e in events)
+def test_local_recipient_over_quota_is_deferred_with_4_2_2_until_there_is_room(
+    h: Harness,
+) -> None:
+    from mailsuite.store import quota
+
+    h.runtime.directory.add_user("bob@example.test", "x")
+    bob = h.runtime.directory.mailbox_root("bob@example.test")
+    quota.recount(bob, 10)  # 10 bytes: nothing fits
+    h.runner.startService()
+    qid = h.enqueue(["bob@example.test"], sender="zed@far.test")
+    h.advance(1)
+    r = h.spool.load(qid).recipients[0]
+    assert r.state == PENDING and "452 4.2.2" in (r.last_reply or "")
+    assert h.runtime.inbox("bob@example.test") == [] and h.relay.calls == []
+    quota.recount(bob, 1024 * 1024)  # room again
+    h.advance(61)
+    assert len(h.runtime.inbox("bob@example.test")) == 1 and h.spool.ids() == []
+    assert quota.usage(bob).messages == 1  # type: ignore[union-attr]
+
+
+def test_a_bounce_to_a_local_sender_over_quota_waits_in_the_queue(h: Harness) -> None:
+    from mailsuite.store import quota
+
+    quota.recount(h.runtime.directory.mailbox_root(SENDER), 10)
+    h.relay.replies["bad@remote.test"] = [NEVER]
+    h.runner.startService()
+    h.enqueue(["bad@remote.test"])
+    h.advance(1)
+    assert h.runtime.inbox() == []
+    (qid,) = h.spool.ids()  # the bounce, queued with the null sender, deferred 4.2.2
+    entry = h.spool.load(qid)
+    assert entry.sender == "" and entry.recipients[0].address == SENDER
+    assert "4.2.2" in (entry.recipients[0].last_reply or "")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.store import space
+from mailsuite.store import quota, space
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.mailbox import append_blocking
 from mailsuite.store.maildir import ensure_folder
@@ -153,6 +153,28 @@ def test_a_full_disk_releases_the_reserve_and_deleting_works(
     assert len(_names(folder, "cur")) + len(_names(folder, "new")) == 2
     index.close()
     assert FolderIndex(folder).get(2).flags == {"\\Seen"}  # type: ignore[union-attr]
+
+
+def test_an_expunge_retried_on_a_full_disk_counts_once_against_the_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expunge whose COMMIT fails on a full disk runs again once the reserve is released
+    (frees_space); the files its first try removed leave the user's quota usage, once (the
+    retry finds them gone), so the count stays what a recount finds."""
+    mail = tmp_path / "mail"
+    folder = ensure_folder(mail / "example.test" / "joe")
+    for i in range(3):
+        write_message(folder, [b"Subject: %d\n\nx\n" % i])
+    assert ensure_reserve(mail, 4096)
+    index = FolderIndex(folder)
+    index.sync(force=True)
+    before = quota.recount(folder, 1024 * 1024)
+    left = _full_commits(index, monkeypatch, 1)
+    assert index.expunge([1]) == [1] and left == [0]
+    index.close()
+    after = quota.usage(folder)
+    assert after is not None and after.messages == before.messages - 1 == 2
+    assert after == quota.recount(folder, 1024 * 1024)
 
 
 def test_append_on_a_full_disk_leaves_nothing(

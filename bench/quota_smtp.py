@@ -1,0 +1,125 @@
+"""SMTP acceptance with quota accounting on, as a ratio to off, in one run (issue 13).
+
+One mailsuite server (``bench/mailsuite_target.py``, this working tree) with two users:
+``bench@example.test`` without a limit (no ``maildirsize`` file: nothing is counted or checked,
+the cost is one failed ``open`` per stored file) and ``quota@example.test`` with a limit far above
+what the run stores (``mailsuite user quota quota@example.test 100G``), so every message pays the
+whole accounting and never hits the limit: the RCPT check (a ``stat`` of the quota file, and a
+read since every delivery changed it), the end-of-data check in the delivery (a read), the
+counter update in the write path (an ``O_APPEND`` line under a shared ``flock``) and the
+compaction of the file every ~150 messages.  Load and timing are ``bench/sieve_smtp.py``'s (the
+same harness): each round sends N messages to each user in turn, the order alternating between
+rounds, S concurrent sessions, a new connection per message, timed until every file is in the
+Maildir.  Prints msgs/s per round, the medians and their ratio.
+
+    python bench/quota_smtp.py [--rounds 5] [--msgs 1000] [--sessions 20] [--size 4096]
+
+Everything listens on 127.0.0.1; the server is stopped by its PID at the end, failure
+included; its directory is a temporary one (``--keep`` keeps it).  Between rounds the Maildir is
+emptied behind the server's back, so the quota user's count only grows (a drift ``mailsuite
+reindex`` would recount; with a 100G limit it never matters here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from sieve_smtp import DOMAIN, trial  # noqa: E402  (one harness for both benchmarks)
+
+
+def accounting_cost(n: int = 5000) -> float:
+    """Microseconds of quota work one message costs a user with a limit, in process: the
+    RCPT check (:class:`UsageCache`), the delivery's check and the counter update (with its
+    compactions) -- no server, no network, no fsync: the figure the ratio above hides in the
+    noise of a shared machine."""
+    from mailsuite.store import quota
+    from mailsuite.store.maildir import ensure_folder
+
+    with tempfile.TemporaryDirectory(prefix="mailsuite-quota-cost.") as tmp:
+        root = ensure_folder(Path(tmp) / "user")
+        quota.recount(root, 100 * 1024**3)
+        cache = quota.UsageCache()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            cache.over([root])
+            quota.would_exceed(root, 4096)
+            quota.charge(root, 4096, 1)
+        return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--msgs", type=int, default=1000)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--keep", action="store_true", help="keep the server's directory")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mailsuite-quota-smtp."))
+    target = [sys.executable, str(HERE / "mailsuite_target.py")]
+    try:
+        # Mail authentication off, as in sieve_smtp.py: its DNS waits would hide the cost.
+        off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
+        out = subprocess.run([*target, "start", "--dir", str(work), "--services", "smtp",
+                              "--extra-toml", off],
+                             check=True, capture_output=True, text=True).stdout
+        env = dict(line.split("=", 1) for line in out.split())
+        port = int(env["MS_SMTP_PORT"])
+        cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
+        quota_user = f"quota@{DOMAIN}"
+        subprocess.run([*cli, "user", "add", quota_user, "--password-stdin"],
+                       input="benchpass\n", text=True, check=True, capture_output=True)
+        subprocess.run([*cli, "user", "quota", quota_user, "100G"],
+                       text=True, check=True, capture_output=True)
+        mail = work / "data" / "mail" / DOMAIN
+        targets = {"quota off": (f"bench@{DOMAIN}", mail / "bench"),
+                   "quota on": (quota_user, mail / "quota")}
+        if (mail / "bench" / "maildirsize").exists() or \
+                not (mail / "quota" / "maildirsize").exists():
+            raise SystemExit("the users' quota files are not as the benchmark needs")
+        for _, box in targets.values():
+            for sub in ("new", "cur", "tmp"):
+                (box / sub).mkdir(parents=True, exist_ok=True)
+        trial(port, targets["quota off"][1], targets["quota off"][0], a)  # warm up
+        rates: dict[str, list[float]] = {name: [] for name in targets}
+        for r in range(a.rounds):
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
+            for name in order:
+                rcpt, box = targets[name]
+                rates[name].append(trial(port, box, rcpt, a))
+            print(f"round {r + 1}: " + "   ".join(
+                f"{name} {rates[name][-1]:7.1f} msgs/s" for name in targets), flush=True)
+        off_rate = statistics.median(rates["quota off"])
+        on_rate = statistics.median(rates["quota on"])
+        counted = (mail / "quota" / "maildirsize").read_text().splitlines()
+        messages = sum(int(line.split()[1]) for line in counted[1:] if len(line.split()) == 2)
+        if messages < a.rounds * a.msgs:
+            raise SystemExit(f"the quota file counted {messages} messages, not "
+                             f"{a.rounds * a.msgs}: is the server running this tree? "
+                             "(run with PYTHONPATH=. from a worktree)")
+        print(f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
+              f"(median msgs/s): quota off {off_rate:.1f}, quota on {on_rate:.1f}, "
+              f"ratio {on_rate / off_rate:.2f}x  (quota file: {len(counted)} lines, "
+              f"{messages} messages counted)")
+        cost = accounting_cost()
+        print(f"in process: {cost:.0f} us of quota work per message "
+              f"({cost / 1e6 * on_rate * 100:.1f}% of one core at {on_rate:.0f} msgs/s)")
+    finally:
+        subprocess.run([*target, "stop", "--dir", str(work)], check=False)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
