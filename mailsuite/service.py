@@ -35,6 +35,7 @@ from mailsuite.mailauth.service import MailAuth
 from mailsuite.metrics import Metrics
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
+from mailsuite.reactor_lag import ReactorLag
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.store.events import ChangeHub
@@ -373,9 +374,12 @@ class ReloadOnHangup(service.Service):
 
 
 def _extra_services(runtime: Runtime) -> list[service.Service]:
-    """Non-listening services: mail authentication's worker pool, certificate reload, the
-    outbound queue runner, the sweep of temporary files left by interrupted writes."""
-    out: list[service.Service] = []
+    """Non-listening services: the reactor's lag probe (exported on /metrics), mail
+    authentication's worker pool, certificate reload, the outbound queue runner, the sweep of
+    temporary files left by interrupted writes."""
+    lag = ReactorLag(runtime.reactor)
+    runtime.metrics.registry.register(lag)
+    out: list[service.Service] = [lag]
     if runtime.mail_auth is not None:
         out.append(runtime.mail_auth)
     if runtime.tls is not None:
