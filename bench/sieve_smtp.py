@@ -43,7 +43,9 @@ def message(size: int, n: int) -> bytes:
     return head + line * max(1, (size - len(head)) // len(line))
 
 
-async def one(port: int, rcpt: str, data: bytes) -> None:
+async def one(port: int, rcpt: str, data: bytes, sender: str = "load@example.org") -> None:
+    """One message over a new connection (CRLF data without dot-stuffing needs); raises
+    unless every reply is the expected one."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def reply() -> bytes:
@@ -56,7 +58,7 @@ async def one(port: int, rcpt: str, data: bytes) -> None:
 
     try:
         for cmd, want in ((None, b"220"), (b"EHLO client.example.org", b"250"),
-                          (b"MAIL FROM:<load@example.org>", b"250"),
+                          (f"MAIL FROM:<{sender}>".encode(), b"250"),
                           (f"RCPT TO:<{rcpt}>".encode(), b"250"), (b"DATA", b"354")):
             if cmd is not None:
                 writer.write(cmd + b"\r\n")
