@@ -92,6 +92,10 @@ def rsa_verify(hash: Any, signature: bytes, public_key: dict[str, int]) -> bool:
 
 dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify  # what dkimpy's DKIM and ARC verifiers call
 
+#: dkimpy parses the key record (base64, ASN.1) at every verification; the same few keys sign
+#: most mail, so parsed keys are kept by (name, record).  Failures are not kept (they raise).
+dkim.evaluate_pk = functools.lru_cache(maxsize=1024)(dkim.evaluate_pk)
+
 
 @dataclass(frozen=True)
 class DKIMResult:
