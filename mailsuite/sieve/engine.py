@@ -27,7 +27,7 @@ from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
 from mailsuite.sieve.match import SieveRuntimeError
 from mailsuite.sieve.message import MessageView
-from mailsuite.sieve.storage import ScriptStore
+from mailsuite.sieve.storage import SUFFIX, ScriptStore
 from mailsuite.sieve.vacation import VacationStore, build_reply, decide
 from mailsuite.sieve.validate import Script, compile_script
 
@@ -164,7 +164,8 @@ def evaluate(
     path = store.active_path()
     if path is None:
         return KEEP
-    name = store.active() or path.name
+    # the script's name: the linked file's, or the plain file's own (no second readlink)
+    name = path.name[:-len(SUFFIX)] if path != store.link else path.name
     when = now or datetime.now(UTC)
     try:
         script = _cache.get(path, settings.max_script_size)
