@@ -172,7 +172,11 @@ def verifier_for(cls: type[Any], message: bytes) -> Any:
     return verifier
 
 
+@functools.lru_cache(maxsize=64)
 def _tags(raw_value: bytes) -> dict[bytes, bytes] | None:
+    """A DKIM-Signature's tags (None when it is not a tag list).  Kept for the few signatures
+    last seen: :func:`key_names` and :func:`verify_dkim` parse the same fields of a message
+    one after the other.  Read-only for callers (the dict is shared)."""
     try:
         tags: dict[bytes, bytes] = parse_tag_value(raw_value)
         return tags

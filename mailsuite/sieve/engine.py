@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -273,6 +273,21 @@ def _mailbox_checker(root: Path) -> Callable[[str], bool]:
     return exists
 
 
+class _OwnAddresses:
+    """The user's own addresses, looked up in the directory only when iterated: only a
+    vacation reply needs them (RFC 5230 4.5), and most deliveries have none."""
+
+    def __init__(self, directory: Any, user: str) -> None:
+        self.directory = directory
+        self.user = user
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            return iter(self.directory.send_as(self.user))
+        except ValueError:
+            return iter(())
+
+
 class SieveFilter:
     """Bound to the server's directory and settings: what delivery holds on to.
 
@@ -286,10 +301,7 @@ class SieveFilter:
     def evaluate(self, message_path: Path, envelope: SieveEnvelope, *, offset: int = 0,
                  size: int | None = None, delivered_to_added: bool = True) -> SieveOutcome:
         root = self.directory.mailbox_root(envelope.user)
-        try:
-            own = self.directory.send_as(envelope.user)
-        except ValueError:
-            own = set()
+        own = _OwnAddresses(self.directory, envelope.user)
         outcome = evaluate(root, message_path, envelope, self.settings, offset=offset,
                            size=size, own_addresses=own,
                            delivered_to_added=delivered_to_added)
