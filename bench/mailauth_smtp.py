@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import shutil
 import signal
 import statistics
@@ -146,6 +148,8 @@ def trial(server: dict, msgs: list[tuple[str, bytes]], sessions: int) -> tuple[f
     cpu_ms = user + system
     server["split"] = f"user {user:.2f} + sys {system:.2f}"
     after = scrape(server["web"])
+    if "mailsuite_reactor_lag_seconds" not in after:  # a server from before the probe
+        return rate, math.nan, -1, "n/a", cpu_ms
     late, worst = late_ticks(before, after)
     return rate, after["mailsuite_reactor_lag_seconds"], late, worst, cpu_ms
 
@@ -174,6 +178,8 @@ def main() -> None:
     p.add_argument("--ttl", type=int, default=300, help="TTL of every DNS record (1: the "
                    "server's cache keeps nothing past a second, nearly every check asks)")
     p.add_argument("--keep", action="store_true", help="keep the servers' directory")
+    p.add_argument("--code", metavar="DIR", help="run the servers from another checkout "
+                   "(PYTHONPATH=DIR; to compare with an older version in the same conditions)")
     p.add_argument("--profile", metavar="FILE", help="py-spy record the 'on' server's first "
                    "round into FILE (raw folded stacks; py-spy must be installed)")
     a = p.parse_args()
@@ -190,12 +196,13 @@ def main() -> None:
             d = work / name
             started.append(d)
             toml = f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n{extra}'
+            env = dict(os.environ, PYTHONPATH=a.code) if a.code else None
             out = subprocess.run([*target, "start", "--dir", str(d), "--services", "smtp,web",
                                   "--extra-toml", toml],
-                                 check=True, capture_output=True, text=True).stdout
-            env = dict(line.split("=", 1) for line in out.split())
-            servers[name] = {"smtp": int(env["MS_SMTP_PORT"]), "web": int(env["MS_WEB_PORT"]),
-                             "box": d / "data" / "mail" / DOMAIN / "bench", "pid": env["MS_PID"]}
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            ms = dict(line.split("=", 1) for line in out.split())
+            servers[name] = {"smtp": int(ms["MS_SMTP_PORT"]), "web": int(ms["MS_WEB_PORT"]),
+                             "box": d / "data" / "mail" / DOMAIN / "bench", "pid": ms["MS_PID"]}
         t = time.perf_counter()
         msgs = messages(a.msgs, a.domains, a.size)
         print(f"{a.msgs} messages signed (rsa-sha256 + ed25519-sha256) in "
