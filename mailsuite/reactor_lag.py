@@ -70,11 +70,11 @@ class ReactorLag(service.Service, Collector):
 
     # -- the probe (reactor thread) ----------------------------------------------------------
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)
         self._arm(self.reactor.seconds())
 
-    def stopService(self) -> None:  # noqa: N802
+    def stopService(self) -> None:
         service.Service.stopService(self)
         if self._call is not None and self._call.active():
             self._call.cancel()

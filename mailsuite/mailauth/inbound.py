@@ -159,7 +159,7 @@ class InboundChecker:
         c = self.config
         try:
             checked = await self.workers.run(self._checks, message, mail_from, helo, client_ip)
-        except Exception as e:  # noqa: BLE001 - a stopped pool, an unreadable file: temperror
+        except Exception as e:  # a stopped pool, an unreadable file: temperror
             checked = self._fallback(mail_from, f"{type(e).__name__}: {e}")
         for what, error in checked.faults:
             log.error("{what} check failed: {error}", what=what, error=error)
@@ -207,7 +207,7 @@ class InboundChecker:
         def guarded(what: str, check: Callable[[], Any], fallback: Any) -> Any:
             try:
                 return check()
-            except Exception as e:  # noqa: BLE001 - see the docstring
+            except Exception as e:  # see the docstring
                 out.faults.append((what, f"{type(e).__name__}: {e}"))
                 return fallback
 
