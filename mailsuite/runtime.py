@@ -11,6 +11,7 @@ from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
+from mailsuite.shared.folder_watch import folder_watcher
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.mailbox import FolderRegistry
 
@@ -55,5 +56,7 @@ class Runtime:
         DESIGN.md): a change one session makes is announced to the others."""
         if self.folders is None:
             reactor = self.reactor
-            self.folders = FolderRegistry(self.changes, lambda f: reactor.callLater(0, f))
+            self.folders = FolderRegistry(
+                self.changes, lambda f: reactor.callLater(0, f), folder_watcher(reactor)
+            )
         return self.folders

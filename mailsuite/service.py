@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application import service
@@ -144,21 +144,64 @@ def makeService(
 
     ``run_as`` is the (uid, gid) twistd will switch to after binding the ports (``--uid`` /
     ``--gid``); what this start creates as root in the data folder is handed to it.
+
+    With ``[server] workers`` > 1 this process binds the listeners, runs the queue and
+    supervises the worker processes that serve them (:mod:`mailsuite.workers`).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    workers = config.workers
+    if workers > 1:
+        odd = [d for descs in config.listen.values() for d in descs
+               if d.split(":", 1)[0] not in ADOPTABLE]
+        if odd:
+            log.warn(
+                "{where}: [server] workers = {n}: listener {desc!r} cannot be shared with "
+                "worker processes (only tcp:, tcp6: and unix: can); running one process",
+                where=config.where, n=workers, desc=odd[0],
+            )
+            workers = 1
     runtime = build_runtime(config, reactor)
     reactor.callWhenRunning(freeze_startup_objects)  # see there: no 100 ms GC pauses
     if run_as is not None:
         hand_data_to(config, *run_as)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
+    if workers > 1:
+        from mailsuite.workers import WorkerSupervisor
+
+        runner = queue_service(runtime)
+        attach(runner, top)
+        attach(LeftoverSweeper(runtime), top)
+        if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
+            attach(runtime.mail_auth, top)
+        attach(WorkerSupervisor(config, reactor, workers, runner.enqueued), top, "workers")
+        return top
     for extra in _extra_services(runtime):
         extra.setServiceParent(top)
+    listeners: list[Any] = []
+    for name, desc, factory in listener_factories(runtime, listeners):
+        endpoint = endpoints.serverFromString(reactor, desc)
+        svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
+        attach(svc, top, f"{name} {desc}")
+        listeners.append(svc)
+    return top
+
+
+#: Endpoint kinds whose listening socket a worker process can adopt (``[server] workers``).
+ADOPTABLE = ("tcp", "tcp6", "unix")
+
+
+def listener_factories(
+    runtime: Runtime, listeners: list[Any]
+) -> Iterator[tuple[str, str, IProtocolFactory]]:
+    """(service name, endpoint description, factory) for every configured listener, the
+    factories wrapped for implicit TLS and connection counting.  ``listeners`` is the list
+    the caller fills with its listener services (``problem()`` each), for /healthz."""
+    config = runtime.config
     metrics: Metrics = runtime.metrics
-    listeners: list[_Listener] = []
     if config.listen.get("web"):
         runtime.web = web_tree(runtime, lambda: [svc.problem() for svc in listeners])
         if runtime.tls is not None:
@@ -176,11 +219,7 @@ def makeService(
             factory = runtime.tls.wrap_factory(factory)
         factory = CountingFactory(factory, *metrics.listener(name))
         for desc in descs:
-            endpoint = endpoints.serverFromString(reactor, desc)
-            svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
-            attach(svc, top, f"{name} {desc}")
-            listeners.append(svc)
-    return top
+            yield name, desc, factory
 
 
 def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]) -> Any:
@@ -234,6 +273,8 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
         self.wrapped: Any = wrapped
         self.accepted = accepted
         self.open_now = open_now
+        #: the protocols whose connection is open (a worker's shutdown waits for them)
+        self.live: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol: Any = self.wrapped.buildProtocol(addr)
@@ -243,9 +284,12 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
         self.open_now.inc()
         lost = protocol.connectionLost
         open_now = self.open_now
+        live = self.live
+        live.add(protocol)
 
         def connection_lost(reason: Any) -> Any:
             open_now.dec()
+            live.discard(protocol)
             return lost(reason)
 
         protocol.connectionLost = connection_lost

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from mailsuite.corelog import Log, StdLog
 
 Listener = Callable[[Path], None]
+
+
+class FolderWatcher(Protocol):
+    """Being told when a folder changes on disk, whoever changed it (another worker, mutt):
+    the seam :mod:`mailsuite.shared.folder_watch` fills with inotify or polling."""
+
+    def watch(self, folder: Path, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed()`` (in the reactor thread) soon after ``folder`` changes on disk,
+        until the returned function is called."""
+        ...
 
 
 class ChangeHub:
