@@ -56,6 +56,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise SystemExit(f"mailsuite port {port} did not open within {timeout}s")
 
 
+def _toml_workers(value: str) -> str:
+    """``--workers`` as a TOML value: a number as is, "auto" quoted."""
+    return value if value.isdigit() else f'"{value}"'
+
+
 def start(a: argparse.Namespace) -> None:
     root = Path(a.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,8 @@ def start(a: argparse.Namespace) -> None:
     listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in ports.items())
     config.write_text(
         "# benchmark instance (bench/mailsuite_target.py): loopback only\n"
-        f'[server]\nhostname = "mx.{a.domain}"\ndata_dir = "data"\n\n'
+        f'[server]\nhostname = "mx.{a.domain}"\ndata_dir = "data"\n'
+        f"workers = {_toml_workers(a.workers)}\n\n"
         f"[listen]\n{listen}\n\n"
         f'[domains]\nlocal = ["{a.domain}"]\n\n'
         # The benchmark clients log in without TLS, many times, from one address.
@@ -167,6 +173,8 @@ def main() -> None:
     s.add_argument("--domain", default=os.environ.get("BENCH_DOMAIN", "example.test"))
     s.add_argument("--password", default=os.environ.get("BENCH_PASS", "benchpass"))
     s.add_argument("--python", default=os.environ.get("MAILSUITE_PYTHON", sys.executable))
+    s.add_argument("--workers", default=os.environ.get("MAILSUITE_WORKERS", "1"),
+                   help='[server] workers: a number or "auto" (default 1, or $MAILSUITE_WORKERS)')
     s.add_argument("--extra-toml", default="", help="TOML appended to the config (new sections)")
     p = sub.add_parser("stop")
     p.add_argument("--dir", required=True)

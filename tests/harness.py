@@ -34,6 +34,12 @@ _LOG_PROBLEM = re.compile(
 )
 
 
+#: ``[server] workers`` of the servers tests start (unless their snippet sets it): 1 by
+#: default, so the suite's time stays what it was; ``MAILSUITE_TEST_WORKERS=2`` runs the
+#: integration tests against worker processes sharing the listeners (issue 15).
+TEST_WORKERS = int(os.environ.get("MAILSUITE_TEST_WORKERS", "1"))
+
+
 def log_problems(text: str) -> list[str]:
     """The lines of a server log (or output) that show an unhandled error, each with a few
     lines of context; empty when the log is clean."""
@@ -102,6 +108,8 @@ class Server:
         self.config = root / "mailsuite.toml"
         listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in self.ports.items())
         tls_toml = f'[tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else ""
+        if "workers" not in server_toml and "sandbox" not in server_toml:
+            server_toml = f"workers = {TEST_WORKERS}\n{server_toml}"
         self.config.write_text(
             f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n{server_toml}\n'
             f"[listen]\n{listen}\n\n{tls_toml}"
