@@ -9,7 +9,6 @@ usually starting the server by hand and needs to know what to fix, not where Pyt
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import socket
 import tomllib
@@ -264,8 +263,7 @@ class Config:
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
     web: WebConfig = field(default_factory=WebConfig)
     mode: str = "server"  # one of MODES
-    #: processes serving the listeners (``[server] workers``; see mailsuite.workers)
-    workers: int = 1
+    workers: int = 1  # processes serving the listeners, 0 = "auto" (see mailsuite.workers)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     @property
@@ -335,35 +333,6 @@ class _Reader:
             raise self.fail(
                 unknown[0], "unknown key (check the spelling against etc/mailsuite.toml)"
             )
-
-
-#: ``[server] workers = "auto"`` uses this many processes at most (one per core up to it):
-#: past a few processes the shared state (the SQLite files of mailsuite.shared) costs more
-#: than another process gains on a small server.
-AUTO_WORKERS_CAP = 4
-
-
-def _workers(server: _Reader, mode: str) -> int:
-    """``[server] workers``: a number of processes, or "auto" (one per core, capped).
-
-    The sandbox keeps its catalog, event streams and waiters in one process, so it always
-    runs one: "auto" means 1 there, and a larger number is refused with the fix."""
-    value = server.get("workers", (int, str), "auto")
-    if isinstance(value, str):
-        if value != "auto":
-            raise server.fail("workers", f'expected a number or "auto", got {value!r}')
-        if mode == "sandbox":
-            return 1
-        return max(1, min(os.cpu_count() or 1, AUTO_WORKERS_CAP))
-    if isinstance(value, bool) or not 1 <= value <= 64:
-        raise server.fail("workers", f"expected a number from 1 to 64, got {value!r}")
-    if value > 1 and mode == "sandbox":
-        raise server.fail(
-            "workers",
-            "the sandbox runs in one process (its events and waiters live in memory): "
-            'set workers = 1 or "auto"',
-        )
-    return int(value)
 
 
 def endpoint_port(desc: str) -> int | None:
@@ -544,7 +513,12 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     mode = server.get("mode", str, "server")
     if mode not in MODES:
         raise server.fail("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-    workers = _workers(server, mode)
+    raw = server.get("workers", (int, str), "auto")  # "auto" is 0: mailsuite.workers.count
+    workers = 0 if raw == "auto" else raw
+    if isinstance(workers, (str, bool)) or not (
+            raw == "auto" or 1 <= workers <= (1 if mode == "sandbox" else 64)):
+        raise server.fail("workers", 'expected "auto" or a number from 1 to 64 (1 in sandbox '
+                          f"mode: one process holds its events and waiters), got {workers!r}")
     server.finish()
 
     listen_r = _Reader(where, "listen", data.get("listen", {}))

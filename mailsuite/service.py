@@ -152,7 +152,9 @@ def makeService(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    workers = config.workers
+    from mailsuite.workers import count
+
+    workers = count(config)
     if workers > 1:
         odd = [d for descs in config.listen.values() for d in descs
                if d.split(":", 1)[0] not in ADOPTABLE]

@@ -28,11 +28,9 @@ from twisted.internet import defer, task
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 
 from mailsuite.config import Config, load_config
+from mailsuite.workers import SHUTDOWN_GRACE
 
 log = Logger(namespace="mailsuite.worker")
-
-#: Seconds a stopping worker waits for its sessions to end before closing them.
-SHUTDOWN_GRACE = 10.0
 
 QUEUE_PIPE_FD = 3
 

@@ -19,7 +19,7 @@ folder change notifications through inotify (:mod:`mailsuite.shared.folder_watch
 Supervision: a worker that dies is started again after a back-off (0.5 s doubling to 30 s,
 back to 0.5 s once a worker has lived a minute); its connections leave the shared counts.
 SIGHUP is passed on (certificate reload); SIGTERM/SIGINT stop the server: each worker stops
-accepting, lets its sessions end for up to :data:`mailsuite.worker.SHUTDOWN_GRACE` seconds,
+accepting, lets its sessions end for up to :data:`SHUTDOWN_GRACE` seconds,
 then exits; one that does not is killed.  Worker log events arrive as JSON on its stdout and
 are logged here with ``w<N>`` in front of their system, so the server log stays one file.
 """
@@ -43,10 +43,28 @@ from mailsuite.shared import counters
 
 log = Logger(namespace="mailsuite.workers")
 
+#: ``[server] workers = "auto"``: one per core, at most this many (past a few processes the
+#: shared state costs more than another process gains on a small server).
+AUTO_CAP = 4
+
+
+def count(config: Config) -> int:
+    """How many processes serve the listeners: ``[server] workers``, "auto" resolved here
+    (1 in sandbox mode, whose catalog, event streams and waiters live in one process)."""
+    if config.workers:
+        return config.workers
+    if config.mode == "sandbox":
+        return 1
+    return max(1, min(os.cpu_count() or 1, AUTO_CAP))
+
+
 #: Restart back-off: first delay, cap, and how long a worker must live to reset it.
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
+
+#: Seconds a stopping worker waits for its sessions to end before closing them.
+SHUTDOWN_GRACE = 10.0
 
 #: Listening sockets are numbered from here in the worker (0-2 stdio, 3 the queue pipe).
 FIRST_LISTENER_FD = 10
@@ -131,8 +149,6 @@ class WorkerSupervisor(service.Service):
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
-        from mailsuite.worker import SHUTDOWN_GRACE
-
         ended = [w.stop(SHUTDOWN_GRACE + 5.0) for w in self.workers]
         d = defer.DeferredList(ended, consumeErrors=True)
 
