@@ -174,6 +174,9 @@ def makeService(
     if workers > 1:
         from mailsuite.workers import WorkerSupervisor
 
+        # Build what the workers will build, to stop here on a value only building finds
+        # (a bad [pop3] expire, say) instead of in workers started again and again.
+        list(listener_factories(runtime, []))
         runner = queue_service(runtime)
         attach(runner, top)
         attach(LeftoverSweeper(runtime), top)

@@ -27,7 +27,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 
-from mailsuite.config import Config, load_config
+from mailsuite.config import Config, ConfigError, load_config
 from mailsuite.workers import SHUTDOWN_GRACE
 
 log = Logger(namespace="mailsuite.worker")
@@ -181,10 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in args.listener:
         name, fd, family = spec.split(":")
         listeners.append((name, int(fd), _FAMILIES[family]))
-    config = load_config(args.config)
     from twisted.internet import reactor
 
-    top = worker_service(config, reactor, listeners, QUEUE_PIPE_FD)
+    try:
+        config = load_config(args.config)
+        top = worker_service(config, reactor, listeners, QUEUE_PIPE_FD)
+    except ConfigError as e:  # the supervisor checked it; the file changed since
+        print(f"mailsuite worker: {e}", file=sys.stderr)
+        return 1
 
     def orphaned() -> None:
         if os.getppid() != args.parent:
