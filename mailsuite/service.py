@@ -92,7 +92,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime.metrics = Metrics()
     runtime.metrics.watch_queue(runtime.queue.env_dir)
     auth.observe = runtime.metrics.login
-    runtime.metrics.watch_throttling(auth.failures.throttled_ips)
+    # through the authenticator: a worker swaps in the shared failure log after this
+    runtime.metrics.watch_throttling(lambda: auth.failures.throttled_ips())
     return runtime
 
 
@@ -241,7 +242,7 @@ def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]
     queue: Any = runtime.queue
     folders = [config.data_dir, config.mail_dir, queue.root]
     root.mount("healthz", HealthResource(HealthCheck(listener_problems, folders, runtime.reactor)))
-    root.mount("metrics", MetricsResource(metrics.registry, runtime.reactor))
+    root.mount("metrics", MetricsResource(metrics.exported(), runtime.reactor))
     thunderbird = ThunderbirdConfig(runtime)
     root.mount("mail/config-v1.1.xml", thunderbird)  # at autoconfig.<domain>
     root.mount(".well-known/autoconfig/mail/config-v1.1.xml", thunderbird)  # at <domain>

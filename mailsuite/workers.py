@@ -97,6 +97,8 @@ class WorkerSupervisor(service.Service):
         self.stopping = False
         self._previous_hup: Any = None
         self.shared_path = counters.state_path(config.data_dir)
+        #: prometheus-client's multiprocess files (see mailsuite.metrics)
+        self.metrics_dir = config.data_dir / "run" / "metrics"
 
     # -- binding (as root, before twistd drops privileges) ----------------------------------
 
@@ -129,6 +131,9 @@ class WorkerSupervisor(service.Service):
         service.Service.startService(self)
         self.stopping = False
         counters.reset(self.shared_path)
+        self.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in self.metrics_dir.glob("*.db"):  # counts of a previous run
+            old.unlink()
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_hangup)
         self.workers = [_Worker(self, i) for i in range(self.count)]
@@ -200,9 +205,8 @@ class _Worker(protocol.ProcessProtocol):
         self.started_at = reactor.seconds()
         self.ended = defer.Deferred()
         self._buffers = {}
-        self.process = reactor.spawnProcess(
-            self, sys.executable, argv, env=dict(os.environ), childFDs=fds
-        )
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.metrics_dir))
+        self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
         self.pid = self.process.pid
         log.info("worker {i} started (pid {pid})", i=self.index, pid=self.pid)
 
@@ -275,6 +279,9 @@ class _Worker(protocol.ProcessProtocol):
         if pid is not None:
             try:
                 counters.forget_process(sup.shared_path, pid)
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(pid, str(sup.metrics_dir))  # its live gauges
             except Exception:  # noqa: BLE001 - the data folder may be going away at exit
                 log.failure("forgetting worker {pid}'s connections failed", pid=pid)
         status = reason.value

@@ -144,6 +144,20 @@ class SharedFailureLog:
     def clear(self, ip: str) -> None:
         self.db.execute("DELETE FROM failures WHERE kind = 'ip' AND key = ?", (ip,))
 
+    def throttled_ips(self) -> int:
+        """FailureLog.throttled_ips over every worker.  Called in the metrics thread: its own
+        connection (the reactor thread's is not shared across threads)."""
+        db = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            row = db.execute(
+                "SELECT count(*) FROM (SELECT key FROM failures WHERE kind = 'ip' AND at >= ? "
+                "GROUP BY key HAVING count(*) >= ?)",
+                (self.now() - self.cfg.window, self.cfg.max_failures_per_ip),
+            ).fetchone()
+        finally:
+            db.close()
+        return int(row[0])
+
     def check_started(self, ip: str) -> None:
         self.db.execute(
             "INSERT INTO in_flight (ip, pid, n) VALUES (?, ?, 1) "

@@ -12,6 +12,7 @@ import smtplib
 import statistics
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ def net(loopback_net: Callable[[dict[str, Any]], Net]) -> tuple[Net, MX]:
 
 @pytest.fixture(scope="module")
 def srv(module_servers: ServerFactory, net: tuple[Net, MX]) -> Server:
-    server = module_servers(("smtp", "imap", "pop3"), users=(ALICE, BOB),
+    server = module_servers(("smtp", "imap", "pop3", "web"), users=(ALICE, BOB),
                             extra_toml=WORKERS + net[0].relay_toml(), server_toml="workers = 2")
     wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
     return server
@@ -96,6 +97,28 @@ def test_every_protocol_is_served_by_both_workers(srv: Server) -> None:
         p.send_line("QUIT")
         assert p.line().startswith("+OK")
         p.sock.close()
+
+
+def smtp_connections_counted(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20).read()
+    for line in text.decode().splitlines():
+        if line.startswith('mailsuite_connections_total{listener="smtp"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_add_up_every_workers_counts(srv: Server) -> None:
+    """/metrics is served by whichever worker gets the request, and shows the sum."""
+    pids = worker_pids(srv)
+    before = max(smtp_connections_counted(srv.port("web")) for _ in range(4))
+    for pid in pids:
+        for _ in range(3):
+            c = on_worker(srv.port("smtp"), pid, pids)
+            c.send_line("QUIT")
+            c.line()
+            c.sock.close()
+    for _ in range(4):  # whichever worker answers, it counts all six
+        assert smtp_connections_counted(srv.port("web")) >= before + 6
 
 
 def test_failed_logins_count_across_workers(srv: Server) -> None:
