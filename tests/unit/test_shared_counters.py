@@ -129,3 +129,22 @@ def test_polling_watcher_calls_until_stopped(tmp_path: Path) -> None:
     stop()  # twice is harmless
     clock.advance(5)
     assert len(calls) == 2
+
+
+def test_the_local_implementations_have_the_shared_interfaces(tmp_path: Path) -> None:
+    """Each piece of shared state has its interface (mailsuite.shared.interfaces) and
+    today's implementation fits it, so a PostgreSQL one can replace it (docs/scale-out.md)."""
+    from mailsuite.directory import Directory
+    from mailsuite.queue.spool import Spool
+    from mailsuite.shared import interfaces
+    from mailsuite.store.index import FolderIndex
+
+    directory = Directory(tmp_path / "d.json", tmp_path / "mail", ("example.test",))
+    assert isinstance(directory, interfaces.AccountDirectory)
+    assert isinstance(FailureLog(CFG), interfaces.LoginThrottle)
+    path = counters.state_path(tmp_path)
+    assert isinstance(counters.SharedFailureLog(path, CFG), interfaces.LoginThrottle)
+    assert isinstance(Spool(tmp_path / "queue"), interfaces.QueueClaim)
+    for name in ("sync", "counters", "state", "changes_since", "store_flags", "expunge", "close"):
+        assert callable(getattr(FolderIndex, name)), name
+    assert callable(counters.SharedConnectionCounts(path).acquire)
