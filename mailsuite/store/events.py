@@ -2,8 +2,11 @@
 
 Delivery, IMAP and POP3 sessions in this process tell each other "folder X changed" through
 one :class:`ChangeHub`, so an IDLE client hears about new mail at once.  Changes made by
-other processes are not seen here; sessions that need them (IDLE) also poll the folder's
-directory mtimes, which :meth:`mailsuite.store.index.FolderIndex.sync` makes cheap.
+other processes (another worker, mutt, ``mailsuite import``) are not seen here; the folders
+sessions wait on (IDLE) are watched through inotify instead
+(:mod:`mailsuite.shared.folder_watch`, polling where it is unavailable), and the refresh
+that follows reads the directory mtimes, which :meth:`mailsuite.store.index.FolderIndex.sync`
+makes cheap.
 """
 
 from __future__ import annotations
