@@ -95,6 +95,7 @@ class WorkerSupervisor(service.Service):
         self.ports: list[tuple[str, Any]] = []  # (service name, listening port)
         self.workers: list[_Worker] = []
         self.stopping = False
+        self.all_ready = False
         self._previous_hup: Any = None
         self.shared_path = counters.state_path(config.data_dir)
         #: prometheus-client's multiprocess files (see mailsuite.metrics)
@@ -130,6 +131,7 @@ class WorkerSupervisor(service.Service):
     def startService(self) -> None:  # noqa: N802
         service.Service.startService(self)
         self.stopping = False
+        self.all_ready = False
         counters.reset(self.shared_path)
         self.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for old in self.metrics_dir.glob("*.db"):  # counts of a previous run
@@ -140,6 +142,16 @@ class WorkerSupervisor(service.Service):
         for w in self.workers:
             w.start()
         log.info("started {n} worker processes", n=self.count)
+
+    def worker_ready(self, worker: _Worker) -> None:
+        """A worker adopted the sockets and accepts; the first time all do, say so (tests
+        and operators wait for this line rather than for the port, which this process opened
+        before any worker could answer on it)."""
+        worker.ready = True
+        log.info("worker {i} (pid {pid}) serving", i=worker.index, pid=worker.pid)
+        if not self.all_ready and all(w.ready for w in self.workers):
+            self.all_ready = True
+            log.info("all {n} workers serving", n=self.count)
 
     def _on_hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.signal_all, "HUP")
@@ -196,6 +208,7 @@ class _Worker(protocol.ProcessProtocol):
         self.backoff = RESTART_FIRST
         self.restart_call: Any = None
         self.ended: defer.Deferred[None] | None = None
+        self.ready = False
         self._buffers: dict[int, bytes] = {}
 
     def start(self) -> None:
@@ -204,6 +217,7 @@ class _Worker(protocol.ProcessProtocol):
         reactor = self.supervisor.reactor
         self.started_at = reactor.seconds()
         self.ended = defer.Deferred()
+        self.ready = False
         self._buffers = {}
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.metrics_dir))
         self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
@@ -239,22 +253,25 @@ class _Worker(protocol.ProcessProtocol):
 
     def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
         buffered = self._buffers.get(fd, b"") + data
-        sep = b"\x1e" if fd == 1 else b"\n"
-        *records, rest = buffered.split(sep)
+        # every stream is lines: jsonFileLogObserver writes "\x1e{json}\n" (JSON escapes
+        # newlines), so a record is complete at its newline, not at the next record's \x1e
+        *records, rest = buffered.split(b"\n")
         self._buffers[fd] = rest
         for record in records:
             if fd == 1:
                 self._relay_event(record)
             elif fd == 3:
                 queue_id = record.decode("ascii", "replace").strip()
-                if queue_id:
+                if queue_id == "ready":
+                    self.supervisor.worker_ready(self)
+                elif queue_id:
                     self.supervisor.enqueued(queue_id)
             elif record.strip():
                 log.warn("worker {i}: {line}", i=self.index,
                          line=record.decode("utf-8", "replace").rstrip())
 
     def _relay_event(self, record: bytes) -> None:
-        text = record.decode("utf-8", "replace").strip()
+        text = record.decode("utf-8", "replace").strip().lstrip("\x1e")
         if not text:
             return
         try:
@@ -274,7 +291,7 @@ class _Worker(protocol.ProcessProtocol):
         pid, self.pid, self.process = self.pid, None, None
         for fd, rest in list(self._buffers.items()):
             if rest.strip():
-                self.childDataReceived(fd, (b"\x1e" if fd == 1 else b"\n"))
+                self.childDataReceived(fd, b"\n")
         ended, self.ended = self.ended, None
         if pid is not None:
             try:

@@ -167,7 +167,23 @@ class Server:
                     wait_port("127.0.0.1", port, proc=self.proc)
                 except (RuntimeError, TimeoutError):
                     raise RuntimeError(f"server did not start:\n{self.output()}") from None
+            if self.workers() > 1:  # the ports open before the workers can answer on them
+                start = self._log_checked
+                wait_until(lambda: "workers serving" in self._log_since(start), 60,
+                           f"the workers of {self.root} to serve")
         return self
+
+    def workers(self) -> int:
+        """``[server] workers`` of this server's config (1 when not a number)."""
+        found = re.search(r"^workers = (\d+)", self.config.read_text(), re.MULTILINE)
+        return int(found.group(1)) if found else 1
+
+    def _log_since(self, offset: int) -> str:
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def output(self) -> str:
         out = ""

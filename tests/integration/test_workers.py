@@ -209,6 +209,21 @@ def test_a_queue_entry_made_in_a_worker_is_tried_at_once(
           f"{(time.monotonic() - start) * 1000:.0f} ms")
 
 
+def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
+    assert srv.proc is not None
+    start = srv.log.stat().st_size
+    srv.proc.send_signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        with open(srv.log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        lines = [x for x in text.splitlines() if "TLS: reloaded" in x]
+        return all(any(f"[w{i} " in x for x in lines) for i in (0, 1))
+
+    wait_until(reloaded, 20, "both workers to reload their certificates")
+
+
 def test_kill9_of_a_worker_under_smtp_load_loses_no_acknowledged_message(
     srv: Server,
 ) -> None:
