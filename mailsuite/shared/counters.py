@@ -103,6 +103,7 @@ class SharedFailureLog:
         self.now = now
         self.pid = os.getpid()
         self.db = connect(path)
+        self._finished = 0
 
     def _count(self, kind: str, key: str) -> int:
         horizon = self.now() - self.cfg.window
@@ -166,11 +167,10 @@ class SharedFailureLog:
         )
 
     def check_finished(self, ip: str) -> None:
-        with _immediate(self.db) as db:
-            db.execute(
-                "UPDATE in_flight SET n = n - 1 WHERE ip = ? AND pid = ?", (ip, self.pid)
-            )
-            db.execute("DELETE FROM in_flight WHERE ip = ? AND pid = ? AND n <= 0", (ip, self.pid))
+        self.db.execute("UPDATE in_flight SET n = n - 1 WHERE ip = ? AND pid = ?", (ip, self.pid))
+        self._finished += 1
+        if self._finished % 1000 == 0:  # rows at zero count nothing; keep the table small
+            self.db.execute("DELETE FROM in_flight WHERE pid = ? AND n <= 0", (self.pid,))
 
 
 class SharedConnectionCounts:
@@ -180,21 +180,25 @@ class SharedConnectionCounts:
     def __init__(self, path: Path) -> None:
         self.pid = os.getpid()
         self.db = connect(path)
+        self._drops = 0
 
     def acquire(self, add: Sequence[tuple[str, int]], drop: Sequence[str] = ()) -> int | None:
         """If every ``add`` key's count is below its limit (0: none), drop one from each
         ``drop`` key and add one to each ``add`` key, and return None; otherwise change
         nothing and return the index in ``add`` of the first key at its limit."""
+        limited = [key for key, limit in add if limit]
         with _immediate(self.db) as db:
-            for i, (key, limit) in enumerate(add):
-                if limit:
-                    row = db.execute(
-                        "SELECT sum(n) FROM connections WHERE key = ?", (key,)
-                    ).fetchone()
-                    if int(row[0] or 0) >= limit:
+            if limited:
+                marks = ",".join("?" * len(limited))
+                held = dict(db.execute(
+                    f"SELECT key, sum(n) FROM connections WHERE key IN ({marks}) GROUP BY key",
+                    limited,
+                ).fetchall())
+                for i, (key, limit) in enumerate(add):
+                    if limit and (held.get(key) or 0) >= limit:
                         return i
-            for key in drop:
-                self._drop(db, key)
+            if drop:
+                self._drop(db, drop)
             db.executemany(
                 "INSERT INTO connections (key, pid, n) VALUES (?, ?, 1) "
                 "ON CONFLICT (key, pid) DO UPDATE SET n = n + 1",
@@ -203,12 +207,14 @@ class SharedConnectionCounts:
         return None
 
     def release(self, keys: Sequence[str]) -> None:
-        with _immediate(self.db) as db:
-            for key in keys:
-                self._drop(db, key)
+        self._drop(self.db, keys)  # one statement: its own transaction
 
-    def _drop(self, db: sqlite3.Connection, key: str) -> None:
-        db.execute("UPDATE connections SET n = n - 1 WHERE key = ? AND pid = ?", (key, self.pid))
+    def _drop(self, db: sqlite3.Connection, keys: Sequence[str]) -> None:
+        marks = ",".join("?" * len(keys))
         db.execute(
-            "DELETE FROM connections WHERE key = ? AND pid = ? AND n <= 0", (key, self.pid)
+            f"UPDATE connections SET n = n - 1 WHERE pid = ? AND key IN ({marks})",
+            (self.pid, *keys),
         )
+        self._drops += 1
+        if self._drops % 1000 == 0:  # rows at zero are harmless; keep the table small
+            db.execute("DELETE FROM connections WHERE pid = ? AND n <= 0", (self.pid,))
