@@ -424,10 +424,11 @@ class ReloadOnHangup(service.Service):
             log.failure("SIGHUP: TLS reload failed")
 
 
-def _extra_services(runtime: Runtime) -> list[service.Service]:
+def _extra_services(runtime: Runtime, worker: bool = False) -> list[service.Service]:
     """Non-listening services: the reactor's lag probe (exported on /metrics), mail
     authentication's worker pool, certificate reload, the outbound queue runner, the sweep of
-    temporary files left by interrupted writes."""
+    temporary files left by interrupted writes.  A worker process (``worker``) leaves the
+    last two to its supervisor: one of each per server."""
     lag = ReactorLag(runtime.reactor)
     runtime.metrics.registry.register(lag)
     out: list[service.Service] = [lag]
@@ -436,8 +437,9 @@ def _extra_services(runtime: Runtime) -> list[service.Service]:
     if runtime.tls is not None:
         out.append(tls.TLSReloadService(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
-    out.append(queue_service(runtime))
-    out.append(LeftoverSweeper(runtime))
+    if not worker:
+        out.append(queue_service(runtime))
+        out.append(LeftoverSweeper(runtime))
     if runtime.sandbox is not None:
         out.append(runtime.sandbox)
     return out

@@ -103,9 +103,8 @@ def worker_service(
     runtime.auth.share_failures(counters.SharedFailureLog(path, config.auth))
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
-    for extra in server._extra_services(runtime):
-        if extra.name != "queue" and type(extra).__name__ != "LeftoverSweeper":
-            server.attach(extra, top)
+    for extra in server._extra_services(runtime, worker=True):
+        server.attach(extra, top)
     if runtime.queue is not None:
         runtime.queue.on_enqueue = _queue_notifier(queue_fd)
     adopted: list[Any] = []
