@@ -299,12 +299,40 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
             return lost(reason)
 
         protocol.connectionLost = connection_lost
+        make_connection = protocol.makeConnection
+
+        def made(transport: Any) -> Any:
+            _release_on_close(protocol, transport)
+            return make_connection(transport)
+
+        protocol.makeConnection = made
         return protocol
 
     def logPrefix(self) -> str:  # noqa: N802
         """The wrapped factory's name in "... starting on PORT" log lines."""
         prefix = getattr(self.wrapped, "logPrefix", None)
         return str(prefix()) if prefix is not None else type(self.wrapped).__name__
+
+
+def _release_on_close(protocol: Any, transport: Any) -> None:
+    """Give back the connection's place in the connection limits when the server closes it
+    (QUIT, LOGOUT, a refusal), before the close reaches the client rather than after.
+
+    With worker processes the counts are shared, and a client that reconnects as soon as it
+    sees the close may land on another worker: released only in ``connectionLost`` (after
+    the socket is closed), the old connection could still count there.  The protocol's
+    ``admission`` (every adapter names it so; under implicit TLS it is the wrapped
+    protocol's) is released once; releasing again in ``connectionLost`` does nothing."""
+    lose = transport.loseConnection
+
+    def lose_connection(*args: Any) -> Any:
+        inner = getattr(protocol, "wrappedProtocol", protocol)
+        admission = getattr(inner, "admission", None)
+        if admission is not None:
+            admission.release()
+        return lose(*args)
+
+    transport.loseConnection = lose_connection
 
 
 class _Listener(StreamServerEndpointService):
