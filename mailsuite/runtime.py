@@ -57,6 +57,6 @@ class Runtime:
         if self.folders is None:
             reactor = self.reactor
             self.folders = FolderRegistry(
-                self.changes, lambda f: reactor.callLater(0, f), folder_watcher(reactor)
+                self.changes, lambda f: reactor.callLater(0, f), watcher=folder_watcher(reactor)
             )
         return self.folders

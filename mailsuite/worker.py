@@ -15,6 +15,7 @@ lets open sessions end for up to :data:`SHUTDOWN_GRACE` seconds, closes what is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -93,10 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def start() -> None:
         top.startService()
-        try:  # tell the supervisor this worker accepts now
+        with contextlib.suppress(OSError):  # tell the supervisor this worker accepts now
             os.write(QUEUE_PIPE_FD, READY)
-        except OSError:
-            pass
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -8,6 +8,7 @@ pipe.  On stop it lets open sessions end for up to ``SHUTDOWN_GRACE`` seconds.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -40,12 +41,12 @@ class AdoptedListener(service.Service):
         self.what = what
         self.port: Any = None
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)
         self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
         os.close(self.fd)  # adoptStreamPort made its own copy
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         service.Service.stopService(self)
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
@@ -65,7 +66,7 @@ class Drain(service.Service):
     def open_connections(self) -> list[Any]:
         return [p for f in self.factories for p in f.live]
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         done: defer.Deferred[None] = defer.Deferred()
         deadline = self.reactor.seconds() + SHUTDOWN_GRACE
@@ -135,10 +136,9 @@ def _queue_notifier(fd: int) -> Any:
     (one short line: written whole, PIPE_BUF)."""
 
     def notify(queue_id: str) -> None:
-        try:
+        # OSError: the supervisor is gone; its successor's runner loads the queue
+        with contextlib.suppress(OSError):
             os.write(fd, queue_id.encode("ascii") + b"\n")
-        except OSError:  # the supervisor is gone; its successor's runner loads the queue
-            pass
 
     return notify
 

@@ -26,6 +26,7 @@ are logged here with ``w<N>`` in front of their system, so the server log stays 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,7 +79,7 @@ class _NeverAccepts(protocol.Factory):
 
     noisy = False
 
-    def buildProtocol(self, addr: Any) -> None:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> None:
         return None
 
 
@@ -103,7 +104,7 @@ class WorkerSupervisor(service.Service):
 
     # -- binding (as root, before twistd drops privileges) ----------------------------------
 
-    def privilegedStartService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:
         service.Service.privilegedStartService(self)
         for name, descs in self.config.listen.items():
             for desc in descs:
@@ -128,7 +129,7 @@ class WorkerSupervisor(service.Service):
 
     # -- running ----------------------------------------------------------------------------
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         service.Service.startService(self)
         self.stopping = False
         self.all_ready = False
@@ -160,7 +161,7 @@ class WorkerSupervisor(service.Service):
         for w in self.workers:
             w.signal(name)
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         self.stopping = True
         if self._previous_hup is not None:
@@ -171,10 +172,8 @@ class WorkerSupervisor(service.Service):
 
         def close_ports(_: object) -> None:
             for _name, port in self.ports:
-                try:
+                with contextlib.suppress(Exception):  # at exit: nothing left to do about it
                     port.connectionLost(None)  # closes the socket (it was never reading)
-                except Exception:  # noqa: BLE001 - closing at exit: nothing left to do
-                    pass
             self.ports = []
 
         d.addCallback(close_ports)
@@ -226,10 +225,8 @@ class _Worker(protocol.ProcessProtocol):
 
     def signal(self, name: str) -> None:
         if self.process is not None and self.pid is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.process.signalProcess(name)
-            except Exception:  # noqa: BLE001 - it exited meanwhile
-                pass
 
     def stop(self, deadline: float) -> defer.Deferred[None]:
         if self.restart_call is not None and self.restart_call.active():
@@ -299,7 +296,7 @@ class _Worker(protocol.ProcessProtocol):
                 from prometheus_client import multiprocess
 
                 multiprocess.mark_process_dead(pid, str(sup.metrics_dir))  # its live gauges
-            except Exception:  # noqa: BLE001 - the data folder may be going away at exit
+            except Exception:
                 log.failure("forgetting worker {pid}'s connections failed", pid=pid)
         status = reason.value
         if sup.stopping:

@@ -181,7 +181,7 @@ class Server:
     def _log_since(self, offset: int) -> str:
         if not self.log.exists():
             return ""
-        with open(self.log, "rb") as f:
+        with self.log.open("rb") as f:
             f.seek(offset)
             return f.read().decode(errors="replace")
 

@@ -4,7 +4,6 @@ client's local port; its inode names the socket in the owning process's /proc/PI
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def owner(client: socket.socket, pids: list[int]) -> int | None:
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
-            names = os.listdir(fd_dir)
+            names = [p.name for p in Path(fd_dir).iterdir()]
         except OSError:
             continue
         for name in names:

@@ -102,6 +102,7 @@ class SharedFailureLog:
         self.cfg = cfg
         self.now = now
         self.pid = os.getpid()
+        self.path = path
         self.db = connect(path)
         self._finished = 0
 

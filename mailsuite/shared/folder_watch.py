@@ -16,6 +16,7 @@ watch per open folder however many sessions wait on it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class InotifyWatcher:
                 if d.path not in self._listeners:
                     self.notifier.watch(d, mask=self.mask, callbacks=[self._event])
                     self._listeners[d.path] = set()
-        except Exception as e:  # noqa: BLE001 - e.g. max_user_watches reached: poll instead
+        except Exception as e:
             log.warn("inotify on {folder} failed ({error}); polling it instead",
                      folder=str(folder), error=str(e))
             for d in dirs:
@@ -119,10 +120,9 @@ class InotifyWatcher:
             group.discard(changed)
         if not group:
             del self._listeners[d.path]
-            try:
+            # KeyError: the directory went away and the kernel dropped the watch
+            with contextlib.suppress(KeyError):
                 self.notifier.ignore(d)
-            except KeyError:  # the directory went away and the kernel dropped the watch
-                pass
 
     def _event(self, _ignored: object, path: FilePath[Any], mask: int) -> None:
         parent = path.parent().asBytesMode().path
@@ -149,7 +149,7 @@ def folder_watcher(reactor: Any) -> FolderWatcher:
     polling = PollingWatcher(reactor)
     try:
         return InotifyWatcher(reactor, polling)
-    except Exception as e:  # noqa: BLE001 - ImportError off Linux, OSError at the limit
+    except Exception as e:
         log.info("inotify unavailable ({error}): folders are polled every {n} s",
                  error=str(e), n=POLL_INTERVAL)
         return polling

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from mailsuite.connection_limits import ConnectionCounts as ConnectionCounts
-from mailsuite.shared.folder_watch import FolderWatcher as FolderWatcher
+from mailsuite.store.events import FolderWatcher as FolderWatcher
 
 __all__ = [
     "AccountDirectory",

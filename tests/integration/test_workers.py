@@ -215,7 +215,7 @@ def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
     srv.proc.send_signal(signal.SIGHUP)
 
     def reloaded() -> bool:
-        with open(srv.log, "rb") as f:
+        with srv.log.open("rb") as f:
             f.seek(start)
             text = f.read().decode(errors="replace")
         lines = [x for x in text.splitlines() if "TLS: reloaded" in x]
