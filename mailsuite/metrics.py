@@ -177,6 +177,12 @@ class Metrics:
         self.registry.register(collector)
         self._readers.append(collector)
 
+    def add_reader(self, collector: Collector) -> None:
+        """Register a collector that reads its values when collected (the reactor's lag, say):
+        exported as it is, also when /metrics adds up the workers' counts."""
+        self.registry.register(collector)
+        self._readers.append(collector)
+
     def exported(self) -> CollectorRegistry:
         """The registry /metrics shows: this process's, or in a worker process (multiprocess
         mode, see the module docstring) the sum over every worker plus the readers."""

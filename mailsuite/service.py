@@ -458,7 +458,7 @@ def _extra_services(runtime: Runtime, worker: bool = False) -> list[service.Serv
     temporary files left by interrupted writes.  A worker process (``worker``) leaves the
     last two to its supervisor: one of each per server."""
     lag = ReactorLag(runtime.reactor)
-    runtime.metrics.registry.register(lag)
+    runtime.metrics.add_reader(lag)
     out: list[service.Service] = [lag]
     if runtime.mail_auth is not None:
         out.append(runtime.mail_auth)
