@@ -1,6 +1,6 @@
 """Start and stop one mailsuite server for the benchmarks (SMTP, IMAP, POP3 alike).
 
-    python bench/mailsuite_target.py start --dir DIR [--services smtp,imap,pop3]
+    python bench/mailsuite_target.py start --dir DIR [--services smtp,imap,pop3,web]
     python bench/mailsuite_target.py stop --dir DIR
 
 ``start`` writes ``DIR/mailsuite.toml`` (127.0.0.1 only, free ports, plaintext logins
@@ -10,7 +10,7 @@ harness expects (``bench``, ``big10000``, ``big100000``, ``pop1k``, ``idle`` in
 ``twistd -n mailsuite`` in its own session, waits until every port accepts connections,
 and prints shell assignments for ``eval``::
 
-    MS_PID=...  MS_SMTP_PORT=...  MS_IMAP_PORT=...  MS_POP3_PORT=...
+    MS_PID=...  MS_SMTP_PORT=...  MS_IMAP_PORT=...  MS_POP3_PORT=...  MS_WEB_PORT=...
     MS_MAILDIR_FMT=DIR/data/mail/example.test/{user}  MS_LOG=DIR/twistd.log
 
 ``stop`` ends exactly the process whose PID ``start`` recorded in ``DIR/pid`` (TERM, then
@@ -33,7 +33,7 @@ from pathlib import Path
 from mailsuite.testing.process import mailsuite_argv
 
 USERS = ("bench", "big10000", "big100000", "pop1k", "idle")
-SERVICES = ("smtp", "imap", "pop3")
+SERVICES = ("smtp", "imap", "pop3", "web")  # web: /metrics (reactor lag) and /healthz
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,6 +56,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise SystemExit(f"mailsuite port {port} did not open within {timeout}s")
 
 
+def _toml_workers(value: str) -> str:
+    """``--workers`` as a TOML value: a number as is, "auto" quoted."""
+    return value if value.isdigit() else f'"{value}"'
+
+
 def start(a: argparse.Namespace) -> None:
     root = Path(a.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,8 @@ def start(a: argparse.Namespace) -> None:
     listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in ports.items())
     config.write_text(
         "# benchmark instance (bench/mailsuite_target.py): loopback only\n"
-        f'[server]\nhostname = "mx.{a.domain}"\ndata_dir = "data"\n\n'
+        f'[server]\nhostname = "mx.{a.domain}"\ndata_dir = "data"\n'
+        f"workers = {_toml_workers(a.workers)}\n\n"
         f"[listen]\n{listen}\n\n"
         f'[domains]\nlocal = ["{a.domain}"]\n\n'
         # The benchmark clients log in without TLS, many times, from one address.
@@ -120,6 +126,7 @@ def start(a: argparse.Namespace) -> None:
         "MS_SMTP_PORT": str(ports.get("smtp", "")),
         "MS_IMAP_PORT": str(ports.get("imap", "")),
         "MS_POP3_PORT": str(ports.get("pop3", "")),
+        "MS_WEB_PORT": str(ports.get("web", "")),
     }
     for k, v in values.items():
         print(f"{k}={shlex.quote(v)}")
@@ -162,10 +169,12 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start")
     s.add_argument("--dir", required=True)
-    s.add_argument("--services", default="smtp", help="comma list of smtp,imap,pop3")
+    s.add_argument("--services", default="smtp", help="comma list of smtp,imap,pop3,web")
     s.add_argument("--domain", default=os.environ.get("BENCH_DOMAIN", "example.test"))
     s.add_argument("--password", default=os.environ.get("BENCH_PASS", "benchpass"))
     s.add_argument("--python", default=os.environ.get("MAILSUITE_PYTHON", sys.executable))
+    s.add_argument("--workers", default=os.environ.get("MAILSUITE_WORKERS", "1"),
+                   help='[server] workers: a number or "auto" (default 1, or $MAILSUITE_WORKERS)')
     s.add_argument("--extra-toml", default="", help="TOML appended to the config (new sections)")
     p = sub.add_parser("stop")
     p.add_argument("--dir", required=True)

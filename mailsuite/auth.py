@@ -42,6 +42,7 @@ from mailsuite.directory import Directory, normalize
 # re-exported: the adapters name a login's result through this module too
 from mailsuite.login import LoginResult as LoginResult
 from mailsuite.login import Outcome as Outcome
+from mailsuite.shared.counters import SharedFailureLog
 
 log = Logger(namespace="mailsuite.auth")
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -125,6 +126,13 @@ class FailureLog:
             if sum(1 for t in tuple(q) if t >= horizon) >= limit:
                 count += 1
         return count
+
+    def check_started(self, ip: str) -> None:
+        """A password check for ``ip`` began (the caller passes its count to :meth:`blocked`;
+        the shared log of :mod:`mailsuite.shared.counters` keeps every worker's here)."""
+
+    def check_finished(self, ip: str) -> None:
+        """The check :meth:`check_started` announced has its answer."""
 
 
 @implementer(ICredentialsChecker)
@@ -233,7 +241,9 @@ class Authenticator:
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reactor = reactor
-        self.failures = FailureLog(cfg, now)
+        #: the failure counts: this process's :class:`FailureLog`, or with several worker
+        #: processes the shared one (:meth:`share_failures`)
+        self.failures: FailureLog | SharedFailureLog = FailureLog(cfg, now)
         self.in_flight: dict[str, int] = {}  # per IP: password checks not answered yet
         #: per IP: at most this many password checks run at once; more wait their turn, so a
         #: burst from one address cannot take the whole CPU, yet nobody is refused for it.
@@ -248,6 +258,11 @@ class Authenticator:
         if self.observe is not None:
             self.observe(protocol, result.outcome.value)
         return result
+
+    def share_failures(self, failures: SharedFailureLog) -> None:
+        """Count failures with every worker process of the server (an attacker must not get
+        one allowance per worker)."""
+        self.failures = failures
 
     def login(
         self, username: str, password: str, ip: str, protocol: str
@@ -268,12 +283,14 @@ class Authenticator:
             user.encode("utf-8"), password.encode("utf-8", "surrogatepass")
         )
         self.in_flight[ip] = self.in_flight.get(ip, 0) + 1
+        self.failures.check_started(ip)
         slots = self._slots.get(ip)
         if slots is None:
             slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
         d: defer.Deferred[Login] = slots.run(self.portal.login, creds, None, Interface)
 
         def checked(result: Login | Failure) -> Login | Failure:
+            self.failures.check_finished(ip)
             n = self.in_flight.get(ip, 1) - 1
             if n <= 0:
                 self.in_flight.pop(ip, None)

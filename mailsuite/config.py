@@ -265,6 +265,7 @@ class Config:
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
     web: WebConfig = field(default_factory=WebConfig)
     mode: str = "server"  # one of MODES
+    workers: int = 1  # processes serving the listeners, 0 = "auto" (see mailsuite.workers)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     @property
@@ -514,6 +515,12 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     mode = server.get("mode", str, "server")
     if mode not in MODES:
         raise server.fail("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
+    raw = server.get("workers", (int, str), "auto")  # "auto" is 0: mailsuite.workers.count
+    workers = 0 if raw == "auto" else raw
+    if isinstance(workers, (str, bool)) or not (
+            raw == "auto" or 1 <= workers <= (1 if mode == "sandbox" else 64)):
+        raise server.fail("workers", 'expected "auto" or a number from 1 to 64 (1 in sandbox '
+                          f"mode: one process holds its events and waiters), got {workers!r}")
     server.finish()
 
     listen_r = _Reader(where, "listen", data.get("listen", {}))
@@ -749,6 +756,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         log_format=log_format,
         web=web,
         mode=mode,
+        workers=workers,
         sandbox=sandbox,
     )
 

@@ -13,6 +13,11 @@ Three numbers per service, each 0 for "no limit":
   ``mail_max_userip_connections`` (doc.dovecot.org, settings): a client that leaks sessions
   is stopped without touching the user's other devices or other users.
 
+With several worker processes (``[server] workers``) each process keeps these counts for
+its own connections and the decision is taken over every worker's through a shared
+:class:`ConnectionCounts` (:meth:`ConnectionLimits.share`; the SQLite one of
+:mod:`mailsuite.shared.counters`), so a client does not get one allowance per worker.
+
 Why the per-IP count is a pre-login count: IMAP clients keep several connections per account
 (Thunderbird up to 5), and an office behind one address reaches any small per-IP limit with
 its logged-in sessions alone.  Before login the number of connections a legitimate address
@@ -22,11 +27,11 @@ needs is small; after login the user+IP limit takes over.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-__all__ = ["Admission", "ConnectionLimits", "Refusal", "shared_limits"]
+__all__ = ["Admission", "ConnectionCounts", "ConnectionLimits", "Refusal", "shared_limits"]
 
 K = TypeVar("K")
 
@@ -37,6 +42,20 @@ class Refusal(enum.Enum):
     TOTAL = "max_connections"
     PER_IP = "max_connections_per_ip"
     USER_IP = "max_userip_connections"
+
+
+class ConnectionCounts(Protocol):
+    """Counts kept for several processes (see :mod:`mailsuite.shared.counters`)."""
+
+    def acquire(self, add: Sequence[tuple[str, int]], drop: Sequence[str] = ()) -> int | None:
+        """Atomically: if every ``add`` key is below its limit (0: none), drop one from each
+        ``drop`` key and add one to each ``add`` key (None); else the index of the first
+        key at its limit, nothing changed."""
+        ...
+
+    def release(self, keys: Sequence[str]) -> None:
+        """One less under each key."""
+        ...
 
 
 class ConnectionLimits:
@@ -57,6 +76,20 @@ class ConnectionLimits:
         self.total = 0
         self.per_ip: dict[str, int] = {}  # connections not logged in, by address
         self.per_userip: dict[tuple[str, str], int] = {}  # logged in, by (user, address)
+        #: every worker's counts, when the server runs several (:meth:`share`)
+        self.shared: ConnectionCounts | None = None
+        self.service = ""
+
+    def share(self, counts: ConnectionCounts, service: str) -> None:
+        """Take decisions over ``counts`` too, under keys named for ``service``."""
+        self.shared = counts
+        self.service = service
+
+    def _ip_key(self, ip: str) -> str:
+        return f"{self.service} ip {ip}"
+
+    def _userip_key(self, user: str, ip: str) -> str:
+        return f"{self.service} user {user} {ip}"
 
     def admit(self, ip: str) -> Admission:
         """Count a new connection from ``ip``, or refuse it (``Admission.refused`` set, and
@@ -70,6 +103,15 @@ class ConnectionLimits:
             and not (self.exempt is not None and self.exempt(ip))
         ):
             return Admission(self, ip, refused=Refusal.PER_IP)
+        if self.shared is not None:
+            per_ip = self.max_connections_per_ip
+            if self.exempt is not None and self.exempt(ip):
+                per_ip = 0
+            full = self.shared.acquire(
+                [(f"{self.service} total", self.max_connections), (self._ip_key(ip), per_ip)]
+            )
+            if full is not None:
+                return Admission(self, ip, refused=(Refusal.TOTAL, Refusal.PER_IP)[full])
         self.total += 1
         self.per_ip[ip] = n + 1
         return Admission(self, ip)
@@ -108,6 +150,13 @@ class Admission:
         n = limits.per_userip.get(key, 0)
         if limits.max_userip_connections and n >= limits.max_userip_connections:
             return Refusal.USER_IP
+        if limits.shared is not None:
+            full = limits.shared.acquire(
+                [(limits._userip_key(key[0], self.ip), limits.max_userip_connections)],
+                drop=[limits._ip_key(self.ip)],
+            )
+            if full is not None:
+                return Refusal.USER_IP
         _decrement(limits.per_ip, self.ip)
         limits.per_userip[key] = n + 1
         self.user = user.lower()
@@ -124,6 +173,10 @@ class Admission:
             _decrement(limits.per_ip, self.ip)
         else:
             _decrement(limits.per_userip, (self.user, self.ip))
+        if limits.shared is not None:
+            last = limits._ip_key(self.ip) if self.user is None else limits._userip_key(
+                self.user, self.ip)
+            limits.shared.release([f"{limits.service} total", last])
 
 
 def shared_limits(

@@ -7,6 +7,13 @@ thread; collecting (``generate_latest``) runs in a worker thread (see
 :mod:`mailsuite.web.prometheus`), so what needs the file system -- the queue directory
 listing, ``/proc`` for the process metrics -- never blocks the reactor.
 
+With ``[server] workers`` > 1 every worker counts in its own memory, so the supervisor
+starts them with ``PROMETHEUS_MULTIPROC_DIR`` set (``<data_dir>/run/metrics``, emptied at
+start): prometheus-client's multiprocess mode keeps each worker's values in a small mmapped
+file, and ``/metrics``, served by whichever worker gets the request, adds up every worker's
+(:meth:`Metrics.exported`).  A gauge must say how to add up: ``multiprocess_mode="livesum"``
+(what the live workers hold now).  The process metrics are the serving worker's own.
+
 Adding a counter for protocol code is two steps: declare it in :meth:`Metrics.__init__`
 (``self.smtp_replies = Counter("mailsuite_smtp_replies", "...", ["listener", "class"],
 registry=r)``) and increment it where the event happens
@@ -24,6 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from mailsuite.queue.spool import valid_id
@@ -115,7 +123,8 @@ class Metrics:
         )
         #: Connections open now, by listener.
         self.connections_open = Gauge(
-            f"{PREFIX}_connections_open", "Connections open now.", ["listener"], registry=r
+            f"{PREFIX}_connections_open", "Connections open now.", ["listener"], registry=r,
+            multiprocess_mode="livesum",
         )
         #: Server TLS handshakes (implicit TLS and STARTTLS) by result: "ok", or "failed"
         #: when a fatal alert ended one before it completed.
@@ -159,11 +168,32 @@ class Metrics:
             f"{PREFIX}_pop3_commands", "POP3 commands received, by name.", ["command"],
             registry=r,
         )
-        ProcessCollector(namespace=PREFIX, registry=r)
+        #: collectors that read their values when collected (not per-process counts)
+        self._readers: list[Collector] = [ProcessCollector(namespace=PREFIX, registry=r)]
 
     def watch_queue(self, env_dir: Path) -> None:
         """Export the size and age of the outbound queue whose envelopes are in ``env_dir``."""
-        self.registry.register(QueueCollector(env_dir))
+        collector = QueueCollector(env_dir)
+        self.registry.register(collector)
+        self._readers.append(collector)
+
+    def add_reader(self, collector: Collector) -> None:
+        """Register a collector that reads its values when collected (the reactor's lag, say):
+        exported as it is, also when /metrics adds up the workers' counts."""
+        self.registry.register(collector)
+        self._readers.append(collector)
+
+    def exported(self) -> CollectorRegistry:
+        """The registry /metrics shows: this process's, or in a worker process (multiprocess
+        mode, see the module docstring) the sum over every worker plus the readers."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return self.registry
+        r = CollectorRegistry()
+        MultiProcessCollector(r, path)
+        for collector in self._readers:
+            r.register(collector)
+        return r
 
     def tls_handshake(self, ok: bool) -> None:
         """Observer for :meth:`mailsuite.tls.ServerTLS.observe_handshakes`."""
@@ -175,11 +205,13 @@ class Metrics:
 
     def watch_throttling(self, throttled_ips: Callable[[], int]) -> None:
         """Export ``mailsuite_auth_throttled_ips``: client addresses refused logins now."""
-        self.registry.register(GaugeFromCall(
+        collector = GaugeFromCall(
             f"{PREFIX}_auth_throttled_ips",
             "Client addresses whose logins are refused now for too many failures.",
             throttled_ips,
-        ))
+        )
+        self.registry.register(collector)
+        self._readers.append(collector)  # with workers: the shared log's count, read once
 
     def login(self, protocol: str, outcome: str) -> None:
         """Observer for :attr:`mailsuite.auth.Authenticator.observe` (outcome: the

@@ -12,6 +12,7 @@ from mailsuite.config import Config
 from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
 from mailsuite.flow import HeapTrim
+from mailsuite.shared.folder_watch import folder_watcher
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.space import FreeSpace
@@ -62,7 +63,9 @@ class Runtime:
         DESIGN.md): a change one session makes is announced to the others."""
         if self.folders is None:
             reactor = self.reactor
-            self.folders = FolderRegistry(self.changes, lambda f: reactor.callLater(0, f))
+            self.folders = FolderRegistry(
+                self.changes, lambda f: reactor.callLater(0, f), watcher=folder_watcher(reactor)
+            )
         return self.folders
 
     def heap_trim(self) -> HeapTrim:

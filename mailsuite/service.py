@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.application import service
@@ -35,6 +35,7 @@ from mailsuite.mailauth.service import MailAuth
 from mailsuite.metrics import Metrics
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
+from mailsuite.reactor_lag import ReactorLag, freeze_startup_objects
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.store.events import ChangeHub
@@ -95,7 +96,8 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     runtime.metrics = Metrics()
     runtime.metrics.watch_queue(runtime.queue.env_dir)
     auth.observe = runtime.metrics.login
-    runtime.metrics.watch_throttling(auth.failures.throttled_ips)
+    # through the authenticator: a worker swaps in the shared failure log after this
+    runtime.metrics.watch_throttling(lambda: auth.failures.throttled_ips())
     return runtime
 
 
@@ -147,20 +149,69 @@ def makeService(
 
     ``run_as`` is the (uid, gid) twistd will switch to after binding the ports (``--uid`` /
     ``--gid``); what this start creates as root in the data folder is handed to it.
+
+    With ``[server] workers`` > 1 this process binds the listeners, runs the queue and
+    supervises the worker processes that serve them (:mod:`mailsuite.workers`).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from mailsuite.workers import count
+
+    workers = count(config)
+    if workers > 1:
+        odd = [d for descs in config.listen.values() for d in descs
+               if d.split(":", 1)[0] not in ADOPTABLE]
+        if odd:
+            log.warn(
+                "{where}: [server] workers = {n}: listener {desc!r} cannot be shared with "
+                "worker processes (only tcp:, tcp6: and unix: can); running one process",
+                where=config.where, n=workers, desc=odd[0],
+            )
+            workers = 1
     runtime = build_runtime(config, reactor)
+    reactor.callWhenRunning(freeze_startup_objects)  # see there: no 100 ms GC pauses
     if run_as is not None:
         hand_data_to(config, *run_as)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
+    if workers > 1:
+        from mailsuite.workers import WorkerSupervisor
+
+        # Build what the workers will build, to stop here on a value only building finds
+        # (a bad [pop3] expire, say) instead of in workers started again and again.
+        list(listener_factories(runtime, []))
+        runner = queue_service(runtime)
+        attach(runner, top)
+        attach(LeftoverSweeper(runtime), top)
+        if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
+            attach(runtime.mail_auth, top)
+        attach(WorkerSupervisor(config, reactor, workers, runner.enqueued), top, "workers")
+        return top
     for extra in _extra_services(runtime):
         extra.setServiceParent(top)
+    listeners: list[Any] = []
+    for name, desc, factory in listener_factories(runtime, listeners):
+        endpoint = endpoints.serverFromString(reactor, desc)
+        svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
+        attach(svc, top, f"{name} {desc}")
+        listeners.append(svc)
+    return top
+
+
+#: Endpoint kinds whose listening socket a worker process can adopt (``[server] workers``).
+ADOPTABLE = ("tcp", "tcp6", "unix")
+
+
+def listener_factories(
+    runtime: Runtime, listeners: list[Any]
+) -> Iterator[tuple[str, str, IProtocolFactory]]:
+    """(service name, endpoint description, factory) for every configured listener, the
+    factories wrapped for implicit TLS and connection counting.  ``listeners`` is the list
+    the caller fills with its listener services (``problem()`` each), for /healthz."""
+    config = runtime.config
     metrics: Metrics = runtime.metrics
-    listeners: list[_Listener] = []
     if config.listen.get("web"):
         runtime.web = web_tree(runtime, lambda: [svc.problem() for svc in listeners])
         if runtime.tls is not None:
@@ -178,11 +229,7 @@ def makeService(
             factory = runtime.tls.wrap_factory(factory)
         factory = CountingFactory(factory, *metrics.listener(name))
         for desc in descs:
-            endpoint = endpoints.serverFromString(reactor, desc)
-            svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
-            attach(svc, top, f"{name} {desc}")
-            listeners.append(svc)
-    return top
+            yield name, desc, factory
 
 
 def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]) -> Any:
@@ -199,7 +246,7 @@ def web_tree(runtime: Runtime, listener_problems: Callable[[], list[str | None]]
     queue: Any = runtime.queue
     folders = [config.data_dir, config.mail_dir, queue.root]
     root.mount("healthz", HealthResource(HealthCheck(listener_problems, folders, runtime.reactor)))
-    root.mount("metrics", MetricsResource(metrics.registry, runtime.reactor))
+    root.mount("metrics", MetricsResource(metrics.exported(), runtime.reactor))
     thunderbird = ThunderbirdConfig(runtime)
     root.mount("mail/config-v1.1.xml", thunderbird)  # at autoconfig.<domain>
     root.mount(".well-known/autoconfig/mail/config-v1.1.xml", thunderbird)  # at <domain>
@@ -236,6 +283,8 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
         self.wrapped: Any = wrapped
         self.accepted = accepted
         self.open_now = open_now
+        #: the protocols whose connection is open (a worker's shutdown waits for them)
+        self.live: set[Any] = set()
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol: Any = self.wrapped.buildProtocol(addr)
@@ -245,18 +294,49 @@ class CountingFactory(proxyForInterface(IProtocolFactory, "wrapped")):  # type: 
         self.open_now.inc()
         lost = protocol.connectionLost
         open_now = self.open_now
+        live = self.live
+        live.add(protocol)
 
         def connection_lost(reason: Any) -> Any:
             open_now.dec()
+            live.discard(protocol)
             return lost(reason)
 
         protocol.connectionLost = connection_lost
+        make_connection = protocol.makeConnection
+
+        def made(transport: Any) -> Any:
+            _release_on_close(protocol, transport)
+            return make_connection(transport)
+
+        protocol.makeConnection = made
         return protocol
 
     def logPrefix(self) -> str:  # noqa: N802
         """The wrapped factory's name in "... starting on PORT" log lines."""
         prefix = getattr(self.wrapped, "logPrefix", None)
         return str(prefix()) if prefix is not None else type(self.wrapped).__name__
+
+
+def _release_on_close(protocol: Any, transport: Any) -> None:
+    """Give back the connection's place in the connection limits when the server closes it
+    (QUIT, LOGOUT, a refusal), before the close reaches the client rather than after.
+
+    With worker processes the counts are shared, and a client that reconnects as soon as it
+    sees the close may land on another worker: released only in ``connectionLost`` (after
+    the socket is closed), the old connection could still count there.  The protocol's
+    ``admission`` (every adapter names it so; under implicit TLS it is the wrapped
+    protocol's) is released once; releasing again in ``connectionLost`` does nothing."""
+    lose = transport.loseConnection
+
+    def lose_connection(*args: Any) -> Any:
+        inner = getattr(protocol, "wrappedProtocol", protocol)
+        admission = getattr(inner, "admission", None)
+        if admission is not None:
+            admission.release()
+        return lose(*args)
+
+    transport.loseConnection = lose_connection
 
 
 class _Listener(StreamServerEndpointService):
@@ -376,20 +456,26 @@ class ReloadOnHangup(service.Service):
             log.failure("SIGHUP: TLS reload failed")
 
 
-def _extra_services(runtime: Runtime) -> list[service.Service]:
-    """Non-listening services: mail authentication's worker pool, certificate reload, the
-    outbound queue runner, the sweep of temporary files left by interrupted writes."""
-    out: list[service.Service] = []
+def _extra_services(runtime: Runtime, worker: bool = False) -> list[service.Service]:
+    """Non-listening services: the reactor's lag probe (exported on /metrics), mail
+    authentication's worker pool, certificate reload, the outbound queue runner, the sweep of
+    temporary files left by interrupted writes, the keeper of the disk space reserve.  A
+    worker process (``worker``) leaves the last three to its supervisor: one of each per
+    server."""
+    lag = ReactorLag(runtime.reactor)
+    runtime.metrics.add_reader(lag)
+    out: list[service.Service] = [lag]
     if runtime.mail_auth is not None:
         out.append(runtime.mail_auth)
     if runtime.tls is not None:
         out.append(tls.TLSReloadService(runtime.tls, 60))
         out.append(ReloadOnHangup(runtime.tls, runtime.reactor))
-    out.append(queue_service(runtime))
-    out.append(LeftoverSweeper(runtime))
+    if not worker:
+        out.append(queue_service(runtime))
+        out.append(LeftoverSweeper(runtime))
+        out.append(_reserve_service(runtime))
     if runtime.sandbox is not None:
         out.append(runtime.sandbox)
-    out.append(_reserve_service(runtime))
     return out
 
 

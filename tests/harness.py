@@ -34,6 +34,12 @@ _LOG_PROBLEM = re.compile(
 )
 
 
+#: ``[server] workers`` of the servers tests start (unless their snippet sets it): 1 by
+#: default, so the suite's time stays what it was; ``MAILSUITE_TEST_WORKERS=2`` runs the
+#: integration tests against worker processes sharing the listeners (issue 15).
+TEST_WORKERS = int(os.environ.get("MAILSUITE_TEST_WORKERS", "1"))
+
+
 def log_problems(text: str) -> list[str]:
     """The lines of a server log (or output) that show an unhandled error, each with a few
     lines of context; empty when the log is clean."""
@@ -105,6 +111,8 @@ class Server:
         self.config = root / "mailsuite.toml"
         listen = "\n".join(f'{s} = ["tcp:{p}:interface=127.0.0.1"]' for s, p in self.ports.items())
         tls_toml = f'[tls]\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n' if tls else ""
+        if "workers" not in server_toml and "sandbox" not in server_toml:
+            server_toml = f"workers = {TEST_WORKERS}\n{server_toml}"
         self.config.write_text(
             f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n{server_toml}\n'
             f"[listen]\n{listen}\n\n{tls_toml}"
@@ -162,7 +170,23 @@ class Server:
                     wait_port("127.0.0.1", port, proc=self.proc)
                 except (RuntimeError, TimeoutError):
                     raise RuntimeError(f"server did not start:\n{self.output()}") from None
+            if self.workers() > 1:  # the ports open before the workers can answer on them
+                start = self._log_checked
+                wait_until(lambda: "workers serving" in self._log_since(start), 60,
+                           f"the workers of {self.root} to serve")
         return self
+
+    def workers(self) -> int:
+        """``[server] workers`` of this server's config (1 when not a number)."""
+        found = re.search(r"^workers = (\d+)", self.config.read_text(), re.MULTILINE)
+        return int(found.group(1)) if found else 1
+
+    def _log_since(self, offset: int) -> str:
+        if not self.log.exists():
+            return ""
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
 
     def output(self) -> str:
         out = ""

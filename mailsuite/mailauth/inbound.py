@@ -1,9 +1,10 @@
 """The verdict on one message received on the MX listener: SPF, DKIM, ARC and DMARC together.
 
 The SMTP policy calls :meth:`InboundChecker.check_message` at the end of DATA, before it
-answers.  The checks run in the mail-auth worker pool, in parallel with each other (SPF, DKIM,
-ARC and the DMARC policy lookup each wait on different DNS names); only the cheap combination
-runs on the reactor.  The :class:`Verdict` says what to do:
+answers.  The checks run in the mail-auth worker pool, one job per message, their DNS
+questions asked together at its start so the waits overlap (SPF, DKIM keys and the DMARC
+policy are different names); only the cheap combination runs on the reactor.  The
+:class:`Verdict` says what to do:
 
 - ``accept``: deliver, with the Authentication-Results header on top;
 - ``quarantine``: deliver to the recipients' Junk folder (DMARC p=quarantine, or p=reject with
@@ -25,13 +26,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailsuite.config import MailAuthConfig
 from mailsuite.mailauth import dmarc as dmarc_mod
 from mailsuite.mailauth.arc import ARCResult, verify_arc
-from mailsuite.mailauth.dkim_verify import DKIMResult, verify_dkim
-from mailsuite.mailauth.dmarc import Discovery, DMARCResult
+from mailsuite.mailauth.dkim_verify import DKIMResult, key_names, verify_dkim
+from mailsuite.mailauth.dmarc import MAX_FROM_DOMAINS, Discovery, DMARCResult
 from mailsuite.mailauth.dns import BlockingDNS, DNSTempError
 from mailsuite.mailauth.headers import from_domains, header_section
 from mailsuite.mailauth.results import results_header, strip_forged_results
@@ -116,10 +116,6 @@ def first_key_record(texts: list[bytes]) -> bytes | None:
     return texts[0] if texts else None
 
 
-def _read(path: Path) -> bytes:
-    return path.read_bytes()
-
-
 class InboundChecker:
     """Runs the checks of ``config`` (``[mail_auth]``) for the server named ``authserv_id``.
 
@@ -150,16 +146,6 @@ class InboundChecker:
         except DNSTempError:
             return True
 
-    def _dkim_task(self, message: bytes) -> tuple[list[DKIMResult], int]:
-        authors = from_domains(header_section(message)) or []
-        orgs = {dmarc_mod.organizational_domain(a) for a in authors}
-        return verify_dkim(message, self._key_record, self.config.max_signatures,
-                           prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs)
-
-    def _dmarc_task(self, message: bytes) -> list[Discovery] | DMARCResult:
-        return dmarc_mod.discover_all(from_domains(header_section(message)), self._texts,
-                                      self._exists)
-
     # -- the entry point -----------------------------------------------------------------------
 
     def check_message(self, message: bytes | Path, mail_from: str, helo: str,
@@ -171,26 +157,15 @@ class InboundChecker:
     async def _check(self, message: bytes | Path, mail_from: str, helo: str,
                      client_ip: str) -> Verdict:
         c = self.config
-        data = message if isinstance(message, bytes) else await self.workers.run(_read, message)
-        run = self.workers.run
-        spf_d = self._guard(run(check_spf, client_ip, mail_from, helo, self.dns), "SPF",
-                            lambda: SPFResult("temperror", None, "mailfrom" if mail_from else
-                                              "helo", mail_from, "internal error")) \
-            if c.spf else defer.succeed(None)
-        dkim_d = self._guard(run(self._dkim_task, data), "DKIM", lambda: (
-            [DKIMResult("temperror", "", "", "", "internal error")], 0)) \
-            if c.dkim else defer.succeed(None)
-        arc_d = self._guard(run(verify_arc, data, self._key_record), "ARC",
-                            lambda: ARCResult("temperror", reason="internal error")) \
-            if c.arc else defer.succeed(None)
-        dmarc_d = self._guard(run(self._dmarc_task, data), "DMARC",
-                              lambda: DMARCResult("temperror", reason="internal error")) \
-            if c.dmarc else defer.succeed(None)
-        spf = await spf_d
-        dkim_out = await dkim_d
-        arc = await arc_d
-        found = await dmarc_d
-        dkim_results, unchecked = dkim_out if dkim_out is not None else (None, 0)
+        try:
+            checked = await self.workers.run(self._checks, message, mail_from, helo, client_ip)
+        except Exception as e:  # a stopped pool, an unreadable file: temperror
+            checked = self._fallback(mail_from, f"{type(e).__name__}: {e}")
+        for what, error in checked.faults:
+            log.error("{what} check failed: {error}", what=what, error=error)
+        spf, dkim_results, unchecked, arc, found = (checked.spf, checked.dkim,
+                                                    checked.unchecked, checked.arc,
+                                                    checked.dmarc)
         dmarc = None
         if found is not None:
             passed = [r.domain for r in dkim_results or () if r.result == "pass"]
@@ -201,11 +176,79 @@ class InboundChecker:
         header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
         return Verdict(action, header, self.authserv_id, results, reply)
 
-    @staticmethod
-    def _guard(d: Deferred[Any], what: str, fallback: Callable[[], Any]) -> Deferred[Any]:
-        """A check that fails (a bug, a stopped pool) becomes its temperror, logged in one
-        line: the message is delivered, not lost or rejected."""
-        def failed(f: Failure) -> Any:
-            log.error("{what} check failed: {error}", what=what, error=f.getErrorMessage())
-            return fallback()
-        return d.addErrback(failed)
+    def _checks(self, message: bytes | Path, mail_from: str, helo: str,
+                client_ip: str) -> _Checked:
+        """Every check of one message, in one worker job (blocking).
+
+        One job, not one per check: each hand-over between the reactor and a worker costs
+        the reactor thread more than a cached DNS answer does.  The DNS names the checks will
+        ask for are asked all at once first (:meth:`BlockingDNS.prefetch`), so the lookups of
+        an uncached sender still overlap.  A check that raises (a bug of ours or a library's)
+        becomes its temperror, noted in ``faults`` for the reactor to log: the message is
+        delivered, not lost or rejected.
+        """
+        c = self.config
+        out = _Checked()
+        data = message if isinstance(message, bytes) else message.read_bytes()
+        section = header_section(data)
+        authors = from_domains(section)
+        questions: list[tuple[str, str]] = []
+        if c.spf:
+            domain = mail_from.rpartition("@")[2] if mail_from else helo.strip()
+            questions.append((domain, "TXT"))
+        if c.dkim:
+            questions += [(n, "TXT") for n in key_names(section, c.max_signatures)]
+        if c.dmarc:
+            questions += [(f"_dmarc.{a}", "TXT") for a in authors or ()][:MAX_FROM_DOMAINS]
+        self.dns.prefetch(questions)
+
+        failed = self._fallback(mail_from, "")
+
+        def guarded(what: str, check: Callable[[], Any], fallback: Any) -> Any:
+            try:
+                return check()
+            except Exception as e:  # see the docstring
+                out.faults.append((what, f"{type(e).__name__}: {e}"))
+                return fallback
+
+        if c.spf:
+            out.spf = guarded("SPF", lambda: check_spf(client_ip, mail_from, helo, self.dns),
+                              failed.spf)
+        if c.dkim:
+            orgs = {dmarc_mod.organizational_domain(a) for a in authors or ()}
+            out.dkim, out.unchecked = guarded(
+                "DKIM", lambda: verify_dkim(
+                    data, self._key_record, c.max_signatures,
+                    prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs),
+                (failed.dkim, 0))
+        if c.arc:
+            out.arc = guarded("ARC", lambda: verify_arc(data, self._key_record), failed.arc)
+        if c.dmarc:
+            out.dmarc = guarded("DMARC", lambda: dmarc_mod.discover_all(
+                authors, self._texts, self._exists), failed.dmarc)
+        return out
+
+    def _fallback(self, mail_from: str, error: str) -> _Checked:
+        """temperror for every check that is on ("internal error"), with ``error`` logged
+        once when given."""
+        c = self.config
+        return _Checked(
+            spf=SPFResult("temperror", None, "mailfrom" if mail_from else "helo", mail_from,
+                          "internal error") if c.spf else None,
+            dkim=[DKIMResult("temperror", "", "", "", "internal error")] if c.dkim else None,
+            arc=ARCResult("temperror", reason="internal error") if c.arc else None,
+            dmarc=DMARCResult("temperror", reason="internal error") if c.dmarc else None,
+            faults=[("mail authentication", error)] if error else [],
+        )
+
+
+@dataclass
+class _Checked:
+    """What :meth:`InboundChecker._checks` hands back to the reactor thread."""
+
+    spf: SPFResult | None = None
+    dkim: list[DKIMResult] | None = None
+    unchecked: int = 0
+    arc: ARCResult | None = None
+    dmarc: list[Discovery] | DMARCResult | None = None
+    faults: list[tuple[str, str]] = field(default_factory=list)

@@ -29,6 +29,7 @@ from mailsuite.mailauth.dmarc import organizational_domain
 from mailsuite.mailauth.dns import BlockingDNS, DNSClient
 from mailsuite.mailauth.inbound import InboundChecker, Verdict
 from mailsuite.mailauth.workers import WorkerPool
+from mailsuite.reactor_lag import freeze_startup_objects
 
 __all__ = ["MailAuth"]
 
@@ -50,8 +51,11 @@ class MailAuth(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
         self.workers.startService()
-        # Parse the Public Suffix List (~150 ms) now, in a worker, not on the first message.
-        self.workers.run(organizational_domain, "example.com").addErrback(lambda _f: None)
+        # Parse the Public Suffix List (~150 ms) now, in a worker, not on the first message;
+        # then keep its objects out of the garbage collector's full collections.
+        warm = self.workers.run(organizational_domain, "example.com")
+        warm.addCallback(lambda _: freeze_startup_objects())
+        warm.addErrback(lambda _f: None)
 
     def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +27,7 @@ from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
 from mailsuite.sieve.match import SieveRuntimeError
 from mailsuite.sieve.message import MessageView
-from mailsuite.sieve.storage import ScriptStore
+from mailsuite.sieve.storage import SUFFIX, ScriptStore
 from mailsuite.sieve.vacation import VacationStore, build_reply, decide
 from mailsuite.sieve.validate import Script, compile_script
 
@@ -164,7 +164,8 @@ def evaluate(
     path = store.active_path()
     if path is None:
         return KEEP
-    name = store.active() or path.name
+    # the script's name: the linked file's, or the plain file's own (no second readlink)
+    name = path.name[:-len(SUFFIX)] if path != store.link else path.name
     when = now or datetime.now(UTC)
     try:
         script = _cache.get(path, settings.max_script_size)
@@ -272,6 +273,21 @@ def _mailbox_checker(root: Path) -> Callable[[str], bool]:
     return exists
 
 
+class _OwnAddresses:
+    """The user's own addresses, looked up in the directory only when iterated: only a
+    vacation reply needs them (RFC 5230 4.5), and most deliveries have none."""
+
+    def __init__(self, directory: Any, user: str) -> None:
+        self.directory = directory
+        self.user = user
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            return iter(self.directory.send_as(self.user))
+        except ValueError:
+            return iter(())
+
+
 class SieveFilter:
     """Bound to the server's directory and settings: what delivery holds on to.
 
@@ -285,10 +301,7 @@ class SieveFilter:
     def evaluate(self, message_path: Path, envelope: SieveEnvelope, *, offset: int = 0,
                  size: int | None = None, delivered_to_added: bool = True) -> SieveOutcome:
         root = self.directory.mailbox_root(envelope.user)
-        try:
-            own = self.directory.send_as(envelope.user)
-        except ValueError:
-            own = set()
+        own = _OwnAddresses(self.directory, envelope.user)
         outcome = evaluate(root, message_path, envelope, self.settings, offset=offset,
                            size=size, own_addresses=own,
                            delivered_to_added=delivered_to_added)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mailsuite.sieve.match import casemap, glob
+from mailsuite.sieve.match import casemap, glob, match_pieces, star_pieces
 from mailsuite.sieve.message import MessageView, address_part
 from mailsuite.sieve.validate import Node
 
@@ -49,8 +49,11 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
     key_set = frozenset(keys)
     names = [n.lower() for n in node.args[0]]
     kind = node.name
+    # the values this test reads are the same for every test of the message that names the
+    # same headers (or envelope parts) the same way: kept on the message view under this key
+    memo_key = ("\2", kind, tuple(names), part, fold)
 
-    def values(it: Any) -> list[str]:
+    def collect(it: Any) -> list[str]:
         msg: MessageView = it.message
         if kind == "header":
             if len(names) == 1:
@@ -77,6 +80,13 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
                 out.append(casemap(value) if fold else value)
         return out
 
+    def values(it: Any) -> list[str]:
+        memo = it.message.memo
+        found: list[str] | None = memo.get(memo_key)
+        if found is None:
+            found = memo[memo_key] = collect(it)
+        return found
+
     if match == "is":
         def test(it: Any) -> bool:
             vals = values(it)
@@ -92,11 +102,19 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
                         return True
             return False
     else:
+        casefold = comparator == "i;ascii-casemap"
+        # (key, its literal pieces, made once) -- None for a pattern with "?"
+        patterns = [(k, star_pieces(k, casefold)) for k in keys]
+
         def test(it: Any) -> bool:
             for v in values(it):
-                for k in keys:
+                hay = casemap(v) if casefold else v
+                for k, pieces in patterns:
                     it.budget.charge(1 + (len(v) + len(k)) // 256)
-                    caps = glob(k, v, comparator)
+                    if pieces is not None:
+                        caps = match_pieces(pieces, hay, v)
+                    else:
+                        caps = glob(k, v, comparator)
                     if caps is not None:
                         if variables:
                             it.matches = [v, *caps]

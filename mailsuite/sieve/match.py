@@ -105,24 +105,33 @@ def _tokens(pattern: str) -> tuple[str, ...]:
 def glob(pattern: str, text: str, comparator: str) -> list[str] | None:
     """Match ``text`` against a ``:matches`` pattern; returns the wildcards' texts (for
     ``${1}``...) or None.  ``i;ascii-numeric`` never gets here (refused by the validator)."""
-    toks = _tokens(pattern)
     fold = comparator == "i;ascii-casemap"
-    if "\0?" not in toks:
-        return _segments(toks, text, fold)
-    return _general(toks, text, fold)
+    pieces = star_pieces(pattern, fold)
+    if pieces is not None:
+        return match_pieces(pieces, casemap(text) if fold else text, text)
+    return _general(_tokens(pattern), text, fold)
 
 
-def _segments(toks: tuple[str, ...], text: str, fold: bool) -> list[str] | None:
-    """Only ``*`` wildcards: literal pieces found left to right (leftmost = shortest stars)."""
+@functools.lru_cache(maxsize=4096)
+def star_pieces(pattern: str, fold: bool) -> tuple[str, ...] | None:
+    """The literal pieces between the ``*`` wildcards of a pattern (folded when ``fold``), or
+    None when it has a ``?`` (that takes :func:`_general`).  Made once per pattern."""
+    toks = _tokens(pattern)
+    if "\0?" in toks:
+        return None
     pieces: list[str] = [""]
     for t in toks:
         if t == "\0*":
             pieces.append("")
         else:
             pieces[-1] += t
-    hay = casemap(text) if fold else text
-    if fold:
-        pieces = [casemap(p) for p in pieces]
+    return tuple(casemap(p) for p in pieces) if fold else tuple(pieces)
+
+
+def match_pieces(pieces: tuple[str, ...], hay: str, text: str) -> list[str] | None:
+    """Only ``*`` wildcards: the literal ``pieces`` found in ``hay`` (``text`` folded, or
+    ``text`` itself; folding keeps every length) left to right, leftmost = shortest stars;
+    the captures are cut from ``text``."""
     if len(pieces) == 1:
         return [] if hay == pieces[0] else None
     first, *middle, last = pieces

@@ -92,6 +92,9 @@ class MessageView:
         self._by_name: dict[str, list[str]] | None = None
         self._decoded: dict[str, list[str]] = {}
         self._addresses: dict[tuple[str, ...], list[str]] = {}
+        #: what the interpreter's precompiled tests read, by test shape (see
+        #: :mod:`mailsuite.sieve.fastpath`): one message, many rules asking the same thing
+        self.memo: dict[tuple[object, ...], list[str]] = {}
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MessageView:
@@ -228,8 +231,21 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+#: what :func:`_read_head` reads first: most header sections fit, in one system call
+_HEAD_CHUNK = 16 * 1024
+
+
 def _read_head(f: object) -> bytes:
     """Lines up to and including the first empty one (or MAX_HEADER bytes)."""
+    start = f.tell()  # type: ignore[attr-defined]
+    chunk: bytes = f.read(_HEAD_CHUNK)  # type: ignore[attr-defined]
+    padded = b"\n" + chunk  # so that an empty first line ends it too
+    ends = [at for at in (padded.find(b"\n\r\n"), padded.find(b"\n\n")) if at >= 0]
+    if ends:
+        return chunk[:min(ends)]
+    if len(chunk) < _HEAD_CHUNK:
+        return chunk[:MAX_HEADER]  # the whole file is header (no empty line)
+    f.seek(start)  # type: ignore[attr-defined]
     lines: list[bytes] = []
     total = 0
     while total < MAX_HEADER:

@@ -2,18 +2,32 @@
 
 Delivery, IMAP and POP3 sessions in this process tell each other "folder X changed" through
 one :class:`ChangeHub`, so an IDLE client hears about new mail at once.  Changes made by
-other processes are not seen here; sessions that need them (IDLE) also poll the folder's
-directory mtimes, which :meth:`mailsuite.store.index.FolderIndex.sync` makes cheap.
+other processes (another worker, mutt, ``mailsuite import``) are not seen here; the folders
+sessions wait on (IDLE) are watched through inotify instead
+(:mod:`mailsuite.shared.folder_watch`, polling where it is unavailable), and the refresh
+that follows reads the directory mtimes, which :meth:`mailsuite.store.index.FolderIndex.sync`
+makes cheap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from mailsuite.corelog import Log, StdLog
 
 Listener = Callable[[Path], None]
+
+
+class FolderWatcher(Protocol):
+    """Being told when a folder changes on disk, whoever changed it (another worker, mutt):
+    the seam :mod:`mailsuite.shared.folder_watch` fills with inotify or polling."""
+
+    def watch(self, folder: Path, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed()`` (in the reactor thread) soon after ``folder`` changes on disk,
+        until the returned function is called."""
+        ...
 
 
 class ChangeHub:

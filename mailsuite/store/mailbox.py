@@ -26,7 +26,7 @@ from typing import Any
 
 from mailsuite.corelog import Log
 from mailsuite.store import mailbox_names
-from mailsuite.store.events import ChangeHub
+from mailsuite.store.events import ChangeHub, FolderWatcher
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -533,11 +533,15 @@ class FolderRegistry:
         hub: ChangeHub | None = None,
         call_soon: Callable[[Callable[[], None]], object] | None = None,
         log: Log | None = None,
+        watcher: FolderWatcher | None = None,
     ) -> None:
         self.hub = hub
         #: where failed refreshes and polls are logged: the hub's log unless given (the
         #: store imports no Twisted; the runtime's hub carries a Twisted logger)
         self.log: Log = log if log is not None else (hub or ChangeHub()).log
+        #: how other processes' changes are noticed (inotify, see mailsuite.shared.folder_watch);
+        #: None: the caller of :meth:`watch` polls
+        self.watcher = watcher
         self.call_soon = call_soon or (lambda f: f())
         self.open: dict[Path, Folder] = {}
         self.idle: OrderedDict[Path, Folder] = OrderedDict()  # closed but kept warm
@@ -599,11 +603,12 @@ class FolderRegistry:
         folder: Folder,
         start_poll: Callable[[Callable[[], None]], Callable[[], None]],
     ) -> Callable[[], None]:
-        """Keep ``folder`` polled while anyone watches it (IMAP IDLE): one poller per folder
-        however many sessions wait on it, so a thousand idle clients do not mean a thousand
-        directory checks per interval.  ``start_poll(tick)`` starts calling ``tick``
-        periodically and returns the function that stops it.  Returns the caller's (idempotent)
-        unwatch function."""
+        """Keep ``folder`` watched for other processes' changes while anyone waits on it (IMAP
+        IDLE): one watch per folder however many sessions wait on it, so a thousand idle
+        clients do not mean a thousand directory checks.  With a :attr:`watcher` (inotify)
+        the kernel says when; without one ``start_poll(tick)`` starts calling ``tick``
+        periodically and returns the function that stops it.  Returns the caller's
+        (idempotent) unwatch function."""
         entry = self._watched.get(folder)
         if entry is None:
 
@@ -613,7 +618,11 @@ class FolderRegistry:
                 except Exception as e:  # a bad poll must not stop the others
                     log_failure(self.log, e, "polling {path} failed", path=str(folder.path))
 
-            entry = self._watched[folder] = [start_poll(tick), 0]
+            if self.watcher is not None:
+                stop = self.watcher.watch(folder.path, tick)
+            else:
+                stop = start_poll(tick)
+            entry = self._watched[folder] = [stop, 0]
         entry[1] += 1
         done = False
 

@@ -4,6 +4,7 @@ Zone description (a dict, or the same as JSON for the subprocess entry point)::
 
     {
       "origin": "test",                       # optional; names outside it are refused
+      "ttl": 300,                             # optional; every record's TTL (default 1 s)
       "also": ["in-addr.arpa"],               # optional; more zones answered NXDOMAIN
       "names": {
         "example.test": {"MX": [[10, "mx1.example.test"], [20, "mx2.example.test"]]},
@@ -44,29 +45,29 @@ _SOA = dns.Record_SOA(mname=b"ns.invalid", rname=b"root.invalid", serial=1,
                       refresh=1, retry=1, expire=1, minimum=1, ttl=1)
 
 
-def _records(spec: dict[str, Any]) -> list[Any]:
+def _records(spec: dict[str, Any], ttl: int = 1) -> list[Any]:
     out: list[Any] = []
     for rtype, values in spec.items():
         for value in values:
             if rtype == "MX":
                 pref, exchange = value
                 exchange = "" if exchange in (".", "") else exchange
-                out.append(dns.Record_MX(int(pref), exchange.encode("ascii"), ttl=1))
+                out.append(dns.Record_MX(int(pref), exchange.encode("ascii"), ttl=ttl))
             elif rtype == "A":
-                out.append(dns.Record_A(value, ttl=1))
+                out.append(dns.Record_A(value, ttl=ttl))
             elif rtype == "AAAA":
-                out.append(dns.Record_AAAA(value, ttl=1))
+                out.append(dns.Record_AAAA(value, ttl=ttl))
             elif rtype == "CNAME":
-                out.append(dns.Record_CNAME(value.encode("ascii"), ttl=1))
+                out.append(dns.Record_CNAME(value.encode("ascii"), ttl=ttl))
             elif rtype == "TXT":
-                out.append(dns.Record_TXT(*(v.encode() for v in value), ttl=1))
+                out.append(dns.Record_TXT(*(v.encode() for v in value), ttl=ttl))
             elif rtype == "PTR":
-                out.append(dns.Record_PTR(value.encode("ascii"), ttl=1))
+                out.append(dns.Record_PTR(value.encode("ascii"), ttl=ttl))
             elif rtype == "SRV":
                 priority, weight, port, target = value
                 target = "" if target in (".", "") else target
                 out.append(dns.Record_SRV(int(priority), int(weight), int(port),
-                                          target.encode("ascii"), ttl=1))
+                                          target.encode("ascii"), ttl=ttl))
             else:
                 raise ValueError(f"unsupported record type {rtype!r}")
     return out
@@ -96,7 +97,7 @@ class MemoryAuthority(authority.FileAuthority):
                     raise ValueError(f"unknown mode {spec!r} for {name}")
                 self.modes[key] = spec
             else:
-                self.records[key] = _records(spec)
+                self.records[key] = _records(spec, int(zone.get("ttl", 1)))
         # FileAuthority only answers NODATA for a name with some record; give the apex its SOA.
         self.records.setdefault(origin.lower(), []).append(_SOA)
 

@@ -190,6 +190,23 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
         dead_dns.close()
 
 
+def test_reactor_lag_is_exported_and_its_probe_ticks(every_service: Server) -> None:
+    """The lag probe runs in the real server: the gauge is there and the histogram of tick
+    delays grows between two scrapes (what the stall figures of bench/ are read from)."""
+    first = metrics(every_service)
+    assert value(first, "mailsuite_reactor_lag_seconds") >= 0
+    ticks = value(first, "mailsuite_reactor_tick_lag_seconds_count")
+    wait_until(
+        lambda: value(metrics(every_service), "mailsuite_reactor_tick_lag_seconds_count")
+        > ticks + 10,
+        what="ten more ticks of the reactor lag probe",
+    )
+    later = metrics(every_service)
+    assert value(later, "mailsuite_reactor_tick_lag_seconds_bucket", le="+Inf") == value(
+        later, "mailsuite_reactor_tick_lag_seconds_count"
+    )
+
+
 # -- autoconfiguration ------------------------------------------------------------------------
 
 

@@ -124,3 +124,31 @@ def test_mail_auth_defaults_and_values(tmp_path: Path) -> None:
     assert (cfg.mail_auth.max_signatures, cfg.mail_auth.threads) == (2, 2)
     assert not cfg.mail_auth.sign and cfg.mail_auth.verifies
     assert cfg.dkim_dir == cfg.data_dir / "dkim"
+
+
+@pytest.mark.parametrize(
+    ("value", "mode", "expected"),
+    [('"auto"', "server", None), ("1", "server", 1), ("3", "server", 3),
+     ('"auto"', "sandbox", 1), ("1", "sandbox", 1)],
+)
+def test_server_workers(tmp_path: Path, value: str, mode: str, expected: int | None) -> None:
+    """``[server] workers``: "auto" is one per core up to 4 (one in the sandbox, whose events
+    live in one process); a number is taken as it is."""
+    import os
+
+    from mailsuite.workers import AUTO_CAP, count
+
+    f = tmp_path / "c.toml"
+    f.write_text(f'[server]\nworkers = {value}\nmode = "{mode}"\n')
+    want = expected if expected is not None else max(1, min(os.cpu_count() or 1, AUTO_CAP))
+    assert count(load_config(f)) == want
+
+
+@pytest.mark.parametrize(("value", "mode"), [("0", "server"), ("65", "server"),
+                                             ('"many"', "server"), ("true", "server"),
+                                             ("2", "sandbox")])
+def test_server_workers_errors(tmp_path: Path, value: str, mode: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'[server]\nworkers = {value}\nmode = "{mode}"\n')
+    with pytest.raises(ConfigError, match=r"c\.toml: \[server\] workers: expected"):
+        load_config(f)

@@ -190,6 +190,45 @@ def test_rsa_and_ed25519_pass():
     assert skipped == 0
 
 
+def test_openssl_rsa_check_answers_as_dkimpy_does():
+    """rsa_verify (OpenSSL) replaces dkimpy's pure-Python RSASSA-PKCS1-v1_5 check: same
+    answer for good, tampered, foreign, short, long and zero-led signatures, both digests."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from dkim.crypto import RSASSA_PKCS1_v1_5_verify, parse_public_key
+
+    from mailsuite.mailauth.dkim_verify import _dkimpy_rsa_verify, rsa_verify
+
+    assert RSASSA_PKCS1_v1_5_verify is _dkimpy_rsa_verify  # the original is kept for fallback
+    keys = []
+    for name in ("a", "b"):
+        private = serialization.load_pem_private_key(rsa_key(name=name).private, None)
+        der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.PKCS1)
+        keys.append((private, parse_public_key(der)))
+    (private, public), (_, foreign) = keys
+    for algorithm, chosen in ((hashlib.sha256, hashes.SHA256()), (hashlib.sha1, hashes.SHA1())):
+        zero_led = None
+        for i in range(10000):  # a signature whose first octet is 0, sent without it
+            data = b"message %d" % i
+            sig = private.sign(data, padding.PKCS1v15(), chosen)
+            if sig[0] == 0:
+                zero_led = (data, sig)
+                break
+        assert zero_led is not None
+        data, sig = zero_led
+        cases = [(data, sig, public), (data, sig[1:], public), (data + b"x", sig, public),
+                 (data, sig, foreign), (data, sig[:-1], public), (data, sig + b"\0", public),
+                 (data, b"", public), (data, bytes(256), public), (data, b"\xff" * 256, public)]
+        answers = [(rsa_verify(algorithm(d), s, k), _dkimpy_rsa_verify(algorithm(d), s, k))
+                   for d, s, k in cases]
+        assert answers[0] == (True, True) and answers[1] == (True, True)
+        assert all(ours == theirs for ours, theirs in answers), answers
+        assert not any(ours for ours, _ in answers[2:])
+
+
 def test_tampered_body_fails():
     signed = dkim_sign(message("alice@example.org", body="Pay 10 EUR.\r\n"), "example.org", "r",
                        rsa_key())

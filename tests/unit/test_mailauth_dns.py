@@ -110,6 +110,30 @@ def test_cache_is_bounded():
     assert c.queries == 10
 
 
+def test_concurrent_lookups_of_one_name_share_one_query(client):
+    c, clock = client
+    first, second = c.lookup("slow.test", "TXT"), c.lookup("Slow.Test.", "TXT")
+    other = c.lookup("slow.test", "A")
+    assert c.queries == 2  # one per (name, type)
+    clock.advance(5.1)
+    for d in (first, second, other):  # every waiter gets the outcome, failures included
+        assert now(d).check(DNSTempError)
+    again = c.lookup("slow.test", "TXT")
+    assert c.queries == 3  # the shared query is over: a new lookup asks again
+    clock.advance(5.1)
+    assert now(again).check(DNSTempError)
+
+
+def test_peek_reads_fresh_cached_answers_only(client):
+    c, clock = client
+    assert c.peek("example.test", "TXT") is None
+    answer = now(c.lookup("example.test", "TXT"))
+    assert c.peek("EXAMPLE.test.", "TXT") is answer
+    assert c.peek("example.test", "MX") is None and c.peek("a..b", "TXT") is None
+    clock.advance(1.5)  # past the TTL
+    assert c.peek("example.test", "TXT") is None
+
+
 # ------------------------------------------------------------------ over a real socket
 
 @pytest.fixture(scope="module")
@@ -162,3 +186,19 @@ def test_blocking_facade_refuses_the_reactor_thread(loopback):
     facade = BlockingDNS(c, reactor)
     with pytest.raises(RuntimeError, match="reactor thread"):
         in_reactor(reactor, facade.lookup, "example.test", "A")
+
+
+def test_prefetch_asks_ahead_and_lookups_then_read_the_cache(loopback):
+    reactor, c = loopback
+    facade = BlockingDNS(c, reactor)
+    wanted = [("mx.example.test", "AAAA"), ("_imaps._tcp.example.test", "SRV")]
+    facade.prefetch(wanted)  # from this (non-reactor) thread; returns at once
+    deadline = time.monotonic() + 10
+    while any(c.peek(*q) is None for q in wanted):
+        assert time.monotonic() < deadline, "the prefetched answers never reached the cache"
+        time.sleep(0.01)
+    asked = c.queries
+    assert facade.lookup("mx.example.test", "AAAA").records == ("2001:db8::1",)
+    assert facade.lookup("_imaps._tcp.example.test", "SRV").records == (
+        (0, 1, 993, "mx.example.test"),)
+    assert c.queries == asked  # answered from the cache, in this thread

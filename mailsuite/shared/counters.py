@@ -1,0 +1,221 @@
+"""Failed-login counts and connection counts shared by the worker processes of one server.
+
+With ``[server] workers`` > 1 every worker accepts connections, so counts kept in one
+process's memory would give an attacker N times the guesses and N times the connections.
+Both live here in one small SQLite file, ``<data_dir>/run/shared.sqlite`` (WAL, no fsync:
+it is state about the running server, emptied at every start, never mail), behind the two
+interfaces the single-process code already uses:
+
+* :class:`SharedFailureLog` has the methods of :class:`mailsuite.auth.FailureLog` (record,
+  blocked, delay, clear) plus the in-flight bookkeeping, so the check "this address failed
+  and has N more checks running" sees every worker's checks;
+* :class:`SharedConnectionCounts` answers :class:`mailsuite.connection_limits.ConnectionLimits`'
+  question "may this connection be counted under these keys" atomically across processes.
+
+Each row carries the pid of the worker that made it, so the supervisor removes a dead
+worker's connections (:func:`forget_process`) when it restarts it.  Every call is one short
+transaction (tens of microseconds) made in the reactor thread: the same order of cost as
+the argon2 check or the connection it guards, and nothing waits on a disk flush.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mailsuite.config import AuthConfig
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (kind TEXT NOT NULL, key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_key ON failures (kind, key, at);
+CREATE TABLE IF NOT EXISTS in_flight (
+    ip TEXT NOT NULL, pid INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (ip, pid));
+CREATE TABLE IF NOT EXISTS connections (
+    key TEXT NOT NULL, pid INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (key, pid));
+"""
+
+#: Failure rows kept at most; past it the oldest go (a spray over many addresses must not
+#: grow the file without bound, like FailureLog's 100,000 keys in memory).
+MAX_FAILURE_ROWS = 200_000
+
+
+def state_path(data_dir: Path) -> Path:
+    return data_dir / "run" / "shared.sqlite"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating) the shared file.  Autocommit mode: transactions are explicit."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")  # running state, emptied at start: no fsync needed
+    db.executescript(SCHEMA)
+    return db
+
+
+def reset(path: Path) -> None:
+    """Empty the file (the supervisor, before starting workers: nothing of a previous run
+    counts, no connection of it is open)."""
+    db = connect(path)
+    try:
+        db.executescript("DELETE FROM failures; DELETE FROM in_flight; DELETE FROM connections;")
+    finally:
+        db.close()
+
+
+def forget_process(path: Path, pid: int) -> None:
+    """A worker died: its connections and password checks ended with it."""
+    db = connect(path)
+    try:
+        with _immediate(db):
+            db.execute("DELETE FROM connections WHERE pid = ?", (pid,))
+            db.execute("DELETE FROM in_flight WHERE pid = ?", (pid,))
+    finally:
+        db.close()
+
+
+class _immediate:  # noqa: N801 - used as a context manager, like a function
+    """``BEGIN IMMEDIATE`` .. ``COMMIT`` (or ``ROLLBACK`` on error): the write lock is taken
+    first, so a check and the increment it allows are one step for every process."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+class SharedFailureLog:
+    """:class:`mailsuite.auth.FailureLog` over the shared file (same rules, same numbers)."""
+
+    def __init__(
+        self, path: Path, cfg: AuthConfig, now: Callable[[], float] = time.monotonic
+    ) -> None:
+        # time.monotonic is CLOCK_MONOTONIC on Linux: one clock for every process of a boot
+        self.cfg = cfg
+        self.now = now
+        self.pid = os.getpid()
+        self.path = path
+        self.db = connect(path)
+        self._finished = 0
+
+    def _count(self, kind: str, key: str) -> int:
+        horizon = self.now() - self.cfg.window
+        row = self.db.execute(
+            "SELECT count(*) FROM failures WHERE kind = ? AND key = ? AND at >= ?",
+            (kind, key, horizon),
+        ).fetchone()
+        return int(row[0])
+
+    def record(self, ip: str, user: str) -> None:
+        t = self.now()
+        with _immediate(self.db) as db:
+            db.executemany(
+                "INSERT INTO failures (kind, key, at) VALUES (?, ?, ?)",
+                (("ip", ip, t), ("user", user, t)),
+            )
+            db.execute("DELETE FROM failures WHERE at < ?", (t - self.cfg.window,))
+            db.execute(
+                "DELETE FROM failures WHERE rowid <= "
+                "(SELECT max(rowid) FROM failures) - ?", (MAX_FAILURE_ROWS,)
+            )
+
+    def blocked(self, ip: str, user: str, in_flight: int = 0) -> bool:
+        """FailureLog.blocked, with the in-flight checks of every worker (``in_flight``, this
+        process's own number, is already among them)."""
+        recorded = self._count("ip", ip)
+        if not recorded:
+            return False
+        row = self.db.execute("SELECT sum(n) FROM in_flight WHERE ip = ?", (ip,)).fetchone()
+        ip_fails = recorded + int(row[0] or 0)
+        if ip_fails >= self.cfg.max_failures_per_ip:
+            return True
+        return self._count("user", user) >= self.cfg.max_failures_per_user
+
+    def delay(self, ip: str) -> float:
+        n = self._count("ip", ip)
+        return min(0.5 * 2 ** max(n - 1, 0), 8.0) if n else 0.0
+
+    def clear(self, ip: str) -> None:
+        self.db.execute("DELETE FROM failures WHERE kind = 'ip' AND key = ?", (ip,))
+
+    def throttled_ips(self) -> int:
+        """FailureLog.throttled_ips over every worker.  Called in the metrics thread: its own
+        connection (the reactor thread's is not shared across threads)."""
+        db = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            row = db.execute(
+                "SELECT count(*) FROM (SELECT key FROM failures WHERE kind = 'ip' AND at >= ? "
+                "GROUP BY key HAVING count(*) >= ?)",
+                (self.now() - self.cfg.window, self.cfg.max_failures_per_ip),
+            ).fetchone()
+        finally:
+            db.close()
+        return int(row[0])
+
+    def check_started(self, ip: str) -> None:
+        self.db.execute(
+            "INSERT INTO in_flight (ip, pid, n) VALUES (?, ?, 1) "
+            "ON CONFLICT (ip, pid) DO UPDATE SET n = n + 1",
+            (ip, self.pid),
+        )
+
+    def check_finished(self, ip: str) -> None:
+        self.db.execute("UPDATE in_flight SET n = n - 1 WHERE ip = ? AND pid = ?", (ip, self.pid))
+        self._finished += 1
+        if self._finished % 1000 == 0:  # rows at zero count nothing; keep the table small
+            self.db.execute("DELETE FROM in_flight WHERE pid = ? AND n <= 0", (self.pid,))
+
+
+class SharedConnectionCounts:
+    """Connection counts by key ("imap total", "imap ip 192.0.2.1", ...) summed over the
+    workers; see :class:`mailsuite.connection_limits.ConnectionLimits`."""
+
+    def __init__(self, path: Path) -> None:
+        self.pid = os.getpid()
+        self.db = connect(path)
+        self._drops = 0
+
+    def acquire(self, add: Sequence[tuple[str, int]], drop: Sequence[str] = ()) -> int | None:
+        """If every ``add`` key's count is below its limit (0: none), drop one from each
+        ``drop`` key and add one to each ``add`` key, and return None; otherwise change
+        nothing and return the index in ``add`` of the first key at its limit."""
+        limited = [key for key, limit in add if limit]
+        with _immediate(self.db) as db:
+            if limited:
+                marks = ",".join("?" * len(limited))
+                held = dict(db.execute(
+                    f"SELECT key, sum(n) FROM connections WHERE key IN ({marks}) GROUP BY key",
+                    limited,
+                ).fetchall())
+                for i, (key, limit) in enumerate(add):
+                    if limit and (held.get(key) or 0) >= limit:
+                        return i
+            if drop:
+                self._drop(db, drop)
+            db.executemany(
+                "INSERT INTO connections (key, pid, n) VALUES (?, ?, 1) "
+                "ON CONFLICT (key, pid) DO UPDATE SET n = n + 1",
+                ((key, self.pid) for key, _ in add),
+            )
+        return None
+
+    def release(self, keys: Sequence[str]) -> None:
+        self._drop(self.db, keys)  # one statement: its own transaction
+
+    def _drop(self, db: sqlite3.Connection, keys: Sequence[str]) -> None:
+        marks = ",".join("?" * len(keys))
+        db.execute(
+            f"UPDATE connections SET n = n - 1 WHERE pid = ? AND key IN ({marks})",
+            (self.pid, *keys),
+        )
+        self._drops += 1
+        if self._drops % 1000 == 0:  # rows at zero are harmless; keep the table small
+            db.execute("DELETE FROM connections WHERE pid = ? AND n <= 0", (self.pid,))

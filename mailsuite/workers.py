@@ -1,0 +1,323 @@
+"""The supervisor of ``[server] workers`` > 1: the twistd process binds, workers serve.
+
+Why this shape (issue 15): one Python process does TLS, parsing and every session on one
+core.  Here the twistd process binds every listener once -- before ``--uid``/``--gid`` drop
+root, so ports below 1024 work as before -- and never accepts on them; it starts N worker
+processes (``python -m mailsuite.worker``, :func:`reactor.spawnProcess` with the listening
+sockets passed as ``childFDs``), each of which adopts the sockets
+(``reactor.adoptStreamPort``) and serves every protocol.  The kernel hands each new
+connection to one of the workers waiting in ``accept``.
+
+What stays here, once for the whole server: the queue runner (workers tell it of a new
+entry through a pipe, fd 3, one queue id per line, so it is tried at once), the sweep of
+leftover temporary files, DKIM signing of the queue's DSNs.  What every worker does: the
+listeners, TLS (and its reload on SIGHUP or change), logins, deliveries.  What the workers
+share: the store (flock, SQLite WAL, Maildir renames were already safe for several
+processes), failed-login and connection counts (:mod:`mailsuite.shared.counters`), and
+folder change notifications through inotify (:mod:`mailsuite.shared.folder_watch`).
+
+Supervision: a worker that dies is started again after a back-off (0.5 s doubling to 30 s,
+back to 0.5 s once a worker has lived a minute); its connections leave the shared counts.
+SIGHUP is passed on (certificate reload); SIGTERM/SIGINT stop the server: each worker stops
+accepting, lets its sessions end for up to :data:`SHUTDOWN_GRACE` seconds,
+then exits; one that does not is killed.  Worker log events arrive as JSON on its stdout and
+are logged here with ``w<N>`` in front of their system, so the server log stays one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+
+from mailsuite.config import Config
+from mailsuite.shared import counters
+
+log = Logger(namespace="mailsuite.workers")
+
+#: ``[server] workers = "auto"``: one per core, at most this many (past a few processes the
+#: shared state costs more than another process gains on a small server).
+AUTO_CAP = 4
+
+
+def count(config: Config) -> int:
+    """How many processes serve the listeners: ``[server] workers``, "auto" resolved here
+    (1 in sandbox mode, whose catalog, event streams and waiters live in one process)."""
+    if config.workers:
+        return config.workers
+    if config.mode == "sandbox":
+        return 1
+    return max(1, min(os.cpu_count() or 1, AUTO_CAP))
+
+
+#: Restart back-off: first delay, cap, and how long a worker must live to reset it.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+RESTART_RESET_AFTER = 60.0
+
+#: Seconds a stopping worker waits for its sessions to end before closing them.
+SHUTDOWN_GRACE = 10.0
+
+#: Listening sockets are numbered from here in the worker (0-2 stdio, 3 the queue pipe).
+FIRST_LISTENER_FD = 10
+
+_FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
+
+
+class _NeverAccepts(protocol.Factory):
+    """The factory of the supervisor's own ports, which never accept (reading is stopped at
+    once; the workers accept on copies of the socket)."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+class WorkerSupervisor(service.Service):
+    """Binds the listeners, runs ``count`` workers and keeps them running."""
+
+    def __init__(
+        self, config: Config, reactor: Any, count: int, enqueued: Callable[[str], None]
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.count = count
+        self.enqueued = enqueued
+        self.ports: list[tuple[str, Any]] = []  # (service name, listening port)
+        self.workers: list[_Worker] = []
+        self.stopping = False
+        self.all_ready = False
+        self._previous_hup: Any = None
+        self.shared_path = counters.state_path(config.data_dir)
+        #: prometheus-client's multiprocess files (see mailsuite.metrics)
+        self.metrics_dir = config.data_dir / "run" / "metrics"
+
+    # -- binding (as root, before twistd drops privileges) ----------------------------------
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for name, descs in self.config.listen.items():
+            for desc in descs:
+                self.ports.append((name, self._bind(name, desc)))
+
+    def _bind(self, name: str, desc: str) -> Any:
+        endpoint = endpoints.serverFromString(self.reactor, desc)
+        result: list[Any] = []
+        endpoint.listen(_NeverAccepts()).addBoth(result.append)  # tcp/unix bind at once
+        port = result[0] if result else None
+        if port is None or not hasattr(port, "fileno"):
+            error = getattr(port, "value", port)
+            reason = str(error)
+            if isinstance(error, CannotListenError):
+                reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            raise SystemExit(
+                f"mailsuite: {self.config.where}: [listen] {name} {desc!r}: cannot listen: "
+                f"{reason} (is another server using that port? ports below 1024 need root)"
+            )
+        port.stopReading()  # the workers accept; this process only holds the socket
+        return port
+
+    # -- running ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.stopping = False
+        self.all_ready = False
+        counters.reset(self.shared_path)
+        self.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in self.metrics_dir.glob("*.db"):  # counts of a previous run
+            old.unlink()
+        if hasattr(signal, "SIGHUP"):
+            self._previous_hup = signal.signal(signal.SIGHUP, self._on_hangup)
+        self.workers = [_Worker(self, i) for i in range(self.count)]
+        for w in self.workers:
+            w.start()
+        log.info("started {n} worker processes", n=self.count)
+
+    def worker_ready(self, worker: _Worker) -> None:
+        """A worker adopted the sockets and accepts; the first time all do, say so (tests
+        and operators wait for this line rather than for the port, which this process opened
+        before any worker could answer on it)."""
+        worker.ready = True
+        log.info("worker {i} (pid {pid}) serving", i=worker.index, pid=worker.pid)
+        if not self.all_ready and all(w.ready for w in self.workers):
+            self.all_ready = True
+            log.info("all {n} workers serving", n=self.count)
+
+    def _on_hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.signal_all, "HUP")
+
+    def signal_all(self, name: str) -> None:
+        for w in self.workers:
+            w.signal(name)
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+        self.stopping = True
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        ended = [w.stop(SHUTDOWN_GRACE + 5.0) for w in self.workers]
+        d = defer.DeferredList(ended, consumeErrors=True)
+
+        def close_ports(_: object) -> None:
+            for _name, port in self.ports:
+                with contextlib.suppress(Exception):  # at exit: nothing left to do about it
+                    port.connectionLost(None)  # closes the socket (it was never reading)
+            self.ports = []
+
+        d.addCallback(close_ports)
+        return d.addCallback(lambda _: None)
+
+    # -- what a worker is started with --------------------------------------------------------
+
+    def worker_argv(self, index: int) -> tuple[list[str], dict[int, Any]]:
+        argv = [sys.executable, "-m", "mailsuite.worker", "--index", str(index),
+                "--parent", str(os.getpid())]
+        if self.config.path is not None:
+            argv += ["--config", str(self.config.path)]
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", 3: "r"}
+        for n, (name, port) in enumerate(self.ports):
+            child_fd = FIRST_LISTENER_FD + n
+            fds[child_fd] = port.fileno()
+            family = _FAMILIES[port.addressFamily]
+            argv += ["--listener", f"{name}:{child_fd}:{family}"]
+        return argv, fds
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker process slot: started, watched, started again."""
+
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.process: Any = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.backoff = RESTART_FIRST
+        self.restart_call: Any = None
+        self.ended: defer.Deferred[None] | None = None
+        self.ready = False
+        self._buffers: dict[int, bytes] = {}
+
+    def start(self) -> None:
+        self.restart_call = None
+        argv, fds = self.supervisor.worker_argv(self.index)
+        reactor = self.supervisor.reactor
+        self.started_at = reactor.seconds()
+        self.ended = defer.Deferred()
+        self.ready = False
+        self._buffers = {}
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.metrics_dir))
+        self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
+        self.pid = self.process.pid
+        log.info("worker {i} started (pid {pid})", i=self.index, pid=self.pid)
+
+    def signal(self, name: str) -> None:
+        if self.process is not None and self.pid is not None:
+            with contextlib.suppress(Exception):
+                self.process.signalProcess(name)
+
+    def stop(self, deadline: float) -> defer.Deferred[None]:
+        if self.restart_call is not None and self.restart_call.active():
+            self.restart_call.cancel()
+        self.restart_call = None
+        if self.process is None or self.pid is None or self.ended is None:
+            return defer.succeed(None)
+        ended = self.ended
+        self.signal("TERM")
+        reactor = self.supervisor.reactor
+        timer = reactor.callLater(deadline, self._kill)
+        ended.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return ended
+
+    def _kill(self) -> None:
+        log.warn("worker {i} (pid {pid}) did not stop in time: killing it",
+                 i=self.index, pid=self.pid)
+        self.signal("KILL")
+
+    # -- what it says ---------------------------------------------------------------------------
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
+        buffered = self._buffers.get(fd, b"") + data
+        # every stream is lines: jsonFileLogObserver writes "\x1e{json}\n" (JSON escapes
+        # newlines), so a record is complete at its newline, not at the next record's \x1e
+        *records, rest = buffered.split(b"\n")
+        self._buffers[fd] = rest
+        for record in records:
+            if fd == 1:
+                self._relay_event(record)
+            elif fd == 3:
+                queue_id = record.decode("ascii", "replace").strip()
+                if queue_id == "ready":
+                    self.supervisor.worker_ready(self)
+                elif queue_id:
+                    self.supervisor.enqueued(queue_id)
+            elif record.strip():
+                log.warn("worker {i}: {line}", i=self.index,
+                         line=record.decode("utf-8", "replace").rstrip())
+
+    def _relay_event(self, record: bytes) -> None:
+        text = record.decode("utf-8", "replace").strip().lstrip("\x1e")
+        if not text:
+            return
+        try:
+            event = eventFromJSON(text)
+        except ValueError:
+            log.warn("worker {i}: {line}", i=self.index, line=text)
+            return
+        system = event.get("log_system")
+        if not system:  # what twistd's text format shows in its place
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)}"
+        event["log_system"] = f"w{self.index} {system}"
+        globalLogPublisher(event)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        sup = self.supervisor
+        pid, self.pid, self.process = self.pid, None, None
+        for fd, rest in list(self._buffers.items()):
+            if rest.strip():
+                self.childDataReceived(fd, b"\n")
+        ended, self.ended = self.ended, None
+        if pid is not None:
+            try:
+                counters.forget_process(sup.shared_path, pid)
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(pid, str(sup.metrics_dir))  # its live gauges
+            except Exception:
+                log.failure("forgetting worker {pid}'s connections failed", pid=pid)
+        status = reason.value
+        if sup.stopping:
+            log.info("worker {i} (pid {pid}) stopped", i=self.index, pid=pid)
+        else:
+            reactor = sup.reactor
+            lived = reactor.seconds() - self.started_at
+            if lived >= RESTART_RESET_AFTER:
+                self.backoff = RESTART_FIRST
+            delay = self.backoff
+            self.backoff = min(self.backoff * 2, RESTART_MAX)
+            log.warn(
+                "worker {i} (pid {pid}) ended ({status}) after {lived:.1f} s; starting it "
+                "again in {delay} s", i=self.index, pid=pid, status=str(status),
+                lived=lived, delay=delay,
+            )
+            self.restart_call = reactor.callLater(delay, self._restart)
+        if ended is not None:
+            ended.callback(None)
+
+    def _restart(self) -> None:
+        self.restart_call = None
+        if not self.supervisor.stopping:
+            self.start()

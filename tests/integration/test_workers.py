@@ -1,0 +1,301 @@
+"""``[server] workers = 2`` over the real server (issue 15): both worker processes serve
+SMTP, IMAP and POP3; a ``kill -9`` of one under SMTP load loses no acknowledged message and
+the worker comes back; failed logins count across workers; an IDLE client in one worker
+hears of a delivery made in the other at once (inotify); the queue runner in the twistd
+process is woken by a worker's enqueue; SIGTERM lets a transaction in progress finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.clients import LineClient
+from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory, wait_until
+from tests.loopback import MX, Net, send, with_subject
+from tests.worker_helpers import owner, worker_pids
+
+WORKERS = """
+[auth]
+allow_plaintext = true
+max_failures_per_ip = 3
+"""
+
+
+def on_worker(port: int, pid: int, pids: list[int], tries: int = 60) -> LineClient:
+    """A connection (greeting read) served by worker ``pid``: connect until the kernel hands
+    one to it (which worker accepts is the kernel's choice)."""
+    for _ in range(tries):
+        c = LineClient(port, timeout=20)
+        c.line()  # the greeting: accepted by now
+        if owner(c.sock, pids) == pid:
+            return c
+        c.sock.close()
+    raise AssertionError(f"no connection on port {port} went to worker {pid} in {tries} tries")
+
+
+ZONE = {"remote.test": {"MX": [[10, "mx2.test"]]}, "mx2.test": {"A": ["127.0.0.2"]}}
+
+
+@pytest.fixture(scope="module")
+def net(loopback_net: Callable[[dict[str, Any]], Net]) -> tuple[Net, MX]:
+    n = loopback_net(ZONE)
+    return n, n.mx("127.0.0.2")
+
+
+@pytest.fixture(scope="module")
+def srv(module_servers: ServerFactory, net: tuple[Net, MX]) -> Server:
+    server = module_servers(("smtp", "imap", "pop3", "web"), users=(ALICE, BOB),
+                            extra_toml=WORKERS + net[0].relay_toml(), server_toml="workers = 2")
+    wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
+    return server
+
+
+def smtp_send(port: int, rcpt: str, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.sendmail("sender@remote.test", [rcpt], f"Subject: {subject}\r\n\r\nbody\r\n")
+
+
+def test_every_protocol_is_served_by_both_workers(srv: Server) -> None:
+    pids = worker_pids(srv)
+    for pid in pids:
+        c = on_worker(srv.port("smtp"), pid, pids)
+        c.send_line(f"EHLO w{pid}.test")
+        while not (line := c.line()).startswith("250 "):
+            assert line.startswith("250-"), line
+        for cmd, code in (("MAIL FROM:<a@remote.test>", "250"), (f"RCPT TO:<{ALICE}>", "250"),
+                          ("DATA", "354")):
+            c.send_line(cmd)
+            assert c.line().startswith(code)
+        c.send_line(f"Subject: via worker {pid}\r\n\r\nhello\r\n.")
+        assert c.line().startswith("250")
+        c.sock.close()
+    wait_until(lambda: len(srv.messages(ALICE)) >= 2, what="both deliveries")
+    for pid in pids:
+        c = on_worker(srv.port("imap"), pid, pids)
+        c.send_line(f'a LOGIN {ALICE} "{PASSWORD}"')
+        assert c.line().startswith("a OK")
+        c.send_line("b SELECT INBOX")
+        lines = []
+        while not (line := c.line()).startswith("b "):
+            lines.append(line)
+        assert line.startswith("b OK") and any("EXISTS" in x for x in lines)
+        c.sock.close()
+        p = on_worker(srv.port("pop3"), pid, pids)
+        p.send_line(f"USER {ALICE}")
+        assert p.line().startswith("+OK")
+        p.send_line(f"PASS {PASSWORD}")
+        assert p.line().startswith("+OK"), "POP3 login"
+        p.send_line("QUIT")
+        assert p.line().startswith("+OK")
+        p.sock.close()
+
+
+def smtp_connections_counted(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20).read()
+    for line in text.decode().splitlines():
+        if line.startswith('mailsuite_connections_total{listener="smtp"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_add_up_every_workers_counts(srv: Server) -> None:
+    """/metrics is served by whichever worker gets the request, and shows the sum."""
+    pids = worker_pids(srv)
+    before = max(smtp_connections_counted(srv.port("web")) for _ in range(4))
+    for pid in pids:
+        for _ in range(3):
+            c = on_worker(srv.port("smtp"), pid, pids)
+            c.send_line("QUIT")
+            c.line()
+            c.sock.close()
+    for _ in range(4):  # whichever worker answers, it counts all six
+        assert smtp_connections_counted(srv.port("web")) >= before + 6
+
+
+def test_failed_logins_count_across_workers(srv: Server) -> None:
+    """Three failures (the limit) made on one worker refuse the address on the other, even
+    with the right password: an attacker does not get one allowance per worker."""
+    pids = worker_pids(srv)
+    first, other = pids
+    source = "127.0.0.23"
+    for i in range(3):
+        c = on_worker_from(srv.port("imap"), first, pids, source)
+        c.send_line(f'f{i} LOGIN {BOB} "wrong password {i}"')
+        assert c.line().startswith(f"f{i} NO")
+        c.sock.close()
+    c = on_worker_from(srv.port("imap"), other, pids, source)
+    c.send_line(f'g LOGIN {BOB} "{PASSWORD}"')
+    reply = c.line()
+    assert reply.startswith("g NO") and "UNAVAILABLE" in reply, reply
+    c.sock.close()
+    # another address is not affected
+    c = on_worker_from(srv.port("imap"), other, pids, "127.0.0.24")
+    c.send_line(f'h LOGIN {BOB} "{PASSWORD}"')
+    assert c.line().startswith("h OK")
+    c.sock.close()
+
+
+def on_worker_from(port: int, pid: int, pids: list[int], source: str) -> LineClient:
+    for _ in range(60):
+        c = LineClient(port, source=source, timeout=20)
+        c.line()
+        if owner(c.sock, pids) == pid:
+            return c
+        c.sock.close()
+    raise AssertionError(f"no connection went to worker {pid}")
+
+
+def test_idle_in_one_worker_sees_a_delivery_made_in_the_other(srv: Server) -> None:
+    pids = worker_pids(srv)
+    idler, deliverer = pids
+    c = on_worker(srv.port("imap"), idler, pids)
+    c.send_line(f'a LOGIN {BOB} "{PASSWORD}"')
+    assert c.line().startswith("a OK")
+    c.send_line("b SELECT INBOX")
+    while not c.line().startswith("b OK"):
+        pass
+    c.send_line("c IDLE")
+    assert c.line().startswith("+")
+    waits = []
+    acks = []
+    for n in range(5):
+        s = on_worker(srv.port("smtp"), deliverer, pids)
+        s.send_line("HELO t.test")
+        s.line()
+        for cmd in ("MAIL FROM:<a@remote.test>", f"RCPT TO:<{BOB}>", "DATA"):
+            s.send_line(cmd)
+            s.line()
+        s.send_line(f"Subject: idle {n}\r\n\r\nx")
+        sent = time.monotonic()
+        s.send_line(".")
+        reply = s.line()
+        acks.append(time.monotonic() - sent)
+        assert reply.startswith("250"), reply
+        while "EXISTS" not in (line := c.line()):
+            assert line.startswith("*"), line
+        waits.append(time.monotonic() - sent)
+        s.sock.close()
+    c.send_line("DONE")
+    while not c.line().startswith("c OK"):
+        pass
+    median = statistics.median(waits)
+    print(f"\ncross-worker IDLE: end of DATA sent -> EXISTS in the other worker: median "
+          f"{median * 1000:.1f} ms, max {max(waits) * 1000:.1f} ms over {len(waits)} "
+          f"(-> 250 from the delivering worker: median "
+          f"{statistics.median(acks) * 1000:.1f} ms)")
+    assert max(waits) < 1.0, waits  # the aim is 100 ms; the machine is shared and loaded
+    c.sock.close()
+
+
+def test_a_queue_entry_made_in_a_worker_is_tried_at_once(
+    srv: Server, net: tuple[Net, MX]
+) -> None:
+    """The one queue runner lives in the twistd process; the worker that wrote the entry
+    tells it through its pipe (without that the entry would wait for the next start)."""
+    start = time.monotonic()
+    send(srv, ["carol@remote.test"], "queued in a worker")
+    wait_until(lambda: with_subject(net[1].transactions(), "queued in a worker"), 15,
+               "the relay attempt")
+    print(f"\nqueued in a worker -> relayed by the supervisor's runner in "
+          f"{(time.monotonic() - start) * 1000:.0f} ms")
+
+
+def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
+    assert srv.proc is not None
+    start = srv.log.stat().st_size
+    srv.proc.send_signal(signal.SIGHUP)
+
+    def reloaded() -> bool:
+        with srv.log.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        lines = [x for x in text.splitlines() if "TLS: reloaded" in x]
+        return all(any(f"[w{i} " in x for x in lines) for i in (0, 1))
+
+    wait_until(reloaded, 20, "both workers to reload their certificates")
+
+
+def test_kill9_of_a_worker_under_smtp_load_loses_no_acknowledged_message(
+    srv: Server,
+) -> None:
+    before = set(worker_pids(srv))
+    victim = min(before)
+    acked: list[str] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def load(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            subject = f"load {k}-{n}"
+            n += 1
+            try:
+                smtp_send(srv.port("smtp"), ALICE, subject)
+            except (OSError, smtplib.SMTPException):
+                continue  # the connection died with the worker: not acknowledged, resent
+            with lock:
+                acked.append(subject)
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(acked) >= 20, 60, "load running")
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(set(worker_pids(srv)) - before) == 1
+                   and len(worker_pids(srv)) == 2, 30, "the worker to come back")
+        count = len(acked)
+        wait_until(lambda: len(acked) >= count + 20, 60, "load after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    stored = b"\n".join(srv.messages(ALICE))
+    missing = [s for s in acked if f"Subject: {s}\r\n".encode() not in stored
+               and f"Subject: {s}\n".encode() not in stored]
+    assert not missing, f"{len(missing)} acknowledged messages lost: {missing[:5]}"
+    assert "worker 0" in srv.log.read_text() or "worker 1" in srv.log.read_text()
+
+
+def test_sigterm_lets_a_transaction_in_progress_finish(servers: ServerFactory) -> None:
+    server = servers(("smtp",), users=(ALICE,), extra_toml=WORKERS, server_toml="workers = 2")
+    wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
+    pids = worker_pids(server)
+    c = on_worker(server.port("smtp"), pids[0], pids)
+    c.send_line("HELO t.test")
+    c.line()
+    for cmd in ("MAIL FROM:<a@remote.test>", f"RCPT TO:<{ALICE}>", "DATA"):
+        c.send_line(cmd)
+        c.line()
+    c.send_line("Subject: in flight\r\n\r\nfirst half")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # let the signal reach the worker: the session must survive it
+    c.send_line("second half\r\n.")
+    assert c.line().startswith("250")
+    c.send_line("QUIT")
+    assert c.line().startswith("221")
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)  # twistd ends by the signal it got
+    assert worker_pids_gone(pids)
+    assert any(b"second half" in m for m in server.messages(ALICE))
+    server.stop()  # checks the log
+
+
+def worker_pids_gone(pids: list[int]) -> bool:
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    return bool(wait_until(lambda: all(gone(p) for p in pids), 10, "workers to exit"))

@@ -1,0 +1,150 @@
+"""The state worker processes share (mailsuite.shared.counters): failed logins and
+connection counts in one SQLite file, seen alike by every process.  Two objects on one file
+with different pids stand for two workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from mailsuite.auth import FailureLog
+from mailsuite.config import AuthConfig
+from mailsuite.connection_limits import ConnectionLimits, Refusal
+from mailsuite.shared import counters
+from mailsuite.shared.folder_watch import PollingWatcher
+
+CFG = AuthConfig(max_failures_per_ip=3, max_failures_per_user=5, window=60)
+
+
+def two_logs(tmp_path: Path, clock: Clock) -> tuple[counters.SharedFailureLog, ...]:
+    path = counters.state_path(tmp_path)
+    a = counters.SharedFailureLog(path, CFG, clock.seconds)
+    b = counters.SharedFailureLog(path, CFG, clock.seconds)
+    b.pid = a.pid + 1
+    return a, b
+
+
+def test_failures_recorded_by_one_worker_block_the_address_in_the_other(tmp_path: Path) -> None:
+    clock = Clock()
+    a, b = two_logs(tmp_path, clock)
+    for _ in range(2):
+        a.record("192.0.2.1", "bob@example.test")
+    assert not b.blocked("192.0.2.1", "bob@example.test")
+    b.record("192.0.2.1", "bob@example.test")
+    assert a.blocked("192.0.2.1", "bob@example.test")
+    assert b.blocked("192.0.2.1", "bob@example.test")
+    assert not a.blocked("192.0.2.2", "bob@example.test")  # another address: no failures
+    assert b.delay("192.0.2.1") == 2.0  # 0.5, 1, 2: the same as FailureLog
+    clock.advance(61)  # the window passed
+    assert not b.blocked("192.0.2.1", "bob@example.test")
+
+
+def test_the_shared_log_decides_like_the_local_one(tmp_path: Path) -> None:
+    clock = Clock()
+    shared, _ = two_logs(tmp_path, clock)
+    local = FailureLog(CFG, clock.seconds)
+    steps = [("192.0.2.1", "u1"), ("192.0.2.2", "u1"), ("192.0.2.1", "u2"), ("192.0.2.3", "u1"),
+             ("192.0.2.1", "u1"), ("192.0.2.4", "u1"), ("192.0.2.2", "u1")]
+    for ip, user in steps:
+        clock.advance(1)
+        for log in (shared, local):
+            log.record(ip, user)
+        for probe_ip in ("192.0.2.1", "192.0.2.2", "192.0.2.5"):
+            for probe_user in ("u1", "u2"):
+                assert shared.blocked(probe_ip, probe_user) == local.blocked(probe_ip, probe_user)
+            assert shared.delay(probe_ip) == local.delay(probe_ip)
+
+
+def test_checks_in_flight_in_any_worker_count_once_the_address_failed(tmp_path: Path) -> None:
+    clock = Clock()
+    a, b = two_logs(tmp_path, clock)
+    a.record("192.0.2.1", "bob@example.test")
+    a.check_started("192.0.2.1")
+    assert not b.blocked("192.0.2.1", "bob@example.test")  # 1 failure + 1 running
+    b.check_started("192.0.2.1")
+    assert a.blocked("192.0.2.1", "bob@example.test")  # 1 + 2 running = the limit
+    b.check_finished("192.0.2.1")
+    assert not a.blocked("192.0.2.1", "bob@example.test")
+    counters.forget_process(counters.state_path(tmp_path), a.pid)  # worker a died
+    a.record("192.0.2.1", "bob@example.test")
+    assert not b.blocked("192.0.2.1", "bob@example.test")
+
+
+def shared_pair(tmp_path: Path, **limits: int) -> tuple[ConnectionLimits, ConnectionLimits]:
+    path = counters.state_path(tmp_path)
+    one, two = ConnectionLimits(**limits), ConnectionLimits(**limits)
+    c1, c2 = counters.SharedConnectionCounts(path), counters.SharedConnectionCounts(path)
+    c2.pid = c1.pid + 1
+    one.share(c1, "imap")
+    two.share(c2, "imap")
+    return one, two
+
+
+def test_connection_limits_count_every_worker(tmp_path: Path) -> None:
+    one, two = shared_pair(tmp_path, max_connections=3, max_connections_per_ip=2,
+                           max_userip_connections=1)
+    a = one.admit("192.0.2.1")
+    b = two.admit("192.0.2.1")
+    assert a.refused is None and b.refused is None
+    assert two.admit("192.0.2.1").refused is Refusal.PER_IP  # 2 from this address already
+    c = one.admit("192.0.2.2")
+    assert two.admit("192.0.2.3").refused is Refusal.TOTAL
+    assert a.login("alice@example.test") is None  # leaves the per-IP count
+    assert two.admit("192.0.2.3").refused is Refusal.TOTAL  # still 3 open in all
+    c.release()
+    d = two.admit("192.0.2.1")
+    assert d.refused is None
+    assert b.login("Alice@example.test") is Refusal.USER_IP  # one per user+IP, over workers
+    for x in (a, b, d):
+        x.release()
+    assert [one.admit("192.0.2.1").refused, two.admit("192.0.2.1").refused] == [None, None]
+
+
+def test_a_dead_workers_connections_leave_the_counts(tmp_path: Path) -> None:
+    one, two = shared_pair(tmp_path, max_connections_per_ip=1)
+    assert one.admit("192.0.2.1").refused is None
+    assert two.admit("192.0.2.1").refused is Refusal.PER_IP
+    assert one.shared is not None
+    counters.forget_process(counters.state_path(tmp_path), one.shared.pid)  # type: ignore[attr-defined]
+    assert two.admit("192.0.2.1").refused is None
+
+
+def test_reset_empties_the_file_for_a_new_start(tmp_path: Path) -> None:
+    one, _ = shared_pair(tmp_path, max_connections_per_ip=1)
+    assert one.admit("192.0.2.1").refused is None
+    counters.reset(counters.state_path(tmp_path))
+    _, two = shared_pair(tmp_path, max_connections_per_ip=1)
+    assert two.admit("192.0.2.1").refused is None
+
+
+def test_polling_watcher_calls_until_stopped(tmp_path: Path) -> None:
+    clock = Clock()
+    calls: list[int] = []
+    stop = PollingWatcher(clock, 0.5).watch(tmp_path, lambda: calls.append(1))
+    clock.advance(0.5)
+    clock.advance(0.5)
+    assert len(calls) == 2
+    stop()
+    stop()  # twice is harmless
+    clock.advance(5)
+    assert len(calls) == 2
+
+
+def test_the_local_implementations_have_the_shared_interfaces(tmp_path: Path) -> None:
+    """Each piece of shared state has its interface (mailsuite.shared.interfaces) and
+    today's implementation fits it, so a PostgreSQL one can replace it (docs/scale-out.md)."""
+    from mailsuite.directory import Directory
+    from mailsuite.queue.spool import Spool
+    from mailsuite.shared import interfaces
+    from mailsuite.store.index import FolderIndex
+
+    directory = Directory(tmp_path / "d.json", tmp_path / "mail", ("example.test",))
+    assert isinstance(directory, interfaces.AccountDirectory)
+    assert isinstance(FailureLog(CFG), interfaces.LoginThrottle)
+    path = counters.state_path(tmp_path)
+    assert isinstance(counters.SharedFailureLog(path, CFG), interfaces.LoginThrottle)
+    assert isinstance(Spool(tmp_path / "queue"), interfaces.QueueClaim)
+    for name in ("sync", "counters", "state", "changes_since", "store_flags", "expunge", "close"):
+        assert callable(getattr(FolderIndex, name)), name
+    assert callable(counters.SharedConnectionCounts(path).acquire)
