@@ -75,8 +75,7 @@ class SMTPLimits:
     timeout: int = 300
     #: a whole session, connect to close: a slow client cannot hold a connection for ever
     session_timeout: int = 3600
-    #: submission only: connect to successful AUTH (Dovecot drops unauthenticated clients
-    #: after 3 minutes)
+    #: submission only: connect to successful AUTH (Dovecot drops others after 3 minutes)
     login_timeout: int = 180
     max_hops: int = 50  # Received headers before a loop is declared (RFC 5321 6.3)
     # Connection limits (0 = none), see mailsuite.connection_limits.  The submission
@@ -84,8 +83,7 @@ class SMTPLimits:
     # numbers, so a flood on port 25 cannot lock the users out of submission.
     max_connections: int = 500
     max_connections_per_ip: int = 50  # before AUTH; [relay] trusted_networks are exempt
-    #: free bytes under which MAIL gets 452 4.3.1 (None: mailsuite.store.space's default)
-    min_free_space: int | None = None
+    min_free_space: int | None = None  # MAIL gets 452 4.3.1 below (None: store.space's default)
 
 
 #: ``tls`` of a route: no TLS; STARTTLS when offered; STARTTLS or a temporary failure;
@@ -558,6 +556,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     domains_r.finish()
 
     smtp_r = _Reader(where, "smtp", data.get("smtp", {}))
+    free = smtp_r.positive("min_free_space", 0, 0) if "min_free_space" in smtp_r.table else None
     smtp = SMTPLimits(
         max_message_size=smtp_r.positive("max_message_size", SMTPLimits.max_message_size, 1024),
         max_recipients=smtp_r.positive("max_recipients", SMTPLimits.max_recipients, 100),
@@ -571,7 +570,7 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         max_connections_per_ip=smtp_r.positive(
             "max_connections_per_ip", SMTPLimits.max_connections_per_ip, 0
         ),
-        min_free_space=_min_free_space(smtp_r),
+        min_free_space=free,  # 0: never refuse
     )
     smtp_r.finish()
 
@@ -775,13 +774,6 @@ def _web_config(reader: _Reader) -> WebConfig:
         public[service] = port
     reader.finish()
     return WebConfig(public_ports=public)
-
-
-def _min_free_space(reader: _Reader) -> int | None:
-    value = reader.get("min_free_space", int, None)
-    if value is not None and value < 0:
-        raise reader.fail("min_free_space", f"must be 0 (never refuse) or more, got {value}")
-    return value  # type: ignore[no-any-return]
 
 
 def _path(base: Path, value: str) -> Path:

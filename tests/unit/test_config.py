@@ -66,7 +66,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         ("[mail_auth]\nmax_signatures = 0\n", "[mail_auth] max_signatures: must be at least 1"),
         ('[mail_auth]\nspf = "yes"\n', "[mail_auth] spf: expected bool"),
         ("[mail_auth]\ndkmi = true\n", "[mail_auth] dkmi: unknown key"),
-        ("[smtp]\nmin_free_space = -1\n", "[smtp] min_free_space: must be 0 (never refuse)"),
+        ("[smtp]\nmin_free_space = -1\n", "[smtp] min_free_space: must be at least 0"),
         ('[smtp]\nmin_free_space = "1G"\n', "[smtp] min_free_space: expected int"),
     ],
 )
