@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Address", "address_text", "parse_address_list"]
+__all__ = ["Address", "address_text", "parse_address_list", "simple_address_list"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,3 +221,48 @@ def address_text(text: str) -> str:
         spec = f"{a.mailbox}@{a.host}" if a.host else (a.mailbox or "")
         parts.append(f"{a.name} <{spec}>" if a.name else spec)
     return ", ".join(parts)
+
+
+# -- the common case without the tokenizer -----------------------------------------------------
+
+_ATEXT = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"  # RFC 5322 3.2.3 atext (ASCII only)
+_DOT_ATOM = rb"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
+#: one list element in its plainest forms: ``local@domain``, ``Some Name <local@domain>``,
+#: ``"Name, with specials" <local@domain>`` (no comments, no quoted pairs, no groups, no
+#: 8-bit), then a comma or the end
+_SIMPLE_ELEMENT = re.compile(
+    rb"(?:(?P<l1>%(d)s)@(?P<d1>%(d)s)"
+    rb"|(?:(?P<phrase>%(a)s+(?:[ \t]+%(a)s+)*)"
+    rb'|"(?P<q>[\t\x20\x21\x23-\x5b\x5d-\x7e]*)")?'
+    rb"[ \t]*<(?P<l2>%(d)s)@(?P<d2>%(d)s)>)"
+    rb"[ \t]*(?:,|\Z)" % {b"d": _DOT_ATOM, b"a": _ATEXT}
+)
+_SEPARATORS = re.compile(rb"[ \t,]*")
+_PHRASE_SPACE = re.compile(rb"[ \t]+")
+
+
+def simple_address_list(value: bytes) -> list[tuple[bytes | None, bytes, bytes]] | None:
+    """``[(name, mailbox, host)]`` for a field value made only of plain addresses (see
+    ``_SIMPLE_ELEMENT``), or None when anything else is in it and the full parser must run.
+
+    Mail is overwhelmingly written this way, and the tokenizer costs ~10x more per address;
+    the answer is what :func:`parse_address_list` gives for the same value (a unit test
+    compares the two on generated values)."""
+    out: list[tuple[bytes | None, bytes, bytes]] = []
+    pos, n = 0, len(value)
+    skip, match = _SEPARATORS.match, _SIMPLE_ELEMENT.match
+    while True:
+        pos = skip(value, pos).end()  # type: ignore[union-attr]  # "*" always matches
+        if pos >= n:
+            return out
+        m = match(value, pos)
+        if m is None:
+            return None
+        pos = m.end()
+        local = m.group("l1")
+        if local is not None:
+            out.append((None, local, m.group("d1")))
+            continue
+        phrase, quoted = m.group("phrase"), m.group("q")
+        name = _PHRASE_SPACE.sub(b" ", phrase) if phrase is not None else quoted
+        out.append((name or None, m.group("l2"), m.group("d2")))

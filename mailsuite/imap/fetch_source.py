@@ -67,19 +67,24 @@ class MessageFile:
     """One stored message opened for one FETCH response: ``raw`` when it was small enough to
     read whole, else an open file descriptor read in pieces.  Close it when done."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int | None, size: int, raw: bytes | None = None) -> None:
         self.size = size
-        self.raw: bytes | None = None
+        self.raw: bytes | None = raw
         self._fd: int | None = fd
         self._header: bytes | None = None
         self._parsed: ParsedMessage | None = None
         self._lengths: dict[tuple[int, int], int] = {}
-        if size <= SMALL:
+        if fd is not None and size <= SMALL:
             self.raw = os.read(fd, size + 1)  # one read (+1: it may have grown, as a file may)
             if len(self.raw) > size:
                 self.raw = self._read_all()
             self.size = len(self.raw)
             self.close()
+
+    @classmethod
+    def of_bytes(cls, raw: bytes) -> MessageFile:
+        """A message (or the head of one, for ENVELOPE) already read."""
+        return cls(None, len(raw), raw)
 
     @classmethod
     def open(cls, folder: Path, name: str) -> MessageFile | None:

@@ -192,12 +192,16 @@ class FolderIndex(IndexScan):
     def store_cached(self, items: Iterable[tuple[int, str, bytes]]) -> None:
         """Remember computed ENVELOPE/BODYSTRUCTURE values: (uid, column, value).  A cache:
         on a full disk they are computed again next time."""
+        by_column: dict[str, list[tuple[bytes, int]]] = {"envelope": [], "bodystructure": []}
+        for uid, column, value in items:
+            if column not in by_column:
+                raise ValueError(column)
+            by_column[column].append((value, uid))
         try:
             with self._transaction():
-                for uid, column, value in items:
-                    if column not in ("envelope", "bodystructure"):
-                        raise ValueError(column)
-                    self.db.execute(f"UPDATE messages SET {column}=? WHERE uid=?", (value, uid))
+                for column, rows in by_column.items():
+                    if rows:  # one statement per column for the whole batch
+                        self.db.executemany(f"UPDATE messages SET {column}=? WHERE uid=?", rows)
         except (OSError, sqlite3.Error) as e:
             if not is_disk_full(e, self.folder):
                 raise
