@@ -41,10 +41,19 @@ def trial(box: Path) -> tuple[float, float, str]:
         batch = [(start + i + 1, u) for i, u in enumerate(uids[start : start + BATCH])]
         details = folder.index.details([u for _, u in batch], plan.need_size, plan.need_date)
         cache: list[tuple[int, str, bytes]] = []
-        data = b"".join(fetch_pieces(
-            plan, folder.path, batch, folder.flags, folder.modseqs, lambda _u: False,
-            details, cache, set(),
-        ))
+        data = b"".join(
+            fetch_pieces(
+                plan,
+                folder.path,
+                batch,
+                folder.flags,
+                folder.modseqs,
+                lambda _u: False,
+                details,
+                cache,
+                set(),
+            )
+        )
         if cache:
             folder.index.store_cached(cache)
         digest.update(data)

@@ -68,13 +68,27 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="mailsuite-import-bench.", dir=tmp))
     try:
         config = base / "mailsuite.toml"
-        config.write_text('[server]\nhostname = "localhost"\ndata_dir = "data"\n'
-                          '[domains]\nlocal = ["example.test"]\n')
+        config.write_text(
+            '[server]\nhostname = "localhost"\ndata_dir = "data"\n'
+            '[domains]\nlocal = ["example.test"]\n'
+        )
         for user in ("mbox", "maildir"):
             subprocess.run(
-                [sys.executable, "-m", "mailsuite.cli", "--config", str(config), "user", "add",
-                 f"{user}@example.test", "--password-stdin"],
-                input=PASSWORD + "\n", capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "mailsuite.cli",
+                    "--config",
+                    str(config),
+                    "user",
+                    "add",
+                    f"{user}@example.test",
+                    "--password-stdin",
+                ],
+                input=PASSWORD + "\n",
+                capture_output=True,
+                text=True,
+                check=True,
             )
         make_mbox(base / "source.mbox", n)
         make_maildir(base / "source-maildir", n)
@@ -82,8 +96,10 @@ def main() -> None:
         print(f"{n:,} messages, mbox {size / 1e6:.1f} MB, {os.cpu_count()} CPUs", flush=True)
         for user, source in (("mbox", "source.mbox"), ("maildir", "source-maildir")):
             seconds, summary = run(config, "import", f"{user}@example.test", str(base / source))
-            print(f"{user:8} import: {n / seconds:8,.0f} msgs/s  ({seconds:.1f} s; {summary})",
-                  flush=True)
+            print(
+                f"{user:8} import: {n / seconds:8,.0f} msgs/s  ({seconds:.1f} s; {summary})",
+                flush=True,
+            )
             seconds, summary = run(config, "import", f"{user}@example.test", str(base / source))
             print(f"{user:8} again:  {seconds:8.1f} s to find everything already there", flush=True)
     finally:

@@ -31,23 +31,38 @@ from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key
 
 
 async def run(reactor, n: int, concurrency: int) -> None:
-    zone = {"origin": "test", "names": {
-        "good.test": {"TXT": [["v=spf1 ip4:127.0.0.1 -all"]]},
-        "_dmarc.good.test": {"TXT": [["v=DMARC1; p=reject"]]},
-        "r._domainkey.good.test": {"TXT": [txt_strings(rsa_key().record)]},
-        "e._domainkey.good.test": {"TXT": [[ed25519_key().record]]},
-    }}
+    zone = {
+        "origin": "test",
+        "names": {
+            "good.test": {"TXT": [["v=spf1 ip4:127.0.0.1 -all"]]},
+            "_dmarc.good.test": {"TXT": [["v=DMARC1; p=reject"]]},
+            "r._domainkey.good.test": {"TXT": [txt_strings(rsa_key().record)]},
+            "e._domainkey.good.test": {"TXT": [[ed25519_key().record]]},
+        },
+    }
     server = LoopbackDNS(zone)
     server.start(reactor)
     root = Path(tempfile.mkdtemp())
-    cfg = parse_config(tomllib.loads(
-        f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n'
-        f'[dns]\nnameservers = ["{server.nameserver}"]\n'), None, root)
+    cfg = parse_config(
+        tomllib.loads(
+            f'[server]\nhostname = "mx.example.test"\ndata_dir = "data"\n'
+            f'[dns]\nnameservers = ["{server.nameserver}"]\n'
+        ),
+        None,
+        root,
+    )
     auth = MailAuth(cfg, reactor, server_resolver(cfg.nameservers, reactor))
     auth.startService()
     body = "".join(f"line {i} of a message body of moderate size\r\n" for i in range(100))
-    msgs = [dkim_sign(dkim_sign(message("a@good.test", body=body), "good.test", "r", rsa_key()),
-                      "good.test", "e", ed25519_key()) for _ in range(n)]
+    msgs = [
+        dkim_sign(
+            dkim_sign(message("a@good.test", body=body), "good.test", "r", rsa_key()),
+            "good.test",
+            "e",
+            ed25519_key(),
+        )
+        for _ in range(n)
+    ]
 
     gaps: list[float] = []
     last = [time.monotonic()]
@@ -60,8 +75,10 @@ async def run(reactor, n: int, concurrency: int) -> None:
     loop = task.LoopingCall(tick)
     loop.start(0.005)
     await task.deferLater(reactor, 2.0, lambda: None)
-    print(f"idle reactor (noise floor of this machine): longest gap "
-          f"{max(gaps[1:]) * 1000:.1f} ms in 2 s")
+    print(
+        f"idle reactor (noise floor of this machine): longest gap "
+        f"{max(gaps[1:]) * 1000:.1f} ms in 2 s"
+    )
     gaps.clear()
     last[0] = time.monotonic()
     latencies: list[float] = []
@@ -78,10 +95,14 @@ async def run(reactor, n: int, concurrency: int) -> None:
     elapsed = time.monotonic() - started
     check_stall = max(gaps[1:]) if len(gaps) > 1 else 0.0
     latencies.sort()
-    print(f"checks: {n / elapsed:.0f} messages/s ({n} messages, {concurrency} at a time; "
-          "SPF + 2 DKIM + DMARC + ARC each)")
-    print(f"  latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms")
+    print(
+        f"checks: {n / elapsed:.0f} messages/s ({n} messages, {concurrency} at a time; "
+        "SPF + 2 DKIM + DMARC + ARC each)"
+    )
+    print(
+        f"  latency p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:.1f} ms"
+    )
     print(f"  reactor's longest stall: {check_stall * 1000:.1f} ms")
 
     KeyStore(cfg.dkim_dir).generate("good.test", "r1", "rsa")
@@ -93,8 +114,10 @@ async def run(reactor, n: int, concurrency: int) -> None:
     signed = await defer.gatherResults([sem.run(auth.sign, m) for m in plain])
     elapsed = time.monotonic() - started
     assert all(s.count(b"DKIM-Signature:") == 2 for s in signed)
-    print(f"signing: {n / elapsed:.0f} messages/s (rsa-sha256 2048 + ed25519-sha256 each); "
-          f"reactor's longest stall {max(gaps[1:]) * 1000:.1f} ms")
+    print(
+        f"signing: {n / elapsed:.0f} messages/s (rsa-sha256 2048 + ed25519-sha256 each); "
+        f"reactor's longest stall {max(gaps[1:]) * 1000:.1f} ms"
+    )
     loop.stop()
     await auth.stopService()
     await server.stop()

@@ -79,9 +79,11 @@ def messages(n: int, domains: int, size: int) -> list[tuple[str, bytes]]:
     line = b"Body line of text for the benchmark, with nothing special in it.\r\n"
     for i in range(n):
         dom = f"d{i % domains}.test"
-        head = (f"From: Load <load@{dom}>\r\nTo: <{RCPT}>\r\nSubject: quarterly numbers {i}\r\n"
-                f"Message-ID: <{i}.{time.time_ns()}@{dom}>\r\n"
-                "Date: Tue, 1 Oct 2024 10:00:00 +0000\r\n\r\n").encode()
+        head = (
+            f"From: Load <load@{dom}>\r\nTo: <{RCPT}>\r\nSubject: quarterly numbers {i}\r\n"
+            f"Message-ID: <{i}.{time.time_ns()}@{dom}>\r\n"
+            "Date: Tue, 1 Oct 2024 10:00:00 +0000\r\n\r\n"
+        ).encode()
         msg = head + line * max(1, (size - len(head)) // len(line))
         msg = dkim_sign(dkim_sign(msg, dom, "r", rsa_key()), dom, "e", ed25519_key())
         out.append((f"load@{dom}", msg))
@@ -115,19 +117,23 @@ def scrape(web_port: int) -> dict[str, float]:
 
 def late_ticks(before: dict[str, float], after: dict[str, float]) -> tuple[int, str]:
     """Ticks more than STALL late during the trial, and the bucket of the latest tick."""
+
     def bucket(le: str) -> float:
         key = f'mailsuite_reactor_tick_lag_seconds_bucket{{le="{le}"}}'
         return after[key] - before[key]
 
-    total = after["mailsuite_reactor_tick_lag_seconds_count"] - \
-        before["mailsuite_reactor_tick_lag_seconds_count"]
+    total = (
+        after["mailsuite_reactor_tick_lag_seconds_count"]
+        - before["mailsuite_reactor_tick_lag_seconds_count"]
+    )
     les = [k.split('"')[1] for k in after if k.startswith("mailsuite_reactor_tick_lag_seconds_b")]
     worst = next((le for le in les if bucket(le) == total), "+Inf")
     return int(total - bucket(repr(STALL))), worst
 
 
-def trial(server: dict, msgs: list[tuple[str, bytes]], sessions: int) -> tuple[float, float,
-                                                                                  int, str, float]:
+def trial(
+    server: dict, msgs: list[tuple[str, bytes]], sessions: int
+) -> tuple[float, float, int, str, float]:
     """msgs/s, the lag gauge at the end, ticks late by more than STALL, the worst tick's
     bucket, and the server's CPU milliseconds per message (robust on a shared machine, where
     msgs/s also depends on what else runs)."""
@@ -143,8 +149,9 @@ def trial(server: dict, msgs: list[tuple[str, bytes]], sessions: int) -> tuple[f
             raise SystemExit(f"only {count(box)}/{len(msgs)} messages in {box}")
         time.sleep(0.01)
     rate = len(msgs) / (time.perf_counter() - t0)
-    user, system = (1000 * (b - a) / len(msgs)
-                    for a, b in zip(cpu, cpu_seconds(server["pid"]), strict=True))
+    user, system = (
+        1000 * (b - a) / len(msgs) for a, b in zip(cpu, cpu_seconds(server["pid"]), strict=True)
+    )
     cpu_ms = user + system
     server["split"] = f"user {user:.2f} + sys {system:.2f}"
     after = scrape(server["web"])
@@ -158,9 +165,16 @@ def check_results(box: Path) -> str:
     """The Authentication-Results field of one delivered message (it must say pass)."""
     f = next(p for sub in ("new", "cur") for p in (box / sub).iterdir())
     head = f.read_bytes().split(b"\n\n", 1)[0].decode()
-    lines = head[head.index("Authentication-Results:"):].splitlines()
-    field = "\n".join([lines[0], *next(([*lines[1:i]] for i in range(1, len(lines))
-                                           if not lines[i][:1].isspace()), lines[1:])])
+    lines = head[head.index("Authentication-Results:") :].splitlines()
+    field = "\n".join(
+        [
+            lines[0],
+            *next(
+                ([*lines[1:i]] for i in range(1, len(lines)) if not lines[i][:1].isspace()),
+                lines[1:],
+            ),
+        ]
+    )
     for want in ("spf=pass", "dkim=pass", "dmarc=pass"):
         if want not in field:
             raise SystemExit(f"the checks did not pass ({want} missing):\n{field}")
@@ -168,20 +182,34 @@ def check_results(box: Path) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--msgs", type=int, default=500)
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--domains", type=int, default=20)
-    p.add_argument("--ttl", type=int, default=300, help="TTL of every DNS record (1: the "
-                   "server's cache keeps nothing past a second, nearly every check asks)")
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=300,
+        help="TTL of every DNS record (1: the "
+        "server's cache keeps nothing past a second, nearly every check asks)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the servers' directory")
-    p.add_argument("--code", metavar="DIR", help="run the servers from another checkout "
-                   "(PYTHONPATH=DIR; to compare with an older version in the same conditions)")
-    p.add_argument("--profile", metavar="FILE", help="py-spy record the 'on' server's first "
-                   "round into FILE (raw folded stacks; py-spy must be installed)")
+    p.add_argument(
+        "--code",
+        metavar="DIR",
+        help="run the servers from another checkout "
+        "(PYTHONPATH=DIR; to compare with an older version in the same conditions)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy record the 'on' server's first "
+        "round into FILE (raw folded stacks; py-spy must be installed)",
+    )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mailsuite-mailauth-smtp."))
     target = [sys.executable, str(HERE / "mailsuite_target.py")]
@@ -197,16 +225,27 @@ def main() -> None:
             started.append(d)
             toml = f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n{extra}'
             env = dict(os.environ, PYTHONPATH=a.code) if a.code else None
-            out = subprocess.run([*target, "start", "--dir", str(d), "--services", "smtp,web",
-                                  "--extra-toml", toml],
-                                 check=True, capture_output=True, text=True, env=env).stdout
+            out = subprocess.run(
+                [*target, "start", "--dir", str(d), "--services", "smtp,web", "--extra-toml", toml],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
             ms = dict(line.split("=", 1) for line in out.split())
-            servers[name] = {"smtp": int(ms["MS_SMTP_PORT"]), "web": int(ms["MS_WEB_PORT"]),
-                             "box": d / "data" / "mail" / DOMAIN / "bench", "pid": ms["MS_PID"]}
+            servers[name] = {
+                "smtp": int(ms["MS_SMTP_PORT"]),
+                "web": int(ms["MS_WEB_PORT"]),
+                "box": d / "data" / "mail" / DOMAIN / "bench",
+                "pid": ms["MS_PID"],
+            }
         t = time.perf_counter()
         msgs = messages(a.msgs, a.domains, a.size)
-        print(f"{a.msgs} messages signed (rsa-sha256 + ed25519-sha256) in "
-              f"{time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"{a.msgs} messages signed (rsa-sha256 + ed25519-sha256) in "
+            f"{time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
         for name in ("off", "on"):  # warm up (imports, DNS cache of nothing, thread pools)
             trial(servers[name], msgs[: max(50, a.msgs // 5)], a.sessions)
         print("on:", check_results(servers["on"]["box"]), flush=True)
@@ -219,10 +258,22 @@ def main() -> None:
             for name in order:
                 spy = None
                 if a.profile and name == "on" and r == 0:
-                    spy = subprocess.Popen(["py-spy", "record", "-p", servers["on"]["pid"],
-                                            "-f", "raw", "-o", a.profile, "--threads",
-                                            "--nonblocking"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    spy = subprocess.Popen(
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            servers["on"]["pid"],
+                            "-f",
+                            "raw",
+                            "-o",
+                            a.profile,
+                            "--threads",
+                            "--nonblocking",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     time.sleep(1)
                 rate, stall, late, worst, cpu_ms = trial(servers[name], msgs, a.sessions)
                 cpus[name].append(cpu_ms)
@@ -231,21 +282,25 @@ def main() -> None:
                     spy.wait(60)
                 rates[name].append(rate)
                 stalls[name].append(stall)
-                cells[name] = (f"{name} {rate:6.1f} msgs/s (CPU ms/msg {servers[name]['split']}), "
-                               f"stall {stall * 1000:5.1f} ms "
-                               f"(ticks >{STALL * 1000:.0f} ms late: {late}, worst <= {worst} s)")
+                cells[name] = (
+                    f"{name} {rate:6.1f} msgs/s (CPU ms/msg {servers[name]['split']}), "
+                    f"stall {stall * 1000:5.1f} ms "
+                    f"(ticks >{STALL * 1000:.0f} ms late: {late}, worst <= {worst} s)"
+                )
             print(f"round {r + 1}: {cells['off']}   {cells['on']}", flush=True)
         base, on = statistics.median(rates["off"]), statistics.median(rates["on"])
         ratios = [b / c for b, c in zip(rates["on"], rates["off"], strict=True)]
-        print(f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.domains} domains, "
-              f"TTL {a.ttl} s, "
-              f"{a.rounds} rounds (median msgs/s): off {base:.1f}, on {on:.1f}, "
-              f"ratio {on / base:.2f}x (per round {min(ratios):.2f}-{max(ratios):.2f}); "
-              f"longest stall: on {max(stalls['on']) * 1000:.1f} ms, "
-              f"off {max(stalls['off']) * 1000:.1f} ms; server CPU per message (median): "
-              f"off {statistics.median(cpus['off']):.2f} ms, "
-              f"on {statistics.median(cpus['on']):.2f} ms, CPU ratio off/on "
-              f"{statistics.median(cpus['off']) / statistics.median(cpus['on']):.2f}x")
+        print(
+            f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.domains} domains, "
+            f"TTL {a.ttl} s, "
+            f"{a.rounds} rounds (median msgs/s): off {base:.1f}, on {on:.1f}, "
+            f"ratio {on / base:.2f}x (per round {min(ratios):.2f}-{max(ratios):.2f}); "
+            f"longest stall: on {max(stalls['on']) * 1000:.1f} ms, "
+            f"off {max(stalls['off']) * 1000:.1f} ms; server CPU per message (median): "
+            f"off {statistics.median(cpus['off']):.2f} ms, "
+            f"on {statistics.median(cpus['on']):.2f} ms, CPU ratio off/on "
+            f"{statistics.median(cpus['off']) / statistics.median(cpus['on']):.2f}x"
+        )
     finally:
         for d in started:
             subprocess.run([*target, "stop", "--dir", str(d)], check=False)

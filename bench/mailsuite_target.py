@@ -173,8 +173,11 @@ def main() -> None:
     s.add_argument("--domain", default=os.environ.get("BENCH_DOMAIN", "example.test"))
     s.add_argument("--password", default=os.environ.get("BENCH_PASS", "benchpass"))
     s.add_argument("--python", default=os.environ.get("MAILSUITE_PYTHON", sys.executable))
-    s.add_argument("--workers", default=os.environ.get("MAILSUITE_WORKERS", "1"),
-                   help='[server] workers: a number or "auto" (default 1, or $MAILSUITE_WORKERS)')
+    s.add_argument(
+        "--workers",
+        default=os.environ.get("MAILSUITE_WORKERS", "1"),
+        help='[server] workers: a number or "auto" (default 1, or $MAILSUITE_WORKERS)',
+    )
     s.add_argument("--extra-toml", default="", help="TOML appended to the config (new sections)")
     p = sub.add_parser("stop")
     p.add_argument("--dir", required=True)

@@ -58,8 +58,9 @@ def accounting_cost(n: int = 5000) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--msgs", type=int, default=1000)
     p.add_argument("--sessions", type=int, default=20)
@@ -71,22 +72,34 @@ def main() -> None:
     try:
         # Mail authentication off, as in sieve_smtp.py: its DNS waits would hide the cost.
         off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
-        out = subprocess.run([*target, "start", "--dir", str(work), "--services", "smtp",
-                              "--extra-toml", off],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*target, "start", "--dir", str(work), "--services", "smtp", "--extra-toml", off],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         env = dict(line.split("=", 1) for line in out.split())
         port = int(env["MS_SMTP_PORT"])
         cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
         quota_user = f"quota@{DOMAIN}"
-        subprocess.run([*cli, "user", "add", quota_user, "--password-stdin"],
-                       input="benchpass\n", text=True, check=True, capture_output=True)
-        subprocess.run([*cli, "user", "quota", quota_user, "100G"],
-                       text=True, check=True, capture_output=True)
+        subprocess.run(
+            [*cli, "user", "add", quota_user, "--password-stdin"],
+            input="benchpass\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*cli, "user", "quota", quota_user, "100G"], text=True, check=True, capture_output=True
+        )
         mail = work / "data" / "mail" / DOMAIN
-        targets = {"quota off": (f"bench@{DOMAIN}", mail / "bench"),
-                   "quota on": (quota_user, mail / "quota")}
-        if (mail / "bench" / "maildirsize").exists() or \
-                not (mail / "quota" / "maildirsize").exists():
+        targets = {
+            "quota off": (f"bench@{DOMAIN}", mail / "bench"),
+            "quota on": (quota_user, mail / "quota"),
+        }
+        if (mail / "bench" / "maildirsize").exists() or not (
+            mail / "quota" / "maildirsize"
+        ).exists():
             raise SystemExit("the users' quota files are not as the benchmark needs")
         for _, box in targets.values():
             for sub in ("new", "cur", "tmp"):
@@ -98,23 +111,32 @@ def main() -> None:
             for name in order:
                 rcpt, box = targets[name]
                 rates[name].append(trial(port, box, rcpt, a))
-            print(f"round {r + 1}: " + "   ".join(
-                f"{name} {rates[name][-1]:7.1f} msgs/s" for name in targets), flush=True)
+            print(
+                f"round {r + 1}: "
+                + "   ".join(f"{name} {rates[name][-1]:7.1f} msgs/s" for name in targets),
+                flush=True,
+            )
         off_rate = statistics.median(rates["quota off"])
         on_rate = statistics.median(rates["quota on"])
         counted = (mail / "quota" / "maildirsize").read_text().splitlines()
         messages = sum(int(line.split()[1]) for line in counted[1:] if len(line.split()) == 2)
         if messages < a.rounds * a.msgs:
-            raise SystemExit(f"the quota file counted {messages} messages, not "
-                             f"{a.rounds * a.msgs}: is the server running this tree? "
-                             "(run with PYTHONPATH=. from a worktree)")
-        print(f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
-              f"(median msgs/s): quota off {off_rate:.1f}, quota on {on_rate:.1f}, "
-              f"ratio {on_rate / off_rate:.2f}x  (quota file: {len(counted)} lines, "
-              f"{messages} messages counted)")
+            raise SystemExit(
+                f"the quota file counted {messages} messages, not "
+                f"{a.rounds * a.msgs}: is the server running this tree? "
+                "(run with PYTHONPATH=. from a worktree)"
+            )
+        print(
+            f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
+            f"(median msgs/s): quota off {off_rate:.1f}, quota on {on_rate:.1f}, "
+            f"ratio {on_rate / off_rate:.2f}x  (quota file: {len(counted)} lines, "
+            f"{messages} messages counted)"
+        )
         cost = accounting_cost()
-        print(f"in process: {cost:.0f} us of quota work per message "
-              f"({cost / 1e6 * on_rate * 100:.1f}% of one core at {on_rate:.0f} msgs/s)")
+        print(
+            f"in process: {cost:.0f} us of quota work per message "
+            f"({cost / 1e6 * on_rate * 100:.1f}% of one core at {on_rate:.0f} msgs/s)"
+        )
     finally:
         subprocess.run([*target, "stop", "--dir", str(work)], check=False)
         if not a.keep:

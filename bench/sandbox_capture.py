@@ -51,8 +51,10 @@ def free_port() -> int:
 
 
 def body(size: int, n: int) -> bytes:
-    head = (f"From: App <app@example.org>\r\nTo: {USER}\r\nSubject: capture {n}\r\n"
-            f"Message-ID: <bench-{n}@example.org>\r\n\r\n").encode()
+    head = (
+        f"From: App <app@example.org>\r\nTo: {USER}\r\nSubject: capture {n}\r\n"
+        f"Message-ID: <bench-{n}@example.org>\r\n\r\n"
+    ).encode()
     line = b"The quick brown fox jumps over the lazy dog, again and again.\r\n"
     text = (line * (size // len(line) + 1))[: max(0, size - len(head))]
     return head + text
@@ -72,9 +74,12 @@ async def one_message(port: int, data: bytes) -> None:
                 return
 
     await expect(b"220")
-    for command, code in ((b"EHLO bench.example\r\n", b"250"),
-                          (b"MAIL FROM:<app@example.org>\r\n", b"250"),
-                          (f"RCPT TO:<{USER}>\r\n".encode(), b"250"), (b"DATA\r\n", b"354")):
+    for command, code in (
+        (b"EHLO bench.example\r\n", b"250"),
+        (b"MAIL FROM:<app@example.org>\r\n", b"250"),
+        (f"RCPT TO:<{USER}>\r\n".encode(), b"250"),
+        (b"DATA\r\n", b"354"),
+    ):
         writer.write(command)
         await expect(code)
     writer.write(data + b"\r\n.\r\n")
@@ -105,8 +110,11 @@ async def load(port: int, messages: int, sessions: int, size: int) -> float:
 
 
 def count_files(folder: Path) -> int:
-    return sum(sum(1 for _ in (folder / sub).iterdir()) for sub in ("new", "cur")
-               if (folder / sub).is_dir())
+    return sum(
+        sum(1 for _ in (folder / sub).iterdir())
+        for sub in ("new", "cur")
+        if (folder / sub).is_dir()
+    )
 
 
 def api_total(web_port: int) -> int:
@@ -139,12 +147,29 @@ class Target:
     def start(self) -> None:
         config = str(self.root / "mailsuite.toml")
         if self.mode == "server":
-            subprocess.run([sys.executable, "-m", "mailsuite.cli", "--config", config, "user",
-                            "add", USER, "--password-stdin"], input=b"benchpass\n", check=True,
-                           capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mailsuite.cli",
+                    "--config",
+                    config,
+                    "user",
+                    "add",
+                    USER,
+                    "--password-stdin",
+                ],
+                input=b"benchpass\n",
+                check=True,
+                capture_output=True,
+            )
         self.proc = subprocess.Popen(
-            mailsuite_argv(config, logfile=str(self.root / "twistd.log")), cwd=self.root,
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            mailsuite_argv(config, logfile=str(self.root / "twistd.log")),
+            cwd=self.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 30
         ports = [self.smtp] + ([self.web] if self.mode == "sandbox" else [])
         for port in ports:
@@ -199,7 +224,8 @@ def main() -> None:
     a = p.parse_args()
     base = Path(tempfile.mkdtemp(prefix="mailsuite-sandbox-bench."))
     results: dict[str, dict[str, list[float]]] = {
-        m: {"accepted": [], "visible": []} for m in ("server", "sandbox")}
+        m: {"accepted": [], "visible": []} for m in ("server", "sandbox")
+    }
     try:
         for r in range(a.rounds):
             order = ("server", "sandbox") if r % 2 == 0 else ("sandbox", "server")
@@ -207,22 +233,28 @@ def main() -> None:
                 accepted, visible = run_round(mode, base, r, a)
                 results[mode]["accepted"].append(accepted)
                 results[mode]["visible"].append(visible)
-                print(f"round {r + 1} {mode:7}: accepted {accepted:7.1f} msgs/s, "
-                      f"visible {visible:7.1f} msgs/s", flush=True)
+                print(
+                    f"round {r + 1} {mode:7}: accepted {accepted:7.1f} msgs/s, "
+                    f"visible {visible:7.1f} msgs/s",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
     def fmt(values: list[float]) -> str:
         return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
-    print(f"\n{a.messages} messages x {a.size} B, {a.sessions} sessions, {a.rounds} rounds, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n{a.messages} messages x {a.size} B, {a.sessions} sessions, {a.rounds} rounds, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print("| mode | accepted (last 250) msgs/s | visible msgs/s |")
     print("|---|---|---|")
     for mode in ("server", "sandbox"):
         print(f"| {mode} | {fmt(results[mode]['accepted'])} | {fmt(results[mode]['visible'])} |")
-    ratio = (statistics.median(results["sandbox"]["accepted"])
-             / statistics.median(results["server"]["accepted"]))
+    ratio = statistics.median(results["sandbox"]["accepted"]) / statistics.median(
+        results["server"]["accepted"]
+    )
     print(f"sandbox / server (accepted): {ratio:.2f}x")
     if a.out:
         Path(a.out).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))

@@ -26,8 +26,9 @@ RULES = ['require ["fileinto", "envelope", "subaddress", "imap4flags", "variable
 for i in range(50):
     kind = i % 5
     if kind == 0:
-        RULES.append(f'if header :contains "subject" "[list-{i}]" '
-                     f'{{ fileinto "Lists.l{i}"; stop; }}')
+        RULES.append(
+            f'if header :contains "subject" "[list-{i}]" {{ fileinto "Lists.l{i}"; stop; }}'
+        )
     elif kind == 1:
         RULES.append(f'if address :domain :is "from" "sender{i}.example" {{ fileinto "F{i}"; }}')
     elif kind == 2:
@@ -70,8 +71,10 @@ def main() -> None:
         store.activate("rules")
         rules = timed(root, msg, n)
     for name, times in (("no script", none), ("50 rules", rules)):
-        print(f"{name:10} median {statistics.median(times) * 1e6:8.1f} us   "
-              f"p95 {sorted(times)[int(len(times) * 0.95)] * 1e6:8.1f} us")
+        print(
+            f"{name:10} median {statistics.median(times) * 1e6:8.1f} us   "
+            f"p95 {sorted(times)[int(len(times) * 0.95)] * 1e6:8.1f} us"
+        )
 
 
 if __name__ == "__main__":

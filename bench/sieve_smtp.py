@@ -39,9 +39,11 @@ DOMAIN = "example.test"
 
 
 def message(size: int, n: int) -> bytes:
-    head = (f"From: Load <load@example.org>\r\nTo: <someone@{DOMAIN}>\r\n"
-            f"Subject: quarterly numbers {n}\r\nMessage-ID: <{n}.{time.time_ns()}@example.org>\r\n"
-            "X-Mailer: bench\r\nDate: Tue, 1 Oct 2024 10:00:00 +0000\r\n\r\n").encode()
+    head = (
+        f"From: Load <load@example.org>\r\nTo: <someone@{DOMAIN}>\r\n"
+        f"Subject: quarterly numbers {n}\r\nMessage-ID: <{n}.{time.time_ns()}@example.org>\r\n"
+        "X-Mailer: bench\r\nDate: Tue, 1 Oct 2024 10:00:00 +0000\r\n\r\n"
+    ).encode()
     line = b"Body line of text for the benchmark, with nothing special in it.\r\n"
     return head + line * max(1, (size - len(head)) // len(line))
 
@@ -60,9 +62,13 @@ async def one(port: int, rcpt: str, data: bytes, sender: str = "load@example.org
                 return line
 
     try:
-        for cmd, want in ((None, b"220"), (b"EHLO client.example.org", b"250"),
-                          (f"MAIL FROM:<{sender}>".encode(), b"250"),
-                          (f"RCPT TO:<{rcpt}>".encode(), b"250"), (b"DATA", b"354")):
+        for cmd, want in (
+            (None, b"220"),
+            (b"EHLO client.example.org", b"250"),
+            (f"MAIL FROM:<{sender}>".encode(), b"250"),
+            (f"RCPT TO:<{rcpt}>".encode(), b"250"),
+            (b"DATA", b"354"),
+        ):
             if cmd is not None:
                 writer.write(cmd + b"\r\n")
             got = await reply()
@@ -107,8 +113,9 @@ def cpu_seconds(pid: str) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def trial(port: int, box: Path, rcpt: str, a: argparse.Namespace,
-          pid: str | None = None) -> tuple[float, float]:
+def trial(
+    port: int, box: Path, rcpt: str, a: argparse.Namespace, pid: str | None = None
+) -> tuple[float, float]:
     """msgs/s, and the server's CPU milliseconds (user + system) per message: on a machine
     shared with other work msgs/s follows the load, the CPU a message costs much less."""
     clear(box)
@@ -126,8 +133,9 @@ def trial(port: int, box: Path, rcpt: str, a: argparse.Namespace,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--msgs", type=int, default=1000)
     p.add_argument("--sessions", type=int, default=20)
@@ -141,20 +149,35 @@ def main() -> None:
         # waits (the load comes from 127.0.0.1, not a trusted network) would hide what Sieve
         # costs.
         off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
-        out = subprocess.run([*target, "start", "--dir", str(work), "--services", "smtp",
-                              "--extra-toml", off],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*target, "start", "--dir", str(work), "--services", "smtp", "--extra-toml", off],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         env = dict(line.split("=", 1) for line in out.split())
         port = int(env["MS_SMTP_PORT"])
         cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
         sieve_user = f"sieve@{DOMAIN}"
-        subprocess.run([*cli, "user", "add", sieve_user, "--password-stdin"],
-                       input="benchpass\n", text=True, check=True, capture_output=True)
-        subprocess.run([*cli, "sieve", "put", sieve_user, "rules", "-", "--activate"],
-                       input=SCRIPT, text=True, check=True, capture_output=True)
+        subprocess.run(
+            [*cli, "user", "add", sieve_user, "--password-stdin"],
+            input="benchpass\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*cli, "sieve", "put", sieve_user, "rules", "-", "--activate"],
+            input=SCRIPT,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
         mail = work / "data" / "mail" / DOMAIN
-        targets = {"no script": (f"bench@{DOMAIN}", mail / "bench"),
-                   "50 rules": (sieve_user, mail / "sieve")}
+        targets = {
+            "no script": (f"bench@{DOMAIN}", mail / "bench"),
+            "50 rules": (sieve_user, mail / "sieve"),
+        }
         for _, box in targets.values():
             for sub in ("new", "cur", "tmp"):
                 (box / sub).mkdir(parents=True, exist_ok=True)
@@ -170,19 +193,26 @@ def main() -> None:
                 rate, cpu_ms = trial(port, box, rcpt, a, pid)
                 rates[name].append(rate)
                 cpus[name].append(cpu_ms)
-            print(f"round {r + 1}: " + "   ".join(
-                f"{name} {rates[name][-1]:7.1f} msgs/s ({cpus[name][-1]:.2f} CPU ms/msg)"
-                for name in targets), flush=True)
+            print(
+                f"round {r + 1}: "
+                + "   ".join(
+                    f"{name} {rates[name][-1]:7.1f} msgs/s ({cpus[name][-1]:.2f} CPU ms/msg)"
+                    for name in targets
+                ),
+                flush=True,
+            )
         base = statistics.median(rates["no script"])
         with_script = statistics.median(rates["50 rules"])
         ratios = [b / c for b, c in zip(rates["50 rules"], rates["no script"], strict=True)]
         cpu_base = statistics.median(cpus["no script"])
         cpu_script = statistics.median(cpus["50 rules"])
-        print(f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
-              f"(median msgs/s): no script {base:.1f}, 50 rules {with_script:.1f}, "
-              f"ratio {with_script / base:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}); "
-              f"server CPU ms/msg (median): no script {cpu_base:.2f}, 50 rules "
-              f"{cpu_script:.2f}, CPU ratio {cpu_base / cpu_script:.2f}x")
+        print(
+            f"\n{a.msgs} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds "
+            f"(median msgs/s): no script {base:.1f}, 50 rules {with_script:.1f}, "
+            f"ratio {with_script / base:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}); "
+            f"server CPU ms/msg (median): no script {cpu_base:.2f}, 50 rules "
+            f"{cpu_script:.2f}, CPU ratio {cpu_base / cpu_script:.2f}x"
+        )
     finally:
         subprocess.run([*target, "stop", "--dir", str(work)], check=False)
         if not a.keep:

@@ -64,8 +64,10 @@ def main() -> None:
             f"counted until the files are in the Maildir."
         )
         lines.append("")
-    lines.append("| size | msgs | postfix msgs/s | aiosmtpd msgs/s | mailsuite msgs/s "
-                 "| mailsuite accepted msgs/s | mailsuite/postfix | mailsuite/aiosmtpd |")
+    lines.append(
+        "| size | msgs | postfix msgs/s | aiosmtpd msgs/s | mailsuite msgs/s "
+        "| mailsuite accepted msgs/s | mailsuite/postfix | mailsuite/aiosmtpd |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     failed = []
     for kind, label in (("small", "4 KiB"), ("large", "1 MiB")):

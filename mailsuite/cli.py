@@ -72,15 +72,18 @@ def _apply_quota(cfg: Config, d: Directory, user: str) -> str:
     if usage is None:
         return f"{user}: no limit"
     size = quota.format_size
-    used = (f"{size(usage.bytes)} of {size(limit)} used ({usage.bytes * 100 // limit}%)"
-            if limit else f"{size(usage.bytes)} used (no size limit)")
-    count = f"{usage.messages} of {messages} messages" if messages else \
-        f"{usage.messages} messages"
+    used = (
+        f"{size(usage.bytes)} of {size(limit)} used ({usage.bytes * 100 // limit}%)"
+        if limit
+        else f"{size(usage.bytes)} used (no size limit)"
+    )
+    count = f"{usage.messages} of {messages} messages" if messages else f"{usage.messages} messages"
     return f"{user}: {used}, {count}"
 
 
-def _set_limits(args: argparse.Namespace,
-                setter: Callable[[int | None, bool], object], default_ok: bool) -> None:
+def _set_limits(
+    args: argparse.Namespace, setter: Callable[[int | None, bool], object], default_ok: bool
+) -> None:
     """Apply ``SIZE`` and ``--messages N`` from the command line through ``setter(limit,
     messages)``; ``default`` (users only) goes back to the domain's setting."""
     from mailsuite.store.quota import parse_size
@@ -108,10 +111,18 @@ def _user_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
     _set_limits(args, lambda n, m: d.set_user_quota(user, n, messages=m), default_ok=True)
     _, domain = user.rsplit("@", 1)
     own, own_messages = d.user_quota(user), d.user_quota(user, "quota_messages")
-    source = [("own size limit" if own is not None
-               else f"size: default of {domain} ({format_size(d.domain_quota(domain))})"),
-              ("own message limit" if own_messages is not None
-               else f"messages: default of {domain} ({d.domain_quota(domain, True)})")]
+    source = [
+        (
+            "own size limit"
+            if own is not None
+            else f"size: default of {domain} ({format_size(d.domain_quota(domain))})"
+        ),
+        (
+            "own message limit"
+            if own_messages is not None
+            else f"messages: default of {domain} ({d.domain_quota(domain, True)})"
+        ),
+    ]
     print(f"{_apply_quota(cfg, d, user)} [{'; '.join(source)}]")
     return 0
 
@@ -126,8 +137,10 @@ def _domain_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
         users[:] = d.set_domain_quota(domain, n or 0, messages=messages)
 
     _set_limits(args, setter, default_ok=False)
-    print(f"{domain}: default limits {format_size(d.domain_quota(domain))}, "
-          f"{d.domain_quota(domain, True)} messages (0 = none)")
+    print(
+        f"{domain}: default limits {format_size(d.domain_quota(domain))}, "
+        f"{d.domain_quota(domain, True)} messages (0 = none)"
+    )
     for user in sorted(users):
         print(_apply_quota(cfg, d, user))
     return 0
@@ -210,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_parser("del", help="remove a user (keeps the mail)").add_argument("address")
     us.add_parser("list", help="list users")
     uq = us.add_parser(
-        "quota", help="show or set a user's storage limit (20K, 500M, 1G; 0 = none; "
-        "default = the domain's) and message limit (--messages N)")
+        "quota",
+        help="show or set a user's storage limit (20K, 500M, 1G; 0 = none; "
+        "default = the domain's) and message limit (--messages N)",
+    )
     uq.add_argument("address")
     uq.add_argument("size", nargs="?")
-    uq.add_argument("--messages", help="the most messages the user may keep (0 = none; "
-                    "default = the domain's)")
+    uq.add_argument(
+        "--messages", help="the most messages the user may keep (0 = none; default = the domain's)"
+    )
     sa = us.add_parser("send-as", help="set the extra addresses a user may send as")
     sa.add_argument("address")
     sa.add_argument("addresses", nargs="*")

@@ -183,8 +183,9 @@ def _next_hop(reader: _Reader, key: str, text: str, default_port: int) -> tuple[
         mx = False
     else:
         if spec.count(":") > 1:
-            raise reader.fail(key, f"{text!r}: write an IPv6 address in brackets, "
-                                   "e.g. [2001:db8::25]:25")
+            raise reader.fail(
+                key, f"{text!r}: write an IPv6 address in brackets, e.g. [2001:db8::25]:25"
+            )
         host, colon, port_text = spec.partition(":")
         rest = colon + port_text
         mx = True
@@ -221,9 +222,7 @@ def _password(reader: _Reader, base: Path, key: str, file_key: str) -> str | Non
     return lines[0]
 
 
-def _routes(
-    relay_r: _Reader, base: Path, mx_port: int, mx_verify: bool
-) -> tuple[RelayRoute, ...]:
+def _routes(relay_r: _Reader, base: Path, mx_port: int, mx_verify: bool) -> tuple[RelayRoute, ...]:
     """``[relay] routes``: recipient domain (``example.org``, ``.example.org`` for its
     subdomains, ``*``) -> ``"host:port"`` or a table with ``host`` and the optional ``tls``,
     ``tls_verify``, ``user``, ``password`` / ``password_file``."""
@@ -237,8 +236,11 @@ def _routes(
         if pattern_text == "*":
             pattern = "*"
         elif "*" in pattern_text:
-            raise relay_r.fail("routes", f"{pattern_text!r}: write .example.org for the "
-                                         'subdomains of example.org, or "*" for every domain')
+            raise relay_r.fail(
+                "routes",
+                f"{pattern_text!r}: write .example.org for the "
+                'subdomains of example.org, or "*" for every domain',
+            )
         else:
             sub = pattern_text.startswith(".")
             pattern = ("." if sub else "") + _domain(relay_r, "routes", pattern_text[sub:])
@@ -258,12 +260,18 @@ def _routes(
         if password is not None and user is None:
             raise r.fail("user", "missing: a password needs the user name to log in with")
         if user is not None and tls not in ("required", "implicit"):
-            raise r.fail("tls", 'AUTH needs tls = "required" or "implicit" (a password '
-                                "is never sent in clear text)")
+            raise r.fail(
+                "tls",
+                'AUTH needs tls = "required" or "implicit" (a password '
+                "is never sent in clear text)",
+            )
         if any(o.pattern == pattern for o in out):
             raise relay_r.fail("routes", f"{pattern_text!r} is given twice")
-        out.append(RelayRoute(pattern, host, port, mx, tls, verify, user,
-                              (password or "") if user else None))
+        out.append(
+            RelayRoute(
+                pattern, host, port, mx, tls, verify, user, (password or "") if user else None
+            )
+        )
     return tuple(out)
 
 
@@ -314,9 +322,13 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     raw = server.get("workers", (int, str), "auto")  # "auto" is 0: mailsuite.workers.count
     workers = 0 if raw == "auto" else raw
     if isinstance(workers, (str, bool)) or not (
-            raw == "auto" or 1 <= workers <= (1 if mode == "sandbox" else 64)):
-        raise server.fail("workers", 'expected "auto" or a number from 1 to 64 (1 in sandbox '
-                          f"mode: one process holds its events and waiters), got {workers!r}")
+        raw == "auto" or 1 <= workers <= (1 if mode == "sandbox" else 64)
+    ):
+        raise server.fail(
+            "workers",
+            'expected "auto" or a number from 1 to 64 (1 in sandbox '
+            f"mode: one process holds its events and waiters), got {workers!r}",
+        )
     server.finish()
 
     listen_r = _Reader(where, "listen", data.get("listen", {}))
@@ -398,20 +410,28 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         raise relay_r.fail("tls_ca", f"{tls_ca} does not exist or is not a file")
     tls_verify = relay_r.get("tls_verify", bool, False)
     smarthost_user = relay_r.get("smarthost_user", str, "") or None
-    smarthost_password = _password(relay_r, base, "smarthost_password",
-                                   "smarthost_password_file")
+    smarthost_password = _password(relay_r, base, "smarthost_password", "smarthost_password_file")
     smarthost_verify = relay_r.get("smarthost_verify", bool, True)
     routes = _routes(relay_r, base, mx_port, tls_verify)
     if smarthost_hop is not None:
         if any(r.pattern == "*" for r in routes):
-            raise relay_r.fail("smarthost", 'both smarthost and routes."*" are set; they are '
-                               'the same thing: keep one of them')
+            raise relay_r.fail(
+                "smarthost",
+                'both smarthost and routes."*" are set; they are the same thing: keep one of them',
+            )
         host, port, _mx = smarthost_hop
-        routes += (RelayRoute(
-            "*", host, port, mx=False, tls=smarthost_tls, tls_verify=smarthost_verify,
-            user=smarthost_user,
-            password=(smarthost_password or "") if smarthost_user else None,
-        ),)
+        routes += (
+            RelayRoute(
+                "*",
+                host,
+                port,
+                mx=False,
+                tls=smarthost_tls,
+                tls_verify=smarthost_verify,
+                user=smarthost_user,
+                password=(smarthost_password or "") if smarthost_user else None,
+            ),
+        )
     relay = RelayConfig(
         trusted_networks=tuple(nets),
         port=mx_port,
@@ -432,8 +452,11 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     relay_r.finish()
     for route in routes:
         if route.pattern in local:
-            raise relay_r.fail("routes", f"{route.pattern!r} is a local domain ([domains] "
-                                         "local): its mail is delivered here, never routed")
+            raise relay_r.fail(
+                "routes",
+                f"{route.pattern!r} is a local domain ([domains] "
+                "local): its mail is delivered here, never routed",
+            )
 
     auth_r = _Reader(where, "auth", data.get("auth", {}))
     auth = AuthConfig(
@@ -486,7 +509,8 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
         vacation_max_period=sieve_r.positive("vacation_max_period", d.vacation_max_period),
         max_connections=sieve_r.positive("max_connections", d.max_connections, 0),
         max_connections_per_ip=sieve_r.positive(
-            "max_connections_per_ip", d.max_connections_per_ip, 0),
+            "max_connections_per_ip", d.max_connections_per_ip, 0
+        ),
         login_timeout=sieve_r.positive("login_timeout", d.login_timeout),
     )
     if sieve.vacation_max_period < sieve.vacation_min_period:
@@ -513,8 +537,9 @@ def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
     dmarc_reject = auth_checks.get("dmarc_reject", str, MailAuthConfig.dmarc_reject)
     if dmarc_reject not in ("reject", "quarantine"):
         raise auth_checks.fail(
-            "dmarc_reject", f"{dmarc_reject!r}: expected 'reject' (550 5.7.26) or 'quarantine' "
-            "(deliver to Junk)")
+            "dmarc_reject",
+            f"{dmarc_reject!r}: expected 'reject' (550 5.7.26) or 'quarantine' (deliver to Junk)",
+        )
     mail_auth = MailAuthConfig(
         spf=auth_checks.get("spf", bool, True),
         dkim=auth_checks.get("dkim", bool, True),

@@ -34,7 +34,14 @@ __all__ = [
 ]
 
 SERVICES = (
-    "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
+    "smtp",
+    "submission",
+    "submissions",
+    "imap",
+    "imaps",
+    "pop3",
+    "pop3s",
+    "managesieve",
     "web",
 )
 
@@ -45,7 +52,6 @@ LOG_FORMATS = ("text", "json")
 
 #: ``[server] mode``: a mail server, or a capture server for testing applications (sandbox).
 MODES = ("server", "sandbox")
-
 
 
 class ConfigError(Exception):

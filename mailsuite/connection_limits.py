@@ -174,8 +174,11 @@ class Admission:
         else:
             _decrement(limits.per_userip, (self.user, self.ip))
         if limits.shared is not None:
-            last = limits._ip_key(self.ip) if self.user is None else limits._userip_key(
-                self.user, self.ip)
+            last = (
+                limits._ip_key(self.ip)
+                if self.user is None
+                else limits._userip_key(self.user, self.ip)
+            )
             limits.shared.release([f"{limits.service} total", last])
 
 

@@ -336,8 +336,14 @@ class IncomingMessage:
             discard(self.path)
             raise
         fanout = Fanout(
-            self.runtime, self.envelope, self.path, total, self._newlines,
-            received_offset=self.received_offset, can_refuse=True, folder=folder,
+            self.runtime,
+            self.envelope,
+            self.path,
+            total,
+            self._newlines,
+            received_offset=self.received_offset,
+            can_refuse=True,
+            folder=folder,
         )
         return fanout.run()
 
@@ -408,8 +414,15 @@ async def _send_reply(
             signature = await mail_auth.sign(data)
         except Exception:  # unsigned is better than not sent
             log.failure("delivery: signing a reply to {rcpt} failed", rcpt=recipient)
-    await blocking(partial(queue.enqueue_bytes, signature + data, sender, [recipient],
-                           smtputf8=not recipient.isascii()))
+    await blocking(
+        partial(
+            queue.enqueue_bytes,
+            signature + data,
+            sender,
+            [recipient],
+            smtputf8=not recipient.isascii(),
+        )
+    )
 
 
 def deliver_file(
@@ -434,8 +447,9 @@ def deliver_file(
 
     def in_thread() -> Outgoing:
         if not env.local:
-            _queue_of(runtime).enqueue_file(source, offset, sender, env.remote,
-                                            smtputf8=smtputf8, body_8bit=body_8bit)
+            _queue_of(runtime).enqueue_file(
+                source, offset, sender, env.remote, smtputf8=smtputf8, body_8bit=body_8bit
+            )
             return Outgoing()
         head = trace_head(sender, env.local[0].user)
         draft = copy_tmp(env.local[0].root, head, source, offset, make=True)
@@ -470,8 +484,15 @@ def deliver_bytes(
 
 
 def _fan_out(runtime: Any, env: Envelope, draft: Draft, received_offset: int) -> Outgoing:
-    fanout = Fanout(runtime, env, draft.path, draft.size, draft.wsize - draft.size,
-                    received_offset=received_offset, can_refuse=False)
+    fanout = Fanout(
+        runtime,
+        env,
+        draft.path,
+        draft.size,
+        draft.wsize - draft.size,
+        received_offset=received_offset,
+        can_refuse=False,
+    )
     return fanout.run()
 
 

@@ -173,13 +173,17 @@ class Fanout:
                 self._note(box, outcome)
             for folder, flags in targets:
                 if i == 0 and not first_used:
-                    draft = Draft(self.path, self.path.name, self.size,
-                                  self.size + self.crlf_extra)
+                    draft = Draft(self.path, self.path.name, self.size, self.size + self.crlf_extra)
                     first_used = True
                 else:
-                    draft = copy_tmp(folder, trace_head(env.sender, box.user), self.path,
-                                     self.received_offset, crlf_extra=self.crlf_extra,
-                                     make=True)
+                    draft = copy_tmp(
+                        folder,
+                        trace_head(env.sender, box.user),
+                        self.path,
+                        self.received_offset,
+                        crlf_extra=self.crlf_extra,
+                        make=True,
+                    )
                     self._drafts.append(draft.path)
                 plan.append((folder, Placement(draft, flags)))
         self._enqueue(redirects)
@@ -232,8 +236,9 @@ class Fanout:
             return
         log = self._out.log
         if outcome.error:
-            log.append(f"{box.user}: script {outcome.script!r} failed, message kept: "
-                       f"{outcome.error}")
+            log.append(
+                f"{box.user}: script {outcome.script!r} failed, message kept: {outcome.error}"
+            )
         log.extend(f"{box.user}: {n}" for n in outcome.notes)
         if any(isinstance(a, Discard) for a in outcome.actions):
             log.append(f"{box.user}: discarded by script {outcome.script!r}")
@@ -250,12 +255,14 @@ class Fanout:
             return
         sender = self.env.sender
         if not sender:
-            self._out.log.append(f"{box.user}: rejected by the Sieve script; null sender, "
-                                 "no notice")
+            self._out.log.append(
+                f"{box.user}: rejected by the Sieve script; null sender, no notice"
+            )
             return
         envelope = SieveEnvelope(sender, box.rcpt or box.user, box.user)
-        notice = rejection_message(refusal, envelope, self._original_head(),
-                                   self.runtime.config.hostname)
+        notice = rejection_message(
+            refusal, envelope, self._original_head(), self.runtime.config.hostname
+        )
         self._out.replies.append(QueuedReply("", sender, notice))
         self._out.log.append(f"{box.user}: rejected by the Sieve script; notice to {sender}")
 
@@ -281,12 +288,23 @@ class Fanout:
             # the others get the message now and these a queued local delivery, retried
             # while their mailbox is full (4.2.2) and bounced when the queue gives up --
             # what Postfix does when Dovecot's LMTP answers 452 4.2.2 for one of several.
-            queue.enqueue_file(self.path, self.received_offset, env.sender,
-                               [box.user for box in self._full],
-                               smtputf8=env.smtputf8, body_8bit=env.body_8bit)
+            queue.enqueue_file(
+                self.path,
+                self.received_offset,
+                env.sender,
+                [box.user for box in self._full],
+                smtputf8=env.smtputf8,
+                body_8bit=env.body_8bit,
+            )
         if env.remote:
-            queue.enqueue_file(self.path, self.received_offset, env.sender, env.remote,
-                               smtputf8=env.smtputf8, body_8bit=env.body_8bit)
+            queue.enqueue_file(
+                self.path,
+                self.received_offset,
+                env.sender,
+                env.remote,
+                smtputf8=env.smtputf8,
+                body_8bit=env.body_8bit,
+            )
         for i, box, addresses in redirects:
             # the first recipient's Delivered-To is in the file; the others' goes on top
             if i == 0:
@@ -294,8 +312,15 @@ class Fanout:
             else:
                 offset = self.received_offset
                 head = trace_head(env.sender, box.user)[self._return_path :]
-            queue.enqueue_file(self.path, offset, env.sender, addresses, head=head,
-                               smtputf8=env.smtputf8, body_8bit=env.body_8bit)
+            queue.enqueue_file(
+                self.path,
+                offset,
+                env.sender,
+                addresses,
+                head=head,
+                smtputf8=env.smtputf8,
+                body_8bit=env.body_8bit,
+            )
             self._out.log.append(f"{box.user}: redirected to {', '.join(addresses)}")
 
     def _place(self, plan: list[tuple[Path, Placement]]) -> list[Path]:

@@ -97,18 +97,64 @@ class GaugeFromCall(Collector):
 
 #: IMAP commands counted by name (RFC 3501, 9051 and the extensions served); any other
 #: word is counted as "other", so a client cannot grow the label set.
-IMAP_COMMANDS = frozenset({
-    "CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "AUTHENTICATE", "LOGIN", "SELECT",
-    "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
-    "STATUS", "APPEND", "NAMESPACE", "ENABLE", "IDLE", "CHECK", "CLOSE", "UNSELECT",
-    "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "GETQUOTA", "GETQUOTAROOT",
-    "SETQUOTA",
-})
+IMAP_COMMANDS = frozenset(
+    {
+        "CAPABILITY",
+        "NOOP",
+        "LOGOUT",
+        "ID",
+        "STARTTLS",
+        "AUTHENTICATE",
+        "LOGIN",
+        "SELECT",
+        "EXAMINE",
+        "CREATE",
+        "DELETE",
+        "RENAME",
+        "SUBSCRIBE",
+        "UNSUBSCRIBE",
+        "LIST",
+        "LSUB",
+        "STATUS",
+        "APPEND",
+        "NAMESPACE",
+        "ENABLE",
+        "IDLE",
+        "CHECK",
+        "CLOSE",
+        "UNSELECT",
+        "EXPUNGE",
+        "SEARCH",
+        "FETCH",
+        "STORE",
+        "COPY",
+        "MOVE",
+        "GETQUOTA",
+        "GETQUOTAROOT",
+        "SETQUOTA",
+    }
+)
 #: POP3 commands counted by name (RFC 1939, 2449, 2595, 5034); others are "other".
-POP3_COMMANDS = frozenset({
-    "USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "RETR", "DELE",
-    "NOOP", "RSET", "TOP", "UIDL", "UTF8",
-})
+POP3_COMMANDS = frozenset(
+    {
+        "USER",
+        "PASS",
+        "APOP",
+        "AUTH",
+        "STLS",
+        "CAPA",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "RETR",
+        "DELE",
+        "NOOP",
+        "RSET",
+        "TOP",
+        "UIDL",
+        "UTF8",
+    }
+)
 
 
 class Metrics:
@@ -123,7 +169,10 @@ class Metrics:
         )
         #: Connections open now, by listener.
         self.connections_open = Gauge(
-            f"{PREFIX}_connections_open", "Connections open now.", ["listener"], registry=r,
+            f"{PREFIX}_connections_open",
+            "Connections open now.",
+            ["listener"],
+            registry=r,
             multiprocess_mode="livesum",
         )
         #: Server TLS handshakes (implicit TLS and STARTTLS) by result: "ok", or "failed"
@@ -136,8 +185,10 @@ class Metrics:
         #: SMTP messages answered after their data (or refused at DATA), by listener
         #: profile ("mx", "submission") and reply class ("2xx", "4xx", "5xx").
         self.smtp_messages = Counter(
-            f"{PREFIX}_smtp_messages", "SMTP messages by listener and final reply class.",
-            ["listener", "class"], registry=r,
+            f"{PREFIX}_smtp_messages",
+            "SMTP messages by listener and final reply class.",
+            ["listener", "class"],
+            registry=r,
         )
         #: Local recipients a message was stored for (SMTP, queue retries, DSNs).
         self.local_deliveries = Counter(
@@ -145,27 +196,36 @@ class Metrics:
         )
         #: Bytes of message files local delivery stored (every copy counted).
         self.stored_bytes = Counter(
-            f"{PREFIX}_stored_bytes", "Bytes of message files stored by local delivery.",
+            f"{PREFIX}_stored_bytes",
+            "Bytes of message files stored by local delivery.",
             registry=r,
         )
         #: Attempts of the outbound queue to hand a recipient to a remote server, by result
         #: ("delivered", "deferred", "failed").
         self.outbound_attempts = Counter(
-            f"{PREFIX}_outbound_attempts", "Outbound delivery attempts per recipient by result.",
-            ["result"], registry=r,
+            f"{PREFIX}_outbound_attempts",
+            "Outbound delivery attempts per recipient by result.",
+            ["result"],
+            registry=r,
         )
         #: Login attempts by protocol ("smtp", "imap", "pop3", "managesieve") and result
         #: ("ok", "failed": wrong credentials, "throttled": refused for earlier failures).
         self.logins = Counter(
-            f"{PREFIX}_logins", "Login attempts by protocol and result.",
-            ["protocol", "result"], registry=r,
+            f"{PREFIX}_logins",
+            "Login attempts by protocol and result.",
+            ["protocol", "result"],
+            registry=r,
         )
         self.imap_commands = Counter(
-            f"{PREFIX}_imap_commands", "IMAP commands received, by name.", ["command"],
+            f"{PREFIX}_imap_commands",
+            "IMAP commands received, by name.",
+            ["command"],
             registry=r,
         )
         self.pop3_commands = Counter(
-            f"{PREFIX}_pop3_commands", "POP3 commands received, by name.", ["command"],
+            f"{PREFIX}_pop3_commands",
+            "POP3 commands received, by name.",
+            ["command"],
             registry=r,
         )
         #: collectors that read their values when collected (not per-process counts)

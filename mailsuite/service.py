@@ -60,8 +60,7 @@ FACTORIES: dict[str, tuple[str, bool]] = {
 
 #: In sandbox mode every SMTP listener captures (see mailsuite.sandbox.smtp).
 SANDBOX_FACTORIES = {
-    name: "mailsuite.sandbox.smtp:sandbox_factory"
-    for name in ("smtp", "submission", "submissions")
+    name: "mailsuite.sandbox.smtp:sandbox_factory" for name in ("smtp", "submission", "submissions")
 }
 
 
@@ -108,8 +107,9 @@ def _sandbox_runtime(config: Config, reactor: Any) -> Runtime:
     from mailsuite.sandbox.service import Sandbox
 
     directory = SandboxDirectory(config)
-    runtime = Runtime(config, reactor, directory, AnyPassword(directory, config, reactor),
-                      _change_hub())
+    runtime = Runtime(
+        config, reactor, directory, AnyPassword(directory, config, reactor), _change_hub()
+    )
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)
     runtime.resolver = server_resolver(config.nameservers, reactor)
@@ -161,13 +161,19 @@ def makeService(
 
     workers = count(config)
     if workers > 1:
-        odd = [d for descs in config.listen.values() for d in descs
-               if d.split(":", 1)[0] not in ADOPTABLE]
+        odd = [
+            d
+            for descs in config.listen.values()
+            for d in descs
+            if d.split(":", 1)[0] not in ADOPTABLE
+        ]
         if odd:
             log.warn(
                 "{where}: [server] workers = {n}: listener {desc!r} cannot be shared with "
                 "worker processes (only tcp:, tcp6: and unix: can); running one process",
-                where=config.where, n=workers, desc=odd[0],
+                where=config.where,
+                n=workers,
+                desc=odd[0],
             )
             workers = 1
     runtime = build_runtime(config, reactor)
@@ -486,9 +492,7 @@ def _reserve_service(runtime: Runtime) -> service.Service:
     reactor = runtime.reactor
 
     def check() -> Any:
-        return threads.deferToThreadPool(
-            reactor, reactor.getThreadPool(), ensure_reserve, mail_dir
-        )
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), ensure_reserve, mail_dir)
 
     svc = TimerService(60, check)
     svc.clock = reactor

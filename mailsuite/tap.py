@@ -31,7 +31,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["sandbox"] and self["config"]:
             raise usage.UsageError(
-                '--sandbox runs the embedded sandbox configuration; for your own file set '
+                "--sandbox runs the embedded sandbox configuration; for your own file set "
                 '[server] mode = "sandbox" in it and give only --config'
             )
         try:

@@ -67,9 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
     args = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
-    )
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
     listeners = []
     for spec in args.listener:
         name, fd, family = spec.split(":")

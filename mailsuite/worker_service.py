@@ -77,8 +77,9 @@ class Drain(service.Service):
                 poll.stop()
                 done.callback(None)
             elif self.reactor.seconds() >= deadline:
-                log.info("closing {n} sessions still open after {s} s", n=len(live),
-                         s=SHUTDOWN_GRACE)
+                log.info(
+                    "closing {n} sessions still open after {s} s", n=len(live), s=SHUTDOWN_GRACE
+                )
                 for p in live:
                     transport = getattr(p, "transport", None)
                     if transport is not None:
@@ -141,5 +142,3 @@ def _queue_notifier(fd: int) -> Any:
             os.write(fd, queue_id.encode("ascii") + b"\n")
 
     return notify
-
-

@@ -182,8 +182,15 @@ class WorkerSupervisor(service.Service):
     # -- what a worker is started with --------------------------------------------------------
 
     def worker_argv(self, index: int) -> tuple[list[str], dict[int, Any]]:
-        argv = [sys.executable, "-m", "mailsuite.worker", "--index", str(index),
-                "--parent", str(os.getpid())]
+        argv = [
+            sys.executable,
+            "-m",
+            "mailsuite.worker",
+            "--index",
+            str(index),
+            "--parent",
+            str(os.getpid()),
+        ]
         if self.config.path is not None:
             argv += ["--config", str(self.config.path)]
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", 3: "r"}
@@ -242,8 +249,9 @@ class _Worker(protocol.ProcessProtocol):
         return ended
 
     def _kill(self) -> None:
-        log.warn("worker {i} (pid {pid}) did not stop in time: killing it",
-                 i=self.index, pid=self.pid)
+        log.warn(
+            "worker {i} (pid {pid}) did not stop in time: killing it", i=self.index, pid=self.pid
+        )
         self.signal("KILL")
 
     # -- what it says ---------------------------------------------------------------------------
@@ -264,8 +272,11 @@ class _Worker(protocol.ProcessProtocol):
                 elif queue_id:
                     self.supervisor.enqueued(queue_id)
             elif record.strip():
-                log.warn("worker {i}: {line}", i=self.index,
-                         line=record.decode("utf-8", "replace").rstrip())
+                log.warn(
+                    "worker {i}: {line}",
+                    i=self.index,
+                    line=record.decode("utf-8", "replace").rstrip(),
+                )
 
     def _relay_event(self, record: bytes) -> None:
         text = record.decode("utf-8", "replace").strip().lstrip("\x1e")
@@ -310,8 +321,12 @@ class _Worker(protocol.ProcessProtocol):
             self.backoff = min(self.backoff * 2, RESTART_MAX)
             log.warn(
                 "worker {i} (pid {pid}) ended ({status}) after {lived:.1f} s; starting it "
-                "again in {delay} s", i=self.index, pid=pid, status=str(status),
-                lived=lived, delay=delay,
+                "again in {delay} s",
+                i=self.index,
+                pid=pid,
+                status=str(status),
+                lived=lived,
+                delay=delay,
             )
             self.restart_call = reactor.callLater(delay, self._restart)
         if ended is not None:

@@ -70,7 +70,9 @@ def module_servers(
 
 
 @pytest.fixture(scope="module")
-def loopback_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[dict[str, Any]], Net]]:
+def loopback_net(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[dict[str, Any]], Net]]:
     """``loopback_net(names)``: a DNS server (child process) answering ``names`` under the
     ``test`` origin, and ``net.mx(address)`` recording SMTP servers; stopped at the end of
     the module."""

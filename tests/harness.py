@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 from mailsuite.testing.process import mailsuite_argv
 
 SERVICES = (
-    "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "managesieve",
+    "smtp",
+    "submission",
+    "submissions",
+    "imap",
+    "imaps",
+    "pop3",
+    "pop3s",
+    "managesieve",
 )
 PASSWORD = "correct horse battery"
 
@@ -29,9 +36,7 @@ PASSWORD = "correct horse battery"
 #: with no frames)"), a legacy ``log.err`` ("Unhandled Error"), a Deferred garbage-collected
 #: with a failure ("Unhandled error in Deferred:"), any event at critical level (``[ns#critical]``
 #: when no legacy system is set) and Python's own "Exception ignored in" on stderr.
-_LOG_PROBLEM = re.compile(
-    r"Traceback \(|Unhandled [Ee]rror|#critical\]|Exception ignored in"
-)
+_LOG_PROBLEM = re.compile(r"Traceback \(|Unhandled [Ee]rror|#critical\]|Exception ignored in")
 
 
 #: ``[server] workers`` of the servers tests start (unless their snippet sets it): 1 by
@@ -56,8 +61,7 @@ def assert_clean_log(text: str, what: str) -> None:
     problems = log_problems(text)
     if problems:
         raise AssertionError(
-            f"{what} has {len(problems)} traceback(s)/critical error(s); the first:\n"
-            + problems[0]
+            f"{what} has {len(problems)} traceback(s)/critical error(s); the first:\n" + problems[0]
         )
 
 
@@ -172,8 +176,11 @@ class Server:
                     raise RuntimeError(f"server did not start:\n{self.output()}") from None
             if self.workers() > 1:  # the ports open before the workers can answer on them
                 start = self._log_checked
-                wait_until(lambda: "workers serving" in self._log_since(start), 60,
-                           f"the workers of {self.root} to serve")
+                wait_until(
+                    lambda: "workers serving" in self._log_since(start),
+                    60,
+                    f"the workers of {self.root} to serve",
+                )
         return self
 
     def workers(self) -> int:

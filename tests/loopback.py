@@ -119,11 +119,14 @@ class Net:
 # -- sending through a server and reading its queue ----------------------------------------
 
 
-def send(server: Server, rcpts: list[str], subject: str, sender: str = ALICE,
-         body: str = "hello\n") -> None:
+def send(
+    server: Server, rcpts: list[str], subject: str, sender: str = ALICE, body: str = "hello\n"
+) -> None:
     """Submit one message over SMTP from a trusted address; every recipient must be taken."""
-    msg = (f"From: <{sender or 'mailer-daemon@example.test'}>\r\nTo: {', '.join(rcpts)}\r\n"
-           f"Subject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\n{body}")
+    msg = (
+        f"From: <{sender or 'mailer-daemon@example.test'}>\r\nTo: {', '.join(rcpts)}\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject}@example.test>\r\n\r\n{body}"
+    )
     with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=15) as s:
         refused = s.sendmail(sender, rcpts, msg.encode())
     assert not refused

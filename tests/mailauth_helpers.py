@@ -29,13 +29,15 @@ class TestKey:
 
 
 def _rsa_key(key: rsa.RSAPrivateKey) -> TestKey:
-    private = key.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return TestKey(b"rsa-sha256", private,
-                   "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return TestKey(b"rsa-sha256", private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode())
 
 
 @cache
@@ -78,8 +80,9 @@ def weak_rsa_key() -> TestKey:
     p, q = prime(), prime()
     e = 65537
     d = pow(e, -1, (p - 1) * (q - 1))
-    numbers = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p),
-                                    rsa.RSAPublicNumbers(e, p * q))
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), rsa.RSAPublicNumbers(e, p * q)
+    )
     return _rsa_key(numbers.private_key(unsafe_skip_rsa_key_validation=True))
 
 
@@ -87,22 +90,32 @@ def weak_rsa_key() -> TestKey:
 def ed25519_key(name: str = "") -> TestKey:
     signing = nacl.signing.SigningKey.generate()
     public = signing.verify_key.encode(encoder=nacl.encoding.Base64Encoder).decode()
-    return TestKey(b"ed25519-sha256", signing.encode(encoder=nacl.encoding.Base64Encoder),
-                   "v=DKIM1; k=ed25519; p=" + public)
+    return TestKey(
+        b"ed25519-sha256",
+        signing.encode(encoder=nacl.encoding.Base64Encoder),
+        "v=DKIM1; k=ed25519; p=" + public,
+    )
 
 
-def dkim_sign(message: bytes, domain: str, selector: str, key: TestKey,
-              algorithm: bytes | None = None) -> bytes:
+def dkim_sign(
+    message: bytes, domain: str, selector: str, key: TestKey, algorithm: bytes | None = None
+) -> bytes:
     """``message`` with a DKIM-Signature by dkimpy prepended (relaxed/relaxed)."""
-    sig = dkim.sign(message, selector.encode(), domain.encode(), key.private,
-                    canonicalize=(b"relaxed", b"relaxed"),
-                    signature_algorithm=algorithm or key.algorithm,
-                    include_headers=[b"from", b"to", b"subject", b"date", b"from"])
+    sig = dkim.sign(
+        message,
+        selector.encode(),
+        domain.encode(),
+        key.private,
+        canonicalize=(b"relaxed", b"relaxed"),
+        signature_algorithm=algorithm or key.algorithm,
+        include_headers=[b"from", b"to", b"subject", b"date", b"from"],
+    )
     return sig + message
 
 
-def message(author: str, subject: str = "hello", body: str = "Hi.\r\n",
-            extra: str = "") -> bytes:
-    return (f"From: {author}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
-            f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{random.random()}@x>\r\n"
-            f"{extra}\r\n{body}").encode()
+def message(author: str, subject: str = "hello", body: str = "Hi.\r\n", extra: str = "") -> bytes:
+    return (
+        f"From: {author}\r\nTo: bob@example.test\r\nSubject: {subject}\r\n"
+        f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{random.random()}@x>\r\n"
+        f"{extra}\r\n{body}"
+    ).encode()

@@ -47,9 +47,15 @@ class Harness:
     def __init__(self, tmp_path, body: bytes = BODY, **overrides) -> None:
         path = tmp_path / "message"
         path.write_bytes(body)
-        values = dict(host="mx.test", helo_name="client.test", mail_from="alice@client.test",
-                      rcpts=("bob@mx.test", "carol@mx.test"), message_path=str(path),
-                      size=len(body), tls="none")
+        values = dict(
+            host="mx.test",
+            helo_name="client.test",
+            mail_from="alice@client.test",
+            rcpts=("bob@mx.test", "carol@mx.test"),
+            message_path=str(path),
+            size=len(body),
+            tls="none",
+        )
         values.update(overrides)
         self.clock = Clock()
         self.session = SMTPClientSession(SessionParameters(**values), self.clock)
@@ -90,23 +96,26 @@ class Harness:
 
 # -- the relay ---------------------------------------------------------------------------------
 
-ZONE = {"origin": "test", "names": {
-    "two.test": {"MX": [[20, "b.two.test"], [10, "a.two.test"]]},
-    "a.two.test": {"A": ["192.0.2.1"]},
-    "b.two.test": {"A": ["192.0.2.2"]},
-    "nomx.test": {"A": ["192.0.2.3"]},
-    "null.test": {"MX": [[0, "."]]},
-    "broken.test": "servfail",
-    "relay.test": {"A": ["192.0.2.9"]},
-    "mx.example.test": {"A": ["192.0.2.50"]},
-    "loop.test": {"MX": [[10, "mx.example.test"], [20, "b.two.test"]]},
-    "backup.test": {"MX": [[5, "a.two.test"], [10, "mx.example.test"], [20, "b.two.test"]]},
-    "addrloop.test": {"MX": [[10, "alias.test"], [20, "b.two.test"]]},
-    "alias.test": {"A": ["192.0.2.60"]},
-    "implicitloop.test": {"A": ["192.0.2.60"]},
-    "lo.test": {"MX": [[10, "lo-mx.test"]]},
-    "lo-mx.test": {"A": ["127.0.0.1"]},
-}}
+ZONE = {
+    "origin": "test",
+    "names": {
+        "two.test": {"MX": [[20, "b.two.test"], [10, "a.two.test"]]},
+        "a.two.test": {"A": ["192.0.2.1"]},
+        "b.two.test": {"A": ["192.0.2.2"]},
+        "nomx.test": {"A": ["192.0.2.3"]},
+        "null.test": {"MX": [[0, "."]]},
+        "broken.test": "servfail",
+        "relay.test": {"A": ["192.0.2.9"]},
+        "mx.example.test": {"A": ["192.0.2.50"]},
+        "loop.test": {"MX": [[10, "mx.example.test"], [20, "b.two.test"]]},
+        "backup.test": {"MX": [[5, "a.two.test"], [10, "mx.example.test"], [20, "b.two.test"]]},
+        "addrloop.test": {"MX": [[10, "alias.test"], [20, "b.two.test"]]},
+        "alias.test": {"A": ["192.0.2.60"]},
+        "implicitloop.test": {"A": ["192.0.2.60"]},
+        "lo.test": {"MX": [[10, "lo-mx.test"]]},
+        "lo-mx.test": {"A": ["127.0.0.1"]},
+    },
+}
 INFO = MessageInfo(100, False, 20)
 
 
@@ -117,10 +126,28 @@ class ScriptedDeliver:
         self.calls: list[dict[str, Any]] = []
         self.script: dict[str, Any] = {}
 
-    def __call__(self, reactor: Any, host: str, port: int, addresses: Any, helo: str,
-                 mail_from: str, rcpts: Any, path: Any, **kw: Any) -> Any:
-        self.calls.append({"host": host, "port": port, "addresses": list(addresses),
-                           "helo": helo, "rcpts": list(rcpts), **kw})
+    def __call__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        addresses: Any,
+        helo: str,
+        mail_from: str,
+        rcpts: Any,
+        path: Any,
+        **kw: Any,
+    ) -> Any:
+        self.calls.append(
+            {
+                "host": host,
+                "port": port,
+                "addresses": list(addresses),
+                "helo": helo,
+                "rcpts": list(rcpts),
+                **kw,
+            }
+        )
         what = self.script.get(host, Reply(250, "2.0.0", "ok"))
         if callable(what):
             what = what(list(rcpts))
@@ -128,26 +155,33 @@ class ScriptedDeliver:
             return defer.succeed(what)
         if isinstance(what, Outcome):
             reply = Reply(451, "4.4.1", "no connection", remote=False)
-            return defer.succeed(TransactionResult(what, reply, "connect",
-                                                   {r: reply for r in rcpts}, host))
+            return defer.succeed(
+                TransactionResult(what, reply, "connect", {r: reply for r in rcpts}, host)
+            )
         if isinstance(what, dict):
-            return defer.succeed(TransactionResult(Outcome.DELIVERED, Reply(250, None, "ok"),
-                                                   "done", what, host, address="x"))
+            return defer.succeed(
+                TransactionResult(
+                    Outcome.DELIVERED, Reply(250, None, "ok"), "done", what, host, address="x"
+                )
+            )
         outcome = Outcome.DELIVERED if what.positive else Outcome.ALL_RECIPIENTS_REFUSED
-        return defer.succeed(TransactionResult(outcome, what, "done",
-                                               {r: what for r in rcpts}, host, address="x"))
+        return defer.succeed(
+            TransactionResult(outcome, what, "done", {r: what for r in rcpts}, host, address="x")
+        )
 
 
-def make(tmp_path: Path, listen: dict[str, list[str]] | None = None,
-         **relay: Any) -> tuple[Relay, ScriptedDeliver]:
-    data: dict[str, Any] = {"server": {"hostname": "mx.example.test"},
-                            "relay": {"port": 2525, **relay}}
+def make(
+    tmp_path: Path, listen: dict[str, list[str]] | None = None, **relay: Any
+) -> tuple[Relay, ScriptedDeliver]:
+    data: dict[str, Any] = {
+        "server": {"hostname": "mx.example.test"},
+        "relay": {"port": 2525, **relay},
+    }
     if listen is not None:
         data["listen"] = listen
     cfg = parse_config(data, None, tmp_path)
     fake = ScriptedDeliver()
-    r = Relay(cfg, None, resolver=MemoryAuthority(ZONE), deliver_fn=fake,
-              rng=random.Random(1))
+    r = Relay(cfg, None, resolver=MemoryAuthority(ZONE), deliver_fn=fake, rng=random.Random(1))
     return r, fake
 
 

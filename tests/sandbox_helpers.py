@@ -17,35 +17,81 @@ from tests.harness import Server
 # Mailpit's documented fields (server/apiv1 MessagesSummary, internal/storage structs.go).
 MESSAGES_SUMMARY = {"total", "unread", "count", "messages_count", "start", "tags", "messages"}
 MESSAGE_SUMMARY = {
-    "ID", "MessageID", "Read", "From", "To", "Cc", "Bcc", "ReplyTo", "Subject", "Created",
-    "Username", "Tags", "Size", "Attachments", "Snippet",
+    "ID",
+    "MessageID",
+    "Read",
+    "From",
+    "To",
+    "Cc",
+    "Bcc",
+    "ReplyTo",
+    "Subject",
+    "Created",
+    "Username",
+    "Tags",
+    "Size",
+    "Attachments",
+    "Snippet",
 }
 MESSAGE = {
-    "ID", "MessageID", "From", "To", "Cc", "Bcc", "ReplyTo", "ReturnPath", "Subject",
-    "ListUnsubscribe", "Date", "Tags", "Username", "Text", "HTML", "Size", "Inline",
+    "ID",
+    "MessageID",
+    "From",
+    "To",
+    "Cc",
+    "Bcc",
+    "ReplyTo",
+    "ReturnPath",
+    "Subject",
+    "ListUnsubscribe",
+    "Date",
+    "Tags",
+    "Username",
+    "Text",
+    "HTML",
+    "Size",
+    "Inline",
     "Attachments",
 }
 ATTACHMENT = {"PartID", "FileName", "ContentType", "ContentID", "Size", "Checksums"}
 ADDRESS = {"Name", "Address"}
 APP_INFO = {
-    "Version", "LatestVersion", "Database", "DatabaseSize", "Messages", "Unread", "Tags",
+    "Version",
+    "LatestVersion",
+    "Database",
+    "DatabaseSize",
+    "Messages",
+    "Unread",
+    "Tags",
     "RuntimeStats",
 }
 RUNTIME_STATS = {
-    "Uptime", "Memory", "MessagesDeleted", "SMTPAccepted", "SMTPAcceptedSize", "SMTPRejected",
+    "Uptime",
+    "Memory",
+    "MessagesDeleted",
+    "SMTPAccepted",
+    "SMTPAcceptedSize",
+    "SMTPRejected",
     "SMTPIgnored",
 }
 
 
-def sandbox_server(root: Path, extra: str = "",
-                   services: tuple[str, ...] = ("smtp", "web", "imap", "pop3")) -> Server:
-    return Server(root, services=services, server_toml='mode = "sandbox"', extra_toml=extra,
-                  domains=())
+def sandbox_server(
+    root: Path, extra: str = "", services: tuple[str, ...] = ("smtp", "web", "imap", "pop3")
+) -> Server:
+    return Server(
+        root, services=services, server_toml='mode = "sandbox"', extra_toml=extra, domains=()
+    )
 
 
-def message(subject: str = "Hello", to: str = "rcpt@example.com",
-            sender: str = "App <app@example.org>", text: str | None = "Hello there.",
-            html: str | None = None, **headers: str) -> EmailMessage:
+def message(
+    subject: str = "Hello",
+    to: str = "rcpt@example.com",
+    sender: str = "App <app@example.org>",
+    text: str | None = "Hello there.",
+    html: str | None = None,
+    **headers: str,
+) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = to
@@ -62,8 +108,15 @@ def message(subject: str = "Hello", to: str = "rcpt@example.com",
     return msg
 
 
-def send(srv: Server, msg: EmailMessage, user: str | None = None, password: str = "any",
-         rcpts: list[str] | None = None, sender: str | None = None, tls: bool = False) -> None:
+def send(
+    srv: Server,
+    msg: EmailMessage,
+    user: str | None = None,
+    password: str = "any",
+    rcpts: list[str] | None = None,
+    sender: str | None = None,
+    tls: bool = False,
+) -> None:
     with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=30) as s:
         if tls:
             import ssl
@@ -77,8 +130,14 @@ def send(srv: Server, msg: EmailMessage, user: str | None = None, password: str 
         s.send_message(msg, from_addr=sender, to_addrs=rcpts)
 
 
-def call(srv: Server, method: str, path: str, body: object = None, timeout: float = 30,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def call(
+    srv: Server,
+    method: str,
+    path: str,
+    body: object = None,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", srv.port("web"), timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None

@@ -40,8 +40,10 @@ def _server_side_inode(client: socket.socket) -> str | None:
             continue
         for line in lines:
             fields = line.split()
-            if (int(fields[1].rsplit(":", 1)[1], 16) == server_port
-                    and int(fields[2].rsplit(":", 1)[1], 16) == local_port):
+            if (
+                int(fields[1].rsplit(":", 1)[1], 16) == server_port
+                and int(fields[2].rsplit(":", 1)[1], 16) == local_port
+            ):
                 return fields[9]
     return None
 

@@ -57,10 +57,14 @@ def _address_list(value: bytes | None) -> bytes:
     if simple is not None:  # the common case, without the tokenizer (same answer)
         if not simple:
             return b"NIL"
-        return b"(" + b"".join(
-            b"(%s NIL %s %s)" % (nstring(name), nstring(mailbox), nstring(host))
-            for name, mailbox, host in simple
-        ) + b")"
+        return (
+            b"("
+            + b"".join(
+                b"(%s NIL %s %s)" % (nstring(name), nstring(mailbox), nstring(host))
+                for name, mailbox, host in simple
+            )
+            + b")"
+        )
     return _address_list_parsed(value)
 
 

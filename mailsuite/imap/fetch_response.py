@@ -65,8 +65,10 @@ class FetchPlan:
         self.sets_seen = req.sets_seen
         self.has_flags = "FLAGS" in names
         #: items that always read the file (body content, BODY structure)
-        self._content = bool(names - {"UID", "FLAGS", "MODSEQ", "RFC822.SIZE", "INTERNALDATE",
-                                      "ENVELOPE", "BODYSTRUCTURE"})
+        self._content = bool(
+            names
+            - {"UID", "FLAGS", "MODSEQ", "RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE"}
+        )
         self._envelope = "ENVELOPE" in names
         self._structure = "BODYSTRUCTURE" in names
         #: some item is a literal (body content)
@@ -251,9 +253,7 @@ def read_head(path: str, chunk: int = HEAD_CHUNK) -> bytes:
     try:
         data = os.read(fd, chunk)
         while (
-            b"\n\n" not in data
-            and b"\n\r\n" not in data
-            and not data.startswith((b"\n", b"\r\n"))
+            b"\n\n" not in data and b"\n\r\n" not in data and not data.startswith((b"\n", b"\r\n"))
         ):
             more = os.read(fd, max(chunk, len(data)))
             if not more:

@@ -188,9 +188,7 @@ class MessageFile:
 
     # -- literals ---------------------------------------------------------------------------
 
-    def section(
-        self, spec: Section | None, kind: str | None = None
-    ) -> tuple[int, int] | bytes:
+    def section(self, spec: Section | None, kind: str | None = None) -> tuple[int, int] | bytes:
         """Where BODY[spec] lies in the stored bytes, or its content when it is not a slice
         (HEADER.FIELDS).  ``spec`` None with ``kind`` "HEADER"/"TEXT"/None: RFC822.HEADER,
         RFC822.TEXT, RFC822."""

@@ -97,11 +97,15 @@ class IMAPProtocol(GatedLineReceiver):
         if self.admission.refused is not None:
             # RFC 3501 7.1.5: a BYE greeting refuses the connection.  UNAVAILABLE (RFC 5530)
             # says "temporary": clients retry later instead of asking for a new password.
-            log.info("imap: {ip} refused: {limit} reached", ip=self.peer_ip,
-                     limit=self.admission.refused.value)
+            log.info(
+                "imap: {ip} refused: {limit} reached",
+                ip=self.peer_ip,
+                limit=self.admission.refused.value,
+            )
             if self.admission.refused is Refusal.PER_IP:
-                self.write(b"* BYE [UNAVAILABLE] Too many connections from your address, "
-                           b"try later\r\n")
+                self.write(
+                    b"* BYE [UNAVAILABLE] Too many connections from your address, try later\r\n"
+                )
             else:
                 self.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             self.tx.loseConnection()
@@ -156,10 +160,15 @@ class IMAPProtocol(GatedLineReceiver):
         in: Dovecot's mail_max_userip_connections and its wording."""
         if self.admission is None or self.admission.login(user) is None:
             return None
-        log.info("imap: {user} from {ip} refused: max_userip_connections reached",
-                 user=user, ip=self.peer_ip)
-        return ("Maximum number of connections from user+IP exceeded "
-                f"(max_userip_connections={self.limits.max_userip_connections})")
+        log.info(
+            "imap: {user} from {ip} refused: max_userip_connections reached",
+            user=user,
+            ip=self.peer_ip,
+        )
+        return (
+            "Maximum number of connections from user+IP exceeded "
+            f"(max_userip_connections={self.limits.max_userip_connections})"
+        )
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -359,8 +368,11 @@ class IMAPFactory(protocol.Factory):
         self.login_timeout = cfg.login_timeout
         # imap and imaps count together ([imap] max_connections ...)
         self.limits = shared_limits(
-            runtime.connection_limits, "imap", cfg.max_connections,
-            cfg.max_connections_per_ip, cfg.max_userip_connections,
+            runtime.connection_limits,
+            "imap",
+            cfg.max_connections,
+            cfg.max_connections_per_ip,
+            cfg.max_userip_connections,
         )
 
     def buildProtocol(self, addr: Any) -> IMAPProtocol:

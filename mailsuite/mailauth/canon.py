@@ -38,20 +38,21 @@ def _slices(body: bytes) -> Any:
 
 def _strip_crlf_pairs(data: bytes) -> bytes:
     end = len(data)
-    while end >= 2 and data[end - 2:end] == b"\r\n":
+    while end >= 2 and data[end - 2 : end] == b"\r\n":
         end -= 2
     return data[:end]
 
 
-def canonical_body(body: bytes, relaxed: bool, feed: Callable[[bytes], None],
-                   limit: int | None = None) -> None:
+def canonical_body(
+    body: bytes, relaxed: bool, feed: Callable[[bytes], None], limit: int | None = None
+) -> None:
     """Feed the canonical form of ``body`` (the bytes after the header section, CRLF or LF
     line ends) to ``feed``, at most ``limit`` octets of it (the ``l=`` tag)."""
     remaining = [limit]
 
     def out(data: bytes) -> None:
         if remaining[0] is not None:
-            data = data[:remaining[0]]
+            data = data[: remaining[0]]
             remaining[0] -= len(data)
         if data:
             feed(data)
@@ -73,15 +74,16 @@ def canonical_body(body: bytes, relaxed: bool, feed: Callable[[bytes], None],
         out(pending)
         out(content)
         fed_any = True
-        pending = piece[len(content):]
+        pending = piece[len(content) :]
     # RFC 6376 3.4.3/3.4.4: trailing empty lines are ignored, the body ends with one CRLF;
     # an empty body is "" under relaxed and CRLF under simple.
     if fed_any or not relaxed:
         out(b"\r\n")
 
 
-def body_hash(body: bytes, relaxed: bool, hasher: Callable[[], Any],
-              limit: int | None = None) -> bytes:
+def body_hash(
+    body: bytes, relaxed: bool, hasher: Callable[[], Any], limit: int | None = None
+) -> bytes:
     h = hasher()
     canonical_body(body, relaxed, h.update, limit)
     return h.digest()  # type: ignore[no-any-return]

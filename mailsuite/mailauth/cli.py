@@ -37,21 +37,33 @@ def _local_domain(cfg: Config, domain: str) -> str:
     name = KeyStore.domain_name(domain)
     local = Directory(cfg.directory_file, cfg.mail_dir, cfg.local_domains).domains()
     if name not in local:
-        raise KeyStoreError(f"{name} is not a local domain of this server (add it with "
-                            f"'mailsuite domain add {name}')")
+        raise KeyStoreError(
+            f"{name} is not a local domain of this server (add it with "
+            f"'mailsuite domain add {name}')"
+        )
     return name
 
 
 # ------------------------------------------------------------------ dkim
 
+
 def add_dkim_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     kg = sub.add_parser("keygen", help="make a key and print the DNS record to publish")
     kg.add_argument("domain")
-    kg.add_argument("--selector", "-s", required=True,
-                    help="the new selector, e.g. s2026 (a new one for every key)")
-    kg.add_argument("--algorithm", "-a", choices=("rsa", "ed25519"), default="rsa",
-                    help="rsa (2048 bits, understood everywhere) or ed25519 (RFC 8463)")
+    kg.add_argument(
+        "--selector",
+        "-s",
+        required=True,
+        help="the new selector, e.g. s2026 (a new one for every key)",
+    )
+    kg.add_argument(
+        "--algorithm",
+        "-a",
+        choices=("rsa", "ed25519"),
+        default="rsa",
+        help="rsa (2048 bits, understood everywhere) or ed25519 (RFC 8463)",
+    )
     sub.add_parser("list", help="domains, selectors, algorithms and which one signs")
     use = sub.add_parser("use", help="sign with this selector from now on (rotation)")
     use.add_argument("domain")
@@ -68,18 +80,24 @@ def run_dkim(cfg: Config, args: argparse.Namespace) -> int:
             key, signs = store.generate(domain, args.selector, args.algorithm)
             print(key.zone_line())
             if signs:
-                print(f"; {domain} is signed with this {key.algorithm} key from now on "
-                      "(publish the record above first, then check: mailsuite dns check "
-                      f"{domain})")
+                print(
+                    f"; {domain} is signed with this {key.algorithm} key from now on "
+                    "(publish the record above first, then check: mailsuite dns check "
+                    f"{domain})"
+                )
             else:
-                print(f"; not signing yet: publish the record, wait for its TTL, then "
-                      f"'mailsuite dkim use {domain} {key.selector}'")
+                print(
+                    f"; not signing yet: publish the record, wait for its TTL, then "
+                    f"'mailsuite dkim use {domain} {key.selector}'"
+                )
             return 0
         if args.action == "use":
             key = store.use(args.domain, args.selector)
-            print(f"{key.domain}: {key.algorithm} signatures use selector {key.selector} from "
-                  "now on (a running server picks this up with its next message); keep the "
-                  "old selector's record published for a few days")
+            print(
+                f"{key.domain}: {key.algorithm} signatures use selector {key.selector} from "
+                "now on (a running server picks this up with its next message); keep the "
+                "old selector's record published for a few days"
+            )
             return 0
         return _dkim_list(store)
     except KeyStoreError as e:
@@ -105,15 +123,23 @@ def _dkim_list(store: KeyStore) -> int:
 
 # ------------------------------------------------------------------ dns
 
+
 def add_dns_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
-    for name, helptext in (("records", "print the records DOMAIN needs, as zone-file lines"),
-                           ("check", "compare them with DNS; exit 1 when something is wrong")):
+    for name, helptext in (
+        ("records", "print the records DOMAIN needs, as zone-file lines"),
+        ("check", "compare them with DNS; exit 1 when something is wrong"),
+    ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("domain")
-        c.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
-                       help="a public address of this server (repeat for IPv4 and IPv6); "
-                            "used for A/AAAA, SPF and PTR")
+        c.add_argument(
+            "--ip",
+            action="append",
+            default=[],
+            metavar="ADDRESS",
+            help="a public address of this server (repeat for IPv4 and IPv6); "
+            "used for A/AAAA, SPF and PTR",
+        )
 
 
 def _addresses(values: list[str]) -> list[str]:
@@ -138,19 +164,23 @@ def run_dns(cfg: Config, args: argparse.Namespace) -> int:
     except KeyStoreError as e:
         return _error(str(e))
     if "." not in cfg.hostname:
-        print(f"mailsuite: warning: [server] hostname is {cfg.hostname!r}; set it to this "
-              "server's public name (the MX target) in the config", file=sys.stderr)
+        print(
+            f"mailsuite: warning: [server] hostname is {cfg.hostname!r}; set it to this "
+            "server's public name (the MX target) in the config",
+            file=sys.stderr,
+        )
     store = KeyStore(cfg.dkim_dir)
-    expected = expected_records(cfg, domain, store.keys(domain), store.signing(domain),
-                                addresses)
+    expected = expected_records(cfg, domain, store.keys(domain), store.signing(domain), addresses)
     if args.action == "records":
         for record in expected:
             print(record.zone_line())
             if record.note:
                 print(f"; ^ {record.note}")
         if not addresses:
-            print(f"; also: {cfg.hostname}. IN A/AAAA <the server's address>, and its PTR "
-                  "(give --ip ADDRESS to print them)")
+            print(
+                f"; also: {cfg.hostname}. IN A/AAAA <the server's address>, and its PTR "
+                "(give --ip ADDRESS to print them)"
+            )
         return 0
     findings = _in_reactor(lambda reactor: run_checks(cfg, domain, expected, addresses, reactor))
     return _report(findings)
@@ -173,12 +203,15 @@ def _report(findings: list[Finding]) -> int:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: x[0] != OK))
     wrong = [f for f in findings if f.wrong]
     if wrong:
-        print(f"{summary}: {len(wrong)} to fix (DNS changes can take the old records' TTL to be "
-              "seen)")
+        print(
+            f"{summary}: {len(wrong)} to fix (DNS changes can take the old records' TTL to be seen)"
+        )
         return 1
     missing_optional = any(f.status == MISSING for f in findings)
-    print(f"{summary}: all needed records are in place"
-          + (" (optional ones may be added)" if missing_optional else ""))
+    print(
+        f"{summary}: all needed records are in place"
+        + (" (optional ones may be added)" if missing_optional else "")
+    )
     return 0
 
 

@@ -40,8 +40,10 @@ ALGORITHMS = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
 RSA_BITS = 2048
 SIGNING_FILE = "_signing.json"  # '_' cannot start a selector, so no selector can clash
 # RFC 6376 3.1: a selector is one or more DNS labels; kept to lower-case LDH labels here
-_SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}"
-                       r"[a-z0-9])?)*$")
+_SELECTOR = re.compile(
+    r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}"
+    r"[a-z0-9])?)*$"
+)
 
 
 class KeyStoreError(Exception):
@@ -51,13 +53,14 @@ class KeyStoreError(Exception):
 def txt_strings(text: str, size: int = 255) -> list[str]:
     """Split a TXT value into character-strings of at most ``size`` octets (RFC 1035 3.3.14)."""
     data = text.encode("ascii")
-    return [data[i:i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
+    return [data[i : i + size].decode("ascii") for i in range(0, len(data), size)] or [""]
 
 
 def zone_txt(owner: str, text: str) -> str:
     """``owner IN TXT "..." "..."``: a zone-file line with the value split into strings."""
-    strings = " ".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                       for s in txt_strings(text))
+    strings = " ".join(
+        '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in txt_strings(text)
+    )
     return f"{owner} IN TXT {strings}"
 
 
@@ -93,11 +96,14 @@ def _new_key(kind: str) -> tuple[bytes, str, int]:
     """(private key as stored, public key base64, bits)."""
     if kind == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-        private = key.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption())
-        der = key.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         return private, base64.b64encode(der).decode("ascii"), RSA_BITS
     if kind == "ed25519":
         signing = nacl.signing.SigningKey.generate()
@@ -155,8 +161,10 @@ class KeyStore:
     def selector_name(selector: str) -> str:
         clean = selector.strip().lower()
         if not _SELECTOR.match(clean) or len(clean) > 200:
-            raise KeyStoreError(f"{selector!r} is not a valid selector (letters, digits and "
-                                "'-', labels separated by dots, e.g. 's2026')")
+            raise KeyStoreError(
+                f"{selector!r} is not a valid selector (letters, digits and "
+                "'-', labels separated by dots, e.g. 's2026')"
+            )
         return clean
 
     def _dir(self, domain: str) -> Path:
@@ -166,8 +174,9 @@ class KeyStore:
 
     def domains(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.root.iterdir() if p.is_dir()
-                          and not p.name.startswith("."))
+            return sorted(
+                p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
         except FileNotFoundError:
             return []
 
@@ -200,8 +209,15 @@ class KeyStore:
         try:
             meta = json.loads((folder / f"{selector}.json").read_text(encoding="utf-8"))
             private = (folder / f"{selector}.key").read_bytes() if with_private else b""
-            return DKIMKey(domain, selector, meta["kind"], int(meta["bits"]), meta["public"],
-                           meta.get("created", ""), private)
+            return DKIMKey(
+                domain,
+                selector,
+                meta["kind"],
+                int(meta["bits"]),
+                meta["public"],
+                meta.get("created", ""),
+                private,
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -266,8 +282,10 @@ class KeyStore:
         private, public, bits = _new_key(kind)
         with self._editing(domain) as folder:
             if (folder / f"{selector}.json").exists() or (folder / f"{selector}.key").exists():
-                raise KeyStoreError(f"{domain} already has a selector {selector!r}; choose a new "
-                                    "one (rotation: new selector, publish, 'mailsuite dkim use')")
+                raise KeyStoreError(
+                    f"{domain} already has a selector {selector!r}; choose a new "
+                    "one (rotation: new selector, publish, 'mailsuite dkim use')"
+                )
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             _write_atomic(folder / f"{selector}.key", private, 0o600)
             meta = {"kind": kind, "bits": bits, "public": public, "created": created}
@@ -285,8 +303,10 @@ class KeyStore:
         key = self._read(domain, selector, with_private=True)
         if key is None or not key.private:
             known = ", ".join(k.selector for k in self.keys(domain)) or "none"
-            raise KeyStoreError(f"{domain} has no key with selector {selector!r} (selectors: "
-                                f"{known}; make one with 'mailsuite dkim keygen')")
+            raise KeyStoreError(
+                f"{domain} has no key with selector {selector!r} (selectors: "
+                f"{known}; make one with 'mailsuite dkim keygen')"
+            )
         with self._editing(domain) as folder:
             signing = self.signing(domain)
             signing[key.kind] = selector

@@ -45,15 +45,27 @@ __all__ = ["SIGNED_HEADERS", "Signer"]
 log = Logger(namespace="mailsuite.mailauth.dkim_sign")
 
 #: Signed when present (plus every List-* field, RFC 2369/2919).
-SIGNED_HEADERS = ("from", "to", "cc", "subject", "date", "message-id", "reply-to",
-                  "in-reply-to", "references", "mime-version", "content-type")
+SIGNED_HEADERS = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+)
 
 
 def signed_header_list(section: bytes) -> list[bytes]:
     """The h= list for a header section: each present field of the set once per occurrence,
     then ``from`` once more (over-signing)."""
-    names = [f.lname for f in fields(section)
-             if f.lname in SIGNED_HEADERS or f.lname.startswith("list-")]
+    names = [
+        f.lname for f in fields(section) if f.lname in SIGNED_HEADERS or f.lname.startswith("list-")
+    ]
     if "from" not in names:
         return []
     return [n.encode("ascii") for n in names] + [b"from"]
@@ -90,8 +102,9 @@ class Signer:
     """Signs with the keys in ``keys``; ``org_domain`` maps a name to its organizational
     domain (the Public Suffix List by default)."""
 
-    def __init__(self, keys: KeyStore,
-                 org_domain: Callable[[str], str] = organizational_domain) -> None:
+    def __init__(
+        self, keys: KeyStore, org_domain: Callable[[str], str] = organizational_domain
+    ) -> None:
         self.keys = keys
         self.org_domain = org_domain
         self._rsa: dict[bytes, _OpenSSLRSA] = {}
@@ -121,8 +134,9 @@ class Signer:
                 return found
             domain = domain.split(".", 1)[1]
 
-    def signature_headers(self, message: bytes, from_domain: str | None = None,
-                          linesep: bytes = b"\n") -> bytes:
+    def signature_headers(
+        self, message: bytes, from_domain: str | None = None, linesep: bytes = b"\n"
+    ) -> bytes:
         """DKIM-Signature fields to put at the top of ``message`` (b"" when there is no key
         or no From field).  ``message`` may use CRLF or LF line ends; the returned fields end
         their lines with ``linesep`` (the stored form is LF).  A key that fails to sign is
@@ -139,14 +153,18 @@ class Signer:
         keys = self.keys_for(from_domain)
         if not keys:
             return b""
-        body = message[len(section):]
+        body = message[len(section) :]
         out = []
         for key in keys:
             try:
                 out.append(self._sign(section, body, key, include, linesep))
             except Exception as e:  # see the docstring
-                log.error("DKIM signing for {domain} with selector {selector} failed: {error}",
-                          domain=key.domain, selector=key.selector, error=e)
+                log.error(
+                    "DKIM signing for {domain} with selector {selector} failed: {error}",
+                    domain=key.domain,
+                    selector=key.selector,
+                    error=e,
+                )
         return b"".join(out)
 
     def ours(self, signature: str) -> bool:
@@ -177,20 +195,22 @@ class Signer:
         kept = [f for f in every if f.lname != "dkim-signature" or not self.ours(f.value())]
         if len(kept) == len(every):
             return message
-        end = section[sum(len(f.raw) for f in every):]  # the empty line, if any
-        stripped = b"".join(f.raw for f in kept) + end + message[len(section):]
+        end = section[sum(len(f.raw) for f in every) :]  # the empty line, if any
+        stripped = b"".join(f.raw for f in kept) + end + message[len(section) :]
         linesep = b"\r\n" if section.endswith(b"\r\n") else b"\n"
         return self.signature_headers(stripped, linesep=linesep) + stripped
 
-    def _sign(self, section: bytes, body: bytes, key: DKIMKey, include: list[bytes],
-              linesep: bytes) -> bytes:
+    def _sign(
+        self, section: bytes, body: bytes, key: DKIMKey, include: list[bytes], linesep: bytes
+    ) -> bytes:
         """What ``dkim.DKIM.sign`` does, with the body hash from :mod:`canon` (sliced, so the
         GIL is released on big bodies) and dkimpy's own ``gen_header`` for the rest."""
         algorithm = key.algorithm.encode("ascii")
         # gen_header signs the header hash with ``private.sign(digest).signature`` on its
         # ed25519 branch; an RSA key goes the same way through _OpenSSLRSA (see there).
-        signer = dkim.DKIM(section, logger=quiet_logger(), signature_algorithm=b"ed25519-sha256",
-                           linesep=linesep)
+        signer = dkim.DKIM(
+            section, logger=quiet_logger(), signature_algorithm=b"ed25519-sha256", linesep=linesep
+        )
         if key.kind == "rsa":
             private: object = self._rsa_key(key.private)
         else:

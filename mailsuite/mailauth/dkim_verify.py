@@ -39,8 +39,15 @@ from mailsuite.mailauth.canon import body_hash
 from mailsuite.mailauth.dns import DNSTempError
 from mailsuite.mailauth.headers import fields, header_section
 
-__all__ = ["DKIMResult", "TxtRecord", "key_names", "quiet_logger", "rsa_verify",
-           "verifier_for", "verify_dkim"]
+__all__ = [
+    "DKIMResult",
+    "TxtRecord",
+    "key_names",
+    "quiet_logger",
+    "rsa_verify",
+    "verifier_for",
+    "verify_dkim",
+]
 
 MIN_RSA_BITS = 1024
 
@@ -138,13 +145,14 @@ def verifier_for(cls: type[Any], message: bytes) -> Any:
     signature as usual.  Each (canonicalization, algorithm, l=) hash is computed once.
     """
     section = header_section(message)
-    body = message[len(section):]
+    body = message[len(section) :]
     verifier = cls(section, logger=_QUIET, minkey=MIN_RSA_BITS)
     original = verifier.verify_sig
     hashes: dict[tuple[bool, Any, int | None], bytes] = {}
 
-    def verify_sig(sig: dict[bytes, bytes], include_headers: Any, sig_header: Any,
-                   dnsfunc: Any) -> Any:
+    def verify_sig(
+        sig: dict[bytes, bytes], include_headers: Any, sig_header: Any, dnsfunc: Any
+    ) -> Any:
         if b"bh" in sig:
             c = sig.get(b"c", b"simple/simple").split(b"/", 1)
             relaxed = (c[1] if len(c) > 1 else b"simple").strip().lower() == b"relaxed"
@@ -220,25 +228,36 @@ def verify_dkim(
     parsed = [_tags(f.raw.partition(b":")[2]) for f in sig_fields]
     order = list(range(len(sig_fields)))
     if prefer is not None:
-        order.sort(key=lambda i: not (parsed[i] is not None and prefer(
-            _text(parsed[i].get(b"d")).lower())))  # type: ignore[union-attr]
+
+        def preferred(i: int) -> bool:
+            tags = parsed[i]
+            return tags is not None and prefer(_text(tags.get(b"d")).lower())
+
+        order.sort(key=lambda i: not preferred(i))
     chosen, skipped = order[:max_signatures], max(0, len(order) - max_signatures)
     try:
         verifier = verifier_for(dkim.DKIM, message)
     except dkim.DKIMException as e:
-        return [_result("permerror", parsed[i], f"message not parseable: {e}") for i in chosen], \
-            skipped
+        return [
+            _result("permerror", parsed[i], f"message not parseable: {e}") for i in chosen
+        ], skipped
     return [_verify_one(verifier, i, parsed[i], txt) for i in chosen], skipped
 
 
 def _result(result: str, tags: dict[bytes, bytes] | None, reason: str) -> DKIMResult:
     tags = tags or {}
-    return DKIMResult(result, _text(tags.get(b"d")).lower(), _text(tags.get(b"s")),
-                      _text(tags.get(b"a")).lower(), reason)
+    return DKIMResult(
+        result,
+        _text(tags.get(b"d")).lower(),
+        _text(tags.get(b"s")),
+        _text(tags.get(b"a")).lower(),
+        reason,
+    )
 
 
-def _verify_one(verifier: dkim.DKIM, index: int, tags: dict[bytes, bytes] | None,
-                txt: TxtRecord) -> DKIMResult:
+def _verify_one(
+    verifier: dkim.DKIM, index: int, tags: dict[bytes, bytes] | None, txt: TxtRecord
+) -> DKIMResult:
     if tags is None:
         return _result("permerror", None, "signature is not a tag list")
     if _text(tags.get(b"a")).lower() == "rsa-sha1":

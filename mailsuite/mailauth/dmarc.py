@@ -159,8 +159,17 @@ def parse_record(text: str) -> DMARCRecord:
     except ValueError:
         ri = 86400
     return DMARCRecord(
-        p=p, sp=sp, np=np, adkim=mode("adkim"), aspf=mode("aspf"), pct=pct, rua=rua,
-        ruf=_uris(seen.get("ruf", "")), fo=seen.get("fo", "0"), rf=seen.get("rf", "afrf"), ri=ri,
+        p=p,
+        sp=sp,
+        np=np,
+        adkim=mode("adkim"),
+        aspf=mode("aspf"),
+        pct=pct,
+        rua=rua,
+        ruf=_uris(seen.get("ruf", "")),
+        fo=seen.get("fo", "0"),
+        rf=seen.get("rf", "afrf"),
+        ri=ri,
     )
 
 
@@ -260,8 +269,9 @@ def evaluate(
     record = found.record
     if record is None:
         return DMARCResult("none", author, reason=found.reason, authors=(author,))
-    spf_ok = spf_result == "pass" and spf_domain is not None and aligned(
-        spf_domain, author, record.aspf)
+    spf_ok = (
+        spf_result == "pass" and spf_domain is not None and aligned(spf_domain, author, record.aspf)
+    )
     dkim_ok = any(aligned(d, author, record.adkim) for d in dkim_pass_domains)
     if found.domain == author:
         policy = record.p
@@ -270,30 +280,34 @@ def evaluate(
     else:
         policy = record.sp or record.p
     if spf_ok or dkim_ok:
-        return DMARCResult("pass", author, policy, NONE, found.domain, spf_ok, dkim_ok,
-                           authors=(author,))
+        return DMARCResult(
+            "pass", author, policy, NONE, found.domain, spf_ok, dkim_ok, authors=(author,)
+        )
     disposition = policy
     if record.pct < 100:
         chooser = rng if rng is not None else random.SystemRandom()
         if chooser.random() * 100 >= record.pct:
             disposition = _downgrade(policy)
     reason = "neither SPF nor DKIM aligned with the From domain"
-    return DMARCResult("fail", author, policy, disposition, found.domain, False, False, reason,
-                       authors=(author,))
+    return DMARCResult(
+        "fail", author, policy, disposition, found.domain, False, False, reason, authors=(author,)
+    )
 
 
 _SEVERITY = {NONE: 0, QUARANTINE: 1, REJECT: 2}
 
 
-def discover_all(authors: Sequence[str] | None, txt: TxtLookup,
-                 exists: ExistsLookup | None = None) -> list[Discovery] | DMARCResult:
+def discover_all(
+    authors: Sequence[str] | None, txt: TxtLookup, exists: ExistsLookup | None = None
+) -> list[Discovery] | DMARCResult:
     """The policy of every author domain (blocking DNS), or the permerror when the From field
     gives none to look up."""
     if not authors:
         return DMARCResult("permerror", reason="no usable From domain")
     if len(authors) > MAX_FROM_DOMAINS:
-        return DMARCResult("permerror", reason=f"more than {MAX_FROM_DOMAINS} From domains",
-                           authors=tuple(authors))
+        return DMARCResult(
+            "permerror", reason=f"more than {MAX_FROM_DOMAINS} From domains", authors=tuple(authors)
+        )
     return [discover(a, txt, exists) for a in authors]
 
 
@@ -313,9 +327,17 @@ def evaluate_all(
         return results[0]
     rank = {"fail": 4, "temperror": 3, "permerror": 2, "none": 1, "pass": 0}
     worst = max(results, key=lambda r: (rank[r.result], _SEVERITY[r.disposition]))
-    return DMARCResult(worst.result, worst.author, worst.policy, worst.disposition,
-                       worst.record_domain, worst.spf_aligned, worst.dkim_aligned, worst.reason,
-                       authors=tuple(f.author for f in found))
+    return DMARCResult(
+        worst.result,
+        worst.author,
+        worst.policy,
+        worst.disposition,
+        worst.record_domain,
+        worst.spf_aligned,
+        worst.dkim_aligned,
+        worst.reason,
+        authors=tuple(f.author for f in found),
+    )
 
 
 def check_dmarc(
@@ -329,5 +351,6 @@ def check_dmarc(
 ) -> DMARCResult:
     """DMARC for a message whose From field names ``authors`` (see headers.from_domains):
     :func:`discover_all` then :func:`evaluate_all`."""
-    return evaluate_all(discover_all(authors, txt, exists), spf_result, spf_domain,
-                        dkim_pass_domains, rng)
+    return evaluate_all(
+        discover_all(authors, txt, exists), spf_result, spf_domain, dkim_pass_domains, rng
+    )

@@ -44,8 +44,14 @@ __all__ = [
 ]
 
 #: Query types this layer asks for, by name.
-QTYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "PTR": dns.PTR,
-          "SRV": dns.SRV}
+QTYPES = {
+    "A": dns.A,
+    "AAAA": dns.AAAA,
+    "MX": dns.MX,
+    "TXT": dns.TXT,
+    "PTR": dns.PTR,
+    "SRV": dns.SRV,
+}
 
 CACHE_SIZE = 4096  # answers kept; the least recently used goes first
 MAX_TTL = 3600  # seconds an answer is kept at most, whatever its TTL says
@@ -136,8 +142,9 @@ class DNSClient:
     from one domain asks for its SPF, DKIM key and DMARC policy once, not once per message).
     """
 
-    def __init__(self, resolver: Any, clock: Any, timeout: float = 10.0,
-                 cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self, resolver: Any, clock: Any, timeout: float = 10.0, cache_size: int = CACHE_SIZE
+    ) -> None:
         self.resolver = resolver
         self.clock = clock
         self.timeout = timeout
@@ -256,8 +263,13 @@ class BlockingDNS:
     ``lane`` (see :mod:`~mailsuite.mailauth.workers`).  Never call it on the reactor thread.
     """
 
-    def __init__(self, client: DNSClient, reactor: Any, deadline: float | None = None,
-                 lane: Lane | None = None) -> None:
+    def __init__(
+        self,
+        client: DNSClient,
+        reactor: Any,
+        deadline: float | None = None,
+        lane: Lane | None = None,
+    ) -> None:
         self.client = client
         self.reactor = reactor
         self.deadline = deadline if deadline is not None else client.timeout + 1.0

@@ -39,8 +39,16 @@ from mailsuite.mailauth.spf import SPFResult, check_spf
 from mailsuite.mailauth.workers import WorkerPool
 from mailsuite.smtp.replies import Reply
 
-__all__ = ["ACCEPT", "QUARANTINE", "REJECT", "AuthResults", "InboundChecker", "Verdict",
-           "decide", "first_key_record"]
+__all__ = [
+    "ACCEPT",
+    "QUARANTINE",
+    "REJECT",
+    "AuthResults",
+    "InboundChecker",
+    "Verdict",
+    "decide",
+    "first_key_record",
+]
 
 log = Logger(namespace="mailsuite.mailauth.inbound")
 
@@ -49,8 +57,12 @@ ACCEPT, QUARANTINE, REJECT = "accept", "quarantine", "reject"
 
 def dmarc_rejected(domain: str) -> Reply:
     """RFC 7372 3.2 / RFC 7489 7.3: the reply for a DMARC p=reject failure."""
-    return Reply(550, "5.7.26", f"Unauthenticated mail from {domain} refused: it fails DMARC "
-                 "and the domain's policy is reject")
+    return Reply(
+        550,
+        "5.7.26",
+        f"Unauthenticated mail from {domain} refused: it fails DMARC "
+        "and the domain's policy is reject",
+    )
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class Verdict:
     def apply(self, message: bytes) -> bytes:
         """The whole message rewritten (for callers that hold it in memory)."""
         section = header_section(message)
-        return self.rewrite_header_section(section) + message[len(section):]
+        return self.rewrite_header_section(section) + message[len(section) :]
 
 
 def decide(results: AuthResults, config: MailAuthConfig) -> tuple[str, Reply | None]:
@@ -123,8 +135,14 @@ class InboundChecker:
     (a seeded ``random.Random`` in tests).
     """
 
-    def __init__(self, config: MailAuthConfig, authserv_id: str, workers: WorkerPool,
-                 dns: BlockingDNS, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: MailAuthConfig,
+        authserv_id: str,
+        workers: WorkerPool,
+        dns: BlockingDNS,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.authserv_id = authserv_id
         self.workers = workers
@@ -148,14 +166,16 @@ class InboundChecker:
 
     # -- the entry point -----------------------------------------------------------------------
 
-    def check_message(self, message: bytes | Path, mail_from: str, helo: str,
-                      client_ip: str) -> Deferred[Verdict]:
+    def check_message(
+        self, message: bytes | Path, mail_from: str, helo: str, client_ip: str
+    ) -> Deferred[Verdict]:
         """Check one message (its bytes, or the file holding it) received from ``client_ip``
         after ``HELO helo`` / ``MAIL FROM:<mail_from>`` ("" for the null sender)."""
         return defer.ensureDeferred(self._check(message, mail_from, helo, client_ip))
 
-    async def _check(self, message: bytes | Path, mail_from: str, helo: str,
-                     client_ip: str) -> Verdict:
+    async def _check(
+        self, message: bytes | Path, mail_from: str, helo: str, client_ip: str
+    ) -> Verdict:
         c = self.config
         try:
             checked = await self.workers.run(self._checks, message, mail_from, helo, client_ip)
@@ -163,21 +183,25 @@ class InboundChecker:
             checked = self._fallback(mail_from, f"{type(e).__name__}: {e}")
         for what, error in checked.faults:
             log.error("{what} check failed: {error}", what=what, error=error)
-        spf, dkim_results, unchecked, arc, found = (checked.spf, checked.dkim,
-                                                    checked.unchecked, checked.arc,
-                                                    checked.dmarc)
+        spf, dkim_results, unchecked, arc, found = (
+            checked.spf,
+            checked.dkim,
+            checked.unchecked,
+            checked.arc,
+            checked.dmarc,
+        )
         dmarc = None
         if found is not None:
             passed = [r.domain for r in dkim_results or () if r.result == "pass"]
-            dmarc = dmarc_mod.evaluate_all(found, spf.result if spf else None,
-                                           spf.domain if spf else None, passed, self.rng)
+            dmarc = dmarc_mod.evaluate_all(
+                found, spf.result if spf else None, spf.domain if spf else None, passed, self.rng
+            )
         results = AuthResults(spf, dkim_results, unchecked, dmarc, arc)
         action, reply = decide(results, c)
         header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
         return Verdict(action, header, self.authserv_id, results, reply)
 
-    def _checks(self, message: bytes | Path, mail_from: str, helo: str,
-                client_ip: str) -> _Checked:
+    def _checks(self, message: bytes | Path, mail_from: str, helo: str, client_ip: str) -> _Checked:
         """Every check of one message, in one worker job (blocking).
 
         One job, not one per check: each hand-over between the reactor and a worker costs
@@ -212,20 +236,29 @@ class InboundChecker:
                 return fallback
 
         if c.spf:
-            out.spf = guarded("SPF", lambda: check_spf(client_ip, mail_from, helo, self.dns),
-                              failed.spf)
+            out.spf = guarded(
+                "SPF", lambda: check_spf(client_ip, mail_from, helo, self.dns), failed.spf
+            )
         if c.dkim:
             orgs = {dmarc_mod.organizational_domain(a) for a in authors or ()}
             out.dkim, out.unchecked = guarded(
-                "DKIM", lambda: verify_dkim(
-                    data, self._key_record, c.max_signatures,
-                    prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs),
-                (failed.dkim, 0))
+                "DKIM",
+                lambda: verify_dkim(
+                    data,
+                    self._key_record,
+                    c.max_signatures,
+                    prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs,
+                ),
+                (failed.dkim, 0),
+            )
         if c.arc:
             out.arc = guarded("ARC", lambda: verify_arc(data, self._key_record), failed.arc)
         if c.dmarc:
-            out.dmarc = guarded("DMARC", lambda: dmarc_mod.discover_all(
-                authors, self._texts, self._exists), failed.dmarc)
+            out.dmarc = guarded(
+                "DMARC",
+                lambda: dmarc_mod.discover_all(authors, self._texts, self._exists),
+                failed.dmarc,
+            )
         return out
 
     def _fallback(self, mail_from: str, error: str) -> _Checked:
@@ -233,8 +266,11 @@ class InboundChecker:
         once when given."""
         c = self.config
         return _Checked(
-            spf=SPFResult("temperror", None, "mailfrom" if mail_from else "helo", mail_from,
-                          "internal error") if c.spf else None,
+            spf=SPFResult(
+                "temperror", None, "mailfrom" if mail_from else "helo", mail_from, "internal error"
+            )
+            if c.spf
+            else None,
             dkim=[DKIMResult("temperror", "", "", "", "internal error")] if c.dkim else None,
             arc=ARCResult("temperror", reason="internal error") if c.arc else None,
             dmarc=DMARCResult("temperror", reason="internal error") if c.dmarc else None,

@@ -30,9 +30,14 @@ __all__ = ["Doctor", "Expected", "Finding", "expected_records", "listen_port"]
 OK, MISSING, DIFFERENT, ERROR = "ok", "missing", "different", "error"
 
 #: (config service, SRV owner label), in the order clients should prefer them (RFC 8314 5.1)
-SRV_SERVICES = (("submissions", "_submissions._tcp"), ("submission", "_submission._tcp"),
-                ("imaps", "_imaps._tcp"), ("imap", "_imap._tcp"),
-                ("pop3s", "_pop3s._tcp"), ("pop3", "_pop3._tcp"))
+SRV_SERVICES = (
+    ("submissions", "_submissions._tcp"),
+    ("submission", "_submission._tcp"),
+    ("imaps", "_imaps._tcp"),
+    ("imap", "_imap._tcp"),
+    ("pop3s", "_pop3s._tcp"),
+    ("pop3", "_pop3._tcp"),
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,13 @@ def _fqdn(name: str) -> str:
     return name.rstrip(".") + "."
 
 
-def expected_records(config: Config, domain: str, keys: Sequence[DKIMKey],
-                     signing: dict[str, str], addresses: Sequence[str] = ()) -> list[Expected]:
+def expected_records(
+    config: Config,
+    domain: str,
+    keys: Sequence[DKIMKey],
+    signing: dict[str, str],
+    addresses: Sequence[str] = (),
+) -> list[Expected]:
     """Everything ``domain`` needs for mail to and from this server.  ``addresses`` are the
     server's public addresses (``--ip``); without them A/AAAA and PTR cannot be written out."""
     host = _fqdn(config.hostname)
@@ -98,16 +108,31 @@ def expected_records(config: Config, domain: str, keys: Sequence[DKIMKey],
         out.append(Expected(rtype, host, rtype, address))
     spf_note = ""
     if config.relay.smarthost:
-        spf_note = (f"mail leaves through the smarthost {config.relay.smarthost}: add its SPF "
-                    "include (see the provider's documentation) before -all")
+        spf_note = (
+            f"mail leaves through the smarthost {config.relay.smarthost}: add its SPF "
+            "include (see the provider's documentation) before -all"
+        )
     out.append(Expected("SPF", d, "TXT", "v=spf1 mx -all", note=spf_note))
     for key in keys:
         signs = signing.get(key.kind) == key.selector
-        out.append(Expected("DKIM", key.owner, "TXT", key.record(), required=signs,
-                            note="" if signs else "not signing: keep it published while mail "
-                            "signed with it may still be checked, then remove it"))
-    out.append(Expected("DMARC", f"_dmarc.{d}", "TXT",
-                        f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"))
+        out.append(
+            Expected(
+                "DKIM",
+                key.owner,
+                "TXT",
+                key.record(),
+                required=signs,
+                note=""
+                if signs
+                else "not signing: keep it published while mail "
+                "signed with it may still be checked, then remove it",
+            )
+        )
+    out.append(
+        Expected(
+            "DMARC", f"_dmarc.{d}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"
+        )
+    )
     for service, label in SRV_SERVICES:
         descs = config.listen.get(service, ())
         ports = [listen_port(x) for x in descs]
@@ -116,17 +141,26 @@ def expected_records(config: Config, domain: str, keys: Sequence[DKIMKey],
         chosen = public or local
         port = chosen[0] if chosen else None
         if port is None:
-            note = "not offered (RFC 6186: target '.' says so)" if not descs else \
-                "listens on a socket whose port is not known here"
-            out.append(Expected("SRV", f"{label}.{d}", "SRV", "0 0 0 .", required=False,
-                                note=note))
+            note = (
+                "not offered (RFC 6186: target '.' says so)"
+                if not descs
+                else "listens on a socket whose port is not known here"
+            )
+            out.append(Expected("SRV", f"{label}.{d}", "SRV", "0 0 0 .", required=False, note=note))
             continue
         note = "" if public else f"[listen] {service} is bound to loopback only"
         out.append(Expected("SRV", f"{label}.{d}", "SRV", f"0 1 {port} {host}", note=note))
     for address in addresses:
         reverse = ipaddress.ip_address(address).reverse_pointer
-        out.append(Expected("PTR", _fqdn(reverse), "PTR", host,
-                            note="set by whoever owns the address: ask your hosting provider"))
+        out.append(
+            Expected(
+                "PTR",
+                _fqdn(reverse),
+                "PTR",
+                host,
+                note="set by whoever owns the address: ask your hosting provider",
+            )
+        )
     return out
 
 
@@ -137,8 +171,9 @@ def _quote(texts: Sequence[str]) -> str:
 class Doctor:
     """Checks each :class:`Expected` against DNS (on the reactor; SPF in a worker)."""
 
-    def __init__(self, config: Config, client: DNSClient, workers: WorkerPool,
-                 blocking: BlockingDNS) -> None:
+    def __init__(
+        self, config: Config, client: DNSClient, workers: WorkerPool, blocking: BlockingDNS
+    ) -> None:
         self.config = config
         self.client = client
         self.workers = workers
@@ -148,8 +183,9 @@ class Doctor:
     async def _lookup(self, name: str, qtype: str) -> Answer:
         return await self.client.lookup(name, qtype)
 
-    async def check(self, domain: str, expected: list[Expected],
-                    addresses: Sequence[str]) -> list[Finding]:
+    async def check(
+        self, domain: str, expected: list[Expected], addresses: Sequence[str]
+    ) -> list[Finding]:
         """Findings in the order of ``expected``; with no ``addresses`` given, the server
         name's A/AAAA records found in DNS stand in for them (for SPF and PTR)."""
         findings: list[Finding] = []
@@ -159,15 +195,26 @@ class Doctor:
             findings.append(finding)
             for address in known:
                 reverse = ipaddress.ip_address(address).reverse_pointer
-                expected.append(Expected("PTR", _fqdn(reverse), "PTR", _fqdn(self.host),
-                                         note="set by whoever owns the address: ask your "
-                                         "hosting provider"))
+                expected.append(
+                    Expected(
+                        "PTR",
+                        _fqdn(reverse),
+                        "PTR",
+                        _fqdn(self.host),
+                        note="set by whoever owns the address: ask your hosting provider",
+                    )
+                )
         for e in expected:
             try:
                 findings.append(await self._one(domain, e, known))
             except DNSTempError as err:
-                findings.append(Finding(e, ERROR, advice=f"DNS did not answer ({err}); "
-                                        "try again, or check [dns] nameservers"))
+                findings.append(
+                    Finding(
+                        e,
+                        ERROR,
+                        advice=f"DNS did not answer ({err}); try again, or check [dns] nameservers",
+                    )
+                )
         return findings
 
     async def _any_address(self) -> tuple[Finding, list[str]]:
@@ -179,9 +226,13 @@ class Doctor:
             return Finding(e, ERROR, advice=f"DNS did not answer ({err})"), []
         found = list(v4.records) + list(v6.records)
         if not found:
-            return Finding(e, MISSING, advice=f"publish the server's public address: "
-                           f"{_fqdn(self.host)} IN A <address> (and AAAA for IPv6); "
-                           "give --ip ADDRESS to check SPF and PTR against it"), []
+            return Finding(
+                e,
+                MISSING,
+                advice=f"publish the server's public address: "
+                f"{_fqdn(self.host)} IN A <address> (and AAAA for IPv6); "
+                "give --ip ADDRESS to check SPF and PTR against it",
+            ), []
         return Finding(e, OK, ", ".join(found)), found
 
     async def _one(self, domain: str, e: Expected, addresses: Sequence[str]) -> Finding:
@@ -206,8 +257,12 @@ class Doctor:
             return Finding(e, OK, found)
         if not answer.records:
             return Finding(e, MISSING, advice=f"publish: {e.zone_line()}")
-        return Finding(e, DIFFERENT, found, f"mail for {domain} goes to {found}, not to this "
-                       f"server; change to: {e.zone_line()}")
+        return Finding(
+            e,
+            DIFFERENT,
+            found,
+            f"mail for {domain} goes to {found}, not to this server; change to: {e.zone_line()}",
+        )
 
     async def _address(self, e: Expected) -> Finding:
         answer = await self._lookup(e.owner, e.rtype)
@@ -215,33 +270,51 @@ class Doctor:
             return Finding(e, OK, e.value)
         if not answer.records:
             return Finding(e, MISSING, advice=f"publish: {e.zone_line()}")
-        return Finding(e, DIFFERENT, ", ".join(answer.records),
-                       f"change to (or add): {e.zone_line()}")
+        return Finding(
+            e, DIFFERENT, ", ".join(answer.records), f"change to (or add): {e.zone_line()}"
+        )
 
     async def _spf(self, domain: str, e: Expected, addresses: Sequence[str]) -> Finding:
         texts = [t.decode("utf-8", "replace") for t in (await self._lookup(domain, "TXT")).texts()]
-        records = [t for t in texts if t.lower().startswith("v=spf1")
-                   and (len(t) == 6 or t[6] == " ")]
+        records = [
+            t for t in texts if t.lower().startswith("v=spf1") and (len(t) == 6 or t[6] == " ")
+        ]
         if not records:
             return Finding(e, MISSING, advice=f"publish: {e.zone_line()}")
         if len(records) > 1:
-            return Finding(e, DIFFERENT, _quote(records), "more than one SPF record is a "
-                           f"permerror everywhere (RFC 7208 4.5); merge them into one, e.g. "
-                           f"{e.zone_line()}")
+            return Finding(
+                e,
+                DIFFERENT,
+                _quote(records),
+                "more than one SPF record is a "
+                f"permerror everywhere (RFC 7208 4.5); merge them into one, e.g. "
+                f"{e.zone_line()}",
+            )
         if not addresses:
             if records[0] == e.value:
                 return Finding(e, OK, _quote(records))
-            return Finding(e, DIFFERENT, _quote(records), "cannot test it without the server's "
-                           f"address (give --ip); the suggested record is {e.zone_line()}")
+            return Finding(
+                e,
+                DIFFERENT,
+                _quote(records),
+                "cannot test it without the server's "
+                f"address (give --ip); the suggested record is {e.zone_line()}",
+            )
         refused = []
         for address in addresses:
-            r = await self.workers.run(check_spf, address, f"postmaster@{domain}", self.host,
-                                       self.blocking)
+            r = await self.workers.run(
+                check_spf, address, f"postmaster@{domain}", self.host, self.blocking
+            )
             if r.result != "pass":
                 refused.append(f"{address} ({r.result})")
         if refused:
-            return Finding(e, DIFFERENT, _quote(records), "it does not let this server send: "
-                           f"{', '.join(refused)}; change to: {e.zone_line()}")
+            return Finding(
+                e,
+                DIFFERENT,
+                _quote(records),
+                "it does not let this server send: "
+                f"{', '.join(refused)}; change to: {e.zone_line()}",
+            )
         return Finding(e, OK, _quote(records))
 
     async def _dkim(self, e: Expected) -> Finding:
@@ -258,8 +331,12 @@ class Doctor:
         same_kind = tags.get(b"k", b"rsa").strip() == ours[b"k"]
         if same_key and same_kind:
             return Finding(e, OK, f'"{text[:60]}..."')
-        return Finding(e, DIFFERENT, f'"{text[:60]}..."', "the published key is not this "
-                       f"selector's key; replace it with: {e.zone_line()}")
+        return Finding(
+            e,
+            DIFFERENT,
+            f'"{text[:60]}..."',
+            f"the published key is not this selector's key; replace it with: {e.zone_line()}",
+        )
 
     async def _dmarc(self, e: Expected) -> Finding:
         texts = [t.decode("utf-8", "replace") for t in (await self._lookup(e.owner, "TXT")).texts()]
@@ -267,16 +344,25 @@ class Doctor:
         if not records:
             return Finding(e, MISSING, advice=f"publish: {e.zone_line()}")
         if len(records) > 1:
-            return Finding(e, DIFFERENT, _quote(records), "receivers ignore a domain with "
-                           f"several DMARC records; keep one: {e.zone_line()}")
+            return Finding(
+                e,
+                DIFFERENT,
+                _quote(records),
+                f"receivers ignore a domain with several DMARC records; keep one: {e.zone_line()}",
+            )
         try:
             record = parse_record(records[0])
         except DMARCError as err:
             return Finding(e, DIFFERENT, _quote(records), f"{err}; change to: {e.zone_line()}")
         if record.p == "none":
-            return Finding(e, DIFFERENT, _quote(records), "p=none only monitors: spoofed mail "
-                           "is still delivered; once the reports show your own mail passing, "
-                           f"change to: {e.zone_line()}")
+            return Finding(
+                e,
+                DIFFERENT,
+                _quote(records),
+                "p=none only monitors: spoofed mail "
+                "is still delivered; once the reports show your own mail passing, "
+                f"change to: {e.zone_line()}",
+            )
         return Finding(e, OK, _quote(records))
 
     async def _srv(self, e: Expected) -> Finding:
@@ -294,20 +380,24 @@ class Doctor:
         answer = await self._lookup(e.owner, "PTR")
         if self.host in answer.records:
             return Finding(e, OK, self.host)
-        advice = (f"ask the provider of this address to set its reverse DNS to {self.host} "
-                  f"({e.zone_line()}); many receivers refuse mail without it")
+        advice = (
+            f"ask the provider of this address to set its reverse DNS to {self.host} "
+            f"({e.zone_line()}); many receivers refuse mail without it"
+        )
         if not answer.records:
             return Finding(e, MISSING, advice=advice)
         return Finding(e, DIFFERENT, ", ".join(answer.records), advice)
 
 
-async def run_checks(config: Config, domain: str, expected: list[Expected],
-                     addresses: Sequence[str], reactor: object) -> list[Finding]:
+async def run_checks(
+    config: Config, domain: str, expected: list[Expected], addresses: Sequence[str], reactor: object
+) -> list[Finding]:
     """Build the DNS client and a small worker pool, check, and stop the pool."""
     from mailsuite.mailauth.dns import server_resolver
 
-    client = DNSClient(server_resolver(config.nameservers, reactor), reactor,
-                       timeout=config.dns.timeout)
+    client = DNSClient(
+        server_resolver(config.nameservers, reactor), reactor, timeout=config.dns.timeout
+    )
     workers = WorkerPool(reactor, 2, name="dns-check")
     workers.startService()
     try:

@@ -51,19 +51,22 @@ def _reason(text: str) -> str | None:
 def _spf_clause(spf: SPFResult) -> authres.AuthenticationResult:
     reason = _reason(spf.reason) if spf.result not in ("pass", "none") else None
     if spf.identity == "helo":
-        return authres.SPFAuthenticationResult(result=spf.result, reason=reason,
-                                               smtp_helo=_token(spf.domain))
+        return authres.SPFAuthenticationResult(
+            result=spf.result, reason=reason, smtp_helo=_token(spf.domain)
+        )
     mailfrom = spf.address if _ADDRESS.match(spf.address) else _token(spf.domain)
-    return authres.SPFAuthenticationResult(result=spf.result, reason=reason,
-                                           smtp_mailfrom=mailfrom)
+    return authres.SPFAuthenticationResult(result=spf.result, reason=reason, smtp_mailfrom=mailfrom)
 
 
 def _dkim_clause(r: DKIMResult) -> authres.AuthenticationResult:
-    algorithm = r.algorithm if r.algorithm in ("rsa-sha256", "ed25519-sha256", "rsa-sha1") \
-        else None
+    algorithm = r.algorithm if r.algorithm in ("rsa-sha256", "ed25519-sha256", "rsa-sha1") else None
     return authres.DKIMAuthenticationResult(
-        result=r.result, reason=_reason(r.reason), header_d=_token(r.domain) if r.domain else None,
-        header_s=_token(r.selector) if r.selector else None, header_a=algorithm)
+        result=r.result,
+        reason=_reason(r.reason),
+        header_d=_token(r.domain) if r.domain else None,
+        header_s=_token(r.selector) if r.selector else None,
+        header_a=algorithm,
+    )
 
 
 def _dmarc_clause(r: DMARCResult) -> authres.AuthenticationResult:
@@ -71,14 +74,18 @@ def _dmarc_clause(r: DMARCResult) -> authres.AuthenticationResult:
     if r.result in ("pass", "fail"):
         comment = f"p={r.policy} dis={r.disposition}"
     return authres.dmarc.DMARCAuthenticationResult(
-        result=r.result, result_comment=comment, reason=_reason(r.reason),
-        header_from=_token(r.author) if r.author else None)
+        result=r.result,
+        result_comment=comment,
+        reason=_reason(r.reason),
+        header_from=_token(r.author) if r.author else None,
+    )
 
 
 def _arc_clause(r: ARCResult) -> authres.AuthenticationResult:
     comment = f"sets={r.sets}" if r.sets else None
-    return authres.arc.ARCAuthenticationResult(result=r.result, result_comment=comment,
-                                               reason=_reason(r.reason))
+    return authres.arc.ARCAuthenticationResult(
+        result=r.result, result_comment=comment, reason=_reason(r.reason)
+    )
 
 
 def results_header(
@@ -102,9 +109,12 @@ def results_header(
             clauses.append(authres.DKIMAuthenticationResult(result="none"))
         clauses.extend(_dkim_clause(r) for r in dkim)
         if dkim_unchecked:
-            clauses.append(authres.DKIMAuthenticationResult(
-                result="neutral",
-                reason=f"{dkim_unchecked} more signatures not verified (limit reached)"))
+            clauses.append(
+                authres.DKIMAuthenticationResult(
+                    result="neutral",
+                    reason=f"{dkim_unchecked} more signatures not verified (limit reached)",
+                )
+            )
     if dmarc is not None:
         clauses.append(_dmarc_clause(dmarc))
     if arc is not None:

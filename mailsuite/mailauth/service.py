@@ -33,11 +33,13 @@ from mailsuite.reactor_lag import freeze_startup_objects
 
 __all__ = ["MailAuth"]
 
+
 class MailAuth(service.Service):
     """See the module docstring.  ``resolver`` is the server's one twisted.names resolver."""
 
-    def __init__(self, config: Config, reactor: Any, resolver: Any,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, resolver: Any, rng: random.Random | None = None
+    ) -> None:
         self.config = config
         self.reactor = reactor
         self.workers = WorkerPool(reactor, config.mail_auth.threads)
@@ -45,8 +47,9 @@ class MailAuth(service.Service):
         self.blocking_dns = BlockingDNS(self.dns, reactor, lane=self.workers.lane)
         self.keys = KeyStore(config.dkim_dir)
         self.signer = Signer(self.keys)
-        self.inbound = InboundChecker(config.mail_auth, config.hostname, self.workers,
-                                      self.blocking_dns, rng)
+        self.inbound = InboundChecker(
+            config.mail_auth, config.hostname, self.workers, self.blocking_dns, rng
+        )
 
     def startService(self) -> None:
         service.Service.startService(self)  # by name: Twisted's is unannotated (setup.cfg)
@@ -68,8 +71,9 @@ class MailAuth(service.Service):
             return False
         return self.config.mail_auth.verifies
 
-    def check_message(self, message: bytes | Path, mail_from: str, helo: str,
-                      client_ip: str) -> Deferred[Verdict]:
+    def check_message(
+        self, message: bytes | Path, mail_from: str, helo: str, client_ip: str
+    ) -> Deferred[Verdict]:
         """See :meth:`InboundChecker.check_message`."""
         return self.inbound.check_message(message, mail_from, helo, client_ip)
 

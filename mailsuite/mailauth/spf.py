@@ -30,8 +30,10 @@ OVERALL_TIMEOUT = 20
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
 _bound = threading.local()
-_HOSTNAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]*"
-                       r"[a-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]*"
+    r"[a-z0-9])?)*$"
+)
 
 
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> list[Any]:
@@ -75,8 +77,9 @@ def _client_ip(ip: str) -> str | None:
     return str(addr)
 
 
-def check_spf(client_ip: str, mail_from: str, helo: str, dns: BlockingDNS,
-              timeout: float = OVERALL_TIMEOUT) -> SPFResult:
+def check_spf(
+    client_ip: str, mail_from: str, helo: str, dns: BlockingDNS, timeout: float = OVERALL_TIMEOUT
+) -> SPFResult:
     """check_host() for MAIL FROM, or for the HELO name when the sender is null (RFC 7208
     2.4).  Blocks on DNS: call it in a worker thread."""
     if mail_from:
@@ -91,18 +94,22 @@ def check_spf(client_ip: str, mail_from: str, helo: str, dns: BlockingDNS,
     ip = _client_ip(client_ip)
     if clean is None or "." not in clean or not _HOSTNAME.match(clean):
         # RFC 7208 4.3: a malformed or single-label domain (or an address literal) -> none
-        return SPFResult("none", clean or domain or None, identity, address,
-                         "no checkable domain")
+        return SPFResult("none", clean or domain or None, identity, address, "no checkable domain")
     if ip is None:
         return SPFResult("temperror", clean, identity, address, f"bad client address {client_ip!r}")
     _bound.dns = dns
     try:
-        query = pyspf.query(i=ip, s=f"{local or 'postmaster'}@{clean}", h=helo or clean,
-                            querytime=timeout)
+        query = pyspf.query(
+            i=ip, s=f"{local or 'postmaster'}@{clean}", h=helo or clean, querytime=timeout
+        )
         result, _code, explanation = query.check()
     except Exception as e:  # a library fault must not lose the message
-        log.error("SPF check of {domain} for {ip} failed inside pyspf: {error!r}",
-                  domain=clean, ip=ip, error=e)
+        log.error(
+            "SPF check of {domain} for {ip} failed inside pyspf: {error!r}",
+            domain=clean,
+            ip=ip,
+            error=e,
+        )
         return SPFResult("temperror", clean, identity, address, "internal error")
     finally:
         _bound.dns = None

@@ -112,7 +112,7 @@ class CommandReader:
                 end = text.find("}", pos)
                 if end != n - 1:
                     raise _Syntax("a literal {N+} must end the line")
-                spec = text[pos + 1:end]
+                spec = text[pos + 1 : end]
                 if spec.endswith("+"):
                     spec = spec[:-1]
                 if not spec.isdigit() or len(spec) > 10:
@@ -121,8 +121,11 @@ class CommandReader:
                 if size > MAX_ANNOUNCED:
                     return BadCommand("Literal too large", close=True)
                 if size > self.max_literal:
-                    return BadCommand(f"Literal larger than the limit of {self.max_literal} "
-                                      "octets", "QUOTA/MAXSIZE", discard=size)
+                    return BadCommand(
+                        f"Literal larger than the limit of {self.max_literal} octets",
+                        "QUOTA/MAXSIZE",
+                        discard=size,
+                    )
                 self._partial = cmd
                 return NeedLiteral(size)
             elif c.isdigit():

@@ -51,8 +51,15 @@ class ManageSieveProtocol(LineReceiver):
     delimiter = b"\n"  # CRLF expected; a bare LF is accepted and the CR stripped
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, runtime: Runtime, options: Options, implicit_tls: bool,
-                 limits: ConnectionLimits | None = None, *, login_timeout: int) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        options: Options,
+        implicit_tls: bool,
+        limits: ConnectionLimits | None = None,
+        *,
+        login_timeout: int,
+    ) -> None:
         self.runtime = runtime
         self.login_timeout = login_timeout
         self.deadline: ReadDeadline | None = None
@@ -81,11 +88,13 @@ class ManageSieveProtocol(LineReceiver):
         self.peer = getattr(peer, "host", str(peer))
         self.admission = self.limits.admit(self.peer)
         if self.admission.refused is not None:
-            log.info("ManageSieve: {peer} refused: {limit} reached", peer=self.peer,
-                     limit=self.admission.refused.value)
+            log.info(
+                "ManageSieve: {peer} refused: {limit} reached",
+                peer=self.peer,
+                limit=self.admission.refused.value,
+            )
             self.session.state = State.CLOSED  # nothing the client sends is acted on
-            self._tx.write(response("BYE", "Too many connections, try again later",
-                                          "TRYLATER"))
+            self._tx.write(response("BYE", "Too many connections, try again later", "TRYLATER"))
             self._tx.loseConnection()
             return
         self.deadline = ReadDeadline(
@@ -132,7 +141,7 @@ class ManageSieveProtocol(LineReceiver):
         if self.deadline is not None:
             self.deadline.data(len(data))  # a literal moves the deadline per 64 KiB
         take = data[: self._literal_left]
-        rest = data[self._literal_left:]
+        rest = data[self._literal_left :]
         self._literal_left -= len(take)
         if self._literal is not None:
             self._literal += take
@@ -185,8 +194,11 @@ class ManageSieveProtocol(LineReceiver):
 
         d.addErrback(failed)
         d.addCallback(self._perform)
-        d.addErrback(lambda f: log.failure("ManageSieve: sending the reply to {peer} failed", f,
-                                           peer=self.peer))
+        d.addErrback(
+            lambda f: log.failure(
+                "ManageSieve: sending the reply to {peer} failed", f, peer=self.peer
+            )
+        )
         d.addBoth(self._resume)
 
     def _in_thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
@@ -217,8 +229,11 @@ class ManageSieveProtocol(LineReceiver):
     def _start_tls(self) -> None:
         dropped = self.clearLineBuffer()
         if dropped:
-            log.warn("ManageSieve: discarded {n} bytes pipelined after STARTTLS from {peer}",
-                     n=len(dropped), peer=self.peer)
+            log.warn(
+                "ManageSieve: discarded {n} bytes pipelined after STARTTLS from {peer}",
+                n=len(dropped),
+                peer=self.peer,
+            )
         self.reader.reset()
         self._tx.startTLS(self.runtime.tls)
         self._tx.write(self.session.tls_started())
@@ -251,8 +266,12 @@ class ManageSieveFactory(protocol.ServerFactory):
         self.options = options
         self.implicit_tls = implicit_tls
         cfg = runtime.config.sieve
-        self.limits = shared_limits(runtime.connection_limits, "managesieve",
-                                    cfg.max_connections, cfg.max_connections_per_ip)
+        self.limits = shared_limits(
+            runtime.connection_limits,
+            "managesieve",
+            cfg.max_connections,
+            cfg.max_connections_per_ip,
+        )
 
     def buildProtocol(self, addr: Any) -> ManageSieveProtocol:
         p = ManageSieveProtocol(

@@ -29,8 +29,9 @@ from mailsuite.smtp.sasl import Cancelled, SASLError, decode_response, parse_pla
 IMPLEMENTATION = "mailsuite"
 #: The SIEVE capability: every extension a script may require (the i;octet/i;ascii-casemap
 #: comparators are always there and not listed, as Pigeonhole does).
-SIEVE_EXTENSIONS = " ".join(e for e in EXTENSIONS
-                            if e not in ("comparator-i;octet", "comparator-i;ascii-casemap"))
+SIEVE_EXTENSIONS = " ".join(
+    e for e in EXTENSIONS if e not in ("comparator-i;octet", "comparator-i;ascii-casemap")
+)
 
 
 class State(enum.Enum):
@@ -133,8 +134,9 @@ _COMMANDS: dict[str, tuple[tuple[State, ...], tuple[str, ...], int]] = {
 class Session:
     """One ManageSieve connection.  ``store_for(user)`` opens a user's script store."""
 
-    def __init__(self, options: Options, store_for: Callable[[str], ScriptStore],
-                 tls: bool = False) -> None:
+    def __init__(
+        self, options: Options, store_for: Callable[[str], ScriptStore], tls: bool = False
+    ) -> None:
         self.options = options
         self.store_for = store_for
         self.tls = tls

@@ -173,21 +173,24 @@ class SMTPClientSession(LineReceiver):
             if reply.code == 421:
                 self._fail(Outcome.CONNECTION_LOST, reply, abort=False, quit=False)
             else:
-                self._fail(Outcome.PROTOCOL_ERROR,
-                           _local(451, "4.5.0", f"unexpected reply: {reply}"), abort=True)
+                self._fail(
+                    Outcome.PROTOCOL_ERROR,
+                    _local(451, "4.5.0", f"unexpected reply: {reply}"),
+                    abort=True,
+                )
             return
         handler = self._expect.popleft()
         self._lines_of_last_reply = lines
         if reply.code == 421 and handler != self._on_quit:
             # RFC 5321 3.8: the server is closing the session.
-            self._fail(_CLOSED_AT.get(self._stage, Outcome.CONNECTION_LOST), reply, abort=False,
-                       quit=False)
+            self._fail(
+                _CLOSED_AT.get(self._stage, Outcome.CONNECTION_LOST), reply, abort=False, quit=False
+            )
             return
         handler(reply)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply line too long"),
-                   abort=True)
+        self._fail(Outcome.PROTOCOL_ERROR, _local(451, "4.5.0", "reply line too long"), abort=True)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -196,12 +199,15 @@ class SMTPClientSession(LineReceiver):
             return
         # After the final dot the message may or may not have been delivered (RFC 5321 6.1
         # accepts the duplicate risk): report temporary failure.
-        self._fail(Outcome.TIMEOUT,
-                   _local(451, "4.4.2", f"timeout waiting for the server ({self._stage})"),
-                   abort=True)
+        self._fail(
+            Outcome.TIMEOUT,
+            _local(451, "4.4.2", f"timeout waiting for the server ({self._stage})"),
+            abort=True,
+        )
 
-    def _fail(self, outcome: Outcome, reply: Reply, *, abort: bool = False,
-              quit: bool = True) -> None:
+    def _fail(
+        self, outcome: Outcome, reply: Reply, *, abort: bool = False, quit: bool = True
+    ) -> None:
         if self._result is not None:
             return
         recipients = {}
@@ -210,16 +216,33 @@ class SMTPClientSession(LineReceiver):
             if existing is not None and not existing.positive:
                 recipients[rcpt] = existing
             else:
-                recipients[rcpt] = reply if not reply.positive else _local(
-                    451, "4.4.2", "transaction not completed")
+                recipients[rcpt] = (
+                    reply
+                    if not reply.positive
+                    else _local(451, "4.4.2", "transaction not completed")
+                )
         self._finish(outcome, reply, recipients, abort=abort, quit=quit)
 
-    def _finish(self, outcome: Outcome, reply: Reply, recipients: dict[str, Reply], *,
-                abort: bool = False, quit: bool = True) -> None:
+    def _finish(
+        self,
+        outcome: Outcome,
+        reply: Reply,
+        recipients: dict[str, Reply],
+        *,
+        abort: bool = False,
+        quit: bool = True,
+    ) -> None:
         self._result = TransactionResult(
-            outcome=outcome, reply=reply, stage=self._stage, recipients=recipients,
-            host=self.params.host, address=self.address, port=self.port, tls=self.tls_active,
-            extensions=dict(self.extensions), downgraded=self._downgraded,
+            outcome=outcome,
+            reply=reply,
+            stage=self._stage,
+            recipients=recipients,
+            host=self.params.host,
+            address=self.address,
+            port=self.port,
+            tls=self.tls_active,
+            extensions=dict(self.extensions),
+            downgraded=self._downgraded,
         )
         self._expect.clear()
         if self._producer is not None:
@@ -304,8 +327,10 @@ class SMTPClientSession(LineReceiver):
                 self._send("STARTTLS")
                 return
             if p.tls == "required":
-                self._fail(Outcome.TLS_FAILED,
-                           _local(451, "4.7.4", "TLS required but STARTTLS not offered"))
+                self._fail(
+                    Outcome.TLS_FAILED,
+                    _local(451, "4.7.4", "TLS required but STARTTLS not offered"),
+                )
                 return
         if p.auth is not None:
             self._start_auth()
@@ -348,8 +373,9 @@ class SMTPClientSession(LineReceiver):
         assert self.params.auth is not None
         self._stage = "auth"
         if not self.tls_active:
-            self._fail(Outcome.AUTH_FAILED,
-                       _local(451, "4.7.0", "will not send credentials without TLS"))
+            self._fail(
+                Outcome.AUTH_FAILED, _local(451, "4.7.0", "will not send credentials without TLS")
+            )
             return
         mechanisms = self.extensions.get("AUTH", "").upper().split()
         user, password = self.params.auth
@@ -363,8 +389,10 @@ class SMTPClientSession(LineReceiver):
             self._expect.append(self._on_auth_login_user)
             self._send("AUTH LOGIN")
         else:
-            self._fail(Outcome.AUTH_FAILED, _local(
-                451, "4.7.4", "server offers no AUTH mechanism we use (PLAIN, LOGIN)"))
+            self._fail(
+                Outcome.AUTH_FAILED,
+                _local(451, "4.7.4", "server offers no AUTH mechanism we use (PLAIN, LOGIN)"),
+            )
 
     def _on_auth_plain(self, reply: Reply) -> None:
         if reply.code == 334:  # a server that wants the response after an empty challenge
@@ -412,13 +440,19 @@ class SMTPClientSession(LineReceiver):
         size_limit = ext.get("SIZE", "")
         if size_limit.isdigit() and int(size_limit) > 0 and p.size > int(size_limit):
             # RFC 1870 6: do not send what the server has said it will not take.
-            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
-                552, "5.3.4", f"message size {p.size} exceeds the server's limit {size_limit}"))
+            self._fail(
+                Outcome.MESSAGE_UNSENDABLE,
+                _local(
+                    552, "5.3.4", f"message size {p.size} exceeds the server's limit {size_limit}"
+                ),
+            )
             return
         if needs_utf8 and "SMTPUTF8" not in ext:
             # RFC 6531 3.2: no downgrade of internationalized addresses/headers.
-            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
-                553, "5.6.7", "message needs SMTPUTF8 and the server does not offer it"))
+            self._fail(
+                Outcome.MESSAGE_UNSENDABLE,
+                _local(553, "5.6.7", "message needs SMTPUTF8 and the server does not offer it"),
+            )
             return
         if p.body_8bit and "8BITMIME" not in ext:
             # RFC 6152 3: an 8-bit body may only go to a server that offers 8BITMIME; convert
@@ -426,8 +460,10 @@ class SMTPClientSession(LineReceiver):
             if p.downgrade is not None:
                 self._convert(p.downgrade)
                 return
-            self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
-                554, "5.6.3", "8-bit message and the server does not offer 8BITMIME"))
+            self._fail(
+                Outcome.MESSAGE_UNSENDABLE,
+                _local(554, "5.6.3", "8-bit message and the server does not offer 8BITMIME"),
+            )
             return
         params = []
         if "SIZE" in ext:
@@ -462,21 +498,30 @@ class SMTPClientSession(LineReceiver):
                 return  # the session ended meanwhile
             path, size = result
             self._downgraded = True
-            self.params = dataclasses.replace(self.params, message_path=path, size=size,
-                                              body_8bit=False, downgrade=None)
+            self.params = dataclasses.replace(
+                self.params, message_path=path, size=size, body_8bit=False, downgrade=None
+            )
             self._start_mail()
 
         def failed(f: Failure) -> None:
             if self._result is not None:
                 return
             if f.check(NotConvertible):
-                self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
-                    554, "5.6.3", "8-bit message, the server does not offer 8BITMIME, and it "
-                    f"cannot be converted to 7 bit: {f.value}"))
+                self._fail(
+                    Outcome.MESSAGE_UNSENDABLE,
+                    _local(
+                        554,
+                        "5.6.3",
+                        "8-bit message, the server does not offer 8BITMIME, and it "
+                        f"cannot be converted to 7 bit: {f.value}",
+                    ),
+                )
             else:
                 log.failure("converting the message to 7 bit failed", f)
-                self._fail(Outcome.MESSAGE_UNSENDABLE, _local(
-                    451, "4.3.0", f"converting the message to 7 bit failed: {f.value}"))
+                self._fail(
+                    Outcome.MESSAGE_UNSENDABLE,
+                    _local(451, "4.3.0", f"converting the message to 7 bit failed: {f.value}"),
+                )
 
         downgrade().addCallbacks(converted, failed)
 
@@ -529,19 +574,27 @@ class SMTPClientSession(LineReceiver):
 
     def _on_data(self, reply: Reply) -> None:
         if reply.code != 354:
-            self._fail(Outcome.DATA_REFUSED, reply if not reply.positive else _local(
-                451, "4.5.0", f"unexpected reply to DATA: {reply}"))
+            self._fail(
+                Outcome.DATA_REFUSED,
+                reply
+                if not reply.positive
+                else _local(451, "4.5.0", f"unexpected reply to DATA: {reply}"),
+            )
             return
         try:
             f = Path(self.params.message_path).open("rb")  # noqa: SIM115 - closed by the producer
         except OSError as e:
             # Cannot abandon DATA politely once 354 came; close without the final dot.
-            self._fail(Outcome.MESSAGE_UNSENDABLE,
-                       _local(451, "4.3.0", f"cannot read message: {e}"), abort=True)
+            self._fail(
+                Outcome.MESSAGE_UNSENDABLE,
+                _local(451, "4.3.0", f"cannot read message: {e}"),
+                abort=True,
+            )
             return
         self._stage = "data"
-        self._producer = BodyProducer(self._tx, f, self.params.chunk_size, self._progress,
-                                      self._body_sent)
+        self._producer = BodyProducer(
+            self._tx, f, self.params.chunk_size, self._progress, self._body_sent
+        )
         self._arm(self.params.timeouts.data_block)
         self._tx.registerProducer(self._producer, False)
 
@@ -565,14 +618,15 @@ class SMTPClientSession(LineReceiver):
 # --------------------------------------------------------------------------- entry point
 
 
-def _endpoint(reactor: Any, address: str, port: int, timeout: float,
-              source_address: str | None) -> Any:
+def _endpoint(
+    reactor: Any, address: str, port: int, timeout: float, source_address: str | None
+) -> Any:
     bind = (source_address, 0) if source_address else None
     if ipaddress.ip_address(address).version == 6:
-        return endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=timeout,
-                                            bindAddress=bind)
-    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout,
-                                        bindAddress=bind)
+        return endpoints.TCP6ClientEndpoint(
+            reactor, address, port, timeout=timeout, bindAddress=bind
+        )
+    return endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=timeout, bindAddress=bind)
 
 
 def deliver(
@@ -614,17 +668,28 @@ def deliver(
     if size is None:
         size = Path(message_path).stat().st_size
     params = SessionParameters(
-        host=host, helo_name=helo_name, mail_from=mail_from, rcpts=tuple(rcpts),
-        message_path=os.fspath(message_path), size=size, body_8bit=body_8bit,
-        smtputf8=smtputf8, tls=tls, tls_verify=tls_verify,
-        tls_client_context=tls_client_context, auth=auth, timeouts=timeouts,
-        chunk_size=chunk_size, downgrade=downgrade,
+        host=host,
+        helo_name=helo_name,
+        mail_from=mail_from,
+        rcpts=tuple(rcpts),
+        message_path=os.fspath(message_path),
+        size=size,
+        body_8bit=body_8bit,
+        smtputf8=smtputf8,
+        tls=tls,
+        tls_verify=tls_verify,
+        tls_client_context=tls_client_context,
+        auth=auth,
+        timeouts=timeouts,
+        chunk_size=chunk_size,
+        downgrade=downgrade,
     )
     return defer.ensureDeferred(_deliver(reactor, port, list(addresses), params, source_address))
 
 
-async def _session(reactor: Any, address: str, port: int, params: SessionParameters,
-                   source_address: str | None) -> TransactionResult | str:
+async def _session(
+    reactor: Any, address: str, port: int, params: SessionParameters, source_address: str | None
+) -> TransactionResult | str:
     """A TransactionResult, or the reason the connection could not be made."""
     session = SMTPClientSession(params, reactor)
     try:
@@ -635,19 +700,32 @@ async def _session(reactor: Any, address: str, port: int, params: SessionParamet
     return await session.done
 
 
-async def _deliver(reactor: Any, port: int, addresses: list[str], params: SessionParameters,
-                   source_address: str | None) -> TransactionResult:
+async def _deliver(
+    reactor: Any,
+    port: int,
+    addresses: list[str],
+    params: SessionParameters,
+    source_address: str | None,
+) -> TransactionResult:
     errors = []
     for address in addresses:
         result = await _session(reactor, address, port, params, source_address)
         if isinstance(result, str):
             errors.append(result)
             continue
-        if (result.outcome is Outcome.TLS_FAILED and result.stage == "tls"
-                and params.tls == "opportunistic" and not params.tls_verify):
+        if (
+            result.outcome is Outcome.TLS_FAILED
+            and result.stage == "tls"
+            and params.tls == "opportunistic"
+            and not params.tls_verify
+        ):
             # Opportunistic TLS: a broken handshake is no reason not to deliver in plaintext.
-            log.info("TLS with {host} [{address}] failed ({reason}); retrying without TLS",
-                     host=params.host, address=address, reason=result.reply.text)
+            log.info(
+                "TLS with {host} [{address}] failed ({reason}); retrying without TLS",
+                host=params.host,
+                address=address,
+                reason=result.reply.text,
+            )
             plain = dataclasses.replace(params, tls="none")
             retry = await _session(reactor, address, port, plain, source_address)
             if isinstance(retry, str):
@@ -657,6 +735,11 @@ async def _deliver(reactor: Any, port: int, addresses: list[str], params: Sessio
         return result
     reply = _local(451, "4.4.1", "no connection: " + ("; ".join(errors) or "no addresses"))
     return TransactionResult(
-        outcome=Outcome.CONNECT_FAILED, reply=reply, stage="connect",
-        recipients={r: reply for r in params.rcpts}, host=params.host, address=None, port=port,
+        outcome=Outcome.CONNECT_FAILED,
+        reply=reply,
+        stage="connect",
+        recipients={r: reply for r in params.rcpts},
+        host=params.host,
+        address=None,
+        port=port,
     )

@@ -132,8 +132,10 @@ class _Base64:
 
         cut = len(self.buf) if final else len(self.buf) - len(self.buf) % _B64_LINE
         chunk, self.buf = self.buf[:cut], self.buf[cut:]
-        return b"".join(base64.b64encode(chunk[i:i + _B64_LINE]) + b"\n"
-                        for i in range(0, len(chunk), _B64_LINE))
+        return b"".join(
+            base64.b64encode(chunk[i : i + _B64_LINE]) + b"\n"
+            for i in range(0, len(chunk), _B64_LINE)
+        )
 
     def feed(self, data: bytes) -> bytes:
         if self.eol_pending:
@@ -214,7 +216,7 @@ class _Walker:
             b = self.frames[depth].boundary
             if stripped in (b"--" + b, b"--" + b + b"--"):
                 self._end_entity(at_eof=False)
-                del self.frames[depth + 1:]
+                del self.frames[depth + 1 :]
                 self.write(line)
                 if stripped.endswith(b"--") and stripped != b"--" + b:
                     self.frames.pop()
@@ -238,8 +240,9 @@ class _Walker:
                 return
             self.header_size += len(piece)
             if self.header_size > MAX_HEADER_BLOCK:
-                raise NotConvertible("a header block is larger than "
-                                     f"{MAX_HEADER_BLOCK // 1024} KiB")
+                raise NotConvertible(
+                    f"a header block is larger than {MAX_HEADER_BLOCK // 1024} KiB"
+                )
             self.header.append(piece)
             return
         if self.state == "text":
@@ -285,8 +288,7 @@ class _Walker:
         has_type = fields.get("content-type") is not None
         ctype = fields.get_content_type() if has_type else self.default
         cte = str(fields.get("content-transfer-encoding", "")).strip().lower()
-        eol = blank or (b"\r\n" if self.header and self.header[-1].endswith(b"\r\n")
-                        else b"\n")
+        eol = blank or (b"\r\n" if self.header and self.header[-1].endswith(b"\r\n") else b"\n")
         boundary = fields.get_param("boundary") if has_type else None
         top = self.top
         lines = self.header
@@ -294,9 +296,12 @@ class _Walker:
 
         if ctype.startswith("multipart/") and isinstance(boundary, str) and boundary:
             lines = self._relabel(lines, cte)
-            self.frames.append(_Frame(boundary.encode("ascii", "replace"),
-                                      "message/rfc822" if ctype == "multipart/digest"
-                                      else "text/plain"))
+            self.frames.append(
+                _Frame(
+                    boundary.encode("ascii", "replace"),
+                    "message/rfc822" if ctype == "multipart/digest" else "text/plain",
+                )
+            )
             next_state, leaf_mode = "text", None
         elif ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary"):
             lines = self._relabel(lines, cte)
@@ -344,7 +349,7 @@ class _Walker:
 
     @staticmethod
     def _relabel(lines: list[bytes], cte: str) -> list[bytes]:
-        """"8bit"/"binary" is no longer true once the content is 7-bit: say "7bit"."""
+        """ "8bit"/"binary" is no longer true once the content is 7-bit: say "7bit"."""
         if cte not in ("8bit", "binary"):
             return lines
         out = []

@@ -209,8 +209,9 @@ class MXResolver:
                 raise MXError(domain, True, "5.1.2", "domain has no MX and no address records")
             return Route(domain, (MXHost(name, 0, addresses),), implicit=True)
 
-        exchanges = [(int(r.preference), r.name.name.decode("ascii").rstrip(".").lower())
-                     for r in mx_records]
+        exchanges = [
+            (int(r.preference), r.name.name.decode("ascii").rstrip(".").lower()) for r in mx_records
+        ]
         real = [(p, x) for p, x in exchanges if x != ""]
         if not real:
             # RFC 7505 3: a single "MX 0 ." says the domain accepts no mail.
@@ -244,12 +245,17 @@ class MXResolver:
                     transient.append(exchange)
         if not hosts_out:
             if transient:
-                raise MXError(domain, False, "4.4.3",
-                              "address lookup of MX hosts failed: " + ", ".join(transient))
+                raise MXError(
+                    domain,
+                    False,
+                    "4.4.3",
+                    "address lookup of MX hosts failed: " + ", ".join(transient),
+                )
             # Every MX host name is missing or has no address: a DNS misconfiguration that may
             # be fixed; temporary, the queue's lifetime will bounce it eventually.
-            raise MXError(domain, False, "4.4.3",
-                          "MX hosts have no addresses: " + ", ".join(unresolved))
+            raise MXError(
+                domain, False, "4.4.3", "MX hosts have no addresses: " + ", ".join(unresolved)
+            )
         return Route(domain, tuple(hosts_out), unresolved=tuple(unresolved))
 
     async def host_route(self, name: str) -> Route:
@@ -285,8 +291,10 @@ class MXResolver:
     async def _addresses(self, name: str) -> tuple[str, ...]:
         """A and AAAA of ``name``. Raises _NoName, or _Transient if no lookup gave an answer."""
         v4, v6 = await defer.DeferredList(
-            [defer.ensureDeferred(self._query(name, dns.A)),
-             defer.ensureDeferred(self._query(name, dns.AAAA))],
+            [
+                defer.ensureDeferred(self._query(name, dns.A)),
+                defer.ensureDeferred(self._query(name, dns.AAAA)),
+            ],
             consumeErrors=True,
         )
         outcomes = []
@@ -349,12 +357,21 @@ def apply_loop_rule(route: Route, is_self: Callable[[MXHost], bool]) -> Route:
     better = tuple(h for h in route.hosts if h.preference < ours and not is_self(h))
     if not better:
         what = "the domain's address" if route.implicit or route.literal else "MX"
-        raise MXError(route.domain, True, "5.4.6",
-                      f"mail for {route.domain} loops back to myself ({what} "
-                      f"{', '.join(h.name for h in route.hosts if is_self(h))} is this server, "
-                      "and no MX host with a better preference exists)")
-    return Route(route.domain, better, implicit=route.implicit, literal=route.literal,
-                 unresolved=route.unresolved)
+        raise MXError(
+            route.domain,
+            True,
+            "5.4.6",
+            f"mail for {route.domain} loops back to myself ({what} "
+            f"{', '.join(h.name for h in route.hosts if is_self(h))} is this server, "
+            "and no MX host with a better preference exists)",
+        )
+    return Route(
+        route.domain,
+        better,
+        implicit=route.implicit,
+        literal=route.literal,
+        unresolved=route.unresolved,
+    )
 
 
 def _v6(record: Any) -> str:

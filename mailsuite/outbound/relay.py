@@ -77,8 +77,9 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def _downgrade(message_path: Path, scratch_dir: Path,
-               resign: Callable[[bytes], bytes] | None = None) -> tuple[str, int]:
+def _downgrade(
+    message_path: Path, scratch_dir: Path, resign: Callable[[bytes], bytes] | None = None
+) -> tuple[str, int]:
     """Blocking: a 7-bit copy of the message and its SIZE (RFC 1870) value.
 
     The conversion changes the body, so a DKIM signature we made at submission would fail
@@ -223,12 +224,14 @@ class Relay:
         self.timeouts = timeouts
         if blocking is None:
             if reactor is not None and hasattr(reactor, "getThreadPool"):
+
                 def blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f,
-                                                     *args)
+                    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
             else:
+
                 def blocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
                     return defer.maybeDeferred(f, *args)
+
         self._blocking = blocking
         self.routes = RouteTable(self.relay.routes)
 
@@ -239,39 +242,75 @@ class Relay:
         route = self.routes.match(domain)
         return route.key if route is not None else domain
 
-    def send(self, route: str, sender: str, rcpts: Sequence[str], message_path: Path,
-             info: MessageInfo, *, smtputf8: bool = False, body_8bit: bool = False,
-             scratch_dir: Path | None = None) -> Deferred[dict[str, RecipientResult]]:
+    def send(
+        self,
+        route: str,
+        sender: str,
+        rcpts: Sequence[str],
+        message_path: Path,
+        info: MessageInfo,
+        *,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
+        scratch_dir: Path | None = None,
+    ) -> Deferred[dict[str, RecipientResult]]:
         """``scratch_dir`` is where a 7-bit copy of an 8-bit message is written if a server
         lacks 8BITMIME (the spool's tmp/, cleared at start; default: beside the message)."""
-        return defer.ensureDeferred(self._send_and_clean(
-            route, sender, list(rcpts), message_path, info, smtputf8, body_8bit,
-            scratch_dir if scratch_dir is not None else message_path.parent))
+        return defer.ensureDeferred(
+            self._send_and_clean(
+                route,
+                sender,
+                list(rcpts),
+                message_path,
+                info,
+                smtputf8,
+                body_8bit,
+                scratch_dir if scratch_dir is not None else message_path.parent,
+            )
+        )
 
-    async def _send_and_clean(self, route: str, sender: str, rcpts: list[str],
-                              message_path: Path, info: MessageInfo, smtputf8: bool,
-                              body_8bit: bool, scratch_dir: Path) -> dict[str, RecipientResult]:
+    async def _send_and_clean(
+        self,
+        route: str,
+        sender: str,
+        rcpts: list[str],
+        message_path: Path,
+        info: MessageInfo,
+        smtputf8: bool,
+        body_8bit: bool,
+        scratch_dir: Path,
+    ) -> dict[str, RecipientResult]:
         # RFC 6152 3: one 7-bit copy per send, made the first time a server needs it,
         # reused for every further host and transaction, removed at the end.
         copies: list[tuple[str, int]] = []
 
         async def convert() -> tuple[str, int]:
             if not copies:
-                copies.append(await self._blocking(_downgrade, message_path, scratch_dir,
-                                                   self.resign))
+                copies.append(
+                    await self._blocking(_downgrade, message_path, scratch_dir, self.resign)
+                )
             return copies[0]
 
         downgrade = (lambda: defer.ensureDeferred(convert())) if body_8bit else None
         try:
-            return await self._send(route, sender, rcpts, message_path, info, smtputf8,
-                                    body_8bit, downgrade)
+            return await self._send(
+                route, sender, rcpts, message_path, info, smtputf8, body_8bit, downgrade
+            )
         finally:
             for path, _size in copies:
                 await self._blocking(_unlink, path)
 
-    async def _send(self, route: str, sender: str, rcpts: list[str], message_path: Path,
-                    info: MessageInfo, smtputf8: bool, body_8bit: bool,
-                    downgrade: Any = None) -> dict[str, RecipientResult]:
+    async def _send(
+        self,
+        route: str,
+        sender: str,
+        rcpts: list[str],
+        message_path: Path,
+        info: MessageInfo,
+        smtputf8: bool,
+        body_8bit: bool,
+        downgrade: Any = None,
+    ) -> dict[str, RecipientResult]:
         hop = self.routes.get(route)
         try:
             if hop is not None:
@@ -282,49 +321,82 @@ class Relay:
                 port = self.relay.port
         except MXError as e:
             # RFC 7505 / NXDOMAIN: permanent; SERVFAIL / timeout: try again later.
-            reply = (_local(550, e.status, e.reason) if e.permanent
-                     else _local(451, e.status, e.reason))
+            reply = (
+                _local(550, e.status, e.reason) if e.permanent else _local(451, e.status, e.reason)
+            )
             log.info("relay: {route}: {reply}", route=route, reply=str(reply))
             return {r: RecipientResult(r, reply) for r in rcpts}
         out: dict[str, RecipientResult] = {}
-        batches = [rcpts[start:start + MAX_RCPTS_PER_TRANSACTION]
-                   for start in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION)]
+        batches = [
+            rcpts[start : start + MAX_RCPTS_PER_TRANSACTION]
+            for start in range(0, len(rcpts), MAX_RCPTS_PER_TRANSACTION)
+        ]
         while batches:
             batch = batches.pop(0)
-            results = await self._transaction(route, hosts, port, sender, batch, message_path,
-                                              info, smtputf8, body_8bit, downgrade)
+            results = await self._transaction(
+                route,
+                hosts,
+                port,
+                sender,
+                batch,
+                message_path,
+                info,
+                smtputf8,
+                body_8bit,
+                downgrade,
+            )
             out.update(results)
             # RFC 5321 4.5.3.1.10: "452 too many recipients" means the server's limit per
             # transaction was reached, not that these recipients have a problem: send them at
             # once in a new transaction. Only after progress (someone was accepted), so a
             # server that takes nobody falls back to the ordinary retry schedule.
             over = [r for r in batch if too_many_recipients(results[r].reply)]
-            if over and len(over) < len(batch) and any(
-                    results[r].reply.positive for r in batch):
-                log.info("relay: {route}: server limit reached; {n} recipients in a new "
-                         "transaction", route=route, n=len(over))
+            if over and len(over) < len(batch) and any(results[r].reply.positive for r in batch):
+                log.info(
+                    "relay: {route}: server limit reached; {n} recipients in a new transaction",
+                    route=route,
+                    n=len(over),
+                )
                 batches.insert(0, over)
         for rcpt, result in out.items():
             if result.reply.permanent and too_many_recipients(result.reply):
                 # 4.5.3.1.10: a 552 for the recipient limit is temporary all the same.
-                out[rcpt] = RecipientResult(rcpt, _local(
-                    452, "4.5.3", f"{result.host or route}: {result.reply}"), result.host)
+                out[rcpt] = RecipientResult(
+                    rcpt,
+                    _local(452, "4.5.3", f"{result.host or route}: {result.reply}"),
+                    result.host,
+                )
         return out
 
-    async def _transaction(self, route: str, hosts: list[MXHost], port: int, sender: str,
-                           batch: list[str], message_path: Path, info: MessageInfo,
-                           smtputf8: bool, body_8bit: bool,
-                           downgrade: Any = None) -> dict[str, RecipientResult]:
+    async def _transaction(
+        self,
+        route: str,
+        hosts: list[MXHost],
+        port: int,
+        sender: str,
+        batch: list[str],
+        message_path: Path,
+        info: MessageInfo,
+        smtputf8: bool,
+        body_8bit: bool,
+        downgrade: Any = None,
+    ) -> dict[str, RecipientResult]:
         """Try the hosts in order (RFC 5321 5.1) until every recipient has a definite answer,
         or a host may have taken the message (then no further host is tried)."""
         out: dict[str, RecipientResult] = {}
         todo = list(batch)
         for host in hosts:
-            result = await self._one_host(route, host, port, sender, todo, message_path, info,
-                                          smtputf8, body_8bit, downgrade)
-            log.info("relay: {route} via {host} [{address}]: {outcome} {reply}", route=route,
-                     host=host.name, address=result.address or "-",
-                     outcome=result.outcome.value, reply=str(result.reply))
+            result = await self._one_host(
+                route, host, port, sender, todo, message_path, info, smtputf8, body_8bit, downgrade
+            )
+            log.info(
+                "relay: {route} via {host} [{address}]: {outcome} {reply}",
+                route=route,
+                host=host.name,
+                address=result.address or "-",
+                outcome=result.outcome.value,
+                reply=str(result.reply),
+            )
             remote_host = host.name if result.address else None
             retry_elsewhere = []
             for rcpt in todo:
@@ -333,14 +405,16 @@ class Relay:
                     # A 5xx greeting says "no service here", not "no such recipient": skip
                     # the host and, if it was the last, try later (as Postfix does).
                     reply = _local(451, "4.4.0", f"{host.name} refused to talk to us: {reply}")
-                elif result.outcome in (Outcome.AUTH_FAILED, Outcome.TLS_FAILED) \
-                        and reply.permanent:
+                elif (
+                    result.outcome in (Outcome.AUTH_FAILED, Outcome.TLS_FAILED) and reply.permanent
+                ):
                     # Our credentials or the smarthost's TLS are wrong: a configuration problem
                     # for the postmaster to fix, not a reason to return the mail. Keep it.
                     reply = _local(451, "4.7.0", f"{host.name}: {reply}")
                 out[rcpt] = RecipientResult(rcpt, reply, remote_host)
-                if result.try_next_mx or (reply.transient and reply.remote
-                                          and result.outcome is not Outcome.DELIVERED):
+                if result.try_next_mx or (
+                    reply.transient and reply.remote and result.outcome is not Outcome.DELIVERED
+                ):
                     # The host did not take it (unreachable, or said 4xx): next MX. Not after
                     # a local timeout in DATA: the message may have arrived (RFC 5321 6.1).
                     retry_elsewhere.append(rcpt)
@@ -349,10 +423,19 @@ class Relay:
                 break
         return out
 
-    async def _one_host(self, route: str, host: MXHost, port: int, sender: str,
-                        rcpts: list[str], message_path: Path, info: MessageInfo,
-                        smtputf8: bool, body_8bit: bool,
-                        downgrade: Any = None) -> TransactionResult:
+    async def _one_host(
+        self,
+        route: str,
+        host: MXHost,
+        port: int,
+        sender: str,
+        rcpts: list[str],
+        message_path: Path,
+        info: MessageInfo,
+        smtputf8: bool,
+        body_8bit: bool,
+        downgrade: Any = None,
+    ) -> TransactionResult:
         helo = self.config.hostname
         hop = self.routes.get(route)
         if hop is None:  # a domain's MX host: opportunistic STARTTLS, no AUTH
@@ -362,39 +445,85 @@ class Relay:
             auth = (hop.user, hop.password or "") if hop.user else None
         context = client_tls_options(host.name, tls_verify, self.relay.tls_ca)
         if tls == "implicit":
-            return await self._implicit_tls(host, port, helo, sender, rcpts, message_path,
-                                            info, smtputf8, body_8bit, context, auth,
-                                            downgrade)
+            return await self._implicit_tls(
+                host,
+                port,
+                helo,
+                sender,
+                rcpts,
+                message_path,
+                info,
+                smtputf8,
+                body_8bit,
+                context,
+                auth,
+                downgrade,
+            )
         return await self.deliver_fn(
-            self.reactor, host.name, port, host.addresses, helo, sender, rcpts, message_path,
-            size=info.wire_size, body_8bit=body_8bit, smtputf8=smtputf8, tls=tls,
-            tls_verify=tls_verify, tls_client_context=context, auth=auth,
-            timeouts=self.timeouts, downgrade=downgrade,
+            self.reactor,
+            host.name,
+            port,
+            host.addresses,
+            helo,
+            sender,
+            rcpts,
+            message_path,
+            size=info.wire_size,
+            body_8bit=body_8bit,
+            smtputf8=smtputf8,
+            tls=tls,
+            tls_verify=tls_verify,
+            tls_client_context=context,
+            auth=auth,
+            timeouts=self.timeouts,
+            downgrade=downgrade,
         )
 
-    async def _implicit_tls(self, host: MXHost, port: int, helo: str, sender: str,
-                            rcpts: list[str], message_path: Path, info: MessageInfo,
-                            smtputf8: bool, body_8bit: bool, context: Any,
-                            auth: tuple[str, str] | None,
-                            downgrade: Any = None) -> TransactionResult:
+    async def _implicit_tls(
+        self,
+        host: MXHost,
+        port: int,
+        helo: str,
+        sender: str,
+        rcpts: list[str],
+        message_path: Path,
+        info: MessageInfo,
+        smtputf8: bool,
+        body_8bit: bool,
+        context: Any,
+        auth: tuple[str, str] | None,
+        downgrade: Any = None,
+    ) -> TransactionResult:
         """RFC 8314 implicit TLS (port 465): TLS from the first byte, then the same session.
 
         ``deliver`` only speaks STARTTLS, so the session runs here over a TLS endpoint, marked
         as already secure (AUTH is then allowed, STARTTLS not attempted)."""
         params = SessionParameters(
-            host=host.name, helo_name=helo, mail_from=sender, rcpts=tuple(rcpts),
-            message_path=str(message_path), size=info.wire_size, body_8bit=body_8bit,
-            smtputf8=smtputf8, tls="none", auth=auth, timeouts=self.timeouts,
+            host=host.name,
+            helo_name=helo,
+            mail_from=sender,
+            rcpts=tuple(rcpts),
+            message_path=str(message_path),
+            size=info.wire_size,
+            body_8bit=body_8bit,
+            smtputf8=smtputf8,
+            tls="none",
+            auth=auth,
+            timeouts=self.timeouts,
             downgrade=downgrade,
         )
         errors = []
         for address in host.addresses:
             session = SMTPClientSession(params, self.reactor)
             session.tls_active = True
-            cls = (endpoints.TCP6ClientEndpoint if ipaddress.ip_address(address).version == 6
-                   else endpoints.TCP4ClientEndpoint)
+            cls = (
+                endpoints.TCP6ClientEndpoint
+                if ipaddress.ip_address(address).version == 6
+                else endpoints.TCP4ClientEndpoint
+            )
             endpoint = endpoints.wrapClientTLS(
-                context, cls(self.reactor, address, port, timeout=self.timeouts.connect))
+                context, cls(self.reactor, address, port, timeout=self.timeouts.connect)
+            )
             try:
                 await endpoints.connectProtocol(endpoint, session)
             except Exception as e:  # any connect failure means: next address
@@ -402,6 +531,11 @@ class Relay:
                 continue
             return await session.done
         reply = _local(451, "4.4.1", "no connection: " + ("; ".join(errors) or "no addresses"))
-        return TransactionResult(outcome=Outcome.CONNECT_FAILED, reply=reply, stage="connect",
-                                 recipients={r: reply for r in rcpts}, host=host.name,
-                                 port=port)
+        return TransactionResult(
+            outcome=Outcome.CONNECT_FAILED,
+            reply=reply,
+            stage="connect",
+            recipients={r: reply for r in rcpts},
+            host=host.name,
+            port=port,
+        )

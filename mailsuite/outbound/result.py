@@ -73,12 +73,24 @@ class TransactionResult:
         RFC 5321 5.1: try the next MX when this one could not be reached or did not take the
         transaction; not once any recipient got a definite answer or DATA was started.
         """
-        if self.outcome in (Outcome.CONNECT_FAILED, Outcome.TLS_FAILED, Outcome.GREETING_REFUSED,
-                            Outcome.HELO_REFUSED):
+        if self.outcome in (
+            Outcome.CONNECT_FAILED,
+            Outcome.TLS_FAILED,
+            Outcome.GREETING_REFUSED,
+            Outcome.HELO_REFUSED,
+        ):
             return True
         if self.outcome in (Outcome.TIMEOUT, Outcome.CONNECTION_LOST, Outcome.PROTOCOL_ERROR):
-            return self.stage in ("connect", "greeting", "ehlo", "starttls", "tls", "auth",
-                                  "mail", "rcpt")
+            return self.stage in (
+                "connect",
+                "greeting",
+                "ehlo",
+                "starttls",
+                "tls",
+                "auth",
+                "mail",
+                "rcpt",
+            )
         if self.outcome is Outcome.MAIL_REFUSED:
             return self.reply.transient
         return False

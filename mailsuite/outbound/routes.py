@@ -65,8 +65,9 @@ class RouteTable:
         return self.by_key.get(key)
 
 
-async def next_hop_hosts(route: RelayRoute, mx: MXResolver,
-                         is_self: Callable[[MXHost], bool]) -> tuple[MXHost, ...]:
+async def next_hop_hosts(
+    route: RelayRoute, mx: MXResolver, is_self: Callable[[MXHost], bool]
+) -> tuple[MXHost, ...]:
     """The hosts to try for ``route``, best first.  ``host:port``: the MX hosts of ``host``
     (RFC 5321 5.1, with its loop rule, which applies to MX-derived hosts only), or ``host``'s
     own addresses when it has no MX; ``[host]:port``: ``host``'s A/AAAA records (or the
@@ -82,6 +83,7 @@ async def next_hop_hosts(route: RelayRoute, mx: MXResolver,
             found = await mx.host_route(route.host)
     except MXError as e:
         status = "4" + e.status[1:]  # same subject and detail, temporary class (RFC 3463)
-        raise MXError(route.key, False, status,
-                      f"route {route.pattern} to {route.next_hop}: {e.reason}") from None
+        raise MXError(
+            route.key, False, status, f"route {route.pattern} to {route.next_hop}: {e.reason}"
+        ) from None
     return found.hosts

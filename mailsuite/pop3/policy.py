@@ -39,7 +39,7 @@ class Expiry:
             return cls(None)
         if text.isdigit() and int(text) <= 100_000:
             return cls(int(text))
-        raise ValueError(f"expected \"NEVER\" or a number of days, got {value!r}")
+        raise ValueError(f'expected "NEVER" or a number of days, got {value!r}')
 
     def capability(self) -> str:
         return "EXPIRE NEVER" if self.days is None else f"EXPIRE {self.days}"

@@ -88,11 +88,13 @@ class POP3Protocol(GatedLineReceiver):
         self.peer = getattr(peer, "host", str(peer))
         self.admission = self.limits.admit(self.peer)
         if self.admission.refused is not None:
-            log.info("POP3: {peer} refused: {limit} reached", peer=self.peer,
-                     limit=self.admission.refused.value)
+            log.info(
+                "POP3: {peer} refused: {limit} reached",
+                peer=self.peer,
+                limit=self.admission.refused.value,
+            )
             self.session.state = State.CLOSED  # nothing the client sends is acted on
-            self.tx.write(
-                ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
+            self.tx.write(ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
             self.tx.loseConnection()
             return
         _no_delay(self.tx)
@@ -199,8 +201,11 @@ class POP3Protocol(GatedLineReceiver):
     def _start_tls(self) -> None:
         dropped = self.clearLineBuffer()
         if dropped:
-            log.warn("POP3: discarded {n} bytes pipelined after STLS from {peer}",
-                     n=len(dropped), peer=self.peer)
+            log.warn(
+                "POP3: discarded {n} bytes pipelined after STLS from {peer}",
+                n=len(dropped),
+                peer=self.peer,
+            )
         self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
@@ -223,11 +228,13 @@ class POP3Protocol(GatedLineReceiver):
             except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
                 failure = e
                 if isinstance(e, MaildropInUse):
-                    log.info("POP3: {user} from {peer} refused: maildrop in use",
-                             user=user, peer=self.peer)
+                    log.info(
+                        "POP3: {user} from {peer} refused: maildrop in use",
+                        user=user,
+                        peer=self.peer,
+                    )
                 elif not isinstance(e, LoginTooSoon):
-                    log_failure(log, e, "POP3: opening the maildrop of {user} failed",
-                                user=user)
+                    log_failure(log, e, "POP3: opening the maildrop of {user} failed", user=user)
         if not self.tx.connected:
             if maildrop is not None:
                 maildrop.close()
@@ -240,8 +247,12 @@ class POP3Protocol(GatedLineReceiver):
                 # Leaves the pre-login per-IP count.  No per-user limit to check: the
                 # maildrop lock already holds a user to one session (RFC 1939 8).
                 self.admission.login(self.session.user or "")
-            log.info("POP3: {user} opened INBOX from {peer} ({n} messages)",
-                     user=self.session.user, peer=self.peer, n=len(self.session.maildrop))
+            log.info(
+                "POP3: {user} opened INBOX from {peer} ({n} messages)",
+                user=self.session.user,
+                peer=self.peer,
+                n=len(self.session.maildrop),
+            )
         self._perform(step.out, step.action)
 
     def _open_maildrop(self, user: str) -> Maildrop:
@@ -249,8 +260,12 @@ class POP3Protocol(GatedLineReceiver):
         in the reactor thread like IMAP's SELECT (see mailsuite.pop3.maildrop)."""
         cfg = self.session.options
         root = self.runtime.directory.mailbox_root(user)
-        return Maildrop(root, folders=self.runtime.folder_registry(),
-                        login_delay=cfg.login_delay, expiry=cfg.expiry)
+        return Maildrop(
+            root,
+            folders=self.runtime.folder_registry(),
+            login_delay=cfg.login_delay,
+            expiry=cfg.expiry,
+        )
 
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
         """Send a big message (or TOP of one): read a piece, stuff it, write it, and wait
@@ -300,8 +315,9 @@ class POP3Protocol(GatedLineReceiver):
             step = self.session.update_finished(None, e)
         else:
             if expunged:
-                log.info("POP3: {user} deleted {n} messages", user=self.session.user,
-                         n=len(expunged))
+                log.info(
+                    "POP3: {user} deleted {n} messages", user=self.session.user, n=len(expunged)
+                )
             step = self.session.update_finished(expunged)
         self._perform(step.out, step.action)
         return defer.succeed(None)

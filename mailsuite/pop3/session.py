@@ -197,9 +197,11 @@ class Session:
             return self._error(ERR_SYNTAX)
         keyword, _, rest = text.partition(" ")
         keyword = keyword.upper()
-        handler: Callable[[str], Step] | None = getattr(
-            self, f"_{self.state.value}_{keyword}", None
-        ) if keyword.isalpha() and len(keyword) <= 8 else None
+        handler: Callable[[str], Step] | None = (
+            getattr(self, f"_{self.state.value}_{keyword}", None)
+            if keyword.isalpha() and len(keyword) <= 8
+            else None
+        )
         if handler is None:
             if keyword in _ALL_COMMANDS:
                 return self._error(ERR_WRONG_STATE)
@@ -302,8 +304,9 @@ class Session:
         self.state = State.LOGIN
         return Step(b"", Authenticate(authcid, password))
 
-    def login_finished(self, result: LoginResult | None, maildrop: Any = None,
-                       failure: BaseException | None = None) -> Step:
+    def login_finished(
+        self, result: LoginResult | None, maildrop: Any = None, failure: BaseException | None = None
+    ) -> Step:
         """The outcome of :class:`Authenticate`: the login result, then the opened maildrop
         or the exception opening it raised."""
         self.state = State.AUTHORIZATION
@@ -416,12 +419,17 @@ class Session:
         self.state = State.UPDATE  # RFC 1939 6
         return Step(b"", Update())
 
-    def update_finished(self, expunged: list[int] | None, failure: BaseException | None = None
-                        ) -> Step:
+    def update_finished(
+        self, expunged: list[int] | None, failure: BaseException | None = None
+    ) -> Step:
         if failure is not None or expunged is None:
             return self._close(err("[SYS/TEMP] Some deleted messages not removed"))
-        return self._close(ok(f"{self.options.hostname} POP3 server signing off "
-                              f"({len(expunged)} messages deleted)"))
+        return self._close(
+            ok(
+                f"{self.options.hostname} POP3 server signing off "
+                f"({len(expunged)} messages deleted)"
+            )
+        )
 
 
 def _is_base64(text: str) -> bool:
@@ -433,6 +441,21 @@ def _is_base64(text: str) -> bool:
 
 
 _ALL_COMMANDS = frozenset(
-    {"USER", "PASS", "APOP", "AUTH", "STLS", "CAPA", "QUIT", "STAT", "LIST", "UIDL", "RETR",
-     "TOP", "DELE", "RSET", "NOOP"}
+    {
+        "USER",
+        "PASS",
+        "APOP",
+        "AUTH",
+        "STLS",
+        "CAPA",
+        "QUIT",
+        "STAT",
+        "LIST",
+        "UIDL",
+        "RETR",
+        "TOP",
+        "DELE",
+        "RSET",
+        "NOOP",
+    }
 )

@@ -110,7 +110,8 @@ def build_dsn(
     mta = _clean(reporting_mta, 200)
     delayed_only = all(r.action == "delayed" for r in recipients)
     international = not original_sender.isascii() or any(
-        not r.recipient.isascii() for r in recipients)
+        not r.recipient.isascii() for r in recipients
+    )
 
     boundary = f"=_dsn_{uuid.uuid4().hex}"
     headers_part = read_header_block(original_message_path, max_header_bytes)
@@ -173,8 +174,11 @@ def build_dsn(
     status_body = ("\n".join(status_lines) + "\n").encode("utf-8")
     # RFC 6533: internationalized reports use the "global" types.
     status_type = "message/global-delivery-status" if international else "message/delivery-status"
-    headers_type = ("message/global-headers" if international or not headers_part.isascii()
-                    else "text/rfc822-headers")
+    headers_type = (
+        "message/global-headers"
+        if international or not headers_part.isascii()
+        else "text/rfc822-headers"
+    )
 
     message_id = f"<{now.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex}@{mta}>"
     top = [

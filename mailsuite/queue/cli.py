@@ -30,8 +30,10 @@ from mailsuite.queue.spool import (
 __all__ = ["add_arguments", "run"]
 
 PICKUP_WAIT = 10.0  # seconds to wait for a running server to take a request
-NOT_RUNNING = ("no running server holds this queue, so nothing is delivered; start it "
-               "(twistd -n mailsuite --config FILE) and it tries every entry")
+NOT_RUNNING = (
+    "no running server holds this queue, so nothing is delivered; start it "
+    "(twistd -n mailsuite --config FILE) and it tries every entry"
+)
 
 
 def _error(text: str) -> None:
@@ -46,8 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flush = qs.add_parser("flush", help="try now (every entry, or one)")
     flush.add_argument("id", nargs="?")
     flush.add_argument("--no-wait", action="store_true", help="do not follow the attempts")
-    flush.add_argument("--timeout", type=float, default=300.0,
-                       help="how long to follow the attempts (seconds, default 300)")
+    flush.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="how long to follow the attempts (seconds, default 300)",
+    )
     qs.add_parser("delete", help="drop an entry without telling the sender").add_argument("id")
     qs.add_parser("bounce", help="return an entry to its sender now (DSN)").add_argument("id")
 
@@ -86,7 +92,7 @@ def _short(text: str | None, width: int) -> str:
     if not text:
         return ""
     flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[:width - 3] + "..."
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def _rcpt_line(r: RecipientState, now: float) -> str:
@@ -110,17 +116,18 @@ def cmd_list(spool: Spool) -> int:
         print(f"{'ID':19}  {'AGE':>4}  {'SIZE':>9}  SENDER")
     for entry in entries:
         sender = f"<{entry.sender}>" if entry.sender else "<> (a bounce)"
-        print(f"{entry.id:19}  {_age(now - entry.created):>4}  {_size(spool, entry):>9}  "
-              f"{sender}")
+        print(f"{entry.id:19}  {_age(now - entry.created):>4}  {_size(spool, entry):>9}  {sender}")
         for r in entry.recipients:
             print(_rcpt_line(r, now))
     if not entries:
         print("the queue is empty")
     else:
         rcpts = sum(len(e.pending) for e in entries)
-        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-              f"{rcpts} recipient{'' if rcpts == 1 else 's'} pending "
-              "(details: mailsuite queue show ID)")
+        print(
+            f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+            f"{rcpts} recipient{'' if rcpts == 1 else 's'} pending "
+            "(details: mailsuite queue show ID)"
+        )
     if not spool.runner_active():
         print(f"note: {NOT_RUNNING}")
     return 0
@@ -136,8 +143,9 @@ def cmd_show(spool: Spool, queue_id: str, lifetime: float) -> int:
     if entry.pending:
         print(f"gives up:  {_when(expires)} (in {_age(expires - now)})")
     print(f"size:      {_size(spool, entry)}")
-    opts = [name for name, on in (("SMTPUTF8", entry.smtputf8), ("8BITMIME", entry.body_8bit))
-            if on]
+    opts = [
+        name for name, on in (("SMTPUTF8", entry.smtputf8), ("8BITMIME", entry.body_8bit)) if on
+    ]
     print(f"options:   {' '.join(opts) or '-'}")
     print(f"delay warning sent: {'yes' if entry.warned else 'no'}")
     for r in entry.recipients:
@@ -156,8 +164,11 @@ def cmd_show(spool: Spool, queue_id: str, lifetime: float) -> int:
     except OSError:
         header = b""
     wanted = (b"from:", b"to:", b"subject:", b"date:", b"message-id:")
-    lines = [ln for ln in header.decode("utf-8", "replace").split("\n")
-             if ln.lower().encode()[:12].startswith(wanted)]
+    lines = [
+        ln
+        for ln in header.decode("utf-8", "replace").split("\n")
+        if ln.lower().encode()[:12].startswith(wanted)
+    ]
     if lines:
         print("headers:")
         for line in lines:
@@ -191,8 +202,10 @@ def cmd_flush(spool: Spool, queue_id: str | None, wait: bool, timeout: float) ->
     asked = time.time()
     name = spool.request("flush", queue_id)
     if not _wait_pickup(spool, name):
-        _error(f"the server did not take the request within {PICKUP_WAIT:.0f} s (is it "
-               "stuck? see its log); the request stays and is done when it gets to it")
+        _error(
+            f"the server did not take the request within {PICKUP_WAIT:.0f} s (is it "
+            "stuck? see its log); the request stays and is done when it gets to it"
+        )
         return 1
     print(f"flushing {len(targets)} entr{'y' if len(targets) == 1 else 'ies'}")
     if not wait or not targets:
@@ -208,8 +221,12 @@ def cmd_flush(spool: Spool, queue_id: str | None, wait: bool, timeout: float) ->
                 print(f"{tid}: done (left the queue)")
                 remaining.discard(tid)
                 continue
-            tried = [r for r in entry.recipients if r.state != PENDING or (
-                not r.in_flight and r.last_attempt is not None and r.last_attempt >= asked - 1)]
+            tried = [
+                r
+                for r in entry.recipients
+                if r.state != PENDING
+                or (not r.in_flight and r.last_attempt is not None and r.last_attempt >= asked - 1)
+            ]
             if len(tried) == len(entry.recipients):
                 print(f"{tid}: {_summary(entry)}")
                 remaining.discard(tid)
@@ -220,8 +237,10 @@ def cmd_flush(spool: Spool, queue_id: str | None, wait: bool, timeout: float) ->
         if remaining:
             time.sleep(0.2)
     if remaining:
-        print(f"{len(remaining)} entries still in progress after {timeout:.0f} s "
-              "(see 'mailsuite queue list')")
+        print(
+            f"{len(remaining)} entries still in progress after {timeout:.0f} s "
+            "(see 'mailsuite queue list')"
+        )
     return 0
 
 
@@ -237,13 +256,17 @@ def cmd_change(spool: Spool, op: str, queue_id: str) -> int:
             return 0
         spool.request(op, queue_id)
         done = "deleted" if op == "delete" else "bounced to the sender"
-        print(f"{queue_id}: no server is running; the entry will be {done} when it starts "
-              "(twistd -n mailsuite --config FILE)")
+        print(
+            f"{queue_id}: no server is running; the entry will be {done} when it starts "
+            "(twistd -n mailsuite --config FILE)"
+        )
         return 0
     name = spool.request(op, queue_id)
     if not _wait_pickup(spool, name):
-        _error(f"{queue_id}: the server did not take the request within {PICKUP_WAIT:.0f} s "
-               "(is it stuck? see its log); the request stays and is done when it gets to it")
+        _error(
+            f"{queue_id}: the server did not take the request within {PICKUP_WAIT:.0f} s "
+            "(is it stuck? see its log); the request stays and is done when it gets to it"
+        )
         return 1
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -261,8 +284,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if queue_id is not None:
         queue_id = queue_id.upper()
         if not valid_id(queue_id):
-            _error(f"{args.id!r} is not a queue id: ids are hex, as 'mailsuite queue list' "
-                   "shows them")
+            _error(
+                f"{args.id!r} is not a queue id: ids are hex, as 'mailsuite queue list' shows them"
+            )
             return 2
     try:
         if args.action == "list":
@@ -275,6 +299,5 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         assert queue_id is not None
         return cmd_change(spool, args.action, queue_id)
     except SpoolError as e:
-        _error(f"{e}; it may have been delivered or removed meanwhile "
-               "(see 'mailsuite queue list')")
+        _error(f"{e}; it may have been delivered or removed meanwhile (see 'mailsuite queue list')")
         return 1

@@ -124,14 +124,18 @@ class QueueRunner(service.Service):
     def startService(self) -> None:
         if not self.spool.acquire_runner_lock():
             raise RuntimeError(
-                f"{self.spool.root} is in use by another running mailsuite (runner.lock)")
+                f"{self.spool.root} is in use by another running mailsuite (runner.lock)"
+            )
         service.Service.startService(self)
         self._stopping = False
         self.spool.now = self.clock.seconds
         removed = self.spool.cleanup()
         if removed:
-            log.info("queue: removed {n} leftovers of an interrupted write: {names}",
-                     n=len(removed), names=", ".join(removed[:10]))
+            log.info(
+                "queue: removed {n} leftovers of an interrupted write: {names}",
+                n=len(removed),
+                names=", ".join(removed[:10]),
+            )
         self.spool.on_enqueue = self.enqueued
         ids = self.spool.ids()
         for queue_id in ids:
@@ -143,15 +147,19 @@ class QueueRunner(service.Service):
             in_flight = [r.address for r in entry.recipients if r.in_flight]
             if in_flight:
                 # Killed during an attempt: the remote may have it; RFC 5321 6.1 says try again.
-                log.warn("queue: {id}: attempt interrupted for {rcpts}; trying again",
-                         id=queue_id, rcpts=", ".join(in_flight))
+                log.warn(
+                    "queue: {id}: attempt interrupted for {rcpts}; trying again",
+                    id=queue_id,
+                    rcpts=", ".join(in_flight),
+                )
             self._schedule(queue_id, entry.next_attempt() if entry.pending else 0.0)
         if ids:
             log.info("queue: {n} entries loaded", n=len(ids))
         self._poll = task.LoopingCall(self._check_requests)
         self._poll.clock = self.clock
         self._poll.start(self.poll_interval, now=True).addErrback(
-            lambda f: log.failure("queue: control poll stopped", f))
+            lambda f: log.failure("queue: control poll stopped", f)
+        )
 
     def stopService(self) -> Deferred[None]:
         service.Service.stopService(self)
@@ -258,8 +266,9 @@ class QueueRunner(service.Service):
             hops = _count_received(header)
             if hops > self.config.smtp.max_hops:
                 # RFC 5321 6.3: a loop; do not pass it on.
-                reply = Reply(554, "5.4.6", f"routing loop detected ({hops} Received headers)",
-                              remote=False)
+                reply = Reply(
+                    554, "5.4.6", f"routing loop detected ({hops} Received headers)", remote=False
+                )
                 for r in due:
                     self._file(entry, r, RecipientResult(r.address, reply), now)
                 await self._save(entry)
@@ -278,8 +287,11 @@ class QueueRunner(service.Service):
         directory = self.runtime.directory
         groups: dict[str | None, list[RecipientState]] = {}
         for r in due:
-            key = None if directory.is_local_domain(domain_of(r.address)) else \
-                self.relay.route_key(r.address)
+            key = (
+                None
+                if directory.is_local_domain(domain_of(r.address))
+                else self.relay.route_key(r.address)
+            )
             groups.setdefault(key, []).append(r)
 
         async def one_group(key: str | None, rcpts: list[RecipientState]) -> None:
@@ -296,9 +308,15 @@ class QueueRunner(service.Service):
                     results = await self._deliver_locally(entry, rcpts, path)
                 else:
                     results = await self.relay.send(
-                        key, entry.sender, [r.address for r in rcpts], path, info,
-                        smtputf8=entry.smtputf8, body_8bit=entry.body_8bit,
-                        scratch_dir=self.spool.tmp_dir)
+                        key,
+                        entry.sender,
+                        [r.address for r in rcpts],
+                        path,
+                        info,
+                        smtputf8=entry.smtputf8,
+                        body_8bit=entry.body_8bit,
+                        scratch_dir=self.spool.tmp_dir,
+                    )
             except Exception as e:  # a bug must not lose the entry: retry
                 log_failure(log, e, "queue: {id}: delivery to {key} failed", id=entry.id, key=key)
                 reply = (
@@ -310,7 +328,8 @@ class QueueRunner(service.Service):
             end = self.clock.seconds()
             for r in rcpts:
                 result = results.get(r.address) or RecipientResult(
-                    r.address, Reply(451, "4.3.0", "no result", remote=False))
+                    r.address, Reply(451, "4.3.0", "no result", remote=False)
+                )
                 self._file(entry, r, result, end)
                 if key is not None:
                     self._count_attempt(result.reply)
@@ -320,7 +339,8 @@ class QueueRunner(service.Service):
             return self._groups.run(lambda: defer.ensureDeferred(one_group(key, rcpts)))
 
         outcomes = await defer.DeferredList(
-            [limited(k, v) for k, v in groups.items()], consumeErrors=True)
+            [limited(k, v) for k, v in groups.items()], consumeErrors=True
+        )
         for ok, value in outcomes:
             if not ok:
                 log.failure("queue: {id}: group failed", value, id=entry.id)
@@ -329,12 +349,12 @@ class QueueRunner(service.Service):
         """One remote attempt for ``/metrics``: delivered, deferred or failed."""
         metrics = getattr(self.runtime, "metrics", None)
         if metrics is not None:
-            outcome = ("delivered" if reply.positive
-                       else "failed" if reply.permanent else "deferred")
+            outcome = "delivered" if reply.positive else "failed" if reply.permanent else "deferred"
             metrics.outbound_attempts.labels(outcome).inc()
 
-    def _file(self, entry: QueueEntry, r: RecipientState, result: RecipientResult,
-              now: float) -> None:
+    def _file(
+        self, entry: QueueEntry, r: RecipientState, result: RecipientResult, now: float
+    ) -> None:
         """Record one recipient's result and decide: delivered, failed, or when to retry."""
         reply = result.reply
         r.in_flight = False
@@ -344,27 +364,45 @@ class QueueRunner(service.Service):
         r.diagnostic = reply.diagnostic()
         if reply.positive:
             r.state = DELIVERED
-            log.info("queue: {id}: delivered to {rcpt} via {host}: {reply}", id=entry.id,
-                     rcpt=r.address, host=result.host or "local", reply=str(reply))
+            log.info(
+                "queue: {id}: delivered to {rcpt} via {host}: {reply}",
+                id=entry.id,
+                rcpt=r.address,
+                host=result.host or "local",
+                reply=str(reply),
+            )
         elif reply.permanent:
             r.state = FAILED
-            log.info("queue: {id}: failed for {rcpt}: {reply}", id=entry.id, rcpt=r.address,
-                     reply=str(reply))
+            log.info(
+                "queue: {id}: failed for {rcpt}: {reply}",
+                id=entry.id,
+                rcpt=r.address,
+                reply=str(reply),
+            )
         elif self.schedule.expired(now, entry.created):
             r.state = FAILED
             r.last_reply = f"{reply} (gave up: queue lifetime expired)"
-            log.info("queue: {id}: expired for {rcpt}: {reply}", id=entry.id, rcpt=r.address,
-                     reply=str(reply))
+            log.info(
+                "queue: {id}: expired for {rcpt}: {reply}",
+                id=entry.id,
+                rcpt=r.address,
+                reply=str(reply),
+            )
         else:
             r.next_attempt = self.schedule.next_attempt(now, r.attempts, entry.created)
-            log.info("queue: {id}: deferred {rcpt} until {when}: {reply}", id=entry.id,
-                     rcpt=r.address, reply=str(reply),
-                     when=datetime.fromtimestamp(r.next_attempt, UTC).isoformat())
+            log.info(
+                "queue: {id}: deferred {rcpt} until {when}: {reply}",
+                id=entry.id,
+                rcpt=r.address,
+                reply=str(reply),
+                when=datetime.fromtimestamp(r.next_attempt, UTC).isoformat(),
+            )
 
     # -- local recipients -----------------------------------------------------------------
 
-    async def _deliver_locally(self, entry: QueueEntry, rcpts: list[RecipientState],
-                               path: Path) -> dict[str, RecipientResult]:
+    async def _deliver_locally(
+        self, entry: QueueEntry, rcpts: list[RecipientState], path: Path
+    ) -> dict[str, RecipientResult]:
         """A queued recipient in a local domain (the domain became local after it was queued,
         or an operator moved it): into the Maildir through local delivery (its Sieve script
         included), never over the network."""
@@ -373,21 +411,32 @@ class QueueRunner(service.Service):
         for r in rcpts:
             resolution = directory.resolve(r.address)
             if resolution.unknown:
-                out[r.address] = RecipientResult(r.address, Reply(
-                    550, "5.1.1", "no such local user", remote=False))
+                out[r.address] = RecipientResult(
+                    r.address, Reply(550, "5.1.1", "no such local user", remote=False)
+                )
                 continue
             try:
-                await deliver_file(self.runtime, entry.sender, resolution.local, path,
-                                   remote=resolution.remote, smtputf8=entry.smtputf8,
-                                   body_8bit=entry.body_8bit, blocking=self._blocking)
+                await deliver_file(
+                    self.runtime,
+                    entry.sender,
+                    resolution.local,
+                    path,
+                    remote=resolution.remote,
+                    smtputf8=entry.smtputf8,
+                    body_8bit=entry.body_8bit,
+                    blocking=self._blocking,
+                )
             except QuotaExceeded:
                 # Temporary (RFC 3463 4.2.2): retried as space frees, bounced when the
                 # queue lifetime ends -- as Postfix does on Dovecot LMTP's 452 4.2.2.
-                out[r.address] = RecipientResult(r.address, Reply(
-                    452, "4.2.2", "mailbox full: the recipient is over quota", remote=False))
+                out[r.address] = RecipientResult(
+                    r.address,
+                    Reply(452, "4.2.2", "mailbox full: the recipient is over quota", remote=False),
+                )
                 continue
-            out[r.address] = RecipientResult(r.address, Reply(
-                250, "2.0.0", "delivered locally", remote=False), "local")
+            out[r.address] = RecipientResult(
+                r.address, Reply(250, "2.0.0", "delivered locally", remote=False), "local"
+            )
         return out
 
     # -- bounces --------------------------------------------------------------------------
@@ -400,37 +449,50 @@ class QueueRunner(service.Service):
             if entry.sender:
                 statuses = [self._status(r, "failed") for r in failed]
                 await self._send_dsn(entry, statuses)
-                log.info("queue: {id}: bounce sent to {sender} for {rcpts}", id=entry.id,
-                         sender=entry.sender, rcpts=", ".join(r.address for r in failed))
+                log.info(
+                    "queue: {id}: bounce sent to {sender} for {rcpts}",
+                    id=entry.id,
+                    sender=entry.sender,
+                    rcpts=", ".join(r.address for r in failed),
+                )
             else:
-                log.info("queue: {id}: null sender: no bounce for {rcpts}", id=entry.id,
-                         rcpts=", ".join(r.address for r in failed))
+                log.info(
+                    "queue: {id}: null sender: no bounce for {rcpts}",
+                    id=entry.id,
+                    rcpts=", ".join(r.address for r in failed),
+                )
             for r in failed:
                 r.reported = True
             await self._save(entry)
         pending = entry.pending
-        if (pending and entry.sender and not entry.warned
-                and self.schedule.warning_due(now, entry.created)):
+        if (
+            pending
+            and entry.sender
+            and not entry.warned
+            and self.schedule.warning_due(now, entry.created)
+        ):
             until = datetime.fromtimestamp(self.schedule.expires(entry.created), UTC)
             statuses = [self._status(r, "delayed", until) for r in pending]
             await self._send_dsn(entry, statuses)
             entry.warned = True
             await self._save(entry)
-            log.info("queue: {id}: delay warning sent to {sender}", id=entry.id,
-                     sender=entry.sender)
+            log.info(
+                "queue: {id}: delay warning sent to {sender}", id=entry.id, sender=entry.sender
+            )
 
     @staticmethod
-    def _status(r: RecipientState, action: str,
-                until: datetime | None = None) -> RecipientStatus:
+    def _status(r: RecipientState, action: str, until: datetime | None = None) -> RecipientStatus:
         status = r.last_status or ("5.0.0" if action == "failed" else "4.0.0")
         if action == "failed" and status.startswith("2"):
             status = "5.0.0"
         remote_mta = r.last_host if r.last_host and r.last_host != "local" else None
         return RecipientStatus(
-            recipient=r.address, action=action, status=status,
-            diagnostic=r.diagnostic, remote_mta=remote_mta,
-            last_attempt=(datetime.fromtimestamp(r.last_attempt, UTC)
-                          if r.last_attempt else None),
+            recipient=r.address,
+            action=action,
+            status=status,
+            diagnostic=r.diagnostic,
+            remote_mta=remote_mta,
+            last_attempt=(datetime.fromtimestamp(r.last_attempt, UTC) if r.last_attempt else None),
             will_retry_until=until,
         )
 
@@ -438,37 +500,53 @@ class QueueRunner(service.Service):
         """Build the DSN and hand it to the sender: through local delivery, or the queue
         (with the null sender, RFC 3461 6.1)."""
         sender = entry.sender
-        data = await self._blocking(partial(
-            build_dsn,
-            reporting_mta=self.config.hostname,
-            original_sender=sender,
-            recipients=statuses,
-            original_message_path=self.spool.message_path(entry.id),
-            arrival_date=datetime.fromtimestamp(entry.created, UTC),
-            now=datetime.fromtimestamp(self.clock.seconds(), UTC),
-        ))
+        data = await self._blocking(
+            partial(
+                build_dsn,
+                reporting_mta=self.config.hostname,
+                original_sender=sender,
+                recipients=statuses,
+                original_message_path=self.spool.message_path(entry.id),
+                arrival_date=datetime.fromtimestamp(entry.created, UTC),
+                now=datetime.fromtimestamp(self.clock.seconds(), UTC),
+            )
+        )
         smtputf8 = not sender.isascii()
         directory = self.runtime.directory
         if not directory.is_local_domain(domain_of(sender)):
-            await self._blocking(partial(self.spool.enqueue_bytes, data, "", [sender],
-                                         smtputf8=smtputf8))
+            await self._blocking(
+                partial(self.spool.enqueue_bytes, data, "", [sender], smtputf8=smtputf8)
+            )
             return
         resolution = directory.resolve(sender)
         if resolution.unknown:
-            log.warn("queue: {id}: bounce dropped: the local sender {sender} does not exist",
-                     id=entry.id, sender=sender)
+            log.warn(
+                "queue: {id}: bounce dropped: the local sender {sender} does not exist",
+                id=entry.id,
+                sender=sender,
+            )
             return
         try:
-            await deliver_bytes(self.runtime, "", resolution.local, data,
-                                remote=resolution.remote, smtputf8=smtputf8,
-                                blocking=self._blocking)
+            await deliver_bytes(
+                self.runtime,
+                "",
+                resolution.local,
+                data,
+                remote=resolution.remote,
+                smtputf8=smtputf8,
+                blocking=self._blocking,
+            )
         except QuotaExceeded:
             # The sender's mailbox is full: the bounce waits in the queue like any local
             # delivery over quota (deferred 4.2.2; null sender, so never bounced itself).
-            log.info("queue: {id}: the sender {sender} is over quota: bounce queued",
-                     id=entry.id, sender=sender)
-            await self._blocking(partial(self.spool.enqueue_bytes, data, "", [sender],
-                                         smtputf8=smtputf8))
+            log.info(
+                "queue: {id}: the sender {sender} is over quota: bounce queued",
+                id=entry.id,
+                sender=sender,
+            )
+            await self._blocking(
+                partial(self.spool.enqueue_bytes, data, "", [sender], smtputf8=smtputf8)
+            )
 
     # -- operator requests ----------------------------------------------------------------
 
@@ -480,8 +558,7 @@ class QueueRunner(service.Service):
             return
         for req in requests:
             ids = [req.id] if req.id is not None else self.spool.ids()
-            log.info("queue: operator request {op} {target}", op=req.op,
-                     target=req.id or "(all)")
+            log.info("queue: operator request {op} {target}", op=req.op, target=req.id or "(all)")
             for queue_id in ids:
                 self.control(req.op, queue_id)
 
@@ -537,7 +614,10 @@ def queue_service(runtime: Any) -> QueueRunner:
     if spool is None:
         spool = runtime.queue = make_spool(runtime.config.data_dir, runtime.reactor)
     mail_auth = getattr(runtime, "mail_auth", None)
-    relay = Relay(runtime.config, runtime.reactor, resolver=getattr(runtime, "resolver", None),
-                  resign=mail_auth.signer.resign if mail_auth is not None else None)
+    relay = Relay(
+        runtime.config,
+        runtime.reactor,
+        resolver=getattr(runtime, "resolver", None),
+        resign=mail_auth.signer.resign if mail_auth is not None else None,
+    )
     return QueueRunner(runtime, spool, relay)
-

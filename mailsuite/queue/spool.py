@@ -117,8 +117,9 @@ class QueueEntry:
     @property
     def done(self) -> bool:
         """Nothing left to try and every failure reported: the entry can go."""
-        return all(r.state == DELIVERED or (r.state == FAILED and r.reported)
-                   for r in self.recipients)
+        return all(
+            r.state == DELIVERED or (r.state == FAILED and r.reported) for r in self.recipients
+        )
 
     def next_attempt(self) -> float | None:
         times = [r.next_attempt for r in self.pending]
@@ -229,14 +230,28 @@ class Spool:
 
         return self._enqueue(copy, sender, recipients, smtputf8, body_8bit)
 
-    def enqueue_bytes(self, data: bytes, sender: str, recipients: Iterable[str], *,
-                      smtputf8: bool = False, body_8bit: bool = False) -> str:
+    def enqueue_bytes(
+        self,
+        data: bytes,
+        sender: str,
+        recipients: Iterable[str],
+        *,
+        smtputf8: bool = False,
+        body_8bit: bool = False,
+    ) -> str:
         """Queue a message held in memory (a DSN); durable when it returns."""
-        return self._enqueue(lambda fd: _write_all(fd, data), sender, recipients, smtputf8,
-                             body_8bit)
+        return self._enqueue(
+            lambda fd: _write_all(fd, data), sender, recipients, smtputf8, body_8bit
+        )
 
-    def _enqueue(self, write: Callable[[int], None], sender: str, recipients: Iterable[str],
-                 smtputf8: bool, body_8bit: bool) -> str:
+    def _enqueue(
+        self,
+        write: Callable[[int], None],
+        sender: str,
+        recipients: Iterable[str],
+        smtputf8: bool,
+        body_8bit: bool,
+    ) -> str:
         rcpts = list(dict.fromkeys(recipients))
         if not rcpts:
             raise ValueError("a queue entry needs at least one recipient")
@@ -256,7 +271,11 @@ class Spool:
             _unlink(tmp)
             raise
         entry = QueueEntry(
-            id=queue_id, sender=sender, created=now, smtputf8=smtputf8, body_8bit=body_8bit,
+            id=queue_id,
+            sender=sender,
+            created=now,
+            smtputf8=smtputf8,
+            body_8bit=body_8bit,
             recipients=[RecipientState(address=r, next_attempt=now) for r in rcpts],
         )
         try:

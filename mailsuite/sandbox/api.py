@@ -167,8 +167,11 @@ class ApiV1(Resource):
         n = len(path)
         if n == 1:
             table: dict[str, Handlers] = {
-                "messages": {"GET": self.list_messages, "PUT": self.set_read,
-                             "DELETE": self.delete_messages},
+                "messages": {
+                    "GET": self.list_messages,
+                    "PUT": self.set_read,
+                    "DELETE": self.delete_messages,
+                },
                 "search": {"GET": self.search, "DELETE": self.delete_search},
                 "info": {"GET": self.info},
                 "webui": {"GET": self.webui},
@@ -199,8 +202,12 @@ class ApiV1(Resource):
             error: ApiError = failure.value  # type: ignore[assignment]
             finish(request, error.code, error.text)
             return
-        log.failure("sandbox API: {method} {path} failed", failure,
-                    method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+        log.failure(
+            "sandbox API: {method} {path} failed",
+            failure,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+        )
         finish(request, http.INTERNAL_SERVER_ERROR, "internal error\n")
 
     # -- listings --------------------------------------------------------------------------
@@ -208,8 +215,9 @@ class ApiV1(Resource):
     def _listing(self, request: Any, search: str | None) -> defer.Deferred[None]:
         start = _int_arg(request, "start", 0)
         limit = _int_arg(request, "limit", DEFAULT_LIMIT) or DEFAULT_LIMIT
-        d = self.sandbox.run(self.sandbox.catalog.listing, _inbox(request), search, start,
-                             limit, _arg(request, "tz"))
+        d = self.sandbox.run(
+            self.sandbox.catalog.listing, _inbox(request), search, start, limit, _arg(request, "tz")
+        )
         return d.addCallback(lambda listing: _json(request, listing))
 
     def list_messages(self, request: Any) -> defer.Deferred[None]:
@@ -255,8 +263,9 @@ class ApiV1(Resource):
 
     # -- one message -----------------------------------------------------------------------
 
-    def _located(self, request: Any, mid: str,
-                 then: Callable[[Located], Any]) -> defer.Deferred[Any]:
+    def _located(
+        self, request: Any, mid: str, then: Callable[[Located], Any]
+    ) -> defer.Deferred[Any]:
         """Find ``mid`` and call ``then`` with it, both in the worker thread; 404 if absent."""
         catalog = self.sandbox.catalog
         inbox = _inbox(request)
@@ -283,12 +292,12 @@ class ApiV1(Resource):
         def answer(result: tuple[bytes, str]) -> None:
             data, real_id = result
             if _arg(request, "dl") == "1":
-                request.setHeader(b"Content-Disposition",
-                                  f'attachment; filename="{real_id}.eml"'.encode())
+                request.setHeader(
+                    b"Content-Disposition", f'attachment; filename="{real_id}.eml"'.encode()
+                )
             finish(request, http.OK, data)
 
-        d = self._located(request, mid,
-                          lambda loc: (views.raw_crlf(loc), loc.summary["ID"]))
+        d = self._located(request, mid, lambda loc: (views.raw_crlf(loc), loc.summary["ID"]))
         return d.addCallback(answer)
 
     def headers(self, request: Any, mid: str) -> defer.Deferred[None]:
@@ -300,10 +309,11 @@ class ApiV1(Resource):
             if found is None:
                 finish(request, http.NOT_FOUND, "not found\n")
                 return
-            name = (found.filename or found.content_id or f"part-{found.part_id}")
+            name = found.filename or found.content_id or f"part-{found.part_id}"
             name = name.replace('"', "").replace("\r", "").replace("\n", "")
-            request.setHeader(b"Content-Disposition",
-                              f'filename="{name}"'.encode("utf-8", "replace"))
+            request.setHeader(
+                b"Content-Disposition", f'filename="{name}"'.encode("utf-8", "replace")
+            )
             ctype = found.content_type
             if found.charset and ctype.startswith("text/"):
                 ctype += f"; charset={found.charset}"
@@ -320,8 +330,10 @@ class ApiV1(Resource):
             raise ApiError(403, "release is off: set [sandbox] release = true to allow it\n")
         body = _body(request, required=True)
         targets = body.get("To")
-        if not isinstance(targets, list) or not targets or not all(
-            isinstance(t, str) for t in targets
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
         ):
             raise ApiError(400, "To must be a non-empty list of addresses\n")
         rcpts = []
@@ -338,10 +350,15 @@ class ApiV1(Resource):
         def send(located: Located) -> str:
             data, sender = views.release_copy(located)
             smtputf8 = not (sender.isascii() and all(r.isascii() for r in rcpts))
-            queue_id: str = queue.enqueue_bytes(data, sender, rcpts, smtputf8=smtputf8,
-                                                body_8bit=not data.isascii())
-            log.info("sandbox: released {id} to {rcpts} as queue entry {queue_id}",
-                     id=located.summary["ID"], rcpts=", ".join(rcpts), queue_id=queue_id)
+            queue_id: str = queue.enqueue_bytes(
+                data, sender, rcpts, smtputf8=smtputf8, body_8bit=not data.isascii()
+            )
+            log.info(
+                "sandbox: released {id} to {rcpts} as queue entry {queue_id}",
+                id=located.summary["ID"],
+                rcpts=", ".join(rcpts),
+                queue_id=queue_id,
+            )
             return queue_id
 
         d = self._located(request, mid, send)
@@ -396,8 +413,11 @@ class ApiV1(Resource):
         body = {
             "Label": "",
             "MessageRelay": {
-                "Enabled": enabled, "SMTPServer": "outbound queue" if enabled else "",
-                "ReturnPath": "", "AllowedRecipients": "", "BlockedRecipients": "",
+                "Enabled": enabled,
+                "SMTPServer": "outbound queue" if enabled else "",
+                "ReturnPath": "",
+                "AllowedRecipients": "",
+                "BlockedRecipients": "",
                 "OverrideFrom": "",
             },
             "SpamAssassin": False,

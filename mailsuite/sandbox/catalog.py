@@ -80,9 +80,29 @@ def rfc3339(ms: int) -> str:
 def summary_of(row: Sequence[Any]) -> dict[str, Any]:
     """Mailpit's ``MessageSummary`` (plus ``Inbox``, ``Links``, ``Codes``) from a row
     selected with :data:`_COLUMNS`."""
-    (mid, inbox, _uid, created, size, read, message_id, subject, from_json, to_json, cc_json,
-     bcc_json, reply_to_json, _return_path, username, tags_json, attachments, _inline,
-     snippet, links_json, codes_json) = row
+    (
+        mid,
+        inbox,
+        _uid,
+        created,
+        size,
+        read,
+        message_id,
+        subject,
+        from_json,
+        to_json,
+        cc_json,
+        bcc_json,
+        reply_to_json,
+        _return_path,
+        username,
+        tags_json,
+        attachments,
+        _inline,
+        snippet,
+        links_json,
+        codes_json,
+    ) = row
     return {
         "ID": mid,
         "MessageID": message_id,
@@ -225,14 +245,21 @@ class Catalog:
             (inbox, uidvalidity, modseq),
         )
 
-    def _apply(self, inbox: str, index: FolderIndex, rows: list[tuple[int, str, int]],
-               gone: list[int], changes: Changes) -> None:
+    def _apply(
+        self,
+        inbox: str,
+        index: FolderIndex,
+        rows: list[tuple[int, str, int]],
+        gone: list[int],
+        changes: Changes,
+    ) -> None:
         known: dict[int, tuple[str, int]] = {}
         uids = [u for u, _, _ in rows] + list(gone)
         for chunk in _chunks(uids):
             for mid, uid, read in self.db.execute(
                 f"SELECT id, uid, read FROM messages WHERE inbox=? AND uid IN "
-                f"({','.join('?' * len(chunk))})", [inbox, *chunk]
+                f"({','.join('?' * len(chunk))})",
+                [inbox, *chunk],
             ):
                 known[uid] = (mid, read)
         with self._transaction():
@@ -289,7 +316,8 @@ class Catalog:
         row = _row(inbox, msg, raw)
         self.db.execute(
             f"INSERT OR REPLACE INTO messages ({_COLUMNS}, base, search_text) VALUES "
-            f"({','.join('?' * (len(row)))})", row,
+            f"({','.join('?' * (len(row)))})",
+            row,
         )
         summary = summary_of(row[:-2])
         changes.new.append(summary)
@@ -307,8 +335,9 @@ class Catalog:
         ).fetchall()
         self._remove(inbox, index, oldest, changes)
 
-    def _remove(self, inbox: str, index: FolderIndex, rows: Sequence[tuple[str, int]],
-                changes: Changes) -> None:
+    def _remove(
+        self, inbox: str, index: FolderIndex, rows: Sequence[tuple[str, int]], changes: Changes
+    ) -> None:
         if not rows:
             return
         index.expunge([uid for _, uid in rows])
@@ -324,8 +353,9 @@ class Catalog:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def listing(self, inbox: str | None, search: str | None, start: int, limit: int,
-                tz: str | None = None) -> dict[str, Any]:
+    def listing(
+        self, inbox: str | None, search: str | None, start: int, limit: int, tz: str | None = None
+    ) -> dict[str, Any]:
         """Mailpit's ``MessagesSummary``: newest first, ``messages_count`` matches."""
         self.sync([inbox] if inbox is not None else None)
         where, params = self._where(inbox, search, tz)
@@ -334,7 +364,8 @@ class Catalog:
         ).fetchone()
         rows = self.db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY created DESC, rowid DESC "
-            "LIMIT ? OFFSET ?", [*params, limit, start],
+            "LIMIT ? OFFSET ?",
+            [*params, limit, start],
         ).fetchall()
         total, unread = self.counts(inbox)
         messages = [summary_of(r) for r in rows]
@@ -377,8 +408,11 @@ class Catalog:
 
     def tags(self, inbox: str | None) -> list[str]:
         sql = "SELECT DISTINCT value FROM messages, json_each(messages.tags_json)"
-        rows = (self.db.execute(sql + " WHERE inbox=?", (inbox,)) if inbox is not None
-                else self.db.execute(sql))
+        rows = (
+            self.db.execute(sql + " WHERE inbox=?", (inbox,))
+            if inbox is not None
+            else self.db.execute(sql)
+        )
         return sorted({str(v) for (v,) in rows})
 
     def inbox_counts(self) -> dict[str, dict[str, int]]:
@@ -391,15 +425,17 @@ class Catalog:
             out[inbox] = {"Messages": int(total), "Unread": int(unread)}
         return dict(sorted(out.items()))
 
-    def matching(self, ids: Sequence[str], inbox: str | None, search: str | None,
-                 tz: str | None = None) -> dict[str, Any] | None:
+    def matching(
+        self, ids: Sequence[str], inbox: str | None, search: str | None, tz: str | None = None
+    ) -> dict[str, Any] | None:
         """The newest of ``ids`` that matches ``search`` (in ``inbox``), for the waiters."""
         if not ids:
             return None
         where, params = self._where(inbox, search, tz)
         row = self.db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE id IN ({','.join('?' * len(ids))}) "
-            f"AND {where} ORDER BY created DESC, rowid DESC LIMIT 1", [*ids, *params],
+            f"AND {where} ORDER BY created DESC, rowid DESC LIMIT 1",
+            [*ids, *params],
         ).fetchone()
         return summary_of(row) if row is not None else None
 
@@ -410,15 +446,16 @@ class Catalog:
             where, params = self._where(inbox, None, None)
             row = self.db.execute(
                 f"SELECT {_COLUMNS} FROM messages WHERE {where} "
-                "ORDER BY created DESC, rowid DESC LIMIT 1", params,
+                "ORDER BY created DESC, rowid DESC LIMIT 1",
+                params,
             ).fetchone()
         else:
-            row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?",
-                                  (mid,)).fetchone()
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)).fetchone()
             if row is not None:
                 self.sync([row[1]])  # still there?
-                row = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?",
-                                      (mid,)).fetchone()
+                row = self.db.execute(
+                    f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)
+                ).fetchone()
         if row is None:
             return None
         index = self._index(row[1])
@@ -429,8 +466,9 @@ class Catalog:
 
     # -- changing --------------------------------------------------------------------------
 
-    def _selected(self, ids: Sequence[str] | None, inbox: str | None,
-                  search: str | None = None) -> dict[str, list[tuple[str, int, int]]]:
+    def _selected(
+        self, ids: Sequence[str] | None, inbox: str | None, search: str | None = None
+    ) -> dict[str, list[tuple[str, int, int]]]:
         """inbox -> [(id, uid, read)] of the messages named by ``ids`` (None: every message
         of ``inbox``, or of every inbox, matching ``search``)."""
         out: dict[str, list[tuple[str, int, int]]] = {}
@@ -443,16 +481,20 @@ class Catalog:
         else:
             rows = []
             for chunk in _chunks(list(ids)):
-                rows.extend(self.db.execute(
-                    "SELECT inbox, id, uid, read FROM messages WHERE id IN "
-                    f"({','.join('?' * len(chunk))})", chunk,
-                ))
+                rows.extend(
+                    self.db.execute(
+                        "SELECT inbox, id, uid, read FROM messages WHERE id IN "
+                        f"({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
         for box, mid, uid, read in rows:
             out.setdefault(box, []).append((mid, uid, read))
         return out
 
-    def delete(self, ids: Sequence[str] | None, inbox: str | None,
-               search: str | None = None) -> None:
+    def delete(
+        self, ids: Sequence[str] | None, inbox: str | None, search: str | None = None
+    ) -> None:
         """Remove messages (from their Maildir folders too)."""
         changes = self.changes
         for box, rows in self._selected(ids, inbox, search).items():

@@ -72,8 +72,9 @@ class _Subscription:
         transport = self.request.channel.transport if self.request.channel else None
         if transport is None:
             return
-        buffered = len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen",
-                                                                         0)
+        buffered = len(getattr(transport, "dataBuffer", b"")) + getattr(
+            transport, "_tempDataLen", 0
+        )
         if buffered > MAX_BUFFERED:
             log.info("sandbox: event stream client is not reading; closing it")
             self.closed(None)

@@ -24,10 +24,33 @@ SNIPPET_LENGTH = 250
 MAX_SCAN = 1024 * 1024
 
 _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
-_BLOCK = frozenset({
-    "p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "td", "th",
-    "ul", "ol", "blockquote", "pre", "hr", "section", "article", "header", "footer",
-})
+_BLOCK = frozenset(
+    {
+        "p",
+        "div",
+        "br",
+        "tr",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "table",
+        "td",
+        "th",
+        "ul",
+        "ol",
+        "blockquote",
+        "pre",
+        "hr",
+        "section",
+        "article",
+        "header",
+        "footer",
+    }
+)
 
 
 class _TextAndLinks(HTMLParser):

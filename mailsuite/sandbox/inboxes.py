@@ -116,7 +116,11 @@ class AnyPassword(Authenticator):
     ) -> defer.Deferred[LoginResult]:
         name = inbox_name(username)
         if name is None:
-            log.info("{protocol}: sandbox login refused for {user!r} from {ip}: not an inbox "
-                     "name", protocol=protocol, user=username[:80], ip=ip)
+            log.info(
+                "{protocol}: sandbox login refused for {user!r} from {ip}: not an inbox name",
+                protocol=protocol,
+                user=username[:80],
+                ip=ip,
+            )
             return defer.succeed(LoginResult(Outcome.BAD_CREDENTIALS))
         return defer.succeed(LoginResult(Outcome.OK, name))

@@ -161,8 +161,7 @@ def parse(raw: bytes) -> ParsedMail:
             inner_related = ctype == "multipart/related"
             for i, child in enumerate(children, 1):
                 if isinstance(child, Message):
-                    visit(child, f"{number}.{i}" if number else str(i), depth + 1,
-                          inner_related)
+                    visit(child, f"{number}.{i}" if number else str(i), depth + 1, inner_related)
             return
         leaf = _leaf(part, number or "1", ctype)
         out.parts[leaf.part_id] = leaf

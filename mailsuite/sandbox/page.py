@@ -71,7 +71,7 @@ class Page(Resource):
         else:
             return reply(request, http.NOT_FOUND, "not found\n")
         data = _static(name)
-        ext = name[name.rfind("."):] if "." in name else ""
+        ext = name[name.rfind(".") :] if "." in name else ""
         if data is None or ext not in _TYPES:
             return reply(request, http.NOT_FOUND, "not found\n")
         request.setHeader(b"Content-Security-Policy", PAGE_POLICY.encode())
@@ -116,8 +116,7 @@ class MessageView(Resource):
                 finish(request, http.NOT_FOUND, "not found\n")
                 return
             if kind == "html":
-                request.setHeader(b"Content-Security-Policy",
-                                  views.html_policy(remote).encode())
+                request.setHeader(b"Content-Security-Policy", views.html_policy(remote).encode())
                 request.setHeader(b"Referrer-Policy", b"no-referrer")
                 finish(request, http.OK, content.encode("utf-8"), b"text/html; charset=utf-8")
             else:

@@ -81,7 +81,7 @@ def split_args(query: str) -> list[str]:
     return out
 
 
-_TO_SPACE = str.maketrans({c: " " for c in "\ufeff\r\n\t<>\",;()"})
+_TO_SPACE = str.maketrans({c: " " for c in '\ufeff\r\n\t<>",;()'})
 
 
 def clean(text: str) -> str:
@@ -91,13 +91,29 @@ def clean(text: str) -> str:
 
 
 _PREFIXES = (
-    "to", "from", "cc", "bcc", "reply-to", "addressed", "subject", "message-id", "tag",
-    "after", "before", "larger", "smaller", "inbox",
+    "to",
+    "from",
+    "cc",
+    "bcc",
+    "reply-to",
+    "addressed",
+    "subject",
+    "message-id",
+    "tag",
+    "after",
+    "before",
+    "larger",
+    "smaller",
+    "inbox",
 )
 _FLAGS = {
-    "is:read": "read", "is:unread": "unread", "is:tagged": "tagged",
-    "has:attachment": "attachment", "has:attachments": "attachment",
-    "has:inline": "inline", "has:inlines": "inline",
+    "is:read": "read",
+    "is:unread": "unread",
+    "is:tagged": "tagged",
+    "has:attachment": "attachment",
+    "has:attachments": "attachment",
+    "has:inline": "inline",
+    "has:inlines": "inline",
 }
 
 

@@ -173,7 +173,8 @@ class Sandbox(service.Service):
             return result
 
         self.sync(names).addBoth(done).addErrback(
-            lambda f: log.failure("sandbox: sync of {inboxes} failed", f, inboxes=names))
+            lambda f: log.failure("sandbox: sync of {inboxes} failed", f, inboxes=names)
+        )
 
     def sync(self, inboxes: list[str] | None) -> defer.Deferred[None]:
         """Sync ``inboxes`` (None: all) in the worker thread (what changed is published)."""
@@ -190,8 +191,7 @@ class Sandbox(service.Service):
         self.stats.deleted += len(changes.deleted)
         events: list[Event] = [("new", s, s["Inbox"]) for s in changes.new]
         events += [("deleted", {"ID": mid}, inbox) for mid, inbox in changes.deleted]
-        events += [("read", {"ID": mid, "Read": read}, inbox)
-                   for mid, inbox, read in changes.read]
+        events += [("read", {"ID": mid, "Read": read}, inbox) for mid, inbox, read in changes.read]
         for event in events:
             for subscriber in list(self.subscribers):
                 try:
@@ -256,7 +256,8 @@ class Sandbox(service.Service):
                     self._answer(waiter, summary)
 
             d.addCallback(matched).addErrback(
-                lambda f: log.failure("sandbox: wait match failed", f))
+                lambda f: log.failure("sandbox: wait match failed", f)
+            )
 
     # -- capture counters (the SMTP side) --------------------------------------------------
 

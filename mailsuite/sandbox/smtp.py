@@ -64,8 +64,17 @@ _FAULT = re.compile(r"(reject|defer|fail)-([45][0-5]\d)|(drop)|slow-(\d{1,3})")
 
 #: Enhanced status codes (RFC 3463) for the common fault codes; others get X.0.0.
 _ENHANCED = {
-    421: "4.3.2", 450: "4.2.1", 451: "4.3.0", 452: "4.2.2", 455: "4.5.4",
-    550: "5.1.1", 551: "5.1.6", 552: "5.2.2", 553: "5.1.3", 554: "5.7.1", 555: "5.5.4",
+    421: "4.3.2",
+    450: "4.2.1",
+    451: "4.3.0",
+    452: "4.2.2",
+    455: "4.5.4",
+    550: "5.1.1",
+    551: "5.1.6",
+    552: "5.2.2",
+    553: "5.1.3",
+    554: "5.7.1",
+    555: "5.5.4",
 }
 
 
@@ -117,8 +126,9 @@ class RecipientFaults(Check):
 class DataFaults(Check):
     """``drop``, ``fail-NNN`` and ``slow-N`` recipients act at the end of the data."""
 
-    def __init__(self, sleep: Callable[[float], Awaitable[object]],
-                 refused: Callable[[], None]) -> None:
+    def __init__(
+        self, sleep: Callable[[float], Awaitable[object]], refused: Callable[[], None]
+    ) -> None:
         self.sleep = sleep
         self.refused = refused
 
@@ -188,8 +198,13 @@ def _raw_fields(headers: bytes, lname: bytes) -> list[bytes]:
     return out
 
 
-def sandbox_profile(directory: SandboxDirectory, sandbox: Any, hostname: str,
-                    max_recipients: int, sleep: Callable[[float], Awaitable[object]]) -> Profile:
+def sandbox_profile(
+    directory: SandboxDirectory,
+    sandbox: Any,
+    hostname: str,
+    max_recipients: int,
+    sleep: Callable[[float], Awaitable[object]],
+) -> Profile:
     """The sandbox's SMTP profile (see the module docstring)."""
 
     def route(facts: Facts, rcpt: Recipient) -> Resolution:
@@ -203,8 +218,14 @@ def sandbox_profile(directory: SandboxDirectory, sandbox: Any, hostname: str,
         EnvelopeFields(hostname, sandbox.captured),
     ]
 
-    return Profile("sandbox", auth=True, requires_auth=False, policy=Policy(checks),
-                   route=route, limit_per_ip=False)
+    return Profile(
+        "sandbox",
+        auth=True,
+        requires_auth=False,
+        policy=Policy(checks),
+        route=route,
+        limit_per_ip=False,
+    )
 
 
 def sandbox_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtocolFactory:
@@ -217,6 +238,7 @@ def sandbox_factory(runtime: Runtime, implicit_tls: bool) -> interfaces.IProtoco
     directory = runtime.directory
     assert isinstance(directory, SandboxDirectory)
     config = runtime.config
-    profile = sandbox_profile(directory, runtime.sandbox, config.hostname,
-                              config.smtp.max_recipients, sleep)
+    profile = sandbox_profile(
+        directory, runtime.sandbox, config.hostname, config.smtp.max_recipients, sleep
+    )
     return SMTPFactory(runtime, profile, implicit_tls)

@@ -39,8 +39,11 @@ def message_json(located: Located) -> dict[str, Any]:
     mail = mime.parse(raw)
     s = located.summary
     senders = mail.addresses("From")
-    sender: dict[str, str] | None = senders[0] if senders else (
-        {"Name": mail.decoded("From"), "Address": ""} if mail.header("From") else None)
+    sender: dict[str, str] | None = (
+        senders[0]
+        if senders
+        else ({"Name": mail.decoded("From"), "Address": ""} if mail.header("From") else None)
+    )
     return_path = located.return_path or (sender["Address"] if sender else "")
     date_text = mail.header("Date")
     date = s["Created"]
@@ -110,16 +113,17 @@ def html_view(located: Located) -> str | None:
 
     def inline_image(m: re.Match[str]) -> str:
         found = by_cid.get(m.group(2).lower())
-        if found is None or len(found.content) > budget[0] or not found.content_type.startswith(
-            "image/"
+        if (
+            found is None
+            or len(found.content) > budget[0]
+            or not found.content_type.startswith("image/")
         ):
             return m.group(1) + "about:blank"
         budget[0] -= len(found.content)
         data = base64.b64encode(found.content).decode("ascii")
         return f"{m.group(1)}data:{found.content_type};base64,{data}"
 
-    markup = re.sub(r"""(=\s*["']?)cid:([^"'\s>]+)""", inline_image, mail.html,
-                    flags=re.IGNORECASE)
+    markup = re.sub(r"""(=\s*["']?)cid:([^"'\s>]+)""", inline_image, mail.html, flags=re.IGNORECASE)
     # Links open in a new tab (the iframe may not navigate itself away).
     return '<base target="_blank">\n' + markup
 

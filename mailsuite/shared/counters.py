@@ -123,8 +123,8 @@ class SharedFailureLog:
             )
             db.execute("DELETE FROM failures WHERE at < ?", (t - self.cfg.window,))
             db.execute(
-                "DELETE FROM failures WHERE rowid <= "
-                "(SELECT max(rowid) FROM failures) - ?", (MAX_FAILURE_ROWS,)
+                "DELETE FROM failures WHERE rowid <= (SELECT max(rowid) FROM failures) - ?",
+                (MAX_FAILURE_ROWS,),
             )
 
     def blocked(self, ip: str, user: str, in_flight: int = 0) -> bool:
@@ -191,10 +191,12 @@ class SharedConnectionCounts:
         with _immediate(self.db) as db:
             if limited:
                 marks = ",".join("?" * len(limited))
-                held = dict(db.execute(
-                    f"SELECT key, sum(n) FROM connections WHERE key IN ({marks}) GROUP BY key",
-                    limited,
-                ).fetchall())
+                held = dict(
+                    db.execute(
+                        f"SELECT key, sum(n) FROM connections WHERE key IN ({marks}) GROUP BY key",
+                        limited,
+                    ).fetchall()
+                )
                 for i, (key, limit) in enumerate(add):
                     if limit and (held.get(key) or 0) >= limit:
                         return i

@@ -94,8 +94,11 @@ class InotifyWatcher:
                     self.notifier.watch(d, mask=self.mask, callbacks=[self._event])
                     self._listeners[d.path] = set()
         except Exception as e:
-            log.warn("inotify on {folder} failed ({error}); polling it instead",
-                     folder=str(folder), error=str(e))
+            log.warn(
+                "inotify on {folder} failed ({error}); polling it instead",
+                folder=str(folder),
+                error=str(e),
+            )
             for d in dirs:
                 self._release(d, None)
             return self.fallback.watch(folder, changed)
@@ -150,6 +153,9 @@ def folder_watcher(reactor: Any) -> FolderWatcher:
     try:
         return InotifyWatcher(reactor, polling)
     except Exception as e:
-        log.info("inotify unavailable ({error}): folders are polled every {n} s",
-                 error=str(e), n=POLL_INTERVAL)
+        log.info(
+            "inotify unavailable ({error}): folders are polled every {n} s",
+            error=str(e),
+            n=POLL_INTERVAL,
+        )
         return polling

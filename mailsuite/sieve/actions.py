@@ -128,8 +128,9 @@ class ActionList:
         if old is None:
             self.stores[key] = FileInto(key if key == "INBOX" else mailbox, flags, create, copy)
         else:
-            self.stores[key] = FileInto(old.mailbox, old.flags | flags, old.create or create,
-                                        old.copy and copy)
+            self.stores[key] = FileInto(
+                old.mailbox, old.flags | flags, old.create or create, old.copy and copy
+            )
 
     def redirect(self, address: str, copy: bool) -> None:
         self._count("redirect")
@@ -174,8 +175,9 @@ class ActionList:
         stores = dict(self.stores)
         if self.implicit_keep:
             old = stores.get("INBOX")
-            stores["INBOX"] = FileInto("INBOX", implicit_flags | (old.flags if old else
-                                                                   frozenset()))
+            stores["INBOX"] = FileInto(
+                "INBOX", implicit_flags | (old.flags if old else frozenset())
+            )
         out: list[Action] = []
         inbox = stores.pop("INBOX", None)
         if inbox is not None:

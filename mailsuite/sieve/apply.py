@@ -91,8 +91,7 @@ def prepare_folder(root: Path, mailbox: str, create: bool) -> tuple[Path, str | 
     return path, None
 
 
-def store_message(src: Path, offset: int, head: bytes, folder: Path,
-                  flags: frozenset[str]) -> None:
+def store_message(src: Path, offset: int, head: bytes, folder: Path, flags: frozenset[str]) -> None:
     """Durably store ``head`` + ``src[offset:]`` in ``folder`` with ``flags`` through the
     store's one write path (flags go through the folder index, which assigns keyword letters
     under its lock, RFC 5232).  Blocking."""
@@ -100,8 +99,9 @@ def store_message(src: Path, offset: int, head: bytes, folder: Path,
     place(folder, [Placement(draft, flags)])
 
 
-def destinations(actions: Sequence[Action], root: Path
-                 ) -> tuple[list[tuple[Path, frozenset[str]]], list[str]]:
+def destinations(
+    actions: Sequence[Action], root: Path
+) -> tuple[list[tuple[Path, frozenset[str]]], list[str]]:
     """Where the Keep/FileInto actions of an outcome for one recipient store the message:
     (folder, flags) pairs, one per folder (a fall-back to INBOX next to a keep is still one
     copy), folders made by ``:create`` already made; and notes for the log -- also appended
@@ -126,8 +126,9 @@ def destinations(actions: Sequence[Action], root: Path
     return out, notes
 
 
-def store_all(actions: tuple[Action, ...] | list[Action], root: Path, src: Path, offset: int,
-              head: bytes) -> tuple[list[Path], list[str]]:
+def store_all(
+    actions: tuple[Action, ...] | list[Action], root: Path, src: Path, offset: int, head: bytes
+) -> tuple[list[Path], list[str]]:
     """Every Keep/FileInto of an outcome for one recipient, each a durable copy of ``head`` +
     ``src[offset:]``; returns (folders written, notes: see :func:`destinations`).  Blocking.
     Delivery (:mod:`mailsuite.delivery`) plans with :func:`destinations` itself, so that its
@@ -149,8 +150,13 @@ def smtp_reply(reject: Reject) -> Reply:
     return Reply(550, "5.7.1", reason or "Message rejected by the recipient's filter")
 
 
-def rejection_message(reject: Reject, envelope: SieveEnvelope, original_head: bytes,
-                      hostname: str, now: datetime | None = None) -> bytes:
+def rejection_message(
+    reject: Reject,
+    envelope: SieveEnvelope,
+    original_head: bytes,
+    hostname: str,
+    now: datetime | None = None,
+) -> bytes:
     """RFC 5429 2.2: the rejection as an MDN (RFC 3798) with disposition "deleted", sent to
     the envelope sender with the null reverse-path.  ``original_head`` is the original's
     header section (LF line ends); LF-ended bytes ready for the queue."""
@@ -172,7 +178,7 @@ def rejection_message(reject: Reject, envelope: SieveEnvelope, original_head: by
         f"Message-ID: <{uuid.uuid4().hex}@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=disposition-notification;\n'
+        f"Content-Type: multipart/report; report-type=disposition-notification;\n"
         f' boundary="{boundary}"',
     ]
     if original_id:
@@ -188,8 +194,9 @@ def rejection_message(reject: Reject, envelope: SieveEnvelope, original_head: by
     b = boundary.encode()
     out = bytearray(("\n".join(head) + "\n\n").encode("utf-8"))
     out += b"This is a MIME-encapsulated message.\n\n--" + b + b"\n"
-    out += (b"Content-Type: text/plain; charset=utf-8\n"
-            b"Content-Transfer-Encoding: quoted-printable\n\n")
+    out += (
+        b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+    )
     out += human if human.endswith(b"\n") else human + b"\n"
     out += b"\n--" + b + b"\nContent-Type: message/disposition-notification\n\n"
     out += ("\n".join(report) + "\n").encode("utf-8")

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("name")
     c.add_argument("file", nargs="?", help="check this file instead of the stored script")
     ss.add_parser("log", help="the user's filter errors (scripts that failed)").add_argument(
-        "address")
+        "address"
+    )
 
 
 def _store(cfg: Config, address: str) -> ScriptStore:

@@ -63,8 +63,10 @@ def date_part(dt: datetime, part: str) -> str:
         return f"{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
     if part == "iso8601":
         z = _zone(dt)
-        return (f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
-                f"{dt.second:02d}{z[:3]}:{z[3:]}")
+        return (
+            f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
+            f"{dt.second:02d}{z[:3]}:{z[3:]}"
+        )
     if part == "std11":
         return format_datetime(dt)
     if part == "zone":

@@ -53,8 +53,9 @@ class SieveSettings:
                 max_run_time=float(s.max_run_time),
                 vacation_min_period=s.vacation_min_period,
                 vacation_max_period=s.vacation_max_period,
-                vacation_default_period=max(s.vacation_min_period,
-                                            min(7 * 86400, s.vacation_max_period)),
+                vacation_default_period=max(
+                    s.vacation_min_period, min(7 * 86400, s.vacation_max_period)
+                ),
             ),
             max_script_size=s.max_script_size,
             max_scripts=s.max_scripts,
@@ -121,8 +122,9 @@ class _ScriptCache:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise SieveParseError(data.count(b"\n", 0, e.start) + 1,
-                                  "script is not valid UTF-8") from None
+            raise SieveParseError(
+                data.count(b"\n", 0, e.start) + 1, "script is not valid UTF-8"
+            ) from None
         script = compile_script(text)
         with self.lock:
             self.items[path] = (stamp, script)
@@ -165,7 +167,7 @@ def evaluate(
     if path is None:
         return KEEP
     # the script's name: the linked file's, or the plain file's own (no second readlink)
-    name = path.name[:-len(SUFFIX)] if path != store.link else path.name
+    name = path.name[: -len(SUFFIX)] if path != store.link else path.name
     when = now or datetime.now(UTC)
     try:
         script = _cache.get(path, settings.max_script_size)
@@ -180,7 +182,9 @@ def evaluate(
     if mailbox_exists is None:
         mailbox_exists = _mailbox_checker(root)
     interpreter = Interpreter(
-        message, envelope, settings.limits,
+        message,
+        envelope,
+        settings.limits,
         mailbox_exists=mailbox_exists,
         load_script=_loader(store, settings),
         now=when,
@@ -203,16 +207,16 @@ def evaluate(
     if any(isinstance(a, Redirect) for a in final) and (
         _delivered_to_count(message, envelope.user) >= (2 if delivered_to_added else 1)
     ):
-        notes.append(f"redirect loop: {envelope.user} delivered this message before; "
-                     "redirects dropped")
+        notes.append(
+            f"redirect loop: {envelope.user} delivered this message before; redirects dropped"
+        )
         final = [a for a in final if not isinstance(a, Redirect)]
         if not final:
             final = [Keep()]
         store.append_log(f"script {name!r}: redirect loop detected, message kept", when)
     reply = None
     if request is not None:
-        reply, why = _vacation(store, request, message, envelope, own_addresses,
-                               settings, when)
+        reply, why = _vacation(store, request, message, envelope, own_addresses, settings, when)
         if why:
             notes.append(f"vacation: no reply ({why})")
     if len(final) > 1 and any(isinstance(a, Discard) for a in final):
@@ -220,16 +224,21 @@ def evaluate(
     return SieveOutcome(tuple(final), name, reply, None, tuple(notes))
 
 
-def _vacation(store: ScriptStore, request: VacationRequest, message: MessageView,
-              envelope: SieveEnvelope, own: Iterable[str], settings: SieveSettings,
-              when: datetime) -> tuple[VacationReply | None, str]:
+def _vacation(
+    store: ScriptStore,
+    request: VacationRequest,
+    message: MessageView,
+    envelope: SieveEnvelope,
+    own: Iterable[str],
+    settings: SieveSettings,
+    when: datetime,
+) -> tuple[VacationReply | None, str]:
     decision = decide(request, message, envelope, own)
     if not decision.reply:
         return None, decision.why
     vstore = VacationStore(store.vacation_path)
     try:
-        claimed = vstore.claim(envelope.sender, request.handle, request.seconds,
-                               when.timestamp())
+        claimed = vstore.claim(envelope.sender, request.handle, request.seconds, when.timestamp())
     except OSError as e:
         return None, f"vacation record unavailable: {e}"
     if not claimed:
@@ -298,15 +307,37 @@ class SieveFilter:
         self.settings = settings
         self.directory = directory
 
-    def evaluate(self, message_path: Path, envelope: SieveEnvelope, *, offset: int = 0,
-                 size: int | None = None, delivered_to_added: bool = True) -> SieveOutcome:
+    def evaluate(
+        self,
+        message_path: Path,
+        envelope: SieveEnvelope,
+        *,
+        offset: int = 0,
+        size: int | None = None,
+        delivered_to_added: bool = True,
+    ) -> SieveOutcome:
         root = self.directory.mailbox_root(envelope.user)
         own = _OwnAddresses(self.directory, envelope.user)
-        outcome = evaluate(root, message_path, envelope, self.settings, offset=offset,
-                           size=size, own_addresses=own,
-                           delivered_to_added=delivered_to_added)
+        outcome = evaluate(
+            root,
+            message_path,
+            envelope,
+            self.settings,
+            offset=offset,
+            size=size,
+            own_addresses=own,
+            delivered_to_added=delivered_to_added,
+        )
         return outcome
 
 
-__all__ = ["KEEP", "Reject", "SieveEnvelope", "SieveFilter", "SieveOutcome", "SieveSettings",
-           "VacationReply", "evaluate"]
+__all__ = [
+    "KEEP",
+    "Reject",
+    "SieveEnvelope",
+    "SieveFilter",
+    "SieveOutcome",
+    "SieveSettings",
+    "VacationReply",
+    "evaluate",
+]

@@ -30,6 +30,7 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
         if any("${" in n for n in node.args[0]):
             return None
         names = [n.lower() for n in node.args[0]]
+
         def exists(it: Any) -> bool:
             it.budget.charge(len(names))
             return all(it.message.exists(n) for n in names)
@@ -88,11 +89,13 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
         return found
 
     if match == "is":
+
         def test(it: Any) -> bool:
             vals = values(it)
             it.budget.charge(1 + len(vals))
             return not key_set.isdisjoint(vals)
     elif match == "contains":
+
         def test(it: Any) -> bool:
             vals = values(it)
             it.budget.charge(1 + len(vals) * len(keys))

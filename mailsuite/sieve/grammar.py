@@ -158,14 +158,14 @@ class _Lexer:
             self.pos += 1
             while self.pos < len(text) and text[self.pos] in _ALNUM:
                 self.pos += 1
-        return text[start:self.pos]
+        return text[start : self.pos]
 
     def _number(self) -> int:
         start = self.pos
         text = self.text
         while self.pos < len(text) and text[self.pos] in _DIGITS:
             self.pos += 1
-        digits = text[start:self.pos]
+        digits = text[start : self.pos]
         if len(digits) > 20:
             raise self.error("number too large")
         value = int(digits)
@@ -173,7 +173,7 @@ class _Lexer:
             value *= _QUANTIFIERS[text[self.pos].upper()]
             self.pos += 1
         if self.pos < len(text) and text[self.pos] in _ALNUM:
-            raise self.error(f"bad number {text[start:self.pos + 1]!r} (quantifiers: K, M, G)")
+            raise self.error(f"bad number {text[start : self.pos + 1]!r} (quantifiers: K, M, G)")
         if value > MAX_NUMBER:
             raise self.error("number too large")
         return value
@@ -191,11 +191,11 @@ class _Lexer:
                 raise self.error("unterminated string", start_line)
             c = text[self.pos]
             if c == '"':
-                out.append(text[run:self.pos])
+                out.append(text[run : self.pos])
                 self.pos += 1
                 return "".join(out)
             if c == "\\":
-                out.append(text[run:self.pos])
+                out.append(text[run : self.pos])
                 if self.pos + 1 >= len(text):
                     raise self.error("unterminated string", start_line)
                 nxt = text[self.pos + 1]
@@ -233,13 +233,15 @@ class _Lexer:
         lines: list[str] = []
         while True:
             if self.pos >= len(text):
-                raise self.error("unterminated text: block (end it with a line holding '.')",
-                                 start_line)
+                raise self.error(
+                    "unterminated text: block (end it with a line holding '.')", start_line
+                )
             end = text.find("\n", self.pos)
             if end < 0:
-                raise self.error("unterminated text: block (end it with a line holding '.')",
-                                 start_line)
-            raw = text[self.pos:end + 1]
+                raise self.error(
+                    "unterminated text: block (end it with a line holding '.')", start_line
+                )
+            raw = text[self.pos : end + 1]
             self.pos = end + 1
             content = raw[:-2] if raw.endswith("\r\n") else raw[:-1]
             if "\x00" in content:

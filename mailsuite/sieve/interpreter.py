@@ -185,8 +185,9 @@ class Interpreter:
             mailbox = self._x(node.args[0], frame)
             if not mailbox:
                 raise SieveRuntimeError("fileinto with an empty mailbox name")
-            self.actions.fileinto(mailbox, self._flags(node, frame), "create" in node.tags,
-                                  "copy" in node.tags)
+            self.actions.fileinto(
+                mailbox, self._flags(node, frame), "create" in node.tags, "copy" in node.tags
+            )
         elif name == "redirect":
             address = self._x(node.args[0], frame)
             _, addr = parseaddr(address)
@@ -283,7 +284,8 @@ class Interpreter:
             if "optional" in node.tags:
                 return
             raise SieveRuntimeError(
-                f"included script {name!r} ({location}) does not exist") from None
+                f"included script {name!r} ({location}) does not exist"
+            ) from None
         except Exception as e:  # a broken included script is this run's error
             raise SieveRuntimeError(f"included script {name!r}: {e}") from None
         self.included.add(key)
@@ -381,8 +383,13 @@ class Interpreter:
             return values, keys
         if name == "body":
             transform = node.tag("transform", "text")
-            types = None if transform == "raw" else (
-                self._xs(node.value("transform"), frame) if transform == "content" else ["text"])
+            types = (
+                None
+                if transform == "raw"
+                else (
+                    self._xs(node.value("transform"), frame) if transform == "content" else ["text"]
+                )
+            )
             return msg.body_texts(types), keys
         if name == "hasflag":
             if len(node.args) == 2:

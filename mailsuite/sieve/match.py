@@ -32,8 +32,9 @@ class Budget:
     """Steps and wall-clock time one script run may use (RFC 5228 10: implementations
     should limit the resources a script can consume)."""
 
-    def __init__(self, max_steps: int, deadline: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_steps: int, deadline: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.left = max_steps
         self.deadline = deadline
         self.clock = clock
@@ -77,8 +78,12 @@ def compare(comparator: str, a: str, b: str) -> int:
 
 def relation_holds(relation: str, order: int) -> bool:
     return {
-        "gt": order > 0, "ge": order >= 0, "lt": order < 0, "le": order <= 0,
-        "eq": order == 0, "ne": order != 0,
+        "gt": order > 0,
+        "ge": order >= 0,
+        "lt": order < 0,
+        "le": order <= 0,
+        "eq": order == 0,
+        "ne": order != 0,
     }[relation]
 
 

@@ -82,8 +82,9 @@ def address_part(address: str, part: str) -> str | None:
 class MessageView:
     """Read-only access for tests; build it with :meth:`from_file` or :meth:`from_bytes`."""
 
-    def __init__(self, fields: list[tuple[str, str]], size: int,
-                 body_source: Callable[[], bytes]) -> None:
+    def __init__(
+        self, fields: list[tuple[str, str]], size: int, body_source: Callable[[], bytes]
+    ) -> None:
         self.fields = fields
         self.size = size
         self._body_source = body_source
@@ -177,14 +178,20 @@ class MessageView:
     def raw_body(self) -> bytes:
         if self._raw_body is None:
             data = self._body_source()
-            self._raw_body = data[2:] if data.startswith(b"\r\n") else (
-                data[1:] if data.startswith(b"\n") else data)
+            self._raw_body = (
+                data[2:]
+                if data.startswith(b"\r\n")
+                else (data[1:] if data.startswith(b"\n") else data)
+            )
         return self._raw_body
 
     def parsed(self) -> Message:
         if self._parsed is None:
-            head = "".join(f"{n}: {v}\n" for n, v in self.fields
-                           if n in ("content-type", "content-transfer-encoding", "mime-version"))
+            head = "".join(
+                f"{n}: {v}\n"
+                for n, v in self.fields
+                if n in ("content-type", "content-transfer-encoding", "mime-version")
+            )
             self._parsed = email.message_from_bytes(
                 head.encode("utf-8", "replace") + b"\n" + self.raw_body(),
                 policy=email.policy.compat32,
@@ -225,7 +232,7 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
     for sep in (b"\r\n\r\n", b"\n\n"):
         at = data.find(sep)
         if at >= 0:
-            return data[:at + len(sep) // 2], data[at + len(sep) // 2:]
+            return data[: at + len(sep) // 2], data[at + len(sep) // 2 :]
     if data.startswith((b"\r\n", b"\n")):
         return b"", data
     return data, b""
@@ -242,7 +249,7 @@ def _read_head(f: object) -> bytes:
     padded = b"\n" + chunk  # so that an empty first line ends it too
     ends = [at for at in (padded.find(b"\n\r\n"), padded.find(b"\n\n")) if at >= 0]
     if ends:
-        return chunk[:min(ends)]
+        return chunk[: min(ends)]
     if len(chunk) < _HEAD_CHUNK:
         return chunk[:MAX_HEADER]  # the whole file is header (no empty line)
     f.seek(start)  # type: ignore[attr-defined]

@@ -140,11 +140,13 @@ class ScriptStore:
         ``size`` bytes as ``name`` would pass a limit."""
         self.path(name)
         if size > self.max_size:
-            raise ScriptError(f"script is larger than the limit of {self.max_size} bytes",
-                              "QUOTA/MAXSIZE")
+            raise ScriptError(
+                f"script is larger than the limit of {self.max_size} bytes", "QUOTA/MAXSIZE"
+            )
         if not self.exists(name) and len(self.names()) >= self.max_scripts:
-            raise ScriptError(f"no room for more than {self.max_scripts} scripts",
-                              "QUOTA/MAXSCRIPTS")
+            raise ScriptError(
+                f"no room for more than {self.max_scripts} scripts", "QUOTA/MAXSCRIPTS"
+            )
 
     def put(self, name: str, text: str) -> None:
         """Store ``text`` (already checked by the caller) as ``name``, atomically."""
@@ -196,7 +198,7 @@ class ScriptStore:
         if size > MAX_LOG:
             data = path.read_bytes()
             cut = data.find(b"\n", len(data) - MAX_LOG // 2)
-            _write_atomic(path, data[cut + 1:] if cut >= 0 else b"")
+            _write_atomic(path, data[cut + 1 :] if cut >= 0 else b"")
 
     def read_log(self) -> str:
         try:

@@ -39,8 +39,15 @@ MAX_ENTRIES = 10_000
 
 #: RFC 5230 4.6 / RFC 3834 2: senders that are programs, never people.
 _ROBOT_LOCALS = ("mailer-daemon", "listserv", "majordomo", "postmaster")
-_LIST_HEADERS = ("list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post",
-                 "list-owner", "list-archive")
+_LIST_HEADERS = (
+    "list-id",
+    "list-help",
+    "list-unsubscribe",
+    "list-subscribe",
+    "list-post",
+    "list-owner",
+    "list-archive",
+)
 _RECIPIENT_HEADERS = ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")
 
 
@@ -55,16 +62,24 @@ def _addr_key(address: str) -> str:
     return address.strip().strip("<>").lower()
 
 
-def decide(request: VacationRequest, message: MessageView, envelope: SieveEnvelope,
-           own_addresses: Iterable[str] = ()) -> Decision:
+def decide(
+    request: VacationRequest,
+    message: MessageView,
+    envelope: SieveEnvelope,
+    own_addresses: Iterable[str] = (),
+) -> Decision:
     """RFC 5230 4.5 (personal messages), 4.6 (automated senders, lists) and RFC 3834 2:
     the suppression rules, in order."""
     sender = _addr_key(envelope.sender)
     if not sender:
         return Decision(False, "null sender")
     local = sender.rpartition("@")[0]
-    if (local in _ROBOT_LOCALS or local.startswith("owner-") or local.endswith("-request")
-            or local.endswith("-bounces")):
+    if (
+        local in _ROBOT_LOCALS
+        or local.startswith("owner-")
+        or local.endswith("-request")
+        or local.endswith("-bounces")
+    ):
         return Decision(False, f"sender {sender} is a mailing list or mailer")
     mine = {_addr_key(a) for a in own_addresses if a}
     mine |= {_addr_key(envelope.user), _addr_key(envelope.recipient)}
@@ -116,8 +131,11 @@ class VacationStore:
             return {}  # a damaged file costs at most one extra reply per sender
         if not isinstance(data, dict):
             return {}
-        return {k: float(v) for k, v in data.items()
-                if isinstance(k, str) and isinstance(v, (int, float))}
+        return {
+            k: float(v)
+            for k, v in data.items()
+            if isinstance(k, str) and isinstance(v, (int, float))
+        }
 
     def _save(self, entries: dict[str, float]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
@@ -152,7 +170,7 @@ class VacationStore:
                 return False
             entries[key] = now + seconds
             if len(entries) > self.max_entries:
-                keep = sorted(entries.items(), key=lambda kv: kv[1])[-self.max_entries:]
+                keep = sorted(entries.items(), key=lambda kv: kv[1])[-self.max_entries :]
                 entries = dict(keep)
             self._save(entries)
             return True
@@ -173,8 +191,14 @@ def _header(name: str, value: str) -> bytes:
     return f"{name}: {encoded}\n".encode("ascii")
 
 
-def build_reply(request: VacationRequest, message: MessageView, envelope: SieveEnvelope,
-                decision: Decision, hostname: str, now: datetime) -> bytes:
+def build_reply(
+    request: VacationRequest,
+    message: MessageView,
+    envelope: SieveEnvelope,
+    decision: Decision,
+    hostname: str,
+    now: datetime,
+) -> bytes:
     """The response (RFC 5230 5, RFC 3834 3): to the envelope sender (5.4), from the address the
     message was sent to (or ``:from``), ``Auto-Submitted: auto-replied``, threaded with
     In-Reply-To/References."""
@@ -204,6 +228,7 @@ def build_reply(request: VacationRequest, message: MessageView, envelope: SieveE
     if text.isascii():
         out += b"Content-Type: text/plain; charset=us-ascii\nContent-Transfer-Encoding: 7bit\n\n"
         return bytes(out) + text.encode("ascii")
-    out += (b"Content-Type: text/plain; charset=utf-8\n"
-            b"Content-Transfer-Encoding: quoted-printable\n\n")
+    out += (
+        b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+    )
     return bytes(out) + quopri.encodestring(text.encode("utf-8")).replace(b"\r\n", b"\n")

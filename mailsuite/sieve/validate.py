@@ -30,24 +30,79 @@ from mailsuite.sieve.grammar import Command, SieveParseError, Tag, Test, parse
 
 #: Extensions a script may require (the ManageSieve SIEVE capability lists them).
 EXTENSIONS = (
-    "fileinto", "envelope", "encoded-character", "imap4flags", "copy", "body", "variables",
-    "relational", "comparator-i;ascii-numeric", "comparator-i;octet",
-    "comparator-i;ascii-casemap", "subaddress", "mailbox", "date", "index", "reject",
-    "ereject", "vacation", "vacation-seconds", "include",
+    "fileinto",
+    "envelope",
+    "encoded-character",
+    "imap4flags",
+    "copy",
+    "body",
+    "variables",
+    "relational",
+    "comparator-i;ascii-numeric",
+    "comparator-i;octet",
+    "comparator-i;ascii-casemap",
+    "subaddress",
+    "mailbox",
+    "date",
+    "index",
+    "reject",
+    "ereject",
+    "vacation",
+    "vacation-seconds",
+    "include",
 )
-COMPARATORS = {"i;octet": None, "i;ascii-casemap": None,
-               "i;ascii-numeric": "comparator-i;ascii-numeric"}
+COMPARATORS = {
+    "i;octet": None,
+    "i;ascii-casemap": None,
+    "i;ascii-numeric": "comparator-i;ascii-numeric",
+}
 RELATIONS = frozenset({"gt", "ge", "lt", "le", "eq", "ne"})
-DATE_PARTS = frozenset({"year", "month", "day", "date", "julian", "hour", "minute", "second",
-                        "time", "iso8601", "std11", "zone", "weekday"})
+DATE_PARTS = frozenset(
+    {
+        "year",
+        "month",
+        "day",
+        "date",
+        "julian",
+        "hour",
+        "minute",
+        "second",
+        "time",
+        "iso8601",
+        "std11",
+        "zone",
+        "weekday",
+    }
+)
 #: RFC 5228 5.1: the address test works on headers that hold addresses.
-ADDRESS_HEADERS = frozenset({
-    "from", "to", "cc", "bcc", "sender", "reply-to", "resent-from", "resent-to", "resent-cc",
-    "resent-bcc", "resent-sender", "resent-reply-to", "return-path", "delivered-to",
-    "errors-to", "disposition-notification-to", "x-original-to", "envelope-to",
-    "x-envelope-to", "x-delivered-to", "original-recipient", "mail-followup-to",
-    "mail-reply-to", "approved",
-})
+ADDRESS_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "sender",
+        "reply-to",
+        "resent-from",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "resent-sender",
+        "resent-reply-to",
+        "return-path",
+        "delivered-to",
+        "errors-to",
+        "disposition-notification-to",
+        "x-original-to",
+        "envelope-to",
+        "x-envelope-to",
+        "x-delivered-to",
+        "original-recipient",
+        "mail-followup-to",
+        "mail-reply-to",
+        "approved",
+    }
+)
 ENVELOPE_PARTS = frozenset({"from", "to"})
 
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 3.6.8 ftext
@@ -75,12 +130,16 @@ class Spec:
 
 _COMPARATOR = {"comparator": TagSpec("comparator", "string")}
 _MATCH = {
-    "is": TagSpec("match"), "contains": TagSpec("match"), "matches": TagSpec("match"),
+    "is": TagSpec("match"),
+    "contains": TagSpec("match"),
+    "matches": TagSpec("match"),
     "count": TagSpec("match", "string", "relational"),
     "value": TagSpec("match", "string", "relational"),
 }
 _ADDRPART = {
-    "all": TagSpec("addrpart"), "localpart": TagSpec("addrpart"), "domain": TagSpec("addrpart"),
+    "all": TagSpec("addrpart"),
+    "localpart": TagSpec("addrpart"),
+    "domain": TagSpec("addrpart"),
     "user": TagSpec("addrpart", None, "subaddress"),
     "detail": TagSpec("addrpart", None, "subaddress"),
 }
@@ -98,28 +157,60 @@ SPECS: dict[str, Spec] = {
     # actions (RFC 5228 4 and extensions)
     "keep": Spec("command", tags=_FLAGS),
     "discard": Spec("command"),
-    "fileinto": Spec("command", (("string",),), {
-        "copy": TagSpec("copy", None, "copy"), **_FLAGS,
-        "create": TagSpec("create", None, "mailbox")}, "fileinto"),
+    "fileinto": Spec(
+        "command",
+        (("string",),),
+        {
+            "copy": TagSpec("copy", None, "copy"),
+            **_FLAGS,
+            "create": TagSpec("create", None, "mailbox"),
+        },
+        "fileinto",
+    ),
     "redirect": Spec("command", (("string",),), {"copy": TagSpec("copy", None, "copy")}),
     "reject": Spec("command", (("string",),), ext="reject"),
     "ereject": Spec("command", (("string",),), ext="ereject"),
-    "vacation": Spec("command", (("string",),), {
-        "days": TagSpec("period", "number"),
-        "seconds": TagSpec("period", "number", "vacation-seconds"),
-        "subject": TagSpec("subject", "string"), "from": TagSpec("from", "string"),
-        "addresses": TagSpec("addresses", "strings"), "mime": TagSpec("mime"),
-        "handle": TagSpec("handle", "string")}, "vacation"),
+    "vacation": Spec(
+        "command",
+        (("string",),),
+        {
+            "days": TagSpec("period", "number"),
+            "seconds": TagSpec("period", "number", "vacation-seconds"),
+            "subject": TagSpec("subject", "string"),
+            "from": TagSpec("from", "string"),
+            "addresses": TagSpec("addresses", "strings"),
+            "mime": TagSpec("mime"),
+            "handle": TagSpec("handle", "string"),
+        },
+        "vacation",
+    ),
     "setflag": Spec("command", (("strings",), ("string", "strings")), ext="imap4flags"),
     "addflag": Spec("command", (("strings",), ("string", "strings")), ext="imap4flags"),
     "removeflag": Spec("command", (("strings",), ("string", "strings")), ext="imap4flags"),
-    "set": Spec("command", (("string", "string"),), {
-        "lower": TagSpec("case"), "upper": TagSpec("case"),
-        "lowerfirst": TagSpec("first"), "upperfirst": TagSpec("first"),
-        "quotewildcard": TagSpec("quote"), "length": TagSpec("length")}, "variables"),
-    "include": Spec("command", (("string",),), {
-        "personal": TagSpec("location"), "global": TagSpec("location"),
-        "once": TagSpec("once"), "optional": TagSpec("optional")}, "include"),
+    "set": Spec(
+        "command",
+        (("string", "string"),),
+        {
+            "lower": TagSpec("case"),
+            "upper": TagSpec("case"),
+            "lowerfirst": TagSpec("first"),
+            "upperfirst": TagSpec("first"),
+            "quotewildcard": TagSpec("quote"),
+            "length": TagSpec("length"),
+        },
+        "variables",
+    ),
+    "include": Spec(
+        "command",
+        (("string",),),
+        {
+            "personal": TagSpec("location"),
+            "global": TagSpec("location"),
+            "once": TagSpec("once"),
+            "optional": TagSpec("optional"),
+        },
+        "include",
+    ),
     "return": Spec("command", ext="include"),
     "global": Spec("command", (("strings",),), ext=("include", "variables")),
     # tests (RFC 5228 5 and extensions)
@@ -127,29 +218,43 @@ SPECS: dict[str, Spec] = {
     "envelope": Spec("test", (("strings", "strings"),), {**_ADDRPART, **_CM}, "envelope"),
     "header": Spec("test", (("strings", "strings"),), {**_CM, **_INDEX}),
     "exists": Spec("test", (("strings",),)),
-    "size": Spec("test", tags={"over": TagSpec("size", "number"),
-                               "under": TagSpec("size", "number")}, required_groups=("size",)),
+    "size": Spec(
+        "test",
+        tags={"over": TagSpec("size", "number"), "under": TagSpec("size", "number")},
+        required_groups=("size",),
+    ),
     "allof": Spec("test", tests="list"),
     "anyof": Spec("test", tests="list"),
     "not": Spec("test", tests="one"),
     "true": Spec("test"),
     "false": Spec("test"),
-    "body": Spec("test", (("strings",),), {
-        **_CM, "raw": TagSpec("transform"), "text": TagSpec("transform"),
-        "content": TagSpec("transform", "strings")}, "body"),
+    "body": Spec(
+        "test",
+        (("strings",),),
+        {
+            **_CM,
+            "raw": TagSpec("transform"),
+            "text": TagSpec("transform"),
+            "content": TagSpec("transform", "strings"),
+        },
+        "body",
+    ),
     "hasflag": Spec("test", (("strings",), ("strings", "strings")), _CM, "imap4flags"),
     "string": Spec("test", (("strings", "strings"),), _CM, "variables"),
-    "date": Spec("test", (("string", "string", "strings"),), {
-        "zone": TagSpec("zone", "string"), "originalzone": TagSpec("zone"),
-        **_CM, **_INDEX}, "date"),
-    "currentdate": Spec("test", (("string", "strings"),), {
-        "zone": TagSpec("zone", "string"), **_CM}, "date"),
+    "date": Spec(
+        "test",
+        (("string", "string", "strings"),),
+        {"zone": TagSpec("zone", "string"), "originalzone": TagSpec("zone"), **_CM, **_INDEX},
+        "date",
+    ),
+    "currentdate": Spec(
+        "test", (("string", "strings"),), {"zone": TagSpec("zone", "string"), **_CM}, "date"
+    ),
     "mailboxexists": Spec("test", (("strings",),), ext="mailbox"),
 }
 
 #: Commands that count as actions for the ``max_actions`` limit.
-ACTIONS = frozenset({"keep", "discard", "fileinto", "redirect", "reject", "ereject",
-                     "vacation"})
+ACTIONS = frozenset({"keep", "discard", "fileinto", "redirect", "reject", "ereject", "vacation"})
 
 
 @dataclass
@@ -193,8 +298,7 @@ def valid_script_name(name: str) -> bool:
     needs: no ``/``, no leading dot, at most 128 characters."""
     if not name or len(name) > 128 or name.startswith(".") or "/" in name or "\\" in name:
         return False
-    return not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029"
-                   for c in name)
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in name)
 
 
 def decode_encoded(value: str) -> str:
@@ -228,8 +332,9 @@ def decode_encoded(value: str) -> str:
 
 
 def _hex_ok(h: str, max_len: int) -> bool:
-    return 0 < len(h.lstrip("0") or "0") <= max_len and all(c in "0123456789abcdefABCDEF"
-                                                            for c in h)
+    return 0 < len(h.lstrip("0") or "0") <= max_len and all(
+        c in "0123456789abcdefABCDEF" for c in h
+    )
 
 
 class _Checker:
@@ -276,7 +381,7 @@ class _Checker:
     def _needs(self, line: int, what: str, ext: str | tuple[str, ...] | None) -> None:
         for e in (ext,) if isinstance(ext, str) else ext or ():
             if e not in self.requires:
-                raise SieveParseError(line, f"{what} needs require \"{e}\"")
+                raise SieveParseError(line, f'{what} needs require "{e}"')
 
     def command(self, cmd: Command) -> Node:
         spec = SPECS.get(cmd.name)
@@ -302,8 +407,14 @@ class _Checker:
         self.check_test(node)
         return node
 
-    def arguments(self, name: str, spec: Spec, args: tuple[Any, ...],
-                  tests: Test | tuple[Test, ...] | None, line: int) -> Node:
+    def arguments(
+        self,
+        name: str,
+        spec: Spec,
+        args: tuple[Any, ...],
+        tests: Test | tuple[Test, ...] | None,
+        line: int,
+    ) -> Node:
         tags: dict[str, tuple[str, Any]] = {}
         positional: list[Any] = []
         i = 0
@@ -314,8 +425,9 @@ class _Checker:
                 positional.append(self._decode(arg))
                 continue
             if positional:
-                raise SieveParseError(line, f"tag :{arg.name} must come before the other "
-                                            f"arguments of {name}")
+                raise SieveParseError(
+                    line, f"tag :{arg.name} must come before the other arguments of {name}"
+                )
             ts = spec.tags.get(arg.name)
             if ts is None:
                 raise SieveParseError(line, f"{name} has no tag :{arg.name}")
@@ -344,13 +456,19 @@ class _Checker:
             if len(signature) == len(positional) and all(
                 _fits(v, k) for v, k in zip(positional, signature, strict=True)
             ):
-                positional = [[v] if k == "strings" and isinstance(v, str) else
-                              list(v) if isinstance(v, tuple) else v
-                              for v, k in zip(positional, signature, strict=True)]
+                positional = [
+                    [v]
+                    if k == "strings" and isinstance(v, str)
+                    else list(v)
+                    if isinstance(v, tuple)
+                    else v
+                    for v, k in zip(positional, signature, strict=True)
+                ]
                 break
         else:
-            wanted = " or ".join(", ".join(_kind(k) for k in sig) or "no arguments"
-                                 for sig in spec.positional)
+            wanted = " or ".join(
+                ", ".join(_kind(k) for k in sig) or "no arguments" for sig in spec.positional
+            )
             raise SieveParseError(line, f"{name} takes {wanted}")
         sub: list[Node] = []
         if spec.tests == "none" and tests is not None:
@@ -387,8 +505,10 @@ class _Checker:
         if match in ("count", "value"):
             relation = str(node.value("match")).lower()
             if relation not in RELATIONS:
-                raise SieveParseError(node.line, f"unknown relation {relation!r} for :{match} "
-                                                 "(use gt, ge, lt, le, eq or ne)")
+                raise SieveParseError(
+                    node.line,
+                    f"unknown relation {relation!r} for :{match} (use gt, ge, lt, le, eq or ne)",
+                )
             node.tags["match"] = (match, relation)
         if node.tag("last") and "index" not in node.tags:
             raise SieveParseError(node.line, ":last needs :index")
@@ -406,8 +526,10 @@ class _Checker:
                 if not _FIELD_NAME.fullmatch(name):
                     raise SieveParseError(node.line, f"{name!r} is not a header field name")
                 if node.name == "address" and name.lower() not in ADDRESS_HEADERS:
-                    raise SieveParseError(node.line, f"address test on {name!r}, which holds "
-                                                     "no addresses (use header)")
+                    raise SieveParseError(
+                        node.line,
+                        f"address test on {name!r}, which holds no addresses (use header)",
+                    )
         if node.name == "envelope":
             for part in node.args[0]:
                 if "${" not in part and part.lower() not in ENVELOPE_PARTS:
@@ -441,8 +563,12 @@ class _Checker:
         elif name == "include":
             if not valid_script_name(node.args[0]):
                 raise SieveParseError(node.line, f"include {node.args[0]!r}: not a script name")
-        elif (name == "vacation" and "from" in node.tags and "${" not in node.value("from")
-              and not _plausible_address(node.value("from"))):
+        elif (
+            name == "vacation"
+            and "from" in node.tags
+            and "${" not in node.value("from")
+            and not _plausible_address(node.value("from"))
+        ):
             raise SieveParseError(node.line, ":from is not an address")
 
     def _variables(self, node: Node, names: list[str]) -> None:

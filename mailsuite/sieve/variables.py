@@ -13,8 +13,9 @@ MAX_VALUE = 64 * 1024
 MAX_VARIABLES = 1024
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[0-9]+)\}")
-_SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted",
-                                         "\\Draft")}
+_SYSTEM_FLAGS = {
+    f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+}
 #: RFC 3501 9: atom-specials (and ``]``) cannot appear in a keyword.
 _BAD_KEYWORD = set('(){ %*"\\]')
 

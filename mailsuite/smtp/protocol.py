@@ -122,8 +122,11 @@ class SMTPProtocol(GatedLineReceiver):
         self.admission = self.limits.admit(self.peer_ip)
         if self.admission.refused is not None:
             # RFC 5321 3.1 / 4.2.5: 421 instead of the greeting, then close.
-            log.info("smtp: {ip} refused: {limit} reached", ip=self.peer_ip,
-                     limit=self.admission.refused.value)
+            log.info(
+                "smtp: {ip} refused: {limit} reached",
+                ip=self.peer_ip,
+                limit=self.admission.refused.value,
+            )
             self.session.state = State.CLOSED  # nothing the client sends is acted on
             per_ip = self.admission.refused is Refusal.PER_IP
             self._tx.write((R.TOO_MANY_CONNECTIONS if per_ip else R.SERVER_BUSY).encode())
@@ -186,8 +189,11 @@ class SMTPProtocol(GatedLineReceiver):
             step = self.session.line(line)
         except Exception:
             # Never the line in the log: in the SASL state it carries a password.
-            log.failure("smtp: internal error in state {state} from {ip}",
-                        state=self.session.state.value, ip=self.peer_ip)
+            log.failure(
+                "smtp: internal error in state {state} from {ip}",
+                state=self.session.state.value,
+                ip=self.peer_ip,
+            )
             self._tx.write(R.INTERNAL_ERROR.encode())
             return
         self._perform(step)
@@ -284,8 +290,11 @@ class SMTPProtocol(GatedLineReceiver):
     def _start_tls(self, action: StartTLS) -> None:
         dropped = self.clearLineBuffer()
         if dropped:
-            log.warn("smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
-                     n=len(dropped), ip=self.peer_ip)
+            log.warn(
+                "smtp: discarded {n} bytes pipelined after STARTTLS from {ip}",
+                n=len(dropped),
+                ip=self.peer_ip,
+            )
         self.begin_tls(self.runtime.tls)
         self.session.tls_started()
 
@@ -312,8 +321,9 @@ class SMTPProtocol(GatedLineReceiver):
             self._perform(self.session.login_finished(answer, user))
 
     def _login_failed(self, failure: Failure) -> None:
-        log.failure("{profile}: login check failed for {ip}", failure, profile=self._name,
-                    ip=self.peer_ip)
+        log.failure(
+            "{profile}: login check failed for {ip}", failure, profile=self._name, ip=self.peer_ip
+        )
         if self._connected():
             self._perform(self.session.login_finished(LoginAnswer.ERROR))
 
@@ -433,8 +443,9 @@ class SMTPFactory(protocol.ServerFactory):
         )
 
     def buildProtocol(self, addr: Any) -> SMTPProtocol:
-        proto = SMTPProtocol(self.runtime, self.profile, self.options, self.implicit_tls,
-                             self.limits)
+        proto = SMTPProtocol(
+            self.runtime, self.profile, self.options, self.implicit_tls, self.limits
+        )
         proto.factory = self
         return proto
 

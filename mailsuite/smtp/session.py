@@ -313,8 +313,9 @@ class Session:
     def _idle(self) -> State:
         return State.READY if self.helo is not None else State.CONNECTED
 
-    def _end_transaction(self, reply: Reply, action: Action | None = None,
-                         log: tuple[str, ...] = ()) -> Step:
+    def _end_transaction(
+        self, reply: Reply, action: Action | None = None, log: tuple[str, ...] = ()
+    ) -> Step:
         self.transaction = None
         self.state = self._idle()
         return Step((reply,), action, log)
@@ -326,8 +327,12 @@ class Session:
         state = self.state
         if state is State.SASL:
             return self._sasl_line(raw)
-        if not (state is State.READY or state is State.MAIL or state is State.RCPT
-                or state is State.CONNECTED):  # COMMAND_STATES, by identity (hot path)
+        if not (
+            state is State.READY
+            or state is State.MAIL
+            or state is State.RCPT
+            or state is State.CONNECTED
+        ):  # COMMAND_STATES, by identity (hot path)
             if state is State.CLOSED:
                 return Step()
             # The I/O side reads no line while an action is pending: a bug, not the client's.

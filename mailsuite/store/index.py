@@ -471,6 +471,7 @@ class FolderIndex(IndexScan):
             self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
         return list(range(first, uid))
 
+
 def _size_of(path: Path) -> int:
     """A message file's size on disk: the ``,S=`` of its name, else a ``stat``."""
     m = _S_SIZE.search(path.name)

@@ -65,6 +65,7 @@ CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
 CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
 """
 
+
 @dataclass(frozen=True)
 class Message:
     """One indexed message, as IMAP and POP3 see it."""

@@ -81,12 +81,14 @@ class Usage:
     def over(self) -> bool:
         """At or past a limit: nothing more may be stored."""
         return (self.limit > 0 and self.bytes >= self.limit) or (
-            self.max_messages > 0 and self.messages >= self.max_messages)
+            self.max_messages > 0 and self.messages >= self.max_messages
+        )
 
     def fits(self, adding: int, count: int = 1) -> bool:
         """Whether ``count`` more messages of ``adding`` bytes in all stay within the limits."""
         return (self.limit <= 0 or self.bytes + adding <= self.limit) and (
-            self.max_messages <= 0 or self.messages + count <= self.max_messages)
+            self.max_messages <= 0 or self.messages + count <= self.max_messages
+        )
 
 
 def parse_size(text: str) -> int:

@@ -184,7 +184,7 @@ def ensure_reserve(mail_dir: Path, size: int = RESERVE_SIZE) -> bool:
 def release_reserve(folder: Path) -> bool:
     """Remove the reserve found in ``folder`` or one of the folders above it (the mail
     folder a user's folders live in); returns whether one was removed."""
-    candidates = [folder, *folder.parents][:_RESERVE_LEVELS + 1]
+    candidates = [folder, *folder.parents][: _RESERVE_LEVELS + 1]
     for parent in candidates:
         try:
             (parent / RESERVE_NAME).unlink()

@@ -234,8 +234,14 @@ def place(
         try:
             return idx.add_files(
                 [
-                    NewFile(p.draft.path, p.draft.unique, p.flags, p.draft.size,
-                            p.draft.wsize, p.internaldate)
+                    NewFile(
+                        p.draft.path,
+                        p.draft.unique,
+                        p.flags,
+                        p.draft.size,
+                        p.draft.wsize,
+                        p.internaldate,
+                    )
                     for p in items
                 ]
             )

@@ -41,8 +41,16 @@ from twisted.python import failure
 
 __all__ = ["LoopbackDNS", "MemoryAuthority", "spawn_dns_server"]
 
-_SOA = dns.Record_SOA(mname=b"ns.invalid", rname=b"root.invalid", serial=1,
-                      refresh=1, retry=1, expire=1, minimum=1, ttl=1)
+_SOA = dns.Record_SOA(
+    mname=b"ns.invalid",
+    rname=b"root.invalid",
+    serial=1,
+    refresh=1,
+    retry=1,
+    expire=1,
+    minimum=1,
+    ttl=1,
+)
 
 
 def _records(spec: dict[str, Any], ttl: int = 1) -> list[Any]:
@@ -66,8 +74,11 @@ def _records(spec: dict[str, Any], ttl: int = 1) -> list[Any]:
             elif rtype == "SRV":
                 priority, weight, port, target = value
                 target = "" if target in (".", "") else target
-                out.append(dns.Record_SRV(int(priority), int(weight), int(port),
-                                          target.encode("ascii"), ttl=ttl))
+                out.append(
+                    dns.Record_SRV(
+                        int(priority), int(weight), int(port), target.encode("ascii"), ttl=ttl
+                    )
+                )
             else:
                 raise ValueError(f"unsupported record type {rtype!r}")
     return out
@@ -132,8 +143,9 @@ class LoopbackDNS:
             tcp = reactor.listenTCP(port, self.factory, interface=interface)
             bound: int = tcp.getHost().port
             try:
-                udp = reactor.listenUDP(bound, dns.DNSDatagramProtocol(self.factory),
-                                        interface=interface)
+                udp = reactor.listenUDP(
+                    bound, dns.DNSDatagramProtocol(self.factory), interface=interface
+                )
             except Exception:
                 tcp.stopListening()
                 if port:
@@ -158,7 +170,8 @@ def spawn_dns_server(zone_file: str, port: int = 0) -> tuple[subprocess.Popen[st
     """Run ``python -m mailsuite.testing.dns`` and wait for it; returns (process, port)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailsuite.testing.dns", "--port", str(port), "--zone", zone_file],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

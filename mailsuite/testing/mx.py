@@ -266,12 +266,19 @@ class _MXProtocol(LineReceiver):
         code = self.scripted("data_end", (250, "2.0.0 queued"), "data_end")
         if code < 400:
             peer = self._tx.getPeer()
-            self.server._record(Transaction(
-                helo=self.s.helo, mail_from=self.s.mail_from or "",
-                mail_params=self.s.mail_params, rcpts=self.s.rcpts,
-                refused_rcpts=self.s.refused, data=body, tls=self.s.tls,
-                auth_user=self.s.auth_user, peer=getattr(peer, "host", ""),
-            ))
+            self.server._record(
+                Transaction(
+                    helo=self.s.helo,
+                    mail_from=self.s.mail_from or "",
+                    mail_params=self.s.mail_params,
+                    rcpts=self.s.rcpts,
+                    refused_rcpts=self.s.refused,
+                    data=body,
+                    tls=self.s.tls,
+                    auth_user=self.s.auth_user,
+                    peer=getattr(peer, "host", ""),
+                )
+            )
         self.s = _Session(helo=self.s.helo, tls=self.s.tls, auth_user=self.s.auth_user)
 
 
@@ -289,8 +296,7 @@ class _Factory(protocol.ServerFactory):
 class RecordingSMTPServer:
     """Listens, records each transaction to ``transactions`` (and ``record_dir`` if given)."""
 
-    def __init__(self, script: dict[str, Any] | None = None,
-                 record_dir: str | None = None) -> None:
+    def __init__(self, script: dict[str, Any] | None = None, record_dir: str | None = None) -> None:
         self.script: dict[str, Any] = dict(script or {})
         self.record_dir = record_dir
         self.transactions: list[Transaction] = []
@@ -333,11 +339,11 @@ class RecordingSMTPServer:
             base.with_suffix(".eml.tmp").rename(base.with_suffix(".eml"))
 
 
-def spawn_mx_server(listen: str, record_dir: str, script: dict[str, Any] | None = None
-                    ) -> tuple[subprocess.Popen[str], int]:
+def spawn_mx_server(
+    listen: str, record_dir: str, script: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[str], int]:
     """Run ``python -m mailsuite.testing.mx`` and wait until it listens; (process, port)."""
-    cmd = [sys.executable, "-m", "mailsuite.testing.mx", "--listen", listen,
-           "--record", record_dir]
+    cmd = [sys.executable, "-m", "mailsuite.testing.mx", "--listen", listen, "--record", record_dir]
     if script is not None:
         cmd += ["--script", json.dumps(script)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -267,4 +267,3 @@ class _Writing:
             self.written = []
             raise error
         return self.written
-

@@ -218,8 +218,13 @@ def maildir_folders(root: Path) -> list[tuple[str, Path]]:
     with os.scandir(root) as it:
         for entry in it:
             n = entry.name
-            if (n.startswith(".") and n not in (".", "..") and len(n) > 1 and entry.is_dir()
-                    and (Path(entry.path) / "cur").is_dir()):
+            if (
+                n.startswith(".")
+                and n not in (".", "..")
+                and len(n) > 1
+                and entry.is_dir()
+                and (Path(entry.path) / "cur").is_dir()
+            ):
                 names.append(n[1:])
     out.extend((n, root / f".{n}") for n in sorted(names))
     return out

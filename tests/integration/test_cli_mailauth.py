@@ -45,8 +45,12 @@ def setup(tmp_path: Path, extra: str = "") -> Path:
 
 
 def cli(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "mailsuite.cli", "--config", str(config),
-                             *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mailsuite.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"mailsuite {' '.join(args)}: {result.returncode} {result.stderr}")
     return result
@@ -67,8 +71,9 @@ def published(output: str) -> tuple[str, str]:
 @pytest.mark.parametrize("algorithm,k", [("rsa", "rsa"), ("ed25519", "ed25519")])
 def test_keygen_record_verifies_signatures_made_with_its_key(tmp_path, algorithm, k):
     config = setup(tmp_path)
-    out = cli(config, "dkim", "keygen", "example.test", "--selector", "s1",
-              "--algorithm", algorithm).stdout
+    out = cli(
+        config, "dkim", "keygen", "example.test", "--selector", "s1", "--algorithm", algorithm
+    ).stdout
     owner, record = published(out)
     assert owner == "s1._domainkey.example.test"
     assert record.startswith(f"v=DKIM1; k={k}; p=")
@@ -77,8 +82,10 @@ def test_keygen_record_verifies_signatures_made_with_its_key(tmp_path, algorithm
     key_file = tmp_path / "data" / "dkim" / "example.test" / "s1.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
-    msg = (b"From: Alice <alice@example.test>\nTo: bob@example.org\nSubject: report\n"
-           b"Date: Mon, 01 Jun 2026 10:00:00 +0000\nMessage-ID: <1@example.test>\n\nHello.\n")
+    msg = (
+        b"From: Alice <alice@example.test>\nTo: bob@example.org\nSubject: report\n"
+        b"Date: Mon, 01 Jun 2026 10:00:00 +0000\nMessage-ID: <1@example.test>\n\nHello.\n"
+    )
     signature = Signer(KeyStore(tmp_path / "data" / "dkim")).signature_headers(msg)
     assert f"a={k}-sha256".encode() in signature
     wire = (signature + msg).replace(b"\n", b"\r\n")  # as it leaves over SMTP
@@ -99,8 +106,10 @@ def test_list_use_and_refusals(tmp_path):
     cli(config, "dkim", "keygen", "example.test", "-s", "e1", "-a", "ed25519")
     rows = [line.split() for line in cli(config, "dkim", "list").stdout.splitlines()[1:]]
     assert [(r[1], r[2], r[-1]) for r in rows] == [
-        ("e1", "ed25519-sha256", "signing"), ("r1", "rsa-sha256", "signing"),
-        ("r2", "rsa-sha256", "-")]
+        ("e1", "ed25519-sha256", "signing"),
+        ("r1", "rsa-sha256", "signing"),
+        ("r2", "rsa-sha256", "-"),
+    ]
     assert "selector r2 from now on" in cli(config, "dkim", "use", "example.test", "r2").stdout
     rows = [line.split() for line in cli(config, "dkim", "list").stdout.splitlines()[1:]]
     assert [r[-1] for r in rows] == ["signing", "-", "signing"]
@@ -142,10 +151,12 @@ def test_records_lists_what_the_domain_needs(tmp_path):
     assert "example.test. IN MX 10 mail.example.test." in lines
     assert "mail.example.test. IN A 192.0.2.1" in lines
     assert 'example.test. IN TXT "v=spf1 mx -all"' in lines
-    assert any(line.startswith('r1._domainkey.example.test. IN TXT "v=DKIM1; k=rsa; p=')
-               for line in lines)
-    assert ('_dmarc.example.test. IN TXT "v=DMARC1; p=quarantine; '
-            'rua=mailto:postmaster@example.test"') in lines
+    assert any(
+        line.startswith('r1._domainkey.example.test. IN TXT "v=DKIM1; k=rsa; p=') for line in lines
+    )
+    assert (
+        '_dmarc.example.test. IN TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@example.test"'
+    ) in lines
     assert "_submissions._tcp.example.test. IN SRV 0 1 465 mail.example.test." in lines
     assert "_imaps._tcp.example.test. IN SRV 0 1 993 mail.example.test." in lines
     assert "_submission._tcp.example.test. IN SRV 0 0 0 ." in lines  # not offered
@@ -173,21 +184,26 @@ def good_zone(key_record: str) -> dict:
 
 
 def test_check_all_good_exits_zero(tmp_path):
-    _, record = published(cli(setup(tmp_path), "dkim", "keygen", "example.test", "-s",
-                              "r1").stdout)
+    _, record = published(cli(setup(tmp_path), "dkim", "keygen", "example.test", "-s", "r1").stdout)
     proc, port = dns_zone(tmp_path, good_zone(record))
     try:
         config = setup(tmp_path, f'\n[dns]\nnameservers = ["127.0.0.1:{port}"]\ntimeout = 2\n')
         result = cli(config, "dns", "check", "example.test", check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-        statuses = {(line.split()[1], line.split()[2]): line.split()[0]
-                    for line in result.stdout.splitlines() if line[:1] != " " and
-                    len(line.split()) > 2 and line.split()[1].isupper()}
-        for kind, owner in [("MX", "example.test."), ("SPF", "example.test."),
-                            ("DKIM", "r1._domainkey.example.test."),
-                            ("DMARC", "_dmarc.example.test."), ("A", "mail.example.test."),
-                            ("PTR", "1.0.0.127.in-addr.arpa."),
-                            ("SRV", "_imaps._tcp.example.test.")]:
+        statuses = {
+            (line.split()[1], line.split()[2]): line.split()[0]
+            for line in result.stdout.splitlines()
+            if line[:1] != " " and len(line.split()) > 2 and line.split()[1].isupper()
+        }
+        for kind, owner in [
+            ("MX", "example.test."),
+            ("SPF", "example.test."),
+            ("DKIM", "r1._domainkey.example.test."),
+            ("DMARC", "_dmarc.example.test."),
+            ("A", "mail.example.test."),
+            ("PTR", "1.0.0.127.in-addr.arpa."),
+            ("SRV", "_imaps._tcp.example.test."),
+        ]:
             assert statuses[(kind, owner)] == "ok", (kind, result.stdout)
         assert "all needed records are in place" in result.stdout
     finally:
@@ -199,8 +215,10 @@ def test_check_reports_missing_and_different_with_the_fix(tmp_path):
     cli(setup(tmp_path), "dkim", "keygen", "example.test", "-s", "r1")
     other_key = KeyStore(tmp_path / "elsewhere").generate("example.test", "r1", "ed25519")[0]
     names = {
-        "example.test": {"MX": [[10, "mx.provider.test"]],
-                         "TXT": [["v=spf1 ip4:192.0.2.1 -all"], ["v=spf1 -all"]]},
+        "example.test": {
+            "MX": [[10, "mx.provider.test"]],
+            "TXT": [["v=spf1 ip4:192.0.2.1 -all"], ["v=spf1 -all"]],
+        },
         "mail.example.test": {"A": ["127.0.0.1"]},
         "r1._domainkey.example.test": {"TXT": [[other_key.record()]]},
         "_dmarc.example.test": {"TXT": [["v=DMARC1; p=none"]]},
@@ -243,14 +261,24 @@ def test_check_reports_missing_and_different_with_the_fix(tmp_path):
 
 def test_check_with_ip_tests_spf_against_that_address(tmp_path):
     cli(setup(tmp_path), "dkim", "keygen", "example.test", "-s", "r1", "-a", "ed25519")
-    names = {"example.test": {"MX": [[10, "mail.example.test"]],
-                              "TXT": [["v=spf1 ip4:192.0.2.1 -all"]]},
-             "mail.example.test": {"A": ["192.0.2.1"]}}
+    names = {
+        "example.test": {"MX": [[10, "mail.example.test"]], "TXT": [["v=spf1 ip4:192.0.2.1 -all"]]},
+        "mail.example.test": {"A": ["192.0.2.1"]},
+    }
     proc, port = dns_zone(tmp_path, names)
     try:
         config = setup(tmp_path, f'\n[dns]\nnameservers = ["127.0.0.1:{port}"]\n')
-        out = cli(config, "dns", "check", "example.test", "--ip", "192.0.2.1", "--ip",
-                  "198.51.100.7", check=False).stdout
+        out = cli(
+            config,
+            "dns",
+            "check",
+            "example.test",
+            "--ip",
+            "192.0.2.1",
+            "--ip",
+            "198.51.100.7",
+            check=False,
+        ).stdout
         spf = next(line for line in out.splitlines() if line.split()[1:2] == ["SPF"])
         assert spf.startswith("different")
         assert "198.51.100.7 (fail)" in out and "192.0.2.1 (" not in out

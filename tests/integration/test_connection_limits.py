@@ -36,8 +36,11 @@ allow_plaintext = true
 
 @pytest.fixture(scope="module")
 def srv(module_servers: ServerFactory) -> Server:
-    return module_servers(("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"),
-                          users=(ALICE, BOB), extra_toml=LIMITS)
+    return module_servers(
+        ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"),
+        users=(ALICE, BOB),
+        extra_toml=LIMITS,
+    )
 
 
 class Conn(LineClient):
@@ -133,8 +136,9 @@ def test_imap_per_ip_limit_before_login(srv: Server) -> None:
     held = [Conn(port) for _ in range(2)]
     assert all(c.greeting.startswith("* OK ") for c in held)
     refused = Conn(port)
-    assert refused.greeting == ("* BYE [UNAVAILABLE] Too many connections from your address, "
-                                "try later")
+    assert refused.greeting == (
+        "* BYE [UNAVAILABLE] Too many connections from your address, try later"
+    )
     assert refused.closed_by_server()
     assert held[0].imap("a1", "LOGOUT").startswith("a1 OK")
     assert held[0].closed_by_server()
@@ -156,8 +160,10 @@ def test_imap_user_ip_limit_after_login(srv: Server) -> None:
     assert third.greeting.startswith("* OK ")
     # ... but alice has her two sessions from this address: NO [UNAVAILABLE], session goes on
     answer = third.imap("l3", f'LOGIN {ALICE} "{PASSWORD}"')
-    assert answer == ("l3 NO [UNAVAILABLE] Maximum number of connections from user+IP "
-                      "exceeded (max_userip_connections=2)")
+    assert answer == (
+        "l3 NO [UNAVAILABLE] Maximum number of connections from user+IP "
+        "exceeded (max_userip_connections=2)"
+    )
     assert third.imap("n1", "NOOP").startswith("n1 OK")
     # another user from the same address, and alice from another address, are not affected
     assert third.imap("l4", f'LOGIN {BOB} "{PASSWORD}"').startswith("l4 OK")
@@ -190,8 +196,9 @@ def test_pop3_per_ip_and_total_limits(srv: Server) -> None:
     held = [Conn(port) for _ in range(2)]
     assert all(c.greeting.startswith("+OK ") for c in held)
     refused = Conn(port)
-    assert refused.greeting == ("-ERR [SYS/TEMP] Too many connections from your address, "
-                                "try again later")
+    assert refused.greeting == (
+        "-ERR [SYS/TEMP] Too many connections from your address, try again later"
+    )
     assert refused.closed_by_server()
     # a logged-in session leaves the per-IP count
     assert held[0].pop3(f"USER {ALICE}").startswith("+OK")
@@ -211,13 +218,17 @@ def test_pop3_per_ip_and_total_limits(srv: Server) -> None:
         c.close()
 
 
-@pytest.mark.parametrize(("plain", "implicit", "refusal"), [
-    ("submission", "submissions", "421 4.7.0 Too many connections from your address"),
-    ("imap", "imaps", "* BYE [UNAVAILABLE] Too many connections from your address"),
-    ("pop3", "pop3s", "-ERR [SYS/TEMP] Too many connections from your address"),
-])
+@pytest.mark.parametrize(
+    ("plain", "implicit", "refusal"),
+    [
+        ("submission", "submissions", "421 4.7.0 Too many connections from your address"),
+        ("imap", "imaps", "* BYE [UNAVAILABLE] Too many connections from your address"),
+        ("pop3", "pop3s", "-ERR [SYS/TEMP] Too many connections from your address"),
+    ],
+)
 def test_tls_listeners_share_the_count_and_refuse_over_tls(
-        srv: Server, plain: str, implicit: str, refusal: str) -> None:
+    srv: Server, plain: str, implicit: str, refusal: str
+) -> None:
     """The plain and implicit-TLS listeners of a service count together; the refusal is
     sent inside TLS, then the connection is closed."""
     first = Conn(srv.port(plain), "127.0.0.20")

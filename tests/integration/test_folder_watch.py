@@ -42,8 +42,7 @@ def test_inotify_announces_deliveries_flag_changes_and_expunges(
         start = time.monotonic()
         (box / "tmp" / "1.x").rename(box / "new" / "1.x")  # a delivery
         assert seen.wait(5)
-        print(f"\ninotify: rename into new/ -> changed() in "
-              f"{(calls[0] - start) * 1000:.1f} ms")
+        print(f"\ninotify: rename into new/ -> changed() in {(calls[0] - start) * 1000:.1f} ms")
         assert calls[0] - start < 1.0
         n = len(calls)
         (box / "new" / "1.x").rename(box / "cur" / "1.x:2,S")  # \\Seen set elsewhere

@@ -733,22 +733,23 @@ def _tmux_screen(session: str, want: list[bytes], timeout: float = 30.0) -> byte
     try:
         wait_until(shows_all, timeout, f"{want!r} on mutt's screen", interval=0.3)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; the screen:\n{screen[0].decode('utf-8', 'replace')}") from None
+        raise AssertionError(
+            f"{exc}; the screen:\n{screen[0].decode('utf-8', 'replace')}"
+        ) from None
     return screen[0]
 
 
 def _tmux_alive(session: str) -> bool:
     return (
-        subprocess.run(["tmux", "has-session", "-t", session], capture_output=True, timeout=10)
-        .returncode
+        subprocess.run(
+            ["tmux", "has-session", "-t", session], capture_output=True, timeout=10
+        ).returncode
         == 0
     )
 
 
 @pytest.mark.parametrize("mode", ["imaps", "starttls"])
-def test_mutt_reads_a_folder(
-    server: Server, ca: CertAuthority, tmp_path: Path, mode: str
-) -> None:
+def test_mutt_reads_a_folder(server: Server, ca: CertAuthority, tmp_path: Path, mode: str) -> None:
     import shutil
 
     if shutil.which("mutt") is None or shutil.which("tmux") is None:

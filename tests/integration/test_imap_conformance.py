@@ -82,7 +82,11 @@ def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it(
     append(m, "Kw", MSG)
     append(m, "Kw", MSG, "($old)")
     m.logout()
-    a, b, c = IMAPClient(server.port("imap"), user), IMAPClient(server.port("imap"), user), IMAPClient(server.port("imap"), user)
+    a, b, c = (
+        IMAPClient(server.port("imap"), user),
+        IMAPClient(server.port("imap"), user),
+        IMAPClient(server.port("imap"), user),
+    )
     got = a.ok("SELECT Kw")
     assert got[0] == b"* FLAGS (" + SYSTEM + b" $old)"
     b.ok("SELECT Kw")
@@ -101,7 +105,10 @@ def test_a_new_keyword_is_announced_before_the_fetch_that_shows_it(
         b"* FLAGS (" + SYSTEM + b" $hello $old)",
         b"* OK [PERMANENTFLAGS (" + SYSTEM + b" $hello $old \\*)] Flags permitted",
     ]
-    assert got[2:] == [b"* 1 FETCH (UID 1 FLAGS ($hello))", b"* 2 FETCH (UID 2 FLAGS ($hello $old))"]
+    assert got[2:] == [
+        b"* 1 FETCH (UID 1 FLAGS ($hello))",
+        b"* 2 FETCH (UID 2 FLAGS ($hello $old))",
+    ]
     got = c.ok("NOOP")
     assert got[:2] == [
         b"* FLAGS (" + SYSTEM + b" $hello $old)",
@@ -234,7 +241,9 @@ def test_a_deleted_mailbox_stays_subscribed(server: Server, user: str) -> None:
 
 
 def _highestmodseq(lines: list[bytes]) -> list[int]:
-    return [int(m.group(1)) for ln in lines if (m := re.match(rb"\* OK \[HIGHESTMODSEQ (\d+)\]", ln))]
+    return [
+        int(m.group(1)) for ln in lines if (m := re.match(rb"\* OK \[HIGHESTMODSEQ (\d+)\]", ln))
+    ]
 
 
 def _modseqs(r: IMAPClient) -> dict[int, int]:
@@ -307,9 +316,13 @@ def test_highestmodseq_stays_below_changes_not_yet_announced(
     got = a.ok("FETCH 1 (MODSEQ)")
     assert _highestmodseq(got) == [selected]
     # the change then arrives with UID and MODSEQ (RFC 7162 3.1)
-    assert any(re.match(rb"\* 3 FETCH \(UID 3 FLAGS \(\\Answered\) MODSEQ \(\d+\)\)", ln) for ln in got), got
+    assert any(
+        re.match(rb"\* 3 FETCH \(UID 3 FLAGS \(\\Answered\) MODSEQ \(\d+\)\)", ln) for ln in got
+    ), got
     # and a STORE's own FETCH responses carry UID once CONDSTORE is on
-    assert re.match(rb"\* 1 FETCH \(UID 1 FLAGS \(\\Seen\) MODSEQ \(\d+\)\)", a.ok("STORE 1 +FLAGS (\\Seen)")[0])
+    assert re.match(
+        rb"\* 1 FETCH \(UID 1 FLAGS \(\\Seen\) MODSEQ \(\d+\)\)", a.ok("STORE 1 +FLAGS (\\Seen)")[0]
+    )
     a.close()
     b.close()
 
@@ -371,7 +384,10 @@ def test_create_makes_superiors_and_rename_moves_inferiors(server: Server, user:
     assert m.status("Done.Proj.Sub", "(MESSAGES)")[1][0].endswith(b"(MESSAGES 1)")
     # a tree another Maildir++ tool made: .Tree.Leaf without .Tree
     write_message(ensure_folder(server.maildir(user, "Tree.Leaf")), [b"Subject: t\n\nx\n"])
-    assert _names(m, "Tree*") == {"Tree": b"\\Noselect \\HasChildren", "Tree.Leaf": b"\\HasNoChildren"}
+    assert _names(m, "Tree*") == {
+        "Tree": b"\\Noselect \\HasChildren",
+        "Tree.Leaf": b"\\HasNoChildren",
+    }
     assert m.rename("Tree", "Forest")[0] == "OK"
     assert _names(m, "Forest*") == {
         "Forest": b"\\Noselect \\HasChildren",
@@ -383,7 +399,9 @@ def test_create_makes_superiors_and_rename_moves_inferiors(server: Server, user:
     m.logout()
 
 
-def test_rename_inbox_moves_its_messages_and_leaves_its_inferiors(server: Server, user: str) -> None:
+def test_rename_inbox_moves_its_messages_and_leaves_its_inferiors(
+    server: Server, user: str
+) -> None:
     m = login(server, user)
     append(m, "INBOX", MSG)
     append(m, "INBOX", MSG)

@@ -72,8 +72,10 @@ def dns_server(
 
 
 def make_auth(reactor, server, tmp_path: Path, extra: str = "") -> MailAuth:
-    text = (f'[server]\nhostname = "{HOST}"\ndata_dir = "data"\n'
-            f'[dns]\nnameservers = ["{server.nameserver}"]\ntimeout = 2\n{extra}')
+    text = (
+        f'[server]\nhostname = "{HOST}"\ndata_dir = "data"\n'
+        f'[dns]\nnameservers = ["{server.nameserver}"]\ntimeout = 2\n{extra}'
+    )
     config = parse_config(tomllib.loads(text), None, tmp_path)
     from mailsuite.mailauth.dns import server_resolver
 
@@ -90,8 +92,13 @@ def auth(dns_server, tmp_path):
     in_reactor(reactor, a.stopService)
 
 
-def check(auth: MailAuth, msg: bytes | Path, mail_from: str, ip: str = GOOD_IP,
-          helo: str = "client.example") -> Verdict:
+def check(
+    auth: MailAuth,
+    msg: bytes | Path,
+    mail_from: str,
+    ip: str = GOOD_IP,
+    helo: str = "client.example",
+) -> Verdict:
     return in_reactor(auth.reactor, auth.check_message, msg, mail_from, helo, ip)
 
 
@@ -112,13 +119,16 @@ def signed_good(body: str = "Hi.\r\n") -> bytes:
 
 # ------------------------------------------------------------------ the matrix
 
+
 def test_legitimate_signed_mail_passes_everything(auth):
     v = check(auth, signed_good(), "alice@good.test")
     assert v.action == ACCEPT and v.reply is None
     r = results(v)
     assert r["spf"][0].result == "pass" and r["spf"][0].smtp_mailfrom == "alice@good.test"
     assert sorted((d.result, d.header_d, d.header_s) for d in r["dkim"]) == [
-        ("pass", "good.test", "e"), ("pass", "good.test", "r")]
+        ("pass", "good.test", "e"),
+        ("pass", "good.test", "r"),
+    ]
     assert (r["dmarc"][0].result, r["dmarc"][0].header_from) == ("pass", "good.test")
     assert r["arc"][0].result == "none"
 
@@ -144,17 +154,20 @@ def test_reject_can_be_turned_into_quarantine(dns_server, tmp_path):
         in_reactor(reactor, a.stopService)
 
 
-@pytest.mark.parametrize("author,action,dmarc", [
-    ("x@quar.test", QUARANTINE, "fail"),
-    ("x@none.test", ACCEPT, "fail"),
-    ("x@nodmarc.test", ACCEPT, "none"),
-    ("x@pct.test", QUARANTINE, "fail"),        # pct=0: reject downgraded to quarantine
-    ("x@ghost.np.test", REJECT, "fail"),       # np=reject for a name that does not exist
-    ("x@exists.np.test", ACCEPT, "fail"),      # ... but p=none for one that does
-    ("x@sub.sp.test", QUARANTINE, "fail"),     # sp for subdomains
-    ("x@temp.test", ACCEPT, "temperror"),      # DNS trouble never rejects
-    ("x@garbage.test", ACCEPT, "none"),        # unusable DMARC records: no policy
-])
+@pytest.mark.parametrize(
+    "author,action,dmarc",
+    [
+        ("x@quar.test", QUARANTINE, "fail"),
+        ("x@none.test", ACCEPT, "fail"),
+        ("x@nodmarc.test", ACCEPT, "none"),
+        ("x@pct.test", QUARANTINE, "fail"),  # pct=0: reject downgraded to quarantine
+        ("x@ghost.np.test", REJECT, "fail"),  # np=reject for a name that does not exist
+        ("x@exists.np.test", ACCEPT, "fail"),  # ... but p=none for one that does
+        ("x@sub.sp.test", QUARANTINE, "fail"),  # sp for subdomains
+        ("x@temp.test", ACCEPT, "temperror"),  # DNS trouble never rejects
+        ("x@garbage.test", ACCEPT, "none"),  # unusable DMARC records: no policy
+    ],
+)
 def test_policies(auth, author, action, dmarc):
     v = check(auth, message(author), "bounce@attacker.test", OTHER_IP)
     assert v.action == action
@@ -209,10 +222,12 @@ def test_message_from_a_file(auth, tmp_path):
 
 # ------------------------------------------------------------------ forged results, bounds, ARC
 
+
 def test_forged_authentication_results_are_removed(auth):
-    forged = (b"Authentication-Results: MX.example.test; dmarc=pass header.from=good.test\r\n"
-              b"Authentication-Results: elsewhere.example; spf=pass\r\n"
-              + message("alerts@good.test"))
+    forged = (
+        b"Authentication-Results: MX.example.test; dmarc=pass header.from=good.test\r\n"
+        b"Authentication-Results: elsewhere.example; spf=pass\r\n" + message("alerts@good.test")
+    )
     v = check(auth, forged, "bounce@attacker.test", OTHER_IP)
     out = v.apply(forged)
     headers = out.split(b"\r\n\r\n", 1)[0]
@@ -243,10 +258,15 @@ def test_hundred_signatures_bounded_work(auth):
 
 def test_arc_chain_is_verified_and_recorded(auth):
     original = signed_good()
-    hop = (b"Authentication-Results: fwd.test; spf=pass smtp.mailfrom=alice@good.test\r\n"
-           + original)
-    arc_set = dkim.arc_sign(hop, b"arc", b"fwd.test", rsa_key(2048, "arc").private, b"fwd.test",
-                            include_headers=[b"from", b"to", b"subject"])
+    hop = b"Authentication-Results: fwd.test; spf=pass smtp.mailfrom=alice@good.test\r\n" + original
+    arc_set = dkim.arc_sign(
+        hop,
+        b"arc",
+        b"fwd.test",
+        rsa_key(2048, "arc").private,
+        b"fwd.test",
+        include_headers=[b"from", b"to", b"subject"],
+    )
     sealed = b"".join(arc_set) + hop
     v = check(auth, sealed, "list@fwd.test", OTHER_IP)
     assert results(v)["arc"][0].result == "pass"
@@ -256,8 +276,10 @@ def test_arc_chain_is_verified_and_recorded(auth):
 
 
 def test_too_many_arc_sets_fail_without_work(auth):
-    fake = b"".join(f"ARC-Seal: i={i}; a=rsa-sha256; cv=pass; d=x.test; s=s; b=AAAA\r\n".encode()
-                    for i in range(1, 40))
+    fake = b"".join(
+        f"ARC-Seal: i={i}; a=rsa-sha256; cv=pass; d=x.test; s=s; b=AAAA\r\n".encode()
+        for i in range(1, 40)
+    )
     before = auth.dns.queries
     v = check(auth, fake + message("alice@good.test"), "alice@good.test")
     assert results(v)["arc"][0].result == "fail"
@@ -266,8 +288,9 @@ def test_too_many_arc_sets_fail_without_work(auth):
 
 def test_checks_can_be_turned_off(dns_server, tmp_path):
     reactor, server = dns_server
-    a = make_auth(reactor, server, tmp_path,
-                  "[mail_auth]\nspf = false\narc = false\ndmarc = false\n")
+    a = make_auth(
+        reactor, server, tmp_path, "[mail_auth]\nspf = false\narc = false\ndmarc = false\n"
+    )
     try:
         v = check(a, message("alerts@good.test"), "bounce@attacker.test", OTHER_IP)
         assert v.action == ACCEPT
@@ -295,8 +318,12 @@ def test_reactor_keeps_running_while_checks_run(auth):
         from twisted.internet import defer
 
         msgs = [signed_good(f"message {i}\r\n") for i in range(20)]
-        in_reactor(reactor, lambda: defer.gatherResults([
-            auth.check_message(m, "alice@good.test", "client.example", OTHER_IP) for m in msgs]))
+        in_reactor(
+            reactor,
+            lambda: defer.gatherResults(
+                [auth.check_message(m, "alice@good.test", "client.example", OTHER_IP) for m in msgs]
+            ),
+        )
     finally:
         in_reactor(reactor, loop.stop)
     stall = max(gaps[1:])
@@ -327,6 +354,5 @@ def test_large_message_is_hashed_in_slices_without_stalling_the_reactor(auth):
         in_reactor(reactor, loop.stop)
     assert [d.result for d in results(v)["dkim"]] == ["pass"]
     stall = max(gaps[1:])
-    print(f"longest reactor stall with a {len(big) // 1_000_000} MB message: "
-          f"{stall * 1000:.1f} ms")
+    print(f"longest reactor stall with a {len(big) // 1_000_000} MB message: {stall * 1000:.1f} ms")
     assert stall < 0.25

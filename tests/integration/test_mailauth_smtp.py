@@ -65,22 +65,34 @@ class Setup:
     """The loopback DNS (``zone()``), a recording MX for remote.test on 127.0.0.2, and one
     server with an rsa key for example.test and an ed25519 key for ed.test."""
 
-    def __init__(self, root: Path, net: Net, ca: CertAuthority,
-                 cert: tuple[Path, Path]) -> None:
+    def __init__(self, root: Path, net: Net, ca: CertAuthority, cert: tuple[Path, Path]) -> None:
         self.ca = ca
         self.mx = net.mx("127.0.0.2")
         # a server without 8BITMIME: 8-bit mail reaches it as a 7-bit copy (RFC 6152 3)
         self.seven = net.mx("127.0.0.3", {"extensions": ["PIPELINING", "ENHANCEDSTATUSCODES"]})
-        extra = (f'[relay]\ntrusted_networks = ["{TRUSTED_IP}/32"]\nport = {net.port}\n'
-                 f'retry_initial = 1\n\n[dns]\nnameservers = ["127.0.0.1:{net.dns_port}"]\n'
-                 "timeout = 2\n")
-        self.server = Server(root / "srv", services=("smtp", "submission"),
-                             domains=("example.test", "ed.test"), tls=cert, extra_toml=extra)
+        extra = (
+            f'[relay]\ntrusted_networks = ["{TRUSTED_IP}/32"]\nport = {net.port}\n'
+            f'retry_initial = 1\n\n[dns]\nnameservers = ["127.0.0.1:{net.dns_port}"]\n'
+            "timeout = 2\n"
+        )
+        self.server = Server(
+            root / "srv",
+            services=("smtp", "submission"),
+            domains=("example.test", "ed.test"),
+            tls=cert,
+            extra_toml=extra,
+        )
         self.records = {
-            "rsa": published(self.server.cli("dkim", "keygen", "example.test", "--selector",
-                                             "s1", "--algorithm", "rsa").stdout),
-            "ed25519": published(self.server.cli("dkim", "keygen", "ed.test", "--selector",
-                                                 "s2", "--algorithm", "ed25519").stdout),
+            "rsa": published(
+                self.server.cli(
+                    "dkim", "keygen", "example.test", "--selector", "s1", "--algorithm", "rsa"
+                ).stdout
+            ),
+            "ed25519": published(
+                self.server.cli(
+                    "dkim", "keygen", "ed.test", "--selector", "s2", "--algorithm", "ed25519"
+                ).stdout
+            ),
         }
         self.server.start()
         for user in (BOB, "alice@example.test", "ed@ed.test"):
@@ -88,6 +100,7 @@ class Setup:
 
     def relayed(self, marker: bytes, mx: Any = None) -> bytes:
         """The message holding ``marker`` that reached the recording MX (or ``mx``)."""
+
         def found() -> bytes | None:
             for t in (mx or self.mx).transactions():
                 if marker in t["data"]:
@@ -98,22 +111,28 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, loopback_net: Callable[..., Net],
-        ca: CertAuthority, server_cert: tuple[Path, Path]) -> Iterator[Setup]:
+def env(
+    tmp_path_factory: pytest.TempPathFactory,
+    loopback_net: Callable[..., Net],
+    ca: CertAuthority,
+    server_cert: tuple[Path, Path],
+) -> Iterator[Setup]:
     s = Setup(tmp_path_factory.mktemp("mailauth-smtp"), loopback_net(zone()), ca, server_cert)
     yield s
     s.server.stop()
 
 
 def mx_client(env: Setup, source: str) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", env.server.port("smtp"), timeout=30,
-                          source_address=(source, 0))
+    client = smtplib.SMTP(
+        "127.0.0.1", env.server.port("smtp"), timeout=30, source_address=(source, 0)
+    )
     client.ehlo("client.example")
     return client
 
 
-def send_mx(env: Setup, source: str, mail_from: str, data: bytes,
-            rcpts: tuple[str, ...] = (BOB,)) -> tuple[int, bytes]:
+def send_mx(
+    env: Setup, source: str, mail_from: str, data: bytes, rcpts: tuple[str, ...] = (BOB,)
+) -> tuple[int, bytes]:
     """The reply at the end of DATA."""
     client = mx_client(env, source)
     try:
@@ -161,8 +180,9 @@ def test_dmarc_reject_spoof_gets_550_5_7_26_and_nothing_is_kept(env: Setup) -> N
 
 def test_dmarc_quarantine_lands_in_junk(env: Setup) -> None:
     marker = f"quar-{time.time_ns()}".encode()
-    code, _ = send_mx(env, SPOOF_IP, "bounce@attacker.test",
-                      message("x@quar.test", subject=marker.decode()))
+    code, _ = send_mx(
+        env, SPOOF_IP, "bounce@attacker.test", message("x@quar.test", subject=marker.decode())
+    )
     assert code == 250
     (junk,) = holding(env, BOB, marker, "Junk")
     assert holding(env, BOB, marker) == []
@@ -172,8 +192,9 @@ def test_dmarc_quarantine_lands_in_junk(env: Setup) -> None:
 
 def test_dns_temporary_error_never_rejects(env: Setup) -> None:
     marker = f"temp-{time.time_ns()}".encode()
-    code, _ = send_mx(env, SPOOF_IP, "bounce@attacker.test",
-                      message("x@temp.test", subject=marker.decode()))
+    code, _ = send_mx(
+        env, SPOOF_IP, "bounce@attacker.test", message("x@temp.test", subject=marker.decode())
+    )
     assert code == 250
     (stored,) = holding(env, BOB, marker)
     (results,) = [v for n, v in header_fields(stored) if n == "authentication-results"]
@@ -182,9 +203,11 @@ def test_dns_temporary_error_never_rejects(env: Setup) -> None:
 
 def test_signed_mail_gets_one_results_header_and_forged_ones_go(env: Setup) -> None:
     marker = f"good-{time.time_ns()}"
-    forged = (f"Authentication-Results: {HOST};\r\n\tspf=pass smtp.mailfrom=x@good.test;\r\n"
-              f"\tdmarc=pass header.from=good.test\r\n"
-              "Authentication-Results: relay.other.test; spf=pass smtp.mailfrom=a@good.test\r\n")
+    forged = (
+        f"Authentication-Results: {HOST};\r\n\tspf=pass smtp.mailfrom=x@good.test;\r\n"
+        f"\tdmarc=pass header.from=good.test\r\n"
+        "Authentication-Results: relay.other.test; spf=pass smtp.mailfrom=a@good.test\r\n"
+    )
     msg = message("Alice <alice@good.test>", subject=marker, extra=forged)
     msg = dkim_sign(dkim_sign(msg, "good.test", "r", rsa_key()), "good.test", "e", ed25519_key())
     code, _ = send_mx(env, GOOD_IP, "alice@good.test", msg)
@@ -234,13 +257,16 @@ def signatures(msg: bytes) -> list[str]:
 
 
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
-def test_submitted_mail_is_signed_in_the_local_and_the_relayed_copy(env: Setup,
-                                                                    algorithm: str) -> None:
+def test_submitted_mail_is_signed_in_the_local_and_the_relayed_copy(
+    env: Setup, algorithm: str
+) -> None:
     sender, domain = SIGNERS[algorithm]
     marker = f"signed-{algorithm}-{time.time_ns()}"
-    body = (f"From: {sender}\r\nTo: {BOB}, carol@remote.test\r\nSubject: {marker}\r\n"
-            f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{marker}@{domain}>\r\n"
-            "\r\nHello, signed.\r\n").encode()
+    body = (
+        f"From: {sender}\r\nTo: {BOB}, carol@remote.test\r\nSubject: {marker}\r\n"
+        f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{marker}@{domain}>\r\n"
+        "\r\nHello, signed.\r\n"
+    ).encode()
     client = smtp_starttls(env.server.port("submission"), env.ca)
     try:
         client.login(sender, PASSWORD)
@@ -264,10 +290,12 @@ def test_signature_holds_on_the_7bit_copy_for_a_server_without_8bitmime(env: Set
     before), and the local copy keeps the one made at submission."""
     sender, domain = SIGNERS["rsa"]
     marker = f"eightbit-{time.time_ns()}"
-    body = (f"From: {sender}\r\nTo: {BOB}, olga@seven.test\r\nSubject: {marker}\r\n"
-            f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{marker}@{domain}>\r\n"
-            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, signed.\r\n").encode()
+    body = (
+        f"From: {sender}\r\nTo: {BOB}, olga@seven.test\r\nSubject: {marker}\r\n"
+        f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{marker}@{domain}>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln, signed.\r\n"
+    ).encode()
     client = smtp_starttls(env.server.port("submission"), env.ca)
     try:
         client.login(sender, PASSWORD)
@@ -285,14 +313,16 @@ def test_signature_holds_on_the_7bit_copy_for_a_server_without_8bitmime(env: Set
 def test_trusted_network_relay_is_signed_and_inbound_mail_is_not(env: Setup) -> None:
     marker = f"relay-{time.time_ns()}"
     msg = message("alice@example.test", subject=marker).replace(
-        b"To: bob@example.test", b"To: carol@remote.test")
+        b"To: bob@example.test", b"To: carol@remote.test"
+    )
     assert send_mx(env, TRUSTED_IP, "alice@example.test", msg, ("carol@remote.test",))[0] == 250
     relayed = env.relayed(marker.encode())
     assert len(signatures(relayed)) == 1 and verify(env, "rsa", relayed)
     # the same From on a message from outside is inbound mail: checked, never signed by us
     marker = f"outside-{time.time_ns()}"
-    code, _ = send_mx(env, SPOOF_IP, "bounce@attacker.test",
-                      message("alice@example.test", subject=marker))
+    code, _ = send_mx(
+        env, SPOOF_IP, "bounce@attacker.test", message("alice@example.test", subject=marker)
+    )
     assert code == 250
     (stored,) = holding(env, BOB, marker.encode())
     assert signatures(stored) == []

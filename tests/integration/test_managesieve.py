@@ -23,9 +23,13 @@ SCRIPT = b'require "fileinto";\r\nif header :contains "subject" "[list]" { filei
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Iterator[Server]:
-    s = module_servers(("managesieve",), tls=True, users=(ALICE, BOB),
-                       extra_toml="[sieve]\nmax_script_size = 2048\nmax_scripts = 5\n"
-                                  "[auth]\nmax_failures_per_ip = 50\n")
+    s = module_servers(
+        ("managesieve",),
+        tls=True,
+        users=(ALICE, BOB),
+        extra_toml="[sieve]\nmax_script_size = 2048\nmax_scripts = 5\n"
+        "[auth]\nmax_failures_per_ip = 50\n",
+    )
     yield s
     s.stop()
     assert "Traceback" not in s.output()
@@ -63,7 +67,8 @@ def test_authentication_rules(client: Client) -> None:
     client.starttls()
     wrong = base64.b64encode(f"\0{ALICE}\0wrong password".encode())
     assert client.cmd(b'AUTHENTICATE "PLAIN" "' + wrong + b'"') == (
-        b'NO "Authentication failed"\r\n')
+        b'NO "Authentication failed"\r\n'
+    )
     assert client.cmd(b'AUTHENTICATE "DIGEST-MD5"').startswith(b"NO")
     # the continuation form, the response sent as a literal
     client.send(b'AUTHENTICATE "PLAIN"\r\n')
@@ -71,7 +76,8 @@ def test_authentication_rules(client: Client) -> None:
     client.send(literal(cred) + b"\r\n")
     assert client.response() == b'OK "Logged in"\r\n'
     assert client.cmd(b'AUTHENTICATE "PLAIN" "' + cred + b'"') == (
-        b'NO "Command not valid in this state"\r\n')
+        b'NO "Command not valid in this state"\r\n'
+    )
     assert client.cmd(b"UNAUTHENTICATE") == b'OK "Unauthenticate completed"\r\n'
     assert client.cmd(b"LISTSCRIPTS") == b'NO "Authenticate first"\r\n'
 
@@ -83,10 +89,12 @@ def test_every_script_command(client: Client, server: Server) -> None:
     assert client.cmd(b'PUTSCRIPT "main" ' + literal(SCRIPT)) == b'OK "Putscript completed"\r\n'
     bad = b'require "fileinto";\r\nif header :contains "subject" "x" {\r\n  fileinto;\r\n}\r\n'
     assert client.cmd(b'PUTSCRIPT "bad" ' + literal(bad)) == (
-        b'NO "line 3: fileinto takes a string"\r\n')
+        b'NO "line 3: fileinto takes a string"\r\n'
+    )
     assert client.cmd(b"CHECKSCRIPT " + literal(b"discard;")) == b'OK "Script is valid"\r\n'
-    assert client.cmd(b"CHECKSCRIPT " + literal(b"vacation \"x\";")) == (
-        b'NO "line 1: command \'vacation\' needs require \\"vacation\\""\r\n')
+    assert client.cmd(b"CHECKSCRIPT " + literal(b'vacation "x";')) == (
+        b'NO "line 1: command \'vacation\' needs require \\"vacation\\""\r\n'
+    )
     assert client.cmd(b'SETACTIVE "main"') == b'OK "main is active now"\r\n'
     assert client.cmd(b'SETACTIVE "nope"').startswith(b"NO (NONEXISTENT)")
     assert client.cmd(b"LISTSCRIPTS") == b'"main" ACTIVE\r\nOK "Listscripts completed"\r\n'
@@ -120,8 +128,7 @@ def test_literals_limits_and_errors(client: Client) -> None:
     assert client.cmd(b"NOOP") == b'OK "Done"\r\n'
     for i in range(4):
         client.cmd(b'PUTSCRIPT "s%d" ' % i + literal(b"keep;"))
-    assert client.cmd(b'PUTSCRIPT "s9" ' + literal(b"keep;")).startswith(
-        b"NO (QUOTA/MAXSCRIPTS)")
+    assert client.cmd(b'PUTSCRIPT "s9" ' + literal(b"keep;")).startswith(b"NO (QUOTA/MAXSCRIPTS)")
     assert client.cmd(b"FROBNICATE") == b'NO "Unknown command"\r\n'
     assert client.cmd(b'GETSCRIPT "a" "b"') == b'NO "Syntax error in GETSCRIPT arguments"\r\n'
     assert client.cmd(b'NOOP "unterminated').startswith(b'NO "Syntax error')
@@ -135,8 +142,10 @@ def test_literals_limits_and_errors(client: Client) -> None:
 
 def test_sieve_connect(server: Server, ca: CertAuthority, tmp_path: Path) -> None:
     if shutil.which("sieve-connect") is None:
-        pytest.fail("sieve-connect is not installed (apt-get install sieve-connect; "
-                    ".ci/apt-sieve.txt lists it)")
+        pytest.fail(
+            "sieve-connect is not installed (apt-get install sieve-connect; "
+            ".ci/apt-sieve.txt lists it)"
+        )
     local = tmp_path / "rules.sieve"
     local.write_bytes(SCRIPT)
 
@@ -146,10 +155,26 @@ def test_sieve_connect(server: Server, ca: CertAuthority, tmp_path: Path) -> Non
         os.close(w)
         try:
             return subprocess.run(
-                ["sieve-connect", "-s", "localhost", "-p", str(server.port("managesieve")),
-                 "-u", "bob@example.test", "--passwordfd", str(r),
-                 "--tlscafile", str(ca.ca_file), *args],
-                capture_output=True, text=True, timeout=60, pass_fds=(r,), check=True)
+                [
+                    "sieve-connect",
+                    "-s",
+                    "localhost",
+                    "-p",
+                    str(server.port("managesieve")),
+                    "-u",
+                    "bob@example.test",
+                    "--passwordfd",
+                    str(r),
+                    "--tlscafile",
+                    str(ca.ca_file),
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                pass_fds=(r,),
+                check=True,
+            )
         finally:
             os.close(r)
 
@@ -197,12 +222,17 @@ def test_cli(server: Server, tmp_path: Path) -> None:
 
 
 def test_connection_limit_per_ip(servers: ServerFactory, ca: CertAuthority) -> None:
-    s = servers(("managesieve",), tls=True, users=(ALICE,),
-                extra_toml="[sieve]\nmax_connections_per_ip = 2\n")
+    s = servers(
+        ("managesieve",),
+        tls=True,
+        users=(ALICE,),
+        extra_toml="[sieve]\nmax_connections_per_ip = 2\n",
+    )
     first, second = connect(s, ca), connect(s, ca)
     with socket.create_connection(("127.0.0.1", s.port("managesieve")), timeout=10) as third:
         assert third.makefile("rb").readline() == (
-            b'BYE (TRYLATER) "Too many connections, try again later"\r\n')
+            b'BYE (TRYLATER) "Too many connections, try again later"\r\n'
+        )
     first.login(ALICE)  # a logged-in connection leaves the pre-login count
     fourth = connect(s, ca)
     assert fourth.cmd(b"NOOP") == b'OK "Done"\r\n'

@@ -49,9 +49,11 @@ def value(m: Metrics, name: str, **labels: str) -> float:
 def env(loopback_net: Callable[[dict[str, Any]], Net], servers: ServerFactory) -> dict[str, Any]:
     net = loopback_net(ZONE)
     mx = net.mx("127.0.0.2")
-    srv = servers(("smtp", "submission", "imap", "pop3", "web"), users=(ALICE,),
-                  extra_toml=net.relay_toml() + "[auth]\nallow_plaintext = true\n"
-                  "max_failures_per_ip = 2\n")
+    srv = servers(
+        ("smtp", "submission", "imap", "pop3", "web"),
+        users=(ALICE,),
+        extra_toml=net.relay_toml() + "[auth]\nallow_plaintext = true\nmax_failures_per_ip = 2\n",
+    )
     return {"srv": srv, "mx": mx}
 
 
@@ -98,8 +100,11 @@ def test_metrics_move_with_smtp_imap_pop3_and_login_traffic(env: dict[str, Any])
     c.send(f"From: {ALICE}\r\nSubject: out-metrics\r\n\r\nbye\r\n.\r\n".encode())
     assert c.reply().code == 250
     c.close()
-    wait_until(lambda: with_subject(env["mx"].transactions(), "out-metrics"), 20,
-               "the remote MX to get the message")
+    wait_until(
+        lambda: with_subject(env["mx"].transactions(), "out-metrics"),
+        20,
+        "the remote MX to get the message",
+    )
 
     # throttling, from another address: two failures, then refused without a check
     assert submit(srv, "bad one", source="127.0.0.9") == 535
@@ -119,16 +124,25 @@ def test_metrics_move_with_smtp_imap_pop3_and_login_traffic(env: dict[str, Any])
     # POP3: a login, STAT, an unknown command
     pop = LineClient(srv.port("pop3"))
     assert pop.line().startswith("+OK")
-    for line, ok in ((f"USER {ALICE}", True), (f"PASS {PASSWORD}", True), ("STAT", True),
-                     ("FROB", False), ("QUIT", True)):
+    for line, ok in (
+        (f"USER {ALICE}", True),
+        (f"PASS {PASSWORD}", True),
+        ("STAT", True),
+        ("FROB", False),
+        ("QUIT", True),
+    ):
         pop.send_line(line)
         assert pop.line().startswith("+OK" if ok else "-ERR"), line
     pop.close()
 
     def moved() -> Metrics | None:
         m = metrics(srv)
-        return m if value(m, "mailsuite_outbound_attempts_total", result="delivered") >= \
-            value(before, "mailsuite_outbound_attempts_total", result="delivered") + 1 else None
+        return (
+            m
+            if value(m, "mailsuite_outbound_attempts_total", result="delivered")
+            >= value(before, "mailsuite_outbound_attempts_total", result="delivered") + 1
+            else None
+        )
 
     after = wait_until(moved, 20, "the outbound attempt in the metrics")
 
@@ -162,15 +176,23 @@ def test_metrics_move_with_smtp_imap_pop3_and_login_traffic(env: dict[str, Any])
 
 def test_metrics_page_lists_only_bounded_label_values(tmp_path: Path) -> None:
     """Commands named by a client only ever land in the fixed tables or "other"."""
-    with Server(tmp_path, services=("imap", "web"),
-                extra_toml="[auth]\nallow_plaintext = true\n") as srv:
+    with Server(
+        tmp_path, services=("imap", "web"), extra_toml="[auth]\nallow_plaintext = true\n"
+    ) as srv:
         c = IMAPClient(srv.port("imap"))
         for i in range(5):
             c.cmd(f"NOSUCH{i}")
         c.close()
-        m = wait_until(lambda: (m := metrics(srv)) and value(
-            m, "mailsuite_imap_commands_total", command="other") >= 5 and m, 10,
-            "the unknown commands counted")
-        labels = {dict(lab).get("command") for name, lab in m
-                  if name == "mailsuite_imap_commands_total"}
+        m = wait_until(
+            lambda: (
+                (m := metrics(srv))
+                and value(m, "mailsuite_imap_commands_total", command="other") >= 5
+                and m
+            ),
+            10,
+            "the unknown commands counted",
+        )
+        labels = {
+            dict(lab).get("command") for name, lab in m if name == "mailsuite_imap_commands_total"
+        }
         assert labels <= {"other", "LOGOUT", "CAPABILITY", "NOOP"}, labels

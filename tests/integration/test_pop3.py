@@ -84,8 +84,9 @@ def test_capa_and_plaintext_refused_before_stls(server: Server, ca: CertAuthorit
     for cap in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"):
         assert cap in capa
     assert err_of(p.user, ALICE).startswith(b"-ERR [AUTH]")
-    assert err_of(p._shortcmd, "AUTH PLAIN " + base64.b64encode(
-        f"\0{ALICE}\0{PASSWORD}".encode()).decode()).startswith(b"-ERR [AUTH]")
+    assert err_of(
+        p._shortcmd, "AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+    ).startswith(b"-ERR [AUTH]")
     assert p.stls(ca.client_context()).startswith(b"+OK")
     capa = p.capa()
     assert "STLS" not in capa and "USER" in capa and capa["SASL"] == ["PLAIN"]
@@ -151,8 +152,9 @@ def test_pipelined_commands_answered_in_order(server: Server, ca: CertAuthority)
         tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         f = tls.makefile("rb")
         f.readline()
-        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nDELE 0\r\nLIST 1\r\n"
-                    "QUIT\r\n".encode())
+        tls.sendall(
+            f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nDELE 0\r\nLIST 1\r\nQUIT\r\n".encode()
+        )
         got = f.read()
     lines = got.split(b"\r\n")
     assert lines[0].startswith(b"+OK") and lines[1].startswith(b"+OK Logged in")
@@ -196,7 +198,9 @@ def test_auth_plain_and_auth_response_codes(server: Server, ca: CertAuthority) -
     p.quit()
 
 
-def test_in_use_lock_and_dropped_connection_deletes_nothing(server: Server, ca: CertAuthority) -> None:
+def test_in_use_lock_and_dropped_connection_deletes_nothing(
+    server: Server, ca: CertAuthority
+) -> None:
     deliver(server, ALICE, MESSAGES)
     first = stls_login(server, ca)
     assert first.stat()[0] == 3
@@ -315,9 +319,12 @@ def test_errors_line_length_and_error_limit(server: Server, ca: CertAuthority) -
 def test_mark_seen_off_expire_zero_and_login_delay(
     servers: ServerFactory, ca: CertAuthority
 ) -> None:
-    s = servers(("pop3", "pop3s"), tls=True, users=(ALICE,),
-                extra_toml='[pop3]\nmark_seen_on_retr = false\nexpire = "0"\n'
-                "login_delay = 600\n")
+    s = servers(
+        ("pop3", "pop3s"),
+        tls=True,
+        users=(ALICE,),
+        extra_toml='[pop3]\nmark_seen_on_retr = false\nexpire = "0"\nlogin_delay = 600\n',
+    )
     deliver(s, ALICE, MESSAGES)
     p = ssl_login(s, ca)
     capa = p.capa()
@@ -344,8 +351,12 @@ def test_mark_seen_off_expire_zero_and_login_delay(
 def test_throttled_login_is_sys_temp_and_plaintext_option(
     servers: ServerFactory, ca: CertAuthority
 ) -> None:
-    s = servers(("pop3", "pop3s"), tls=True, users=(ALICE,),
-                extra_toml="[auth]\nmax_failures_per_ip = 2\nallow_plaintext = true\n")
+    s = servers(
+        ("pop3", "pop3s"),
+        tls=True,
+        users=(ALICE,),
+        extra_toml="[auth]\nmax_failures_per_ip = 2\nallow_plaintext = true\n",
+    )
     p = poplib.POP3("127.0.0.1", s.port("pop3"), timeout=30)
     assert "USER" in p.capa()
     for _ in range(2):
@@ -356,7 +367,9 @@ def test_throttled_login_is_sys_temp_and_plaintext_option(
     p.quit()
 
 
-def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ca: CertAuthority) -> None:
+def test_large_message_streamed_with_dots_at_chunk_boundaries(
+    server: Server, ca: CertAuthority
+) -> None:
     # > 256 KiB is streamed in 64 KiB chunks: put "." lines and CR/LF splits on the edges
     body = bytearray(b"Subject: big\n\n")
     for boundary in range(65536, 6 * 65536 + 1, 65536):
@@ -372,15 +385,16 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(server: Server, ca
     p.quit()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mailsuite.imap.server") is None,
-                    reason="the IMAP server (mailsuite/imap/server.py) is not in this tree")
-def test_pop3_deletion_seen_by_open_imap_session(
-    servers: ServerFactory, ca: CertAuthority
-) -> None:
+@pytest.mark.skipif(
+    importlib.util.find_spec("mailsuite.imap.server") is None,
+    reason="the IMAP server (mailsuite/imap/server.py) is not in this tree",
+)
+def test_pop3_deletion_seen_by_open_imap_session(servers: ServerFactory, ca: CertAuthority) -> None:
     s = servers(("imaps", "pop3s"), tls=True, users=(ALICE,))
     deliver(s, ALICE, MESSAGES)
-    im = imaplib.IMAP4_SSL("127.0.0.1", s.port("imaps"), ssl_context=ca.client_context(),
-                           timeout=10)
+    im = imaplib.IMAP4_SSL(
+        "127.0.0.1", s.port("imaps"), ssl_context=ca.client_context(), timeout=10
+    )
     im.login(ALICE, PASSWORD)
     assert im.select("INBOX") == ("OK", [b"3"])
     p = ssl_login(s, ca)

@@ -121,7 +121,10 @@ def test_fetchmail_retrieves_500(
     env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
     result = subprocess.run(
         [exe, "-f", str(rc), "-N", "-v", "--pidfile", str(tmp_path / "fm.pid")],
-        capture_output=True, text=True, timeout=240, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if mode == "stls":
@@ -156,7 +159,9 @@ def test_getmail6_retrieves_500_over_pop3s(
         )
         result = subprocess.run(
             [exe, "--getmaildir", str(gdir), "--rcfile", "getmailrc"],
-            capture_output=True, text=True, timeout=240,
+            capture_output=True,
+            text=True,
+            timeout=240,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         check(server, out, subjects)

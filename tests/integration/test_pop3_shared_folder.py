@@ -92,8 +92,9 @@ def test_pop3_leaves_out_imap_deleted_and_expunged(server: Server) -> None:
     p = pop3(server)
     # flagged \Deleted over IMAP: on its way out, not offered for download again
     assert p.stat()[0] == 3
-    assert p.uidl()[1] == [b"%d %s" % (i + 1, u.split()[1])
-                           for i, u in enumerate(uidls[:1] + uidls[2:])]
+    assert p.uidl()[1] == [
+        b"%d %s" % (i + 1, u.split()[1]) for i, u in enumerate(uidls[:1] + uidls[2:])
+    ]
     p.quit()
     im.command("EXPUNGE")
     im.command("STORE 1 +FLAGS (\\Deleted)")  # the first message (was 1) stays, flagged

@@ -75,8 +75,9 @@ last = [""]  # the text of the last final reply (for messages in assertions)
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Iterator[Server]:
-    s = module_servers(("smtp", "imap"), users=(ALICE, BOB, CAROL),
-                       extra_toml="[auth]\nallow_plaintext = true\n")
+    s = module_servers(
+        ("smtp", "imap"), users=(ALICE, BOB, CAROL), extra_toml="[auth]\nallow_plaintext = true\n"
+    )
     yield s
 
 
@@ -151,7 +152,9 @@ def test_a_recipient_over_quota_among_others_waits_in_the_queue(server: Server) 
     assert on_disk(server, BOB)[1] == bob_before
     listing = wait_until(
         lambda: (out := server.cli("queue", "list").stdout) and "4.2.2" in out and out,
-        20, "the queued local delivery for bob deferred with 4.2.2")
+        20,
+        "the queued local delivery for bob deferred with 4.2.2",
+    )
     assert BOB in listing
     # room again: the queue delivers it
     set_quota(server, BOB, "1M")
@@ -239,8 +242,9 @@ def test_a_message_count_limit(server: Server) -> None:
     c = imap(server, BOB)
     try:
         lines = c.ok('GETQUOTA ""')
-        assert re.fullmatch(rb'\* QUOTA "" \(STORAGE \d+ 1024 MESSAGE %d %d\)'
-                            % (start + 2, start + 10), lines[0]), lines
+        assert re.fullmatch(
+            rb'\* QUOTA "" \(STORAGE \d+ 1024 MESSAGE %d %d\)' % (start + 2, start + 10), lines[0]
+        ), lines
     finally:
         c.close()
     server.cli("user", "quota", BOB, "0", "--messages", "0")
@@ -269,7 +273,8 @@ def test_reindex_recounts_a_drift(server: Server) -> None:
     # a change made behind the server's back (a file removed by hand) is a drift that
     # reindex recounts away
     victim = next((server.maildir(ALICE) / "new").iterdir(), None) or next(
-        (server.maildir(ALICE) / "cur").iterdir())
+        (server.maildir(ALICE) / "cur").iterdir()
+    )
     victim.unlink()
     assert counted(server, ALICE)[1:] != on_disk(server, ALICE)
     out = server.cli("reindex", ALICE)

@@ -52,8 +52,12 @@ ZONE = {
     "backupmx.test": {"MX": [[5, "mx4.test"], [10, "mx.example.test"], [20, "mx2.test"]]},
 }
 
-MIXED_SCRIPT = {"rcpt": {"bad@mixed.test": [550, "5.1.1 no such user here"],
-                         "later@mixed.test": [451, "4.2.1 mailbox busy, try later"]}}
+MIXED_SCRIPT = {
+    "rcpt": {
+        "bad@mixed.test": [550, "5.1.1 no such user here"],
+        "later@mixed.test": [451, "4.2.1 mailbox busy, try later"],
+    }
+}
 
 
 @dataclass
@@ -129,8 +133,7 @@ def test_fallback_to_next_mx_when_first_refuses_greeting(net: Remotes, srv: Serv
 
 def test_fallback_to_next_mx_on_4xx(net: Remotes, srv: Server) -> None:
     send(srv, ["dave@fallback4xx.test"], "fallback4xx")
-    got = wait_until(lambda: with_subject(net.rec4.transactions(), "fallback4xx"),
-                   what="delivery")
+    got = wait_until(lambda: with_subject(net.rec4.transactions(), "fallback4xx"), what="delivery")
     assert got[0]["rcpts"] == ["dave@fallback4xx.test"]
 
 
@@ -212,9 +215,10 @@ def test_mixed_recipient_results(net: Remotes, srv: Server) -> None:
     assert "Remote-MTA: dns; mx2.test" in fields
     assert "no such user here" in fields
     # the 4xx recipient stays queued, alone
-    ids = wait_until(lambda: [q for q in queue_ids(srv)
-                            if "later@mixed.test" in show(srv, q)],
-                   what="the pending entry")
+    ids = wait_until(
+        lambda: [q for q in queue_ids(srv) if "later@mixed.test" in show(srv, q)],
+        what="the pending entry",
+    )
     shown = show(srv, ids[0])
     assert "4.2.1" in shown and "mailbox busy" in shown
     assert "good@mixed.test" in shown and "delivered" in shown
@@ -229,9 +233,14 @@ def test_mixed_recipient_results(net: Remotes, srv: Server) -> None:
 def test_no_bounce_for_null_sender(net: Remotes, srv: Server) -> None:
     send(srv, ["ivan@nullmx.test"], "nullsender", sender="")
     # the runner logs its decision where it would have made the bounce: wait for that
-    wait_until(lambda: [ln for ln in srv.log.read_text(errors="replace").splitlines()
-                        if "null sender: no bounce" in ln and "ivan@nullmx.test" in ln],
-               what="the runner's decision not to bounce")
+    wait_until(
+        lambda: [
+            ln
+            for ln in srv.log.read_text(errors="replace").splitlines()
+            if "null sender: no bounce" in ln and "ivan@nullmx.test" in ln
+        ],
+        what="the runner's decision not to bounce",
+    )
     wait_until(lambda: not entries_for(srv, "ivan@nullmx.test"), what="the entry to go")
     assert bounces(srv, "ivan@nullmx.test") == []
 
@@ -250,19 +259,18 @@ def test_temporary_failure_then_success_on_retry(net: Remotes, srv: Server) -> N
     wait_until(attempted, what="the first attempt")
     failing.stop()
     recording = net.mx("127.0.0.6")
-    got = wait_until(lambda: with_subject(recording.transactions(), "retry"), timeout=30,
-                   what="the retry")
+    got = wait_until(
+        lambda: with_subject(recording.transactions(), "retry"), timeout=30, what="the retry"
+    )
     assert got[0]["rcpts"] == ["judy@retry.test"]
-    wait_until(lambda: not [q for q in queue_ids(srv)
-                          if "judy@" in show(srv, q)], what="cleanup")
+    wait_until(lambda: not [q for q in queue_ids(srv) if "judy@" in show(srv, q)], what="cleanup")
     assert bounces(srv, "judy@retry.test") == []
     recording.stop()
 
 
 def test_flush_prints_progress(net: Remotes, srv: Server) -> None:
     send(srv, ["kim@servfail.test"], "flushme")
-    qid = wait_until(lambda: [q for q in queue_ids(srv)
-                            if "kim@" in show(srv, q)], what="entry")[0]
+    qid = wait_until(lambda: [q for q in queue_ids(srv) if "kim@" in show(srv, q)], what="entry")[0]
     out = srv.cli("queue", "flush", qid, "--timeout", "20").stdout
     assert "flushing 1 entry" in out and f"{qid}: 1 pending" in out
     srv.cli("queue", "delete", qid)
@@ -273,8 +281,9 @@ def test_trusted_network_relays_and_untrusted_does_not(net: Remotes, srv: Server
         s.ehlo("trusted")
         s.mail(SENDER)
         assert s.rcpt("x@up.test")[0] == 250
-    with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=10,
-                      source_address=("127.0.0.9", 0)) as s:
+    with smtplib.SMTP(
+        "127.0.0.1", srv.port("smtp"), timeout=10, source_address=("127.0.0.9", 0)
+    ) as s:
         s.ehlo("untrusted")
         s.mail("someone@elsewhere.test")
         code, text = s.rcpt("x@up.test")
@@ -284,30 +293,39 @@ def test_trusted_network_relays_and_untrusted_does_not(net: Remotes, srv: Server
 # ------------------------------------------------------------------------------- smarthost
 
 
-def smarthost_and_server(net: Remotes, servers: ServerFactory, ca: CertAuthority,
-                         password: str) -> tuple[MX, Server]:
+def smarthost_and_server(
+    net: Remotes, servers: ServerFactory, ca: CertAuthority, password: str
+) -> tuple[MX, Server]:
     """A recording smarthost on 127.0.0.7 with STARTTLS (test CA) and AUTH relayuser /
     relay-secret, and a mailsuite server (not started) relaying everything to it with
     ``password``."""
     cert, key = ca.issue("smarthost.test", stem="smarthost")
-    smarthost = net.mx("127.0.0.7", {
-        "starttls": {"cert": str(cert), "key": str(key)},
-        "auth": {"relayuser": "relay-secret"},
-    })
-    extra = (f'smarthost = "smarthost.test:{net.net.port}"\n'
-             f'smarthost_user = "relayuser"\nsmarthost_password = "{password}"\n'
-             f'tls_ca = "{ca.ca_file}"\n')
+    smarthost = net.mx(
+        "127.0.0.7",
+        {
+            "starttls": {"cert": str(cert), "key": str(key)},
+            "auth": {"relayuser": "relay-secret"},
+        },
+    )
+    extra = (
+        f'smarthost = "smarthost.test:{net.net.port}"\n'
+        f'smarthost_user = "relayuser"\nsmarthost_password = "{password}"\n'
+        f'tls_ca = "{ca.ca_file}"\n'
+    )
     server = servers(("smtp",), users=(SENDER,), extra_toml=net.relay_toml(extra), start=False)
     return smarthost, server
 
 
-def test_smarthost_with_auth_over_tls(net: Remotes, servers: ServerFactory,
-                                      ca: CertAuthority) -> None:
+def test_smarthost_with_auth_over_tls(
+    net: Remotes, servers: ServerFactory, ca: CertAuthority
+) -> None:
     smarthost, server = smarthost_and_server(net, servers, ca, password="relay-secret")
     with server:
         send(server, ["one@order.test", "two@nullmx.test"], "via-smarthost")
-        got = wait_until(lambda: with_subject(smarthost.transactions(), "via-smarthost"),
-                       what="delivery to the smarthost")
+        got = wait_until(
+            lambda: with_subject(smarthost.transactions(), "via-smarthost"),
+            what="delivery to the smarthost",
+        )
     t = got[0]
     # every remote recipient goes to the smarthost, even a null-MX domain (no MX lookup)
     assert sorted(t["rcpts"]) == ["one@order.test", "two@nullmx.test"]
@@ -316,31 +334,39 @@ def test_smarthost_with_auth_over_tls(net: Remotes, servers: ServerFactory,
     smarthost.stop()
 
 
-def test_smarthost_with_wrong_password_is_retried(net: Remotes, servers: ServerFactory,
-                                                  ca: CertAuthority) -> None:
+def test_smarthost_with_wrong_password_is_retried(
+    net: Remotes, servers: ServerFactory, ca: CertAuthority
+) -> None:
     smarthost, server = smarthost_and_server(net, servers, ca, password="wrong")
     with server:
         send(server, ["one@order.test"], "bad-auth")
-        wait_until(lambda: any("5.7.8" in show(server, q)
-                             for q in queue_ids(server)), what="the refused attempt")
+        wait_until(
+            lambda: any("5.7.8" in show(server, q) for q in queue_ids(server)),
+            what="the refused attempt",
+        )
         assert smarthost.transactions() == []
         assert queue_ids(server)  # 535 from the smarthost is not the recipient's fault
     smarthost.stop()
 
 
 def test_too_many_recipients_are_sent_at_once_in_new_transactions(
-        net: Remotes, servers: ServerFactory) -> None:
+    net: Remotes, servers: ServerFactory
+) -> None:
     """A server that takes 2 recipients per transaction (452 4.5.3 for the rest): the rest go
     in new transactions right away, not after the retry delay (here 10 minutes)."""
     limited = net.mx("127.0.0.10", {"max_rcpts": 2})
-    slow_retry = net.relay_toml().replace("retry_initial = 1\nretry_max = 2",
-                                         "retry_initial = 600\nretry_max = 600")
+    slow_retry = net.relay_toml().replace(
+        "retry_initial = 1\nretry_max = 2", "retry_initial = 600\nretry_max = 600"
+    )
     server = servers(("smtp",), users=(SENDER,), extra_toml=slow_retry, start=False)
     rcpts = [f"r{i}@limited.test" for i in range(5)]
     with server:
         send(server, rcpts, "limited")
-        got = wait_until(lambda: len(limited.transactions()) >= 3 and limited.transactions(),
-                         timeout=15, what="three transactions")
+        got = wait_until(
+            lambda: len(limited.transactions()) >= 3 and limited.transactions(),
+            timeout=15,
+            what="three transactions",
+        )
         wait_until(lambda: not queue_ids(server), what="the queue to empty")
     assert [t["rcpts"] for t in got] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
     assert len(limited.transactions()) == 3
@@ -348,15 +374,16 @@ def test_too_many_recipients_are_sent_at_once_in_new_transactions(
     limited.stop()
 
 
-def test_8bit_message_to_a_server_without_8bitmime_is_converted(
-        net: Remotes, srv: Server) -> None:
+def test_8bit_message_to_a_server_without_8bitmime_is_converted(net: Remotes, srv: Server) -> None:
     """RFC 6152 3: the recording MX does not offer 8BITMIME; the text arrives as 7-bit
     quoted-printable that decodes back to the original, and no converted copy is left."""
     seven = net.mx("127.0.0.11", {"extensions": ["PIPELINING", "ENHANCEDSTATUSCODES"]})
     text = "Grüße aus Köln — “quoted”, trailing blanks   \n.dot line\n" + "ä" * 200 + "\n"
-    msg = ("From: <alice@example.test>\r\nTo: <olga@seven.test>\r\nSubject: eightbit\r\n"
-           "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-           "Content-Transfer-Encoding: 8bit\r\n\r\n" + text.replace("\n", "\r\n"))
+    msg = (
+        "From: <alice@example.test>\r\nTo: <olga@seven.test>\r\nSubject: eightbit\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n" + text.replace("\n", "\r\n")
+    )
     with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=15) as s:
         s.sendmail(SENDER, ["olga@seven.test"], msg.encode(), mail_options=["BODY=8BITMIME"])
     got = wait_until(lambda: with_subject(seven.transactions(), "eightbit"), what="delivery")
@@ -384,27 +411,35 @@ def test_8bit_message_to_a_server_without_8bitmime_is_converted(
 # ----------------------------------------------------------------------------- durability
 
 
-def test_kill9_then_restart_delivers_everything_once(
-        net: Remotes, servers: ServerFactory) -> None:
+def test_kill9_then_restart_delivers_everything_once(net: Remotes, servers: ServerFactory) -> None:
     server = servers(("smtp",), users=(SENDER,), extra_toml=net.relay_toml())
     for i in range(3):
         send(server, [f"u{i}@up.test"], f"k-up-{i}")
     for i in range(4):
         send(server, [f"d{i}@kill.test"], f"k-down-{i}")
     send(server, ["both@up.test", "both@kill.test"], "k-both")
-    wait_until(lambda: len([t for t in net.rec2.transactions()
-                          if b"Subject: k-" in t["data"]]) >= 4, what="the up deliveries")
+    wait_until(
+        lambda: len([t for t in net.rec2.transactions() if b"Subject: k-" in t["data"]]) >= 4,
+        what="the up deliveries",
+    )
     # the down domain has been tried at least once for every entry
-    wait_until(lambda: len(queue_ids(server)) == 5 and all(
-        "attempts:     0" not in show(server, q)
-        for q in queue_ids(server)), what="first attempts")
+    wait_until(
+        lambda: (
+            len(queue_ids(server)) == 5
+            and all("attempts:     0" not in show(server, q) for q in queue_ids(server))
+        ),
+        what="first attempts",
+    )
     server.kill9()
     pending = queue_ids(server)
     assert len(pending) == 5
     kill_mx = net.mx("127.0.0.8")
     server.start()
-    got = wait_until(lambda: len(kill_mx.transactions()) >= 5 and kill_mx.transactions(),
-                     timeout=30, what="deliveries after the restart")
+    got = wait_until(
+        lambda: len(kill_mx.transactions()) >= 5 and kill_mx.transactions(),
+        timeout=30,
+        what="deliveries after the restart",
+    )
     wait_until(lambda: not queue_ids(server), what="the queue to empty")
     # restart once more: nothing is left on disk to send again, and a new message is
     # the only thing the MX sees
@@ -412,8 +447,10 @@ def test_kill9_then_restart_delivers_everything_once(
     assert queue_ids(server) == []
     server.start()
     send(server, ["marker@kill.test"], "k-marker")
-    wait_until(lambda: with_subject(kill_mx.transactions(), "k-marker"),
-               what="the message sent after the second restart")
+    wait_until(
+        lambda: with_subject(kill_mx.transactions(), "k-marker"),
+        what="the message sent after the second restart",
+    )
     wait_until(lambda: not queue_ids(server), what="the queue to empty again")
     subjects = [t["data"].split(b"Subject: ")[1].split(b"\r\n")[0] for t in got]
     assert sorted(subjects) == sorted([f"k-down-{i}".encode() for i in range(4)] + [b"k-both"])
@@ -427,8 +464,7 @@ def test_kill9_then_restart_delivers_everything_once(
 
 def test_queue_cli_list_and_show(net: Remotes, srv: Server) -> None:
     send(srv, ["leo@servfail.test"], "listme")
-    qid = wait_until(lambda: [q for q in queue_ids(srv)
-                            if "leo@" in show(srv, q)], what="entry")[0]
+    qid = wait_until(lambda: [q for q in queue_ids(srv) if "leo@" in show(srv, q)], what="entry")[0]
     listing = srv.cli("queue", "list").stdout
     assert qid in listing and f"<{SENDER}>" in listing and "leo@servfail.test" in listing
     shown = show(srv, qid)
@@ -437,21 +473,22 @@ def test_queue_cli_list_and_show(net: Remotes, srv: Server) -> None:
     srv.cli("queue", "delete", qid)
 
 
-
-
 # ------------------------------------------------------------------- the queue command
 
 
-def test_queue_cli_reads_well_for_a_person(net: Remotes, srv: Server,
-                                           servers: ServerFactory) -> None:
+def test_queue_cli_reads_well_for_a_person(
+    net: Remotes, srv: Server, servers: ServerFactory
+) -> None:
     import re
 
     from mailsuite.queue.cli import _age
 
     assert [_age(s) for s in (5, 185, 7300, 200000)] == ["5s", "3m", "2h", "2d"]
     send(srv, ["pat@servfail.test"], "readable")
-    qid = wait_until(lambda: [q for q in queue_ids(srv) if "pat@" in show(srv, q)
-                            and "4.4.3" in show(srv, q)], what="a failed attempt")[0]
+    qid = wait_until(
+        lambda: [q for q in queue_ids(srv) if "pat@" in show(srv, q) and "4.4.3" in show(srv, q)],
+        what="a failed attempt",
+    )[0]
     listing = srv.cli("queue", "list").stdout
     lines = listing.splitlines()
     assert re.match(r"ID\s+AGE\s+SIZE\s+SENDER$", lines[0])

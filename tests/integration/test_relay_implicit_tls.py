@@ -21,11 +21,23 @@ from tests.tls_helpers import CertAuthority
 def _relay(reactor: Any, tmp_path: Path, port: int, ca: Path, how: str = "smarthost") -> Relay:
     """A smarthost, or the same next hop as a per-domain route (one code path)."""
     if how == "smarthost":
-        relay = {"smarthost": f"127.0.0.2:{port}", "smarthost_tls": "implicit",
-                 "smarthost_user": "relayuser", "smarthost_password": "relay-secret"}
+        relay = {
+            "smarthost": f"127.0.0.2:{port}",
+            "smarthost_tls": "implicit",
+            "smarthost_user": "relayuser",
+            "smarthost_password": "relay-secret",
+        }
     else:
-        relay = {"routes": {"far.test": {"host": f"[127.0.0.2]:{port}", "tls": "implicit",
-                                         "user": "relayuser", "password": "relay-secret"}}}
+        relay = {
+            "routes": {
+                "far.test": {
+                    "host": f"[127.0.0.2]:{port}",
+                    "tls": "implicit",
+                    "user": "relayuser",
+                    "password": "relay-secret",
+                }
+            }
+        }
     data = {"server": {"hostname": "mx.example.test"}, "relay": {**relay, "tls_ca": str(ca)}}
     return Relay(parse_config(data, None, tmp_path), reactor)
 
@@ -46,8 +58,7 @@ def test_implicit_tls_smarthost_with_auth(
         return p
 
     factory.buildProtocol = build_tls  # type: ignore[method-assign]
-    listener = in_reactor(reactor, reactor.listenSSL, 0, factory, context,
-                          interface="127.0.0.2")
+    listener = in_reactor(reactor, reactor.listenSSL, 0, factory, context, interface="127.0.0.2")
     try:
         port = listener.getHost().port
         msg = tmp_path / "msg"
@@ -55,8 +66,9 @@ def test_implicit_tls_smarthost_with_auth(
         relay = _relay(reactor, tmp_path, port, ca.ca_file, how)
         route = relay.route_key("b@far.test")
         assert route == (SMARTHOST_ROUTE if how == "smarthost" else "[route far.test]")
-        out = in_reactor(reactor, relay.send, route, "a@example.test",
-                         ["b@far.test"], msg, scan_message(msg))
+        out = in_reactor(
+            reactor, relay.send, route, "a@example.test", ["b@far.test"], msg, scan_message(msg)
+        )
         assert out["b@far.test"].reply.positive, out
         (t,) = server.transactions
         assert t.auth_user == "relayuser" and t.rcpts == ["b@far.test"]
@@ -66,8 +78,9 @@ def test_implicit_tls_smarthost_with_auth(
         other = trustme.CA()
         other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
         relay = _relay(reactor, tmp_path, port, tmp_path / "other.pem", how)
-        out = in_reactor(reactor, relay.send, route, "a@example.test",
-                         ["c@far.test"], msg, scan_message(msg))
+        out = in_reactor(
+            reactor, relay.send, route, "a@example.test", ["c@far.test"], msg, scan_message(msg)
+        )
         assert out["c@far.test"].reply.transient, out
         assert len(server.transactions) == 1
     finally:

@@ -41,8 +41,9 @@ class Hop:
 
 
 @pytest.fixture(scope="module")
-def env(loopback_net: Callable[[dict[str, Any]], Net], module_servers: ServerFactory,
-        ca: CertAuthority) -> dict[str, Any]:
+def env(
+    loopback_net: Callable[[dict[str, Any]], Net], module_servers: ServerFactory, ca: CertAuthority
+) -> dict[str, Any]:
     net = loopback_net(ZONE)
     root = net.root
     by_mx = net.mx("127.0.0.2")
@@ -53,9 +54,14 @@ def env(loopback_net: Callable[[dict[str, Any]], Net], module_servers: ServerFac
         "internal": Hop(net, "127.0.0.12"),
         "hub": Hop(net, "127.0.0.13"),
         "flaky": Hop(net, "127.0.0.15"),  # not started at first: connections are refused
-        "secure": Hop(net, "127.0.0.16", {
-            "starttls": {"cert": str(cert), "key": str(key)},
-            "auth": {"relayuser": "relay-secret"}}),
+        "secure": Hop(
+            net,
+            "127.0.0.16",
+            {
+                "starttls": {"cert": str(cert), "key": str(key)},
+                "auth": {"relayuser": "relay-secret"},
+            },
+        ),
         "star": Hop(net, "127.0.0.14"),
     }
     for name in ("internal", "hub", "secure", "star"):
@@ -86,8 +92,9 @@ def test_bracketed_route_bypasses_the_mx(env: dict[str, Any]) -> None:
     assert delivered(env["by_mx"], "route-literal") == []  # internal.test's MX never saw it
     check = env["srv"].cli("check").stdout  # the admin command shows the routes
     port = env["hops"]["secure"].port
-    assert (f"route secure.test  -> [secure-relay.test]:{port} (TLS required, AUTH as "
-            "relayuser)") in check
+    assert (
+        f"route secure.test  -> [secure-relay.test]:{port} (TLS required, AUTH as relayuser)"
+    ) in check
 
 
 def test_host_port_route_looks_up_the_mx_of_host(env: dict[str, Any]) -> None:
@@ -101,8 +108,9 @@ def test_domains_without_a_route_still_go_by_mx(env: dict[str, Any]) -> None:
     send(env["srv"], ["cat@plain.test", "dan@internal.test"], "route-mixed")
     got = wait_until(lambda: delivered(env["by_mx"], "route-mixed"), what="MX delivery")
     assert got[0]["rcpts"] == ["cat@plain.test"]
-    routed = wait_until(lambda: delivered(env["hops"]["internal"], "route-mixed"),
-                      what="routed delivery")
+    routed = wait_until(
+        lambda: delivered(env["hops"]["internal"], "route-mixed"), what="routed delivery"
+    )
     assert routed[0]["rcpts"] == ["dan@internal.test"]
 
 
@@ -118,27 +126,36 @@ def test_queue_retries_when_the_routes_host_fails(env: dict[str, Any]) -> None:
     send(srv, ["fay@flaky.test"], "route-retry")
 
     def refused_attempt() -> bool:
-        return any("fay@flaky.test" in out and "4.4.1" in out
-                   for out in (show(srv, q) for q in queue_ids(srv)))
+        return any(
+            "fay@flaky.test" in out and "4.4.1" in out
+            for out in (show(srv, q) for q in queue_ids(srv))
+        )
 
     wait_until(refused_attempt, what="a refused attempt")
     mx = env["hops"]["flaky"].start()
-    got = wait_until(lambda: with_subject(mx.transactions(), "route-retry"), timeout=30,
-                   what="the retry")
+    got = wait_until(
+        lambda: with_subject(mx.transactions(), "route-retry"), timeout=30, what="the retry"
+    )
     assert got[0]["rcpts"] == ["fay@flaky.test"]
-    wait_until(lambda: not [q for q in queue_ids(srv) if "fay@" in show(srv, q)],
-             what="the entry to leave the queue")
+    wait_until(
+        lambda: not [q for q in queue_ids(srv) if "fay@" in show(srv, q)],
+        what="the entry to leave the queue",
+    )
     assert "Traceback" not in srv.log.read_text(errors="replace")
 
 
 def test_star_route_takes_every_domain_without_its_own_route(
-        env: dict[str, Any], servers: ServerFactory) -> None:
+    env: dict[str, Any], servers: ServerFactory
+) -> None:
     hops = env["hops"]
-    routes = ("[relay.routes]\n"
-              f'"*" = "[127.0.0.14]:{hops["star"].port}"\n'
-              f'"internal.test" = "[127.0.0.12]:{hops["internal"].port}"\n')
-    server = servers(("smtp",), users=(SENDER,), extra_toml=env["net"].relay_toml(routes),
-                     start=False)
+    routes = (
+        "[relay.routes]\n"
+        f'"*" = "[127.0.0.14]:{hops["star"].port}"\n'
+        f'"internal.test" = "[127.0.0.12]:{hops["internal"].port}"\n'
+    )
+    server = servers(
+        ("smtp",), users=(SENDER,), extra_toml=env["net"].relay_toml(routes), start=False
+    )
     with server:
         send(server, ["gus@plain.test", "hal@nowhere.test", "ivy@internal.test"], "route-star")
         got = wait_until(lambda: delivered(hops["star"], "route-star"), what="delivery")

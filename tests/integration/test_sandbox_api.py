@@ -56,19 +56,26 @@ def empty(srv: Server) -> None:
 
 def rich_message() -> Any:
     msg = message(
-        subject="Welcome, Ann", to="Ann <ann@example.com>", Cc="carol@example.com",
-        Reply_To="help@example.org", X_Tags="signup, Onboarding",
+        subject="Welcome, Ann",
+        to="Ann <ann@example.com>",
+        Cc="carol@example.com",
+        Reply_To="help@example.org",
+        X_Tags="signup, Onboarding",
         List_Unsubscribe="<mailto:unsub@example.org>, <https://example.org/unsub?u=1>",
         text="Hi Ann, your verification code is 482913.\nConfirm: https://example.org/c?t=abc\n",
-        html=('<p>Hi Ann, your code is <b>482913</b>. <a href="https://example.org/c?t=abc">'
-              'Confirm</a> <img src="cid:logo@example.org"> '
-              '<img src="https://tracker.example/p.gif"></p>'),
+        html=(
+            '<p>Hi Ann, your code is <b>482913</b>. <a href="https://example.org/c?t=abc">'
+            'Confirm</a> <img src="cid:logo@example.org"> '
+            '<img src="https://tracker.example/p.gif"></p>'
+        ),
     )
     html_part = msg.get_payload()[1]
-    html_part.add_related(PNG, maintype="image", subtype="png", cid="<logo@example.org>",
-                          filename="logo.png")
-    msg.add_attachment(b"%PDF-1.4 test", maintype="application", subtype="pdf",
-                       filename="invoice.pdf")
+    html_part.add_related(
+        PNG, maintype="image", subtype="png", cid="<logo@example.org>", filename="logo.png"
+    )
+    msg.add_attachment(
+        b"%PDF-1.4 test", maintype="application", subtype="pdf", filename="invoice.pdf"
+    )
     return msg
 
 
@@ -87,8 +94,13 @@ def test_listing_matches_mailpits_shape_newest_first_per_inbox(srv: Server) -> N
     send(srv, rich_message(), user="Alice")
     data = get_json(srv, "/api/v1/messages")
     assert set(data) >= MESSAGES_SUMMARY
-    assert (data["total"], data["unread"], data["count"], data["messages_count"],
-            data["start"]) == (2, 2, 2, 2, 0)
+    assert (
+        data["total"],
+        data["unread"],
+        data["count"],
+        data["messages_count"],
+        data["start"],
+    ) == (2, 2, 2, 2, 0)
     assert data["tags"] == ["Onboarding", "signup"]
     newest, oldest = data["messages"]
     assert (newest["Subject"], oldest["Subject"]) == ("Welcome, Ann", "first")
@@ -106,7 +118,11 @@ def test_listing_matches_mailpits_shape_newest_first_per_inbox(srv: Server) -> N
     assert newest["To"] == [{"Name": "Ann", "Address": "ann@example.com"}]
     assert newest["ReplyTo"] == [{"Name": "", "Address": "help@example.org"}]
     assert (newest["Username"], newest["Inbox"], oldest["Username"], oldest["Inbox"]) == (
-        "alice", "alice", "", "default")
+        "alice",
+        "alice",
+        "",
+        "default",
+    )
     assert newest["Attachments"] == 1 and newest["Tags"] == ["signup", "Onboarding"]
     assert newest["Snippet"].startswith("Hi Ann, your verification code is 482913.")
     assert newest["Codes"] == ["482913"]
@@ -124,16 +140,23 @@ def test_message_text_html_attachments_and_read(srv: Server) -> None:
     msg = get_json(srv, f"/api/v1/message/{mid}")
     assert set(msg) >= MESSAGE
     assert msg["ID"] == mid and msg["Subject"] == "Welcome, Ann"
-    assert msg["Text"].startswith("Hi Ann") and '<a href="https://example.org/c?t=abc">' in msg["HTML"]
+    assert (
+        msg["Text"].startswith("Hi Ann") and '<a href="https://example.org/c?t=abc">' in msg["HTML"]
+    )
     assert msg["ReturnPath"] == "app@example.org"
-    assert msg["ListUnsubscribe"]["Links"] == ["mailto:unsub@example.org",
-                                               "https://example.org/unsub?u=1"]
+    assert msg["ListUnsubscribe"]["Links"] == [
+        "mailto:unsub@example.org",
+        "https://example.org/unsub?u=1",
+    ]
     (att,) = msg["Attachments"]
     (inline,) = msg["Inline"]
     for part in (att, inline):
         assert set(part) >= ATTACHMENT
-    assert (att["FileName"], att["ContentType"], att["Size"]) == ("invoice.pdf",
-                                                                   "application/pdf", 13)
+    assert (att["FileName"], att["ContentType"], att["Size"]) == (
+        "invoice.pdf",
+        "application/pdf",
+        13,
+    )
     assert att["Checksums"]["MD5"] == hashlib.md5(b"%PDF-1.4 test").hexdigest()
     assert (inline["ContentID"], inline["ContentType"]) == ("logo@example.org", "image/png")
     assert only(srv)["Read"] is True  # reading it marked it read
@@ -169,8 +192,10 @@ def test_search_syntax_and_delete_by_search(srv: Server) -> None:
     send(srv, message("Invoice 42", sender="Shop <shop@example.net>", text="Pay soon"))
     send(srv, message("Weekly news", to="bob@example.com", text="Nothing to pay"))
     send(srv, rich_message(), user="alice")
+
     def subjects(q: str) -> list[str]:
         return sorted(m["Subject"] for m in get_json(srv, f"/api/v1/search?query={q}")["messages"])
+
     assert subjects("from:shop") == ["Invoice 42"]
     assert subjects("-from:shop") == ["Weekly news", "Welcome, Ann"]
     assert subjects("to:bob@example.com") == ["Weekly news"]
@@ -202,7 +227,9 @@ def test_read_unread_and_delete_by_ids_all_and_per_inbox(srv: Server) -> None:
     assert call(srv, "PUT", "/api/v1/messages?inbox=bob", {"Read": True})[0] == 200
     assert get_json(srv, "/api/v1/messages")["unread"] == 0
     assert call(srv, "PUT", "/api/v1/messages", {"IDs": [ids["b"]], "Read": False})[0] == 200
-    assert [m["Subject"] for m in get_json(srv, "/api/v1/search?query=is:unread")["messages"]] == ["b"]
+    assert [m["Subject"] for m in get_json(srv, "/api/v1/search?query=is:unread")["messages"]] == [
+        "b"
+    ]
     assert call(srv, "DELETE", "/api/v1/messages", {"IDs": [ids["c"]]})[0] == 200
     assert call(srv, "GET", f"/api/v1/message/{ids['c']}")[0] == 404
     assert call(srv, "DELETE", "/api/v1/messages?inbox=bob")[0] == 200
@@ -326,8 +353,10 @@ def test_events_new_read_deleted_and_per_inbox(srv: Server) -> None:
     call(srv, "PUT", "/api/v1/messages", {"IDs": [new["ID"]], "Read": True})
     call(srv, "DELETE", "/api/v1/messages", {"IDs": [new["ID"]]})
     assert wait_for(lambda: len(everything.events) >= 4)
-    assert everything.events[2:] == [("read", {"ID": new["ID"], "Read": True}),
-                                      ("deleted", {"ID": new["ID"]})]
+    assert everything.events[2:] == [
+        ("read", {"ID": new["ID"], "Read": True}),
+        ("deleted", {"ID": new["ID"]}),
+    ]
     assert wait_for(lambda: len(dana_only.events) >= 3)
     assert [k for k, _ in dana_only.events] == ["new", "read", "deleted"]
     everything.close()
@@ -358,8 +387,7 @@ def test_message_view_blocks_scripts_and_remote_content(srv: Server) -> None:
 def test_release_is_off_by_default(srv: Server) -> None:
     send(srv, message("keep me"))
     mid = only(srv)["ID"]
-    status, _, body = call(srv, "POST", f"/api/v1/message/{mid}/release",
-                           {"To": ["x@example.com"]})
+    status, _, body = call(srv, "POST", f"/api/v1/message/{mid}/release", {"To": ["x@example.com"]})
     assert status == 403 and b"[sandbox] release" in body
     assert not any((srv.data / "queue" / "env").glob("*.json"))
 
@@ -369,16 +397,22 @@ def test_release_sends_through_the_queue_to_the_recipients(tmp_path: Path) -> No
     record.mkdir()
     sink, port = spawn_mx_server("127.0.0.1:0", str(record))
     try:
-        extra = (f'[sandbox]\nrelease = true\n\n[relay.routes."*"]\n'
-                 f'host = "[127.0.0.1]:{port}"\ntls = "none"\n')
+        extra = (
+            f'[sandbox]\nrelease = true\n\n[relay.routes."*"]\n'
+            f'host = "[127.0.0.1]:{port}"\ntls = "none"\n'
+        )
         with sandbox_server(tmp_path / "srv", extra) as srv:
             send(srv, rich_message(), rcpts=["ann@example.com", "secret@example.com"])
             mid = only(srv)["ID"]
             assert get_json(srv, "/api/v1/webui")["MessageRelay"]["Enabled"] is True
             bad = call(srv, "POST", f"/api/v1/message/{mid}/release", {"To": ["not an address"]})
             assert bad[0] == 400
-            status, _, body = call(srv, "POST", f"/api/v1/message/{mid}/release",
-                                   {"To": ["Real Person <real@example.net>", "qa@example.net"]})
+            status, _, body = call(
+                srv,
+                "POST",
+                f"/api/v1/message/{mid}/release",
+                {"To": ["Real Person <real@example.net>", "qa@example.net"]},
+            )
             assert (status, body) == (200, b"ok")
             assert wait_for(lambda: (record / "0001.eml").exists(), 20)
             envelope = json.loads((record / "0001.json").read_text())

@@ -35,8 +35,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (.ci/apt-sandbox.txt) and selenium",
 )
 
-HTML = ('<h1 id="hello">Only in the HTML part</h1><p>Your code is <b>904512</b>.</p>'
-        '<p><img id="remote" src="http://127.0.0.1:9/pixel.png" alt="remote"></p>')
+HTML = (
+    '<h1 id="hello">Only in the HTML part</h1><p>Your code is <b>904512</b>.</p>'
+    '<p><img id="remote" src="http://127.0.0.1:9/pixel.png" alt="remote"></p>'
+)
 
 
 @pytest.fixture
@@ -50,8 +52,14 @@ def srv(tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture
 def browser() -> Iterator[Any]:
     options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,900", "--lang=en-US"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,900",
+        "--lang=en-US",
+    ):
         options.add_argument(arg)
     options.binary_location = CHROMIUM or ""
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
@@ -65,12 +73,14 @@ def browser() -> Iterator[Any]:
 def wait(driver: Any, condition: Any, timeout: float = 10) -> Any:
     """Until ``condition`` holds; the live list is redrawn as events come in, so an element
     read in between may be gone (stale): that is a "not yet", not a failure."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition)
 
 
 def click(driver: Any, selector: str) -> None:
     """Click what ``selector`` finds, again if the live list was redrawn under the click."""
+
     def clicked(d: Any) -> bool:
         d.find_element(By.CSS_SELECTOR, selector).click()
         return True
@@ -87,8 +97,7 @@ def shot(driver: Any, path: Path) -> None:
     print(f"screenshot: {path}")
 
 
-def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any,
-                                                 tmp_path: Path) -> None:
+def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any, tmp_path: Path) -> None:
     browser.get(f"http://127.0.0.1:{srv.port('web')}/")
     wait(browser, lambda d: d.find_element(By.ID, "empty").is_displayed())
     # a new message shows up without a reload
@@ -106,8 +115,7 @@ def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any,
     heading = wait(browser, lambda d: d.find_element(By.ID, "hello"))
     assert heading.text == "Only in the HTML part"
     # the remote image is blocked by the frame's policy: it never loads
-    assert browser.execute_script(
-        "return document.getElementById('remote').naturalWidth") == 0
+    assert browser.execute_script("return document.getElementById('remote').naturalWidth") == 0
     browser.switch_to.default_content()
     shot(browser, tmp_path / "sandbox-desktop.png")
     # the Source tab shows the raw message
@@ -134,8 +142,14 @@ def test_live_list_html_view_search_and_keyboard(srv: Server, browser: Any,
 
 
 def test_phone_width(srv: Server, browser: Any, tmp_path: Path) -> None:
-    send(srv, message("Reset your password", text="Reset: https://example.com/r?t=1",
-                      html='<p>Click <a href="https://example.com/r?t=1">here</a>.</p>'))
+    send(
+        srv,
+        message(
+            "Reset your password",
+            text="Reset: https://example.com/r?t=1",
+            html='<p>Click <a href="https://example.com/r?t=1">here</a>.</p>',
+        ),
+    )
     browser.set_window_size(390, 844)
     browser.get(f"http://127.0.0.1:{srv.port('web')}/")
     wait(browser, lambda d: listed(d) == ["Reset your password"])

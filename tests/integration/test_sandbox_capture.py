@@ -31,8 +31,9 @@ from tests.sandbox_helpers import (
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = sandbox_server(tmp_path_factory.mktemp("sandbox-capture") / "srv",
-                            '[smtp]\nmax_message_size = 100000\n')
+    server = sandbox_server(
+        tmp_path_factory.mktemp("sandbox-capture") / "srv", "[smtp]\nmax_message_size = 100000\n"
+    )
     with server:
         yield server
     no_traceback(server)
@@ -79,10 +80,15 @@ def test_one_copy_per_transaction_with_its_envelope(srv: Server) -> None:
     assert full["MessageID"]  # one was added: the message had none
 
 
-@pytest.mark.parametrize(("rcpt", "code"), [
-    ("reject-550@example.com", 550), ("reject-553@example.com", 553),
-    ("defer-451@example.com", 451), ("defer-452@example.com", 452),
-])
+@pytest.mark.parametrize(
+    ("rcpt", "code"),
+    [
+        ("reject-550@example.com", 550),
+        ("reject-553@example.com", 553),
+        ("defer-451@example.com", 451),
+        ("defer-452@example.com", 452),
+    ],
+)
 def test_rcpt_faults(srv: Server, rcpt: str, code: int) -> None:
     with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=10) as s:
         s.ehlo()
@@ -165,7 +171,8 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
         assert imap.select("INBOX")[1] == [b"3"]
         imap.logout()
         files = list((srv.data / "mail" / "default" / "new").iterdir()) + list(
-            (srv.data / "mail" / "default" / "cur").iterdir())
+            (srv.data / "mail" / "default" / "cur").iterdir()
+        )
         assert len(files) == 3
         assert get_json(srv, "/api/v1/info")["RuntimeStats"]["MessagesDeleted"] == 2
         no_traceback(srv)
@@ -186,8 +193,7 @@ def test_sandbox_option_serves_mailpits_ports(tmp_path: Path) -> None:
     if not all(_free(p) for p in ports):
         pytest.skip("the sandbox's fixed ports (1025, 8025, 1143, 1110) are in use here")
     argv = [*mailsuite_argv(None, logfile=str(tmp_path / "tw.log")), "--sandbox"]
-    proc = subprocess.Popen(argv, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         for p in ports:
             wait_port("127.0.0.1", p, proc=proc)

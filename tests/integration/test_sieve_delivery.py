@@ -70,11 +70,14 @@ def user(server: Server, name: str, script: str | None) -> str:
     return address
 
 
-def message(subject: str, to: str, sender: str = "bob@remote.test", extra: str = "",
-            body: str = "hello\r\n") -> bytes:
-    return (f"From: Bob <{sender or 'mailer-daemon@remote.test'}>\r\nTo: {to}\r\n"
-            f"Subject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@remote.test>\r\n"
-            f"{extra}\r\n{body}").encode()
+def message(
+    subject: str, to: str, sender: str = "bob@remote.test", extra: str = "", body: str = "hello\r\n"
+) -> bytes:
+    return (
+        f"From: Bob <{sender or 'mailer-daemon@remote.test'}>\r\nTo: {to}\r\n"
+        f"Subject: {subject}\r\nMessage-ID: <{subject.replace(' ', '.')}@remote.test>\r\n"
+        f"{extra}\r\n{body}"
+    ).encode()
 
 
 def send(server: Server, sender: str, rcpts: list[str], data: bytes) -> tuple[int, bytes]:
@@ -113,8 +116,12 @@ def test_redirect_copy_keeps_a_copy(server: Server, sink: MX) -> None:
 
 
 def test_reject_for_the_only_recipient_is_an_smtp_refusal(server: Server, sink: MX) -> None:
-    rita = user(server, "rita", 'require "reject";\n'
-                'if header :contains "subject" "offer" { reject "No offers, thanks."; }\n')
+    rita = user(
+        server,
+        "rita",
+        'require "reject";\n'
+        'if header :contains "subject" "offer" { reject "No offers, thanks."; }\n',
+    )
     code, text = send(server, "bob@remote.test", [rita], message("great offer", rita))
     assert (code, text) == (550, b"5.7.1 No offers, thanks.")
     settle(server)
@@ -164,14 +171,18 @@ def test_vacation_replies_once_per_period(server: Server, sink: MX) -> None:
     assert len(stored(server, val)) == 3  # vacation does not cancel the keep
 
 
-@pytest.mark.parametrize(("sender", "extra"), [
-    ("list-owner@remote.test", "List-Id: <news.remote.test>\r\n"),
-    ("bulk@remote.test", "Precedence: bulk\r\n"),
-    ("robot@remote.test", "Auto-Submitted: auto-generated\r\n"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    ("sender", "extra"),
+    [
+        ("list-owner@remote.test", "List-Id: <news.remote.test>\r\n"),
+        ("bulk@remote.test", "Precedence: bulk\r\n"),
+        ("robot@remote.test", "Auto-Submitted: auto-generated\r\n"),
+        ("", ""),
+    ],
+)
 def test_vacation_never_answers_lists_bulk_robots_or_the_null_sender(
-        server: Server, sink: MX, sender: str, extra: str) -> None:
+    server: Server, sink: MX, sender: str, extra: str
+) -> None:
     name = "vic" + str(abs(hash(sender)) % 10_000)
     vic = user(server, name, VACATION)
     assert send(server, sender, [vic], message("news", vic, sender, extra))[0] == 250
@@ -191,11 +202,17 @@ def test_failing_script_keeps_the_message_and_tells_the_user(server: Server) -> 
 
 
 def test_bounces_to_a_local_user_go_through_her_script(server: Server, sink: MX) -> None:
-    dora = user(server, "dora", 'require ["fileinto", "mailbox"];\n'
-                'if header :contains "content-type" "report" '
-                '{ fileinto :create "Bounces"; }\n')
-    assert send(server, dora, ["nobody@remote.test"], message("lost", "nobody@remote.test",
-                                                              dora))[0] == 250
+    dora = user(
+        server,
+        "dora",
+        'require ["fileinto", "mailbox"];\n'
+        'if header :contains "content-type" "report" '
+        '{ fileinto :create "Bounces"; }\n',
+    )
+    assert (
+        send(server, dora, ["nobody@remote.test"], message("lost", "nobody@remote.test", dora))[0]
+        == 250
+    )
     dsn = wait_until(lambda: stored(server, dora, "Bounces"), what="the DSN in Bounces")
     assert b"Final-Recipient: rfc822; nobody@remote.test" in dsn[0]
     assert dsn[0].startswith(b"Return-Path: <>\nDelivered-To: dora@example.test\n")
@@ -207,8 +224,12 @@ def test_aliases_and_several_recipients_each_run_their_own_script(server: Server
     joe = user(server, "joe", 'require ["imap4flags"];\nsetflag "\\\\Flagged";\n')
     kim = user(server, "kim", None)
     server.cli("alias", "add", "team@example.test", ida, joe)
-    code, _ = send(server, "bob@remote.test", ["team@example.test", kim],
-                   message("to the team", "team@example.test"))
+    code, _ = send(
+        server,
+        "bob@remote.test",
+        ["team@example.test", kim],
+        message("to the team", "team@example.test"),
+    )
     assert code == 250
     (filed,) = stored(server, ida, "Archive")
     assert filed.startswith(b"Return-Path: <bob@remote.test>\nDelivered-To: ida@example.test\n")
@@ -222,14 +243,24 @@ def test_aliases_and_several_recipients_each_run_their_own_script(server: Server
         assert m.count(b"\nReceived: ") == 1 and m.endswith(b"hello\n")
 
 
-def test_kill_9_during_delivery_with_a_script_loses_nothing(servers: ServerFactory, net: Net,
-                                                           sink: MX) -> None:
+def test_kill_9_during_delivery_with_a_script_loses_nothing(
+    servers: ServerFactory, net: Net, sink: MX
+) -> None:
     crash = "crash@example.test"
     srv = servers(("smtp",), extra_toml=toml(net, sink), users=(crash,), start=False)
-    srv.cli("sieve", "put", crash, "rules", "-", "--activate", stdin=(
-        'require ["fileinto", "mailbox", "imap4flags"];\n'
-        'if header :contains "subject" "odd" { fileinto :create "Odd"; }\n'
-        'else { addflag "$Seen-By-Sieve"; }\n'))
+    srv.cli(
+        "sieve",
+        "put",
+        crash,
+        "rules",
+        "-",
+        "--activate",
+        stdin=(
+            'require ["fileinto", "mailbox", "imap4flags"];\n'
+            'if header :contains "subject" "odd" { fileinto :create "Odd"; }\n'
+            'else { addflag "$Seen-By-Sieve"; }\n'
+        ),
+    )
     acked: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()

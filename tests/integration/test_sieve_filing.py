@@ -28,8 +28,11 @@ if header :matches "subject" "Re: *" { fileinto "Missing"; stop; }
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Iterator[Server]:
-    s = module_servers(("smtp", "imap", "managesieve"), users=(ALICE,),
-                       extra_toml="[auth]\nallow_plaintext = true\n")
+    s = module_servers(
+        ("smtp", "imap", "managesieve"),
+        users=(ALICE,),
+        extra_toml="[auth]\nallow_plaintext = true\n",
+    )
     upload(s, SCRIPT)
     yield s
     s.stop()
@@ -40,8 +43,11 @@ def upload(server: Server, script: bytes) -> None:
     """PUTSCRIPT + SETACTIVE over a raw ManageSieve connection."""
     client = ManageSieveClient(server.port("managesieve"))
     client.login(ALICE)
-    for cmd in (b'PUTSCRIPT "rules" {%d+}\r\n' % len(script) + script,
-                b'SETACTIVE "rules"', b"LOGOUT"):
+    for cmd in (
+        b'PUTSCRIPT "rules" {%d+}\r\n' % len(script) + script,
+        b'SETACTIVE "rules"',
+        b"LOGOUT",
+    ):
         assert client.cmd(cmd).startswith(b"OK"), cmd
     client.close()
 
@@ -77,8 +83,10 @@ def flags_in(m: imaplib.IMAP4, folder: str) -> list[set[str]]:
 
 
 def message(subject: str, frm: str = "Someone <someone@example.org>", body: str = "hi") -> bytes:
-    return (f"From: {frm}\r\nTo: {ALICE}\r\nSubject: {subject}\r\nMessage-ID: "
-            f"<{abs(hash(subject))}@example.org>\r\n\r\n{body}\r\n").encode()
+    return (
+        f"From: {frm}\r\nTo: {ALICE}\r\nSubject: {subject}\r\nMessage-ID: "
+        f"<{abs(hash(subject))}@example.org>\r\n\r\n{body}\r\n"
+    ).encode()
 
 
 def test_scripts_file_and_flag_what_imap_then_sees(server: Server) -> None:
@@ -107,7 +115,7 @@ def test_missing_folder_and_failing_script_fall_back_to_inbox(server: Server) ->
     before = len(flags_in(m, "INBOX"))
     deliver(server, ALICE, message("Re: lunch"))
     assert "no such folder" in sieve_log(server)
-    upload(server, "".join(f"redirect \"{c}@example.org\";\n" for c in "abcde").encode())
+    upload(server, "".join(f'redirect "{c}@example.org";\n' for c in "abcde").encode())
     deliver(server, ALICE, message("[acme] again"))  # more redirects than allowed: kept
     assert len(flags_in(m, "INBOX")) == before + 2
     log = sieve_log(server)

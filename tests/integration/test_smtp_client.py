@@ -22,8 +22,11 @@ MX_ADDR = "127.0.0.2"  # where the mx_serverss fixture listens
 def pki(ca: CertAuthority) -> dict[str, Any]:
     """The recording MX's certificate for mx.test, and the test CA as a trust root."""
     cert, key = ca.issue("mx.test", stem="mx-test")
-    return {"cert": str(cert), "key": str(key),
-            "trust": ssl.Certificate.loadPEM(ca.ca_file.read_bytes())}
+    return {
+        "cert": str(cert),
+        "key": str(key),
+        "trust": ssl.Certificate.loadPEM(ca.ca_file.read_bytes()),
+    }
 
 
 @pytest.fixture
@@ -38,11 +41,34 @@ def message(tmp_path):
 
 def send(reactor, port, path, rcpts=("bob@mx.test",), **kwargs):
     kwargs.setdefault("tls", "none")
-    kwargs.setdefault("timeouts", Timeouts(connect=5, greeting=5, command=5, mail=5, rcpt=5,
-                                           data_init=5, data_block=5, data_term=5, quit=5))
+    kwargs.setdefault(
+        "timeouts",
+        Timeouts(
+            connect=5,
+            greeting=5,
+            command=5,
+            mail=5,
+            rcpt=5,
+            data_init=5,
+            data_block=5,
+            data_term=5,
+            quit=5,
+        ),
+    )
     addresses = kwargs.pop("addresses", [MX_ADDR])
-    return in_reactor(reactor, deliver, reactor, "mx.test", port, addresses,
-                      "client.test", "alice@client.test", list(rcpts), path, **kwargs)
+    return in_reactor(
+        reactor,
+        deliver,
+        reactor,
+        "mx.test",
+        port,
+        addresses,
+        "client.test",
+        "alice@client.test",
+        list(rcpts),
+        path,
+        **kwargs,
+    )
 
 
 def test_delivery_with_refused_recipient(reactor, mx_servers, message):
@@ -75,8 +101,10 @@ def test_smuggling_at_chunk_boundary_stays_one_message(reactor, mx_servers, mess
     server = mx_servers()
     head = b"Subject: pad\n\n"
     padding = head + b"x" * (65536 - len(head) - 1) + b"\n"
-    smuggle = (b".\nMAIL FROM:<smuggled@evil.test>\nRCPT TO:<victim@mx.test>\nDATA\n"
-               b"Subject: SMUGGLED\n\nevil\n.\n")
+    smuggle = (
+        b".\nMAIL FROM:<smuggled@evil.test>\nRCPT TO:<victim@mx.test>\nDATA\n"
+        b"Subject: SMUGGLED\n\nevil\n.\n"
+    )
     r = send(reactor, server.port, message(padding + smuggle))
     assert r.outcome is Outcome.DELIVERED
     assert len(server.transactions) == 1
@@ -108,8 +136,9 @@ def test_starttls_verification_failure_no_fallback(reactor, mx_servers, message,
 def test_opportunistic_tls_falls_back_to_plaintext(reactor, mx_servers, message, pki):
     server = mx_servers({"starttls": pki})
     wrong_name = ssl.optionsForClientTLS("other.test", trustRoot=pki["trust"])
-    r = send(reactor, server.port, message(b"x\n"), tls="opportunistic",
-             tls_client_context=wrong_name)
+    r = send(
+        reactor, server.port, message(b"x\n"), tls="opportunistic", tls_client_context=wrong_name
+    )
     assert r.outcome is Outcome.DELIVERED and not r.tls and r.tls_fallback
     assert server.connections == 2
 
@@ -117,12 +146,24 @@ def test_opportunistic_tls_falls_back_to_plaintext(reactor, mx_servers, message,
 def test_auth_over_starttls(reactor, mx_servers, message, pki):
     server = mx_servers({"starttls": pki, "auth": {"alice": "pw"}})
     ctx = ssl.optionsForClientTLS("mx.test", trustRoot=pki["trust"])
-    r = send(reactor, server.port, message(b"x\n"), tls="required", tls_client_context=ctx,
-             auth=("alice", "pw"))
+    r = send(
+        reactor,
+        server.port,
+        message(b"x\n"),
+        tls="required",
+        tls_client_context=ctx,
+        auth=("alice", "pw"),
+    )
     assert r.outcome is Outcome.DELIVERED
     assert server.transactions[0].auth_user == "alice"
-    r = send(reactor, server.port, message(b"x\n"), tls="required", tls_client_context=ctx,
-             auth=("alice", "bad"))
+    r = send(
+        reactor,
+        server.port,
+        message(b"x\n"),
+        tls="required",
+        tls_client_context=ctx,
+        auth=("alice", "bad"),
+    )
     assert r.outcome is Outcome.AUTH_FAILED and r.reply.code == 535
 
 
@@ -181,9 +222,14 @@ def test_greeting_refused(reactor, mx_servers, message):
 
 def test_data_end_timeout(reactor, mx_servers, message):
     server = mx_servers({"silent": ["data_end"]})
-    r = send(reactor, server.port, message(b"x\n"),
-             timeouts=Timeouts(greeting=5, command=5, mail=5, rcpt=5, data_init=5,
-                               data_block=5, data_term=0.5))
+    r = send(
+        reactor,
+        server.port,
+        message(b"x\n"),
+        timeouts=Timeouts(
+            greeting=5, command=5, mail=5, rcpt=5, data_init=5, data_block=5, data_term=0.5
+        ),
+    )
     assert r.outcome is Outcome.TIMEOUT and r.stage == "data-end"
     assert r.transient_failures == ["bob@mx.test"] and not r.try_next_mx
 
@@ -197,11 +243,13 @@ def test_scripted_data_refusal(reactor, mx_servers, message):
 def test_mx_subprocess_records_to_directory(reactor, tmp_path, message):
     record = tmp_path / "rec"
     record.mkdir()
-    proc, port = spawn_mx_server(f"{MX_ADDR}:0", str(record),
-                                 {"rcpt": {"no@mx.test": [550, "5.1.1 no"]}})
+    proc, port = spawn_mx_server(
+        f"{MX_ADDR}:0", str(record), {"rcpt": {"no@mx.test": [550, "5.1.1 no"]}}
+    )
     try:
-        r = send(reactor, port, message(b"Subject: s\n\nhello\n"),
-                 rcpts=("bob@mx.test", "no@mx.test"))
+        r = send(
+            reactor, port, message(b"Subject: s\n\nhello\n"), rcpts=("bob@mx.test", "no@mx.test")
+        )
         assert r.outcome is Outcome.DELIVERED
         assert (record / "0001.eml").read_bytes() == b"Subject: s\r\n\r\nhello\r\n"
         envelope = json.loads((record / "0001.json").read_text())

@@ -98,8 +98,7 @@ def message(subject: str, pad: int = 0) -> bytes:
         b"Authentication-Results: mx.example.test;\r\n\tdkim=pass header.d=bank.example\r\n"
         b"X-Sep: -\r\n"
         b"Authentication-Results: other.example; spf=pass\r\n"
-        b"From: a@bank.example\r\n"
-        + f"Subject: {subject}\r\n\r\n".encode()
+        b"From: a@bank.example\r\n" + f"Subject: {subject}\r\n\r\n".encode()
     )
     return head + b"body line\r\n" + (b"x" * 70 + b"\r\n") * pad
 
@@ -154,7 +153,7 @@ def test_refusal_and_a_failing_check_keep_no_copy(
         client.ehlo("client.example")
         with pytest.raises(smtplib.SMTPDataError) as e:
             client.sendmail("a@bank.example", [ALICE], message(subject, pad))
-        assert (e.value.smtp_code, e.value.smtp_error[:len(expected[1])]) == expected
+        assert (e.value.smtp_code, e.value.smtp_error[: len(expected[1])]) == expected
         assert client.noop()[0] == 250  # the session goes on
     for name in ("INBOX", "Junk"):
         assert stored(runtime, name, subject.encode()) == []

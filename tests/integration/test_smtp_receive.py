@@ -30,8 +30,9 @@ def box(srv: Server, user: str) -> list[bytes]:
 
 def wait_count(srv: Server, user: str, n: int, timeout: float = 5) -> list[bytes]:
     """``user``'s messages once there are at least ``n``."""
-    return wait_until(lambda: len(got := box(srv, user)) >= n and got, timeout,
-                      f"{n} messages for {user}")
+    return wait_until(
+        lambda: len(got := box(srv, user)) >= n and got, timeout, f"{n} messages for {user}"
+    )
 
 
 def test_delivery_lands_in_maildir_with_trace_headers(mx: Server) -> None:

@@ -104,8 +104,11 @@ def test_embedded_default_bootstraps_a_self_signed_certificate(tmp_path: Path):
     try:
         try:
             wait_until(lambda: cert.exists(), 20, "the self-signed certificate")
-            wait_until(lambda: log.exists() and "self-signed" in log.read_text(errors="replace"),
-                       20, "the self-signed certificate in the log")
+            wait_until(
+                lambda: log.exists() and "self-signed" in log.read_text(errors="replace"),
+                20,
+                "the self-signed certificate in the log",
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{_output(proc, log)}") from None
         text = log.read_text(errors="replace")

@@ -317,7 +317,9 @@ def test_wrong_password_535_after_a_growing_delay(srv, ca):
     assert delays[0] >= 0.4
     assert delays[2] > delays[0] + 0.5  # 0.5 s, 1 s, 2 s
     # Unknown users fail the same way.
-    assert raw.cmd("AUTH PLAIN " + plain("nobody@example.test", "x" * 8)).text.startswith("535 5.7.8")
+    assert raw.cmd("AUTH PLAIN " + plain("nobody@example.test", "x" * 8)).text.startswith(
+        "535 5.7.8"
+    )
     raw.close()
     log = srv.output()
     assert "failed login for 'alice@example.test' from 127.0.0.1" in log

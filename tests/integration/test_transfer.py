@@ -39,7 +39,9 @@ def make_mbox(path: Path, count: int) -> list[bytes]:
             status = b"Status: RO\n" if i % 2 == 0 else b""
             xstatus = b"X-Status: F\n" if i % 5 == 0 else b""
             body = b"line one\nFrom the start of a line\n>From quoted already\n"
-            message = b"From: a@example.org\nSubject: msg %d\n" % i + status + xstatus + b"\n" + body
+            message = (
+                b"From: a@example.org\nSubject: msg %d\n" % i + status + xstatus + b"\n" + body
+            )
             stored.append(message)
             quoted = re.sub(rb"(?m)^(>*From )", rb">\1", message)
             f.write(f"From a@example.org {when}\n".encode() + quoted + b"\n")
@@ -82,7 +84,9 @@ def check_progress(stderr: str, what: str) -> None:
         assert PROGRESS.match(line) and line.startswith(what), line
 
 
-def test_import_mbox_then_read_it_over_imap_and_import_again(server: Server, tmp_path: Path) -> None:
+def test_import_mbox_then_read_it_over_imap_and_import_again(
+    server: Server, tmp_path: Path
+) -> None:
     user = "mbox@example.test"
     server.add_user(user)
     mbox = tmp_path / "old.mbox"
@@ -119,8 +123,16 @@ def test_an_import_killed_midway_resumes_without_duplicates(server: Server, tmp_
     mbox = tmp_path / "big.mbox"
     stored = make_mbox(mbox, 3000)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailsuite.cli", "--config", str(server.config),
-         "import", user, str(mbox)],
+        [
+            sys.executable,
+            "-m",
+            "mailsuite.cli",
+            "--config",
+            str(server.config),
+            "import",
+            user,
+            str(mbox),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -167,15 +179,29 @@ def make_maildir_tree(src: Path) -> None:
     )
     (src / "tmp" / "partial").write_bytes(b"half a message")
     (src / "dovecot.index.log").write_bytes(b"\0\1")
-    _maildir_file(src / ".Sent", "cur", "1600000010.M1P1.host:2,RS", b"Subject: sent\n\nx\n", BASE + 10)
-    _maildir_file(src / ".Work.Projects", "cur", "1600000020.M1P1.host:2,Sab",
-                  b"Subject: labelled\n\ny\n", BASE + 20)
-    _maildir_file(src / ".Work.Projects", "cur", "1600000021.M1P1.host:2,Pb",
-                  b"Subject: forwarded\n\nz\n", BASE + 21)
+    _maildir_file(
+        src / ".Sent", "cur", "1600000010.M1P1.host:2,RS", b"Subject: sent\n\nx\n", BASE + 10
+    )
+    _maildir_file(
+        src / ".Work.Projects",
+        "cur",
+        "1600000020.M1P1.host:2,Sab",
+        b"Subject: labelled\n\ny\n",
+        BASE + 20,
+    )
+    _maildir_file(
+        src / ".Work.Projects",
+        "cur",
+        "1600000021.M1P1.host:2,Pb",
+        b"Subject: forwarded\n\nz\n",
+        BASE + 21,
+    )
     (src / ".Work.Projects" / "dovecot-keywords").write_text("0 $Label1\n1 Important\n")
 
 
-def test_import_maildir_tree_with_folders_flags_and_keywords(server: Server, tmp_path: Path) -> None:
+def test_import_maildir_tree_with_folders_flags_and_keywords(
+    server: Server, tmp_path: Path
+) -> None:
     user = "tree@example.test"
     server.add_user(user)
     src = tmp_path / "Maildir"
@@ -183,7 +209,10 @@ def test_import_maildir_tree_with_folders_flags_and_keywords(server: Server, tmp
     done = server.cli("import", user, str(src))
     check_progress(done.stderr, "import")
     assert done.stdout.startswith("import: 6 messages")
-    assert f"into {user}: INBOX, Sent, Work, Work.Projects (created: Work, Work.Projects)" in done.stdout
+    assert (
+        f"into {user}: INBOX, Sent, Work, Work.Projects (created: Work, Work.Projects)"
+        in done.stdout
+    )
 
     m = login(server, user)
     inbox = fetch_all(m, "INBOX")

@@ -176,8 +176,7 @@ def test_metrics_move_with_connections_tls_handshakes_and_the_queue(tmp_path: Pa
             ):
                 strict.wrap_socket(raw, server_hostname="mx.example.test")
             wait_until(
-                lambda: value(metrics(srv), "mailsuite_tls_handshakes_total", result="failed")
-                == 1,
+                lambda: value(metrics(srv), "mailsuite_tls_handshakes_total", result="failed") == 1,
                 what="the failed handshake in the metrics",
             )
             final = metrics(srv)
@@ -197,8 +196,9 @@ def test_reactor_lag_is_exported_and_its_probe_ticks(every_service: Server) -> N
     assert value(first, "mailsuite_reactor_lag_seconds") >= 0
     ticks = value(first, "mailsuite_reactor_tick_lag_seconds_count")
     wait_until(
-        lambda: value(metrics(every_service), "mailsuite_reactor_tick_lag_seconds_count")
-        > ticks + 10,
+        lambda: (
+            value(metrics(every_service), "mailsuite_reactor_tick_lag_seconds_count") > ticks + 10
+        ),
         what="ten more ticks of the reactor lag probe",
     )
     later = metrics(every_service)
@@ -278,7 +278,10 @@ def test_outlook_autodiscover(every_service: Server) -> None:
     )
     assert status == 200 and headers["content-type"] == "application/xml; charset=utf-8"
     root = ET.fromstring(answer)
-    assert root.tag == "{http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006}Autodiscover"
+    assert (
+        root.tag
+        == "{http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006}Autodiscover"
+    )
     account = root.find(f"{TB}Response/{TB}Account")
     assert account is not None
     assert account.findtext(f"{TB}AccountType") == "email"
@@ -305,8 +308,20 @@ def test_bad_web_requests_get_short_answers_and_no_traceback(every_service: Serv
     srv = every_service
     cases = [
         ("GET", "/autodiscover/autodiscover.xml", None, 405, b"method not allowed\n"),
-        ("POST", "/autodiscover/autodiscover.xml", b"not xml", 400, b"not an XML autodiscover request\n"),
-        ("POST", "/autodiscover/autodiscover.xml", b"<a/>", 400, b"no Request/EMailAddress in the request\n"),
+        (
+            "POST",
+            "/autodiscover/autodiscover.xml",
+            b"not xml",
+            400,
+            b"not an XML autodiscover request\n",
+        ),
+        (
+            "POST",
+            "/autodiscover/autodiscover.xml",
+            b"<a/>",
+            400,
+            b"no Request/EMailAddress in the request\n",
+        ),
         (
             "POST",
             "/autodiscover/autodiscover.xml",
@@ -340,7 +355,9 @@ def test_bad_web_requests_get_short_answers_and_no_traceback(every_service: Serv
 
 
 def test_json_log_format_writes_one_object_per_line(tmp_path: Path) -> None:
-    srv = Server(tmp_path, services=("smtp", "imap", "web"), extra_toml="[auth]\nallow_plaintext = true\n")
+    srv = Server(
+        tmp_path, services=("smtp", "imap", "web"), extra_toml="[auth]\nallow_plaintext = true\n"
+    )
     srv.config.write_text(
         srv.config.read_text().replace("[server]\n", '[server]\nlog_format = "json"\n', 1)
     )

@@ -53,8 +53,12 @@ def net(loopback_net: Callable[[dict[str, Any]], Net]) -> tuple[Net, MX]:
 
 @pytest.fixture(scope="module")
 def srv(module_servers: ServerFactory, net: tuple[Net, MX]) -> Server:
-    server = module_servers(("smtp", "imap", "pop3", "web"), users=(ALICE, BOB),
-                            extra_toml=WORKERS + net[0].relay_toml(), server_toml="workers = 2")
+    server = module_servers(
+        ("smtp", "imap", "pop3", "web"),
+        users=(ALICE, BOB),
+        extra_toml=WORKERS + net[0].relay_toml(),
+        server_toml="workers = 2",
+    )
     wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
     return server
 
@@ -71,8 +75,11 @@ def test_every_protocol_is_served_by_both_workers(srv: Server) -> None:
         c.send_line(f"EHLO w{pid}.test")
         while not (line := c.line()).startswith("250 "):
             assert line.startswith("250-"), line
-        for cmd, code in (("MAIL FROM:<a@remote.test>", "250"), (f"RCPT TO:<{ALICE}>", "250"),
-                          ("DATA", "354")):
+        for cmd, code in (
+            ("MAIL FROM:<a@remote.test>", "250"),
+            (f"RCPT TO:<{ALICE}>", "250"),
+            ("DATA", "354"),
+        ):
             c.send_line(cmd)
             assert c.line().startswith(code)
         c.send_line(f"Subject: via worker {pid}\r\n\r\nhello\r\n.")
@@ -188,25 +195,28 @@ def test_idle_in_one_worker_sees_a_delivery_made_in_the_other(srv: Server) -> No
     while not c.line().startswith("c OK"):
         pass
     median = statistics.median(waits)
-    print(f"\ncross-worker IDLE: end of DATA sent -> EXISTS in the other worker: median "
-          f"{median * 1000:.1f} ms, max {max(waits) * 1000:.1f} ms over {len(waits)} "
-          f"(-> 250 from the delivering worker: median "
-          f"{statistics.median(acks) * 1000:.1f} ms)")
+    print(
+        f"\ncross-worker IDLE: end of DATA sent -> EXISTS in the other worker: median "
+        f"{median * 1000:.1f} ms, max {max(waits) * 1000:.1f} ms over {len(waits)} "
+        f"(-> 250 from the delivering worker: median "
+        f"{statistics.median(acks) * 1000:.1f} ms)"
+    )
     assert max(waits) < 1.0, waits  # the aim is 100 ms; the machine is shared and loaded
     c.sock.close()
 
 
-def test_a_queue_entry_made_in_a_worker_is_tried_at_once(
-    srv: Server, net: tuple[Net, MX]
-) -> None:
+def test_a_queue_entry_made_in_a_worker_is_tried_at_once(srv: Server, net: tuple[Net, MX]) -> None:
     """The one queue runner lives in the twistd process; the worker that wrote the entry
     tells it through its pipe (without that the entry would wait for the next start)."""
     start = time.monotonic()
     send(srv, ["carol@remote.test"], "queued in a worker")
-    wait_until(lambda: with_subject(net[1].transactions(), "queued in a worker"), 15,
-               "the relay attempt")
-    print(f"\nqueued in a worker -> relayed by the supervisor's runner in "
-          f"{(time.monotonic() - start) * 1000:.0f} ms")
+    wait_until(
+        lambda: with_subject(net[1].transactions(), "queued in a worker"), 15, "the relay attempt"
+    )
+    print(
+        f"\nqueued in a worker -> relayed by the supervisor's runner in "
+        f"{(time.monotonic() - start) * 1000:.0f} ms"
+    )
 
 
 def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
@@ -251,8 +261,11 @@ def test_kill9_of_a_worker_under_smtp_load_loses_no_acknowledged_message(
     try:
         wait_until(lambda: len(acked) >= 20, 60, "load running")
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(set(worker_pids(srv)) - before) == 1
-                   and len(worker_pids(srv)) == 2, 30, "the worker to come back")
+        wait_until(
+            lambda: len(set(worker_pids(srv)) - before) == 1 and len(worker_pids(srv)) == 2,
+            30,
+            "the worker to come back",
+        )
         count = len(acked)
         wait_until(lambda: len(acked) >= count + 20, 60, "load after the restart")
     finally:
@@ -260,8 +273,11 @@ def test_kill9_of_a_worker_under_smtp_load_loses_no_acknowledged_message(
         for t in threads:
             t.join(60)
     stored = b"\n".join(srv.messages(ALICE))
-    missing = [s for s in acked if f"Subject: {s}\r\n".encode() not in stored
-               and f"Subject: {s}\n".encode() not in stored]
+    missing = [
+        s
+        for s in acked
+        if f"Subject: {s}\r\n".encode() not in stored and f"Subject: {s}\n".encode() not in stored
+    ]
     assert not missing, f"{len(missing)} acknowledged messages lost: {missing[:5]}"
     assert "worker 0" in srv.log.read_text() or "worker 1" in srv.log.read_text()
 

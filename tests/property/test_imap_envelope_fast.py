@@ -15,8 +15,33 @@ from mailsuite.imap.message import ParsedMessage, _envelope_from_fields, _parse_
 
 # the characters that make address syntax: specials, quotes, comments, spaces, 8-bit
 _ADDR_ALPHABET = st.sampled_from(
-    [b"a", b"b", b"Z", b"9", b"-", b"=", b"?", b" ", b"\t", b"<", b">", b"@", b".", b",",
-     b'"', b"(", b")", b":", b";", b"\\", b"[", b"]", b"\xe9", b"\x85", b"\xa0"]
+    [
+        b"a",
+        b"b",
+        b"Z",
+        b"9",
+        b"-",
+        b"=",
+        b"?",
+        b" ",
+        b"\t",
+        b"<",
+        b">",
+        b"@",
+        b".",
+        b",",
+        b'"',
+        b"(",
+        b")",
+        b":",
+        b";",
+        b"\\",
+        b"[",
+        b"]",
+        b"\xe9",
+        b"\x85",
+        b"\xa0",
+    ]
 )
 _ADDR_PIECES = st.sampled_from(
     [b"user@example.org", b"Some Name ", b"<a.b@c.d>", b'"Last, First" ', b", ", b"x", b" "]
@@ -45,11 +70,29 @@ def test_simple_addresses_cover_the_plain_forms() -> None:
 _HEADER_LINES = st.lists(
     st.one_of(
         st.sampled_from(
-            [b"From: A <a@b>", b"from :x@y", b"To: t@u", b"Cc: c@d,\n e@f", b"Subject: s",
-             b"SUBJECT: second", b"Date: Mon, 1 Jan 2024", b"Message-ID: <m@x>",
-             b"In-Reply-To: <r@x>", b"Reply-To:", b"Sender: s@t", b"Bcc: b@c", b"X-From: no",
-             b"Fromage: no", b"\tfolded", b" folded more", b"no colon", b"Bad Name: v",
-             b"To: \r", b"Subject: a\rb", b""]
+            [
+                b"From: A <a@b>",
+                b"from :x@y",
+                b"To: t@u",
+                b"Cc: c@d,\n e@f",
+                b"Subject: s",
+                b"SUBJECT: second",
+                b"Date: Mon, 1 Jan 2024",
+                b"Message-ID: <m@x>",
+                b"In-Reply-To: <r@x>",
+                b"Reply-To:",
+                b"Sender: s@t",
+                b"Bcc: b@c",
+                b"X-From: no",
+                b"Fromage: no",
+                b"\tfolded",
+                b" folded more",
+                b"no colon",
+                b"Bad Name: v",
+                b"To: \r",
+                b"Subject: a\rb",
+                b"",
+            ]
         ),
         st.binary(max_size=12),
     ),

@@ -17,16 +17,35 @@ from mailsuite.mailauth.results import (
 )
 
 ID = "mx.example.test"
-header_text = st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x2FF),
-                      max_size=120)
+header_text = st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x2FF), max_size=120)
 
 
 @settings(max_examples=400)
-@given(st.one_of(st.text(max_size=200),
-                 st.lists(st.sampled_from(["v=DMARC1", "p=reject", "p=", "sp=none", "pct=50",
-                                           "pct=x", "rua=mailto:a@b.example", "adkim=s", "=",
-                                           "np=quarantine", " ", "v = DMARC1", "p=none!"]),
-                          max_size=8).map("; ".join)))
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.lists(
+            st.sampled_from(
+                [
+                    "v=DMARC1",
+                    "p=reject",
+                    "p=",
+                    "sp=none",
+                    "pct=50",
+                    "pct=x",
+                    "rua=mailto:a@b.example",
+                    "adkim=s",
+                    "=",
+                    "np=quarantine",
+                    " ",
+                    "v = DMARC1",
+                    "p=none!",
+                ]
+            ),
+            max_size=8,
+        ).map("; ".join),
+    )
+)
 def test_dmarc_records_parse_or_raise_dmarc_error(text):
     try:
         r = parse_record(text)
@@ -74,8 +93,18 @@ def test_header_helpers_never_fail(data):
 
 
 @settings(max_examples=300)
-@given(st.lists(st.tuples(st.sampled_from(["pass", "fail", "permerror", "temperror"]),
-                          header_text, header_text, header_text, header_text), max_size=5))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["pass", "fail", "permerror", "temperror"]),
+            header_text,
+            header_text,
+            header_text,
+            header_text,
+        ),
+        max_size=5,
+    )
+)
 def test_results_header_has_exactly_our_clauses(rows):
     results = [DKIMResult(r, d, s, a, reason) for r, d, s, a, reason in rows]
     header = results_header(ID, dkim=results)
@@ -89,8 +118,13 @@ def test_results_header_has_exactly_our_clauses(rows):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=80), max_size=6))
 def test_garbage_signatures_never_raise(values):
-    msg = b"".join(b"DKIM-Signature: " + v.replace(b"\n", b" ").replace(b"\r", b" ") + b"\r\n"
-                   for v in values) + b"From: a@b.example\r\n\r\nbody\r\n"
+    msg = (
+        b"".join(
+            b"DKIM-Signature: " + v.replace(b"\n", b" ").replace(b"\r", b" ") + b"\r\n"
+            for v in values
+        )
+        + b"From: a@b.example\r\n\r\nbody\r\n"
+    )
     results, skipped = verify_dkim(msg, lambda name: None, max_signatures=3)
     assert len(results) + skipped == len(values)
     assert all(r.result in ("pass", "fail", "permerror", "temperror", "neutral") for r in results)

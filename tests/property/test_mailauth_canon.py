@@ -11,9 +11,25 @@ from hypothesis import strategies as st
 
 from mailsuite.mailauth import canon
 
-pieces = st.lists(st.sampled_from([b"a", b"xyz", b" ", b"\t", b"\r", b"\n", b"\r\n", b"  \r\n",
-                                   b"\n\n", b"\xc3\xa9", b".", b"\x00"]), max_size=60).map(
-    b"".join)
+pieces = st.lists(
+    st.sampled_from(
+        [
+            b"a",
+            b"xyz",
+            b" ",
+            b"\t",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"  \r\n",
+            b"\n\n",
+            b"\xc3\xa9",
+            b".",
+            b"\x00",
+        ]
+    ),
+    max_size=60,
+).map(b"".join)
 
 
 def dkimpy_body(body: bytes, relaxed: bool) -> bytes:
@@ -22,8 +38,12 @@ def dkimpy_body(body: bytes, relaxed: bool) -> bytes:
 
 
 @settings(max_examples=500)
-@given(pieces, st.booleans(), st.integers(min_value=1, max_value=12),
-       st.one_of(st.none(), st.integers(min_value=0, max_value=80)))
+@given(
+    pieces,
+    st.booleans(),
+    st.integers(min_value=1, max_value=12),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=80)),
+)
 def test_same_bytes_as_dkimpy(body, relaxed, slice_size, limit):
     want = dkimpy_body(body, relaxed)
     if limit is not None:

@@ -19,8 +19,9 @@ from mailsuite.store.mailbox import Account, MailboxError
 ROOT = Path("/srv/mail/example.test/alice")
 names = st.one_of(
     st.text(max_size=40),
-    st.lists(st.sampled_from(["..", ".", "/", "~", "a", "INBOX", "\x00", "\\", "&", "b.c"]),
-             max_size=8).map("".join),
+    st.lists(
+        st.sampled_from(["..", ".", "/", "~", "a", "INBOX", "\x00", "\\", "&", "b.c"]), max_size=8
+    ).map("".join),
 )
 
 

@@ -11,12 +11,43 @@ from mailsuite.sandbox import catalog
 from mailsuite.sandbox.query import parse, to_sql
 
 words = st.one_of(
-    st.sampled_from([
-        "from:", "to:", "cc:", "bcc:", "reply-to:", "addressed:", "subject:", "message-id:",
-        "tag:", "after:", "before:", "larger:", "smaller:", "inbox:", "is:read", "is:unread",
-        "is:tagged", "has:attachment", "has:inline", "-", "!", '"', "'", " ", "%", "_", "\\",
-        "2024-01-01", "10k", "x@y", "Zürich", "\x00", "\n",
-    ]),
+    st.sampled_from(
+        [
+            "from:",
+            "to:",
+            "cc:",
+            "bcc:",
+            "reply-to:",
+            "addressed:",
+            "subject:",
+            "message-id:",
+            "tag:",
+            "after:",
+            "before:",
+            "larger:",
+            "smaller:",
+            "inbox:",
+            "is:read",
+            "is:unread",
+            "is:tagged",
+            "has:attachment",
+            "has:inline",
+            "-",
+            "!",
+            '"',
+            "'",
+            " ",
+            "%",
+            "_",
+            "\\",
+            "2024-01-01",
+            "10k",
+            "x@y",
+            "Zürich",
+            "\x00",
+            "\n",
+        ]
+    ),
     st.text(max_size=8),
 )
 

@@ -31,8 +31,9 @@ IDENT = st.builds(
     st.sampled_from("abcdefghijklmnopqrstuvwxyz_"),
     st.text("abcdefghijklmnopqrstuvwxyz0123456789_", max_size=8),
 ).filter(lambda s: s != "text")
-STRING = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                 max_size=20)
+STRING = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20
+)
 ARG = st.one_of(
     IDENT.map(Tag),
     st.integers(min_value=0, max_value=2**40),
@@ -44,15 +45,20 @@ ARG = st.one_of(
 ARGS = st.lists(ARG, max_size=4).map(tuple)
 TEST = st.recursive(
     st.builds(SieveTest, IDENT, ARGS, st.none()),
-    lambda inner: st.builds(SieveTest, IDENT, ARGS, st.one_of(
-        st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple))),
+    lambda inner: st.builds(
+        SieveTest,
+        IDENT,
+        ARGS,
+        st.one_of(st.none(), inner, st.lists(inner, min_size=1, max_size=3).map(tuple)),
+    ),
     max_leaves=6,
 )
 TESTS = st.one_of(st.none(), TEST, st.lists(TEST, min_size=1, max_size=2).map(tuple))
 COMMANDS = st.recursive(
     st.lists(st.builds(Command, IDENT, ARGS, TESTS, st.none()), max_size=3).map(tuple),
-    lambda inner: st.lists(st.builds(Command, IDENT, ARGS, TESTS, st.one_of(st.none(), inner)),
-                           max_size=3).map(tuple),
+    lambda inner: st.lists(
+        st.builds(Command, IDENT, ARGS, TESTS, st.one_of(st.none(), inner)), max_size=3
+    ).map(tuple),
     max_leaves=10,
 )
 
@@ -65,8 +71,16 @@ def test_round_trip(tree: tuple[Command, ...]) -> None:
     assert serialize(parse(text)) == text
 
 
-SIEVE_ALPHABET = st.sampled_from([*'ifelsheadrtxkp:;{}[](),"\\#/*\n\r .0123456789KMG',
-                                  "text:", "require", "\"fileinto\"", ":contains", "\x00"])
+SIEVE_ALPHABET = st.sampled_from(
+    [
+        *'ifelsheadrtxkp:;{}[](),"\\#/*\n\r .0123456789KMG',
+        "text:",
+        "require",
+        '"fileinto"',
+        ":contains",
+        "\x00",
+    ]
+)
 
 
 @given(st.one_of(st.text(max_size=200), st.lists(SIEVE_ALPHABET, max_size=80).map("".join)))
@@ -140,17 +154,32 @@ RULES = [
     'if size :over 10K { fileinto "Big"; }',
     'set :upperfirst "v" "${0}"; if string :matches "${v}" "*" { keep; }',
 ]
-HEADER = st.sampled_from([b"Subject", b"From", b"To", b"Date", b"Received", b"Content-Type",
-                          b"Content-Transfer-Encoding", b"MIME-Version", b"X-A", b"X-B"])
+HEADER = st.sampled_from(
+    [
+        b"Subject",
+        b"From",
+        b"To",
+        b"Date",
+        b"Received",
+        b"Content-Type",
+        b"Content-Transfer-Encoding",
+        b"MIME-Version",
+        b"X-A",
+        b"X-B",
+    ]
+)
 MESSAGE = st.builds(
     lambda fields, body: b"".join(n + b": " + v + b"\n" for n, v in fields) + b"\n" + body,
-    st.lists(st.tuples(HEADER, st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" "))),
-             max_size=8),
+    st.lists(
+        st.tuples(HEADER, st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" "))), max_size=8
+    ),
     st.binary(max_size=300),
 )
-SCRIPT_HEAD = ('require ["fileinto", "envelope", "subaddress", "body", "variables", "imap4flags",'
-               ' "date", "index", "relational", "comparator-i;ascii-numeric", "copy", "mailbox",'
-               ' "vacation"];\n')
+SCRIPT_HEAD = (
+    'require ["fileinto", "envelope", "subaddress", "body", "variables", "imap4flags",'
+    ' "date", "index", "relational", "comparator-i;ascii-numeric", "copy", "mailbox",'
+    ' "vacation"];\n'
+)
 
 
 @given(st.lists(st.sampled_from(RULES), min_size=1, max_size=6), MESSAGE)

@@ -30,13 +30,45 @@ from mailsuite.smtp.session import (
 from tests.smtp_session_helpers import check_wire, reader_of, run, session
 
 ADDRESSES = [
-    "alice@example.test", "bob+tag@example.test", "nobody@example.test", "x@elsewhere.test",
-    "jörg@example.test", "", "Postmaster", "bad address", "a@[127.0.0.1]",
+    "alice@example.test",
+    "bob+tag@example.test",
+    "nobody@example.test",
+    "x@elsewhere.test",
+    "jörg@example.test",
+    "",
+    "Postmaster",
+    "bad address",
+    "a@[127.0.0.1]",
 ]
-PARAMS = ["", " SIZE=100", " SIZE=999999999999", " BODY=8BITMIME", " BODY=9BIT", " SMTPUTF8",
-          " FOO=bar", " NOTIFY=NEVER", " SIZE"]
-VERBS = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
-         "STARTTLS", "AUTH", "BDAT", "ehlo", "X"]
+PARAMS = [
+    "",
+    " SIZE=100",
+    " SIZE=999999999999",
+    " BODY=8BITMIME",
+    " BODY=9BIT",
+    " SMTPUTF8",
+    " FOO=bar",
+    " NOTIFY=NEVER",
+    " SIZE",
+]
+VERBS = [
+    "EHLO",
+    "HELO",
+    "MAIL",
+    "RCPT",
+    "DATA",
+    "RSET",
+    "NOOP",
+    "QUIT",
+    "VRFY",
+    "EXPN",
+    "HELP",
+    "STARTTLS",
+    "AUTH",
+    "BDAT",
+    "ehlo",
+    "X",
+]
 
 
 @st.composite
@@ -52,24 +84,35 @@ def command_lines(draw: st.DrawFn) -> bytes:
         return f"{verb}<{address}>{draw(st.sampled_from(PARAMS))}".encode()
     if kind == 4:
         mechanism = draw(st.sampled_from(["PLAIN", "LOGIN", "CRAM-MD5", ""]))
-        initial = draw(st.sampled_from([
-            "", " =", " *", " " + encode_plain("alice@example.test", "pw"),
-            " " + encode_plain("alice@example.test", "pw", "bob@example.test"), " !!", " a b",
-        ]))
+        initial = draw(
+            st.sampled_from(
+                [
+                    "",
+                    " =",
+                    " *",
+                    " " + encode_plain("alice@example.test", "pw"),
+                    " " + encode_plain("alice@example.test", "pw", "bob@example.test"),
+                    " !!",
+                    " a b",
+                ]
+            )
+        )
         return f"AUTH {mechanism}{initial}".encode()
     verb = draw(st.sampled_from(VERBS))
     arg = draw(st.sampled_from(["", " client.example", " x y", " (evil)\tname"]))
     return f"{verb}{arg}".encode()
 
 
-VERDICTS = st.sampled_from([
-    Verdict(),
-    refuse(R.AUTH_POLICY_REJECT, "dmarc"),
-    refuse(R.Reply(451, "4.7.1", "try later")),
-    Verdict(junk=True, prepend=("Authentication-Results: mx; dkim=pass",)),
-    Verdict(prepend=("Bad field without colon",)),
-    Verdict(remove=(b"Subject: x",)),
-])
+VERDICTS = st.sampled_from(
+    [
+        Verdict(),
+        refuse(R.AUTH_POLICY_REJECT, "dmarc"),
+        refuse(R.Reply(451, "4.7.1", "try later")),
+        Verdict(junk=True, prepend=("Authentication-Results: mx; dkim=pass",)),
+        Verdict(prepend=("Bad field without colon",)),
+        Verdict(remove=(b"Subject: x",)),
+    ]
+)
 
 
 class Scripted(Check):
@@ -100,12 +143,26 @@ class SessionMachine(RuleBasedStateMachine):
         with_check=st.booleans(),
         max_errors=st.integers(2, 12),
     )
-    def start(self, name: str, tls: bool, tls_available: bool, allow_plaintext: bool,
-              trusted: bool, with_check: bool, max_errors: int) -> None:
+    def start(
+        self,
+        name: str,
+        tls: bool,
+        tls_available: bool,
+        allow_plaintext: bool,
+        trusted: bool,
+        with_check: bool,
+        max_errors: int,
+    ) -> None:
         self.s = session(
-            name, tls=tls, tls_available=tls_available, allow_plaintext=allow_plaintext,
-            trusted=trusted, extra=[self.check] if with_check else [], max_errors=max_errors,
-            max_message_size=2048, line_length=100,
+            name,
+            tls=tls,
+            tls_available=tls_available,
+            allow_plaintext=allow_plaintext,
+            trusted=trusted,
+            extra=[self.check] if with_check else [],
+            max_errors=max_errors,
+            max_message_size=2048,
+            line_length=100,
         )
         self.apply(self.s.greeting())
 
@@ -146,16 +203,23 @@ class SessionMachine(RuleBasedStateMachine):
         s = self.s
         auth = "AUTH PLAIN " + encode_plain("alice@example.test", "pw")
         options = {
-            State.CONNECTED: ["EHLO client.example"] * 5 + ["HELO c", "MAIL FROM:<a@b.test>",
-                                                           "STARTTLS"],
+            State.CONNECTED: ["EHLO client.example"] * 5
+            + ["HELO c", "MAIL FROM:<a@b.test>", "STARTTLS"],
             State.READY: [auth if s.auth_permitted and s.user is None else "NOOP"] * 2
             + ["MAIL FROM:<alice@example.test>"] * 3
             + ["MAIL FROM:<alice@example.test> SMTPUTF8", "RCPT TO:<a@example.test>", "DATA"],
-            State.MAIL: ["RCPT TO:<alice@example.test>", "RCPT TO:<bob@example.test>",
-                         "RCPT TO:<x@elsewhere.test>", "RCPT TO:<jörg@example.test>", "DATA",
-                         "MAIL FROM:<a@b.test>", "RSET", auth],
-            State.RCPT: ["DATA"] * 4 + ["RCPT TO:<bob@example.test>", "RSET", "STARTTLS",
-                                        "EHLO again"],
+            State.MAIL: [
+                "RCPT TO:<alice@example.test>",
+                "RCPT TO:<bob@example.test>",
+                "RCPT TO:<x@elsewhere.test>",
+                "RCPT TO:<jörg@example.test>",
+                "DATA",
+                "MAIL FROM:<a@b.test>",
+                "RSET",
+                auth,
+            ],
+            State.RCPT: ["DATA"] * 4
+            + ["RCPT TO:<bob@example.test>", "RSET", "STARTTLS", "EHLO again"],
         }[s.state]
         self.apply(self.s.line(options[choice].encode()))
 
@@ -178,10 +242,17 @@ class SessionMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.s.state is State.DATA)
     @rule(
-        data=st.one_of(st.binary(max_size=600), st.sampled_from([
-            b"Subject: x\r\nFrom: alice@example.test\r\n\r\nbody\r\n",
-            b"Received: a\r\n" * 60, b"x" * 500 + b"\r\n", b"\xc3\xa4\r\n.\n.\r\n",
-        ])),
+        data=st.one_of(
+            st.binary(max_size=600),
+            st.sampled_from(
+                [
+                    b"Subject: x\r\nFrom: alice@example.test\r\n\r\nbody\r\n",
+                    b"Received: a\r\n" * 60,
+                    b"x" * 500 + b"\r\n",
+                    b"\xc3\xa4\r\n.\n.\r\n",
+                ]
+            ),
+        ),
         end=st.booleans(),
         rest=st.sampled_from([b"", b"NOOP\r\n"]),
     )
@@ -197,8 +268,15 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(verdict=VERDICTS)
     def checks_result(self, verdict: Verdict) -> None:
         self.check.verdict = verdict
-        self.apply(self.s.checks_done(run(self.s.profile.policy.end_of_data(
-            self.s, ReceivedMessage("", (), b"", 0, reader_of(b"(message)"))))))
+        self.apply(
+            self.s.checks_done(
+                run(
+                    self.s.profile.policy.end_of_data(
+                        self.s, ReceivedMessage("", (), b"", 0, reader_of(b"(message)"))
+                    )
+                )
+            )
+        )
 
     @precondition(lambda self: self.s.state is State.DELIVERING)
     @rule(ok=st.booleans())

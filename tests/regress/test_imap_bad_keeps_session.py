@@ -46,7 +46,9 @@ BAD_COMMANDS = [
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Iterator[Server]:
-    s = module_servers(("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n")
+    s = module_servers(
+        ("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n"
+    )
     yield s
     assert "Traceback" not in s.output()
 

@@ -25,17 +25,22 @@ def greeting(server: Server) -> bytes:
 def test_connection_dropped_in_idle_logs_no_traceback(servers: ServerFactory) -> None:
     # one connection at a time: the next one is admitted only once the server has seen the
     # first one close (connectionLost, where the traceback was written)
-    server = servers(("imap",), users=(USER,), extra_toml=(
-        "[auth]\nallow_plaintext = true\n[imap]\nmax_connections = 1\n"))
+    server = servers(
+        ("imap",),
+        users=(USER,),
+        extra_toml=("[auth]\nallow_plaintext = true\n[imap]\nmax_connections = 1\n"),
+    )
     wait_until(lambda: greeting(server).startswith(b"* OK"), what="a free connection slot")
     sock = socket.create_connection(("127.0.0.1", server.port("imap")), timeout=10)
     reader = sock.makefile("rb")
     assert reader.readline().startswith(b"* OK")
-    sock.sendall(f"a1 LOGIN {USER} \"{PASSWORD}\"\r\na2 SELECT INBOX\r\na3 IDLE\r\n".encode())
+    sock.sendall(f'a1 LOGIN {USER} "{PASSWORD}"\r\na2 SELECT INBOX\r\na3 IDLE\r\n'.encode())
     while not (line := reader.readline()).startswith(b"+ "):
         assert line, "connection closed before IDLE"
     reader.close()
     sock.close()
-    wait_until(lambda: greeting(server).startswith(b"* OK"),
-               what="the server to see the IDLE connection closed")
+    wait_until(
+        lambda: greeting(server).startswith(b"* OK"),
+        what="the server to see the IDLE connection closed",
+    )
     server.stop()  # fails on a traceback in the log

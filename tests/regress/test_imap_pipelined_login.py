@@ -24,7 +24,9 @@ USER = "pipe@example.test"
 
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Server:
-    return module_servers(("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n")
+    return module_servers(
+        ("imap", "imaps"), tls=True, users=(USER,), extra_toml="[auth]\nallow_plaintext = true\n"
+    )
 
 
 def _connect(server: Server, ca: CertAuthority, tls: bool) -> socket.socket | ssl.SSLSocket:

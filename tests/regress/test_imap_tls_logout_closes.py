@@ -69,12 +69,17 @@ def _logout_then_eof(tls: ssl.SSLSocket, port: int) -> float:
     try:
         rest = f.read()  # b"" at a clean close (close_notify) or EOF
     except TimeoutError:
-        pytest.fail(f"the server kept the TLS connection open {CLOSE_WITHIN + 3:.0f} s after LOGOUT")
+        pytest.fail(
+            f"the server kept the TLS connection open {CLOSE_WITHIN + 3:.0f} s after LOGOUT"
+        )
     except (ssl.SSLError, ConnectionResetError) as exc:
         pytest.fail(f"LOGOUT did not end TLS cleanly: {exc!r}")
     assert rest == b""
-    wait_until(lambda: server_connections(port) == [], t0 + CLOSE_WITHIN + 3 - time.monotonic(),
-               "the server to close the TCP connection")
+    wait_until(
+        lambda: server_connections(port) == [],
+        t0 + CLOSE_WITHIN + 3 - time.monotonic(),
+        "the server to close the TCP connection",
+    )
     return time.monotonic() - t0
 
 
@@ -129,8 +134,11 @@ def test_imaplib_logout_over_tls_is_prompt_and_closes(
     assert time.monotonic() - t0 < CLOSE_WITHIN
     m.shutdown()
     # and the server holds nothing for it (no CLOSE_WAIT left behind)
-    wait_until(lambda: server_connections(port) == [], CLOSE_WITHIN,
-               "the server to close the TCP connection")
+    wait_until(
+        lambda: server_connections(port) == [],
+        CLOSE_WITHIN,
+        "the server to close the TCP connection",
+    )
 
 
 def test_plain_logout_still_closes(server: Server, tmp_path: Path) -> None:

@@ -23,7 +23,10 @@ class Inline(ManageSieveProtocol):
 def connect() -> tuple[Inline, TLSStringTransport]:
     options = Options(tls_available=True, max_script_size=64)
     proto = Inline(
-        FakeRuntime(), options, implicit_tls=False, login_timeout=180  # type: ignore[arg-type]
+        FakeRuntime(),
+        options,
+        implicit_tls=False,
+        login_timeout=180,  # type: ignore[arg-type]
     )
     transport = TLSStringTransport()
     proto.makeConnection(transport)
@@ -44,7 +47,7 @@ def test_pipelined_command_after_starttls_is_dropped() -> None:
 
 def test_oversized_literal_is_skipped_and_the_session_goes_on() -> None:
     proto, transport = connect()
-    proto.dataReceived(b'CHECKSCRIPT {100+}\r\n' + b"x" * 100 + b'\r\nNOOP "t"\r\n')
+    proto.dataReceived(b"CHECKSCRIPT {100+}\r\n" + b"x" * 100 + b'\r\nNOOP "t"\r\n')
     out = transport.value()
     assert out.startswith(b"NO (QUOTA/MAXSIZE)")
     assert out.endswith(b'OK (TAG "t") "Done"\r\n')

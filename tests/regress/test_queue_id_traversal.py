@@ -24,8 +24,9 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("action", ["show", "delete", "bounce", "flush"])
 @pytest.mark.parametrize("bad", ["../victim", "../../data/victim", "/etc/passwd", "0" * 50])
-def test_cli_refuses_ids_that_are_not_ids(config: Path, action: str, bad: str,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_ids_that_are_not_ids(
+    config: Path, action: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--config", str(config), "queue", action, bad]) == 2
     assert "is not a queue id" in capsys.readouterr().err  # errors go to stderr
     assert (config.parent / "data" / "victim.json").exists()

@@ -32,8 +32,9 @@ def srv(module_servers: ServerFactory) -> Server:
         f"[pop3]\nlogin_timeout = {int(LIMIT)}\n"
         f"[sieve]\nlogin_timeout = {int(LIMIT)}\n"
     )
-    return module_servers(("smtp", "submission", "imap", "pop3", "managesieve"),
-                          users=(USER,), extra_toml=extra)
+    return module_servers(
+        ("smtp", "submission", "imap", "pop3", "managesieve"), users=(USER,), extra_toml=extra
+    )
 
 
 class Conversation:
@@ -247,7 +248,7 @@ def test_imap_trickle_before_login_is_cut(srv: Server) -> None:
 def test_imap_logged_in_is_not_cut_by_the_login_timeout(srv: Server) -> None:
     c = Conversation(srv.port("imap"))
     c.read_until(b"\r\n")
-    c.send(f"a LOGIN {USER} \"{PASSWORD}\"\r\n".encode())
+    c.send(f'a LOGIN {USER} "{PASSWORD}"\r\n'.encode())
     assert b"a OK" in c.read_until(b"\r\n")
     c.lines_every(b"b NOOP\r\n", 0.5, LIMIT + SLACK + 0.5, b"b OK NOOP completed\r\n")
     c.send(b"c LOGOUT\r\n")
@@ -265,7 +266,7 @@ def test_managesieve_lines_before_login_are_cut(srv: Server) -> None:
 
 def test_managesieve_trickle_before_login_is_cut(srv: Server) -> None:
     c = Conversation(srv.port("managesieve"))
-    c.read_until(b"ManageSieve ready\"\r\n")
+    c.read_until(b'ManageSieve ready"\r\n')
     elapsed = c.trickle(b"CAPABILITY\r\n")
     assert elapsed <= LIMIT + SLACK, elapsed
     assert b'BYE "Login timeout' in c.received

@@ -19,8 +19,9 @@ LIMIT = 100_000
 
 @pytest.fixture(scope="module")
 def srv(module_servers: ServerFactory) -> Server:
-    return module_servers(("smtp",), users=(ALICE,),
-                          extra_toml=f"[smtp]\nmax_message_size = {LIMIT}\n")
+    return module_servers(
+        ("smtp",), users=(ALICE,), extra_toml=f"[smtp]\nmax_message_size = {LIMIT}\n"
+    )
 
 
 class Raw(SMTPClient):
@@ -35,8 +36,9 @@ class Raw(SMTPClient):
         assert self.cmd("MAIL FROM:<sender@remote.test>")[0] == 250
         assert self.cmd(f"RCPT TO:<{ALICE}>")[0] == 250
         assert self.cmd("DATA")[0] == 354
-        stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln
-                               for ln in message.split(b"\r\n"))
+        stuffed = b"\r\n".join(
+            b"." + ln if ln.startswith(b".") else ln for ln in message.split(b"\r\n")
+        )
         self.send(stuffed + b".\r\n")
         return self.reply()
 

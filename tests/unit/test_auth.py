@@ -71,7 +71,10 @@ def test_verified_password_is_cached_but_never_loosens_the_check(setup) -> None:
     assert len(calls) == 1  # the second login did not run argon2 again
     assert login(a, clock, "alice@example.test", "wrong", "10.0.0.3") is Outcome.BAD_CREDENTIALS
     d.set_password("alice@example.test", hash_password("new password"))
-    assert login(a, clock, "alice@example.test", "right password", "10.0.0.4") is Outcome.BAD_CREDENTIALS
+    assert (
+        login(a, clock, "alice@example.test", "right password", "10.0.0.4")
+        is Outcome.BAD_CREDENTIALS
+    )
     assert login(a, clock, "alice@example.test", "new password", "10.0.0.4") is Outcome.OK
     clock.advance(auth.Argon2Checker.CACHE_SECONDS + 1)
     before = len(calls)
@@ -102,6 +105,8 @@ def test_many_parallel_logins_from_a_clean_ip_wait_instead_of_failing(setup) -> 
     _, a, clock, _ = setup
     results: list[Any] = []
     for _ in range(20):  # far more than 2 * max_failures_per_ip at once
-        a.login("alice@example.test", "right password", "10.1.1.1", "test").addCallback(results.append)
+        a.login("alice@example.test", "right password", "10.1.1.1", "test").addCallback(
+            results.append
+        )
     clock.advance(1)
     assert [r.outcome for r in results] == [Outcome.OK] * 20

@@ -41,11 +41,19 @@ def test_failed_dsn_structure(original):
         reporting_mta="mail.example.org",
         original_sender="alice@example.org",
         recipients=[
-            RecipientStatus("bob@remote.test", "failed", "5.1.1",
-                            diagnostic="smtp; 550 5.1.1 no such user",
-                            remote_mta="mx.remote.test"),
-            RecipientStatus("carol@remote.test", "failed", "5.4.4",
-                            diagnostic="smtp; 550 5.1.10 domain does not accept mail"),
+            RecipientStatus(
+                "bob@remote.test",
+                "failed",
+                "5.1.1",
+                diagnostic="smtp; 550 5.1.1 no such user",
+                remote_mta="mx.remote.test",
+            ),
+            RecipientStatus(
+                "carol@remote.test",
+                "failed",
+                "5.4.4",
+                diagnostic="smtp; 550 5.1.10 domain does not accept mail",
+            ),
         ],
         original_message_path=original,
         arrival_date=ARRIVAL,
@@ -62,7 +70,10 @@ def test_failed_dsn_structure(original):
     assert msg.get_param("report-type") == "delivery-status"
     parts = msg.get_payload()
     assert [p.get_content_type() for p in parts] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
     assert "bob@remote.test" in parts[0].get_content()
 
     blocks = status_blocks(parts[1])
@@ -88,9 +99,16 @@ def test_delayed_warning(original):
     data = build_dsn(
         reporting_mta="mail.example.org",
         original_sender="alice@example.org",
-        recipients=[RecipientStatus("bob@remote.test", "delayed", "4.4.1",
-                                    diagnostic="smtp; 451 4.4.1 no answer",
-                                    last_attempt=ARRIVAL, will_retry_until=until)],
+        recipients=[
+            RecipientStatus(
+                "bob@remote.test",
+                "delayed",
+                "4.4.1",
+                diagnostic="smtp; 451 4.4.1 no answer",
+                last_attempt=ARRIVAL,
+                will_retry_until=until,
+            )
+        ],
         original_message_path=original,
         arrival_date=ARRIVAL,
     )
@@ -105,26 +123,40 @@ def test_delayed_warning(original):
 
 def test_never_bounce_a_bounce(original):
     with pytest.raises(ValueError):
-        build_dsn(reporting_mta="m", original_sender="",
-                  recipients=[RecipientStatus("b@x", "failed", "5.0.0")],
-                  original_message_path=original, arrival_date=ARRIVAL)
+        build_dsn(
+            reporting_mta="m",
+            original_sender="",
+            recipients=[RecipientStatus("b@x", "failed", "5.0.0")],
+            original_message_path=original,
+            arrival_date=ARRIVAL,
+        )
 
 
 def test_header_injection_in_diagnostic_is_flattened(original):
     data = build_dsn(
-        reporting_mta="mail.example.org", original_sender="alice@example.org",
-        recipients=[RecipientStatus("bob@remote.test", "failed", "5.0.0",
-                                    diagnostic="smtp; 550 oops\r\nX-Injected: yes")],
-        original_message_path=original, arrival_date=ARRIVAL)
+        reporting_mta="mail.example.org",
+        original_sender="alice@example.org",
+        recipients=[
+            RecipientStatus(
+                "bob@remote.test", "failed", "5.0.0", diagnostic="smtp; 550 oops\r\nX-Injected: yes"
+            )
+        ],
+        original_message_path=original,
+        arrival_date=ARRIVAL,
+    )
     assert b"\nX-Injected" not in data
 
 
 def test_internationalized_uses_global_types(tmp_path):
     path = tmp_path / "m"
     path.write_bytes("From: jörg@exämple.org\nSubject: grüße\n\nbody\n".encode())
-    data = build_dsn(reporting_mta="mail.example.org", original_sender="jörg@exämple.org",
-                     recipients=[RecipientStatus("bøb@remote.test", "failed", "5.1.1")],
-                     original_message_path=path, arrival_date=ARRIVAL)
+    data = build_dsn(
+        reporting_mta="mail.example.org",
+        original_sender="jörg@exämple.org",
+        recipients=[RecipientStatus("bøb@remote.test", "failed", "5.1.1")],
+        original_message_path=path,
+        arrival_date=ARRIVAL,
+    )
     msg = parse(data)
     types = [p.get_content_type() for p in msg.get_payload()]
     assert types == ["text/plain", "message/global-delivery-status", "message/global-headers"]

@@ -110,14 +110,21 @@ def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path) -> None:
 
 def test_mail_auth_defaults_and_values(tmp_path: Path) -> None:
     cfg = load_config(None)
-    assert (cfg.mail_auth.spf, cfg.mail_auth.dkim, cfg.mail_auth.dmarc, cfg.mail_auth.arc,
-            cfg.mail_auth.sign) == (True, True, True, True, True)
+    assert (
+        cfg.mail_auth.spf,
+        cfg.mail_auth.dkim,
+        cfg.mail_auth.dmarc,
+        cfg.mail_auth.arc,
+        cfg.mail_auth.sign,
+    ) == (True, True, True, True, True)
     assert cfg.mail_auth.dmarc_reject == "reject" and cfg.mail_auth.max_signatures == 5
     assert cfg.dns.timeout == 10 and cfg.nameservers is None
     f = tmp_path / "m.toml"
-    f.write_text('[dns]\nnameservers = ["127.0.0.1:5353"]\ntimeout = 3\n'
-                 '[mail_auth]\nspf = false\ndmarc_reject = "quarantine"\nmax_signatures = 2\n'
-                 "threads = 2\nsign = false\n")
+    f.write_text(
+        '[dns]\nnameservers = ["127.0.0.1:5353"]\ntimeout = 3\n'
+        '[mail_auth]\nspf = false\ndmarc_reject = "quarantine"\nmax_signatures = 2\n'
+        "threads = 2\nsign = false\n"
+    )
     cfg = load_config(f)
     assert cfg.nameservers == ("127.0.0.1:5353",) and cfg.dns.timeout == 3
     assert not cfg.mail_auth.spf and cfg.mail_auth.dmarc_reject == "quarantine"
@@ -128,8 +135,13 @@ def test_mail_auth_defaults_and_values(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "mode", "expected"),
-    [('"auto"', "server", None), ("1", "server", 1), ("3", "server", 3),
-     ('"auto"', "sandbox", 1), ("1", "sandbox", 1)],
+    [
+        ('"auto"', "server", None),
+        ("1", "server", 1),
+        ("3", "server", 3),
+        ('"auto"', "sandbox", 1),
+        ("1", "sandbox", 1),
+    ],
 )
 def test_server_workers(tmp_path: Path, value: str, mode: str, expected: int | None) -> None:
     """``[server] workers``: "auto" is one per core up to 4 (one in the sandbox, whose events
@@ -144,9 +156,10 @@ def test_server_workers(tmp_path: Path, value: str, mode: str, expected: int | N
     assert count(load_config(f)) == want
 
 
-@pytest.mark.parametrize(("value", "mode"), [("0", "server"), ("65", "server"),
-                                             ('"many"', "server"), ("true", "server"),
-                                             ("2", "sandbox")])
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("0", "server"), ("65", "server"), ('"many"', "server"), ("true", "server"), ("2", "sandbox")],
+)
 def test_server_workers_errors(tmp_path: Path, value: str, mode: str) -> None:
     f = tmp_path / "c.toml"
     f.write_text(f'[server]\nworkers = {value}\nmode = "{mode}"\n')

@@ -61,8 +61,9 @@ def test_login_moves_the_connection_to_the_user_ip_count() -> None:
 
 
 def test_exempt_addresses_skip_the_per_ip_limit_only() -> None:
-    limits = ConnectionLimits(max_connections=3, max_connections_per_ip=1,
-                              exempt=lambda ip: ip == "127.0.0.1")
+    limits = ConnectionLimits(
+        max_connections=3, max_connections_per_ip=1, exempt=lambda ip: ip == "127.0.0.1"
+    )
     assert [limits.admit("127.0.0.1").refused for _ in range(3)] == [None, None, None]
     assert limits.admit("127.0.0.1").refused is Refusal.TOTAL
 

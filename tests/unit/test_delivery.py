@@ -41,21 +41,28 @@ class Runtime:
     """What delivery reads of the runtime: config, directory, change hub, queue, sieve."""
 
     def __init__(self, tmp: Path, sieve: bool = True) -> None:
-        data = {"server": {"hostname": "mx.example.test", "data_dir": str(tmp / "data")},
-                "domains": {"local": ["example.test"]}}
+        data = {
+            "server": {"hostname": "mx.example.test", "data_dir": str(tmp / "data")},
+            "domains": {"local": ["example.test"]},
+        }
         self.config = parse_config(data, None, tmp)
         self.config.mail_dir.mkdir(parents=True)
-        self.directory = Directory(self.config.directory_file, self.config.mail_dir,
-                                   self.config.local_domains)
+        self.directory = Directory(
+            self.config.directory_file, self.config.mail_dir, self.config.local_domains
+        )
         for user in ("alice@example.test", "bob@example.test"):
             self.directory.add_user(user, "x")
         self.changes = ChangeHub()
         self.notified: list[Path] = []
-        self.changes.subscribe(self.directory.mailbox_root("alice@example.test"),
-                               self.notified.append)
+        self.changes.subscribe(
+            self.directory.mailbox_root("alice@example.test"), self.notified.append
+        )
         self.queue = Spool(self.config.data_dir / "queue").ensure()
-        self.sieve = (SieveFilter(SieveSettings(hostname="mx.example.test"), self.directory)
-                      if sieve else None)
+        self.sieve = (
+            SieveFilter(SieveSettings(hostname="mx.example.test"), self.directory)
+            if sieve
+            else None
+        )
         self.mail_auth = None
 
     def box(self, user: str) -> LocalBox:
@@ -73,8 +80,13 @@ def rt(tmp_path: Path) -> Runtime:
     return Runtime(tmp_path)
 
 
-def receive(rt: Runtime, rcpts: list[str], body: bytes = BODY, sender: str = "bob@remote.test",
-            remote: tuple[str, ...] = ()) -> IncomingMessage:
+def receive(
+    rt: Runtime,
+    rcpts: list[str],
+    body: bytes = BODY,
+    sender: str = "bob@remote.test",
+    remote: tuple[str, ...] = (),
+) -> IncomingMessage:
     env = Envelope(sender, [rt.box(r) for r in rcpts], list(remote))
     msg = IncomingMessage(rt, env, RECEIVED, blocking=sync)
     msg.write_body(HEAD + body)
@@ -100,8 +112,11 @@ def no_leftovers(rt: Runtime, *users: str) -> None:
         root = rt.directory.mailbox_root(user)
         for tmp in [root / "tmp", *root.glob(".*/tmp")]:
             assert list(tmp.iterdir()) == [], tmp
-    assert list((rt.config.data_dir / "spool" / "incoming").glob("*")) == [] \
-        if (rt.config.data_dir / "spool" / "incoming").exists() else True
+    assert (
+        list((rt.config.data_dir / "spool" / "incoming").glob("*")) == []
+        if (rt.config.data_dir / "spool" / "incoming").exists()
+        else True
+    )
 
 
 def test_plain_delivery_renames_the_received_file_without_a_copy(rt: Runtime) -> None:
@@ -119,17 +134,18 @@ def test_plain_delivery_renames_the_received_file_without_a_copy(rt: Runtime) ->
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_head_edit_rewrites_the_header_section_once(rt: Runtime, size: str) -> None:
     body = BODY if size == "small" else BODY + b"line of the body\n" * 40_000
-    msg = receive(rt, ["alice@example.test", "bob@example.test"], body,
-                  remote=("carol@remote.test",))
+    msg = receive(
+        rt, ["alice@example.test", "bob@example.test"], body, remote=("carol@remote.test",)
+    )
     forged = len(b"From: <bob@remote.test>\n")  # replaces the first field (a forged A-R)
-    edit = HeaderEdit(forged, b"Authentication-Results: mx.example.test; spf=pass\n"
-                            b"From: <bob@remote.test>\n")
+    edit = HeaderEdit(
+        forged, b"Authentication-Results: mx.example.test; spf=pass\nFrom: <bob@remote.test>\n"
+    )
     finish(msg, head_edit=edit)
     for user in ("alice@example.test", "bob@example.test"):
         (stored,) = rt.files(user)
         data = stored.read_bytes()
-        trace = (b"Return-Path: <bob@remote.test>\nDelivered-To: " + user.encode() + b"\n"
-                 + RECEIVED)
+        trace = b"Return-Path: <bob@remote.test>\nDelivered-To: " + user.encode() + b"\n" + RECEIVED
         assert data == trace + edit.new + HEAD[forged:] + body
         check_sizes(stored)
     (queued,) = rt.queue.ids()
@@ -147,8 +163,7 @@ def test_prepended_signature_goes_to_the_queue_entry_and_local_copies(rt: Runtim
     assert stored.read_bytes().endswith(RECEIVED + sig + HEAD + BODY)
 
 
-def test_folder_override_stores_every_copy_in_junk_without_running_scripts(
-        rt: Runtime) -> None:
+def test_folder_override_stores_every_copy_in_junk_without_running_scripts(rt: Runtime) -> None:
     root = rt.directory.mailbox_root("alice@example.test")
     ScriptStore(root).put("rules", 'redirect "out@remote.test";\n')
     ScriptStore(root).activate("rules")
@@ -174,7 +189,10 @@ def test_only_recipients_reject_is_the_smtp_reply(rt: Runtime) -> None:
     result = finish(receive(rt, ["alice@example.test"]))
     assert result.reply is not None
     assert (result.reply.code, result.reply.enhanced, result.reply.text) == (
-        550, "5.7.1", "Go away.")
+        550,
+        "5.7.1",
+        "Go away.",
+    )
     assert rt.files("alice@example.test") == [] and rt.queue.ids() == []
     no_leftovers(rt, "alice@example.test")
     # with a second recipient it is a notice to the sender instead
@@ -199,25 +217,35 @@ def test_failure_after_the_data_leaves_no_copy_anywhere(rt: Runtime) -> None:
 
 def test_deliver_bytes_and_file_run_the_script(rt: Runtime, tmp_path: Path) -> None:
     root = rt.directory.mailbox_root("alice@example.test")
-    ScriptStore(root).put("rules", 'require ["fileinto", "mailbox"];\n'
-                          'fileinto :create "Reports";\n')
+    ScriptStore(root).put(
+        "rules", 'require ["fileinto", "mailbox"];\nfileinto :create "Reports";\n'
+    )
     ScriptStore(root).activate("rules")
     done: list[DeliveryResult] = []
-    deliver_bytes(rt, "", [rt.box("alice@example.test")], b"Subject: dsn\n\nx\n",
-                  blocking=sync).addCallback(done.append)
+    deliver_bytes(
+        rt, "", [rt.box("alice@example.test")], b"Subject: dsn\n\nx\n", blocking=sync
+    ).addCallback(done.append)
     (dsn,) = rt.files("alice@example.test", "Reports")
-    assert dsn.read_bytes() == b"Return-Path: <>\nDelivered-To: alice@example.test\n" \
-                               b"Subject: dsn\n\nx\n"
+    assert (
+        dsn.read_bytes() == b"Return-Path: <>\nDelivered-To: alice@example.test\n"
+        b"Subject: dsn\n\nx\n"
+    )
     check_sizes(dsn)
     queued = tmp_path / "queued"
     queued.write_bytes(RECEIVED + HEAD + BODY)
-    deliver_file(rt, "bob@remote.test", [rt.box("alice@example.test"), rt.box("bob@example.test")],
-                 queued, blocking=sync).addCallback(done.append)
+    deliver_file(
+        rt,
+        "bob@remote.test",
+        [rt.box("alice@example.test"), rt.box("bob@example.test")],
+        queued,
+        blocking=sync,
+    ).addCallback(done.append)
     assert len(done) == 2
     assert len(rt.files("alice@example.test", "Reports")) == 2
     (plain,) = rt.files("bob@example.test")
-    assert plain.read_bytes() == (b"Return-Path: <bob@remote.test>\nDelivered-To: "
-                                  b"bob@example.test\n" + RECEIVED + HEAD + BODY)
+    assert plain.read_bytes() == (
+        b"Return-Path: <bob@remote.test>\nDelivered-To: bob@example.test\n" + RECEIVED + HEAD + BODY
+    )
     assert queued.exists()  # the queue's file is the queue's
     no_leftovers(rt, "alice@example.test", "bob@example.test")
 

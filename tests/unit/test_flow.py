@@ -118,9 +118,7 @@ def test_paced_writes_pieces_and_waits_while_paused() -> None:
             produced += 1
             yield b"x" * 1000
 
-    done = defer.Deferred.fromCoroutine(
-        paced(writable, lambda: flow.stopped, write, pieces())
-    )
+    done = defer.Deferred.fromCoroutine(paced(writable, lambda: flow.stopped, write, pieces()))
     assert not done.called  # waiting for the client to read
     assert sum(map(len, written)) < 2 * PIECE + 1000
     flow.resumeProducing()

@@ -33,7 +33,9 @@ class GatedAuth:
     def __init__(self) -> None:
         self.pending: list[tuple[defer.Deferred[LoginResult], str]] = []
 
-    def login(self, user: str, password: str, ip: str, protocol: str) -> defer.Deferred[LoginResult]:
+    def login(
+        self, user: str, password: str, ip: str, protocol: str
+    ) -> defer.Deferred[LoginResult]:
         d: defer.Deferred[LoginResult] = defer.Deferred()
         self.pending.append((d, password))
         return d
@@ -41,8 +43,11 @@ class GatedAuth:
     def release(self) -> None:
         pending, self.pending = self.pending, []
         for d, password in pending:
-            d.callback(LoginResult(Outcome.OK, ALICE) if password == "secret"
-                       else LoginResult(Outcome.BAD_CREDENTIALS))
+            d.callback(
+                LoginResult(Outcome.OK, ALICE)
+                if password == "secret"
+                else LoginResult(Outcome.BAD_CREDENTIALS)
+            )
 
 
 @pytest.fixture
@@ -60,9 +65,14 @@ def failures() -> Iterator[list[dict[str, Any]]]:
 
 
 def connect(tmp_path: Path) -> tuple[IMAPProtocol, StringTransport, GatedAuth, Clock]:
-    config = parse_config({"server": {"hostname": "mx.example.test",
-                                      "data_dir": str(tmp_path / "data")},
-                           "domains": {"local": ["example.test"]}}, None, tmp_path)
+    config = parse_config(
+        {
+            "server": {"hostname": "mx.example.test", "data_dir": str(tmp_path / "data")},
+            "domains": {"local": ["example.test"]},
+        },
+        None,
+        tmp_path,
+    )
     config.mail_dir.mkdir(parents=True)
     directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
     directory.add_user(ALICE, "unused")
@@ -79,8 +89,11 @@ def connect(tmp_path: Path) -> tuple[IMAPProtocol, StringTransport, GatedAuth, C
 
 def pollers(clock: Clock) -> list[Any]:
     """The clock's timers other than the connection's read deadline."""
-    return [c for c in clock.getDelayedCalls()
-            if not isinstance(getattr(c.func, "__self__", None), ReadDeadline)]
+    return [
+        c
+        for c in clock.getDelayedCalls()
+        if not isinstance(getattr(c.func, "__self__", None), ReadDeadline)
+    ]
 
 
 def lines(transport: StringTransport) -> list[bytes]:

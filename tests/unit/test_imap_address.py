@@ -31,9 +31,7 @@ def test_envelope_takes_the_name_from_a_comment_when_there_is_no_phrase() -> Non
         [b"Real (the) ) Name", NIL, b"user", b"domain"]
     ]
     # a phrase wins over a comment; an empty comment names nothing
-    assert from_of(b'"Smith, John" <js@x.test> (work)') == [
-        [b"Smith, John", NIL, b"js", b"x.test"]
-    ]
+    assert from_of(b'"Smith, John" <js@x.test> (work)') == [[b"Smith, John", NIL, b"js", b"x.test"]]
     assert from_of(b"user@domain ()") == [[NIL, NIL, b"user", b"domain"]]
     # several addresses keep their own comments
     assert from_of(b"a@x.test (A), b@y.test, c@z.test (C)") == [

@@ -1,6 +1,5 @@
 """Unit tests for SEARCH parsing and evaluation."""
 
-
 import pytest
 
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, ParseError
@@ -197,7 +196,7 @@ ODD_FROM = (
     b"From: <user-from (comment)@ (comment) domain.org>\n"
     b"To: =?utf-8?q?Ren=C3=A9e?= (team\n lead) <renee@example.org>\n"
     b"Cc: Old Style <old@host.test>, plain@host.test (Plain Person)\n"
-    b"Bcc: \"quoted\\\\local\"@x.test\n"
+    b'Bcc: "quoted\\\\local"@x.test\n'
     b"Subject: s\n\nb\n"
 )
 

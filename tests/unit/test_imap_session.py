@@ -232,8 +232,9 @@ def test_login_select_fetch_and_seen(tmp_path: Path) -> None:
             host.deliver(n)
         a = Adapter(host)
         await a.send(b"a1 LOGIN alice@example.test secret\r\n")
-        assert a.take() == [b"a1 OK [CAPABILITY " + a.session.capabilities().encode()
-                            + b"] Logged in"]
+        assert a.take() == [
+            b"a1 OK [CAPABILITY " + a.session.capabilities().encode() + b"] Logged in"
+        ]
         assert a.logged_in
         await a.send(b"a2 SELECT INBOX\r\n")
         lines = a.take()
@@ -242,14 +243,17 @@ def test_login_select_fetch_and_seen(tmp_path: Path) -> None:
         assert lines[-1] == b"a2 OK [READ-WRITE] SELECT completed"
         await a.send(b"a3 FETCH 1:2 (FLAGS BODY[HEADER.FIELDS (SUBJECT)])\r\n")
         out = bytes(a.out)
-        assert b"* 1 FETCH (FLAGS (\\Seen \\Recent) BODY[HEADER.FIELDS (SUBJECT)] {14}\r\n" \
-               b"Subject: 1\r\n\r\n)" in out
+        assert (
+            b"* 1 FETCH (FLAGS (\\Seen \\Recent) BODY[HEADER.FIELDS (SUBJECT)] {14}\r\n"
+            b"Subject: 1\r\n\r\n)" in out
+        )
         assert out.endswith(b"a3 OK FETCH completed\r\n")
         a.take()
         # the \Seen FETCH set is in the store, seen by a second session
         b = Adapter(host)
-        await b.send(b"b1 LOGIN alice@example.test secret\r\nb2 EXAMINE INBOX\r\n"
-                     b"b3 FETCH 1:2 FLAGS\r\n")
+        await b.send(
+            b"b1 LOGIN alice@example.test secret\r\nb2 EXAMINE INBOX\r\nb3 FETCH 1:2 FLAGS\r\n"
+        )
         assert b"* 2 FETCH (FLAGS (\\Seen))" in b.take()
 
     run(scenario, tmp_path)
@@ -258,8 +262,7 @@ def test_login_select_fetch_and_seen(tmp_path: Path) -> None:
 def test_bad_password_and_commands_before_login(tmp_path: Path) -> None:
     async def scenario(host: Host) -> None:
         a = Adapter(host)
-        await a.send(b"a1 SELECT INBOX\r\na2 LOGIN alice@example.test wrong\r\n"
-                     b"a3 SELECT INBOX\r\n")
+        await a.send(b"a1 SELECT INBOX\r\na2 LOGIN alice@example.test wrong\r\na3 SELECT INBOX\r\n")
         assert a.take() == [
             b"a1 BAD SELECT is not allowed in the not authenticated state",
             b"a2 NO [AUTHENTICATIONFAILED] Invalid user name or password",
@@ -306,7 +309,8 @@ def test_fetch_waits_for_the_output_between_batches(tmp_path: Path, small_batche
         await a.send(b"a3 FETCH 1:* UID\r\n")
         lines = a.take()
         assert [line for line in lines if b"FETCH (" in line] == [
-            b"* %d FETCH (UID %d)" % (n, n) for n in range(1, 6)]
+            b"* %d FETCH (UID %d)" % (n, n) for n in range(1, 6)
+        ]
         assert a.writable_waits == 2  # batches of 2: waits after the first and the second
 
     run(scenario, tmp_path)
@@ -361,15 +365,23 @@ def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
         host.deliver(1)
         host.gate = asyncio.get_running_loop().create_future()
         a = Adapter(host)
-        sending = asyncio.ensure_future(a.send(
-            b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\na3 SELECT Nope\r\n"
-            b"a4 NOOP\r\na5 LOGOUT\r\n"))
+        sending = asyncio.ensure_future(
+            a.send(
+                b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\na3 SELECT Nope\r\n"
+                b"a4 NOOP\r\na5 LOGOUT\r\n"
+            )
+        )
         await asyncio.sleep(0)
         assert a.take() == []  # the login waits: nothing after it is answered either
         host.gate.set_result(None)
         await sending
         assert [line.split(b" ", 2)[:2] for line in tagged(a.take())] == [
-            [b"a1", b"OK"], [b"a2", b"OK"], [b"a3", b"NO"], [b"a4", b"OK"], [b"a5", b"OK"]]
+            [b"a1", b"OK"],
+            [b"a2", b"OK"],
+            [b"a3", b"NO"],
+            [b"a4", b"OK"],
+            [b"a5", b"OK"],
+        ]
         assert a.closed
 
     run(scenario, tmp_path)
@@ -379,13 +391,16 @@ def test_a_failure_in_a_waiting_command_is_answered_and_logged(tmp_path: Path) -
     async def scenario(host: Host) -> None:
         host.deliver(1)
         a = Adapter(host)
-        await a.send(b"a1 LOGIN alice@example.test secret\r\na2 CREATE Archive\r\n"
-                     b"a3 SELECT INBOX\r\n")
+        await a.send(
+            b"a1 LOGIN alice@example.test secret\r\na2 CREATE Archive\r\na3 SELECT INBOX\r\n"
+        )
         a.take()
         host.fail_blocking = OSError("disk on fire")
         await a.send(b"a4 COPY 1 Archive\r\na5 NOOP\r\n")
-        assert tagged(a.take()) == [b"a4 NO [SERVERBUG] Internal server error, logged",
-                                    b"a5 OK NOOP completed"]
+        assert tagged(a.take()) == [
+            b"a4 NO [SERVERBUG] Internal server error, logged",
+            b"a5 OK NOOP completed",
+        ]
         assert host.blocking_calls == ["copy_blocking"]
         ((text, exc),) = host.log.failures
         assert text == f"IMAP COPY failed for {ALICE}" and isinstance(exc, OSError)

@@ -42,9 +42,22 @@ CORES = tuple(f"mailsuite.{p}.session" for p in PROTOCOLS)
 #: pop3/server.py; pop3/maildrop.py is the store side the adapter opens)
 CORE_MODULES = (
     *CORES,
-    *(f"mailsuite.imap.{m}" for m in (
-        "session_base", "mailbox_commands", "message_commands", "interface", "parser",
-        "search", "fetch_response", "fetch_source", "message", "sequence", "address")),
+    *(
+        f"mailsuite.imap.{m}"
+        for m in (
+            "session_base",
+            "mailbox_commands",
+            "message_commands",
+            "interface",
+            "parser",
+            "search",
+            "fetch_response",
+            "fetch_source",
+            "message",
+            "sequence",
+            "address",
+        )
+    ),
     "mailsuite.pop3.policy",
     "mailsuite.pacing",
 )
@@ -220,21 +233,24 @@ def violations(graph: Graph, cores: tuple[str, ...] = CORES) -> dict[str, str]:
                 found[f"store imports {target}: {module}"] = where(graph, module, target)
             if {area, target_area} == {"imap", "pop3"}:
                 found[f"imap/pop3 import each other: {module} -> {target}"] = where(
-                    graph, module, target)
+                    graph, module, target
+                )
             # the configuration (reading and model) is the bottom layer: it imports nothing
             # of mailsuite but its own model
             if module in CONFIG_MODULES and target not in CONFIG_MODULES:
                 found[f"config imports {target}"] = where(graph, module, target)
     for core in cores:
         if core not in graph.files:
-            found[f"missing protocol core: {core}"] = "the rule cannot hold for a module that is not there"
+            found[f"missing protocol core: {core}"] = (
+                "the rule cannot hold for a module that is not there"
+            )
             continue
         chain = reaches(graph, core, "twisted")
         if chain is not None:
             line = graph.external[chain[-1]]["twisted"]
             found[f"Twisted in a protocol core: {core}"] = (
-                " -> ".join(chain) + f", which imports twisted at "
-                f"{shown(graph, chain[-1])}:{line}")
+                " -> ".join(chain) + f", which imports twisted at {shown(graph, chain[-1])}:{line}"
+            )
     for module, path in graph.files.items():
         lines = len(path.read_text(encoding="utf-8").splitlines())
         if lines > MAX_LINES:
@@ -249,8 +265,11 @@ def mailsuite_violations() -> dict[str, str]:
 
 def check(prefix: str) -> None:
     """Fail on every violation whose key starts with ``prefix`` that is not known."""
-    new = {k: v for k, v in mailsuite_violations().items()
-           if k.startswith(prefix) and k not in KNOWN_VIOLATIONS}
+    new = {
+        k: v
+        for k, v in mailsuite_violations().items()
+        if k.startswith(prefix) and k not in KNOWN_VIOLATIONS
+    }
     assert not new, "\n".join(f"{k}  ({v})" for k, v in sorted(new.items()))
 
 
@@ -300,31 +319,40 @@ def package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
-    root = package(tmp_path, {
-        "a.py": "from mailsuite import b\n",
-        "b.py": "def f():\n    from mailsuite.c import g\n    return g\n",
-        "c.py": "import mailsuite.a\n\ndef g():\n    pass\n",
-        "d.py": "from mailsuite.a import b\n",  # into the cycle, not part of it
-    })
+    root = package(
+        tmp_path,
+        {
+            "a.py": "from mailsuite import b\n",
+            "b.py": "def f():\n    from mailsuite.c import g\n    return g\n",
+            "c.py": "import mailsuite.a\n\ndef g():\n    pass\n",
+            "d.py": "from mailsuite.a import b\n",  # into the cycle, not part of it
+        },
+    )
     found = violations(build_graph(root))
     assert "cycle: mailsuite.a -> mailsuite.b -> mailsuite.c -> mailsuite.a" in found
-    assert "mailsuite/b.py:2" in found["cycle: mailsuite.a -> mailsuite.b -> mailsuite.c -> mailsuite.a"]
+    assert (
+        "mailsuite/b.py:2"
+        in found["cycle: mailsuite.a -> mailsuite.b -> mailsuite.c -> mailsuite.a"]
+    )
     assert len([k for k in found if k.startswith("cycle")]) == 1
 
 
 def test_relative_imports_and_each_rule_are_seen(tmp_path: Path) -> None:
-    root = package(tmp_path, {
-        "config.py": "from .directory import x\n",
-        "directory.py": "x = 1\n",
-        "store/mailbox.py": "from ..imap import utf7\nfrom . import maildir\n",
-        "store/maildir.py": "",
-        "imap/utf7.py": "",
-        "imap/session.py": "from mailsuite.store import helper\n",
-        "store/helper.py": "if False:\n    from twisted.internet import reactor\n",
-        "pop3/session.py": "from mailsuite.imap.utf7 import *\n",
-        "smtp/session.py": "x = 1\n" * (MAX_LINES + 1),
-        "managesieve/session.py": "import email\n",
-    })
+    root = package(
+        tmp_path,
+        {
+            "config.py": "from .directory import x\n",
+            "directory.py": "x = 1\n",
+            "store/mailbox.py": "from ..imap import utf7\nfrom . import maildir\n",
+            "store/maildir.py": "",
+            "imap/utf7.py": "",
+            "imap/session.py": "from mailsuite.store import helper\n",
+            "store/helper.py": "if False:\n    from twisted.internet import reactor\n",
+            "pop3/session.py": "from mailsuite.imap.utf7 import *\n",
+            "smtp/session.py": "x = 1\n" * (MAX_LINES + 1),
+            "managesieve/session.py": "import email\n",
+        },
+    )
     found = violations(build_graph(root))
     assert set(found) == {
         "config imports mailsuite.directory",
@@ -335,11 +363,13 @@ def test_relative_imports_and_each_rule_are_seen(tmp_path: Path) -> None:
     }, found
     assert found["Twisted in a protocol core: mailsuite.imap.session"].startswith(
         "mailsuite.imap.session -> mailsuite.store.helper, which imports twisted at "
-        "mailsuite/store/helper.py:2")
+        "mailsuite/store/helper.py:2"
+    )
 
 
 @pytest.mark.parametrize("core", CORES)
 def test_a_missing_core_is_a_violation_not_a_pass(tmp_path: Path, core: str) -> None:
     files = {c.replace("mailsuite.", "").replace(".", "/") + ".py": "" for c in CORES if c != core}
     assert set(violations(build_graph(package(tmp_path, files)))) == {
-        f"missing protocol core: {core}"}
+        f"missing protocol core: {core}"
+    }

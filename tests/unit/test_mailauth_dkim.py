@@ -41,6 +41,7 @@ def published(*pairs: tuple[str, object]) -> Keys:
 
 # ------------------------------------------------------------------ key store
 
+
 def test_keygen_files_modes_and_first_key_signs(tmp_path):
     store = KeyStore(tmp_path / "dkim")
     key, active = store.generate("Example.ORG", "s2026", "rsa")
@@ -60,13 +61,16 @@ def test_keygen_files_modes_and_first_key_signs(tmp_path):
     assert store.signing("example.org")["rsa"] == "s2027"
 
 
-@pytest.mark.parametrize("domain,selector,kind,needle", [
-    ("example.org", "../x", "rsa", "not a valid selector"),
-    ("example.org", "_signing", "rsa", "not a valid selector"),
-    ("example.org", "a b", "rsa", "not a valid selector"),
-    ("nodot", "s1", "rsa", "not a valid domain"),
-    ("example.org", "s1", "dsa", "unknown algorithm"),
-])
+@pytest.mark.parametrize(
+    "domain,selector,kind,needle",
+    [
+        ("example.org", "../x", "rsa", "not a valid selector"),
+        ("example.org", "_signing", "rsa", "not a valid selector"),
+        ("example.org", "a b", "rsa", "not a valid selector"),
+        ("nodot", "s1", "rsa", "not a valid domain"),
+        ("example.org", "s1", "dsa", "unknown algorithm"),
+    ],
+)
 def test_keygen_refuses_bad_names(tmp_path, domain, selector, kind, needle):
     with pytest.raises(KeyStoreError, match=needle):
         KeyStore(tmp_path / "dkim").generate(domain, selector, kind)
@@ -103,12 +107,15 @@ def test_txt_strings_split_at_255():
 
 # ------------------------------------------------------------------ signing
 
+
 def test_signer_signs_with_both_algorithms_and_oversigns_from(tmp_path):
     store = KeyStore(tmp_path / "dkim")
     rsa_k, _ = store.generate("example.org", "r1", "rsa")
     ed_k, _ = store.generate("example.org", "e1", "ed25519")
-    msg = (b"From: Alice <alice@example.org>\nTo: bob@example.net\nCc: c@example.net\n"
-           b"Subject: hi\nList-Id: <l.example.org>\nReceived: from x\nX-Other: 1\n\nbody  \n")
+    msg = (
+        b"From: Alice <alice@example.org>\nTo: bob@example.net\nCc: c@example.net\n"
+        b"Subject: hi\nList-Id: <l.example.org>\nReceived: from x\nX-Other: 1\n\nbody  \n"
+    )
     headers = Signer(store).signature_headers(msg)
     assert headers.count(b"DKIM-Signature:") == 2 and b"\r" not in headers
     signed = headers + msg
@@ -145,8 +152,12 @@ def test_signer_is_thread_safe(tmp_path):
     store.generate("example.org", "e1", "ed25519")
     signer = Signer(store)
     out: list[bytes] = []
-    threads = [threading.Thread(target=lambda: out.append(signer.signature_headers(
-        message("a@example.org")))) for _ in range(8)]
+    threads = [
+        threading.Thread(
+            target=lambda: out.append(signer.signature_headers(message("a@example.org")))
+        )
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -167,8 +178,11 @@ def test_resign_replaces_only_our_signatures_over_the_changed_body(tmp_path):
     again = signer.resign(changed)
     assert again.count(b"DKIM-Signature:") == 2 and foreign in again  # theirs kept, ours new
     d = dkim.DKIM(again)
-    ours = [i for i, (n, v) in enumerate(
-        (n, v) for n, v in d.headers if n == b"DKIM-Signature") if b"d=example.org" in v]
+    ours = [
+        i
+        for i, (n, v) in enumerate((n, v) for n, v in d.headers if n == b"DKIM-Signature")
+        if b"d=example.org" in v
+    ]
     assert ours and d.verify(ours[0], dnsfunc=lambda n, timeout=5: keys(n.decode()))
     assert b"\r\n\r\nb=6Fdy" in again  # line ends kept as they were
     # without a signature of ours, nothing changes (the very same object comes back)
@@ -178,15 +192,20 @@ def test_resign_replaces_only_our_signatures_over_the_changed_body(tmp_path):
 
 # ------------------------------------------------------------------ verification
 
+
 def test_rsa_and_ed25519_pass():
     msg = message("alice@example.org")
-    signed = dkim_sign(dkim_sign(msg, "example.org", "r", rsa_key()), "example.org", "e",
-                       ed25519_key())
-    keys = published(("r._domainkey.example.org", rsa_key()),
-                     ("e._domainkey.example.org", ed25519_key()))
+    signed = dkim_sign(
+        dkim_sign(msg, "example.org", "r", rsa_key()), "example.org", "e", ed25519_key()
+    )
+    keys = published(
+        ("r._domainkey.example.org", rsa_key()), ("e._domainkey.example.org", ed25519_key())
+    )
     results, skipped = verify_dkim(signed, keys)
     assert [(r.result, r.selector, r.algorithm) for r in results] == [
-        ("pass", "e", "ed25519-sha256"), ("pass", "r", "rsa-sha256")]
+        ("pass", "e", "ed25519-sha256"),
+        ("pass", "r", "rsa-sha256"),
+    ]
     assert skipped == 0
 
 
@@ -205,8 +224,9 @@ def test_openssl_rsa_check_answers_as_dkimpy_does():
     keys = []
     for name in ("a", "b"):
         private = serialization.load_pem_private_key(rsa_key(name=name).private, None)
-        der = private.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.PKCS1)
+        der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.PKCS1
+        )
         keys.append((private, parse_public_key(der)))
     (private, public), (_, foreign) = keys
     for algorithm, chosen in ((hashlib.sha256, hashes.SHA256()), (hashlib.sha1, hashes.SHA1())):
@@ -219,19 +239,30 @@ def test_openssl_rsa_check_answers_as_dkimpy_does():
                 break
         assert zero_led is not None
         data, sig = zero_led
-        cases = [(data, sig, public), (data, sig[1:], public), (data + b"x", sig, public),
-                 (data, sig, foreign), (data, sig[:-1], public), (data, sig + b"\0", public),
-                 (data, b"", public), (data, bytes(256), public), (data, b"\xff" * 256, public)]
-        answers = [(rsa_verify(algorithm(d), s, k), _dkimpy_rsa_verify(algorithm(d), s, k))
-                   for d, s, k in cases]
+        cases = [
+            (data, sig, public),
+            (data, sig[1:], public),
+            (data + b"x", sig, public),
+            (data, sig, foreign),
+            (data, sig[:-1], public),
+            (data, sig + b"\0", public),
+            (data, b"", public),
+            (data, bytes(256), public),
+            (data, b"\xff" * 256, public),
+        ]
+        answers = [
+            (rsa_verify(algorithm(d), s, k), _dkimpy_rsa_verify(algorithm(d), s, k))
+            for d, s, k in cases
+        ]
         assert answers[0] == (True, True) and answers[1] == (True, True)
         assert all(ours == theirs for ours, theirs in answers), answers
         assert not any(ours for ours, _ in answers[2:])
 
 
 def test_tampered_body_fails():
-    signed = dkim_sign(message("alice@example.org", body="Pay 10 EUR.\r\n"), "example.org", "r",
-                       rsa_key())
+    signed = dkim_sign(
+        message("alice@example.org", body="Pay 10 EUR.\r\n"), "example.org", "r", rsa_key()
+    )
     tampered = signed.replace(b"Pay 10 EUR.", b"Pay 99 EUR.")
     keys = published(("r._domainkey.example.org", rsa_key()))
     [r] = verify_dkim(tampered, keys)[0]
@@ -241,8 +272,9 @@ def test_tampered_body_fails():
 
 
 def test_rsa_sha1_and_short_keys_fail():
-    keys = published(("r._domainkey.example.org", rsa_key()),
-                     ("w._domainkey.example.org", weak_rsa_key()))
+    keys = published(
+        ("r._domainkey.example.org", rsa_key()), ("w._domainkey.example.org", weak_rsa_key())
+    )
     sha1 = dkim_sign(message("alice@example.org"), "example.org", "r", rsa_key(), b"rsa-sha1")
     [r] = verify_dkim(sha1, keys)[0]
     assert r.result == "fail" and "rsa-sha1" in r.reason
@@ -263,8 +295,14 @@ def test_missing_revoked_or_garbage_keys_are_permerror_and_dns_trouble_temperror
         "slow": "servfail",
     }
     keys = Keys({f"{s}._domainkey.example.org": v for s, v in cases.items()})
-    expected = {"missing": "permerror", "revoked": "permerror", "garbage": "permerror",
-                "wrongtype": "permerror", "junk": "permerror", "slow": "temperror"}
+    expected = {
+        "missing": "permerror",
+        "revoked": "permerror",
+        "garbage": "permerror",
+        "wrongtype": "permerror",
+        "junk": "permerror",
+        "slow": "temperror",
+    }
     for selector, result in expected.items():
         signed = dkim_sign(msg, "example.org", selector, rsa_key())
         [r] = verify_dkim(signed, keys)[0]
@@ -273,9 +311,12 @@ def test_missing_revoked_or_garbage_keys_are_permerror_and_dns_trouble_temperror
 
 def test_malformed_signatures_are_permerror_not_a_crash():
     keys = published(("r._domainkey.example.org", rsa_key()))
-    for sig in (b"DKIM-Signature: garbage\r\n", b"DKIM-Signature: v=1; a=rsa-sha256\r\n",
-                b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=r; h=from; bh=@@; b=@@\r\n",
-                b"DKIM-Signature: \xff\xfe=\x00\r\n"):
+    for sig in (
+        b"DKIM-Signature: garbage\r\n",
+        b"DKIM-Signature: v=1; a=rsa-sha256\r\n",
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=r; h=from; bh=@@; b=@@\r\n",
+        b"DKIM-Signature: \xff\xfe=\x00\r\n",
+    ):
         results, _ = verify_dkim(sig + message("alice@example.org"), keys)
         assert [r.result for r in results] == ["permerror"], sig
 
@@ -286,8 +327,9 @@ def test_hundred_signatures_bounded_work_aligned_first():
     for i in range(99):
         signed = dkim_sign(signed, f"spam{i}.example", "x", ed25519_key("spam"))
     keys = published(("r._domainkey.example.org", rsa_key()))
-    results, skipped = verify_dkim(signed, keys, max_signatures=5,
-                                   prefer=lambda d: d.endswith("example.org"))
+    results, skipped = verify_dkim(
+        signed, keys, max_signatures=5, prefer=lambda d: d.endswith("example.org")
+    )
     assert len(results) == 5 and skipped == 95
     assert len(keys.asked) == 5  # one key lookup per verified signature, no more
     assert results[0].domain == "example.org" and results[0].result == "pass"

@@ -18,8 +18,11 @@ ZONE = {
     "origin": "test",
     "also": ["in-addr.arpa"],
     "names": {
-        "example.test": {"TXT": [["v=spf1 ", "mx -all"], ["other"]], "MX": [[10, "mx.example.test"]],
-                         "A": ["127.0.0.2"]},
+        "example.test": {
+            "TXT": [["v=spf1 ", "mx -all"], ["other"]],
+            "MX": [[10, "mx.example.test"]],
+            "A": ["127.0.0.2"],
+        },
         "mx.example.test": {"A": ["127.0.0.2"], "AAAA": ["2001:db8::1"]},
         "_imaps._tcp.example.test": {"SRV": [[0, 1, 993, "mx.example.test"]]},
         "2.0.0.127.in-addr.arpa": {"PTR": ["mx.example.test"]},
@@ -49,7 +52,8 @@ def test_record_types_are_decoded(client):
     assert now(c.lookup("example.test", "MX")).records == ((10, "mx.example.test"),)
     assert now(c.lookup("mx.example.test", "AAAA")).records == ("2001:db8::1",)
     assert now(c.lookup("_imaps._tcp.example.test", "SRV")).records == (
-        (0, 1, 993, "mx.example.test"),)
+        (0, 1, 993, "mx.example.test"),
+    )
     assert now(c.lookup("2.0.0.127.in-addr.arpa", "PTR")).records == ("mx.example.test",)
 
 
@@ -136,6 +140,7 @@ def test_peek_reads_fresh_cached_answers_only(client):
 
 # ------------------------------------------------------------------ over a real socket
 
+
 @pytest.fixture(scope="module")
 def loopback(reactor, loopback_dns):
     server = loopback_dns(ZONE)
@@ -200,5 +205,6 @@ def test_prefetch_asks_ahead_and_lookups_then_read_the_cache(loopback):
     asked = c.queries
     assert facade.lookup("mx.example.test", "AAAA").records == ("2001:db8::1",)
     assert facade.lookup("_imaps._tcp.example.test", "SRV").records == (
-        (0, 1, 993, "mx.example.test"),)
+        (0, 1, 993, "mx.example.test"),
+    )
     assert c.queries == asked  # answered from the cache, in this thread

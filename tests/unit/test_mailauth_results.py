@@ -26,8 +26,10 @@ def test_one_header_with_every_method():
     header = results_header(
         ID,
         SPFResult("pass", "example.org", "mailfrom", "alice@example.org"),
-        [DKIMResult("pass", "example.org", "s1", "rsa-sha256"),
-         DKIMResult("fail", "example.org", "e1", "ed25519-sha256", "body hash did not verify")],
+        [
+            DKIMResult("pass", "example.org", "s1", "rsa-sha256"),
+            DKIMResult("fail", "example.org", "e1", "ed25519-sha256", "body hash did not verify"),
+        ],
         DMARCResult("pass", "example.org", "reject", "none", "example.org"),
         ARCResult("none"),
     )
@@ -37,8 +39,13 @@ def test_one_header_with_every_method():
     parsed = parse_results(value_of(header))
     assert parsed.authserv_id == ID
     methods = [(r.method, r.result) for r in parsed.results]
-    assert methods == [("spf", "pass"), ("dkim", "pass"), ("dkim", "fail"), ("dmarc", "pass"),
-                       ("arc", "none")]
+    assert methods == [
+        ("spf", "pass"),
+        ("dkim", "pass"),
+        ("dkim", "fail"),
+        ("dmarc", "pass"),
+        ("arc", "none"),
+    ]
     spf, dkim1, dkim2, dmarc, _arc = parsed.results
     assert spf.smtp_mailfrom == "alice@example.org"
     assert (dkim1.header_d, dkim1.header_s, dkim1.header_a) == ("example.org", "s1", "rsa-sha256")
@@ -47,8 +54,9 @@ def test_one_header_with_every_method():
 
 
 def test_null_sender_reports_the_helo_identity_and_no_dkim_is_none():
-    header = results_header(ID, SPFResult("none", "client.example", "helo",
-                                          "postmaster@client.example"), [])
+    header = results_header(
+        ID, SPFResult("none", "client.example", "helo", "postmaster@client.example"), []
+    )
     parsed = parse_results(value_of(header))
     assert parsed.results[0].smtp_helo == "client.example"
     assert (parsed.results[1].method, parsed.results[1].result) == ("dkim", "none")
@@ -62,8 +70,13 @@ def test_checks_turned_off_are_left_out():
 
 def test_sender_controlled_values_cannot_add_clauses():
     # a DKIM-Signature with d=x@y; dkim=pass ... must not write "dkim=pass" into our header
-    evil = DKIMResult("fail", "evil.example@x; dkim=pass header.d=bank.example", "s\r\nX: y",
-                      "rsa-sha256", "reason with @ and ; dkim=pass")
+    evil = DKIMResult(
+        "fail",
+        "evil.example@x; dkim=pass header.d=bank.example",
+        "s\r\nX: y",
+        "rsa-sha256",
+        "reason with @ and ; dkim=pass",
+    )
     header = results_header(ID, dkim=[evil])
     parsed = parse_results(value_of(header))
     assert [(r.method, r.result) for r in parsed.results] == [("dkim", "fail")]
@@ -72,8 +85,9 @@ def test_sender_controlled_values_cannot_add_clauses():
 
 
 def test_unchecked_signatures_are_reported_once():
-    header = results_header(ID, dkim=[DKIMResult("pass", "a.example", "s", "rsa-sha256")],
-                            dkim_unchecked=95)
+    header = results_header(
+        ID, dkim=[DKIMResult("pass", "a.example", "s", "rsa-sha256")], dkim_unchecked=95
+    )
     parsed = parse_results(value_of(header))
     assert [r.result for r in parsed.results] == ["pass", "neutral"]
     assert "95 more" in parsed.results[1].reason
@@ -85,7 +99,7 @@ SECTION = (
     b"Received: from a by b\r\n"
     b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.example\r\n"
     b"authentication-results:MX.Example.Test.;\r\n\tspf=pass\r\n"
-    b"Authentication-Results: (comment) \"mx.example.test\" 1; dmarc=pass\r\n"
+    b'Authentication-Results: (comment) "mx.example.test" 1; dmarc=pass\r\n'
     b"Authentication-Results: other.example; spf=fail\r\n"
     b"Authentication-Results: mx.example.test.evil; spf=pass\r\n"
     b"ARC-Authentication-Results: i=1; mx.example.test; spf=pass\r\n"
@@ -122,4 +136,5 @@ def test_header_helpers():
     assert from_domains(b"To: x@y.example\n\n") is None
     assert from_domains(b"From: undisclosed\n\n") is None
     assert from_domains("From: =?utf-8?q?J=C3=B6rg?= <j@Bücher.example>\n\n".encode()) == [
-        "xn--bcher-kva.example"]
+        "xn--bcher-kva.example"
+    ]

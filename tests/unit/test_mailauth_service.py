@@ -48,8 +48,9 @@ def _pool_threads() -> list[threading.Thread]:
 def test_worker_pool_starts_and_stops_with_the_service(tmp_path, reactor):
     auth = MailAuth(config(tmp_path), reactor, resolver=None)
     auth.startService()
-    assert in_reactor(reactor, auth.workers.run, lambda: threading.current_thread().name) \
-        .startswith("PoolThread-mailauth")
+    assert in_reactor(
+        reactor, auth.workers.run, lambda: threading.current_thread().name
+    ).startswith("PoolThread-mailauth")
     in_reactor(reactor, auth.stopService)
     wait_until(lambda: _pool_threads() == [], 10, "the worker threads to end")
     failure = []
@@ -60,10 +61,13 @@ def test_worker_pool_starts_and_stops_with_the_service(tmp_path, reactor):
 def test_who_is_checked(tmp_path, reactor):
     auth = MailAuth(config(tmp_path), reactor, resolver=None)
     assert auth.applies_to("192.0.2.7", authenticated=False)
-    assert not auth.applies_to("192.0.2.7", authenticated=True)   # submission
-    assert not auth.applies_to("10.1.2.3", authenticated=False)   # trusted network
-    off = MailAuth(config(tmp_path, "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\n"
-                          "arc = false\n"), reactor, resolver=None)
+    assert not auth.applies_to("192.0.2.7", authenticated=True)  # submission
+    assert not auth.applies_to("10.1.2.3", authenticated=False)  # trusted network
+    off = MailAuth(
+        config(tmp_path, "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"),
+        reactor,
+        resolver=None,
+    )
     assert not off.applies_to("192.0.2.7", authenticated=False)
 
 

@@ -36,10 +36,12 @@ ZONE = {
         "loop.test": spf("v=spf1 include:loop.test -all"),
         "loop-a.test": spf("v=spf1 include:loop-b.test -all"),
         "loop-b.test": spf("v=spf1 include:loop-a.test -all"),
-        "ten.test": spf("v=spf1 " + " ".join(f"include:l{i}.test" for i in range(1, 11))
-                        + " ip4:192.0.2.1 -all"),
-        "eleven.test": spf("v=spf1 " + " ".join(f"include:l{i}.test" for i in range(1, 12))
-                           + " ip4:192.0.2.1 -all"),
+        "ten.test": spf(
+            "v=spf1 " + " ".join(f"include:l{i}.test" for i in range(1, 11)) + " ip4:192.0.2.1 -all"
+        ),
+        "eleven.test": spf(
+            "v=spf1 " + " ".join(f"include:l{i}.test" for i in range(1, 12)) + " ip4:192.0.2.1 -all"
+        ),
         "twovoid.test": spf("v=spf1 a:nx1.test a:nx2.test ip4:192.0.2.1 -all"),
         "threevoid.test": spf("v=spf1 a:nx1.test a:nx2.test a:nx3.test ip4:192.0.2.1 -all"),
         "redirect.test": spf("v=spf1 redirect=pass.test"),
@@ -76,26 +78,29 @@ def dns(reactor):
     return BlockingDNS(client, reactor)
 
 
-@pytest.mark.parametrize("ip,sender,expected", [
-    ("192.0.2.1", "a@pass.test", "pass"),
-    ("198.51.100.1", "a@pass.test", "fail"),
-    ("2001:db8::5", "a@pass.test", "pass"),
-    ("::ffff:192.0.2.9", "a@pass.test", "pass"),      # an IPv4-mapped client is IPv4
-    ("192.0.2.10", "a@mx.test", "pass"),
-    ("192.0.2.11", "a@mx.test", "fail"),
-    ("192.0.2.1", "a@soft.test", "softfail"),
-    ("192.0.2.1", "a@neutral.test", "neutral"),
-    ("192.0.2.7", "a@split.test", "pass"),            # strings of one record are joined
-    ("192.0.2.1", "a@two.test", "permerror"),         # two SPF records (4.5)
-    ("192.0.2.1", "a@other-txt.test", "none"),
-    ("192.0.2.1", "a@nonexistent.test", "none"),
-    ("192.0.2.3", "a@redirect.test", "pass"),
-    ("192.0.2.1", "a@temp.test", "temperror"),
-    ("192.0.2.1", "a@incl-temp.test", "temperror"),
-    ("192.0.2.1", "a@slowspf.test", "temperror"),
-    ("192.0.2.1", "a@[192.0.2.1]", "none"),
-    ("192.0.2.1", "a@localhost", "none"),
-])
+@pytest.mark.parametrize(
+    "ip,sender,expected",
+    [
+        ("192.0.2.1", "a@pass.test", "pass"),
+        ("198.51.100.1", "a@pass.test", "fail"),
+        ("2001:db8::5", "a@pass.test", "pass"),
+        ("::ffff:192.0.2.9", "a@pass.test", "pass"),  # an IPv4-mapped client is IPv4
+        ("192.0.2.10", "a@mx.test", "pass"),
+        ("192.0.2.11", "a@mx.test", "fail"),
+        ("192.0.2.1", "a@soft.test", "softfail"),
+        ("192.0.2.1", "a@neutral.test", "neutral"),
+        ("192.0.2.7", "a@split.test", "pass"),  # strings of one record are joined
+        ("192.0.2.1", "a@two.test", "permerror"),  # two SPF records (4.5)
+        ("192.0.2.1", "a@other-txt.test", "none"),
+        ("192.0.2.1", "a@nonexistent.test", "none"),
+        ("192.0.2.3", "a@redirect.test", "pass"),
+        ("192.0.2.1", "a@temp.test", "temperror"),
+        ("192.0.2.1", "a@incl-temp.test", "temperror"),
+        ("192.0.2.1", "a@slowspf.test", "temperror"),
+        ("192.0.2.1", "a@[192.0.2.1]", "none"),
+        ("192.0.2.1", "a@localhost", "none"),
+    ],
+)
 def test_results(dns, ip, sender, expected):
     r = check_spf(ip, sender, "client.example", dns)
     assert r.result == expected, r

@@ -27,8 +27,10 @@ def plain(user: str = "alice@example.test", password: str = "pw", authzid: str =
 
 @pytest.fixture
 def session(tmp_path: Path) -> Session:
-    return Session(Options(tls_available=True, max_script_size=200, max_scripts=3),
-                   lambda user: ScriptStore(tmp_path / user, 3, 200))
+    return Session(
+        Options(tls_available=True, max_script_size=200, max_scripts=3),
+        lambda user: ScriptStore(tmp_path / user, 3, 200),
+    )
 
 
 def login(s: Session) -> None:
@@ -36,7 +38,8 @@ def login(s: Session) -> None:
     step = s.command(Command("AUTHENTICATE", ["PLAIN", plain()]))
     assert isinstance(step.action, Authenticate) and step.action.password == "pw"
     assert s.login_finished(LoginResult(Outcome.OK, "alice@example.test")).out == (
-        b'OK "Logged in"\r\n')
+        b'OK "Logged in"\r\n'
+    )
 
 
 # -- reader ------------------------------------------------------------------------------------
@@ -45,22 +48,33 @@ def login(s: Session) -> None:
 def test_reader_strings_numbers_and_literals() -> None:
     r = CommandReader(max_literal=100)
     assert r.feed_line(b'havespace "my \\"script\\"" 123') == Command(
-        "HAVESPACE", ['my "script"', 123])
+        "HAVESPACE", ['my "script"', 123]
+    )
     assert r.feed_line(b'PUTSCRIPT "a" {5+}') == NeedLiteral(5)
     assert r.feed_literal(b"keep;") is None
     assert r.feed_line(b"") == Command("PUTSCRIPT", ["a", "keep;"])
-    assert r.feed_line(b'PUTSCRIPT {1}') == NeedLiteral(1)  # {N} is taken like {N+}
+    assert r.feed_line(b"PUTSCRIPT {1}") == NeedLiteral(1)  # {N} is taken like {N+}
     r.feed_literal(b"x")
-    assert r.feed_line(b' {2+}') == NeedLiteral(2)
+    assert r.feed_line(b" {2+}") == NeedLiteral(2)
     r.feed_literal(b"yz")
     assert r.feed_line(b"") == Command("PUTSCRIPT", ["x", "yz"])
     assert r.feed_line(b'"c2FzbA=="') == Command("", ["c2FzbA=="])  # a SASL answer line
 
 
-@pytest.mark.parametrize("line", [
-    b'NOOP "unterminated', b'NOOP "bad \\x escape"', b"NOOP  \"two spaces\"", b"N0OP",
-    b"NOOP atom", b'NOOP {3+} "after"', b"NOOP {x+}", b"NOOP 12ab", b"\xff",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'NOOP "unterminated',
+        b'NOOP "bad \\x escape"',
+        b'NOOP  "two spaces"',
+        b"N0OP",
+        b"NOOP atom",
+        b'NOOP {3+} "after"',
+        b"NOOP {x+}",
+        b"NOOP 12ab",
+        b"\xff",
+    ],
+)
 def test_reader_refuses_bad_syntax(line: bytes) -> None:
     assert isinstance(CommandReader(100).feed_line(line), BadCommand)
 
@@ -115,11 +129,11 @@ def test_authenticate_with_continuation_and_cancel(session: Session) -> None:
 def test_login_failures(session: Session) -> None:
     session.tls = True
     session.command(Command("AUTHENTICATE", ["PLAIN", plain()]))
-    assert session.login_finished(LoginResult(Outcome.THROTTLED)).out.startswith(
-        b"NO (TRYLATER)")
+    assert session.login_finished(LoginResult(Outcome.THROTTLED)).out.startswith(b"NO (TRYLATER)")
     session.command(Command("AUTHENTICATE", ["PLAIN", plain()]))
     assert session.login_finished(LoginResult(Outcome.BAD_CREDENTIALS)).out == (
-        b'NO "Authentication failed"\r\n')
+        b'NO "Authentication failed"\r\n'
+    )
     assert session.state is State.NONAUTH
 
 
@@ -131,9 +145,11 @@ def test_script_commands(session: Session) -> None:
     assert run("HAVESPACE", ["s", 500]).startswith(b"NO (QUOTA/MAXSIZE)")
     assert run("PUTSCRIPT", ["s", "keep;"]) == b'OK "Putscript completed"\r\n'
     assert run("PUTSCRIPT", ["t", "if true {\nfileinto;"]) == (
-        b'NO "line 2: missing \'}\' at end of script"\r\n')
+        b"NO \"line 2: missing '}' at end of script\"\r\n"
+    )
     assert run("CHECKSCRIPT", ['fileinto "x";']) == (
-        b'NO "line 1: command \'fileinto\' needs require \\"fileinto\\""\r\n')
+        b'NO "line 1: command \'fileinto\' needs require \\"fileinto\\""\r\n'
+    )
     assert run("CHECKSCRIPT", ["stop;"]) == b'OK "Script is valid"\r\n'
     assert run("SETACTIVE", ["nope"]).startswith(b"NO (NONEXISTENT)")
     assert run("SETACTIVE", ["s"]) == b'OK "s is active now"\r\n'
@@ -160,8 +176,8 @@ def test_script_commands(session: Session) -> None:
 
 def test_argument_errors_and_too_many_errors(session: Session) -> None:
     login(session)
-    assert session.command(Command("HAVESPACE", ["s", "x"])).out.startswith(b"NO \"Syntax")
-    assert session.command(Command("GETSCRIPT", [])).out.startswith(b"NO \"Syntax")
+    assert session.command(Command("HAVESPACE", ["s", "x"])).out.startswith(b'NO "Syntax')
+    assert session.command(Command("GETSCRIPT", [])).out.startswith(b'NO "Syntax')
     assert session.command(Command("FROB")).out == b'NO "Unknown command"\r\n'
     for _ in range(10):
         step = session.command(Command("FROB"))

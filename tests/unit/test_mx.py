@@ -26,8 +26,9 @@ from mailsuite.testing.dns import MemoryAuthority, spawn_dns_server
 ZONE = {
     "origin": "test",
     "names": {
-        "example.test": {"MX": [[20, "mx3.example.test"], [10, "mx1.example.test"],
-                                [10, "mx2.example.test"]]},
+        "example.test": {
+            "MX": [[20, "mx3.example.test"], [10, "mx1.example.test"], [10, "mx2.example.test"]]
+        },
         "mx1.example.test": {"A": ["127.0.0.2"]},
         "mx2.example.test": {"A": ["127.0.0.3"], "AAAA": ["::1"]},
         "mx3.example.test": {"AAAA": ["::2"]},
@@ -81,20 +82,24 @@ def test_prefer_ipv6():
 def test_equal_preferences_are_shuffled():
     seen = set()
     for seed in range(40):
-        route = resolve_now(MXResolver(MemoryAuthority(ZONE), rng=random.Random(seed)),
-                            "example.test")
+        route = resolve_now(
+            MXResolver(MemoryAuthority(ZONE), rng=random.Random(seed)), "example.test"
+        )
         names = tuple(h.name for h in route.hosts)
         assert names[2] == "mx3.example.test"  # never ahead of better preferences
         seen.add(names[:2])
-    assert seen == {("mx1.example.test", "mx2.example.test"),
-                    ("mx2.example.test", "mx1.example.test")}
+    assert seen == {
+        ("mx1.example.test", "mx2.example.test"),
+        ("mx2.example.test", "mx1.example.test"),
+    }
 
 
 def test_implicit_mx(mx):
     route = resolve_now(mx, "nomx.test")
     assert route.implicit
     assert [(h.name, h.preference, h.addresses) for h in route.hosts] == [
-        ("nomx.test", 0, ("127.0.0.4", "::4"))]
+        ("nomx.test", 0, ("127.0.0.4", "::4"))
+    ]
 
 
 def test_no_mx_no_address_is_permanent(mx):
@@ -150,8 +155,7 @@ def test_parse_nameserver():
 
 
 def _route(*hosts: tuple[str, int], implicit: bool = False) -> Route:
-    return Route("d.test", tuple(MXHost(n, p, ("192.0.2.1",)) for n, p in hosts),
-                 implicit=implicit)
+    return Route("d.test", tuple(MXHost(n, p, ("192.0.2.1",)) for n, p in hosts), implicit=implicit)
 
 
 def test_loop_rule_keeps_only_strictly_better_hosts():
@@ -165,11 +169,14 @@ def test_loop_rule_leaves_routes_without_us_alone():
     assert apply_loop_rule(route, lambda h: False) is route
 
 
-@pytest.mark.parametrize("hosts,implicit", [
-    ([("me.test", 10), ("b.test", 20)], False),  # we are the best MX: nothing better
-    ([("b.test", 10), ("me.test", 10)], False),  # a tie with us is not better
-    ([("d.test", 0)], True),  # the implicit MX is us
-])
+@pytest.mark.parametrize(
+    "hosts,implicit",
+    [
+        ([("me.test", 10), ("b.test", 20)], False),  # we are the best MX: nothing better
+        ([("b.test", 10), ("me.test", 10)], False),  # a tie with us is not better
+        ([("d.test", 0)], True),  # the implicit MX is us
+    ],
+)
 def test_loop_rule_without_a_better_host_is_5_4_6(hosts, implicit):
     route = _route(*hosts, implicit=implicit)
     with pytest.raises(MXError) as info:
@@ -180,6 +187,7 @@ def test_loop_rule_without_a_better_host_is_5_4_6(hosts, implicit):
 
 # --------------------------------------------------------------- over real sockets
 
+
 @pytest.fixture(scope="module")
 def dns_server(reactor, loopback_dns):
     return reactor, loopback_dns(ZONE)
@@ -187,8 +195,7 @@ def dns_server(reactor, loopback_dns):
 
 def resolve_over_network(reactor, nameserver: str, domain: str):
     def go():
-        mx = MXResolver(make_resolver([nameserver], reactor), rng=random.Random(1),
-                        timeout=(1,))
+        mx = MXResolver(make_resolver([nameserver], reactor), rng=random.Random(1), timeout=(1,))
         return mx.resolve(domain)
 
     from twisted.internet.threads import blockingCallFromThread
@@ -201,7 +208,9 @@ def test_network_preference_order(dns_server):
     route = resolve_over_network(reactor, server.nameserver, "example.test")
     assert [h.preference for h in route.hosts] == [10, 10, 20]
     assert dict((h.name, h.addresses) for h in route.hosts)["mx2.example.test"] == (
-        "127.0.0.3", "::1")
+        "127.0.0.3",
+        "::1",
+    )
 
 
 def test_network_implicit_mx(dns_server):
@@ -210,12 +219,15 @@ def test_network_implicit_mx(dns_server):
     assert route.implicit and route.hosts[0].addresses == ("127.0.0.4", "::4")
 
 
-@pytest.mark.parametrize("domain,permanent,status", [
-    ("nullmx.test", True, "5.1.10"),
-    ("nonexistent.test", True, "5.1.2"),
-    ("broken.test", False, "4.4.3"),
-    ("slow.test", False, "4.4.3"),
-])
+@pytest.mark.parametrize(
+    "domain,permanent,status",
+    [
+        ("nullmx.test", True, "5.1.10"),
+        ("nonexistent.test", True, "5.1.2"),
+        ("broken.test", False, "4.4.3"),
+        ("slow.test", False, "4.4.3"),
+    ],
+)
 def test_network_failures(dns_server, domain, permanent, status):
     reactor, server = dns_server
     with pytest.raises(MXError) as info:

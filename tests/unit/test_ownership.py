@@ -18,8 +18,13 @@ def test_cli_as_root_keeps_data_owned_by_the_server_account(tmp_path: Path) -> N
     os.chown(data, 5000, 5000)  # the server's account (no passwd entry needed)
     d = Directory(data / "directory.json", data / "mail", ("example.test",))
     d.add_user("alice@example.test", "$argon2id$dummy")
-    for path in [data / "directory.json", data / "directory.lock", data / "mail",
-                 data / "mail" / "example.test", *(data / "mail").rglob("*")]:
+    for path in [
+        data / "directory.json",
+        data / "directory.lock",
+        data / "mail",
+        data / "mail" / "example.test",
+        *(data / "mail").rglob("*"),
+    ]:
         st = path.lstat()
         assert (st.st_uid, st.st_gid) == (5000, 5000), path
 

@@ -60,8 +60,9 @@ def test_stuffing_across_chunk_boundaries() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"+OK x", b" "]),
-             max_size=40),
+    st.lists(
+        st.sampled_from([b"\n", b"\r\n", b"\r", b".", b"..", b"a", b"+OK x", b" "]), max_size=40
+    ),
     st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10),
 )
 def test_stuffing_property(pieces: list[bytes], cuts: list[int]) -> None:
@@ -70,7 +71,7 @@ def test_stuffing_property(pieces: list[bytes], cuts: list[int]) -> None:
     out, pos, i = [], 0, 0
     while pos < len(data):
         size = cuts[i % len(cuts)]
-        out.append(s.feed(data[pos:pos + size]))
+        out.append(s.feed(data[pos : pos + size]))
         pos += size
         i += 1
     wire = b"".join(out) + s.finish()

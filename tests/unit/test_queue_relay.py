@@ -44,11 +44,15 @@ def test_no_fallback_after_a_definite_answer(tmp_path: Path) -> None:
     fake.script["a.two.test"] = lambda rcpts: {
         "ok@two.test": Reply(250, "2.0.0", "ok"),
         "no@two.test": Reply(550, "5.1.1", "unknown"),
-        "wait@two.test": Reply(451, "4.2.1", "later")}
+        "wait@two.test": Reply(451, "4.2.1", "later"),
+    }
     out = run(relay, "two.test", ["ok@two.test", "no@two.test", "wait@two.test"])
     assert [c["host"] for c in fake.calls] == ["a.two.test"]  # DATA went through: stop
     assert [out[r].reply.code for r in ("ok@two.test", "no@two.test", "wait@two.test")] == [
-        250, 550, 451]
+        250,
+        550,
+        451,
+    ]
 
 
 def test_implicit_mx_null_mx_nxdomain_servfail(tmp_path: Path) -> None:
@@ -77,8 +81,9 @@ def test_greeting_5xx_and_auth_failure_are_not_bounces(tmp_path: Path) -> None:
 
     def refused(rcpts: list[str]) -> Any:
         reply = Reply(554, "5.7.1", "go away")
-        return TransactionResult(Outcome.GREETING_REFUSED, reply, "greeting",
-                                 {r: reply for r in rcpts}, "x", address="x")
+        return TransactionResult(
+            Outcome.GREETING_REFUSED, reply, "greeting", {r: reply for r in rcpts}, "x", address="x"
+        )
 
     fake.script["a.two.test"] = refused
     fake.script["b.two.test"] = refused
@@ -88,15 +93,17 @@ def test_greeting_5xx_and_auth_failure_are_not_bounces(tmp_path: Path) -> None:
     fake.calls.clear()
     smart, fake2 = make(tmp_path, smarthost="relay.test:587", smarthost_user="me")
     reply = Reply(535, "5.7.8", "bad credentials")
-    fake2.script["relay.test"] = TransactionResult(Outcome.AUTH_FAILED, reply, "auth",
-                                                   {"u@two.test": reply}, "relay.test")
+    fake2.script["relay.test"] = TransactionResult(
+        Outcome.AUTH_FAILED, reply, "auth", {"u@two.test": reply}, "relay.test"
+    )
     out = run(smart, SMARTHOST_ROUTE, ["u@two.test"])
     assert out["u@two.test"].reply.transient and "5.7.8" in out["u@two.test"].reply.text
 
 
 def test_smarthost_takes_every_domain(tmp_path: Path) -> None:
-    relay, fake = make(tmp_path, smarthost="relay.test:587", smarthost_user="me",
-                       smarthost_password="pw")
+    relay, fake = make(
+        tmp_path, smarthost="relay.test:587", smarthost_user="me", smarthost_password="pw"
+    )
     assert relay.route_key("x@null.test") == relay.route_key("y@two.test") == SMARTHOST_ROUTE
     out = run(relay, SMARTHOST_ROUTE, ["x@null.test", "y@two.test"])
     (call,) = fake.calls
@@ -134,8 +141,7 @@ def test_we_are_a_backup_mx_only_better_hosts_are_tried(tmp_path: Path) -> None:
 
 
 def test_an_mx_host_on_one_of_our_listening_addresses_is_us(tmp_path: Path) -> None:
-    listen = {"smtp": ["tcp:25:interface=192.0.2.60"],
-              "imap": ["tcp6:143:interface=\\:\\:1"]}
+    listen = {"smtp": ["tcp:25:interface=192.0.2.60"], "imap": ["tcp6:143:interface=\\:\\:1"]}
     relay, fake = make(tmp_path, listen=listen)
     for domain in ("addrloop.test", "implicitloop.test"):
         reply = run(relay, domain, [f"u@{domain}"])[f"u@{domain}"].reply
@@ -166,8 +172,7 @@ def limited(limit: int, reply: Reply = TOO_MANY) -> Any:
     """A server that accepts ``limit`` recipients per transaction and refuses the rest."""
 
     def answer(rcpts: list[str]) -> dict[str, Reply]:
-        return {r: Reply(250, "2.0.0", "ok") if i < limit else reply
-                for i, r in enumerate(rcpts)}
+        return {r: Reply(250, "2.0.0", "ok") if i < limit else reply for i, r in enumerate(rcpts)}
 
     return answer
 
@@ -193,7 +198,8 @@ def test_too_many_recipients_within_the_cap_of_100(tmp_path: Path) -> None:
 
 
 def test_too_many_recipients_without_progress_is_an_ordinary_temporary_failure(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     relay, fake = make(tmp_path)
     fake.script["a.two.test"] = limited(0)
     fake.script["b.two.test"] = limited(0)
@@ -209,8 +215,11 @@ def test_552_for_the_recipient_limit_is_temporary(tmp_path: Path) -> None:
 
     def once_limited(rcpts: list[str]) -> dict[str, Reply]:
         calls["n"] += 1
-        return limited(1, old_style)(rcpts) if calls["n"] == 1 else {
-            r: Reply(421, "4.3.2", "shutting down") for r in rcpts}
+        return (
+            limited(1, old_style)(rcpts)
+            if calls["n"] == 1
+            else {r: Reply(421, "4.3.2", "shutting down") for r in rcpts}
+        )
 
     fake.script["a.two.test"] = once_limited
     out = run(relay, "two.test", ["u@two.test", "v@two.test"])
@@ -234,22 +243,40 @@ def test_one_7bit_copy_per_send_shared_by_every_host_then_removed(tmp_path: Path
     scratch.mkdir()
     copies: list[tuple[str, int]] = []
 
-    async def deliver(reactor: Any, host: str, port: int, addresses: Any, helo: str,
-                      sender: str, rcpts: Any, path: Any, **kw: Any) -> TransactionResult:
+    async def deliver(
+        reactor: Any,
+        host: str,
+        port: int,
+        addresses: Any,
+        helo: str,
+        sender: str,
+        rcpts: Any,
+        path: Any,
+        **kw: Any,
+    ) -> TransactionResult:
         path, size = await kw["downgrade"]()
         copies.append((path, size))
         assert Path(path).read_bytes().isascii() and Path(path).parent == scratch
         if host == "a.two.test":
             reply = Reply(451, "4.4.1", "no connection", remote=False)
-            return TransactionResult(Outcome.CONNECT_FAILED, reply, "connect",
-                                     {r: reply for r in rcpts}, host)
+            return TransactionResult(
+                Outcome.CONNECT_FAILED, reply, "connect", {r: reply for r in rcpts}, host
+            )
         ok = Reply(250, "2.0.0", "ok")
-        return TransactionResult(Outcome.DELIVERED, ok, "done", {r: ok for r in rcpts}, host,
-                                 address="x", downgraded=True)
+        return TransactionResult(
+            Outcome.DELIVERED,
+            ok,
+            "done",
+            {r: ok for r in rcpts},
+            host,
+            address="x",
+            downgraded=True,
+        )
 
     relay.deliver_fn = lambda *a, **kw: defer.ensureDeferred(deliver(*a, **kw))
-    d = relay.send("two.test", "a@x.test", ["u@two.test"], message, INFO, body_8bit=True,
-                   scratch_dir=scratch)
+    d = relay.send(
+        "two.test", "a@x.test", ["u@two.test"], message, INFO, body_8bit=True, scratch_dir=scratch
+    )
     out: list[Any] = []
     d.addBoth(out.append)
     assert out[0]["u@two.test"].reply.positive

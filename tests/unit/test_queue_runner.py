@@ -40,8 +40,9 @@ class ScriptedRelay:
     def route_key(self, address: str) -> str:
         return domain_of(address)
 
-    def send(self, route: str, sender: str, rcpts: list[str], path: Path, info: Any,
-             **kwargs: Any) -> defer.Deferred[dict[str, RecipientResult]]:
+    def send(
+        self, route: str, sender: str, rcpts: list[str], path: Path, info: Any, **kwargs: Any
+    ) -> defer.Deferred[dict[str, RecipientResult]]:
         self.calls.append((route, sender, list(rcpts)))
         if self.on_send is not None:
             self.on_send(rcpts)
@@ -55,15 +56,23 @@ class ScriptedRelay:
 
 class Runtime:
     def __init__(self, tmp: Path, extra: dict[str, Any]) -> None:
-        data = {"server": {"hostname": "mx.example.test", "data_dir": str(tmp / "data")},
-                "domains": {"local": ["example.test"]},
-                "relay": {"retry_initial": 60, "retry_max": 240, "lifetime": 3600,
-                          "delay_warning": 0, **extra}}
+        data = {
+            "server": {"hostname": "mx.example.test", "data_dir": str(tmp / "data")},
+            "domains": {"local": ["example.test"]},
+            "relay": {
+                "retry_initial": 60,
+                "retry_max": 240,
+                "lifetime": 3600,
+                "delay_warning": 0,
+                **extra,
+            },
+        }
         self.config = parse_config(data, None, tmp)
         self.config.mail_dir.mkdir(parents=True)
         self.reactor = self
-        self.directory = Directory(self.config.directory_file, self.config.mail_dir,
-                                   self.config.local_domains)
+        self.directory = Directory(
+            self.config.directory_file, self.config.mail_dir, self.config.local_domains
+        )
         self.directory.add_user(SENDER, "x")
         self.changes = ChangeHub()
 
@@ -90,8 +99,13 @@ class Harness:
         self.runner = self.make_runner()
 
     def make_runner(self) -> QueueRunner:
-        return QueueRunner(self.runtime, self.spool, self.relay,  # type: ignore[arg-type]
-                           clock=self.clock, blocking=sync)
+        return QueueRunner(
+            self.runtime,
+            self.spool,
+            self.relay,  # type: ignore[arg-type]
+            clock=self.clock,
+            blocking=sync,
+        )
 
     def enqueue(self, rcpts: list[str], sender: str = SENDER, message: bytes = MESSAGE) -> str:
         return self.spool.enqueue_bytes(message, sender, rcpts)
@@ -144,7 +158,8 @@ def test_temporary_failure_then_success_with_growing_delays(h: Harness) -> None:
     h.advance(2)
     assert len(h.relay.calls) == 2
     assert h.spool.load(qid).recipients[0].next_attempt == pytest.approx(
-        h.clock.seconds() + 120, abs=2)  # doubled
+        h.clock.seconds() + 120, abs=2
+    )  # doubled
     h.advance(121)
     assert len(h.relay.calls) == 3 and h.spool.ids() == []
     assert h.runtime.inbox() == []  # no bounce
@@ -253,8 +268,13 @@ def test_restart_retries_an_interrupted_attempt_and_not_delivered_ones(h: Harnes
 
 def test_second_runner_refuses_to_start(h: Harness) -> None:
     h.runner.startService()
-    other = QueueRunner(h.runtime, Spool(h.spool.root), h.relay,  # type: ignore[arg-type]
-                        clock=h.clock, blocking=sync)
+    other = QueueRunner(
+        h.runtime,
+        Spool(h.spool.root),
+        h.relay,  # type: ignore[arg-type]
+        clock=h.clock,
+        blocking=sync,
+    )
     with pytest.raises(RuntimeError, match=r"runner\.lock"):
         other.startService()
 
@@ -284,11 +304,12 @@ def test_states_on_disk_after_mixed_results(h: Harness) -> None:
     h.runner.startService()
     qid = h.enqueue(["y@r.test", "n@r.test", "l@r.test"])
     h.advance(0.5)
-    states = {r.address: (r.state, r.reported, r.last_host)
-              for r in h.spool.load(qid).recipients}
-    assert states == {"y@r.test": (DELIVERED, False, "mx.r.test"),
-                      "n@r.test": (FAILED, True, "mx.r.test"),
-                      "l@r.test": (PENDING, False, "mx.r.test")}
+    states = {r.address: (r.state, r.reported, r.last_host) for r in h.spool.load(qid).recipients}
+    assert states == {
+        "y@r.test": (DELIVERED, False, "mx.r.test"),
+        "n@r.test": (FAILED, True, "mx.r.test"),
+        "l@r.test": (PENDING, False, "mx.r.test"),
+    }
 
 
 def test_dns_timeout_keeps_the_entry_queued_with_4_4_3_and_retries(tmp_path: Path) -> None:
@@ -298,8 +319,9 @@ def test_dns_timeout_keeps_the_entry_queued_with_4_4_3_and_retries(tmp_path: Pat
     h = Harness(tmp_path)
     authority = MemoryAuthority({"origin": "test", "names": {"slow.test": "timeout"}})
     sent: list[Any] = []
-    relay = Relay(h.runtime.config, h.clock, resolver=authority,
-                  deliver_fn=lambda *a, **kw: sent.append(a))
+    relay = Relay(
+        h.runtime.config, h.clock, resolver=authority, deliver_fn=lambda *a, **kw: sent.append(a)
+    )
     runner = QueueRunner(h.runtime, h.spool, relay, clock=h.clock, blocking=sync)
     runner.startService()
     qid = h.spool.enqueue_bytes(MESSAGE, SENDER, ["bob@slow.test"])
@@ -349,6 +371,8 @@ def test_a_full_disk_at_local_delivery_is_retried_without_a_traceback(
     assert (r.last_reply or "").startswith("452 4.3.1"), r.last_reply
     assert [e for e in events if "log_failure" in e] == []
     assert any("disk is full" in str(e.get("log_format", "")) for e in events)
+
+
 def test_local_recipient_over_quota_is_deferred_with_4_2_2_until_there_is_room(
     h: Harness,
 ) -> None:

@@ -30,8 +30,13 @@ def names(folder: Path) -> list[str]:
 def test_enqueue_file_copies_from_the_offset(spool: Spool, tmp_path: Path) -> None:
     src = tmp_path / "incoming"
     src.write_bytes(b"Return-Path: <a@x.test>\nReceived: by us\n\nbody\n")
-    qid = spool.enqueue_file(src, len(b"Return-Path: <a@x.test>\n"), "a@x.test",
-                             ["b@y.test", "c@z.test", "b@y.test"], smtputf8=True)
+    qid = spool.enqueue_file(
+        src,
+        len(b"Return-Path: <a@x.test>\n"),
+        "a@x.test",
+        ["b@y.test", "c@z.test", "b@y.test"],
+        smtputf8=True,
+    )
     assert valid_id(qid)
     assert spool.message_path(qid).read_bytes() == b"Received: by us\n\nbody\n"
     entry = spool.load(qid)
@@ -138,11 +143,16 @@ def test_runner_lock_is_exclusive(spool: Spool, tmp_path: Path) -> None:
 
 
 def test_entry_done_and_next_attempt() -> None:
-    e = QueueEntry("0123456789ABCDEF", "a@x.test", 0.0, [
-        RecipientState("b@y.test", next_attempt=50),
-        RecipientState("c@y.test", next_attempt=20),
-        RecipientState("d@y.test", state=DELIVERED),
-    ])
+    e = QueueEntry(
+        "0123456789ABCDEF",
+        "a@x.test",
+        0.0,
+        [
+            RecipientState("b@y.test", next_attempt=50),
+            RecipientState("c@y.test", next_attempt=20),
+            RecipientState("d@y.test", state=DELIVERED),
+        ],
+    )
     assert e.next_attempt() == 20 and not e.done
     for r in e.recipients:
         r.state = DELIVERED

@@ -50,13 +50,19 @@ def test_server_mode_keeps_its_defaults() -> None:
     ("toml", "message"),
     [
         ('[server]\nmode = "capture"\n', r"\[server\] mode: expected one of server, sandbox"),
-        ('[server]\nmode = "sandbox"\n[sandbox]\nmax_messages = 0\n',
-         r"\[sandbox\] max_messages: must be at least 1"),
-        ('[server]\nmode = "sandbox"\n[sandbox]\nrelease = "yes"\n',
-         r"\[sandbox\] release: expected bool"),
-        ('[sandbox]\nkeep = 3\n', r"\[sandbox\] keep: unknown key"),
-        ('[server]\nmode = "sandbox"\n[listen]\nmanagesieve = ["tcp:4190"]\n',
-         r"\[listen\] managesieve: not available in sandbox mode"),
+        (
+            '[server]\nmode = "sandbox"\n[sandbox]\nmax_messages = 0\n',
+            r"\[sandbox\] max_messages: must be at least 1",
+        ),
+        (
+            '[server]\nmode = "sandbox"\n[sandbox]\nrelease = "yes"\n',
+            r"\[sandbox\] release: expected bool",
+        ),
+        ("[sandbox]\nkeep = 3\n", r"\[sandbox\] keep: unknown key"),
+        (
+            '[server]\nmode = "sandbox"\n[listen]\nmanagesieve = ["tcp:4190"]\n',
+            r"\[listen\] managesieve: not available in sandbox mode",
+        ),
     ],
 )
 def test_bad_sandbox_settings_name_file_and_key(tmp_path: Path, toml: str, message: str) -> None:

@@ -10,11 +10,15 @@ from mailsuite.sandbox import extract, mime
 
 
 def test_links_from_html_hrefs_then_text_in_order_each_once() -> None:
-    html = ('<p><a href="https://example.com/verify?t=1&amp;u=2">Verify</a>'
-            '<img src="https://tracker.example/p.gif"><a href="mailto:x@y">mail</a>'
-            '<area href="http://example.net/map"></p>')
-    text = ("Open https://example.com/verify?t=1&u=2. Or (see https://example.org/a_b)! "
-            "and http://example.net/map")
+    html = (
+        '<p><a href="https://example.com/verify?t=1&amp;u=2">Verify</a>'
+        '<img src="https://tracker.example/p.gif"><a href="mailto:x@y">mail</a>'
+        '<area href="http://example.net/map"></p>'
+    )
+    text = (
+        "Open https://example.com/verify?t=1&u=2. Or (see https://example.org/a_b)! "
+        "and http://example.net/map"
+    )
     assert extract.links(text, html) == [
         "https://example.com/verify?t=1&u=2",
         "http://example.net/map",
@@ -23,9 +27,11 @@ def test_links_from_html_hrefs_then_text_in_order_each_once() -> None:
 
 
 def test_codes_near_a_code_word_and_nothing_else() -> None:
-    text = ("Your verification code is 482913.\n"
-            "It expires at 10:45 on 2024-05-01. Order 88123456 ships soon.\n"
-            "(c) 2024 Example Security Ltd, +1 555 0100, total $1234.50")
+    text = (
+        "Your verification code is 482913.\n"
+        "It expires at 10:45 on 2024-05-01. Order 88123456 ships soon.\n"
+        "(c) 2024 Example Security Ltd, +1 555 0100, total $1234.50"
+    )
     assert extract.codes(text, "") == ["482913"]
     assert extract.codes("Use 482 913 to sign in", "") == ["482913"]
     assert extract.codes("PIN: 4821", "") == ["4821"]
@@ -36,8 +42,10 @@ def test_codes_near_a_code_word_and_nothing_else() -> None:
 
 
 def test_snippet_and_visible_text() -> None:
-    html = ("<html><head><title>T</title><style>p{color:red}</style></head>"
-            "<body><p>Hello   <b>world</b></p><script>x()</script><p>again &amp; again</p>")
+    html = (
+        "<html><head><title>T</title><style>p{color:red}</style></head>"
+        "<body><p>Hello   <b>world</b></p><script>x()</script><p>again &amp; again</p>"
+    )
     assert extract.html_text(html) == "Hello world\nagain & again"
     assert extract.snippet("", html) == "Hello world again & again"
     assert extract.snippet("  a\n\nb  ", html) == "a b"
@@ -46,7 +54,8 @@ def test_snippet_and_visible_text() -> None:
     assert len(snip) <= 253 and snip.endswith("...")
 
 
-RELATED = b"""From: =?utf-8?q?J=C3=BCrgen?= <j@example.org>
+RELATED = (
+    b"""From: =?utf-8?q?J=C3=BCrgen?= <j@example.org>
 To: a@example.com, "Smith, B" <b@example.com>
 Subject: =?utf-8?b?R3LDvMOfZQ==?=
 message-id: <m1@example.org>
@@ -74,16 +83,21 @@ Content-Type: image/png
 Content-ID: <logo@x>
 Content-Transfer-Encoding: base64
 
-""" + base64.b64encode(b"\x89PNG fake") + b"""
+"""
+    + base64.b64encode(b"\x89PNG fake")
+    + b"""
 --rel--
 --outer
 Content-Type: application/pdf
 Content-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.pdf
 Content-Transfer-Encoding: base64
 
-""" + base64.b64encode(b"%PDF-1.4 fake") + b"""
+"""
+    + base64.b64encode(b"%PDF-1.4 fake")
+    + b"""
 --outer--
 """
+)
 
 
 def test_mime_parts_numbered_like_imap_and_split_like_mailpit() -> None:
@@ -100,15 +114,21 @@ def test_mime_parts_numbered_like_imap_and_split_like_mailpit() -> None:
     assert summary["Checksums"]["SHA256"] == hashlib.sha256(b"%PDF-1.4 fake").hexdigest()
     assert mail.decoded("Subject") == "Grüße"
     assert mail.addresses("From") == [{"Name": "Jürgen", "Address": "j@example.org"}]
-    assert mail.addresses("To") == [{"Name": "", "Address": "a@example.com"},
-                                    {"Name": "Smith, B", "Address": "b@example.com"}]
+    assert mail.addresses("To") == [
+        {"Name": "", "Address": "a@example.com"},
+        {"Name": "Smith, B", "Address": "b@example.com"},
+    ]
     assert mail.header("Message-ID") == "<m1@example.org>"
     assert ("message-id", "<m1@example.org>") in mail.fields
 
 
 def test_garbage_gives_a_result_not_an_exception() -> None:
-    for raw in (b"", b"\x00\xff" * 50, b"Content-Type: multipart/mixed; boundary=x\n\n--x\n",
-                b"From: <<<\nTo: ,,,\n\nbody"):
+    for raw in (
+        b"",
+        b"\x00\xff" * 50,
+        b"Content-Type: multipart/mixed; boundary=x\n\n--x\n",
+        b"From: <<<\nTo: ,,,\n\nbody",
+    ):
         mail = mime.parse(raw)
         assert isinstance(mail.text, str)
 

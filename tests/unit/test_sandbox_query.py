@@ -39,15 +39,35 @@ def _db() -> sqlite3.Connection:
 
 def _insert(db: sqlite3.Connection, mid: str, **values: object) -> None:
     row = {
-        "id": mid, "inbox": "default", "uid": 1, "base": mid, "created": 1_700_000_000_000,
-        "size": 1000, "read": 0, "message_id": f"{mid}@x", "subject": "", "from_json": "{}",
-        "to_json": "[]", "cc_json": "[]", "bcc_json": "[]", "reply_to_json": "[]",
-        "return_path": "", "username": "", "tags_json": "[]", "attachments": 0, "inline": 0,
-        "snippet": "", "links_json": "[]", "codes_json": "[]", "search_text": "",
+        "id": mid,
+        "inbox": "default",
+        "uid": 1,
+        "base": mid,
+        "created": 1_700_000_000_000,
+        "size": 1000,
+        "read": 0,
+        "message_id": f"{mid}@x",
+        "subject": "",
+        "from_json": "{}",
+        "to_json": "[]",
+        "cc_json": "[]",
+        "bcc_json": "[]",
+        "reply_to_json": "[]",
+        "return_path": "",
+        "username": "",
+        "tags_json": "[]",
+        "attachments": 0,
+        "inline": 0,
+        "snippet": "",
+        "links_json": "[]",
+        "codes_json": "[]",
+        "search_text": "",
     }
     row.update(values)
-    db.execute(f"INSERT INTO messages ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-               list(row.values()))
+    db.execute(
+        f"INSERT INTO messages ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        list(row.values()),
+    )
 
 
 def _ids(db: sqlite3.Connection, q: str, tz: str | None = None) -> set[str]:
@@ -58,14 +78,29 @@ def _ids(db: sqlite3.Connection, q: str, tz: str | None = None) -> set[str]:
 @pytest.fixture
 def db() -> sqlite3.Connection:
     d = _db()
-    _insert(d, "a", subject="Weekly news", read=1, size=500,
-            from_json=json.dumps({"Name": "Bob", "Address": "bob@example.org"}),
-            to_json=json.dumps([{"Name": "", "Address": "alice@example.com"}]),
-            search_text="bob weekly news hello 100%", tags_json='["Urgent"]')
-    _insert(d, "b", subject="Invoice", attachments=2, size=50_000, inbox="alice",
-            from_json=json.dumps({"Name": "Shop", "Address": "shop@example.net"}),
-            cc_json=json.dumps([{"Name": "Carol", "Address": "carol@example.com"}]),
-            created=1_700_100_000_000, search_text="shop invoice attached")
+    _insert(
+        d,
+        "a",
+        subject="Weekly news",
+        read=1,
+        size=500,
+        from_json=json.dumps({"Name": "Bob", "Address": "bob@example.org"}),
+        to_json=json.dumps([{"Name": "", "Address": "alice@example.com"}]),
+        search_text="bob weekly news hello 100%",
+        tags_json='["Urgent"]',
+    )
+    _insert(
+        d,
+        "b",
+        subject="Invoice",
+        attachments=2,
+        size=50_000,
+        inbox="alice",
+        from_json=json.dumps({"Name": "Shop", "Address": "shop@example.net"}),
+        cc_json=json.dumps([{"Name": "Carol", "Address": "carol@example.com"}]),
+        created=1_700_100_000_000,
+        search_text="shop invoice attached",
+    )
     return d
 
 

@@ -53,14 +53,17 @@ class Sleeps:
 
 @pytest.fixture
 def parts(tmp_path: Path) -> tuple[Session, Counters, Sleeps, SandboxDirectory]:
-    cfg = parse_config({"server": {"mode": "sandbox", "hostname": "sandbox.test"}}, None,
-                       tmp_path)
+    cfg = parse_config({"server": {"mode": "sandbox", "hostname": "sandbox.test"}}, None, tmp_path)
     directory = SandboxDirectory(cfg)
     counters, sleeps = Counters(), Sleeps()
     profile = sandbox_profile(directory, counters, "sandbox.test", 100, sleeps)
     options = Options(hostname="sandbox.test", tls_available=True, allow_plaintext=True)
-    return (Session(options, profile, directory, client_ip="127.0.0.1"), counters, sleeps,
-            directory)
+    return (
+        Session(options, profile, directory, client_ip="127.0.0.1"),
+        counters,
+        sleeps,
+        directory,
+    )
 
 
 def test_fault_forms() -> None:
@@ -69,8 +72,16 @@ def test_fault_forms() -> None:
     assert fault_of("fail-554@x.test") == Fault("fail", 554, name="fail-554")
     assert fault_of("drop@x.test") == Fault("drop", name="drop")
     assert fault_of("slow-10@x.test") == Fault("slow", seconds=10, name="slow-10")
-    for ordinary in ("user@x.test", "reject-650@x", "reject-5@x", "reject-550+t@x",
-                     "slow-0@x", "slow-301@x", "dropped@x", "fail-499x@x"):
+    for ordinary in (
+        "user@x.test",
+        "reject-650@x",
+        "reject-5@x",
+        "reject-550+t@x",
+        "slow-0@x",
+        "slow-301@x",
+        "dropped@x",
+        "fail-499x@x",
+    ):
         assert fault_of(ordinary) is None, ordinary
     assert Fault("rcpt", 550, name="reject-550").reply().enhanced == "5.1.1"
     assert Fault("rcpt", 459, name="defer-459").reply().enhanced == "4.0.0"
@@ -131,18 +142,27 @@ def test_fail_421_closes_after_the_reply(parts: tuple) -> None:
 def test_envelope_fields_bcc_and_message_id() -> None:
     counters = Counters()
     check = EnvelopeFields("sandbox.test", counters.captured)
-    headers = (b"From: a@x.test\nTo: To <to@x.test>\nCc: cc@x.test,\n  other@x.test\n"
-               b"Bcc: old@x.test\nSubject: s")
-    message = ReceivedMessage("a@x.test", ("to@x.test", "OTHER@x.test", "new@x.test",
-                                           "old@x.test"), headers, 123, reader_of(b""))
+    headers = (
+        b"From: a@x.test\nTo: To <to@x.test>\nCc: cc@x.test,\n  other@x.test\n"
+        b"Bcc: old@x.test\nSubject: s"
+    )
+    message = ReceivedMessage(
+        "a@x.test",
+        ("to@x.test", "OTHER@x.test", "new@x.test", "old@x.test"),
+        headers,
+        123,
+        reader_of(b""),
+    )
     verdict = run(check.end_of_data(None, message))  # type: ignore[arg-type]
     assert verdict.remove == (b"Bcc: old@x.test",)
     assert verdict.prepend[0] == "Bcc: old@x.test, new@x.test"
     assert verdict.prepend[1].startswith("Message-ID: <") and verdict.prepend[1].endswith(
-        "@sandbox.test>")
+        "@sandbox.test>"
+    )
     assert counters.accepted == [123]
-    complete = ReceivedMessage("a@x.test", ("to@x.test",), b"To: to@x.test\nMessage-ID: <m@x>",
-                               5, reader_of(b""))
+    complete = ReceivedMessage(
+        "a@x.test", ("to@x.test",), b"To: to@x.test\nMessage-ID: <m@x>", 5, reader_of(b"")
+    )
     assert run(check.end_of_data(None, complete)).prepend == ()  # type: ignore[arg-type]
 
 

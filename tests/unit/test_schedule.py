@@ -8,8 +8,7 @@ from mailsuite.queue.schedule import RetrySchedule
 
 def test_delays_double_up_to_the_maximum() -> None:
     s = RetrySchedule(initial=300, maximum=4 * 3600)
-    assert [s.delay(n) for n in range(1, 9)] == [
-        300, 600, 1200, 2400, 4800, 9600, 14400, 14400]
+    assert [s.delay(n) for n in range(1, 9)] == [300, 600, 1200, 2400, 4800, 9600, 14400, 14400]
     assert s.delay(0) == 0
     assert s.delay(10_000) == 14400  # no overflow for absurd attempt counts
 

@@ -44,8 +44,15 @@ def test_the_shared_log_decides_like_the_local_one(tmp_path: Path) -> None:
     clock = Clock()
     shared, _ = two_logs(tmp_path, clock)
     local = FailureLog(CFG, clock.seconds)
-    steps = [("192.0.2.1", "u1"), ("192.0.2.2", "u1"), ("192.0.2.1", "u2"), ("192.0.2.3", "u1"),
-             ("192.0.2.1", "u1"), ("192.0.2.4", "u1"), ("192.0.2.2", "u1")]
+    steps = [
+        ("192.0.2.1", "u1"),
+        ("192.0.2.2", "u1"),
+        ("192.0.2.1", "u2"),
+        ("192.0.2.3", "u1"),
+        ("192.0.2.1", "u1"),
+        ("192.0.2.4", "u1"),
+        ("192.0.2.2", "u1"),
+    ]
     for ip, user in steps:
         clock.advance(1)
         for log in (shared, local):
@@ -82,8 +89,9 @@ def shared_pair(tmp_path: Path, **limits: int) -> tuple[ConnectionLimits, Connec
 
 
 def test_connection_limits_count_every_worker(tmp_path: Path) -> None:
-    one, two = shared_pair(tmp_path, max_connections=3, max_connections_per_ip=2,
-                           max_userip_connections=1)
+    one, two = shared_pair(
+        tmp_path, max_connections=3, max_connections_per_ip=2, max_userip_connections=1
+    )
     a = one.admit("192.0.2.1")
     b = two.admit("192.0.2.1")
     assert a.refused is None and b.refused is None

@@ -39,8 +39,13 @@ MSG = (
 ENV = SieveEnvelope("sender@example.org", "alice+lists@example.test", "alice@example.test")
 
 
-def run(script: str, message: bytes = MSG, envelope: SieveEnvelope = ENV,
-        limits: Limits = Limits(), **kw: object) -> list[object]:
+def run(
+    script: str,
+    message: bytes = MSG,
+    envelope: SieveEnvelope = ENV,
+    limits: Limits = Limits(),
+    **kw: object,
+) -> list[object]:
     """Run ``script`` the general way and with the precompiled fast path: same answer."""
     outs = []
     for fast in (False, True):
@@ -107,8 +112,9 @@ def test_header_is_case_insensitive_by_default_and_octet_is_not() -> None:
 
 
 def test_header_decodes_rfc2047() -> None:
-    msg = MSG.replace(b"Subject: [acme-users] [fwd] version 1.0 is out",
-                      b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=")
+    msg = MSG.replace(
+        b"Subject: [acme-users] [fwd] version 1.0 is out", b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?="
+    )
     assert run('if header :is "subject" "Grüße" { discard; }', msg) == [Discard()]
 
 
@@ -172,7 +178,9 @@ def test_set_modifiers_rfc5229_4_1() -> None:
     set :quotewildcard "f" "a*b?c\\d";
     fileinto "${b}|${c}|${d}|${e}|${f}";
     """
-    assert run(script) == [FileInto(r"15|jumbled letters|Jumbled letters|Jumbled letters|a\*b\?c\\d")]
+    assert run(script) == [
+        FileInto(r"15|jumbled letters|Jumbled letters|Jumbled letters|a\*b\?c\\d")
+    ]
 
 
 def test_string_test_and_unknown_variables_are_empty() -> None:
@@ -182,7 +190,9 @@ def test_string_test_and_unknown_variables_are_empty() -> None:
     if string :is "${x}${nothing}" "" { discard; }
     """
     assert run(script) == [Discard()]
-    script = 'require ["variables", "relational"]; if string :count "eq" ["a", "", "b"] "2" { discard; }'
+    script = (
+        'require ["variables", "relational"]; if string :count "eq" ["a", "", "b"] "2" { discard; }'
+    )
     assert run(script) == [Discard()]
 
 
@@ -195,21 +205,27 @@ def test_variables_are_not_expanded_without_the_extension() -> None:
 
 def test_relational_value_and_count() -> None:
     base = 'require ["relational", "comparator-i;ascii-numeric"];\n'
-    assert run(base + 'if header :value "ge" :comparator "i;ascii-numeric" '
-                      '"x-spam-score" "5" { discard; }') == [Discard()]
-    assert run(base + 'if header :value "lt" :comparator "i;ascii-numeric" '
-                      '"x-spam-score" "5" { discard; }') == [Keep()]
+    assert run(
+        base + 'if header :value "ge" :comparator "i;ascii-numeric" "x-spam-score" "5" { discard; }'
+    ) == [Discard()]
+    assert run(
+        base + 'if header :value "lt" :comparator "i;ascii-numeric" "x-spam-score" "5" { discard; }'
+    ) == [Keep()]
     # RFC 5231 example: three or more recipients in To and Cc
-    assert run(base + 'if address :count "ge" :comparator "i;ascii-numeric" ["to", "cc"] '
-                      '["3"] { discard; }') == [Discard()]
-    assert run(base + 'if address :count "ge" :comparator "i;ascii-numeric" ["to"] '
-                      '["3"] { discard; }') == [Keep()]
+    assert run(
+        base + 'if address :count "ge" :comparator "i;ascii-numeric" ["to", "cc"] '
+        '["3"] { discard; }'
+    ) == [Discard()]
+    assert run(
+        base + 'if address :count "ge" :comparator "i;ascii-numeric" ["to"] ["3"] { discard; }'
+    ) == [Keep()]
 
 
 def test_ascii_numeric_non_digits_are_infinity() -> None:
     base = 'require ["relational", "comparator-i;ascii-numeric"];\n'
-    assert run(base + 'if header :value "gt" :comparator "i;ascii-numeric" "subject" "99999" '
-                      '{ discard; }') == [Discard()]
+    assert run(
+        base + 'if header :value "gt" :comparator "i;ascii-numeric" "subject" "99999" { discard; }'
+    ) == [Discard()]
 
 
 # -- RFC 5233 subaddress ------------------------------------------------------------------------
@@ -218,7 +234,8 @@ def test_ascii_numeric_non_digits_are_infinity() -> None:
 def test_subaddress() -> None:
     base = 'require ["envelope", "subaddress", "fileinto"];\n'
     assert run(base + 'if envelope :detail "to" "lists" { fileinto "lists"; }') == [
-        FileInto("lists")]
+        FileInto("lists")
+    ]
     assert run(base + 'if envelope :user "to" "alice" { fileinto "a"; }') == [FileInto("a")]
     assert run(base + 'if address :detail "cc" "" { discard; }') == [Keep()]  # no "+"
     plain = SieveEnvelope("s@example.org", "alice+@example.test", "alice@example.test")
@@ -286,10 +303,12 @@ def test_body_transforms() -> None:
     assert run(base + 'if body :raw :contains "MAKE MONEY FAST" { discard; }') == [Discard()]
     assert run(base + 'if body :contains "café" { discard; }', MIME) == [Discard()]
     assert run(base + 'if body :text :contains "html only" { discard; }', MIME) == [Discard()]
-    assert run(base + 'if body :content "text/plain" :contains "html only" { discard; }',
-               MIME) == [Keep()]
-    assert run(base + 'if body :content "application" :contains "secret binary" { discard; }',
-               MIME) == [Discard()]
+    assert run(base + 'if body :content "text/plain" :contains "html only" { discard; }', MIME) == [
+        Keep()
+    ]
+    assert run(
+        base + 'if body :content "application" :contains "secret binary" { discard; }', MIME
+    ) == [Discard()]
     assert run(base + 'if body :raw :contains "c2VjcmV0" { discard; }', MIME) == [Discard()]
     assert run(base + 'if body :contains "secret binary" { discard; }', MIME) == [Keep()]
 
@@ -301,13 +320,15 @@ def test_date_parts_and_zones() -> None:
     base = 'require ["date", "relational"];\n'
     assert run(base + 'if date :originalzone "date" "hour" "10" { discard; }') == [Discard()]
     assert run(base + 'if date :zone "+0000" "date" "hour" "08" { discard; }') == [Discard()]
-    assert run(base + 'if date :zone "-0500" "date" "iso8601" "2024-10-01T03:00:00-05:00" '
-                      '{ discard; }') == [Discard()]
+    assert run(
+        base + 'if date :zone "-0500" "date" "iso8601" "2024-10-01T03:00:00-05:00" { discard; }'
+    ) == [Discard()]
     assert run(base + 'if date :originalzone "date" "weekday" "2" { discard; }') == [Discard()]
     assert run(base + 'if date :originalzone "date" "julian" "60584" { discard; }') == [Discard()]
     assert run(base + 'if date :originalzone "date" "zone" "+0200" { discard; }') == [Discard()]
-    assert run(base + 'if date :value "ge" :originalzone "date" "date" "2024-01-01" '
-                      '{ discard; }') == [Discard()]
+    assert run(
+        base + 'if date :value "ge" :originalzone "date" "date" "2024-01-01" { discard; }'
+    ) == [Discard()]
     # no date at all: the test is false
     assert run(base + 'if date "x-none" "year" "2024" { discard; }') == [Keep()]
 
@@ -327,13 +348,16 @@ def test_currentdate_uses_the_given_time() -> None:
 def test_index_selects_one_field() -> None:
     base = 'require ["index", "date"];\n'
     assert run(base + 'if header :index 2 :contains "received" "client" { discard; }') == [
-        Discard()]
+        Discard()
+    ]
     assert run(base + 'if header :index 1 :last :contains "received" "client" { discard; }') == [
-        Discard()]
+        Discard()
+    ]
     assert run(base + 'if header :index 1 :contains "received" "client" { discard; }') == [Keep()]
     assert run(base + 'if header :index 9 :contains "received" "" { discard; }') == [Keep()]
-    assert run(base + 'if date :index 1 :zone "+0000" "received" "time" "09:59:00" '
-                      '{ discard; }') == [Discard()]
+    assert run(
+        base + 'if date :index 1 :zone "+0000" "received" "time" "09:59:00" { discard; }'
+    ) == [Discard()]
 
 
 # -- RFC 5490 mailbox ---------------------------------------------------------------------------
@@ -354,13 +378,16 @@ def test_reject_and_ereject() -> None:
     assert run('require "ereject"; ereject "no";') == [Reject("no", True)]
 
 
-@pytest.mark.parametrize("script", [
-    'require ["reject"]; keep; reject "x";',
-    'require ["reject", "fileinto"]; reject "x"; fileinto "A";',
-    'require ["reject"]; reject "x"; redirect "a@example.com";',
-    'require ["reject", "vacation"]; vacation "away"; reject "x";',
-    'require ["reject", "ereject"]; reject "x"; ereject "y";',
-])
+@pytest.mark.parametrize(
+    "script",
+    [
+        'require ["reject"]; keep; reject "x";',
+        'require ["reject", "fileinto"]; reject "x"; fileinto "A";',
+        'require ["reject"]; reject "x"; redirect "a@example.com";',
+        'require ["reject", "vacation"]; vacation "away"; reject "x";',
+        'require ["reject", "ereject"]; reject "x"; ereject "y";',
+    ],
+)
 def test_reject_conflicts_are_runtime_errors(script: str) -> None:
     with pytest.raises(SieveRuntimeError):
         run(script)
@@ -370,8 +397,10 @@ def test_reject_conflicts_are_runtime_errors(script: str) -> None:
 
 
 def test_vacation_request() -> None:
-    out = run('require "vacation"; vacation :days 3 :subject "Away" '
-              ':addresses ["me@example.test"] "I am away.";')
+    out = run(
+        'require "vacation"; vacation :days 3 :subject "Away" '
+        ':addresses ["me@example.test"] "I am away.";'
+    )
     assert out[0] == Keep()
     request = out[1]
     assert isinstance(request, VacationRequest)
@@ -418,7 +447,7 @@ def test_encoded_character() -> None:
 def test_include_return_once_optional_and_globals() -> None:
     scripts = {
         ("personal", "sub"): 'require ["include", "variables", "fileinto"]; global "dest";'
-                             'fileinto "${dest}"; return; fileinto "never";',
+        'fileinto "${dest}"; return; fileinto "never";',
         ("global", "common"): 'require "fileinto"; fileinto "global";',
     }
 
@@ -456,11 +485,15 @@ def test_return_in_main_script_is_stop() -> None:
 
 def test_action_and_redirect_limits() -> None:
     with pytest.raises(SieveRuntimeError):
-        run('require "fileinto";' + "".join(f'fileinto "f{i}";' for i in range(5)),
-            limits=Limits(max_actions=4))
+        run(
+            'require "fileinto";' + "".join(f'fileinto "f{i}";' for i in range(5)),
+            limits=Limits(max_actions=4),
+        )
     with pytest.raises(SieveRuntimeError):
-        run("".join(f'redirect "r{i}@example.com";' for i in range(3)),
-            limits=Limits(max_redirects=2))
+        run(
+            "".join(f'redirect "r{i}@example.com";' for i in range(3)),
+            limits=Limits(max_redirects=2),
+        )
 
 
 def test_run_time_limit() -> None:
@@ -468,16 +501,20 @@ def test_run_time_limit() -> None:
     clock = lambda: float(next(ticks))  # noqa: E731 -- each look at the clock is a second
     script = 'require "fileinto";' + 'if header :contains "subject" "x" { keep; }' * 50
     with pytest.raises(SieveRuntimeError, match="too long"):
-        Interpreter(MessageView.from_bytes(MSG), ENV, Limits(max_run_time=3),
-                    clock=clock).run(compile_script(script))
+        Interpreter(MessageView.from_bytes(MSG), ENV, Limits(max_run_time=3), clock=clock).run(
+            compile_script(script)
+        )
 
 
 def test_matches_does_not_backtrack_exponentially() -> None:
     value = "a" * 5000
     msg = MSG.replace(b"X-Spam-Score: 12", b"X-Long: " + value.encode())
     pattern = "*a*a*a*a*a*a*a*a*a*a*a*b"
-    out = run(f'if header :matches "x-long" "{pattern}" {{ discard; }}', msg,
-              limits=Limits(max_run_time=5))
+    out = run(
+        f'if header :matches "x-long" "{pattern}" {{ discard; }}',
+        msg,
+        limits=Limits(max_run_time=5),
+    )
     assert out == [Keep()]
     pattern = "*a?a*a?a*a*a*a*a*a*b"
     assert run(f'if header :matches "x-long" "{pattern}" {{ discard; }}', msg) == [Keep()]

@@ -20,8 +20,10 @@ from mailsuite.store.maildir import ensure_folder
 
 ENV = SieveEnvelope("friend@example.org", "alice+news@example.test", "alice@example.test")
 HEAD = b"Return-Path: <friend@example.org>\nDelivered-To: alice@example.test\n"
-MSG = (b"From: friend@example.org\nTo: alice@example.test\nSubject: hello\n"
-       b"Message-ID: <m@example.org>\n\nbody\n")
+MSG = (
+    b"From: friend@example.org\nTo: alice@example.test\nSubject: hello\n"
+    b"Message-ID: <m@example.org>\n\nbody\n"
+)
 
 
 @pytest.fixture
@@ -125,9 +127,12 @@ def test_no_active_script_is_keep(root: Path, message: Path) -> None:
 
 def test_script_runs_with_subaddress_and_folder_checks(root: Path, message: Path) -> None:
     ensure_folder(root / ".News")
-    active(root, 'require ["envelope", "subaddress", "fileinto", "mailbox"];\n'
-                 'if allof (envelope :detail "to" "news", mailboxexists "News")'
-                 ' { fileinto "News"; }')
+    active(
+        root,
+        'require ["envelope", "subaddress", "fileinto", "mailbox"];\n'
+        'if allof (envelope :detail "to" "news", mailboxexists "News")'
+        ' { fileinto "News"; }',
+    )
     out = evaluate(root, message, ENV, settings())
     assert out.actions == (FileInto("News"),) and out.script == "main" and out.error is None
 
@@ -194,8 +199,7 @@ def test_prepare_folder_create_missing_and_invalid(root: Path) -> None:
 
 
 def test_store_message_with_and_without_flags(root: Path, message: Path) -> None:
-    store_message(message, len(HEAD.split(b"\n")[0]) + 1, b"Return-Path: <x>\n", root,
-                  frozenset())
+    store_message(message, len(HEAD.split(b"\n")[0]) + 1, b"Return-Path: <x>\n", root, frozenset())
     new = list((root / "new").iterdir())
     assert len(new) == 1 and new[0].read_bytes().startswith(b"Return-Path: <x>\nDelivered-To")
     store_message(message, 0, b"", root, frozenset({"\\Seen", "$Label1"}))
@@ -211,8 +215,9 @@ def test_store_message_with_and_without_flags(root: Path, message: Path) -> None
 def test_reject_replies() -> None:
     reply = smtp_reply(Reject("Go\r\naway\x00 please"))
     assert reply.encode() == b"550 5.7.1 Go away please\r\n"
-    data = rejection_message(Reject("Not wanted."), ENV, MSG.split(b"\n\n")[0] + b"\n",
-                             "mx.example.test")
+    data = rejection_message(
+        Reject("Not wanted."), ENV, MSG.split(b"\n\n")[0] + b"\n", "mx.example.test"
+    )
     assert b"Disposition: automatic-action/MDN-sent-automatically; deleted" in data
     assert b"To: <friend@example.org>" in data and b"Original-Message-ID: <m@example.org>" in data
     assert b"Not wanted." in data

@@ -16,8 +16,10 @@ from mailsuite.sieve.vacation import Decision, VacationStore, build_reply, decid
 
 ENV = SieveEnvelope("friend@example.org", "alice@example.test", "alice@example.test")
 REQ = VacationRequest(reason="I am away until Monday.", seconds=86400, handle="h")
-MSG = (b"From: Friend <friend@example.org>\nTo: Alice <alice@example.test>\n"
-       b"Subject: Lunch?\nMessage-ID: <m1@example.org>\nReferences: <m0@example.org>\n\nHi\n")
+MSG = (
+    b"From: Friend <friend@example.org>\nTo: Alice <alice@example.test>\n"
+    b"Subject: Lunch?\nMessage-ID: <m1@example.org>\nReferences: <m0@example.org>\n\nHi\n"
+)
 
 
 def view(extra: bytes = b"", base: bytes = MSG) -> MessageView:
@@ -30,16 +32,19 @@ def test_a_personal_message_gets_a_reply_from_the_address_it_was_sent_to() -> No
     assert d == Decision(True, "", "alice@example.test")
 
 
-@pytest.mark.parametrize("extra, why", [
-    (b"Auto-Submitted: auto-replied", "Auto-Submitted"),
-    (b"Auto-Submitted: auto-generated; type=x", "Auto-Submitted"),
-    (b"Precedence: bulk", "Precedence"),
-    (b"Precedence: list", "Precedence"),
-    (b"Precedence: junk", "Precedence"),
-    (b"List-Id: <x.lists.example.org>", "list-id"),
-    (b"List-Unsubscribe: <mailto:x@example.org>", "list-unsubscribe"),
-    (b"List-Post: <mailto:x@example.org>", "list-post"),
-])
+@pytest.mark.parametrize(
+    "extra, why",
+    [
+        (b"Auto-Submitted: auto-replied", "Auto-Submitted"),
+        (b"Auto-Submitted: auto-generated; type=x", "Auto-Submitted"),
+        (b"Precedence: bulk", "Precedence"),
+        (b"Precedence: list", "Precedence"),
+        (b"Precedence: junk", "Precedence"),
+        (b"List-Id: <x.lists.example.org>", "list-id"),
+        (b"List-Unsubscribe: <mailto:x@example.org>", "list-unsubscribe"),
+        (b"List-Post: <mailto:x@example.org>", "list-post"),
+    ],
+)
 def test_lists_bulk_and_automatic_mail_get_none(extra: bytes, why: str) -> None:
     d = decide(REQ, view(extra), ENV)
     assert not d.reply and why in d.why
@@ -49,10 +54,18 @@ def test_auto_submitted_no_is_a_person() -> None:
     assert decide(REQ, view(b"Auto-Submitted: no"), ENV).reply
 
 
-@pytest.mark.parametrize("sender", [
-    "", "MAILER-DAEMON@example.org", "owner-list@example.org", "list-request@example.org",
-    "list-bounces@example.org", "alice@example.test", "ALICE@example.test",
-])
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "",
+        "MAILER-DAEMON@example.org",
+        "owner-list@example.org",
+        "list-request@example.org",
+        "list-bounces@example.org",
+        "alice@example.test",
+        "ALICE@example.test",
+    ],
+)
 def test_null_robot_and_own_senders_get_none(sender: str) -> None:
     env = SieveEnvelope(sender, "alice@example.test", "alice@example.test")
     assert not decide(REQ, view(), env).reply
@@ -99,8 +112,9 @@ def test_damaged_store_costs_at_most_a_reply(tmp_path: Path) -> None:
 
 def test_reply_headers_rfc5230_5_rfc3834() -> None:
     now = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
-    data = build_reply(REQ, view(), ENV, Decision(True, "", "alice@example.test"),
-                       "mx.example.test", now)
+    data = build_reply(
+        REQ, view(), ENV, Decision(True, "", "alice@example.test"), "mx.example.test", now
+    )
     msg = email.message_from_bytes(data)
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["To"] == "<friend@example.org>"
@@ -114,27 +128,35 @@ def test_reply_headers_rfc5230_5_rfc3834() -> None:
 
 
 def test_reply_subject_from_and_non_ascii() -> None:
-    req = VacationRequest(reason="Je suis absente.\nÀ lundi.", seconds=1,
-                          subject="Absente — été", from_addr="Alice <alice@example.test>")
-    data = build_reply(req, view(), ENV, Decision(True, "", "x@example.test"), "h",
-                       datetime.now(UTC))
+    req = VacationRequest(
+        reason="Je suis absente.\nÀ lundi.",
+        seconds=1,
+        subject="Absente — été",
+        from_addr="Alice <alice@example.test>",
+    )
+    data = build_reply(
+        req, view(), ENV, Decision(True, "", "x@example.test"), "h", datetime.now(UTC)
+    )
     msg = email.message_from_bytes(data)
     assert str(email.header.make_header(email.header.decode_header(msg["Subject"]))) == (
-        "Absente — été")
+        "Absente — été"
+    )
     assert msg["From"] == "Alice <alice@example.test>"
     assert msg.get_payload(decode=True).decode("utf-8") == "Je suis absente.\nÀ lundi.\n"
 
 
 def test_reply_header_injection_is_impossible() -> None:
     req = VacationRequest(reason="x", seconds=1, subject="hi\nBcc: victim@example.org")
-    data = build_reply(req, view(), ENV, Decision(True, "", "a@example.test"), "h",
-                       datetime.now(UTC))
+    data = build_reply(
+        req, view(), ENV, Decision(True, "", "a@example.test"), "h", datetime.now(UTC)
+    )
     assert b"\nBcc:" not in data
 
 
 def test_mime_reason_is_the_body_entity() -> None:
     req = VacationRequest(reason="Content-Type: text/html\n\n<p>away</p>\n", seconds=1, mime=True)
-    data = build_reply(req, view(), ENV, Decision(True, "", "a@example.test"), "h",
-                       datetime.now(UTC))
+    data = build_reply(
+        req, view(), ENV, Decision(True, "", "a@example.test"), "h", datetime.now(UTC)
+    )
     msg = email.message_from_bytes(data)
     assert msg.get_content_type() == "text/html" and "<p>away</p>" in msg.get_payload()

@@ -17,8 +17,11 @@ def test_pipelined_transaction_with_per_recipient_results(tmp_path):
     h = Harness(tmp_path)
     h.greet_ehlo("PIPELINING", "SIZE 10000", "ENHANCEDSTATUSCODES")
     assert len(h.t.writes) == 1  # RFC 2920: MAIL and all RCPTs in one write
-    assert h.sent() == [f"MAIL FROM:<alice@client.test> SIZE={len(BODY)}",
-                        "RCPT TO:<bob@mx.test>", "RCPT TO:<carol@mx.test>"]
+    assert h.sent() == [
+        f"MAIL FROM:<alice@client.test> SIZE={len(BODY)}",
+        "RCPT TO:<bob@mx.test>",
+        "RCPT TO:<carol@mx.test>",
+    ]
     h.server("250 2.1.0 ok", "250 2.1.5 ok", "550-5.1.1 no such user", "550 5.1.1 really")
     assert h.sent() == ["DATA"]
     h.server("354 go on")
@@ -82,8 +85,10 @@ def test_greeting_421_closes(tmp_path):
     assert r.try_next_mx and r.transient_failures == ["bob@mx.test", "carol@mx.test"]
 
 
-@pytest.mark.parametrize("stage,seconds", [("greeting", 300), ("mail", 300), ("rcpt", 300),
-                                           ("data", 120), ("data-end", 600)])
+@pytest.mark.parametrize(
+    "stage,seconds",
+    [("greeting", 300), ("mail", 300), ("rcpt", 300), ("data", 120), ("data-end", 600)],
+)
 def test_default_timeouts(tmp_path, stage, seconds):
     h = Harness(tmp_path, rcpts=("bob@mx.test",))
     if stage != "greeting":
@@ -114,8 +119,7 @@ def test_configurable_timeouts(tmp_path):
 
 
 def test_data_block_timeout_restarts_on_progress(tmp_path):
-    h = Harness(tmp_path, body=b"x\n" * 100, chunk_size=10,
-                timeouts=Timeouts(data_block=5))
+    h = Harness(tmp_path, body=b"x\n" * 100, chunk_size=10, timeouts=Timeouts(data_block=5))
     h.greet_ehlo("PIPELINING")
     h.server("250 ok", "250 ok", "250 ok", "354 go")
     for _ in range(3):
@@ -169,8 +173,10 @@ def test_refused_after_final_dot(tmp_path):
     h.server("221 bye")
     r = h.close()
     assert r.outcome is Outcome.DATA_REFUSED and r.stage == "data-end"
-    assert r.recipients == {"bob@mx.test": Reply(452, "4.3.1", "disk full"),
-                            "carol@mx.test": Reply(550, "5.1.1", "no")}
+    assert r.recipients == {
+        "bob@mx.test": Reply(452, "4.3.1", "disk full"),
+        "carol@mx.test": Reply(550, "5.1.1", "no"),
+    }
 
 
 def test_connection_lost_mid_transaction(tmp_path):
@@ -213,8 +219,10 @@ def test_8bit_without_8bitmime_fails_permanently(tmp_path):
 def test_8bit_with_8bitmime_and_smtputf8(tmp_path):
     h = Harness(tmp_path, body_8bit=True, rcpts=("jörg@mx.test",))
     h.greet_ehlo("PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE")
-    assert h.sent() == [f"MAIL FROM:<alice@client.test> SIZE={len(BODY)} BODY=8BITMIME SMTPUTF8",
-                        "RCPT TO:<jörg@mx.test>"]
+    assert h.sent() == [
+        f"MAIL FROM:<alice@client.test> SIZE={len(BODY)} BODY=8BITMIME SMTPUTF8",
+        "RCPT TO:<jörg@mx.test>",
+    ]
 
 
 def test_utf8_address_without_smtputf8_fails(tmp_path):

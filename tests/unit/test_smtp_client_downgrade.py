@@ -36,9 +36,10 @@ def parse(data: bytes) -> email.message.EmailMessage:
 def test_single_part_text_becomes_quoted_printable(tmp_path: Path) -> None:
     long_line = "é" * 300
     body = TEXT + long_line + "\n"
-    msg = ("Received: from a by b\nSubject: hi\nMIME-Version: 1.0\n"
-           "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-           + body).encode()
+    msg = (
+        "Received: from a by b\nSubject: hi\nMIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n" + body
+    ).encode()
     data = convert(tmp_path, msg)
     assert data.startswith(b"Received: from a by b\nSubject: hi\n")
     m = parse(data)
@@ -60,18 +61,24 @@ def test_non_mime_8bit_message_gets_mime_headers(tmp_path: Path) -> None:
 
 
 def test_multipart_converts_only_the_8bit_parts(tmp_path: Path) -> None:
-    msg = ("Subject: mixed\nMIME-Version: 1.0\n"
-           'Content-Type: multipart/mixed; boundary="b1"\n\npreamble\n'
-           "--b1\nContent-Type: text/plain; charset=us-ascii\n\nascii only\n"
-           "--b1\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-           + TEXT +
-           "--b1\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-           "<p>schön</p>\n"
-           "--b1\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
-           ).encode() + b"\x00\xff\xfe raw\n\nmore\n" + (
-           "--b1\nContent-Type: message/rfc822\nContent-Transfer-Encoding: 8bit\n\n"
-           "Subject: inner\nContent-Type: text/plain; charset=utf-8\n\nÄrger\n"
-           "--b1--\nepilogue\n").encode()
+    msg = (
+        (
+            "Subject: mixed\nMIME-Version: 1.0\n"
+            'Content-Type: multipart/mixed; boundary="b1"\n\npreamble\n'
+            "--b1\nContent-Type: text/plain; charset=us-ascii\n\nascii only\n"
+            "--b1\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+            + TEXT
+            + "--b1\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+            "<p>schön</p>\n"
+            "--b1\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
+        ).encode()
+        + b"\x00\xff\xfe raw\n\nmore\n"
+        + (
+            "--b1\nContent-Type: message/rfc822\nContent-Transfer-Encoding: 8bit\n\n"
+            "Subject: inner\nContent-Type: text/plain; charset=utf-8\n\nÄrger\n"
+            "--b1--\nepilogue\n"
+        ).encode()
+    )
     data = convert(tmp_path, msg)
     parts = list(parse(data).iter_parts())
     assert parts[0].get_content() == "ascii only"
@@ -92,14 +99,24 @@ def test_7bit_message_labelled_8bit_is_only_relabelled(tmp_path: Path) -> None:
     assert convert(tmp_path, msg) == msg.replace(b"8bit", b"7bit")
 
 
-@pytest.mark.parametrize("message,why", [
-    ("Subject: Grüße\n\nbody ä\n".encode(), "message header"),
-    (("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n"
-      "--b\nContent-Type: text/plain; name=\"ä.txt\"\n\nä\n--b--\n").encode(), "part header"),
-    ("MIME-Version: 1.0\nContent-Transfer-Encoding: base64\n\nä\n".encode(), "base64"),
-    ("MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\nä\n--b\n\nx\n--b--\n"
-     .encode(), "preamble"),
-])
+@pytest.mark.parametrize(
+    "message,why",
+    [
+        ("Subject: Grüße\n\nbody ä\n".encode(), "message header"),
+        (
+            (
+                "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n"
+                '--b\nContent-Type: text/plain; name="ä.txt"\n\nä\n--b--\n'
+            ).encode(),
+            "part header",
+        ),
+        ("MIME-Version: 1.0\nContent-Transfer-Encoding: base64\n\nä\n".encode(), "base64"),
+        (
+            "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\nä\n--b\n\nx\n--b--\n".encode(),
+            "preamble",
+        ),
+    ],
+)
 def test_what_cannot_be_converted(tmp_path: Path, message: bytes, why: str) -> None:
     src = tmp_path / "in.eml"
     src.write_bytes(message)
@@ -136,7 +153,7 @@ def test_large_message_is_streamed_in_bounded_pieces(tmp_path: Path, monkeypatch
         return Spy(f) if mode == "rb" and path == src else f
 
     monkeypatch.setattr(Path, "open", spy_open)
-    body = ("ü" * 150_000 + "\n" + ("zeile mit ümlaut\n" * 200_000))
+    body = "ü" * 150_000 + "\n" + ("zeile mit ümlaut\n" * 200_000)
     msg = ("MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n" + body).encode()
     src.write_bytes(msg)
     out = downgrade_file(src, tmp_path)
@@ -149,8 +166,9 @@ def test_large_message_is_streamed_in_bounded_pieces(tmp_path: Path, monkeypatch
 
 
 def test_client_sends_the_converted_copy_without_body_8bitmime(tmp_path: Path) -> None:
-    source = ("Subject: t\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\n"
-              "Grüße\n").encode()
+    source = (
+        "Subject: t\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n\nGrüße\n"
+    ).encode()
     converted = tmp_path / "converted"
     asked = []
 
@@ -160,8 +178,7 @@ def test_client_sends_the_converted_copy_without_body_8bitmime(tmp_path: Path) -
         path.rename(converted)
         return defer.succeed((str(converted), 999))
 
-    h = Harness(tmp_path, body=source, body_8bit=True, downgrade=downgrade,
-                rcpts=("bob@mx.test",))
+    h = Harness(tmp_path, body=source, body_8bit=True, downgrade=downgrade, rcpts=("bob@mx.test",))
     h.greet_ehlo("PIPELINING", "SIZE 100000")
     assert asked == [True]
     assert h.sent() == ["MAIL FROM:<alice@client.test> SIZE=999", "RCPT TO:<bob@mx.test>"]

@@ -20,7 +20,7 @@ from mailsuite.outbound.wire import scan_message
 
 def encode(data: bytes, chunk: int) -> bytes:
     enc = DotStuffer(bare_cr_ends_line=True)  # what the SMTP client uses
-    out = b"".join(enc.feed(data[i:i + chunk]) for i in range(0, len(data), chunk))
+    out = b"".join(enc.feed(data[i : i + chunk]) for i in range(0, len(data), chunk))
     return out + enc.finish()
 
 
@@ -68,8 +68,9 @@ def test_every_split_point_of_a_smuggling_message():
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300).map(
-    lambda b: bytes(b".\r\nab"[x % 5] for x in b)), st.integers(1, 50))
+@given(
+    st.binary(max_size=300).map(lambda b: bytes(b".\r\nab"[x % 5] for x in b)), st.integers(1, 50)
+)
 def test_property_round_trip(data, chunk):
     assert decode(encode(data, chunk)) == normalized(data)
 
@@ -82,10 +83,19 @@ def test_session_streams_in_chunks_with_dots_at_the_boundaries(tmp_path):
     smuggle = b".\nMAIL FROM:<smuggled@evil.test>\nRCPT TO:<victim@x.test>\nDATA\nevil\n.\n"
     path = tmp_path / "m"
     path.write_bytes(padding + smuggle + padding + b".\n")
-    s = SMTPClientSession(SessionParameters(
-        host="mx.test", helo_name="c.test", mail_from="a@c.test", rcpts=("b@mx.test",),
-        message_path=str(path), size=path.stat().st_size, tls="none", chunk_size=chunk),
-        Clock())
+    s = SMTPClientSession(
+        SessionParameters(
+            host="mx.test",
+            helo_name="c.test",
+            mail_from="a@c.test",
+            rcpts=("b@mx.test",),
+            message_path=str(path),
+            size=path.stat().st_size,
+            tls="none",
+            chunk_size=chunk,
+        ),
+        Clock(),
+    )
     t = StringTransport()
     s.makeConnection(t)
     s.dataReceived(b"220 hi\r\n250 mx\r\n250 ok\r\n250 ok\r\n354 go\r\n")

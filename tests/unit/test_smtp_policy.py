@@ -159,12 +159,15 @@ def test_policy_calls_only_the_hooks_a_check_overrides() -> None:
 
 
 def test_end_of_data_verdicts_combine() -> None:
-    message = ReceivedMessage("a@b.test", ("c@example.test",), b"Subject: x", 10,
-                              reader_of(b"Subject: x\n\nbody\n"))
-    policy = Policy([
-        Say(Verdict(prepend=("A: 1",), remove=(b"X: old",))),
-        Say(Verdict(junk=True, prepend=("B: 2",))),
-    ])
+    message = ReceivedMessage(
+        "a@b.test", ("c@example.test",), b"Subject: x", 10, reader_of(b"Subject: x\n\nbody\n")
+    )
+    policy = Policy(
+        [
+            Say(Verdict(prepend=("A: 1",), remove=(b"X: old",))),
+            Say(Verdict(junk=True, prepend=("B: 2",))),
+        ]
+    )
     assert policy.checks_messages
     assert run(policy.end_of_data(Client(), message)) == Verdict(
         junk=True, prepend=("A: 1", "B: 2"), remove=(b"X: old",)
@@ -179,7 +182,9 @@ def test_profiles() -> None:
     mx, submission = profile("mx", cfg), profile("submission", cfg)
     assert (mx.name, mx.auth, mx.requires_auth) == ("mx", False, False)
     assert (submission.name, submission.auth, submission.requires_auth) == (
-        "submission", True, True
+        "submission",
+        True,
+        True,
     )
     assert not any(isinstance(c, (SenderBinding, FromBinding)) for c in mx.policy.checks)
     assert any(isinstance(c, SenderBinding) for c in submission.policy.checks)

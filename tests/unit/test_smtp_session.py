@@ -72,7 +72,12 @@ def test_a_connect_check_can_refuse_instead_of_the_greeting() -> None:
 def test_ehlo_extensions_of_the_mx_profile() -> None:
     s = session("mx", max_message_size=1234)
     assert ehlo_keywords(s) == [
-        "PIPELINING", "SIZE 1234", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "STARTTLS"
+        "PIPELINING",
+        "SIZE 1234",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "STARTTLS",
     ]
     s.tls_started()
     assert "STARTTLS" not in ehlo_keywords(s)
@@ -179,8 +184,9 @@ def test_no_command_is_read_while_an_action_is_pending() -> None:
     anyway is a bug on our side, answered 451 rather than acted on (ordered pipelining)."""
     s = session("submission", tls=True)
     cmd(s, "EHLO c")
-    assert isinstance(cmd(s, "AUTH PLAIN " + encode_plain("alice@example.test", "pw")).action,
-                      Login)
+    assert isinstance(
+        cmd(s, "AUTH PLAIN " + encode_plain("alice@example.test", "pw")).action, Login
+    )
     assert s.state is State.LOGIN
     assert cmd(s, "MAIL FROM:<alice@example.test>").replies == (R.INTERNAL_ERROR,)
     assert s.transaction is None
@@ -221,7 +227,9 @@ def test_mail_records_the_envelope_options() -> None:
     assert code(cmd(s, "MAIL FROM:<ü@remote.test> SMTPUTF8 BODY=8BITMIME")) == 250
     assert code(cmd(s, "RCPT TO:<jörg@example.test>")) == 550  # unknown, but UTF-8 is fine
     txn = s.transaction
-    assert txn is not None and txn.smtputf8 and txn.body_8bit and txn.sender.address == "ü@remote.test"
+    assert (
+        txn is not None and txn.smtputf8 and txn.body_8bit and txn.sender.address == "ü@remote.test"
+    )
 
 
 def test_rcpt_rules_of_the_mx_profile() -> None:
@@ -238,7 +246,8 @@ def test_rcpt_rules_of_the_mx_profile() -> None:
     assert s.transaction is not None
     assert s.transaction.recipients == ["alice+tag@example.test", "postmaster@example.test"]
     assert [box.user for box in s.transaction.local] == [
-        "alice@example.test", "postmaster@example.test"
+        "alice@example.test",
+        "postmaster@example.test",
     ]
 
 
@@ -397,12 +406,15 @@ def test_received_field() -> None:
     cmd(s, "DATA")
     field = s.received_field("version=TLSv1.3 cipher=X", "Mon, 1 Jan 2024 00:00:00 +0000")
     txid = s.transaction.txid if s.transaction else ""
-    assert field == (
-        "Received: from client.example ([192.0.2.7])\n"
-        "\tby mx.example.test (mailsuite) with ESMTPSA (version=TLSv1.3 cipher=X)\n"
-        f"\tid {txid}\n\tfor <bob@example.test>;\n"
-        "\tMon, 1 Jan 2024 00:00:00 +0000\n"
-    ).encode()
+    assert (
+        field
+        == (
+            "Received: from client.example ([192.0.2.7])\n"
+            "\tby mx.example.test (mailsuite) with ESMTPSA (version=TLSv1.3 cipher=X)\n"
+            f"\tid {txid}\n\tfor <bob@example.test>;\n"
+            "\tMon, 1 Jan 2024 00:00:00 +0000\n"
+        ).encode()
+    )
 
 
 # -- AUTH -------------------------------------------------------------------------------------
@@ -419,9 +431,7 @@ def test_auth_is_unknown_on_the_mx_profile() -> None:
 def test_submission_needs_tls_then_auth_for_mail() -> None:
     s = session("submission")
     cmd(s, "EHLO c")
-    assert cmd(s, "AUTH PLAIN " + encode_plain("a@example.test", "pw")).replies == (
-        R.TLS_REQUIRED,
-    )
+    assert cmd(s, "AUTH PLAIN " + encode_plain("a@example.test", "pw")).replies == (R.TLS_REQUIRED,)
     assert cmd(s, "MAIL FROM:<alice@example.test>").replies == (R.TLS_REQUIRED,)
     # even a malformed MAIL gets the 530 first: nothing is parsed before AUTH
     assert cmd(s, "MAIL FROM:garbage").replies == (R.TLS_REQUIRED,)
@@ -582,8 +592,9 @@ def test_end_of_data_checks_see_the_message_and_can_reject() -> None:
 
 def test_end_of_data_verdicts_combine_into_one_delivery() -> None:
     forged = b"Authentication-Results: mx.example.test;\n\tdkim=pass"
-    first = Recorder(Verdict(prepend=("Authentication-Results: mx.example.test; spf=fail",),
-                             remove=(forged,)))
+    first = Recorder(
+        Verdict(prepend=("Authentication-Results: mx.example.test; spf=fail",), remove=(forged,))
+    )
     second = Recorder(Verdict(junk=True, prepend=("X-Spam: yes",)))
     s = session(extra=[first, second])
     transaction(s, "alice@example.test")

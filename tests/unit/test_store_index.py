@@ -228,8 +228,9 @@ def _wait_trusted(box: Path) -> None:
         now = time.time_ns()
         return all(_trusted((box / d).stat().st_mtime_ns, now) for d in ("new", "cur"))
 
-    wait_until(trusted, 5, f"the mtimes of {box}/new and cur to leave the trust window",
-               interval=0.005)
+    wait_until(
+        trusted, 5, f"the mtimes of {box}/new and cur to leave the trust window", interval=0.005
+    )
 
 
 def test_young_mtime_is_listed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -115,7 +115,12 @@ def test_mboxrd_round_trip(tmp_path_factory: pytest.TempPathFactory, messages: l
 def test_maildir_flags_keywords_and_uidlist(tmp_path: Path) -> None:
     keywords = {"a": "$Label1", "b": "Important"}
     assert maildir_flags("cur", "1.M1P1.h,S=5:2,FPRSab", keywords) == {
-        "\\Flagged", "$Forwarded", "\\Answered", "\\Seen", "$Label1", "Important"
+        "\\Flagged",
+        "$Forwarded",
+        "\\Answered",
+        "\\Seen",
+        "$Label1",
+        "Important",
     }
     assert maildir_flags("new", "1.M1P1.h:2,S", keywords) == frozenset()
     assert maildir_flags("cur", "1.M1P1.h", keywords) == frozenset()
@@ -134,8 +139,9 @@ def test_maildir_flags_keywords_and_uidlist(tmp_path: Path) -> None:
 def test_progress_plain_lines_and_terminal_redraws() -> None:
     now = [0.0]
     out = io.StringIO()
-    p = Progress("import", out, total_messages=100, total_bytes=10_000_000, tty=False,
-                 clock=lambda: now[0])
+    p = Progress(
+        "import", out, total_messages=100, total_bytes=10_000_000, tty=False, clock=lambda: now[0]
+    )
     for _ in range(100):
         now[0] += 0.01
         p.advance(1, 100_000)
