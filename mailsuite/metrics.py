@@ -34,6 +34,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from mailsuite.imap import session as imap_session
+from mailsuite.pop3 import session as pop3_session
 from mailsuite.queue.spool import valid_id
 
 PREFIX = "mailsuite"
@@ -97,64 +99,9 @@ class GaugeFromCall(Collector):
 
 #: IMAP commands counted by name (RFC 3501, 9051 and the extensions served); any other
 #: word is counted as "other", so a client cannot grow the label set.
-IMAP_COMMANDS = frozenset(
-    {
-        "CAPABILITY",
-        "NOOP",
-        "LOGOUT",
-        "ID",
-        "STARTTLS",
-        "AUTHENTICATE",
-        "LOGIN",
-        "SELECT",
-        "EXAMINE",
-        "CREATE",
-        "DELETE",
-        "RENAME",
-        "SUBSCRIBE",
-        "UNSUBSCRIBE",
-        "LIST",
-        "LSUB",
-        "STATUS",
-        "APPEND",
-        "NAMESPACE",
-        "ENABLE",
-        "IDLE",
-        "CHECK",
-        "CLOSE",
-        "UNSELECT",
-        "EXPUNGE",
-        "SEARCH",
-        "FETCH",
-        "STORE",
-        "COPY",
-        "MOVE",
-        "GETQUOTA",
-        "GETQUOTAROOT",
-        "SETQUOTA",
-    }
-)
-#: POP3 commands counted by name (RFC 1939, 2449, 2595, 5034); others are "other".
-POP3_COMMANDS = frozenset(
-    {
-        "USER",
-        "PASS",
-        "APOP",
-        "AUTH",
-        "STLS",
-        "CAPA",
-        "QUIT",
-        "STAT",
-        "LIST",
-        "RETR",
-        "DELE",
-        "NOOP",
-        "RSET",
-        "TOP",
-        "UIDL",
-        "UTF8",
-    }
-)
+IMAP_COMMANDS = imap_session.COMMANDS
+#: POP3 commands counted by name; others are "other".
+POP3_COMMANDS = pop3_session.COMMANDS
 
 
 class Metrics:

@@ -93,6 +93,8 @@ _SELECTED_CMDS = {
     "COPY",
     "MOVE",
 }
+#: Every command name this server knows (the /metrics label set takes it from here).
+COMMANDS = frozenset(_ANY | _NOT_AUTH_CMDS | _AUTH_CMDS | _SELECTED_CMDS)
 
 
 class Session(MailboxCommands, MessageCommands, QuotaCommands):
@@ -145,7 +147,7 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
             or (name in _AUTH_CMDS and self.state in (_AUTH, _SELECTED))
             or (name in _SELECTED_CMDS and self.state == _SELECTED)
         )
-        if handler is None or (name not in _ANY | _NOT_AUTH_CMDS | _AUTH_CMDS | _SELECTED_CMDS):
+        if handler is None or name not in COMMANDS:
             self.tagged(cmd.tag, "BAD", f"Unknown command {name}")
             return None
         if not allowed:

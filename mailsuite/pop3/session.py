@@ -203,7 +203,7 @@ class Session:
             else None
         )
         if handler is None:
-            if keyword in _ALL_COMMANDS:
+            if keyword in COMMANDS:
                 return self._error(ERR_WRONG_STATE)
             return self._error(ERR_UNKNOWN)
         return handler(rest)
@@ -440,7 +440,8 @@ def _is_base64(text: str) -> bool:
     return True
 
 
-_ALL_COMMANDS = frozenset(
+#: Every command name this server knows (the /metrics label set takes it from here).
+COMMANDS = frozenset(
     {
         "USER",
         "PASS",
