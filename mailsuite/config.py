@@ -12,6 +12,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -282,305 +283,362 @@ def _toml_key(key: str) -> str:
     return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: The sections a config file may have.
+SECTIONS = (
+    "server",
+    "listen",
+    "tls",
+    "domains",
+    "relay",
+    "smtp",
+    "auth",
+    "imap",
+    "pop3",
+    "dns",
+    "mail_auth",
+    "sieve",
+    "web",
+    "sandbox",
+)
+
+
 def parse_config(data: dict[str, Any], path: Path | None, base: Path) -> Config:
-    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``."""
+    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base``.
+
+    One named step per section (each reads its table and refuses keys it does not know);
+    the few values one section needs from another (the mode, the local domains) are passed
+    along, so the order of the steps is the order of those needs."""
     where = str(path) if path else "<embedded default>"
-    known = {
-        "server",
-        "listen",
-        "tls",
-        "domains",
-        "relay",
-        "smtp",
-        "auth",
-        "imap",
-        "pop3",
-        "dns",
-        "mail_auth",
-        "sieve",
-        "web",
-        "sandbox",
-    }
     for section in data:
-        if section not in known:
+        if section not in SECTIONS:
             raise ConfigError(f"{where}: [{section}]: unknown section")
 
-    server = _Reader(where, "server", data.get("server", {}))
-    hostname = server.get("hostname", str, None) or socket.getfqdn() or "localhost"
-    hostname = _domain(server, "hostname", hostname)
-    data_dir = Path(server.get("data_dir", str, "mailsuite-data")).expanduser()
+    def reader(section: str) -> _Reader:
+        return _Reader(where, section, data.get(section, {}))
+
+    server = _server_section(reader("server"), base)
+    local = _domains_section(reader("domains"))
+    return Config(
+        path=path,
+        hostname=server.hostname,
+        data_dir=server.data_dir,
+        listen=_listen_section(reader("listen"), server.mode),
+        tls=_tls_section(reader("tls"), base),
+        local_domains=local,
+        smtp=_smtp_section(reader("smtp")),
+        relay=_relay_section(reader("relay"), base, local),
+        auth=_auth_section(reader("auth"), server.mode),
+        imap=_imap_section(reader("imap")),
+        pop3=_pop3_section(reader("pop3")),
+        dns=_dns_section(reader("dns")),
+        mail_auth=_mail_auth_section(reader("mail_auth")),
+        sieve=_sieve_section(reader("sieve")),
+        log_format=server.log_format,
+        web=_web_config(reader("web")),
+        mode=server.mode,
+        workers=server.workers,
+        sandbox=_sandbox_section(reader("sandbox")),
+    )
+
+
+@dataclass(frozen=True)
+class _Server:
+    """What ``[server]`` holds (spread over :class:`Config`'s top-level fields)."""
+
+    hostname: str
+    data_dir: Path
+    log_format: str
+    mode: str
+    workers: int
+
+
+def _server_section(r: _Reader, base: Path) -> _Server:
+    hostname = r.get("hostname", str, None) or socket.getfqdn() or "localhost"
+    hostname = _domain(r, "hostname", hostname)
+    data_dir = Path(r.get("data_dir", str, "mailsuite-data")).expanduser()
     if not data_dir.is_absolute():
         data_dir = base / data_dir
-    log_format = server.get("log_format", str, "text")
+    log_format = r.get("log_format", str, "text")
     if log_format not in LOG_FORMATS:
-        raise server.fail(
-            "log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}"
-        )
-    mode = server.get("mode", str, "server")
+        raise r.fail("log_format", f"expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    mode = r.get("mode", str, "server")
     if mode not in MODES:
-        raise server.fail("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
-    raw = server.get("workers", (int, str), "auto")  # "auto" is 0: mailsuite.workers.count
+        raise r.fail("mode", f"expected one of {', '.join(MODES)}, got {mode!r}")
+    raw = r.get("workers", (int, str), "auto")  # "auto" is 0: mailsuite.workers.count
     workers = 0 if raw == "auto" else raw
     if isinstance(workers, (str, bool)) or not (
         raw == "auto" or 1 <= workers <= (1 if mode == "sandbox" else 64)
     ):
-        raise server.fail(
+        raise r.fail(
             "workers",
             'expected "auto" or a number from 1 to 64 (1 in sandbox '
             f"mode: one process holds its events and waiters), got {workers!r}",
         )
-    server.finish()
+    r.finish()
+    return _Server(hostname, data_dir, log_format, mode, workers)
 
-    listen_r = _Reader(where, "listen", data.get("listen", {}))
+
+def _listen_section(r: _Reader, mode: str) -> dict[str, tuple[str, ...]]:
     listen: dict[str, tuple[str, ...]] = {}
     for service in SERVICES:
-        descs = listen_r.strings(service)
+        descs = r.strings(service)
         for desc in descs:
-            _check_endpoint(listen_r, service, desc)
+            _check_endpoint(r, service, desc)
         listen[service] = descs
     if mode == "sandbox" and listen["managesieve"]:
-        raise listen_r.fail("managesieve", "not available in sandbox mode (no Sieve there)")
-    listen_r.finish()
+        raise r.fail("managesieve", "not available in sandbox mode (no Sieve there)")
+    r.finish()
+    return listen
 
-    tls_r = _Reader(where, "tls", data.get("tls", {}))
+
+def _tls_section(r: _Reader, base: Path) -> tuple[TLSPair, ...]:
     pairs: list[TLSPair] = []
-    cert = tls_r.get("cert", str, "")
-    key = tls_r.get("key", str, "")
+    cert = r.get("cert", str, "")
+    key = r.get("key", str, "")
     if bool(cert) != bool(key):
-        raise tls_r.fail("key" if cert else "cert", "cert and key must be given together")
+        raise r.fail("key" if cert else "cert", "cert and key must be given together")
     if cert:
         pairs.append(TLSPair(_path(base, cert), _path(base, key)))
-    extra = tls_r.get("extra", list, [])
+    extra = r.get("extra", list, [])
     for i, item in enumerate(extra):
         if not isinstance(item, dict) or set(item) != {"cert", "key"}:
-            raise tls_r.fail(f"extra[{i}]", "expected a table with exactly cert and key")
+            raise r.fail(f"extra[{i}]", "expected a table with exactly cert and key")
         pairs.append(TLSPair(_path(base, item["cert"]), _path(base, item["key"])))
-    tls_r.finish()
+    r.finish()
     for pair in pairs:
         for what, p in (("cert", pair.cert), ("key", pair.key)):
             if not p.is_file():
-                raise tls_r.fail(what, f"{p} does not exist or is not a file")
+                raise r.fail(what, f"{p} does not exist or is not a file")
+    return tuple(pairs)
 
-    domains_r = _Reader(where, "domains", data.get("domains", {}))
-    local = tuple(_domain(domains_r, "local", d) for d in domains_r.strings("local"))
-    domains_r.finish()
 
-    smtp_r = _Reader(where, "smtp", data.get("smtp", {}))
-    free = smtp_r.positive("min_free_space", 0, 0) if "min_free_space" in smtp_r.table else None
+def _domains_section(r: _Reader) -> tuple[str, ...]:
+    local = tuple(_domain(r, "local", d) for d in r.strings("local"))
+    r.finish()
+    return local
+
+
+def _smtp_section(r: _Reader) -> SMTPLimits:
+    free = r.positive("min_free_space", 0, 0) if "min_free_space" in r.table else None
+    d = SMTPLimits
     smtp = SMTPLimits(
-        max_message_size=smtp_r.positive("max_message_size", SMTPLimits.max_message_size, 1024),
-        max_recipients=smtp_r.positive("max_recipients", SMTPLimits.max_recipients, 100),
-        max_errors=smtp_r.positive("max_errors", SMTPLimits.max_errors),
-        max_line_length=smtp_r.positive("max_line_length", SMTPLimits.max_line_length, 998),
-        timeout=smtp_r.positive("timeout", SMTPLimits.timeout),
-        session_timeout=smtp_r.positive("session_timeout", SMTPLimits.session_timeout),
-        login_timeout=smtp_r.positive("login_timeout", SMTPLimits.login_timeout),
-        max_hops=smtp_r.positive("max_hops", SMTPLimits.max_hops, 10),
-        max_connections=smtp_r.positive("max_connections", SMTPLimits.max_connections, 0),
-        max_connections_per_ip=smtp_r.positive(
-            "max_connections_per_ip", SMTPLimits.max_connections_per_ip, 0
-        ),
+        max_message_size=r.positive("max_message_size", d.max_message_size, 1024),
+        max_recipients=r.positive("max_recipients", d.max_recipients, 100),
+        max_errors=r.positive("max_errors", d.max_errors),
+        max_line_length=r.positive("max_line_length", d.max_line_length, 998),
+        timeout=r.positive("timeout", d.timeout),
+        session_timeout=r.positive("session_timeout", d.session_timeout),
+        login_timeout=r.positive("login_timeout", d.login_timeout),
+        max_hops=r.positive("max_hops", d.max_hops, 10),
+        max_connections=r.positive("max_connections", d.max_connections, 0),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip, 0),
         min_free_space=free,  # 0: never refuse
     )
-    smtp_r.finish()
+    r.finish()
+    return smtp
 
-    relay_r = _Reader(where, "relay", data.get("relay", {}))
+
+def _relay_section(r: _Reader, base: Path, local: tuple[str, ...]) -> RelayConfig:
     nets = []
-    for cidr in relay_r.strings("trusted_networks"):
+    for cidr in r.strings("trusted_networks"):
         try:
             nets.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
-            raise relay_r.fail("trusted_networks", f"{cidr!r} is not a CIDR network") from None
-    mx_port = relay_r.positive("port", 25)
-    smarthost = relay_r.get("smarthost", str, "") or None
-    smarthost_hop = None
-    if smarthost is not None:
-        host, _, port = smarthost.rpartition(":")
-        if not host or not port.isdigit():
-            raise relay_r.fail("smarthost", f"{smarthost!r}: expected host:port")
-        # The smarthost is never looked up by MX (its A/AAAA records are used), with or
-        # without brackets: that is what it has always meant here.
-        smarthost_hop = _next_hop(relay_r, "smarthost", smarthost, mx_port)
-    smarthost_tls = relay_r.get("smarthost_tls", str, "required")
-    if smarthost_tls not in ("required", "implicit"):
-        raise relay_r.fail("smarthost_tls", "expected 'required' (STARTTLS) or 'implicit'")
-    tls_ca_text = relay_r.get("tls_ca", str, "")
+            raise r.fail("trusted_networks", f"{cidr!r} is not a CIDR network") from None
+    mx_port = r.positive("port", 25)
+    tls_ca_text = r.get("tls_ca", str, "")
     tls_ca = _path(base, tls_ca_text) if tls_ca_text else None
     if tls_ca is not None and not tls_ca.is_file():
-        raise relay_r.fail("tls_ca", f"{tls_ca} does not exist or is not a file")
-    tls_verify = relay_r.get("tls_verify", bool, False)
-    smarthost_user = relay_r.get("smarthost_user", str, "") or None
-    smarthost_password = _password(relay_r, base, "smarthost_password", "smarthost_password_file")
-    smarthost_verify = relay_r.get("smarthost_verify", bool, True)
-    routes = _routes(relay_r, base, mx_port, tls_verify)
-    if smarthost_hop is not None:
-        if any(r.pattern == "*" for r in routes):
-            raise relay_r.fail(
+        raise r.fail("tls_ca", f"{tls_ca} does not exist or is not a file")
+    tls_verify = r.get("tls_verify", bool, False)
+    smarthost = _smarthost(r, base, mx_port)
+    routes = _routes(r, base, mx_port, tls_verify)
+    if smarthost.route is not None:
+        if any(route.pattern == "*" for route in routes):
+            raise r.fail(
                 "smarthost",
                 'both smarthost and routes."*" are set; they are the same thing: keep one of them',
             )
-        host, port, _mx = smarthost_hop
-        routes += (
-            RelayRoute(
-                "*",
-                host,
-                port,
-                mx=False,
-                tls=smarthost_tls,
-                tls_verify=smarthost_verify,
-                user=smarthost_user,
-                password=(smarthost_password or "") if smarthost_user else None,
-            ),
-        )
+        routes += (smarthost.route,)
+    d = RelayConfig
     relay = RelayConfig(
         trusted_networks=tuple(nets),
         port=mx_port,
-        smarthost=smarthost,
-        smarthost_user=smarthost_user,
-        smarthost_password=smarthost_password,
-        smarthost_tls=smarthost_tls,
+        smarthost=smarthost.text,
+        smarthost_user=smarthost.user,
+        smarthost_password=smarthost.password,
+        smarthost_tls=smarthost.tls,
         tls_verify=tls_verify,
-        smarthost_verify=smarthost_verify,
+        smarthost_verify=smarthost.verify,
         tls_ca=tls_ca,
-        max_deliveries=relay_r.positive("max_deliveries", RelayConfig.max_deliveries),
-        retry_initial=relay_r.positive("retry_initial", RelayConfig.retry_initial),
-        retry_max=relay_r.positive("retry_max", RelayConfig.retry_max),
-        lifetime=relay_r.positive("lifetime", RelayConfig.lifetime),
-        delay_warning=relay_r.positive("delay_warning", RelayConfig.delay_warning, 0),
+        max_deliveries=r.positive("max_deliveries", d.max_deliveries),
+        retry_initial=r.positive("retry_initial", d.retry_initial),
+        retry_max=r.positive("retry_max", d.retry_max),
+        lifetime=r.positive("lifetime", d.lifetime),
+        delay_warning=r.positive("delay_warning", d.delay_warning, 0),
         routes=routes,
     )
-    relay_r.finish()
+    r.finish()
     for route in routes:
         if route.pattern in local:
-            raise relay_r.fail(
+            raise r.fail(
                 "routes",
                 f"{route.pattern!r} is a local domain ([domains] "
                 "local): its mail is delivered here, never routed",
             )
+    return relay
 
-    auth_r = _Reader(where, "auth", data.get("auth", {}))
+
+@dataclass(frozen=True)
+class _Smarthost:
+    """The ``[relay] smarthost*`` keys, and the ``*`` route they stand for (None: unset)."""
+
+    text: str | None
+    user: str | None
+    password: str | None
+    tls: str
+    verify: bool
+    route: RelayRoute | None
+
+
+def _smarthost(r: _Reader, base: Path, mx_port: int) -> _Smarthost:
+    smarthost = r.get("smarthost", str, "") or None
+    hop = None
+    if smarthost is not None:
+        host, _, port = smarthost.rpartition(":")
+        if not host or not port.isdigit():
+            raise r.fail("smarthost", f"{smarthost!r}: expected host:port")
+        # The smarthost is never looked up by MX (its A/AAAA records are used), with or
+        # without brackets: that is what it has always meant here.
+        hop = _next_hop(r, "smarthost", smarthost, mx_port)
+    tls = r.get("smarthost_tls", str, "required")
+    if tls not in ("required", "implicit"):
+        raise r.fail("smarthost_tls", "expected 'required' (STARTTLS) or 'implicit'")
+    user = r.get("smarthost_user", str, "") or None
+    password = _password(r, base, "smarthost_password", "smarthost_password_file")
+    verify = r.get("smarthost_verify", bool, True)
+    route = None
+    if hop is not None:
+        host, port_number, _mx = hop
+        route = RelayRoute(
+            "*",
+            host,
+            port_number,
+            mx=False,
+            tls=tls,
+            tls_verify=verify,
+            user=user,
+            password=(password or "") if user else None,
+        )
+    return _Smarthost(smarthost, user, password, tls, verify, route)
+
+
+def _auth_section(r: _Reader, mode: str) -> AuthConfig:
     auth = AuthConfig(
-        max_failures_per_ip=auth_r.positive("max_failures_per_ip", 10),
-        max_failures_per_user=auth_r.positive("max_failures_per_user", 20),
-        window=auth_r.positive("window", 900),
+        max_failures_per_ip=r.positive("max_failures_per_ip", 10),
+        max_failures_per_user=r.positive("max_failures_per_user", 20),
+        window=r.positive("window", 900),
         # Sandbox mode takes any password, so clear text risks nothing (and test clients
         # often speak plain text): allowed unless the config says otherwise.
-        allow_plaintext=auth_r.get("allow_plaintext", bool, mode == "sandbox"),
+        allow_plaintext=r.get("allow_plaintext", bool, mode == "sandbox"),
     )
-    auth_r.finish()
+    r.finish()
+    return auth
 
-    imap_r = _Reader(where, "imap", data.get("imap", {}))
+
+def _imap_section(r: _Reader) -> IMAPConfig:
+    d = IMAPConfig
     imap = IMAPConfig(
-        max_literal=imap_r.positive("max_literal", IMAPConfig.max_literal, 1024),
-        idle_timeout=imap_r.positive("idle_timeout", IMAPConfig.idle_timeout, 60),
-        max_connections=imap_r.positive("max_connections", IMAPConfig.max_connections, 0),
-        max_connections_per_ip=imap_r.positive(
-            "max_connections_per_ip", IMAPConfig.max_connections_per_ip, 0
-        ),
-        max_userip_connections=imap_r.positive(
-            "max_userip_connections", IMAPConfig.max_userip_connections, 0
-        ),
-        login_timeout=imap_r.positive("login_timeout", IMAPConfig.login_timeout),
+        max_literal=r.positive("max_literal", d.max_literal, 1024),
+        idle_timeout=r.positive("idle_timeout", d.idle_timeout, 60),
+        max_connections=r.positive("max_connections", d.max_connections, 0),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip, 0),
+        max_userip_connections=r.positive("max_userip_connections", d.max_userip_connections, 0),
+        login_timeout=r.positive("login_timeout", d.login_timeout),
     )
-    imap_r.finish()
+    r.finish()
+    return imap
 
-    pop3_r = _Reader(where, "pop3", data.get("pop3", {}))
+
+def _pop3_section(r: _Reader) -> POP3Config:
+    d = POP3Config
     pop3 = POP3Config(
-        leave_on_server_mark_seen=pop3_r.get("mark_seen_on_retr", bool, True),
-        expire=pop3_r.get("expire", str, "") or None,
-        login_delay=pop3_r.get("login_delay", int, 0) or None,
-        max_connections=pop3_r.positive("max_connections", POP3Config.max_connections, 0),
-        max_connections_per_ip=pop3_r.positive(
-            "max_connections_per_ip", POP3Config.max_connections_per_ip, 0
-        ),
-        login_timeout=pop3_r.positive("login_timeout", POP3Config.login_timeout),
+        leave_on_server_mark_seen=r.get("mark_seen_on_retr", bool, True),
+        expire=r.get("expire", str, "") or None,
+        login_delay=r.get("login_delay", int, 0) or None,
+        max_connections=r.positive("max_connections", d.max_connections, 0),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip, 0),
+        login_timeout=r.positive("login_timeout", d.login_timeout),
     )
-    pop3_r.finish()
+    r.finish()
+    return pop3
 
-    sieve_r = _Reader(where, "sieve", data.get("sieve", {}))
+
+def _sieve_section(r: _Reader) -> SieveConfig:
     d = SieveConfig
     sieve = SieveConfig(
-        max_script_size=sieve_r.positive("max_script_size", d.max_script_size, 1024),
-        max_scripts=sieve_r.positive("max_scripts", d.max_scripts),
-        max_actions=sieve_r.positive("max_actions", d.max_actions),
-        max_redirects=sieve_r.positive("max_redirects", d.max_redirects, 0),
-        max_run_time=sieve_r.positive("max_run_time", d.max_run_time),
-        vacation_min_period=sieve_r.positive("vacation_min_period", d.vacation_min_period, 0),
-        vacation_max_period=sieve_r.positive("vacation_max_period", d.vacation_max_period),
-        max_connections=sieve_r.positive("max_connections", d.max_connections, 0),
-        max_connections_per_ip=sieve_r.positive(
-            "max_connections_per_ip", d.max_connections_per_ip, 0
-        ),
-        login_timeout=sieve_r.positive("login_timeout", d.login_timeout),
+        max_script_size=r.positive("max_script_size", d.max_script_size, 1024),
+        max_scripts=r.positive("max_scripts", d.max_scripts),
+        max_actions=r.positive("max_actions", d.max_actions),
+        max_redirects=r.positive("max_redirects", d.max_redirects, 0),
+        max_run_time=r.positive("max_run_time", d.max_run_time),
+        vacation_min_period=r.positive("vacation_min_period", d.vacation_min_period, 0),
+        vacation_max_period=r.positive("vacation_max_period", d.vacation_max_period),
+        max_connections=r.positive("max_connections", d.max_connections, 0),
+        max_connections_per_ip=r.positive("max_connections_per_ip", d.max_connections_per_ip, 0),
+        login_timeout=r.positive("login_timeout", d.login_timeout),
     )
     if sieve.vacation_max_period < sieve.vacation_min_period:
-        raise sieve_r.fail("vacation_max_period", "must not be less than vacation_min_period")
-    sieve_r.finish()
+        raise r.fail("vacation_max_period", "must not be less than vacation_min_period")
+    r.finish()
+    return sieve
 
-    dns_r = _Reader(where, "dns", data.get("dns", {}))
-    nameservers = dns_r.strings("nameservers") or None
+
+def _dns_section(r: _Reader) -> DNSConfig:
+    nameservers = r.strings("nameservers") or None
     for ns in nameservers or ():
         host, _, port = ns.rpartition(":") if ns.count(":") == 1 else (ns, "", "53")
         try:
             ipaddress.ip_address(host or ns)
         except ValueError:
-            raise dns_r.fail("nameservers", f"{ns!r}: expected an IP address[:port]") from None
+            raise r.fail("nameservers", f"{ns!r}: expected an IP address[:port]") from None
         if port and not port.isdigit():
-            raise dns_r.fail("nameservers", f"{ns!r}: bad port")
+            raise r.fail("nameservers", f"{ns!r}: bad port")
     dns_config = DNSConfig(
-        nameservers=nameservers,
-        timeout=dns_r.positive("timeout", DNSConfig.timeout),
+        nameservers=nameservers, timeout=r.positive("timeout", DNSConfig.timeout)
     )
-    dns_r.finish()
+    r.finish()
+    return dns_config
 
-    auth_checks = _Reader(where, "mail_auth", data.get("mail_auth", {}))
-    dmarc_reject = auth_checks.get("dmarc_reject", str, MailAuthConfig.dmarc_reject)
+
+def _mail_auth_section(r: _Reader) -> MailAuthConfig:
+    dmarc_reject = r.get("dmarc_reject", str, MailAuthConfig.dmarc_reject)
     if dmarc_reject not in ("reject", "quarantine"):
-        raise auth_checks.fail(
+        raise r.fail(
             "dmarc_reject",
             f"{dmarc_reject!r}: expected 'reject' (550 5.7.26) or 'quarantine' (deliver to Junk)",
         )
     mail_auth = MailAuthConfig(
-        spf=auth_checks.get("spf", bool, True),
-        dkim=auth_checks.get("dkim", bool, True),
-        dmarc=auth_checks.get("dmarc", bool, True),
-        arc=auth_checks.get("arc", bool, True),
+        spf=r.get("spf", bool, True),
+        dkim=r.get("dkim", bool, True),
+        dmarc=r.get("dmarc", bool, True),
+        arc=r.get("arc", bool, True),
         dmarc_reject=dmarc_reject,
-        max_signatures=auth_checks.positive("max_signatures", MailAuthConfig.max_signatures),
-        sign=auth_checks.get("sign", bool, True),
-        threads=auth_checks.positive("threads", MailAuthConfig.threads),
+        max_signatures=r.positive("max_signatures", MailAuthConfig.max_signatures),
+        sign=r.get("sign", bool, True),
+        threads=r.positive("threads", MailAuthConfig.threads),
     )
-    auth_checks.finish()
+    r.finish()
+    return mail_auth
 
-    web = _web_config(_Reader(where, "web", data.get("web", {})))
-    sandbox_r = _Reader(where, "sandbox", data.get("sandbox", {}))
+
+def _sandbox_section(r: _Reader) -> SandboxConfig:
     sandbox = SandboxConfig(
-        max_messages=sandbox_r.positive("max_messages", SandboxConfig.max_messages),
-        release=sandbox_r.get("release", bool, False),
+        max_messages=r.positive("max_messages", SandboxConfig.max_messages),
+        release=r.get("release", bool, False),
     )
-    sandbox_r.finish()
-
-    return Config(
-        path=path,
-        hostname=hostname,
-        data_dir=data_dir,
-        listen=listen,
-        tls=tuple(pairs),
-        local_domains=local,
-        smtp=smtp,
-        relay=relay,
-        auth=auth,
-        imap=imap,
-        pop3=pop3,
-        dns=dns_config,
-        mail_auth=mail_auth,
-        sieve=sieve,
-        log_format=log_format,
-        web=web,
-        mode=mode,
-        workers=workers,
-        sandbox=sandbox,
-    )
+    r.finish()
+    return sandbox
 
 
 def _web_config(reader: _Reader) -> WebConfig:
