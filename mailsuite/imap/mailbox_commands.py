@@ -26,7 +26,13 @@ from mailsuite.imap.session_base import (
     quote,
 )
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.mailbox import SEPARATOR, MailboxError, append_blocking, move_inbox_blocking
+from mailsuite.store.mailbox import (
+    SEPARATOR,
+    Account,
+    MailboxError,
+    append_blocking,
+    move_inbox_blocking,
+)
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
 _LIST_SELECT = ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE")
@@ -146,99 +152,37 @@ class MailboxCommands(SessionBase):
             self.untagged(f'LIST (\\Noselect) "{SEPARATOR}" ""')
             self.ok(cmd, "LIST completed")
             return
-        names = acct.names()
-        existing = set(names)
-        want_subs = "SUBSCRIBED" in req.select or "SUBSCRIBED" in req.returns
-        subs = acct.subscriptions() if want_subs else []
-        subset = set(subs)
-        rxs = [_pattern_regex(_inbox_norm(req.reference + p)) for p in req.patterns]
-
-        def matches(name: str) -> bool:
-            norm = _inbox_norm(name)
-            return any(rx.match(norm) for rx in rxs)
-
-        criteria = sorted(req.select & {"SUBSCRIBED", "SPECIAL-USE"})
-
-        def selected(name: str) -> bool:
-            """Does ``name`` meet the selection criteria (RFC 5258 3)?"""
-            if "SUBSCRIBED" in req.select and name not in subset:
-                return False
-            return "SPECIAL-USE" not in req.select or (
-                name in existing and bool(acct.special_use(name))
-            )
-
-        # Every name that could be listed: mailboxes, the parents Maildir++ implies (.a.b
-        # without .a), subscriptions, and their parents (for CHILDINFO).
-        has_children: set[str] = set()  # names with an existing descendant
-        for n in names:
-            for parent in _ancestors(n):
-                has_children.add(parent)
-        universe: set[str] = set(existing) | has_children
-        if want_subs:
-            universe |= subset
-        # RFC 5258 3.5 / example 9: with RECURSIVEMATCH a name gets CHILDINFO when one of its
-        # descendants meets the selection criteria but does not match the pattern.
-        childinfo: set[str] = set()
-        if "RECURSIVEMATCH" in req.select:
-            pool = subset if "SUBSCRIBED" in req.select else existing
-            for n in pool:
-                if not selected(n) or matches(n):
-                    continue
-                for parent in _ancestors(n):
-                    childinfo.add(parent)
-            universe |= childinfo
-        ordered = sorted(universe - {"INBOX"})
-        if "INBOX" in universe:
-            ordered.insert(0, "INBOX")
+        view = _list_view(req, acct)
         out: list[bytes] = []
         status_for: list[tuple[int, str]] = []  # (position in out, mailbox)
-        for name in ordered:
-            if not matches(name):
+        for name in view.ordered():
+            line = _list_line(view, name)
+            if line is None:
                 continue
-            if req.select:
-                if not selected(name) and name not in childinfo:
-                    continue
-            elif name not in existing and name not in has_children:
-                continue
-            attrs: list[str] = []
-            if name not in existing:
-                # a parent that only its children imply cannot be selected; a name that
-                # names nothing at all is \NonExistent (RFC 5258 3, implies \Noselect)
-                attrs.append("\\Noselect" if name in has_children else "\\NonExistent")
-            if name in has_children:
-                attrs.append("\\HasChildren")
-            elif name in existing:
-                attrs.append("\\HasNoChildren")
-            use = acct.special_use(name) if name in existing else None
-            if use:
-                attrs.append(use)
-            if want_subs and name in subset:
-                attrs.append("\\Subscribed")
-            line = (
-                b"* LIST ("
-                + " ".join(attrs).encode()
-                + b') "'
-                + SEPARATOR.encode()
-                + b'" '
-                + quote(name)
-            )
-            if name in childinfo:
-                line += b' ("CHILDINFO" (' + " ".join(f'"{c}"' for c in criteria).encode() + b"))"
-            out.append(line + b"\r\n")
-            if req.status and name in existing:
+            out.append(line)
+            if req.status and name in view.existing:
                 status_for.append((len(out), name))
-        if not req.status:
-            await self.send_paced(out)
-        else:
-            # RFC 5819: each mailbox's STATUS right after its LIST response
-            start = 0
-            for pos, name in status_for:
-                await self.send_paced(out[start:pos])
-                start = pos
-                with contextlib.suppress(MailboxError):  # gone: its LIST line stands alone
-                    self._status(name, req.status)
-            await self.send_paced(out[start:])
+        await self._send_list(out, status_for, req.status)
         self.ok(cmd, "LIST completed")
+
+    async def _send_list(
+        self, out: list[bytes], status_for: list[tuple[int, str]], status: list[str]
+    ) -> None:
+        """Send the LIST lines, each listed mailbox's STATUS right after its own line.
+
+        RFC 5819 puts the STATUS response after the mailbox's LIST response; sending is paced
+        so a long answer never piles up in memory ahead of a slow client.
+        """
+        if not status:
+            await self.send_paced(out)
+            return
+        start = 0
+        for pos, name in status_for:
+            await self.send_paced(out[start:pos])
+            start = pos
+            with contextlib.suppress(MailboxError):  # gone: its LIST line stands alone
+                self._status(name, status)
+        await self.send_paced(out[start:])
 
     def do_STATUS(self, cmd: Command) -> None:
         if len(cmd.args) != 2 or not isinstance(cmd.args[1], list):
@@ -331,6 +275,117 @@ class _ListRequest:
     select: set[str] = field(default_factory=set)
     returns: set[str] = field(default_factory=set)
     status: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ListView:
+    """What one LIST answer is drawn from: the account's names and the request's criteria.
+
+    Computed once per command so every candidate name is judged against the same snapshot
+    of the account's folders and subscriptions.
+    """
+
+    req: _ListRequest
+    acct: Account
+    existing: set[str]
+    subset: set[str]  # the subscriptions, when the request needs them
+    want_subs: bool
+    rxs: list[re.Pattern[str]]
+    has_children: set[str] = field(default_factory=set)  # names with an existing descendant
+    childinfo: set[str] = field(default_factory=set)
+    universe: set[str] = field(default_factory=set)
+
+    def matches(self, name: str) -> bool:
+        """Does ``name`` match one of the patterns (after the reference)?"""
+        norm = _inbox_norm(name)
+        return any(rx.match(norm) for rx in self.rxs)
+
+    def selected(self, name: str) -> bool:
+        """Does ``name`` meet the selection criteria (RFC 5258 3)?"""
+        if "SUBSCRIBED" in self.req.select and name not in self.subset:
+            return False
+        return "SPECIAL-USE" not in self.req.select or (
+            name in self.existing and bool(self.acct.special_use(name))
+        )
+
+    def ordered(self) -> list[str]:
+        """Every candidate name, INBOX first (clients show it on top), the rest sorted."""
+        ordered = sorted(self.universe - {"INBOX"})
+        if "INBOX" in self.universe:
+            ordered.insert(0, "INBOX")
+        return ordered
+
+
+def _list_view(req: _ListRequest, acct: Account) -> _ListView:
+    """Gather every name that could be listed: mailboxes, the parents Maildir++ implies
+    (.a.b without .a), subscriptions, and the parents that get CHILDINFO.
+
+    RFC 5258 3.5 / example 9: with RECURSIVEMATCH a name gets CHILDINFO when one of its
+    descendants meets the selection criteria but does not match the pattern.
+    """
+    names = acct.names()
+    want_subs = "SUBSCRIBED" in req.select or "SUBSCRIBED" in req.returns
+    subs = acct.subscriptions() if want_subs else []
+    view = _ListView(
+        req=req,
+        acct=acct,
+        existing=set(names),
+        subset=set(subs),
+        want_subs=want_subs,
+        rxs=[_pattern_regex(_inbox_norm(req.reference + p)) for p in req.patterns],
+    )
+    for n in names:
+        for parent in _ancestors(n):
+            view.has_children.add(parent)
+    view.universe = set(view.existing) | view.has_children
+    if want_subs:
+        view.universe |= view.subset
+    if "RECURSIVEMATCH" in req.select:
+        pool = view.subset if "SUBSCRIBED" in req.select else view.existing
+        for n in pool:
+            if not view.selected(n) or view.matches(n):
+                continue
+            for parent in _ancestors(n):
+                view.childinfo.add(parent)
+        view.universe |= view.childinfo
+    return view
+
+
+def _list_line(view: _ListView, name: str) -> bytes | None:
+    """The ``* LIST`` line for ``name``, or None when the request does not list it.
+
+    Attributes follow RFC 5258 3 (\\NonExistent, \\Subscribed, CHILDINFO), RFC 3348
+    (\\HasChildren) and RFC 6154 (the special-use attribute).
+    """
+    req = view.req
+    if not view.matches(name):
+        return None
+    if req.select:
+        if not view.selected(name) and name not in view.childinfo:
+            return None
+    elif name not in view.existing and name not in view.has_children:
+        return None
+    attrs: list[str] = []
+    if name not in view.existing:
+        # a parent that only its children imply cannot be selected; a name that
+        # names nothing at all is \NonExistent (RFC 5258 3, implies \Noselect)
+        attrs.append("\\Noselect" if name in view.has_children else "\\NonExistent")
+    if name in view.has_children:
+        attrs.append("\\HasChildren")
+    elif name in view.existing:
+        attrs.append("\\HasNoChildren")
+    use = view.acct.special_use(name) if name in view.existing else None
+    if use:
+        attrs.append(use)
+    if view.want_subs and name in view.subset:
+        attrs.append("\\Subscribed")
+    line = (
+        b"* LIST (" + " ".join(attrs).encode() + b') "' + SEPARATOR.encode() + b'" ' + quote(name)
+    )
+    if name in view.childinfo:
+        criteria = sorted(req.select & {"SUBSCRIBED", "SPECIAL-USE"})
+        line += b' ("CHILDINFO" (' + " ".join(f'"{c}"' for c in criteria).encode() + b"))"
+    return line + b"\r\n"
 
 
 def _parse_list(args: list[Token]) -> _ListRequest:

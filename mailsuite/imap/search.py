@@ -341,6 +341,11 @@ def _seqset(tok: object) -> SequenceSet:
 
 
 def _compile(key: Key, count: int, max_uid: int) -> Predicate:
+    """The predicate for ``key``: the combinators and message sets here, the rest by family.
+
+    AND and OR test the cheaper operand first (``Key.needs``) so a message is opened only
+    when the flags or sizes did not already decide.
+    """
     op, a = key.op, key.args
     if op == "ALL":
         return lambda v: True
@@ -360,6 +365,19 @@ def _compile(key: Key, count: int, max_uid: int) -> Predicate:
     if op == "UID":
         ranges = a[0].resolve(max_uid)
         return lambda v: ranges_contain(ranges, v.msg.uid)
+    if op in ("FLAG", "NEW", "OLD", "RECENT"):
+        return _compile_flag(op, a)
+    if op in ("HEADER", "ADDRESS", "BODY", "TEXT"):
+        return _compile_text(op, a)
+    return _compile_number(op, a)
+
+
+def _compile_flag(op: str, a: tuple[Any, ...]) -> Predicate:
+    """FLAG, NEW, OLD and RECENT: read from the index row, never from the message file.
+
+    A keyword also matches in another case (clients differ in the case they write); a
+    system flag is stored in one spelling and compared exactly.
+    """
     if op == "FLAG":
         flag, present = a
         if flag.startswith("\\"):
@@ -376,8 +394,12 @@ def _compile(key: Key, count: int, max_uid: int) -> Predicate:
         return lambda v: v.msg.recent and "\\Seen" not in v.msg.flags
     if op == "OLD":
         return lambda v: not v.msg.recent
-    if op == "RECENT":
-        return lambda v: v.msg.recent
+    return lambda v: v.msg.recent
+
+
+def _compile_number(op: str, a: tuple[Any, ...]) -> Predicate:
+    """Sizes, MODSEQ (RFC 7162 3.1.5) and dates: INTERNALDATE for BEFORE/ON/SINCE, the Date
+    header for SENTBEFORE/SENTON/SENTSINCE (RFC 3501 6.4.4), compared by day."""
     if op == "LARGER":
         n = a[0]
         return lambda v: v.msg.size > n
@@ -401,6 +423,12 @@ def _compile(key: Key, count: int, max_uid: int) -> Predicate:
         if op == "SENTON":
             return lambda v: v.sent() == d
         return lambda v: v.sent() >= d
+    raise AssertionError(f"unknown op {op}")
+
+
+def _compile_text(op: str, a: tuple[Any, ...]) -> Predicate:
+    """HEADER, ADDRESS, BODY and TEXT: substring tests on case-folded text (the needle was
+    folded when parsed), which need the message's header or body from the store."""
     if op == "HEADER":
         name, needle = a
 
@@ -425,16 +453,14 @@ def _compile(key: Key, count: int, max_uid: int) -> Predicate:
     if op == "BODY":
         needle = a[0]
         return lambda v: needle in v.body()
-    if op == "TEXT":
-        needle = a[0]
+    needle = a[0]
 
-        def text_match(v: _View) -> bool:
-            if any(needle in x for vals in v.fields().values() for x in vals):
-                return True
-            return needle in v.body()
+    def text_match(v: _View) -> bool:
+        if any(needle in x for vals in v.fields().values() for x in vals):
+            return True
+        return needle in v.body()
 
-        return text_match
-    raise AssertionError(f"unknown op {op}")
+    return text_match
 
 
 def header_of(raw: bytes) -> bytes:

@@ -146,6 +146,20 @@ def _literal(domain: str) -> Route | None:
     return Route(domain, (MXHost(domain, 0, (str(addr),)),), literal=True)
 
 
+def _ascii_name(domain: str) -> str:
+    """The domain as DNS asks for it: lower case, no trailing dot, IDNA A-labels (RFC 5890)
+    for an internationalized name; a name IDNA cannot encode is permanently invalid."""
+    name = domain.rstrip(".").lower()
+    try:
+        name.encode("ascii")
+    except UnicodeEncodeError:
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise MXError(domain, True, "5.1.2", "invalid domain name") from None
+    return name
+
+
 class MXResolver:
     """Resolve a recipient domain to a :class:`Route` (RFC 5321 5.1, RFC 7505).
 
@@ -177,17 +191,12 @@ class MXResolver:
         return defer.ensureDeferred(self.resolve_async(domain))
 
     async def resolve_async(self, domain: str) -> Route:
+        """The route for ``domain``: an address literal as it is, else its MX hosts in order
+        (RFC 5321 5.1), else the domain's own addresses when it has no MX at all."""
         literal = _literal(domain)
         if literal is not None:
             return literal
-        name = domain.rstrip(".").lower()
-        try:
-            name.encode("ascii")
-        except UnicodeEncodeError:
-            try:
-                name = name.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise MXError(domain, True, "5.1.2", "invalid domain name") from None
+        name = _ascii_name(domain)
         try:
             mx_records = await self._query(name, dns.MX)
         except _NoName:
@@ -196,28 +205,38 @@ class MXResolver:
             raise MXError(domain, False, "4.4.3", f"MX lookup failed: {e}") from None
         except _NoData:
             mx_records = []
-
         if not mx_records:
-            # RFC 5321 5.1: no MX -> the domain itself is the implicit MX, preference 0.
-            try:
-                addresses = await self._addresses(name)
-            except _NoName:
-                raise MXError(domain, True, "5.1.2", "domain does not exist (NXDOMAIN)") from None
-            except _Transient as e:
-                raise MXError(domain, False, "4.4.3", f"address lookup failed: {e}") from None
-            if not addresses:
-                raise MXError(domain, True, "5.1.2", "domain has no MX and no address records")
-            return Route(domain, (MXHost(name, 0, addresses),), implicit=True)
+            return await self._implicit_route(domain, name)
+        return await self._mx_route(domain, self._order_exchanges(domain, mx_records))
 
+    async def _implicit_route(self, domain: str, name: str) -> Route:
+        """RFC 5321 5.1: no MX -> the domain itself is the implicit MX, preference 0.
+
+        NXDOMAIN or no address at all is permanent (the sender mistyped the domain); a
+        failed lookup is temporary, so the queue tries again.
+        """
+        try:
+            addresses = await self._addresses(name)
+        except _NoName:
+            raise MXError(domain, True, "5.1.2", "domain does not exist (NXDOMAIN)") from None
+        except _Transient as e:
+            raise MXError(domain, False, "4.4.3", f"address lookup failed: {e}") from None
+        if not addresses:
+            raise MXError(domain, True, "5.1.2", "domain has no MX and no address records")
+        return Route(domain, (MXHost(name, 0, addresses),), implicit=True)
+
+    def _order_exchanges(self, domain: str, mx_records: Sequence[Any]) -> list[tuple[int, str]]:
+        """(preference, exchange) in preference order; equal preferences in random order
+        (RFC 5321 5.1, which spreads load over equal hosts); duplicates dropped.
+
+        Raises for a null MX (RFC 7505 3: a single "MX 0 ." says the domain accepts no mail).
+        """
         exchanges = [
             (int(r.preference), r.name.name.decode("ascii").rstrip(".").lower()) for r in mx_records
         ]
         real = [(p, x) for p, x in exchanges if x != ""]
         if not real:
-            # RFC 7505 3: a single "MX 0 ." says the domain accepts no mail.
             raise MXError(domain, True, "5.1.10", "domain does not accept mail (null MX)")
-
-        # Preference order; equal preferences in random order (RFC 5321 5.1). Duplicates dropped.
         by_pref: dict[int, list[str]] = {}
         for pref, exchange in real:
             group = by_pref.setdefault(pref, [])
@@ -228,7 +247,15 @@ class MXResolver:
             group = by_pref[pref]
             self._rng.shuffle(group)
             ordered.extend((pref, x) for x in group)
+        return ordered
 
+    async def _mx_route(self, domain: str, ordered: list[tuple[int, str]]) -> Route:
+        """Look up every exchange's addresses at once and keep those that have some.
+
+        When none has an address the failure is temporary either way: a lookup that failed
+        may work later, and a missing host is a DNS misconfiguration that may be fixed (the
+        queue's lifetime bounces it eventually).
+        """
         results = await defer.DeferredList(
             [defer.ensureDeferred(self._host_addresses(x)) for _, x in ordered],
             consumeErrors=True,
@@ -251,8 +278,6 @@ class MXResolver:
                     "4.4.3",
                     "address lookup of MX hosts failed: " + ", ".join(transient),
                 )
-            # Every MX host name is missing or has no address: a DNS misconfiguration that may
-            # be fixed; temporary, the queue's lifetime will bounce it eventually.
             raise MXError(
                 domain, False, "4.4.3", "MX hosts have no addresses: " + ", ".join(unresolved)
             )

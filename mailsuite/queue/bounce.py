@@ -78,26 +78,12 @@ def _address_field(kind: str, address: str) -> str:
     return f"{kind}: {'rfc822' if address.isascii() else 'utf-8'}; {_clean(address)}"
 
 
-def build_dsn(
-    *,
-    reporting_mta: str,
-    original_sender: str,
-    recipients: Sequence[RecipientStatus],
-    original_message_path: str | os.PathLike[str],
-    arrival_date: datetime,
-    envelope_id: str | None = None,
-    now: datetime | None = None,
-    max_header_bytes: int = MAX_HEADER_BYTES,
-) -> bytes:
-    """A complete DSN message as LF-ended bytes, ready to be spooled.
+def _check_recipients(original_sender: str, recipients: Sequence[RecipientStatus]) -> None:
+    """Refuse a report that must never be sent, before any file is read.
 
-    The caller must queue it with the **null envelope sender** ``<>`` (RFC 5321 4.5.5, RFC 3464
-    2), to ``original_sender``, so that it can itself never bounce. Raises ValueError when
-    ``original_sender`` is empty: a bounce is never bounced.
-
-    If every recipient's action is "delayed" this is the delay warning ("Delivery delayed");
-    otherwise it is a failure report. Only the original's header section (at most
-    ``max_header_bytes``) is returned, as ``text/rfc822-headers``.
+    A message with the null sender is itself a bounce (RFC 5321 4.5.5): bouncing it could loop.
+    A report with no recipient, or an action other than failed/delayed, is a caller bug that
+    would produce a DSN no client can interpret (RFC 3464 2.3.3).
     """
     if not original_sender:
         raise ValueError("no DSN for a message with the null sender (never bounce a bounce)")
@@ -106,19 +92,17 @@ def build_dsn(
     for r in recipients:
         if r.action not in ("failed", "delayed"):
             raise ValueError(f"action must be failed or delayed, not {r.action!r}")
-    now = now or datetime.now(UTC)
-    mta = _clean(reporting_mta, 200)
-    delayed_only = all(r.action == "delayed" for r in recipients)
-    international = not original_sender.isascii() or any(
-        not r.recipient.isascii() for r in recipients
-    )
 
-    boundary = f"=_dsn_{uuid.uuid4().hex}"
-    headers_part = read_header_block(original_message_path, max_header_bytes)
-    while boundary.encode() in headers_part:  # practically never; cheap to be sure
-        boundary = f"=_dsn_{uuid.uuid4().hex}"
 
-    # -- human-readable part
+def _human_part(
+    mta: str, recipients: Sequence[RecipientStatus], delayed_only: bool
+) -> tuple[str, bytes, str]:
+    """The subject, the human-readable first part and its transfer encoding.
+
+    A delay warning reads differently from a failure so that the sender does not resend a
+    message that will still be delivered. Non-ASCII text (an internationalized address or
+    diagnostic) goes out as quoted-printable so the part stays 7-bit safe for any relay.
+    """
     if delayed_only:
         subject = "Delivery delayed: still trying"
         intro = [
@@ -146,12 +130,22 @@ def build_dsn(
             lines.append(f"    will retry until {_date(r.will_retry_until)}")
     human = "\n".join(lines) + "\n"
     if human.isascii():
-        human_body, human_cte = human.encode("ascii"), "7bit"
-    else:
-        human_body = quopri.encodestring(human.encode("utf-8")).replace(b"\r\n", b"\n")
-        human_cte = "quoted-printable"
+        return subject, human.encode("ascii"), "7bit"
+    human_body = quopri.encodestring(human.encode("utf-8")).replace(b"\r\n", b"\n")
+    return subject, human_body, "quoted-printable"
 
-    # -- machine-readable part (RFC 3464 2.2 per-message, 2.3 per-recipient fields)
+
+def _status_part(
+    mta: str,
+    recipients: Sequence[RecipientStatus],
+    arrival_date: datetime,
+    envelope_id: str | None,
+) -> bytes:
+    """The machine-readable delivery-status body (RFC 3464 2.2 per-message, 2.3 per-recipient).
+
+    Kept apart from the human text because mail clients and list managers parse these fields
+    to unsubscribe or flag addresses; every value is cleaned so no field can inject a header.
+    """
     status_lines = [f"Reporting-MTA: dns; {mta}"]
     if envelope_id:
         status_lines.append(f"Original-Envelope-Id: {_clean(envelope_id, 100)}")
@@ -171,15 +165,16 @@ def build_dsn(
             status_lines.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if r.will_retry_until and r.action == "delayed":
             status_lines.append(f"Will-Retry-Until: {_date(r.will_retry_until)}")
-    status_body = ("\n".join(status_lines) + "\n").encode("utf-8")
-    # RFC 6533: internationalized reports use the "global" types.
-    status_type = "message/global-delivery-status" if international else "message/delivery-status"
-    headers_type = (
-        "message/global-headers"
-        if international or not headers_part.isascii()
-        else "text/rfc822-headers"
-    )
+    return ("\n".join(status_lines) + "\n").encode("utf-8")
 
+
+def _top_headers(
+    mta: str, original_sender: str, subject: str, now: datetime, boundary: str
+) -> bytes:
+    """The report's own header section and MIME preamble (RFC 3462 multipart/report).
+
+    Auto-Submitted (RFC 3834) keeps vacation responders and other robots from answering it.
+    """
     message_id = f"<{now.strftime('%Y%m%d%H%M%S')}.{uuid.uuid4().hex}@{mta}>"
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{mta}>",
@@ -194,7 +189,25 @@ def build_dsn(
         "This is a MIME-encapsulated message.",
         "",
     ]
-    out = bytearray("\n".join(top).encode("utf-8") + b"\n")
+    return "\n".join(top).encode("utf-8") + b"\n"
+
+
+def _assemble(
+    top: bytes,
+    boundary: str,
+    human: tuple[bytes, str],
+    status: tuple[bytes, str],
+    headers: tuple[bytes, str],
+) -> bytes:
+    """The three report parts in RFC 3464 order: notification, delivery report, headers.
+
+    ``human``, ``status`` and ``headers`` are (body, content-transfer-encoding or content
+    type) pairs; the order matters because readers take the second part as the report.
+    """
+    human_body, human_cte = human
+    status_body, status_type = status
+    headers_part, headers_type = headers
+    out = bytearray(top)
     b = boundary.encode("ascii")
     out += b"--" + b + b"\n"
     out += b"Content-Description: Notification\n"
@@ -211,3 +224,56 @@ def build_dsn(
     out += headers_part
     out += b"\n--" + b + b"--\n"
     return bytes(out)
+
+
+def build_dsn(
+    *,
+    reporting_mta: str,
+    original_sender: str,
+    recipients: Sequence[RecipientStatus],
+    original_message_path: str | os.PathLike[str],
+    arrival_date: datetime,
+    envelope_id: str | None = None,
+    now: datetime | None = None,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> bytes:
+    """A complete DSN message as LF-ended bytes, ready to be spooled.
+
+    The caller must queue it with the **null envelope sender** ``<>`` (RFC 5321 4.5.5, RFC 3464
+    2), to ``original_sender``, so that it can itself never bounce. Raises ValueError when
+    ``original_sender`` is empty: a bounce is never bounced.
+
+    If every recipient's action is "delayed" this is the delay warning ("Delivery delayed");
+    otherwise it is a failure report. Only the original's header section (at most
+    ``max_header_bytes``) is returned, as ``text/rfc822-headers``.
+    """
+    _check_recipients(original_sender, recipients)
+    now = now or datetime.now(UTC)
+    mta = _clean(reporting_mta, 200)
+    delayed_only = all(r.action == "delayed" for r in recipients)
+    international = not original_sender.isascii() or any(
+        not r.recipient.isascii() for r in recipients
+    )
+
+    boundary = f"=_dsn_{uuid.uuid4().hex}"
+    headers_part = read_header_block(original_message_path, max_header_bytes)
+    while boundary.encode() in headers_part:  # practically never; cheap to be sure
+        boundary = f"=_dsn_{uuid.uuid4().hex}"
+
+    subject, human_body, human_cte = _human_part(mta, recipients, delayed_only)
+    status_body = _status_part(mta, recipients, arrival_date, envelope_id)
+    # RFC 6533: internationalized reports use the "global" types.
+    status_type = "message/global-delivery-status" if international else "message/delivery-status"
+    headers_type = (
+        "message/global-headers"
+        if international or not headers_part.isascii()
+        else "text/rfc822-headers"
+    )
+    top = _top_headers(mta, original_sender, subject, now, boundary)
+    return _assemble(
+        top,
+        boundary,
+        (human_body, human_cte),
+        (status_body, status_type),
+        (headers_part, headers_type),
+    )

@@ -27,15 +27,7 @@ FastTest = Callable[[Any], bool]
 def compile_test(node: Node, variables: bool) -> FastTest | None:
     """A closure for ``node``, or None when it must take the general path."""
     if node.name == "exists":
-        if any("${" in n for n in node.args[0]):
-            return None
-        names = [n.lower() for n in node.args[0]]
-
-        def exists(it: Any) -> bool:
-            it.budget.charge(len(names))
-            return all(it.message.exists(n) for n in names)
-
-        return exists
+        return _compile_exists(node)
     if node.name not in ("header", "address", "envelope") or "index" in node.tags:
         return None
     match = node.tag("match", "is")
@@ -47,12 +39,45 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
     part = node.tag("addrpart", "all") or "all"
     fold = comparator == "i;ascii-casemap" and match != "matches"
     keys = [casemap(k) for k in node.args[1]] if fold else list(node.args[1])
-    key_set = frozenset(keys)
     names = [n.lower() for n in node.args[0]]
     kind = node.name
     # the values this test reads are the same for every test of the message that names the
     # same headers (or envelope parts) the same way: kept on the message view under this key
     memo_key = ("\2", kind, tuple(names), part, fold)
+    collect = _collector(kind, names, part, fold)
+
+    def values(it: Any) -> list[str]:
+        memo = it.message.memo
+        found: list[str] | None = memo.get(memo_key)
+        if found is None:
+            found = memo[memo_key] = collect(it)
+        return found
+
+    return _matcher(match, comparator, keys, values, variables)
+
+
+def _compile_exists(node: Node) -> FastTest | None:
+    """``exists`` with constant names: the header names lower-cased once, not per message.
+
+    A name with ``${`` depends on variables set at run time, so it takes the general path.
+    """
+    if any("${" in n for n in node.args[0]):
+        return None
+    names = [n.lower() for n in node.args[0]]
+
+    def exists(it: Any) -> bool:
+        it.budget.charge(len(names))
+        return all(it.message.exists(n) for n in names)
+
+    return exists
+
+
+def _collector(kind: str, names: list[str], part: str, fold: bool) -> Callable[[Any], list[str]]:
+    """The function that reads the values a test compares: header values, address parts of
+    header addresses, or envelope address parts, folded when the comparison folds.
+
+    Chosen at compile time so a run does not decide again what kind of test it is.
+    """
 
     def collect(it: Any) -> list[str]:
         msg: MessageView = it.message
@@ -81,14 +106,24 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
                 out.append(casemap(value) if fold else value)
         return out
 
-    def values(it: Any) -> list[str]:
-        memo = it.message.memo
-        found: list[str] | None = memo.get(memo_key)
-        if found is None:
-            found = memo[memo_key] = collect(it)
-        return found
+    return collect
 
+
+def _matcher(
+    match: str,
+    comparator: str,
+    keys: list[str],
+    values: Callable[[Any], list[str]],
+    variables: bool,
+) -> FastTest:
+    """The comparison of ``values`` with ``keys`` for ``:is``, ``:contains`` or ``:matches``.
+
+    Each charges the run's budget in proportion to its work, as the general path does, so a
+    hostile script cannot spend unbounded time; ``:matches`` sets the match variables
+    (RFC 5229 3.2) only in a script that uses variables.
+    """
     if match == "is":
+        key_set = frozenset(keys)
 
         def test(it: Any) -> bool:
             vals = values(it)

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from mailsuite.store.index_schema import IndexDatabase, SyncResult, frees_space
 from mailsuite.store.maildir import base_of
@@ -96,6 +97,58 @@ def _delivery_key(base: str) -> tuple[int, int, int, str]:
     return (int(sec), int(usec), int(counter) if counter else 0, base)
 
 
+@dataclass
+class _Found:
+    """What one sync found and did, gathered as its steps run (one transaction's worth).
+
+    ``modseq`` is the highest MODSEQ given so far; ``fresh`` the bases new to the index;
+    ``names_out``/``names_in`` the names that left/joined the index, for the name cache.
+    """
+
+    modseq: int
+    added: list[int] = field(default_factory=list)
+    expunged: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    names_out: list[str] = field(default_factory=list)
+    names_in: list[str] = field(default_factory=list)
+
+
+def _bases_of(appeared: set[str], empty: bool) -> dict[str, str]:
+    """base -> "sub/name" for every appeared file; a base under both new/ and cur/ counts
+    as its cur/ copy (the later in the listing wins), which is where a reader moves it.
+
+    On a first sight (``empty``) the files are only split by directory, not sorted: sorting
+    100,000 names costs more than the rest of the scan.
+    """
+    return {
+        n[4:].split(":", 1)[0]: n  # base_of("new/..." or "cur/..." less the prefix)
+        for n in (
+            [*(n for n in appeared if n[0] == "n"), *(n for n in appeared if n[0] == "c")]
+            if empty
+            else sorted(appeared, key=lambda n: n.startswith("cur/"))
+        )
+    }
+
+
+def _match_vanished(
+    found: _Found, vanished: set[str], rows: dict[str, tuple[int, str, str]]
+) -> None:
+    """Count as expunged the vanished names whose message is not under another name now.
+
+    A name that left because its file moved (already in ``names_out``) is no expunge; nor is
+    one the index no longer holds under that name (another process moved it first).
+    """
+    moved = set(found.names_out)
+    for name in vanished:
+        if name in moved:
+            continue
+        row = rows.get(base_of(name.split("/", 1)[1]))
+        if row is not None and row[1] == name:
+            found.expunged.append(row[0])
+            found.names_out.append(name)
+
+
 class IndexScan(IndexDatabase):
     """Sync with the directory (see the module docstring) and rebuild from it."""
 
@@ -149,11 +202,12 @@ class IndexScan(IndexDatabase):
         return self._names  # read only; _scan drops names of directories it did not list
 
     def _scan(self, stamp: tuple[int, int], now: int, subs: tuple[str, ...]) -> SyncResult:
-        on_disk: set[str] = set()  # "sub/name"
-        for sub in subs:
-            prefix = sub + "/"
-            with os.scandir(self.folder / sub) as it:
-                on_disk.update(prefix + e.name for e in it if e.name[0] != ".")
+        """List ``subs``, compare with the index and write the difference in one transaction.
+
+        The steps are apart so each can be read on its own; the work stays in one transaction
+        so another process never sees a half-applied sync (a moved file both gone and new).
+        """
+        on_disk = self._list_subs(subs)
         gen_before = int(self._meta("names_gen") or 0)
         known = self._db_names(subs)
         cache_valid = self._names is not None and self._names_gen == gen_before
@@ -162,112 +216,155 @@ class IndexScan(IndexDatabase):
         if len(subs) == 1:
             prefix = subs[0] + "/"
             vanished = {n for n in vanished if n.startswith(prefix)}
-        added: list[int] = []
-        expunged: list[int] = []
-        changed: list[int] = []
         if not appeared and not vanished:
             with self._transaction():
                 self._record_stamps(stamp, now, subs)
             return SyncResult()
-        # rows by base for every name that changed on either side
-        # (a base seen under both new/ and cur/ counts as its cur/ copy)
         # no row at all (a folder new to us): nothing to look up, nothing to order but new/
         # before cur/ (``known`` holds only new/ names when only new/ was listed)
         empty = not known and subs != ("new",)
-        bases = {
-            n[4:].split(":", 1)[0]: n  # base_of("new/..." or "cur/..." less the prefix)
-            for n in (
-                [*(n for n in appeared if n[0] == "n"), *(n for n in appeared if n[0] == "c")]
-                if empty
-                else sorted(appeared, key=lambda n: n.startswith("cur/"))
-            )
-        }
-        rows: dict[str, tuple[int, str, str]] = {}  # base -> (uid, name, flags)
-        if not empty:
-            wanted = list({base_of(n.split("/", 1)[1]) for n in vanished} | set(bases))
-            for uid, base, name, flags in self._where_in(
-                "SELECT uid, base, name, flags FROM messages WHERE", "base", wanted
-            ):
-                rows[base] = (uid, name, flags)
+        bases = _bases_of(appeared, empty)
+        rows = {} if empty else self._rows_for(vanished, bases)
         with self._transaction():
-            modseq = int(self._meta("highestmodseq") or 1)
-            updates = []
-            renames = []
-            fresh: list[str] = []
-            names_out: list[str] = []
-            names_in: list[str] = []
-            for base, disk in bases.items():
-                row = rows.get(base)
-                if row is None:
-                    fresh.append(base)
-                    continue
-                uid, name, flags = row
-                if name in on_disk:
-                    continue  # a second copy of a file we know (a tool mid-move): ignore
-                names_out.append(name)
-                names_in.append(disk)
-                disk_flags = self._disk_flags(disk)
-                old = set(flags.split()) if flags else set()
-                letters = self._keyword_letters()
-                # keywords with no letter live only in the index; keep them
-                kept = {f for f in old if not f.startswith("\\") and f not in letters.values()}
-                new_flags = disk_flags | kept
-                if new_flags != old:
-                    modseq += 1
-                    changed.append(uid)
-                    updates.append((disk, " ".join(sorted(new_flags)), modseq, uid))
-                else:
-                    renames.append((disk, uid))
-            moved = set(names_out)
-            for name in vanished:
-                if name in moved:
-                    continue
-                row = rows.get(base_of(name.split("/", 1)[1]))
-                if row is not None and row[1] == name:
-                    expunged.append(row[0])
-                    names_out.append(name)
-            if updates:
-                self.db.executemany(
-                    "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
-                )
-            if renames:
-                self.db.executemany("UPDATE messages SET name=? WHERE uid=?", renames)
-            if expunged:
-                expunged.sort()
-                modseq += 1
-                self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in expunged])
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
-                    [(u, modseq) for u in expunged],
-                )
-            fresh.sort(key=_delivery_key)
-            uid = int(self._meta("uidnext") or 1)
-            new_rows = []
-            if fresh:
-                modseq += 1
-            flag_text: dict[str, str] = {}  # info suffix -> flags (a folder has few kinds)
-            for base in fresh:
-                rel = bases[base]
-                info = rel[len(base) + 4 :]
-                text = flag_text.get(info)
-                if text is None:
-                    text = flag_text[info] = " ".join(sorted(self._disk_flags(rel)))
-                w = _name_size(rel)[1] if ",W=" in base else None
-                new_rows.append((uid, base, rel, text, -1 if w is None else w, -1.0, modseq))
-                added.append(uid)
-                uid += 1
-            names_in.extend(bases[b] for b in fresh)
-            self.db.executemany(
-                "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                new_rows,
-            )
+            found = _Found(modseq=int(self._meta("highestmodseq") or 1))
+            updates, renames = self._match_moved(found, bases, rows, on_disk)
+            _match_vanished(found, vanished, rows)
+            self._write_moved(found, updates, renames)
+            uid = self._insert_fresh(found, bases)
             self._set_meta("uidnext", uid)
-            self._set_meta("highestmodseq", modseq)
-            if names_in or names_out:
-                self._names_changed(names_out, names_in, cache_valid)
+            self._set_meta("highestmodseq", found.modseq)
+            if found.names_in or found.names_out:
+                self._names_changed(found.names_out, found.names_in, cache_valid)
             self._record_stamps(stamp, now, subs)
-        return SyncResult(tuple(added), tuple(expunged), tuple(changed))
+        return SyncResult(tuple(found.added), tuple(found.expunged), tuple(found.changed))
+
+    def _list_subs(self, subs: Sequence[str]) -> set[str]:
+        """Every visible file under ``subs``, as "sub/name".
+
+        Dot files are skipped: Maildir writers and tools keep their own state there, and it
+        is never a message.
+        """
+        on_disk: set[str] = set()
+        for sub in subs:
+            prefix = sub + "/"
+            with os.scandir(self.folder / sub) as it:
+                on_disk.update(prefix + e.name for e in it if e.name[0] != ".")
+        return on_disk
+
+    def _rows_for(
+        self, vanished: set[str], bases: dict[str, str]
+    ) -> dict[str, tuple[int, str, str]]:
+        """base -> (uid, name, flags) for every base that changed on either side.
+
+        Looked up by base, not name, because a file moved from new/ to cur/ (or renamed for a
+        flag change) keeps its base: that is how a move is told from an expunge plus a new mail.
+        """
+        rows: dict[str, tuple[int, str, str]] = {}
+        wanted = list({base_of(n.split("/", 1)[1]) for n in vanished} | set(bases))
+        for uid, base, name, flags in self._where_in(
+            "SELECT uid, base, name, flags FROM messages WHERE", "base", wanted
+        ):
+            rows[base] = (uid, name, flags)
+        return rows
+
+    def _match_moved(
+        self,
+        found: _Found,
+        bases: dict[str, str],
+        rows: dict[str, tuple[int, str, str]],
+        on_disk: set[str],
+    ) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, int]]]:
+        """Sort the appeared files into known messages under a new name and fresh ones.
+
+        A known base under a new name keeps its UID (RFC 3501 2.3.1.1: a UID never changes
+        for a message); its flags are re-read from the name, and a flag change gets a new
+        MODSEQ (RFC 7162 3.1) so CONDSTORE clients see it.  Returns the (name, flags, modseq,
+        uid) updates and the (name, uid) plain renames to write.
+        """
+        updates: list[tuple[str, str, int, int]] = []
+        renames: list[tuple[str, int]] = []
+        for base, disk in bases.items():
+            row = rows.get(base)
+            if row is None:
+                found.fresh.append(base)
+                continue
+            uid, name, flags = row
+            if name in on_disk:
+                continue  # a second copy of a file we know (a tool mid-move): ignore
+            found.names_out.append(name)
+            found.names_in.append(disk)
+            disk_flags = self._disk_flags(disk)
+            old = set(flags.split()) if flags else set()
+            letters = self._keyword_letters()
+            # keywords with no letter live only in the index; keep them
+            kept = {f for f in old if not f.startswith("\\") and f not in letters.values()}
+            new_flags = disk_flags | kept
+            if new_flags != old:
+                found.modseq += 1
+                found.changed.append(uid)
+                updates.append((disk, " ".join(sorted(new_flags)), found.modseq, uid))
+            else:
+                renames.append((disk, uid))
+        return updates, renames
+
+    def _write_moved(
+        self,
+        found: _Found,
+        updates: list[tuple[str, str, int, int]],
+        renames: list[tuple[str, int]],
+    ) -> None:
+        """Write the renames, flag changes and expunges found so far.
+
+        Expunged UIDs are remembered with their MODSEQ so QRESYNC clients (RFC 7162 3.2.10)
+        can be told what vanished since their last look.
+        """
+        if updates:
+            self.db.executemany(
+                "UPDATE messages SET name=?, flags=?, modseq=? WHERE uid=?", updates
+            )
+        if renames:
+            self.db.executemany("UPDATE messages SET name=? WHERE uid=?", renames)
+        expunged = found.expunged
+        if expunged:
+            expunged.sort()
+            found.modseq += 1
+            self.db.executemany("DELETE FROM messages WHERE uid=?", [(u,) for u in expunged])
+            self.db.executemany(
+                "INSERT OR REPLACE INTO expunged(uid, modseq) VALUES (?, ?)",
+                [(u, found.modseq) for u in expunged],
+            )
+
+    def _insert_fresh(self, found: _Found, bases: dict[str, str]) -> int:
+        """Give the new files UIDs in delivery order and insert them with one executemany.
+
+        Delivery order (:func:`delivery_order`) so UIDs follow arrival; sizes from ``,W=``
+        and internal dates are left for first use (-1) so first sight of a big folder stays
+        cheap.  Returns the next free UID.
+        """
+        fresh = found.fresh
+        fresh.sort(key=_delivery_key)
+        uid = int(self._meta("uidnext") or 1)
+        new_rows = []
+        if fresh:
+            found.modseq += 1
+        flag_text: dict[str, str] = {}  # info suffix -> flags (a folder has few kinds)
+        for base in fresh:
+            rel = bases[base]
+            info = rel[len(base) + 4 :]
+            text = flag_text.get(info)
+            if text is None:
+                text = flag_text[info] = " ".join(sorted(self._disk_flags(rel)))
+            w = _name_size(rel)[1] if ",W=" in base else None
+            new_rows.append((uid, base, rel, text, -1 if w is None else w, -1.0, found.modseq))
+            found.added.append(uid)
+            uid += 1
+        found.names_in.extend(bases[b] for b in fresh)
+        self.db.executemany(
+            "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            new_rows,
+        )
+        return uid
 
     def _record_stamps(self, stamp: tuple[int, int], now: int, subs: Sequence[str]) -> None:
         """Remember the mtimes of the directories just listed, when they can be trusted."""
