@@ -85,7 +85,7 @@ def build_runtime(config: Config, reactor: Any) -> Runtime:
     auth = Authenticator(directory, config.auth, reactor)
     runtime = Runtime(config, reactor, directory, auth, _change_hub())
     runtime.space = FreeSpace(
-        config.data_dir, config.smtp.min_free_space, config.smtp.max_message_size, reactor.seconds
+        config.data_dir, config.smtp.min_free_space, config.smtp.max_message_size
     )
     runtime.tls = _server_tls(config, runtime)
     runtime.queue = make_spool(config.data_dir, reactor)

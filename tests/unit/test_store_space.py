@@ -46,15 +46,14 @@ def test_what_counts_as_a_full_disk(tmp_path: Path) -> None:
 
 
 def test_free_space_threshold(tmp_path: Path) -> None:
-    now = [0.0]
     st = os.statvfs(tmp_path)
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    default = FreeSpace(tmp_path, None, 10, lambda: now[0])
+    default = FreeSpace(tmp_path, None, 10)
     assert default.threshold(total) == max(20, total // 100)
-    assert FreeSpace(tmp_path, None, total, lambda: now[0]).threshold(total) == 2 * total
-    assert FreeSpace(tmp_path, None, total, lambda: now[0]).too_low()  # 2 x a huge message
-    assert not FreeSpace(tmp_path, 0, total, lambda: now[0]).too_low()  # 0: never refuse
-    exact = FreeSpace(tmp_path, free // 2, 10, lambda: now[0])
+    assert FreeSpace(tmp_path, None, total).threshold(total) == 2 * total
+    assert FreeSpace(tmp_path, None, total).too_low()  # 2 x a huge message
+    assert not FreeSpace(tmp_path, 0, total).too_low()  # 0: never refuse
+    exact = FreeSpace(tmp_path, free // 2, 10)
     assert not exact.too_low()
     assert exact.too_low(declared_size=free)  # a declared SIZE counts (RFC 1870)
 
