@@ -22,10 +22,7 @@ reindex`` would recount; with a 100G limit it never matters here).
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from sieve_smtp import DOMAIN, trial  # noqa: E402  (one harness for both benchmarks)
+from sieve_smtp import DOMAIN, admin, alternate, arguments, start_server, stop_server  # noqa: E402  (one harness for both benchmarks)
 
 
 def accounting_cost(n: int = 5000) -> float:
@@ -58,40 +55,13 @@ def accounting_cost(n: int = 5000) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--msgs", type=int, default=1000)
-    p.add_argument("--sessions", type=int, default=20)
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--keep", action="store_true", help="keep the server's directory")
-    a = p.parse_args()
+    a = arguments(__doc__)
     work = Path(tempfile.mkdtemp(prefix="mailsuite-quota-smtp."))
-    target = [sys.executable, str(HERE / "mailsuite_target.py")]
     try:
-        # Mail authentication off, as in sieve_smtp.py: its DNS waits would hide the cost.
-        off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
-        out = subprocess.run(
-            [*target, "start", "--dir", str(work), "--services", "smtp", "--extra-toml", off],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        env = dict(line.split("=", 1) for line in out.split())
-        port = int(env["MS_SMTP_PORT"])
-        cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
+        port, cli, env = start_server(work)
         quota_user = f"quota@{DOMAIN}"
-        subprocess.run(
-            [*cli, "user", "add", quota_user, "--password-stdin"],
-            input="benchpass\n",
-            text=True,
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [*cli, "user", "quota", quota_user, "100G"], text=True, check=True, capture_output=True
-        )
+        admin(cli, "user", "add", quota_user, "--password-stdin", stdin="benchpass\n")
+        admin(cli, "user", "quota", quota_user, "100G")
         mail = work / "data" / "mail" / DOMAIN
         targets = {
             "quota off": (f"bench@{DOMAIN}", mail / "bench"),
@@ -101,21 +71,7 @@ def main() -> None:
             mail / "quota" / "maildirsize"
         ).exists():
             raise SystemExit("the users' quota files are not as the benchmark needs")
-        for _, box in targets.values():
-            for sub in ("new", "cur", "tmp"):
-                (box / sub).mkdir(parents=True, exist_ok=True)
-        trial(port, targets["quota off"][1], targets["quota off"][0], a)  # warm up
-        rates: dict[str, list[float]] = {name: [] for name in targets}
-        for r in range(a.rounds):
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            for name in order:
-                rcpt, box = targets[name]
-                rates[name].append(trial(port, box, rcpt, a))
-            print(
-                f"round {r + 1}: "
-                + "   ".join(f"{name} {rates[name][-1]:7.1f} msgs/s" for name in targets),
-                flush=True,
-            )
+        rates, _cpus = alternate(port, targets, a, env["MS_PID"])
         off_rate = statistics.median(rates["quota off"])
         on_rate = statistics.median(rates["quota on"])
         counted = (mail / "quota" / "maildirsize").read_text().splitlines()
@@ -138,9 +94,7 @@ def main() -> None:
             f"({cost / 1e6 * on_rate * 100:.1f}% of one core at {on_rate:.0f} msgs/s)"
         )
     finally:
-        subprocess.run([*target, "stop", "--dir", str(work)], check=False)
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_server(work, a.keep)
 
 
 if __name__ == "__main__":

@@ -132,75 +132,96 @@ def trial(
     return rate, used * 1000 / a.msgs
 
 
-def main() -> None:
+def arguments(description: str | None) -> argparse.Namespace:
+    """The options every SMTP-ratio benchmark on this harness takes (bench/quota_smtp.py too)."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--msgs", type=int, default=1000)
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--keep", action="store_true", help="keep the server's directory")
-    a = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mailsuite-sieve-smtp."))
+    return p.parse_args()
+
+
+def start_server(work: Path) -> tuple[int, list[str], dict[str, str]]:
+    """Start one server of this tree in ``work`` (SMTP only): its SMTP port, the admin command
+    for it, and what ``mailsuite_target.py start`` printed.
+
+    Mail authentication is off: its own benchmark is bench/mailauth_smtp.py, and its DNS
+    waits (the load comes from 127.0.0.1, not a trusted network) would hide what is measured."""
     target = [sys.executable, str(HERE / "mailsuite_target.py")]
+    off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
+    out = subprocess.run(
+        [*target, "start", "--dir", str(work), "--services", "smtp", "--extra-toml", off],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    env = dict(line.split("=", 1) for line in out.split())
+    cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
+    return int(env["MS_SMTP_PORT"]), cli, env
+
+
+def stop_server(work: Path, keep: bool) -> None:
+    """Stop the server `start_server` started and, unless ``keep``, remove its directory."""
+    target = [sys.executable, str(HERE / "mailsuite_target.py")]
+    subprocess.run([*target, "stop", "--dir", str(work)], check=False)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def admin(cli: list[str], *args: str, stdin: str | None = None) -> None:
+    """Run ``mailsuite ARGS`` against the benchmark's server; fails loudly."""
+    subprocess.run([*cli, *args], input=stdin, text=True, check=True, capture_output=True)
+
+
+def alternate(
+    port: int, targets: dict[str, tuple[str, Path]], a: argparse.Namespace, pid: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Warm up, then ``a.rounds`` rounds over ``targets`` (name -> recipient, Maildir), the
+    order alternating between rounds so neither side always runs on a warmer server;
+    msgs/s and server CPU ms/message per name, each round printed."""
+    for _, box in targets.values():
+        for sub in ("new", "cur", "tmp"):
+            (box / sub).mkdir(parents=True, exist_ok=True)
+    for rcpt, box in targets.values():  # warm up
+        trial(port, box, rcpt, a)
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    cpus: dict[str, list[float]] = {name: [] for name in targets}
+    for r in range(a.rounds):
+        order = list(targets) if r % 2 == 0 else list(reversed(targets))
+        for name in order:
+            rcpt, box = targets[name]
+            rate, cpu_ms = trial(port, box, rcpt, a, pid)
+            rates[name].append(rate)
+            cpus[name].append(cpu_ms)
+        print(
+            f"round {r + 1}: "
+            + "   ".join(
+                f"{name} {rates[name][-1]:7.1f} msgs/s ({cpus[name][-1]:.2f} CPU ms/msg)"
+                for name in targets
+            ),
+            flush=True,
+        )
+    return rates, cpus
+
+
+def main() -> None:
+    a = arguments(__doc__)
+    work = Path(tempfile.mkdtemp(prefix="mailsuite-sieve-smtp."))
     try:
-        # Mail authentication off: its own benchmark is bench/mailauth_checks.py, and its DNS
-        # waits (the load comes from 127.0.0.1, not a trusted network) would hide what Sieve
-        # costs.
-        off = "[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false\n"
-        out = subprocess.run(
-            [*target, "start", "--dir", str(work), "--services", "smtp", "--extra-toml", off],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        env = dict(line.split("=", 1) for line in out.split())
-        port = int(env["MS_SMTP_PORT"])
-        cli = [sys.executable, "-m", "mailsuite.cli", "--config", env["MS_CONFIG"]]
+        port, cli, env = start_server(work)
         sieve_user = f"sieve@{DOMAIN}"
-        subprocess.run(
-            [*cli, "user", "add", sieve_user, "--password-stdin"],
-            input="benchpass\n",
-            text=True,
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [*cli, "sieve", "put", sieve_user, "rules", "-", "--activate"],
-            input=SCRIPT,
-            text=True,
-            check=True,
-            capture_output=True,
-        )
+        admin(cli, "user", "add", sieve_user, "--password-stdin", stdin="benchpass\n")
+        admin(cli, "sieve", "put", sieve_user, "rules", "-", "--activate", stdin=SCRIPT)
         mail = work / "data" / "mail" / DOMAIN
         targets = {
             "no script": (f"bench@{DOMAIN}", mail / "bench"),
             "50 rules": (sieve_user, mail / "sieve"),
         }
-        for _, box in targets.values():
-            for sub in ("new", "cur", "tmp"):
-                (box / sub).mkdir(parents=True, exist_ok=True)
-        pid = env["MS_PID"]
-        for name in targets:  # warm up
-            trial(port, targets[name][1], targets[name][0], a)
-        rates: dict[str, list[float]] = {name: [] for name in targets}
-        cpus: dict[str, list[float]] = {name: [] for name in targets}
-        for r in range(a.rounds):
-            order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            for name in order:
-                rcpt, box = targets[name]
-                rate, cpu_ms = trial(port, box, rcpt, a, pid)
-                rates[name].append(rate)
-                cpus[name].append(cpu_ms)
-            print(
-                f"round {r + 1}: "
-                + "   ".join(
-                    f"{name} {rates[name][-1]:7.1f} msgs/s ({cpus[name][-1]:.2f} CPU ms/msg)"
-                    for name in targets
-                ),
-                flush=True,
-            )
+        rates, cpus = alternate(port, targets, a, env["MS_PID"])
         base = statistics.median(rates["no script"])
         with_script = statistics.median(rates["50 rules"])
         ratios = [b / c for b, c in zip(rates["50 rules"], rates["no script"], strict=True)]
@@ -214,9 +235,7 @@ def main() -> None:
             f"{cpu_script:.2f}, CPU ratio {cpu_base / cpu_script:.2f}x"
         )
     finally:
-        subprocess.run([*target, "stop", "--dir", str(work)], check=False)
-        if not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_server(work, a.keep)
 
 
 if __name__ == "__main__":
