@@ -19,16 +19,6 @@ from typing import Any, TypeVar
 
 from mailsuite.testing.process import mailsuite_argv
 
-SERVICES = (
-    "smtp",
-    "submission",
-    "submissions",
-    "imap",
-    "imaps",
-    "pop3",
-    "pop3s",
-    "managesieve",
-)
 PASSWORD = "correct horse battery"
 
 #: What twisted.logger writes for an error nobody handled: a failure logged with its
