@@ -292,7 +292,7 @@ class Fanout:
                 self.path,
                 self.received_offset,
                 env.sender,
-                [box.user for box in self._full],
+                [self._retry_address(box) for box in self._full],
                 smtputf8=env.smtputf8,
                 body_8bit=env.body_8bit,
             )
@@ -322,6 +322,17 @@ class Fanout:
                 body_8bit=env.body_8bit,
             )
             self._out.log.append(f"{box.user}: redirected to {', '.join(addresses)}")
+
+    def _retry_address(self, box: LocalBox) -> str:
+        """The address a queued retry for ``box`` is delivered to: the one the sender wrote
+        (``bob+news``, so Sieve's subaddress and envelope tests still see it) when it leads
+        to this mailbox alone; the mailbox itself when it was an alias of several, which
+        must not fan out again to the others who already have the message."""
+        if box.rcpt and box.rcpt != box.user:
+            again = self.runtime.directory.resolve(box.rcpt)
+            if not again.remote and [b.user for b in again.local] == [box.user]:
+                return box.rcpt
+        return box.user
 
     def _place(self, plan: list[tuple[Path, Placement]]) -> list[Path]:
         """Every draft into its folder, one :func:`place` (one directory fsync) per folder."""

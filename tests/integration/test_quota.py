@@ -19,6 +19,7 @@ from tests.clients import IMAPClient, SMTPClient
 from tests.harness import ALICE, BOB, Server, ServerFactory, wait_until
 
 CAROL = "carol@example.test"
+DAVE = "dave@example.test"  # only the +tag test writes to dave
 KIB = 1024
 
 
@@ -76,7 +77,9 @@ last = [""]  # the text of the last final reply (for messages in assertions)
 @pytest.fixture(scope="module")
 def server(module_servers: ServerFactory) -> Iterator[Server]:
     s = module_servers(
-        ("smtp", "imap"), users=(ALICE, BOB, CAROL), extra_toml="[auth]\nallow_plaintext = true\n"
+        ("smtp", "imap"),
+        users=(ALICE, BOB, CAROL, DAVE),
+        extra_toml="[auth]\nallow_plaintext = true\n",
     )
     yield s
 
@@ -162,6 +165,41 @@ def test_a_recipient_over_quota_among_others_waits_in_the_queue(server: Server) 
     wait_until(lambda: on_disk(server, BOB)[1] == bob_before + 1, 20, "bob's copy delivered")
     assert any(b"Subject: for two" in m for m in server.messages(BOB))
     set_quota(server, BOB, "0")
+
+
+def test_a_queued_over_quota_delivery_keeps_the_plus_tag(server: Server, tmp_path: Path) -> None:
+    """The retry of an over-quota recipient is queued under the address the sender wrote
+    (``dave+news``), so the Sieve script still sees the detail when the mailbox has room
+    again; queued as plain ``dave`` the message used to land in INBOX instead of News."""
+    script = tmp_path / "tags.sieve"
+    script.write_text(
+        'require ["fileinto", "mailbox", "envelope", "subaddress"];\n'
+        'if envelope :detail "to" "news" { fileinto :create "News"; }\n'
+    )
+    server.cli("sieve", "put", DAVE, "tags", str(script), "--activate")
+    set_quota(server, DAVE, "4K")
+    tagged = DAVE.replace("@", "+news@")
+    codes, final = send(server, [tagged, CAROL], message(8000, "tagged for two"))
+    assert codes == [250, 250] and final == 250, last[0]
+    listing = wait_until(
+        lambda: (out := server.cli("queue", "list").stdout) and "4.2.2" in out and out,
+        20,
+        "the queued local delivery for dave+news deferred with 4.2.2",
+    )
+    assert tagged in listing, listing
+    set_quota(server, DAVE, "1M")
+    server.cli("queue", "flush", "--timeout", "30")
+    wait_until(
+        lambda: (
+            server.maildir(DAVE, "News").is_dir()
+            and any(b"Subject: tagged for two" in m for m in server.messages(DAVE, "News"))
+        ),
+        20,
+        "dave's copy filed into News by the +news detail",
+    )
+    assert not any(b"Subject: tagged for two" in m for m in server.messages(DAVE))
+    server.cli("sieve", "deactivate", DAVE)
+    set_quota(server, DAVE, "0")
 
 
 def imap(server: Server, user: str) -> IMAPClient:
