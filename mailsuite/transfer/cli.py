@@ -18,7 +18,7 @@ from mailsuite.store import quota
 from mailsuite.store.mailbox import Account, MailboxError
 from mailsuite.store.reindex import count_files, reindex_account
 from mailsuite.transfer.exporter import export_account
-from mailsuite.transfer.importer import Importer
+from mailsuite.transfer.importer import Importer, ImportOverQuota
 from mailsuite.transfer.progress import Progress
 from mailsuite.transfer.sources import MBOX_VARIANTS, SourceError, open_source
 
@@ -46,7 +46,22 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         source = open_source(Path(args.path).expanduser(), args.mbox)
         progress = Progress("import", sys.stderr, source.total_messages, source.total_bytes)
         try:
-            result = Importer(root, progress, args.folder).run(source)
+            result = Importer(root, progress, args.folder, check_quota=not args.ignore_quota).run(
+                source
+            )
+        except ImportOverQuota as e:
+            print(progress.finish(), file=sys.stderr)
+            u = e.usage
+            print(
+                f"mailsuite: import into {user} stopped after {e.result.imported} messages:"
+                f" the next ({e.size:,} bytes) would exceed the quota"
+                f" ({quota.format_size(u.bytes)} of {quota.format_size(u.limit)} used,"
+                f" {u.messages} messages of {u.max_messages or 'any number'});"
+                f" raise it with 'mailsuite user quota {user} SIZE' and run the same"
+                " command again to import the rest, or pass --ignore-quota",
+                file=sys.stderr,
+            )
+            return 1
         except KeyboardInterrupt:
             print(progress.finish(), file=sys.stderr)
             print("interrupted: run the same command again to import the rest", file=sys.stderr)
@@ -132,6 +147,11 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         choices=MBOX_VARIANTS,
         default="mboxrd",
         help="how body lines starting with 'From ' were quoted (default mboxrd)",
+    )
+    i.add_argument(
+        "--ignore-quota",
+        action="store_true",
+        help="import everything even past the user's quota (the usage is still counted)",
     )
     i.set_defaults(run=cmd_import)
 

@@ -16,6 +16,12 @@ file's unique name.  The lines of a batch are written and fsynced before the bat
 and a ``.`` line follows once it is in; after a crash between the two, the lines of the open
 batch count as imported exactly when their files are in the folder.  So running an import again
 adds only what is missing, without duplicates and without losing what the crash interrupted.
+
+Quota: a user with a limit (:mod:`mailsuite.store.quota`) is held to it as APPEND is, message
+by message against the usage plus what is written but not yet counted; the import stops before
+the first message that does not fit, with everything before it in (:class:`ImportOverQuota`),
+so raising the limit and running the same command again imports the rest.  An administrator
+moving a whole account can pass ``check_quota=False`` (``--ignore-quota``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailsuite.store import quota
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.mailbox import Account, MailboxError
 from mailsuite.store.maildir import ensure_folder, fsync_dir, unique_name
@@ -117,6 +124,16 @@ class _Target:
         self.index.close()
 
 
+class ImportOverQuota(Exception):
+    """The next message would take the user over their limit; ``result`` says what went in."""
+
+    def __init__(self, result: ImportResult, usage: quota.Usage, size: int) -> None:
+        super().__init__("over quota")
+        self.result = result
+        self.usage = usage
+        self.size = size
+
+
 @dataclass
 class ImportResult:
     imported: int = 0
@@ -131,9 +148,19 @@ class Importer:
     ``folder``: where the source's INBOX goes (default INBOX); its other folders go below it
     (``F.Sent``) or, without ``folder``, keep their names."""
 
-    def __init__(self, root: Path, progress: Progress, folder: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        progress: Progress,
+        folder: str | None = None,
+        *,
+        check_quota: bool = True,
+    ) -> None:
         self.account = Account(root)
         self.progress = progress
+        self.check_quota = check_quota
+        self._usage: quota.Usage | None = None  # as counted after the last placed batch
+        self._uncounted = (0, 0)  # bytes, messages read into batches but not yet placed
         self.prefix = folder.strip(".") if folder else None
         if self.prefix is not None:
             self._check(self.prefix)
@@ -178,6 +205,14 @@ class Importer:
                         result.skipped += 1
                         self.progress.advance(1, msg.source_size, skipped=1)
                         continue
+                    if not self._fits(len(msg.data)):
+                        # count afresh with nothing in flight before giving up
+                        self._flush(target, pool, result)
+                        self._finish(result)
+                        if not self._fits(len(msg.data)) and self._usage is not None:
+                            raise ImportOverQuota(result, self._usage, len(msg.data))
+                    nbytes, count = self._uncounted
+                    self._uncounted = (nbytes + len(msg.data), count + 1)
                     target.batch.append((key, msg))
                     target.batch_bytes += len(msg.data)
                     if len(target.batch) >= BATCH_MESSAGES or target.batch_bytes >= BATCH_BYTES:
@@ -190,6 +225,18 @@ class Importer:
                 if target is not None:
                     target.close()
         return result
+
+    def _fits(self, size: int) -> bool:
+        """Whether one more message of ``size`` bytes stays within the user's limits, counting
+        what earlier batches wrote and the batches not yet placed (see the module docstring)."""
+        if not self.check_quota:
+            return True
+        if self._usage is None:
+            self._usage = quota.usage(self.account.root)
+        if self._usage is None:
+            return True  # no limit
+        nbytes, count = self._uncounted
+        return self._usage.fits(nbytes + size, count + 1)
 
     def _open(self, name: str) -> _Target:
         path = self.account.path(name)
@@ -228,6 +275,9 @@ class Importer:
         ]
         place(target.path, drafts, index=target.index)  # removes the drafts if it fails
         target.journal.committed(key for key, _ in batch)
+        nbytes, count = self._uncounted
+        self._uncounted = (nbytes - sum(len(msg.data) for _, msg in batch), count - len(batch))
+        self._usage = None  # place() counted the batch: read the quota file again
         result.imported += len(batch)
         self.progress.advance(len(batch), sum(msg.source_size for _, msg in batch))
 

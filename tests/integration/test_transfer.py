@@ -117,6 +117,48 @@ def test_import_mbox_then_read_it_over_imap_and_import_again(
     m.logout()
 
 
+def test_import_is_held_to_the_quota_and_resumes_once_it_is_raised(
+    server: Server, tmp_path: Path
+) -> None:
+    """A user with a limit gets what fits, in order, and a message that says how to go on;
+    the rest comes in once the limit is raised (no duplicates); ``--ignore-quota`` imports
+    past it for an administrator moving an account."""
+    user = "quota-import@example.test"
+    server.add_user(user)
+    server.cli("user", "quota", user, "2K")
+    mbox = tmp_path / "big.mbox"
+    stored = make_mbox(mbox, 40)
+    stopped = server.cli("import", user, str(mbox), check=False)
+    assert stopped.returncode == 1, stopped
+    m = re.search(r"stopped after (\d+) messages", stopped.stderr)
+    assert m and "would exceed the quota" in stopped.stderr, stopped.stderr
+    assert f"mailsuite user quota {user} SIZE" in stopped.stderr
+    got = int(m.group(1))
+    assert 0 < got < 40
+    login_ = login(server, user)
+    assert [body for *_, body in fetch_all(login_, "INBOX")] == stored[:got]
+    assert "of 2K used" in server.cli("user", "quota", user).stdout
+    limit, used = (
+        2048,
+        sum(
+            int(line.split()[0])
+            for line in (server.maildir(user) / "maildirsize").read_text().splitlines()[1:]
+        ),
+    )
+    assert used <= limit
+    server.cli("user", "quota", user, "1M")
+    rest = server.cli("import", user, str(mbox))
+    assert f"{got} were there already" in rest.stdout, rest.stdout
+    assert [body for *_, body in fetch_all(login_, "INBOX")] == stored
+    login_.logout()
+
+    other = "quota-ignored@example.test"
+    server.add_user(other)
+    server.cli("user", "quota", other, "1K")
+    forced = server.cli("import", other, str(mbox), "--ignore-quota")
+    assert forced.stdout.startswith("import: 40 messages (")
+
+
 def test_an_import_killed_midway_resumes_without_duplicates(server: Server, tmp_path: Path) -> None:
     user = "killed@example.test"
     server.add_user(user)
