@@ -187,8 +187,13 @@ def test_unseen_over_100k_is_fast():
     t = time.perf_counter()
     hits = search(p, msgs, 100000, 100000)
     elapsed = time.perf_counter() - t
-    assert len(hits) == 100000 // 7
-    assert elapsed < 1.0
+    # a ratio to the plainest loop over the same flags, measured beside it (no absolute
+    # times: the machine may be loaded): search must stay a flag look per message
+    t = time.perf_counter()
+    plain = [m for m in msgs if "\\Seen" not in m.flags]
+    baseline = time.perf_counter() - t
+    assert len(hits) == len(plain) == 100000 // 7
+    assert elapsed < 40 * baseline + 0.05, (elapsed, baseline)
     assert all(not m.reads for m in msgs)
 
 
