@@ -62,8 +62,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_port(
-    host: str, port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None
+    host: str, port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None
 ) -> None:
+    """Wait until ``port`` accepts and the server has taken and closed the probe.
+
+    The deadline is generous on purpose: with ``[server] workers`` the supervisor's socket
+    accepts at once, but the probe is only taken when a worker process has started, which
+    on a loaded machine (a CI runner with two test processes) can take tens of seconds; a
+    server that started fine must not fail a test for it."""
     def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
