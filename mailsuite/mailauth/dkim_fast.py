@@ -31,6 +31,7 @@ import base64
 import functools
 import hashlib
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "BodyHashes",
     "FastResult",
     "dkimpy_rsa_verify",
+    "index_fields",
     "parse_fields",
     "parse_tags",
     "rsa_verify",
@@ -143,7 +145,9 @@ def parse_fields(section: bytes) -> list[tuple[bytes, bytes]] | None:
     value after the colon with CRLF line ends)``; None when dkimpy would read the section
     any other way (a line that is neither a field nor a continuation, an mbox "From " line,
     no empty line at the end): the caller then leaves the message to dkimpy."""
-    if section.count(b"\n") != section.count(b"\r\n"):
+    if b"\r" not in section:  # the stored form (LF line ends)
+        section = section.replace(b"\n", b"\r\n")
+    elif section.count(b"\n") != section.count(b"\r\n"):
         section = _LINE_END.sub(b"\r\n", section)
     if not section.endswith(b"\r\n\r\n"):
         return None
@@ -176,18 +180,68 @@ class BodyHashes:
         return found
 
 
-def _select(headers: list[tuple[bytes, bytes]], names: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """dkimpy's ``select_headers``: each h= name takes the lowest field of that name not
-    taken yet (RFC 6376 5.4.2), names with no field left take nothing."""
+def index_fields(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[int]]:
+    """Where each field name (lower case) occurs in ``headers``, top to bottom: made once
+    per message for every signature's :func:`_select`."""
     where: dict[bytes, list[int]] = {}
     for i, (name, _value) in enumerate(headers):
         where.setdefault(name.lower(), []).append(i)
+    return where
+
+
+def _select(
+    headers: list[tuple[bytes, bytes]], where: dict[bytes, list[int]], names: list[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """dkimpy's ``select_headers``: each h= name takes the lowest field of that name not
+    taken yet (RFC 6376 5.4.2), names with no field left take nothing."""
+    taken: dict[bytes, int] = {}
     out = []
     for name in names:
-        left = where.get(name)
-        if left:
-            out.append(headers[left.pop()])
+        found = where.get(name)
+        if found:
+            k = taken.get(name, len(found)) - 1
+            if k >= 0:
+                out.append(headers[found[k]])
+                taken[name] = k
     return out
+
+
+_MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")  # dkimpy's test of b= (and ours of bh=)
+_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_SLOP = 36000  # dkimpy's leeway for t= and x=: 10 hours
+
+
+def _plain(tags: dict[bytes, bytes]) -> bool:
+    """Whether dkimpy's ``validate_signature_fields`` certainly accepts these tags (RFC 6376
+    3.5), checked a little more strictly than it does (False: leave the signature to dkimpy,
+    which says what is wrong).  Its checks, without its regular expression per tag."""
+    if not all(t in tags for t in _MANDATORY) or tags[b"v"] != b"1":
+        return False
+    for tag in (b"b", b"bh"):  # dkimpy checks b='s characters for both (and each length)
+        value = tags[tag]
+        if _BASE64.match(value) is None or len(_unspaced(value)) % 4:
+            return False
+    d = tags[b"d"]
+    if not d.isascii() or _SPECIALS.search(d) is not None:
+        return False
+    i = tags.get(b"i")
+    if i is not None and not (
+        len(i) > len(d) and i.lower().endswith(d.lower()) and i[-len(d) - 1] in b"@."
+    ):
+        return False
+    length = tags.get(b"l")
+    if length is not None and not (length.isdigit() and len(length) <= 76):
+        return False
+    if tags.get(b"q", b"dns/txt") != b"dns/txt":
+        return False
+    t, x = tags.get(b"t"), tags.get(b"x")
+    if (t is not None and not t.isdigit()) or (x is not None and not x.isdigit()):
+        return False
+    now = int(time.time())
+    if t is not None and int(t) > now + _SLOP:
+        return False
+    return x is None or (int(x) >= now - _SLOP and (not t or int(x) >= int(t)))
 
 
 def _relaxed(name: bytes, value: bytes) -> bytes:
@@ -207,25 +261,27 @@ def _unspaced(value: bytes) -> bytes:
 
 def verify_common(
     headers: list[tuple[bytes, bytes]],
+    where: dict[bytes, list[int]],
     sig: tuple[bytes, bytes],
     tags: dict[bytes, bytes] | None,
     body: BodyHashes,
     key: Callable[[bytes], tuple[Any, int, bytes] | None],
     min_bits: int,
 ) -> FastResult | None:
-    """Verify the signature field ``sig`` (one of ``headers``, both from :func:`parse_fields`)
-    whose tags are ``tags`` (dkimpy's parse of its value, None if that failed), or None to
-    have dkimpy do it.  ``key(name)`` gives dkimpy's parsed key ``(pk, bits, k=)`` for a
-    record name ("s._domainkey.d."), or None when the lookup or the record is not the plain
-    case."""
+    """Verify the signature field ``sig`` (one of ``headers``, both from :func:`parse_fields`;
+    ``where`` from :func:`index_fields`) whose tags are ``tags`` (dkimpy's parse of its
+    value, None if that failed), or None to have dkimpy do it.  ``key(name)`` gives dkimpy's
+    parsed key ``(pk, bits, k=)`` for a record name ("s._domainkey.d."), or None when the
+    lookup or the record is not the plain case."""
     try:
-        return _verify(headers, sig, tags, body, key, min_bits)
+        return _verify(headers, where, sig, tags, body, key, min_bits)
     except Exception:  # whatever it is, dkimpy's answer is the one to give
         return None
 
 
 def _verify(
     headers: list[tuple[bytes, bytes]],
+    where: dict[bytes, list[int]],
     sig: tuple[bytes, bytes],
     tags: dict[bytes, bytes] | None,
     body: BodyHashes,
@@ -238,12 +294,9 @@ def _verify(
     canon = _CANON.get(tags.get(b"c", b"simple/simple"))
     if kind is None or canon is None:
         return None
-    dkim.validate_signature_fields(tags)  # dkimpy's checks of v, d, i, l, q, t, x, b, bh
-    limit = None
-    if b"l" in tags:
-        if not tags[b"l"]:
-            return None  # dkimpy fails on int(b"") later: its answer, not ours
-        limit = int(tags[b"l"])
+    if not _plain(tags):
+        return None
+    limit = int(tags[b"l"]) if b"l" in tags else None
     relaxed_head, relaxed_body = canon
     # the body first, like the dkimpy path: a body that changed is a fail whatever the key
     expected = base64.b64decode(_unspaced(tags[b"bh"]))
@@ -259,7 +312,7 @@ def _verify(
         names.append(b"from")  # dkimpy's answer to a second From field (its bug#644046)
     sig_name, sig_value = sig
     unsigned = BTAG.sub(b"\\1", sig_value)  # b= emptied (RFC 6376 3.7)
-    selected = _select(headers, names)
+    selected = _select(headers, where, names)
     if relaxed_head:
         data = b"".join(_relaxed(n, v) for n, v in selected)
         data += _relaxed(sig_name, unsigned).rstrip()

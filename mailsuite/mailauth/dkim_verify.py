@@ -30,7 +30,13 @@ import dkim
 from dkim.crypto import HASH_ALGORITHMS
 from dkim.util import InvalidTagValueList
 
-from mailsuite.mailauth.dkim_fast import BodyHashes, parse_fields, parse_tags, verify_common
+from mailsuite.mailauth.dkim_fast import (
+    BodyHashes,
+    index_fields,
+    parse_fields,
+    parse_tags,
+    verify_common,
+)
 from mailsuite.mailauth.dkim_fast import rsa_verify as rsa_verify
 from mailsuite.mailauth.dns import DNSTempError
 from mailsuite.mailauth.headers import fields, header_section
@@ -205,6 +211,7 @@ class _Message:
             if self.headers is not None
             else None
         )
+        self.where = index_fields(self.headers) if self.headers is not None else {}
         self._dkimpy: Any = None
 
     def dkimpy(self) -> Any:
@@ -277,7 +284,7 @@ def _verify_one(
     if msg.headers is not None and msg.signatures is not None:
         sig = msg.signatures[index]
         fast = verify_common(
-            msg.headers, sig, _tags(sig[1]), msg.hashes, lookup.parsed, MIN_RSA_BITS
+            msg.headers, msg.where, sig, _tags(sig[1]), msg.hashes, lookup.parsed, MIN_RSA_BITS
         )
         if fast is not None:
             return _result(fast[0], tags, fast[1])
