@@ -1,4 +1,4 @@
-"""DKIM verification (RFC 6376, RFC 8463 ed25519) with dkimpy, bounded per message.
+"""DKIM verification (RFC 6376, RFC 8463 ed25519), bounded per message.
 
 Every DKIM-Signature is a cost the sender chooses (a DNS query and an RSA operation), so at
 most ``max_signatures`` are verified (RFC 6376 6.1 allows a limit); signatures whose d= could
@@ -6,14 +6,19 @@ align with the From domain go first, so padding a message with foreign signature
 the one DMARC needs out of the window.  rsa-sha1 signatures and RSA keys under 1024 bits are
 reported as fail (RFC 8301 3.1, 3.2).
 
+Each signature goes first to :mod:`~mailsuite.mailauth.dkim_fast`, which answers the common
+case (rsa-sha256 / ed25519-sha256, simple or relaxed, plain tags and keys) without dkimpy's
+per-field Python, and to dkimpy for everything else, with the same results (a property test
+compares them).  The key lookups of a message are shared by both paths.
+
 dkimpy reports a missing key, a DNS timeout and a bad signature all as "False", so the DNS
 function given to it notes what happened and the result is classified from that: temperror
 (DNS did not answer), permerror (no key, a broken key record or signature), fail.
 
 dkimpy checks RSA signatures in pure Python (``pow`` on 2048-bit integers and a byte loop to
 convert the result: about 0.8 ms a signature, holding the GIL the reactor needs); its
-verification function is replaced, once, by :func:`rsa_verify`, the same check done by
-OpenSSL through ``cryptography`` (tens of microseconds).
+verification function is replaced, once, by :func:`~mailsuite.mailauth.dkim_fast.rsa_verify`,
+the same check done by OpenSSL through ``cryptography`` (tens of microseconds).
 """
 
 from __future__ import annotations
@@ -181,6 +186,16 @@ def _tags(raw_value: bytes) -> dict[bytes, bytes] | None:
         return None
 
 
+def _value(raw: bytes) -> bytes:
+    """A DKIM-Signature field's value as dkimpy and the fast path read it (CRLF line ends,
+    as :func:`~mailsuite.mailauth.dkim_fast.parse_fields` gives it), so that one parse of
+    its tags serves :func:`key_names`, :func:`verify_dkim` and the fast path."""
+    value = raw.partition(b":")[2]
+    if b"\r" not in value:  # the stored form
+        return value.replace(b"\n", b"\r\n")
+    return re.sub(rb"\r?\n", b"\r\n", value)
+
+
 def _text(value: bytes | None) -> str:
     return (value or b"").decode("ascii", "replace").strip()
 
@@ -191,7 +206,7 @@ def key_names(section: bytes, max_signatures: int) -> list[str]:
     names: list[str] = []
     for f in fields(section):
         if f.lname == "dkim-signature" and len(names) < max_signatures:
-            tags = _tags(f.raw.partition(b":")[2]) or {}
+            tags = _tags(_value(f.raw)) or {}
             d, sel = _text(tags.get(b"d")), _text(tags.get(b"s"))
             if d and sel:
                 names.append(f"{sel}._domainkey.{d}")
@@ -240,7 +255,7 @@ def verify_dkim(
     sig_fields = [f for f in fields(section) if f.lname == "dkim-signature"]
     if not sig_fields:
         return [], 0
-    parsed = [_tags(f.raw.partition(b":")[2]) for f in sig_fields]
+    parsed = [_tags(_value(f.raw)) for f in sig_fields]
     order = list(range(len(sig_fields)))
     if prefer is not None:
 
