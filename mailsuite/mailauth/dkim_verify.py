@@ -1,4 +1,4 @@
-"""DKIM verification (RFC 6376, RFC 8463 ed25519) with dkimpy, bounded per message.
+"""DKIM verification (RFC 6376, RFC 8463 ed25519), bounded per message.
 
 Every DKIM-Signature is a cost the sender chooses (a DNS query and an RSA operation), so at
 most ``max_signatures`` are verified (RFC 6376 6.1 allows a limit); signatures whose d= could
@@ -6,14 +6,19 @@ align with the From domain go first, so padding a message with foreign signature
 the one DMARC needs out of the window.  rsa-sha1 signatures and RSA keys under 1024 bits are
 reported as fail (RFC 8301 3.1, 3.2).
 
+Each signature goes first to :mod:`~mailsuite.mailauth.dkim_fast`, which answers the common
+case (rsa-sha256 / ed25519-sha256, simple or relaxed, plain tags and keys) without dkimpy's
+per-field Python, and to dkimpy for everything else, with the same results (a property test
+compares them).  The key lookups of a message are shared by both paths.
+
 dkimpy reports a missing key, a DNS timeout and a bad signature all as "False", so the DNS
 function given to it notes what happened and the result is classified from that: temperror
 (DNS did not answer), permerror (no key, a broken key record or signature), fail.
 
 dkimpy checks RSA signatures in pure Python (``pow`` on 2048-bit integers and a byte loop to
 convert the result: about 0.8 ms a signature, holding the GIL the reactor needs); its
-verification function is replaced, once, by :func:`rsa_verify`, the same check done by
-OpenSSL through ``cryptography`` (tens of microseconds).
+verification function is replaced, once, by :func:`~mailsuite.mailauth.dkim_fast.rsa_verify`,
+the same check done by OpenSSL through ``cryptography`` (tens of microseconds).
 """
 
 from __future__ import annotations
@@ -27,15 +32,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
-import dkim.crypto
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.crypto import HASH_ALGORITHMS
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 
-from mailsuite.mailauth.canon import body_hash
+from mailsuite.mailauth.dkim_fast import (
+    BodyHashes,
+    index_fields,
+    parse_fields,
+    parse_tags,
+    verify_common,
+)
+from mailsuite.mailauth.dkim_fast import rsa_verify as rsa_verify
 from mailsuite.mailauth.dns import DNSTempError
 from mailsuite.mailauth.headers import fields, header_section
 
@@ -65,38 +72,6 @@ def quiet_logger() -> logging.Logger:
     return _QUIET
 
 
-_PREHASHED = {"sha256": Prehashed(hashes.SHA256()), "sha1": Prehashed(hashes.SHA1())}
-_dkimpy_rsa_verify = dkim.crypto.RSASSA_PKCS1_v1_5_verify
-
-
-@functools.lru_cache(maxsize=256)
-def _public_key(exponent: int, modulus: int) -> rsa.RSAPublicKey:
-    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
-
-
-def rsa_verify(hash: Any, signature: bytes, public_key: dict[str, int]) -> bool:
-    """dkimpy's ``RSASSA_PKCS1_v1_5_verify`` (RFC 8017 8.2.2: ``hash`` a hashlib object or
-    dkimpy's wrapper of one, ``public_key`` dkimpy's parsed key) done by OpenSSL.  Anything
-    OpenSSL will not take (an odd digest, a key it refuses to load) is left to dkimpy's own
-    code, so the answers are dkimpy's in every case."""
-    prehashed = _PREHASHED.get(str(getattr(hash, "name", "")).lower())
-    try:
-        modulus, exponent = public_key["modulus"], public_key["publicExponent"]
-        size = (modulus.bit_length() + 7) // 8
-        # 30: the most DigestInfo and padding add (RFC 8017 9.2); dkimpy raises for a key
-        # too short to hold them, and keeps that answer
-        if prehashed is None or len(signature) > size or size < len(hash.digest()) + 30:
-            raise ValueError("not for OpenSSL")
-        key = _public_key(exponent, modulus)
-    except (KeyError, TypeError, ValueError, UnsupportedAlgorithm):
-        return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    try:  # a signature shorter than the modulus is an integer without its leading zeros
-        key.verify(signature.rjust(size, b"\0"), hash.digest(), padding.PKCS1v15(), prehashed)
-    except InvalidSignature:
-        return False
-    return True
-
-
 dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify  # what dkimpy's DKIM and ARC verifiers call
 
 #: dkimpy parses the key record (base64, ASN.1) at every verification; the same few keys sign
@@ -117,24 +92,46 @@ class DKIMResult:
 
 
 class _KeyLookup:
-    """dkimpy's ``dnsfunc`` that remembers whether the key lookup failed, or found nothing."""
+    """dkimpy's ``dnsfunc`` that remembers whether the key lookup failed, or found nothing.
+
+    Answers (and temporary failures) are kept per name for the message: the fast path and
+    dkimpy, or two signatures with one selector, never ask twice, and a name server that
+    does not answer costs one deadline, not one per attempt."""
 
     def __init__(self, txt: TxtRecord) -> None:
         self.txt = txt
         self.temporary = False
         self.record: bytes | None = None
+        self._seen: dict[bytes, bytes | DNSTempError | None] = {}
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
-        self.temporary, self.record = False, None
+        if name not in self._seen:
+            try:
+                self._seen[name] = self.txt(name.decode("ascii", "replace"))
+            except DNSTempError as e:
+                self._seen[name] = e
+        found = self._seen[name]
+        self.temporary = isinstance(found, DNSTempError)
+        self.record = None if isinstance(found, DNSTempError) else found
+        if isinstance(found, DNSTempError):
+            raise dkim.DnsTimeoutError(str(found)) from None
+        return found
+
+    def parsed(self, name: bytes) -> tuple[Any, int, bytes] | None:
+        """dkimpy's parse of the key at ``name`` (``evaluate_pk``, cached): ``(key, bits,
+        k=)``, or None unless it is a plain e-mail key (the fast path then leaves the
+        signature to dkimpy, which reports whatever is wrong)."""
         try:
-            self.record = self.txt(name.decode("ascii", "replace"))
-        except DNSTempError as e:
-            self.temporary = True
-            raise dkim.DnsTimeoutError(str(e)) from None
-        return self.record
+            record = self(name)
+            pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name, record)
+        except Exception:  # dkimpy raises several kinds for broken records
+            return None
+        if tlsrpt or ktag not in (b"rsa", b"ed25519"):
+            return None
+        return pk, bits, ktag
 
 
-def verifier_for(cls: type[Any], message: bytes) -> Any:
+def verifier_for(cls: type[Any], message: bytes, hashes: BodyHashes | None = None) -> Any:
     """A dkimpy ``DKIM`` or ``ARC`` verifier that checks body hashes with
     :mod:`~mailsuite.mailauth.canon` (in slices, see there) instead of its own whole-body
     regular expressions.
@@ -142,13 +139,13 @@ def verifier_for(cls: type[Any], message: bytes) -> Any:
     dkimpy is given the header section only; its ``verify_sig`` is wrapped on this instance so
     that a signature's ``bh=`` is compared with our hash of the real body first (a mismatch
     raises dkimpy's own "body hash mismatch"), and dkimpy then checks the header hash and the
-    signature as usual.  Each (canonicalization, algorithm, l=) hash is computed once.
+    signature as usual.  Each (canonicalization, algorithm, l=) hash is computed once
+    (``hashes``: shared with the fast path).
     """
     section = header_section(message)
-    body = message[len(section) :]
+    body = hashes if hashes is not None else BodyHashes(message[len(section) :])
     verifier = cls(section, logger=_QUIET, minkey=MIN_RSA_BITS)
     original = verifier.verify_sig
-    hashes: dict[tuple[bool, Any, int | None], bytes] = {}
 
     def verify_sig(
         sig: dict[bytes, bytes], include_headers: Any, sig_header: Any, dnsfunc: Any
@@ -163,15 +160,13 @@ def verifier_for(cls: type[Any], message: bytes) -> Any:
                 limit = int(sig[b"l"]) if b"l" in sig else None
             except ValueError:
                 raise dkim.ValidationError("l= is not a number") from None
-            hasher = HASH_ALGORITHMS[algorithm]
-            key = (relaxed, hasher, limit)  # rsa-sha256 and ed25519-sha256 share a hash
-            if key not in hashes:
-                hashes[key] = body_hash(body, relaxed, hasher, limit)
+            # rsa-sha256 and ed25519-sha256 share a hash
+            computed = body.get(relaxed, HASH_ALGORITHMS[algorithm], limit)
             try:
                 expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
             except ValueError:
                 raise dkim.ValidationError("bh= is not base64") from None
-            if hashes[key] != expected:
+            if computed != expected:
                 raise dkim.ValidationError("body hash mismatch")
             sig = {k: v for k, v in sig.items() if k != b"bh"}
         return original(sig, include_headers, sig_header, dnsfunc)
@@ -186,10 +181,19 @@ def _tags(raw_value: bytes) -> dict[bytes, bytes] | None:
     last seen: :func:`key_names` and :func:`verify_dkim` parse the same fields of a message
     one after the other.  Read-only for callers (the dict is shared)."""
     try:
-        tags: dict[bytes, bytes] = parse_tag_value(raw_value)
-        return tags
+        return parse_tags(raw_value)
     except (InvalidTagValueList, ValueError, IndexError):
         return None
+
+
+def _value(raw: bytes) -> bytes:
+    """A DKIM-Signature field's value as dkimpy and the fast path read it (CRLF line ends,
+    as :func:`~mailsuite.mailauth.dkim_fast.parse_fields` gives it), so that one parse of
+    its tags serves :func:`key_names`, :func:`verify_dkim` and the fast path."""
+    value = raw.partition(b":")[2]
+    if b"\r" not in value:  # the stored form
+        return value.replace(b"\n", b"\r\n")
+    return re.sub(rb"\r?\n", b"\r\n", value)
 
 
 def _text(value: bytes | None) -> str:
@@ -202,11 +206,34 @@ def key_names(section: bytes, max_signatures: int) -> list[str]:
     names: list[str] = []
     for f in fields(section):
         if f.lname == "dkim-signature" and len(names) < max_signatures:
-            tags = _tags(f.raw.partition(b":")[2]) or {}
+            tags = _tags(_value(f.raw)) or {}
             d, sel = _text(tags.get(b"d")), _text(tags.get(b"s"))
             if d and sel:
                 names.append(f"{sel}._domainkey.{d}")
     return names
+
+
+class _Message:
+    """One message under verification: its fields as dkimpy reads them (None when only
+    dkimpy can read them), its body hashes, and dkimpy's verifier, made only if needed."""
+
+    def __init__(self, message: bytes, section: bytes) -> None:
+        self.message = message
+        self.hashes = BodyHashes(message[len(section) :])
+        self.headers = parse_fields(section)
+        self.signatures = (
+            [h for h in self.headers if h[0].lower() == b"dkim-signature"]
+            if self.headers is not None
+            else None
+        )
+        self.where = index_fields(self.headers) if self.headers is not None else {}
+        self._dkimpy: Any = None
+
+    def dkimpy(self) -> Any:
+        """dkimpy's verifier (raises dkimpy's error for a message it cannot parse)."""
+        if self._dkimpy is None:
+            self._dkimpy = verifier_for(dkim.DKIM, self.message, self.hashes)
+        return self._dkimpy
 
 
 def verify_dkim(
@@ -220,12 +247,15 @@ def verify_dkim(
     ``prefer(d)`` marks domains to verify first (those aligned with the From domain).  Returns
     the results, in the order verified, and how many signatures were left unverified.  Blocks
     on DNS and does RSA: call it in a worker thread.
+
+    Each signature goes to :func:`~mailsuite.mailauth.dkim_fast.verify_common` first, and to
+    dkimpy when that does not give an answer (see there: the results are dkimpy's).
     """
     section = header_section(message)
     sig_fields = [f for f in fields(section) if f.lname == "dkim-signature"]
     if not sig_fields:
         return [], 0
-    parsed = [_tags(f.raw.partition(b":")[2]) for f in sig_fields]
+    parsed = [_tags(_value(f.raw)) for f in sig_fields]
     order = list(range(len(sig_fields)))
     if prefer is not None:
 
@@ -235,13 +265,16 @@ def verify_dkim(
 
         order.sort(key=lambda i: not preferred(i))
     chosen, skipped = order[:max_signatures], max(0, len(order) - max_signatures)
-    try:
-        verifier = verifier_for(dkim.DKIM, message)
-    except dkim.DKIMException as e:
-        return [
-            _result("permerror", parsed[i], f"message not parseable: {e}") for i in chosen
-        ], skipped
-    return [_verify_one(verifier, i, parsed[i], txt) for i in chosen], skipped
+    msg = _Message(message, section)
+    if msg.signatures is None or len(msg.signatures) != len(sig_fields):
+        try:
+            msg.dkimpy()
+        except dkim.DKIMException as e:
+            return [
+                _result("permerror", parsed[i], f"message not parseable: {e}") for i in chosen
+            ], skipped
+    lookup = _KeyLookup(txt)
+    return [_verify_one(msg, i, parsed[i], lookup) for i in chosen], skipped
 
 
 def _result(result: str, tags: dict[bytes, bytes] | None, reason: str) -> DKIMResult:
@@ -256,15 +289,22 @@ def _result(result: str, tags: dict[bytes, bytes] | None, reason: str) -> DKIMRe
 
 
 def _verify_one(
-    verifier: dkim.DKIM, index: int, tags: dict[bytes, bytes] | None, txt: TxtRecord
+    msg: _Message, index: int, tags: dict[bytes, bytes] | None, lookup: _KeyLookup
 ) -> DKIMResult:
     if tags is None:
         return _result("permerror", None, "signature is not a tag list")
     if _text(tags.get(b"a")).lower() == "rsa-sha1":
         return _result("fail", tags, "rsa-sha1 is not accepted (RFC 8301)")
-    lookup = _KeyLookup(txt)
+    lookup.temporary, lookup.record = False, None  # what this signature's lookup finds
+    if msg.headers is not None and msg.signatures is not None:
+        sig = msg.signatures[index]
+        fast = verify_common(
+            msg.headers, msg.where, sig, _tags(sig[1]), msg.hashes, lookup.parsed, MIN_RSA_BITS
+        )
+        if fast is not None:
+            return _result(fast[0], tags, fast[1])
     try:
-        ok = verifier.verify(idx=index, dnsfunc=lookup)
+        ok = msg.dkimpy().verify(idx=index, dnsfunc=lookup)
     except dkim.KeyFormatError as e:
         if "too small" in str(e):
             return _result("fail", tags, f"key shorter than {MIN_RSA_BITS} bits")

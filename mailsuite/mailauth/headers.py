@@ -9,6 +9,7 @@ in CRLF (wire form) or LF (the stored form).
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 
 from mailsuite.mailauth.dns import normalize_name
@@ -17,22 +18,19 @@ __all__ = ["Field", "fields", "from_domains", "header_section", "strip_comments"
 
 _NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+$")
-_END = re.compile(rb"\r?\n\r?\n")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
 class Field:
-    """One header field: its name as written and its raw bytes (all lines, line ends kept)."""
+    """One header field: its name as written, lower-cased, and its raw bytes (all lines, line
+    ends kept).  Read-only: :func:`fields` hands the same objects to every caller."""
 
-    __slots__ = ("name", "raw")
+    __slots__ = ("lname", "name", "raw")
 
     def __init__(self, name: str, raw: bytes) -> None:
         self.name = name
+        self.lname = name.lower()
         self.raw = raw
-
-    @property
-    def lname(self) -> str:
-        return self.name.lower()
 
     def value(self) -> str:
         """The unfolded value after the colon (RFC 5322 2.2.3), decoded leniently."""
@@ -46,24 +44,55 @@ def header_section(message: bytes) -> bytes:
         return b"\r\n"
     if message.startswith(b"\n"):
         return b"\n"
-    m = _END.search(message)
-    return message if m is None else message[: m.end()]
+    # the first LF followed by CRLF or LF ends it (what ``\r?\n\r?\n`` finds first): found
+    # with bytes.find, not a regular expression that tries every byte of the message
+    end = len(message)
+    for empty in (b"\n\n", b"\n\r\n"):
+        at = message.find(empty, 0, end)
+        if at >= 0:
+            end = at + len(empty)
+    return message[:end]
 
 
 def fields(section: bytes) -> list[Field]:
     """Split a header section into fields; a line that is neither a field nor a continuation
-    (malformed) is kept as a nameless field so that rewriting loses nothing."""
+    (malformed) is kept as a nameless field so that rewriting loses nothing.
+
+    The checks of one message (SPF's From, DKIM, ARC, DMARC) each read the same section
+    from the same bytes in turn: the last few splits are kept (small sections only)."""
+    if len(section) <= _CACHED_SECTION:
+        return list(_fields_cached(section))
+    return _split(section)
+
+
+_CACHED_SECTION = 64 * 1024
+
+
+@functools.lru_cache(maxsize=16)
+def _fields_cached(section: bytes) -> tuple[Field, ...]:
+    return tuple(_split(section))
+
+
+def _split(section: bytes) -> list[Field]:
     out: list[Field] = []
+    lines: list[bytes] = []
     for line in _LINE.findall(section):
         if line in (b"\r\n", b"\n"):
             break
-        if line[:1] in (b" ", b"\t") and out:
-            out[-1].raw += line
+        if line[:1] in (b" ", b"\t") and lines:
+            lines.append(line)
             continue
-        m = _NAME.match(line)
-        name = m.group(1).decode("ascii") if m else ""
-        out.append(Field(name, line))
+        if lines:
+            out.append(_field(lines))
+        lines = [line]
+    if lines:
+        out.append(_field(lines))
     return out
+
+
+def _field(lines: list[bytes]) -> Field:
+    m = _NAME.match(lines[0])
+    return Field(m.group(1).decode("ascii") if m else "", b"".join(lines))
 
 
 def unfold(value: bytes) -> str:
@@ -82,9 +111,24 @@ def strip_comments(text: str) -> str:
 def from_domains(section: bytes) -> list[str] | None:
     """Domains of every address in every From field (RFC 7489 6.6.1), A-labels, in order,
     without duplicates; None when there is no From field or an address has no usable domain."""
-    values = [f.value() for f in fields(section) if f.lname == "from"]
+    values = tuple(f.value() for f in fields(section) if f.lname == "from")
     if not values:
         return None
+    if sum(map(len, values)) > 1000:
+        return _from_domains(values)
+    found = _from_domains_cached(values)
+    return None if found is None else list(found)
+
+
+@functools.lru_cache(maxsize=512)
+def _from_domains_cached(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Kept by the From values: parsing addresses (``email.utils``) is the dearest part of
+    reading a header section, and the same senders write the same From field again."""
+    found = _from_domains(values)
+    return None if found is None else tuple(found)
+
+
+def _from_domains(values: tuple[str, ...]) -> list[str] | None:
     domains: list[str] = []
     for _name, address in email.utils.getaddresses(values):
         _, at, domain = address.rpartition("@")

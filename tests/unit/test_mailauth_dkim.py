@@ -218,7 +218,8 @@ def test_openssl_rsa_check_answers_as_dkimpy_does():
     from cryptography.hazmat.primitives.asymmetric import padding
     from dkim.crypto import RSASSA_PKCS1_v1_5_verify, parse_public_key
 
-    from mailsuite.mailauth.dkim_verify import _dkimpy_rsa_verify, rsa_verify
+    from mailsuite.mailauth.dkim_fast import dkimpy_rsa_verify as _dkimpy_rsa_verify
+    from mailsuite.mailauth.dkim_fast import rsa_verify
 
     assert RSASSA_PKCS1_v1_5_verify is _dkimpy_rsa_verify  # the original is kept for fallback
     keys = []

@@ -84,3 +84,39 @@ def test_signing_can_be_turned_off(tmp_path, reactor):
         assert b"s=e1" in auth.signer.signature_headers(msg)
     finally:
         in_reactor(auth.reactor, auth.stopService)
+
+
+def test_worker_pool_answers_reports_errors_and_finishes_queued_work(reactor):
+    """The pool's own threads (not twisted's ThreadPool): a result or the job's exception
+    comes back on the reactor, and stopping lets the jobs already handed over finish."""
+    from mailsuite.mailauth.workers import WorkerPool
+
+    pool = WorkerPool(reactor, 2, name="mailauth-test")
+    in_reactor(reactor, pool.startService)
+    assert in_reactor(reactor, pool.run, lambda a, b=0: a + b, 40, b=2) == 42
+
+    def boom() -> None:
+        raise ValueError("from the job")
+
+    caught = in_reactor(reactor, lambda: pool.run(boom).addErrback(lambda f: f.value))
+    assert isinstance(caught, ValueError) and str(caught) == "from the job"
+
+    gate = threading.Event()
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        gate.wait(10)
+        done.append(i)
+
+    stopped: list[object] = []
+
+    def hand_over_then_stop() -> None:
+        for i in range(6):
+            pool.run(job, i)
+        pool.stopService().addCallback(stopped.append)
+
+    in_reactor(reactor, hand_over_then_stop)
+    gate.set()
+    wait_until(lambda: stopped, 10, "the pool to stop")
+    assert sorted(done) == list(range(6))
+    assert not [t for t in threading.enumerate() if t.name.startswith("PoolThread-mailauth-test")]
