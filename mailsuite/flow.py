@@ -230,6 +230,7 @@ def send_now(transport: Any) -> None:
     Implicit TLS: the TLS layer's own transport carries the ciphertext."""
     if isinstance(transport, TLSMemoryBIOProtocol):
         transport = transport.transport
+    writer: Any = transport  # (Twisted's doWrite is untyped)
     if (
         isinstance(transport, tcp.Connection)
         and transport.connected
@@ -237,7 +238,7 @@ def send_now(transport: Any) -> None:
         and not getattr(transport, "_writeDisconnecting", True)
         and getattr(transport, "_tempDataLen", 0)
     ):
-        transport.doWrite()
+        writer.doWrite()
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
