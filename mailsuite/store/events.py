@@ -65,7 +65,7 @@ class ChangeHub:
         listeners = list(self._listeners.get(folder.resolve(), ()))
         listeners.extend(self._everything)
         for listener in listeners:
-            if listener is source:
+            if listener == source:  # ==: a bound method is a new object at every access
                 continue
             try:
                 listener(folder)
