@@ -72,9 +72,11 @@ def main() -> None:
         )
         lines.append("")
     ours = variants(results)
-    head = ["size", "msgs", "postfix msgs/s", "aiosmtpd msgs/s"]
+    kinds = [load(results, k) for k in ("small", "large")]
+    peers = [p for p in PEERS if any(p in runs for runs in kinds)]  # the peers of this run
+    head = ["size", "msgs", *(f"{p} msgs/s" for p in peers)]
     for n in ours:
-        head += [f"{n} msgs/s", f"{n} accepted msgs/s", f"{n}/postfix", f"{n}/aiosmtpd"]
+        head += [f"{n} msgs/s", f"{n} accepted msgs/s", *(f"{n}/{p}" for p in peers)]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     failed = []
@@ -86,20 +88,11 @@ def main() -> None:
         for name, r in runs.items():
             if r.get("failed_trials"):
                 failed.append(f"{name} {label}: {r['failed_trials']} failed trial(s)")
-        row = [
-            label,
-            str(any_run.get("msgs")),
-            cell(runs.get("postfix")),
-            cell(runs.get("aiosmtpd")),
-        ]
+        row = [label, str(any_run.get("msgs")), *(cell(runs.get(p)) for p in peers)]
         for n in ours:
             ms = runs.get(n)
-            row += [
-                cell(ms),
-                cell(ms, "accept_msgs_per_s"),
-                ratio(med(ms), med(runs.get("postfix"))),
-                ratio(med(ms), med(runs.get("aiosmtpd"))),
-            ]
+            row += [cell(ms), cell(ms, "accept_msgs_per_s")]
+            row += [ratio(med(ms), med(runs.get(p))) for p in peers]
         lines.append("| " + " | ".join(row) + " |")
     if a.load and Path(a.load).exists():
         loads = [
