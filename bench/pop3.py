@@ -4,7 +4,8 @@ Creates a 1,000-message box in each server (the shared generator: small messages
 \\Seen), starts mailsuite (``twistd -n mailsuite``) on a loopback port and, when Dovecot is
 installed, the shared harness's Dovecot peer (``peers.sh start dovecot``, ports 10000-10999,
 its own run directory), and runs the same poplib workload (the shared ``pop3_bench.trial``:
-login, STAT, UIDL, RETR of every message, QUIT; nothing deleted) against both: one cold
+login, STAT, UIDL, RETR of every message, QUIT; nothing deleted; then 1,000 NOOP round trips
+on a connection of their own) against both: one cold
 trial each, then ``--trials`` warm rounds alternating which server goes first, so a drift in
 machine load hits both alike.  Prints the warm medians (min-max), the mailsuite/Dovecot
 ratios and the load average.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import poplib
 import shutil
 import signal
 import socket
@@ -41,7 +43,8 @@ from mailsuite.testing.process import mailsuite_argv
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BENCH_DIR", REPO.parent / "shared" / "bench"))
 PASSWORD = "benchpass"
-STEPS = ("login", "stat", "uidl", "retr_all", "quit", "total")
+STEPS = ("login", "stat", "uidl", "retr_all", "quit", "total", "noop_1000")
+NOOPS = 1000  # NOOP round trips timed per round, on a connection of their own
 DOVECOT_UID = 5000
 
 
@@ -164,7 +167,23 @@ def client(pop3_bench: Any, target: Any) -> Callable[[], tuple[dict[str, float],
     args = SimpleNamespace(
         host="127.0.0.1", port=target.port, user=target.user, password=PASSWORD, timeout=300
     )
-    return lambda: pop3_bench.trial(args)
+
+    def run() -> tuple[dict[str, float], dict[str, Any]]:
+        times, checks = pop3_bench.trial(args)
+        p = poplib.POP3(args.host, args.port, timeout=args.timeout)
+        try:
+            p.user(args.user)
+            p.pass_(args.password)
+            t0 = time.perf_counter()
+            for _ in range(NOOPS):
+                p.noop()
+            times["noop_1000"] = round(time.perf_counter() - t0, 4)
+            p.quit()
+        finally:
+            p.close()
+        return times, checks
+
+    return run
 
 
 def fmt(values: list[float]) -> str:
