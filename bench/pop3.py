@@ -1,37 +1,51 @@
 """POP3 benchmark: mailsuite and Dovecot side by side with ../shared/bench/pop3_bench.py.
 
-Creates a 1,000-message box (the shared generator), starts mailsuite (``twistd -n mailsuite``)
-on a loopback port and, when Dovecot is installed, the shared harness's Dovecot peer
-(``peers.sh start dovecot``, ports 10000-10999, its own run directory), runs the same
-poplib workload against both (login, STAT, UIDL, RETR of every message, QUIT; one cold and
-``--trials`` warm trials) and prints the warm medians and the mailsuite/Dovecot ratios.
+Creates a 1,000-message box in each server (the shared generator: small messages, none
+\\Seen), starts mailsuite (``twistd -n mailsuite``) on a loopback port and, when Dovecot is
+installed, the shared harness's Dovecot peer (``peers.sh start dovecot``, ports 10000-10999,
+its own run directory), and runs the same poplib workload (the shared ``pop3_bench.trial``:
+login, STAT, UIDL, RETR of every message, QUIT; nothing deleted; then 1,000 NOOP round trips
+on a connection of their own) against both: one cold
+trial each, then ``--trials`` warm rounds alternating which server goes first, so a drift in
+machine load hits both alike.  Prints the warm medians (min-max), the mailsuite/Dovecot
+ratios and the load average.
 
     python bench/pop3.py [--count 1000] [--trials 5] [--no-dovecot] [--keep DIR]
+        [--workers N] [--profile py-spy.svg]
 
 Runs as root for the Dovecot peer (its Maildirs belong to uid 5000); mailsuite runs as the
-invoking user.  Everything listens on 127.0.0.1 only.
+invoking user.  Everything listens on 127.0.0.1 only.  ``--profile FILE`` records the
+mailsuite process with py-spy during the warm rounds (a flame graph for ``.svg``, else
+collapsed stacks; py-spy must be installed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import poplib
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from mailsuite.testing.process import mailsuite_argv
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BENCH_DIR", REPO.parent / "shared" / "bench"))
 PASSWORD = "benchpass"
-STEPS = ("login", "stat", "uidl", "retr_all", "quit", "total")
+STEPS = ("login", "stat", "uidl", "retr_all", "quit", "total", "noop_1000")
+NOOPS = 1000  # NOOP round trips timed per round, on a connection of their own
+DOVECOT_UID = 5000
 
 
 def free_port() -> int:
@@ -53,48 +67,30 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise TimeoutError(f"port {port} did not open")
 
 
-def run_pop3_bench(
-    name: str,
-    port: int,
-    user: str,
-    maildir: Path,
-    count: int,
-    trials: int,
-    out: Path,
-    uid: int | None = None,
-) -> dict:
-    cmd = [
-        sys.executable,
-        str(SHARED / "pop3_bench.py"),
-        "--name",
-        name,
-        "--port",
-        str(port),
-        "--user",
-        user,
-        "--password",
-        PASSWORD,
-        "--maildir",
-        str(maildir),
-        "--count",
-        str(count),
-        "--generate",
-        "--trials",
-        str(trials),
-        "--out",
-        str(out),
-    ]
-    if uid is not None:
-        cmd += ["--uid", str(uid)]
-    subprocess.run(cmd, cwd=SHARED, check=True, timeout=1800)
-    return json.loads(out.read_text())
+def shared_modules() -> tuple[Any, Any]:
+    """The shared harness's client (``pop3_bench``) and generator (``gen_maildir``)."""
+    sys.path.insert(0, str(SHARED))
+    import gen_maildir  # the shared harness, found at run time
+    import pop3_bench
+
+    return pop3_bench, gen_maildir
 
 
-def bench_mailsuite(work: Path, count: int, trials: int) -> dict:
+@contextmanager
+def mailsuite_server(
+    work: Path, count: int, workers: int, gen: Any, name: str = "mailsuite", tree: str | None = None
+) -> Iterator[Any]:
+    """mailsuite on a free port with ``count`` messages; ``tree``: the source tree to run
+    (PYTHONPATH), else the one this Python imports."""
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    if tree is not None:
+        env["PYTHONPATH"] = tree
     config = work / "mailsuite.toml"
     config.write_text(
-        '[server]\nhostname = "localhost"\ndata_dir = "data"\n\n'
+        f'[server]\nhostname = "localhost"\ndata_dir = "data"\nworkers = {workers}\n\n'
         f'[listen]\npop3 = ["tcp:{port}:interface=127.0.0.1"]\n\n'
         '[domains]\nlocal = ["example.test"]\n\n'
         "[auth]\nallow_plaintext = true\n"  # pop3_bench.py logs in without TLS
@@ -115,53 +111,83 @@ def bench_mailsuite(work: Path, count: int, trials: int) -> dict:
         text=True,
         check=True,
         capture_output=True,
-    )
-    env = dict(os.environ)
-    env.pop("PYTHONWARNINGS", None)
-    proc = subprocess.Popen(
-        mailsuite_argv(str(config), logfile=str(work / "twistd.log")),
         cwd=work,
         env=env,
     )
+    maildir = work / "data" / "mail" / "example.test" / "pop1k"
+    gen.gen_maildir(str(maildir), count, 0.0, None, None, 6, 7)
+    proc = subprocess.Popen(
+        mailsuite_argv(str(config), logfile=str(work / "twistd.log")), cwd=work, env=env
+    )
     try:
         wait_port(port, proc)
-        return run_pop3_bench(
-            "mailsuite",
-            port,
-            "pop1k@example.test",
-            work / "data" / "mail" / "example.test" / "pop1k",
-            count,
-            trials,
-            work / "pop3-mailsuite.json",
-        )
+        yield SimpleNamespace(name=name, port=port, user="pop1k@example.test", pid=proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
 
 
-def bench_dovecot(work: Path, count: int, trials: int) -> dict | None:
-    if not shutil.which("dovecot") and not Path("/usr/sbin/dovecot").exists():
-        print("[pop3] Dovecot is not installed (../shared/bench/setup-peers.sh): skipped")
-        return None
+@contextmanager
+def dovecot_server(work: Path, count: int, gen: Any) -> Iterator[Any]:
     run = work / "peers"
     work.chmod(0o755)  # Dovecot's auth and mail processes (other uids) read below here
     env = dict(os.environ, RUN=str(run), BENCH_DIR=str(SHARED))
     peers = [str(SHARED / "peers.sh")]
     subprocess.run(["bash", *peers, "start", "dovecot"], env=env, check=True, timeout=120)
     try:
+        maildir = run / "dovecot/users/pop1k/Maildir"
+        shutil.rmtree(maildir, ignore_errors=True)
+        gen.gen_maildir(str(maildir), count, 0.0, DOVECOT_UID, DOVECOT_UID, 6, 7)
         port = int(os.environ.get("PORT_DOVECOT_POP3", "10110"))
-        return run_pop3_bench(
-            "dovecot",
-            port,
-            "pop1k",
-            run / "dovecot/users/pop1k/Maildir",
-            count,
-            trials,
-            work / "pop3-dovecot.json",
-            uid=5000,
-        )
+        yield SimpleNamespace(name="dovecot", port=port, user="pop1k", pid=None)
     finally:
         subprocess.run(["bash", *peers, "stop", "dovecot"], env=env, timeout=60)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its live children (the workers), from /proc."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def client(pop3_bench: Any, target: Any) -> Callable[[], tuple[dict[str, float], dict[str, Any]]]:
+    args = SimpleNamespace(
+        host="127.0.0.1", port=target.port, user=target.user, password=PASSWORD, timeout=300
+    )
+
+    def run() -> tuple[dict[str, float], dict[str, Any]]:
+        times, checks = pop3_bench.trial(args)
+        p = poplib.POP3(args.host, args.port, timeout=args.timeout)
+        try:
+            p.user(args.user)
+            p.pass_(args.password)
+            t0 = time.perf_counter()
+            for _ in range(NOOPS):
+                p.noop()
+            times["noop_1000"] = round(time.perf_counter() - t0, 4)
+            p.quit()
+        finally:
+            p.close()
+        return times, checks
+
+    return run
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
 def main() -> None:
@@ -170,35 +196,101 @@ def main() -> None:
     )
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=1, help="[server] workers of mailsuite")
     ap.add_argument("--no-dovecot", action="store_true")
     ap.add_argument("--keep", help="work directory to keep (default: a temporary one)")
+    ap.add_argument(
+        "--compare-tree",
+        help="also run mailsuite from this source tree (e.g. the main checkout), same rounds",
+    )
+    ap.add_argument(
+        "--profile", help="py-spy record of mailsuite's warm rounds (.svg: flame graph)"
+    )
     a = ap.parse_args()
+    pop3_bench, gen = shared_modules()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="mailsuite-pop3-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    loads = [os.getloadavg()[0]]
+    warm: dict[str, list[dict[str, float]]] = {}
+    cold: dict[str, dict[str, float]] = {}
+    spy: subprocess.Popen[bytes] | None = None
+    cpu: dict[str, list[float]] = {}
     try:
-        ours = bench_mailsuite(work, a.count, a.trials)
-        theirs = None if a.no_dovecot else bench_dovecot(work, a.count, a.trials)
+        with (
+            mailsuite_server(work / "ms", a.count, a.workers, gen) as ours,
+            (
+                mailsuite_server(
+                    work / "ms-compare", a.count, a.workers, gen, "compare", a.compare_tree
+                )
+                if a.compare_tree
+                else _nothing()
+            ) as other,
+        ):
+            targets = [ours] + ([other] if other is not None else [])
+            dovecot = None if a.no_dovecot or not Path("/usr/sbin/dovecot").exists() else True
+            with dovecot_server(work, a.count, gen) if dovecot else _nothing() as theirs:
+                if theirs is not None:
+                    targets.append(theirs)
+                for t in targets:
+                    times, checks = client(pop3_bench, t)()
+                    ok = checks["stat_count"] == a.count == checks["retrieved"]
+                    print(f"[pop3] {t.name} cold {times} checks {'ok' if ok else checks}")
+                    if not ok:
+                        raise SystemExit(f"{t.name}: wrong answers {checks}")
+                    cold[t.name] = times
+                    warm[t.name] = []
+                    cpu[t.name] = []
+                if a.profile:
+                    spy = subprocess.Popen(
+                        ["py-spy", "record", "-o", a.profile, "-p", str(ours.pid), "-r", "500"]
+                        + ([] if a.profile.endswith(".svg") else ["--format", "raw"])
+                    )
+                    time.sleep(1)
+                for r in range(a.trials):
+                    order = targets if r % 2 == 0 else targets[::-1]
+                    for t in order:
+                        before = cpu_seconds(t.pid)
+                        times, _ = client(pop3_bench, t)()
+                        cpu[t.name].append(cpu_seconds(t.pid) - before)
+                        warm[t.name].append(times)
+                        print(f"[pop3] round {r + 1} {t.name}: {times}", flush=True)
+                    loads.append(os.getloadavg()[0])
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nPOP3, {a.count} messages, warm median of {a.trials} trials (seconds)")
-    header = f"{'step':<10}{'mailsuite':>12}"
-    if theirs:
-        header += f"{'dovecot':>12}{'ratio':>9}"
-    print(header)
+    names = list(warm)
+    print(
+        f"\nPOP3, {a.count} messages, {a.trials} warm rounds, seconds: median (min-max); "
+        f"mailsuite workers = {a.workers}"
+    )
+    peers = [n for n in names if n != "mailsuite"]
+    print(
+        f"{'step':<10}"
+        + "".join(f"{n:>28}" for n in names)
+        + "".join(f"{'vs ' + n:>16}" for n in peers)
+    )
     for step in STEPS:
-        mine = ours["warm"][step]["median"]
-        row = f"{step:<10}{mine:>12.4f}"
-        if theirs:
-            ref = theirs["warm"][step]["median"]
-            ratio = mine / ref if ref else float("inf")
-            row += f"{ref:>12.4f}{ratio:>8.2f}x"
+        row = f"{step:<10}" + "".join(f"{fmt([w[step] for w in warm[n]]):>28}" for n in names)
+        mine = statistics.median(w[step] for w in warm["mailsuite"])
+        for n in peers:  # speed of mailsuite relative to the other (> 1: mailsuite faster)
+            ref = statistics.median(w[step] for w in warm[n])
+            row += f"{ref / mine:>15.2f}x" if mine else f"{'-':>16}"
         print(row)
-    print(f"checks: mailsuite {ours['checks_ok']} cold {ours['cold']}")
-    if theirs:
-        print(f"checks: dovecot {theirs['checks_ok']} cold {theirs['cold']}")
-        ratio = ours["warm"]["retr_all"]["median"] / theirs["warm"]["retr_all"]["median"]
-        print(f"RETR of all {a.count}: mailsuite/dovecot = {ratio:.2f}x (aim: <= 1.25x)")
+    for n in names:
+        if n != "dovecot":
+            print(f"server CPU per round, {n}: {fmt(cpu[n])} s")
+    print("cold: " + "; ".join(f"{n} {cold[n]}" for n in names))
+    print(f"load average (1 min) during the run: {min(loads):.2f}-{max(loads):.2f}")
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@
 #
 # Needs ../shared/bench/setup-peers.sh to have run once (Postfix, smtp-source, peers venv).
 # MAILSUITE_SERVICES=smtp,imap,pop3 also opens IMAP/POP3 on the mailsuite target.
+# Several mailsuite variants in the same rounds: a target "mailsuite-wN" is mailsuite with
+# [server] workers = N ("mailsuite" has MAILSUITE_WORKERS, default 1), and "compare-wN" runs
+# the tree in MAILSUITE_COMPARE_TREE (e.g. the main checkout, through PYTHONPATH) likewise:
+#   TARGETS="postfix mailsuite mailsuite-w2" bench/smtp.sh
+#   MAILSUITE_COMPARE_TREE=/path/to/main TARGETS="mailsuite-w1 compare-w1" bench/smtp.sh
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -65,16 +70,16 @@ PORT_AIOSMTPD_SMTP=$(free_port 10750 11000)
 export PORT_POSTFIX_SMTP PORT_AIOSMTPD_SMTP
 
 STARTED_PEERS=""
-MS_STARTED=0
+MS_STARTED=""
 SAMPLER=
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
-    if [ "$MS_STARTED" = 1 ]; then
-        "$MAILSUITE_PYTHON" "$HERE/mailsuite_target.py" stop --dir "$WORK/mailsuite" || true
-        cp "$WORK/mailsuite/twistd.log" "$OUT/mailsuite-twistd.log" 2>/dev/null
-    fi
+    for n in $MS_STARTED; do
+        "$MAILSUITE_PYTHON" "$HERE/mailsuite_target.py" stop --dir "$WORK/$n" || true
+        cp "$WORK/$n/twistd.log" "$OUT/$n-twistd.log" 2>/dev/null
+    done
     # shellcheck disable=SC2086
     [ -n "$STARTED_PEERS" ] && (cd "$SHARED_BENCH" && ./peers.sh stop $STARTED_PEERS >/dev/null 2>&1)
     sleep 1
@@ -92,14 +97,24 @@ for p in postfix aiosmtpd; do
     STARTED_PEERS="$STARTED_PEERS $p"
     (cd "$SHARED_BENCH" && ./peers.sh start "$p") || { log "could not start $p"; exit 1; }
 done
-if has_target mailsuite; then
-    MS_STARTED=1
-    MS_ENV=$("$MAILSUITE_PYTHON" "$HERE/mailsuite_target.py" start --dir "$WORK/mailsuite" \
-        --services "$MAILSUITE_SERVICES" --password "$BENCH_PASS" --domain "$BENCH_DOMAIN") \
-        || { log "could not start mailsuite"; exit 1; }
+declare -A ARGS
+for n in $TARGETS; do
+    case $n in
+        mailsuite) workers=${MAILSUITE_WORKERS:-1} tree= ;;
+        mailsuite-w*) workers=${n#mailsuite-w} tree= ;;
+        compare-w*) workers=${n#compare-w} tree=${MAILSUITE_COMPARE_TREE:?set MAILSUITE_COMPARE_TREE} ;;
+        *) continue ;;
+    esac
+    MS_STARTED="$MS_STARTED $n"
+    MS_ENV=$(env ${tree:+PYTHONPATH=$tree} "$MAILSUITE_PYTHON" "$HERE/mailsuite_target.py" start \
+        --dir "$WORK/$n" --workers "$workers" --services "$MAILSUITE_SERVICES" \
+        --password "$BENCH_PASS" --domain "$BENCH_DOMAIN") \
+        || { log "could not start $n"; exit 1; }
     eval "$MS_ENV"
-    log "mailsuite pid $MS_PID smtp port $MS_SMTP_PORT (data in $MS_DIR)"
-fi
+    ARGS[$n]="--pid $MS_PID --smtp-port $MS_SMTP_PORT --maildir-fmt $MS_MAILDIR_FMT"
+    log "$n (workers=$workers${tree:+, tree $tree}) pid $MS_PID smtp port $MS_SMTP_PORT (data in $MS_DIR)"
+done
+[ -n "$MS_STARTED" ] && sleep 3  # workers import and adopt the listening sockets
 
 {
     echo "{"
@@ -126,13 +141,9 @@ fi
 ) &
 SAMPLER=$!
 
-declare -A ARGS
 ARGS[postfix]="--smtp-port $PORT_POSTFIX_SMTP --maildir-fmt $RUN/postfix/Maildir"
 ARGS[aiosmtpd]="--smtp-port $PORT_AIOSMTPD_SMTP --maildir-fmt $RUN/aiosmtpd/Maildir"
 [ -f "$RUN/postfix/pid" ] && ARGS[postfix]+=" --pid $(cat "$RUN/postfix/pid")"
-if has_target mailsuite; then
-    ARGS[mailsuite]="--pid $MS_PID --smtp-port $MS_SMTP_PORT --maildir-fmt $MS_MAILDIR_FMT"
-fi
 [ -f "$RUN/aiosmtpd/pid" ] && ARGS[aiosmtpd]+=" --pid $(cat "$RUN/aiosmtpd/pid")"
 
 read -r -a TLIST <<<"$TARGETS"
@@ -151,5 +162,6 @@ for ((r = 0; r < TRIALS; r++)); do
 done
 log "all rounds done in $(( $(date +%s) - T0 ))s"
 
-"$MAILSUITE_PYTHON" "$HERE/smtp_report.py" --results "$OUT" --md "$OUT/summary.md"
+"$MAILSUITE_PYTHON" "$HERE/smtp_report.py" --results "$OUT" --md "$OUT/summary.md" \
+    --load "$OUT/loadavg.txt"
 echo "results: $OUT"

@@ -5,7 +5,9 @@ target and mailsuite's ratios to Postfix and aiosmtpd, from the same run.
 
 Reads the ``smtp-small-NAME.json`` / ``smtp-large-NAME.json`` files that the shared
 harness's ``smtp_bench.py`` writes.  Figures are the median over trials (min-max beside it);
-a ratio is the ratio of the medians.
+a ratio is the ratio of the medians.  Every mailsuite variant of the run (``mailsuite``,
+``mailsuite-wN``, ``compare-wN``: see bench/smtp.sh) gets its columns; ``--load`` adds the
+range of the 1-minute load average sampled during the run.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import argparse
 import json
 from pathlib import Path
 
-TARGETS = ("postfix", "aiosmtpd", "mailsuite")
+PEERS = ("postfix", "aiosmtpd")
 
 
 def load(results: Path, kind: str) -> dict[str, dict]:
     out = {}
-    for name in TARGETS:
-        path = results / f"smtp-{kind}-{name}.json"
-        if path.exists():
-            out[name] = json.loads(path.read_text())
+    for path in sorted(results.glob(f"smtp-{kind}-*.json")):
+        out[path.stem[len(f"smtp-{kind}-") :]] = json.loads(path.read_text())
     return out
+
+
+def variants(results: Path) -> list[str]:
+    """The mailsuite targets of the run, ``mailsuite`` first."""
+    names = {n for kind in ("small", "large") for n in load(results, kind) if n not in PEERS}
+    return sorted(names, key=lambda n: (n != "mailsuite", n))
 
 
 def cell(run: dict | None, key: str = "msgs_per_s") -> str:
@@ -49,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", required=True)
     ap.add_argument("--md")
+    ap.add_argument("--load", help="loadavg samples of the run (bench/smtp.sh's loadavg.txt)")
     a = ap.parse_args()
     results = Path(a.results)
     env = {}
@@ -64,11 +71,14 @@ def main() -> None:
             f"counted until the files are in the Maildir."
         )
         lines.append("")
-    lines.append(
-        "| size | msgs | postfix msgs/s | aiosmtpd msgs/s | mailsuite msgs/s "
-        "| mailsuite accepted msgs/s | mailsuite/postfix | mailsuite/aiosmtpd |"
-    )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    ours = variants(results)
+    kinds = [load(results, k) for k in ("small", "large")]
+    peers = [p for p in PEERS if any(p in runs for runs in kinds)]  # the peers of this run
+    head = ["size", "msgs", *(f"{p} msgs/s" for p in peers)]
+    for n in ours:
+        head += [f"{n} msgs/s", f"{n} accepted msgs/s", *(f"{n}/{p}" for p in peers)]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
     failed = []
     for kind, label in (("small", "4 KiB"), ("large", "1 MiB")):
         runs = load(results, kind)
@@ -78,13 +88,21 @@ def main() -> None:
         for name, r in runs.items():
             if r.get("failed_trials"):
                 failed.append(f"{name} {label}: {r['failed_trials']} failed trial(s)")
-        ms = runs.get("mailsuite")
-        lines.append(
-            f"| {label} | {any_run.get('msgs')} | {cell(runs.get('postfix'))} | "
-            f"{cell(runs.get('aiosmtpd'))} | {cell(ms)} | {cell(ms, 'accept_msgs_per_s')} | "
-            f"{ratio(med(ms), med(runs.get('postfix')))} | "
-            f"{ratio(med(ms), med(runs.get('aiosmtpd')))} |"
-        )
+        row = [label, str(any_run.get("msgs")), *(cell(runs.get(p)) for p in peers)]
+        for n in ours:
+            ms = runs.get(n)
+            row += [cell(ms), cell(ms, "accept_msgs_per_s")]
+            row += [ratio(med(ms), med(runs.get(p))) for p in peers]
+        lines.append("| " + " | ".join(row) + " |")
+    if a.load and Path(a.load).exists():
+        loads = [
+            float(line.split()[0])
+            for line in Path(a.load).read_text().splitlines()
+            if line[:1].isdigit() and "." in line.split()[0]
+        ]
+        if loads:
+            lines.append("")
+            lines.append(f"Load average (1 min) during the run: {min(loads):.2f}-{max(loads):.2f}")
     if failed:
         lines.append("")
         lines.append("FAILED: " + "; ".join(failed))

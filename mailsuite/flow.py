@@ -35,8 +35,9 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from mailsuite.tls import lose_connection
@@ -162,6 +163,7 @@ class GatedLineReceiver(LineReceiver):
         if self._stalled and data:
             self.hold_input("output")  # keep this, read no more until the client reads
         super().dataReceived(data)
+        send_now(self.transport)
 
 
 @implementer(IPushProducer)
@@ -207,6 +209,36 @@ class OutputFlow:
         if not self.stopped:
             self.stopped = True
             self.resumeProducing()
+
+
+def send_now(transport: Any) -> None:
+    """Send what is waiting in a TCP transport's buffer now, in one ``send``, instead of at
+    the reactor's next turn.
+
+    Twisted's ``write`` only buffers and asks the reactor to watch the socket for room; the
+    reply then leaves after another ``epoll_wait`` and a trip through the reactor's dispatch
+    (measured: a third of the server's time per POP3 RETR of a small message, and the
+    replies of a request/response protocol are the whole workload).  Called once after a
+    batch of input was handled (every reply to it goes out together, as before) and after
+    work that answers later (SMTP's 250 once the fsync is done).  This is the transport's
+    own ``doWrite`` (``IWriteDescriptor``), which the reactor would call: what does not fit
+    stays buffered and the reactor sends it when there is room, producers are paused and
+    resumed as always.  Not while the connection is closing (``doWrite`` would finish the
+    close, which belongs to the reactor) and only when something waits (``_tempDataLen``:
+    Twisted's list buffer; no ``send`` of nothing).  A failed ``send`` is left to the
+    reactor, which still watches the socket and closes the connection on its next turn.
+    Implicit TLS: the TLS layer's own transport carries the ciphertext."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport = transport.transport
+    writer: Any = transport  # (Twisted's doWrite is untyped)
+    if (
+        isinstance(transport, tcp.Connection)
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and getattr(transport, "_tempDataLen", 0)
+    ):
+        writer.doWrite()
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -30,7 +30,7 @@ from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
-from mailsuite.flow import GatedLineReceiver, OutputFlow
+from mailsuite.flow import GatedLineReceiver, OutputFlow, send_now
 from mailsuite.pacing import PIECE
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
@@ -104,6 +104,7 @@ class POP3Protocol(GatedLineReceiver):
         )
         self.wait_input()
         self.tx.write(self.session.greeting())
+        send_now(self.tx)  # now, not after another turn of the reactor
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -254,6 +255,7 @@ class POP3Protocol(GatedLineReceiver):
                 n=len(self.session.maildrop),
             )
         self._perform(step.out, step.action)
+        send_now(self.tx)  # the answer to PASS, after the password check
 
     def _open_maildrop(self, user: str) -> Maildrop:
         """INBOX on the folder model IMAP uses (the runtime's one registry of open folders),

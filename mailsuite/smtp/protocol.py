@@ -29,7 +29,7 @@ from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
-from twisted.internet import defer, error, interfaces, protocol
+from twisted.internet import defer, error, interfaces, protocol, tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -43,7 +43,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
-from mailsuite.flow import GatedLineReceiver
+from mailsuite.flow import GatedLineReceiver, send_now
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -74,6 +74,13 @@ log = Logger(namespace="mailsuite.smtp")
 #: addresses may need more (extensions may raise it).  Anything longer is answered 500 and
 #: the connection closed (it cannot be resynchronised safely).
 MAX_COMMAND_LINE = 2048
+
+#: Bytes read from the socket per reactor turn while DATA arrives (Twisted reads 64 KiB).
+#: Every read costs a trip through the reactor, the line receiver, the DATA decoder and the
+#: message's buffer; a 1 MiB message in four reads instead of sixteen (measured: about a
+#: fifth less CPU per 1 MiB message).  Only during DATA, when the server writes nothing: the
+#: same attribute is the output size at which Twisted pauses a producer (mailsuite.flow).
+DATA_READ_SIZE = 256 * 1024
 
 #: Session states that wait for an action's outcome: no command is read meanwhile.
 _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
@@ -149,6 +156,7 @@ class SMTPProtocol(GatedLineReceiver):
         ):
             self._tx.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
         self._perform(self.session.greeting())
+        send_now(self._tx)  # the greeting now, not after another turn of the reactor
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -220,6 +228,7 @@ class SMTPProtocol(GatedLineReceiver):
         if chunk.rest is None:
             return
         self._hold()  # later pipelined commands wait until this message is answered
+        self._data_reads(False)
         self.setLineMode(chunk.rest)
         self._perform(self._counted(self.session.end_of_data(message.contents)))
 
@@ -260,8 +269,19 @@ class SMTPProtocol(GatedLineReceiver):
     def _close(self, action: Close) -> None:
         self.close_connection()
 
+    def _data_reads(self, on: bool) -> None:
+        """Read :data:`DATA_READ_SIZE` at a time (``on``) or Twisted's default again.  Plain
+        TCP only: over TLS the reads are the TLS layer's."""
+        tx = self.transport
+        if isinstance(tx, tcp.Connection):
+            if on:
+                tx.bufferSize = DATA_READ_SIZE
+            else:
+                tx.__dict__.pop("bufferSize", None)  # back to the class's value
+
     def _receive_data(self, action: ReceiveData) -> None:
         self.setRawMode()
+        self._data_reads(True)
         if self.deadline is not None:
             # RFC 5321 4.5.3.2.5: a deadline per data block, not per message: a big message
             # that keeps arriving is fine, a trickle is not (mailsuite.deadline.DATA_BLOCK).
@@ -319,6 +339,7 @@ class SMTPProtocol(GatedLineReceiver):
             answer = LoginAnswer.BAD_CREDENTIALS
         if self._connected():
             self._perform(self.session.login_finished(answer, user))
+            send_now(self._tx)
 
     def _login_failed(self, failure: Failure) -> None:
         log.failure(
@@ -372,6 +393,7 @@ class SMTPProtocol(GatedLineReceiver):
                 self._abort_message()  # no 250 can reach the client: it will send again
                 return
             self._perform(self._counted(self.session.checks_done(verdict)))
+            send_now(self._tx)
 
         d.addErrback(failed).addCallback(decided)
 
@@ -402,6 +424,8 @@ class SMTPProtocol(GatedLineReceiver):
             step = self._counted(self.session.delivery_finished(*outcome))
             if self._connected():
                 self._perform(step)
+                send_now(self._tx)  # the 250 leaves now (replies to later pipelined
+                # commands that _perform released went out with it, in order)
             else:
                 self._log(step)  # delivered (or not) all the same: say so
 

@@ -3,6 +3,7 @@ blocks and logins do what the module says."""
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.task import Clock
 
 from mailsuite.deadline import COMMAND, DATA, DATA_BLOCK, LOGIN, SESSION, ReadDeadline
@@ -119,3 +120,43 @@ def test_fires_once() -> None:
     clock.advance(5)
     assert fired == [(1.0, COMMAND)]
     assert clock.getDelayedCalls() == []
+
+
+def test_lines_move_the_deadline_without_a_new_timer_each() -> None:
+    """The timer is lazy: a deadline moving later keeps the pending timer (one DelayedCall
+    for a thousand lines), and expiry is still exactly ``timeout`` after the last line."""
+    clock, d, fired = make()
+    d.wait(10)
+    first = clock.getDelayedCalls()
+    for _ in range(1000):
+        clock.advance(0.01)
+        d.wait(10)
+    assert clock.getDelayedCalls() == first
+    last_line = clock.seconds()
+    clock.advance(10 - 0.001)
+    assert fired == []
+    clock.advance(0.001)
+    assert len(fired) == 1 and fired[0][1] == COMMAND
+    assert fired[0][0] == pytest.approx(last_line + 10)
+
+
+def test_a_deadline_moved_sooner_fires_sooner() -> None:
+    clock, d, fired = make()
+    d.wait(100)
+    clock.advance(1)
+    d.wait(2)
+    clock.advance(2)
+    assert fired == [(3.0, COMMAND)]
+
+
+def test_hold_then_wait_counts_from_the_wait() -> None:
+    clock, d, fired = make()
+    d.wait(5)
+    d.hold()
+    clock.advance(50)  # the server's own work: no expiry, however long
+    assert fired == []
+    d.wait(5)
+    clock.advance(4.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [(55.0, COMMAND)]
