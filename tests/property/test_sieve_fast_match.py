@@ -1,5 +1,7 @@
 """The delivery hot path's shortcuts give exactly the reference answers.
 
+* :func:`mailsuite.sieve.message.split_headers` (the section decoded once) == its line by
+  line form :func:`~mailsuite.sieve.message.split_header_lines`, on any bytes;
 * :func:`mailsuite.sieve.message.parse_addresses` (a regular expression for plain address
   lists) == ``email.utils.getaddresses`` on any header values;
 * the grouped tests and skipped runs of :mod:`mailsuite.sieve.plan` == the general path of
@@ -11,14 +13,58 @@
 from __future__ import annotations
 
 from email.utils import getaddresses
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailsuite.sieve.interpreter import Interpreter, SieveEnvelope
 from mailsuite.sieve.match import SieveRuntimeError
-from mailsuite.sieve.message import MessageView, parse_addresses
+from mailsuite.sieve.message import (
+    MessageView,
+    parse_addresses,
+    split_header_lines,
+    split_headers,
+)
 from mailsuite.sieve.validate import compile_script
+
+HEAD_PIECES = st.sampled_from(
+    [
+        b"Subject",
+        b"X-A",
+        b":",
+        b": ",
+        b" ",
+        b"\t",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b"\x0b",
+        b"\x1c",
+        "\u00e9".encode(),
+        "\u0085".encode(),
+        "\u2028".encode(),
+        b"\xff",
+        b"v",
+        b"From x",
+    ]
+)
+
+
+@given(st.lists(HEAD_PIECES, max_size=30).map(b"".join))
+@settings(max_examples=3000, deadline=None)
+def test_split_headers_is_line_by_line(head: bytes) -> None:
+    assert split_headers(head) == split_header_lines(head)
+
+
+def test_view_from_buffer_is_view_from_file(tmp_path: Path) -> None:
+    data = b"Return-Path: <a@b>\nSubject: s\r\nX-A: 1\n\r\nbody\n" + b"x" * 100
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    for offset in (0, 19):
+        a, b = MessageView.from_file(path, offset), MessageView.from_buffer(data, offset)
+        assert (a.fields, a.size, a.raw_body()) == (b.fields, b.size, b.raw_body())
+
 
 # the characters that decide how an address list parses, and some that do not
 ADDRESS_TEXT = st.text('aZ09.-_+@<> \t,"()\\:;[]!#é', max_size=40)
