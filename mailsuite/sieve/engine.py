@@ -154,10 +154,10 @@ class _ActiveCache:
     def __init__(self, size: int = 4096) -> None:
         self.size = size
         self.lock = threading.Lock()
-        self.items: dict[str, tuple[tuple[int, ...], tuple[str, Path, Script]]] = {}
+        self.items: dict[str, tuple[tuple[int, ...], tuple[str, Script]]] = {}
 
-    def get(self, root: Path, settings: SieveSettings) -> tuple[str, Path, Script] | None:
-        """(name, file, compiled script) of the active script, None when there is none;
+    def get(self, root: Path, settings: SieveSettings) -> tuple[str, Script] | None:
+        """(name, compiled script) of the active script, None when there is none;
         raises as :meth:`_ScriptCache.get` does when it does not load."""
         key = str(root)
         link = f"{key}/{ACTIVE_LINK}"
@@ -197,7 +197,7 @@ class _ActiveCache:
             return None  # deactivated meanwhile
         except (SieveParseError, OSError) as e:
             raise _LoadError(name, e) from None
-        found = (name, path, script)
+        found = (name, script)
         with self.lock:
             self.items.pop(key, None)
             self.items[key] = (stamp, found)
@@ -250,7 +250,7 @@ def evaluate(
         return _failed(store, e.name, f"script does not compile: {e}", now or datetime.now(UTC))
     if active is None:
         return KEEP
-    name, _, script = active
+    name, script = active
     when = now or datetime.now(UTC)
     store = ScriptStore(root, settings.max_scripts, settings.max_script_size)
     try:

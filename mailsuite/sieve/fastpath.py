@@ -7,7 +7,8 @@ script (the script cache keeps it), a closure with the header names lower-cased 
 already folded, and the message side remembers folded values and address parts, so a run
 costs a few lookups instead of the general path's argument decoding.  Everything else goes
 the general way in :mod:`.interpreter`; both give the same answers (the interpreter tests run
-every script both ways).
+every script both ways).  :mod:`.plan` builds on these: tests of one :class:`Shape` are
+evaluated together, and runs of rules whose tests are all false are passed at once.
 """
 
 from __future__ import annotations
