@@ -13,6 +13,9 @@ follows the load, the CPU a message costs much less.
 
     python bench/sieve_smtp.py [--rounds 5] [--msgs 1000] [--sessions 20] [--size 4096]
 
+``SIEVE_SMTP_CONTROL=1`` runs the same with no script for either user (an A/A control): the
+ratio it prints is what this machine's noise and the two users alone make of "no effect".
+
 Everything listens on 127.0.0.1; the server is stopped by its PID at the end, failure
 included; its directory is a temporary one (``--keep`` keeps it).
 """
@@ -215,7 +218,8 @@ def main() -> None:
         port, cli, env = start_server(work)
         sieve_user = f"sieve@{DOMAIN}"
         admin(cli, "user", "add", sieve_user, "--password-stdin", stdin="benchpass\n")
-        admin(cli, "sieve", "put", sieve_user, "rules", "-", "--activate", stdin=SCRIPT)
+        if os.environ.get("SIEVE_SMTP_CONTROL") != "1":
+            admin(cli, "sieve", "put", sieve_user, "rules", "-", "--activate", stdin=SCRIPT)
         mail = work / "data" / "mail" / DOMAIN
         targets = {
             "no script": (f"bench@{DOMAIN}", mail / "bench"),

@@ -321,6 +321,8 @@ class IncomingMessage:
     def _finish_blocking(
         self, tail: list[bytes], edit: HeaderEdit | None, folder: str | None
     ) -> Outgoing:
+        # nothing written before (no write job, no rewrite): the file will be ``tail`` alone
+        contents = tail if self._fd is None and edit is None else None
         try:
             fd = self._fd if self._fd is not None else self._open_blocking()
             self._fd = None
@@ -344,6 +346,7 @@ class IncomingMessage:
             received_offset=self.received_offset,
             can_refuse=True,
             folder=folder,
+            contents=contents,
         )
         return fanout.run()
 

@@ -105,6 +105,7 @@ class Fanout:
         received_offset: int,
         can_refuse: bool,
         folder: str | None = None,
+        contents: list[bytes] | None = None,
     ) -> None:
         self.runtime = runtime
         self.env = envelope
@@ -114,6 +115,9 @@ class Fanout:
         self.received_offset = received_offset
         self.can_refuse = can_refuse
         self.folder = folder
+        #: the file's bytes in pieces when the caller wrote it from memory: the scripts read
+        #: their message from here rather than from the file (joined on first use)
+        self._contents = contents
         self._return_path = len(trace_head(envelope.sender, None))
         self._drafts: list[Path] = []
         self._full: list[LocalBox] = []  # recipients over quota, queued (see _enqueue)
@@ -209,12 +213,25 @@ class Fanout:
             size = self.size - self.received_offset + own + self.crlf_extra
         try:
             outcome: SieveOutcome = sieve.evaluate(
-                self.path, envelope, offset=offset, size=size, delivered_to_added=first
+                self.path,
+                envelope,
+                offset=offset,
+                size=size,
+                delivered_to_added=first,
+                root=box.root,
+                contents=self._joined if self._contents is not None else None,
             )
         except Exception as e:  # a fault of ours costs a keep, never the message
             self._out.log.append(f"{box.user}: Sieve failed ({type(e).__name__}: {e}); kept")
             return None
         return outcome
+
+    def _joined(self) -> bytes:
+        pieces = self._contents
+        assert pieces is not None
+        if len(pieces) != 1:
+            self._contents = pieces = [b"".join(pieces)]
+        return pieces[0]
 
     def _targets(
         self, box: LocalBox, outcome: SieveOutcome | None

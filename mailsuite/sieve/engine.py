@@ -14,6 +14,8 @@ blocking helpers for it.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +29,7 @@ from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
 from mailsuite.sieve.match import SieveRuntimeError
 from mailsuite.sieve.message import MessageView
-from mailsuite.sieve.storage import SUFFIX, ScriptStore
+from mailsuite.sieve.storage import ACTIVE_LINK, SUFFIX, ScriptStore
 from mailsuite.sieve.vacation import VacationStore, build_reply, decide
 from mailsuite.sieve.validate import Script, compile_script
 
@@ -137,6 +139,82 @@ class _ScriptCache:
 _cache = _ScriptCache()
 
 
+class _ActiveCache:
+    """Each Maildir root's active script, by the identity of its ``.dovecot.sieve`` (the
+    link's own, from ``lstat``) and of the file it leads to (``stat``): a delivery that finds
+    both unchanged costs those two calls, without reading the link or the script again.
+
+    Activating replaces the link (a new inode); a script written by ManageSieve or the CLI
+    is a new file renamed into place (a new inode); an edit in place changes size or
+    mtime; a rename links and unlinks the file, which changes its ctime.  Anything else
+    takes the full path (:meth:`ScriptStore.active_path`: the link's target checked, then
+    the file read through :class:`_ScriptCache`).  Bounded, shared by the delivery threads.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.lock = threading.Lock()
+        self.items: dict[str, tuple[tuple[int, ...], tuple[str, Script]]] = {}
+
+    def get(self, root: Path, settings: SieveSettings) -> tuple[str, Script] | None:
+        """(name, compiled script) of the active script, None when there is none;
+        raises as :meth:`_ScriptCache.get` does when it does not load."""
+        key = str(root)
+        link = f"{key}/{ACTIVE_LINK}"
+        try:
+            lst = os.lstat(link)
+        except OSError:
+            return None  # no active script: the common case, one system call
+        if stat.S_ISLNK(lst.st_mode):
+            try:
+                st = os.stat(link)  # noqa: PTH116 -- a str path: no Path on the hot path
+            except OSError:
+                return None  # a link to nothing (ScriptStore.active agrees)
+        else:
+            st = lst
+        stamp = (
+            lst.st_ino,
+            lst.st_mtime_ns,
+            lst.st_ctime_ns,
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        )
+        hit = self.items.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        store = ScriptStore(root, settings.max_scripts, settings.max_script_size)
+        path = store.active_path()
+        if path is None:
+            return None
+        # the script's name: the linked file's, or the plain file's own (no second readlink)
+        name = path.name[: -len(SUFFIX)] if path != store.link else path.name
+        try:
+            script = _cache.get(path, settings.max_script_size)
+        except FileNotFoundError:
+            return None  # deactivated meanwhile
+        except (SieveParseError, OSError) as e:
+            raise _LoadError(name, e) from None
+        found = (name, script)
+        with self.lock:
+            self.items.pop(key, None)
+            self.items[key] = (stamp, found)
+            while len(self.items) > self.size:
+                del self.items[next(iter(self.items))]
+        return found
+
+
+class _LoadError(Exception):
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.name = name
+
+
+_active = _ActiveCache()
+
+
 def _delivered_to_count(message: MessageView, user: str) -> int:
     user = user.lower()
     return sum(1 for v in message.raw("delivered-to") if v.strip().strip("<>").lower() == user)
@@ -154,29 +232,32 @@ def evaluate(
     mailbox_exists: Callable[[str], bool] | None = None,
     delivered_to_added: bool = True,
     now: datetime | None = None,
+    contents: Callable[[], bytes] | None = None,
 ) -> SieveOutcome:
     """Run the active script of the user whose Maildir root is ``root``.
 
     ``message_path[offset:]`` is the message as it will be stored; ``size`` its CRLF size if
-    known.  ``delivered_to_added``: the file already carries this delivery's own
-    ``Delivered-To: <user>`` line (delivery.py writes it first), so one more such line means
-    the message has been here before and redirects are dropped (loop, RFC 5228 4.2).
+    known; ``contents``, when given, returns the file's bytes (delivery still has a small
+    message in memory), called only when there is a script to run.  ``delivered_to_added``:
+    the file already carries this delivery's own ``Delivered-To: <user>`` line (delivery.py
+    writes it first), so one more such line means the message has been here before and
+    redirects are dropped (loop, RFC 5228 4.2).
     """
-    store = ScriptStore(root, settings.max_scripts, settings.max_script_size)
-    path = store.active_path()
-    if path is None:
+    try:
+        active = _active.get(root, settings)
+    except _LoadError as e:
+        store = ScriptStore(root, settings.max_scripts, settings.max_script_size)
+        return _failed(store, e.name, f"script does not compile: {e}", now or datetime.now(UTC))
+    if active is None:
         return KEEP
-    # the script's name: the linked file's, or the plain file's own (no second readlink)
-    name = path.name[: -len(SUFFIX)] if path != store.link else path.name
+    name, script = active
     when = now or datetime.now(UTC)
+    store = ScriptStore(root, settings.max_scripts, settings.max_script_size)
     try:
-        script = _cache.get(path, settings.max_script_size)
-    except FileNotFoundError:
-        return KEEP  # deactivated meanwhile
-    except (SieveParseError, OSError) as e:
-        return _failed(store, name, f"script does not compile: {e}", when)
-    try:
-        message = MessageView.from_file(message_path, offset, size)
+        if contents is not None:
+            message = MessageView.from_buffer(contents(), offset, size)
+        else:
+            message = MessageView.from_file(message_path, offset, size)
     except OSError as e:
         return _failed(store, name, f"message unreadable: {e}", when)
     if mailbox_exists is None:
@@ -271,9 +352,9 @@ def _loader(store: ScriptStore, settings: SieveSettings) -> Callable[[str, str],
 
 
 def _mailbox_checker(root: Path) -> Callable[[str], bool]:
-    from mailsuite.sieve.apply import folder_for
-
     def exists(name: str) -> bool:
+        from mailsuite.sieve.apply import folder_for  # (apply imports this module)
+
         try:
             return (folder_for(root, name) / "cur").is_dir()
         except ValueError:
@@ -315,8 +396,13 @@ class SieveFilter:
         offset: int = 0,
         size: int | None = None,
         delivered_to_added: bool = True,
+        root: Path | None = None,
+        contents: Callable[[], bytes] | None = None,
     ) -> SieveOutcome:
-        root = self.directory.mailbox_root(envelope.user)
+        """``root``: the user's Maildir root when the caller has it (delivery's LocalBox);
+        ``contents``: see :func:`evaluate`."""
+        if root is None:
+            root = self.directory.mailbox_root(envelope.user)
         own = _OwnAddresses(self.directory, envelope.user)
         outcome = evaluate(
             root,
@@ -327,6 +413,7 @@ class SieveFilter:
             size=size,
             own_addresses=own,
             delivered_to_added=delivered_to_added,
+            contents=contents,
         )
         return outcome
 

@@ -7,13 +7,14 @@ script (the script cache keeps it), a closure with the header names lower-cased 
 already folded, and the message side remembers folded values and address parts, so a run
 costs a few lookups instead of the general path's argument decoding.  Everything else goes
 the general way in :mod:`.interpreter`; both give the same answers (the interpreter tests run
-every script both ways).
+every script both ways).  :mod:`.plan` builds on these: tests of one :class:`Shape` are
+evaluated together, and runs of rules whose tests are all false are passed at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailsuite.sieve.match import casemap, glob, match_pieces, star_pieces
 from mailsuite.sieve.message import MessageView, address_part
@@ -24,13 +25,30 @@ from mailsuite.sieve.validate import Node
 FastTest = Callable[[Any], bool]
 
 
-def compile_test(node: Node, variables: bool) -> FastTest | None:
-    """A closure for ``node``, or None when it must take the general path."""
+class Shape(NamedTuple):
+    """What a precompilable test reads and how it compares (not its keys): tests of one
+    script with the same shape read the same values (see :mod:`.plan`)."""
+
+    kind: str  # header, address, envelope, exists
+    names: tuple[str, ...]  # lower-case header names / envelope parts (() for exists)
+    part: str  # address part ("all" for header tests)
+    fold: bool  # values and keys folded with i;ascii-casemap (not for :matches)
+    match: str  # is, contains, matches ("" for exists)
+    comparator: str
+
+
+def shape_of(node: Node) -> tuple[Shape, list[str]] | None:
+    """The shape of ``node`` and its keys (folded when the shape folds; for ``exists`` the
+    lower-case header names), or None when it must take the general path: a string with
+    ``${`` (it depends on variables set at run time), ``:index``, a relational match or
+    ``i;ascii-numeric``."""
     if node.name == "exists":
-        return _compile_exists(node)
+        if any("${" in n for n in node.args[0]):
+            return None
+        return Shape("exists", (), "all", False, "", ""), [n.lower() for n in node.args[0]]
     if node.name not in ("header", "address", "envelope") or "index" in node.tags:
         return None
-    match = node.tag("match", "is")
+    match = node.tag("match", "is") or "is"
     comparator = node.value("comparator", "i;ascii-casemap")
     if match not in ("is", "contains", "matches") or comparator == "i;ascii-numeric":
         return None
@@ -39,12 +57,15 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
     part = node.tag("addrpart", "all") or "all"
     fold = comparator == "i;ascii-casemap" and match != "matches"
     keys = [casemap(k) for k in node.args[1]] if fold else list(node.args[1])
-    names = [n.lower() for n in node.args[0]]
-    kind = node.name
-    # the values this test reads are the same for every test of the message that names the
-    # same headers (or envelope parts) the same way: kept on the message view under this key
-    memo_key = ("\2", kind, tuple(names), part, fold)
-    collect = _collector(kind, names, part, fold)
+    names = tuple(n.lower() for n in node.args[0])
+    return Shape(node.name, names, part, fold, match, comparator), keys
+
+
+def value_reader(shape: Shape) -> Callable[[Any], list[str]]:
+    """interpreter -> the values a test of ``shape`` compares, read once per message (kept
+    on the message view: many rules ask the same thing)."""
+    memo_key = ("\2", shape.kind, shape.names, shape.part, shape.fold)
+    collect = _collector(shape.kind, list(shape.names), shape.part, shape.fold)
 
     def values(it: Any) -> list[str]:
         memo = it.message.memo
@@ -53,7 +74,18 @@ def compile_test(node: Node, variables: bool) -> FastTest | None:
             found = memo[memo_key] = collect(it)
         return found
 
-    return _matcher(match, comparator, keys, values, variables)
+    return values
+
+
+def compile_test(node: Node, variables: bool) -> FastTest | None:
+    """A closure for ``node``, or None when it must take the general path."""
+    if node.name == "exists":
+        return _compile_exists(node)
+    found = shape_of(node)
+    if found is None:
+        return None
+    shape, keys = found
+    return _matcher(shape.match, shape.comparator, keys, value_reader(shape), variables)
 
 
 def _compile_exists(node: Node) -> FastTest | None:

@@ -23,6 +23,7 @@ from mailsuite.sieve.dates import date_part, header_datetime, parse_zone
 from mailsuite.sieve.fastpath import compile_test
 from mailsuite.sieve.match import Budget, SieveRuntimeError, match_any
 from mailsuite.sieve.message import MessageView, address_part
+from mailsuite.sieve.plan import prepare
 from mailsuite.sieve.validate import Node, Script
 from mailsuite.sieve.variables import (
     INTERNAL_FLAGS,
@@ -112,6 +113,8 @@ class Interpreter:
         self.include_count = 0
         self.stack: list[tuple[str, str]] = []
         self.fast = fast
+        #: the answers of the test groups asked so far (see :mod:`.plan`), for this message
+        self.group_hits: dict[object, set[int]] = {}
 
     # -- running -----------------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class Interpreter:
 
     def _script(self, script: Script) -> None:
         frame = _Frame(script.requires, Scope(self.shared))
+        if self.fast:
+            prepare(script, frame.variables)
         try:
             self._block(script.nodes, frame)
         except _Return:
@@ -137,14 +142,30 @@ class Interpreter:
         chain_done = True
         charge = self.budget.charge
         variables = frame.variables
-        for node in nodes:
+        fast = self.fast
+        i, n = 0, len(nodes)
+        while i < n:
+            node = nodes[i]
+            if fast:
+                run = node.run.get(variables)
+                if run is not None:
+                    # a run of rules with grouped tests (see .plan): on to the next whose
+                    # test is true, one step for each rule passed, as walking them costs
+                    j = run.next_true(self, i)
+                    if j > i:
+                        charge(j - i)
+                        chain_done = False  # each rule passed was an ``if`` that failed
+                        if j >= n:
+                            return
+                        i, node = j, nodes[j]
+            i += 1
             charge()
             name = node.name
             if name == "if":
                 # the common rule: ``if <test with a precompiled form> {...}``, called
                 # directly (this loop is where a 50-rule script spends its time)
                 test = node.tests[0]
-                fn = test.fast.get(variables, _UNSET) if self.fast else None
+                fn = test.fast.get(variables, _UNSET) if fast else None
                 if fn is not None and fn is not _UNSET:
                     chain_done = bool(fn(self))
                 else:

@@ -17,6 +17,7 @@ link; the folder is fsynced after each rename.  Names are checked (RFC 5804 1.6 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import uuid
@@ -49,10 +50,19 @@ class ScriptStore:
 
     def __init__(self, root: Path, max_scripts: int = 100, max_size: int = 1024 * 1024) -> None:
         self.root = root
-        self.dir = root / SIEVE_DIR
-        self.link = root / ACTIVE_LINK
         self.max_scripts = max_scripts
         self.max_size = max_size
+
+    # (made when first used: delivery makes a store for every run of a script, and most
+    # runs need neither path)
+
+    @functools.cached_property
+    def dir(self) -> Path:
+        return self.root / SIEVE_DIR
+
+    @functools.cached_property
+    def link(self) -> Path:
+        return self.root / ACTIVE_LINK
 
     # -- names --------------------------------------------------------------------------------
 

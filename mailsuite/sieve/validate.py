@@ -269,6 +269,8 @@ class Node:
     line: int
     #: precompiled forms (see :mod:`.fastpath`), by "script uses variables"; filled lazily
     fast: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: the run of grouped rules this node is in (see :mod:`.plan`), by "uses variables"
+    run: dict[bool, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def tag(self, group: str, default: str | None = None) -> str | None:
         entry = self.tags.get(group)
@@ -283,6 +285,8 @@ class Node:
 class Script:
     nodes: list[Node]
     requires: frozenset[str]
+    #: the "uses variables" values :func:`mailsuite.sieve.plan.prepare` has prepared it for
+    prepared: set[bool] = field(default_factory=set, compare=False, repr=False)
 
 
 def compile_script(text: str, max_size: int | None = None) -> Script:

@@ -496,14 +496,26 @@ def test_action_and_redirect_limits() -> None:
         )
 
 
-def test_run_time_limit() -> None:
+@pytest.mark.parametrize("fast", [False, True])
+def test_run_time_limit(fast: bool) -> None:
+    # every rule matches, so its action runs: work the fast path cannot skip (rules that do
+    # not match cost it a step each, no look at the clock: see test_budget_bounds_skipped_rules)
     ticks = iter(range(10**6))
     clock = lambda: float(next(ticks))  # noqa: E731 -- each look at the clock is a second
-    script = 'require "fileinto";' + 'if header :contains "subject" "x" { keep; }' * 50
+    script = 'require "fileinto";' + 'if header :contains "subject" "acme" { keep; }' * 50
     with pytest.raises(SieveRuntimeError, match="too long"):
-        Interpreter(MessageView.from_bytes(MSG), ENV, Limits(max_run_time=3), clock=clock).run(
-            compile_script(script)
-        )
+        Interpreter(
+            MessageView.from_bytes(MSG), ENV, Limits(max_run_time=3), clock=clock, fast=fast
+        ).run(compile_script(script))
+
+
+def test_budget_bounds_skipped_rules() -> None:
+    """Rules the fast path passes over at once still cost a step each (and their grouped
+    tests theirs): a script of many non-matching rules ends in the step limit either way."""
+    script = 'require "fileinto";' + 'if header :contains "subject" "x" { keep; }' * 300
+    with pytest.raises(SieveRuntimeError, match="too many steps"):
+        run(script, limits=Limits(max_steps=500))
+    assert run(script, limits=Limits(max_steps=5000)) == [Keep()]
 
 
 def test_matches_does_not_backtrack_exponentially() -> None:

@@ -137,6 +137,47 @@ def test_script_runs_with_subaddress_and_folder_checks(root: Path, message: Path
     assert out.actions == (FileInto("News"),) and out.script == "main" and out.error is None
 
 
+def test_every_change_of_the_active_script_is_seen_by_the_next_delivery(
+    root: Path, message: Path
+) -> None:
+    """evaluate keeps each root's active script by the identity of the link and of its file
+    (two stat calls a delivery): every way the script can change must still show."""
+
+    def run() -> tuple[object, ...]:
+        out = evaluate(root, message, ENV, settings())
+        return (*out.actions, out.script)
+
+    store = ScriptStore(root)
+    store.put("a", 'require "fileinto"; fileinto "A";')
+    store.activate("a")
+    assert run() == (FileInto("A"), "a")
+    assert run() == (FileInto("A"), "a")  # (from the cache)
+    store.put("a", 'require "fileinto"; fileinto "B";')  # same name, new file
+    assert run() == (FileInto("B"), "a")
+    store.put("c", "discard;")
+    store.activate("c")  # another script
+    assert run() == (Discard(), "c")
+    store.rename("c", "d")  # same file, new name
+    assert run() == (Discard(), "d")
+    path = root / "sieve" / "d.sieve"
+    stamp = path.stat().st_mtime_ns
+    path.write_text("keep ;  ")  # edited in place, same size as "discard;"
+    os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # (a later write has a later mtime)
+    assert run() == (Keep(), "d")
+    store.activate(None)
+    assert evaluate(root, message, ENV, settings()) is KEEP
+    (root / ".dovecot.sieve").write_text('require "fileinto"; fileinto "P";')  # a plain file
+    assert run() == (FileInto("P"), ".dovecot.sieve")
+    (root / ".dovecot.sieve").unlink()
+    (root / ".dovecot.sieve").symlink_to("sieve/gone.sieve")  # a link to nothing
+    assert evaluate(root, message, ENV, settings()) is KEEP
+    (root / ".dovecot.sieve").unlink()
+    (root / ".dovecot.sieve").symlink_to("../elsewhere/a.sieve")  # outside sieve/: not run
+    (root.parent / "elsewhere").mkdir()
+    (root.parent / "elsewhere" / "a.sieve").write_text("discard;")
+    assert evaluate(root, message, ENV, settings()) is KEEP
+
+
 def test_runtime_failure_keeps_and_logs_for_the_user(root: Path, message: Path) -> None:
     store = active(root, 'require "fileinto";' + "".join(f'fileinto "f{i}";' for i in range(5)))
     out = evaluate(root, message, ENV, settings(limits=Limits(max_actions=3)))
