@@ -12,7 +12,10 @@ starts them with ``PROMETHEUS_MULTIPROC_DIR`` set (``<data_dir>/run/metrics``, e
 start): prometheus-client's multiprocess mode keeps each worker's values in a small mmapped
 file, and ``/metrics``, served by whichever worker gets the request, adds up every worker's
 (:meth:`Metrics.exported`).  A gauge must say how to add up: ``multiprocess_mode="livesum"``
-(what the live workers hold now).  The process metrics are the serving worker's own.
+(what the live workers hold now).  The process metrics are the serving worker's own.  The
+twistd process itself (the queue runner's attempts and deliveries, its DSNs) counts into the
+same folder: :func:`share_with_workers` switches it to multiprocess mode before anything is
+counted, so its counts are added up with the workers' too.
 
 Adding a counter for protocol code is two steps: declare it in :meth:`Metrics.__init__`
 (``self.smtp_replies = Counter("mailsuite_smtp_replies", "...", ["listener", "class"],
@@ -29,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -39,6 +42,20 @@ from mailsuite.pop3 import session as pop3_session
 from mailsuite.queue.spool import valid_id
 
 PREFIX = "mailsuite"
+
+
+def share_with_workers(directory: Path) -> None:
+    """Make this process count into ``directory``, where the worker processes count and
+    where ``/metrics`` adds up (see the module docstring); the files of an earlier run are
+    removed first.  For the twistd process of a server with worker processes, called before
+    its :class:`Metrics` is made: prometheus-client picks how values are kept when each one
+    is made, from ``values.ValueClass``, which it sets from the environment only at import.
+    Process-wide by nature, as the environment it sets for the workers it starts."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in directory.glob("*.db"):  # counts of a previous run
+        old.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
 class QueueCollector(Collector):

@@ -176,6 +176,11 @@ def makeService(
                 desc=odd[0],
             )
             workers = 1
+    if workers > 1:
+        from mailsuite.metrics import share_with_workers
+        from mailsuite.workers import metrics_dir
+
+        share_with_workers(metrics_dir(config))  # before build_runtime makes the Metrics
     runtime = build_runtime(config, reactor)
     reactor.callWhenRunning(freeze_startup_objects)  # see there: no 100 ms GC pauses
     if run_as is not None:

@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -57,6 +58,11 @@ def count(config: Config) -> int:
     if config.mode == "sandbox":
         return 1
     return max(1, min(os.cpu_count() or 1, AUTO_CAP))
+
+
+def metrics_dir(config: Config) -> Path:
+    """Where the twistd process and its workers keep their prometheus-client counts."""
+    return config.data_dir / "run" / "metrics"
 
 
 #: Restart back-off: first delay, cap, and how long a worker must live to reset it.
@@ -100,7 +106,7 @@ class WorkerSupervisor(service.Service):
         self._previous_hup: Any = None
         self.shared_path = counters.state_path(config.data_dir)
         #: prometheus-client's multiprocess files (see mailsuite.metrics)
-        self.metrics_dir = config.data_dir / "run" / "metrics"
+        self.metrics_dir = metrics_dir(config)
 
     # -- binding (as root, before twistd drops privileges) ----------------------------------
 
@@ -134,9 +140,9 @@ class WorkerSupervisor(service.Service):
         self.stopping = False
         self.all_ready = False
         counters.reset(self.shared_path)
+        # (the metrics folder was emptied by mailsuite.metrics.share_with_workers before
+        # this process counted anything into it)
         self.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for old in self.metrics_dir.glob("*.db"):  # counts of a previous run
-            old.unlink()
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_hangup)
         self.workers = [_Worker(self, i) for i in range(self.count)]

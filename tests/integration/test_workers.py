@@ -219,6 +219,33 @@ def test_a_queue_entry_made_in_a_worker_is_tried_at_once(srv: Server, net: tuple
     )
 
 
+def metric_value(port: int, series: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20).read()
+    for line in text.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_queue_runners_counts_reach_metrics(srv: Server, net: tuple[Net, MX]) -> None:
+    """The queue runner counts its attempts in the twistd process, which serves no /metrics:
+    its counts are added up with the workers' like theirs (they used to stay in its memory,
+    so ``mailsuite_outbound_attempts_total`` never moved with workers)."""
+    series = 'mailsuite_outbound_attempts_total{result="delivered"}'
+    before = metric_value(srv.port("web"), series)
+    send(srv, ["carol@remote.test"], "counted by the supervisor")
+    wait_until(
+        lambda: with_subject(net[1].transactions(), "counted by the supervisor"),
+        15,
+        "the relay attempt",
+    )
+    wait_until(
+        lambda: metric_value(srv.port("web"), series) >= before + 1,
+        15,
+        "the supervisor's outbound attempt in /metrics",
+    )
+
+
 def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
     assert srv.proc is not None
     start = srv.log.stat().st_size
