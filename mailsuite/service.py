@@ -183,8 +183,6 @@ def makeService(
         share_with_workers(metrics_dir(config))  # before build_runtime makes the Metrics
     runtime = build_runtime(config, reactor)
     reactor.callWhenRunning(freeze_startup_objects)  # see there: no 100 ms GC pauses
-    if run_as is not None:
-        hand_data_to(config, *run_as)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
     if workers > 1:
@@ -199,6 +197,8 @@ def makeService(
         if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
             attach(runtime.mail_auth, top)
         attach(WorkerSupervisor(config, reactor, workers, runner.enqueued), top, "workers")
+        if run_as is not None:  # last: what building made as root (metrics files) included
+            hand_data_to(config, *run_as)
         return top
     for extra in _extra_services(runtime):
         extra.setServiceParent(top)
@@ -208,6 +208,8 @@ def makeService(
         svc = _Listener(endpoint, factory, f"[listen] {name} {desc!r}", config.where)
         attach(svc, top, f"{name} {desc}")
         listeners.append(svc)
+    if run_as is not None:  # last: what building made as root included
+        hand_data_to(config, *run_as)
     return top
 
 
