@@ -36,12 +36,14 @@ included; the working directory is a temporary one under /var/tmp (``--keep`` ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -160,10 +162,8 @@ class Client:
                 return line[len(prefix) :].split(b" ", 1)[0]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 @dataclass
@@ -238,9 +238,9 @@ def one(c: Client, name: str, rng: random.Random, job: Job, n: list[int]) -> byt
     raise ValueError(name)
 
 
-def _timed(res: ClientResult, name: str, fn: Any) -> None:
+def _timed(res: ClientResult, name: str, fn: Any, *args: Any) -> None:
     t0 = time.perf_counter()
-    status = fn()
+    status = fn(*args)
     if status is None:
         return
     res.latencies.setdefault(name, []).append(time.perf_counter() - t0)
@@ -268,7 +268,7 @@ def run_client(job: Job) -> ClientResult:
             end = time.perf_counter() + job.duration
             while time.perf_counter() < end:
                 name = rng.choices(names, weights)[0]
-                _timed(res, name, lambda: one(c, name, rng, job, appended))
+                _timed(res, name, one, c, name, rng, job, appended)
             c.command(b"LOGOUT")
             c.close()
         else:
@@ -278,12 +278,12 @@ def run_client(job: Job) -> ClientResult:
                 t0 = time.perf_counter()
                 c = Client(job.host, job.port)
                 res.latencies.setdefault("CONNECT", []).append(time.perf_counter() - t0)
-                _timed(res, "LOGIN", lambda: login(c, job))
-                _timed(res, "SELECT", lambda: c.command(b"SELECT " + job.folder.encode()))
+                _timed(res, "LOGIN", login, c, job)
+                _timed(res, "SELECT", c.command, b"SELECT " + job.folder.encode())
                 for _ in range(3):
                     name = rng.choices(names, weights)[0]
-                    _timed(res, name, lambda: one(c, name, rng, job, appended))
-                _timed(res, "LOGOUT", lambda: c.command(b"LOGOUT"))
+                    _timed(res, name, one, c, name, rng, job, appended)
+                _timed(res, "LOGOUT", c.command, b"LOGOUT")
                 c.close()
     except (OSError, ImapError) as e:
         res.failures.append(f"{type(e).__name__}: {e}")
@@ -318,13 +318,50 @@ def cleanup_folder(host: str, port: int, user: str, password: str, folder: str) 
         pass
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every live descendant, with what its reaped
+    children used (Dovecot's master reaps each imap process: its time lands in ``cutime``)."""
+    if pid <= 0:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        d = entry.name
+        if not d.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        stats[int(d)] = fields
+        children.setdefault(int(fields[1]), []).append(int(d))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        f = stats.get(p)
+        if f is None:
+            continue
+        total += sum(int(x) for x in f[11:15]) / tick  # utime stime cutime cstime
+        todo += children.get(p, [])
+    return total
+
+
 def percentile(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
 
 
 def run_round(
-    host: str, port: int, user: str, password: str, mode: str, a: argparse.Namespace, folder: str
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    mode: str,
+    a: argparse.Namespace,
+    folder: str,
+    pid: int = 0,
 ) -> dict[str, Any]:
     prepare(host, port, user, password, folder, a.messages)
     start_at = time.time() + 1.0 + 0.05 * a.clients
@@ -333,9 +370,12 @@ def run_round(
         for i in range(a.clients)
     ]
     load0 = os.getloadavg()[0]
+    cpu0 = tree_cpu(pid)
     ctx = mp.get_context("fork")
     with ctx.Pool(a.clients) as pool:
-        results = pool.map(run_client, jobs)
+        # map_async + a timeout: a plain map() cannot be interrupted by Ctrl-C
+        results = pool.map_async(run_client, jobs).get(timeout=a.duration + 300)
+    cpu1 = tree_cpu(pid)
     load1 = os.getloadavg()[0]
     lat: dict[str, list[float]] = {}
     errors: dict[str, int] = {}
@@ -352,6 +392,8 @@ def run_round(
     return {
         "mode": mode,
         "cmds_per_s": total / a.duration,
+        # the server's CPU per command: what a busy shared machine moves least
+        "cpu_ms_per_cmd": (cpu1 - cpu0) / total * 1e3 if total and pid else None,
         "per_command": {
             k: {
                 "per_s": cmds[k] / a.duration,
@@ -456,10 +498,12 @@ def summarize(rounds: dict[str, dict[str, list[dict[str, Any]]]], modes: list[st
             errs = sum(sum(r["errors"].values()) for r in rs)
             fails = sum(len(r["failures"]) for r in rs)
             loads = [x for r in rs for x in r["loadavg"]]
+            cpus = [r["cpu_ms_per_cmd"] for r in rs if r.get("cpu_ms_per_cmd")]
+            cpu = f"  cpu {statistics.median(cpus):.2f} ms/cmd" if cpus else ""
             lines.append(
                 f"{t:<14} {meds[t]:8.0f} ({min(rates):.0f}-{max(rates):.0f})  rounds: "
                 + ", ".join(f"{x:.0f}" for x in rates)
-                + f"  errors {errs} failures {fails}  load {min(loads):.1f}-{max(loads):.1f}"
+                + f"{cpu}  errors {errs} failures {fails}  load {min(loads):.1f}-{max(loads):.1f}"
             )
         if "dovecot" in meds:
             for t, m in meds.items():
@@ -511,11 +555,14 @@ def main() -> None:
     ap.add_argument("--host-port", help="HOST:PORT of an already running server (no start)")
     ap.add_argument("--user", default="bench@example.test")
     ap.add_argument("--password", default="benchpass")
+    ap.add_argument("--pid", type=int, default=0, help="with --host-port: the server's PID (CPU)")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
     for m in modes:
         if m not in ("logged-in", "churn"):
             raise SystemExit(f"unknown mode {m!r}")
+    # SIGTERM ends the run like Ctrl-C: the servers started here are stopped (finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     targets: list[Target] = []
     work = Path(tempfile.mkdtemp(prefix="mailsuite-imap-stress.", dir="/var/tmp"))
     work.chmod(0o755)  # Dovecot's auth process (user dovecot) reads its passwd file below it
@@ -525,7 +572,7 @@ def main() -> None:
             host, port = a.host_port.rsplit(":", 1)
             if not host.startswith("127."):
                 raise SystemExit("loopback only")
-            targets.append(Target("server", int(port), a.user, lambda: None))
+            targets.append(Target("server", int(port), a.user, lambda: None, a.pid))
         else:
             wanted = a.targets.split(",")
             if "dovecot" in wanted:
@@ -542,10 +589,13 @@ def main() -> None:
             order = targets[k:] + targets[:k]
             for mode in modes:
                 for t in order:
-                    r = run_round("127.0.0.1", t.port, t.user, a.password, mode, a, f"stress{i}")
+                    r = run_round(
+                        "127.0.0.1", t.port, t.user, a.password, mode, a, f"stress{i}", t.pid
+                    )
                     rounds.setdefault(t.name, {}).setdefault(mode, []).append(r)
                     print(
                         f"round {i} {mode:<9} {t.name:<14} {r['cmds_per_s']:8.0f} cmds/s "
+                        f"cpu {r['cpu_ms_per_cmd'] or 0:.2f} ms/cmd "
                         f"errors {sum(r['errors'].values())} failures {len(r['failures'])} "
                         f"load {r['loadavg'][1]:.1f}",
                         file=sys.stderr,
