@@ -408,6 +408,45 @@ def run_round(
     }
 
 
+def command_costs(
+    host: str, port: int, user: str, password: str, pid: int, folder: str, n: int, messages: int
+) -> dict[str, float]:
+    """The server's CPU per command, command by command: one client sends ``n`` of each kind
+    of the mix (same seeded ranges) in a row while a second client keeps flipping flags in
+    the same folder (so each command also pays for catching up with another session's
+    changes, as under the stress mix).  CPU from /proc, so the machine's load matters less
+    than for commands/s."""
+    prepare(host, port, user, password, folder, messages)
+    out: dict[str, float] = {}
+    job = Job(host, port, user, password, folder, "logged-in", 0, 7, 0)
+    c, other = Client(host, port), Client(host, port)
+    for cl in (c, other):
+        if login(cl, job) != b"OK" or cl.command(b"SELECT " + folder.encode()) != b"OK":
+            raise SystemExit("login/select failed")
+    orng = random.Random(99)
+    for name in MIX:
+        rng = random.Random(7)
+        appended = [10**7]
+        cpu0 = tree_cpu(pid)
+        for i in range(n):
+            one(c, name, rng, job, appended)
+            if i % 2 == 0:  # another session's change: \Flagged on a random message
+                op = orng.choice((b"+", b"-"))
+                other.command(b"STORE %d %sFLAGS (\\Flagged)" % (orng.randint(1, 100), op))
+        out[name] = (tree_cpu(pid) - cpu0) * 1e3 / n
+    cpu0 = tree_cpu(pid)
+    for _ in range(n // 2):
+        other.command(b"STORE %d +FLAGS (\\Flagged)" % orng.randint(1, 100))
+    out["(other STORE)"] = (tree_cpu(pid) - cpu0) * 1e3 / (n // 2)
+    for name in MIX:  # the other session's STOREs were counted with each command: take out
+        out[name] -= out["(other STORE)"] / 2
+    for cl in (c, other):
+        cl.command(b"LOGOUT")
+        cl.close()
+    cleanup_folder(host, port, user, password, folder)
+    return out
+
+
 # -- servers ------------------------------------------------------------------------------------
 
 
@@ -555,6 +594,13 @@ def main() -> None:
     ap.add_argument("--host-port", help="HOST:PORT of an already running server (no start)")
     ap.add_argument("--user", default="bench@example.test")
     ap.add_argument("--password", default="benchpass")
+    ap.add_argument(
+        "--costs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the stress: N commands of each kind, server CPU ms per command",
+    )
     ap.add_argument("--pid", type=int, default=0, help="with --host-port: the server's PID (CPU)")
     a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
@@ -584,6 +630,18 @@ def main() -> None:
             f"targets: {', '.join(f'{t.name} (port {t.port}, pid {t.pid})' for t in targets)}",
             file=sys.stderr,
         )
+        if a.costs:
+            costs = {
+                t.name: command_costs(
+                    "127.0.0.1", t.port, t.user, a.password, t.pid, "costs", a.costs, a.messages
+                )
+                for t in targets
+            }
+            print(f"server CPU ms per command ({a.costs} of each, {a.messages} messages)")
+            print(f"{'command':<16}" + "".join(f"{t:>16}" for t in costs))
+            for name in next(iter(costs.values())):
+                print(f"{name:<16}" + "".join(f"{costs[t][name]:>16.3f}" for t in costs))
+            return
         for i in range(a.rounds):
             k = i % len(targets)
             order = targets[k:] + targets[:k]

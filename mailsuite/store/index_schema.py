@@ -326,4 +326,6 @@ class IndexDatabase:
         # Our own renames changed these directories' mtimes: list them again next time
         # rather than guess what else changed meanwhile (programs that do not take our lock).
         for sub in subs:
-            self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
+            self.db.execute(
+                "DELETE FROM meta WHERE key IN (?, ?)", ("stamp_" + sub, "since_" + sub)
+            )

@@ -438,13 +438,15 @@ class Folder:
         except Exception as e:  # the folder may have gone away; sessions find out on next use
             log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
-    def refresh(self) -> bool:
+    def refresh(self, verify: bool = False) -> bool:
         """Bring the shared state in step with the index (and the index with the directory);
-        push what changed to every view.  Returns True if something changed."""
+        push what changed to every view.  Returns True if something changed.  ``verify``:
+        a watcher was told the directory changed, so list it even where our own recent
+        changes left an mtime the index takes as covered (see FolderIndex.sync)."""
         if not (self.path / "cur").is_dir():
             self.invalidate("Mailbox was deleted or renamed")
             return False
-        self.index.sync()
+        self.index.sync(verify=verify)
         uv, nxt, hms = self.index.counters()
         if uv != self.uidvalidity:
             self.stale = True
@@ -614,7 +616,8 @@ class FolderRegistry:
 
             def tick() -> None:
                 try:
-                    folder.refresh()  # views hear of changes through their on_change
+                    # views hear of changes through their on_change
+                    folder.refresh(verify=True)
                 except Exception as e:  # a bad poll must not stop the others
                     log_failure(self.log, e, "polling {path} failed", path=str(folder.path))
 
