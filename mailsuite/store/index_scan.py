@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mailsuite.store.index_schema import IndexDatabase, SyncResult, frees_space
+from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
 from mailsuite.store.maildir import base_of
 
 _SUBS = ("new", "cur")
@@ -178,12 +178,29 @@ class IndexScan(IndexDatabase):
     """Sync with the directory (see the module docstring) and rebuild from it."""
 
     def _dir_stamp(self) -> tuple[int, int] | None:
+        new_dir, cur_dir = self._sub_paths
         try:
-            new = (self.folder / "new").stat().st_mtime_ns
-            cur = (self.folder / "cur").stat().st_mtime_ns
+            new = new_dir.stat().st_mtime_ns
+            cur = cur_dir.stat().st_mtime_ns
         except FileNotFoundError:
             return None
         return new, cur
+
+    def sync_counters(self, verify: bool = False) -> tuple[int, int, int] | None:
+        """:meth:`sync`, then :meth:`counters`: what an open folder asks before each IMAP
+        command, in one query of the meta table when nothing changed.  None when ``new/`` or
+        ``cur/`` is gone."""
+        stamp = self._dir_stamp()
+        if stamp is None:
+            return None
+        m = self._metas()
+        now = time.time_ns()
+        if not (
+            _covered(m, "new", stamp[0], now, verify) and _covered(m, "cur", stamp[1], now, verify)
+        ):
+            self.sync(verify=verify)
+            m = self._metas()
+        return _counters(m)
 
     @frees_space
     def sync(self, force: bool = False, verify: bool = False) -> SyncResult:
@@ -277,8 +294,13 @@ class IndexScan(IndexDatabase):
         on_disk: set[str] = set()
         for sub in subs:
             prefix = sub + "/"
-            with os.scandir(self.folder / sub) as it:
-                on_disk.update(prefix + e.name for e in it if e.name[0] != ".")
+            # listdir, not scandir: no DirEntry per file (a third of the cost in a busy
+            # folder, where cur/ is listed again every _RECHECK_NS)
+            names = os.listdir(self.folder / sub)  # noqa: PTH208
+            if on_disk:
+                on_disk.update({prefix + n for n in names if n[0] != "."})
+            else:
+                on_disk = {prefix + n for n in names if n[0] != "."}
         return on_disk
 
     def _rows_for(

@@ -140,6 +140,15 @@ def frees_space(
     return run
 
 
+def _counters(m: dict[str, int]) -> tuple[int, int, int]:
+    """(uidvalidity, uidnext, highestmodseq) from the meta table's rows."""
+    return (
+        int(m.get("uidvalidity") or 0),
+        int(m.get("uidnext") or 1),
+        int(m.get("highestmodseq") or 1),
+    )
+
+
 class IndexDatabase:
     """One folder's index database: the connection, the meta counters, the lock, keyword
     letters and the cached names (see the module docstring).  Opening it creates or migrates
@@ -147,6 +156,8 @@ class IndexDatabase:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        #: new/ and cur/, stat'ed before every IMAP command (made once, not per call)
+        self._sub_paths = (folder / "new", folder / "cur")
         self._kw_stamp: int | None = None
         self._kw_letters: dict[str, str] = {}  # letter -> keyword
         # every row's name, while meta names_gen still equals _names_gen (see _db_names)
@@ -220,12 +231,7 @@ class IndexDatabase:
 
     def counters(self) -> tuple[int, int, int]:
         """(uidvalidity, uidnext, highestmodseq) in one query."""
-        m = self._metas()
-        return (
-            int(m.get("uidvalidity") or 0),
-            int(m.get("uidnext") or 1),
-            int(m.get("highestmodseq") or 1),
-        )
+        return _counters(self._metas())
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -443,11 +443,12 @@ class Folder:
         push what changed to every view.  Returns True if something changed.  ``verify``:
         a watcher was told the directory changed, so list it even where our own recent
         changes left an mtime the index takes as covered (see FolderIndex.sync)."""
-        if not (self.path / "cur").is_dir():
-            self.invalidate("Mailbox was deleted or renamed")
+        counters = self.index.sync_counters(verify=verify)
+        if counters is None:
+            if not (self.path / "cur").is_dir():
+                self.invalidate("Mailbox was deleted or renamed")
             return False
-        self.index.sync(verify=verify)
-        uv, nxt, hms = self.index.counters()
+        uv, nxt, hms = counters
         if uv != self.uidvalidity:
             self.stale = True
             self.invalidate("Mailbox index was rebuilt (UIDVALIDITY changed)")
