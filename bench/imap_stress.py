@@ -26,7 +26,7 @@ round), and the ratio mailsuite/Dovecot of the medians.  JSON of every round goe
 
     python3 bench/imap_stress.py [--rounds 3] [--clients 10] [--duration 20] [--messages 1000]
         [--modes logged-in,churn] [--workers 1,2] [--targets dovecot,mailsuite] [--seed 1]
-        [--code DIR] [--out FILE] [--keep]
+        [--code DIR] [--baseline DIR] [--out FILE] [--keep]
     python3 bench/imap_stress.py --host-port 127.0.0.1:PORT --user U --password P   # any server
 
 Loopback only; every process started here is stopped by its PID at the end, failure or Ctrl-C
@@ -353,6 +353,13 @@ def percentile(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
 
 
+def _client_signals() -> None:
+    """Client processes end on SIGTERM at once (the parent's handler, inherited through
+    fork, would raise SystemExit inside the pool's queue lock and hang Pool.terminate)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
 def run_round(
     host: str,
     port: int,
@@ -372,7 +379,7 @@ def run_round(
     load0 = os.getloadavg()[0]
     cpu0 = tree_cpu(pid)
     ctx = mp.get_context("fork")
-    with ctx.Pool(a.clients) as pool:
+    with ctx.Pool(a.clients, initializer=_client_signals) as pool:
         # map_async + a timeout: a plain map() cannot be interrupted by Ctrl-C
         results = pool.map_async(run_client, jobs).get(timeout=a.duration + 300)
     cpu1 = tree_cpu(pid)
@@ -465,8 +472,10 @@ class Target:
     pid: int = 0
 
 
-def start_mailsuite(work: Path, workers: str, code: Path | None) -> Target:
-    d = work / f"mailsuite-w{workers}"
+def start_mailsuite(
+    work: Path, workers: str, code: Path | None, label: str = "mailsuite"
+) -> Target:
+    d = work / f"{label}-w{workers}"
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code)
@@ -486,7 +495,7 @@ def start_mailsuite(work: Path, workers: str, code: Path | None) -> Target:
         )  # fmt: skip
 
     return Target(
-        f"mailsuite-w{workers}",
+        f"{label}-w{workers}",
         int(vals["MS_IMAP_PORT"]),
         "bench@example.test",
         stop,
@@ -589,6 +598,11 @@ def main() -> None:
     ap.add_argument("--targets", default="dovecot,mailsuite")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--code", type=Path, help="run mailsuite from this checkout (PYTHONPATH)")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run mailsuite from this checkout (targets base-wN): before/after in one run",
+    )
     ap.add_argument("--out", type=Path)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--host-port", help="HOST:PORT of an already running server (no start)")
@@ -626,6 +640,8 @@ def main() -> None:
             if "mailsuite" in wanted:
                 for w in a.workers.split(","):
                     targets.append(start_mailsuite(work, w, a.code))
+                    if a.baseline is not None:
+                        targets.append(start_mailsuite(work, w, a.baseline, "base"))
         print(
             f"targets: {', '.join(f'{t.name} (port {t.port}, pid {t.pid})' for t in targets)}",
             file=sys.stderr,
