@@ -190,10 +190,9 @@ class MessageCommands(SessionBase):
         fl = folder.flags
         changes = []
         for _, u in targets:
-            cur = fl.get(u)
-            if cur is None:
+            if u not in fl:
                 continue
-            old = frozenset(cur.split()) if cur else frozenset()
+            old = folder.flag_set(u)
             if action == "FLAGS":
                 new = frozenset(flags)
             elif action == "+FLAGS":

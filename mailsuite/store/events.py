@@ -77,7 +77,7 @@ class ChangeHub:
         listeners = list(self._listeners.get(self._key(folder), ()))
         listeners.extend(self._everything)
         for listener in listeners:
-            if listener is source:
+            if listener == source:  # a bound method is a new object each time: not "is"
                 continue
             try:
                 listener(folder)

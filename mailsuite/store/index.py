@@ -264,11 +264,11 @@ class FolderIndex(IndexScan):
             for _, f in changes:
                 all_flags |= f
             letters = self._letters_for(all_flags)
-            modseq = int(self._meta("highestmodseq") or 1)
+            modseq = int(m0.get("highestmodseq") or 1)  # the lock is held since m0
             first_modseq = modseq + 1
             updates = []
             touched: set[str] = set()  # subdirectories whose mtime our renames changed
-            gen = int(self._meta("names_gen") or 0)
+            gen = int(m0.get("names_gen") or 0)
             names_out: list[str] = []
             names_in: list[str] = []
             for uid, flags in changes:

@@ -384,6 +384,7 @@ class Folder:
         }
         self.modseqs: dict[int, int] = dict(zip(uids, modseqs, strict=True))
         self._canon = canon
+        self._flag_sets: dict[str, frozenset[str]] = {}
         #: every keyword a message of the folder has had while it was open: what FLAGS lists
         self.keywords: set[str] = set()
         for f in canon:
@@ -524,8 +525,17 @@ class Folder:
         return done
 
     def flag_set(self, uid: int) -> frozenset[str]:
+        """The flags of ``uid`` as a set (one set per distinct flag string: a folder has few,
+        and SEARCH asks for every message's)."""
         f = self.flags.get(uid)
-        return frozenset(f.split()) if f else frozenset()
+        if not f:
+            return frozenset()
+        got = self._flag_sets.get(f)
+        if got is None:
+            if len(self._flag_sets) >= 4096:  # keywords can make many: stay bounded
+                self._flag_sets.clear()
+            got = self._flag_sets[f] = frozenset(f.split())
+        return got
 
 
 class FolderRegistry:
