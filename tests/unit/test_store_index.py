@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import FolderIndex, NewFile, crlf_size
 from mailsuite.store.index_scan import _trusted
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
@@ -388,3 +389,37 @@ def test_one_poller_per_folder_however_many_sessions_idle(tmp_path: Path) -> Non
     assert len({id(x) for x in started}) == 1
     reg.watch(folder, start_poll)()  # a new watcher starts a new poller
     assert len(started) == 2
+
+
+def test_a_folder_is_not_told_of_its_own_change(tmp_path: Path) -> None:
+    """Issue 15: ``ChangeHub.notify(path, source)`` skipped ``source`` by identity, and a bound
+    method is a new object at each attribute access, so every STORE, EXPUNGE and APPEND of a
+    folder came back to that folder as one more refresh on the next reactor turn."""
+    root = ensure_folder(tmp_path / "box")
+    hub = ChangeHub()
+    refreshes: list[object] = []
+    reg = FolderRegistry(hub, call_soon=refreshes.append)
+    folder = reg.get(root)
+    other: list[Path] = []
+    hub.subscribe(root, other.append)
+    hub.notify(root, folder._hub_changed)
+    assert refreshes == [] and other == [root]
+    hub.notify(root)  # from elsewhere (a delivery): the folder hears it
+    assert len(refreshes) == 1
+
+
+def test_index_opened_again_without_the_schema_script(tmp_path: Path) -> None:
+    """Opening a current index skips the lock and the schema script; an index an older version
+    left (another cache version, a missing index) still goes through them."""
+    box = folder(tmp_path)
+    idx = FolderIndex(box)
+    assert idx._current()
+    idx.db.execute("UPDATE meta SET value = 1 WHERE key = 'cache_version'")
+    assert not idx._current()
+    assert FolderIndex(box)._current()  # migrated on open
+    idx.db.execute("DROP INDEX messages_in_new")
+    assert not idx._current()
+    again = FolderIndex(box)
+    assert again._current() and again.db.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'messages_in_new'"
+    ).fetchone() == (1,)
