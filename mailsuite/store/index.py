@@ -253,7 +253,7 @@ class FolderIndex(IndexScan):
         if not changes:
             return out
         with self._locked():
-            before, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             uids = [u for u, _ in changes]
             current: dict[int, tuple[str, str, int]] = {}
             for uid, name, flags, ms in self._where_in(
@@ -310,7 +310,7 @@ class FolderIndex(IndexScan):
                         )
                         self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
                         if touched:
-                            self._own_changes(touched, before, m0)
+                            self._own_changes(touched, dirs0, m0)
                             self._names_changed(names_out, names_in, self._names_gen == gen)
                 except BaseException:
                     # not recorded (a full disk): put the names back, so the files say what
@@ -328,7 +328,7 @@ class FolderIndex(IndexScan):
         wanted = list(uids)
         freed = removed = 0
         with self._locked():
-            before, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             names: dict[int, str] = {}
             for uid, name in self._where_in("SELECT uid, name FROM messages WHERE", "uid", wanted):
                 names[uid] = name
@@ -349,7 +349,7 @@ class FolderIndex(IndexScan):
             # transaction fails on a full disk (the retry of frees_space finds them gone)
             try:
                 if done:
-                    self._record_expunged(done, names, before, m0)
+                    self._record_expunged(done, names, dirs0, m0)
             finally:
                 charge(self.folder, -freed, -removed)
         return done
@@ -358,7 +358,7 @@ class FolderIndex(IndexScan):
         self,
         done: list[int],
         names: dict[int, str],
-        before: tuple[int, int] | None,
+        dirs0: tuple[int, int] | None,
         m0: dict[str, int],
     ) -> None:
         """Fsync the directories the files left and drop their rows, in one transaction."""
@@ -374,7 +374,7 @@ class FolderIndex(IndexScan):
                 [(u, modseq) for u in done],
             )
             self._set_meta("highestmodseq", modseq)
-            self._own_changes(touched, before, m0)
+            self._own_changes(touched, dirs0, m0)
             self._names_changed([names[u] for u in done], (), self._names_gen == gen)
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
@@ -386,7 +386,7 @@ class FolderIndex(IndexScan):
         if not items:
             return []
         with self._locked():
-            before, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             all_flags: set[str] = set()
             for it in items:
                 all_flags |= it.flags
@@ -395,7 +395,7 @@ class FolderIndex(IndexScan):
             subs: set[str] = set()
             try:
                 self._place(items, letters, placed, subs)
-                out = self._record_new(placed, subs, before, m0)
+                out = self._record_new(placed, subs, dirs0, m0)
             except BaseException:
                 # nothing half-done (a full disk): files placed but not indexed would turn up
                 # as new messages at the next sync, after the client was told NO / 4xx
@@ -448,7 +448,7 @@ class FolderIndex(IndexScan):
         self,
         placed: list[tuple[str, str, NewFile, float]],
         subs: set[str],
-        before: tuple[int, int] | None,
+        dirs0: tuple[int, int] | None,
         m0: dict[str, int],
     ) -> list[int]:
         """Index the placed files in one transaction; returns their UIDs."""
@@ -479,7 +479,7 @@ class FolderIndex(IndexScan):
             )
             self._set_meta("uidnext", uid)
             self._set_meta("highestmodseq", modseq)
-            self._own_changes(subs, before, m0)
+            self._own_changes(subs, dirs0, m0)
             gen = int(self._meta("names_gen") or 0)
             self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
         return list(range(first, uid))
