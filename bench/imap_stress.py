@@ -27,6 +27,7 @@ round), and the ratio mailsuite/Dovecot of the medians.  JSON of every round goe
     python3 bench/imap_stress.py [--rounds 3] [--clients 10] [--duration 20] [--messages 1000]
         [--modes logged-in,churn] [--workers 1,2] [--targets dovecot,mailsuite] [--seed 1]
         [--code DIR] [--baseline DIR] [--out FILE] [--keep]
+    python3 bench/imap_stress.py --costs N [...]   # server CPU per command, kind by kind
     python3 bench/imap_stress.py --host-port 127.0.0.1:PORT --user U --password P   # any server
 
 Loopback only; every process started here is stopped by its PID at the end, failure or Ctrl-C
