@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from mailsuite.imap import header_cache
 from mailsuite.imap.fetch_response import FetchPlan, fetch_pieces, flags_bytes
 from mailsuite.imap.parser import (
     Atom,
@@ -189,10 +190,9 @@ class MessageCommands(SessionBase):
         fl = folder.flags
         changes = []
         for _, u in targets:
-            cur = fl.get(u)
-            if cur is None:
+            if u not in fl:
                 continue
-            old = frozenset(cur.split()) if cur else frozenset()
+            old = folder.flag_set(u)
             if action == "FLAGS":
                 new = frozenset(flags)
             elif action == "+FLAGS":
@@ -273,7 +273,7 @@ class MessageCommands(SessionBase):
                 if f is not None and fast(f):
                     result.append((i + 1, u))
         else:
-            pred = prog.bind(len(uids), uids[-1] if uids else 0)
+            pred = prog.bind(len(uids), uids[-1] if uids else 0, header_cache.for_folder(folder))
             needs = prog.needs
             step = 500 if needs != Needs.NONE else 5000
             need_details = needs != Needs.NONE or _uses_details(key)

@@ -20,6 +20,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 from mailsuite.imap.address import address_text
+from mailsuite.imap.header_cache import Entry, HeaderCache
 from mailsuite.imap.message import body_text, decode_header_value, header_fields, split_header
 from mailsuite.imap.parser import (
     NIL,
@@ -89,34 +90,49 @@ Predicate = Callable[["_View"], bool]
 
 
 class _View:
-    """Caches what the text keys read from one message during one evaluation."""
+    """Caches what the text keys read from one message during one evaluation; the header
+    fields also in ``cache`` (the folder's, across commands: see ``header_cache``)."""
 
-    __slots__ = ("_addresses", "_body", "_fields", "_raw", "_sent", "msg")
+    __slots__ = ("_addresses", "_body", "_cache", "_entry", "_sent", "msg")
 
-    def __init__(self, msg: SearchableMessage) -> None:
+    def __init__(self, msg: SearchableMessage, cache: HeaderCache | None = None) -> None:
         self.msg = msg
-        self._raw: dict[str, list[bytes]] | None = None
-        self._fields: dict[str, list[str]] | None = None
+        self._cache = cache
+        self._entry: Entry | None = None
         self._addresses: dict[str, list[str]] = {}
         self._body: str | None = None
         self._sent: date | None = None
 
+    def _fields_entry(self) -> Entry:
+        entry = self._entry
+        if entry is None:
+            cache = self._cache
+            entry = cache.get(self.msg.uid) if cache is not None else None
+            if entry is None:
+                header = self.msg.header_bytes()
+                out: dict[str, list[bytes]] = {}
+                for name, value in header_fields(header):
+                    out.setdefault(name, []).append(value)
+                entry = (
+                    cache.put(self.msg.uid, out, len(header))
+                    if cache is not None
+                    else Entry(out, 0)
+                )
+            self._entry = entry
+        return entry
+
     def raw_fields(self) -> dict[str, list[bytes]]:
-        if self._raw is None:
-            out: dict[str, list[bytes]] = {}
-            for name, value in header_fields(self.msg.header_bytes()):
-                out.setdefault(name, []).append(value)
-            self._raw = out
-        return self._raw
+        return self._fields_entry().raw
 
     def fields(self) -> dict[str, list[str]]:
         """Decoded, case-folded values of every field, by lower-cased name."""
-        if self._fields is None:
-            self._fields = {
+        entry = self._fields_entry()
+        if entry.folded is None:
+            entry.folded = {
                 name: [decode_header_value(v).casefold() for v in values]
-                for name, values in self.raw_fields().items()
+                for name, values in entry.raw.items()
             }
-        return self._fields
+        return entry.folded
 
     def addresses(self, name: str) -> list[str]:
         """The addresses of each ``name`` field written out plainly (comments and folding
@@ -186,10 +202,13 @@ class SearchProgram:
     def needs(self) -> Needs:
         return self.key.needs
 
-    def bind(self, count: int, max_uid: int) -> Callable[[SearchableMessage], bool]:
-        """A predicate for this mailbox state (``*`` = ``count`` / ``max_uid``)."""
+    def bind(
+        self, count: int, max_uid: int, cache: HeaderCache | None = None
+    ) -> Callable[[SearchableMessage], bool]:
+        """A predicate for this mailbox state (``*`` = ``count`` / ``max_uid``); header
+        fields parsed on the way are kept in ``cache`` (keyed by UID) when one is given."""
         pred = _compile(self.key, count, max_uid)
-        return lambda msg: pred(_View(msg))
+        return lambda msg: pred(_View(msg, cache))
 
 
 def search(

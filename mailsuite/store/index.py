@@ -253,6 +253,7 @@ class FolderIndex(IndexScan):
         if not changes:
             return out
         with self._locked():
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             uids = [u for u, _ in changes]
             current: dict[int, tuple[str, str, int]] = {}
             for uid, name, flags, ms in self._where_in(
@@ -263,11 +264,11 @@ class FolderIndex(IndexScan):
             for _, f in changes:
                 all_flags |= f
             letters = self._letters_for(all_flags)
-            modseq = int(self._meta("highestmodseq") or 1)
+            modseq = int(m0.get("highestmodseq") or 1)  # the lock is held since m0
             first_modseq = modseq + 1
             updates = []
             touched: set[str] = set()  # subdirectories whose mtime our renames changed
-            gen = int(self._meta("names_gen") or 0)
+            gen = int(m0.get("names_gen") or 0)
             names_out: list[str] = []
             names_in: list[str] = []
             for uid, flags in changes:
@@ -309,7 +310,7 @@ class FolderIndex(IndexScan):
                         )
                         self._set_meta("highestmodseq", max(modseq, first_modseq - 1))
                         if touched:
-                            self._forget_stamp(touched)
+                            self._own_changes(touched, dirs0, m0)
                             self._names_changed(names_out, names_in, self._names_gen == gen)
                 except BaseException:
                     # not recorded (a full disk): put the names back, so the files say what
@@ -327,6 +328,7 @@ class FolderIndex(IndexScan):
         wanted = list(uids)
         freed = removed = 0
         with self._locked():
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             names: dict[int, str] = {}
             for uid, name in self._where_in("SELECT uid, name FROM messages WHERE", "uid", wanted):
                 names[uid] = name
@@ -347,12 +349,18 @@ class FolderIndex(IndexScan):
             # transaction fails on a full disk (the retry of frees_space finds them gone)
             try:
                 if done:
-                    self._record_expunged(done, names)
+                    self._record_expunged(done, names, dirs0, m0)
             finally:
                 charge(self.folder, -freed, -removed)
         return done
 
-    def _record_expunged(self, done: list[int], names: dict[int, str]) -> None:
+    def _record_expunged(
+        self,
+        done: list[int],
+        names: dict[int, str],
+        dirs0: tuple[int, int] | None,
+        m0: dict[str, int],
+    ) -> None:
         """Fsync the directories the files left and drop their rows, in one transaction."""
         touched = {_sub_of(names[u]) for u in done}
         for sub in sorted(touched):
@@ -366,7 +374,7 @@ class FolderIndex(IndexScan):
                 [(u, modseq) for u in done],
             )
             self._set_meta("highestmodseq", modseq)
-            self._forget_stamp(touched)
+            self._own_changes(touched, dirs0, m0)
             self._names_changed([names[u] for u in done], (), self._names_gen == gen)
 
     def add_files(self, items: Sequence[NewFile]) -> list[int]:
@@ -378,6 +386,7 @@ class FolderIndex(IndexScan):
         if not items:
             return []
         with self._locked():
+            dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             all_flags: set[str] = set()
             for it in items:
                 all_flags |= it.flags
@@ -386,7 +395,7 @@ class FolderIndex(IndexScan):
             subs: set[str] = set()
             try:
                 self._place(items, letters, placed, subs)
-                out = self._record_new(placed, subs)
+                out = self._record_new(placed, subs, dirs0, m0)
             except BaseException:
                 # nothing half-done (a full disk): files placed but not indexed would turn up
                 # as new messages at the next sync, after the client was told NO / 4xx
@@ -436,7 +445,11 @@ class FolderIndex(IndexScan):
                 fsync_dir(self.folder / sub)
 
     def _record_new(
-        self, placed: list[tuple[str, str, NewFile, float]], subs: set[str]
+        self,
+        placed: list[tuple[str, str, NewFile, float]],
+        subs: set[str],
+        dirs0: tuple[int, int] | None,
+        m0: dict[str, int],
     ) -> list[int]:
         """Index the placed files in one transaction; returns their UIDs."""
         with self._transaction():
@@ -466,7 +479,7 @@ class FolderIndex(IndexScan):
             )
             self._set_meta("uidnext", uid)
             self._set_meta("highestmodseq", modseq)
-            self._forget_stamp(subs)
+            self._own_changes(subs, dirs0, m0)
             gen = int(self._meta("names_gen") or 0)
             self._names_changed((), [p[1] for p in placed], self._names_gen == gen)
         return list(range(first, uid))

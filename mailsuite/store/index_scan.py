@@ -10,6 +10,18 @@ folder costs a read of ``new/`` and of the few ``new/`` rows (a partial index), 
 another program one read of ``cur/``.  Listings are compared with the indexed names as sets, and
 this process keeps those names in memory while no other process changed one (``names_gen``).
 
+Our own changes (flag renames, expunges, new files, all made under the index lock) change the
+mtimes too, and under load they come every few milliseconds, so the mtime is never old enough
+to trust: listing ``cur/`` again after each of them made every IMAP command of a busy folder
+pay for a directory read.  Instead, a change of ours that finds the directory as the index last
+saw it (the recorded mtime) records the mtime it leaves as *provisional* (``since_<sub>``: when
+it became so): the index holds everything we did, and only a change by another program in the
+same clock tick as one of ours could hide behind it.  A provisional mtime is taken as it is for
+at most :data:`_RECHECK_NS`, then the directory is listed once more; a watcher's tick (IDLE:
+the kernel said the directory changed) lists it at once (``sync(verify=True)``).  A listing
+whose mtime is too young to trust records it as due for listing again at the next sync
+(``since`` 0), as before.
+
 First sight of a big folder is cheap: sizes come from ``,W=`` in the name (or are computed on
 first use, stored as -1 until then), internal dates from the file's mtime on first use, and the
 rows go in with one ``executemany``.  New files get UIDs in delivery order (:func:`delivery_order`).
@@ -20,10 +32,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mailsuite.store.index_schema import IndexDatabase, SyncResult, frees_space
+from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
 from mailsuite.store.maildir import base_of
 
 _SUBS = ("new", "cur")
@@ -33,6 +45,19 @@ _SUBS = ("new", "cur")
 _TRUST_AFTER_NS = 1_000_000_000
 _TRUST_AFTER_FINE_NS = 30_000_000
 _IN_NEW = "SELECT name FROM messages WHERE name LIKE 'new/%'"
+#: how long a provisional mtime (left by our own changes, see the module doc) stands in for a
+#: listing: another program's change in the same clock tick as ours is seen this much later
+_RECHECK_NS = 100_000_000
+
+
+def _covered(m: dict[str, int], sub: str, st: int, now: int, verify: bool = False) -> bool:
+    """Does the index cover directory ``sub`` as it is at mtime ``st``, without listing it?
+    Yes when ``st`` is the recorded mtime and trusted, or provisional for less than
+    :data:`_RECHECK_NS` (never with ``verify``)."""
+    if m.get("stamp_" + sub) != st:
+        return False
+    since = m.get("since_" + sub)
+    return since is None or (not verify and since > 0 and now - since < _RECHECK_NS)
 
 
 def _trusted(stamp_ns: int, now_ns: int) -> bool:
@@ -153,26 +178,48 @@ class IndexScan(IndexDatabase):
     """Sync with the directory (see the module docstring) and rebuild from it."""
 
     def _dir_stamp(self) -> tuple[int, int] | None:
+        new_dir, cur_dir = self._sub_paths
         try:
-            new = (self.folder / "new").stat().st_mtime_ns
-            cur = (self.folder / "cur").stat().st_mtime_ns
+            new = new_dir.stat().st_mtime_ns
+            cur = cur_dir.stat().st_mtime_ns
         except FileNotFoundError:
             return None
         return new, cur
 
+    def sync_counters(self, verify: bool = False) -> tuple[int, int, int] | None:
+        """:meth:`sync`, then :meth:`counters`: what an open folder asks before each IMAP
+        command, in one query of the meta table when nothing changed.  None when ``new/`` or
+        ``cur/`` is gone."""
+        stamp = self._dir_stamp()
+        if stamp is None:
+            return None
+        m = self._metas()
+        now = time.time_ns()
+        if not (
+            _covered(m, "new", stamp[0], now, verify) and _covered(m, "cur", stamp[1], now, verify)
+        ):
+            self.sync(verify=verify)
+            m = self._metas()
+        return _counters(m)
+
     @frees_space
-    def sync(self, force: bool = False) -> SyncResult:
+    def sync(self, force: bool = False, verify: bool = False) -> SyncResult:
         """Bring the index in step with the directory; cheap when nothing changed.
 
         Only the subdirectories whose mtime differs from the recorded (trusted) one are
         listed: a delivery lists ``new/``, a flag change by another program lists ``cur/``.
+        ``verify`` also lists those whose mtime is only provisional (see the module doc):
+        for a watcher that was told the directory changed.
         """
         stamp = self._dir_stamp()
         if stamp is None:
             return SyncResult()
         if not force:
             m = self._metas()
-            if m.get("stamp_new") == stamp[0] and m.get("stamp_cur") == stamp[1]:
+            now = time.time_ns()
+            if _covered(m, "new", stamp[0], now, verify) and _covered(
+                m, "cur", stamp[1], now, verify
+            ):
                 return SyncResult()
         with self._locked():
             now = time.time_ns()  # before the listing: see _trusted()
@@ -183,7 +230,7 @@ class IndexScan(IndexDatabase):
             subs = tuple(
                 sub
                 for sub, st in zip(_SUBS, stamp, strict=True)
-                if force or m.get("stamp_" + sub) != st
+                if force or not _covered(m, sub, st, now, verify)
             )
             if not subs:  # another process synced meanwhile
                 return SyncResult()
@@ -247,8 +294,13 @@ class IndexScan(IndexDatabase):
         on_disk: set[str] = set()
         for sub in subs:
             prefix = sub + "/"
-            with os.scandir(self.folder / sub) as it:
-                on_disk.update(prefix + e.name for e in it if e.name[0] != ".")
+            # listdir, not scandir: no DirEntry per file (a third of the cost in a busy
+            # folder, where cur/ is listed again every _RECHECK_NS)
+            names = os.listdir(self.folder / sub)  # noqa: PTH208
+            if on_disk:
+                on_disk.update({prefix + n for n in names if n[0] != "."})
+            else:
+                on_disk = {prefix + n for n in names if n[0] != "."}
         return on_disk
 
     def _rows_for(
@@ -367,14 +419,37 @@ class IndexScan(IndexDatabase):
         return uid
 
     def _record_stamps(self, stamp: tuple[int, int], now: int, subs: Sequence[str]) -> None:
-        """Remember the mtimes of the directories just listed, when they can be trusted."""
+        """Remember the mtimes of the directories just listed: trusted, or, when too young to
+        trust, as due for another listing at the next sync (``since`` 0: see the module doc)."""
         for sub, st in zip(_SUBS, stamp, strict=True):
             if sub not in subs:
                 continue  # not listed: its recorded stamp (if any) stays
+            self._set_meta("stamp_" + sub, st)
             if _trusted(st, now):
-                self._set_meta("stamp_" + sub, st)
+                self.db.execute("DELETE FROM meta WHERE key=?", ("since_" + sub,))
             else:
-                self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
+                self._set_meta("since_" + sub, 0)
+
+    def _own_changes(
+        self, subs: Iterable[str], before: tuple[int, int] | None, m: dict[str, int]
+    ) -> None:
+        """Our renames, links or unlinks (lock held, inside their transaction) changed the
+        mtimes of ``subs``, which were ``before`` when we began (``m``: the meta then).  Where
+        the index covered the directory as it was, the index now holds everything that
+        changed: record the new mtime as provisional (see the module doc).  Elsewhere (another
+        program changed it meanwhile) forget the mtime: the next sync lists the directory."""
+        after = self._dir_stamp()
+        now = time.time_ns()
+        for sub in subs:
+            i = _SUBS.index(sub)
+            old = m.get("stamp_" + sub)
+            if before is None or after is None or old != before[i]:
+                self._forget_stamp((sub,))
+                continue
+            since = m.get("since_" + sub)
+            self._set_meta("stamp_" + sub, after[i])
+            # the first provisional mtime of a run of our changes sets the deadline
+            self._set_meta("since_" + sub, since if since else now)
 
     # -- repair (mailsuite reindex) ---------------------------------------------------------
 

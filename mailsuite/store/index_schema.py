@@ -140,6 +140,15 @@ def frees_space(
     return run
 
 
+def _counters(m: dict[str, int]) -> tuple[int, int, int]:
+    """(uidvalidity, uidnext, highestmodseq) from the meta table's rows."""
+    return (
+        int(m.get("uidvalidity") or 0),
+        int(m.get("uidnext") or 1),
+        int(m.get("highestmodseq") or 1),
+    )
+
+
 class IndexDatabase:
     """One folder's index database: the connection, the meta counters, the lock, keyword
     letters and the cached names (see the module docstring).  Opening it creates or migrates
@@ -147,6 +156,8 @@ class IndexDatabase:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        #: new/ and cur/, stat'ed before every IMAP command (made once, not per call)
+        self._sub_paths = (folder / "new", folder / "cur")
         self._kw_stamp: int | None = None
         self._kw_letters: dict[str, str] = {}  # letter -> keyword
         # every row's name, while meta names_gen still equals _names_gen (see _db_names)
@@ -167,6 +178,8 @@ class IndexDatabase:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
             self.db = db
+            if self._current():
+                return db
             with self._locked():
                 db.executescript(_SCHEMA)
                 if self._meta("uidvalidity") is None:
@@ -179,6 +192,26 @@ class IndexDatabase:
             db.close()
             raise
         return db
+
+    def _current(self) -> bool:
+        """Is the database already what ``_open`` would make of it (every table and index of
+        ``_SCHEMA``, the meta counters, this cache version)?  Then it is opened without the
+        lock and the schema script: an IMAP APPEND opens the index in its worker thread, and
+        those were a quarter of its CPU time (issue 15)."""
+        try:
+            (objects,) = self.db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name IN"
+                " ('meta', 'messages', 'expunged', 'messages_modseq', 'messages_in_new')"
+            ).fetchone()
+            m = self._metas()
+        except sqlite3.Error:
+            return False
+        return (
+            objects == 5
+            and m.get("version") == _SCHEMA_VERSION
+            and m.get("uidvalidity") is not None
+            and m.get("cache_version") == _CACHE_VERSION
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -220,12 +253,7 @@ class IndexDatabase:
 
     def counters(self) -> tuple[int, int, int]:
         """(uidvalidity, uidnext, highestmodseq) in one query."""
-        m = self._metas()
-        return (
-            int(m.get("uidvalidity") or 0),
-            int(m.get("uidnext") or 1),
-            int(m.get("highestmodseq") or 1),
-        )
+        return _counters(self._metas())
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -326,4 +354,6 @@ class IndexDatabase:
         # Our own renames changed these directories' mtimes: list them again next time
         # rather than guess what else changed meanwhile (programs that do not take our lock).
         for sub in subs:
-            self.db.execute("DELETE FROM meta WHERE key=?", ("stamp_" + sub,))
+            self.db.execute(
+                "DELETE FROM meta WHERE key IN (?, ?)", ("stamp_" + sub, "since_" + sub)
+            )

@@ -384,6 +384,7 @@ class Folder:
         }
         self.modseqs: dict[int, int] = dict(zip(uids, modseqs, strict=True))
         self._canon = canon
+        self._flag_sets: dict[str, frozenset[str]] = {}
         #: every keyword a message of the folder has had while it was open: what FLAGS lists
         self.keywords: set[str] = set()
         for f in canon:
@@ -438,14 +439,17 @@ class Folder:
         except Exception as e:  # the folder may have gone away; sessions find out on next use
             log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
-    def refresh(self) -> bool:
+    def refresh(self, verify: bool = False) -> bool:
         """Bring the shared state in step with the index (and the index with the directory);
-        push what changed to every view.  Returns True if something changed."""
-        if not (self.path / "cur").is_dir():
-            self.invalidate("Mailbox was deleted or renamed")
+        push what changed to every view.  Returns True if something changed.  ``verify``:
+        a watcher was told the directory changed, so list it even where our own recent
+        changes left an mtime the index takes as covered (see FolderIndex.sync)."""
+        counters = self.index.sync_counters(verify=verify)
+        if counters is None:
+            if not (self.path / "cur").is_dir():
+                self.invalidate("Mailbox was deleted or renamed")
             return False
-        self.index.sync()
-        uv, nxt, hms = self.index.counters()
+        uv, nxt, hms = counters
         if uv != self.uidvalidity:
             self.stale = True
             self.invalidate("Mailbox index was rebuilt (UIDVALIDITY changed)")
@@ -521,8 +525,17 @@ class Folder:
         return done
 
     def flag_set(self, uid: int) -> frozenset[str]:
+        """The flags of ``uid`` as a set (one set per distinct flag string: a folder has few,
+        and SEARCH asks for every message's)."""
         f = self.flags.get(uid)
-        return frozenset(f.split()) if f else frozenset()
+        if not f:
+            return frozenset()
+        got = self._flag_sets.get(f)
+        if got is None:
+            if len(self._flag_sets) >= 4096:  # keywords can make many: stay bounded
+                self._flag_sets.clear()
+            got = self._flag_sets[f] = frozenset(f.split())
+        return got
 
 
 class FolderRegistry:
@@ -614,7 +627,8 @@ class FolderRegistry:
 
             def tick() -> None:
                 try:
-                    folder.refresh()  # views hear of changes through their on_change
+                    # views hear of changes through their on_change
+                    folder.refresh(verify=True)
                 except Exception as e:  # a bad poll must not stop the others
                     log_failure(self.log, e, "polling {path} failed", path=str(folder.path))
 

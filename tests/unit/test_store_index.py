@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import FolderIndex, NewFile, crlf_size
 from mailsuite.store.index_scan import _trusted
 from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
 from mailsuite.store.maildir import ensure_folder
-from mailsuite.store.write import write_message, write_tmp
+from mailsuite.store.write import append_message, write_message, write_tmp
 from tests.harness import wait_until
 
 
@@ -154,22 +155,24 @@ def test_write_message_w_size_ignores_chunk_boundaries(tmp_path: Path, chunks: l
 
 def _listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record which subdirectories the index lists."""
-    import mailsuite.store.index as index_mod
+    from mailsuite.store.index_scan import IndexScan
 
     seen: list[str] = []
-    real = os.scandir
+    real = IndexScan._list_subs
 
-    def spy(path):  # type: ignore[no-untyped-def]
-        seen.append(Path(path).name)
-        return real(path)
+    def spy(self, subs):  # type: ignore[no-untyped-def]
+        seen.extend(subs)
+        return real(self, subs)
 
-    monkeypatch.setattr(index_mod.os, "scandir", spy)
+    monkeypatch.setattr(IndexScan, "_list_subs", spy)
     return seen
 
 
 def test_sync_lists_only_changed_directories(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import mailsuite.store.index_scan as scan_mod
+
     box = folder(tmp_path)
     for i in range(5):
         (box / "cur" / f"{100 + i}.M{i}P1.host:2,").write_bytes(b"Subject: x\n\nb\n")
@@ -201,11 +204,17 @@ def test_sync_lists_only_changed_directories(
     assert idx.get(6).flags == {"\\Seen"} and idx.get(1).flags == {"\\Flagged"}
     assert sorted(seen) == ["cur", "new"]
     seen.clear()
-    # our own STORE renames in cur/: only cur/ is listed again, and nothing is reported
+    # our own STORE renames in cur/: the index holds it all, so nothing is listed while the
+    # mtime it left is provisional; then only cur/ is listed once more, nothing reported
     idx.store_flags([(2, frozenset({"\\Answered"}))])
     _wait_trusted(box)
+    assert not idx.sync() and seen == []
+    monkeypatch.setattr(scan_mod, "_RECHECK_NS", 0)
     assert not idx.sync() and seen == ["cur"]
     seen.clear()
+    assert not idx.sync() and seen == []  # listed past the trust window: trusted now
+    monkeypatch.undo()
+    seen = _listings(monkeypatch)
     # another program deletes a file: expunged
     next(p for p in (box / "cur").iterdir() if p.name.startswith("103.")).unlink()
     _wait_trusted(box)
@@ -217,6 +226,94 @@ def test_sync_lists_only_changed_directories(
     idx.store_flags([(3, frozenset({"\\Seen"}))])
     _wait_trusted(box)
     assert other.sync().flag_changes == () and other.get(3).flags == {"\\Seen"}
+
+
+def _settled_index(tmp_path: Path, n: int = 5) -> tuple[Path, FolderIndex]:
+    """A folder of ``n`` messages whose index has listed it past the trust window."""
+    box = folder(tmp_path)
+    for i in range(n):
+        (box / "cur" / f"{100 + i}.M{i}P1.host:2,").write_bytes(b"Subject: x\n\nb\n")
+    idx = FolderIndex(box)
+    idx.sync()
+    _wait_trusted(box)
+    idx.sync()
+    return box, idx
+
+
+def test_own_changes_leave_a_provisional_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: our own flag changes, expunges and new files do not make the next sync list
+    the directory again (under load every IMAP command paid for a read of cur/), yet another
+    program's change in the same clock tick is found within the recheck time, and at once by
+    a watcher's ``verify``."""
+    import mailsuite.store.index_scan as scan_mod
+
+    box, idx = _settled_index(tmp_path)
+    seen = _listings(monkeypatch)
+    idx.store_flags([(1, frozenset({"\\Seen"})), (2, frozenset({"\\Flagged"}))])
+    idx.expunge([3])
+    append_message(box, [b"Subject: appended\n\nx\n"], frozenset(), None)  # add_files
+    assert not idx.sync() and seen == []
+    # another program renames a file right after ours: the mtime may not show it (same tick);
+    # here it does not, by putting our provisional mtime back on the directory
+    cur = box / "cur"
+    st = cur.stat()
+    first = sorted(cur.glob("104.*"))[0]
+    first.rename(str(first) + "T")
+    os.utime(cur, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not idx.sync() and seen == []  # hidden for now ...
+    # ... but a watcher's tick lists what our changes left provisional (new/ got a file)
+    assert idx.sync(verify=True).flag_changes == (5,) and sorted(seen) == ["cur", "new"]
+    assert idx.get(5).flags == {"\\Deleted"}
+    # without a watcher: found once the provisional mtime is older than the recheck time
+    _wait_trusted(box)
+    idx.sync()
+    seen.clear()
+    idx.store_flags([(1, frozenset())])
+    st = cur.stat()
+    first = sorted(cur.glob("104.*"))[0]
+    first.rename(str(first).rstrip("T"))
+    os.utime(cur, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not idx.sync() and seen == []
+    monkeypatch.setattr(scan_mod, "_RECHECK_NS", 0)
+    assert idx.sync().flag_changes == (5,) and seen == ["cur"]
+
+
+def test_own_change_after_another_programs_lists_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of ours that finds the directory changed since the index last listed it (by
+    a program that does not take our lock) does not cover it: the next sync lists it and
+    finds the other program's change."""
+    box, idx = _settled_index(tmp_path)
+    seen = _listings(monkeypatch)
+    cur = box / "cur"
+    first = sorted(cur.glob("104.*"))[0]
+    first.rename(str(first) + "F")  # mutt flags a message ...
+    idx.store_flags([(1, frozenset({"\\Seen"}))])  # ... then we store, before any sync
+    assert idx.sync().flag_changes == (5,) and seen == ["cur"]
+    assert idx.get(5).flags == {"\\Flagged"} and idx.get(1).flags == {"\\Seen"}
+
+
+def test_young_listing_is_listed_again_even_after_own_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing too young to trust is due again at the next sync (as before issue 15); an own
+    change after it makes the mtime provisional, with the recheck deadline counted from then."""
+    import mailsuite.store.index_scan as scan_mod
+
+    box, idx = _settled_index(tmp_path)
+    monkeypatch.setattr(scan_mod, "_TRUST_AFTER_FINE_NS", 10**12)
+    (box / "cur" / "200.M9P1.host:2,").write_bytes(b"Subject: y\n\nb\n")
+    assert idx.sync().added == (6,)
+    seen = _listings(monkeypatch)
+    assert not idx.sync() and seen == ["cur"]  # young: listed again
+    seen.clear()
+    idx.store_flags([(6, frozenset({"\\Seen"}))])
+    assert not idx.sync() and seen == []  # ours, provisional
+    meta = dict(idx.db.execute("SELECT key, value FROM meta WHERE key LIKE 'since_%'"))
+    assert meta["since_cur"] > 0
 
 
 def _wait_trusted(box: Path) -> None:
@@ -292,3 +389,37 @@ def test_one_poller_per_folder_however_many_sessions_idle(tmp_path: Path) -> Non
     assert len({id(x) for x in started}) == 1
     reg.watch(folder, start_poll)()  # a new watcher starts a new poller
     assert len(started) == 2
+
+
+def test_a_folder_is_not_told_of_its_own_change(tmp_path: Path) -> None:
+    """Issue 15: ``ChangeHub.notify(path, source)`` skipped ``source`` by identity, and a bound
+    method is a new object at each attribute access, so every STORE, EXPUNGE and APPEND of a
+    folder came back to that folder as one more refresh on the next reactor turn."""
+    root = ensure_folder(tmp_path / "box")
+    hub = ChangeHub()
+    refreshes: list[object] = []
+    reg = FolderRegistry(hub, call_soon=refreshes.append)
+    folder = reg.get(root)
+    other: list[Path] = []
+    hub.subscribe(root, other.append)
+    hub.notify(root, folder._hub_changed)
+    assert refreshes == [] and other == [root]
+    hub.notify(root)  # from elsewhere (a delivery): the folder hears it
+    assert len(refreshes) == 1
+
+
+def test_index_opened_again_without_the_schema_script(tmp_path: Path) -> None:
+    """Opening a current index skips the lock and the schema script; an index an older version
+    left (another cache version, a missing index) still goes through them."""
+    box = folder(tmp_path)
+    idx = FolderIndex(box)
+    assert idx._current()
+    idx.db.execute("UPDATE meta SET value = 1 WHERE key = 'cache_version'")
+    assert not idx._current()
+    assert FolderIndex(box)._current()  # migrated on open
+    idx.db.execute("DROP INDEX messages_in_new")
+    assert not idx._current()
+    again = FolderIndex(box)
+    assert again._current() and again.db.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'messages_in_new'"
+    ).fetchone() == (1,)
