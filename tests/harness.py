@@ -70,6 +70,7 @@ def wait_port(
     accepts at once, but the probe is only taken when a worker process has started, which
     on a loaded machine (a CI runner with two test processes) can take tens of seconds; a
     server that started fine must not fail a test for it."""
+
     def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
