@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import values
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mailsuite.testing.dns import LoopbackDNS
@@ -31,6 +32,18 @@ def reactor() -> Any:
     """The global reactor, running in a daemon thread (see ``tests/reactor_thread.py``);
     call into it with ``in_reactor(reactor, f, ...)``."""
     return running_reactor()
+
+
+@pytest.fixture(autouse=True)
+def _metrics_mode_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``makeService`` of a server with worker processes ("auto" on a multi-core machine)
+    puts the calling process's prometheus-client into multiprocess mode, as it must in the
+    twistd process (``mailsuite.metrics.share_with_workers``); a test that calls it in this
+    process must not leave that mode, or the variable that servers started later would
+    inherit, to the tests after it."""
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
 
 
 # -- certificates --------------------------------------------------------------------------

@@ -157,6 +157,7 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # a server picks its own (workers only)
         self._log_checked = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             mailsuite_argv(str(self.config), logfile=str(self.log)),

@@ -6,23 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-from prometheus_client import values
 from twisted.scripts.twistd import ServerOptions
 
 from mailsuite import tap
 from mailsuite.directory import Directory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
-
-
-@pytest.fixture(autouse=True)
-def _metrics_mode_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """makeService of a server with worker processes ("auto" on a multi-core machine) puts
-    this process's prometheus-client into multiprocess mode, as it must in the twistd
-    process (mailsuite.metrics.share_with_workers); the next tests get it back as it was."""
-    monkeypatch.setattr(values, "ValueClass", values.ValueClass)
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
 
 
 def owners(root: Path) -> set[tuple[int, int]]:
