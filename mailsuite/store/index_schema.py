@@ -46,7 +46,7 @@ _CACHE_VERSION = 2
 #: bound parameters per query, below SQLite's default limit (999 in older builds)
 _MAX_PARAMS = 900
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
     uid INTEGER PRIMARY KEY,
@@ -60,10 +60,14 @@ CREATE TABLE IF NOT EXISTS messages (
     bodystructure BLOB           -- cached IMAP BODYSTRUCTURE, filled on demand
 );
 CREATE TABLE IF NOT EXISTS expunged (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
+"""
+#: the secondary indexes (a first build makes them after its rows: see index_build)
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
 -- the few messages still in new/: listing them must not read every row
 CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
 """
+_SCHEMA = _TABLES + _INDEXES
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,13 @@ class IndexDatabase:
 
     def _open(self) -> sqlite3.Connection:
         """Connect and create or migrate the schema (WAL: SQLite creates its -wal and -shm
-        files, which needs some space)."""
+        files, which needs some space).  A missing index is first built whole
+        (:meth:`_build_missing`): nobody connects to a missing index, so a build renamed into
+        place never replaces a file another process holds open."""
+        if not (self.folder / INDEX_NAME).exists() and self.folder.is_dir():
+            with self._locked():
+                if not (self.folder / INDEX_NAME).exists():
+                    self._build_missing()
         db = sqlite3.connect(
             self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False
         )
@@ -179,6 +189,10 @@ class IndexDatabase:
             db.close()
             raise
         return db
+
+    def _build_missing(self) -> None:
+        """Build the missing index file (lock held); here: nothing, SQLite creates an empty
+        one.  :class:`~mailsuite.store.index_scan.IndexScan` builds it from the directory."""
 
     def close(self) -> None:
         self.db.close()
