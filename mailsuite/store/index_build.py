@@ -31,7 +31,6 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
@@ -121,8 +120,9 @@ def _listing(folder: Path) -> tuple[int, tuple[int, int], list[str], list[str]] 
     try:
         now = time.time_ns()  # before the listing: see index_scan._trusted
         stamp = ((folder / "new").stat().st_mtime_ns, (folder / "cur").stat().st_mtime_ns)
-        new = os.listdir(folder / "new")
-        cur = os.listdir(folder / "cur")
+        # lists of str made in C: Path.iterdir would make a Path object per message
+        new = os.listdir(folder / "new")  # noqa: PTH208
+        cur = os.listdir(folder / "cur")  # noqa: PTH208
     except FileNotFoundError:
         return None
     return now, stamp, _visible(new), _visible(cur)
@@ -131,7 +131,7 @@ def _listing(folder: Path) -> tuple[int, tuple[int, int], list[str], list[str]] 
 def _visible(names: list[str]) -> list[str]:
     """``names`` without dot files (Maildir tools keep their state there, never a message);
     checked with one ``min`` (in C) first, as dot files are rare."""
-    if names and min(names) <= ".":
+    if names and min(names) < "/":  # any name starting with "." is below "/"
         return [n for n in names if n[0] != "."]
     return names
 
@@ -139,11 +139,10 @@ def _visible(names: list[str]) -> list[str]:
 def remove_leftovers(folder: Path) -> None:
     """Remove what a killed build left (lock held, index missing): its ``.build-`` files, and
     a WAL or shared-memory file of a removed index, which must not be applied to the new one."""
-    for entry in os.scandir(folder):
-        n = entry.name
-        if n.startswith(INDEX_NAME + BUILD_SUFFIX) or n in (INDEX_NAME + "-wal", INDEX_NAME + "-shm"):
-            with suppress(FileNotFoundError):
-                os.unlink(entry.path)
+    stale = (INDEX_NAME + "-wal", INDEX_NAME + "-shm")
+    for path in folder.iterdir():
+        if path.name.startswith(INDEX_NAME + BUILD_SUFFIX) or path.name in stale:
+            path.unlink(missing_ok=True)
 
 
 def build_index(
@@ -193,7 +192,7 @@ def build_index(
         meta,
         zip(uids, bases, rels, flags, sizes, repeat(-1.0), repeat(modseq), strict=False),
     )
-    os.rename(tmp, folder / INDEX_NAME)
+    tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
     return Built(SyncResult(tuple(uids)), uids, flags, modseq, n + 1)
 

@@ -159,6 +159,7 @@ class IndexDatabase:
         # on a full disk the folder must still open, so mail can be read and deleted
         # (mailsuite.store.space: the reserve is released and the open tried once more)
         self.db: sqlite3.Connection = retry_on_full(folder, self._open)
+        self._file = self._file_id()
 
     def _open(self) -> sqlite3.Connection:
         """Connect and create or migrate the schema (WAL: SQLite creates its -wal and -shm
@@ -189,6 +190,18 @@ class IndexDatabase:
             db.close()
             raise
         return db
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = (self.folder / INDEX_NAME).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def replaced(self) -> bool:
+        """Is the index file gone or another file since we connected?  (One ``stat``.)  Our
+        connection then still reads the old file, which no process opening the folder uses."""
+        return self._file_id() != self._file
 
     def _build_missing(self) -> None:
         """Build the missing index file (lock held); here: nothing, SQLite creates an empty

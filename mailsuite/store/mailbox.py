@@ -564,11 +564,19 @@ class FolderRegistry:
 
     def peek(self, path: Path) -> Folder | None:
         """The open or warm folder at ``path``, brought up to date; None when there is none,
-        or when its index was rebuilt meanwhile (it is dropped: a new one must be made)."""
+        or when its index was rebuilt or its file replaced meanwhile (it is dropped: a new one
+        must be made)."""
         folder = self.open.get(path) or self.idle.get(path)
         if folder is None:
             return None
-        folder.refresh()
+        if folder.index.replaced():
+            # removed or replaced under us (``mailsuite reindex`` replacing a damaged index,
+            # an administrator removing it): our connection still reads the old file, whose
+            # UIDs the processes opening the new one do not share
+            folder.stale = True
+            folder.invalidate("Mailbox index was replaced (UIDVALIDITY changed)")
+        else:
+            folder.refresh()
         if folder.stale:
             self._drop(folder)
             return None

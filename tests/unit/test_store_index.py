@@ -292,3 +292,28 @@ def test_one_poller_per_folder_however_many_sessions_idle(tmp_path: Path) -> Non
     assert len({id(x) for x in started}) == 1
     reg.watch(folder, start_poll)()  # a new watcher starts a new poller
     assert len(started) == 2
+
+
+def test_a_warm_folder_whose_index_file_was_replaced_is_opened_anew(tmp_path: Path) -> None:
+    """Regression: a folder kept warm after its last session (or still selected) kept reading
+    its deleted index file after ``mailsuite reindex`` replaced a damaged one (or an
+    administrator removed it): the next SELECT got the old UIDVALIDITY and UIDs, while every
+    other process used the new file."""
+    box = folder(tmp_path)
+    for i in range(3):
+        write_message(box, [b"Subject: %d\n\nx\n" % i])
+    reg = FolderRegistry()
+    first = reg.get(box)
+    kept = first.view(readonly=False)
+    old_uv = first.uidvalidity
+    for p in box.glob("mailsuite-index.sqlite*"):
+        p.unlink()
+    other = FolderIndex(box)  # another process opens the folder: a new index, built now
+    assert other.uidvalidity != old_uv
+    second = reg.get(box)
+    assert second is not first
+    assert second.uidvalidity == other.uidvalidity and second.uids == [1, 2, 3]
+    assert kept.invalid  # the session that had it selected is told
+    kept.close()
+    second.view(readonly=True).close()  # now kept warm: still the new file
+    assert reg.get(box) is second
