@@ -10,8 +10,8 @@
 # started here is stopped on exit (by PID).  Dovecot comes from ../shared/bench/peers.sh (run
 # ../shared/bench/setup-peers.sh once per machine); PEER=none measures mailsuite alone.
 #   - with COLD_ROUNDS=N: the first SELECT again N times per server, alternating, the index
-#     files removed before each (cold_select.py); BIGBOX=0 skips the big-box timings and only
-#     writes the Maildirs for it.
+#     files removed and mailsuite restarted before each (cold_select.py); BIGBOX=0 skips the
+#     big-box timings and only writes the Maildirs for it.
 #   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot
 #                                        COLD_ROUNDS=0 BIGBOX=1)
 set -eu
@@ -52,9 +52,12 @@ TOML
 for u in idle $(for n in $SIZES; do echo big$n; done); do
   echo benchpass | $PY -m mailsuite.cli --config "$OUT/mailsuite.toml" user add "$u@example.test" --password-stdin >/dev/null 2>&1 || true
 done
-(cd "$OUT" && exec $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
-   mailsuite --config mailsuite.toml) &
-PID=$!
+start_mailsuite() {
+  (cd "$OUT" && exec $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
+     mailsuite --config mailsuite.toml) &
+  PID=$!
+}
+start_mailsuite
 DPID=""
 cleanup() {
   kill "$PID" 2>/dev/null || true
@@ -108,9 +111,16 @@ for n in $SIZES; do
     echo "cold SELECT $n: $COLD_ROUNDS rounds" >&2
     TG="--target mailsuite:$PORT:big$n@example.test:$MS_BOX"
     [ "$PEER" = dovecot ] && TG="$TG --target dovecot:$DPORT:big$n:$DC_BOX"
-    # shellcheck disable=SC2086
-    $PY "$HERE/bench/cold_select.py" --rounds "$COLD_ROUNDS" --password benchpass $TG \
-      --out "$OUT/cold-select-$n.json" | tee "$OUT/cold-select-$n.txt"
+    for r in $(seq "$COLD_ROUNDS"); do
+      # a fresh mailsuite process each round: a running one keeps the folder warm
+      kill "$PID"; wait "$PID" 2>/dev/null || true
+      start_mailsuite
+      wait_port "$PORT"
+      # shellcheck disable=SC2086
+      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG \
+        --out "$OUT/cold-select-$n-$r.json"
+    done
+    $PY "$HERE/bench/cold_select.py" --report "$OUT"/cold-select-"$n"-*.json | tee "$OUT/cold-select-$n.txt"
   fi
 done
 if [ "$IDLE_N" -gt 0 ]; then

@@ -30,10 +30,10 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import itemgetter
+from operator import contains, itemgetter
 from pathlib import Path
 
 from mailsuite.store.index_schema import (
@@ -54,7 +54,7 @@ _BASE_INDEX = "CREATE UNIQUE INDEX messages_base ON messages(base)"
 #: page cache while building: the whole table and its indexes of a 100,000-message folder
 _BUILD_CACHE_KIB = 65536
 #: the head of the names most programs write, ``sec.M<usec>P``: see :func:`delivery_sorted`
-_PLAIN_HEAD = re.compile(r"^[0-9]+\.M[0-9]+P", re.M)
+_PLAIN_HEAD = re.compile(r"[0-9]+\.M[0-9]+P")
 
 
 @dataclass(frozen=True)
@@ -84,21 +84,20 @@ def delivery_sorted(
     if not names:
         return []
     joined = "\n".join(names)
-    heads = _PLAIN_HEAD.findall(joined)
-    plain = len(heads) == len(names) and joined.count("\n") == len(names) - 1
-    if plain:
-        first = heads[0]
-        dot = first.index(".")
-        fixed = re.compile(rf"^[0-9]{{{dot}}}\.M[0-9]{{{len(first) - dot - 3}}}P", re.M)
-        plain = len(fixed.findall(joined)) == len(names) and len(set(heads)) == len(names)
-    if plain:
-        if not new:
-            cur.sort()
-            return ["cur/" + n for n in cur]
-        rels = ["cur/" + n for n in cur]
-        rels += ["new/" + n for n in new]
-        rels.sort(key=itemgetter(slice(4, None)))
-        return rels
+    head = _PLAIN_HEAD.match(names[0])
+    if head is not None and joined.count("\n") == len(names) - 1:  # one line per name
+        h = head.group()
+        dot = h.index(".")
+        fixed = re.compile(rf"^[0-9]{{{dot}}}\.M[0-9]{{{len(h) - dot - 3}}}P", re.M)
+        heads = fixed.findall(joined)
+        if len(heads) == len(names) and len(set(heads)) == len(names):
+            if not new:
+                cur.sort()
+                return ["cur/" + n for n in cur]
+            rels = ["cur/" + n for n in cur]
+            rels += ["new/" + n for n in new]
+            rels.sort(key=itemgetter(slice(4, None)))
+            return rels
     by_base = {n[4:].split(":", 1)[0]: n for n in ["new/" + n for n in new]}
     by_base.update((n[4:].split(":", 1)[0], n) for n in ["cur/" + n for n in cur])
     return [by_base[b] for b in sorted(by_base, key=key)]
@@ -166,12 +165,14 @@ def build_index(
     uidvalidity = next_uidvalidity(folder)
     n = len(rels)
     modseq = 2 if n else 1
-    parts = [r[4:].partition(":") for r in rels]
-    bases = [p[0] for p in parts]
-    infos = [p[2] for p in parts]
+    # the columns, each made by one pass in C where it can be (map, zip) and no Python call
+    # per message: sizes only where a name has ``,W=``
+    split = [r[4:].partition(":") for r in rels]
+    bases, _, infos = zip(*split, strict=True) if split else ((), (), ())
     texts = {info: flag_text(":" + info) for info in set(infos)}
-    flags = [texts[i] for i in infos]
-    sizes = [_w_size(b) if ",W=" in b else -1 for b in bases]
+    flags = list(map(texts.__getitem__, infos))
+    sized = any(map(contains, bases, repeat(",W=")))
+    sizes = [_w_size(b) if ",W=" in b else -1 for b in bases] if sized else None
     uids = list(range(1, n + 1))
     meta: list[tuple[str, int]] = [
         ("version", _SCHEMA_VERSION),
@@ -187,19 +188,25 @@ def build_index(
         if trusted(st, now):
             meta.append(("stamp_" + sub, st))
     tmp = folder / f"{INDEX_NAME}{BUILD_SUFFIX}{os.getpid()}"
-    _write(
-        tmp,
-        meta,
-        zip(uids, bases, rels, flags, sizes, repeat(-1.0), repeat(modseq), strict=False),
-    )
+    _write(tmp, meta, modseq, n, bases, rels, flags, sizes)
     tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
     return Built(SyncResult(tuple(uids)), uids, flags, modseq, n + 1)
 
 
-def _write(tmp: Path, meta: list[tuple[str, int]], rows: object) -> None:
-    """Write the index file ``tmp``: tables, meta, rows, then the secondary indexes; switch it
-    to WAL and fsync it."""
+def _write(
+    tmp: Path,
+    meta: list[tuple[str, int]],
+    modseq: int,
+    n: int,
+    bases: Sequence[str],
+    rels: Sequence[str],
+    flags: Sequence[str],
+    sizes: Sequence[int] | None,
+) -> None:
+    """Write the index file ``tmp``: tables, meta, the ``n`` rows (UIDs 1 to n, given by
+    SQLite as rowids in insertion order: the table is new), then the secondary indexes; switch
+    it to WAL and fsync it.  What every row shares is in the statement, not bound per row."""
     db = sqlite3.connect(tmp, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=OFF")
@@ -211,11 +218,19 @@ def _write(tmp: Path, meta: list[tuple[str, int]], rows: object) -> None:
             # date row by row: the same constraint (see _BASE_INDEX)
             db.execute(statement.replace("base TEXT NOT NULL UNIQUE", "base TEXT NOT NULL"))
         db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta)
-        db.executemany(
-            "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,  # type: ignore[arg-type]
-        )
+        insert = "INSERT INTO messages(base, name, flags, size, internaldate, modseq) VALUES"
+        if sizes is None:
+            db.executemany(
+                f"{insert} (?, ?, ?, -1, -1.0, {modseq:d})", zip(bases, rels, flags, strict=True)
+            )
+        else:
+            db.executemany(
+                f"{insert} (?, ?, ?, ?, -1.0, {modseq:d})",
+                zip(bases, rels, flags, sizes, strict=True),
+            )
+        (last,) = db.execute("SELECT coalesce(max(uid), 0) FROM messages").fetchone()
+        if last != n:  # rowids of a new table are 1, 2, ...: never seen otherwise
+            raise RuntimeError(f"index build of {tmp}: {last} as the last UID of {n}")
         for statement in [_BASE_INDEX, *_statements(_INDEXES)]:  # one sort each
             db.execute(statement)
         db.execute("COMMIT")

@@ -13,8 +13,9 @@ this process keeps those names in memory while no other process changed one (``n
 First sight of a big folder is cheap: sizes come from ``,W=`` in the name (or are computed on
 first use, stored as -1 until then), internal dates from the file's mtime on first use, and the
 rows go in with one ``executemany``.  New files get UIDs in delivery order (:func:`delivery_order`).
-A folder with no index file at all gets it built whole at open (:mod:`~mailsuite.store.index_build`);
-its first :meth:`IndexScan.sync` reports what that build added.
+A folder with no index file at all gets it built whole at open
+(:mod:`~mailsuite.store.index_build`); its first :meth:`IndexScan.sync` reports what that build
+added.
 """
 
 from __future__ import annotations

@@ -191,7 +191,9 @@ elif sys.argv[2] == "mid-insert":
             if i == 500:
                 die()
             yield row
-    build._write = lambda tmp, meta, rows: write(tmp, meta, rows_then_die(rows))
+    def write_then_die(tmp, meta, modseq, n, bases, rels, flags, sizes):
+        write(tmp, meta, modseq, n, bases, rows_then_die(rels), flags, sizes)
+    build._write = write_then_die
 from mailsuite.store.index import FolderIndex
 print("ready", flush=True)
 t0 = time.monotonic()
