@@ -167,12 +167,13 @@ def build_index(
     modseq = 2 if n else 1
     # the columns, each made by one pass in C where it can be (map, zip) and no Python call
     # per message: sizes only where a name has ``,W=``
-    split = [r[4:].partition(":") for r in rels]
-    bases, _, infos = zip(*split, strict=True) if split else ((), (), ())
+    parts = list(map(str.partition, rels, repeat(":")))
+    heads = list(map(itemgetter(0), parts))  # "sub/base": SQLite cuts the base out
+    infos = list(map(itemgetter(2), parts))
     texts = {info: flag_text(":" + info) for info in set(infos)}
     flags = list(map(texts.__getitem__, infos))
-    sized = any(map(contains, bases, repeat(",W=")))
-    sizes = [_w_size(b) if ",W=" in b else -1 for b in bases] if sized else None
+    sized = any(map(contains, heads, repeat(",W=")))
+    sizes = [_w_size(h[4:]) if ",W=" in h else -1 for h in heads] if sized else None
     uids = list(range(1, n + 1))
     meta: list[tuple[str, int]] = [
         ("version", _SCHEMA_VERSION),
@@ -188,7 +189,7 @@ def build_index(
         if trusted(st, now):
             meta.append(("stamp_" + sub, st))
     tmp = folder / f"{INDEX_NAME}{BUILD_SUFFIX}{os.getpid()}"
-    _write(tmp, meta, modseq, n, bases, rels, flags, sizes)
+    _write(tmp, meta, modseq, n, heads, rels, flags, sizes)
     tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
     return Built(SyncResult(tuple(uids)), uids, flags, modseq, n + 1)
@@ -199,14 +200,15 @@ def _write(
     meta: list[tuple[str, int]],
     modseq: int,
     n: int,
-    bases: Sequence[str],
+    heads: Sequence[str],
     rels: Sequence[str],
     flags: Sequence[str],
     sizes: Sequence[int] | None,
 ) -> None:
     """Write the index file ``tmp``: tables, meta, the ``n`` rows (UIDs 1 to n, given by
     SQLite as rowids in insertion order: the table is new), then the secondary indexes; switch
-    it to WAL and fsync it.  What every row shares is in the statement, not bound per row."""
+    it to WAL and fsync it.  What every row shares is in the statement, not bound per row; the
+    base is cut from ``heads`` ("sub/base") by SQLite."""
     db = sqlite3.connect(tmp, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=OFF")
@@ -221,12 +223,13 @@ def _write(
         insert = "INSERT INTO messages(base, name, flags, size, internaldate, modseq) VALUES"
         if sizes is None:
             db.executemany(
-                f"{insert} (?, ?, ?, -1, -1.0, {modseq:d})", zip(bases, rels, flags, strict=True)
+                f"{insert} (substr(?, 5), ?, ?, -1, -1.0, {modseq:d})",
+                zip(heads, rels, flags, strict=True),
             )
         else:
             db.executemany(
-                f"{insert} (?, ?, ?, ?, -1.0, {modseq:d})",
-                zip(bases, rels, flags, sizes, strict=True),
+                f"{insert} (substr(?, 5), ?, ?, ?, -1.0, {modseq:d})",
+                zip(heads, rels, flags, sizes, strict=True),
             )
         (last,) = db.execute("SELECT coalesce(max(uid), 0) FROM messages").fetchone()
         if last != n:  # rowids of a new table are 1, 2, ...: never seen otherwise
