@@ -72,14 +72,14 @@ def _reference(new: list[str], cur: list[str]) -> list[str]:
     return [bases[b] for b in sorted(bases, key=_delivery_key)]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_listing())
 def test_delivery_sorted_equals_the_general_order(listing: tuple[list[str], list[str]]) -> None:
     new, cur = listing
     assert delivery_sorted(list(new), list(cur), _delivery_key) == _reference(new, cur)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.integers(0, 999_999), min_size=1, max_size=40, unique=True),
     st.booleans(),
@@ -121,7 +121,7 @@ def _dump(box: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
     return rows, meta
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_listing())
 def test_build_equals_an_empty_index_and_one_sync(listing: tuple[list[str], list[str]]) -> None:
     new, cur = listing
