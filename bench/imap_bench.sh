@@ -9,7 +9,11 @@
 # Loopback only; both servers get free ports and their own directories under OUTDIR; everything
 # started here is stopped on exit (by PID).  Dovecot comes from ../shared/bench/peers.sh (run
 # ../shared/bench/setup-peers.sh once per machine); PEER=none measures mailsuite alone.
-#   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot)
+#   - with COLD_ROUNDS=N: the first SELECT again N times per server, alternating, the index
+#     files removed and mailsuite restarted before each (cold_select.py); BIGBOX=0 skips the
+#     big-box timings and only writes the Maildirs for it.
+#   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot
+#                                        COLD_ROUNDS=0 BIGBOX=1)
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
@@ -19,6 +23,8 @@ TRIALS=${TRIALS:-3}
 IDLE_N=${IDLE_N:-1000}
 PEER=${PEER:-dovecot}
 PY=${PYTHON:-python3}
+COLD_ROUNDS=${COLD_ROUNDS:-0}
+BIGBOX=${BIGBOX:-1}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -46,9 +52,12 @@ TOML
 for u in idle $(for n in $SIZES; do echo big$n; done); do
   echo benchpass | $PY -m mailsuite.cli --config "$OUT/mailsuite.toml" user add "$u@example.test" --password-stdin >/dev/null 2>&1 || true
 done
-(cd "$OUT" && exec $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
-   mailsuite --config mailsuite.toml) &
-PID=$!
+start_mailsuite() {
+  (cd "$OUT" && exec $PY -c "from twisted.scripts.twistd import run; run()" -n --logfile twistd.log --pidfile "" \
+     mailsuite --config mailsuite.toml) &
+  PID=$!
+}
+start_mailsuite
 DPID=""
 cleanup() {
   kill "$PID" 2>/dev/null || true
@@ -81,11 +90,37 @@ bigbox() {  # NAME PORT USER MAILDIR N [extra args]
      ${6:-} >/dev/null)
 }
 for n in $SIZES; do
-  echo "bigbox $n: mailsuite" >&2
-  bigbox mailsuite "$PORT" "big$n@example.test" "$OUT/data/mail/example.test/big$n" "$n"
-  if [ "$PEER" = dovecot ]; then
-    echo "bigbox $n: dovecot" >&2
-    bigbox dovecot "$DPORT" "big$n" "$OUT/peers/dovecot/users/big$n/Maildir" "$n" "--uid $BENCH_UID"
+  MS_BOX="$OUT/data/mail/example.test/big$n"
+  DC_BOX="$OUT/peers/dovecot/users/big$n/Maildir"
+  if [ "$BIGBOX" = 1 ]; then
+    echo "bigbox $n: mailsuite" >&2
+    bigbox mailsuite "$PORT" "big$n@example.test" "$MS_BOX" "$n"
+    if [ "$PEER" = dovecot ]; then
+      echo "bigbox $n: dovecot" >&2
+      bigbox dovecot "$DPORT" "big$n" "$DC_BOX" "$n" "--uid $BENCH_UID"
+    fi
+  else
+    echo "writing $n messages for each server" >&2
+    (cd "$SHARED" && $PY gen_maildir.py --maildir "$MS_BOX" --count "$n" --clear >/dev/null)
+    if [ "$PEER" = dovecot ]; then
+      (cd "$SHARED" && $PY gen_maildir.py --maildir "$DC_BOX" --count "$n" --clear \
+         --uid "$BENCH_UID" --gid "$BENCH_UID" >/dev/null)
+    fi
+  fi
+  if [ "$COLD_ROUNDS" -gt 0 ]; then
+    echo "cold SELECT $n: $COLD_ROUNDS rounds" >&2
+    TG="--target mailsuite:$PORT:big$n@example.test:$MS_BOX"
+    [ "$PEER" = dovecot ] && TG="$TG --target dovecot:$DPORT:big$n:$DC_BOX"
+    for r in $(seq "$COLD_ROUNDS"); do
+      # a fresh mailsuite process each round: a running one keeps the folder warm
+      kill "$PID"; wait "$PID" 2>/dev/null || true
+      start_mailsuite
+      wait_port "$PORT"
+      # shellcheck disable=SC2086
+      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG \
+        --out "$OUT/cold-select-$n-$r.json"
+    done
+    $PY "$HERE/bench/cold_select.py" --report "$OUT"/cold-select-"$n"-*.json | tee "$OUT/cold-select-$n.txt"
   fi
 done
 if [ "$IDLE_N" -gt 0 ]; then
@@ -100,6 +135,7 @@ if [ "$IDLE_N" -gt 0 ]; then
 fi
 
 # -- the table ------------------------------------------------------------------------------------
+[ "$BIGBOX" = 1 ] || { echo "results in $OUT"; exit 0; }
 $PY - "$OUT" "$SIZES" <<'PYEOF'
 import json, sys
 from pathlib import Path

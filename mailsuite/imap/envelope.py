@@ -8,6 +8,7 @@ every field), and address lists in their plain forms skip the RFC 5322 tokenizer
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mailsuite.imap.address import parse_address_list, simple_address_list
@@ -17,12 +18,16 @@ from mailsuite.imap.address import parse_address_list, simple_address_list
 
 #: what a quoted string may carry: 7-bit, no NUL, CR or LF (RFC 3501 9, ``QUOTED-CHAR``)
 _QUOTABLE = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x7f]*")
+#: the same without ``"`` and ``\``: quoted as it is, nothing to escape (the common case)
+_QUOTABLE_AS_IS = re.compile(rb"[\x01-\x09\x0b\x0c\x0e-\x21\x23-\x5b\x5d-\x7f]*")
 
 
 def nstring(value: bytes | None) -> bytes:
     """NIL, a quoted string, or a literal when CR/LF/NUL/8-bit make quoting impossible."""
     if value is None:
         return b"NIL"
+    if _QUOTABLE_AS_IS.fullmatch(value):
+        return b'"%s"' % value
     if _QUOTABLE.fullmatch(value):
         return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     value = value.replace(b"\x00", b"")
@@ -53,6 +58,14 @@ def _address_list(value: bytes | None) -> bytes:
     """ENVELOPE's list of address structures for a field (RFC 3501 7.4.2), or NIL."""
     if value is None:
         return b"NIL"
+    return _address_list_of(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_list_of(value: bytes) -> bytes:
+    """:func:`_address_list` of a value, remembered: a folder's From, To and Cc values repeat
+    (the user's own address, correspondents, lists), and a first FETCH ENVELOPE of a big
+    folder asks for each several times.  At most 4,096 values (a few hundred KiB)."""
     simple = simple_address_list(value)
     if simple is not None:  # the common case, without the tokenizer (same answer)
         if not simple:
@@ -92,6 +105,13 @@ _ENVELOPE_FIELD = re.compile(
     re.MULTILINE | re.IGNORECASE,
 )
 _LINE_END = re.compile(rb"\r?\n")
+#: the field names as most mail spells them, to their key (others are lowered and decoded)
+_SPELLED = (b"Date", b"Subject", b"From", b"Sender", b"Reply-To", b"To", b"Cc", b"Bcc")
+_NAMES = {
+    spelled: spelled.lower().decode("ascii")
+    for name in (*_SPELLED, b"In-Reply-To", b"Message-ID", b"Message-Id")
+    for spelled in (name, name.lower())
+}
 
 
 def envelope_fields(raw: bytes, fields_end: int) -> dict[str, bytes]:
@@ -99,10 +119,9 @@ def envelope_fields(raw: bytes, fields_end: int) -> dict[str, bytes]:
     :func:`_parse_fields` unfolds it, found by one regex search instead of a Python loop over
     every header line (a first FETCH ENVELOPE runs this for each message of the folder)."""
     out: dict[str, bytes] = {}
-    for m in _ENVELOPE_FIELD.finditer(raw, 0, fields_end):
-        name = m.group(1).lower().decode("ascii")
+    for field, value in _ENVELOPE_FIELD.findall(raw, 0, fields_end):
+        name = _NAMES.get(field) or field.lower().decode("ascii")
         if name not in out:
-            value = m.group(2)
             if value.endswith(b"\r"):
                 value = value[:-1]
             out[name] = _LINE_END.sub(b"", value) if b"\n" in value else value

@@ -13,10 +13,11 @@ assigned only under that lock and only ever grow.  Readers use SQLite's WAL snap
 Flag changes and expunges are recorded with a modseq (RFC 7162); expunged UIDs are kept with
 theirs so QRESYNC can report VANISHED and other sessions can catch up with one query.
 
-The index is three modules, by job: :mod:`~mailsuite.store.index_schema` (the database: schema,
+The index is four modules, by job: :mod:`~mailsuite.store.index_schema` (the database: schema,
 migrations, meta counters, the lock, keyword letters), :mod:`~mailsuite.store.index_scan`
-(keeping it in step with the directory, cheaply; rebuilding it) and this one (what callers ask
-and change).  :class:`FolderIndex` is the one class callers use.
+(keeping it in step with the directory, cheaply; rebuilding it), :mod:`~mailsuite.store.index_build`
+(a missing index built whole from the directory before anyone connects) and this one (what
+callers ask and change).  :class:`FolderIndex` is the one class callers use.
 """
 
 from __future__ import annotations
@@ -98,7 +99,17 @@ class FolderIndex(IndexScan):
         return self.folder / msg.name
 
     def state(self) -> tuple[list[int], list[str], list[int]]:
-        """UIDs, flag strings and modseqs of every message, in UID order (one query)."""
+        """UIDs, flag strings and modseqs of every message, in UID order (one query; right
+        after a build at open, the build's own lists while the index has not changed)."""
+        built, self._built = self._built, None
+        if built is not None:
+            m = self._metas()
+            if (
+                m.get("uidnext") == built.uidnext
+                and m.get("highestmodseq") == built.modseq
+                and int(m.get("names_gen") or 0) == (1 if built.uids else 0)
+            ):
+                return built.uids, built.flags, [built.modseq] * len(built.uids)
         rows = self.db.execute("SELECT uid, flags, modseq FROM messages ORDER BY uid").fetchall()
         if not rows:
             return [], [], []

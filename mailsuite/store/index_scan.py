@@ -25,6 +25,9 @@ whose mtime is too young to trust records it as due for listing again at the nex
 First sight of a big folder is cheap: sizes come from ``,W=`` in the name (or are computed on
 first use, stored as -1 until then), internal dates from the file's mtime on first use, and the
 rows go in with one ``executemany``.  New files get UIDs in delivery order (:func:`delivery_order`).
+A folder with no index file at all gets it built whole at open
+(:mod:`~mailsuite.store.index_build`); its first :meth:`IndexScan.sync` reports what that build
+added.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mailsuite.store.index_build import Built, _w_size, build_index
 from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
 from mailsuite.store.maildir import base_of
 
@@ -67,22 +71,6 @@ def _trusted(stamp_ns: int, now_ns: int) -> bool:
     one kernel clock tick on Linux ext4/xfs/tmpfs)."""
     coarse = stamp_ns % 1_000_000_000 == 0
     return now_ns - stamp_ns > (_TRUST_AFTER_NS if coarse else _TRUST_AFTER_FINE_NS)
-
-
-def _name_size(filename: str) -> tuple[int | None, int | None]:
-    """``,S=`` (file size) and ``,W=`` (CRLF size) from a Maildir name, where present."""
-    s = w = None
-    base = base_of(filename)
-    if "," not in base:
-        return s, w
-    for part in base.split(",")[1:]:
-        key, _, value = part.partition("=")
-        if value.isdigit():
-            if key == "S":
-                s = int(value)
-            elif key == "W":
-                w = int(value)
-    return s, w
 
 
 _USEC = re.compile(r"M(\d+)")
@@ -177,6 +165,19 @@ def _match_vanished(
 class IndexScan(IndexDatabase):
     """Sync with the directory (see the module docstring) and rebuild from it."""
 
+    #: what the build of a missing index at open found (:mod:`~mailsuite.store.index_build`):
+    #: the first :meth:`sync` reports it, the first ``state()`` may answer from it
+    _built: Built | None = None
+    _built_result: SyncResult | None = None
+
+    def _build_missing(self) -> None:
+        def flag_text(info: str) -> str:
+            return " ".join(sorted(self._disk_flags(info)))
+
+        self._built = build_index(self.folder, _delivery_key, flag_text, _trusted)
+        if self._built is not None:
+            self._built_result = self._built.result
+
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths
         try:
@@ -195,8 +196,10 @@ class IndexScan(IndexDatabase):
             return None
         m = self._metas()
         now = time.time_ns()
-        if not (
-            _covered(m, "new", stamp[0], now, verify) and _covered(m, "cur", stamp[1], now, verify)
+        if (
+            self._built_result is not None  # the build at open is reported by a sync
+            or not _covered(m, "new", stamp[0], now, verify)
+            or not _covered(m, "cur", stamp[1], now, verify)
         ):
             self.sync(verify=verify)
             m = self._metas()
@@ -211,6 +214,21 @@ class IndexScan(IndexDatabase):
         ``verify`` also lists those whose mtime is only provisional (see the module doc):
         for a watcher that was told the directory changed.
         """
+        built, self._built_result = self._built_result, None
+        result = self._sync(force, verify)
+        if built is None:
+            return result
+        # the build at open (index_build) was the first sync's work: report it too
+        if result.expunged:
+            gone = set(result.expunged)
+            return SyncResult(
+                tuple(u for u in built.added if u not in gone) + result.added,
+                tuple(u for u in result.expunged if u not in set(built.added)),
+                result.flag_changes,
+            )
+        return SyncResult(built.added + result.added, (), result.flag_changes)
+
+    def _sync(self, force: bool, verify: bool = False) -> SyncResult:
         stamp = self._dir_stamp()
         if stamp is None:
             return SyncResult()
@@ -406,8 +424,8 @@ class IndexScan(IndexDatabase):
             text = flag_text.get(info)
             if text is None:
                 text = flag_text[info] = " ".join(sorted(self._disk_flags(rel)))
-            w = _name_size(rel)[1] if ",W=" in base else None
-            new_rows.append((uid, base, rel, text, -1 if w is None else w, -1.0, found.modseq))
+            w = _w_size(base) if ",W=" in base else -1
+            new_rows.append((uid, base, rel, text, w, -1.0, found.modseq))
             found.added.append(uid)
             uid += 1
         found.names_in.extend(bases[b] for b in fresh)

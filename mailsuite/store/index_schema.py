@@ -46,7 +46,7 @@ _CACHE_VERSION = 2
 #: bound parameters per query, below SQLite's default limit (999 in older builds)
 _MAX_PARAMS = 900
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
     uid INTEGER PRIMARY KEY,
@@ -60,10 +60,14 @@ CREATE TABLE IF NOT EXISTS messages (
     bodystructure BLOB           -- cached IMAP BODYSTRUCTURE, filled on demand
 );
 CREATE TABLE IF NOT EXISTS expunged (uid INTEGER PRIMARY KEY, modseq INTEGER NOT NULL);
+"""
+#: the secondary indexes (a first build makes them after its rows: see index_build)
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
 -- the few messages still in new/: listing them must not read every row
 CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
 """
+_SCHEMA = _TABLES + _INDEXES
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,17 @@ class IndexDatabase:
         # on a full disk the folder must still open, so mail can be read and deleted
         # (mailsuite.store.space: the reserve is released and the open tried once more)
         self.db: sqlite3.Connection = retry_on_full(folder, self._open)
+        self._file = self._file_id()
 
     def _open(self) -> sqlite3.Connection:
         """Connect and create or migrate the schema (WAL: SQLite creates its -wal and -shm
-        files, which needs some space)."""
+        files, which needs some space).  A missing index is first built whole
+        (:meth:`_build_missing`): nobody connects to a missing index, so a build renamed into
+        place never replaces a file another process holds open."""
+        if not (self.folder / INDEX_NAME).exists() and self.folder.is_dir():
+            with self._locked():
+                if not (self.folder / INDEX_NAME).exists():
+                    self._build_missing()
         db = sqlite3.connect(
             self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False
         )
@@ -212,6 +223,22 @@ class IndexDatabase:
             and m.get("uidvalidity") is not None
             and m.get("cache_version") == _CACHE_VERSION
         )
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            st = (self.folder / INDEX_NAME).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def replaced(self) -> bool:
+        """Is the index file gone or another file since we connected?  (One ``stat``.)  Our
+        connection then still reads the old file, which no process opening the folder uses."""
+        return self._file_id() != self._file
+
+    def _build_missing(self) -> None:
+        """Build the missing index file (lock held); here: nothing, SQLite creates an empty
+        one.  :class:`~mailsuite.store.index_scan.IndexScan` builds it from the directory."""
 
     def close(self) -> None:
         self.db.close()

@@ -9,8 +9,9 @@ keeps decides what clients see:
   the files.  UIDs and UIDVALIDITY stay, so clients keep their caches.
 * a damaged index, or any index with ``rebuild=True``, is made again from the files under a new
   UIDVALIDITY (the only way UIDs may be given anew, RFC 3501 2.3.1.1).  A damaged file is
-  replaced, which a server that has it open does not notice until it reopens the folder; a
-  sound one is rebuilt in place, which open sessions notice at once.
+  replaced, which a server that has it open notices when the folder is next selected (the
+  registry checks the file: sessions that have it selected are then told); a sound one is
+  rebuilt in place, which open sessions notice at once.
 
 Progress is reported through ``advance(messages, bytes)`` as sizes are read.
 """

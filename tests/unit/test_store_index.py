@@ -423,3 +423,28 @@ def test_index_opened_again_without_the_schema_script(tmp_path: Path) -> None:
     assert again._current() and again.db.execute(
         "SELECT count(*) FROM sqlite_master WHERE name = 'messages_in_new'"
     ).fetchone() == (1,)
+
+
+def test_a_warm_folder_whose_index_file_was_replaced_is_opened_anew(tmp_path: Path) -> None:
+    """Regression: a folder kept warm after its last session (or still selected) kept reading
+    its deleted index file after ``mailsuite reindex`` replaced a damaged one (or an
+    administrator removed it): the next SELECT got the old UIDVALIDITY and UIDs, while every
+    other process used the new file."""
+    box = folder(tmp_path)
+    for i in range(3):
+        write_message(box, [b"Subject: %d\n\nx\n" % i])
+    reg = FolderRegistry()
+    first = reg.get(box)
+    kept = first.view(readonly=False)
+    old_uv = first.uidvalidity
+    for p in box.glob("mailsuite-index.sqlite*"):
+        p.unlink()
+    other = FolderIndex(box)  # another process opens the folder: a new index, built now
+    assert other.uidvalidity != old_uv
+    second = reg.get(box)
+    assert second is not first
+    assert second.uidvalidity == other.uidvalidity and second.uids == [1, 2, 3]
+    assert kept.invalid  # the session that had it selected is told
+    kept.close()
+    second.view(readonly=True).close()  # now kept warm: still the new file
+    assert reg.get(box) is second

@@ -1,0 +1,113 @@
+"""First SELECT of a big Maildir written by another program, mailsuite and Dovecot in turn.
+
+Both servers are running and their Maildirs hold the same messages (``imap_bench.sh`` sets
+this up, restarts mailsuite before each round, since a running server keeps a folder warm,
+and runs this script once per round when ``COLD_ROUNDS`` is set).  A round, for each server
+in an order that alternates with the round's number: its index files are removed
+(mailsuite's ``mailsuite-index*``, Dovecot's ``dovecot-uidlist`` and ``dovecot.index*``), so
+the folder is new to it again; then LOGIN (not timed), SELECT INBOX timed with imaplib,
+LOGOUT.  The directory listing stays in the kernel's cache for both alike.  ``--report``
+prints the medians, spread and ratio mailsuite / Dovecot over the rounds, and the load.
+
+    python3 bench/cold_select.py --round 1 --out r1.json \\
+        --target mailsuite:PORT:USER:MAILDIR --target dovecot:PORT:USER:MAILDIR
+    python3 bench/cold_select.py --report r*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import imaplib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+INDEX_FILES = {
+    "mailsuite": ("mailsuite-index",),
+    "dovecot": ("dovecot-uidlist", "dovecot.index"),
+}
+
+
+def forget(kind: str, maildir: Path) -> None:
+    """Remove the server's index files, so its next SELECT is a first sight of the folder."""
+    prefixes = INDEX_FILES.get(kind, ())
+    for path in maildir.iterdir():
+        if path.name.startswith(prefixes):
+            path.unlink()
+
+
+def cold_select(port: int, user: str, password: str) -> tuple[float, int]:
+    """(seconds for SELECT INBOX, EXISTS)."""
+    m = imaplib.IMAP4("127.0.0.1", port, timeout=600)
+    try:
+        m.login(user, password)
+        t0 = time.perf_counter()
+        typ, data = m.select("INBOX")
+        took = time.perf_counter() - t0
+        if typ != "OK":
+            raise SystemExit(f"SELECT failed on port {port}: {data!r}")
+        return took, int(data[0] or 0)
+    finally:
+        m.logout()
+
+
+def one_round(targets: list[tuple[str, int, str, Path]], r: int, password: str) -> dict[str, float]:
+    """Round ``r`` (1-based): each target's cold SELECT, in an order that alternates."""
+    order = targets if r % 2 == 1 else list(reversed(targets))
+    times: dict[str, float] = {}
+    line = []
+    for name, port, user, maildir in order:
+        forget(name, maildir)
+        took, exists = cold_select(port, user, password)
+        times[name] = took
+        line.append(f"{name} {took:.3f} s ({exists})")
+    print(f"round {r}: " + ", ".join(line), f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return times
+
+
+def report(files: list[Path]) -> None:
+    """Medians, spread and ratio over the rounds' JSON files."""
+    rounds = [json.loads(f.read_text()) for f in files]
+    times: dict[str, list[float]] = {}
+    for r in rounds:
+        for k, v in r["times"].items():
+            times.setdefault(k, []).append(v)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(
+            f"{k:10} median {med[k]:.3f} s  (min {min(v):.3f}, max {max(v):.3f}, {len(v)} rounds)"
+        )
+    if "mailsuite" in med and "dovecot" in med:
+        per_round = sorted(r["times"]["mailsuite"] / r["times"]["dovecot"] for r in rounds)
+        print(
+            f"ratio mailsuite / dovecot: {med['mailsuite'] / med['dovecot']:.2f}x"
+            f" (per round {per_round[0]:.2f}-{per_round[-1]:.2f}x)"
+        )
+    loads = [r["load"] for r in rounds]
+    print(f"load average (1 min) during the rounds: {min(loads):.1f}-{max(loads):.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", action="append", default=[], help="NAME:PORT:USER:MAILDIR")
+    ap.add_argument("--password", default="benchpass")
+    ap.add_argument("--round", type=int, default=1, help="the round's number (sets the order)")
+    ap.add_argument("--out", type=Path, help="the round's JSON")
+    ap.add_argument("--report", type=Path, nargs="+", help="summarise these rounds' JSON")
+    a = ap.parse_args()
+    if a.report:
+        report(a.report)
+        return
+    targets = []
+    for t in a.target:
+        name, port, user, maildir = t.split(":", 3)
+        targets.append((name, int(port), user, Path(maildir)))
+    times = one_round(targets, a.round, a.password)
+    if a.out:
+        a.out.write_text(json.dumps({"times": times, "load": os.getloadavg()[0]}))
+
+
+if __name__ == "__main__":
+    main()
