@@ -58,7 +58,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SHARED = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench")).resolve()
-if not SHARED.exists():  # a worktree under /work/wt/NAME: the harness is ../../shared/bench
+if not SHARED.exists():  # a checkout one level deeper (a git worktree): ../../shared/bench
     SHARED = (ROOT.parent.parent / "shared" / "bench").resolve()
 
 # Weighted mix (imaptest's default profile keeps the mailbox size steady: one \Deleted STORE
