@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import base64
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import dkim
 import nacl.encoding
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailsuite.mailauth import dkim_verify
+from mailsuite.mailauth.dns import DNSTempError
 
 
 @dataclass(frozen=True)
@@ -119,3 +125,37 @@ def message(author: str, subject: str = "hello", body: str = "Hi.\r\n", extra: s
         f"Date: Mon, 01 Jun 2026 10:00:00 +0000\r\nMessage-ID: <{random.random()}@x>\r\n"
         f"{extra}\r\n{body}"
     ).encode()
+
+
+class Keys:
+    """``txt(name)`` over published key records, counting lookups ("servfail": a temporary
+    DNS error)."""
+
+    def __init__(self, records: dict[str, str | None]) -> None:
+        self.records = records
+        self.asked: list[str] = []
+
+    def __call__(self, name: str) -> bytes | None:
+        name = name.rstrip(".").lower()
+        self.asked.append(name)
+        value = self.records.get(name)
+        if value == "servfail":
+            raise DNSTempError("SERVFAIL")
+        return value.encode() if value is not None else None
+
+
+@contextmanager
+def fast_answers() -> Iterator[list[Any]]:
+    """Record what the DKIM fast path answered (None: it left the signature to dkimpy)."""
+    seen: list[Any] = []
+    original = dkim_verify.verify_common
+
+    def spy(*args: Any) -> Any:
+        seen.append(original(*args))
+        return seen[-1]
+
+    dkim_verify.verify_common = spy  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        dkim_verify.verify_common = original  # type: ignore[assignment]

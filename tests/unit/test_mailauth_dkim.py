@@ -15,24 +15,7 @@ import pytest
 from mailsuite.mailauth.dkim_keys import KeyStore, KeyStoreError, txt_strings, zone_txt
 from mailsuite.mailauth.dkim_sign import Signer
 from mailsuite.mailauth.dkim_verify import verify_dkim
-from mailsuite.mailauth.dns import DNSTempError
-from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
-
-
-class Keys:
-    """``txt(name)`` over published key records, counting lookups."""
-
-    def __init__(self, records: dict[str, str | None]) -> None:
-        self.records = records
-        self.asked: list[str] = []
-
-    def __call__(self, name: str) -> bytes | None:
-        name = name.rstrip(".").lower()
-        self.asked.append(name)
-        value = self.records.get(name)
-        if value == "servfail":
-            raise DNSTempError("SERVFAIL")
-        return value.encode() if value is not None else None
+from tests.mailauth_helpers import Keys, dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
 
 
 def published(*pairs: tuple[str, object]) -> Keys:

@@ -5,46 +5,12 @@ tests/property/test_mailauth_dkim_fast.py; here are the cases a generator seldom
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import Any
 
 import dkim
 import pytest
 
-from mailsuite.mailauth import dkim_verify
 from mailsuite.mailauth.dkim_verify import verify_dkim
-from mailsuite.mailauth.dns import DNSTempError
-from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key
-
-
-class Keys:
-    def __init__(self, records: dict[str, str | None]) -> None:
-        self.records = records
-        self.asked: list[str] = []
-
-    def __call__(self, name: str) -> bytes | None:
-        name = name.rstrip(".").lower()
-        self.asked.append(name)
-        value = self.records.get(name)
-        if value == "servfail":
-            raise DNSTempError("SERVFAIL")
-        return value.encode() if value is not None else None
-
-
-@contextmanager
-def fast_answers() -> Any:
-    seen: list[Any] = []
-    original = dkim_verify.verify_common
-
-    def spy(*args: Any) -> Any:
-        seen.append(original(*args))
-        return seen[-1]
-
-    dkim_verify.verify_common = spy
-    try:
-        yield seen
-    finally:
-        dkim_verify.verify_common = original
+from tests.mailauth_helpers import Keys, dkim_sign, ed25519_key, fast_answers, message, rsa_key
 
 
 def dkimpy(signed: bytes, keys: Keys) -> bool:
