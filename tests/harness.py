@@ -201,6 +201,17 @@ class Server:
             out += self.log.read_text(errors="replace")
         return out
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log once it holds ``text`` (fail after ``timeout`` s).  A worker's log events
+        reach the log file through the supervisor's pipe, after the client has its reply:
+        a test that reads the log right after the reply races that hop."""
+
+        def holds() -> str:
+            out = self.output()
+            return out if text in out else ""
+
+        return wait_until(holds, timeout, text)
+
     def stop(self) -> None:
         """Stop the server (SIGTERM) and fail if its log shows a traceback."""
         if self.proc and self.proc.poll() is None:

@@ -78,9 +78,8 @@ def test_587_starttls_login_plain_delivers_locally_with_esmtpsa(srv, ca):
     assert PASSWORD.encode() not in stored
     assert plain(ALICE, PASSWORD).encode() not in stored
     assert b64(PASSWORD).encode() not in stored
-    log = srv.output()
+    log = srv.wait_log("alice@example.test logged in from 127.0.0.1")
     assert PASSWORD not in log and plain(ALICE, PASSWORD) not in log
-    assert "alice@example.test logged in from 127.0.0.1" in log
 
 
 def test_587_auth_login_mechanism(srv, ca):
@@ -321,7 +320,7 @@ def test_wrong_password_535_after_a_growing_delay(srv, ca):
         "535 5.7.8"
     )
     raw.close()
-    log = srv.output()
+    log = srv.wait_log("failed login for 'nobody@example.test' from 127.0.0.1")
     assert "failed login for 'alice@example.test' from 127.0.0.1" in log
     assert "wrong password" not in log
 
@@ -338,7 +337,7 @@ def test_throttling_per_ip_and_per_account_spares_the_legitimate_user(
         assert raw.cmd("AUTH PLAIN " + plain(ALICE, "guess1234")).text.startswith("535")
     assert raw.cmd("AUTH PLAIN " + plain(ALICE, PASSWORD)).text.startswith("454 4.7.0")
     raw.close()
-    assert "login for 'alice@example.test' from 127.0.0.2 refused" in srv.output()
+    srv.wait_log("login for 'alice@example.test' from 127.0.0.2 refused")
     owner = tls_session(port, ca, source="127.0.0.1")
     assert owner.cmd("AUTH PLAIN " + plain(ALICE, PASSWORD)).text.startswith("235")
     owner.close()
