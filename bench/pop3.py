@@ -11,12 +11,17 @@ machine load hits both alike.  Prints the warm medians (min-max), the mailsuite/
 ratios and the load average.
 
     python bench/pop3.py [--count 1000] [--trials 5] [--no-dovecot] [--keep DIR]
-        [--workers N] [--profile py-spy.svg]
+        [--workers N] [--profile py-spy.svg] [--cprofile pop3.pstats]
 
 Runs as root for the Dovecot peer (its Maildirs belong to uid 5000); mailsuite runs as the
 invoking user.  Everything listens on 127.0.0.1 only.  ``--profile FILE`` records the
 mailsuite process with py-spy during the warm rounds (a flame graph for ``.svg``, else
-collapsed stacks; py-spy must be installed).
+collapsed stacks; py-spy must be installed).  ``--cprofile FILE`` records mailsuite's warm rounds
+with cProfile (switched on and off by SIGUSR2): every call with its count and time (read it
+with ``python -m pstats FILE``).
+Besides wall times it prints the server's CPU time per RETR and per NOOP (the server's
+threads' run time from ``/proc/PID/task/*/schedstat``, nanoseconds, so steadier than wall
+time on a shared machine).
 """
 
 from __future__ import annotations
@@ -46,6 +51,23 @@ PASSWORD = "benchpass"
 STEPS = ("login", "stat", "uidl", "retr_all", "quit", "total", "noop_1000")
 NOOPS = 1000  # NOOP round trips timed per round, on a connection of their own
 DOVECOT_UID = 5000
+# twistd with a cProfile that SIGUSR2 switches on and, the next time, off (writing the
+# statistics to $MAILSUITE_BENCH_CPROFILE): the warm rounds alone are profiled.
+PROFILED_TWISTD = """
+import cProfile, os, signal
+from twisted.scripts.twistd import run
+profile, on = cProfile.Profile(), []
+def toggle(signum, frame):
+    if on:
+        profile.disable()
+        profile.dump_stats(os.environ["MAILSUITE_BENCH_CPROFILE"])
+        on.clear()
+    else:
+        profile.enable()
+        on.append(1)
+signal.signal(signal.SIGUSR2, toggle)
+run()
+"""
 
 
 def free_port() -> int:
@@ -78,10 +100,17 @@ def shared_modules() -> tuple[Any, Any]:
 
 @contextmanager
 def mailsuite_server(
-    work: Path, count: int, workers: int, gen: Any, name: str = "mailsuite", tree: str | None = None
+    work: Path,
+    count: int,
+    workers: int,
+    gen: Any,
+    name: str = "mailsuite",
+    tree: str | None = None,
+    cprofile: str | None = None,
 ) -> Iterator[Any]:
     """mailsuite on a free port with ``count`` messages; ``tree``: the source tree to run
-    (PYTHONPATH), else the one this Python imports."""
+    (PYTHONPATH), else the one this Python imports; ``cprofile``: where the server writes
+    its cProfile statistics (see :data:`PROFILED_TWISTD`)."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ)
@@ -116,9 +145,11 @@ def mailsuite_server(
     )
     maildir = work / "data" / "mail" / "example.test" / "pop1k"
     gen.gen_maildir(str(maildir), count, 0.0, None, None, 6, 7)
-    proc = subprocess.Popen(
-        mailsuite_argv(str(config), logfile=str(work / "twistd.log")), cwd=work, env=env
-    )
+    argv = mailsuite_argv(str(config), logfile=str(work / "twistd.log"))
+    if cprofile is not None:
+        argv[2] = PROFILED_TWISTD  # python -c CODE twistd-arguments...
+        env["MAILSUITE_BENCH_CPROFILE"] = cprofile
+    proc = subprocess.Popen(argv, cwd=work, env=env)
     try:
         wait_port(port, proc)
         yield SimpleNamespace(name=name, port=port, user="pop1k@example.test", pid=proc.pid)
@@ -163,21 +194,44 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
+def run_ns(pid: int | None) -> int:
+    """Nanoseconds on a CPU of a process's threads and its live children's
+    (``/proc/PID/task/TID/schedstat``): per-command costs need finer than clock ticks."""
+    if pid is None:
+        return 0
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def client(pop3_bench: Any, target: Any) -> Callable[[], tuple[dict[str, float], dict[str, Any]]]:
     args = SimpleNamespace(
         host="127.0.0.1", port=target.port, user=target.user, password=PASSWORD, timeout=300
     )
 
     def run() -> tuple[dict[str, float], dict[str, Any]]:
+        ns0 = run_ns(target.pid)
         times, checks = pop3_bench.trial(args)
+        # server CPU per message of a whole download (login, STAT, UIDL, RETRs, QUIT)
+        times["cpu_retr_us"] = (run_ns(target.pid) - ns0) / 1000 / max(checks["retrieved"], 1)
         p = poplib.POP3(args.host, args.port, timeout=args.timeout)
         try:
             p.user(args.user)
             p.pass_(args.password)
+            ns0 = run_ns(target.pid)
             t0 = time.perf_counter()
             for _ in range(NOOPS):
                 p.noop()
             times["noop_1000"] = round(time.perf_counter() - t0, 4)
+            times["cpu_noop_us"] = (run_ns(target.pid) - ns0) / 1000 / NOOPS
             p.quit()
         finally:
             p.close()
@@ -206,6 +260,7 @@ def main() -> None:
     ap.add_argument(
         "--profile", help="py-spy record of mailsuite's warm rounds (.svg: flame graph)"
     )
+    ap.add_argument("--cprofile", help="twistd's cProfile of mailsuite, written at its stop")
     a = ap.parse_args()
     pop3_bench, gen = shared_modules()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="mailsuite-pop3-bench-"))
@@ -217,7 +272,13 @@ def main() -> None:
     cpu: dict[str, list[float]] = {}
     try:
         with (
-            mailsuite_server(work / "ms", a.count, a.workers, gen) as ours,
+            mailsuite_server(
+                work / "ms",
+                a.count,
+                a.workers,
+                gen,
+                cprofile=a.cprofile and str(Path(a.cprofile).resolve()),
+            ) as ours,
             (
                 mailsuite_server(
                     work / "ms-compare", a.count, a.workers, gen, "compare", a.compare_tree
@@ -240,6 +301,8 @@ def main() -> None:
                     cold[t.name] = times
                     warm[t.name] = []
                     cpu[t.name] = []
+                if a.cprofile:
+                    os.kill(ours.pid, signal.SIGUSR2)
                 if a.profile:
                     spy = subprocess.Popen(
                         ["py-spy", "record", "-o", a.profile, "-p", str(ours.pid), "-r", "500"]
@@ -255,6 +318,11 @@ def main() -> None:
                         warm[t.name].append(times)
                         print(f"[pop3] round {r + 1} {t.name}: {times}", flush=True)
                     loads.append(os.getloadavg()[0])
+                if a.cprofile:
+                    os.kill(ours.pid, signal.SIGUSR2)
+                    deadline = time.monotonic() + 30
+                    while not Path(a.cprofile).exists() and time.monotonic() < deadline:
+                        time.sleep(0.1)
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
@@ -284,6 +352,12 @@ def main() -> None:
     for n in names:
         if n != "dovecot":
             print(f"server CPU per round, {n}: {fmt(cpu[n])} s")
+            for what in ("retr", "noop"):
+                per = [w[f"cpu_{what}_us"] for w in warm[n]]
+                print(
+                    f"  per {what.upper()}: {statistics.median(per):.1f} us"
+                    f" ({min(per):.1f}-{max(per):.1f})"
+                )
     print("cold: " + "; ".join(f"{n} {cold[n]}" for n in names))
     print(f"load average (1 min) during the run: {min(loads):.2f}-{max(loads):.2f}")
 
