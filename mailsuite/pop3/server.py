@@ -30,7 +30,7 @@ from mailsuite.auth import LoginResult, Outcome
 from mailsuite.config import ConfigError
 from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, shared_limits
 from mailsuite.deadline import LOGIN, ReadDeadline
-from mailsuite.flow import GatedLineReceiver, OutputFlow, send_now
+from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.pacing import PIECE
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
@@ -94,7 +94,7 @@ class POP3Protocol(GatedLineReceiver):
                 limit=self.admission.refused.value,
             )
             self.session.state = State.CLOSED  # nothing the client sends is acted on
-            self.tx.write(ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
+            self.reply(ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
             self.tx.loseConnection()
             return
         _no_delay(self.tx)
@@ -103,8 +103,7 @@ class POP3Protocol(GatedLineReceiver):
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
         )
         self.wait_input()
-        self.tx.write(self.session.greeting())
-        send_now(self.tx)  # now, not after another turn of the reactor
+        self.reply(self.session.greeting())  # now, not after another turn of the reactor
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -133,11 +132,11 @@ class POP3Protocol(GatedLineReceiver):
         RFC 1939 6: nothing marked deleted is removed)."""
         log.info("POP3: {why} timeout for {peer}", why=why, peer=self.peer)
         text = "Login timeout" if why == LOGIN else "Idle timeout"
-        self.tx.write(err(f"{text}, closing connection"))
+        self.reply(err(f"{text}, closing connection"))
         self.hang_up()  # over TLS too; at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.tx.write(err("Line too long, closing connection"))
+        self.reply(err("Line too long, closing connection"))
         self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
@@ -156,13 +155,13 @@ class POP3Protocol(GatedLineReceiver):
             step = self.session.line(line)
         except Exception:
             log.failure("POP3: command failed for {peer}", peer=self.peer)
-            self.tx.write(ERR_TEMP)
+            self.reply(ERR_TEMP)
             return
         self._perform(step.out, step.action)
 
     def _perform(self, out: bytes, action: Any) -> None:
         if out:
-            self.tx.write(out)
+            self.reply(out)
         if action is None:
             return
         if isinstance(action, Close):
@@ -193,7 +192,7 @@ class POP3Protocol(GatedLineReceiver):
             self.session.state = State.AUTHORIZATION
         elif self.session.state is State.UPDATE:
             self.session.state = State.CLOSED
-        self.tx.write(ERR_TEMP)
+        self.reply(ERR_TEMP)
         if self.session.state is State.CLOSED:
             self.close_connection()
 
@@ -254,8 +253,7 @@ class POP3Protocol(GatedLineReceiver):
                 peer=self.peer,
                 n=len(self.session.maildrop),
             )
-        self._perform(step.out, step.action)
-        send_now(self.tx)  # the answer to PASS, after the password check
+        self._perform(step.out, step.action)  # the answer to PASS, sent now
 
     def _open_maildrop(self, user: str) -> Maildrop:
         """INBOX on the folder model IMAP uses (the runtime's one registry of open folders),
@@ -282,9 +280,9 @@ class POP3Protocol(GatedLineReceiver):
                 while not flow.stopped:
                     data = stream.file.read(PIECE)
                     if not data:
-                        self.tx.write(stream.stuffer.finish())
+                        self.reply(stream.stuffer.finish())
                         break
-                    self.tx.write(stream.stuffer.feed(data))
+                    self.reply(stream.stuffer.feed(data))
                     self.wait_input()  # the client is reading: that is progress
                     wait = flow.wait_writable()
                     if wait is not None:
