@@ -56,7 +56,11 @@ class ReadDeadline:
         now = clock.seconds()
         self.login_end = None if login is None else now + login
         self.session_end = None if session is None else now + session
+        self._cap = math.inf  # the sooner of the two caps, and its reason
+        self._cap_why = COMMAND
+        self._set_cap()
         self._timer: Any = None
+        self._timer_at = math.inf  # when the pending timer fires
         self._due = math.inf  # the deadline of the current wait, before the caps
         self._when = math.inf  # when it expires, caps included, and why
         self._why = COMMAND
@@ -72,7 +76,7 @@ class ReadDeadline:
         self._seconds = seconds
         self._what = what
         self._block = 0
-        self._arm()
+        self._arm_at(self.clock.seconds() + seconds)
 
     def data(self, count: int) -> None:
         """``count`` octets of data arrived: a full :data:`DATA_BLOCK` moves the deadline."""
@@ -89,6 +93,7 @@ class ReadDeadline:
     def logged_in(self) -> None:
         """The client logged in: the login cap no longer applies."""
         self.login_end = None
+        self._set_cap()
         if not self._done:
             self._arm_at(self._due)
 
@@ -99,8 +104,11 @@ class ReadDeadline:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _arm(self) -> None:
-        self._arm_at(self.clock.seconds() + self._seconds)
+    def _set_cap(self) -> None:
+        self._cap, self._cap_why = math.inf, COMMAND
+        for cap, reason in ((self.login_end, LOGIN), (self.session_end, SESSION)):
+            if cap is not None and cap < self._cap:
+                self._cap, self._cap_why = cap, reason
 
     def _arm_at(self, due: float) -> None:
         """Expire at ``due`` (or an earlier cap).  The timer is lazy: a deadline that only
@@ -108,19 +116,25 @@ class ReadDeadline:
         firing finds the deadline moved and waits for the rest (:meth:`_fire`).  Cancelling
         and scheduling a timer per line cost two heap operations and a ``DelayedCall`` each
         (measured: a tenth of the server's time per POP3 command); a timer is replaced only
-        when the deadline comes sooner than it fires."""
+        when the deadline comes sooner than it fires.  Per line this is a comparison or two:
+        the caps are combined when they change, and the pending timer's time is kept here
+        (it is ours alone: only :meth:`_fire` and :meth:`_disarm` end it)."""
         self._due = due
-        when, why = due, self._what
-        for cap, reason in ((self.login_end, LOGIN), (self.session_end, SESSION)):
-            if cap is not None and cap < when:
-                when, why = cap, reason
-        self._when, self._why = when, why
+        if due <= self._cap:
+            self._when, self._why = due, self._what
+        else:
+            self._when, self._why = self._cap, self._cap_why
+        when = self._when
         if when == math.inf:
             return  # a pending timer fires, finds nothing due and stops
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= when:
+        if self._timer is not None:
+            if self._timer_at <= when:
                 return
             self._timer.cancel()
+        self._schedule(when)
+
+    def _schedule(self, when: float) -> None:
+        self._timer_at = when
         self._timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._fire)
 
     def _disarm(self) -> None:
@@ -128,14 +142,15 @@ class ReadDeadline:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+            self._timer_at = math.inf
 
     def _fire(self) -> None:
         self._timer = None
+        self._timer_at = math.inf
         if self._done or self._when == math.inf:
             return
-        now = self.clock.seconds()
-        if now < self._when:  # moved since the timer was set: wait for the rest
-            self._timer = self.clock.callLater(self._when - now, self._fire)
+        if self.clock.seconds() < self._when:  # moved since the timer was set: wait for the rest
+            self._schedule(self._when)
             return
         self._done = True
         self.expired(self._why)

@@ -34,6 +34,7 @@ from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.pacing import PIECE
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
+    COMMANDS,
     ERR_BUSY,
     ERR_BUSY_IP,
     ERR_TEMP,
@@ -53,6 +54,8 @@ from mailsuite.transport import Transport, transport_of
 
 log = Logger(namespace="mailsuite.pop3")
 
+#: A command's keyword (ASCII, upper case) -> its /metrics label; anything else is "other".
+_METRIC_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (per command)
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
 
@@ -150,7 +153,7 @@ class POP3Protocol(GatedLineReceiver):
         metrics = self.runtime.metrics
         if metrics is not None and self.session.state is not State.SASL:
             # (a SASL response line is a credential, not a command: never looked at)
-            metrics.pop3_command(line.split(b" ", 1)[0].decode("ascii", "replace").upper())
+            metrics.pop3_command(_METRIC_NAMES.get(line.partition(b" ")[0].upper(), "other"))
         try:
             step = self.session.line(line)
         except Exception:

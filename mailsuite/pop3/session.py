@@ -185,28 +185,27 @@ class Session:
     # -- input ------------------------------------------------------------------------------
 
     def line(self, raw: bytes) -> Step:
-        """One line from the client, without its line end."""
+        """One line from the client, without its line end.  The keyword is matched as ASCII,
+        case-insensitively (RFC 1939 3), in a table of this state's commands: one lookup,
+        and no other case mapping lets some other character stand for a command's letter."""
         if self.state is State.SASL:
             return self._sasl_response(raw)
-        if self.state in (State.LOGIN, State.UPDATE, State.CLOSED):
+        table = _HANDLERS.get(self.state)
+        if table is None:
             # the I/O side pauses input during these; reaching here is a bug, not the client's
             return Step(ERR_TEMP)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._error(ERR_SYNTAX)
-        keyword, _, rest = text.partition(" ")
-        keyword = keyword.upper()
-        handler: Callable[[str], Step] | None = (
-            getattr(self, f"_{self.state.value}_{keyword}", None)
-            if keyword.isalpha() and len(keyword) <= 8
-            else None
-        )
+        word, _, arg = raw.partition(b" ")
+        keyword = word.upper()
+        handler = table.get(keyword)
         if handler is None:
-            if keyword in COMMANDS:
+            if keyword in _COMMAND_BYTES:
                 return self._error(ERR_WRONG_STATE)
             return self._error(ERR_UNKNOWN)
-        return handler(rest)
+        try:
+            rest = arg.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error(ERR_SYNTAX)
+        return handler(self, rest)
 
     # -- both states ------------------------------------------------------------------------
 
@@ -432,6 +431,17 @@ class Session:
         )
 
 
+#: Each state's commands: the keyword (ASCII, upper case) -> its ``_<state>_<KEYWORD>`` method.
+_HANDLERS: dict[State, dict[bytes, Callable[[Session, str], Step]]] = {
+    state: {
+        name[len(state.value) + 2 :].encode("ascii"): method
+        for name, method in vars(Session).items()
+        if name.startswith(f"_{state.value}_")
+    }
+    for state in (State.AUTHORIZATION, State.TRANSACTION)
+}
+
+
 def _is_base64(text: str) -> bool:
     try:
         base64.b64decode(text.encode("ascii"), validate=True)
@@ -460,3 +470,4 @@ COMMANDS = frozenset(
         "NOOP",
     }
 )
+_COMMAND_BYTES = frozenset(c.encode("ascii") for c in COMMANDS)

@@ -209,6 +209,18 @@ def test_state_rules_and_error_limit() -> None:
     assert s.line(b"\xff\xfe").out.startswith(b"-ERR")
 
 
+def test_keywords_are_ascii_letters_in_any_case() -> None:
+    """RFC 1939 3: keywords are ASCII, case-insensitive.  Old main upper-cased the decoded
+    line with Unicode's case mapping, so U+017F LATIN SMALL LETTER LONG S ("\u017ftat")
+    was taken for STAT and a Kelvin sign for a K.  Such a line is not a command here."""
+    s, _ = logged_in()
+    assert s.line(b"stat").out.startswith(b"+OK")
+    assert s.line(b"NoOp").out == b"+OK\r\n"
+    assert s.line("\u017ftat".encode()).out.startswith(b"-ERR Unknown command")
+    assert s.line("noop\u0130".encode()).out.startswith(b"-ERR Unknown command")
+    assert s.line(b"NOOP \xff").out.startswith(b"-ERR Syntax error")  # argument not UTF-8
+
+
 def test_large_message_is_streamed_and_gone_message_reported() -> None:
     big = b"H: x\n\n" + b"line\n.\n" * 100_000
     s, md = logged_in([big, b"a\n"])
