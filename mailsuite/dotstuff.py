@@ -71,19 +71,32 @@ class DotStuffer:
         return tail + TERMINATOR
 
 
-def stuff_all(data: bytes, bare_cr_ends_line: bool = False) -> bytes:
-    """The whole multi-line form of ``data`` in one piece (small messages): what
-    :class:`DotStuffer` gives fed in any chunks (a property test checks it), in a few
-    ``bytes.replace`` over the whole message and without the chunk-crossing state."""
+def stuff_all(data: bytes, bare_cr_ends_line: bool = False, head: bytes = b"") -> bytes:
+    """``head`` and then the whole multi-line form of ``data`` in one piece (small
+    messages): what :class:`DotStuffer` gives fed in any chunks (a property test checks
+    it), in at most one ``bytes.replace`` per rewrite the message needs and one copy to
+    join it to ``head`` (the reply's status line) and the terminator.
+
+    A message stored with CRLF line ends throughout (counted, not copied) is left as it is;
+    only one with bare LFs is rewritten (LF -> CRLF, after CRLF -> LF when it mixes both);
+    and dot-stuffing copies only a message that has a line starting with "."."""
     if bare_cr_ends_line:
         data = _LINE_ENDS.sub(b"\r\n", data)
     else:  # LF and CRLF -> CRLF; a bare CR stays content
-        if b"\r\n" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = data.replace(b"\n", b"\r\n")
-    data = data.replace(b"\n.", b"\n..")
+        lf = data.count(b"\n")
+        if lf:
+            crlf = data.count(b"\r\n")
+            if crlf != lf:
+                if crlf:
+                    data = data.replace(b"\r\n", b"\n")
+                data = data.replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    parts = [head]
     if data[:1] == b".":
-        data = b"." + data
+        parts.append(b".")
+    parts.append(data)
     if data and not data.endswith(b"\n"):
-        data += b"\r\n"
-    return data + TERMINATOR
+        parts.append(b"\r\n")
+    parts.append(TERMINATOR)
+    return b"".join(parts)

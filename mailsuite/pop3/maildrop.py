@@ -94,7 +94,14 @@ class Maildrop:
             self._unlock()
             raise
         self.uidvalidity = self.folder.uidvalidity
-        self._dir = os.fspath(self.folder.index.folder) + "/"  # message paths: str, no pathlib
+        # The folder, open for the session: messages are opened relative to it (``openat``),
+        # so the kernel looks up one name per RETR instead of walking the whole path.
+        self._dir_fd: int | None = None
+        try:
+            self._dir_fd = os.open(self.folder.index.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except BaseException:
+            self.close()
+            raise
         self.deleted: set[int] = set()  # message numbers marked by DELE
         self.retrieved: set[int] = set()  # message numbers sent in full by RETR
         self.total_size = sum(m.size for m in self.messages)
@@ -168,10 +175,11 @@ class Maildrop:
         the name the index has, with the size the index has as the read size, and
         :meth:`open_file` (which follows renames) only when that name is gone."""
         msg = self.message(number)
-        try:
-            return read_whole(self._dir + msg.name, msg.size)
-        except FileNotFoundError:
-            pass
+        if self._dir_fd is not None:
+            try:
+                return read_whole(msg.name, msg.size, self._dir_fd)
+            except FileNotFoundError:
+                pass
         with self.open_file(number) as f:
             return f.read()
 
@@ -246,6 +254,9 @@ class Maildrop:
         try:
             self.view.close()
         finally:
+            if self._dir_fd is not None:
+                fd, self._dir_fd = self._dir_fd, None
+                os.close(fd)
             self._unlock()
 
     def _unlock(self) -> None:
@@ -254,12 +265,13 @@ class Maildrop:
             os.close(fd)  # closing the only descriptor releases the flock
 
 
-def read_whole(path: str, size: int) -> bytes:
-    """The whole file at ``path``, expected to hold about ``size`` bytes: one ``open``, one
-    ``read`` of ``size + 1`` (a short read of a regular file is its end) and ``close``,
-    without a buffered file object's ``fstat``/``lseek``/``isatty`` calls.  Reads on when
-    the file is larger than expected."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def read_whole(path: str, size: int, dir_fd: int | None = None) -> bytes:
+    """The whole file at ``path`` (relative to the directory open as ``dir_fd``, if given),
+    expected to hold about ``size`` bytes: one ``open``, one ``read`` of ``size + 1`` (a
+    short read of a regular file is its end) and ``close``, without a buffered file
+    object's ``fstat``/``lseek``/``isatty`` calls.  Reads on when the file is larger than
+    expected."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         data = os.read(fd, size + 1)
         if len(data) <= size:

@@ -370,7 +370,7 @@ class Session:
         head = ok(f"{size} octets")
         try:
             if size <= STREAM_THRESHOLD:
-                step = Step(head + stuff_all(md.read(n)))
+                step = Step(stuff_all(md.read(n), head=head))
             else:
                 step = Step(head, Stream(md.open_file(n)))
         except MessageGone:
@@ -390,7 +390,7 @@ class Session:
         head = ok("Top of message follows")
         try:
             if self.maildrop.message(n).size <= STREAM_THRESHOLD:
-                return Step(head + stuff_all(self.maildrop.read_top(n, int(parts[1]))))
+                return Step(stuff_all(self.maildrop.read_top(n, int(parts[1])), head=head))
             return Step(head, Stream(self.maildrop.open_top(n, int(parts[1]))))
         except MessageGone:
             return Step(ERR_GONE)

@@ -41,3 +41,9 @@ def test_the_reader_gets_the_lines_back(data: bytes) -> None:
     if expected and expected[-1] == b"":
         expected.pop()
     assert unstuffed == expected
+
+
+@settings(max_examples=200)
+@given(message, st.booleans(), st.sampled_from([b"", b"+OK 12 octets\r\n"]))
+def test_the_head_comes_first_and_is_left_as_it_is(data: bytes, bare: bool, head: bytes) -> None:
+    assert stuff_all(data, bare, head=head) == head + stuff_all(data, bare)
