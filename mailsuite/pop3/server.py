@@ -34,10 +34,12 @@ from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.pacing import PIECE
 from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
 from mailsuite.pop3.session import (
+    CLOSED,
     COMMANDS,
     ERR_BUSY,
     ERR_BUSY_IP,
     ERR_TEMP,
+    SASL,
     Authenticate,
     Close,
     Options,
@@ -148,10 +150,11 @@ class POP3Protocol(GatedLineReceiver):
         self.wait_input()
         if line.endswith(b"\r"):
             line = line[:-1]
-        if self.session.state is State.CLOSED:
+        state = self.session.state
+        if state is CLOSED:
             return
         metrics = self.runtime.metrics
-        if metrics is not None and self.session.state is not State.SASL:
+        if metrics is not None and state is not SASL:
             # (a SASL response line is a credential, not a command: never looked at)
             metrics.pop3_command(_METRIC_NAMES.get(line.partition(b" ")[0].upper(), "other"))
         try:
