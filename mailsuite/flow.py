@@ -278,13 +278,14 @@ def send_now(transport: Any) -> None:
     Implicit TLS: the TLS layer's own transport carries the ciphertext."""
     if isinstance(transport, TLSMemoryBIOProtocol):
         transport = transport.transport
+    if not getattr(transport, "_tempDataLen", 0):
+        return  # nothing waits (the common case: write_now sent it)
     writer: Any = transport  # (Twisted's doWrite is untyped)
     if (
         isinstance(transport, tcp.Connection)
         and transport.connected
         and not transport.disconnecting
         and not getattr(transport, "_writeDisconnecting", True)
-        and getattr(transport, "_tempDataLen", 0)
     ):
         writer.doWrite()
 
