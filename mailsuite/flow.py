@@ -211,7 +211,13 @@ class GatedLineReceiver(LineReceiver):
         finally:
             self.flush_replies()
             self._replies = None
+        self.after_replies()
         send_now(self.transport)
+
+    def after_replies(self) -> None:
+        """Called after each batch of input once its replies are sent (or handed to the
+        transport): bookkeeping that need not hold up the answer (counting the commands,
+        moving the read deadline) goes here.  Nothing by default."""
 
 
 @implementer(IPushProducer)

@@ -84,6 +84,8 @@ class POP3Protocol(GatedLineReceiver):
         self.flow: OutputFlow | None = None
         self.login_timeout = login_timeout
         self.deadline: ReadDeadline | None = None
+        self._lines = 0  # complete lines in the batch of input being handled
+        self._commands: list[bytes] = []  # their keywords, for /metrics
 
     # -- connection life --------------------------------------------------------------------
 
@@ -147,16 +149,16 @@ class POP3Protocol(GatedLineReceiver):
     # -- input ------------------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        self.wait_input()
+        """One command: answered first; counting it and moving the read deadline wait for
+        the end of the batch (:meth:`after_replies`), after the answer is sent."""
+        self._lines += 1
         if line.endswith(b"\r"):
             line = line[:-1]
         state = self.session.state
         if state is CLOSED:
             return
-        metrics = self.runtime.metrics
-        if metrics is not None and state is not SASL:
-            # (a SASL response line is a credential, not a command: never looked at)
-            metrics.pop3_command(_METRIC_NAMES.get(line.partition(b" ")[0].upper(), "other"))
+        if state is not SASL:  # (a SASL response line is a credential: never looked at)
+            self._commands.append(line.partition(b" ")[0])
         try:
             step = self.session.line(line)
         except Exception:
@@ -164,6 +166,20 @@ class POP3Protocol(GatedLineReceiver):
             self.reply(ERR_TEMP)
             return
         self._perform(step.out, step.action)
+
+    def after_replies(self) -> None:
+        """The batch's commands are answered: count them, and give the next one
+        :data:`IDLE_TIMEOUT` from now when a complete line came (progress; bytes alone are
+        not, see :mod:`mailsuite.deadline`)."""
+        if self._lines:
+            self._lines = 0
+            self.wait_input()
+        if self._commands:
+            words, self._commands = self._commands, []
+            metrics = self.runtime.metrics
+            if metrics is not None:
+                for word in words:
+                    metrics.pop3_command(_METRIC_NAMES.get(word.upper(), "other"))
 
     def _perform(self, out: bytes, action: Any) -> None:
         if out:

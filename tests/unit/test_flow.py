@@ -93,6 +93,65 @@ def test_close_unregisters_the_producer_and_a_stalled_hang_up_aborts() -> None:
     assert aborted == [True]
 
 
+class Replies(GatedLineReceiver):
+    """Answers each line through ``reply``; ``BIG`` answers more than a piece."""
+
+    delimiter = b"\r\n"
+
+    def __init__(self) -> None:
+        self.sent_before_bookkeeping: list[bytes] = []
+        self.writes: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.start_flow()
+        write = self.transport.write
+
+        def counted(data: bytes) -> None:
+            self.writes.append(data)
+            write(data)
+
+        self.transport.write = counted
+
+    def lineReceived(self, line: bytes) -> None:
+        self.reply(b"+OK " + (b"x" * PIECE if line == b"BIG" else line) + b"\r\n")
+        if line == b"STLS":
+            self.begin_tls(object())
+        elif line == b"QUIT":
+            self.close_connection()
+
+    def after_replies(self) -> None:
+        self.sent_before_bookkeeping.append(self.transport.value())
+
+
+def test_replies_of_a_batch_leave_together_before_the_bookkeeping() -> None:
+    proto = Replies()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"a\r\nb\r\nc")  # two lines and part of a third
+    assert proto.writes == [b"+OK a\r\n+OK b\r\n"]  # one write for the batch
+    assert proto.sent_before_bookkeeping == [b"+OK a\r\n+OK b\r\n"]
+    proto.dataReceived(b"\r\nBIG\r\nd\r\n")
+    # a piece's worth is written at once (the transport's back-pressure applies to it)
+    assert proto.writes[1:] == [b"+OK c\r\n+OK " + b"x" * PIECE + b"\r\n", b"+OK d\r\n"]
+    proto.reply(b"+OK later\r\n")  # outside a batch: at once
+    assert proto.writes[-1] == b"+OK later\r\n"
+
+
+def test_replies_gathered_go_out_before_tls_starts_or_the_connection_closes() -> None:
+    proto = Replies()
+    transport = StringTransport()
+    started: list[bytes] = []
+    transport.startTLS = lambda ctx: started.append(transport.value())  # type: ignore[attr-defined]
+    proto.makeConnection(transport)
+    proto.dataReceived(b"STLS\r\n")
+    assert started == [b"+OK STLS\r\n"]  # in the clear, before the handshake
+    proto = Replies()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"QUIT\r\n")
+    assert transport.value() == b"+OK QUIT\r\n" and transport.disconnecting
+
+
 def test_paced_writes_pieces_and_waits_while_paused() -> None:
     """The IMAP core's pacing (mailsuite.pacing, no Twisted) over this flow, as the IMAP
     adapter drives it: pieces of about PIECE bytes, a wait whenever the transport is full,
