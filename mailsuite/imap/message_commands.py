@@ -39,7 +39,7 @@ _ESEARCH_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
 class MessageCommands(SessionBase):
     """FETCH, STORE, SEARCH, COPY, MOVE and EXPUNGE on the selected mailbox."""
 
-    def do_EXPUNGE(self, cmd: Command) -> None:
+    async def do_EXPUNGE(self, cmd: Command) -> None:
         v = self._rw()
         fl = v.folder.flags
         if cmd.uid:
@@ -54,7 +54,7 @@ class MessageCommands(SessionBase):
             u for u in v.uids if "\\Deleted" in fl.get(u, "") and (wanted is None or u in wanted)
         ]
         if doomed:
-            v.folder.expunge(doomed)
+            await self.expunge_off_loop(v.folder, doomed)
         self.ok(cmd, "EXPUNGE completed")
 
     def _rw(self) -> FolderView:
@@ -200,7 +200,10 @@ class MessageCommands(SessionBase):
             else:
                 new = old - flags
             changes.append((u, new))
-        done = folder.store(v, changes, unchangedsince)
+        done = folder.try_store(v, changes, unchangedsince)
+        if done is None:  # the folder lock is busy: wait for it in a worker thread
+            done = await self.shared.run_blocking(folder.writer.store, changes, unchangedsince)
+            folder.stored(v, done)
         done_uids = {u for u, _, _ in done}
         modified = (
             [u for u, _ in changes if u not in done_uids] if unchangedsince is not None else []
@@ -357,7 +360,7 @@ class MessageCommands(SessionBase):
         self.shared.changes.notify(dest, other._hub_changed if other else None)
         if move:
             self.untagged(f"OK [{copyuid}] Moved")
-            folder.expunge(src_uids)
+            await self.expunge_off_loop(folder, src_uids)
             self.ok(cmd, "MOVE completed")
         else:
             self.ok(cmd, "COPY completed", copyuid)

@@ -364,7 +364,9 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         v = folder.view(readonly)
         # SELECT claims the messages no session has seen as \Recent; EXAMINE shows them as
         # \Recent without claiming them (RFC 3501 2.3.2, 6.3.2)
-        first, end = folder.index.recent_range() if readonly else folder.index.claim_recent()
+        first, end = (
+            folder.index.recent_range() if readonly else folder.index.claim_recent(wait=False)
+        )
         if end > first:
             v.recent.append((first, end))
         self.view = v
@@ -430,14 +432,14 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         self._unselect()
         self.tagged(cmd.tag, "OK", "UNSELECT completed")
 
-    def do_CLOSE(self, cmd: Command) -> None:
+    async def do_CLOSE(self, cmd: Command) -> None:
         v = self.view
         assert v is not None
         if not v.readonly:
             fl = v.folder.flags
             doomed = [u for u in v.uids if "\\Deleted" in fl.get(u, "")]
             if doomed:
-                v.folder.expunge(doomed)
+                await self.expunge_off_loop(v.folder, doomed)
         self._unselect()
         self.tagged(cmd.tag, "OK", "CLOSE completed")
 

@@ -137,6 +137,17 @@ class SessionBase:
     def ok(self, cmd: Command, text: str, code: str | None = None) -> None:
         self.finish(cmd, "OK", text, code)
 
+    # -- changes made in a worker thread ------------------------------------------------------
+
+    async def expunge_off_loop(self, folder: Folder, uids: list[int]) -> None:
+        """Expunge ``uids`` in a worker thread (unlinks and a directory ``fsync``: never on
+        the event loop's thread, which serves every other session meanwhile), then bring the
+        folder in step, so this session's ``* n EXPUNGE`` go out before its tagged reply and
+        every other view has them pending.  Until the worker is done the other sessions see
+        the folder as it was: their syncs do not wait for the lock the worker holds."""
+        done = await self.shared.run_blocking(folder.writer.expunge, uids)
+        folder.expunged(done)
+
     # -- unsolicited updates ------------------------------------------------------------------
 
     def flush(self, allow_expunge: bool = True, refresh: bool = True) -> None:
@@ -169,7 +180,8 @@ class SessionBase:
         exists = v.take_added() if (allow_expunge or not v.pending_expunged) else None
         if exists is not None:
             if not v.readonly:
-                first, end = v.folder.index.claim_recent()
+                # not waiting for a writer's lock (an empty claim leaves them for later)
+                first, end = v.folder.index.claim_recent(wait=False)
                 if end > first:
                     v.recent.append((first, end))
             else:  # read-only: what nobody has claimed yet, left unclaimed (RFC 3501 6.3.2)

@@ -220,12 +220,15 @@ class FolderIndex(IndexScan):
     # -- \Recent ---------------------------------------------------------------------------
 
     @frees_space
-    def claim_recent(self) -> tuple[int, int]:
+    def claim_recent(self, wait: bool = True) -> tuple[int, int]:
         """Claim every message not yet seen by any session as \\Recent for the caller;
         returns the claimed UID range [first, end) (RFC 3501 2.3.2: one session gets each
-        message)."""
-        with self._locked():
+        message).  ``wait`` False: when a writer holds the folder lock, claim nothing now
+        (an empty range; the messages stay unclaimed for the next claim) rather than wait."""
+        with self._try_locked(wait) as held:
             first = int(self._meta("recent") or 1)
+            if not held:
+                return first, first
             nxt = self.uidnext
             if nxt > first:
                 with self._transaction():
@@ -250,20 +253,41 @@ class FolderIndex(IndexScan):
             return None
         return self.get(uid)
 
-    @frees_space
     def store_flags(
         self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
     ) -> list[tuple[int, str, int]]:
+        """Set the flags of several messages (see :meth:`_store`), waiting for the lock."""
+        done = self._store(changes, unchangedsince, True)
+        assert done is not None  # (only a store that does not wait gives up)
+        return done
+
+    def try_store_flags(
+        self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
+    ) -> list[tuple[int, str, int]] | None:
+        """:meth:`store_flags` if the folder lock is free now, else None (nothing done)."""
+        return self._store(changes, unchangedsince, False)
+
+    @frees_space
+    def _store(
+        self,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None,
+        wait: bool,
+    ) -> list[tuple[int, str, int]] | None:
         """Set the flags of several messages in one locked transaction.
 
         Returns (uid, flags, modseq) for every message that still exists and was not refused
         by ``unchangedsince`` (RFC 7162 3.1.3); messages whose flags did not change keep
-        their modseq.  Files move into ``cur/`` with the new info letters.
+        their modseq.  Files move into ``cur/`` with the new info letters.  ``wait`` False:
+        None, having done nothing, when another handle holds the folder lock (the caller
+        then does it in a worker thread, see :mod:`mailsuite.store.folder_writer`).
         """
         out: list[tuple[int, str, int]] = []
         if not changes:
             return out
-        with self._locked():
+        with self._try_locked(wait) as held:
+            if not held:
+                return None
             dirs0, m0 = self._dir_stamp(), self._metas()  # see IndexScan._own_changes
             uids = [u for u, _ in changes]
             current: dict[int, tuple[str, str, int]] = {}

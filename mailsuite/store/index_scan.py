@@ -187,10 +187,10 @@ class IndexScan(IndexDatabase):
             return None
         return new, cur
 
-    def sync_counters(self, verify: bool = False) -> tuple[int, int, int] | None:
+    def sync_counters(self, verify: bool = False, wait: bool = True) -> tuple[int, int, int] | None:
         """:meth:`sync`, then :meth:`counters`: what an open folder asks before each IMAP
         command, in one query of the meta table when nothing changed.  None when ``new/`` or
-        ``cur/`` is gone."""
+        ``cur/`` is gone.  ``wait`` False: see :meth:`sync`."""
         stamp = self._dir_stamp()
         if stamp is None:
             return None
@@ -201,21 +201,27 @@ class IndexScan(IndexDatabase):
             or not _covered(m, "new", stamp[0], now, verify)
             or not _covered(m, "cur", stamp[1], now, verify)
         ):
-            self.sync(verify=verify)
+            self.sync(verify=verify, wait=wait)
             m = self._metas()
         return _counters(m)
 
     @frees_space
-    def sync(self, force: bool = False, verify: bool = False) -> SyncResult:
+    def sync(self, force: bool = False, verify: bool = False, wait: bool = True) -> SyncResult:
         """Bring the index in step with the directory; cheap when nothing changed.
 
         Only the subdirectories whose mtime differs from the recorded (trusted) one are
         listed: a delivery lists ``new/``, a flag change by another program lists ``cur/``.
         ``verify`` also lists those whose mtime is only provisional (see the module doc):
         for a watcher that was told the directory changed.
+
+        ``wait`` False (the event loop's thread): when another handle holds the folder lock,
+        do nothing now instead of waiting for it.  The holder is a writer of ours (APPEND,
+        EXPUNGE, a flag change, another process's sync) whose change is not committed yet, so
+        the index as it stands is a state the folder was in an instant ago; its mtimes stay
+        unrecorded, so the next sync lists the directory.
         """
         built, self._built_result = self._built_result, None
-        result = self._sync(force, verify)
+        result = self._sync(force, verify, wait)
         if built is None:
             return result
         # the build at open (index_build) was the first sync's work: report it too
@@ -228,7 +234,7 @@ class IndexScan(IndexDatabase):
             )
         return SyncResult(built.added + result.added, (), result.flag_changes)
 
-    def _sync(self, force: bool, verify: bool = False) -> SyncResult:
+    def _sync(self, force: bool, verify: bool = False, wait: bool = True) -> SyncResult:
         stamp = self._dir_stamp()
         if stamp is None:
             return SyncResult()
@@ -239,7 +245,9 @@ class IndexScan(IndexDatabase):
                 m, "cur", stamp[1], now, verify
             ):
                 return SyncResult()
-        with self._locked():
+        with self._try_locked(wait) as held:
+            if not held:
+                return SyncResult()  # a writer holds the lock: see sync()
             now = time.time_ns()  # before the listing: see _trusted()
             stamp = self._dir_stamp()
             if stamp is None:

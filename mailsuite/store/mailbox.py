@@ -27,6 +27,7 @@ from typing import Any
 from mailsuite.corelog import Log
 from mailsuite.store import mailbox_names
 from mailsuite.store.events import ChangeHub, FolderWatcher
+from mailsuite.store.folder_writer import FolderWriter
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.maildir import (
     FolderNameError,
@@ -373,6 +374,10 @@ class Folder:
         self.registry = registry
         self.path = path
         self.index = FolderIndex(path)
+        #: the handle for changes made in worker threads (EXPUNGE; STORE when the lock is busy)
+        self.writer = FolderWriter(path)
+        #: the index handles are closed (the folder left the registry for good)
+        self.closed = False
         self.views: list[FolderView] = []
         self.index.sync()
         self.uidvalidity, self.uidnext, self.highestmodseq = self.index.counters()
@@ -413,6 +418,8 @@ class Folder:
     def _close(self) -> None:
         if self._unsubscribe:
             self._unsubscribe()
+        self.closed = True
+        self.writer.close()
         self.index.close()
 
     def invalidate(self, reason: str) -> None:
@@ -444,7 +451,9 @@ class Folder:
         push what changed to every view.  Returns True if something changed.  ``verify``:
         a watcher was told the directory changed, so list it even where our own recent
         changes left an mtime the index takes as covered (see FolderIndex.sync)."""
-        counters = self.index.sync_counters(verify=verify)
+        # never waiting for the folder lock: this runs on the event loop's thread, and a
+        # writer holding it may be in an fsync (see IndexScan.sync)
+        counters = self.index.sync_counters(verify=verify, wait=False)
         if counters is None:
             if not (self.path / "cur").is_dir():
                 self.invalidate("Mailbox was deleted or renamed")
@@ -512,17 +521,42 @@ class Folder:
     ) -> list[tuple[int, str, int]]:
         """Set flags (see :meth:`FolderIndex.store_flags`); other views hear about it."""
         done = self.index.store_flags(changes, unchangedsince)
+        self.stored(origin, done)
+        return done
+
+    def try_store(
+        self,
+        origin: FolderView | None,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None = None,
+    ) -> list[tuple[int, str, int]] | None:
+        """:meth:`store` when the folder lock is free now; else None, nothing done (the
+        caller runs ``writer.store`` in a worker thread, then :meth:`stored`)."""
+        done = self.index.try_store_flags(changes, unchangedsince)
+        if done is not None:
+            self.stored(origin, done)
+        return done
+
+    def stored(self, origin: FolderView | None, done: Sequence[tuple[int, str, int]]) -> None:
+        """Flags were set (here or by :attr:`writer`): other views hear about it."""
         self._apply(done, (), origin)
         if done and self.registry.hub:
             self.registry.hub.notify(self.path, self._hub_changed)
-        return done
 
     def expunge(self, uids: Sequence[int]) -> list[int]:
+        """Expunge here, on the caller's thread (POP3's QUIT); IMAP runs ``writer.expunge``
+        in a worker thread, then :meth:`expunged`."""
         done = self.index.expunge(uids)
+        self.expunged(done)
+        return done
+
+    def expunged(self, done: Sequence[int]) -> None:
+        """Messages were expunged (here or by :attr:`writer`): every view hears of it."""
+        if self.closed:
+            return
         self.refresh()
         if done and self.registry.hub:
             self.registry.hub.notify(self.path, self._hub_changed)
-        return done
 
     def flag_set(self, uid: int) -> frozenset[str]:
         """The flags of ``uid`` as a set (one set per distinct flag string: a folder has few,
