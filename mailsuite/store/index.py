@@ -49,6 +49,13 @@ from mailsuite.store.space import is_disk_full
 _S_SIZE = re.compile(r",S=(\d+)")
 
 
+#: Changes after a MODSEQ, asked by every open folder whenever another session changed
+#: something: ``+uid`` keeps SQLite from scanning the whole table in UID order to spare a
+#: sort, so it reads the few rows through the modseq index and sorts those (issue 15).
+_CHANGED_SINCE = "SELECT uid, flags, modseq FROM messages WHERE modseq > ? ORDER BY +uid"
+_EXPUNGED_SINCE = "SELECT uid FROM expunged WHERE modseq > ? ORDER BY +uid"
+
+
 class FolderIndex(IndexScan):
     """The index of one Maildir folder.  Blocking (SQLite, directory scans): IMAP and POP3
     call it from the reactor for bounded operations; a thread may open its own instance."""
@@ -119,24 +126,12 @@ class FolderIndex(IndexScan):
     def changes_since(self, modseq: int) -> tuple[list[tuple[int, str, int]], list[int]]:
         """Rows (uid, flags, modseq) changed or added after ``modseq``, and UIDs expunged
         after it (RFC 7162 3.2.5 / QRESYNC VANISHED)."""
-        rows = self.db.execute(
-            "SELECT uid, flags, modseq FROM messages WHERE modseq > ? ORDER BY uid", (modseq,)
-        ).fetchall()
-        gone = [
-            u
-            for (u,) in self.db.execute(
-                "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (modseq,)
-            )
-        ]
+        rows = self.db.execute(_CHANGED_SINCE, (modseq,)).fetchall()
+        gone = [u for (u,) in self.db.execute(_EXPUNGED_SINCE, (modseq,))]
         return rows, gone
 
     def expunged_since(self, modseq: int, uids: Sequence[int] | None = None) -> list[int]:
-        gone = [
-            u
-            for (u,) in self.db.execute(
-                "SELECT uid FROM expunged WHERE modseq > ? ORDER BY uid", (modseq,)
-            )
-        ]
+        gone = [u for (u,) in self.db.execute(_EXPUNGED_SINCE, (modseq,))]
         if uids is not None:
             keep = set(uids)
             gone = [u for u in gone if u in keep]

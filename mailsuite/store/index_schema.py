@@ -67,6 +67,9 @@ _INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(modseq);
 -- the few messages still in new/: listing them must not read every row
 CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'new/%';
+-- what was expunged after a MODSEQ: asked at every change another session made (an open
+-- folder's refresh, QRESYNC), while the table keeps every expunge the folder ever had
+CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged(modseq);
 """
 _SCHEMA = _TABLES + _INDEXES
 
@@ -221,13 +224,14 @@ class IndexDatabase:
         try:
             (objects,) = self.db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name IN"
-                " ('meta', 'messages', 'expunged', 'messages_modseq', 'messages_in_new')"
+                " ('meta', 'messages', 'expunged', 'messages_modseq', 'messages_in_new',"
+                " 'expunged_modseq')"
             ).fetchone()
             m = self._metas()
         except sqlite3.Error:
             return False
         return (
-            objects == 5
+            objects == 6
             and m.get("version") == _SCHEMA_VERSION
             and m.get("uidvalidity") is not None
             and m.get("cache_version") == _CACHE_VERSION
@@ -320,7 +324,9 @@ class IndexDatabase:
         at a time."""
         if self._lock_fd < 0:
             self._lock_fd = os.open(
-                self.folder / LOCK_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666
+                self.folder / LOCK_NAME,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                0o666,
             )
         return self._lock_fd
 
