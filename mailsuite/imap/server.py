@@ -43,7 +43,7 @@ from mailsuite.imap.interface import ConnectionGone, Limits, Services
 from mailsuite.imap.parser import BadCommand, Command, CommandReader, NeedLiteral
 from mailsuite.imap.session import Session
 from mailsuite.runtime import Runtime
-from mailsuite.transport import Transport, transport_of
+from mailsuite.transport import Transport, no_delay, transport_of
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -110,6 +110,7 @@ class IMAPProtocol(GatedLineReceiver):
                 self.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             self.tx.loseConnection()
             return
+        no_delay(self.tx)  # replies go out at once, however they are split (see no_delay)
         self.reader = self._reader()
         self.session = Session(self.services, self)
         self.start_flow()

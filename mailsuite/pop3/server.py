@@ -52,7 +52,7 @@ from mailsuite.pop3.session import (
 )
 from mailsuite.runtime import Runtime
 from mailsuite.store.space import log_failure
-from mailsuite.transport import Transport, transport_of
+from mailsuite.transport import Transport, no_delay, transport_of
 
 log = Logger(namespace="mailsuite.pop3")
 
@@ -104,7 +104,7 @@ class POP3Protocol(GatedLineReceiver):
             self.reply(ERR_BUSY_IP if self.admission.refused is Refusal.PER_IP else ERR_BUSY)
             self.tx.loseConnection()
             return
-        _no_delay(self.tx)
+        no_delay(self.tx)
         self.start_flow()
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
@@ -343,14 +343,6 @@ class POP3Protocol(GatedLineReceiver):
             step = self.session.update_finished(expunged)
         self._perform(step.out, step.action)
         return defer.succeed(None)
-
-
-def _no_delay(transport: Any) -> None:
-    """TCP_NODELAY on the TCP transport (a TLS wrapper forwards the call to it)."""
-    try:
-        transport.setTcpNoDelay(True)
-    except Exception:
-        log.debug("POP3: could not set TCP_NODELAY on {t!r}", t=transport)
 
 
 class POP3Factory(protocol.ServerFactory):

@@ -24,12 +24,11 @@ reactor and runtime it was given.  Here:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
-from twisted.internet import defer, error, interfaces, protocol, tcp
+from twisted.internet import defer, interfaces, protocol, tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -66,7 +65,7 @@ from mailsuite.smtp.session import (
 )
 from mailsuite.store.space import is_disk_full
 from mailsuite.tls import peer_tls_info
-from mailsuite.transport import Transport, transport_of
+from mailsuite.transport import Transport, no_delay, transport_of
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -151,10 +150,7 @@ class SMTPProtocol(GatedLineReceiver):
             session=smtp.session_timeout,
         )
         self.deadline.wait(smtp.timeout)
-        with contextlib.suppress(
-            AttributeError, OSError, error.UnsupportedAddressFamily, NotImplementedError
-        ):
-            self._tx.setTcpNoDelay(True)  # answer small replies at once (Nagle costs ms)
+        no_delay(self._tx)  # answer small replies at once (Nagle costs ms)
         self._perform(self.session.greeting())
         send_now(self._tx)  # the greeting now, not after another turn of the reactor
 
