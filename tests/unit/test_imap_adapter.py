@@ -64,7 +64,18 @@ def failures() -> Iterator[list[dict[str, Any]]]:
     globalLogPublisher.removeObserver(observe)
 
 
-def connect(tmp_path: Path) -> tuple[IMAPProtocol, StringTransport, GatedAuth, Clock]:
+class TCPStringTransport(StringTransport):
+    """A StringTransport that says whether TCP_NODELAY was asked for."""
+
+    nodelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 (Twisted's name)
+        self.nodelay = enabled
+
+
+def connect(
+    tmp_path: Path, transport: StringTransport | None = None
+) -> tuple[IMAPProtocol, StringTransport, GatedAuth, Clock]:
     config = parse_config(
         {
             "server": {"hostname": "mx.example.test", "data_dir": str(tmp_path / "data")},
@@ -80,7 +91,7 @@ def connect(tmp_path: Path) -> tuple[IMAPProtocol, StringTransport, GatedAuth, C
     clock = Clock()
     runtime = Runtime(config, clock, directory, auth, ChangeHub())  # type: ignore[arg-type]  # a stand-in Authenticator
     proto = IMAPFactory(runtime, implicit_tls=True).buildProtocol(None)
-    transport = StringTransport(peerAddress=None)
+    transport = transport if transport is not None else StringTransport(peerAddress=None)
     proto.makeConnection(transport)
     assert transport.value().startswith(b"* OK [CAPABILITY ")
     transport.clear()
@@ -100,6 +111,14 @@ def lines(transport: StringTransport) -> list[bytes]:
     out = transport.value().split(b"\r\n")[:-1]
     transport.clear()
     return out
+
+
+def test_replies_are_sent_without_nagle(tmp_path: Path) -> None:
+    """Regression (issue 15): IMAP left Nagle's algorithm on, so the second piece of a reply
+    written in two (MOVE: the untagged COPYUID, then the tagged OK after the expunge in a
+    worker thread) waited for the client's delayed ACK, ~40 ms.  SMTP and POP3 set it."""
+    _, transport, _, _ = connect(tmp_path, TCPStringTransport(peerAddress=None))
+    assert isinstance(transport, TCPStringTransport) and transport.nodelay
 
 
 def test_pipelined_commands_wait_for_the_login(tmp_path: Path) -> None:
