@@ -275,6 +275,20 @@ class MessageCommands(SessionBase):
                 f = fl.get(u)
                 if f is not None and fast(f):
                     result.append((i + 1, u))
+        elif prog.flags_only:
+            # UNSEEN, SEEN NOT FLAGGED ...: one evaluation per distinct flag string (the
+            # folder shares one string object per value), not one per message
+            pred = prog.bind(len(uids), uids[-1] if uids else 0)
+            memo: dict[str, bool] = {}
+            for i, u in enumerate(uids):
+                f = fl.get(u)
+                if f is None:
+                    continue
+                hit = memo.get(f)
+                if hit is None:
+                    hit = memo[f] = pred(_SearchMsg(i + 1, u, folder, v, None))
+                if hit:
+                    result.append((i + 1, u))
         else:
             pred = prog.bind(len(uids), uids[-1] if uids else 0, header_cache.for_folder(folder))
             needs = prog.needs

@@ -202,6 +202,13 @@ class SearchProgram:
     def needs(self) -> Needs:
         return self.key.needs
 
+    @property
+    def flags_only(self) -> bool:
+        """Does the answer for a message depend on its flags alone (system flags and
+        keywords combined with AND, OR, NOT)?  Then messages with the same flags answer
+        alike: the caller may ask once per distinct flag set (a folder has few)."""
+        return _flags_only(self.key)
+
     def bind(
         self, count: int, max_uid: int, cache: HeaderCache | None = None
     ) -> Callable[[SearchableMessage], bool]:
@@ -209,6 +216,12 @@ class SearchProgram:
         fields parsed on the way are kept in ``cache`` (keyed by UID) when one is given."""
         pred = _compile(self.key, count, max_uid)
         return lambda msg: pred(_View(msg, cache))
+
+
+def _flags_only(key: Key) -> bool:
+    if key.op in ("AND", "OR", "NOT"):
+        return all(_flags_only(k) for k in key.args)
+    return key.op in ("FLAG", "ALL")  # (NEW, OLD, RECENT: \\Recent is per session)
 
 
 def search(

@@ -282,3 +282,22 @@ def test_header_cache_stays_within_its_budget():
     # one entry bigger than the whole budget is still kept (the search needs it now)
     cache.put(200, {"subject": [b"y" * 50_000]}, 50_000)
     assert cache.get(200) is not None and len(cache) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "flags_only"),
+    [
+        (b"UNSEEN", True),
+        (b"SEEN NOT FLAGGED", True),
+        (b"OR DELETED KEYWORD $Work", True),
+        (b"ALL", True),
+        (b"NEW", False),  # \Recent belongs to one session, not to the message's flags
+        (b"SEEN 1:3", False),
+        (b"NOT SEEN SUBJECT x", False),
+        (b"LARGER 10", False),
+    ],
+)
+def test_flags_only_keys_are_told_apart(text: bytes, flags_only: bool) -> None:
+    """A flags-only search is answered once per distinct flag set (issue 15): only keys
+    whose answer depends on the flags alone may be."""
+    assert prog(text).flags_only is flags_only
