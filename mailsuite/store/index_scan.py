@@ -181,8 +181,8 @@ class IndexScan(IndexDatabase):
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths
         try:
-            new = new_dir.stat().st_mtime_ns
-            cur = cur_dir.stat().st_mtime_ns
+            new = os.stat(new_dir).st_mtime_ns
+            cur = os.stat(cur_dir).st_mtime_ns
         except FileNotFoundError:
             return None
         return new, cur

@@ -164,8 +164,9 @@ class IndexDatabase:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        #: new/ and cur/, stat'ed before every IMAP command (made once, not per call)
-        self._sub_paths = (folder / "new", folder / "cur")
+        #: new/ and cur/, stat'ed before every IMAP command (made once, not per call; as
+        #: strings: ``os.stat`` of a ``Path`` converts it every time)
+        self._sub_paths = (os.fspath(folder / "new"), os.fspath(folder / "cur"))
         self._kw_stamp: int | None = None
         self._kw_letters: dict[str, str] = {}  # letter -> keyword
         # every row's name, while meta names_gen still equals _names_gen (see _db_names)
