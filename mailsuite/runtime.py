@@ -64,7 +64,10 @@ class Runtime:
         if self.folders is None:
             reactor = self.reactor
             self.folders = FolderRegistry(
-                self.changes, lambda f: reactor.callLater(0, f), watcher=folder_watcher(reactor)
+                self.changes,
+                lambda f: reactor.callLater(0, f),
+                watcher=folder_watcher(reactor),
+                call_later=reactor.callLater,
             )
         return self.folders
 

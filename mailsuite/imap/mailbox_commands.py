@@ -25,14 +25,9 @@ from mailsuite.imap.session_base import (
     _no,
     quote,
 )
+from mailsuite.store.folder_copy import append_blocking, move_inbox_blocking
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.mailbox import (
-    SEPARATOR,
-    Account,
-    MailboxError,
-    append_blocking,
-    move_inbox_blocking,
-)
+from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
 _LIST_SELECT = ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE")

@@ -29,7 +29,8 @@ from mailsuite.imap.parser import (
 from mailsuite.imap.search import Needs, header_of, parse_search
 from mailsuite.imap.sequence import compress
 from mailsuite.imap.session_base import SessionBase, _bad, _no, vanished_earlier
-from mailsuite.store.mailbox import CopyItem, Folder, FolderView, copy_blocking
+from mailsuite.store.folder_copy import CopyItem, copy_blocking
+from mailsuite.store.mailbox import Folder, FolderView
 from mailsuite.store.space import DiskFull
 
 BATCH = 1000  # messages per index query (their answers go out as the client reads them)

@@ -11,7 +11,8 @@ The usage comes from the user's quota file (:mod:`mailsuite.store.quota`), read 
 when the file is missing or names another limit than the directory's (a limit set by hand in
 ``directory.json``), it is recounted first.  Refusals over the limit (``NO [OVERQUOTA]`` on
 APPEND, COPY and MOVE) come from the store's write helpers
-(:func:`mailsuite.store.mailbox.append_blocking`, :func:`~mailsuite.store.mailbox.copy_blocking`).
+(:func:`mailsuite.store.folder_copy.append_blocking`,
+:func:`~mailsuite.store.folder_copy.copy_blocking`).
 """
 
 from __future__ import annotations

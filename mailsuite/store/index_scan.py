@@ -169,6 +169,8 @@ class IndexScan(IndexDatabase):
     #: the first :meth:`sync` reports it, the first ``state()`` may answer from it
     _built: Built | None = None
     _built_result: SyncResult | None = None
+    #: the last sync that did not wait found the lock taken and left the listing undone
+    lock_busy = False
 
     def _build_missing(self) -> None:
         def flag_text(info: str) -> str:
@@ -181,8 +183,8 @@ class IndexScan(IndexDatabase):
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths
         try:
-            new = os.stat(new_dir).st_mtime_ns
-            cur = os.stat(cur_dir).st_mtime_ns
+            new = os.stat(new_dir).st_mtime_ns  # noqa: PTH116 (see _sub_paths)
+            cur = os.stat(cur_dir).st_mtime_ns  # noqa: PTH116
         except FileNotFoundError:
             return None
         return new, cur
@@ -220,6 +222,7 @@ class IndexScan(IndexDatabase):
         the index as it stands is a state the folder was in an instant ago; its mtimes stay
         unrecorded, so the next sync lists the directory.
         """
+        self.lock_busy = False
         built, self._built_result = self._built_result, None
         result = self._sync(force, verify, wait)
         if built is None:
@@ -247,7 +250,8 @@ class IndexScan(IndexDatabase):
                 return SyncResult()
         with self._try_locked(wait) as held:
             if not held:
-                return SyncResult()  # a writer holds the lock: see sync()
+                self.lock_busy = True  # a writer holds the lock: see sync()
+                return SyncResult()
             now = time.time_ns()  # before the listing: see _trusted()
             stamp = self._dir_stamp()
             if stamp is None:

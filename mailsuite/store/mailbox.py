@@ -16,7 +16,6 @@ every session of this process.  Our own code.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import os
 import shutil
 from collections import OrderedDict
@@ -28,7 +27,7 @@ from mailsuite.corelog import Log
 from mailsuite.store import mailbox_names
 from mailsuite.store.events import ChangeHub, FolderWatcher
 from mailsuite.store.folder_writer import FolderWriter
-from mailsuite.store.index import FolderIndex, NewFile
+from mailsuite.store.index import FolderIndex
 from mailsuite.store.maildir import (
     FolderNameError,
     ensure_folder,
@@ -36,11 +35,13 @@ from mailsuite.store.maildir import (
     fsync_dir,
     unique_name,
 )
-from mailsuite.store.quota import charge, folder_usage, root_of, would_exceed
+from mailsuite.store.quota import charge, folder_usage
 from mailsuite.store.space import log_failure
-from mailsuite.store.write import append_message
 
 SUBSCRIPTIONS = "subscriptions"
+#: seconds until a refresh that found the folder lock taken is tried again (a writer holds it
+#: for an fsync and a transaction: milliseconds)
+BUSY_RETRY = 0.005
 SEPARATOR = "."
 
 
@@ -398,6 +399,8 @@ class Folder:
             registry.hub.subscribe(path, self._hub_changed) if registry.hub else None
         )
         self._refresh_pending = False
+        self._busy_retry = False  # a refresh is due after BUSY_RETRY (see _retry_busy)
+        self._busy_verify = False
         #: the index was rebuilt under this object (new UIDVALIDITY): its UIDs mean nothing
         #: now, so the registry replaces it and closes it once its sessions have let go
         self.stale = False
@@ -446,6 +449,27 @@ class Folder:
         except Exception as e:  # the folder may have gone away; sessions find out on next use
             log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
+    def _retry_busy(self, verify: bool) -> None:
+        """The sync found the folder lock taken (a writer mid-change, maybe in another
+        process) and listed nothing: try again shortly, so a change that woke an IDLE
+        watcher is not left unannounced until the next one."""
+        self._busy_verify = self._busy_verify or verify
+        if self._busy_retry or self.registry.call_later is None:
+            return
+        self._busy_retry = True
+
+        def retry() -> None:
+            self._busy_retry = False
+            verify, self._busy_verify = self._busy_verify, False
+            if self.closed:
+                return
+            try:
+                self.refresh(verify=verify)
+            except Exception as e:  # the folder may have gone away meanwhile
+                log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
+
+        self.registry.call_later(BUSY_RETRY, retry)
+
     def refresh(self, verify: bool = False) -> bool:
         """Bring the shared state in step with the index (and the index with the directory);
         push what changed to every view.  Returns True if something changed.  ``verify``:
@@ -454,6 +478,8 @@ class Folder:
         # never waiting for the folder lock: this runs on the event loop's thread, and a
         # writer holding it may be in an fsync (see IndexScan.sync)
         counters = self.index.sync_counters(verify=verify, wait=False)
+        if self.index.lock_busy:
+            self._retry_busy(verify)
         if counters is None:
             if not (self.path / "cur").is_dir():
                 self.invalidate("Mailbox was deleted or renamed")
@@ -581,8 +607,12 @@ class FolderRegistry:
         call_soon: Callable[[Callable[[], None]], object] | None = None,
         log: Log | None = None,
         watcher: FolderWatcher | None = None,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self.hub = hub
+        #: a timer (the reactor's ``callLater``): a refresh that found the folder lock taken
+        #: is tried again after :data:`BUSY_RETRY`; None: at the next refresh only
+        self.call_later = call_later
         #: where failed refreshes and polls are logged: the hub's log unless given (the
         #: store imports no Twisted; the runtime's hub carries a Twisted logger)
         self.log: Log = log if log is not None else (hub or ChangeHub()).log
@@ -700,89 +730,3 @@ class FolderRegistry:
             if f is not None:
                 f.invalidate(reason)
                 f._close()
-
-
-# -- blocking helpers run in a thread ---------------------------------------------------------
-
-#: RFC 9208 4.3's response code for a refusal over the quota.
-OVERQUOTA = "OVERQUOTA"
-#: The Trash folder's directory (a MOVE/COPY into it is never refused for the quota).
-_TRASH = ".Trash"
-
-
-def append_blocking(
-    path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
-) -> tuple[int, int]:
-    """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
-    one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
-    thread.  Over the user's quota: MailboxError with OVERQUOTA (RFC 9208 4.3), nothing
-    written; on a full disk (:mod:`mailsuite.store.space`) nothing is left either."""
-    if would_exceed(root_of(path), len(data)):
-        raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
-    return append_message(path, [data], flags, internaldate)
-
-
-#: one message for :func:`copy_blocking`: relative name, flags, size with CRLF line ends (-1:
-#: unknown), internal date (None: the file's), cached envelope and body structure
-CopyItem = tuple[str, frozenset[str], int, float | None, bytes | None, bytes | None]
-
-
-def copy_blocking(
-    src: Path,
-    dest: Path,
-    items: Sequence[CopyItem],
-    *,
-    check_quota: bool = True,
-) -> tuple[int, list[int]]:
-    """Hard-link messages (relative name, flags, crlf size, internal date, envelope,
-    bodystructure) of folder ``src`` into folder ``dest``; returns (dest uidvalidity, new UIDs).
-    Call it from a thread.
-
-    A copy counts towards the user's quota like a new message (as Dovecot counts it, hard
-    link or not): over it, MailboxError with OVERQUOTA (RFC 9208 4.3) and nothing copied --
-    except into Trash, so that a client that deletes by moving to Trash can always delete
-    (what Dovecot's ``quota_rule = Trash:ignore`` is for).  ``check_quota`` False: a move
-    the caller makes (RENAME INBOX), which leaves the usage as it was."""
-    if check_quota and dest.name != _TRASH:
-        adding = 0
-        for rel, *_ in items:
-            with contextlib.suppress(FileNotFoundError):
-                adding += (src / rel).stat().st_size
-        if would_exceed(root_of(dest), adding, len(items)):
-            raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
-    index = FolderIndex(dest)
-    try:
-        files = []
-        for rel, flags, wsize, idate, env, bs in items:
-            source = src / rel
-            try:
-                size = source.stat().st_size
-            except FileNotFoundError:
-                raise MailboxError("A message was expunged meanwhile", "EXPUNGEISSUED") from None
-            if wsize < 0:
-                from mailsuite.store.index import crlf_size
-
-                wsize = crlf_size(source)
-            flags = frozenset(f for f in flags if f != "\\Recent")
-            files.append(NewFile(source, unique_name(), flags, size, wsize, idate, env, bs))
-        return index.uidvalidity, index.add_files(files)
-    finally:
-        index.close()
-
-
-def move_inbox_blocking(root: Path, dest: Path) -> None:
-    """RENAME INBOX: move every INBOX message into the (new) folder ``dest``."""
-    ensure_folder(dest)
-    src = FolderIndex(root)
-    try:
-        src.sync()
-        msgs = src.messages()
-        items = [(m.name, m.flags, m.size, m.internaldate, None, None) for m in msgs]
-    finally:
-        src.close()
-    copy_blocking(root, dest, items, check_quota=False)  # a move: the usage stays
-    src = FolderIndex(root)
-    try:
-        src.expunge([m.uid for m in msgs])
-    finally:
-        src.close()

@@ -28,7 +28,8 @@ from mailsuite.imap.parser import Command, CommandReader
 from mailsuite.imap.session import POLL_INTERVAL, Session
 from mailsuite.login import LoginResult, Outcome
 from mailsuite.store.events import ChangeHub
-from mailsuite.store.mailbox import FolderRegistry, append_blocking
+from mailsuite.store.folder_copy import append_blocking
+from mailsuite.store.mailbox import FolderRegistry
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailsuite.store import quota
+from mailsuite.store.folder_copy import append_blocking, copy_blocking
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.mailbox import MailboxError, append_blocking, copy_blocking
+from mailsuite.store.mailbox import MailboxError
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import Placement, place, write_tmp
 

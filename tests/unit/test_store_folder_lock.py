@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from mailsuite.store.index import FolderIndex
@@ -51,6 +52,31 @@ def test_refresh_and_recent_claim_do_not_wait_for_a_held_lock(tmp_path: Path) ->
     assert folder.refresh()
     assert folder.uids == [1, 2, 3, 4]
     assert folder.index.claim_recent(wait=False) == (1, 5)
+    other.close()
+    view.close()
+
+
+def test_a_refresh_that_found_the_lock_taken_is_tried_again(tmp_path: Path) -> None:
+    """An IDLE watcher's tick (inotify: another process renamed a file into new/) that finds
+    the writer still holding the lock must not lose the change: there is no further event
+    once the writer commits, so the folder tries again shortly."""
+    box = _box(tmp_path, 2)
+    timers: list[tuple[float, Callable[[], None]]] = []
+    registry = FolderRegistry(call_later=lambda delay, f: timers.append((delay, f)))
+    folder = registry.get(box)
+    view = folder.view(readonly=False)
+    heard: list[int] = []
+    view.on_change = lambda: heard.append(1)
+    other = FolderIndex(box)
+    with other._locked():
+        write_message(box, [b"Subject: new\n\nbody\n"])
+        folder.refresh(verify=True)
+        folder.refresh(verify=True)
+        assert len(timers) == 1 and 0 < timers[0][0] < 0.1  # one retry, soon
+        assert heard == []
+    _, retry = timers.pop()
+    retry()
+    assert heard and view.take_added() == 3 and timers == []
     other.close()
     view.close()
 
