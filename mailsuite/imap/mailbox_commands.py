@@ -253,10 +253,12 @@ class MailboxCommands(SessionBase):
         # Stored with LF line ends, like delivered mail (Maildir convention).
         stored = data.replace(b"\r\n", b"\n")
         fl = frozenset(f for f in flags if f != "\\Recent")
-        uidvalidity, uid = await self.shared.run_blocking(append_blocking, path, stored, fl, idate)
-        folder = self.shared.registry.peek(path)
-        if folder is not None:
-            folder.refresh()
+        known = self.shared.registry.find(path)
+        writer = known.writer if known is not None and not known.closed else None
+        uidvalidity, uid = await self.shared.run_blocking(
+            append_blocking, path, stored, fl, idate, writer
+        )
+        folder = self.shared.registry.peek(path)  # (brought up to date: the new message)
         self.shared.changes.notify(path, folder._hub_changed if folder else None)
         self.ok(cmd, "APPEND completed", f"APPENDUID {uidvalidity} {uid}")
 

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from mailsuite.store.folder_writer import FolderWriter
 from mailsuite.store.index import FolderIndex, NewFile
 from mailsuite.store.mailbox import MailboxError
 from mailsuite.store.maildir import ensure_folder, unique_name
@@ -22,14 +23,21 @@ _TRASH = ".Trash"
 
 
 def append_blocking(
-    path: Path, data: bytes, flags: frozenset[str], internaldate: float | None
+    path: Path,
+    data: bytes,
+    flags: frozenset[str],
+    internaldate: float | None,
+    writer: FolderWriter | None = None,
 ) -> tuple[int, int]:
     """Durably add one message to the folder at ``path`` (IMAP APPEND) through the store's
-    one write path; returns (uidvalidity, uid).  Opens its own index handle: call it from a
-    thread.  Over the user's quota: MailboxError with OVERQUOTA (RFC 9208 4.3), nothing
-    written; on a full disk (:mod:`mailsuite.store.space`) nothing is left either."""
+    one write path; returns (uidvalidity, uid).  Opens its own index handle, or uses the
+    open folder's ``writer`` when there is one: call it from a thread.  Over the user's
+    quota: MailboxError with OVERQUOTA (RFC 9208 4.3), nothing written; on a full disk
+    (:mod:`mailsuite.store.space`) nothing is left either."""
     if would_exceed(root_of(path), len(data)):
         raise MailboxError("Quota exceeded: delete some messages first", OVERQUOTA)
+    if writer is not None:  # the folder is open here: its worker-thread handle
+        return writer.append(data, flags, internaldate)
     return append_message(path, [data], flags, internaldate)
 
 

@@ -1,5 +1,5 @@
-"""Changes to an open folder made in a worker thread: EXPUNGE always, a flag change when the
-folder lock is busy.  Our own code.
+"""Changes to an open folder made in a worker thread: EXPUNGE and APPEND always, a flag change
+when the folder lock is busy.  Our own code.
 
 An open :class:`~mailsuite.store.mailbox.Folder` answers every session of the process from
 one index handle used on the event loop's thread.  Some changes must not run there: an
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mailsuite.store.index import FolderIndex
+from mailsuite.store.write import Placement, discard, place, write_tmp
 
 T = TypeVar("T")
 
@@ -46,6 +47,8 @@ class FolderWriter:
                         return change(index)
                     finally:
                         index.close()
+                if self._index is not None and self._index.replaced():
+                    self._close_index()  # ``mailsuite reindex`` put a new file in place
                 if self._index is None:
                     self._index = FolderIndex(self.path)
                 return change(self._index)
@@ -57,6 +60,25 @@ class FolderWriter:
                     self._close_index()
                 finally:
                     self._mutex.release()
+
+    def append(
+        self, data: bytes, flags: frozenset[str], internaldate: float | None
+    ) -> tuple[int, int]:
+        """IMAP APPEND (:func:`mailsuite.store.write.append_message`) through this handle
+        instead of one opened and closed per message (half a millisecond of CPU each):
+        the draft is written and fsynced first, then placed under the mutex.  Returns
+        (uidvalidity, uid).  Worker thread."""
+        draft = write_tmp(self.path, [data])
+        try:
+            return self._run(
+                lambda index: (
+                    index.uidvalidity,
+                    place(self.path, [Placement(draft, flags, internaldate)], index=index)[0],
+                )
+            )
+        except BaseException:
+            discard(draft.path)  # (place removes what it did not place; this: a failed open)
+            raise
 
     def expunge(self, uids: Sequence[int]) -> list[int]:
         """:meth:`FolderIndex.expunge` (unlinks, directory ``fsync``, rows): worker thread."""

@@ -639,6 +639,10 @@ class FolderRegistry:
             self.open[path] = folder
         return folder
 
+    def find(self, path: Path) -> Folder | None:
+        """The open or warm folder at ``path`` as it is (no refresh), if any."""
+        return self.open.get(path) or self.idle.get(path)
+
     def peek(self, path: Path) -> Folder | None:
         """The open or warm folder at ``path``, brought up to date; None when there is none,
         or when its index was rebuilt or its file replaced meanwhile (it is dropped: a new one

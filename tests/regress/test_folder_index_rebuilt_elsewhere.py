@@ -13,8 +13,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from mailsuite.store.folder_copy import append_blocking
 from mailsuite.store.index import INDEX_NAME
-from mailsuite.store.mailbox import FolderRegistry, append_blocking
+from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
 
 

@@ -137,3 +137,26 @@ def test_an_index_without_the_expunged_modseq_index_gets_it(tmp_path: Path) -> N
     names = {n for (n,) in index.db.execute("SELECT name FROM sqlite_master")}
     assert "expunged_modseq" in names
     index.close()
+
+
+def test_append_through_the_open_folders_writer(tmp_path: Path) -> None:
+    """APPEND into an open folder uses its worker-thread handle (no index opened and closed
+    per message); a handle whose index file was replaced meanwhile is opened anew."""
+    from mailsuite.store.folder_copy import append_blocking
+
+    box = _box(tmp_path, 1)
+    folder = FolderRegistry().get(box)
+    view = folder.view(readonly=False)
+    uv, uid = append_blocking(box, b"Subject: a\n\nx\n", frozenset({"\\Seen"}), None, folder.writer)
+    handle = folder.writer._index
+    assert (uv, uid) == (folder.uidvalidity, 2) and handle is not None
+    assert append_blocking(box, b"Subject: b\n\nx\n", frozenset(), None, folder.writer)[1] == 3
+    assert folder.writer._index is handle  # the same handle
+    assert folder.refresh() and view.take_added() == 3
+    assert folder.flags[2] == "\\Seen" and not list((box / "tmp").iterdir())
+    # the index file replaced under the handle (as `mailsuite reindex` does): a new handle
+    handle._file = (0, 0)
+    append_blocking(box, b"Subject: c\n\nx\n", frozenset(), None, folder.writer)
+    assert folder.writer._index is not handle
+    view.close()
+    folder._close()

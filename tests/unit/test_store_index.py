@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from mailsuite.store.events import ChangeHub
+from mailsuite.store.folder_copy import append_blocking
 from mailsuite.store.index import FolderIndex, NewFile, crlf_size
 from mailsuite.store.index_scan import _trusted
-from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError, append_blocking
+from mailsuite.store.mailbox import Account, FolderRegistry, MailboxError
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import append_message, write_message, write_tmp
 from tests.harness import wait_until

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mailsuite.store import quota, space
+from mailsuite.store.folder_copy import append_blocking
 from mailsuite.store.index import FolderIndex
-from mailsuite.store.mailbox import append_blocking
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.space import (
     RESERVE_NAME,
