@@ -201,9 +201,14 @@ class MessageCommands(SessionBase):
             else:
                 new = old - flags
             changes.append((u, new))
-        done = folder.try_store(v, changes, unchangedsince)
+        # +FLAGS / -FLAGS are applied to the flags as the index holds them under the lock
+        # (another session or process may have changed them since we looked)
+        delta = None if action == "FLAGS" else (action == "+FLAGS", frozenset(flags))
+        done = folder.try_store(v, changes, unchangedsince, delta)
         if done is None:  # the folder lock is busy: wait for it in a worker thread
-            done = await self.shared.run_blocking(folder.writer.store, changes, unchangedsince)
+            done = await self.shared.run_blocking(
+                folder.writer.store, changes, unchangedsince, delta
+            )
             folder.stored(v, done)
         done_uids = {u for u, _, _ in done}
         modified = (

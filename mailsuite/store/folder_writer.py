@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from mailsuite.store.index import FolderIndex
+from mailsuite.store.index import FlagDelta, FolderIndex
 from mailsuite.store.write import Placement, discard, place, write_tmp
 
 T = TypeVar("T")
@@ -85,10 +85,13 @@ class FolderWriter:
         return self._run(lambda index: index.expunge(uids))
 
     def store(
-        self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
+        self,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None = None,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]]:
         """:meth:`FolderIndex.store_flags`, waiting for the lock: worker thread."""
-        return self._run(lambda index: index.store_flags(changes, unchangedsince))
+        return self._run(lambda index: index.store_flags(changes, unchangedsince, delta))
 
     def close(self) -> None:
         """Close the handle (the folder closes; event loop's thread).  Never waits for a

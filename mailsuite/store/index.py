@@ -49,6 +49,9 @@ from mailsuite.store.space import is_disk_full
 _S_SIZE = re.compile(r",S=(\d+)")
 
 
+#: STORE +FLAGS (True) or -FLAGS (False) and the flags: see :meth:`FolderIndex._store`
+FlagDelta = tuple[bool, frozenset[str]]
+
 #: Changes after a MODSEQ, asked by every open folder whenever another session changed
 #: something: ``+uid`` keeps SQLite from scanning the whole table in UID order to spare a
 #: sort, so it reads the few rows through the modseq index and sorts those (issue 15).
@@ -249,18 +252,24 @@ class FolderIndex(IndexScan):
         return self.get(uid)
 
     def store_flags(
-        self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
+        self,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None = None,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]]:
         """Set the flags of several messages (see :meth:`_store`), waiting for the lock."""
-        done = self._store(changes, unchangedsince, True)
+        done = self._store(changes, unchangedsince, True, delta)
         assert done is not None  # (only a store that does not wait gives up)
         return done
 
     def try_store_flags(
-        self, changes: Sequence[tuple[int, frozenset[str]]], unchangedsince: int | None = None
+        self,
+        changes: Sequence[tuple[int, frozenset[str]]],
+        unchangedsince: int | None = None,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]] | None:
         """:meth:`store_flags` if the folder lock is free now, else None (nothing done)."""
-        return self._store(changes, unchangedsince, False)
+        return self._store(changes, unchangedsince, False, delta)
 
     @frees_space
     def _store(
@@ -268,6 +277,7 @@ class FolderIndex(IndexScan):
         changes: Sequence[tuple[int, frozenset[str]]],
         unchangedsince: int | None,
         wait: bool,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]] | None:
         """Set the flags of several messages in one locked transaction.
 
@@ -276,6 +286,11 @@ class FolderIndex(IndexScan):
         their modseq.  Files move into ``cur/`` with the new info letters.  ``wait`` False:
         None, having done nothing, when another handle holds the folder lock (the caller
         then does it in a worker thread, see :mod:`mailsuite.store.folder_writer`).
+
+        ``delta`` (STORE +FLAGS / -FLAGS): the flags to add (True) or remove (False), applied
+        to each message's flags as the index holds them under the lock; ``changes`` then
+        only names the messages.  A new set computed by the caller from what it saw earlier
+        would undo a change another session or process made in between (a lost update).
         """
         out: list[tuple[int, str, int]] = []
         if not changes:
@@ -290,6 +305,18 @@ class FolderIndex(IndexScan):
                 "SELECT uid, name, flags, modseq FROM messages WHERE", "uid", uids
             ):
                 current[uid] = (name, flags, ms)
+            if delta is not None:
+                add, given = delta
+                changes = [
+                    (
+                        u,
+                        (frozenset(row[1].split()) | given)
+                        if add
+                        else (frozenset(row[1].split()) - given),
+                    )
+                    for u in uids
+                    if (row := current.get(u)) is not None
+                ]
             all_flags: set[str] = set()
             for _, f in changes:
                 all_flags |= f

@@ -27,7 +27,7 @@ from mailsuite.corelog import Log
 from mailsuite.store import mailbox_names
 from mailsuite.store.events import ChangeHub, FolderWatcher
 from mailsuite.store.folder_writer import FolderWriter
-from mailsuite.store.index import FolderIndex
+from mailsuite.store.index import FlagDelta, FolderIndex
 from mailsuite.store.maildir import (
     FolderNameError,
     ensure_folder,
@@ -544,9 +544,10 @@ class Folder:
         origin: FolderView | None,
         changes: Sequence[tuple[int, frozenset[str]]],
         unchangedsince: int | None = None,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]]:
         """Set flags (see :meth:`FolderIndex.store_flags`); other views hear about it."""
-        done = self.index.store_flags(changes, unchangedsince)
+        done = self.index.store_flags(changes, unchangedsince, delta)
         self.stored(origin, done)
         return done
 
@@ -555,10 +556,11 @@ class Folder:
         origin: FolderView | None,
         changes: Sequence[tuple[int, frozenset[str]]],
         unchangedsince: int | None = None,
+        delta: FlagDelta | None = None,
     ) -> list[tuple[int, str, int]] | None:
         """:meth:`store` when the folder lock is free now; else None, nothing done (the
         caller runs ``writer.store`` in a worker thread, then :meth:`stored`)."""
-        done = self.index.try_store_flags(changes, unchangedsince)
+        done = self.index.try_store_flags(changes, unchangedsince, delta)
         if done is not None:
             self.stored(origin, done)
         return done
