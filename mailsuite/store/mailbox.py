@@ -400,7 +400,6 @@ class Folder:
         )
         self._refresh_pending = False
         self._busy_retry = False  # a refresh is due after BUSY_RETRY (see _retry_busy)
-        self._busy_verify = False
         #: the index was rebuilt under this object (new UIDVALIDITY): its UIDs mean nothing
         #: now, so the registry replaces it and closes it once its sessions have let go
         self.stale = False
@@ -449,22 +448,21 @@ class Folder:
         except Exception as e:  # the folder may have gone away; sessions find out on next use
             log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
-    def _retry_busy(self, verify: bool) -> None:
-        """The sync found the folder lock taken (a writer mid-change, maybe in another
-        process) and listed nothing: try again shortly, so a change that woke an IDLE
-        watcher is not left unannounced until the next one."""
-        self._busy_verify = self._busy_verify or verify
+    def _retry_busy(self) -> None:
+        """A watcher's sync (IDLE: the kernel said another process changed the directory)
+        found the folder lock taken by that writer, still mid-change, and listed nothing: no
+        further event comes when it commits, so try again shortly.  (Any other refresh
+        is followed by the next command's, or by the in-process notice of the writer.)"""
         if self._busy_retry or self.registry.call_later is None:
             return
         self._busy_retry = True
 
         def retry() -> None:
             self._busy_retry = False
-            verify, self._busy_verify = self._busy_verify, False
             if self.closed:
                 return
             try:
-                self.refresh(verify=verify)
+                self.refresh(verify=True)
             except Exception as e:  # the folder may have gone away meanwhile
                 log_failure(self.registry.log, e, "refresh of {path} failed", path=str(self.path))
 
@@ -478,8 +476,8 @@ class Folder:
         # never waiting for the folder lock: this runs on the event loop's thread, and a
         # writer holding it may be in an fsync (see IndexScan.sync)
         counters = self.index.sync_counters(verify=verify, wait=False)
-        if self.index.lock_busy:
-            self._retry_busy(verify)
+        if self.index.lock_busy and verify:
+            self._retry_busy()
         if counters is None:
             if not (self.path / "cur").is_dir():
                 self.invalidate("Mailbox was deleted or renamed")
