@@ -35,7 +35,7 @@ from mailsuite.mailauth.dmarc import MAX_FROM_DOMAINS, Discovery, DMARCResult
 from mailsuite.mailauth.dns import BlockingDNS, DNSTempError
 from mailsuite.mailauth.headers import from_domains, header_section
 from mailsuite.mailauth.results import results_header, strip_forged_results
-from mailsuite.mailauth.spf import SPFResult, check_spf
+from mailsuite.mailauth.spf import SPFCache, SPFResult, check_spf
 from mailsuite.mailauth.workers import WorkerPool
 from mailsuite.smtp.replies import Reply
 
@@ -148,6 +148,7 @@ class InboundChecker:
         self.workers = workers
         self.dns = dns
         self.rng = rng
+        self.spf_cache = SPFCache(dns.client.clock)
 
     # -- blocking helpers handed to dkimpy, pyspf and DMARC ------------------------------------
 
@@ -237,7 +238,9 @@ class InboundChecker:
 
         if c.spf:
             out.spf = guarded(
-                "SPF", lambda: check_spf(client_ip, mail_from, helo, self.dns), failed.spf
+                "SPF",
+                lambda: check_spf(client_ip, mail_from, helo, self.dns, cache=self.spf_cache),
+                failed.spf,
             )
         if c.dkim:
             orgs = {dmarc_mod.organizational_domain(a) for a in authors or ()}
