@@ -9,6 +9,7 @@ of include/a/mx/ptr/exists/redirect, 2 void lookups; both permerror), and the te
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import threading
@@ -133,7 +134,10 @@ class SPFCache:
                 self._results.popitem(last=False)
 
 
+@functools.lru_cache(maxsize=1024)
 def _client_ip(ip: str) -> str | None:
+    """The client address as pyspf takes it (kept: ``ipaddress`` parsing is most of what
+    a cached result costs)."""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
