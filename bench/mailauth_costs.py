@@ -11,24 +11,29 @@ turn, timed with the thread's CPU clock, best of R passes; ``--profile`` prints 
 top functions of one more pass.
 
 For a count that does not depend on the machine's load at all, run it under callgrind with
-two message counts and take the difference (the start-up cancels out)::
+two message counts and take the difference (the start-up cancels out).  The keys are random,
+and making an RSA key costs a random number of instructions, so both runs must read the same
+pool (``--pool FILE``: made and saved by the first run that does not find it)::
 
-    valgrind --tool=callgrind python3 bench/mailauth_costs.py --msgs 0 --passes 1
-    valgrind --tool=callgrind python3 bench/mailauth_costs.py --msgs 200 --passes 1
+    python3 bench/mailauth_costs.py --pool /tmp/pool --msgs 0
+    valgrind --tool=callgrind python3 bench/mailauth_costs.py --pool /tmp/pool --msgs 0 --passes 1
+    valgrind --tool=callgrind python3 bench/mailauth_costs.py --pool /tmp/pool --msgs 200 --passes 1
 
-    python3 bench/mailauth_costs.py [--msgs 300] [--passes 5] [--profile]
+    python3 bench/mailauth_costs.py [--msgs 300] [--passes 5] [--profile] [--pool FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import pickle
 import pstats
 import sys
 import tempfile
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
 
@@ -49,11 +54,10 @@ DOMAINS = 20
 POOL = 100  # messages made (signing them costs more than checking them)
 
 
-def checker() -> InboundChecker:
-    """An InboundChecker whose DNS cache holds every answer the messages need."""
+def checker(names: dict[str, Any]) -> InboundChecker:
+    """An InboundChecker whose DNS cache holds every answer of the zone ``names``."""
     clock = Clock()
     clock.advance(1000)
-    names = zone(DOMAINS, 300)
     client = DNSClient(MemoryAuthority(names), clock)
     for name, records in names["names"].items():
         for qtype in records:
@@ -77,10 +81,21 @@ def main() -> None:
     p.add_argument("--msgs", type=int, default=300)
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--profile", action="store_true")
+    p.add_argument(
+        "--pool",
+        type=Path,
+        help="keys, zone and messages: read from FILE if it exists, else made and saved there",
+    )
     a = p.parse_args()
-    check = checker()
-    # always the same pool (signing them costs more than checking), taken in turn
-    pool = [(s, m.replace(b"\r\n", b"\n")) for s, m in messages(POOL, DOMAINS, 4096)]
+    if a.pool is not None and a.pool.exists():
+        names, pool = pickle.loads(a.pool.read_bytes())  # our own file (see --pool)
+    else:
+        # always the same pool (signing them costs more than checking), taken in turn
+        names = zone(DOMAINS, 300)
+        pool = [(s, m.replace(b"\r\n", b"\n")) for s, m in messages(POOL, DOMAINS, 4096)]
+        if a.pool is not None:
+            a.pool.write_bytes(pickle.dumps((names, pool)))
+    check = checker(names)
     for sender, data in pool[:20]:  # warm: key parses, caches of the last values
         r = check._checks(data, sender, "client.example", "127.0.0.1")
     assert r.spf is not None and r.spf.result == "pass", r
