@@ -47,7 +47,9 @@ def freeze_startup_objects() -> None:
     thread (or on a worker holding the GIL) whenever enough new objects had survived -- under
     load, every few seconds.  What lives from the start lives until the end, so scanning it
     again finds nothing; after the freeze a full collection scans only what came after.
-    Called once the reactor runs, and again after anything big is loaded later (the Public
+    Called by ``makeService`` once the server is built, before the reactor runs (the full
+    collection of a new server's ~70,000 objects took 60 ms; as the reactor's first act it
+    was a stall of every start), and again after anything big is loaded later (the Public
     Suffix List, by the mail-auth workers)."""
     gc.collect()
     gc.freeze()
@@ -71,8 +73,22 @@ class ReactorLag(service.Service, Collector):
     # -- the probe (reactor thread) ----------------------------------------------------------
 
     def startService(self) -> None:
+        """Arm the first tick once the reactor runs (at once if it does already).
+
+        twistd starts the services before it runs the reactor; a tick armed then would count
+        the rest of the start (other services, the reactor's own start-up) as the reactor's
+        lag: one 60-90 ms "stall" in the gauge of every new server, on a reactor that was
+        not running yet.  A reactor without ``callWhenRunning`` (a test clock) runs."""
         service.Service.startService(self)
-        self._arm(self.reactor.seconds())
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is None:
+            self._begin()
+        else:
+            when_running(self._begin)
+
+    def _begin(self) -> None:
+        if self.running and self._call is None:
+            self._arm(self.reactor.seconds())
 
     def stopService(self) -> None:
         service.Service.stopService(self)

@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:  # the supervisor checked it; the file changed since
         print(f"mailsuite worker: {e}", file=sys.stderr)
         return 1
+    from mailsuite.reactor_lag import freeze_startup_objects
+
+    freeze_startup_objects()  # as makeService does: no full collection of all this later
 
     def orphaned() -> None:
         if os.getppid() != args.parent:

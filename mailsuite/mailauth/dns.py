@@ -16,6 +16,7 @@ and waits for the answer, at most its deadline.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import queue
 from collections import OrderedDict
@@ -87,9 +88,11 @@ def server_resolver(nameservers: tuple[str, ...] | None, reactor: Any) -> Any:
     return make_resolver(list(nameservers) if nameservers else None, reactor)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_name(name: str) -> str | None:
     """Lower-case A-label form without the final dot; None when it cannot be a DNS name
-    (empty label, label over 63 or name over 253 octets, RFC 1035 2.3.4)."""
+    (empty label, label over 63 or name over 253 octets, RFC 1035 2.3.4).  Kept for the
+    names last seen: a message's checks ask for the same few names about ten times."""
     name = name.strip().rstrip(".").lower()
     if not name:
         return None
@@ -164,6 +167,15 @@ class DNSClient:
         if hit is not None and hit[0] > self.clock.seconds():
             return hit[1]
         return None
+
+    def expiry(self, name: str, qtype: str, answer: Answer) -> float | None:
+        """When ``answer`` (one this client gave) leaves the cache, on ``clock``; None when
+        the cache does not hold that very answer (never stored: a TTL of 0, or not a DNS
+        name; or replaced since).  Safe in any thread, like :meth:`peek`: for results
+        computed from answers, kept no longer than the answers they came from."""
+        clean = normalize_name(name)
+        hit = self._cache.get((clean, qtype)) if clean is not None else None
+        return hit[0] if hit is not None and hit[1] is answer else None
 
     def lookup(self, name: str, qtype: str) -> Deferred[Answer]:
         """Fire with an :class:`Answer`, or fail with :class:`DNSTempError`."""

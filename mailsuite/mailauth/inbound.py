@@ -35,7 +35,7 @@ from mailsuite.mailauth.dmarc import MAX_FROM_DOMAINS, Discovery, DMARCResult
 from mailsuite.mailauth.dns import BlockingDNS, DNSTempError
 from mailsuite.mailauth.headers import from_domains, header_section
 from mailsuite.mailauth.results import results_header, strip_forged_results
-from mailsuite.mailauth.spf import SPFResult, check_spf
+from mailsuite.mailauth.spf import SPFCache, SPFResult, check_spf
 from mailsuite.mailauth.workers import WorkerPool
 from mailsuite.smtp.replies import Reply
 
@@ -148,6 +148,7 @@ class InboundChecker:
         self.workers = workers
         self.dns = dns
         self.rng = rng
+        self.spf_cache = SPFCache(dns.client.clock)
 
     # -- blocking helpers handed to dkimpy, pyspf and DMARC ------------------------------------
 
@@ -226,18 +227,20 @@ class InboundChecker:
             questions += [(f"_dmarc.{a}", "TXT") for a in authors or ()][:MAX_FROM_DOMAINS]
         self.dns.prefetch(questions)
 
-        failed = self._fallback(mail_from, "")
-
-        def guarded(what: str, check: Callable[[], Any], fallback: Any) -> Any:
+        def guarded(
+            what: str, check: Callable[[], Any], fallback: Callable[[_Checked], Any]
+        ) -> Any:
             try:
                 return check()
             except Exception as e:  # see the docstring
                 out.faults.append((what, f"{type(e).__name__}: {e}"))
-                return fallback
+                return fallback(self._fallback(mail_from, ""))  # made only when needed
 
         if c.spf:
             out.spf = guarded(
-                "SPF", lambda: check_spf(client_ip, mail_from, helo, self.dns), failed.spf
+                "SPF",
+                lambda: check_spf(client_ip, mail_from, helo, self.dns, cache=self.spf_cache),
+                lambda failed: failed.spf,
             )
         if c.dkim:
             orgs = {dmarc_mod.organizational_domain(a) for a in authors or ()}
@@ -249,15 +252,17 @@ class InboundChecker:
                     c.max_signatures,
                     prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs,
                 ),
-                (failed.dkim, 0),
+                lambda failed: (failed.dkim, 0),
             )
         if c.arc:
-            out.arc = guarded("ARC", lambda: verify_arc(data, self._key_record), failed.arc)
+            out.arc = guarded(
+                "ARC", lambda: verify_arc(data, self._key_record), lambda failed: failed.arc
+            )
         if c.dmarc:
             out.dmarc = guarded(
                 "DMARC",
                 lambda: dmarc_mod.discover_all(authors, self._texts, self._exists),
-                failed.dmarc,
+                lambda failed: failed.dmarc,
             )
         return out
 

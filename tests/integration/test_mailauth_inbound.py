@@ -356,3 +356,24 @@ def test_large_message_is_hashed_in_slices_without_stalling_the_reactor(auth):
     stall = max(gaps[1:])
     print(f"longest reactor stall with a {len(big) // 1_000_000} MB message: {stall * 1000:.1f} ms")
     assert stall < 0.25
+
+
+def test_a_check_that_raises_is_its_temperror_and_the_others_still_count(auth, monkeypatch):
+    """A fault of ours (or a library's) inside one check: that check says temperror
+    ("internal error"), the others give their results, and nothing is rejected."""
+    import mailsuite.mailauth.inbound as inbound
+
+    def broken(*_args: object, **_kw: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(inbound, "verify_arc", broken)
+    v = check(auth, signed_good(), "alice@good.test")
+    assert v.action == ACCEPT
+    r = results(v)
+    assert r["arc"][0].result == "temperror"
+    assert r["spf"][0].result == "pass" and r["dmarc"][0].result == "pass"
+    assert sorted(d.result for d in r["dkim"]) == ["pass", "pass"]
+    monkeypatch.setattr(inbound, "verify_dkim", broken)
+    r = results(check(auth, signed_good(), "alice@good.test"))
+    assert [d.result for d in r["dkim"]] == ["temperror"]
+    assert r["spf"][0].result == "pass"

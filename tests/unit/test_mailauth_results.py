@@ -138,3 +138,20 @@ def test_header_helpers():
     assert from_domains("From: =?utf-8?q?J=C3=B6rg?= <j@Bücher.example>\n\n".encode()) == [
         "xn--bcher-kva.example"
     ]
+
+
+def test_the_smtp_layer_finds_forged_results_in_any_case() -> None:
+    """``forged_results`` skips the field split when no field can match (nearly all mail):
+    the test for that must not miss a field name in another case, or one folded."""
+    from mailsuite.smtp.mailauth_checks import forged_results
+
+    headers = (
+        b"Received: from x\n"
+        b"authentication-RESULTS: MX.Example.Test.; spf=pass\n\tsmtp.mailfrom=a@b.example\n"
+        b"Authentication-Results: other.example; dkim=pass\n"
+        b"Subject: about Authentication-Results"
+    )
+    assert forged_results(headers, "mx.example.test") == (
+        b"authentication-RESULTS: MX.Example.Test.; spf=pass\n\tsmtp.mailfrom=a@b.example",
+    )
+    assert forged_results(b"Subject: hi\nFrom: a@b.example", "mx.example.test") == ()

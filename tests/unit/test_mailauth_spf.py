@@ -155,3 +155,75 @@ class OneRecord:
 def test_any_record_gives_a_result_never_an_exception(record):
     r = check_spf("192.0.2.1", "a@fuzz.test", "x.example", OneRecord(record))  # type: ignore[arg-type]
     assert r.result in RESULTS
+
+
+CACHED_ZONE = {
+    "origin": "test",
+    "ttl": 300,
+    "names": {
+        "kept.test": spf("v=spf1 include:inc.kept.test -all exp=why.kept.test"),
+        "inc.kept.test": spf("v=spf1 ip4:192.0.2.0/24 -all"),
+        "why.kept.test": spf("not allowed from %{i}"),
+        "clock.test": spf("v=spf1 ip4:192.0.2.0/24 -all exp=why.clock.test"),
+        "why.clock.test": spf("refused at %{t}"),
+        "temp.test": "servfail",
+    },
+}
+
+
+@pytest.fixture
+def cached(reactor):
+    """A cache over a DNS client whose time is ``clock`` (the records' TTL is 300 s)."""
+    from twisted.internet.task import Clock
+
+    from mailsuite.mailauth.spf import SPFCache
+
+    clock = Clock()
+    clock.advance(1000)
+    client = DNSClient(MemoryAuthority(CACHED_ZONE), clock, timeout=1)
+    return BlockingDNS(client, reactor), SPFCache(clock), clock
+
+
+def test_a_result_is_kept_while_its_dns_answers_are(cached):
+    dns, cache, clock = cached
+    first = check_spf("192.0.2.1", "a@kept.test", "h.example", dns, cache=cache)
+    assert first.result == "pass" and cache.hits == 0
+    queries = dns.client.queries
+    again = check_spf("192.0.2.1", "a@kept.test", "h.example", dns, cache=cache)
+    assert again == first and cache.hits == 1
+    # the identity is the caller's, the result the cached one
+    helo = check_spf("192.0.2.1", "", "kept.test", dns, cache=cache)
+    assert (helo.identity, helo.address) == ("helo", "postmaster@kept.test")
+    assert cache.hits == 1  # another sender (postmaster@...) is another key
+    other_ip = check_spf("198.51.100.1", "a@kept.test", "h.example", dns, cache=cache)
+    assert other_ip.result == "fail" and "198.51.100.1" in other_ip.reason
+    assert cache.hits == 1
+    assert dns.client.queries == queries  # every answer came from the DNS cache
+
+    clock.advance(299)
+    check_spf("192.0.2.1", "a@kept.test", "h.example", dns, cache=cache)
+    assert cache.hits == 2
+    clock.advance(2)  # the answers are gone from the DNS cache: evaluated again
+    queries = dns.client.queries
+    assert check_spf("192.0.2.1", "a@kept.test", "h.example", dns, cache=cache) == first
+    assert cache.hits == 2 and dns.client.queries > queries
+
+
+def test_temporary_failures_and_the_time_macro_are_not_kept(cached):
+    dns, cache, _clock = cached
+    for _ in range(2):
+        assert check_spf("192.0.2.1", "a@temp.test", "h", dns, cache=cache).result == "temperror"
+        refused = check_spf("198.51.100.1", "a@clock.test", "h", dns, cache=cache)
+        assert refused.result == "fail"
+    assert cache.hits == 0
+
+
+def test_the_cache_is_bounded(cached):
+    dns, cache, _clock = cached
+    cache.size = 2
+    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        check_spf(ip, "a@kept.test", "h", dns, cache=cache)
+    check_spf("192.0.2.1", "a@kept.test", "h", dns, cache=cache)  # the oldest went
+    assert cache.hits == 0
+    check_spf("192.0.2.3", "a@kept.test", "h", dns, cache=cache)
+    assert cache.hits == 1
