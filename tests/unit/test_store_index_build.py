@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 
 from mailsuite.store.index import INDEX_NAME, FolderIndex
 from mailsuite.store.index_build import delivery_sorted
-from mailsuite.store.index_scan import _bases_of, _delivery_key
+from mailsuite.store.index_scan import IndexScan, _bases_of, _delivery_key
+from mailsuite.store.index_schema import SyncResult
 from mailsuite.store.maildir import ensure_folder, write_keywords
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,9 +123,34 @@ def _dump(box: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
     return rows, meta
 
 
+def _rows_only(idx: IndexScan) -> SyncResult:
+    """The row-by-row sync of an index without a message (what it was before the bulk fill)."""
+    stamp = idx._dir_stamp()
+    assert stamp is not None
+    return idx._scan_rows(stamp, time.time_ns(), ("new", "cur"))
+
+
+def _filled(box: Path, new: list[str], cur: list[str], bulk: bool) -> tuple[Any, ...]:
+    """An empty index, then the files (another program) and a sync: bulk or row by row."""
+    idx = FolderIndex(box)
+    _write(box, new, cur)
+    if bulk:
+        res = idx.sync(force=True)
+    else:
+        with mock.patch.object(IndexScan, "_fill_empty", _rows_only):
+            res = idx.sync(force=True)
+    state = idx.state()
+    idx.close()
+    return res, state, _dump(box)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_listing())
-def test_build_equals_an_empty_index_and_one_sync(listing: tuple[list[str], list[str]]) -> None:
+def test_build_and_bulk_fill_equal_an_empty_index_and_a_sync_row_by_row(
+    listing: tuple[list[str], list[str]],
+) -> None:
+    """The three ways a folder is first seen give one index: its index missing (built at
+    open), its index empty (filled in bulk), and the general sync row by row (the reference)."""
     new, cur = listing
     with tempfile.TemporaryDirectory() as tmp:
         built = ensure_folder(Path(tmp) / "built")
@@ -132,16 +159,34 @@ def test_build_equals_an_empty_index_and_one_sync(listing: tuple[list[str], list
         res = idx.sync()
         state = idx.state()
         idx.close()
-        synced = ensure_folder(Path(tmp) / "synced")
-        idx2 = FolderIndex(synced)  # an empty index first, then the files and a sync
-        _write(synced, new, cur)
-        res2 = idx2.sync(force=True)
-        state2 = idx2.state()
-        idx2.close()
-        assert res == res2
-        assert state == state2
-        assert _dump(built) == _dump(synced)
+        reference = _filled(ensure_folder(Path(tmp) / "rows"), new, cur, bulk=False)
+        assert (res, state, _dump(built)) == reference
         assert not [p for p in built.iterdir() if ".build-" in p.name]
+        assert _filled(ensure_folder(Path(tmp) / "bulk"), new, cur, bulk=True) == reference
+
+
+def test_an_empty_index_another_program_filled_takes_the_bulk_fill(tmp_path: Path) -> None:
+    """A folder whose index exists but holds nothing, filled by another program, is indexed
+    by the bulk fill, with UIDs after the folder's earlier ones, under its UIDVALIDITY;
+    \\Recent, EXISTS and a later delivery as ever."""
+    box = ensure_folder(tmp_path / "box")
+    idx = FolderIndex(box)
+    (box / "new" / "1.M1P1.h").write_bytes(b"Subject: x\n\nx\n")
+    idx.sync()
+    idx.expunge([1])
+    uidvalidity = idx.uidvalidity
+    idx.close()
+    _write(box, [], _names(300))
+    idx = FolderIndex(box)
+    with mock.patch.object(IndexScan, "_scan_rows", side_effect=AssertionError("row by row")):
+        res = idx.sync()
+    assert res.added == tuple(range(2, 302))
+    assert idx.uidvalidity == uidvalidity
+    assert [m.base for m in idx.messages()] == _expected(box)
+    assert idx.state()[0] == list(range(2, 302))
+    (box / "new" / "3000000000.M1P1.h").write_bytes(b"Subject: y\n\ny\n")
+    assert idx.sync().added == (302,)
+    idx.close()
 
 
 def test_build_answers_state_from_its_lists_only_while_nothing_changed(tmp_path: Path) -> None:
@@ -185,15 +230,17 @@ if sys.argv[2] == "before-rename":
         return real(self, target)
     Path.rename = rename
 elif sys.argv[2] == "mid-insert":
-    write = build._write
-    def rows_then_die(rows):
-        for i, row in enumerate(rows):
-            if i == 500:
+    insert = build.insert_rows
+    def insert_then_die(db, first_uid, modseq, cols):
+        steps = []
+        def tick():  # SQLite calls it every 1000 VM instructions of the insert
+            steps.append(1)
+            if len(steps) == 50:
                 die()
-            yield row
-    def write_then_die(tmp, meta, modseq, n, bases, rels, flags, sizes):
-        write(tmp, meta, modseq, n, bases, rows_then_die(rels), flags, sizes)
-    build._write = write_then_die
+            return 0
+        db.set_progress_handler(tick, 1000)
+        insert(db, first_uid, modseq, cols)
+    build.insert_rows = insert_then_die
 from mailsuite.store.index import FolderIndex
 print("ready", flush=True)
 t0 = time.monotonic()
