@@ -280,9 +280,10 @@ class IndexScan(IndexDatabase):
 
         The steps are apart so each can be read on its own; the work stays in one transaction
         so another process never sees a half-applied sync (a moved file both gone and new).
-        An index without a message (a folder new to us, or emptied) is filled in bulk.
+        An index without a message (a folder new to us, or emptied) is filled in bulk, from
+        a listing of both directories, whichever of them changed.
         """
-        if subs == _SUBS and self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
+        if self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
             return self._fill_empty()
         return self._scan_rows(stamp, now, subs)
 

@@ -166,24 +166,29 @@ def test_build_and_bulk_fill_equal_an_empty_index_and_a_sync_row_by_row(
 
 
 def test_an_empty_index_another_program_filled_takes_the_bulk_fill(tmp_path: Path) -> None:
-    """A folder whose index exists but holds nothing, filled by another program, is indexed
-    by the bulk fill, with UIDs after the folder's earlier ones, under its UIDVALIDITY;
-    \\Recent, EXISTS and a later delivery as ever."""
+    """A folder whose index exists but holds nothing, whose ``cur/`` alone another program
+    then filled, is indexed by the bulk fill (not row by row), with UIDs after the folder's
+    earlier ones, under its UIDVALIDITY; a later delivery as ever."""
     box = ensure_folder(tmp_path / "box")
-    idx = FolderIndex(box)
-    (box / "new" / "1.M1P1.h").write_bytes(b"Subject: x\n\nx\n")
-    idx.sync()
+    past = time.time() - 100
+    (box / "cur" / "1.M1P1.h:2,").write_bytes(b"Subject: x\n\nx\n")
+    for sub in ("new", "cur"):
+        os.utime(box / sub, (past, past))
+    idx = FolderIndex(box)  # built at open, both directories' mtimes recorded
     idx.expunge([1])
     uidvalidity = idx.uidvalidity
     idx.close()
-    _write(box, [], _names(300))
+    names = _names(300)
+    for i, n in enumerate(names):
+        (box / "cur" / n).write_bytes(b"Subject: %d\n\nline\n" % i)
+    os.utime(box / "cur", (past + 50, past + 50))  # new/ as the index last saw it
     idx = FolderIndex(box)
     with mock.patch.object(IndexScan, "_scan_rows", side_effect=AssertionError("row by row")):
         res = idx.sync()
     assert res.added == tuple(range(2, 302))
     assert idx.uidvalidity == uidvalidity
     assert [m.base for m in idx.messages()] == _expected(box)
-    assert idx.state()[0] == list(range(2, 302))
+    assert idx.state()[1] == ["\\Seen" if i % 2 else "" for i in range(300)]  # as _names
     (box / "new" / "3000000000.M1P1.h").write_bytes(b"Subject: y\n\ny\n")
     assert idx.sync().added == (302,)
     idx.close()
