@@ -4,24 +4,33 @@ A folder without ``mailsuite-index.sqlite`` (written by another program, or its 
 by ``mailsuite reindex``) gets its index in one step before anything connects to it, under the
 folder lock:
 
-* the two directories are listed with ``os.listdir`` and put in delivery order (UIDs follow
-  arrival, :func:`~mailsuite.store.index_scan.delivery_order`) with column work done on whole
-  lists (for the names most programs write, a plain sort of the names is that order: see
-  :func:`delivery_sorted`);
+* the two directories are listed once each with ``os.listdir`` (no ``stat`` or ``open`` of a
+  message: sizes come from ``,W=`` in the name or on first use, flags from the ``:2,`` info)
+  and put in delivery order (UIDs follow arrival,
+  :func:`~mailsuite.store.index_scan.delivery_order`): for the names most programs write a
+  plain sort of the names is that order, checked by one regex match (:func:`order_listing`);
 * the rows go into a new file, ``mailsuite-index.sqlite.build-<pid>``, with one
-  ``executemany`` into a table whose secondary indexes are made afterwards (one sort each,
-  not 100,000 B-tree insertions), no journal, no ``fsync`` and a large page cache: nobody can
-  see this file, so none of that protects anything;
+  ``INSERT ... SELECT`` from ``json_each`` of the names (:func:`insert_rows`: SQLite cuts the
+  base and picks the flag text, no Python object or call per row) into a table whose
+  secondary indexes are made afterwards (one sort each, not 100,000 B-tree insertions), no
+  journal, no ``fsync`` and a large page cache: nobody can see this file, so none of that
+  protects anything;
 * the file is switched to WAL, fsynced and renamed to ``mailsuite-index.sqlite``, and the
   folder directory fsynced.  Only then does anyone connect, so UIDs are durable before any
   is reported; a build killed half way leaves only a ``.build-`` file, which the next build
   removes (the index is still missing, so it is built again, under a new UIDVALIDITY).
 
 The result equals what an empty index and one :meth:`~mailsuite.store.index_scan.IndexScan.sync`
-give (same UIDs, flags, sizes, modseqs, meta counters); tests compare the two.  Processes
-never connect to a missing index without taking the lock and building it first
-(:meth:`~mailsuite.store.index_schema.IndexDatabase._open`), so no process can hold an
-earlier file that the rename replaces.
+give (same UIDs, flags, sizes, modseqs, meta counters); tests compare the two.  An index that
+exists but holds no message (a folder we created empty, then another program filled) is filled
+by the same :func:`order_listing`, :func:`columns` and :func:`insert_rows`, in a transaction
+of the live file (``IndexScan._fill_empty``).
+
+Processes never connect to a missing index without taking the lock and building it first
+(:meth:`~mailsuite.store.index_schema.IndexDatabase._open`).  One may still hold a file that
+was removed (``mailsuite reindex`` replacing a damaged index): its close does not checkpoint
+into or delete the new file's ``-wal``/``-shm``, because SQLite does neither when the path no
+longer names the file it has open (``tests/unit/test_store_index_replaced.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ BUILD_SUFFIX = ".build-"
 _BASE_INDEX = "CREATE UNIQUE INDEX messages_base ON messages(base)"
 #: page cache while building: the whole table and its indexes of a 100,000-message folder
 _BUILD_CACHE_KIB = 65536
-#: the head of the names most programs write, ``sec.M<usec>P``: see :func:`delivery_sorted`
+#: the head of the names most programs write, ``sec.M<usec>P``: see :func:`order_listing`
 _PLAIN_HEAD = re.compile(r"[0-9]+\.M[0-9]+P")
 
 
@@ -107,7 +116,7 @@ def order_listing(
         ordered = Ordered(cur, "cur/", "\n".join(cur))
         if _plain(ordered, ""):
             return ordered
-    elif cur or new:
+    else:
         rels = ["cur/" + n for n in cur]
         rels += ["new/" + n for n in new]
         rels.sort(key=itemgetter(slice(4, None)))
