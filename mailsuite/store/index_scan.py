@@ -284,7 +284,7 @@ class IndexScan(IndexDatabase):
         a listing of both directories, whichever of them changed.
         """
         if self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
-            return self._fill_empty()
+            return self._fill_empty(subs)
         return self._scan_rows(stamp, now, subs)
 
     def _scan_rows(self, stamp: tuple[int, int], now: int, subs: tuple[str, ...]) -> SyncResult:
@@ -320,14 +320,15 @@ class IndexScan(IndexDatabase):
             self._record_stamps(stamp, now, subs)
         return SyncResult(tuple(found.added), tuple(found.expunged), tuple(found.changed))
 
-    def _fill_empty(self) -> SyncResult:
+    def _fill_empty(self, subs: tuple[str, ...]) -> SyncResult:
         """Index every file of a folder whose index holds no message (lock held): what
         :meth:`_scan_rows` does for it, with the build's bulk insert (a plain sort, columns
         made in C, one ``INSERT ... SELECT``: :mod:`~mailsuite.store.index_build`) instead of
         a Python row per file.  A folder created empty by us (an IMAP CREATE, a first
         delivery's ``new/``) that another program then filled is a first sight like a missing
         index.  UIDs follow on from ``uidnext`` under the folder's UIDVALIDITY, as a sync
-        gives them."""
+        gives them.  Both directories are listed; only the mtimes of ``subs`` (those that
+        were due) are recorded, as a sync of them records them."""
         found = listing(self.folder)
         if found is None:
             return SyncResult()
@@ -347,7 +348,7 @@ class IndexScan(IndexDatabase):
                 self._set_meta("highestmodseq", modseq)
                 self._names_changed((), (), valid=False)  # 100,000 names: read when needed
                 gen += 1
-            self._record_stamps(stamp, now, _SUBS)
+            self._record_stamps(stamp, now, subs)
         uids = list(range(uid, uid + n))
         added = SyncResult(tuple(uids))
         self._built = Built(added, uids, cols.flags, modseq, uid + n, gen)

@@ -123,11 +123,11 @@ def _dump(box: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
     return rows, meta
 
 
-def _rows_only(idx: IndexScan) -> SyncResult:
+def _rows_only(idx: IndexScan, subs: tuple[str, ...]) -> SyncResult:
     """The row-by-row sync of an index without a message (what it was before the bulk fill)."""
     stamp = idx._dir_stamp()
     assert stamp is not None
-    return idx._scan_rows(stamp, time.time_ns(), ("new", "cur"))
+    return idx._scan_rows(stamp, time.time_ns(), subs)
 
 
 def _filled(box: Path, new: list[str], cur: list[str], bulk: bool) -> tuple[Any, ...]:
