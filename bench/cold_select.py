@@ -3,7 +3,7 @@
 Both servers are running and their Maildirs hold the same messages (``imap_bench.sh`` sets
 this up, restarts mailsuite before each round, since a running server keeps a folder warm,
 and runs this script once per round when ``COLD_ROUNDS`` is set).  A round, for each server
-in an order that alternates with the round's number: its index files are removed
+in an order that rotates with the round's number: its index files are removed
 (mailsuite's ``mailsuite-index*``, Dovecot's ``dovecot-uidlist`` and ``dovecot.index*``), so
 the folder is new to it again; then LOGIN (not timed), SELECT INBOX timed with imaplib,
 LOGOUT.  The directory listing stays in the kernel's cache for both alike.  ``--report``
@@ -31,8 +31,9 @@ INDEX_FILES = {
 
 
 def forget(kind: str, maildir: Path) -> None:
-    """Remove the server's index files, so its next SELECT is a first sight of the folder."""
-    prefixes = INDEX_FILES.get(kind, ())
+    """Remove the server's index files, so its next SELECT is a first sight of the folder
+    (``kind``: the target's name up to a "-", e.g. "mailsuite" for "mailsuite-base")."""
+    prefixes = INDEX_FILES[kind.split("-", 1)[0]]
     for path in maildir.iterdir():
         if path.name.startswith(prefixes):
             path.unlink()
@@ -54,8 +55,10 @@ def cold_select(port: int, user: str, password: str) -> tuple[float, int]:
 
 
 def one_round(targets: list[tuple[str, int, str, Path]], r: int, password: str) -> dict[str, float]:
-    """Round ``r`` (1-based): each target's cold SELECT, in an order that alternates."""
-    order = targets if r % 2 == 1 else list(reversed(targets))
+    """Round ``r`` (1-based): each target's cold SELECT, in an order that rotates (each
+    target takes each place in turn; with two, they alternate)."""
+    k = (r - 1) % len(targets)
+    order = targets[k:] + targets[:k]
     times: dict[str, float] = {}
     line = []
     for name, port, user, maildir in order:
@@ -79,10 +82,12 @@ def report(files: list[Path]) -> None:
         print(
             f"{k:10} median {med[k]:.3f} s  (min {min(v):.3f}, max {max(v):.3f}, {len(v)} rounds)"
         )
-    if "mailsuite" in med and "dovecot" in med:
-        per_round = sorted(r["times"]["mailsuite"] / r["times"]["dovecot"] for r in rounds)
+    for name in [k for k in med if k.startswith("mailsuite")]:
+        if "dovecot" not in med:
+            break
+        per_round = sorted(r["times"][name] / r["times"]["dovecot"] for r in rounds)
         print(
-            f"ratio mailsuite / dovecot: {med['mailsuite'] / med['dovecot']:.2f}x"
+            f"ratio {name} / dovecot: {med[name] / med['dovecot']:.2f}x"
             f" (per round {per_round[0]:.2f}-{per_round[-1]:.2f}x)"
         )
     loads = [r["load"] for r in rounds]

@@ -98,6 +98,18 @@ def test_plain_names_take_the_plain_sort_and_equal_the_general_order(
     assert delivery_sorted(list(new), list(cur), _delivery_key) == _reference(new, cur)
 
 
+@pytest.mark.parametrize("some_new", [False, True])
+def test_names_sharing_a_head_refuse_the_plain_sort(some_new: bool) -> None:
+    """Two names alike in seconds and microseconds are ordered by their counter (``Q``),
+    which the text of the names does not follow: the plain sort must not be taken."""
+    first, second = "1700000000.M000001P2Q1.h", "1700000000.M000001P1Q3.h"  # by Q
+    names = ["1699999999.M000009P1.h:2,", second + ":2,", first + ":2,S"]
+    new = [names.pop()[:-4]] if some_new else []
+    got = delivery_sorted(new, list(names), _delivery_key)
+    assert got == _reference(new, names)
+    assert [r[4:].split(":")[0] for r in got][1:] == [first, second]
+
+
 def _write(box: Path, new: list[str], cur: list[str]) -> None:
     for sub, names in (("new", new), ("cur", cur)):
         for i, n in enumerate(names):
