@@ -6,8 +6,12 @@ and runs this script once per round when ``COLD_ROUNDS`` is set).  A round, for 
 in an order that rotates with the round's number: its index files are removed
 (mailsuite's ``mailsuite-index*``, Dovecot's ``dovecot-uidlist`` and ``dovecot.index*``), so
 the folder is new to it again; then LOGIN (not timed), SELECT INBOX timed with imaplib,
-LOGOUT.  The directory listing stays in the kernel's cache for both alike.  ``--report``
-prints the medians, spread and ratio mailsuite / Dovecot over the rounds, and the load.
+LOGOUT.  The directory listing stays in the kernel's cache for both alike.  With ``--pid
+NAME=PID`` the server's CPU seconds for the round's LOGIN, SELECT and LOGOUT are taken too,
+from /proc (the process and its descendants, reaped children included: Dovecot's per-login
+imap process lands in its master's), which a busy machine moves far less than wall time.
+``--report`` prints the medians, spread and ratio mailsuite / Dovecot over the rounds, and the
+load.
 
     python3 bench/cold_select.py --round 1 --out r1.json \\
         --target mailsuite:PORT:USER:MAILDIR --target dovecot:PORT:USER:MAILDIR
@@ -21,8 +25,12 @@ import imaplib
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from imap_stress import tree_cpu  # a sibling script, not a package
 
 INDEX_FILES = {
     "mailsuite": ("mailsuite-index",),
@@ -54,20 +62,29 @@ def cold_select(port: int, user: str, password: str) -> tuple[float, int]:
         m.logout()
 
 
-def one_round(targets: list[tuple[str, int, str, Path]], r: int, password: str) -> dict[str, float]:
+def one_round(
+    targets: list[tuple[str, int, str, Path]], r: int, password: str, pids: dict[str, int]
+) -> tuple[dict[str, float], dict[str, float]]:
     """Round ``r`` (1-based): each target's cold SELECT, in an order that rotates (each
-    target takes each place in turn; with two, they alternate)."""
+    target takes each place in turn; with two, they alternate).  (seconds, server CPU
+    seconds of the targets in ``pids``)."""
     k = (r - 1) % len(targets)
     order = targets[k:] + targets[:k]
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     line = []
     for name, port, user, maildir in order:
         forget(name, maildir)
+        before = tree_cpu(pids.get(name, 0))
         took, exists = cold_select(port, user, password)
         times[name] = took
         line.append(f"{name} {took:.3f} s ({exists})")
+        if name in pids:
+            time.sleep(0.5)  # the imap process that served the login is reaped
+            cpu[name] = tree_cpu(pids[name]) - before
+            line[-1] += f" cpu {cpu[name]:.3f} s"
     print(f"round {r}: " + ", ".join(line), f"load {os.getloadavg()[0]:.1f}", flush=True)
-    return times
+    return times, cpu
 
 
 def report(files: list[Path]) -> None:
@@ -81,6 +98,15 @@ def report(files: list[Path]) -> None:
     for k, v in times.items():
         print(
             f"{k:10} median {med[k]:.3f} s  (min {min(v):.3f}, max {max(v):.3f}, {len(v)} rounds)"
+        )
+    cpu: dict[str, list[float]] = {}
+    for r in rounds:
+        for k, v in r.get("cpu", {}).items():
+            cpu.setdefault(k, []).append(v)
+    for k, v in cpu.items():
+        print(
+            f"{k:10} server CPU median {statistics.median(v):.3f} s"
+            f"  (min {min(v):.3f}, max {max(v):.3f})"
         )
     for name in [k for k in med if k.startswith("mailsuite")]:
         if "dovecot" not in med:
@@ -101,6 +127,7 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=1, help="the round's number (sets the order)")
     ap.add_argument("--out", type=Path, help="the round's JSON")
     ap.add_argument("--report", type=Path, nargs="+", help="summarise these rounds' JSON")
+    ap.add_argument("--pid", action="append", default=[], help="NAME=PID: take its CPU too")
     a = ap.parse_args()
     if a.report:
         report(a.report)
@@ -109,9 +136,10 @@ def main() -> None:
     for t in a.target:
         name, port, user, maildir = t.split(":", 3)
         targets.append((name, int(port), user, Path(maildir)))
-    times = one_round(targets, a.round, a.password)
+    pids = {k: int(v) for k, v in (p.split("=", 1) for p in a.pid)}
+    times, cpu = one_round(targets, a.round, a.password, pids)
     if a.out:
-        a.out.write_text(json.dumps({"times": times, "load": os.getloadavg()[0]}))
+        a.out.write_text(json.dumps({"times": times, "cpu": cpu, "load": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

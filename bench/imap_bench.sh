@@ -147,8 +147,11 @@ for n in $SIZES; do
         start_base
         wait_port "$BPORT"
       fi
+      PIDS="--pid mailsuite=$PID"
+      [ -n "$COMPARE_TREE" ] && PIDS="$PIDS --pid mailsuite-base=$BPID"
+      [ "$PEER" = dovecot ] && PIDS="$PIDS --pid dovecot=$DPID"
       # shellcheck disable=SC2086
-      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG \
+      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG $PIDS \
         --out "$OUT/cold-select-$n-$r.json"
     done
     $PY "$HERE/bench/cold_select.py" --report "$OUT"/cold-select-"$n"-*.json | tee "$OUT/cold-select-$n.txt"
