@@ -16,7 +16,7 @@
 #     PYTHONPATH; target "mailsuite-base"), so a change and the code before it meet Dovecot in
 #     the same rounds.
 #   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot
-#                                        COLD_ROUNDS=0 BIGBOX=1 COMPARE_TREE=)
+#                                        COLD_ROUNDS=0 BIGBOX=1 COMPARE_TREE= WORKERS=1)
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
@@ -29,6 +29,9 @@ PY=${PYTHON:-python3}
 COLD_ROUNDS=${COLD_ROUNDS:-0}
 BIGBOX=${BIGBOX:-1}
 COMPARE_TREE=${COMPARE_TREE:-}
+# one process by default: a restarted server with worker processes answers on its socket while
+# the workers still import, which the first SELECT of a cold round would wait for
+WORKERS=${WORKERS:-1}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -41,6 +44,7 @@ cat > "$OUT/mailsuite.toml" <<TOML
 [server]
 hostname = "bench.example.test"
 data_dir = "data"
+workers = $WORKERS
 [listen]
 imap = ["tcp:$PORT:interface=127.0.0.1"]
 [domains]
