@@ -12,8 +12,11 @@
 #   - with COLD_ROUNDS=N: the first SELECT again N times per server, alternating, the index
 #     files removed and mailsuite restarted before each (cold_select.py); BIGBOX=0 skips the
 #     big-box timings and only writes the Maildirs for it.
+#     COMPARE_TREE=DIR adds to those rounds a second mailsuite run from the checkout DIR (through
+#     PYTHONPATH; target "mailsuite-base"), so a change and the code before it meet Dovecot in
+#     the same rounds.
 #   bench/imap_bench.sh [OUTDIR]        (SIZES="10000 100000" TRIALS=3 IDLE_N=1000 PEER=dovecot
-#                                        COLD_ROUNDS=0 BIGBOX=1)
+#                                        COLD_ROUNDS=0 BIGBOX=1 COMPARE_TREE= WORKERS=1)
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED:-$HERE/../shared/bench}
@@ -25,6 +28,10 @@ PEER=${PEER:-dovecot}
 PY=${PYTHON:-python3}
 COLD_ROUNDS=${COLD_ROUNDS:-0}
 BIGBOX=${BIGBOX:-1}
+COMPARE_TREE=${COMPARE_TREE:-}
+# one process by default: a restarted server with worker processes answers on its socket while
+# the workers still import, which the first SELECT of a cold round would wait for
+WORKERS=${WORKERS:-1}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -37,6 +44,7 @@ cat > "$OUT/mailsuite.toml" <<TOML
 [server]
 hostname = "bench.example.test"
 data_dir = "data"
+workers = $WORKERS
 [listen]
 imap = ["tcp:$PORT:interface=127.0.0.1"]
 [domains]
@@ -58,9 +66,26 @@ start_mailsuite() {
   PID=$!
 }
 start_mailsuite
+# -- the same server from another checkout (COMPARE_TREE), for the cold rounds ------------------
+BPID=""
+if [ -n "$COMPARE_TREE" ]; then
+  BPORT=$(free_port)
+  mkdir -p "$OUT/base"
+  sed "s/tcp:$PORT:/tcp:$BPORT:/" "$OUT/mailsuite.toml" > "$OUT/base/mailsuite.toml"
+  for n in $SIZES; do
+    echo benchpass | PYTHONPATH="$COMPARE_TREE" $PY -m mailsuite.cli --config "$OUT/base/mailsuite.toml" \
+      user add "big$n@example.test" --password-stdin >/dev/null 2>&1 || true
+  done
+fi
+start_base() {
+  (cd "$OUT/base" && PYTHONPATH="$COMPARE_TREE" exec $PY -c "from twisted.scripts.twistd import run; run()" \
+     -n --logfile twistd.log --pidfile "" mailsuite --config mailsuite.toml) &
+  BPID=$!
+}
 DPID=""
 cleanup() {
   kill "$PID" 2>/dev/null || true
+  [ -z "$BPID" ] || kill "$BPID" 2>/dev/null || true
   if [ "$PEER" = dovecot ]; then
     (cd "$SHARED" && RUN="$OUT/peers" PORT_DOVECOT_IMAP=$DPORT PORT_DOVECOT_POP3=$DPORT3 \
        BIGBOX_SIZES="$SIZES" ./peers.sh stop dovecot >/dev/null 2>&1) || true
@@ -107,17 +132,30 @@ for n in $SIZES; do
          --uid "$BENCH_UID" --gid "$BENCH_UID" >/dev/null)
     fi
   fi
+  BASE_BOX="$OUT/base/data/mail/example.test/big$n"
+  if [ -n "$COMPARE_TREE" ] && [ "$COLD_ROUNDS" -gt 0 ]; then
+    (cd "$SHARED" && $PY gen_maildir.py --maildir "$BASE_BOX" --count "$n" --clear >/dev/null)
+  fi
   if [ "$COLD_ROUNDS" -gt 0 ]; then
     echo "cold SELECT $n: $COLD_ROUNDS rounds" >&2
     TG="--target mailsuite:$PORT:big$n@example.test:$MS_BOX"
+    [ -n "$COMPARE_TREE" ] && TG="$TG --target mailsuite-base:$BPORT:big$n@example.test:$BASE_BOX"
     [ "$PEER" = dovecot ] && TG="$TG --target dovecot:$DPORT:big$n:$DC_BOX"
     for r in $(seq "$COLD_ROUNDS"); do
       # a fresh mailsuite process each round: a running one keeps the folder warm
       kill "$PID"; wait "$PID" 2>/dev/null || true
       start_mailsuite
       wait_port "$PORT"
+      if [ -n "$COMPARE_TREE" ]; then
+        [ -z "$BPID" ] || { kill "$BPID"; wait "$BPID" 2>/dev/null || true; }
+        start_base
+        wait_port "$BPORT"
+      fi
+      PIDS="--pid mailsuite=$PID"
+      [ -n "$COMPARE_TREE" ] && PIDS="$PIDS --pid mailsuite-base=$BPID"
+      [ "$PEER" = dovecot ] && PIDS="$PIDS --pid dovecot=$DPID"
       # shellcheck disable=SC2086
-      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG \
+      $PY "$HERE/bench/cold_select.py" --round "$r" --password benchpass $TG $PIDS \
         --out "$OUT/cold-select-$n-$r.json"
     done
     $PY "$HERE/bench/cold_select.py" --report "$OUT"/cold-select-"$n"-*.json | tee "$OUT/cold-select-$n.txt"

@@ -21,6 +21,7 @@ import base64
 import binascii
 import inspect
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from mailsuite.directory import SPECIAL_FOLDERS
@@ -55,7 +56,7 @@ from mailsuite.imap.session_base import (
     vanished_earlier,
 )
 from mailsuite.login import Outcome
-from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
+from mailsuite.store.mailbox import SEPARATOR, Account, Folder, MailboxError, opened_index
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.space import is_disk_full
 
@@ -323,13 +324,16 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
 
     # -- SELECT / EXAMINE ---------------------------------------------------------------------
 
-    def do_SELECT(self, cmd: Command) -> None:
-        self._select(cmd, readonly=False)
+    def do_SELECT(self, cmd: Command) -> Coroutine[Any, Any, None] | None:
+        return self._select(cmd, readonly=False)
 
-    def do_EXAMINE(self, cmd: Command) -> None:
-        self._select(cmd, readonly=True)
+    def do_EXAMINE(self, cmd: Command) -> Coroutine[Any, Any, None] | None:
+        return self._select(cmd, readonly=True)
 
-    def _select(self, cmd: Command, readonly: bool) -> None:
+    def _select(self, cmd: Command, readonly: bool) -> Coroutine[Any, Any, None] | None:
+        """SELECT / EXAMINE (RFC 3501 6.3.1-2).  A folder this process has not open is opened
+        in a worker thread first (:func:`~mailsuite.store.mailbox.opened_index`: a first
+        sight of 100,000 files must not hold every other session for half a second)."""
         if not cmd.args:
             raise _bad("Mailbox name expected")
         name = self._mailbox_arg(cmd.args[0])
@@ -360,7 +364,38 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         acct = self._acct()
         if not acct.exists(name):
             raise _no("No such mailbox", "NONEXISTENT")
-        folder = self.shared.registry.get(acct.path(name))
+        path = acct.path(name)
+        if not self.shared.registry.has(path):
+            return self._select_cold(cmd, readonly, name, path, qresync_arg)
+        self._selected(cmd, readonly, name, self.shared.registry.get(path), qresync_arg)
+        return None
+
+    async def _select_cold(
+        self,
+        cmd: Command,
+        readonly: bool,
+        name: str,
+        path: Path,
+        qresync_arg: list[Token] | None,
+    ) -> None:
+        """:meth:`_select` of a folder not open here: its index opened (built, filled,
+        synced) in a worker thread, then handed to the registry."""
+        index = await self.shared.run_blocking(opened_index, path)
+        if self.proto.gone():
+            index.close()
+            return
+        self._selected(cmd, readonly, name, self.shared.registry.get(path, index), qresync_arg)
+
+    def _selected(
+        self,
+        cmd: Command,
+        readonly: bool,
+        name: str,
+        folder: Folder,
+        qresync_arg: list[Token] | None,
+    ) -> None:
+        """The rest of :meth:`_select`, with the folder open: the view, \\Recent and the
+        untagged answers."""
         v = folder.view(readonly)
         # SELECT claims the messages no session has seen as \Recent; EXAMINE shows them as
         # \Recent without claiming them (RFC 3501 2.3.2, 6.3.2)

@@ -110,14 +110,15 @@ class FolderIndex(IndexScan):
 
     def state(self) -> tuple[list[int], list[str], list[int]]:
         """UIDs, flag strings and modseqs of every message, in UID order (one query; right
-        after a build at open, the build's own lists while the index has not changed)."""
+        after a build at open or a bulk fill of an empty index, their own lists while the
+        index has not changed since)."""
         built, self._built = self._built, None
         if built is not None:
             m = self._metas()
             if (
                 m.get("uidnext") == built.uidnext
                 and m.get("highestmodseq") == built.modseq
-                and int(m.get("names_gen") or 0) == (1 if built.uids else 0)
+                and int(m.get("names_gen") or 0) == built.names_gen
             ):
                 return built.uids, built.flags, [built.modseq] * len(built.uids)
         rows = self.db.execute("SELECT uid, flags, modseq FROM messages ORDER BY uid").fetchall()

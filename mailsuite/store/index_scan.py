@@ -38,7 +38,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mailsuite.store.index_build import Built, _w_size, build_index
+from mailsuite.store.index_build import (
+    Built,
+    _w_size,
+    build_index,
+    columns,
+    insert_rows,
+    listing,
+    order_listing,
+)
 from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
 from mailsuite.store.maildir import base_of
 
@@ -172,11 +180,12 @@ class IndexScan(IndexDatabase):
     #: the last sync that did not wait found the lock taken and left the listing undone
     lock_busy = False
 
-    def _build_missing(self) -> None:
-        def flag_text(info: str) -> str:
-            return " ".join(sorted(self._disk_flags(info)))
+    def _flag_text(self, info: str) -> str:
+        """The index's flag text for an info suffix (``":2,S"``)."""
+        return " ".join(sorted(self._disk_flags(info)))
 
-        self._built = build_index(self.folder, _delivery_key, flag_text, _trusted)
+    def _build_missing(self) -> None:
+        self._built = build_index(self.folder, _delivery_key, self._flag_text, _trusted)
         if self._built is not None:
             self._built_result = self._built.result
 
@@ -283,7 +292,15 @@ class IndexScan(IndexDatabase):
 
         The steps are apart so each can be read on its own; the work stays in one transaction
         so another process never sees a half-applied sync (a moved file both gone and new).
+        An index without a message (a folder new to us, or emptied) is filled in bulk, from
+        a listing of both directories, whichever of them changed.
         """
+        if self.db.execute("SELECT 1 FROM messages LIMIT 1").fetchone() is None:
+            return self._fill_empty(subs)
+        return self._scan_rows(stamp, now, subs)
+
+    def _scan_rows(self, stamp: tuple[int, int], now: int, subs: tuple[str, ...]) -> SyncResult:
+        """:meth:`_scan` row by row: the names compared as sets, each difference a row."""
         on_disk = self._list_subs(subs)
         gen_before = int(self._meta("names_gen") or 0)
         known = self._db_names(subs)
@@ -314,6 +331,40 @@ class IndexScan(IndexDatabase):
                 self._names_changed(found.names_out, found.names_in, cache_valid)
             self._record_stamps(stamp, now, subs)
         return SyncResult(tuple(found.added), tuple(found.expunged), tuple(found.changed))
+
+    def _fill_empty(self, subs: tuple[str, ...]) -> SyncResult:
+        """Index every file of a folder whose index holds no message (lock held): what
+        :meth:`_scan_rows` does for it, with the build's bulk insert (a plain sort, columns
+        made in C, one ``INSERT ... SELECT``: :mod:`~mailsuite.store.index_build`) instead of
+        a Python row per file.  A folder created empty by us (an IMAP CREATE, a first
+        delivery's ``new/``) that another program then filled is a first sight like a missing
+        index.  UIDs follow on from ``uidnext`` under the folder's UIDVALIDITY, as a sync
+        gives them.  Both directories are listed; only the mtimes of ``subs`` (those that
+        were due) are recorded, as a sync of them records them."""
+        found = listing(self.folder)
+        if found is None:
+            return SyncResult()
+        now, stamp, new, cur = found
+        cols = columns(order_listing(new, cur, _delivery_key), self._flag_text)
+        n = len(cols.flags)
+        with self._transaction():
+            m = self._metas()
+            uid = int(m.get("uidnext") or 1)
+            modseq = int(m.get("highestmodseq") or 1)
+            gen = int(m.get("names_gen") or 0)
+            if n:
+                modseq += 1
+                if insert_rows(self.db, uid, modseq, cols) != n:  # never seen
+                    raise RuntimeError(f"index of {self.folder}: not every file inserted")
+                self._set_meta("uidnext", uid + n)
+                self._set_meta("highestmodseq", modseq)
+                self._names_changed((), (), valid=False)  # 100,000 names: read when needed
+                gen += 1
+            self._record_stamps(stamp, now, subs)
+        uids = list(range(uid, uid + n))
+        added = SyncResult(tuple(uids))
+        self._built = Built(added, uids, cols.flags, modseq, uid + n, gen)
+        return added
 
     def _list_subs(self, subs: Sequence[str]) -> set[str]:
         """Every visible file under ``subs``, as "sub/name".

@@ -371,10 +371,12 @@ class FolderView:
 class Folder:
     """An open folder shared by this process's sessions (see the module docstring)."""
 
-    def __init__(self, registry: FolderRegistry, path: Path) -> None:
+    def __init__(
+        self, registry: FolderRegistry, path: Path, index: FolderIndex | None = None
+    ) -> None:
         self.registry = registry
         self.path = path
-        self.index = FolderIndex(path)
+        self.index = index if index is not None else FolderIndex(path)
         #: the handle for changes made in worker threads (EXPUNGE; STORE when the lock is busy)
         self.writer = FolderWriter(path)
         #: the index handles are closed (the folder left the registry for good)
@@ -598,6 +600,21 @@ class Folder:
         return got
 
 
+def opened_index(path: Path) -> FolderIndex:
+    """Open a folder's index and bring it in step with the directory: what opening a
+    :class:`Folder` costs beyond a few queries, run in a worker thread by IMAP SELECT for a
+    folder that is not open, so the build of a missing index or the bulk fill of an empty
+    one (100,000 files: half a second of CPU, most of it in SQLite, which lets go of the GIL)
+    does not hold the event loop; the index is then handed to :meth:`FolderRegistry.get`."""
+    index = FolderIndex(path)
+    try:
+        index.sync()
+    except BaseException:
+        index.close()
+        raise
+    return index
+
+
 class FolderRegistry:
     """Open folders of this process, by path, with reference counting (one per process)."""
 
@@ -626,7 +643,23 @@ class FolderRegistry:
         #: folders polled for other processes' changes: folder -> [stop, number of watchers]
         self._watched: dict[Folder, list[Any]] = {}
 
-    def get(self, path: Path) -> Folder:
+    def has(self, path: Path) -> bool:
+        """Is the folder at ``path`` open or warm here (no index to open or build)?"""
+        return path in self.open or path in self.idle
+
+    def get(self, path: Path, index: FolderIndex | None = None) -> Folder:
+        """The folder at ``path``, opened when it is not open or warm; ``index`` is its index
+        already opened and synced (:func:`opened_index`, in a worker thread), closed here when
+        the folder was opened meanwhile."""
+        folder = self._open_or_warm(path)
+        if folder is None:
+            folder = Folder(self, path, index)
+            self.open[path] = folder
+        elif index is not None:
+            index.close()
+        return folder
+
+    def _open_or_warm(self, path: Path) -> Folder | None:
         folder = self.peek(path)
         if folder is not None and self.open.get(path) is not folder:  # warm, from idle
             del self.idle[path]
@@ -634,9 +667,6 @@ class FolderRegistry:
             if not (folder.path / "cur").is_dir() or any(v.invalid for v in folder.views):
                 folder = None
                 self.open.pop(path, None)
-        if folder is None:
-            folder = Folder(self, path)
-            self.open[path] = folder
         return folder
 
     def find(self, path: Path) -> Folder | None:

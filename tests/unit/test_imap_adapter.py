@@ -6,7 +6,7 @@ command quietly (no traceback in the log, the poller stopped)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from mailsuite.config import parse_config
 from mailsuite.deadline import ReadDeadline
@@ -73,6 +74,31 @@ class TCPStringTransport(StringTransport):
         self.nodelay = enabled
 
 
+class _SyncPool:
+    """A thread pool that runs each job at once, in the caller's thread (a SELECT of a
+    folder not open opens its index through the pool)."""
+
+    def callInThreadWithCallback(  # noqa: N802 (Twisted's name)
+        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *a: Any, **kw: Any
+    ) -> None:
+        try:
+            result = f(*a, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class PoolClock(Clock):
+    """A Clock with the reactor's thread calls: jobs run at once, their results too."""
+
+    def getThreadPool(self) -> _SyncPool:  # noqa: N802 (Twisted's name)
+        return _SyncPool()
+
+    def callFromThread(self, f: Callable[..., Any], *a: Any, **kw: Any) -> None:  # noqa: N802
+        f(*a, **kw)
+
+
 def connect(
     tmp_path: Path, transport: StringTransport | None = None
 ) -> tuple[IMAPProtocol, StringTransport, GatedAuth, Clock]:
@@ -88,7 +114,7 @@ def connect(
     directory = Directory(config.directory_file, config.mail_dir, config.local_domains)
     directory.add_user(ALICE, "unused")
     auth = GatedAuth()
-    clock = Clock()
+    clock = PoolClock()
     runtime = Runtime(config, clock, directory, auth, ChangeHub())  # type: ignore[arg-type]  # a stand-in Authenticator
     proto = IMAPFactory(runtime, implicit_tls=True).buildProtocol(None)
     transport = transport if transport is not None else StringTransport(peerAddress=None)

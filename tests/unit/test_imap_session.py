@@ -388,6 +388,41 @@ def test_pipelined_commands_are_answered_in_order(tmp_path: Path) -> None:
     run(scenario, tmp_path)
 
 
+def test_select_opens_a_folder_not_open_in_a_worker_thread(tmp_path: Path) -> None:
+    """The index of a folder this process has not open is opened (built, filled, synced) in
+    a worker thread: a first SELECT of 100,000 files must not hold the event loop.  An open
+    or warm folder is selected at once; a connection lost meanwhile leaves nothing open."""
+
+    async def scenario(host: Host) -> None:
+        host.deliver(1)
+        inbox = host.directory.mailbox_root(ALICE)
+        a = Adapter(host)
+        await a.send(b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\n")
+        assert b"* 1 EXISTS" in a.take()
+        assert host.blocking_calls == ["opened_index"]
+        assert host.registry.has(inbox)
+        await a.send(b"a3 EXAMINE INBOX\r\n")  # open here: no thread
+        assert tagged(a.take()) == [b"a3 OK [READ-ONLY] EXAMINE completed"]
+        assert host.blocking_calls == ["opened_index"]
+        b = Adapter(host)
+        await b.send(b"b1 LOGIN alice@example.test secret\r\n")
+        await b.send(b"b2 CREATE Archive\r\n")
+        b.take()
+        archive = inbox / ".Archive"
+        cmd = b.reader.feed_line(b"b3 SELECT Archive")
+        assert isinstance(cmd, Command)
+        work = b.session.run(cmd)
+        assert work is not None
+        task = asyncio.ensure_future(work)
+        b.lose_connection()  # while the index is being opened in the worker
+        await task
+        assert host.blocking_calls == ["opened_index", "opened_index"]
+        assert not host.registry.has(archive)
+        assert not [ln for ln in b.take() if ln.startswith(b"b3")]
+
+    run(scenario, tmp_path)
+
+
 def test_a_failure_in_a_waiting_command_is_answered_and_logged(tmp_path: Path) -> None:
     async def scenario(host: Host) -> None:
         host.deliver(1)
@@ -402,7 +437,8 @@ def test_a_failure_in_a_waiting_command_is_answered_and_logged(tmp_path: Path) -
             b"a4 NO [SERVERBUG] Internal server error, logged",
             b"a5 OK NOOP completed",
         ]
-        assert host.blocking_calls == ["copy_blocking"]
+        # SELECT opened the folder's index in a worker thread (it was not open)
+        assert host.blocking_calls == ["opened_index", "copy_blocking"]
         ((text, exc),) = host.log.failures
         assert text == f"IMAP COPY failed for {ALICE}" and isinstance(exc, OSError)
         host.fail_blocking = None

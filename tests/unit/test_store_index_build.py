@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 
 from mailsuite.store.index import INDEX_NAME, FolderIndex
 from mailsuite.store.index_build import delivery_sorted
-from mailsuite.store.index_scan import _bases_of, _delivery_key
+from mailsuite.store.index_scan import IndexScan, _bases_of, _delivery_key
+from mailsuite.store.index_schema import SyncResult
 from mailsuite.store.maildir import ensure_folder, write_keywords
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +98,18 @@ def test_plain_names_take_the_plain_sort_and_equal_the_general_order(
     assert delivery_sorted(list(new), list(cur), _delivery_key) == _reference(new, cur)
 
 
+@pytest.mark.parametrize("some_new", [False, True])
+def test_names_sharing_a_head_refuse_the_plain_sort(some_new: bool) -> None:
+    """Two names alike in seconds and microseconds are ordered by their counter (``Q``),
+    which the text of the names does not follow: the plain sort must not be taken."""
+    first, second = "1700000000.M000001P2Q1.h", "1700000000.M000001P1Q3.h"  # by Q
+    names = ["1699999999.M000009P1.h:2,", second + ":2,", first + ":2,S"]
+    new = [names.pop()[:-4]] if some_new else []
+    got = delivery_sorted(new, list(names), _delivery_key)
+    assert got == _reference(new, names)
+    assert [r[4:].split(":")[0] for r in got][1:] == [first, second]
+
+
 def _write(box: Path, new: list[str], cur: list[str]) -> None:
     for sub, names in (("new", new), ("cur", cur)):
         for i, n in enumerate(names):
@@ -121,9 +135,34 @@ def _dump(box: Path) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
     return rows, meta
 
 
+def _rows_only(idx: IndexScan, subs: tuple[str, ...]) -> SyncResult:
+    """The row-by-row sync of an index without a message (what it was before the bulk fill)."""
+    stamp = idx._dir_stamp()
+    assert stamp is not None
+    return idx._scan_rows(stamp, time.time_ns(), subs)
+
+
+def _filled(box: Path, new: list[str], cur: list[str], bulk: bool) -> tuple[Any, ...]:
+    """An empty index, then the files (another program) and a sync: bulk or row by row."""
+    idx = FolderIndex(box)
+    _write(box, new, cur)
+    if bulk:
+        res = idx.sync(force=True)
+    else:
+        with mock.patch.object(IndexScan, "_fill_empty", _rows_only):
+            res = idx.sync(force=True)
+    state = idx.state()
+    idx.close()
+    return res, state, _dump(box)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_listing())
-def test_build_equals_an_empty_index_and_one_sync(listing: tuple[list[str], list[str]]) -> None:
+def test_build_and_bulk_fill_equal_an_empty_index_and_a_sync_row_by_row(
+    listing: tuple[list[str], list[str]],
+) -> None:
+    """The three ways a folder is first seen give one index: its index missing (built at
+    open), its index empty (filled in bulk), and the general sync row by row (the reference)."""
     new, cur = listing
     with tempfile.TemporaryDirectory() as tmp:
         built = ensure_folder(Path(tmp) / "built")
@@ -132,16 +171,39 @@ def test_build_equals_an_empty_index_and_one_sync(listing: tuple[list[str], list
         res = idx.sync()
         state = idx.state()
         idx.close()
-        synced = ensure_folder(Path(tmp) / "synced")
-        idx2 = FolderIndex(synced)  # an empty index first, then the files and a sync
-        _write(synced, new, cur)
-        res2 = idx2.sync(force=True)
-        state2 = idx2.state()
-        idx2.close()
-        assert res == res2
-        assert state == state2
-        assert _dump(built) == _dump(synced)
+        reference = _filled(ensure_folder(Path(tmp) / "rows"), new, cur, bulk=False)
+        assert (res, state, _dump(built)) == reference
         assert not [p for p in built.iterdir() if ".build-" in p.name]
+        assert _filled(ensure_folder(Path(tmp) / "bulk"), new, cur, bulk=True) == reference
+
+
+def test_an_empty_index_another_program_filled_takes_the_bulk_fill(tmp_path: Path) -> None:
+    """A folder whose index exists but holds nothing, whose ``cur/`` alone another program
+    then filled, is indexed by the bulk fill (not row by row), with UIDs after the folder's
+    earlier ones, under its UIDVALIDITY; a later delivery as ever."""
+    box = ensure_folder(tmp_path / "box")
+    past = time.time() - 100
+    (box / "cur" / "1.M1P1.h:2,").write_bytes(b"Subject: x\n\nx\n")
+    for sub in ("new", "cur"):
+        os.utime(box / sub, (past, past))
+    idx = FolderIndex(box)  # built at open, both directories' mtimes recorded
+    idx.expunge([1])
+    uidvalidity = idx.uidvalidity
+    idx.close()
+    names = _names(300)
+    for i, n in enumerate(names):
+        (box / "cur" / n).write_bytes(b"Subject: %d\n\nline\n" % i)
+    os.utime(box / "cur", (past + 50, past + 50))  # new/ as the index last saw it
+    idx = FolderIndex(box)
+    with mock.patch.object(IndexScan, "_scan_rows", side_effect=AssertionError("row by row")):
+        res = idx.sync()
+    assert res.added == tuple(range(2, 302))
+    assert idx.uidvalidity == uidvalidity
+    assert [m.base for m in idx.messages()] == _expected(box)
+    assert idx.state()[1] == ["\\Seen" if i % 2 else "" for i in range(300)]  # as _names
+    (box / "new" / "3000000000.M1P1.h").write_bytes(b"Subject: y\n\ny\n")
+    assert idx.sync().added == (302,)
+    idx.close()
 
 
 def test_build_answers_state_from_its_lists_only_while_nothing_changed(tmp_path: Path) -> None:
@@ -185,15 +247,17 @@ if sys.argv[2] == "before-rename":
         return real(self, target)
     Path.rename = rename
 elif sys.argv[2] == "mid-insert":
-    write = build._write
-    def rows_then_die(rows):
-        for i, row in enumerate(rows):
-            if i == 500:
+    insert = build.insert_rows
+    def insert_then_die(db, first_uid, modseq, cols):
+        steps = []
+        def tick():  # SQLite calls it every 1000 VM instructions of the insert
+            steps.append(1)
+            if len(steps) == 50:
                 die()
-            yield row
-    def write_then_die(tmp, meta, modseq, n, bases, rels, flags, sizes):
-        write(tmp, meta, modseq, n, bases, rows_then_die(rels), flags, sizes)
-    build._write = write_then_die
+            return 0
+        db.set_progress_handler(tick, 1000)
+        insert(db, first_uid, modseq, cols)
+    build.insert_rows = insert_then_die
 from mailsuite.store.index import FolderIndex
 print("ready", flush=True)
 t0 = time.monotonic()
