@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mailsuite.store.folder_copy import append_blocking
 from mailsuite.store.index import INDEX_NAME, FolderIndex
-from mailsuite.store.mailbox import append_blocking
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.reindex import _replace
 
