@@ -42,7 +42,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
-from mailsuite.flow import GatedLineReceiver, send_now
+from mailsuite.flow import GatedLineReceiver, write_now
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -113,6 +113,8 @@ class SMTPProtocol(GatedLineReceiver):
         self.peer_ip = "unknown"
         self.deadline: ReadDeadline | None = None
         self._held = False  # input paused until a pending action's outcome
+        #: replies not written yet: a batch of pipelined commands is answered in one send
+        self._out: list[bytes] = []
 
     @property
     def _name(self) -> str:
@@ -152,7 +154,7 @@ class SMTPProtocol(GatedLineReceiver):
         self.deadline.wait(smtp.timeout)
         no_delay(self._tx)  # answer small replies at once (Nagle costs ms)
         self._perform(self.session.greeting())
-        send_now(self._tx)  # the greeting now, not after another turn of the reactor
+        self._flush()  # the greeting now, not after another turn of the reactor
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -170,11 +172,13 @@ class SMTPProtocol(GatedLineReceiver):
         log.info("smtp: {why} timeout for {ip}", why=why, ip=self.peer_ip)
         what = "connection time limit" if why == SESSION else "timeout"
         reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
-        self._tx.write(reply.encode())
+        self._out.append(reply.encode())
+        self._flush()
         self.hang_up()  # at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._tx.write(R.LINE_TOO_LONG.encode())
+        self._out.append(R.LINE_TOO_LONG.encode())
+        self._flush()
         self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
@@ -183,6 +187,7 @@ class SMTPProtocol(GatedLineReceiver):
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
         GatedLineReceiver.dataReceived(self, data)
+        self._flush()  # the answers to everything this input held, in one send
 
     def lineReceived(self, line: bytes) -> None:
         if self.session.state is State.CLOSED:
@@ -198,7 +203,7 @@ class SMTPProtocol(GatedLineReceiver):
                 state=self.session.state.value,
                 ip=self.peer_ip,
             )
-            self._tx.write(R.INTERNAL_ERROR.encode())
+            self._out.append(R.INTERNAL_ERROR.encode())
             return
         self._perform(step)
 
@@ -240,19 +245,33 @@ class SMTPProtocol(GatedLineReceiver):
             log.info("{profile}: {ip}: {line}", profile=self._name, ip=self.peer_ip, line=line)
 
     def _perform(self, step: Step) -> None:
-        """Log, send the replies, fulfil the action; hold input while the session waits."""
+        """Log, queue the replies (:meth:`_flush` sends them), fulfil the action; hold input
+        while the session waits."""
         if step.log:
             self._log(step)
         if step.replies:
-            self._tx.write(step.out)
+            self._out.append(step.out)
         action = step.action
         if action is not None:
-            _ACTIONS[type(action)](self, action)
+            kind = type(action)
+            if kind is Close or kind is StartTLS:
+                self._flush()  # the reply goes before the close, and in clear before TLS
+            _ACTIONS[kind](self, action)
         state = self.session.state
         if state is State.LOGIN or state is State.CHECKING or state is State.DELIVERING:
             self._hold()  # (the _WAITING states, compared by identity: this runs per reply)
         elif self._held:
             self._release()
+
+    def _flush(self) -> None:
+        """Send the queued replies now, in one write (:func:`mailsuite.flow.write_now`)."""
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.transport is not None:
+            write_now(self._tx, data)
 
     def _counted(self, step: Step) -> Step:
         """``step`` answers a message (its end of data, or DATA itself when the message
@@ -335,7 +354,7 @@ class SMTPProtocol(GatedLineReceiver):
             answer = LoginAnswer.BAD_CREDENTIALS
         if self._connected():
             self._perform(self.session.login_finished(answer, user))
-            send_now(self._tx)
+            self._flush()
 
     def _login_failed(self, failure: Failure) -> None:
         log.failure(
@@ -343,6 +362,7 @@ class SMTPProtocol(GatedLineReceiver):
         )
         if self._connected():
             self._perform(self.session.login_finished(LoginAnswer.ERROR))
+            self._flush()
 
     def _open_message(self, action: OpenMessage) -> None:
         session = self.session
@@ -389,7 +409,7 @@ class SMTPProtocol(GatedLineReceiver):
                 self._abort_message()  # no 250 can reach the client: it will send again
                 return
             self._perform(self._counted(self.session.checks_done(verdict)))
-            send_now(self._tx)
+            self._flush()
 
         d.addErrback(failed).addCallback(decided)
 
@@ -420,8 +440,8 @@ class SMTPProtocol(GatedLineReceiver):
             step = self._counted(self.session.delivery_finished(*outcome))
             if self._connected():
                 self._perform(step)
-                send_now(self._tx)  # the 250 leaves now (replies to later pipelined
-                # commands that _perform released went out with it, in order)
+                self._flush()  # the 250 leaves now (replies to later pipelined commands
+                # that _perform released went out with it, in order, in one send)
             else:
                 self._log(step)  # delivered (or not) all the same: say so
 
