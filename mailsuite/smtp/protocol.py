@@ -25,7 +25,6 @@ reactor and runtime it was given.  Here:
 from __future__ import annotations
 
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, tcp
@@ -63,6 +62,7 @@ from mailsuite.smtp.session import (
     State,
     Step,
 )
+from mailsuite.smtp.trace import received_date
 from mailsuite.store.space import is_disk_full
 from mailsuite.tls import peer_tls_info
 from mailsuite.transport import Transport, no_delay, transport_of
@@ -376,7 +376,7 @@ class SMTPProtocol(GatedLineReceiver):
             body_8bit=txn.body_8bit,
         )
         tls_info = peer_tls_info(self.transport) if session.tls else None
-        received = session.received_field(tls_info, formatdate(localtime=True))
+        received = session.received_field(tls_info, received_date())
         message = IncomingMessage(self.runtime, envelope, received)
         try:
             message.check()
