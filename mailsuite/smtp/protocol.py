@@ -81,6 +81,12 @@ MAX_COMMAND_LINE = 2048
 #: same attribute is the output size at which Twisted pauses a producer (mailsuite.flow).
 DATA_READ_SIZE = 256 * 1024
 
+#: Replies queued past this many bytes go to the transport at once rather than at the end of
+#: the input batch: its buffer is what pauses the flow when the client does not read
+#: (mailsuite.flow), so a flood of pipelined EHLOs stops being read after 64 KiB of unread
+#: answers plus at most this much, not after a whole read's worth of answers.
+MAX_QUEUED_REPLIES = 8 * 1024
+
 #: Session states that wait for an action's outcome: no command is read meanwhile.
 _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 
@@ -115,6 +121,7 @@ class SMTPProtocol(GatedLineReceiver):
         self._held = False  # input paused until a pending action's outcome
         #: replies not written yet: a batch of pipelined commands is answered in one send
         self._out: list[bytes] = []
+        self._out_size = 0
 
     @property
     def _name(self) -> str:
@@ -250,7 +257,11 @@ class SMTPProtocol(GatedLineReceiver):
         if step.log:
             self._log(step)
         if step.replies:
-            self._out.append(step.out)
+            data = step.out
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > MAX_QUEUED_REPLIES:
+                self._flush()  # (a batch of pipelined commands: the transport bounds it)
         action = step.action
         if action is not None:
             kind = type(action)
@@ -270,6 +281,7 @@ class SMTPProtocol(GatedLineReceiver):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._out_size = 0
         if self.transport is not None:
             write_now(self._tx, data)
 
