@@ -41,7 +41,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
-from mailsuite.flow import GatedLineReceiver, write_now
+from mailsuite.flow import GatedLineReceiver
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -81,12 +81,6 @@ MAX_COMMAND_LINE = 2048
 #: same attribute is the output size at which Twisted pauses a producer (mailsuite.flow).
 DATA_READ_SIZE = 256 * 1024
 
-#: Replies queued past this many bytes go to the transport at once rather than at the end of
-#: the input batch: its buffer is what pauses the flow when the client does not read
-#: (mailsuite.flow), so a flood of pipelined EHLOs stops being read after 64 KiB of unread
-#: answers plus at most this much, not after a whole read's worth of answers.
-MAX_QUEUED_REPLIES = 8 * 1024
-
 #: Session states that wait for an action's outcome: no command is read meanwhile.
 _WAITING = frozenset({State.LOGIN, State.CHECKING, State.DELIVERING})
 
@@ -119,9 +113,6 @@ class SMTPProtocol(GatedLineReceiver):
         self.peer_ip = "unknown"
         self.deadline: ReadDeadline | None = None
         self._held = False  # input paused until a pending action's outcome
-        #: replies not written yet: a batch of pipelined commands is answered in one send
-        self._out: list[bytes] = []
-        self._out_size = 0
 
     @property
     def _name(self) -> str:
@@ -160,8 +151,7 @@ class SMTPProtocol(GatedLineReceiver):
         )
         self.deadline.wait(smtp.timeout)
         no_delay(self._tx)  # answer small replies at once (Nagle costs ms)
-        self._perform(self.session.greeting())
-        self._flush()  # the greeting now, not after another turn of the reactor
+        self._perform(self.session.greeting())  # sent now (GatedLineReceiver.reply)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -179,13 +169,11 @@ class SMTPProtocol(GatedLineReceiver):
         log.info("smtp: {why} timeout for {ip}", why=why, ip=self.peer_ip)
         what = "connection time limit" if why == SESSION else "timeout"
         reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
-        self._out.append(reply.encode())
-        self._flush()
+        self.reply(reply.encode())
         self.hang_up()  # at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._out.append(R.LINE_TOO_LONG.encode())
-        self._flush()
+        self.reply(R.LINE_TOO_LONG.encode())
         self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
@@ -193,8 +181,7 @@ class SMTPProtocol(GatedLineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        GatedLineReceiver.dataReceived(self, data)
-        self._flush()  # the answers to everything this input held, in one send
+        GatedLineReceiver.dataReceived(self, data)  # its replies leave together at the end
 
     def lineReceived(self, line: bytes) -> None:
         if self.session.state is State.CLOSED:
@@ -210,7 +197,7 @@ class SMTPProtocol(GatedLineReceiver):
                 state=self.session.state.value,
                 ip=self.peer_ip,
             )
-            self._out.append(R.INTERNAL_ERROR.encode())
+            self.reply(R.INTERNAL_ERROR.encode())
             return
         self._perform(step)
 
@@ -252,38 +239,21 @@ class SMTPProtocol(GatedLineReceiver):
             log.info("{profile}: {ip}: {line}", profile=self._name, ip=self.peer_ip, line=line)
 
     def _perform(self, step: Step) -> None:
-        """Log, queue the replies (:meth:`_flush` sends them), fulfil the action; hold input
+        """Log, send the replies (:meth:`GatedLineReceiver.reply`: gathered while a batch of
+        input is handled, one send at its end), fulfil the action; hold input
         while the session waits."""
         if step.log:
             self._log(step)
         if step.replies:
-            data = step.out
-            self._out.append(data)
-            self._out_size += len(data)
-            if self._out_size > MAX_QUEUED_REPLIES:
-                self._flush()  # (a batch of pipelined commands: the transport bounds it)
+            self.reply(step.out)
         action = step.action
-        if action is not None:
-            kind = type(action)
-            if kind is Close or kind is StartTLS:
-                self._flush()  # the reply goes before the close, and in clear before TLS
-            _ACTIONS[kind](self, action)
+        if action is not None:  # (closing and STARTTLS send the gathered replies first)
+            _ACTIONS[type(action)](self, action)
         state = self.session.state
         if state is State.LOGIN or state is State.CHECKING or state is State.DELIVERING:
             self._hold()  # (the _WAITING states, compared by identity: this runs per reply)
         elif self._held:
             self._release()
-
-    def _flush(self) -> None:
-        """Send the queued replies now, in one write (:func:`mailsuite.flow.write_now`)."""
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_size = 0
-        if self.transport is not None:
-            write_now(self._tx, data)
 
     def _counted(self, step: Step) -> Step:
         """``step`` answers a message (its end of data, or DATA itself when the message
@@ -366,7 +336,6 @@ class SMTPProtocol(GatedLineReceiver):
             answer = LoginAnswer.BAD_CREDENTIALS
         if self._connected():
             self._perform(self.session.login_finished(answer, user))
-            self._flush()
 
     def _login_failed(self, failure: Failure) -> None:
         log.failure(
@@ -374,7 +343,6 @@ class SMTPProtocol(GatedLineReceiver):
         )
         if self._connected():
             self._perform(self.session.login_finished(LoginAnswer.ERROR))
-            self._flush()
 
     def _open_message(self, action: OpenMessage) -> None:
         session = self.session
@@ -421,7 +389,6 @@ class SMTPProtocol(GatedLineReceiver):
                 self._abort_message()  # no 250 can reach the client: it will send again
                 return
             self._perform(self._counted(self.session.checks_done(verdict)))
-            self._flush()
 
         d.addErrback(failed).addCallback(decided)
 
@@ -451,9 +418,8 @@ class SMTPProtocol(GatedLineReceiver):
         def answer(outcome: tuple[bool, Reply | None]) -> None:
             step = self._counted(self.session.delivery_finished(*outcome))
             if self._connected():
-                self._perform(step)
-                self._flush()  # the 250 leaves now (replies to later pipelined commands
-                # that _perform released went out with it, in order, in one send)
+                self._perform(step)  # the 250 leaves now, then the replies to the
+                # pipelined commands its release lets through
             else:
                 self._log(step)  # delivered (or not) all the same: say so
 
