@@ -22,6 +22,9 @@
 # the tree in MAILSUITE_COMPARE_TREE (e.g. the main checkout, through PYTHONPATH) likewise:
 #   TARGETS="postfix mailsuite mailsuite-w2" bench/smtp.sh
 #   MAILSUITE_COMPARE_TREE=/path/to/main TARGETS="mailsuite-w1 compare-w1" bench/smtp.sh
+# Any of them with "-noauth" appended runs with every [mail_auth] check off (Postfix here checks
+# nothing; mailsuite checks SPF/DKIM/DMARC/ARC on the MX port by default):
+#   TARGETS="postfix mailsuite-w2 mailsuite-w2-noauth" bench/smtp.sh
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -97,22 +100,28 @@ for p in postfix aiosmtpd; do
     STARTED_PEERS="$STARTED_PEERS $p"
     (cd "$SHARED_BENCH" && ./peers.sh start "$p") || { log "could not start $p"; exit 1; }
 done
+# "-noauth" at the end of a mailsuite target name: the same server with every [mail_auth]
+# check off (SPF, DKIM, DMARC, ARC), like Postfix here, which checks nothing.  The default
+# checks every message arriving on the MX port; both in one run show what the checks cost.
+NOAUTH_TOML=$'[mail_auth]\nspf = false\ndkim = false\ndmarc = false\narc = false'
 declare -A ARGS
 for n in $TARGETS; do
-    case $n in
+    base=${n%-noauth} extra=
+    [ "$base" != "$n" ] && extra=$NOAUTH_TOML
+    case $base in
         mailsuite) workers=${MAILSUITE_WORKERS:-1} tree= ;;
-        mailsuite-w*) workers=${n#mailsuite-w} tree= ;;
-        compare-w*) workers=${n#compare-w} tree=${MAILSUITE_COMPARE_TREE:?set MAILSUITE_COMPARE_TREE} ;;
+        mailsuite-w*) workers=${base#mailsuite-w} tree= ;;
+        compare-w*) workers=${base#compare-w} tree=${MAILSUITE_COMPARE_TREE:?set MAILSUITE_COMPARE_TREE} ;;
         *) continue ;;
     esac
     MS_STARTED="$MS_STARTED $n"
     MS_ENV=$(env ${tree:+PYTHONPATH=$tree} "$MAILSUITE_PYTHON" "$HERE/mailsuite_target.py" start \
         --dir "$WORK/$n" --workers "$workers" --services "$MAILSUITE_SERVICES" \
-        --password "$BENCH_PASS" --domain "$BENCH_DOMAIN") \
+        --password "$BENCH_PASS" --domain "$BENCH_DOMAIN" --extra-toml "$extra") \
         || { log "could not start $n"; exit 1; }
     eval "$MS_ENV"
     ARGS[$n]="--pid $MS_PID --smtp-port $MS_SMTP_PORT --maildir-fmt $MS_MAILDIR_FMT"
-    log "$n (workers=$workers${tree:+, tree $tree}) pid $MS_PID smtp port $MS_SMTP_PORT (data in $MS_DIR)"
+    log "$n (workers=$workers${tree:+, tree $tree}${extra:+, mail auth checks off}) pid $MS_PID smtp port $MS_SMTP_PORT (data in $MS_DIR)"
 done
 [ -n "$MS_STARTED" ] && sleep 3  # workers import and adopt the listening sockets
 

@@ -6,7 +6,8 @@ target and mailsuite's ratios to Postfix and aiosmtpd, from the same run.
 Reads the ``smtp-small-NAME.json`` / ``smtp-large-NAME.json`` files that the shared
 harness's ``smtp_bench.py`` writes.  Figures are the median over trials (min-max beside it);
 a ratio is the ratio of the medians.  Every mailsuite variant of the run (``mailsuite``,
-``mailsuite-wN``, ``compare-wN``: see bench/smtp.sh) gets its columns; ``--load`` adds the
+``mailsuite-wN``, ``compare-wN``, each also with ``-noauth``: mail authentication off; see
+bench/smtp.sh) gets its columns; ``--load`` adds the
 range of the 1-minute load average sampled during the run.
 """
 

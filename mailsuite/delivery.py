@@ -96,6 +96,11 @@ class DeliveryResult:
 
 
 def _thread_pool(runtime: Any) -> Blocking:
+    """Where the file work runs: the runtime's :class:`~mailsuite.disk_jobs.DiskJobs`, or the
+    reactor's thread pool for a runtime without them (tests build their own)."""
+    disk_jobs = getattr(runtime, "disk_jobs", None)
+    if disk_jobs is not None:
+        return disk_jobs().run  # type: ignore[no-any-return]
     reactor = runtime.reactor
 
     def blocking(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:

@@ -11,6 +11,7 @@ from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.connection_limits import ConnectionLimits
 from mailsuite.directory import Directory
+from mailsuite.disk_jobs import DiskJobs
 from mailsuite.flow import HeapTrim
 from mailsuite.shared.folder_watch import folder_watcher
 from mailsuite.store.events import ChangeHub
@@ -57,6 +58,8 @@ class Runtime:
     sandbox: Any | None = None
     #: Returns freed memory after stalled connections close (made by :meth:`heap_trim`).
     heap: HeapTrim | None = None
+    #: The threads of local delivery's file work (made by :meth:`disk_jobs`).
+    disk: DiskJobs | None = None
 
     def folder_registry(self) -> FolderRegistry:
         """The process's one registry of open folders (the folder model IMAP and POP3 share,
@@ -77,3 +80,10 @@ class Runtime:
         if self.heap is None:
             self.heap = HeapTrim(self.reactor)
         return self.heap
+
+    def disk_jobs(self) -> DiskJobs:
+        """The process's one :class:`~mailsuite.disk_jobs.DiskJobs`: the threads that create,
+        write, fsync and rename the messages SMTP receives."""
+        if self.disk is None:
+            self.disk = DiskJobs(self.reactor)
+        return self.disk

@@ -67,9 +67,9 @@ class MailAuth(service.Service):
     def applies_to(self, client_ip: str, authenticated: bool) -> bool:
         """Whether mail from this session is checked: only unauthenticated mail from outside
         ``[relay] trusted_networks``, and only when some check is on."""
-        if authenticated or self.config.relay.is_trusted(client_ip):
+        if authenticated or not self.config.mail_auth.verifies:
             return False
-        return self.config.mail_auth.verifies
+        return not self.config.relay.is_trusted(client_ip)  # (parses the address: last)
 
     def check_message(
         self, message: bytes | Path, mail_from: str, helo: str, client_ip: str

@@ -75,12 +75,26 @@ class DKIMSigning(Check):
             return ACCEPT
         return await self.sign(message)
 
-    async def sign(self, message: ReceivedMessage) -> Verdict:
+    def settle(self, facts: Facts, message: ReceivedMessage) -> Verdict | None:
+        """Nothing to sign is known at once (not a session we sign for, or a From domain
+        that is not ours); a signature needs the message (None)."""
+        if not self.applies(facts) or self._domain(message) is None:
+            return ACCEPT
+        return None
+
+    def _domain(self, message: ReceivedMessage) -> str | None:
+        """The From domain to sign for: the first author's, when it is one of ours."""
         authors = from_domains(message.headers) or []
         if not authors or not self.lookup.is_local_domain(authors[0]):
+            return None
+        return authors[0]
+
+    async def sign(self, message: ReceivedMessage) -> Verdict:
+        domain = self._domain(message)
+        if domain is None:
             return ACCEPT
         data = await message.read()
-        signatures = await self.mail_auth.sign(data, authors[0])
+        signatures = await self.mail_auth.sign(data, domain)
         return Verdict(prepend=header_texts(signatures)) if signatures else ACCEPT
 
 
@@ -92,6 +106,16 @@ class MailAuthCheck(Check):
         self.mail_auth = mail_auth
         self.authserv_id: str = mail_auth.inbound.authserv_id
         self.signing = signing
+
+    def settle(self, facts: Facts, message: ReceivedMessage) -> Verdict | None:
+        """A session the checks do not apply to (authenticated, a trusted network, every
+        check off) with nothing to sign: only our forged fields come out, known at once."""
+        if self.mail_auth.applies_to(facts.client_ip, facts.user is not None):
+            return None
+        if self.signing is not None and self.signing.settle(facts, message) is None:
+            return None
+        forged = forged_results(message.headers, self.authserv_id)
+        return Verdict(remove=forged) if forged else ACCEPT
 
     async def end_of_data(self, facts: Facts, message: ReceivedMessage) -> Verdict:
         forged = forged_results(message.headers, self.authserv_id)

@@ -25,7 +25,6 @@ reactor and runtime it was given.  Here:
 from __future__ import annotations
 
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, tcp
@@ -42,7 +41,7 @@ from mailsuite.delivery import (
     Envelope,
     IncomingMessage,
 )
-from mailsuite.flow import GatedLineReceiver, send_now
+from mailsuite.flow import GatedLineReceiver
 from mailsuite.runtime import Runtime
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck
@@ -63,6 +62,7 @@ from mailsuite.smtp.session import (
     State,
     Step,
 )
+from mailsuite.smtp.trace import received_date
 from mailsuite.store.space import is_disk_full
 from mailsuite.tls import peer_tls_info
 from mailsuite.transport import Transport, no_delay, transport_of
@@ -151,8 +151,7 @@ class SMTPProtocol(GatedLineReceiver):
         )
         self.deadline.wait(smtp.timeout)
         no_delay(self._tx)  # answer small replies at once (Nagle costs ms)
-        self._perform(self.session.greeting())
-        send_now(self._tx)  # the greeting now, not after another turn of the reactor
+        self._perform(self.session.greeting())  # sent now (GatedLineReceiver.reply)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
@@ -170,11 +169,11 @@ class SMTPProtocol(GatedLineReceiver):
         log.info("smtp: {why} timeout for {ip}", why=why, ip=self.peer_ip)
         what = "connection time limit" if why == SESSION else "timeout"
         reply = R.TIMEOUT.with_text(f"{self.config.hostname} Error: {what} exceeded")
-        self._tx.write(reply.encode())
+        self.reply(reply.encode())
         self.hang_up()  # at once if the client does not even read
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._tx.write(R.LINE_TOO_LONG.encode())
+        self.reply(R.LINE_TOO_LONG.encode())
         self.close_connection()
 
     # -- input ------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class SMTPProtocol(GatedLineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self.session.state is State.CLOSED:
             return  # refused at connect, or closing: nothing the client sends is acted on
-        GatedLineReceiver.dataReceived(self, data)
+        GatedLineReceiver.dataReceived(self, data)  # its replies leave together at the end
 
     def lineReceived(self, line: bytes) -> None:
         if self.session.state is State.CLOSED:
@@ -198,7 +197,7 @@ class SMTPProtocol(GatedLineReceiver):
                 state=self.session.state.value,
                 ip=self.peer_ip,
             )
-            self._tx.write(R.INTERNAL_ERROR.encode())
+            self.reply(R.INTERNAL_ERROR.encode())
             return
         self._perform(step)
 
@@ -240,13 +239,15 @@ class SMTPProtocol(GatedLineReceiver):
             log.info("{profile}: {ip}: {line}", profile=self._name, ip=self.peer_ip, line=line)
 
     def _perform(self, step: Step) -> None:
-        """Log, send the replies, fulfil the action; hold input while the session waits."""
+        """Log, send the replies (:meth:`GatedLineReceiver.reply`: gathered while a batch of
+        input is handled, one send at its end), fulfil the action; hold input
+        while the session waits."""
         if step.log:
             self._log(step)
         if step.replies:
-            self._tx.write(step.out)
+            self.reply(step.out)
         action = step.action
-        if action is not None:
+        if action is not None:  # (closing and STARTTLS send the gathered replies first)
             _ACTIONS[type(action)](self, action)
         state = self.session.state
         if state is State.LOGIN or state is State.CHECKING or state is State.DELIVERING:
@@ -335,7 +336,6 @@ class SMTPProtocol(GatedLineReceiver):
             answer = LoginAnswer.BAD_CREDENTIALS
         if self._connected():
             self._perform(self.session.login_finished(answer, user))
-            send_now(self._tx)
 
     def _login_failed(self, failure: Failure) -> None:
         log.failure(
@@ -356,7 +356,7 @@ class SMTPProtocol(GatedLineReceiver):
             body_8bit=txn.body_8bit,
         )
         tls_info = peer_tls_info(self.transport) if session.tls else None
-        received = session.received_field(tls_info, formatdate(localtime=True))
+        received = session.received_field(tls_info, received_date())
         message = IncomingMessage(self.runtime, envelope, received)
         try:
             message.check()
@@ -389,7 +389,6 @@ class SMTPProtocol(GatedLineReceiver):
                 self._abort_message()  # no 250 can reach the client: it will send again
                 return
             self._perform(self._counted(self.session.checks_done(verdict)))
-            send_now(self._tx)
 
         d.addErrback(failed).addCallback(decided)
 
@@ -419,9 +418,8 @@ class SMTPProtocol(GatedLineReceiver):
         def answer(outcome: tuple[bool, Reply | None]) -> None:
             step = self._counted(self.session.delivery_finished(*outcome))
             if self._connected():
-                self._perform(step)
-                send_now(self._tx)  # the 250 leaves now (replies to later pipelined
-                # commands that _perform released went out with it, in order)
+                self._perform(step)  # the 250 leaves now, then the replies to the
+                # pipelined commands its release lets through
             else:
                 self._log(step)  # delivered (or not) all the same: say so
 

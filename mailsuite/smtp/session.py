@@ -655,6 +655,9 @@ class Session:
             size=reader.size,
             read=read,
         )
+        settled = policy.settle(self, message)
+        if settled is not None:  # known at once: no action to wait for
+            return self.checks_done(settled)
         return Step(action=CheckMessage(message))
 
     def checks_done(self, verdict: Verdict) -> Step:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from email.utils import formatdate
 
 _ids = itertools.count(int(time.time() * 1000) % 1_000_000)
 _ID_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
@@ -21,6 +22,20 @@ def new_id() -> str:
         n, r = divmod(n, len(_ID_DIGITS))
         out = _ID_DIGITS[r] + out
     return out + f"{os.getpid() % 1000:03d}"
+
+
+_date: tuple[int, str] = (-1, "")
+
+
+def received_date(now: float | None = None) -> str:
+    """``now`` (default: the current time) as the Received field's date (RFC 5322 3.3, local
+    time), made once per second: ``email.utils.formatdate`` builds a datetime and its time
+    zone every call, and every message of that second carries the same text anyway."""
+    global _date
+    second = int(time.time() if now is None else now)
+    if _date[0] != second:
+        _date = (second, formatdate(second, localtime=True))
+    return _date[1]
 
 
 def clean_helo(name: str) -> str:

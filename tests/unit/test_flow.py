@@ -221,3 +221,59 @@ def test_heap_trim_once_after_a_burst_of_stalled_closes() -> None:
     assert trims == [0]  # at most one per interval (10 s)
     clock.advance(5)
     assert trims == [0, 0]
+
+
+class _FDSet:
+    """A reactor's descriptor set that records what a transport asks it to watch."""
+
+    def __init__(self) -> None:
+        self.writers: list[object] = []
+        self.write_requests = 0
+
+    def addReader(self, r: object) -> None:  # noqa: N802
+        pass
+
+    def removeReader(self, r: object) -> None:  # noqa: N802
+        pass
+
+    def addWriter(self, w: object) -> None:  # noqa: N802
+        self.write_requests += 1
+        self.writers.append(w)
+
+    def removeWriter(self, w: object) -> None:  # noqa: N802
+        if w in self.writers:
+            self.writers.remove(w)
+
+
+def test_write_now_sends_at_once_and_keeps_the_order_behind_a_buffer() -> None:
+    import socket
+
+    from twisted.internet import protocol, tcp
+
+    from mailsuite.flow import write_now
+
+    ours, peer = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        fds = _FDSet()
+        transport = tcp.Server(ours, protocol.Protocol(), ("127.0.0.1", 1), None, 0, fds)  # type: ignore[arg-type]
+        # an empty buffer: straight into the socket, the reactor is not asked to watch it
+        write_now(transport, b"250 ok\r\n")
+        assert peer.recv(100) == b"250 ok\r\n" and fds.write_requests == 0
+        # more than the kernel takes: the rest waits in the transport, the reactor watches
+        big = bytes(range(256)) * 4096
+        write_now(transport, big)
+        assert fds.write_requests == 1 and transport._tempDataLen + len(transport.dataBuffer) > 0
+        # while something waits, a reply goes behind it, never ahead
+        write_now(transport, b"221 bye\r\n")
+        received = b""
+        peer.settimeout(5)
+        while len(received) < len(big) + 9:
+            if fds.writers:
+                transport.doWrite()  # what the reactor does when the socket has room
+            received += peer.recv(1 << 20)
+        assert received == big + b"221 bye\r\n"
+    finally:
+        ours.close()
+        peer.close()

@@ -189,3 +189,73 @@ def test_profiles() -> None:
     assert not any(isinstance(c, (SenderBinding, FromBinding)) for c in mx.policy.checks)
     assert any(isinstance(c, SenderBinding) for c in submission.policy.checks)
     assert any(isinstance(c, FromBinding) for c in submission.policy.checks)
+
+
+class Settles(Say):
+    """A check whose verdict is known at once (``Check.settle``), or not (None)."""
+
+    def __init__(self, verdict: Verdict, at_once: bool = True) -> None:
+        super().__init__(verdict)
+        self.at_once = at_once
+
+    def settle(self, facts: Facts, message: ReceivedMessage) -> Verdict | None:
+        return self.verdict if self.at_once else None
+
+
+def test_settle_gives_the_end_of_data_verdict_when_every_check_knows_it_at_once() -> None:
+    message = ReceivedMessage(
+        "a@b.test", ("c@example.test",), b"Subject: x", 10, reader_of(b"Subject: x\n\nbody\n")
+    )
+    checks = [
+        Settles(Verdict(prepend=("A: 1",), remove=(b"X: old",), reason="first")),
+        Settles(Verdict(junk=True, prepend=("B: 2",))),
+    ]
+    policy = Policy(checks)
+    combined = Verdict(junk=True, prepend=("A: 1", "B: 2"), remove=(b"X: old",))
+    assert policy.settle(Client(), message) == combined
+    assert run(policy.end_of_data(Client(), message)) == combined
+    # one accepting check: its verdict, without the reason (a check's own, never logged)
+    assert Policy([checks[0]]).settle(Client(), message) == Verdict(
+        prepend=("A: 1",), remove=(b"X: old",)
+    )
+    # a check that must run (reads the message, waits on DNS) sends it the long way
+    assert policy.with_checks(Settles(ACCEPT, at_once=False)).settle(Client(), message) is None
+    # a check without settle() is never skipped
+    assert policy.with_checks(Say(ACCEPT)).settle(Client(), message) is None
+    # a refusal known at once wins, as in end_of_data
+    rejecting = Policy([Settles(refuse(R.AUTH_POLICY_REJECT)), Settles(ACCEPT, at_once=False)])
+    assert rejecting.settle(Client(), message) == refuse(R.AUTH_POLICY_REJECT)
+
+
+class _MailAuth:
+    """The part of MailAuth the MX check asks before it reads anything."""
+
+    def __init__(self, applies: bool) -> None:
+        self.applies = applies
+        self.inbound = type("Inbound", (), {"authserv_id": "mx.example.test"})()
+
+    def applies_to(self, client_ip: str, authenticated: bool) -> bool:
+        return self.applies
+
+
+def test_mail_auth_settles_only_what_it_does_not_check() -> None:
+    from mailsuite.smtp.mailauth_checks import DKIMSigning, MailAuthCheck, forged_results
+
+    forged = b"Authentication-Results: MX.example.test; spf=pass"
+    for headers, removed in (
+        (b"From: a@b.test\nSubject: x", ()),
+        (b"From: a@b.test\n" + forged + b"\nauthentication-results: other.test; none", (forged,)),
+    ):
+        assert forged_results(headers, "mx.example.test") == removed
+        message = ReceivedMessage("a@b.test", ("c@example.test",), headers, 10, reader_of(b""))
+        off = MailAuthCheck(_MailAuth(False), DKIMSigning(None, Directory(), trusted_only=True))
+        settled = off.settle(Client(), message)
+        assert settled == run(off.end_of_data(Client(), message)) == Verdict(remove=removed)
+        # checked sessions, and mail it would sign (a trusted relay, From one of ours),
+        # go the long way
+        assert MailAuthCheck(_MailAuth(True)).settle(Client(), message) is None
+        ours = ReceivedMessage(
+            "a@example.test", ("c@b.test",), b"From: a@example.test", 10, reader_of(b"")
+        )
+        assert off.settle(Client(trusted=True), ours) is None
+        assert off.settle(Client(trusted=False), ours) == ACCEPT

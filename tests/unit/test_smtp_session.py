@@ -613,6 +613,34 @@ def test_end_of_data_verdicts_combine_into_one_delivery() -> None:
     )
 
 
+class Settled(Recorder):
+    """A check whose verdict is known at the end of the data without reading the message."""
+
+    def settle(self, facts: Facts, message: ReceivedMessage) -> Verdict | None:
+        return self.verdict
+
+
+def test_a_verdict_known_at_once_delivers_without_a_check_step() -> None:
+    forged = b"Authentication-Results: mx.example.test; spf=pass"
+    s = session(extra=[Settled(Verdict(remove=(forged,)))])
+    transaction(s, "alice@example.test")
+    cmd(s, "DATA")
+    s.message_opened(True)
+    s.data(forged + b"\r\n" + BODY + b".\r\n")
+    step = s.end_of_data(reader_of(b""))
+    assert isinstance(step.action, Deliver) and s.state is State.DELIVERING
+    assert step.action.header == HeaderEdit(
+        len(forged) + len(b"\nFrom: alice@example.test\nSubject: hi"),
+        b"From: alice@example.test\nSubject: hi",
+    )
+    # a refusal known at once answers as the check step's would
+    s = session(extra=[Settled(refuse(R.AUTH_POLICY_REJECT, "dmarc=fail"))])
+    transaction(s, "alice@example.test")
+    step = send_data(s, BODY)
+    assert status(step) == "550 5.7.26" and isinstance(step.action, AbortMessage)
+    assert step.log == ("dmarc=fail",) and s.state is State.READY
+
+
 def test_an_invalid_field_from_a_check_is_a_temporary_failure() -> None:
     s = session(extra=[Recorder(Verdict(prepend=("X-Bad: a\nX-Injected: b",)))])
     transaction(s, "alice@example.test")
