@@ -22,13 +22,19 @@ def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_a_late_tick_shows_in_the_gauge_and_histogram_then_leaves_the_window() -> None:
-    clock = Clock()
-    clock.advance(1000)
-    probe = ReactorLag(clock, interval=0.01, window=10)
+def started_probe(reactor: Any) -> tuple[ReactorLag, CollectorRegistry]:
+    """A probe ticking every 10 ms with a 10-s window, registered and started."""
+    probe = ReactorLag(reactor, interval=0.01, window=10)
     registry = CollectorRegistry()
     registry.register(probe)
     probe.startService()
+    return probe, registry
+
+
+def test_a_late_tick_shows_in_the_gauge_and_histogram_then_leaves_the_window() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    probe, registry = started_probe(clock)
     for _ in range(50):  # on time
         clock.advance(0.01)
     quiet = samples(registry)
@@ -91,10 +97,7 @@ def test_the_time_before_the_reactor_runs_is_not_a_stall() -> None:
     first tick's "lag", a stall in the gauge of every new server."""
     reactor = _NotYetRunning()
     reactor.advance(1000)
-    probe = ReactorLag(reactor, interval=0.01, window=10)
-    registry = CollectorRegistry()
-    registry.register(probe)
-    probe.startService()
+    probe, registry = started_probe(reactor)
     reactor.advance(0.3)  # the other services start, twistd gets ready
     assert reactor.getDelayedCalls() == []
     reactor.run()
