@@ -349,3 +349,21 @@ def worker_pids_gone(pids: list[int]) -> bool:
         return False
 
     return bool(wait_until(lambda: all(gone(p) for p in pids), 10, "workers to exit"))
+
+
+def test_ctrl_c_stops_every_process_without_a_traceback(servers: ServerFactory) -> None:
+    """Ctrl-C in the terminal running ``twistd -n mailsuite`` (README's first command) sends
+    SIGINT to every process of the group: the workers get it from the terminal and SIGTERM
+    from the supervisor passing it on.  Twisted's handler stops the reactor once per signal,
+    and the second stop raised ReactorNotRunning into the log."""
+    server = servers(("smtp",), users=(ALICE,), extra_toml=WORKERS, server_toml="workers = 2")
+    wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
+    pids = worker_pids(server)
+    assert server.proc is not None
+    for pid in pids:  # what the terminal does: the whole group at once
+        os.kill(pid, signal.SIGINT)
+    server.proc.send_signal(signal.SIGINT)
+    server.proc.wait(30)
+    assert worker_pids_gone(pids)
+    assert "ReactorNotRunning" not in server.output()
+    server.stop()  # checks the log: no traceback
