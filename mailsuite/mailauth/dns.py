@@ -11,7 +11,9 @@ failures (SERVFAIL, REFUSED, timeout: "temperror", which must never cause a reje
 
 :class:`DNSClient` runs on the reactor.  :class:`BlockingDNS` is the same client for code in
 worker threads (dkimpy's ``dnsfunc``, pyspf's ``DNSLookup``): it hands the query to the reactor
-and waits for the answer, at most its deadline.
+and waits for the answer, at most its deadline.  On the reactor thread it only answers from the
+cache, inside :meth:`BlockingDNS.cached_only` (checks run there when every answer they need is
+cached; a miss abandons the attempt, see :class:`NotCached`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import queue
+import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +41,10 @@ __all__ = [
     "QTYPES",
     "Answer",
     "BlockingDNS",
+    "CacheProbe",
     "DNSClient",
     "DNSTempError",
+    "NotCached",
     "normalize_name",
     "server_resolver",
 ]
@@ -266,6 +271,24 @@ class DNSClient:
             self._cache.popitem(last=False)
 
 
+class NotCached(BaseException):
+    """A lookup inside :meth:`BlockingDNS.cached_only` whose answer is not in the cache.
+
+    A ``BaseException``, so that the ``except Exception`` of dkimpy, pyspf and our own checks
+    cannot turn it into a result (permerror, temperror).  Their bare ``except:`` can, which
+    is why the :class:`CacheProbe` also records the miss: whatever was computed after one is
+    thrown away, never used or kept."""
+
+
+class CacheProbe:
+    """Whether a lookup inside :meth:`BlockingDNS.cached_only` missed the cache."""
+
+    __slots__ = ("missed",)
+
+    def __init__(self) -> None:
+        self.missed = False
+
+
 class BlockingDNS:
     """:class:`DNSClient` for worker threads: each call waits for the reactor's answer.
 
@@ -286,13 +309,42 @@ class BlockingDNS:
         self.reactor = reactor
         self.deadline = deadline if deadline is not None else client.timeout + 1.0
         self.lane = lane
+        self._local = threading.local()
 
-    def lookup(self, name: str, qtype: str) -> Answer:
+    @contextmanager
+    def cached_only(self) -> Iterator[CacheProbe]:
+        """In this thread, for the duration: answers from the cache only; a lookup that
+        would have to ask raises :class:`NotCached` and sets the probe's ``missed``.  For
+        running checks on the reactor thread, which must never wait for DNS."""
+        probe = CacheProbe()
+        outer = getattr(self._local, "probe", None)
+        self._local.probe = probe
+        try:
+            yield probe
+        finally:
+            self._local.probe = outer
+
+    def missed(self) -> bool:
+        """Whether a lookup in this thread's :meth:`cached_only` scope has missed the cache
+        (so that a result computed after it is not kept, e.g. by the SPF result cache)."""
+        probe: CacheProbe | None = getattr(self._local, "probe", None)
+        return probe is not None and probe.missed
+
+    def _miss(self, what: str) -> None:
+        """A cache miss: raise NotCached inside :meth:`cached_only`, refuse on the reactor
+        thread, else return (the caller asks the reactor)."""
+        probe: CacheProbe | None = getattr(self._local, "probe", None)
+        if probe is not None:
+            probe.missed = True
+            raise NotCached(what)
         if threadable.isInIOThread():  # type: ignore[no-untyped-call]
             raise RuntimeError("BlockingDNS.lookup called on the reactor thread")
+
+    def lookup(self, name: str, qtype: str) -> Answer:
         hit = self.client.peek(name, qtype)
         if hit is not None:
             return hit
+        self._miss(f"{qtype} {name}")
         box: queue.SimpleQueue[Answer | Failure] = queue.SimpleQueue()
 
         def start() -> None:
@@ -317,6 +369,10 @@ class BlockingDNS:
         wanted = [q for q in questions if self.client.peek(*q) is None]
         if not wanted:
             return
+        probe: CacheProbe | None = getattr(self._local, "probe", None)
+        if probe is not None:  # inside cached_only(): the checks go to a worker, which asks
+            probe.missed = True
+            raise NotCached(f"{len(wanted)} names")
 
         def start() -> None:
             for name, qtype in wanted:

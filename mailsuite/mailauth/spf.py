@@ -198,6 +198,7 @@ def check_spf(
     if result not in RESULTS:
         result = "temperror"
     out = SPFResult(result, clean, identity, address, str(explanation or ""))
-    if cache is not None and seen is not None:
+    if cache is not None and seen is not None and not dns.missed():
+        # (after a miss in BlockingDNS.cached_only, pyspf may have made a result of it)
         cache.put(key, out, dns, seen)
     return out
