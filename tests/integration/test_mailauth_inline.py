@@ -1,0 +1,95 @@
+"""The same verdict whether a message's checks ran in the worker pool or at once on the reactor
+from cached DNS answers: each message of the matrix is checked twice by the real MailAuth
+against the loopback DNS server, first with a cold cache (the worker pool asks), then again
+(every answer cached: checked at once, the Deferred fired before check_message returns)."""
+
+from __future__ import annotations
+
+import dkim
+import pytest
+
+from mailsuite.mailauth.service import MailAuth
+from tests.integration.test_mailauth_inbound import (  # noqa: F401 (fixtures)
+    GOOD_IP,
+    OTHER_IP,
+    auth,
+    check,
+    dns_server,
+    signed_good,
+)
+from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
+from tests.reactor_thread import in_reactor
+
+
+def arc_sealed() -> bytes:
+    hop = b"Authentication-Results: fwd.test; spf=pass\r\n" + signed_good()
+    arc_set = dkim.arc_sign(
+        hop,
+        b"arc",
+        b"fwd.test",
+        rsa_key(2048, "arc").private,
+        b"fwd.test",
+        include_headers=[b"from", b"to", b"subject"],
+    )
+    return b"".join(arc_set) + hop
+
+
+CASES = {
+    "signed": lambda: (signed_good(), "alice@good.test", GOOD_IP),
+    "forwarded": lambda: (signed_good(), "alice@good.test", OTHER_IP),
+    "spoof": lambda: (message("Bank <alerts@good.test>"), "bounce@attacker.test", OTHER_IP),
+    "tampered": lambda: (
+        signed_good("Pay 10 EUR.\r\n").replace(b"Pay 10 EUR.", b"Pay 99 EUR."),
+        "bounce@attacker.test",
+        OTHER_IP,
+    ),
+    "weak key": lambda: (
+        dkim_sign(message("alice@good.test"), "good.test", "w", weak_rsa_key()),
+        "alice@good.test",
+        GOOD_IP,
+    ),
+    "sha1": lambda: (
+        dkim_sign(message("alice@good.test"), "good.test", "r", rsa_key(), b"rsa-sha1"),
+        "alice@good.test",
+        GOOD_IP,
+    ),
+    "quarantine": lambda: (message("x@quar.test"), "bounce@attacker.test", OTHER_IP),
+    "pct": lambda: (message("x@pct.test"), "bounce@attacker.test", OTHER_IP),
+    "np": lambda: (message("x@ghost.np.test"), "bounce@attacker.test", OTHER_IP),
+    "sp": lambda: (message("x@sub.sp.test"), "bounce@attacker.test", OTHER_IP),
+    "garbage": lambda: (
+        dkim_sign(message("x@garbage.test"), "garbage.test", "e", ed25519_key()),
+        "x@garbage.test",
+        OTHER_IP,
+    ),
+    "arc": lambda: (arc_sealed(), "list@fwd.test", OTHER_IP),
+    "null sender": lambda: (signed_good(), "", GOOD_IP),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_verdict_in_the_worker_and_at_once(auth: MailAuth, case: str) -> None:  # noqa: F811
+    data, sender, ip = CASES[case]()
+    inbound = auth.inbound
+    first = check(auth, data, sender, ip)
+    assert (inbound.inline_checked, inbound.inline_missed) == (0, 1)  # the worker pool asked
+
+    def again() -> object:
+        d = auth.check_message(data, sender, "client.example", ip)
+        assert d.called  # at once, on the reactor
+        return d
+
+    second = in_reactor(auth.reactor, again)
+    assert inbound.inline_checked == 1
+    assert (second.action, second.reply, second.header) == (first.action, first.reply, first.header)
+    assert second.results == first.results
+
+
+def test_dns_trouble_is_never_checked_at_once(auth: MailAuth) -> None:  # noqa: F811
+    """A temporary failure is not cached: each message with it goes to the worker pool,
+    which reports temperror (and never rejects)."""
+    data = message("x@temp.test")
+    for _ in range(2):
+        v = check(auth, data, "bounce@attacker.test", OTHER_IP)
+        assert b"dmarc=temperror" in v.header and v.action == "accept"
+    assert auth.inbound.inline_checked == 0 and auth.inbound.inline_missed == 2
