@@ -288,6 +288,13 @@ def _result(result: str, tags: dict[bytes, bytes] | None, reason: str) -> DKIMRe
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _signs_from(h: bytes) -> bool:
+    """Whether an h= list names the From field: RFC 6376 6.1.1 makes a signature that does
+    not cover From a PERMFAIL ("From field not signed").  Split as dkimpy splits h=."""
+    return any(n.lower() == b"from" for n in re.split(rb"\s*:\s*", h.strip()))
+
+
 def _verify_one(
     msg: _Message, index: int, tags: dict[bytes, bytes] | None, lookup: _KeyLookup
 ) -> DKIMResult:
@@ -295,6 +302,8 @@ def _verify_one(
         return _result("permerror", None, "signature is not a tag list")
     if _text(tags.get(b"a")).lower() == "rsa-sha1":
         return _result("fail", tags, "rsa-sha1 is not accepted (RFC 8301)")
+    if b"h" in tags and not _signs_from(tags[b"h"]):  # (dkimpy's verify does not check it)
+        return _result("permerror", tags, "From field not signed")
     lookup.temporary, lookup.record = False, None  # what this signature's lookup finds
     if msg.headers is not None and msg.signatures is not None:
         sig = msg.signatures[index]

@@ -4,9 +4,13 @@ tests/property/test_mailauth_dkim_fast.py; here are the cases a generator seldom
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
+import time
 
 import dkim
+import dkim.crypto
 import pytest
 
 from mailsuite.mailauth.dkim_verify import verify_dkim
@@ -126,3 +130,77 @@ def test_second_from_field_is_counted_as_dkimpy_does():
         [r] = verify_dkim(above, RSA)[0]
     assert r.result == "fail" and seen[0] == ("fail", "signature did not verify")
     assert not dkimpy(above, RSA)
+
+
+def _signed_with_tags(
+    extra: list[tuple[bytes, bytes]], headers: tuple[bytes, ...] = (b"from", b"to", b"subject")
+) -> bytes:
+    """A valid rsa-sha256 signature by dkimpy's own header signer with tags its ``sign``
+    will not write (x=, a chosen t=) or a header list it refuses (no From)."""
+    msg = message("alice@example.org")
+    d = dkim.DKIM(msg)
+    d.signature_algorithm = b"rsa-sha256"
+    d.hasher = hashlib.sha256
+    canon = dkim.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    bh = base64.b64encode(hashlib.sha256(canon.canonicalize_body(d.body)).digest())
+    fields = [
+        (b"v", b"1"),
+        (b"a", b"rsa-sha256"),
+        (b"c", b"relaxed/relaxed"),
+        (b"d", b"example.org"),
+        (b"s", b"r"),
+        *extra,
+        (b"h", b" : ".join(headers)),
+        (b"bh", bh),
+        (b"b", b"0" * 60),
+    ]
+    pk = dkim.crypto.parse_pem_private_key(rsa_key().private)
+    return b"DKIM-Signature: " + d.gen_header(fields, headers, canon, b"DKIM-Signature", pk) + msg
+
+
+NOW = int(time.time())
+
+
+@pytest.mark.parametrize(
+    "extra,headers,want,reason",
+    [
+        ([(b"t", b"%d" % (NOW - 60)), (b"x", b"%d" % (NOW + 86400))], None, "pass", ""),
+        ([(b"x", b"%d" % (NOW - 2 * 86400))], None, "permerror", "x= value is past"),
+        ([(b"t", b"%d" % (NOW + 2 * 86400))], None, "permerror", "t= value is in the future"),
+        (
+            [(b"t", b"%d" % (NOW - 60)), (b"x", b"%d" % (NOW - 120))],
+            None,
+            "permerror",
+            "x= value is less than t= value",
+        ),
+    ],
+    ids=["valid-times", "expired", "t-future", "x-before-t"],
+)
+def test_time_tags_as_dkimpy_judges_them(extra, headers, want, reason):
+    """RFC 6376 3.5: x= past and t= in the future (beyond dkimpy's leeway of 10 hours) are
+    not verifiable: permerror with dkimpy's reason; only the valid case is answered by the
+    fast path."""
+    signed = _signed_with_tags(extra, *(() if headers is None else (headers,)))
+    with fast_answers() as seen:
+        [r] = verify_dkim(signed, RSA)[0]
+    assert r.result == want, r
+    assert reason.lower() in r.reason.lower()
+    try:
+        assert dkimpy(signed, RSA) == (want == "pass")
+    except dkim.ValidationError as e:
+        assert want == "permerror" and reason in str(e)
+    assert seen == ([("pass", "")] if want == "pass" else [None])
+
+
+def test_a_signature_that_does_not_cover_from_is_permerror():
+    """RFC 6376 6.1.1: "If the h= tag does not include the From header field, the Verifier
+    MUST ignore the DKIM-Signature header field and return PERMFAIL (From field not
+    signed)."  dkimpy's verify does not check it (its sign refuses to make one), and both
+    paths used to say pass: a signature of anyone's domain, with a From it never covered."""
+    for headers in ((b"to", b"subject"), (b"to", b"fromx", b"subject")):
+        signed = _signed_with_tags([], headers)
+        assert dkimpy(signed, RSA)  # (dkimpy alone passes it)
+        with fast_answers() as seen:
+            [r] = verify_dkim(signed, RSA)[0]
+        assert (r.result, r.reason) == ("permerror", "From field not signed"), r
+        assert seen == []  # decided before either path
