@@ -1,7 +1,8 @@
 """A dedicated thread pool for the blocking half of mail authentication.
 
 dkimpy and pyspf are synchronous: they do RSA in pure Python and call a DNS function that must
-return an answer before they go on.  They run here, never on the reactor thread, and not in the
+return an answer before they go on.  They run here whenever they may have to wait for DNS
+(see :mod:`~mailsuite.mailauth.inbound` for the cached case run at once), and not in the
 reactor's default pool either: local delivery does its fsyncs there, and a burst of messages
 waiting on slow DNS must not hold up the disk writes of every other session.  The pool is a
 twisted Service, started and stopped with the server.
