@@ -76,7 +76,7 @@ INLINE_MAX_ARC_SETS = 2
 #: ... while the reactor has spent less than INLINE_BUDGET seconds on them in the current
 #: INLINE_WINDOW: a burst of messages cannot hold it for longer than about the budget (the
 #: rest go to the worker pool), far under the 50 ms stall aim of issue 12.
-INLINE_BUDGET = 0.015
+INLINE_BUDGET = 0.01
 INLINE_WINDOW = 0.05
 
 
