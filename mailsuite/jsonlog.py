@@ -12,21 +12,21 @@ twisted's own ``jsonFileLogObserver`` is not used: it writes its internal event 
 (``log_format`` templates, level objects, record separators) for twisted to read back, not for
 people and collectors.
 
-twistd creates the log observer before the service starts, so :func:`twistd_observer` builds
-one that writes where twistd would have written (``--logfile`` or stdout with ``-n``), and
-:mod:`mailsuite.tap` puts it on the application, where twistd looks first.
+twistd creates the log observer before the service starts, so
+:func:`mailsuite.loglines.twistd_observer` builds one that writes where twistd would have
+written (``--logfile`` or stdout with ``-n``), and :mod:`mailsuite.tap` puts it on the
+application, where twistd looks first.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
-from twisted.logger import FileLogObserver, ILogObserver, LogLevel, formatEvent
-from twisted.python import logfile
+from twisted.logger import LogLevel
+
+from mailsuite.loglines import event_text
 
 #: Keys of events from the legacy twisted.python.log API that are not the caller's fields.
 _LEGACY_KEYS = frozenset(("message", "isError", "system", "time", "format", "why", "failure"))
@@ -57,7 +57,7 @@ def event_as_json(event: dict[str, Any]) -> str:
     stamp = event.get("log_time")
     when = datetime.fromtimestamp(stamp if stamp is not None else 0, UTC)
     namespace = event.get("log_namespace") or "-"
-    text = formatEvent(event)
+    text = event_text(event)
     failure = event.get("log_failure")
     if not text and failure is not None:
         text = f"{failure.type.__name__}: {failure.getErrorMessage()}"
@@ -79,32 +79,3 @@ def event_as_json(event: dict[str, Any]) -> str:
         except Exception:  # a broken failure object must not lose the log line
             record["traceback"] = repr(failure)
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
-def json_observer(out: IO[str]) -> ILogObserver:
-    """An observer writing :func:`event_as_json` lines to ``out`` (flushed per event)."""
-    observer: ILogObserver = FileLogObserver(out, event_as_json)
-    return observer
-
-
-def twistd_observer(twistd_options: Any) -> ILogObserver | None:
-    """A JSON observer writing where twistd's own would (see
-    ``twisted.scripts._twistd_unix.UnixAppLogger``): stdout for ``--logfile -`` or ``-n``
-    without ``--logfile``, else the ``--logfile`` (default ``twistd.log``), rotated on SIGUSR1
-    as twistd does.  None when ``--syslog`` or ``--logger`` asks for something else."""
-    get = twistd_options.get if twistd_options is not None else {}.get
-    if get("syslog") or get("logger"):
-        return None
-    name = get("logfile") or ""
-    if name == "-" or (get("nodaemon") and not name):
-        return json_observer(sys.stdout)
-    log_file = logfile.LogFile.fromFullPath(name or "twistd.log")
-    if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
-            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
-
-        signal.signal(signal.SIGUSR1, rotate)
-    return json_observer(log_file)

@@ -47,6 +47,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
+    from mailsuite.loglines import twistd_observer
     from mailsuite.service import makeService as build
 
     try:
@@ -55,13 +56,15 @@ def makeService(options: Options) -> Any:
         # Problems found while building (a certificate that does not load, a bad POP3
         # EXPIRE value): one line naming file, key and problem, exit status 1, no traceback.
         raise SystemExit(f"mailsuite: {e}") from None
-    if options.config.log_format == "json":
-        from mailsuite.jsonlog import twistd_observer
-
-        observer = twistd_observer(getattr(options, "parent", None))
-        if observer is not None:
-            return _WithLogObserver(top, observer)
-    return top
+    # The log's output is ours (twistd's file or stdout, in the configured format), so that
+    # worker processes can hand this process finished lines to write (mailsuite.loglines).
+    parent = getattr(options, "parent", None)
+    observer = twistd_observer(parent, options.config.log_format) if parent is not None else None
+    if observer is None:
+        return top
+    if "workers" in top.namedServices:
+        top.getServiceNamed("workers").log_lines = observer
+    return _WithLogObserver(top, observer)
 
 
 class _WithLogObserver(service.MultiService):

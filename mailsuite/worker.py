@@ -2,9 +2,10 @@
 
 Started by :class:`mailsuite.workers.WorkerSupervisor` with the listening sockets on file
 descriptors 10, 11, ... (``--listener service:fd:family``), a pipe on fd 3 to tell the
-supervisor's queue runner of new entries, and its stdout read as the log (JSON events, which
-the supervisor writes into the server log).  It serves every configured protocol on the
-adopted sockets with the same factories a single-process server uses
+supervisor's queue runner of new entries, and with ``--log-lines FORMAT`` a pipe on fd 4 for
+its log lines, formatted here as the server log has them (:mod:`mailsuite.loglines`; without
+it, JSON events on stdout, which the supervisor publishes).  It serves every configured
+protocol on the adopted sockets with the same factories a single-process server uses
 (:func:`mailsuite.service.listener_factories`), and shares throttling and connection counts
 with the other workers (:mod:`mailsuite.shared.counters`).
 
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Nothing heavier than the standard library is imported before _die_with_parent: until the
 # kernel is asked to end this process with its supervisor, a supervisor killed meanwhile
@@ -67,8 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--log-lines", choices=("text", "json"))
     args = parser.parse_args(argv)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    if args.log_lines:
+        from mailsuite.loglines import WorkerLines, formatter
+        from mailsuite.workers import LOG_LINES_FD
+
+        observer: Any = WorkerLines(LOG_LINES_FD, args.index, formatter(args.log_lines))
+    else:
+        observer = jsonFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     listeners = []
     for spec in args.listener:
         name, fd, family = spec.split(":")

@@ -20,8 +20,14 @@ Supervision: a worker that dies is started again after a back-off (0.5 s doublin
 back to 0.5 s once a worker has lived a minute); its connections leave the shared counts.
 SIGHUP is passed on (certificate reload); SIGTERM/SIGINT stop the server: each worker stops
 accepting, lets its sessions end for up to :data:`SHUTDOWN_GRACE` seconds,
-then exits; one that does not is killed.  Worker log events arrive as JSON on its stdout and
-are logged here with ``w<N>`` in front of their system, so the server log stays one file.
+then exits; one that does not is killed.
+
+The log stays one file written by this process.  A worker formats its own lines exactly as
+this process's observer would, ``w<N>`` in front of their system, and sends them finished
+down a pipe on its fd 4 (:mod:`mailsuite.loglines`); they are written here as they arrive.
+When twistd's own observer stands (``--syslog``, ``--logger``) a worker sends its events
+instead, as JSON on its stdout, and they are published here.  Anything else a worker
+prints (stdout, stderr) is logged here as a warning naming the worker.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
 from mailsuite.config import Config
+from mailsuite.loglines import Frames, LineLog
 from mailsuite.shared import counters
 
 log = Logger(namespace="mailsuite.workers")
@@ -73,8 +80,12 @@ RESTART_RESET_AFTER = 60.0
 #: Seconds a stopping worker waits for its sessions to end before closing them.
 SHUTDOWN_GRACE = 10.0
 
-#: Listening sockets are numbered from here in the worker (0-2 stdio, 3 the queue pipe).
+#: Listening sockets are numbered from here in the worker (0-2 stdio, 3 the queue pipe,
+#: 4 the log lines).
 FIRST_LISTENER_FD = 10
+
+#: The worker's end of the pipe its finished log lines come down (mailsuite.loglines).
+LOG_LINES_FD = 4
 
 _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
@@ -107,6 +118,9 @@ class WorkerSupervisor(service.Service):
         self.shared_path = counters.state_path(config.data_dir)
         #: prometheus-client's multiprocess files (see mailsuite.metrics)
         self.metrics_dir = metrics_dir(config)
+        #: the server log's observer, when this process owns the log's output (set by
+        #: mailsuite.tap): workers then send it finished lines, not events
+        self.log_lines: LineLog | None = None
 
     # -- binding (as root, before twistd drops privileges) ----------------------------------
 
@@ -200,6 +214,9 @@ class WorkerSupervisor(service.Service):
         if self.config.path is not None:
             argv += ["--config", str(self.config.path)]
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", 3: "r"}
+        if self.log_lines is not None:
+            argv += ["--log-lines", self.config.log_format]
+            fds[LOG_LINES_FD] = "r"
         for n, (name, port) in enumerate(self.ports):
             child_fd = FIRST_LISTENER_FD + n
             fds[child_fd] = port.fileno()
@@ -222,6 +239,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] | None = None
         self.ready = False
         self._buffers: dict[int, bytes] = {}
+        self._frames = Frames()
 
     def start(self) -> None:
         self.restart_call = None
@@ -231,6 +249,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ended = defer.Deferred()
         self.ready = False
         self._buffers = {}
+        self._frames = Frames()
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.metrics_dir))
         self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
         self.pid = self.process.pid
@@ -263,13 +282,18 @@ class _Worker(protocol.ProcessProtocol):
     # -- what it says ---------------------------------------------------------------------------
 
     def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802
+        if fd == LOG_LINES_FD:
+            lines = self.supervisor.log_lines
+            if lines is not None:
+                lines.write_lines(self._frames.feed(data))
+            return
         buffered = self._buffers.get(fd, b"") + data
         # every stream is lines: jsonFileLogObserver writes "\x1e{json}\n" (JSON escapes
         # newlines), so a record is complete at its newline, not at the next record's \x1e
         *records, rest = buffered.split(b"\n")
         self._buffers[fd] = rest
         for record in records:
-            if fd == 1:
+            if fd == 1 and self.supervisor.log_lines is None:
                 self._relay_event(record)
             elif fd == 3:
                 queue_id = record.decode("ascii", "replace").strip()
