@@ -142,12 +142,13 @@ class LineLog:
         self.out.flush()
 
 
-def twistd_observer(twistd_options: Any, log_format: str) -> LineLog | None:
-    """The observer twistd would make (``twisted.scripts._twistd_unix.UnixAppLogger``),
+def twistd_observer(twistd_options: Any, log_format: str) -> Callable[[], LineLog] | None:
+    """What makes the observer twistd would make (``twisted.scripts._twistd_unix.UnixAppLogger``),
     as a :class:`LineLog`: stdout for ``-n`` without ``--logfile`` or with ``--logfile -``,
     else the ``--logfile`` (default ``twistd.log``, rotated by twistd's ``LogFile`` at 1 MB
     and on SIGUSR1, as twistd does).  None when ``--syslog`` or ``--logger`` asks for
-    something else, and for ``--logfile -`` without ``-n`` (twistd refuses that itself)."""
+    something else, and for ``--logfile -`` without ``-n`` (twistd refuses that itself).
+    Called when the server joins twistd's application (nothing is opened before)."""
     get = twistd_options.get if twistd_options is not None else {}.get
     if get("syslog") or get("logger"):
         return None
@@ -155,17 +156,21 @@ def twistd_observer(twistd_options: Any, log_format: str) -> LineLog | None:
     if name == "-" and not get("nodaemon"):
         return None
     if name == "-" or (get("nodaemon") and not name):
-        return LineLog(sys.stdout, formatter(log_format))
-    log_file = logfile.LogFile.fromFullPath(name or "twistd.log")
-    if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
+        return lambda: LineLog(sys.stdout, formatter(log_format))
 
-        def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
+    def open_log_file() -> LineLog:
+        log_file = logfile.LogFile.fromFullPath(name or "twistd.log")
+        if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
 
-            reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+            def rotate(signum: int, frame: Any) -> None:
+                from twisted.internet import reactor
 
-        signal.signal(signal.SIGUSR1, rotate)
-    return LineLog(log_file, formatter(log_format))
+                reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGUSR1, rotate)
+        return LineLog(log_file, formatter(log_format))
+
+    return open_log_file
 
 
 # -- between a worker and the supervisor ------------------------------------------------------

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.application import service
 from twisted.logger import ILogObserver
@@ -10,6 +11,9 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from mailsuite.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from mailsuite.loglines import LineLog
 
 
 class Options(usage.Options):
@@ -59,30 +63,35 @@ def makeService(options: Options) -> Any:
     # The log's output is ours (twistd's file or stdout, in the configured format), so that
     # worker processes can hand this process finished lines to write (mailsuite.loglines).
     parent = getattr(options, "parent", None)
-    observer = twistd_observer(parent, options.config.log_format) if parent is not None else None
-    if observer is None:
+    make = twistd_observer(parent, options.config.log_format) if parent is not None else None
+    if make is None:
         return top
-    if "workers" in top.namedServices:
-        top.getServiceNamed("workers").log_lines = observer
-    return _WithLogObserver(top, observer)
+    return _WithLogObserver(top, make)
 
 
 class _WithLogObserver(service.MultiService):
-    """The server, plus a log observer for the twistd application it joins.
+    """The server, plus the log observer of the twistd application it joins.
 
     twistd makes the application after calling :func:`makeService`, then starts logging with
     the application's ``ILogObserver`` component if it has one (``AppLogger.start``); joining
-    the application is the one moment this code holds it."""
+    the application is the one moment this code holds it, so the log is opened then (not
+    when the service is only built).  The worker supervisor, if any, writes its workers'
+    finished lines through the same observer."""
 
-    def __init__(self, server: service.MultiService, observer: ILogObserver) -> None:
+    def __init__(self, server: service.MultiService, make: Callable[[], LineLog]) -> None:
         service.MultiService.__init__(self)  # by name: Twisted's is unannotated (setup.cfg)
         server.setServiceParent(self)
+        self.server = server
         self.runtime = getattr(server, "runtime", None)
-        self.observer = observer
+        self.make = make
 
     def setServiceParent(self, parent: Any) -> Any:  # noqa: N802
         if isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, self.observer)
+            observer = self.make()
+            parent.setComponent(ILogObserver, observer)
+            supervisor = self.server.namedServices.get("workers")
+            if supervisor is not None:
+                supervisor.log_lines = observer
         return service.MultiService.setServiceParent(self, parent)
 
 

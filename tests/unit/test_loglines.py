@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import (
-    LogLevel,
     Logger,
+    LogLevel,
     LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
