@@ -87,6 +87,15 @@ FIRST_LISTENER_FD = 10
 #: The worker's end of the pipe its finished log lines come down (mailsuite.loglines).
 LOG_LINES_FD = 4
 
+#: Seconds a worker's log pipe is left unread after a read that emptied it: the lines
+#: written meanwhile wait in the pipe (the kernel's: nothing is lost if the worker dies,
+#: and the worker's write wakes no one) and are written to the log together -- one wake-up,
+#: one read and one write for many lines instead of each.  A read that fills the buffer
+#: (more waiting) is followed by the next at once, so a burst never fills the pipe.
+LOG_READ_PAUSE = 0.02
+#: What Twisted reads from a pipe at most per readable event (twisted.internet.fdesc).
+_READ_SIZE = 8192
+
 _FAMILIES = {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}
 
 
@@ -240,6 +249,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ready = False
         self._buffers: dict[int, bytes] = {}
         self._frames = Frames()
+        self._log_resume: Any = None  # the delayed call that reads the log pipe again
 
     def start(self) -> None:
         self.restart_call = None
@@ -286,6 +296,8 @@ class _Worker(protocol.ProcessProtocol):
             lines = self.supervisor.log_lines
             if lines is not None:
                 lines.write_lines(self._frames.feed(data))
+            if len(data) < _READ_SIZE:
+                self._pause_log_pipe()
             return
         buffered = self._buffers.get(fd, b"") + data
         # every stream is lines: jsonFileLogObserver writes "\x1e{json}\n" (JSON escapes
@@ -308,6 +320,22 @@ class _Worker(protocol.ProcessProtocol):
                     line=record.decode("utf-8", "replace").rstrip(),
                 )
 
+    def _pause_log_pipe(self) -> None:
+        """Leave the log pipe unread for :data:`LOG_READ_PAUSE` (see there)."""
+        pipes = getattr(self.process, "pipes", None)
+        reader = pipes.get(LOG_LINES_FD) if pipes is not None else None
+        if reader is None or self._log_resume is not None:
+            return
+        reader.stopReading()
+
+        def resume() -> None:
+            self._log_resume = None
+            pipes = getattr(self.process, "pipes", None)
+            if pipes is not None and pipes.get(LOG_LINES_FD) is reader:
+                reader.startReading()
+
+        self._log_resume = self.supervisor.reactor.callLater(LOG_READ_PAUSE, resume)
+
     def _relay_event(self, record: bytes) -> None:
         text = record.decode("utf-8", "replace").strip().lstrip("\x1e")
         if not text:
@@ -327,6 +355,9 @@ class _Worker(protocol.ProcessProtocol):
     def processEnded(self, reason: Any) -> None:  # noqa: N802
         sup = self.supervisor
         pid, self.pid, self.process = self.pid, None, None
+        if self._log_resume is not None and self._log_resume.active():
+            self._log_resume.cancel()
+        self._log_resume = None
         for fd, rest in list(self._buffers.items()):
             if rest.strip():
                 self.childDataReceived(fd, b"\n")
