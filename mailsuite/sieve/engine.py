@@ -17,6 +17,7 @@ import contextlib
 import os
 import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Any
 from mailsuite.sieve.actions import Action, Discard, Keep, Redirect, Reject, VacationRequest
 from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
-from mailsuite.sieve.match import SieveRuntimeError
+from mailsuite.sieve.match import Budget, SieveRuntimeError
 from mailsuite.sieve.message import MessageView
+from mailsuite.sieve.plan import Probe, screen
 from mailsuite.sieve.storage import ACTIVE_LINK, SUFFIX, ScriptStore
 from mailsuite.sieve.vacation import VacationStore, build_reply, decide
 from mailsuite.sieve.validate import Script, compile_script
@@ -213,6 +215,7 @@ class _LoadError(Exception):
 
 
 _active = _ActiveCache()
+_clock = time.monotonic  # the interpreter's default clock (its run-time limit)
 
 
 def _delivered_to_count(message: MessageView, user: str) -> int:
@@ -260,17 +263,23 @@ def evaluate(
             message = MessageView.from_file(message_path, offset, size)
     except OSError as e:
         return _failed(store, name, f"message unreadable: {e}", when)
-    if mailbox_exists is None:
-        mailbox_exists = _mailbox_checker(root)
-    interpreter = Interpreter(
-        message,
-        envelope,
-        settings.limits,
-        mailbox_exists=mailbox_exists,
-        load_script=_loader(store, settings),
-        now=when,
-    )
+    limits = settings.limits
+    probe = Probe(message, envelope, Budget(limits.max_steps, _clock() + limits.max_run_time))
     try:
+        if screen(script, "variables" in script.requires, probe):
+            # no rule is true: the implicit keep, without an interpreter (see plan.screen)
+            return SieveOutcome((Keep(),), name)
+        if mailbox_exists is None:
+            mailbox_exists = _mailbox_checker(root)
+        interpreter = Interpreter(
+            message,
+            envelope,
+            limits,
+            mailbox_exists=mailbox_exists,
+            load_script=_loader(store, settings),
+            now=when,
+            probe=probe,
+        )
         actions = interpreter.run(script)
     except SieveRuntimeError as e:
         return _failed(store, name, str(e), when)

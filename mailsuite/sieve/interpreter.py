@@ -23,7 +23,7 @@ from mailsuite.sieve.dates import date_part, header_datetime, parse_zone
 from mailsuite.sieve.fastpath import compile_test
 from mailsuite.sieve.match import Budget, SieveRuntimeError, match_any
 from mailsuite.sieve.message import MessageView, address_part
-from mailsuite.sieve.plan import prepare
+from mailsuite.sieve.plan import Probe, prepare
 from mailsuite.sieve.validate import Node, Script
 from mailsuite.sieve.variables import (
     INTERNAL_FLAGS,
@@ -97,7 +97,10 @@ class Interpreter:
         local_zone: timezone | None = None,
         clock: Callable[[], float] = time.monotonic,
         fast: bool = True,
+        probe: Probe | None = None,
     ) -> None:
+        """``probe``: what :func:`.plan.screen` already spent and found for this message
+        (its budget and group answers carry on here)."""
         self.message = message
         self.envelope = envelope
         self.limits = limits
@@ -105,7 +108,11 @@ class Interpreter:
         self.load_script = load_script
         self.now = now or datetime.now(UTC)
         self.local_zone = local_zone
-        self.budget = Budget(limits.max_steps, clock() + limits.max_run_time, clock)
+        self.budget = (
+            probe.budget
+            if probe is not None
+            else Budget(limits.max_steps, clock() + limits.max_run_time, clock)
+        )
         self.actions = ActionList(limits.max_actions, limits.max_redirects)
         self.shared: dict[str, str] = {}
         self.matches: list[str] = []
@@ -114,7 +121,7 @@ class Interpreter:
         self.stack: list[tuple[str, str]] = []
         self.fast = fast
         #: the answers of the test groups asked so far (see :mod:`.plan`), for this message
-        self.group_hits: dict[object, set[int]] = {}
+        self.group_hits: dict[object, set[int]] = probe.group_hits if probe is not None else {}
 
     # -- running -----------------------------------------------------------------------------
 

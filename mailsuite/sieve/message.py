@@ -172,9 +172,11 @@ class MessageView:
     def from_buffer(cls, data: bytes, offset: int = 0, size: int | None = None) -> MessageView:
         """:meth:`from_file` for a file whose bytes the caller still has (delivery keeps a
         small message in memory): the same view, no file read."""
-        f = io.BytesIO(data)  # shares ``data``: no copy
-        f.seek(offset)
-        head = _read_head(f)
+        head = _head_in(data, offset)
+        if head is None:  # no empty line in the first chunk: read it the file's way
+            f = io.BytesIO(data)  # shares ``data``: no copy
+            f.seek(offset)
+            head = _read_head(f)
         body_at = offset + len(head)
         if size is None:
             size = max(len(data) - offset, 0)
@@ -324,6 +326,23 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 
 #: what :func:`_read_head` reads first: most header sections fit, in one system call
 _HEAD_CHUNK = 16 * 1024
+
+
+def _head_in(data: bytes, offset: int) -> bytes | None:
+    """:func:`_read_head` of ``data[offset:]`` when its first chunk holds the empty line that
+    ends the header section (nearly always), found in place: no chunk copied twice.  None
+    when it does not (then the caller reads it as :func:`_read_head` does)."""
+    if data[offset : offset + 1] == b"\n" or data[offset : offset + 2] == b"\r\n":
+        return b""  # an empty first line: no header section
+    limit = offset + _HEAD_CHUNK
+    # "\n\n" / "\n\r\n" ending within the chunk, as _read_head's search of it finds them
+    lf, crlf = data.find(b"\n\n", offset, limit), data.find(b"\n\r\n", offset, limit)
+    if lf >= 0 or crlf >= 0:
+        end = min(lf, crlf) if lf >= 0 and crlf >= 0 else max(lf, crlf)
+        return data[offset : end + 1]
+    if len(data) - offset < _HEAD_CHUNK:
+        return data[offset:][:MAX_HEADER]  # the whole rest is header (no empty line)
+    return None
 
 
 def _read_head(f: object) -> bytes:

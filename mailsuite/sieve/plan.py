@@ -26,12 +26,13 @@ still ends in an error instead of holding the delivery thread.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from mailsuite.sieve.fastpath import Shape, compile_test, shape_of, value_reader
-from mailsuite.sieve.match import casemap, glob, match_pieces, star_pieces
+from mailsuite.sieve.match import Budget, casemap, glob, match_pieces, star_pieces
 from mailsuite.sieve.validate import Node, Script
 
 #: interpreter -> result (see :data:`mailsuite.sieve.fastpath.FastTest`)
@@ -58,6 +59,10 @@ class Group:
         #: ``exists``: lower-case name -> ids of the tests of that one name; the others
         self.one_name: dict[str, list[int]] = {}
         self.several: list[tuple[int, list[str]]] = []
+        #: ``:contains``, and ``:matches`` while every pattern is ``*text*``: the literal
+        #: texts searched for, as one alternation (see :meth:`_any_text`)
+        self.texts: list[str] | None = [] if shape.match in ("contains", "matches") else None
+        self._any: re.Pattern[str] | None = None
 
     def add(self, tid: int, keys: list[str]) -> None:
         self.entries.append((tid, keys))
@@ -75,7 +80,30 @@ class Group:
                     ids.append(tid)
         elif self.shape.match == "matches":
             casefold = self.shape.comparator == "i;ascii-casemap"
-            self.patterns.extend((tid, k, star_pieces(k, casefold)) for k in keys)
+            for k in keys:
+                pieces = star_pieces(k, casefold)
+                self.patterns.append((tid, k, pieces))
+                if self.texts is not None:
+                    if pieces is not None and len(pieces) == 3 and not pieces[0] + pieces[2]:
+                        self.texts.append(pieces[1])
+                    else:
+                        self.texts = None  # a pattern that is not "*text*": each is matched
+        if self.texts is not None and self.shape.match == "contains":
+            self.texts.extend(keys)
+        self._any = None
+
+    def _any_text(self) -> re.Pattern[str] | None:
+        """One regular expression for "does any value contain any of the texts" -- a plain
+        alternation of escaped literals, which finds a match exactly when one of them occurs
+        (``str.__contains__`` semantics, the empty text included).  Most messages match no
+        rule, so a group usually ends after one search per value instead of a test loop."""
+        if self.texts is None:
+            return None
+        if self._any is None:
+            # longest first only to make the alternation's order fixed; any order finds one
+            alternatives = sorted(set(self.texts), key=lambda t: (-len(t), t))
+            self._any = re.compile("|".join(map(re.escape, alternatives)), re.DOTALL)
+        return self._any
 
     def hits(self, it: Any) -> frozenset[int] | set[int]:
         found: set[int] | None = it.group_hits.get(self)
@@ -113,6 +141,9 @@ class Group:
             # what each test's own loop is charged (fastpath), plus the length of the text
             # searched, which the loop's substring searches cost
             budget.charge(n_tests + len(vals) * self.total_keys + n_tests * (size // 256))
+            search = self._any_text()
+            if search is not None and not any(search.search(v) for v in vals):
+                return found
             for v in vals:
                 for tid, keys in self.entries:
                     if tid not in found:
@@ -129,6 +160,11 @@ class Group:
         )
         casefold = shape.comparator == "i;ascii-casemap"
         comparator = shape.comparator
+        search = self._any_text()
+        if search is not None and not any(
+            search.search(casemap(v) if casefold else v) for v in vals
+        ):
+            return found  # every pattern is "*text*" and no value holds any of the texts
         for v in vals:
             hay = casemap(v) if casefold else v
             for tid, k, pieces in self.patterns:
@@ -167,6 +203,43 @@ class Run:
                 if p is not None and i <= p < best:
                     best = p
         return best
+
+
+class Probe:
+    """What evaluating groups reads of a run -- the message, the envelope, the budget and
+    the answers so far -- without the interpreter's actions, scopes and frames
+    (:func:`screen`).  An interpreter that takes over carries on with these."""
+
+    __slots__ = ("budget", "envelope", "group_hits", "message")
+
+    def __init__(self, message: Any, envelope: Any, budget: Budget) -> None:
+        self.message = message
+        self.envelope = envelope
+        self.budget = budget
+        self.group_hits: dict[object, set[int]] = {}
+
+
+def screen(script: Script, variables: bool, probe: Probe) -> bool:
+    """True when running ``script`` on the probe's message would do nothing but pass every
+    rule: a script made only of ``if`` rules with grouped tests (one :class:`Run` over its
+    whole top level -- the usual filter script) none of which is true.  The run then ends in
+    the implicit keep without flags (nothing set any), which the caller can answer without an
+    interpreter.  The budget is charged exactly what the interpreter charges for the same
+    work (the groups, then one step per rule passed), and raises the same
+    :class:`~.match.SieveRuntimeError` when it runs out; when it says False, an interpreter
+    given the probe's budget and answers (``Interpreter(..., probe=probe)``) finds the
+    same answers without asking again."""
+    nodes = script.nodes
+    if not nodes:
+        return False
+    prepare(script, variables)
+    run: Run | None = nodes[0].run.get(variables)
+    if run is None or run.end != len(nodes):
+        return False
+    if run.next_true(probe, 0) < run.end:
+        return False
+    probe.budget.charge(run.end)
+    return True
 
 
 def prepare(script: Script, variables: bool) -> None:
