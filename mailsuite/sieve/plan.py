@@ -16,7 +16,13 @@ module therefore:
   in a script with variables then runs its own matcher to set ``${1}``..., RFC 5229 3.2);
 * marks each maximal :class:`Run` of consecutive ``if`` rules whose tests are grouped, so
   the interpreter jumps from one true rule to the next (usually: over the whole run) with
-  one step charged per rule passed, as walking them would have charged.
+  one step charged per rule passed, as walking them would have charged;
+* lets delivery ask first (:func:`screen`) whether any rule of a script made only of such
+  rules is true for a message: when none is (most mail, for most filter scripts), the
+  answer is the implicit keep without an interpreter; otherwise the interpreter carries
+  on with what the screen found and charged.  ``:contains`` groups, and ``:matches``
+  groups whose patterns are all ``*text*``, first search each value once with one
+  alternation of their texts: usually no value holds any, and the group is done.
 
 Answers are exactly those of the general path (the interpreter tests run every script both
 ways; ``tests/property`` compares them on generated scripts and messages).  Each group
