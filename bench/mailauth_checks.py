@@ -28,6 +28,7 @@ from mailsuite.testing.dns import LoopbackDNS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key
+from tests.reactor_thread import StallProbe
 
 
 async def run(reactor, n: int, concurrency: int) -> None:
@@ -64,23 +65,14 @@ async def run(reactor, n: int, concurrency: int) -> None:
         for _ in range(n)
     ]
 
-    gaps: list[float] = []
-    last = [time.monotonic()]
-
-    def tick() -> None:
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    loop = task.LoopingCall(tick)
-    loop.start(0.005)
+    probe = StallProbe()
+    probe.start()
     await task.deferLater(reactor, 2.0, lambda: None)
     print(
         f"idle reactor (noise floor of this machine): longest gap "
-        f"{max(gaps[1:]) * 1000:.1f} ms in 2 s"
+        f"{probe.longest() * 1000:.1f} ms in 2 s"
     )
-    gaps.clear()
-    last[0] = time.monotonic()
+    probe.reset()
     latencies: list[float] = []
     sem = defer.DeferredSemaphore(concurrency)
 
@@ -93,7 +85,7 @@ async def run(reactor, n: int, concurrency: int) -> None:
     started = time.monotonic()
     await defer.gatherResults([sem.run(lambda m=m: defer.ensureDeferred(one(m))) for m in msgs])
     elapsed = time.monotonic() - started
-    check_stall = max(gaps[1:]) if len(gaps) > 1 else 0.0
+    check_stall = probe.longest()
     latencies.sort()
     print(
         f"checks: {n / elapsed:.0f} messages/s ({n} messages, {concurrency} at a time; "
@@ -107,8 +99,7 @@ async def run(reactor, n: int, concurrency: int) -> None:
 
     KeyStore(cfg.dkim_dir).generate("good.test", "r1", "rsa")
     KeyStore(cfg.dkim_dir).generate("good.test", "e1", "ed25519")
-    gaps.clear()
-    last[0] = time.monotonic()
+    probe.reset()
     plain = [message("a@good.test", body=body) for _ in range(n)]
     started = time.monotonic()
     signed = await defer.gatherResults([sem.run(auth.sign, m) for m in plain])
@@ -116,9 +107,9 @@ async def run(reactor, n: int, concurrency: int) -> None:
     assert all(s.count(b"DKIM-Signature:") == 2 for s in signed)
     print(
         f"signing: {n / elapsed:.0f} messages/s (rsa-sha256 2048 + ed25519-sha256 each); "
-        f"reactor's longest stall {max(gaps[1:]) * 1000:.1f} ms"
+        f"reactor's longest stall {probe.longest() * 1000:.1f} ms"
     )
-    loop.stop()
+    probe.stop()
     await auth.stopService()
     await server.stop()
 

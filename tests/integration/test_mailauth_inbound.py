@@ -15,7 +15,6 @@ from typing import Any
 
 import dkim
 import pytest
-from twisted.internet import task
 
 from mailsuite.config import parse_config
 from mailsuite.mailauth.dkim_keys import txt_strings
@@ -24,7 +23,7 @@ from mailsuite.mailauth.results import parse_results
 from mailsuite.mailauth.service import MailAuth
 from mailsuite.testing.dns import LoopbackDNS
 from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
-from tests.reactor_thread import in_reactor
+from tests.reactor_thread import StallProbe, in_reactor
 
 GOOD_IP, OTHER_IP = "127.0.0.1", "127.0.0.9"
 HOST = "mx.example.test"
@@ -304,16 +303,8 @@ def test_reactor_keeps_running_while_checks_run(auth):
     """The reactor never waits on DNS or RSA: its longest stall while 20 messages (each with
     two signatures, SPF and DMARC) are checked at once stays small."""
     reactor = auth.reactor
-    gaps: list[float] = []
-    last = [time.monotonic()]
-
-    def tick() -> None:
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    loop = task.LoopingCall(tick)
-    in_reactor(reactor, lambda: loop.start(0.005, now=True) and None)
+    probe = StallProbe()
+    in_reactor(reactor, probe.start)
     try:
         from twisted.internet import defer
 
@@ -325,8 +316,8 @@ def test_reactor_keeps_running_while_checks_run(auth):
             ),
         )
     finally:
-        in_reactor(reactor, loop.stop)
-    stall = max(gaps[1:])
+        in_reactor(reactor, probe.stop)
+    stall = probe.longest()
     print(f"longest reactor stall: {stall * 1000:.1f} ms")
     assert stall < 0.25
 
@@ -338,22 +329,14 @@ def test_large_message_is_hashed_in_slices_without_stalling_the_reactor(auth):
     big = dkim_sign(message("alice@good.test", body=body), "good.test", "e", ed25519_key())
     assert len(big) > 3_500_000
     reactor = auth.reactor
-    gaps: list[float] = []
-    last = [time.monotonic()]
-
-    def tick() -> None:
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    loop = task.LoopingCall(tick)
-    in_reactor(reactor, lambda: loop.start(0.005, now=True) and None)
+    probe = StallProbe()
+    in_reactor(reactor, probe.start)
     try:
         v = check(auth, big, "alice@good.test", OTHER_IP)
     finally:
-        in_reactor(reactor, loop.stop)
+        in_reactor(reactor, probe.stop)
     assert [d.result for d in results(v)["dkim"]] == ["pass"]
-    stall = max(gaps[1:])
+    stall = probe.longest()
     print(f"longest reactor stall with a {len(big) // 1_000_000} MB message: {stall * 1000:.1f} ms")
     assert stall < 0.25
 

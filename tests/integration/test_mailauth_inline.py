@@ -22,7 +22,7 @@ from tests.integration.test_mailauth_inbound import (  # noqa: F401 (a fixture)
     zone,
 )
 from tests.mailauth_helpers import dkim_sign, ed25519_key, message, rsa_key, weak_rsa_key
-from tests.reactor_thread import in_reactor
+from tests.reactor_thread import StallProbe, in_reactor
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +114,14 @@ def test_a_burst_is_checked_at_once_only_within_the_budget(auth: MailAuth) -> No
     reactor's longest stall stays near the budget, not 200 checks long."""
     import time
 
-    from twisted.internet import defer, task
+    from twisted.internet import defer
 
     from mailsuite.mailauth import inbound as inbound_mod
 
     msgs = [signed_good(f"message {i}\r\n") for i in range(200)]
     check(auth, signed_good(), "alice@good.test")  # the sender's answers are cached now
-    gaps: list[float] = []
-    last = [time.monotonic()]
-
-    def tick() -> None:
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    loop = task.LoopingCall(tick)
-    in_reactor(auth.reactor, lambda: loop.start(0.005, now=True) and None)
+    probe = StallProbe()
+    in_reactor(auth.reactor, probe.start)
     try:
         started = time.perf_counter()
         verdicts = in_reactor(
@@ -140,7 +132,7 @@ def test_a_burst_is_checked_at_once_only_within_the_budget(auth: MailAuth) -> No
         )
         elapsed = time.perf_counter() - started
     finally:
-        in_reactor(auth.reactor, loop.stop)
+        in_reactor(auth.reactor, probe.stop)
     assert all(b"dkim=pass" in v.header and v.action == "accept" for v in verdicts)
     inline = auth.inbound.inline_checked
     assert 0 < inline < len(msgs)  # some at once, the rest in the pool
@@ -148,6 +140,6 @@ def test_a_burst_is_checked_at_once_only_within_the_budget(auth: MailAuth) -> No
     # (each check costs well over 0.1 ms), unless the whole burst took several windows
     windows = elapsed / inbound_mod.INLINE_WINDOW + 1
     assert inline <= windows * inbound_mod.INLINE_BUDGET / 0.0001
-    stall = max(gaps[1:])
+    stall = probe.longest()
     print(f"{inline} of {len(msgs)} at once; longest reactor stall: {stall * 1000:.1f} ms")
     assert stall < 0.25
