@@ -255,9 +255,9 @@ def test_hundred_signatures_bounded_work(auth):
     assert elapsed < 10
 
 
-def test_arc_chain_is_verified_and_recorded(auth):
-    original = signed_good()
-    hop = b"Authentication-Results: fwd.test; spf=pass smtp.mailfrom=alice@good.test\r\n" + original
+def arc_sealed(results: bytes = b"spf=pass smtp.mailfrom=alice@good.test") -> bytes:
+    """signed_good() as fwd.test forwards it: its Authentication-Results, then an ARC set."""
+    hop = b"Authentication-Results: fwd.test; " + results + b"\r\n" + signed_good()
     arc_set = dkim.arc_sign(
         hop,
         b"arc",
@@ -266,7 +266,11 @@ def test_arc_chain_is_verified_and_recorded(auth):
         b"fwd.test",
         include_headers=[b"from", b"to", b"subject"],
     )
-    sealed = b"".join(arc_set) + hop
+    return b"".join(arc_set) + hop
+
+
+def test_arc_chain_is_verified_and_recorded(auth):
+    sealed = arc_sealed()
     v = check(auth, sealed, "list@fwd.test", OTHER_IP)
     assert results(v)["arc"][0].result == "pass"
     assert b"arc=pass (sets=1)" in v.header

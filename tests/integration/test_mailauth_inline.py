@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import dkim
 import pytest
 
 from mailsuite.mailauth.service import MailAuth
@@ -16,6 +15,7 @@ from mailsuite.testing.dns import LoopbackDNS
 from tests.integration.test_mailauth_inbound import (  # noqa: F401 (a fixture)
     GOOD_IP,
     OTHER_IP,
+    arc_sealed,
     auth,
     check,
     signed_good,
@@ -32,19 +32,6 @@ def dns_server(
     """test_mailauth_inbound's zone with a TTL of 300 s, as real records have (its 1 s
     would let the answers expire between a test's two checks on a slow machine)."""
     return reactor, loopback_dns({**zone(), "ttl": 300})
-
-
-def arc_sealed() -> bytes:
-    hop = b"Authentication-Results: fwd.test; spf=pass\r\n" + signed_good()
-    arc_set = dkim.arc_sign(
-        hop,
-        b"arc",
-        b"fwd.test",
-        rsa_key(2048, "arc").private,
-        b"fwd.test",
-        include_headers=[b"from", b"to", b"subject"],
-    )
-    return b"".join(arc_set) + hop
 
 
 CASES = {
@@ -75,7 +62,7 @@ CASES = {
         "x@garbage.test",
         OTHER_IP,
     ),
-    "arc": lambda: (arc_sealed(), "list@fwd.test", OTHER_IP),
+    "arc": lambda: (arc_sealed(b"spf=pass"), "list@fwd.test", OTHER_IP),
     "null sender": lambda: (signed_good(), "", GOOD_IP),
 }
 

@@ -34,7 +34,7 @@ from mailsuite.sieve.message import (
     split_headers,
 )
 from mailsuite.sieve.plan import Probe, screen
-from mailsuite.sieve.validate import compile_script
+from mailsuite.sieve.validate import Script, compile_script
 
 HEAD_PIECES = st.sampled_from(
     [
@@ -150,6 +150,18 @@ ENVELOPES = [
 ]
 
 
+def _rules_script(rules: list[str], variables: bool, tail: str = "") -> Script:
+    """The generated rules as one script (with "variables" required, or the rules' ``set``
+    commands dropped), then ``tail``."""
+    requires = '"fileinto", "envelope", "subaddress", "imap4flags"'
+    if variables:
+        requires += ', "variables"'
+    text = f"require [{requires}];\n" + "\n".join(rules) + "\n" + tail
+    if not variables:
+        text = text.replace('set "v" "${1}";', "")
+    return compile_script(text)
+
+
 @given(
     st.lists(_rule(), min_size=1, max_size=25),
     MESSAGE,
@@ -160,13 +172,7 @@ ENVELOPES = [
 def test_grouped_tests_and_skipped_runs_are_the_general_path(
     rules: list[str], data: bytes, envelope: SieveEnvelope, variables: bool
 ) -> None:
-    requires = '"fileinto", "envelope", "subaddress", "imap4flags"'
-    if variables:
-        requires += ', "variables"'
-    text = f"require [{requires}];\n" + "\n".join(rules) + '\nfileinto "end${1}";\n'
-    if not variables:
-        text = text.replace('set "v" "${1}";', "")
-    script = compile_script(text)
+    script = _rules_script(rules, variables, 'fileinto "end${1}";\n')
     outs = []
     for fast in (False, True):
         try:
@@ -187,13 +193,7 @@ def test_grouped_tests_and_skipped_runs_are_the_general_path(
 def test_screen_then_interpreter_is_the_general_path(
     rules: list[str], data: bytes, envelope: SieveEnvelope, variables: bool, steps: int
 ) -> None:
-    requires = '"fileinto", "envelope", "subaddress", "imap4flags"'
-    if variables:
-        requires += ', "variables"'
-    text = f"require [{requires}];\n" + "\n".join(rules) + "\n"
-    if not variables:
-        text = text.replace('set "v" "${1}";', "")
-    script = compile_script(text)
+    script = _rules_script(rules, variables)
     limits = Limits(max_steps=steps)
     outs: list[object] = []
     for fast in (False, True):
