@@ -45,6 +45,7 @@ from mailsuite.store.index_build import (
     columns,
     insert_rows,
     listing,
+    make_indexes,
     order_listing,
 )
 from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
@@ -185,9 +186,20 @@ class IndexScan(IndexDatabase):
         return " ".join(sorted(self._disk_flags(info)))
 
     def _build_missing(self) -> None:
-        self._built = build_index(self.folder, _delivery_key, self._flag_text, _trusted)
+        self._built = build_index(
+            self.folder,
+            _delivery_key,
+            self._flag_text,
+            _trusted,
+            indexes=not self.defer_indexes,
+        )
         if self._built is not None:
             self._built_result = self._built.result
+            self.indexes_pending = self.defer_indexes
+
+    def _repair_indexes(self) -> None:
+        with self._transaction():
+            make_indexes(self.db)
 
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths
