@@ -65,6 +65,9 @@ BUILD_SUFFIX = ".build-"
 _BASE_INDEX = "CREATE UNIQUE INDEX messages_base ON messages(base)"
 #: page cache while building: the whole table and its indexes of a 100,000-message folder
 _BUILD_CACHE_KIB = 65536
+#: the fewest rows whose build leaves its secondary indexes for after the answer when asked
+#: (``build_index(..., indexes=False)``); below, they cost less than the extra thread hop
+DEFER_ROWS = 1000
 #: the head of the names most programs write, ``sec.M<usec>P``: see :func:`order_listing`
 _PLAIN_HEAD = re.compile(r"[0-9]+\.M[0-9]+P")
 
@@ -81,6 +84,8 @@ class Built:
     modseq: int
     uidnext: int
     names_gen: int
+    #: the secondary indexes were left to :func:`finish_indexes`
+    indexes_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,8 @@ def build_index(
     ``key`` orders bases (delivery order), ``flag_text`` gives the flag text of an info
     suffix (``":2,S"``: keyword letters included), ``trusted`` says whether a directory mtime
     may be recorded (``index_scan._trusted``).  ``indexes`` False leaves the secondary indexes
-    to :func:`finish_indexes` (see there).  None when the folder has no ``new/`` or ``cur/``
+    of a folder of at least :data:`DEFER_ROWS` messages to :func:`finish_indexes` (see there;
+    ``Built.indexes_pending``).  None when the folder has no ``new/`` or ``cur/``
     (nothing built: the caller opens an empty index as before)."""
     found = listing(folder)
     if found is None:
@@ -271,11 +277,14 @@ def build_index(
         if trusted(st, now):
             meta.append(("stamp_" + sub, st))
     tmp = folder / f"{INDEX_NAME}{BUILD_SUFFIX}{os.getpid()}"
+    indexes = indexes or n < DEFER_ROWS  # a small folder's sorts cost less than a hop
     _write(tmp, meta, modseq, cols, indexes)
     tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
     uids = list(range(1, n + 1))
-    return Built(SyncResult(tuple(uids)), uids, cols.flags, modseq, n + 1, 1 if n else 0)
+    return Built(
+        SyncResult(tuple(uids)), uids, cols.flags, modseq, n + 1, 1 if n else 0, not indexes
+    )
 
 
 #: the colon of a row's name (``value``: "sub/base:info")

@@ -195,7 +195,7 @@ class IndexScan(IndexDatabase):
         )
         if self._built is not None:
             self._built_result = self._built.result
-            self.indexes_pending = self.defer_indexes
+            self.indexes_pending = self._built.indexes_pending
 
     def _repair_indexes(self) -> None:
         with self._transaction():
