@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from mailsuite.store.index_build import (
     Built,
+    Ordered,
     _w_size,
     build_index,
     columns,
@@ -52,6 +53,8 @@ from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, f
 from mailsuite.store.maildir import base_of
 
 _SUBS = ("new", "cur")
+#: the fewest files a sync adds to a non-empty index with the build's bulk insert
+_BULK_FRESH = 200
 #: A directory mtime younger than this is not trusted to cover every change (see module doc):
 #: one second where the file system keeps whole seconds, a few clock ticks where it keeps
 #: finer times (Linux stamps files from a clock that is at most one tick behind).
@@ -480,7 +483,8 @@ class IndexScan(IndexDatabase):
             )
 
     def _insert_fresh(self, found: _Found, bases: dict[str, str]) -> int:
-        """Give the new files UIDs in delivery order and insert them with one executemany.
+        """Give the new files UIDs in delivery order and insert them with one executemany
+        (at least :data:`_BULK_FRESH` of them: with :func:`insert_rows`).
 
         Delivery order (:func:`delivery_order`) so UIDs follow arrival; sizes from ``,W=``
         and internal dates are left for first use (-1) so first sight of a big folder stays
@@ -492,6 +496,16 @@ class IndexScan(IndexDatabase):
         new_rows = []
         if fresh:
             found.modseq += 1
+        if len(fresh) >= _BULK_FRESH:
+            # many files another program added (an import into a folder we know): the
+            # build's bulk insert, SQLite cutting each row, not a Python tuple per file
+            rels = [bases[b] for b in fresh]
+            cols = columns(Ordered(rels, "", "\n".join(rels)), self._flag_text)
+            if insert_rows(self.db, uid, found.modseq, cols) != len(rels):  # never seen
+                raise RuntimeError(f"index of {self.folder}: not every file inserted")
+            found.added.extend(range(uid, uid + len(rels)))
+            found.names_in.extend(rels)
+            return uid + len(rels)
         flag_text: dict[str, str] = {}  # info suffix -> flags (a folder has few kinds)
         for base in fresh:
             rel = bases[base]

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailsuite.store import index_scan
 from mailsuite.store.index import INDEX_NAME, FolderIndex
 from mailsuite.store.index_build import _w_size, delivery_sorted, sizes_in_sql
 from mailsuite.store.index_scan import IndexScan, _bases_of, _delivery_key
@@ -385,3 +386,31 @@ def test_sizes_from_w_are_read_by_sqlite_only_where_it_reads_them_as_python(
     assert {base: size for _, base, _, _, size, _, _ in rows} == {
         n.split(":")[0]: _w_size(n.split(":")[0]) for n in names
     }
+
+
+def _added_to_a_known_folder(box: Path, new: list[str], cur: list[str], bulk: int) -> Any:
+    """A folder with one indexed message, then another program adds files; the sync, with
+    ``bulk`` the fewest new files that take the bulk insert."""
+    (box / "cur" / "1.M0P0.h:2,S").write_bytes(b"Subject: first\n\nx\n")
+    FolderIndex(box).close()
+    _write(box, new, cur)
+    with mock.patch.object(index_scan, "_BULK_FRESH", bulk):
+        idx = FolderIndex(box)
+        res = idx.sync(force=True)
+        state = idx.state()
+        idx.close()
+    return res, state, _dump(box)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_listing())
+def test_many_files_added_to_a_known_folder_go_in_bulk_as_row_by_row(
+    listing: tuple[list[str], list[str]],
+) -> None:
+    """Files another program adds to a folder whose index holds messages: the bulk insert
+    (many files) gives what the insert of a row per file gives."""
+    new, cur = listing
+    with tempfile.TemporaryDirectory() as tmp:
+        bulk = _added_to_a_known_folder(ensure_folder(Path(tmp) / "a"), new, cur, 1)
+        rows = _added_to_a_known_folder(ensure_folder(Path(tmp) / "b"), new, cur, 10**9)
+        assert bulk == rows
