@@ -414,3 +414,30 @@ def test_many_files_added_to_a_known_folder_go_in_bulk_as_row_by_row(
         bulk = _added_to_a_known_folder(ensure_folder(Path(tmp) / "a"), new, cur, 1)
         rows = _added_to_a_known_folder(ensure_folder(Path(tmp) / "b"), new, cur, 10**9)
         assert bulk == rows
+
+
+def test_a_big_import_into_a_known_folder_keeps_moves_apart_from_new_mail(
+    tmp_path: Path,
+) -> None:
+    """Another program moves a known message (new/ to cur/, flagged) and adds 1,000 files:
+    the move keeps its UID (the rows are read in one pass, as there are more files than
+    rows), the files get the next UIDs in delivery order, nothing is expunged."""
+    box = ensure_folder(tmp_path / "box")
+    (box / "cur" / "1.M1P1.h:2,S").write_bytes(b"Subject: a\n\na\n")
+    (box / "new" / "2.M2P1.h,W=15").write_bytes(b"Subject: b\n\nb\n")
+    idx = FolderIndex(box)
+    assert idx.sync().added == (1, 2)
+    (box / "new" / "2.M2P1.h,W=15").rename(box / "cur" / "2.M2P1.h,W=15:2,F")
+    _write(box, ["1800000000.M1P1.h"], _names(999))
+    res = idx.sync(force=True)
+    assert res.added == tuple(range(3, 1003)) and res.flag_changes == (2,)
+    assert not res.expunged
+    msgs = idx.messages()
+    assert [m.base for m in msgs] == ["1.M1P1.h", "2.M2P1.h,W=15", *_expected(box)[2:]]
+    assert (msgs[1].name, msgs[1].flags, msgs[1].size) == (
+        "cur/2.M2P1.h,W=15:2,F",
+        {"\\Flagged"},
+        15,
+    )
+    assert msgs[-1].name == "new/1800000000.M1P1.h"
+    idx.close()
