@@ -19,6 +19,10 @@ folder lock:
   folder directory fsynced.  Only then does anyone connect, so UIDs are durable before any
   is reported; a build killed half way leaves only a ``.build-`` file, which the next build
   removes (the index is still missing, so it is built again, under a new UIDVALIDITY).
+* IMAP SELECT asks for a build without the secondary indexes (a folder of at least
+  :data:`DEFER_ROWS` messages): it answers once the file is in place and makes them after,
+  in a worker thread under the folder lock (:func:`finish_indexes`); a process killed before
+  that leaves a complete table the next open gives its indexes (``IndexDatabase._open``).
 
 The result equals what an empty index and one :meth:`~mailsuite.store.index_scan.IndexScan.sync`
 give (same UIDs, flags, sizes, modseqs, meta counters); tests compare the two.  An index that
