@@ -456,10 +456,12 @@ def finish_indexes(folder: Path) -> None:
     durable: fsynced and renamed into place) and makes the indexes after, in a worker thread
     (about a fifth of the build: three sorts of 100,000 keys).  Until then every query gives
     the same answer, only by reading the table: an index changes how SQLite finds rows,
-    never which.  The uniqueness of ``base`` is not checked meanwhile, and needs not be:
-    every change takes the folder lock, which this holds while it works, so no row is
-    written before the indexes exist.  A process killed before leaves the file without them;
-    the next open finds it not current and makes them (``IndexDatabase._open``).
+    never which.  Changes take the folder lock, which this holds while it works; one made
+    before it starts (the answer's \\Recent claim, a sync) is written to the table alone,
+    which is correct: a sync gives a row only to a base the index lacks, so ``base`` stays
+    unique without the constraint, which comes back with its index.  A process killed before
+    leaves the file without them; the next open finds it not current and makes them
+    (``IndexDatabase._open``).
 
     Its own lock descriptor (``flock`` excludes this process's index handles as it does
     other processes) and connection (``mode=rw``: a folder or index removed meanwhile is
