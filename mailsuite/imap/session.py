@@ -56,7 +56,6 @@ from mailsuite.imap.session_base import (
     vanished_earlier,
 )
 from mailsuite.login import Outcome
-from mailsuite.store.index_build import finish_indexes
 from mailsuite.store.mailbox import SEPARATOR, Account, Folder, MailboxError, opened_index
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.space import is_disk_full
@@ -380,32 +379,12 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         qresync_arg: list[Token] | None,
     ) -> None:
         """:meth:`_select` of a folder not open here: its index opened (built, filled,
-        synced) in a worker thread, then handed to the registry.
-
-        An index built here (a folder new to us) is answered from as soon as its rows, the
-        UIDs, are in place and durable; its secondary indexes are made after the answer, in
-        a worker thread (:func:`~mailsuite.store.index_build.finish_indexes`, a fifth of a
-        100,000-message build), before this session's next command.  Until then any other
-        session or process gets the same answers from the table alone, and waits for the
-        folder lock to change anything."""
-        index = await self.shared.run_blocking(opened_index, path, defer_indexes=True)
-        pending = index.indexes_pending
+        synced) in a worker thread, then handed to the registry."""
+        index = await self.shared.run_blocking(opened_index, path)
         if self.proto.gone():
             index.close()
-        else:
-            folder = self.shared.registry.get(path, index)
-            self._selected(cmd, readonly, name, folder, qresync_arg)
-        if not pending:
             return
-        try:
-            await self.shared.run_blocking(finish_indexes, path)
-        except Exception as exc:  # (the command was answered) the next open makes them
-            self.log.warn(
-                "IMAP SELECT: the indexes of {path} were not made now ({error});"
-                " the next open of the folder makes them",
-                path=str(path),
-                error=str(exc),
-            )
+        self._selected(cmd, readonly, name, self.shared.registry.get(path, index), qresync_arg)
 
     def _selected(
         self,

@@ -19,10 +19,6 @@ folder lock:
   folder directory fsynced.  Only then does anyone connect, so UIDs are durable before any
   is reported; a build killed half way leaves only a ``.build-`` file, which the next build
   removes (the index is still missing, so it is built again, under a new UIDVALIDITY).
-* IMAP SELECT asks for a build without the secondary indexes (a folder of at least
-  :data:`DEFER_ROWS` messages): it answers once the file is in place and makes them after,
-  in a worker thread under the folder lock (:func:`finish_indexes`); a process killed before
-  that leaves a complete table the next open gives its indexes (``IndexDatabase._open``).
 
 The result equals what an empty index and one :meth:`~mailsuite.store.index_scan.IndexScan.sync`
 give (same UIDs, flags, sizes, modseqs, meta counters); tests compare the two.  An index that
@@ -39,7 +35,6 @@ longer names the file it has open (``tests/unit/test_store_index_replaced.py``).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import sqlite3
@@ -55,9 +50,7 @@ from mailsuite.store.index_schema import (
     _INDEXES,
     _SCHEMA_VERSION,
     _TABLES,
-    BASE_AUTOINDEX,
     INDEX_NAME,
-    LOCK_NAME,
     SyncResult,
 )
 from mailsuite.store.maildir import base_of, fsync_dir
@@ -69,9 +62,6 @@ BUILD_SUFFIX = ".build-"
 _BASE_INDEX = "CREATE UNIQUE INDEX messages_base ON messages(base)"
 #: page cache while building: the whole table and its indexes of a 100,000-message folder
 _BUILD_CACHE_KIB = 65536
-#: the fewest rows whose build leaves its secondary indexes for after the answer when asked
-#: (``build_index(..., indexes=False)``); below, they cost less than the extra thread hop
-DEFER_ROWS = 1000
 #: the head of the names most programs write, ``sec.M<usec>P``: see :func:`order_listing`
 _PLAIN_HEAD = re.compile(r"[0-9]+\.M[0-9]+P")
 
@@ -88,8 +78,6 @@ class Built:
     modseq: int
     uidnext: int
     names_gen: int
-    #: the secondary indexes were left to :func:`finish_indexes`
-    indexes_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,16 +262,13 @@ def build_index(
     key: Callable[[str], tuple[int, int, int, str]],
     flag_text: Callable[[str], str],
     trusted: Callable[[int, int], bool],
-    indexes: bool = True,
 ) -> Built | None:
     """Build the missing index of ``folder`` (lock held; see the module docstring).
 
     ``key`` orders bases (delivery order), ``flag_text`` gives the flag text of an info
     suffix (``":2,S"``: keyword letters included), ``trusted`` says whether a directory mtime
-    may be recorded (``index_scan._trusted``).  ``indexes`` False leaves the secondary indexes
-    of a folder of at least :data:`DEFER_ROWS` messages to :func:`finish_indexes` (see there;
-    ``Built.indexes_pending``).  None when the folder has no ``new/`` or ``cur/``
-    (nothing built: the caller opens an empty index as before)."""
+    may be recorded (``index_scan._trusted``).  None when the folder has no ``new/`` or
+    ``cur/`` (nothing built: the caller opens an empty index as before)."""
     found = listing(folder)
     if found is None:
         return None
@@ -307,14 +292,11 @@ def build_index(
         if trusted(st, now):
             meta.append(("stamp_" + sub, st))
     tmp = folder / f"{INDEX_NAME}{BUILD_SUFFIX}{os.getpid()}"
-    indexes = indexes or n < DEFER_ROWS  # a small folder's sorts cost less than a hop
-    _write(tmp, meta, modseq, cols, indexes)
+    _write(tmp, meta, modseq, cols)
     tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
     uids = list(range(1, n + 1))
-    return Built(
-        SyncResult(tuple(uids)), uids, cols.flags, modseq, n + 1, 1 if n else 0, not indexes
-    )
+    return Built(SyncResult(tuple(uids)), uids, cols.flags, modseq, n + 1, 1 if n else 0)
 
 
 #: the colon of a row's name (``value``: "sub/base:info")
@@ -404,11 +386,9 @@ def _json_safe(joined: str) -> bool:
     return len(raw.translate(None, _JSON_UNSAFE)) == len(raw)
 
 
-def _write(
-    tmp: Path, meta: list[tuple[str, int]], modseq: int, cols: Columns, indexes: bool
-) -> None:
-    """Write the index file ``tmp``: tables, meta, the rows (UIDs 1 to n), then (``indexes``)
-    the secondary indexes; switch it to WAL and fsync it."""
+def _write(tmp: Path, meta: list[tuple[str, int]], modseq: int, cols: Columns) -> None:
+    """Write the index file ``tmp``: tables, meta, the rows (UIDs 1 to n), then the secondary
+    indexes; switch it to WAL and fsync it."""
     n = len(cols.flags)
     db = sqlite3.connect(tmp, isolation_level=None)
     try:
@@ -425,8 +405,8 @@ def _write(
         (last,) = db.execute("SELECT coalesce(max(uid), 0) FROM messages").fetchone()
         if (rows, last) != (n, n):  # never seen: the listing and the rows disagree
             raise RuntimeError(f"index build of {tmp}: {rows} rows up to UID {last} for {n}")
-        if indexes:
-            make_indexes(db)
+        for statement in [_BASE_INDEX, *_statements(_INDEXES)]:  # one sort each
+            db.execute(statement)
         db.execute("COMMIT")
         db.execute("PRAGMA journal_mode=WAL")
     finally:
@@ -434,55 +414,6 @@ def _write(
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_indexes(db: sqlite3.Connection) -> None:
-    """Make whichever secondary index ``db`` lacks (one sort each), in the caller's
-    transaction: the uniqueness of ``messages.base`` as :data:`_BASE_INDEX` unless the table
-    has it as a column constraint (an index the general schema made), and :data:`_INDEXES`."""
-    have = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    if not have & {"messages_base", BASE_AUTOINDEX}:
-        db.execute(_BASE_INDEX)
-    for statement in _statements(_INDEXES):
-        db.execute(statement)
-
-
-def finish_indexes(folder: Path) -> None:
-    """Make the secondary indexes a build left out (``build_index(..., indexes=False)``).
-
-    IMAP SELECT of a folder new to us answers once the rows are in the index file (every UID
-    durable: fsynced and renamed into place) and makes the indexes after, in a worker thread
-    (about a fifth of the build: three sorts of 100,000 keys).  Until then every query gives
-    the same answer, only by reading the table: an index changes how SQLite finds rows,
-    never which.  Changes take the folder lock, which this holds while it works; one made
-    before it starts (the answer's \\Recent claim, a sync) is written to the table alone,
-    which is correct: a sync gives a row only to a base the index lacks, so ``base`` stays
-    unique without the constraint, which comes back with its index.  A process killed before
-    leaves the file without them; the next open finds it not current and makes them
-    (``IndexDatabase._open``).
-
-    Its own lock descriptor (``flock`` excludes this process's index handles as it does
-    other processes) and connection (``mode=rw``: a folder or index removed meanwhile is
-    left alone, not given an empty file)."""
-    fd = os.open(folder / LOCK_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            db = sqlite3.connect(
-                f"{(folder / INDEX_NAME).as_uri()}?mode=rw", uri=True, isolation_level=None
-            )
-        except sqlite3.OperationalError:
-            return  # the index (or folder) is gone: whoever opens it next builds it whole
-        try:
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"PRAGMA cache_size=-{_BUILD_CACHE_KIB}")
-            db.execute("BEGIN IMMEDIATE")
-            make_indexes(db)
-            db.execute("COMMIT")
-        finally:
-            db.close()
     finally:
         os.close(fd)
 

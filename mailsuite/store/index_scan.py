@@ -45,7 +45,6 @@ from mailsuite.store.index_build import (
     columns,
     insert_rows,
     listing,
-    make_indexes,
     order_listing,
 )
 from mailsuite.store.index_schema import (
@@ -194,20 +193,9 @@ class IndexScan(IndexDatabase):
         return " ".join(sorted(self._disk_flags(info)))
 
     def _build_missing(self) -> None:
-        self._built = build_index(
-            self.folder,
-            _delivery_key,
-            self._flag_text,
-            _trusted,
-            indexes=not self.defer_indexes,
-        )
+        self._built = build_index(self.folder, _delivery_key, self._flag_text, _trusted)
         if self._built is not None:
             self._built_result = self._built.result
-            self.indexes_pending = self._built.indexes_pending
-
-    def _repair_indexes(self) -> None:
-        with self._transaction():
-            make_indexes(self.db)
 
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths

@@ -72,9 +72,6 @@ CREATE INDEX IF NOT EXISTS messages_in_new ON messages(name) WHERE name LIKE 'ne
 CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged(modseq);
 """
 _SCHEMA = _TABLES + _INDEXES
-#: the index SQLite makes for ``base``'s ``UNIQUE`` in ``_TABLES`` (a first build makes the
-#: same constraint as the index ``messages_base`` instead: see index_build)
-BASE_AUTOINDEX = "sqlite_autoindex_messages_1"
 
 
 @dataclass(frozen=True)
@@ -165,13 +162,8 @@ class IndexDatabase:
     letters and the cached names (see the module docstring).  Opening it creates or migrates
     the schema (under the lock)."""
 
-    def __init__(self, folder: Path, defer_indexes: bool = False) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        #: a missing index may be built without its secondary indexes, for the caller to
-        #: make after answering (:func:`~mailsuite.store.index_build.finish_indexes`)
-        self.defer_indexes = defer_indexes
-        #: this handle built the index and left its secondary indexes for the caller
-        self.indexes_pending = False
         #: new/ and cur/, stat'ed before every IMAP command (made once, not per call; as
         #: strings: ``os.stat`` of a ``Path`` converts it every time)
         self._sub_paths = (os.fspath(folder / "new"), os.fspath(folder / "cur"))
@@ -210,11 +202,10 @@ class IndexDatabase:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA cache_size=-512")  # 512 KiB page cache per open folder
             self.db = db
-            if self._current() or self.indexes_pending:
+            if self._current():
                 return db
             with self._locked():
                 db.executescript(_SCHEMA)
-                self._repair_indexes()
                 if self._meta("uidvalidity") is None:
                     self._init_meta()
                 if self._meta("cache_version") != _CACHE_VERSION:
@@ -232,17 +223,16 @@ class IndexDatabase:
         lock and the schema script: an IMAP APPEND opens the index in its worker thread, and
         those were a quarter of its CPU time (issue 15)."""
         try:
-            # (one of the two names of base's unique index: see BASE_AUTOINDEX)
             (objects,) = self.db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name IN"
                 " ('meta', 'messages', 'expunged', 'messages_modseq', 'messages_in_new',"
-                f" 'expunged_modseq', 'messages_base', '{BASE_AUTOINDEX}')"
+                " 'expunged_modseq')"
             ).fetchone()
             m = self._metas()
         except sqlite3.Error:
             return False
         return (
-            objects == 7
+            objects == 6
             and m.get("version") == _SCHEMA_VERSION
             and m.get("uidvalidity") is not None
             and m.get("cache_version") == _CACHE_VERSION
@@ -263,12 +253,6 @@ class IndexDatabase:
     def _build_missing(self) -> None:
         """Build the missing index file (lock held); here: nothing, SQLite creates an empty
         one.  :class:`~mailsuite.store.index_scan.IndexScan` builds it from the directory."""
-
-    def _repair_indexes(self) -> None:
-        """Make the secondary indexes a file lacks (lock held): a build whose
-        :func:`~mailsuite.store.index_build.finish_indexes` never ran (the process was
-        killed).  Here: the schema script made them.  IndexScan adds the first build's index
-        of ``base``."""
 
     def close(self) -> None:
         self.db.close()

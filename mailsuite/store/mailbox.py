@@ -600,15 +600,13 @@ class Folder:
         return got
 
 
-def opened_index(path: Path, defer_indexes: bool = False) -> FolderIndex:
+def opened_index(path: Path) -> FolderIndex:
     """Open a folder's index and bring it in step with the directory: what opening a
     :class:`Folder` costs beyond a few queries, run in a worker thread by IMAP SELECT for a
     folder that is not open, so the build of a missing index or the bulk fill of an empty
     one (100,000 files: half a second of CPU, most of it in SQLite, which lets go of the GIL)
-    does not hold the event loop; the index is then handed to :meth:`FolderRegistry.get`.
-    ``defer_indexes``: a build leaves its secondary indexes to the caller, who answers first
-    (``indexes_pending``, :func:`~mailsuite.store.index_build.finish_indexes`)."""
-    index = FolderIndex(path, defer_indexes=defer_indexes)
+    does not hold the event loop; the index is then handed to :meth:`FolderRegistry.get`."""
+    index = FolderIndex(path)
     try:
         index.sync()
     except BaseException:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,10 +29,7 @@ from mailsuite.imap.session import POLL_INTERVAL, Session
 from mailsuite.login import LoginResult, Outcome
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.folder_copy import append_blocking
-from mailsuite.store.index_build import DEFER_ROWS
-from mailsuite.store.index_schema import INDEX_NAME
 from mailsuite.store.mailbox import FolderRegistry
-from mailsuite.store.maildir import ensure_folder
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -423,43 +419,6 @@ def test_select_opens_a_folder_not_open_in_a_worker_thread(tmp_path: Path) -> No
         assert host.blocking_calls == ["opened_index", "opened_index"]
         assert not host.registry.has(archive)
         assert not [ln for ln in b.take() if ln.startswith(b"b3")]
-
-    run(scenario, tmp_path)
-
-
-def test_first_select_of_a_folder_another_program_wrote_answers_then_makes_its_indexes(
-    tmp_path: Path,
-) -> None:
-    """A folder new to us (files, no index): SELECT answers once the rows are in the index,
-    then makes its secondary indexes in a worker thread before the session's next command
-    (issue 15); that command and the next session see the same folder."""
-
-    async def scenario(host: Host) -> None:
-        inbox = ensure_folder(host.directory.mailbox_root(ALICE))
-        for i in range(DEFER_ROWS):  # enough for the indexes to come after the answer
-            (
-                inbox / "cur" / f"{1_700_000_000 + i}.M{i}P1.h,S=20,W=21:2,{'S' if i else ''}"
-            ).write_bytes(MESSAGE % (i, i))
-        for p in inbox.glob(INDEX_NAME + "*"):
-            p.unlink()
-        a = Adapter(host)
-        await a.send(b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\n")
-        lines = a.take()
-        assert b"* %d EXISTS" % DEFER_ROWS in lines and b"* OK [UNSEEN 1] First unseen" in lines
-        assert tagged(lines)[-1] == b"a2 OK [READ-WRITE] SELECT completed"
-        assert host.blocking_calls == ["opened_index", "finish_indexes"]
-        db = sqlite3.connect(inbox / INDEX_NAME)
-        names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        db.close()
-        assert {"messages_base", "messages_modseq", "messages_in_new"} <= names
-        await a.send(b"a3 UID FETCH 1:3 (FLAGS RFC822.SIZE)\r\n")
-        assert a.take() == [
-            b"* 1 FETCH (UID 1 FLAGS (\\Recent) RFC822.SIZE 21)",
-            b"* 2 FETCH (UID 2 FLAGS (\\Seen \\Recent) RFC822.SIZE 21)",
-            b"* 3 FETCH (UID 3 FLAGS (\\Seen \\Recent) RFC822.SIZE 21)",
-            b"a3 OK UID FETCH completed",
-        ]
-        assert host.log.failures == []
 
     run(scenario, tmp_path)
 
