@@ -199,15 +199,24 @@ def remove_leftovers(folder: Path) -> None:
 @dataclass(frozen=True)
 class Columns:
     """What a bulk insert writes besides the names: each file's flag text (in the order of
-    ``ordered``), the flag text of each info suffix found (``"2,S"``, no colon), and sizes
-    from ``,W=`` (None when no name has one: all -1)."""
+    ``ordered``), the flag text of each info suffix found (``"2,S"``, no colon), and how the
+    sizes in ``,W=`` are read (:func:`sizes_in_sql`)."""
 
     ordered: Ordered
     flags: list[str]
     texts: dict[str, str]
-    sizes: list[int] | None
     #: every name has an info suffix (":"): the insert needs no case for a name without
     colons: bool
+    #: how many names have ``,W=`` (a size: RFC822.SIZE); 0: every size is -1 (first use)
+    wsizes: int = 0
+    #: every ``,W=`` can be read by SQLite (:func:`sizes_in_sql`); else by Python, per row
+    wsizes_in_sql: bool = True
+
+    def sizes(self) -> list[int]:
+        """Every name's ``,W=`` size (-1: none), in Python: one call per name."""
+        if not self.wsizes:
+            return [-1] * len(self.flags)
+        return [_w_size(base_of(n.rpartition("/")[2])) for n in self.ordered.rels()]
 
 
 #: the info suffix of a name with one, to the end of its line of a joined listing
@@ -225,10 +234,27 @@ def columns(ordered: Ordered, flag_text: Callable[[str], str]) -> Columns:
         infos = [n.partition(":")[2] for n in names]
     texts = {info: flag_text(":" + info) for info in set(infos)}
     flags = list(map(texts.__getitem__, infos))
-    sizes = None
-    if ",W=" in ordered.joined:
-        sizes = [_w_size(base_of(n.rpartition("/")[2])) for n in ordered.rels()]
-    return Columns(ordered, flags, texts, sizes, colons)
+    wsizes = ordered.joined.count(",W=")
+    return Columns(ordered, flags, texts, colons, wsizes, sizes_in_sql(ordered.joined, wsizes))
+
+
+#: a ``,W=`` whose value SQLite's ``CAST(... AS INTEGER)`` may read otherwise than ``_w_size``:
+#: not ASCII digits (at most 18, an int64) ending the part (``,``), the base (``:``) or the name
+_W_ODD = re.compile(r",W=(?![0-9]{1,18}(?:[,:\n]|\Z))")
+#: a name with two ``,W=``; one with ``,W=`` in its info suffix (after the base's ":")
+_W_TWICE = re.compile(r",W=[^\n]*,W=")
+_W_IN_INFO = re.compile(r":[^\n]*?,W=")
+
+
+def sizes_in_sql(joined: str, wsizes: int) -> bool:
+    """Can the insert read every ``,W=`` size of the names ``joined`` (``wsizes`` of them) as
+    ``CAST(substr(name, instr(name, ',W=') + 3) AS INTEGER)`` (SQLite takes the longest
+    prefix that is an integer) and get :func:`_w_size`?  Yes when each ``,W=`` is well formed,
+    no name has two, and none is in an info suffix: three regex searches in C, against a
+    Python call per name (a folder Dovecot wrote has ``,W=`` in every name)."""
+    if not wsizes:
+        return True
+    return not (_W_ODD.search(joined) or _W_TWICE.search(joined) or _W_IN_INFO.search(joined))
 
 
 def build_index(
@@ -281,6 +307,8 @@ _CUT_ANY = (
     f"CASE WHEN {_COLON} THEN substr(value, 5, {_COLON} - 5) ELSE substr(value, 5) END",
     f"CASE WHEN {_COLON} THEN substr(value, {_COLON} + 1) ELSE '' END",
 )
+#: where the row's name has ``,W=`` (0: nowhere)
+_W_AT = "instr(value, ',W=')"
 #: distinct info suffixes a flag ``CASE`` is written for; a folder with more (many keyword
 #: combinations) is inserted row by row
 _MAX_INFOS = 200
@@ -292,18 +320,19 @@ def insert_rows(db: sqlite3.Connection, first_uid: int, modseq: int, cols: Colum
     caller's transaction.
 
     The names go to SQLite as one JSON array (made by one ``replace`` of the joined names, no
-    encoder pass) read back by ``json_each``; SQLite cuts the base and chooses the flags (one
-    ``CASE`` over the folder's few info suffixes): no Python object or call per row, against
-    an ``executemany`` binding three values a row (measured: 60% of its time).  Names JSON
-    would have to escape, ``,W=`` sizes, many info suffixes or an SQLite without JSON take
-    the ``executemany``.  Returns the number of rows inserted."""
+    encoder pass) read back by ``json_each``; SQLite cuts the base, reads the ``,W=`` size
+    and chooses the flags (one ``CASE`` over the folder's few info suffixes): no Python object
+    or call per row, against an ``executemany`` binding three values a row (measured: 60% of
+    its time).  Names JSON would have to escape, a ``,W=`` SQLite could read otherwise than
+    Python (:func:`sizes_in_sql`), many info suffixes or an SQLite without JSON take the
+    ``executemany``.  Returns the number of rows inserted."""
     ordered = cols.ordered
     if not ordered.names:
         return 0
     named = [(i, t) for i, t in cols.texts.items() if t]
     joined = ordered.joined
     if (
-        cols.sizes is None
+        cols.wsizes_in_sql
         and len(named) <= _MAX_INFOS
         and joined.count("\n") == len(ordered.names) - 1
         and _json_safe(joined)
@@ -316,10 +345,15 @@ def insert_rows(db: sqlite3.Connection, first_uid: int, modseq: int, cols: Colum
         for pair in named:
             params += pair
         params.append(f'["{ordered.prefix}{joined.replace(chr(10), sep)}"]')
+        size = "-1"
+        if cols.wsizes:
+            size = f"CAST(substr(value, {_W_AT} + 3) AS INTEGER)"
+            if cols.wsizes < len(ordered.names):
+                size = f"CASE WHEN {_W_AT} THEN {size} ELSE -1 END"
         try:
             return db.execute(
                 "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
-                f" SELECT ? + key, {base}, value, {flags}, -1, -1.0, {modseq:d}"
+                f" SELECT ? + key, {base}, value, {flags}, {size}, -1.0, {modseq:d}"
                 " FROM json_each(?)",
                 params,
             ).rowcount
@@ -327,7 +361,7 @@ def insert_rows(db: sqlite3.Connection, first_uid: int, modseq: int, cols: Colum
             if "json_each" not in str(exc):  # an SQLite built without JSON: row by row
                 raise
     rels = ordered.rels()
-    sizes = cols.sizes if cols.sizes is not None else repeat(-1)
+    sizes = cols.sizes() if cols.wsizes else repeat(-1)
     return db.executemany(
         "INSERT INTO messages(uid, base, name, flags, size, internaldate, modseq)"
         f" SELECT ?1, {_CUT_ANY[0]}, value, ?3, ?4, -1.0, {modseq:d}"

@@ -47,10 +47,18 @@ from mailsuite.store.index_build import (
     listing,
     order_listing,
 )
-from mailsuite.store.index_schema import IndexDatabase, SyncResult, _counters, frees_space
+from mailsuite.store.index_schema import (
+    _MAX_PARAMS,
+    IndexDatabase,
+    SyncResult,
+    _counters,
+    frees_space,
+)
 from mailsuite.store.maildir import base_of
 
 _SUBS = ("new", "cur")
+#: the fewest files a sync adds to a non-empty index with the build's bulk insert
+_BULK_FRESH = 200
 #: A directory mtime younger than this is not trusted to cover every change (see module doc):
 #: one second where the file system keeps whole seconds, a few clock ticks where it keeps
 #: finer times (Linux stamps files from a clock that is at most one tick behind).
@@ -393,9 +401,19 @@ class IndexScan(IndexDatabase):
         flag change) keeps its base: that is how a move is told from an expunge plus a new mail.
         """
         rows: dict[str, tuple[int, str, str]] = {}
-        wanted = list({base_of(n.split("/", 1)[1]) for n in vanished} | set(bases))
+        wanted = {base_of(n.split("/", 1)[1]) for n in vanished} | set(bases)
+        indexed = self._names  # every row's name (loaded by _db_names before this)
+        if indexed is not None and len(wanted) > _MAX_PARAMS and len(wanted) >= len(indexed):
+            # more bases to look up than rows (many files added to a small index): one read
+            # of the table, not a query per 900 bases
+            for uid, base, name, flags in self.db.execute(
+                "SELECT uid, base, name, flags FROM messages"
+            ):
+                if base in wanted:
+                    rows[base] = (uid, name, flags)
+            return rows
         for uid, base, name, flags in self._where_in(
-            "SELECT uid, base, name, flags FROM messages WHERE", "base", wanted
+            "SELECT uid, base, name, flags FROM messages WHERE", "base", list(wanted)
         ):
             rows[base] = (uid, name, flags)
         return rows
@@ -468,18 +486,35 @@ class IndexScan(IndexDatabase):
             )
 
     def _insert_fresh(self, found: _Found, bases: dict[str, str]) -> int:
-        """Give the new files UIDs in delivery order and insert them with one executemany.
+        """Give the new files UIDs in delivery order and insert them with one executemany
+        (at least :data:`_BULK_FRESH` of them: with :func:`insert_rows`).
 
         Delivery order (:func:`delivery_order`) so UIDs follow arrival; sizes from ``,W=``
         and internal dates are left for first use (-1) so first sight of a big folder stays
         cheap.  Returns the next free UID.
         """
         fresh = found.fresh
-        fresh.sort(key=_delivery_key)
         uid = int(self._meta("uidnext") or 1)
         new_rows = []
         if fresh:
             found.modseq += 1
+        if len(fresh) >= _BULK_FRESH:
+            # many files another program added (an import into a folder we know): ordered
+            # and inserted as a first build does (a plain sort where the names allow it,
+            # SQLite cutting each row), not a key and a Python tuple per file
+            rels = [bases[b] for b in fresh]
+            ordered = order_listing(
+                [r[4:] for r in rels if r[0] == "n"],
+                [r[4:] for r in rels if r[0] == "c"],
+                _delivery_key,
+            )
+            n = insert_rows(self.db, uid, found.modseq, columns(ordered, self._flag_text))
+            if n != len(rels):  # never seen
+                raise RuntimeError(f"index of {self.folder}: not every file inserted")
+            found.added.extend(range(uid, uid + n))
+            found.names_in.extend(ordered.rels())
+            return uid + n
+        fresh.sort(key=_delivery_key)
         flag_text: dict[str, str] = {}  # info suffix -> flags (a folder has few kinds)
         for base in fresh:
             rel = bases[base]

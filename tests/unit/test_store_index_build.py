@@ -19,8 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailsuite.store import index_scan
 from mailsuite.store.index import INDEX_NAME, FolderIndex
-from mailsuite.store.index_build import delivery_sorted
+from mailsuite.store.index_build import _w_size, delivery_sorted, sizes_in_sql
 from mailsuite.store.index_scan import IndexScan, _bases_of, _delivery_key
 from mailsuite.store.index_schema import SyncResult
 from mailsuite.store.maildir import ensure_folder, write_keywords
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _secs = st.sampled_from([999_999_999, 1_000_000_000, 1_700_000_000, 1_700_000_001])
 _usec = st.integers(0, 1_200_000)
-_info = st.sampled_from(["", ":2,", ":2,S", ":2,FS", ":2,a", ":2,RSa", ":2,T"])
+_info = st.sampled_from(["", ":2,", ":2,S", ":2,FS", ":2,a", ":2,RSa", ":2,T", ":2,S,W=5"])
 
 
 @st.composite
@@ -48,7 +49,15 @@ def _name(draw: st.DrawFn) -> str:
         base = f"{sec}.V801I{usec:x}M{usec}.mx"
     else:
         base = f"odd{usec}"
-    sizes = draw(st.sampled_from(["", ",S=30", ",S=30,W=31", ",W=44", ",W=x"]))
+    sizes = draw(
+        st.sampled_from(
+            [
+                *["", ",S=30", ",S=30,W=31", ",W=44", ",W=x"],
+                # odd sizes SQLite's CAST would read otherwise than Python: not read by SQLite
+                *[",W=0031", ",W=31,W=32", ",W=31x", ",W=1234567890123456789", ",W=\u0663"],
+            ]
+        )
+    )
     return base + sizes
 
 
@@ -349,3 +358,86 @@ def test_processes_opening_a_folder_at_once_share_one_build(tmp_path: Path) -> N
     assert bases.split("/") == _expected(box)
     idx = FolderIndex(box)
     assert idx.uidvalidity == int(uidvalidity)
+
+
+@pytest.mark.parametrize(
+    ("names", "in_sql"),
+    [
+        (["1.M1P1.h,S=30,W=31:2,S", "2.M2P1.h,W=0044:2,", "3.M3P1.h:2,"], True),
+        (["1.M1P1.h,S=30,W=31,X=1", "2.M2P1.h,W=7"], True),
+        (["1.M1P1.h,W=31:2,S", "2.M2P1.h,W=31x:2,"], False),  # Python: no size
+        (["1.M1P1.h,W=31,W=32:2,S"], False),  # two: Python takes the last
+        (["1.M1P1.h:2,S,W=5"], False),  # in the info suffix, not the base
+        (["1.M1P1.h,W=1234567890123456789"], False),  # beyond an int64
+        (["1.M1P1.h,W=\u0663"], False),  # a digit to Python's isdigit, not to SQLite
+    ],
+)
+def test_sizes_from_w_are_read_by_sqlite_only_where_it_reads_them_as_python(
+    tmp_path: Path, names: list[str], in_sql: bool
+) -> None:
+    """Dovecot writes ``,W=`` in every name: the build reads those sizes in SQLite (no Python
+    call per name); any ``,W=`` SQLite's CAST could read otherwise goes through Python."""
+    joined = "\n".join(names)
+    assert sizes_in_sql(joined, joined.count(",W=")) is in_sql
+    box = ensure_folder(tmp_path / "box")
+    _write(box, [], names)
+    FolderIndex(box).close()
+    rows, _ = _dump(box)
+    assert {base: size for _, base, _, _, size, _, _ in rows} == {
+        n.split(":")[0]: _w_size(n.split(":")[0]) for n in names
+    }
+
+
+def _added_to_a_known_folder(box: Path, new: list[str], cur: list[str], bulk: int) -> Any:
+    """A folder with one indexed message, then another program adds files; the sync, with
+    ``bulk`` the fewest new files that take the bulk insert."""
+    (box / "cur" / "1.M0P0.h:2,S").write_bytes(b"Subject: first\n\nx\n")
+    FolderIndex(box).close()
+    _write(box, new, cur)
+    with mock.patch.object(index_scan, "_BULK_FRESH", bulk):
+        idx = FolderIndex(box)
+        res = idx.sync(force=True)
+        state = idx.state()
+        idx.close()
+    return res, state, _dump(box)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_listing())
+def test_many_files_added_to_a_known_folder_go_in_bulk_as_row_by_row(
+    listing: tuple[list[str], list[str]],
+) -> None:
+    """Files another program adds to a folder whose index holds messages: the bulk insert
+    (many files) gives what the insert of a row per file gives."""
+    new, cur = listing
+    with tempfile.TemporaryDirectory() as tmp:
+        bulk = _added_to_a_known_folder(ensure_folder(Path(tmp) / "a"), new, cur, 1)
+        rows = _added_to_a_known_folder(ensure_folder(Path(tmp) / "b"), new, cur, 10**9)
+        assert bulk == rows
+
+
+def test_a_big_import_into_a_known_folder_keeps_moves_apart_from_new_mail(
+    tmp_path: Path,
+) -> None:
+    """Another program moves a known message (new/ to cur/, flagged) and adds 1,000 files:
+    the move keeps its UID (the rows are read in one pass, as there are more files than
+    rows), the files get the next UIDs in delivery order, nothing is expunged."""
+    box = ensure_folder(tmp_path / "box")
+    (box / "cur" / "1.M1P1.h:2,S").write_bytes(b"Subject: a\n\na\n")
+    (box / "new" / "2.M2P1.h,W=15").write_bytes(b"Subject: b\n\nb\n")
+    idx = FolderIndex(box)
+    assert idx.sync().added == (1, 2)
+    (box / "new" / "2.M2P1.h,W=15").rename(box / "cur" / "2.M2P1.h,W=15:2,F")
+    _write(box, ["1800000000.M1P1.h"], _names(999))
+    res = idx.sync(force=True)
+    assert res.added == tuple(range(3, 1003)) and res.flag_changes == (2,)
+    assert not res.expunged
+    msgs = idx.messages()
+    assert [m.base for m in msgs] == ["1.M1P1.h", "2.M2P1.h,W=15", *_expected(box)[2:]]
+    assert (msgs[1].name, msgs[1].flags, msgs[1].size) == (
+        "cur/2.M2P1.h,W=15:2,F",
+        {"\\Flagged"},
+        15,
+    )
+    assert msgs[-1].name == "new/1800000000.M1P1.h"
+    idx.close()
