@@ -33,7 +33,7 @@ class Reader:
         if self.fail:
             raise ValueError("read failed")
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.lost += 1
         if self.fail:
             raise RuntimeError("connectionLost failed")
