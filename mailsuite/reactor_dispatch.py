@@ -24,9 +24,11 @@ import errno
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
-from twisted.python import log as legacy_log
+from twisted.logger import Logger
 
 __all__ = ["lean_dispatch"]
+
+log = Logger(namespace="mailsuite.reactor")
 
 
 def lean_dispatch(reactor: Any) -> bool:
@@ -57,7 +59,8 @@ def lean_dispatch(reactor: Any) -> bool:
             except KeyboardInterrupt:
                 raise
             except BaseException:
-                legacy_log.err(system=_prefix(selectable))
+                prefix = _prefix(selectable)
+                log.failure("Unhandled Error in {system}", system=prefix, log_system=prefix)
 
     reactor.doIteration = do_poll
     return True
