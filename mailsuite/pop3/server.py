@@ -173,7 +173,8 @@ class POP3Protocol(GatedLineReceiver):
         not, see :mod:`mailsuite.deadline`)."""
         if self._lines:
             self._lines = 0
-            self.wait_input()
+            if self.deadline is not None:  # (wait_input, one call less per command)
+                self.deadline.wait(IDLE_TIMEOUT)
         if self._commands:
             words, self._commands = self._commands, []
             metrics = self.runtime.metrics
