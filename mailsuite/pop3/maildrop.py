@@ -174,7 +174,7 @@ class Maildrop:
         """A message's bytes in one ``read`` (RETR of all but big messages): the file by
         the name the index has, with the size the index has as the read size, and
         :meth:`open_file` (which follows renames) only when that name is gone."""
-        msg = self.message(number)
+        msg = self.messages[number - 1]
         if self._dir_fd is not None:
             try:
                 return read_whole(msg.name, msg.size, self._dir_fd)
@@ -197,7 +197,7 @@ class Maildrop:
     def mark_seen(self, number: int) -> None:
         """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option); IMAP
         sessions with the folder open see the flag change."""
-        msg = self.message(number)
+        msg = self.messages[number - 1]
         if SEEN in msg.flags:
             return
         try:
