@@ -62,6 +62,7 @@ IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (pe
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
 TALLY_DELAY = 1.0  # seconds a command may wait to be counted in /metrics (_tally_soon)
 MAX_UNCOUNTED = 32  # different keywords waiting to be counted before they are at once
+SEEN_DELAY = 0.2  # seconds a retrieved message may wait for its \Seen (Maildrop.mark_seen)
 
 
 class POP3Protocol(GatedLineReceiver):
@@ -90,6 +91,7 @@ class POP3Protocol(GatedLineReceiver):
         #: commands not yet counted in /metrics: keyword as sent -> how many (see _tally)
         self._counts: dict[bytes, int] = {}
         self._counts_flush: Any = None  # the timer that counts them
+        self._seen_flush: Any = None  # the timer that stores \Seen of retrieved messages
 
     # -- connection life --------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class POP3Protocol(GatedLineReceiver):
             self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
+        self._store_seen()  # what was sent is \Seen, QUIT or not
         md = self.session.maildrop
         self.session.maildrop = None
         if md is not None:
@@ -184,6 +187,25 @@ class POP3Protocol(GatedLineReceiver):
             self._lines = 0
             if self.deadline is not None:  # (wait_input, one call less per command)
                 self.deadline.wait(IDLE_TIMEOUT)
+        md = self.session.maildrop
+        if md is not None and md.seen_pending and self._seen_flush is None:
+            self._seen_flush = self.runtime.reactor.callLater(SEEN_DELAY, self._store_seen)
+
+    def _store_seen(self) -> None:
+        """Store \\Seen on what the session retrieved since the last time (see
+        :meth:`Maildrop.mark_seen`): :data:`SEEN_DELAY` after a RETR, before the UPDATE
+        state, when the connection ends.  A failure is logged; the messages stay unseen."""
+        if self._seen_flush is not None:
+            if self._seen_flush.active():
+                self._seen_flush.cancel()
+            self._seen_flush = None
+        md = self.session.maildrop
+        if md is None:
+            return
+        try:
+            md.flush_seen()
+        except Exception as e:
+            log_failure(log, e, "POP3: setting \\Seen for {user} failed", user=self.session.user)
 
     def _tally_soon(self) -> None:
         """Count the commands in /metrics within :data:`TALLY_DELAY` (at once when many
@@ -353,6 +375,7 @@ class POP3Protocol(GatedLineReceiver):
         EXPUNGE): other sessions of this process are told by the folder itself.  The lock is
         released before the reply, so a client that reconnects at once is not refused with
         [IN-USE]."""
+        self._store_seen()  # a failure here is no reason to keep deleted messages
         md = self.session.maildrop
         self.session.maildrop = None
         try:

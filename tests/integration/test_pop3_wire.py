@@ -3,7 +3,8 @@ segment handed to the protocol without LineReceiver's buffer), byte for byte: ev
 stored line end, dots everywhere, no final line end, a message at the size that is still
 sent in one piece and one just above it (streamed), asked one command per segment and all
 pipelined in one segment, with errors in between; the answers must be the same and in order
-(RFC 1939 3 and 7, RFC 2449 6.6)."""
+(RFC 1939 3 and 7, RFC 2449 6.6); and \\Seen on what was retrieved, stored soon after
+and when the connection ends without QUIT."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import socket
 import pytest
 
 from mailsuite.pop3.session import STREAM_THRESHOLD
+from mailsuite.store.index import FolderIndex
 from mailsuite.store.write import write_message
-from tests.harness import ALICE, PASSWORD, Server, ServerFactory
+from tests.harness import ALICE, PASSWORD, Server, ServerFactory, wait_until
 
 
 def wire(stored: bytes) -> bytes:
@@ -121,3 +123,29 @@ def test_retr_byte_exact_in_order(server: Server, pipelined: bool) -> None:
         assert w.line().startswith(b"+OK")
     finally:
         w.close()
+
+
+def seen(server: Server) -> list[bool]:
+    index = FolderIndex(server.maildir(ALICE))
+    try:
+        index.sync(force=True)
+        return ["\\Seen" in m.flags for m in index.messages()]
+    finally:
+        index.close()
+
+
+def test_retrieved_messages_become_seen_soon_and_without_quit(server: Server) -> None:
+    # \Seen is stored a moment after RETR, in one change for what came meanwhile, and
+    # when the connection ends without QUIT (the messages were sent)
+    w = Wire(server.port("pop3"))
+    try:
+        w.send(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 1\r\nRETR 2\r\n".encode())
+        assert w.line().startswith(b"+OK") and w.line().startswith(b"+OK Logged in")
+        for n in (1, 2):
+            assert w.line().startswith(b"+OK") and w.multiline() == wire(MESSAGES[n - 1])
+        wait_until(lambda: seen(server)[:3] == [True, True, False], 10, "\\Seen on 1 and 2")
+        w.send(b"RETR 3\r\n")
+        assert w.line().startswith(b"+OK") and w.multiline() == wire(MESSAGES[2])
+    finally:
+        w.close()  # no QUIT
+    wait_until(lambda: seen(server) == [True] * 3 + [False] * 4, 10, "\\Seen on 3")
