@@ -20,7 +20,8 @@ sessions use (one per process, through the runtime's registry), not twisted.mail
   through the shared folder, so IMAP sessions of this process hear ``* n EXPUNGE`` at once
   (others find it through the directory).  Nothing else removes mail, so a dropped
   connection deletes nothing.  ``\\Seen`` set on RETR reaches IMAP sessions as a flag
-  change the same way.
+  change the same way, a moment later (the RETRs of that moment in one change, see
+  :meth:`Maildrop.mark_seen`), and also when the connection ends without QUIT.
 
 Like IMAP's use of the folder model, it runs in the reactor thread (the registry is not
 thread-safe): opening syncs the folder's index (cheap when nothing changed), committing
