@@ -212,7 +212,8 @@ class POP3Protocol(GatedLineReceiver):
         different keywords wait).  A Prometheus counter's increment is a lock and three
         Python calls, a tenth of a NOOP's own work; a dict entry per keyword is not, and
         a scrape sees a command at most a second late (scrapes are 15 s apart or more),
-        or once the connection ends, whichever is first."""
+        and a session's commands all before the reply that ends it (QUIT's) is sent, or
+        once the connection drops."""
         if len(self._counts) > MAX_UNCOUNTED:
             self._tally()
         elif self._counts_flush is None:
@@ -237,6 +238,7 @@ class POP3Protocol(GatedLineReceiver):
         if action is None:
             return
         if isinstance(action, Close):
+            self._tally()  # counted before the last reply leaves (QUIT, too many errors)
             self.close_connection()
         elif isinstance(action, StartTLS):
             self._start_tls()

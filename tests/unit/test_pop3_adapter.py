@@ -56,12 +56,18 @@ def test_commands_are_counted_within_a_second_by_name() -> None:
     assert not tally_timers(proto, clock)  # nothing waits: no timer left running
 
 
-def test_the_end_of_the_connection_counts_what_waits() -> None:
-    proto, _transport, clock, metrics = connected()
+def test_the_end_of_the_session_counts_what_waits() -> None:
+    proto, transport, clock, metrics = connected()
     proto.dataReceived(b"CAPA\r\nQUIT\r\n")
-    proto.connectionLost()
+    # counted by the time QUIT's answer is sent (a scrape right after it sees them)
+    assert transport.value().endswith(b"signing off\r\n")
     assert [counted(metrics, c) for c in ("CAPA", "QUIT")] == [1, 1]
+    proto.connectionLost()
     assert not tally_timers(proto, clock)
+    proto, transport, clock, metrics = connected()
+    proto.dataReceived(b"CAPA\r\n")
+    proto.connectionLost()  # dropped without QUIT
+    assert counted(metrics, "CAPA") == 1 and not tally_timers(proto, clock)
 
 
 def test_many_different_keywords_are_counted_at_once() -> None:
