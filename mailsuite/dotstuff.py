@@ -79,9 +79,13 @@ def stuff_all(data: bytes, bare_cr_ends_line: bool = False, head: bytes = b"") -
 
     A message stored with CRLF line ends throughout (counted, not copied) is left as it is;
     only one with bare LFs is rewritten (LF -> CRLF, after CRLF -> LF when it mixes both);
-    and dot-stuffing copies only a message that has a line starting with "."."""
+    and dot-stuffing copies only a message that has a line starting with ".".  A message
+    with no CR at all (bare LFs throughout: how Dovecot and most MDAs store mail) is found
+    with one ``memchr`` and rewritten in one pass, without counting line ends."""
     if bare_cr_ends_line:
         data = _LINE_ENDS.sub(b"\r\n", data)
+    elif b"\r" not in data:
+        data = data.replace(b"\n", b"\r\n")  # (a copy of the same bytes when there is no LF)
     else:  # LF and CRLF -> CRLF; a bare CR stays content
         lf = data.count(b"\n")
         if lf:

@@ -207,12 +207,36 @@ class GatedLineReceiver(LineReceiver):
             return
         self._replies = []
         try:
-            super().dataReceived(data)
+            delimiter = self.delimiter
+            end = len(data) - len(delimiter)
+            if (
+                0 <= end <= self.MAX_LENGTH
+                and data.find(delimiter) == end  # one whole line, nothing after it
+                and self.line_mode
+                and not self.paused
+                and not self._buffer
+                and not self._busyReceiving
+            ):
+                self._one_line(data[:end])
+            else:
+                super().dataReceived(data)
         finally:
             self.flush_replies()
             self._replies = None
         self.after_replies()
         send_now(self.transport)
+
+    def _one_line(self, line: bytes) -> None:
+        """What ``LineReceiver.dataReceived`` does with input that is exactly one complete
+        line (the common case of a request/response protocol: one command per segment),
+        without its buffer and loop: ``lineReceived`` runs with ``_busyReceiving`` set, so
+        input fed from within it (a hold released, ``setLineMode(extra)``) is buffered for
+        later exactly as there."""
+        self._busyReceiving = True
+        try:
+            self.lineReceived(line)
+        finally:
+            self._busyReceiving = False
 
     def after_replies(self) -> None:
         """Called after each batch of input once its replies are sent (or handed to the

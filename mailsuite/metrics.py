@@ -255,10 +255,10 @@ class Metrics:
     def imap_command(self, name: str) -> None:
         self._command(self.imap_commands, IMAP_COMMANDS, name)
 
-    def pop3_command(self, name: str) -> None:
-        self._command(self.pop3_commands, POP3_COMMANDS, name)
+    def pop3_command(self, name: str, count: int = 1) -> None:
+        self._command(self.pop3_commands, POP3_COMMANDS, name, count)
 
-    def _command(self, counter: Counter, known: frozenset[str], name: str) -> None:
+    def _command(self, counter: Counter, known: frozenset[str], name: str, count: int = 1) -> None:
         """Count one command, through a cache of the label children: ``labels()`` takes a
         lock and builds a key per call, a measurable share of a command that is answered
         in tens of microseconds.  The cache is bounded by the known names plus "other"."""
@@ -268,4 +268,4 @@ class Metrics:
             child = counter.labels(name if name in known else "other")
             if name in known:
                 self._children[key] = child
-        child.inc()
+        child.inc(count)

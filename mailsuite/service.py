@@ -35,6 +35,7 @@ from mailsuite.mailauth.service import MailAuth
 from mailsuite.metrics import Metrics
 from mailsuite.ownership import give_to, give_tree_to
 from mailsuite.queue.runner import make_spool, queue_service
+from mailsuite.reactor_dispatch import lean_dispatch
 from mailsuite.reactor_lag import ReactorLag, freeze_startup_objects
 from mailsuite.runtime import Runtime
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
@@ -76,7 +77,10 @@ def _change_hub() -> ChangeHub:
 
 
 def build_runtime(config: Config, reactor: Any) -> Runtime:
-    """Create the data folder and the shared objects the services use."""
+    """Create the data folder and the shared objects the services use, and give the reactor
+    the lean event dispatch (:mod:`mailsuite.reactor_dispatch`; the worker processes build
+    their runtime here too)."""
+    lean_dispatch(reactor)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.mail_dir.mkdir(exist_ok=True, mode=0o700)
     if config.mode == "sandbox":

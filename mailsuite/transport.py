@@ -77,6 +77,10 @@ class LineReceiver(basic.LineReceiver):
     def dataReceived(self, data: bytes) -> None:
         basic.LineReceiver.dataReceived(self, data)
 
+    def lineReceived(self, line: bytes) -> None:
+        """One line, without its delimiter (every protocol defines it)."""
+        raise NotImplementedError
+
     def setLineMode(self, extra: bytes = b"") -> None:  # noqa: N802
         basic.LineReceiver.setLineMode(self, extra)
 

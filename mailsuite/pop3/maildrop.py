@@ -20,7 +20,8 @@ sessions use (one per process, through the runtime's registry), not twisted.mail
   through the shared folder, so IMAP sessions of this process hear ``* n EXPUNGE`` at once
   (others find it through the directory).  Nothing else removes mail, so a dropped
   connection deletes nothing.  ``\\Seen`` set on RETR reaches IMAP sessions as a flag
-  change the same way.
+  change the same way, a moment later (the RETRs of that moment in one change, see
+  :meth:`Maildrop.mark_seen`), and also when the connection ends without QUIT.
 
 Like IMAP's use of the folder model, it runs in the reactor thread (the registry is not
 thread-safe): opening syncs the folder's index (cheap when nothing changed), committing
@@ -49,6 +50,8 @@ RETRIEVED_NAME = "mailsuite-pop3-retrieved.json"
 __all__ = ["Expiry", "LoginTooSoon", "Maildrop", "MaildropInUse", "MessageGone"]
 
 SEEN = "\\Seen"
+#: \Seen changes collected before they are stored without waiting (Maildrop.mark_seen)
+SEEN_BATCH = 256
 DELETED = "\\Deleted"
 
 
@@ -104,6 +107,7 @@ class Maildrop:
             raise
         self.deleted: set[int] = set()  # message numbers marked by DELE
         self.retrieved: set[int] = set()  # message numbers sent in full by RETR
+        self.seen_pending: set[int] = set()  # retrieved, \Seen not stored yet (mark_seen)
         self.total_size = sum(m.size for m in self.messages)
 
     def _snapshot(self) -> list[Message]:
@@ -174,7 +178,7 @@ class Maildrop:
         """A message's bytes in one ``read`` (RETR of all but big messages): the file by
         the name the index has, with the size the index has as the read size, and
         :meth:`open_file` (which follows renames) only when that name is gone."""
-        msg = self.message(number)
+        msg = self.messages[number - 1]
         if self._dir_fd is not None:
             try:
                 return read_whole(msg.name, msg.size, self._dir_fd)
@@ -195,19 +199,37 @@ class Maildrop:
     # -- changing --------------------------------------------------------------------------
 
     def mark_seen(self, number: int) -> None:
-        """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option); IMAP
-        sessions with the folder open see the flag change."""
-        msg = self.message(number)
-        if SEEN in msg.flags:
+        """Set \\Seen on a retrieved message (the ``mark_seen_on_retr`` option), soon:
+        the message joins :attr:`seen_pending`, which :meth:`flush_seen` stores in one flag
+        change (the I/O side calls it within a moment, before the UPDATE state and when
+        the connection ends), and at once when :data:`SEEN_BATCH` wait.  Storing a flag is
+        an index transaction and a file rename under the folder lock: one per RETR made
+        a first download several times slower than a repeated one; Dovecot, too, sets the
+        flags of a POP3 session's messages together."""
+        if SEEN in self.messages[number - 1].flags:
             return
+        self.seen_pending.add(number)
+        if len(self.seen_pending) >= SEEN_BATCH:
+            self.flush_seen()
+
+    def flush_seen(self) -> None:
+        """Store \\Seen on the messages :meth:`mark_seen` collected, in one change; IMAP
+        sessions with the folder open see it.  A full disk leaves them unseen (the messages
+        were sent all the same)."""
+        if not self.seen_pending:
+            return
+        numbers, self.seen_pending = sorted(self.seen_pending), set()
+        msgs = [self.messages[n - 1] for n in numbers]
         try:
-            stored = self.folder.store(self.view, [(msg.uid, msg.flags | {SEEN})])
+            stored = self.folder.store(self.view, [(m.uid, m.flags | {SEEN}) for m in msgs])
         except DiskFull:
-            return  # the message is sent all the same; it stays unseen (a full disk)
+            return
         if stored:
-            updated = self.folder.index.get(msg.uid)
-            if updated is not None:
-                self.messages[number - 1] = updated
+            index = self.folder.index
+            for n, m in zip(numbers, msgs, strict=True):
+                updated = index.get(m.uid)
+                if updated is not None:
+                    self.messages[n - 1] = updated
 
     def note_retrieved(self, number: int) -> None:
         self.retrieved.add(number)
@@ -246,6 +268,7 @@ class Maildrop:
         """The UPDATE state (RFC 1939 6): expunge the messages marked deleted (and expired
         ones) through the shared folder.  Returns the expunged UIDs; raises if the store
         fails (answer -ERR)."""
+        self.flush_seen()  # (what the session retrieved is \\Seen before it goes)
         numbers = set(self.deleted) | self._expired_numbers()
         uids = [self.messages[n - 1].uid for n in sorted(numbers)]
         return self.folder.expunge(uids) if uids else []

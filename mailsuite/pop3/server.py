@@ -60,6 +60,9 @@ log = Logger(namespace="mailsuite.pop3")
 _METRIC_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 IDLE_TIMEOUT = 600  # RFC 1939 3: an autologout timer of at least 10 minutes (per command)
 MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL responses
+TALLY_DELAY = 1.0  # seconds a command may wait to be counted in /metrics (_tally_soon)
+MAX_UNCOUNTED = 32  # different keywords waiting to be counted before they are at once
+SEEN_DELAY = 0.2  # seconds a retrieved message may wait for its \Seen (Maildrop.mark_seen)
 
 
 class POP3Protocol(GatedLineReceiver):
@@ -85,7 +88,10 @@ class POP3Protocol(GatedLineReceiver):
         self.login_timeout = login_timeout
         self.deadline: ReadDeadline | None = None
         self._lines = 0  # complete lines in the batch of input being handled
-        self._commands: list[bytes] = []  # their keywords, for /metrics
+        #: commands not yet counted in /metrics: keyword as sent -> how many (see _tally)
+        self._counts: dict[bytes, int] = {}
+        self._counts_flush: Any = None  # the timer that counts them
+        self._seen_flush: Any = None  # the timer that stores \Seen of retrieved messages
 
     # -- connection life --------------------------------------------------------------------
 
@@ -114,10 +120,12 @@ class POP3Protocol(GatedLineReceiver):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.stop_flow(self.runtime.heap_trim())
+        self._tally()
         if self.deadline is not None:
             self.deadline.cancel()
         if self.admission is not None:
             self.admission.release()
+        self._store_seen()  # what was sent is \Seen, QUIT or not
         md = self.session.maildrop
         self.session.maildrop = None
         if md is not None:
@@ -158,7 +166,11 @@ class POP3Protocol(GatedLineReceiver):
         if state is CLOSED:
             return
         if state is not SASL:  # (a SASL response line is a credential: never looked at)
-            self._commands.append(line.partition(b" ")[0])
+            word = line.partition(b" ")[0]
+            counts = self._counts
+            counts[word] = counts.get(word, 0) + 1
+            if self._counts_flush is None or len(counts) > MAX_UNCOUNTED:
+                self._tally_soon()
         try:
             step = self.session.line(line)
         except Exception:
@@ -168,18 +180,57 @@ class POP3Protocol(GatedLineReceiver):
         self._perform(step.out, step.action)
 
     def after_replies(self) -> None:
-        """The batch's commands are answered: count them, and give the next one
-        :data:`IDLE_TIMEOUT` from now when a complete line came (progress; bytes alone are
-        not, see :mod:`mailsuite.deadline`)."""
+        """The batch's commands are answered: give the next one :data:`IDLE_TIMEOUT` from
+        now when a complete line came (progress; bytes alone are not, see
+        :mod:`mailsuite.deadline`)."""
         if self._lines:
             self._lines = 0
-            self.wait_input()
-        if self._commands:
-            words, self._commands = self._commands, []
-            metrics = self.runtime.metrics
-            if metrics is not None:
-                for word in words:
-                    metrics.pop3_command(_METRIC_NAMES.get(word.upper(), "other"))
+            if self.deadline is not None:  # (wait_input, one call less per command)
+                self.deadline.wait(IDLE_TIMEOUT)
+        md = self.session.maildrop
+        if md is not None and md.seen_pending and self._seen_flush is None:
+            self._seen_flush = self.runtime.reactor.callLater(SEEN_DELAY, self._store_seen)
+
+    def _store_seen(self) -> None:
+        """Store \\Seen on what the session retrieved since the last time (see
+        :meth:`Maildrop.mark_seen`): :data:`SEEN_DELAY` after a RETR, before the UPDATE
+        state, when the connection ends.  A failure is logged; the messages stay unseen."""
+        if self._seen_flush is not None:
+            if self._seen_flush.active():
+                self._seen_flush.cancel()
+            self._seen_flush = None
+        md = self.session.maildrop
+        if md is None:
+            return
+        try:
+            md.flush_seen()
+        except Exception as e:
+            log_failure(log, e, "POP3: setting \\Seen for {user} failed", user=self.session.user)
+
+    def _tally_soon(self) -> None:
+        """Count the commands in /metrics within :data:`TALLY_DELAY` (at once when many
+        different keywords wait).  A Prometheus counter's increment is a lock and three
+        Python calls, a tenth of a NOOP's own work; a dict entry per keyword is not, and
+        a scrape sees a command at most a second late (scrapes are 15 s apart or more),
+        and a session's commands all before the reply that ends it (QUIT's) is sent, or
+        once the connection drops."""
+        if len(self._counts) > MAX_UNCOUNTED:
+            self._tally()
+        elif self._counts_flush is None:
+            self._counts_flush = self.runtime.reactor.callLater(TALLY_DELAY, self._tally)
+
+    def _tally(self) -> None:
+        """Add the commands counted here to /metrics (by name; any other word is
+        "other")."""
+        if self._counts_flush is not None:
+            if self._counts_flush.active():
+                self._counts_flush.cancel()
+            self._counts_flush = None
+        counts, self._counts = self._counts, {}
+        metrics = self.runtime.metrics
+        if metrics is not None:
+            for word, n in counts.items():
+                metrics.pop3_command(_METRIC_NAMES.get(word.upper(), "other"), n)
 
     def _perform(self, out: bytes, action: Any) -> None:
         if out:
@@ -187,6 +238,7 @@ class POP3Protocol(GatedLineReceiver):
         if action is None:
             return
         if isinstance(action, Close):
+            self._tally()  # counted before the last reply leaves (QUIT, too many errors)
             self.close_connection()
         elif isinstance(action, StartTLS):
             self._start_tls()
@@ -325,6 +377,7 @@ class POP3Protocol(GatedLineReceiver):
         EXPUNGE): other sessions of this process are told by the folder itself.  The lock is
         released before the reply, so a client that reconnects at once is not refused with
         [IN-USE]."""
+        self._store_seen()  # a failure here is no reason to keep deleted messages
         md = self.session.maildrop
         self.session.maildrop = None
         try:

@@ -86,6 +86,7 @@ ERR_NO_MECH = err("Unsupported SASL mechanism")
 ERR_TLS_ACTIVE = err("TLS is already active")
 ERR_TLS_UNAVAILABLE = err("[SYS/PERM] TLS is not available")
 ERR_NEED_USER = err("USER first")
+OK_NOOP = ok("")
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ Action = StartTLS | Authenticate | Stream | Update | Close | None
 class Step:
     out: bytes = b""
     action: Action = None
+
+
+#: NOOP's answer, made once (nothing changes a Step once made).
+STEP_NOOP = Step(OK_NOOP)
 
 
 class Session:
@@ -382,7 +387,7 @@ class Session:
             return self._error(ERR_NO_MESSAGE if rest.isdigit() else ERR_SYNTAX)
         md = self.maildrop
         size = md.message(n).size
-        head = ok(f"{size} octets")
+        head = b"+OK %d octets\r\n" % size
         try:
             if size <= STREAM_THRESHOLD:
                 step = Step(stuff_all(md.read(n), head=head))
@@ -427,7 +432,7 @@ class Session:
     def _transaction_NOOP(self, rest: str) -> Step:
         if rest:
             return self._error(ERR_SYNTAX)
-        return Step(ok(""))
+        return STEP_NOOP
 
     def _transaction_QUIT(self, rest: str) -> Step:
         self.state = State.UPDATE  # RFC 1939 6

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.pop3.maildrop import SEEN_BATCH, Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.store.index import FolderIndex
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message
 
@@ -95,3 +96,46 @@ def test_top_read_in_pieces_is_top(tmp_path: Path, piece: int, lines: int) -> No
         assert got == _top_by_lines(data, lines) == md.read_top(1, lines)
     finally:
         md.close()
+
+
+def stored_flags(root: Path) -> list[frozenset[str]]:
+    index = FolderIndex(root)
+    try:
+        index.sync(force=True)
+        return [m.flags for m in index.messages()]
+    finally:
+        index.close()
+
+
+def test_seen_is_stored_in_one_change_and_before_the_update_state(tmp_path: Path) -> None:
+    root = box(tmp_path, 3)
+    md = Maildrop(root)
+    md.mark_seen(1)
+    md.mark_seen(3)
+    assert md.seen_pending == {1, 3} and stored_flags(root) == [frozenset()] * 3
+    changes: list[object] = []
+    store = md.folder.store
+    md.folder.store = lambda view, c, *a: changes.append(c) or store(view, c, *a)  # type: ignore[method-assign]
+    md.flush_seen()
+    assert len(changes) == 1  # one flag change for both
+    seen = frozenset({"\\Seen"})
+    assert stored_flags(root) == [seen, frozenset(), seen] and not md.seen_pending
+    assert md.read(1).startswith(b"Subject: 0")  # the renamed file is found at once
+    md.mark_seen(1)  # already \Seen: nothing to do
+    md.mark_seen(2)
+    assert md.seen_pending == {2}
+    assert md.commit() == []  # QUIT: stored before the UPDATE state
+    assert stored_flags(root) == [seen] * 3
+    md.close()
+
+
+def test_a_full_batch_of_seen_is_stored_at_once(tmp_path: Path) -> None:
+    root = box(tmp_path, SEEN_BATCH)
+    md = Maildrop(root)
+    for n in range(1, SEEN_BATCH):
+        md.mark_seen(n)
+    assert len(md.seen_pending) == SEEN_BATCH - 1
+    md.mark_seen(SEEN_BATCH)
+    assert not md.seen_pending
+    assert stored_flags(root) == [frozenset({"\\Seen"})] * SEEN_BATCH
+    md.close()

@@ -1,0 +1,74 @@
+"""The epoll reactor's event dispatch without the legacy log context per event.
+
+Twisted's ``EPollReactor.doPoll`` hands every ready descriptor to ``_doReadOrWrite`` through
+``twisted.python.log.callWithLogger``: per event it asks the connection for its
+``logPrefix()``, copies the legacy log context dict, pushes it and pops it again (a dozen
+Python calls, 3-10 us on our machines), only so that a message logged with the *legacy*
+``twisted.python.log.msg``/``err`` while the event is handled carries the connection's name as
+its "system".  mailsuite logs with ``twisted.logger.Logger``, whose events never read that
+context, and a request/response protocol gets one event per command: for a POP3 NOOP or RETR
+it was the largest single item of the server's own Python time after the protocol code.
+
+:func:`lean_dispatch` gives an epoll reactor a ``doIteration`` that does what ``doPoll`` does
+-- the same poll, the same ``_doReadOrWrite`` per event, an exception escaping it logged
+(with the connection's prefix as its system, as ``callWithLogger`` logs it) and the other
+events still handled -- without the context.  What changes: a legacy message logged by
+Twisted itself while handling an event (its "Unhandled Error" for an exception a protocol
+raised) has the system ``-`` instead of the connection's prefix; the traceback is the same.
+Any other reactor (a test's, a subclass with its own ``doIteration``) is left as it is.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+__all__ = ["lean_dispatch"]
+
+log = Logger(namespace="mailsuite.reactor")
+
+
+def lean_dispatch(reactor: Any) -> bool:
+    """Switch an ``EPollReactor`` to the lean dispatch (see the module docstring); False,
+    and nothing changed, for any other reactor or one switched already."""
+    if getattr(
+        type(reactor), "doIteration", None
+    ) is not EPollReactor.doPoll or "doIteration" in vars(reactor):
+        return False
+    poller = reactor._poller
+    selectables: dict[int, Any] = reactor._selectables
+    handle = reactor._doReadOrWrite
+
+    def do_poll(timeout: float | None) -> None:
+        try:
+            # as doPoll: at most one event per descriptor we watch, block for ``timeout``
+            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue  # removed by an earlier event of this batch
+            try:
+                handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                prefix = _prefix(selectable)
+                log.failure("Unhandled Error in {system}", system=prefix, log_system=prefix)
+
+    reactor.doIteration = do_poll
+    return True
+
+
+def _prefix(selectable: Any) -> str:
+    """The selectable's ``logPrefix()``, as ``callWithLogger`` names it (only on an error)."""
+    try:
+        return str(selectable.logPrefix())
+    except Exception:
+        return "(buggy logPrefix method)"

@@ -1,0 +1,106 @@
+"""The lean epoll dispatch (mailsuite.reactor_dispatch): same events handled as Twisted's
+``doPoll``, errors logged and survived, nothing else touched."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet import task
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.selectreactor import SelectReactor
+from twisted.python import log as legacy_log
+
+from mailsuite.reactor_dispatch import lean_dispatch
+
+
+class Reader:
+    """A readable descriptor for the reactor: records what arrives; ``fail`` makes its read
+    and its connectionLost raise (the second escapes ``_doReadOrWrite``)."""
+
+    def __init__(self, sock: socket.socket, fail: bool = False) -> None:
+        self.sock = sock
+        self.fail = fail
+        self.got: list[bytes] = []
+        self.lost = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def doRead(self) -> None:  # noqa: N802
+        self.got.append(self.sock.recv(100))
+        if self.fail:
+            raise ValueError("read failed")
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost += 1
+        if self.fail:
+            raise RuntimeError("connectionLost failed")
+
+    def logPrefix(self) -> str:  # noqa: N802
+        return "FailingReader" if self.fail else "Reader"
+
+
+def test_only_a_plain_epoll_reactor_is_switched_and_only_once() -> None:
+    reactor = EPollReactor()
+    try:
+        assert lean_dispatch(reactor) is True
+        assert lean_dispatch(reactor) is False  # already
+    finally:
+        reactor._poller.close()
+    select_reactor = SelectReactor()
+    assert lean_dispatch(select_reactor) is False
+    assert "doIteration" not in vars(select_reactor)
+    assert lean_dispatch(task.Clock()) is False
+
+
+@pytest.fixture
+def reactor() -> Any:
+    r = EPollReactor()
+    assert lean_dispatch(r)
+    yield r
+    r._poller.close()
+
+
+def test_ready_descriptors_are_handed_their_events(reactor: Any) -> None:
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    with a, a_peer, b, b_peer:
+        ra, rb = Reader(a), Reader(b)
+        reactor.addReader(ra)
+        reactor.addReader(rb)
+        reactor.doIteration(0)  # nothing ready: returns at once
+        assert ra.got == rb.got == []
+        a_peer.send(b"one")
+        b_peer.send(b"two")
+        reactor.doIteration(1)
+        assert (ra.got, rb.got) == ([b"one"], [b"two"])
+        reactor.removeReader(rb)
+        b_peer.send(b"ignored")
+        a_peer.send(b"three")
+        reactor.doIteration(1)
+        assert (ra.got, rb.got) == ([b"one", b"three"], [b"two"])
+
+
+def test_an_error_escaping_an_event_is_logged_and_the_others_are_handled(reactor: Any) -> None:
+    bad, bad_peer = socket.socketpair()
+    good, good_peer = socket.socketpair()
+    events: list[dict[str, Any]] = []
+    legacy_log.addObserver(events.append)
+    try:
+        with bad, bad_peer, good, good_peer:
+            failing, ok = Reader(bad, fail=True), Reader(good)
+            reactor.addReader(failing)
+            reactor.addReader(ok)
+            bad_peer.send(b"x")
+            good_peer.send(b"y")
+            reactor.doIteration(1)  # must not raise
+            assert ok.got == [b"y"] and failing.got == [b"x"] and failing.lost == 1
+            assert failing not in reactor.getReaders()  # disconnected, as doPoll does
+    finally:
+        legacy_log.removeObserver(events.append)
+    errors = {type(e["failure"].value): e["system"] for e in events if e.get("isError")}
+    # the read's error, logged by Twisted's _doReadOrWrite; the one escaping it, by us, named
+    # as callWithLogger names it
+    assert errors == {ValueError: "-", RuntimeError: "FailingReader"}
