@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.logger import LogLevel
 
-from mailsuite.loglines import event_text
+from mailsuite.logtext import event_text
 
 #: Keys of events from the legacy twisted.python.log API that are not the caller's fields.
 _LEGACY_KEYS = frozenset(("message", "isError", "system", "time", "format", "why", "failure"))

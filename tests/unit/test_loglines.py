@@ -21,6 +21,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from mailsuite import jsonlog, loglines
+from mailsuite.logtext import event_text
 
 NOW = 1_764_633_600.25
 
@@ -55,7 +56,7 @@ def events() -> list[dict[str, Any]]:
 
 def test_text_lines_are_twisteds_classic_text() -> None:
     for event in events():
-        assert loglines.event_text(event) == formatEvent(event), event
+        assert event_text(event) == formatEvent(event), event
         assert loglines.classic_line(event) == formatEventAsClassicLogText(event), event
 
 
