@@ -60,7 +60,7 @@ HEAD_PIECES = st.sampled_from(
 
 
 @given(st.lists(HEAD_PIECES, max_size=30).map(b"".join))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=800, deadline=None)
 def test_split_headers_is_line_by_line(head: bytes) -> None:
     assert split_headers(head) == split_header_lines(head)
 
@@ -82,7 +82,7 @@ PLAIN = st.sampled_from(
 
 
 @given(st.lists(st.one_of(ADDRESS_TEXT, PLAIN, st.lists(PLAIN).map(", ".join)), max_size=4))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=800, deadline=None)
 def test_parse_addresses_is_getaddresses(values: list[str]) -> None:
     assert parse_addresses(values) == [a for _, a in getaddresses(values) if a]
 
@@ -168,7 +168,7 @@ def _rules_script(rules: list[str], variables: bool, tail: str = "") -> Script:
     st.sampled_from(ENVELOPES),
     st.booleans(),
 )
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_grouped_tests_and_skipped_runs_are_the_general_path(
     rules: list[str], data: bytes, envelope: SieveEnvelope, variables: bool
 ) -> None:
@@ -189,7 +189,7 @@ def test_grouped_tests_and_skipped_runs_are_the_general_path(
     st.booleans(),
     st.sampled_from([200_000, 200_000, 60, 12]),
 )
-@settings(max_examples=800, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_screen_then_interpreter_is_the_general_path(
     rules: list[str], data: bytes, envelope: SieveEnvelope, variables: bool, steps: int
 ) -> None:
@@ -240,7 +240,7 @@ def test_screen_answers_a_script_of_rules_alone() -> None:
 
 
 @given(st.lists(HEAD_PIECES, max_size=40).map(b"".join), st.integers(0, 3))
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=500, deadline=None)
 def test_view_from_buffer_is_view_from_file_on_any_bytes(data: bytes, offset: int) -> None:
     import io
 
