@@ -83,15 +83,25 @@ class LineClient:
 
     def close(self) -> None:
         """Hang up and wait until the server has closed its end too, so a test that
-        follows does not find this connection still counted."""
+        follows does not find this connection still counted.  A server that keeps its end
+        open until the client's timeout fails the test: that is a hang (it once passed here
+        silently, as ``TimeoutError`` is an ``OSError``: ManageSieve held a connection after
+        LOGOUT over TLS until the client went away)."""
+        hung, timeout = False, self.sock.gettimeout()
         try:
             self.sock.shutdown(socket.SHUT_WR)
             while self.file.readline():
                 pass
+        except TimeoutError:
+            hung = True
         except OSError:
             pass
         self.file.close()
         self.sock.close()
+        if hung:
+            raise AssertionError(
+                f"the server kept the connection open {timeout} s after the client hung up"
+            )
 
 
 class Reply(NamedTuple):

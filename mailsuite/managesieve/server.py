@@ -95,7 +95,7 @@ class ManageSieveProtocol(LineReceiver):
             )
             self.session.state = State.CLOSED  # nothing the client sends is acted on
             self._tx.write(response("BYE", "Too many connections, try again later", "TRYLATER"))
-            self._tx.loseConnection()
+            lose_connection(self._tx)
             return
         self.deadline = ReadDeadline(
             self.runtime.reactor, self.deadline_expired, login=self.login_timeout
@@ -125,7 +125,7 @@ class ManageSieveProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._tx.write(response("BYE", "Line too long, closing connection"))
-        self._tx.loseConnection()
+        lose_connection(self._tx)
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class ManageSieveProtocol(LineReceiver):
             self.reader.reset()
             if result.close:
                 self._tx.write(response("BYE", result.reason))
-                self._tx.loseConnection()
+                lose_connection(self._tx)
                 return
             step = self.session.bad(result.reason, result.code)
             self._perform(step)
@@ -219,7 +219,7 @@ class ManageSieveProtocol(LineReceiver):
             self._tx.write(step.out)
         action = step.action
         if isinstance(action, Close):
-            self._tx.loseConnection()
+            lose_connection(self._tx)
         elif isinstance(action, StartTLS):
             self._start_tls()
         elif isinstance(action, Authenticate):

@@ -118,6 +118,18 @@ def test_every_script_command(client: Client, server: Server) -> None:
     assert client.file.readline() == b""  # the server closed the connection
 
 
+def test_logout_over_tls_does_not_wait_for_the_clients_close_notify(client: Client) -> None:
+    """After LOGOUT's OK over TLS the server closes the TCP connection once its close_notify
+    is out (RFC 8446 6.1), as after a timeout: it held the connection until the client went
+    away (Twisted's TLS waits for the peer's close_notify, and reading was paused for the
+    command), and the old ``close()`` of the test client passed through that 10 s hang."""
+    client.login(ALICE)
+    assert client.cmd(b"LOGOUT") == b'OK "Logout complete"\r\n'
+    assert client.file.readline() == b""  # our close_notify
+    client.sock.settimeout(5)
+    client.close()  # raises when the server keeps its end open
+
+
 def test_literals_limits_and_errors(client: Client) -> None:
     client.login(ALICE)
     # {N} (synchronising form) is accepted like {N+}
