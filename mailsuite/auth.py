@@ -134,6 +134,22 @@ class FailureLog:
     def check_finished(self, ip: str) -> None:
         """The check :meth:`check_started` announced has its answer."""
 
+    def try_start(self, ip: str, user: str, in_flight: int = 0) -> bool:
+        """:meth:`blocked`, else :meth:`check_started`: False when the attempt is refused.
+        One step, so that with several processes (:mod:`mailsuite.shared.counters`) no two
+        attempts both pass on the same count."""
+        if self.blocked(ip, user, in_flight):
+            return False
+        self.check_started(ip)
+        return True
+
+    def finish(self, ip: str, user: str, failed: bool) -> None:
+        """A check's answer: the failure recorded (when it failed) before the check stops
+        counting as in flight, so that no attempt sees neither."""
+        if failed:
+            self.record(ip, user)
+        self.check_finished(ip)
+
 
 @implementer(ICredentialsChecker)
 class Argon2Checker:
@@ -271,7 +287,7 @@ class Authenticator:
             user = normalize(username)
         except ValueError:
             user = username.lower()
-        if self.failures.blocked(ip, user, self.in_flight.get(ip, 0)):
+        if not self.failures.try_start(ip, user, self.in_flight.get(ip, 0)):
             log.warn(
                 "{protocol}: login for {user!r} from {ip} refused: too many failures",
                 protocol=protocol,
@@ -283,14 +299,13 @@ class Authenticator:
             user.encode("utf-8"), password.encode("utf-8", "surrogatepass")
         )
         self.in_flight[ip] = self.in_flight.get(ip, 0) + 1
-        self.failures.check_started(ip)
         slots = self._slots.get(ip)
         if slots is None:
             slots = self._slots[ip] = defer.DeferredSemaphore(self.max_parallel)
         d: defer.Deferred[Login] = slots.run(self.portal.login, creds, None, Interface)
 
         def checked(result: Login | Failure) -> Login | Failure:
-            self.failures.check_finished(ip)
+            self.failures.finish(ip, user, failed=isinstance(result, Failure))
             n = self.in_flight.get(ip, 1) - 1
             if n <= 0:
                 self.in_flight.pop(ip, None)
@@ -310,7 +325,6 @@ class Authenticator:
             return LoginResult(Outcome.OK, avatar)
 
         def failed(f: Failure) -> defer.Deferred[LoginResult]:
-            self.failures.record(ip, user)
             log.warn(
                 "{protocol}: failed login for {user!r} from {ip}",
                 protocol=protocol,

@@ -115,17 +115,22 @@ class SharedFailureLog:
         return int(row[0])
 
     def record(self, ip: str, user: str) -> None:
+        with _immediate(self.db):
+            self._insert_failure(ip, user)
+
+    def _insert_failure(self, ip: str, user: str) -> None:
+        """One failure from ``ip`` for ``user`` (inside the caller's transaction)."""
         t = self.now()
-        with _immediate(self.db) as db:
-            db.executemany(
-                "INSERT INTO failures (kind, key, at) VALUES (?, ?, ?)",
-                (("ip", ip, t), ("user", user, t)),
-            )
-            db.execute("DELETE FROM failures WHERE at < ?", (t - self.cfg.window,))
-            db.execute(
-                "DELETE FROM failures WHERE rowid <= (SELECT max(rowid) FROM failures) - ?",
-                (MAX_FAILURE_ROWS,),
-            )
+        db = self.db
+        db.executemany(
+            "INSERT INTO failures (kind, key, at) VALUES (?, ?, ?)",
+            (("ip", ip, t), ("user", user, t)),
+        )
+        db.execute("DELETE FROM failures WHERE at < ?", (t - self.cfg.window,))
+        db.execute(
+            "DELETE FROM failures WHERE rowid <= (SELECT max(rowid) FROM failures) - ?",
+            (MAX_FAILURE_ROWS,),
+        )
 
     def blocked(self, ip: str, user: str, in_flight: int = 0) -> bool:
         """FailureLog.blocked, with the in-flight checks of every worker (``in_flight``, this
@@ -172,6 +177,24 @@ class SharedFailureLog:
         self._finished += 1
         if self._finished % 1000 == 0:  # rows at zero count nothing; keep the table small
             self.db.execute("DELETE FROM in_flight WHERE pid = ? AND n <= 0", (self.pid,))
+
+    def try_start(self, ip: str, user: str, in_flight: int = 0) -> bool:
+        """FailureLog.try_start in one ``BEGIN IMMEDIATE`` transaction: the count read and
+        the in-flight check it allows are one step for every process (read apart, two workers
+        could both pass on the same count, one guess over the limit each)."""
+        with _immediate(self.db):
+            if self.blocked(ip, user, in_flight):
+                return False
+            self.check_started(ip)
+        return True
+
+    def finish(self, ip: str, user: str, failed: bool) -> None:
+        """FailureLog.finish in one transaction: another worker sees the failure recorded
+        and the check no longer in flight together (apart, it could see neither)."""
+        with _immediate(self.db):
+            if failed:
+                self._insert_failure(ip, user)
+            self.check_finished(ip)
 
 
 class SharedConnectionCounts:

@@ -78,6 +78,63 @@ def test_checks_in_flight_in_any_worker_count_once_the_address_failed(tmp_path: 
     assert not b.blocked("192.0.2.1", "bob@example.test")
 
 
+def test_workers_guessing_at_once_never_pass_on_the_same_count(tmp_path: Path) -> None:
+    """The count read and the in-flight mark it allows are one step across processes.  Read
+    apart (``blocked`` then ``check_started``), two workers could both see 1 failure + 1
+    running and both start a check: a guess over ``max_failures_per_ip`` each (CI saw 4
+    answered guesses with a limit of 3 and two worker processes).  Eight "workers" (own
+    connection, own pid) race at a barrier, 30 times: never more than limit - 1 in flight
+    next to the one failure."""
+    import threading
+
+    path = counters.state_path(tmp_path)
+    logs = [counters.SharedFailureLog(path, CFG) for _ in range(8)]
+    for i, log in enumerate(logs):
+        log.pid = 1000 + i
+    logs[0].record("192.0.2.9", "bob@example.test")
+    for _ in range(30):
+        barrier = threading.Barrier(len(logs))
+        admitted: list[counters.SharedFailureLog] = []
+
+        def guess(
+            log: counters.SharedFailureLog,
+            barrier: threading.Barrier,
+            admitted: list[counters.SharedFailureLog],
+        ) -> None:
+            barrier.wait()
+            if log.try_start("192.0.2.9", "bob@example.test"):
+                admitted.append(log)
+
+        threads = [threading.Thread(target=guess, args=(log, barrier, admitted)) for log in logs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert 1 <= len(admitted) <= CFG.max_failures_per_ip - 1, len(admitted)
+        for log in admitted:
+            log.finish("192.0.2.9", "bob@example.test", failed=False)
+
+
+def test_a_finished_failure_is_counted_as_it_stops_running(tmp_path: Path) -> None:
+    """``finish``: the failure recorded and the check no longer in flight, together, and the
+    same from the local log."""
+    clock = Clock()
+    a, b = two_logs(tmp_path, clock)
+    local = FailureLog(CFG, clock.seconds)
+    for log in (a, local):
+        log.record("192.0.2.1", "bob@example.test")
+        assert log.try_start("192.0.2.1", "bob@example.test", 1)
+    assert not b.blocked("192.0.2.1", "bob@example.test")  # 1 failure + 1 running
+    assert b.try_start("192.0.2.1", "bob@example.test")  # 1 + 1 (+ its own) = the limit
+    assert not a.try_start("192.0.2.1", "bob@example.test")
+    a.finish("192.0.2.1", "bob@example.test", failed=True)  # 2 failures + b's running
+    assert a.blocked("192.0.2.1", "bob@example.test")
+    b.finish("192.0.2.1", "bob@example.test", failed=False)
+    assert not a.blocked("192.0.2.1", "bob@example.test")  # 2 failures, none running
+    local.finish("192.0.2.1", "bob@example.test", failed=True)
+    assert local.delay("192.0.2.1") == 1.0  # 2 failures: 0.5, 1
+
+
 def shared_pair(tmp_path: Path, **limits: int) -> tuple[ConnectionLimits, ConnectionLimits]:
     path = counters.state_path(tmp_path)
     one, two = ConnectionLimits(**limits), ConnectionLimits(**limits)
