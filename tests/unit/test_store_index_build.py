@@ -156,10 +156,15 @@ def _filled(box: Path, new: list[str], cur: list[str], bulk: bool) -> tuple[Any,
     idx = FolderIndex(box)
     _write(box, new, cur)
     if bulk:
-        res = idx.sync(force=True)
-    else:
-        with mock.patch.object(IndexScan, "_fill_empty", _rows_only):
-            res = idx.sync(force=True)
+        return _synced(idx, box)
+    with mock.patch.object(IndexScan, "_fill_empty", _rows_only):
+        return _synced(idx, box)
+
+
+def _synced(idx: FolderIndex, box: Path) -> Any:
+    """``idx`` synced with the folder, then closed: the sync's result, the index's state and
+    the folder's files."""
+    res = idx.sync(force=True)
     state = idx.state()
     idx.close()
     return res, state, _dump(box)
@@ -395,11 +400,7 @@ def _added_to_a_known_folder(box: Path, new: list[str], cur: list[str], bulk: in
     FolderIndex(box).close()
     _write(box, new, cur)
     with mock.patch.object(index_scan, "_BULK_FRESH", bulk):
-        idx = FolderIndex(box)
-        res = idx.sync(force=True)
-        state = idx.state()
-        idx.close()
-    return res, state, _dump(box)
+        return _synced(FolderIndex(box), box)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
