@@ -214,12 +214,7 @@ class WorkerLines:
         self.format = format
 
     def __call__(self, event: dict[str, Any]) -> None:
-        system = event.get("log_system")
-        if not system:  # what the text format shows in its place
-            level = event.get("log_level")
-            name = "-" if level is None else getattr(level, "name", level)
-            system = f"{event.get('log_namespace', '-')}#{name}"
-        line = self.format({**event, "log_system": self.prefix + str(system)})
+        line = self.format({**event, "log_system": self.prefix + system_of(event)})
         if not line:
             return
         data = memoryview(frame(line))
