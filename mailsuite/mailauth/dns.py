@@ -330,21 +330,21 @@ class BlockingDNS:
         probe: CacheProbe | None = getattr(self._local, "probe", None)
         return probe is not None and probe.missed
 
-    def _miss(self, what: str) -> None:
-        """A cache miss: raise NotCached inside :meth:`cached_only`, refuse on the reactor
-        thread, else return (the caller asks the reactor)."""
+    def _abandon_if_cached_only(self, what: str) -> None:
+        """Inside :meth:`cached_only`, a cache miss: note it and raise :class:`NotCached`
+        (the checks go to a worker, which asks); elsewhere nothing."""
         probe: CacheProbe | None = getattr(self._local, "probe", None)
         if probe is not None:
             probe.missed = True
             raise NotCached(what)
-        if threadable.isInIOThread():  # type: ignore[no-untyped-call]
-            raise RuntimeError("BlockingDNS.lookup called on the reactor thread")
 
     def lookup(self, name: str, qtype: str) -> Answer:
         hit = self.client.peek(name, qtype)
         if hit is not None:
             return hit
-        self._miss(f"{qtype} {name}")
+        self._abandon_if_cached_only(f"{qtype} {name}")
+        if threadable.isInIOThread():  # type: ignore[no-untyped-call]
+            raise RuntimeError("BlockingDNS.lookup called on the reactor thread")
         box: queue.SimpleQueue[Answer | Failure] = queue.SimpleQueue()
 
         def start() -> None:
@@ -369,10 +369,7 @@ class BlockingDNS:
         wanted = [q for q in questions if self.client.peek(*q) is None]
         if not wanted:
             return
-        probe: CacheProbe | None = getattr(self._local, "probe", None)
-        if probe is not None:  # inside cached_only(): the checks go to a worker, which asks
-            probe.missed = True
-            raise NotCached(f"{len(wanted)} names")
+        self._abandon_if_cached_only(f"{len(wanted)} names")
 
         def start() -> None:
             for name, qtype in wanted:
