@@ -378,7 +378,7 @@ class Session:
             if n is None:
                 return self._error(ERR_NO_MESSAGE)
             return Step(ok(f"{n} {md.uidl(n)}"))
-        body = "".join(f"{n} {md.uidl(n)}\r\n" for n in md.live())
+        body = md.uidl_listing()
         return Step(ok("Unique-ID listing follows") + body.encode("ascii") + b".\r\n")
 
     def _transaction_RETR(self, rest: str) -> Step:

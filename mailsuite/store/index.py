@@ -84,16 +84,43 @@ class FolderIndex(IndexScan):
 
     # -- reading ---------------------------------------------------------------------------
 
+    #: what :meth:`messages` read last, and the database's state it read it in (see there)
+    _messages: list[Message] | None = None
+    _messages_at: tuple[int, int] = (-1, -1)
+
     def messages(self) -> list[Message]:
-        """All messages in UID order (sizes and dates filled in where not yet known)."""
+        """All messages in UID order (sizes and dates filled in where not yet known).
+
+        Every POP3 login asks for the whole list: reading and making 1,000 messages was most
+        of a login's CPU (issue 15).  The list is kept, with the database's state it was
+        read in: ``PRAGMA data_version`` (changes when any other connection, in this process
+        or another, commits to the file) and this connection's ``total_changes`` (every row
+        it inserted, updated or deleted, rolled back or not).  While both are unchanged no
+        row can differ, and the kept list is returned (a copy; :class:`Message` is frozen).
+        Only a list with every size and date known, read outside a transaction, is kept: the
+        fill is never skipped where it would have had work to do, and no rolled-back row is
+        ever answered."""
+        db = self.db
+        at = (db.execute("PRAGMA data_version").fetchone()[0], db.total_changes)
+        if self._messages is not None and at == self._messages_at:
+            return list(self._messages)
         self._fill_unknown()
-        rows = self.db.execute(
+        at = (db.execute("PRAGMA data_version").fetchone()[0], db.total_changes)
+        rows = db.execute(
             "SELECT uid, name, flags, size, internaldate, modseq FROM messages ORDER BY uid"
         ).fetchall()
-        return [
-            Message(uid, name, _split_flags(flags), size, idate, ms)
+        # one frozenset per distinct flag text (a folder has few)
+        sets = {f: _split_flags(f) for f in {row[2] for row in rows}}
+        msgs = [
+            Message(uid, name, sets[flags], size, idate, ms)
             for uid, name, flags, size, idate, ms in rows
         ]
+        # (read after ``at``: a commit in between makes the next call read again, never
+        # keeps an older list under a newer state)
+        # (not inside a transaction: a rollback would undo rows without counting a change)
+        kept = not db.in_transaction and all(m.size >= 0 and m.internaldate >= 0 for m in msgs)
+        self._messages, self._messages_at = (msgs, at) if kept else (None, (-1, -1))
+        return list(msgs)
 
     def get(self, uid: int) -> Message | None:
         self._fill_unknown((uid,))

@@ -1,0 +1,145 @@
+"""``FolderIndex.messages()`` keeps the list it read while the database is unchanged: every
+change, through the same handle, another handle of this process or another process, is seen
+by the next call (issue 15: the list is what every POP3 login reads)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from mailsuite.store.index import FolderIndex
+from mailsuite.store.index_schema import INDEX_NAME
+from mailsuite.store.maildir import ensure_folder
+from mailsuite.store.write import write_message
+
+SEEN = frozenset({"\\Seen"})
+REPO = Path(__file__).resolve().parents[2]
+
+
+def box(tmp_path: Path, n: int) -> Path:
+    root = ensure_folder(tmp_path / "box")
+    for i in range(n):
+        write_message(root, [b"Subject: %d\n\nbody\n" % i])
+    return root
+
+
+def opened(root: Path) -> FolderIndex:
+    index = FolderIndex(root)
+    index.sync(force=True)
+    return index
+
+
+def listed(index: FolderIndex) -> list[tuple[int, str, frozenset[str], int]]:
+    return [(m.uid, m.name, m.flags, m.size) for m in index.messages()]
+
+
+def test_an_unchanged_index_answers_from_the_kept_list_and_a_copy_of_it(tmp_path: Path) -> None:
+    index = opened(box(tmp_path, 3))
+    try:
+        first = index.messages()
+        first.clear()  # the caller's own list: the next call is whole
+        second = index.messages()
+        assert [m.uid for m in second] == [1, 2, 3]
+        assert all(a is b for a, b in zip(second, index.messages(), strict=True))  # kept
+        queries: list[str] = []
+        index.db.set_trace_callback(queries.append)
+        index.messages()
+        index.db.set_trace_callback(None)
+        assert queries == ["PRAGMA data_version"]  # no row read, no fill
+    finally:
+        index.close()
+
+
+def test_changes_through_the_same_handle_are_seen(tmp_path: Path) -> None:
+    root = box(tmp_path, 3)
+    index = opened(root)
+    try:
+        index.messages()
+        index.store_flags([(2, SEEN)])
+        assert [m.flags for m in index.messages()] == [frozenset(), SEEN, frozenset()]
+        index.expunge([1])
+        assert [m.uid for m in index.messages()] == [2, 3]
+        write_message(root, [b"Subject: new\n\nx\n"])
+        index.sync(force=True)
+        assert [m.uid for m in index.messages()] == [2, 3, 4]
+    finally:
+        index.close()
+
+
+def test_changes_through_another_handle_of_this_process_are_seen(tmp_path: Path) -> None:
+    root = box(tmp_path, 3)
+    reader, writer = opened(root), opened(root)
+    try:
+        assert [m.flags for m in reader.messages()] == [frozenset()] * 3
+        writer.store_flags([(3, SEEN)])
+        assert [m.flags for m in reader.messages()] == [frozenset(), frozenset(), SEEN]
+        writer.expunge([2])
+        assert [m.uid for m in reader.messages()] == [1, 3]
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_changes_made_by_another_process_are_seen(tmp_path: Path) -> None:
+    root = box(tmp_path, 2)
+    index = opened(root)
+    try:
+        assert [m.flags for m in index.messages()] == [frozenset()] * 2
+        code = (
+            "import sys; from pathlib import Path\n"
+            "from mailsuite.store.index import FolderIndex\n"
+            "i = FolderIndex(Path(sys.argv[1])); i.sync(force=True)\n"
+            "i.store_flags([(1, frozenset({'\\\\Seen'}))]); i.expunge([2]); i.close()\n"
+        )
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-c", code, str(root)], check=True, env=env, timeout=60)
+        assert [(m.uid, m.flags) for m in index.messages()] == [(1, SEEN)]
+    finally:
+        index.close()
+
+
+def test_a_size_still_unknown_is_filled_at_the_next_call(tmp_path: Path) -> None:
+    """A list with a size or date not known (its file missing at the fill) is not kept: the
+    next call tries the fill again, as before."""
+    root = box(tmp_path, 2)
+    index = opened(root)
+    try:
+        name = index.messages()[1].name
+        index.db.execute("UPDATE messages SET size = -1 WHERE uid = 2")
+        (root / name).rename(tmp_path / "away")
+        assert [m.size for m in index.messages()][1] == -1  # file gone: size stays unknown
+        (tmp_path / "away").rename(root / name)  # back under the same name, no row changed
+        assert index.messages()[1].size == len(b"Subject: 1\r\n\r\nbody\r\n")
+    finally:
+        index.close()
+
+
+def test_a_rolled_back_change_leaves_no_stale_list(tmp_path: Path) -> None:
+    index = opened(box(tmp_path, 2))
+    try:
+        index.messages()
+        index.db.execute("BEGIN IMMEDIATE")
+        index.db.execute("UPDATE messages SET flags = '\\Seen' WHERE uid = 1")
+        assert index.messages()[0].flags == SEEN  # this connection reads its own change
+        index.db.execute("ROLLBACK")
+        assert index.messages()[0].flags == frozenset()
+    finally:
+        index.close()
+
+
+def test_the_list_equals_the_rows(tmp_path: Path) -> None:
+    root = box(tmp_path, 5)
+    index = opened(root)
+    try:
+        index.store_flags([(1, SEEN), (4, frozenset({"\\Flagged", "$Work"}))])
+        index.messages()
+        db = sqlite3.connect(root / INDEX_NAME)
+        rows = db.execute("SELECT uid, name, flags, size FROM messages ORDER BY uid").fetchall()
+        db.close()
+        want = [(u, n, frozenset(f.split()), s) for u, n, f, s in rows]
+        assert listed(index) == want
+    finally:
+        index.close()
