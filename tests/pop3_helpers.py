@@ -52,6 +52,9 @@ class FakeMaildrop:
     def uidl(self, n: int) -> str:
         return f"abc.{self.message(n).uid:x}"
 
+    def uidl_listing(self) -> str:
+        return "".join(f"{n} {self.uidl(n)}\r\n" for n in self.live())
+
     def read(self, n: int) -> bytes:
         if n in self.gone:
             raise MessageGone(n)

@@ -139,3 +139,34 @@ def test_a_full_batch_of_seen_is_stored_at_once(tmp_path: Path) -> None:
     assert not md.seen_pending
     assert stored_flags(root) == [frozenset({"\\Seen"})] * SEEN_BATCH
     md.close()
+
+
+def test_uidl_listing_is_the_per_number_uidls_of_live_messages(tmp_path: Path) -> None:
+    root = box(tmp_path, 4)
+    md = Maildrop(root)
+    try:
+        whole = "".join(f"{n} {md.uidl(n)}\r\n" for n in range(1, 5))
+        assert md.uidl_listing() == whole
+        md.deleted.update({1, 3})  # DELE 1, DELE 3: left out, the others keep their numbers
+        assert md.uidl_listing() == f"2 {md.uidl(2)}\r\n4 {md.uidl(4)}\r\n"
+    finally:
+        md.close()
+
+
+def test_messages_flagged_deleted_are_not_in_the_maildrop(tmp_path: Path) -> None:
+    """A message another client flagged \\Deleted (IMAP, not expunged yet) is not offered;
+    the others keep delivery order (one check per distinct flag text)."""
+    root = box(tmp_path, 4)
+    index = FolderIndex(root)
+    index.sync(force=True)
+    index.store_flags(
+        [(2, frozenset({"\\Deleted"})), (3, frozenset({"\\Seen", "\\Deleted", "$Work"}))]
+    )
+    index.store_flags([(4, frozenset({"\\Seen"}))])
+    index.close()
+    md = Maildrop(root)
+    try:
+        assert [md.message(n).uid for n in range(1, len(md) + 1)] == [1, 4]
+        assert md.read(2).startswith(b"Subject: 3")
+    finally:
+        md.close()

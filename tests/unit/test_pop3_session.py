@@ -179,6 +179,7 @@ def test_transaction_commands() -> None:
     assert s.line(b"LIST 1").out.startswith(b"-ERR")
     assert s.line(b"STAT").out == b"+OK 1 13\r\n"
     assert s.line(b"LIST").out.endswith(b"\r\n2 13\r\n.\r\n")
+    assert s.line(b"UIDL").out == b"+OK Unique-ID listing follows\r\n2 abc.b\r\n.\r\n"
     assert s.line(b"RSET").out.startswith(b"+OK 2 messages")
     assert s.line(b"STAT").out == b"+OK 2 31\r\n"
     s.line(b"DELE 2")
