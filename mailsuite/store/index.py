@@ -87,6 +87,10 @@ class FolderIndex(IndexScan):
     #: what :meth:`messages` read last, and the database's state it read it in (see there)
     _messages: list[Message] | None = None
     _messages_at: tuple[int, int] = (-1, -1)
+    #: the most messages whose list is kept: ~400 bytes a message stay in memory as long as
+    #: the folder is open or warm, and a bigger folder's read costs little beside a session
+    #: that downloads it (10,000: ~4 MB)
+    keep_messages_max = 10_000
 
     def messages(self) -> list[Message]:
         """All messages in UID order (sizes and dates filled in where not yet known).
@@ -99,7 +103,7 @@ class FolderIndex(IndexScan):
         row can differ, and the kept list is returned (a copy; :class:`Message` is frozen).
         Only a list with every size and date known, read outside a transaction, is kept: the
         fill is never skipped where it would have had work to do, and no rolled-back row is
-        ever answered."""
+        ever answered; and only up to :attr:`keep_messages_max` messages."""
         db = self.db
         at = (db.execute("PRAGMA data_version").fetchone()[0], db.total_changes)
         if self._messages is not None and at == self._messages_at:
@@ -118,7 +122,11 @@ class FolderIndex(IndexScan):
         # (read after ``at``: a commit in between makes the next call read again, never
         # keeps an older list under a newer state)
         # (not inside a transaction: a rollback would undo rows without counting a change)
-        kept = not db.in_transaction and all(m.size >= 0 and m.internaldate >= 0 for m in msgs)
+        kept = (
+            len(msgs) <= self.keep_messages_max
+            and not db.in_transaction
+            and all(m.size >= 0 and m.internaldate >= 0 for m in msgs)
+        )
         self._messages, self._messages_at = (msgs, at) if kept else (None, (-1, -1))
         return list(msgs)
 

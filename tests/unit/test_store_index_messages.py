@@ -143,3 +143,15 @@ def test_the_list_equals_the_rows(tmp_path: Path) -> None:
         assert listed(index) == want
     finally:
         index.close()
+
+
+def test_a_folder_above_the_limit_is_read_every_time(tmp_path: Path) -> None:
+    index = opened(box(tmp_path, 3))
+    index.keep_messages_max = 2
+    try:
+        first = index.messages()
+        assert [m.uid for m in first] == [1, 2, 3]
+        assert all(a is not b for a, b in zip(first, index.messages(), strict=True))
+        assert index._messages is None
+    finally:
+        index.close()
