@@ -16,7 +16,9 @@ Three numbers per service, each 0 for "no limit":
 With several worker processes (``[server] workers``) each process keeps these counts for
 its own connections and the decision is taken over every worker's through a shared
 :class:`ConnectionCounts` (:meth:`ConnectionLimits.share`; the SQLite one of
-:mod:`mailsuite.shared.counters`), so a client does not get one allowance per worker.
+:mod:`mailsuite.shared.counters`), so a client does not get one allowance per worker.  Only
+the keys a limit applies to are counted there (:attr:`Admission.held`): a service with no
+limit set makes no shared write per connection.
 
 Why the per-IP count is a pre-login count: IMAP clients keep several connections per account
 (Thunderbird up to 5), and an office behind one address reaches any small per-IP limit with
@@ -103,18 +105,24 @@ class ConnectionLimits:
             and not (self.exempt is not None and self.exempt(ip))
         ):
             return Admission(self, ip, refused=Refusal.PER_IP)
+        held: tuple[str, ...] = ()
         if self.shared is not None:
-            per_ip = self.max_connections_per_ip
-            if self.exempt is not None and self.exempt(ip):
-                per_ip = 0
-            full = self.shared.acquire(
-                [(f"{self.service} total", self.max_connections), (self._ip_key(ip), per_ip)]
-            )
-            if full is not None:
-                return Admission(self, ip, refused=(Refusal.TOTAL, Refusal.PER_IP)[full])
+            # Only the keys a limit applies to go to the shared counts: a key without a
+            # limit is never read, and each shared write is a cross-process transaction
+            # (~100 us a connection): with no limit set, a connection costs none.
+            add: list[tuple[str, int, Refusal]] = []
+            if self.max_connections:
+                add.append((f"{self.service} total", self.max_connections, Refusal.TOTAL))
+            if self.max_connections_per_ip and not (self.exempt is not None and self.exempt(ip)):
+                add.append((self._ip_key(ip), self.max_connections_per_ip, Refusal.PER_IP))
+            if add:
+                full = self.shared.acquire([(key, limit) for key, limit, _ in add])
+                if full is not None:
+                    return Admission(self, ip, refused=add[full][2])
+                held = tuple(key for key, _, _ in add)
         self.total += 1
         self.per_ip[ip] = n + 1
-        return Admission(self, ip)
+        return Admission(self, ip, held=held)
 
 
 def _decrement(table: dict[K, int], key: K) -> None:
@@ -134,6 +142,8 @@ class Admission:
     ip: str
     refused: Refusal | None = None
     user: str | None = None
+    #: the keys this connection holds in the shared counts (only those with a limit)
+    held: tuple[str, ...] = ()
     _open: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -150,13 +160,18 @@ class Admission:
         n = limits.per_userip.get(key, 0)
         if limits.max_userip_connections and n >= limits.max_userip_connections:
             return Refusal.USER_IP
+        held = self.held
         if limits.shared is not None:
-            full = limits.shared.acquire(
-                [(limits._userip_key(key[0], self.ip), limits.max_userip_connections)],
-                drop=[limits._ip_key(self.ip)],
-            )
-            if full is not None:
-                return Refusal.USER_IP
+            ip_key = limits._ip_key(self.ip)
+            drop = [ip_key] if ip_key in held else []
+            add: list[tuple[str, int]] = []
+            if limits.max_userip_connections:
+                add = [(limits._userip_key(key[0], self.ip), limits.max_userip_connections)]
+            if add or drop:
+                if limits.shared.acquire(add, drop=drop) is not None:
+                    return Refusal.USER_IP
+                held = tuple(k for k in held if k != ip_key) + tuple(k for k, _ in add)
+        self.held = held
         _decrement(limits.per_ip, self.ip)
         limits.per_userip[key] = n + 1
         self.user = user.lower()
@@ -173,13 +188,8 @@ class Admission:
             _decrement(limits.per_ip, self.ip)
         else:
             _decrement(limits.per_userip, (self.user, self.ip))
-        if limits.shared is not None:
-            last = (
-                limits._ip_key(self.ip)
-                if self.user is None
-                else limits._userip_key(self.user, self.ip)
-            )
-            limits.shared.release([f"{limits.service} total", last])
+        if limits.shared is not None and self.held:
+            limits.shared.release(self.held)
 
 
 def shared_limits(

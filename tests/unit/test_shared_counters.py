@@ -166,6 +166,59 @@ def test_connection_limits_count_every_worker(tmp_path: Path) -> None:
     assert [one.admit("192.0.2.1").refused, two.admit("192.0.2.1").refused] == [None, None]
 
 
+def _shared_rows(tmp_path: Path) -> list[tuple[str, int]]:
+    db = counters.connect(counters.state_path(tmp_path))
+    try:
+        rows = db.execute("SELECT key, sum(n) FROM connections GROUP BY key HAVING sum(n) > 0")
+        return sorted(rows.fetchall())
+    finally:
+        db.close()
+
+
+def test_only_keys_with_a_limit_are_counted_across_workers(tmp_path: Path) -> None:
+    """No limit set: a connection, its login and its close make no shared write (each is a
+    cross-process transaction); with limits, the keys that have one are kept exact."""
+    one, two = shared_pair(tmp_path)
+    sessions = [w.admit("192.0.2.1") for w in (one, two) for _ in range(3)]
+    assert [s.refused for s in sessions] == [None] * 6
+    assert sessions[0].login("alice@example.test") is None
+    assert _shared_rows(tmp_path) == []
+    assert (one.total, one.per_ip, one.per_userip) == (
+        3,
+        {"192.0.2.1": 2},
+        {("alice@example.test", "192.0.2.1"): 1},
+    )
+    for s in sessions:
+        s.release()
+    assert (one.total, one.per_ip, one.per_userip) == (0, {}, {})
+
+    exempt = ConnectionLimits(max_connections=3, max_connections_per_ip=1, exempt=lambda ip: True)
+    exempt.share(counters.SharedConnectionCounts(counters.state_path(tmp_path)), "smtp")
+    a, b = exempt.admit("127.0.0.1"), exempt.admit("127.0.0.1")  # trusted: no per-IP key
+    assert (a.refused, b.refused) == (None, None)
+    assert _shared_rows(tmp_path) == [("smtp total", 2)]
+    a.release()
+    b.release()
+    assert _shared_rows(tmp_path) == []
+
+
+def test_login_moves_only_the_keys_that_have_limits(tmp_path: Path) -> None:
+    """Per-IP limit but no user+IP limit: login frees the address's shared slot and adds
+    nothing; the other worker then gets it."""
+    one, two = shared_pair(tmp_path, max_connections_per_ip=1)
+    a = one.admit("192.0.2.1")
+    assert two.admit("192.0.2.1").refused is Refusal.PER_IP
+    assert a.login("alice@example.test") is None
+    assert _shared_rows(tmp_path) == []
+    b = two.admit("192.0.2.1")
+    assert b.refused is None
+    assert one.admit("192.0.2.1").refused is Refusal.PER_IP
+    a.release()  # logged in: holds nothing shared any more
+    assert _shared_rows(tmp_path) == [("imap ip 192.0.2.1", 1)]
+    b.release()
+    assert _shared_rows(tmp_path) == []
+
+
 def test_a_dead_workers_connections_leave_the_counts(tmp_path: Path) -> None:
     one, two = shared_pair(tmp_path, max_connections_per_ip=1)
     assert one.admit("192.0.2.1").refused is None
