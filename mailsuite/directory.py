@@ -41,6 +41,10 @@ class DirectoryError(Exception):
     """A refused change (unknown user, bad address ...) worded for the person at the CLI."""
 
 
+#: mailbox roots remembered at most (a directory of more users just computes again)
+MAX_CACHED_ROOTS = 10_000
+
+
 def split_address(address: str) -> tuple[str, str]:
     """``local@domain`` -> (local, domain lower-cased); ValueError if it is not one."""
     local, at, domain = address.rpartition("@")
@@ -135,6 +139,9 @@ class Directory:
         self.config_domains = tuple(d.lower() for d in config_domains)
         self._stamp: tuple[int, int, int] | None = None
         self._data = _Data()
+        #: user -> mailbox root, for the mail_dir in ``_roots_of`` (see mailbox_root)
+        self._roots: dict[str, Path] = {}
+        self._roots_of = mail_dir
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -209,11 +216,23 @@ class Directory:
         return table.get(domain.lower().rstrip("."), 0)
 
     def mailbox_root(self, user: str) -> Path:
-        """``<mail_dir>/<domain>/<localpart>``: validated so it cannot leave ``mail_dir``."""
+        """``<mail_dir>/<domain>/<localpart>``: validated so it cannot leave ``mail_dir``.
+
+        Remembered per address (a pure function of it and ``mail_dir``): every RCPT asks, and
+        the validation and path building cost more than the rest of the lookup (~30 us)."""
+        if self._roots_of is not self.mail_dir:
+            self._roots, self._roots_of = {}, self.mail_dir
+        root = self._roots.get(user)
+        if root is not None:
+            return root
         local, domain = split_address(normalize(user))
         if not valid_mailbox_address(f"{local}@{domain}"):
             raise ValueError(f"{user!r} cannot be a mailbox name")
-        return self.mail_dir / domain / local
+        root = self.mail_dir / domain / local
+        if len(self._roots) >= MAX_CACHED_ROOTS:
+            self._roots.clear()
+        self._roots[user] = root
+        return root
 
     def send_as(self, user: str) -> set[str]:
         """Addresses ``user`` may use as MAIL FROM / From: its own, its ``send_as`` list and
