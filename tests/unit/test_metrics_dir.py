@@ -1,0 +1,46 @@
+"""Where the worker processes' prometheus-client files go (mailsuite.workers.metrics_dir):
+tmpfs when there is one, in a private folder that every call names alike, and the data
+folder's run/metrics when that folder cannot be ours."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mailsuite.config import Config, parse_config
+from mailsuite.workers import metrics_dir
+
+
+def config(tmp_path: Path, name: str = "data") -> Config:
+    data = {"server": {"hostname": "mx.example.test", "data_dir": str(tmp_path / name)}}
+    return parse_config(data, None, tmp_path)
+
+
+def test_a_private_folder_in_tmpfs_named_alike_on_every_call(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    cfg = config(tmp_path)
+    path = metrics_dir(cfg, shm)
+    assert path.parent == shm and path.is_dir()
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+    assert metrics_dir(cfg, shm) == path  # the supervisor and its workers agree
+    assert metrics_dir(config(tmp_path, "other"), shm) != path  # one per data folder
+
+
+def test_a_name_that_is_not_our_private_folder_falls_back_to_the_data_folder(
+    tmp_path: Path,
+) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    cfg = config(tmp_path)
+    taken = metrics_dir(cfg, shm)
+    taken.chmod(0o777)  # as another user could have made it: readable by others
+    assert metrics_dir(cfg, shm) == cfg.data_dir / "run" / "metrics"
+    taken.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    taken.symlink_to(elsewhere)  # a planted symlink is never followed
+    assert metrics_dir(cfg, shm) == cfg.data_dir / "run" / "metrics"
+    assert metrics_dir(cfg, tmp_path / "no-such-dir") == cfg.data_dir / "run" / "metrics"
+
