@@ -43,4 +43,3 @@ def test_a_name_that_is_not_our_private_folder_falls_back_to_the_data_folder(
     taken.symlink_to(elsewhere)  # a planted symlink is never followed
     assert metrics_dir(cfg, shm) == cfg.data_dir / "run" / "metrics"
     assert metrics_dir(cfg, tmp_path / "no-such-dir") == cfg.data_dir / "run" / "metrics"
-
