@@ -184,7 +184,8 @@ def makeService(
         from mailsuite.metrics import share_with_workers
         from mailsuite.workers import metrics_dir
 
-        share_with_workers(metrics_dir(config))  # before build_runtime makes the Metrics
+        metrics = metrics_dir(config, owner=None if run_as is None else run_as[0])
+        share_with_workers(metrics)  # before build_runtime makes the Metrics
     runtime = build_runtime(config, reactor)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
@@ -199,9 +200,11 @@ def makeService(
         attach(LeftoverSweeper(runtime), top)
         if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
             attach(runtime.mail_auth, top)
-        attach(WorkerSupervisor(config, reactor, workers, runner.enqueued), top, "workers")
+        supervisor = WorkerSupervisor(config, reactor, workers, runner.enqueued, metrics)
+        attach(supervisor, top, "workers")
         if run_as is not None:  # last: what building made as root (metrics files) included
             hand_data_to(config, *run_as)
+            give_tree_to(metrics, *run_as)  # in tmpfs, outside the data folder
         freeze_startup_objects()  # see there: no 60-150 ms GC pauses, none at the start
         return top
     for extra in _extra_services(runtime):

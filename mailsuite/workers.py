@@ -74,21 +74,23 @@ def count(config: Config) -> int:
 SHM = Path("/dev/shm")
 
 
-def metrics_dir(config: Config, shm: Path = SHM) -> Path:
+def metrics_dir(config: Config, shm: Path = SHM, owner: int | None = None) -> Path:
     """Where the twistd process and its workers keep their prometheus-client counts.
 
     Those files are mmapped and written at every count.  On a disk file system a write to a
     page that writeback has just cleaned waits in the kernel (``page_mkwrite``) for the
     journal, which a stream of fsyncs (one per delivery) keeps busy: a 14 ms reactor stall
     was seen under SMTP load.  So they go to tmpfs (``/dev/shm``), in a folder named for
-    this user and data folder, made here with mode 0700 (the same name on every call, so
-    the supervisor and its workers agree).  Where there is none, or the name is taken by
-    anything but our own private folder (another user's, a symlink), the data folder's
+    the account that serves and the data folder, made here with mode 0700 (the same name
+    on every call, so the supervisor and its workers agree).  ``owner``: that account's
+    uid when it is not this process's (twistd started as root with ``--uid``: the folder is
+    made and given to it here).  Where there is no tmpfs, or the name is taken by anything
+    but that account's private folder (another user's, a symlink), the data folder's
     ``run/metrics`` as before."""
     fallback = config.data_dir / "run" / "metrics"
     if not shm.is_dir():
         return fallback
-    uid = os.geteuid()
+    uid = os.geteuid() if owner is None else owner
     key = hashlib.sha256(os.fsencode(config.data_dir.resolve())).hexdigest()[:16]
     path = shm / f"mailsuite-metrics-{uid}-{key}"
     try:
@@ -97,6 +99,12 @@ def metrics_dir(config: Config, shm: Path = SHM) -> Path:
         pass  # ours from an earlier call or run, or not ours: checked below
     except OSError:
         return fallback  # not writable for us
+    else:
+        if uid != os.geteuid():
+            try:
+                os.chown(path, uid, -1)  # just made by us (root): nobody else could swap it
+            except OSError:
+                return fallback
     try:
         st = os.lstat(path)
     except OSError:
@@ -147,7 +155,12 @@ class WorkerSupervisor(service.Service):
     """Binds the listeners, runs ``count`` workers and keeps them running."""
 
     def __init__(
-        self, config: Config, reactor: Any, count: int, enqueued: Callable[[str], None]
+        self,
+        config: Config,
+        reactor: Any,
+        count: int,
+        enqueued: Callable[[str], None],
+        metrics: Path | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -159,8 +172,8 @@ class WorkerSupervisor(service.Service):
         self.all_ready = False
         self._previous_hup: Any = None
         self.shared_path = counters.state_path(config.data_dir)
-        #: prometheus-client's multiprocess files (see mailsuite.metrics)
-        self.metrics_dir = metrics_dir(config)
+        #: prometheus-client's multiprocess files (see mailsuite.metrics and metrics_dir)
+        self.metrics_dir = metrics_dir(config) if metrics is None else metrics
         #: the server log's observer, when this process owns the log's output (set by
         #: mailsuite.tap): workers then send it finished lines, not events
         self.log_lines: LineLog | None = None

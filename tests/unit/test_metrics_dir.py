@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from mailsuite.config import Config, parse_config
 from mailsuite.workers import metrics_dir
 
@@ -43,3 +45,14 @@ def test_a_name_that_is_not_our_private_folder_falls_back_to_the_data_folder(
     taken.symlink_to(elsewhere)  # a planted symlink is never followed
     assert metrics_dir(cfg, shm) == cfg.data_dir / "run" / "metrics"
     assert metrics_dir(cfg, tmp_path / "no-such-dir") == cfg.data_dir / "run" / "metrics"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_made_for_the_account_that_serves_when_started_as_root(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    cfg = config(tmp_path)
+    path = metrics_dir(cfg, shm, owner=5000)
+    assert path.stat().st_uid == 5000 and path.name.startswith("mailsuite-metrics-5000-")
+    assert metrics_dir(cfg, shm, owner=5000) == path
+    assert metrics_dir(cfg, shm) != path  # root's own would be another folder

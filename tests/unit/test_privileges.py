@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from twisted.scripts.twistd import ServerOptions
 
 from mailsuite import tap
+from mailsuite.config import load_config
 from mailsuite.directory import Directory
+from mailsuite.workers import SHM, metrics_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -39,6 +42,14 @@ def test_twistd_uid_gid_reach_the_data_folder(tmp_path: Path) -> None:
     # everything, including the self-signed certificate made for imaps, now belongs to 5000
     assert owners(data) == {(5000, 5001)}
     assert (data / "tls" / "selfsigned.key").stat().st_uid == 5000
+    # with workers, the metrics files live in tmpfs: that folder is the account's too
+    metrics = metrics_dir(load_config(cfg), owner=5000)
+    try:
+        assert metrics.parent == SHM and any(metrics.iterdir())
+        assert owners(metrics) == {(5000, 5001)}
+        assert metrics.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(metrics, ignore_errors=True)  # the service never ran to remove it
 
 
 def test_without_uid_nothing_changes_hands(tmp_path: Path) -> None:
@@ -48,3 +59,4 @@ def test_without_uid_nothing_changes_hands(tmp_path: Path) -> None:
     options.parseOptions(["mailsuite", "--config", str(cfg)])
     tap.makeService(options.subOptions)
     assert owners(tmp_path / "data") == {(0, 0)}
+    shutil.rmtree(metrics_dir(load_config(cfg)), ignore_errors=True)
