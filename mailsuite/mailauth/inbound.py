@@ -9,9 +9,13 @@ answers.  Where the checks run:
   nothing computed after it is used or kept), and the reactor has not spent its budget of
   such work lately (``INLINE_BUDGET`` per ``INLINE_WINDOW``, which bounds the longest stall).
   That is the usual message from a sender seen in the last minutes: about 0.6 ms of CPU
-  (the DKIM common case is ours, RSA and Ed25519 by OpenSSL and libsodium).  Handing it to a
-  worker thread cost the server about as much again (measured with per-thread CPU: the
-  queue, the wake-up of the reactor, and the reactor and the worker trading the GIL).
+  in a loop (the DKIM common case is ours, RSA and Ed25519 by OpenSSL and libsodium), about
+  0.9 ms of the reactor thread's CPU between a loaded server's other work (caches the
+  sessions and the disk threads went through, GIL hand-overs).  A worker job costs about
+  the same in all (per-thread CPU under bench/mailauth_smtp.py: ~0.8 ms in the worker and
+  ~0.3 ms of hand-over on the reactor); sending most messages to the pool (a budget of 0
+  or 1 ms) gave 0.71x, 0.77x, 0.77x, 0.69x and 0.69x of checks off against this budget's
+  0.68x, 0.68x, 0.70x, 0.75x and 0.82x in the same five runs (interleaved): no gain.
 - **In the mail-auth worker pool** otherwise, one job per message, its DNS questions asked
   together at its start so the waits overlap (SPF, DKIM keys and the DMARC policy are
   different names).  The reactor never waits for DNS.
