@@ -33,7 +33,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -41,6 +48,7 @@ from prometheus_client.registry import Collector
 from mailsuite.imap import session as imap_session
 from mailsuite.pop3 import session as pop3_session
 from mailsuite.queue.spool import valid_id
+from mailsuite.reactor_lag import BUCKETS, ReactorLag
 
 PREFIX = "mailsuite"
 
@@ -209,6 +217,29 @@ class Metrics:
         exported as it is, also when /metrics adds up the workers' counts."""
         self.registry.register(collector)
         self._readers.append(collector)
+
+    def watch_reactor(self, lag: ReactorLag) -> None:
+        """Export the reactor's lag probe: its own collector in a single process; with worker
+        processes, the multiprocess gauge (largest over the live processes) and histogram
+        (summed) it publishes into, so ``/metrics`` shows every process's reactor whichever
+        worker answers (see :mod:`mailsuite.reactor_lag`)."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.add_reader(lag)
+            return
+        gauge_doc, histogram_doc = lag.descriptions(lag.interval, lag.window)
+        gauge = Gauge(
+            f"{PREFIX}_reactor_lag_seconds",
+            gauge_doc,
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        histogram = Histogram(
+            f"{PREFIX}_reactor_tick_lag_seconds",
+            histogram_doc,
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        lag.publish(gauge, histogram)
 
     def exported(self) -> CollectorRegistry:
         """The registry /metrics shows: this process's, or in a worker process (multiprocess

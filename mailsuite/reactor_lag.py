@@ -13,6 +13,13 @@ Exported, collected off the reactor thread like every other metric:
   seconds -- what a dashboard alerts on ("the reactor stalled for more than 50 ms");
 - ``mailsuite_reactor_tick_lag_seconds`` (histogram): every tick's lag, so the stalls
   between two scrapes can be counted from the bucket deltas (the benchmarks do this).
+
+With worker processes every process has its own reactor and its own probe, and ``/metrics``
+is answered by whichever worker takes the request, so a collector reading one process's
+memory would show that worker's figures: a stall of the other worker missed, the histogram's
+counts going backwards from one scrape to the next.  There the probe publishes into
+prometheus-client's multiprocess files instead (:meth:`ReactorLag.publish`): the gauge as the
+largest over the live processes (``livemax``), the histogram summed over all of them.
 """
 
 from __future__ import annotations
@@ -69,6 +76,29 @@ class ReactorLag(service.Service, Collector):
         self._maxima: deque[tuple[int, float]] = deque(maxlen=window + 1)
         self._counts = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
         self._sum = 0.0
+        #: with worker processes (see :meth:`publish`): where every tick goes as well
+        self._gauge: Any = None
+        self._histogram: Any = None
+        self._published = (-1, 0.0)  # (second, value) last set on the gauge
+
+    def publish(self, gauge: Any, histogram: Any) -> None:
+        """Also count every tick into ``histogram`` and keep ``gauge`` at :meth:`largest`:
+        prometheus-client metrics in multiprocess mode, which ``/metrics`` adds up over every
+        process of the server (see the module docstring).  The gauge is set when a tick beats
+        its value or a new second starts (an old stall leaves the window then): a few
+        microseconds a tick, nothing when nothing changed."""
+        self._gauge, self._histogram = gauge, histogram
+
+    @staticmethod
+    def descriptions(interval: float = INTERVAL, window: int = WINDOW) -> tuple[str, str]:
+        """The help texts of the gauge and the histogram (one wording for both ways of
+        exporting them)."""
+        ms = f"{interval * 1000:g} ms"
+        return (
+            f"Largest delay of the reactor's {ms} probe timer in the last {window} s "
+            "(how long the reactor thread was held).",
+            f"Delay of each tick of the reactor's {ms} probe timer.",
+        )
 
     # -- the probe (reactor thread) ----------------------------------------------------------
 
@@ -119,6 +149,13 @@ class ReactorLag(service.Service, Collector):
             i += 1
         self._counts[i] += 1
         self._sum += lag
+        if self._histogram is not None:
+            self._histogram.observe(lag)
+            at, value = self._published
+            if at != second or lag > value:
+                value = self.largest()
+                self._published = (second, value)
+                self._gauge.set(value)
 
     # -- the collector (any thread: reads copies) --------------------------------------------
 
@@ -132,11 +169,8 @@ class ReactorLag(service.Service, Collector):
         yield HistogramMetricFamily("mailsuite_reactor_tick_lag_seconds", "")
 
     def collect(self) -> Iterator[Any]:
-        gauge = GaugeMetricFamily(
-            "mailsuite_reactor_lag_seconds",
-            f"Largest delay of the reactor's {self.interval * 1000:g} ms probe timer in the "
-            f"last {self.window} s (how long the reactor thread was held).",
-        )
+        gauge_doc, histogram_doc = self.descriptions(self.interval, self.window)
+        gauge = GaugeMetricFamily("mailsuite_reactor_lag_seconds", gauge_doc)
         gauge.add_metric([], self.largest())
         yield gauge
         counts = list(self._counts)
@@ -146,9 +180,6 @@ class ReactorLag(service.Service, Collector):
         for bound, n in zip((*BUCKETS, math.inf), counts, strict=True):
             running += n
             cumulative.append(("+Inf" if bound == math.inf else repr(bound), running))
-        histogram = HistogramMetricFamily(
-            "mailsuite_reactor_tick_lag_seconds",
-            f"Delay of each tick of the reactor's {self.interval * 1000:g} ms probe timer.",
-        )
+        histogram = HistogramMetricFamily("mailsuite_reactor_tick_lag_seconds", histogram_doc)
         histogram.add_metric([], cumulative, sum_value=total)
         yield histogram

@@ -198,6 +198,9 @@ def makeService(
         runner = queue_service(runtime)
         attach(runner, top)
         attach(LeftoverSweeper(runtime), top)
+        lag = ReactorLag(reactor)  # this reactor runs the queue and relays the workers' logs
+        runtime.metrics.watch_reactor(lag)
+        attach(lag, top)
         if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
             attach(runtime.mail_auth, top)
         supervisor = WorkerSupervisor(config, reactor, workers, runner.enqueued, metrics)
@@ -484,7 +487,7 @@ def _extra_services(runtime: Runtime, worker: bool = False) -> list[service.Serv
     worker process (``worker``) leaves the last three to its supervisor: one of each per
     server."""
     lag = ReactorLag(runtime.reactor)
-    runtime.metrics.add_reader(lag)
+    runtime.metrics.watch_reactor(lag)
     out: list[service.Service] = [lag]
     if runtime.mail_auth is not None:
         out.append(runtime.mail_auth)

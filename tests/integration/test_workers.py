@@ -253,6 +253,33 @@ def test_the_queue_runners_counts_reach_metrics(srv: Server, net: tuple[Net, MX]
     )
 
 
+def test_reactor_lag_shows_every_process_whichever_worker_answers(srv: Server) -> None:
+    """The reactor-lag probe runs in every process; /metrics, answered by either worker,
+    shows the largest lag of all of them and counts every process's ticks.  It used to show
+    the answering worker's own probe only: a worker stopped for 0.4 s was seen by half the
+    scrapes, and the tick histogram's count went backwards from one scrape to the next."""
+    port = srv.port("web")
+    gauge, count = "mailsuite_reactor_lag_seconds", "mailsuite_reactor_tick_lag_seconds_count"
+    pids = worker_pids(srv)
+    os.kill(pids[0], signal.SIGSTOP)  # that worker's reactor is held: a stall of 0.4 s
+    try:
+        time.sleep(0.4)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    # its next tick records the stall (a stopped process's timers fire late when it runs)
+    wait_until(lambda: metric_value(port, gauge) >= 0.3, 10, "the stall in /metrics")
+    seen = []
+    for _ in range(12):  # the kernel picks the worker: both answer among twelve, in practice
+        assert metric_value(port, gauge) >= 0.3, "a scrape that did not see the stall"
+        seen.append(metric_value(port, count))
+    assert seen == sorted(seen), f"the tick count went backwards: {seen}"
+    # three probes tick (two workers and the supervisor): far more than one process's 100/s
+    t0, c0 = time.monotonic(), seen[-1]
+    time.sleep(1.0)
+    rate = (metric_value(port, count) - c0) / (time.monotonic() - t0)
+    assert rate > 150, f"{rate:.0f} ticks/s counted: not every process's probe"
+
+
 def test_sighup_reloads_the_certificates_in_every_worker(srv: Server) -> None:
     assert srv.proc is not None
     start = srv.log.stat().st_size

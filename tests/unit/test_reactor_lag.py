@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from mailsuite.reactor_lag import ReactorLag
+from mailsuite.reactor_lag import BUCKETS, ReactorLag
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
@@ -56,6 +56,33 @@ def test_a_late_tick_shows_in_the_gauge_and_histogram_then_leaves_the_window() -
 
     probe.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_published_metrics_follow_the_probe() -> None:
+    """With worker processes the probe publishes into prometheus-client metrics (multiprocess
+    files there; plain ones here): the histogram gets every tick, the gauge the window's
+    largest lag, dropping when the stall leaves the window."""
+    clock = Clock()
+    clock.advance(1000)
+    registry = CollectorRegistry()
+    probe = ReactorLag(clock, interval=0.01, window=10)
+    probe.publish(
+        Gauge("mailsuite_reactor_lag_seconds", "g", registry=registry),
+        Histogram("mailsuite_reactor_tick_lag_seconds", "h", buckets=BUCKETS, registry=registry),
+    )
+    probe.startService()
+    for _ in range(50):
+        clock.advance(0.01)
+    clock.advance(0.01 + 0.2)
+    late = samples(registry)
+    assert abs(late[("mailsuite_reactor_lag_seconds", "")] - 0.2) < 1e-6
+    assert late[("mailsuite_reactor_tick_lag_seconds_count", "")] == 51
+    assert late[("mailsuite_reactor_tick_lag_seconds_bucket", "0.1")] == 50
+    assert late[("mailsuite_reactor_tick_lag_seconds_bucket", "0.25")] == 51
+    for _ in range(1100):
+        clock.advance(0.01)
+    assert samples(registry)[("mailsuite_reactor_lag_seconds", "")] == 0
+    probe.stopService()
 
 
 def test_freeze_startup_objects_takes_what_lives_out_of_full_collections() -> None:
