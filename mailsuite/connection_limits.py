@@ -15,10 +15,10 @@ Three numbers per service, each 0 for "no limit":
 
 With several worker processes (``[server] workers``) each process keeps these counts for
 its own connections and the decision is taken over every worker's through a shared
-:class:`ConnectionCounts` (:meth:`ConnectionLimits.share`; the SQLite one of
-:mod:`mailsuite.shared.counters`), so a client does not get one allowance per worker.  Only
-the keys a limit applies to are counted there (:attr:`Admission.held`): a service with no
-limit set makes no shared write per connection.
+:class:`ConnectionCounts` (:meth:`ConnectionLimits.share`; the shared-memory table of
+:mod:`mailsuite.shared.connection_table`), so a client does not get one allowance per
+worker.  Only the keys a limit applies to are counted there (:attr:`Admission.held`): a
+service with no limit set makes no shared write per connection.
 
 Why the per-IP count is a pre-login count: IMAP clients keep several connections per account
 (Thunderbird up to 5), and an office behind one address reaches any small per-IP limit with
@@ -47,7 +47,7 @@ class Refusal(enum.Enum):
 
 
 class ConnectionCounts(Protocol):
-    """Counts kept for several processes (see :mod:`mailsuite.shared.counters`)."""
+    """Counts kept for several processes (see :mod:`mailsuite.shared.connection_table`)."""
 
     def acquire(self, add: Sequence[tuple[str, int]], drop: Sequence[str] = ()) -> int | None:
         """Atomically: if every ``add`` key is below its limit (0: none), drop one from each
@@ -108,8 +108,8 @@ class ConnectionLimits:
         held: tuple[str, ...] = ()
         if self.shared is not None:
             # Only the keys a limit applies to go to the shared counts: a key without a
-            # limit is never read, and each shared write is a cross-process transaction
-            # (~100 us a connection): with no limit set, a connection costs none.
+            # limit is never read, and each shared write takes a cross-process lock (a
+            # few microseconds): with no limit set, a connection costs none.
             add: list[tuple[str, int, Refusal]] = []
             if self.max_connections:
                 add.append((f"{self.service} total", self.max_connections, Refusal.TOTAL))

@@ -9,7 +9,7 @@ listing, ``/proc`` for the process metrics -- never blocks the reactor.
 
 With ``[server] workers`` > 1 every worker counts in its own memory, so the supervisor
 starts them with ``PROMETHEUS_MULTIPROC_DIR`` set (a private folder in tmpfs, else
-``<data_dir>/run/metrics``: :func:`mailsuite.workers.metrics_dir`; emptied at start):
+``<data_dir>/run/live``: :func:`mailsuite.workers.live_state_dir`; emptied at start):
 prometheus-client's multiprocess mode keeps each worker's values in a small mmapped
 file, and ``/metrics``, served by whichever worker gets the request, adds up every worker's
 (:meth:`Metrics.exported`).  A gauge must say how to add up: ``multiprocess_mode="livesum"``

@@ -182,10 +182,10 @@ def makeService(
             workers = 1
     if workers > 1:
         from mailsuite.metrics import share_with_workers
-        from mailsuite.workers import metrics_dir
+        from mailsuite.workers import live_state_dir
 
-        metrics = metrics_dir(config, owner=None if run_as is None else run_as[0])
-        share_with_workers(metrics)  # before build_runtime makes the Metrics
+        live_dir = live_state_dir(config, owner=None if run_as is None else run_as[0])
+        share_with_workers(live_dir)  # before build_runtime makes the Metrics
     runtime = build_runtime(config, reactor)
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
@@ -203,11 +203,11 @@ def makeService(
         attach(lag, top)
         if runtime.mail_auth is not None:  # the queue's DSNs are DKIM-signed here
             attach(runtime.mail_auth, top)
-        supervisor = WorkerSupervisor(config, reactor, workers, runner.enqueued, metrics)
+        supervisor = WorkerSupervisor(config, reactor, workers, runner.enqueued, live_dir)
         attach(supervisor, top, "workers")
         if run_as is not None:  # last: what building made as root (metrics files) included
             hand_data_to(config, *run_as)
-            give_tree_to(metrics, *run_as)  # in tmpfs, outside the data folder
+            give_tree_to(live_dir, *run_as)  # in tmpfs, outside the data folder
         freeze_startup_objects()  # see there: no 60-150 ms GC pauses, none at the start
         return top
     for extra in _extra_services(runtime):

@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = _parent_from(sys.argv if argv is None else ["", *argv])
     _die_with_parent(parent)
     import argparse
+    from pathlib import Path
 
     from twisted.internet import task
     from twisted.internet.error import ReactorNotRunning
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[])
+    parser.add_argument("--connections", required=True)
     parser.add_argument("--log-lines", choices=("text", "json"))
     args = parser.parse_args(argv)
     if args.log_lines:
@@ -87,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
-        top = worker_service(config, reactor, listeners, QUEUE_PIPE_FD)
+        top = worker_service(
+            config, reactor, listeners, QUEUE_PIPE_FD, args.index, Path(args.connections)
+        )
     except ConfigError as e:  # the supervisor checked it; the file changed since
         print(f"mailsuite worker: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -94,11 +95,19 @@ class Drain(service.Service):
 
 
 def worker_service(
-    config: Config, reactor: Any, listeners: Sequence[tuple[str, int, int]], queue_fd: int
+    config: Config,
+    reactor: Any,
+    listeners: Sequence[tuple[str, int, int]],
+    queue_fd: int,
+    index: int,
+    connections: Path,
 ) -> service.MultiService:
-    """The worker's services: TLS reload, mail authentication, the adopted listeners."""
+    """The worker's services: TLS reload, mail authentication, the adopted listeners.
+    ``index``: this worker's slot (kept across restarts), its column in the supervisor's
+    connection table at ``connections``."""
     from mailsuite import service as server
     from mailsuite.shared import counters
+    from mailsuite.shared.connection_table import SharedConnectionTable
 
     runtime = server.build_runtime(config, reactor)
     path = counters.state_path(config.data_dir)
@@ -115,7 +124,7 @@ def worker_service(
     for name, fd, family in listeners:
         by_name.setdefault(name, []).append((fd, family))
     built = list(server.listener_factories(runtime, adopted))
-    counts = counters.SharedConnectionCounts(path)
+    counts = SharedConnectionTable(connections, index)  # zeroes its column: a new start
     for name, limits in runtime.connection_limits.items():
         limits.share(counts, name)
     for name, desc, factory in built:

@@ -13,7 +13,8 @@ entry through a pipe, fd 3, one queue id per line, so it is tried at once), the 
 leftover temporary files, DKIM signing of the queue's DSNs.  What every worker does: the
 listeners, TLS (and its reload on SIGHUP or change), logins, deliveries.  What the workers
 share: the store (flock, SQLite WAL, Maildir renames were already safe for several
-processes), failed-login and connection counts (:mod:`mailsuite.shared.counters`), and
+processes), failed-login counts (:mod:`mailsuite.shared.counters`), connection counts
+(:mod:`mailsuite.shared.connection_table`, mmapped in tmpfs), and
 folder change notifications through inotify (:mod:`mailsuite.shared.folder_watch`).
 
 Supervision: a worker that dies is started again after a back-off (0.5 s doubling to 30 s,
@@ -51,7 +52,7 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 
 from mailsuite.config import Config
 from mailsuite.loglines import Frames, LineLog
-from mailsuite.shared import counters
+from mailsuite.shared import connection_table, counters
 
 log = Logger(namespace="mailsuite.workers")
 
@@ -74,10 +75,12 @@ def count(config: Config) -> int:
 SHM = Path("/dev/shm")
 
 
-def metrics_dir(config: Config, shm: Path = SHM, owner: int | None = None) -> Path:
-    """Where the twistd process and its workers keep their prometheus-client counts.
+def live_state_dir(config: Config, shm: Path = SHM, owner: int | None = None) -> Path:
+    """Where the twistd process and its workers keep the state they share through mmapped
+    files: prometheus-client's counts (:mod:`mailsuite.metrics`) and the connection table
+    (:mod:`mailsuite.shared.connection_table`).
 
-    Those files are mmapped and written at every count.  On a disk file system a write to a
+    Those files are written at every count.  On a disk file system a write to a mmapped
     page that writeback has just cleaned waits in the kernel (``page_mkwrite``) for the
     journal, which a stream of fsyncs (one per delivery) keeps busy: a 14 ms reactor stall
     was seen under SMTP load.  So they go to tmpfs (``/dev/shm``), in a folder named for
@@ -86,13 +89,13 @@ def metrics_dir(config: Config, shm: Path = SHM, owner: int | None = None) -> Pa
     uid when it is not this process's (twistd started as root with ``--uid``: the folder is
     made and given to it here).  Where there is no tmpfs, or the name is taken by anything
     but that account's private folder (another user's, a symlink), the data folder's
-    ``run/metrics`` as before."""
-    fallback = config.data_dir / "run" / "metrics"
+    ``run/live``."""
+    fallback = config.data_dir / "run" / "live"
     if not shm.is_dir():
         return fallback
     uid = os.geteuid() if owner is None else owner
     key = hashlib.sha256(os.fsencode(config.data_dir.resolve())).hexdigest()[:16]
-    path = shm / f"mailsuite-metrics-{uid}-{key}"
+    path = shm / f"mailsuite-live-{uid}-{key}"
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
@@ -160,7 +163,7 @@ class WorkerSupervisor(service.Service):
         reactor: Any,
         count: int,
         enqueued: Callable[[str], None],
-        metrics: Path | None = None,
+        live_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -172,8 +175,9 @@ class WorkerSupervisor(service.Service):
         self.all_ready = False
         self._previous_hup: Any = None
         self.shared_path = counters.state_path(config.data_dir)
-        #: prometheus-client's multiprocess files (see mailsuite.metrics and metrics_dir)
-        self.metrics_dir = metrics_dir(config) if metrics is None else metrics
+        #: prometheus-client's multiprocess files and the connection table (live_state_dir)
+        self.live_dir = live_state_dir(config) if live_dir is None else live_dir
+        self.connections_path = connection_table.table_path(self.live_dir)
         #: the server log's observer, when this process owns the log's output (set by
         #: mailsuite.tap): workers then send it finished lines, not events
         self.log_lines: LineLog | None = None
@@ -210,9 +214,10 @@ class WorkerSupervisor(service.Service):
         self.stopping = False
         self.all_ready = False
         counters.reset(self.shared_path)
-        # (the metrics folder was emptied by mailsuite.metrics.share_with_workers before
-        # this process counted anything into it)
-        self.metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # (the metrics files were emptied by mailsuite.metrics.share_with_workers before
+        # this process counted anything into them)
+        self.live_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        connection_table.create(self.connections_path, self.count)  # fresh: nothing open
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_hangup)
         self.workers = [_Worker(self, i) for i in range(self.count)]
@@ -251,8 +256,10 @@ class WorkerSupervisor(service.Service):
                 with contextlib.suppress(Exception):  # at exit: nothing left to do about it
                     port.connectionLost(None)  # closes the socket (it was never reading)
             self.ports = []
-            if self.metrics_dir.parent == SHM:  # memory, not a disk: give it back
-                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.live_dir.parent == SHM:  # memory, not a disk: give it back
+                shutil.rmtree(self.live_dir, ignore_errors=True)
+            else:
+                self.connections_path.unlink(missing_ok=True)
 
         d.addCallback(close_ports)
         return d.addCallback(lambda _: None)
@@ -268,6 +275,8 @@ class WorkerSupervisor(service.Service):
             str(index),
             "--parent",
             str(os.getpid()),
+            "--connections",
+            str(self.connections_path),
         ]
         if self.config.path is not None:
             argv += ["--config", str(self.config.path)]
@@ -309,7 +318,7 @@ class _Worker(protocol.ProcessProtocol):
         self.ready = False
         self._buffers = {}
         self._frames = Frames()
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.metrics_dir))
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.live_dir))
         self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
         self.pid = self.process.pid
         log.info("worker {i} started (pid {pid})", i=self.index, pid=self.pid)
@@ -413,10 +422,12 @@ class _Worker(protocol.ProcessProtocol):
         ended, self.ended = self.ended, None
         if pid is not None:
             try:
-                counters.forget_process(sup.shared_path, pid)
+                # its column: the slot index, which the worker started again here keeps
+                connection_table.forget_worker(sup.connections_path, self.index)
+                counters.forget_process(sup.shared_path, pid)  # its password checks
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(pid, str(sup.metrics_dir))  # its live gauges
+                multiprocess.mark_process_dead(pid, str(sup.live_dir))  # its live gauges
             except Exception:
                 log.failure("forgetting worker {pid}'s connections failed", pid=pid)
         status = reason.value

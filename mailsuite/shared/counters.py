@@ -1,21 +1,18 @@
-"""Failed-login counts and connection counts shared by the worker processes of one server.
+"""Failed-login counts shared by the worker processes of one server.
 
 With ``[server] workers`` > 1 every worker accepts connections, so counts kept in one
-process's memory would give an attacker N times the guesses and N times the connections.
-Both live here in one small SQLite file, ``<data_dir>/run/shared.sqlite`` (WAL, no fsync:
-it is state about the running server, emptied at every start, never mail), behind the two
-interfaces the single-process code already uses:
+process's memory would give an attacker N times the guesses.  They live here in one small
+SQLite file, ``<data_dir>/run/shared.sqlite`` (WAL, no fsync: it is state about the running
+server, emptied at every start, never mail), behind the interface the single-process code
+already uses: :class:`SharedFailureLog` has the methods of :class:`mailsuite.auth.FailureLog`
+(record, blocked, delay, clear) plus the in-flight bookkeeping, so the check "this address
+failed and has N more checks running" sees every worker's checks.
 
-* :class:`SharedFailureLog` has the methods of :class:`mailsuite.auth.FailureLog` (record,
-  blocked, delay, clear) plus the in-flight bookkeeping, so the check "this address failed
-  and has N more checks running" sees every worker's checks;
-* :class:`SharedConnectionCounts` answers :class:`mailsuite.connection_limits.ConnectionLimits`'
-  question "may this connection be counted under these keys" atomically across processes.
-
-Each row carries the pid of the worker that made it, so the supervisor removes a dead
-worker's connections (:func:`forget_process`) when it restarts it.  Every call is one short
-transaction (tens of microseconds) made in the reactor thread: the same order of cost as
-the argon2 check or the connection it guards, and nothing waits on a disk flush.
+Each in-flight row carries the pid of the worker that made it, so the supervisor removes a
+dead worker's (:func:`forget_process`) when it restarts it.  Every call is one short
+transaction made in the reactor thread, once per login attempt: the same order of cost as
+the argon2 check it guards.  (Connection counts, asked at every connection, are in shared
+memory instead: :mod:`mailsuite.shared.connection_table`.)
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from mailsuite.config import AuthConfig
@@ -33,8 +30,6 @@ CREATE TABLE IF NOT EXISTS failures (kind TEXT NOT NULL, key TEXT NOT NULL, at R
 CREATE INDEX IF NOT EXISTS failures_key ON failures (kind, key, at);
 CREATE TABLE IF NOT EXISTS in_flight (
     ip TEXT NOT NULL, pid INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (ip, pid));
-CREATE TABLE IF NOT EXISTS connections (
-    key TEXT NOT NULL, pid INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (key, pid));
 """
 
 #: Failure rows kept at most; past it the oldest go (a spray over many addresses must not
@@ -61,18 +56,16 @@ def reset(path: Path) -> None:
     counts, no connection of it is open)."""
     db = connect(path)
     try:
-        db.executescript("DELETE FROM failures; DELETE FROM in_flight; DELETE FROM connections;")
+        db.executescript("DELETE FROM failures; DELETE FROM in_flight;")
     finally:
         db.close()
 
 
 def forget_process(path: Path, pid: int) -> None:
-    """A worker died: its connections and password checks ended with it."""
+    """A worker died: its password checks ended with it."""
     db = connect(path)
     try:
-        with _immediate(db):
-            db.execute("DELETE FROM connections WHERE pid = ?", (pid,))
-            db.execute("DELETE FROM in_flight WHERE pid = ?", (pid,))
+        db.execute("DELETE FROM in_flight WHERE pid = ?", (pid,))
     finally:
         db.close()
 
@@ -195,52 +188,3 @@ class SharedFailureLog:
             if failed:
                 self._insert_failure(ip, user)
             self.check_finished(ip)
-
-
-class SharedConnectionCounts:
-    """Connection counts by key ("imap total", "imap ip 192.0.2.1", ...) summed over the
-    workers; see :class:`mailsuite.connection_limits.ConnectionLimits`."""
-
-    def __init__(self, path: Path) -> None:
-        self.pid = os.getpid()
-        self.db = connect(path)
-        self._drops = 0
-
-    def acquire(self, add: Sequence[tuple[str, int]], drop: Sequence[str] = ()) -> int | None:
-        """If every ``add`` key's count is below its limit (0: none), drop one from each
-        ``drop`` key and add one to each ``add`` key, and return None; otherwise change
-        nothing and return the index in ``add`` of the first key at its limit."""
-        limited = [key for key, limit in add if limit]
-        with _immediate(self.db) as db:
-            if limited:
-                marks = ",".join("?" * len(limited))
-                held = dict(
-                    db.execute(
-                        f"SELECT key, sum(n) FROM connections WHERE key IN ({marks}) GROUP BY key",
-                        limited,
-                    ).fetchall()
-                )
-                for i, (key, limit) in enumerate(add):
-                    if limit and (held.get(key) or 0) >= limit:
-                        return i
-            if drop:
-                self._drop(db, drop)
-            db.executemany(
-                "INSERT INTO connections (key, pid, n) VALUES (?, ?, 1) "
-                "ON CONFLICT (key, pid) DO UPDATE SET n = n + 1",
-                ((key, self.pid) for key, _ in add),
-            )
-        return None
-
-    def release(self, keys: Sequence[str]) -> None:
-        self._drop(self.db, keys)  # one statement: its own transaction
-
-    def _drop(self, db: sqlite3.Connection, keys: Sequence[str]) -> None:
-        marks = ",".join("?" * len(keys))
-        db.execute(
-            f"UPDATE connections SET n = n - 1 WHERE pid = ? AND key IN ({marks})",
-            (self.pid, *keys),
-        )
-        self._drops += 1
-        if self._drops % 1000 == 0:  # rows at zero are harmless; keep the table small
-            db.execute("DELETE FROM connections WHERE pid = ? AND n <= 0", (self.pid,))

@@ -12,7 +12,7 @@ from twisted.scripts.twistd import ServerOptions
 from mailsuite import tap
 from mailsuite.config import load_config
 from mailsuite.directory import Directory
-from mailsuite.workers import SHM, metrics_dir
+from mailsuite.workers import SHM, live_state_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -43,7 +43,7 @@ def test_twistd_uid_gid_reach_the_data_folder(tmp_path: Path) -> None:
     assert owners(data) == {(5000, 5001)}
     assert (data / "tls" / "selfsigned.key").stat().st_uid == 5000
     # with workers, the metrics files live in tmpfs: that folder is the account's too
-    metrics = metrics_dir(load_config(cfg), owner=5000)
+    metrics = live_state_dir(load_config(cfg), owner=5000)
     try:
         assert metrics.parent == SHM and any(metrics.iterdir())
         assert owners(metrics) == {(5000, 5001)}
@@ -59,4 +59,4 @@ def test_without_uid_nothing_changes_hands(tmp_path: Path) -> None:
     options.parseOptions(["mailsuite", "--config", str(cfg)])
     tap.makeService(options.subOptions)
     assert owners(tmp_path / "data") == {(0, 0)}
-    shutil.rmtree(metrics_dir(load_config(cfg)), ignore_errors=True)
+    shutil.rmtree(live_state_dir(load_config(cfg)), ignore_errors=True)

@@ -1,6 +1,6 @@
-"""The state worker processes share (mailsuite.shared.counters): failed logins and
-connection counts in one SQLite file, seen alike by every process.  Two objects on one file
-with different pids stand for two workers."""
+"""The state worker processes share (mailsuite.shared.counters): failed logins in one
+SQLite file, seen alike by every process.  Two objects on one file with different pids stand
+for two workers.  (Connection counts: tests/unit/test_connection_table.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from twisted.internet.task import Clock
 
 from mailsuite.auth import FailureLog
 from mailsuite.config import AuthConfig
-from mailsuite.connection_limits import ConnectionLimits, Refusal
 from mailsuite.shared import counters
 from mailsuite.shared.folder_watch import PollingWatcher
 
@@ -135,107 +134,6 @@ def test_a_finished_failure_is_counted_as_it_stops_running(tmp_path: Path) -> No
     assert local.delay("192.0.2.1") == 1.0  # 2 failures: 0.5, 1
 
 
-def shared_pair(tmp_path: Path, **limits: int) -> tuple[ConnectionLimits, ConnectionLimits]:
-    path = counters.state_path(tmp_path)
-    one, two = ConnectionLimits(**limits), ConnectionLimits(**limits)
-    c1, c2 = counters.SharedConnectionCounts(path), counters.SharedConnectionCounts(path)
-    c2.pid = c1.pid + 1
-    one.share(c1, "imap")
-    two.share(c2, "imap")
-    return one, two
-
-
-def test_connection_limits_count_every_worker(tmp_path: Path) -> None:
-    one, two = shared_pair(
-        tmp_path, max_connections=3, max_connections_per_ip=2, max_userip_connections=1
-    )
-    a = one.admit("192.0.2.1")
-    b = two.admit("192.0.2.1")
-    assert a.refused is None and b.refused is None
-    assert two.admit("192.0.2.1").refused is Refusal.PER_IP  # 2 from this address already
-    c = one.admit("192.0.2.2")
-    assert two.admit("192.0.2.3").refused is Refusal.TOTAL
-    assert a.login("alice@example.test") is None  # leaves the per-IP count
-    assert two.admit("192.0.2.3").refused is Refusal.TOTAL  # still 3 open in all
-    c.release()
-    d = two.admit("192.0.2.1")
-    assert d.refused is None
-    assert b.login("Alice@example.test") is Refusal.USER_IP  # one per user+IP, over workers
-    for x in (a, b, d):
-        x.release()
-    assert [one.admit("192.0.2.1").refused, two.admit("192.0.2.1").refused] == [None, None]
-
-
-def _shared_rows(tmp_path: Path) -> list[tuple[str, int]]:
-    db = counters.connect(counters.state_path(tmp_path))
-    try:
-        rows = db.execute("SELECT key, sum(n) FROM connections GROUP BY key HAVING sum(n) > 0")
-        return sorted(rows.fetchall())
-    finally:
-        db.close()
-
-
-def test_only_keys_with_a_limit_are_counted_across_workers(tmp_path: Path) -> None:
-    """No limit set: a connection, its login and its close make no shared write (each is a
-    cross-process transaction); with limits, the keys that have one are kept exact."""
-    one, two = shared_pair(tmp_path)
-    sessions = [w.admit("192.0.2.1") for w in (one, two) for _ in range(3)]
-    assert [s.refused for s in sessions] == [None] * 6
-    assert sessions[0].login("alice@example.test") is None
-    assert _shared_rows(tmp_path) == []
-    assert (one.total, one.per_ip, one.per_userip) == (
-        3,
-        {"192.0.2.1": 2},
-        {("alice@example.test", "192.0.2.1"): 1},
-    )
-    for s in sessions:
-        s.release()
-    assert (one.total, one.per_ip, one.per_userip) == (0, {}, {})
-
-    exempt = ConnectionLimits(max_connections=3, max_connections_per_ip=1, exempt=lambda ip: True)
-    exempt.share(counters.SharedConnectionCounts(counters.state_path(tmp_path)), "smtp")
-    a, b = exempt.admit("127.0.0.1"), exempt.admit("127.0.0.1")  # trusted: no per-IP key
-    assert (a.refused, b.refused) == (None, None)
-    assert _shared_rows(tmp_path) == [("smtp total", 2)]
-    a.release()
-    b.release()
-    assert _shared_rows(tmp_path) == []
-
-
-def test_login_moves_only_the_keys_that_have_limits(tmp_path: Path) -> None:
-    """Per-IP limit but no user+IP limit: login frees the address's shared slot and adds
-    nothing; the other worker then gets it."""
-    one, two = shared_pair(tmp_path, max_connections_per_ip=1)
-    a = one.admit("192.0.2.1")
-    assert two.admit("192.0.2.1").refused is Refusal.PER_IP
-    assert a.login("alice@example.test") is None
-    assert _shared_rows(tmp_path) == []
-    b = two.admit("192.0.2.1")
-    assert b.refused is None
-    assert one.admit("192.0.2.1").refused is Refusal.PER_IP
-    a.release()  # logged in: holds nothing shared any more
-    assert _shared_rows(tmp_path) == [("imap ip 192.0.2.1", 1)]
-    b.release()
-    assert _shared_rows(tmp_path) == []
-
-
-def test_a_dead_workers_connections_leave_the_counts(tmp_path: Path) -> None:
-    one, two = shared_pair(tmp_path, max_connections_per_ip=1)
-    assert one.admit("192.0.2.1").refused is None
-    assert two.admit("192.0.2.1").refused is Refusal.PER_IP
-    assert one.shared is not None
-    counters.forget_process(counters.state_path(tmp_path), one.shared.pid)  # type: ignore[attr-defined]
-    assert two.admit("192.0.2.1").refused is None
-
-
-def test_reset_empties_the_file_for_a_new_start(tmp_path: Path) -> None:
-    one, _ = shared_pair(tmp_path, max_connections_per_ip=1)
-    assert one.admit("192.0.2.1").refused is None
-    counters.reset(counters.state_path(tmp_path))
-    _, two = shared_pair(tmp_path, max_connections_per_ip=1)
-    assert two.admit("192.0.2.1").refused is None
-
-
 def test_polling_watcher_calls_until_stopped(tmp_path: Path) -> None:
     clock = Clock()
     calls: list[int] = []
@@ -265,4 +163,3 @@ def test_the_local_implementations_have_the_shared_interfaces(tmp_path: Path) ->
     assert isinstance(Spool(tmp_path / "queue"), interfaces.QueueClaim)
     for name in ("sync", "counters", "state", "changes_since", "store_flags", "expunge", "close"):
         assert callable(getattr(FolderIndex, name)), name
-    assert callable(counters.SharedConnectionCounts(path).acquire)
