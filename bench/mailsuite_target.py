@@ -61,6 +61,16 @@ def _toml_workers(value: str) -> str:
     return value if value.isdigit() else f'"{value}"'
 
 
+#: ``--connection-limits off``: for a benchmark that opens more sessions from one address
+#: than the default limits allow (the default runs the server's default configuration:
+#: since the shared counts are a shared-memory table, a few microseconds a connection)
+NO_LIMITS = (
+    "[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
+    "[imap]\nmax_connections = 0\nmax_connections_per_ip = 0\nmax_userip_connections = 0\n"
+    "[pop3]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
+)
+
+
 def start(a: argparse.Namespace) -> None:
     root = Path(a.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -80,10 +90,7 @@ def start(a: argparse.Namespace) -> None:
         # The benchmark clients log in without TLS, many times, from one address.
         "[auth]\nallow_plaintext = true\nmax_failures_per_ip = 100000\n"
         "max_failures_per_user = 100000\n"
-        # ... and open many sessions at once from it: no connection limits
-        "[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
-        "[imap]\nmax_connections = 0\nmax_connections_per_ip = 0\nmax_userip_connections = 0\n"
-        "[pop3]\nmax_connections = 0\nmax_connections_per_ip = 0\n"
+        f"{NO_LIMITS if a.connection_limits == 'off' else ''}"
         f"{a.extra_toml}\n"
     )
     cli = [a.python, "-m", "mailsuite.cli", "--config", str(config)]
@@ -179,6 +186,12 @@ def main() -> None:
         help='[server] workers: a number or "auto" (default 1, or $MAILSUITE_WORKERS)',
     )
     s.add_argument("--extra-toml", default="", help="TOML appended to the config (new sections)")
+    s.add_argument(
+        "--connection-limits",
+        choices=("default", "off"),
+        default=os.environ.get("MAILSUITE_BENCH_LIMITS", "default"),
+        help="the default max_connections* (default), or none (off)",
+    )
     p = sub.add_parser("stop")
     p.add_argument("--dir", required=True)
     a = ap.parse_args()

@@ -6,8 +6,9 @@ processes spend per message does not (much), so this is what to compare between 
     python3 bench/smtp_cpu.py --target w2-noauth --target main:w2-noauth=/path/to/tree \\
         --msgs 1000 --rounds 3
 
-A target is ``[LABEL:]wN[-noauth][=TREE]``: mailsuite with ``[server] workers = N`` (and
-every ``[mail_auth]`` check off with ``-noauth``), run from TREE through ``PYTHONPATH``
+A target is ``[LABEL:]wN[-noauth][-nolimits][=TREE]``: mailsuite with ``[server] workers =
+N`` (every ``[mail_auth]`` check off with ``-noauth``; every connection limit off with
+``-nolimits``, else the defaults), run from TREE through ``PYTHONPATH``
 (default: this tree).  Each is started once (bench/mailsuite_target.py, loopback, a
 temporary directory); then, round by round in rotating order, smtp-source sends ``--msgs``
 messages of ``--size`` bytes over ``--sessions`` sessions (a new connection per message)
@@ -57,6 +58,8 @@ def snapshot(pid: int) -> dict[str, float]:
 
 
 def start(label: str, spec: str, work: Path, tree: str | None) -> dict[str, str]:
+    limits = "off" if spec.endswith("-nolimits") else "default"
+    spec = spec.removesuffix("-nolimits")
     base = spec.removesuffix("-noauth")
     extra = ""
     if base != spec:
@@ -75,6 +78,8 @@ def start(label: str, spec: str, work: Path, tree: str | None) -> dict[str, str]
             base.removeprefix("w"),
             "--extra-toml",
             extra,
+            "--connection-limits",
+            limits,
         ],
         env=env,
         check=True,

@@ -394,3 +394,44 @@ def test_ctrl_c_stops_every_process_without_a_traceback(servers: ServerFactory) 
     assert worker_pids_gone(pids)
     assert "ReactorNotRunning" not in server.output()
     server.stop()  # checks the log: no traceback
+
+
+def test_a_killed_workers_connections_leave_the_shared_counts(servers: ServerFactory) -> None:
+    """The connection counts live in a table in the private tmpfs folder; each worker
+    counts in its own column (its slot index).  Two POP3 connections from one address fill
+    ``max_connections_per_ip = 2`` through one worker; after a ``kill -9`` of it the
+    supervisor zeroes that column and the address gets both places again (without it,
+    the dead worker's connections would count until the next start).  At stop the folder,
+    table included, is gone."""
+    from mailsuite.config import load_config
+    from mailsuite.shared.connection_table import table_path
+    from mailsuite.workers import live_state_dir
+
+    server = servers(
+        ("pop3",),
+        users=(ALICE,),
+        extra_toml="[pop3]\nmax_connections_per_ip = 2\n",
+        server_toml="workers = 2",
+    )
+    wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
+    table = table_path(live_state_dir(load_config(server.config)))
+    assert table.is_file()
+    pids = worker_pids(server)
+    victim = pids[0]
+    port = server.port("pop3")
+    held = [on_worker(port, victim, pids, source="127.0.0.9") for _ in range(2)]
+    refused = LineClient(port, source="127.0.0.9", timeout=20)
+    assert refused.line().startswith("-ERR [SYS/TEMP] Too many connections from your address")
+    refused.close()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: victim not in worker_pids(server) and len(worker_pids(server)) == 2,
+        30,
+        "the worker to come back",
+    )
+    again = [LineClient(port, source="127.0.0.9", timeout=20) for _ in range(2)]
+    assert [c.line()[:3] for c in again] == ["+OK", "+OK"]
+    for c in [*held, *again]:
+        c.close()
+    server.stop()
+    assert not table.exists()
