@@ -10,31 +10,35 @@ held for the few microseconds of the operation.
 The file (made fresh by the supervisor at every start, :func:`create`; in the private tmpfs
 folder of :func:`mailsuite.workers.live_state_dir`, removed at stop) holds:
 
-* a header: magic, the number of worker columns and of slots, how many slots have ever held
-  a key since the last compaction (``used``), how many times a slot fell to zero since then
-  (``freed``), and a random 16-byte secret made at creation;
+* a header: magic, the number of worker columns and of slots, how many slots hold a key
+  (``used``), and a random 16-byte secret made at creation;
 * ``slots`` 8-byte tags: the first 8 bytes of the keyed BLAKE2b hash of a key (keyed with the
-  secret, so a client choosing addresses cannot aim them at one probe chain); 0 is "never
-  used".  Two keys with one tag would count together: at 2^-64 per pair, not a concern;
+  secret, so a client choosing addresses cannot aim them at one probe chain); 0 is "empty".
+  Two keys with one tag would count together: at 2^-64 per pair, not a concern;
 * one column of ``slots`` 32-bit counts per worker slot index (the supervisor's ``--index``,
   kept by a restarted worker), column after column.  A key's count is the sum over the
   columns; a worker only ever adds to or takes from its own column, so the supervisor can
   zero a dead worker's column exactly (:func:`forget_worker`) and a restarted worker zeroes
   its own when it opens the file.
 
-Open addressing with linear probing.  A slot whose counts fell to zero keeps its tag (a
-*tombstone*): emptying it would cut the probe chain of any key stored past it.  A new key
-takes the first tombstone on its chain (after making sure the key is not further along),
-else the empty slot that ended the chain.  Once ``used`` reaches 3/4 of the slots and at
-least 1/8 have been freed since the last compaction, the table is rebuilt in place under the
-lock with only the keys that count something (a few milliseconds for the default size; at
-most once per slots/8 releases that reach zero).  When even that leaves no room -- 5/8 of
-the slots hold live keys -- a new key is refused: :meth:`SharedConnectionTable.acquire`
-answers as if that key were at its limit (the connection is refused, never admitted past a
-limit) and the server keeps running.
+Open addressing with linear probing.  Deletion is the delicate part: a slot emptied in the
+middle of a probe chain would hide every key stored past it.  Tombstones (a key kept at zero,
+reused later) avoid that but fill the table until a rebuild, and a rebuild of 65,536 slots in
+Python held the lock for 280 ms (measured; every worker waits on it).  So a key whose count
+falls to zero is deleted at once by *backward shift* (Knuth, TAOCP vol. 3, 6.4, Algorithm R):
+the entries after it in its cluster that may move back to the hole do, so no chain is ever
+cut and no tombstone is left -- a few slots touched, under the lock, at the release that
+emptied the key.  The one whole-table pass left is when a dead worker's column is zeroed
+(its keys may fall to zero all at once): :meth:`SharedConnectionTable._rebuild`, in the
+supervisor, once per worker death (tens of milliseconds at most).
+
+The table never holds more than 3/4 of its slots (probe chains stay short).  A new key that
+would pass that is refused: :meth:`SharedConnectionTable.acquire` answers as if that key were
+at its limit (the connection is refused, never admitted past a limit) and the server keeps
+running; keys already in the table go on counting.
 
 Size: :data:`SLOTS` = 65,536 slots, (8 + 4 x workers) bytes each: 1.5 MiB with 4 workers,
-17 MiB with the maximum of 64; tmpfs gives pages only as they are written.  Room for 40,960
+17 MiB with the maximum of 64; tmpfs gives pages only as they are written.  Room for 49,152
 keys counting at once: each connection holds at most two (the service total, and its
 address or user+address), and only for the limits that are set.
 """
@@ -47,13 +51,14 @@ import mmap
 import os
 import secrets
 import struct
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["SLOTS", "SharedConnectionTable", "create", "forget_worker", "table_path"]
 
 MAGIC = b"MSCONN01"
-#: magic, columns, slots, used, freed, secret
+#: magic, columns, slots, used, (reserved), secret
 _HEADER = struct.Struct("=8sIIII16s")
 HEADER_SIZE = 64
 #: Slots in a table made by the server (a power of two).
@@ -161,12 +166,6 @@ class SharedConnectionTable:
     def _set_used(self, n: int) -> None:
         struct.pack_into("=I", self.header, 16, n)
 
-    def _freed(self) -> int:
-        return int(struct.unpack_from("=I", self.header, 20)[0])
-
-    def _set_freed(self, n: int) -> None:
-        struct.pack_into("=I", self.header, 20, min(n, 0xFFFFFFFF))
-
     # -- the table (every method below: with the lock held) --------------------------------
 
     def _tag(self, key: str) -> int:
@@ -197,64 +196,79 @@ class SharedConnectionTable:
             i = (i + 1) & mask
         return -1
 
-    def _place(self, tag: int, taken: list[int]) -> int:
-        """The slot of ``tag``, given one if it has none (raises TableFull).  ``taken``: the
-        slots placed for the other keys of this acquire -- at zero still, but no tombstones."""
+    def _place(self, tag: int) -> int:
+        """The slot of ``tag``, given one if it has none (raises TableFull)."""
         tags, mask = self.tags, self.mask
         i = tag & mask
-        reuse = -1
-        for _ in range(self.slots):
+        while True:  # ends: the table is never more than 3/4 full
             t = tags[i]
             if t == tag:
                 return i
             if t == 0:
                 break
-            if reuse < 0 and self._sum(i) == 0 and i not in taken:
-                reuse = i  # a tombstone: ours if the key is not further along
             i = (i + 1) & mask
-        else:
-            i = -1  # no empty slot at all (cannot happen below 3/4 use; safe anyway)
-        if reuse >= 0:
-            tags[reuse] = tag
-            return reuse
         used = self._used()
-        if i < 0 or used + 1 > self.slots * 3 // 4:
+        if used + 1 > self.slots * 3 // 4:
             raise TableFull
         tags[i] = tag
         self._set_used(used + 1)
         return i
 
-    def _compact(self) -> bool:
-        """Rebuild the table with only the keys that count something (True), or leave it
-        as it is when too few slots were freed since the last rebuild to be worth it."""
-        if self._freed() < self.slots // 8:
-            return False
-        tags, counts, step = self.tags, self.counts, self.slots
-        live: list[tuple[int, list[int]]] = []
-        for i in range(self.slots):
-            if tags[i]:
-                column_counts = [counts[i + c * step] for c in range(self.columns)]
-                if any(column_counts):
-                    live.append((tags[i], column_counts))
-        start = HEADER_SIZE
-        self.map[start : start + 8 * step] = bytes(8 * step)
-        self.map[start + 8 * step :] = bytes(4 * step * self.columns)
-        mask = self.mask
-        for tag, column_counts in live:
-            i = tag & mask
-            while tags[i]:
-                i = (i + 1) & mask
-            tags[i] = tag
-            for c, n in enumerate(column_counts):
-                counts[i + c * step] = n
-        self._set_used(len(live))
-        self._set_freed(0)
-        return True
+    def _delete(self, hole: int) -> None:
+        """Empty slot ``hole`` (every count of it zero) without cutting a probe chain: each
+        later entry of the cluster whose home is not in (hole, its slot] moves back into
+        the hole, which moves on to where it was (Algorithm R, linear probing)."""
+        tags, counts, step, mask = self.tags, self.counts, self.slots, self.mask
+        columns = range(0, step * self.columns, step)
+        j = hole
+        while True:
+            j = (j + 1) & mask
+            t = tags[j]
+            if t == 0:
+                break
+            home = t & mask
+            if (home <= hole or home > j) if hole < j else (home <= hole and home > j):
+                tags[hole] = t
+                for c in columns:
+                    counts[c + hole] = counts[c + j]
+                hole = j
+        tags[hole] = 0
+        for c in columns:
+            counts[c + hole] = 0
+        self._set_used(self._used() - 1)
+
+    def _rebuild(self) -> None:
+        """The table again with only the keys that count something (after a column was
+        zeroed: its keys may have fallen to zero all at once).  Read and written whole, in
+        lists: a pass over every slot, not a probe per slot."""
+        n, mask = self.slots, self.mask
+        tags = self.tags.tolist()
+        cols = [self.counts[c * n : (c + 1) * n].tolist() for c in range(self.columns)]
+        new_tags = [0] * n
+        new_cols = [[0] * n for _ in cols]
+        live = 0
+        for i, t in enumerate(tags):
+            if not t or not any(col[i] for col in cols):
+                continue
+            j = t & mask
+            while new_tags[j]:
+                j = (j + 1) & mask
+            new_tags[j] = t
+            for col, new in zip(cols, new_cols, strict=True):
+                new[j] = col[i]
+            live += 1
+        self.tags[:] = array("Q", new_tags)
+        for c, new in enumerate(new_cols):
+            self.counts[c * n : (c + 1) * n] = array("i", new)
+        self._set_used(live)
 
     def _zero_column(self, column: int) -> None:
         start = HEADER_SIZE + 8 * self.slots + 4 * self.slots * column
-        self.map[start : start + 4 * self.slots] = bytes(4 * self.slots)
-        self._set_freed(self.slots)  # its keys may all be tombstones now: compact when needed
+        end = start + 4 * self.slots
+        if self.map[start:end].count(0) == end - start:
+            return  # nothing counted there (the usual case: the supervisor zeroed it)
+        self.map[start:end] = bytes(end - start)
+        self._rebuild()
 
     def _drop(self, tag: int) -> None:
         slot = self._find(tag)
@@ -265,7 +279,7 @@ class SharedConnectionTable:
         if n > 0:  # never below zero (a release of what this worker does not hold: nothing)
             self.counts[own] = n - 1
             if n == 1 and self._sum(slot) == 0:
-                self._set_freed(self._freed() + 1)
+                self._delete(slot)
 
     # -- ConnectionCounts ----------------------------------------------------------------------
 
@@ -279,44 +293,33 @@ class SharedConnectionTable:
         dropped = [self._tag(key) for key in drop]
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            slots = self._place_all(tags)
+            slots: list[int] = []
+            refused: int | None = None
             counts, step = self.counts, self.slots
-            for i, slot in enumerate(slots):
-                limit = add[i][1]
-                if limit and sum(counts[slot::step]) >= limit:
+            for i, ((_, limit), tag) in enumerate(zip(add, tags, strict=True)):
+                try:
+                    slot = self._place(tag)
+                except TableFull:
+                    refused = i
                     break
-            else:
-                i = len(slots)
-            if i < len(tags):  # at its limit, or (past the keys placed) no room for it
-                unused = sum(1 for s in slots if self._sum(s) == 0)
-                self._set_freed(self._freed() + unused)  # placed now, left at zero
-                return i
+                slots.append(slot)
+                if limit and sum(counts[slot::step]) >= limit:
+                    refused = i
+                    break
+            if refused is not None:
+                for tag in tags[: len(slots)]:  # keys placed just now, still at zero
+                    slot = self._find(tag)  # (a deletion may have moved it)
+                    if slot >= 0 and self._sum(slot) == 0:
+                        self._delete(slot)
+                return refused
+            own = self.own
+            for slot in slots:  # before the drops: a deletion moves entries
+                counts[own + slot] += 1
             for tag in dropped:
                 self._drop(tag)
-            own = self.own
-            for slot in slots:
-                counts[own + slot] += 1
             return None
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def _place_all(self, tags: list[int]) -> list[int]:
-        """The slots of ``tags``, in order, as far as there is room (with the lock held):
-        shorter than ``tags`` when the table is full."""
-        slots: list[int] = []
-        try:
-            for tag in tags:
-                slots.append(self._place(tag, slots))
-        except TableFull:
-            if not self._compact():
-                return slots
-            slots = []  # moved: place every key again (no second compaction: freed is 0)
-            try:
-                for tag in tags:
-                    slots.append(self._place(tag, slots))
-            except TableFull:
-                return slots
-        return slots
 
     def release(self, keys: Sequence[str]) -> None:
         """One less under each key, in this worker's column."""
