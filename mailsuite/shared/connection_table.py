@@ -28,9 +28,8 @@ Python held the lock for 280 ms (measured; every worker waits on it).  So a key 
 falls to zero is deleted at once by *backward shift* (Knuth, TAOCP vol. 3, 6.4, Algorithm R):
 the entries after it in its cluster that may move back to the hole do, so no chain is ever
 cut and no tombstone is left -- a few slots touched, under the lock, at the release that
-emptied the key.  The one whole-table pass left is when a dead worker's column is zeroed
-(its keys may fall to zero all at once): :meth:`SharedConnectionTable._rebuild`, in the
-supervisor, once per worker death (tens of milliseconds at most).
+emptied the key.  When a dead worker's column is zeroed, the keys it held that fall to zero
+are deleted the same way, one by one (in the supervisor, once per worker death).
 
 The table never holds more than 3/4 of its slots (probe chains stay short).  A new key that
 would pass that is refused: :meth:`SharedConnectionTable.acquire` answers as if that key were
@@ -51,7 +50,6 @@ import mmap
 import os
 import secrets
 import struct
-from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -237,38 +235,20 @@ class SharedConnectionTable:
             counts[c + hole] = 0
         self._set_used(self._used() - 1)
 
-    def _rebuild(self) -> None:
-        """The table again with only the keys that count something (after a column was
-        zeroed: its keys may have fallen to zero all at once).  Read and written whole, in
-        lists: a pass over every slot, not a probe per slot."""
-        n, mask = self.slots, self.mask
-        tags = self.tags.tolist()
-        cols = [self.counts[c * n : (c + 1) * n].tolist() for c in range(self.columns)]
-        new_tags = [0] * n
-        new_cols = [[0] * n for _ in cols]
-        live = 0
-        for i, t in enumerate(tags):
-            if not t or not any(col[i] for col in cols):
-                continue
-            j = t & mask
-            while new_tags[j]:
-                j = (j + 1) & mask
-            new_tags[j] = t
-            for col, new in zip(cols, new_cols, strict=True):
-                new[j] = col[i]
-            live += 1
-        self.tags[:] = array("Q", new_tags)
-        for c, new in enumerate(new_cols):
-            self.counts[c * n : (c + 1) * n] = array("i", new)
-        self._set_used(live)
-
     def _zero_column(self, column: int) -> None:
-        start = HEADER_SIZE + 8 * self.slots + 4 * self.slots * column
-        end = start + 4 * self.slots
-        if self.map[start:end].count(0) == end - start:
-            return  # nothing counted there (the usual case: the supervisor zeroed it)
-        self.map[start:end] = bytes(end - start)
-        self._rebuild()
+        """Zero the counts of worker ``column``, deleting the keys that fall to zero."""
+        n = self.slots
+        start = HEADER_SIZE + 8 * n + 4 * n * column
+        if self.map[start : start + 4 * n].count(0) == 4 * n:
+            return  # the usual case: the supervisor zeroed it when the worker died
+        counted = self.counts[column * n : (column + 1) * n]
+        held = [i for i, v in enumerate(counted.tolist()) if v]
+        tags = [self.tags[i] for i in held]
+        self.map[start : start + 4 * n] = bytes(4 * n)
+        for tag in tags:
+            slot = self._find(tag)  # (a deletion may have moved it)
+            if slot >= 0 and self._sum(slot) == 0:
+                self._delete(slot)
 
     def _drop(self, tag: int) -> None:
         slot = self._find(tag)
