@@ -23,7 +23,7 @@ message of the ``on`` server is checked for ``spf=pass``, ``dkim=pass`` and ``dm
 first, so the figure is of checks that ran.
 
     python bench/mailauth_smtp.py [--rounds 3] [--msgs 500] [--sessions 20] [--domains 20]
-                                  [--ttl 300] [--profile FILE]
+                                  [--ttl 300] [--workers 1] [--profile FILE]
 
 Everything listens on 127.0.0.1; the servers and the DNS server are stopped by their PIDs at
 the end, failure included; the directory is a temporary one (``--keep`` keeps it).
@@ -197,6 +197,12 @@ def main() -> None:
         help="TTL of every DNS record (1: the "
         "server's cache keeps nothing past a second, nearly every check asks)",
     )
+    p.add_argument(
+        "--workers",
+        default="1",
+        help='[server] workers of both servers (a number or "auto"; the CPU figures add up '
+        "every process, the stall is the largest of any process: /metrics shows them all)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the servers' directory")
     p.add_argument(
         "--code",
@@ -226,7 +232,18 @@ def main() -> None:
             toml = f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n{extra}'
             env = dict(os.environ, PYTHONPATH=a.code) if a.code else None
             out = subprocess.run(
-                [*target, "start", "--dir", str(d), "--services", "smtp,web", "--extra-toml", toml],
+                [
+                    *target,
+                    "start",
+                    "--dir",
+                    str(d),
+                    "--services",
+                    "smtp,web",
+                    "--workers",
+                    a.workers,
+                    "--extra-toml",
+                    toml,
+                ],
                 check=True,
                 capture_output=True,
                 text=True,

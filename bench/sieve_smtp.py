@@ -110,10 +110,21 @@ def clear(box: Path) -> None:
 
 
 def cpu_seconds(pid: str) -> tuple[float, float]:
-    """User and system CPU time the process has used (``/proc/PID/stat``, all threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    """User and system CPU time the server has used (``/proc/PID/stat``, all threads), its
+    worker processes included (the children of a server with ``[server] workers`` > 1)."""
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    user = system = 0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for p in (pid, *kids):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:  # a worker being restarted
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / tick, system / tick
 
 
 def trial(
