@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,11 @@ class Reactor:
         f, args = self.calls.get(timeout=10)
         f(*args)
 
+    def turn_until(self, done: Callable[[], bool]) -> None:
+        """Run the calls from the job threads until ``done()`` (each may fire several jobs)."""
+        while not done():
+            self.turn()
+
 
 def test_results_and_errors_come_back_and_shutdown_ends_the_threads() -> None:
     reactor = Reactor()
@@ -52,8 +58,7 @@ def test_results_and_errors_come_back_and_shutdown_ends_the_threads() -> None:
         jobs.run(work, i).addCallback(results.append)
     errors: list[Any] = []
     jobs.run(fail).addErrback(errors.append)
-    for _ in range(6):
-        reactor.turn()
+    reactor.turn_until(lambda: len(results) + len(errors) == 6)
     assert sorted(results) == [0, 2, 4, 6, 8]  # type: ignore[type-var]
     assert len(errors) == 1 and errors[0].check(OSError) and errors[0].value.errno == 28
     assert reactor.thread not in ran_in
@@ -80,9 +85,34 @@ def test_jobs_handed_over_before_shutdown_finish() -> None:
     gate.set()
     stopper.join(timeout=10)
     assert not stopper.is_alive()
-    for _ in range(2):
-        reactor.turn()
+    reactor.turn_until(lambda: len(done) == 2)
     assert done == ["first", "second"]
+
+
+def test_jobs_finished_before_the_reactor_turns_come_back_in_one_call() -> None:
+    """One wake-up of the reactor for every job that finished while it was busy, and the
+    next job after that wakes it again (nothing is left waiting)."""
+    reactor = Reactor()
+    jobs = DiskJobs(reactor, threads=3)
+
+    def work(x: int) -> int:
+        return x
+
+    results: list[int] = []
+    for i in range(6):
+        jobs.run(work, i).addCallback(results.append)
+    deadline = time.monotonic() + 10
+    while len(jobs._done) < 6:  # every job finished, none fired yet
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    f, args = reactor.calls.get(timeout=10)
+    assert reactor.calls.empty()  # the five others joined the first one's call
+    f(*args)
+    assert sorted(results) == list(range(6))
+    jobs.run(work, 6).addCallback(results.append)
+    reactor.turn()
+    assert results[-1] == 6
+    reactor.triggers[0][2]()
 
 
 @pytest.mark.parametrize("threads", [1, 4])
