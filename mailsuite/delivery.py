@@ -41,7 +41,7 @@ from mailsuite.directory import LocalBox
 from mailsuite.smtp.headers import HeaderEdit
 from mailsuite.smtp.replies import Reply
 from mailsuite.store.maildir import unique_name
-from mailsuite.store.write import Draft, copy_tmp, discard, open_tmp, write_all, write_tmp
+from mailsuite.store.write import Draft, copy_tmp, create_tmp, discard, write_all, write_tmp
 
 __all__ = [
     "JUNK",
@@ -136,13 +136,15 @@ class IncomingMessage:
         if envelope.local:
             first = envelope.local[0]
             self._folder: Path | None = first.root
-            directory = first.root / "tmp"
+            #: the folder's ``tmp/`` as a string (:meth:`check` asks at every DATA)
+            self._tmp = f"{os.fspath(first.root)}/tmp"
+            self.path = first.root.joinpath("tmp", unique_name())
             head = trace_head(envelope.sender, first.user)
         else:
             self._folder = None
-            directory = runtime.config.data_dir / "spool" / "incoming"
+            self._tmp = ""
+            self.path = runtime.config.data_dir.joinpath("spool", "incoming", unique_name())
             head = trace_head(envelope.sender, None)
-        self.path = directory / unique_name()
         self._fd: int | None = None  # opened by the first thread-pool job
         self._io: defer.Deferred[None] | None = None  # chain of write jobs, None: no file yet
         self._io_error: BaseException | None = None
@@ -216,15 +218,15 @@ class IncomingMessage:
         if self._folder is None:
             return
         try:
-            st = self.path.parent.stat()
+            st = os.stat(self._tmp)  # noqa: PTH116 (a string: no path object per message)
         except FileNotFoundError:
             return  # created with the file
         if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.path.parent))
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", self._tmp)
 
     def _open_blocking(self) -> int:
         if self._folder is not None:
-            fd, _ = open_tmp(self._folder, self.path.name, make=True)
+            fd = create_tmp(self.path, self._folder, make=True)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

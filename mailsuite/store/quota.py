@@ -146,11 +146,17 @@ def _parse(data: bytes) -> Usage:
 
 
 def usage(root: Path) -> Usage | None:
-    """The user's limit and usage, None when the user has no quota file (no limit)."""
+    """The user's limit and usage, None when the user has no quota file (no limit).
+
+    Asked for every delivered message: ``access`` first, which says "no file" without an
+    exception (most users have no limit), and a plain string path."""
+    path = f"{os.fspath(root)}/{FILE_NAME}"
+    if not os.access(path, os.F_OK):
+        return None
     try:
-        with (root / FILE_NAME).open("rb") as f:
+        with open(path, "rb") as f:  # noqa: PTH123 (see above)
             return _parse(f.read())
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed in between
         return None
 
 
@@ -167,7 +173,9 @@ def charge(folder: Path, size: int, messages: int) -> None:
     problem: the mail operation it follows has happened, and a recount repairs the count."""
     if not size and not messages:
         return
-    path = root_of(folder) / FILE_NAME
+    path = f"{os.fspath(root_of(folder))}/{FILE_NAME}"
+    if not os.access(path, os.F_OK):
+        return  # no file: no limit, nothing to count (said without an exception)
     line = f"{size} {messages}\n".encode()
     for _ in range(5):  # a replaced file (compaction) is reopened
         try:
@@ -177,7 +185,7 @@ def charge(folder: Path, size: int, messages: int) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
-                if os.fstat(fd).st_ino != path.stat().st_ino:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:  # noqa: PTH116
                     continue
             except FileNotFoundError:
                 return  # the limit was removed meanwhile
@@ -188,7 +196,7 @@ def charge(folder: Path, size: int, messages: int) -> None:
         finally:
             os.close(fd)
         if big:
-            _compact(path)
+            _compact(Path(path))
         return
 
 
@@ -303,13 +311,17 @@ class UsageCache:
     MAX_ENTRIES = 10_000
 
     def __init__(self) -> None:
-        self._seen: dict[Path, tuple[tuple[int, int, int], Usage]] = {}
+        self._seen: dict[str, tuple[tuple[int, int, int], Usage]] = {}
 
     def get(self, root: Path) -> Usage | None:
-        path = root / FILE_NAME
+        # asked at every RCPT: a string path, and "no file" (no limit, the usual case)
+        # from ``access``, without an exception
+        path = f"{os.fspath(root)}/{FILE_NAME}"
         try:
-            st = path.stat()
+            st = os.stat(path) if os.access(path, os.F_OK) else None  # noqa: PTH116
         except OSError:
+            st = None
+        if st is None:
             self._seen.pop(path, None)
             return None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -317,7 +329,7 @@ class UsageCache:
         if hit is not None and hit[0] == stamp:
             return hit[1]
         try:
-            with path.open("rb") as f:
+            with open(path, "rb") as f:  # noqa: PTH123
                 u = _parse(f.read())
         except OSError:
             return None

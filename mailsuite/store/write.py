@@ -50,6 +50,7 @@ __all__ = [
     "Placement",
     "append_message",
     "copy_tmp",
+    "create_tmp",
     "discard",
     "open_tmp",
     "place",
@@ -102,16 +103,22 @@ def open_tmp(folder: Path, name: str | None = None, *, make: bool = False) -> tu
     otherwise a missing folder raises FileNotFoundError (APPEND to a folder deleted meanwhile
     must not bring it back).  ``name``: a :func:`~mailsuite.store.maildir.unique_name` made
     earlier (an import names a batch in source order before writing it in parallel)."""
-    path = folder / "tmp" / (name or unique_name())
+    path = folder.joinpath("tmp", name or unique_name())
+    return create_tmp(path, folder, make=make), path
+
+
+def create_tmp(path: Path | str, folder: Path, *, make: bool = False) -> int:
+    """:func:`open_tmp` for a ``path`` in ``folder/tmp`` the caller named already (the SMTP
+    path keeps its own: no second path object per message); returns the descriptor."""
     with _create_lock:
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:
             if not make:
                 raise
     ensure_folder(folder)
     with _create_lock:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
 def write_all(fd: int, chunks: Iterable[bytes]) -> None:
@@ -252,12 +259,13 @@ def place(
         finally:
             if own:
                 idx.close()
-    new = folder / "new"
+    # plain strings: a message's path objects were a tenth of its delivery's Python time
+    new = f"{os.fspath(folder)}/new"
     done = 0
     try:
         for p in items:
-            dest = new / p.draft.final_name
-            p.draft.path.rename(dest)
+            dest = f"{new}/{p.draft.final_name}"
+            os.rename(p.draft.path, dest)  # noqa: PTH104 (see above)
             if p.internaldate is not None:
                 os.utime(dest, (p.internaldate, p.internaldate))
             done += 1
