@@ -264,7 +264,9 @@ class SMTPProtocol(GatedLineReceiver):
         return step
 
     def _close(self, action: Close) -> None:
-        self.close_connection()
+        # at once: nothing of this protocol runs after a Close but the end of the batch
+        # (its replies are sent here first), which knows the session is closed
+        self.close_connection(at_once=True)
 
     def _data_reads(self, on: bool) -> None:
         """Read :data:`DATA_READ_SIZE` at a time (``on``) or Twisted's default again.  Plain
