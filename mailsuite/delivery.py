@@ -385,10 +385,13 @@ class IncomingMessage:
         return total
 
 
-def _after(out: Outgoing, runtime: Any, blocking: Blocking) -> defer.Deferred[DeliveryResult]:
+def _after(
+    out: Outgoing, runtime: Any, blocking: Blocking
+) -> DeliveryResult | defer.Deferred[DeliveryResult]:
     """The reactor-thread end of a delivery: tell the folders' sessions, log, then sign and
     queue the replies the scripts asked for (already recorded, so sent once: a failure here
-    is logged, never a reason to deliver the message again)."""
+    is logged, never a reason to deliver the message again).  The result itself when there
+    is nothing to send (the usual case: no Deferred to chain per message)."""
     for folder in out.folders:
         runtime.changes.notify(folder)
     metrics = getattr(runtime, "metrics", None)
@@ -399,7 +402,7 @@ def _after(out: Outgoing, runtime: Any, blocking: Blocking) -> defer.Deferred[De
         log.info("delivery: {line}", line=line)
     result = DeliveryResult(out.reply, out.folders)
     if not out.replies:
-        return defer.succeed(result)
+        return result
 
     async def send_all() -> DeliveryResult:
         for reply in out.replies:

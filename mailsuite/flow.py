@@ -384,10 +384,11 @@ def close_now(transport: Any) -> bool:
     (with a reset instead) and its ``loseConnection`` for a connection whose write side is
     shut.  Not over TLS, not with a producer, not
     with bytes waiting in the transport's buffer: those close the usual way."""
-    t: Any = transport
+    if not isinstance(transport, tcp.Connection):
+        return False
+    t: Any = transport  # (Twisted's transport methods are untyped)
     if not (
-        isinstance(t, tcp.Connection)
-        and not t.TLS
+        not t.TLS
         and t.connected
         and not t.disconnecting
         and not t._writeDisconnecting

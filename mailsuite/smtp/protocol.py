@@ -401,8 +401,19 @@ class SMTPProtocol(GatedLineReceiver):
         message.envelope.body_8bit = action.body_8bit
         txid = self.session.transaction.txid if self.session.transaction else "?"
 
-        def done(result: DeliveryResult) -> tuple[bool, Reply | None]:
-            return True, result.reply  # a refusal: the only recipient's script rejected it
+        def settled(result: DeliveryResult | Failure) -> None:
+            # one callback for both outcomes (a Deferred link less per message)
+            if isinstance(result, Failure):
+                delivered, reply = failed(result)
+            else:
+                delivered, reply = True, result.reply  # a refusal: the only recipient's
+                # script rejected it
+            step = self._counted(self.session.delivery_finished(delivered, reply))
+            if self._connected():
+                self._perform(step)  # the 250 leaves now, then the replies to the
+                # pipelined commands its release lets through
+            else:
+                self._log(step)  # delivered (or not) all the same: say so
 
         def failed(f: Failure) -> tuple[bool, Reply | None]:
             if is_disk_full(f.value):
@@ -417,16 +428,8 @@ class SMTPProtocol(GatedLineReceiver):
                 log.failure("smtp: delivery of {id} failed", f, id=txid)
             return False, None
 
-        def answer(outcome: tuple[bool, Reply | None]) -> None:
-            step = self._counted(self.session.delivery_finished(*outcome))
-            if self._connected():
-                self._perform(step)  # the 250 leaves now, then the replies to the
-                # pipelined commands its release lets through
-            else:
-                self._log(step)  # delivered (or not) all the same: say so
-
         finished = message.finish(head_edit=action.header, folder=JUNK if action.junk else None)
-        finished.addCallbacks(done, failed).addCallback(answer)
+        finished.addBoth(settled)
 
 
 #: How the adapter fulfils each kind of action the session asks for.
