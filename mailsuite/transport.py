@@ -10,10 +10,13 @@ connection really offers and the protocols use (pausing, STARTTLS, TCP options, 
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Protocol, cast
 
+from twisted.internet import tcp
 from twisted.internet.error import UnsupportedAddressFamily
 from twisted.protocols import basic
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 
 class Transport(Protocol):
@@ -60,12 +63,48 @@ def no_delay(transport: Transport) -> bool:
     connection is no TCP one (a UNIX socket).  The line protocols answer requests with
     small replies, and a reply written in two pieces with a wait between them (IMAP MOVE's
     untagged COPYUID, then the tagged OK after the expunge) had its second piece held by
-    Nagle's algorithm until the client's delayed ACK, ~40 ms later (issue 15)."""
+    Nagle's algorithm until the client's delayed ACK, ~40 ms later (issue 15).
+
+    A connection a listener accepted takes the option from it where the kernel copies it
+    to accepted sockets (Linux does): see :func:`nodelay_from_listener`, which makes that a
+    ``setsockopt`` per listener instead of one per connection."""
+    tcp_transport: Any = (
+        transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
+    )
+    if isinstance(tcp_transport, tcp.Server) and isinstance(tcp_transport.server, tcp.Port):
+        port: Any = tcp_transport.server
+        try:
+            port._nodelay_inherited = nodelay_from_listener(
+                tcp_transport.socket, port.socket, getattr(port, "_nodelay_inherited", None)
+            )
+        except OSError:
+            return False
+        return True
     try:
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError, NotImplementedError, UnsupportedAddressFamily):
         return False
     return True
+
+
+def nodelay_from_listener(
+    conn: socket.socket, listener: socket.socket, inherited: bool | None
+) -> bool | None:
+    """Make sure ``conn``, accepted by ``listener``, has TCP_NODELAY; returns what is known
+    for the listener's next connection: True once a connection came with the option (the
+    kernel copies it from the listener: nothing to do for every later one), else None.
+
+    Until then the option is set on ``conn`` and on the listener; a connection accepted
+    before the listener had it (already waiting in the queue) is set on its own, and so is
+    every connection where a kernel does not copy it (``getsockopt`` and ``setsockopt``
+    each, instead of the one ``setsockopt`` of before).  Raises OSError (no TCP socket)."""
+    if inherited:
+        return True
+    if conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+        return True
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return None
 
 
 class LineReceiver(basic.LineReceiver):
