@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,7 @@ class Directory:
 
     def __init__(self, path: Path, mail_dir: Path, config_domains: tuple[str, ...] = ()) -> None:
         self.path = path
+        self._path_str = os.fspath(path)
         self.mail_dir = mail_dir
         self.config_domains = tuple(d.lower() for d in config_domains)
         self._stamp: tuple[int, int, int] | None = None
@@ -148,7 +149,7 @@ class Directory:
     def _fresh(self) -> _Data:
         """Reload the file when it changed since the last look (cheap: one stat)."""
         try:
-            st = self.path.stat()
+            st = os.stat(self._path_str)  # noqa: PTH116 (asked several times per RCPT)
         except FileNotFoundError:
             self._stamp, self._data = None, _Data()
             return self._data
@@ -275,7 +276,8 @@ class Directory:
         for box in result.local:
             if box.user not in seen_users:
                 seen_users.add(box.user)
-                unique.append(replace(box, rcpt=address))
+                # (a plain constructor: dataclasses.replace inspects the fields per call)
+                unique.append(LocalBox(box.user, box.root, address))
         result.local = unique
         result.remote = list(dict.fromkeys(result.remote))
         if not result.local and not result.remote:
