@@ -264,8 +264,13 @@ class SMTPProtocol(GatedLineReceiver):
         return step
 
     def _close(self, action: Close) -> None:
-        # at once: nothing of this protocol runs after a Close but the end of the batch
-        # (its replies are sent here first), which knows the session is closed
+        # The connection's place in the limits is given back before the client can see the
+        # close (what the listener's loseConnection wrapper does: service._release_on_close;
+        # a close at once does not pass through it).  Then at once: nothing of this protocol
+        # runs after a Close but the end of the batch (its replies are sent here first),
+        # which knows the session is closed.
+        if self.admission is not None:
+            self.admission.release()
         self.close_connection(at_once=True)
 
     def _data_reads(self, on: bool) -> None:
