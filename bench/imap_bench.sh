@@ -33,6 +33,9 @@ COMPARE_TREE=${COMPARE_TREE:-}
 # the workers still import, which the first SELECT of a cold round would wait for
 WORKERS=${WORKERS:-1}
 mkdir -p "$OUT"
+# mktemp makes it 0700: Dovecot's auth process (its own account) must pass through it to the
+# passwd file under peers/, or every login is "Temporary authentication failure"
+chmod go+x "$OUT"
 OUT=$(cd "$OUT" && pwd)
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do $PY -c "import socket; socket.create_connection(('127.0.0.1',$1))" 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
