@@ -10,13 +10,7 @@ from mailsuite.pop3.maildrop import SEEN_BATCH, Expiry, LoginTooSoon, Maildrop, 
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message
-
-
-def box(tmp_path: Path, n: int) -> Path:
-    root = ensure_folder(tmp_path / "box")
-    for i in range(n):
-        write_message(root, [b"Subject: %d\n\nbody\n" % i])
-    return root
+from tests.store_helpers import box
 
 
 def test_lock_snapshot_and_uidl(tmp_path: Path) -> None:

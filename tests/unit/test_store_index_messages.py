@@ -12,18 +12,11 @@ from pathlib import Path
 
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.index_schema import INDEX_NAME
-from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message
+from tests.store_helpers import box
 
 SEEN = frozenset({"\\Seen"})
 REPO = Path(__file__).resolve().parents[2]
-
-
-def box(tmp_path: Path, n: int) -> Path:
-    root = ensure_folder(tmp_path / "box")
-    for i in range(n):
-        write_message(root, [b"Subject: %d\n\nbody\n" % i])
-    return root
 
 
 def opened(root: Path) -> FolderIndex:
