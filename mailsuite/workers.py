@@ -174,6 +174,7 @@ class WorkerSupervisor(service.Service):
         self.stopping = False
         self.all_ready = False
         self._previous_hup: Any = None
+        self._previous_int: Any = None
         self.shared_path = counters.state_path(config.data_dir)
         #: prometheus-client's multiprocess files and the connection table (live_state_dir)
         self.live_dir = live_state_dir(config) if live_dir is None else live_dir
@@ -220,6 +221,12 @@ class WorkerSupervisor(service.Service):
         connection_table.create(self.connections_path, self.count)  # fresh: nothing open
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._on_hangup)
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Started with SIGINT ignored (a shell script's background job): Twisted then
+            # leaves it so, but every worker stops on SIGINT (mailsuite.worker), and this
+            # process started them again and again.  SIGINT stops the whole server instead
+            # (Twisted's own SIGINT handling, which it installs only over Python's default).
+            self._previous_int = signal.signal(signal.SIGINT, self._on_interrupt)
         self.workers = [_Worker(self, i) for i in range(self.count)]
         for w in self.workers:
             w.start()
@@ -235,6 +242,9 @@ class WorkerSupervisor(service.Service):
             self.all_ready = True
             log.info("all {n} workers serving", n=self.count)
 
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        self.reactor.sigInt(signum, frame)  # logs it and stops the reactor from its thread
+
     def _on_hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.signal_all, "HUP")
 
@@ -248,6 +258,9 @@ class WorkerSupervisor(service.Service):
         if self._previous_hup is not None:
             signal.signal(signal.SIGHUP, self._previous_hup)
             self._previous_hup = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
         ended = [w.stop(SHUTDOWN_GRACE + 5.0) for w in self.workers]
         d = defer.DeferredList(ended, consumeErrors=True)
 

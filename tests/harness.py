@@ -120,6 +120,8 @@ class Server:
             f"[domains]\nlocal = {list(domains)!r}\n\n{extra_toml}\n".replace("'", '"')
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        #: start the server with SIGINT ignored (see :func:`_ignore_sigint`)
+        self.sigint_ignored = False
         self.log = root / "twistd.log"
         self._log_checked = 0  # offset in the log up to which it was found clean
 
@@ -165,6 +167,9 @@ class Server:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            # SIGINT as the test runner has it, or ignored when the test asks (a shell
+            # script's background job starts so)
+            preexec_fn=_ignore_sigint if self.sigint_ignored else None,
         )
         if wait:
             for port in self.ports.values():
@@ -335,6 +340,12 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def _ignore_sigint() -> None:
+    """In the forked child before exec: SIGINT ignored (kept across exec), as ``cmd &`` in
+    a non-interactive shell starts a command."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ServerFactory:

@@ -396,6 +396,29 @@ def test_ctrl_c_stops_every_process_without_a_traceback(servers: ServerFactory) 
     server.stop()  # checks the log: no traceback
 
 
+def test_sigint_stops_a_server_started_with_it_ignored(servers: ServerFactory) -> None:
+    """A script's background job (``twistd -n mailsuite &`` without job control) starts with
+    SIGINT ignored; Twisted then leaves SIGINT alone in the supervisor, while every worker
+    stops on it.  A SIGINT to the group stopped the workers and the supervisor started them
+    again (this is how the Ctrl-C test above once failed, when the test run itself had been
+    started in the background).  Now the supervisor stops too."""
+    server = servers(
+        ("smtp",), users=(ALICE,), extra_toml=WORKERS, server_toml="workers = 2", start=False
+    )
+    server.sigint_ignored = True
+    server.start()
+    wait_until(lambda: len(worker_pids(server)) == 2, 30, "two workers")
+    pids = worker_pids(server)
+    assert server.proc is not None
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+    server.proc.send_signal(signal.SIGINT)
+    server.proc.wait(30)
+    assert worker_pids_gone(pids)
+    assert "Received SIGINT" in server.output()
+    server.stop()
+
+
 def test_a_killed_workers_connections_leave_the_shared_counts(servers: ServerFactory) -> None:
     """The connection counts live in a table in the private tmpfs folder; each worker
     counts in its own column (its slot index).  Two POP3 connections from one address fill
