@@ -55,6 +55,15 @@ __all__ = [
 ]
 
 FILE_NAME = "maildirsize"
+
+
+def _file_of(root: Path) -> str:
+    """``root``'s quota file as a string: asked at every RCPT and every delivery, where a
+    path object per question was a measurable part of the cost; callers ask ``os.access``
+    first, which says "no file" (no limit, the usual case) without an exception."""
+    return f"{os.fspath(root)}/{FILE_NAME}"
+
+
 #: Past this size the change lines are folded into one (Maildir++ recalculates at 5120 bytes by
 #: walking the tree; folding is cheap, and a short file is read faster at every check).
 COMPACT_AT = 1024
@@ -148,9 +157,8 @@ def _parse(data: bytes) -> Usage:
 def usage(root: Path) -> Usage | None:
     """The user's limit and usage, None when the user has no quota file (no limit).
 
-    Asked for every delivered message: ``access`` first, which says "no file" without an
-    exception (most users have no limit), and a plain string path."""
-    path = f"{os.fspath(root)}/{FILE_NAME}"
+    Asked for every delivered message (see :func:`_file_of`)."""
+    path = _file_of(root)
     if not os.access(path, os.F_OK):
         return None
     try:
@@ -173,7 +181,7 @@ def charge(folder: Path, size: int, messages: int) -> None:
     problem: the mail operation it follows has happened, and a recount repairs the count."""
     if not size and not messages:
         return
-    path = f"{os.fspath(root_of(folder))}/{FILE_NAME}"
+    path = _file_of(root_of(folder))
     if not os.access(path, os.F_OK):
         return  # no file: no limit, nothing to count (said without an exception)
     line = f"{size} {messages}\n".encode()
@@ -314,9 +322,7 @@ class UsageCache:
         self._seen: dict[str, tuple[tuple[int, int, int], Usage]] = {}
 
     def get(self, root: Path) -> Usage | None:
-        # asked at every RCPT: a string path, and "no file" (no limit, the usual case)
-        # from ``access``, without an exception
-        path = f"{os.fspath(root)}/{FILE_NAME}"
+        path = _file_of(root)  # (asked at every RCPT)
         try:
             st = os.stat(path) if os.access(path, os.F_OK) else None  # noqa: PTH116
         except OSError:
