@@ -226,7 +226,7 @@ class Metrics:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.add_reader(lag)
             return
-        gauge_doc, histogram_doc = lag.descriptions(lag.interval, lag.window)
+        gauge_doc, histogram_doc = lag.descriptions()
         gauge = Gauge(
             f"{PREFIX}_reactor_lag_seconds",
             gauge_doc,

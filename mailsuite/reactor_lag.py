@@ -89,13 +89,12 @@ class ReactorLag(service.Service, Collector):
         microseconds a tick, nothing when nothing changed."""
         self._gauge, self._histogram = gauge, histogram
 
-    @staticmethod
-    def descriptions(interval: float = INTERVAL, window: int = WINDOW) -> tuple[str, str]:
+    def descriptions(self) -> tuple[str, str]:
         """The help texts of the gauge and the histogram (one wording for both ways of
         exporting them)."""
-        ms = f"{interval * 1000:g} ms"
+        ms = f"{self.interval * 1000:g} ms"
         return (
-            f"Largest delay of the reactor's {ms} probe timer in the last {window} s "
+            f"Largest delay of the reactor's {ms} probe timer in the last {self.window} s "
             "(how long the reactor thread was held).",
             f"Delay of each tick of the reactor's {ms} probe timer.",
         )
@@ -169,7 +168,7 @@ class ReactorLag(service.Service, Collector):
         yield HistogramMetricFamily("mailsuite_reactor_tick_lag_seconds", "")
 
     def collect(self) -> Iterator[Any]:
-        gauge_doc, histogram_doc = self.descriptions(self.interval, self.window)
+        gauge_doc, histogram_doc = self.descriptions()
         gauge = GaugeMetricFamily("mailsuite_reactor_lag_seconds", gauge_doc)
         gauge.add_metric([], self.largest())
         yield gauge
