@@ -226,7 +226,7 @@ class Metrics:
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             self.add_reader(lag)
             return
-        gauge_doc, histogram_doc = lag.descriptions()
+        gauge_doc, histogram_doc, held_doc = lag.descriptions()
         gauge = Gauge(
             f"{PREFIX}_reactor_lag_seconds",
             gauge_doc,
@@ -239,7 +239,13 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
-        lag.publish(gauge, histogram)
+        held = Gauge(
+            f"{PREFIX}_reactor_held_seconds",
+            held_doc,
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+        lag.publish(gauge, histogram, held)
 
     def exported(self) -> CollectorRegistry:
         """The registry /metrics shows: this process's, or in a worker process (multiprocess

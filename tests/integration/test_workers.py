@@ -268,6 +268,8 @@ def test_reactor_lag_shows_every_process_whichever_worker_answers(srv: Server) -
         os.kill(pids[0], signal.SIGCONT)
     # its next tick records the stall (a stopped process's timers fire late when it runs)
     wait_until(lambda: metric_value(port, gauge) >= 0.3, 10, "the stall in /metrics")
+    # a stopped process does not wait for a CPU: the whole stall was held
+    assert metric_value(port, "mailsuite_reactor_held_seconds") >= 0.3
     seen = []
     for _ in range(12):  # the kernel picks the worker: both answer among twelve, in practice
         assert metric_value(port, gauge) >= 0.3, "a scrape that did not see the stall"

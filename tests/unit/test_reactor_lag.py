@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from mailsuite.reactor_lag import BUCKETS, ReactorLag
+from mailsuite.reactor_lag import BUCKETS, ReactorLag, RunQueueWait
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
@@ -69,6 +69,7 @@ def test_published_metrics_follow_the_probe() -> None:
     probe.publish(
         Gauge("mailsuite_reactor_lag_seconds", "g", registry=registry),
         Histogram("mailsuite_reactor_tick_lag_seconds", "h", buckets=BUCKETS, registry=registry),
+        Gauge("mailsuite_reactor_held_seconds", "g", registry=registry),
     )
     probe.startService()
     for _ in range(50):
@@ -76,13 +77,118 @@ def test_published_metrics_follow_the_probe() -> None:
     clock.advance(0.01 + 0.2)
     late = samples(registry)
     assert abs(late[("mailsuite_reactor_lag_seconds", "")] - 0.2) < 1e-6
+    assert abs(late[("mailsuite_reactor_held_seconds", "")] - 0.2) < 1e-6
     assert late[("mailsuite_reactor_tick_lag_seconds_count", "")] == 51
     assert late[("mailsuite_reactor_tick_lag_seconds_bucket", "0.1")] == 50
     assert late[("mailsuite_reactor_tick_lag_seconds_bucket", "0.25")] == 51
     for _ in range(1100):
         clock.advance(0.01)
     assert samples(registry)[("mailsuite_reactor_lag_seconds", "")] == 0
+    assert samples(registry)[("mailsuite_reactor_held_seconds", "")] == 0
     probe.stopService()
+
+
+class _FakeRunQueue:
+    """The reactor thread's run-queue wait so far, as the test sets it."""
+
+    def __init__(self) -> None:
+        self.waited = 5.0
+        self.closed = False
+
+    def __call__(self) -> float:
+        return self.waited
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_wait_for_a_cpu_is_not_counted_as_held() -> None:
+    """A tick 200 ms late, 150 ms of which the thread was runnable but waiting for a CPU (a
+    machine whose cores are all busy): a lag of 200 ms, held 50 ms.  A stall with no wait
+    for a CPU (our code, a GC pause, a stopped process) is held whole."""
+    clock = Clock()
+    clock.advance(1000)
+    run_queue = _FakeRunQueue()
+    probe = ReactorLag(clock, interval=0.01, window=10, run_queue=lambda: run_queue)
+    registry = CollectorRegistry()
+    registry.register(probe)
+    probe.startService()
+    for _ in range(20):
+        clock.advance(0.01)
+    run_queue.waited += 0.15
+    clock.advance(0.01 + 0.2)
+    late = samples(registry)
+    assert abs(late[("mailsuite_reactor_lag_seconds", "")] - 0.2) < 1e-6
+    assert abs(late[("mailsuite_reactor_held_seconds", "")] - 0.05) < 1e-6
+    clock.advance(0.01 + 0.08)  # held: no wait for a CPU this time
+    assert abs(samples(registry)[("mailsuite_reactor_held_seconds", "")] - 0.08) < 1e-6
+    run_queue.waited += 1.0  # waited longer than the tick was late: nothing held
+    clock.advance(0.01 + 0.3)
+    after = samples(registry)
+    assert abs(after[("mailsuite_reactor_lag_seconds", "")] - 0.3) < 1e-6
+    assert abs(after[("mailsuite_reactor_held_seconds", "")] - 0.08) < 1e-6
+    probe.stopService()
+    assert run_queue.closed
+
+
+def test_no_run_queue_figure_counts_the_whole_lag_as_held() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    probe = ReactorLag(clock, interval=0.01, window=10, run_queue=lambda: lambda: None)
+    registry = CollectorRegistry()
+    registry.register(probe)
+    probe.startService()
+    clock.advance(0.01 + 0.2)
+    assert abs(samples(registry)[("mailsuite_reactor_held_seconds", "")] - 0.2) < 1e-6
+    probe.stopService()
+
+
+_CONTENDED = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from mailsuite.reactor_lag import RunQueueWait
+cpu = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cpu})
+children = []
+for _ in range(2):  # two busy processes on the same CPU
+    pid = os.fork()
+    if pid == 0:
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            pass
+        os._exit(0)
+    children.append(pid)
+wait = RunQueueWait()
+before, cpu_before = wait(), time.thread_time()
+end = time.monotonic() + 0.6
+while time.monotonic() < end:  # wants the CPU all the time: gets about a third of it
+    pass
+print(wait() - before, time.thread_time() - cpu_before)
+for pid in children:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.skipif(not Path(RunQueueWait.PATH).exists(), reason="no Linux scheduler statistics")
+def test_run_queue_wait_reads_the_time_the_thread_waited_for_a_cpu() -> None:
+    """The real figure: a thread that shares one CPU with two busy processes for 0.6 s runs
+    about a third of that time and waits for the CPU the rest (its time on the CPU, the
+    file's first field, would be the smaller figure)."""
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", _CONTENDED, root],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    waited, ran = (float(x) for x in out.stdout.split())
+    assert waited >= 0.2, out.stdout
+    assert waited > ran, out.stdout
 
 
 def test_freeze_startup_objects_takes_what_lives_out_of_full_collections() -> None:
