@@ -114,7 +114,64 @@ def live_state_dir(config: Config, shm: Path = SHM, owner: int | None = None) ->
         return fallback
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
         return fallback
+    _note_data_folder(path, config.data_dir.resolve(), uid)
+    sweep_live_state(shm, uid, keep=path)
     return path
+
+
+#: the file in a live-state folder that names the data folder it serves
+DATA_FOLDER_NOTE = "data-folder"
+
+
+def _note_data_folder(path: Path, data_dir: Path, uid: int) -> None:
+    """Write which data folder ``path`` belongs to (see :func:`sweep_live_state`), once."""
+    note = path / DATA_FOLDER_NOTE
+    text = os.fsencode(data_dir)
+    with contextlib.suppress(OSError):
+        if note.read_bytes() == text:
+            return
+    tmp = path / f"{DATA_FOLDER_NOTE}.{os.getpid()}"
+    try:
+        tmp.write_bytes(text)
+        if uid != os.geteuid():
+            os.chown(tmp, uid, -1)
+        tmp.replace(note)  # whole or not at all: a sweep never reads half a name
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def sweep_live_state(shm: Path, uid: int, keep: Path) -> int:
+    """Remove ``uid``'s live-state folders in ``shm`` whose data folder no longer exists;
+    return how many.
+
+    A server stopped cleanly removes its folder, one killed (``kill -9``, a crash, a
+    power cut does not matter: tmpfs is empty after it) leaves it, 16-600 KB of memory each,
+    for as long as the machine runs -- a test suite that kills servers on temporary data
+    folders left dozens.  A server started again on the same data folder reuses its own;
+    the folders of data folders that are gone can never be used again, and any server of
+    the same account removes them when it starts.  A folder without its note (being made
+    right now, or by an older version) is left alone, as is anything not a private folder
+    of ``uid``."""
+    removed = 0
+    try:
+        candidates = list(shm.glob(f"mailsuite-live-{uid}-*"))
+    except OSError:
+        return 0
+    for folder in candidates:
+        if folder == keep:
+            continue
+        try:
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+                continue
+            data_dir = os.fsdecode((folder / DATA_FOLDER_NOTE).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not data_dir.startswith("/") or os.path.lexists(data_dir):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 #: Restart back-off: first delay, cap, and how long a worker must live to reset it.

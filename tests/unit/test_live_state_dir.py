@@ -6,12 +6,13 @@ be ours."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from mailsuite.config import Config, parse_config
-from mailsuite.workers import live_state_dir
+from mailsuite.workers import DATA_FOLDER_NOTE, live_state_dir, sweep_live_state
 
 
 def config(tmp_path: Path, name: str = "data") -> Config:
@@ -40,7 +41,7 @@ def test_a_name_that_is_not_our_private_folder_falls_back_to_the_data_folder(
     taken = live_state_dir(cfg, shm)
     taken.chmod(0o777)  # as another user could have made it: readable by others
     assert live_state_dir(cfg, shm) == cfg.data_dir / "run" / "live"
-    taken.rmdir()
+    shutil.rmtree(taken)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     taken.symlink_to(elsewhere)  # a planted symlink is never followed
@@ -57,3 +58,34 @@ def test_made_for_the_account_that_serves_when_started_as_root(tmp_path: Path) -
     assert path.stat().st_uid == 5000 and path.name.startswith("mailsuite-live-5000-")
     assert live_state_dir(cfg, shm, owner=5000) == path
     assert live_state_dir(cfg, shm) != path  # root's own would be another folder
+
+
+def test_folders_of_data_folders_that_are_gone_are_removed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A server killed with kill -9 leaves its folder in tmpfs; once its data folder is
+    gone (a test's temporary folder) the next server of the account removes it.  The
+    folder of a data folder that still exists stays (that server may run, or start again
+    and reuse it), and so does anything without the note or not a private folder of ours."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    gone_cfg, kept_cfg = config(tmp_path, "gone"), config(tmp_path, "kept")
+    gone_cfg.data_dir.mkdir()
+    kept_cfg.data_dir.mkdir()
+    gone = live_state_dir(gone_cfg, shm)
+    (gone / "counter_1.db").write_bytes(b"x" * 1000)  # what a killed server leaves
+    kept = live_state_dir(kept_cfg, shm)
+    assert (gone / DATA_FOLDER_NOTE).read_text() == str(gone_cfg.data_dir.resolve())
+    unnoted = shm / f"mailsuite-live-{os.geteuid()}-0000000000000000"
+    unnoted.mkdir(mode=0o700)
+    others = shm / "mailsuite-live-99999-0000000000000000"
+    others.mkdir(mode=0o700)
+    (others / DATA_FOLDER_NOTE).write_text(str(tmp_path / "nowhere"))
+    gone_cfg.data_dir.rmdir()  # the test that killed it cleaned up its temporary folder
+
+    new_cfg = config(tmp_path, "new")
+    new_cfg.data_dir.mkdir()
+    live_state_dir(new_cfg, shm)  # another server starts
+    assert not gone.exists()
+    assert kept.is_dir() and unnoted.is_dir() and others.is_dir()
+    assert sweep_live_state(shm, os.geteuid(), keep=kept) == 0  # nothing more to remove
