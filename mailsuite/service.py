@@ -187,6 +187,10 @@ def makeService(
         live_dir = live_state_dir(config, owner=None if run_as is None else run_as[0])
         share_with_workers(live_dir)  # before build_runtime makes the Metrics
     runtime = build_runtime(config, reactor)
+    if workers > 1:
+        # asked again now that the data folder exists: the folder is noted as its own, and
+        # those of data folders that are gone are removed (see live_state_dir)
+        live_state_dir(config, owner=None if run_as is None else run_as[0])
     top = service.MultiService()
     top.runtime = runtime  # type: ignore[attr-defined]
     if workers > 1:

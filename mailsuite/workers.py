@@ -124,7 +124,13 @@ DATA_FOLDER_NOTE = "data-folder"
 
 
 def _note_data_folder(path: Path, data_dir: Path, uid: int) -> None:
-    """Write which data folder ``path`` belongs to (see :func:`sweep_live_state`), once."""
+    """Write which data folder ``path`` belongs to (see :func:`sweep_live_state`), once, and
+    only once that folder exists: a new server asks for its live-state folder before it
+    makes its data folder, and a note naming a folder not made yet would have a server
+    starting at the same moment remove the live-state folder of this one.  (The supervisor
+    asks again once the data folder is made.)"""
+    if not data_dir.is_dir():
+        return
     note = path / DATA_FOLDER_NOTE
     text = os.fsencode(data_dir)
     with contextlib.suppress(OSError):

@@ -89,3 +89,20 @@ def test_folders_of_data_folders_that_are_gone_are_removed_at_the_next_start(
     assert not gone.exists()
     assert kept.is_dir() and unnoted.is_dir() and others.is_dir()
     assert sweep_live_state(shm, os.geteuid(), keep=kept) == 0  # nothing more to remove
+
+
+def test_no_note_before_the_data_folder_exists(tmp_path: Path) -> None:
+    """A new server asks for its live-state folder before it makes its data folder: a note
+    then would have a server starting at the same moment sweep the folder away."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    cfg = config(tmp_path, "fresh")
+    path = live_state_dir(cfg, shm)
+    assert not (path / DATA_FOLDER_NOTE).exists()
+    other = config(tmp_path, "other")
+    other.data_dir.mkdir()
+    live_state_dir(other, shm)  # another server starts: nothing of the new one is removed
+    assert path.is_dir()
+    cfg.data_dir.mkdir()
+    assert live_state_dir(cfg, shm) == path  # asked again once made: noted now
+    assert (path / DATA_FOLDER_NOTE).read_text() == str(cfg.data_dir.resolve())
