@@ -99,6 +99,23 @@ class Runner(Protocol):
     ) -> Awaitable[T]: ...
 
 
+A = TypeVar("A")
+
+
+class StagedRunner(Protocol):
+    """Run ``fn(report)`` in a worker thread, where ``fn`` may hand over a first result
+    before it ends (a cold SELECT's answer, made before the folder's index is built):
+    returns ``(first, done)``.  ``first`` completes on the event loop with what ``fn`` passed
+    to ``report`` (called at most once, in the worker thread), or with None when ``fn``
+    ended without calling it; ``done`` with ``fn``'s result (or failure), always after
+    ``first``.  ``fn`` keeps its thread to the end: what it does after ``report`` never
+    waits for a free worker (other jobs may be waiting on a lock it holds)."""
+
+    def __call__(
+        self, fn: Callable[[Callable[[A], None]], T], /
+    ) -> tuple[Awaitable[A | None], Awaitable[T]]: ...
+
+
 class Login(Protocol):
     """Check a password (``mailsuite.auth.Authenticator.login`` provides it)."""
 
@@ -132,3 +149,6 @@ class Services:
     limits: Limits
     #: a user's quota limits (bytes, messages; 0 = none), from the directory (RFC 9208)
     quota_limits: Callable[[str], tuple[int, int]] = lambda _user: (0, 0)
+    #: a worker-thread job with a first result before its end (a cold SELECT answered from
+    #: the listing before the index is built); None: such jobs are awaited whole
+    run_staged: StagedRunner | None = None

@@ -47,6 +47,7 @@ from mailsuite.transport import Transport, no_delay, transport_of
 
 P = ParamSpec("P")
 T = TypeVar("T")
+A = TypeVar("A")
 
 log = Logger(namespace="mailsuite.imap")
 
@@ -388,6 +389,26 @@ def services(runtime: Runtime) -> Services:
     def run_blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[T]:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
 
+    def run_staged(
+        fn: Callable[[Callable[[A], None]], T], /
+    ) -> tuple[defer.Deferred[A | None], defer.Deferred[T]]:
+        first: defer.Deferred[A | None] = defer.Deferred()
+
+        def fire(value: A | None) -> None:
+            if not first.called:
+                first.callback(value)
+
+        def report(value: A) -> None:  # in the worker thread
+            reactor.callFromThread(fire, value)
+
+        def ended(result: T | Failure) -> T | Failure:
+            fire(None)  # (after the report's own call: callFromThread keeps their order)
+            return result
+
+        done = threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, report)
+        done.addBoth(ended)
+        return first, done
+
     def next_turn() -> defer.Deferred[None]:
         return deferLater(reactor, 0, lambda: None)
 
@@ -405,6 +426,7 @@ def services(runtime: Runtime) -> Services:
         mailbox_root=runtime.directory.mailbox_root,
         login=runtime.auth.login,
         run_blocking=run_blocking,
+        run_staged=run_staged,
         next_turn=next_turn,
         every=every,
         log=log,

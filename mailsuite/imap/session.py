@@ -56,11 +56,55 @@ from mailsuite.imap.session_base import (
     vanished_earlier,
 )
 from mailsuite.login import Outcome
-from mailsuite.store.mailbox import SEPARATOR, Account, Folder, MailboxError, opened_index
+from mailsuite.store.index import FolderIndex
+from mailsuite.store.index_schema import Early, EarlyAnswer
+from mailsuite.store.mailbox import (
+    SEPARATOR,
+    Account,
+    Folder,
+    MailboxError,
+    opened_index,
+)
 from mailsuite.store.maildir import ensure_folder
-from mailsuite.store.space import is_disk_full
+from mailsuite.store.space import is_disk_full, log_failure
 
 POLL_INTERVAL = 0.5  # seconds between directory checks while a session is in IDLE
+
+
+def select_answer(
+    keywords: frozenset[str] | set[str],
+    readonly: bool,
+    exists: int,
+    recent: int,
+    first_unseen: int,
+    uidvalidity: int,
+    uidnext: int,
+    highestmodseq: int,
+) -> bytes:
+    """The untagged responses of SELECT / EXAMINE (RFC 3501 6.3.1, RFC 7162 3.1.2.1
+    HIGHESTMODSEQ): one function for a folder open and one answered from its listing, so
+    the two answers are the same bytes.  ``first_unseen`` 0: no message is unseen."""
+    out = [
+        flags_announcement(keywords, readonly).decode(),
+        f"* {exists} EXISTS\r\n",
+        f"* {recent} RECENT\r\n",
+    ]
+    if first_unseen:
+        out.append(f"* OK [UNSEEN {first_unseen}] First unseen\r\n")
+    out += [
+        f"* OK [UIDVALIDITY {uidvalidity}] UIDs valid\r\n",
+        f"* OK [UIDNEXT {uidnext}] Predicted next UID\r\n",
+        f"* OK [HIGHESTMODSEQ {highestmodseq}] Highest\r\n",
+    ]
+    return "".join(out).encode()
+
+
+def _select_completed(readonly: bool) -> tuple[str, str]:
+    """The tagged OK's text and response code (RFC 3501 6.3.1-2)."""
+    if readonly:
+        return "EXAMINE completed", "READ-ONLY"
+    return "SELECT completed", "READ-WRITE"
+
 
 _ANY = {"CAPABILITY", "NOOP", "LOGOUT", "ID"}
 _NOT_AUTH_CMDS = {"STARTTLS", "AUTHENTICATE", "LOGIN"}
@@ -379,12 +423,67 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         qresync_arg: list[Token] | None,
     ) -> None:
         """:meth:`_select` of a folder not open here: its index opened (built, filled,
-        synced) in a worker thread, then handed to the registry."""
-        index = await self.shared.run_blocking(opened_index, path)
+        synced) in a worker thread, then handed to the registry.
+
+        A folder whose index is missing (new to us) is answered from its listing before the
+        index is built (:mod:`~mailsuite.store.index_build`: the UIDs made durable first),
+        as Dovecot answers from ``dovecot-uidlist``; this command then waits for the build
+        (input stays paused, so the client's next command waits too), and the session gets
+        the folder as it was told (:meth:`~mailsuite.store.mailbox.Folder.view_as_told`).
+        Not with QRESYNC parameters: those need the index's expunge history."""
+        staged = self.shared.run_staged
+        if staged is None or qresync_arg is not None:
+            index = await self.shared.run_blocking(opened_index, path)
+            if self.proto.gone():
+                index.close()
+                return
+            self._selected(cmd, readonly, name, self.shared.registry.get(path, index), qresync_arg)
+            return
+
+        def open_early(report: Callable[[Early], None]) -> FolderIndex:
+            return opened_index(path, EarlyAnswer(report, not readonly))
+
+        first, done = staged(open_early)
+        told = await first
+        if told is None:  # the index existed, or the folder is small: built before answering
+            index = await done
+            if self.proto.gone():
+                index.close()
+                return
+            self._selected(cmd, readonly, name, self.shared.registry.get(path, index), qresync_arg)
+            return
+        if not self.proto.gone():
+            # every message is \Recent: a new index's watermark is its first UID
+            self.send(
+                select_answer(
+                    told.keywords,
+                    readonly,
+                    told.exists,
+                    told.exists,
+                    told.first_unseen,
+                    told.uidvalidity,
+                    told.uidnext,
+                    told.modseq,
+                )
+            )
+            self.tagged(cmd.tag, "OK", *_select_completed(readonly))
+        try:
+            index = await done
+        except Exception as e:
+            log_failure(self.log, e, "index build of {path} failed", path=str(path))
+            # the client was told the folder: it cannot be kept, nor taken back
+            self.untagged("BYE Mailbox index could not be built, please reconnect")
+            self.proto.close()
+            return
         if self.proto.gone():
             index.close()
             return
-        self._selected(cmd, readonly, name, self.shared.registry.get(path, index), qresync_arg)
+        folder = self.shared.registry.get(path, index)
+        v = folder.view_as_told(readonly, told)
+        self.view = v
+        self.selected_name = name
+        self.state = _SELECTED
+        v.on_change = self._changed
 
     def _selected(
         self,
@@ -409,30 +508,23 @@ class Session(MailboxCommands, MessageCommands, QuotaCommands):
         self.state = _SELECTED
         v.on_change = self._changed
         v.keywords = frozenset(folder.keywords)
-        out = [
-            flags_announcement(v.keywords, readonly).decode(),
-            f"* {len(v.uids)} EXISTS\r\n",
-            f"* {v.recent_count()} RECENT\r\n",
-        ]
         fl = folder.flags
-        for i, u in enumerate(v.uids):
-            if "\\Seen" not in fl[u]:
-                out.append(f"* OK [UNSEEN {i + 1}] First unseen\r\n")
-                break
-        out += [
-            f"* OK [UIDVALIDITY {folder.uidvalidity}] UIDs valid\r\n",
-            f"* OK [UIDNEXT {folder.uidnext}] Predicted next UID\r\n",
-            f"* OK [HIGHESTMODSEQ {folder.highestmodseq}] Highest\r\n",
-        ]
-        self.send("".join(out).encode())
+        first_unseen = next((i + 1 for i, u in enumerate(v.uids) if "\\Seen" not in fl[u]), 0)
+        self.send(
+            select_answer(
+                v.keywords,
+                readonly,
+                len(v.uids),
+                v.recent_count(),
+                first_unseen,
+                folder.uidvalidity,
+                folder.uidnext,
+                folder.highestmodseq,
+            )
+        )
         if qresync_arg is not None:
             self._qresync(qresync_arg)
-        self.tagged(
-            cmd.tag,
-            "OK",
-            "SELECT completed" if not readonly else "EXAMINE completed",
-            "READ-ONLY" if readonly else "READ-WRITE",
-        )
+        self.tagged(cmd.tag, "OK", *_select_completed(readonly))
 
     def _qresync(self, toks: list[Token]) -> None:
         """RFC 7162 3.2.5: VANISHED (EARLIER) and FETCH of what changed since modseq."""

@@ -16,9 +16,19 @@ folder lock:
   journal, no ``fsync`` and a large page cache: nobody can see this file, so none of that
   protects anything;
 * the file is switched to WAL, fsynced and renamed to ``mailsuite-index.sqlite``, and the
-  folder directory fsynced.  Only then does anyone connect, so UIDs are durable before any
-  is reported; a build killed half way leaves only a ``.build-`` file, which the next build
-  removes (the index is still missing, so it is built again, under a new UIDVALIDITY).
+  folder directory fsynced.  Only then does anyone connect; a build killed half way leaves a
+  ``.build-`` file, which the next build removes (the index is still missing, so it is built
+  again).
+
+Two steps, :func:`prepare` (the listing in UID order) and :func:`finish` (the file): an IMAP
+SELECT of a folder of :data:`UIDLIST_MIN` files or more is answered between them, from the
+listing, as Dovecot answers it from ``dovecot-uidlist`` (the build is most of a first
+SELECT's cost: issue 15).  For that the UIDs are first made durable in a small file of their
+own (:mod:`~mailsuite.store.uidlist`), which the build removes once the index is in place; a
+build killed before that leaves the uidlist, and the next build takes its UIDVALIDITY and
+UIDs.  Every other opener waits on the folder lock, held from before the listing until the
+index is in place, as for any build.  Without a uidlist a killed build leaves nothing that
+was told to anyone, and the folder is built again under a new UIDVALIDITY.
 
 The result equals what an empty index and one :meth:`~mailsuite.store.index_scan.IndexScan.sync`
 give (same UIDs, flags, sizes, modseqs, meta counters); tests compare the two.  An index that
@@ -52,8 +62,16 @@ from mailsuite.store.index_schema import (
     _TABLES,
     INDEX_NAME,
     SyncResult,
+    keywords_in,
 )
 from mailsuite.store.maildir import base_of, fsync_dir
+from mailsuite.store.uidlist import (
+    UIDLIST_TMP,
+    can_hold,
+    read_uidlist,
+    remove_uidlist,
+    write_uidlist,
+)
 from mailsuite.store.uidvalidity import next_uidvalidity
 
 BUILD_SUFFIX = ".build-"
@@ -188,11 +206,12 @@ def _visible(names: list[str]) -> list[str]:
 
 
 def remove_leftovers(folder: Path) -> None:
-    """Remove what a killed build left (lock held, index missing): its ``.build-`` files, and
-    a WAL or shared-memory file of a removed index, which must not be applied to the new one."""
+    """Remove what a killed build left (lock held, index missing): its ``.build-`` files, a
+    uidlist's temporary file, and a WAL or shared-memory file of a removed index, which must
+    not be applied to the new one.  (A uidlist itself stays: its UIDs may have been told.)"""
     stale = (INDEX_NAME + "-wal", INDEX_NAME + "-shm")
     for path in folder.iterdir():
-        if path.name.startswith(INDEX_NAME + BUILD_SUFFIX) or path.name in stale:
+        if path.name.startswith((INDEX_NAME + BUILD_SUFFIX, UIDLIST_TMP)) or path.name in stale:
             path.unlink(missing_ok=True)
 
 
@@ -257,44 +276,129 @@ def sizes_in_sql(joined: str, wsizes: int) -> bool:
     return not (_W_ODD.search(joined) or _W_TWICE.search(joined) or _W_IN_INFO.search(joined))
 
 
-def build_index(
-    folder: Path,
-    key: Callable[[str], tuple[int, int, int, str]],
-    flag_text: Callable[[str], str],
-    trusted: Callable[[int, int], bool],
-) -> Built | None:
-    """Build the missing index of ``folder`` (lock held; see the module docstring).
+#: the fewest messages whose first index is built after the answer, from a uidlist
+#: (:mod:`~mailsuite.store.uidlist`): a small folder's build costs less than the uidlist's
+#: write and two more directory fsyncs
+UIDLIST_MIN = 1000
 
-    ``key`` orders bases (delivery order), ``flag_text`` gives the flag text of an info
-    suffix (``":2,S"``: keyword letters included), ``trusted`` says whether a directory mtime
-    may be recorded (``index_scan._trusted``).  None when the folder has no ``new/`` or
-    ``cur/`` (nothing built: the caller opens an empty index as before)."""
+
+@dataclass(frozen=True)
+class Prepared:
+    """A first index about to be built (lock held): the files in UID order, the UIDVALIDITY,
+    the listing's time and directory mtimes (None when the names come from a uidlist: the
+    first sync lists both directories), and whether the UIDs are durable already (a uidlist:
+    they may be told before the index exists)."""
+
+    ordered: Ordered
+    uidvalidity: int
+    now: int
+    stamp: tuple[int, int] | None
+    durable: bool
+
+    @property
+    def recovered(self) -> bool:
+        """Taken from a uidlist a killed build left (not from a listing)."""
+        return self.stamp is None
+
+    @property
+    def modseq(self) -> int:
+        """Every first row's MODSEQ, and the index's HIGHESTMODSEQ (as a first sync of an
+        empty index leaves them)."""
+        return 2 if self.ordered.names else 1
+
+
+def prepare(
+    folder: Path, key: Callable[[str], tuple[int, int, int, str]], uidlist: bool = False
+) -> Prepared | None:
+    """The first step of building a missing index (lock held; :func:`finish` is the second;
+    ``key`` orders bases: delivery order).  What a killed build left is removed, then the
+    names in UID order: a uidlist's when one was left (its UIDVALIDITY and UIDs were made
+    durable, and may have been told: they are kept), else the listing's in delivery order
+    under a new UIDVALIDITY, written to a uidlist when ``uidlist`` and the folder is big
+    enough (:data:`UIDLIST_MIN`).  None when the folder has no ``new/`` or ``cur/`` (and no
+    uidlist): nothing to build."""
+    remove_leftovers(folder)
+    left = read_uidlist(folder)
+    if left is not None:
+        ordered = Ordered(left.names, left.prefix, left.joined)
+        return Prepared(ordered, left.uidvalidity, 0, None, True)
     found = listing(folder)
     if found is None:
         return None
     now, stamp, new, cur = found
-    cols = columns(order_listing(new, cur, key), flag_text)
-    remove_leftovers(folder)
+    ordered = order_listing(new, cur, key)
     uidvalidity = next_uidvalidity(folder)
+    durable = (
+        uidlist and len(ordered.names) >= UIDLIST_MIN and can_hold(ordered.names, ordered.joined)
+    )
+    if durable:
+        write_uidlist(folder, uidvalidity, ordered.names, ordered.prefix, ordered.joined)
+    return Prepared(ordered, uidvalidity, now, stamp, durable)
+
+
+#: a line with a lower-case letter after its colon: a name whose info may hold keyword
+#: letters (``dovecot-keywords``); without one anywhere, no message has a keyword
+_LOWER_INFO = re.compile(r":[^\n]*[a-z]")
+
+
+def told(ordered: Ordered, flag_text: Callable[[str], str]) -> tuple[int, frozenset[str]]:
+    """What a SELECT answered from ``ordered`` needs of the flags: the sequence number of
+    the first message without ``\\Seen`` (0: none) and the keywords of the folder, each
+    as :func:`columns` and the folder model give them, without the columns' pass over every
+    name: names are read up to the first unseen one (``flag_text`` once per info suffix), and
+    keywords need a lower-case letter in some info suffix (one regex search; only then are
+    the columns made)."""
+    keywords: frozenset[str] = frozenset()
+    if _LOWER_INFO.search(ordered.joined):
+        texts = set(columns(ordered, flag_text).texts.values())
+        keywords = frozenset(k for text in texts for k in keywords_in(text))
+    seen: dict[str, bool] = {}  # info suffix -> its flag text holds \Seen
+    for i, name in enumerate(ordered.names, 1):
+        info = name.partition(":")[2]
+        has = seen.get(info)
+        if has is None:
+            has = seen[info] = "\\Seen" in flag_text(":" + info)
+        if not has:
+            return i, keywords
+    return 0, keywords
+
+
+def finish(
+    folder: Path,
+    prep: Prepared,
+    flag_text: Callable[[str], str],
+    trusted: Callable[[int, int], bool],
+    claimed: bool = False,
+) -> Built:
+    """Build the index of ``prep`` (lock held) into a new file, rename it into place, fsync
+    the directory, then remove the uidlist (see the module docstring).  ``flag_text`` gives
+    the flag text of an info suffix (``":2,S"``: keyword letters included), ``trusted`` says
+    whether a directory mtime may be recorded (``index_scan._trusted``).  ``claimed``: every
+    message is \\Recent to the session whose SELECT was answered from ``prep`` (RFC 3501
+    2.3.2), so none is to anyone else."""
+    cols = columns(prep.ordered, flag_text)
     n = len(cols.flags)
-    modseq = 2 if n else 1
+    modseq = prep.modseq
     meta: list[tuple[str, int]] = [
         ("version", _SCHEMA_VERSION),
-        ("uidvalidity", uidvalidity),
+        ("uidvalidity", prep.uidvalidity),
         ("uidnext", n + 1),
         ("highestmodseq", modseq),
-        ("recent", 1),
+        ("recent", n + 1 if claimed else 1),
         ("cache_version", _CACHE_VERSION),
     ]
     if n:
         meta.append(("names_gen", 1))  # as the first sync of an empty index leaves it
-    for sub, st in zip(("new", "cur"), stamp, strict=True):
-        if trusted(st, now):
-            meta.append(("stamp_" + sub, st))
+    if prep.stamp is not None:
+        for sub, st in zip(("new", "cur"), prep.stamp, strict=True):
+            if trusted(st, prep.now):
+                meta.append(("stamp_" + sub, st))
     tmp = folder / f"{INDEX_NAME}{BUILD_SUFFIX}{os.getpid()}"
     _write(tmp, meta, modseq, cols)
     tmp.rename(folder / INDEX_NAME)
     fsync_dir(folder)
+    if prep.durable:
+        remove_uidlist(folder)
     uids = list(range(1, n + 1))
     return Built(SyncResult(tuple(uids)), uids, cols.flags, modseq, n + 1, 1 if n else 0)
 

@@ -41,14 +41,17 @@ from dataclasses import dataclass, field
 from mailsuite.store.index_build import (
     Built,
     _w_size,
-    build_index,
     columns,
+    finish,
     insert_rows,
     listing,
     order_listing,
+    prepare,
+    told,
 )
 from mailsuite.store.index_schema import (
     _MAX_PARAMS,
+    Early,
     IndexDatabase,
     SyncResult,
     _counters,
@@ -193,9 +196,22 @@ class IndexScan(IndexDatabase):
         return " ".join(sorted(self._disk_flags(info)))
 
     def _build_missing(self) -> None:
-        self._built = build_index(self.folder, _delivery_key, self._flag_text, _trusted)
-        if self._built is not None:
-            self._built_result = self._built.result
+        """Build the missing index (lock held): :func:`~mailsuite.store.index_build.prepare`
+        and :func:`~mailsuite.store.index_build.finish`; in between, when the UIDs were made
+        durable in a uidlist and the opener answers early (:class:`EarlyAnswer`: an IMAP
+        SELECT), it is told the folder's state, and answers while the index is built."""
+        early = self._early
+        prep = prepare(self.folder, _delivery_key, uidlist=early is not None)
+        if prep is None:
+            return
+        claimed = False
+        if early is not None and prep.durable and not prep.recovered:
+            unseen, keywords = told(prep.ordered, self._flag_text)
+            n = len(prep.ordered.names)
+            early.report(Early(prep.uidvalidity, n, prep.modseq, unseen, keywords))
+            claimed = early.claim
+        self._built = finish(self.folder, prep, self._flag_text, _trusted, claimed)
+        self._built_result = self._built.result
 
     def _dir_stamp(self) -> tuple[int, int] | None:
         new_dir, cur_dir = self._sub_paths

@@ -36,6 +36,7 @@ from mailsuite.store.maildir import (
     write_keywords,
 )
 from mailsuite.store.space import retry_on_full
+from mailsuite.store.uidlist import UIDLIST_NAME, remove_uidlist
 from mailsuite.store.uidvalidity import next_uidvalidity
 
 INDEX_NAME = "mailsuite-index.sqlite"
@@ -123,6 +124,40 @@ class NewFile:
     bodystructure: bytes | None = None
 
 
+def keywords_in(flags: str) -> Iterator[str]:
+    """The keywords of a flag text (RFC 3501 2.3.2: the flags without a backslash)."""
+    return (f for f in flags.split() if not f.startswith("\\"))
+
+
+@dataclass(frozen=True)
+class Early:
+    """A folder whose missing index is about to be built, as an IMAP SELECT tells it: UIDs
+    1 to ``exists`` (their order is durable: :mod:`~mailsuite.store.uidlist`), the
+    UIDVALIDITY, the one MODSEQ of every message (the HIGHESTMODSEQ), the sequence number of
+    the first message without \\Seen (0: none) and the folder's keywords."""
+
+    uidvalidity: int
+    exists: int
+    modseq: int
+    first_unseen: int
+    keywords: frozenset[str]
+
+    @property
+    def uidnext(self) -> int:
+        return self.exists + 1
+
+
+@dataclass(frozen=True)
+class EarlyAnswer:
+    """Who answers from a missing index's listing before the index is built: ``report`` is
+    called with the folder's :class:`Early` state (in the opening thread, lock held), then
+    the build runs; ``claim``: the answer claims every message as \\Recent (SELECT, not
+    EXAMINE)."""
+
+    report: Callable[[Early], None]
+    claim: bool
+
+
 def _split_flags(flags: str) -> frozenset[str]:
     return frozenset(flags.split()) if flags else frozenset()
 
@@ -162,8 +197,10 @@ class IndexDatabase:
     letters and the cached names (see the module docstring).  Opening it creates or migrates
     the schema (under the lock)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, early: EarlyAnswer | None = None) -> None:
         self.folder = folder
+        #: who answers before a missing index is built (see :class:`EarlyAnswer`)
+        self._early = early
         #: new/ and cur/, stat'ed before every IMAP command (made once, not per call; as
         #: strings: ``os.stat`` of a ``Path`` converts it every time)
         self._sub_paths = (os.fspath(folder / "new"), os.fspath(folder / "cur"))
@@ -194,6 +231,12 @@ class IndexDatabase:
             with self._locked():
                 if not (self.folder / INDEX_NAME).exists():
                     self._build_missing()
+        elif (self.folder / UIDLIST_NAME).exists():
+            # a build killed between renaming the index into place and removing its uidlist
+            # (mailsuite.store.uidlist): the index holds those UIDs and more now
+            with self._locked():
+                if (self.folder / INDEX_NAME).exists():
+                    remove_uidlist(self.folder)
         db = sqlite3.connect(
             self.folder / INDEX_NAME, isolation_level=None, check_same_thread=False
         )

@@ -28,6 +28,7 @@ from mailsuite.store import mailbox_names
 from mailsuite.store.events import ChangeHub, FolderWatcher
 from mailsuite.store.folder_writer import FolderWriter
 from mailsuite.store.index import FlagDelta, FolderIndex
+from mailsuite.store.index_schema import Early, EarlyAnswer, keywords_in
 from mailsuite.store.maildir import (
     FolderNameError,
     ensure_folder,
@@ -433,7 +434,32 @@ class Folder:
                 v.on_change()
 
     def _note_keywords(self, flags: str) -> None:
-        self.keywords.update(f for f in flags.split() if not f.startswith("\\"))
+        self.keywords.update(keywords_in(flags))
+
+    def view_as_told(self, readonly: bool, told: Early) -> FolderView:
+        """A view for a session told ``told`` by a SELECT answered before the folder's index
+        was built (:mod:`~mailsuite.store.index_build`): its sequence numbers are UIDs 1 to
+        n, \\Recent to it, with the keywords told; what changed between the answer and now
+        (another session or process, once the build let go of the folder lock) is pending,
+        announced as any other change is (RFC 3501 5.2, 7.4.1): every message had the MODSEQ
+        told, so one with a higher one changed."""
+        v = self.view(readonly)
+        n = told.exists
+        v.keywords = told.keywords
+        v.synced_modseq = told.modseq
+        if n:
+            v.recent.append((1, n + 1))
+        # UIDs are unique and ascending: n of them ending at n are 1 to n
+        same = len(self.uids) == n and (not n or self.uids[-1] == n)
+        if same and self.highestmodseq == told.modseq:
+            return v
+        v.uids = list(range(1, n + 1))
+        flags = self.flags
+        v.pending_expunged = {u for u in v.uids if u not in flags}
+        v.pending_added = bool(self.uids) and self.uids[-1] > n
+        modseqs = self.modseqs
+        v.pending_flags = {u for u in v.uids if modseqs.get(u, 0) > told.modseq}
+        return v
 
     # -- keeping in step -------------------------------------------------------------------
 
@@ -600,13 +626,15 @@ class Folder:
         return got
 
 
-def opened_index(path: Path) -> FolderIndex:
+def opened_index(path: Path, early: EarlyAnswer | None = None) -> FolderIndex:
     """Open a folder's index and bring it in step with the directory: what opening a
     :class:`Folder` costs beyond a few queries, run in a worker thread by IMAP SELECT for a
     folder that is not open, so the build of a missing index or the bulk fill of an empty
     one (100,000 files: half a second of CPU, most of it in SQLite, which lets go of the GIL)
-    does not hold the event loop; the index is then handed to :meth:`FolderRegistry.get`."""
-    index = FolderIndex(path)
+    does not hold the event loop; the index is then handed to :meth:`FolderRegistry.get`.
+    ``early``: who answers from the listing of a missing index before it is built (see
+    :mod:`~mailsuite.store.index_build`)."""
+    index = FolderIndex(path, early)
     try:
         index.sync()
     except BaseException:
