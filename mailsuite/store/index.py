@@ -16,8 +16,9 @@ theirs so QRESYNC can report VANISHED and other sessions can catch up with one q
 The index is four modules, by job: :mod:`~mailsuite.store.index_schema` (the database: schema,
 migrations, meta counters, the lock, keyword letters), :mod:`~mailsuite.store.index_scan`
 (keeping it in step with the directory, cheaply; rebuilding it), :mod:`~mailsuite.store.index_build`
-(a missing index built whole from the directory before anyone connects) and this one (what
-callers ask and change).  :class:`FolderIndex` is the one class callers use.
+(a missing index built whole from the directory before anyone connects; a first IMAP SELECT
+answered in between, its UIDs made durable first by :mod:`~mailsuite.store.uidlist`) and this
+one (what callers ask and change).  :class:`FolderIndex` is the one class callers use.
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ class IndexScan(IndexDatabase):
         and :func:`~mailsuite.store.index_build.finish`; in between, when the UIDs were made
         durable in a uidlist and the opener answers early (:class:`EarlyAnswer`: an IMAP
         SELECT), it is told the folder's state, and answers while the index is built."""
-        early = self._early
+        early, self._early = self._early, None  # (once: the handle outlives the answer)
         prep = prepare(self.folder, _delivery_key, uidlist=early is not None)
         if prep is None:
             return

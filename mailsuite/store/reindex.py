@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsuite.store.index import INDEX_NAME, FolderIndex
+from mailsuite.store.uidlist import UIDLIST_NAME
 from mailsuite.store.mailbox import Account
 
 _CHUNK = 1000
@@ -53,9 +54,11 @@ def _sound(path: Path) -> bool:
 
 
 def _replace(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    """Remove a damaged index (and a uidlist, which must not give the new index its UIDs:
+    :mod:`~mailsuite.store.uidlist`)."""
+    for name in (INDEX_NAME, INDEX_NAME + "-wal", INDEX_NAME + "-shm", UIDLIST_NAME):
         with contextlib.suppress(FileNotFoundError):
-            (path / (INDEX_NAME + suffix)).unlink()
+            (path / name).unlink()
 
 
 def count_files(path: Path) -> int:
