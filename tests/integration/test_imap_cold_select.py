@@ -179,3 +179,19 @@ def test_a_server_killed_during_the_build_keeps_the_uids_it_told(server: Server)
     assert re.findall(rb"Subject: (m\d+)", fetched) == [b"m0", b"m1", b"m%d" % (N - 1)]
     c.close()
     assert not (box / UIDLIST_NAME).exists()
+
+
+def test_select_with_qresync_of_a_folder_new_to_us_is_answered_from_the_index(
+    server: Server,
+) -> None:
+    """QRESYNC parameters need the index's expunge history (RFC 7162 3.2.5): that SELECT
+    waits for the build, as before; its answer names the folder's new UIDVALIDITY, so the
+    client's cache (another UIDVALIDITY) gets no VANISHED."""
+    box = server.maildir(ALICE)
+    c = IMAPClient(server.port("imap"), ALICE)
+    c.ok("ENABLE QRESYNC")
+    lines = c.ok("SELECT INBOX (QRESYNC (1 1))")
+    assert (box / INDEX_NAME).exists() and not (box / UIDLIST_NAME).exists()
+    assert b"* %d EXISTS" % N in lines
+    assert not [line for line in lines if b"VANISHED" in line or b"FETCH" in line]
+    c.close()
