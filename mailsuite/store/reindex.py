@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsuite.store.index import INDEX_NAME, FolderIndex
-from mailsuite.store.uidlist import UIDLIST_NAME
 from mailsuite.store.mailbox import Account
+from mailsuite.store.uidlist import UIDLIST_NAME
 
 _CHUNK = 1000
 
