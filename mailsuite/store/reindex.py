@@ -26,7 +26,6 @@ from pathlib import Path
 
 from mailsuite.store.index import INDEX_NAME, FolderIndex
 from mailsuite.store.mailbox import Account
-from mailsuite.store.uidlist import UIDLIST_NAME
 
 _CHUNK = 1000
 
@@ -54,11 +53,9 @@ def _sound(path: Path) -> bool:
 
 
 def _replace(path: Path) -> None:
-    """Remove a damaged index (and a uidlist, which must not give the new index its UIDs:
-    :mod:`~mailsuite.store.uidlist`)."""
-    for name in (INDEX_NAME, INDEX_NAME + "-wal", INDEX_NAME + "-shm", UIDLIST_NAME):
+    for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
-            (path / name).unlink()
+            (path / (INDEX_NAME + suffix)).unlink()
 
 
 def count_files(path: Path) -> int:
