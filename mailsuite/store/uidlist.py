@@ -27,6 +27,10 @@ with its UIDVALIDITY, and its first sync reconciles them with the directory as i
 (files moved or renamed keep their UID by their base, removed ones are expunged, new ones
 follow).  One killed after the rename and before the removal leaves both: the index wins, and
 the next open removes the uidlist (:meth:`~mailsuite.store.index_schema.IndexDatabase._open`).
+Left open: an administrator removing only ``mailsuite-index.sqlite`` of such a folder before
+anything opened it again would have the next build take the uidlist's UIDVALIDITY, under which
+UIDs given after it could be given again; ``mailsuite reindex`` opens the folder first, and
+removing ``mailsuite-index*`` removes both.
 """
 
 from __future__ import annotations
