@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import re
 import sys
 import time
@@ -445,5 +446,64 @@ def test_a_failure_in_a_waiting_command_is_answered_and_logged(tmp_path: Path) -
         await a.send(b"a6 COPY 1 Archive\r\n")
         (line,) = tagged(a.take())
         assert re.fullmatch(rb"a6 OK \[COPYUID \d+ 1 1\] COPY completed", line), line
+
+    run(scenario, tmp_path)
+
+
+def _run_staged(fn: Callable[[Callable[[T], None]], Any]) -> tuple[Awaitable[T | None], Any]:
+    """The real adapter's ``run_staged`` on asyncio: ``fn`` in a worker thread, its report
+    brought to the loop before its end (both through ``call_soon_threadsafe``: in order)."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[T | None] = loop.create_future()
+
+    def fire(value: T | None) -> None:
+        if not first.done():
+            first.set_result(value)
+
+    done = loop.run_in_executor(None, fn, lambda value: loop.call_soon_threadsafe(fire, value))
+    done.add_done_callback(lambda _: fire(None))
+    return first, done
+
+
+def test_a_build_failing_after_the_early_answer_ends_the_session(tmp_path: Path) -> None:
+    """A first SELECT of a big folder is answered before its index is built (index_build); a
+    build that then fails cannot take the answer back: the session ends with BYE, the
+    failure is logged, and the uidlist left gives the next open the UIDs that were told."""
+    from unittest import mock
+
+    from mailsuite.store import index_build
+    from mailsuite.store.index import FolderIndex
+    from mailsuite.store.uidlist import read_uidlist
+
+    async def scenario(host: Host) -> None:
+        inbox = host.directory.mailbox_root(ALICE)
+        host.deliver(1)  # (makes the Maildir) ...
+        for f in inbox.glob("mailsuite-index*"):
+            f.unlink()  # ... which another program then filled
+        for i in range(index_build.UIDLIST_MIN):
+            (inbox / "cur" / f"{1_700_000_000 + i}.M{i}P1.h:2,S").write_bytes(b"Subject: x\n\n")
+        host.services = dataclasses.replace(host.services, run_staged=_run_staged)
+        a = Adapter(host)
+        await a.send(b"a1 LOGIN alice@example.test secret\r\n")
+        a.take()
+        with mock.patch.object(index_build, "_write", side_effect=RuntimeError("disk on fire")):
+            await a.send(b"a2 SELECT INBOX\r\n")
+        lines = a.take()
+        n = index_build.UIDLIST_MIN + 1
+        assert b"* %d EXISTS" % n in lines and b"* OK [UNSEEN %d] First unseen" % n in lines
+        assert lines[-2:] == [
+            b"a2 OK [READ-WRITE] SELECT completed",
+            b"* BYE Mailbox index could not be built, please reconnect",
+        ]
+        assert a.closed and a.session.view is None and not host.registry.has(inbox)
+        ((text, exc),) = host.log.failures
+        assert text == f"index build of {inbox} failed" and isinstance(exc, RuntimeError)
+        told = re.search(rb"UIDVALIDITY (\d+)", b" ".join(lines))
+        assert told is not None
+        left = read_uidlist(inbox)
+        assert left is not None and left.uidvalidity == int(told.group(1))
+        index = FolderIndex(inbox)
+        assert (index.uidvalidity, index.uidnext) == (left.uidvalidity, n + 1)
+        index.close()
 
     run(scenario, tmp_path)
