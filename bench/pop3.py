@@ -11,7 +11,7 @@ machine load hits both alike.  Prints the warm medians (min-max), the mailsuite/
 ratios and the load average.
 
     python bench/pop3.py [--count 1000] [--trials 5] [--no-dovecot] [--keep DIR]
-        [--workers N] [--profile py-spy.svg] [--cprofile pop3.pstats]
+        [--workers N] [--profile py-spy.svg] [--cprofile pop3.pstats] [--floor]
 
 Runs as root for the Dovecot peer (its Maildirs belong to uid 5000); mailsuite runs as the
 invoking user.  Everything listens on 127.0.0.1 only.  ``--profile FILE`` records the
@@ -19,6 +19,9 @@ mailsuite process with py-spy during the warm rounds (a flame graph for ``.svg``
 collapsed stacks; py-spy must be installed).  ``--cprofile FILE`` records mailsuite's warm rounds
 with cProfile (switched on and off by SIGUSR2): every call with its count and time (read it
 with ``python -m pstats FILE``).
+``--floor`` adds ``bench/pop3_floor.py`` to the rounds: a one-thread epoll loop that makes
+mailsuite's system calls per RETR and its dot-stuffing and nothing else, the least a Python
+server can cost per message on that machine at that load.
 Besides wall times it prints the server's CPU time per RETR and per NOOP (the server's
 threads' run time from ``/proc/PID/task/*/schedstat``, nanoseconds, so steadier than wall
 time on a shared machine).
@@ -159,6 +162,23 @@ def mailsuite_server(
 
 
 @contextmanager
+def floor_server(work: Path, count: int, gen: Any) -> Iterator[Any]:
+    """``bench/pop3_floor.py`` on a free port over its own copy of the box (see ``--floor``)."""
+    maildir = work / "floor" / "Maildir"
+    gen.gen_maildir(str(maildir), count, 0.0, None, None, 6, 7)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "pop3_floor.py"), str(port), str(maildir)]
+    )
+    try:
+        wait_port(port, proc)
+        yield SimpleNamespace(name="floor", port=port, user="floor", pid=proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
 def dovecot_server(work: Path, count: int, gen: Any) -> Iterator[Any]:
     run = work / "peers"
     work.chmod(0o755)  # Dovecot's auth and mail processes (other uids) read below here
@@ -269,6 +289,9 @@ def main() -> None:
         "--profile", help="py-spy record of mailsuite's warm rounds (.svg: flame graph)"
     )
     ap.add_argument("--cprofile", help="twistd's cProfile of mailsuite, written at its stop")
+    ap.add_argument(
+        "--floor", action="store_true", help="also the minimal server bench/pop3_floor.py"
+    )
     a = ap.parse_args()
     pop3_bench, gen = shared_modules()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="mailsuite-pop3-bench-"))
@@ -294,8 +317,9 @@ def main() -> None:
                 if a.compare_tree
                 else _nothing()
             ) as other,
+            floor_server(work, a.count, gen) if a.floor else _nothing() as floor,
         ):
-            targets = [ours] + ([other] if other is not None else [])
+            targets = [ours] + [t for t in (other, floor) if t is not None]
             dovecot = None if a.no_dovecot or not Path("/usr/sbin/dovecot").exists() else True
             with dovecot_server(work, a.count, gen) if dovecot else _nothing() as theirs:
                 if theirs is not None:
