@@ -16,11 +16,17 @@ events still handled -- without the context.  What changes: a legacy message log
 Twisted itself while handling an event (its "Unhandled Error" for an exception a protocol
 raised) has the system ``-`` instead of the connection's prefix; the traceback is the same.
 Any other reactor (a test's, a subclass with its own ``doIteration``) is left as it is.
+
+The switched reactor also gets ``mailsuite_activity``, a list of callables called (in
+order, before the events are handled) after every poll that returned events: the reactor-lag
+probe slows down while the server is idle and is woken by it
+(:mod:`mailsuite.reactor_lag`).  One check of an empty list per poll otherwise.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -41,6 +47,7 @@ def lean_dispatch(reactor: Any) -> bool:
     poller = reactor._poller
     selectables: dict[int, Any] = reactor._selectables
     handle = reactor._doReadOrWrite
+    activity: list[Callable[[], None]] = []
 
     def do_poll(timeout: float | None) -> None:
         try:
@@ -50,6 +57,9 @@ def lean_dispatch(reactor: Any) -> bool:
             if e.errno == errno.EINTR:
                 return
             raise
+        if events and activity:
+            for f in activity:
+                f()
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -63,6 +73,7 @@ def lean_dispatch(reactor: Any) -> bool:
                 log.failure("Unhandled Error in {system}", system=prefix, log_system=prefix)
 
     reactor.doIteration = do_poll
+    reactor.mailsuite_activity = activity
     return True
 
 

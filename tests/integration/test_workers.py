@@ -275,10 +275,25 @@ def test_reactor_lag_shows_every_process_whichever_worker_answers(srv: Server) -
         assert metric_value(port, gauge) >= 0.3, "a scrape that did not see the stall"
         seen.append(metric_value(port, count))
     assert seen == sorted(seen), f"the tick count went backwards: {seen}"
-    # three probes tick (two workers and the supervisor): far more than one process's 100/s
-    t0, c0 = time.monotonic(), seen[-1]
-    time.sleep(1.0)
-    rate = (metric_value(port, count) - c0) / (time.monotonic() - t0)
+    # Every process's probe is counted: with both workers busy (an IMAP session on each
+    # sending NOOPs: an idle probe slows down to a tick a second), far more than one
+    # process's 100/s
+    busy = [on_worker(srv.port("imap"), pid, pids) for pid in pids]
+    try:
+        c0 = metric_value(port, count)
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.0:
+            for c in busy:
+                n += 1
+                c.send_line(f"n{n} NOOP")
+                while not c.line().startswith(f"n{n} "):
+                    pass
+            time.sleep(0.05)
+        rate = (metric_value(port, count) - c0) / (time.monotonic() - t0)
+    finally:
+        for c in busy:
+            c.close()
     assert rate > 150, f"{rate:.0f} ticks/s counted: not every process's probe"
 
 

@@ -104,3 +104,21 @@ def test_an_error_escaping_an_event_is_logged_and_the_others_are_handled(reactor
     # the read's error, logged by Twisted's _doReadOrWrite; the one escaping it, by us, named
     # as callWithLogger names it
     assert errors == {ValueError: "-", RuntimeError: "FailingReader"}
+
+
+def test_a_poll_with_events_calls_the_activity_callbacks_before_handling_them(
+    reactor: Any,
+) -> None:
+    """The reactor-lag probe's wake-up (mailsuite.reactor_lag): called once per poll that
+    returned events, before their work runs; not for a poll that timed out."""
+    a, a_peer = socket.socketpair()
+    with a, a_peer:
+        ra = Reader(a)
+        reactor.addReader(ra)
+        seen: list[list[bytes]] = []
+        reactor.mailsuite_activity.append(lambda: seen.append(list(ra.got)))
+        reactor.doIteration(0)  # nothing ready
+        assert seen == []
+        a_peer.send(b"one")
+        reactor.doIteration(1)
+        assert seen == [[]] and ra.got == [b"one"]  # called before the read

@@ -11,7 +11,13 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
-from mailsuite.reactor_lag import BUCKETS, ReactorLag, RunQueueWait
+from mailsuite.reactor_lag import (
+    BUCKETS,
+    IDLE_AFTER,
+    IDLE_INTERVAL,
+    ReactorLag,
+    RunQueueWait,
+)
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
@@ -189,6 +195,62 @@ def test_run_queue_wait_reads_the_time_the_thread_waited_for_a_cpu() -> None:
     waited, ran = (float(x) for x in out.stdout.split())
     assert waited >= 0.2, out.stdout
     assert waited > ran, out.stdout
+
+
+class _DispatchingClock(Clock):
+    """A clock with the lean dispatch's activity list (mailsuite.reactor_dispatch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mailsuite_activity: list[Any] = []
+
+    def events(self) -> None:
+        """A poll that returned I/O events."""
+        for f in self.mailsuite_activity:
+            f()
+
+    def next_tick_in(self) -> float:
+        (call,) = self.getDelayedCalls()
+        return float(call.getTime() - self.seconds())
+
+
+def test_an_idle_probe_slows_down_and_the_first_event_wakes_it() -> None:
+    """No I/O event for IDLE_AFTER ticks: one tick a second (100 wake-ups a second cost an
+    idle server 20 ms of CPU a second per process).  The first event brings the 10 ms
+    rhythm back before its work runs, so a stall that work makes is measured whole."""
+    clock = _DispatchingClock()
+    clock.advance(1000)
+    probe, registry = started_probe(clock)
+    assert clock.mailsuite_activity == [probe._on_activity]
+    for _ in range(IDLE_AFTER - 1):
+        clock.advance(0.01)
+    assert abs(clock.next_tick_in() - 0.01) < 1e-9
+    clock.advance(0.01)
+    assert abs(clock.next_tick_in() - IDLE_INTERVAL) < 1e-9  # slow now
+    clock.advance(IDLE_INTERVAL)  # a slow tick, on time
+    assert abs(clock.next_tick_in() - IDLE_INTERVAL) < 1e-9
+    assert samples(registry)[("mailsuite_reactor_lag_seconds", "")] == 0
+
+    clock.advance(0.3)
+    clock.events()  # a connection arrives
+    assert abs(clock.next_tick_in() - 0.01) < 1e-9
+    clock.advance(0.01 + 0.2)  # its work held the reactor 200 ms
+    assert abs(samples(registry)[("mailsuite_reactor_lag_seconds", "")] - 0.2) < 1e-6
+
+    probe.stopService()
+    assert clock.mailsuite_activity == [] and clock.getDelayedCalls() == []
+
+
+def test_a_busy_probe_stays_fast() -> None:
+    clock = _DispatchingClock()
+    clock.advance(1000)
+    probe, _registry = started_probe(clock)
+    for i in range(3 * IDLE_AFTER):
+        if i % 50 == 0:
+            clock.events()  # an event every half second
+        clock.advance(0.01)
+    assert abs(clock.next_tick_in() - 0.01) < 1e-9
+    probe.stopService()
 
 
 def test_freeze_startup_objects_takes_what_lives_out_of_full_collections() -> None:
