@@ -5,17 +5,21 @@ SUBSCRIBE, UNSUBSCRIBE, STATUS and APPEND.
 They are a mixin of ``session.Session``, kept apart from its state machine because they work
 on the account's folders by name and never on the selected mailbox's messages; LIST brings its
 own request parsing (``_parse_list``) and wildcard matching (``_pattern_regex``).  RENAME of
-INBOX and APPEND await their file work in a worker thread (``shared.run_blocking``); LIST and
-LSUB await room in the output between pieces of a long answer (``send_paced``).
+INBOX and APPEND await their file work in a worker thread (``shared.run_blocking``), as STATUS
+(and LIST's RETURN (STATUS)) awaits the counts of a folder not open here; LIST and LSUB await
+room in the output between pieces of a long answer (``send_paced``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from mailsuite.imap.interface import ConnectionGone
 from mailsuite.imap.parser import Atom, Command, Token, astring, atom, flag_list, parse_date_time
 from mailsuite.imap.session_base import (
     _AUTH,
@@ -26,8 +30,7 @@ from mailsuite.imap.session_base import (
     quote,
 )
 from mailsuite.store.folder_copy import append_blocking, move_inbox_blocking
-from mailsuite.store.index import FolderIndex
-from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError
+from mailsuite.store.mailbox import SEPARATOR, Account, MailboxError, opened_index
 
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE")
 _LIST_SELECT = ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE")
@@ -176,10 +179,12 @@ class MailboxCommands(SessionBase):
             await self.send_paced(out[start:pos])
             start = pos
             with contextlib.suppress(MailboxError):  # gone: its LIST line stands alone
-                self._status(name, status)
+                await self._status(name, status)
         await self.send_paced(out[start:])
 
-    def do_STATUS(self, cmd: Command) -> None:
+    def do_STATUS(self, cmd: Command) -> Coroutine[Any, Any, None] | None:
+        """STATUS (RFC 3501 6.3.10, RFC 7162 3.1 HIGHESTMODSEQ, RFC 8438 SIZE): answered at
+        once for a folder open here; else a coroutine that counts in a worker thread."""
         if len(cmd.args) != 2 or not isinstance(cmd.args[1], list):
             raise _bad("STATUS expects a mailbox name and a list of items")
         name = self._mailbox_arg(cmd.args[0])
@@ -188,43 +193,55 @@ class MailboxCommands(SessionBase):
             raise _no("No such mailbox", "NONEXISTENT")
         if "HIGHESTMODSEQ" in items:  # a CONDSTORE enabling command (RFC 7162 3.1)
             self.enable_condstore()
-        self._status(name, items)
+        if self._status_open(name, items):
+            self.ok(cmd, "STATUS completed")
+            return None
+        return self._status_cold_then_ok(cmd, name, items)
+
+    async def _status_cold_then_ok(self, cmd: Command, name: str, items: list[str]) -> None:
+        await self._status(name, items)
         self.ok(cmd, "STATUS completed")
 
-    def _status(self, name: str, items: Sequence[str]) -> None:
+    async def _status(self, name: str, items: Sequence[str]) -> None:
+        """Send ``* STATUS`` for ``name``: from the open folder when this process has it
+        open, else counted in a worker thread (:func:`_cold_status`)."""
+        if self._status_open(name, items):
+            return
+        values = await self.shared.run_blocking(
+            _cold_status, self._acct().path(name), "RECENT" in items, "SIZE" in items
+        )
+        if self.proto.gone():  # nobody to answer (the index was closed in the thread)
+            raise ConnectionGone
+        self._send_status(name, items, values)
+
+    def _status_open(self, name: str, items: Sequence[str]) -> bool:
+        """Answer STATUS from the folder open (or kept warm) in this process's registry:
+        its state is in memory, brought up to date without waiting for the folder lock
+        (:meth:`~mailsuite.store.mailbox.Folder.refresh`).  False when it is not open: the
+        counts need the index opened, maybe built, or the folder lock another process holds
+        -- work for a worker thread, so every other session of the process goes on."""
         for it in items:
             if it not in _STATUS_ITEMS:
                 raise _bad(f"Unknown STATUS item {it}")
-        path = self._acct().path(name)
-        reg = self.shared.registry
-        folder = reg.peek(path)
-        values: dict[str, int] = {}
-        if folder is not None:
-            folder.refresh()
-            flags = folder.flags
-            values["MESSAGES"] = len(folder.uids)
-            values["UNSEEN"] = sum(1 for f in flags.values() if "\\Seen" not in f)
-            values["UIDNEXT"] = folder.uidnext
-            values["UIDVALIDITY"] = folder.uidvalidity
-            values["HIGHESTMODSEQ"] = folder.highestmodseq
-            db = folder.index
-        else:
-            db = FolderIndex(path)
-        try:
-            if folder is None:
-                db.sync()
-                uv, nxt, hms = db.counters()
-                total, unseen = db.status_counts()
-                values.update(
-                    MESSAGES=total, UNSEEN=unseen, UIDNEXT=nxt, UIDVALIDITY=uv, HIGHESTMODSEQ=hms
-                )
-            if "RECENT" in items:
-                values["RECENT"] = db.recent_count()
-            if "SIZE" in items:
-                values["SIZE"] = db.total_size()
-        finally:
-            if folder is None:
-                db.close()
+        folder = self.shared.registry.peek(self._acct().path(name))
+        if folder is None:
+            return False
+        flags = folder.flags
+        values = {
+            "MESSAGES": len(folder.uids),
+            "UNSEEN": sum(1 for f in flags.values() if "\\Seen" not in f),
+            "UIDNEXT": folder.uidnext,
+            "UIDVALIDITY": folder.uidvalidity,
+            "HIGHESTMODSEQ": folder.highestmodseq,
+        }
+        if "RECENT" in items:
+            values["RECENT"] = folder.index.recent_count()
+        if "SIZE" in items:
+            values["SIZE"] = folder.index.total_size()
+        self._send_status(name, items, values)
+        return True
+
+    def _send_status(self, name: str, items: Sequence[str], values: dict[str, int]) -> None:
         body = " ".join(f"{it} {values[it]}" for it in items)
         self.send(b"* STATUS " + quote(name) + b" (" + body.encode() + b")\r\n")
 
@@ -261,6 +278,31 @@ class MailboxCommands(SessionBase):
         folder = self.shared.registry.peek(path)  # (brought up to date: the new message)
         self.shared.changes.notify(path, folder._hub_changed if folder else None)
         self.ok(cmd, "APPEND completed", f"APPENDUID {uidvalidity} {uid}")
+
+
+def _cold_status(path: Path, recent: bool, size: bool) -> dict[str, int]:
+    """STATUS values of a folder not open in this process, from its index opened, synced
+    with the directory and closed again (:func:`~mailsuite.store.mailbox.opened_index`: built
+    when missing, waiting for the folder lock while another process changes the folder).
+    Blocking: run in a worker thread."""
+    index = opened_index(path)
+    try:
+        uidvalidity, uidnext, highestmodseq = index.counters()
+        total, unseen = index.status_counts()
+        values = {
+            "MESSAGES": total,
+            "UNSEEN": unseen,
+            "UIDNEXT": uidnext,
+            "UIDVALIDITY": uidvalidity,
+            "HIGHESTMODSEQ": highestmodseq,
+        }
+        if recent:
+            values["RECENT"] = index.recent_count()
+        if size:
+            values["SIZE"] = index.total_size()
+        return values
+    finally:
+        index.close()
 
 
 @dataclass

@@ -23,9 +23,13 @@ sessions use (one per process, through the runtime's registry), not twisted.mail
   change the same way, a moment later (the RETRs of that moment in one change, see
   :meth:`Maildrop.mark_seen`), and also when the connection ends without QUIT.
 
-Like IMAP's use of the folder model, it runs in the reactor thread (the registry is not
-thread-safe): opening syncs the folder's index (cheap when nothing changed), committing
-expunges a few files.
+Opening is two steps.  :func:`claim` (blocking: the POP3 server runs it in a worker thread)
+takes the lock, checks the login delay and, for a folder this process has not open, opens
+its index (built when missing, synced with the directory, waiting for the folder lock when
+another process changes the folder): a cold or locked INBOX then holds only this login, not
+every session of the process.  :class:`Maildrop` is then made from the claim in the reactor
+thread, as IMAP's SELECT hands its worker-opened index to the registry (which is not
+thread-safe); committing expunges a few files there, like IMAP's EXPUNGE.
 """
 
 from __future__ import annotations
@@ -35,19 +39,20 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
-from mailsuite.store.index import Message
-from mailsuite.store.mailbox import FolderRegistry
+from mailsuite.store.index import FolderIndex, Message
+from mailsuite.store.mailbox import FolderRegistry, opened_index
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.space import DiskFull
 
 LOCK_NAME = "mailsuite-pop3.lock"
 LOGIN_STAMP_NAME = "mailsuite-pop3-login"
 RETRIEVED_NAME = "mailsuite-pop3-retrieved.json"
-__all__ = ["Expiry", "LoginTooSoon", "Maildrop", "MaildropInUse", "MessageGone"]
+__all__ = ["Claim", "Expiry", "LoginTooSoon", "Maildrop", "MaildropInUse", "MessageGone", "claim"]
 
 SEEN = "\\Seen"
 #: \Seen changes collected before they are stored without waiting (Maildrop.mark_seen)
@@ -55,10 +60,78 @@ SEEN_BATCH = 256
 DELETED = "\\Deleted"
 
 
+@dataclass
+class Claim:
+    """What :func:`claim` took for a session before its :class:`Maildrop` is made: the
+    maildrop lock's descriptor and, for a folder that was not open, its opened index."""
+
+    root: Path
+    lock_fd: int | None
+    index: FolderIndex | None
+
+    def release(self) -> None:
+        """Give up the claim unused (the client went away while it was taken): the index
+        closed, the lock released."""
+        index, self.index = self.index, None
+        try:
+            if index is not None:
+                index.close()
+        finally:
+            if self.lock_fd is not None:
+                fd, self.lock_fd = self.lock_fd, None
+                os.close(fd)  # closing the only descriptor releases the flock
+
+
+def claim(
+    root: Path,
+    *,
+    login_delay: int | None = None,
+    open_index: bool = False,
+    now: Callable[[], float] = time.time,
+) -> Claim:
+    """Take the maildrop of ``root`` for a session: the POP3 lock (raises
+    :class:`MaildropInUse` at once when another session holds it), the login delay
+    (:class:`LoginTooSoon`, RFC 2449 6.8) and, with ``open_index`` (the folder is not open in
+    the process's registry), the folder's index opened and synced (:func:`opened_index`).
+    Blocking: the server runs it in a worker thread; nothing is left held when it raises."""
+    ensure_folder(root)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MaildropInUse(str(root)) from None
+    try:
+        if login_delay:
+            _check_login_delay(root, login_delay, now)
+        index = opened_index(root) if open_index else None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Claim(root, fd, index)
+
+
+def _check_login_delay(root: Path, delay: int, now: Callable[[], float]) -> None:
+    """Refuse a login less than ``delay`` seconds after the last one (RFC 2449 6.8), else
+    record this one."""
+    stamp = root / LOGIN_STAMP_NAME
+    try:
+        last = stamp.stat().st_mtime
+    except FileNotFoundError:
+        last = None
+    t = now()
+    if last is not None and 0 <= t - last < delay:
+        raise LoginTooSoon(f"{delay - int(t - last)} s")
+    stamp.touch()
+    os.utime(stamp, (t, t))
+
+
 class Maildrop:
     """One session's locked view of INBOX.  Message numbers are 1-based.  ``folders``: the
     process's open folders (the runtime's registry, shared with IMAP); a private one when
-    not given (tools and tests)."""
+    not given (tools and tests).  ``claimed``: what :func:`claim` took for it (in a worker
+    thread), owned by the maildrop from here on, released if making it fails; without it
+    the maildrop is claimed here (tools and tests: blocking)."""
 
     def __init__(
         self,
@@ -68,25 +141,26 @@ class Maildrop:
         login_delay: int | None = None,
         expiry: Expiry | None = None,
         now: Callable[[], float] = time.time,
+        claimed: Claim | None = None,
     ) -> None:
         self.root = root
         self.now = now
         self.expiry = expiry
-        ensure_folder(root)
-        self._lock_fd: int | None = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        if claimed is None:
+            claimed = claim(root, login_delay=login_delay, now=now)
+        self._lock_fd: int | None = claimed.lock_fd
+        index, claimed.index, claimed.lock_fd = claimed.index, None, None
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise MaildropInUse(str(root)) from None
-        try:
-            if login_delay:
-                self._check_login_delay(login_delay)
             if folders is None:
                 folders = FolderRegistry()
                 folders.keep_idle = 0  # nobody else uses it: close the folder with the session
-            self.folder = folders.get(root)
+            try:
+                # (the registry closes ``index`` when the folder was opened meanwhile)
+                self.folder = folders.get(root, index)
+            except BaseException:
+                if index is not None:
+                    index.close()
+                raise
             self.view = self.folder.view(readonly=False)
             try:
                 self.messages: list[Message] = self._snapshot()
@@ -118,20 +192,6 @@ class Maildrop:
         uids = self.view.uids
         shown = set(uids) if not hidden else {u for u in uids if flags.get(u, "") not in hidden}
         return [m for m in self.folder.index.messages() if m.uid in shown]
-
-    # -- login delay (RFC 2449 6.8) ---------------------------------------------------------
-
-    def _check_login_delay(self, delay: int) -> None:
-        stamp = self.root / LOGIN_STAMP_NAME
-        try:
-            last = stamp.stat().st_mtime
-        except FileNotFoundError:
-            last = None
-        now = self.now()
-        if last is not None and 0 <= now - last < delay:
-            raise LoginTooSoon(f"{delay - int(now - last)} s")
-        stamp.touch()
-        os.utime(stamp, (now, now))
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -6,11 +6,12 @@ research/twisted-mail.md 3.1).
 
 This module does only I/O: it feeds lines to the :class:`~.session.Session`, writes what it
 returns and performs its actions.  Ordering under pipelining (RFC 2449 6.6): while a
-password is checked, a large message is streamed or the UPDATE state runs, line processing
-is paused, so replies go out in command order.  STLS drops everything the client sent after
-the command (``clearLineBuffer``) before the handshake starts (RFC 2595 4, the STARTTLS
-injection class of bug).  TCP_NODELAY is set: POP3 is a request/response protocol and
-Nagle plus delayed ACKs cost ~40 ms per reply.
+password is checked, the maildrop is opened (in a worker thread: a cold or locked INBOX holds
+that login only, not the process's other sessions), a large message is streamed or the UPDATE
+state runs, line processing is paused, so replies go out in command order.  STLS drops
+everything the client sent after the command (``clearLineBuffer``) before the handshake starts
+(RFC 2595 4, the STARTTLS injection class of bug).  TCP_NODELAY is set: POP3 is a
+request/response protocol and Nagle plus delayed ACKs cost ~40 ms per reply.
 
 Deadlines (:mod:`mailsuite.deadline`) move with complete lines and with a message being read
 by the client, never with single bytes: AUTHORIZATION ends ``[pop3] login_timeout`` after
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,7 +33,7 @@ from mailsuite.connection_limits import Admission, ConnectionLimits, Refusal, sh
 from mailsuite.deadline import LOGIN, ReadDeadline
 from mailsuite.flow import GatedLineReceiver, OutputFlow
 from mailsuite.pacing import PIECE
-from mailsuite.pop3.maildrop import Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.pop3.maildrop import Claim, Expiry, LoginTooSoon, Maildrop, MaildropInUse, claim
 from mailsuite.pop3.session import (
     CLOSED,
     COMMANDS,
@@ -298,7 +299,7 @@ class POP3Protocol(GatedLineReceiver):
         user = result.user if result is not None and result.outcome is Outcome.OK else None
         if user is not None and self.tx.connected:
             try:
-                maildrop = self._open_maildrop(user)
+                maildrop = yield self._open_maildrop(user)
             except Exception as e:  # MaildropInUse, LoginTooSoon, store errors
                 failure = e
                 if isinstance(e, MaildropInUse):
@@ -329,17 +330,36 @@ class POP3Protocol(GatedLineReceiver):
             )
         self._perform(step.out, step.action)  # the answer to PASS, sent now
 
-    def _open_maildrop(self, user: str) -> Maildrop:
-        """INBOX on the folder model IMAP uses (the runtime's one registry of open folders),
-        in the reactor thread like IMAP's SELECT (see mailsuite.pop3.maildrop)."""
+    def _open_maildrop(self, user: str) -> defer.Deferred[Maildrop | None]:
+        """INBOX on the folder model IMAP uses (the runtime's one registry of open folders).
+
+        The lock, the login delay and -- when the folder is not open in this process -- the
+        index's open (a build of 100,000 files, or a wait for the folder lock another process
+        holds) happen in a worker thread (:func:`~mailsuite.pop3.maildrop.claim`), as IMAP's
+        SELECT opens a cold folder: the reactor never waits on the disk for them, so the
+        other sessions of the process go on meanwhile.  The maildrop is then made in the
+        reactor thread (the registry is not thread-safe).  None when the client went away
+        meanwhile: what was claimed is released."""
         cfg = self.session.options
         root = self.runtime.directory.mailbox_root(user)
-        return Maildrop(
+        folders = self.runtime.folder_registry()
+        reactor = self.runtime.reactor
+        d = threads.deferToThreadPool(
+            reactor,
+            reactor.getThreadPool(),
+            claim,
             root,
-            folders=self.runtime.folder_registry(),
             login_delay=cfg.login_delay,
-            expiry=cfg.expiry,
+            open_index=not folders.has(root),
         )
+
+        def claimed(c: Claim) -> Maildrop | None:
+            if not self.tx.connected:
+                c.release()
+                return None
+            return Maildrop(root, folders=folders, expiry=cfg.expiry, claimed=c)
+
+        return d.addCallback(claimed)
 
     def _stream(self, stream: Stream) -> defer.Deferred[None]:
         """Send a big message (or TOP of one): read a piece, stuff it, write it, and wait

@@ -383,7 +383,9 @@ class Folder:
         #: the index handles are closed (the folder left the registry for good)
         self.closed = False
         self.views: list[FolderView] = []
-        self.index.sync()
+        # an index handed over was synced in its worker thread just now: not waiting for the
+        # folder lock here (the event loop's thread) if a writer took it since (see refresh)
+        self.index.sync(wait=index is None)
         self.uidvalidity, self.uidnext, self.highestmodseq = self.index.counters()
         uids, flags, modseqs = self.index.state()
         # one string per distinct flag text (a folder has few), mapped in C: a first open
