@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from mailsuite.pop3.maildrop import SEEN_BATCH, Expiry, LoginTooSoon, Maildrop, MaildropInUse
+from mailsuite.pop3.maildrop import (
+    SEEN_BATCH,
+    Expiry,
+    LoginTooSoon,
+    Maildrop,
+    MaildropInUse,
+    claim,
+)
 from mailsuite.store.index import FolderIndex
+from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message
 from tests.store_helpers import box
@@ -24,6 +32,37 @@ def test_lock_snapshot_and_uidl(tmp_path: Path) -> None:
     md.close()
     md = Maildrop(root)
     assert len(md) == 3 and [md.uidl(1), md.uidl(2)] == uidls
+    md.close()
+
+
+def test_a_claim_holds_the_lock_until_the_maildrop_or_its_release(tmp_path: Path) -> None:
+    """:func:`claim` (a worker thread's half of a login) takes the lock and opens the index;
+    the maildrop made from it owns both; a claim released unused (the client went away)
+    or refused (in use, too soon) leaves nothing held."""
+    root = box(tmp_path, 2)
+    folders = FolderRegistry()
+    c = claim(root, open_index=True)
+    assert c.index is not None and c.index.counters()[1] == 3  # opened and synced: UIDNEXT
+    with pytest.raises(MaildropInUse):
+        claim(root)
+    c.release()
+    c.release()  # (idempotent)
+    md = Maildrop(root, folders=folders, claimed=claim(root, open_index=True))
+    assert len(md) == 2 and folders.has(root)
+    with pytest.raises(MaildropInUse):
+        claim(root, open_index=True)
+    md.close()
+    clock = [5_000.0]
+    claim(root, login_delay=60, now=lambda: clock[0]).release()
+    with pytest.raises(LoginTooSoon):
+        claim(root, login_delay=60, open_index=True, now=lambda: clock[0])
+    claim(root).release()  # the refused claims let go of the lock
+    # the folder open in the registry meanwhile: the claim's index is closed, the open one used
+    c = claim(root, open_index=True)
+    index = c.index
+    assert index is not None
+    md = Maildrop(root, folders=folders, claimed=c)
+    assert md.folder.index is not index and len(md) == 2
     md.close()
 
 
