@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailsuite.pop3.policy import Expiry, LoginTooSoon, MaildropInUse, MessageGone
+from mailsuite.store.folder_writer import FolderWriter
 from mailsuite.store.index import FolderIndex, Message
 from mailsuite.store.mailbox import FolderRegistry, opened_index
 from mailsuite.store.maildir import ensure_folder
@@ -68,6 +69,8 @@ class Claim:
     root: Path
     lock_fd: int | None
     index: FolderIndex | None
+    #: the folder's messages as listed in the worker thread (sizes known), or None
+    listed: list[Message] | None = None
 
     def release(self) -> None:
         """Give up the claim unused (the client went away while it was taken): the index
@@ -87,13 +90,18 @@ def claim(
     *,
     login_delay: int | None = None,
     open_index: bool = False,
+    writer: FolderWriter | None = None,
     now: Callable[[], float] = time.time,
 ) -> Claim:
     """Take the maildrop of ``root`` for a session: the POP3 lock (raises
     :class:`MaildropInUse` at once when another session holds it), the login delay
     (:class:`LoginTooSoon`, RFC 2449 6.8) and, with ``open_index`` (the folder is not open in
     the process's registry), the folder's index opened and synced (:func:`opened_index`).
-    Blocking: the server runs it in a worker thread; nothing is left held when it raises."""
+    The messages are listed here too, with the sizes the snapshot needs (files another
+    program wrote are read for them: 100,000 took seconds; making 100,000 rows into
+    messages, most of a second), through the new index or the open folder's ``writer``;
+    the snapshot keeps those the folder still has when the maildrop is made.  Blocking: the
+    server runs it in a worker thread; nothing is left held when it raises."""
     ensure_folder(root)
     fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -108,7 +116,16 @@ def claim(
     except BaseException:
         os.close(fd)
         raise
-    return Claim(root, fd, index)
+    listed: list[Message] | None = None
+    try:
+        if index is not None:
+            listed = index.messages()
+        elif writer is not None:
+            listed = writer.messages()
+    except BaseException:
+        Claim(root, fd, index).release()
+        raise
+    return Claim(root, fd, index, listed)
 
 
 def _check_login_delay(root: Path, delay: int, now: Callable[[], float]) -> None:
@@ -150,6 +167,7 @@ class Maildrop:
             claimed = claim(root, login_delay=login_delay, now=now)
         self._lock_fd: int | None = claimed.lock_fd
         index, claimed.index, claimed.lock_fd = claimed.index, None, None
+        listed, claimed.listed = claimed.listed, None
         try:
             if folders is None:
                 folders = FolderRegistry()
@@ -163,7 +181,7 @@ class Maildrop:
                 raise
             self.view = self.folder.view(readonly=False)
             try:
-                self.messages: list[Message] = self._snapshot()
+                self.messages: list[Message] = self._snapshot(listed)
             except BaseException:
                 self.view.close()
                 raise
@@ -184,14 +202,18 @@ class Maildrop:
         self.seen_pending: set[int] = set()  # retrieved, \Seen not stored yet (mark_seen)
         self.total_size = sum(m.size for m in self.messages)
 
-    def _snapshot(self) -> list[Message]:
-        """The folder's messages as this session numbers them (see the module docstring)."""
+    def _snapshot(self, listed: list[Message] | None = None) -> list[Message]:
+        """The folder's messages as this session numbers them (see the module docstring):
+        of ``listed`` (the claim's list, made in a worker thread) or else of the index's
+        list, those the folder has now and no IMAP client flagged \\Deleted."""
         flags = self.folder.flags
         # a flag text with \Deleted is looked for once per distinct text (a folder has few)
         hidden = {f for f in set(flags.values()) if DELETED in f.split()}
         uids = self.view.uids
         shown = set(uids) if not hidden else {u for u in uids if flags.get(u, "") not in hidden}
-        return [m for m in self.folder.index.messages() if m.uid in shown]
+        if listed is None:
+            listed = self.folder.index.messages()
+        return [m for m in listed if m.uid in shown]
 
     # -- reading ---------------------------------------------------------------------------
 

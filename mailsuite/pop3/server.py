@@ -333,24 +333,29 @@ class POP3Protocol(GatedLineReceiver):
     def _open_maildrop(self, user: str) -> defer.Deferred[Maildrop | None]:
         """INBOX on the folder model IMAP uses (the runtime's one registry of open folders).
 
-        The lock, the login delay and -- when the folder is not open in this process -- the
-        index's open (a build of 100,000 files, or a wait for the folder lock another process
-        holds) happen in a worker thread (:func:`~mailsuite.pop3.maildrop.claim`), as IMAP's
-        SELECT opens a cold folder: the reactor never waits on the disk for them, so the
-        other sessions of the process go on meanwhile.  The maildrop is then made in the
+        The lock, the login delay, the listing of the messages with their sizes and -- when
+        the folder is not open in this process -- the index's open (a build of 100,000 files,
+        or a wait for the folder lock another process holds) happen in a worker thread
+        (:func:`~mailsuite.pop3.maildrop.claim`), as IMAP's SELECT opens a cold folder: the
+        reactor never waits on the disk for them, so the other sessions of the process go
+        on meanwhile.  The maildrop is then made in the
         reactor thread (the registry is not thread-safe).  None when the client went away
         meanwhile: what was claimed is released."""
         cfg = self.session.options
         root = self.runtime.directory.mailbox_root(user)
         folders = self.runtime.folder_registry()
         reactor = self.runtime.reactor
+        known = folders.find(root)  # open or warm here: its index is not opened again
+        if known is not None and known.closed:
+            known = None
         d = threads.deferToThreadPool(
             reactor,
             reactor.getThreadPool(),
             claim,
             root,
             login_delay=cfg.login_delay,
-            open_index=not folders.has(root),
+            open_index=known is None,
+            writer=None if known is None else known.writer,
         )
 
         def claimed(c: Claim) -> Maildrop | None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from mailsuite.store.index import FlagDelta, FolderIndex
+from mailsuite.store.index import FlagDelta, FolderIndex, Message
 from mailsuite.store.write import Placement, discard, place, write_tmp
 
 T = TypeVar("T")
@@ -92,6 +92,11 @@ class FolderWriter:
     ) -> list[tuple[int, str, int]]:
         """:meth:`FolderIndex.store_flags`, waiting for the lock: worker thread."""
         return self._run(lambda index: index.store_flags(changes, unchangedsince, delta))
+
+    def messages(self) -> list[Message]:
+        """:meth:`FolderIndex.messages` (reads the files whose size is unknown): worker
+        thread."""
+        return self._run(lambda index: index.messages())
 
     def close(self) -> None:
         """Close the handle (the folder closes; event loop's thread).  Never waits for a

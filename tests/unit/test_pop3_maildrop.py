@@ -64,6 +64,16 @@ def test_a_claim_holds_the_lock_until_the_maildrop_or_its_release(tmp_path: Path
     md = Maildrop(root, folders=folders, claimed=c)
     assert md.folder.index is not index and len(md) == 2
     md.close()
+    # listed in the thread (through the open folder's writer): a message expunged before the
+    # maildrop is made is left out, one delivered meanwhile waits for the next session
+    c = claim(root, writer=folders.get(root).writer)
+    listed = c.listed
+    assert listed is not None and len(listed) == 2
+    folders.get(root).expunge([listed[0].uid])
+    write_message(root, [b"Subject: late\n\nx\n"])
+    md = Maildrop(root, folders=folders, claimed=c)
+    assert [m.uid for m in md.messages] == [listed[1].uid]
+    md.close()
 
 
 def test_expire_days_deletes_only_long_retrieved(tmp_path: Path) -> None:
