@@ -94,9 +94,15 @@ class FolderWriter:
         return self._run(lambda index: index.store_flags(changes, unchangedsince, delta))
 
     def messages(self) -> list[Message]:
-        """:meth:`FolderIndex.messages` (reads the files whose size is unknown): worker
-        thread."""
-        return self._run(lambda index: index.messages())
+        """:meth:`FolderIndex.messages` after a sync with the directory (mail delivered
+        since is listed; the files whose size is unknown are read): worker thread.  The
+        event loop's handle finds the sync's changes on its next refresh."""
+
+        def listed(index: FolderIndex) -> list[Message]:
+            index.sync()
+            return index.messages()
+
+        return self._run(listed)
 
     def close(self) -> None:
         """Close the handle (the folder closes; event loop's thread).  Never waits for a

@@ -74,6 +74,11 @@ def test_a_claim_holds_the_lock_until_the_maildrop_or_its_release(tmp_path: Path
     md = Maildrop(root, folders=folders, claimed=c)
     assert [m.uid for m in md.messages] == [listed[1].uid]
     md.close()
+    # mail another program put in new/ since is listed by the next claim of the warm folder
+    (root / "new" / "1700000000.M1P1.other").write_bytes(b"Subject: other\n\nx\n")
+    md = Maildrop(root, folders=folders, claimed=claim(root, writer=folders.get(root).writer))
+    assert len(md) == 3 and md.message(3).size == len(b"Subject: other\r\n\r\nx\r\n")
+    md.close()
 
 
 def test_expire_days_deletes_only_long_retrieved(tmp_path: Path) -> None:
