@@ -55,10 +55,43 @@ def assert_clean_log(text: str, what: str) -> None:
         )
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Listening ports for test servers: below the kernel's ephemeral range, where no outgoing
+#: connection takes its local port.  A port the kernel handed out for ``bind(0)`` and that we
+#: closed again was free only until the next outgoing connection of any test process (the
+#: test clients, the servers' relays) took it as its local port: a server then failed to
+#: start with "Address already in use" (one in ~1,700 tests on CI).  Each pytest-xdist
+#: worker draws from its own block, so two workers never pick the same port either.
+_PORTS_TOP = _ephemeral_start()
+_PORTS_BOTTOM = 20000 if _PORTS_TOP > 21000 else 1024
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+_WORKER_INDEX = int(_worker[2:]) if _worker[2:].isdigit() else 0
+_WORKERS = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), _WORKER_INDEX + 1)
+_BLOCK = (_PORTS_TOP - _PORTS_BOTTOM) // _WORKERS
+_BLOCK_START = _PORTS_BOTTOM + _WORKER_INDEX * _BLOCK
+_cursor = [(os.getpid() * 7919) % _BLOCK]  # another pytest run on the machine starts elsewhere
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port of this test process's block that nothing listens on now (see above); the
+    next call gives another one, going round the block."""
+    for _ in range(_BLOCK):
+        _cursor[0] = (_cursor[0] + 1) % _BLOCK
+        port = _BLOCK_START + _cursor[0]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_BLOCK_START}-{_BLOCK_START + _BLOCK - 1}")
 
 
 def wait_port(
@@ -156,7 +189,16 @@ class Server:
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> Server:
+    def _new_ports(self) -> None:
+        """Pick other ports for every listener and write them into the config."""
+        text = self.config.read_text()
+        for service, old in list(self.ports.items()):
+            new = free_port()
+            text = text.replace(f'"tcp:{old}:interface=', f'"tcp:{new}:interface=')
+            self.ports[service] = new
+        self.config.write_text(text)
+
+    def start(self, wait: bool = True, retries: int = 2) -> Server:
         env = dict(os.environ)
         env.pop("PYTHONWARNINGS", None)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # a server picks its own (workers only)
@@ -176,7 +218,13 @@ class Server:
                 try:
                     wait_port("127.0.0.1", port, proc=self.proc)
                 except (RuntimeError, TimeoutError):
-                    raise RuntimeError(f"server did not start:\n{self.output()}") from None
+                    output = self.output()
+                    exited = self.proc.poll() is not None
+                    if exited and retries > 0 and "Address already in use" in output:
+                        # another program took the port since it was picked: new ports
+                        self._new_ports()
+                        return self.start(wait, retries - 1)
+                    raise RuntimeError(f"server did not start:\n{output}") from None
             if self.workers() > 1:  # the ports open before the workers can answer on them
                 start = self._log_checked
                 wait_until(
