@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import poplib
 import re
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,10 +45,29 @@ def _fill(box: Path) -> None:
         path.write_bytes(body)
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder written once for the module; each test gets hard links of its files (a
+    server renames and unlinks message files, never writes into one): 0.5 s, not 2-4."""
+    box = tmp_path_factory.mktemp("cold-template")
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir()
+    _fill(box)
+    return box
+
+
+def _link_into(template: Path, box: Path) -> None:
+    for sub in ("cur", "new"):
+        subprocess.run(["cp", "-al", f"{template / sub}/.", f"{box / sub}/"], check=True)
+    for f in template.iterdir():
+        if f.is_file():
+            shutil.copy2(f, box / f.name)
+
+
 @pytest.fixture
-def server(servers: ServerFactory) -> Server:
+def server(servers: ServerFactory, template: Path) -> Server:
     s = servers(("imap", "pop3"), users=(ALICE,), extra_toml="[auth]\nallow_plaintext = true\n")
-    _fill(s.maildir(ALICE))
+    _link_into(template, s.maildir(ALICE))
     return s
 
 
