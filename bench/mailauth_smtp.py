@@ -135,6 +135,26 @@ def late_ticks(before: dict[str, float], after: dict[str, float]) -> tuple[int, 
     return int(total - bucket(repr(STALL))), worst
 
 
+def switches(pid: str) -> int:
+    """Context switches (voluntary + involuntary) of every thread of the server and of its
+    worker processes: each hand-over between the reactor and a pool thread is two."""
+    total = 0
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    for p in (pid, *kids):
+        for status in Path(f"/proc/{p}/task").glob("*/status"):
+            try:
+                text = status.read_text()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            for line in text.splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[-1])
+    return total
+
+
 def trial(
     server: dict, msgs: list[tuple[str, bytes]], sessions: int
 ) -> tuple[float, float, float, int, str, float]:
@@ -145,6 +165,7 @@ def trial(
     clear(box)
     before = scrape(server["web"])
     cpu = cpu_seconds(server["pid"])
+    ctx = switches(server["pid"])
     t0 = time.perf_counter()
     asyncio.run(load(server["smtp"], msgs, sessions))
     deadline = time.monotonic() + 300
@@ -157,7 +178,8 @@ def trial(
         1000 * (b - a) / len(msgs) for a, b in zip(cpu, cpu_seconds(server["pid"]), strict=True)
     )
     cpu_ms = user + system
-    server["split"] = f"user {user:.2f} + sys {system:.2f}"
+    per = (switches(server["pid"]) - ctx) / len(msgs)
+    server["split"] = f"user {user:.2f} + sys {system:.2f}; {per:.1f} switches/msg"
     after = scrape(server["web"])
     if "mailsuite_reactor_lag_seconds" not in after:  # a server from before the probe
         return rate, math.nan, math.nan, -1, "n/a", cpu_ms
@@ -218,8 +240,9 @@ def main() -> None:
     p.add_argument(
         "--profile",
         metavar="FILE",
-        help="py-spy record the 'on' server's first "
-        "round into FILE (raw folded stacks; py-spy must be installed)",
+        help="py-spy record each server's first round into FILE.on and FILE.off (raw "
+        "folded stacks of the thread holding the GIL, workers included; py-spy must be "
+        "installed)",
     )
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mailsuite-mailauth-smtp."))
@@ -280,19 +303,23 @@ def main() -> None:
             cells = {}
             for name in order:
                 spy = None
-                if a.profile and name == "on" and r == 0:
+                if a.profile and r == 0:
                     spy = subprocess.Popen(
                         [
                             "py-spy",
                             "record",
                             "-p",
-                            servers["on"]["pid"],
+                            servers[name]["pid"],
                             "-f",
                             "raw",
                             "-o",
-                            a.profile,
+                            f"{a.profile}.{name}",
                             "--threads",
                             "--nonblocking",
+                            "--subprocesses",
+                            "--gil",
+                            "-r",
+                            "400",
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
