@@ -237,11 +237,19 @@ class IncomingMessage:
         fd = self._fd if self._fd is not None else self._open_blocking()
         write_all(fd, data)
 
+    def held(self) -> bytes | None:
+        """The message as received (after our trace lines) when none of it is on disk yet
+        (a small message: see the class docstring), else None (:meth:`contents` reads it)."""
+        if self._io is not None:
+            return None
+        return b"".join(self._pending)[len(self._trace) :]
+
     def contents(self) -> defer.Deferred[bytes]:
         """The message as received (after our trace lines), once every write landed: for
         checks at the end of the data (DKIM verification reads the whole message)."""
-        if self._io is None:
-            return defer.succeed(b"".join(self._pending)[len(self._trace) :])
+        held = self.held()
+        if held is not None:
+            return defer.succeed(held)
         self._flush()
         result: defer.Deferred[bytes] = defer.Deferred()
         io = self._io

@@ -202,17 +202,31 @@ class InboundChecker:
     # -- the entry point -----------------------------------------------------------------------
 
     def check_message(
-        self, message: bytes | Path, mail_from: str, helo: str, client_ip: str
+        self,
+        message: bytes | Path,
+        mail_from: str,
+        helo: str,
+        client_ip: str,
+        inline: bool = True,
     ) -> Deferred[Verdict]:
         """Check one message (its bytes, or the file holding it) received from ``client_ip``
         after ``HELO helo`` / ``MAIL FROM:<mail_from>`` ("" for the null sender): at once
         when it can be (see the module docstring; the Deferred has fired), else in the
-        worker pool."""
-        if isinstance(message, bytes):
-            checked = self.check_inline(message, mail_from, helo, client_ip)
-            if checked is not None:
-                return defer.succeed(self._verdict(checked))
+        worker pool.  ``inline=False``: straight to the pool (:meth:`check_now` was tried)."""
+        if inline and isinstance(message, bytes):
+            verdict = self.check_now(message, mail_from, helo, client_ip)
+            if verdict is not None:
+                return defer.succeed(verdict)
         return defer.ensureDeferred(self._check(message, mail_from, helo, client_ip))
+
+    def check_now(
+        self, message: bytes, mail_from: str, helo: str, client_ip: str
+    ) -> Verdict | None:
+        """The verdict on ``message`` computed in this thread when :meth:`check_inline` can,
+        else None (then :meth:`check_message` with ``inline=False``).  For the SMTP server's
+        end of data: a message judged at once needs no coroutine, Deferred or reactor turn."""
+        checked = self.check_inline(message, mail_from, helo, client_ip)
+        return None if checked is None else self._verdict(checked)
 
     def check_inline(
         self, message: bytes, mail_from: str, helo: str, client_ip: str

@@ -2,12 +2,13 @@
 
 :class:`MailAuth` owns the worker pool, the DNS client over the server's resolver, the DKIM key
 store and signer and the inbound checker, and is what the SMTP layer is given (as
-``runtime.mail_auth``).  Its three calls are the whole interface:
+``runtime.mail_auth``).  Its calls are the whole interface:
 
 - :meth:`MailAuth.applies_to` - whether a session's mail is checked at all (not for
   authenticated submission, not for ``[relay] trusted_networks``);
 - :meth:`MailAuth.check_message` - the :class:`~mailsuite.mailauth.inbound.Verdict` for a
-  message received on the MX listener, at the end of DATA;
+  message received on the MX listener, at the end of DATA (:meth:`MailAuth.check_now`: the
+  same at once, when it can be had without waiting);
 - :meth:`MailAuth.sign` - the DKIM-Signature fields for a submitted or relayed message, to be
   written at its top before its queue entry or local delivery is made durable.
 """
@@ -72,10 +73,21 @@ class MailAuth(service.Service):
         return not self.config.relay.is_trusted(client_ip)  # (parses the address: last)
 
     def check_message(
-        self, message: bytes | Path, mail_from: str, helo: str, client_ip: str
+        self,
+        message: bytes | Path,
+        mail_from: str,
+        helo: str,
+        client_ip: str,
+        inline: bool = True,
     ) -> Deferred[Verdict]:
         """See :meth:`InboundChecker.check_message`."""
-        return self.inbound.check_message(message, mail_from, helo, client_ip)
+        return self.inbound.check_message(message, mail_from, helo, client_ip, inline)
+
+    def check_now(
+        self, message: bytes, mail_from: str, helo: str, client_ip: str
+    ) -> Verdict | None:
+        """See :meth:`InboundChecker.check_now`."""
+        return self.inbound.check_now(message, mail_from, helo, client_ip)
 
     def sign(self, message: bytes | Path, from_domain: str | None = None) -> Deferred[bytes]:
         """DKIM-Signature fields (LF line ends) for ``message``, computed in the worker pool;

@@ -106,18 +106,38 @@ class MailAuthCheck(Check):
         self.mail_auth = mail_auth
         self.authserv_id: str = mail_auth.inbound.authserv_id
         self.signing = signing
+        self._settled: tuple[ReceivedMessage, Verdict] | None = None  # see settle()
 
     def settle(self, facts: Facts, message: ReceivedMessage) -> Verdict | None:
-        """A session the checks do not apply to (authenticated, a trusted network, every
-        check off) with nothing to sign: only our forged fields come out, known at once."""
+        """Known at once: a session the checks do not apply to (authenticated, a trusted
+        network, every check off) with nothing to sign, where only our forged fields come
+        out; or a message in memory that :meth:`MailAuth.check_now` judges from cached DNS
+        answers (most inbound mail: its senders' records are in the cache)."""
         if self.mail_auth.applies_to(facts.client_ip, facts.user is not None):
-            return None
+            if message.data is None:
+                return None
+            try:
+                checked = self.mail_auth.check_now(
+                    message.data, message.sender, facts.helo or "", facts.client_ip
+                )
+            except Exception:  # end_of_data then runs it in the pool, and logs what fails
+                return None
+            if checked is None:
+                return None
+            verdict = self._judged(checked, forged_results(message.headers, self.authserv_id))
+            # if a later check of the policy cannot settle, end_of_data runs for this
+            # message: it takes this verdict instead of checking the message again
+            self._settled = (message, verdict)
+            return verdict
         if self.signing is not None and self.signing.settle(facts, message) is None:
             return None
         forged = forged_results(message.headers, self.authserv_id)
         return Verdict(remove=forged) if forged else ACCEPT
 
     async def end_of_data(self, facts: Facts, message: ReceivedMessage) -> Verdict:
+        settled, self._settled = self._settled, None
+        if settled is not None and settled[0] is message:
+            return settled[1]
         forged = forged_results(message.headers, self.authserv_id)
         if not self.mail_auth.applies_to(facts.client_ip, facts.user is not None):
             if self.signing is not None and self.signing.applies(facts):
@@ -126,8 +146,17 @@ class MailAuthCheck(Check):
             return Verdict(remove=forged) if forged else ACCEPT
         data = await message.read()
         verdict = await self.mail_auth.check_message(
-            data, message.sender, facts.helo or "", facts.client_ip
+            data,
+            message.sender,
+            facts.helo or "",
+            facts.client_ip,
+            inline=message.data is None,  # else settle() tried it at once already
         )
+        return self._judged(verdict, forged)
+
+    def _judged(self, verdict: Any, forged: tuple[bytes, ...]) -> Verdict:
+        """The SMTP verdict for mail authentication's :class:`~mailsuite.mailauth.inbound
+        .Verdict`; ``forged``: our authserv-id's fields the client sent, to remove."""
         if verdict.action == "reject":
             reply = verdict.reply or R.AUTH_POLICY_REJECT
             return Verdict(reply=reply, reason="DMARC fail, policy reject")

@@ -165,13 +165,16 @@ class ReceivedMessage:
     """The message as the end-of-data checks see it.  ``headers`` is the stored header
     section (LF line ends, without the blank line; at most ``MAX_HEADER_CAPTURE`` bytes),
     ``size`` the stored size.  ``read()`` gives the whole message as received (without our
-    trace fields), once it is on disk: the end-of-data hook is the only place to call it."""
+    trace fields), once it is on disk: the end-of-data hook is the only place to call it.
+    ``data`` is the same bytes when they are in memory anyway (a small message, written to
+    disk only with its delivery): :meth:`Check.settle` may judge from them at once."""
 
     sender: str
     recipients: tuple[str, ...]
     headers: bytes
     size: int
     read: Callable[[], Awaitable[bytes]]
+    data: bytes | None = None
 
 
 # --------------------------------------------------------------------------- checks

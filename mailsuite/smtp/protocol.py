@@ -225,7 +225,8 @@ class SMTPProtocol(GatedLineReceiver):
         self._hold()  # later pipelined commands wait until this message is answered
         self._data_reads(False)
         self.setLineMode(chunk.rest)
-        self._perform(self._counted(self.session.end_of_data(message.contents)))
+        step = self.session.end_of_data(message.contents, message.held())
+        self._perform(self._counted(step))
 
     def _io_resume(self, _: object) -> None:
         if self.deadline is not None and not self._held:

@@ -629,9 +629,10 @@ class Session:
         if self.transaction is not None:
             self.transaction.write_failed = True
 
-    def end_of_data(self, read: Callable[[], Awaitable[bytes]]) -> Step:
+    def end_of_data(self, read: Callable[[], Awaitable[bytes]], data: bytes | None = None) -> Step:
         """The data has ended (:attr:`DataChunk.rest` was not None).  ``read`` gives the
-        stored message to the end-of-data checks (see :class:`ReceivedMessage`)."""
+        stored message to the end-of-data checks, ``data`` the same when it is in memory
+        (see :class:`ReceivedMessage`)."""
         txn = self.transaction
         if self.state is not State.CHECKING or txn is None or txn.reader is None:
             return Step()
@@ -654,6 +655,7 @@ class Session:
             headers=reader.header_bytes,
             size=reader.size,
             read=read,
+            data=data,
         )
         settled = policy.settle(self, message)
         if settled is not None:  # known at once: no action to wait for

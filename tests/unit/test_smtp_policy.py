@@ -259,3 +259,74 @@ def test_mail_auth_settles_only_what_it_does_not_check() -> None:
         )
         assert off.settle(Client(trusted=True), ours) is None
         assert off.settle(Client(trusted=False), ours) == ACCEPT
+
+
+class _Checking(_MailAuth):
+    """A MailAuth whose checks give ``verdict``: at once from check_now (or None: "not
+    now", or raising), or from check_message, counting what was asked."""
+
+    def __init__(self, verdict: object, now: str = "answer") -> None:
+        super().__init__(True)
+        self.verdict, self.now = verdict, now
+        self.asked: list[tuple[str, bool]] = []
+
+    def check_now(self, data: bytes, mail_from: str, helo: str, client_ip: str) -> object:
+        self.asked.append(("now", True))
+        if self.now == "raise":
+            raise RuntimeError("a bug in a check")
+        return self.verdict if self.now == "answer" else None
+
+    def check_message(
+        self, data: bytes, mail_from: str, helo: str, client_ip: str, inline: bool = True
+    ) -> object:
+        from twisted.internet import defer
+
+        self.asked.append(("message", inline))
+        return defer.succeed(self.verdict)
+
+
+def test_mail_auth_settles_a_message_in_memory_judged_at_once() -> None:
+    """A message held in memory whose checks run at once (cached DNS answers) is judged in
+    settle(): no coroutine, the same verdict end_of_data gives; otherwise end_of_data sends
+    it straight to the pool (inline=False), never checking it twice."""
+    from mailsuite.mailauth.inbound import Verdict as AuthVerdict
+    from mailsuite.smtp.mailauth_checks import MailAuthCheck
+
+    forged = b"Authentication-Results: mx.example.test; dkim=pass"
+    headers = b"From: a@b.test\n" + forged
+    body = headers + b"\n\nbody\n"
+    held = ReceivedMessage("a@b.test", ("c@example.test",), headers, 10, reader_of(body), body)
+    on_disk = ReceivedMessage("a@b.test", ("c@example.test",), headers, 10, reader_of(body))
+    passed = AuthVerdict("accept", b"Authentication-Results: mx.example.test; spf=pass\n", "x")
+    want = Verdict(
+        prepend=("Authentication-Results: mx.example.test; spf=pass",),
+        remove=(forged,),
+        reason="mail auth: accept",
+    )
+    auth = _Checking(passed)
+    check = MailAuthCheck(auth)
+    assert check.settle(Client(), held) == want
+    assert auth.asked == [("now", True)]
+    # a message on disk goes the long way, inline attempt included, to the same verdict
+    assert check.settle(Client(), on_disk) is None
+    assert run(check.end_of_data(Client(), on_disk)) == want
+    assert auth.asked[1:] == [("message", True)]
+    # held, but not checkable at once (budget spent, DNS not cached) or a check raising:
+    # end_of_data, straight to the pool
+    for now in ("later", "raise"):
+        auth = _Checking(passed, now)
+        check = MailAuthCheck(auth)
+        assert check.settle(Client(), held) is None
+        assert run(check.end_of_data(Client(), held)) == want
+        assert auth.asked == [("now", True), ("message", False)]
+    # settled, but another check of the policy could not: end_of_data reuses the verdict
+    auth = _Checking(passed)
+    check = MailAuthCheck(auth)
+    assert Policy([check, Settles(ACCEPT, at_once=False)]).settle(Client(), held) is None
+    assert run(check.end_of_data(Client(), held)) == want
+    assert auth.asked == [("now", True)]
+    # a DMARC reject known at once is the 550 (RFC 7372 3.2)
+    rejected = AuthVerdict("reject", b"", "x")
+    assert MailAuthCheck(_Checking(rejected)).settle(Client(), held) == Verdict(
+        reply=R.AUTH_POLICY_REJECT, reason="DMARC fail, policy reject"
+    )
