@@ -85,16 +85,16 @@ def module_servers(
 @pytest.fixture(scope="module")
 def loopback_net(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[dict[str, Any]], Net]]:
-    """``loopback_net(names)``: a DNS server (child process) answering ``names`` under the
-    ``test`` origin, and ``net.mx(address)`` recording SMTP servers; stopped at the end of
-    the module."""
+) -> Iterator[Callable[..., Net]]:
+    """``loopback_net(names, ttl=1)``: a DNS server (child process) answering ``names``
+    under the ``test`` origin with that TTL, and ``net.mx(address)`` recording SMTP servers;
+    stopped at the end of the module."""
     nets: list[Net] = []
 
-    def make(names: dict[str, Any]) -> Net:
+    def make(names: dict[str, Any], ttl: int = 1) -> Net:
         net = Net(tmp_path_factory.mktemp("net"))
         nets.append(net)
-        net.start_dns(names)
+        net.start_dns(names, ttl)
         return net
 
     yield make

@@ -81,9 +81,9 @@ class Net:
         self.dns_proc: subprocess.Popen[str] | None = None
         self.dns_port = 0
 
-    def start_dns(self, names: dict[str, Any]) -> None:
+    def start_dns(self, names: dict[str, Any], ttl: int = 1) -> None:
         zone = self.root / "zone.json"
-        zone.write_text(json.dumps({"origin": "test", "names": names}))
+        zone.write_text(json.dumps({"origin": "test", "names": names, "ttl": ttl}))
         self.dns_proc, self.dns_port = spawn_dns_server(str(zone))
 
     def mx(self, address: str, script: dict[str, Any] | None = None, port: int = 0) -> MX:

@@ -117,7 +117,10 @@ def env(
     ca: CertAuthority,
     server_cert: tuple[Path, Path],
 ) -> Iterator[Setup]:
-    s = Setup(tmp_path_factory.mktemp("mailauth-smtp"), loopback_net(zone()), ca, server_cert)
+    # a TTL of 300 s, as real records have: a sender's second message finds its answers in
+    # the server's cache and is judged at once at the end of DATA (no coroutine)
+    net = loopback_net(zone(), ttl=300)
+    s = Setup(tmp_path_factory.mktemp("mailauth-smtp"), net, ca, server_cert)
     yield s
     s.server.stop()
 
@@ -227,6 +230,35 @@ def test_signed_mail_gets_one_results_header_and_forged_ones_go(env: Setup) -> N
     assert by_method["dmarc"] == ["pass"]
     others = [v for n, v in fields if n == "authentication-results" and v != ours[0]]
     assert others == ["relay.other.test; spf=pass smtp.mailfrom=a@good.test"]
+
+
+def test_a_senders_next_message_judged_from_the_cache_is_treated_alike(env: Setup) -> None:
+    """The first message of each sender waits for DNS (the worker pool checks it); the next
+    ones find every answer cached and are judged at once in the session's end of DATA: the
+    same 550, the same Junk, the same Authentication-Results."""
+    results = []
+    for n in range(3):
+        marker = f"again-{n}-{time.time_ns()}"
+        spoof = message("Your Bank <alerts@good.test>", subject=marker)
+        code, text = send_mx(env, SPOOF_IP, "bounce@attacker.test", spoof)
+        assert (code, text[:6]) == (550, b"5.7.26"), (n, text)
+        assert holding(env, BOB, marker.encode()) == []
+        quar = message("x@quar.test", subject=marker)
+        assert send_mx(env, SPOOF_IP, "bounce@attacker.test", quar)[0] == 250
+        assert len(holding(env, BOB, marker.encode(), "Junk")) == 1
+        good = message("Alice <alice@good.test>", subject=marker)
+        good = dkim_sign(
+            dkim_sign(good, "good.test", "r", rsa_key()), "good.test", "e", ed25519_key()
+        )
+        assert send_mx(env, GOOD_IP, "alice@good.test", good)[0] == 250
+        (stored,) = holding(env, BOB, marker.encode())
+        (ours,) = [
+            v for k, v in header_fields(stored) if k == "authentication-results" and HOST in v
+        ]
+        results.append(sorted((r.method, r.result) for r in parse_results(ours).results))
+    assert results[0] == results[1] == results[2]
+    assert ("dmarc", "pass") in results[0] and results[0].count(("dkim", "pass")) == 2
+    env.server.check_log()
 
 
 def test_trusted_network_is_not_checked_but_forged_results_still_go(env: Setup) -> None:
