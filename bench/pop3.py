@@ -59,15 +59,15 @@ DOVECOT_UID = 5000
 PROFILED_TWISTD = """
 import cProfile, os, signal
 from twisted.scripts.twistd import run
-profile, on = cProfile.Profile(), []
+on = []
 def toggle(signum, frame):
     if on:
+        profile = on.pop()
         profile.disable()
         profile.dump_stats(os.environ["MAILSUITE_BENCH_CPROFILE"])
-        on.clear()
     else:
-        profile.enable()
-        on.append(1)
+        on.append(cProfile.Profile())  # a new one each time: each dump has its span alone
+        on[0].enable()
 signal.signal(signal.SIGUSR2, toggle)
 run()
 """

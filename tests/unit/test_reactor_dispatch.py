@@ -122,3 +122,57 @@ def test_a_poll_with_events_calls_the_activity_callbacks_before_handling_them(
         a_peer.send(b"one")
         reactor.doIteration(1)
         assert seen == [[]] and ra.got == [b"one"]  # called before the read
+
+
+def test_input_on_a_tcp_connection_reaches_the_protocol_and_a_close_ends_it(
+    reactor: Any,
+) -> None:
+    """An accepted TCP connection's input is read by the dispatch itself (``_read``): the
+    bytes reach ``dataReceived``, the peer's close is ``ConnectionDone``, and an exception
+    from the protocol is logged and drops the connection, as ``_doReadOrWrite`` does."""
+    from twisted.internet import protocol
+    from twisted.internet.error import ConnectionDone
+
+    got: list[bytes] = []
+    lost: list[Any] = []
+
+    class Proto(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            got.append(data)
+            if data == b"boom":
+                raise ValueError("protocol failed")
+
+        def connectionLost(self, reason: Any = None) -> None:
+            lost.append(reason)
+
+    factory = protocol.ServerFactory.forProtocol(Proto)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    events: list[dict[str, Any]] = []
+    legacy_log.addObserver(events.append)
+    try:
+        for last, expected in ((b"", ConnectionDone), (b"boom", ValueError)):
+            with socket.create_connection(("127.0.0.1", port.getHost().port)) as c:
+                for _ in range(20):  # accept
+                    reactor.doIteration(0.05)
+                    if len(reactor.getReaders()) > len(lost) + 2:
+                        break
+                c.sendall(b"hello")
+                for _ in range(20):
+                    reactor.doIteration(0.05)
+                    if got and got[-1] == b"hello":
+                        break
+                if last:
+                    c.sendall(last)
+                else:
+                    c.shutdown(socket.SHUT_WR)
+                n = len(lost)
+                for _ in range(20):
+                    reactor.doIteration(0.05)
+                    if len(lost) > n:
+                        break
+                assert lost[-1].check(expected)
+        assert got == [b"hello", b"hello", b"boom"]
+    finally:
+        legacy_log.removeObserver(events.append)
+        port.stopListening()
+    assert [type(e["failure"].value) for e in events if e.get("isError")] == [ValueError]
