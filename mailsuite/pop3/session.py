@@ -204,17 +204,23 @@ class Session:
         """One line from the client, without its line end.  The keyword is matched as ASCII,
         case-insensitively (RFC 1939 3), in a table of this state's commands: one lookup,
         and no other case mapping lets some other character stand for a command's letter."""
+        if self.state is SASL:
+            return self._sasl_response(raw)
+        word, _, arg = raw.partition(b" ")
+        return self.command(word, arg)
+
+    def command(self, word: bytes, arg: bytes) -> Step:
+        """A command line split at its first space (``word``, the rest), as :meth:`line`
+        splits it: for an I/O side that split it already (to count the keyword).  Not for
+        a SASL response line (:attr:`state` SASL), which is no command: use :meth:`line`."""
         state = self.state
         if state is TRANSACTION:
             table = _TRANSACTION_COMMANDS
         elif state is AUTHORIZATION:
             table = _AUTHORIZATION_COMMANDS
-        elif state is SASL:
-            return self._sasl_response(raw)
         else:
             # the I/O side pauses input during these; reaching here is a bug, not the client's
             return Step(ERR_TEMP)
-        word, _, arg = raw.partition(b" ")
         keyword = word.upper()
         handler = table.get(keyword)
         if handler is None:
