@@ -286,9 +286,10 @@ class Maildrop:
             return f.read()
 
     def read_top(self, number: int, body_lines: int) -> bytes:
-        """Headers, blank line and the first ``body_lines`` body lines (RFC 1939 TOP)."""
-        with self.open_top(number, body_lines) as top:
-            return top.read()
+        """Headers, blank line and the first ``body_lines`` body lines (RFC 1939 TOP) of a
+        message not too big to read at once (the session streams bigger ones with
+        :meth:`open_top`): read as RETR reads it (:meth:`read`, one ``read``), then cut."""
+        return TopCut(body_lines).feed(self.read(number))
 
     def open_top(self, number: int, body_lines: int) -> TopReader:
         """:meth:`read_top` as a file to stream (TOP of a big message)."""
@@ -405,38 +406,76 @@ def read_whole(path: str, size: int, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
+class TopCut:
+    """RFC 1939 7 TOP: of a message's stored bytes, fed in blocks of any size, the header
+    section, the blank line ending it and the first ``body_lines`` lines of the body (the
+    last one as stored, with or without its line end); a message without a blank line is
+    all header.  Lines end at LF (a CR before it is part of the line end, a bare CR is
+    content, as :mod:`mailsuite.dotstuff` treats them); the caller dot-stuffs what it gets.
+
+    Each block is searched with ``bytes.find``/``count`` (no Python step per line): the
+    blank line is the first LF followed by LF or CRLF, found across block ends by searching
+    each block behind the last two bytes of the one before; body lines are counted by their
+    LFs.  Nothing is kept but those two bytes, so a big message is cut as it streams."""
+
+    __slots__ = ("_carry", "_in_body", "_remaining", "done")
+
+    def __init__(self, body_lines: int) -> None:
+        self._remaining = body_lines
+        self._in_body = False
+        #: the end of the bytes before the block (a LF at first: the message starts a line)
+        self._carry = b"\n"
+        #: everything wanted is cut: feed nothing more
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` (the next block) belongs to the top; sets :attr:`done` once the
+        top is complete (then the rest of the message need not be read)."""
+        if self.done:
+            return b""
+        start = 0
+        if not self._in_body:
+            seen = self._carry + data
+            lf_lf, lf_crlf = seen.find(b"\n\n"), seen.find(b"\n\r\n")
+            if lf_lf < 0 and lf_crlf < 0:
+                self._carry = seen[-2:]
+                return data
+            if lf_crlf < 0 or 0 <= lf_lf < lf_crlf:
+                start = lf_lf + 2 - len(self._carry)
+            else:
+                start = lf_crlf + 3 - len(self._carry)
+            self._in_body = True
+        remaining = self._remaining
+        if remaining > data.count(b"\n", start):  # (none of the block is cut)
+            self._remaining = remaining - data.count(b"\n", start)
+            return data
+        end = start
+        for _ in range(remaining):  # at most the block's lines, and only once
+            end = data.index(b"\n", end) + 1
+        self._remaining = 0
+        self.done = True
+        return data[:end]
+
+
 class TopReader:
-    """The header, the blank line and the first ``body_lines`` body lines of a message file
-    (RFC 1939 TOP), read in pieces of any size: TOP of a big message with a big line count
-    is streamed like RETR instead of read whole."""
+    """:class:`TopCut` over a message file, read in blocks of the reader's size: TOP of a
+    big message (or with a big line count) is streamed like RETR, never read whole."""
 
     def __init__(self, file: BinaryIO, body_lines: int) -> None:
         self._file = file
-        self._remaining = body_lines
-        self._in_body = False
-        self._at_line_start = True
-        self._done = False
+        self._cut = TopCut(body_lines)
 
     def read(self, size: int = -1) -> bytes:
-        out: list[bytes] = []
-        n = 0
-        while not self._done and (size < 0 or n < size):
-            line = self._file.readline(-1 if size < 0 else size - n)
-            if not line:
-                self._done = True
+        """The next piece of the top (at most ``size`` bytes); empty at its end."""
+        cut = self._cut
+        while not cut.done:
+            data = self._file.read(size)
+            if not data:
                 break
-            if self._at_line_start and self._in_body:
-                if self._remaining <= 0:
-                    self._done = True
-                    break
-                self._remaining -= 1
-            out.append(line)
-            n += len(line)
-            whole = line.endswith(b"\n")
-            if self._at_line_start and whole and line in (b"\n", b"\r\n"):
-                self._in_body = True
-            self._at_line_start = whole
-        return b"".join(out)
+            top = cut.feed(data)
+            if top:
+                return top
+        return b""
 
     def close(self) -> None:
         self._file.close()

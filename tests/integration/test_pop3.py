@@ -18,6 +18,7 @@ import socket
 import pytest
 
 from mailsuite.pop3.maildrop import LOGIN_STAMP_NAME
+from mailsuite.pop3.session import STREAM_THRESHOLD
 from mailsuite.store.index import FolderIndex
 from mailsuite.store.write import write_message
 from tests.harness import ALICE, BOB, PASSWORD, Server, ServerFactory, wait_until
@@ -406,3 +407,29 @@ def test_pop3_deletion_seen_by_open_imap_session(servers: ServerFactory, ca: Cer
     assert im.untagged_responses.get("EXPUNGE") == [b"2"]
     assert im.uid("SEARCH", "ALL")[1] == [b"1 3"]
     im.logout()
+
+
+def test_top_is_the_header_and_the_first_lines_of_retr(server: Server, ca: CertAuthority) -> None:
+    """TOP msg n (RFC 1939 7) against the real server: the lines of RETR up to the blank
+    line after the header section, and n lines more, dot-stuffed and undone by poplib the
+    same way; a message without a blank line is all header.  The last message is over the
+    size streamed in pieces (``STREAM_THRESHOLD``), its header section alone too."""
+    big_header = b"".join(b"X-Filler-%d: %s\n" % (i, b"y" * 70) for i in range(4000))
+    assert len(big_header) > STREAM_THRESHOLD
+    bodies = [
+        b"From: a@example.org\nSubject: lf\n\n.dot\n..dots\n.\nfour\nfive\n",
+        b"From: a@example.org\r\nSubject: crlf\r\n\r\nbody 1\r\n.body 2\r\n\r\nbody 4",
+        b"Subject: no blank line\nX-A: b\n",
+        b"\nempty header\nsecond\n",
+        b"Subject: big\n" + big_header + b"\n" + b"".join(b".%d\n" % i for i in range(5000)),
+    ]
+    deliver(server, ALICE, bodies)
+    p = stls_login(server, ca)
+    try:
+        for i in range(1, len(bodies) + 1):
+            lines = p.retr(i)[1]
+            header = lines.index(b"") + 1 if b"" in lines else len(lines)
+            for n in (0, 1, 3, 10_000):
+                assert p.top(i, n)[1] == lines[: header + n], (i, n)
+    finally:
+        p.quit()
