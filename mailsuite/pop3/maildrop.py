@@ -279,9 +279,11 @@ class Maildrop:
         msg = self.messages[number - 1]
         if self._dir_fd is not None:
             try:
-                return read_whole(msg.name, msg.size, self._dir_fd)
+                fd = os.open(msg.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
             except FileNotFoundError:
                 pass
+            else:
+                return _read_fd(fd, msg.size)
         with self.open_file(number) as f:
             return f.read()
 
@@ -393,7 +395,11 @@ def read_whole(path: str, size: int, dir_fd: int | None = None) -> bytes:
     short read of a regular file is its end) and ``close``, without a buffered file
     object's ``fstat``/``lseek``/``isatty`` calls.  Reads on when the file is larger than
     expected."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    return _read_fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd), size)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """:func:`read_whole` of a file open as ``fd``, which it closes."""
     try:
         data = os.read(fd, size + 1)
         if len(data) <= size:

@@ -48,9 +48,9 @@ from mailsuite.pop3.session import (
     Session,
     StartTLS,
     State,
-    Step,
     Stream,
     Update,
+    as_step,
     err,
 )
 from mailsuite.runtime import Runtime
@@ -66,7 +66,6 @@ MAX_LINE = 4096  # commands are short (RFC 2449 4: 255); room for long SASL resp
 TALLY_DELAY = 1.0  # seconds a command may wait to be counted in /metrics (_tally_soon)
 MAX_UNCOUNTED = 32  # different keywords waiting to be counted before they are at once
 SEEN_DELAY = 0.2  # seconds a retrieved message may wait for its \Seen (Maildrop.mark_seen)
-STEP_TEMP = Step(ERR_TEMP)  # the answer when the session core fails (never a traceback)
 
 
 class POP3Protocol(GatedLineReceiver):
@@ -212,15 +211,16 @@ class POP3Protocol(GatedLineReceiver):
         if self._counts_flush is None or len(counts) > MAX_UNCOUNTED:
             self._tally_soon()
         try:
-            step = self.session.command(word, arg)
+            answer = self.session.command(word, arg)
         except Exception:
             log.failure("POP3: command failed for {peer}", peer=self.peer)
-            step = STEP_TEMP
-        if step.action is None:
-            write_now(self.tx, step.out)
+            answer = ERR_TEMP
+        if type(answer) is bytes:
+            write_now(self.tx, answer)
             self._lines = 1
             self.after_replies()
             return
+        step = as_step(answer)
         self._replies = []
         self._busyReceiving = True  # input fed meanwhile waits in the buffer (LineReceiver)
         try:

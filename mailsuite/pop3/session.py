@@ -147,8 +147,13 @@ class Step:
     action: Action = None
 
 
-#: NOOP's answer, made once (nothing changes a Step once made).
-STEP_NOOP = Step(OK_NOOP)
+#: What a command's handler returns: the reply alone (most commands: no Step is made for
+#: it, a Python call less per command) or a :class:`Step` with an action.
+Answer = bytes | Step
+
+
+def as_step(answer: Answer) -> Step:
+    return answer if isinstance(answer, Step) else Step(answer)
 
 
 class Session:
@@ -186,13 +191,13 @@ class Session:
         caps.append("IMPLEMENTATION mailsuite")
         return caps
 
-    def _error(self, reply: bytes) -> Step:
+    def _error(self, reply: bytes) -> Answer:
         """A client mistake: count it, and hang up after too many (a confused or hostile
         client should not hold a connection forever)."""
         self.errors += 1
         if self.errors >= self.options.max_errors:
             return self._close(reply + ERR_TOO_MANY)
-        return Step(reply)
+        return reply
 
     def _close(self, out: bytes) -> Step:
         self.state = State.CLOSED
@@ -205,14 +210,15 @@ class Session:
         case-insensitively (RFC 1939 3), in a table of this state's commands: one lookup,
         and no other case mapping lets some other character stand for a command's letter."""
         if self.state is SASL:
-            return self._sasl_response(raw)
+            return as_step(self._sasl_response(raw))
         word, _, arg = raw.partition(b" ")
-        return self.command(word, arg)
+        return as_step(self.command(word, arg))
 
-    def command(self, word: bytes, arg: bytes) -> Step:
+    def command(self, word: bytes, arg: bytes) -> Answer:
         """A command line split at its first space (``word``, the rest), as :meth:`line`
         splits it: for an I/O side that split it already (to count the keyword).  Not for
-        a SASL response line (:attr:`state` SASL), which is no command: use :meth:`line`."""
+        a SASL response line (:attr:`state` SASL), which is no command: use :meth:`line`.
+        The reply alone (bytes) when there is nothing else to do, else a :class:`Step`."""
         state = self.state
         if state is TRANSACTION:
             table = _TRANSACTION_COMMANDS
@@ -235,20 +241,20 @@ class Session:
 
     # -- both states ------------------------------------------------------------------------
 
-    def _capa(self, rest: str) -> Step:
+    def _capa(self, rest: str) -> Answer:
         lines = [ok("Capability list follows")]
         lines += [c.encode("ascii") + b"\r\n" for c in self.capabilities()]
-        return Step(b"".join(lines) + b".\r\n")
+        return b"".join(lines) + b".\r\n"
 
     _authorization_CAPA = _capa
     _transaction_CAPA = _capa
 
     # -- AUTHORIZATION ----------------------------------------------------------------------
 
-    def _authorization_QUIT(self, rest: str) -> Step:
+    def _authorization_QUIT(self, rest: str) -> Answer:
         return self._close(ok(f"{self.options.hostname} POP3 server signing off"))
 
-    def _authorization_STLS(self, rest: str) -> Step:
+    def _authorization_STLS(self, rest: str) -> Answer:
         # RFC 2595 4: only in AUTHORIZATION, and not once TLS is active
         if rest:
             return self._error(ERR_SYNTAX)
@@ -265,7 +271,7 @@ class Session:
         self.username = None
         self.state = State.AUTHORIZATION
 
-    def _authorization_USER(self, rest: str) -> Step:
+    def _authorization_USER(self, rest: str) -> Answer:
         if not self.login_allowed:
             return self._error(ERR_PLAINTEXT)
         name = rest.strip()
@@ -274,7 +280,7 @@ class Session:
         self.username = name
         return Step(ok("Send PASS"))
 
-    def _authorization_PASS(self, rest: str) -> Step:
+    def _authorization_PASS(self, rest: str) -> Answer:
         if not self.login_allowed:
             return self._error(ERR_PLAINTEXT)
         if self.username is None:
@@ -287,10 +293,10 @@ class Session:
         self.state = State.LOGIN
         return Step(b"", Authenticate(username, rest))
 
-    def _authorization_APOP(self, rest: str) -> Step:
+    def _authorization_APOP(self, rest: str) -> Answer:
         return self._error(ERR_NOT_IMPLEMENTED_APOP)
 
-    def _authorization_AUTH(self, rest: str) -> Step:
+    def _authorization_AUTH(self, rest: str) -> Answer:
         if not rest.strip():
             # Not in RFC 5034, but widely used (RFC 1734 era clients): list the mechanisms.
             mechs = b"PLAIN\r\n" if self.login_allowed else b""
@@ -310,14 +316,14 @@ class Session:
         self.state = State.SASL
         return Step(b"+ \r\n")  # RFC 5034 4: empty challenge
 
-    def _sasl_response(self, raw: bytes) -> Step:
+    def _sasl_response(self, raw: bytes) -> Answer:
         self.state = State.AUTHORIZATION
         text = raw.decode("ascii", "replace").strip()
         if text == "*":
             return self._error(ERR_CANCELLED)  # RFC 5034 4
         return self._sasl_plain(text)
 
-    def _sasl_plain(self, b64: str) -> Step:
+    def _sasl_plain(self, b64: str) -> Answer:
         try:
             decoded = base64.b64decode(b64.encode("ascii"), validate=True) if b64 else b""
             authzid, authcid, password = decoded.decode("utf-8").split("\0")
@@ -336,9 +342,9 @@ class Session:
         or the exception opening it raised."""
         self.state = State.AUTHORIZATION
         if result is None or result.outcome is Outcome.THROTTLED:
-            return self._error(ERR_THROTTLED if result is not None else ERR_TEMP)
+            return as_step(self._error(ERR_THROTTLED if result is not None else ERR_TEMP))
         if result.outcome is Outcome.BAD_CREDENTIALS:
-            return self._error(ERR_AUTH_FAILED)
+            return as_step(self._error(ERR_AUTH_FAILED))
         if failure is not None:
             if isinstance(failure, MaildropInUse):
                 return Step(ERR_IN_USE)
@@ -360,34 +366,34 @@ class Session:
         n = int(arg)
         return n if self.maildrop.valid(n) else None
 
-    def _transaction_STAT(self, rest: str) -> Step:
+    def _transaction_STAT(self, rest: str) -> Answer:
         if rest:
             return self._error(ERR_SYNTAX)
         count, octets = self.maildrop.stat()
-        return Step(ok(f"{count} {octets}"))
+        return ok(f"{count} {octets}")
 
-    def _transaction_LIST(self, rest: str) -> Step:
+    def _transaction_LIST(self, rest: str) -> Answer:
         md = self.maildrop
         if rest:
             n = self._number(rest)
             if n is None:
                 return self._error(ERR_NO_MESSAGE)
-            return Step(ok(f"{n} {md.message(n).size}"))
+            return ok(f"{n} {md.message(n).size}")
         count, octets = md.stat()
         body = "".join(f"{n} {md.message(n).size}\r\n" for n in md.live())
-        return Step(ok(f"{count} messages ({octets} octets)") + body.encode("ascii") + b".\r\n")
+        return ok(f"{count} messages ({octets} octets)") + body.encode("ascii") + b".\r\n"
 
-    def _transaction_UIDL(self, rest: str) -> Step:
+    def _transaction_UIDL(self, rest: str) -> Answer:
         md = self.maildrop
         if rest:
             n = self._number(rest)
             if n is None:
                 return self._error(ERR_NO_MESSAGE)
-            return Step(ok(f"{n} {md.uidl(n)}"))
-        body = md.uidl_listing()
-        return Step(ok("Unique-ID listing follows") + body.encode("ascii") + b".\r\n")
+            return ok(f"{n} {md.uidl(n)}")
+        body: str = md.uidl_listing()
+        return ok("Unique-ID listing follows") + body.encode("ascii") + b".\r\n"
 
-    def _transaction_RETR(self, rest: str) -> Step:
+    def _transaction_RETR(self, rest: str) -> Answer:
         n = self._number(rest)
         if n is None:
             return self._error(ERR_NO_MESSAGE if rest.isdigit() else ERR_SYNTAX)
@@ -396,17 +402,17 @@ class Session:
         head = b"+OK %d octets\r\n" % size
         try:
             if size <= STREAM_THRESHOLD:
-                step = Step(stuff_all(md.read(n), head=head))
+                step: Answer = stuff_all(md.read(n), head=head)
             else:
                 step = Step(head, Stream(md.open_file(n)))
         except MessageGone:
-            return Step(ERR_GONE)
+            return ERR_GONE
         md.note_retrieved(n)
         if self.options.mark_seen:
             md.mark_seen(n)
         return step
 
-    def _transaction_TOP(self, rest: str) -> Step:
+    def _transaction_TOP(self, rest: str) -> Answer:
         parts = rest.split(" ")
         if len(parts) != 2 or not parts[1].isdigit() or len(parts[1]) > 10:
             return self._error(ERR_SYNTAX)
@@ -416,31 +422,31 @@ class Session:
         head = ok("Top of message follows")
         try:
             if self.maildrop.message(n).size <= STREAM_THRESHOLD:
-                return Step(stuff_all(self.maildrop.read_top(n, int(parts[1])), head=head))
+                return stuff_all(self.maildrop.read_top(n, int(parts[1])), head=head)
             return Step(head, Stream(self.maildrop.open_top(n, int(parts[1]))))
         except MessageGone:
-            return Step(ERR_GONE)
+            return ERR_GONE
 
-    def _transaction_DELE(self, rest: str) -> Step:
+    def _transaction_DELE(self, rest: str) -> Answer:
         n = self._number(rest)
         if n is None:
             return self._error(ERR_NO_MESSAGE)
         self.maildrop.deleted.add(n)
-        return Step(ok(f"Message {n} deleted"))
+        return ok(f"Message {n} deleted")
 
-    def _transaction_RSET(self, rest: str) -> Step:
+    def _transaction_RSET(self, rest: str) -> Answer:
         if rest:
             return self._error(ERR_SYNTAX)
         self.maildrop.deleted.clear()
         count, octets = self.maildrop.stat()
-        return Step(ok(f"{count} messages ({octets} octets)"))
+        return ok(f"{count} messages ({octets} octets)")
 
-    def _transaction_NOOP(self, rest: str) -> Step:
+    def _transaction_NOOP(self, rest: str) -> Answer:
         if rest:
             return self._error(ERR_SYNTAX)
-        return STEP_NOOP
+        return OK_NOOP
 
-    def _transaction_QUIT(self, rest: str) -> Step:
+    def _transaction_QUIT(self, rest: str) -> Answer:
         self.state = State.UPDATE  # RFC 1939 6
         return Step(b"", Update())
 
@@ -457,7 +463,7 @@ class Session:
         )
 
 
-def _commands(state: State) -> dict[bytes, Callable[[Session, str], Step]]:
+def _commands(state: State) -> dict[bytes, Callable[[Session, str], Answer]]:
     """A state's commands: the keyword (ASCII, upper case) -> its ``_<state>_<KEYWORD>``
     method."""
     prefix = f"_{state.value}_"
