@@ -153,6 +153,7 @@ Answer = bytes | Step
 
 
 def as_step(answer: Answer) -> Step:
+    """An :data:`Answer` as a :class:`Step` (for callers that want one shape)."""
     return answer if isinstance(answer, Step) else Step(answer)
 
 

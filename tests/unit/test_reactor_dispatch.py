@@ -135,8 +135,12 @@ def test_input_on_a_tcp_connection_reaches_the_protocol_and_a_close_ends_it(
 
     got: list[bytes] = []
     lost: list[Any] = []
+    made: list[object] = []
 
     class Proto(protocol.Protocol):
+        def connectionMade(self) -> None:
+            made.append(self)
+
         def dataReceived(self, data: bytes) -> None:
             got.append(data)
             if data == b"boom":
@@ -145,31 +149,28 @@ def test_input_on_a_tcp_connection_reaches_the_protocol_and_a_close_ends_it(
         def connectionLost(self, reason: Any = None) -> None:
             lost.append(reason)
 
+    def spin(done: Any) -> None:
+        for _ in range(200):
+            if done():
+                return
+            reactor.doIteration(0.05)
+        raise AssertionError("the reactor did not get there")
+
     factory = protocol.ServerFactory.forProtocol(Proto)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     events: list[dict[str, Any]] = []
     legacy_log.addObserver(events.append)
     try:
-        for last, expected in ((b"", ConnectionDone), (b"boom", ValueError)):
+        for k, (last, expected) in enumerate(((b"", ConnectionDone), (b"boom", ValueError))):
             with socket.create_connection(("127.0.0.1", port.getHost().port)) as c:
-                for _ in range(20):  # accept
-                    reactor.doIteration(0.05)
-                    if len(reactor.getReaders()) > len(lost) + 2:
-                        break
+                spin(lambda: len(made) > k)  # noqa: B023 (called within the iteration)
                 c.sendall(b"hello")
-                for _ in range(20):
-                    reactor.doIteration(0.05)
-                    if got and got[-1] == b"hello":
-                        break
+                spin(lambda: len(got) > k)  # noqa: B023
                 if last:
                     c.sendall(last)
                 else:
                     c.shutdown(socket.SHUT_WR)
-                n = len(lost)
-                for _ in range(20):
-                    reactor.doIteration(0.05)
-                    if len(lost) > n:
-                        break
+                spin(lambda: len(lost) > k)  # noqa: B023
                 assert lost[-1].check(expected)
         assert got == [b"hello", b"hello", b"boom"]
     finally:
