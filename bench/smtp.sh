@@ -109,8 +109,9 @@ for n in $TARGETS; do
     base=${n%-noauth} extra=
     [ "$base" != "$n" ] && extra=$NOAUTH_TOML
     case $base in
-        mailsuite) workers=${MAILSUITE_WORKERS:-1} tree= ;;
-        mailsuite-w*) workers=${base#mailsuite-w} tree= ;;
+        # this tree through PYTHONPATH: the installed package may be another checkout's
+        mailsuite) workers=${MAILSUITE_WORKERS:-1} tree=$(cd "$HERE/.." && pwd) ;;
+        mailsuite-w*) workers=${base#mailsuite-w} tree=$(cd "$HERE/.." && pwd) ;;
         compare-w*) workers=${base#compare-w} tree=${MAILSUITE_COMPARE_TREE:?set MAILSUITE_COMPARE_TREE} ;;
         *) continue ;;
     esac
