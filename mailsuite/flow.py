@@ -164,8 +164,20 @@ class GatedLineReceiver(LineReceiver):
     # -- input -----------------------------------------------------------------------------
 
     def hold_input(self, reason: str) -> None:
+        """Hold the input for ``reason``.  The "command" hold (an answer is pending) stops
+        the socket only when input arrives meanwhile (:meth:`dataReceived`): a client that
+        waits for the answer, as most do, sends nothing, and stopping and restarting the
+        socket cost two ``epoll_ctl`` calls per command answered later (every SMTP message:
+        its 250 waits for the fsyncs).  The socket stops at the end of the batch when input
+        read in it waits unhandled (a pipelining client), else at the next read: what is
+        read before the stop is one read at most, kept unhandled like any input under a
+        hold."""
         self._holds = self._holds | {reason}
         self.paused = True
+        if reason != "command":
+            self._pause_socket()
+
+    def _pause_socket(self) -> None:
         if not self._socket_paused:
             self._socket_paused = True
             self.transport.pauseProducing()
@@ -208,6 +220,9 @@ class GatedLineReceiver(LineReceiver):
         self._resume_if_free()
 
     def dataReceived(self, data: bytes) -> None:
+        if data and self._holds:
+            # input while a command is answered: keep it, read no more (see hold_input)
+            self._pause_socket()
         if self._stalled and data:
             self.hold_input("output")  # keep this, read no more until the client reads
         if self._replies is not None:  # called again from within a batch (input resumed)
@@ -231,6 +246,8 @@ class GatedLineReceiver(LineReceiver):
         finally:
             self.flush_replies()
             self._replies = None
+        if self._holds and self._buffer:
+            self._pause_socket()  # pipelined input waits already: read no more for now
         self.after_replies()
         send_now(self.transport)
 

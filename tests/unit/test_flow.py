@@ -80,6 +80,46 @@ def test_a_pending_command_and_a_stalled_output_are_separate_holds() -> None:
     assert proto.lines == [b"a"] and transport.producerState == "producing"
 
 
+class Holding(Lines):
+    """Every line starting with "hold" has its answer pending (an SMTP 250 after the fsyncs)."""
+
+    def lineReceived(self, line: bytes) -> None:
+        super().lineReceived(line)
+        if line.startswith(b"hold"):
+            self.pauseProducing()
+
+
+def holding() -> tuple[Holding, StringTransport]:
+    proto = Holding()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_a_pending_command_stops_the_socket_only_once_input_waits() -> None:
+    proto, transport = holding()
+    proto.dataReceived(b"hold1\r\n")
+    # a client that waits for the answer sends nothing: the socket is not stopped and
+    # started again around every answer (two epoll_ctl calls each)
+    assert proto.lines == [b"hold1"] and transport.producerState == "producing"
+    proto.resumeProducing()
+    assert transport.producerState == "producing"
+    proto.dataReceived(b"hold2\r\n")
+    proto.dataReceived(b"next\r\n")  # sent under the hold: kept, and no more is read
+    assert proto.lines == [b"hold1", b"hold2"] and transport.producerState == "paused"
+    proto.resumeProducing()
+    assert proto.lines == [b"hold1", b"hold2", b"next"]
+    assert transport.producerState == "producing"
+
+
+def test_input_left_unhandled_by_a_batch_stops_the_socket_at_its_end() -> None:
+    proto, transport = holding()
+    proto.dataReceived(b"hold\r\nnext\r\n")  # pipelined behind a pending answer
+    assert proto.lines == [b"hold"] and transport.producerState == "paused"
+    proto.resumeProducing()
+    assert proto.lines == [b"hold", b"next"] and transport.producerState == "producing"
+
+
 def test_close_unregisters_the_producer_and_a_stalled_hang_up_aborts() -> None:
     proto, transport = connected()
     proto.close_connection()
