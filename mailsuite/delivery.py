@@ -36,6 +36,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsuite import gil_calls
 from mailsuite.delivery_fanout import DeliveryError, Fanout, Outgoing, trace_head
 from mailsuite.directory import LocalBox
 from mailsuite.smtp.headers import HeaderEdit
@@ -146,6 +147,9 @@ class IncomingMessage:
             self.path = runtime.config.data_dir.joinpath("spool", "incoming", unique_name())
             head = trace_head(envelope.sender, None)
         self._fd: int | None = None  # opened by the first thread-pool job
+        #: bytes in the file so far (the write jobs run one at a time, in order): its size
+        #: without an ``fstat`` at the end
+        self._written = 0
         self._io: defer.Deferred[None] | None = None  # chain of write jobs, None: no file yet
         self._io_error: BaseException | None = None
         #: bytes handed to write jobs and not yet written
@@ -235,7 +239,7 @@ class IncomingMessage:
 
     def _write_blocking(self, data: list[bytes]) -> None:
         fd = self._fd if self._fd is not None else self._open_blocking()
-        write_all(fd, data)
+        self._written += write_all(fd, data)
 
     def held(self) -> bytes | None:
         """The message as received (after our trace lines) when none of it is on disk yet
@@ -342,11 +346,10 @@ class IncomingMessage:
             fd = self._fd if self._fd is not None else self._open_blocking()
             self._fd = None
             try:
-                write_all(fd, tail)
+                total = self._written + write_all(fd, tail)
                 os.fsync(fd)
-                total = os.fstat(fd).st_size
             finally:
-                os.close(fd)
+                gil_calls.close(fd)
             if edit is not None:
                 total = self._rewrite_head(edit)
         except BaseException:

@@ -47,10 +47,23 @@ from prometheus_client.registry import Collector
 
 from mailsuite.imap import session as imap_session
 from mailsuite.pop3 import session as pop3_session
+from mailsuite.procid import pid
 from mailsuite.queue.spool import valid_id
 from mailsuite.reactor_lag import BUCKETS, ReactorLag
 
 PREFIX = "mailsuite"
+
+
+def _multiprocess_values() -> None:
+    """Multiprocess values that know the process id without asking: prometheus-client's
+    own ask ``os.getpid()`` (a system call) at every change, to notice a fork, which made
+    about ten calls per SMTP message in a worker.  :func:`mailsuite.procid.pid` is taken
+    again after a fork, so a forked child still writes its own file."""
+    values.ValueClass = values.MultiProcessValue(pid)  # type: ignore[no-untyped-call]
+
+
+if values.ValueClass is not values.MutexValue:  # a worker (PROMETHEUS_MULTIPROC_DIR is set)
+    _multiprocess_values()
 
 
 def share_with_workers(directory: Path) -> None:
@@ -64,7 +77,7 @@ def share_with_workers(directory: Path) -> None:
     for old in directory.glob("*.db"):  # counts of a previous run
         old.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _multiprocess_values()
 
 
 class QueueCollector(Collector):

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mailsuite import gil_calls
 from mailsuite.sieve.actions import Action, Discard, Keep, Redirect, Reject, VacationRequest
 from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
@@ -163,10 +164,12 @@ class _ActiveCache:
         raises as :meth:`_ScriptCache.get` does when it does not load."""
         key = str(root)
         link = f"{key}/{ACTIVE_LINK}"
+        if not gil_calls.lexists(link):
+            return None  # no active script: the common case, one call keeping the GIL
         try:
             lst = os.lstat(link)
         except OSError:
-            return None  # no active script: the common case, one system call
+            return None  # removed meanwhile
         if stat.S_ISLNK(lst.st_mode):
             try:
                 st = os.stat(link)  # noqa: PTH116 -- a str path: no Path on the hot path

@@ -5,9 +5,10 @@ injection through HELO).  Pure functions, no I/O."""
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from email.utils import formatdate
+
+from mailsuite.procid import pid
 
 _ids = itertools.count(int(time.time() * 1000) % 1_000_000)
 _ID_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
@@ -21,7 +22,7 @@ def new_id() -> str:
     while n:
         n, r = divmod(n, len(_ID_DIGITS))
         out = _ID_DIGITS[r] + out
-    return out + f"{os.getpid() % 1000:03d}"
+    return out + f"{pid() % 1000:03d}"
 
 
 _date: tuple[int, str] = (-1, "")

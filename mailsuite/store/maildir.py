@@ -22,6 +22,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from mailsuite import gil_calls
+from mailsuite.procid import pid
+
 SUBDIRS = ("cur", "new", "tmp")
 
 #: IMAP system flag <-> Maildir info letter (the letters must stay sorted in names).
@@ -45,11 +48,12 @@ class FolderNameError(ValueError):
 
 
 def unique_name() -> str:
-    """A Maildir unique name: ``time.M<usec>P<pid>Q<n>.host`` (pid taken at call time)."""
+    """A Maildir unique name: ``time.M<usec>P<pid>Q<n>.host`` (the pid of the process at
+    call time, from :func:`mailsuite.procid.pid`)."""
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}.{_HOST}"
+    return f"{sec}.M{usec}P{pid()}Q{next(_counter)}.{_HOST}"
 
 
 def base_of(filename: str) -> str:
@@ -98,11 +102,11 @@ def ensure_folder(path: Path) -> Path:
 
 
 def fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = gil_calls.open_dir(path)
     try:
         os.fsync(fd)
     finally:
-        os.close(fd)
+        gil_calls.close(fd)
 
 
 def folder_path(user_root: Path, name: str) -> Path:

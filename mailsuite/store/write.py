@@ -121,9 +121,11 @@ def create_tmp(path: Path | str, folder: Path, *, make: bool = False) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
-def write_all(fd: int, chunks: Iterable[bytes]) -> None:
-    """Write every chunk, in order, with as few system calls as possible (no join copy)."""
+def write_all(fd: int, chunks: Iterable[bytes]) -> int:
+    """Write every chunk, in order, with as few system calls as possible (no join copy);
+    returns the number of bytes written (all of them: a short write is continued)."""
     pending = [c for c in chunks if c]
+    total = sum(map(len, pending))
     while pending:
         n = os.writev(fd, pending[:_IOV_MAX])
         while n:
@@ -134,6 +136,7 @@ def write_all(fd: int, chunks: Iterable[bytes]) -> None:
             else:
                 pending[0] = pending[0][n:]
                 n = 0
+    return total
 
 
 def seal(fd: int, path: Path, crlf_extra: int) -> Draft:
