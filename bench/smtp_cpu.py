@@ -25,8 +25,10 @@ CPU of its children that exited and were reaped (Postfix's master reaps smtpd, c
 virtual... when they reach max_use or max_idle; the sum over the tree counts every process
 once: a child is either alive, or reaped into its parent's c-times).  For mailsuite the
 supervisor (twistd) is also shown apart (``sup``).  The client's CPU is smtp-source's, from
-``getrusage(RUSAGE_CHILDREN)`` around its run.  Medians over the rounds, the spread and the
-load average are printed.
+``getrusage(RUSAGE_CHILDREN)`` around its run.  ``cs`` is the server's context switches per
+message (from ``/proc/PID/task/*/status``: live threads only, so a Postfix process that
+exited during the round is missing from it), less disturbed by other load than CPU time.
+Medians over the rounds, the spread and the load average are printed.
 
 ``--keep-mail`` (or ``-keep`` at the end of one target: ``postfix-keep``, ``w2-noauth-keep``)
 leaves the messages of earlier rounds in the Maildir (and counts the new ones) instead of
@@ -89,9 +91,22 @@ def tree(pid: int) -> list[int]:
     return out
 
 
+def switches(pid: int) -> int:
+    """Context switches, voluntary and not, of every thread of ``pid`` (live threads only)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for line in (task / "status").read_text().splitlines():
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+    return total
+
+
 def snapshot(pid: int) -> dict[str, float]:
-    """User and system CPU seconds of the whole tree; ``sup``: the first process alone."""
-    out = {"user": 0.0, "sys": 0.0, "sup": 0.0}
+    """User and system CPU seconds of the whole tree; ``sup``: the first process alone;
+    ``cs``: context switches of the tree's live threads."""
+    out = {"user": 0.0, "sys": 0.0, "sup": 0.0, "cs": 0.0}
     for p in tree(pid):
         with contextlib.suppress(OSError):  # exited meanwhile: counted in its parent's c-times
             u, s = proc_cpu(p)
@@ -99,6 +114,7 @@ def snapshot(pid: int) -> dict[str, float]:
             out["sys"] += s
             if p == pid:
                 out["sup"] = u + s
+            out["cs"] += switches(p)
     return out
 
 
@@ -237,6 +253,7 @@ def one_round(t: Target, a: argparse.Namespace) -> tuple[float, dict[str, float]
     per["c.user"] = (ru1.ru_utime - ru0.ru_utime) / a.msgs * 1e6
     per["c.sys"] = (ru1.ru_stime - ru0.ru_stime) / a.msgs * 1e6
     per["all"] = per["server"] + per["c.user"] + per["c.sys"]
+    per["cs"] = (after["cs"] - before["cs"]) / a.msgs  # a count per message, not us
     return a.msgs / took, per
 
 
