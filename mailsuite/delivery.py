@@ -36,7 +36,6 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsuite import gil_calls
 from mailsuite.delivery_fanout import DeliveryError, Fanout, Outgoing, trace_head
 from mailsuite.directory import LocalBox
 from mailsuite.smtp.headers import HeaderEdit
@@ -349,7 +348,7 @@ class IncomingMessage:
                 total = self._written + write_all(fd, tail)
                 os.fsync(fd)
             finally:
-                gil_calls.close(fd)
+                os.close(fd)
             if edit is not None:
                 total = self._rewrite_head(edit)
         except BaseException:

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mailsuite import gil_calls
 from mailsuite.sieve.actions import Action, Discard, Keep, Redirect, Reject, VacationRequest
 from mailsuite.sieve.grammar import SieveParseError
 from mailsuite.sieve.interpreter import Interpreter, Limits, SieveEnvelope
@@ -164,12 +163,10 @@ class _ActiveCache:
         raises as :meth:`_ScriptCache.get` does when it does not load."""
         key = str(root)
         link = f"{key}/{ACTIVE_LINK}"
-        if not gil_calls.lexists(link):
-            return None  # no active script: the common case, one call keeping the GIL
         try:
             lst = os.lstat(link)
         except OSError:
-            return None  # removed meanwhile
+            return None  # no active script: the common case, one system call
         if stat.S_ISLNK(lst.st_mode):
             try:
                 st = os.stat(link)  # noqa: PTH116 -- a str path: no Path on the hot path

@@ -22,7 +22,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from mailsuite import gil_calls
 from mailsuite.procid import pid
 
 SUBDIRS = ("cur", "new", "tmp")
@@ -102,11 +101,11 @@ def ensure_folder(path: Path) -> Path:
 
 
 def fsync_dir(path: Path | str) -> None:
-    fd = gil_calls.open_dir(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
-        gil_calls.close(fd)
+        os.close(fd)
 
 
 def folder_path(user_root: Path, name: str) -> Path:

@@ -35,7 +35,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsuite import gil_calls
 from mailsuite.store.maildir import maildir_folders, unique_name
 
 __all__ = [
@@ -60,9 +59,8 @@ FILE_NAME = "maildirsize"
 
 def _file_of(root: Path) -> str:
     """``root``'s quota file as a string: asked at every RCPT and every delivery, where a
-    path object per question was a measurable part of the cost; callers ask
-    :func:`mailsuite.gil_calls.exists` first, which says "no file" (no limit, the usual case)
-    without an exception, and without letting go of the GIL."""
+    path object per question was a measurable part of the cost; callers ask ``os.access``
+    first, which says "no file" (no limit, the usual case) without an exception."""
     return f"{os.fspath(root)}/{FILE_NAME}"
 
 
@@ -161,7 +159,7 @@ def usage(root: Path) -> Usage | None:
 
     Asked for every delivered message (see :func:`_file_of`)."""
     path = _file_of(root)
-    if not gil_calls.exists(path):
+    if not os.access(path, os.F_OK):
         return None
     try:
         with open(path, "rb") as f:  # noqa: PTH123 (see above)
@@ -184,7 +182,7 @@ def charge(folder: Path, size: int, messages: int) -> None:
     if not size and not messages:
         return
     path = _file_of(root_of(folder))
-    if not gil_calls.exists(path):
+    if not os.access(path, os.F_OK):
         return  # no file: no limit, nothing to count (said without an exception)
     line = f"{size} {messages}\n".encode()
     for _ in range(5):  # a replaced file (compaction) is reopened
@@ -326,7 +324,7 @@ class UsageCache:
     def get(self, root: Path) -> Usage | None:
         path = _file_of(root)  # (asked at every RCPT)
         try:
-            st = os.stat(path) if gil_calls.exists(path) else None  # noqa: PTH116
+            st = os.stat(path) if os.access(path, os.F_OK) else None  # noqa: PTH116
         except OSError:
             st = None
         if st is None:
