@@ -17,7 +17,8 @@ from mailsuite.config import SERVICES, Config, ConfigError, load_config
 from mailsuite.directory import Directory, DirectoryError
 
 
-def _directory(cfg: Config) -> Directory:
+def directory_of(cfg: Config) -> Directory:
+    """The directory of the server ``cfg`` configures (also how the test harness adds users)."""
     return Directory(cfg.directory_file, cfg.mail_dir, cfg.local_domains)
 
 
@@ -37,7 +38,7 @@ def _read_password(args: argparse.Namespace) -> str:
 def cmd_user(cfg: Config, args: argparse.Namespace) -> int:
     from mailsuite.auth import hash_password
 
-    d = _directory(cfg)
+    d = directory_of(cfg)
     if args.action == "add":
         root = d.add_user(args.address, hash_password(_read_password(args)))
         print(f"added {args.address.lower()} (mail in {root})")
@@ -147,7 +148,7 @@ def _domain_quota(cfg: Config, d: Directory, args: argparse.Namespace) -> int:
 
 
 def cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
-    d = _directory(cfg)
+    d = directory_of(cfg)
     if args.action == "add":
         d.add_alias(args.alias, args.targets)
         print(f"{args.alias.lower()} -> " + ", ".join(d.aliases()[args.alias.lower()]))
@@ -164,7 +165,7 @@ def cmd_alias(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_domain(cfg: Config, args: argparse.Namespace) -> int:
-    d = _directory(cfg)
+    d = directory_of(cfg)
     if args.action == "add":
         d.add_domain(args.domain)
         print(f"added domain {args.domain.lower()}")
@@ -184,7 +185,7 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
     print(f"config: {cfg.where}")
     print(f"hostname: {cfg.hostname}")
     print(f"data: {cfg.data_dir}")
-    d = _directory(cfg)
+    d = directory_of(cfg)
     print(f"domains: {', '.join(d.domains()) or '(none)'}")
     print(f"users: {len(d.users())}")
     for service in SERVICES:

@@ -1,7 +1,8 @@
 """Run the real server (``twistd -n mailsuite``) on loopback for integration tests.
 
 Every test gets its own data folder and free ports; the server is a child process so tests can
-``kill -9`` it.  Users are created with the real ``mailsuite`` command.
+``kill -9`` it.  Users are created by the code the ``mailsuite user add`` command runs (in
+this process; the command itself is tested in tests/integration/test_cli.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailsuite.auth import hash_password
+from mailsuite.cli import directory_of
+from mailsuite.config import load_config
 from mailsuite.testing.process import mailsuite_argv
 
 PASSWORD = "correct horse battery"
@@ -122,6 +126,10 @@ def wait_port(
     wait_until(lambda: not server_connections(port), timeout, f"{host}:{port} to drop the probe")
 
 
+#: argon2id hashes by password (see ``Server.add_user``)
+_HASHES: dict[str, str] = {}
+
+
 class Server:
     """One mailsuite server in a child process, configured from a TOML snippet."""
 
@@ -175,7 +183,13 @@ class Server:
         return result
 
     def add_user(self, address: str, password: str = PASSWORD) -> None:
-        self.cli("user", "add", address, "--password-stdin", stdin=password + "\n")
+        """Add a user as ``mailsuite user add`` does (the directory edit under its lock, an
+        argon2id hash), in this process: a ``mailsuite`` process per user cost ~1 s of CPU
+        (the interpreter, Twisted's imports, the hash), a large part of most tests' setup.
+        One hash per password serves every user of this test process."""
+        if password not in _HASHES:
+            _HASHES[password] = hash_password(password)
+        directory_of(load_config(self.config)).add_user(address, _HASHES[password])
 
     def maildir(self, address: str, folder: str = "") -> Path:
         local, domain = address.lower().split("@")
