@@ -28,7 +28,16 @@ def make_server(servers: ServerFactory, extra_toml: str = "") -> Server:
 
 @pytest.fixture
 def srv(servers: ServerFactory) -> Server:
+    """A server of the test's own, for tests that look at mailboxes, the whole log or
+    failed logins (which slow the next logins from the address down)."""
     return make_server(servers)
+
+
+@pytest.fixture(scope="module")
+def shared(module_servers: ServerFactory) -> Server:
+    """One server for the module's tests that deliver nothing, fail no login and look at
+    nothing but their own replies (a server start each cost ~1.5 s of CPU)."""
+    return make_server(module_servers)
 
 
 def message(sender: str = ALICE, to: str = BOB, subject: str = "hello") -> bytes:
@@ -100,8 +109,8 @@ def test_587_mail_without_auth_after_tls_is_refused(srv, ca):
     assert srv.messages(BOB) == []
 
 
-def test_587_auth_dialogue_details(srv, ca):
-    raw = tls_session(srv.port("submission"), ca)
+def test_587_auth_dialogue_details(shared, ca):
+    raw = tls_session(shared.port("submission"), ca)
     # PLAIN without initial response: an empty 334 challenge, then the response line.
     assert raw.cmd("AUTH PLAIN").lines == ["334 "]
     assert raw.cmd("*").text.startswith("501 5.0.0")
@@ -127,14 +136,14 @@ def test_587_auth_dialogue_details(srv, ca):
     raw.close()
 
 
-def test_auth_not_allowed_inside_a_transaction(srv, ca):
-    raw = tls_session(srv.port("submission"), ca)
+def test_auth_not_allowed_inside_a_transaction(shared, ca):
+    raw = tls_session(shared.port("submission"), ca)
     assert raw.cmd("AUTH PLAIN " + plain(ALICE, PASSWORD)).text.startswith("235")
     raw.close()
     # A fresh session: MAIL is refused without AUTH, so test 503 by AUTH after AUTH+MAIL in
     # a session authorized with allow_plaintext is not needed; instead check AUTH during MAIL
     # once authenticated is 503 (already authenticated) and that RSET does not reset AUTH.
-    raw = tls_session(srv.port("submission"), ca)
+    raw = tls_session(shared.port("submission"), ca)
     assert raw.cmd("AUTH PLAIN " + plain(ALICE, PASSWORD)).text.startswith("235")
     assert raw.cmd("MAIL FROM:<alice@example.test>").text.startswith("250")
     assert raw.cmd("AUTH PLAIN " + plain(BOB, PASSWORD)).text.startswith("503")
@@ -207,10 +216,10 @@ def test_465_implicit_tls_login_and_send(srv, ca):
     assert b"Subject: implicit" in stored and b"with ESMTPSA" in stored
 
 
-def test_465_speaks_tls_from_the_first_byte(srv: Server) -> None:
+def test_465_speaks_tls_from_the_first_byte(shared: Server) -> None:
     """Clear text on the implicit-TLS port is a broken handshake: the server answers with
     at most a TLS alert and closes the connection, it never reads it as SMTP."""
-    sock = socket.create_connection(("127.0.0.1", srv.port("submissions")), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", shared.port("submissions")), timeout=10)
     sock.sendall(b"EHLO plain\r\n")
     data = b""
     try:
@@ -222,8 +231,8 @@ def test_465_speaks_tls_from_the_first_byte(srv: Server) -> None:
     assert data == b"" or data[:1] == b"\x15", data  # nothing, or a TLS alert record
 
 
-def test_465_mail_without_auth_is_refused(srv, ca):
-    client = smtp_ssl(srv.port("submissions"), ca)
+def test_465_mail_without_auth_is_refused(shared, ca):
+    client = smtp_ssl(shared.port("submissions"), ca)
     code, text = client.mail(ALICE)
     assert code == 530 and text.startswith(b"5.7.0")
     client.close()
@@ -232,8 +241,8 @@ def test_465_mail_without_auth_is_refused(srv, ca):
 # --------------------------------------------------------------------------- port 25
 
 
-def test_smtp_port_offers_starttls_and_never_auth(srv, ca):
-    raw = SMTPClient(srv.port("smtp"))
+def test_smtp_port_offers_starttls_and_never_auth(shared, ca):
+    raw = SMTPClient(shared.port("smtp"))
     ehlo = raw.cmd("EHLO client.example")
     assert any("STARTTLS" in line for line in ehlo.lines)
     assert not any("AUTH" in line for line in ehlo.lines)
@@ -247,8 +256,8 @@ def test_smtp_port_offers_starttls_and_never_auth(srv, ca):
 # --------------------------------------------------------------------------- sender binding
 
 
-def test_sender_binding_mail_from(srv, ca):
-    client = smtp_starttls(srv.port("submission"), ca)
+def test_sender_binding_mail_from(shared, ca):
+    client = smtp_starttls(shared.port("submission"), ca)
     client.login(ALICE, PASSWORD)
     code, text = client.mail(BOB)
     assert (code, text[:5]) == (553, b"5.7.1")
@@ -356,10 +365,10 @@ def test_throttling_per_ip_and_per_account_spares_the_legitimate_user(
     bob.close()
 
 
-def test_cli_never_echoes_and_stores_only_argon2id(srv):
-    out = srv.cli("user", "add", "carol@example.test", "--password-stdin", stdin="sekrit-pass\n")
+def test_cli_never_echoes_and_stores_only_argon2id(shared):
+    out = shared.cli("user", "add", "carol@example.test", "--password-stdin", stdin="sekrit-pass\n")
     assert "sekrit-pass" not in out.stdout + out.stderr
-    directory = (srv.data / "directory.json").read_text()
+    directory = (shared.data / "directory.json").read_text()
     assert "sekrit-pass" not in directory
     assert "$argon2id$" in directory
 
@@ -435,13 +444,13 @@ def test_swaks_auth_without_tls_is_refused(srv, ca):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_tls_below_1_2_is_refused(srv, ca):
+def test_tls_below_1_2_is_refused(shared, ca):
     ctx = ca.client_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     with contextlib.suppress(ssl.SSLError):
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    sock = socket.create_connection(("127.0.0.1", srv.port("submissions")), timeout=10)
+    sock = socket.create_connection(("127.0.0.1", shared.port("submissions")), timeout=10)
     with pytest.raises((ssl.SSLError, ConnectionResetError)):
         ctx.wrap_socket(sock, server_hostname=HOSTNAME)
     sock.close()
