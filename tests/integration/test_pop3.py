@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import imaplib
 import importlib.util
+import itertools
 import os
 import poplib
 import socket
@@ -27,7 +28,37 @@ from tests.tls_helpers import CertAuthority
 
 @pytest.fixture
 def server(servers: ServerFactory) -> Server:
+    """A server of the test's own: for tests that restart it, fail logins (which slow the
+    next ones from the address down) or look at what a login leaves behind."""
     return servers(("pop3", "pop3s"), tls=True, users=(ALICE, BOB))
+
+
+@pytest.fixture(scope="module")
+def shared(module_servers: ServerFactory) -> Server:
+    """One server for the other tests, each with users of its own (``user``, ``other``):
+    a server start each cost ~1.5 s of CPU, three processes' worth with workers."""
+    return module_servers(("pop3", "pop3s"), tls=True)
+
+
+_users = itertools.count()
+
+
+def _new_user(server: Server) -> str:
+    name = f"u{next(_users)}@example.test"
+    server.add_user(name)
+    return name
+
+
+@pytest.fixture
+def user(shared: Server) -> str:
+    """A user of ``shared`` no other test logs in as: an empty maildrop, no lock held."""
+    return _new_user(shared)
+
+
+@pytest.fixture
+def other(shared: Server) -> str:
+    """A second fresh user of ``shared``."""
+    return _new_user(shared)
 
 
 def deliver(server: Server, user: str, bodies: list[bytes]) -> None:
@@ -77,30 +108,32 @@ def crlf(b: bytes) -> bytes:
     return b.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def test_capa_and_plaintext_refused_before_stls(server: Server, ca: CertAuthority) -> None:
-    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=10)
+def test_capa_and_plaintext_refused_before_stls(
+    shared: Server, ca: CertAuthority, user: str
+) -> None:
+    p = poplib.POP3("127.0.0.1", shared.port("pop3"), timeout=10)
     assert p.getwelcome().startswith(b"+OK")
     capa = p.capa()
     assert "STLS" in capa and "USER" not in capa and "SASL" not in capa
     for cap in ("TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"):
         assert cap in capa
-    assert err_of(p.user, ALICE).startswith(b"-ERR [AUTH]")
+    assert err_of(p.user, user).startswith(b"-ERR [AUTH]")
     assert err_of(
-        p._shortcmd, "AUTH PLAIN " + base64.b64encode(f"\0{ALICE}\0{PASSWORD}".encode()).decode()
+        p._shortcmd, "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
     ).startswith(b"-ERR [AUTH]")
     assert p.stls(ca.client_context()).startswith(b"+OK")
     capa = p.capa()
     assert "STLS" not in capa and "USER" in capa and capa["SASL"] == ["PLAIN"]
     assert err_of(p._shortcmd, "STLS").startswith(b"-ERR")
-    p.user(ALICE)
+    p.user(user)
     assert p.pass_(PASSWORD).startswith(b"+OK")
     assert "STLS" not in p.capa()  # CAPA in the TRANSACTION state too
     p.quit()
 
 
-def test_every_transaction_command(server: Server, ca: CertAuthority) -> None:
-    deliver(server, ALICE, MESSAGES)
-    p = stls_login(server, ca)
+def test_every_transaction_command(shared: Server, ca: CertAuthority, user: str) -> None:
+    deliver(shared, user, MESSAGES)
+    p = stls_login(shared, ca, user)
     sizes = [len(crlf(m)) for m in MESSAGES]
     assert p.stat() == (3, sum(sizes))
     resp, lines, _ = p.list()
@@ -129,32 +162,32 @@ def test_every_transaction_command(server: Server, ca: CertAuthority) -> None:
     p.dele(2)
     assert err_of(p._shortcmd, "FROB").startswith(b"-ERR")
     # nothing is deleted before QUIT
-    assert len(server.messages(ALICE)) == 3
+    assert len(shared.messages(user)) == 3
     assert p.quit().startswith(b"+OK")
-    left = server.messages(ALICE)
+    left = shared.messages(user)
     assert len(left) == 2 and all(b"Subject: two" not in m for m in left)
 
 
-def test_raw_wire_format_dot_stuffing(server: Server, ca: CertAuthority) -> None:
-    deliver(server, ALICE, [b"Subject: x\n\n.\n+OK forged\n"])
-    with socket.create_connection(("127.0.0.1", server.port("pop3s")), timeout=10) as raw:
+def test_raw_wire_format_dot_stuffing(shared: Server, ca: CertAuthority, user: str) -> None:
+    deliver(shared, user, [b"Subject: x\n\n.\n+OK forged\n"])
+    with socket.create_connection(("127.0.0.1", shared.port("pop3s")), timeout=10) as raw:
         tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         f = tls.makefile("rb")
         f.readline()
-        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 1\r\nNOOP\r\n".encode())
+        tls.sendall(f"USER {user}\r\nPASS {PASSWORD}\r\nRETR 1\r\nNOOP\r\n".encode())
         got = [f.readline() for _ in range(8)]
     assert got[2].startswith(b"+OK")
     assert got[3:8] == [b"Subject: x\r\n", b"\r\n", b"..\r\n", b"+OK forged\r\n", b".\r\n"]
 
 
-def test_pipelined_commands_answered_in_order(server: Server, ca: CertAuthority) -> None:
-    deliver(server, ALICE, MESSAGES)
-    with socket.create_connection(("127.0.0.1", server.port("pop3s")), timeout=10) as raw:
+def test_pipelined_commands_answered_in_order(shared: Server, ca: CertAuthority, user: str) -> None:
+    deliver(shared, user, MESSAGES)
+    with socket.create_connection(("127.0.0.1", shared.port("pop3s")), timeout=10) as raw:
         tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         f = tls.makefile("rb")
         f.readline()
         tls.sendall(
-            f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nDELE 0\r\nLIST 1\r\nQUIT\r\n".encode()
+            f"USER {user}\r\nPASS {PASSWORD}\r\nSTAT\r\nDELE 0\r\nLIST 1\r\nQUIT\r\n".encode()
         )
         got = f.read()
     lines = got.split(b"\r\n")
@@ -164,17 +197,17 @@ def test_pipelined_commands_answered_in_order(server: Server, ca: CertAuthority)
     assert lines[5].startswith(b"+OK") and lines[6] == b""
 
 
-def test_stls_discards_pipelined_commands(server: Server, ca: CertAuthority) -> None:
-    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as raw:
+def test_stls_discards_pipelined_commands(shared: Server, ca: CertAuthority, user: str) -> None:
+    with socket.create_connection(("127.0.0.1", shared.port("pop3")), timeout=10) as raw:
         f = raw.makefile("rb")
         f.readline()
-        raw.sendall(f"STLS\r\nUSER {ALICE}\r\n".encode())  # USER is injected before TLS
+        raw.sendall(f"STLS\r\nUSER {user}\r\n".encode())  # USER is injected before TLS
         assert f.readline() == b"+OK Begin TLS negotiation\r\n"
         tls = ca.client_context().wrap_socket(raw, server_hostname="localhost")
         tf = tls.makefile("rb")
         tls.sendall(f"PASS {PASSWORD}\r\n".encode())
         assert tf.readline().startswith(b"-ERR")  # the USER before TLS was dropped
-        tls.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\n".encode())
+        tls.sendall(f"USER {user}\r\nPASS {PASSWORD}\r\n".encode())
         assert tf.readline().startswith(b"+OK")
         assert tf.readline().startswith(b"+OK Logged in")
 
@@ -200,17 +233,17 @@ def test_auth_plain_and_auth_response_codes(server: Server, ca: CertAuthority) -
 
 
 def test_in_use_lock_and_dropped_connection_deletes_nothing(
-    server: Server, ca: CertAuthority
+    shared: Server, ca: CertAuthority, user: str, other: str
 ) -> None:
-    deliver(server, ALICE, MESSAGES)
-    first = stls_login(server, ca)
+    deliver(shared, user, MESSAGES)
+    first = stls_login(shared, ca, user)
     assert first.stat()[0] == 3
-    second = pop3s(server, ca)
-    second.user(ALICE)
+    second = pop3s(shared, ca)
+    second.user(user)
     assert err_of(second.pass_, PASSWORD).startswith(b"-ERR [IN-USE]")
     # another user is not affected
-    other = ssl_login(server, ca, BOB)
-    other.quit()
+    elsewhere = ssl_login(shared, ca, other)
+    elsewhere.quit()
     for n in (1, 2, 3):
         first.dele(n)
     first.sock.shutdown(socket.SHUT_RDWR)  # dropped without QUIT
@@ -218,7 +251,7 @@ def test_in_use_lock_and_dropped_connection_deletes_nothing(
     first.file.close()
 
     def logged_in() -> bool:  # the lock goes when the server sees the connection close
-        second.user(ALICE)
+        second.user(user)
         try:
             second.pass_(PASSWORD)
         except poplib.error_proto as e:
@@ -229,7 +262,7 @@ def test_in_use_lock_and_dropped_connection_deletes_nothing(
     wait_until(logged_in, 5, "the lock of the dropped session to go", interval=0.1)
     assert second.stat()[0] == 3
     second.quit()
-    assert len(server.messages(ALICE)) == 3
+    assert len(shared.messages(user)) == 3
 
 
 def test_lock_released_when_server_is_killed(server: Server, ca: CertAuthority) -> None:
@@ -243,12 +276,14 @@ def test_lock_released_when_server_is_killed(server: Server, ca: CertAuthority) 
     q.quit()
 
 
-def test_deletion_seen_by_a_separate_store_reader(server: Server, ca: CertAuthority) -> None:
-    deliver(server, ALICE, MESSAGES)
-    index = FolderIndex(server.maildir(ALICE))
+def test_deletion_seen_by_a_separate_store_reader(
+    shared: Server, ca: CertAuthority, user: str
+) -> None:
+    deliver(shared, user, MESSAGES)
+    index = FolderIndex(shared.maildir(user))
     index.sync(force=True)
     uids = [m.uid for m in index.messages()]
-    p = ssl_login(server, ca)
+    p = ssl_login(shared, ca, user)
     p.dele(2)
     p.quit()
     # An IMAP session keeps the UIDs it announced and compares them with the shared index
@@ -302,14 +337,14 @@ def test_retr_marks_seen_top_does_not(server: Server, ca: CertAuthority) -> None
     assert len(server.messages(ALICE)) == 2
 
 
-def test_errors_line_length_and_error_limit(server: Server, ca: CertAuthority) -> None:
-    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as raw:
+def test_errors_line_length_and_error_limit(shared: Server, ca: CertAuthority) -> None:
+    with socket.create_connection(("127.0.0.1", shared.port("pop3")), timeout=10) as raw:
         f = raw.makefile("rb")
         f.readline()
         raw.sendall(b"X" * 10_000 + b"\r\n")
         assert f.readline().startswith(b"-ERR")
         assert f.read() == b""  # closed
-    with socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", shared.port("pop3")), timeout=10) as raw:
         f = raw.makefile("rb")
         f.readline()
         raw.sendall(b"BOGUS\r\n" * 10)
@@ -369,7 +404,7 @@ def test_throttled_login_is_sys_temp_and_plaintext_option(
 
 
 def test_large_message_streamed_with_dots_at_chunk_boundaries(
-    server: Server, ca: CertAuthority
+    shared: Server, ca: CertAuthority, user: str
 ) -> None:
     # > 256 KiB is streamed in 64 KiB chunks: put "." lines and CR/LF splits on the edges
     body = bytearray(b"Subject: big\n\n")
@@ -378,8 +413,8 @@ def test_large_message_streamed_with_dots_at_chunk_boundaries(
         body += (b"a" * 70 + b"\n") * (pad // 71) + b"b" * (pad % 71) + b"\n"
         body += b".\n+OK forged\n"
     body += b"tail\n"
-    deliver(s := server, ALICE, [bytes(body)])
-    p = ssl_login(s, ca)
+    deliver(s := shared, user, [bytes(body)])
+    p = ssl_login(s, ca, user)
     _resp, lines, _ = p.retr(1)
     assert b"\r\n".join(lines) + b"\r\n" == crlf(bytes(body))
     assert p.noop().startswith(b"+OK")
