@@ -7,6 +7,8 @@ this process; the command itself is tested in tests/integration/test_cli.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 
 from mailsuite.auth import hash_password
 from mailsuite.cli import directory_of
+from mailsuite.cli import main as cli_main
 from mailsuite.config import load_config
 from mailsuite.testing.process import mailsuite_argv
 
@@ -181,6 +184,21 @@ class Server:
         if check and result.returncode != 0:
             raise AssertionError(f"mailsuite {' '.join(args)} failed: {result.stderr}")
         return result
+
+    def polled_cli(self, *args: str) -> str:
+        """What ``mailsuite ARGS`` prints on stdout, run by the command's code in this
+        process: for a test polling it in ``wait_until``, where a ``mailsuite`` process per
+        poll cost ~1 s of CPU each, taken from the server the test waits for.  Like the
+        process's stdout, what it printed before a failure is the answer."""
+        out = io.StringIO()
+        # a failure: the process would have printed a traceback to stderr and exited 1
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.suppress(Exception),
+        ):
+            cli_main(["--config", str(self.config), *args])
+        return out.getvalue()
 
     def add_user(self, address: str, password: str = PASSWORD) -> None:
         """Add a user as ``mailsuite user add`` does (the directory edit under its lock, an

@@ -10,8 +10,6 @@ fixture (conftest.py) makes a ``Net`` and stops everything in it at teardown.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 import smtplib
@@ -21,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailsuite.cli import main as cli_main
 from mailsuite.testing.dns import spawn_dns_server
 from mailsuite.testing.mx import spawn_mx_server
 from tests.harness import ALICE, Server
@@ -145,21 +142,9 @@ def queue_ids(server: Server) -> list[str]:
 
 
 def show(server: Server, queue_id: str) -> str:
-    """``mailsuite queue show`` output, or "" once the entry has left the queue.
-
-    The command's own code, run in this process: tests poll it in ``wait_until``, and a
-    ``mailsuite`` process per poll cost ~1 s of CPU each, taken from the server the test
-    waits for.  (test_relay.py runs the command as a process too.)  Like the process's
-    stdout, what it printed before a failure is the answer."""
-    out = io.StringIO()
-    # a failure: the process would have printed a traceback to stderr and exited 1
-    with (
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(io.StringIO()),
-        contextlib.suppress(Exception),
-    ):
-        cli_main(["--config", str(server.config), "queue", "show", queue_id])
-    return out.getvalue()
+    """``mailsuite queue show`` output, or "" once the entry has left the queue (run in this
+    process, see ``Server.polled_cli``; test_relay.py runs the command as a process too)."""
+    return server.polled_cli("queue", "show", queue_id)
 
 
 def entries_for(server: Server, rcpt: str) -> list[str]:

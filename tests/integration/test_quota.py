@@ -154,7 +154,7 @@ def test_a_recipient_over_quota_among_others_waits_in_the_queue(server: Server) 
     assert on_disk(server, CAROL)[1] == carol_before + 1
     assert on_disk(server, BOB)[1] == bob_before
     listing = wait_until(
-        lambda: (out := server.cli("queue", "list").stdout) and "4.2.2" in out and out,
+        lambda: (out := server.polled_cli("queue", "list")) and "4.2.2" in out and out,
         20,
         "the queued local delivery for bob deferred with 4.2.2",
     )
@@ -182,7 +182,7 @@ def test_a_queued_over_quota_delivery_keeps_the_plus_tag(server: Server, tmp_pat
     codes, final = send(server, [tagged, CAROL], message(8000, "tagged for two"))
     assert codes == [250, 250] and final == 250, last[0]
     listing = wait_until(
-        lambda: (out := server.cli("queue", "list").stdout) and "4.2.2" in out and out,
+        lambda: (out := server.polled_cli("queue", "list")) and "4.2.2" in out and out,
         20,
         "the queued local delivery for dave+news deferred with 4.2.2",
     )
