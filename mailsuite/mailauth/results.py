@@ -29,14 +29,16 @@ from mailsuite.mailauth.spf import SPFResult
 __all__ = ["authserv_id_of", "results_header", "strip_forged_results"]
 
 NAME = "Authentication-Results"
-_DOMAINISH = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
-_ADDRESS = re.compile(r"^[!#-'*+\-/-9=?A-Z^-~.]{1,64}@[A-Za-z0-9.-]{1,253}$")
+#: (whole values: fullmatch, since "$" also matches before a final LF, which would end the
+#: header line inside our field)
+_DOMAINISH = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})")
+_ADDRESS = re.compile(r"[!#-'*+\-/-9=?A-Z^-~.]{1,64}@[A-Za-z0-9.-]{1,253}")
 _FEATURES = authres.FeatureContext(authres.dmarc, authres.arc)
 
 
 def _token(value: str | None) -> str:
     """A domain or selector as it may appear in a property; anything else becomes 'invalid'."""
-    if value and _DOMAINISH.match(value):
+    if value and _DOMAINISH.fullmatch(value):
         return value
     return "invalid"
 
@@ -55,7 +57,7 @@ def _spf_clause(spf: SPFResult) -> authres.AuthenticationResult:
         return authres.SPFAuthenticationResult(
             result=spf.result, reason=reason, smtp_helo=_token(spf.domain)
         )
-    mailfrom = spf.address if _ADDRESS.match(spf.address) else _token(spf.domain)
+    mailfrom = spf.address if _ADDRESS.fullmatch(spf.address) else _token(spf.domain)
     return authres.SPFAuthenticationResult(result=spf.result, reason=reason, smtp_mailfrom=mailfrom)
 
 
