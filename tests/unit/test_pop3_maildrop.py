@@ -19,6 +19,7 @@ from mailsuite.store.mailbox import FolderRegistry
 from mailsuite.store.maildir import ensure_folder
 from mailsuite.store.write import write_message
 from tests.store_helpers import box
+from tests.unit.test_pop3_top import top_by_lines
 
 
 def test_lock_snapshot_and_uidl(tmp_path: Path) -> None:
@@ -116,20 +117,6 @@ def test_login_delay(tmp_path: Path) -> None:
     Maildrop(root, login_delay=60, now=lambda: clock[0]).close()
 
 
-def _top_by_lines(data: bytes, body_lines: int) -> bytes:
-    """RFC 1939 TOP as the line-at-a-time reading it replaces did it."""
-    out, in_body, remaining = [], False, body_lines
-    for line in data.splitlines(keepends=True):
-        if in_body:
-            if remaining <= 0:
-                break
-            remaining -= 1
-        out.append(line)
-        if not in_body and line in (b"\n", b"\r\n"):
-            in_body = True
-    return b"".join(out)
-
-
 @pytest.mark.parametrize("piece", [1, 3, 7, 64, 100_000])
 @pytest.mark.parametrize("lines", [0, 1, 2, 5, 10**9])
 def test_top_read_in_pieces_is_top(tmp_path: Path, piece: int, lines: int) -> None:
@@ -143,7 +130,7 @@ def test_top_read_in_pieces_is_top(tmp_path: Path, piece: int, lines: int) -> No
             got = b""
             while chunk := top.read(piece):
                 got += chunk
-        assert got == _top_by_lines(data, lines) == md.read_top(1, lines)
+        assert got == top_by_lines(data, lines) == md.read_top(1, lines)
     finally:
         md.close()
 
