@@ -76,14 +76,7 @@ class ReadDeadline:
         self._seconds = seconds
         self._what = what
         self._block = 0
-        due = self.clock.seconds() + seconds
-        if due <= self._cap and self._timer_at <= due:
-            # (the common case, :meth:`_arm_at` without its call: the deadline moves later
-            # and the pending timer stays, see there)
-            self._due = self._when = due
-            self._why = what
-            return
-        self._arm_at(due)
+        self._arm_at(self.clock.seconds() + seconds)
 
     def data(self, count: int) -> None:
         """``count`` octets of data arrived: a full :data:`DATA_BLOCK` moves the deadline."""

@@ -169,11 +169,7 @@ class POP3Protocol(GatedLineReceiver):
         if state is CLOSED:
             return
         if state is not SASL:  # (a SASL response line is a credential: never looked at)
-            word = line.partition(b" ")[0]
-            counts = self._counts
-            counts[word] = counts.get(word, 0) + 1
-            if self._counts_flush is None or len(counts) > MAX_UNCOUNTED:
-                self._tally_soon()
+            self._count(line.partition(b" ")[0])
         try:
             step = self.session.line(line)
         except Exception:
@@ -206,10 +202,7 @@ class POP3Protocol(GatedLineReceiver):
             super().dataReceived(data)
             return
         word, _, arg = data[: end - 1 if data[end - 1] == 13 else end].partition(b" ")
-        counts = self._counts
-        counts[word] = counts.get(word, 0) + 1
-        if self._counts_flush is None or len(counts) > MAX_UNCOUNTED:
-            self._tally_soon()
+        self._count(word)
         try:
             answer = self.session.command(word, arg)
         except Exception:
@@ -260,6 +253,14 @@ class POP3Protocol(GatedLineReceiver):
             md.flush_seen()
         except Exception as e:
             log_failure(log, e, "POP3: setting \\Seen for {user} failed", user=self.session.user)
+
+    def _count(self, word: bytes) -> None:
+        """One command with keyword ``word``, for /metrics: counted here, added to the
+        shared counters soon (:meth:`_tally_soon`)."""
+        counts = self._counts
+        counts[word] = counts.get(word, 0) + 1
+        if self._counts_flush is None or len(counts) > MAX_UNCOUNTED:
+            self._tally_soon()
 
     def _tally_soon(self) -> None:
         """Count the commands in /metrics within :data:`TALLY_DELAY` (at once when many
