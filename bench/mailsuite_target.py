@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-from mailsuite.testing.process import mailsuite_argv
-
 USERS = ("bench", "big10000", "big100000", "pop1k", "idle")
 SERVICES = ("smtp", "imap", "pop3", "web")  # web: /metrics (reactor lag) and /healthz
 
@@ -72,6 +70,10 @@ NO_LIMITS = (
 
 
 def start(a: argparse.Namespace) -> None:
+    # imported here, not at the top: ``stop`` must work without the package importable (a
+    # benchmark's cleanup that cannot import would leave its server running)
+    from mailsuite.testing.process import mailsuite_argv
+
     root = Path(a.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     services = [s for s in a.services.split(",") if s]

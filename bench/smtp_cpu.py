@@ -312,7 +312,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     a = ap.parse_args()
     # world-traversable: Postfix's virtual(8) delivers as the benchmark uid into it
-    work = Path(tempfile.mkdtemp(prefix="mailsuite-smtp-cpu.", dir="/var/tmp"))
+    # on TMPDIR_BASE, as bench/smtp.sh: a file system of one's choice (journaled or not)
+    base = os.environ.get("TMPDIR_BASE", "/var/tmp")
+    work = Path(tempfile.mkdtemp(prefix="mailsuite-smtp-cpu.", dir=base))
     work.chmod(0o755)
     targets: list[Target] = []
     try:
