@@ -42,6 +42,7 @@ from mailsuite.store.index_schema import (
     _split_flags,
     crlf_size,
     frees_space,
+    measure,
 )
 from mailsuite.store.maildir import FLAG_LETTERS, base_of, fsync_dir, info_for
 from mailsuite.store.quota import charge
@@ -222,16 +223,16 @@ class FolderIndex(IndexScan):
         if not rows:
             return
         updates = []
-        for uid, name, size, idate in rows:
-            path = self.folder / name
-            try:
-                if size < 0:
-                    size = crlf_size(path)
-                if idate < 0:
-                    idate = path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            updates.append((size, idate, uid))
+        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for uid, name, size, idate in rows:
+                try:
+                    size, idate = measure(dir_fd, name, size, idate)
+                except FileNotFoundError:
+                    continue
+                updates.append((size, idate, uid))
+        finally:
+            os.close(dir_fd)
         with self._transaction():
             self.db.executemany("UPDATE messages SET size=?, internaldate=? WHERE uid=?", updates)
 

@@ -107,7 +107,39 @@ def crlf_size(path: Path) -> int:
     """Size of a stored (LF) message once every line end is CRLF."""
     with path.open("rb") as f:
         data = f.read()
+    return crlf_size_of(data)
+
+
+def crlf_size_of(data: bytes) -> int:
+    """:func:`crlf_size` of a message's stored bytes."""
     return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+def measure(dir_fd: int, name: str, size: int, idate: float) -> tuple[int, float]:
+    """The CRLF size and internal date (mtime) of the file ``name`` of the folder open as
+    ``dir_fd``, for those not known yet (negative); raises FileNotFoundError.
+
+    For a folder another program wrote (no ``,W=`` in the names), the first POP3 login
+    measures every message: one ``openat`` relative to the folder, one ``fstat`` for the date
+    and one ``read`` of the whole file, with no path built or looked up per file (building
+    ``Path`` objects and walking the whole path per message took over half of that login's
+    time on a 100,000-message folder)."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if idate < 0:
+            idate = st.st_mtime
+        if size < 0:
+            data = os.read(fd, st.st_size + 1)
+            if len(data) > st.st_size:  # it grew since the fstat: read to the end
+                chunks = [data]
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            size = crlf_size_of(data)
+    finally:
+        os.close(fd)
+    return size, idate
 
 
 @dataclass(frozen=True)

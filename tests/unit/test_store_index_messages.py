@@ -148,3 +148,32 @@ def test_a_folder_above_the_limit_is_read_every_time(tmp_path: Path) -> None:
         assert index._messages is None
     finally:
         index.close()
+
+
+def test_sizes_and_dates_of_files_another_program_wrote(tmp_path: Path) -> None:
+    """Files with no ``,S=``/``,W=`` in their names (another program's delivery) are measured
+    at the first listing: the size as sent (every line end CRLF, RFC 1939 11 / RFC 3501
+    RFC822.SIZE) and the internal date from the file's mtime; a file that vanished first is
+    left unknown, not an error."""
+    root = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True)
+    bodies = {
+        "1700000001.A.host:2,": b"Subject: lf\n\nline\nline\n",
+        "1700000002.B.host:2,S": b"Subject: crlf\r\n\r\nline\r\n",
+        "1700000003.C.host:2,": b"Subject: mixed\r\n\nlast line without end",
+        "1700000004.D.host:2,": b"",
+    }
+    for i, (name, data) in enumerate(bodies.items()):
+        (root / "cur" / name).write_bytes(data)
+        os.utime(root / "cur" / name, (1_700_000_000 + i, 1_700_000_000 + i))
+    index = opened(root)
+    try:
+        got = {m.name.rpartition("/")[2]: (m.size, m.internaldate) for m in index.messages()}
+        want = {
+            name: (len(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")), 1_700_000_000 + i)
+            for i, (name, data) in enumerate(bodies.items())
+        }
+        assert got == want
+    finally:
+        index.close()
