@@ -326,9 +326,9 @@ class Maildrop:
         except DiskFull:
             return
         if stored:
-            index = self.folder.index
+            rows = self.folder.index.get_many([m.uid for m in msgs])
             for n, m in zip(numbers, msgs, strict=True):
-                updated = index.get(m.uid)
+                updated = rows.get(m.uid)
                 if updated is not None:
                     self.messages[n - 1] = updated
 

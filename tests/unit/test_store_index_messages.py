@@ -177,3 +177,18 @@ def test_sizes_and_dates_of_files_another_program_wrote(tmp_path: Path) -> None:
         assert got == want
     finally:
         index.close()
+
+
+def test_get_many_equals_get_of_each(tmp_path: Path) -> None:
+    """``get_many`` (a POP3 session taking back the rows whose \\Seen it stored) gives what
+    ``get`` gives for each UID that exists, across query batches, and leaves out the rest."""
+    index = opened(box(tmp_path, 3))
+    try:
+        index.store_flags([(2, SEEN)])
+        uids = [1, 2, 3, 4, *range(5, 2000)]  # more than one batch of bound parameters
+        got = index.get_many(uids)
+        assert sorted(got) == [1, 2, 3]
+        assert all(got[u] == index.get(u) for u in (1, 2, 3))
+        assert SEEN <= got[2].flags and got[2].name.startswith("cur/")
+    finally:
+        index.close()
