@@ -163,7 +163,7 @@ def count_calls(
             if n:
                 key = name(func)
                 into[key] = into.get(key, 0.0) + n / a.msgs
-                if pid != t.pid and a.callers and a.callers in key:
+                if pid != t.pid and a.callers and any(c in key for c in a.callers.split(",")):
                     mine = callers.setdefault(key, {})
                     for c, k in caller_diff(after[pid], before[pid], func).items():
                         if k:
@@ -264,7 +264,9 @@ def main() -> None:
     ap.add_argument("--tree", help="source tree to run the server from (default: this one)")
     ap.add_argument("--compare-tree", help="the other source tree (e.g. main)")
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--callers", help="print the callers of functions whose name has this")
+    ap.add_argument(
+        "--callers", help="callers of the functions whose name has one of these (comma list)"
+    )
     ap.add_argument("--by-file", action="store_true", help="workers' calls summed by file")
     ap.add_argument("--cpu", action="store_true", help="CPU per message, no profiler")
     ap.add_argument("--rounds", type=int, default=5, help="with --cpu: alternating rounds")

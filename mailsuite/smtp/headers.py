@@ -22,14 +22,18 @@ def header_field(text: str) -> bytes:
     (RFC 5322 2.2), so a check's bug cannot inject fields or end the header section."""
     lines = text.split("\n")
     name, colon, _ = lines[0].partition(":")
+    # RFC 5322 2.2 ftext, 33-126 (no colon: split at the first): printable ASCII but space,
+    # asked of the whole name at once (a test per character: 45 Python calls per message
+    # for an Authentication-Results field, bench/smtp_calls.py)
     valid = (
-        colon
-        and name
-        and all(33 <= ord(c) <= 126 for c in name)  # RFC 5322 2.2 ftext
-        and all(line[:1] in (" ", "\t") and line.strip() for line in lines[1:])
+        bool(colon and name and name.isascii() and name.isprintable() and " " not in name)
         and "\r" not in text
         and "\x00" not in text
     )
+    for line in lines[1:] if valid else ():
+        if line[:1] not in (" ", "\t") or not line.strip():
+            valid = False
+            break
     if not valid:
         raise ValueError(f"a check asked to add an invalid header field: {text[:80]!r}")
     return text.encode("utf-8") + b"\n"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mailsuite.smtp import replies as R
-from mailsuite.smtp.headers import HeaderEdit, header_edit, split_fields
+from mailsuite.smtp.headers import HeaderEdit, header_edit, header_field, split_fields
 from mailsuite.smtp.policy import ACCEPT, Check, Facts, ReceivedMessage, Verdict, refuse
 from mailsuite.smtp.sasl import encode_plain
 from mailsuite.smtp.session import (
@@ -670,6 +670,32 @@ def test_header_edit() -> None:
         header_edit(headers, True, ("no colon",), ())
     with pytest.raises(ValueError):
         header_edit(headers, True, ("X: a\r\nY: b",), ())
+
+
+def _old_field_ok(text: str) -> bool:
+    """The per-character definition header_field must keep (RFC 5322 2.2)."""
+    lines = text.split("\n")
+    name, colon, _ = lines[0].partition(":")
+    return bool(
+        colon
+        and name
+        and all(33 <= ord(c) <= 126 for c in name)
+        and all(line[:1] in (" ", "\t") and line.strip() for line in lines[1:])
+        and "\r" not in text
+        and "\x00" not in text
+    )
+
+
+def test_header_field_accepts_what_the_rfc_5322_definition_does() -> None:
+    texts = ["X: y", "X:", ": y", "X y: z", "X\ty: z", "Xé: y", "X: a\n\tb", "X: a\n b\n\tc"]
+    texts += ["X: a\nb", "X: a\n \n", "X: a\n", "X: a\r", "X: \x00", "X\x7f: y", "~!: y"]
+    texts += [f"A{chr(c)}B: v" for c in range(0, 256)]
+    for text in texts:
+        if _old_field_ok(text):
+            assert header_field(text) == text.encode() + b"\n", text
+        else:
+            with pytest.raises(ValueError):
+                header_field(text)
 
 
 # -- the core stays free of Twisted -------------------------------------------------------------
