@@ -45,7 +45,7 @@ from mailsuite.sieve.engine import SieveOutcome
 from mailsuite.sieve.interpreter import SieveEnvelope
 from mailsuite.smtp import replies as R
 from mailsuite.smtp.replies import Reply
-from mailsuite.store.quota import QuotaExceeded, would_exceed
+from mailsuite.store.quota import QuotaExceeded, root_of, usage
 from mailsuite.store.write import Draft, Placement, copy_tmp, discard, place
 
 __all__ = ["DeliveryError", "Fanout", "Outgoing", "QueuedReply", "QuotaExceeded", "trace_head"]
@@ -122,6 +122,9 @@ class Fanout:
         self._drafts: list[Path] = []
         self._full: list[LocalBox] = []  # recipients over quota, queued (see _enqueue)
         self._out = Outgoing()
+        #: the Maildir roots found without a quota file (no limit) at the quota check: their
+        #: copies are placed without a second look for it (see :meth:`_place`)
+        self._unlimited: set[Path] = set()
 
     def run(self) -> Outgoing:
         """Blocking; see the module docstring.  On failure nothing is left behind but what
@@ -138,7 +141,13 @@ class Fanout:
         env = self.env
         out = self._out
         boxes = list(enumerate(env.local))
-        full = [box for box in env.local if would_exceed(box.root, self.size)]
+        full: list[LocalBox] = []
+        for box in env.local:
+            u = usage(box.root)
+            if u is None:
+                self._unlimited.add(box.root)
+            elif not u.fits(self.size):
+                full.append(box)
         if full:
             users = ", ".join(box.user for box in full)
             if len(full) == len(env.local) and not env.remote:
@@ -352,12 +361,20 @@ class Fanout:
         return box.user
 
     def _place(self, plan: list[tuple[Path, Placement]]) -> list[Path]:
-        """Every draft into its folder, one :func:`place` (one directory fsync) per folder."""
+        """Every draft into its folder, one :func:`place` (one directory fsync) per folder.
+
+        A user whose quota file was missing at this job's quota check has no limit, and
+        :func:`place` is told so (``unlimited``) rather than looking for the file again (a
+        system call, in a thread that waits for the GIL after each).  A limit set in between
+        (``mailsuite user quota``, which counts the tree itself) may miss this message: the
+        same drift as when its count lands between that count's walk and its file's write
+        (:mod:`mailsuite.store.quota`: a recount repairs it); no mail depends on it."""
         by_folder: dict[Path, list[Placement]] = {}
         for folder, placement in plan:
             by_folder.setdefault(folder, []).append(placement)
+        unlimited = self._unlimited
         for folder, items in by_folder.items():
-            place(folder, items)
+            place(folder, items, unlimited=folder in unlimited or root_of(folder) in unlimited)
             self._out.stored_bytes += sum(p.draft.size for p in items)
         return list(by_folder)
 

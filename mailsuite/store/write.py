@@ -232,10 +232,13 @@ def place(
     *,
     uids: bool = False,
     index: FolderIndex | None = None,
+    unlimited: bool = False,
 ) -> list[int]:
     """Make drafts part of ``folder`` durably (see the module docstring); returns their UIDs
     in order when they went through the index (flags, ``uids=True`` or an open ``index`` of
-    the folder given), else an empty list.  On failure the drafts not placed are removed."""
+    the folder given), else an empty list.  On failure the drafts not placed are removed.
+    ``unlimited``: the caller found the user without a quota file just before (delivery, in
+    the same job): drafts renamed into ``new/`` are not counted (no look for the file)."""
     if not items:
         return []
     if index is not None or uids or any(p.flags for p in items):
@@ -277,7 +280,8 @@ def place(
             discard(p.draft.path)
         if done:
             fsync_dir(new)
-            charge(folder, sum(p.draft.size for p in items[:done]), done)
+            if not unlimited:
+                charge(folder, sum(p.draft.size for p in items[:done]), done)
     return []
 
 

@@ -5,6 +5,7 @@ reply -- and that nothing is copied when nothing changes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mailsuite.queue.spool import Spool
 from mailsuite.sieve.engine import SieveFilter, SieveSettings
 from mailsuite.sieve.storage import ScriptStore
 from mailsuite.smtp.headers import HeaderEdit
+from mailsuite.store import quota
 from mailsuite.store.events import ChangeHub
 from mailsuite.store.index import crlf_size
 
@@ -276,3 +278,32 @@ def test_vacation_reply_is_signed_and_queued_once(rt: Runtime) -> None:
     (signed,) = rt.mail_auth.signed  # type: ignore[attr-defined]
     assert data == b"DKIM-Signature: v=1; d=example.test; s=s1; b=x\n" + signed
     assert b"Auto-Submitted: auto-replied" in signed and b"Away." in signed
+
+
+def test_quota_file_is_looked_for_once_per_recipient_and_still_counts(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's quota check tells the rename whether the user has a limit: a user without
+    a quota file costs one look for it per delivery (each look is a system call in a disk
+    thread, a GIL hand-over), a user with one is still counted."""
+    looks: list[str] = []
+    real_access = os.access
+
+    def access(path: Any, mode: int, **kw: Any) -> bool:
+        if str(path).endswith(quota.FILE_NAME):
+            looks.append(str(path))
+        return real_access(path, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    finish(receive(rt, ["alice@example.test"]))
+    assert len(looks) == 1 and len(rt.files("alice@example.test")) == 1
+    root = rt.directory.mailbox_root("alice@example.test")
+    before = quota.recount(root, 10**9)
+    looks.clear()
+    finish(receive(rt, ["alice@example.test", "bob@example.test"]))
+    assert len(looks) == 3  # alice: checked and counted; bob (no file): checked only
+    stored = rt.files("alice@example.test")
+    assert quota.usage(root) == quota.Usage(
+        10**9, sum(p.stat().st_size for p in stored), len(stored)
+    )
+    assert before.messages == 1 and len(stored) == 2
