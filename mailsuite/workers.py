@@ -384,6 +384,8 @@ class _Worker(protocol.ProcessProtocol):
         self._buffers: dict[int, bytes] = {}
         self._frames = Frames()
         self._log_resume: Any = None  # the delayed call that reads the log pipe again
+        #: the log pipe's descriptor while it is among the reactor's quiet ones
+        self._quiet_fd: int | None = None
 
     def start(self) -> None:
         self.restart_call = None
@@ -397,6 +399,7 @@ class _Worker(protocol.ProcessProtocol):
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.supervisor.live_dir))
         self.process = reactor.spawnProcess(self, sys.executable, argv, env=env, childFDs=fds)
         self.pid = self.process.pid
+        self._quiet_log_pipe()
         log.info("worker {i} started (pid {pid})", i=self.index, pid=self.pid)
 
     def signal(self, name: str) -> None:
@@ -454,6 +457,27 @@ class _Worker(protocol.ProcessProtocol):
                     line=record.decode("utf-8", "replace").rstrip(),
                 )
 
+    def _quiet_log_pipe(self) -> None:
+        """Input on the log pipe does not wake the reactor-lag probe (see
+        :mod:`mailsuite.reactor_dispatch`): relaying lines is not the work it watches for."""
+        quiet = getattr(self.supervisor.reactor, "mailsuite_quiet", None)
+        reader = getattr(self.process, "pipes", {}).get(LOG_LINES_FD)
+        if isinstance(quiet, set) and reader is not None:
+            self._quiet_fd = reader.fileno()
+            quiet.add(self._quiet_fd)
+
+    def _unquiet_log_pipe(self) -> None:
+        """The pipe is closed: its number may be reused by a descriptor that counts."""
+        if self._quiet_fd is not None:
+            quiet = getattr(self.supervisor.reactor, "mailsuite_quiet", None)
+            if isinstance(quiet, set):
+                quiet.discard(self._quiet_fd)
+            self._quiet_fd = None
+
+    def childConnectionLost(self, childFD: int) -> None:  # noqa: N802, N803
+        if childFD == LOG_LINES_FD:
+            self._unquiet_log_pipe()
+
     def _pause_log_pipe(self) -> None:
         """Leave the log pipe unread for :data:`LOG_READ_PAUSE` (see there)."""
         pipes = getattr(self.process, "pipes", None)
@@ -488,6 +512,7 @@ class _Worker(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802
         sup = self.supervisor
+        self._unquiet_log_pipe()
         pid, self.pid, self.process = self.pid, None, None
         if self._log_resume is not None and self._log_resume.active():
             self._log_resume.cancel()

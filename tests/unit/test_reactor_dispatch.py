@@ -124,6 +124,31 @@ def test_a_poll_with_events_calls_the_activity_callbacks_before_handling_them(
         assert seen == [[]] and ra.got == [b"one"]  # called before the read
 
 
+def test_events_of_quiet_descriptors_alone_do_not_count_as_activity(reactor: Any) -> None:
+    """The supervisor's log pipes (``mailsuite_quiet``) do not wake the probe; a poll with
+    any other descriptor's event among them still does."""
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    with a, a_peer, b, b_peer:
+        ra, rb = Reader(a), Reader(b)
+        reactor.addReader(ra)
+        reactor.addReader(rb)
+        calls: list[int] = []
+        reactor.mailsuite_activity.append(lambda: calls.append(1))
+        reactor.mailsuite_quiet.add(a.fileno())
+        a_peer.send(b"log line")
+        reactor.doIteration(1)
+        assert ra.got == [b"log line"] and calls == []  # read, and no activity
+        a_peer.send(b"more")
+        b_peer.send(b"work")
+        reactor.doIteration(1)
+        assert rb.got == [b"work"] and calls == [1]
+        reactor.mailsuite_quiet.discard(a.fileno())
+        a_peer.send(b"again")
+        reactor.doIteration(1)
+        assert calls == [1, 1]
+
+
 def test_input_on_a_tcp_connection_reaches_the_protocol_and_a_close_ends_it(
     reactor: Any,
 ) -> None:
