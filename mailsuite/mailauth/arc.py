@@ -11,13 +11,14 @@ anything (RFC 8617 4.2.1 allows instances 1-50; real chains have a handful).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dkim
 
 from mailsuite.mailauth.dkim_verify import TxtRecord, verifier_for
 from mailsuite.mailauth.dns import DNSTempError
-from mailsuite.mailauth.headers import fields, header_section
+from mailsuite.mailauth.headers import Field, fields, header_section
 
 __all__ = ["ARCResult", "verify_arc"]
 
@@ -34,17 +35,28 @@ class ARCResult:
     reason: str = ""
 
 
-def verify_arc(message: bytes, txt: TxtRecord, max_sets: int = MAX_SETS) -> ARCResult:
-    """Validate the ARC chain of ``message``.  Blocks on DNS: call it in a worker thread."""
+#: The result for a message without ARC fields (nearly all mail), made once.
+NO_ARC = ARCResult("none")
+ARC_FIELDS = frozenset(("arc-seal", "arc-message-signature", "arc-authentication-results"))
+
+
+def verify_arc(
+    message: bytes,
+    txt: TxtRecord,
+    max_sets: int = MAX_SETS,
+    split: Sequence[Field] | None = None,
+) -> ARCResult:
+    """Validate the ARC chain of ``message``.  Blocks on DNS: call it in a worker thread.
+    ``split``: the message's header fields when the caller has split them already."""
     instances: set[int] = set()
-    for f in fields(header_section(message)):
-        if f.lname in ("arc-seal", "arc-message-signature", "arc-authentication-results"):
+    for f in fields(header_section(message)) if split is None else split:
+        if f.lname in ARC_FIELDS:
             m = _INSTANCE.search(f.raw.partition(b":")[2])
             if m is None or len(m.group(1)) > 3:
                 return ARCResult("fail", len(instances), "ARC header without a valid i= tag")
             instances.add(int(m.group(1)))
     if not instances:
-        return ARCResult("none")
+        return NO_ARC
     if len(instances) > max_sets or max(instances) > 50:
         return ARCResult("fail", len(instances), f"more than {max_sets} ARC sets")
     temporary = False

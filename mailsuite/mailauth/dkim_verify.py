@@ -27,7 +27,7 @@ import base64
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ from mailsuite.mailauth.dkim_fast import (
 )
 from mailsuite.mailauth.dkim_fast import rsa_verify as rsa_verify
 from mailsuite.mailauth.dns import DNSTempError
-from mailsuite.mailauth.headers import fields, header_section
+from mailsuite.mailauth.headers import Field, fields, header_section
 
 __all__ = [
     "DKIMResult",
@@ -200,11 +200,14 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("ascii", "replace").strip()
 
 
-def key_names(section: bytes, max_signatures: int) -> list[str]:
+def key_names(
+    section: bytes, max_signatures: int, split: Sequence[Field] | None = None
+) -> list[str]:
     """The key record names (``s._domainkey.d``) of the first ``max_signatures`` DKIM
-    signatures of a header section: what :func:`verify_dkim` will look up, to ask early."""
+    signatures of a header section: what :func:`verify_dkim` will look up, to ask early.
+    ``split``: the section's fields when the caller has split it already."""
     names: list[str] = []
-    for f in fields(section):
+    for f in fields(section) if split is None else split:
         if f.lname == "dkim-signature" and len(names) < max_signatures:
             tags = _tags(_value(f.raw)) or {}
             d, sel = _text(tags.get(b"d")), _text(tags.get(b"s"))
@@ -241,6 +244,7 @@ def verify_dkim(
     txt: TxtRecord,
     max_signatures: int = 5,
     prefer: Callable[[str], bool] | None = None,
+    split: Sequence[Field] | None = None,
 ) -> tuple[list[DKIMResult], int]:
     """Verify up to ``max_signatures`` DKIM signatures of ``message`` (CRLF or LF lines).
 
@@ -250,11 +254,14 @@ def verify_dkim(
 
     Each signature goes to :func:`~mailsuite.mailauth.dkim_fast.verify_common` first, and to
     dkimpy when that does not give an answer (see there: the results are dkimpy's).
+    ``split``: the message's header fields when the caller has split them already.
     """
-    section = header_section(message)
-    sig_fields = [f for f in fields(section) if f.lname == "dkim-signature"]
+    if split is None:
+        split = fields(header_section(message))
+    sig_fields = [f for f in split if f.lname == "dkim-signature"]
     if not sig_fields:
         return [], 0
+    section = header_section(message)
     parsed = [_tags(_value(f.raw)) for f in sig_fields]
     order = list(range(len(sig_fields)))
     if prefer is not None:

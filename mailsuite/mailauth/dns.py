@@ -23,10 +23,10 @@ import ipaddress
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Hashable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -40,6 +40,7 @@ from mailsuite.outbound.mx import make_resolver
 __all__ = [
     "QTYPES",
     "Answer",
+    "AnswerBoundCache",
     "BlockingDNS",
     "CacheProbe",
     "DNSClient",
@@ -58,6 +59,9 @@ QTYPES = {
     "PTR": dns.PTR,
     "SRV": dns.SRV,
 }
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 CACHE_SIZE = 4096  # answers kept; the least recently used goes first
 MAX_TTL = 3600  # seconds an answer is kept at most, whatever its TTL says
@@ -271,6 +275,54 @@ class DNSClient:
             self._cache.popitem(last=False)
 
 
+class AnswerBoundCache(Generic[K, V]):
+    """Values computed from DNS answers (an SPF result, a domain's DMARC policy), each kept
+    until the first of its answers leaves ``client``'s cache (:meth:`DNSClient.expiry`): so
+    it is the value a new computation from the cache would give, and never outlives a TTL.
+    Bounded (the least recently used goes); safe across worker threads."""
+
+    def __init__(self, client: DNSClient, size: int = 4096) -> None:
+        self.client = client
+        self.size = size
+        self._lock = threading.Lock()
+        self._values: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self.hits = 0  # for tests and benchmarks
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            found = self._values.get(key)
+            if found is None:
+                return None
+            if found[0] <= self.client.clock.seconds():
+                del self._values[key]
+                return None
+            self._values.move_to_end(key)
+            self.hits += 1
+            return found[1]
+
+    def put(self, key: K, value: V, seen: Iterable[tuple[str, str, Answer]]) -> bool:
+        """Keep ``value``, computed from the answers ``seen`` (``(name, qtype, answer)``),
+        until the first of them expires; not when one of them is not in the cache (a TTL of
+        0, or replaced since), or when there were none.  Whether it was kept."""
+        until: float | None = None
+        for name, qtype, answer in seen:
+            expires = self.client.expiry(name, qtype, answer)
+            if expires is None:
+                return False
+            until = expires if until is None else min(until, expires)
+        if until is None:
+            return False
+        with self._lock:
+            self._values[key] = (until, value)
+            self._values.move_to_end(key)
+            while len(self._values) > self.size:
+                self._values.popitem(last=False)
+        return True
+
+
 class NotCached(BaseException):
     """A lookup inside :meth:`BlockingDNS.cached_only` whose answer is not in the cache.
 
@@ -287,6 +339,26 @@ class CacheProbe:
 
     def __init__(self) -> None:
         self.missed = False
+
+
+class _CachedOnly:
+    """:meth:`BlockingDNS.cached_only`'s context manager: a class, not a generator (once per
+    checked message on the reactor, where contextlib's machinery cost more than the rest)."""
+
+    __slots__ = ("local", "outer", "probe")
+
+    def __init__(self, local: threading.local) -> None:
+        self.local = local
+        self.probe = CacheProbe()
+        self.outer: CacheProbe | None = None
+
+    def __enter__(self) -> CacheProbe:
+        self.outer = getattr(self.local, "probe", None)
+        self.local.probe = self.probe
+        return self.probe
+
+    def __exit__(self, *_exc: object) -> None:
+        self.local.probe = self.outer
 
 
 class BlockingDNS:
@@ -311,18 +383,12 @@ class BlockingDNS:
         self.lane = lane
         self._local = threading.local()
 
-    @contextmanager
-    def cached_only(self) -> Iterator[CacheProbe]:
-        """In this thread, for the duration: answers from the cache only; a lookup that
-        would have to ask raises :class:`NotCached` and sets the probe's ``missed``.  For
-        running checks on the reactor thread, which must never wait for DNS."""
-        probe = CacheProbe()
-        outer = getattr(self._local, "probe", None)
-        self._local.probe = probe
-        try:
-            yield probe
-        finally:
-            self._local.probe = outer
+    def cached_only(self) -> _CachedOnly:
+        """In this thread, for the duration (a ``with`` block, giving a :class:`CacheProbe`):
+        answers from the cache only; a lookup that would have to ask raises
+        :class:`NotCached` and sets the probe's ``missed``.  For running checks on the
+        reactor thread, which must never wait for DNS."""
+        return _CachedOnly(self._local)
 
     def missed(self) -> bool:
         """Whether a lookup in this thread's :meth:`cached_only` scope has missed the cache

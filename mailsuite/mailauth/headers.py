@@ -11,10 +11,19 @@ from __future__ import annotations
 import email.utils
 import functools
 import re
+from collections.abc import Sequence
 
 from mailsuite.mailauth.dns import normalize_name
 
-__all__ = ["Field", "fields", "from_domains", "header_section", "strip_comments", "unfold"]
+__all__ = [
+    "Field",
+    "fields",
+    "from_domains",
+    "from_domains_in",
+    "header_section",
+    "strip_comments",
+    "unfold",
+]
 
 _NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _LINE = re.compile(rb"[^\n]*\n|[^\n]+$")
@@ -111,7 +120,13 @@ def strip_comments(text: str) -> str:
 def from_domains(section: bytes) -> list[str] | None:
     """Domains of every address in every From field (RFC 7489 6.6.1), A-labels, in order,
     without duplicates; None when there is no From field or an address has no usable domain."""
-    values = tuple(f.value() for f in fields(section) if f.lname == "from")
+    return from_domains_in(fields(section))
+
+
+def from_domains_in(split: Sequence[Field]) -> list[str] | None:
+    """:func:`from_domains` of a section already split by :func:`fields` (the checks of a
+    message split it once and read everything from that)."""
+    values = tuple(f.value() for f in split if f.lname == "from")
     if not values:
         return None
     if sum(map(len, values)) > 1000:

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -50,8 +48,8 @@ from mailsuite.mailauth import dmarc as dmarc_mod
 from mailsuite.mailauth.arc import ARCResult, verify_arc
 from mailsuite.mailauth.dkim_verify import DKIMResult, key_names, verify_dkim
 from mailsuite.mailauth.dmarc import MAX_FROM_DOMAINS, Discovery, DMARCResult
-from mailsuite.mailauth.dns import BlockingDNS, DNSTempError, NotCached
-from mailsuite.mailauth.headers import fields, from_domains, header_section
+from mailsuite.mailauth.dns import Answer, AnswerBoundCache, BlockingDNS, DNSTempError, NotCached
+from mailsuite.mailauth.headers import Field, fields, from_domains_in, header_section
 from mailsuite.mailauth.results import results_header, strip_forged_results
 from mailsuite.mailauth.spf import SPFCache, SPFResult, check_spf
 from mailsuite.mailauth.workers import WorkerPool
@@ -177,7 +175,11 @@ class InboundChecker:
         self.workers = workers
         self.dns = dns
         self.rng = rng
-        self.spf_cache = SPFCache(dns.client.clock)
+        self.spf_cache = SPFCache(dns.client)
+        #: the DMARC policies of From domains (see _discover)
+        self.dmarc_cache: AnswerBoundCache[tuple[str, ...], list[Discovery]] = AnswerBoundCache(
+            dns.client
+        )
         # the inline budget's current window (see check_inline), and counts for tests
         self._window_start = 0.0
         self._window_used = 0.0
@@ -198,6 +200,46 @@ class InboundChecker:
             return not self.dns.lookup(name, "A").nxdomain
         except DNSTempError:
             return True
+
+    def _discover(self, authors: list[str] | None) -> list[Discovery] | DMARCResult:
+        """:func:`~mailsuite.mailauth.dmarc.discover_all`, or its result for the same From
+        domains from ``dmarc_cache``: a discovery is a function of the author domains and
+        the DNS answers it read (RFC 7489 6.6.3, RFC 9091 4), so it is kept while all of
+        those answers are in the DNS cache.  One that met a temporary failure (or a miss of
+        :meth:`BlockingDNS.cached_only`) is not kept.  The list is shared: read-only."""
+        if not authors or len(authors) > MAX_FROM_DOMAINS:  # (a permerror; no DNS)
+            return dmarc_mod.discover_all(authors, self._texts, self._exists)
+        key = tuple(authors)
+        found = self.dmarc_cache.get(key)
+        if found is not None:
+            return found
+        seen: list[tuple[str, str, Answer]] = []
+        temporary = False
+
+        def texts(name: str) -> list[str]:
+            answer = self.dns.lookup(name, "TXT")  # (DNSTempError: a temperror Discovery)
+            seen.append((name, "TXT", answer))
+            return [t.decode("utf-8", "replace") for t in answer.texts()]
+
+        def exists(name: str) -> bool:
+            nonlocal temporary
+            try:
+                answer = self.dns.lookup(name, "A")
+            except DNSTempError:
+                temporary = True
+                return True
+            seen.append((name, "A", answer))
+            return not answer.nxdomain
+
+        discovered = dmarc_mod.discover_all(authors, texts, exists)
+        if (
+            isinstance(discovered, list)
+            and not temporary
+            and not self.dns.missed()
+            and not any(d.temperror for d in discovered)
+        ):
+            self.dmarc_cache.put(key, discovered, seen)
+        return discovered
 
     # -- the entry point -----------------------------------------------------------------------
 
@@ -241,13 +283,15 @@ class InboundChecker:
             self._window_start, self._window_used = started, 0.0
         elif self._window_used >= INLINE_BUDGET:
             return None
+        section = header_section(message)
+        split = fields(section)  # once: every check of the message reads it
         if self.config.arc:
-            seals = [f for f in fields(header_section(message)) if f.lname == "arc-seal"]
-            if len(seals) > INLINE_MAX_ARC_SETS:
+            seals = sum(1 for f in split if f.lname == "arc-seal")
+            if seals > INLINE_MAX_ARC_SETS:
                 return None
         try:
             with self.dns.cached_only() as probe:
-                checked = self._checks(message, mail_from, helo, client_ip)
+                checked = self._run(message, section, split, mail_from, helo, client_ip, True)
         except NotCached:
             checked = None
         finally:
@@ -302,59 +346,69 @@ class InboundChecker:
         becomes its temperror, noted in ``faults`` for the reactor to log: the message is
         delivered, not lost or rejected.
         """
-        c = self.config
-        out = _Checked()
         data = message if isinstance(message, bytes) else message.read_bytes()
         section = header_section(data)
-        authors = from_domains(section)
-        questions: list[tuple[str, str]] = []
-        if c.spf:
-            domain = mail_from.rpartition("@")[2] if mail_from else helo.strip()
-            questions.append((domain, "TXT"))
-        if c.dkim:
-            questions += [(n, "TXT") for n in key_names(section, c.max_signatures)]
-        if c.dmarc:
-            questions += [(f"_dmarc.{a}", "TXT") for a in authors or ()][:MAX_FROM_DOMAINS]
-        self.dns.prefetch(questions)
+        return self._run(data, section, fields(section), mail_from, helo, client_ip, False)
 
-        def guarded(
-            what: str, check: Callable[[], Any], fallback: Callable[[_Checked], Any]
-        ) -> Any:
+    def _run(
+        self,
+        data: bytes,
+        section: bytes,
+        split: list[Field],
+        mail_from: str,
+        helo: str,
+        client_ip: str,
+        inline: bool,
+    ) -> _Checked:
+        """:meth:`_checks` of a message whose header section is split already (once, for
+        every check).  ``inline``: from cached answers only (:meth:`check_inline`), where
+        a prefetch would only peek at the cache twice."""
+        c = self.config
+        out = _Checked()
+        authors = from_domains_in(split)
+        if not inline:
+            questions: list[tuple[str, str]] = []
+            if c.spf:
+                domain = mail_from.rpartition("@")[2] if mail_from else helo.strip()
+                questions.append((domain, "TXT"))
+            if c.dkim:
+                questions += [(n, "TXT") for n in key_names(section, c.max_signatures, split)]
+            if c.dmarc:
+                questions += [(f"_dmarc.{a}", "TXT") for a in authors or ()][:MAX_FROM_DOMAINS]
+            self.dns.prefetch(questions)
+        if c.spf:
             try:
-                return check()
+                out.spf = check_spf(client_ip, mail_from, helo, self.dns, cache=self.spf_cache)
             except Exception as e:  # see the docstring
-                out.faults.append((what, f"{type(e).__name__}: {e}"))
-                return fallback(self._fallback(mail_from, ""))  # made only when needed
-
-        if c.spf:
-            out.spf = guarded(
-                "SPF",
-                lambda: check_spf(client_ip, mail_from, helo, self.dns, cache=self.spf_cache),
-                lambda failed: failed.spf,
-            )
+                out.spf = self._fault(out, "SPF", e, mail_from).spf
         if c.dkim:
-            orgs = {dmarc_mod.organizational_domain(a) for a in authors or ()}
-            out.dkim, out.unchecked = guarded(
-                "DKIM",
-                lambda: verify_dkim(
+            try:
+                out.dkim, out.unchecked = verify_dkim(
                     data,
                     self._key_record,
                     c.max_signatures,
-                    prefer=lambda d: dmarc_mod.organizational_domain(d) in orgs,
-                ),
-                lambda failed: (failed.dkim, 0),
-            )
+                    prefer=_Aligned(authors),
+                    split=split,
+                )
+            except Exception as e:
+                out.dkim, out.unchecked = self._fault(out, "DKIM", e, mail_from).dkim, 0
         if c.arc:
-            out.arc = guarded(
-                "ARC", lambda: verify_arc(data, self._key_record), lambda failed: failed.arc
-            )
+            try:
+                out.arc = verify_arc(data, self._key_record, split=split)
+            except Exception as e:
+                out.arc = self._fault(out, "ARC", e, mail_from).arc
         if c.dmarc:
-            out.dmarc = guarded(
-                "DMARC",
-                lambda: dmarc_mod.discover_all(authors, self._texts, self._exists),
-                lambda failed: failed.dmarc,
-            )
+            try:
+                out.dmarc = self._discover(authors)
+            except Exception as e:
+                out.dmarc = self._fault(out, "DMARC", e, mail_from).dmarc
         return out
+
+    def _fault(self, out: _Checked, what: str, e: Exception, mail_from: str) -> _Checked:
+        """A check raised: noted in ``out.faults`` for the reactor to log; the temperror
+        results to take the failed check's from (made only when one fails)."""
+        out.faults.append((what, f"{type(e).__name__}: {e}"))
+        return self._fallback(mail_from, "")
 
     def _fallback(self, mail_from: str, error: str) -> _Checked:
         """temperror for every check that is on ("internal error"), with ``error`` logged
@@ -371,6 +425,23 @@ class InboundChecker:
             dmarc=DMARCResult("temperror", reason="internal error") if c.dmarc else None,
             faults=[("mail authentication", error)] if error else [],
         )
+
+
+class _Aligned:
+    """DKIM's ``prefer``: whether a signer's organizational domain is one of the authors'
+    (RFC 7489 3.1.1), those signatures being the ones DMARC can use.  The authors'
+    organizational domains are found only if some message has a signature to order."""
+
+    __slots__ = ("authors", "orgs")
+
+    def __init__(self, authors: list[str] | None) -> None:
+        self.authors = authors
+        self.orgs: set[str] | None = None
+
+    def __call__(self, domain: str) -> bool:
+        if self.orgs is None:
+            self.orgs = {dmarc_mod.organizational_domain(a) for a in self.authors or ()}
+        return dmarc_mod.organizational_domain(domain) in self.orgs
 
 
 @dataclass

@@ -106,6 +106,10 @@ def _clause(result: SPFResult | DKIMResult | DMARCResult | ARCResult) -> str:
     return str(_arc_clause(result))
 
 
+#: dkim=none (a message without signatures: most mail), formatted once.
+_DKIM_NONE = str(authres.DKIMAuthenticationResult(result="none"))
+
+
 def results_header(
     authserv_id: str,
     spf: SPFResult | None = None,
@@ -124,7 +128,7 @@ def results_header(
         clauses.append(_clause(spf))
     if dkim is not None:
         if not dkim:
-            clauses.append(str(authres.DKIMAuthenticationResult(result="none")))
+            clauses.append(_DKIM_NONE)
         clauses.extend(_clause(r) for r in dkim)
         if dkim_unchecked:
             clauses.append(

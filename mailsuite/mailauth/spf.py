@@ -13,14 +13,19 @@ import functools
 import ipaddress
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import spf as pyspf
 from twisted.logger import Logger
 
-from mailsuite.mailauth.dns import Answer, BlockingDNS, DNSTempError, normalize_name
+from mailsuite.mailauth.dns import (
+    Answer,
+    AnswerBoundCache,
+    BlockingDNS,
+    DNSTempError,
+    normalize_name,
+)
 
 __all__ = ["SPFCache", "SPFResult", "check_spf"]
 
@@ -74,7 +79,7 @@ class SPFResult:
     reason: str = ""
 
 
-class SPFCache:
+class SPFCache(AnswerBoundCache[tuple[str, str, str], SPFResult]):
     """Results of check_host() kept as long as the DNS answers they were computed from.
 
     A result is a function of the client address, the sender, the HELO name and the DNS
@@ -82,56 +87,22 @@ class SPFCache:
     only).  Mail comes in runs from the same sender and address (a list, a provider's
     outbound host); pyspf costs ~0.15 ms of Python a message on the worker thread even when
     every answer is cached, where this costs a dictionary lookup.  A result is kept until the
-    first of its answers leaves the DNS cache (:meth:`DNSClient.expiry`), so it is the one a
-    new evaluation would give; one that met a temporary failure, an answer the cache did not
-    keep, or a record with ``%{t}`` is not kept.  Bounded (least recently used goes); safe
-    across worker threads.
+    first of its answers leaves the DNS cache (:class:`~mailsuite.mailauth.dns
+    .AnswerBoundCache`), so it is the one a new evaluation would give; one that met a
+    temporary failure, an answer the cache did not keep, or a record with ``%{t}`` is not
+    kept.
     """
 
-    def __init__(self, clock: Any, size: int = 4096) -> None:
-        self.clock = clock
-        self.size = size
-        self._lock = threading.Lock()
-        self._results: OrderedDict[tuple[str, str, str], tuple[float, SPFResult]] = OrderedDict()
-        self.hits = 0  # for tests and benchmarks
-
-    def get(self, key: tuple[str, str, str]) -> SPFResult | None:
-        with self._lock:
-            found = self._results.get(key)
-            if found is None:
-                return None
-            if found[0] <= self.clock.seconds():
-                del self._results[key]
-                return None
-            self._results.move_to_end(key)
-            self.hits += 1
-            return found[1]
-
-    def put(
-        self,
-        key: tuple[str, str, str],
-        result: SPFResult,
-        dns: BlockingDNS,
-        seen: list[tuple[str, str, Answer]],
+    def put_result(
+        self, key: tuple[str, str, str], result: SPFResult, seen: list[tuple[str, str, Answer]]
     ) -> None:
         """Keep ``result`` until the first of the answers in ``seen`` expires."""
         if result.result == "temperror":
             return
-        until: float | None = None
-        for name, qtype, answer in seen:
+        for _name, qtype, answer in seen:
             if qtype == "TXT" and any(b"%{t" in t.lower() for t in answer.texts()):
                 return
-            expires = dns.client.expiry(name, qtype, answer)
-            if expires is None:
-                return
-            until = expires if until is None else min(until, expires)
-        if until is None:  # no DNS at all (a checked domain always has one lookup)
-            return
-        with self._lock:
-            self._results[key] = (until, result)
-            self._results.move_to_end(key)
-            while len(self._results) > self.size:
-                self._results.popitem(last=False)
+        self.put(key, result, seen)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -177,6 +148,8 @@ def check_spf(
     if cache is not None:
         found = cache.get(key)
         if found is not None:
+            if found.domain == clean and found.address == address and found.identity == identity:
+                return found  # (the result kept is the one for these very inputs)
             return SPFResult(found.result, clean, identity, address, found.reason)
     _bound.dns = dns
     _bound.seen = [] if cache is not None else None
@@ -200,5 +173,5 @@ def check_spf(
     out = SPFResult(result, clean, identity, address, str(explanation or ""))
     if cache is not None and seen is not None and not dns.missed():
         # (after a miss in BlockingDNS.cached_only, pyspf may have made a result of it)
-        cache.put(key, out, dns, seen)
+        cache.put_result(key, out, seen)
     return out

@@ -62,10 +62,12 @@ CACHED = [
 ]
 
 
-def checker(tmp_path: Path, cached: list[tuple[str, str]] = CACHED) -> InboundChecker:
+def checker(
+    tmp_path: Path, cached: list[tuple[str, str]] = CACHED, zone: dict[str, Any] = ZONE
+) -> InboundChecker:
     clock = Clock()
     clock.advance(1000)
-    client = DNSClient(MemoryAuthority(ZONE), clock)
+    client = DNSClient(MemoryAuthority(zone), clock)
     for name, qtype in cached:
         client.lookup(name, qtype)  # the in-memory zone answers at once
     assert all(client.peek(n, t) for n, t in cached)
@@ -177,7 +179,7 @@ def test_a_miss_goes_to_the_worker_and_nothing_is_kept(tmp_path):
     msg = message("Bob <bob@inc.test>")
     assert c.check_inline(msg, "bob@inc.test", "client.example", "127.0.0.1") is None
     assert (c.inline_checked, c.inline_missed) == (0, 1)
-    assert c.spf_cache.hits == 0 and not c.spf_cache._results
+    assert c.spf_cache.hits == 0 and not len(c.spf_cache)
     assert c.dns.client.queries == len(CACHED)  # the reactor asked nothing itself
     d = c.check_message(msg, "bob@inc.test", "client.example", "127.0.0.1")
     assert not d.called or d.result.results.spf.result == "temperror"  # the (stopped) pool
@@ -197,7 +199,7 @@ def test_a_miss_that_pyspf_swallows_is_not_kept(tmp_path):
     c = checker(tmp_path)
     msg = message("Eve <eve@exp.test>")
     assert c.check_inline(msg, "eve@exp.test", "client.example", "127.0.0.1") is None
-    assert not c.spf_cache._results
+    assert not len(c.spf_cache)
     c.dns.client.lookup("why.exp.test", "TXT")
     checked = c.check_inline(msg, "eve@exp.test", "client.example", "127.0.0.1")
     assert checked is not None and checked.spf.result == "fail"

@@ -184,7 +184,7 @@ def cached(reactor):
     clock = Clock()
     clock.advance(1000)
     client = DNSClient(MemoryAuthority(CACHED_ZONE), clock, timeout=1)
-    return BlockingDNS(client, reactor), SPFCache(clock), clock
+    return BlockingDNS(client, reactor), SPFCache(client), clock
 
 
 def test_a_result_is_kept_while_its_dns_answers_are(cached):
