@@ -25,8 +25,10 @@ __all__ = [
     "unfold",
 ]
 
-_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-_LINE = re.compile(rb"[^\n]*\n|[^\n]+$")
+#: a field: its name (RFC 5322 2.2: printable ASCII but ":", before the colon) when the
+#: first line has one, the rest of that line, and the continuation lines (space or tab first)
+_FIELD = re.compile(rb"(?:([\x21-\x39\x3b-\x7e]+)[ \t]*:)?[^\n]*\n?(?:[ \t][^\n]*\n?)*")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
@@ -83,30 +85,27 @@ def _fields_cached(section: bytes) -> tuple[Field, ...]:
 
 
 def _split(section: bytes) -> list[Field]:
+    """One regular expression match per field (its name, if it has one, and its lines):
+    a field is a line and the continuation lines after it, up to the empty line."""
     out: list[Field] = []
-    lines: list[bytes] = []
-    for line in _LINE.findall(section):
-        if line in (b"\r\n", b"\n"):
+    pos, end = 0, len(section)
+    match = _FIELD.match
+    while pos < end:
+        first = section[pos]
+        if first == 10 or (first == 13 and section.startswith(b"\r\n", pos)):
+            break  # the empty line that ends the section
+        m = match(section, pos)
+        if m is None:  # (cannot be: every part of the pattern is optional)
             break
-        if line[:1] in (b" ", b"\t") and lines:
-            lines.append(line)
-            continue
-        if lines:
-            out.append(_field(lines))
-        lines = [line]
-    if lines:
-        out.append(_field(lines))
+        name = m[1]
+        out.append(Field(name.decode("ascii") if name else "", m[0]))
+        pos = m.end()
     return out
-
-
-def _field(lines: list[bytes]) -> Field:
-    m = _NAME.match(lines[0])
-    return Field(m.group(1).decode("ascii") if m else "", b"".join(lines))
 
 
 def unfold(value: bytes) -> str:
     text = value.decode("utf-8", "replace")
-    return re.sub(r"\r?\n(?=[ \t])", "", text).strip()
+    return _FOLD.sub("", text).strip()
 
 
 def strip_comments(text: str) -> str:

@@ -238,7 +238,9 @@ class InboundChecker:
             and not self.dns.missed()
             and not any(d.temperror for d in discovered)
         ):
-            self.dmarc_cache.put(key, discovered, seen)
+            kept = _Discovered(discovered)
+            if self.dmarc_cache.put(key, kept, seen):
+                return kept
         return discovered
 
     # -- the entry point -----------------------------------------------------------------------
@@ -326,14 +328,32 @@ class InboundChecker:
         )
         dmarc = None
         if found is not None:
-            passed = [r.domain for r in dkim_results or () if r.result == "pass"]
-            dmarc = dmarc_mod.evaluate_all(
-                found, spf.result if spf else None, spf.domain if spf else None, passed, self.rng
-            )
+            passed = tuple(r.domain for r in dkim_results or () if r.result == "pass")
+            dmarc = self._evaluate(found, spf, passed)
         results = AuthResults(spf, dkim_results, unchecked, dmarc, arc)
         action, reply = decide(results, c)
         header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
         return Verdict(action, header, self.authserv_id, results, reply)
+
+    def _evaluate(
+        self,
+        found: list[Discovery] | DMARCResult,
+        spf: SPFResult | None,
+        passed: tuple[str, ...],
+    ) -> DMARCResult:
+        """:func:`~mailsuite.mailauth.dmarc.evaluate_all`, or the same evaluation kept with a
+        discovery from ``dmarc_cache`` (see :class:`_Discovered`).  On the reactor only."""
+        spf_result, spf_domain = (spf.result, spf.domain) if spf is not None else (None, None)
+        memo = found.evaluated if isinstance(found, _Discovered) else None
+        if memo is None:
+            return dmarc_mod.evaluate_all(found, spf_result, spf_domain, passed, self.rng)
+        key = (spf_result, spf_domain, passed)
+        result = memo.get(key)
+        if result is None:
+            if len(memo) >= _Discovered.KEPT:
+                memo.clear()
+            result = memo[key] = dmarc_mod.evaluate_all(found, spf_result, spf_domain, passed)
+        return result
 
     def _checks(self, message: bytes | Path, mail_from: str, helo: str, client_ip: str) -> _Checked:
         """Every check of one message, in one worker job (blocking), or on the reactor from
@@ -424,6 +444,24 @@ class InboundChecker:
             arc=ARCResult("temperror", reason="internal error") if c.arc else None,
             dmarc=DMARCResult("temperror", reason="internal error") if c.dmarc else None,
             faults=[("mail authentication", error)] if error else [],
+        )
+
+
+class _Discovered(list[Discovery]):
+    """A discovery kept in ``dmarc_cache``, with the evaluations made of it by (SPF result,
+    SPF domain, passing DKIM domains): RFC 7489 6.6.2-6.6.4 is a function of those and the
+    policy, but for pct sampling (6.6.4), so none is kept (``evaluated`` None) when a policy
+    samples.  At most KEPT evaluations (all go when it is full); read and written on the
+    reactor thread only (:meth:`InboundChecker._verdict`)."""
+
+    __slots__ = ("evaluated",)
+    KEPT = 64
+
+    def __init__(self, found: list[Discovery]) -> None:
+        super().__init__(found)
+        sampled = any(d.record is not None and d.record.pct < 100 for d in found)
+        self.evaluated: dict[tuple[str | None, str | None, tuple[str, ...]], DMARCResult] | None = (
+            None if sampled else {}
         )
 
 

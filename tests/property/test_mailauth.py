@@ -3,6 +3,8 @@ documented error, never an exception from deep inside, and never a header someon
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +82,44 @@ def test_stripping_removes_only_our_results(lines, eol):
     for f in after:
         if f.lname == "authentication-results":
             assert authserv_id_of(unfold(f.raw.partition(b":")[2])) != ID
+
+
+def split_by_lines(section: bytes) -> list[tuple[str, bytes]]:
+    """How fields() split a section before it took a field per match (line by line): the
+    reference it must agree with."""
+    out: list[tuple[str, bytes]] = []
+    lines: list[bytes] = []
+
+    def field() -> tuple[str, bytes]:
+        m = re.match(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:", lines[0])
+        return (m.group(1).decode("ascii") if m else "", b"".join(lines))
+
+    for line in re.findall(rb"[^\n]*\n|[^\n]+$", section):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and lines:
+            lines.append(line)
+            continue
+        if lines:
+            out.append(field())
+        lines = [line]
+    if lines:
+        out.append(field())
+    return out
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"From", b"a-b", b":", b" ", b"\t", b"\n", b"\r\n", b"\r", b"x: y", b"\xff"]
+        ),
+        max_size=20,
+    ).map(b"".join)
+)
+@example(b" lead\n cont\nA: b\r\n\r\nbody: x\n")
+def test_fields_split_as_line_by_line(section):
+    assert [(f.name, f.raw) for f in fields(section)] == split_by_lines(section)
 
 
 @settings(max_examples=300)

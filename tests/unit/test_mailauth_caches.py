@@ -164,3 +164,19 @@ def test_answer_bound_cache_is_bounded_and_follows_the_answers():
     assert not cache.put("e", 5, [("good.test", "TXT", Answer("good.test", "TXT"))])
     clock.advance(300)
     assert cache.get("b") is None and cache.get("c") is None and len(cache) == 0
+
+
+def test_evaluations_kept_with_a_policy_are_bounded(tmp_path):
+    """The evaluations of one kept policy, by SPF result and domain: at most KEPT."""
+    from mailsuite.mailauth.inbound import _Discovered
+
+    c = checked(tmp_path)
+    verdict(c, message("Alice <alice@good.test>"), "alice@good.test")
+    kept = c.dmarc_cache.get(("good.test",))
+    assert isinstance(kept, _Discovered) and kept.evaluated is not None
+    spf = c.check_now(message("A <a@good.test>"), "a@good.test", "h", "127.0.0.1").results.spf
+    for i in range(_Discovered.KEPT + 5):
+        other = type(spf)("fail", f"d{i}.example", "mailfrom", f"x@d{i}.example")
+        assert c._evaluate(kept, other, ()).result == "fail"
+        assert 0 < len(kept.evaluated) <= _Discovered.KEPT
+    assert c._evaluate(kept, spf, ()) == c._evaluate(list(kept), spf, ())
