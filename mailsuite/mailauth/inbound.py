@@ -38,6 +38,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -80,6 +81,8 @@ INLINE_MAX_ARC_SETS = 2
 #: rest go to the worker pool), far under the 50 ms stall aim of issue 12.
 INLINE_BUDGET = 0.01
 INLINE_WINDOW = 0.05
+#: Verdicts kept by their results (see InboundChecker._verdict); all go when it is full.
+VERDICTS_KEPT = 1024
 
 
 def dmarc_rejected(domain: str) -> Reply:
@@ -180,6 +183,7 @@ class InboundChecker:
         self.dmarc_cache: AnswerBoundCache[tuple[str, ...], list[Discovery]] = AnswerBoundCache(
             dns.client
         )
+        self._verdicts: dict[tuple[Any, ...], Verdict] = {}  # see _verdict (reactor only)
         # the inline budget's current window (see check_inline), and counts for tests
         self._window_start = 0.0
         self._window_used = 0.0
@@ -330,10 +334,19 @@ class InboundChecker:
         if found is not None:
             passed = tuple(r.domain for r in dkim_results or () if r.result == "pass")
             dmarc = self._evaluate(found, spf, passed)
-        results = AuthResults(spf, dkim_results, unchecked, dmarc, arc)
-        action, reply = decide(results, c)
-        header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
-        return Verdict(action, header, self.authserv_id, results, reply)
+        # the rest is a function of the results (frozen, compared by value) and the config:
+        # the same senders get the same results again, and their verdict is made once
+        key = (spf, None if dkim_results is None else tuple(dkim_results), unchecked, dmarc, arc)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            results = AuthResults(spf, dkim_results, unchecked, dmarc, arc)
+            action, reply = decide(results, c)
+            header = results_header(self.authserv_id, spf, dkim_results, dmarc, arc, unchecked)
+            verdict = Verdict(action, header, self.authserv_id, results, reply)
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
 
     def _evaluate(
         self,

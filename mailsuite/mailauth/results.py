@@ -123,23 +123,6 @@ def results_header(
 
     ``None`` leaves a method out (its check is turned off); ``dkim=[]`` reports dkim=none.
     """
-    return _header(
-        authserv_id, spf, None if dkim is None else tuple(dkim), dmarc, arc, dkim_unchecked, linesep
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def _header(
-    authserv_id: str,
-    spf: SPFResult | None,
-    dkim: tuple[DKIMResult, ...] | None,
-    dmarc: DMARCResult | None,
-    arc: ARCResult | None,
-    dkim_unchecked: int,
-    linesep: bytes,
-) -> bytes:
-    """:func:`results_header`, kept by its whole input (frozen results, compared by value):
-    the same senders get the same results again, and each field is made once."""
     clauses: list[str] = []
     if spf is not None:
         clauses.append(_clause(spf))

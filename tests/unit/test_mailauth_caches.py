@@ -59,10 +59,16 @@ CASES = [
 ]
 
 
+class _Forgetful(dict[Any, Any]):
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
 def checked(tmp_path: Path, keep: bool = True) -> InboundChecker:
     c = checker(tmp_path, CACHED2, ZONE2)
     if not keep:
         c.dmarc_cache.size = c.spf_cache.size = 0  # (each value is dropped as it is put)
+        c._verdicts = _Forgetful()
     return c
 
 
@@ -83,6 +89,7 @@ def test_kept_results_give_the_verdict_of_a_check_without_them(tmp_path, author,
     assert len(fresh.dmarc_cache) == len(fresh.spf_cache) == 0 and fresh.dmarc_cache.hits == 0
     if "@" in author:
         assert kept.dmarc_cache.hits == 3 and kept.spf_cache.hits == 3
+    assert len(kept._verdicts) == 1 and not fresh._verdicts
 
 
 def test_signed_mail_is_judged_the_same(tmp_path):
@@ -180,3 +187,19 @@ def test_evaluations_kept_with_a_policy_are_bounded(tmp_path):
         assert c._evaluate(kept, other, ()).result == "fail"
         assert 0 < len(kept.evaluated) <= _Discovered.KEPT
     assert c._evaluate(kept, spf, ()) == c._evaluate(list(kept), spf, ())
+
+
+def test_verdicts_are_kept_by_their_results_and_bounded(tmp_path, monkeypatch):
+    import mailsuite.mailauth.inbound as inbound
+
+    monkeypatch.setattr(inbound, "VERDICTS_KEPT", 4)
+    c = checked(tmp_path)
+    first = c.check_now(message("A <a@good.test>"), "a@good.test", "h", "127.0.0.1")
+    again = c.check_now(message("B <b@good.test>"), "b@good.test", "h", "127.0.0.1")
+    assert first is not None and again is not None
+    assert again.results.spf != first.results.spf and again.header != first.header
+    assert c.check_now(message("A <a@good.test>"), "a@good.test", "h", "127.0.0.1") is first
+    for i in range(10):
+        v = c.check_now(message("A <a@good.test>"), f"x{i}@good.test", "h", "127.0.0.1")
+        assert v is not None and f"x{i}@good.test".encode() in v.header
+        assert 0 < len(c._verdicts) <= 4
