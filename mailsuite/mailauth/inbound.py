@@ -83,6 +83,8 @@ INLINE_BUDGET = 0.01
 INLINE_WINDOW = 0.05
 #: Verdicts kept by their results (see InboundChecker._verdict); all go when it is full.
 VERDICTS_KEPT = 1024
+#: From domains whose DMARC policies are kept (see InboundChecker._discover).
+DMARC_KEPT = 1024
 
 
 def dmarc_rejected(domain: str) -> Reply:
@@ -179,9 +181,10 @@ class InboundChecker:
         self.dns = dns
         self.rng = rng
         self.spf_cache = SPFCache(dns.client)
-        #: the DMARC policies of From domains (see _discover)
+        #: the DMARC policies of From domains (see _discover), each with at most
+        #: _Discovered.KEPT evaluations: at most DMARC_KEPT * KEPT results in memory
         self.dmarc_cache: AnswerBoundCache[tuple[str, ...], list[Discovery]] = AnswerBoundCache(
-            dns.client
+            dns.client, DMARC_KEPT
         )
         self._verdicts: dict[tuple[Any, ...], Verdict] = {}  # see _verdict (reactor only)
         # the inline budget's current window (see check_inline), and counts for tests
@@ -468,7 +471,7 @@ class _Discovered(list[Discovery]):
     reactor thread only (:meth:`InboundChecker._verdict`)."""
 
     __slots__ = ("evaluated",)
-    KEPT = 64
+    KEPT = 16
 
     def __init__(self, found: list[Discovery]) -> None:
         super().__init__(found)
