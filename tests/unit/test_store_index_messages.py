@@ -192,3 +192,17 @@ def test_get_many_equals_get_of_each(tmp_path: Path) -> None:
         assert got[2].flags >= SEEN and got[2].name.startswith("cur/")
     finally:
         index.close()
+
+
+def test_a_date_alone_is_taken_from_the_file(tmp_path: Path) -> None:
+    """A row whose size is known (a name with ``,W=``) but whose date is not gets the file's
+    mtime, and keeps its size."""
+    index = opened(box(tmp_path, 1))
+    try:
+        msg = index.messages()[0]
+        os.utime(index.folder / msg.name, (1_600_000_000, 1_600_000_000))
+        index.db.execute("UPDATE messages SET internaldate = -1 WHERE uid = 1")
+        got = index.messages()[0]
+        assert (got.size, got.internaldate) == (msg.size, 1_600_000_000)
+    finally:
+        index.close()
