@@ -63,6 +63,12 @@ def makeService(options: Options) -> Any:
     # The log's output is ours (twistd's file or stdout, in the configured format), so that
     # worker processes can hand this process finished lines to write (mailsuite.loglines).
     parent = getattr(options, "parent", None)
+    if parent is not None:  # under twistd: this process's reactor is the server's
+        from twisted.internet import reactor
+
+        from mailsuite.stopping import stop_once
+
+        stop_once(reactor)
     make = twistd_observer(parent, options.config.log_format) if parent is not None else None
     if make is None:
         return top

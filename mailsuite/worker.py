@@ -58,10 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pathlib import Path
 
     from twisted.internet import task
-    from twisted.internet.error import ReactorNotRunning
     from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
 
     from mailsuite.config import ConfigError, load_config
+    from mailsuite.stopping import stop_once
     from mailsuite.worker_service import FAMILIES, QUEUE_PIPE_FD, READY, worker_service
 
     log = Logger(namespace="mailsuite.worker")
@@ -99,17 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     freeze_startup_objects()  # as makeService does: no full collection of all this later
 
-    def stop_once() -> None:
-        """Stop, whoever asks first: Ctrl-C in a terminal sends SIGINT to every process of
-        the group, so a worker gets it from the terminal and SIGTERM from the supervisor
-        passing it on; Twisted's own handlers stop the reactor once per signal, and the
-        second stop raised ReactorNotRunning into the log."""
-        with contextlib.suppress(ReactorNotRunning):
-            reactor.stop()
+    # Ctrl-C in a terminal sends SIGINT to every process of the group, so a worker gets it
+    # from the terminal and SIGTERM from the supervisor passing it on: stop once.
+    stop_once(reactor)
 
     def on_signal(number: int, frame: object) -> None:
         log.info("received {signal}, shutting down", signal=signal.Signals(number).name)
-        reactor.callFromThread(stop_once)  # type: ignore[attr-defined]  # (it has it)
+        reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]  # (it has it)
 
     def own_signals() -> None:  # after Twisted installed its handlers ("during startup")
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def orphaned() -> None:
         if os.getppid() != args.parent:
             log.warn("the supervisor is gone: stopping")
-            stop_once()
+            reactor.stop()
 
     watch = task.LoopingCall(orphaned)
     watch.clock = reactor

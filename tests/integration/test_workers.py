@@ -413,6 +413,27 @@ def test_ctrl_c_stops_every_process_without_a_traceback(servers: ServerFactory) 
     server.stop()  # checks the log: no traceback
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_sigterm_while_stopping_leaves_no_traceback(
+    servers: ServerFactory, workers: int
+) -> None:
+    """``systemctl stop`` and an impatient ``kill``, or ``timeout`` passing its own SIGTERM
+    on: a second SIGTERM before the server has stopped.  Twisted's handler stops the reactor
+    once per signal, and the second stop raised ReactorNotRunning into the log as a critical
+    traceback (found running README's first command under ``timeout``)."""
+    server = servers(
+        ("smtp",), users=(ALICE,), extra_toml=WORKERS, server_toml=f"workers = {workers}"
+    )
+    if workers > 1:
+        wait_until(lambda: len(worker_pids(server)) == workers, 30, "the workers")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    assert "ReactorNotRunning" not in server.output()
+    server.stop()  # checks the log: no traceback
+
+
 def test_sigint_stops_a_server_started_with_it_ignored(servers: ServerFactory) -> None:
     """A script's background job (``twistd -n mailsuite &`` without job control) starts with
     SIGINT ignored; Twisted then leaves SIGINT alone in the supervisor, while every worker
