@@ -16,8 +16,8 @@ at a dump, such as a thread's loop, are not counted).  Every function cProfile s
 counted, Python functions and C built-ins alike.
 
     python3 bench/smtp_calls.py [--msgs 2000] [--tree DIR] [--top 40] [--by-file]
-    python3 bench/smtp_calls.py --compare-tree /work/main      # this tree and DIR, calls
-    python3 bench/smtp_calls.py --cpu --compare-tree /work/main [--rounds 5]
+    python3 bench/smtp_calls.py --compare-tree DIR      # this tree and DIR, calls
+    python3 bench/smtp_calls.py --cpu --compare-tree DIR [--rounds 5]
 
 ``--tree DIR`` runs the server from another source tree.  ``--compare-tree DIR`` counts
 both trees and prints the totals and the functions whose counts changed most.  ``--cpu``
